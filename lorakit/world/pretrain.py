@@ -1,0 +1,278 @@
+"""Pretrain the tiny base model of the shapes world from scratch: first the VAE, then U-Net + text encoder.
+
+Run it as ``lorakit world pretrain --out DIR`` (or ``python -m lorakit.world.pretrain``).  Each stage is
+time-boxed (``--vae-minutes``, ``--unet-minutes``), writes an atomic checkpoint every few minutes and
+resumes from it when run again with the same ``--out``.  The result is a diffusers folder
+(``StableDiffusionPipeline.from_pretrained(DIR / "model")`` works offline) holding the EMA weights.
+The exact command and seed that made the shipped model are in ``lorakit/world/base_model/MADE_BY.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lorakit.world.captions import random_caption
+from lorakit.world.model import build_components, write_clip_vocab_files
+from lorakit.world.render import ALL_SHAPES, BACKGROUNDS, COLORS, POSITIONS, SIZES, ObjectSpec, Scene, render_array
+from lorakit.world.splits import all_objects
+from lorakit.world.vae_data import random_vae_image
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 (H, W, 3) images -> float tensor (B, 3, H, W) in [-1, 1], as SD's VAE expects."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def atomic_torch_save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def random_world_image(rng: np.random.Generator, shapes: tuple[str, ...] = ALL_SHAPES) -> np.ndarray:
+    obj = ObjectSpec(str(rng.choice(shapes)), str(rng.choice(list(COLORS))), str(rng.choice(list(SIZES))),
+                     str(rng.choice(list(POSITIONS))))
+    scene = Scene((obj,), str(rng.choice(BACKGROUNDS)), seed=int(rng.integers(0, 2**31)))
+    return render_array(scene)
+
+
+def sobel(x: torch.Tensor) -> torch.Tensor:
+    """Image gradients: an edge term in the VAE loss keeps shapes' corners sharp."""
+    kx = torch.tensor([[1, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=x.dtype, device=x.device) / 4
+    k = torch.stack([kx, kx.T]).unsqueeze(1).repeat(x.shape[1], 1, 1, 1)
+    return F.conv2d(x, k, padding=1, groups=x.shape[1])
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+def train_vae(vae, out: Path, minutes: float, batch: int, lr: float, seed: int, log) -> None:
+    ckpt_path = out / "vae_checkpoint.pt"
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    state = load_checkpoint(ckpt_path)
+    step, elapsed = 0, 0.0
+    rng = np.random.default_rng(seed)
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+        rng = np.random.default_rng([seed, step])
+        if state.get("done"):
+            return
+    budget = minutes * 60
+    est_total = max(1, int(budget / 0.7))  # steps at ~0.7 s/step: sets the cosine schedule's length
+    vae.train()
+    bar = tqdm(desc="vae", total=est_total, initial=step, unit="step")
+    start, last_save = time.time() - elapsed, time.time()
+    while time.time() - start < budget:
+        images = [random_world_image(rng) if i % 2 == 0 else random_vae_image(rng) for i in range(batch)]
+        x = to_tensor(images)
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, est_total, lr, 200)
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample()).sample
+        rec_loss = (rec - x).abs().mean() + 0.5 * (sobel(rec) - sobel(x)).abs().mean()
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = rec_loss + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(rec=f"{rec_loss.item():.4f}", kl=f"{kl.item():.3f}")
+        if step % 50 == 0:
+            log({"stage": "vae", "step": step, "rec": rec_loss.item(), "kl": kl.item()})
+        if time.time() - last_save > 300:
+            atomic_torch_save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                               "elapsed": time.time() - start}, ckpt_path)
+            last_save = time.time()
+    bar.close()
+    atomic_torch_save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                       "elapsed": time.time() - start, "done": True}, ckpt_path)
+
+
+@torch.no_grad()
+def encode_dataset(vae, count: int, seed: int, batch: int = 128) -> dict:
+    """Render ``count`` pretraining scenes (held-out triples and the concept's shape excluded) and keep the
+    VAE posterior (mean, std) of each, with its scene attributes for captioning."""
+    vae.eval()
+    rng = np.random.default_rng(seed)
+    objects = all_objects(held_out=False)
+    obj_idx = rng.integers(0, len(objects), size=count)
+    bg_idx = rng.integers(0, len(BACKGROUNDS), size=count)
+    means, stds = [], []
+    for s in tqdm(range(0, count, batch), desc="encode"):
+        scenes = [Scene((objects[obj_idx[i]],), BACKGROUNDS[bg_idx[i]], seed=seed * 1_000_003 + i)
+                  for i in range(s, min(count, s + batch))]
+        posterior = vae.encode(to_tensor([render_array(sc) for sc in scenes])).latent_dist
+        means.append(posterior.mean.half())
+        stds.append(posterior.std.half())
+    return {"mean": torch.cat(means), "std": torch.cat(stds), "object": torch.from_numpy(obj_idx),
+            "background": torch.from_numpy(bg_idx)}
+
+
+# --------------------------------------------------------------------------------- U-Net + text encoder
+def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, minutes: float, batch: int, lr: float,
+                    seed: int, log) -> None:
+    unet, text_encoder, tokenizer, scheduler = c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"]
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    ckpt_path = out / "unet_checkpoint.pt"
+    state = load_checkpoint(ckpt_path)
+    step, elapsed = 0, 0.0
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["optimizer"])
+        ema = [t.clone() for t in state["ema"]]
+        step, elapsed = state["step"], state["elapsed"]
+    rng = np.random.default_rng([seed, step])
+    torch.manual_seed(seed + step)
+    objects = all_objects(held_out=False)
+    alphas_cumprod = scheduler.alphas_cumprod
+    n = latents["mean"].shape[0]
+    budget = minutes * 60
+    est_total = max(1, int(budget / 1.1))
+    unet.train()
+    text_encoder.train()
+
+    def save(done: bool = False) -> None:
+        atomic_torch_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                           "optimizer": opt.state_dict(), "ema": ema, "step": step,
+                           "elapsed": time.time() - start, "done": done}, ckpt_path)
+
+    bar = tqdm(desc="unet+te", total=est_total, initial=step, unit="step")
+    start, last_save = time.time() - elapsed, time.time()
+    while time.time() - start < budget:
+        idx = torch.from_numpy(rng.integers(0, n, size=batch))
+        z = (latents["mean"][idx].float() + latents["std"][idx].float() * torch.randn(batch, 4, 16, 16)) * scaling
+        captions = []
+        for i in idx.tolist():
+            scene = Scene((objects[int(latents["object"][i])],), BACKGROUNDS[int(latents["background"][i])])
+            # 10% empty captions: the unconditional branch that classifier-free guidance needs
+            captions.append("" if rng.random() < 0.1 else random_caption(scene, rng))
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn_like(z)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
+        noisy = scheduler.add_noise(z, noise, t)
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, est_total, lr, 500)
+        cond = text_encoder(ids)[0]
+        pred = unet(noisy, t, cond).sample
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weights(t, alphas_cumprod)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params, strict=True):
+                e.lerp_(p.detach(), 1 - decay)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 50 == 0:
+            log({"stage": "unet", "step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
+        if time.time() - last_save > 600:
+            save()
+            last_save = time.time()
+    bar.close()
+    save(done=True)
+    with torch.no_grad():  # the shipped weights are the EMA ones
+        for e, p in zip(ema, params, strict=True):
+            p.copy_(e)
+
+
+def export_pipeline(c: dict, folder: Path) -> None:
+    """Write the diffusers folder (safetensors weights, configs, tokenizer incl. vocab.json/merges.txt)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
+                                   unet=c["unet"], scheduler=c["scheduler"], safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    tmp = folder.with_name(folder.name + ".tmp")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    write_clip_vocab_files(c["tokenizer"], tmp / "tokenizer")
+    if folder.exists():
+        import shutil
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="work folder (checkpoints, logs, final model/)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vae-minutes", type=float, default=40)
+    ap.add_argument("--vae-batch", type=int, default=32)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--images", type=int, default=40000, help="pretraining images to render and encode")
+    ap.add_argument("--unet-minutes", type=float, default=180)
+    ap.add_argument("--unet-batch", type=int, default=64)
+    ap.add_argument("--unet-lr", type=float, default=3e-4)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_file = (args.out / "log.jsonl").open("a")
+
+    def log(record: dict) -> None:
+        log_file.write(json.dumps({"time": time.time(), **record}) + "\n")
+        log_file.flush()
+
+    log({"event": "start", "args": {k: str(v) for k, v in vars(args).items()}})
+    c = build_components(args.seed)
+    train_vae(c["vae"], args.out, args.vae_minutes, args.vae_batch, args.vae_lr, args.seed, log)
+    c["vae"].requires_grad_(False)
+    cache = args.out / "latents.pt"
+    if cache.exists():
+        latents = torch.load(cache, weights_only=True)
+    else:
+        latents = encode_dataset(c["vae"], args.images, args.seed + 1)
+        atomic_torch_save(latents, cache)
+    # SD's scaling factor: makes the latents' standard deviation about 1 for the diffusion model
+    scaling = float(1.0 / latents["mean"].float().std())
+    c["vae"].register_to_config(scaling_factor=scaling)
+    log({"event": "vae_done", "scaling_factor": scaling})
+    train_diffusion(c, latents, scaling, args.out, args.unet_minutes, args.unet_batch, args.unet_lr,
+                    args.seed + 2, log)
+    export_pipeline(c, args.out / "model")
+    log({"event": "done"})
+    print(f"pretrained model written to {args.out / 'model'}")
+
+
+if __name__ == "__main__":
+    main()
