@@ -5,7 +5,7 @@ trained update ``ΔW``.  Everything else in lorakit (CS-Fluctuation, merging, bl
 file I/O) talks to adapters only through this class:
 
 - ``delta_weight()``: ``ΔW`` shaped like ``W0``, the scale (``multiplier * alpha / rank``) included;
-- ``delta_bias()``: the update of the bias, or ``None`` (only (IA)^3 on outputs and ``full`` have one);
+- ``delta_bias()``: the update of the bias, or ``None`` (only ``full`` has one);
 - ``forward(x)``: equals ``F.linear/F.conv2d(x, W0 + delta_weight(), b + delta_bias())``; each algorithm
   picks its cheapest correct path;
 - ``merge()`` / ``unmerge()``: bake the update into the base layer and take it out again;
@@ -14,10 +14,16 @@ file I/O) talks to adapters only through this class:
 
 Parameters and buffers of an adapter are named exactly as the keys of the file format, so
 ``file_tensors()`` is the adapter's own state minus the base layer.
+
+Training options shared by all adapters (active only in ``.train()`` mode and only when > 0):
+``dropout`` (on the adapter's own path), ``rank_dropout`` (drop ranks, or output rows of ``ΔW`` where an
+algorithm has no rank axis), ``rank_dropout_scale`` (rescale the kept part by ``1 / (1 - p)``) and
+``module_dropout`` (skip the whole update with probability ``p``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -26,8 +32,16 @@ from torch import nn
 
 BaseLayer = nn.Linear | nn.Conv2d
 
+# The fused path adds ΔW into W0 before the matmul; in half precision that addition rounds a small ΔW away,
+# so there the update runs as a separate product instead.
+_FUSE_DTYPES = (torch.float32, torch.float64)
 
-class AdapterShapeError(ValueError):
+
+class AdapterFormatError(ValueError):
+    """The tensors of a file do not make an adapter: a key is missing, unexpected, or does not fit."""
+
+
+class AdapterShapeError(AdapterFormatError):
     """A tensor does not fit the layer it is meant for (the message names the key and both shapes)."""
 
 
@@ -36,29 +50,51 @@ def layer_kind(base: nn.Module) -> str:
     if isinstance(base, nn.Linear):
         return "linear"
     if isinstance(base, nn.Conv2d):
+        if base.groups != 1:
+            raise TypeError(f"adapters wrap ungrouped convolutions, this one has groups={base.groups}")
+        if base.padding_mode != "zeros":
+            raise TypeError(f"adapters wrap zero-padded convolutions, not padding_mode={base.padding_mode!r}")
         return "conv"
     raise TypeError(f"adapters wrap nn.Linear or nn.Conv2d layers, not {type(base).__name__}")
 
 
-class Adapter(nn.Module):
-    """Base class: a frozen layer plus an update ``ΔW``.  Subclasses implement ``delta_weight``.
+def _probability(name: str, p: float) -> float:
+    p = float(p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {p}")
+    return p
 
-    Subclasses set ``algorithm`` (the name used in files and on the command line) and ``file_keys``
-    (the tensor names, relative to the module prefix, by which a file is recognised as theirs).
+
+class Adapter(nn.Module):
+    """Base class: a frozen layer plus an update ``ΔW``.
+
+    Subclasses implement ``_deltas(train)`` (``ΔW``, ``Δb``; with ``train=True`` the rank dropout of the
+    algorithm applied) and may override ``forward`` with a cheaper path.  They set ``algorithm`` (the name
+    used in files and on the command line) and ``file_keys`` (the tensor names, relative to the module
+    prefix, by which a file is recognised as theirs).
     """
 
     algorithm: ClassVar[str] = ""
     #: keys whose presence identifies this algorithm in a file (any one of them is enough)
     file_keys: ClassVar[tuple[str, ...]] = ()
+    #: whether the algorithm has a bias update (``delta_bias`` is then not always ``None``)
+    updates_bias: ClassVar[bool] = False
 
-    def __init__(self, base: BaseLayer, multiplier: float = 1.0) -> None:
+    def __init__(self, base: BaseLayer, multiplier: float = 1.0, *, dropout: float = 0.0,
+                 rank_dropout: float = 0.0, rank_dropout_scale: bool = False,
+                 module_dropout: float = 0.0) -> None:
         super().__init__()
         self.kind = layer_kind(base)
         base.requires_grad_(False)
         self.base = base
-        # a plain float: changing it at run time must not trigger recompilation or autograd bookkeeping
+        # a plain float: changing it at run time must not touch autograd or the parameters
         self.multiplier = float(multiplier)
+        self.dropout = _probability("dropout", dropout)
+        self.rank_dropout = _probability("rank_dropout", rank_dropout)
+        self.rank_dropout_scale = bool(rank_dropout_scale)
+        self.module_dropout = _probability("module_dropout", module_dropout)
         self.merged = False
+        self._original: tuple[torch.Tensor, torch.Tensor | None, bool] | None = None
 
     # ---- the layer being adapted -------------------------------------------------------------
     @property
@@ -68,6 +104,11 @@ class Adapter(nn.Module):
     @property
     def base_bias(self) -> torch.Tensor | None:
         return self.base.bias
+
+    @property
+    def original_weight(self) -> torch.Tensor:
+        """``W0`` even while merged (the algorithms whose update depends on ``W0`` read this)."""
+        return self._original[0] if self.merged else self.base.weight
 
     @property
     def in_features(self) -> int:
@@ -81,59 +122,109 @@ class Adapter(nn.Module):
     def kernel_size(self) -> tuple[int, ...]:
         return () if self.kind == "linear" else tuple(self.base.kernel_size)
 
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.base.weight.shape)
+
     def base_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The base layer's operation with another weight (stride, padding, ... of the base layer)."""
+        """The base layer's operation with another weight (stride, padding, ... of the base layer).
+
+        Calls ``F.linear``/``F.conv2d`` directly, never ``self.base(x)``: no module hooks, and no recursion
+        when a network patches the base layer's ``forward`` to point here.
+        """
         if self.kind == "linear":
             return F.linear(x, weight, bias)
         conv = self.base
-        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
 
     # ---- the protocol ------------------------------------------------------------------------
-    def delta_weight(self) -> torch.Tensor:
-        """``ΔW`` shaped like ``W0``, scale and multiplier included."""
+    def _deltas(self, train: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(ΔW, Δb)`` with multiplier and scale; ``train=True`` applies the algorithm's rank dropout."""
         raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """``ΔW`` shaped like ``W0``, scale and multiplier included (deterministic: no dropout)."""
+        return self._deltas(False)[0]
 
     def delta_bias(self) -> torch.Tensor | None:
         """The update of the bias, or ``None`` when the algorithm leaves the bias alone."""
-        return None
+        return self._deltas(False)[1] if self.updates_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reference path: materialise ``ΔW``.  Algorithms override it with something cheaper."""
+        """Materialise ``ΔW`` (and ``Δb``) and run the base operation with them."""
         if self.merged:
-            return self.base(x)
-        weight = self.base_weight + self.delta_weight().to(self.base_weight.dtype)
-        bias = self.base_bias
-        delta_b = self.delta_bias()
-        if delta_b is not None:
-            bias = delta_b.to(weight.dtype) if bias is None else bias + delta_b.to(bias.dtype)
-        return self.base_forward(x, weight, bias)
+            return self.base_forward(x, self.base.weight, self.base.bias)
+        train = self.training
+        dw, db = self._deltas(train)
+        if train and self.module_dropout > 0:
+            keep = self._module_keep(dw)
+            dw = dw * keep
+            db = None if db is None else db * keep
+        return self._forward_with_delta(x, dw, db)
 
+    def _forward_with_delta(self, x: torch.Tensor, dw: torch.Tensor, db: torch.Tensor | None) -> torch.Tensor:
+        w0, b0 = self.base.weight, self.base.bias
+        output_dropout = self.training and self.dropout > 0
+        if not output_dropout and x.dtype == w0.dtype == dw.dtype and w0.dtype in _FUSE_DTYPES:
+            # one matmul/conv with W0 + ΔW: the cheapest path when no precision is lost
+            bias = b0 if db is None else (db if b0 is None else b0 + db)
+            return self.base_forward(x, w0 + dw, bias)
+        y = self.base_forward(x, w0, b0)
+        h = x if x.dtype == dw.dtype else x.to(dw.dtype)
+        d = self.base_forward(h, dw, db)
+        if output_dropout:
+            d = F.dropout(d, self.dropout, training=True)
+        return y + d.to(y.dtype)
+
+    # ---- training-time randomness (static Python branches only; no data-dependent control flow) ------
+    def _module_keep(self, like: torch.Tensor) -> torch.Tensor:
+        """A 0-dim 0/1 tensor: 0 with probability ``module_dropout`` (multiplied in, never branched on)."""
+        return (torch.rand((), device=like.device) >= self.module_dropout).to(like.dtype)
+
+    def _rank_mask(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A 0/1 mask of ``shape`` dropping entries with probability ``rank_dropout`` (rescaled if asked)."""
+        mask = (torch.rand(shape, device=like.device) >= self.rank_dropout).to(like.dtype)
+        if self.rank_dropout_scale and self.rank_dropout < 1:
+            mask = mask * (1.0 / (1.0 - self.rank_dropout))
+        return mask
+
+    def _row_mask(self, like: torch.Tensor) -> torch.Tensor:
+        """Rank dropout for algorithms without a rank axis (as LyCORIS): drop output rows of ``ΔW``."""
+        return self._rank_mask((like.shape[0],) + (1,) * (like.dim() - 1), like)
+
+    # ---- merging -------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
         """Add the update into the base layer; ``forward`` then runs the base layer alone."""
         if self.merged:
             return
-        self._merged_delta = self.delta_weight().to(self.base_weight.dtype)
-        self._merged_delta_bias = self.delta_bias()
-        self.base_weight.add_(self._merged_delta)
-        if self._merged_delta_bias is not None:
-            self._add_to_bias(self._merged_delta_bias)
+        dw, db = self.delta_weight(), self.delta_bias()
+        bias = self.base.bias
+        # keep the originals: unmerge restores them bit for bit (W0 + ΔW - ΔW is not W0 in floating point)
+        self._original = (self.base.weight.detach().clone(),
+                          None if bias is None else bias.detach().clone(), bias is None)
+        self.base.weight.add_(dw.to(self.base.weight.dtype))
+        if db is not None:
+            self._add_to_bias(db)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take out exactly what ``merge`` added (the multiplier may have changed since)."""
+        """Restore exactly the weights ``merge`` found (the multiplier may have changed since)."""
         if not self.merged:
             return
-        self.base_weight.sub_(self._merged_delta)
-        if self._merged_delta_bias is not None:
-            self._add_to_bias(-self._merged_delta_bias)
-        del self._merged_delta, self._merged_delta_bias
+        weight, bias, had_no_bias = self._original
+        self.base.weight.copy_(weight)
+        if bias is not None:
+            self.base.bias.copy_(bias)
+        elif had_no_bias:
+            self.base.bias = None
+        self._original = None
         self.merged = False
 
     def _add_to_bias(self, delta: torch.Tensor) -> None:
         if self.base.bias is None:
-            self.base.bias = nn.Parameter(torch.zeros_like(delta, dtype=self.base_weight.dtype),
+            self.base.bias = nn.Parameter(torch.zeros_like(delta, dtype=self.base.weight.dtype),
                                           requires_grad=False)
         self.base.bias.add_(delta.to(self.base.bias.dtype))
 
@@ -151,8 +242,30 @@ class Adapter(nn.Module):
         """
         raise NotImplementedError
 
+    def _load_file_tensors(self, tensors: dict[str, torch.Tensor], skip: tuple[str, ...] = ("alpha",)) -> None:
+        """Put file tensors into the parameters/buffers of the same name, keeping the file's dtype."""
+        own = {k: v for k, v in self.state_dict(keep_vars=True).items() if not k.startswith("base.")}
+        unexpected = sorted(set(tensors) - set(own) - set(skip))
+        if unexpected:
+            raise AdapterFormatError(f"{', '.join(unexpected)}: not a key of {self.algorithm} "
+                                     f"for this layer (expected {', '.join(sorted(own))})")
+        device = self.base.weight.device
+        with torch.no_grad():
+            for key, target in own.items():
+                if key in skip or key not in tensors:
+                    continue
+                value = fit_shape(key, tensors[key], tuple(target.shape))
+                target.data = value.detach().to(device=device, copy=True)
+
     def extra_repr(self) -> str:
         return f"algorithm={self.algorithm}, multiplier={self.multiplier}, merged={self.merged}"
+
+
+def require(tensors: dict[str, torch.Tensor], key: str, algorithm: str) -> torch.Tensor:
+    """``tensors[key]``, or an ``AdapterFormatError`` naming the missing key."""
+    if key not in tensors:
+        raise AdapterFormatError(f"{key}: missing, {algorithm} needs it (found {', '.join(sorted(tensors))})")
+    return tensors[key]
 
 
 def check_shape(key: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -160,6 +273,22 @@ def check_shape(key: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> No
     if tuple(tensor.shape) != tuple(expected):
         raise AdapterShapeError(f"{key}: shape {tuple(tensor.shape)} does not fit the layer, "
                                 f"expected {tuple(expected)}")
+
+
+def fit_shape(key: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> torch.Tensor:
+    """``tensor`` reshaped to ``expected`` when they differ only by size-1 axes, else ``AdapterShapeError``.
+
+    Files carry 1×1-conv tensors ``(r, in, 1, 1)`` for layers that are Linear in another version of a model
+    (SD's ``proj_in``/``proj_out``), and A1111/ComfyUI accept them; so do we.
+    """
+    shape = tuple(tensor.shape)
+    if shape == tuple(expected):
+        return tensor
+    squeezed = tuple(s for s in shape if s != 1)
+    if squeezed == tuple(s for s in expected if s != 1) and tensor.numel() == math.prod(expected):
+        return tensor.reshape(expected)
+    check_shape(key, tensor, expected)  # raises with the message naming the key
+    return tensor
 
 
 def alpha_from_file(tensors: dict[str, torch.Tensor], rank: int) -> float:

@@ -1,0 +1,171 @@
+"""The math of the LoRA family as plain functions, to read beside the papers.
+
+Shapes: ``W`` is ``(out, in)`` for Linear and ``(out, in, kh, kw)`` for Conv2d.  ``scale`` is a Python
+float (``multiplier * alpha / rank``, or part of it); it is folded into the smallest factor so that it costs
+one small kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# ---- LoRA / LoCon ------------------------------------------------------------------------------------
+
+
+def lora_weight(down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None = None) -> torch.Tensor:
+    """``ΔW = B A`` (``up @ down``); with a Tucker core ``ΔW[o,c] = Σ up[o,i] mid[i,j] down[j,c]``.
+
+    ``down`` is ``(r, in)`` / ``(r, in, kh, kw)`` (Tucker: ``(r, in, 1, 1)``), ``up`` ``(out, r[, 1, 1])``,
+    ``mid`` ``(r, r, kh, kw)``.  The result has ``down``'s trailing shape (or ``mid``'s kernel).
+    """
+    out, rank = up.shape[0], up.shape[1]
+    if mid is None:
+        weight = up.reshape(out, rank) @ down.reshape(down.shape[0], -1)
+        return weight.reshape(out, *down.shape[1:])
+    return torch.einsum("ijhw,oi,jc->ochw", mid, up.reshape(out, rank), down.reshape(down.shape[0], -1))
+
+
+# ---- LoHa --------------------------------------------------------------------------------------------
+
+
+def _half(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+    """One factor of the Hadamard product: ``a @ b`` (``(out, r) @ (r, in·k·k)``), or the Tucker form
+    ``Σ t[i,j,h,w] a[i,o] b[j,c]`` with ``a`` ``(r, out)``, ``b`` ``(r, in)`` (LyCORIS's layout)."""
+    if t is None:
+        return a @ b
+    return torch.einsum("ijhw,io,jc->ochw", t, a, b)
+
+
+def _half_grads(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None):
+    """Gradients of ``<g, _half(a, b, t)>`` with respect to ``a``, ``b``, ``t``."""
+    if t is None:
+        return g @ b.T, a.T @ g, None
+    tb = torch.einsum("ijhw,jc->ichw", t, b)
+    ga = torch.einsum("ochw,io->ichw", g, a)
+    return (torch.einsum("ochw,ichw->io", g, tb), torch.einsum("ichw,ijhw->jc", ga, t),
+            torch.einsum("ichw,jc->ijhw", ga, b))
+
+
+class _HadamardProduct(torch.autograd.Function):
+    """``scale · (P1 ⊙ P2)`` that saves only the factors: backward rebuilds ``P1`` and ``P2``.
+
+    Plain autograd keeps both full-size products alive until backward (two extra ``W``-sized tensors per
+    layer); rebuilding them costs two small matmuls instead (LyCORIS's idea, written anew).
+    """
+
+    @staticmethod
+    def forward(ctx, w1a, w1b, w2a, w2b, t1, t2, scale: float):
+        ctx.save_for_backward(w1a, w1b, w2a, w2b, t1, t2)
+        ctx.scale = scale
+        return _half(w1a, w1b, t1) * _half(w2a, w2b, t2) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        w1a, w1b, w2a, w2b, t1, t2 = ctx.saved_tensors
+        grad = grad * ctx.scale
+        g1 = _half_grads(grad * _half(w2a, w2b, t2), w1a, w1b, t1)
+        g2 = _half_grads(grad * _half(w1a, w1b, t1), w2a, w2b, t2)
+        return g1[0], g1[1], g2[0], g2[1], g1[2], g2[2], None
+
+
+def loha_weight(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
+                t1: torch.Tensor | None = None, t2: torch.Tensor | None = None,
+                scale: float = 1.0) -> torch.Tensor:
+    """``ΔW = scale · (w1a w1b) ⊙ (w2a w2b)`` (Tucker: each factor rebuilt from its core).
+
+    Returns ``(out, in·kh·kw)`` without Tucker (reshape to ``W``'s shape), ``(out, in, kh, kw)`` with it.
+    """
+    return _HadamardProduct.apply(w1a, w1b, w2a, w2b, t1, t2, float(scale))
+
+
+# ---- LoKr --------------------------------------------------------------------------------------------
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Split ``dimension = u · v`` with ``u ≤ v`` the way LyCORIS does (``u`` goes to ``w1``, ``v`` to ``w2``).
+
+    - ``factor > 0`` dividing ``dimension``: ``(min(f, p/f), max(f, p/f))``;
+    - otherwise (``factor = -1`` means no bound): ``u`` = the largest divisor with
+      ``u ≤ min(factor, √dimension)``, ``v = dimension / u``  (the seed paper's formula).
+
+    So 320 → (16, 20) at f = -1 and (4, 80) at f = 4; 100 at f = 20 → (5, 20), not (10, 10).
+    """
+    if factor > 0 and dimension % factor == 0:
+        other = dimension // factor
+        return (factor, other) if factor <= other else (other, factor)
+    bound = dimension if factor < 0 else factor
+    best = 1
+    for u in range(1, math.isqrt(dimension) + 1):
+        if u > bound:
+            break
+        if dimension % u == 0:
+            best = u
+    return best, dimension // best
+
+
+def kron_weight(w1: torch.Tensor, w2: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``ΔW = scale · w1 ⊗ w2``; ``w1`` is ``(a, c)``, ``w2`` ``(b, d[, kh, kw])`` → ``(a·b, c·d[, kh, kw])``."""
+    w1 = w1 * scale if scale != 1 else w1
+    if w2.dim() > 2:
+        w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
+    return torch.kron(w1, w2)
+
+
+def kron_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """``x @ (w1 ⊗ w2)ᵀ`` without building the product: ``vec(w1 X w2ᵀ)`` with ``X`` = ``x`` as ``(c, d)``."""
+    a, c = w1.shape
+    b, d = w2.shape
+    h = x.reshape(*x.shape[:-1], c, d) @ w2.T  # (..., c, b)
+    return torch.matmul(w1, h).reshape(*x.shape[:-1], a * b)
+
+
+def kron_conv2d(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+    """``conv2d(x, w1 ⊗ w2)`` without building the product: ``w2`` convolves each of the ``c`` channel
+    groups of ``x``, then ``w1`` mixes the groups (``(a, c)`` applied as a matmul)."""
+    n, _, height, width = x.shape
+    a, c = w1.shape
+    h = F.conv2d(x.reshape(n * c, -1, height, width), w2, None, stride, padding, dilation)
+    b, oh, ow = h.shape[1:]
+    h = torch.matmul(w1, h.reshape(n, c, b * oh * ow))  # (n, a, b·oh·ow)
+    return h.reshape(n, a * b, oh, ow)
+
+
+# ---- DoRA --------------------------------------------------------------------------------------------
+
+
+def weight_norm(weight: torch.Tensor, on_out: bool = True) -> torch.Tensor:
+    """‖W‖ per output row (``on_out``, LyCORIS's default) or per input column, broadcastable to ``W``:
+    ``(out, 1[, 1, 1])`` or ``(1, in[, 1, 1])``."""
+    ones = [1] * (weight.dim() - 2)
+    if on_out:
+        return weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(weight.shape[0], 1, *ones)
+    norms = weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
+    return norms.reshape(1, weight.shape[1], *ones)
+
+
+def dora_weight(weight: torch.Tensor, magnitude: torch.Tensor, multiplier: float = 1.0,
+                on_out: bool = True) -> torch.Tensor:
+    """``W' = W · m / ‖W‖`` with ``W = W0 + ΔW``; the multiplier enters as LyCORIS's
+    ``W · (mult · (m/‖W‖ − 1) + 1)``, so at multiplier 0 the result is ``W0 + ΔW``, not ``W0``.
+
+    The norm is clamped at machine epsilon (LyCORIS adds it) so that a zero row stays finite while
+    ``W' = W0`` holds exactly at initialisation (``m = ‖W0‖``, ``ΔW = 0``).
+    """
+    ratio = magnitude / weight_norm(weight, on_out).clamp_min(torch.finfo(weight.dtype).eps)
+    if multiplier != 1:
+        ratio = (ratio - 1) * multiplier + 1
+    return weight * ratio
+
+
+# ---- (IA)^3 ------------------------------------------------------------------------------------------
+
+
+def ia3_weight(weight: torch.Tensor, vector: torch.Tensor, on_input: bool, scale: float = 1.0) -> torch.Tensor:
+    """``ΔW = scale · W0 ⊙ v``: (IA)^3's ``W0 · (1 + v)`` minus ``W0``, ``v`` along output rows (or input
+    columns when ``on_input``).  The bias is left alone, as in LyCORIS's merge and A1111."""
+    ones = [1] * (weight.dim() - 2)
+    v = vector.reshape(1, -1, *ones) if on_input else vector.reshape(-1, 1, *ones)
+    return weight * (v * scale)

@@ -1,0 +1,128 @@
+"""LoRA for Linear layers and LoCon for Conv2d: ``ΔW = multiplier · (alpha / rank) · B A``.
+
+File keys (kohya/LyCORIS): ``lora_down.weight`` (A), ``lora_up.weight`` (B), ``alpha``; optional
+``lora_mid.weight`` (Tucker core) and ``dora_scale``.  Shapes for ``W0`` of ``(out, in[, kh, kw])``:
+
+==============  ==================  ==================  ==================
+layer           lora_down           lora_mid            lora_up
+==============  ==================  ==================  ==================
+Linear          (r, in)             —                   (out, r)
+Conv2d k×k      (r, in, kh, kw)     —                   (out, r, 1, 1)
+Conv2d Tucker   (r, in, 1, 1)       (r, r, kh, kw)      (out, r, 1, 1)
+==============  ==================  ==================  ==================
+
+For a conv, A is a k×k conv with the base layer's stride/padding/dilation and B a 1×1 conv; with Tucker,
+A and B are 1×1 and the core carries the kernel.  Init: A (and the core) Kaiming-uniform with a = √5
+(as nn.Linear, kohya and LyCORIS), B zeros.  ``forward`` runs the low-rank path and never builds ``ΔW``
+(unless DoRA, which needs ``‖W0 + ΔW‖``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.adapters.base import AdapterShapeError, BaseLayer, alpha_from_file, require
+from lorakit.adapters.functional import lora_weight
+from lorakit.adapters.lowrank import Factor, LowRankAdapter, dora_options
+
+# key names other tools use for the same two matrices (PEFT / diffusers), read as kohya's
+_KEY_ALIASES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+
+
+class LoRA(LowRankAdapter):
+    algorithm = "lora"
+    file_keys = ("lora_down.weight", "lora_up.weight")
+
+    def __init__(self, base: BaseLayer, rank: int = 4, alpha: float | None = None, multiplier: float = 1.0, *,
+                 use_tucker: bool = False, dora: bool = False, wd_on_out: bool = True, dropout: float = 0.0,
+                 rank_dropout: float = 0.0, rank_dropout_scale: bool = False,
+                 module_dropout: float = 0.0) -> None:
+        super().__init__(base, rank, alpha, multiplier, dora=dora, wd_on_out=wd_on_out, dropout=dropout,
+                         rank_dropout=rank_dropout, rank_dropout_scale=rank_dropout_scale,
+                         module_dropout=module_dropout)
+        r, n_in, n_out, kernel = self.rank, self.in_features, self.out_features, self.kernel_size
+        device = base.weight.device
+        # Tucker only means something for a spatial kernel (LyCORIS ignores it on 1×1 convs too)
+        self.tucker = bool(use_tucker) and any(k != 1 for k in kernel)
+        if self.kind == "linear":
+            self.lora_down = Factor(r, n_in, device=device)
+            self.lora_up = Factor(n_out, r, device=device)
+            self.lora_mid = None
+        elif self.tucker:
+            self.lora_down = Factor(r, n_in, 1, 1, device=device)
+            self.lora_mid = Factor(r, r, *kernel, device=device)
+            self.lora_up = Factor(n_out, r, 1, 1, device=device)
+        else:
+            self.lora_down = Factor(r, n_in, *kernel, device=device)
+            self.lora_up = Factor(n_out, r, 1, 1, device=device)
+            self.lora_mid = None
+        torch.nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        if self.lora_mid is not None:
+            torch.nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
+        torch.nn.init.zeros_(self.lora_up.weight)
+
+    # ---- ΔW ----------------------------------------------------------------------------------
+    def _update(self, scale: float, train: bool) -> torch.Tensor:
+        up = self.lora_up.weight * scale
+        if train and self.rank_dropout > 0:
+            # in weight space the rank mask is shared by the batch (the low-rank forward draws one per sample)
+            up = up * self._rank_mask((1, self.rank) + (1,) * (up.dim() - 2), up)
+        mid = None if self.lora_mid is None else self.lora_mid.weight
+        return lora_weight(self.lora_down.weight, up, mid)
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.dora_scale is not None:
+            return super().forward(x)
+        y = self.base_forward(x, self.base.weight, self.base.bias)
+        down = self.lora_down.weight
+        h = x if x.dtype == down.dtype else x.to(down.dtype)
+        if self.kind == "linear":
+            h = F.linear(h, down)
+        else:
+            conv = self.base
+            if self.lora_mid is None:
+                h = F.conv2d(h, down, None, conv.stride, conv.padding, conv.dilation)
+            else:
+                h = F.conv2d(F.conv2d(h, down), self.lora_mid.weight, None, conv.stride, conv.padding,
+                             conv.dilation)
+        up = self.lora_up.weight * (self.scale * self.multiplier)
+        if self.training:
+            h, up = self._train_dropouts(h, up)
+        d = F.linear(h, up) if self.kind == "linear" else F.conv2d(h, up)
+        return y + d.to(y.dtype)
+
+    def _train_dropouts(self, h: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """kohya's order: dropout on the rank-r activations, then a per-sample rank mask; module dropout
+        zeroes the (scaled) up weight, so nothing here branches on random values."""
+        if self.dropout > 0:
+            h = F.dropout(h, self.dropout, training=True)
+        if self.rank_dropout > 0:
+            if self.kind == "linear":  # (batch, ..., r): one mask per sample, shared over tokens
+                shape = (h.shape[0],) + (1,) * (h.dim() - 2) + (self.rank,)
+            else:  # (batch, r, h, w)
+                shape = (h.shape[0], self.rank, 1, 1)
+            h = h * self._rank_mask(shape, h)
+        if self.module_dropout > 0:
+            up = up * self._module_keep(up)
+        return h, up
+
+    # ---- files ---------------------------------------------------------------------------------
+    @classmethod
+    def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
+                          multiplier: float = 1.0) -> LoRA:
+        tensors = {_KEY_ALIASES.get(k, k): v for k, v in tensors.items()}
+        down = require(tensors, "lora_down.weight", cls.algorithm)
+        require(tensors, "lora_up.weight", cls.algorithm)
+        rank = down.shape[0]
+        mid = tensors.get("lora_mid.weight")
+        adapter = cls(base, rank, alpha_from_file(tensors, rank), multiplier, use_tucker=mid is not None,
+                      **dora_options(base, tensors))
+        if mid is not None and not adapter.tucker:
+            raise AdapterShapeError(f"lora_mid.weight: a Tucker core {tuple(mid.shape)} needs a conv with a "
+                                    f"spatial kernel, this layer's weight is {adapter.weight_shape}")
+        adapter._load_file_tensors(tensors)
+        return adapter

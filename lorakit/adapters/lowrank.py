@@ -1,0 +1,85 @@
+"""What LoRA, LoHa and LoKr share: a rank, ``alpha`` (``scale = alpha / rank``) and the DoRA option."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.adapters.base import Adapter, BaseLayer
+from lorakit.adapters.functional import dora_weight, weight_norm
+
+
+class Factor(nn.Module):
+    """Holds one tensor as ``.weight``, so that state-dict keys read ``lora_down.weight`` as in kohya files.
+
+    It is never called: adapters use ``.weight`` in their own ``F.linear``/``F.conv2d`` calls.
+    """
+
+    def __init__(self, *shape: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape, device=device))
+
+
+class LowRankAdapter(Adapter):
+    """Base of the algorithms with ``alpha``: ``ΔW = multiplier · (alpha / rank) · update``.
+
+    Subclasses implement ``_update(scale, train)``: the update times ``scale``, shaped like ``W0``, with the
+    algorithm's rank dropout applied when ``train``.  With ``dora=True`` the weight is re-normalised:
+    ``W' = (W0 + γ·update) · dora_scale / ‖W0 + γ·update‖`` (see ``functional.dora_weight`` for where the
+    multiplier enters), and ``ΔW = W' − W0``.
+    """
+
+    def __init__(self, base: BaseLayer, rank: int, alpha: float | None = None, multiplier: float = 1.0, *,
+                 dora: bool = False, wd_on_out: bool = True, **dropouts: float) -> None:
+        super().__init__(base, multiplier, **dropouts)
+        if int(rank) < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank}")
+        self.rank = int(rank)
+        # kohya/LyCORIS: alpha absent or 0 means alpha = rank (scale 1)
+        alpha = float(rank) if not alpha else float(alpha)
+        self.register_buffer("alpha", torch.tensor(alpha, device=base.weight.device))
+        self._alpha_value = alpha
+        # the scale is a Python float read in forward; keep it in step when a state dict is loaded
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_alpha())
+        self.wd_on_out = bool(wd_on_out)
+        if dora:
+            magnitude = weight_norm(base.weight.detach().float(), self.wd_on_out)
+            self.dora_scale = nn.Parameter(magnitude)
+        else:
+            self.register_parameter("dora_scale", None)
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``: the multiplier is not included."""
+        return self._alpha_value / self.rank
+
+    def _sync_alpha(self) -> None:
+        self._alpha_value = float(self.alpha)
+
+    def _update(self, scale: float, train: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _deltas(self, train: bool) -> tuple[torch.Tensor, None]:
+        if self.dora_scale is None:
+            return self._update(self.scale * self.multiplier, train), None
+        magnitude = self.dora_scale
+        dtype = torch.promote_types(magnitude.dtype, torch.float32)
+        w0 = self.original_weight.to(dtype)
+        merged = w0 + self._update(self.scale, train).to(dtype)
+        return dora_weight(merged, magnitude.to(dtype), self.multiplier, self.wd_on_out) - w0, None
+
+    def extra_repr(self) -> str:
+        extra = f", dora(on_out={self.wd_on_out})" if self.dora_scale is not None else ""
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self._alpha_value:g}{extra}"
+
+
+def dora_options(base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, bool]:
+    """``dora``/``wd_on_out`` for a file's tensors: ``dora_scale`` of ``(out, 1, ...)`` normalises rows
+    (LyCORIS's default), ``(1, in, ...)`` input columns (its ``wd_on_out=False``, A1111's convention)."""
+    magnitude = tensors.get("dora_scale")
+    if magnitude is None:
+        return {"dora": False, "wd_on_out": True}
+    shape = tuple(magnitude.shape)
+    n_out, n_in = base.weight.shape[:2]
+    on_input = len(shape) >= 2 and shape[0] == 1 and shape[1] == n_in and n_out != 1
+    return {"dora": True, "wd_on_out": not on_input}
