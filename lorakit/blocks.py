@@ -1,0 +1,334 @@
+"""U-Net block maps: which block a module belongs to, block-wise ranks and LoRA Block Weight strings.
+
+SD1.x has 25 blocks in the kohya / LoRA Block Weight convention (the LDM ``input_blocks``,
+``middle_block`` and ``output_blocks``, named from diffusers module paths here):
+
+- index 0 = IN00 = ``conv_in`` (never adapted by kohya);
+- ``down_blocks.i.{resnets|attentions}.j`` -> IN{1+3i+j}, ``down_blocks.i.downsamplers`` -> IN{3i+3};
+- ``mid_block`` -> MID (index 12);
+- ``up_blocks.i.{resnets|attentions}.j`` -> OUT{3i+j}, ``up_blocks.i.upsamplers`` -> OUT{3i+2}
+  (the upsampler sits in the last LDM output block of its level, as in kohya's ``get_block_index``).
+
+Names may be diffusers paths (``down_blocks.0.attentions.0.proj_in``) or kohya/LyCORIS file names
+(``lora_unet_down_blocks_0_attentions_0_proj_in``); files carry only the latter.  Text-encoder names have
+no U-Net block (LoRA Block Weight calls them BASE).  Modules outside the 25 blocks (``conv_out``,
+``time_embedding``) have no block either.
+
+Everything architecture-specific lives in a ``BlockMap`` so SDXL can be added as a second map.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lorakit.network import ModuleSpec, UniformRanks, is_kxk_conv
+
+# ---- the SD1.x 25-block map -------------------------------------------------------------------
+
+SD1_BLOCKS: tuple[str, ...] = (
+    tuple(f"IN{i:02d}" for i in range(12)) + ("MID",) + tuple(f"OUT{i:02d}" for i in range(12))
+)
+
+# prefixes a U-Net module name can carry in files or in a pipeline; stripped before matching
+_UNET_PREFIXES = ("lora_unet_", "lycoris_", "unet_")
+_TEXT_PREFIXES = ("lora_te", "text_encoder", "text_model_", "encoder_layers_")
+_UPDOWN = re.compile(r"^(down|up)_blocks_(\d+)_(resnets|attentions|downsamplers|upsamplers)_(\d+)(?:_|$)")
+
+
+def _normalise(name: str) -> str | None:
+    """A U-Net module name as underscored diffusers path without prefix; None for text-encoder names."""
+    flat = name.replace(".", "_")
+    for prefix in _UNET_PREFIXES:
+        if flat.startswith(prefix):
+            flat = flat[len(prefix):]
+            break
+    return None if flat.startswith(_TEXT_PREFIXES) else flat
+
+
+def _sd1_index(flat: str) -> int | None:
+    m = _UPDOWN.match(flat)
+    if m:
+        side, i, kind, j = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
+        # a level's sampler sits in the last LDM block of that level
+        local = 3 * i + (2 if kind.endswith("samplers") else j)
+        return 1 + local if side == "down" else 13 + local
+    if flat.startswith("mid_block_") or flat == "mid_block":
+        return 12
+    if flat == "conv_in" or flat.startswith("conv_in_"):
+        return 0
+    return None
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    """The block layout of one U-Net architecture.
+
+    ``index_of`` maps a normalised module name (underscored diffusers path) to a block index;
+    ``lbw_layouts`` maps the number of values in a LoRA Block Weight string to the block ids they address
+    (first id ``BASE`` = text encoder).
+    """
+
+    arch: str
+    names: tuple[str, ...]
+    index_of: Callable[[str], int | None]
+    lbw_layouts: Mapping[int, tuple[str, ...]]
+    #: coarse groups of the block-wise LoRA paper: group name -> block indices
+    coarse: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def block_index(self, name: str) -> int | None:
+        """Block index of a U-Net module (diffusers path or kohya name); None outside the blocks."""
+        flat = _normalise(name)
+        return None if flat is None else self.index_of(flat)
+
+    def block_name(self, name: str) -> str | None:
+        index = self.block_index(name)
+        return None if index is None else self.names[index]
+
+    def coarse_block(self, name: str) -> str | None:
+        index = self.block_index(name)
+        for group, indices in self.coarse.items():
+            if index in indices:
+                return group
+        return None
+
+    def parse_block_id(self, block_id: str) -> int:
+        """'IN04', 'M00', 'MID', 'OUT11' -> index; a clear error for anything else."""
+        key = block_id.strip().upper()
+        key = {"M00": "MID", "MID00": "MID"}.get(key, key)
+        if key not in self.names:
+            raise ValueError(f"unknown {self.arch} block {block_id!r}; blocks are {', '.join(self.names)}")
+        return self.names.index(key)
+
+
+_LBW17 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID",
+          "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11")
+_LBW26 = ("BASE",) + SD1_BLOCKS
+
+SD1 = BlockMap(
+    arch="sd1",
+    names=SD1_BLOCKS,
+    index_of=_sd1_index,
+    lbw_layouts={17: _LBW17, 26: _LBW26},
+    # the paper's 4 + 1 + 4 scheme: in-block k = down_blocks.k, out-block k = up_blocks.k
+    coarse={
+        "IN0": (1, 2, 3), "IN1": (4, 5, 6), "IN2": (7, 8, 9), "IN3": (10, 11),
+        "MID": (12,),
+        "OUT0": (13, 14, 15), "OUT1": (16, 17, 18), "OUT2": (19, 20, 21), "OUT3": (22, 23, 24),
+    },
+)
+
+BLOCK_MAPS: dict[str, BlockMap] = {"sd1": SD1}
+
+
+def block_index(name: str, block_map: BlockMap = SD1) -> int | None:
+    """Index in the 25-block list of a U-Net module name (diffusers path or kohya key prefix)."""
+    return block_map.block_index(name)
+
+
+def block_name(name: str, block_map: BlockMap = SD1) -> str | None:
+    """'IN04', 'MID', 'OUT11', ... for a U-Net module name; None for text encoder / outside blocks."""
+    return block_map.block_name(name)
+
+
+def count_by_block(names: Iterable[str], block_map: BlockMap = SD1) -> dict[str, int]:
+    """Module counts per block in block order; text-encoder names under 'BASE', others under 'other'."""
+    counts: dict[str, int] = {}
+    for name in names:
+        if _normalise(name) is None:
+            key = "BASE"
+        else:
+            key = block_map.block_name(name) or "other"
+        counts[key] = counts.get(key, 0) + 1
+    order = ("BASE",) + block_map.names + ("other",)
+    return {k: counts[k] for k in order if k in counts}
+
+
+# ---- the coarse 4 + 1 + 4 scheme of the block-wise LoRA paper -----------------------------------
+
+#: paper presets: which coarse blocks are trained (upper = highest resolution: In0 + Out3)
+PAPER_PRESETS: dict[str, tuple[str, ...]] = {
+    "upper": ("IN0", "OUT3"),
+    "middle": ("IN1", "OUT2"),
+    "bottom": ("IN2", "OUT1"),
+}
+
+
+def coarse_block(name: str, block_map: BlockMap = SD1) -> str | None:
+    """'IN0'..'IN3', 'MID', 'OUT0'..'OUT3' for a U-Net module name; None elsewhere."""
+    return block_map.coarse_block(name)
+
+
+def coarse_block_dims(groups: Iterable[str] | str, dim: int, block_map: BlockMap = SD1) -> list[int]:
+    """25 ``block_dims`` values: ``dim`` in the blocks of the given coarse groups (or paper preset), 0 elsewhere."""
+    if isinstance(groups, str):
+        if groups not in PAPER_PRESETS:
+            raise ValueError(f"unknown block preset {groups!r}; presets are {', '.join(PAPER_PRESETS)}")
+        groups = PAPER_PRESETS[groups]
+    dims = [0] * len(block_map)
+    for group in groups:
+        key = group.strip().upper()
+        if key not in block_map.coarse:
+            raise ValueError(f"unknown coarse block {group!r}; blocks are {', '.join(block_map.coarse)}")
+        for index in block_map.coarse[key]:
+            dims[index] = dim
+    return dims
+
+
+# ---- kohya block_dims as a rank rule --------------------------------------------------------------
+
+def _values(spec: Sequence[float] | str | None, n: int, what: str, cast: Callable) -> list | None:
+    if spec is None:
+        return None
+    items = [s for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    if len(items) != n:
+        raise ValueError(f"{what} needs {n} values (one per block), got {len(items)}")
+    try:
+        return [cast(v.strip() if isinstance(v, str) else v) for v in items]
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+
+
+@dataclass
+class BlockRanks:
+    """Rank rule from kohya's ``block_dims`` / ``block_alphas`` / ``conv_block_dims`` / ``conv_block_alphas``.
+
+    Each takes one value per block (25 for SD1.x, as a list or a comma-separated string); a dim of 0
+    leaves the block's modules out.  As in kohya: Linear and 1x1 conv layers use ``block_dims``; k x k convs
+    use ``conv_block_dims`` and are left out when it is not given; missing alphas default to ``alpha`` /
+    ``conv_alpha``.  Modules outside the U-Net blocks (the text encoder, ``conv_out``, ...) go to
+    ``outside`` (None: left out), so a text-encoder rank can be given there.
+    """
+
+    block_dims: Sequence[int] | str
+    block_alphas: Sequence[float] | str | None = None
+    conv_block_dims: Sequence[int] | str | None = None
+    conv_block_alphas: Sequence[float] | str | None = None
+    alpha: float = 1.0
+    conv_alpha: float = 1.0
+    outside: Callable[[str, nn.Module], ModuleSpec | None] | None = None
+    block_map: BlockMap = SD1
+
+    def __post_init__(self) -> None:
+        n = len(self.block_map)
+        self.dims = _values(self.block_dims, n, "block_dims", int)
+        self.alphas = _values(self.block_alphas, n, "block_alphas", float) or [self.alpha] * n
+        self.conv_dims = _values(self.conv_block_dims, n, "conv_block_dims", int)
+        self.conv_alphas = (_values(self.conv_block_alphas, n, "conv_block_alphas", float)
+                            or [self.conv_alpha] * n)
+
+    def __call__(self, name: str, layer: nn.Module) -> ModuleSpec | None:
+        index = self.block_map.block_index(name)
+        if index is None:
+            return self.outside(name, layer) if self.outside is not None else None
+        if is_kxk_conv(layer):
+            if self.conv_dims is None or self.conv_dims[index] == 0:
+                return None
+            return ModuleSpec(self.conv_dims[index], self.conv_alphas[index])
+        if self.dims[index] == 0:
+            return None
+        return ModuleSpec(self.dims[index], self.alphas[index])
+
+    def network_args(self) -> dict[str, str]:
+        """The kohya ``ss_network_args`` entries that describe this rule."""
+        args = {"block_dims": _join(self.dims), "block_alphas": _join(self.alphas)}
+        if self.conv_dims is not None:
+            args["conv_block_dims"] = _join(self.conv_dims)
+            args["conv_block_alphas"] = _join(self.conv_alphas)
+        return args
+
+
+def _join(values: Iterable[float]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+def paper_block_ranks(preset: str, rank: int, alpha: float, conv_rank: int | None = None,
+                      conv_alpha: float | None = None, text_encoder: bool = False) -> BlockRanks:
+    """Block-wise LoRA of the paper: train only the blocks of ``preset`` ('upper', 'middle', 'bottom').
+
+    ``text_encoder=True`` keeps the text encoder at ``rank``/``alpha`` (the paper trains the U-Net only).
+    """
+    conv_dims = coarse_block_dims(preset, conv_rank) if conv_rank else None
+    outside = UniformRanks(rank, alpha) if text_encoder else None
+    return BlockRanks(coarse_block_dims(preset, rank), alpha=alpha, conv_block_dims=conv_dims,
+                      conv_alpha=conv_alpha if conv_alpha is not None else alpha,
+                      outside=_text_encoder_only(outside) if outside else None)
+
+
+def _text_encoder_only(rule: UniformRanks) -> Callable[[str, nn.Module], ModuleSpec | None]:
+    def only_text(name: str, layer: nn.Module) -> ModuleSpec | None:
+        return rule(name, layer) if _normalise(name) is None else None
+    return only_text
+
+
+# ---- LoRA Block Weight ----------------------------------------------------------------------------
+
+#: presets of the sd-webui-lora-block-weight extension (17 values: BASE, IN01 ... OUT11)
+LBW_PRESETS: dict[str, str] = {
+    "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "ALL": "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
+    "INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
+    "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
+    "OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
+    "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
+    "ALL0.5": ",".join(["0.5"] * 17),
+}
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """Per-module multipliers from a LoRA Block Weight string; call it with a module name.
+
+    ``base`` applies to the text encoder, ``blocks`` (one per block of ``block_map``) to the U-Net.
+    Blocks a short string does not list get 0, as in the extension (a 17-value string on a LoCon file
+    switches off IN00, IN03, IN06, IN09-IN11 and OUT00-OUT02).  U-Net modules outside every block
+    (``conv_out``, ``time_embedding``) keep ``outside``.
+    """
+
+    base: float
+    blocks: tuple[float, ...]
+    outside: float = 1.0
+    block_map: BlockMap = SD1
+
+    def __call__(self, name: str) -> float:
+        if _normalise(name) is None:
+            return self.base
+        index = self.block_map.block_index(name)
+        return self.outside if index is None else self.blocks[index]
+
+    def by_block(self) -> dict[str, float]:
+        return {"BASE": self.base, **dict(zip(self.block_map.names, self.blocks, strict=True))}
+
+
+def parse_block_weights(spec: str | Sequence[float], block_map: BlockMap = SD1,
+                        presets: Mapping[str, str] = LBW_PRESETS) -> BlockWeights:
+    """Parse '1,0,0,...' (17 or 26 values for SD1.x) or a preset name ('ALL', 'MIDD', ...)."""
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.upper() in {k.upper() for k in presets}:
+            text = next(v for k, v in presets.items() if k.upper() == text.upper())
+        items: list = [t for t in text.split(",")]
+    else:
+        items = list(spec)
+    layout = block_map.lbw_layouts.get(len(items))
+    if layout is None:
+        sizes = " or ".join(str(n) for n in sorted(block_map.lbw_layouts))
+        raise ValueError(f"a {block_map.arch} block-weight string has {sizes} values "
+                         f"(or is one of {', '.join(presets)}), got {len(items)}: {spec!r}")
+    try:
+        values = [float(v) for v in items]
+    except ValueError:
+        raise ValueError(f"block weights must be numbers: {spec!r}") from None
+    blocks = [0.0] * len(block_map)
+    for block_id, value in zip(layout[1:], values[1:], strict=True):
+        blocks[block_map.parse_block_id(block_id)] = value
+    return BlockWeights(base=values[0], blocks=tuple(blocks), block_map=block_map)

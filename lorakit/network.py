@@ -1,0 +1,449 @@
+"""Which modules get which adapter: presets (target tables), rank rules, kohya names; apply and remove.
+
+A preset is data: for the U-Net and the text encoder, a table of ``TargetRule`` rows (a glob over the
+module path, the layer kinds it admits, and optionally the classes one of its ancestors must have).
+A rank rule is any callable ``(kohya_name, layer) -> ModuleSpec | None`` (None: leave the module out), so
+block-wise ranks (``lorakit.blocks.BlockRanks``) plug in beside the default ``UniformRanks``.
+
+``create_network`` replaces each chosen layer in its parent with the adapter wrapping it and returns an
+``AdapterNetwork`` that holds the adapters by kohya name and can take them out again.
+
+Names follow kohya: ``lora_unet_`` + diffusers module path with ``.`` -> ``_``; ``lora_te_`` (SDXL:
+``lora_te1_`` / ``lora_te2_``) + the text encoder's path in the transformers-4 layout, whose
+``CLIPTextModel`` keeps its modules under ``text_model.`` (transformers 5 dropped that level; the prefix
+is put back so files stay loadable in A1111/ComfyUI/kohya).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.adapters.base import Adapter
+
+LINEAR, CONV1X1, CONV = "linear", "conv1x1", "conv"
+ALL_KINDS = frozenset({LINEAR, CONV1X1, CONV})
+NOT_KXK = frozenset({LINEAR, CONV1X1})
+
+UNET_PREFIX = "lora_unet"
+TE_PREFIX = "lora_te"
+LYCORIS_PREFIX = "lycoris"
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """'linear', 'conv1x1' or 'conv' (k x k, k > 1) for the layers adapters wrap; None otherwise."""
+    if isinstance(module, nn.Linear):
+        return LINEAR
+    if isinstance(module, nn.Conv2d):
+        return CONV1X1 if tuple(module.kernel_size) == (1, 1) else CONV
+    return None
+
+
+def is_kxk_conv(module: nn.Module) -> bool:
+    """A conv with a kernel larger than 1x1: kohya/LyCORIS give these the separate conv rank."""
+    return layer_kind(module) == CONV
+
+
+# ---- presets ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TargetRule:
+    """One row of a preset table.
+
+    ``pattern`` is a glob (``fnmatch``, ``*`` also crosses dots) over the module path (U-Net: diffusers
+    path; text encoder: transformers-4 path, ``text_model.encoder.layers.0.self_attn.q_proj``).
+    ``inside``: when not empty, one ancestor's class name must be in it (kohya selects this way).
+    """
+
+    pattern: str = "*"
+    kinds: frozenset[str] = ALL_KINDS
+    inside: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    unet: tuple[TargetRule, ...]
+    text_encoder: tuple[TargetRule, ...]
+    description: str = ""
+
+
+_ATTN = (
+    TargetRule("*.transformer_blocks.*.attn[12].to_[qkv]"),
+    TargetRule("*.transformer_blocks.*.attn[12].to_out.0"),
+    TargetRule("*.attentions.*.proj_in"),
+    TargetRule("*.attentions.*.proj_out"),
+)
+_FF = (
+    TargetRule("*.transformer_blocks.*.ff.net.0.proj"),
+    TargetRule("*.transformer_blocks.*.ff.net.2"),
+)
+_RESNET_SAMPLERS = (
+    TargetRule("*.resnets.*.conv1"),
+    TargetRule("*.resnets.*.conv2"),
+    TargetRule("*.resnets.*.conv_shortcut"),
+    TargetRule("*.resnets.*.time_emb_proj"),
+    TargetRule("*.downsamplers.*.conv"),
+    TargetRule("*.upsamplers.*.conv"),
+)
+# LyCORIS's `full` preset also adapts these (outside kohya's blocks: conv_in is IN00)
+_LYCORIS_EXTRA = (
+    TargetRule("conv_in"),
+    TargetRule("conv_out"),
+    TargetRule("time_embedding.linear_[12]"),
+)
+_TE_ATTN = (
+    TargetRule("*.self_attn.q_proj"),
+    TargetRule("*.self_attn.k_proj"),
+    TargetRule("*.self_attn.v_proj"),
+    TargetRule("*.self_attn.out_proj"),
+)
+_TE_MLP = (TargetRule("*.mlp.fc1"), TargetRule("*.mlp.fc2"))
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("attn-only", _ATTN, _TE_ATTN,
+               "attention Linear layers (to_q/k/v/out, proj_in/out); CLIP q/k/v/out_proj"),
+        Preset("attn-mlp", _ATTN + _FF, _TE_ATTN + _TE_MLP,
+               "attention + feed-forward; CLIP attention + MLP"),
+        Preset("full", _ATTN + _FF + _RESNET_SAMPLERS, _TE_ATTN + _TE_MLP,
+               "attn-mlp + ResNet convs/time_emb_proj + down/up-samplers (LoCon, kohya conv_dim)"),
+        Preset("lycoris-full", _ATTN + _FF + _RESNET_SAMPLERS + _LYCORIS_EXTRA, _TE_ATTN + _TE_MLP,
+               "full + conv_in, conv_out, time_embedding (LyCORIS's own `full` preset)"),
+        Preset("kohya",
+               (TargetRule(kinds=NOT_KXK, inside=("Transformer2DModel",)),),
+               (TargetRule(kinds=frozenset({LINEAR}), inside=("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")),),
+               "kohya's default LoRA: Linear and 1x1 conv layers inside Transformer2DModel; CLIPAttention, "
+               "CLIPMLP"),
+    )
+}
+
+
+def get_preset(preset: str | Preset) -> Preset:
+    if isinstance(preset, Preset):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
+# ---- components and names -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Component:
+    """One model an adapter network covers: the U-Net or a text encoder."""
+
+    group: str  # key of trainable_parameters(): 'unet', 'text_encoder', 'text_encoder_2'
+    prefix: str  # kohya key prefix: 'lora_unet', 'lora_te', 'lora_te1', 'lora_te2'
+    model: nn.Module
+    path_prefix: str = ""  # put in front of module paths so names follow kohya's layout
+    is_text_encoder: bool = False
+
+    def canonical_path(self, path: str) -> str:
+        return self.path_prefix + path
+
+    def kohya_name(self, path: str) -> str:
+        return kohya_name(self.prefix, self.canonical_path(path))
+
+
+def kohya_name(prefix: str, path: str) -> str:
+    """'lora_unet', 'down_blocks.0.attentions.0.proj_in' -> 'lora_unet_down_blocks_0_attentions_0_proj_in'."""
+    return f"{prefix}_{path}".replace(".", "_")
+
+
+def _text_path_prefix(model: nn.Module) -> str:
+    # transformers >= 5 CLIPTextModel has no `text_model` level; kohya names assume it
+    children = dict(model.named_children())
+    if "text_model" in children or "encoder" not in children:
+        return ""
+    return "text_model."
+
+
+def components(unet: nn.Module | None = None,
+               text_encoder: nn.Module | Sequence[nn.Module] | None = None) -> list[Component]:
+    """The U-Net and the text encoder(s), with the kohya prefix each gets (two encoders: te1/te2)."""
+    result = []
+    if unet is not None:
+        result.append(Component("unet", UNET_PREFIX, unet))
+    encoders = [] if text_encoder is None else (
+        [text_encoder] if isinstance(text_encoder, nn.Module) else list(text_encoder))
+    for i, te in enumerate(encoders):
+        if len(encoders) == 1:
+            group, prefix = "text_encoder", TE_PREFIX
+        else:
+            group, prefix = f"text_encoder_{i + 1}", f"{TE_PREFIX}{i + 1}"
+        result.append(Component(group, prefix, te, _text_path_prefix(te), is_text_encoder=True))
+    return result
+
+
+def adaptable_layers(component: Component) -> Iterator[tuple[str, nn.Module]]:
+    """(path, layer) of every Linear/Conv2d of a component, not looking inside adapters already there."""
+    inside_adapter: list[str] = []
+    for path, module in component.model.named_modules():
+        if any(path.startswith(p + ".") for p in inside_adapter):
+            continue
+        if isinstance(module, Adapter):
+            inside_adapter.append(path)
+            yield path, module
+        elif layer_kind(module) is not None:
+            yield path, module
+
+
+def name_map(component: Component) -> dict[str, str]:
+    """kohya name -> module path for every adaptable layer; raises when two paths share a name."""
+    names: dict[str, str] = {}
+    for path, _ in adaptable_layers(component):
+        name = component.kohya_name(path)
+        if name in names:
+            raise ValueError(f"modules {names[name]!r} and {path!r} both get the kohya name {name!r}")
+        names[name] = path
+    return names
+
+
+# ---- target selection -------------------------------------------------------------------------------
+
+def _rule_matches(rule: TargetRule, path: str, kind: str, ancestors: Sequence[str]) -> bool:
+    if kind not in rule.kinds or not fnmatch.fnmatchcase(path, rule.pattern):
+        return False
+    return not rule.inside or any(cls in rule.inside for cls in ancestors)
+
+
+def select_targets(component: Component, rules: Sequence[TargetRule]) -> list[tuple[str, nn.Module]]:
+    """(module path, layer) of the layers of ``component`` that a row of ``rules`` admits, in model order.
+
+    Raises when a chosen layer already carries an adapter (merge it or remove that network first).
+    """
+    model = component.model
+    classes = {path: type(m).__name__ for path, m in model.named_modules()}
+    chosen = []
+    for path, module in adaptable_layers(component):
+        layer = module.base if isinstance(module, Adapter) else module
+        parts = path.split(".")
+        ancestors = [classes[".".join(parts[:i])] for i in range(len(parts))]
+        canonical = component.canonical_path(path)
+        if any(_rule_matches(r, canonical, layer_kind(layer), ancestors) for r in rules):
+            if isinstance(module, Adapter):
+                raise ValueError(f"{component.group} module {path!r} already carries an adapter; "
+                                 "merge() and remove() that network first")
+            chosen.append((path, module))
+    return chosen
+
+
+# ---- rank rules ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """What one module gets: rank, alpha, and optionally another algorithm or extra adapter options."""
+
+    rank: int
+    alpha: float
+    algorithm: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+RankRule = Callable[[str, nn.Module], "ModuleSpec | None"]
+
+
+@dataclass(frozen=True)
+class UniformRanks:
+    """One rank/alpha for Linear and 1x1 conv layers, another for k x k convs (LoCon ``conv_dim``/``conv_alpha``).
+
+    ``conv_rank`` None: same as ``rank`` (LyCORIS's default); 0: leave k x k convs out.
+    """
+
+    rank: int = 4
+    alpha: float = 1.0
+    conv_rank: int | None = None
+    conv_alpha: float | None = None
+
+    def __call__(self, name: str, layer: nn.Module) -> ModuleSpec | None:
+        if is_kxk_conv(layer):
+            rank = self.rank if self.conv_rank is None else self.conv_rank
+            alpha = self.alpha if self.conv_alpha is None else self.conv_alpha
+            return ModuleSpec(rank, alpha) if rank > 0 else None
+        return ModuleSpec(self.rank, self.alpha) if self.rank > 0 else None
+
+    def network_args(self) -> dict[str, str]:
+        conv_rank = self.rank if self.conv_rank is None else self.conv_rank
+        conv_alpha = self.alpha if self.conv_alpha is None else self.conv_alpha
+        return {"conv_dim": str(conv_rank), "conv_alpha": f"{conv_alpha:g}"}
+
+
+# ---- the network ----------------------------------------------------------------------------------------
+
+@dataclass
+class _Slot:
+    group: str
+    parent: nn.Module
+    attr: str
+    original: nn.Module
+    requires_grad: dict[str, bool]
+
+
+AdapterFactory = Callable[..., Adapter]
+
+
+class AdapterNetwork(nn.Module):
+    """The adapters placed in a model, by kohya name; knows how to take them out again.
+
+    ``adapters`` is an ``nn.ModuleDict`` (kohya names contain no dots), so ``network.to(...)`` and
+    ``network.parameters()`` work; ``trainable_parameters()`` gives the adapters' own parameters per group.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self._slots: dict[str, _Slot] = {}
+        #: how the network was made (preset, algorithm, rank rule), for ss_network_args
+        self.args: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.adapters
+
+    def __getitem__(self, name: str) -> Adapter:
+        return self.adapters[name]
+
+    def names(self, group: str | None = None) -> list[str]:
+        return [n for n, s in self._slots.items() if group is None or s.group == group]
+
+    def group_of(self, name: str) -> str:
+        return self._slots[name].group
+
+    @property
+    def groups(self) -> list[str]:
+        return list(dict.fromkeys(s.group for s in self._slots.values()))
+
+    def attach(self, name: str, group: str, model: nn.Module, path: str, adapter: Adapter) -> None:
+        """Put ``adapter`` in place of the layer at ``path`` of ``model`` (the adapter's base)."""
+        if name in self.adapters:
+            raise ValueError(f"the network already has a module named {name!r}")
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        original = getattr(parent, attr)
+        if adapter.base is not original:
+            raise ValueError(f"adapter for {name!r} does not wrap the layer at {path!r}")
+        grads = {k: p.requires_grad for k, p in original.named_parameters()}
+        setattr(parent, attr, adapter)
+        self._slots[name] = _Slot(group, parent, attr, original, grads)
+        self.adapters[name] = adapter
+
+    @torch.no_grad()
+    def remove(self, keep_merged: bool = False) -> None:
+        """Put the original layers back (the same objects, weights and ``requires_grad`` as before).
+
+        A merged network is unmerged first unless ``keep_merged`` (then its update stays in the base weights:
+        the way to stack several networks).
+        """
+        if not keep_merged:
+            self.unmerge()
+        for name, slot in self._slots.items():
+            if getattr(slot.parent, slot.attr) is not self.adapters[name]:
+                raise RuntimeError(f"{name}: the model no longer holds this network's adapter")
+            setattr(slot.parent, slot.attr, slot.original)
+            for key, param in slot.original.named_parameters():
+                param.requires_grad_(slot.requires_grad.get(key, param.requires_grad))
+        self._slots.clear()
+        self.adapters = nn.ModuleDict()
+
+    def merge(self) -> None:
+        for adapter in self.adapters.values():
+            adapter.merge()
+
+    def unmerge(self) -> None:
+        for adapter in self.adapters.values():
+            adapter.unmerge()
+
+    @property
+    def merged(self) -> bool:
+        return any(a.merged for a in self.adapters.values())
+
+    def set_multiplier(self, multiplier: float, block_weights: Callable[[str], float] | None = None) -> None:
+        """Scale every adapter by ``multiplier`` (times ``block_weights(name)``, e.g. a LoRA Block Weight).
+
+        A merged network is re-merged with the new multipliers.
+        """
+        merged = self.merged
+        self.unmerge()
+        for name, adapter in self.adapters.items():
+            adapter.multiplier = float(multiplier) * (block_weights(name) if block_weights else 1.0)
+        if merged:
+            self.merge()
+
+    def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Adapter parameters that require grad, per group ('unet', 'text_encoder', ...), base layers excluded."""
+        result: dict[str, list[nn.Parameter]] = {g: [] for g in self.groups}
+        for name, adapter in self.adapters.items():
+            params = [p for k, p in adapter.named_parameters() if not k.startswith("base.") and p.requires_grad]
+            result[self._slots[name].group].extend(params)
+        return result
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """Every adapter's file tensors under its kohya name: ``lora_unet_..._to_q.lora_down.weight``, ..."""
+        out = {}
+        for name, adapter in self.adapters.items():
+            for key, tensor in adapter.file_tensors().items():
+                out[f"{name}.{key}"] = tensor
+        return out
+
+
+def create_network(unet: nn.Module | None = None,
+                   text_encoder: nn.Module | Sequence[nn.Module] | None = None,
+                   *,
+                   preset: str | Preset = "kohya",
+                   ranks: RankRule | None = None,
+                   algorithm: str = "lora",
+                   options: Mapping[str, Any] | None = None,
+                   multiplier: float = 1.0,
+                   factory: AdapterFactory | None = None) -> AdapterNetwork:
+    """Wrap the layers ``preset`` selects in adapters of ``algorithm`` and return the network.
+
+    ``ranks`` decides rank/alpha (or skip) per module (default ``UniformRanks()``: rank 4, alpha 1);
+    ``options`` go to every adapter (e.g. ``factor`` for LoKr); ``factory(algorithm, base, rank=, alpha=,
+    **options)`` builds one adapter (default ``lorakit.adapters.make_adapter``).  Nothing in the model
+    changes until every adapter has been built.
+    """
+    preset = get_preset(preset)
+    ranks = ranks if ranks is not None else UniformRanks()
+    if factory is None:
+        from lorakit.adapters import make_adapter as factory
+    planned = []
+    for comp in components(unet, text_encoder):
+        rules = preset.text_encoder if comp.is_text_encoder else preset.unet
+        for path, layer in select_targets(comp, rules):
+            name = comp.kohya_name(path)
+            spec = ranks(name, layer)
+            if spec is None:
+                continue
+            algo = spec.algorithm or algorithm
+            adapter = factory(algo, layer, rank=spec.rank, alpha=spec.alpha,
+                              **{**(options or {}), **spec.options})
+            adapter.multiplier = float(multiplier)
+            planned.append((name, comp, path, adapter))
+    network = AdapterNetwork()
+    for name, comp, path, adapter in planned:
+        network.attach(name, comp.group, comp.model, path, adapter)
+    network.args = _network_args(preset, algorithm, ranks, options,
+                                 any(is_kxk_conv(a.base) for *_, a in planned))
+    return network
+
+
+def _network_args(preset: Preset, algorithm: str, ranks: RankRule, options: Mapping[str, Any] | None,
+                  has_kxk: bool) -> dict[str, str]:
+    args = {"preset": preset.name, "algo": algorithm}
+    describe = getattr(ranks, "network_args", None)
+    if callable(describe):
+        rule_args = describe()
+        if not has_kxk:
+            rule_args = {k: v for k, v in rule_args.items() if not k.startswith("conv_")}
+        args.update(rule_args)
+    args.update({k: str(v) for k, v in (options or {}).items()})
+    return args
