@@ -289,6 +289,10 @@ class _Slot:
 AdapterFactory = Callable[..., Adapter]
 
 
+def _grad_flags(layer: nn.Module) -> dict[str, bool]:
+    return {k: p.requires_grad for k, p in layer.named_parameters()}
+
+
 class AdapterNetwork(nn.Module):
     """The adapters placed in a model, by kohya name; knows how to take them out again.
 
@@ -322,8 +326,12 @@ class AdapterNetwork(nn.Module):
     def groups(self) -> list[str]:
         return list(dict.fromkeys(s.group for s in self._slots.values()))
 
-    def attach(self, name: str, group: str, model: nn.Module, path: str, adapter: Adapter) -> None:
-        """Put ``adapter`` in place of the layer at ``path`` of ``model`` (the adapter's base)."""
+    def attach(self, name: str, group: str, model: nn.Module, path: str, adapter: Adapter,
+               requires_grad: Mapping[str, bool] | None = None) -> None:
+        """Put ``adapter`` in place of the layer at ``path`` of ``model`` (the adapter's base).
+
+        ``requires_grad``: the layer's flags before the adapter froze it, restored by ``remove()``.
+        """
         if name in self.adapters:
             raise ValueError(f"the network already has a module named {name!r}")
         parent_path, _, attr = path.rpartition(".")
@@ -331,7 +339,7 @@ class AdapterNetwork(nn.Module):
         original = getattr(parent, attr)
         if adapter.base is not original:
             raise ValueError(f"adapter for {name!r} does not wrap the layer at {path!r}")
-        grads = {k: p.requires_grad for k, p in original.named_parameters()}
+        grads = dict(requires_grad) if requires_grad is not None else _grad_flags(original)
         setattr(parent, attr, adapter)
         self._slots[name] = _Slot(group, parent, attr, original, grads)
         self.adapters[name] = adapter
@@ -424,15 +432,16 @@ def create_network(unet: nn.Module | None = None,
             if spec is None:
                 continue
             algo = spec.algorithm or algorithm
+            grads = _grad_flags(layer)  # before the adapter freezes the layer
             adapter = factory(algo, layer, rank=spec.rank, alpha=spec.alpha,
                               **{**(options or {}), **spec.options})
             adapter.multiplier = float(multiplier)
-            planned.append((name, comp, path, adapter))
+            planned.append((name, comp, path, adapter, grads))
     network = AdapterNetwork()
-    for name, comp, path, adapter in planned:
-        network.attach(name, comp.group, comp.model, path, adapter)
+    for name, comp, path, adapter, grads in planned:
+        network.attach(name, comp.group, comp.model, path, adapter, grads)
     network.args = _network_args(preset, algorithm, ranks, options,
-                                 any(is_kxk_conv(a.base) for *_, a in planned))
+                                 any(is_kxk_conv(p[3].base) for p in planned))
     return network
 
 

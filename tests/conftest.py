@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 # tiny models on 2 shared cores: one thread is ~100x faster than two threads fighting over them
 torch.set_num_threads(1)
@@ -75,81 +74,8 @@ def randomize(network, seed: int = 0, scale: float = 0.1) -> None:
                     p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
-# ---- until lorakit.adapters has its registry: a minimal LoRA on the protocol, for these tests only ----
+def registry_has(algorithm: str) -> bool:
+    """Whether lorakit.adapters implements ``algorithm`` yet (LoHa/LoKr tests wait for it)."""
+    from lorakit.adapters import ALGORITHMS
 
-class _StubLoRA:
-    """Built lazily so importing conftest does not need lorakit."""
-
-    cls = None
-
-    @classmethod
-    def get(cls):
-        if cls.cls is None:
-            from lorakit.adapters.base import Adapter, alpha_from_file, check_shape
-
-            class StubLoRA(Adapter):
-                algorithm = "lora"
-                file_keys = ("lora_down.weight",)
-
-                def __init__(self, base, rank=4, alpha=1.0, multiplier=1.0):
-                    super().__init__(base, multiplier)
-                    if self.kind == "linear":
-                        self.lora_down = nn.Linear(self.in_features, rank, bias=False)
-                        self.lora_up = nn.Linear(rank, self.out_features, bias=False)
-                    else:
-                        self.lora_down = nn.Conv2d(self.in_features, rank, base.kernel_size, base.stride,
-                                                   base.padding, bias=False)
-                        self.lora_up = nn.Conv2d(rank, self.out_features, 1, bias=False)
-                    nn.init.zeros_(self.lora_up.weight)
-                    self.rank = rank
-                    self.register_buffer("alpha", torch.tensor(float(alpha)))
-
-                def delta_weight(self):
-                    down = self.lora_down.weight.flatten(1)
-                    up = self.lora_up.weight.flatten(1)
-                    scale = self.multiplier * float(self.alpha) / self.rank
-                    return (up @ down).reshape(self.base_weight.shape) * scale
-
-                @classmethod
-                def from_file_tensors(cls, base, tensors, multiplier=1.0):
-                    rank = tensors["lora_down.weight"].shape[0]
-                    adapter = cls(base, rank, alpha_from_file(tensors, rank), multiplier)
-                    for key in ("lora_down.weight", "lora_up.weight"):
-                        check_shape(key, tensors[key], adapter.state_dict()[key].shape)
-                    adapter.lora_down.weight.data.copy_(tensors["lora_down.weight"])
-                    adapter.lora_up.weight.data.copy_(tensors["lora_up.weight"])
-                    return adapter
-
-            cls.cls = StubLoRA
-        return cls.cls
-
-
-def _registry_has(algorithm: str) -> bool:
-    try:
-        from lorakit.adapters import ALGORITHMS
-    except ImportError:
-        return False
     return algorithm in ALGORITHMS
-
-
-@pytest.fixture
-def adapters(monkeypatch):
-    """lorakit.adapters with a 'lora' algorithm: the real one when it exists, else the stub above."""
-    import lorakit.adapters as registry
-
-    if not _registry_has("lora"):
-        stub = _StubLoRA.get()
-
-        def make_adapter(algorithm, base, rank=4, alpha=1.0, **options):
-            assert algorithm == "lora", algorithm
-            return stub(base, rank, alpha)
-
-        def detect_algorithm(keys):
-            if "lora_down.weight" in set(keys):
-                return "lora"
-            raise ValueError(f"unknown keys {sorted(keys)}")
-
-        monkeypatch.setattr(registry, "ALGORITHMS", {"lora": stub}, raising=False)
-        monkeypatch.setattr(registry, "make_adapter", make_adapter, raising=False)
-        monkeypatch.setattr(registry, "detect_algorithm", detect_algorithm, raising=False)
-    return registry
