@@ -11,12 +11,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from lorakit.adapters.base import Adapter, AdapterFormatError, AdapterShapeError, BaseLayer
+from lorakit.adapters.full import Full
 from lorakit.adapters.functional import factorization
+from lorakit.adapters.ia3 import IA3
+from lorakit.adapters.loha import LoHa
+from lorakit.adapters.lokr import LoKr
 from lorakit.adapters.lora import LoRA
 from lorakit.adapters.lowrank import LowRankAdapter
 
 ALGORITHMS: dict[str, type[Adapter]] = {
     "lora": LoRA,
+    "loha": LoHa,
+    "lokr": LoKr,
+    "ia3": IA3,
+    "full": Full,
 }
 
 # other names for the same algorithms: LyCORIS's module names ("locon", "kron"), kohya's network names
@@ -96,7 +104,12 @@ __all__ = [
     "Adapter",
     "AdapterFormatError",
     "AdapterShapeError",
+    "Full",
+    "IA3",
+    "LoHa",
+    "LoKr",
     "LoRA",
+    "LowRankAdapter",
     "algorithm_class",
     "detect_algorithm",
     "factorization",

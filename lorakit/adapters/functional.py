@@ -111,7 +111,7 @@ def kron_weight(w1: torch.Tensor, w2: torch.Tensor, scale: float = 1.0) -> torch
     w1 = w1 * scale if scale != 1 else w1
     if w2.dim() > 2:
         w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
-    return torch.kron(w1, w2)
+    return torch.kron(w1, w2.contiguous())  # torch.kron views its inputs: an einsum result would fail
 
 
 def kron_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

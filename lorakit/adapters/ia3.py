@@ -1,0 +1,53 @@
+"""(IA)^3: learned per-channel scales, ``W' = W0 · (1 + multiplier · v)`` (so ``ΔW = multiplier · W0 ⊙ v``).
+
+File keys (LyCORIS): ``weight`` — ``(out,)`` for Linear, ``(1, out, 1, 1)`` for Conv2d (``in`` instead of
+``out`` when ``on_input``) — and ``on_input``, a 0-dim integer tensor.  No ``alpha``.  ``v`` starts at zero.
+
+LyCORIS scales the weight only: its merge and its default (non-bypass) training forward leave the bias
+alone, and A1111 does the same, so ``delta_bias()`` is ``None``.  (LyCORIS's bypass forward scales the whole
+output, bias included; we follow the merge, which is what every reader of the file applies.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.adapters.base import Adapter, BaseLayer, require
+from lorakit.adapters.functional import ia3_weight
+
+
+class IA3(Adapter):
+    algorithm = "ia3"
+    file_keys = ("on_input",)
+
+    def __init__(self, base: BaseLayer, multiplier: float = 1.0, *, on_input: bool = False, dropout: float = 0.0,
+                 rank_dropout: float = 0.0, rank_dropout_scale: bool = False,
+                 module_dropout: float = 0.0) -> None:
+        super().__init__(base, multiplier, dropout=dropout, rank_dropout=rank_dropout,
+                         rank_dropout_scale=rank_dropout_scale, module_dropout=module_dropout)
+        self.scales_input = bool(on_input)
+        size = self.in_features if self.scales_input else self.out_features
+        shape = (size,) if self.kind == "linear" else (1, size, 1, 1)
+        self.weight = nn.Parameter(torch.zeros(shape, device=base.weight.device))
+        # stored as in LyCORIS files: a 0-dim int64 tensor
+        self.register_buffer("on_input", torch.tensor(int(self.scales_input), device=base.weight.device))
+
+    def _deltas(self, train: bool) -> tuple[torch.Tensor, None]:
+        weight = ia3_weight(self.original_weight, self.weight, self.scales_input, self.multiplier)
+        if train and self.rank_dropout > 0:
+            weight = weight * self._row_mask(weight)
+        return weight, None
+
+    @classmethod
+    def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
+                          multiplier: float = 1.0) -> IA3:
+        vector = require(tensors, "weight", cls.algorithm)
+        flag = tensors.get("on_input")
+        if flag is not None:
+            on_input = bool(int(flag.reshape(-1)[0]))
+        else:  # not in the file: the vector's length tells, ties go to LyCORIS's default (outputs)
+            on_input = vector.numel() != base.weight.shape[0] and vector.numel() == base.weight.shape[1]
+        adapter = cls(base, multiplier, on_input=on_input)
+        adapter._load_file_tensors(tensors, skip=("on_input",))
+        return adapter

@@ -1,0 +1,83 @@
+"""LoHa: ``ΔW = multiplier · (alpha / rank) · (w1_a w1_b) ⊙ (w2_a w2_b)`` (rank of ΔW up to r²).
+
+File keys (LyCORIS): ``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b``, ``alpha``; Tucker variant for
+k×k convs adds ``hada_t1``, ``hada_t2``; optional ``dora_scale``.  Shapes for ``W0`` of ``(out, in[, kh, kw])``:
+
+- plain (Linear and convs): ``w*_a`` ``(out, r)``, ``w*_b`` ``(r, in·kh·kw)`` (conv kernels flattened);
+- Tucker: ``w*_a`` ``(r, out)`` (transposed!), ``w*_b`` ``(r, in)``, ``t*`` ``(r, r, kh, kw)``.
+
+Init (LyCORIS): ``w1_b``, ``w2_b`` normal std 1; ``w1_a`` normal std 0.1; ``w2_a`` zeros (ΔW = 0);
+Tucker cores normal std 0.1.  ``ΔW`` is built through a custom autograd function that rebuilds the two
+full-size products in backward instead of storing them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lorakit.adapters.base import AdapterShapeError, BaseLayer, alpha_from_file, require
+from lorakit.adapters.functional import loha_weight
+from lorakit.adapters.lowrank import LowRankAdapter, dora_options
+
+
+class LoHa(LowRankAdapter):
+    algorithm = "loha"
+    file_keys = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+    def __init__(self, base: BaseLayer, rank: int = 4, alpha: float | None = None, multiplier: float = 1.0, *,
+                 use_tucker: bool = False, dora: bool = False, wd_on_out: bool = True, dropout: float = 0.0,
+                 rank_dropout: float = 0.0, rank_dropout_scale: bool = False,
+                 module_dropout: float = 0.0) -> None:
+        super().__init__(base, rank, alpha, multiplier, dora=dora, wd_on_out=wd_on_out, dropout=dropout,
+                         rank_dropout=rank_dropout, rank_dropout_scale=rank_dropout_scale,
+                         module_dropout=module_dropout)
+        r, n_in, n_out, kernel = self.rank, self.in_features, self.out_features, self.kernel_size
+        device = base.weight.device
+        self.tucker = bool(use_tucker) and any(k != 1 for k in kernel)
+
+        def param(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(shape, device=device))
+
+        if self.tucker:
+            self.hada_w1_a, self.hada_w1_b = param(r, n_out), param(r, n_in)
+            self.hada_w2_a, self.hada_w2_b = param(r, n_out), param(r, n_in)
+            self.hada_t1, self.hada_t2 = param(r, r, *kernel), param(r, r, *kernel)
+            nn.init.normal_(self.hada_t1, std=0.1)
+            nn.init.normal_(self.hada_t2, std=0.1)
+        else:
+            columns = n_in * math.prod(kernel)
+            self.hada_w1_a, self.hada_w1_b = param(n_out, r), param(r, columns)
+            self.hada_w2_a, self.hada_w2_b = param(n_out, r), param(r, columns)
+            self.register_parameter("hada_t1", None)
+            self.register_parameter("hada_t2", None)
+        nn.init.normal_(self.hada_w1_b, std=1.0)
+        nn.init.normal_(self.hada_w1_a, std=0.1)
+        nn.init.normal_(self.hada_w2_b, std=1.0)
+        nn.init.zeros_(self.hada_w2_a)
+
+    def _update(self, scale: float, train: bool) -> torch.Tensor:
+        weight = loha_weight(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b,
+                             self.hada_t1, self.hada_t2, scale).reshape(self.weight_shape)
+        if train and self.rank_dropout > 0:
+            weight = weight * self._row_mask(weight)
+        return weight
+
+    @classmethod
+    def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
+                          multiplier: float = 1.0) -> LoHa:
+        for key in cls.file_keys:
+            require(tensors, key, cls.algorithm)
+        rank = tensors["hada_w1_b"].shape[0]
+        tucker = "hada_t1" in tensors
+        if tucker != ("hada_t2" in tensors):
+            raise AdapterShapeError("hada_t1/hada_t2: a Tucker LoHa needs both cores")
+        adapter = cls(base, rank, alpha_from_file(tensors, rank), multiplier, use_tucker=tucker,
+                      **dora_options(base, tensors))
+        if tucker and not adapter.tucker:
+            raise AdapterShapeError(f"hada_t1: Tucker cores need a conv with a spatial kernel, this layer's "
+                                    f"weight is {adapter.weight_shape}")
+        adapter._load_file_tensors(tensors)
+        return adapter

@@ -1,0 +1,216 @@
+"""LoKr: ``ΔW = multiplier · (alpha / rank) · w1 ⊗ w2`` with ``w1 = C`` small and ``w2 = B A`` (or full).
+
+``out = a·b`` and ``in = c·d`` are split by ``factorization(dim, factor)`` (``functional.py``): the smaller
+factor goes to ``w1`` ``(a, c)``, the larger to ``w2`` ``(b, d[, kh, kw])``.  File keys (LyCORIS) and shapes:
+
+- ``lokr_w1`` ``(a, c)``, or ``lokr_w1_a`` ``(a, r)`` + ``lokr_w1_b`` ``(r, c)`` (``decompose_both``);
+- ``lokr_w2`` ``(b, d[, kh, kw])`` (full), or ``lokr_w2_a`` ``(b, r)`` + ``lokr_w2_b`` ``(r, d·kh·kw)``, or
+  Tucker (k×k convs): ``lokr_w2_a`` ``(r, b)`` (transposed!), ``lokr_w2_b`` ``(r, d)``, ``lokr_t2``
+  ``(r, r, kh, kw)``;
+- ``alpha``; optional ``dora_scale``.
+
+LyCORIS's rules, kept so that files match: ``w2`` is full when ``full_matrix`` or when
+``rank ≥ max(b, d) / 2``; ``w1`` is decomposed only with ``decompose_both`` and ``rank < max(a, c) / 2``;
+when both halves are full there is no rank and the scale is 1 (LyCORIS then writes ``alpha = rank``, and
+readers ignore alpha).  Init: ``w1`` (or its factors), ``w2_a`` and ``t2`` Kaiming-uniform (a = √5); the
+zero factor is ``lokr_w2`` (full) or ``lokr_w2_b``.
+
+``bypass=True`` computes ``x ↦ (w1 ⊗ w2) x`` without building ``ΔW`` (``kron_linear``/``kron_conv2d``);
+the default builds ``ΔW`` and runs one matmul/conv.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.adapters.base import AdapterFormatError, AdapterShapeError, BaseLayer, alpha_from_file, layer_kind
+from lorakit.adapters.functional import factorization, kron_conv2d, kron_linear, kron_weight, lora_weight
+from lorakit.adapters.lowrank import LowRankAdapter, dora_options
+
+
+@dataclass(frozen=True)
+class KronLayout:
+    """How ``W (a·b, c·d[, kh, kw])`` is split, and which halves are low-rank."""
+
+    a: int
+    b: int
+    c: int
+    d: int
+    w1: str  # "full" | "lowrank"
+    w2: str  # "full" | "lowrank" | "tucker"
+
+
+def kron_layout(out_features: int, in_features: int, kernel: tuple[int, ...], rank: int, factor: int = -1,
+                decompose_both: bool = False, full_matrix: bool = False, use_tucker: bool = False,
+                unbalanced_factorization: bool = False) -> KronLayout:
+    """LyCORIS's choice of factor shapes and modes for a new LoKr module."""
+    a, b = factorization(out_features, factor)
+    c, d = factorization(in_features, factor)
+    if unbalanced_factorization:  # LyCORIS swaps only the output split
+        a, b = b, a
+    w1 = "lowrank" if decompose_both and not full_matrix and rank < max(a, c) / 2 else "full"
+    if full_matrix or rank >= max(b, d) / 2:
+        w2 = "full"
+    elif use_tucker and any(k != 1 for k in kernel):
+        w2 = "tucker"
+    else:
+        w2 = "lowrank"
+    return KronLayout(a, b, c, d, w1, w2)
+
+
+class LoKr(LowRankAdapter):
+    algorithm = "lokr"
+    file_keys = ("lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a")
+
+    def __init__(self, base: BaseLayer, rank: int = 4, alpha: float | None = None, multiplier: float = 1.0, *,
+                 factor: int = -1, decompose_both: bool = False, full_matrix: bool = False,
+                 use_tucker: bool = False, unbalanced_factorization: bool = False, bypass: bool = False,
+                 dora: bool = False, wd_on_out: bool = True, dropout: float = 0.0, rank_dropout: float = 0.0,
+                 rank_dropout_scale: bool = False, module_dropout: float = 0.0,
+                 layout: KronLayout | None = None) -> None:
+        layer_kind(base)
+        n_out, n_in, *kernel = base.weight.shape
+        kernel = tuple(kernel)
+        if layout is None:
+            layout = kron_layout(n_out, n_in, kernel, int(rank), int(factor), decompose_both, full_matrix,
+                                 use_tucker, unbalanced_factorization)
+            if layout.w1 == layout.w2 == "full":
+                alpha = rank  # as LyCORIS writes it: no rank, scale 1
+        super().__init__(base, rank, alpha, multiplier, dora=dora, wd_on_out=wd_on_out, dropout=dropout,
+                         rank_dropout=rank_dropout, rank_dropout_scale=rank_dropout_scale,
+                         module_dropout=module_dropout)
+        self.layout = layout
+        self.bypass = bool(bypass)
+        a, b, c, d, r = layout.a, layout.b, layout.c, layout.d, self.rank
+        device = base.weight.device
+
+        def param(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(shape, device=device))
+
+        for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"):
+            self.register_parameter(name, None)
+        if layout.w1 == "full":
+            self.lokr_w1 = param(a, c)
+            nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))
+        else:
+            self.lokr_w1_a, self.lokr_w1_b = param(a, r), param(r, c)
+            nn.init.kaiming_uniform_(self.lokr_w1_a, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.lokr_w1_b, a=math.sqrt(5))
+        if layout.w2 == "full":
+            self.lokr_w2 = param(b, d, *kernel)
+            nn.init.zeros_(self.lokr_w2)
+        else:
+            if layout.w2 == "tucker":
+                self.lokr_w2_a, self.lokr_w2_b, self.lokr_t2 = param(r, b), param(r, d), param(r, r, *kernel)
+                nn.init.kaiming_uniform_(self.lokr_t2, a=math.sqrt(5))
+            else:
+                self.lokr_w2_a, self.lokr_w2_b = param(b, r), param(r, d * math.prod(kernel))
+            nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
+            nn.init.zeros_(self.lokr_w2_b)
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``, or 1 when both halves are full (no rank: LyCORIS and ComfyUI ignore alpha)."""
+        if self.layout.w1 == "full" and self.layout.w2 == "full":
+            return 1.0
+        return self._alpha_value / self.rank
+
+    # ---- the two halves --------------------------------------------------------------------------
+    def _w1(self) -> torch.Tensor:
+        return self.lokr_w1 if self.lokr_w1 is not None else self.lokr_w1_a @ self.lokr_w1_b
+
+    def _w2(self) -> torch.Tensor:
+        """``(b, d[, kh, kw])``."""
+        if self.lokr_w2 is not None:
+            return self.lokr_w2
+        lay, kernel = self.layout, self.kernel_size
+        if self.lokr_t2 is not None:  # core (r, r, kh, kw), w2_a (r, b), w2_b (r, d)
+            return torch.einsum("ijhw,ib,jd->bdhw", self.lokr_t2, self.lokr_w2_a, self.lokr_w2_b)
+        return lora_weight(self.lokr_w2_b, self.lokr_w2_a).reshape(lay.b, lay.d, *kernel)
+
+    def _update(self, scale: float, train: bool) -> torch.Tensor:
+        weight = kron_weight(self._w1(), self._w2(), scale)
+        if train and self.rank_dropout > 0:
+            weight = weight * self._row_mask(weight)
+        return weight
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.bypass or self.dora_scale is not None:
+            return super().forward(x)
+        y = self.base_forward(x, self.base.weight, self.base.bias)
+        w1 = self._w1() * (self.scale * self.multiplier)  # the scale rides on the smallest tensor
+        w2 = self._w2()
+        h = x if x.dtype == w2.dtype else x.to(w2.dtype)
+        train = self.training
+        if train and self.module_dropout > 0:
+            w1 = w1 * self._module_keep(w1)
+        if self.kind == "linear":
+            d = kron_linear(h, w1, w2)
+        else:
+            conv = self.base
+            d = kron_conv2d(h, w1, w2, conv.stride, conv.padding, conv.dilation)
+        if train and self.rank_dropout > 0:  # output rows of ΔW, as in the materialised path
+            rows = self._rank_mask((self.out_features,), d)
+            d = d * (rows if self.kind == "linear" else rows.reshape(-1, 1, 1))
+        if train and self.dropout > 0:
+            d = F.dropout(d, self.dropout, training=True)
+        return y + d.to(y.dtype)
+
+    # ---- files ---------------------------------------------------------------------------------
+    @classmethod
+    def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
+                          multiplier: float = 1.0) -> LoKr:
+        layer_kind(base)  # a clear error for layers adapters cannot wrap
+        n_out, n_in, *kernel = base.weight.shape
+        layout, rank = _layout_from_file(tensors, n_out, n_in, tuple(kernel))
+        # with both halves full there is no rank: the scale is 1 whatever alpha says; keep alpha for the file
+        adapter = cls(base, rank, alpha_from_file(tensors, rank), multiplier, layout=layout,
+                      **dora_options(base, tensors))
+        adapter._load_file_tensors(tensors)
+        return adapter
+
+
+def _layout_from_file(tensors: dict[str, torch.Tensor], n_out: int, n_in: int,
+                      kernel: tuple[int, ...]) -> tuple[KronLayout, int]:
+    """Read the factor shapes and modes from a file's keys; check that ``w1 ⊗ w2`` covers the layer.
+
+    Errors name the keys the offending sizes were read from.
+    """
+    ranks = []
+    if "lokr_w1" in tensors:
+        w1, (a, c), a_key, c_key = "full", tensors["lokr_w1"].shape[:2], "lokr_w1", "lokr_w1"
+    elif "lokr_w1_a" in tensors and "lokr_w1_b" in tensors:
+        w1, a, c = "lowrank", tensors["lokr_w1_a"].shape[0], tensors["lokr_w1_b"].shape[1]
+        a_key, c_key = "lokr_w1_a", "lokr_w1_b"
+        ranks.append(("lokr_w1_b", tensors["lokr_w1_b"].shape[0]))
+    else:
+        raise AdapterFormatError(f"lokr_w1: missing (nor lokr_w1_a + lokr_w1_b), found {sorted(tensors)}")
+    if "lokr_w2" in tensors:
+        w2, (b, d), b_key, d_key = "full", tensors["lokr_w2"].shape[:2], "lokr_w2", "lokr_w2"
+    elif "lokr_w2_a" in tensors and "lokr_w2_b" in tensors:
+        w2_a, w2_b = tensors["lokr_w2_a"], tensors["lokr_w2_b"]
+        b_key, d_key = "lokr_w2_a", "lokr_w2_b"
+        ranks.append(("lokr_w2_b", w2_b.shape[0]))
+        if "lokr_t2" in tensors:  # Tucker: w2_a is (r, b)
+            w2, b, d = "tucker", w2_a.shape[1], w2_b.shape[1]
+        else:
+            columns, k = w2_b.shape[1], math.prod(kernel)
+            if columns % k:
+                raise AdapterShapeError(f"lokr_w2_b: shape {tuple(w2_b.shape)} does not fit a {kernel} kernel")
+            w2, b, d = "lowrank", w2_a.shape[0], columns // k
+    else:
+        raise AdapterFormatError(f"lokr_w2: missing (nor lokr_w2_a + lokr_w2_b), found {sorted(tensors)}")
+    if a * b != n_out:
+        raise AdapterShapeError(f"{a_key}/{b_key}: {a} × {b} output rows, the layer has {n_out}")
+    if c * d != n_in:
+        raise AdapterShapeError(f"{c_key}/{d_key}: {c} × {d} input columns, the layer has {n_in}")
+    if len({r for _, r in ranks}) > 1:
+        raise AdapterShapeError(f"{ranks[0][0]}/{ranks[1][0]}: the two halves have different ranks {ranks}")
+    rank = ranks[0][1] if ranks else 1
+    return KronLayout(a, b, c, d, w1, w2), int(rank)
