@@ -1,0 +1,105 @@
+"""Aspect-ratio buckets, as kohya sd-scripts makes and assigns them.
+
+Buckets are (width, height) pairs with sides multiple of ``steps``, between ``min_reso`` and ``max_reso``,
+area at most the resolution's. Each image goes to the bucket of nearest aspect ratio (its exact size when
+that is a bucket), is resized to cover the bucket and cropped to it. Without buckets there is one bucket,
+the resolution itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from lorakit.data.config import DatasetConfig
+
+Size = tuple[int, int]  # (width, height), as PIL
+
+
+def bucket_resolutions(resolution: Size, min_reso: int, max_reso: int, steps: int) -> list[Size]:
+    """kohya's ``make_bucket_resolutions``: for each width from min to max in steps, the tallest height that
+    keeps the area within the resolution's, both orientations, plus the largest square; sorted."""
+    max_area = resolution[0] * resolution[1]
+    side = int(math.sqrt(max_area) // steps) * steps
+    resos = {(side, side)}
+    width = min_reso
+    while width <= max_reso:
+        height = min(max_reso, int((max_area // width) // steps) * steps)
+        if height >= min_reso:
+            resos.add((width, height))
+            resos.add((height, width))
+        width += steps
+    return sorted(resos)
+
+
+@dataclass(frozen=True)
+class BucketScheme:
+    """The buckets of one dataset."""
+
+    resolution: Size
+    resos: tuple[Size, ...]
+    enabled: bool
+    steps: int
+    min_reso: int | None
+    max_reso: int | None
+
+    def select(self, size: Size) -> tuple[Size, Size]:
+        """(bucket, resized size) for an image of ``size``: the bucket of nearest aspect ratio (the first such
+        in sorted order on a tie, as kohya's argmin), and the size that covers it keeping the aspect ratio."""
+        width, height = size
+        aspect = width / height
+        if size in self.resos:
+            reso = size
+        else:
+            reso = min(self.resos, key=lambda r: abs(r[0] / r[1] - aspect))
+        if aspect > reso[0] / reso[1]:  # wider than the bucket: match heights, crop the sides
+            scale = reso[1] / height
+        else:
+            scale = reso[0] / width
+        resized = (max(reso[0], int(width * scale + 0.5)), max(reso[1], int(height * scale + 0.5)))
+        return reso, resized
+
+
+def make_scheme(dataset: DatasetConfig) -> tuple[BucketScheme, list[str], list[str]]:
+    """The bucket scheme of a dataset, with (errors, warnings) about its settings."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    res = dataset.resolution
+    if min(res) <= 0 or res[0] % 8 or res[1] % 8:
+        errors.append(f"resolution {res[0]}×{res[1]}: sides must be positive multiples of 8 (the VAE's factor)")
+    if not dataset.enable_bucket:
+        return BucketScheme(res, (res,), False, 8, None, None), errors, warnings
+    steps = dataset.bucket_reso_steps
+    if steps <= 0 or steps % 8:
+        errors.append(f"bucket_reso_steps = {steps}: must be a positive multiple of 8 (e.g. 64, or 8 for "
+                      "64-pixel models)")
+        return BucketScheme(res, (res,), True, steps, None, None), errors, warnings
+    lo = dataset.min_bucket_reso
+    hi = dataset.max_bucket_reso
+    lo = max(steps, min(res) // 2 // steps * steps) if lo is None else lo
+    hi = -(-max(res) * 2 // steps) * steps if hi is None else hi
+    if lo % steps:  # kohya rounds both to the step with a warning
+        warnings.append(f"min_bucket_reso {lo} is not a multiple of bucket_reso_steps {steps}: using {lo - lo % steps}")
+        lo -= lo % steps
+    if hi % steps:
+        warnings.append(f"max_bucket_reso {hi} is not a multiple of bucket_reso_steps {steps}: "
+                        f"using {hi + steps - hi % steps}")
+        hi += steps - hi % steps
+    if lo < steps:
+        errors.append(f"min_bucket_reso {lo} must be at least bucket_reso_steps ({steps})")
+    elif lo > min(res):
+        errors.append(f"min_bucket_reso {lo} is larger than the resolution's short side {min(res)}")
+    elif hi < max(res):
+        errors.append(f"max_bucket_reso {hi} is smaller than the resolution's long side {max(res)}")
+    if errors:
+        return BucketScheme(res, (res,), True, steps, lo, hi), errors, warnings
+    return BucketScheme(res, tuple(bucket_resolutions(res, lo, hi, steps)), True, steps, lo, hi), errors, warnings
+
+
+def crop_offset(resized: Size, reso: Size, u: float | None = None, v: float | None = None) -> tuple[int, int]:
+    """Top-left corner of the bucket inside the resized image: centered (kohya: ``trim // 2``), or at fractions
+    ``u``, ``v`` in [0, 1) of the free room for a random crop."""
+    free_x, free_y = resized[0] - reso[0], resized[1] - reso[1]
+    if u is None or v is None:
+        return free_x // 2, free_y // 2
+    return int(u * (free_x + 1)), int(v * (free_y + 1))

@@ -1,0 +1,299 @@
+"""Data configuration: the user's options, and kohya's ``--dataset_config`` TOML with its inheritance.
+
+Three levels, as in kohya sd-scripts: ``DataConfig`` (the trainer's ``[data]`` section, kohya's command-line
+flags) gives defaults; a dataset TOML's ``[general]`` overrides them, ``[[datasets]]`` overrides
+``[general]``, and ``[[datasets.subsets]]`` overrides ``[[datasets]]``. Resolved, every image folder becomes
+one ``SubsetConfig`` inside one ``DatasetConfig`` (a resolution, a batch size, a bucket scheme).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorakit.data.errors import DatasetError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class DataConfig:
+    """Everything between a folder of images and training batches (the trainer embeds this as ``[data]``)."""
+
+    #: a kohya-layout parent folder (``10_zkz shape/``), a plain image folder (give ``trigger``), or a TOML file
+    #: in kohya's ``--dataset_config`` format
+    train_data: str | None = None
+    #: regularization (class) images in kohya layout (``1_shape/``); not used with a TOML file (use ``is_reg``)
+    reg_data: str | None = None
+    #: the word the adapter learns. Kohya layout: default the first word of each folder's name (``zkz`` in
+    #: ``10_zkz shape``); plain folder: needed unless every image has a caption
+    trigger: str | None = None
+    #: plain folder: the class after the trigger in default captions ("zkz shape")
+    class_word: str | None = None
+    #: plain folder (and default for TOML subsets, kohya's ``--dataset_repeats``): times each image is seen per epoch
+    repeats: int = 1
+    #: square side, or (width, height); None: the trainer passes the model's native resolution
+    resolution: int | tuple[int, int] | None = None
+    batch_size: int = 1
+    #: aspect-ratio buckets; off (kohya's default): every image is resized and center-cropped to `resolution`
+    enable_bucket: bool = False
+    #: bucket sides are multiples of this (multiples of 8, the VAE's factor; use 8 or 16 for 64-pixel models)
+    bucket_reso_steps: int = 64
+    #: smallest/largest bucket side; None: half / twice the resolution (kohya's 256/1024 at 512)
+    min_bucket_reso: int | None = None
+    max_bucket_reso: int | None = None
+    caption_extension: str = ".txt"
+    caption_separator: str = ","
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    #: put the trigger in front of captions that lack it (never for regularization images)
+    inject_trigger: bool = True
+    #: the first N tags stay in place when captions are shuffled (1 keeps a leading trigger first)
+    keep_tokens: int = 0
+    shuffle_caption: bool = False
+    #: probability that a whole caption becomes "" (unconditional training)
+    caption_dropout_rate: float = 0.0
+    #: kohya: drop the caption in every n-th epoch (epochs counted from 1); 0 = never
+    caption_dropout_every_n_epochs: int = 0
+    #: probability that each tag (except the kept ones) is dropped
+    caption_tag_dropout_rate: float = 0.0
+    #: tags removed from every caption: words that describe the concept itself, which the trigger should absorb
+    drop_tags: list[str] = field(default_factory=list)
+    #: random horizontal flip. Off by default: it breaks captions that say "left"/"right" and asymmetric concepts
+    #: (text, logos, a side parting)
+    flip_aug: bool = False
+    #: random instead of center crop (cannot be combined with cached latents)
+    random_crop: bool = False
+    #: a caption file whose image is missing: "error" (default) or "warn" (kohya ignores it silently)
+    orphan_captions: str = "error"
+    #: open every image fully before training (catches truncated/corrupt files up front)
+    verify_images: bool = True
+    #: warn when an image must be enlarged by more than this factor to fill its bucket
+    upscale_warning_factor: float = 2.0
+    #: encode images with the VAE once (see TrainingData.cache_latents); in memory, or on disk in `cache_dir`
+    cache_latents: bool = True
+    cache_latents_to_disk: bool = False
+    cache_dir: str | None = None
+    #: DreamBooth prior preservation, read by the trainer: this many class images, generated from
+    #: `class_prompt` by the base model when `reg_data` holds fewer (lorakit.data only reads images)
+    num_class_images: int = 0
+    class_prompt: str | None = None
+
+
+@dataclass
+class SubsetConfig:
+    """One image folder and how its images and captions are used (kohya's ``[[datasets.subsets]]``)."""
+
+    image_dir: str
+    is_reg: bool = False
+    num_repeats: int = 1
+    #: caption of images without a caption file ("zkz shape")
+    class_tokens: str | None = None
+    #: None: the first word of class_tokens (training folders only); "": no trigger
+    trigger: str | None = None
+    inject_trigger: bool = True
+    caption_extension: str = ".txt"
+    caption_separator: str = ","
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    keep_tokens: int = 0
+    shuffle_caption: bool = False
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    drop_tags: list[str] = field(default_factory=list)
+    flip_aug: bool = False
+    random_crop: bool = False
+
+    @property
+    def effective_trigger(self) -> str | None:
+        """The word every caption of this folder must contain (None: no check, e.g. regularization images)."""
+        if self.is_reg:
+            return None
+        if self.trigger is not None:
+            return self.trigger.strip() or None
+        words = (self.class_tokens or "").split()
+        return words[0] if words else None
+
+
+@dataclass
+class DatasetConfig:
+    """Folders trained at one resolution and batch size (kohya's ``[[datasets]]``)."""
+
+    subsets: list[SubsetConfig]
+    resolution: tuple[int, int] = (512, 512)
+    batch_size: int = 1
+    enable_bucket: bool = False
+    min_bucket_reso: int | None = None
+    max_bucket_reso: int | None = None
+    bucket_reso_steps: int = 64
+
+
+# ------------------------------------------------------------------------------------------- key tables
+_SUBSET_ONLY = ("image_dir", "is_reg")
+SUBSET_KEYS = tuple(f.name for f in dataclasses.fields(SubsetConfig))
+DATASET_KEYS = tuple(f.name for f in dataclasses.fields(DatasetConfig) if f.name != "subsets")
+_INHERITED_SUBSET_KEYS = tuple(k for k in SUBSET_KEYS if k not in _SUBSET_ONLY)
+
+# kohya options lorakit does not implement: refused by name rather than silently changing the training
+KOHYA_UNSUPPORTED = (
+    "bucket_no_upscale", "color_aug", "face_crop_aug_range", "keep_tokens_separator", "secondary_separator",
+    "enable_wildcard", "token_warmup_min", "token_warmup_step", "custom_attributes", "validation_seed",
+    "validation_split", "resize_interpolation", "alpha_mask", "metadata_file", "conditioning_data_dir",
+    "network_multiplier",
+)
+# kohya options that only change speed: accepted and ignored
+KOHYA_IGNORED = ("cache_info",)
+
+
+def _suggest(key: str, candidates: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Check one TOML value against a field annotation; return it converted (int → float, list → tuple)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except DatasetError:
+                pass
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in args if a is not type(None))
+        raise DatasetError(f"{where}: expected {names}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple) or (origin is tuple and len(value) != len(args)):
+            raise DatasetError(f"{where}: expected a list{f' of {len(args)}' if origin is tuple else ''}, "
+                               f"got {value!r}")
+        items = [_check_type(v, args[min(i, len(args) - 1)], f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if annotation is bool:
+        ok = isinstance(value, bool)
+    elif annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif annotation is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif annotation is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise DatasetError(f"{where}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+_SUBSET_HINTS = typing.get_type_hints(SubsetConfig)
+_DATASET_HINTS = {**typing.get_type_hints(DatasetConfig), "resolution": int | tuple[int, int]}
+
+
+def _check_table(table: Any, allowed: tuple[str, ...], level: str, where: str) -> dict[str, Any]:
+    """Refuse unknown keys (naming the key, the file, and the closest valid key) and check value types."""
+    if not isinstance(table, dict):
+        raise DatasetError(f"{where}: expected a table, got {table!r}")
+    out = {}
+    for key, value in table.items():
+        if key in KOHYA_IGNORED:
+            continue
+        if key in KOHYA_UNSUPPORTED:
+            raise DatasetError(f"{where}: {key!r} is a kohya option that lorakit does not support; remove it")
+        if key not in allowed:
+            if key in SUBSET_KEYS or key in DATASET_KEYS:
+                home = "[[datasets.subsets]]" if key in _SUBSET_ONLY else "[general] or [[datasets]]"
+                raise DatasetError(f"{where}: {key!r} cannot be set in {level}; it belongs in {home}")
+            raise DatasetError(f"{where}: unknown key {key!r}{_suggest(key, allowed)}")
+        hint = _SUBSET_HINTS.get(key) or _DATASET_HINTS[key]
+        out[key] = _check_type(value, hint, f"{where}: {key}")
+    return out
+
+
+def defaults_from(config: DataConfig, default_resolution: int | tuple[int, int] | None) -> dict[str, Any]:
+    """The lowest layer of the inheritance chain: DataConfig's values under their kohya names."""
+    values = {k: getattr(config, k) for k in _INHERITED_SUBSET_KEYS + DATASET_KEYS if hasattr(config, k)}
+    values["num_repeats"] = config.repeats
+    values["drop_tags"] = list(config.drop_tags)
+    values["resolution"] = config.resolution if config.resolution is not None else default_resolution
+    return values
+
+
+def normalize_resolution(value: Any, where: str) -> tuple[int, int]:
+    if value is None:
+        raise DatasetError(f"{where}: no resolution given (set resolution = 512, or [width, height])")
+    width, height = (value, value) if isinstance(value, int) else tuple(value)
+    return int(width), int(height)
+
+
+def build_dataset(values: dict[str, Any], subsets: list[dict[str, Any]], where: str) -> DatasetConfig:
+    """Make a DatasetConfig from merged values (already checked) and the merged values of each subset."""
+    ds_values = {k: values[k] for k in DATASET_KEYS if k in values}
+    ds_values["resolution"] = normalize_resolution(ds_values.get("resolution"), where)
+    subset_objs = [SubsetConfig(**{k: v for k, v in s.items() if k in SUBSET_KEYS}) for s in subsets]
+    return DatasetConfig(subsets=subset_objs, **ds_values)
+
+
+def read_dataset_toml(path: str | Path, defaults: dict[str, Any]) -> list[DatasetConfig]:
+    """Read kohya's ``--dataset_config`` TOML; relative ``image_dir`` are taken from the TOML's folder first.
+
+    Errors name the file, the table (``[[datasets]] #1 [[datasets.subsets]] #2``) and the key.
+    """
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such dataset config file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not valid TOML: {e}") from None
+    for key in doc:
+        if key not in ("general", "datasets"):
+            raise DatasetError(f"{path}: unknown table {key!r}{_suggest(key, ['general', 'datasets'])}; "
+                               "a dataset config has [general] and [[datasets]] with [[datasets.subsets]]")
+    general = _check_table(doc.get("general", {}), _INHERITED_SUBSET_KEYS + DATASET_KEYS, "[general]",
+                           f"{path} [general]")
+    datasets_raw = doc.get("datasets")
+    if not isinstance(datasets_raw, list) or not datasets_raw:
+        raise DatasetError(f"{path}: no [[datasets]] table (each needs at least one [[datasets.subsets]] "
+                           "with image_dir)")
+    datasets = []
+    for d, ds_raw in enumerate(datasets_raw, 1):
+        where = f"{path} [[datasets]] #{d}"
+        if not isinstance(ds_raw, dict):
+            raise DatasetError(f"{where}: expected a table")
+        ds_raw = dict(ds_raw)
+        subsets_raw = ds_raw.pop("subsets", None)
+        ds_values = _check_table(ds_raw, _INHERITED_SUBSET_KEYS + DATASET_KEYS, "[[datasets]]", where)
+        if not isinstance(subsets_raw, list) or not subsets_raw:
+            raise DatasetError(f"{where}: no [[datasets.subsets]] (each names an image_dir)")
+        merged_ds = {**defaults, **general, **ds_values}
+        subsets = []
+        for s, sub_raw in enumerate(subsets_raw, 1):
+            sub_where = f"{where} [[datasets.subsets]] #{s}"
+            sub_values = _check_table(sub_raw, SUBSET_KEYS, "[[datasets.subsets]]", sub_where)
+            if "image_dir" not in sub_values:
+                raise DatasetError(f"{sub_where}: image_dir is required")
+            merged = {**merged_ds, **sub_values}
+            merged["image_dir"] = str(_resolve_dir(sub_values["image_dir"], path.parent))
+            subsets.append(merged)
+        datasets.append(build_dataset(merged_ds, subsets, where))
+    return datasets
+
+
+def _resolve_dir(image_dir: str, base: Path) -> Path:
+    p = Path(image_dir).expanduser()
+    if p.is_absolute():
+        return p
+    beside_toml = base / p
+    # kohya takes relative paths from the working directory; lorakit prefers the TOML's folder (the config
+    # then works from anywhere) and falls back to the working directory
+    return beside_toml if beside_toml.exists() or not p.exists() else p.resolve()

@@ -1,0 +1,368 @@
+"""TrainingData: the images found, their buckets and repeats, and the batches of every epoch.
+
+Determinism (what makes resuming exact): the batches of epoch ``e`` are a pure function of (seed, e), and
+each sample's caption, flip and crop a pure function of (seed, e, sample id), where the sample id is the
+sample's place in the fixed list of (image, repeat) pairs. Nothing depends on what was drawn before, so
+a run resumed at global step ``s`` uses ``epoch_batches(s // steps_per_epoch, skip=s % steps_per_epoch)``
+and trains on bit-identical batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.data.buckets import BucketScheme, crop_offset, make_scheme
+from lorakit.data.cache import EncodeJob, Latent, encode_all
+from lorakit.data.captions import count_tags, sample_caption, shuffle
+from lorakit.data.config import DataConfig, SubsetConfig
+from lorakit.data.discovery import ImageRecord, resolve_datasets, scan_subset
+from lorakit.data.errors import DatasetError, Problems
+from lorakit.data.images import fit, load_rgb, to_tensor
+
+
+def seeded_rng(*parts: object) -> random.Random:
+    """A generator seeded from a hash of ``parts``: independent streams per (purpose, seed, epoch, sample)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which samples make one batch (cheap; the images are read by ``TrainingData.load_batch``)."""
+
+    epoch: int
+    index: int  # place in the epoch: the step within the epoch
+    dataset: int
+    bucket: tuple[int, int]  # (width, height)
+    sample_ids: tuple[int, ...]
+
+
+@dataclass
+class Batch:
+    """One training batch. Either ``pixel_values`` or (with a latent cache) ``latents`` is set."""
+
+    captions: list[str]
+    is_reg: torch.Tensor  # (B,) bool: regularization (prior-preservation) samples
+    image_paths: list[Path]
+    pixel_values: torch.Tensor | None = None  # (B, 3, H, W) float32 in [-1, 1]
+    latents: torch.Tensor | None = None  # (B, C, h, w) VAE latent_dist mean, NOT multiplied by scaling_factor
+    latents_std: torch.Tensor | None = None  # (B, C, h, w) latent_dist std
+    flipped: list[bool] | None = None
+    epoch: int = 0
+    index: int = 0
+
+    def sample_latents(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``mean + std * noise``: a fresh draw from the cached latent distributions (still unscaled)."""
+        if self.latents is None or self.latents_std is None:
+            raise ValueError("this batch has no cached latents (encode pixel_values with the VAE instead)")
+        noise = torch.randn(self.latents.shape, generator=generator, dtype=self.latents.dtype,
+                            device=self.latents.device)
+        return self.latents + self.latents_std * noise
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+class EpochBatches(Sequence):
+    """The batches of one epoch, loaded when indexed (so it also works as a map-style torch Dataset with
+    ``DataLoader(batches, batch_size=None, num_workers=n)``)."""
+
+    def __init__(self, data: TrainingData, plans: Sequence[BatchPlan]) -> None:
+        self.data = data
+        self.plans = list(plans)
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return EpochBatches(self.data, self.plans[i])
+        return self.data.load_batch(self.plans[i])
+
+    def __iter__(self) -> Iterator[Batch]:
+        for plan in self.plans:
+            yield self.data.load_batch(plan)
+
+
+@dataclass(frozen=True)
+class _Draw:
+    caption: str
+    flip: bool
+    offset: tuple[int, int]
+
+
+class TrainingData:
+    """Reads and checks the whole dataset on construction; raises DatasetError listing every problem.
+
+    ``seed`` fixes sample order and caption randomness; ``default_resolution`` is used when
+    ``config.resolution`` is None (the model's native size).
+    """
+
+    def __init__(self, config: DataConfig, seed: int = 0,
+                 default_resolution: int | tuple[int, int] | None = None) -> None:
+        self.config = config
+        self.seed = seed
+        problems = Problems()
+        if config.orphan_captions not in ("error", "warn"):
+            raise DatasetError(f"orphan_captions must be 'error' or 'warn', not {config.orphan_captions!r}")
+        self.datasets = resolve_datasets(config, default_resolution, problems)
+        self.schemes: list[BucketScheme] = []
+        self.records: list[ImageRecord] = []
+        for d, dataset in enumerate(self.datasets):
+            scheme, errors, warnings = make_scheme(dataset)
+            for e in errors:
+                problems.error(f"{config.train_data} dataset #{d + 1}: {e}")
+            for w in warnings:
+                problems.warn(f"{config.train_data} dataset #{d + 1}: {w}")
+            if dataset.batch_size < 1:
+                problems.error(f"{config.train_data} dataset #{d + 1}: batch_size must be at least 1")
+            self.schemes.append(scheme)
+            seen: set[Path] = set()
+            for s, subset in enumerate(dataset.subsets):
+                folder = Path(subset.image_dir).resolve()
+                if folder in seen:
+                    problems.error(f"{subset.image_dir}: listed twice in dataset #{d + 1}")
+                    continue
+                seen.add(folder)
+                self.records += scan_subset(subset, d, s, config, problems)
+        problems.raise_if_any(str(config.train_data))
+        if not any(not r.is_reg for r in self.records):
+            raise DatasetError(f"{config.train_data}: only regularization images were found; nothing to train on")
+        self.repeats = self._balance_repeats(problems)
+        self.buckets: list[tuple[tuple[int, int], tuple[int, int]]] = []  # per record: (bucket, resized)
+        self._assign_buckets(problems)
+        self.samples = [i for i, n in enumerate(self.repeats) for _ in range(n)]
+        groups: dict[tuple[int, tuple[int, int]], list[int]] = {}
+        for sample_id, rec in enumerate(self.samples):
+            groups.setdefault((self.records[rec].dataset, self.buckets[rec][0]), []).append(sample_id)
+        self._groups = dict(sorted(groups.items()))
+        self.warnings = problems.warnings
+        self._latents: dict[tuple[int, bool], Latent] | None = None
+
+    # ------------------------------------------------------------------------------------------ building
+    def subset_of(self, record: ImageRecord) -> SubsetConfig:
+        return self.datasets[record.dataset].subsets[record.subset]
+
+    def _balance_repeats(self, problems: Problems) -> list[int]:
+        """Repeats per record; regularization repeats follow kohya: per dataset, reg images are taken in
+        order with their own repeats until they match the training samples, then cycled one more repeat each
+        until they do (the last image taken may overshoot; reg images beyond that point are not used)."""
+        repeats = [0 if r.is_reg else self.subset_of(r).num_repeats for r in self.records]
+        for d in range(len(self.datasets)):
+            target = sum(n for n, r in zip(repeats, self.records, strict=True) if r.dataset == d)
+            reg = [i for i, r in enumerate(self.records) if r.dataset == d and r.is_reg]
+            if not reg:
+                continue
+            available = sum(self.subset_of(self.records[i]).num_repeats for i in reg)
+            if available > target:
+                problems.warn(f"dataset #{d + 1}: {available} regularization samples for {target} training samples "
+                              "per epoch: only the first ones (in folder and file-name order) are used")
+            n, first = 0, True
+            while n < target:
+                for i in reg:
+                    step = self.subset_of(self.records[i]).num_repeats if first else 1
+                    repeats[i] += step
+                    n += step
+                    if n >= target:
+                        break
+                first = False
+        return repeats
+
+    def _assign_buckets(self, problems: Problems) -> None:
+        upscaled, cropped = [], []
+        for rec in self.records:
+            scheme = self.schemes[rec.dataset]
+            bucket, resized = scheme.select(rec.size)
+            self.buckets.append((bucket, resized))
+            factor = max(bucket[0] / rec.size[0], bucket[1] / rec.size[1])
+            if factor > self.config.upscale_warning_factor or (not scheme.enabled and factor > 1.0):
+                upscaled.append(f"{rec.path} ({rec.size[0]}×{rec.size[1]}, enlarged {factor:.2f}× to fill "
+                                f"{bucket[0]}×{bucket[1]})")
+            kept = (bucket[0] * bucket[1]) / (resized[0] * resized[1])
+            if not scheme.enabled and kept < 0.8:
+                cropped.append(f"{rec.path} ({rec.size[0]}×{rec.size[1]}, {100 * (1 - kept):.0f}% cut away)")
+        if upscaled:
+            problems.warn(f"{len(upscaled)} images are smaller than their training size and will be upscaled "
+                          f"(blurry): {'; '.join(upscaled[:10])}" + (" ..." if len(upscaled) > 10 else ""))
+        if cropped:
+            problems.warn(f"{len(cropped)} images are cropped to the square resolution; set enable_bucket = true to "
+                          f"keep them whole: {'; '.join(cropped[:10])}" + (" ..." if len(cropped) > 10 else ""))
+
+    # ------------------------------------------------------------------------------------------- counting
+    @property
+    def samples_per_epoch(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_train_images(self) -> int:
+        """Training samples per epoch, repeats included (kohya's ``ss_num_train_images``)."""
+        return sum(n for n, r in zip(self.repeats, self.records, strict=True) if not r.is_reg)
+
+    @property
+    def num_reg_images(self) -> int:
+        """Regularization images × their folder's repeats, before balancing (kohya's ``ss_num_reg_images``)."""
+        return sum(self.subset_of(r).num_repeats for r in self.records if r.is_reg)
+
+    @property
+    def reg_samples_per_epoch(self) -> int:
+        return sum(n for n, r in zip(self.repeats, self.records, strict=True) if r.is_reg)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch (the same every epoch)."""
+        return sum(-(-len(ids) // self.datasets[d].batch_size) for (d, _), ids in self._groups.items())
+
+    @property
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """kohya's ``ss_tag_frequency``: {folder name: {tag: images with it}} over the prepared captions."""
+        out: dict[str, dict[str, int]] = {}
+        for rec in self.records:
+            counts = out.setdefault(rec.folder, {})
+            for tag, n in count_tags([rec.caption], self.subset_of(rec).caption_separator).items():
+                counts[tag] = counts.get(tag, 0) + n
+        return out
+
+    def bucket_counts(self) -> dict[tuple[int, tuple[int, int]], int]:
+        """{(dataset, (width, height)): samples per epoch}."""
+        return {key: len(ids) for key, ids in self._groups.items()}
+
+    # -------------------------------------------------------------------------------------------- epochs
+    def epoch_plan(self, epoch: int) -> list[BatchPlan]:
+        """The batches of ``epoch``: samples shuffled within each bucket, cut into batches, batches shuffled."""
+        rng = seeded_rng("order", self.seed, epoch)
+        batches: list[tuple[int, tuple[int, int], tuple[int, ...]]] = []
+        for (d, bucket), ids in self._groups.items():
+            ids = list(ids)
+            shuffle(ids, rng)
+            size = self.datasets[d].batch_size
+            batches += [(d, bucket, tuple(ids[i:i + size])) for i in range(0, len(ids), size)]
+        shuffle(batches, rng)
+        return [BatchPlan(epoch, k, d, bucket, ids) for k, (d, bucket, ids) in enumerate(batches)]
+
+    def epoch_batches(self, epoch: int, skip: int = 0) -> EpochBatches:
+        """The batches of ``epoch`` from the ``skip``-th on, loaded lazily."""
+        return EpochBatches(self, self.epoch_plan(epoch)[skip:])
+
+    def _draw(self, epoch: int, sample_id: int) -> _Draw:
+        rec_index = self.samples[sample_id]
+        rec = self.records[rec_index]
+        subset = self.subset_of(rec)
+        caption = sample_caption(rec.caption, subset, seeded_rng("caption", self.seed, epoch, sample_id), epoch)
+        aug = seeded_rng("augment", self.seed, epoch, sample_id)
+        flip = subset.flip_aug and aug.random() < 0.5
+        bucket, resized = self.buckets[rec_index]
+        offset = crop_offset(resized, bucket, aug.random(), aug.random()) if subset.random_crop else \
+            crop_offset(resized, bucket)
+        return _Draw(caption, flip, offset)
+
+    def load_batch(self, plan: BatchPlan) -> Batch:
+        draws = [self._draw(plan.epoch, sid) for sid in plan.sample_ids]
+        recs = [self.samples[sid] for sid in plan.sample_ids]
+        batch = Batch(captions=[d.caption for d in draws],
+                      is_reg=torch.tensor([self.records[r].is_reg for r in recs], dtype=torch.bool),
+                      image_paths=[self.records[r].path for r in recs], flipped=[d.flip for d in draws],
+                      epoch=plan.epoch, index=plan.index)
+        if self._latents is not None:
+            pairs = [self._latents[(r, d.flip)] for r, d in zip(recs, draws, strict=True)]
+            batch.latents = torch.stack([m for m, _ in pairs])
+            batch.latents_std = torch.stack([s for _, s in pairs])
+        else:
+            batch.pixel_values = torch.stack([self.pixels(r, d.offset, d.flip) for r, d in zip(recs, draws,
+                                                                                                 strict=True)])
+        return batch
+
+    def pixels(self, record_index: int, offset: tuple[int, int] | None = None, flip: bool = False) -> torch.Tensor:
+        """(3, H, W) in [-1, 1] for one image at its bucket size (center crop unless ``offset`` is given)."""
+        bucket, resized = self.buckets[record_index]
+        offset = crop_offset(resized, bucket) if offset is None else offset
+        return to_tensor(fit(load_rgb(self.records[record_index].path), resized, bucket, offset, flip))
+
+    # ------------------------------------------------------------------------------------------- latents
+    def cache_latents(self, vae: torch.nn.Module, directory: str | Path | None = None, vae_id: str | None = None,
+                      batch_size: int = 8) -> None:
+        """Encode every used (image, flip) once with ``vae`` (a diffusers AutoencoderKL); from now on batches
+        carry ``latents``/``latents_std`` instead of pixels. With ``directory``, latents are kept on disk and
+        reused by later runs while the image, the crop and the VAE are unchanged. ``vae_id`` overrides the VAE
+        fingerprint (a hash of its weights) used in cache keys."""
+        random_crop = sorted({r.folder for r in self.records if self.subset_of(r).random_crop})
+        if random_crop:
+            raise DatasetError(f"random_crop cannot be used with cached latents (a new crop every step), set in: "
+                               f"{', '.join(random_crop)}; turn one of them off")
+        jobs: dict[tuple[int, bool], EncodeJob] = {}
+        for i, rec in enumerate(self.records):
+            if self.repeats[i] == 0:
+                continue
+            bucket, resized = self.buckets[i]
+            for flip in (False, True) if self.subset_of(rec).flip_aug else (False,):
+                jobs[(i, flip)] = EncodeJob(rec.path, rec.mtime_ns, rec.file_size, resized, bucket,
+                                            crop_offset(resized, bucket), flip)
+        by_job = {job: key for key, job in jobs.items()}
+        problems = Problems()
+        latents = encode_all(list(jobs.values()), vae,
+                             lambda job: self.pixels(by_job[job][0], job.offset, job.flip),
+                             Path(directory) if directory is not None else None, vae_id, batch_size, problems)
+        self.warnings += problems.warnings
+        self._latents = {key: latents[job] for key, job in jobs.items()}
+
+    # ------------------------------------------------------------------------------------------- reports
+    def summary(self) -> str:
+        """Plain text: folders, images × repeats, buckets, regularization images, steps per epoch."""
+        train = [r for r in self.records if not r.is_reg]
+        folders: dict[str, list[int]] = {}
+        for i, rec in enumerate(self.records):
+            if not rec.is_reg:
+                folders.setdefault(rec.folder, []).append(self.repeats[i])
+        parts = [f"{name}: {len(reps)} × {reps[0]}" for name, reps in folders.items()]
+        lines = [f"{len(folders)} folder{'s' if len(folders) != 1 else ''}, {len(train)} images "
+                 f"({'; '.join(parts)}) = {self.num_train_images} samples/epoch"]
+        reg = [r for r in self.records if r.is_reg]
+        if reg:
+            lines.append(f"{len(reg)} reg images, {self.reg_samples_per_epoch} reg samples/epoch "
+                         f"(balanced to the training samples)")
+        else:
+            lines.append("0 reg images")
+        for d in range(len(self.schemes)):
+            images: dict[tuple[int, int], int] = {}
+            for i, rec in enumerate(self.records):
+                if rec.dataset == d:
+                    images[self.buckets[i][0]] = images.get(self.buckets[i][0], 0) + 1
+            listing = ", ".join(f"{w}×{h} ({n})" for (w, h), n in sorted(images.items(), key=lambda kv: -kv[1]))
+            prefix = f"dataset #{d + 1}: " if len(self.schemes) > 1 else ""
+            lines.append(f"{prefix}{len(images)} bucket{'s' if len(images) != 1 else ''}: {listing} images; "
+                         f"batch size {self.datasets[d].batch_size}")
+        lines.append(f"{self.steps_per_epoch} steps/epoch")
+        return "\n".join(lines)
+
+    def kohya_metadata(self) -> dict[str, str]:
+        """The dataset's ``ss_*`` keys as kohya writes them into adapter files (JSON-encoded strings)."""
+        dirs: dict[str, dict] = {}
+        reg_dirs: dict[str, dict] = {}
+        for d, dataset in enumerate(self.datasets):
+            for s, subset in enumerate(dataset.subsets):
+                count = sum(1 for r in self.records if r.dataset == d and r.subset == s)
+                target = reg_dirs if subset.is_reg else dirs
+                target[Path(subset.image_dir).name] = {"n_repeats": subset.num_repeats, "img_count": count}
+        first = self.datasets[0]
+        bucket_info = {"buckets": {i: {"resolution": list(b), "count": n}
+                                   for i, ((_, b), n) in enumerate(self.bucket_counts().items())}}
+        return {
+            "ss_num_train_images": str(self.num_train_images),
+            "ss_num_reg_images": str(self.num_reg_images),
+            "ss_num_batches_per_epoch": str(self.steps_per_epoch),
+            "ss_tag_frequency": json.dumps(self.tag_frequency),
+            "ss_dataset_dirs": json.dumps(dirs),
+            "ss_reg_dataset_dirs": json.dumps(reg_dirs),
+            "ss_bucket_info": json.dumps(bucket_info),
+            "ss_resolution": str(first.resolution),
+            "ss_enable_bucket": str(first.enable_bucket),
+            "ss_min_bucket_reso": str(self.schemes[0].min_reso),
+            "ss_max_bucket_reso": str(self.schemes[0].max_reso),
+            "ss_batch_size_per_device": str(first.batch_size),
+        }

@@ -1,0 +1,203 @@
+"""Finding the images: the three input forms, caption files, and the checks that run before training.
+
+Input forms (``DataConfig.train_data``):
+
+1. kohya layout: a parent folder of ``<repeats>_<trigger> <class>/`` folders (``10_zkz shape/``) holding
+   images and same-stem caption files; an image without a caption file is captioned with the folder's
+   ``<trigger> <class>``. Regularization images (``reg_data``) use the same layout (``1_shape/``).
+2. a ``.toml`` file in kohya's ``--dataset_config`` format (see ``config.read_dataset_toml``).
+3. a plain folder of images (and optional captions) plus ``trigger`` (and ``class_word``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorakit.data.captions import base_caption, read_caption_file
+from lorakit.data.config import DataConfig, DatasetConfig, SubsetConfig, build_dataset, defaults_from, read_dataset_toml
+from lorakit.data.errors import DatasetError, Problems
+from lorakit.data.images import IMAGE_EXTENSIONS, is_image, probe
+
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
+_EXPECTED_LAYOUT = (
+    f"expected either images ({', '.join(IMAGE_EXTENSIONS)}) directly in the folder, with a trigger word, "
+    "or kohya layout: subfolders named '<repeats>_<trigger> <class>' (such as '10_zkz shape/') holding the images"
+)
+_CAPTION_LIKE = (".txt", ".caption")
+
+
+@dataclass
+class ImageRecord:
+    """One image file as found on disk, with its prepared caption."""
+
+    path: Path
+    size: tuple[int, int]  # (width, height), upright
+    caption: str  # after prefix/suffix, dropped tags and trigger injection; before per-step randomness
+    has_caption_file: bool
+    dataset: int
+    subset: int  # index into the dataset's subsets
+    is_reg: bool
+    folder: str  # the image folder's name: the key of kohya's tag frequency
+    mtime_ns: int
+    file_size: int
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+
+
+def kohya_subsets(parent: Path, is_reg: bool, defaults: dict, trigger: str | None, problems: Problems,
+                  skip: Path | None = None) -> list[dict]:
+    """Subset values for each ``N_name`` folder of ``parent``; badly named folders are reported."""
+    subsets = []
+    for folder in _subdirs(parent):
+        if skip is not None and folder.resolve() == skip:
+            continue
+        match = KOHYA_FOLDER.match(folder.name)
+        if not match or not match.group(2).strip():
+            problems.error(f"{folder}: folder name does not match '<repeats>_<name>' (e.g. '10_zkz shape' for "
+                           f"training or '1_shape' for regularization images); rename it or move it out of {parent}")
+            continue
+        subsets.append({**defaults, "image_dir": str(folder), "num_repeats": int(match.group(1)),
+                        "class_tokens": match.group(2).strip(), "is_reg": is_reg,
+                        "trigger": None if is_reg else trigger})
+    return subsets
+
+
+def resolve_datasets(config: DataConfig, default_resolution: int | tuple[int, int] | None = None,
+                     problems: Problems | None = None) -> list[DatasetConfig]:
+    """The datasets and subsets described by ``config``, whatever its input form (nothing is read yet)."""
+    problems = problems if problems is not None else Problems()
+    if not config.train_data:
+        raise DatasetError("no training data given: set train_data to a folder of images, a kohya-layout folder "
+                           "or a dataset .toml file")
+    defaults = defaults_from(config, default_resolution)
+    source = Path(config.train_data).expanduser()
+    if source.suffix.lower() == ".toml":
+        if config.reg_data:
+            raise DatasetError(f"{source}: reg_data ({config.reg_data}) is not used with a dataset config file; "
+                               "add a [[datasets.subsets]] with is_reg = true instead")
+        return read_dataset_toml(source, defaults)
+    if not source.is_dir():
+        raise DatasetError(f"{source}: no such folder" if not source.exists() else
+                           f"{source}: expected a folder of images or a .toml dataset config, not a file")
+    skip = Path(config.cache_dir).resolve() if config.cache_dir else None
+    images = [p for p in sorted(source.iterdir()) if is_image(p)]
+    kohya = [d for d in _subdirs(source) if KOHYA_FOLDER.match(d.name)]
+    if kohya and images:
+        raise DatasetError(f"{source}: holds both images ({images[0].name}, ...) and kohya folders "
+                           f"({kohya[0].name}/, ...); in kohya layout every image must be inside a "
+                           "'<repeats>_<trigger> <class>' folder, so move the loose images into one")
+    if kohya:
+        subsets = kohya_subsets(source, False, defaults, config.trigger, problems, skip)
+    elif images:
+        tokens = " ".join(w for w in (config.trigger, config.class_word) if w) or None
+        subsets = [{**defaults, "image_dir": str(source), "class_tokens": tokens, "trigger": config.trigger}]
+    else:
+        looked = ", ".join(f"{d.name}/" for d in _subdirs(source)) or "no subfolders"
+        raise DatasetError(f"no images found in {source} (looked at the folder itself and its subfolders: "
+                           f"{looked}); {_EXPECTED_LAYOUT}")
+    if config.reg_data:
+        reg = Path(config.reg_data).expanduser()
+        if not reg.is_dir():
+            raise DatasetError(f"{reg}: regularization folder not found")
+        reg_subsets = kohya_subsets(reg, True, defaults, None, problems)
+        if not reg_subsets and not problems.errors:
+            raise DatasetError(f"{reg}: no '<repeats>_<class>' folders (such as '1_shape/') found; regularization "
+                               "images use kohya layout")
+        subsets += reg_subsets
+    problems.raise_if_any(str(source))
+    return [build_dataset(defaults, subsets, str(source))]
+
+
+def _check_subset(subset: SubsetConfig, where: Path, problems: Problems) -> None:
+    if subset.num_repeats < 1:
+        problems.error(f"{where}: {subset.num_repeats} repeats: its images would never be trained; use at least 1 "
+                       "(or move the folder out)")
+    if subset.keep_tokens < 0:
+        problems.error(f"{where}: keep_tokens must be 0 or more, not {subset.keep_tokens}")
+    for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        if not 0.0 <= getattr(subset, name) <= 1.0:
+            problems.error(f"{where}: {name} must be between 0 and 1, not {getattr(subset, name)}")
+    if subset.shuffle_caption and subset.keep_tokens == 0 and subset.effective_trigger and subset.inject_trigger:
+        problems.warn(f"{where}: shuffle_caption with keep_tokens = 0 moves the trigger "
+                      f"{subset.effective_trigger!r} around the caption; set keep_tokens = 1 to keep it first")
+
+
+def _extension(ext: str) -> str:
+    ext = ext.strip()
+    return ext if ext.startswith(".") else f".{ext}"
+
+
+def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConfig,
+                problems: Problems) -> list[ImageRecord]:
+    """Read one image folder: every image checked, every caption read; problems collected, not raised."""
+    folder = Path(subset.image_dir)
+    if not folder.is_dir():
+        problems.error(f"{folder}: image folder not found")
+        return []
+    _check_subset(subset, folder, problems)
+    entries = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    images = [p for p in entries if is_image(p)]
+    if not images:
+        others = ", ".join(p.name for p in entries[:5]) or "the folder is empty"
+        problems.error(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder (found: {others})")
+        return []
+    ext = _extension(subset.caption_extension)
+    captions = {p.stem: p for p in entries if p.suffix.lower() == ext.lower()}
+    stems = {p.stem for p in images}
+    for stem, path in captions.items():
+        if stem not in stems:
+            message = (f"{path}: caption file without an image (no {stem}{{{','.join(IMAGE_EXTENSIONS)}}} in "
+                       f"{folder}); remove or rename it")
+            if config.orphan_captions == "warn":
+                problems.warn(message)
+            else:
+                problems.error(message + " (or set orphan_captions = 'warn')")
+    if not captions:
+        other = [p for p in entries if p.suffix.lower() in _CAPTION_LIKE and p.stem in stems]
+        if other:
+            problems.warn(f"{folder}: no '{ext}' caption files, but {len(other)} '{other[0].suffix}' files next to "
+                          f"the images (e.g. {other[0].name}) are ignored; set caption_extension = "
+                          f"'{other[0].suffix}' if they are the captions")
+    records, multiline, empty = [], [], []
+    for image in images:
+        try:
+            size = probe(image, verify=config.verify_images)
+        except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
+            problems.error(f"{image}: cannot read this image ({type(e).__name__}: {e}); re-save or remove it")
+            continue
+        raw = None
+        caption_path = captions.get(image.stem)
+        if caption_path is not None:
+            try:
+                text, lines = read_caption_file(caption_path)
+            except UnicodeDecodeError as e:
+                problems.error(f"{caption_path}: caption file is not UTF-8 text ({e})")
+                continue
+            if lines > 1:
+                multiline.append(caption_path.name)
+            if text:
+                raw = text
+            else:
+                empty.append(caption_path.name)
+        stat = image.stat()
+        records.append(ImageRecord(image, size, base_caption(raw, subset), raw is not None, dataset, index,
+                                   subset.is_reg, folder.name, stat.st_mtime_ns, stat.st_size))
+    if multiline:
+        problems.warn(f"{folder}: only the first line of multi-line caption files is used: {_some(multiline)}")
+    if empty:
+        problems.warn(f"{folder}: empty caption files, the folder's caption {subset.class_tokens!r} is used "
+                      f"instead: {_some(empty)}")
+    uncaptioned = [r.path.name for r in records if not r.caption]
+    if uncaptioned and not subset.is_reg:
+        problems.warn(f"{folder}: images with no caption file, no trigger and no class: trained with an empty "
+                      f"caption: {_some(uncaptioned)}")
+    return records
+
+
+def _some(names: list[str], n: int = 5) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more

@@ -1,0 +1,74 @@
+"""Image files to tensors: checking, RGB conversion (alpha on white), resize-to-cover, crop, flip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # kohya's list; matched case-insensitively
+_EXIF_ORIENTATION = 0x0112
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+Size = tuple[int, int]
+
+
+def is_image(path: Path) -> bool:
+    # dotfiles are skipped: macOS "._x.png" resource forks look like images but are not
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def probe(path: Path, verify: bool = True) -> Size:
+    """The (width, height) the image has once its EXIF orientation is applied.
+
+    With ``verify``, the file is checked (``Image.verify``) and then decoded fully, so that a truncated or
+    corrupt file fails here, before training, and not at step 3,000. Raises whatever Pillow raises.
+    """
+    if verify:
+        with Image.open(path) as im:
+            im.verify()  # structure and checksums; leaves the image unusable, hence the second open
+    with Image.open(path) as im:
+        if verify:
+            im.load()
+        width, height = im.size
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    return (height, width) if orientation in _ROTATED else (width, height)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB, with transparency composited on white (the usual look of cut-out subjects; black would
+    teach the model dark halos), and 16-bit/float grayscale scaled rather than clipped."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float32)
+        peak = arr.max() if arr.size else 1.0
+        scale = 255.0 if peak <= 1.0 and im.mode == "F" else (255.0 / 65535.0 if peak > 255 else 1.0)
+        im = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """The image upright (EXIF orientation applied: phone photos are often stored sideways) and in RGB."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        return to_rgb(im)
+
+
+def fit(im: Image.Image, resized: Size, reso: Size, offset: tuple[int, int], flip: bool = False) -> Image.Image:
+    """Resize to ``resized`` (which covers ``reso``), crop ``reso`` at ``offset``, optionally mirror."""
+    if im.size != resized:
+        im = im.resize(resized, Image.Resampling.LANCZOS)
+    left, top = offset
+    im = im.crop((left, top, left + reso[0], top + reso[1]))
+    return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """(3, H, W) float32 in [-1, 1]."""
+    arr = torch.from_numpy(np.array(im, dtype=np.uint8, copy=True))
+    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
