@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import pytest
 import torch
 
@@ -13,7 +16,19 @@ SD15_TE = dict(num_hidden_layers=12, hidden_size=768, intermediate_size=3072, nu
 
 
 def build_tiny_unet(seed: int = 0):
-    """A small UNet2DConditionModel with the SD1.x block structure (4 levels, 2 layers per block)."""
+    """A small UNet2DConditionModel with the SD1.x block structure (4 levels, 2 layers per block).
+
+    Built once per seed and copied: diffusers' weight init is slow on a busy CPU.
+    """
+    return copy.deepcopy(_tiny_unet(seed))
+
+
+def build_tiny_text_encoder(seed: int = 0):
+    return copy.deepcopy(_tiny_text_encoder(seed))
+
+
+@functools.cache
+def _tiny_unet(seed: int):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -26,7 +41,8 @@ def build_tiny_unet(seed: int = 0):
     ).eval()
 
 
-def build_tiny_text_encoder(seed: int = 0):
+@functools.cache
+def _tiny_text_encoder(seed: int):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)

@@ -1,0 +1,540 @@
+"""Adapter files: kohya/LyCORIS ``.safetensors`` keys and ``ss_*`` metadata, read, written and loaded.
+
+A file maps ``<module name>.<tensor key>`` to tensors, e.g.
+``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight``; the module
+name is ``lora_unet_`` / ``lora_te_`` (SDXL ``lora_te1_`` / ``lora_te2_``) + the module path with
+``.`` -> ``_``; LyCORIS's own wrapper writes ``lycoris_`` + the path.  Because ``_`` also occurs inside
+module names, a name is resolved against the names the model's own modules produce, never by guessing
+where the dots were.
+
+Only safetensors is read: pickles (``.pt``, ``.ckpt``, ``.bin``) are refused, never unpickled.
+Writes are atomic (a temporary file in the same folder, then a rename) and never replace an existing file
+unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.adapters.base import Adapter, AdapterFormatError
+from lorakit.blocks import SD1, BlockMap
+from lorakit.network import (
+    LYCORIS_PREFIX,
+    AdapterNetwork,
+    Component,
+    adaptable_layers,
+    components,
+    is_kxk_conv,
+    kohya_name,
+)
+
+
+class AdapterFileError(ValueError):
+    """A file cannot be read or does not fit the model; the message names the file and the key."""
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass
+class AdapterFile:
+    """The tensors and string metadata of one adapter file (``path`` None when built in memory)."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return str(self.path) if self.path is not None else "<in memory>"
+
+    def modules(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Tensors grouped by module name: {'lora_unet_..._to_q': {'lora_down.weight': ..., 'alpha': ...}}.
+
+        Keys without a dot (no module, e.g. an embedding) are left out; see ``loose_keys``.
+        """
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in self.tensors.items():
+            module, dot, rel = key.partition(".")
+            if dot:
+                grouped.setdefault(module, {})[rel] = tensor
+        return grouped
+
+    def loose_keys(self) -> list[str]:
+        return [k for k in self.tensors if "." not in k]
+
+
+def _sniff(path: Path, head: bytes) -> None:
+    """Refuse pickles and zip checkpoints by their first bytes, whatever the file is called."""
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        kind = "a Python pickle"
+    elif head[:4] == b"PK\x03\x04":
+        kind = "a PyTorch zip checkpoint (pickle inside)"
+    else:
+        return
+    raise AdapterFileError(f"{path}: {kind} (.pt/.ckpt/.bin), not safetensors; lorakit never unpickles "
+                           "files, since unpickling runs code. Convert it to .safetensors with a tool you trust")
+
+
+def _check_layout(path: Path) -> dict[str, Any]:
+    """Parse and check the safetensors header against the file size; return the header."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        _sniff(path, head)
+        if len(head) < 8:
+            raise AdapterFileError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, _MAX_HEADER):
+            if n > _MAX_HEADER:
+                raise AdapterFileError(f"{path}: not a safetensors file (no valid header length)")
+            raise AdapterFileError(f"{path}: truncated: the header needs {n} bytes, the file has {size - 8} after "
+                                   "the length field")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError
+    except (UnicodeDecodeError, ValueError):
+        raise AdapterFileError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    data_size = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            count = 1
+            for d in info["shape"]:
+                count *= int(d)
+            width = _DTYPE_SIZES.get(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise AdapterFileError(f"{path}: corrupt header entry for key {key!r}") from None
+        if end > data_size:
+            raise AdapterFileError(f"{path}: truncated or corrupt: tensor {key!r} needs bytes {begin}..{end} of the "
+                                   f"data, the file holds {data_size}")
+        if width is not None and end - begin != count * width:
+            raise AdapterFileError(f"{path}: corrupt: tensor {key!r} has {end - begin} bytes for shape "
+                                   f"{info['shape']} {info['dtype']}")
+    return header
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterFile:
+    """Read a ``.safetensors`` adapter file (kohya or LyCORIS keys), checking it before loading."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    header = _check_layout(path)
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types; name the file whatever they are
+        raise AdapterFileError(f"{path}: cannot be read as safetensors: {err}") from err
+    metadata = header.get("__metadata__") or {}
+    return AdapterFile(tensors, {str(k): str(v) for k, v in metadata.items()}, path)
+
+
+# ---- writing ------------------------------------------------------------------------------------------
+
+def _metadata_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(value)
+    return str(value)  # kohya's convention: str(True) == 'True', str(None) == 'None'
+
+
+def write_adapter(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                  metadata: Mapping[str, Any] | None = None, *, overwrite: bool = False,
+                  dtype: torch.dtype | None = None) -> Path:
+    """Write tensors (+ metadata, values turned into strings) to ``path`` atomically.
+
+    ``dtype`` converts floating tensors (e.g. ``torch.float16`` for distribution).  An existing file is
+    replaced only with ``overwrite=True``.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: adapter files must end in .safetensors")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    data = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        data[key] = tensor.contiguous().clone()  # own storage: safetensors refuses shared tensors
+    meta = {str(k): _metadata_value(v) for k, v in (metadata or {}).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(data, tmp, metadata=meta)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _rename_no_clobber(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _rename_no_clobber(tmp: str, path: Path) -> None:
+    # a hard link fails if the target appeared meanwhile, so a file written concurrently is never lost
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
+    except OSError:  # no hard links on this file system
+        if path.exists():
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
+        os.replace(tmp, path)
+
+
+# ---- what a file holds -----------------------------------------------------------------------------------
+
+# keys whose first dimension is the rank, per algorithm, in the order to look for them
+_RANK_KEYS = ("lora_down.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b", "a1.weight")
+
+# the blocks and names that tell base models apart: cross-attention width of the U-Net, CLIP width
+_CROSS_ATTN_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_TE_WIDTH = {768: "sd1", 1024: "sd2"}
+
+
+def detect_algorithm(relative_keys: Iterable[str]) -> str:
+    """The algorithm of one module from its tensor keys ('lora', 'loha', 'lokr', 'oft', ...; 'unknown')."""
+    from lorakit.adapters import detect_algorithm as registry_detect
+
+    try:
+        return registry_detect(relative_keys)
+    except ValueError:
+        return "unknown"
+
+
+def module_rank(tensors: Mapping[str, torch.Tensor]) -> int | None:
+    """Rank of one module from its tensors; None for rankless algorithms (IA3, full, full-matrix LoKr)."""
+    for key in _RANK_KEYS:
+        if key in tensors:
+            return int(tensors[key].shape[0])
+    return None
+
+
+def module_alpha(tensors: Mapping[str, torch.Tensor]) -> float | None:
+    """The stored alpha, or None when the file has none (then alpha = rank)."""
+    alpha = tensors.get("alpha")
+    return None if alpha is None else float(alpha.float().reshape(-1)[0])
+
+
+def component_of(module_name: str) -> str:
+    """'unet', 'text_encoder', 'text_encoder_1', 'text_encoder_2' or 'unknown' from a module name."""
+    for prefix, comp in (("lora_unet_", "unet"), ("lora_te1_", "text_encoder_1"), ("lora_te2_", "text_encoder_2"),
+                         ("lora_te_", "text_encoder")):
+        if module_name.startswith(prefix):
+            return comp
+    if module_name.startswith(LYCORIS_PREFIX + "_"):
+        rest = module_name[len(LYCORIS_PREFIX) + 1:]
+        return "text_encoder" if rest.startswith(("text_model_", "encoder_layers_")) else "unet"
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    name: str
+    component: str
+    algorithm: str
+    rank: int | None
+    alpha: float | None
+    block: str | None
+    dtypes: tuple[str, ...]
+
+
+def describe_modules(file: AdapterFile, block_map: BlockMap = SD1) -> list[ModuleInfo]:
+    """Algorithm, rank, alpha and block of every module of a file."""
+    infos = []
+    for name, tensors in file.modules().items():
+        comp = component_of(name)
+        infos.append(ModuleInfo(
+            name=name,
+            component=comp,
+            algorithm=detect_algorithm(tensors),
+            rank=module_rank(tensors),
+            alpha=module_alpha(tensors),
+            block=block_map.block_name(name) if comp == "unet" else None,
+            dtypes=tuple(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})),
+        ))
+    return infos
+
+
+def guess_base_model(file: AdapterFile) -> str | None:
+    """'sd1', 'sd2' or 'sdxl' from the file's names and widths; None when nothing tells."""
+    modules = file.modules()
+    if any(n.startswith(("lora_te1_", "lora_te2_")) for n in modules):
+        return "sdxl"
+    for name, tensors in modules.items():
+        if name.endswith("attn2_to_k") or name.endswith("attn2_to_v"):
+            width = _input_width(tensors)
+            if width in _CROSS_ATTN_WIDTH:
+                return _CROSS_ATTN_WIDTH[width]
+    for name, tensors in modules.items():
+        if name.startswith("lora_te_") and name.endswith("self_attn_q_proj"):
+            width = _input_width(tensors)
+            if width in _TE_WIDTH:
+                return _TE_WIDTH[width]
+    if any(n.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_")) for n in modules):
+        return "sdxl"  # kohya names SDXL modules after the LDM U-Net, SD1.x after diffusers
+    return None
+
+
+def _input_width(tensors: Mapping[str, torch.Tensor]) -> int | None:
+    for key in ("lora_down.weight", "hada_w1_b"):
+        if key in tensors:
+            return int(tensors[key].shape[1])
+    return None
+
+
+# ---- metadata -----------------------------------------------------------------------------------------------
+
+#: training facts the trainer may record, stored as kohya's ss_<name> (A1111 and civitai show them)
+TRAINING_FIELDS = (
+    "learning_rate", "unet_lr", "text_encoder_lr", "num_epochs", "epoch", "steps", "max_train_steps",
+    "num_train_images", "num_reg_images", "num_batches_per_epoch", "batch_size_per_device", "total_batch_size",
+    "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps", "optimizer", "mixed_precision", "seed",
+    "resolution", "clip_skip", "noise_offset", "min_snr_gamma", "max_grad_norm", "network_dropout",
+    "output_name", "session_id", "training_started_at", "training_finished_at", "training_comment",
+    "sd_model_name", "sd_model_hash", "new_sd_model_hash", "vae_name", "tag_frequency", "dataset_dirs",
+    "caption_dropout_rate", "shuffle_caption", "keep_tokens", "flip_aug", "color_aug", "cache_latents",
+    "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_info", "prior_loss_weight",
+)
+
+
+def training_metadata(**fields: Any) -> dict[str, str]:
+    """kohya ``ss_*`` entries from keyword arguments (``learning_rate=1e-4, tag_frequency={...}``).
+
+    Unknown names are an error, so a typo does not silently vanish from the file.
+    """
+    unknown = sorted(set(fields) - set(TRAINING_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown training metadata {unknown}; known: {', '.join(TRAINING_FIELDS)}")
+    return {f"ss_{k}": _metadata_value(v) for k, v in fields.items() if v is not None}
+
+
+def _most_common(values: Iterable[Any]) -> Any:
+    counts = Counter(v for v in values if v is not None)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def network_metadata(network: AdapterNetwork, base_model_version: str = "sd_v1") -> dict[str, str]:
+    """The ``ss_*`` entries that describe a network, as kohya / LyCORIS write them, plus ``lorakit_*``."""
+    algos = {a.algorithm for a in network.adapters.values()}
+    file = AdapterFile(network.file_tensors())
+    infos = describe_modules(file)
+    linear = [i for i in infos if not is_kxk_conv(network[i.name].base)] or infos
+    rank = _most_common(i.rank for i in linear)
+    alpha = _most_common(i.alpha for i in linear)
+    args = {k: v for k, v in network.args.items() if k != "preset"}
+    dora = any("dora_scale" in a.file_tensors() for a in network.adapters.values())
+    if algos <= {"lora"} and not dora:
+        module = "networks.lora"  # kohya's own LoRA / LoCon
+        args.pop("algo", None)
+    else:
+        module = "lycoris.kohya"  # how kohya + LyCORIS record LoHa, LoKr, DoRA, ...
+        args["algo"] = args.get("algo") or (_most_common(a.algorithm for a in network.adapters.values()) or "")
+        if dora:
+            args["dora_wd"] = "True"
+    return {
+        "ss_network_module": module,
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": f"{alpha:g}" if alpha is not None else "None",
+        "ss_network_args": json.dumps(args),
+        "ss_base_model_version": base_model_version,
+        "ss_v2": str(base_model_version.startswith("sd_v2")),
+        "lorakit_version": lorakit.__version__,
+        "lorakit_preset": network.args.get("preset", ""),
+        "lorakit_algorithm": ",".join(sorted(algos)),
+    }
+
+
+def model_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """``sshs_model_hash`` / ``sshs_legacy_hash`` as kohya precomputes them for sd-webui-additional-networks.
+
+    Both hash the file as it would be with only the ``ss_*`` metadata, so adding other metadata later
+    does not change them.
+    """
+    ss = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    blob = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}, ss)
+    (n,) = struct.unpack("<Q", blob[:8])
+    buf = BytesIO(blob)
+    buf.seek(0x100000)
+    legacy = hashlib.sha256(buf.read(0x10000)).hexdigest()[:8]
+    return {"sshs_model_hash": hashlib.sha256(blob[8 + n:]).hexdigest(), "sshs_legacy_hash": legacy}
+
+
+def save_network(network: AdapterNetwork, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None,
+                 *, base_model_version: str = "sd_v1", overwrite: bool = False,
+                 dtype: torch.dtype | None = None) -> Path:
+    """Write a network's tensors with kohya names and ``ss_*``/``lorakit_*`` metadata (``metadata`` wins)."""
+    tensors = network.file_tensors()
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    meta = network_metadata(network, base_model_version)
+    meta.update({k: _metadata_value(v) for k, v in (metadata or {}).items()})
+    meta.update(model_hashes(tensors, meta))
+    return write_adapter(path, tensors, meta, overwrite=overwrite)
+
+
+# ---- loading into a model ---------------------------------------------------------------------------------------
+
+@dataclass
+class LoadReport:
+    """What happened to each module of a file when it was loaded into a model."""
+
+    source: str
+    matched: list[str] = field(default_factory=list)
+    #: module names of the file with no layer in the model (another architecture, or a typo)
+    unmatched: list[str] = field(default_factory=list)
+    #: module names for a model that was not given (e.g. text-encoder modules when loading the U-Net only)
+    skipped: list[str] = field(default_factory=list)
+    #: module name -> why its tensors do not fit the layer (names the key and both shapes)
+    mismatched: dict[str, str] = field(default_factory=dict)
+    #: module name -> why no adapter could be built (unknown algorithm)
+    unsupported: dict[str, str] = field(default_factory=dict)
+    #: keys that belong to no module at all (no dot in the key)
+    loose_keys: list[str] = field(default_factory=list)
+    file_base_model: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not (self.unmatched or self.mismatched or self.unsupported or self.loose_keys)
+
+    def problems(self) -> list[str]:
+        lines = []
+        if self.unmatched:
+            lines.append(f"{len(self.unmatched)} module(s) of the file name no layer of the model, "
+                         f"e.g. {self.unmatched[0]!r}")
+        for name, why in list(self.mismatched.items())[:3]:
+            lines.append(f"{name}.{why}")
+        if len(self.mismatched) > 3:
+            lines.append(f"... {len(self.mismatched) - 3} more shape mismatches")
+        for name, why in list(self.unsupported.items())[:3]:
+            lines.append(f"{name}: {why}")
+        if self.loose_keys:
+            lines.append(f"{len(self.loose_keys)} key(s) belong to no module, e.g. {self.loose_keys[0]!r}")
+        return lines
+
+    def summary(self) -> str:
+        parts = [f"{len(self.matched)} modules loaded"]
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} skipped (model not given)")
+        parts += self.problems()
+        return f"{self.source}: " + "; ".join(parts)
+
+
+def _lookup(comps: Sequence[Component]) -> dict[str, tuple[Component, str]]:
+    """Every name a file may use for a layer of the given models -> (component, module path)."""
+    table: dict[str, tuple[Component, str]] = {}
+    for comp in comps:
+        for path, _ in adaptable_layers(comp):
+            names = {comp.kohya_name(path), kohya_name(comp.prefix, path)}  # also raw transformers-5 paths
+            if comp.group in ("unet", "text_encoder"):
+                names.add(kohya_name(LYCORIS_PREFIX, path))  # LyCORIS's own wrapper
+            for name in names:
+                other = table.get(name)
+                if other is not None and other != (comp, path):
+                    raise ValueError(f"two layers share the file name {name!r}: {other[1]!r}, {path!r}")
+                table[name] = (comp, path)
+    return table
+
+
+def _given(name: str, comps: Sequence[Component]) -> bool:
+    """Whether the model a module name is meant for was given at all."""
+    kind = component_of(name)
+    if kind == "unet":
+        return any(not c.is_text_encoder for c in comps)
+    if kind.startswith("text_encoder"):
+        return any(c.is_text_encoder for c in comps)
+    return True  # unknown prefixes are always reported
+
+
+def load_network(source: str | os.PathLike | AdapterFile, unet: nn.Module | None = None,
+                 text_encoder: nn.Module | Sequence[nn.Module] | None = None, *, multiplier: float = 1.0,
+                 strict: bool = True) -> tuple[AdapterNetwork, LoadReport]:
+    """Load an adapter file into the U-Net and/or text encoder(s); return the network and a report.
+
+    Each module name is looked up among the names the model's own layers produce; the algorithm comes
+    from the module's keys and its adapter is built with ``from_file_tensors``.  With ``strict`` (default)
+    any module that names no layer, does not fit its layer, or has an unknown algorithm raises
+    ``AdapterFileError`` naming the file and key, and the model is left untouched; otherwise the modules
+    that fit are loaded and the rest is listed in the report.  Modules for a model not given (the text
+    encoder when only ``unet`` is passed) are skipped and listed.
+    """
+    file = source if isinstance(source, AdapterFile) else read_adapter(source)
+    from lorakit.adapters import ALGORITHMS
+
+    comps = components(unet, text_encoder)
+    table = _lookup(comps)
+    report = LoadReport(file.label, loose_keys=file.loose_keys(), file_base_model=guess_base_model(file))
+    planned: list[tuple[str, Component, str, Adapter, dict[str, bool]]] = []
+    frozen = {id(p): p.requires_grad for c in comps for p in c.model.parameters()}
+    for name, tensors in file.modules().items():
+        if name not in table:
+            (report.unmatched if _given(name, comps) else report.skipped).append(name)
+            continue
+        comp, path = table[name]
+        layer = comp.model.get_submodule(path)
+        if isinstance(layer, Adapter):
+            raise AdapterFileError(f"{file.label}: {name}: the model already carries an adapter there; "
+                                   "remove() the other network first")
+        algorithm = detect_algorithm(tensors)
+        cls = ALGORITHMS.get(algorithm)
+        if cls is None:
+            report.unsupported[name] = (f"algorithm {algorithm!r} (keys {sorted(tensors)}) is not one lorakit "
+                                        f"implements ({', '.join(ALGORITHMS)})")
+            continue
+        try:
+            adapter = cls.from_file_tensors(layer, tensors, multiplier)
+        except AdapterFormatError as err:  # a shape that does not fit, a missing or foreign key
+            report.mismatched[name] = str(err)
+            continue
+        grads = {k: frozen[id(p)] for k, p in layer.named_parameters()}
+        planned.append((comp.kohya_name(path), comp, path, adapter, grads))
+    if strict and not report.ok:
+        for comp in comps:  # building adapters froze base layers; undo, since nothing is attached
+            for p in comp.model.parameters():
+                p.requires_grad_(frozen.get(id(p), p.requires_grad))
+        raise AdapterFileError(_failure_message(file, report, unet))
+    network = AdapterNetwork()
+    for name, comp, path, adapter, grads in planned:
+        network.attach(name, comp.group, comp.model, path, adapter, grads)
+        report.matched.append(name)
+    network.args = {"source": file.label}
+    return network, report
+
+
+def _failure_message(file: AdapterFile, report: LoadReport, unet: nn.Module | None) -> str:
+    model_arch = None
+    width = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
+    if isinstance(width, int):
+        model_arch = _CROSS_ATTN_WIDTH.get(width, f"cross-attention width {width}")
+    hint = ""
+    if report.file_base_model and model_arch and report.file_base_model != model_arch:
+        hint = f" (the file looks like {report.file_base_model}, the model is {model_arch})"
+    elif report.file_base_model and (report.unmatched or report.mismatched):
+        hint = f" (the file looks like {report.file_base_model}; is the model another architecture or size?)"
+    return f"{file.label}: does not fit the model{hint}: " + "; ".join(report.problems())
