@@ -1,0 +1,306 @@
+"""What a training run changes in the base model: an adapter network, the native weights, new token
+embeddings (textual inversion), or new embeddings and an adapter together (pivotal tuning).
+
+Each method gives the trainer the same handful of things: optimizer parameter groups, the tensors that make
+up its result (for checkpoints, resume and the early-stopping candidates), a CS meter for CS-Fluctuation
+(None where there is no frozen weight to compare with), how prompts are rewritten (textual inversion expands
+its token), and the files it writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.blocks import BlockRanks
+from lorakit.config import TrainConfig
+from lorakit.earlystop.cs import CSMeter, cs_native
+from lorakit.formats import save_network
+from lorakit.models import BaseModel
+from lorakit.network import AdapterNetwork, UniformRanks, create_network, get_preset, select_targets
+from lorakit.network import components as network_components
+
+
+class TrainingMethod:
+    """Base class: the defaults suit methods that do not touch prompts or need post-step fixes."""
+
+    kind: str = ""
+
+    def param_groups(self) -> list[dict]:
+        raise NotImplementedError
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that are the result of training (live references; copy before keeping them)."""
+        raise NotImplementedError
+
+    def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def cs_meter(self) -> Callable[[], float] | None:
+        return None
+
+    def expand_prompt(self, prompt: str) -> str:
+        return prompt
+
+    def after_optimizer_step(self) -> None:
+        """Called after each optimizer step (textual inversion restores the frozen embedding rows)."""
+
+    def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        raise NotImplementedError
+
+
+def _lr(cfg: TrainConfig, specific: float | None) -> float:
+    return cfg.optimizer.learning_rate if specific is None else specific
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+def rank_rule(cfg: TrainConfig):
+    net = cfg.network
+    if net.block_dims is not None:
+        return BlockRanks(net.block_dims, block_alphas=net.block_alphas, conv_block_dims=net.conv_block_dims,
+                          conv_block_alphas=net.conv_block_alphas, alpha=net.alpha,
+                          conv_alpha=net.conv_alpha if net.conv_alpha is not None else net.alpha,
+                          outside=UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha))
+    return UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha)
+
+
+class AdapterMethod(TrainingMethod):
+    """An adapter of the LoRA family on the U-Net and/or the text encoder."""
+
+    kind = "adapter"
+
+    def __init__(self, cfg: TrainConfig, model: BaseModel) -> None:
+        net = cfg.network
+        if not (net.train_unet or net.train_text_encoder):
+            raise ValueError("network: train_unet and train_text_encoder are both false: nothing to train")
+        options = dict(net.args)
+        for key, value, default in (("dropout", net.dropout, 0.0), ("rank_dropout", net.rank_dropout, 0.0),
+                                    ("module_dropout", net.module_dropout, 0.0), ("dora", net.use_dora, False)):
+            if value != default:
+                options[key] = value
+        self.network: AdapterNetwork = create_network(
+            model.unet if net.train_unet else None, model.text_encoder if net.train_text_encoder else None,
+            preset=net.preset, ranks=rank_rule(cfg), algorithm=net.algorithm, options=options)
+        if len(self.network) == 0:
+            raise ValueError(f"network: preset {net.preset!r} with these ranks selects no module of the model")
+        self.cfg = cfg
+        self._meter = CSMeter({n: self.network[n] for n in self.network.names("unet")}) \
+            if self.network.names("unet") else None
+
+    def param_groups(self) -> list[dict]:
+        groups = []
+        params = self.network.trainable_parameters()
+        lrs = {"unet": _lr(self.cfg, self.cfg.optimizer.unet_lr),
+               "text_encoder": _lr(self.cfg, self.cfg.optimizer.text_encoder_lr)}
+        for group, plist in params.items():
+            if plist:
+                groups.append({"params": plist, "lr": lrs.get(group, self.cfg.optimizer.learning_rate),
+                               "name": group})
+        return groups
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        return self.network.file_tensors()
+
+    def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, adapter in self.network.adapters.items():
+                for key, value in adapter.file_tensors().items():
+                    value.copy_(tensors[f"{name}.{key}"])
+
+    def cs_meter(self) -> Callable[[], float] | None:
+        # CS over the U-Net's adapters, as the paper; a text-encoder-only network falls back to all of them
+        if self._meter is None:
+            self._meter = CSMeter(dict(self.network.adapters.items()))
+        return self._meter
+
+    def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
+        path = folder / f"{name}.safetensors"
+        save_network(self.network, path, metadata=metadata, overwrite=True)
+        return [path]
+
+    def summary(self) -> str:
+        counts = {g: len(self.network.names(g)) for g in self.network.groups}
+        n_params = sum(p.numel() for ps in self.network.trainable_parameters().values() for p in ps)
+        where = ", ".join(f"{n} {g} modules" for g, n in counts.items())
+        net = self.cfg.network
+        return (f"{net.algorithm} rank {net.rank} alpha {net.alpha:g}, preset {net.preset}: {where}, "
+                f"{n_params:,} trainable parameters")
+
+
+# ------------------------------------------------------------------------------------------------ native
+class NativeMethod(TrainingMethod):
+    """Fine-tune the U-Net's own weights (DreamBooth when combined with prior preservation).
+
+    CS-Fluctuation uses ``ΔW = W − W0`` over the adapted-layer kinds of the chosen targets; ``W0`` is a copy
+    kept on the CPU.
+    """
+
+    kind = "native"
+
+    def __init__(self, cfg: TrainConfig, model: BaseModel) -> None:
+        self.cfg, self.model = cfg, model
+        unet = model.unet
+        unet.requires_grad_(False)
+        targets = cfg.method.native_targets
+        if targets == "all":
+            self.params = {n: p for n, p in unet.named_parameters()}
+            layers = [(n, m) for n, m in unet.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+        else:
+            comp = network_components(unet)[0]
+            layers = select_targets(comp, get_preset(targets).unet)
+            self.params = {f"{n}.{k}": p for n, m in layers for k, p in m.named_parameters()}
+        for p in self.params.values():
+            p.requires_grad_(True)
+        # W0 of the layers whose ΔW CS-Fluctuation follows
+        self._pairs = [(m.weight, m.weight.detach().to("cpu", copy=True)) for _, m in layers]
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.params.values()), "lr": _lr(self.cfg, self.cfg.optimizer.unet_lr),
+                 "name": "unet"}]
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.params.items()}
+
+    def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(tensors[n])
+
+    def cs_meter(self) -> Callable[[], float] | None:
+        def meter() -> float:
+            return cs_native((w.detach(), w0.to(w.device)) for w, w0 in self._pairs)
+        return meter
+
+    def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
+        from lorakit.models import save_single_file_checkpoint
+        path = folder / f"{name}.safetensors"
+        save_single_file_checkpoint(self.model, path, overwrite=True)
+        return [path]
+
+    def summary(self) -> str:
+        n = sum(p.numel() for p in self.params.values())
+        return f"native fine-tuning of the U-Net ({self.cfg.method.native_targets}): {n:,} trainable parameters"
+
+
+# --------------------------------------------------------------------------------------- textual inversion
+class TextualInversion(TrainingMethod):
+    """New token(s) in the text encoder's vocabulary; only their embedding rows train.
+
+    With ``ti_vectors`` = n > 1 the token stands for n embeddings: ``zkz`` is written in prompts and expanded
+    to ``zkz zkz_1 ... zkz_{n-1}`` before tokenization.
+    """
+
+    kind = "ti"
+
+    def __init__(self, cfg: TrainConfig, model: BaseModel) -> None:
+        self.cfg, self.model = cfg, model
+        token = cfg.method.ti_token or cfg.data.trigger
+        if not token:
+            raise ValueError("textual inversion needs a token: set method.ti_token or data.trigger")
+        self.token = token
+        self.tokens = [token] + [f"{token}_{i}" for i in range(1, cfg.method.ti_vectors)]
+        tok, te = model.tokenizer, model.text_encoder
+        added = tok.add_tokens(self.tokens)
+        if added != len(self.tokens):
+            raise ValueError(f"textual inversion: token {token!r} (or one of {self.tokens}) is already in the "
+                             "tokenizer's vocabulary as a single token; choose a new word")
+        init_ids = tok(cfg.method.ti_init_word, add_special_tokens=False).input_ids
+        if not init_ids:
+            raise ValueError(f"textual inversion: init word {cfg.method.ti_init_word!r} gives no tokens")
+        te.resize_token_embeddings(len(tok))
+        self.ids = tok.convert_tokens_to_ids(self.tokens)
+        emb = te.get_input_embeddings().weight
+        with torch.no_grad():
+            for i, token_id in enumerate(self.ids):
+                emb[token_id] = emb[init_ids[i % len(init_ids)]]
+        te.requires_grad_(False)
+        emb.requires_grad_(True)
+        self.embedding = emb
+        self._frozen = emb.detach().clone()
+        self._trained_rows = torch.zeros(emb.shape[0], dtype=torch.bool)
+        self._trained_rows[self.ids] = True
+
+    def param_groups(self) -> list[dict]:
+        # no weight decay: it would shrink the frozen rows too (they are restored after each step anyway)
+        return [{"params": [self.embedding], "lr": self.cfg.optimizer.ti_lr, "weight_decay": 0.0,
+                 "name": "textual_inversion"}]
+
+    def after_optimizer_step(self) -> None:
+        with torch.no_grad():
+            keep = ~self._trained_rows.to(self.embedding.device)
+            self.embedding[keep] = self._frozen.to(self.embedding.device)[keep]
+
+    def vectors(self) -> torch.Tensor:
+        return self.embedding.detach()[self.ids]
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        return {"clip_l": self.vectors()}
+
+    def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.embedding[self.ids] = tensors["clip_l"].to(self.embedding.dtype)
+
+    def expand_prompt(self, prompt: str) -> str:
+        if len(self.tokens) == 1:
+            return prompt
+        import re
+        return re.sub(rf"(?<![\w]){re.escape(self.token)}(?![\w])", " ".join(self.tokens), prompt)
+
+    def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
+        from lorakit.formats import write_adapter
+        path = folder / f"{name}-{self.token}.safetensors"
+        # A1111, ComfyUI and diffusers all read a single-tensor file; "clip_l" names the encoder (SDXL: + clip_g)
+        write_adapter(path, {"clip_l": self.vectors().float().cpu().contiguous()},
+                      {**metadata, "lorakit_ti_token": self.token, "lorakit_ti_vectors": str(len(self.tokens))},
+                      overwrite=True)
+        return [path]
+
+    def summary(self) -> str:
+        return (f"textual inversion: token {self.token!r} × {len(self.tokens)} vector(s), "
+                f"init {self.cfg.method.ti_init_word!r}")
+
+
+class PivotalTuning(TrainingMethod):
+    """Textual inversion and an adapter trained together (new token at a high lr, adapter at a low lr)."""
+
+    kind = "pivotal"
+
+    def __init__(self, cfg: TrainConfig, model: BaseModel) -> None:
+        self.ti = TextualInversion(cfg, model)
+        self.adapter = AdapterMethod(cfg, model)
+
+    def param_groups(self) -> list[dict]:
+        return self.ti.param_groups() + self.adapter.param_groups()
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.adapter.trained_tensors(), **{f"ti.{k}": v for k, v in self.ti.trained_tensors().items()}}
+
+    def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.adapter.load_trained_tensors({k: v for k, v in tensors.items() if not k.startswith("ti.")})
+        self.ti.load_trained_tensors({k[3:]: v for k, v in tensors.items() if k.startswith("ti.")})
+
+    def cs_meter(self) -> Callable[[], float] | None:
+        return self.adapter.cs_meter()
+
+    def expand_prompt(self, prompt: str) -> str:
+        return self.ti.expand_prompt(prompt)
+
+    def after_optimizer_step(self) -> None:
+        self.ti.after_optimizer_step()
+
+    def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
+        return self.adapter.save(folder, name, metadata) + self.ti.save(folder, name, metadata)
+
+    def summary(self) -> str:
+        return f"pivotal tuning: {self.ti.summary()}; {self.adapter.summary()}"
+
+
+def make_method(cfg: TrainConfig, model: BaseModel) -> TrainingMethod:
+    kinds = {"adapter": AdapterMethod, "native": NativeMethod, "ti": TextualInversion, "pivotal": PivotalTuning}
+    return kinds[cfg.method.kind](cfg, model)

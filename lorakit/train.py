@@ -1,0 +1,353 @@
+"""The training loop: a folder of images and a base model in, a trained adapter (or embedding, or model) out.
+
+Read it top to bottom: ``train()`` sets everything up, runs epochs of steps, saves a checkpoint and samples at
+the end of each epoch, asks the early-stopping monitor after every step, and finishes with the result files
+and a summary.  Every step draws its randomness from (seed, step), and the data order from (seed, epoch), so
+a run resumed from a checkpoint continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from tqdm import tqdm
+
+from lorakit.checkpoints import RunFolder, atomic_write_json, atomic_write_text
+from lorakit.config import TrainConfig, to_toml
+from lorakit.data import TrainingData
+from lorakit.earlystop import CSFluctuationMonitor, plot_cs_fluctuation
+from lorakit.loss import add_training_noise, diffusion_loss
+from lorakit.methods import TrainingMethod, make_method
+from lorakit.models import BaseModel, load_base_model
+from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, ...); the message says what happened and what was kept."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    files: list[Path]
+    epochs: int
+    steps: int
+    stopped_early: bool
+    turning_point: dict[str, Any] | None
+    final_epoch: int
+    losses: list[float] = field(default_factory=list)
+    summary: str = ""
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A seed for one optimizer step, independent of every other step's."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{step}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    opt = cfg.optimizer
+    if opt.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=opt.learning_rate, betas=opt.betas, weight_decay=opt.weight_decay)
+    if opt.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingError("optimizer.optimizer = \"adamw8bit\" needs bitsandbytes (pip install bitsandbytes)") \
+                from None
+        return bnb.optim.AdamW8bit(groups, lr=opt.learning_rate, betas=opt.betas, weight_decay=opt.weight_decay)
+    if opt.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=opt.learning_rate, weight_decay=opt.weight_decay)
+    raise TrainingError(f"optimizer.optimizer: unknown optimizer {opt.optimizer!r} (adamw, adamw8bit, sgd)")
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
+    """Load the base model; frozen parts in the mixed-precision dtype, everything trained stays fp32."""
+    model = load_base_model(cfg.model.base)
+    if cfg.model.prediction_type:
+        model.prediction_type = cfg.model.prediction_type
+    model.vae.requires_grad_(False)
+    model.unet.requires_grad_(False)
+    model.text_encoder.requires_grad_(False)
+    low = weight_dtype(cfg.model.mixed_precision)
+    if low != torch.float32:
+        model.vae.to(dtype=low)
+        if cfg.method.kind != "native":
+            model.unet.to(dtype=low)
+        if cfg.method.kind not in ("ti", "pivotal") and not cfg.network.train_text_encoder:
+            model.text_encoder.to(dtype=low)
+    model.to(accelerator.device)
+    if cfg.model.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        model.text_encoder.gradient_checkpointing_enable()
+    return model
+
+
+def trains_text_encoder(cfg: TrainConfig) -> bool:
+    return cfg.method.kind in ("ti", "pivotal") or (cfg.method.kind == "adapter" and cfg.network.train_text_encoder)
+
+
+def sample_prompts(cfg: TrainConfig, model: BaseModel) -> list[SamplePrompt]:
+    if not cfg.sample.prompts:
+        return []
+    defaults = SamplePrompt("", width=model.resolution, height=model.resolution, steps=cfg.sample.steps,
+                            cfg_scale=cfg.sample.cfg_scale, sampler=cfg.sample.sampler)
+    return load_prompts(cfg.sample.prompts, defaults)
+
+
+def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: int, step: int) -> dict[str, str]:
+    meta = {
+        "ss_learning_rate": str(cfg.optimizer.learning_rate),
+        "ss_unet_lr": str(cfg.optimizer.unet_lr or cfg.optimizer.learning_rate),
+        "ss_text_encoder_lr": str(cfg.optimizer.text_encoder_lr or cfg.optimizer.learning_rate),
+        "ss_epoch": str(epoch),
+        "ss_steps": str(step),
+        "ss_max_train_epochs": str(cfg.training.max_epochs),
+        "ss_seed": str(cfg.training.seed),
+        "ss_lr_scheduler": cfg.optimizer.lr_scheduler,
+        "ss_optimizer": cfg.optimizer.optimizer,
+        "ss_noise_offset": str(cfg.training.noise_offset),
+        "ss_min_snr_gamma": str(cfg.training.min_snr_gamma),
+        "ss_prior_loss_weight": str(cfg.training.prior_loss_weight),
+        "ss_mixed_precision": cfg.model.mixed_precision,
+        "ss_sd_model_name": Path(model.source).name if model.source else "builtin",
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_resolution": str(model.resolution),
+        "lorakit_method": cfg.method.kind,
+    }
+    meta.update(data.kohya_metadata())
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------- loss
+def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, batch, step: int,
+                 accelerator: Accelerator) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(step_seed(cfg.training.seed, step))
+    device = accelerator.device
+    if batch.latents is not None:
+        latents = batch.sample_latents(generator)
+    else:
+        with torch.no_grad():
+            pixels = batch.pixel_values.to(device, dtype=model.vae.dtype)
+            latents = model.vae.encode(pixels).latent_dist.sample(generator.manual_seed(step_seed(-1, step)))
+    latents = latents.to(device, dtype=torch.float32) * model.vae.config.scaling_factor
+    noised = add_training_noise(model.noise_scheduler, latents, generator, model.prediction_type,
+                                cfg.training.noise_offset)
+    captions = [method.expand_prompt(c) for c in batch.captions]
+    ids = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids.to(device)
+    with accelerator.autocast():
+        hidden = model.text_encoder(ids)[0]
+        prediction = model.unet(noised.noisy_latents.to(model.unet.dtype), noised.timesteps,
+                                hidden.to(model.unet.dtype)).sample
+    return diffusion_loss(prediction, noised, model.noise_scheduler, model.prediction_type,
+                          cfg.training.min_snr_gamma, batch.is_reg, cfg.training.prior_loss_weight)
+
+
+# ----------------------------------------------------------------------------------------------- training
+def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    """Run a training job described by ``cfg`` and return what it produced."""
+    cfg.validate()
+    started = time.time()
+    accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision if torch.cuda.is_available() else "no",
+                              gradient_accumulation_steps=cfg.optimizer.gradient_accumulation_steps,
+                              cpu=not torch.cuda.is_available())
+    is_main = accelerator.is_main_process
+    run = RunFolder(cfg.output.dir, cfg.output.if_exists) if is_main else None
+    accelerator.wait_for_everyone()
+    if run is None:
+        run = RunFolder(cfg.output.dir, "resume")
+    if is_main:
+        atomic_write_text(run.path / "config.toml", to_toml(cfg))
+    torch.manual_seed(cfg.training.seed)
+
+    # the model, what is trained, the data
+    model = prepare_model(cfg, accelerator)
+    method = make_method(cfg, model)
+    for group in method.param_groups():  # trained tensors stay fp32 whatever the base model's dtype
+        for p in group["params"]:
+            p.data = p.data.float()
+    data = TrainingData(cfg.data, seed=cfg.training.seed, default_resolution=model.resolution)
+    if cfg.data.cache_latents:
+        data.cache_latents(model.vae, directory=(cfg.data.cache_dir or run.path / "latent_cache")
+                           if cfg.data.cache_latents_to_disk else None)
+    steps_per_epoch = math.ceil(data.steps_per_epoch / accelerator.num_processes
+                                / cfg.optimizer.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * cfg.training.max_epochs
+    if cfg.training.max_steps is not None:
+        total_steps = min(total_steps, cfg.training.max_steps)
+
+    optimizer = build_optimizer(method.param_groups(), cfg)
+    lr_schedule = get_scheduler(cfg.optimizer.lr_scheduler, optimizer, num_warmup_steps=cfg.optimizer.lr_warmup_steps,
+                                num_training_steps=total_steps)
+    unet_lr = cfg.optimizer.unet_lr or cfg.optimizer.learning_rate
+    monitor = None
+    meter = method.cs_meter()
+    if cfg.early_stop.mode != "off" and meter is not None:
+        window = cfg.early_stop.window or max(1, steps_per_epoch // cfg.early_stop.interval)
+        monitor = CSFluctuationMonitor(window=window, lr=unet_lr, report_only=cfg.early_stop.mode == "report")
+
+    # resume
+    start_epoch, step, losses = 0, 0, []
+    if run.resuming and (ckpt := run.latest_checkpoint()) is not None:
+        method.load_trained_tensors(ckpt.load_tensors())
+        state = ckpt.load_state()
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        start_epoch, step, losses = state["epoch"], state["step"], list(state["losses"])
+        if monitor is not None and state.get("monitor") is not None:
+            monitor.load_state_dict(state["monitor"])
+        if is_main:
+            run.truncate_log(step)
+            print(f"resuming {run.path} after epoch {start_epoch} (step {step})")
+
+    trained = [m for m in (model.unet, model.text_encoder) if any(p.requires_grad for p in m.parameters())]
+    prepared = accelerator.prepare(*trained, optimizer, lr_schedule)
+    optimizer, lr_schedule = prepared[-2], prepared[-1]
+    for module in trained:
+        module.train()
+    prompts = sample_prompts(cfg, model)
+    if is_main:
+        print(data.summary())
+        print(method.summary())
+        print(f"{steps_per_epoch} steps per epoch, up to {cfg.training.max_epochs} epochs ({total_steps} steps); "
+              f"early stopping: {cfg.early_stop.mode if monitor else 'off'}")
+
+    stop_decision = None
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not (progress and is_main))
+    epoch = start_epoch
+    try:
+        while epoch < cfg.training.max_epochs and step < total_steps and stop_decision is None:
+            batches = data.epoch_batches(epoch)
+            batches = batches[accelerator.process_index::accelerator.num_processes]
+            for i, batch in enumerate(batches):
+                with accelerator.accumulate(*trained):
+                    torch.manual_seed(step_seed(cfg.training.seed + 1, step * 1000 + i))  # adapter dropout
+                    loss = compute_loss(cfg, model, method, batch, step, accelerator)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(_nan_message(run, step, epoch))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.optimizer.max_grad_norm:
+                        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                    cfg.optimizer.max_grad_norm)
+                    optimizer.step()
+                    lr_schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                method.after_optimizer_step()
+                step += 1
+                losses.append(loss.item())
+                record = {"step": step, "epoch": epoch + 1, "loss": losses[-1], "lr": lr_schedule.get_last_lr()[0]}
+                if monitor is not None and step % cfg.early_stop.interval == 0:
+                    record["cs"] = meter()
+                    decision = monitor.update(step, record["cs"], epoch=epoch + 1)
+                    if decision.stop:
+                        stop_decision = decision
+                if is_main:
+                    run.log(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", epoch=epoch + 1)
+                if stop_decision is not None or step >= total_steps:
+                    break
+            epoch += 1
+            if is_main and (epoch % cfg.training.save_every_n_epochs == 0 or stop_decision is not None
+                            or step >= total_steps or epoch == cfg.training.max_epochs):
+                state = {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+                         "epoch": epoch, "step": step, "losses": losses,
+                         "monitor": monitor.state_dict() if monitor is not None else None}
+                run.save_checkpoint(epoch, method.trained_tensors(), state,
+                                    metadata=metadata_for(cfg, data, model, epoch, step))
+            if is_main and prompts and (epoch % cfg.sample.every_n_epochs == 0 or stop_decision is not None):
+                _sample(model, method, prompts, run.sample_path(f"epoch-{epoch:04d}"), accelerator)
+    finally:
+        bar.close()
+    accelerator.wait_for_everyone()
+
+    # the result: the turning-point checkpoint when early stopping fired, else the last one
+    turning = stop_decision.turning_point if stop_decision is not None else None
+    final_epoch = epoch
+    if turning is not None:
+        final_epoch = _checkpoint_epoch_for(turning.step, steps_per_epoch, run)
+        ckpt = run.checkpoint(final_epoch)
+        method.load_trained_tensors(ckpt.load_tensors())
+    files: list[Path] = []
+    summary_text = ""
+    if is_main:
+        meta = metadata_for(cfg, data, model, final_epoch, step)
+        if monitor is not None:
+            meta["lorakit_early_stop"] = cfg.early_stop.mode
+            if turning is not None:
+                meta["lorakit_turning_point_step"] = str(turning.step)
+                meta["lorakit_turning_point_epoch"] = str(final_epoch)
+        files = method.save(run.path, cfg.output.name, meta)
+        if monitor is not None and len(monitor.history.steps) > 1:
+            files.append(plot_cs_fluctuation(monitor.history, run.path / "cs_fluctuation.png",
+                                             turning_point=turning))
+        if prompts:
+            files.append(_sample(model, method, prompts, run.sample_path("final"), accelerator))
+        summary = {
+            "output_dir": str(run.path), "files": [str(f) for f in files], "method": cfg.method.kind,
+            "epochs_run": epoch, "steps": step, "final_epoch": final_epoch,
+            "stopped_early": stop_decision is not None,
+            "turning_point": turning.to_dict() if turning is not None else None,
+            "final_loss": losses[-1] if losses else None,
+            "mean_loss_last_epoch": sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])),
+            "seconds": round(time.time() - started, 1), "data": data.summary(), "trained": method.summary(),
+        }
+        atomic_write_json(run.path / "summary.json", summary)
+        summary_text = _summary_text(summary)
+        atomic_write_text(run.path / "summary.txt", summary_text + "\n")
+    return TrainResult(run.path, files, epoch, step, stop_decision is not None,
+                       turning.to_dict() if turning is not None else None, final_epoch, losses, summary_text)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _sample(model: BaseModel, method: TrainingMethod, prompts: list[SamplePrompt], path: Path,
+            accelerator: Accelerator) -> Path:
+    expanded = [replace(p, prompt=method.expand_prompt(p.prompt),
+                        negative_prompt=method.expand_prompt(p.negative_prompt)) for p in prompts]
+    images = generate(model, expanded, device=accelerator.device, progress=False)
+    save_sample_grid(images, prompts, path)
+    return path
+
+
+def _checkpoint_epoch_for(turning_step: int, steps_per_epoch: int, run: RunFolder) -> int:
+    """The saved epoch whose end is nearest to the turning-point step (the paper reports epochs)."""
+    saved = [c.epoch for c in run.checkpoints()]
+    return min(saved, key=lambda e: (abs(e * steps_per_epoch - turning_step), e))
+
+
+def _nan_message(run: RunFolder, step: int, epoch: int) -> str:
+    last = run.latest_checkpoint()
+    kept = f"the last good checkpoint is {last.path}" if last else "no checkpoint had been saved yet"
+    return (f"the loss became NaN or infinite at step {step + 1} (epoch {epoch + 1}); training stopped and {kept}. "
+            "Lower the learning rate, turn off fp16 (use bf16 or no mixed precision), or check the images.")
+
+
+def _summary_text(s: dict[str, Any]) -> str:
+    lines = [f"lorakit train: {s['method']} — {s['steps']} steps in {s['epochs_run']} epochs, {s['seconds']} s",
+             f"  data: {s['data']}", f"  trained: {s['trained']}"]
+    if s["stopped_early"]:
+        tp = s["turning_point"]
+        lines.append(f"  early stop: CS-Fluctuation turning point at step {tp['step']}; "
+                     f"result = checkpoint of epoch {s['final_epoch']}")
+    else:
+        lines.append(f"  result = epoch {s['final_epoch']} (no early stop)")
+    if s["final_loss"] is not None:
+        lines.append(f"  loss: last {s['final_loss']:.4f}, mean over the last epoch {s['mean_loss_last_epoch']:.4f}")
+    lines += [f"  wrote {f}" for f in s["files"]]
+    return "\n".join(lines)
