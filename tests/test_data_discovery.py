@@ -1,0 +1,322 @@
+"""lorakit.data discovery: kohya layout, dataset TOML inheritance, plain folder + trigger, and bad input."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+from data_helpers import make_folder, make_image
+
+from lorakit.data import DataConfig, DatasetError, DatasetWarning, TrainingData, resolve_datasets
+
+
+def data(path, **options) -> TrainingData:
+    options.setdefault("resolution", 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DatasetWarning)
+        return TrainingData(DataConfig(train_data=str(path), **options), seed=0)
+
+
+def warned(path, **options) -> str:
+    """All DatasetWarnings raised while reading, as one string."""
+    options.setdefault("resolution", 64)
+    with pytest.warns(DatasetWarning) as record:
+        TrainingData(DataConfig(train_data=str(path), **options), seed=0)
+    return "\n".join(str(w.message) for w in record)
+
+
+def error(path, **options) -> str:
+    options.setdefault("resolution", 64)
+    with pytest.raises(DatasetError) as info, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DatasetWarning)
+        TrainingData(DataConfig(train_data=str(path), **options), seed=0)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------------------------- kohya layout
+def test_kohya_layout_repeats_triggers_and_folder_captions(tmp_path):
+    make_folder(tmp_path / "10_zkz shape", 3, captions={0: "a red circle, on white", 1: "zkz shape, blue"})
+    make_folder(tmp_path / "5_qqw thing", 2)
+    d = data(tmp_path)
+    assert d.num_train_images == 3 * 10 + 2 * 5 == d.samples_per_epoch
+    assert d.num_reg_images == 0
+    by_name = {(r.folder, r.path.name): r.caption for r in d.records}
+    assert by_name[("10_zkz shape", "000.png")] == "zkz shape, a red circle, on white"  # trigger injected
+    assert by_name[("10_zkz shape", "001.png")] == "zkz shape, blue"  # already there: unchanged
+    assert by_name[("10_zkz shape", "002.png")] == "zkz shape"  # no caption file: the folder's name
+    assert by_name[("5_qqw thing", "000.png")] == "qqw thing"
+    assert [d.subset_of(r).effective_trigger for r in d.records] == ["zkz"] * 3 + ["qqw"] * 2
+    assert d.tag_frequency == {"10_zkz shape": {"zkz shape": 3, "a red circle": 1, "on white": 1, "blue": 1},
+                               "5_qqw thing": {"qqw thing": 2}}
+    summary = d.summary()
+    assert "2 folders, 5 images" in summary and "= 40 samples/epoch" in summary and "0 reg images" in summary
+    assert "64×64 (5)" in summary
+
+
+def test_caption_extension_is_configurable(tmp_path):
+    folder = make_folder(tmp_path / "2_zkz", 2, captions={0: "zkz, star", 1: "zkz, cross"}, ext=".caption")
+    (folder / "000.txt").write_text("not the caption")
+    d = data(tmp_path, caption_extension=".caption")
+    assert [r.caption for r in d.records] == ["zkz, star", "zkz, cross"]
+    d = data(tmp_path, caption_extension="caption")  # without the dot
+    assert [r.caption for r in d.records] == ["zkz, star", "zkz, cross"]
+
+
+def test_caption_files_with_another_extension_are_pointed_out(tmp_path):
+    make_folder(tmp_path / "2_zkz", 2, captions={0: "zkz, star", 1: "zkz, cross"}, ext=".caption")
+    message = warned(tmp_path)
+    assert "caption_extension = '.caption'" in message and "2_zkz" in message
+
+
+def test_trigger_option_overrides_folder_and_injection_can_be_off(tmp_path):
+    make_folder(tmp_path / "1_zkz shape", 1, captions={0: "a star"})
+    assert data(tmp_path, trigger="qqw").records[0].caption == "qqw, a star"
+    assert data(tmp_path, inject_trigger=False).records[0].caption == "a star"
+
+
+def test_reg_data_dir_in_kohya_layout(tmp_path):
+    make_folder(tmp_path / "train" / "10_zkz shape", 2)
+    make_folder(tmp_path / "reg" / "1_shape", 4, captions={0: "a shape, blue"})
+    d = data(tmp_path / "train", reg_data=str(tmp_path / "reg"))
+    reg = [r for r in d.records if r.is_reg]
+    assert len(reg) == 4 and d.num_reg_images == 4
+    assert [r.caption for r in reg] == ["a shape, blue", "shape", "shape", "shape"]  # never a trigger
+    assert d.reg_samples_per_epoch == d.num_train_images == 20
+
+
+def test_plain_folder_with_trigger(tmp_path):
+    make_folder(tmp_path / "photos", 3, captions={0: "a star on grass", 2: "zkz star, at night"})
+    d = data(tmp_path / "photos", trigger="zkz", class_word="star", repeats=4)
+    assert [r.caption for r in d.records] == ["zkz star, a star on grass", "zkz star", "zkz star, at night"]
+    assert d.num_train_images == 12
+    assert d.tag_frequency == {"photos": {"zkz star": 3, "a star on grass": 1, "at night": 1}}
+
+
+def test_plain_folder_without_trigger_or_captions_warns_about_empty_captions(tmp_path):
+    make_folder(tmp_path / "photos", 2)
+    assert "empty caption" in warned(tmp_path / "photos")
+
+
+def test_hidden_files_and_folders_are_skipped(tmp_path):
+    make_folder(tmp_path / "1_zkz", 1)
+    (tmp_path / "1_zkz" / "._000.png").write_bytes(b"mac resource fork")
+    (tmp_path / ".cache").mkdir()
+    assert len(data(tmp_path).records) == 1
+
+
+# ----------------------------------------------------------------------------------------------- TOML
+TOML = """
+[general]
+shuffle_caption = true
+caption_extension = '.txt'
+keep_tokens = 1
+resolution = 64
+enable_bucket = true
+bucket_reso_steps = 8
+
+[[datasets]]
+batch_size = 2
+keep_tokens = 2
+
+  [[datasets.subsets]]
+  image_dir = 'hoge'
+  class_tokens = 'zkz shape'
+  num_repeats = 3
+
+  [[datasets.subsets]]
+  image_dir = 'fuga'
+  class_tokens = 'qqw thing'
+  keep_tokens = 3
+
+  [[datasets.subsets]]
+  is_reg = true
+  image_dir = 'reg'
+  class_tokens = 'shape'
+  keep_tokens = 1
+
+[[datasets]]
+resolution = [64, 48]
+enable_bucket = false
+cache_info = true
+
+  [[datasets.subsets]]
+  image_dir = 'hoge'
+  caption_dropout_rate = 0.25
+"""
+
+
+def test_toml_inheritance_general_dataset_subset(tmp_path):
+    for name in ("hoge", "fuga", "reg"):
+        make_folder(tmp_path / name, 2)
+    path = tmp_path / "dataset.toml"
+    path.write_text(TOML)
+    config = DataConfig(train_data=str(path), caption_tag_dropout_rate=0.1, flip_aug=True)
+    first, second = resolve_datasets(config)
+    assert (first.resolution, first.batch_size, first.enable_bucket, first.bucket_reso_steps) == ((64, 64), 2, True, 8)
+    hoge, fuga, reg = first.subsets
+    assert hoge.keep_tokens == 2 and fuga.keep_tokens == 3 and reg.keep_tokens == 1  # dataset, subset, subset
+    assert hoge.shuffle_caption and reg.shuffle_caption  # from [general]
+    assert hoge.caption_tag_dropout_rate == 0.1 and hoge.flip_aug  # from DataConfig (kohya's command line)
+    assert (hoge.num_repeats, fuga.num_repeats) == (3, 1)
+    assert Path(hoge.image_dir) == tmp_path / "hoge"  # relative to the TOML's folder
+    assert reg.is_reg and not hoge.is_reg and reg.effective_trigger is None
+    assert (second.resolution, second.batch_size, second.enable_bucket) == ((64, 48), 1, False)
+    assert second.subsets[0].keep_tokens == 1 and second.subsets[0].caption_dropout_rate == 0.25
+    assert second.subsets[0].class_tokens is None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DatasetWarning)
+        d = TrainingData(config, seed=0)
+    assert d.num_train_images == 2 * 3 + 2 + 2  # two datasets; reg images balanced inside the first
+    assert d.reg_samples_per_epoch == 8
+    assert {plan.bucket for plan in d.epoch_plan(0) if plan.dataset == 1} == {(64, 48)}
+
+
+def _toml_error(tmp_path, text: str) -> str:
+    make_folder(tmp_path / "hoge", 1)
+    path = tmp_path / "my_dataset.toml"
+    path.write_text(text)
+    with pytest.raises(DatasetError) as info:
+        resolve_datasets(DataConfig(train_data=str(path)))
+    return str(info.value)
+
+
+def test_toml_unknown_key_names_key_file_and_suggestion(tmp_path):
+    message = _toml_error(tmp_path, "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\nnum_repeat = 3\n")
+    assert "my_dataset.toml" in message and "'num_repeat'" in message and "did you mean 'num_repeats'" in message
+    message = _toml_error(tmp_path, "[general]\nshufle_caption = true\n[[datasets]]\n[[datasets.subsets]]\n"
+                                    "image_dir = 'hoge'\n")
+    assert "[general]" in message and "did you mean 'shuffle_caption'" in message
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\nresolution = 512\n", "belongs in [general] or"),
+    ("[general]\nimage_dir = 'hoge'\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\n",
+     "belongs in [[datasets.subsets]]"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\ncolor_aug = true\n", "does not support"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\nnum_repeats = 'ten'\n", "expected int"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\nshuffle_caption = 1\n", "expected bool"),
+    ("[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n", "image_dir is required"),
+    ("[[datasets]]\nbatch_size = 2\n", "no [[datasets.subsets]]"),
+    ("[dataset]\n", "did you mean 'datasets'"),
+    ("[[datasets]\n", "not valid TOML"),
+])
+def test_toml_errors(tmp_path, text, expected):
+    message = _toml_error(tmp_path, text)
+    assert expected in message and "my_dataset.toml" in message
+
+
+def test_toml_zero_repeats_and_missing_folder(tmp_path):
+    make_folder(tmp_path / "hoge", 1)
+    path = tmp_path / "d.toml"
+    path.write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\nnum_repeats = 0\n"
+                    "[[datasets.subsets]]\nimage_dir = 'nothere'\n")
+    message = error(path)
+    assert "hoge: 0 repeats" in message and "nothere: image folder not found" in message
+
+
+# -------------------------------------------------------------------------------------------- bad input
+def test_empty_parent_folder_says_where_it_looked_and_what_it_expected(tmp_path):
+    (tmp_path / "zkz").mkdir()
+    message = error(tmp_path)
+    assert str(tmp_path) in message and "zkz/" in message and "'<repeats>_<trigger> <class>'" in message
+
+
+def test_kohya_folder_without_images(tmp_path):
+    make_folder(tmp_path / "10_zkz shape", 2)
+    (tmp_path / "3_empty one").mkdir()
+    (tmp_path / "3_empty one" / "notes.md").write_text("x")
+    message = error(tmp_path)
+    assert "3_empty one" in message and "no images" in message and "notes.md" in message
+
+
+def test_corrupt_and_truncated_images_are_all_named(tmp_path):
+    folder = make_folder(tmp_path / "10_zkz", 2)
+    (folder / "garbage.png").write_bytes(b"this is not a png")
+    good = (folder / "000.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    message = error(tmp_path)
+    assert "garbage.png" in message and "truncated.png" in message and "2 problems" in message
+
+
+def test_truncated_jpeg_is_caught_at_discovery(tmp_path):
+    from data_helpers import make_noise_image
+
+    folder = tmp_path / "1_zkz"
+    jpg = make_noise_image(folder / "photo.jpg")
+    blob = jpg.read_bytes()
+    jpg.write_bytes(blob[: len(blob) // 2])
+    assert "photo.jpg" in error(tmp_path)
+
+
+def test_caption_without_image_is_an_error_or_a_warning(tmp_path):
+    folder = make_folder(tmp_path / "10_zkz", 1)
+    (folder / "lost.txt").write_text("zkz, caption of a deleted image")
+    message = error(tmp_path)
+    assert "lost.txt" in message and "without an image" in message
+    assert "lost.txt" in warned(tmp_path, orphan_captions="warn")
+
+
+def test_folder_name_not_matching_kohya_pattern(tmp_path):
+    make_folder(tmp_path / "10_zkz shape", 1)
+    make_folder(tmp_path / "zkz extra", 1)
+    make_folder(tmp_path / "5_", 1)
+    message = error(tmp_path)
+    assert "zkz extra" in message and "'<repeats>_<name>'" in message and "5_" in message
+
+
+def test_zero_repeats_folder(tmp_path):
+    make_folder(tmp_path / "0_zkz shape", 1)
+    message = error(tmp_path)
+    assert "0_zkz shape" in message and "0 repeats" in message
+
+
+def test_loose_images_next_to_kohya_folders(tmp_path):
+    make_folder(tmp_path / "10_zkz shape", 1)
+    make_image(tmp_path / "stray.png")
+    message = error(tmp_path)
+    assert "stray.png" in message and "10_zkz shape" in message
+
+
+def test_caption_not_utf8(tmp_path):
+    folder = make_folder(tmp_path / "1_zkz", 1)
+    (folder / "000.txt").write_bytes("zkz, caf\xe9".encode("latin-1"))
+    assert "000.txt" in error(tmp_path)
+
+
+def test_missing_source_and_reg_folder(tmp_path):
+    assert "nowhere" in error(tmp_path / "nowhere")
+    make_folder(tmp_path / "t" / "1_zkz", 1)
+    assert "noreg" in error(tmp_path / "t", reg_data=str(tmp_path / "noreg"))
+    with pytest.raises(DatasetError, match="no training data"):
+        TrainingData(DataConfig(resolution=64))
+
+
+def test_small_image_upscale_warning_names_file_and_factor(tmp_path):
+    folder = make_folder(tmp_path / "1_zkz", 1)
+    make_image(folder / "tiny.png", (16, 16))
+    message = warned(tmp_path, enable_bucket=True, bucket_reso_steps=8)
+    assert "tiny.png" in message and "4.00×" in message and "000.png" not in message
+
+
+def test_buckets_off_warns_about_upscaling_and_cropping(tmp_path):
+    folder = tmp_path / "1_zkz"
+    make_image(folder / "small.png", (48, 48))
+    make_image(folder / "wide.png", (128, 64))
+    message = warned(tmp_path)
+    assert "small.png" in message and "1.33×" in message
+    assert "wide.png" in message and "50% cut away" in message and "enable_bucket" in message
+
+
+def test_multiline_and_empty_caption_files_warn(tmp_path):
+    folder = make_folder(tmp_path / "1_zkz", 2, captions={0: "zkz, first\nsecond line\n", 1: "  \n"})
+    message = warned(tmp_path)
+    assert "000.txt" in message and "first line" in message and "001.txt" in message
+
+
+def test_bad_bucket_settings(tmp_path):
+    make_folder(tmp_path / "1_zkz", 1)
+    assert "bucket_reso_steps" in error(tmp_path, enable_bucket=True, bucket_reso_steps=12)
+    assert "min_bucket_reso" in error(tmp_path, enable_bucket=True, bucket_reso_steps=8, min_bucket_reso=128)
+    assert "resolution" in error(tmp_path, resolution=60)
