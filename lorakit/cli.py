@@ -1,0 +1,40 @@
+"""``lorakit <command> ...``: a thin dispatcher; each command lives in its own module.
+
+A command module provides ``add_arguments(parser)`` and ``run(args) -> int`` (the exit status).  Only the
+chosen command's module is imported, so one command's heavy or broken imports never block another.
+To add a command, add a line to ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+#: command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("lorakit.inspection", "show what an adapter file holds: algorithm, modules, ranks, metadata, blocks"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="lorakit", description="Train, inspect and use LoRA-family adapters.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    parsers = {name: sub.add_parser(name, help=help_, description=help_) for name, (_, help_) in COMMANDS.items()}
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    module = None
+    if command is not None:
+        module = importlib.import_module(COMMANDS[command][0])
+        module.add_arguments(parsers[command])
+    args = parser.parse_args(argv)
+    try:
+        return int(module.run(args))
+    except (OSError, ValueError) as err:  # bad files and bad values: a message, not a traceback
+        print(f"lorakit {command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

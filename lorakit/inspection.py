@@ -1,0 +1,153 @@
+"""``lorakit inspect FILE``: what an adapter file holds, in plain text.
+
+Algorithm, module counts (U-Net / text encoder), ranks and alphas, size, dtypes, the ``ss_*`` and
+``lorakit_*`` metadata and the U-Net blocks it touches, ending with a one-paragraph summary.
+Works on files of any tool that writes kohya or LyCORIS keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorakit.blocks import SD1, BlockMap
+from lorakit.formats import AdapterFile, ModuleInfo, describe_modules, guess_base_model, read_adapter
+
+_COMPONENT_LABELS = {"unet": "U-Net", "text_encoder": "text encoder", "text_encoder_1": "text encoder 1",
+                     "text_encoder_2": "text encoder 2", "unknown": "unknown prefix"}
+_BASE_MODELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+_ALGORITHM_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "(IA)^3", "full": "full (native ΔW)"}
+_LONG = 120  # metadata values longer than this (tag frequencies, bucket info) are cut
+
+
+@dataclass
+class FileReport:
+    path: Path
+    size: int
+    modules: list[ModuleInfo]
+    dtypes: Counter
+    metadata: dict[str, str]
+    base_model: str | None
+    blocks: dict[str, int] = field(default_factory=dict)
+
+    def count(self, attr: str) -> Counter:
+        return Counter(getattr(m, attr) for m in self.modules)
+
+
+def inspect_file(path: str | Path, block_map: BlockMap = SD1) -> FileReport:
+    file: AdapterFile = read_adapter(path)
+    modules = describe_modules(file, block_map)
+    blocks = Counter(m.block or "other" for m in modules if m.component == "unet")
+    order = list(block_map.names) + ["other"]
+    return FileReport(
+        path=Path(path),
+        size=Path(path).stat().st_size,
+        modules=modules,
+        dtypes=Counter(str(t.dtype).removeprefix("torch.") for t in file.tensors.values()),
+        metadata=file.metadata,
+        base_model=guess_base_model(file),
+        blocks={b: blocks[b] for b in order if b in blocks},
+    )
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _counted(counter: Counter, show=str) -> str:
+    items = sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0])))
+    return ", ".join(f"{show(k)} ×{n}" for k, n in items) or "none"
+
+
+def _alpha(value: float | None) -> str:
+    return "none (= rank)" if value is None else f"{value:g}"
+
+
+def _rank(value: int | None) -> str:
+    return "none (no rank)" if value is None else str(value)
+
+
+def _base_model_text(report: FileReport) -> str:
+    stated = report.metadata.get("ss_base_model_version")
+    guessed = _BASE_MODELS.get(report.base_model or "", None)
+    if stated and guessed:
+        return f"{stated} (metadata); widths look like {guessed}"
+    if stated:
+        return f"{stated} (metadata)"
+    return f"{guessed} (from widths)" if guessed else "unknown"
+
+
+def format_report(report: FileReport) -> str:
+    algorithms = report.count("algorithm")
+    components = report.count("component")
+    lines = [
+        f"file:        {report.path}",
+        f"size:        {_size(report.size)} ({report.size} bytes)",
+        f"algorithm:   {_counted(algorithms)}",
+        "modules:     " + (", ".join(f"{_COMPONENT_LABELS.get(c, c)} {n}" for c, n in components.items())
+                           or "none") + f" ({len(report.modules)} in all)",
+        f"ranks:       {_counted(report.count('rank'), _rank)}",
+        f"alphas:      {_counted(report.count('alpha'), _alpha)}",
+        f"dtype:       {_counted(report.dtypes)} (tensors)",
+        f"base model:  {_base_model_text(report)}",
+        "blocks:      " + (", ".join(f"{b} {n}" for b, n in report.blocks.items()) or "none (no U-Net modules)"),
+    ]
+    shown = {k: v for k, v in sorted(report.metadata.items()) if k.startswith(("ss_", "lorakit_"))}
+    others = len(report.metadata) - len(shown)
+    lines.append(f"metadata:    {len(shown)} ss_*/lorakit_* entries" + (f", {others} other" if others else ""))
+    for key, value in shown.items():
+        value = value if len(value) <= _LONG else value[:_LONG] + f"... ({len(value)} chars)"
+        lines.append(f"  {key}: {value}")
+    lines += ["", "summary: " + summary(report)]
+    return "\n".join(lines)
+
+
+def summary(report: FileReport) -> str:
+    """One paragraph: what it is, for which model, where it acts."""
+    if not report.modules:
+        return f"{report.path.name} holds no adapter modules ({len(report.dtypes)} dtypes, {_size(report.size)})."
+    algos = " + ".join(_ALGORITHM_NAMES.get(a, a) for a, _ in report.count("algorithm").most_common())
+    base = _BASE_MODELS.get(report.base_model or "", None) or report.metadata.get("ss_base_model_version")
+    comps = report.count("component")
+    parts = ", ".join(f"{_COMPONENT_LABELS.get(c, c)} {n}" for c, n in comps.items())
+    ranks = report.count("rank")
+    alphas = report.count("alpha")
+    rank_text = (f"rank {_rank(next(iter(ranks)))}" if len(ranks) == 1
+                 else f"ranks {min((r for r in ranks if r is not None), default='-')}"
+                      f"-{max((r for r in ranks if r is not None), default='-')}")
+    alpha_text = f"alpha {_alpha(next(iter(alphas)))}" if len(alphas) == 1 else f"{len(alphas)} alpha values"
+    where = _runs([b for b in report.blocks if b != "other"], list(SD1.names))
+    text = (f"{report.path.name}: {algos} adapter" + (f" for {base}" if base else "") +
+            f", {len(report.modules)} modules ({parts}), {rank_text}, {alpha_text}, "
+            f"{'/'.join(report.dtypes)}, {_size(report.size)}.")
+    if where:
+        text += f" It touches U-Net blocks {where}."
+    if "text_encoder" not in " ".join(comps):
+        text += " It leaves the text encoder alone."
+    return text
+
+
+def _runs(names: list[str], order: list[str]) -> str:
+    """'IN01, IN02, IN03, MID' -> 'IN01-IN03, MID' (runs of consecutive blocks)."""
+    runs: list[list[str]] = []
+    for name in names:
+        if runs and name in order and runs[-1][-1] in order and order.index(name) == order.index(runs[-1][-1]) + 1:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    return ", ".join(r[0] if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", type=Path, help="a .safetensors adapter file (kohya or LyCORIS keys)")
+
+
+def run(args: argparse.Namespace) -> int:
+    print(format_report(inspect_file(args.file)))
+    return 0

@@ -1,0 +1,86 @@
+"""`lorakit inspect FILE` through `main`, on lorakit, LyCORIS and broken files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_text_encoder, build_tiny_unet, randomize, registry_has
+from safetensors.torch import save_file
+
+from lorakit.cli import main
+from lorakit.formats import save_network, training_metadata
+from lorakit.network import UniformRanks, create_network
+
+
+def _inspect(capsys, path) -> tuple[int, str, str]:
+    code = main(["inspect", str(path)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect_lorakit_locon(tmp_path, capsys):
+    unet, te = build_tiny_unet(), build_tiny_text_encoder()
+    network = create_network(unet, te, preset="full", ranks=UniformRanks(4, 2.0, conv_rank=2, conv_alpha=1.0))
+    randomize(network)
+    n_conv = sum(1 for a in network.adapters.values() if a.kind == "conv" and a.kernel_size != (1, 1))
+    path = save_network(network, tmp_path / "style.safetensors",
+                        {**training_metadata(learning_rate=1e-4), "lorakit_turning_point_epoch": 7},
+                        dtype=torch.float16)
+    code, out, err = _inspect(capsys, path)
+    assert code == 0 and err == ""
+    n_unet = len(network.names("unet"))
+    assert "algorithm:   lora ×" in out
+    assert f"modules:     text encoder 12, U-Net {n_unet} ({n_unet + 12} in all)" in out
+    assert f"ranks:       4 ×{n_unet + 12 - n_conv}, 2 ×{n_conv}" in out
+    assert f"alphas:      2 ×{n_unet + 12 - n_conv}, 1 ×{n_conv}" in out
+    assert "dtype:       float16 ×" in out
+    assert "base model:  sd_v1 (metadata)" in out
+    assert "blocks:      IN01 15, IN02 15, IN03 1, IN04 16," in out and "OUT11 16" in out
+    for line in ("  ss_network_module: networks.lora", "  ss_network_dim: 4", "  ss_learning_rate: 0.0001",
+                 '  ss_network_args: {"conv_dim": "2", "conv_alpha": "1"}', "  lorakit_preset: full",
+                 "  lorakit_turning_point_epoch: 7"):
+        assert line in out
+    assert "sshs_model_hash" not in out  # only ss_* and lorakit_* are listed
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("summary: style.safetensors: LoRA adapter for sd_v1, ")
+    assert "ranks 2-4" in last and "It touches U-Net blocks IN01-OUT11." in last
+
+
+def test_inspect_unet_only_blocks(tmp_path, capsys):
+    from lorakit.blocks import paper_block_ranks
+
+    network = create_network(build_tiny_unet(), preset="kohya", ranks=paper_block_ranks("upper", 8, 8.0))
+    path = save_network(network, tmp_path / "upper.safetensors")
+    code, out, _ = _inspect(capsys, path)
+    assert code == 0
+    assert "blocks:      IN01 12, IN02 12, OUT09 12, OUT10 12, OUT11 12\n" in out
+    assert "ranks:       8 ×60" in out and "alphas:      8 ×60" in out
+    assert "U-Net blocks IN01-IN02, OUT09-OUT11. It leaves the text encoder alone." in out
+
+
+@pytest.mark.skipif(not registry_has("loha"), reason="lorakit has no loha yet")
+def test_inspect_lycoris_loha_without_metadata(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    prefix = "lycoris_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors = {f"{prefix}.hada_w1_a": torch.randn(32, 4, generator=g), f"{prefix}.hada_w1_b": torch.randn(4, 32),
+               f"{prefix}.hada_w2_a": torch.randn(32, 4), f"{prefix}.hada_w2_b": torch.randn(4, 32),
+               f"{prefix}.alpha": torch.tensor(1.0)}
+    path = tmp_path / "loha.safetensors"
+    save_file(tensors, path)
+    code, out, _ = _inspect(capsys, path)
+    assert code == 0
+    assert "algorithm:   loha ×1" in out and "ranks:       4 ×1" in out and "alphas:      1 ×1" in out
+    assert "blocks:      IN01 1" in out and "metadata:    0 ss_*/lorakit_* entries" in out
+    assert "base model:  unknown" in out
+
+
+def test_inspect_bad_files(tmp_path, capsys):
+    pt = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {}}, pt)
+    code, out, err = _inspect(capsys, pt)
+    assert code == 2 and out == ""
+    assert err.startswith(f"lorakit inspect: error: {pt}: a PyTorch zip checkpoint")
+    code, _, err = _inspect(capsys, tmp_path / "missing.safetensors")
+    assert code == 2 and "missing.safetensors: no such file" in err
+    with pytest.raises(SystemExit):
+        main(["frobnicate"])
