@@ -27,7 +27,7 @@ RANK = 2
 
 # (id, layer factory, input shape); sizes chosen so that every LoKr layout (low-rank w2, decompose_both) exists
 LAYERS = {
-    "linear": (lambda: nn.Linear(64, 48), (2, 3, 64)),
+    "linear": (lambda: nn.Linear(96, 48), (2, 3, 96)),  # LoKr splits 96 = 8 × 12, 48 = 6 × 8 (c ≠ d)
     "conv1x1": (lambda: nn.Conv2d(32, 48, 1), (2, 32, 5, 5)),
     "conv3x3_s2": (lambda: nn.Conv2d(32, 48, 3, stride=2, padding=1), (2, 32, 7, 7)),
     "conv3x3_dil": (lambda: nn.Conv2d(32, 48, 3, padding=2, dilation=2, bias=False), (1, 32, 6, 6)),
@@ -125,6 +125,44 @@ def test_zero_update_at_init(config, layer):
     assert torch.count_nonzero(adapter.delta_weight()) == 0
     assert adapter.delta_bias() is None or torch.count_nonzero(adapter.delta_bias()) == 0
     close(adapter(x), plain(adapter, x), tol=1e-6)
+
+
+def kaiming_bound(t: torch.Tensor) -> float:
+    """kaiming_uniform_(a=√5) draws from U(−1/√fan_in, 1/√fan_in), fan_in = t[0].numel()."""
+    return 1 / t[0].numel() ** 0.5
+
+
+INIT = {  # key: "zero" | "kaiming" | standard deviation of a normal init
+    "lora_down.weight": "kaiming", "lora_mid.weight": "kaiming", "lora_up.weight": "zero",
+    "hada_w1_a": 0.1, "hada_w1_b": 1.0, "hada_w2_a": "zero", "hada_w2_b": 1.0, "hada_t1": 0.1, "hada_t2": 0.1,
+    "lokr_w1": "kaiming", "lokr_w1_a": "kaiming", "lokr_w1_b": "kaiming", "lokr_w2_a": "kaiming",
+    "lokr_t2": "kaiming", "lokr_w2": "zero", "lokr_w2_b": "zero", "weight": "zero", "diff": "zero",
+    "diff_b": "zero",
+}
+
+
+@all_cases
+@pytest.mark.parametrize("layer", ["linear", "conv3x3_s2"])
+def test_initialisation(config, layer):
+    algorithm, options = config
+    adapter, _ = build(algorithm, layer, **options)
+    for key, t in adapter.file_tensors().items():
+        if key == "alpha":
+            assert t.shape == () and t.dtype == torch.float32
+        elif key == "on_input":
+            assert t.shape == () and int(t) == int(options.get("on_input", False))
+        elif key == "dora_scale":  # the norms of W0 (rows by default)
+            w0 = adapter.base.weight
+            axis = 0 if options.get("wd_on_out", True) else 1
+            norms = w0.transpose(0, axis).reshape(w0.shape[axis], -1).norm(dim=1)
+            close(t.reshape(-1), norms, tol=1e-6)
+        elif INIT[key] == "zero":
+            assert torch.count_nonzero(t) == 0, key
+        elif INIT[key] == "kaiming":
+            bound = kaiming_bound(t)
+            assert t.abs().max() <= bound and t.abs().max() > 0.5 * bound, key
+        elif t.numel() >= 30:  # normal with the given std
+            assert abs(t.std().item() / INIT[key] - 1) < 0.35, key
 
 
 @all_cases
@@ -261,7 +299,7 @@ def test_conv1x1_tensors_load_into_linear_and_back():
     """Files carry (r, in, 1, 1) for SD1.x's conv proj_in, which is Linear in SD2 (A1111/ComfyUI accept it)."""
     conv, x = build("lora", "conv1x1")
     randomize(conv)
-    linear = nn.Linear(32, 48)
+    linear = nn.Linear(32, 48)  # same sizes as the 1×1 conv
     linear.weight.data = conv.base.weight.data.reshape(48, 32).clone()
     loaded = LoRA.from_file_tensors(linear, conv.file_tensors())
     close(loaded.delta_weight(), conv.delta_weight().reshape(48, 32), tol=0)
@@ -471,7 +509,7 @@ def test_lokr_layout_rules():
 
 
 def test_lokr_full_matrix_has_scale_one_and_alpha_rank():
-    adapter = make_adapter("lokr", nn.Linear(64, 48), rank=16, alpha=1.0, full_matrix=True)
+    adapter = make_adapter("lokr", nn.Linear(64, 48), rank=16, alpha=1.0, full_matrix=True)  # 64 = 8 × 8
     assert adapter.scale == 1.0 and float(adapter.alpha) == 16.0  # LyCORIS writes alpha = rank here
     assert set(adapter.file_tensors()) == {"alpha", "lokr_w1", "lokr_w2"}
     assert adapter.lokr_w1.shape == (6, 8) and adapter.lokr_w2.shape == (8, 8)

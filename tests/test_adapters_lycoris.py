@@ -141,3 +141,22 @@ def test_lycoris_tensors_in_lorakit_give_the_same_update(config, alpha, multipli
 def test_factorization_matches_lycoris(dimension):
     for factor in (-1, 2, 4, 8, 16, 20, 64):
         assert factorization(dimension, factor) == lycoris_factorization(dimension, factor)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_same_keys_shapes_and_zero_factor_as_lycoris_at_init(config, layer):
+    algorithm, options = config
+    base, _ = layer_and_input(layer)
+    ours = lorakit_adapter(algorithm, copy.deepcopy(base), None, 1.0, options).file_tensors()
+    theirs = lycoris_module(algorithm, copy.deepcopy(base), None, 1.0, options)
+    if algorithm == "full":
+        theirs.apply_to()
+    theirs = theirs.state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    assert {k for k, v in ours.items() if v.dim() and not v.any()} == \
+        {k for k, v in theirs.items() if v.dim() and not v.any()}
+    for key in ("alpha", "on_input", "dora_scale"):
+        if key in ours:
+            assert ours[key].dtype == theirs[key].dtype
+            torch.testing.assert_close(ours[key], theirs[key])
