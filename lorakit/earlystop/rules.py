@@ -1,0 +1,246 @@
+"""Turning-point rules on the CSF curve: each is a small config (frozen dataclass) and an online tracker.
+
+A rule's tracker takes the CSF values one at a time (``update(index, value)``, ``index`` = the CS sample the
+value belongs to) and returns a ``Detection`` the first time it decides.  The offline function ``rule.find``
+runs the same tracker over a whole curve, so online and offline can never disagree.
+
+``SecondValley`` is the paper's rule (Algorithm 1): the turning point is the second valley of CSF; the first
+one is the under-fitted start.  Its noise guard (``prominence``) is a hysteresis on the curve: with
+``h = prominence · (max - min of CSF so far)``,
+
+- a *peak* is confirmed once the curve has fallen more than ``h`` below its highest point since the last
+  valley (the series start counts as a possible peak);
+- a *valley* is confirmed once the curve, after a confirmed peak, has risen more than ``h`` above its lowest
+  point since that peak; the valley is that lowest point, and it is known at the sample that rose past it.
+
+So a wiggle counts only when it is deeper than a fraction of the curve's range on *both* sides.  With
+``prominence = 0`` this is exactly the paper's "∇CSF changes from − to +" (``series.sign_change_valleys``).
+``min_distance`` (in windows M) additionally ignores a valley closer than that to the previous counted one.
+
+``CalmRule`` is an alternative that reads the paper's claim directly ("when CS-Fluctuation becomes small"):
+the turning point is the first sample of the first stretch of ``patience · M`` samples during which CSF stays
+below ``threshold`` times its running maximum.  It does not depend on counting waves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A rule's decision: the CSF sample the turning point sits at, and the sample at which it became known."""
+
+    csf_index: int
+    decided_index: int
+    reason: str
+
+
+class Tracker(Protocol):
+    def update(self, index: int, value: float) -> Detection | None: ...
+
+    def earliest_candidate(self, index: int) -> int: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Rule(Protocol):
+    name: ClassVar[str]
+
+    def tracker(self, window: int) -> Tracker: ...
+
+    def find(self, csf: np.ndarray, window: int, offset: int = 0) -> Detection | None: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def _run(tracker: Tracker, csf: np.ndarray, offset: int) -> Detection | None:
+    for k, value in enumerate(np.asarray(csf, dtype=np.float64)):
+        found = tracker.update(offset + k, float(value))
+        if found is not None:
+            return found
+    return None
+
+
+# ---- the paper's rule --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SecondValley:
+    """The ``valley``-th valley of CSF (2 in the paper), with the noise guard described in the module doc.
+
+    ``prominence``: fraction of the running range a wiggle must exceed on both sides to count (0 = none);
+    ``min_distance``: a valley closer than this many windows to the previous counted one is ignored.
+    """
+
+    name: ClassVar[str] = "second_valley"
+    valley: int = 2
+    prominence: float = 0.05
+    min_distance: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.valley < 1:
+            raise ValueError(f"valley counts from 1, got {self.valley}")
+        if not 0 <= self.prominence < 1:
+            raise ValueError(f"prominence is a fraction of the range in [0, 1), got {self.prominence}")
+        if self.min_distance < 0:
+            raise ValueError(f"min_distance cannot be negative, got {self.min_distance}")
+
+    def tracker(self, window: int) -> ValleyTracker:
+        return ValleyTracker(self, window)
+
+    def find(self, csf: np.ndarray, window: int, offset: int = 0) -> Detection | None:
+        """The detection on a whole curve (``csf[k]`` belongs to sample ``offset + k``), or ``None``."""
+        return _run(self.tracker(window), csf, offset)
+
+    def valleys(self, csf: np.ndarray, window: int, offset: int = 0) -> list[tuple[int, int]]:
+        """All counted valleys of a curve as ``(valley_index, known_at_index)``, for plots and tests."""
+        # the same tracker told to count every valley (it never reaches len(csf) + 1 of them)
+        tracker = ValleyTracker(SecondValley(len(csf) + 1, self.prominence, self.min_distance), window)
+        _run(tracker, csf, offset)
+        return [tuple(v) for v in tracker.counted]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
+
+
+@dataclass
+class ValleyTracker:
+    rule: SecondValley
+    window: int
+    rising: bool = True  # looking for a peak (the series start is a peak candidate)
+    extreme: float = 0.0  # highest point since the last valley, or lowest since the last peak
+    extreme_index: int = -1  # -1: no value seen yet
+    low: float = 0.0  # running range of the curve
+    high: float = 0.0
+    counted: list[list[int]] = field(default_factory=list)  # [valley_index, known_at_index]
+
+    def update(self, index: int, value: float) -> Detection | None:
+        if len(self.counted) >= self.rule.valley:
+            return None  # decided already; later values change nothing
+        if self.extreme_index < 0:
+            self.extreme, self.extreme_index, self.low, self.high = value, index, value, value
+            return None
+        self.low, self.high = min(self.low, value), max(self.high, value)
+        margin = self.rule.prominence * (self.high - self.low)
+        if self.rising:
+            if value > self.extreme:
+                self.extreme, self.extreme_index = value, index
+            elif value < self.extreme - margin:  # fell far enough: the highest point was a peak
+                self.rising, self.extreme, self.extreme_index = False, value, index
+        else:
+            if value < self.extreme:
+                self.extreme, self.extreme_index = value, index
+            elif value > self.extreme + margin:  # rose far enough: the lowest point was a valley
+                valley = self.extreme_index
+                self.rising, self.extreme, self.extreme_index = True, value, index
+                return self._count(valley, index)
+        return None
+
+    def _count(self, valley: int, index: int) -> Detection | None:
+        if self.counted and valley - self.counted[-1][0] < self.rule.min_distance * self.window:
+            return None
+        self.counted.append([valley, index])
+        if len(self.counted) < self.rule.valley:
+            return None
+        guard = f", prominence {self.rule.prominence:g}" if self.rule.prominence else ", no noise guard"
+        return Detection(valley, index, f"valley {len(self.counted)} of CS-Fluctuation at sample {valley} "
+                                        f"(known at sample {index}{guard})")
+
+    def earliest_candidate(self, index: int) -> int:
+        """No sample before this can still become the turning point (for dropping saved weights)."""
+        if len(self.counted) >= self.rule.valley:
+            return self.counted[self.rule.valley - 1][0]
+        # the next valley is the lowest point of the current or a later descent
+        return self.extreme_index if (not self.rising and self.extreme_index >= 0) else index
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rising": self.rising, "extreme": self.extreme, "extreme_index": self.extreme_index,
+                "low": self.low, "high": self.high, "counted": [list(v) for v in self.counted]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rising = bool(state["rising"])
+        self.extreme, self.extreme_index = float(state["extreme"]), int(state["extreme_index"])
+        self.low, self.high = float(state["low"]), float(state["high"])
+        self.counted = [[int(a), int(b)] for a, b in state["counted"]]
+
+
+# ---- an alternative: the first lasting calm --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CalmRule:
+    """The first sample of the first ``patience · M`` samples in a row with CSF below ``threshold × max so far``."""
+
+    name: ClassVar[str] = "calm"
+    threshold: float = 0.1
+    patience: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold is a fraction of the running maximum in (0, 1), got {self.threshold}")
+        if self.patience <= 0:
+            raise ValueError(f"patience must be positive, got {self.patience}")
+
+    def tracker(self, window: int) -> CalmTracker:
+        return CalmTracker(self, window)
+
+    def find(self, csf: np.ndarray, window: int, offset: int = 0) -> Detection | None:
+        return _run(self.tracker(window), csf, offset)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
+
+
+@dataclass
+class CalmTracker:
+    rule: CalmRule
+    window: int
+    peak: float = 0.0
+    calm_since: int = -1  # first sample of the current calm stretch, -1 when not calm
+    decided: bool = False
+
+    def update(self, index: int, value: float) -> Detection | None:
+        if self.decided:
+            return None
+        self.peak = max(self.peak, value)
+        # strictly below: a curve that is 0 everywhere (constant CS) is never "calm after a peak"
+        if value < self.rule.threshold * self.peak:
+            if self.calm_since < 0:
+                self.calm_since = index
+            if index - self.calm_since + 1 >= math.ceil(self.rule.patience * self.window):
+                self.decided = True
+                return Detection(self.calm_since, index,
+                                 f"CS-Fluctuation below {self.rule.threshold:g} of its maximum from sample "
+                                 f"{self.calm_since} for {self.rule.patience:g} windows (known at sample {index})")
+        else:
+            self.calm_since = -1
+        return None
+
+    def earliest_candidate(self, index: int) -> int:
+        return self.calm_since if self.calm_since >= 0 else index
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"peak": self.peak, "calm_since": self.calm_since, "decided": self.decided}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.peak, self.calm_since, self.decided = float(state["peak"]), int(state["calm_since"]), bool(
+            state["decided"])
+
+
+RULES: dict[str, type] = {SecondValley.name: SecondValley, CalmRule.name: CalmRule}
+
+
+def rule_from_dict(config: dict[str, Any]) -> SecondValley | CalmRule:
+    """Rebuild a rule from ``rule.to_dict()`` (used by state dicts and the transformers callback)."""
+    config = dict(config)
+    name = config.pop("name")
+    if name not in RULES:
+        raise ValueError(f"unknown turning-point rule {name!r}; known: {', '.join(RULES)}")
+    return RULES[name](**config)

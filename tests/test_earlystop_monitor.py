@@ -1,0 +1,177 @@
+"""The online monitor: same answer as the offline functions, resumable, report-only, min_steps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lorakit.earlystop import (
+    CalmRule,
+    CSFluctuationMonitor,
+    SecondValley,
+    cs_fluctuation,
+    csf_offset,
+    find_turning_point,
+)
+
+M = 20
+
+
+def training_like(n: int = 1200, sigma: float = 1e-4, seed: int = 0) -> np.ndarray:
+    t = np.arange(n, dtype=np.float64)
+    cs = 0.1 * (1 - np.exp(-t / 150)) + 0.02 * np.exp(-t / 250) * np.sin(2 * np.pi * t / 90)
+    return cs + sigma * np.random.default_rng(seed).normal(size=n)
+
+
+def run(monitor: CSFluctuationMonitor, cs: np.ndarray, steps: list[int], epochs: list[int] | None = None,
+        start: int = 0):
+    """Feed samples from ``start``; return (sample index of the first stop, its decision) or (None, last)."""
+    decision = None
+    for k in range(start, len(cs)):
+        decision = monitor.update(steps[k], cs[k], None if epochs is None else epochs[k])
+        if decision.stop:
+            return k, decision
+    return None, decision
+
+
+@pytest.mark.parametrize("rule", [SecondValley(), SecondValley(prominence=0), CalmRule()],
+                         ids=["guarded", "bare", "calm"])
+def test_online_equals_offline_on_every_prefix(rule):
+    cs = training_like()
+    interval = 5
+    steps = [interval * (k + 1) for k in range(len(cs))]  # a CS sample every 5 steps
+    epochs = [s // 100 + 1 for s in steps]
+    monitor = CSFluctuationMonitor(M, lr=2e-4, rule=rule)
+    stop_at, decision = run(monitor, cs, steps, epochs)
+    assert stop_at is not None
+
+    # the CSF the monitor computed, sample by sample, is bit for bit the offline curve
+    offline_csf = cs_fluctuation(cs[:stop_at + 1], M, 2e-4)
+    online_csf = monitor.history.csf[csf_offset(M):]
+    np.testing.assert_array_equal(online_csf, offline_csf)
+
+    # offline on the prefix ending at the stop finds the same turning point, one sample earlier finds none
+    offline = find_turning_point(cs[:stop_at + 1], M, 2e-4, rule=rule, steps=steps, epochs=epochs)
+    assert find_turning_point(cs[:stop_at], M, 2e-4, rule=rule, steps=steps, epochs=epochs) is None
+    assert decision.turning_point == offline == monitor.turning_point
+    tp = decision.turning_point
+    assert tp.found_at_index == stop_at and tp.found_at_step == steps[stop_at]
+    assert tp.step == steps[tp.index] and tp.epoch == epochs[tp.index]
+    assert tp.index == tp.valley_index - monitor.lag
+    assert decision.action == "stop" and f"step {tp.step}" in decision.reason
+
+
+def test_decisions_before_enough_samples_say_so():
+    monitor = CSFluctuationMonitor(4)
+    for k in range(3 * 4 - 2):  # the first CSF needs 3M - 1 samples
+        decision = monitor.update(k, 0.1 * k)
+        assert not decision.stop and decision.turning_point is None
+        assert "collecting samples" in decision.reason
+    assert "no turning point" in monitor.update(100, 1.0).reason
+
+
+@pytest.mark.parametrize("cut", [5, 70, 119])
+def test_state_dict_round_trip_continues_identically(cut):
+    cs = training_like(250)  # the stop comes at sample 121
+    whole = CSFluctuationMonitor(M, 1e-4)
+    first = CSFluctuationMonitor(M, 1e-4)
+    expected = [whole.update(k, cs[k]) for k in range(len(cs))]
+    for k in range(cut):
+        first.update(k, cs[k])
+    state = json.loads(json.dumps(first.state_dict()))  # it must survive JSON (trainer_state.json)
+    for resumed in (CSFluctuationMonitor.from_state_dict(state), CSFluctuationMonitor(M, 1e-4)):
+        if not resumed.history.cs.size:
+            resumed.load_state_dict(state)
+        got = [resumed.update(k, cs[k]) for k in range(cut, len(cs))]
+        assert got == expected[cut:]
+        assert resumed.state_dict() == whole.state_dict()
+    assert any(d.stop for d in expected[cut:])
+
+
+def test_load_state_dict_refuses_a_different_curve():
+    state = CSFluctuationMonitor(M, 1e-4).state_dict()
+    with pytest.raises(ValueError, match="window"):
+        CSFluctuationMonitor(M + 1, 1e-4).load_state_dict(state)
+    with pytest.raises(ValueError, match="rule"):
+        CSFluctuationMonitor(M, 1e-4, rule=CalmRule()).load_state_dict(state)
+    # what only affects stopping may change
+    CSFluctuationMonitor(M, 1e-4, report_only=True, min_steps=5).load_state_dict(state)
+
+
+def test_report_only_decides_but_never_stops():
+    cs = training_like(300)
+    steps = list(range(len(cs)))
+    normal = CSFluctuationMonitor(M, 1e-4)
+    stop_at, decision = run(normal, cs, steps)
+    quiet = CSFluctuationMonitor(M, 1e-4, report_only=True)
+    decisions = [quiet.update(k, cs[k]) for k in range(len(cs))]
+    assert not any(d.stop for d in decisions)
+    assert decisions[stop_at - 1].turning_point is None
+    assert all(d.turning_point == decision.turning_point for d in decisions[stop_at:])
+    assert "report only" in decisions[stop_at].reason
+    assert quiet.turning_point == decision.turning_point
+
+
+def test_min_steps_delays_the_stop_not_the_turning_point():
+    cs = training_like()
+    steps = list(range(len(cs)))
+    stop_at, decision = run(CSFluctuationMonitor(M, 1e-4), cs, steps)
+    late = stop_at + 50
+    monitor = CSFluctuationMonitor(M, 1e-4, min_steps=late)
+    stop_late, decision_late = run(monitor, cs, steps)
+    assert stop_late == late
+    assert decision_late.turning_point == decision.turning_point
+
+
+def test_stop_is_repeated_after_the_decision():
+    cs = training_like()
+    monitor = CSFluctuationMonitor(M, 1e-4)
+    stop_at, decision = run(monitor, cs, list(range(len(cs))))
+    again = monitor.update(stop_at + 1, cs[stop_at + 1])
+    assert again.stop and again.turning_point == decision.turning_point
+
+
+def test_bad_input_is_refused():
+    monitor = CSFluctuationMonitor(3)
+    monitor.update(10, 0.5)
+    with pytest.raises(ValueError, match="steps must increase"):
+        monitor.update(10, 0.5)
+    with pytest.raises(ValueError, match="not finite"):
+        monitor.update(11, float("nan"))
+    with pytest.raises(ValueError):
+        CSFluctuationMonitor(1)
+    with pytest.raises(ValueError):
+        CSFluctuationMonitor(3, lr=-1)
+
+
+@pytest.mark.parametrize("rule", [SecondValley(), CalmRule()], ids=["valley", "calm"])
+def test_earliest_candidate_never_passes_the_turning_point(rule):
+    """Weights older than the earliest candidate may be dropped: it must never pass the eventual answer."""
+    cs = training_like()
+    monitor = CSFluctuationMonitor(M, 1e-4, rule=rule)
+    seen = []
+    for k in range(len(cs)):
+        seen.append(monitor.earliest_candidate_step())
+        if monitor.update(k, cs[k]).stop:
+            break
+    tp = monitor.turning_point
+    assert max(seen) <= tp.step
+    assert seen == sorted(seen)  # it only moves forward
+    assert monitor.earliest_candidate_step() == tp.step
+
+
+def test_history_holds_the_series_on_the_sample_axis():
+    cs = training_like(200)
+    monitor = CSFluctuationMonitor(10, 1e-4)
+    for k in range(len(cs)):
+        monitor.update(3 * k, cs[k], epoch=k // 50 + 1)
+    h = monitor.history
+    assert list(h.steps) == [3 * k for k in range(200)] and h.epochs[-1] == 4
+    assert np.isnan(h.csf[:csf_offset(10)]).all()
+    np.testing.assert_array_equal(h.csf[csf_offset(10):], cs_fluctuation(cs, 10, 1e-4))
+    assert np.isnan(h.ma_cs()[:9]).all() and h.ma_cs()[9] == pytest.approx(cs[:10].mean())
+    again = type(h).from_dict(json.loads(json.dumps(h.to_dict())))
+    np.testing.assert_array_equal(again.csf, h.csf)
+    assert again.turning_point == h.turning_point
