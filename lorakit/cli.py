@@ -12,8 +12,11 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from lorakit.errors import LorakitError
+
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("lorakit.train_command", "train an adapter, embedding or model from a folder of images"),
     "inspect": ("lorakit.inspection", "show what an adapter file holds: algorithm, modules, ranks, metadata, blocks"),
 }
 
@@ -31,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(module.run(args))
-    except (OSError, ValueError) as err:  # bad files and bad values: a message, not a traceback
+    except (OSError, ValueError, LorakitError) as err:  # bad files and bad values: a message, not a traceback
         print(f"lorakit {command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -22,15 +22,17 @@ from tqdm import tqdm
 
 from lorakit.checkpoints import RunFolder, atomic_write_json, atomic_write_text
 from lorakit.config import TrainConfig, to_toml
-from lorakit.data import TrainingData
+from lorakit.data import DataConfig, TrainingData
 from lorakit.earlystop import CSFluctuationMonitor, plot_cs_fluctuation
+from lorakit.errors import LorakitError
 from lorakit.loss import add_training_noise, diffusion_loss
 from lorakit.methods import TrainingMethod, make_method
 from lorakit.models import BaseModel, load_base_model
+from lorakit.prior import ensure_class_images
 from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
 
 
-class TrainingError(RuntimeError):
+class TrainingError(LorakitError):
     """Training cannot go on (non-finite loss, ...); the message says what happened and what was kept."""
 
 
@@ -93,6 +95,22 @@ def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
         model.unet.enable_gradient_checkpointing()
         model.text_encoder.gradient_checkpointing_enable()
     return model
+
+
+def with_class_images(cfg: TrainConfig, model: BaseModel, run: RunFolder, is_main: bool,
+                      accelerator: Accelerator) -> DataConfig:
+    """The data config, with generated class images for prior preservation when they are asked for."""
+    data = cfg.data
+    if data.num_class_images <= 0:
+        return data
+    if not data.class_prompt:
+        raise TrainingError("data.num_class_images > 0 needs data.class_prompt (e.g. \"a shape\")")
+    folder = Path(data.reg_data) if data.reg_data else run.path / "class_images"
+    if is_main:
+        ensure_class_images(model, folder, data.class_prompt, data.num_class_images, seed=cfg.training.seed,
+                            steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale)
+    accelerator.wait_for_everyone()
+    return replace(data, reg_data=str(folder))
 
 
 def trains_text_encoder(cfg: TrainConfig) -> bool:
@@ -180,7 +198,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     for group in method.param_groups():  # trained tensors stay fp32 whatever the base model's dtype
         for p in group["params"]:
             p.data = p.data.float()
-    data = TrainingData(cfg.data, seed=cfg.training.seed, default_resolution=model.resolution)
+    data = TrainingData(with_class_images(cfg, model, run, is_main, accelerator), seed=cfg.training.seed,
+                        default_resolution=model.resolution)
     if cfg.data.cache_latents:
         data.cache_latents(model.vae, directory=(cfg.data.cache_dir or run.path / "latent_cache")
                            if cfg.data.cache_latents_to_disk else None)

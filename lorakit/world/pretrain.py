@@ -1,8 +1,9 @@
 """Pretrain the tiny base model of the shapes world from scratch: first the VAE, then U-Net + text encoder.
 
 Run it as ``lorakit world pretrain --out DIR`` (or ``python -m lorakit.world.pretrain``).  Each stage is
-time-boxed (``--vae-minutes``, ``--unet-minutes``), writes an atomic checkpoint every few minutes and
-resumes from it when run again with the same ``--out``.  The result is a diffusers folder
+step-budgeted (``--vae-steps``, ``--unet-steps``), writes an atomic checkpoint every few minutes and
+resumes from it when run again with the same ``--out``; every step draws its randomness from (seed, step), so
+an interrupted and resumed run gives the same weights as one that never stopped.  The result is a diffusers folder
 (``StableDiffusionPipeline.from_pretrained(DIR / "model")`` works offline) holding the EMA weights.
 The exact command and seed that made the shipped model are in ``lorakit/world/base_model/MADE_BY.txt``.
 """
@@ -69,29 +70,26 @@ def sobel(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ VAE
-def train_vae(vae, out: Path, minutes: float, batch: int, lr: float, seed: int, log) -> None:
+def train_vae(vae, out: Path, total_steps: int, batch: int, lr: float, seed: int, log) -> None:
     ckpt_path = out / "vae_checkpoint.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     state = load_checkpoint(ckpt_path)
-    step, elapsed = 0, 0.0
-    rng = np.random.default_rng(seed)
+    step = 0
     if state is not None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        step, elapsed = state["step"], state["elapsed"]
-        rng = np.random.default_rng([seed, step])
-        if state.get("done"):
-            return
-    budget = minutes * 60
-    est_total = max(1, int(budget / 0.7))  # steps at ~0.7 s/step: sets the cosine schedule's length
+        step = state["step"]
     vae.train()
-    bar = tqdm(desc="vae", total=est_total, initial=step, unit="step")
-    start, last_save = time.time() - elapsed, time.time()
-    while time.time() - start < budget:
+    bar = tqdm(desc="vae", total=total_steps, initial=step, unit="step")
+    last_save = time.time()
+    while step < total_steps:
+        # every step draws from its own seed, so a resumed run is identical to an uninterrupted one
+        rng = np.random.default_rng([seed, step])
+        torch.manual_seed(seed * 1_000_003 + step)
         images = [random_world_image(rng) if i % 2 == 0 else random_vae_image(rng) for i in range(batch)]
         x = to_tensor(images)
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, est_total, lr, 200)
+            g["lr"] = cosine_lr(step, total_steps, lr, 200)
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.sample()).sample
         rec_loss = (rec - x).abs().mean() + 0.5 * (sobel(rec) - sobel(x)).abs().mean()
@@ -106,13 +104,10 @@ def train_vae(vae, out: Path, minutes: float, batch: int, lr: float, seed: int, 
         bar.set_postfix(rec=f"{rec_loss.item():.4f}", kl=f"{kl.item():.3f}")
         if step % 50 == 0:
             log({"stage": "vae", "step": step, "rec": rec_loss.item(), "kl": kl.item()})
-        if time.time() - last_save > 300:
-            atomic_torch_save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                               "elapsed": time.time() - start}, ckpt_path)
+        if time.time() - last_save > 300 or step == total_steps:
+            atomic_torch_save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt_path)
             last_save = time.time()
     bar.close()
-    atomic_torch_save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                       "elapsed": time.time() - start, "done": True}, ckpt_path)
 
 
 @torch.no_grad()
@@ -141,7 +136,7 @@ def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma
     return torch.clamp(snr, max=gamma) / snr
 
 
-def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, minutes: float, batch: int, lr: float,
+def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_steps: int, batch: int, lr: float,
                     seed: int, log) -> None:
     unet, text_encoder, tokenizer, scheduler = c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"]
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -149,31 +144,29 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, minutes: 
     ema = [p.detach().clone() for p in params]
     ckpt_path = out / "unet_checkpoint.pt"
     state = load_checkpoint(ckpt_path)
-    step, elapsed = 0, 0.0
+    step = 0
     if state is not None:
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["optimizer"])
         ema = [t.clone() for t in state["ema"]]
-        step, elapsed = state["step"], state["elapsed"]
-    rng = np.random.default_rng([seed, step])
-    torch.manual_seed(seed + step)
+        step = state["step"]
     objects = all_objects(held_out=False)
     alphas_cumprod = scheduler.alphas_cumprod
     n = latents["mean"].shape[0]
-    budget = minutes * 60
-    est_total = max(1, int(budget / 1.1))
     unet.train()
     text_encoder.train()
 
-    def save(done: bool = False) -> None:
+    def save() -> None:
         atomic_torch_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                           "optimizer": opt.state_dict(), "ema": ema, "step": step,
-                           "elapsed": time.time() - start, "done": done}, ckpt_path)
+                           "optimizer": opt.state_dict(), "ema": ema, "step": step}, ckpt_path)
 
-    bar = tqdm(desc="unet+te", total=est_total, initial=step, unit="step")
-    start, last_save = time.time() - elapsed, time.time()
-    while time.time() - start < budget:
+    bar = tqdm(desc="unet+te", total=total_steps, initial=step, unit="step")
+    last_save = time.time()
+    while step < total_steps:
+        # per-step seeds: resuming gives exactly the run that was never interrupted
+        rng = np.random.default_rng([seed, step])
+        torch.manual_seed(seed * 1_000_003 + step)
         idx = torch.from_numpy(rng.integers(0, n, size=batch))
         z = (latents["mean"][idx].float() + latents["std"][idx].float() * torch.randn(batch, 4, 16, 16)) * scaling
         captions = []
@@ -187,7 +180,7 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, minutes: 
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
         noisy = scheduler.add_noise(z, noise, t)
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, est_total, lr, 500)
+            g["lr"] = lr * min(1.0, (step + 1) / 500)  # warmup, then constant: EMA does the averaging
         cond = text_encoder(ids)[0]
         pred = unet(noisy, t, cond).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
@@ -205,11 +198,12 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, minutes: 
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % 50 == 0:
             log({"stage": "unet", "step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
-        if time.time() - last_save > 600:
+        if time.time() - last_save > 600 or step == total_steps:
             save()
             last_save = time.time()
+        if step % 2000 == 0:  # keep a few snapshots to compare quality along the way
+            torch.save({"ema": ema, "step": step}, out / f"ema_{step:06d}.pt")
     bar.close()
-    save(done=True)
     with torch.no_grad():  # the shipped weights are the EMA ones
         for e, p in zip(ema, params, strict=True):
             p.copy_(e)
@@ -235,11 +229,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="work folder (checkpoints, logs, final model/)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vae-minutes", type=float, default=40)
+    ap.add_argument("--vae-steps", type=int, default=3000)
     ap.add_argument("--vae-batch", type=int, default=32)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--images", type=int, default=40000, help="pretraining images to render and encode")
-    ap.add_argument("--unet-minutes", type=float, default=180)
+    ap.add_argument("--unet-steps", type=int, default=10000)
     ap.add_argument("--unet-batch", type=int, default=64)
     ap.add_argument("--unet-lr", type=float, default=3e-4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
@@ -255,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
 
     log({"event": "start", "args": {k: str(v) for k, v in vars(args).items()}})
     c = build_components(args.seed)
-    train_vae(c["vae"], args.out, args.vae_minutes, args.vae_batch, args.vae_lr, args.seed, log)
+    train_vae(c["vae"], args.out, args.vae_steps, args.vae_batch, args.vae_lr, args.seed, log)
     c["vae"].requires_grad_(False)
     cache = args.out / "latents.pt"
     if cache.exists():
@@ -267,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     scaling = float(1.0 / latents["mean"].float().std())
     c["vae"].register_to_config(scaling_factor=scaling)
     log({"event": "vae_done", "scaling_factor": scaling})
-    train_diffusion(c, latents, scaling, args.out, args.unet_minutes, args.unet_batch, args.unet_lr,
+    train_diffusion(c, latents, scaling, args.out, args.unet_steps, args.unet_batch, args.unet_lr,
                     args.seed + 2, log)
     export_pipeline(c, args.out / "model")
     log({"event": "done"})
