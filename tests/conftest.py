@@ -95,3 +95,15 @@ def registry_has(algorithm: str) -> bool:
     from lorakit.adapters import ALGORITHMS
 
     return algorithm in ALGORITHMS
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The built-in model's architecture with random weights (build_components(0)) as a diffusers folder:
+    what lorakit/world/base_model/ holds once pretraining ships, without depending on it."""
+    from lorakit.world.model import build_components
+    from lorakit.world.pretrain import export_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny_model") / "model"
+    export_pipeline(build_components(0), folder)
+    return folder

@@ -1,0 +1,176 @@
+"""Tensor names of the original single-file layout of Stable Diffusion 1.x, written from diffusers' names.
+
+A1111, ComfyUI, kohya and most model sites use the layout of the original (CompVis/LDM) code: one file with
+``model.diffusion_model.*`` (U-Net), ``first_stage_model.*`` (VAE) and ``cond_stage_model.transformer.*``
+(CLIP text encoder).  This module maps a diffusers state dict to those names.  The other direction goes
+through diffusers' own single-file loader (see ``lorakit.models``), so a file written here and read there
+checks one implementation against the other.
+
+Only names change, except in the VAE's mid-block attention, whose q/k/v/out projections are 1×1 convolutions
+in the original and Linear layers in diffusers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+
+# inside a U-Net ResNet block
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+# inside a VAE ResNet block only the shortcut is renamed
+_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+# inside the VAE's mid-block attention
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_VAE_ATTENTION_CONVS = ("q", "k", "v", "proj_out")
+
+
+def _layers_per_block(config: Mapping) -> int:
+    n = config["layers_per_block"]
+    if not isinstance(n, int):  # SD1.x has one number; per-block lists belong to other architectures
+        raise ValueError(f"layers_per_block={n!r}: only SD1.x-style U-Nets (one int) can be written")
+    return n
+
+
+def unet_module_map(config: Mapping) -> dict[str, str]:
+    """diffusers module path -> original module path, for every module of an SD1.x-structured U-Net."""
+    n = _layers_per_block(config)
+    down, up = config["down_block_types"], config["up_block_types"]
+    names = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
+             "mid_block.resnets.1": "middle_block.2"}
+    # the original numbers its blocks flatly: input block 0 is conv_in, then n layers + 1 downsampler per level
+    for i in range(len(down)):
+        for j in range(n):
+            block = f"input_blocks.{(n + 1) * i + j + 1}"
+            names[f"down_blocks.{i}.resnets.{j}"] = f"{block}.0"
+            names[f"down_blocks.{i}.attentions.{j}"] = f"{block}.1"
+        if i < len(down) - 1:
+            names[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(n + 1) * (i + 1)}.0.op"
+    for i, kind in enumerate(up):
+        for j in range(n + 1):
+            block = f"output_blocks.{(n + 1) * i + j}"
+            names[f"up_blocks.{i}.resnets.{j}"] = f"{block}.0"
+            names[f"up_blocks.{i}.attentions.{j}"] = f"{block}.1"
+        if i < len(up) - 1:
+            # the upsampler sits after the last layer's resnet (and attention, where the block has one)
+            slot = 2 if "CrossAttn" in kind else 1
+            names[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{(n + 1) * i + n}.{slot}.conv"
+    return names
+
+
+def vae_module_map(config: Mapping) -> dict[str, str]:
+    """diffusers module path -> original module path, for every module of an SD-style KL autoencoder."""
+    n = _layers_per_block(config)
+    levels = len(config["block_out_channels"])
+    names = {name: name for name in ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out",
+                                     "quant_conv", "post_quant_conv")}
+    names |= {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"}
+    for part in ("encoder", "decoder"):
+        names |= {f"{part}.mid_block.resnets.0": f"{part}.mid.block_1",
+                  f"{part}.mid_block.resnets.1": f"{part}.mid.block_2",
+                  f"{part}.mid_block.attentions.0": f"{part}.mid.attn_1"}
+    for i in range(levels):
+        for j in range(n):
+            names[f"encoder.down_blocks.{i}.resnets.{j}"] = f"encoder.down.{i}.block.{j}"
+        # the original decoder counts its levels from the lowest resolution up, diffusers from the top down
+        level = levels - 1 - i
+        for j in range(n + 1):
+            names[f"decoder.up_blocks.{i}.resnets.{j}"] = f"decoder.up.{level}.block.{j}"
+        if i < levels - 1:
+            names[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = f"encoder.down.{i}.downsample.conv"
+            names[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = f"decoder.up.{level}.upsample.conv"
+    return names
+
+
+def _split(key: str, modules: Mapping[str, str]) -> tuple[str, str]:
+    """(module, rest) for the longest module path in ``modules`` that ``key`` starts with."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:cut])
+        if module in modules:
+            return module, ".".join(parts[cut:])
+    raise KeyError(key)
+
+
+def _rename_inner(rest: str, table: Mapping[str, str]) -> str:
+    for old, new in table.items():
+        if rest == old or rest.startswith(old + "."):
+            return new + rest[len(old):]
+    return rest
+
+
+def unet_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
+    """A diffusers U-Net state dict under original names (``model.diffusion_model.`` prefix included)."""
+    modules = unet_module_map(config)
+    out = {}
+    for key, tensor in state_dict.items():
+        try:
+            module, rest = _split(key, modules)
+        except KeyError:
+            raise ValueError(f"U-Net tensor {key!r} has no place in the SD1.x single-file layout") from None
+        if ".resnets." in module:
+            rest = _rename_inner(rest, _UNET_RESNET)
+        out[UNET_PREFIX + modules[module] + "." + rest] = tensor
+    return out
+
+
+def vae_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL state dict under original names (``first_stage_model.`` prefix included)."""
+    modules = vae_module_map(config)
+    out = {}
+    for key, tensor in state_dict.items():
+        try:
+            module, rest = _split(key, modules)
+        except KeyError:
+            raise ValueError(f"VAE tensor {key!r} has no place in the SD1.x single-file layout") from None
+        if ".resnets." in module:
+            rest = _rename_inner(rest, _VAE_RESNET)
+        elif ".attentions." in module:
+            rest = _rename_inner(rest, _VAE_ATTENTION)
+            if rest.split(".")[0] in _VAE_ATTENTION_CONVS and rest.endswith("weight") and tensor.ndim == 2:
+                tensor = tensor[:, :, None, None]  # Linear (out, in) -> 1×1 conv (out, in, 1, 1)
+        out[VAE_PREFIX + modules[module] + "." + rest] = tensor
+    return out
+
+
+def text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel state dict under original names.
+
+    The original keeps the ``text_model.`` level that transformers >= 5.6 no longer has, so it is put back.
+    ``position_ids`` is written as SD1.x files carry it: loaders built on older transformers expect it.
+    """
+    out = {}
+    for key, tensor in state_dict.items():
+        inner = key if key.startswith("text_model.") else "text_model." + key
+        out[TEXT_ENCODER_PREFIX + inner] = tensor
+    positions = out.get(TEXT_ENCODER_PREFIX + "text_model.embeddings.position_embedding.weight")
+    if positions is not None:
+        out.setdefault(TEXT_ENCODER_PREFIX + "text_model.embeddings.position_ids",
+                       torch.arange(positions.shape[0], dtype=torch.int64)[None])
+    return out
+
+
+def text_encoder_from_ldm(checkpoint: Mapping[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
+    """The text-encoder tensors of an original-layout checkpoint, named as in a model with ``model_keys``.
+
+    Accepts files with and without the ``text_model.`` level (both exist in the wild) and drops
+    ``position_ids`` when the model has no such buffer.
+    """
+    wrapped = any(k.startswith("text_model.") for k in model_keys)
+    out = {}
+    for key, tensor in checkpoint.items():
+        if not key.startswith(TEXT_ENCODER_PREFIX):
+            continue
+        inner = key[len(TEXT_ENCODER_PREFIX):].removeprefix("text_model.")
+        name = "text_model." + inner if wrapped else inner
+        if name.endswith("position_ids") and name not in model_keys:
+            continue
+        out[name] = tensor
+    return out

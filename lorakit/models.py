@@ -1,0 +1,436 @@
+"""Load base models: the built-in tiny model, a diffusers folder, or a single-file SD1.x checkpoint.
+
+Everything is offline: nothing is ever fetched from a model hub.  A single-file checkpoint is read here
+(safetensors, or a ``.ckpt`` that ``torch.load(weights_only=True)`` accepts; nothing is unpickled), matched to a
+config that lorakit ships by the shapes of a few tensors, and converted by diffusers' single-file loader with
+that local config.  ``save_single_file_checkpoint`` writes the same layout back (names in ``lorakit.ldm``).
+"""
+
+# ruff: noqa: E402  (the environment must be set before the hub client is imported)
+from __future__ import annotations
+
+import os
+
+# Before diffusers/transformers import huggingface_hub: the hub client reads this once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+import logging
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from lorakit import ldm
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+SD15_CONFIG = CONFIG_DIR / "sd15"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class ModelLoadError(ValueError):
+    """A model file or folder that lorakit cannot (or will not) load; the message names it and says why."""
+
+
+# ------------------------------------------------------------------------------------------------ dtypes
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float32, "no": torch.float32,
+           "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    """A torch dtype from a name as configs and flags spell it ("fp32", "fp16", "bf16", ...)."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name ("fp32", "fp16", "bf16") of a torch dtype."""
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+# --------------------------------------------------------------------------------------------- the model
+@dataclass
+class BaseModel:
+    """The components of a Stable Diffusion 1.x model, as training and sampling use them."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    noise_scheduler: DDPMScheduler  # the training schedule (add_noise, velocity targets)
+    prediction_type: str = "epsilon"  # "epsilon" or "v_prediction"
+    version: str = "sd1"
+    source: str = ""
+    resolution: int = 512  # native image size
+    scheduler_config: dict[str, Any] = field(default_factory=dict)  # the model's own; samplers are built from it
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes must be multiples of this: the VAE's factor times the U-Net's downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> BaseModel:
+        """Move (and optionally cast) the three networks in place; returns self."""
+        for module in (self.text_encoder, self.unet, self.vae):
+            if device is not None:
+                module.to(device=device)
+            # only when it changes anything: diffusers warns about every .to(dtype=...)
+            if dtype is not None and module.dtype != resolve_dtype(dtype):
+                module.to(dtype=resolve_dtype(dtype))
+        return self
+
+    def pipeline(self, scheduler: Any = None) -> StableDiffusionPipeline:
+        """A StableDiffusionPipeline over these very modules (no copies: adapters applied in place show up).
+
+        ``scheduler`` defaults to DDIM built from the model's scheduler config.
+        """
+        if scheduler is None:
+            scheduler = DDIMScheduler.from_config(self.scheduler_config, prediction_type=self.prediction_type)
+        return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                       unet=self.unet, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+
+
+def builtin_model_path() -> Path:
+    """Where the pretrained built-in model is shipped (a diffusers folder inside the package)."""
+    return Path(__file__).parent / "world" / "base_model"
+
+
+def _own_memory(module: torch.nn.Module) -> None:
+    """Give every CPU tensor that lives in a loader's buffer memory of torch's own (64-byte aligned).
+
+    safetensors hands out tensors at arbitrary offsets, and CPU kernels (oneDNN/MKL) pick code paths by
+    alignment: the same weights then give outputs that differ in the last bit from a freshly built model.
+    """
+    copies: dict[tuple, torch.Tensor] = {}
+    with torch.no_grad():
+        for sub in module.modules():
+            for table in (sub._parameters, sub._buffers):
+                for name, tensor in table.items():
+                    if tensor is None or tensor.device.type != "cpu" or tensor.data_ptr() % 64 == 0:
+                        continue
+                    key = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
+                    copy = copies.setdefault(key, tensor.detach().clone())  # tied tensors stay tied
+                    if isinstance(tensor, torch.nn.Parameter):
+                        tensor.data = copy
+                    else:
+                        table[name] = copy
+
+
+def _assemble(tokenizer, text_encoder, unet, vae, scheduler_config: dict, source: str,
+              prediction_type: str | None, device, dtype: torch.dtype) -> BaseModel:
+    prediction_type = prediction_type or scheduler_config.get("prediction_type") or "epsilon"
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ModelLoadError(f"{source}: unsupported prediction_type {prediction_type!r}")
+    scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
+    # SD never clips x0 (DDPMScheduler's default would); only step() uses it, but sampling from it should be right
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config, clip_sample=False)
+    model = BaseModel(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
+                      noise_scheduler=noise_scheduler, prediction_type=prediction_type, source=source,
+                      scheduler_config=scheduler_config)
+    model.resolution = unet.config.sample_size * model.vae_scale_factor
+    for module in (text_encoder, unet, vae):
+        module.eval()
+        _own_memory(module)
+    return model.to(device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------- public entry
+def load_base_model(spec: str | Path | None = None, dtype: str | torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", *, config: str | Path | None = None,
+                    tokenizer: str | Path | None = None, prediction_type: str | None = None) -> BaseModel:
+    """Load a base model.
+
+    ``spec``: None or "builtin" (the shipped tiny model), a diffusers folder, or a single-file checkpoint
+    (``.safetensors``; ``.ckpt``/``.pt`` only if ``torch.load(weights_only=True)`` reads it).
+    ``config``: for a single file, a diffusers folder whose configs (and tokenizer) to use instead of the
+    detected ones.  ``tokenizer``: a folder with a CLIP tokenizer (vocab.json + merges.txt or tokenizer.json)
+    overriding the model's.  ``prediction_type``: override ("v_prediction" for v-models; single files don't say).
+    """
+    dtype = resolve_dtype(dtype)
+    if spec is None or str(spec) == "builtin":
+        folder = builtin_model_path()
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"the built-in model's weights are not in this installation ({folder} is missing or incomplete). "
+                "Pretrain it with `lorakit world pretrain --out DIR` and pass DIR/model as the base model.")
+        return _load_folder(folder, dtype, device, tokenizer, prediction_type)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _load_folder(path, dtype, device, tokenizer, prediction_type)
+    if path.is_file():
+        return _load_single_file(path, dtype, device, config, tokenizer, prediction_type)
+    raise ModelLoadError(f"{spec}: no such file or folder (lorakit never downloads models: give a local diffusers "
+                         "folder or a single-file .safetensors checkpoint)")
+
+
+# ----------------------------------------------------------------------------------------- diffusers folder
+def load_clip_tokenizer(folder: str | Path) -> CLIPTokenizer:
+    """A CLIP tokenizer from a folder (or its ``tokenizer/`` subfolder).
+
+    Besides the usual files (tokenizer.json, or vocab.json + merges.txt) a folder with only CLIP's merges.txt
+    works: CLIP's vocabulary follows from its merges (this is how lorakit ships SD1.5's tokenizer).
+    """
+    folder = Path(folder)
+    if (folder / "tokenizer").is_dir():
+        folder = folder / "tokenizer"
+    if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
+        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    merges_file = folder / "merges.txt"
+    if not merges_file.is_file():
+        raise ModelLoadError(f"{folder}: no CLIP tokenizer here (tokenizer.json, vocab.json or merges.txt)")
+    from lorakit.world.tokenizer import build_vocab  # CLIP's own vocabulary construction
+
+    lines = merges_file.read_text(encoding="utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    tok = CLIPTokenizer(vocab=build_vocab(merges), merges=merges)
+    tok.model_max_length = 77
+    return tok
+
+
+def _load_folder(folder: Path, dtype: torch.dtype, device, tokenizer: str | Path | None,
+                 prediction_type: str | None) -> BaseModel:
+    needed = ("unet", "vae", "text_encoder", "scheduler") + (() if tokenizer else ("tokenizer",))
+    missing = [p for p in needed if not (folder / p).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{folder}: not a Stable Diffusion diffusers folder (missing {', '.join(missing)})")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
+        scheduler_config = dict(DDPMScheduler.load_config(folder, subfolder="scheduler", local_files_only=True))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{folder}: cannot load the diffusers folder: {e}") from e
+    tok = load_clip_tokenizer(tokenizer or folder)
+    return _assemble(tok, text_encoder, unet, vae, scheduler_config, str(folder), prediction_type, device, dtype)
+
+
+# ------------------------------------------------------------------------------------------- single file
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a single-file checkpoint, refusing anything that would need unpickling."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as e:  # SafetensorError for truncated/corrupt files; its type is not public API
+            raise ModelLoadError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+        return tensors, metadata
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        except pickle.UnpicklingError as e:
+            raise ModelLoadError(
+                f"{path}: refusing to unpickle it: the file holds Python objects besides tensors, and loading "
+                f"those can run arbitrary code. Convert it to .safetensors with a tool you trust. ({e})") from e
+        except Exception as e:
+            raise ModelLoadError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from e
+        while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]  # Lightning-style files nest the weights
+        if not isinstance(obj, dict):
+            raise ModelLoadError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+        return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
+    raise ModelLoadError(f"{path}: unknown checkpoint format {path.suffix!r} (expected .safetensors or .ckpt)")
+
+
+_builtin_config_tmp: tempfile.TemporaryDirectory | None = None
+
+
+def _builtin_config_dir() -> Path:
+    """Configs of the built-in model: its shipped folder, or (before it ships) written from lorakit.world.model."""
+    global _builtin_config_tmp
+    if (builtin_model_path() / "model_index.json").is_file():
+        return builtin_model_path()
+    if _builtin_config_tmp is None:
+        from lorakit.world import model as world
+
+        _builtin_config_tmp = tempfile.TemporaryDirectory(prefix="lorakit-builtin-config-")
+        root = Path(_builtin_config_tmp.name)
+        tok = world.build_tokenizer()
+        configs = {"unet/config.json": {"_class_name": "UNet2DConditionModel", **world.UNET_CONFIG},
+                   "vae/config.json": {"_class_name": "AutoencoderKL", **world.VAE_CONFIG},
+                   "scheduler/scheduler_config.json": {"_class_name": "DDIMScheduler", **world.SCHEDULER_CONFIG}}
+        for name, cfg in configs.items():
+            (root / name).parent.mkdir(parents=True)
+            (root / name).write_text(json.dumps(cfg))
+        world.text_encoder_config(len(tok), tok.bos_token_id, tok.eos_token_id).save_pretrained(root / "text_encoder")
+        tok.save_pretrained(root / "tokenizer")
+    return Path(_builtin_config_tmp.name)
+
+
+def _known_configs() -> dict[str, Path]:
+    return {"sd15": SD15_CONFIG, "builtin": _builtin_config_dir()}
+
+
+def _te_key(checkpoint: dict, inner: str) -> str:
+    """The checkpoint's name for a text-encoder tensor, with or without the ``text_model.`` level."""
+    with_level = ldm.TEXT_ENCODER_PREFIX + "text_model." + inner
+    return with_level if with_level in checkpoint else ldm.TEXT_ENCODER_PREFIX + inner
+
+
+def _signature(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of a few tensors that tell SD1.x-family configs apart, computed from a config folder."""
+    u = json.loads((folder / "unet" / "config.json").read_text())
+    v = json.loads((folder / "vae" / "config.json").read_text())
+    t = json.loads((folder / "text_encoder" / "config.json").read_text())
+    width = u["block_out_channels"][0]
+    return {
+        ldm.UNET_PREFIX + "input_blocks.0.0.weight": (width, u.get("in_channels", 4), 3, 3),
+        ldm.UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (width,
+                                                                                     u["cross_attention_dim"]),
+        ldm.VAE_PREFIX + "encoder.conv_in.weight": (v["block_out_channels"][0], v.get("in_channels", 3), 3, 3),
+        "text:embeddings.position_embedding.weight": (t["max_position_embeddings"], t["hidden_size"]),
+    }
+
+
+def _shape_of(checkpoint: dict, key: str) -> tuple[int, ...] | None:
+    if key.startswith("text:"):
+        key = _te_key(checkpoint, key[len("text:"):])
+    tensor = checkpoint.get(key)
+    return None if tensor is None else tuple(tensor.shape)
+
+
+def detect_architecture(checkpoint: dict[str, torch.Tensor], path: str | Path = "checkpoint") -> str:
+    """Which known config ("sd15", "builtin") fits an original-layout checkpoint; a clear refusal otherwise."""
+    keys = list(checkpoint)
+    if any(k.startswith("conditioner.embedders.") for k in keys) or any(
+            k.startswith(ldm.UNET_PREFIX + "label_emb.") for k in keys):
+        raise ModelLoadError(f"{path}: this is an SDXL checkpoint (conditioner.embedders.* / label_emb); "
+                             "SDXL is not supported yet")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        raise ModelLoadError(f"{path}: this is an SD2.x checkpoint (OpenCLIP text encoder, cond_stage_model.model.*); "
+                             "unsupported: lorakit loads SD1.x checkpoints")
+    if not any(k.startswith(ldm.UNET_PREFIX) for k in keys):
+        hint = ""
+        if any(k.startswith(("lora_", "lycoris_")) for k in keys):
+            hint = " It looks like an adapter (LoRA) file: load it as an adapter, not as a base model."
+        elif any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
+            hint = " It looks like a single diffusers component; use a diffusers folder instead."
+        raise ModelLoadError(f"{path}: unsupported checkpoint: no {ldm.UNET_PREFIX}* tensors, so not an SD1.x "
+                             f"single-file checkpoint.{hint}")
+    for prefix, what in ((ldm.VAE_PREFIX, "VAE"), (ldm.TEXT_ENCODER_PREFIX, "text encoder")):
+        if not any(k.startswith(prefix) for k in keys):
+            raise ModelLoadError(f"{path}: the checkpoint has no {what} ({prefix}*); lorakit needs a full checkpoint")
+    candidates = {name: _signature(folder) for name, folder in _known_configs().items()}
+    for name, expected in candidates.items():
+        if all(_shape_of(checkpoint, key) == shape for key, shape in expected.items()):
+            return name
+    lines = []
+    for key in next(iter(candidates.values())):
+        wants = ", ".join(f"{name} {tuple(sig[key])}" for name, sig in candidates.items())
+        lines.append(f"  {key.removeprefix('text:')}: found {_shape_of(checkpoint, key)}; {wants}")
+    to_k = _shape_of(checkpoint, ldm.UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    hint = " (cross-attention width 1024: an SD2.x model?)" if to_k and to_k[1] == 1024 else ""
+    if (_shape_of(checkpoint, ldm.UNET_PREFIX + "input_blocks.0.0.weight") or (0, 4))[1] != 4:
+        hint = " (U-Net input channels are not 4: an inpainting or other special model?)"
+    raise ModelLoadError(f"{path}: unsupported architecture{hint}: its shapes fit no config lorakit knows "
+                         "(SD1.x and the built-in model; SDXL is not supported yet):\n" + "\n".join(lines))
+
+
+def _load_single_file(path: Path, dtype: torch.dtype, device, config: str | Path | None,
+                      tokenizer: str | Path | None, prediction_type: str | None) -> BaseModel:
+    checkpoint, metadata = read_checkpoint(path)
+    folder = Path(config) if config is not None else _known_configs()[detect_architecture(checkpoint, path)]
+    try:
+        unet = UNet2DConditionModel.from_single_file(checkpoint, config=str(folder), subfolder="unet",
+                                                     local_files_only=True)
+        vae = AutoencoderKL.from_single_file(checkpoint, config=str(folder), subfolder="vae", local_files_only=True)
+    except Exception as e:  # shape mismatches and missing keys surface as assorted errors deep in diffusers
+        raise ModelLoadError(f"{path}: cannot convert it with the config in {folder}: {e}") from e
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True))
+    te_state = ldm.text_encoder_from_ldm(checkpoint, set(text_encoder.state_dict()))
+    try:
+        text_encoder.load_state_dict(te_state, strict=True)
+    except RuntimeError as e:
+        raise ModelLoadError(f"{path}: its text encoder does not fit {folder / 'text_encoder'}: {e}") from e
+    for name, module in (("U-Net", unet), ("VAE", vae)):
+        # diffusers builds on the meta device and leaves tensors the file lacks there, without a word
+        empty = [k for k, t in module.state_dict().items() if t.is_meta]
+        if empty:
+            raise ModelLoadError(f"{path}: the {name} is incomplete: {len(empty)} tensors missing, e.g. {empty[0]}")
+    if "lorakit_vae_scaling_factor" in metadata:  # written by save_single_file_checkpoint
+        vae.register_to_config(scaling_factor=float(metadata["lorakit_vae_scaling_factor"]))
+    prediction_type = prediction_type or metadata.get("lorakit_prediction_type")
+    scheduler_config = dict(DDPMScheduler.load_config(folder, subfolder="scheduler", local_files_only=True))
+    tok = load_clip_tokenizer(tokenizer or folder)
+    return _assemble(tok, text_encoder, unet, vae, scheduler_config, str(path), prediction_type, device, dtype)
+
+
+# ------------------------------------------------------------------------------------------------- saving
+def _plain_keys(module: torch.nn.Module, fresh) -> None:
+    """Refuse modules with tensors a plain model of their config lacks (e.g. adapters still applied)."""
+    with torch.device("meta"):
+        expected = set(fresh().state_dict())
+    extra = sorted(set(module.state_dict()) - expected)
+    if extra:
+        raise ValueError(f"{type(module).__name__} has tensors a plain model does not ({len(extra)}, e.g. "
+                         f"{extra[0]}): merge or remove adapters before saving a base checkpoint")
+
+
+def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str | torch.dtype | None = None, *,
+                                overwrite: bool = False, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model`` as one original-layout ``.safetensors`` file (what A1111, ComfyUI and kohya load).
+
+    ``dtype``: cast on the way out (e.g. "fp16" halves the file); None keeps each tensor's dtype.  The write
+    is atomic (temporary file, then rename) and an existing file is kept unless ``overwrite``.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path}: single-file checkpoints are written as .safetensors only")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    unet, vae, te = model.unet, model.vae, model.text_encoder
+    _plain_keys(unet, lambda: UNet2DConditionModel.from_config(unet.config))
+    _plain_keys(vae, lambda: AutoencoderKL.from_config(vae.config))
+    _plain_keys(te, lambda: CLIPTextModel(te.config))
+    tensors = {**ldm.unet_to_ldm(unet.state_dict(), unet.config), **ldm.vae_to_ldm(vae.state_dict(), vae.config),
+               **ldm.text_encoder_to_ldm(te.state_dict())}
+    cast = resolve_dtype(dtype) if dtype is not None else None
+    out = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu")
+        if cast is not None and tensor.is_floating_point():
+            tensor = tensor.to(cast)
+        out[key] = tensor.contiguous()
+    info = {"lorakit_vae_scaling_factor": repr(float(vae.config.scaling_factor)),
+            "lorakit_prediction_type": model.prediction_type, "lorakit_version": model.version,
+            **(metadata or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(out, str(tmp), metadata=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
