@@ -143,7 +143,11 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def delta_weight(self) -> torch.Tensor:
-        """``ΔW`` shaped like ``W0``, scale and multiplier included (deterministic: no dropout)."""
+        """``ΔW`` shaped like ``W0``, scale and multiplier included (deterministic: no dropout).
+
+        It carries autograd history to the adapter's parameters and may share storage with one of them
+        (``full`` at multiplier 1): read it, do not modify it in place.
+        """
         return self._deltas(False)[0]
 
     def delta_bias(self) -> torch.Tensor | None:

@@ -30,8 +30,9 @@ class Full(Adapter):
             self.register_parameter("diff_b", None)
 
     def _deltas(self, train: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        dw = self.diff * self.multiplier
-        db = None if self.diff_b is None else self.diff_b * self.multiplier
+        m = self.multiplier
+        dw = self.diff if m == 1 else self.diff * m
+        db = self.diff_b if self.diff_b is None or m == 1 else self.diff_b * m
         if train and self.rank_dropout > 0:  # output units, weight rows and bias together (as LyCORIS)
             rows = self._rank_mask((dw.shape[0],), dw)
             dw = dw * rows.reshape(-1, *([1] * (dw.dim() - 1)))

@@ -168,4 +168,4 @@ def ia3_weight(weight: torch.Tensor, vector: torch.Tensor, on_input: bool, scale
     columns when ``on_input``).  The bias is left alone, as in LyCORIS's merge and A1111."""
     ones = [1] * (weight.dim() - 2)
     v = vector.reshape(1, -1, *ones) if on_input else vector.reshape(-1, 1, *ones)
-    return weight * (v * scale)
+    return weight * (v * scale if scale != 1 else v)

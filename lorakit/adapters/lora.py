@@ -89,15 +89,19 @@ class LoRA(LowRankAdapter):
             else:
                 h = F.conv2d(F.conv2d(h, down), self.lora_mid.weight, None, conv.stride, conv.padding,
                              conv.dilation)
-        up = self.lora_up.weight * (self.scale * self.multiplier)
+        up, scale = self.lora_up.weight, self.scale * self.multiplier
         if self.training:
             h, up = self._train_dropouts(h, up)
+        if self.kind == "linear" and h.dtype == y.dtype:
+            # one addmm does B·h, the scale and the residual add: y + scale · h Bᵀ
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.T, alpha=scale)
+            return out.reshape(y.shape)
         d = F.linear(h, up) if self.kind == "linear" else F.conv2d(h, up)
-        return y + d.to(y.dtype)
+        return torch.add(y, d if d.dtype == y.dtype else d.to(y.dtype), alpha=scale)
 
     def _train_dropouts(self, h: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """kohya's order: dropout on the rank-r activations, then a per-sample rank mask; module dropout
-        zeroes the (scaled) up weight, so nothing here branches on random values."""
+        zeroes the up weight, so nothing here branches on random values."""
         if self.dropout > 0:
             h = F.dropout(h, self.dropout, training=True)
         if self.rank_dropout > 0:
