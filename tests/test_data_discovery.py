@@ -310,7 +310,7 @@ def test_buckets_off_warns_about_upscaling_and_cropping(tmp_path):
 
 
 def test_multiline_and_empty_caption_files_warn(tmp_path):
-    folder = make_folder(tmp_path / "1_zkz", 2, captions={0: "zkz, first\nsecond line\n", 1: "  \n"})
+    make_folder(tmp_path / "1_zkz", 2, captions={0: "zkz, first\nsecond line\n", 1: "  \n"})
     message = warned(tmp_path)
     assert "000.txt" in message and "first line" in message and "001.txt" in message
 
