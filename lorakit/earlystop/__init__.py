@@ -9,7 +9,10 @@
   (imported on demand: ``from lorakit.earlystop.hf import CSFluctuationCallback``).
 """
 
+from lorakit.earlystop.candidates import Candidate, CandidateStore
+from lorakit.earlystop.cs import CSMeter, cs_native, cs_value, layer_cosines
 from lorakit.earlystop.monitor import CSFluctuationMonitor, Decision, History, TurningPoint, find_turning_point
+from lorakit.earlystop.plot import plot_cs_fluctuation
 from lorakit.earlystop.rules import CalmRule, Detection, SecondValley, rule_from_dict
 from lorakit.earlystop.series import (
     cs_fluctuation,
@@ -24,18 +27,25 @@ from lorakit.earlystop.series import (
 
 __all__ = [
     "CSFluctuationMonitor",
+    "CSMeter",
     "CalmRule",
+    "Candidate",
+    "CandidateStore",
     "Decision",
     "Detection",
     "History",
     "SecondValley",
     "TurningPoint",
     "cs_fluctuation",
+    "cs_native",
+    "cs_value",
     "csf_offset",
     "find_turning_point",
     "first_difference",
+    "layer_cosines",
     "moving_average",
     "moving_variance",
+    "plot_cs_fluctuation",
     "rule_from_dict",
     "sign_change_valleys",
     "smoothed_slope",

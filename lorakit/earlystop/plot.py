@@ -1,0 +1,101 @@
+"""The paper's figure: CS (and MA(CS)) and CS-Fluctuation over training, the turning point dashed.
+
+CS-Fluctuation is drawn at the step each value refers to (its sample minus the lag), the way the paper files
+it; the dotted line marks where the turning point became known.
+
+Drawn on a bare ``Figure`` with the Agg canvas (no pyplot: no global state, no GUI backend), written to a
+temporary file beside ``path`` and moved into place, so a reader never sees half a PNG.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lorakit.earlystop.monitor import History, TurningPoint
+
+
+def _history(history: History | Mapping[str, Any]) -> History:
+    return history if isinstance(history, History) else History.from_dict(dict(history))
+
+
+def plot_cs_fluctuation(history: History | Mapping[str, Any], path: str | os.PathLike,
+                        turning_point: TurningPoint | int | None = None, *, x: str = "step",
+                        title: str | None = None) -> Path:
+    """Write the figure to ``path`` (PNG) and return it.
+
+    ``history``: ``monitor.history`` or its ``to_dict()`` (e.g. read back from JSON); ``turning_point``: a
+    ``TurningPoint``, a step, or ``None`` for the history's own; ``x``: ``"step"`` or ``"epoch"`` (fractional
+    epochs from the steps, when the samples carry epochs).
+    """
+    h = _history(history)
+    tp = h.turning_point if turning_point is None else turning_point
+    tp_step = tp.step if isinstance(tp, TurningPoint) else tp
+    found_step = tp.found_at_step if isinstance(tp, TurningPoint) else None
+
+    steps = h.steps.astype(np.float64)
+    to_x, label = (lambda s: s), "step"
+    if x == "epoch":
+        to_x, label = _epoch_axis(h), "epoch"
+    elif x != "step":
+        raise ValueError(f"x must be 'step' or 'epoch', got {x!r}")
+
+    fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = to_x(steps)
+    ax.plot(xs, h.cs, color="tab:blue", alpha=0.35, lw=1, label="CS")
+    ax.plot(xs, h.ma_cs(), color="tab:blue", lw=1.8, label=f"MA(CS), M={h.window}")
+    ax.set_xlabel(label)
+    ax.set_ylabel("cosine similarity (CS)", color="tab:blue")
+    right = ax.twinx()
+    # CSF is drawn at the step each value refers to (``lag`` samples before it is known), so that its valley
+    # and the dashed turning-point line coincide, as in the paper's figures
+    csf = np.full(len(h.csf), np.nan)
+    csf[: len(h.csf) - h.lag] = h.csf[h.lag:]
+    right.plot(xs, csf, color="tab:green", lw=1.8, label=f"CS-Fluctuation (drawn {h.lag} samples early)")
+    right.set_ylabel(f"CS-Fluctuation (Var/lr, lr={h.lr:g})", color="tab:green")
+    right.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if tp_step is not None:
+        ax.axvline(to_x(float(tp_step)), color="grey", ls="--", lw=1.5, label=f"turning point (step {tp_step})")
+    if found_step is not None:
+        ax.axvline(to_x(float(found_step)), color="grey", ls=":", lw=1, label=f"found at step {found_step}")
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize="small")
+    ax.set_title(title or "CS-Fluctuation")
+    return _save_atomic(fig, Path(path))
+
+
+def _epoch_axis(h: History):
+    """Map steps to fractional epochs by linear interpolation between the epoch changes of the samples."""
+    known = [(float(s), e) for s, e in zip(h.steps, h.epochs, strict=True) if e is not None]
+    if not known:
+        raise ValueError("x='epoch' needs samples recorded with an epoch")
+    # the last step seen in each epoch marks that epoch's end
+    ends: dict[int, float] = {}
+    for s, e in known:
+        ends[e] = max(ends.get(e, s), s)
+    epochs = sorted(ends)
+    xp = [0.0] + [ends[e] for e in epochs]
+    fp = [float(epochs[0] - 1)] + [float(e) for e in epochs]
+    return lambda s: np.interp(s, xp, fp)
+
+
+def _save_atomic(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

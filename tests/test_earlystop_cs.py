@@ -1,0 +1,158 @@
+"""CS (eq. 2): the low-rank identities equal the delta_weight() path; zero updates give 0; native fine-tuning."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit.adapters import ALGORITHMS, make_adapter
+from lorakit.adapters.lora import LoRA
+from lorakit.earlystop import CSMeter, cs_native, cs_value, layer_cosines
+from lorakit.earlystop.cs import adapter_terms, lowrank_terms
+
+
+def randomize(adapter: nn.Module, seed: int = 0, scale: float = 0.3) -> None:
+    """Random values in every adapter tensor (a fresh LoRA has B = 0), in the base layer's dtype."""
+    adapter.to(adapter.base.weight.dtype)  # adapters create their factors in the default dtype
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if not name.startswith("base."):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def layers(dtype: torch.dtype = torch.float64) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [nn.Linear(24, 16, dtype=dtype), nn.Linear(16, 40, bias=False, dtype=dtype),
+            nn.Conv2d(8, 12, 3, padding=1, dtype=dtype), nn.Conv2d(12, 6, 1, dtype=dtype),
+            nn.Conv2d(4, 10, (3, 1), stride=2, dtype=dtype)]
+
+
+def dense_cos(adapter: nn.Module) -> float:
+    d = adapter.delta_weight().detach().double().reshape(-1)
+    w = adapter.original_weight.detach().double().reshape(-1)
+    return float(d @ w / (d.norm() * w.norm()))
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_lowrank_path_equals_the_delta_weight_path(dtype, rtol):
+    adapters = []
+    for i, base in enumerate(layers(dtype)):
+        adapter = LoRA(base, rank=1 + i, alpha=0.5 + i, multiplier=[1.0, 0.7, -1.3, 2.0, 1.0][i])
+        randomize(adapter, seed=i)
+        adapters.append(adapter)
+    fast, slow = layer_cosines(adapters), layer_cosines(adapters, fast=False)
+    torch.testing.assert_close(fast, slow, rtol=rtol, atol=1e-7)
+    torch.testing.assert_close(fast, torch.tensor([dense_cos(a) for a in adapters], dtype=torch.float64),
+                               rtol=rtol, atol=1e-7)
+    assert (fast.abs() > 1e-3).all()  # non-trivial cosines: the comparison means something
+    for a in adapters:  # and the terms themselves, not only their ratio
+        for x, y in zip(adapter_terms(a), adapter_terms(a, fast=False), strict=True):
+            torch.testing.assert_close(x, y, rtol=rtol * 10, atol=1e-9)
+    assert cs_value(adapters) == pytest.approx(float(slow.mean()), rel=rtol)
+
+
+def test_hand_computed_two_by_two():
+    """W = I, BA = [[1, 1], [0, 0]]: <BA, W> = 1, ‖BA‖ = ‖W‖ = √2, cos = 1/2 (and -1/2 at multiplier -1)."""
+    base = nn.Linear(2, 2, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        base.weight.copy_(torch.eye(2))
+    adapter = LoRA(base, rank=1, alpha=1)
+    with torch.no_grad():
+        adapter.lora_down.weight.copy_(torch.tensor([[1.0, 1.0]]))
+        adapter.lora_up.weight.copy_(torch.tensor([[1.0], [0.0]]))
+    dot, delta_sq = lowrank_terms(adapter.lora_down.weight, adapter.lora_up.weight, base.weight)
+    assert (float(dot), float(delta_sq)) == (1.0, 2.0)
+    assert cs_value([adapter]) == pytest.approx(0.5, abs=1e-15)
+    assert cs_value([adapter], fast=False) == pytest.approx(0.5, abs=1e-15)
+    adapter.multiplier = -1.0
+    assert cs_value([adapter]) == pytest.approx(-0.5, abs=1e-15)
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_zero_update_at_initialisation_gives_zero_not_nan(algorithm):
+    adapters = [make_adapter(algorithm, base, rank=2) for base in layers(torch.float32)]
+    for fast in (True, False):
+        values = layer_cosines(adapters, fast=fast)
+        if algorithm in ("lora", "loha", "lokr", "ia3", "full"):
+            assert torch.equal(values, torch.zeros_like(values))
+        assert not values.isnan().any()
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_every_adapter_works_through_delta_weight(algorithm):
+    adapters = []
+    for i, base in enumerate(layers()):
+        adapter = make_adapter(algorithm, base, rank=2)
+        randomize(adapter, seed=10 + i, scale=0.1)
+        adapters.append(adapter)
+    expected = torch.tensor([dense_cos(a) for a in adapters], dtype=torch.float64)
+    torch.testing.assert_close(layer_cosines(adapters), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", [{"use_tucker": True}, {"dora": True}])
+def test_tucker_and_dora_fall_back_to_delta_weight(options):
+    base = nn.Conv2d(6, 8, 3, padding=1, dtype=torch.float64)
+    adapter = LoRA(base, rank=3, alpha=2, **options)
+    randomize(adapter, seed=5, scale=0.2)
+    if "dora" in options:
+        with torch.no_grad():  # a magnitude that is not just ‖W0‖, so ΔW is not the low-rank term alone
+            adapter.dora_scale.mul_(1.5)
+    assert cs_value([adapter]) == pytest.approx(dense_cos(adapter), rel=1e-12)
+    if "dora" in options:  # the low-rank identity alone would be wrong here
+        lowrank = lowrank_terms(adapter.lora_down.weight, adapter.lora_up.weight, base.weight)
+        w = base.weight.reshape(-1)
+        assert float(lowrank[0] / (lowrank[1].sqrt() * w.norm())) != pytest.approx(dense_cos(adapter), rel=1e-3)
+
+
+def test_merged_adapter_is_measured_against_the_original_weight():
+    adapter = LoRA(nn.Linear(12, 9, dtype=torch.float64), rank=3)
+    randomize(adapter, seed=3)
+    before = cs_value([adapter])
+    adapter.merge()
+    assert cs_value([adapter]) == pytest.approx(before, rel=1e-12)
+    assert cs_value([adapter], fast=False) == pytest.approx(before, rel=1e-12)
+
+
+def test_mappings_and_networks_are_accepted():
+    adapters = {f"layer{i}": LoRA(base, rank=2) for i, base in enumerate(layers())}
+    for i, a in enumerate(adapters.values()):
+        randomize(a, seed=i)
+    expected = cs_value(list(adapters.values()))
+    assert cs_value(adapters) == expected
+    assert cs_value(nn.ModuleDict(adapters)) == expected
+
+    class Network:
+        pass
+
+    network = Network()
+    network.adapters = nn.ModuleDict(adapters)
+    assert cs_value(network) == expected
+    with pytest.raises(ValueError):
+        cs_value([])
+
+
+def test_meter_caches_only_the_frozen_norms():
+    adapters = [LoRA(base, rank=2) for base in layers()]
+    meter = CSMeter(adapters)
+    assert meter() == 0.0
+    for i, a in enumerate(adapters):
+        randomize(a, seed=i)
+    assert meter() == pytest.approx(cs_value(adapters), rel=1e-12)
+    with torch.no_grad():
+        adapters[0].lora_up.weight.mul_(-1)
+    assert meter() == pytest.approx(cs_value(adapters), rel=1e-12)
+
+
+def test_native_fine_tuning_uses_w_minus_w0():
+    torch.manual_seed(1)
+    w0 = [torch.randn(5, 7, dtype=torch.float64), torch.randn(4, 3, 3, 3, dtype=torch.float64)]
+    w = [w0[0] + 0.1 * torch.randn(5, 7, dtype=torch.float64) + 0.05 * w0[0], w0[1].clone()]
+    d = (w[0] - w0[0]).reshape(-1)
+    expected0 = float(d @ w0[0].reshape(-1) / (d.norm() * w0[0].norm()))
+    assert cs_native(zip(w, w0, strict=True)) == pytest.approx((expected0 + 0.0) / 2, rel=1e-12)
+    value = cs_native([(w[1], w0[1])])  # unchanged weight: ΔW = 0 gives 0, not NaN
+    assert value == 0.0 and not math.isnan(value)

@@ -1,0 +1,83 @@
+"""The figure is a PNG, written atomically; weight copies are real copies and the nearest is handed back."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lorakit.earlystop import CandidateStore, CSFluctuationMonitor, plot_cs_fluctuation
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def monitored(n: int = 300, stop: bool = True) -> CSFluctuationMonitor:
+    t = np.arange(n, dtype=np.float64)
+    cs = 0.1 * (1 - np.exp(-t / 150)) + 0.02 * np.exp(-t / 250) * np.sin(2 * np.pi * t / 90)
+    monitor = CSFluctuationMonitor(20, 1e-4)
+    for k in range(n):
+        if monitor.update(2 * k, cs[k], epoch=k // 40 + 1).stop and stop:
+            break
+    return monitor
+
+
+def test_plot_writes_a_png_with_the_turning_point(tmp_path):
+    monitor = monitored()
+    assert monitor.turning_point is not None
+    path = plot_cs_fluctuation(monitor.history, tmp_path / "sub" / "csf.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
+    assert [p.name for p in path.parent.iterdir()] == ["csf.png"]  # no temporary file left behind
+
+
+def test_plot_from_json_by_epoch_and_with_an_explicit_step(tmp_path):
+    history = json.loads(json.dumps(monitored(150, stop=False).history.to_dict()))
+    a = plot_cs_fluctuation(history, tmp_path / "a.png", x="epoch")
+    b = plot_cs_fluctuation(history, tmp_path / "b.png", turning_point=100)
+    assert a.read_bytes()[:8] == PNG_MAGIC and b.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError):
+        plot_cs_fluctuation(history, tmp_path / "c.png", x="time")
+
+
+def test_a_failed_write_leaves_the_old_file_alone(tmp_path, monkeypatch):
+    path = tmp_path / "csf.png"
+    path.write_bytes(b"old")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", broken)
+    with pytest.raises(OSError):
+        plot_cs_fluctuation(monitored(100, stop=False).history, path)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["csf.png"]
+
+
+def test_candidates_are_copies_not_references():
+    weight = torch.nn.Parameter(torch.zeros(3))
+    store = CandidateStore()
+    for step in (10, 20, 30):
+        with torch.no_grad():
+            weight.fill_(step)
+        store.add(step, [("w", weight)], epoch=step // 10)
+    with torch.no_grad():
+        weight.fill_(-1)  # training goes on
+    assert [float(store.nearest(s).tensors["w"][0]) for s in (10, 20, 30)] == [10, 20, 30]
+    assert store.nearest(24).step == 20 and store.nearest(25).step == 20 and store.nearest(26).step == 30
+    assert store.nearest(20).epoch == 2
+
+
+def test_candidates_prune_keeps_what_can_still_be_nearest():
+    store = CandidateStore()
+    for step in (10, 20, 30, 40):
+        store.add(step, [("w", torch.zeros(1))])
+    store.prune(25)
+    assert store.steps == [20, 30, 40]
+    store.prune(100)
+    assert store.steps == [40]
+    store.add(40, [("w", torch.ones(1))])  # the same step again replaces it
+    assert store.steps == [40] and float(store.nearest(40).tensors["w"][0]) == 1.0
+    with pytest.raises(ValueError):
+        store.add(30, [("w", torch.zeros(1))])
+    assert CandidateStore().nearest(5) is None
