@@ -83,9 +83,12 @@ class AdapterFile:
         return [k for k in self.tensors if "." not in k]
 
 
-def _sniff(path: Path, head: bytes) -> None:
+def _sniff(path: Path, head: bytes, size: int) -> None:
     """Refuse pickles and zip checkpoints by their first bytes, whatever the file is called."""
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return  # a safetensors header (its length can start with b"\x80\x03" too)
+    # a pickle: PROTO opcode, protocol 2-5, then another opcode (never 0, unlike a short header length)
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") and head[2:3] not in (b"", b"\x00"):
         kind = "a Python pickle"
     elif head[:4] == b"PK\x03\x04":
         kind = "a PyTorch zip checkpoint (pickle inside)"
@@ -99,16 +102,17 @@ def _check_layout(path: Path) -> dict[str, Any]:
     """Parse and check the safetensors header against the file size; return the header."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        _sniff(path, head)
+        head = f.read(9)
+        _sniff(path, head, size)
         if len(head) < 8:
             raise AdapterFileError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
-        (n,) = struct.unpack("<Q", head)
+        (n,) = struct.unpack("<Q", head[:8])
         if n > min(size - 8, _MAX_HEADER):
             if n > _MAX_HEADER:
                 raise AdapterFileError(f"{path}: not a safetensors file (no valid header length)")
             raise AdapterFileError(f"{path}: truncated: the header needs {n} bytes, the file has {size - 8} after "
                                    "the length field")
+        f.seek(8)
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -523,7 +527,7 @@ def load_network(source: str | os.PathLike | AdapterFile, unet: nn.Module | None
     for name, comp, path, adapter, grads in planned:
         network.attach(name, comp.group, comp.model, path, adapter, grads)
         report.matched.append(name)
-    network.args = {"source": file.label}
+    network.source = file.label
     return network, report
 
 

@@ -306,6 +306,8 @@ class AdapterNetwork(nn.Module):
         self._slots: dict[str, _Slot] = {}
         #: how the network was made (preset, algorithm, rank rule), for ss_network_args
         self.args: dict[str, str] = {}
+        #: the file it was loaded from, if any
+        self.source: str | None = None
 
     def __len__(self) -> int:
         return len(self.adapters)

@@ -72,6 +72,10 @@ def test_round_trip_exact(tmp_path):
     reloaded = loaded.file_tensors()
     assert reloaded.keys() == expected.keys()
     assert all(torch.equal(reloaded[k], v) for k, v in expected.items())
+    assert loaded.source == str(path)
+    resaved = read_adapter(save_network(loaded, tmp_path / "c.safetensors"))
+    assert all(torch.equal(resaved.tensors[k], v) for k, v in expected.items())
+    assert resaved.metadata["ss_network_module"] == "networks.lora"
 
     # metadata survives a rewrite; fp16 for distribution
     copy = write_adapter(tmp_path / "b.safetensors", file.tensors, file.metadata, dtype=torch.float16)
@@ -162,6 +166,18 @@ def test_pickles_are_refused_unopened(tmp_path, kind):
     assert not marker.exists()
 
 
+def test_header_length_that_looks_like_a_pickle(tmp_path):
+    # a header of 0x380 bytes starts the file with b"\x80\x03", as a protocol-3 pickle does
+    body = json.dumps({"m.alpha": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes((0x380).to_bytes(8, "little") + body.ljust(0x380) + b"\x00\x00\x80\x3f")
+    assert path.read_bytes()[:2] == b"\x80\x03"
+    assert float(read_adapter(path).tensors["m.alpha"]) == 1.0
+    (tmp_path / "short.safetensors").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(AdapterFileError, match="truncated: the header needs 896 bytes"):
+        read_adapter(tmp_path / "short.safetensors")
+
+
 def test_not_safetensors_at_all(tmp_path):
     path = tmp_path / "notes.safetensors"
     path.write_bytes(b"\x0f\x00\x00\x00\x00\x00\x00\x00this is no json")
@@ -230,12 +246,13 @@ def test_shape_mismatch_in_file(tmp_path):
 
 @pytest.mark.parametrize("alpha", [4.0, 2.0])
 def test_diffusers_loads_lorakit_lora(tmp_path, alpha):
-    from diffusers import StableDiffusionPipeline
+    # StableDiffusionPipeline's loader, without importing the whole pipeline
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin as Loader
 
     path, unet, *_ = _saved(tmp_path, preset="kohya", rank=4, alpha=alpha, te=False)
     theirs = build_tiny_unet()
-    state_dict, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
-    StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, theirs)
+    state_dict, alphas = Loader.lora_state_dict(str(path))
+    Loader.load_lora_into_unet(state_dict, alphas, theirs)
     assert type(theirs.down_blocks[0].attentions[0].proj_in).__module__.startswith("peft")
     torch.testing.assert_close(_out(theirs), _out(unet), atol=1e-5, rtol=1e-4)
 
@@ -281,7 +298,11 @@ def test_lycoris_loads_lorakit_file(tmp_path, lycoris_state, algorithm, alpha):
     theirs = build_tiny_unet()
     network, _ = create_network_from_weights(1.0, str(path), None, None, theirs)
     network.apply_to(None, theirs, apply_text_encoder=False, apply_unet=True)
-    assert len(network.unet_loras) == len(read_adapter(path).modules())
+    file = read_adapter(path)
+    assert len(network.unet_loras) == len(file.modules())
+    if algorithm != "lora":  # how kohya + LyCORIS record other algorithms
+        assert file.metadata["ss_network_module"] == "lycoris.kohya"
+        assert json.loads(file.metadata["ss_network_args"])["algo"] == algorithm
     torch.testing.assert_close(_out(theirs), _out(unet), atol=1e-5, rtol=1e-4)
 
 
