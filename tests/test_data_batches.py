@@ -80,7 +80,7 @@ def test_batches_stay_within_one_bucket_and_have_the_bucket_size(tmp_path):
         w, h = assignment[batch.image_paths[0].name]
         assert batch.pixel_values.shape == (len(batch), 3, h, w)
         assert batch.pixel_values.min() >= -1 and batch.pixel_values.max() <= 1
-    assert "3 buckets: 64×64 (5), 88×40 (3), 40×88 (1)" in d.summary()
+    assert "3 buckets (images): 64×64 (5), 88×40 (3), 40×88 (1)" in d.summary()
 
 
 def _stripes(path, size=(96, 32)):

@@ -320,3 +320,20 @@ def test_bad_bucket_settings(tmp_path):
     assert "bucket_reso_steps" in error(tmp_path, enable_bucket=True, bucket_reso_steps=12)
     assert "min_bucket_reso" in error(tmp_path, enable_bucket=True, bucket_reso_steps=8, min_bucket_reso=128)
     assert "resolution" in error(tmp_path, resolution=60)
+
+
+# ------------------------------------------------------------------------------------------ the example
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "zkz"
+
+
+@pytest.mark.skipif(not EXAMPLE.is_dir(), reason="examples/zkz not present")
+def test_the_zkz_example_folder_reads_cleanly():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetWarning)  # the shipped example must not warn
+        d = TrainingData(DataConfig(train_data=str(EXAMPLE), resolution=64), seed=0)
+    train = [r for r in d.records if not r.is_reg]
+    assert train and all(r.size == (64, 64) and r.has_caption_file for r in train)
+    assert all("zkz" in r.caption for r in train)
+    assert d.num_train_images == 10 * len(train) and d.steps_per_epoch == d.num_train_images
+    batch = d.epoch_batches(0)[0]
+    assert batch.pixel_values.shape == (1, 3, 64, 64)

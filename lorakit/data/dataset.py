@@ -335,7 +335,7 @@ class TrainingData:
                     images[self.buckets[i][0]] = images.get(self.buckets[i][0], 0) + 1
             listing = ", ".join(f"{w}×{h} ({n})" for (w, h), n in sorted(images.items(), key=lambda kv: -kv[1]))
             prefix = f"dataset #{d + 1}: " if len(self.schemes) > 1 else ""
-            lines.append(f"{prefix}{len(images)} bucket{'s' if len(images) != 1 else ''}: {listing} images; "
+            lines.append(f"{prefix}{len(images)} bucket{'s' if len(images) != 1 else ''} (images): {listing}; "
                          f"batch size {self.datasets[d].batch_size}")
         lines.append(f"{self.steps_per_epoch} steps/epoch")
         return "\n".join(lines)

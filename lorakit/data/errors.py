@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
-
-logger = logging.getLogger("lorakit.data")
 
 
 class DatasetError(ValueError):
@@ -30,8 +27,8 @@ class Problems:
         self.errors.append(message)
 
     def warn(self, message: str) -> None:
+        # a Python warning (filterable, and pytest.warns sees it); TrainingData.warnings keeps the list too
         self.warnings.append(message)
-        logger.warning(message)
         warnings.warn(message, DatasetWarning, stacklevel=3)
 
     def raise_if_any(self, what: str = "the training data") -> None:
