@@ -11,7 +11,9 @@ Input forms (``DataConfig.train_data``):
 
 from __future__ import annotations
 
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,11 +165,11 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
                           f"the images (e.g. {other[0].name}) are ignored; set caption_extension = "
                           f"'{other[0].suffix}' if they are the captions")
     records, multiline, empty = [], [], []
-    for image in images:
-        try:
-            size = probe(image, verify=config.verify_images)
-        except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
-            problems.error(f"{image}: cannot read this image ({type(e).__name__}: {e}); re-save or remove it")
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
+        probed = list(pool.map(lambda p: _try_probe(p, config.verify_images), images))
+    for image, size in zip(images, probed, strict=True):
+        if isinstance(size, Exception):  # Pillow raises many types (OSError, SyntaxError, DecompressionBomb...)
+            problems.error(f"{image}: cannot read this image ({type(size).__name__}: {size}); re-save or remove it")
             continue
         raw = None
         caption_path = captions.get(image.stem)
@@ -196,6 +198,13 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
         problems.warn(f"{folder}: images with no caption file, no trigger and no class: trained with an empty "
                       f"caption: {_some(uncaptioned)}")
     return records
+
+
+def _try_probe(path: Path, verify: bool) -> tuple[int, int] | Exception:
+    try:
+        return probe(path, verify=verify)
+    except Exception as e:
+        return e
 
 
 def _some(names: list[str], n: int = 5) -> str:
