@@ -497,19 +497,23 @@ def load_network(source: str | os.PathLike | AdapterFile, unet: nn.Module | None
     planned: list[tuple[str, Component, str, Adapter, dict[str, bool]]] = []
     frozen = {id(p): p.requires_grad for c in comps for p in c.model.parameters()}
     for name, tensors in file.modules().items():
-        if name not in table:
-            (report.unmatched if _given(name, comps) else report.skipped).append(name)
+        if not _given(name, comps):
+            report.skipped.append(name)
             continue
-        comp, path = table[name]
-        layer = comp.model.get_submodule(path)
-        if isinstance(layer, Adapter):
-            raise AdapterFileError(f"{file.label}: {name}: the model already carries an adapter there; "
-                                   "remove() the other network first")
+        # the algorithm first: a LyCORIS norm or OFT module is unsupported, not a missing layer
         algorithm = detect_algorithm(tensors)
         cls = ALGORITHMS.get(algorithm)
         if cls is None:
             report.unsupported[name] = (f"algorithm {algorithm!r} (keys {sorted(tensors)}) is not one lorakit "
                                         f"implements ({', '.join(ALGORITHMS)})")
+            continue
+        if name not in table:
+            report.unmatched.append(name)
+            continue
+        comp, path = table[name]
+        layer = comp.model.get_submodule(path)
+        if isinstance(layer, Adapter):
+            report.mismatched[name] = "the model already carries an adapter here; remove() that network first"
             continue
         try:
             adapter = cls.from_file_tensors(layer, tensors, multiplier)
