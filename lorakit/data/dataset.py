@@ -81,7 +81,7 @@ class EpochBatches(Sequence):
     def __len__(self) -> int:
         return len(self.plans)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int | slice) -> Batch | EpochBatches:
         if isinstance(i, slice):
             return EpochBatches(self.data, self.plans[i])
         return self.data.load_batch(self.plans[i])
