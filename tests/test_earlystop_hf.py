@@ -1,0 +1,162 @@
+"""The transformers callback on a tiny PEFT LoRA causal LM: it stops a real Trainer and restores the weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from lorakit.earlystop import find_turning_point  # noqa: E402
+from lorakit.earlystop.hf import RECORD_NAME, CSFluctuationCallback, peft_cs_value, peft_lora_layers  # noqa: E402
+
+MAX_STEPS = 200
+
+
+def tiny_llama(seed: int = 0, **lora) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    return get_peft_model(LlamaForCausalLM(config), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, **lora))
+
+
+def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    return get_peft_model(GPT2LMHeadModel(config), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], lora_dropout=0.0, fan_in_fan_out=True))
+
+
+def randomize_lora(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def dense_cs(model: torch.nn.Module) -> float:
+    """Eq. 2 with ΔW from PEFT's own merge: merge, read the weights, unmerge."""
+    layers = peft_lora_layers(model)
+    originals = [layer.get_base_layer().weight.detach().clone() for layer, _ in layers]
+    model.merge_adapter()
+    deltas = [layer.get_base_layer().weight.detach() - w0 for (layer, _), w0 in zip(layers, originals, strict=True)]
+    model.unmerge_adapter()
+    cos = [torch.nn.functional.cosine_similarity(d.reshape(1, -1).double(), w.reshape(1, -1).double())
+           for d, w in zip(deltas, originals, strict=True)]
+    return float(torch.cat(cos).mean())
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2, lambda: tiny_llama(use_dora=True)],
+                         ids=["llama", "gpt2-fan_in_fan_out", "llama-dora"])
+def test_peft_cs_equals_the_merged_weights(build):
+    model = build()
+    assert peft_cs_value(model) == 0.0  # PEFT initialises B = 0
+    randomize_lora(model)
+    value = peft_cs_value(model)
+    assert abs(value) > 1e-3
+    assert value == pytest.approx(dense_cs(model), rel=1e-4, abs=1e-6)
+
+
+class Snapshots(TrainerCallback):
+    """Independent copies of the trainable weights after every step, to check what the callback restores."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.by_step[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()
+                                           if p.requires_grad}
+
+
+def token_data(n: int = 8, length: int = 16) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 100, (length,), generator=g)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    model = tiny_llama()
+    callback = CSFluctuationCallback(window=10, save="sample")
+    snapshots = Snapshots()
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2,
+                             max_steps=MAX_STEPS, lr_scheduler_type="constant", save_strategy="no", report_to=[],
+                             logging_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+                             dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=token_data(), callbacks=[callback, snapshots])
+    trainer.train()
+    return trainer, callback, snapshots, out
+
+
+@pytest.mark.slow
+def test_callback_stops_a_trainer_and_restores_the_turning_point_weights(stopped_run):
+    trainer, callback, snapshots, out = stopped_run
+    tp = callback.turning_point
+    assert tp is not None and callback.decision.stop
+    # stopped early, at the step the turning point became known
+    assert trainer.state.global_step == tp.found_at_step < MAX_STEPS
+    assert tp.step < tp.found_at_step and tp.epoch == (tp.step + 1) // 2  # 2 steps per epoch, counted from 1
+    # the model now holds the weights of the turning-point step, not the final ones
+    assert callback.restored_step == tp.step
+    now = {n: p.detach() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert now and set(now) == set(snapshots.by_step[tp.step])
+    for name, value in now.items():
+        assert torch.equal(value, snapshots.by_step[tp.step][name]), name
+    final = snapshots.by_step[trainer.state.global_step]
+    assert any(not torch.equal(now[n], final[n]) for n in now)
+    # and they are the weights whose CS the monitor recorded at that sample
+    history = callback.monitor.history
+    assert peft_cs_value(trainer.model) == pytest.approx(history.cs[tp.index], rel=1e-12)
+    # the same series offline gives the same turning point
+    offline = find_turning_point(history.cs, 10, 1e-2, steps=history.steps, epochs=history.epochs)
+    assert offline == tp
+    # only copies that could still be nearest were kept
+    assert len(callback.candidates) <= tp.found_at_step - tp.step + 2
+
+
+@pytest.mark.slow
+def test_callback_records_the_turning_point(stopped_run):
+    trainer, callback, _, out = stopped_run
+    record = json.loads((out / RECORD_NAME).read_text())
+    assert record["history"]["turning_point"]["step"] == callback.turning_point.step
+    assert record["restored_step"] == callback.turning_point.step and record["decision"]["stop"]
+    assert trainer.state.log_history[-1]["cs_fluctuation_turning_point_step"] == callback.turning_point.step
+
+
+@pytest.mark.slow
+def test_callback_state_survives_a_checkpoint(stopped_run):
+    """The Trainer rebuilds a stateful callback as ``type(cb)(**args)`` and sets its attributes on resume."""
+    trainer, callback, _, _ = stopped_run
+    saved = json.loads(json.dumps(callback.state()))
+    fresh = CSFluctuationCallback(**saved["args"])
+    for key, value in saved["attributes"].items():
+        setattr(fresh, key, value)
+    fresh.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model)
+    assert fresh.monitor.state_dict() == callback.monitor.state_dict()
+    assert fresh.turning_point == callback.turning_point
+
+
+def test_callback_refuses_a_model_without_lora():
+    callback = CSFluctuationCallback(window=4)
+    with pytest.raises(ValueError, match="PEFT"):
+        callback.on_train_begin(None, None, None, model=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError):
+        CSFluctuationCallback(save="never")
