@@ -26,7 +26,8 @@ class LowRankAdapter(Adapter):
     Subclasses implement ``_update(scale, train)``: the update times ``scale``, shaped like ``W0``, with the
     algorithm's rank dropout applied when ``train``.  With ``dora=True`` the weight is re-normalised:
     ``W' = (W0 + γ·update) · dora_scale / ‖W0 + γ·update‖`` (see ``functional.dora_weight`` for where the
-    multiplier enters), and ``ΔW = W' − W0``.
+    multiplier enters), and ``ΔW = W' − W0``.  DoRA needs the full weight, so its forward always builds
+    ``ΔW``; ``dropout`` then acts on the update's output (LyCORIS ignores it with DoRA).
     """
 
     def __init__(self, base: BaseLayer, rank: int, alpha: float | None = None, multiplier: float = 1.0, *,
@@ -40,7 +41,7 @@ class LowRankAdapter(Adapter):
         self.register_buffer("alpha", torch.tensor(alpha, device=base.weight.device))
         self._alpha_value = alpha
         # the scale is a Python float read in forward; keep it in step when a state dict is loaded
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_alpha())
+        self.register_load_state_dict_post_hook(_sync_alpha_hook)
         self.wd_on_out = bool(wd_on_out)
         if dora:
             magnitude = weight_norm(base.weight.detach().float(), self.wd_on_out)
@@ -71,6 +72,10 @@ class LowRankAdapter(Adapter):
     def extra_repr(self) -> str:
         extra = f", dora(on_out={self.wd_on_out})" if self.dora_scale is not None else ""
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self._alpha_value:g}{extra}"
+
+
+def _sync_alpha_hook(module: LowRankAdapter, _incompatible_keys) -> None:
+    module._sync_alpha()  # a module-level function, not a lambda: adapters stay picklable
 
 
 def dora_options(base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, bool]:
