@@ -195,17 +195,6 @@ def adaptable_layers(component: Component) -> Iterator[tuple[str, nn.Module]]:
             yield path, module
 
 
-def name_map(component: Component) -> dict[str, str]:
-    """kohya name -> module path for every adaptable layer; raises when two paths share a name."""
-    names: dict[str, str] = {}
-    for path, _ in adaptable_layers(component):
-        name = component.kohya_name(path)
-        if name in names:
-            raise ValueError(f"modules {names[name]!r} and {path!r} both get the kohya name {name!r}")
-        names[name] = path
-    return names
-
-
 # ---- target selection -------------------------------------------------------------------------------
 
 def _rule_matches(rule: TargetRule, path: str, kind: str, ancestors: Sequence[str]) -> bool:
@@ -296,8 +285,9 @@ def _grad_flags(layer: nn.Module) -> dict[str, bool]:
 class AdapterNetwork(nn.Module):
     """The adapters placed in a model, by kohya name; knows how to take them out again.
 
-    ``adapters`` is an ``nn.ModuleDict`` (kohya names contain no dots), so ``network.to(...)`` and
-    ``network.parameters()`` work; ``trainable_parameters()`` gives the adapters' own parameters per group.
+    ``adapters`` is an ``nn.ModuleDict`` (kohya names contain no dots).  Each adapter holds its base layer,
+    so ``network.to(...)`` and ``network.parameters()`` include the frozen base layers too;
+    ``trainable_parameters()`` gives the adapters' own parameters per group.
     """
 
     def __init__(self) -> None:
