@@ -1,0 +1,402 @@
+"""Sampling during and after training: kohya-style prompt files, deterministic generation, image grids.
+
+A prompt line is kohya's syntax (sd-scripts ``sample_prompts``)::
+
+    a zkz star on a blue background --n blurry --w 64 --h 64 --d 42 --l 7.0 --s 20 --ss euler_a
+
+``--n`` negative prompt, ``--w``/``--h`` size, ``--d`` seed, ``--l`` CFG scale, ``--s`` steps, ``--ss`` sampler.
+Lines starting with ``#`` and blank lines are skipped.  ``.toml`` (kohya's ``[prompt]`` + ``[[prompt.subset]]``)
+and ``.json`` (a list of lines or of dicts) files work too.
+
+``generate`` runs diffusers' StableDiffusionPipeline over the model's current modules, so adapters applied
+in place (and textual-inversion tokens added to the tokenizer) are used as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from lorakit.models import BaseModel
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One image to sample.  ``width``/``height`` None: the model's native size; ``seed`` None: see generate()."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    cfg_scale: float = 7.0
+    steps: int = 20
+    sampler: str = "ddim"
+
+
+class PromptSyntaxError(ValueError):
+    """A prompt file that cannot be parsed; the message names the file and line."""
+
+
+def _int(value: Any, minimum: int, maximum: int | None = None) -> int:
+    try:
+        number = int(str(value).strip())  # via str: 64.5 and True are refused, not truncated
+    except ValueError:
+        raise ValueError(f"expects an integer, got {value!r}") from None
+    if number < minimum or (maximum is not None and number > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise ValueError(f"must be {bounds}, got {number}")
+    return number
+
+
+def _float(value: Any, minimum: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expects a number, got {value!r}") from None
+    if not math.isfinite(number) or number < minimum:
+        raise ValueError(f"must be a number >= {minimum}, got {value!r}")
+    return number
+
+
+# option -> (SamplePrompt field, converter); the same converters check toml/json values
+_OPTIONS = {
+    "n": ("negative_prompt", str),
+    "w": ("width", lambda v: _int(v, 1)),
+    "h": ("height", lambda v: _int(v, 1)),
+    "d": ("seed", lambda v: _int(v, 0)),
+    "l": ("cfg_scale", lambda v: _float(v, 0.0)),
+    "s": ("steps", lambda v: _int(v, 1, 1000)),
+    "ss": ("sampler", lambda v: sampler_name(v)),
+}
+# options kohya knows that mean nothing for SD1.x sampling here: warned about, not errors
+_KOHYA_IGNORED = {"g", "cn", "i", "ctr", "rcfg", "fs", "am", "f", "fr"}
+# kohya's (and lorakit's own) key names in toml/json prompt dicts
+_DICT_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
+              "seed": "seed", "scale": "cfg_scale", "cfg_scale": "cfg_scale", "sample_steps": "steps",
+              "steps": "steps", "sample_sampler": "sampler", "sampler": "sampler"}
+
+
+def parse_prompt_line(line: str, defaults: SamplePrompt | None = None, where: str = "prompt") -> SamplePrompt:
+    """One kohya prompt line; fields it does not set come from ``defaults``."""
+    defaults = defaults or SamplePrompt("")
+    # kohya splits on " --"; the leading space lets a line start with an option (an empty prompt)
+    prompt, *options = (" " + line.strip()).split(" --")
+    values: dict[str, Any] = {"prompt": prompt.strip()}
+    for option in options:
+        m = re.fullmatch(r"([A-Za-z]+)(?:\s+(.*))?", option.strip(), flags=re.S)
+        if m is None:
+            raise PromptSyntaxError(f"{where}: cannot read option '--{option.strip()}'")
+        name, value = m[1].lower(), (m[2] or "").strip()
+        if name in _KOHYA_IGNORED:
+            log.warning("%s: --%s has no meaning for lorakit's SD1.x sampling; ignored", where, name)
+            continue
+        if name not in _OPTIONS:
+            raise PromptSyntaxError(f"{where}: unknown option --{name} (known: "
+                                    f"{', '.join('--' + o for o in _OPTIONS)})")
+        if not value:
+            raise PromptSyntaxError(f"{where}: --{name} needs a value")
+        key, convert = _OPTIONS[name]
+        try:
+            values[key] = convert(value)
+        except ValueError as e:
+            raise PromptSyntaxError(f"{where}: --{name} {e}") from None
+    return replace(defaults, **values)
+
+
+def parse_prompt_dict(entry: dict[str, Any], defaults: SamplePrompt | None = None,
+                      where: str = "prompt") -> SamplePrompt:
+    """A prompt given as a dict (toml/json), with kohya's key names (``scale``, ``sample_steps``, ...) or ours."""
+    defaults = defaults or SamplePrompt("")
+    values: dict[str, Any] = {}
+    converters = {key: convert for key, convert in _OPTIONS.values()}
+    for key, value in entry.items():
+        if key in ("enum", "subset"):  # kohya's bookkeeping keys
+            continue
+        if key not in _DICT_KEYS:
+            raise PromptSyntaxError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(_DICT_KEYS))})")
+        field_name = _DICT_KEYS[key]
+        try:
+            values[field_name] = converters.get(field_name, str)(value) if value is not None else None
+        except ValueError as e:
+            raise PromptSyntaxError(f"{where}: {key} {e}") from None
+    if not isinstance(values.get("prompt", ""), str):
+        raise PromptSyntaxError(f"{where}: prompt must be a string")
+    return replace(defaults, **values)
+
+
+def parse_prompt_text(text: str, defaults: SamplePrompt | None = None, source: str = "prompts") -> list[SamplePrompt]:
+    """Every prompt of a kohya prompt file's text (one per line, ``#`` comments and blank lines skipped)."""
+    prompts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        prompts.append(parse_prompt_line(line, defaults, where=f"{source} line {number}"))
+    return prompts
+
+
+def load_prompts(path: str | Path, defaults: SamplePrompt | None = None) -> list[SamplePrompt]:
+    """Prompts from a ``.txt`` (kohya lines), ``.toml`` (kohya's [prompt] + [[prompt.subset]]) or ``.json`` file."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PromptSyntaxError(f"{path}: not valid JSON: {e}") from None
+        if not isinstance(entries, list):
+            raise PromptSyntaxError(f"{path}: expected a list of prompts")
+    elif suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise PromptSyntaxError(f"{path}: not valid TOML: {e}") from None
+        table = data.get("prompt")
+        if not isinstance(table, dict) or not isinstance(table.get("subset"), list):
+            raise PromptSyntaxError(f"{path}: expected a [prompt] table with [[prompt.subset]] entries")
+        shared = {k: v for k, v in table.items() if k != "subset"}
+        entries = [{**shared, **subset} for subset in table["subset"]]
+    else:
+        return parse_prompt_text(text, defaults, source=str(path))
+    prompts = []
+    for number, entry in enumerate(entries, start=1):
+        where = f"{path} entry {number}"
+        if isinstance(entry, str):
+            prompts.append(parse_prompt_line(entry, defaults, where=where))
+        elif isinstance(entry, dict):
+            prompts.append(parse_prompt_dict(entry, defaults, where=where))
+        else:
+            raise PromptSyntaxError(f"{where}: expected a string or a table, got {type(entry).__name__}")
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------- samplers
+# name -> (diffusers scheduler class name, options); kohya's names plus the common spellings
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": ("LMSDiscreteScheduler", {}),  # needs scipy
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                        "use_karras_sigmas": True}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+# kohya's "dpmsolver" (first-order DPM-Solver) is deprecated in diffusers and cannot end at sigma 0: DPM++ 2M here
+_SAMPLER_ALIASES = {
+    "dpmsolver": "dpmsolver++", "k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "eulera": "euler_a",
+    "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a", "dpm++_2m": "dpmsolver++", "dpmpp_2m": "dpmsolver++",
+    "dpm++2m": "dpmsolver++", "dpmpp_2m_karras": "dpm++_2m_karras", "dpm++2m_karras": "dpm++_2m_karras",
+}
+
+
+def sampler_name(name: str) -> str:
+    """The canonical sampler name ("Euler-a", "k_euler_a" -> "euler_a"; "DPM++ 2M" -> "dpmsolver++")."""
+    key = re.sub(r"[\s\-]+", "_", str(name).strip().lower())
+    key = _SAMPLER_ALIASES.get(key, key)
+    if key not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
+    return key
+
+
+def make_scheduler(name: str, model: BaseModel) -> Any:
+    """A fresh diffusers scheduler for sampler ``name``, built from the model's own scheduler config."""
+    import diffusers
+
+    class_name, options = SAMPLERS[sampler_name(name)]
+    cls = getattr(diffusers, class_name)
+    if class_name == "LMSDiscreteScheduler":
+        try:
+            import scipy  # noqa: F401
+        except ImportError:
+            raise ValueError("sampler 'lms' needs scipy (pip install scipy)") from None
+    return cls.from_config(model.scheduler_config, prediction_type=model.prediction_type, **options)
+
+
+# --------------------------------------------------------------------------------------------- generation
+def _resolve(prompt: SamplePrompt, model: BaseModel, seed: int) -> SamplePrompt:
+    """Fill the model-dependent defaults and round sizes down to what the model can take."""
+    multiple = model.size_multiple
+    sizes = {}
+    for name in ("width", "height"):
+        size = getattr(prompt, name) or model.resolution
+        fitted = max(multiple, size - size % multiple)
+        if fitted != size:
+            log.warning("sample %s %d is not a multiple of %d; using %d", name, size, multiple, fitted)
+        sizes[name] = fitted
+    return replace(prompt, seed=prompt.seed if prompt.seed is not None else seed,
+                   sampler=sampler_name(prompt.sampler), **sizes)
+
+
+def resolve_prompts(model: BaseModel, prompts: Sequence[SamplePrompt | str], base_seed: int = 0) -> list[SamplePrompt]:
+    """The prompts exactly as generate() runs them: sizes, seeds and sampler names filled in."""
+    items = [SamplePrompt(p) if isinstance(p, str) else p for p in prompts]
+    return [_resolve(p, model, base_seed + i) for i, p in enumerate(items)]
+
+
+def _batches(indices: list[int], size: int) -> Iterable[list[int]]:
+    for start in range(0, len(indices), size):
+        yield indices[start:start + size]
+
+
+@torch.no_grad()
+def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device: str | torch.device | None = None,
+             batch_size: int = 4, base_seed: int = 0, clip_skip: int | None = None,
+             progress: bool = True) -> list[Image.Image]:
+    """One image per prompt, in order.
+
+    Deterministic: each image's noise comes from its own CPU generator seeded with the prompt's seed (or
+    ``base_seed + index`` when the prompt has none), so an image does not depend on its batch or device.
+    Prompts that share size, steps, CFG and sampler run together, ``batch_size`` at a time.  The networks are
+    put in eval mode and every module's previous mode is restored afterwards, as is the global RNG state:
+    sampling in the middle of training changes nothing for the training run.
+    """
+    resolved = resolve_prompts(model, prompts, base_seed)
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(resolved):
+        groups.setdefault((p.width, p.height, p.steps, p.cfg_scale, p.sampler), []).append(i)
+
+    networks = (model.unet, model.text_encoder, model.vae)
+    modes = [(m, m.training) for net in networks for m in net.modules()]
+    target = torch.device(device) if device is not None else model.device
+    homes = [net.device for net in networks]
+    rng_devices = [target] if target.type == "cuda" else []
+    images: list[Image.Image | None] = [None] * len(resolved)
+    bar = tqdm(total=len(resolved), desc="sampling", unit="img", disable=not progress, leave=False)
+    try:
+        for net in networks:
+            net.to(target).eval()
+        pipe = model.pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        with torch.random.fork_rng(devices=rng_devices):
+            for (width, height, steps, cfg, sampler), indices in groups.items():
+                pipe.scheduler = make_scheduler(sampler, model)
+                for chunk in _batches(indices, max(1, batch_size)):
+                    out = pipe(prompt=[resolved[i].prompt for i in chunk],
+                               negative_prompt=[resolved[i].negative_prompt for i in chunk],
+                               height=height, width=width, num_inference_steps=steps, guidance_scale=cfg,
+                               generator=[torch.Generator("cpu").manual_seed(resolved[i].seed) for i in chunk],
+                               clip_skip=clip_skip, output_type="pil")
+                    for i, image in zip(chunk, out.images, strict=True):
+                        images[i] = image
+                    bar.update(len(chunk))
+    finally:
+        bar.close()
+        for net, home in zip(networks, homes, strict=True):
+            net.to(home)
+        for module, mode in modes:  # per module, not .train(mode): frozen parts may differ from their parents
+            module.training = mode
+    return images  # type: ignore[return-value]
+
+
+# -------------------------------------------------------------------------------------------------- grids
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: int, max_lines: int) -> list[str]:
+    """Greedy word wrap to ``width`` pixels; overlong words are cut, extra lines dropped with '...'."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}".strip()
+        if font.getlength(candidate) <= width or not current:
+            current = candidate
+        else:
+            lines.append(current)
+            current = word
+        while font.getlength(current) > width and len(current) > 1:  # a single word wider than the cell
+            cut = len(current) - 1
+            while cut > 1 and font.getlength(current[:cut]) > width:
+                cut -= 1
+            lines.append(current[:cut])
+            current = current[cut:]
+    if current:
+        lines.append(current)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        last = lines[-1]
+        while last and font.getlength(last + "...") > width:
+            last = last[:-1]
+        lines[-1] = last + "..."
+    return lines
+
+
+def image_grid(images: Sequence[Image.Image], cols: int | None = None, labels: Sequence[str] | None = None,
+               pad: int = 2, font_size: int | None = None, max_label_lines: int = 3) -> Image.Image:
+    """Images in a grid (``cols`` default: about square), each with an optional small text label below it.
+
+    ``font_size`` defaults to about 1/25 of the image width (10 px at least): readable at 64 px and at 512 px.
+    """
+    if not images:
+        raise ValueError("no images to put in a grid")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    cell_w = max(im.width for im in images)
+    cell_h = max(im.height for im in images)
+    font_size = font_size or max(10, cell_w // 25)
+    font = _font(font_size)
+    wrapped = [_wrap(label, font, cell_w, max_label_lines) for label in labels] if labels else None
+    line_h = font_size + 2
+    label_h = max(len(w) for w in wrapped) * line_h + pad if wrapped else 0
+    grid = Image.new("RGB", (cols * (cell_w + pad) + pad, rows * (cell_h + label_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        x = pad + (i % cols) * (cell_w + pad)
+        y = pad + (i // cols) * (cell_h + label_h + pad)
+        grid.paste(image.convert("RGB"), (x, y))
+        for j, line in enumerate(wrapped[i] if wrapped else []):
+            draw.text((x, y + cell_h + pad + j * line_h), line, fill="black", font=font)
+    return grid
+
+
+def save_sample_grid(images: Sequence[Image.Image], prompts: Sequence[SamplePrompt | str], path: str | Path,
+                     cols: int | None = None) -> Path:
+    """A labelled grid of samples written atomically as PNG (a viewer never sees a half-written file)."""
+    labels = [p if isinstance(p, str) else p.prompt + (f" (seed {p.seed})" if p.seed is not None else "")
+              for p in prompts]
+    grid = image_grid(images, cols=cols, labels=labels)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        grid.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+__all__ = ["SamplePrompt", "PromptSyntaxError", "SAMPLERS", "parse_prompt_line", "parse_prompt_dict",
+           "parse_prompt_text", "load_prompts", "sampler_name", "make_scheduler", "generate", "image_grid",
+           "save_sample_grid", "resolve_prompts"]
