@@ -221,8 +221,10 @@ def _load_folder(folder: Path, dtype: torch.dtype, device, tokenizer: str | Path
     if missing:
         raise ModelLoadError(f"{folder}: not a Stable Diffusion diffusers folder (missing {', '.join(missing)})")
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+        # loaded straight into dtype: casting afterwards would hold two copies (and diffusers warns about it)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
+                                                    torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=dtype)
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
         scheduler_config = dict(DDPMScheduler.load_config(folder, subfolder="scheduler", local_files_only=True))
     except (OSError, ValueError) as e:
@@ -298,7 +300,10 @@ def _te_key(checkpoint: dict, inner: str) -> str:
 
 
 def _signature(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Shapes of a few tensors that tell SD1.x-family configs apart, computed from a config folder."""
+    """Shapes of a few tensors that tell SD1.x-family configs apart, computed from a config folder.
+
+    "text:" keys are text-encoder tensors, looked up with or without the ``text_model.`` level.
+    """
     u = json.loads((folder / "unet" / "config.json").read_text())
     v = json.loads((folder / "vae" / "config.json").read_text())
     t = json.loads((folder / "text_encoder" / "config.json").read_text())
@@ -362,8 +367,9 @@ def _load_single_file(path: Path, dtype: torch.dtype, device, config: str | Path
     folder = Path(config) if config is not None else _known_configs()[detect_architecture(checkpoint, path)]
     try:
         unet = UNet2DConditionModel.from_single_file(checkpoint, config=str(folder), subfolder="unet",
-                                                     local_files_only=True)
-        vae = AutoencoderKL.from_single_file(checkpoint, config=str(folder), subfolder="vae", local_files_only=True)
+                                                     local_files_only=True, torch_dtype=dtype)
+        vae = AutoencoderKL.from_single_file(checkpoint, config=str(folder), subfolder="vae", local_files_only=True,
+                                             torch_dtype=dtype)
     except Exception as e:  # shape mismatches and missing keys surface as assorted errors deep in diffusers
         raise ModelLoadError(f"{path}: cannot convert it with the config in {folder}: {e}") from e
     text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True))
