@@ -136,7 +136,9 @@ def _own_memory(module: torch.nn.Module) -> None:
                     if tensor is None or tensor.device.type != "cpu" or tensor.data_ptr() % 64 == 0:
                         continue
                     key = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
-                    copy = copies.setdefault(key, tensor.detach().clone())  # tied tensors stay tied
+                    if key not in copies:  # tied tensors stay tied
+                        copies[key] = tensor.detach().clone()
+                    copy = copies[key]
                     if isinstance(tensor, torch.nn.Parameter):
                         tensor.data = copy
                     else:
