@@ -190,10 +190,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         run = RunFolder(cfg.output.dir, "resume")
     if is_main:
         atomic_write_text(run.path / "config.toml", to_toml(cfg))
-    torch.manual_seed(cfg.training.seed)
 
     # the model, what is trained, the data
     model = prepare_model(cfg, accelerator)
+    torch.manual_seed(cfg.training.seed)  # after loading: adapter init must not depend on how the model was read
     method = make_method(cfg, model)
     for group in method.param_groups():  # trained tensors stay fp32 whatever the base model's dtype
         for p in group["params"]:

@@ -1,0 +1,363 @@
+"""The trainer on the built-in architecture with random weights: files, resume, failures, methods.
+
+Whether training *learns* the concept is shown on the pretrained model in test_train_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.checkpoints import OutputFolderError, RunFolder
+from lorakit.config import TrainConfig
+from lorakit.data import DatasetError
+from lorakit.world.captions import natural_caption
+from lorakit.world.render import ObjectSpec, Scene, render
+
+
+def write_dataset(folder: Path, n: int = 4, repeats: int = 1) -> Path:
+    sub = folder / f"{repeats}_zkz shape"
+    sub.mkdir(parents=True)
+    for i in range(n):
+        scene = Scene((ObjectSpec("star", ("red", "yellow")[i % 2], "large", ("left", "center")[i % 2]),),
+                      "white", seed=i)
+        render(scene).save(sub / f"{i:03d}.png")
+        (sub / f"{i:03d}.txt").write_text(natural_caption(scene, shape_word="zkz shape"))
+    return folder
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    return write_dataset(tmp_path / "data")
+
+
+def make_config(model_dir: Path, data_dir: Path, out: Path, **sections) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.model.base = str(model_dir)
+    cfg.data.train_data = str(data_dir)
+    cfg.data.batch_size = 2
+    cfg.network.rank = 2
+    cfg.network.alpha = 1.0
+    cfg.optimizer.learning_rate = 1e-3
+    cfg.training.max_epochs = 2
+    cfg.early_stop.mode = "off"
+    cfg.output.dir = str(out)
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+def run_train(cfg: TrainConfig):
+    from lorakit.train import train
+
+    return train(cfg, progress=False)
+
+
+# -------------------------------------------------------------------------------------------------- files
+def test_lora_run_writes_result_checkpoints_and_summary(tiny_model_dir, dataset, tmp_path):
+    from lorakit.formats import load_network
+    from lorakit.models import load_base_model
+
+    out = tmp_path / "run"
+    result = run_train(make_config(tiny_model_dir, dataset, out))
+    assert result.steps == 4 and result.epochs == 2 and not result.stopped_early
+    assert [c.epoch for c in RunFolder(out, "resume").checkpoints()] == [1, 2]
+    adapter = out / "lorakit.safetensors"
+    assert adapter in result.files
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["method"] == "adapter"
+    assert "adapter" in (out / "summary.txt").read_text()
+    assert (out / "config.toml").exists()
+    losses = [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
+    assert losses == pytest.approx(result.losses) and len(losses) == 4
+
+    # the file is a kohya-named LoRA that loads back into a fresh copy of the model, every key matched
+    model = load_base_model(tiny_model_dir)
+    network, report = load_network(adapter, model.unet, model.text_encoder)
+    assert report.ok and len(report.matched) == len(network) > 0
+    tensors = load_file(str(adapter))
+    assert all(k.startswith("lora_unet_") for k in tensors)
+    ups = [v for k, v in tensors.items() if k.endswith("lora_up.weight")]
+    assert any(float(u.abs().max()) > 0 for u in ups), "training changed nothing"
+
+
+def test_existing_output_folder_is_protected(tiny_model_dir, dataset, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    with pytest.raises(OutputFolderError, match="already holds files"):
+        run_train(make_config(tiny_model_dir, dataset, out))
+    with pytest.raises(OutputFolderError, match="not a lorakit run folder"):
+        run_train(make_config(tiny_model_dir, dataset, out, output={"if_exists": "overwrite"}))
+    assert (out / "precious.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------------------- resume
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_exactly(tiny_model_dir, dataset, tmp_path, monkeypatch):
+    cfg = make_config(tiny_model_dir, dataset, tmp_path / "straight", training={"max_epochs": 3},
+                      network={"dropout": 0.1})
+    straight = run_train(cfg)
+
+    original = RunFolder.save_checkpoint
+
+    def save_then_die(self, epoch, *args, **kwargs):
+        saved = original(self, epoch, *args, **kwargs)
+        if epoch == 1:
+            raise Interrupt("killed after epoch 1")
+        return saved
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupt):
+        run_train(make_config(tiny_model_dir, dataset, interrupted, training={"max_epochs": 3},
+                              network={"dropout": 0.1}))
+    monkeypatch.setattr(RunFolder, "save_checkpoint", original)
+    resumed = run_train(make_config(tiny_model_dir, dataset, interrupted, training={"max_epochs": 3},
+                                    network={"dropout": 0.1}, output={"if_exists": "resume"}))
+    assert resumed.losses == straight.losses  # bit-identical on CPU
+    a = load_file(str(tmp_path / "straight" / "lorakit.safetensors"))
+    b = load_file(str(interrupted / "lorakit.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the log holds each step once
+    steps = [json.loads(line)["step"] for line in (interrupted / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tiny_model_dir, dataset, tmp_path, monkeypatch):
+    import lorakit.checkpoints as checkpoints
+
+    real_save = checkpoints.save_file
+    calls = []
+
+    def failing_save(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"half a file")
+            raise Interrupt("power cut while saving epoch 2")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoints, "save_file", failing_save)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        run_train(make_config(tiny_model_dir, dataset, out))
+    run = RunFolder(out, "resume")
+    assert [c.epoch for c in run.checkpoints()] == [1]
+    assert load_file(str(run.checkpoint(1).tensors_path))  # intact and readable
+    monkeypatch.setattr(checkpoints, "save_file", real_save)
+    resumed = run_train(make_config(tiny_model_dir, dataset, out, output={"if_exists": "resume"}))
+    assert resumed.steps == 4 and [c.epoch for c in RunFolder(out, "resume").checkpoints()] == [1, 2]
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, dataset, tmp_path, monkeypatch):
+    import lorakit.train as train_module
+
+    real = train_module.compute_loss
+    count = {"n": 0}
+
+    def loss_goes_nan(*args, **kwargs):
+        count["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if count["n"] == 3 else loss
+
+    monkeypatch.setattr(train_module, "compute_loss", loss_goes_nan)
+    out = tmp_path / "run"
+    with pytest.raises(train_module.TrainingError, match=r"NaN or infinite at step 3.*epoch-0001"):
+        run_train(make_config(tiny_model_dir, dataset, out))
+    assert [c.epoch for c in RunFolder(out, "resume").checkpoints()] == [1]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_data_is_reported_before_training(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="empty"):
+        run_train(make_config(tiny_model_dir, empty, tmp_path / "r1"))
+
+    data = write_dataset(tmp_path / "corrupt")
+    (data / "1_zkz shape" / "001.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(DatasetError, match="001.png"):
+        run_train(make_config(tiny_model_dir, data, tmp_path / "r2"))
+
+    data = write_dataset(tmp_path / "orphan")
+    (data / "1_zkz shape" / "ghost.txt").write_text("a zkz shape")
+    with pytest.raises(DatasetError, match="ghost.txt"):
+        run_train(make_config(tiny_model_dir, data, tmp_path / "r3"))
+
+
+def test_small_images_warn_about_upscaling(tiny_model_dir, tmp_path):
+    data = write_dataset(tmp_path / "small")
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), "white").save(data / "1_zkz shape" / "000.png")
+    from lorakit.data import DatasetWarning
+
+    with pytest.warns(DatasetWarning, match="000.png"):
+        run_train(make_config(tiny_model_dir, data, tmp_path / "run", training={"max_epochs": 1}))
+
+
+# ------------------------------------------------------------------------------------------------ methods
+@pytest.mark.parametrize("algorithm", ["loha", "lokr", "ia3", "full"])
+def test_other_algorithms_train(tiny_model_dir, dataset, tmp_path, algorithm):
+    from lorakit.formats import read_adapter
+
+    out = tmp_path / algorithm
+    result = run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 1},
+                                   network={"algorithm": algorithm, "preset": "attn-only"}))
+    from lorakit.formats import detect_algorithm
+
+    file = read_adapter(out / "lorakit.safetensors")
+    assert {detect_algorithm(m) for m in file.modules().values()} == {algorithm} and result.steps == 2
+
+
+def test_text_encoder_gets_its_own_learning_rate(tiny_model_dir, dataset, tmp_path):
+    from lorakit.formats import read_adapter
+    from lorakit.methods import AdapterMethod
+    from lorakit.models import load_base_model
+
+    cfg = make_config(tiny_model_dir, dataset, tmp_path / "te", training={"max_epochs": 1},
+                      network={"train_text_encoder": True}, optimizer={"text_encoder_lr": 5e-5, "unet_lr": 2e-4})
+    groups = {g["name"]: g["lr"] for g in AdapterMethod(cfg, load_base_model(tiny_model_dir)).param_groups()}
+    assert groups == {"unet": 2e-4, "text_encoder": 5e-5}
+    run_train(cfg)
+    keys = read_adapter(tmp_path / "te" / "lorakit.safetensors").tensors.keys()
+    assert any(k.startswith("lora_te_") for k in keys) and any(k.startswith("lora_unet_") for k in keys)
+
+
+def test_native_fine_tuning_writes_a_checkpoint_that_loads(tiny_model_dir, dataset, tmp_path):
+    from lorakit.models import load_base_model
+
+    out = tmp_path / "native"
+    run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 1},
+                          method={"kind": "native"}, optimizer={"learning_rate": 1e-4}))
+    base = load_base_model(tiny_model_dir)
+    tuned = load_base_model(out / "lorakit.safetensors")
+    changed = [k for k, v in tuned.unet.state_dict().items() if not torch.equal(v, base.unet.state_dict()[k])]
+    assert changed, "native fine-tuning changed no U-Net weight"
+    te_a, te_b = tuned.text_encoder.state_dict(), base.text_encoder.state_dict()
+    assert all(torch.equal(te_a[k], te_b[k]) for k in te_b)
+
+
+def test_textual_inversion_trains_only_the_new_rows(tiny_model_dir, dataset, tmp_path):
+    from lorakit.methods import TextualInversion
+    from lorakit.models import load_base_model
+
+    out = tmp_path / "ti"
+    cfg = make_config(tiny_model_dir, dataset, out, training={"max_epochs": 1},
+                      method={"kind": "ti", "ti_token": "zkz", "ti_vectors": 2})
+    model = load_base_model(tiny_model_dir)
+    method = TextualInversion(cfg, model)
+    assert method.expand_prompt("a zkz shape, zkzz") == "a zkz zkz_1 shape, zkzz"
+    before = model.text_encoder.get_input_embeddings().weight.detach().clone()
+    with torch.no_grad():
+        method.embedding.add_(1.0)  # as if the optimizer (with weight decay) had touched every row
+    method.after_optimizer_step()
+    after = model.text_encoder.get_input_embeddings().weight
+    frozen = torch.ones(after.shape[0], dtype=torch.bool)
+    frozen[method.ids] = False
+    assert torch.equal(after[frozen], before[frozen]) and not torch.equal(after[~frozen], before[~frozen])
+
+    run_train(cfg)
+    emb = load_file(str(out / "lorakit-zkz.safetensors"))
+    assert list(emb) == ["clip_l"] and emb["clip_l"].shape == (2, model.text_encoder.config.hidden_size)
+
+
+def test_pivotal_tuning_writes_embedding_and_adapter(tiny_model_dir, dataset, tmp_path):
+    out = tmp_path / "pivotal"
+    cfg = make_config(tiny_model_dir, dataset, out, training={"max_epochs": 1},
+                      method={"kind": "pivotal", "ti_token": "zkz"}, optimizer={"ti_lr": 1e-2, "unet_lr": 1e-4})
+    result = run_train(cfg)
+    names = sorted(p.name for p in result.files)
+    assert "lorakit.safetensors" in names and "lorakit-zkz.safetensors" in names
+
+
+def test_prior_preservation_generates_class_images(tiny_model_dir, dataset, tmp_path):
+    out = tmp_path / "db"
+    run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 1},
+                          data={"num_class_images": 3, "class_prompt": "a shape", "batch_size": 2},
+                          sample={"steps": 2}))
+    images = sorted((out / "class_images" / "1_a shape").glob("*.png"))
+    assert len(images) == 3
+    assert (out / "class_images" / "1_a shape" / "0000.txt").read_text().strip() == "a shape"
+
+
+def test_single_file_checkpoint_trains_like_the_folder(tiny_model_dir, dataset, tmp_path):
+    from lorakit.models import load_base_model, save_single_file_checkpoint
+
+    single = tmp_path / "model.safetensors"
+    save_single_file_checkpoint(load_base_model(tiny_model_dir), single)
+    # SGD: Adam's first steps are sign-like and would turn float rounding into visible differences
+    a = run_train(make_config(tiny_model_dir, dataset, tmp_path / "a", training={"max_epochs": 2},
+                              optimizer={"optimizer": "sgd", "learning_rate": 0.5}))
+    b = run_train(make_config(single, dataset, tmp_path / "b", training={"max_epochs": 2},
+                              optimizer={"optimizer": "sgd", "learning_rate": 0.5}))
+    assert len(a.losses) == 4 and a.losses[0] != a.losses[3]
+    assert a.losses == pytest.approx(b.losses, rel=1e-5, abs=1e-7)
+
+
+# ------------------------------------------------------------------------------------------ early stopping
+def test_early_stop_hands_back_the_turning_point_checkpoint(tiny_model_dir, dataset, tmp_path, monkeypatch):
+    """The monitor decides (tested on its own in test_earlystop_*); the trainer must obey it exactly."""
+    import lorakit.train as train_module
+    from lorakit.earlystop import Decision, TurningPoint
+
+    class StopAtStep5:
+        def __init__(self, *args, **kwargs):
+            self.steps, self.cs = [], []
+
+        def update(self, step, cs, epoch=None):
+            self.steps.append(step)
+            self.cs.append(cs)
+            if step == 5:
+                tp = TurningPoint(step=2, epoch=1, index=1, valley_index=1, found_at_step=5, found_at_index=4,
+                                  csf=0.0, reason="test")
+                return Decision(True, "stop", tp)
+            return Decision(False, "go on")
+
+        def state_dict(self):
+            return {}
+
+        @property
+        def history(self):
+            return type("H", (), {"steps": self.steps})()
+
+    monkeypatch.setattr(train_module, "CSFluctuationMonitor", StopAtStep5)
+    monkeypatch.setattr(train_module, "plot_cs_fluctuation", lambda *a, **k: tmp_path / "none.png")
+    out = tmp_path / "run"
+    result = run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 5},
+                                   early_stop={"mode": "cs-fluctuation"}))
+    assert result.stopped_early and result.steps == 5 and result.final_epoch == 1
+    final = load_file(str(out / "lorakit.safetensors"))
+    epoch1 = RunFolder(out, "resume").checkpoint(1).load_tensors()
+    assert final.keys() == epoch1.keys() and all(torch.equal(final[k], epoch1[k]) for k in final)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "lorakit.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["lorakit_turning_point_step"] == "2" and meta["lorakit_turning_point_epoch"] == "1"
+    assert "turning point at step 2" in result.summary
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def test_cli_train_runs_a_config_and_flags(tiny_model_dir, dataset, tmp_path, capsys):
+    from lorakit.cli import main
+
+    config = tmp_path / "job.toml"
+    config.write_text(f'[model]\nbase = "{tiny_model_dir}"\n[data]\ntrain_data = "{dataset}"\nbatch_size = 2\n'
+                      '[training]\nmax_epochs = 1\n[early_stop]\nmode = "off"\n')
+    out = tmp_path / "cli-run"
+    assert main(["train", str(config), "--rank", "2", "--out", str(out), "--no-progress",
+                 "--set", "network.preset=attn-only"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert (out / "lorakit.safetensors").exists()
+    assert 'preset = "attn-only"' in (out / "config.toml").read_text()
+    assert main(["train", str(config), "--set", "network.rnak=4"]) == 2
+    assert "did you mean 'rank'" in capsys.readouterr().err
