@@ -33,7 +33,7 @@ from lorakit.earlystop.candidates import CandidateStore
 from lorakit.earlystop.cs import cosine_from_terms, dense_terms, lowrank_terms
 from lorakit.earlystop.monitor import CSFluctuationMonitor, Decision, TurningPoint
 from lorakit.earlystop.plot import plot_cs_fluctuation
-from lorakit.earlystop.rules import rule_from_dict
+from lorakit.earlystop.rules import Rule, rule_from_dict
 
 RECORD_NAME = "cs_fluctuation.json"
 PLOT_NAME = "cs_fluctuation.png"
@@ -83,9 +83,9 @@ def peft_layer_terms(layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
-def peft_cs_value(model: nn.Module, adapter_name: str | None = None) -> float:
-    """Eq. 2 over the PEFT LoRA layers of ``model``."""
-    layers = peft_lora_layers(model, adapter_name)
+def peft_cs_value(model: nn.Module | list[tuple[nn.Module, str]], adapter_name: str | None = None) -> float:
+    """Eq. 2 over the PEFT LoRA layers of ``model`` (or over ``peft_lora_layers(model)`` found before)."""
+    layers = model if isinstance(model, list) else peft_lora_layers(model, adapter_name)
     if not layers:
         raise ValueError("the model has no PEFT LoRA layers" + (f" for adapter {adapter_name!r}" if adapter_name
                                                                    else ""))
@@ -120,7 +120,7 @@ class CSFluctuationCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, window: int | None = None, interval: int = 1, lr: float | None = None,
-                 rule: Any = None, min_steps: int = 0, report_only: bool = False,
+                 rule: Rule | dict[str, Any] | None = None, min_steps: int = 0, report_only: bool = False,
                  alignment: str | int = "centre", save: str = "epoch", restore: bool = True,
                  record: bool = True, plot: bool = False, adapter_name: str | None = None) -> None:
         if save not in ("epoch", "sample"):
@@ -138,6 +138,7 @@ class CSFluctuationCallback(TrainerCallback, ExportableState):
         self.turning_point: TurningPoint | None = None
         self.restored_step: int | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._layers: list[tuple[nn.Module, str]] = []
 
     # ---- resuming (transformers ExportableState) ---------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -146,8 +147,7 @@ class CSFluctuationCallback(TrainerCallback, ExportableState):
                 "report_only": self.report_only, "alignment": self.alignment, "save": self.save,
                 "restore": self.restore, "record": self.record, "plot": self.plot,
                 "adapter_name": self.adapter_name}
-        monitor = self.monitor.state_dict() if self.monitor is not None else self._pending_state
-        return {"args": args, "attributes": {"monitor_state": monitor}}
+        return {"args": args, "attributes": {"monitor_state": self.monitor_state}}
 
     @property
     def monitor_state(self) -> dict[str, Any] | None:
@@ -161,7 +161,9 @@ class CSFluctuationCallback(TrainerCallback, ExportableState):
     # ---- events --------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, train_dataloader: Any = None, **kwargs: Any) -> None:
-        if model is None or not peft_lora_layers(model, self.adapter_name):
+        # found once: walking every module of a large model each step would cost more than CS itself
+        self._layers = [] if model is None else peft_lora_layers(model, self.adapter_name)
+        if not self._layers:
             raise ValueError("CSFluctuationCallback needs a PEFT model with LoRA layers")
         window = self.window
         if window is None:
@@ -181,7 +183,7 @@ class CSFluctuationCallback(TrainerCallback, ExportableState):
         if self.monitor is None or model is None or state.global_step % self.interval:
             return
         epoch = _epoch_number(state)
-        self.decision = self.monitor.update(state.global_step, peft_cs_value(model, self.adapter_name), epoch)
+        self.decision = self.monitor.update(state.global_step, peft_cs_value(self._layers), epoch)
         if self.save == "sample":
             self._take_copy(model, state.global_step, epoch)
         self.turning_point = self.monitor.turning_point

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from lorakit.earlystop.rules import Detection, SecondValley, rule_from_dict
+from lorakit.earlystop.rules import Detection, Rule, SecondValley, rule_from_dict
 from lorakit.earlystop.series import (
     check_window,
     cs_fluctuation,
@@ -107,7 +107,7 @@ def _turning_point(found: Detection, lag: int, steps: list[int], epochs: list[in
                         csf=float(csf_at_valley), reason=found.reason)
 
 
-def find_turning_point(cs: np.ndarray, window: int, lr: float = 1.0, rule: Any = None,
+def find_turning_point(cs: np.ndarray, window: int, lr: float = 1.0, rule: Rule | None = None,
                        alignment: str | int = "centre", steps: np.ndarray | None = None,
                        epochs: list[int | None] | None = None) -> TurningPoint | None:
     """Offline: the turning point of a whole CS series, as the monitor would report it, or ``None``.
@@ -138,7 +138,7 @@ class CSFluctuationMonitor:
     ``alignment``: which sample a valley refers to (``series.turning_point_lag``).
     """
 
-    def __init__(self, window: int, lr: float = 1.0, rule: Any = None, min_steps: int = 0,
+    def __init__(self, window: int, lr: float = 1.0, rule: Rule | None = None, min_steps: int = 0,
                  report_only: bool = False, alignment: str | int = "centre") -> None:
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr}")
