@@ -16,6 +16,9 @@ one is the under-fitted start.  Its noise guard (``prominence``) is a hysteresis
 So a wiggle counts only when it is deeper than a fraction of the curve's range on *both* sides.  With
 ``prominence = 0`` this is exactly the paper's "∇CSF changes from − to +" (``series.sign_change_valleys``).
 ``min_distance`` (in windows M) additionally ignores a valley closer than that to the previous counted one.
+The range is the curve's own history, so the guard protects everything after a large swing (the paper's
+setting: CS moves fast while B grows from zero, which sets the range early); a curve that starts quiet has
+only noise in its range, and there noise wiggles still count.
 
 ``CalmRule`` is an alternative that reads the paper's claim directly ("when CS-Fluctuation becomes small"):
 the turning point is the first sample of the first stretch of ``patience · M`` samples during which CSF stays
