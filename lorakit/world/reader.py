@@ -70,7 +70,9 @@ _GRID = {v: k for k, v in POSITIONS.items()}
 # chroma thresholds in 0..255 units, after the background tint is removed.  Palette colors have chroma
 # 125..225 and backgrounds ~0 (stripes ~30): a core must reach SEED, a component extends down to GROW.
 SEED, GROW = 65.0, 40.0
-MIN_AREA = 12 / 4096  # fraction of the image; the smallest world object covers ~45/4096
+# fraction of the image: the smallest world object (a small triangle or star) covers >= 50 of 4096 pixels,
+# so anything under half of that is a smudge, not an object
+MIN_AREA = 25 / 4096
 # periodic contrast (gray levels) above which a light background is textured: plain white measures < 2
 # even when degraded, stripes and dots > 3.8 (measured on degraded renders)
 TEXTURE_AMPLITUDE = 2.8
@@ -351,7 +353,8 @@ class Reader:
                     shape = UNKNOWN
                 color, color_conf = _color_name(c.color)
                 position, pos_conf = _position_name(*c.centroid)
-                size, size_conf = _size_name(c.area, shape)
+                # an unclear shape is still most like one of the world's: its area per r² is the best guess
+                size, size_conf = _size_name(c.area, ALL_SHAPES[int(p[:len(ALL_SHAPES)].argmax())])
                 objects.append(ReadObject(
                     shape=shape, color=color, position=position, size=size,
                     confidence={"shape": shape_conf, "color": color_conf, "position": pos_conf, "size": size_conf},

@@ -228,9 +228,9 @@ def evaluate(reader: Reader, count: int, vae=None) -> dict[str, dict[str, float]
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vae", type=Path, default=None, help="VAE checkpoint or diffusers vae folder (optional)")
-    ap.add_argument("--count", type=int, default=16000, help="training images")
+    ap.add_argument("--count", type=int, default=12000, help="training images")
     ap.add_argument("--other-fraction", type=float, default=0.15)
-    ap.add_argument("--epochs", type=int, default=14)
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=WEIGHTS_PATH)
     ap.add_argument("--eval-count", type=int, default=1000)
