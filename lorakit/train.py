@@ -113,10 +113,6 @@ def with_class_images(cfg: TrainConfig, model: BaseModel, run: RunFolder, is_mai
     return replace(data, reg_data=str(folder))
 
 
-def trains_text_encoder(cfg: TrainConfig) -> bool:
-    return cfg.method.kind in ("ti", "pivotal") or (cfg.method.kind == "adapter" and cfg.network.train_text_encoder)
-
-
 def sample_prompts(cfg: TrainConfig, model: BaseModel) -> list[SamplePrompt]:
     if not cfg.sample.prompts:
         return []
@@ -152,7 +148,11 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
 
 # --------------------------------------------------------------------------------------------------- loss
 def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, batch, step: int,
-                 accelerator: Accelerator) -> torch.Tensor:
+                 accelerator: Accelerator, unet=None, text_encoder=None) -> torch.Tensor:
+    """The loss of one batch.  ``unet``/``text_encoder``: the modules to run (accelerate's wrappers in a
+    distributed run, so gradients are synchronised); default the model's own."""
+    unet = unet or model.unet
+    text_encoder = text_encoder or model.text_encoder
     generator = torch.Generator().manual_seed(step_seed(cfg.training.seed, step))
     device = accelerator.device
     if batch.latents is not None:
@@ -168,9 +168,9 @@ def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, bat
     ids = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids.to(device)
     with accelerator.autocast():
-        hidden = model.text_encoder(ids)[0]
-        prediction = model.unet(noised.noisy_latents.to(model.unet.dtype), noised.timesteps,
-                                hidden.to(model.unet.dtype)).sample
+        hidden = text_encoder(ids)[0]
+        prediction = unet(noised.noisy_latents.to(model.unet.dtype), noised.timesteps,
+                          hidden.to(model.unet.dtype)).sample
     return diffusion_loss(prediction, noised, model.noise_scheduler, model.prediction_type,
                           cfg.training.min_snr_gamma, batch.is_reg, cfg.training.prior_loss_weight)
 
@@ -236,6 +236,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     trained = [m for m in (model.unet, model.text_encoder) if any(p.requires_grad for p in m.parameters())]
     prepared = accelerator.prepare(*trained, optimizer, lr_schedule)
     optimizer, lr_schedule = prepared[-2], prepared[-1]
+    # run the wrapped modules (DDP in a distributed run); sampling and saving use the plain ones
+    wrapped = {id(m): w for m, w in zip(trained, prepared[:-2], strict=True)}
+    run_unet, run_te = wrapped.get(id(model.unet)), wrapped.get(id(model.text_encoder))
     for module in trained:
         module.train()
     prompts = sample_prompts(cfg, model)
@@ -255,7 +258,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             for i, batch in enumerate(batches):
                 with accelerator.accumulate(*trained):
                     torch.manual_seed(step_seed(cfg.training.seed + 1, step * 1000 + i))  # adapter dropout
-                    loss = compute_loss(cfg, model, method, batch, step, accelerator)
+                    loss = compute_loss(cfg, model, method, batch, step, accelerator, run_unet, run_te)
                     if not torch.isfinite(loss):
                         raise TrainingError(_nan_message(run, step, epoch))
                     accelerator.backward(loss)
@@ -311,7 +314,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             meta["lorakit_early_stop"] = cfg.early_stop.mode
             if turning is not None:
                 meta["lorakit_turning_point_step"] = str(turning.step)
-                meta["lorakit_turning_point_epoch"] = str(final_epoch)
+                meta["lorakit_turning_point_epoch"] = str(turning.epoch)
+                meta["lorakit_checkpoint_epoch"] = str(final_epoch)  # the saved epoch handed back
         files = method.save(run.path, cfg.output.name, meta)
         if monitor is not None and len(monitor.history.steps) > 1:
             files.append(plot_cs_fluctuation(monitor.history, run.path / "cs_fluctuation.png",

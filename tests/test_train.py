@@ -343,6 +343,7 @@ def test_early_stop_hands_back_the_turning_point_checkpoint(tiny_model_dir, data
     with safe_open(str(out / "lorakit.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["lorakit_turning_point_step"] == "2" and meta["lorakit_turning_point_epoch"] == "1"
+    assert meta["lorakit_checkpoint_epoch"] == "1"
     assert "turning point at step 2" in result.summary
 
 
