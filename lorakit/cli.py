@@ -17,6 +17,7 @@ from lorakit.errors import LorakitError
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lorakit.train_command", "train an adapter, embedding or model from a folder of images"),
+    "world": ("lorakit.world.command", "the built-in shapes world: pretrain, quality, dataset, train-reader"),
     "inspect": ("lorakit.inspection", "show what an adapter file holds: algorithm, modules, ranks, metadata, blocks"),
 }
 

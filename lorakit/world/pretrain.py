@@ -225,6 +225,22 @@ def export_pipeline(c: dict, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
+def export_snapshot(out: Path, snapshot: Path, folder: Path, seed: int = 0) -> None:
+    """Write a diffusers folder from a work folder's VAE checkpoint and an EMA snapshot (``ema_NNNNNN.pt`` or
+    ``unet_checkpoint.pt``): to look at a model while pretraining goes on."""
+    c = build_components(seed)
+    c["vae"].load_state_dict(load_checkpoint(out / "vae_checkpoint.pt")["model"])
+    scaling = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
+               if '"vae_done"' in line][-1]["scaling_factor"]
+    c["vae"].register_to_config(scaling_factor=scaling)
+    ema = load_checkpoint(snapshot)["ema"]
+    params = list(c["unet"].parameters()) + list(c["text_encoder"].parameters())
+    with torch.no_grad():
+        for p, e in zip(params, ema, strict=True):
+            p.copy_(e)
+    export_pipeline(c, folder)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="work folder (checkpoints, logs, final model/)")
@@ -237,7 +253,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--unet-batch", type=int, default=64)
     ap.add_argument("--unet-lr", type=float, default=3e-4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--export-snapshot", type=Path, default=None,
+                    help="only write --out/snapshot-model from this EMA snapshot file, then exit")
     args = ap.parse_args(argv)
+    if args.export_snapshot is not None:
+        export_snapshot(args.out, args.export_snapshot, args.out / "snapshot-model", args.seed)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
