@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 from tqdm import tqdm
 
@@ -180,7 +181,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     """Run a training job described by ``cfg`` and return what it produced."""
     cfg.validate()
     started = time.time()
-    accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision if torch.cuda.is_available() else "no",
+    if cfg.model.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise TrainingError("model.mixed_precision = \"fp16\" needs a GPU; on the CPU use \"bf16\" or \"no\"")
+    # accelerate keeps its settings per process: a second train() in one process (a sweep) may use others
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision,
                               gradient_accumulation_steps=cfg.optimizer.gradient_accumulation_steps,
                               cpu=not torch.cuda.is_available())
     is_main = accelerator.is_main_process
@@ -282,7 +287,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 if is_main:
                     run.log(record)
                 bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", epoch=epoch + 1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{record['lr']:.2e}", epoch=epoch + 1)
                 if stop_decision is not None or step >= total_steps:
                     break
             epoch += 1
@@ -317,9 +322,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 meta["lorakit_turning_point_epoch"] = str(turning.epoch)
                 meta["lorakit_checkpoint_epoch"] = str(final_epoch)  # the saved epoch handed back
         files = method.save(run.path, cfg.output.name, meta)
+        reported = monitor.turning_point if monitor is not None else None
         if monitor is not None and len(monitor.history.steps) > 1:
+            # the CS series itself: other stopping rules can be replayed on it without training again
+            atomic_write_json(run.path / "cs_history.json", monitor.history.to_dict())
             files.append(plot_cs_fluctuation(monitor.history, run.path / "cs_fluctuation.png",
-                                             turning_point=turning))
+                                             turning_point=turning or reported))
         if prompts:
             files.append(_sample(model, method, prompts, run.sample_path("final"), accelerator))
         summary = {
@@ -327,6 +335,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             "epochs_run": epoch, "steps": step, "final_epoch": final_epoch,
             "stopped_early": stop_decision is not None,
             "turning_point": turning.to_dict() if turning is not None else None,
+            # report mode: where it would have stopped
+            "turning_point_found": reported.to_dict() if reported is not None else None,
             "final_loss": losses[-1] if losses else None,
             "mean_loss_last_epoch": sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])),
             "seconds": round(time.time() - started, 1), "data": data.summary(), "trained": method.summary(),
@@ -369,7 +379,9 @@ def _summary_text(s: dict[str, Any]) -> str:
         lines.append(f"  early stop: CS-Fluctuation turning point at step {tp['step']}; "
                      f"result = checkpoint of epoch {s['final_epoch']}")
     else:
-        lines.append(f"  result = epoch {s['final_epoch']} (no early stop)")
+        found = s.get("turning_point_found")
+        note = f"; CS-Fluctuation turning point found at step {found['step']} (report only)" if found else ""
+        lines.append(f"  result = epoch {s['final_epoch']} (no early stop{note})")
     if s["final_loss"] is not None:
         lines.append(f"  loss: last {s['final_loss']:.4f}, mean over the last epoch {s['mean_loss_last_epoch']:.4f}")
     lines += [f"  wrote {f}" for f in s["files"]]

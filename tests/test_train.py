@@ -218,6 +218,17 @@ def test_other_algorithms_train(tiny_model_dir, dataset, tmp_path, algorithm):
     assert {detect_algorithm(m) for m in file.modules().values()} == {algorithm} and result.steps == 2
 
 
+def test_bf16_mixed_precision_keeps_adapters_fp32(tiny_model_dir, dataset, tmp_path):
+    from lorakit.formats import read_adapter
+
+    out = tmp_path / "bf16"
+    result = run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 1},
+                                   model={"mixed_precision": "bf16"}))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    tensors = read_adapter(out / "lorakit.safetensors").tensors
+    assert {v.dtype for v in tensors.values()} == {torch.float32}
+
+
 def test_text_encoder_gets_its_own_learning_rate(tiny_model_dir, dataset, tmp_path):
     from lorakit.formats import read_adapter
     from lorakit.methods import AdapterMethod
@@ -309,28 +320,18 @@ def test_early_stop_hands_back_the_turning_point_checkpoint(tiny_model_dir, data
     import lorakit.train as train_module
     from lorakit.earlystop import Decision, TurningPoint
 
-    class StopAtStep5:
-        def __init__(self, *args, **kwargs):
-            self.steps, self.cs = [], []
+    class StopAtStep5(train_module.CSFluctuationMonitor):
+        """The real monitor, told to decide "turning point at step 2" when it sees step 5."""
 
         def update(self, step, cs, epoch=None):
-            self.steps.append(step)
-            self.cs.append(cs)
+            super().update(step, cs, epoch)
             if step == 5:
-                tp = TurningPoint(step=2, epoch=1, index=1, valley_index=1, found_at_step=5, found_at_index=4,
-                                  csf=0.0, reason="test")
-                return Decision(True, "stop", tp)
+                self.turning_point = TurningPoint(step=2, epoch=1, index=1, valley_index=1, found_at_step=5,
+                                                  found_at_index=4, csf=0.0, reason="test")
+                return Decision(True, "stop", self.turning_point)
             return Decision(False, "go on")
 
-        def state_dict(self):
-            return {}
-
-        @property
-        def history(self):
-            return type("H", (), {"steps": self.steps})()
-
     monkeypatch.setattr(train_module, "CSFluctuationMonitor", StopAtStep5)
-    monkeypatch.setattr(train_module, "plot_cs_fluctuation", lambda *a, **k: tmp_path / "none.png")
     out = tmp_path / "run"
     result = run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 5},
                                    early_stop={"mode": "cs-fluctuation"}))
@@ -345,6 +346,7 @@ def test_early_stop_hands_back_the_turning_point_checkpoint(tiny_model_dir, data
     assert meta["lorakit_turning_point_step"] == "2" and meta["lorakit_turning_point_epoch"] == "1"
     assert meta["lorakit_checkpoint_epoch"] == "1"
     assert "turning point at step 2" in result.summary
+    assert (out / "cs_fluctuation.png").exists() and (out / "cs_history.json").exists()
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

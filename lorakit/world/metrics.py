@@ -83,6 +83,8 @@ class WorldMetrics:
     diversity_by_type: dict[str, float]
     pixel_diversity: float | None
     leak: float
+    #: per prompt type: the concept drawn AND every requested color/position/background obeyed
+    success_by_type: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     concept_shape: str = CONCEPT_SHAPE
 
@@ -165,6 +167,13 @@ def metrics_from_readings(readings: Sequence[Reading], prompts: Sequence[EvalPro
         elif p.type == "agnostic":
             kept.extend(_obeyed(readings[i], p.expected).values())
     order = ("color", "position", "size", "background")
+    success_by_type = {}
+    for t in FIDELITY_TYPES:
+        if t in by_type:
+            # size is left out: an alter/style prompt changes color, place or background, and "small"/"large"
+            # is the least reliable reading of a generated shape
+            success_by_type[t] = _mean([seen[i] and all(ok for a, ok in _obeyed(readings[i], prompts[i].expected)
+                                                          .items() if a != "size") for i in by_type[t]])
     controllability_by_attribute = {a: _mean(checks[a]) for a in order if checks[a]}
     controllability = _mean([ok for a in order for ok in checks[a]])
 
@@ -184,7 +193,7 @@ def metrics_from_readings(readings: Sequence[Reading], prompts: Sequence[EvalPro
         controllability=controllability, controllability_by_attribute=controllability_by_attribute,
         preservation=_mean(kept), diversity=diversity, diversity_by_type=diversity_by_type,
         pixel_diversity=_mean(pixel_scores) if pixel_features is not None else None,
-        leak=_mean([seen[i] for i in by_type.get("agnostic", [])]),
+        leak=_mean([seen[i] for i in by_type.get("agnostic", [])]), success_by_type=success_by_type,
         counts={t: len(v) for t, v in by_type.items()}, concept_shape=concept_shape)
 
 

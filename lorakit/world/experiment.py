@@ -1,0 +1,155 @@
+"""Measured overfitting on the shapes world: train past the point, score every epoch's checkpoint.
+
+``run_curve`` trains an adapter on the "zkz" concept with CS-Fluctuation in report mode (it records where it
+would stop, but never stops), then scores the base model (epoch 0) and every epoch's checkpoint on the
+concept's evaluation prompts with the exact world metrics.  From the scores:
+
+- ``onset``: the measured overfitting onset, the epoch where success on ``alter`` prompts (the star drawn
+  *and* the new color/position obeyed) peaks — after it, the concept keeps being drawn (fidelity holds or
+  rises) while the requested changes are ignored more and more;
+- the CS-Fluctuation turning point of the same run, replayed from its recorded CS series under any rule.
+
+``python -m lorakit.world.experiment --help`` runs one curve; ``docs/`` has the tables made with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from lorakit.checkpoints import RunFolder, atomic_write_json
+from lorakit.config import TrainConfig
+from lorakit.formats import load_network
+from lorakit.models import BaseModel, load_base_model
+from lorakit.sample import SamplePrompt, generate
+from lorakit.world import concept
+from lorakit.world.metrics import world_metrics
+
+
+def curve_config(out: Path, data: Path, algorithm: str = "lora", lr: float = 1e-3, seed: int = 0,
+                 epochs: int = 20, rank: int = 8, model: str | None = None) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.model.base = model
+    cfg.data.train_data = str(data)
+    cfg.data.batch_size = 4
+    cfg.network.algorithm = algorithm
+    cfg.network.rank = rank
+    cfg.network.alpha = float(rank)
+    if algorithm == "lokr":
+        cfg.network.args = {"factor": 4}
+    cfg.optimizer.learning_rate = lr
+    cfg.training.max_epochs = epochs
+    cfg.training.seed = seed
+    cfg.early_stop.mode = "report"
+    cfg.output.dir = str(out)
+    cfg.output.if_exists = "resume"  # an interrupted experiment continues
+    return cfg
+
+
+def eval_samples(seeds_per_prompt: int) -> tuple[list[SamplePrompt], list[concept.EvalPrompt]]:
+    prompts = concept.eval_prompts()
+    samples, labels = [], []
+    for p in prompts:
+        for k in range(seeds_per_prompt):
+            samples.append(SamplePrompt(p.prompt, p.negative, seed=p.seed + 10_000 * k, steps=concept.SAMPLE_STEPS,
+                                        cfg_scale=concept.SAMPLE_CFG))
+            labels.append(p)
+    return samples, labels
+
+
+def score(model: BaseModel, seeds_per_prompt: int, adapter: Path | None = None) -> dict:
+    """World metrics of the model (with ``adapter`` applied, if given) on the concept's evaluation prompts."""
+    network = None
+    if adapter is not None:
+        network, _ = load_network(adapter, model.unet, model.text_encoder)
+    try:
+        samples, labels = eval_samples(seeds_per_prompt)
+        images = generate(model, samples, batch_size=32, progress=False)
+        return world_metrics(images, labels).as_dict()
+    finally:
+        if network is not None:
+            network.remove()
+
+
+def score_run(run_dir: Path, model_spec: str | None = None, seeds_per_prompt: int = 2) -> list[dict]:
+    """Scores of epoch 0 (the base model) and of every saved epoch, cached in ``run_dir/curve.json``."""
+    cache = run_dir / "curve.json"
+    rows = json.loads(cache.read_text()) if cache.exists() else []
+    done = {r["epoch"] for r in rows}
+    model = load_base_model(model_spec)
+    checkpoints = [(0, None)] + [(c.epoch, c.tensors_path) for c in RunFolder(run_dir, "resume").checkpoints()]
+    for epoch, path in checkpoints:
+        if epoch in done:
+            continue
+        rows.append({"epoch": epoch, **score(model, seeds_per_prompt, path)})
+        rows.sort(key=lambda r: r["epoch"])
+        atomic_write_json(cache, rows)
+    return rows
+
+
+def smooth(values: list[float], width: int = 3) -> np.ndarray:
+    """Centred moving average (shorter at the ends): the scores of neighbouring epochs are noisy."""
+    v = np.asarray(values, dtype=float)
+    half = width // 2
+    return np.array([v[max(0, i - half):i + half + 1].mean() for i in range(len(v))])
+
+
+def overfitting_onset(rows: list[dict]) -> int:
+    """The epoch (≥ 1) where smoothed alter-prompt success peaks."""
+    epochs = [r["epoch"] for r in rows]
+    success = smooth([r["success_by_type"].get("alter", 0.0) for r in rows])
+    candidates = [i for i, e in enumerate(epochs) if e >= 1]
+    return epochs[max(candidates, key=lambda i: (success[i], -i))]
+
+
+def turning_epoch(run_dir: Path, rule=None, alignment: str | int = "centre") -> dict | None:
+    """Replay CS-Fluctuation on the run's recorded CS series under ``rule``; the turning point's epoch."""
+    from lorakit.earlystop import History, find_turning_point
+
+    path = run_dir / "cs_history.json"
+    if not path.exists():
+        return None
+    h = History.from_dict(json.loads(path.read_text()))
+    tp = find_turning_point(np.asarray(h.cs), h.window, h.lr, rule=rule, alignment=alignment,
+                            steps=list(h.steps), epochs=list(h.epochs))
+    if tp is None:
+        return None
+    steps_per_epoch = h.window  # the trainer's default window is one epoch of CS samples
+    return {"step": tp.step, "epoch": tp.epoch, "found_at_step": tp.found_at_step,
+            "found_at_epoch": -(-tp.found_at_step // steps_per_epoch)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--algorithm", default="lora")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--seeds-per-prompt", type=int, default=2)
+    args = ap.parse_args(argv)
+    from lorakit.train import train
+
+    data = args.out.parent / "zkz-data"
+    if not data.exists():
+        concept.write_concept_dataset(data)
+    cfg = curve_config(args.out, data, args.algorithm, args.lr, args.seed, args.epochs, args.rank, args.model)
+    if not (args.out / "summary.json").exists():
+        train(replace(cfg), progress=False)
+    rows = score_run(args.out, args.model, args.seeds_per_prompt)
+    for r in rows:
+        s = r["success_by_type"]
+        print(f"epoch {r['epoch']:3d}  fidelity {r['fidelity']:.2f}  alter-success {s.get('alter', 0):.2f}  "
+              f"control {r['controllability']:.2f}  leak {r['leak']:.2f}")
+    print("overfitting onset (alter success peak): epoch", overfitting_onset(rows))
+    print("CS-Fluctuation turning point:", turning_epoch(args.out))
+
+
+if __name__ == "__main__":
+    main()
