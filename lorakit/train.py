@@ -373,7 +373,7 @@ def _nan_message(run: RunFolder, step: int, epoch: int) -> str:
 
 def _summary_text(s: dict[str, Any]) -> str:
     lines = [f"lorakit train: {s['method']} — {s['steps']} steps in {s['epochs_run']} epochs, {s['seconds']} s",
-             f"  data: {s['data']}", f"  trained: {s['trained']}"]
+             "  data: " + s["data"].replace("\n", "\n        "), f"  trained: {s['trained']}"]
     if s["stopped_early"]:
         tp = s["turning_point"]
         lines.append(f"  early stop: CS-Fluctuation turning point at step {tp['step']}; "

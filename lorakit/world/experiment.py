@@ -75,15 +75,17 @@ def score(model: BaseModel, seeds_per_prompt: int, adapter: Path | None = None) 
             network.remove()
 
 
-def score_run(run_dir: Path, model_spec: str | None = None, seeds_per_prompt: int = 2) -> list[dict]:
-    """Scores of epoch 0 (the base model) and of every saved epoch, cached in ``run_dir/curve.json``."""
+def score_run(run_dir: Path, model_spec: str | None = None, seeds_per_prompt: int = 2,
+              every: int = 1) -> list[dict]:
+    """Scores of epoch 0 (the base model) and of every ``every``-th saved epoch, cached in ``run_dir/curve.json``."""
     cache = run_dir / "curve.json"
     rows = json.loads(cache.read_text()) if cache.exists() else []
     done = {r["epoch"] for r in rows}
     model = load_base_model(model_spec)
     checkpoints = [(0, None)] + [(c.epoch, c.tensors_path) for c in RunFolder(run_dir, "resume").checkpoints()]
+    last = checkpoints[-1][0]
     for epoch, path in checkpoints:
-        if epoch in done:
+        if epoch in done or (epoch % every and epoch != last):
             continue
         rows.append({"epoch": epoch, **score(model, seeds_per_prompt, path)})
         rows.sort(key=lambda r: r["epoch"])
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--model", default=None)
     ap.add_argument("--seeds-per-prompt", type=int, default=2)
+    ap.add_argument("--score-every", type=int, default=1, help="score every k-th epoch's checkpoint")
     args = ap.parse_args(argv)
     from lorakit.train import train
 
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = curve_config(args.out, data, args.algorithm, args.lr, args.seed, args.epochs, args.rank, args.model)
     if not (args.out / "summary.json").exists():
         train(replace(cfg), progress=False)
-    rows = score_run(args.out, args.model, args.seeds_per_prompt)
+    rows = score_run(args.out, args.model, args.seeds_per_prompt, args.score_every)
     for r in rows:
         s = r["success_by_type"]
         print(f"epoch {r['epoch']:3d}  fidelity {r['fidelity']:.2f}  alter-success {s.get('alter', 0):.2f}  "

@@ -1,0 +1,61 @@
+"""The shipped built-in model: it loads offline through diffusers and draws what held-out prompts ask for.
+
+The floors are the accuracies measured on this fixed seed set when the model was shipped (README table), less
+a margin for CPU kernels that differ in the last bits between machines; they guard against a broken loader,
+tokenizer or scheduler config, which drop every attribute to chance (shape 20%, color 17%, position 11%).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from lorakit.models import builtin_model_path, load_base_model
+from lorakit.world import quality
+
+pytestmark = pytest.mark.slow
+
+# measured on quality.evaluate(count=24, seed=0) when the step-6000 model shipped: shape 45.8%, color 100%,
+# position 12.5%, size 91.7%, background 83.3%; floors are those less ~2 images.  Position is at chance (1/9):
+# the shipped model has not learned it yet, so it has no floor here (see test_quality_bar_of_issue_3).
+FLOORS = {"shape": 0.375, "color": 0.916, "size": 0.833, "background": 0.75}
+BAR = 0.8  # issue 3: shape, color and position each right in >= 80% of held-out samples
+
+
+def test_shipped_files_and_provenance():
+    root = builtin_model_path()
+    made_by = (root / "MADE_BY.txt").read_text()
+    assert "lorakit.world.pretrain" in made_by and "--seed 0" in made_by
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert size <= 40 * 2**20, f"built-in model is {size / 2**20:.1f} MB (limit 40 MB)"
+    index = json.loads((root / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_loads_offline_in_diffusers():
+    pipe = StableDiffusionPipeline.from_pretrained(builtin_model_path(), safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    image = pipe("a large red circle in the center, white background", num_inference_steps=4, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+
+
+@pytest.fixture(scope="module")
+def report() -> quality.QualityReport:
+    return quality.evaluate(load_base_model(None), count=24, seed=0, progress=False)
+
+
+def test_held_out_prompts_are_drawn_as_asked(report):
+    print(report.table())
+    for attribute, floor in FLOORS.items():
+        assert report.accuracy[attribute] >= floor, (attribute, report.accuracy)
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped model is short of the bar on shape (46%) and position (12%): "
+                                       "it needs more pretraining steps (MADE_BY.txt)")
+def test_quality_bar_of_issue_3(report):
+    for attribute in ("shape", "color", "position"):
+        assert report.accuracy[attribute] >= BAR, (attribute, report.accuracy)
