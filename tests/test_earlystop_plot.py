@@ -41,6 +41,14 @@ def test_plot_from_json_by_epoch_and_with_an_explicit_step(tmp_path):
         plot_cs_fluctuation(history, tmp_path / "c.png", x="time")
 
 
+def test_a_run_shorter_than_the_lag_still_plots(tmp_path):
+    """One short epoch: CSF exists for fewer samples than its lag (the built-in job with --epochs 1 hit this)."""
+    monitor = monitored(20, stop=False)
+    assert len(monitor.history.csf) <= monitor.history.lag
+    path = plot_cs_fluctuation(monitor.history, tmp_path / "short.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
 def test_a_failed_write_leaves_the_old_file_alone(tmp_path, monkeypatch):
     path = tmp_path / "csf.png"
     path.write_bytes(b"old")

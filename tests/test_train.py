@@ -364,3 +364,18 @@ def test_cli_train_runs_a_config_and_flags(tiny_model_dir, dataset, tmp_path, ca
     assert 'preset = "attn-only"' in (out / "config.toml").read_text()
     assert main(["train", str(config), "--set", "network.rnak=4"]) == 2
     assert "did you mean 'rank'" in capsys.readouterr().err
+
+
+def test_cli_builtin_default_job(tmp_path, capsys):
+    """`lorakit train` with no data: the concept is rendered next to the output and trained on the built-in model."""
+    from lorakit.cli import main
+
+    out = tmp_path / "job"
+    assert main(["train", "--out", str(out), "--print-config", "--lr", "0.001"]) == 0
+    printed = capsys.readouterr().out
+    assert 'preset = "full"' in printed and "learning_rate = 0.001" in printed  # the user's flag wins
+    assert main(["train", "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
+    summary = capsys.readouterr().out
+    assert "38 steps in 1 epochs" in summary and (out / "lorakit.safetensors").exists()
+    assert (tmp_path / "job-data" / "10_zkz shape").is_dir()
+    assert sorted(p.name for p in (out / "samples").glob("*.png"))

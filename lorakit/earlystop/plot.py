@@ -59,7 +59,8 @@ def plot_cs_fluctuation(history: History | Mapping[str, Any], path: str | os.Pat
     # CSF is drawn at the step each value refers to (``lag`` samples before it is known), so that its valley
     # and the dashed turning-point line coincide, as in the paper's figures
     csf = np.full(len(h.csf), np.nan)
-    csf[: len(h.csf) - h.lag] = h.csf[h.lag:]
+    shift = min(h.lag, len(h.csf))  # a run shorter than the lag has no CSF value to draw yet
+    csf[: len(h.csf) - shift] = h.csf[shift:]
     right.plot(xs, csf, color="tab:green", lw=1.8, label=f"CS-Fluctuation (drawn {h.lag} samples early)")
     right.set_ylabel(f"CS-Fluctuation (Var/lr, lr={h.lr:g})", color="tab:green")
     right.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))

@@ -31,12 +31,13 @@ from lorakit.world.metrics import world_metrics
 
 
 def curve_config(out: Path, data: Path, algorithm: str = "lora", lr: float = 1e-3, seed: int = 0,
-                 epochs: int = 20, rank: int = 8, model: str | None = None) -> TrainConfig:
+                 epochs: int = 20, rank: int = 8, model: str | None = None, preset: str = "full") -> TrainConfig:
     cfg = TrainConfig()
     cfg.model.base = model
     cfg.data.train_data = str(data)
     cfg.data.batch_size = 4
     cfg.network.algorithm = algorithm
+    cfg.network.preset = preset
     cfg.network.rank = rank
     cfg.network.alpha = float(rank)
     if algorithm == "lokr":
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--preset", default="full", help="where adapters go (full: attention, MLP and convs = LoCon)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--seeds-per-prompt", type=int, default=2)
     ap.add_argument("--score-every", type=int, default=1, help="score every k-th epoch's checkpoint")
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     data = args.out.parent / "zkz-data"
     if not data.exists():
         concept.write_concept_dataset(data)
-    cfg = curve_config(args.out, data, args.algorithm, args.lr, args.seed, args.epochs, args.rank, args.model)
+    cfg = curve_config(args.out, data, args.algorithm, args.lr, args.seed, args.epochs, args.rank, args.model,
+                       args.preset)
     if not (args.out / "summary.json").exists():
         train(replace(cfg), progress=False)
     rows = score_run(args.out, args.model, args.seeds_per_prompt, args.score_every)

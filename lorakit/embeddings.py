@@ -1,0 +1,79 @@
+"""Use a textual-inversion embedding: add its token(s) to a model's tokenizer and text encoder.
+
+Reads the files lorakit writes (``{"clip_l": [n, d]}`` with ``lorakit_ti_token`` metadata) and the common
+single-tensor layouts other tools write (A1111's ``emb_params``, diffusers' ``{token: tensor}``).  A file
+with n vectors becomes the tokens ``tok tok_1 ... tok_{n-1}``; ``expand_prompt`` rewrites ``tok`` in a prompt
+to all of them, as training did.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lorakit.errors import LorakitError
+from lorakit.models import BaseModel
+
+
+class EmbeddingError(LorakitError):
+    """An embedding file that cannot be used with this model."""
+
+
+@dataclass
+class LoadedEmbedding:
+    token: str
+    tokens: list[str]
+
+    def expand_prompt(self, prompt: str) -> str:
+        if len(self.tokens) == 1:
+            return prompt
+        return re.sub(rf"(?<![\w]){re.escape(self.token)}(?![\w])", " ".join(self.tokens), prompt)
+
+
+def read_embedding(path: str | Path) -> tuple[torch.Tensor, str | None]:
+    """The ``[n, dim]`` vectors of an embedding file and the token its metadata names (if any)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise EmbeddingError(f"{path}: embeddings are read from .safetensors files only (never unpickled)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+            meta = f.metadata() or {}
+            key = next((k for k in ("clip_l", "emb_params") if k in keys), keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise EmbeddingError(f"{path}: expected one tensor ('clip_l' or 'emb_params'), found keys {keys}")
+            vectors = f.get_tensor(key)
+    except EmbeddingError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise EmbeddingError(f"{path}: not a readable safetensors file ({e})") from e
+    if vectors.ndim == 1:
+        vectors = vectors[None]
+    if vectors.ndim != 2:
+        raise EmbeddingError(f"{path}: tensor {key!r} has shape {tuple(vectors.shape)}, expected [vectors, dim]")
+    return vectors, meta.get("lorakit_ti_token")
+
+
+def load_embedding(model: BaseModel, path: str | Path, token: str | None = None) -> LoadedEmbedding:
+    """Add the embedding of ``path`` to ``model`` under ``token`` (default: the token saved in the file)."""
+    vectors, saved_token = read_embedding(path)
+    token = token or saved_token
+    if not token:
+        raise EmbeddingError(f"{path}: the file names no token; pass one (e.g. token='zkz')")
+    te, tok = model.text_encoder, model.tokenizer
+    emb = te.get_input_embeddings().weight
+    if vectors.shape[1] != emb.shape[1]:
+        raise EmbeddingError(f"{path}: vectors of size {vectors.shape[1]}, but this text encoder's embeddings have "
+                             f"size {emb.shape[1]} (an embedding for another model)")
+    tokens = [token] + [f"{token}_{i}" for i in range(1, vectors.shape[0])]
+    if tok.add_tokens(tokens) != len(tokens):
+        raise EmbeddingError(f"{path}: token {token!r} (or one of {tokens}) is already in the vocabulary")
+    te.resize_token_embeddings(len(tok))
+    ids = tok.convert_tokens_to_ids(tokens)
+    with torch.no_grad():
+        te.get_input_embeddings().weight[ids] = vectors.to(emb.dtype)
+    return LoadedEmbedding(token, tokens)
