@@ -1,0 +1,50 @@
+"""Textual-inversion files load into a model: lorakit's own layout and other tools' single-tensor files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lorakit.embeddings import EmbeddingError, load_embedding
+from lorakit.models import load_base_model
+
+
+@pytest.fixture
+def model(tiny_model_dir):
+    return load_base_model(tiny_model_dir)
+
+
+def test_lorakit_file_adds_tokens_with_their_vectors(model, tmp_path):
+    dim = model.text_encoder.get_input_embeddings().weight.shape[1]
+    vectors = torch.randn(2, dim)
+    path = tmp_path / "zkz.safetensors"
+    save_file({"clip_l": vectors}, str(path), metadata={"lorakit_ti_token": "zkz"})
+    loaded = load_embedding(model, path)
+    assert loaded.tokens == ["zkz", "zkz_1"]
+    assert loaded.expand_prompt("a zkz shape, zkzz") == "a zkz zkz_1 shape, zkzz"
+    ids = model.tokenizer.convert_tokens_to_ids(loaded.tokens)
+    assert torch.equal(model.text_encoder.get_input_embeddings().weight[ids], vectors)
+    assert model.tokenizer("a zkz").input_ids[2] == ids[0]  # one token, not BPE pieces
+
+
+def test_a1111_layout_needs_a_token_and_the_right_size(model, tmp_path):
+    dim = model.text_encoder.get_input_embeddings().weight.shape[1]
+    path = tmp_path / "emb.safetensors"
+    save_file({"emb_params": torch.randn(1, dim)}, str(path))
+    with pytest.raises(EmbeddingError, match="names no token"):
+        load_embedding(model, path)
+    assert load_embedding(model, path, token="qwx").tokens == ["qwx"]
+    wrong = tmp_path / "sdxl.safetensors"
+    save_file({"clip_l": torch.randn(1, dim + 1)}, str(wrong))
+    with pytest.raises(EmbeddingError, match=f"size {dim + 1}.*another model"):
+        load_embedding(model, wrong, token="other")
+
+
+def test_pickles_and_broken_files_are_refused(model, tmp_path):
+    with pytest.raises(EmbeddingError, match="never unpickled"):
+        load_embedding(model, tmp_path / "emb.pt", token="x")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00not a header")
+    with pytest.raises(EmbeddingError, match="broken.safetensors: not a readable"):
+        load_embedding(model, broken, token="x")
