@@ -28,9 +28,16 @@ class RunResult:
     fidelity: list[float]
     alter_success: list[float]
     control: list[float]
+    color_control: list[float]
     onset: int
     turning: dict[str, int | None]  # rule name -> turning-point epoch (None: never decided)
     found: dict[str, int | None]  # rule name -> epoch at which the rule had decided
+
+    @property
+    def fidelity_peak(self) -> int:
+        """The epoch where smoothed fidelity peaks (the concept is learned best; later it degrades)."""
+        smoothed = smooth(self.fidelity)
+        return self.epochs[max(range(len(self.epochs)), key=lambda i: (smoothed[i], -i))]
 
     def at(self, epoch: int | None, series: list[float]) -> float | None:
         """The series at the scored epoch nearest ``epoch``."""
@@ -59,7 +66,9 @@ def load_run(run_dir: Path) -> RunResult:
         seed=cfg["training"]["seed"], epochs=[r["epoch"] for r in rows],
         fidelity=[r["fidelity"] for r in rows],
         alter_success=[r["success_by_type"].get("alter", 0.0) for r in rows],
-        control=[r["controllability"] for r in rows], onset=overfitting_onset(rows), turning=turning, found=found)
+        control=[r["controllability"] for r in rows],
+        color_control=[r["controllability_by_attribute"].get("color", 0.0) for r in rows],
+        onset=overfitting_onset(rows), turning=turning, found=found)
 
 
 def find_runs(root: Path) -> list[RunResult]:
@@ -71,17 +80,24 @@ def _fmt(value: float | None) -> str:
 
 
 def markdown_table(runs: list[RunResult]) -> str:
-    head = ("| run | algorithm | lr | seed | onset (epoch) | alter success at onset | second valley: TP epoch "
-            "(decided) | alter success at TP | calm rule: TP epoch (decided) | alter success at TP | "
-            "final epoch: fidelity / alter success |")
-    lines = [head, "|" + "---|" * 11]
+    head = ("| run | fidelity peak: epoch (fidelity / control) | alter-success peak: epoch (value) | "
+            "second valley TP: epoch, decided at (fidelity / control) | calm rule TP: epoch, decided at "
+            "(fidelity / control) | epoch 0 → last: fidelity, control |")
+    lines = [head, "|" + "---|" * 6]
+
+    def cell(r: RunResult, epoch: int | None, found: int | None = None) -> str:
+        if epoch is None:
+            return "never"
+        when = f", {found}" if found is not None else ""
+        return f"{epoch}{when} ({_fmt(r.at(epoch, r.fidelity))} / {_fmt(r.at(epoch, r.control))})"
+
     for r in runs:
-        sv, calm = r.turning["second-valley"], r.turning["calm"]
         lines.append(
-            f"| {r.name} | {r.algorithm} | {r.lr:g} | {r.seed} | {r.onset} | {_fmt(r.at(r.onset, r.alter_success))} | "
-            f"{sv if sv is not None else 'none'} ({r.found['second-valley'] or '—'}) | "
-            f"{_fmt(r.at(sv, r.alter_success))} | {calm if calm is not None else 'none'} ({r.found['calm'] or '—'}) | "
-            f"{_fmt(r.at(calm, r.alter_success))} | {r.fidelity[-1]:.2f} / {r.alter_success[-1]:.2f} |")
+            f"| {r.algorithm} lr {r.lr:g} seed {r.seed} | {cell(r, r.fidelity_peak)} | "
+            f"{r.onset} ({_fmt(r.at(r.onset, r.alter_success))}) | "
+            f"{cell(r, r.turning['second-valley'], r.found['second-valley'])} | "
+            f"{cell(r, r.turning['calm'], r.found['calm'])} | "
+            f"{r.fidelity[0]:.2f} → {r.fidelity[-1]:.2f}, {r.control[0]:.2f} → {r.control[-1]:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -93,10 +109,13 @@ def summary_lines(runs: list[RunResult]) -> list[str]:
         if not fired:
             out.append(f"{name}: never fired in {len(runs)} runs")
             continue
-        err = sum(abs(r.turning[name] - r.onset) for r in fired) / len(fired)
-        kept = [r.at(r.turning[name], r.alter_success) / max(r.at(r.onset, r.alter_success), 1e-9) for r in fired]
-        out.append(f"{name}: fired in {len(fired)}/{len(runs)} runs, mean |TP - onset| = {err:.1f} epochs, "
-                   f"alter success at TP / at onset = {sum(kept) / len(kept):.2f} (mean)")
+        err = sum(abs(r.turning[name] - r.fidelity_peak) for r in fired) / len(fired)
+        early = sum(r.turning[name] < r.fidelity_peak for r in fired)
+        kept = [r.at(r.turning[name], r.fidelity) / r.at(r.fidelity_peak, r.fidelity) for r in fired
+                if r.at(r.fidelity_peak, r.fidelity) > 0] or [float("nan")]
+        out.append(f"{name}: fired in {len(fired)}/{len(runs)} runs, {early} of them before the fidelity peak; "
+                   f"mean |TP - fidelity peak| = {err:.1f} epochs; fidelity at TP / at the peak = "
+                   f"{sum(kept) / len(kept):.2f} (mean)")
     return out
 
 
@@ -106,19 +125,20 @@ def plot_run(run: RunResult, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.2))
     ax.plot(run.epochs, run.fidelity, "o-", label="fidelity (concept drawn)")
     ax.plot(run.epochs, run.alter_success, "s-", label="alter prompts: concept + new color/position obeyed")
     ax.plot(run.epochs, smooth(run.alter_success), ":", color="C1", label="alter success, smoothed")
     ax.plot(run.epochs, run.control, "^-", label="controllability (all prompts)")
-    ax.axvline(run.onset, color="k", linestyle="--", label=f"measured onset (epoch {run.onset})")
+    ax.plot(run.epochs, run.color_control, "v-", label="color obeyed (all prompts)")
+    ax.axvline(run.fidelity_peak, color="k", linestyle="--", label=f"fidelity peak (epoch {run.fidelity_peak})")
     for name, style in (("second-valley", "C3"), ("calm", "C4")):
         if run.turning[name] is not None:
             ax.axvline(run.turning[name], color=style, linestyle="-.", label=f"{name} TP (epoch {run.turning[name]})")
     ax.set_xlabel("epoch")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"{run.algorithm}, lr {run.lr:g}, seed {run.seed}")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
