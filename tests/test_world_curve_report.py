@@ -44,7 +44,9 @@ def test_table_and_plot_from_run_folders(tmp_path):
     write_run(tmp_path / "run", fidelity=[0, .1, .3, .6, .8, .7, .5, .4, .3, .3, .3, .3],
               alter=[0, .1, .2, .4, .3, .2, .1, 0, 0, 0, 0, 0],
               control=[.9, .9, .85, .8, .6, .5, .4, .3, .3, .3, .3, .3], cs=cs)
-    (tmp_path / "unscored").mkdir()  # a run still training has no curve.json and is left out
+    (tmp_path / "unscored").mkdir()  # runs still training (no curve.json, or only the base scored): left out
+    (tmp_path / "base-only").mkdir()
+    (tmp_path / "base-only" / "curve.json").write_text(json.dumps([row(0, 0, 0, 0.9)]))
     runs = curve_report.find_runs(tmp_path)
     assert len(runs) == 1
     run = runs[0]

@@ -72,7 +72,9 @@ def load_run(run_dir: Path) -> RunResult:
 
 
 def find_runs(root: Path) -> list[RunResult]:
-    return [load_run(p.parent) for p in sorted(root.glob("*/curve.json"))]
+    """Every run under ``root`` with at least one scored checkpoint (runs still training are left out)."""
+    scored = [p for p in sorted(root.glob("*/curve.json")) if any(r["epoch"] >= 1 for r in json.loads(p.read_text()))]
+    return [load_run(p.parent) for p in scored]
 
 
 def _fmt(value: float | None) -> str:
