@@ -133,6 +133,10 @@ class EarlyStopConfig:
     window: int | None = None
     #: compute CS every this many steps
     interval: int = 1
+    #: turning-point rule: "second-valley" (the paper's) or "calm" (CSF stays small for a window)
+    rule: str = "second-valley"
+    #: the rule's options, e.g. {prominence = 0.05} or {threshold = 0.1, patience = 1.0}
+    rule_args: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -167,6 +171,8 @@ class TrainConfig:
             (self.optimizer.learning_rate > 0, "optimizer.learning_rate", "positive"),
             (self.early_stop.mode in ("cs-fluctuation", "report", "off"), "early_stop.mode",
              "cs-fluctuation, report or off"),
+            (self.early_stop.rule.replace("-", "_") in ("second_valley", "calm"), "early_stop.rule",
+             "second-valley or calm"),
             (self.output.if_exists in ("error", "resume", "overwrite"), "output.if_exists",
              "error, resume or overwrite"),
             (0 <= self.data.caption_dropout_rate <= 1, "data.caption_dropout_rate", "between 0 and 1"),
@@ -175,6 +181,12 @@ class TrainConfig:
         for ok, key, expected in checks:
             if not ok:
                 raise ConfigError(f"{key} must be {expected}")
+        from lorakit.earlystop import rule_from_dict
+
+        try:  # the rule's own checks (unknown option, prominence out of range, ...)
+            rule_from_dict({"name": self.early_stop.rule.replace("-", "_"), **self.early_stop.rule_args})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"early_stop.rule_args: {e}") from e
         return self
 
     def to_dict(self) -> dict[str, Any]:

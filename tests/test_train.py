@@ -379,3 +379,24 @@ def test_cli_builtin_default_job(tmp_path, capsys):
     assert "38 steps in 1 epochs" in summary and (out / "lorakit.safetensors").exists()
     assert (tmp_path / "job-data" / "10_zkz shape").is_dir()
     assert sorted(p.name for p in (out / "samples").glob("*.png"))
+
+
+def test_early_stop_rule_is_configurable(tiny_model_dir, dataset, tmp_path, monkeypatch):
+    import lorakit.train as train_module
+    from lorakit.config import ConfigError
+    from lorakit.earlystop import CalmRule
+
+    seen = []
+
+    class Recording(train_module.CSFluctuationMonitor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.rule)
+
+    monkeypatch.setattr(train_module, "CSFluctuationMonitor", Recording)
+    run_train(make_config(tiny_model_dir, dataset, tmp_path / "run", training={"max_epochs": 1},
+                          early_stop={"mode": "report", "rule": "calm", "rule_args": {"threshold": 0.2}}))
+    assert seen == [CalmRule(threshold=0.2)]
+    for bad in ({"rule": "third-valley"}, {"rule_args": {"prominence": 2.0}}, {"rule_args": {"patience": 1}}):
+        with pytest.raises(ConfigError, match="early_stop.rule"):
+            make_config(tiny_model_dir, dataset, tmp_path / "x", early_stop=bad).validate()
