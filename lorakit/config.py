@@ -138,6 +138,12 @@ class EarlyStopConfig:
     #: the rule's options, e.g. {prominence = 0.05} or {threshold = 0.1, patience = 1.0}
     rule_args: dict = field(default_factory=dict)
 
+    def make_rule(self):
+        """The configured turning-point rule (raises ValueError/TypeError for an unknown rule or option)."""
+        from lorakit.earlystop import rule_from_dict
+
+        return rule_from_dict({"name": self.rule.replace("-", "_"), **self.rule_args})
+
 
 @dataclass
 class OutputConfig:
@@ -181,10 +187,8 @@ class TrainConfig:
         for ok, key, expected in checks:
             if not ok:
                 raise ConfigError(f"{key} must be {expected}")
-        from lorakit.earlystop import rule_from_dict
-
         try:  # the rule's own checks (unknown option, prominence out of range, ...)
-            rule_from_dict({"name": self.early_stop.rule.replace("-", "_"), **self.early_stop.rule_args})
+            self.early_stop.make_rule()
         except (TypeError, ValueError) as e:
             raise ConfigError(f"early_stop.rule_args: {e}") from e
         return self

@@ -23,15 +23,34 @@ class EmbeddingError(LorakitError):
     """An embedding file that cannot be used with this model."""
 
 
+def token_names(token: str, vectors: int) -> list[str]:
+    """The tokens an embedding of ``vectors`` vectors stands for: ``tok tok_1 ... tok_{n-1}``."""
+    return [token] + [f"{token}_{i}" for i in range(1, vectors)]
+
+
+def expand_tokens(prompt: str, tokens: list[str]) -> str:
+    """Rewrite the word ``tokens[0]`` in ``prompt`` to all of ``tokens`` (as training and sampling see it)."""
+    if len(tokens) == 1:
+        return prompt
+    return re.sub(rf"(?<![\w]){re.escape(tokens[0])}(?![\w])", " ".join(tokens), prompt)
+
+
+def register_tokens(model: BaseModel, tokens: list[str]) -> list[int] | None:
+    """Add ``tokens`` to the tokenizer and rows for them to the text encoder; their ids, or ``None`` when one
+    of them is already a single token of the vocabulary."""
+    if model.tokenizer.add_tokens(tokens) != len(tokens):
+        return None
+    model.text_encoder.resize_token_embeddings(len(model.tokenizer))
+    return model.tokenizer.convert_tokens_to_ids(tokens)
+
+
 @dataclass
 class LoadedEmbedding:
     token: str
     tokens: list[str]
 
     def expand_prompt(self, prompt: str) -> str:
-        if len(self.tokens) == 1:
-            return prompt
-        return re.sub(rf"(?<![\w]){re.escape(self.token)}(?![\w])", " ".join(self.tokens), prompt)
+        return expand_tokens(prompt, self.tokens)
 
 
 def read_embedding(path: str | Path) -> tuple[torch.Tensor, str | None]:
@@ -64,16 +83,14 @@ def load_embedding(model: BaseModel, path: str | Path, token: str | None = None)
     token = token or saved_token
     if not token:
         raise EmbeddingError(f"{path}: the file names no token; pass one (e.g. token='zkz')")
-    te, tok = model.text_encoder, model.tokenizer
-    emb = te.get_input_embeddings().weight
+    emb = model.text_encoder.get_input_embeddings().weight
     if vectors.shape[1] != emb.shape[1]:
         raise EmbeddingError(f"{path}: vectors of size {vectors.shape[1]}, but this text encoder's embeddings have "
                              f"size {emb.shape[1]} (an embedding for another model)")
-    tokens = [token] + [f"{token}_{i}" for i in range(1, vectors.shape[0])]
-    if tok.add_tokens(tokens) != len(tokens):
+    tokens = token_names(token, vectors.shape[0])
+    ids = register_tokens(model, tokens)
+    if ids is None:
         raise EmbeddingError(f"{path}: token {token!r} (or one of {tokens}) is already in the vocabulary")
-    te.resize_token_embeddings(len(tok))
-    ids = tok.convert_tokens_to_ids(tokens)
     with torch.no_grad():
-        te.get_input_embeddings().weight[ids] = vectors.to(emb.dtype)
+        model.text_encoder.get_input_embeddings().weight[ids] = vectors.to(emb.dtype)
     return LoadedEmbedding(token, tokens)

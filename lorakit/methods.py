@@ -18,6 +18,7 @@ from torch import nn
 from lorakit.blocks import BlockRanks
 from lorakit.config import TrainConfig
 from lorakit.earlystop.cs import CSMeter, cs_native
+from lorakit.embeddings import expand_tokens, register_tokens, token_names
 from lorakit.formats import save_network
 from lorakit.models import BaseModel
 from lorakit.network import AdapterNetwork, UniformRanks, create_network, get_preset, select_targets
@@ -204,17 +205,16 @@ class TextualInversion(TrainingMethod):
         if not token:
             raise ValueError("textual inversion needs a token: set method.ti_token or data.trigger")
         self.token = token
-        self.tokens = [token] + [f"{token}_{i}" for i in range(1, cfg.method.ti_vectors)]
+        self.tokens = token_names(token, cfg.method.ti_vectors)
         tok, te = model.tokenizer, model.text_encoder
-        added = tok.add_tokens(self.tokens)
-        if added != len(self.tokens):
+        ids = register_tokens(model, self.tokens)
+        if ids is None:
             raise ValueError(f"textual inversion: token {token!r} (or one of {self.tokens}) is already in the "
                              "tokenizer's vocabulary as a single token; choose a new word")
         init_ids = tok(cfg.method.ti_init_word, add_special_tokens=False).input_ids
         if not init_ids:
             raise ValueError(f"textual inversion: init word {cfg.method.ti_init_word!r} gives no tokens")
-        te.resize_token_embeddings(len(tok))
-        self.ids = tok.convert_tokens_to_ids(self.tokens)
+        self.ids = ids
         emb = te.get_input_embeddings().weight
         with torch.no_grad():
             for i, token_id in enumerate(self.ids):
@@ -247,10 +247,7 @@ class TextualInversion(TrainingMethod):
             self.embedding[self.ids] = tensors["clip_l"].to(self.embedding.dtype)
 
     def expand_prompt(self, prompt: str) -> str:
-        if len(self.tokens) == 1:
-            return prompt
-        import re
-        return re.sub(rf"(?<![\w]){re.escape(self.token)}(?![\w])", " ".join(self.tokens), prompt)
+        return expand_tokens(prompt, self.tokens)
 
     def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
         from lorakit.formats import write_adapter

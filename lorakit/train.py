@@ -24,7 +24,7 @@ from tqdm import tqdm
 from lorakit.checkpoints import RunFolder, atomic_write_json, atomic_write_text
 from lorakit.config import TrainConfig, to_toml
 from lorakit.data import DataConfig, TrainingData
-from lorakit.earlystop import CSFluctuationMonitor, plot_cs_fluctuation, rule_from_dict
+from lorakit.earlystop import CSFluctuationMonitor, plot_cs_fluctuation
 from lorakit.errors import LorakitError
 from lorakit.loss import add_training_noise, diffusion_loss
 from lorakit.methods import TrainingMethod, make_method
@@ -222,8 +222,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     meter = method.cs_meter()
     if cfg.early_stop.mode != "off" and meter is not None:
         window = cfg.early_stop.window or max(1, steps_per_epoch // cfg.early_stop.interval)
-        rule = rule_from_dict({"name": cfg.early_stop.rule.replace("-", "_"), **cfg.early_stop.rule_args})
-        monitor = CSFluctuationMonitor(window=window, lr=unet_lr, rule=rule,
+        monitor = CSFluctuationMonitor(window=window, lr=unet_lr, rule=cfg.early_stop.make_rule(),
                                        report_only=cfg.early_stop.mode == "report")
 
     # resume

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit.config import load_config
 from lorakit.earlystop import CalmRule, SecondValley
 from lorakit.world.experiment import overfitting_onset, smooth, turning_epoch
 
@@ -47,23 +48,17 @@ class RunResult:
         return series[i]
 
 
-def _config(run_dir: Path) -> dict:
-    import tomllib
-
-    return tomllib.loads((run_dir / "config.toml").read_text())
-
-
 def load_run(run_dir: Path) -> RunResult:
     rows = json.loads((run_dir / "curve.json").read_text())
-    cfg = _config(run_dir)
+    cfg = load_config(run_dir / "config.toml")
     turning, found = {}, {}
     for name, rule in RULES.items():
         tp = turning_epoch(run_dir, rule)
         turning[name] = None if tp is None else tp["epoch"]
         found[name] = None if tp is None else tp["found_at_epoch"]
     return RunResult(
-        name=run_dir.name, algorithm=cfg["network"]["algorithm"], lr=cfg["optimizer"]["learning_rate"],
-        seed=cfg["training"]["seed"], epochs=[r["epoch"] for r in rows],
+        name=run_dir.name, algorithm=cfg.network.algorithm, lr=cfg.optimizer.learning_rate,
+        seed=cfg.training.seed, epochs=[r["epoch"] for r in rows],
         fidelity=[r["fidelity"] for r in rows],
         alter_success=[r["success_by_type"].get("alter", 0.0) for r in rows],
         control=[r["controllability"] for r in rows],
