@@ -131,6 +131,13 @@ def test_alter_and_style_prompts_ask_for_what_the_set_never_shows():
         if p.type == "style":
             assert p.expected["background"] in NEW_BACKGROUNDS
     alter = [p for p in prompts if p.type == "alter"]
+    for p in alter + [p for p in prompts if p.type == "style"]:
+        # ``changes`` names exactly the requested attributes the training set never shows
+        novel = {"color": p.expected.get("color") not in TRAIN_COLORS,
+                 "position": p.expected.get("position") not in TRAIN_POSITIONS,
+                 "background": p.expected.get("background") not in TRAIN_BACKGROUNDS}
+        assert set(p.changes) == {a for a, new in novel.items() if new}, p
+    assert all(p.changes == () for p in prompts if p.type not in ("alter", "style"))
     assert {p.expected["color"] for p in alter} >= {"blue", "green", "purple", "orange"}
     assert {p.expected["position"] for p in alter} >= {"top left", "top", "top right", "bottom"}
     assert {p.expected["background"] for p in prompts if p.type == "style"} == set(NEW_BACKGROUNDS)

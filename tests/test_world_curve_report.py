@@ -6,16 +6,21 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from lorakit.config import TrainConfig, to_toml
 from lorakit.earlystop import CSFluctuationMonitor
 from lorakit.world import curve_report
-from lorakit.world.experiment import overfitting_onset
+from lorakit.world.experiment import change_success, overfitting_onset, score_run
 
 
 def row(epoch: int, fidelity: float, alter: float, control: float) -> dict:
+    """A scored epoch: ``alter`` is the success on new colors; new positions always fail (as with a base model
+    that cannot place objects), new backgrounds succeed as often as new colors."""
     return {"epoch": epoch, "fidelity": fidelity, "controllability": control,
-            "controllability_by_attribute": {"color": control}, "success_by_type": {"alter": alter}}
+            "controllability_by_attribute": {"color": control},
+            "success_by_change": {"color": alter, "position": 0.0, "background": alter},
+            "counts_by_change": {"color": 6, "position": 8, "background": 6}}
 
 
 def write_run(folder, fidelity, alter, control, cs) -> None:
@@ -33,9 +38,24 @@ def write_run(folder, fidelity, alter, control, cs) -> None:
     (folder / "cs_history.json").write_text(json.dumps(monitor.history.to_dict()))
 
 
-def test_onset_is_the_smoothed_alter_peak():
+def test_onset_is_the_smoothed_peak_of_success_on_changed_prompts():
     rows = [row(e, 0, a, 0) for e, a in enumerate([0.0, 0.1, 0.5, 0.6, 0.5, 0.1, 0.0])]
+    assert overfitting_onset(rows, ("color",)) == 3
+    assert overfitting_onset(rows, ("color", "background")) == 3
+    # pooled by image counts: 6 color images at 0.6 and 8 position images at 0
+    assert change_success(rows[3], ("color", "position")) == pytest.approx(0.6 * 6 / 14)
+    assert change_success(rows[3], ("size",)) == 0.0  # nothing scored changes it
+    # the onset with position pooled in still peaks where color does (position is flat)
     assert overfitting_onset(rows) == 3
+    # a late, lower bump does not move the onset; ties go to the earlier epoch
+    late = [row(e, 0, a, 0) for e, a in enumerate([0.0, 0.4, 0.4, 0.4, 0.1, 0.0, 0.3, 0.3, 0.3])]
+    assert overfitting_onset(late, ("color",)) == 2
+
+
+def test_score_run_refuses_a_cache_scored_differently(tmp_path):
+    (tmp_path / "curve.json").write_text(json.dumps([{"epoch": 0, "types": None, "seeds_per_prompt": 1}]))
+    with pytest.raises(ValueError, match="scored with"):
+        score_run(tmp_path, seeds_per_prompt=1, types=("alter",))
 
 
 def test_table_and_plot_from_run_folders(tmp_path):
@@ -54,9 +74,10 @@ def test_table_and_plot_from_run_folders(tmp_path):
     assert run.fidelity_peak == 4 and run.onset == 3
     assert run.turning["second-valley"] is not None
     table = curve_report.markdown_table(runs)
-    assert "| loha lr 0.002 seed 3 | 4 (0.80 / 0.60) | 3 (0.40) |" in table
-    assert "0.00 → 0.30, 0.90 → 0.30" in table
+    assert "| loha lr 0.002 seed 3 | 3 (0.40 / 0.60) | 4 (0.30 / 0.80) |" in table
+    assert "new color or background" in table
+    assert "0.00 → 0.00, 0.00 → 0.30, 0.90 → 0.30" in table
     lines = curve_report.summary_lines(runs)
-    assert lines[0].startswith("second-valley: fired in 1/1 runs")
+    assert lines[0].startswith("second-valley: fired in 1/1 runs; TP - onset = [")
     png = curve_report.plot_run(run, tmp_path / "plot.png")
     assert png.read_bytes()[:4] == b"\x89PNG"

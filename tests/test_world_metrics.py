@@ -28,9 +28,11 @@ def reading(*objects: ReadObject, background: str = "white") -> Reading:
 
 
 ALTER = EvalPrompt("alter", "a large blue zkz shape at the top, white background",
-                   {"shape": "star", "color": "blue", "position": "top", "size": "large", "background": "white"})
+                   {"shape": "star", "color": "blue", "position": "top", "size": "large", "background": "white"},
+                   changes=("color", "position"))
 STYLE = EvalPrompt("style", "a large red zkz shape in the center, black background",
-                   {"shape": "star", "color": "red", "position": "center", "background": "black"})
+                   {"shape": "star", "color": "red", "position": "center", "background": "black"},
+                   changes=("background",))
 AGNOSTIC = EvalPrompt("agnostic", "a red circle on the left", {"shape": "circle", "color": "red", "position": "left"})
 TRIGGER = EvalPrompt("trigger", "a zkz shape", {"shape": "star"})
 
@@ -96,6 +98,17 @@ def test_known_partial_values():
     assert m.leak == pytest.approx(2 / 3)
     # agnostic checks color and position on the largest circle, else the largest object: 1 + 2 + 2 of 6
     assert m.preservation == pytest.approx(5 / 6)
+    # star AND the changed attribute: color on the 4 alter images (only the first), position likewise (the
+    # first and the second: a star at the top in the wrong color still obeys the new position), background
+    # on the style image (wrong)
+    assert m.success_by_change == {"color": 0.25, "position": 0.5, "background": 0.0}
+    assert m.counts_by_change == {"color": 4, "position": 4, "background": 1}
+
+
+def test_a_prompt_cannot_change_what_it_does_not_ask_for():
+    with pytest.raises(ValueError, match="changes"):
+        EvalPrompt("alter", "a zkz shape", {"shape": "star"}, changes=("color",))
+    assert EvalPrompt(**{**ALTER.__dict__, "changes": ["color"]}).changes == ("color",)  # JSON lists
 
 
 def test_diversity_per_prompt():

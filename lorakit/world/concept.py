@@ -56,10 +56,15 @@ class EvalPrompt:
     expected: dict[str, str] = field(default_factory=dict)  # attribute -> value, only those asked for
     seed: int = 0
     negative: str = ""
+    #: the requested attributes the training set never shows (alter: color/position, style: background)
+    changes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.type not in PROMPT_TYPES:
             raise ValueError(f"unknown prompt type {self.type!r}; known: {', '.join(PROMPT_TYPES)}")
+        object.__setattr__(self, "changes", tuple(self.changes))  # JSON gives lists
+        if not set(self.changes) <= set(self.expected):
+            raise ValueError(f"prompt {self.prompt!r} changes {self.changes} but does not ask for them")
 
     def kohya_line(self, steps: int = SAMPLE_STEPS, cfg: float = SAMPLE_CFG) -> str:
         """kohya's sample-prompt syntax: ``prompt --n negative --w 64 --h 64 --d seed --l cfg --s steps``
@@ -111,8 +116,8 @@ def eval_prompts() -> list[EvalPrompt]:
     """Every evaluation prompt of the concept, each with the attributes it asks for and its own seed."""
     prompts: list[EvalPrompt] = []
 
-    def add(kind: str, text: str, expected: dict[str, str]) -> None:
-        prompts.append(EvalPrompt(kind, text, expected, seed=1000 + len(prompts)))
+    def add(kind: str, text: str, expected: dict[str, str], changes: tuple[str, ...] = ()) -> None:
+        prompts.append(EvalPrompt(kind, text, expected, seed=1000 + len(prompts), changes=changes))
 
     for scene, caption in zip(concept_scenes(), concept_captions(), strict=True):
         add("train", caption, _expected(scene))
@@ -120,17 +125,17 @@ def eval_prompts() -> list[EvalPrompt]:
     add("trigger", TRIGGER, {"shape": CONCEPT_SHAPE})
     for color in NEW_COLORS:  # a new color, in a place the set shows
         text, exp = _sentence(color, "center", "white")
-        add("alter", text, {"shape": CONCEPT_SHAPE, **exp})
+        add("alter", text, {"shape": CONCEPT_SHAPE, **exp}, ("color",))
     for color, position in zip(("red", "yellow", "red", "yellow", "red", "yellow"), NEW_POSITIONS, strict=True):
         text, exp = _sentence(color, position, "white")  # a new row, in a color the set shows
-        add("alter", text, {"shape": CONCEPT_SHAPE, **exp})
+        add("alter", text, {"shape": CONCEPT_SHAPE, **exp}, ("position",))
     for color, position in (("blue", "top left"), ("green", "bottom right")):  # both new
         text, exp = _sentence(color, position, "gray", size="small")
-        add("alter", text, {"shape": CONCEPT_SHAPE, **exp})
+        add("alter", text, {"shape": CONCEPT_SHAPE, **exp}, ("color", "position"))
     for background in NEW_BACKGROUNDS:
         for color, position in (("red", "center"), ("yellow", "left")):
             text, exp = _sentence(color, position, background)
-            add("style", text, {"shape": CONCEPT_SHAPE, **exp})
+            add("style", text, {"shape": CONCEPT_SHAPE, **exp}, ("background",))
     # no trigger: the base world's shapes (combinations seen in pretraining) and the bare class word, which
     # the concept's captions share and is where a concept leaks first
     for shape, color, position, background, size in (

@@ -4,9 +4,10 @@
 would stop, but never stops), then scores the base model (epoch 0) and every epoch's checkpoint on the
 concept's evaluation prompts with the exact world metrics.  From the scores:
 
-- ``onset``: the measured overfitting onset, the epoch where success on ``alter`` prompts (the star drawn
-  *and* the new color/position obeyed) peaks — after it, the concept keeps being drawn (fidelity holds or
-  rises) while the requested changes are ignored more and more;
+- ``onset``: the measured overfitting onset, the epoch where success on prompts that ask for something the
+  training set never shows (the star drawn *and* the new color, position or background obeyed) peaks —
+  after it, the concept keeps being drawn (fidelity holds or rises) while the requested changes are ignored
+  more and more;
 - the CS-Fluctuation turning point of the same run, replayed from its recorded CS series under any rule.
 
 ``python -m lorakit.world.experiment --help`` runs one curve; ``docs/`` has the tables made with it.
@@ -51,8 +52,12 @@ def curve_config(out: Path, data: Path, algorithm: str = "lora", lr: float = 1e-
     return cfg
 
 
-def eval_samples(seeds_per_prompt: int) -> tuple[list[SamplePrompt], list[concept.EvalPrompt]]:
-    prompts = concept.eval_prompts()
+def eval_samples(seeds_per_prompt: int, types: tuple[str, ...] | None = None
+                 ) -> tuple[list[SamplePrompt], list[concept.EvalPrompt]]:
+    """The evaluation prompts (of ``types`` only, if given), each with ``seeds_per_prompt`` seeds."""
+    prompts = [p for p in concept.eval_prompts() if types is None or p.type in types]
+    if not prompts:
+        raise ValueError(f"no evaluation prompts of types {types}; known: {', '.join(concept.PROMPT_TYPES)}")
     samples, labels = [], []
     for p in prompts:
         for k in range(seeds_per_prompt):
@@ -62,13 +67,15 @@ def eval_samples(seeds_per_prompt: int) -> tuple[list[SamplePrompt], list[concep
     return samples, labels
 
 
-def score(model: BaseModel, seeds_per_prompt: int, adapter: Path | None = None) -> dict:
-    """World metrics of the model (with ``adapter`` applied, if given) on the concept's evaluation prompts."""
+def score(model: BaseModel, seeds_per_prompt: int, adapter: Path | None = None,
+          types: tuple[str, ...] | None = None) -> dict:
+    """World metrics of the model (with ``adapter`` applied, if given) on the concept's evaluation prompts
+    (of ``types`` only, if given)."""
     network = None
     if adapter is not None:
         network, _ = load_network(adapter, model.unet, model.text_encoder)
     try:
-        samples, labels = eval_samples(seeds_per_prompt)
+        samples, labels = eval_samples(seeds_per_prompt, types)
         images = generate(model, samples, batch_size=32, progress=False)
         return world_metrics(images, labels).as_dict()
     finally:
@@ -77,10 +84,17 @@ def score(model: BaseModel, seeds_per_prompt: int, adapter: Path | None = None) 
 
 
 def score_run(run_dir: Path, model_spec: str | None = None, seeds_per_prompt: int = 2,
-              every: int = 1) -> list[dict]:
-    """Scores of epoch 0 (the base model) and of every ``every``-th saved epoch, cached in ``run_dir/curve.json``."""
+              every: int = 1, types: tuple[str, ...] | None = None) -> list[dict]:
+    """Scores of epoch 0 (the base model) and of every ``every``-th saved epoch, cached in ``run_dir/curve.json``
+    (a cache scored on other prompts or seeds is an error, not something to mix in)."""
     cache = run_dir / "curve.json"
     rows = json.loads(cache.read_text()) if cache.exists() else []
+    scoring = {"types": sorted(types) if types else None, "seeds_per_prompt": seeds_per_prompt}
+    for r in rows:
+        was = {"types": r.get("types"), "seeds_per_prompt": r.get("seeds_per_prompt", seeds_per_prompt)}
+        if was != scoring:
+            raise ValueError(f"{cache}: epoch {r['epoch']} was scored with {was}, not {scoring}; "
+                             "move the file away to score again")
     done = {r["epoch"] for r in rows}
     model = load_base_model(model_spec)
     checkpoints = [(0, None)] + [(c.epoch, c.tensors_path) for c in RunFolder(run_dir, "resume").checkpoints()]
@@ -88,7 +102,7 @@ def score_run(run_dir: Path, model_spec: str | None = None, seeds_per_prompt: in
     for epoch, path in checkpoints:
         if epoch in done or (epoch % every and epoch != last):
             continue
-        rows.append({"epoch": epoch, **score(model, seeds_per_prompt, path)})
+        rows.append({"epoch": epoch, **scoring, **score(model, seeds_per_prompt, path, types)})
         rows.sort(key=lambda r: r["epoch"])
         atomic_write_json(cache, rows)
     return rows
@@ -101,10 +115,24 @@ def smooth(values: list[float], width: int = 3) -> np.ndarray:
     return np.array([v[max(0, i - half):i + half + 1].mean() for i in range(len(v))])
 
 
-def overfitting_onset(rows: list[dict]) -> int:
-    """The epoch (≥ 1) where smoothed alter-prompt success peaks."""
+#: the attributes whose change defines the issue's overfitting onset (alter prompts: new color or position)
+ALTER_CHANGES = ("color", "position")
+
+
+def change_success(row: dict, changes: tuple[str, ...] = ALTER_CHANGES) -> float:
+    """Success (concept drawn AND the change obeyed) pooled over the prompts that change any of ``changes``,
+    each attribute weighted by its number of images; 0 where no scored prompt changes them."""
+    pairs = [(row.get("success_by_change", {}).get(a), row.get("counts_by_change", {}).get(a, 0))
+             for a in changes]
+    pairs = [(v, n) for v, n in pairs if v is not None and n > 0 and not np.isnan(v)]
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if total else 0.0
+
+
+def overfitting_onset(rows: list[dict], changes: tuple[str, ...] = ALTER_CHANGES) -> int:
+    """The epoch (≥ 1) where smoothed success on prompts changing ``changes`` peaks."""
     epochs = [r["epoch"] for r in rows]
-    success = smooth([r["success_by_type"].get("alter", 0.0) for r in rows])
+    success = smooth([change_success(r, changes) for r in rows])
     candidates = [i for i, e in enumerate(epochs) if e >= 1]
     return epochs[max(candidates, key=lambda i: (success[i], -i))]
 
@@ -138,6 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--seeds-per-prompt", type=int, default=2)
     ap.add_argument("--score-every", type=int, default=1, help="score every k-th epoch's checkpoint")
+    ap.add_argument("--types", default=None,
+                    help="score only these prompt types, comma-separated (e.g. alter,style: the onset's prompts)")
+    ap.add_argument("--changes", default=",".join(ALTER_CHANGES),
+                    help="attributes whose changed-prompt success defines the onset (color,position,background)")
     args = ap.parse_args(argv)
     from lorakit.train import train
 
@@ -148,12 +180,14 @@ def main(argv: list[str] | None = None) -> None:
                        args.preset)
     if not (args.out / "summary.json").exists():
         train(replace(cfg), progress=False)
-    rows = score_run(args.out, args.model, args.seeds_per_prompt, args.score_every)
+    types = tuple(t.strip() for t in args.types.split(",")) if args.types else None
+    changes = tuple(c.strip() for c in args.changes.split(","))
+    rows = score_run(args.out, args.model, args.seeds_per_prompt, args.score_every, types)
     for r in rows:
-        s = r["success_by_type"]
-        print(f"epoch {r['epoch']:3d}  fidelity {r['fidelity']:.2f}  alter-success {s.get('alter', 0):.2f}  "
+        print(f"epoch {r['epoch']:3d}  fidelity {r['fidelity']:.2f}  "
+              f"success on changes ({args.changes}) {change_success(r, changes):.2f}  "
               f"control {r['controllability']:.2f}  leak {r['leak']:.2f}")
-    print("overfitting onset (alter success peak): epoch", overfitting_onset(rows))
+    print(f"overfitting onset (peak of success on {args.changes} changes): epoch", overfitting_onset(rows, changes))
     print("CS-Fluctuation turning point:", turning_epoch(args.out))
 
 

@@ -11,7 +11,10 @@ Given generated images and the prompts they came from (each with the attributes 
 - diversity: the Vendi score (``exp(−Σ λ log λ)``, λ the eigenvalues of K/n, K the cosine kernel) of the
   reader's one-hot attribute vectors, per prompt and averaged (prompts with at least two images), as
   LyCORIS-evaluation does for prompts beyond the data; also of simple pixel features when images are given;
-- leak: the fraction of ``agnostic``-prompt images (no trigger) in which the concept's shape appears.
+- leak: the fraction of ``agnostic``-prompt images (no trigger) in which the concept's shape appears;
+- success by change: for each attribute a prompt asks to change from the training set (``EvalPrompt.changes``:
+  a new color or position on ``alter`` prompts, a new background on ``style`` prompts), the fraction of those
+  prompts' images showing the concept *and* the new value: the measure of an overfitting onset.
 """
 
 from __future__ import annotations
@@ -85,7 +88,11 @@ class WorldMetrics:
     leak: float
     #: per prompt type: the concept drawn AND every requested color/position/background obeyed
     success_by_type: dict[str, float] = field(default_factory=dict)
+    #: per attribute a prompt changes (one the training set never shows: a new color, position, background):
+    #: over the prompts that change it, the concept drawn AND that attribute obeyed
+    success_by_change: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    counts_by_change: dict[str, int] = field(default_factory=dict)
     concept_shape: str = CONCEPT_SHAPE
 
     def as_dict(self) -> dict:
@@ -174,6 +181,11 @@ def metrics_from_readings(readings: Sequence[Reading], prompts: Sequence[EvalPro
             # is the least reliable reading of a generated shape
             success_by_type[t] = _mean([seen[i] and all(ok for a, ok in _obeyed(readings[i], prompts[i].expected)
                                                           .items() if a != "size") for i in by_type[t]])
+    changed: dict[str, list[bool]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        obeyed = _obeyed(readings[i], p.expected) if p.changes else {}
+        for attr in p.changes:
+            changed[attr].append(seen[i] and obeyed[attr])
     controllability_by_attribute = {a: _mean(checks[a]) for a in order if checks[a]}
     controllability = _mean([ok for a in order for ok in checks[a]])
 
@@ -194,7 +206,9 @@ def metrics_from_readings(readings: Sequence[Reading], prompts: Sequence[EvalPro
         preservation=_mean(kept), diversity=diversity, diversity_by_type=diversity_by_type,
         pixel_diversity=_mean(pixel_scores) if pixel_features is not None else None,
         leak=_mean([seen[i] for i in by_type.get("agnostic", [])]), success_by_type=success_by_type,
-        counts={t: len(v) for t, v in by_type.items()}, concept_shape=concept_shape)
+        success_by_change={a: _mean(v) for a, v in changed.items()},
+        counts={t: len(v) for t, v in by_type.items()},
+        counts_by_change={a: len(v) for a, v in changed.items()}, concept_shape=concept_shape)
 
 
 def world_metrics(images: Sequence[Image.Image | np.ndarray], prompts: Sequence[EvalPrompt | dict],
