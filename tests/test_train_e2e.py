@@ -1,14 +1,14 @@
 """End to end on the shipped model: training on the "zkz" concept makes the reader see the concept.
 
 The base model has never seen the star: on the concept's 17 train and trigger prompts (2 seeds each) the
-reader recognises a star in none of its samples, and its mean star probability is 0.03.  After a short run of
+reader recognises a star in 1 of its 34 samples, and its mean star probability is 0.04.  After a short run of
 each method (150 steps, about 40 s on 2 CPU cores), samples from the same prompts and seeds must show the star
-more often and the mean star probability must be at least 3x the base model's.
+at least as often as a floor and the mean star probability must be at least 3x the base model's.
 
-Measured when the floors were set (step-6000 built-in model): LoRA 18% / 0.19, LoHa 6% / 0.14, LoKr 6% / 0.12,
-native 3% / 0.12 (100 steps), pivotal 9% / 0.15.  These are weak: the built-in model draws shapes right in only
-half of its samples, so the star comes out as a star-ish blob more often than as a star (README, issue 3).
-The floors are about half the measured values, for CPU kernels that differ in the last bits between machines.
+Measured when the floors were set (step-8000 built-in model): LoRA 21% / 0.28, LoHa 9% / 0.15, LoKr 21% / 0.20,
+native 6% / 0.17 (100 steps), pivotal 29% / 0.28 (the step-6000 model gave 18% / 0.19, 6% / 0.14, 6% / 0.12,
+3% / 0.12, 9% / 0.15: a base model that draws shapes better learns the star better).  The floors are about half
+the measured values, for CPU kernels that differ in the last bits between machines.
 """
 
 from __future__ import annotations
@@ -79,13 +79,13 @@ FULL = {"preset": "full", "rank": 8, "alpha": 8.0}  # LoCon: the star's outline 
 
 # method -> (steps, config sections, floors: (recognised, mean star probability))
 RUNS = {
-    "lora": (150, {"network": {"algorithm": "lora", **FULL}, "optimizer": {"learning_rate": 4e-3}}, (0.09, 0.14)),
-    "loha": (150, {"network": {"algorithm": "loha", **FULL}, "optimizer": {"learning_rate": 4e-3}}, (0.03, 0.10)),
+    "lora": (150, {"network": {"algorithm": "lora", **FULL}, "optimizer": {"learning_rate": 4e-3}}, (0.10, 0.14)),
+    "loha": (150, {"network": {"algorithm": "loha", **FULL}, "optimizer": {"learning_rate": 4e-3}}, (0.05, 0.12)),
     "lokr": (150, {"network": {"algorithm": "lokr", **FULL, "args": {"factor": 4}},
-                   "optimizer": {"learning_rate": 4e-3}}, (0.03, 0.085)),
-    "native": (100, {"method": {"kind": "native"}, "optimizer": {"learning_rate": 1e-4}}, (0.02, 0.085)),
+                   "optimizer": {"learning_rate": 4e-3}}, (0.10, 0.12)),
+    "native": (100, {"method": {"kind": "native"}, "optimizer": {"learning_rate": 1e-4}}, (0.029, 0.12)),
     "pivotal": (150, {"method": {"kind": "pivotal", "ti_token": "zkz"}, "network": FULL,
-                      "optimizer": {"ti_lr": 5e-2, "unet_lr": 4e-3, "learning_rate": 4e-3}}, (0.03, 0.10)),
+                      "optimizer": {"ti_lr": 5e-2, "unet_lr": 4e-3, "learning_rate": 4e-3}}, (0.14, 0.14)),
 }
 
 
@@ -111,6 +111,6 @@ def test_training_teaches_the_concept(method, data, base_rate, tmp_path):
     base_recognised, base_probability = base_rate
     print(f"{method}: star recognised in {recognised:.0%} of samples, mean star probability {probability:.3f} "
           f"after {steps} steps (base model: {base_recognised:.0%}, {base_probability:.3f})")
-    assert base_recognised <= 0.03 and base_probability <= 0.05
-    assert recognised >= min_recognised and recognised > base_recognised
+    assert base_recognised <= 0.06 and base_probability <= 0.05
+    assert recognised >= min_recognised and recognised >= base_recognised
     assert probability >= min_probability and probability >= 3 * base_probability
