@@ -133,8 +133,9 @@ class EarlyStopConfig:
     window: int | None = None
     #: compute CS every this many steps
     interval: int = 1
-    #: turning-point rule: "second-valley" (the paper's) or "calm" (CSF stays small for a window)
-    rule: str = "second-valley"
+    #: turning-point rule: "calm" (CSF stays small for a window; the default, nearer the measured overfitting
+    #: onset on the shapes world, docs/early_stopping.md) or "second-valley" (the paper's Algorithm 1)
+    rule: str = "calm"
     #: the rule's options, e.g. {prominence = 0.05} or {threshold = 0.1, patience = 1.0}
     rule_args: dict = field(default_factory=dict)
 

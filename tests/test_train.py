@@ -397,6 +397,8 @@ def test_early_stop_rule_is_configurable(tiny_model_dir, dataset, tmp_path, monk
     run_train(make_config(tiny_model_dir, dataset, tmp_path / "run", training={"max_epochs": 1},
                           early_stop={"mode": "report", "rule": "calm", "rule_args": {"threshold": 0.2}}))
     assert seen == [CalmRule(threshold=0.2)]
-    for bad in ({"rule": "third-valley"}, {"rule_args": {"prominence": 2.0}}, {"rule_args": {"patience": 1}}):
+    assert TrainConfig().early_stop.make_rule() == CalmRule()  # the default (docs/early_stopping.md says why)
+    for bad in ({"rule": "third-valley"}, {"rule": "second-valley", "rule_args": {"prominence": 2.0}},
+                {"rule": "second-valley", "rule_args": {"patience": 1}}, {"rule_args": {"prominence": 0.1}}):
         with pytest.raises(ConfigError, match="early_stop.rule"):
             make_config(tiny_model_dir, dataset, tmp_path / "x", early_stop=bad).validate()

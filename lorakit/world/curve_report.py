@@ -16,7 +16,10 @@ from lorakit.config import load_config
 from lorakit.earlystop import CalmRule, SecondValley
 from lorakit.world.experiment import change_success, overfitting_onset, smooth, turning_epoch
 
-RULES = {"second-valley": SecondValley(), "second-valley-0": SecondValley(prominence=0.0), "calm": CalmRule()}
+#: rule name -> (rule, window in epochs): the two rules of ``early_stop.rule``, the paper's without the noise
+#: guard, and both with a longer window (fewer, wider CSF waves)
+RULES = {"second-valley": (SecondValley(), 1), "second-valley-0": (SecondValley(prominence=0.0), 1),
+         "calm": (CalmRule(), 1), "second-valley-2M": (SecondValley(), 2), "calm-2M": (CalmRule(), 2)}
 
 #: the changes the onset is measured on by default: the built-in model places objects at chance (position
 #: ~15%, see the README), so "star AND new position" cannot be told apart from luck; it obeys color (99%)
@@ -58,8 +61,8 @@ def load_run(run_dir: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES) -> Ru
     rows = json.loads((run_dir / "curve.json").read_text())
     cfg = load_config(run_dir / "config.toml")
     turning, found = {}, {}
-    for name, rule in RULES.items():
-        tp = turning_epoch(run_dir, rule)
+    for name, (rule, window_epochs) in RULES.items():
+        tp = turning_epoch(run_dir, rule, window_epochs=window_epochs)
         turning[name] = None if tp is None else tp["epoch"]
         found[name] = None if tp is None else tp["found_at_epoch"]
     return RunResult(
@@ -118,12 +121,13 @@ def summary_lines(runs: list[RunResult]) -> list[str]:
         signed = [r.turning[name] - r.onset for r in fired]
         within = sum(abs(d) <= 2 for d in signed)
         to_peak = sum(abs(r.turning[name] - r.fidelity_peak) for r in fired) / len(fired)
-        kept = [r.at(r.turning[name], r.change_success) / r.at(r.onset, r.change_success) for r in fired
-                if r.at(r.onset, r.change_success) > 0] or [float("nan")]
+        success = {r.name: list(smooth(r.change_success)) for r in fired}  # single scored epochs are noisy
+        kept = [r.at(r.turning[name], success[r.name]) / r.at(r.onset, success[r.name]) for r in fired
+                if r.at(r.onset, success[r.name]) > 0] or [float("nan")]
         out.append(f"{name}: fired in {len(fired)}/{len(runs)} runs; TP - onset = {signed} epochs "
                    f"(mean |·| {sum(map(abs, signed)) / len(signed):.1f}, {within} within 2 epochs, "
                    f"{sum(d < 0 for d in signed)} early, {sum(d > 0 for d in signed)} late); "
-                   f"success at TP / at onset = {sum(kept) / len(kept):.2f} (mean); "
+                   f"smoothed success at TP / at onset = {sum(kept) / len(kept):.2f} (mean); "
                    f"mean |TP - fidelity peak| = {to_peak:.1f} epochs")
     return out
 

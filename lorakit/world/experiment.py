@@ -137,15 +137,16 @@ def overfitting_onset(rows: list[dict], changes: tuple[str, ...] = ALTER_CHANGES
     return epochs[max(candidates, key=lambda i: (success[i], -i))]
 
 
-def turning_epoch(run_dir: Path, rule=None, alignment: str | int = "centre") -> dict | None:
-    """Replay CS-Fluctuation on the run's recorded CS series under ``rule``; the turning point's epoch."""
+def turning_epoch(run_dir: Path, rule=None, alignment: str | int = "centre", window_epochs: int = 1) -> dict | None:
+    """Replay CS-Fluctuation on the run's recorded CS series under ``rule``, with a window of ``window_epochs``
+    times the recorded one (one epoch by default); the turning point's epoch."""
     from lorakit.earlystop import History, find_turning_point
 
     path = run_dir / "cs_history.json"
     if not path.exists():
         return None
     h = History.from_dict(json.loads(path.read_text()))
-    tp = find_turning_point(np.asarray(h.cs), h.window, h.lr, rule=rule, alignment=alignment,
+    tp = find_turning_point(np.asarray(h.cs), h.window * window_epochs, h.lr, rule=rule, alignment=alignment,
                             steps=list(h.steps), epochs=list(h.epochs))
     if tp is None:
         return None
