@@ -374,6 +374,7 @@ def test_cli_builtin_default_job(tmp_path, capsys):
     assert main(["train", "--out", str(out), "--print-config", "--lr", "0.001"]) == 0
     printed = capsys.readouterr().out
     assert 'preset = "full"' in printed and "learning_rate = 0.001" in printed  # the user's flag wins
+    assert "every_n_epochs = 2" in printed
     assert main(["train", "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
     summary = capsys.readouterr().out
     assert "38 steps in 1 epochs" in summary and (out / "lorakit.safetensors").exists()
