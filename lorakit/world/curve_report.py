@@ -21,9 +21,8 @@ from lorakit.world.experiment import change_success, overfitting_onset, smooth, 
 RULES = {"second-valley": (SecondValley(), 1), "second-valley-0": (SecondValley(prominence=0.0), 1),
          "calm": (CalmRule(), 1), "second-valley-2M": (SecondValley(), 2), "calm-2M": (CalmRule(), 2)}
 
-#: the changes the onset is measured on by default: the built-in model places objects at chance (position
-#: ~15%, see the README), so "star AND new position" cannot be told apart from luck; it obeys color (99%)
-#: and background (87%)
+#: the changes the onset is measured on by default: the built-in model places objects at chance (README), so
+#: "star AND new position" cannot be told apart from luck; it does obey colors and backgrounds
 MEASURABLE_CHANGES = ("color", "background")
 
 
