@@ -169,6 +169,8 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check values that are wrong whatever the data (raises ConfigError naming the key)."""
+        from lorakit.earlystop.rules import RULES
+
         checks = [
             (self.method.kind in METHODS, "method.kind", f"one of {', '.join(METHODS)}"),
             (self.model.mixed_precision in ("no", "fp16", "bf16"), "model.mixed_precision", "no, fp16 or bf16"),
@@ -178,8 +180,8 @@ class TrainConfig:
             (self.optimizer.learning_rate > 0, "optimizer.learning_rate", "positive"),
             (self.early_stop.mode in ("cs-fluctuation", "report", "off"), "early_stop.mode",
              "cs-fluctuation, report or off"),
-            (self.early_stop.rule.replace("-", "_") in ("second_valley", "calm"), "early_stop.rule",
-             "second-valley or calm"),
+            (self.early_stop.rule.replace("-", "_") in RULES, "early_stop.rule",  # the config spells it with "-"
+             " or ".join(name.replace("_", "-") for name in RULES)),
             (self.output.if_exists in ("error", "resume", "overwrite"), "output.if_exists",
              "error, resume or overwrite"),
             (0 <= self.data.caption_dropout_rate <= 1, "data.caption_dropout_rate", "between 0 and 1"),

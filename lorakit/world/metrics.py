@@ -165,27 +165,27 @@ def metrics_from_readings(readings: Sequence[Reading], prompts: Sequence[EvalPro
     fidelity_by_type = {t: _mean([seen[i] for i in by_type[t]]) for t in FIDELITY_TYPES if t in by_type}
     fidelity = _mean([seen[i] for t in FIDELITY_TYPES for i in by_type.get(t, [])])
 
+    obeyed = [_obeyed(r, p.expected) for r, p in zip(readings, prompts, strict=True)]
     checks: dict[str, list[bool]] = defaultdict(list)
     kept: list[bool] = []
     for i, p in enumerate(prompts):
         if p.type in CONTROL_TYPES:
-            for attr, ok in _obeyed(readings[i], p.expected).items():
+            for attr, ok in obeyed[i].items():
                 checks[attr].append(ok)
         elif p.type == "agnostic":
-            kept.extend(_obeyed(readings[i], p.expected).values())
+            kept.extend(obeyed[i].values())
     order = ("color", "position", "size", "background")
     success_by_type = {}
     for t in FIDELITY_TYPES:
         if t in by_type:
             # size is left out: an alter/style prompt changes color, place or background, and "small"/"large"
             # is the least reliable reading of a generated shape
-            success_by_type[t] = _mean([seen[i] and all(ok for a, ok in _obeyed(readings[i], prompts[i].expected)
-                                                          .items() if a != "size") for i in by_type[t]])
+            success_by_type[t] = _mean([seen[i] and all(ok for a, ok in obeyed[i].items() if a != "size")
+                                        for i in by_type[t]])
     changed: dict[str, list[bool]] = defaultdict(list)
     for i, p in enumerate(prompts):
-        obeyed = _obeyed(readings[i], p.expected) if p.changes else {}
         for attr in p.changes:
-            changed[attr].append(seen[i] and obeyed[attr])
+            changed[attr].append(seen[i] and obeyed[i][attr])
     controllability_by_attribute = {a: _mean(checks[a]) for a in order if checks[a]}
     controllability = _mean([ok for a in order for ok in checks[a]])
 
