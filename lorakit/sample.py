@@ -14,6 +14,7 @@ in place (and textual-inversion tokens added to the tokenizer) are used as they 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -235,7 +236,20 @@ def make_scheduler(name: str, model: BaseModel) -> Any:
             import scipy  # noqa: F401
         except ImportError:
             raise ValueError("sampler 'lms' needs scipy (pip install scipy)") from None
+    if model.scheduler_config.get("rescale_betas_zero_snr") and \
+            "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
+        options = {**options, "trained_betas": zero_snr_betas_for_sigma_samplers(model)}
     return cls.from_config(model.scheduler_config, prediction_type=model.prediction_type, **options)
+
+
+def zero_snr_betas_for_sigma_samplers(model: BaseModel) -> list[float]:
+    """The model's zero-terminal-SNR betas, for samplers that cannot rescale betas themselves (PNDM, LMS, Heun,
+    DPM2, single-step DPM): the last step's signal is set to 2**-24 instead of 0, as diffusers' Euler does,
+    because these samplers start from sigma = sqrt((1 - alpha) / alpha), infinite at alpha = 0."""
+    alphas_cumprod = model.noise_scheduler.alphas_cumprod.double().clone()
+    alphas_cumprod[-1] = 2.0**-24
+    previous = torch.cat([torch.ones(1, dtype=alphas_cumprod.dtype), alphas_cumprod[:-1]])
+    return (1 - alphas_cumprod / previous).tolist()
 
 
 # --------------------------------------------------------------------------------------------- generation

@@ -136,6 +136,35 @@ def test_every_sampler_builds_from_the_model_config(model):
         assert scheduler.config.prediction_type == "epsilon"
 
 
+@pytest.fixture(scope="module")
+def zero_snr_model(tmp_path_factory):
+    """The built-in architecture (random weights) with the zero-terminal-SNR v schedule the shipped model uses."""
+    from lorakit.world.model import build_components
+    from lorakit.world.pretrain import export_pipeline
+
+    folder = tmp_path_factory.mktemp("zero_snr") / "model"
+    export_pipeline(build_components(0, "v_prediction"), folder)
+    return load_base_model(folder)
+
+
+def test_every_sampler_runs_a_zero_terminal_snr_model(zero_snr_model):
+    model = zero_snr_model
+    assert model.prediction_type == "v_prediction" and float(model.noise_scheduler.alphas_cumprod[-1]) == 0.0
+    names = [name for name in SAMPLERS if name != "lms"]
+    for name in names:
+        scheduler = make_scheduler(name, model)
+        assert scheduler.config.prediction_type == "v_prediction"
+        scheduler.set_timesteps(4)
+        # trailing spacing: sampling starts at the last (pure-noise) step, from a finite starting noise scale
+        assert int(scheduler.timesteps[0]) == 999, (name, scheduler.timesteps)
+        assert np.isfinite(float(scheduler.init_noise_sigma)), name
+        if hasattr(scheduler, "alphas_cumprod"):  # the model's schedule, whether rescaled here or by diffusers
+            np.testing.assert_allclose(scheduler.alphas_cumprod[:-1].numpy(),
+                                       model.noise_scheduler.alphas_cumprod[:-1].numpy(), rtol=1e-4, err_msg=name)
+        image = generate(model, [SamplePrompt("a red circle", seed=1, steps=STEPS, sampler=name)], progress=False)[0]
+        assert pixels(image).std() > 1, name  # an image, not the black frame a NaN would give
+
+
 def test_sizes_follow_the_model(model):
     a, b = resolve_prompts(model, ["a cat", SamplePrompt("b", width=100, height=20, seed=9)], base_seed=10)
     assert (a.width, a.height, a.seed) == (64, 64, 10)  # native size; seed = base_seed + index
