@@ -2,7 +2,9 @@
 
 Same structure as SD1.5 (so block maps, kohya key names and every pipeline work unchanged): a U-Net with
 four down blocks (three with cross-attention), two layers per block, a mid block with cross-attention and
-four up blocks; a KL autoencoder; a CLIP text encoder; SD1.x's noise schedule.  Only the widths are small.
+four up blocks; a KL autoencoder; a CLIP text encoder; SD1.x's betas (the shipped model uses them with
+v-prediction at zero terminal SNR, as SD 2.x-style v-models do: ``V_SCHEDULE_OVERRIDES``).  Only the widths
+are small.
 Images are 64×64, latents 16×16×4 (the VAE downsamples by 4, not 8: at this size an 8× VAE could not keep
 a star's points).
 """
@@ -61,6 +63,14 @@ SCHEDULER_CONFIG = dict(
     prediction_type="epsilon",
 )
 
+# The shipped model's schedule: v-prediction on SD1.x's betas rescaled to zero terminal SNR, sampled from the
+# last timestep ("trailing"), as in Lin et al. 2024, "Common diffusion noise schedules and sample steps are
+# flawed" (and SD 2.x's v-prediction).  Why: with SD1.x's schedule the noisiest training step still holds a
+# trace of the image, so an epsilon model never learns to decide the layout from the text; it reads the
+# object's position from the starting noise and ignores "at the top left".  At zero terminal SNR the last step
+# holds only noise and the v target there is the clean image, so where the object goes must come from the prompt.
+V_SCHEDULE_OVERRIDES = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+
 
 def text_encoder_config(vocab_size: int, bos: int, eos: int) -> CLIPTextConfig:
     return CLIPTextConfig(
@@ -78,15 +88,20 @@ def text_encoder_config(vocab_size: int, bos: int, eos: int) -> CLIPTextConfig:
     )
 
 
-def build_components(seed: int = 0) -> dict:
-    """Fresh, randomly initialised components of the tiny model (deterministic for a seed)."""
+def build_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
+    """Fresh, randomly initialised components of the tiny model (deterministic for a seed).
+
+    ``prediction_type="v_prediction"`` gives the zero-terminal-SNR v schedule (``V_SCHEDULE_OVERRIDES``)."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"unknown prediction type {prediction_type!r} (epsilon or v_prediction)")
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     text_encoder = CLIPTextModel(text_encoder_config(len(tokenizer), tokenizer.bos_token_id,
                                                      tokenizer.eos_token_id))
     unet = UNet2DConditionModel(**UNET_CONFIG)
     vae = AutoencoderKL(**VAE_CONFIG)
-    scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
+    overrides = V_SCHEDULE_OVERRIDES if prediction_type == "v_prediction" else {}
+    scheduler = DDIMScheduler(**{**SCHEDULER_CONFIG, **overrides})
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler)
 
 
