@@ -140,6 +140,9 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
         "ss_sd_model_name": Path(model.source).name if model.source else "builtin",
         "ss_base_model_version": "sd_v1",
         "ss_v2": "False",
+        # kohya's names: tools that read a LoRA's metadata learn what the base model predicts and its schedule
+        "ss_v_parameterization": str(model.prediction_type == "v_prediction"),
+        "ss_zero_terminal_snr": str(bool(model.scheduler_config.get("rescale_betas_zero_snr", False))),
         "ss_resolution": str(model.resolution),
         "lorakit_method": cfg.method.kind,
     }

@@ -345,6 +345,7 @@ def test_early_stop_hands_back_the_turning_point_checkpoint(tiny_model_dir, data
         meta = f.metadata()
     assert meta["lorakit_turning_point_step"] == "2" and meta["lorakit_turning_point_epoch"] == "1"
     assert meta["lorakit_checkpoint_epoch"] == "1"
+    assert meta["ss_v_parameterization"] == meta["ss_zero_terminal_snr"] == "False"  # an epsilon model
     assert "turning point at step 2" in result.summary
     assert (out / "cs_fluctuation.png").exists() and (out / "cs_history.json").exists()
 
