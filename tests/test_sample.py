@@ -138,7 +138,7 @@ def test_every_sampler_builds_from_the_model_config(model):
 
 @pytest.fixture(scope="module")
 def zero_snr_model(tmp_path_factory):
-    """The built-in architecture (random weights) with the zero-terminal-SNR v schedule the shipped model uses."""
+    """The built-in architecture (random weights) with the zero-terminal-SNR v schedule (world.model)."""
     from lorakit.world.model import build_components
     from lorakit.world.pretrain import export_pipeline
 

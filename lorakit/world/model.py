@@ -2,9 +2,9 @@
 
 Same structure as SD1.5 (so block maps, kohya key names and every pipeline work unchanged): a U-Net with
 four down blocks (three with cross-attention), two layers per block, a mid block with cross-attention and
-four up blocks; a KL autoencoder; a CLIP text encoder; SD1.x's betas (the shipped model uses them with
-v-prediction at zero terminal SNR, as SD 2.x-style v-models do: ``V_SCHEDULE_OVERRIDES``).  Only the widths
-are small.
+four up blocks; a KL autoencoder; a CLIP text encoder; SD1.x's noise schedule (or, for the continuation
+runs of issue 3, the same betas with v-prediction at zero terminal SNR: ``V_SCHEDULE_OVERRIDES``).  Only
+the widths are small.
 Images are 64×64, latents 16×16×4 (the VAE downsamples by 4, not 8: at this size an 8× VAE could not keep
 a star's points).
 """
@@ -63,12 +63,13 @@ SCHEDULER_CONFIG = dict(
     prediction_type="epsilon",
 )
 
-# The shipped model's schedule: v-prediction on SD1.x's betas rescaled to zero terminal SNR, sampled from the
-# last timestep ("trailing"), as in Lin et al. 2024, "Common diffusion noise schedules and sample steps are
-# flawed" (and SD 2.x's v-prediction).  Why: with SD1.x's schedule the noisiest training step still holds a
-# trace of the image, so an epsilon model never learns to decide the layout from the text; it reads the
-# object's position from the starting noise and ignores "at the top left".  At zero terminal SNR the last step
-# holds only noise and the v target there is the clean image, so where the object goes must come from the prompt.
+# The continuation runs' schedule (issue 3; not yet the shipped model's): v-prediction on SD1.x's betas
+# rescaled to zero terminal SNR, sampled from the last timestep ("trailing"), as in Lin et al. 2024, "Common
+# diffusion noise schedules and sample steps are flawed" (and SD 2.x's v-prediction).  Why: with SD1.x's
+# schedule the noisiest training step still holds a trace of the image and the epsilon loss weighs the clean
+# image there by SNR ~ 0.005, so the model reads the object's position from the starting noise and ignores
+# "at the top left".  At zero terminal SNR the last step holds only noise and its v target is the clean image,
+# so where the object goes must come from the prompt (with the text encoder's position probe in pretrain.py).
 V_SCHEDULE_OVERRIDES = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
 
 
