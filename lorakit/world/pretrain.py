@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
                     help="epsilon: SD1.x's schedule; v_prediction: zero-terminal-SNR v schedule (see model.py)")
     ap.add_argument("--init-from", type=Path, default=None,
-                    help="EMA snapshot (ema_NNNNNN.pt) of an earlier run to start U-Net + text encoder from; "
+                    help="EMA snapshot (ema_NNNNNN.pt, or a run's unet_checkpoint.pt, which holds its EMA) of an "
+                         "earlier run to start U-Net + text encoder from; "
                          "its folder's VAE checkpoint and encoded latents are reused")
     ap.add_argument("--high-noise-fraction", type=float, default=0.0,
                     help="share of each batch trained at the noisiest tenth of the timesteps")
