@@ -9,7 +9,9 @@ from lorakit.world.model import build_components
 from lorakit.world.pretrain import (
     DiffusionRecipe,
     _reuse_earlier_run,
+    _reuse_model_folder,
     atomic_torch_save,
+    capped_v_weights,
     caption_position_labels,
     load_checkpoint,
     train_diffusion,
@@ -78,3 +80,40 @@ def test_continuation_reuses_the_earlier_runs_vae_and_latents(tmp_path):
     assert (new / "vae_checkpoint.pt").is_file() and (new / "latents.pt").is_file()
     with pytest.raises(SystemExit, match="no such snapshot"):
         _reuse_earlier_run(earlier / "ema_999999.pt", new)
+
+
+def test_continuation_from_a_model_folder_starts_from_its_weights_and_keeps_its_vae(tmp_path):
+    from lorakit.models import builtin_model_path
+    from lorakit.world.pretrain import train_vae
+
+    out = tmp_path / "run"
+    out.mkdir()
+    ema = _reuse_model_folder(builtin_model_path(), out, vae_steps=3000, seed=0)
+    shipped = build_components(0)
+    fresh = [p.detach() for p in list(shipped["unet"].parameters()) + list(shipped["text_encoder"].parameters())]
+    assert len(ema) == len(fresh) and any(not torch.equal(a, b) for a, b in zip(ema, fresh, strict=True))
+    from diffusers import AutoencoderKL
+
+    vae_state = load_checkpoint(out / "vae_checkpoint.pt")
+    assert vae_state["step"] == 3000
+    reference = AutoencoderKL.from_pretrained(builtin_model_path() / "vae").state_dict()
+    for name, tensor in reference.items():
+        assert torch.equal(vae_state["model"][name], tensor), name
+    # the VAE stage counts as finished: train_vae loads it and trains nothing
+    vae = build_components(0)["vae"]
+    train_vae(vae, out, 3000, 2, 1e-3, 0, log=lambda record: None)
+    assert torch.equal(vae.state_dict()["encoder.conv_in.weight"], reference["encoder.conv_in.weight"])
+
+
+def test_continuation_from_a_folder_that_is_not_a_model_says_what_is_missing(tmp_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(SystemExit, match="no text_encoder, vae/"):
+        _reuse_model_folder(tmp_path, tmp_path, vae_steps=1, seed=0)
+
+
+def test_capped_v_weights_weigh_the_clean_image_by_min_snr_plus_one():
+    alphas_cumprod = torch.tensor([0.999, 0.5, 0.0])  # SNR 999, 1, 0 (zero terminal SNR)
+    w = capped_v_weights(torch.tensor([0, 1, 2]), alphas_cumprod, cap=5.0)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    # the v loss weighs the clean image by SNR + 1; times w that becomes min(SNR, 5) + 1
+    torch.testing.assert_close(w * (snr + 1), torch.tensor([6.0, 2.0, 1.0]))

@@ -151,6 +151,8 @@ class DiffusionRecipe:
     Measured on continuations of the step-8000 model (v-prediction, zero terminal SNR, lr 1e-3; 100 held-out
     prompts, docs/position_fix.md): without the probe, position 13% after 868 steps; with weight 1, 100% after
     821.  The probe is thrown away after training; the text encoder stays a plain CLIP text encoder.
+    ``v_snr_cap``: v-prediction only; weigh the clean image by min(SNR, cap) + 1 (``capped_v_weights``)
+    instead of the plain v loss's SNR + 1.
     """
 
     lr: float = 3e-4
@@ -158,6 +160,19 @@ class DiffusionRecipe:
     init_ema: list[torch.Tensor] | None = None
     high_noise_fraction: float = 0.0
     position_loss_weight: float = 0.0
+    v_snr_cap: float = 0.0
+
+
+def capped_v_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-sample weights for the v loss that weigh the clean image by min(SNR, cap) + 1 instead of SNR + 1.
+
+    The plain v loss weighs the clean image by SNR + 1, which at the least noisy steps is in the hundreds: those
+    steps (fine texture) then dominate the gradient, and with gradient clipping they slow down what is decided
+    at mid noise (which shape it is).  Min-SNR's own v form, min(SNR, cap) / (SNR + 1), would weigh the last
+    step (SNR 0, where the layout comes from the text) by zero; the + 1 keeps it at 1.
+    """
+    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+    return (torch.clamp(snr, max=cap) + 1) / (snr + 1)
 
 
 def caption_position_labels(captions: list[str]) -> torch.Tensor:
@@ -244,7 +259,10 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
         if v_prediction:
             # plain v loss: its weight on the clean image is SNR + 1, never below 1.  Min-SNR would weigh the
             # last step (SNR 0), the one that must learn the layout from the text, by zero.
-            loss = F.mse_loss(pred, scheduler.get_velocity(z, noise, t))
+            per_sample = F.mse_loss(pred, scheduler.get_velocity(z, noise, t), reduction="none").mean(dim=(1, 2, 3))
+            if recipe.v_snr_cap:
+                per_sample = per_sample * capped_v_weights(t, alphas_cumprod, recipe.v_snr_cap)
+            loss = per_sample.mean()
         else:
             per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
             loss = (per_sample * min_snr_weights(t, alphas_cumprod)).mean()
@@ -306,6 +324,36 @@ def export_snapshot(out: Path, snapshot: Path, folder: Path, seed: int = 0, pred
     export_pipeline(c, folder)
 
 
+def _reuse_model_folder(folder: Path, out: Path, vae_steps: int, seed: int) -> list[torch.Tensor]:
+    """Start a continuation run in ``out`` from a finished diffusers folder (the shipped model, or a run's
+    ``model/``): its VAE becomes the run's finished VAE stage (the latents are encoded again from it, which
+    gives the same data as the run that made it) and its U-Net + text encoder weights are returned as the EMA
+    to start from."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    missing = [name for name in ("unet", "text_encoder", "vae") if not (folder / name).is_dir()]
+    if missing:
+        raise SystemExit(f"--init-from {folder}: not a diffusers model folder (no {', '.join(missing)}/ in it)")
+    c = build_components(seed)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+        vae = AutoencoderKL.from_pretrained(folder / "vae")
+        c["unet"].load_state_dict(unet.state_dict())
+        c["text_encoder"].load_state_dict(text_encoder.state_dict())
+        c["vae"].load_state_dict(vae.state_dict())
+    except (OSError, RuntimeError, ValueError) as err:  # wrong architecture or a broken file
+        raise SystemExit(f"--init-from {folder}: cannot load it as the shapes-world model: {err}") from err
+    if not (out / "vae_checkpoint.pt").exists():
+        # a finished VAE stage: train_vae sees step == vae_steps and skips training
+        opt = torch.optim.AdamW(c["vae"].parameters())
+        atomic_torch_save({"model": c["vae"].state_dict(), "optimizer": opt.state_dict(), "step": vae_steps},
+                          out / "vae_checkpoint.pt")
+    params = list(c["unet"].parameters()) + list(c["text_encoder"].parameters())
+    return [p.detach().clone() for p in params]
+
+
 def _reuse_earlier_run(snapshot: Path, out: Path) -> list[torch.Tensor]:
     """Start a continuation run in ``out`` from an earlier run's EMA snapshot: copy that run's VAE checkpoint
     and encoded latents (so the VAE stage is skipped and the data are the same) and return the snapshot."""
@@ -338,13 +386,16 @@ def main(argv: list[str] | None = None) -> None:
                     help="epsilon: SD1.x's schedule; v_prediction: zero-terminal-SNR v schedule (see model.py)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="EMA snapshot (ema_NNNNNN.pt, or a run's unet_checkpoint.pt, which holds its EMA) of an "
-                         "earlier run to start U-Net + text encoder from; "
-                         "its folder's VAE checkpoint and encoded latents are reused")
+                         "earlier run to start U-Net + text encoder from (its folder's VAE checkpoint and encoded "
+                         "latents are reused), or a diffusers model folder such as lorakit/world/base_model "
+                         "(its VAE is kept and the latents encoded again)")
     ap.add_argument("--high-noise-fraction", type=float, default=0.0,
                     help="share of each batch trained at the noisiest tenth of the timesteps")
     ap.add_argument("--unet-warmup", type=int, default=500, help="learning-rate warm-up steps")
     ap.add_argument("--position-loss-weight", type=float, default=0.0,
                     help="weight of the text encoder's auxiliary position probe (see DiffusionRecipe)")
+    ap.add_argument("--v-snr-cap", type=float, default=0.0,
+                    help="v-prediction only: weigh the clean image by min(SNR, cap) + 1 (0: plain v loss, SNR + 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--export-snapshot", type=Path, default=None,
                     help="only write --out/snapshot-model from this EMA snapshot file, then exit")
@@ -366,7 +417,9 @@ def main(argv: list[str] | None = None) -> None:
     log({"event": "start", "args": {k: str(v) for k, v in vars(args).items()}})
     c = build_components(args.seed, args.prediction_type)
     init_ema = None
-    if args.init_from is not None:
+    if args.init_from is not None and args.init_from.is_dir():
+        init_ema = _reuse_model_folder(args.init_from, args.out, args.vae_steps, args.seed)
+    elif args.init_from is not None:
         init_ema = _reuse_earlier_run(args.init_from, args.out)
     train_vae(c["vae"], args.out, args.vae_steps, args.vae_batch, args.vae_lr, args.seed, log)
     c["vae"].requires_grad_(False)
@@ -382,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     log({"event": "vae_done", "scaling_factor": scaling})
     recipe = DiffusionRecipe(lr=args.unet_lr, warmup_steps=args.unet_warmup, init_ema=init_ema,
                              high_noise_fraction=args.high_noise_fraction,
-                             position_loss_weight=args.position_loss_weight)
+                             position_loss_weight=args.position_loss_weight, v_snr_cap=args.v_snr_cap)
     train_diffusion(c, latents, scaling, args.out, args.unet_steps, args.unet_batch, recipe, args.seed + 2, log)
     export_pipeline(c, args.out / "model")
     log({"event": "done"})
