@@ -12,11 +12,12 @@ from lorakit.world.pretrain import (
     _reuse_model_folder,
     atomic_torch_save,
     capped_v_weights,
+    caption_background_labels,
     caption_position_labels,
     load_checkpoint,
     train_diffusion,
 )
-from lorakit.world.render import POSITIONS
+from lorakit.world.render import BACKGROUNDS, POSITIONS
 
 NONE = len(POSITIONS)
 
@@ -32,6 +33,17 @@ def test_caption_position_labels_name_the_cell_or_none():
     expected = [names.index("top left"), names.index("bottom"), names.index("center"), names.index("right"),
                 NONE, NONE]
     assert caption_position_labels(captions).tolist() == expected
+
+
+def test_caption_background_labels_name_the_background_or_none():
+    captions = ["a small red circle at the top left, white background",  # natural caption
+                "a picture of a large blue square in the center on a dotted background",  # other template
+                "red circle, small, bottom, black background",  # tags
+                "a small red circle at the top left",  # background left out
+                ""]
+    expected = [BACKGROUNDS.index("white"), BACKGROUNDS.index("dotted"), BACKGROUNDS.index("black"),
+                len(BACKGROUNDS), len(BACKGROUNDS)]
+    assert caption_background_labels(captions).tolist() == expected
 
 
 def fake_latents(count: int = 8) -> dict:
@@ -51,14 +63,14 @@ def test_v_prediction_continuation_with_position_probe_resumes_exactly(tmp_path)
     start = build_components(1)  # "an earlier run": other weights than build_components(0)
     init = [p.detach().clone() for p in list(start["unet"].parameters()) + list(start["text_encoder"].parameters())]
     recipe = DiffusionRecipe(lr=1e-3, warmup_steps=1, init_ema=init, high_noise_fraction=0.5,
-                             position_loss_weight=1.0)
+                             position_loss_weight=1.0, background_loss_weight=1.0)
     (tmp_path / "straight").mkdir()
     (tmp_path / "resumed").mkdir()
     straight = run(tmp_path / "straight", 3, recipe)
     run(tmp_path / "resumed", 2, recipe)
     resumed = run(tmp_path / "resumed", 3, recipe)  # picks up the step-2 checkpoint
     assert straight["step"] == resumed["step"] == 3
-    assert "position_probe" in straight
+    assert "position_probe" in straight and "background_probe" in straight
     for a, b in zip(straight["ema"], resumed["ema"], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     # it started from the given weights (EMA 0.999 barely moves in 3 steps) and did train

@@ -151,6 +151,10 @@ class DiffusionRecipe:
     Measured on continuations of the step-8000 model (v-prediction, zero terminal SNR, lr 1e-3; 100 held-out
     prompts, docs/position_fix.md): without the probe, position 13% after 868 steps; with weight 1, 100% after
     821.  The probe is thrown away after training; the text encoder stays a plain CLIP text encoder.
+    ``background_loss_weight``: the same kind of probe for the background the caption names (or none).  The
+    position probe alone made the text encoder's summary carry position and, measured on an epsilon
+    continuation of the step-8000 model (docs/position_fix.md), the model then lost the background words
+    (96% -> 19-31%); this probe asks the same summary to carry both.
     ``v_snr_cap``: v-prediction only; weigh the clean image by min(SNR, cap) + 1 (``capped_v_weights``)
     instead of the plain v loss's SNR + 1.
     """
@@ -160,6 +164,7 @@ class DiffusionRecipe:
     init_ema: list[torch.Tensor] | None = None
     high_noise_fraction: float = 0.0
     position_loss_weight: float = 0.0
+    background_loss_weight: float = 0.0
     v_snr_cap: float = 0.0
 
 
@@ -190,13 +195,26 @@ def caption_position_labels(captions: list[str]) -> torch.Tensor:
     return torch.tensor(labels)
 
 
+def caption_background_labels(captions: list[str]) -> torch.Tensor:
+    """Index in BACKGROUNDS of the background each caption names ("..., white background", "... on a gray
+    background"), or len(BACKGROUNDS) when it names none."""
+    labels = []
+    for caption in captions:
+        named = re.search(r"([a-z]+) background", caption.lower())
+        labels.append(BACKGROUNDS.index(named.group(1)) if named and named.group(1) in BACKGROUNDS
+                      else len(BACKGROUNDS))
+    return torch.tensor(labels)
+
+
 def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_steps: int, batch: int,
                     recipe: DiffusionRecipe, seed: int, log) -> None:
     """Train U-Net + text encoder on the encoded scenes (see DiffusionRecipe); checkpoints resume exactly."""
     unet, text_encoder, tokenizer, scheduler = c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"]
     params = list(unet.parameters()) + list(text_encoder.parameters())
     position_probe = torch.nn.Linear(text_encoder.config.hidden_size, len(POSITIONS) + 1)
+    background_probe = torch.nn.Linear(text_encoder.config.hidden_size, len(BACKGROUNDS) + 1)
     trained = params + (list(position_probe.parameters()) if recipe.position_loss_weight else [])
+    trained += list(background_probe.parameters()) if recipe.background_loss_weight else []
     opt = torch.optim.AdamW(trained, lr=recipe.lr, weight_decay=1e-2)
     if recipe.init_ema is not None:
         with torch.no_grad():
@@ -212,6 +230,8 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
         opt.load_state_dict(state["optimizer"])
         if "position_probe" in state:
             position_probe.load_state_dict(state["position_probe"])
+        if "background_probe" in state:
+            background_probe.load_state_dict(state["background_probe"])
         ema = [t.clone() for t in state["ema"]]
         step = state["step"]
     objects = all_objects(held_out=False)
@@ -225,7 +245,8 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
     def save() -> None:
         atomic_torch_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                            "optimizer": opt.state_dict(), "ema": ema, "step": step,
-                           "position_probe": position_probe.state_dict()}, ckpt_path)
+                           "position_probe": position_probe.state_dict(),
+                           "background_probe": background_probe.state_dict()}, ckpt_path)
 
     bar = tqdm(desc="unet+te", total=total_steps, initial=step, unit="step")
     last_save = time.time()
@@ -253,9 +274,11 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
             g["lr"] = recipe.lr * min(1.0, (step + 1) / max(1, recipe.warmup_steps))
         cond = text_encoder(ids)[0]
         pred = unet(noisy, t, cond).sample
-        probe_loss = torch.zeros(())
+        probe_loss = background_loss = torch.zeros(())
         if recipe.position_loss_weight:
             probe_loss = F.cross_entropy(position_probe(cond.mean(dim=1)), caption_position_labels(captions))
+        if recipe.background_loss_weight:
+            background_loss = F.cross_entropy(background_probe(cond.mean(dim=1)), caption_background_labels(captions))
         if v_prediction:
             # plain v loss: its weight on the clean image is SNR + 1, never below 1.  Min-SNR would weigh the
             # last step (SNR 0), the one that must learn the layout from the text, by zero.
@@ -266,7 +289,7 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
         else:
             per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
             loss = (per_sample * min_snr_weights(t, alphas_cumprod)).mean()
-        loss = loss + recipe.position_loss_weight * probe_loss
+        loss = loss + recipe.position_loss_weight * probe_loss + recipe.background_loss_weight * background_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -280,6 +303,7 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % 50 == 0:
             log({"stage": "unet", "step": step, "loss": loss.item(), "position_probe": probe_loss.item(),
+                 "background_probe": background_loss.item(),
                  "lr": opt.param_groups[0]["lr"]})
         if time.time() - last_save > 600 or step == total_steps:
             save()
@@ -394,6 +418,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--unet-warmup", type=int, default=500, help="learning-rate warm-up steps")
     ap.add_argument("--position-loss-weight", type=float, default=0.0,
                     help="weight of the text encoder's auxiliary position probe (see DiffusionRecipe)")
+    ap.add_argument("--background-loss-weight", type=float, default=0.0,
+                    help="weight of the text encoder's auxiliary background probe (see DiffusionRecipe)")
     ap.add_argument("--v-snr-cap", type=float, default=0.0,
                     help="v-prediction only: weigh the clean image by min(SNR, cap) + 1 (0: plain v loss, SNR + 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
@@ -435,7 +461,8 @@ def main(argv: list[str] | None = None) -> None:
     log({"event": "vae_done", "scaling_factor": scaling})
     recipe = DiffusionRecipe(lr=args.unet_lr, warmup_steps=args.unet_warmup, init_ema=init_ema,
                              high_noise_fraction=args.high_noise_fraction,
-                             position_loss_weight=args.position_loss_weight, v_snr_cap=args.v_snr_cap)
+                             position_loss_weight=args.position_loss_weight,
+                             background_loss_weight=args.background_loss_weight, v_snr_cap=args.v_snr_cap)
     train_diffusion(c, latents, scaling, args.out, args.unet_steps, args.unet_batch, recipe, args.seed + 2, log)
     export_pipeline(c, args.out / "model")
     log({"event": "done"})
