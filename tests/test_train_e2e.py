@@ -1,14 +1,14 @@
 """End to end on the shipped model: training on the "zkz" concept makes the reader see the concept.
 
 The base model has never seen the star: on the concept's 17 train and trigger prompts (2 seeds each) the
-reader recognises a star in 1 of its 34 samples, and its mean star probability is 0.04.  After a short run of
-each method (150 steps, about 40 s on 2 CPU cores), samples from the same prompts and seeds must show the star
-at least as often as a floor and the mean star probability must be at least 3x the base model's.
+reader recognises a star in none of its 34 samples, and its mean star probability is 0.025.  After a short run
+of each method (150 steps, about 40 s on 2 CPU cores), samples from the same prompts and seeds must show the
+star at least as often as a floor and the mean star probability must be at least 3x the base model's.
 
-Measured when the floors were set (step-8000 built-in model): LoRA 21% / 0.28, LoHa 9% / 0.15, LoKr 21% / 0.20,
-native 6% / 0.17 (100 steps), pivotal 29% / 0.28 (the step-6000 model gave 18% / 0.19, 6% / 0.14, 6% / 0.12,
-3% / 0.12, 9% / 0.15: a base model that draws shapes better learns the star better).  The floors are about half
-the measured values, for CPU kernels that differ in the last bits between machines.
+Measured when the floors were set (the position-aware built-in model, MADE_BY.txt): LoRA 35% / 0.37, LoHa
+26% / 0.25, LoKr 15% / 0.20, native 15% / 0.21 (100 steps), pivotal 21% / 0.25 (the step-8000 model gave
+21% / 0.28, 9% / 0.15, 21% / 0.20, 6% / 0.17, 29% / 0.28).  The floors are about half the measured values, for
+CPU kernels that differ in the last bits between machines.
 """
 
 from __future__ import annotations
@@ -79,13 +79,13 @@ FULL = {"preset": "full", "rank": 8, "alpha": 8.0}  # LoCon: the star's outline 
 
 # method -> (steps, config sections, floors: (recognised, mean star probability))
 RUNS = {
-    "lora": (150, {"network": {"algorithm": "lora", **FULL}, "optimizer": {"learning_rate": 4e-3}}, (0.10, 0.14)),
-    "loha": (150, {"network": {"algorithm": "loha", **FULL}, "optimizer": {"learning_rate": 4e-3}}, (0.05, 0.12)),
+    "lora": (150, {"network": {"algorithm": "lora", **FULL}, "optimizer": {"learning_rate": 4e-3}}, (0.17, 0.18)),
+    "loha": (150, {"network": {"algorithm": "loha", **FULL}, "optimizer": {"learning_rate": 4e-3}}, (0.12, 0.12)),
     "lokr": (150, {"network": {"algorithm": "lokr", **FULL, "args": {"factor": 4}},
-                   "optimizer": {"learning_rate": 4e-3}}, (0.10, 0.12)),
-    "native": (100, {"method": {"kind": "native"}, "optimizer": {"learning_rate": 1e-4}}, (0.029, 0.12)),
+                   "optimizer": {"learning_rate": 4e-3}}, (0.07, 0.10)),
+    "native": (100, {"method": {"kind": "native"}, "optimizer": {"learning_rate": 1e-4}}, (0.07, 0.10)),
     "pivotal": (150, {"method": {"kind": "pivotal", "ti_token": "zkz"}, "network": FULL,
-                      "optimizer": {"ti_lr": 5e-2, "unet_lr": 4e-3, "learning_rate": 4e-3}}, (0.14, 0.14)),
+                      "optimizer": {"ti_lr": 5e-2, "unet_lr": 4e-3, "learning_rate": 4e-3}}, (0.10, 0.12)),
 }
 
 
