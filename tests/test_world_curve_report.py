@@ -67,7 +67,7 @@ def test_table_and_plot_from_run_folders(tmp_path):
     (tmp_path / "unscored").mkdir()  # runs still training (no curve.json, or only the base scored): left out
     (tmp_path / "base-only").mkdir()
     (tmp_path / "base-only" / "curve.json").write_text(json.dumps([row(0, 0, 0, 0.9)]))
-    runs = curve_report.find_runs(tmp_path)
+    runs = curve_report.find_runs(tmp_path, ("color", "background"))
     assert len(runs) == 1
     run = runs[0]
     assert (run.algorithm, run.lr, run.seed) == ("loha", 2e-3, 3)
