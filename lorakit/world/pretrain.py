@@ -148,9 +148,10 @@ class DiffusionRecipe:
     ``position_loss_weight``: weight of an auxiliary loss on the text encoder (a linear probe on its mean
     output token must tell which of the 9 positions the caption names, or that it names none).  Without it the
     text encoder carries "top left" vs "bottom right" so faintly that the U-Net does not learn to place objects.
-    Measured on continuations of the step-8000 model (v-prediction, zero terminal SNR, lr 1e-3; 100 held-out
-    prompts, docs/position_fix.md): without the probe, position 13% after 868 steps; with weight 1, 100% after
-    821.  The probe is thrown away after training; the text encoder stays a plain CLIP text encoder.
+    Measured on continuations of the step-8000 model (100 held-out prompts, docs/position_fix.md): as a
+    v-prediction model, position 13% after 868 steps without the probe, 100% after 821 with weight 1; kept an
+    epsilon model, 100% after 888 steps with weight 1 (the shipped model's stage 2).  The probe is thrown away
+    after training; the text encoder stays a plain CLIP text encoder.
     ``background_loss_weight``: the same kind of probe for the background the caption names (or none).  The
     position probe alone made the text encoder's summary carry position and, measured on an epsilon
     continuation of the step-8000 model (docs/position_fix.md), the model then lost the background words
@@ -274,14 +275,14 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
             g["lr"] = recipe.lr * min(1.0, (step + 1) / max(1, recipe.warmup_steps))
         cond = text_encoder(ids)[0]
         pred = unet(noisy, t, cond).sample
-        probe_loss = background_loss = torch.zeros(())
+        position_loss = background_loss = torch.zeros(())
         if recipe.position_loss_weight:
-            probe_loss = F.cross_entropy(position_probe(cond.mean(dim=1)), caption_position_labels(captions))
+            position_loss = F.cross_entropy(position_probe(cond.mean(dim=1)), caption_position_labels(captions))
         if recipe.background_loss_weight:
             background_loss = F.cross_entropy(background_probe(cond.mean(dim=1)), caption_background_labels(captions))
         if v_prediction:
-            # plain v loss: its weight on the clean image is SNR + 1, never below 1.  Min-SNR would weigh the
-            # last step (SNR 0), the one that must learn the layout from the text, by zero.
+            # v loss: its weight on the clean image is SNR + 1 (or min(SNR, cap) + 1), never below 1.  Min-SNR
+            # would weigh the last step (SNR 0), the one that must learn the layout from the text, by zero.
             per_sample = F.mse_loss(pred, scheduler.get_velocity(z, noise, t), reduction="none").mean(dim=(1, 2, 3))
             if recipe.v_snr_cap:
                 per_sample = per_sample * capped_v_weights(t, alphas_cumprod, recipe.v_snr_cap)
@@ -289,7 +290,7 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
         else:
             per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
             loss = (per_sample * min_snr_weights(t, alphas_cumprod)).mean()
-        loss = loss + recipe.position_loss_weight * probe_loss + recipe.background_loss_weight * background_loss
+        loss = loss + recipe.position_loss_weight * position_loss + recipe.background_loss_weight * background_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -302,7 +303,7 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % 50 == 0:
-            log({"stage": "unet", "step": step, "loss": loss.item(), "position_probe": probe_loss.item(),
+            log({"stage": "unet", "step": step, "loss": loss.item(), "position_probe": position_loss.item(),
                  "background_probe": background_loss.item(),
                  "lr": opt.param_groups[0]["lr"]})
         if time.time() - last_save > 600 or step == total_steps:
@@ -351,8 +352,8 @@ def export_snapshot(out: Path, snapshot: Path, folder: Path, seed: int = 0, pred
 def _reuse_model_folder(folder: Path, out: Path, vae_steps: int, seed: int) -> list[torch.Tensor]:
     """Start a continuation run in ``out`` from a finished diffusers folder (the shipped model, or a run's
     ``model/``): its VAE becomes the run's finished VAE stage (the latents are encoded again from it, which
-    gives the same data as the run that made it) and its U-Net + text encoder weights are returned as the EMA
-    to start from."""
+    gives the same data as the run that made it when --images and --seed are the same) and its U-Net + text
+    encoder weights are returned as the EMA to start from."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
