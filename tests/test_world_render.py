@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from lorakit.world.captions import natural_caption, tag_caption
+from lorakit.world.captions import named_background, named_position, natural_caption, random_caption, tag_caption
 from lorakit.world.render import (
     ALL_SHAPES,
     BACKGROUNDS,
@@ -78,6 +78,19 @@ def test_captions_name_every_attribute_unless_omitted():
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
+def test_position_and_background_read_back_from_every_caption_style():
+    rng = np.random.default_rng(0)
+    objects = all_objects(held_out=False)
+    for i in range(400):
+        scene = Scene((objects[i % len(objects)],), BACKGROUNDS[i % len(BACKGROUNDS)])
+        caption = random_caption(scene, rng)
+        position, background = scene.objects[0].position, scene.background
+        # an omitted attribute reads back as None, a named one as itself
+        assert named_position(caption) == (position if position in caption else None), caption
+        assert named_background(caption) == (background if f"{background} background" in caption else None), caption
+    assert named_position("") is None and named_background("a red circle") is None
+
+
 def test_every_world_word_is_one_token(tokenizer):
     for word in world_words():
         assert len(tokenizer.tokenize(word)) == 1, word

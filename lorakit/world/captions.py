@@ -6,11 +6,12 @@ which is the class word a trigger is paired with ("a zkz shape", as "a sks dog")
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import numpy as np
 
-from lorakit.world.render import ObjectSpec, Scene
+from lorakit.world.render import BACKGROUNDS, ObjectSpec, Scene
 
 CLASS_WORD = "shape"
 
@@ -86,3 +87,20 @@ def random_caption(scene: Scene, rng: np.random.Generator, omit_probability: flo
     if rng.random() < tag_probability:
         return tag_caption(scene, omit)
     return natural_caption(scene, omit, template=int(rng.integers(0, 6)))
+
+
+def named_position(caption: str) -> str | None:
+    """The position a caption of either style names ("top left", "center", ...), read back from its words, or
+    None when it names none (pretraining's position probe learns from this)."""
+    words = re.findall(r"[a-z]+", caption.lower())
+    vertical = next((w for w in words if w in ("top", "bottom")), None)
+    horizontal = next((w for w in words if w in ("left", "right")), None)
+    if vertical or horizontal:
+        return " ".join(w for w in (vertical, horizontal) if w)
+    return "center" if "center" in words else None
+
+
+def named_background(caption: str) -> str | None:
+    """The background a caption names ("..., white background", "... on a gray background"), or None."""
+    named = re.search(r"([a-z]+) background", caption.lower())
+    return named.group(1) if named and named.group(1) in BACKGROUNDS else None

@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lorakit.world.captions import random_caption
+from lorakit.world.captions import named_background, named_position, random_caption
 from lorakit.world.model import build_components, write_clip_vocab_files
 from lorakit.world.render import ALL_SHAPES, BACKGROUNDS, COLORS, POSITIONS, SIZES, ObjectSpec, Scene, render_array
 from lorakit.world.splits import all_objects
@@ -184,27 +183,13 @@ def capped_v_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, cap:
 def caption_position_labels(captions: list[str]) -> torch.Tensor:
     """Index in POSITIONS of the position each caption names, or len(POSITIONS) when it names none."""
     names = list(POSITIONS)
-    labels = []
-    for caption in captions:
-        words = re.findall(r"[a-z]+", caption.lower())
-        vertical = next((w for w in words if w in ("top", "bottom")), None)
-        horizontal = next((w for w in words if w in ("left", "right")), None)
-        if vertical or horizontal:
-            labels.append(names.index(" ".join(w for w in (vertical, horizontal) if w)))
-        else:
-            labels.append(names.index("center") if "center" in words else len(names))
-    return torch.tensor(labels)
+    return torch.tensor([names.index(p) if (p := named_position(c)) is not None else len(names) for c in captions])
 
 
 def caption_background_labels(captions: list[str]) -> torch.Tensor:
-    """Index in BACKGROUNDS of the background each caption names ("..., white background", "... on a gray
-    background"), or len(BACKGROUNDS) when it names none."""
-    labels = []
-    for caption in captions:
-        named = re.search(r"([a-z]+) background", caption.lower())
-        labels.append(BACKGROUNDS.index(named.group(1)) if named and named.group(1) in BACKGROUNDS
-                      else len(BACKGROUNDS))
-    return torch.tensor(labels)
+    """Index in BACKGROUNDS of the background each caption names, or len(BACKGROUNDS) when it names none."""
+    return torch.tensor([BACKGROUNDS.index(b) if (b := named_background(c)) is not None else len(BACKGROUNDS)
+                         for c in captions])
 
 
 def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_steps: int, batch: int,
