@@ -53,22 +53,23 @@ def fake_latents(count: int = 8) -> dict:
             "object": torch.arange(count), "background": torch.arange(count) % 5}
 
 
-def run(folder, steps: int, recipe: DiffusionRecipe) -> dict:
-    c = build_components(0, "v_prediction")
+def run(folder, steps: int, recipe: DiffusionRecipe, prediction_type: str = "v_prediction") -> dict:
+    c = build_components(0, prediction_type)
     train_diffusion(c, fake_latents(), 1.0, folder, steps, 4, recipe, seed=3, log=lambda record: None)
     return load_checkpoint(folder / "unet_checkpoint.pt")
 
 
-def test_v_prediction_continuation_with_position_probe_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_continuation_with_the_probes_resumes_exactly(tmp_path, prediction_type):
     start = build_components(1)  # "an earlier run": other weights than build_components(0)
     init = [p.detach().clone() for p in list(start["unet"].parameters()) + list(start["text_encoder"].parameters())]
     recipe = DiffusionRecipe(lr=1e-3, warmup_steps=1, init_ema=init, high_noise_fraction=0.5,
                              position_loss_weight=1.0, background_loss_weight=1.0)
     (tmp_path / "straight").mkdir()
     (tmp_path / "resumed").mkdir()
-    straight = run(tmp_path / "straight", 3, recipe)
-    run(tmp_path / "resumed", 2, recipe)
-    resumed = run(tmp_path / "resumed", 3, recipe)  # picks up the step-2 checkpoint
+    straight = run(tmp_path / "straight", 3, recipe, prediction_type)
+    run(tmp_path / "resumed", 2, recipe, prediction_type)
+    resumed = run(tmp_path / "resumed", 3, recipe, prediction_type)  # picks up the step-2 checkpoint
     assert straight["step"] == resumed["step"] == 3
     assert "position_probe" in straight and "background_probe" in straight
     for a, b in zip(straight["ema"], resumed["ema"], strict=True):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lorakit.loss import min_snr_weight
 from lorakit.world.captions import named_background, named_position, random_caption
 from lorakit.world.model import build_components, write_clip_vocab_files
 from lorakit.world.render import ALL_SHAPES, BACKGROUNDS, COLORS, POSITIONS, SIZES, ObjectSpec, Scene, render_array
@@ -132,11 +133,6 @@ def encode_dataset(vae, count: int, seed: int, batch: int = 128) -> dict:
 
 
 # --------------------------------------------------------------------------------- U-Net + text encoder
-def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
-    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
-    return torch.clamp(snr, max=gamma) / snr
-
-
 @dataclass(frozen=True)
 class DiffusionRecipe:
     """How U-Net + text encoder train (the scheduler in the components says epsilon or v-prediction).
@@ -274,7 +270,7 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
             loss = per_sample.mean()
         else:
             per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-            loss = (per_sample * min_snr_weights(t, alphas_cumprod)).mean()
+            loss = (per_sample * min_snr_weight(scheduler, t, 5.0, "epsilon")).mean()  # Min-SNR-5
         loss = loss + recipe.position_loss_weight * position_loss + recipe.background_loss_weight * background_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
