@@ -101,7 +101,7 @@ def test_continuation_from_a_model_folder_starts_from_its_weights_and_keeps_its_
 
     out = tmp_path / "run"
     out.mkdir()
-    ema = _reuse_model_folder(builtin_model_path(), out, vae_steps=3000, seed=0)
+    ema = _reuse_model_folder(builtin_model_path(), out, build_components(0), vae_steps=3000)
     shipped = build_components(0)
     fresh = [p.detach() for p in list(shipped["unet"].parameters()) + list(shipped["text_encoder"].parameters())]
     assert len(ema) == len(fresh) and any(not torch.equal(a, b) for a, b in zip(ema, fresh, strict=True))
@@ -121,7 +121,7 @@ def test_continuation_from_a_model_folder_starts_from_its_weights_and_keeps_its_
 def test_continuation_from_a_folder_that_is_not_a_model_says_what_is_missing(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(SystemExit, match="no text_encoder, vae/"):
-        _reuse_model_folder(tmp_path, tmp_path, vae_steps=1, seed=0)
+        _reuse_model_folder(tmp_path, tmp_path, build_components(0), vae_steps=1)
 
 
 def test_capped_v_weights_weigh_the_clean_image_by_min_snr_plus_one():

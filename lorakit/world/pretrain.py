@@ -330,26 +330,22 @@ def export_snapshot(out: Path, snapshot: Path, folder: Path, seed: int = 0, pred
     export_pipeline(c, folder)
 
 
-def _reuse_model_folder(folder: Path, out: Path, vae_steps: int, seed: int) -> list[torch.Tensor]:
+def _reuse_model_folder(folder: Path, out: Path, c: dict, vae_steps: int) -> list[torch.Tensor]:
     """Start a continuation run in ``out`` from a finished diffusers folder (the shipped model, or a run's
-    ``model/``): its VAE becomes the run's finished VAE stage (the latents are encoded again from it, which
-    gives the same data as the run that made it when --images and --seed are the same) and its U-Net + text
-    encoder weights are returned as the EMA to start from."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    ``model/``): its weights are loaded into the run's components ``c``, its VAE becomes the run's finished VAE
+    stage (the latents are encoded again from it, which gives the same data as the run that made it when
+    --images and --seed are the same) and its U-Net + text encoder weights are returned as the EMA to start
+    from."""
+    from lorakit.models import ModelLoadError, load_base_model
 
     missing = [name for name in ("unet", "text_encoder", "vae") if not (folder / name).is_dir()]
     if missing:
         raise SystemExit(f"--init-from {folder}: not a diffusers model folder (no {', '.join(missing)}/ in it)")
-    c = build_components(seed)
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
-        vae = AutoencoderKL.from_pretrained(folder / "vae")
-        c["unet"].load_state_dict(unet.state_dict())
-        c["text_encoder"].load_state_dict(text_encoder.state_dict())
-        c["vae"].load_state_dict(vae.state_dict())
-    except (OSError, RuntimeError, ValueError) as err:  # wrong architecture or a broken file
+        model = load_base_model(folder)
+        for name in ("unet", "text_encoder", "vae"):  # strict: another architecture fails here
+            c[name].load_state_dict(getattr(model, name).state_dict())
+    except (ModelLoadError, OSError, RuntimeError) as err:  # wrong architecture or a broken file
         raise SystemExit(f"--init-from {folder}: cannot load it as the shapes-world model: {err}") from err
     if not (out / "vae_checkpoint.pt").exists():
         # a finished VAE stage: train_vae sees step == vae_steps and skips training
@@ -426,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     c = build_components(args.seed, args.prediction_type)
     init_ema = None
     if args.init_from is not None and args.init_from.is_dir():
-        init_ema = _reuse_model_folder(args.init_from, args.out, args.vae_steps, args.seed)
+        init_ema = _reuse_model_folder(args.init_from, args.out, c, args.vae_steps)
     elif args.init_from is not None:
         init_ema = _reuse_earlier_run(args.init_from, args.out)
     train_vae(c["vae"], args.out, args.vae_steps, args.vae_batch, args.vae_lr, args.seed, log)
