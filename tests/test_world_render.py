@@ -77,7 +77,6 @@ def test_captions_name_every_attribute_unless_omitted():
     assert tag_caption(scene, shape_word="zkz shape", omit=["size"]) == "red zkz shape, top left, white background"
 
 
-# --------------------------------------------------------------------------------------------- tokenizer
 def test_position_and_background_read_back_from_every_caption_style():
     rng = np.random.default_rng(0)
     objects = all_objects(held_out=False)
@@ -91,6 +90,7 @@ def test_position_and_background_read_back_from_every_caption_style():
     assert named_position("") is None and named_background("a red circle") is None
 
 
+# --------------------------------------------------------------------------------------------- tokenizer
 def test_every_world_word_is_one_token(tokenizer):
     for word in world_words():
         assert len(tokenizer.tokenize(word)) == 1, word

@@ -193,10 +193,12 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
     """Train U-Net + text encoder on the encoded scenes (see DiffusionRecipe); checkpoints resume exactly."""
     unet, text_encoder, tokenizer, scheduler = c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"]
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    position_probe = torch.nn.Linear(text_encoder.config.hidden_size, len(POSITIONS) + 1)
-    background_probe = torch.nn.Linear(text_encoder.config.hidden_size, len(BACKGROUNDS) + 1)
-    trained = params + (list(position_probe.parameters()) if recipe.position_loss_weight else [])
-    trained += list(background_probe.parameters()) if recipe.background_loss_weight else []
+    # the text encoder's auxiliary probes: name -> (classes, the caption's label, loss weight); see DiffusionRecipe
+    probe_specs = {"position": (len(POSITIONS) + 1, caption_position_labels, recipe.position_loss_weight),
+                   "background": (len(BACKGROUNDS) + 1, caption_background_labels, recipe.background_loss_weight)}
+    probes = {name: torch.nn.Linear(text_encoder.config.hidden_size, classes)
+              for name, (classes, _, _) in probe_specs.items()}
+    trained = params + [p for name, (_, _, weight) in probe_specs.items() if weight for p in probes[name].parameters()]
     opt = torch.optim.AdamW(trained, lr=recipe.lr, weight_decay=1e-2)
     if recipe.init_ema is not None:
         with torch.no_grad():
@@ -210,10 +212,9 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["optimizer"])
-        if "position_probe" in state:
-            position_probe.load_state_dict(state["position_probe"])
-        if "background_probe" in state:
-            background_probe.load_state_dict(state["background_probe"])
+        for name, probe in probes.items():
+            if f"{name}_probe" in state:
+                probe.load_state_dict(state[f"{name}_probe"])
         ema = [t.clone() for t in state["ema"]]
         step = state["step"]
     objects = all_objects(held_out=False)
@@ -227,8 +228,7 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
     def save() -> None:
         atomic_torch_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                            "optimizer": opt.state_dict(), "ema": ema, "step": step,
-                           "position_probe": position_probe.state_dict(),
-                           "background_probe": background_probe.state_dict()}, ckpt_path)
+                           **{f"{name}_probe": probe.state_dict() for name, probe in probes.items()}}, ckpt_path)
 
     bar = tqdm(desc="unet+te", total=total_steps, initial=step, unit="step")
     last_save = time.time()
@@ -256,11 +256,10 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
             g["lr"] = recipe.lr * min(1.0, (step + 1) / max(1, recipe.warmup_steps))
         cond = text_encoder(ids)[0]
         pred = unet(noisy, t, cond).sample
-        position_loss = background_loss = torch.zeros(())
-        if recipe.position_loss_weight:
-            position_loss = F.cross_entropy(position_probe(cond.mean(dim=1)), caption_position_labels(captions))
-        if recipe.background_loss_weight:
-            background_loss = F.cross_entropy(background_probe(cond.mean(dim=1)), caption_background_labels(captions))
+        # each probe reads the mean output token; taken once per probe on purpose: one shared mean changes the
+        # gradients' summation order, and so the last bits of the run that made the shipped model (MADE_BY.txt)
+        probe_losses = {name: F.cross_entropy(probes[name](cond.mean(dim=1)), labels(captions)) if weight
+                        else torch.zeros(()) for name, (_, labels, weight) in probe_specs.items()}
         if v_prediction:
             # v loss: its weight on the clean image is SNR + 1 (or min(SNR, cap) + 1), never below 1.  Min-SNR
             # would weigh the last step (SNR 0), the one that must learn the layout from the text, by zero.
@@ -271,7 +270,8 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
         else:
             per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
             loss = (per_sample * min_snr_weight(scheduler, t, 5.0, "epsilon")).mean()  # Min-SNR-5
-        loss = loss + recipe.position_loss_weight * position_loss + recipe.background_loss_weight * background_loss
+        for name, (_, _, weight) in probe_specs.items():
+            loss = loss + weight * probe_losses[name]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -284,8 +284,8 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % 50 == 0:
-            log({"stage": "unet", "step": step, "loss": loss.item(), "position_probe": position_loss.item(),
-                 "background_probe": background_loss.item(),
+            log({"stage": "unet", "step": step, "loss": loss.item(),
+                 **{f"{name}_probe": value.item() for name, value in probe_losses.items()},
                  "lr": opt.param_groups[0]["lr"]})
         if time.time() - last_save > 600 or step == total_steps:
             save()
