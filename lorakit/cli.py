@@ -18,6 +18,8 @@ from lorakit.errors import LorakitError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lorakit.train_command", "train an adapter, embedding or model from a folder of images"),
     "world": ("lorakit.world.command", "the built-in shapes world: pretrain, quality, dataset, train-reader"),
+    "eval": ("lorakit.commands.eval", "judge checkpoints: generate, measure, rank; metrics and an HTML report"),
+    "report": ("lorakit.commands.report", "one HTML page for a training run from what its folder holds"),
     "inspect": ("lorakit.inspection", "show what an adapter file holds: algorithm, modules, ranks, metadata, blocks"),
 }
 

@@ -1,0 +1,160 @@
+"""``lorakit eval RUN_OR_FILES... --prompts P --out DIR``: judge checkpoints the way the LyCORIS paper does.
+
+Generates N images per prompt and seed for every checkpoint (a run's epochs, the base model as epoch 0, adapter
+files), cached under ``DIR/cache`` so that nothing is generated twice; measures them with the chosen feature
+extractors (and the shapes world's exact metrics when its reader is chosen); writes ``metrics.json``,
+``metrics.csv`` and ``report.html`` into DIR.  Every input is checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+
+
+class EvalCommandError(LorakitError, ValueError):
+    """A command-line value that cannot work; the message names it."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sources", nargs="+", metavar="RUN_OR_FILE",
+                        help="training run folders (every saved epoch) and/or adapter .safetensors files")
+    parser.add_argument("--out", required=True, type=Path, help="folder for metrics.json, metrics.csv, report.html")
+    parser.add_argument("--prompts", type=Path, default=None,
+                        help="prompt file (.toml, .txt 'type: prompt' lines, or the world's prompts.json); "
+                             "default: prompts made from the dataset's captions")
+    parser.add_argument("--model", default=None, help="base model (default: the built-in shapes-world model)")
+    parser.add_argument("--extractor", action="append", default=[], metavar="KIND[=PATH]",
+                        help="feature extractor, repeatable: clip=DIR, dinov2=DIR, vgg19=FILE.safetensors, "
+                             "world-reader (default with the built-in model: world-reader)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="the concept's training images (default: the run's data.train_data)")
+    parser.add_argument("--trigger", default=None, help="fills {trigger} in prompt templates")
+    parser.add_argument("--seeds", type=int, default=1, help="images per prompt (default 1)")
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+    parser.add_argument("--cfg", type=float, default=7.0, help="CFG scale (default 7)")
+    parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--every", type=int, default=1, help="evaluate every k-th saved epoch (the last always)")
+    parser.add_argument("--no-base", action="store_true", help="leave the base model (epoch 0) out")
+    parser.add_argument("--cache", type=Path, default=None, help="image cache folder (default DIR/cache)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def parse_extractor(spec: str) -> tuple[str, str | None]:
+    kind, eq, path = spec.partition("=")
+    kind = kind.strip()
+    if not kind:
+        raise EvalCommandError(f"--extractor {spec!r}: expected KIND or KIND=PATH")
+    return kind, (path.strip() or None) if eq else None
+
+
+def _data_folder(args: argparse.Namespace, runs) -> Path | None:
+    if args.data is not None:
+        return args.data
+    for r in runs:
+        if r.data:
+            for candidate in (Path(r.data), r.path / r.data):
+                if candidate.is_dir():
+                    return candidate
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    import lorakit.world.evaluation  # noqa: F401  (registers the world reader and the world's exact metrics)
+    from lorakit.evaluate.checkpoints import dataset_images, discover, kohya_trigger, model_hash
+    from lorakit.evaluate.extractors import load_extractor
+    from lorakit.evaluate.generate import (
+        ImageCache,
+        SamplerSettings,
+        check_checkpoints,
+        generate_all,
+        load_images,
+        make_jobs,
+    )
+    from lorakit.evaluate.pipeline import (
+        evaluate,
+        headline_metrics,
+        load_metric_provider,
+        metrics_csv,
+        summary_lines,
+    )
+    from lorakit.evaluate.prompts import default_prompt_set, load_prompt_set
+    from lorakit.evaluate.report import page_from_eval, render_html
+    from lorakit.models import load_base_model
+
+    # everything is checked before anything is written
+    if args.out.exists() and not args.out.is_dir():
+        raise EvalCommandError(f"--out {args.out}: exists and is not a folder")
+    checkpoints, runs = discover(args.sources, include_base=not args.no_base, every=args.every)
+    data = _data_folder(args, runs)
+    pairs = dataset_images(data) if data is not None else []
+    trigger = args.trigger or next((r.trigger for r in runs if r.trigger), None) \
+        or (kohya_trigger(data) if data else None)
+    if args.prompts is not None:
+        prompt_set = load_prompt_set(args.prompts, trigger=trigger)
+    else:
+        if not pairs or not trigger:
+            raise EvalCommandError("no --prompts given and no dataset captions and trigger to make default prompts "
+                                   "from: pass --prompts FILE (or --data DIR and --trigger WORD)")
+        prompt_set = default_prompt_set([c for _, c in pairs if c], trigger)
+    specs = [parse_extractor(s) for s in args.extractor]
+    if not specs:
+        if args.model not in (None, "builtin"):
+            raise EvalCommandError("choose a feature extractor: --extractor clip=DIR, dinov2=DIR, vgg19=FILE "
+                                   "(world-reader is the default only for the built-in model)")
+        specs = [("world-reader", None)]
+    extractors = {}
+    for kind, path in specs:
+        extractors[kind if kind not in extractors else f"{kind}-{len(extractors)}"] = load_extractor(kind, path)
+    providers = [load_metric_provider("world")] if any(k == "world-reader" for k, _ in specs) else []
+    settings = SamplerSettings(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, width=args.size,
+                               height=args.size)
+    jobs = make_jobs(prompt_set.prompts, args.seeds)
+    model = load_base_model(args.model)
+    check_checkpoints(model, checkpoints)  # a file that does not fit fails here, before any image is made
+
+    cache = ImageCache(args.cache or args.out / "cache")
+    paths, stats = generate_all(model, model_hash(args.model), checkpoints, jobs, settings, cache,
+                                batch_size=args.batch_size, progress=not args.quiet)
+    images = load_images(paths)
+    from PIL import Image
+
+    data_images = []
+    for p, _ in pairs:
+        with Image.open(p) as im:
+            data_images.append(im.convert("RGB"))
+    setup = {"prompts": prompt_set.source, "concept": prompt_set.concept, "trigger": prompt_set.trigger,
+             "prompt count": len(prompt_set.prompts), "seeds": args.seeds, "steps": settings.steps,
+             "cfg": settings.cfg_scale, "sampler": settings.sampler, "size": args.size or model.resolution,
+             "base model": args.model or "builtin", "data": str(data) if data else None,
+             "data images": len(data_images), "extractors": ", ".join(f"{k}={p or ''}".rstrip("=") for k, p in specs),
+             "images": len(jobs) * len(checkpoints), "generated": stats.made, "cached": stats.cached,
+             "seconds generating": round(stats.seconds, 2),
+             "seconds per generated image": None if stats.seconds_per_image is None
+             else round(stats.seconds_per_image, 4)}
+    result = evaluate(checkpoints, runs, jobs, images, extractors, data_images, providers, args.seeds, setup)
+    result.setup["seconds total"] = round(time.perf_counter() - started, 2)
+    lines = summary_lines(result, headline_metrics(result))
+    html_text = render_html(page_from_eval(result, jobs, images, title=f"lorakit eval: {prompt_set.concept}",
+                                           summary=lines))
+    from lorakit.atomic import atomic_write_json, atomic_write_text
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = [atomic_write_json(args.out / "metrics.json", result.to_dict()),
+               atomic_write_text(args.out / "metrics.csv", metrics_csv(result)),
+               atomic_write_text(args.out / "report.html", html_text)]
+    spi = stats.seconds_per_image
+    print(f"lorakit eval: {len(checkpoints)} checkpoints × {len(prompt_set.prompts)} prompts × {args.seeds} seed(s) "
+          f"= {len(jobs) * len(checkpoints)} images ({stats.made} generated"
+          + (f", {spi:.3f} s each" if spi else "") + f"; {stats.cached} from the cache {cache.folder})")
+    for line in lines:
+        print("  " + line)
+    for path in written:
+        print(f"  wrote {path}")
+    return 0

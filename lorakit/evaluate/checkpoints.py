@@ -1,0 +1,241 @@
+"""What ``lorakit eval`` compares: checkpoints found in run folders or given as files, plus the base model.
+
+A source is one of
+- a training run folder (``config.toml`` + ``checkpoints/epoch-NNNN/trained.safetensors``): every saved epoch,
+  with the run's settings (algorithm, rank, lr, preset, ...) from its ``config.toml`` and its CS-Fluctuation
+  turning point from ``summary.json``;
+- an adapter file (``.safetensors``): one checkpoint, settings from its ``ss_*`` metadata.
+
+The base model itself is "epoch 0" (once, however many runs are compared).  Each checkpoint carries a content
+hash, so cached images are never reused for a file that changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import LorakitError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
+#: run settings shown in the report and used as SHAP features: (label, config section, key)
+SETTING_KEYS = (("method", "method", "kind"), ("algorithm", "network", "algorithm"), ("preset", "network", "preset"),
+                ("rank", "network", "rank"), ("alpha", "network", "alpha"), ("conv_rank", "network", "conv_rank"),
+                ("lr", "optimizer", "learning_rate"), ("optimizer", "optimizer", "optimizer"),
+                ("batch_size", "data", "batch_size"), ("max_epochs", "training", "max_epochs"),
+                ("seed", "training", "seed"), ("early_stop", "early_stop", "mode"), ("base", "model", "base"))
+
+
+class CheckpointError(LorakitError, ValueError):
+    """A source that is not a run folder or an adapter file, an empty run, or a checkpoint that does not fit."""
+
+
+@dataclass(frozen=True)
+class EvalCheckpoint:
+    """One thing to generate with: the base model (``path`` None, ``epoch`` 0) or an adapter/weights file."""
+
+    label: str  # unique among the checkpoints compared: "base", "<run>/e3", "<file stem>"
+    kind: str  # "base", "adapter", "native"
+    path: Path | None
+    hash: str  # content hash of the file ("base" for the base model: the base model's hash is keyed separately)
+    run: str | None = None  # the run's name (folder name), None for the base model and loose files
+    epoch: int | None = None
+
+
+@dataclass
+class RunInfo:
+    """A training run folder and what it already holds."""
+
+    name: str
+    path: Path
+    settings: dict[str, Any]
+    summary: dict[str, Any] | None = None
+    turning_epoch: int | None = None  # CS-Fluctuation turning point (stopped there, or found in report mode)
+    turning_step: int | None = None
+    data: str | None = None  # the training images' folder, from config.toml
+    trigger: str | None = None
+    checkpoints: list[EvalCheckpoint] = field(default_factory=list)
+
+
+def file_hash(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes (first 16 hex digits: a cache key, not a signature)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def model_hash(spec: str | Path | None) -> str:
+    """A hash of a base model's files (a diffusers folder's weights and configs, or a single file)."""
+    from lorakit.models import builtin_model_path
+
+    path = builtin_model_path() if spec is None or str(spec) == "builtin" else Path(spec)
+    if path.is_file():
+        return file_hash(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: the base model is neither a folder nor a file")
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".txt")):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(file_hash(f).encode())
+    return h.hexdigest()[:16]
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise CheckpointError(f"{path}: cannot read the run's configuration: {err}") from None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON: {err}") from None
+    return data if isinstance(data, dict) else None
+
+
+def run_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings that tell runs apart, from a parsed config.toml (missing keys: the trainer's defaults)."""
+    from lorakit.config import TrainConfig
+
+    defaults = TrainConfig()
+    out: dict[str, Any] = {}
+    for label, section, key in SETTING_KEYS:
+        value = config.get(section, {}).get(key, getattr(getattr(defaults, section), key, None))
+        if value is not None:
+            out[label] = value
+    return out
+
+
+def _kind(config: dict[str, Any], where: Path) -> str:
+    kind = config.get("method", {}).get("kind", "adapter")
+    if kind not in ("adapter", "native"):
+        raise CheckpointError(f"{where}: method {kind!r} checkpoints cannot be evaluated yet (adapter and native "
+                              "runs can); evaluate the run's final files instead")
+    return kind
+
+
+def is_run_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.toml").is_file()
+
+
+def read_run(path: str | Path, every: int = 1) -> RunInfo:
+    """A run folder's settings, summary, turning point and saved checkpoints (every ``every``-th epoch, the last
+    one always).  CheckpointError for a folder that is not a run, or a run with no saved checkpoint."""
+    path = Path(path)
+    if not is_run_folder(path):
+        raise CheckpointError(f"{path}: not a lorakit run folder (no config.toml)")
+    config = _read_toml(path / "config.toml")
+    kind = _kind(config, path / "config.toml")
+    summary = _read_json(path / "summary.json")
+    info = RunInfo(name=path.resolve().name, path=path, settings=run_settings(config), summary=summary,
+                   data=config.get("data", {}).get("train_data"), trigger=config.get("data", {}).get("trigger"))
+    if summary:
+        tp = summary.get("turning_point") or summary.get("turning_point_found")
+        if isinstance(tp, dict):
+            info.turning_epoch = tp.get("epoch")
+            info.turning_step = tp.get("step")
+    found: list[tuple[int, Path]] = []
+    folder = path / "checkpoints"
+    for child in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = _EPOCH_DIR.match(child.name)
+        if m and (child / "trained.safetensors").is_file():
+            found.append((int(m.group(1)), child / "trained.safetensors"))
+    if not found:
+        raise CheckpointError(f"{path}: the run has no saved checkpoint (checkpoints/epoch-NNNN/trained.safetensors)"
+                              "; train it first, or pass its adapter file")
+    last = found[-1][0]
+    for epoch, file in found:
+        if epoch % max(1, every) and epoch != last:
+            continue
+        info.checkpoints.append(EvalCheckpoint(label=f"{info.name}/e{epoch}", kind=kind, path=file,
+                                               hash=file_hash(file), run=info.name, epoch=epoch))
+    return info
+
+
+def read_file_checkpoint(path: str | Path) -> EvalCheckpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file or run folder")
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{path}: not a .safetensors adapter file (lorakit never unpickles .pt/.ckpt files)")
+    epoch = None
+    try:
+        from lorakit.formats import read_adapter
+
+        meta = read_adapter(path).metadata
+        epoch = int(meta["ss_epoch"]) if str(meta.get("ss_epoch", "")).isdigit() else None
+    except (ValueError, OSError) as err:
+        raise CheckpointError(f"{path}: cannot read it as an adapter file: {err}") from None
+    return EvalCheckpoint(label=path.stem, kind="adapter", path=path, hash=file_hash(path), epoch=epoch)
+
+
+def _unique_labels(checkpoints: list[EvalCheckpoint]) -> list[EvalCheckpoint]:
+    from dataclasses import replace
+
+    seen: dict[str, int] = {}
+    out = []
+    for c in checkpoints:
+        n = seen.get(c.label, 0)
+        seen[c.label] = n + 1
+        out.append(c if n == 0 else replace(c, label=f"{c.label}~{n + 1}"))
+    return out
+
+
+def discover(sources: Sequence[str | Path], include_base: bool = True,
+             every: int = 1) -> tuple[list[EvalCheckpoint], list[RunInfo]]:
+    """The checkpoints to compare (the base model first, as epoch 0) and the runs they came from."""
+    if not sources:
+        raise CheckpointError("nothing to evaluate: give run folders or adapter files")
+    runs: list[RunInfo] = []
+    checkpoints: list[EvalCheckpoint] = []
+    if include_base:
+        checkpoints.append(EvalCheckpoint(label="base", kind="base", path=None, hash="base", epoch=0))
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            info = read_run(path, every)
+            runs.append(info)
+            checkpoints.extend(info.checkpoints)
+        else:
+            checkpoints.append(read_file_checkpoint(path))
+    return _unique_labels(checkpoints), runs
+
+
+def dataset_images(folder: str | Path) -> list[tuple[Path, str]]:
+    """(image, caption) pairs of a training folder (kohya layout or plain), captions from sibling ``.txt``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: the dataset folder does not exist")
+    pairs = []
+    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        caption_file = image.with_suffix(".txt")
+        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
+        pairs.append((image, caption))
+    if not pairs:
+        raise CheckpointError(f"{folder}: no images in the dataset folder")
+    return pairs
+
+
+def kohya_trigger(folder: str | Path) -> str | None:
+    """The class/trigger a kohya layout names (``10_zkz shape`` -> ``zkz shape``), if the folder has one."""
+    for child in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
+        m = re.match(r"^\d+_(.+)$", child.name)
+        if child.is_dir() and m:
+            return m.group(1)
+    return None

@@ -1,0 +1,207 @@
+"""Images for evaluation: N seeds per prompt for every checkpoint compared, cached on disk.
+
+Each image is stored under a key of everything that decides it: the base model's hash, the checkpoint's hash,
+prompt, negative prompt, seed and sampler settings.  A second call (or one after an interruption) finds every
+image already made and generates none of them again; images are written one by one, atomically, as soon as
+their batch is done.  Generation goes through ``lorakit.sample.generate`` (deterministic per seed, whatever the
+batch), with the checkpoint applied by lorakit's own network loading and removed afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from lorakit.atomic import atomic_write
+from lorakit.evaluate.checkpoints import CheckpointError, EvalCheckpoint
+from lorakit.evaluate.prompts import EvalPrompt
+from lorakit.models import BaseModel
+from lorakit.sample import SamplePrompt, generate, sampler_name
+
+#: the k-th seed of a prompt is its own seed + SEED_STRIDE * k (the world experiment's convention)
+SEED_STRIDE = 10_000
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = "ddim"
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sampler", sampler_name(self.sampler))
+        if self.steps < 1:
+            raise ValueError(f"sampler steps must be >= 1, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image to make per checkpoint: prompt ``prompt_index`` of the set with its ``repeat``-th seed."""
+
+    prompt_index: int
+    prompt: EvalPrompt
+    repeat: int
+    seed: int
+
+
+def make_jobs(prompts: Sequence[EvalPrompt], seeds: int, base_seed: int = 0) -> list[ImageJob]:
+    """``seeds`` images per prompt: a prompt without its own seed gets ``base_seed + index``."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    jobs = []
+    for i, p in enumerate(prompts):
+        first = p.seed if p.seed is not None else base_seed + i
+        jobs.extend(ImageJob(i, p, k, first + SEED_STRIDE * k) for k in range(seeds))
+    return jobs
+
+
+class ImageCache:
+    """PNG files under ``folder/<2 hex>/<key>.png``, written atomically."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    @staticmethod
+    def key(base_hash: str, checkpoint_hash: str, job: ImageJob, settings: SamplerSettings) -> str:
+        fields = {"base": base_hash, "checkpoint": checkpoint_hash, "prompt": job.prompt.text,
+                  "negative": job.prompt.negative, "seed": job.seed, **asdict(settings)}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+    def path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.png"
+
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def load(self, key: str) -> Image.Image:
+        with Image.open(self.path(key)) as im:
+            return im.convert("RGB")
+
+    def store(self, key: str, image: Image.Image) -> Path:
+        return atomic_write(self.path(key), lambda tmp: image.save(tmp, format="PNG"), suffix=".png")
+
+
+# ----------------------------------------------------------------------------------------------- applying
+@contextmanager
+def applied(model: BaseModel, checkpoint: EvalCheckpoint) -> Iterator[None]:
+    """The model with ``checkpoint`` applied in place; exactly the base model again afterwards."""
+    if checkpoint.kind == "base" or checkpoint.path is None:
+        yield
+        return
+    if checkpoint.kind == "adapter":
+        from lorakit.formats import load_network
+
+        try:
+            network, _ = load_network(checkpoint.path, model.unet, model.text_encoder)
+        except (ValueError, OSError) as err:  # AdapterFileError names the file and the key that does not fit
+            text = str(err)
+            raise CheckpointError(text if str(checkpoint.path) in text else f"{checkpoint.path}: {text}") from None
+        try:
+            yield
+        finally:
+            network.remove()
+        return
+    if checkpoint.kind == "native":
+        with _native_weights(model, checkpoint.path):
+            yield
+        return
+    raise CheckpointError(f"{checkpoint.path}: cannot apply a checkpoint of kind {checkpoint.kind!r}")
+
+
+@contextmanager
+def _native_weights(model: BaseModel, path: Path) -> Iterator[None]:
+    """A native fine-tuning checkpoint (U-Net parameter names) copied in; the base weights put back after."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors' own error types
+        raise CheckpointError(f"{path}: cannot be read as safetensors: {err}") from None
+    params = dict(model.unet.named_parameters())
+    for name, value in tensors.items():
+        if name not in params:
+            raise CheckpointError(f"{path}: does not fit the base model: {name!r} is no U-Net parameter")
+        if tuple(params[name].shape) != tuple(value.shape):
+            raise CheckpointError(f"{path}: does not fit the base model: {name!r} has shape {tuple(value.shape)}, "
+                                  f"the model's {tuple(params[name].shape)}")
+    saved = {n: params[n].detach().clone() for n in tensors}
+    with torch.no_grad():
+        for n, value in tensors.items():
+            params[n].copy_(value.to(params[n].dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, value in saved.items():
+                params[n].copy_(value)
+
+
+def check_checkpoints(model: BaseModel, checkpoints: Sequence[EvalCheckpoint]) -> None:
+    """Apply and remove each checkpoint once: a file that does not fit fails here, before any image is made."""
+    for c in checkpoints:
+        with applied(model, c):
+            pass
+
+
+# --------------------------------------------------------------------------------------------- generating
+@dataclass
+class GenerationStats:
+    made: int = 0
+    cached: int = 0
+    seconds: float = 0.0
+
+    @property
+    def seconds_per_image(self) -> float | None:
+        return self.seconds / self.made if self.made else None
+
+
+def generate_all(model: BaseModel, base_hash: str, checkpoints: Sequence[EvalCheckpoint], jobs: Sequence[ImageJob],
+                 settings: SamplerSettings, cache: ImageCache, *, batch_size: int = 16, progress: bool = True,
+                 device: str | torch.device | None = None) -> tuple[dict[str, list[Path]], GenerationStats]:
+    """Make (or find) every job's image for every checkpoint; returns checkpoint label -> image paths in job
+    order, and how many were made and how long that took.  One progress bar over the images still to make."""
+    keys = {c.label: [ImageCache.key(base_hash, c.hash, j, settings) for j in jobs] for c in checkpoints}
+    todo = {c.label: [i for i, k in enumerate(keys[c.label]) if not cache.has(k)] for c in checkpoints}
+    stats = GenerationStats(cached=sum(len(jobs) - len(t) for t in todo.values()))
+    bar = tqdm(total=sum(len(t) for t in todo.values()), desc="generating", unit="img", disable=not progress)
+    try:
+        for c in checkpoints:
+            if not todo[c.label]:
+                continue
+            with applied(model, c):
+                for start in range(0, len(todo[c.label]), max(1, batch_size)):
+                    chunk = todo[c.label][start:start + batch_size]
+                    samples = [SamplePrompt(jobs[i].prompt.text, jobs[i].prompt.negative, width=settings.width,
+                                            height=settings.height, seed=jobs[i].seed, cfg_scale=settings.cfg_scale,
+                                            steps=settings.steps, sampler=settings.sampler) for i in chunk]
+                    started = time.perf_counter()
+                    images = generate(model, samples, batch_size=batch_size, progress=False, device=device)
+                    stats.seconds += time.perf_counter() - started
+                    for i, image in zip(chunk, images, strict=True):
+                        cache.store(keys[c.label][i], image)  # at once: an interrupted call keeps what it made
+                    stats.made += len(chunk)
+                    bar.update(len(chunk))
+    finally:
+        bar.close()
+    return {label: [cache.path(k) for k in ks] for label, ks in keys.items()}, stats
+
+
+def load_images(paths: Mapping[str, Sequence[Path]]) -> dict[str, list[Image.Image]]:
+    out = {}
+    for label, ps in paths.items():
+        out[label] = []
+        for p in ps:
+            with Image.open(p) as im:
+                out[label].append(im.convert("RGB"))
+    return out

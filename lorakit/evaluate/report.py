@@ -1,0 +1,370 @@
+"""One self-contained HTML page: image grids, metric tables, charts and the runs' settings.
+
+Everything is inline (images and charts as base64 PNG ``data:`` URIs, CSS in a ``<style>``; no script, no
+network), so the page can be mailed or archived as one file.  ``page_from_eval`` builds the page of a
+``lorakit eval`` result; ``page_from_run`` the page of one training run from what its folder holds.
+
+Every number in a table carries its exact value in ``data-value`` (what metrics.json holds), and the best value
+of each column is marked (class ``best`` and a ★).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from lorakit.evaluate.generate import ImageJob
+from lorakit.evaluate.pipeline import EvalResult
+
+CELL_PX = 96  # images are shown at least this wide (the built-in world's are 64 px)
+
+
+@dataclass
+class Grid:
+    """Rows of labelled cells, one per column; a cell holds one image per seed."""
+
+    title: str
+    columns: list[str]
+    rows: list[tuple[str, list[list[Image.Image]]]]
+    cell_px: int = CELL_PX  # shown width of each image
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[tuple[str, list[float | None]]]
+    higher_is_better: list[bool | None]  # per column; None: no best marked
+    note: str = ""
+
+
+@dataclass
+class Chart:
+    title: str
+    png: bytes
+
+
+@dataclass
+class Page:
+    title: str
+    summary: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    charts: list[Chart] = field(default_factory=list)
+    grids: list[Grid] = field(default_factory=list)
+    settings: list[tuple[str, Mapping[str, Any]]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ render
+def _png(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def format_value(v: float | None) -> str:
+    """How a table shows a number (4 significant digits; "—" for a missing one)."""
+    return f"{v:.4g}" if _finite(v) else "—"
+
+
+def best_rows(table: Table) -> list[set[int]]:
+    """Per column, the row indices holding its best value (ties all marked)."""
+    out: list[set[int]] = []
+    for j, higher in enumerate(table.higher_is_better):
+        values = [(i, row[1][j]) for i, row in enumerate(table.rows) if _finite(row[1][j])]
+        if higher is None or len(values) < 2:
+            out.append(set())
+            continue
+        target = max(v for _, v in values) if higher else min(v for _, v in values)
+        out.append({i for i, v in values if v == target})
+    return out
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1600px}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:.5em 0;font-size:.85em}
+th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right}th{background:#f3f3f3}
+td.label,th.label{text-align:left}
+td.best{font-weight:bold;background:#e3f4e3}
+.grid td{text-align:center;vertical-align:top}
+.grid img{height:auto;image-rendering:pixelated;margin:1px}
+.charts img{max-width:100%;margin:.3em 0}
+.note{color:#666;font-size:.85em}
+"""
+
+
+def render_html(page: Page) -> str:
+    e = html.escape
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>{e(page.title)}</title><style>{_CSS}</style></head><body>", f"<h1>{e(page.title)}</h1>"]
+    if page.summary:
+        parts.append('<ul class="summary">' + "".join(f"<li>{e(s)}</li>" for s in page.summary) + "</ul>")
+    for t_index, table in enumerate(page.tables):
+        parts.append(f"<h2>{e(table.title)}</h2>")
+        if table.note:
+            parts.append(f'<p class="note">{e(table.note)}</p>')
+        best = best_rows(table)
+        head = "".join(f'<th data-metric="{e(c)}">{e(c)}'
+                       + ("" if table.higher_is_better[j] is None else (" ↑" if table.higher_is_better[j] else " ↓"))
+                       + "</th>" for j, c in enumerate(table.columns))
+        parts.append(f'<table class="metrics" data-table="{t_index}" data-title="{e(table.title)}">'
+                     f'<thead><tr><th class="label">checkpoint</th>{head}</tr></thead><tbody>')
+        for i, (label, values) in enumerate(table.rows):
+            cells = []
+            for j, v in enumerate(values):
+                mark = i in best[j]
+                data = json.dumps(v if _finite(v) else None)
+                cells.append(f'<td class="{"best" if mark else ""}" data-metric="{e(table.columns[j])}" '
+                             f'data-value="{e(data)}">{format_value(v)}{" ★" if mark else ""}</td>')
+            parts.append(f'<tr><td class="label" data-checkpoint="{e(label)}">{e(label)}</td>{"".join(cells)}</tr>')
+        parts.append("</tbody></table>")
+    if page.charts:
+        parts.append('<h2>Charts</h2><div class="charts">')
+        for chart in page.charts:
+            uri = "data:image/png;base64," + base64.b64encode(chart.png).decode("ascii")
+            parts.append(f'<figure><img alt="{e(chart.title)}" src="{uri}"><figcaption>{e(chart.title)}'
+                         "</figcaption></figure>")
+        parts.append("</div>")
+    for grid in page.grids:
+        parts.append(f"<h2>{e(grid.title)}</h2>")
+        head = "".join(f"<th>{e(c)}</th>" for c in grid.columns)
+        parts.append(f'<table class="grid"><thead><tr><th class="label">prompt</th>{head}</tr></thead><tbody>')
+        for label, cells in grid.rows:
+            img = '<img alt="{}" style="width:{}px" src="{}">'
+            tds = "".join("<td>" + "".join(img.format(e(label), grid.cell_px, _png(im)) for im in cell) + "</td>"
+                          for cell in cells)
+            parts.append(f'<tr><td class="label">{e(label)}</td>{tds}</tr>')
+        parts.append("</tbody></table>")
+    if page.settings:
+        parts.append("<h2>Settings</h2>")
+        keys: list[str] = []
+        for _, s in page.settings:
+            keys.extend(k for k in s if k not in keys)
+        head = "".join(f"<th>{e(k)}</th>" for k in keys)
+        parts.append(f'<table class="settings"><thead><tr><th class="label">run</th>{head}</tr></thead><tbody>')
+        for name, s in page.settings:
+            tds = "".join(f"<td>{e(str(s.get(k, '')))}</td>" for k in keys)
+            parts.append(f'<tr><td class="label">{e(name)}</td>{tds}</tr>')
+        parts.append("</tbody></table>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ charts
+def _figure_png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def metric_charts(result: EvalResult, max_metrics: int = 8) -> list[Chart]:
+    """Per prompt type, each metric against the epoch, one line per run (the base model is every run's
+    epoch 0), with the run's CS-Fluctuation turning point drawn where it has one."""
+    runs = [r["name"] for r in result.runs]
+    if not runs:
+        return []
+    plt = _pyplot()
+    base = next((c["label"] for c in result.checkpoints if c["kind"] == "base"), None)
+    turning = {r["name"]: r.get("turning_epoch") for r in result.runs}
+    charts = []
+    for group in result.groups:
+        names = result.metric_names(group)[:max_metrics]
+        if not names:
+            continue
+        cols = min(4, len(names))
+        rows = math.ceil(len(names) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+        for k, metric in enumerate(names):
+            ax = axes[k // cols][k % cols]
+            for n, run in enumerate(runs):
+                points = [(c["epoch"], result.value(group, c["label"], metric)) for c in result.checkpoints
+                          if c["run"] == run and c["epoch"] is not None]
+                if base is not None:
+                    points.insert(0, (0, result.value(group, base, metric)))
+                points = [(x, y) for x, y in points if _finite(y)]
+                if points:
+                    ax.plot(*zip(*points, strict=True), "o-", ms=3, color=f"C{n}", label=run)
+                if turning.get(run) is not None:
+                    ax.axvline(turning[run], color=f"C{n}", linestyle="--", lw=1,
+                               label=f"{run} CS turning point (epoch {turning[run]})")
+            ax.set_title(metric, fontsize=8)
+            ax.set_xlabel("epoch", fontsize=7)
+            ax.tick_params(labelsize=7)
+        for k in range(len(names), rows * cols):
+            axes[k // cols][k % cols].axis("off")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(4, len(labels)))
+        fig.suptitle(f"{group} prompts: metrics vs epoch", fontsize=9)
+        fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 0.95))
+        charts.append(Chart(f"{group} prompts: each metric against the epoch", _figure_png(fig)))
+    return charts
+
+
+def tradeoff_pair(result: EvalResult) -> tuple[tuple[str, str], tuple[str, str]] | None:
+    """((group, fidelity metric), (group, controllability metric)) to plot against each other, if any."""
+    fid = ctl = None
+    for group, prefixes in (("train", ("world.fidelity", "fidelity[")),):
+        names = result.metric_names(group)
+        fid = next(((group, m) for p in prefixes for m in names if m.startswith(p)), None)
+    for group in ("alter", "style"):
+        names = result.metric_names(group)
+        ctl = ctl or next(((group, m) for p in ("world.success", "clip_score[") for m in names if m.startswith(p)),
+                          None)
+    return (fid, ctl) if fid and ctl else None
+
+
+def tradeoff_chart(result: EvalResult) -> Chart | None:
+    """Fidelity against controllability, every checkpoint a point, one color per run."""
+    pair = tradeoff_pair(result)
+    if pair is None:
+        return None
+    (fg, fm), (cg, cm) = pair
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    groups: dict[str | None, list[dict]] = {}
+    for c in result.checkpoints:
+        groups.setdefault(c["run"], []).append(c)
+    for n, (run, cs) in enumerate(groups.items()):
+        pts = [(result.value(fg, c["label"], fm), result.value(cg, c["label"], cm), c) for c in cs]
+        pts = [(x, y, c) for x, y, c in pts if _finite(x) and _finite(y)]
+        if not pts:
+            continue
+        marker = "*" if run is None else "o"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, linestyle="-" if run else "", ms=6,
+                color=f"C{n}", label=run or "base / files")
+        for x, y, c in pts:
+            ax.annotate(str(c["epoch"]) if c["run"] else c["label"], (x, y), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlabel(f"fidelity: {fm} on {fg} prompts", fontsize=8)
+    ax.set_ylabel(f"controllability: {cm} on {cg} prompts", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return Chart(f"fidelity ({fm}, {fg}) against controllability ({cm}, {cg}); labels are epochs", _figure_png(fig))
+
+
+# ------------------------------------------------------------------------------------------------ pages
+def page_from_eval(result: EvalResult, jobs: Sequence[ImageJob], images: Mapping[str, Sequence[Image.Image]],
+                   title: str = "lorakit eval", summary: Sequence[str] = ()) -> Page:
+    """The page of a ``lorakit eval`` result: tables per prompt type (and pooled), the harmonic-mean ranking,
+    charts, one image grid per prompt type (rows prompts, columns checkpoints, one image per seed)."""
+    labels = [c["label"] for c in result.checkpoints]
+    page = Page(title=title, summary=list(summary))
+    for group in result.groups:
+        names = result.metric_names(group)
+        rows = [(lb, [result.value(group, lb, m) for m in names]) for lb in labels]
+        page.tables.append(Table(f"metrics: {group} prompts" if group != "all" else "metrics: all prompts pooled",
+                                 names, rows, [result.directions.get(m) for m in names]))
+    if result.harmonic_mean:
+        rows = [(lb, [result.harmonic_mean.get(lb)]) for lb in labels]
+        page.tables.append(Table("ranking: harmonic mean of the rank-normalised metrics", ["harmonic mean"], rows,
+                                 [True], note="each metric rank-normalised to [0, 1] across the checkpoints "
+                                 "compared (best 1), per prompt type; the best checkpoint has the highest mean"))
+    page.charts = metric_charts(result)
+    if (chart := tradeoff_chart(result)) is not None:
+        page.charts.append(chart)
+    by_type: dict[str, dict[int, list[int]]] = {}
+    for i, job in enumerate(jobs):
+        by_type.setdefault(job.prompt.type, {}).setdefault(job.prompt_index, []).append(i)
+    for t, prompts in by_type.items():
+        rows = []
+        for _, idx in prompts.items():
+            text = jobs[idx[0]].prompt.text
+            rows.append((text, [[images[lb][i] for i in idx] for lb in labels]))
+        page.grids.append(Grid(f"images: {t} prompts (one image per seed)", labels, rows))
+    page.settings = [(r["name"], r["settings"] | {"turning point epoch": r.get("turning_epoch")})
+                     for r in result.runs]
+    page.settings.append(("evaluation", {k: v for k, v in result.setup.items() if not isinstance(v, dict | list)}))
+    return page
+
+
+def page_from_run(run_dir: str | Path) -> Page:
+    """The page of one training run from its folder alone: sample grids per epoch, loss and CS per epoch,
+    the CS-Fluctuation chart with its turning point, the run's settings and summary.  Generates nothing."""
+    from lorakit.evaluate.checkpoints import CheckpointError, _read_json, _read_toml, is_run_folder, run_settings
+
+    run = Path(run_dir)
+    if not is_run_folder(run):
+        raise CheckpointError(f"{run}: not a lorakit run folder (no config.toml)")
+    settings = run_settings(_read_toml(run / "config.toml"))
+    summary = _read_json(run / "summary.json") or {}
+    page = Page(title=f"lorakit report: {run.resolve().name}")
+    if summary:
+        tp = summary.get("turning_point") or summary.get("turning_point_found")
+        page.summary.append(f"{summary.get('method', '?')}: {summary.get('steps', '?')} steps in "
+                            f"{summary.get('epochs_run', '?')} epochs, {summary.get('seconds', '?')} s; result = "
+                            f"epoch {summary.get('final_epoch', '?')}")
+        if tp:
+            page.summary.append(f"CS-Fluctuation turning point at step {tp.get('step')} (epoch {tp.get('epoch')})"
+                                + (", training stopped there" if summary.get("stopped_early") else ", report only"))
+    else:
+        page.summary.append("no summary.json: the run has not finished (or was interrupted)")
+    # loss and CS per epoch from the step log
+    per_epoch: dict[int, dict[str, list[float]]] = {}
+    log = run / "log.jsonl"
+    if log.is_file():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            slot = per_epoch.setdefault(int(rec.get("epoch", 0)), {"loss": [], "cs": []})
+            for key in ("loss", "cs"):
+                if _finite(rec.get(key)):
+                    slot[key].append(float(rec[key]))
+    if per_epoch:
+        rows = [(f"epoch {e}", [sum(v["loss"]) / len(v["loss"]) if v["loss"] else None,
+                                v["cs"][-1] if v["cs"] else None, float(len(v["loss"]))])
+                for e, v in sorted(per_epoch.items())]
+        page.tables.append(Table("training: per epoch", ["mean loss", "CS at epoch end", "steps"], rows,
+                                 [False, None, None]))
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(6, 3))
+        epochs = [e for e, _ in sorted(per_epoch.items())]
+        ax.plot(epochs, [r[1][0] for r in rows], "o-", label="mean loss")
+        if tp := (summary.get("turning_point") or summary.get("turning_point_found")):
+            ax.axvline(tp.get("epoch"), color="C3", linestyle="--", label=f"CS turning point (epoch {tp.get('epoch')})")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        page.charts.append(Chart("mean training loss per epoch", _figure_png(fig)))
+    if (run / "cs_fluctuation.png").is_file():
+        page.charts.append(Chart("CS-Fluctuation (saved by the trainer)", (run / "cs_fluctuation.png").read_bytes()))
+    samples = sorted((run / "samples").glob("*.png")) if (run / "samples").is_dir() else []
+    if samples:
+        rows, width = [], 0
+        for s in samples:
+            with Image.open(s) as im:
+                rows.append((s.stem, [[im.convert("RGB")]]))
+                width = max(width, im.width)
+        page.grids.append(Grid("samples (each grid: the run's sample prompts)", ["sample grid"], rows,
+                               cell_px=min(2 * width, 1200)))
+    page.settings = [(run.resolve().name, settings)]
+    return page
