@@ -1,0 +1,105 @@
+"""Checkpoint discovery and cached generation on the built-in model (a few 4-step images)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from eval_helpers import PROMPTS, base_model, lora_tensors, write_run
+from safetensors.torch import save_file
+
+from lorakit.evaluate.checkpoints import CheckpointError, discover, read_run
+from lorakit.evaluate.generate import (
+    ImageCache,
+    SamplerSettings,
+    applied,
+    check_checkpoints,
+    generate_all,
+    load_images,
+    make_jobs,
+)
+
+SETTINGS = SamplerSettings(steps=4, cfg_scale=6.0)
+
+
+def test_discover_a_run_lists_the_base_model_and_every_epoch_with_settings(tmp_path):
+    run = write_run(tmp_path / "runA", epochs=3, turning_epoch=2)
+    checkpoints, runs = discover([run])
+    assert [c.label for c in checkpoints] == ["base", "runA/e1", "runA/e2", "runA/e3"]
+    assert [c.epoch for c in checkpoints] == [0, 1, 2, 3]
+    assert runs[0].settings["algorithm"] == "lora" and runs[0].settings["rank"] == 2
+    assert runs[0].settings["lr"] == pytest.approx(1e-3)
+    assert runs[0].turning_epoch == 2
+    assert len({c.hash for c in checkpoints[1:]}) == 3  # different files, different hashes
+    # every 2nd epoch, the last always
+    assert [c.epoch for c in read_run(run, every=2).checkpoints] == [2, 3]
+    # an adapter file given directly, and the same run twice: labels stay unique
+    file = run / "checkpoints" / "epoch-0001" / "trained.safetensors"
+    checkpoints, _ = discover([file, run], include_base=False)
+    assert checkpoints[0].label == "trained" and checkpoints[0].epoch == 1
+    checkpoints, _ = discover([run, run], include_base=False)
+    assert len({c.label for c in checkpoints}) == 6
+
+
+def test_an_empty_run_or_a_folder_that_is_no_run_is_an_error_naming_it(tmp_path):
+    empty = write_run(tmp_path / "empty", epochs=0)
+    with pytest.raises(CheckpointError, match="empty.*no saved checkpoint"):
+        discover([empty])
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(CheckpointError, match="plain.*not a lorakit run"):
+        discover([tmp_path / "plain"])
+    with pytest.raises(CheckpointError, match="missing.pt"):
+        discover([tmp_path / "missing.pt"])
+
+
+def test_a_checkpoint_that_does_not_fit_the_base_model_fails_before_any_image(tmp_path):
+    tensors = lora_tensors(0.1, seed=0)
+    name = next(k for k in tensors if k.endswith("lora_down.weight"))
+    tensors[name] = tensors[name][:, :-1].contiguous()  # one input column short
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad))
+    checkpoints, _ = discover([bad])
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        check_checkpoints(base_model(), checkpoints)
+    # the model was left as it was: no adapter attached
+    assert not any("lora" in n for n, _ in base_model().unet.named_modules())
+
+
+def test_generation_is_cached_so_no_image_is_made_twice(tmp_path):
+    run = write_run(tmp_path / "run", epochs=1)
+    checkpoints, _ = discover([run])
+    jobs = make_jobs(PROMPTS[:2], seeds=1)
+    cache = ImageCache(tmp_path / "cache")
+    model = base_model()
+    paths, stats = generate_all(model, "m", checkpoints, jobs, SETTINGS, cache, progress=False)
+    assert (stats.made, stats.cached) == (4, 0)
+    first = {k: [np.asarray(im) for im in v] for k, v in load_images(paths).items()}
+    # the adapter changes the images; the base model is back to itself afterwards
+    assert not np.array_equal(first["base"][0], first["run/e1"][0])
+    paths2, stats2 = generate_all(model, "m", checkpoints, jobs, SETTINGS, cache, progress=False)
+    assert (stats2.made, stats2.cached) == (0, 4) and paths2 == paths
+    # an interrupted call: only the missing image is made, and it is the same image (up to one level of 255 in
+    # a few pixels: a batch of one rounds differently from a batch of two on the CPU)
+    paths["run/e1"][1].unlink()
+    _, stats3 = generate_all(model, "m", checkpoints, jobs, SETTINGS, cache, progress=False)
+    assert (stats3.made, stats3.cached) == (1, 3)
+    again = load_images(paths)
+    for k in first:
+        for a, b in zip(again[k], first[k], strict=True):
+            assert np.abs(np.asarray(a).astype(int) - b).max() <= 1
+    # other sampler settings or another base model: other keys
+    _, stats4 = generate_all(model, "other-base", checkpoints[:1], jobs[:1], SETTINGS, cache, progress=False)
+    assert stats4.made == 1
+    assert not list(tmp_path.glob("cache/*/.*"))  # no temporary files left behind
+
+
+def test_seeds_per_prompt_and_applied_restores_the_model(tmp_path):
+    jobs = make_jobs(PROMPTS, seeds=2, base_seed=5)
+    assert [j.seed for j in jobs] == [1, 10_001, 2, 10_002, 3, 10_003]
+    run = write_run(tmp_path / "run", epochs=1)
+    ckpt = discover([run], include_base=False)[0][0]
+    model = base_model()
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    with applied(model, ckpt):
+        assert any("lora" in n for n, _ in model.unet.named_modules())
+    after = model.unet.state_dict()
+    assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
