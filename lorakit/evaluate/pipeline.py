@@ -219,8 +219,11 @@ def evaluate(checkpoints: Sequence[EvalCheckpoint], runs: Sequence[RunInfo], job
     if len(labels) >= 2:
         flat = {lb: {f"{g}/{m}": v for g, rows in table.items() for m, v in rows.get(lb, {}).items() if _finite(v)}
                 for lb in labels}
-        flat_dirs = {f"{g}/{m}": directions[m] for g, rows in table.items() for row in rows.values() for m in row}
-        best, harmonic = best_by_harmonic_mean(flat, flat_dirs)
+        present = {k for row in flat.values() for k in row}  # a metric nan everywhere ranks nothing
+        flat_dirs = {f"{g}/{m}": directions[m] for g, rows in table.items() for row in rows.values() for m in row
+                     if f"{g}/{m}" in present}
+        if flat_dirs:
+            best, harmonic = best_by_harmonic_mean(flat, flat_dirs)
     groups = [g for g in (*PROMPT_TYPES, ALL) if g in table]
     return EvalResult(
         checkpoints=[{"label": c.label, "kind": c.kind, "run": c.run, "epoch": c.epoch,

@@ -1,0 +1,122 @@
+"""The metrics pipeline on synthetic images: values equal the metric functions applied by hand, scores are
+rank-normalised per (type, metric), NaN becomes null, metrics.json / metrics.csv hold the same numbers."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lorakit.evaluate import metrics as M
+from lorakit.evaluate.checkpoints import EvalCheckpoint, RunInfo
+from lorakit.evaluate.generate import make_jobs
+from lorakit.evaluate.pipeline import EvaluationError, evaluate, result_from_dict, write_results
+from lorakit.evaluate.prompts import EvalPrompt
+
+PROMPTS = [EvalPrompt("a zkz shape", "trigger", seed=1), EvalPrompt("red zkz shape", "train", seed=2),
+           EvalPrompt("blue zkz shape", "alter", seed=3), EvalPrompt("green zkz shape", "alter", seed=4),
+           EvalPrompt("a circle", "agnostic", seed=5)]
+
+
+class ThumbExtractor:
+    """8x8 thumbnails as image embeddings; texts embedded by a hash (deterministic, different per text)."""
+
+    name = "thumb"
+    supports_text = True
+
+    def embed_images(self, images):
+        return torch.tensor(np.stack([np.asarray(im.resize((8, 8)), dtype=np.float32).ravel() / 255 - 0.5
+                                      for im in images]))
+
+    def embed_texts(self, texts):
+        rows = []
+        for t in texts:
+            seed = int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)
+            rows.append(np.random.default_rng(seed).standard_normal(192).astype(np.float32))
+        return torch.tensor(np.stack(rows))
+
+
+def image(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+
+
+def setup():
+    checkpoints = [EvalCheckpoint("base", "base", None, "base", epoch=0),
+                   EvalCheckpoint("r/e1", "adapter", None, "h1", run="r", epoch=1),
+                   EvalCheckpoint("r/e2", "adapter", None, "h2", run="r", epoch=2)]
+    runs = [RunInfo("r", None, {"algorithm": "lora"}, turning_epoch=1)]
+    jobs = make_jobs(PROMPTS, seeds=2)
+    images = {c.label: [image(100 * k + i) for i in range(len(jobs))] for k, c in enumerate(checkpoints)}
+    data = [image(1000 + i) for i in range(4)]
+    return checkpoints, runs, jobs, images, data
+
+
+def test_metrics_are_the_metric_functions_per_type_and_checkpoint(tmp_path):
+    checkpoints, runs, jobs, images, data = setup()
+    ex = ThumbExtractor()
+    result = evaluate(checkpoints, runs, jobs, images, {"thumb": ex}, data, seeds=2)
+    assert result.groups == ["train", "trigger", "alter", "agnostic"]
+    alter = [i for i, j in enumerate(jobs) if j.prompt.type == "alter"]
+    emb = ex.embed_images([images["r/e1"][i] for i in alter])
+    d = ex.embed_images(data)
+    assert result.value("alter", "r/e1", "fidelity[thumb]") == pytest.approx(M.image_similarity(emb, d))
+    assert result.value("alter", "r/e1", "centroid_dist[thumb]") == pytest.approx(M.centroid_distance(emb, d))
+    groups = [jobs[i].prompt_index for i in alter]
+    assert result.value("alter", "r/e1", "diversity[thumb]") == pytest.approx(M.mean_vendi_by_group(emb, groups))
+    texts = ex.embed_texts([jobs[i].prompt.text for i in alter])
+    assert result.value("alter", "r/e1", "clip_score[thumb]") == pytest.approx(M.clip_score(emb, texts))
+    ag = [i for i, j in enumerate(jobs) if j.prompt.type == "agnostic"]
+    leak = M.concept_leak(ex.embed_images([images["r/e2"][i] for i in ag]), d,
+                          ex.embed_images([images["base"][i] for i in ag]))
+    assert result.value("agnostic", "r/e2", "leak[thumb]") == pytest.approx(leak)
+    assert "fidelity[thumb]" not in result.metric_names("agnostic")  # no fidelity without the trigger
+    assert "prompt_acc[thumb]" in result.metric_names("alter")  # two alter prompts to choose between
+    assert "prompt_acc[thumb]" not in result.metric_names("train")  # one train prompt: nothing to classify
+    assert result.directions["centroid_dist[thumb]"] is False and result.directions["fidelity[thumb]"] is True
+    # scores: each (type, metric) rank-normalised across the three checkpoints, best 1, worst 0
+    fid = {c.label: result.value("alter", c.label, "fidelity[thumb]") for c in checkpoints}
+    best = max(fid, key=fid.get)
+    assert result.scores["alter"][best]["fidelity[thumb]"] == 1.0
+    assert sorted(result.scores["alter"][c]["fidelity[thumb]"] for c in fid) == [0.0, 0.5, 1.0]
+    assert result.best in fid and set(result.harmonic_mean) == set(fid)
+
+
+def test_metrics_json_and_csv_hold_the_same_numbers_and_no_nan(tmp_path):
+    checkpoints, runs, jobs, images, data = setup()
+
+    class Provider:
+        name = "exact"
+        directions = {"exact.nothing": True, "exact.count": False}
+
+        def __call__(self, images, prompts):
+            return {"all": {"exact.nothing": float("nan"), "exact.count": float(len(images))}}
+
+    result = evaluate(checkpoints, runs, jobs, images, {"thumb": ThumbExtractor()}, data, [Provider()], seeds=2)
+    written = write_results(result, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.csv", "metrics.json"]
+    text = written[0].read_text()
+    assert "NaN" not in text
+    data_json = json.loads(text)
+    assert data_json["metrics"]["all"]["base"]["exact.nothing"] is None
+    assert data_json["metrics"]["all"]["base"]["exact.count"] == len(jobs)
+    assert result_from_dict(data_json).value("alter", "r/e2", "fidelity[thumb]") == pytest.approx(
+        result.value("alter", "r/e2", "fidelity[thumb]"))
+    rows = list(csv.DictReader(written[1].open()))
+    assert len(rows) == sum(len(r) for g in data_json["metrics"].values() for r in g.values())
+    for row in rows:
+        want = data_json["metrics"][row["group"]][row["checkpoint"]][row["metric"]]
+        assert (row["value"] == "" and want is None) or float(row["value"]) == want
+        assert row["epoch"] == str(next(c["epoch"] for c in data_json["checkpoints"] if c["label"] == row["checkpoint"]))
+
+
+def test_nothing_to_measure_is_an_error():
+    checkpoints, runs, jobs, images, data = setup()
+    with pytest.raises(EvaluationError, match="no extractor"):
+        evaluate(checkpoints, runs, jobs, images, {}, data)
+    with pytest.raises(EvaluationError, match="no prompts"):
+        evaluate(checkpoints, runs, [], images, {"thumb": ThumbExtractor()}, data)
