@@ -188,8 +188,13 @@ def ocr_texts(image: Image.Image) -> list[str]:
 def ocr_contains(image: Image.Image, word: str) -> bool:
     """Whether OCR (rapidocr-onnxruntime, optional extra ``ocr``) reads ``word`` in the image: case-insensitive,
     0 and o taken as the same letter, spaces and punctuation ignored.  LorakitError when the extra is missing."""
-    target = _ocr_normalise(word)
-    if not target:
+    if not _ocr_normalise(word):
         raise MetricError(f"ocr_contains: {word!r} has no letters or digits to look for")
-    # the pieces joined: a word OCR splits into two boxes still counts (spaces are ignored anyway)
-    return target in _ocr_normalise("".join(ocr_texts(image)))
+    return text_contains(ocr_texts(image), word)
+
+
+def text_contains(pieces: Sequence[str], word: str) -> bool:
+    """The OCR check's matching rule on text already read: ``word`` appears in the pieces joined, ignoring case,
+    spaces and punctuation, with 0 and o the same letter (a word OCR splits into two boxes still counts)."""
+    target = _ocr_normalise(word)
+    return bool(target) and target in _ocr_normalise("".join(pieces))
