@@ -282,7 +282,7 @@ def _read_text(path: Path, text: str) -> tuple[dict[str, Any], list[_Entry]]:
                                  f"'trigger = ...', got {line!r}")
         kind, body = m.group(1), m.group(2)
         prompt, fields = _kohya_options(path, no, body)
-        entries.append(_Entry(f"line {no}", kind, prompt, fields, line=no))
+        entries.append(_Entry(f"prompt {len(entries) + 1}", kind, prompt, fields, line=no))
     return settings, entries
 
 
