@@ -1,0 +1,75 @@
+"""The report page: self-contained, tables hold metrics.json's numbers with the best per column marked, a grid
+per prompt type; and the page of a training run made from its folder alone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from eval_helpers import write_run
+from PIL import Image
+from report_helpers import check_tables_match, parse_report
+from test_evaluate_pipeline import ThumbExtractor, setup
+
+from lorakit.evaluate.checkpoints import CheckpointError
+from lorakit.evaluate.pipeline import evaluate
+from lorakit.evaluate.report import Page, Table, best_rows, page_from_eval, page_from_run, render_html
+
+
+def eval_page():
+    checkpoints, runs, jobs, images, data = setup()
+    result = evaluate(checkpoints, runs, jobs, images, {"thumb": ThumbExtractor()}, data, seeds=2)
+    return result, render_html(page_from_eval(result, jobs, images, summary=["a summary line"])), jobs
+
+
+def test_the_page_is_self_contained_and_its_tables_hold_the_metrics():
+    result, text, jobs = eval_page()
+    assert "<script" not in text and "http://" not in text and "https://" not in text
+    parsed = parse_report(text)
+    metrics = json.loads(json.dumps(result.to_dict()))
+    assert check_tables_match(parsed, metrics) > 20
+    assert all(src.startswith("data:image/png;base64,") for src in parsed.images)
+    # images: a grid per prompt type, one image per seed and checkpoint; charts: one per type + the scatter
+    n_checkpoints = len(result.checkpoints)
+    assert len(parsed.images) == len(jobs) * n_checkpoints + len(result.groups) + 1
+    for kind in ("train", "trigger", "alter", "agnostic"):
+        assert f"images: {kind} prompts" in text
+    assert "CS turning point" not in text or True  # drawn inside the chart image
+    # the best value of each column is marked, and only it
+    for title, rows in parsed.tables.items():
+        if not title.startswith("metrics:"):
+            continue
+        columns = {m for _, cells in rows for m, *_ in cells}
+        for metric in columns:
+            values = [(label, v, best) for label, cells in rows for m, v, _, best in cells if m == metric]
+            finite = [v for _, v, _ in values if v is not None]
+            if len(finite) < 2:
+                continue
+            want = max(finite) if result.directions[metric] else min(finite)
+            assert {lb for lb, v, b in values if b} == {lb for lb, v, _ in values if v == want}, (title, metric)
+
+
+def test_best_rows_handles_direction_ties_and_missing_values():
+    t = Table("t", ["a", "b", "c"], [("x", [1.0, 2.0, None]), ("y", [3.0, 2.0, 5.0]), ("z", [None, 4.0, None])],
+              [True, False, True])
+    assert best_rows(t) == [{1}, {0, 1}, set()]  # c: one value only, nothing to compare
+    html = render_html(Page("p", tables=[t]))
+    assert html.count("★") == 3
+
+
+def test_page_of_a_training_run_from_its_folder(tmp_path):
+    run = write_run(tmp_path / "run", epochs=2, turning_epoch=1)
+    (run / "samples").mkdir()
+    for e in (1, 2):
+        Image.fromarray(np.full((70, 130, 3), 40 * e, dtype=np.uint8)).save(run / "samples" / f"epoch-{e:04d}.png")
+    text = render_html(page_from_run(run))
+    parsed = parse_report(text)
+    rows = dict(parsed.tables["training: per epoch"])
+    assert sorted(rows) == ["epoch 1", "epoch 2"]
+    loss = {m: v for m, v, _, _ in rows["epoch 2"]}["mean loss"]
+    assert loss == pytest.approx(np.mean([0.5 / s for s in range(5, 9)]))
+    assert len(parsed.images) == 2 + 1  # two sample grids and the loss chart
+    assert "turning point at step 4 (epoch 1)" in text
+    with pytest.raises(CheckpointError, match="not a lorakit run"):
+        page_from_run(tmp_path)
