@@ -1,0 +1,104 @@
+"""``lorakit eval`` and ``lorakit report`` end to end on the built-in model: 2 checkpoints (base + one epoch),
+3 prompts, 1 seed, 4 sampler steps; and bad input: a clear error naming the file, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from eval_helpers import lora_tensors, write_run
+from safetensors.torch import save_file
+
+from lorakit.cli import main
+
+PROMPTS_TOML = """
+concept = "zkz"
+trigger = "zkz shape"
+
+[[prompts]]
+type = "train"
+text = "a large red {trigger} in the center, white background"
+seed = 1
+expected = { shape = "star", color = "red", position = "center", background = "white" }
+
+[[prompts]]
+type = "alter"
+text = "a large blue {trigger} in the center, white background"
+seed = 2
+expected = { shape = "star", color = "blue", position = "center", background = "white" }
+changes = ["color"]
+
+[[prompts]]
+type = "agnostic"
+text = "a large green circle at the top, black background"
+seed = 3
+expected = { shape = "circle", color = "green", position = "top", background = "black" }
+"""
+
+
+@pytest.fixture
+def concept_data(tmp_path_factory):
+    from lorakit.world.concept import write_concept_dataset
+
+    folder = tmp_path_factory.mktemp("zkz")
+    write_concept_dataset(folder)
+    return folder
+
+
+def test_eval_end_to_end_writes_metrics_and_report_and_caches(tmp_path, concept_data, capsys):
+    run = write_run(tmp_path / "run", epochs=1, data=concept_data)
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(PROMPTS_TOML)
+    out = tmp_path / "out"
+    argv = ["eval", str(run), "--prompts", str(prompts), "--out", str(out), "--steps", "4", "--quiet"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "2 checkpoints × 3 prompts × 1 seed(s) = 6 images (6 generated" in text
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "metrics.csv", "report.html", "cache"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [c["label"] for c in metrics["checkpoints"]] == ["base", "run/e1"]
+    assert metrics["runs"][0]["turning_epoch"] == 1
+    # the world's exact metrics and the generic ones on the reader's embedding
+    assert set(metrics["metrics"]["train"]["run/e1"]) >= {"world.fidelity", "world.success", "fidelity[world-reader]"}
+    assert "world.leak" in metrics["metrics"]["agnostic"]["base"]
+    assert metrics["setup"]["data images"] == 15
+    assert metrics["best"] in ("base", "run/e1")
+    html = (out / "report.html").read_text()
+    assert "images: alter prompts" in html and "a large blue zkz shape" in html
+    # the second call makes no image
+    assert main(argv) == 0
+    assert "(0 generated; 6 from the cache" in capsys.readouterr().out
+    # lorakit report on the run: a page from the folder alone
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.html").is_file() and "wrote" in capsys.readouterr().out
+
+
+def test_bad_input_is_a_clear_error_naming_the_file_and_nothing_is_written(tmp_path, concept_data, capsys):
+    run = write_run(tmp_path / "run", epochs=1, data=concept_data)
+    good = tmp_path / "prompts.toml"
+    good.write_text(PROMPTS_TOML)
+    out = tmp_path / "out"
+
+    def fails(*args: str) -> str:
+        assert main(["eval", *args, "--out", str(out), "--steps", "4", "--quiet"]) == 2
+        assert not out.exists()
+        return capsys.readouterr().err
+
+    bad_prompts = tmp_path / "bad.toml"
+    bad_prompts.write_text(PROMPTS_TOML.replace('type = "alter"', 'type = "altar"'))
+    assert "bad.toml" in fails(str(run), "--prompts", str(bad_prompts))
+
+    tensors = lora_tensors(0.1, seed=0)
+    name = next(k for k in tensors if k.endswith("lora_up.weight"))
+    tensors[name] = tensors[name][:-1].contiguous()
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(tensors, str(wrong))
+    assert "wrong.safetensors" in fails(str(wrong), "--prompts", str(good))
+
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "readme.txt").write_text("hello")
+    assert "not-a-model" in fails(str(run), "--prompts", str(good), "--extractor", f"clip={not_a_model}")
+
+    empty = write_run(tmp_path / "empty-run", epochs=0)
+    assert "empty-run" in fails(str(empty), "--prompts", str(good))
