@@ -144,3 +144,12 @@ def test_ocr_without_the_extra_says_how_to_install_it(monkeypatch):
             M.ocr_contains(Image.new("RGB", (8, 8)), "x")
     finally:
         M._ocr_engine.cache_clear()
+
+
+def test_the_evaluation_library_does_not_import_the_world():
+    import subprocess
+
+    code = ("import sys, lorakit.evaluate.prompts, lorakit.evaluate.extractors, lorakit.evaluate.metrics, "
+            "lorakit.evaluate.scores; print(sorted(m for m in sys.modules if m.startswith('lorakit.world')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

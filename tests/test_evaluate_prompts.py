@@ -1,7 +1,9 @@
 """lorakit.evaluate.prompts: the three prompt-file formats, their errors (naming file and line), the world's
 prompts as a TOML prompt file, and default prompts from a dataset's captions."""
 
+import copy
 import json
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 
@@ -128,6 +130,7 @@ def test_prompts_are_hashable_read_only_and_serialisable():
     with pytest.raises(TypeError, match="read-only"):
         p.expected["color"] = "red"
     assert json.loads(json.dumps(asdict(p)))["expected"] == {"color": "blue"}
+    assert copy.deepcopy(p) == p and pickle.loads(pickle.dumps(p)) == p  # a pipeline may copy or pickle them
     with pytest.raises(PromptSetError, match="unknown prompt type"):
         EvalPrompt("x", "training")
 

@@ -65,6 +65,9 @@ class Attributes(dict):
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(sorted(self.items())))
 
+    def __reduce__(self) -> tuple:  # copy and pickle rebuild from a plain dict, not item by item
+        return (Attributes, (dict(self),))
+
     def _read_only(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError("a prompt's expected attributes are read-only")
 
