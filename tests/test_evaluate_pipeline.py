@@ -91,10 +91,13 @@ def test_metrics_json_and_csv_hold_the_same_numbers_and_no_nan(tmp_path):
 
     class Provider:
         name = "exact"
-        directions = {"exact.nothing": True, "exact.count": False}
+        directions = {"exact.nothing": True, "exact.count": False, "exact.some": True}
 
         def __call__(self, images, prompts):
-            return {"all": {"exact.nothing": float("nan"), "exact.count": float(len(images))}}
+            some = float("nan") if images[0] is images_by_label["base"][0] else 1.0
+            return {"all": {"exact.nothing": float("nan"), "exact.count": float(len(images)), "exact.some": some}}
+
+    images_by_label = images
 
     result = evaluate(checkpoints, runs, jobs, images, {"thumb": ThumbExtractor()}, data, [Provider()], seeds=2)
     written = write_results(result, tmp_path / "out")
@@ -102,7 +105,8 @@ def test_metrics_json_and_csv_hold_the_same_numbers_and_no_nan(tmp_path):
     text = written[0].read_text()
     assert "NaN" not in text
     data_json = json.loads(text)
-    assert data_json["metrics"]["all"]["base"]["exact.nothing"] is None
+    assert data_json["metrics"]["all"]["base"]["exact.some"] is None  # nan for one checkpoint: null
+    assert "exact.nothing" not in data_json["metrics"]["all"]["base"]  # nan for every checkpoint: dropped
     assert data_json["metrics"]["all"]["base"]["exact.count"] == len(jobs)
     assert result_from_dict(data_json).value("alter", "r/e2", "fidelity[thumb]") == pytest.approx(
         result.value("alter", "r/e2", "fidelity[thumb]"))
@@ -111,7 +115,8 @@ def test_metrics_json_and_csv_hold_the_same_numbers_and_no_nan(tmp_path):
     for row in rows:
         want = data_json["metrics"][row["group"]][row["checkpoint"]][row["metric"]]
         assert (row["value"] == "" and want is None) or float(row["value"]) == want
-        assert row["epoch"] == str(next(c["epoch"] for c in data_json["checkpoints"] if c["label"] == row["checkpoint"]))
+        epoch = next(c["epoch"] for c in data_json["checkpoints"] if c["label"] == row["checkpoint"])
+        assert row["epoch"] == str(epoch)
 
 
 def test_nothing_to_measure_is_an_error():

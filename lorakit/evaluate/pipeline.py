@@ -78,6 +78,7 @@ class EvalResult:
     scores: dict[str, dict[str, dict[str, float | None]]]  # the same, rank-normalised across checkpoints
     harmonic_mean: dict[str, float | None]
     best: str | None
+    mean_score: dict[str, float | None] = field(default_factory=dict)  # arithmetic mean of the scores: tie-break
     setup: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,6 +186,13 @@ def compute_metrics(checkpoints: Sequence[EvalCheckpoint], jobs: Sequence[ImageJ
             for group, values in provider(list(images[c.label]), prompts).items():
                 for metric, value in values.items():
                     put(group, c.label, metric, value, provider.directions.get(metric, True))
+    # a metric undefined for every checkpoint of a group (Vendi per prompt with one seed) says nothing: dropped
+    for rows in table.values():
+        names = {m for row in rows.values() for m in row}
+        for metric in names:
+            if not any(_finite(row.get(metric)) for row in rows.values()):
+                for row in rows.values():
+                    row.pop(metric, None)
     return table, directions
 
 
@@ -215,6 +223,7 @@ def evaluate(checkpoints: Sequence[EvalCheckpoint], runs: Sequence[RunInfo], job
     labels = [c.label for c in checkpoints]
     scores = rank_scores(table, directions, labels)
     harmonic: dict[str, float | None] = {}
+    means: dict[str, float] = {}
     best = None
     if len(labels) >= 2:
         flat = {lb: {f"{g}/{m}": v for g, rows in table.items() for m, v in rows.get(lb, {}).items() if _finite(v)}
@@ -224,6 +233,13 @@ def evaluate(checkpoints: Sequence[EvalCheckpoint], runs: Sequence[RunInfo], job
                      if f"{g}/{m}" in present}
         if flat_dirs:
             best, harmonic = best_by_harmonic_mean(flat, flat_dirs)
+            # many metrics: most checkpoints are worst at one of them (harmonic mean 0); the arithmetic mean
+            # of the same scores breaks the tie
+            means = {lb: float(np.mean([s for g in scores.values() for s in g.get(lb, {}).values() if _finite(s)]
+                                       or [float("nan")])) for lb in labels}
+            tied = [lb for lb in labels if harmonic.get(lb) == harmonic.get(best)]
+            if len(tied) > 1:
+                best = max(tied, key=lambda lb: (means[lb] if _finite(means[lb]) else -1.0))
     groups = [g for g in (*PROMPT_TYPES, ALL) if g in table]
     return EvalResult(
         checkpoints=[{"label": c.label, "kind": c.kind, "run": c.run, "epoch": c.epoch,
@@ -232,7 +248,7 @@ def evaluate(checkpoints: Sequence[EvalCheckpoint], runs: Sequence[RunInfo], job
                "turning_step": r.turning_step} for r in runs],
         groups=groups, directions=directions, metrics=table, scores=scores,
         harmonic_mean={str(k): v for k, v in harmonic.items()}, best=None if best is None else str(best),
-        setup=dict(setup or {}))
+        mean_score=means, setup=dict(setup or {}))
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -267,7 +283,8 @@ def write_results(result: EvalResult, out: str | Path) -> list[Path]:
 
 def result_from_dict(data: Mapping[str, Any]) -> EvalResult:
     return EvalResult(**{k: data[k] for k in ("checkpoints", "runs", "groups", "directions", "metrics", "scores",
-                                              "harmonic_mean", "best")}, setup=dict(data.get("setup", {})))
+                                              "harmonic_mean", "best")}, mean_score=data.get("mean_score", {}),
+                      setup=dict(data.get("setup", {})))
 
 
 def summary_lines(result: EvalResult, headline: Sequence[tuple[str, str]] = ()) -> list[str]:
@@ -275,8 +292,10 @@ def summary_lines(result: EvalResult, headline: Sequence[tuple[str, str]] = ()) 
     lines = []
     if result.best is not None:
         hm = result.harmonic_mean.get(result.best)
+        mean = result.mean_score.get(result.best)
         lines.append(f"best checkpoint (harmonic mean of rank-normalised metrics): {result.best}"
-                     + (f" ({hm:.3f})" if _finite(hm) else ""))
+                     + (f" ({hm:.3f}" if _finite(hm) else " (")
+                     + (f"; arithmetic mean {mean:.3f})" if _finite(mean) else ")"))
     for group, metric in headline:
         values = [(c["label"], result.value(group, c["label"], metric)) for c in result.checkpoints]
         shown = ", ".join(f"{lb} {v:.3f}" for lb, v in values if _finite(v))

@@ -99,7 +99,8 @@ table{border-collapse:collapse;margin:.5em 0;font-size:.85em}
 th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right}th{background:#f3f3f3}
 td.label,th.label{text-align:left}
 td.best{font-weight:bold;background:#e3f4e3}
-.grid td{text-align:center;vertical-align:top}
+.grid td{text-align:center;vertical-align:top}.grid td.label{text-align:left;max-width:22em}
+.scroll{overflow-x:auto}
 .grid img{height:auto;image-rendering:pixelated;margin:1px}
 .charts img{max-width:100%;margin:.3em 0}
 .note{color:#666;font-size:.85em}
@@ -120,7 +121,7 @@ def render_html(page: Page) -> str:
         head = "".join(f'<th data-metric="{e(c)}">{e(c)}'
                        + ("" if table.higher_is_better[j] is None else (" ↑" if table.higher_is_better[j] else " ↓"))
                        + "</th>" for j, c in enumerate(table.columns))
-        parts.append(f'<table class="metrics" data-table="{t_index}" data-title="{e(table.title)}">'
+        parts.append(f'<div class="scroll"><table class="metrics" data-table="{t_index}" data-title="{e(table.title)}">'
                      f'<thead><tr><th class="label">checkpoint</th>{head}</tr></thead><tbody>')
         for i, (label, values) in enumerate(table.rows):
             cells = []
@@ -130,7 +131,7 @@ def render_html(page: Page) -> str:
                 cells.append(f'<td class="{"best" if mark else ""}" data-metric="{e(table.columns[j])}" '
                              f'data-value="{e(data)}">{format_value(v)}{" ★" if mark else ""}</td>')
             parts.append(f'<tr><td class="label" data-checkpoint="{e(label)}">{e(label)}</td>{"".join(cells)}</tr>')
-        parts.append("</tbody></table>")
+        parts.append("</tbody></table></div>")
     if page.charts:
         parts.append('<h2>Charts</h2><div class="charts">')
         for chart in page.charts:
@@ -141,13 +142,14 @@ def render_html(page: Page) -> str:
     for grid in page.grids:
         parts.append(f"<h2>{e(grid.title)}</h2>")
         head = "".join(f"<th>{e(c)}</th>" for c in grid.columns)
-        parts.append(f'<table class="grid"><thead><tr><th class="label">prompt</th>{head}</tr></thead><tbody>')
+        parts.append('<div class="scroll"><table class="grid"><thead><tr><th class="label">prompt</th>'
+                     f"{head}</tr></thead><tbody>")
         for label, cells in grid.rows:
             img = '<img alt="{}" style="width:{}px" src="{}">'
             tds = "".join("<td>" + "".join(img.format(e(label), grid.cell_px, _png(im)) for im in cell) + "</td>"
                           for cell in cells)
             parts.append(f'<tr><td class="label">{e(label)}</td>{tds}</tr>')
-        parts.append("</tbody></table>")
+        parts.append("</tbody></table></div>")
     if page.settings:
         parts.append("<h2>Settings</h2>")
         keys: list[str] = []
@@ -189,6 +191,8 @@ def metric_charts(result: EvalResult, max_metrics: int = 8) -> list[Chart]:
     if not runs:
         return []
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     base = next((c["label"] for c in result.checkpoints if c["kind"] == "base"), None)
     turning = {r["name"]: r.get("turning_epoch") for r in result.runs}
     charts = []
@@ -213,6 +217,7 @@ def metric_charts(result: EvalResult, max_metrics: int = 8) -> list[Chart]:
                     ax.axvline(turning[run], color=f"C{n}", linestyle="--", lw=1,
                                label=f"{run} CS turning point (epoch {turning[run]})")
             ax.set_title(metric, fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("epoch", fontsize=7)
             ax.tick_params(labelsize=7)
         for k in range(len(names), rows * cols):
@@ -248,8 +253,15 @@ def tradeoff_chart(result: EvalResult) -> Chart | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     groups: dict[str | None, list[dict]] = {}
+    base = [c for c in result.checkpoints if c["kind"] == "base"]
     for c in result.checkpoints:
-        groups.setdefault(c["run"], []).append(c)
+        if c["run"] is not None or c["kind"] != "base":
+            groups.setdefault(c["run"], []).append(c)
+    for run in groups:  # every run's line starts at the base model (its epoch 0)
+        if run is not None:
+            groups[run] = base + groups[run]
+    if not groups and base:
+        groups[None] = base
     for n, (run, cs) in enumerate(groups.items()):
         pts = [(result.value(fg, c["label"], fm), result.value(cg, c["label"], cm), c) for c in cs]
         pts = [(x, y, c) for x, y, c in pts if _finite(x) and _finite(y)]
@@ -259,8 +271,8 @@ def tradeoff_chart(result: EvalResult) -> Chart | None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, linestyle="-" if run else "", ms=6,
                 color=f"C{n}", label=run or "base / files")
         for x, y, c in pts:
-            ax.annotate(str(c["epoch"]) if c["run"] else c["label"], (x, y), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            text = str(c["epoch"]) if c["run"] or c["kind"] == "base" else c["label"]
+            ax.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(f"fidelity: {fm} on {fg} prompts", fontsize=8)
     ax.set_ylabel(f"controllability: {cm} on {cg} prompts", fontsize=8)
     ax.legend(fontsize=7)
@@ -281,10 +293,13 @@ def page_from_eval(result: EvalResult, jobs: Sequence[ImageJob], images: Mapping
         page.tables.append(Table(f"metrics: {group} prompts" if group != "all" else "metrics: all prompts pooled",
                                  names, rows, [result.directions.get(m) for m in names]))
     if result.harmonic_mean:
-        rows = [(lb, [result.harmonic_mean.get(lb)]) for lb in labels]
-        page.tables.append(Table("ranking: harmonic mean of the rank-normalised metrics", ["harmonic mean"], rows,
-                                 [True], note="each metric rank-normalised to [0, 1] across the checkpoints "
-                                 "compared (best 1), per prompt type; the best checkpoint has the highest mean"))
+        rows = [(lb, [result.harmonic_mean.get(lb), result.mean_score.get(lb)]) for lb in labels]
+        page.tables.append(Table("ranking: harmonic mean of the rank-normalised metrics",
+                                 ["harmonic mean", "arithmetic mean"], rows, [True, True],
+                                 note="each metric rank-normalised to [0, 1] across the checkpoints compared (best 1), "
+                                 "per prompt type; the best checkpoint has the highest harmonic mean (the paper's "
+                                 "rule). A checkpoint worst on any one metric has harmonic mean 0; the arithmetic "
+                                 "mean breaks such ties"))
     page.charts = metric_charts(result)
     if (chart := tradeoff_chart(result)) is not None:
         page.charts.append(chart)
