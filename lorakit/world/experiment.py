@@ -24,9 +24,8 @@ import numpy as np
 
 from lorakit.checkpoints import RunFolder, atomic_write_json
 from lorakit.config import TrainConfig
-from lorakit.formats import load_network
 from lorakit.models import BaseModel, load_base_model
-from lorakit.sample import SamplePrompt, generate
+from lorakit.sample import SamplePrompt
 from lorakit.world import concept
 from lorakit.world.metrics import world_metrics
 
@@ -68,19 +67,28 @@ def eval_samples(seeds_per_prompt: int, types: tuple[str, ...] | None = None
 
 
 def score(model: BaseModel, seeds_per_prompt: int, adapter: Path | None = None,
-          types: tuple[str, ...] | None = None) -> dict:
+          types: tuple[str, ...] | None = None, cache: Path | None = None, base_hash: str = "base") -> dict:
     """World metrics of the model (with ``adapter`` applied, if given) on the concept's evaluation prompts
-    (of ``types`` only, if given)."""
-    network = None
-    if adapter is not None:
-        network, _ = load_network(adapter, model.unet, model.text_encoder)
-    try:
-        samples, labels = eval_samples(seeds_per_prompt, types)
-        images = generate(model, samples, batch_size=32, progress=False)
-        return world_metrics(images, labels).as_dict()
-    finally:
-        if network is not None:
-            network.remove()
+    (of ``types`` only, if given).  Images are made by ``lorakit.evaluate``'s generation path; with ``cache`` a
+    folder they are kept there under the same keys ``lorakit eval --cache`` uses, so neither makes them twice."""
+    import tempfile
+
+    from lorakit.evaluate.checkpoints import EvalCheckpoint, file_hash
+    from lorakit.evaluate.generate import ImageCache, SamplerSettings, generate_all, load_images, make_jobs
+    from lorakit.evaluate.prompts import EvalPrompt as Prompt
+
+    _, labels = eval_samples(1, types)
+    prompts = [Prompt(p.prompt, p.type, seed=p.seed, negative=p.negative, expected=p.expected, changes=p.changes)
+               for p in labels]
+    jobs = make_jobs(prompts, seeds_per_prompt)  # seeds p.seed + 10_000 k, as eval_samples
+    checkpoint = EvalCheckpoint("base", "base", None, "base", epoch=0) if adapter is None else \
+        EvalCheckpoint(Path(adapter).stem, "adapter", Path(adapter), file_hash(Path(adapter)))
+    settings = SamplerSettings(steps=concept.SAMPLE_STEPS, cfg_scale=concept.SAMPLE_CFG)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths, _ = generate_all(model, base_hash, [checkpoint], jobs, settings, ImageCache(cache or tmp),
+                                batch_size=32, progress=False)
+        images = load_images(paths)[checkpoint.label]
+    return world_metrics(images, [labels[j.prompt_index] for j in jobs]).as_dict()
 
 
 def score_run(run_dir: Path, model_spec: str | None = None, seeds_per_prompt: int = 2,
@@ -96,13 +104,17 @@ def score_run(run_dir: Path, model_spec: str | None = None, seeds_per_prompt: in
             raise ValueError(f"{cache}: epoch {r['epoch']} was scored with {was}, not {scoring}; "
                              "move the file away to score again")
     done = {r["epoch"] for r in rows}
+    from lorakit.evaluate.checkpoints import model_hash
+
     model = load_base_model(model_spec)
+    base_hash = model_hash(model_spec)
     checkpoints = [(0, None)] + [(c.epoch, c.tensors_path) for c in RunFolder(run_dir, "resume").checkpoints()]
     last = checkpoints[-1][0]
     for epoch, path in checkpoints:
         if epoch in done or (epoch % every and epoch != last):
             continue
-        rows.append({"epoch": epoch, **scoring, **score(model, seeds_per_prompt, path, types)})
+        rows.append({"epoch": epoch, **scoring, **score(model, seeds_per_prompt, path, types,
+                                                        cache=run_dir / "eval_cache", base_hash=base_hash)})
         rows.sort(key=lambda r: r["epoch"])
         atomic_write_json(cache, rows)
     return rows
