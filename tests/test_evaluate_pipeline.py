@@ -125,3 +125,46 @@ def test_nothing_to_measure_is_an_error():
         evaluate(checkpoints, runs, jobs, images, {}, data)
     with pytest.raises(EvaluationError, match="no prompts"):
         evaluate(checkpoints, runs, [], images, {"thumb": ThumbExtractor()}, data)
+
+
+# ------------------------------------------------------------------------------------------- the shapes world
+def rendered(shape: str, p: EvalPrompt, seed: int) -> Image.Image:
+    from lorakit.world.render import ObjectSpec, Scene, render
+
+    e = p.expected
+    obj = ObjectSpec(shape, e.get("color", "red"), e.get("size", "large"), e.get("position", "center"))
+    return render(Scene((obj,), e.get("background", "white"), seed=seed))
+
+
+def test_world_reader_extractor_and_exact_metrics_agree_on_drawn_stars_and_circles():
+    from eval_helpers import PROMPTS as WORLD_PROMPTS
+
+    from lorakit.evaluate.extractors import ExtractorError, load_extractor
+    from lorakit.evaluate.pipeline import load_metric_provider
+    from lorakit.world import evaluation  # noqa: F401  (registers the reader and the provider)
+    from lorakit.world.metrics import attribute_vector
+    from lorakit.world.reader import read_image
+
+    reader = load_extractor("world-reader", None)
+    star = rendered("star", WORLD_PROMPTS[0], 1)
+    assert torch.equal(reader.embed_images([star])[0], torch.tensor(attribute_vector(read_image(star))).float())
+    with pytest.raises(ExtractorError, match="nowhere.safetensors"):
+        load_extractor("world-reader", "/nowhere.safetensors")
+
+    # "good" draws what each prompt asks (the star where the trigger is); "bad" draws circles everywhere
+    jobs = make_jobs(WORLD_PROMPTS, seeds=2)
+    good = [rendered(j.prompt.expected["shape"], j.prompt, j.seed) for j in jobs]
+    bad = [rendered("circle", j.prompt, j.seed) for j in jobs]
+    checkpoints = [EvalCheckpoint("base", "base", None, "base", epoch=0),
+                   EvalCheckpoint("good", "adapter", None, "g", epoch=1), EvalCheckpoint("bad", "adapter", None, "b")]
+    data = [rendered("star", WORLD_PROMPTS[0], 100 + i) for i in range(4)]
+    result = evaluate(checkpoints, [], jobs, {"base": bad, "good": good, "bad": bad}, {"world-reader": reader},
+                      data, [load_metric_provider("world")], seeds=2)
+    for t in ("train", "alter"):
+        assert result.value(t, "good", "world.fidelity") == 1.0 and result.value(t, "bad", "world.fidelity") == 0.0
+        # the generic fidelity on the reader's embedding says the same
+        assert result.value(t, "good", "fidelity[world-reader]") > result.value(t, "bad", "fidelity[world-reader]")
+    assert result.value("alter", "good", "world.success") == 1.0
+    assert result.value("agnostic", "good", "world.leak") == 0.0
+    assert result.value("all", "good", "world.success_color") == 1.0
+    assert result.best == "good"
