@@ -239,8 +239,8 @@ def tradeoff_pair(result: EvalResult) -> tuple[tuple[str, str], tuple[str, str]]
         fid = next(((group, m) for p in prefixes for m in names if m.startswith(p)), None)
     for group in ("alter", "style"):
         names = result.metric_names(group)
-        ctl = ctl or next(((group, m) for p in ("world.success", "clip_score[") for m in names if m.startswith(p)),
-                          None)
+        ctl = ctl or next(((group, m) for p in ("world.controllability", "clip_score[") for m in names
+                           if m.startswith(p)), None)
     return (fid, ctl) if fid and ctl else None
 
 
