@@ -102,3 +102,7 @@ def test_bad_input_is_a_clear_error_naming_the_file_and_nothing_is_written(tmp_p
 
     empty = write_run(tmp_path / "empty-run", epochs=0)
     assert "empty-run" in fails(str(empty), "--prompts", str(good))
+
+    # no prompt file and nothing to make default prompts from (an adapter file alone has no dataset)
+    assert "no --prompts" in fails(str(wrong))
+    assert "--seeds must be >= 1" in fails(str(run), "--prompts", str(good), "--seeds", "0")

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_csv,
         summary_lines,
     )
-    from lorakit.evaluate.prompts import default_prompt_set, load_prompt_set
+    from lorakit.evaluate.prompts import PromptSetError, default_prompt_set, load_prompt_set
     from lorakit.evaluate.report import page_from_eval, render_html
     from lorakit.models import load_base_model
 
@@ -97,7 +97,12 @@ def run(args: argparse.Namespace) -> int:
     trigger = args.trigger or next((r.trigger for r in runs if r.trigger), None) \
         or (kohya_trigger(data) if data else None)
     if args.prompts is not None:
-        prompt_set = load_prompt_set(args.prompts, trigger=trigger)
+        try:  # the file's own trigger first; the run's (or dataset folder's) only when the file has none
+            prompt_set = load_prompt_set(args.prompts, trigger=args.trigger)
+        except PromptSetError:
+            if args.trigger is not None or not trigger:
+                raise
+            prompt_set = load_prompt_set(args.prompts, trigger=trigger)
     else:
         if not pairs or not trigger:
             raise EvalCommandError("no --prompts given and no dataset captions and trigger to make default prompts "
