@@ -168,3 +168,32 @@ def test_world_reader_extractor_and_exact_metrics_agree_on_drawn_stars_and_circl
     assert result.value("agnostic", "good", "world.leak") == 0.0
     assert result.value("all", "good", "world.success_color") == 1.0
     assert result.best == "good"
+
+
+def test_shap_importance_names_the_setting_that_drives_a_metric():
+    pytest.importorskip("catboost")
+    pytest.importorskip("shap")
+    from lorakit.evaluate.pipeline import add_importance
+
+    # two runs differing in lr; the "exact.score" metric follows the lr only
+    checkpoints = [EvalCheckpoint(f"{r}/e{e}", "adapter", None, f"{r}{e}", run=r, epoch=e)
+                   for r in ("slow", "fast") for e in (1, 2, 3)]
+    runs = [RunInfo("slow", None, {"algorithm": "lora", "lr": 1e-4, "rank": 8}),
+            RunInfo("fast", None, {"algorithm": "lora", "lr": 1e-3, "rank": 8})]
+    jobs = make_jobs(PROMPTS[:1], seeds=1)
+    images = {c.label: [image(k)] for k, c in enumerate(checkpoints)}
+
+    class Provider:
+        name, directions = "exact", {"exact.score": True}
+
+        def __call__(self, imgs, prompts):
+            label = next(lb for lb, v in images.items() if v[0] is imgs[0])
+            return {"trigger": {"exact.score": 1.0 if label.startswith("fast") else 0.0}}
+
+    result = evaluate(checkpoints, runs, jobs, images, {}, (), [Provider()])
+    add_importance(result, [("trigger", "exact.score")])
+    importance = result.importance["trigger/exact.score"]
+    assert set(importance) == {"lr", "epoch"}  # algorithm and rank never vary: left out
+    assert importance["lr"] > 0.1 and importance["lr"] > 10 * importance["epoch"]
+    with pytest.raises(EvaluationError, match="at least 3 checkpoints"):
+        add_importance(evaluate(checkpoints[:2], runs, jobs, images, {}, (), [Provider()]))

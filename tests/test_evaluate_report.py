@@ -73,3 +73,14 @@ def test_page_of_a_training_run_from_its_folder(tmp_path):
     assert "turning point at step 4 (epoch 1)" in text
     with pytest.raises(CheckpointError, match="not a lorakit run"):
         page_from_run(tmp_path)
+
+
+def test_shap_importance_is_a_table_of_its_own():
+    checkpoints, runs, jobs, images, data = setup()
+    result = evaluate(checkpoints, runs, jobs, images, {"thumb": ThumbExtractor()}, data, seeds=2)
+    result.importance = {"alter/fidelity[thumb]": {"lr": 0.25, "epoch": 0.5}, "train/x": {"lr": 0.75}}
+    parsed = parse_report(render_html(page_from_eval(result, jobs, images)))
+    rows = dict(parsed.tables["what drives each metric: mean |SHAP value| per setting"])
+    assert [(m, v, best) for m, v, _, best in rows["alter/fidelity[thumb]"]] == [("lr", 0.25, False),
+                                                                                 ("epoch", 0.5, False)]
+    assert [(m, v, best) for m, v, _, best in rows["train/x"]] == [("lr", 0.75, True), ("epoch", None, False)]

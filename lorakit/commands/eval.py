@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--every", type=int, default=1, help="evaluate every k-th saved epoch (the last always)")
     parser.add_argument("--no-base", action="store_true", help="leave the base model (epoch 0) out")
     parser.add_argument("--cache", type=Path, default=None, help="image cache folder (default DIR/cache)")
+    parser.add_argument("--shap", action="store_true",
+                        help="SHAP analysis of which settings (algorithm, rank, lr, preset, epoch) drive the headline "
+                             "metrics (optional extra: pip install 'lorakit[shap]')")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -78,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         make_jobs,
     )
     from lorakit.evaluate.pipeline import (
+        add_importance,
         evaluate,
         headline_metrics,
         load_metric_provider,
@@ -108,6 +112,13 @@ def run(args: argparse.Namespace) -> int:
             raise EvalCommandError("no --prompts given and no dataset captions and trigger to make default prompts "
                                    "from: pass --prompts FILE (or --data DIR and --trigger WORD)")
         prompt_set = default_prompt_set([c for _, c in pairs if c], trigger)
+    if args.shap:
+        try:
+            import catboost  # noqa: F401
+            import shap  # noqa: F401
+        except ImportError:
+            raise EvalCommandError("--shap needs the optional extra 'shap' (catboost and shap): "
+                                   "pip install 'lorakit[shap]'") from None
     specs = [parse_extractor(s) for s in args.extractor]
     if not specs:
         if args.model not in (None, "builtin"):
@@ -144,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
              "seconds per generated image": None if stats.seconds_per_image is None
              else round(stats.seconds_per_image, 4)}
     result = evaluate(checkpoints, runs, jobs, images, extractors, data_images, providers, args.seeds, setup)
+    if args.shap:
+        add_importance(result)
     result.setup["seconds total"] = round(time.perf_counter() - started, 2)
     lines = summary_lines(result, headline_metrics(result))
     html_text = render_html(page_from_eval(result, jobs, images, title=f"lorakit eval: {prompt_set.concept}",

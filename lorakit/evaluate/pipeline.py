@@ -35,7 +35,7 @@ from lorakit.evaluate.checkpoints import EvalCheckpoint, RunInfo
 from lorakit.evaluate.extractors import FeatureExtractor
 from lorakit.evaluate.generate import ImageJob
 from lorakit.evaluate.prompts import PROMPT_TYPES
-from lorakit.evaluate.scores import best_by_harmonic_mean, rank_normalise
+from lorakit.evaluate.scores import best_by_harmonic_mean, rank_normalise, shap_importance
 
 FIDELITY_TYPES = ("train", "trigger", "alter", "style")
 STYLE_LOSS_TYPES = ("style", "agnostic")
@@ -79,6 +79,8 @@ class EvalResult:
     harmonic_mean: dict[str, float | None]
     best: str | None
     mean_score: dict[str, float | None] = field(default_factory=dict)  # arithmetic mean of the scores: tie-break
+    #: "group/metric" -> setting -> mean |SHAP value| (what drives the metric across the runs' checkpoints)
+    importance: dict[str, dict[str, float]] = field(default_factory=dict)
     setup: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -284,7 +286,7 @@ def write_results(result: EvalResult, out: str | Path) -> list[Path]:
 def result_from_dict(data: Mapping[str, Any]) -> EvalResult:
     return EvalResult(**{k: data[k] for k in ("checkpoints", "runs", "groups", "directions", "metrics", "scores",
                                               "harmonic_mean", "best")}, mean_score=data.get("mean_score", {}),
-                      setup=dict(data.get("setup", {})))
+                      importance=data.get("importance", {}), setup=dict(data.get("setup", {})))
 
 
 def summary_lines(result: EvalResult, headline: Sequence[tuple[str, str]] = ()) -> list[str]:
@@ -317,3 +319,31 @@ def headline_metrics(result: EvalResult) -> list[tuple[str, str]]:
                 wanted.append((group, match))
                 break
     return wanted
+
+
+#: run settings (and the epoch) the SHAP analysis explains a metric by, as the paper does
+SHAP_FEATURES = ("algorithm", "preset", "rank", "alpha", "lr", "epoch")
+
+
+def add_importance(result: EvalResult, pairs: Sequence[tuple[str, str]] | None = None) -> EvalResult:
+    """The paper's SHAP analysis: for each (group, metric), a CatBoost regressor predicts the metric from the
+    settings of the run a checkpoint came from and its epoch; the mean |SHAP value| per setting is how much it
+    drives the metric.  Settings that never vary are left out.  Needs the optional extra ``shap``."""
+    settings = {r["name"]: r["settings"] for r in result.runs}
+    rows = []
+    for c in result.checkpoints:
+        if c["run"] is None or c["epoch"] is None:
+            continue
+        rows.append({"label": c["label"], "epoch": c["epoch"],
+                     **{f: settings[c["run"]].get(f) for f in SHAP_FEATURES if f != "epoch"}})
+    features = [f for f in SHAP_FEATURES
+                if all(r.get(f) is not None for r in rows) and len({str(r[f]) for r in rows}) > 1]
+    if len(rows) < 3 or not features:
+        raise EvaluationError("the SHAP analysis needs at least 3 checkpoints of runs whose settings or epochs "
+                              f"differ ({len(rows)} checkpoints, varying settings: {features or 'none'})")
+    for group, metric in pairs or headline_metrics(result):
+        data = [{**r, "target": result.value(group, r["label"], metric)} for r in rows]
+        data = [r for r in data if _finite(r["target"])]
+        if len(data) >= 3:
+            result.importance[f"{group}/{metric}"] = shap_importance(data, features, "target")
+    return result

@@ -300,6 +300,15 @@ def page_from_eval(result: EvalResult, jobs: Sequence[ImageJob], images: Mapping
                                  "per prompt type; the best checkpoint has the highest harmonic mean (the paper's "
                                  "rule). A checkpoint worst on any one metric has harmonic mean 0; the arithmetic "
                                  "mean breaks such ties"))
+    if result.importance:
+        features: list[str] = []
+        for values in result.importance.values():
+            features.extend(f for f in values if f not in features)
+        rows = [(key, [values.get(f) for f in features]) for key, values in result.importance.items()]
+        page.tables.append(Table("what drives each metric: mean |SHAP value| per setting", features, rows,
+                                 [True] * len(features), note="a CatBoost regressor predicts each metric from the "
+                                 "run's settings and the epoch (the paper's analysis); larger means the setting "
+                                 "moves the metric more; ★ marks the largest per setting"))
     page.charts = metric_charts(result)
     if (chart := tradeoff_chart(result)) is not None:
         page.charts.append(chart)
