@@ -106,3 +106,17 @@ def test_bad_input_is_a_clear_error_naming_the_file_and_nothing_is_written(tmp_p
     # no prompt file and nothing to make default prompts from (an adapter file alone has no dataset)
     assert "no --prompts" in fails(str(wrong))
     assert "--seeds must be >= 1" in fails(str(run), "--prompts", str(good), "--seeds", "0")
+
+
+def test_without_a_prompt_file_the_prompts_come_from_the_dataset_captions(tmp_path, concept_data, capsys):
+    run = write_run(tmp_path / "run", epochs=1, data=concept_data)
+    out = tmp_path / "out"
+    assert main(["eval", str(run), "--out", str(out), "--steps", "4", "--no-base", "--quiet",
+                 "--extractor", "world-reader"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["setup"]["prompts"] == "captions"
+    assert metrics["setup"]["trigger"] == "zkz shape"  # from the kohya folder name "10_zkz shape"
+    assert [c["label"] for c in metrics["checkpoints"]] == ["run/e1"]
+    assert "train" in metrics["metrics"] and "agnostic" in metrics["metrics"]
+    assert metrics["best"] is None  # one checkpoint: nothing to rank
+    assert "wrote" in capsys.readouterr().out
