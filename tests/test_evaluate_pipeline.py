@@ -197,3 +197,22 @@ def test_shap_importance_names_the_setting_that_drives_a_metric():
     assert importance["lr"] > 0.1 and importance["lr"] > 10 * importance["epoch"]
     with pytest.raises(EvaluationError, match="at least 3 checkpoints"):
         add_importance(evaluate(checkpoints[:2], runs, jobs, images, {}, (), [Provider()]))
+
+
+def test_ocr_provider_reads_the_expected_word():
+    pytest.importorskip("rapidocr_onnxruntime", reason="optional extra 'ocr' (rapidocr-onnxruntime) not installed")
+    from PIL import ImageDraw, ImageFont
+
+    from lorakit.evaluate.pipeline import load_metric_provider
+
+    def text_image(text: str) -> Image.Image:
+        im = Image.new("RGB", (256, 128), "white")
+        ImageDraw.Draw(im).text((16, 36), text, fill=(20, 20, 20), font=ImageFont.load_default(size=44))
+        return im
+
+    prompts = [EvalPrompt("a logo saying LORAKIT", "trigger", expected={"text": "LORAKIT"}),
+               EvalPrompt("a logo saying LORAKIT on a mug", "alter", expected={"text": "lorakit"}),
+               EvalPrompt("a mug", "agnostic")]
+    ocr = load_metric_provider("ocr")
+    got = ocr([text_image("LORAKIT"), Image.new("RGB", (256, 128), "white"), text_image("LORAKIT")], prompts)
+    assert got == {"trigger": {"ocr_text": 1.0}, "alter": {"ocr_text": 0.0}}  # agnostic: no word expected

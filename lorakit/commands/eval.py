@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shap", action="store_true",
                         help="SHAP analysis of which settings (algorithm, rank, lr, preset, epoch) drive the headline "
                              "metrics (optional extra: pip install 'lorakit[shap]')")
+    parser.add_argument("--ocr", action="store_true",
+                        help="OCR text check on prompts whose expected attributes have a text (the word the image "
+                             "must show; optional extra: pip install 'lorakit[ocr]')")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -119,6 +122,12 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             raise EvalCommandError("--shap needs the optional extra 'shap' (catboost and shap): "
                                    "pip install 'lorakit[shap]'") from None
+    if args.ocr:
+        try:
+            import rapidocr_onnxruntime  # noqa: F401
+        except ImportError:
+            raise EvalCommandError("--ocr needs the optional extra 'ocr' (rapidocr-onnxruntime 1.x): "
+                                   "pip install 'lorakit[ocr]'") from None
     specs = [parse_extractor(s) for s in args.extractor]
     if not specs:
         if args.model not in (None, "builtin"):
@@ -129,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
     for kind, path in specs:
         extractors[kind if kind not in extractors else f"{kind}-{len(extractors)}"] = load_extractor(kind, path)
     providers = [load_metric_provider("world")] if any(k == "world-reader" for k, _ in specs) else []
+    if args.ocr:
+        providers.append(load_metric_provider("ocr"))
     settings = SamplerSettings(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, width=args.size,
                                height=args.size)
     jobs = make_jobs(prompt_set.prompts, args.seeds)

@@ -68,6 +68,26 @@ def load_metric_provider(name: str) -> MetricProvider:
     return METRIC_PROVIDERS[name]()
 
 
+class OCRProvider:
+    """The logo study's text check: on prompts whose ``expected`` has a ``text`` (the word the image must show),
+    the share of images in which OCR reads it (``ocr_text``).  Needs the optional extra ``ocr``."""
+
+    name = "ocr"
+    directions = {"ocr_text": True}
+
+    def __call__(self, images: Sequence[Image.Image], prompts: Sequence[Any]) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for t in PROMPT_TYPES:
+            idx = [i for i, p in enumerate(prompts) if p.type == t and p.expected.get("text")]
+            if idx:
+                found = [M.ocr_contains(images[i], prompts[i].expected["text"]) for i in idx]
+                out[t] = {"ocr_text": float(np.mean(found))}
+        return out
+
+
+register_metric_provider("ocr", OCRProvider)
+
+
 @dataclass
 class EvalResult:
     checkpoints: list[dict[str, Any]]
