@@ -103,3 +103,34 @@ def test_seeds_per_prompt_and_applied_restores_the_model(tmp_path):
         assert any("lora" in n for n, _ in model.unet.named_modules())
     after = model.unet.state_dict()
     assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
+
+
+def test_a_native_run_is_applied_as_weights_and_put_back(tmp_path):
+    import json
+
+    import torch
+
+    from lorakit.config import TrainConfig, to_toml
+
+    model = base_model()
+    name = "conv_in.weight"
+    run = tmp_path / "native"
+    (run / "checkpoints" / "epoch-0001").mkdir(parents=True)
+    cfg = TrainConfig()
+    cfg.method.kind = "native"
+    (run / "config.toml").write_text(to_toml(cfg))
+    (run / "summary.json").write_text(json.dumps({"turning_point": None}))
+    weight = dict(model.unet.named_parameters())[name]
+    original = weight.detach().clone()
+    save_file({name: original + 0.5}, str(run / "checkpoints" / "epoch-0001" / "trained.safetensors"))
+    ckpt = discover([run], include_base=False)[0][0]
+    assert ckpt.kind == "native"
+    with applied(model, ckpt):
+        assert torch.allclose(weight, original + 0.5)
+    assert torch.equal(weight, original)
+    # a native checkpoint for another model: the parameter's shape does not fit
+    save_file({name: torch.zeros(3, 3)}, str(tmp_path / "other.safetensors"))
+    bad = ckpt.__class__("other", "native", tmp_path / "other.safetensors", "x")
+    with pytest.raises(CheckpointError, match=r"other.safetensors.*conv_in.weight"):
+        check_checkpoints(model, [bad])
+    assert torch.equal(weight, original)

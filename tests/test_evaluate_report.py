@@ -84,3 +84,20 @@ def test_shap_importance_is_a_table_of_its_own():
     assert [(m, v, best) for m, v, _, best in rows["alter/fidelity[thumb]"]] == [("lr", 0.25, False),
                                                                                  ("epoch", 0.5, False)]
     assert [(m, v, best) for m, v, _, best in rows["train/x"]] == [("lr", 0.75, True), ("epoch", None, False)]
+
+
+def test_two_runs_on_one_page_have_a_line_each_and_their_settings():
+    from lorakit.evaluate.checkpoints import EvalCheckpoint, RunInfo
+
+    checkpoints, _, jobs, images, data = setup()
+    more = [EvalCheckpoint("s/e1", "adapter", None, "s1", run="s", epoch=1),
+            EvalCheckpoint("s/e2", "adapter", None, "s2", run="s", epoch=2)]
+    images = {**images, "s/e1": images["r/e2"][::-1], "s/e2": images["r/e1"][::-1]}
+    runs = [RunInfo("r", None, {"algorithm": "lora", "lr": 1e-3}, turning_epoch=1),
+            RunInfo("s", None, {"algorithm": "loha", "lr": 2e-3})]
+    result = evaluate(checkpoints + more, runs, jobs, images, {"thumb": ThumbExtractor()}, data, seeds=2)
+    page = page_from_eval(result, jobs, images)
+    assert [name for name, _ in page.settings] == ["r", "s", "evaluation"]
+    assert page.settings[1][1]["algorithm"] == "loha"
+    assert len(page.charts) == len(result.groups) + 1  # metric-vs-epoch per type and the trade-off scatter
+    assert page.grids[0].columns == ["base", "r/e1", "r/e2", "s/e1", "s/e2"]
