@@ -11,6 +11,9 @@ from safetensors.torch import save_file
 
 from lorakit.cli import main
 
+# the extractor tests' tiny CLIP / DINOv2 folders (fixtures) and VGG19-shaped weights
+from test_evaluate_extractors import _vgg_state, clip_folder, dino_folder  # noqa: F401, E402  isort: skip
+
 PROMPTS_TOML = """
 concept = "zkz"
 trigger = "zkz shape"
@@ -120,3 +123,25 @@ def test_without_a_prompt_file_the_prompts_come_from_the_dataset_captions(tmp_pa
     assert "train" in metrics["metrics"] and "agnostic" in metrics["metrics"]
     assert metrics["best"] is None  # one checkpoint: nothing to rank
     assert "wrote" in capsys.readouterr().out
+
+
+def test_eval_with_clip_dinov2_and_vgg_models_from_local_folders(tmp_path, concept_data, clip_folder,  # noqa: F811
+                                                                 dino_folder, capsys):  # noqa: F811
+    """The generic path with real transformers models: tiny random CLIP and DINOv2 saved with save_pretrained and
+    a small VGG19-shaped weights file, the same code path a user's local models take."""
+    vgg = tmp_path / "vgg19.safetensors"
+    save_file(_vgg_state({0: 4, 5: 4, 10: 4, 19: 4, 28: 4}), str(vgg))
+    run = write_run(tmp_path / "run", epochs=1, data=concept_data)
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(PROMPTS_TOML)
+    out = tmp_path / "out"
+    assert main(["eval", str(run), "--prompts", str(prompts), "--out", str(out), "--steps", "2", "--quiet",
+                 "--extractor", f"clip={clip_folder}", "--extractor", f"dinov2={dino_folder}",
+                 "--extractor", f"vgg19={vgg}"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert {"fidelity[clip]", "clip_score[clip]", "fidelity[dinov2]", "centroid_dist[dinov2]"} <= set(
+        metrics["alter"]["run/e1"])
+    assert "style_loss[vgg19]" in metrics["agnostic"]["run/e1"]
+    assert metrics["agnostic"]["base"]["style_loss[vgg19]"] == 0.0  # the base model against itself
+    assert not any(k.startswith("world.") for k in metrics["alter"]["run/e1"])  # no world reader chosen
+    capsys.readouterr()
