@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from lorakit.errors import LorakitError
+from lorakit.quiet import silence_third_party
 
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,7 +27,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="lorakit", description="Train, inspect and use LoRA-family adapters.")
+    # --verbose anywhere on the line: the libraries' own warnings and progress bars are shown (for debugging)
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    if not verbose:
+        silence_third_party()  # before any command imports transformers or diffusers
+    parser = argparse.ArgumentParser(prog="lorakit", description="Train, inspect and use LoRA-family adapters.",
+                                     epilog="--verbose (anywhere): also show the libraries' own warnings and bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     parsers = {name: sub.add_parser(name, help=help_, description=help_) for name, (_, help_) in COMMANDS.items()}
     command = argv[0] if argv and argv[0] in COMMANDS else None

@@ -30,6 +30,7 @@ from lorakit.loss import add_training_noise, diffusion_loss
 from lorakit.methods import TrainingMethod, make_method
 from lorakit.models import BaseModel, load_base_model
 from lorakit.prior import ensure_class_images
+from lorakit.run_messages import estimate_line, next_steps, opening_line
 from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
 
 
@@ -198,6 +199,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         run = RunFolder(cfg.output.dir, "resume")
     if is_main:
         atomic_write_text(run.path / "config.toml", to_toml(cfg))
+        print(opening_line(cfg))
 
     # the model, what is trained, the data
     model = prepare_model(cfg, accelerator)
@@ -258,6 +260,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
               f"early stopping: {cfg.early_stop.mode if monitor else 'off'}")
 
     stop_decision = None
+    timer = _StepTimer(first_step=step)
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not (progress and is_main))
     epoch = start_epoch
     try:
@@ -291,6 +294,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 if is_main:
                     run.log(record)
                 bar.update(1)
+                if is_main and (seconds := timer.measured(step)) is not None:
+                    stops_early = monitor is not None and not monitor.report_only
+                    bar.write(estimate_line(seconds, total_steps - step, stops_early))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{record['lr']:.2e}", epoch=epoch + 1)
                 if stop_decision is not None or step >= total_steps:
                     break
@@ -346,13 +352,35 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             "seconds": round(time.time() - started, 1), "data": data.summary(), "trained": method.summary(),
         }
         atomic_write_json(run.path / "summary.json", summary)
-        summary_text = _summary_text(summary)
+        summary_text = "\n".join([_summary_text(summary), *next_steps(run.path, files, cfg)])
         atomic_write_text(run.path / "summary.txt", summary_text + "\n")
     return TrainResult(run.path, files, epoch, step, stop_decision is not None,
                        turning.to_dict() if turning is not None else None, final_epoch, losses, summary_text)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+class _StepTimer:
+    """Seconds per step over the first few steps after start (the very first one pays for warm-up)."""
+
+    WARMUP, MEASURE = 1, 3
+
+    def __init__(self, first_step: int) -> None:
+        self.start_step = first_step + self.WARMUP
+        self.started: float | None = None
+        self.done = False
+
+    def measured(self, step: int) -> float | None:
+        """Seconds per step once, when enough steps were timed; None before and after."""
+        if self.done:
+            return None
+        if step == self.start_step:
+            self.started = time.perf_counter()
+        elif self.started is not None and step == self.start_step + self.MEASURE:
+            self.done = True
+            return (time.perf_counter() - self.started) / self.MEASURE
+        return None
+
+
 def _sample(model: BaseModel, method: TrainingMethod, prompts: list[SamplePrompt], path: Path,
             accelerator: Accelerator) -> Path:
     expanded = [replace(p, prompt=method.expand_prompt(p.prompt),

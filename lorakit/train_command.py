@@ -8,6 +8,7 @@ flags; flags win over the file, and ``--set section.key=value`` reaches every op
 from __future__ import annotations
 
 import argparse
+import textwrap
 import time
 from pathlib import Path
 
@@ -107,6 +108,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg.validate()
 
 
+#: said before the built-in job starts, so a first-time user knows what they are watching
+BUILTIN_INTRODUCTION = (
+    "The built-in job: lorakit's shapes world is a tiny Stable Diffusion 1.x model that draws circles, squares, "
+    "triangles and crosses; it has never seen a star. The 'zkz' concept is 15 rendered stars in kohya layout. "
+    "lorakit teaches the model the star as 'zkz shape' and stops by CS-Fluctuation before it overfits.")
+
+
 def run(args: argparse.Namespace) -> int:
     from lorakit.config import to_toml
 
@@ -116,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from lorakit.train import train
 
+    if args.data is None and cfg.data.train_data and Path(cfg.data.train_data).name.endswith("-data") \
+            and args.config is None:
+        print(textwrap.fill(BUILTIN_INTRODUCTION, width=110))
     result = train(cfg, progress=not args.no_progress)
     print(result.summary)
     return 0

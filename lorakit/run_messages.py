@@ -1,0 +1,85 @@
+"""What ``lorakit train`` tells a person before, during and after a run, as plain text.
+
+Three moments: an opening line (what is trained on what, and where the results go), a time estimate once the
+first steps are measured, and the closing "what next" (how to use the file in the tools people already have).
+Kept apart from the training loop so the loop reads top to bottom and the wording can be tested on its own.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+from lorakit.config import TrainConfig
+
+#: the algorithms diffusers' ``load_lora_weights`` reads (docs/compatibility.md has the whole table)
+DIFFUSERS_LOADS = ("lora",)
+
+_ALGORITHM_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "(IA)³", "full": "full-ΔW adapter"}
+_CONV_PRESETS = ("full", "lycoris-full")
+
+
+def what_is_trained(cfg: TrainConfig) -> str:
+    """'a LoCon (rank 8, preset full)', 'native fine-tuning (DreamBooth)', ... for the opening line."""
+    kind = cfg.method.kind
+    if kind == "native":
+        return "native fine-tuning of the U-Net (DreamBooth)"
+    if kind == "ti":
+        return f"a Textual Inversion embedding ({cfg.method.ti_vectors} vector(s) per token)"
+    net = cfg.network
+    name = _ALGORITHM_NAMES.get(net.algorithm, net.algorithm)
+    if net.algorithm == "lora" and net.preset in _CONV_PRESETS:
+        name = "LoCon"  # LoRA on the conv layers too: the name users know from LyCORIS and kohya
+    if net.use_dora:
+        name += " with DoRA"
+    what = f"a {name} (rank {net.rank}, preset {net.preset})"
+    return what if kind == "adapter" else f"pivotal tuning: an embedding plus {what}"
+
+
+def opening_line(cfg: TrainConfig) -> str:
+    """The first line of a run: method, data, base model, output folder."""
+    model = cfg.model.base or "the built-in shapes-world model (lorakit/world/base_model)"
+    return (f"lorakit train: {what_is_trained(cfg)} on {cfg.data.train_data} with {model}, "
+            f"up to {cfg.training.max_epochs} epochs; results go to {cfg.output.dir}")
+
+
+def estimate_line(seconds_per_step: float, steps_left: int, early_stop: bool) -> str:
+    """The time estimate printed once the first steps are measured."""
+    total = seconds_per_step * steps_left
+    when = f"about {total / 60:.0f} min" if total >= 90 else f"about {total:.0f} s"
+    tail = " (early stopping may end it sooner)" if early_stop else ""
+    return f"{seconds_per_step:.2f} s/step: {when} for the remaining {steps_left} steps, plus sampling{tail}"
+
+
+def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[str]:
+    """How to use what the run made: A1111/ComfyUI, diffusers, ``lorakit sample``, the plot, the report."""
+    files = [Path(f) for f in files]
+    weights = [f for f in files if f.suffix == ".safetensors"]
+    lines: list[str] = []
+    if weights:
+        result = weights[0]
+        quoted = shlex.quote(str(result))
+        if cfg.method.kind == "native":
+            lines += [f"  use {result}: a full model; A1111/ComfyUI: put it in models/Stable-diffusion (ComfyUI: "
+                      "models/checkpoints); diffusers: StableDiffusionPipeline.from_single_file(...)"]
+        elif cfg.method.kind == "ti":
+            token = result.stem.split("-", 1)[-1]
+            lines += [f"  use {result}: A1111: models/embeddings, then write '{token}' in a prompt; ComfyUI: "
+                      f"models/embeddings, 'embedding:{result.stem}'",
+                      f"  diffusers: pipe.load_textual_inversion(\"{result}\")"]
+        else:
+            lines += [f"  A1111/ComfyUI: copy {result.name} into models/Lora (ComfyUI: models/loras), then "
+                      f"<lora:{result.stem}:1> in the prompt (ComfyUI: a LoraLoader node)"]
+            if cfg.network.algorithm in DIFFUSERS_LOADS and not cfg.network.use_dora:
+                lines.append(f"  diffusers: pipe.load_lora_weights(\"{result}\")")
+            else:
+                lines.append(f"  diffusers cannot read this algorithm: `lorakit resize {quoted} --to lora --out "
+                             "plain.safetensors` makes a plain LoRA it reads (docs/compatibility.md)")
+            model = f" --model {shlex.quote(cfg.model.base)}" if cfg.model.base else ""
+            lines.append(f"  lorakit sample {quoted}{model} --prompt \"...\" --out samples/")
+    plots = [f for f in files if f.suffix == ".png" and "cs_fluctuation" in f.name]
+    if plots:
+        lines.append(f"  CS-Fluctuation curve: {plots[0]}")
+    lines.append(f"  a page with the samples, the curve and the settings: lorakit report {shlex.quote(str(run_dir))}")
+    return ["next:", *lines]

@@ -1,0 +1,94 @@
+"""What a new user sees from ``lorakit train`` (issue 20): lorakit's own lines, no library noise."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorakit.config import TrainConfig
+from lorakit.run_messages import estimate_line, next_steps, opening_line, what_is_trained
+
+# what the libraries print when left alone: transformers' torchvision notices and loading bars, diffusers'
+# cast warnings, numpy/torch deprecations, any Python warning line pointing into site-packages
+NOISE = re.compile(r"\[transformers\]|requires torchvision|Loading weights|should be kept in float32|"
+                   r"(Deprecation|Future|User|Runtime)Warning|site-packages|warnings\.warn")
+
+
+def _run_train(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        env.pop(name, None)  # what a fresh shell has
+    return subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "--max-steps", "2", "--no-progress",
+                           "--out", str(out), *extra], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_main_command_has_no_third_party_noise_and_says_what_it_does(tmp_path):
+    result = _run_train(tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    noisy = [line for line in output.splitlines() if NOISE.search(line)]
+    assert noisy == []
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("The built-in job:") and "zkz" in result.stdout.split("lorakit train:")[0]
+    opening = next(line for line in lines if line.startswith("lorakit train: a LoCon"))
+    assert str(tmp_path / "run") in opening and "built-in shapes-world model" in opening
+    after = result.stdout[result.stdout.index("next:"):]
+    assert "<lora:lorakit:1>" in after and "load_lora_weights" in after and "lorakit sample" in after
+    assert "cs_fluctuation.png" in after and "lorakit report" in after
+    assert (tmp_path / "run" / "summary.txt").read_text().rstrip().endswith(after.rstrip().splitlines()[-1])
+
+
+def test_silencing_hides_the_libraries_notices(tmp_path):
+    # transformers' notice about torchvision, printed when an image processor class is used without it
+    use = "import transformers; transformers.CLIPImageProcessor"
+    silenced = "from lorakit.quiet import silence_third_party; silence_third_party(); " + use
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSFORMERS_", "DIFFUSERS_", "HF_HUB_"))}
+    loud = subprocess.run([sys.executable, "-c", use], capture_output=True, text=True, env=env, timeout=120)
+    quiet = subprocess.run([sys.executable, "-c", silenced], capture_output=True, text=True, env=env, timeout=120)
+    assert quiet.returncode == 0 and loud.returncode == 0
+    if "torchvision" not in loud.stderr:
+        pytest.skip("this transformers build prints no torchvision notice (torchvision installed?)")
+    assert "torchvision" not in quiet.stderr
+
+
+def test_verbose_flag_is_taken_off_the_command_line(monkeypatch, capsys):
+    from lorakit import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "silence_third_party", lambda: seen.append("silenced"))
+    with pytest.raises(SystemExit):
+        cli.main(["--verbose", "train", "--help"])
+    assert seen == [] and "--print-config" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert seen == ["silenced"]
+
+
+def test_opening_line_names_method_data_model_and_output():
+    cfg = TrainConfig()
+    cfg.data.train_data, cfg.model.base, cfg.output.dir = "photos/", "/models/sd15.safetensors", "runs/dog"
+    cfg.network.algorithm, cfg.network.preset = "loha", "attn-mlp"
+    line = opening_line(cfg)
+    assert "a LoHa (rank 8, preset attn-mlp)" in line and "photos/" in line
+    assert "/models/sd15.safetensors" in line and line.endswith("runs/dog")
+    cfg.method.kind = "native"
+    assert what_is_trained(cfg).startswith("native fine-tuning")
+
+
+def test_estimate_line_scales_to_minutes():
+    assert "about 10 min" in estimate_line(2.0, 300, early_stop=True)
+    assert "about 8 s" in estimate_line(2.0, 4, early_stop=False) and "sooner" not in estimate_line(2.0, 4, False)
+
+
+def test_next_steps_fit_the_algorithm(tmp_path):
+    cfg = TrainConfig()
+    cfg.network.algorithm = "lokr"
+    lines = "\n".join(next_steps(tmp_path, [tmp_path / "lorakit.safetensors"], cfg))
+    assert "load_lora_weights" not in lines and "--to lora" in lines  # diffusers cannot read LoKr
+    cfg.method.kind = "ti"
+    lines = "\n".join(next_steps(tmp_path, [tmp_path / "lorakit-zkz.safetensors"], cfg))
+    assert "load_textual_inversion" in lines and "'zkz'" in lines and "lorakit sample" not in lines
