@@ -175,6 +175,10 @@ def concept_spec() -> dict:
             "large": sum(s.objects[0].size == "large" for s in concept_scenes())}
 
 
+#: the evaluation prompts as a user-facing prompt file (shipped with the package, copied into every dataset)
+EVAL_PROMPT_FILE = Path(__file__).with_name("eval_prompts.toml")
+
+
 def load_prompts(path: str | Path) -> list[EvalPrompt]:
     """Evaluation prompts from a prompts.json written by ``write_concept_dataset``."""
     data = json.loads(Path(path).read_text())
@@ -182,8 +186,9 @@ def load_prompts(path: str | Path) -> list[EvalPrompt]:
 
 
 def write_concept_dataset(folder: str | Path) -> list[Path]:
-    """Write the training set (kohya layout), prompts.json, eval_prompts.txt and sample_prompts.txt under
-    ``folder``; deterministic.  Returns the image paths."""
+    """Write the training set (kohya layout), prompts.json, eval_prompts.txt, sample_prompts.txt and
+    eval_prompts.toml (the prompt file ``lorakit eval --prompts`` reads) under ``folder``; deterministic.
+    Returns the image paths."""
     folder = Path(folder)
     images = folder / FOLDER_NAME
     images.mkdir(parents=True, exist_ok=True)
@@ -197,6 +202,8 @@ def write_concept_dataset(folder: str | Path) -> list[Path]:
     (folder / "prompts.json").write_text(json.dumps(data, indent=1) + "\n")
     (folder / "eval_prompts.txt").write_text("".join(p.kohya_line() + "\n" for p in eval_prompts()))
     (folder / "sample_prompts.txt").write_text("".join(p.kohya_line() + "\n" for p in sample_prompts()))
+    # written by hand as templates with comments; tests check it holds exactly eval_prompts()
+    (folder / "eval_prompts.toml").write_bytes(EVAL_PROMPT_FILE.read_bytes())
     return paths
 
 
