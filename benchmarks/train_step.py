@@ -18,8 +18,8 @@ are interleaved over ``--rounds`` (each round visits every variant once, in a ro
 machine noise hits all alike; a variant's time is the median over its timed steps.  On the CPU the clock is
 the process's CPU time (other jobs on a shared machine do not count; run with one thread), on CUDA the wall
 time between synchronisations.  Peak memory: the extra memory one step needs above the resting state
-(CUDA: ``max_memory_allocated``; CPU: the process's peak RSS, reset through ``/proc/self/clear_refs``,
-with glibc's malloc told to hand big blocks straight back), plus the bytes of the trained tensors and the
+(CUDA: ``max_memory_allocated``; CPU: the process's peak RSS, reset through ``/proc/self/clear_refs``, in
+one extra step during which glibc's malloc hands big blocks straight back), plus the bytes of the trained tensors and the
 optimiser's state.  Only ratios within one run mean anything.
 """
 
@@ -234,13 +234,18 @@ class PeakMemory:
     def __init__(self, device: str) -> None:
         self.cuda = device.startswith("cuda")
         self.linux = Path("/proc/self/clear_refs").exists()
+        self.libc = None
         if not self.cuda and self.linux:
-            try:  # glibc: big blocks by mmap and back to the system when freed, so RSS follows tensors
-                libc = ctypes.CDLL("libc.so.6")
-                libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (a fixed one also stops its growth)
-                libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
-            except OSError:
-                pass
+            try:
+                self.libc = ctypes.CDLL("libc.so.6")
+                self._malloc(32 << 20)  # timed steps: glibc's own ceiling, heap blocks reused (few page faults)
+            except (OSError, AttributeError):
+                self.libc = None
+
+    def _malloc(self, threshold: int) -> None:
+        if self.libc is not None:
+            self.libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD: blocks above it come from mmap
+            self.libc.mallopt(-1, 2 * threshold)  # M_TRIM_THRESHOLD
 
     @staticmethod
     def _status(key: str) -> int:
@@ -261,10 +266,17 @@ class PeakMemory:
             return torch.cuda.max_memory_allocated() - before
         if not self.linux:
             return None
+        # big blocks by mmap and back to the system when freed, free heap handed back: RSS follows tensors
+        self._malloc(1 << 16)
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
         before = self._status("VmRSS:")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS to the current RSS
-        fn()
+        try:
+            fn()
+        finally:
+            self._malloc(32 << 20)
         return self._status("VmHWM:") - before
 
 
