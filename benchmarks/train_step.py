@@ -19,8 +19,8 @@ machine noise hits all alike; a variant's time is the median over its timed step
 the process's CPU time (other jobs on a shared machine do not count; run with one thread), on CUDA the wall
 time between synchronisations.  Peak memory: the extra memory one step needs above the resting state
 (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS, reset through ``/proc/self/clear_refs``, in
-one extra step during which glibc's malloc hands big blocks straight back), plus the bytes of the trained tensors and the
-optimiser's state.  Only ratios within one run mean anything.
+one extra step during which glibc's malloc hands big blocks straight back), plus the bytes of the trained
+tensors and the optimiser's state.  Only ratios within one run mean anything.
 """
 
 from __future__ import annotations

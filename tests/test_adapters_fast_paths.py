@@ -96,7 +96,7 @@ def test_factorised_and_materialised_forwards_agree(config, layer):
     close(ya, yb)
     ya.square().sum().backward()
     yb.square().sum().backward()
-    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         if p.grad is not None or q.grad is not None:
             close(p.grad, q.grad, tol=1e-4)
 
