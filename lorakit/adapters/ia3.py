@@ -63,12 +63,17 @@ class IA3(Adapter):
             v = v.reshape(-1, 1, 1) if x.dim() == 3 else v
         if train and self.rank_dropout > 0:  # output rows of ΔW
             v = v * self._rank_mask(tuple(v.shape), v)
+        bias = self.base.bias
+        if bias is not None and self.kind == "conv":
+            bias = bias.reshape(-1, 1, 1)
+        if z.dtype == v.dtype and z.dtype in (torch.float32, torch.float64) and not (train and self.dropout > 0):
+            # b + z ⊙ (1 + v) in one kernel
+            return z * (1 + v) if bias is None else torch.addcmul(bias, z, 1 + v)
         d = z * v if z.dtype == v.dtype else z.to(v.dtype) * v
         if train and self.dropout > 0:
             d = F.dropout(d, self.dropout, training=True)
-        bias = self.base.bias
         y = z + d.to(z.dtype)
-        return y if bias is None else y + (bias if self.kind == "linear" else bias.reshape(-1, 1, 1))
+        return y if bias is None else y + bias
 
     @classmethod
     def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
