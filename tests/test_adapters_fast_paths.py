@@ -177,3 +177,13 @@ def test_forward_traces_without_graph_breaks(config, layer):
     compiled(x).square().sum().backward()
     adapter.eval()
     close(compiled(x), reference(adapter, x))
+
+
+@pytest.mark.parametrize("algorithm, options", [("loha", {}), ("loha", {"use_tucker": True}), ("lokr", {}),
+                                                ("ia3", {}), ("lora", {"dora": True})], ids=str)
+def test_unbatched_conv_input(algorithm, options):
+    adapter, x = build(algorithm, "conv3x3_s2", **options)
+    randomize(adapter)
+    if hasattr(adapter, "forward_path"):
+        adapter.forward_path = "factorised"
+    close(adapter(x[0]), reference(adapter, x[0]))

@@ -160,6 +160,8 @@ class LoKr(LowRankAdapter):
     # ---- forward -------------------------------------------------------------------------------
     def factorised_for(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` takes the Kronecker chain (a function of shapes only)."""
+        if self.kind == "conv" and x.dim() != 4:
+            return False  # the chain regroups batched (N, C, H, W) inputs only
         if self.forward_path != "auto":
             return self.forward_path == "factorised"
         if self.bypass:
