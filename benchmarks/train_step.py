@@ -15,7 +15,9 @@ Variants (``--variants`` picks a subset by name):
 
 Every adapter variant is a real step: forward, MSE loss, backward, AdamW step, ``zero_grad``.  The variants
 are interleaved over ``--rounds`` (each round visits every variant once, in a rotated order), so that
-machine noise hits all alike; a variant's time is the median over its timed steps.  On the CPU the clock is
+machine noise hits all alike; a variant's time is the median over its timed steps.  With ``--compile`` every
+variant is compiled anew in every round (its modules differ), which takes minutes per variant: on a GPU with
+little time use ``--rounds 1`` and a few ``--variants``.  On the CPU the clock is
 the process's CPU time (other jobs on a shared machine do not count; run with one thread), on CUDA the wall
 time between synchronisations.  Peak memory: the extra memory one step needs above the resting state
 (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS, reset through ``/proc/self/clear_refs``, in
@@ -207,9 +209,9 @@ def setup(unet: nn.Module, variant: Variant, device: str) -> Setup:
     if variant.algorithm == "native":
         return setup_native(unet, variant)
     made = {"lorakit": setup_lorakit, "peft": setup_peft, "lycoris": setup_lycoris}[variant.library](unet, variant)
-    for p in made.params:  # trained tensors stay float32, as in mixed-precision training
-        if p.device.type != torch.device(device).type:
-            p.data = p.data.to(device)
+    for p in made.params:  # trained tensors in float32 for every library, as in mixed-precision training
+        if p.device.type != torch.device(device).type or p.dtype != torch.float32:
+            p.data = p.data.to(device=device, dtype=torch.float32)
     return made
 
 
@@ -420,7 +422,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="image side in pixels; latents are 1/8 (default: 128, i.e. 16x16 latents; quick: 64)")
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; quick 2)")
-    parser.add_argument("--steps", type=int, default=1, help="timed steps per variant per round")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant per round "
+                        "(default: 1 on the CPU, 10 on CUDA)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps after each setup (default 1; "
                         "compile 3)")
     parser.add_argument("--variants", default="", help="comma-separated names (default: all available): "
@@ -434,6 +437,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.resolution = args.resolution or (64 if args.quick else 128)
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.warmup = args.warmup if args.warmup is not None else (3 if args.compile else 1)
+    args.steps = args.steps or (10 if args.device.startswith("cuda") else 1)
     return args
 
 
