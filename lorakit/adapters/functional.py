@@ -96,11 +96,14 @@ def loha_factors(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: t
     ``(r, out)``, ``w*_b`` ``(r, in)``): ``V`` is ``(r², in)`` and a third factor, the core
     ``C[(i,i'), (j,j'), h, w] = t1[i,j,h,w] t2[i',j',h,w]``, sits between them; otherwise ``None``.
     """
+    # V built in its own (r², columns) layout: contiguous, and its backward reduces along a middle axis
+    # (KR(B1ᵀ, B2ᵀ)ᵀ through transposes was several times slower on the CPU)
+    v = (w1b.unsqueeze(1) * w2b.unsqueeze(0)).reshape(w1b.shape[0] * w2b.shape[0], -1)
     if t1 is None:
-        return khatri_rao_rows(w1a, w2a), khatri_rao_rows(w1b.T, w2b.T).T, None
+        return khatri_rao_rows(w1a, w2a), v, None
     r, _, kh, kw = t1.shape
     core = (t1[:, None, :, None] * t2[None, :, None, :]).reshape(r * r, r * r, kh, kw)
-    return khatri_rao_rows(w1a.T, w2a.T), khatri_rao_rows(w1b.T, w2b.T).T, core
+    return khatri_rao_rows(w1a.T, w2a.T), v, core
 
 
 # ---- LoKr --------------------------------------------------------------------------------------------

@@ -80,8 +80,9 @@ class LoHa(LowRankAdapter):
         r2, n_out, n_in, k = self.rank ** 2, self.out_features, self.in_features, math.prod(self.kernel_size)
         per_position = r2 * (n_in + r2 * k + n_out) if self.tucker else r2 * (n_in * k + n_out)
         size = n_out * n_in * k
-        # building ΔW: two rank-r products forward, rebuilt and differentiated backward (~8 r·size)
-        return prefer_factorised(self.positions(x), per_position, 8 * self.rank * size, size)
+        # building ΔW: two rank-r products forward, rebuilt and differentiated backward (~8 r·size), plus about
+        # six W-sized elementwise passes, each worth ~10 multiply-adds (measured on the CPU: 64·size)
+        return prefer_factorised(self.positions(x), per_position, (8 * self.rank + 64) * size, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.dora_scale is not None or not self.factorised_for(x):
