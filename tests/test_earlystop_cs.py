@@ -156,3 +156,24 @@ def test_native_fine_tuning_uses_w_minus_w0():
     assert cs_native(zip(w, w0, strict=True)) == pytest.approx((expected0 + 0.0) / 2, rel=1e-12)
     value = cs_native([(w[1], w0[1])])  # unchanged weight: ΔW = 0 gives 0, not NaN
     assert value == 0.0 and not math.isnan(value)
+
+
+@pytest.mark.parametrize("algorithm, options", [
+    ("ia3", {}), ("ia3", {"on_input": True}),
+    ("lokr", {}), ("lokr", {"factor": 2}), ("lokr", {"decompose_both": True}), ("lokr", {"full_matrix": True}),
+    ("lokr", {"use_tucker": True}), ("lokr", {"unbalanced_factorization": True}),
+], ids=str)
+def test_ia3_and_lokr_short_forms_equal_the_delta_weight_terms(algorithm, options):
+    adapters = []
+    for i, base in enumerate(layers()):
+        adapter = make_adapter(algorithm, base, rank=2, multiplier=[1.0, 0.7, -1.3, 2.0, 1.0][i], **options)
+        randomize(adapter, seed=20 + i, scale=0.2)
+        adapters.append(adapter)
+    for a in adapters:
+        for x, y in zip(adapter_terms(a), adapter_terms(a, fast=False), strict=True):
+            assert float(y) != 0.0  # not vacuous
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    meter = CSMeter(adapters)
+    torch.testing.assert_close(meter.layer_cosines(), layer_cosines(adapters, fast=False), rtol=1e-10, atol=1e-12)
+    adapters[0].merge()  # measured against the original weight while merged, with the cached norms too
+    assert meter() == pytest.approx(cs_value(adapters, fast=False), rel=1e-10)

@@ -137,6 +137,19 @@ class Adapter(nn.Module):
         conv = self.base
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
 
+    def positions(self, x: torch.Tensor) -> int:
+        """How many output positions the layer computes for ``x``: tokens (× batch) for a Linear, batch ×
+        output pixels for a conv.  Shapes only, so a branch on it is static for ``torch.compile``."""
+        if self.kind == "linear":
+            return x.numel() // max(x.shape[-1], 1)
+        conv = self.base
+        n = x.shape[0] if x.dim() == 4 else 1
+        if isinstance(conv.padding, str):  # 'same' keeps the size; 'valid' shrinks it a little
+            return n * x.shape[-2] * x.shape[-1]
+        sizes = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
+                 zip(x.shape[-2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride, strict=True)]
+        return n * sizes[0] * sizes[1]
+
     # ---- the protocol ------------------------------------------------------------------------
     def _deltas(self, train: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(ΔW, Δb)`` with multiplier and scale; ``train=True`` applies the algorithm's rank dropout."""
@@ -263,6 +276,18 @@ class Adapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"algorithm={self.algorithm}, multiplier={self.multiplier}, merged={self.merged}"
+
+
+def prefer_factorised(positions: int, factorised_per_position: int, materialised_fixed: int,
+                      materialised_per_position: int) -> bool:
+    """Whether the update should run as its factor chain on the input rather than as a materialised ``ΔW``.
+
+    Costs in multiply-adds over the frozen layer's own step: the chain costs its forward three times
+    (forward, input gradient, factor gradients); materialising costs building ``ΔW`` and its backward (the
+    fixed part) plus the gradient of the full weight, which the frozen model never computes
+    (``positions × out × in·k·k``).
+    """
+    return 3 * positions * factorised_per_position < materialised_fixed + positions * materialised_per_position
 
 
 def require(tensors: dict[str, torch.Tensor], key: str, algorithm: str) -> torch.Tensor:

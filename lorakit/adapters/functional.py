@@ -81,6 +81,31 @@ def loha_weight(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: to
     return _HadamardProduct.apply(w1a, w1b, w2a, w2b, t1, t2, float(scale))
 
 
+def khatri_rao_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise Kronecker product: ``(n, p)``, ``(n, q)`` → ``(n, p·q)`` with ``out[k, i·q + j] = a[k, i] b[k, j]``."""
+    return (a.unsqueeze(2) * b.unsqueeze(1)).reshape(a.shape[0], -1)
+
+
+def loha_factors(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
+                 t1: torch.Tensor | None = None,
+                 t2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """LoHa's ``(w1a w1b) ⊙ (w2a w2b)`` as a rank-r² product ``U V`` (``U`` ``(out, r²)``, ``V`` ``(r², in·k·k)``).
+
+    ``(A1 B1) ⊙ (A2 B2) = KR(A1, A2) KR(B1ᵀ, B2ᵀ)ᵀ`` with ``KR`` the row-wise Kronecker (Khatri-Rao) product:
+    entry ``[o, c]`` is ``Σ_ij A1[o,i] A2[o,j] B1[i,c] B2[j,c]``.  Tucker (``t*`` ``(r, r, kh, kw)``, ``w*_a``
+    ``(r, out)``, ``w*_b`` ``(r, in)``): ``V`` is ``(r², in)`` and a third factor, the core
+    ``C[(i,i'), (j,j'), h, w] = t1[i,j,h,w] t2[i',j',h,w]``, sits between them; otherwise ``None``.
+    """
+    # V built in its own (r², columns) layout: contiguous, and its backward reduces along a middle axis
+    # (KR(B1ᵀ, B2ᵀ)ᵀ through transposes was several times slower on the CPU)
+    v = (w1b.unsqueeze(1) * w2b.unsqueeze(0)).reshape(w1b.shape[0] * w2b.shape[0], -1)
+    if t1 is None:
+        return khatri_rao_rows(w1a, w2a), v, None
+    r, _, kh, kw = t1.shape
+    core = (t1[:, None, :, None] * t2[None, :, None, :]).reshape(r * r, r * r, kh, kw)
+    return khatri_rao_rows(w1a.T, w2a.T), v, core
+
+
 # ---- LoKr --------------------------------------------------------------------------------------------
 
 
@@ -131,6 +156,35 @@ def kron_conv2d(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, stride, pad
     b, oh, ow = h.shape[1:]
     h = torch.matmul(w1, h.reshape(n, c, b * oh * ow))  # (n, a, b·oh·ow)
     return h.reshape(n, a * b, oh, ow)
+
+
+def kron_lowrank_linear(x: torch.Tensor, w1: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor) -> torch.Tensor:
+    """``x @ (w1 ⊗ (w2a w2b))ᵀ`` through the rank: ``w2b`` ``(r, d)`` reduces each of the ``c`` input groups to
+    ``r`` values, ``w1`` ``(a, c)`` mixes the groups, ``w2a`` ``(b, r)`` expands (``(w1 ⊗ w2a)(I ⊗ w2b)``)."""
+    a, c = w1.shape
+    b = w2a.shape[0]
+    lead = x.shape[:-1]
+    h = x.reshape(*lead, c, w2b.shape[1]) @ w2b.T  # (..., c, r)
+    h = torch.matmul(w1, h)  # (..., a, r)
+    return (h @ w2a.T).reshape(*lead, a * b)
+
+
+def kron_lowrank_conv2d(x: torch.Tensor, w1: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
+                        core: torch.Tensor | None, stride, padding, dilation) -> torch.Tensor:
+    """``conv2d(x, w1 ⊗ W2)`` with ``W2`` low-rank, never built: ``w2b`` (a conv ``(r, d, kh, kw)``, or with a
+    Tucker ``core`` ``(r, r, kh, kw)`` a 1×1 conv ``(r, d, 1, 1)`` followed by the core) runs on each of the
+    ``c`` channel groups, ``w1`` ``(a, c)`` mixes the groups at rank ``r``, ``w2a`` ``(b, r)`` expands."""
+    n, _, height, width = x.shape
+    a, c = w1.shape
+    b = w2a.shape[0]
+    h = x.reshape(n * c, -1, height, width)
+    if core is None:
+        h = F.conv2d(h, w2b, None, stride, padding, dilation)
+    else:
+        h = F.conv2d(F.conv2d(h, w2b), core, None, stride, padding, dilation)
+    r, oh, ow = h.shape[1:]
+    h = torch.matmul(w1, h.reshape(n, c, r * oh * ow)).reshape(n, a, r, oh * ow)
+    return torch.matmul(w2a, h).reshape(n, a * b, oh, ow)  # (b, r) @ (n, a, r, P) -> (n, a, b, P)
 
 
 # ---- DoRA --------------------------------------------------------------------------------------------

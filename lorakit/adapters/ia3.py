@@ -6,11 +6,15 @@ File keys (LyCORIS): ``weight`` — ``(out,)`` for Linear, ``(1, out, 1, 1)`` fo
 LyCORIS scales the weight only: its merge and its default (non-bypass) training forward leave the bias
 alone, and A1111 does the same, so ``delta_bias()`` is ``None``.  (LyCORIS's bypass forward scales the whole
 output, bias included; we follow the merge, which is what every reader of the file applies.)
+
+``forward`` never builds ``ΔW``: ``(W0 ⊙ v) x`` is ``v ⊙ (W0 x)`` (rows) or ``W0 (v ⊙ x)`` (input columns), so
+the step costs the frozen matmul/conv plus an elementwise scale.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.base import Adapter, BaseLayer, require
@@ -38,6 +42,38 @@ class IA3(Adapter):
         if train and self.rank_dropout > 0:
             weight = weight * self._row_mask(weight)
         return weight, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        train = self.training
+        if self.merged or (self.scales_input and train and (self.rank_dropout > 0 or self.dropout > 0)):
+            return super().forward(x)  # merged, or row masks / output dropout that need W0 x apart
+        v = self.weight * self.multiplier
+        if train and self.module_dropout > 0:
+            v = v * self._module_keep(v)
+        if self.scales_input:  # W0 ((1 + v) ⊙ x) + b: one matmul/conv
+            if self.kind == "conv":
+                v = v.reshape(-1, 1, 1) if x.dim() == 3 else v
+            if x.dtype in (torch.float32, torch.float64):
+                h = x * (1 + v).to(x.dtype)
+            else:  # 1 + v would round a small v away in half precision
+                h = x + (x.to(v.dtype) * v).to(x.dtype)
+            return self.base_forward(h, self.base.weight, self.base.bias)
+        z = self.base_forward(x, self.base.weight, None)
+        if self.kind == "conv":
+            v = v.reshape(-1, 1, 1) if x.dim() == 3 else v
+        if train and self.rank_dropout > 0:  # output rows of ΔW
+            v = v * self._rank_mask(tuple(v.shape), v)
+        bias = self.base.bias
+        if bias is not None and self.kind == "conv":
+            bias = bias.reshape(-1, 1, 1)
+        if z.dtype == v.dtype and z.dtype in (torch.float32, torch.float64) and not (train and self.dropout > 0):
+            # b + z ⊙ (1 + v) in one kernel
+            return z * (1 + v) if bias is None else torch.addcmul(bias, z, 1 + v)
+        d = z * v if z.dtype == v.dtype else z.to(v.dtype) * v
+        if train and self.dropout > 0:
+            d = F.dropout(d, self.dropout, training=True)
+        y = z + d.to(z.dtype)
+        return y if bias is None else y + bias
 
     @classmethod
     def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],

@@ -9,6 +9,12 @@ k×k convs adds ``hada_t1``, ``hada_t2``; optional ``dora_scale``.  Shapes for `
 Init (LyCORIS): ``w1_b``, ``w2_b`` normal std 1; ``w1_a`` normal std 0.1; ``w2_a`` zeros (ΔW = 0);
 Tucker cores normal std 0.1.  ``ΔW`` is built through a custom autograd function that rebuilds the two
 full-size products in backward instead of storing them.
+
+``forward`` picks, from the input's shape, the cheaper of two exact paths: the Hadamard product of two
+rank-r matrices is the rank-r² product ``U V`` of their row-wise Khatri-Rao factors
+(``functional.loha_factors``), applied to the input as two thin matmuls/convs without building ``ΔW``
+(cheap when few positions meet a large kernel: the deep levels of a U-Net), or ``ΔW`` materialised and
+fused into one matmul/conv with ``W0`` (cheap when many positions meet a small weight).
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.base import AdapterShapeError, BaseLayer, alpha_from_file, require
-from lorakit.adapters.functional import loha_weight
+from lorakit.adapters.base import AdapterShapeError, BaseLayer, alpha_from_file, prefer_factorised, require
+from lorakit.adapters.functional import loha_factors, loha_weight
 from lorakit.adapters.lowrank import LowRankAdapter, dora_options
 
 
@@ -64,6 +71,47 @@ class LoHa(LowRankAdapter):
         if train and self.rank_dropout > 0:
             weight = weight * self._row_mask(weight)
         return weight
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def factorised_for(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` takes the rank-r² path (a function of shapes only)."""
+        if self.forward_path != "auto":
+            return self.forward_path == "factorised"
+        r2, n_out, n_in, k = self.rank ** 2, self.out_features, self.in_features, math.prod(self.kernel_size)
+        per_position = r2 * (n_in + r2 * k + n_out) if self.tucker else r2 * (n_in * k + n_out)
+        size = n_out * n_in * k
+        # building ΔW: two rank-r products forward, rebuilt and differentiated backward (~8 r·size), plus about
+        # six W-sized elementwise passes, each worth ~10 multiply-adds (measured on the CPU: 64·size)
+        return prefer_factorised(self.positions(x), per_position, (8 * self.rank + 64) * size, size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.dora_scale is not None or not self.factorised_for(x):
+            return super().forward(x)
+        y = self.base_forward(x, self.base.weight, self.base.bias)
+        u, v, core = loha_factors(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b,
+                                  self.hada_t1, self.hada_t2)
+        u = u * (self.scale * self.multiplier)
+        train = self.training
+        if train and self.module_dropout > 0:
+            u = u * self._module_keep(u)
+        h = x if x.dtype == v.dtype else x.to(v.dtype)
+        if self.kind == "linear":
+            d = F.linear(F.linear(h, v), u)
+        else:
+            conv = self.base
+            if core is None:
+                h = F.conv2d(h, v.reshape(v.shape[0], *self.weight_shape[1:]), None, conv.stride, conv.padding,
+                             conv.dilation)
+            else:
+                h = F.conv2d(F.conv2d(h, v[:, :, None, None]), core, None, conv.stride, conv.padding,
+                             conv.dilation)
+            d = F.conv2d(h, u[:, :, None, None])
+        if train and self.rank_dropout > 0:  # output rows of ΔW, as in the materialised path
+            rows = self._rank_mask((self.out_features,), d)
+            d = d * (rows if self.kind == "linear" else rows.reshape(-1, 1, 1))
+        if train and self.dropout > 0:
+            d = F.dropout(d, self.dropout, training=True)
+        return y + d.to(y.dtype)
 
     @classmethod
     def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],

@@ -15,8 +15,11 @@ when both halves are full there is no rank and the scale is 1 (LyCORIS then writ
 readers ignore alpha).  Init: ``w1`` (or its factors), ``w2_a`` and ``t2`` Kaiming-uniform (a = √5); the
 zero factor is ``lokr_w2`` (full) or ``lokr_w2_b``.
 
-``bypass=True`` computes ``x ↦ (w1 ⊗ w2) x`` without building ``ΔW`` (``kron_linear``/``kron_conv2d``);
-the default builds ``ΔW`` and runs one matmul/conv.
+``forward`` picks, from the input's shape, the cheaper of two exact paths: ``x ↦ (w1 ⊗ w2) x`` as a
+Kronecker-structured chain that never builds ``ΔW`` (``w2`` on each input group, ``w1`` across groups; with a
+low-rank ``w2`` the groups are mixed at rank r: ``kron_lowrank_linear``/``kron_lowrank_conv2d``), or ``ΔW``
+built and fused into one matmul/conv with ``W0``.  ``bypass=True`` (LyCORIS's ``bypass_mode``) always takes
+the chain.
 """
 
 from __future__ import annotations
@@ -28,8 +31,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.base import AdapterFormatError, AdapterShapeError, BaseLayer, alpha_from_file, layer_kind
-from lorakit.adapters.functional import factorization, kron_conv2d, kron_linear, kron_weight, lora_weight
+from lorakit.adapters.base import (
+    AdapterFormatError,
+    AdapterShapeError,
+    BaseLayer,
+    alpha_from_file,
+    layer_kind,
+    prefer_factorised,
+)
+from lorakit.adapters.functional import (
+    factorization,
+    kron_conv2d,
+    kron_linear,
+    kron_lowrank_conv2d,
+    kron_lowrank_linear,
+    kron_weight,
+    lora_weight,
+)
 from lorakit.adapters.lowrank import LowRankAdapter, dora_options
 
 
@@ -140,21 +158,50 @@ class LoKr(LowRankAdapter):
         return weight
 
     # ---- forward -------------------------------------------------------------------------------
+    def factorised_for(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` takes the Kronecker chain (a function of shapes only)."""
+        if self.kind == "conv" and x.dim() != 4:
+            return False  # the chain regroups batched (N, C, H, W) inputs only
+        if self.forward_path != "auto":
+            return self.forward_path == "factorised"
+        if self.bypass:
+            return True
+        lay, r, k = self.layout, self.rank, math.prod(self.kernel_size)
+        n_out, n_in = self.out_features, self.in_features
+        if lay.w2 == "full":
+            per_position = n_in * k * lay.b + n_out * lay.c
+        elif lay.w2 == "tucker":
+            per_position = r * n_in + r * r * k * lay.c + r * lay.a * lay.c + r * n_out
+        else:
+            per_position = r * n_in * k + r * lay.a * lay.c + r * n_out
+        size = n_out * n_in * k
+        # building ΔW: the Kronecker product forward, the gradients of both halves backward (~4·size)
+        return prefer_factorised(self.positions(x), per_position, 4 * size, size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.bypass or self.dora_scale is not None:
+        if self.merged or self.dora_scale is not None or not self.factorised_for(x):
             return super().forward(x)
         y = self.base_forward(x, self.base.weight, self.base.bias)
         w1 = self._w1() * (self.scale * self.multiplier)  # the scale rides on the smallest tensor
-        w2 = self._w2()
-        h = x if x.dtype == w2.dtype else x.to(w2.dtype)
         train = self.training
         if train and self.module_dropout > 0:
             w1 = w1 * self._module_keep(w1)
-        if self.kind == "linear":
-            d = kron_linear(h, w1, w2)
+        dtype = (self.lokr_w2 if self.lokr_w2 is not None else self.lokr_w2_b).dtype
+        h = x if x.dtype == dtype else x.to(dtype)
+        conv = self.base
+        if self.lokr_w2 is not None:
+            if self.kind == "linear":
+                d = kron_linear(h, w1, self.lokr_w2)
+            else:
+                d = kron_conv2d(h, w1, self.lokr_w2, conv.stride, conv.padding, conv.dilation)
+        elif self.kind == "linear":
+            d = kron_lowrank_linear(h, w1, self.lokr_w2_a, self.lokr_w2_b)
+        elif self.lokr_t2 is not None:  # Tucker: w2_a (r, b) and w2_b (r, d) are stored transposed
+            d = kron_lowrank_conv2d(h, w1, self.lokr_w2_a.T, self.lokr_w2_b[:, :, None, None], self.lokr_t2,
+                                    conv.stride, conv.padding, conv.dilation)
         else:
-            conv = self.base
-            d = kron_conv2d(h, w1, w2, conv.stride, conv.padding, conv.dilation)
+            kernel = self.lokr_w2_b.reshape(self.rank, self.layout.d, *self.kernel_size)
+            d = kron_lowrank_conv2d(h, w1, self.lokr_w2_a, kernel, None, conv.stride, conv.padding, conv.dilation)
         if train and self.rank_dropout > 0:  # output rows of ΔW, as in the materialised path
             rows = self._rank_mask((self.out_features,), d)
             d = d * (rows if self.kind == "linear" else rows.reshape(-1, 1, 1))

@@ -13,8 +13,11 @@ Conv2d Tucker   (r, in, 1, 1)       (r, r, kh, kw)      (out, r, 1, 1)
 
 For a conv, A is a k×k conv with the base layer's stride/padding/dilation and B a 1×1 conv; with Tucker,
 A and B are 1×1 and the core carries the kernel.  Init: A (and the core) Kaiming-uniform with a = √5
-(as nn.Linear, kohya and LyCORIS), B zeros.  ``forward`` runs the low-rank path and never builds ``ΔW``
-(unless DoRA, which needs ``‖W0 + ΔW‖``).
+(as nn.Linear, kohya and LyCORIS), B zeros.  ``forward`` runs the low-rank path and never builds ``ΔW``.
+DoRA needs ``‖W0 + γBA‖`` per output row (or input column); its forward gets it from thin products,
+``‖W0‖² + 2γ ⟨B, W0 Aᵀ⟩ + γ² ⟨B, B AAᵀ⟩`` row by row, and applies the ratio to the output (or input) of the
+low-rank path, so it builds no ``W``-sized tensor with a gradient either (Tucker cores and training-time
+dropouts take the materialised path).
 """
 
 from __future__ import annotations
@@ -74,21 +77,30 @@ class LoRA(LowRankAdapter):
         return lora_weight(self.lora_down.weight, up, mid)
 
     # ---- forward -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.dora_scale is not None:
-            return super().forward(x)
-        y = self.base_forward(x, self.base.weight, self.base.bias)
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x`` (through the Tucker core when there is one), in the factors' dtype."""
         down = self.lora_down.weight
         h = x if x.dtype == down.dtype else x.to(down.dtype)
         if self.kind == "linear":
-            h = F.linear(h, down)
-        else:
-            conv = self.base
-            if self.lora_mid is None:
-                h = F.conv2d(h, down, None, conv.stride, conv.padding, conv.dilation)
-            else:
-                h = F.conv2d(F.conv2d(h, down), self.lora_mid.weight, None, conv.stride, conv.padding,
-                             conv.dilation)
+            return F.linear(h, down)
+        conv = self.base
+        if self.lora_mid is None:
+            return F.conv2d(h, down, None, conv.stride, conv.padding, conv.dilation)
+        return F.conv2d(F.conv2d(h, down), self.lora_mid.weight, None, conv.stride, conv.padding, conv.dilation)
+
+    def _up(self, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, up) if self.kind == "linear" else F.conv2d(h, up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dora_scale is not None:
+            dropouts = self.training and (self.dropout > 0 or self.rank_dropout > 0 or self.module_dropout > 0)
+            if self.merged or self.lora_mid is not None or dropouts:
+                return super().forward(x)
+            return self._dora_forward(x)
+        if self.merged:
+            return super().forward(x)
+        y = self.base_forward(x, self.base.weight, self.base.bias)
+        h = self._down(x)
         up, scale = self.lora_up.weight, self.scale * self.multiplier
         if self.training:
             h, up = self._train_dropouts(h, up)
@@ -96,8 +108,42 @@ class LoRA(LowRankAdapter):
             # one addmm does B·h, the scale and the residual add: y + scale · h Bᵀ
             out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.T, alpha=scale)
             return out.reshape(y.shape)
-        d = F.linear(h, up) if self.kind == "linear" else F.conv2d(h, up)
+        d = self._up(h, up)
         return torch.add(y, d if d.dtype == y.dtype else d.to(y.dtype), alpha=scale)
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.linear/conv(x, W0 + ΔW)`` for DoRA without building ``W0 + γBA`` (see the module docstring)."""
+        magnitude = self.dora_scale
+        dtype = torch.promote_types(magnitude.dtype, torch.float32)
+        n_out, r, gamma = self.out_features, self.rank, self.scale
+        w0 = self.base.weight
+        w = w0.reshape(n_out, -1).to(dtype)
+        a = self.lora_down.weight.reshape(r, -1).to(dtype)
+        b = self.lora_up.weight.reshape(n_out, r).to(dtype)
+        eps = torch.finfo(dtype).eps
+        if self.wd_on_out:  # one norm per output row
+            sq = (w.square().sum(1) + (2 * gamma) * (b * (w @ a.T)).sum(1)
+                  + (gamma * gamma) * ((b @ (a @ a.T)) * b).sum(1))
+        else:  # one norm per input column (for a conv: per input channel, over its kernel positions)
+            sq = (w.square().sum(0) + (2 * gamma) * (a * (b.T @ w)).sum(0)
+                  + (gamma * gamma) * (a * ((b.T @ b) @ a)).sum(0))
+            sq = sq.reshape(self.in_features, -1).sum(1)
+        ratio = magnitude.reshape(-1).to(dtype) / sq.clamp_min(eps * eps).sqrt()
+        if self.multiplier != 1:
+            ratio = (ratio - 1) * self.multiplier + 1
+        if self.kind == "conv":
+            ratio = ratio.reshape(-1, 1, 1)
+        if self.wd_on_out:  # ratio ⊙ (W0 x + γ B A x) + b
+            z = self.base_forward(x, w0, None)
+            d = self._up(self._down(x), self.lora_up.weight)
+            y = torch.add(z if z.dtype == d.dtype else z.to(d.dtype), d, alpha=gamma) * ratio
+            y = y if y.dtype == x.dtype else y.to(x.dtype)
+            bias = self.base.bias
+            return y if bias is None else y + (bias if self.kind == "linear" else bias.reshape(-1, 1, 1))
+        h = x.to(dtype) * ratio  # W (ratio ⊙ x) + b
+        y = self.base_forward(h if h.dtype == x.dtype else h.to(x.dtype), w0, self.base.bias)
+        d = self._up(self._down(h), self.lora_up.weight)
+        return torch.add(y, d if d.dtype == y.dtype else d.to(y.dtype), alpha=gamma)
 
     def _train_dropouts(self, h: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """kohya's order: dropout on the rank-r activations, then a per-sample rank mask; module dropout

@@ -30,6 +30,10 @@ class LowRankAdapter(Adapter):
     ``ΔW``; ``dropout`` then acts on the update's output (LyCORIS ignores it with DoRA).
     """
 
+    #: LoHa/LoKr: "auto" picks the factorised or the materialised forward by cost (from shapes); "factorised"
+    #: or "materialised" pins one (tests, benchmarks)
+    forward_path: str = "auto"
+
     def __init__(self, base: BaseLayer, rank: int, alpha: float | None = None, multiplier: float = 1.0, *,
                  dora: bool = False, wd_on_out: bool = True, **dropouts: float) -> None:
         super().__init__(base, multiplier, **dropouts)

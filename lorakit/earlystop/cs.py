@@ -6,9 +6,17 @@ Any adapter works through ``delta_weight()``.  Plain LoRA/LoCon never forms ``Δ
     <BA, W> = Σ (Bᵀ W) ⊙ A          (an ``r × in·k·k`` product)
     ‖BA‖²   = Σ (BᵀB) ⊙ (A Aᵀ)      (two ``r × r`` Gram matrices)
 
-and ``‖W‖`` is computed once per layer by ``CSMeter``.  A Tucker core or DoRA falls back to ``delta_weight()``.
-A zero update (every LoRA at initialisation) has cosine 0, not NaN.  All sums run in float32 at least, on the
-weights' device, with one host sync per call.
+and ``‖W‖`` is computed once per layer by ``CSMeter``.  Two more algorithms have exact short forms:
+
+- (IA)^3, ``ΔW = γ W ⊙ v`` along rows (or columns): ``<ΔW, W> = γ Σ v_o ‖W_o‖²`` and
+  ``‖ΔW‖² = γ² Σ v_o² ‖W_o‖²``, from the row (column) norms of the frozen ``W``, which ``CSMeter`` caches;
+- LoKr, ``ΔW = γ w1 ⊗ w2``: ``<ΔW, W> = γ Σ_ac w1[a,c] <w2, W_(a,c)>`` over the blocks of ``W``, and
+  ``‖ΔW‖² = γ² ‖w1‖² ‖w2‖²``: one pass over ``W`` and no ``W``-sized temporary.
+
+A Tucker core, DoRA, LoHa and full fall back to ``delta_weight()``.  The cost that remains is one read of
+every adapted ``W`` per call (``r × out × in`` multiply-adds for LoRA), so the trainer's
+``early_stop.interval`` is the knob for how often to pay it.  A zero update (every LoRA at initialisation) has
+cosine 0, not NaN.  All sums run in float32 at least, on the weights' device, with one host sync per call.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from typing import Any
 import torch
 
 from lorakit.adapters.base import Adapter
+from lorakit.adapters.ia3 import IA3
+from lorakit.adapters.lokr import LoKr
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -57,8 +67,8 @@ def lowrank_terms(down: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
     if a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0]:
         raise ValueError(f"low-rank factors {tuple(up.shape)} @ {tuple(down.shape)} do not fit a weight of "
                          f"shape {tuple(weight.shape)}")
-    dot = ((b.T @ w) * a).sum()
-    delta_sq = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0.0)
+    dot = torch.dot((b.T @ w).reshape(-1), a.reshape(-1))
+    delta_sq = torch.dot((b.T @ b).reshape(-1), (a @ a.T).reshape(-1)).clamp_min(0.0)
     return dot * scale, delta_sq * (scale * scale)
 
 
@@ -80,14 +90,63 @@ def _lowrank_factors(adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor, floa
     return down.weight, up.weight, float(scale) * float(adapter.multiplier)
 
 
+def _short_form(adapter: Adapter) -> str:
+    """Which exact short form of the terms applies: 'lowrank', 'ia3', 'kron' or 'dense'."""
+    if _lowrank_factors(adapter) is not None:
+        return "lowrank"
+    if isinstance(adapter, IA3):
+        return "ia3"
+    if isinstance(adapter, LoKr) and adapter.dora_scale is None:
+        return "kron"
+    return "dense"
+
+
 @torch.no_grad()
-def adapter_terms(adapter: Adapter, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(<ΔW, W0>, ‖ΔW‖²)`` of one adapter: the low-rank identities when they apply (and ``fast``)."""
+def ia3_norms(adapter: Adapter) -> torch.Tensor:
+    """``‖W0‖²`` per output row, or per input column when the (IA)^3 adapter scales inputs (a vector)."""
+    w = frozen_weight(adapter)
+    w = w.to(_compute_dtype(w))
+    axes = [d for d in range(w.dim()) if d != (1 if adapter.scales_input else 0)]
+    return w.square().sum(dim=axes)
+
+
+@torch.no_grad()
+def ia3_terms(adapter: Adapter, norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(<ΔW, W0>, ‖ΔW‖²)`` of (IA)^3 (``ΔW = m · W0 ⊙ v``) from the cached norms of ``W0``."""
+    v = adapter.weight.reshape(-1).to(norms.dtype)
+    m = float(adapter.multiplier)
+    return torch.dot(v, norms) * m, torch.dot(v * v, norms) * (m * m)
+
+
+@torch.no_grad()
+def kron_terms(adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(<ΔW, W0>, ‖ΔW‖²)`` of LoKr (``ΔW = γ w1 ⊗ w2``) without forming the Kronecker product."""
     weight = frozen_weight(adapter)
-    factors = _lowrank_factors(adapter) if fast else None
-    if factors is not None:
-        return lowrank_terms(*factors[:2], weight, factors[2])
-    return dense_terms(adapter.delta_weight(), weight)
+    dtype = _compute_dtype(weight)
+    w1, w2 = adapter._w1().to(dtype), adapter._w2().to(dtype)
+    (a, c), b, d = w1.shape, w2.shape[0], w2.shape[1]
+    blocks = weight.to(dtype).reshape(a, b, c, d, -1)  # W[a·b + i, c·d + j, ...] = blocks[a, i, c, j, ...]
+    per_block = torch.einsum("aicjk,ijk->ac", blocks, w2.reshape(b, d, -1))
+    gamma = float(adapter.scale) * float(adapter.multiplier)
+    return (per_block * w1).sum() * gamma, w1.square().sum() * w2.square().sum() * (gamma * gamma)
+
+
+@torch.no_grad()
+def adapter_terms(adapter: Adapter, fast: bool = True,
+                  cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(<ΔW, W0>, ‖ΔW‖²)`` of one adapter: an exact short form when one applies (and ``fast``).
+
+    ``cache``: the (IA)^3 norms of ``ia3_norms(adapter)`` when the caller keeps them.
+    """
+    form = _short_form(adapter) if fast else "dense"
+    if form == "lowrank":
+        down, up, scale = _lowrank_factors(adapter)
+        return lowrank_terms(down, up, frozen_weight(adapter), scale)
+    if form == "ia3":
+        return ia3_terms(adapter, ia3_norms(adapter) if cache is None else cache)
+    if form == "kron":
+        return kron_terms(adapter)
+    return dense_terms(adapter.delta_weight(), frozen_weight(adapter))
 
 
 def _adapter_list(adapters: Any) -> list[Adapter]:
@@ -133,7 +192,8 @@ def cs_native(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
 
 
 class CSMeter:
-    """``cs_value`` for a fixed set of adapters, with each ``‖W0‖²`` computed once (``W0`` is frozen).
+    """``cs_value`` for a fixed set of adapters, with the frozen-weight terms computed once (``W0`` never
+    changes): each ``‖W0‖²``, and the row/column norms (IA)^3 needs.
 
     Call it after an optimiser step: ``cs = meter()``.
     """
@@ -145,19 +205,26 @@ class CSMeter:
         self.fast = fast
         with torch.no_grad():
             self._weight_sq = []
+            self._cache: list[torch.Tensor | None] = []
             for adapter in self.adapters:
                 w = frozen_weight(adapter).reshape(-1)
                 w = w.to(_compute_dtype(w))
                 self._weight_sq.append(torch.dot(w, w))
+                form = _short_form(adapter) if fast else "dense"
+                self._cache.append(ia3_norms(adapter) if form == "ia3" else None)
 
     @torch.no_grad()
     def layer_cosines(self) -> torch.Tensor:
-        out = []
-        for adapter, weight_sq in zip(self.adapters, self._weight_sq, strict=True):
-            dot, delta_sq = adapter_terms(adapter, self.fast)
-            out.append(cosine_from_terms(dot, delta_sq, weight_sq.to(dot.dtype)))
-        device = out[0].device
-        return torch.stack([c.to(device=device, dtype=torch.float64) for c in out])
+        dots, deltas = [], []
+        for adapter, cache in zip(self.adapters, self._cache, strict=True):
+            dot, delta_sq = adapter_terms(adapter, self.fast, cache)
+            dots.append(dot.to(torch.float64))
+            deltas.append(delta_sq.to(torch.float64))
+        device = dots[0].device
+        # one vectorised cosine for all layers instead of a handful of small kernels per layer
+        weight_sq = torch.stack([w.to(device=device, dtype=torch.float64) for w in self._weight_sq])
+        return cosine_from_terms(torch.stack([d.to(device) for d in dots]),
+                                 torch.stack([d.to(device) for d in deltas]), weight_sq)
 
     def __call__(self) -> float:
         return float(self.layer_cosines().mean())

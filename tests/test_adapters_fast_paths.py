@@ -1,0 +1,189 @@
+"""The forwards that never build ΔW (LoHa's rank-r² product, LoKr's Kronecker chain, (IA)^3's scaled
+output, DoRA's thin norms): each equals F.linear/conv(x, W0 + delta_weight()) and has the gradients of that
+materialised reference, on every layer kind; the per-layer choice between paths follows the cost; the
+adapter forwards trace into one graph (no graph breaks)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_adapters import LAYERS, build, close, plain, randomize, reference
+from torch import nn
+
+from lorakit.adapters import make_adapter
+from lorakit.adapters.functional import khatri_rao_rows, loha_factors, loha_weight
+
+# configurations whose forward has a path that does not materialise ΔW
+FAST = [
+    ("loha", {}),
+    ("loha", {"alpha": 8.0}),
+    ("loha", {"use_tucker": True}),
+    ("lokr", {}),
+    ("lokr", {"factor": 4}),
+    ("lokr", {"decompose_both": True}),
+    ("lokr", {"full_matrix": True}),
+    ("lokr", {"use_tucker": True}),
+    ("lokr", {"unbalanced_factorization": True}),
+    ("ia3", {}),
+    ("ia3", {"on_input": True}),
+    ("lora", {"dora": True}),
+    ("lora", {"dora": True, "wd_on_out": False}),
+    ("lora", {"dora": True, "alpha": 0.5}),
+]
+fast_cases = pytest.mark.parametrize("config", FAST, ids=[a + "".join(f"-{k}={v}" for k, v in o.items())
+                                                          for a, o in FAST])
+all_layers = pytest.mark.parametrize("layer", list(LAYERS))
+
+
+def fast(adapter):
+    """Pin the factorised path (LoHa/LoKr) and make any use of ΔW in forward an error."""
+    if hasattr(adapter, "forward_path"):
+        adapter.forward_path = "factorised"
+
+    def no_delta(train):
+        raise AssertionError("the fast path built ΔW")
+
+    adapter._deltas = no_delta
+    return adapter
+
+
+def grads(adapter) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in adapter.named_parameters() if p.grad is not None}
+    adapter.zero_grad(set_to_none=True)
+    return out
+
+
+@fast_cases
+@all_layers
+@pytest.mark.parametrize("multiplier", [1.0, 0.7])
+def test_fast_forward_equals_reference_with_its_gradients(config, layer, multiplier):
+    algorithm, options = config
+    adapter, x = build(algorithm, layer, multiplier=multiplier, **options)
+    randomize(adapter)
+    x = x.requires_grad_(True)
+    expected = reference(adapter, x)  # materialised: W0 + delta_weight()
+    expected.square().sum().backward()
+    want, want_x = grads(adapter), x.grad.clone()
+    x.grad = None
+    assert want and all(g.abs().max() > 0 for g in want.values())  # not vacuous
+
+    fast(adapter)
+    for mode in (adapter.eval, adapter.train):  # no dropout configured: both modes are the same function
+        mode()
+        y = adapter(x)
+        close(y, expected.detach())
+        y.square().sum().backward()
+        got = grads(adapter)
+        assert set(got) == set(want)
+        for name in want:
+            close(got[name], want[name], tol=1e-4)
+        close(x.grad, want_x, tol=1e-4)
+        x.grad = None
+
+
+@pytest.mark.parametrize("config", [c for c in FAST if c[0] in ("loha", "lokr")], ids=str)
+@pytest.mark.parametrize("layer", ["linear", "conv3x3_s2"])
+def test_factorised_and_materialised_forwards_agree(config, layer):
+    algorithm, options = config
+    a, x = build(algorithm, layer, multiplier=0.8, **options)
+    randomize(a)
+    b = copy.deepcopy(a)
+    a.forward_path, b.forward_path = "factorised", "materialised"
+    assert a.factorised_for(x) and not b.factorised_for(x)
+    ya, yb = a(x), b(x)
+    close(ya, yb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        if p.grad is not None or q.grad is not None:
+            close(p.grad, q.grad, tol=1e-4)
+
+
+def test_loha_factors_reproduce_the_hadamard_product():
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(s, generator=g, dtype=torch.float64) for s in [(5, 3), (3, 7), (5, 3), (3, 7)]]
+    u, v, core = loha_factors(*w)
+    assert u.shape == (5, 9) and v.shape == (9, 7) and core is None
+    torch.testing.assert_close(u @ v, loha_weight(*w))
+    tucker = [torch.randn(s, generator=g, dtype=torch.float64)
+              for s in [(3, 5), (3, 4), (3, 5), (3, 4), (3, 3, 2, 3), (3, 3, 2, 3)]]
+    u, v, core = loha_factors(*tucker)
+    assert core.shape == (9, 9, 2, 3)
+    torch.testing.assert_close(torch.einsum("oi,ijhw,jc->ochw", u, core, v), loha_weight(*tucker))
+    a, b = torch.randn(4, 2, generator=g), torch.randn(4, 3, generator=g)
+    torch.testing.assert_close(khatri_rao_rows(a, b)[2], torch.kron(a[2], b[2]))
+
+
+@pytest.mark.parametrize("algorithm, options", [("loha", {}), ("lokr", {"factor": 4})])
+def test_the_cheaper_path_is_chosen_from_shapes(algorithm, options):
+    # a big 3x3 conv seeing a 2x2 map (a U-Net's deepest level): building ΔW would dominate
+    deep = make_adapter(algorithm, nn.Conv2d(256, 256, 3, padding=1), rank=4, **options)
+    assert deep.factorised_for(torch.zeros(1, 256, 2, 2))
+    # a small Linear seeing many tokens: the fused matmul with W0 + ΔW is cheaper than an r²-wide chain
+    if algorithm == "loha":
+        small = make_adapter(algorithm, nn.Linear(32, 32), rank=8, **options)
+        assert not small.factorised_for(torch.zeros(4, 4096, 32))
+    pinned = make_adapter(algorithm, nn.Conv2d(256, 256, 3, padding=1), rank=4, **options)
+    pinned.forward_path = "materialised"
+    assert not pinned.factorised_for(torch.zeros(1, 256, 2, 2))
+
+
+@pytest.mark.parametrize("config", [("loha", {}), ("lokr", {}), ("ia3", {}), ("lora", {"dora": True})], ids=str)
+@pytest.mark.parametrize("layer", ["linear", "conv3x3_s2"])
+def test_dropouts_on_the_fast_path(config, layer):
+    algorithm, options = config
+    adapter, x = build(algorithm, layer, module_dropout=1.0, **options)
+    randomize(adapter)
+    if hasattr(adapter, "forward_path"):
+        adapter.forward_path = "factorised"
+    adapter.train()
+    close(adapter(x), plain(adapter, x))  # the whole update skipped
+    adapter.module_dropout, adapter.rank_dropout = 0.0, 1.0
+    if algorithm != "lora":  # every output row of ΔW dropped
+        close(adapter(x), plain(adapter, x))
+    adapter.eval()  # no dropout in eval
+    close(adapter(x), reference(adapter, x))
+
+
+@fast_cases
+@pytest.mark.parametrize("layer", ["linear", "conv3x3_s2"])
+def test_half_precision_base_on_the_fast_path(config, layer):
+    algorithm, options = config
+    adapter, x = build(algorithm, layer, **options)
+    randomize(adapter)
+    expected = reference(adapter, x)
+    adapter.base.to(torch.bfloat16)
+    fast(adapter)
+    y = adapter(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    close(y.float(), expected.detach(), tol=6e-2)
+    y.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for n, p in adapter.named_parameters() if not n.startswith("base."))
+
+
+@pytest.mark.parametrize("config", [("lora", {}), ("loha", {}), ("lokr", {}), ("ia3", {}),
+                                    ("lora", {"dora": True})], ids=str)
+@pytest.mark.parametrize("layer", ["linear", "conv3x3_s2"])
+def test_forward_traces_without_graph_breaks(config, layer):
+    algorithm, options = config
+    adapter, x = build(algorithm, layer, rank_dropout=0.1, module_dropout=0.1, **options)
+    randomize(adapter)
+    adapter.train()
+    torch._dynamo.reset()
+    compiled = torch.compile(adapter, backend="eager", fullgraph=True)  # raises on any graph break
+    compiled(x).square().sum().backward()
+    adapter.eval()
+    close(compiled(x), reference(adapter, x))
+
+
+@pytest.mark.parametrize("algorithm, options", [("loha", {}), ("loha", {"use_tucker": True}), ("lokr", {}),
+                                                ("ia3", {}), ("lora", {"dora": True})], ids=str)
+def test_unbatched_conv_input(algorithm, options):
+    adapter, x = build(algorithm, "conv3x3_s2", **options)
+    randomize(adapter)
+    if hasattr(adapter, "forward_path"):
+        adapter.forward_path = "factorised"
+    close(adapter(x[0]), reference(adapter, x[0]))

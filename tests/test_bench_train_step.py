@@ -1,0 +1,66 @@
+"""Smoke test of benchmarks/train_step.py: a tiny run in a subprocess writes the JSON the docs rely on.
+
+It checks fields and consistency only, never timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_field(tmp_path: Path) -> None:
+    pytest.importorskip("diffusers")
+    variants = ["floor", "lorakit-lora", "lorakit-loha", "lorakit-native"]
+    for library, name in (("peft", "peft-lora"), ("lycoris", "lycoris-loha")):
+        try:
+            __import__(library)
+            variants.append(name)
+        except ImportError:
+            pass
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--quick", "--rounds", "1",
+           "--batches", "1,2", "--warmup", "0", "--variants", ",".join(variants), "--json", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+
+    assert {"platform", "torch", "cpu_count", "torch_threads"} <= set(result["machine"])
+    settings = result["settings"]
+    assert settings["quick"] and settings["batches"] == [1, 2] and settings["rounds"] == 1
+    rows = result["results"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [(v, b) for b in (1, 2) for v in variants]
+    for row in rows:
+        assert row["s_per_step"] > 0 and len(row["times"]) == 1 and len(row["wall_times"]) == 1
+        assert row["trained_state_mib"] >= 0
+        assert "peak_step_mib" in row
+    by = {(r["variant"], r["batch"]): r for r in rows}
+    for b in (1, 2):
+        floor = by[("floor", b)]
+        assert floor["x_floor"] == 1.0 and floor["trained_params"] == 0 and floor["modules"] == 0
+        lora = by[("lorakit-lora", b)]
+        assert lora["x_floor"] == pytest.approx(lora["s_per_step"] / floor["s_per_step"], rel=1e-2)
+        assert lora["modules"] > 0 and lora["trained_params"] > 0
+        # trained tensors + AdamW's two moments, float32
+        assert lora["trained_state_mib"] == pytest.approx(3 * 4 * lora["trained_params"] / 2**20, abs=0.02)
+        if "peft-lora" in variants:
+            peft = by[("peft-lora", b)]
+            # the same layers at the same rank: the same number of trained values
+            assert (peft["modules"], peft["trained_params"]) == (lora["modules"], lora["trained_params"])
+            assert lora["x_peers"]["peft-lora"] == pytest.approx(lora["s_per_step"] / peft["s_per_step"],
+                                                                 rel=1e-2)
+        if "lycoris-loha" in variants:
+            ours, theirs = by[("lorakit-loha", b)], by[("lycoris-loha", b)]
+            assert (ours["modules"], ours["trained_params"]) == (theirs["modules"], theirs["trained_params"])
+            assert set(ours["x_peers"]) == {"lycoris-loha"}
+        native = by[("lorakit-native", b)]
+        assert native["trained_params"] > 10 * lora["trained_params"]
