@@ -61,7 +61,9 @@ class MethodConfig:
     native_targets: str = "all"
     #: textual inversion: the new token(s); default the trigger word
     ti_token: str | None = None
-    ti_init_word: str = "shape"
+    #: textual inversion: the word whose embedding the new token(s) start from; "*" is A1111's default
+    #: ("Initialization text"); a word close to the concept ("dog", "style") usually learns faster
+    ti_init_word: str = "*"
     ti_vectors: int = 1
 
 

@@ -213,7 +213,8 @@ class TextualInversion(TrainingMethod):
                              "tokenizer's vocabulary as a single token; choose a new word")
         init_ids = tok(cfg.method.ti_init_word, add_special_tokens=False).input_ids
         if not init_ids:
-            raise ValueError(f"textual inversion: init word {cfg.method.ti_init_word!r} gives no tokens")
+            raise ValueError(f"textual inversion: method.ti_init_word {cfg.method.ti_init_word!r} gives no tokens; "
+                             "set it to a word close to the concept (e.g. \"dog\", \"style\") or \"*\"")
         self.ids = ids
         emb = te.get_input_embeddings().weight
         with torch.no_grad():

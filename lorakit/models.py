@@ -17,7 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import json
 import logging
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lorakit import ldm
+from lorakit.vocab import build_vocab
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,6 @@ def load_clip_tokenizer(folder: str | Path) -> CLIPTokenizer:
     merges_file = folder / "merges.txt"
     if not merges_file.is_file():
         raise ModelLoadError(f"{folder}: no CLIP tokenizer here (tokenizer.json, vocab.json or merges.txt)")
-    from lorakit.world.tokenizer import build_vocab  # CLIP's own vocabulary construction
-
     lines = merges_file.read_text(encoding="utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
     tok = CLIPTokenizer(vocab=build_vocab(merges), merges=merges)
@@ -266,33 +264,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     raise ModelLoadError(f"{path}: unknown checkpoint format {path.suffix!r} (expected .safetensors or .ckpt)")
 
 
-_builtin_config_tmp: tempfile.TemporaryDirectory | None = None
-
-
-def _builtin_config_dir() -> Path:
-    """Configs of the built-in model: its shipped folder, or (before it ships) written from lorakit.world.model."""
-    global _builtin_config_tmp
-    if (builtin_model_path() / "model_index.json").is_file():
-        return builtin_model_path()
-    if _builtin_config_tmp is None:
-        from lorakit.world import model as world
-
-        _builtin_config_tmp = tempfile.TemporaryDirectory(prefix="lorakit-builtin-config-")
-        root = Path(_builtin_config_tmp.name)
-        tok = world.build_tokenizer()
-        configs = {"unet/config.json": {"_class_name": "UNet2DConditionModel", **world.UNET_CONFIG},
-                   "vae/config.json": {"_class_name": "AutoencoderKL", **world.VAE_CONFIG},
-                   "scheduler/scheduler_config.json": {"_class_name": "DDIMScheduler", **world.SCHEDULER_CONFIG}}
-        for name, cfg in configs.items():
-            (root / name).parent.mkdir(parents=True)
-            (root / name).write_text(json.dumps(cfg))
-        world.text_encoder_config(len(tok), tok.bos_token_id, tok.eos_token_id).save_pretrained(root / "text_encoder")
-        tok.save_pretrained(root / "tokenizer")
-    return Path(_builtin_config_tmp.name)
-
-
 def _known_configs() -> dict[str, Path]:
-    return {"sd15": SD15_CONFIG, "builtin": _builtin_config_dir()}
+    """Config folders a single-file checkpoint is matched against (the built-in model's when it is installed)."""
+    configs = {"sd15": SD15_CONFIG}
+    if (builtin_model_path() / "model_index.json").is_file():
+        configs["builtin"] = builtin_model_path()
+    return configs
 
 
 def _te_key(checkpoint: dict, inner: str) -> str:

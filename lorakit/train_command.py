@@ -55,8 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # the model (on the built-in model, 4e-3 broke it within 8-12 epochs and the calm rule then stopped on a broken
 # checkpoint).  Each applies only where the user left the general default.
 # samples every second epoch: sampling 9 prompts costs about as much as training an epoch on the CPU
+# ti/pivotal start the new token from the world's class word
 BUILTIN_SETTINGS = {"network.preset": "full", "optimizer.learning_rate": 2e-3, "data.batch_size": 4,
-                    "training.max_epochs": 20, "sample.every_n_epochs": 2}
+                    "training.max_epochs": 20, "sample.every_n_epochs": 2, "method.ti_init_word": "shape"}
 
 
 def builtin_default(cfg: TrainConfig) -> TrainConfig:

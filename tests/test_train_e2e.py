@@ -84,7 +84,7 @@ RUNS = {
     "lokr": (150, {"network": {"algorithm": "lokr", **FULL, "args": {"factor": 4}},
                    "optimizer": {"learning_rate": 4e-3}}, (0.07, 0.10)),
     "native": (100, {"method": {"kind": "native"}, "optimizer": {"learning_rate": 1e-4}}, (0.07, 0.10)),
-    "pivotal": (150, {"method": {"kind": "pivotal", "ti_token": "zkz"}, "network": FULL,
+    "pivotal": (150, {"method": {"kind": "pivotal", "ti_token": "zkz", "ti_init_word": "shape"}, "network": FULL,
                       "optimizer": {"ti_lr": 5e-2, "unet_lr": 4e-3, "learning_rate": 4e-3}}, (0.10, 0.12)),
 }
 
