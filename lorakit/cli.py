@@ -1,8 +1,9 @@
 """``lorakit <command> ...``: a thin dispatcher; each command lives in its own module.
 
-A command module provides ``add_arguments(parser)`` and ``run(args) -> int`` (the exit status).  Only the
-chosen command's module is imported, so one command's heavy or broken imports never block another.
-To add a command, add a line to ``COMMANDS``.
+Every command is a module ``lorakit/commands/<name>.py`` with ``HELP`` (one line), ``add_arguments(parser)``
+and ``run(args) -> int`` (the exit status).  Only the chosen command's module is imported, so one command's
+heavy or broken imports never block another (and ``lorakit --help`` stays fast).  To add a command, add a
+line to ``COMMANDS``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from collections.abc import Sequence
 
 from lorakit.errors import LorakitError
 
-#: command -> (module, one-line help)
+#: command -> (module, one-line help for `lorakit --help`; reading each module's HELP would import every
+#: command).  A command's own HELP describes it in `lorakit <command> --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("lorakit.train_command", "train an adapter, embedding or model from a folder of images"),
-    "world": ("lorakit.world.command", "the built-in shapes world: pretrain, quality, dataset, train-reader"),
-    "inspect": ("lorakit.inspection", "show what an adapter file holds: algorithm, modules, ranks, metadata, blocks"),
+    "train": ("lorakit.commands.train", "train an adapter, embedding or model from a folder of images"),
+    "inspect": ("lorakit.commands.inspect", "show what an adapter file holds: algorithm, modules, ranks, metadata"),
+    "world": ("lorakit.commands.world", "the built-in shapes world: pretrain, quality, dataset, experiment, ..."),
 }
 
 
@@ -31,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = None
     if command is not None:
         module = importlib.import_module(COMMANDS[command][0])
+        parsers[command].description = module.HELP
         module.add_arguments(parsers[command])
     args = parser.parse_args(argv)
     try:

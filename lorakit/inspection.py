@@ -1,4 +1,4 @@
-"""``lorakit inspect FILE``: what an adapter file holds, in plain text.
+"""What an adapter file holds, in plain text (``lorakit inspect FILE``, ``lorakit.commands.inspect``).
 
 Algorithm, module counts (U-Net / text encoder), ranks and alphas, size, dtypes, the ``ss_*`` and
 ``lorakit_*`` metadata and the U-Net blocks it touches, ending with a one-paragraph summary.
@@ -7,7 +7,6 @@ Works on files of any tool that writes kohya or LyCORIS keys.
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,12 +141,3 @@ def _runs(names: list[str], order: list[str]) -> str:
         else:
             runs.append([name])
     return ", ".join(r[0] if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", type=Path, help="a .safetensors adapter file (kohya or LyCORIS keys)")
-
-
-def run(args: argparse.Namespace) -> int:
-    print(format_report(inspect_file(args.file)))
-    return 0

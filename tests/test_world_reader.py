@@ -15,7 +15,7 @@ from lorakit.world.render import BACKGROUNDS, COLORS, SHAPES, ObjectSpec, Scene,
 from lorakit.world.train_reader import EVAL_SEED_BASE, attribute_accuracy, held_out_images, render_other
 
 ATTRIBUTES = ("shape", "color", "position", "size", "background")
-# measured on 1,000 held-out images by `python -m lorakit.world.train_reader --evaluate-only`
+# measured on 1,000 held-out images by `lorakit world train-reader --evaluate-only`
 # (lorakit/world/reader_accuracy.json)
 # (degraded: shape 99.8%, color 99.9%, position 100%, size 99.8%, background 100%); asserted here on 300
 # other images with a margin

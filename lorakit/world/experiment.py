@@ -10,7 +10,7 @@ concept's evaluation prompts with the exact world metrics.  From the scores:
   more and more;
 - the CS-Fluctuation turning point of the same run, replayed from its recorded CS series under any rule.
 
-``python -m lorakit.world.experiment --help`` runs one curve; ``docs/`` has the tables made with it.
+``lorakit world experiment --help`` runs one curve; ``docs/`` has the tables made with it.
 """
 
 from __future__ import annotations
@@ -155,8 +155,7 @@ def turning_epoch(run_dir: Path, rule=None, alignment: str | int = "centre", win
             "found_at_epoch": -(-tp.found_at_step // steps_per_epoch)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--algorithm", default="lora")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -171,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="score only these prompt types, comma-separated (e.g. alter,style: the onset's prompts)")
     ap.add_argument("--changes", default=",".join(ALTER_CHANGES),
                     help="attributes whose changed-prompt success defines the onset (color,position,background)")
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     from lorakit.train import train
 
     data = args.out.parent / "zkz-data"
@@ -190,6 +191,13 @@ def main(argv: list[str] | None = None) -> None:
               f"control {r['controllability']:.2f}  leak {r['leak']:.2f}")
     print(f"overfitting onset (peak of success on {args.changes} changes): epoch", overfitting_onset(rows, changes))
     print("CS-Fluctuation turning point:", turning_epoch(args.out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -373,8 +373,7 @@ def _reuse_earlier_run(snapshot: Path, out: Path) -> list[torch.Tensor]:
     return load_checkpoint(snapshot)["ema"]
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", type=Path, required=True, help="work folder (checkpoints, logs, final model/)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=3000)
@@ -391,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
                          "earlier run to start U-Net + text encoder from (its folder's VAE checkpoint and encoded "
                          "latents are reused), or a diffusers model folder such as lorakit/world/base_model "
                          "(its VAE is kept and the latents encoded again)")
-    ap.add_argument("--high-noise-fraction", type=float, default=0.0,
+    ap.add_argument("--high-noise-fraction", type=_fraction, default=0.0,
                     help="share of each batch trained at the noisiest tenth of the timesteps")
     ap.add_argument("--unet-warmup", type=int, default=500, help="learning-rate warm-up steps")
     ap.add_argument("--position-loss-weight", type=float, default=0.0,
@@ -403,12 +402,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--export-snapshot", type=Path, default=None,
                     help="only write --out/snapshot-model from this EMA snapshot file, then exit")
-    args = ap.parse_args(argv)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
     if args.export_snapshot is not None:
         export_snapshot(args.out, args.export_snapshot, args.out / "snapshot-model", args.seed, args.prediction_type)
-        return
-    if not 0.0 <= args.high_noise_fraction <= 1.0:
-        ap.error(f"--high-noise-fraction must be in [0, 1], got {args.high_noise_fraction}")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -445,6 +451,13 @@ def main(argv: list[str] | None = None) -> None:
     export_pipeline(c, args.out / "model")
     log({"event": "done"})
     print(f"pretrained model written to {args.out / 'model'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

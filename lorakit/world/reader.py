@@ -15,9 +15,9 @@ foreground is where a pixel is far from the background's gray axis.  From there 
   compared with the midpoint of the small and large sizes;
 - shape: a tiny CNN on a scale-normalised 24×24 crop of the soft foreground mask, with an ``other`` class
   for blobs that are none of the world's shapes (read as ``unknown``).  Its weights,
-  ``reader_weights.safetensors``, are made by ``python -m lorakit.world.train_reader`` (deterministic).
+  ``reader_weights.safetensors``, are made by ``lorakit world train-reader`` (deterministic).
 
-Measured accuracy (``python -m lorakit.world.train_reader --vae runs/pretrain/vae_checkpoint.pt
+Measured accuracy (``lorakit world train-reader --vae runs/pretrain/vae_checkpoint.pt
 --evaluate-only``; 1,000 held-out renders per row, render seeds never used in training, all five shapes,
 colors, positions, sizes and backgrounds; the VAE is the pretraining's final one, step 3000; stored in
 ``reader_accuracy.json``).  Shape after a VAE round trip is the weak spot, and it is the small objects

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from lorakit.config import TrainConfig, load_config, set_option
 
+HELP = "train an adapter, embedding or model from a folder of images"
+
 # flag -> (config section.key, type, help)
 FLAGS: dict[str, tuple[str, type, str]] = {
     "--data": ("data.train_data", str, "image folder: kohya layout (N_trigger class/), a plain folder, or a TOML"),
