@@ -31,7 +31,10 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.adapters import ALGORITHMS, KNOWN
+from lorakit.adapters import detect_algorithm as registry_detect
 from lorakit.adapters.base import Adapter, AdapterFormatError
+from lorakit.adapters.lowrank import LowRankAdapter
 from lorakit.blocks import SD1, BlockMap
 from lorakit.network import (
     LYCORIS_PREFIX,
@@ -214,9 +217,6 @@ def _rename_no_clobber(tmp: str, path: Path) -> None:
 
 # ---- what a file holds -----------------------------------------------------------------------------------
 
-# keys whose first dimension is the rank, per algorithm, in the order to look for them
-_RANK_KEYS = ("lora_down.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b", "a1.weight")
-
 # the blocks and names that tell base models apart: cross-attention width of the U-Net, CLIP width
 _CROSS_ATTN_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _TE_WIDTH = {768: "sd1", 1024: "sd2"}
@@ -224,8 +224,6 @@ _TE_WIDTH = {768: "sd1", 1024: "sd2"}
 
 def detect_algorithm(relative_keys: Iterable[str]) -> str:
     """The algorithm of one module from its tensor keys ('lora', 'loha', 'lokr', 'oft', ...; 'unknown')."""
-    from lorakit.adapters import detect_algorithm as registry_detect
-
     try:
         return registry_detect(relative_keys)
     except ValueError:
@@ -234,9 +232,10 @@ def detect_algorithm(relative_keys: Iterable[str]) -> str:
 
 def module_rank(tensors: Mapping[str, torch.Tensor]) -> int | None:
     """Rank of one module from its tensors; None for rankless algorithms (IA3, full, full-matrix LoKr)."""
-    for key in _RANK_KEYS:
-        if key in tensors:
-            return int(tensors[key].shape[0])
+    for spec in KNOWN.values():  # each algorithm names its own rank keys (LoRA: lora_down.weight)
+        for key in spec.rank_keys:
+            if key in tensors:
+                return int(tensors[key].shape[0])
     return None
 
 
@@ -307,9 +306,10 @@ def guess_base_model(file: AdapterFile) -> str | None:
 
 
 def _input_width(tensors: Mapping[str, torch.Tensor]) -> int | None:
-    for key in ("lora_down.weight", "hada_w1_b"):
-        if key in tensors:
-            return int(tensors[key].shape[1])
+    for spec in KNOWN.values():
+        for key in spec.width_keys:
+            if key in tensors:
+                return int(tensors[key].shape[1])
     return None
 
 
@@ -347,11 +347,13 @@ def _most_common(values: Iterable[Any]) -> Any:
 def network_metadata(network: AdapterNetwork, base_model_version: str = "sd_v1") -> dict[str, str]:
     """The ``ss_*`` entries that describe a network, as kohya / LyCORIS write them, plus ``lorakit_*``."""
     algos = {a.algorithm for a in network.adapters.values()}
-    file = AdapterFile(network.file_tensors())
-    infos = describe_modules(file)
-    linear = [i for i in infos if not is_kxk_conv(network[i.name].base)] or infos
-    rank = _most_common(i.rank for i in linear)
-    alpha = _most_common(i.alpha for i in linear)
+    # network_dim/alpha as kohya records them: the setting of the linear (and 1×1) layers, read from the
+    # adapters themselves (conv_dim/conv_alpha go in ss_network_args); rankless algorithms have none
+    adapters = list(network.adapters.values())
+    linear = [a for a in adapters if not is_kxk_conv(a.base)] or adapters
+    low_rank = [a for a in linear if isinstance(a, LowRankAdapter)]
+    rank = _most_common(a.rank for a in low_rank)
+    alpha = _most_common(float(a.alpha) for a in low_rank)
     args = {k: v for k, v in network.args.items() if k != "preset"}
     dora = any("dora_scale" in a.file_tensors() for a in network.adapters.values())
     if algos <= {"lora"} and not dora:
@@ -489,8 +491,6 @@ def load_network(source: str | os.PathLike | AdapterFile, unet: nn.Module | None
     encoder when only ``unet`` is passed) are skipped and listed.
     """
     file = source if isinstance(source, AdapterFile) else read_adapter(source)
-    from lorakit.adapters import ALGORITHMS
-
     comps = components(unet, text_encoder)
     table = _lookup(comps)
     report = LoadReport(file.label, loose_keys=file.loose_keys(), file_base_model=guess_base_model(file))

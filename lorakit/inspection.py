@@ -11,13 +11,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorakit.adapters import KNOWN
 from lorakit.blocks import SD1, BlockMap
 from lorakit.formats import AdapterFile, ModuleInfo, describe_modules, guess_base_model, read_adapter
 
 _COMPONENT_LABELS = {"unet": "U-Net", "text_encoder": "text encoder", "text_encoder_1": "text encoder 1",
                      "text_encoder_2": "text encoder 2", "unknown": "unknown prefix"}
 _BASE_MODELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-_ALGORITHM_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "(IA)^3", "full": "full (native ΔW)"}
+_ALGORITHM_NAMES = {name: spec.display_name for name, spec in KNOWN.items()}
 _LONG = 120  # metadata values longer than this (tag frequencies, bucket info) are cut
 
 

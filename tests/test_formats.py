@@ -17,6 +17,7 @@ from lorakit.formats import (
     describe_modules,
     guess_base_model,
     load_network,
+    module_rank,
     read_adapter,
     save_network,
     training_metadata,
@@ -358,3 +359,12 @@ def test_lorakit_loads_kohya_style_file_with_text_encoder(tmp_path, lycoris_stat
                     name.replace("text_model_", ""))
         torch.testing.assert_close(adapter.delta_weight(), lyco.get_diff_weight(multiplier=1.0)[0].reshape(
             adapter.delta_weight().shape), atol=1e-6, rtol=1e-5)
+
+
+def test_network_dim_is_the_adapters_rank_even_without_a_rank_key(tmp_path):
+    """A LoKr whose halves are both full stores no rank-shaped tensor; ss_network_dim is still its rank (as
+    kohya/LyCORIS record the dim they were given)."""
+    path, _, _, network = _saved(tmp_path, algorithm="lokr", preset="attn-only", rank=4, alpha=2.0,
+                                 full_matrix=True)
+    assert all(module_rank(t) is None for t in read_adapter(path).modules().values())
+    assert read_adapter(path).metadata["ss_network_dim"] == "4"

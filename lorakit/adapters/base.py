@@ -69,14 +69,25 @@ class Adapter(nn.Module):
     """Base class: a frozen layer plus an update ``ΔW``.
 
     Subclasses implement ``_deltas(train)`` (``ΔW``, ``Δb``; with ``train=True`` the rank dropout of the
-    algorithm applied) and may override ``forward`` with a cheaper path.  They set ``algorithm`` (the name
-    used in files and on the command line) and ``file_keys`` (the tensor names, relative to the module
-    prefix, by which a file is recognised as theirs).
+    algorithm applied) and may override ``forward`` with a cheaper path.  They describe themselves with class
+    attributes, from which every table of lorakit is derived (``lorakit.adapters.ALGORITHMS``, algorithm
+    detection, ranks and widths in ``lorakit.formats``, names in ``lorakit inspect``, the ``--algorithm`` help):
+    ``algorithm`` (the name used in files and on the command line), ``aliases``, ``display_name``,
+    ``file_keys`` (the tensor names, relative to the module prefix, by which a file is recognised as theirs),
+    ``rank_keys`` and ``width_keys``.
     """
 
     algorithm: ClassVar[str] = ""
+    #: other names for it on the command line and in kohya's network_args (``"locon"`` for LoRA)
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: how people write it (``lorakit inspect``)
+    display_name: ClassVar[str] = ""
     #: keys whose presence identifies this algorithm in a file (any one of them is enough)
     file_keys: ClassVar[tuple[str, ...]] = ()
+    #: keys whose first dimension is the rank, in the order to look for them (none: the algorithm has no rank)
+    rank_keys: ClassVar[tuple[str, ...]] = ()
+    #: keys whose second dimension is the adapted layer's input width (tells base models apart)
+    width_keys: ClassVar[tuple[str, ...]] = ()
     #: whether the algorithm has a bias update (``delta_bias`` is then not always ``None``)
     updates_bias: ClassVar[bool] = False
 

@@ -22,7 +22,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--trigger": ("data.trigger", str, "the trigger word (plain folders)"),
     "--model": ("model.base", str, "base model: diffusers folder or single-file .safetensors (default: built-in)"),
     "--method": ("method.kind", str, "adapter (default), native, ti, pivotal"),
-    "--algorithm": ("network.algorithm", str, "lora, loha, lokr, ia3, full"),
+    "--algorithm": ("network.algorithm", str, "%(algorithms)s"),
     "--preset": ("network.preset", str, "attn-only, attn-mlp, full, kohya, lycoris-full"),
     "--rank": ("network.rank", int, "adapter rank (network_dim)"),
     "--alpha": ("network.alpha", float, "adapter alpha (network_alpha)"),
@@ -40,10 +40,22 @@ FLAGS: dict[str, tuple[str, type, str]] = {
 }
 
 
+class _AlgorithmNames:
+    """The adapter algorithms for the help text, read from the adapter classes only when help is printed:
+    ``lorakit.adapters`` imports torch, which ``--print-config`` must not wait for."""
+
+    def __str__(self) -> str:
+        from lorakit.adapters import ALGORITHMS
+
+        return ", ".join(ALGORITHMS)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="a TOML training config (see docs/ or `--print-config`)")
     for flag, (key, kind, help_) in FLAGS.items():
-        parser.add_argument(flag, type=kind, help=f"{help_} [{key}]")
+        action = parser.add_argument(flag, type=kind, help=f"{help_} [{key}]")
+        if flag == "--algorithm":
+            action.algorithms = _AlgorithmNames()  # argparse fills %(name)s in help from the action's attributes
     parser.add_argument("--resume", action="store_true", help="continue the run in the output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in the output folder")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
