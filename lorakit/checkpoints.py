@@ -28,10 +28,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorakit.errors import LorakitError
+
 _EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
 
 
-class OutputFolderError(ValueError):
+class OutputFolderError(LorakitError, ValueError):
     """The output folder holds another run and the configuration does not say what to do with it."""
 
 

@@ -9,6 +9,7 @@ line to ``COMMANDS``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("lorakit.commands.inspect", "show what an adapter file holds: algorithm, modules, ranks, metadata"),
     "world": ("lorakit.commands.world", "the built-in shapes world: pretrain, quality, dataset, experiment, ..."),
 }
+
+
+#: OS errors that are the user's to fix (a missing or protected file, a folder where a file belongs); with a
+#: full disk (ENOSPC) they print a message; any other error, a bug inside lorakit or torch included, a traceback
+USER_OS_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, PermissionError, IsADirectoryError,
+                                             NotADirectoryError, FileExistsError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,7 +45,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(module.run(args))
-    except (OSError, ValueError, LorakitError) as err:  # bad files and bad values: a message, not a traceback
+    except (LorakitError, *USER_OS_ERRORS) as err:  # the user's mistake: a message, not a traceback
+        print(f"lorakit {command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise  # anything else is a bug (or a broken system): its traceback helps
         print(f"lorakit {command}: error: {err}", file=sys.stderr)
         return 2
 

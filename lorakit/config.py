@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.data.config import DataConfig
+from lorakit.errors import InvalidValueError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,7 +35,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidValueError):
     """A configuration value is missing, unknown or out of range (the message says which and where)."""
 
 

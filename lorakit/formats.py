@@ -36,6 +36,7 @@ from lorakit.adapters import detect_algorithm as registry_detect
 from lorakit.adapters.base import Adapter, AdapterFormatError
 from lorakit.adapters.lowrank import LowRankAdapter
 from lorakit.blocks import SD1, BlockMap
+from lorakit.errors import LorakitError
 from lorakit.network import (
     LYCORIS_PREFIX,
     AdapterNetwork,
@@ -47,7 +48,7 @@ from lorakit.network import (
 )
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(LorakitError, ValueError):
     """A file cannot be read or does not fit the model; the message names the file and the key."""
 
 

@@ -26,6 +26,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lorakit import ldm
+from lorakit.errors import InvalidValueError, LorakitError
 from lorakit.vocab import build_vocab
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ SD15_CONFIG = CONFIG_DIR / "sd15"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(LorakitError, ValueError):
     """A model file or folder that lorakit cannot (or will not) load; the message names it and says why."""
 
 
@@ -54,7 +55,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.
     try:
         return _DTYPES[dtype.lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16") from None
+        raise InvalidValueError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16") from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -377,7 +378,7 @@ def _plain_keys(module: torch.nn.Module, fresh) -> None:
         expected = set(fresh().state_dict())
     extra = sorted(set(module.state_dict()) - expected)
     if extra:
-        raise ValueError(f"{type(module).__name__} has tensors a plain model does not ({len(extra)}, e.g. "
+        raise InvalidValueError(f"{type(module).__name__} has tensors a plain model does not ({len(extra)}, e.g. "
                          f"{extra[0]}): merge or remove adapters before saving a base checkpoint")
 
 
@@ -392,7 +393,7 @@ def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str |
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"{path}: single-file checkpoints are written as .safetensors only")
+        raise InvalidValueError(f"{path}: single-file checkpoints are written as .safetensors only")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     unet, vae, te = model.unet, model.vae, model.text_encoder

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters.base import Adapter
+from lorakit.errors import InvalidValueError
 
 LINEAR, CONV1X1, CONV = "linear", "conv1x1", "conv"
 ALL_KINDS = frozenset({LINEAR, CONV1X1, CONV})
@@ -129,7 +130,7 @@ def get_preset(preset: str | Preset) -> Preset:
     if isinstance(preset, Preset):
         return preset
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
+        raise InvalidValueError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
     return PRESETS[preset]
 
 

@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from lorakit.errors import InvalidValueError, LorakitError
 from lorakit.models import BaseModel
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class SamplePrompt:
     sampler: str = "ddim"
 
 
-class PromptSyntaxError(ValueError):
+class PromptSyntaxError(LorakitError, ValueError):
     """A prompt file that cannot be parsed; the message names the file and line."""
 
 
@@ -221,7 +222,7 @@ def sampler_name(name: str) -> str:
     key = re.sub(r"[\s\-]+", "_", str(name).strip().lower())
     key = _SAMPLER_ALIASES.get(key, key)
     if key not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
+        raise InvalidValueError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
     return key
 
 
@@ -235,7 +236,7 @@ def make_scheduler(name: str, model: BaseModel) -> Any:
         try:
             import scipy  # noqa: F401
         except ImportError:
-            raise ValueError("sampler 'lms' needs scipy (pip install scipy)") from None
+            raise InvalidValueError("sampler 'lms' needs scipy (pip install scipy)") from None
     if model.scheduler_config.get("rescale_betas_zero_snr") and \
             "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
         options = {**options, "trained_betas": zero_snr_betas_for_sigma_samplers(model)}

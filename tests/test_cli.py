@@ -8,6 +8,7 @@ import importlib
 import pytest
 
 from lorakit.cli import COMMANDS, main
+from lorakit.config import ConfigError
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
@@ -32,3 +33,57 @@ def test_world_tasks_are_subcommands(tmp_path, capsys):
     assert exit_.value.code == 2 and "must be in [0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["world", "no-such-task"])
+
+
+class _Command:
+    """A stand-in command module that raises what it is given."""
+
+    HELP = "raise"
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        pass
+
+    def run(self, args: argparse.Namespace) -> int:
+        raise self.error
+
+
+@pytest.mark.parametrize("error, message", [
+    (ConfigError("network.rank must be positive"), "network.rank must be positive"),
+    (FileNotFoundError("x.safetensors: no such file"), "no such file"),
+    (PermissionError("out/: permission denied"), "permission denied"),
+    (OSError(28, "No space left on device"), "No space left"),
+])
+def test_user_errors_are_one_line(monkeypatch, capsys, error, message):
+    monkeypatch.setitem(COMMANDS, "boom", ("boom", "raise"))
+    monkeypatch.setattr(importlib, "import_module", lambda name: _Command(error))
+    assert main(["boom"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorakit boom: error:") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug inside torch"), RuntimeError("bug"), OSError(5, "I/O")])
+def test_bugs_keep_their_traceback(monkeypatch, error):
+    monkeypatch.setitem(COMMANDS, "boom", ("boom", "raise"))
+    monkeypatch.setattr(importlib, "import_module", lambda name: _Command(error))
+    with pytest.raises(type(error)):
+        main(["boom"])
+
+
+def test_domain_errors_are_lorakit_errors_and_value_errors():
+    from lorakit.adapters import AdapterFormatError
+    from lorakit.checkpoints import OutputFolderError
+    from lorakit.data import DatasetError
+    from lorakit.embeddings import EmbeddingError
+    from lorakit.errors import InvalidValueError, LorakitError
+    from lorakit.formats import AdapterFileError
+    from lorakit.models import ModelLoadError
+    from lorakit.sample import PromptSyntaxError
+    from lorakit.train import TrainingError
+
+    for cls in (AdapterFormatError, OutputFolderError, ConfigError, DatasetError, AdapterFileError,
+                ModelLoadError, PromptSyntaxError, InvalidValueError):
+        assert issubclass(cls, LorakitError) and issubclass(cls, ValueError), cls
+    assert issubclass(EmbeddingError, LorakitError) and issubclass(TrainingError, LorakitError)

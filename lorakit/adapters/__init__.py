@@ -23,6 +23,7 @@ from lorakit.adapters.loha import LoHa
 from lorakit.adapters.lokr import LoKr
 from lorakit.adapters.lora import LoRA
 from lorakit.adapters.lowrank import LowRankAdapter
+from lorakit.errors import InvalidValueError
 
 _CLASSES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, IA3, Full)
 
@@ -64,7 +65,7 @@ def algorithm_class(algorithm: str) -> type[Adapter]:
     """The adapter class for a name or alias (``"locon"`` → ``LoRA``); ``ValueError`` listing the known."""
     name = ALIASES.get(algorithm.lower(), algorithm.lower())
     if name not in ALGORITHMS:
-        raise ValueError(f"unknown adapter algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+        raise InvalidValueError(f"unknown adapter algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
     return ALGORITHMS[name]
 
 

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.errors import InvalidValueError, LorakitError
+
 BaseLayer = nn.Linear | nn.Conv2d
 
 # The fused path adds ΔW into W0 before the matmul; in half precision that addition rounds a small ΔW away,
@@ -37,7 +39,7 @@ BaseLayer = nn.Linear | nn.Conv2d
 _FUSE_DTYPES = (torch.float32, torch.float64)
 
 
-class AdapterFormatError(ValueError):
+class AdapterFormatError(LorakitError, ValueError):
     """The tensors of a file do not make an adapter: a key is missing, unexpected, or does not fit."""
 
 
@@ -61,7 +63,7 @@ def layer_kind(base: nn.Module) -> str:
 def _probability(name: str, p: float) -> float:
     p = float(p)
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {p}")
+        raise InvalidValueError(f"{name} must lie in [0, 1], got {p}")
     return p
 
 

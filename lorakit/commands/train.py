@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from lorakit.config import TrainConfig, load_config, set_option
+from lorakit.config import ConfigError, TrainConfig, load_config, set_option
 
 HELP = "train an adapter, embedding or model from a folder of images"
 
@@ -105,13 +105,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for item in args.set:
         dotted, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"--set {item}: expected SECTION.KEY=VALUE")
+            raise ConfigError(f"--set {item}: expected SECTION.KEY=VALUE")
         set_option(cfg, dotted.strip(), raw.strip())
     if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other")
+        raise ConfigError("--resume and --overwrite contradict each other")
     if args.resume:
         if args.out is None and cfg.output.dir == "output":
-            raise ValueError("--resume needs the output folder of the run to continue: --out DIR")
+            raise ConfigError("--resume needs the output folder of the run to continue: --out DIR")
         cfg.output.if_exists = "resume"
     elif args.overwrite:
         cfg.output.if_exists = "overwrite"
