@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from lorakit.adapters import ALGORITHMS, KNOWN
 from lorakit.adapters import detect_algorithm as registry_detect
 from lorakit.adapters.base import Adapter, AdapterFormatError
 from lorakit.adapters.lowrank import LowRankAdapter
+from lorakit.atomic import DestinationExistsError, atomic_write
 from lorakit.blocks import SD1, BlockMap
 from lorakit.errors import LorakitError
 from lorakit.network import (
@@ -181,7 +181,7 @@ def write_adapter(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: adapter files must end in .safetensors")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        raise DestinationExistsError(f"{path} exists; pass overwrite=True to replace it")
     data = {}
     for key, tensor in tensors.items():
         tensor = tensor.detach().to("cpu")
@@ -189,31 +189,9 @@ def write_adapter(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
             tensor = tensor.to(dtype)
         data[key] = tensor.contiguous().clone()  # own storage: safetensors refuses shared tensors
     meta = {str(k): _metadata_value(v) for k, v in (metadata or {}).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(data, tmp, metadata=meta)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _rename_no_clobber(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _rename_no_clobber(tmp: str, path: Path) -> None:
-    # a hard link fails if the target appeared meanwhile, so a file written concurrently is never lost
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
-    except OSError:  # no hard links on this file system
-        if path.exists():
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
-        os.replace(tmp, path)
+    # with overwrite=False a file that appeared while writing is not replaced either (lorakit.atomic)
+    return atomic_write(path, lambda tmp: safetensors.torch.save_file(data, str(tmp), metadata=meta),
+                        overwrite=overwrite)
 
 
 # ---- what a file holds -----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lorakit import ldm
+from lorakit.atomic import atomic_write
 from lorakit.errors import InvalidValueError, LorakitError
 from lorakit.vocab import build_vocab
 
@@ -412,11 +413,4 @@ def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str |
     info = {"lorakit_vae_scaling_factor": repr(float(vae.config.scaling_factor)),
             "lorakit_prediction_type": model.prediction_type, "lorakit_version": model.version,
             **(metadata or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(out, str(tmp), metadata=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: save_file(out, str(tmp), metadata=info), overwrite=overwrite)

@@ -18,7 +18,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -29,6 +28,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from lorakit.atomic import atomic_write
 from lorakit.errors import InvalidValueError, LorakitError
 from lorakit.models import BaseModel
 
@@ -401,15 +401,7 @@ def save_sample_grid(images: Sequence[Image.Image], prompts: Sequence[SampleProm
     labels = [p if isinstance(p, str) else p.prompt + (f" (seed {p.seed})" if p.seed is not None else "")
               for p in prompts]
     grid = image_grid(images, cols=cols, labels=labels)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        grid.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 __all__ = ["SamplePrompt", "PromptSyntaxError", "SAMPLERS", "parse_prompt_line", "parse_prompt_dict",

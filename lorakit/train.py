@@ -21,7 +21,8 @@ from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 from tqdm import tqdm
 
-from lorakit.checkpoints import RunFolder, atomic_write_json, atomic_write_text
+from lorakit.atomic import atomic_write_json, atomic_write_text
+from lorakit.checkpoints import RunFolder
 from lorakit.config import TrainConfig, to_toml
 from lorakit.data import DataConfig, TrainingData
 from lorakit.earlystop import CSFluctuationMonitor, plot_cs_fluctuation

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lorakit.atomic import atomic_write
 from lorakit.loss import min_snr_weight
 from lorakit.world.captions import named_background, named_position, random_caption
 from lorakit.world.model import build_components, write_clip_vocab_files
@@ -39,9 +40,7 @@ def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
 
 
 def atomic_torch_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: Path) -> dict | None:
@@ -368,8 +367,7 @@ def _reuse_earlier_run(snapshot: Path, out: Path) -> list[torch.Tensor]:
         if not (out / name).exists():
             if not source.is_file():
                 raise SystemExit(f"--init-from {snapshot}: the run's {name} is missing next to it")
-            shutil.copyfile(source, out / (name + ".tmp"))
-            os.replace(out / (name + ".tmp"), out / name)
+            atomic_write(out / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
     return load_checkpoint(snapshot)["ema"]
 
 
