@@ -27,9 +27,9 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from safetensors import safe_open
 from torch import nn
 
-import lorakit
 from lorakit.adapters import ALGORITHMS, KNOWN
 from lorakit.adapters import detect_algorithm as registry_detect
 from lorakit.adapters.base import Adapter, AdapterFormatError
@@ -37,6 +37,7 @@ from lorakit.adapters.lowrank import LowRankAdapter
 from lorakit.atomic import DestinationExistsError, atomic_write
 from lorakit.blocks import SD1, BlockMap
 from lorakit.errors import LorakitError
+from lorakit.metadata import metadata_value, ss_metadata, version_metadata
 from lorakit.network import (
     LYCORIS_PREFIX,
     AdapterNetwork,
@@ -53,11 +54,6 @@ class AdapterFileError(LorakitError, ValueError):
 
 
 # ---- reading ------------------------------------------------------------------------------------------
-
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-_MAX_HEADER = 100 * 1024 * 1024
-
 
 @dataclass
 class AdapterFile:
@@ -102,72 +98,24 @@ def _sniff(path: Path, head: bytes, size: int) -> None:
                            "files, since unpickling runs code. Convert it to .safetensors with a tool you trust")
 
 
-def _check_layout(path: Path) -> dict[str, Any]:
-    """Parse and check the safetensors header against the file size; return the header."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(9)
-        _sniff(path, head, size)
-        if len(head) < 8:
-            raise AdapterFileError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
-        (n,) = struct.unpack("<Q", head[:8])
-        if n > min(size - 8, _MAX_HEADER):
-            if n > _MAX_HEADER:
-                raise AdapterFileError(f"{path}: not a safetensors file (no valid header length)")
-            raise AdapterFileError(f"{path}: truncated: the header needs {n} bytes, the file has {size - 8} after "
-                                   "the length field")
-        f.seek(8)
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError
-    except (UnicodeDecodeError, ValueError):
-        raise AdapterFileError(f"{path}: not a safetensors file (its header is not JSON)") from None
-    data_size = size - 8 - n
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            begin, end = info["data_offsets"]
-            count = 1
-            for d in info["shape"]:
-                count *= int(d)
-            width = _DTYPE_SIZES.get(info["dtype"])
-        except (KeyError, TypeError, ValueError):
-            raise AdapterFileError(f"{path}: corrupt header entry for key {key!r}") from None
-        if end > data_size:
-            raise AdapterFileError(f"{path}: truncated or corrupt: tensor {key!r} needs bytes {begin}..{end} of the "
-                                   f"data, the file holds {data_size}")
-        if width is not None and end - begin != count * width:
-            raise AdapterFileError(f"{path}: corrupt: tensor {key!r} has {end - begin} bytes for shape "
-                                   f"{info['shape']} {info['dtype']}")
-    return header
-
-
 def read_adapter(path: str | os.PathLike) -> AdapterFile:
     """Read a ``.safetensors`` adapter file (kohya or LyCORIS keys), checking it before loading."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    header = _check_layout(path)
+    with open(path, "rb") as f:
+        _sniff(path, f.read(9), path.stat().st_size)  # before safetensors sees it: a pickle is named as one
     try:
-        tensors = safetensors.torch.load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types; name the file whatever they are
-        raise AdapterFileError(f"{path}: cannot be read as safetensors: {err}") from err
-    metadata = header.get("__metadata__") or {}
+        # safetensors checks the header against the file (a truncated or corrupt file fails here, whole)
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # SafetensorError (not public API) and whatever else; name the file in any case
+        raise AdapterFileError(f"{path}: not a safetensors file, or a truncated or corrupt one ({err})") from err
     return AdapterFile(tensors, {str(k): str(v) for k, v in metadata.items()}, path)
 
 
 # ---- writing ------------------------------------------------------------------------------------------
-
-def _metadata_value(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Mapping | list | tuple):
-        return json.dumps(value)
-    return str(value)  # kohya's convention: str(True) == 'True', str(None) == 'None'
-
 
 def write_adapter(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                   metadata: Mapping[str, Any] | None = None, *, overwrite: bool = False,
@@ -188,7 +136,7 @@ def write_adapter(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         data[key] = tensor.contiguous().clone()  # own storage: safetensors refuses shared tensors
-    meta = {str(k): _metadata_value(v) for k, v in (metadata or {}).items()}
+    meta = {str(k): metadata_value(v) for k, v in (metadata or {}).items()}
     # with overwrite=False a file that appeared while writing is not replaced either (lorakit.atomic)
     return atomic_write(path, lambda tmp: safetensors.torch.save_file(data, str(tmp), metadata=meta),
                         overwrite=overwrite)
@@ -294,28 +242,9 @@ def _input_width(tensors: Mapping[str, torch.Tensor]) -> int | None:
 
 # ---- metadata -----------------------------------------------------------------------------------------------
 
-#: training facts the trainer may record, stored as kohya's ss_<name> (A1111 and civitai show them)
-TRAINING_FIELDS = (
-    "learning_rate", "unet_lr", "text_encoder_lr", "num_epochs", "epoch", "steps", "max_train_steps",
-    "num_train_images", "num_reg_images", "num_batches_per_epoch", "batch_size_per_device", "total_batch_size",
-    "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps", "optimizer", "mixed_precision", "seed",
-    "resolution", "clip_skip", "noise_offset", "min_snr_gamma", "max_grad_norm", "network_dropout",
-    "output_name", "session_id", "training_started_at", "training_finished_at", "training_comment",
-    "sd_model_name", "sd_model_hash", "new_sd_model_hash", "vae_name", "tag_frequency", "dataset_dirs",
-    "caption_dropout_rate", "shuffle_caption", "keep_tokens", "flip_aug", "color_aug", "cache_latents",
-    "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_info", "prior_loss_weight",
-)
-
-
 def training_metadata(**fields: Any) -> dict[str, str]:
-    """kohya ``ss_*`` entries from keyword arguments (``learning_rate=1e-4, tag_frequency={...}``).
-
-    Unknown names are an error, so a typo does not silently vanish from the file.
-    """
-    unknown = sorted(set(fields) - set(TRAINING_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown training metadata {unknown}; known: {', '.join(TRAINING_FIELDS)}")
-    return {f"ss_{k}": _metadata_value(v) for k, v in fields.items() if v is not None}
+    """kohya ``ss_*`` entries from keyword arguments; see ``lorakit.metadata.ss_metadata``."""
+    return ss_metadata(**fields)
 
 
 def _most_common(values: Iterable[Any]) -> Any:
@@ -344,13 +273,10 @@ def network_metadata(network: AdapterNetwork, base_model_version: str = "sd_v1")
         if dora:
             args["dora_wd"] = "True"
     return {
-        "ss_network_module": module,
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": f"{alpha:g}" if alpha is not None else "None",
-        "ss_network_args": json.dumps(args),
-        "ss_base_model_version": base_model_version,
-        "ss_v2": str(base_model_version.startswith("sd_v2")),
-        "lorakit_version": lorakit.__version__,
+        **ss_metadata(network_module=module, network_dim=str(rank),
+                      network_alpha=f"{alpha:g}" if alpha is not None else "None", network_args=json.dumps(args),
+                      base_model_version=base_model_version, v2=base_model_version.startswith("sd_v2")),
+        **version_metadata(),
         "lorakit_preset": network.args.get("preset", ""),
         "lorakit_algorithm": ",".join(sorted(algos)),
     }
@@ -379,7 +305,7 @@ def save_network(network: AdapterNetwork, path: str | os.PathLike, metadata: Map
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     meta = network_metadata(network, base_model_version)
-    meta.update({k: _metadata_value(v) for k, v in (metadata or {}).items()})
+    meta.update({k: metadata_value(v) for k, v in (metadata or {}).items()})
     meta.update(model_hashes(tensors, meta))
     return write_adapter(path, tensors, meta, overwrite=overwrite)
 

@@ -28,6 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from lorakit import ldm
 from lorakit.atomic import atomic_write
 from lorakit.errors import InvalidValueError, LorakitError
+from lorakit.metadata import version_metadata
 from lorakit.vocab import build_vocab
 
 log = logging.getLogger(__name__)
@@ -411,6 +412,7 @@ def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str |
             tensor = tensor.to(cast)
         out[key] = tensor.contiguous()
     info = {"lorakit_vae_scaling_factor": repr(float(vae.config.scaling_factor)),
-            "lorakit_prediction_type": model.prediction_type, "lorakit_version": model.version,
+            "lorakit_prediction_type": model.prediction_type, "lorakit_architecture": model.version,
+            **version_metadata(),
             **(metadata or {})}
     return atomic_write(path, lambda tmp: save_file(out, str(tmp), metadata=info), overwrite=overwrite)

@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.atomic import atomic_write, atomic_write_text
+from lorakit.data.images import IMAGE_EXTENSIONS
 from lorakit.models import BaseModel
 from lorakit.sample import SamplePrompt, generate
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def class_image_folder(parent: Path, class_prompt: str) -> Path:

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 from lorakit.config import ConfigError, TrainConfig, load_config, set_option
+from lorakit.world import concept
+from lorakit.world.recipe import apply_recipe
 
 HELP = "train an adapter, embedding or model from a folder of images"
 
@@ -64,25 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-# The built-in job's training settings (measured on the shapes world, docs/early_stopping.md): a LoCon, since
-# the star's outline needs the conv layers, at a learning rate that learns it within 20 epochs without breaking
-# the model (on the built-in model, 4e-3 broke it within 8-12 epochs and the calm rule then stopped on a broken
-# checkpoint).  Each applies only where the user left the general default.
-# samples every second epoch: sampling 9 prompts costs about as much as training an epoch on the CPU
-# ti/pivotal start the new token from the world's class word
-BUILTIN_SETTINGS = {"network.preset": "full", "optimizer.learning_rate": 2e-3, "data.batch_size": 4,
-                    "training.max_epochs": 20, "sample.every_n_epochs": 2, "method.ti_init_word": "shape"}
-
-
 def builtin_default(cfg: TrainConfig) -> TrainConfig:
-    """The built-in job: the shapes world's concept on the built-in model (dataset rendered into the run)."""
-    from lorakit.world import concept
-
-    defaults = TrainConfig()
-    for dotted, value in BUILTIN_SETTINGS.items():
-        section, name = dotted.split(".")
-        if getattr(getattr(cfg, section), name) == getattr(getattr(defaults, section), name):
-            setattr(getattr(cfg, section), name, value)
+    """The built-in job: the shapes world's concept on the built-in model (dataset rendered into the run), with
+    the world's recipe wherever the user left the general default."""
+    apply_recipe(cfg, only_defaults=True)
     cfg.model.base = None
     out = Path(cfg.output.dir)
     data_dir = out.parent / (out.name + "-data")

@@ -30,14 +30,14 @@ from lorakit.models import BaseModel, load_base_model
 from lorakit.sample import SamplePrompt, generate
 from lorakit.world import concept
 from lorakit.world.metrics import world_metrics
+from lorakit.world.recipe import recipe_config
 
 
 def curve_config(out: Path, data: Path, algorithm: str = "lora", lr: float = 1e-3, seed: int = 0,
                  epochs: int = 20, rank: int = 8, model: str | None = None, preset: str = "full") -> TrainConfig:
-    cfg = TrainConfig()
+    cfg = recipe_config()
     cfg.model.base = model
     cfg.data.train_data = str(data)
-    cfg.data.batch_size = 4
     cfg.network.algorithm = algorithm
     cfg.network.preset = preset
     cfg.network.rank = rank
