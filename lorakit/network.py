@@ -36,8 +36,9 @@ TE_PREFIX = "lora_te"
 LYCORIS_PREFIX = "lycoris"
 
 
-def layer_kind(module: nn.Module) -> str | None:
-    """'linear', 'conv1x1' or 'conv' (k x k, k > 1) for the layers adapters wrap; None otherwise."""
+def target_kind(module: nn.Module) -> str | None:
+    """The kind a target rule matches: 'linear', 'conv1x1' or 'conv' (k x k, k > 1); None for layers adapters
+    do not wrap.  (``lorakit.adapters.base.layer_kind`` is the adapter's own check: 'linear' or 'conv'.)"""
     if isinstance(module, nn.Linear):
         return LINEAR
     if isinstance(module, nn.Conv2d):
@@ -47,7 +48,7 @@ def layer_kind(module: nn.Module) -> str | None:
 
 def is_kxk_conv(module: nn.Module) -> bool:
     """A conv with a kernel larger than 1x1: kohya/LyCORIS give these the separate conv rank."""
-    return layer_kind(module) == CONV
+    return target_kind(module) == CONV
 
 
 # ---- presets ----------------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ def adaptable_layers(component: Component) -> Iterator[tuple[str, nn.Module]]:
         if isinstance(module, Adapter):
             inside_adapter.append(path)
             yield path, module
-        elif layer_kind(module) is not None:
+        elif target_kind(module) is not None:
             yield path, module
 
 
@@ -217,7 +218,7 @@ def select_targets(component: Component, rules: Sequence[TargetRule]) -> list[tu
         parts = path.split(".")
         ancestors = [classes[".".join(parts[:i])] for i in range(len(parts))]
         canonical = component.canonical_path(path)
-        if any(_rule_matches(r, canonical, layer_kind(layer), ancestors) for r in rules):
+        if any(_rule_matches(r, canonical, target_kind(layer), ancestors) for r in rules):
             if isinstance(module, Adapter):
                 raise ValueError(f"{component.group} module {path!r} already carries an adapter; "
                                  "merge() and remove() that network first")
@@ -311,9 +312,6 @@ class AdapterNetwork(nn.Module):
 
     def names(self, group: str | None = None) -> list[str]:
         return [n for n, s in self._slots.items() if group is None or s.group == group]
-
-    def group_of(self, name: str) -> str:
-        return self._slots[name].group
 
     @property
     def groups(self) -> list[str]:

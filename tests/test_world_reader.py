@@ -134,7 +134,6 @@ def test_label_components():
 VAE_DIR = Path(__file__).resolve().parents[1] / "lorakit" / "world" / "base_model" / "vae"
 
 
-@pytest.mark.skipif(not VAE_DIR.exists(), reason="the pretrained base model is not shipped in this checkout")
 def test_vae_round_trips(reader):
     from lorakit.world.degrade import load_vae
 
