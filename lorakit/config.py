@@ -27,6 +27,7 @@ from typing import Any
 import tomli_w
 
 from lorakit.data.config import DataConfig
+from lorakit.earlystop.rules import RULES, rule_from_dict  # numpy only: config must stay free of torch
 from lorakit.errors import InvalidValueError
 from lorakit.tomlcheck import set_fields
 
@@ -145,8 +146,6 @@ class EarlyStopConfig:
 
     def make_rule(self):
         """The configured turning-point rule (raises ValueError/TypeError for an unknown rule or option)."""
-        from lorakit.earlystop import rule_from_dict
-
         return rule_from_dict({"name": self.rule.replace("-", "_"), **self.rule_args})
 
 
@@ -173,8 +172,6 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check values that are wrong whatever the data (raises ConfigError naming the key)."""
-        from lorakit.earlystop.rules import RULES
-
         checks = [
             (self.method.kind in METHODS, "method.kind", f"one of {', '.join(METHODS)}"),
             (self.model.mixed_precision in ("no", "fp16", "bf16"), "model.mixed_precision", "no, fp16 or bf16"),

@@ -19,8 +19,8 @@ from lorakit.blocks import BlockRanks
 from lorakit.config import ConfigError, TrainConfig
 from lorakit.earlystop.cs import CSMeter, cs_native
 from lorakit.embeddings import expand_tokens, register_tokens, token_names
-from lorakit.formats import save_network
-from lorakit.models import BaseModel
+from lorakit.formats import save_network, write_adapter
+from lorakit.models import BaseModel, save_single_file_checkpoint
 from lorakit.network import AdapterNetwork, UniformRanks, create_network, get_preset, select_targets
 from lorakit.network import components as network_components
 
@@ -179,7 +179,6 @@ class NativeMethod(TrainingMethod):
         return meter
 
     def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
-        from lorakit.models import save_single_file_checkpoint
         path = folder / f"{name}.safetensors"
         save_single_file_checkpoint(self.model, path, overwrite=True)
         return [path]
@@ -251,7 +250,6 @@ class TextualInversion(TrainingMethod):
         return expand_tokens(prompt, self.tokens)
 
     def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
-        from lorakit.formats import write_adapter
         path = folder / f"{name}-{self.token}.safetensors"
         # A1111, ComfyUI and diffusers all read a single-tensor file; "clip_l" names the encoder (SDXL: + clip_g)
         write_adapter(path, {"clip_l": self.vectors().float().cpu().contiguous()},

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lorakit import ldm
@@ -241,8 +243,6 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """(tensors, metadata) of a single-file checkpoint, refusing anything that would need unpickling."""
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
@@ -391,8 +391,6 @@ def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str |
     ``dtype``: cast on the way out (e.g. "fp16" halves the file); None keeps each tensor's dtype.  The write
     is atomic (temporary file, then rename) and an existing file is kept unless ``overwrite``.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise InvalidValueError(f"{path}: single-file checkpoints are written as .safetensors only")

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.adapters import make_adapter
 from lorakit.adapters.base import Adapter
 from lorakit.errors import InvalidValueError
 
@@ -412,8 +413,7 @@ def create_network(unet: nn.Module | None = None,
     """
     preset = get_preset(preset)
     ranks = ranks if ranks is not None else UniformRanks()
-    if factory is None:
-        from lorakit.adapters import make_adapter as factory
+    factory = factory or make_adapter
     planned = []
     for comp in components(unet, text_encoder):
         rules = preset.text_encoder if comp.is_text_encoder else preset.unet

@@ -19,14 +19,21 @@ import json
 import logging
 import math
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 from lorakit.atomic import atomic_write
 from lorakit.errors import InvalidValueError, LorakitError
@@ -165,10 +172,6 @@ def load_prompts(path: str | Path, defaults: SamplePrompt | None = None) -> list
             raise PromptSyntaxError(f"{path}: expected a list of prompts")
     elif suffix == ".toml":
         try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise PromptSyntaxError(f"{path}: not valid TOML: {e}") from None
@@ -228,13 +231,11 @@ def sampler_name(name: str) -> str:
 
 def make_scheduler(name: str, model: BaseModel) -> Any:
     """A fresh diffusers scheduler for sampler ``name``, built from the model's own scheduler config."""
-    import diffusers
-
     class_name, options = SAMPLERS[sampler_name(name)]
     cls = getattr(diffusers, class_name)
     if class_name == "LMSDiscreteScheduler":
         try:
-            import scipy  # noqa: F401
+            import scipy  # noqa: F401  (an optional dependency: only this sampler needs it)
         except ImportError:
             raise InvalidValueError("sampler 'lms' needs scipy (pip install scipy)") from None
     if model.scheduler_config.get("rescale_betas_zero_snr") and \

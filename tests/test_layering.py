@@ -4,6 +4,8 @@ imports it (the world is a *user* of lorakit, like any other)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import lorakit
@@ -48,3 +50,13 @@ def test_the_check_sees_every_form(tmp_path):
                       "import importlib\nimportlib.import_module('lorakit.world.quality')\n"
                       "from lorakit import vocab\nimport lorakit.worldly\n")
     assert [hit.split(":")[0] for hit in world_imports(module)] == ["1", "2", "3", "5", "7"]
+
+
+def test_config_loads_without_torch():
+    """`lorakit train --print-config` must stay fast: the config and the train command's own module import
+    neither torch nor matplotlib (torch alone takes seconds)."""
+    code = ("import sys, lorakit.config, lorakit.commands.train, lorakit.cli; "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT.parent).stdout
+    assert out.strip() == "[]"

@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from lorakit.config import ConfigError, TrainConfig, load_config, set_option
+from lorakit.config import ConfigError, TrainConfig, load_config, set_option, to_toml
 from lorakit.world import concept
 from lorakit.world.recipe import apply_recipe
 
@@ -110,13 +110,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.config import to_toml
-
     cfg = config_from_args(args)
     if args.print_config:
         print(to_toml(cfg))
         return 0
-    from lorakit.train import train
+    from lorakit.train import train  # here, not at the top: --print-config must not wait for torch
 
     result = train(cfg, progress=not args.no_progress)
     print(result.summary)

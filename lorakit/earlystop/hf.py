@@ -44,7 +44,7 @@ PLOT_NAME = "cs_fluctuation.png"
 
 def peft_lora_layers(model: nn.Module, adapter_name: str | None = None) -> list[tuple[nn.Module, str]]:
     """``(layer, adapter)`` for every PEFT LoRA layer of ``model`` and adapter (only ``adapter_name`` if given)."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # peft is optional: only this callback needs it
 
     found = []
     for module in model.modules():

@@ -133,7 +133,7 @@ def summary_lines(runs: list[RunResult]) -> list[str]:
 
 
 def plot_run(run: RunResult, path: Path) -> Path:
-    import matplotlib
+    import matplotlib  # here, not at the top: slow to import, and the backend must be chosen before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

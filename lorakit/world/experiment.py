@@ -25,9 +25,11 @@ import numpy as np
 from lorakit.atomic import atomic_write_json
 from lorakit.checkpoints import RunFolder
 from lorakit.config import TrainConfig
+from lorakit.earlystop import History, find_turning_point
 from lorakit.formats import load_network
 from lorakit.models import BaseModel, load_base_model
 from lorakit.sample import SamplePrompt, generate
+from lorakit.train import train
 from lorakit.world import concept
 from lorakit.world.metrics import world_metrics
 from lorakit.world.recipe import recipe_config
@@ -141,8 +143,6 @@ def overfitting_onset(rows: list[dict], changes: tuple[str, ...] = ALTER_CHANGES
 def turning_epoch(run_dir: Path, rule=None, alignment: str | int = "centre", window_epochs: int = 1) -> dict | None:
     """Replay CS-Fluctuation on the run's recorded CS series under ``rule``, with a window of ``window_epochs``
     times the recorded one (one epoch by default); the turning point's epoch."""
-    from lorakit.earlystop import History, find_turning_point
-
     path = run_dir / "cs_history.json"
     if not path.exists():
         return None
@@ -174,8 +174,6 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.train import train
-
     data = args.out.parent / "zkz-data"
     if not data.exists():
         concept.write_concept_dataset(data)

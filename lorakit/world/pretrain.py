@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
 from tqdm import tqdm
 
 from lorakit.atomic import atomic_write
 from lorakit.loss import min_snr_weight
+from lorakit.models import ModelLoadError, load_base_model
 from lorakit.world.captions import named_background, named_position, random_caption
 from lorakit.world.model import build_components, write_clip_vocab_files
 from lorakit.world.render import ALL_SHAPES, BACKGROUNDS, COLORS, POSITIONS, SIZES, ObjectSpec, Scene, render_array
@@ -299,8 +302,6 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
 
 def export_pipeline(c: dict, folder: Path) -> None:
     """Write the diffusers folder (safetensors weights, configs, tokenizer incl. vocab.json/merges.txt)."""
-    from diffusers import StableDiffusionPipeline
-
     pipe = StableDiffusionPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
                                    unet=c["unet"], scheduler=c["scheduler"], safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -308,7 +309,6 @@ def export_pipeline(c: dict, folder: Path) -> None:
     pipe.save_pretrained(tmp, safe_serialization=True)
     write_clip_vocab_files(c["tokenizer"], tmp / "tokenizer")
     if folder.exists():
-        import shutil
         shutil.rmtree(folder)
     os.replace(tmp, folder)
 
@@ -335,8 +335,6 @@ def _reuse_model_folder(folder: Path, out: Path, c: dict, vae_steps: int) -> lis
     stage (the latents are encoded again from it, which gives the same data as the run that made it when
     --images and --seed are the same) and its U-Net + text encoder weights are returned as the EMA to start
     from."""
-    from lorakit.models import ModelLoadError, load_base_model
-
     missing = [name for name in ("unet", "text_encoder", "vae") if not (folder / name).is_dir()]
     if missing:
         raise SystemExit(f"--init-from {folder}: not a diffusers model folder (no {', '.join(missing)}/ in it)")
@@ -358,8 +356,6 @@ def _reuse_model_folder(folder: Path, out: Path, c: dict, vae_steps: int) -> lis
 def _reuse_earlier_run(snapshot: Path, out: Path) -> list[torch.Tensor]:
     """Start a continuation run in ``out`` from an earlier run's EMA snapshot: copy that run's VAE checkpoint
     and encoded latents (so the VAE stage is skipped and the data are the same) and return the snapshot."""
-    import shutil
-
     if not snapshot.is_file():
         raise SystemExit(f"--init-from {snapshot}: no such snapshot file")
     for name in ("vae_checkpoint.pt", "latents.pt"):

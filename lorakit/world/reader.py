@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 
 from lorakit.world.render import ALL_SHAPES, COLORS, POSITIONS, SIZES
@@ -319,8 +320,6 @@ class Reader:
     def __init__(self, weights: str | Path | None = WEIGHTS_PATH, min_shape_prob: float = 0.5) -> None:
         self.net = ShapeNet().eval()
         if weights is not None:
-            from safetensors.torch import load_file
-
             self.net.load_state_dict(load_file(str(weights)))
         self.min_shape_prob = min_shape_prob
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 
 from lorakit.world.degrade import degrade, load_vae, vae_roundtrip
 from lorakit.world.reader import (
@@ -245,8 +246,6 @@ def run(args: argparse.Namespace) -> int:
     if args.vae is not None and vae is None:
         print(f"no VAE at {args.vae}: training without VAE round trips")
     if not args.evaluate_only:
-        from safetensors.torch import save_file
-
         t0 = time.time()
         x, y = make_dataset(args.count, args.other_fraction, args.seed, vae=vae)
         print(f"{len(x)} crops in {time.time() - t0:.0f} s; classes {torch.bincount(y).tolist()}")
