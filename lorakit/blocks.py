@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lorakit.errors import InvalidValueError
 from lorakit.network import ModuleSpec, UniformRanks, is_kxk_conv
 
 # ---- the SD1.x 25-block map -------------------------------------------------------------------
@@ -103,7 +104,7 @@ class BlockMap:
         key = block_id.strip().upper()
         key = {"M00": "MID", "MID00": "MID"}.get(key, key)
         if key not in self.names:
-            raise ValueError(f"unknown {self.arch} block {block_id!r}; blocks are {', '.join(self.names)}")
+            raise InvalidValueError(f"unknown {self.arch} block {block_id!r}; blocks are {', '.join(self.names)}")
         return self.names.index(key)
 
 
@@ -169,13 +170,13 @@ def coarse_block_dims(groups: Iterable[str] | str, dim: int, block_map: BlockMap
     """25 ``block_dims`` values: ``dim`` in the blocks of the given coarse groups (or paper preset), 0 elsewhere."""
     if isinstance(groups, str):
         if groups not in PAPER_PRESETS:
-            raise ValueError(f"unknown block preset {groups!r}; presets are {', '.join(PAPER_PRESETS)}")
+            raise InvalidValueError(f"unknown block preset {groups!r}; presets are {', '.join(PAPER_PRESETS)}")
         groups = PAPER_PRESETS[groups]
     dims = [0] * len(block_map)
     for group in groups:
         key = group.strip().upper()
         if key not in block_map.coarse:
-            raise ValueError(f"unknown coarse block {group!r}; blocks are {', '.join(block_map.coarse)}")
+            raise InvalidValueError(f"unknown coarse block {group!r}; blocks are {', '.join(block_map.coarse)}")
         for index in block_map.coarse[key]:
             dims[index] = dim
     return dims
@@ -188,11 +189,11 @@ def _values(spec: Sequence[float] | str | None, n: int, what: str, cast: Callabl
         return None
     items = [s for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     if len(items) != n:
-        raise ValueError(f"{what} needs {n} values (one per block), got {len(items)}")
+        raise InvalidValueError(f"{what} needs {n} values (one per block), got {len(items)}")
     try:
         return [cast(v.strip() if isinstance(v, str) else v) for v in items]
     except ValueError as err:
-        raise ValueError(f"{what}: {err}") from None
+        raise InvalidValueError(f"{what}: {err}") from None
 
 
 @dataclass
@@ -322,12 +323,12 @@ def parse_block_weights(spec: str | Sequence[float], block_map: BlockMap = SD1,
     layout = block_map.lbw_layouts.get(len(items))
     if layout is None:
         sizes = " or ".join(str(n) for n in sorted(block_map.lbw_layouts))
-        raise ValueError(f"a {block_map.arch} block-weight string has {sizes} values "
+        raise InvalidValueError(f"a {block_map.arch} block-weight string has {sizes} values "
                          f"(or is one of {', '.join(presets)}), got {len(items)}: {spec!r}")
     try:
         values = [float(v) for v in items]
     except ValueError:
-        raise ValueError(f"block weights must be numbers: {spec!r}") from None
+        raise InvalidValueError(f"block weights must be numbers: {spec!r}") from None
     blocks = [0.0] * len(block_map)
     for block_id, value in zip(layout[1:], values[1:], strict=True):
         blocks[block_map.parse_block_id(block_id)] = value

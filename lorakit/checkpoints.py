@@ -28,10 +28,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorakit.atomic import atomic_write_text
+from lorakit.errors import LorakitError
+
 _EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
 
 
-class OutputFolderError(ValueError):
+class OutputFolderError(LorakitError, ValueError):
     """The output folder holds another run and the configuration does not say what to do with it."""
 
 
@@ -49,16 +52,6 @@ class Checkpoint:
 
     def load_state(self) -> dict[str, Any]:
         return torch.load(self.path / "state.pt", map_location="cpu", weights_only=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 class RunFolder:

@@ -1,13 +1,15 @@
 """``lorakit <command> ...``: a thin dispatcher; each command lives in its own module.
 
-A command module provides ``add_arguments(parser)`` and ``run(args) -> int`` (the exit status).  Only the
-chosen command's module is imported, so one command's heavy or broken imports never block another.
-To add a command, add a line to ``COMMANDS``.
+Every command is a module ``lorakit/commands/<name>.py`` with ``HELP`` (one line), ``add_arguments(parser)``
+and ``run(args) -> int`` (the exit status).  Only the chosen command's module is imported, so one command's
+heavy or broken imports never block another (and ``lorakit --help`` stays fast).  To add a command, add a
+line to ``COMMANDS``.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from collections.abc import Sequence
@@ -15,14 +17,21 @@ from collections.abc import Sequence
 from lorakit.errors import LorakitError
 from lorakit.quiet import silence_third_party
 
-#: command -> (module, one-line help)
+#: command -> (module, one-line help for `lorakit --help`; reading each module's HELP would import every
+#: command).  A command's own HELP describes it in `lorakit <command> --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("lorakit.train_command", "train an adapter, embedding or model from a folder of images"),
-    "world": ("lorakit.world.command", "the built-in shapes world: pretrain, quality, dataset, train-reader"),
+    "train": ("lorakit.commands.train", "train an adapter, embedding or model from a folder of images"),
+    "inspect": ("lorakit.commands.inspect", "show what an adapter file holds: algorithm, modules, ranks, metadata"),
     "eval": ("lorakit.commands.eval", "judge checkpoints: generate, measure, rank; metrics and an HTML report"),
     "report": ("lorakit.commands.report", "one HTML page for a training run from what its folder holds"),
-    "inspect": ("lorakit.inspection", "show what an adapter file holds: algorithm, modules, ranks, metadata, blocks"),
+    "world": ("lorakit.commands.world", "the built-in shapes world: pretrain, quality, dataset, experiment, ..."),
 }
+
+
+#: OS errors that are the user's to fix (a missing or protected file, a folder where a file belongs); with a
+#: full disk (ENOSPC) they print a message; any other error, a bug inside lorakit or torch included, a traceback
+USER_OS_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, PermissionError, IsADirectoryError,
+                                             NotADirectoryError, FileExistsError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,11 +49,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = None
     if command is not None:
         module = importlib.import_module(COMMANDS[command][0])
+        parsers[command].description = module.HELP
         module.add_arguments(parsers[command])
     args = parser.parse_args(argv)
     try:
         return int(module.run(args))
-    except (OSError, ValueError, LorakitError) as err:  # bad files and bad values: a message, not a traceback
+    except (LorakitError, *USER_OS_ERRORS) as err:  # the user's mistake: a message, not a traceback
+        print(f"lorakit {command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise  # anything else is a bug (or a broken system): its traceback helps
         print(f"lorakit {command}: error: {err}", file=sys.stderr)
         return 2
 

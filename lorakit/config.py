@@ -20,13 +20,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from lorakit.data.config import DataConfig
+from lorakit.earlystop.rules import RULES, rule_from_dict  # numpy only: config must stay free of torch
+from lorakit.errors import InvalidValueError
+from lorakit.tomlcheck import set_fields
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,7 +37,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidValueError):
     """A configuration value is missing, unknown or out of range (the message says which and where)."""
 
 
@@ -61,7 +64,9 @@ class MethodConfig:
     native_targets: str = "all"
     #: textual inversion: the new token(s); default the trigger word
     ti_token: str | None = None
-    ti_init_word: str = "shape"
+    #: textual inversion: the word whose embedding the new token(s) start from; "*" is A1111's default
+    #: ("Initialization text"); a word close to the concept ("dog", "style") usually learns faster
+    ti_init_word: str = "*"
     ti_vectors: int = 1
 
 
@@ -141,8 +146,6 @@ class EarlyStopConfig:
 
     def make_rule(self):
         """The configured turning-point rule (raises ValueError/TypeError for an unknown rule or option)."""
-        from lorakit.earlystop import rule_from_dict
-
         return rule_from_dict({"name": self.rule.replace("-", "_"), **self.rule_args})
 
 
@@ -169,8 +172,6 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check values that are wrong whatever the data (raises ConfigError naming the key)."""
-        from lorakit.earlystop.rules import RULES
-
         checks = [
             (self.method.kind in METHODS, "method.kind", f"one of {', '.join(METHODS)}"),
             (self.model.mixed_precision in ("no", "fp16", "bf16"), "model.mixed_precision", "no, fp16 or bf16"),
@@ -201,64 +202,6 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------------------------- loading
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check/convert one TOML value against a dataclass field's type annotation."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if annotation is Any:
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        item_type = args[0] if args else Any
-        items = [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return dict(value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def _apply_section(obj: Any, values: dict[str, Any], where: str) -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for key, value in values.items():
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(names)})"
-            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
-        setattr(obj, key, _coerce(value, hints[key], f"{where}.{key}"))
-
-
 def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
     """Build a TrainConfig from nested dicts (TOML tables); unknown sections/keys raise ConfigError."""
     cfg = TrainConfig()
@@ -276,7 +219,7 @@ def merge_into(cfg: TrainConfig, values: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: unknown section [{section}]{hint}")
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: [{section}] must be a table")
-        _apply_section(getattr(cfg, section), table, f"{source} [{section}]")
+        set_fields(getattr(cfg, section), table, f"{source} [{section}]", ConfigError)
 
 
 def load_config(path: str | Path) -> TrainConfig:
@@ -305,26 +248,7 @@ def set_option(cfg: TrainConfig, dotted: str, raw: str) -> None:
 
 def to_toml(cfg: TrainConfig) -> str:
     """The config as TOML (written next to every run so it can be repeated exactly)."""
-    lines: list[str] = []
-    for section, table in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        for key, value in table.items():
-            if value is None:
-                continue  # TOML has no null: absent means default (None)
-            lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {value!r} as TOML")
+    # TOML has no null: a None option is left out, which reads back as its default (None)
+    tables = {section: {key: value for key, value in table.items() if value is not None}
+              for section, table in cfg.to_dict().items()}
+    return tomli_w.dumps(tables)

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,11 +27,17 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from safetensors import safe_open
 from torch import nn
 
-import lorakit
+from lorakit.adapters import ALGORITHMS, KNOWN
+from lorakit.adapters import detect_algorithm as registry_detect
 from lorakit.adapters.base import Adapter, AdapterFormatError
+from lorakit.adapters.lowrank import LowRankAdapter
+from lorakit.atomic import DestinationExistsError, atomic_write
 from lorakit.blocks import SD1, BlockMap
+from lorakit.errors import LorakitError
+from lorakit.metadata import metadata_value, ss_metadata, version_metadata
 from lorakit.network import (
     LYCORIS_PREFIX,
     AdapterNetwork,
@@ -44,16 +49,11 @@ from lorakit.network import (
 )
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(LorakitError, ValueError):
     """A file cannot be read or does not fit the model; the message names the file and the key."""
 
 
 # ---- reading ------------------------------------------------------------------------------------------
-
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-_MAX_HEADER = 100 * 1024 * 1024
-
 
 @dataclass
 class AdapterFile:
@@ -98,72 +98,24 @@ def _sniff(path: Path, head: bytes, size: int) -> None:
                            "files, since unpickling runs code. Convert it to .safetensors with a tool you trust")
 
 
-def _check_layout(path: Path) -> dict[str, Any]:
-    """Parse and check the safetensors header against the file size; return the header."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(9)
-        _sniff(path, head, size)
-        if len(head) < 8:
-            raise AdapterFileError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
-        (n,) = struct.unpack("<Q", head[:8])
-        if n > min(size - 8, _MAX_HEADER):
-            if n > _MAX_HEADER:
-                raise AdapterFileError(f"{path}: not a safetensors file (no valid header length)")
-            raise AdapterFileError(f"{path}: truncated: the header needs {n} bytes, the file has {size - 8} after "
-                                   "the length field")
-        f.seek(8)
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError
-    except (UnicodeDecodeError, ValueError):
-        raise AdapterFileError(f"{path}: not a safetensors file (its header is not JSON)") from None
-    data_size = size - 8 - n
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            begin, end = info["data_offsets"]
-            count = 1
-            for d in info["shape"]:
-                count *= int(d)
-            width = _DTYPE_SIZES.get(info["dtype"])
-        except (KeyError, TypeError, ValueError):
-            raise AdapterFileError(f"{path}: corrupt header entry for key {key!r}") from None
-        if end > data_size:
-            raise AdapterFileError(f"{path}: truncated or corrupt: tensor {key!r} needs bytes {begin}..{end} of the "
-                                   f"data, the file holds {data_size}")
-        if width is not None and end - begin != count * width:
-            raise AdapterFileError(f"{path}: corrupt: tensor {key!r} has {end - begin} bytes for shape "
-                                   f"{info['shape']} {info['dtype']}")
-    return header
-
-
 def read_adapter(path: str | os.PathLike) -> AdapterFile:
     """Read a ``.safetensors`` adapter file (kohya or LyCORIS keys), checking it before loading."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    header = _check_layout(path)
+    with open(path, "rb") as f:
+        _sniff(path, f.read(9), path.stat().st_size)  # before safetensors sees it: a pickle is named as one
     try:
-        tensors = safetensors.torch.load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types; name the file whatever they are
-        raise AdapterFileError(f"{path}: cannot be read as safetensors: {err}") from err
-    metadata = header.get("__metadata__") or {}
+        # safetensors checks the header against the file (a truncated or corrupt file fails here, whole)
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # SafetensorError (not public API) and whatever else; name the file in any case
+        raise AdapterFileError(f"{path}: not a safetensors file, or a truncated or corrupt one ({err})") from err
     return AdapterFile(tensors, {str(k): str(v) for k, v in metadata.items()}, path)
 
 
 # ---- writing ------------------------------------------------------------------------------------------
-
-def _metadata_value(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Mapping | list | tuple):
-        return json.dumps(value)
-    return str(value)  # kohya's convention: str(True) == 'True', str(None) == 'None'
-
 
 def write_adapter(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                   metadata: Mapping[str, Any] | None = None, *, overwrite: bool = False,
@@ -177,45 +129,20 @@ def write_adapter(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: adapter files must end in .safetensors")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        raise DestinationExistsError(f"{path} exists; pass overwrite=True to replace it")
     data = {}
     for key, tensor in tensors.items():
         tensor = tensor.detach().to("cpu")
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         data[key] = tensor.contiguous().clone()  # own storage: safetensors refuses shared tensors
-    meta = {str(k): _metadata_value(v) for k, v in (metadata or {}).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(data, tmp, metadata=meta)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _rename_no_clobber(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _rename_no_clobber(tmp: str, path: Path) -> None:
-    # a hard link fails if the target appeared meanwhile, so a file written concurrently is never lost
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
-    except OSError:  # no hard links on this file system
-        if path.exists():
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
-        os.replace(tmp, path)
+    meta = {str(k): metadata_value(v) for k, v in (metadata or {}).items()}
+    # with overwrite=False a file that appeared while writing is not replaced either (lorakit.atomic)
+    return atomic_write(path, lambda tmp: safetensors.torch.save_file(data, str(tmp), metadata=meta),
+                        overwrite=overwrite)
 
 
 # ---- what a file holds -----------------------------------------------------------------------------------
-
-# keys whose first dimension is the rank, per algorithm, in the order to look for them
-_RANK_KEYS = ("lora_down.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b", "a1.weight")
 
 # the blocks and names that tell base models apart: cross-attention width of the U-Net, CLIP width
 _CROSS_ATTN_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
@@ -224,8 +151,6 @@ _TE_WIDTH = {768: "sd1", 1024: "sd2"}
 
 def detect_algorithm(relative_keys: Iterable[str]) -> str:
     """The algorithm of one module from its tensor keys ('lora', 'loha', 'lokr', 'oft', ...; 'unknown')."""
-    from lorakit.adapters import detect_algorithm as registry_detect
-
     try:
         return registry_detect(relative_keys)
     except ValueError:
@@ -234,9 +159,10 @@ def detect_algorithm(relative_keys: Iterable[str]) -> str:
 
 def module_rank(tensors: Mapping[str, torch.Tensor]) -> int | None:
     """Rank of one module from its tensors; None for rankless algorithms (IA3, full, full-matrix LoKr)."""
-    for key in _RANK_KEYS:
-        if key in tensors:
-            return int(tensors[key].shape[0])
+    for spec in KNOWN.values():  # each algorithm names its own rank keys (LoRA: lora_down.weight)
+        for key in spec.rank_keys:
+            if key in tensors:
+                return int(tensors[key].shape[0])
     return None
 
 
@@ -307,36 +233,18 @@ def guess_base_model(file: AdapterFile) -> str | None:
 
 
 def _input_width(tensors: Mapping[str, torch.Tensor]) -> int | None:
-    for key in ("lora_down.weight", "hada_w1_b"):
-        if key in tensors:
-            return int(tensors[key].shape[1])
+    for spec in KNOWN.values():
+        for key in spec.width_keys:
+            if key in tensors:
+                return int(tensors[key].shape[1])
     return None
 
 
 # ---- metadata -----------------------------------------------------------------------------------------------
 
-#: training facts the trainer may record, stored as kohya's ss_<name> (A1111 and civitai show them)
-TRAINING_FIELDS = (
-    "learning_rate", "unet_lr", "text_encoder_lr", "num_epochs", "epoch", "steps", "max_train_steps",
-    "num_train_images", "num_reg_images", "num_batches_per_epoch", "batch_size_per_device", "total_batch_size",
-    "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps", "optimizer", "mixed_precision", "seed",
-    "resolution", "clip_skip", "noise_offset", "min_snr_gamma", "max_grad_norm", "network_dropout",
-    "output_name", "session_id", "training_started_at", "training_finished_at", "training_comment",
-    "sd_model_name", "sd_model_hash", "new_sd_model_hash", "vae_name", "tag_frequency", "dataset_dirs",
-    "caption_dropout_rate", "shuffle_caption", "keep_tokens", "flip_aug", "color_aug", "cache_latents",
-    "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_info", "prior_loss_weight",
-)
-
-
 def training_metadata(**fields: Any) -> dict[str, str]:
-    """kohya ``ss_*`` entries from keyword arguments (``learning_rate=1e-4, tag_frequency={...}``).
-
-    Unknown names are an error, so a typo does not silently vanish from the file.
-    """
-    unknown = sorted(set(fields) - set(TRAINING_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown training metadata {unknown}; known: {', '.join(TRAINING_FIELDS)}")
-    return {f"ss_{k}": _metadata_value(v) for k, v in fields.items() if v is not None}
+    """kohya ``ss_*`` entries from keyword arguments; see ``lorakit.metadata.ss_metadata``."""
+    return ss_metadata(**fields)
 
 
 def _most_common(values: Iterable[Any]) -> Any:
@@ -347,11 +255,13 @@ def _most_common(values: Iterable[Any]) -> Any:
 def network_metadata(network: AdapterNetwork, base_model_version: str = "sd_v1") -> dict[str, str]:
     """The ``ss_*`` entries that describe a network, as kohya / LyCORIS write them, plus ``lorakit_*``."""
     algos = {a.algorithm for a in network.adapters.values()}
-    file = AdapterFile(network.file_tensors())
-    infos = describe_modules(file)
-    linear = [i for i in infos if not is_kxk_conv(network[i.name].base)] or infos
-    rank = _most_common(i.rank for i in linear)
-    alpha = _most_common(i.alpha for i in linear)
+    # network_dim/alpha as kohya records them: the setting of the linear (and 1×1) layers, read from the
+    # adapters themselves (conv_dim/conv_alpha go in ss_network_args); rankless algorithms have none
+    adapters = list(network.adapters.values())
+    linear = [a for a in adapters if not is_kxk_conv(a.base)] or adapters
+    low_rank = [a for a in linear if isinstance(a, LowRankAdapter)]
+    rank = _most_common(a.rank for a in low_rank)
+    alpha = _most_common(float(a.alpha) for a in low_rank)
     args = {k: v for k, v in network.args.items() if k != "preset"}
     dora = any("dora_scale" in a.file_tensors() for a in network.adapters.values())
     if algos <= {"lora"} and not dora:
@@ -363,13 +273,10 @@ def network_metadata(network: AdapterNetwork, base_model_version: str = "sd_v1")
         if dora:
             args["dora_wd"] = "True"
     return {
-        "ss_network_module": module,
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": f"{alpha:g}" if alpha is not None else "None",
-        "ss_network_args": json.dumps(args),
-        "ss_base_model_version": base_model_version,
-        "ss_v2": str(base_model_version.startswith("sd_v2")),
-        "lorakit_version": lorakit.__version__,
+        **ss_metadata(network_module=module, network_dim=str(rank),
+                      network_alpha=f"{alpha:g}" if alpha is not None else "None", network_args=json.dumps(args),
+                      base_model_version=base_model_version, v2=base_model_version.startswith("sd_v2")),
+        **version_metadata(),
         "lorakit_preset": network.args.get("preset", ""),
         "lorakit_algorithm": ",".join(sorted(algos)),
     }
@@ -398,7 +305,7 @@ def save_network(network: AdapterNetwork, path: str | os.PathLike, metadata: Map
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     meta = network_metadata(network, base_model_version)
-    meta.update({k: _metadata_value(v) for k, v in (metadata or {}).items()})
+    meta.update({k: metadata_value(v) for k, v in (metadata or {}).items()})
     meta.update(model_hashes(tensors, meta))
     return write_adapter(path, tensors, meta, overwrite=overwrite)
 
@@ -489,8 +396,6 @@ def load_network(source: str | os.PathLike | AdapterFile, unet: nn.Module | None
     encoder when only ``unet`` is passed) are skipped and listed.
     """
     file = source if isinstance(source, AdapterFile) else read_adapter(source)
-    from lorakit.adapters import ALGORITHMS
-
     comps = components(unet, text_encoder)
     table = _lookup(comps)
     report = LoadReport(file.label, loose_keys=file.loose_keys(), file_base_model=guess_base_model(file))

@@ -1,4 +1,4 @@
-"""``lorakit inspect FILE``: what an adapter file holds, in plain text.
+"""What an adapter file holds, in plain text (``lorakit inspect FILE``, ``lorakit.commands.inspect``).
 
 Algorithm, module counts (U-Net / text encoder), ranks and alphas, size, dtypes, the ``ss_*`` and
 ``lorakit_*`` metadata and the U-Net blocks it touches, ending with a one-paragraph summary.
@@ -7,18 +7,18 @@ Works on files of any tool that writes kohya or LyCORIS keys.
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorakit.adapters import KNOWN
 from lorakit.blocks import SD1, BlockMap
 from lorakit.formats import AdapterFile, ModuleInfo, describe_modules, guess_base_model, read_adapter
 
 _COMPONENT_LABELS = {"unet": "U-Net", "text_encoder": "text encoder", "text_encoder_1": "text encoder 1",
                      "text_encoder_2": "text encoder 2", "unknown": "unknown prefix"}
 _BASE_MODELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-_ALGORITHM_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "(IA)^3", "full": "full (native ΔW)"}
+_ALGORITHM_NAMES = {name: spec.display_name for name, spec in KNOWN.items()}
 _LONG = 120  # metadata values longer than this (tag frequencies, bucket info) are cut
 
 
@@ -142,12 +142,3 @@ def _runs(names: list[str], order: list[str]) -> str:
         else:
             runs.append([name])
     return ", ".join(r[0] if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", type=Path, help="a .safetensors adapter file (kohya or LyCORIS keys)")
-
-
-def run(args: argparse.Namespace) -> int:
-    print(format_report(inspect_file(args.file)))
-    return 0

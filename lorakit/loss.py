@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lorakit.errors import InvalidValueError
+
 
 @dataclass
 class NoisedBatch:
@@ -38,7 +40,7 @@ def add_training_noise(scheduler, latents: torch.Tensor, generator: torch.Genera
     elif prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
-        raise ValueError(f"unknown prediction type {prediction_type!r} (epsilon or v_prediction)")
+        raise InvalidValueError(f"unknown prediction type {prediction_type!r} (epsilon or v_prediction)")
     return NoisedBatch(noisy, timesteps, target)
 
 

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from lorakit.blocks import BlockRanks
-from lorakit.config import TrainConfig
+from lorakit.config import ConfigError, TrainConfig
 from lorakit.earlystop.cs import CSMeter, cs_native
 from lorakit.embeddings import expand_tokens, register_tokens, token_names
-from lorakit.formats import save_network
-from lorakit.models import BaseModel
+from lorakit.formats import save_network, write_adapter
+from lorakit.models import BaseModel, save_single_file_checkpoint
 from lorakit.network import AdapterNetwork, UniformRanks, create_network, get_preset, select_targets
 from lorakit.network import components as network_components
 
@@ -79,7 +79,7 @@ class AdapterMethod(TrainingMethod):
     def __init__(self, cfg: TrainConfig, model: BaseModel) -> None:
         net = cfg.network
         if not (net.train_unet or net.train_text_encoder):
-            raise ValueError("network: train_unet and train_text_encoder are both false: nothing to train")
+            raise ConfigError("network: train_unet and train_text_encoder are both false: nothing to train")
         options = dict(net.args)
         for key, value, default in (("dropout", net.dropout, 0.0), ("rank_dropout", net.rank_dropout, 0.0),
                                     ("module_dropout", net.module_dropout, 0.0), ("dora", net.use_dora, False)):
@@ -89,7 +89,7 @@ class AdapterMethod(TrainingMethod):
             model.unet if net.train_unet else None, model.text_encoder if net.train_text_encoder else None,
             preset=net.preset, ranks=rank_rule(cfg), algorithm=net.algorithm, options=options)
         if len(self.network) == 0:
-            raise ValueError(f"network: preset {net.preset!r} with these ranks selects no module of the model")
+            raise ConfigError(f"network: preset {net.preset!r} with these ranks selects no module of the model")
         self.cfg = cfg
         self._meter = CSMeter({n: self.network[n] for n in self.network.names("unet")}) \
             if self.network.names("unet") else None
@@ -179,7 +179,6 @@ class NativeMethod(TrainingMethod):
         return meter
 
     def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
-        from lorakit.models import save_single_file_checkpoint
         path = folder / f"{name}.safetensors"
         save_single_file_checkpoint(self.model, path, overwrite=True)
         return [path]
@@ -203,17 +202,18 @@ class TextualInversion(TrainingMethod):
         self.cfg, self.model = cfg, model
         token = cfg.method.ti_token or cfg.data.trigger
         if not token:
-            raise ValueError("textual inversion needs a token: set method.ti_token or data.trigger")
+            raise ConfigError("textual inversion needs a token: set method.ti_token or data.trigger")
         self.token = token
         self.tokens = token_names(token, cfg.method.ti_vectors)
         tok, te = model.tokenizer, model.text_encoder
         ids = register_tokens(model, self.tokens)
         if ids is None:
-            raise ValueError(f"textual inversion: token {token!r} (or one of {self.tokens}) is already in the "
+            raise ConfigError(f"textual inversion: token {token!r} (or one of {self.tokens}) is already in the "
                              "tokenizer's vocabulary as a single token; choose a new word")
         init_ids = tok(cfg.method.ti_init_word, add_special_tokens=False).input_ids
         if not init_ids:
-            raise ValueError(f"textual inversion: init word {cfg.method.ti_init_word!r} gives no tokens")
+            raise ConfigError(f"textual inversion: method.ti_init_word {cfg.method.ti_init_word!r} gives no tokens; "
+                             "set it to a word close to the concept (e.g. \"dog\", \"style\") or \"*\"")
         self.ids = ids
         emb = te.get_input_embeddings().weight
         with torch.no_grad():
@@ -250,7 +250,6 @@ class TextualInversion(TrainingMethod):
         return expand_tokens(prompt, self.tokens)
 
     def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
-        from lorakit.formats import write_adapter
         path = folder / f"{name}-{self.token}.safetensors"
         # A1111, ComfyUI and diffusers all read a single-tensor file; "clip_l" names the encoder (SDXL: + clip_g)
         write_adapter(path, {"clip_l": self.vectors().float().cpu().contiguous()},

@@ -17,16 +17,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import json
 import logging
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lorakit import ldm
+from lorakit.atomic import atomic_write
+from lorakit.errors import InvalidValueError, LorakitError
+from lorakit.metadata import version_metadata
+from lorakit.vocab import build_vocab
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +40,7 @@ SD15_CONFIG = CONFIG_DIR / "sd15"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(LorakitError, ValueError):
     """A model file or folder that lorakit cannot (or will not) load; the message names it and says why."""
 
 
@@ -54,7 +59,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.
     try:
         return _DTYPES[dtype.lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16") from None
+        raise InvalidValueError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16") from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -207,8 +212,6 @@ def load_clip_tokenizer(folder: str | Path) -> CLIPTokenizer:
     merges_file = folder / "merges.txt"
     if not merges_file.is_file():
         raise ModelLoadError(f"{folder}: no CLIP tokenizer here (tokenizer.json, vocab.json or merges.txt)")
-    from lorakit.world.tokenizer import build_vocab  # CLIP's own vocabulary construction
-
     lines = merges_file.read_text(encoding="utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
     tok = CLIPTokenizer(vocab=build_vocab(merges), merges=merges)
@@ -240,8 +243,6 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """(tensors, metadata) of a single-file checkpoint, refusing anything that would need unpickling."""
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
@@ -266,33 +267,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     raise ModelLoadError(f"{path}: unknown checkpoint format {path.suffix!r} (expected .safetensors or .ckpt)")
 
 
-_builtin_config_tmp: tempfile.TemporaryDirectory | None = None
-
-
-def _builtin_config_dir() -> Path:
-    """Configs of the built-in model: its shipped folder, or (before it ships) written from lorakit.world.model."""
-    global _builtin_config_tmp
-    if (builtin_model_path() / "model_index.json").is_file():
-        return builtin_model_path()
-    if _builtin_config_tmp is None:
-        from lorakit.world import model as world
-
-        _builtin_config_tmp = tempfile.TemporaryDirectory(prefix="lorakit-builtin-config-")
-        root = Path(_builtin_config_tmp.name)
-        tok = world.build_tokenizer()
-        configs = {"unet/config.json": {"_class_name": "UNet2DConditionModel", **world.UNET_CONFIG},
-                   "vae/config.json": {"_class_name": "AutoencoderKL", **world.VAE_CONFIG},
-                   "scheduler/scheduler_config.json": {"_class_name": "DDIMScheduler", **world.SCHEDULER_CONFIG}}
-        for name, cfg in configs.items():
-            (root / name).parent.mkdir(parents=True)
-            (root / name).write_text(json.dumps(cfg))
-        world.text_encoder_config(len(tok), tok.bos_token_id, tok.eos_token_id).save_pretrained(root / "text_encoder")
-        tok.save_pretrained(root / "tokenizer")
-    return Path(_builtin_config_tmp.name)
-
-
 def _known_configs() -> dict[str, Path]:
-    return {"sd15": SD15_CONFIG, "builtin": _builtin_config_dir()}
+    """Config folders a single-file checkpoint is matched against (the built-in model's when it is installed)."""
+    configs = {"sd15": SD15_CONFIG}
+    if (builtin_model_path() / "model_index.json").is_file():
+        configs["builtin"] = builtin_model_path()
+    return configs
 
 
 def _te_key(checkpoint: dict, inner: str) -> str:
@@ -400,7 +380,7 @@ def _plain_keys(module: torch.nn.Module, fresh) -> None:
         expected = set(fresh().state_dict())
     extra = sorted(set(module.state_dict()) - expected)
     if extra:
-        raise ValueError(f"{type(module).__name__} has tensors a plain model does not ({len(extra)}, e.g. "
+        raise InvalidValueError(f"{type(module).__name__} has tensors a plain model does not ({len(extra)}, e.g. "
                          f"{extra[0]}): merge or remove adapters before saving a base checkpoint")
 
 
@@ -411,11 +391,9 @@ def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str |
     ``dtype``: cast on the way out (e.g. "fp16" halves the file); None keeps each tensor's dtype.  The write
     is atomic (temporary file, then rename) and an existing file is kept unless ``overwrite``.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"{path}: single-file checkpoints are written as .safetensors only")
+        raise InvalidValueError(f"{path}: single-file checkpoints are written as .safetensors only")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     unet, vae, te = model.unet, model.vae, model.text_encoder
@@ -432,13 +410,7 @@ def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str |
             tensor = tensor.to(cast)
         out[key] = tensor.contiguous()
     info = {"lorakit_vae_scaling_factor": repr(float(vae.config.scaling_factor)),
-            "lorakit_prediction_type": model.prediction_type, "lorakit_version": model.version,
+            "lorakit_prediction_type": model.prediction_type, "lorakit_architecture": model.version,
+            **version_metadata(),
             **(metadata or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(out, str(tmp), metadata=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: save_file(out, str(tmp), metadata=info), overwrite=overwrite)

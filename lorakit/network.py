@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.adapters import make_adapter
 from lorakit.adapters.base import Adapter
+from lorakit.errors import InvalidValueError
 
 LINEAR, CONV1X1, CONV = "linear", "conv1x1", "conv"
 ALL_KINDS = frozenset({LINEAR, CONV1X1, CONV})
@@ -35,8 +37,9 @@ TE_PREFIX = "lora_te"
 LYCORIS_PREFIX = "lycoris"
 
 
-def layer_kind(module: nn.Module) -> str | None:
-    """'linear', 'conv1x1' or 'conv' (k x k, k > 1) for the layers adapters wrap; None otherwise."""
+def target_kind(module: nn.Module) -> str | None:
+    """The kind a target rule matches: 'linear', 'conv1x1' or 'conv' (k x k, k > 1); None for layers adapters
+    do not wrap.  (``lorakit.adapters.base.layer_kind`` is the adapter's own check: 'linear' or 'conv'.)"""
     if isinstance(module, nn.Linear):
         return LINEAR
     if isinstance(module, nn.Conv2d):
@@ -46,7 +49,7 @@ def layer_kind(module: nn.Module) -> str | None:
 
 def is_kxk_conv(module: nn.Module) -> bool:
     """A conv with a kernel larger than 1x1: kohya/LyCORIS give these the separate conv rank."""
-    return layer_kind(module) == CONV
+    return target_kind(module) == CONV
 
 
 # ---- presets ----------------------------------------------------------------------------------------
@@ -129,7 +132,7 @@ def get_preset(preset: str | Preset) -> Preset:
     if isinstance(preset, Preset):
         return preset
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
+        raise InvalidValueError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
     return PRESETS[preset]
 
 
@@ -191,7 +194,7 @@ def adaptable_layers(component: Component) -> Iterator[tuple[str, nn.Module]]:
         if isinstance(module, Adapter):
             inside_adapter.append(path)
             yield path, module
-        elif layer_kind(module) is not None:
+        elif target_kind(module) is not None:
             yield path, module
 
 
@@ -216,7 +219,7 @@ def select_targets(component: Component, rules: Sequence[TargetRule]) -> list[tu
         parts = path.split(".")
         ancestors = [classes[".".join(parts[:i])] for i in range(len(parts))]
         canonical = component.canonical_path(path)
-        if any(_rule_matches(r, canonical, layer_kind(layer), ancestors) for r in rules):
+        if any(_rule_matches(r, canonical, target_kind(layer), ancestors) for r in rules):
             if isinstance(module, Adapter):
                 raise ValueError(f"{component.group} module {path!r} already carries an adapter; "
                                  "merge() and remove() that network first")
@@ -310,9 +313,6 @@ class AdapterNetwork(nn.Module):
 
     def names(self, group: str | None = None) -> list[str]:
         return [n for n, s in self._slots.items() if group is None or s.group == group]
-
-    def group_of(self, name: str) -> str:
-        return self._slots[name].group
 
     @property
     def groups(self) -> list[str]:
@@ -413,8 +413,7 @@ def create_network(unet: nn.Module | None = None,
     """
     preset = get_preset(preset)
     ranks = ranks if ranks is not None else UniformRanks()
-    if factory is None:
-        from lorakit.adapters import make_adapter as factory
+    factory = factory or make_adapter
     planned = []
     for comp in components(unet, text_encoder):
         rules = preset.text_encoder if comp.is_text_encoder else preset.unet

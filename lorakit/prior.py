@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lorakit.atomic import atomic_write, atomic_write_text
+from lorakit.data.images import IMAGE_EXTENSIONS
 from lorakit.models import BaseModel
 from lorakit.sample import SamplePrompt, generate
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def class_image_folder(parent: Path, class_prompt: str) -> Path:
@@ -33,8 +33,6 @@ def ensure_class_images(model: BaseModel, parent: Path, class_prompt: str, count
         images = generate(model, prompts, batch_size=batch_size)
         for i, image in zip(missing, images, strict=True):
             path = folder / f"{i:04d}.png"
-            tmp = path.with_name(f".{path.name}.tmp")
-            image.save(tmp, format="PNG")
-            tmp.replace(path)
-            path.with_suffix(".txt").write_text(class_prompt + "\n", encoding="utf-8")
+            atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+            atomic_write_text(path.with_suffix(".txt"), class_prompt + "\n")
     return Path(parent)

@@ -18,17 +18,25 @@ import inspect
 import json
 import logging
 import math
-import os
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from lorakit.atomic import atomic_write
+from lorakit.errors import InvalidValueError, LorakitError
 from lorakit.models import BaseModel
 
 log = logging.getLogger(__name__)
@@ -49,7 +57,7 @@ class SamplePrompt:
     sampler: str = "ddim"
 
 
-class PromptSyntaxError(ValueError):
+class PromptSyntaxError(LorakitError, ValueError):
     """A prompt file that cannot be parsed; the message names the file and line."""
 
 
@@ -164,10 +172,6 @@ def load_prompts(path: str | Path, defaults: SamplePrompt | None = None) -> list
             raise PromptSyntaxError(f"{path}: expected a list of prompts")
     elif suffix == ".toml":
         try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise PromptSyntaxError(f"{path}: not valid TOML: {e}") from None
@@ -221,21 +225,19 @@ def sampler_name(name: str) -> str:
     key = re.sub(r"[\s\-]+", "_", str(name).strip().lower())
     key = _SAMPLER_ALIASES.get(key, key)
     if key not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
+        raise InvalidValueError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
     return key
 
 
 def make_scheduler(name: str, model: BaseModel) -> Any:
     """A fresh diffusers scheduler for sampler ``name``, built from the model's own scheduler config."""
-    import diffusers
-
     class_name, options = SAMPLERS[sampler_name(name)]
     cls = getattr(diffusers, class_name)
     if class_name == "LMSDiscreteScheduler":
         try:
-            import scipy  # noqa: F401
+            import scipy  # noqa: F401  (an optional dependency: only this sampler needs it)
         except ImportError:
-            raise ValueError("sampler 'lms' needs scipy (pip install scipy)") from None
+            raise InvalidValueError("sampler 'lms' needs scipy (pip install scipy)") from None
     if model.scheduler_config.get("rescale_betas_zero_snr") and \
             "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
         options = {**options, "trained_betas": zero_snr_betas_for_sigma_samplers(model)}
@@ -400,15 +402,7 @@ def save_sample_grid(images: Sequence[Image.Image], prompts: Sequence[SampleProm
     labels = [p if isinstance(p, str) else p.prompt + (f" (seed {p.seed})" if p.seed is not None else "")
               for p in prompts]
     grid = image_grid(images, cols=cols, labels=labels)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        grid.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 __all__ = ["SamplePrompt", "PromptSyntaxError", "SAMPLERS", "parse_prompt_line", "parse_prompt_dict",

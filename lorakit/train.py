@@ -21,14 +21,16 @@ from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 from tqdm import tqdm
 
-from lorakit.checkpoints import RunFolder, atomic_write_json, atomic_write_text
+from lorakit.atomic import atomic_write_json, atomic_write_text
+from lorakit.checkpoints import RunFolder
 from lorakit.config import TrainConfig, to_toml
 from lorakit.data import DataConfig, TrainingData
 from lorakit.earlystop import CSFluctuationMonitor, plot_cs_fluctuation
 from lorakit.errors import LorakitError
 from lorakit.loss import add_training_noise, diffusion_loss
+from lorakit.metadata import ss_metadata
 from lorakit.methods import TrainingMethod, make_method
-from lorakit.models import BaseModel, load_base_model
+from lorakit.models import BaseModel, load_base_model, resolve_dtype
 from lorakit.prior import ensure_class_images
 from lorakit.run_messages import estimate_line, next_steps, opening_line
 from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
@@ -74,7 +76,7 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimiz
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    return resolve_dtype(mixed_precision)  # "no" (no mixed precision) is fp32
 
 
 def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
@@ -124,29 +126,23 @@ def sample_prompts(cfg: TrainConfig, model: BaseModel) -> list[SamplePrompt]:
 
 
 def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: int, step: int) -> dict[str, str]:
-    meta = {
-        "ss_learning_rate": str(cfg.optimizer.learning_rate),
-        "ss_unet_lr": str(cfg.optimizer.unet_lr or cfg.optimizer.learning_rate),
-        "ss_text_encoder_lr": str(cfg.optimizer.text_encoder_lr or cfg.optimizer.learning_rate),
-        "ss_epoch": str(epoch),
-        "ss_steps": str(step),
-        "ss_max_train_epochs": str(cfg.training.max_epochs),
-        "ss_seed": str(cfg.training.seed),
-        "ss_lr_scheduler": cfg.optimizer.lr_scheduler,
-        "ss_optimizer": cfg.optimizer.optimizer,
-        "ss_noise_offset": str(cfg.training.noise_offset),
-        "ss_min_snr_gamma": str(cfg.training.min_snr_gamma),
-        "ss_prior_loss_weight": str(cfg.training.prior_loss_weight),
-        "ss_mixed_precision": cfg.model.mixed_precision,
-        "ss_sd_model_name": Path(model.source).name if model.source else "builtin",
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": "False",
+    meta = ss_metadata(
+        learning_rate=cfg.optimizer.learning_rate,
+        unet_lr=cfg.optimizer.unet_lr or cfg.optimizer.learning_rate,
+        text_encoder_lr=cfg.optimizer.text_encoder_lr or cfg.optimizer.learning_rate,
+        epoch=epoch, steps=step, max_train_epochs=cfg.training.max_epochs, seed=cfg.training.seed,
+        lr_scheduler=cfg.optimizer.lr_scheduler, optimizer=cfg.optimizer.optimizer,
+        noise_offset=cfg.training.noise_offset,
+        min_snr_gamma=str(cfg.training.min_snr_gamma),  # kohya writes "None" when it is off
+        prior_loss_weight=cfg.training.prior_loss_weight, mixed_precision=cfg.model.mixed_precision,
+        sd_model_name=Path(model.source).name if model.source else "builtin",
+        base_model_version="sd_v1", v2=False,
         # kohya's names: tools that read a LoRA's metadata learn what the base model predicts and its schedule
-        "ss_v_parameterization": str(model.prediction_type == "v_prediction"),
-        "ss_zero_terminal_snr": str(bool(model.scheduler_config.get("rescale_betas_zero_snr", False))),
-        "ss_resolution": str(model.resolution),
-        "lorakit_method": cfg.method.kind,
-    }
+        v_parameterization=model.prediction_type == "v_prediction",
+        zero_terminal_snr=bool(model.scheduler_config.get("rescale_betas_zero_snr", False)),
+        resolution=model.resolution,
+    )
+    meta["lorakit_method"] = cfg.method.kind
     meta.update(data.kohya_metadata())
     return meta
 
@@ -308,6 +304,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                          "monitor": monitor.state_dict() if monitor is not None else None}
                 run.save_checkpoint(epoch, method.trained_tensors(), state,
                                     metadata=metadata_for(cfg, data, model, epoch, step))
+                if cfg.method.kind == "native":  # a whole U-Net per epoch: keep only what may be handed back
+                    earliest = None  # early stopping off or report-only: only the last checkpoint is used
+                    if stop_decision is not None and stop_decision.turning_point is not None:
+                        earliest = stop_decision.turning_point.step
+                    elif monitor is not None and cfg.early_stop.mode == "cs-fluctuation":
+                        earliest = monitor.earliest_candidate_step()
+                    run.prune_checkpoints(checkpoints_to_keep([c.epoch for c in run.checkpoints()],
+                                                              steps_per_epoch, earliest))
             if is_main and prompts and (epoch % cfg.sample.every_n_epochs == 0 or stop_decision is not None):
                 _sample(model, method, prompts, run.sample_path(f"epoch-{epoch:04d}"), accelerator)
     finally:
@@ -388,6 +392,21 @@ def _sample(model: BaseModel, method: TrainingMethod, prompts: list[SamplePrompt
     images = generate(model, expanded, device=accelerator.device, progress=False)
     save_sample_grid(images, prompts, path)
     return path
+
+
+def checkpoints_to_keep(saved: list[int], steps_per_epoch: int, earliest_step: int | None) -> set[int]:
+    """The saved epochs that ``_checkpoint_epoch_for`` may still hand back, and the last one (resume, result).
+
+    ``earliest_step``: no turning point can come before it (``monitor.earliest_candidate_step()``); None when
+    nothing is ever handed back (early stopping off).  An epoch ending before another that ends at or before
+    ``earliest_step`` can never be the nearest to a later turning point.
+    """
+    keep = {max(saved)} if saved else set()
+    if earliest_step is not None:
+        before = [e for e in saved if e * steps_per_epoch <= earliest_step]
+        first = max(before) if before else min(saved, default=0)
+        keep |= {e for e in saved if e >= first}
+    return keep
 
 
 def _checkpoint_epoch_for(turning_step: int, steps_per_epoch: int, run: RunFolder) -> int:

@@ -1,61 +1,13 @@
-"""Shared fixtures: SD1.5-shaped models on the meta device, tiny real models, an adapter factory."""
+"""Shared fixtures: SD1.5-shaped models on the meta device, tiny real models (built by model_helpers)."""
 
 from __future__ import annotations
 
-import copy
-import functools
-
 import pytest
 import torch
+from model_helpers import SD15_TE, build_tiny_text_encoder, build_tiny_unet
 
 # tiny models on 2 shared cores: one thread is ~100x faster than two threads fighting over them
 torch.set_num_threads(1)
-
-SD15_TE = dict(num_hidden_layers=12, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-               projection_dim=768)
-
-
-def build_tiny_unet(seed: int = 0):
-    """A small UNet2DConditionModel with the SD1.x block structure (4 levels, 2 layers per block).
-
-    Built once per seed and copied: diffusers' weight init is slow on a busy CPU.
-    """
-    return copy.deepcopy(_tiny_unet(seed))
-
-
-def build_tiny_text_encoder(seed: int = 0):
-    return copy.deepcopy(_tiny_text_encoder(seed))
-
-
-@functools.cache
-def _tiny_unet(seed: int):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(32, 64, 64, 64), norm_num_groups=16, cross_attention_dim=32,
-        attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    ).eval()
-
-
-@functools.cache
-def _tiny_text_encoder(seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                            vocab_size=100, max_position_embeddings=16, projection_dim=32,
-                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return CLIPTextModel(config).eval()
-
-
-def unet_inputs(seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]),
-            torch.randn(2, 5, 32, generator=g))
 
 
 @pytest.fixture(scope="session")
@@ -78,23 +30,6 @@ def tiny_unet():
 @pytest.fixture
 def tiny_text_encoder():
     return build_tiny_text_encoder()
-
-
-def randomize(network, seed: int = 0, scale: float = 0.1) -> None:
-    """Give every adapter tensor random non-zero values (fresh adapters have a zero factor)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for adapter in network.adapters.values():
-            for key, p in adapter.named_parameters():
-                if not key.startswith("base."):
-                    p.copy_(torch.randn(p.shape, generator=g) * scale)
-
-
-def registry_has(algorithm: str) -> bool:
-    """Whether lorakit.adapters implements ``algorithm`` yet (LoHa/LoKr tests wait for it)."""
-    from lorakit.adapters import ALGORITHMS
-
-    return algorithm in ALGORITHMS
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
-"""Small image folders for the lorakit.data tests (not a test module)."""
+"""Small image folders, and the data they make, for the lorakit.data tests (not a test module)."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,3 +42,12 @@ def tiny_vae(seed: int = 0):
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
                          norm_num_groups=8, layers_per_block=1, sample_size=32).eval()
+
+
+def data(path, seed: int = 0, resolution: int = 64, **options):
+    """``TrainingData`` for a folder (or TOML) with ``DataConfig`` options; dataset warnings are silenced."""
+    from lorakit.data import DataConfig, DatasetWarning, TrainingData
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DatasetWarning)
+        return TrainingData(DataConfig(train_data=str(path), resolution=resolution, **options), seed=seed)

@@ -514,3 +514,23 @@ def test_lokr_full_matrix_has_scale_one_and_alpha_rank():
     assert adapter.scale == 1.0 and float(adapter.alpha) == 16.0  # LyCORIS writes alpha = rank here
     assert set(adapter.file_tensors()) == {"alpha", "lokr_w1", "lokr_w2"}
     assert adapter.lokr_w1.shape == (6, 8) and adapter.lokr_w2.shape == (8, 8)
+
+
+# ---- the registry: every table derives from the classes' own attributes ---------------------------------------
+
+def test_registry_is_derived_from_the_classes():
+    from lorakit.adapters import _DETECTION, ALGORITHMS, ALIASES, KNOWN
+    from lorakit.formats import module_rank
+    from lorakit.inspection import _ALGORITHM_NAMES
+
+    keys = [key for spec in KNOWN.values() for key in spec.file_keys]
+    assert len(keys) == len(set(keys)), "two algorithms claim the same file key"
+    for name, cls in ALGORITHMS.items():
+        assert cls.algorithm == name and cls.display_name and cls.file_keys
+        assert _ALGORITHM_NAMES[name] == cls.display_name
+        assert all(_DETECTION[key] == name for key in cls.file_keys)
+        assert all(ALIASES[alias] == name for alias in cls.aliases)
+        base = nn.Linear(64, 64)  # wide enough for LoKr to factor its w2 (at 12×8 both halves are full)
+        tensors = make_adapter(name, base, rank=3).file_tensors()
+        assert detect_algorithm(tensors) == name
+        assert module_rank(tensors) == (3 if cls.rank_keys else None)

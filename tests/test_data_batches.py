@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 
 import pytest
 import torch
-from data_helpers import make_folder, make_image
+from data_helpers import data, make_folder, make_image
 from PIL import Image
 
 from lorakit.data import BucketScheme, DataConfig, DatasetWarning, TrainingData, bucket_resolutions
 from lorakit.data.buckets import make_scheme
 from lorakit.data.config import DatasetConfig
-
-
-def data(path, seed: int = 0, **options) -> TrainingData:
-    options.setdefault("resolution", 64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DatasetWarning)
-        return TrainingData(DataConfig(train_data=str(path), **options), seed=seed)
 
 
 # --------------------------------------------------------------------------------------------- buckets

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import warnings
 
+import data_helpers
 import numpy as np
 import pytest
 import torch
 from data_helpers import make_folder, make_image, make_noise_image, tiny_vae
 from PIL import Image
 
-from lorakit.data import DataConfig, DatasetError, DatasetWarning, TrainingData, load_rgb, vae_fingerprint
+from lorakit.data import DatasetError, load_rgb, vae_fingerprint
 from lorakit.data.images import probe, to_tensor
 
-
-def data(path, **options) -> TrainingData:
-    options.setdefault("resolution", 32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DatasetWarning)
-        return TrainingData(DataConfig(train_data=str(path), **options), seed=0)
+data = functools.partial(data_helpers.data, resolution=32)  # the tiny VAE works at 32 pixels
 
 
 def count_encodes(vae) -> list[int]:

@@ -6,16 +6,9 @@ import warnings
 from pathlib import Path
 
 import pytest
-from data_helpers import make_folder, make_image
+from data_helpers import data, make_folder, make_image
 
 from lorakit.data import DataConfig, DatasetError, DatasetWarning, TrainingData, resolve_datasets
-
-
-def data(path, **options) -> TrainingData:
-    options.setdefault("resolution", 64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DatasetWarning)
-        return TrainingData(DataConfig(train_data=str(path), **options), seed=0)
 
 
 def warned(path, **options) -> str:

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import build_tiny_text_encoder, build_tiny_unet, randomize, registry_has, unet_inputs
+from model_helpers import build_tiny_text_encoder, build_tiny_unet, randomize, unet_inputs
 from safetensors.torch import save_file
 
 from lorakit.formats import (
@@ -17,6 +17,7 @@ from lorakit.formats import (
     describe_modules,
     guess_base_model,
     load_network,
+    module_rank,
     read_adapter,
     save_network,
     training_metadata,
@@ -132,11 +133,11 @@ def test_truncated_file(tmp_path):
     data = path.read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[: len(data) - 100])
-    with pytest.raises(AdapterFileError, match=r"cut\.safetensors: truncated or corrupt: tensor 'lora_unet_"):
+    with pytest.raises(AdapterFileError, match=r"cut\.safetensors: .*truncated or corrupt"):
         read_adapter(cut)
     stub = tmp_path / "stub.safetensors"
     stub.write_bytes(data[:20])
-    with pytest.raises(AdapterFileError, match=r"stub\.safetensors: truncated"):
+    with pytest.raises(AdapterFileError, match=r"stub\.safetensors: .*truncated"):
         read_adapter(stub)
 
 
@@ -174,7 +175,7 @@ def test_header_length_that_looks_like_a_pickle(tmp_path):
     assert path.read_bytes()[:2] == b"\x80\x03"
     assert float(read_adapter(path).tensors["m.alpha"]) == 1.0
     (tmp_path / "short.safetensors").write_bytes(path.read_bytes()[:200])
-    with pytest.raises(AdapterFileError, match="truncated: the header needs 896 bytes"):
+    with pytest.raises(AdapterFileError, match=r"short\.safetensors: .*truncated"):
         read_adapter(tmp_path / "short.safetensors")
 
 
@@ -289,8 +290,7 @@ def _lycoris_randomize(network, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-ALGOS = [pytest.param(a, marks=pytest.mark.skipif(not registry_has(a), reason=f"lorakit has no {a} yet"))
-         for a in ("lora", "loha", "lokr")]
+ALGOS = ["lora", "loha", "lokr"]
 
 
 @pytest.mark.parametrize("alpha", [4.0, 2.0])
@@ -358,3 +358,12 @@ def test_lorakit_loads_kohya_style_file_with_text_encoder(tmp_path, lycoris_stat
                     name.replace("text_model_", ""))
         torch.testing.assert_close(adapter.delta_weight(), lyco.get_diff_weight(multiplier=1.0)[0].reshape(
             adapter.delta_weight().shape), atol=1e-6, rtol=1e-5)
+
+
+def test_network_dim_is_the_adapters_rank_even_without_a_rank_key(tmp_path):
+    """A LoKr whose halves are both full stores no rank-shaped tensor; ss_network_dim is still its rank (as
+    kohya/LyCORIS record the dim they were given)."""
+    path, _, _, network = _saved(tmp_path, algorithm="lokr", preset="attn-only", rank=4, alpha=2.0,
+                                 full_matrix=True)
+    assert all(module_rank(t) is None for t in read_adapter(path).modules().values())
+    assert read_adapter(path).metadata["ss_network_dim"] == "4"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_text_encoder, build_tiny_unet, randomize, registry_has
+from model_helpers import build_tiny_text_encoder, build_tiny_unet, randomize
 from safetensors.torch import save_file
 
 from lorakit.cli import main
@@ -58,7 +58,6 @@ def test_inspect_unet_only_blocks(tmp_path, capsys):
     assert "U-Net blocks IN01-IN02, OUT09-OUT11. It leaves the text encoder alone." in out
 
 
-@pytest.mark.skipif(not registry_has("loha"), reason="lorakit has no loha yet")
 def test_inspect_lycoris_loha_without_metadata(tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
     prefix = "lycoris_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"

@@ -78,9 +78,8 @@ def test_load_with_dtype(tiny_model_dir):
     assert {model.unet.dtype, model.vae.dtype, model.text_encoder.dtype} == {torch.bfloat16}
 
 
-def test_builtin_model_when_shipped():
-    if not (builtin_model_path() / "model_index.json").is_file():
-        pytest.skip("lorakit/world/base_model is not shipped yet")
+def test_builtin_model_loads():
+    assert (builtin_model_path() / "model_index.json").is_file(), "the built-in model ships with lorakit"
     model = load_base_model(None)
     assert model.resolution == 64 and model.source == str(builtin_model_path())
     assert load_base_model("builtin").unet.config == model.unet.config

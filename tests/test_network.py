@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SD15_TE, randomize, unet_inputs
+from model_helpers import SD15_TE, build_tiny_unet, randomize, unet_inputs
 
 from lorakit.adapters import Adapter
 from lorakit.blocks import parse_block_weights
@@ -169,7 +169,6 @@ def test_no_double_application_and_atomic_creation(tiny_unet):
     with pytest.raises(ValueError, match="already carries an adapter"):
         create_network(tiny_unet, preset="attn-only")
 
-    from conftest import build_tiny_unet
 
     unet = build_tiny_unet()
     before = dict(unet.named_modules())

@@ -404,3 +404,21 @@ def test_early_stop_rule_is_configurable(tiny_model_dir, dataset, tmp_path, monk
                 {"rule": "second-valley", "rule_args": {"patience": 1}}, {"rule_args": {"prominence": 0.1}}):
         with pytest.raises(ConfigError, match="early_stop.rule"):
             make_config(tiny_model_dir, dataset, tmp_path / "x", early_stop=bad).validate()
+
+
+def test_checkpoints_to_keep_are_those_early_stopping_may_hand_back():
+    from lorakit.train import checkpoints_to_keep
+
+    saved = [1, 2, 3, 4, 5]  # 10 steps per epoch: epoch e ends at step 10 e
+    assert checkpoints_to_keep(saved, 10, None) == {5}  # nothing handed back: the last (result, resume)
+    assert checkpoints_to_keep(saved, 10, 26) == {2, 3, 4, 5}  # the last ending at or before 26, and later ones
+    assert checkpoints_to_keep(saved, 10, 30) == {3, 4, 5}
+    assert checkpoints_to_keep(saved, 10, 0) == set(saved)
+    assert checkpoints_to_keep([], 10, 5) == set()
+
+
+def test_native_runs_keep_only_the_last_checkpoint_without_early_stopping(tiny_model_dir, dataset, tmp_path):
+    out = tmp_path / "native-pruned"
+    run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 3},
+                          method={"kind": "native"}, optimizer={"learning_rate": 1e-4}))
+    assert [c.epoch for c in RunFolder(out, "resume").checkpoints()] == [3]

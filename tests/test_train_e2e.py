@@ -24,6 +24,7 @@ from lorakit.models import BaseModel, load_base_model
 from lorakit.sample import SamplePrompt, generate
 from lorakit.world import concept
 from lorakit.world.reader import read_images
+from lorakit.world.recipe import recipe_config
 
 pytestmark = pytest.mark.slow
 
@@ -60,9 +61,8 @@ def base_rate() -> tuple[float, float]:
 
 
 def train_config(data: Path, out: Path, steps: int, **sections) -> TrainConfig:
-    cfg = TrainConfig()
+    cfg = recipe_config()  # the built-in job's recipe (a LoCon, batch 4), with each run's own changes below
     cfg.data.train_data = str(data)
-    cfg.data.batch_size = 4
     cfg.training.max_steps = steps
     cfg.training.max_epochs = 100
     cfg.training.seed = 0

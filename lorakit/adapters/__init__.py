@@ -4,11 +4,16 @@
   builds a freshly initialised adapter; ``ALGORITHMS[name].from_file_tensors(base, tensors, multiplier)``
   rebuilds one from a file;
 - ``detect_algorithm(keys)``: the algorithm of one module of a file, from its relative key names.
+
+Every table here is derived from the classes' own attributes (``algorithm``, ``aliases``, ``display_name``,
+``file_keys``, ``rank_keys``, ``width_keys``): adding an algorithm means writing its class and listing it in
+``_CLASSES``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from lorakit.adapters.base import Adapter, AdapterFormatError, AdapterShapeError, BaseLayer
 from lorakit.adapters.full import Full
@@ -18,17 +23,37 @@ from lorakit.adapters.loha import LoHa
 from lorakit.adapters.lokr import LoKr
 from lorakit.adapters.lora import LoRA
 from lorakit.adapters.lowrank import LowRankAdapter
+from lorakit.errors import InvalidValueError
 
-ALGORITHMS: dict[str, type[Adapter]] = {
-    "lora": LoRA,
-    "loha": LoHa,
-    "lokr": LoKr,
-    "ia3": IA3,
-    "full": Full,
-}
+_CLASSES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, IA3, Full)
+
+ALGORITHMS: dict[str, type[Adapter]] = {cls.algorithm: cls for cls in _CLASSES}
 
 # other names for the same algorithms: LyCORIS's module names ("locon", "kron"), kohya's network names
-ALIASES: dict[str, str] = {"locon": "lora", "kron": "lokr"}
+ALIASES: dict[str, str] = {alias: cls.algorithm for cls in _CLASSES for alias in cls.aliases}
+
+
+@dataclass(frozen=True)
+class ForeignAlgorithm:
+    """A LyCORIS algorithm lorakit recognises in a file, so that it can say "not supported", but does not
+    implement; it describes itself with the same attributes as the adapter classes."""
+
+    algorithm: str
+    display_name: str
+    file_keys: tuple[str, ...]
+    rank_keys: tuple[str, ...] = ()
+    width_keys: tuple[str, ...] = ()
+
+
+FOREIGN: tuple[ForeignAlgorithm, ...] = (
+    ForeignAlgorithm("oft", "OFT", ("oft_blocks", "oft_diag")),
+    ForeignAlgorithm("glora", "GLoRA", ("a1.weight",), rank_keys=("a1.weight",)),
+    ForeignAlgorithm("norm", "norm layer", ("w_norm",)),
+    ForeignAlgorithm("tlora", "T-LoRA", ("lambda_layer",)),
+)
+
+#: every algorithm a file may hold, by name: the adapter classes, then the recognised foreign ones
+KNOWN: dict[str, type[Adapter] | ForeignAlgorithm] = {**ALGORITHMS, **{f.algorithm: f for f in FOREIGN}}
 
 # option names of LyCORIS / kohya network_args, read as lorakit's
 _OPTION_ALIASES = {"dora_wd": "dora", "weight_decompose": "dora", "wd_on_output": "wd_on_out",
@@ -40,7 +65,7 @@ def algorithm_class(algorithm: str) -> type[Adapter]:
     """The adapter class for a name or alias (``"locon"`` → ``LoRA``); ``ValueError`` listing the known."""
     name = ALIASES.get(algorithm.lower(), algorithm.lower())
     if name not in ALGORITHMS:
-        raise ValueError(f"unknown adapter algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+        raise InvalidValueError(f"unknown adapter algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
     return ALGORITHMS[name]
 
 
@@ -61,26 +86,9 @@ def make_adapter(algorithm: str, base: BaseLayer, rank: int = 4, alpha: float | 
     return cls(base, **options)
 
 
-# key → algorithm, first match wins; names outside ALGORITHMS are recognised so callers can say
-# "oft is not supported" instead of "unknown keys"
-_DETECTION: tuple[tuple[str, str], ...] = (
-    ("hada_w1_a", "loha"),
-    ("lokr_w1", "lokr"),
-    ("lokr_w1_a", "lokr"),
-    ("lokr_w2", "lokr"),
-    ("lokr_w2_a", "lokr"),
-    ("lora_up.weight", "lora"),
-    ("lora_down.weight", "lora"),
-    ("lora_A.weight", "lora"),
-    ("lora_B.weight", "lora"),
-    ("diff", "full"),
-    ("on_input", "ia3"),
-    ("oft_blocks", "oft"),
-    ("oft_diag", "oft"),
-    ("a1.weight", "glora"),
-    ("w_norm", "norm"),
-    ("lambda_layer", "tlora"),
-)
+# key → algorithm (keys are never shared between algorithms); names outside ALGORITHMS are recognised so
+# callers can say "oft is not supported" instead of "unknown keys"
+_DETECTION: dict[str, str] = {key: spec.algorithm for spec in KNOWN.values() for key in spec.file_keys}
 
 
 def detect_algorithm(keys: Iterable[str]) -> str:
@@ -92,7 +100,7 @@ def detect_algorithm(keys: Iterable[str]) -> str:
     Raises ``ValueError`` when nothing is recognised.
     """
     keys = set(keys)
-    for key, algorithm in _DETECTION:
+    for key, algorithm in _DETECTION.items():
         if key in keys:
             return algorithm
     raise ValueError(f"no adapter algorithm recognised from keys {sorted(keys)}")
@@ -101,7 +109,10 @@ def detect_algorithm(keys: Iterable[str]) -> str:
 __all__ = [
     "ALGORITHMS",
     "ALIASES",
+    "FOREIGN",
+    "KNOWN",
     "Adapter",
+    "ForeignAlgorithm",
     "AdapterFormatError",
     "AdapterShapeError",
     "Full",

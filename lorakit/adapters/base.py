@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.errors import InvalidValueError, LorakitError
+
 BaseLayer = nn.Linear | nn.Conv2d
 
 # The fused path adds ΔW into W0 before the matmul; in half precision that addition rounds a small ΔW away,
@@ -37,7 +39,7 @@ BaseLayer = nn.Linear | nn.Conv2d
 _FUSE_DTYPES = (torch.float32, torch.float64)
 
 
-class AdapterFormatError(ValueError):
+class AdapterFormatError(LorakitError, ValueError):
     """The tensors of a file do not make an adapter: a key is missing, unexpected, or does not fit."""
 
 
@@ -61,7 +63,7 @@ def layer_kind(base: nn.Module) -> str:
 def _probability(name: str, p: float) -> float:
     p = float(p)
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {p}")
+        raise InvalidValueError(f"{name} must lie in [0, 1], got {p}")
     return p
 
 
@@ -69,14 +71,25 @@ class Adapter(nn.Module):
     """Base class: a frozen layer plus an update ``ΔW``.
 
     Subclasses implement ``_deltas(train)`` (``ΔW``, ``Δb``; with ``train=True`` the rank dropout of the
-    algorithm applied) and may override ``forward`` with a cheaper path.  They set ``algorithm`` (the name
-    used in files and on the command line) and ``file_keys`` (the tensor names, relative to the module
-    prefix, by which a file is recognised as theirs).
+    algorithm applied) and may override ``forward`` with a cheaper path.  They describe themselves with class
+    attributes, from which every table of lorakit is derived (``lorakit.adapters.ALGORITHMS``, algorithm
+    detection, ranks and widths in ``lorakit.formats``, names in ``lorakit inspect``, the ``--algorithm`` help):
+    ``algorithm`` (the name used in files and on the command line), ``aliases``, ``display_name``,
+    ``file_keys`` (the tensor names, relative to the module prefix, by which a file is recognised as theirs),
+    ``rank_keys`` and ``width_keys``.
     """
 
     algorithm: ClassVar[str] = ""
+    #: other names for it on the command line and in kohya's network_args (``"locon"`` for LoRA)
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: how people write it (``lorakit inspect``)
+    display_name: ClassVar[str] = ""
     #: keys whose presence identifies this algorithm in a file (any one of them is enough)
     file_keys: ClassVar[tuple[str, ...]] = ()
+    #: keys whose first dimension is the rank, in the order to look for them (none: the algorithm has no rank)
+    rank_keys: ClassVar[tuple[str, ...]] = ()
+    #: keys whose second dimension is the adapted layer's input width (tells base models apart)
+    width_keys: ClassVar[tuple[str, ...]] = ()
     #: whether the algorithm has a bias update (``delta_bias`` is then not always ``None``)
     updates_bias: ClassVar[bool] = False
 

@@ -15,6 +15,7 @@ from lorakit.adapters.base import Adapter, BaseLayer, require
 
 class Full(Adapter):
     algorithm = "full"
+    display_name = "full (native ΔW)"
     file_keys = ("diff",)
     updates_bias = True
 

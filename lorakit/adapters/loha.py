@@ -32,7 +32,10 @@ from lorakit.adapters.lowrank import LowRankAdapter, dora_options
 
 class LoHa(LowRankAdapter):
     algorithm = "loha"
+    display_name = "LoHa"
     file_keys = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    rank_keys = ("hada_w1_b",)
+    width_keys = ("hada_w1_b",)
 
     def __init__(self, base: BaseLayer, rank: int = 4, alpha: float | None = None, multiplier: float = 1.0, *,
                  use_tucker: bool = False, dora: bool = False, wd_on_out: bool = True, dropout: float = 0.0,

@@ -83,7 +83,10 @@ def kron_layout(out_features: int, in_features: int, kernel: tuple[int, ...], ra
 
 class LoKr(LowRankAdapter):
     algorithm = "lokr"
+    aliases = ("kron",)  # LyCORIS's module name
+    display_name = "LoKr"
     file_keys = ("lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a")
+    rank_keys = ("lokr_w2_b", "lokr_w1_b")  # none when both halves are full: no rank, scale 1
 
     def __init__(self, base: BaseLayer, rank: int = 4, alpha: float | None = None, multiplier: float = 1.0, *,
                  factor: int = -1, decompose_both: bool = False, full_matrix: bool = False,

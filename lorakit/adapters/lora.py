@@ -37,7 +37,11 @@ _KEY_ALIASES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.w
 
 class LoRA(LowRankAdapter):
     algorithm = "lora"
-    file_keys = ("lora_down.weight", "lora_up.weight")
+    aliases = ("locon",)  # LyCORIS's module name
+    display_name = "LoRA"
+    file_keys = ("lora_up.weight", "lora_down.weight", *_KEY_ALIASES)  # kohya's and PEFT's names
+    rank_keys = ("lora_down.weight", "lora_A.weight")
+    width_keys = ("lora_down.weight", "lora_A.weight")
 
     def __init__(self, base: BaseLayer, rank: int = 4, alpha: float | None = None, multiplier: float = 1.0, *,
                  use_tucker: bool = False, dora: bool = False, wd_on_out: bool = True, dropout: float = 0.0,

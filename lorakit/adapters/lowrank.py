@@ -7,6 +7,7 @@ from torch import nn
 
 from lorakit.adapters.base import Adapter, BaseLayer
 from lorakit.adapters.functional import dora_weight, weight_norm
+from lorakit.errors import InvalidValueError
 
 
 class Factor(nn.Module):
@@ -38,7 +39,7 @@ class LowRankAdapter(Adapter):
                  dora: bool = False, wd_on_out: bool = True, **dropouts: float) -> None:
         super().__init__(base, multiplier, **dropouts)
         if int(rank) < 1:
-            raise ValueError(f"rank must be a positive integer, got {rank}")
+            raise InvalidValueError(f"rank must be a positive integer, got {rank}")
         self.rank = int(rank)
         # kohya/LyCORIS: alpha absent or 0 means alpha = rank (scale 1)
         alpha = float(rank) if not alpha else float(alpha)

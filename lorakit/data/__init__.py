@@ -13,18 +13,48 @@ Modules: ``config`` (DataConfig, kohya TOML), ``discovery`` (folders, caption fi
 ``buckets``, ``images``, ``cache`` (latents), ``dataset`` (TrainingData, batches).
 """
 
-from lorakit.data.buckets import BucketScheme, bucket_resolutions
-from lorakit.data.cache import vae_fingerprint
-from lorakit.data.captions import base_caption, count_tags, sample_caption
-from lorakit.data.config import DataConfig, DatasetConfig, SubsetConfig, read_dataset_toml
-from lorakit.data.dataset import Batch, BatchPlan, EpochBatches, TrainingData
-from lorakit.data.discovery import ImageRecord, resolve_datasets
-from lorakit.data.errors import DatasetError, DatasetWarning
-from lorakit.data.images import IMAGE_EXTENSIONS, load_rgb, to_rgb
+from __future__ import annotations
 
-__all__ = [
-    "IMAGE_EXTENSIONS", "Batch", "BatchPlan", "BucketScheme", "DataConfig", "DatasetConfig", "DatasetError",
-    "DatasetWarning", "EpochBatches", "ImageRecord", "SubsetConfig", "TrainingData", "base_caption",
-    "bucket_resolutions", "count_tags", "load_rgb", "read_dataset_toml", "resolve_datasets", "sample_caption",
-    "to_rgb", "vae_fingerprint",
-]
+import importlib
+from typing import Any
+
+# Names are imported on first use (PEP 562), not here: lorakit.config reads data.config, and `lorakit train
+# --print-config` must not wait for torch, which cache and dataset bring.
+_EXPORTS: dict[str, str] = {
+    "IMAGE_EXTENSIONS": "lorakit.data.images",
+    "Batch": "lorakit.data.dataset",
+    "BatchPlan": "lorakit.data.dataset",
+    "BucketScheme": "lorakit.data.buckets",
+    "DataConfig": "lorakit.data.config",
+    "DatasetConfig": "lorakit.data.config",
+    "DatasetError": "lorakit.data.errors",
+    "DatasetWarning": "lorakit.data.errors",
+    "EpochBatches": "lorakit.data.dataset",
+    "ImageRecord": "lorakit.data.discovery",
+    "SubsetConfig": "lorakit.data.config",
+    "TrainingData": "lorakit.data.dataset",
+    "base_caption": "lorakit.data.captions",
+    "bucket_resolutions": "lorakit.data.buckets",
+    "count_tags": "lorakit.data.captions",
+    "load_rgb": "lorakit.data.images",
+    "read_dataset_toml": "lorakit.data.config",
+    "resolve_datasets": "lorakit.data.discovery",
+    "sample_caption": "lorakit.data.captions",
+    "to_rgb": "lorakit.data.images",
+    "vae_fingerprint": "lorakit.data.cache",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

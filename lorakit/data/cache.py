@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lorakit.atomic import atomic_write, atomic_write_text
 from lorakit.data.errors import DatasetError, Problems
 
 CACHE_VERSION = 1
@@ -63,16 +63,6 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 class DiskIndex:
     """``index.json``: key → what the entry was made from (for pruning and for people reading the folder)."""
@@ -104,8 +94,8 @@ class DiskIndex:
 
     def store(self, key: str, job: EncodeJob, latent: Latent) -> None:
         file = f"{key[:40]}.safetensors"
-        _atomic_write(self.directory / file, lambda tmp: save_file(
-            {"mean": latent[0].contiguous(), "std": latent[1].contiguous()}, tmp, metadata={"key": key}))
+        atomic_write(self.directory / file, lambda tmp: save_file(
+            {"mean": latent[0].contiguous(), "std": latent[1].contiguous()}, str(tmp), metadata={"key": key}))
         self.entries[key] = {"file": file, "path": str(job.path.resolve()), "mtime_ns": job.mtime_ns,
                              "size": job.file_size, "bucket": list(job.bucket), "flip": job.flip}
 
@@ -123,7 +113,7 @@ class DiskIndex:
 
     def save(self) -> None:
         text = json.dumps({"version": CACHE_VERSION, "entries": self.entries}, indent=1, sort_keys=True)
-        _atomic_write(self.path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write_text(self.path, text)
 
 
 def encode_all(jobs: Sequence[EncodeJob], vae: torch.nn.Module, load_pixels: Callable[[EncodeJob], torch.Tensor],

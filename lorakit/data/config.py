@@ -9,15 +9,14 @@ one ``SubsetConfig`` inside one ``DatasetConfig`` (a resolution, a batch size, a
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lorakit.data.errors import DatasetError
+from lorakit.tomlcheck import check_value, suggestion
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -155,46 +154,6 @@ KOHYA_UNSUPPORTED = (
 KOHYA_IGNORED = ("cache_info",)
 
 
-def _suggest(key: str, candidates: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _check_type(value: Any, annotation: Any, where: str) -> Any:
-    """Check one TOML value against a field annotation; return it converted (int → float, list → tuple)."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(value, arg, where)
-            except DatasetError:
-                pass
-        names = " or ".join(getattr(a, "__name__", str(a)) for a in args if a is not type(None))
-        raise DatasetError(f"{where}: expected {names}, got {value!r}")
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple) or (origin is tuple and len(value) != len(args)):
-            raise DatasetError(f"{where}: expected a list{f' of {len(args)}' if origin is tuple else ''}, "
-                               f"got {value!r}")
-        items = [_check_type(v, args[min(i, len(args) - 1)], f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if annotation is bool:
-        ok = isinstance(value, bool)
-    elif annotation is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif annotation is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif annotation is str:
-        ok = isinstance(value, str)
-    else:
-        ok = True
-    if not ok:
-        raise DatasetError(f"{where}: expected {annotation.__name__}, got {value!r}")
-    return value
-
-
 _SUBSET_HINTS = typing.get_type_hints(SubsetConfig)
 _DATASET_HINTS = {**typing.get_type_hints(DatasetConfig), "resolution": int | tuple[int, int]}
 
@@ -213,9 +172,9 @@ def _check_table(table: Any, allowed: tuple[str, ...], level: str, where: str) -
             if key in SUBSET_KEYS or key in DATASET_KEYS:
                 home = "[[datasets.subsets]]" if key in _SUBSET_ONLY else "[general] or [[datasets]]"
                 raise DatasetError(f"{where}: {key!r} cannot be set in {level}; it belongs in {home}")
-            raise DatasetError(f"{where}: unknown key {key!r}{_suggest(key, allowed)}")
+            raise DatasetError(f"{where}: unknown key {key!r}{suggestion(key, allowed)}")
         hint = _SUBSET_HINTS.get(key) or _DATASET_HINTS[key]
-        out[key] = _check_type(value, hint, f"{where}: {key}")
+        out[key] = check_value(value, hint, f"{where}: {key}", DatasetError)
     return out
 
 
@@ -257,7 +216,7 @@ def read_dataset_toml(path: str | Path, defaults: dict[str, Any]) -> list[Datase
         raise DatasetError(f"{path}: not valid TOML: {e}") from None
     for key in doc:
         if key not in ("general", "datasets"):
-            raise DatasetError(f"{path}: unknown table {key!r}{_suggest(key, ['general', 'datasets'])}; "
+            raise DatasetError(f"{path}: unknown table {key!r}{suggestion(key, ['general', 'datasets'])}; "
                                "a dataset config has [general] and [[datasets]] with [[datasets.subsets]]")
     general = _check_table(doc.get("general", {}), _INHERITED_SUBSET_KEYS + DATASET_KEYS, "[general]",
                            f"{path} [general]")

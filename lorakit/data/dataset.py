@@ -10,7 +10,6 @@ and trains on bit-identical batches.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from lorakit.data.config import DataConfig, SubsetConfig
 from lorakit.data.discovery import ImageRecord, resolve_datasets, scan_subset
 from lorakit.data.errors import DatasetError, Problems
 from lorakit.data.images import fit, load_rgb, to_tensor
+from lorakit.metadata import ss_metadata
 
 
 def seeded_rng(*parts: object) -> random.Random:
@@ -352,17 +352,11 @@ class TrainingData:
         first = self.datasets[0]
         bucket_info = {"buckets": {i: {"resolution": list(b), "count": n}
                                    for i, ((_, b), n) in enumerate(self.bucket_counts().items())}}
-        return {
-            "ss_num_train_images": str(self.num_train_images),
-            "ss_num_reg_images": str(self.num_reg_images),
-            "ss_num_batches_per_epoch": str(self.steps_per_epoch),
-            "ss_tag_frequency": json.dumps(self.tag_frequency),
-            "ss_dataset_dirs": json.dumps(dirs),
-            "ss_reg_dataset_dirs": json.dumps(reg_dirs),
-            "ss_bucket_info": json.dumps(bucket_info),
-            "ss_resolution": str(first.resolution),
-            "ss_enable_bucket": str(first.enable_bucket),
-            "ss_min_bucket_reso": str(self.schemes[0].min_reso),
-            "ss_max_bucket_reso": str(self.schemes[0].max_reso),
-            "ss_batch_size_per_device": str(first.batch_size),
-        }
+        return ss_metadata(
+            num_train_images=self.num_train_images, num_reg_images=self.num_reg_images,
+            num_batches_per_epoch=self.steps_per_epoch, tag_frequency=self.tag_frequency, dataset_dirs=dirs,
+            reg_dataset_dirs=reg_dirs, bucket_info=bucket_info,
+            resolution=str(first.resolution),  # kohya writes the tuple as Python prints it: "(512, 512)"
+            enable_bucket=first.enable_bucket, min_bucket_reso=self.schemes[0].min_reso,
+            max_bucket_reso=self.schemes[0].max_reso, batch_size_per_device=first.batch_size,
+        )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import warnings
 
+from lorakit.errors import LorakitError
 
-class DatasetError(ValueError):
+
+class DatasetError(LorakitError, ValueError):
     """The data cannot be trained on; the message names the file or folder and what is wrong."""
 
 

@@ -9,45 +9,51 @@
   (imported on demand: ``from lorakit.earlystop.hf import CSFluctuationCallback``).
 """
 
-from lorakit.earlystop.candidates import Candidate, CandidateStore
-from lorakit.earlystop.cs import CSMeter, cs_native, cs_value, layer_cosines
-from lorakit.earlystop.monitor import CSFluctuationMonitor, Decision, History, TurningPoint, find_turning_point
-from lorakit.earlystop.plot import plot_cs_fluctuation
-from lorakit.earlystop.rules import CalmRule, Detection, SecondValley, rule_from_dict
-from lorakit.earlystop.series import (
-    cs_fluctuation,
-    csf_offset,
-    first_difference,
-    moving_average,
-    moving_variance,
-    sign_change_valleys,
-    smoothed_slope,
-    turning_point_lag,
-)
+from __future__ import annotations
 
-__all__ = [
-    "CSFluctuationMonitor",
-    "CSMeter",
-    "CalmRule",
-    "Candidate",
-    "CandidateStore",
-    "Decision",
-    "Detection",
-    "History",
-    "SecondValley",
-    "TurningPoint",
-    "cs_fluctuation",
-    "cs_native",
-    "cs_value",
-    "csf_offset",
-    "find_turning_point",
-    "first_difference",
-    "layer_cosines",
-    "moving_average",
-    "moving_variance",
-    "plot_cs_fluctuation",
-    "rule_from_dict",
-    "sign_change_valleys",
-    "smoothed_slope",
-    "turning_point_lag",
-]
+import importlib
+from typing import Any
+
+# Names are imported on first use (PEP 562), not here: lorakit.config reads earlystop.rules, and `lorakit train
+# --print-config` must not wait for torch and matplotlib, which cs, monitor and plot bring.
+_EXPORTS: dict[str, str] = {
+    "CSFluctuationMonitor": "lorakit.earlystop.monitor",
+    "CSMeter": "lorakit.earlystop.cs",
+    "CalmRule": "lorakit.earlystop.rules",
+    "Candidate": "lorakit.earlystop.candidates",
+    "CandidateStore": "lorakit.earlystop.candidates",
+    "Decision": "lorakit.earlystop.monitor",
+    "Detection": "lorakit.earlystop.rules",
+    "History": "lorakit.earlystop.monitor",
+    "SecondValley": "lorakit.earlystop.rules",
+    "TurningPoint": "lorakit.earlystop.monitor",
+    "cs_fluctuation": "lorakit.earlystop.series",
+    "cs_native": "lorakit.earlystop.cs",
+    "cs_value": "lorakit.earlystop.cs",
+    "csf_offset": "lorakit.earlystop.series",
+    "find_turning_point": "lorakit.earlystop.monitor",
+    "first_difference": "lorakit.earlystop.series",
+    "layer_cosines": "lorakit.earlystop.cs",
+    "moving_average": "lorakit.earlystop.series",
+    "moving_variance": "lorakit.earlystop.series",
+    "plot_cs_fluctuation": "lorakit.earlystop.plot",
+    "rule_from_dict": "lorakit.earlystop.rules",
+    "sign_change_valleys": "lorakit.earlystop.series",
+    "smoothed_slope": "lorakit.earlystop.series",
+    "turning_point_lag": "lorakit.earlystop.series",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from typing import Any
 
@@ -29,6 +28,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from lorakit.atomic import atomic_write_text
 from lorakit.earlystop.candidates import CandidateStore
 from lorakit.earlystop.cs import cosine_from_terms, dense_terms, lowrank_terms
 from lorakit.earlystop.monitor import CSFluctuationMonitor, Decision, TurningPoint
@@ -44,7 +44,7 @@ PLOT_NAME = "cs_fluctuation.png"
 
 def peft_lora_layers(model: nn.Module, adapter_name: str | None = None) -> list[tuple[nn.Module, str]]:
     """``(layer, adapter)`` for every PEFT LoRA layer of ``model`` and adapter (only ``adapter_name`` if given)."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # peft is optional: only this callback needs it
 
     found = []
     for module in model.modules():
@@ -241,11 +241,4 @@ class CSFluctuationCallback(TrainerCallback, ExportableState):
                   "decision": None if self.decision is None else {"stop": self.decision.stop,
                                                                   "reason": self.decision.reason},
                   "restored_step": self.restored_step, "config": self.monitor.config()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write_text(path, json.dumps(record, indent=1))

@@ -32,6 +32,7 @@ from lorakit.earlystop.series import (
     pad_to_samples,
     turning_point_lag,
 )
+from lorakit.errors import InvalidValueError
 
 _STATE_VERSION = 1
 
@@ -141,7 +142,7 @@ class CSFluctuationMonitor:
     def __init__(self, window: int, lr: float = 1.0, rule: Rule | None = None, min_steps: int = 0,
                  report_only: bool = False, alignment: str | int = "centre") -> None:
         if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr}")
+            raise InvalidValueError(f"lr must be positive, got {lr}")
         self.window = check_window(window)
         self.lr = float(lr)
         self.rule = rule or SecondValley()
@@ -254,12 +255,12 @@ class CSFluctuationMonitor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unknown monitor state version {state.get('version')!r}")
+            raise InvalidValueError(f"unknown monitor state version {state.get('version')!r}")
         mine, theirs = self.config(), state["config"]
         # min_steps/report_only may change on resume; the curve's definition may not
         for key in ("window", "lr", "rule", "alignment"):
             if mine[key] != theirs[key]:
-                raise ValueError(f"the saved monitor has {key}={theirs[key]!r}, this one {mine[key]!r}")
+                raise InvalidValueError(f"the saved monitor has {key}={theirs[key]!r}, this one {mine[key]!r}")
         self._steps = [int(s) for s in state["steps"]]
         self._epochs = [None if e is None else int(e) for e in state["epochs"]]
         self._cs = [float(v) for v in state["cs"]]

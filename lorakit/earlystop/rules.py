@@ -33,6 +33,8 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from lorakit.errors import InvalidValueError
+
 
 @dataclass(frozen=True)
 class Detection:
@@ -89,11 +91,11 @@ class SecondValley:
 
     def __post_init__(self) -> None:
         if self.valley < 1:
-            raise ValueError(f"valley counts from 1, got {self.valley}")
+            raise InvalidValueError(f"valley counts from 1, got {self.valley}")
         if not 0 <= self.prominence < 1:
-            raise ValueError(f"prominence is a fraction of the range in [0, 1), got {self.prominence}")
+            raise InvalidValueError(f"prominence is a fraction of the range in [0, 1), got {self.prominence}")
         if self.min_distance < 0:
-            raise ValueError(f"min_distance cannot be negative, got {self.min_distance}")
+            raise InvalidValueError(f"min_distance cannot be negative, got {self.min_distance}")
 
     def tracker(self, window: int) -> ValleyTracker:
         return ValleyTracker(self, window)
@@ -187,9 +189,9 @@ class CalmRule:
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold < 1:
-            raise ValueError(f"threshold is a fraction of the running maximum in (0, 1), got {self.threshold}")
+            raise InvalidValueError(f"threshold is a fraction of the running maximum in (0, 1), got {self.threshold}")
         if self.patience <= 0:
-            raise ValueError(f"patience must be positive, got {self.patience}")
+            raise InvalidValueError(f"patience must be positive, got {self.patience}")
 
     def tracker(self, window: int) -> CalmTracker:
         return CalmTracker(self, window)
@@ -245,5 +247,5 @@ def rule_from_dict(config: dict[str, Any]) -> SecondValley | CalmRule:
     config = dict(config)
     name = config.pop("name")
     if name not in RULES:
-        raise ValueError(f"unknown turning-point rule {name!r}; known: {', '.join(RULES)}")
+        raise InvalidValueError(f"unknown turning-point rule {name!r}; known: {', '.join(RULES)}")
     return RULES[name](**config)

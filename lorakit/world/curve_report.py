@@ -1,7 +1,7 @@
 """Tables and plots of overfitting-curve runs (``lorakit.world.experiment``): where each early-stopping rule
 puts the turning point compared with the measured overfitting onset.
 
-``python -m lorakit.world.curve_report RUNS_DIR --markdown docs/early_stopping_table.md --plot docs/curve.png``
+``lorakit world curve-report RUNS_DIR --markdown docs/early_stopping_table.md --plot docs/curve.png``
 reads every run folder under ``RUNS_DIR`` that has a ``curve.json``.
 """
 
@@ -133,7 +133,7 @@ def summary_lines(runs: list[RunResult]) -> list[str]:
 
 
 def plot_run(run: RunResult, path: Path) -> Path:
-    import matplotlib
+    import matplotlib  # here, not at the top: slow to import, and the backend must be chosen before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -161,8 +161,7 @@ def plot_run(run: RunResult, path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("runs", type=Path)
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--plot", type=Path, help="plot of the first run (or --plot-run NAME)")
@@ -170,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--changes", default=",".join(MEASURABLE_CHANGES),
                     help="attributes whose changed-prompt success defines the onset (default: color,position,"
                          "background; runs on a base model that ignores position words: color,background)")
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     runs = find_runs(args.runs, tuple(c.strip() for c in args.changes.split(",")))
     table = markdown_table(runs)
     print(table)
@@ -181,6 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot and runs:
         chosen = next((r for r in runs if r.name == args.plot_run), runs[0])
         print("wrote", plot_run(chosen, args.plot))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

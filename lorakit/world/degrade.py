@@ -13,7 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 from PIL import Image, ImageFilter
+
+from lorakit.world.model import VAE_CONFIG
 
 
 def blur(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -80,10 +83,6 @@ def degrade(image: np.ndarray, rng: np.random.Generator, strength: float = 1.0) 
 def load_vae(path: str | Path):
     """The shapes world's VAE from a pretraining checkpoint (``vae_checkpoint.pt``, whose ``model`` entry is
     an ``AutoencoderKL`` state dict, or a bare state dict) or a diffusers folder (``model/vae``)."""
-    from diffusers import AutoencoderKL
-
-    from lorakit.world.model import VAE_CONFIG
-
     path = Path(path)
     if path.is_dir():
         return AutoencoderKL.from_pretrained(path).eval()

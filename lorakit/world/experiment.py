@@ -10,32 +10,39 @@ concept's evaluation prompts with the exact world metrics.  From the scores:
   more and more;
 - the CS-Fluctuation turning point of the same run, replayed from its recorded CS series under any rule.
 
-``python -m lorakit.world.experiment --help`` runs one curve; ``docs/`` has the tables made with it.
+``lorakit world experiment --help`` runs one curve; ``docs/`` has the tables made with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from lorakit.checkpoints import RunFolder, atomic_write_json
+from lorakit.atomic import atomic_write_json
+from lorakit.checkpoints import RunFolder
 from lorakit.config import TrainConfig
+from lorakit.earlystop import History, find_turning_point
+from lorakit.evaluate.checkpoints import EvalCheckpoint, file_hash, model_hash
+from lorakit.evaluate.generate import ImageCache, SamplerSettings, generate_all, load_images, make_jobs
+from lorakit.evaluate.prompts import EvalPrompt as Prompt
 from lorakit.models import BaseModel, load_base_model
 from lorakit.sample import SamplePrompt
+from lorakit.train import train
 from lorakit.world import concept
 from lorakit.world.metrics import world_metrics
+from lorakit.world.recipe import recipe_config
 
 
 def curve_config(out: Path, data: Path, algorithm: str = "lora", lr: float = 1e-3, seed: int = 0,
                  epochs: int = 20, rank: int = 8, model: str | None = None, preset: str = "full") -> TrainConfig:
-    cfg = TrainConfig()
+    cfg = recipe_config()
     cfg.model.base = model
     cfg.data.train_data = str(data)
-    cfg.data.batch_size = 4
     cfg.network.algorithm = algorithm
     cfg.network.preset = preset
     cfg.network.rank = rank
@@ -71,12 +78,6 @@ def score(model: BaseModel, seeds_per_prompt: int, adapter: Path | None = None,
     """World metrics of the model (with ``adapter`` applied, if given) on the concept's evaluation prompts
     (of ``types`` only, if given).  Images are made by ``lorakit.evaluate``'s generation path; with ``cache`` a
     folder they are kept there under the same keys ``lorakit eval --cache`` uses, so neither makes them twice."""
-    import tempfile
-
-    from lorakit.evaluate.checkpoints import EvalCheckpoint, file_hash
-    from lorakit.evaluate.generate import ImageCache, SamplerSettings, generate_all, load_images, make_jobs
-    from lorakit.evaluate.prompts import EvalPrompt as Prompt
-
     _, labels = eval_samples(1, types)
     prompts = [Prompt(p.prompt, p.type, seed=p.seed, negative=p.negative, expected=p.expected, changes=p.changes)
                for p in labels]
@@ -104,7 +105,6 @@ def score_run(run_dir: Path, model_spec: str | None = None, seeds_per_prompt: in
             raise ValueError(f"{cache}: epoch {r['epoch']} was scored with {was}, not {scoring}; "
                              "move the file away to score again")
     done = {r["epoch"] for r in rows}
-    from lorakit.evaluate.checkpoints import model_hash
 
     model = load_base_model(model_spec)
     base_hash = model_hash(model_spec)
@@ -152,8 +152,6 @@ def overfitting_onset(rows: list[dict], changes: tuple[str, ...] = ALTER_CHANGES
 def turning_epoch(run_dir: Path, rule=None, alignment: str | int = "centre", window_epochs: int = 1) -> dict | None:
     """Replay CS-Fluctuation on the run's recorded CS series under ``rule``, with a window of ``window_epochs``
     times the recorded one (one epoch by default); the turning point's epoch."""
-    from lorakit.earlystop import History, find_turning_point
-
     path = run_dir / "cs_history.json"
     if not path.exists():
         return None
@@ -167,8 +165,7 @@ def turning_epoch(run_dir: Path, rule=None, alignment: str | int = "centre", win
             "found_at_epoch": -(-tp.found_at_step // steps_per_epoch)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--algorithm", default="lora")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -183,9 +180,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="score only these prompt types, comma-separated (e.g. alter,style: the onset's prompts)")
     ap.add_argument("--changes", default=",".join(ALTER_CHANGES),
                     help="attributes whose changed-prompt success defines the onset (color,position,background)")
-    args = ap.parse_args(argv)
-    from lorakit.train import train
 
+
+def run(args: argparse.Namespace) -> int:
     data = args.out.parent / "zkz-data"
     if not data.exists():
         concept.write_concept_dataset(data)
@@ -202,6 +199,13 @@ def main(argv: list[str] | None = None) -> None:
               f"control {r['controllability']:.2f}  leak {r['leak']:.2f}")
     print(f"overfitting onset (peak of success on {args.changes} changes): epoch", overfitting_onset(rows, changes))
     print("CS-Fluctuation turning point:", turning_epoch(args.out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from lorakit.world.tokenizer import MAX_LENGTH, build_tokenizer
+from lorakit.world.tokenizer import MAX_LENGTH, build_tokenizer, learn_merges, world_words
 
 RESOLUTION = 64
 LATENT_SIZE = 16
@@ -108,7 +108,6 @@ def build_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
 
 def write_clip_vocab_files(tokenizer, folder: Path) -> None:
     """Also write CLIP's classic vocab.json + merges.txt, which older tools read instead of tokenizer.json."""
-    from lorakit.world.tokenizer import learn_merges, world_words
     merges = learn_merges(world_words())
     (folder / "vocab.json").write_text(json.dumps(tokenizer.get_vocab(), ensure_ascii=False, indent=0))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
 from tqdm import tqdm
 
+from lorakit.atomic import atomic_write
 from lorakit.loss import min_snr_weight
+from lorakit.models import ModelLoadError, load_base_model
 from lorakit.world.captions import named_background, named_position, random_caption
 from lorakit.world.model import build_components, write_clip_vocab_files
 from lorakit.world.render import ALL_SHAPES, BACKGROUNDS, COLORS, POSITIONS, SIZES, ObjectSpec, Scene, render_array
@@ -39,9 +43,7 @@ def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
 
 
 def atomic_torch_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: Path) -> dict | None:
@@ -300,8 +302,6 @@ def train_diffusion(c: dict, latents: dict, scaling: float, out: Path, total_ste
 
 def export_pipeline(c: dict, folder: Path) -> None:
     """Write the diffusers folder (safetensors weights, configs, tokenizer incl. vocab.json/merges.txt)."""
-    from diffusers import StableDiffusionPipeline
-
     pipe = StableDiffusionPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
                                    unet=c["unet"], scheduler=c["scheduler"], safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -309,7 +309,6 @@ def export_pipeline(c: dict, folder: Path) -> None:
     pipe.save_pretrained(tmp, safe_serialization=True)
     write_clip_vocab_files(c["tokenizer"], tmp / "tokenizer")
     if folder.exists():
-        import shutil
         shutil.rmtree(folder)
     os.replace(tmp, folder)
 
@@ -336,8 +335,6 @@ def _reuse_model_folder(folder: Path, out: Path, c: dict, vae_steps: int) -> lis
     stage (the latents are encoded again from it, which gives the same data as the run that made it when
     --images and --seed are the same) and its U-Net + text encoder weights are returned as the EMA to start
     from."""
-    from lorakit.models import ModelLoadError, load_base_model
-
     missing = [name for name in ("unet", "text_encoder", "vae") if not (folder / name).is_dir()]
     if missing:
         raise SystemExit(f"--init-from {folder}: not a diffusers model folder (no {', '.join(missing)}/ in it)")
@@ -359,8 +356,6 @@ def _reuse_model_folder(folder: Path, out: Path, c: dict, vae_steps: int) -> lis
 def _reuse_earlier_run(snapshot: Path, out: Path) -> list[torch.Tensor]:
     """Start a continuation run in ``out`` from an earlier run's EMA snapshot: copy that run's VAE checkpoint
     and encoded latents (so the VAE stage is skipped and the data are the same) and return the snapshot."""
-    import shutil
-
     if not snapshot.is_file():
         raise SystemExit(f"--init-from {snapshot}: no such snapshot file")
     for name in ("vae_checkpoint.pt", "latents.pt"):
@@ -368,13 +363,11 @@ def _reuse_earlier_run(snapshot: Path, out: Path) -> list[torch.Tensor]:
         if not (out / name).exists():
             if not source.is_file():
                 raise SystemExit(f"--init-from {snapshot}: the run's {name} is missing next to it")
-            shutil.copyfile(source, out / (name + ".tmp"))
-            os.replace(out / (name + ".tmp"), out / name)
+            atomic_write(out / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
     return load_checkpoint(snapshot)["ema"]
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", type=Path, required=True, help="work folder (checkpoints, logs, final model/)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=3000)
@@ -391,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
                          "earlier run to start U-Net + text encoder from (its folder's VAE checkpoint and encoded "
                          "latents are reused), or a diffusers model folder such as lorakit/world/base_model "
                          "(its VAE is kept and the latents encoded again)")
-    ap.add_argument("--high-noise-fraction", type=float, default=0.0,
+    ap.add_argument("--high-noise-fraction", type=_fraction, default=0.0,
                     help="share of each batch trained at the noisiest tenth of the timesteps")
     ap.add_argument("--unet-warmup", type=int, default=500, help="learning-rate warm-up steps")
     ap.add_argument("--position-loss-weight", type=float, default=0.0,
@@ -403,12 +396,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--export-snapshot", type=Path, default=None,
                     help="only write --out/snapshot-model from this EMA snapshot file, then exit")
-    args = ap.parse_args(argv)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
     if args.export_snapshot is not None:
         export_snapshot(args.out, args.export_snapshot, args.out / "snapshot-model", args.seed, args.prediction_type)
-        return
-    if not 0.0 <= args.high_noise_fraction <= 1.0:
-        ap.error(f"--high-noise-fraction must be in [0, 1], got {args.high_noise_fraction}")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -445,6 +445,13 @@ def main(argv: list[str] | None = None) -> None:
     export_pipeline(c, args.out / "model")
     log({"event": "done"})
     print(f"pretrained model written to {args.out / 'model'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

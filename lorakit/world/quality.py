@@ -2,7 +2,7 @@
 
 Prompts name every attribute of one object from a (shape, color, position) triple the model never saw in
 pretraining (``splits.held_out_scenes``); the reader scores each generated image attribute by attribute.
-Run ``python -m lorakit.world.quality --model DIR`` for the table in the README.
+Run ``lorakit world quality --model DIR`` for the table in the README.
 """
 
 from __future__ import annotations
@@ -75,16 +75,24 @@ def evaluate(model: BaseModel, count: int = 100, seed: int = 0, batch_size: int 
     return score_images(images, [s for _, s in pairs])
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default=None, help="diffusers folder or single file (default: the built-in model)")
     ap.add_argument("--count", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     report = evaluate(load_base_model(args.model), args.count, args.seed)
     print(report.table())
     for f in report.failures[:10]:
         print("  miss:", f)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

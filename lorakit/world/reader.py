@@ -15,9 +15,9 @@ foreground is where a pixel is far from the background's gray axis.  From there 
   compared with the midpoint of the small and large sizes;
 - shape: a tiny CNN on a scale-normalised 24×24 crop of the soft foreground mask, with an ``other`` class
   for blobs that are none of the world's shapes (read as ``unknown``).  Its weights,
-  ``reader_weights.safetensors``, are made by ``python -m lorakit.world.train_reader`` (deterministic).
+  ``reader_weights.safetensors``, are made by ``lorakit world train-reader`` (deterministic).
 
-Measured accuracy (``python -m lorakit.world.train_reader --vae runs/pretrain/vae_checkpoint.pt
+Measured accuracy (``lorakit world train-reader --vae runs/pretrain/vae_checkpoint.pt
 --evaluate-only``; 1,000 held-out renders per row, render seeds never used in training, all five shapes,
 colors, positions, sizes and backgrounds; the VAE is the pretraining's final one, step 3000; stored in
 ``reader_accuracy.json``).  Shape after a VAE round trip is the weak spot, and it is the small objects
@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 
 from lorakit.world.render import ALL_SHAPES, COLORS, POSITIONS, SIZES
@@ -319,8 +320,6 @@ class Reader:
     def __init__(self, weights: str | Path | None = WEIGHTS_PATH, min_shape_prob: float = 0.5) -> None:
         self.net = ShapeNet().eval()
         if weights is not None:
-            from safetensors.torch import load_file
-
             self.net.load_state_dict(load_file(str(weights)))
         self.min_shape_prob = min_shape_prob
 

@@ -13,12 +13,9 @@ from collections import Counter
 
 from transformers import CLIPTokenizer
 
+from lorakit.vocab import END, MAX_LENGTH, build_vocab, bytes_to_unicode
 from lorakit.world.captions import CLASS_WORD
 from lorakit.world.render import ALL_SHAPES, BACKGROUNDS, COLORS, POSITIONS, SIZES
-
-END = "</w>"
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-MAX_LENGTH = 77
 
 _CAPTION_WORDS = "a an the at on in of and picture photo background center top bottom left right".split()
 # Common words so that prompts beyond the world's vocabulary still get whole-word tokens.
@@ -31,20 +28,6 @@ is are be this that it its near next to above below under over behind front midd
 up down inside outside between around by for from into like as or but so
 dog cat person man woman face house tree car sky water sun moon flower hat
 """.split()
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's (and GPT-2's) reversible map from bytes to printable unicode characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
 def world_words() -> list[str]:
@@ -84,16 +67,6 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
                     merged.append(symbols[i])
                     i += 1
             segmented[word] = merged
-
-
-def build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
-    """CLIP's vocabulary order: byte symbols, word-final byte symbols, merged symbols, then the specials."""
-    symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + END for s in symbols] + [a + b for a, b in merges] + [BOS, EOS]
-    vocab: dict[str, int] = {}
-    for token in tokens:
-        vocab.setdefault(token, len(vocab))
-    return vocab
 
 
 def build_tokenizer() -> CLIPTokenizer:

@@ -1,4 +1,4 @@
-"""Train (and measure) the attribute reader's shape classifier: ``python -m lorakit.world.train_reader``.
+"""Train (and measure) the attribute reader's shape classifier: ``lorakit world train-reader``.
 
 The data are renders of every shape (the concept's star included) with random colors, sizes, positions and
 backgrounds, plus "other" blobs that are none of the world's shapes (long ellipses, rings, bars, stars with
@@ -9,7 +9,7 @@ reader's own pixel stages, so the classifier learns on exactly the crops it will
 seed (single-threaded torch); a few minutes on one CPU core.
 
 Training scenes use render seeds below ``EVAL_SEED_BASE``; the evaluation uses seeds from it upwards.
-The shipped weights were made by ``python -m lorakit.world.train_reader --vae runs/pretrain/vae_checkpoint.pt``
+The shipped weights were made by ``lorakit world train-reader --vae runs/pretrain/vae_checkpoint.pt``
 (defaults: seed 0, 12,000 images, 10 epochs) with the pretraining's final VAE (step 3000, seed 0): about
 4 CPU-minutes on one core, most of it rendering and degrading the images.
 """
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 
 from lorakit.world.degrade import degrade, load_vae, vae_roundtrip
 from lorakit.world.reader import (
@@ -228,8 +229,7 @@ def evaluate(reader: Reader, count: int, vae=None) -> dict[str, dict[str, float]
     return {mode: attribute_accuracy(reader, *held_out_images(count, mode, vae=vae)) for mode in modes}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--vae", type=Path, default=None, help="VAE checkpoint or diffusers vae folder (optional)")
     ap.add_argument("--count", type=int, default=12000, help="training images")
     ap.add_argument("--other-fraction", type=float, default=0.15)
@@ -238,14 +238,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=WEIGHTS_PATH)
     ap.add_argument("--eval-count", type=int, default=1000)
     ap.add_argument("--evaluate-only", action="store_true", help="measure the weights at --out, train nothing")
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # deterministic, and leaves the other core to whatever else runs
     vae = load_vae(args.vae) if args.vae is not None and args.vae.exists() else None
     if args.vae is not None and vae is None:
         print(f"no VAE at {args.vae}: training without VAE round trips")
     if not args.evaluate_only:
-        from safetensors.torch import save_file
-
         t0 = time.time()
         x, y = make_dataset(args.count, args.other_fraction, args.seed, vae=vae)
         print(f"{len(x)} crops in {time.time() - t0:.0f} s; classes {torch.bincount(y).tolist()}")
@@ -260,6 +260,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.out == WEIGHTS_PATH:
         ACCURACY_PATH.write_text(json.dumps({"eval_count": args.eval_count, "vae": str(args.vae), **results},
                                             indent=1) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ import textwrap
 import time
 from pathlib import Path
 
-from lorakit.config import TrainConfig, load_config, set_option
+from lorakit.config import ConfigError, TrainConfig, load_config, set_option, to_toml
+from lorakit.world import concept
+from lorakit.world.recipe import apply_recipe
+
+HELP = "train an adapter, embedding or model from a folder of images"
 
 # flag -> (config section.key, type, help)
 FLAGS: dict[str, tuple[str, type, str]] = {
@@ -21,7 +25,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--trigger": ("data.trigger", str, "the trigger word (plain folders)"),
     "--model": ("model.base", str, "base model: diffusers folder or single-file .safetensors (default: built-in)"),
     "--method": ("method.kind", str, "adapter (default), native, ti, pivotal"),
-    "--algorithm": ("network.algorithm", str, "lora, loha, lokr, ia3, full"),
+    "--algorithm": ("network.algorithm", str, "%(algorithms)s"),
     "--preset": ("network.preset", str, "attn-only, attn-mlp, full, kohya, lycoris-full"),
     "--rank": ("network.rank", int, "adapter rank (network_dim)"),
     "--alpha": ("network.alpha", float, "adapter alpha (network_alpha)"),
@@ -39,10 +43,22 @@ FLAGS: dict[str, tuple[str, type, str]] = {
 }
 
 
+class _AlgorithmNames:
+    """The adapter algorithms for the help text, read from the adapter classes only when help is printed:
+    ``lorakit.adapters`` imports torch, which ``--print-config`` must not wait for."""
+
+    def __str__(self) -> str:
+        from lorakit.adapters import ALGORITHMS
+
+        return ", ".join(ALGORITHMS)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="a TOML training config (see docs/ or `--print-config`)")
     for flag, (key, kind, help_) in FLAGS.items():
-        parser.add_argument(flag, type=kind, help=f"{help_} [{key}]")
+        action = parser.add_argument(flag, type=kind, help=f"{help_} [{key}]")
+        if flag == "--algorithm":
+            action.algorithms = _AlgorithmNames()  # argparse fills %(name)s in help from the action's attributes
     parser.add_argument("--resume", action="store_true", help="continue the run in the output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in the output folder")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -51,24 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-# The built-in job's training settings (measured on the shapes world, docs/early_stopping.md): a LoCon, since
-# the star's outline needs the conv layers, at a learning rate that learns it within 20 epochs without breaking
-# the model (on the built-in model, 4e-3 broke it within 8-12 epochs and the calm rule then stopped on a broken
-# checkpoint).  Each applies only where the user left the general default.
-# samples every second epoch: sampling 9 prompts costs about as much as training an epoch on the CPU
-BUILTIN_SETTINGS = {"network.preset": "full", "optimizer.learning_rate": 2e-3, "data.batch_size": 4,
-                    "training.max_epochs": 20, "sample.every_n_epochs": 2}
-
-
 def builtin_default(cfg: TrainConfig) -> TrainConfig:
-    """The built-in job: the shapes world's concept on the built-in model (dataset rendered into the run)."""
-    from lorakit.world import concept
-
-    defaults = TrainConfig()
-    for dotted, value in BUILTIN_SETTINGS.items():
-        section, name = dotted.split(".")
-        if getattr(getattr(cfg, section), name) == getattr(getattr(defaults, section), name):
-            setattr(getattr(cfg, section), name, value)
+    """The built-in job: the shapes world's concept on the built-in model (dataset rendered into the run), with
+    the world's recipe wherever the user left the general default."""
+    apply_recipe(cfg, only_defaults=True)
     cfg.model.base = None
     out = Path(cfg.output.dir)
     data_dir = out.parent / (out.name + "-data")
@@ -91,13 +93,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for item in args.set:
         dotted, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"--set {item}: expected SECTION.KEY=VALUE")
+            raise ConfigError(f"--set {item}: expected SECTION.KEY=VALUE")
         set_option(cfg, dotted.strip(), raw.strip())
     if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other")
+        raise ConfigError("--resume and --overwrite contradict each other")
     if args.resume:
         if args.out is None and cfg.output.dir == "output":
-            raise ValueError("--resume needs the output folder of the run to continue: --out DIR")
+            raise ConfigError("--resume needs the output folder of the run to continue: --out DIR")
         cfg.output.if_exists = "resume"
     elif args.overwrite:
         cfg.output.if_exists = "overwrite"
@@ -116,13 +118,11 @@ BUILTIN_INTRODUCTION = (
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.config import to_toml
-
     cfg = config_from_args(args)
     if args.print_config:
         print(to_toml(cfg))
         return 0
-    from lorakit.train import train
+    from lorakit.train import train  # here, not at the top: --print-config must not wait for torch
 
     if args.data is None and cfg.data.train_data and Path(cfg.data.train_data).name.endswith("-data") \
             and args.config is None:

@@ -1,0 +1,58 @@
+"""kohya's ``ss_*`` metadata, the one builder: adapter files (``lorakit.formats``), the trainer and the dataset
+all make their ``ss_*`` entries here, so a name is spelled once and a typo is an error, not a silent gap.
+
+Values become strings as kohya writes them: strings as they are, tables and lists as JSON, everything else
+with ``str`` (``str(True) == "True"``).  lorakit's own entries are ``lorakit_*`` and are not built here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import lorakit
+
+#: what kohya / LyCORIS record about a network, and about training, each stored as ss_<name>
+NETWORK_FIELDS = ("network_module", "network_dim", "network_alpha", "network_args", "base_model_version", "v2",
+                  "v_parameterization", "zero_terminal_snr")
+TRAINING_FIELDS = (
+    "learning_rate", "unet_lr", "text_encoder_lr", "num_epochs", "max_train_epochs", "epoch", "steps",
+    "max_train_steps", "num_train_images", "num_reg_images", "num_batches_per_epoch", "batch_size_per_device",
+    "total_batch_size", "gradient_accumulation_steps", "lr_scheduler", "lr_warmup_steps", "optimizer",
+    "mixed_precision", "seed", "resolution", "clip_skip", "noise_offset", "min_snr_gamma", "max_grad_norm",
+    "network_dropout", "output_name", "session_id", "training_started_at", "training_finished_at",
+    "training_comment", "sd_model_name", "sd_model_hash", "new_sd_model_hash", "vae_name", "tag_frequency",
+    "dataset_dirs", "reg_dataset_dirs", "caption_dropout_rate", "shuffle_caption", "keep_tokens", "flip_aug",
+    "color_aug", "cache_latents", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_info",
+    "prior_loss_weight",
+)
+FIELDS = NETWORK_FIELDS + TRAINING_FIELDS
+
+#: lorakit's package version, under a key of its own (``lorakit_version`` is never anything else)
+VERSION_KEY = "lorakit_version"
+
+
+def metadata_value(value: Any) -> str:
+    """A metadata value as kohya writes it."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(value)
+    return str(value)  # kohya's convention: str(True) == 'True', str(None) == 'None'
+
+
+def ss_metadata(**fields: Any) -> dict[str, str]:
+    """kohya ``ss_*`` entries from keyword arguments (``learning_rate=1e-4, tag_frequency={...}``).
+
+    Unknown names are an error, so a typo does not silently vanish from the file.  ``None`` values are left
+    out (pass ``"None"`` to write kohya's spelling of an unset option).
+    """
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown training metadata {unknown}; known: {', '.join(FIELDS)}")
+    return {f"ss_{k}": metadata_value(v) for k, v in fields.items() if v is not None}
+
+
+def version_metadata() -> dict[str, str]:
+    return {VERSION_KEY: lorakit.__version__}
