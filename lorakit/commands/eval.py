@@ -19,6 +19,9 @@ class EvalCommandError(LorakitError, ValueError):
     """A command-line value that cannot work; the message names it."""
 
 
+HELP = "judge checkpoints: generate, measure, rank; metrics and an HTML report"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="+", metavar="RUN_OR_FILE",
                         help="training run folders (every saved epoch) and/or adapter .safetensors files")

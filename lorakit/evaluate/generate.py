@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lorakit.atomic import atomic_write
+from lorakit.errors import InvalidValueError
 from lorakit.evaluate.checkpoints import CheckpointError, EvalCheckpoint
 from lorakit.evaluate.prompts import EvalPrompt
 from lorakit.models import BaseModel
@@ -42,7 +43,7 @@ class SamplerSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "sampler", sampler_name(self.sampler))
         if self.steps < 1:
-            raise ValueError(f"sampler steps must be >= 1, got {self.steps}")
+            raise InvalidValueError(f"sampler steps must be >= 1, got {self.steps}")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class ImageJob:
 def make_jobs(prompts: Sequence[EvalPrompt], seeds: int, base_seed: int = 0) -> list[ImageJob]:
     """``seeds`` images per prompt: a prompt without its own seed gets ``base_seed + index``."""
     if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        raise InvalidValueError(f"--seeds must be >= 1, got {seeds}")
     jobs = []
     for i, p in enumerate(prompts):
         first = p.seed if p.seed is not None else base_seed + i
