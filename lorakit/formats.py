@@ -33,6 +33,7 @@ from torch import nn
 import lorakit
 from lorakit.adapters.base import Adapter, AdapterFormatError
 from lorakit.blocks import SD1, BlockMap
+from lorakit.errors import LorakitError
 from lorakit.network import (
     LYCORIS_PREFIX,
     AdapterNetwork,
@@ -44,8 +45,12 @@ from lorakit.network import (
 )
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(LorakitError, ValueError):
     """A file cannot be read or does not fit the model; the message names the file and the key."""
+
+
+class AdapterFileNotFoundError(AdapterFileError, FileNotFoundError):
+    """The adapter file does not exist."""
 
 
 # ---- reading ------------------------------------------------------------------------------------------
@@ -145,7 +150,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     """Read a ``.safetensors`` adapter file (kohya or LyCORIS keys), checking it before loading."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise AdapterFileNotFoundError(f"{path}: no such file")
     header = _check_layout(path)
     try:
         tensors = safetensors.torch.load_file(str(path))
@@ -419,13 +424,15 @@ class LoadReport:
     mismatched: dict[str, str] = field(default_factory=dict)
     #: module name -> why no adapter could be built (unknown algorithm)
     unsupported: dict[str, str] = field(default_factory=dict)
+    #: module name -> the earlier module name of the file for the same layer (e.g. lora_unet_X and lycoris_X)
+    duplicates: dict[str, str] = field(default_factory=dict)
     #: keys that belong to no module at all (no dot in the key)
     loose_keys: list[str] = field(default_factory=list)
     file_base_model: str | None = None
 
     @property
     def ok(self) -> bool:
-        return not (self.unmatched or self.mismatched or self.unsupported or self.loose_keys)
+        return not (self.unmatched or self.mismatched or self.unsupported or self.loose_keys or self.duplicates)
 
     def problems(self) -> list[str]:
         lines = []
@@ -438,6 +445,11 @@ class LoadReport:
             lines.append(f"... {len(self.mismatched) - 3} more shape mismatches")
         for name, why in list(self.unsupported.items())[:3]:
             lines.append(f"{name}: {why}")
+        for name, first in list(self.duplicates.items())[:3]:
+            lines.append(f"{name!r} names the same layer as {first!r} (two adapters for one layer; two files "
+                         "joined into one?)")
+        if len(self.duplicates) > 3:
+            lines.append(f"... {len(self.duplicates) - 3} more modules that name a layer twice")
         if self.loose_keys:
             lines.append(f"{len(self.loose_keys)} key(s) belong to no module, e.g. {self.loose_keys[0]!r}")
         return lines
@@ -482,20 +494,67 @@ def load_network(source: str | os.PathLike | AdapterFile, unet: nn.Module | None
     """Load an adapter file into the U-Net and/or text encoder(s); return the network and a report.
 
     Each module name is looked up among the names the model's own layers produce; the algorithm comes
-    from the module's keys and its adapter is built with ``from_file_tensors``.  With ``strict`` (default)
-    any module that names no layer, does not fit its layer, or has an unknown algorithm raises
-    ``AdapterFileError`` naming the file and key, and the model is left untouched; otherwise the modules
-    that fit are loaded and the rest is listed in the report.  Modules for a model not given (the text
-    encoder when only ``unet`` is passed) are skipped and listed.
+    from the module's keys and its adapter is built with ``from_file_tensors``.  Everything is planned
+    (names, shapes, algorithms, two names for one layer) before anything is attached.  With ``strict``
+    (default) any module that names no layer, does not fit its layer, has an unknown algorithm or names a
+    layer another module of the file already names raises ``AdapterFileError`` naming the file and key, and
+    the model is left untouched (same modules, same ``requires_grad`` flags); otherwise the modules that fit
+    are loaded and the rest is listed in the report.  Modules for a model not given (the text encoder when
+    only ``unet`` is passed) are skipped and listed.
     """
     file = source if isinstance(source, AdapterFile) else read_adapter(source)
+    comps = components(unet, text_encoder)
+    # building an adapter freezes its base layer: remember every flag to undo that for whatever is not attached
+    frozen = {id(p): (p, p.requires_grad) for c in comps for p in c.model.parameters()}
+    try:
+        report, planned = _plan(file, comps, multiplier)
+    except AdapterFileError:
+        _restore_grads(frozen)
+        raise
+    except Exception as err:  # a model or file this code did not foresee: still name the file, still untouched
+        _restore_grads(frozen)
+        raise AdapterFileError(f"{file.label}: cannot be loaded into this model: {type(err).__name__}: {err}") \
+            from err
+    if strict and not report.ok:
+        _restore_grads(frozen)
+        raise AdapterFileError(_failure_message(file, report, unet))
+    network = AdapterNetwork()
+    try:
+        for step in planned:
+            network.attach(step.name, step.comp.group, step.comp.model, step.path, step.adapter,
+                           {k: frozen[id(p)][1] for k, p in step.adapter.base.named_parameters()})
+            report.matched.append(step.name)
+    except Exception as err:  # planning rules this out; if it happens anyway, take back what was attached
+        network.remove()
+        _restore_grads(frozen)
+        raise AdapterFileError(f"{file.label}: attaching failed, the model is left as it was: {err}") from err
+    attached = {id(p) for step in planned for p in step.adapter.base.parameters()}
+    _restore_grads({k: v for k, v in frozen.items() if k not in attached})
+    network.source = file.label
+    return network, report
+
+
+@dataclass
+class _Step:
+    """One module of a file, ready to attach."""
+
+    name: str
+    comp: Component
+    path: str
+    adapter: Adapter
+
+
+def _plan(file: AdapterFile, comps: Sequence[Component], multiplier: float) -> tuple[LoadReport, list[_Step]]:
+    """Build every adapter of ``file`` without touching the model; the report says what does not fit."""
     from lorakit.adapters import ALGORITHMS
 
-    comps = components(unet, text_encoder)
-    table = _lookup(comps)
+    try:
+        table = _lookup(comps)
+    except ValueError as err:  # two layers of the model with one kohya name: no file can address them
+        raise AdapterFileError(f"{file.label}: cannot be matched to this model: {err}") from err
     report = LoadReport(file.label, loose_keys=file.loose_keys(), file_base_model=guess_base_model(file))
-    planned: list[tuple[str, Component, str, Adapter, dict[str, bool]]] = []
-    frozen = {id(p): p.requires_grad for c in comps for p in c.model.parameters()}
+    planned: list[_Step] = []
+    claimed: dict[tuple[int, str], str] = {}  # (component, layer path) -> the file's first module name for it
     for name, tensors in file.modules().items():
         if not _given(name, comps):
             report.skipped.append(name)
@@ -511,28 +570,27 @@ def load_network(source: str | os.PathLike | AdapterFile, unet: nn.Module | None
             report.unmatched.append(name)
             continue
         comp, path = table[name]
+        target = (id(comp.model), path)
+        if target in claimed:  # e.g. lora_unet_X and lycoris_X: two files joined into one
+            report.duplicates[name] = claimed[target]
+            continue
         layer = comp.model.get_submodule(path)
         if isinstance(layer, Adapter):
             report.mismatched[name] = "the model already carries an adapter here; remove() that network first"
             continue
         try:
             adapter = cls.from_file_tensors(layer, tensors, multiplier)
-        except AdapterFormatError as err:  # a shape that does not fit, a missing or foreign key
+        except (AdapterFormatError, TypeError, ValueError) as err:  # a shape that does not fit, a missing key
             report.mismatched[name] = str(err)
             continue
-        grads = {k: frozen[id(p)] for k, p in layer.named_parameters()}
-        planned.append((comp.kohya_name(path), comp, path, adapter, grads))
-    if strict and not report.ok:
-        for comp in comps:  # building adapters froze base layers; undo, since nothing is attached
-            for p in comp.model.parameters():
-                p.requires_grad_(frozen.get(id(p), p.requires_grad))
-        raise AdapterFileError(_failure_message(file, report, unet))
-    network = AdapterNetwork()
-    for name, comp, path, adapter, grads in planned:
-        network.attach(name, comp.group, comp.model, path, adapter, grads)
-        report.matched.append(name)
-    network.source = file.label
-    return network, report
+        claimed[target] = name
+        planned.append(_Step(comp.kohya_name(path), comp, path, adapter))
+    return report, planned
+
+
+def _restore_grads(flags: Mapping[int, tuple[nn.Parameter, bool]]) -> None:
+    for param, requires_grad in flags.values():
+        param.requires_grad_(requires_grad)
 
 
 def _failure_message(file: AdapterFile, report: LoadReport, unet: nn.Module | None) -> str:

@@ -1,0 +1,124 @@
+"""Issue 17: a failed load leaves the model untouched; every layout of a file loads with the same ΔW."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_text_encoder, build_tiny_unet, randomize, unet_inputs
+
+from lorakit.errors import LorakitError
+from lorakit.formats import AdapterFile, load_network, save_network, write_adapter
+from lorakit.network import UniformRanks, create_network
+
+
+def _out(unet, seed=1):
+    with torch.no_grad():
+        return unet(*unet_inputs(seed)).sample
+
+
+def _te_out(te):
+    ids = torch.tensor([[0, 5, 17, 42, 1]])
+    with torch.no_grad():
+        return te(ids).last_hidden_state
+
+
+def _network(algorithm="lora", preset="full", te=True, seed=0, **options):
+    unet, encoder = build_tiny_unet(), build_tiny_text_encoder() if te else None
+    network = create_network(unet, encoder, preset=preset, algorithm=algorithm,
+                             ranks=UniformRanks(4, 2.0, conv_rank=2, conv_alpha=1.0), options=options)
+    randomize(network, seed=seed)
+    return unet, encoder, network
+
+
+def _grad_names(*models) -> set[str]:
+    return {f"{i}.{n}" for i, m in enumerate(models) for n, p in m.named_parameters() if p.requires_grad}
+
+
+# ---- 1. a failed load leaves the model untouched ----------------------------------------------------------
+
+Q = "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def _bad_files(tmp_path):
+    """(label, path) of files that each fail in one way, each also holding modules that would load."""
+    _, _, network = _network()
+    good = network.file_tensors()
+    q = {k.split(".", 1)[1]: v for k, v in good.items() if k.startswith(f"lora_unet_{Q}.")}
+    ff = "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2"
+    cases = {
+        "unmatched": {**good, "lora_unet_no_such_module.lora_down.weight": torch.zeros(4, 4),
+                      "lora_unet_no_such_module.lora_up.weight": torch.zeros(4, 4)},
+        "shape": {**good, f"{ff}.lora_up.weight": torch.zeros(good[f"{ff}.lora_up.weight"].shape[0] + 1, 4)},
+        "missing_key": {k: v for k, v in good.items() if k != f"{ff}.lora_up.weight"},
+        "unsupported": {**good, "lora_unet_down_blocks_0_resnets_0_norm1.w_norm": torch.ones(32)},
+        "loose_key": {**good, "emb_params": torch.zeros(2, 32)},
+        # the same layer twice: a kohya name and LyCORIS's wrapper name (two files joined)
+        "duplicate": {**good, **{f"lycoris_{Q}.{k}": v for k, v in q.items()}},
+    }
+    paths = {}
+    for label, tensors in cases.items():
+        paths[label] = write_adapter(tmp_path / f"{label}.safetensors", tensors)
+    data = save_network(network, tmp_path / "whole.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
+    paths["truncated"] = tmp_path / "cut.safetensors"
+    paths["no_file"] = tmp_path / "absent.safetensors"
+    return paths
+
+
+@pytest.mark.parametrize("case", ["unmatched", "shape", "missing_key", "unsupported", "loose_key", "duplicate",
+                                  "truncated", "no_file"])
+def test_failed_load_leaves_the_model_untouched(tmp_path, case):
+    path = _bad_files(tmp_path)[case]
+    unet, te = build_tiny_unet(), build_tiny_text_encoder()
+    te.encoder.layers[0].mlp.fc1.weight.requires_grad_(False)  # a flag that is not the default survives too
+    before, te_before, grads = _out(unet), _te_out(te), _grad_names(unet, te)
+    modules = [type(m) for m in unet.modules()] + [type(m) for m in te.modules()]
+    with pytest.raises(LorakitError) as err:
+        load_network(path, unet, te)
+    assert str(path) in str(err.value)
+    assert torch.equal(_out(unet), before) and torch.equal(_te_out(te), te_before)
+    assert _grad_names(unet, te) == grads
+    assert [type(m) for m in unet.modules()] + [type(m) for m in te.modules()] == modules
+
+
+def test_duplicate_names_the_layer_and_not_strict_keeps_the_first(tmp_path):
+    path = _bad_files(tmp_path)["duplicate"]
+    with pytest.raises(LorakitError, match=rf"'lycoris_{Q}' names the same layer as 'lora_unet_{Q}'"):
+        load_network(path, build_tiny_unet(), build_tiny_text_encoder())
+    unet, te = build_tiny_unet(), build_tiny_text_encoder()
+    grads = _grad_names(unet, te)
+    network, report = load_network(path, unet, te, strict=False)
+    assert report.duplicates == {f"lycoris_{Q}": f"lora_unet_{Q}"} and f"lora_unet_{Q}" in network
+    network.remove()
+    assert _grad_names(unet, te) == grads
+
+
+def test_second_load_onto_an_adapted_model_changes_nothing(tmp_path):
+    _, _, network = _network()
+    path = save_network(network, tmp_path / "a.safetensors")
+    unet, te = build_tiny_unet(), build_tiny_text_encoder()
+    first, _ = load_network(path, unet, te)
+    before, grads = _out(unet), _grad_names(unet, te)
+    with pytest.raises(LorakitError, match="already carries an adapter"):
+        load_network(path, unet, te)
+    assert torch.equal(_out(unet), before) and _grad_names(unet, te) == grads
+    first.remove()
+
+
+def test_not_strict_restores_flags_of_modules_that_failed(tmp_path):
+    path = _bad_files(tmp_path)["shape"]
+    unet, te = build_tiny_unet(), build_tiny_text_encoder()
+    grads = _grad_names(unet, te)
+    network, report = load_network(path, unet, te, strict=False)
+    assert len(report.mismatched) == 1
+    layer = unet.mid_block.attentions[0].transformer_blocks[0].ff.net[2]
+    assert layer.weight.requires_grad  # built, refused, and not left frozen
+    network.remove()
+    assert _grad_names(unet, te) == grads
+
+
+def test_in_memory_file_errors_name_it():
+    file = AdapterFile({"lora_unet_nothing.lora_down.weight": torch.zeros(2, 2),
+                        "lora_unet_nothing.lora_up.weight": torch.zeros(2, 2)})
+    with pytest.raises(LorakitError, match="<in memory>"):
+        load_network(file, build_tiny_unet())
