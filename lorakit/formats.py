@@ -469,7 +469,8 @@ def _lookup(comps: Sequence[Component]) -> dict[str, tuple[Component, str]]:
         for path, _ in adaptable_layers(comp):
             names = {comp.kohya_name(path), kohya_name(comp.prefix, path)}  # also raw transformers-5 paths
             if comp.group in ("unet", "text_encoder"):
-                names.add(kohya_name(LYCORIS_PREFIX, path))  # LyCORIS's own wrapper
+                # LyCORIS's own wrapper names the path of the model it wrapped: transformers 4 or 5 layout
+                names |= {kohya_name(LYCORIS_PREFIX, path), kohya_name(LYCORIS_PREFIX, comp.canonical_path(path))}
             for name in names:
                 other = table.get(name)
                 if other is not None and other != (comp, path):

@@ -122,3 +122,18 @@ def test_in_memory_file_errors_name_it():
                         "lora_unet_nothing.lora_up.weight": torch.zeros(2, 2)})
     with pytest.raises(LorakitError, match="<in memory>"):
         load_network(file, build_tiny_unet())
+
+
+# ---- 2. LyCORIS wrapper names for the text encoder, transformers 4 and 5 layouts ----------------------------
+
+@pytest.mark.parametrize("layout", ["lycoris_text_model_encoder_", "lycoris_encoder_", "lora_te_text_model_encoder_"])
+def test_lycoris_text_encoder_names_in_both_layouts(tmp_path, layout):
+    unet, te, network = _network(preset="attn-mlp")
+    tensors = {k.replace("lora_te_text_model_encoder_", layout): v for k, v in network.file_tensors().items()}
+    assert sum(k.startswith(layout) for k in tensors) == 12 * 3
+    path = write_adapter(tmp_path / "te.safetensors", tensors)
+    unet2, te2 = build_tiny_unet(), build_tiny_text_encoder()
+    loaded, report = load_network(path, unet2, te2)
+    assert report.ok and len(loaded.names("text_encoder")) == 12
+    assert "lora_te_text_model_encoder_layers_1_mlp_fc2" in loaded  # kept under kohya's canonical name
+    assert torch.equal(_te_out(te2), _te_out(te)) and torch.equal(_out(unet2), _out(unet))
