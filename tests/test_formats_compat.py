@@ -7,7 +7,7 @@ import torch
 from conftest import build_tiny_text_encoder, build_tiny_unet, randomize, unet_inputs
 
 from lorakit.errors import LorakitError
-from lorakit.formats import AdapterFile, load_network, save_network, write_adapter
+from lorakit.formats import AdapterFile, load_network, read_adapter, save_network, write_adapter
 from lorakit.network import UniformRanks, create_network
 
 
@@ -137,3 +137,25 @@ def test_lycoris_text_encoder_names_in_both_layouts(tmp_path, layout):
     assert report.ok and len(loaded.names("text_encoder")) == 12
     assert "lora_te_text_model_encoder_layers_1_mlp_fc2" in loaded  # kept under kohya's canonical name
     assert torch.equal(_te_out(te2), _te_out(te)) and torch.equal(_out(unet2), _out(unet))
+
+
+# ---- 4. half-precision files run in float32 -----------------------------------------------------------------
+
+HALF_CASES = [("lora", torch.float16), ("lora", torch.bfloat16), ("loha", torch.bfloat16), ("lokr", torch.float16),
+              ("ia3", torch.bfloat16), ("full", torch.float16)]
+
+
+@pytest.mark.parametrize("algorithm, dtype", HALF_CASES)
+def test_half_precision_file_runs_like_its_upcast_values(tmp_path, algorithm, dtype):
+    _, _, network = _network(algorithm=algorithm, preset="attn-mlp", te=False)
+    half = save_network(network, tmp_path / "half.safetensors", dtype=dtype)
+    upcast = {k: v.float() if v.is_floating_point() else v for k, v in read_adapter(half).tensors.items()}
+    single = write_adapter(tmp_path / "single.safetensors", upcast)
+    outs, networks = [], []
+    for path in (half, single):
+        unet = build_tiny_unet()
+        networks.append(load_network(path, unet)[0])
+        outs.append(_out(unet))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+    assert all(p.dtype == torch.float32 for a in networks[0].adapters.values()
+               for k, p in a.named_parameters() if not k.startswith("base."))
