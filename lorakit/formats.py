@@ -367,6 +367,9 @@ def network_metadata(network: AdapterNetwork, base_model_version: str = "sd_v1")
         args["algo"] = args.get("algo") or (_most_common(a.algorithm for a in network.adapters.values()) or "")
         if dora:
             args["dora_wd"] = "True"
+            # the norm axis, under LyCORIS's argument name (its default is rows; lorakit's input columns)
+            args["wd_on_output"] = str(any(getattr(a, "wd_on_out", False) for a in network.adapters.values()
+                                           if getattr(a, "dora_scale", None) is not None))
     return {
         "ss_network_module": module,
         "ss_network_dim": str(rank),

@@ -159,3 +159,46 @@ def test_half_precision_file_runs_like_its_upcast_values(tmp_path, algorithm, dt
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
     assert all(p.dtype == torch.float32 for a in networks[0].adapters.values()
                for k, p in a.named_parameters() if not k.startswith("base."))
+
+
+# ---- 3. DoRA: strength 0 is the base model; per-input columns by default, as A1111 and ComfyUI read it -------
+
+def _a1111_comfy_dora(w0, down, up, magnitude, scale, strength):
+    """DoRA as A1111 (network.py: finalize_updown, apply_weight_decompose) and ComfyUI (weight_adapter/base.py:
+    weight_decompose, input axis) apply a per-input-column file, written from their description: the scaled
+    update is added first, columns of W0 + ΔW are normalised, and the strength scales W' − W0."""
+    merged = w0 + scale * (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(w0.shape)
+    norms = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
+    norms = norms.reshape(1, -1, *([1] * (w0.dim() - 2)))
+    return strength * (merged * magnitude / norms - w0)
+
+
+@pytest.mark.parametrize("on_out", [False, True])
+def test_dora_strength_zero_is_the_base_model(tmp_path, on_out):
+    unet0 = build_tiny_unet()
+    base = _out(unet0)
+    _, _, network = _network(preset="full", te=False, dora=True, wd_on_out=on_out)
+    path = save_network(network, tmp_path / "dora.safetensors")
+    unet = build_tiny_unet()
+    loaded, _ = load_network(path, unet, multiplier=0.0)
+    assert torch.equal(_out(unet), base)
+    loaded.set_multiplier(1.0)
+    assert not torch.allclose(_out(unet), base)
+    loaded.set_multiplier(0.0)
+    assert torch.equal(_out(unet), base)
+
+
+def test_dora_default_layout_is_per_input_and_matches_a1111_comfyui(tmp_path):
+    _, _, network = _network(preset="full", te=False, dora=True)
+    name = "lora_unet_down_blocks_1_resnets_0_conv1"  # a 3x3 conv, in 32 -> out 64
+    tensors = network[name].file_tensors()
+    assert tuple(tensors["dora_scale"].shape) == (1, 32, 1, 1)
+    path = save_network(network, tmp_path / "dora.safetensors")
+    assert read_adapter(path).metadata["ss_network_args"].count('"wd_on_output": "False"') == 1
+    loaded, _ = load_network(path, build_tiny_unet(), multiplier=0.6)
+    for key in (name, f"lora_unet_{Q}"):
+        adapter, t = loaded[key], read_adapter(path).modules()[key]
+        scale = float(t["alpha"]) / t["lora_down.weight"].shape[0]
+        expected = _a1111_comfy_dora(adapter.base.weight, t["lora_down.weight"], t["lora_up.weight"],
+                                     t["dora_scale"], scale, 0.6)
+        torch.testing.assert_close(adapter.delta_weight(), expected, rtol=1e-5, atol=1e-6)
