@@ -72,11 +72,23 @@ class AdapterFile:
     def label(self) -> str:
         return str(self.path) if self.path is not None else "<in memory>"
 
+    @property
+    def layout(self) -> str:
+        """'kohya' (kohya/LyCORIS names: ``lora_unet_...``) or 'diffusers' (diffusers/PEFT: ``unet....lora_A``)."""
+        from lorakit.diffusers_format import is_diffusers_layout
+
+        return "diffusers" if is_diffusers_layout(self.tensors) else "kohya"
+
     def modules(self) -> dict[str, dict[str, torch.Tensor]]:
         """Tensors grouped by module name: {'lora_unet_..._to_q': {'lora_down.weight': ..., 'alpha': ...}}.
 
-        Keys without a dot (no module, e.g. an embedding) are left out; see ``loose_keys``.
+        Keys without a dot (no module, e.g. an embedding) are left out; see ``loose_keys``.  A file in the
+        diffusers/PEFT layout is seen under kohya names and keys (``lorakit.diffusers_format``).
         """
+        if self.layout == "diffusers":
+            from lorakit.diffusers_format import kohya_modules
+
+            return kohya_modules(self.tensors, self.metadata)[0]
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in self.tensors.items():
             module, dot, rel = key.partition(".")
@@ -85,6 +97,10 @@ class AdapterFile:
         return grouped
 
     def loose_keys(self) -> list[str]:
+        if self.layout == "diffusers":
+            from lorakit.diffusers_format import kohya_modules
+
+            return kohya_modules(self.tensors, self.metadata)[1]
         return [k for k in self.tensors if "." not in k]
 
 
@@ -294,7 +310,9 @@ def describe_modules(file: AdapterFile, block_map: BlockMap = SD1) -> list[Modul
 def guess_base_model(file: AdapterFile) -> str | None:
     """'sd1', 'sd2' or 'sdxl' from the file's names and widths; None when nothing tells."""
     modules = file.modules()
-    if any(n.startswith(("lora_te1_", "lora_te2_")) for n in modules):
+    ldm_names = any(n.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_")) for n in modules)
+    te1 = any(n.startswith("lora_te1_") for n in modules)  # alone, also what diffusers' converter writes for SD1
+    if any(n.startswith("lora_te2_") for n in modules) or (te1 and ldm_names):
         return "sdxl"
     for name, tensors in modules.items():
         if name.endswith("attn2_to_k") or name.endswith("attn2_to_v"):
@@ -302,7 +320,7 @@ def guess_base_model(file: AdapterFile) -> str | None:
             if width in _CROSS_ATTN_WIDTH:
                 return _CROSS_ATTN_WIDTH[width]
     for name, tensors in modules.items():
-        if name.startswith("lora_te_") and name.endswith("self_attn_q_proj"):
+        if name.startswith(("lora_te_", "lora_te1_")) and name.endswith("self_attn_q_proj"):
             width = _input_width(tensors)
             if width in _TE_WIDTH:
                 return _TE_WIDTH[width]
@@ -400,12 +418,30 @@ def model_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
 
 def save_network(network: AdapterNetwork, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None,
                  *, base_model_version: str = "sd_v1", overwrite: bool = False,
-                 dtype: torch.dtype | None = None) -> Path:
-    """Write a network's tensors with kohya names and ``ss_*``/``lorakit_*`` metadata (``metadata`` wins)."""
-    tensors = network.file_tensors()
+                 dtype: torch.dtype | None = None, format: str = "kohya") -> Path:
+    """Write a network's tensors with ``ss_*``/``lorakit_*`` metadata (``metadata`` wins).
+
+    ``format``: ``"kohya"`` (kohya/LyCORIS names, every algorithm; what A1111, ComfyUI and LyCORIS read) or
+    ``"diffusers"`` (diffusers/PEFT names as ``save_lora_weights`` writes them; plain LoRA/LoCon only, the
+    scale folded into ``lora_B``; see ``lorakit.diffusers_format``).
+    """
+    if format not in ("kohya", "diffusers"):
+        raise ValueError(f"unknown adapter file format {format!r}; formats: kohya, diffusers")
+    extra: dict[str, str] = {}
+    if format == "diffusers":
+        from lorakit.diffusers_format import NotDiffusersCompatible, diffusers_tensors
+
+        try:
+            tensors, extra = diffusers_tensors(network)
+        except NotDiffusersCompatible as err:
+            raise AdapterFileError(f"{path}: {err}") from None
+        extra["lorakit_format"] = "diffusers"
+    else:
+        tensors = network.file_tensors()
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     meta = network_metadata(network, base_model_version)
+    meta.update(extra)
     meta.update({k: _metadata_value(v) for k, v in (metadata or {}).items()})
     meta.update(model_hashes(tensors, meta))
     return write_adapter(path, tensors, meta, overwrite=overwrite)
@@ -559,7 +595,10 @@ def _plan(file: AdapterFile, comps: Sequence[Component], multiplier: float) -> t
     report = LoadReport(file.label, loose_keys=file.loose_keys(), file_base_model=guess_base_model(file))
     planned: list[_Step] = []
     claimed: dict[tuple[int, str], str] = {}  # (component, layer path) -> the file's first module name for it
-    for name, tensors in file.modules().items():
+    modules = file.modules()
+    # diffusers' kohya converter names a lone text encoder lora_te1_ (SDXL's first); read it so unless SDXL
+    te1_alias = report.file_base_model != "sdxl" and not any(n.startswith("lora_te2_") for n in modules)
+    for name, tensors in modules.items():
         if not _given(name, comps):
             report.skipped.append(name)
             continue
@@ -570,10 +609,13 @@ def _plan(file: AdapterFile, comps: Sequence[Component], multiplier: float) -> t
             report.unsupported[name] = (f"algorithm {algorithm!r} (keys {sorted(tensors)}) is not one lorakit "
                                         f"implements ({', '.join(ALGORITHMS)})")
             continue
-        if name not in table:
+        key = name
+        if key not in table and te1_alias and key.startswith("lora_te1_"):
+            key = "lora_te_" + key.removeprefix("lora_te1_")
+        if key not in table:
             report.unmatched.append(name)
             continue
-        comp, path = table[name]
+        comp, path = table[key]
         target = (id(comp.model), path)
         if target in claimed:  # e.g. lora_unet_X and lycoris_X: two files joined into one
             report.duplicates[name] = claimed[target]

@@ -202,3 +202,152 @@ def test_dora_default_layout_is_per_input_and_matches_a1111_comfyui(tmp_path):
         expected = _a1111_comfy_dora(adapter.base.weight, t["lora_down.weight"], t["lora_up.weight"],
                                      t["dora_scale"], scale, 0.6)
         torch.testing.assert_close(adapter.delta_weight(), expected, rtol=1e-5, atol=1e-6)
+
+
+# ---- 5. the diffusers / PEFT layout, both ways ------------------------------------------------------------
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1"]
+TE_TARGETS = ["q_proj", "v_proj", "fc1"]
+
+
+class _Pipe:
+    """The least a diffusers LoRA loader mixin needs of a pipeline: the two models."""
+
+    hf_device_map = None
+
+    def __init__(self, unet, te):
+        self.unet, self.text_encoder = unet, te
+
+    @property
+    def components(self):
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+
+def _diffusers_pipe(unet, te):
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+
+    cls = type("TinyPipe", (_Pipe, StableDiffusionLoraLoaderMixin), {})
+    return cls(unet, te)
+
+
+def _peft_models(alpha: float, seed: int = 3):
+    """A tiny U-Net and text encoder with PEFT LoRA adapters (random A and B), as diffusers' scripts train them."""
+    from peft import LoraConfig
+
+    unet, te = build_tiny_unet(), build_tiny_text_encoder()
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=alpha, target_modules=UNET_TARGETS, init_lora_weights=False,
+                                rank_pattern={"conv1": 2}, alpha_pattern={"conv1": 1.0}))
+    te.add_adapter(LoraConfig(r=4, lora_alpha=alpha, target_modules=TE_TARGETS, init_lora_weights=False))
+    return unet, te
+
+
+def _save_with_diffusers(folder, unet, te, metadata: bool):
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = _diffusers_pipe(unet, te)
+    kwargs = {}
+    if metadata:  # what diffusers' current training scripts pass
+        kwargs = {"unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
+                  "text_encoder_lora_adapter_metadata": te.peft_config["default"].to_dict()}
+    type(pipe).save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet),
+                                 text_encoder_lora_layers=get_peft_model_state_dict(te), **kwargs)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+@pytest.mark.parametrize("metadata", [True, False])
+def test_lorakit_loads_a_diffusers_made_lora(tmp_path, metadata):
+    unet, te = _peft_models(alpha=8.0)
+    path = _save_with_diffusers(tmp_path, unet, te, metadata)
+    file = read_adapter(path)
+    assert file.layout == "diffusers" and any(k.startswith("unet.") and k.endswith("lora_A.weight")
+                                              for k in file.tensors)
+    ours_unet, ours_te = build_tiny_unet(), build_tiny_text_encoder()
+    loaded, report = load_network(path, ours_unet, ours_te)
+    n_unet = sum(1 for n, _ in unet.named_modules() if n.endswith(".lora_A"))
+    assert report.ok and len(loaded.names("unet")) == n_unet and len(loaded.names("text_encoder")) == 6
+    if metadata:  # the file says every scale (conv1: alpha 1, rank 2): the trained model itself is the reference
+        reference = _diffusers_pipe(unet, te)
+    else:  # the file has no alphas (the per-module ones are lost): diffusers' own reading is the reference
+        reference = _diffusers_pipe(build_tiny_unet(), build_tiny_text_encoder())
+        reference.load_lora_weights(str(path))
+    torch.testing.assert_close(_out(ours_unet), _out(reference.unet), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_te_out(ours_te), _te_out(reference.text_encoder), rtol=1e-5, atol=1e-6)
+
+
+def _peft_state(unet, te):
+    from peft.utils import get_peft_model_state_dict
+
+    return ({f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()} |
+            {f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(te).items()})
+
+
+def _variant(state, kind):
+    """Other layouts of the same alpha = rank LoRA that circulate: made with diffusers' own converters."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+
+    if kind == "kohya-converted":  # diffusers' PEFT -> kohya converter (lora_te1_ even for one encoder)
+        return convert_state_dict_to_kohya(state)
+    if kind == "diffusers-old":  # lora.down / lora_linear_layer.down
+        return convert_state_dict_to_diffusers(state)
+    if kind == "attn-processors":  # the U-Net's attention processors before PEFT
+        out = {}
+        for k, v in state.items():
+            for proj, new in (("to_q", "to_q_lora"), ("to_k", "to_k_lora"), ("to_v", "to_v_lora"),
+                              ("to_out.0", "to_out_lora")):
+                for ab, role in (("lora_A", "down"), ("lora_B", "up")):
+                    if k.startswith("unet.") and k.endswith(f".{proj}.{ab}.weight"):
+                        k = k.replace(f".{proj}.{ab}.weight", f".processor.{new}.{role}.weight")
+            out[k] = v
+        return out
+    if kind == "bare-peft":  # get_peft_model_state_dict of the U-Net alone, as PeftModel names it
+        return {f"base_model.model.{k.removeprefix('unet.')}": v for k, v in state.items() if k.startswith("unet.")}
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["kohya-converted", "diffusers-old", "attn-processors", "bare-peft"])
+def test_lorakit_loads_converted_variants(tmp_path, kind):
+    unet, te = _peft_models(alpha=4.0)
+    for name, module in unet.named_modules():  # the converters know no per-module alpha: keep every scale 1
+        if name.endswith(".conv1") and hasattr(module, "scaling"):
+            module.scaling["default"] = 1.0
+    tensors = _variant(_peft_state(unet, te), kind)
+    path = write_adapter(tmp_path / f"{kind}.safetensors", tensors)
+    ours_unet, ours_te = build_tiny_unet(), build_tiny_text_encoder()
+    loaded, report = load_network(path, ours_unet, ours_te)
+    assert report.ok, report.summary()
+    torch.testing.assert_close(_out(ours_unet), _out(unet), rtol=1e-5, atol=1e-6)
+    if kind != "bare-peft":
+        assert len(loaded.names("text_encoder")) == 6
+        torch.testing.assert_close(_te_out(ours_te), _te_out(te), rtol=1e-5, atol=1e-6)
+
+
+def test_diffusers_loads_lorakit_diffusers_format(tmp_path):
+    from conftest import build_tiny_text_encoder as te_builder
+
+    unet, te = build_tiny_unet(), te_builder()
+    network = create_network(unet, te, preset="full", ranks=UniformRanks(4, 2.0, conv_rank=2, conv_alpha=3.0))
+    randomize(network)
+    path = save_network(network, tmp_path / "d.safetensors", format="diffusers")
+    file = read_adapter(path)
+    assert file.layout == "diffusers" and file.metadata["lorakit_format"] == "diffusers"
+    assert "unet.down_blocks.1.resnets.0.conv1.lora_A.weight" in file.tensors
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight" in file.tensors
+    theirs = _diffusers_pipe(build_tiny_unet(), build_tiny_text_encoder())
+    theirs.load_lora_weights(str(path))
+    torch.testing.assert_close(_out(theirs.unet), _out(unet), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_te_out(theirs.text_encoder), _te_out(te), rtol=1e-5, atol=1e-6)
+    # and lorakit reads its own diffusers file back to the same model
+    again_unet, again_te = build_tiny_unet(), build_tiny_text_encoder()
+    loaded, report = load_network(path, again_unet, again_te)
+    assert report.ok and sorted(loaded.names()) == sorted(network.names())
+    torch.testing.assert_close(_out(again_unet), _out(unet), rtol=1e-5, atol=1e-6)
+
+
+def test_diffusers_format_refuses_what_it_cannot_hold(tmp_path):
+    _, _, network = _network(algorithm="loha", preset="attn-only", te=False)
+    with pytest.raises(LorakitError, match=r"x\.safetensors: the diffusers/PEFT layout holds plain LoRA/LoCon .*"
+                                           r"\(loha\).*lorakit resize --to lora"):
+        save_network(network, tmp_path / "x.safetensors", format="diffusers")
+    assert not (tmp_path / "x.safetensors").exists()
+
