@@ -351,3 +351,22 @@ def test_diffusers_format_refuses_what_it_cannot_hold(tmp_path):
         save_network(network, tmp_path / "x.safetensors", format="diffusers")
     assert not (tmp_path / "x.safetensors").exists()
 
+
+# ---- 7. inspect says what a diffusers-layout file holds -----------------------------------------------------
+
+def test_inspect_a_diffusers_made_file(tmp_path, capsys):
+    from lorakit.cli import main
+
+    unet, te = _peft_models(alpha=8.0)
+    path = _save_with_diffusers(tmp_path, unet, te, metadata=True)
+    n_unet = sum(1 for n, _ in unet.named_modules() if n.endswith(".lora_A"))
+    n_conv = sum(1 for n, _ in unet.named_modules() if n.endswith("conv1.lora_A"))
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "layout:      diffusers/PEFT" in out
+    assert f"algorithm:   lora ×{n_unet + 6}\n" in out
+    assert f"modules:     text encoder 6, U-Net {n_unet} ({n_unet + 6} in all)" in out
+    assert f"ranks:       4 ×{n_unet + 6 - n_conv}, 2 ×{n_conv}" in out
+    assert f"alphas:      8 ×{n_unet + 6 - n_conv}, 1 ×{n_conv}" in out
+    assert "blocks:      IN01 " in out
+    assert out.strip().splitlines()[-1].startswith("summary: pytorch_lora_weights.safetensors: LoRA adapter")
