@@ -193,7 +193,8 @@ def _module_path(name: str, path: str) -> str:
 def diffusers_tensors(network) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A network's tensors in the diffusers/PEFT layout, and the ``lora_adapter_metadata`` header entry.
 
-    Only plain LoRA/LoCon modules have that layout; others raise ``NotDiffusersCompatible`` naming them.
+    Only LoRA/LoCon modules (DoRA with output-row norms included, as PEFT's ``lora_magnitude_vector``) have
+    that layout; others raise ``NotDiffusersCompatible`` naming them.
     """
     from lorakit.adapters.lora import LoRA
 
@@ -203,8 +204,8 @@ def diffusers_tensors(network) -> tuple[dict[str, torch.Tensor], dict[str, str]]
             refused.append(f"{name} ({adapter.algorithm})")
         elif adapter.lora_mid is not None:
             refused.append(f"{name} (Tucker LoCon)")
-        elif adapter.dora_scale is not None:
-            refused.append(f"{name} (DoRA)")
+        elif adapter.dora_scale is not None and not adapter.wd_on_out:
+            refused.append(f"{name} (DoRA with input-column norms; PEFT normalises output rows)")
     if refused:
         raise NotDiffusersCompatible(
             f"the diffusers/PEFT layout holds plain LoRA/LoCon modules only; {len(refused)} module(s) are not: "
@@ -212,6 +213,7 @@ def diffusers_tensors(network) -> tuple[dict[str, torch.Tensor], dict[str, str]]
             "ComfyUI and LyCORIS load it), or convert to plain LoRA first (lorakit resize --to lora)")
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, dict[str, int]] = {}
+    dora: set[str] = set()
     for name, adapter in network.adapters.items():
         component = _DIFFUSERS_COMPONENT[network.group_of(name)]
         path = _module_path(name, network.module_path(name))
@@ -222,13 +224,19 @@ def diffusers_tensors(network) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         # PEFT matches target_modules and patterns as path suffixes: without `text_model.` they fit
         # CLIPTextModel in transformers 4 and 5 alike
         ranks.setdefault(component, {})[path.removeprefix("text_model.")] = adapter.rank
+        if adapter.dora_scale is not None:  # PEFT's magnitude: (out,) for Linear, (1, out, 1, 1) for Conv2d
+            magnitude = adapter.dora_scale.detach().reshape(-1)
+            if adapter.kind == "conv":
+                magnitude = magnitude.reshape(1, -1, 1, 1)
+            tensors[f"{component}.{path}.lora_magnitude_vector"] = magnitude
+            dora.add(component)
     config: dict[str, Any] = {}
     for component, by_path in ranks.items():
         rank = Counter(by_path.values()).most_common(1)[0][0]
         pattern = {p: r for p, r in by_path.items() if r != rank}
         config.update({f"{component}.r": rank, f"{component}.lora_alpha": rank,
                        f"{component}.rank_pattern": pattern, f"{component}.alpha_pattern": dict(pattern),
-                       f"{component}.target_modules": sorted(by_path), f"{component}.use_dora": False,
+                       f"{component}.target_modules": sorted(by_path), f"{component}.use_dora": component in dora,
                        f"{component}.use_rslora": False, f"{component}.lora_dropout": 0.0,
                        f"{component}.init_lora_weights": True, f"{component}.bias": "none"})
     return tensors, {METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}

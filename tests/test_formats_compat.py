@@ -370,3 +370,32 @@ def test_inspect_a_diffusers_made_file(tmp_path, capsys):
     assert f"alphas:      8 ×{n_unet + 6 - n_conv}, 1 ×{n_conv}" in out
     assert "blocks:      IN01 " in out
     assert out.strip().splitlines()[-1].startswith("summary: pytorch_lora_weights.safetensors: LoRA adapter")
+
+
+def test_dora_in_the_diffusers_layout_both_ways(tmp_path):
+    from peft import LoraConfig
+
+    # PEFT-made DoRA (output-row magnitudes) -> lorakit
+    unet, te = build_tiny_unet(), build_tiny_text_encoder()
+    torch.manual_seed(5)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "proj_in", "conv1"], use_dora=True,
+                                init_lora_weights=False))
+    te.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True, init_lora_weights=False))
+    with torch.no_grad():  # magnitudes away from ‖W0 + ΔW‖, as after training
+        for name, p in unet.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.3)
+    path = _save_with_diffusers(tmp_path, unet, te, metadata=True)
+    ours = build_tiny_unet()
+    loaded, report = load_network(path, ours)
+    assert report.ok and all(a.dora_scale is not None and a.wd_on_out for a in loaded.adapters.values())
+    torch.testing.assert_close(_out(ours), _out(unet), rtol=1e-5, atol=1e-6)
+    # lorakit's output-row DoRA -> diffusers; input-column DoRA cannot be written there
+    mine, _, network = _network(preset="full", te=False, dora=True, wd_on_out=True)
+    written = save_network(network, tmp_path / "rows.safetensors", format="diffusers")
+    theirs = _diffusers_pipe(build_tiny_unet(), build_tiny_text_encoder())
+    theirs.load_lora_weights(str(written))
+    torch.testing.assert_close(_out(theirs.unet), _out(mine), rtol=1e-5, atol=1e-6)
+    _, _, columns = _network(preset="attn-only", te=False, dora=True)
+    with pytest.raises(LorakitError, match="input-column norms"):
+        save_network(columns, tmp_path / "columns.safetensors", format="diffusers")
