@@ -58,6 +58,8 @@ ROWS = (
     Row("DoRA, output rows", "lora", "attn-mlp", {"dora": True, "wd_on_out": True}),
     Row("LoRA, diffusers layout", "lora", "attn-mlp", layout="diffusers"),
     Row("LoCon, diffusers layout", "lora", "full", layout="diffusers"),
+    Row("DoRA, output rows, diffusers layout", "lora", "attn-mlp", {"dora": True, "wd_on_out": True},
+        layout="diffusers"),
 )
 MEASURED = ("diffusers", "peft", "lycoris-lora")
 
@@ -68,12 +70,14 @@ READ: dict[str, dict[str, str]] = {
         "(IA)³": "✗ fails on conv layers", "full (ΔW)": "✓",
         "DoRA, input columns (default)": "✓", "DoRA, output rows": "✗ differs (normalises input columns)",
         "LoRA, diffusers layout": "? not checked", "LoCon, diffusers layout": "? not checked",
+        "DoRA, output rows, diffusers layout": "? not checked",
     },
     "ComfyUI": {
         "LoRA": "✓", "LoCon": "✓", "LoCon-Tucker": "✓", "LoHa": "✓", "LoKr": "✓",
         "(IA)³": "✗ no (IA)³ adapter", "full (ΔW)": "✓",
         "DoRA, input columns (default)": "✓", "DoRA, output rows": "✗ differs (divides by ‖W0‖)",
         "LoRA, diffusers layout": "? partial (see notes)", "LoCon, diffusers layout": "? partial (see notes)",
+        "DoRA, output rows, diffusers layout": "? partial (see notes)",
     },
 }
 
