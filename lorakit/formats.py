@@ -5,7 +5,9 @@ A file maps ``<module name>.<tensor key>`` to tensors, e.g.
 name is ``lora_unet_`` / ``lora_te_`` (SDXL ``lora_te1_`` / ``lora_te2_``) + the module path with
 ``.`` -> ``_``; LyCORIS's own wrapper writes ``lycoris_`` + the path.  Because ``_`` also occurs inside
 module names, a name is resolved against the names the model's own modules produce, never by guessing
-where the dots were.
+where the dots were.  Files in the diffusers/PEFT layout (``unet.<path>.lora_A.weight``, what diffusers'
+``save_lora_weights`` writes) are seen under kohya names too (``AdapterFile.modules``, ``lorakit.diffusers_format``)
+and can be written with ``save_network(..., format="diffusers")``.
 
 Only safetensors is read: pickles (``.pt``, ``.ckpt``, ``.bin``) are refused, never unpickled.
 Writes are atomic (a temporary file in the same folder, then a rename) and never replace an existing file
