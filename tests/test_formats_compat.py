@@ -117,6 +117,37 @@ def test_not_strict_restores_flags_of_modules_that_failed(tmp_path):
     assert _grad_names(unet, te) == grads
 
 
+@pytest.mark.parametrize("where", ["planning", "attaching"])
+def test_unforeseen_failures_are_named_and_undone(tmp_path, monkeypatch, where):
+    """A bug or an odd model midway (after some adapters were built, or attached) still leaves the model as it was."""
+    from lorakit.adapters.lora import LoRA
+    from lorakit.network import AdapterNetwork
+
+    _, _, network = _network()
+    path = save_network(network, tmp_path / "a.safetensors")
+    calls = {"n": 0}
+
+    def fail_on_fifth(original):
+        def wrapper(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise RuntimeError("something unforeseen")
+            return original(*args, **kwargs)
+        return wrapper
+
+    if where == "planning":
+        monkeypatch.setattr(LoRA, "from_file_tensors", classmethod(fail_on_fifth(LoRA.from_file_tensors.__func__)))
+    else:
+        monkeypatch.setattr(AdapterNetwork, "attach", fail_on_fifth(AdapterNetwork.attach))
+    unet, te = build_tiny_unet(), build_tiny_text_encoder()
+    before, grads = _out(unet), _grad_names(unet, te)
+    with pytest.raises(LorakitError, match=rf"{path}: .*something unforeseen"):
+        load_network(path, unet, te)
+    assert calls["n"] == 5
+    assert torch.equal(_out(unet), before) and _grad_names(unet, te) == grads
+    assert not any(type(m).__name__ == "LoRA" for m in unet.modules())
+
+
 def test_in_memory_file_errors_name_it():
     file = AdapterFile({"lora_unet_nothing.lora_down.weight": torch.zeros(2, 2),
                         "lora_unet_nothing.lora_up.weight": torch.zeros(2, 2)})
