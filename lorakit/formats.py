@@ -5,7 +5,9 @@ A file maps ``<module name>.<tensor key>`` to tensors, e.g.
 name is ``lora_unet_`` / ``lora_te_`` (SDXL ``lora_te1_`` / ``lora_te2_``) + the module path with
 ``.`` -> ``_``; LyCORIS's own wrapper writes ``lycoris_`` + the path.  Because ``_`` also occurs inside
 module names, a name is resolved against the names the model's own modules produce, never by guessing
-where the dots were.
+where the dots were.  Files in the diffusers/PEFT layout (``unet.<path>.lora_A.weight``, what diffusers'
+``save_lora_weights`` writes) are seen under kohya names too (``AdapterFile.modules``, ``lorakit.diffusers_format``)
+and can be written with ``save_network(..., format="diffusers")``.
 
 Only safetensors is read: pickles (``.pt``, ``.ckpt``, ``.bin``) are refused, never unpickled.
 Writes are atomic (a temporary file in the same folder, then a rename) and never replace an existing file
@@ -53,6 +55,10 @@ class AdapterFileError(LorakitError, ValueError):
     """A file cannot be read or does not fit the model; the message names the file and the key."""
 
 
+class AdapterFileNotFoundError(AdapterFileError, FileNotFoundError):
+    """The adapter file does not exist."""
+
+
 # ---- reading ------------------------------------------------------------------------------------------
 
 @dataclass
@@ -67,11 +73,23 @@ class AdapterFile:
     def label(self) -> str:
         return str(self.path) if self.path is not None else "<in memory>"
 
+    @property
+    def layout(self) -> str:
+        """'kohya' (kohya/LyCORIS names: ``lora_unet_...``) or 'diffusers' (diffusers/PEFT: ``unet....lora_A``)."""
+        from lorakit.diffusers_format import is_diffusers_layout
+
+        return "diffusers" if is_diffusers_layout(self.tensors) else "kohya"
+
     def modules(self) -> dict[str, dict[str, torch.Tensor]]:
         """Tensors grouped by module name: {'lora_unet_..._to_q': {'lora_down.weight': ..., 'alpha': ...}}.
 
-        Keys without a dot (no module, e.g. an embedding) are left out; see ``loose_keys``.
+        Keys without a dot (no module, e.g. an embedding) are left out; see ``loose_keys``.  A file in the
+        diffusers/PEFT layout is seen under kohya names and keys (``lorakit.diffusers_format``).
         """
+        if self.layout == "diffusers":
+            from lorakit.diffusers_format import kohya_modules
+
+            return kohya_modules(self.tensors, self.metadata)[0]
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in self.tensors.items():
             module, dot, rel = key.partition(".")
@@ -80,6 +98,10 @@ class AdapterFile:
         return grouped
 
     def loose_keys(self) -> list[str]:
+        if self.layout == "diffusers":
+            from lorakit.diffusers_format import kohya_modules
+
+            return kohya_modules(self.tensors, self.metadata)[1]
         return [k for k in self.tensors if "." not in k]
 
 
@@ -102,7 +124,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     """Read a ``.safetensors`` adapter file (kohya or LyCORIS keys), checking it before loading."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise AdapterFileNotFoundError(f"{path}: no such file")
     with open(path, "rb") as f:
         _sniff(path, f.read(9), path.stat().st_size)  # before safetensors sees it: a pickle is named as one
     try:
@@ -215,7 +237,9 @@ def describe_modules(file: AdapterFile, block_map: BlockMap = SD1) -> list[Modul
 def guess_base_model(file: AdapterFile) -> str | None:
     """'sd1', 'sd2' or 'sdxl' from the file's names and widths; None when nothing tells."""
     modules = file.modules()
-    if any(n.startswith(("lora_te1_", "lora_te2_")) for n in modules):
+    ldm_names = any(n.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_")) for n in modules)
+    te1 = any(n.startswith("lora_te1_") for n in modules)  # alone, also what diffusers' converter writes for SD1
+    if any(n.startswith("lora_te2_") for n in modules) or (te1 and ldm_names):
         return "sdxl"
     for name, tensors in modules.items():
         if name.endswith("attn2_to_k") or name.endswith("attn2_to_v"):
@@ -223,7 +247,7 @@ def guess_base_model(file: AdapterFile) -> str | None:
             if width in _CROSS_ATTN_WIDTH:
                 return _CROSS_ATTN_WIDTH[width]
     for name, tensors in modules.items():
-        if name.startswith("lora_te_") and name.endswith("self_attn_q_proj"):
+        if name.startswith(("lora_te_", "lora_te1_")) and name.endswith("self_attn_q_proj"):
             width = _input_width(tensors)
             if width in _TE_WIDTH:
                 return _TE_WIDTH[width]
@@ -272,6 +296,9 @@ def network_metadata(network: AdapterNetwork, base_model_version: str = "sd_v1")
         args["algo"] = args.get("algo") or (_most_common(a.algorithm for a in network.adapters.values()) or "")
         if dora:
             args["dora_wd"] = "True"
+            # the norm axis, under LyCORIS's argument name (its default is rows; lorakit's input columns)
+            args["wd_on_output"] = str(any(getattr(a, "wd_on_out", False) for a in network.adapters.values()
+                                           if getattr(a, "dora_scale", None) is not None))
     return {
         **ss_metadata(network_module=module, network_dim=str(rank),
                       network_alpha=f"{alpha:g}" if alpha is not None else "None", network_args=json.dumps(args),
@@ -299,12 +326,30 @@ def model_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
 
 def save_network(network: AdapterNetwork, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None,
                  *, base_model_version: str = "sd_v1", overwrite: bool = False,
-                 dtype: torch.dtype | None = None) -> Path:
-    """Write a network's tensors with kohya names and ``ss_*``/``lorakit_*`` metadata (``metadata`` wins)."""
-    tensors = network.file_tensors()
+                 dtype: torch.dtype | None = None, format: str = "kohya") -> Path:
+    """Write a network's tensors with ``ss_*``/``lorakit_*`` metadata (``metadata`` wins).
+
+    ``format``: ``"kohya"`` (kohya/LyCORIS names, every algorithm; what A1111, ComfyUI and LyCORIS read) or
+    ``"diffusers"`` (diffusers/PEFT names as ``save_lora_weights`` writes them; plain LoRA/LoCon only, the
+    scale folded into ``lora_B``; see ``lorakit.diffusers_format``).
+    """
+    if format not in ("kohya", "diffusers"):
+        raise ValueError(f"unknown adapter file format {format!r}; formats: kohya, diffusers")
+    extra: dict[str, str] = {}
+    if format == "diffusers":
+        from lorakit.diffusers_format import NotDiffusersCompatible, diffusers_tensors
+
+        try:
+            tensors, extra = diffusers_tensors(network)
+        except NotDiffusersCompatible as err:
+            raise AdapterFileError(f"{path}: {err}") from None
+        extra["lorakit_format"] = "diffusers"
+    else:
+        tensors = network.file_tensors()
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     meta = network_metadata(network, base_model_version)
+    meta.update(extra)
     meta.update({k: metadata_value(v) for k, v in (metadata or {}).items()})
     meta.update(model_hashes(tensors, meta))
     return write_adapter(path, tensors, meta, overwrite=overwrite)
@@ -326,13 +371,15 @@ class LoadReport:
     mismatched: dict[str, str] = field(default_factory=dict)
     #: module name -> why no adapter could be built (unknown algorithm)
     unsupported: dict[str, str] = field(default_factory=dict)
+    #: module name -> the earlier module name of the file for the same layer (e.g. lora_unet_X and lycoris_X)
+    duplicates: dict[str, str] = field(default_factory=dict)
     #: keys that belong to no module at all (no dot in the key)
     loose_keys: list[str] = field(default_factory=list)
     file_base_model: str | None = None
 
     @property
     def ok(self) -> bool:
-        return not (self.unmatched or self.mismatched or self.unsupported or self.loose_keys)
+        return not (self.unmatched or self.mismatched or self.unsupported or self.loose_keys or self.duplicates)
 
     def problems(self) -> list[str]:
         lines = []
@@ -345,6 +392,11 @@ class LoadReport:
             lines.append(f"... {len(self.mismatched) - 3} more shape mismatches")
         for name, why in list(self.unsupported.items())[:3]:
             lines.append(f"{name}: {why}")
+        for name, first in list(self.duplicates.items())[:3]:
+            lines.append(f"{name!r} names the same layer as {first!r} (two adapters for one layer; two files "
+                         "joined into one?)")
+        if len(self.duplicates) > 3:
+            lines.append(f"... {len(self.duplicates) - 3} more modules that name a layer twice")
         if self.loose_keys:
             lines.append(f"{len(self.loose_keys)} key(s) belong to no module, e.g. {self.loose_keys[0]!r}")
         return lines
@@ -364,7 +416,8 @@ def _lookup(comps: Sequence[Component]) -> dict[str, tuple[Component, str]]:
         for path, _ in adaptable_layers(comp):
             names = {comp.kohya_name(path), kohya_name(comp.prefix, path)}  # also raw transformers-5 paths
             if comp.group in ("unet", "text_encoder"):
-                names.add(kohya_name(LYCORIS_PREFIX, path))  # LyCORIS's own wrapper
+                # LyCORIS's own wrapper names the path of the model it wrapped: transformers 4 or 5 layout
+                names |= {kohya_name(LYCORIS_PREFIX, path), kohya_name(LYCORIS_PREFIX, comp.canonical_path(path))}
             for name in names:
                 other = table.get(name)
                 if other is not None and other != (comp, path):
@@ -389,19 +442,69 @@ def load_network(source: str | os.PathLike | AdapterFile, unet: nn.Module | None
     """Load an adapter file into the U-Net and/or text encoder(s); return the network and a report.
 
     Each module name is looked up among the names the model's own layers produce; the algorithm comes
-    from the module's keys and its adapter is built with ``from_file_tensors``.  With ``strict`` (default)
-    any module that names no layer, does not fit its layer, or has an unknown algorithm raises
-    ``AdapterFileError`` naming the file and key, and the model is left untouched; otherwise the modules
-    that fit are loaded and the rest is listed in the report.  Modules for a model not given (the text
-    encoder when only ``unet`` is passed) are skipped and listed.
+    from the module's keys and its adapter is built with ``from_file_tensors``.  Everything is planned
+    (names, shapes, algorithms, two names for one layer) before anything is attached.  With ``strict``
+    (default) any module that names no layer, does not fit its layer, has an unknown algorithm or names a
+    layer another module of the file already names raises ``AdapterFileError`` naming the file and key, and
+    the model is left untouched (same modules, same ``requires_grad`` flags); otherwise the modules that fit
+    are loaded and the rest is listed in the report.  Modules for a model not given (the text encoder when
+    only ``unet`` is passed) are skipped and listed.
     """
     file = source if isinstance(source, AdapterFile) else read_adapter(source)
     comps = components(unet, text_encoder)
-    table = _lookup(comps)
+    # building an adapter freezes its base layer: remember every flag to undo that for whatever is not attached
+    frozen = {id(p): (p, p.requires_grad) for c in comps for p in c.model.parameters()}
+    try:
+        report, planned = _plan(file, comps, multiplier)
+    except AdapterFileError:
+        _restore_grads(frozen)
+        raise
+    except Exception as err:  # a model or file this code did not foresee: still name the file, still untouched
+        _restore_grads(frozen)
+        raise AdapterFileError(f"{file.label}: cannot be loaded into this model: {type(err).__name__}: {err}") \
+            from err
+    if strict and not report.ok:
+        _restore_grads(frozen)
+        raise AdapterFileError(_failure_message(file, report, unet))
+    network = AdapterNetwork()
+    try:
+        for step in planned:
+            network.attach(step.name, step.comp.group, step.comp.model, step.path, step.adapter,
+                           {k: frozen[id(p)][1] for k, p in step.adapter.base.named_parameters()})
+            report.matched.append(step.name)
+    except Exception as err:  # planning rules this out; if it happens anyway, take back what was attached
+        network.remove()
+        _restore_grads(frozen)
+        raise AdapterFileError(f"{file.label}: attaching failed, the model is left as it was: {err}") from err
+    attached = {id(p) for step in planned for p in step.adapter.base.parameters()}
+    _restore_grads({k: v for k, v in frozen.items() if k not in attached})
+    network.source = file.label
+    return network, report
+
+
+@dataclass
+class _Step:
+    """One module of a file, ready to attach."""
+
+    name: str
+    comp: Component
+    path: str
+    adapter: Adapter
+
+
+def _plan(file: AdapterFile, comps: Sequence[Component], multiplier: float) -> tuple[LoadReport, list[_Step]]:
+    """Build every adapter of ``file`` without touching the model; the report says what does not fit."""
+    try:
+        table = _lookup(comps)
+    except ValueError as err:  # two layers of the model with one kohya name: no file can address them
+        raise AdapterFileError(f"{file.label}: cannot be matched to this model: {err}") from err
     report = LoadReport(file.label, loose_keys=file.loose_keys(), file_base_model=guess_base_model(file))
-    planned: list[tuple[str, Component, str, Adapter, dict[str, bool]]] = []
-    frozen = {id(p): p.requires_grad for c in comps for p in c.model.parameters()}
-    for name, tensors in file.modules().items():
+    planned: list[_Step] = []
+    claimed: dict[tuple[int, str], str] = {}  # (component, layer path) -> the file's first module name for it
+    modules = file.modules()
+    # diffusers' kohya converter names a lone text encoder lora_te1_ (SDXL's first); read it so unless SDXL
+    te1_alias = report.file_base_model != "sdxl" and not any(n.startswith("lora_te2_") for n in modules)
+    for name, tensors in modules.items():
         if not _given(name, comps):
             report.skipped.append(name)
             continue
@@ -412,32 +515,34 @@ def load_network(source: str | os.PathLike | AdapterFile, unet: nn.Module | None
             report.unsupported[name] = (f"algorithm {algorithm!r} (keys {sorted(tensors)}) is not one lorakit "
                                         f"implements ({', '.join(ALGORITHMS)})")
             continue
-        if name not in table:
+        key = name
+        if key not in table and te1_alias and key.startswith("lora_te1_"):
+            key = "lora_te_" + key.removeprefix("lora_te1_")
+        if key not in table:
             report.unmatched.append(name)
             continue
-        comp, path = table[name]
+        comp, path = table[key]
+        target = (id(comp.model), path)
+        if target in claimed:  # e.g. lora_unet_X and lycoris_X: two files joined into one
+            report.duplicates[name] = claimed[target]
+            continue
         layer = comp.model.get_submodule(path)
         if isinstance(layer, Adapter):
             report.mismatched[name] = "the model already carries an adapter here; remove() that network first"
             continue
         try:
             adapter = cls.from_file_tensors(layer, tensors, multiplier)
-        except AdapterFormatError as err:  # a shape that does not fit, a missing or foreign key
+        except (AdapterFormatError, TypeError, ValueError) as err:  # a shape that does not fit, a missing key
             report.mismatched[name] = str(err)
             continue
-        grads = {k: frozen[id(p)] for k, p in layer.named_parameters()}
-        planned.append((comp.kohya_name(path), comp, path, adapter, grads))
-    if strict and not report.ok:
-        for comp in comps:  # building adapters froze base layers; undo, since nothing is attached
-            for p in comp.model.parameters():
-                p.requires_grad_(frozen.get(id(p), p.requires_grad))
-        raise AdapterFileError(_failure_message(file, report, unet))
-    network = AdapterNetwork()
-    for name, comp, path, adapter, grads in planned:
-        network.attach(name, comp.group, comp.model, path, adapter, grads)
-        report.matched.append(name)
-    network.source = file.label
-    return network, report
+        claimed[target] = name
+        planned.append(_Step(comp.kohya_name(path), comp, path, adapter))
+    return report, planned
+
+
+def _restore_grads(flags: Mapping[int, tuple[nn.Parameter, bool]]) -> None:
+    for param, requires_grad in flags.values():
+        param.requires_grad_(requires_grad)
 
 
 def _failure_message(file: AdapterFile, report: LoadReport, unet: nn.Module | None) -> str:

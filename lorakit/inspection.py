@@ -19,6 +19,8 @@ _COMPONENT_LABELS = {"unet": "U-Net", "text_encoder": "text encoder", "text_enco
                      "text_encoder_2": "text encoder 2", "unknown": "unknown prefix"}
 _BASE_MODELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 _ALGORITHM_NAMES = {name: spec.display_name for name, spec in KNOWN.items()}
+_LAYOUTS = {"kohya": "kohya/LyCORIS (lora_unet_..., lora_te_...)",
+            "diffusers": "diffusers/PEFT (unet.<path>.lora_A/lora_B; read under kohya names)"}
 _LONG = 120  # metadata values longer than this (tag frequencies, bucket info) are cut
 
 
@@ -31,6 +33,7 @@ class FileReport:
     metadata: dict[str, str]
     base_model: str | None
     blocks: dict[str, int] = field(default_factory=dict)
+    layout: str = "kohya"
 
     def count(self, attr: str) -> Counter:
         return Counter(getattr(m, attr) for m in self.modules)
@@ -49,6 +52,7 @@ def inspect_file(path: str | Path, block_map: BlockMap = SD1) -> FileReport:
         metadata=file.metadata,
         base_model=guess_base_model(file),
         blocks={b: blocks[b] for b in order if b in blocks},
+        layout=file.layout,
     )
 
 
@@ -89,6 +93,7 @@ def format_report(report: FileReport) -> str:
     lines = [
         f"file:        {report.path}",
         f"size:        {_size(report.size)} ({report.size} bytes)",
+        f"layout:      {_LAYOUTS.get(report.layout, report.layout)}",
         f"algorithm:   {_counted(algorithms)}",
         "modules:     " + (", ".join(f"{_COMPONENT_LABELS.get(c, c)} {n}" for c, n in components.items())
                            or "none") + f" ({len(report.modules)} in all)",

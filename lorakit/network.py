@@ -276,6 +276,7 @@ class _Slot:
     attr: str
     original: nn.Module
     requires_grad: dict[str, bool]
+    path: str = ""  # the layer's module path in its model
 
 
 AdapterFactory = Callable[..., Adapter]
@@ -314,6 +315,13 @@ class AdapterNetwork(nn.Module):
     def names(self, group: str | None = None) -> list[str]:
         return [n for n, s in self._slots.items() if group is None or s.group == group]
 
+    def group_of(self, name: str) -> str:
+        return self._slots[name].group
+
+    def module_path(self, name: str) -> str:
+        """The module path of an adapted layer in its own model (``down_blocks.0.attentions.0.proj_in``)."""
+        return self._slots[name].path
+
     @property
     def groups(self) -> list[str]:
         return list(dict.fromkeys(s.group for s in self._slots.values()))
@@ -333,7 +341,7 @@ class AdapterNetwork(nn.Module):
             raise ValueError(f"adapter for {name!r} does not wrap the layer at {path!r}")
         grads = dict(requires_grad) if requires_grad is not None else _grad_flags(original)
         setattr(parent, attr, adapter)
-        self._slots[name] = _Slot(group, parent, attr, original, grads)
+        self._slots[name] = _Slot(group, parent, attr, original, grads, path)
         self.adapters[name] = adapter
 
     @torch.no_grad()

@@ -36,17 +36,17 @@ LAYERS = {
 CONFIGS = [
     ("lora", {}),
     ("lora", {"use_tucker": True}),
-    ("lora", {"dora": True}),
+    ("lora", {"dora": True, "wd_on_out": True}),
     ("lora", {"dora": True, "wd_on_out": False}),
     ("loha", {}),
     ("loha", {"use_tucker": True}),
-    ("loha", {"dora": True}),
+    ("loha", {"dora": True, "wd_on_out": True}),
     ("lokr", {}),
     ("lokr", {"factor": 4}),
     ("lokr", {"decompose_both": True}),
     ("lokr", {"full_matrix": True}),
     ("lokr", {"use_tucker": True}),
-    ("lokr", {"dora": True}),
+    ("lokr", {"dora": True, "wd_on_out": True}),
     ("ia3", {}),
     ("ia3", {"on_input": True}),
     ("full", {}),
@@ -83,6 +83,16 @@ def randomize(module: nn.Module, skip=("base.",), seed: int = 1) -> None:
         p.copy_(p * (1 + 0.2 * noise) if name == "dora_scale" else 0.3 * noise)
 
 
+def their_multiplier(options: dict, multiplier: float) -> float:
+    """LyCORIS puts a DoRA multiplier inside the rescale; lorakit scales W' − W0 (A1111, ComfyUI), so DoRA is
+    compared with LyCORIS at multiplier 1, scaled afterwards."""
+    return 1.0 if options.get("dora") else multiplier
+
+
+def scaled(their_out: torch.Tensor, base_out: torch.Tensor, options: dict, multiplier: float) -> torch.Tensor:
+    return base_out + multiplier * (their_out - base_out) if options.get("dora") else their_out
+
+
 def layer_and_input(layer: str):
     factory, shape = LAYERS[layer]
     torch.manual_seed(0)
@@ -105,12 +115,13 @@ def test_lorakit_tensors_in_lycoris_give_the_same_training_forward(config, alpha
     base, x = layer_and_input(layer)
     ours = lorakit_adapter(algorithm, copy.deepcopy(base), alpha, multiplier, options)
     randomize(ours)
-    theirs = lycoris_module(algorithm, copy.deepcopy(base), alpha, multiplier, options)
+    theirs = lycoris_module(algorithm, copy.deepcopy(base), alpha, their_multiplier(options, multiplier), options)
     theirs.load_state_dict(ours.file_tensors(), strict=True)
     theirs.train()
     ours.train()
     with torch.no_grad():
-        torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)
+        expected = scaled(theirs(x), base(x), options, multiplier)
+        torch.testing.assert_close(expected, ours(x), rtol=1e-5, atol=1e-5)
 
 
 @interop
@@ -118,7 +129,7 @@ def test_lorakit_tensors_in_lycoris_give_the_same_training_forward(config, alpha
 def test_lycoris_tensors_in_lorakit_give_the_same_update(config, alpha, multiplier, layer):
     algorithm, options = config
     base, x = layer_and_input(layer)
-    theirs = lycoris_module(algorithm, copy.deepcopy(base), alpha, multiplier, options)
+    theirs = lycoris_module(algorithm, copy.deepcopy(base), alpha, their_multiplier(options, multiplier), options)
     if algorithm == "full":
         # FullModule's state_dict subtracts W0 from its weight, which holds W0 + diff only after apply_to
         theirs.apply_to()
@@ -127,10 +138,11 @@ def test_lycoris_tensors_in_lorakit_give_the_same_update(config, alpha, multipli
     ours = ALGORITHMS[algorithm].from_file_tensors(copy.deepcopy(base), tensors, multiplier)
     assert torch.count_nonzero(ours.delta_weight()) > 0
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x), scaled(theirs(x), base(x), options, multiplier), rtol=1e-5, atol=1e-5)
         if layer == "linear":  # ΔW itself: LyCORIS's forward on the identity is (W0 + ΔW)ᵀ + b
             eye = torch.eye(base.in_features)
-            their_delta = (theirs(eye) - F.linear(eye, base.weight, base.bias)).T
+            plain = F.linear(eye, base.weight, base.bias)
+            their_delta = (scaled(theirs(eye), plain, options, multiplier) - plain).T
             db = ours.delta_bias()
             if db is not None:
                 their_delta = their_delta - db[:, None]

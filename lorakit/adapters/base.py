@@ -273,7 +273,11 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def _load_file_tensors(self, tensors: dict[str, torch.Tensor], skip: tuple[str, ...] = ("alpha",)) -> None:
-        """Put file tensors into the parameters/buffers of the same name, keeping the file's dtype."""
+        """Put file tensors into the parameters/buffers of the same name.
+
+        Half-precision values are upcast to the adapter's own dtype (float32): a file's dtype is a storage
+        choice, and an fp16/bf16 adapter path would round the update (as ComfyUI, we compute in float32).
+        """
         own = {k: v for k, v in self.state_dict(keep_vars=True).items() if not k.startswith("base.")}
         unexpected = sorted(set(tensors) - set(own) - set(skip))
         if unexpected:
@@ -285,7 +289,10 @@ class Adapter(nn.Module):
                 if key in skip or key not in tensors:
                     continue
                 value = fit_shape(key, tensors[key], tuple(target.shape))
-                target.data = value.detach().to(device=device, copy=True)
+                dtype = value.dtype
+                if value.is_floating_point() and target.is_floating_point():
+                    dtype = torch.promote_types(value.dtype, target.dtype)
+                target.data = value.detach().to(device=device, dtype=dtype, copy=True)
 
     def extra_repr(self) -> str:
         return f"algorithm={self.algorithm}, multiplier={self.multiplier}, merged={self.merged}"

@@ -202,8 +202,9 @@ def weight_norm(weight: torch.Tensor, on_out: bool = True) -> torch.Tensor:
 
 def dora_weight(weight: torch.Tensor, magnitude: torch.Tensor, multiplier: float = 1.0,
                 on_out: bool = True) -> torch.Tensor:
-    """``W' = W · m / ‖W‖`` with ``W = W0 + ΔW``; the multiplier enters as LyCORIS's
-    ``W · (mult · (m/‖W‖ − 1) + 1)``, so at multiplier 0 the result is ``W0 + ΔW``, not ``W0``.
+    """``W' = W · m / ‖W‖`` with ``W = W0 + ΔW``.  A ``multiplier`` other than 1 enters as LyCORIS's
+    ``W · (mult · (m/‖W‖ − 1) + 1)`` (at 0 that is ``W0 + ΔW``, not ``W0``); lorakit's adapters call it with 1
+    and scale ``W' − W0`` instead, as A1111 and ComfyUI do.
 
     The norm is clamped at machine epsilon (LyCORIS adds it) so that a zero row stays finite while
     ``W' = W0`` holds exactly at initialisation (``m = ‖W0‖``, ``ΔW = 0``).

@@ -38,7 +38,7 @@ class LoHa(LowRankAdapter):
     width_keys = ("hada_w1_b",)
 
     def __init__(self, base: BaseLayer, rank: int = 4, alpha: float | None = None, multiplier: float = 1.0, *,
-                 use_tucker: bool = False, dora: bool = False, wd_on_out: bool = True, dropout: float = 0.0,
+                 use_tucker: bool = False, dora: bool = False, wd_on_out: bool = False, dropout: float = 0.0,
                  rank_dropout: float = 0.0, rank_dropout_scale: bool = False,
                  module_dropout: float = 0.0) -> None:
         super().__init__(base, rank, alpha, multiplier, dora=dora, wd_on_out=wd_on_out, dropout=dropout,

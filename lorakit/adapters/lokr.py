@@ -91,7 +91,7 @@ class LoKr(LowRankAdapter):
     def __init__(self, base: BaseLayer, rank: int = 4, alpha: float | None = None, multiplier: float = 1.0, *,
                  factor: int = -1, decompose_both: bool = False, full_matrix: bool = False,
                  use_tucker: bool = False, unbalanced_factorization: bool = False, bypass: bool = False,
-                 dora: bool = False, wd_on_out: bool = True, dropout: float = 0.0, rank_dropout: float = 0.0,
+                 dora: bool = False, wd_on_out: bool = False, dropout: float = 0.0, rank_dropout: float = 0.0,
                  rank_dropout_scale: bool = False, module_dropout: float = 0.0,
                  layout: KronLayout | None = None) -> None:
         layer_kind(base)

@@ -26,9 +26,13 @@ class LowRankAdapter(Adapter):
 
     Subclasses implement ``_update(scale, train)``: the update times ``scale``, shaped like ``W0``, with the
     algorithm's rank dropout applied when ``train``.  With ``dora=True`` the weight is re-normalised:
-    ``W' = (W0 + γ·update) · dora_scale / ‖W0 + γ·update‖`` (see ``functional.dora_weight`` for where the
-    multiplier enters), and ``ΔW = W' − W0``.  DoRA needs the full weight, so its forward always builds
-    ``ΔW``; ``dropout`` then acts on the update's output (LyCORIS ignores it with DoRA).
+    ``W' = (W0 + γ·update) · dora_scale / ‖W0 + γ·update‖`` and ``ΔW = multiplier · (W' − W0)``, as A1111
+    and ComfyUI apply it: multiplier 0 is the base model exactly, and ΔW is linear in the multiplier like
+    every other algorithm's (LyCORIS puts the multiplier inside the rescale instead).  The norm is taken per
+    input column by default (``wd_on_out=False``: the DoRA paper's ``‖·‖_c``, and the layout A1111 and ComfyUI
+    both load correctly; see docs/compatibility.md), per output row with ``wd_on_out=True`` (LyCORIS's
+    default, PEFT's).  DoRA needs the full weight, so its forward always builds ``ΔW``; ``dropout`` then acts
+    on the update's output (LyCORIS ignores it with DoRA).
     """
 
     #: LoHa/LoKr: "auto" picks the factorised or the materialised forward by cost (from shapes); "factorised"
@@ -36,7 +40,7 @@ class LowRankAdapter(Adapter):
     forward_path: str = "auto"
 
     def __init__(self, base: BaseLayer, rank: int, alpha: float | None = None, multiplier: float = 1.0, *,
-                 dora: bool = False, wd_on_out: bool = True, **dropouts: float) -> None:
+                 dora: bool = False, wd_on_out: bool = False, **dropouts: float) -> None:
         super().__init__(base, multiplier, **dropouts)
         if int(rank) < 1:
             raise InvalidValueError(f"rank must be a positive integer, got {rank}")
@@ -72,7 +76,9 @@ class LowRankAdapter(Adapter):
         dtype = torch.promote_types(magnitude.dtype, torch.float32)
         w0 = self.original_weight.to(dtype)
         merged = w0 + self._update(self.scale, train).to(dtype)
-        return dora_weight(merged, magnitude.to(dtype), self.multiplier, self.wd_on_out) - w0, None
+        delta = dora_weight(merged, magnitude.to(dtype), 1.0, self.wd_on_out) - w0
+        # strength m: W0 + m·(W' − W0) (A1111, ComfyUI); m = 0 gives W0 exactly
+        return delta if self.multiplier == 1 else delta * self.multiplier, None
 
     def extra_repr(self) -> str:
         extra = f", dora(on_out={self.wd_on_out})" if self.dora_scale is not None else ""
