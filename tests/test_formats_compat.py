@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_text_encoder, build_tiny_unet, randomize, unet_inputs
+from model_helpers import build_tiny_text_encoder, build_tiny_unet, randomize, unet_inputs
 
 from lorakit.errors import LorakitError
 from lorakit.formats import AdapterFile, load_network, read_adapter, save_network, write_adapter

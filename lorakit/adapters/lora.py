@@ -100,6 +100,8 @@ class LoRA(LowRankAdapter):
             dropouts = self.training and (self.dropout > 0 or self.rank_dropout > 0 or self.module_dropout > 0)
             if self.merged or self.lora_mid is not None or dropouts:
                 return super().forward(x)
+            if self.multiplier == 0:  # strength 0 is the base layer, bit for bit
+                return self.base_forward(x, self.base.weight, self.base.bias)
             return self._dora_forward(x)
         if self.merged:
             return super().forward(x)
@@ -133,20 +135,27 @@ class LoRA(LowRankAdapter):
                   + (gamma * gamma) * (a * ((b.T @ b) @ a)).sum(0))
             sq = sq.reshape(self.in_features, -1).sum(1)
         ratio = magnitude.reshape(-1).to(dtype) / sq.clamp_min(eps * eps).sqrt()
-        if self.multiplier != 1:
-            ratio = (ratio - 1) * self.multiplier + 1
+        # strength m: W0 + m·(W' − W0) (A1111, ComfyUI), so W0 is scaled by 1 + m·(ratio − 1) and the update by
+        # m·ratio; m = 0 gives the base layer exactly
+        m = self.multiplier
+        base_ratio = ratio if m == 1 else (ratio - 1) * m + 1
+        update_ratio = ratio if m == 1 else ratio * m
         if self.kind == "conv":
-            ratio = ratio.reshape(-1, 1, 1)
-        if self.wd_on_out:  # ratio ⊙ (W0 x + γ B A x) + b
+            base_ratio, update_ratio = base_ratio.reshape(-1, 1, 1), update_ratio.reshape(-1, 1, 1)
+        if self.wd_on_out:  # base_ratio ⊙ W0 x + update_ratio ⊙ γ B A x + b
             z = self.base_forward(x, w0, None)
             d = self._up(self._down(x), self.lora_up.weight)
-            y = torch.add(z if z.dtype == d.dtype else z.to(d.dtype), d, alpha=gamma) * ratio
+            z = z if z.dtype == d.dtype else z.to(d.dtype)
+            y = z * base_ratio + (gamma * d) * update_ratio
             y = y if y.dtype == x.dtype else y.to(x.dtype)
             bias = self.base.bias
             return y if bias is None else y + (bias if self.kind == "linear" else bias.reshape(-1, 1, 1))
-        h = x.to(dtype) * ratio  # W (ratio ⊙ x) + b
+        # W0 (base_ratio ⊙ x) + γ B A (update_ratio ⊙ x) + b
+        xd = x.to(dtype)
+        h = xd * base_ratio
         y = self.base_forward(h if h.dtype == x.dtype else h.to(x.dtype), w0, self.base.bias)
-        d = self._up(self._down(h), self.lora_up.weight)
+        hu = h if m == 1 else xd * update_ratio
+        d = self._up(self._down(hu), self.lora_up.weight)
         return torch.add(y, d if d.dtype == y.dtype else d.to(y.dtype), alpha=gamma)
 
     def _train_dropouts(self, h: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
