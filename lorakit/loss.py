@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+#: what a U-Net can be trained to predict (the targets ``add_training_noise`` builds)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
 
 @dataclass
 class NoisedBatch:

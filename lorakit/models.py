@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lorakit import ldm
+from lorakit.loss import PREDICTION_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def _own_memory(module: torch.nn.Module) -> None:
 def _assemble(tokenizer, text_encoder, unet, vae, scheduler_config: dict, source: str,
               prediction_type: str | None, device, dtype: torch.dtype) -> BaseModel:
     prediction_type = prediction_type or scheduler_config.get("prediction_type") or "epsilon"
-    if prediction_type not in ("epsilon", "v_prediction"):
+    if prediction_type not in PREDICTION_TYPES:
         raise ModelLoadError(f"{source}: unsupported prediction_type {prediction_type!r}")
     scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
     # SD never clips x0 (DDPMScheduler's default would); only step() uses it, but sampling from it should be right

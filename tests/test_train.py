@@ -40,8 +40,9 @@ def make_config(model_dir: Path, data_dir: Path, out: Path, **sections) -> Train
     cfg.model.base = str(model_dir)
     cfg.data.train_data = str(data_dir)
     cfg.data.batch_size = 2
-    cfg.network.rank = 2
-    cfg.network.alpha = 1.0
+    if sections.get("method", {}).get("kind") not in ("ti", "native"):  # they refuse adapter settings
+        cfg.network.rank = 2
+        cfg.network.alpha = 1.0
     cfg.optimizer.learning_rate = 1e-3
     cfg.training.max_epochs = 2
     cfg.early_stop.mode = "off"
