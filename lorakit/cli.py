@@ -36,8 +36,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(module.run(args))
     except (OSError, ValueError, LorakitError) as err:  # bad files and bad values: a message, not a traceback
-        print(f"lorakit {command}: error: {err}", file=sys.stderr)
-        return 2
+        code = getattr(err, "exit_code", 2)
+        print(f"lorakit {command}: {'' if code == 130 else 'error: '}{err}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:  # Ctrl-C outside training (loading, scanning): nothing to resume
+        print(f"lorakit {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

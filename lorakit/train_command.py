@@ -59,23 +59,29 @@ BUILTIN_SETTINGS = {"network.preset": "full", "optimizer.learning_rate": 2e-3, "
                     "training.max_epochs": 20, "sample.every_n_epochs": 2}
 
 
-def builtin_default(cfg: TrainConfig) -> TrainConfig:
-    """The built-in job: the shapes world's concept on the built-in model (dataset rendered into the run)."""
+def builtin_default(cfg: TrainConfig, write: bool = True) -> TrainConfig:
+    """The built-in job: the shapes world's concept on the built-in model (dataset rendered beside the run,
+    unless ``write`` is false: printing the config writes nothing)."""
+    from lorakit.config import ConfigError
     from lorakit.world import concept
 
+    if cfg.model.base is not None:
+        raise ConfigError(f"--model {cfg.model.base} needs --data: without data lorakit runs its built-in job (the "
+                          "built-in concept on the built-in model); give --data FOLDER to train your model")
     defaults = TrainConfig()
     for dotted, value in BUILTIN_SETTINGS.items():
         section, name = dotted.split(".")
+        if section == "network" and cfg.method.kind in ("ti", "native"):
+            continue  # no adapter to shape
         if getattr(getattr(cfg, section), name) == getattr(getattr(defaults, section), name):
             setattr(getattr(cfg, section), name, value)
-    cfg.model.base = None
     out = Path(cfg.output.dir)
     data_dir = out.parent / (out.name + "-data")
-    if not data_dir.exists():
+    if write and not data_dir.exists():
         concept.write_concept_dataset(data_dir)
     cfg.data.train_data = str(data_dir)
     prompts = data_dir / "sample_prompts.txt"
-    if cfg.sample.prompts is None and prompts.exists():
+    if cfg.sample.prompts is None and (prompts.exists() or not write):
         cfg.sample.prompts = str(prompts)
     return cfg
 
@@ -103,7 +109,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if cfg.output.dir == "output" and args.out is None:
         cfg.output.dir = f"output/train-{time.strftime('%Y%m%d-%H%M%S')}"
     if cfg.data.train_data is None:
-        cfg = builtin_default(cfg)
+        cfg = builtin_default(cfg, write=not args.print_config)
     return cfg.validate()
 
 
@@ -116,6 +122,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from lorakit.train import train
 
-    result = train(cfg, progress=not args.no_progress)
+    result = train(cfg, progress=not args.no_progress, config_file=args.config)
     print(result.summary)
     return 0
