@@ -94,6 +94,9 @@ class RunFolder:
             if if_exists == "overwrite":
                 self._clear_previous_run(protect)
             elif if_exists == "resume":
+                if not ((self.path / "config.toml").exists() or RunManifest.exists_in(self.path)):
+                    raise OutputFolderError(f"{self.path} is not a lorakit run folder (no config.toml): nothing to "
+                                            "resume there; check --out")
                 self.resuming = True
         self.path.mkdir(parents=True, exist_ok=True)
         self.manifest = RunManifest(self.path)
@@ -115,13 +118,12 @@ class RunFolder:
                     "files yourself, or choose another output folder")
             raise OutputFolderError(f"{self.path} is not a lorakit run folder (no config.toml, no {MANIFEST_NAME}): "
                                     "refusing to overwrite it")
-        kept = RunManifest(self.path).remove_all()
-        clash = self.foreign_run_names()
+        clash = self.foreign_run_names()  # before deleting anything: a refusal must leave the folder as it was
         if clash:
             raise OutputFolderError(
-                f"{self.path}: the previous run's files were removed, but {', '.join(str(p) for p in clash)} "
-                "were not written by lorakit and have names this run writes: move them, or choose another output "
-                "folder")
+                f"{self.path}: {', '.join(str(p) for p in clash)} were not written by lorakit and have names this run "
+                "writes: move them, or choose another output folder (nothing was deleted)")
+        kept = RunManifest(self.path).remove_all()
         if kept:
             print(f"overwrite: kept {', '.join(str(p) for p in kept)} (they hold files that are not lorakit's)")
 

@@ -109,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if cfg.output.dir == "output" and args.out is None:
         cfg.output.dir = f"output/train-{time.strftime('%Y%m%d-%H%M%S')}"
     if cfg.data.train_data is None:
+        cfg.validate()  # before the built-in concept's images are rendered
         cfg = builtin_default(cfg, write=not args.print_config)
     return cfg.validate()
 
