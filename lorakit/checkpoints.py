@@ -98,6 +98,7 @@ class RunFolder:
                     raise OutputFolderError(f"{self.path} is not a lorakit run folder (no config.toml): nothing to "
                                             "resume there; check --out")
                 self.resuming = True
+        self.created = not self.path.exists()  # made by this run: a failed start may remove it again
         self.path.mkdir(parents=True, exist_ok=True)
         self.manifest = RunManifest(self.path)
         for sub in ("checkpoints", "samples"):

@@ -31,6 +31,7 @@ from lorakit.methods import TrainingMethod, make_method
 from lorakit.models import BaseModel, load_base_model
 from lorakit.optimizers import OPTIMIZERS
 from lorakit.prior import ensure_class_images
+from lorakit.run_manifest import RunManifest
 from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
 
 
@@ -205,81 +206,88 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
     accelerator.wait_for_everyone()
     if run is None:
         run = RunFolder(cfg.output.dir, "resume", name=cfg.output.name)
-    if is_main:
-        if run.resuming and (run.path / "config.toml").exists():
-            check_resume_settings(run.path / "config.toml", cfg)
-        run.write_text("config.toml", to_toml(cfg))
-
-    # the model, what is trained, the data
-    model = prepare_model(cfg, accelerator)
-    torch.manual_seed(cfg.training.seed)  # after loading: adapter init must not depend on how the model was read
-    method = make_method(cfg, model)
-    for group in method.param_groups():  # trained tensors stay fp32 whatever the base model's dtype
-        for p in group["params"]:
-            p.data = p.data.float()
-    data = TrainingData(with_class_images(cfg, model, run, is_main, accelerator), seed=cfg.training.seed,
-                        default_resolution=model.resolution)
-    if cfg.data.cache_latents:
-        own_cache = cfg.data.cache_latents_to_disk and not cfg.data.cache_dir
-        if own_cache and is_main:
-            run.make_dir("latent_cache")
-        data.cache_latents(model.vae, directory=(cfg.data.cache_dir or run.path / "latent_cache")
-                           if cfg.data.cache_latents_to_disk else None)
-        if own_cache and is_main:
-            run.record_tree("latent_cache")
-    steps_per_epoch = math.ceil(data.steps_per_epoch / accelerator.num_processes
-                                / cfg.optimizer.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * cfg.training.max_epochs
-    if cfg.training.max_steps is not None:
-        total_steps = min(total_steps, cfg.training.max_steps)
-
-    optimizer = build_optimizer(method.param_groups(), cfg)
-    lr_schedule = get_scheduler(cfg.optimizer.lr_scheduler, optimizer, num_warmup_steps=cfg.optimizer.lr_warmup_steps,
-                                num_training_steps=total_steps)
-    unet_lr = cfg.optimizer.unet_lr or cfg.optimizer.learning_rate
-    monitor = None
-    meter = method.cs_meter()
-    if cfg.early_stop.mode != "off" and meter is not None:
-        # the moving averages need at least 2 points: a 1-step epoch gets the smallest window that works
-        window = cfg.early_stop.window or max(2, steps_per_epoch // cfg.early_stop.interval)
-        monitor = CSFluctuationMonitor(window=window, lr=unet_lr, rule=cfg.early_stop.make_rule(),
-                                       report_only=cfg.early_stop.mode == "report")
-
-    # resume: from the last checkpoint, mid-epoch when it was saved mid-epoch (max_steps or an early stop)
-    start_epoch, step, losses, skip = 0, 0, [], 0
-    fingerprint = data.fingerprint()
-    if run.resuming and (ckpt := run.latest_checkpoint()) is not None:
-        state = ckpt.load_state()
-        _check_resumable(state, fingerprint, data, ckpt.path, run, total_steps, cfg)
-        method.load_trained_tensors(ckpt.load_tensors())
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        skip = state.get("batches_done", 0)
-        start_epoch, step, losses = state["epoch"] - (1 if skip else 0), state["step"], list(state["losses"])
-        if monitor is not None and state.get("monitor") is not None:
-            monitor.load_state_dict(state["monitor"])
+    try:  # a run that fails before its first step leaves nothing behind (the same command can run again)
         if is_main:
-            run.truncate_log(step)
-            where = f"{skip} steps into epoch {start_epoch + 1}" if skip else f"after epoch {start_epoch}"
-            print(f"resuming {run.path} {where} (step {step})")
-    elif run.resuming and is_main:
-        run.truncate_log(0)  # killed before the first checkpoint: its log lines will be written again
-        print(f"resuming {run.path}: no checkpoint was saved yet, starting from the beginning")
+            if run.resuming and (run.path / "config.toml").exists():
+                check_resume_settings(run.path / "config.toml", cfg)
+            run.write_text("config.toml", to_toml(cfg))
 
-    trained = [m for m in (model.unet, model.text_encoder) if any(p.requires_grad for p in m.parameters())]
-    prepared = accelerator.prepare(*trained, optimizer, lr_schedule)
-    optimizer, lr_schedule = prepared[-2], prepared[-1]
-    # run the wrapped modules (DDP in a distributed run); sampling and saving use the plain ones
-    wrapped = {id(m): w for m, w in zip(trained, prepared[:-2], strict=True)}
-    run_unet, run_te = wrapped.get(id(model.unet)), wrapped.get(id(model.text_encoder))
-    for module in trained:
-        module.train()
-    prompts = sample_prompts(cfg, model)
-    if is_main:
-        print(data.summary())
-        print(method.summary())
-        print(f"{steps_per_epoch} steps per epoch, up to {cfg.training.max_epochs} epochs ({total_steps} steps); "
-              f"early stopping: {cfg.early_stop.mode if monitor else 'off'}")
+        # the model, what is trained, the data
+        model = prepare_model(cfg, accelerator)
+        torch.manual_seed(cfg.training.seed)  # after loading: adapter init must not depend on how the model was read
+        method = make_method(cfg, model)
+        for group in method.param_groups():  # trained tensors stay fp32 whatever the base model's dtype
+            for p in group["params"]:
+                p.data = p.data.float()
+        data = TrainingData(with_class_images(cfg, model, run, is_main, accelerator), seed=cfg.training.seed,
+                            default_resolution=model.resolution)
+        if cfg.data.cache_latents:
+            own_cache = cfg.data.cache_latents_to_disk and not cfg.data.cache_dir
+            if own_cache and is_main:
+                run.make_dir("latent_cache")
+            data.cache_latents(model.vae, directory=(cfg.data.cache_dir or run.path / "latent_cache")
+                               if cfg.data.cache_latents_to_disk else None)
+            if own_cache and is_main:
+                run.record_tree("latent_cache")
+        steps_per_epoch = math.ceil(data.steps_per_epoch / accelerator.num_processes
+                                    / cfg.optimizer.gradient_accumulation_steps)
+        total_steps = steps_per_epoch * cfg.training.max_epochs
+        if cfg.training.max_steps is not None:
+            total_steps = min(total_steps, cfg.training.max_steps)
+
+        optimizer = build_optimizer(method.param_groups(), cfg)
+        lr_schedule = get_scheduler(cfg.optimizer.lr_scheduler, optimizer,
+                                    num_warmup_steps=cfg.optimizer.lr_warmup_steps, num_training_steps=total_steps)
+        unet_lr = cfg.optimizer.unet_lr or cfg.optimizer.learning_rate
+        monitor = None
+        meter = method.cs_meter()
+        if cfg.early_stop.mode != "off" and meter is not None:
+            # the moving averages need at least 2 points: a 1-step epoch gets the smallest window that works
+            window = cfg.early_stop.window or max(2, steps_per_epoch // cfg.early_stop.interval)
+            monitor = CSFluctuationMonitor(window=window, lr=unet_lr, rule=cfg.early_stop.make_rule(),
+                                           report_only=cfg.early_stop.mode == "report")
+
+        # resume: from the last checkpoint, mid-epoch when it was saved mid-epoch (max_steps or an early stop)
+        start_epoch, step, losses, skip = 0, 0, [], 0
+        fingerprint = data.fingerprint()
+        if run.resuming and (ckpt := run.latest_checkpoint()) is not None:
+            state = ckpt.load_state()
+            _check_resumable(state, fingerprint, data, ckpt.path, run, total_steps, cfg)
+            method.load_trained_tensors(ckpt.load_tensors())
+            optimizer.load_state_dict(state["optimizer"])
+            lr_schedule.load_state_dict(state["lr_schedule"])
+            skip = state.get("batches_done", 0)
+            start_epoch, step, losses = state["epoch"] - (1 if skip else 0), state["step"], list(state["losses"])
+            if monitor is not None and state.get("monitor") is not None:
+                monitor.load_state_dict(state["monitor"])
+            if is_main:
+                run.truncate_log(step)
+                where = f"{skip} steps into epoch {start_epoch + 1}" if skip else f"after epoch {start_epoch}"
+                print(f"resuming {run.path} {where} (step {step})")
+        elif run.resuming and is_main:
+            run.truncate_log(0)  # killed before the first checkpoint: its log lines will be written again
+            print(f"resuming {run.path}: no checkpoint was saved yet, starting from the beginning")
+
+        trained = [m for m in (model.unet, model.text_encoder) if any(p.requires_grad for p in m.parameters())]
+        prepared = accelerator.prepare(*trained, optimizer, lr_schedule)
+        optimizer, lr_schedule = prepared[-2], prepared[-1]
+        # run the wrapped modules (DDP in a distributed run); sampling and saving use the plain ones
+        wrapped = {id(m): w for m, w in zip(trained, prepared[:-2], strict=True)}
+        run_unet, run_te = wrapped.get(id(model.unet)), wrapped.get(id(model.text_encoder))
+        for module in trained:
+            module.train()
+        prompts = sample_prompts(cfg, model)
+        if is_main:
+            print(data.summary())
+            print(method.summary())
+            print(f"{steps_per_epoch} steps per epoch, up to {cfg.training.max_epochs} epochs ({total_steps} steps); "
+                  f"early stopping: {cfg.early_stop.mode if monitor else 'off'}")
+    except BaseException:
+        if is_main and not run.resuming:
+            RunManifest(run.path).remove_all()
+            if run.created and run.path.is_dir() and not any(run.path.iterdir()):
+                run.path.rmdir()
+        raise
 
     stop_decision = None
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not (progress and is_main))

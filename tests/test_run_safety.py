@@ -232,3 +232,16 @@ def test_save_precision_is_applied(tiny_model_dir, tmp_path):
     run_train(make_config(tiny_model_dir, data, tmp_path / "run", training={"max_epochs": 1},
                           output={"save_precision": "fp16"}))
     assert {t.dtype for t in load_file(str(tmp_path / "run" / "lorakit.safetensors")).values()} == {torch.float16}
+
+
+def test_a_failed_start_leaves_nothing_behind(tiny_model_dir, tmp_path):
+    """An error found after the run folder was made (a corrupt image) removes it: the same command runs again."""
+    data = write_dataset(tmp_path / "data", n=2)
+    bad = data / "1_zkz shape" / "001.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "run"
+    with pytest.raises(DatasetError, match="001.png"):
+        run_train(make_config(tiny_model_dir, data, out, training={"max_epochs": 1}))
+    assert not out.exists()
+    bad.unlink()
+    assert run_train(make_config(tiny_model_dir, data, out, training={"max_epochs": 1})).steps == 1
