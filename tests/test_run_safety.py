@@ -244,4 +244,5 @@ def test_a_failed_start_leaves_nothing_behind(tiny_model_dir, tmp_path):
         run_train(make_config(tiny_model_dir, data, out, training={"max_epochs": 1}))
     assert not out.exists()
     bad.unlink()
+    bad.with_suffix(".txt").unlink()
     assert run_train(make_config(tiny_model_dir, data, out, training={"max_epochs": 1})).steps == 1
