@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lorakit.checkpoints import RunFolder, atomic_write_json
+from lorakit.atomic import atomic_write_json
+from lorakit.checkpoints import RunFolder
 from lorakit.config import TrainConfig
 from lorakit.formats import load_network
 from lorakit.models import BaseModel, load_base_model
