@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lorakit.atomic import atomic_write_json, atomic_write_text
+from lorakit.atomic import atomic_write_text
 from lorakit.errors import LorakitError
 from lorakit.run_manifest import MANIFEST_NAME, RunManifest
 
@@ -38,6 +38,15 @@ _EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
 
 class OutputFolderError(LorakitError, ValueError):
     """The output folder holds another run and the configuration does not say what to do with it."""
+
+
+class RunWriteError(LorakitError, OSError):
+    """A file of the run could not be written (a full disk, a file-size limit, permissions)."""
+
+
+def _write_error(path: Path, err: OSError) -> RunWriteError:
+    return RunWriteError(f"cannot write {path} ({err.strerror or err}); is the disk full? The run's last checkpoint "
+                         "is intact: free some space and continue with --resume")
 
 
 class CheckpointSaveError(LorakitError, OSError):
@@ -158,10 +167,14 @@ class RunFolder:
                     self.manifest.make_dir(p)
 
     def write_text(self, relative: str, text: str) -> Path:
-        return atomic_write_text(self.file(relative), text)
+        path = self.file(relative)
+        try:
+            return atomic_write_text(path, text)
+        except OSError as err:
+            raise _write_error(path, err) from None
 
     def write_json(self, relative: str, data: Any) -> Path:
-        return atomic_write_json(self.file(relative), data)
+        return self.write_text(relative, json.dumps(data, indent=2, default=str) + "\n")
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def checkpoints(self) -> list[Checkpoint]:
@@ -234,8 +247,11 @@ class RunFolder:
 
     def log(self, record: dict[str, Any]) -> None:
         path = self.file("log.jsonl")
-        with path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise _write_error(path, err) from None
 
     def read_log(self) -> list[dict[str, Any]]:
         path = self.path / "log.jsonl"

@@ -201,6 +201,7 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
                               gradient_accumulation_steps=cfg.optimizer.gradient_accumulation_steps,
                               cpu=not torch.cuda.is_available())
     is_main = accelerator.is_main_process
+    check_paths(cfg)
     protect = [p for p in (cfg.data.train_data, cfg.data.reg_data, config_file) if p]
     run = RunFolder(cfg.output.dir, cfg.output.if_exists, protect=protect, name=cfg.output.name) if is_main else None
     accelerator.wait_for_everyone()
@@ -410,6 +411,16 @@ def check_resume_settings(previous: Path, cfg: TrainConfig) -> None:
                           "another --out)")
     if applied:
         print("resume: applying changed settings: " + "; ".join(applied))
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """The files and folders the config names exist (checked before anything is loaded or written)."""
+    for key, value in (("model.base", cfg.model.base), ("data.train_data", cfg.data.train_data),
+                       # prior preservation fills (and makes) the class-image folder itself
+                       ("data.reg_data", cfg.data.reg_data if cfg.data.num_class_images <= 0 else None),
+                       ("sample.prompts", cfg.sample.prompts)):
+        if value and not Path(value).expanduser().exists():
+            raise ConfigError(f"{key}: {value}: no such file or folder")
 
 
 def _check_resumable(state: dict[str, Any], fingerprint: str, data: TrainingData, ckpt: Path, run: RunFolder,

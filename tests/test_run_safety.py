@@ -246,3 +246,15 @@ def test_a_failed_start_leaves_nothing_behind(tiny_model_dir, tmp_path):
     bad.unlink()
     bad.with_suffix(".txt").unlink()
     assert run_train(make_config(tiny_model_dir, data, out, training={"max_epochs": 1})).steps == 1
+
+
+def test_missing_paths_are_named_before_anything_is_written(tmp_path):
+    data = write_dataset(tmp_path / "data", n=1)
+    (tmp_path / "model").mkdir()  # exists: each case has one missing path
+    for sections, key in (({"model": {"base": str(tmp_path / "sd15.safetensors")}}, "model.base"),
+                          ({"sample": {"prompts": str(tmp_path / "prompts.txt")}}, "sample.prompts"),
+                          ({"data": {"reg_data": str(tmp_path / "reg")}}, "data.reg_data")):
+        cfg = make_config(tmp_path / "model", data, tmp_path / "run", **sections)
+        with pytest.raises(ConfigError, match=f"{key}: .*: no such file or folder"):
+            run_train(cfg)
+        assert not (tmp_path / "run").exists()
