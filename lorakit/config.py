@@ -267,6 +267,9 @@ class TrainConfig:
             self.early_stop.make_rule()
         except (TypeError, ValueError) as e:
             raise ConfigError(f"early_stop.rule_args: {e}") from e
+        if self.method.kind in ("ti", "pivotal") and not (self.method.ti_token or self.data.trigger):
+            raise ConfigError(f"method.kind = {self.method.kind!r} needs the new token: set method.ti_token "
+                              "(or data.trigger), e.g. --set method.ti_token=zkz")
         if self.method.kind in ("ti", "native"):
             # the network section only shapes adapters: set for textual inversion or native training it would be
             # silently ignored

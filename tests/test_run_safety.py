@@ -102,6 +102,7 @@ BAD_SETTINGS = [
     ({"method": {"kind": "ti", "ti_token": "zkz"}, "network": {"algorithm": "loha", "rank": 64}},
      r"network.algorithm = 'loha', network.rank = 64 would be ignored"),
     ({"method": {"kind": "native"}, "network": {"alpha": 4.0}}, "network.alpha = 4.0 would be ignored"),
+    ({"method": {"kind": "ti"}}, "method.kind = 'ti' needs the new token"),
 ]
 
 
