@@ -162,9 +162,7 @@ class RunFolder:
         folder = self.path / relative
         if folder.is_dir() and self.manifest.owns(folder):
             self.manifest.add_files(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-            for p in folder.rglob("*"):
-                if p.is_dir() and not p.is_symlink():
-                    self.manifest.make_dir(p)
+            self.manifest.add_dirs(p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink())
 
     def write_text(self, relative: str, text: str) -> Path:
         path = self.file(relative)

@@ -95,6 +95,13 @@ class RunManifest:
             self.files |= rels
             self.save()
 
+    def add_dirs(self, paths) -> None:
+        """Record folders lorakit made (inside a folder it created), e.g. by a writer that chose their names."""
+        rels = {self._relative(p) for p in paths} - self.dirs
+        if rels:
+            self.dirs |= rels
+            self.save()
+
     def make_dir(self, path: str | os.PathLike) -> Path:
         """Create ``path`` (and the parents inside the run folder) and record each folder that was created."""
         path = Path(path)

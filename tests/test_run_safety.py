@@ -25,7 +25,8 @@ from lorakit.run_manifest import MANIFEST_NAME, ManifestError, RunManifest
 def test_manifest_removes_only_what_it_recorded(tmp_path):
     run = RunFolder(tmp_path / "run")
     run.write_text("config.toml", "x = 1\n")
-    run.make_dir("class_images/1_a shape")
+    run.make_dir("class_images")
+    (run.path / "class_images" / "1_a shape").mkdir()  # made by a writer that chose the name itself
     (run.path / "class_images" / "1_a shape" / "0000.png").write_bytes(b"png")
     run.record_tree("class_images")
     (run.path / "notes.txt").write_text("mine")
