@@ -147,7 +147,7 @@ class RunFolder:
 
     # ------------------------------------------------------------------------------------ recorded writing
     def file(self, relative: str | Path) -> Path:
-        """The path of a file the run is about to write, recorded in the manifest first."""
+        """The path of a file the run is about to write (``relative`` to the run folder), recorded first."""
         return self.manifest.add_file(self.path / relative)
 
     def make_dir(self, relative: str | Path) -> Path:
@@ -200,11 +200,12 @@ class RunFolder:
         final = self.path / "checkpoints" / f"epoch-{epoch:04d}"
         tmp = final.with_name(final.name + ".tmp")
         self._remove_checkpoint_dir(tmp)
+        inside = tmp.relative_to(self.path)  # file() and make_dir() take paths inside the run folder
         try:
-            self.make_dir(tmp.relative_to(self.path))
+            self.make_dir(inside)
             save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-                      str(self.file(tmp / "trained.safetensors")), metadata=metadata)
-            torch.save(state, self.file(tmp / "state.pt"))
+                      str(self.file(inside / "trained.safetensors")), metadata=metadata)
+            torch.save(state, self.file(inside / "state.pt"))
         except (OSError, RuntimeError, SafetensorError) as err:
             self._remove_checkpoint_dir(tmp)
             last = self.latest_checkpoint()
@@ -214,7 +215,7 @@ class RunFolder:
                 f"Is the disk full? Training stopped; {kept}. Free some space and continue with --resume") from None
         self._remove_checkpoint_dir(final)
         os.replace(tmp, final)
-        self.make_dir(final.relative_to(self.path))
+        self.manifest.add_dirs([final])
         self.record([final / "trained.safetensors", final / "state.pt"])
         self.manifest.remove_under(tmp.relative_to(self.path).as_posix())  # gone: only forgets the entries
         return Checkpoint(epoch, final)

@@ -38,6 +38,21 @@ def test_manifest_removes_only_what_it_recorded(tmp_path):
     assert (run.path / "samples" / "favourite.png").read_bytes() == b"mine too"
 
 
+def test_a_run_folder_is_removed_whole(tmp_path, monkeypatch):
+    """Everything a run writes is recorded (checkpoint folders included), so overwrite leaves no empty shells."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    run = RunFolder("run")  # relative, as users type it
+    for epoch in (1, 2):
+        run.save_checkpoint(epoch, {"w": torch.ones(2)}, {"step": epoch})
+    run.log({"step": 1})
+    run.sample_path("epoch-0001").write_bytes(b"png")
+    run.write_json("summary.json", {})
+    assert RunManifest(run.path).remove_all() == []
+    assert list(run.path.iterdir()) == []
+
+
 def test_manifest_never_leaves_the_folder_or_follows_links(tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()

@@ -172,13 +172,13 @@ def test_overwrite_touches_only_lorakit_files(data, tmp_path):
     assert refused.returncode == 2 and "which this run reads: refusing to overwrite" in refused.stderr
     assert (project / "notes.txt").read_text() == "my notes" and len(list(mine.rglob("*.png"))) == 4
 
-    out = project / "run"
-    assert run(train_cmd(data, out, steps=2)).returncode == 0
+    out = project / "run"  # given relative to the working directory, as users type it
+    assert run(train_cmd(data, Path("run"), steps=2), cwd=project).returncode == 0
     (out / "notes.txt").write_text("notes about run 1")
     (out / "checkpoints" / "keep.txt").write_text("my file among the checkpoints")
     (out / "best").mkdir()
     (out / "best" / "picked.png").write_bytes(b"the user's favourite sample")
-    again = run(train_cmd(data, out, "--overwrite", steps=2))
+    again = run(train_cmd(data, Path("run"), "--overwrite", steps=2), cwd=project)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "notes.txt").read_text() == "notes about run 1"
     assert (out / "checkpoints" / "keep.txt").exists() and (out / "best" / "picked.png").exists()
