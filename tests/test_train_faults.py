@@ -146,6 +146,7 @@ def _limit_file_size(limit: int):
 
 
 def test_full_disk_during_a_save_keeps_the_mid_epoch_checkpoint(data, reference, tmp_path):
+    """max_steps ends run 1 mid-epoch; run 2 resumes there with a higher max_steps and hits a full disk."""
     out = tmp_path / "run"
     first = run(train_cmd(data, out, steps=15))  # stops 3 steps into epoch 2: a mid-epoch checkpoint
     assert first.returncode == 0, first.stderr[-3000:]
@@ -158,9 +159,8 @@ def test_full_disk_during_a_save_keeps_the_mid_epoch_checkpoint(data, reference,
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
     state = torch.load(out / "checkpoints" / "epoch-0002" / "state.pt", weights_only=True)
     assert state["step"] == 15 and state["batches_done"] == 3  # the earlier checkpoint survived whole
-    resumed = run(train_cmd(data, out, "--resume"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(out, reference)
+    # steps 16-18 were trained (and logged) before the save failed: the mid-epoch resume continued exactly
+    assert [r["loss"] for r in log_steps(out)] == reference[0]
 
 
 def test_overwrite_touches_only_lorakit_files(data, tmp_path):
