@@ -20,22 +20,37 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lorakit.atomic import atomic_write_text
 from lorakit.errors import LorakitError
+from lorakit.run_manifest import MANIFEST_NAME, RunManifest
 
 _EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
 
 
 class OutputFolderError(LorakitError, ValueError):
     """The output folder holds another run and the configuration does not say what to do with it."""
+
+
+class RunWriteError(LorakitError, OSError):
+    """A file of the run could not be written (a full disk, a file-size limit, permissions)."""
+
+
+def _write_error(path: Path, err: OSError) -> RunWriteError:
+    return RunWriteError(f"cannot write {path} ({err.strerror or err}); is the disk full? The run's last checkpoint "
+                         "is intact: free some space and continue with --resume")
+
+
+class CheckpointSaveError(LorakitError, OSError):
+    """A checkpoint could not be written (a full disk, a file-size limit); the earlier ones are intact."""
 
 
 @dataclass
@@ -54,27 +69,110 @@ class Checkpoint:
         return torch.load(self.path / "state.pt", map_location="cpu", weights_only=True)
 
 
-class RunFolder:
-    """Creates or reopens the output folder according to ``if_exists`` ("error", "resume", "overwrite")."""
+# what a run writes at the top of its folder (besides <name>.safetensors and <name>-<token>.safetensors)
+RUN_NAMES = ("config.toml", "log.jsonl", "summary.json", "summary.txt", "cs_history.json", "cs_fluctuation.png",
+             "checkpoints", "samples", "class_images", "latent_cache")
 
-    def __init__(self, directory: str | Path, if_exists: str = "error") -> None:
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+class RunFolder:
+    """Creates or reopens the output folder according to ``if_exists`` ("error", "resume", "overwrite").
+
+    Every file and folder the run writes is recorded in the folder's manifest (``lorakit.run_manifest``) before
+    it is written, and "overwrite" deletes only what the manifest lists.  ``protect``: paths the run reads (the
+    training data, regularization images, the config file); "overwrite" refuses a folder that holds one of them.
+    ``name``: the result's file name (``<name>.safetensors``), a name the run will write.
+    """
+
+    def __init__(self, directory: str | Path, if_exists: str = "error", protect: Iterable[str | Path] = (),
+                 name: str = "lorakit") -> None:
         self.path = Path(directory)
         self.resuming = False
+        self.name = name
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputFolderError(f"{self.path} is a file, not a folder: choose another output folder")
         if self.path.exists() and any(self.path.iterdir()):
             if if_exists == "error":
                 raise OutputFolderError(
                     f"{self.path} already holds files (a previous run?). Choose another output folder, "
                     f"or set output.if_exists = \"resume\" to continue that run, or \"overwrite\" to replace it")
             if if_exists == "overwrite":
-                if not (self.path / "config.toml").exists():
-                    # only ever delete what is recognisably a lorakit run
-                    raise OutputFolderError(f"{self.path} is not a lorakit run folder (no config.toml): "
-                                            "refusing to overwrite it")
-                shutil.rmtree(self.path)
+                self._clear_previous_run(protect)
             elif if_exists == "resume":
+                if not ((self.path / "config.toml").exists() or RunManifest.exists_in(self.path)):
+                    raise OutputFolderError(f"{self.path} is not a lorakit run folder (no config.toml): nothing to "
+                                            "resume there; check --out")
                 self.resuming = True
-        for sub in ("", "checkpoints", "samples"):
-            (self.path / sub).mkdir(parents=True, exist_ok=True)
+        self.created = not self.path.exists()  # made by this run: a failed start may remove it again
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.manifest = RunManifest(self.path)
+        for sub in ("checkpoints", "samples"):
+            self.make_dir(sub)
+
+    def _clear_previous_run(self, protect: Iterable[str | Path]) -> None:
+        """"overwrite": delete the files the previous run wrote, and nothing else."""
+        for item in protect:
+            if item and _inside(Path(item).expanduser(), self.path):
+                raise OutputFolderError(
+                    f"{self.path} holds {item}, which this run reads: refusing to overwrite the folder. "
+                    "Choose an output folder outside your data and config (e.g. --out output/run1)")
+        if not RunManifest.exists_in(self.path):
+            if (self.path / "config.toml").exists():
+                raise OutputFolderError(
+                    f"{self.path} has no {MANIFEST_NAME} (a run of an older lorakit, or not a run folder), so "
+                    "lorakit cannot tell its own files from yours: refusing to overwrite it. Delete the old run's "
+                    "files yourself, or choose another output folder")
+            raise OutputFolderError(f"{self.path} is not a lorakit run folder (no config.toml, no {MANIFEST_NAME}): "
+                                    "refusing to overwrite it")
+        clash = self.foreign_run_names()  # before deleting anything: a refusal must leave the folder as it was
+        if clash:
+            raise OutputFolderError(
+                f"{self.path}: {', '.join(str(p) for p in clash)} were not written by lorakit and have names this run "
+                "writes: move them, or choose another output folder (nothing was deleted)")
+        kept = RunManifest(self.path).remove_all()
+        if kept:
+            print(f"overwrite: kept {', '.join(str(p) for p in kept)} (they hold files that are not lorakit's)")
+
+    def foreign_run_names(self) -> list[Path]:
+        """Paths at names a run writes that the manifest does not list (the user's files; never replaced)."""
+        manifest = RunManifest(self.path) if RunManifest.exists_in(self.path) else None
+        found = [self.path / n for n in RUN_NAMES if (self.path / n).exists() or (self.path / n).is_symlink()]
+        found += [p for p in self.path.glob(f"{self.name}*.safetensors")
+                  if p.name == f"{self.name}.safetensors" or p.name.startswith(f"{self.name}-")]
+        return sorted(p for p in found if manifest is None or not manifest.owns(p) or p.is_symlink())
+
+    # ------------------------------------------------------------------------------------ recorded writing
+    def file(self, relative: str | Path) -> Path:
+        """The path of a file the run is about to write (``relative`` to the run folder), recorded first."""
+        return self.manifest.add_file(self.path / relative)
+
+    def make_dir(self, relative: str | Path) -> Path:
+        return self.manifest.make_dir(self.path / relative)
+
+    def record(self, paths: Iterable[Path]) -> None:
+        """Record files already written (by code that chose their names itself)."""
+        self.manifest.add_files(paths)
+
+    def record_tree(self, relative: str | Path) -> None:
+        """Record every file under a folder the run created (class images, a latent cache)."""
+        folder = self.path / relative
+        if folder.is_dir() and self.manifest.owns(folder):
+            self.manifest.add_files(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+            self.manifest.add_dirs(p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink())
+
+    def write_text(self, relative: str, text: str) -> Path:
+        path = self.file(relative)
+        try:
+            return atomic_write_text(path, text)
+        except OSError as err:
+            raise _write_error(path, err) from None
+
+    def write_json(self, relative: str, data: Any) -> Path:
+        return self.write_text(relative, json.dumps(data, indent=2, default=str) + "\n")
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def checkpoints(self) -> list[Checkpoint]:
@@ -97,32 +195,62 @@ class RunFolder:
 
     def save_checkpoint(self, epoch: int, tensors: dict[str, torch.Tensor], state: dict[str, Any],
                         metadata: dict[str, str] | None = None) -> Checkpoint:
+        """Write the checkpoint into ``epoch-NNNN.tmp/`` and rename it when complete; a failed write (a full
+        disk) raises CheckpointSaveError and leaves the earlier checkpoints as they were."""
         final = self.path / "checkpoints" / f"epoch-{epoch:04d}"
         tmp = final.with_name(final.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-                  str(tmp / "trained.safetensors"), metadata=metadata)
-        torch.save(state, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
+        self._remove_checkpoint_dir(tmp)
+        inside = tmp.relative_to(self.path)  # file() and make_dir() take paths inside the run folder
+        try:
+            self.make_dir(inside)
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                      str(self.file(inside / "trained.safetensors")), metadata=metadata)
+            torch.save(state, self.file(inside / "state.pt"))
+        except (OSError, RuntimeError, SafetensorError) as err:
+            self._remove_checkpoint_dir(tmp)
+            last = self.latest_checkpoint()
+            kept = f"the last complete checkpoint is {last.path}" if last else "no checkpoint had been saved yet"
+            raise CheckpointSaveError(
+                f"could not save the checkpoint of epoch {epoch} in {final} ({type(err).__name__}: {err}). "
+                f"Is the disk full? Training stopped; {kept}. Free some space and continue with --resume") from None
+        self._remove_checkpoint_dir(final)
         os.replace(tmp, final)
+        self.manifest.add_dirs([final])
+        self.record([final / "trained.safetensors", final / "state.pt"])
+        self.manifest.remove_under(tmp.relative_to(self.path).as_posix())  # gone: only forgets the entries
         return Checkpoint(epoch, final)
+
+    def _remove_checkpoint_dir(self, folder: Path) -> None:
+        """Delete a checkpoint folder lorakit wrote; a file in it that is not lorakit's stops the deletion."""
+        if not folder.exists():
+            return
+        self.manifest.remove_under(folder.relative_to(self.path).as_posix())
+        if folder.exists() and not folder.is_symlink():  # a run of an older lorakit: its two known files
+            for name in ("trained.safetensors", "state.pt"):
+                (folder / name).unlink(missing_ok=True)
+            try:
+                folder.rmdir()
+            except OSError:
+                raise OutputFolderError(f"{folder} holds files lorakit did not write "
+                                        f"({', '.join(p.name for p in folder.iterdir())}): move them") from None
 
     def prune_checkpoints(self, keep: set[int]) -> None:
         """Delete checkpoints of epochs not in ``keep`` (native fine-tuning checkpoints are large)."""
         for c in self.checkpoints():
             if c.epoch not in keep:
-                shutil.rmtree(c.path)
+                self._remove_checkpoint_dir(c.path)
 
     # --------------------------------------------------------------------------------------------- files
     def sample_path(self, label: str) -> Path:
-        return self.path / "samples" / f"{label}.png"
+        return self.file(Path("samples") / f"{label}.png")
 
     def log(self, record: dict[str, Any]) -> None:
-        with (self.path / "log.jsonl").open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.file("log.jsonl")
+        try:
+            with path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise _write_error(path, err) from None
 
     def read_log(self) -> list[dict[str, Any]]:
         path = self.path / "log.jsonl"
@@ -131,6 +259,8 @@ class RunFolder:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def truncate_log(self, max_step: int) -> None:
-        """On resume: drop log lines of steps after the checkpoint (they will be run again)."""
+        """On resume: drop log lines of steps after the checkpoint (they will be run again; 0: all of them)."""
+        if not (self.path / "log.jsonl").exists():
+            return
         records = [r for r in self.read_log() if r.get("step", 0) <= max_step]
-        atomic_write_text(self.path / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        self.write_text("log.jsonl", "".join(json.dumps(r) + "\n" for r in records))

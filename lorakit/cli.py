@@ -55,13 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(module.run(args))
     except (LorakitError, *USER_OS_ERRORS) as err:  # the user's mistake: a message, not a traceback
-        print(f"lorakit {command}: error: {err}", file=sys.stderr)
-        return 2
+        code = getattr(err, "exit_code", 2)
+        print(f"lorakit {command}: {'' if code == 130 else 'error: '}{err}", file=sys.stderr)
+        return code
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise  # anything else is a bug (or a broken system): its traceback helps
         print(f"lorakit {command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training (loading, scanning): nothing to resume
+        print(f"lorakit {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,10 @@ class ConfigError(InvalidValueError):
 
 
 METHODS = ("adapter", "native", "ti", "pivotal")
+#: output.save_precision -> the dtype name files are written in (None: as trained, fp32)
+SAVE_PRECISIONS = {"fp32": None, "fp16": "float16", "bf16": "bfloat16"}
+#: a learning rate above this is a typo (typical values: 1e-4 for LoRA, 5e-3 for textual inversion)
+MAX_LEARNING_RATE = 10.0
 
 
 @dataclass
@@ -171,34 +176,169 @@ class TrainConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> TrainConfig:
-        """Check values that are wrong whatever the data (raises ConfigError naming the key)."""
-        checks = [
-            (self.method.kind in METHODS, "method.kind", f"one of {', '.join(METHODS)}"),
-            (self.model.mixed_precision in ("no", "fp16", "bf16"), "model.mixed_precision", "no, fp16 or bf16"),
-            (self.network.rank > 0, "network.rank", "a positive integer"),
-            (self.data.batch_size > 0, "data.batch_size", "a positive integer"),
-            (self.training.max_epochs > 0, "training.max_epochs", "a positive integer"),
-            (self.optimizer.learning_rate > 0, "optimizer.learning_rate", "positive"),
+        """Check every value that is wrong whatever the data, before anything is loaded or written (raises
+        ConfigError naming the key).  Names are checked against the tables that define them."""
+        from diffusers.optimization import SchedulerType
+
+        from lorakit.adapters import ALGORITHMS, ALIASES
+        from lorakit.data.discovery import MAX_REPEATS
+        from lorakit.loss import PREDICTION_TYPES
+        from lorakit.network import PRESETS
+        from lorakit.optimizers import OPTIMIZERS
+
+        def one_of(names) -> str:
+            return ", ".join(names)
+
+        net, opt, data, train = self.network, self.optimizer, self.data, self.training
+        checks: list[tuple[bool, str, str, Any]] = [
+            (self.method.kind in METHODS, "method.kind", f"one of {one_of(METHODS)}", self.method.kind),
+            (self.method.native_targets in ("all", *PRESETS), "method.native_targets",
+             f"all or a preset ({one_of(PRESETS)})", self.method.native_targets),
+            (_positive_int(self.method.ti_vectors), "method.ti_vectors", "a positive integer", self.method.ti_vectors),
+            (self.model.mixed_precision in ("no", "fp16", "bf16"), "model.mixed_precision", "no, fp16 or bf16",
+             self.model.mixed_precision),
+            (self.model.prediction_type in (None, *PREDICTION_TYPES), "model.prediction_type",
+             f"one of {one_of(PREDICTION_TYPES)} (or absent: the model's own)", self.model.prediction_type),
+            (net.algorithm.lower() in ALGORITHMS or net.algorithm.lower() in ALIASES, "network.algorithm",
+             f"one of {one_of(ALGORITHMS)}", net.algorithm),
+            (net.preset in PRESETS, "network.preset", f"one of {one_of(PRESETS)}", net.preset),
+            (_positive_int(net.rank), "network.rank", "a positive integer", net.rank),
+            (_at_least(net.alpha, 0), "network.alpha", "0 or more (0: alpha = rank)", net.alpha),
+            (net.conv_rank is None or net.conv_rank >= 0, "network.conv_rank",
+             "0 or more (0: no k×k conv adapters; absent: the rank)", net.conv_rank),
+            (net.conv_alpha is None or _at_least(net.conv_alpha, 0), "network.conv_alpha", "0 or more",
+             net.conv_alpha),
+            *[(0 <= getattr(net, k) <= 1, f"network.{k}", "between 0 and 1", getattr(net, k))
+              for k in ("dropout", "rank_dropout", "module_dropout")],
+            (_positive_int(data.batch_size), "data.batch_size", "a positive integer", data.batch_size),
+            (_resolution_ok(data.resolution), "data.resolution",
+             "a positive multiple of 8 (the VAE's factor), or [width, height] of two", data.resolution),
+            (1 <= data.repeats <= MAX_REPEATS, "data.repeats", f"between 1 and {MAX_REPEATS}", data.repeats),
+            (0 <= data.caption_dropout_rate <= 1, "data.caption_dropout_rate", "between 0 and 1",
+             data.caption_dropout_rate),
+            (0 <= data.caption_tag_dropout_rate <= 1, "data.caption_tag_dropout_rate", "between 0 and 1",
+             data.caption_tag_dropout_rate),
+            (data.num_class_images >= 0, "data.num_class_images", "0 or more", data.num_class_images),
+            (_positive_int(train.max_epochs), "training.max_epochs", "a positive integer", train.max_epochs),
+            (train.max_steps is None or _positive_int(train.max_steps), "training.max_steps",
+             "a positive integer (or absent: the epochs decide)", train.max_steps),
+            (_positive_int(train.save_every_n_epochs), "training.save_every_n_epochs", "a positive integer",
+             train.save_every_n_epochs),
+            (_at_least(train.noise_offset, 0), "training.noise_offset", "0 or more", train.noise_offset),
+            (train.min_snr_gamma is None or _at_least(train.min_snr_gamma, 0, strict=True),
+             "training.min_snr_gamma", "positive (or absent)", train.min_snr_gamma),
+            (_at_least(train.prior_loss_weight, 0), "training.prior_loss_weight", "0 or more",
+             train.prior_loss_weight),
+            *[(value is None or _at_least(value, 0, strict=True) and value <= MAX_LEARNING_RATE, f"optimizer.{key}",
+               f"a positive number up to {MAX_LEARNING_RATE:g} (typical: 1e-4)", value)
+              for key, value in (("learning_rate", opt.learning_rate), ("unet_lr", opt.unet_lr),
+                                 ("text_encoder_lr", opt.text_encoder_lr), ("ti_lr", opt.ti_lr))],
+            (opt.optimizer in OPTIMIZERS, "optimizer.optimizer", f"one of {one_of(OPTIMIZERS)}", opt.optimizer),
+            (opt.lr_scheduler in [t.value for t in SchedulerType], "optimizer.lr_scheduler",
+             f"one of {one_of(t.value for t in SchedulerType)}", opt.lr_scheduler),
+            (len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas), "optimizer.betas",
+             "two numbers in [0, 1), e.g. [0.9, 0.999]", opt.betas),
+            (_at_least(opt.weight_decay, 0), "optimizer.weight_decay", "0 or more", opt.weight_decay),
+            (opt.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps", "0 or more", opt.lr_warmup_steps),
+            (_at_least(opt.max_grad_norm, 0), "optimizer.max_grad_norm", "0 or more (0: no clipping)",
+             opt.max_grad_norm),
+            (_positive_int(opt.gradient_accumulation_steps), "optimizer.gradient_accumulation_steps",
+             "a positive integer", opt.gradient_accumulation_steps),
+            (_positive_int(self.sample.every_n_epochs), "sample.every_n_epochs", "a positive integer",
+             self.sample.every_n_epochs),
+            (_positive_int(self.sample.steps), "sample.steps", "a positive integer", self.sample.steps),
             (self.early_stop.mode in ("cs-fluctuation", "report", "off"), "early_stop.mode",
-             "cs-fluctuation, report or off"),
+             "cs-fluctuation, report or off", self.early_stop.mode),
             (self.early_stop.rule.replace("-", "_") in RULES, "early_stop.rule",  # the config spells it with "-"
-             " or ".join(name.replace("_", "-") for name in RULES)),
+             " or ".join(name.replace("_", "-") for name in RULES), self.early_stop.rule),
+            (_positive_int(self.early_stop.interval), "early_stop.interval", "a positive integer (steps)",
+             self.early_stop.interval),
+            (self.early_stop.window is None or self.early_stop.window >= 2, "early_stop.window",
+             "at least 2 steps (or absent: steps per epoch, at least 2)", self.early_stop.window),
             (self.output.if_exists in ("error", "resume", "overwrite"), "output.if_exists",
-             "error, resume or overwrite"),
-            (0 <= self.data.caption_dropout_rate <= 1, "data.caption_dropout_rate", "between 0 and 1"),
-            (self.optimizer.gradient_accumulation_steps > 0, "optimizer.gradient_accumulation_steps", "positive"),
+             "error, resume or overwrite", self.output.if_exists),
+            (self.output.save_precision in SAVE_PRECISIONS, "output.save_precision",
+             f"one of {one_of(SAVE_PRECISIONS)}", self.output.save_precision),
+            (bool(self.output.name) and Path(self.output.name).name == self.output.name, "output.name",
+             "a file name without a folder (the result is written into output.dir)", self.output.name),
         ]
-        for ok, key, expected in checks:
+        for ok, key, expected, value in checks:
             if not ok:
-                raise ConfigError(f"{key} must be {expected}")
+                raise ConfigError(f"{key} must be {expected}, got {value!r}")
         try:  # the rule's own checks (unknown option, prominence out of range, ...)
             self.early_stop.make_rule()
         except (TypeError, ValueError) as e:
             raise ConfigError(f"early_stop.rule_args: {e}") from e
+        if self.method.kind in ("ti", "pivotal") and not (self.method.ti_token or self.data.trigger):
+            raise ConfigError(f"method.kind = {self.method.kind!r} needs the new token: set method.ti_token "
+                              "(or data.trigger), e.g. --set method.ti_token=zkz")
+        if self.method.kind in ("ti", "native"):
+            # the network section only shapes adapters: set for textual inversion or native training it would be
+            # silently ignored
+            changed = [f"network.{k} = {v!r}" for k, v in dataclasses.asdict(self.network).items()
+                       if v != getattr(NetworkConfig(), k)]
+            if changed:
+                other = "'pivotal' (textual inversion + an adapter)" if self.method.kind == "ti" else "'adapter'"
+                raise ConfigError(f"method.kind = {self.method.kind!r} trains no adapter, so {', '.join(changed)} "
+                                  f"would be ignored: remove them, or use method.kind = {other}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _at_least(value: Any, low: float, strict: bool = False) -> bool:
+    """A finite number >= low (> low when strict); NaN and infinity never pass."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    return value > low if strict else value >= low
+
+
+def _resolution_ok(value: Any) -> bool:
+    if value is None:
+        return True
+    sides = [value] if isinstance(value, int) else list(value) if isinstance(value, list | tuple) else []
+    return len(sides) in (1, 2) and (len(sides) == 2 or isinstance(value, int)) and \
+        all(_positive_int(v) and v % 8 == 0 for v in sides)
+
+
+# ------------------------------------------------------------------------------------------------- resume
+#: settings that may change when a run is resumed: they decide what happens next, not what was trained so far
+RESUMABLE = ("training.max_epochs", "training.max_steps", "training.save_every_n_epochs", "output.name",
+             "output.save_precision", "model.gradient_checkpointing", "data.cache_latents_to_disk", "data.cache_dir",
+             "data.verify_images", "data.upscale_warning_factor", "data.orphan_captions", "sample.prompts",
+             "sample.every_n_epochs", "sample.sampler", "sample.steps", "sample.cfg_scale")
+_NOT_COMPARED = ("output.dir", "output.if_exists")
+_PATH_KEYS = ("model.base", "data.train_data", "data.reg_data", "data.cache_dir", "sample.prompts")
+
+
+def _flat(cfg: TrainConfig) -> dict[str, Any]:
+    out = {}
+    for section, table in cfg.to_dict().items():
+        for key, value in table.items():
+            out[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def resume_changes(previous: TrainConfig, new: TrainConfig) -> tuple[list[str], list[str]]:
+    """The settings of ``new`` that differ from the run's ``previous`` ones, as ("key old -> new") texts:
+    (those that may change on resume, those that may not)."""
+    old, cur = _flat(previous), _flat(new)
+    applied, refused = [], []
+    for key in sorted(old.keys() | cur.keys()):
+        if key in _NOT_COMPARED:
+            continue
+        a, b = old.get(key), cur.get(key)
+        if key in _PATH_KEYS:
+            a, b = (str(Path(v).expanduser().resolve()) if v else v for v in (a, b))
+        if a == b:
+            continue
+        (applied if key in RESUMABLE else refused).append(f"{key} {a!r} -> {b!r}")
+    return applied, refused
 
 
 # ------------------------------------------------------------------------------------------------- loading

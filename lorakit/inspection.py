@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lorakit.adapters import KNOWN
 from lorakit.blocks import SD1, BlockMap
+from lorakit.file_kinds import check_adapter_path
 from lorakit.formats import AdapterFile, ModuleInfo, describe_modules, guess_base_model, read_adapter
 
 _COMPONENT_LABELS = {"unet": "U-Net", "text_encoder": "text encoder", "text_encoder_1": "text encoder 1",
@@ -40,6 +41,7 @@ class FileReport:
 
 
 def inspect_file(path: str | Path, block_map: BlockMap = SD1) -> FileReport:
+    check_adapter_path(path)  # a folder, a model, an embedding: say what it is instead of "an unknown adapter"
     file: AdapterFile = read_adapter(path)
     modules = describe_modules(file, block_map)
     blocks = Counter(m.block or "other" for m in modules if m.component == "unet")

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 
 from lorakit.errors import InvalidValueError
 
+#: what a U-Net can be trained to predict (the targets ``add_training_noise`` builds)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
 
 @dataclass
 class NoisedBatch:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lorakit.blocks import BlockRanks
-from lorakit.config import ConfigError, TrainConfig
+from lorakit.config import SAVE_PRECISIONS, ConfigError, TrainConfig
 from lorakit.earlystop.cs import CSMeter, cs_native
 from lorakit.embeddings import expand_tokens, register_tokens, token_names
 from lorakit.formats import save_network, write_adapter
@@ -54,6 +54,12 @@ class TrainingMethod:
 
     def summary(self) -> str:
         raise NotImplementedError
+
+
+def save_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    """The dtype result files are written in (output.save_precision; None: as trained)."""
+    name = SAVE_PRECISIONS[cfg.output.save_precision]
+    return getattr(torch, name) if name else None
 
 
 def _lr(cfg: TrainConfig, specific: float | None) -> float:
@@ -122,7 +128,7 @@ class AdapterMethod(TrainingMethod):
 
     def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
         path = folder / f"{name}.safetensors"
-        save_network(self.network, path, metadata=metadata, overwrite=True)
+        save_network(self.network, path, metadata=metadata, overwrite=True, dtype=save_dtype(self.cfg))
         return [path]
 
     def summary(self) -> str:
@@ -180,7 +186,7 @@ class NativeMethod(TrainingMethod):
 
     def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
         path = folder / f"{name}.safetensors"
-        save_single_file_checkpoint(self.model, path, overwrite=True)
+        save_single_file_checkpoint(self.model, path, save_dtype(self.cfg), overwrite=True)
         return [path]
 
     def summary(self) -> str:
@@ -254,7 +260,7 @@ class TextualInversion(TrainingMethod):
         # A1111, ComfyUI and diffusers all read a single-tensor file; "clip_l" names the encoder (SDXL: + clip_g)
         write_adapter(path, {"clip_l": self.vectors().float().cpu().contiguous()},
                       {**metadata, "lorakit_ti_token": self.token, "lorakit_ti_vectors": str(len(self.tokens))},
-                      overwrite=True)
+                      overwrite=True, dtype=save_dtype(self.cfg))
         return [path]
 
     def summary(self) -> str:

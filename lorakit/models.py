@@ -30,6 +30,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from lorakit import ldm
 from lorakit.atomic import atomic_write
 from lorakit.errors import InvalidValueError, LorakitError
+from lorakit.loss import PREDICTION_TYPES
 from lorakit.metadata import version_metadata
 from lorakit.vocab import build_vocab
 
@@ -153,7 +154,7 @@ def _own_memory(module: torch.nn.Module) -> None:
 def _assemble(tokenizer, text_encoder, unet, vae, scheduler_config: dict, source: str,
               prediction_type: str | None, device, dtype: torch.dtype) -> BaseModel:
     prediction_type = prediction_type or scheduler_config.get("prediction_type") or "epsilon"
-    if prediction_type not in ("epsilon", "v_prediction"):
+    if prediction_type not in PREDICTION_TYPES:
         raise ModelLoadError(f"{source}: unsupported prediction_type {prediction_type!r}")
     scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
     # SD never clips x0 (DDPMScheduler's default would); only step() uses it, but sampling from it should be right

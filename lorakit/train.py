@@ -21,9 +21,8 @@ from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 from tqdm import tqdm
 
-from lorakit.atomic import atomic_write_json, atomic_write_text
 from lorakit.checkpoints import RunFolder
-from lorakit.config import TrainConfig, to_toml
+from lorakit.config import ConfigError, TrainConfig, load_config, resume_changes, to_toml
 from lorakit.data import DataConfig, TrainingData
 from lorakit.earlystop import CSFluctuationMonitor, plot_cs_fluctuation
 from lorakit.errors import LorakitError
@@ -31,13 +30,21 @@ from lorakit.loss import add_training_noise, diffusion_loss
 from lorakit.metadata import ss_metadata
 from lorakit.methods import TrainingMethod, make_method
 from lorakit.models import BaseModel, load_base_model, resolve_dtype
+from lorakit.optimizers import OPTIMIZERS
 from lorakit.prior import ensure_class_images
+from lorakit.run_manifest import RunManifest
 from lorakit.run_messages import estimate_line, next_steps, opening_line
 from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
 
 
 class TrainingError(LorakitError):
     """Training cannot go on (non-finite loss, ...); the message says what happened and what was kept."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C during training: the message says where the run stopped and how to continue it."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -61,18 +68,12 @@ def step_seed(seed: int, step: int) -> int:
 # ------------------------------------------------------------------------------------------------ set-up
 def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     opt = cfg.optimizer
-    if opt.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=opt.learning_rate, betas=opt.betas, weight_decay=opt.weight_decay)
-    if opt.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise TrainingError("optimizer.optimizer = \"adamw8bit\" needs bitsandbytes (pip install bitsandbytes)") \
-                from None
-        return bnb.optim.AdamW8bit(groups, lr=opt.learning_rate, betas=opt.betas, weight_decay=opt.weight_decay)
-    if opt.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=opt.learning_rate, weight_decay=opt.weight_decay)
-    raise TrainingError(f"optimizer.optimizer: unknown optimizer {opt.optimizer!r} (adamw, adamw8bit, sgd)")
+    if opt.optimizer not in OPTIMIZERS:
+        raise TrainingError(f"optimizer.optimizer: unknown optimizer {opt.optimizer!r} ({', '.join(OPTIMIZERS)})")
+    try:
+        return OPTIMIZERS[opt.optimizer](groups, opt)
+    except ImportError as err:
+        raise TrainingError(f"optimizer.optimizer = {opt.optimizer!r}: {err}") from None
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -111,8 +112,12 @@ def with_class_images(cfg: TrainConfig, model: BaseModel, run: RunFolder, is_mai
         raise TrainingError("data.num_class_images > 0 needs data.class_prompt (e.g. \"a shape\")")
     folder = Path(data.reg_data) if data.reg_data else run.path / "class_images"
     if is_main:
+        if not data.reg_data:
+            run.make_dir("class_images")
         ensure_class_images(model, folder, data.class_prompt, data.num_class_images, seed=cfg.training.seed,
                             steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale)
+        if not data.reg_data:
+            run.record_tree("class_images")
     accelerator.wait_for_everyone()
     return replace(data, reg_data=str(folder))
 
@@ -177,8 +182,11 @@ def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, bat
 
 
 # ----------------------------------------------------------------------------------------------- training
-def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
-    """Run a training job described by ``cfg`` and return what it produced."""
+def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | None = None) -> TrainResult:
+    """Run a training job described by ``cfg`` and return what it produced.
+
+    ``config_file``: the TOML ``cfg`` was read from; like the data, it is never in a folder that is overwritten.
+    """
     cfg.validate()
     started = time.time()
     if cfg.model.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -189,81 +197,109 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                               gradient_accumulation_steps=cfg.optimizer.gradient_accumulation_steps,
                               cpu=not torch.cuda.is_available())
     is_main = accelerator.is_main_process
-    run = RunFolder(cfg.output.dir, cfg.output.if_exists) if is_main else None
+    check_paths(cfg)
+    protect = [p for p in (cfg.data.train_data, cfg.data.reg_data, config_file) if p]
+    run = RunFolder(cfg.output.dir, cfg.output.if_exists, protect=protect, name=cfg.output.name) if is_main else None
     accelerator.wait_for_everyone()
     if run is None:
-        run = RunFolder(cfg.output.dir, "resume")
-    if is_main:
-        atomic_write_text(run.path / "config.toml", to_toml(cfg))
-        print(opening_line(cfg))
-
-    # the model, what is trained, the data
-    model = prepare_model(cfg, accelerator)
-    torch.manual_seed(cfg.training.seed)  # after loading: adapter init must not depend on how the model was read
-    method = make_method(cfg, model)
-    for group in method.param_groups():  # trained tensors stay fp32 whatever the base model's dtype
-        for p in group["params"]:
-            p.data = p.data.float()
-    data = TrainingData(with_class_images(cfg, model, run, is_main, accelerator), seed=cfg.training.seed,
-                        default_resolution=model.resolution)
-    if cfg.data.cache_latents:
-        data.cache_latents(model.vae, directory=(cfg.data.cache_dir or run.path / "latent_cache")
-                           if cfg.data.cache_latents_to_disk else None)
-    steps_per_epoch = math.ceil(data.steps_per_epoch / accelerator.num_processes
-                                / cfg.optimizer.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * cfg.training.max_epochs
-    if cfg.training.max_steps is not None:
-        total_steps = min(total_steps, cfg.training.max_steps)
-
-    optimizer = build_optimizer(method.param_groups(), cfg)
-    lr_schedule = get_scheduler(cfg.optimizer.lr_scheduler, optimizer, num_warmup_steps=cfg.optimizer.lr_warmup_steps,
-                                num_training_steps=total_steps)
-    unet_lr = cfg.optimizer.unet_lr or cfg.optimizer.learning_rate
-    monitor = None
-    meter = method.cs_meter()
-    if cfg.early_stop.mode != "off" and meter is not None:
-        window = cfg.early_stop.window or max(1, steps_per_epoch // cfg.early_stop.interval)
-        monitor = CSFluctuationMonitor(window=window, lr=unet_lr, rule=cfg.early_stop.make_rule(),
-                                       report_only=cfg.early_stop.mode == "report")
-
-    # resume
-    start_epoch, step, losses = 0, 0, []
-    if run.resuming and (ckpt := run.latest_checkpoint()) is not None:
-        method.load_trained_tensors(ckpt.load_tensors())
-        state = ckpt.load_state()
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        start_epoch, step, losses = state["epoch"], state["step"], list(state["losses"])
-        if monitor is not None and state.get("monitor") is not None:
-            monitor.load_state_dict(state["monitor"])
+        run = RunFolder(cfg.output.dir, "resume", name=cfg.output.name)
+    try:  # a run that fails before its first step leaves nothing behind (the same command can run again)
         if is_main:
-            run.truncate_log(step)
-            print(f"resuming {run.path} after epoch {start_epoch} (step {step})")
+            if run.resuming and (run.path / "config.toml").exists():
+                check_resume_settings(run.path / "config.toml", cfg)
+            run.write_text("config.toml", to_toml(cfg))
+            print(opening_line(cfg))
 
-    trained = [m for m in (model.unet, model.text_encoder) if any(p.requires_grad for p in m.parameters())]
-    prepared = accelerator.prepare(*trained, optimizer, lr_schedule)
-    optimizer, lr_schedule = prepared[-2], prepared[-1]
-    # run the wrapped modules (DDP in a distributed run); sampling and saving use the plain ones
-    wrapped = {id(m): w for m, w in zip(trained, prepared[:-2], strict=True)}
-    run_unet, run_te = wrapped.get(id(model.unet)), wrapped.get(id(model.text_encoder))
-    for module in trained:
-        module.train()
-    prompts = sample_prompts(cfg, model)
-    if is_main:
-        print(data.summary())
-        print(method.summary())
-        print(f"{steps_per_epoch} steps per epoch, up to {cfg.training.max_epochs} epochs ({total_steps} steps); "
-              f"early stopping: {cfg.early_stop.mode if monitor else 'off'}")
+        # the model, what is trained, the data
+        model = prepare_model(cfg, accelerator)
+        torch.manual_seed(cfg.training.seed)  # after loading: adapter init must not depend on how the model was read
+        method = make_method(cfg, model)
+        for group in method.param_groups():  # trained tensors stay fp32 whatever the base model's dtype
+            for p in group["params"]:
+                p.data = p.data.float()
+        data = TrainingData(with_class_images(cfg, model, run, is_main, accelerator), seed=cfg.training.seed,
+                            default_resolution=model.resolution)
+        if cfg.data.cache_latents:
+            own_cache = cfg.data.cache_latents_to_disk and not cfg.data.cache_dir
+            if own_cache and is_main:
+                run.make_dir("latent_cache")
+            data.cache_latents(model.vae, directory=(cfg.data.cache_dir or run.path / "latent_cache")
+                               if cfg.data.cache_latents_to_disk else None)
+            if own_cache and is_main:
+                run.record_tree("latent_cache")
+        steps_per_epoch = math.ceil(data.steps_per_epoch / accelerator.num_processes
+                                    / cfg.optimizer.gradient_accumulation_steps)
+        total_steps = steps_per_epoch * cfg.training.max_epochs
+        if cfg.training.max_steps is not None:
+            total_steps = min(total_steps, cfg.training.max_steps)
+
+        optimizer = build_optimizer(method.param_groups(), cfg)
+        lr_schedule = get_scheduler(cfg.optimizer.lr_scheduler, optimizer,
+                                    num_warmup_steps=cfg.optimizer.lr_warmup_steps, num_training_steps=total_steps)
+        unet_lr = cfg.optimizer.unet_lr or cfg.optimizer.learning_rate
+        monitor = None
+        meter = method.cs_meter()
+        if cfg.early_stop.mode != "off" and meter is not None:
+            # the moving averages need at least 2 points: a 1-step epoch gets the smallest window that works
+            window = cfg.early_stop.window or max(2, steps_per_epoch // cfg.early_stop.interval)
+            monitor = CSFluctuationMonitor(window=window, lr=unet_lr, rule=cfg.early_stop.make_rule(),
+                                           report_only=cfg.early_stop.mode == "report")
+
+        # resume: from the last checkpoint, mid-epoch when it was saved mid-epoch (max_steps or an early stop)
+        start_epoch, step, losses, skip = 0, 0, [], 0
+        fingerprint = data.fingerprint()
+        if run.resuming and (ckpt := run.latest_checkpoint()) is not None:
+            state = ckpt.load_state()
+            _check_resumable(state, fingerprint, data, ckpt.path, run, total_steps, cfg)
+            method.load_trained_tensors(ckpt.load_tensors())
+            optimizer.load_state_dict(state["optimizer"])
+            lr_schedule.load_state_dict(state["lr_schedule"])
+            skip = state.get("batches_done", 0)
+            start_epoch, step, losses = state["epoch"] - (1 if skip else 0), state["step"], list(state["losses"])
+            if monitor is not None and state.get("monitor") is not None:
+                monitor.load_state_dict(state["monitor"])
+            if is_main:
+                run.truncate_log(step)
+                where = f"{skip} steps into epoch {start_epoch + 1}" if skip else f"after epoch {start_epoch}"
+                print(f"resuming {run.path} {where} (step {step})")
+        elif run.resuming and is_main:
+            run.truncate_log(0)  # killed before the first checkpoint: its log lines will be written again
+            print(f"resuming {run.path}: no checkpoint was saved yet, starting from the beginning")
+
+        trained = [m for m in (model.unet, model.text_encoder) if any(p.requires_grad for p in m.parameters())]
+        prepared = accelerator.prepare(*trained, optimizer, lr_schedule)
+        optimizer, lr_schedule = prepared[-2], prepared[-1]
+        # run the wrapped modules (DDP in a distributed run); sampling and saving use the plain ones
+        wrapped = {id(m): w for m, w in zip(trained, prepared[:-2], strict=True)}
+        run_unet, run_te = wrapped.get(id(model.unet)), wrapped.get(id(model.text_encoder))
+        for module in trained:
+            module.train()
+        prompts = sample_prompts(cfg, model)
+        if is_main:
+            print(data.summary())
+            print(method.summary())
+            print(f"{steps_per_epoch} steps per epoch, up to {cfg.training.max_epochs} epochs ({total_steps} steps); "
+                  f"early stopping: {cfg.early_stop.mode if monitor else 'off'}")
+    except BaseException:
+        if is_main and not run.resuming:
+            RunManifest(run.path).remove_all()
+            if run.created and run.path.is_dir() and not any(run.path.iterdir()):
+                run.path.rmdir()
+        raise
 
     stop_decision = None
     timer = _StepTimer(first_step=step)
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not (progress and is_main))
     epoch = start_epoch
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
     try:
         while epoch < cfg.training.max_epochs and step < total_steps and stop_decision is None:
-            batches = data.epoch_batches(epoch)
-            batches = batches[accelerator.process_index::accelerator.num_processes]
-            for i, batch in enumerate(batches):
+            local_batches = len(data.epoch_batches(epoch)[rank::n_proc])
+            # the plan of the epoch minus the batches already trained, dealt out to the processes
+            batches = data.epoch_batches(epoch, skip=skip * n_proc)[rank::n_proc]
+            done = skip
+            for i, batch in enumerate(batches, start=skip):
+                done = i + 1
                 with accelerator.accumulate(*trained):
                     torch.manual_seed(step_seed(cfg.training.seed + 1, step * 1000 + i))  # adapter dropout
                     loss = compute_loss(cfg, model, method, batch, step, accelerator, run_unet, run_te)
@@ -297,11 +333,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 if stop_decision is not None or step >= total_steps:
                     break
             epoch += 1
+            skip = 0
             if is_main and (epoch % cfg.training.save_every_n_epochs == 0 or stop_decision is not None
                             or step >= total_steps or epoch == cfg.training.max_epochs):
                 state = {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
                          "epoch": epoch, "step": step, "losses": losses,
-                         "monitor": monitor.state_dict() if monitor is not None else None}
+                         "monitor": monitor.state_dict() if monitor is not None else None,
+                         # batches of this epoch trained when it ended early (0: the whole epoch)
+                         "batches_done": done if done < local_batches else 0,
+                         "stopped_early": stop_decision is not None, "data": fingerprint}
                 run.save_checkpoint(epoch, method.trained_tensors(), state,
                                     metadata=metadata_for(cfg, data, model, epoch, step))
                 if cfg.method.kind == "native":  # a whole U-Net per epoch: keep only what may be handed back
@@ -314,6 +354,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                                                               steps_per_epoch, earliest))
             if is_main and prompts and (epoch % cfg.sample.every_n_epochs == 0 or stop_decision is not None):
                 _sample(model, method, prompts, run.sample_path(f"epoch-{epoch:04d}"), accelerator)
+    except KeyboardInterrupt:
+        last = run.latest_checkpoint()
+        kept = f"from {last.path.name}" if last else "from the start (no checkpoint yet)"
+        raise TrainingInterrupted(f"interrupted at step {step} (epoch {epoch + 1}); run the same command with "
+                                  f"--resume --out {run.path} to continue {kept}") from None
     finally:
         bar.close()
     accelerator.wait_for_everyone()
@@ -336,11 +381,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 meta["lorakit_turning_point_epoch"] = str(turning.epoch)
                 meta["lorakit_checkpoint_epoch"] = str(final_epoch)  # the saved epoch handed back
         files = method.save(run.path, cfg.output.name, meta)
+        run.record(files)
         reported = monitor.turning_point if monitor is not None else None
         if monitor is not None and len(monitor.history.steps) > 1:
             # the CS series itself: other stopping rules can be replayed on it without training again
-            atomic_write_json(run.path / "cs_history.json", monitor.history.to_dict())
-            files.append(plot_cs_fluctuation(monitor.history, run.path / "cs_fluctuation.png",
+            run.write_json("cs_history.json", monitor.history.to_dict())
+            files.append(plot_cs_fluctuation(monitor.history, run.file("cs_fluctuation.png"),
                                              turning_point=turning or reported))
         if prompts:
             files.append(_sample(model, method, prompts, run.sample_path("final"), accelerator))
@@ -355,9 +401,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             "mean_loss_last_epoch": sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])),
             "seconds": round(time.time() - started, 1), "data": data.summary(), "trained": method.summary(),
         }
-        atomic_write_json(run.path / "summary.json", summary)
+        run.write_json("summary.json", summary)
         summary_text = "\n".join([_summary_text(summary), *next_steps(run.path, files, cfg)])
-        atomic_write_text(run.path / "summary.txt", summary_text + "\n")
+        run.write_text("summary.txt", summary_text + "\n")
     return TrainResult(run.path, files, epoch, step, stop_decision is not None,
                        turning.to_dict() if turning is not None else None, final_epoch, losses, summary_text)
 
@@ -383,6 +429,46 @@ class _StepTimer:
             self.done = True
             return (time.perf_counter() - self.started) / self.MEASURE
         return None
+
+
+def check_resume_settings(previous: Path, cfg: TrainConfig) -> None:
+    """Resume continues the run as configured in ``previous`` (its config.toml): settings that can change
+    mid-run are applied (and said), any other difference is refused with the list, before the model loads."""
+    applied, refused = resume_changes(load_config(previous), cfg)
+    if refused:
+        listed = "; ".join(refused)
+        raise ConfigError(f"--resume: these settings differ from the run's {previous}: {listed}. They cannot change "
+                          "in the middle of a run: use the run's values, or start a new run (--overwrite, or "
+                          "another --out)")
+    if applied:
+        print("resume: applying changed settings: " + "; ".join(applied))
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """The files and folders the config names exist (checked before anything is loaded or written)."""
+    for key, value in (("model.base", cfg.model.base), ("data.train_data", cfg.data.train_data),
+                       # prior preservation fills (and makes) the class-image folder itself
+                       ("data.reg_data", cfg.data.reg_data if cfg.data.num_class_images <= 0 else None),
+                       ("sample.prompts", cfg.sample.prompts)):
+        if value and not Path(value).expanduser().exists():
+            raise ConfigError(f"{key}: {value}: no such file or folder")
+
+
+def _check_resumable(state: dict[str, Any], fingerprint: str, data: TrainingData, ckpt: Path, run: RunFolder,
+                     total_steps: int, cfg: TrainConfig) -> None:
+    """Refuse to resume on other data (it would not continue the same run) or a run that has nothing left."""
+    if state.get("data") not in (None, fingerprint):
+        raise TrainingError(f"--resume: the training data changed since {ckpt} was saved (now "
+                            f"{data.num_train_images} samples, {data.steps_per_epoch} steps per epoch): resuming "
+                            "would not continue the same run. Restore the data, or start a new run (--overwrite, "
+                            "or another --out)")
+    finished = state.get("stopped_early") or state["step"] >= total_steps or (
+        state["epoch"] >= cfg.training.max_epochs and not state.get("batches_done"))
+    if finished and (run.path / "summary.json").exists():
+        why = "stopped early at its turning point" if state.get("stopped_early") else \
+            f"finished after {state['step']} steps ({state['epoch']} epochs)"
+        raise TrainingError(f"--resume: the run in {run.path} {why}; there is nothing to continue. To train "
+                            "longer, raise --epochs or --max-steps")
 
 
 def _sample(model: BaseModel, method: TrainingMethod, prompts: list[SamplePrompt], path: Path,

@@ -355,9 +355,18 @@ def test_rank_dropout_one_drops_everything(config):
     adapter, x = build(algorithm, "conv3x3_s2", **options, rank_dropout=1.0)
     randomize(adapter)
     adapter.train()
-    if options.get("dora"):  # the DoRA rescale of W0 stays; only the update is dropped
+    if not options.get("dora"):
+        close(adapter(x), plain(adapter, x), tol=1e-6)
         return
-    close(adapter(x), plain(adapter, x), tol=1e-6)
+    # DoRA: the whole update is dropped, the rescale of W0 stays: W' = W0 · m / ‖W0‖ (rows, or columns)
+    base, m = adapter.base, adapter.dora_scale.detach()
+    w0 = base.weight.detach()
+    on_out = options.get("wd_on_out", True)
+    norm = (w0.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1) if on_out
+            else w0.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, 1, 1))
+    expected = F.conv2d(x, w0 * m / norm, base.bias, base.stride, base.padding, base.dilation)
+    close(adapter(x), expected, tol=1e-5)
+    assert not torch.allclose(expected, plain(adapter, x))  # the random magnitude matters: the check can fail
 
 
 def test_rank_dropout_scale_keeps_the_expectation():

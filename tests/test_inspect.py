@@ -83,3 +83,25 @@ def test_inspect_bad_files(tmp_path, capsys):
     assert code == 2 and "missing.safetensors: no such file" in err
     with pytest.raises(SystemExit):
         main(["frobnicate"])
+
+
+def test_inspect_says_what_a_non_adapter_is(tmp_path, capsys):
+    """A model checkpoint, one model component, an embedding or a folder is named as such, and the exit is 2."""
+    g = torch.Generator().manual_seed(0)
+    files = {
+        "model.safetensors": ({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
+                               "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(8),
+                               "first_stage_model.encoder.conv_in.weight": torch.randn(8, 3, 3, 3, generator=g)},
+                              "a full Stable Diffusion model checkpoint (U-Net, text encoder, VAE), not an adapter"),
+        "unet.safetensors": ({k: v.contiguous() for k, v in build_tiny_unet().state_dict().items()},
+                             "the weights of a diffusers U-Net (one model component), not an adapter"),
+        "zkz.safetensors": ({"clip_l": torch.randn(2, 32, generator=g)},
+                            "a textual-inversion embedding (clip_l 2×32), not an adapter"),
+    }
+    for name, (tensors, what) in files.items():
+        save_file(tensors, tmp_path / name)
+        code, out, err = _inspect(capsys, tmp_path / name)
+        assert code == 2 and out == "" and err == f"lorakit inspect: error: {tmp_path / name}: " + what + (
+            "; use it as --model\n" if name == "model.safetensors" else "\n"), err
+    code, _, err = _inspect(capsys, tmp_path)
+    assert code == 2 and f"{tmp_path}: is a folder, not a file" in err

@@ -40,8 +40,9 @@ def make_config(model_dir: Path, data_dir: Path, out: Path, **sections) -> Train
     cfg.model.base = str(model_dir)
     cfg.data.train_data = str(data_dir)
     cfg.data.batch_size = 2
-    cfg.network.rank = 2
-    cfg.network.alpha = 1.0
+    if sections.get("method", {}).get("kind") not in ("ti", "native"):  # they refuse adapter settings
+        cfg.network.rank = 2
+        cfg.network.alpha = 1.0
     cfg.optimizer.learning_rate = 1e-3
     cfg.training.max_epochs = 2
     cfg.early_stop.mode = "off"
@@ -216,6 +217,15 @@ def test_other_algorithms_train(tiny_model_dir, dataset, tmp_path, algorithm):
 
     file = read_adapter(out / "lorakit.safetensors")
     assert {detect_algorithm(m) for m in file.modules().values()} == {algorithm} and result.steps == 2
+    # every algorithm starts at ΔW = 0 (a zero factor), so a non-zero ΔW is what training changed
+    from lorakit.formats import load_network
+    from lorakit.models import load_base_model
+
+    model = load_base_model(tiny_model_dir)
+    network, report = load_network(out / "lorakit.safetensors", model.unet, model.text_encoder)
+    assert report.ok and len(report.matched) == len(network) > 0
+    changed = [n for n, a in network.adapters.items() if float(a.delta_weight().detach().abs().max()) > 0]
+    assert len(changed) > len(network) // 2, f"{algorithm}: training left ΔW = 0 in most modules"
 
 
 def test_bf16_mixed_precision_keeps_adapters_fp32(tiny_model_dir, dataset, tmp_path):
@@ -288,9 +298,29 @@ def test_pivotal_tuning_writes_embedding_and_adapter(tiny_model_dir, dataset, tm
     result = run_train(cfg)
     names = sorted(p.name for p in result.files)
     assert "lorakit.safetensors" in names and "lorakit-zkz.safetensors" in names
+    # both parts trained: the token moved away from its init word, the adapter away from ΔW = 0
+    from lorakit.models import load_base_model
+
+    model = load_base_model(tiny_model_dir)
+    init_id = model.tokenizer(cfg.method.ti_init_word, add_special_tokens=False).input_ids[0]
+    start = model.text_encoder.get_input_embeddings().weight[init_id].detach()
+    vector = load_file(str(out / "lorakit-zkz.safetensors"))["clip_l"][0]
+    assert float((vector - start).abs().max()) > 1e-4
+    ups = [v for k, v in load_file(str(out / "lorakit.safetensors")).items() if k.endswith("lora_up.weight")]
+    assert ups and all(float(u.abs().max()) > 0 for u in ups)
 
 
-def test_prior_preservation_generates_class_images(tiny_model_dir, dataset, tmp_path):
+def test_prior_preservation_generates_class_images(tiny_model_dir, dataset, tmp_path, monkeypatch):
+    import lorakit.train as train_module
+
+    seen: list[tuple[Path, bool]] = []
+    real = train_module.compute_loss
+
+    def recording(cfg, model, method, batch, *args, **kwargs):
+        seen.extend(zip(batch.image_paths, batch.is_reg.tolist(), strict=True))
+        return real(cfg, model, method, batch, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "compute_loss", recording)
     out = tmp_path / "db"
     run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 1},
                           data={"num_class_images": 3, "class_prompt": "a shape", "batch_size": 2},
@@ -298,6 +328,11 @@ def test_prior_preservation_generates_class_images(tiny_model_dir, dataset, tmp_
     images = sorted((out / "class_images" / "1_a shape").glob("*.png"))
     assert len(images) == 3
     assert (out / "class_images" / "1_a shape" / "0000.txt").read_text().strip() == "a shape"
+    # the class images are trained on, as regularization samples: 4 training images, balanced by 4 reg samples
+    reg = [path for path, is_reg in seen if is_reg]
+    assert len(reg) == 4 and {p.name for p in reg} <= {p.name for p in images} and len(set(reg)) == 3
+    assert all(p.parent.parent == out / "class_images" for p in reg)
+    assert sum(not is_reg for _, is_reg in seen) == 4
 
 
 def test_single_file_checkpoint_trains_like_the_folder(tiny_model_dir, dataset, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,13 @@ from test_train import write_dataset
 SCRIPT = Path(__file__).parent / "scripts" / "distributed_train.py"
 
 
+def free_port() -> int:
+    """A port nobody listens on now (a fixed one fails when another run, or another test session, holds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_processes_train_one_synchronised_adapter(tiny_model_dir, tmp_path):
     data = write_dataset(tmp_path / "data", n=4)
     out = tmp_path / "out"
@@ -24,9 +32,11 @@ def test_two_processes_train_one_synchronised_adapter(tiny_model_dir, tmp_path):
                    f'[output]\ndir = "{out}"\n')
     # --multi_gpu selects accelerate's torchrun launcher; without a GPU each process runs on the CPU with gloo
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-           str(SCRIPT), str(job), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(SCRIPT), str(job), str(tmp_path)]
+    # the tests' folder (the script imports test helpers) and this checkout's lorakit, not an installed one
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parent.parent)])}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -67,18 +67,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def builtin_default(cfg: TrainConfig) -> TrainConfig:
-    """The built-in job: the shapes world's concept on the built-in model (dataset rendered into the run), with
-    the world's recipe wherever the user left the general default."""
+def builtin_default(cfg: TrainConfig, write: bool = True) -> TrainConfig:
+    """The built-in job: the shapes world's concept on the built-in model (dataset rendered beside the run,
+    unless ``write`` is false: printing the config writes nothing), with the world's recipe wherever the user
+    left the general default."""
+    if cfg.model.base is not None:
+        raise ConfigError(f"--model {cfg.model.base} needs --data: without data lorakit runs its built-in job (the "
+                          "built-in concept on the built-in model); give --data FOLDER to train your model")
     apply_recipe(cfg, only_defaults=True)
-    cfg.model.base = None
     out = Path(cfg.output.dir)
     data_dir = out.parent / (out.name + "-data")
-    if not data_dir.exists():
+    if write and not data_dir.exists():
         concept.write_concept_dataset(data_dir)
     cfg.data.train_data = str(data_dir)
     prompts = data_dir / "sample_prompts.txt"
-    if cfg.sample.prompts is None and prompts.exists():
+    if cfg.sample.prompts is None and (prompts.exists() or not write):
         cfg.sample.prompts = str(prompts)
     return cfg
 
@@ -106,7 +109,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if cfg.output.dir == "output" and args.out is None:
         cfg.output.dir = f"output/train-{time.strftime('%Y%m%d-%H%M%S')}"
     if cfg.data.train_data is None:
-        cfg = builtin_default(cfg)
+        cfg.validate()  # before the built-in concept's images are rendered
+        cfg = builtin_default(cfg, write=not args.print_config)
     return cfg.validate()
 
 
@@ -127,6 +131,6 @@ def run(args: argparse.Namespace) -> int:
     if args.data is None and cfg.data.train_data and Path(cfg.data.train_data).name.endswith("-data") \
             and args.config is None:
         print(textwrap.fill(BUILTIN_INTRODUCTION, width=110))
-    result = train(cfg, progress=not args.no_progress)
+    result = train(cfg, progress=not args.no_progress, config_file=args.config)
     print(result.summary)
     return 0

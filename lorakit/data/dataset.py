@@ -9,7 +9,10 @@ and trains on bit-identical batches.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
+import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -91,6 +94,28 @@ class EpochBatches(Sequence):
             yield self.data.load_batch(plan)
 
 
+class RepeatedIndex(Sequence):
+    """Sample id -> record index, where record ``i`` is repeated ``repeats[i]`` times, without building the list
+    (a folder's repeat count comes from its name; memory must not grow with it)."""
+
+    def __init__(self, repeats: Sequence[int]) -> None:
+        self._ends = list(itertools.accumulate(repeats))
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, sample_id: int) -> int:  # type: ignore[override]
+        if not 0 <= sample_id < len(self):
+            raise IndexError(sample_id)
+        return bisect.bisect_right(self._ends, sample_id)
+
+    def __iter__(self) -> Iterator[int]:
+        start = 0
+        for record, end in enumerate(self._ends):
+            yield from itertools.repeat(record, end - start)
+            start = end
+
+
 @dataclass(frozen=True)
 class _Draw:
     caption: str
@@ -138,7 +163,13 @@ class TrainingData:
         self.repeats = self._balance_repeats(problems)
         self.buckets: list[tuple[tuple[int, int], tuple[int, int]]] = []  # per record: (bucket, resized)
         self._assign_buckets(problems)
-        self.samples = [i for i, n in enumerate(self.repeats) for _ in range(n)]
+        self.samples = RepeatedIndex(self.repeats)
+        for d, dataset in enumerate(self.datasets):
+            n = sum(r for r, rec in zip(self.repeats, self.records, strict=True) if rec.dataset == d)
+            if dataset.batch_size > n:
+                problems.warn(f"{config.train_data} dataset #{d + 1}: batch_size {dataset.batch_size} is larger than "
+                              f"the {n} samples of an epoch: every step trains on at most {n} (a smaller batch "
+                              "size, or more repeats, gives more steps)")
         groups: dict[tuple[int, tuple[int, int]], list[int]] = {}
         for sample_id, rec in enumerate(self.samples):
             groups.setdefault((self.records[rec].dataset, self.buckets[rec][0]), []).append(sample_id)
@@ -228,6 +259,14 @@ class TrainingData:
             for tag, n in count_tags([rec.caption], self.subset_of(rec).caption_separator).items():
                 counts[tag] = counts.get(tag, 0) + n
         return out
+
+    def fingerprint(self) -> str:
+        """A hash of what an epoch is made of (images, sizes, captions, repeats, buckets, batch sizes): a run
+        resumed on data with another fingerprint would not continue the same run."""
+        parts = [(r.folder, r.path.name, r.file_size, r.caption, r.is_reg, n, self.buckets[i][0])
+                 for i, (r, n) in enumerate(zip(self.records, self.repeats, strict=True))]
+        parts.append([d.batch_size for d in self.datasets])
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     def bucket_counts(self) -> dict[tuple[int, tuple[int, int]], int]:
         """{(dataset, (width, height)): samples per epoch}."""

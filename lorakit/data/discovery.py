@@ -23,6 +23,8 @@ from lorakit.data.errors import DatasetError, Problems
 from lorakit.data.images import IMAGE_EXTENSIONS, is_image, probe
 
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
+#: more repeats than this is a folder name that starts with a number by chance (a date: 20230101_photos)
+MAX_REPEATS = 10_000
 _EXPECTED_LAYOUT = (
     f"expected either images ({', '.join(IMAGE_EXTENSIONS)}) directly in the folder, with a trigger word, "
     "or kohya layout: subfolders named '<repeats>_<trigger> <class>' (such as '10_zkz shape/') holding the images"
@@ -62,7 +64,13 @@ def kohya_subsets(parent: Path, is_reg: bool, defaults: dict, trigger: str | Non
             problems.error(f"{folder}: folder name does not match '<repeats>_<name>' (e.g. '10_zkz shape' for "
                            f"training or '1_shape' for regularization images); rename it or move it out of {parent}")
             continue
-        subsets.append({**defaults, "image_dir": str(folder), "num_repeats": int(match.group(1)),
+        repeats = int(match.group(1))
+        if repeats > MAX_REPEATS:
+            problems.error(f"{folder}: the folder name asks for {repeats} repeats (the number before '_'), more than "
+                           f"{MAX_REPEATS}; if the number is part of the name (a date?), rename the folder to "
+                           f"'<repeats>_<name>', e.g. '1_{folder.name}'")
+            continue
+        subsets.append({**defaults, "image_dir": str(folder), "num_repeats": repeats,
                         "class_tokens": match.group(2).strip(), "is_reg": is_reg,
                         "trigger": None if is_reg else trigger})
     return subsets
@@ -115,6 +123,8 @@ def resolve_datasets(config: DataConfig, default_resolution: int | tuple[int, in
 
 
 def _check_subset(subset: SubsetConfig, where: Path, problems: Problems) -> None:
+    if subset.num_repeats > MAX_REPEATS:
+        problems.error(f"{where}: {subset.num_repeats} repeats is more than {MAX_REPEATS}; use fewer")
     if subset.num_repeats < 1:
         problems.error(f"{where}: {subset.num_repeats} repeats: its images would never be trained; use at least 1 "
                        "(or move the folder out)")
@@ -141,7 +151,12 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
         problems.error(f"{folder}: image folder not found")
         return []
     _check_subset(subset, folder, problems)
-    entries = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    listing = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
+    entries = [p for p in listing if p.is_file()]
+    # a link to nowhere (or a link loop) is not a file: say so rather than train on fewer images unawares
+    dead = [p.name for p in listing if p.is_symlink() and not p.exists()]
+    if dead:
+        problems.warn(f"{folder}: skipped symbolic links that lead to no file (broken or looping): {_some(dead)}")
     images = [p for p in entries if is_image(p)]
     if not images:
         others = ", ".join(p.name for p in entries[:5]) or "the folder is empty"

@@ -34,6 +34,8 @@ def apply_recipe(cfg: TrainConfig, *, only_defaults: bool = False) -> TrainConfi
     defaults = TrainConfig()
     for dotted, value in RECIPE.items():
         section, name = dotted.split(".")
+        if section == "network" and cfg.method.kind in ("ti", "native"):
+            continue  # no adapter to shape (and adapter settings on those methods are refused)
         if not only_defaults or getattr(getattr(cfg, section), name) == getattr(getattr(defaults, section), name):
             setattr(getattr(cfg, section), name, value)
     return cfg

@@ -1,0 +1,75 @@
+"""What a weights file (or folder) is when it is not an adapter: a full model, one model component, an embedding.
+
+Read from the safetensors header only (key names and shapes), so a 4 GB checkpoint is recognised without
+loading it.  ``check_adapter_path`` raises ``NotAnAdapterError`` with a sentence a user can act on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+
+# key fragments only adapter files have (kohya/LyCORIS and diffusers/PEFT names)
+_ADAPTER_KEY = re.compile(r"(lora_(down|up|mid|A|B)|hada_|lokr_|dora_scale|oft_|\.alpha$|\.diff(_b)?$|"
+                          r"\.on_input$|lora_magnitude|^lora_(unet|te\d?)_|^lycoris_)")
+
+
+class NotAnAdapterError(LorakitError):
+    """The path exists but is not an adapter file; the message says what it is."""
+
+
+def _header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def describe_weights(keys: dict[str, list[int]]) -> str | None:
+    """A description of a non-adapter safetensors file from its {key: shape}, or None if it may be an adapter."""
+    if not keys:
+        return "holds no tensors, so it is not an adapter"
+    if any(_ADAPTER_KEY.search(k) for k in keys):
+        return None
+    # textual-inversion files: A1111/ComfyUI ({"clip_l": ...}), SDXL (+ "clip_g"), the older A1111 formats
+    names = set(keys)
+    if names <= {"clip_l", "clip_g"} or names == {"emb_params"} or all(k.startswith("string_to_param")
+                                                                        for k in names):
+        shapes = ", ".join(f"{k} {'×'.join(map(str, keys[k]))}" for k in sorted(names))
+        return f"a textual-inversion embedding ({shapes}), not an adapter"
+    parts = [label for prefix, label in (("model.diffusion_model.", "U-Net"), ("cond_stage_model.", "text encoder"),
+                                         ("conditioner.", "text encoders"), ("first_stage_model.", "VAE"))
+             if any(k.startswith(prefix) for k in names)]
+    if parts:
+        return f"a full Stable Diffusion model checkpoint ({', '.join(parts)}), not an adapter; use it as --model"
+    if any(k.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for k in names) and \
+            any(k.startswith("time_embedding.") for k in names):
+        return "the weights of a diffusers U-Net (one model component), not an adapter"
+    if any(k.startswith(("text_model.", "encoder.layers.")) for k in names) and \
+            any("embeddings" in k for k in names):
+        return "the weights of a CLIP text encoder (one model component), not an adapter"
+    if any(k.startswith("encoder.") for k in names) and any(k.startswith("decoder.") for k in names):
+        return "the weights of a VAE (one model component), not an adapter"
+    example = sorted(names)[0]
+    return f"not an adapter: none of its {len(names)} tensors has an adapter's key names (e.g. {example!r})"
+
+
+def check_adapter_path(path: str | os.PathLike) -> None:
+    """Raise NotAnAdapterError when ``path`` is a folder or a safetensors file that is not an adapter (files
+    that cannot be read at all are left to the adapter reader, whose errors say why)."""
+    path = Path(path)
+    if path.is_dir():
+        what = "a diffusers model folder" if (path / "model_index.json").is_file() else "a folder"
+        raise NotAnAdapterError(f"{path}: is {what}, not a file; give one adapter .safetensors file")
+    if not path.is_file():
+        return
+    try:
+        keys, _ = _header(path)
+    except Exception:  # not safetensors, truncated, ...: the reader's checks explain it
+        return
+    description = describe_weights(keys)
+    if description is not None:
+        raise NotAnAdapterError(f"{path}: {description}")

@@ -1,0 +1,277 @@
+"""Nothing a user owns is lost, and every bad setting is refused before work starts (issue 16).
+
+The output folder's manifest, the checks of ``TrainConfig.validate`` (run before the model loads and before the
+run folder exists), folder-name repeats, resuming with changed settings or data, and options that would be
+silently ignored.  The subprocess fault tests are in test_train_faults.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from test_train import make_config, run_train, write_dataset
+
+from lorakit.checkpoints import OutputFolderError, RunFolder
+from lorakit.cli import main
+from lorakit.config import ConfigError, TrainConfig, load_config
+from lorakit.data import DatasetError, DatasetWarning, TrainingData
+from lorakit.data.dataset import RepeatedIndex
+from lorakit.run_manifest import MANIFEST_NAME, ManifestError, RunManifest
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+def test_manifest_removes_only_what_it_recorded(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    run.write_text("config.toml", "x = 1\n")
+    run.make_dir("class_images")
+    (run.path / "class_images" / "1_a shape").mkdir()  # made by a writer that chose the name itself
+    (run.path / "class_images" / "1_a shape" / "0000.png").write_bytes(b"png")
+    run.record_tree("class_images")
+    (run.path / "notes.txt").write_text("mine")
+    (run.path / "samples" / "favourite.png").write_bytes(b"mine too")
+    (run.path / ".config.toml.abcd1234.tmp").write_text("left by a killed atomic write")
+    kept = RunManifest(run.path).remove_all()
+    assert kept == [run.path / "samples"]  # it holds the user's file
+    assert sorted(p.name for p in run.path.iterdir()) == [MANIFEST_NAME, "notes.txt", "samples"]
+    assert (run.path / "samples" / "favourite.png").read_bytes() == b"mine too"
+
+
+def test_a_run_folder_is_removed_whole(tmp_path, monkeypatch):
+    """Everything a run writes is recorded (checkpoint folders included), so overwrite leaves no empty shells."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    run = RunFolder("run")  # relative, as users type it
+    for epoch in (1, 2):
+        run.save_checkpoint(epoch, {"w": torch.ones(2)}, {"step": epoch})
+    run.log({"step": 1})
+    run.sample_path("epoch-0001").write_bytes(b"png")
+    run.write_json("summary.json", {})
+    assert RunManifest(run.path).remove_all() == []
+    assert list(run.path.iterdir()) == []
+
+
+def test_manifest_never_leaves_the_folder_or_follows_links(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "photo.png").write_bytes(b"irreplaceable")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(precious)  # a recorded folder replaced by a link to the user's photos
+    (run / MANIFEST_NAME).write_text(json.dumps({"files": ["checkpoints/photo.png"], "dirs": ["checkpoints"]}))
+    RunManifest(run).remove_all()
+    assert (precious / "photo.png").read_bytes() == b"irreplaceable"
+    (run / MANIFEST_NAME).write_text(json.dumps({"files": ["../precious/photo.png"], "dirs": []}))
+    with pytest.raises(ManifestError, match="not inside the run folder"):
+        RunManifest(run).remove_all()
+    assert (precious / "photo.png").exists()
+
+
+def test_overwrite_refusals(tmp_path):
+    legacy = tmp_path / "legacy"  # a run of an older lorakit: no manifest, so its files are not known
+    legacy.mkdir()
+    (legacy / "config.toml").write_text("")
+    (legacy / "photo.png").write_bytes(b"mine")
+    with pytest.raises(OutputFolderError, match="cannot tell its own files from yours"):
+        RunFolder(legacy, "overwrite")
+    run = RunFolder(tmp_path / "run")
+    job = run.path / "job.toml"
+    job.write_text("")
+    with pytest.raises(OutputFolderError, match="which this run reads"):
+        RunFolder(run.path, "overwrite", protect=[job])
+    job.unlink()
+    (run.path / "summary.txt").write_text("the user's own summary")  # a name runs write, not written by lorakit
+    with pytest.raises(OutputFolderError, match="summary.txt were not written by lorakit"):
+        RunFolder(run.path, "overwrite")
+    assert (run.path / "summary.txt").read_text() == "the user's own summary"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.png").write_bytes(b"mine")
+    with pytest.raises(OutputFolderError, match="not a lorakit run folder"):
+        RunFolder(photos, "resume")
+    assert (photos / "a.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------- validation
+BAD_SETTINGS = [
+    ({"training": {"save_every_n_epochs": 0}}, "training.save_every_n_epochs"),
+    ({"early_stop": {"interval": 0}}, "early_stop.interval"),
+    ({"early_stop": {"window": 1}}, "early_stop.window"),
+    ({"sample": {"every_n_epochs": 0}}, "sample.every_n_epochs"),
+    ({"optimizer": {"learning_rate": 4e37}}, "optimizer.learning_rate"),
+    ({"optimizer": {"learning_rate": float("nan")}}, "optimizer.learning_rate"),
+    ({"optimizer": {"ti_lr": -1.0}}, "optimizer.ti_lr"),
+    ({"optimizer": {"optimizer": "adam"}}, "optimizer.optimizer must be one of adamw, adamw8bit, sgd"),
+    ({"optimizer": {"lr_scheduler": "cosine_annealing"}}, "optimizer.lr_scheduler"),
+    ({"optimizer": {"betas": (0.9, 1.5)}}, "optimizer.betas"),
+    ({"network": {"algorithm": "lorx"}}, "network.algorithm must be one of lora, loha, lokr, ia3, full"),
+    ({"network": {"preset": "attn"}}, "network.preset"),
+    ({"network": {"alpha": -1.0}}, "network.alpha"),
+    ({"network": {"conv_rank": -4}}, "network.conv_rank"),
+    ({"model": {"prediction_type": "sample"}}, "model.prediction_type"),
+    ({"data": {"resolution": 63}}, "data.resolution"),
+    ({"data": {"repeats": 20230101}}, "data.repeats"),
+    ({"training": {"max_steps": 0}}, "training.max_steps"),
+    ({"output": {"name": "../elsewhere"}}, "output.name"),
+    ({"method": {"kind": "ti", "ti_token": "zkz"}, "network": {"algorithm": "loha", "rank": 64}},
+     r"network.algorithm = 'loha', network.rank = 64 would be ignored"),
+    ({"method": {"kind": "native"}, "network": {"alpha": 4.0}}, "network.alpha = 4.0 would be ignored"),
+    ({"method": {"kind": "ti"}}, "method.kind = 'ti' needs the new token"),
+]
+
+
+@pytest.mark.parametrize(("sections", "message"), BAD_SETTINGS, ids=[m.split()[0] for _, m in BAD_SETTINGS])
+def test_bad_settings_are_refused_before_anything_happens(tmp_path, sections, message):
+    out = tmp_path / "run"
+    cfg = make_config(tmp_path / "no-such-model", tmp_path / "no-such-data", out)
+    cfg.network = type(cfg.network)()  # the defaults: only the setting under test is off
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run_train(cfg)  # a missing model or data would fail differently: validation comes first
+    assert not out.exists()
+
+
+def test_names_are_checked_against_the_tables_that_define_them(tmp_path, monkeypatch):
+    from lorakit.network import PRESETS
+    from lorakit.optimizers import OPTIMIZERS
+
+    cfg = TrainConfig()
+    cfg.optimizer.optimizer = "lion"
+    with pytest.raises(ConfigError, match="optimizer.optimizer"):
+        cfg.validate()
+    monkeypatch.setitem(OPTIMIZERS, "lion", OPTIMIZERS["sgd"])  # a new optimizer needs one table entry
+    cfg.validate()
+    cfg.network.preset = "mine"
+    with pytest.raises(ConfigError, match=", ".join(PRESETS)):
+        cfg.validate()
+
+
+def test_wrong_length_lists_in_toml(tmp_path):
+    for line, key in (('[data]\nresolution = [64]\n', "resolution"), ('[optimizer]\nbetas = [0.9]\n', "betas")):
+        path = tmp_path / "job.toml"
+        path.write_text(line)
+        with pytest.raises(ConfigError, match=rf"job.toml \[\w+\]\.{key}: expected a list of 2 values"):
+            load_config(path)
+
+
+def test_cli_refuses_bad_flags_without_leaving_a_folder(tmp_path, capsys):
+    out = tmp_path / "job"
+    assert main(["train", "--out", str(out), "--resolution", "63"]) == 2
+    assert "data.resolution must be a positive multiple of 8" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--model", str(tmp_path / "sd15.safetensors")]) == 2
+    assert "needs --data" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--print-config"]) == 0
+    assert "[data]" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # neither the run folder nor the built-in concept's images
+
+
+# ------------------------------------------------------------------------------------------------- data
+def test_folder_name_repeats_are_capped(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    (data / "1_zkz shape").rename(data / "20230101_photos")
+    with pytest.raises(DatasetError, match=r"20230101_photos: the folder name asks for 20230101 repeats"):
+        TrainingData(make_config(tmp_path, data, tmp_path / "o").data, default_resolution=64)
+    (data / "20230101_photos").rename(data / "99999999999999999999_x")
+    with pytest.raises(DatasetError, match="99999999999999999999_x"):
+        TrainingData(make_config(tmp_path, data, tmp_path / "o").data, default_resolution=64)
+
+
+def test_repeats_are_index_arithmetic():
+    repeats = [3, 0, 1, 2]
+    index = RepeatedIndex(repeats)
+    expanded = [i for i, n in enumerate(repeats) for _ in range(n)]
+    assert len(index) == len(expanded) and list(index) == expanded
+    assert [index[k] for k in range(len(index))] == expanded
+    big = RepeatedIndex([10**12, 5])  # no list of a trillion entries is built
+    assert len(big) == 10**12 + 5 and big[10**12 - 1] == 0 and big[10**12] == 1
+
+
+def test_dead_links_and_oversized_batches_are_named(tmp_path):
+    data = write_dataset(tmp_path / "data", n=2)
+    loop = data / "1_zkz shape" / "loop.png"
+    os.symlink(loop, loop)  # a link to itself
+    cfg = make_config(tmp_path, data, tmp_path / "o").data
+    cfg.batch_size = 10
+    with pytest.warns(DatasetWarning) as caught:
+        TrainingData(cfg, default_resolution=64)
+    messages = [str(w.message) for w in caught]
+    assert any("loop.png" in m and "broken or looping" in m for m in messages)
+    assert any("batch_size 10 is larger than the 2 samples" in m for m in messages)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_one_step_per_epoch_gets_a_working_early_stop_window(tiny_model_dir, tmp_path):
+    data = write_dataset(tmp_path / "data", n=2)
+    result = run_train(make_config(tiny_model_dir, data, tmp_path / "run", training={"max_epochs": 3},
+                                   data={"batch_size": 2}, early_stop={"mode": "report"}))
+    assert result.steps == 3  # a window of 1 used to fail here, after the model had loaded
+
+
+def test_resume_refuses_changed_settings_and_data(tiny_model_dir, tmp_path):
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    run_train(make_config(tiny_model_dir, data, out, training={"max_epochs": 1}))
+    before = (out / "config.toml").read_text()
+    changed = make_config(tiny_model_dir, data, out, training={"max_epochs": 1}, output={"if_exists": "resume"},
+                          optimizer={"learning_rate": 5e-3}, network={"rank": 4})
+    with pytest.raises(ConfigError, match=r"network.rank 2 -> 4; optimizer.learning_rate 0.001 -> 0.005"):
+        run_train(changed)
+    assert (out / "config.toml").read_text() == before  # the run's record still says what it was trained with
+    with pytest.raises(Exception, match="finished after 2 steps"):  # nothing left: not "0 steps, success"
+        run_train(make_config(tiny_model_dir, data, out, training={"max_epochs": 1}, output={"if_exists": "resume"}))
+    write_dataset(tmp_path / "more", n=1)
+    (tmp_path / "more" / "1_zkz shape" / "000.png").rename(data / "1_zkz shape" / "new.png")
+    with pytest.raises(Exception, match="the training data changed since"):
+        run_train(make_config(tiny_model_dir, data, out, training={"max_epochs": 2}, output={"if_exists": "resume"}))
+
+
+def test_max_steps_resume_continues_mid_epoch(tiny_model_dir, tmp_path):
+    """epoch_batches(skip=): a run stopped by max_steps mid-epoch continues with the rest of that epoch."""
+    data = write_dataset(tmp_path / "data", n=4, repeats=2)  # batch 2: 4 steps per epoch
+    straight = run_train(make_config(tiny_model_dir, data, tmp_path / "a", training={"max_steps": 6}))
+    out = tmp_path / "b"
+    run_train(make_config(tiny_model_dir, data, out, training={"max_steps": 3}))
+    resumed = run_train(make_config(tiny_model_dir, data, out, training={"max_steps": 6},
+                                    output={"if_exists": "resume"}))
+    assert resumed.losses == straight.losses
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == list(range(1, 7))
+
+
+def test_save_precision_is_applied(tiny_model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    data = write_dataset(tmp_path / "data", n=2)
+    run_train(make_config(tiny_model_dir, data, tmp_path / "run", training={"max_epochs": 1},
+                          output={"save_precision": "fp16"}))
+    assert {t.dtype for t in load_file(str(tmp_path / "run" / "lorakit.safetensors")).values()} == {torch.float16}
+
+
+def test_a_failed_start_leaves_nothing_behind(tiny_model_dir, tmp_path):
+    """An error found after the run folder was made (a corrupt image) removes it: the same command runs again."""
+    data = write_dataset(tmp_path / "data", n=2)
+    bad = data / "1_zkz shape" / "001.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "run"
+    with pytest.raises(DatasetError, match="001.png"):
+        run_train(make_config(tiny_model_dir, data, out, training={"max_epochs": 1}))
+    assert not out.exists()
+    bad.unlink()
+    bad.with_suffix(".txt").unlink()
+    assert run_train(make_config(tiny_model_dir, data, out, training={"max_epochs": 1})).steps == 1
+
+
+def test_missing_paths_are_named_before_anything_is_written(tmp_path):
+    data = write_dataset(tmp_path / "data", n=1)
+    (tmp_path / "model").mkdir()  # exists: each case has one missing path
+    for sections, key in (({"model": {"base": str(tmp_path / "sd15.safetensors")}}, "model.base"),
+                          ({"sample": {"prompts": str(tmp_path / "prompts.txt")}}, "sample.prompts"),
+                          ({"data": {"reg_data": str(tmp_path / "reg")}}, "data.reg_data")):
+        cfg = make_config(tmp_path / "model", data, tmp_path / "run", **sections)
+        with pytest.raises(ConfigError, match=f"{key}: .*: no such file or folder"):
+            run_train(cfg)
+        assert not (tmp_path / "run").exists()
