@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lorakit.train_command", "train an adapter, embedding or model from a folder of images"),
     "world": ("lorakit.world.command", "the built-in shapes world: pretrain, quality, dataset, train-reader"),
     "inspect": ("lorakit.inspection", "show what an adapter file holds: algorithm, modules, ranks, metadata, blocks"),
+    "sample": ("lorakit.commands.sample", "images from a base model with any number of adapters and embeddings"),
+    "merge": ("lorakit.commands.merge", "bake adapters into a base model, or combine them into one adapter file"),
+    "extract": ("lorakit.commands.extract", "an adapter from the difference of two models, by SVD"),
+    "resize": ("lorakit.commands.resize", "lower an adapter's rank, or convert any adapter to plain LoRA"),
 }
 
 
