@@ -120,7 +120,7 @@ def test_extract_and_resize_commands(base, files, tmp_path, capsys):
     assert ranks["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"] == 6  # fixed rank
     assert any(n.startswith("lora_te_") for n in ranks)
     assert file.metadata["ss_network_module"] == "networks.lora"
-    assert file.metadata["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "2"}'
+    assert file.metadata["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "6"}'  # one alpha per file
     y = tmp_path / "y.safetensors"
     assert main(["resize", str(x), "--out", str(y), "--dynamic", "sv_fro", "--param", "0.9", "--rank", "3"]) == 0
     resized = read_adapter(y)

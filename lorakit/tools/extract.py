@@ -48,7 +48,7 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
     check_same_architecture(tuned, base, text_encoder)
     conv_rule = conv_rule or rule
     chosen = get_preset(preset)
-    result = ToolResult("extract")
+    result = ToolResult("extract", dtype)
     tuned_comps = {c.group: c for c in components(tuned.unet, tuned.text_encoder if text_encoder else None)}
     bias_changed, unchanged = [], 0
     for comp in components(base.unet, base.text_encoder if text_encoder else None):
@@ -67,7 +67,7 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
             if this_rule.rank == 0:
                 continue
             factors = factorize(Delta.from_weight(diff), this_rule, name=name, clamp_quantile=clamp_quantile)
-            result.add(name, factors, None, dtype)
+            result.add(name, factors)
     if not result.reports:
         raise MismatchError(f"{tuned.source or 'the tuned model'} and {base.source or 'the base'} have the same "
                             f"weights in every layer the {preset!r} preset selects: nothing to extract")
@@ -80,7 +80,7 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
     if outside:
         result.notes.append(f"{len(outside)} other tensor(s) differ but are no adapted layer (e.g. {outside[0]}): "
                             "not in the file")
-    result.finish_metadata(None, lorakit_source=f"{tuned.source} - {base.source}",
+    result.finish(None, lorakit_source=f"{tuned.source} - {base.source}",
                            lorakit_rank_rule=rule.describe(), lorakit_conv_rank_rule=conv_rule.describe(),
                            lorakit_preset=preset)
     return result

@@ -25,7 +25,7 @@ from lorakit.formats import AdapterFileError, load_network, read_adapter
 from lorakit.models import BaseModel, save_single_file_checkpoint
 from lorakit.tools import MismatchError, ToolError, check_output
 from lorakit.tools.deltas import AdapterSpec, file_deltas, parse_adapter_spec
-from lorakit.tools.lowrank import Delta, ModuleReport, RankRule, factorize
+from lorakit.tools.lowrank import Delta, Factors, ModuleReport, RankRule, factorize
 from lorakit.tools.result import ToolResult
 
 
@@ -95,29 +95,18 @@ def combine(adapters: Sequence[AdapterSpec | str], model: BaseModel | None = Non
                                     f"{summed[name].shape}: the adapters are for different models")
             summed[name] = summed[name] + delta if name in summed else delta
     exact = rule is None and all(d.is_product for d in summed.values())
-    result = ToolResult("merge --to-adapter")
+    result = ToolResult("merge --to-adapter", dtype)
     for name, delta in summed.items():
         if exact:
-            result.add_tensors(name, _concatenated(delta, dtype), _exact_report(name, delta))
+            result.add(name, Factors(delta.up, delta.down, tuple(delta.shape), _exact_report(name, delta)))
         else:
-            result.add(name, factorize(delta, rule or RankRule(), name=name, clamp_quantile=clamp_quantile),
-                       None, dtype)
+            result.add(name, factorize(delta, rule or RankRule(), name=name, clamp_quantile=clamp_quantile))
     how = "exact: ranks concatenated" if exact else f"ΔW summed and re-factored ({(rule or RankRule()).describe()})"
     result.notes.append(f"combined {len(specs)} adapter(s), {how}")
-    result.finish_metadata(read_adapter(specs[0].path).metadata,
+    result.finish(read_adapter(specs[0].path).metadata,
                            lorakit_source=", ".join(s.label for s in specs),
                            ss_training_comment=f"lorakit merge --to-adapter of {', '.join(s.label for s in specs)}")
     return result
-
-
-def _concatenated(delta: Delta, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    rank = delta.inner_rank
-    up, down = delta.up, delta.down
-    if len(delta.shape) == 4:
-        down = down.reshape(rank, *delta.shape[1:])
-        up = up.reshape(delta.shape[0], rank, 1, 1)
-    return {"lora_down.weight": down.to(dtype).contiguous(), "lora_up.weight": up.to(dtype).contiguous(),
-            "alpha": torch.tensor(float(rank), dtype=dtype)}
 
 
 def _exact_report(name: str, delta: Delta) -> ModuleReport:

@@ -1,8 +1,9 @@
 """Lower the rank of a LoRA/LoCon file, or turn any adapter file into a plain LoRA/LoCon (``to_lora``).
 
 Resizing reads each module as the product of its factors (no ``ΔW`` is materialised for the SVD) and keeps the
-rank a ``RankRule`` chooses; the module's ``alpha / rank`` ratio is kept, as kohya's ``resize_lora.py`` does, so
-a learning rate tuned for the file still fits.  ``to_lora`` reads each module's ``ΔW`` through its adapter's
+rank a ``RankRule`` chooses; the source's ``alpha / rank`` ratio is kept, as kohya's ``resize_lora.py`` does, so
+a learning rate tuned for the file still fits (one alpha for the whole file, ``ratio × largest rank``; see
+``result.ToolResult``).  ``to_lora`` reads each module's ``ΔW`` through its adapter's
 ``delta_weight()`` (LoHa, LoKr, full, IA3, DoRA, Tucker: needs the base model) and factorises it; without a
 rule it keeps every singular value above float noise, i.e. the conversion is exact up to rounding, and the
 report says what every module kept.  The output loads in every client that reads kohya LoRA/LoCon files.
@@ -45,25 +46,25 @@ def resize_adapter(source: str | os.PathLike | AdapterFile, rule: RankRule | Non
     if others and model is None:
         raise ToolError(f"{file.label}: converting {others[0]} to LoRA needs the base model it was trained for")
     deltas = file_deltas(file, model if (to_lora and model is not None) else None)
-    result = ToolResult("resize --to lora" if to_lora else "resize")
+    result = ToolResult("resize --to lora" if to_lora else "resize", dtype)
+    ratios = []
     for name, delta in deltas.items():
         tensors = modules.get(name, {})
         kxk = len(delta.shape) == 4 and delta.shape[2] * delta.shape[3] > 1
         factors = factorize(delta, conv_rule if kxk else rule, name=name, clamp_quantile=clamp_quantile)
-        alpha = None
-        if plain_lora(tensors) and "alpha" in tensors and factors.rank > 0:
-            rank_in = tensors["lora_down.weight"].shape[0]
-            ratio = float(tensors["alpha"]) / rank_in if float(tensors["alpha"]) else 1.0
-            alpha = ratio * factors.rank  # keep alpha / rank
-        result.add(name, factors, alpha, dtype)
+        if plain_lora(tensors) and "alpha" in tensors and float(tensors["alpha"]):
+            ratios.append(float(tensors["alpha"]) / tensors["lora_down.weight"].shape[0])
+        result.add(name, factors)
         if factors.rank == 0:
             result.notes.append(f"{name}: ΔW is zero; no module written")
     if to_lora:
         algos = sorted({_algorithm(t) for t in modules.values()})
         result.notes.append(f"converted from {', '.join(algos)}")
-    comment = f"{result.tool} ({(conv_rule if conv_rule is not rule else rule).describe()}) of {file.label}"
-    result.finish_metadata(file.metadata, lorakit_source=str(file.label), lorakit_rank_rule=rule.describe(),
-                           ss_training_comment=comment)
+    rules = rule.describe() + (f"; k x k convs {conv_rule.describe()}" if conv_rule is not rule else "")
+    # the source's alpha / rank (most files use one) is kept, so a learning rate tuned for it still fits
+    ratio = max(set(ratios), key=ratios.count) if ratios else 1.0
+    result.finish(file.metadata, alpha_per_rank=ratio, lorakit_source=str(file.label), lorakit_rank_rule=rules,
+                  ss_training_comment=f"{result.tool} ({rules}) of {file.label}")
     return result
 
 

@@ -12,7 +12,7 @@ import torch
 
 import lorakit
 from lorakit.atomic import atomic_write_text
-from lorakit.formats import AdapterFile, describe_modules, model_hashes, write_adapter
+from lorakit.formats import AdapterFile, model_hashes, write_adapter
 from lorakit.tools import check_output
 from lorakit.tools.lowrank import Factors, ModuleReport, lora_tensors, report_table, totals, totals_line
 
@@ -23,49 +23,57 @@ _KEEP_FROM_SOURCE = ("ss_base_model_version", "ss_v2", "ss_sd_model_name", "ss_t
 
 @dataclass
 class ToolResult:
-    """A plain LoRA/LoCon adapter in memory (kohya names), with a report per module."""
+    """A plain LoRA/LoCon adapter in memory (kohya names), with a report per module.
+
+    Modules are collected with ``add`` and turned into tensors by ``finish``, which gives every module the same
+    ``alpha`` (the scale of each module is folded into its factors).  One alpha per file is what every client
+    reads right: diffusers 0.42 drops per-module alphas of kohya attention keys (its ``alpha_pattern`` names
+    them wrongly), so a file whose alphas vary loads there with wrong scales.
+    """
 
     tool: str
+    dtype: torch.dtype = torch.float32
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     reports: list[ModuleReport] = field(default_factory=list)
     #: things the report should say besides the table (skipped modules, bias updates left out, ...)
     notes: list[str] = field(default_factory=list)
+    factors: dict[str, Factors] = field(default_factory=dict)
 
-    def add(self, name: str, factors: Factors, alpha: float | None = None,
-            dtype: torch.dtype = torch.float32) -> None:
-        """Add one module (a rank-0 factorisation, i.e. ``ΔW = 0``, writes no key)."""
+    def add(self, name: str, factors: Factors) -> None:
+        """Add one module (a rank-0 factorisation, i.e. ``ΔW = 0``, is reported but writes no key)."""
         factors.report.name = name
         self.reports.append(factors.report)
-        if factors.rank == 0:
-            return
-        for key, tensor in lora_tensors(factors, alpha, dtype).items():
-            self.tensors[f"{name}.{key}"] = tensor
-
-    def add_tensors(self, name: str, tensors: Mapping[str, torch.Tensor], report: ModuleReport) -> None:
-        self.reports.append(report)
-        for key, tensor in tensors.items():
-            self.tensors[f"{name}.{key}"] = tensor
+        if factors.rank > 0:
+            self.factors[name] = factors
 
     def as_file(self) -> AdapterFile:
         return AdapterFile(dict(self.tensors), dict(self.metadata))
 
-    def finish_metadata(self, source: Mapping[str, str] | None = None, **extra: str) -> None:
-        """kohya's ``ss_*`` network entries for the tensors (as ``networks.lora`` writes them) and ``lorakit_*``."""
+    def finish(self, source: Mapping[str, str] | None = None, *, alpha_per_rank: float = 1.0,
+               **extra: str) -> None:
+        """Write the tensors (``alpha = alpha_per_rank · largest rank`` for every module) and the metadata:
+        kohya's ``ss_*`` network entries as ``networks.lora`` writes them, the source's training entries, and
+        ``lorakit_*`` (tool, retained energy)."""
+        top = max((f.rank for f in self.factors.values()), default=1)
+        alpha = float(alpha_per_rank * top)
+        self.tensors = {}
+        for name, factors in self.factors.items():
+            for key, tensor in lora_tensors(factors, alpha, self.dtype).items():
+                self.tensors[f"{name}.{key}"] = tensor
         meta = {k: v for k, v in (source or {}).items() if k in _KEEP_FROM_SOURCE}
-        infos = describe_modules(self.as_file())
-        linear = [i for i in infos if len(self.tensors[f"{i.name}.lora_down.weight"].shape) != 4
-                  or self.tensors[f"{i.name}.lora_down.weight"].shape[-1] == 1]
-        conv = [i for i in infos if i not in linear]
+        kxk = {n: len(f.shape) == 4 and f.shape[2] * f.shape[3] > 1 for n, f in self.factors.items()}
+        linear = [f for n, f in self.factors.items() if not kxk[n]]
+        conv = [f for n, f in self.factors.items() if kxk[n]]
         args: dict[str, str] = {}
         if conv:
-            args["conv_dim"] = str(max(i.rank or 0 for i in conv))
-            args["conv_alpha"] = f"{_most_common(i.alpha for i in conv):g}"
+            args["conv_dim"] = str(max(f.rank for f in conv))
+            args["conv_alpha"] = f"{alpha:g}"
         t = totals(self.reports)
         meta.update({
             "ss_network_module": "networks.lora",
-            "ss_network_dim": str(max((i.rank or 0 for i in linear), default=0)),
-            "ss_network_alpha": f"{_most_common(i.alpha for i in linear) or 1.0:g}",
+            "ss_network_dim": str(max((f.rank for f in linear), default=0)),
+            "ss_network_alpha": f"{alpha:g}",
             "ss_network_args": json.dumps(args),
             "lorakit_version": lorakit.__version__,
             "lorakit_tool": self.tool,
@@ -105,9 +113,3 @@ def write_report(result: ToolResult, path: str | os.PathLike) -> Path:
     return atomic_write_text(path, text)
 
 
-def _most_common(values: Iterable[float | None]) -> float | None:
-    counts: dict[float, int] = {}
-    for v in values:
-        if v is not None:
-            counts[v] = counts.get(v, 0) + 1
-    return max(counts, key=counts.get) if counts else None
