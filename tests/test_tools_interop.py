@@ -120,3 +120,25 @@ def test_loha_lokr_to_lora_load_in_diffusers_within_the_reported_error(base, tmp
             assert error < 1e-5
         else:
             assert error > 1e-3  # rank 4 really lost something for these algorithms
+
+
+def test_merged_models_load_in_diffusers(base, tmp_path):
+    """``lorakit merge`` output: the folder through ``from_pretrained``, the single file through
+    ``from_single_file`` (with the built-in model's configs, offline), both giving the baked U-Net's output."""
+    from diffusers import StableDiffusionPipeline
+
+    path = _random_adapter(base, tmp_path / "a.safetensors", text_encoder=True)
+    model = copy.deepcopy(base)
+    bake(model, [f"{path}:0.7:MIDD"])
+    expected, expected_te = unet_out(model), _te_out(model.text_encoder)
+    from lorakit.tools.merge import save_model
+
+    folder = save_model(model, tmp_path / "merged")
+    single = save_model(model, tmp_path / "merged.safetensors")
+    pipes = [StableDiffusionPipeline.from_pretrained(folder, local_files_only=True),
+             StableDiffusionPipeline.from_single_file(str(single), config=str(builtin_model_path()),
+                                                      local_files_only=True, safety_checker=None,
+                                                      requires_safety_checker=False)]
+    for pipe in pipes:
+        torch.testing.assert_close(unet_out(types.SimpleNamespace(unet=pipe.unet)), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(_te_out(pipe.text_encoder), expected_te, rtol=0, atol=1e-6)
