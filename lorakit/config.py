@@ -86,6 +86,15 @@ class NetworkConfig:
     block_alphas: list[float] | None = None
     conv_block_dims: list[int] | None = None
     conv_block_alphas: list[float] | None = None
+    #: the block-wise LoRA paper's coarse blocks: "upper", "middle", "bottom", "all" or a comma list of them
+    #: (or of coarse blocks IN0..IN3, MID, OUT0..OUT3); rank/alpha/conv_rank apply there, no module elsewhere
+    blocks: str | None = None
+    #: kohya's per-block learning-rate factors: 12 comma-separated values or a ramp (sine, cosine, linear,
+    #: reverse_linear, zeros; "+0.5" adds an offset); blocks at factor <= block_lr_zero_threshold get no module
+    down_lr_weight: str | None = None
+    mid_lr_weight: float | None = None
+    up_lr_weight: str | None = None
+    block_lr_zero_threshold: float = 0.0
 
 
 @dataclass
