@@ -128,3 +128,25 @@ def test_extract_and_resize_commands(base, files, tmp_path, capsys):
     assert "resize" in resized.metadata["lorakit_tool"]
     assert main(["resize", str(x), "--out", str(tmp_path / "z.safetensors")]) == 2
     assert "--rank" in capsys.readouterr().err
+
+
+def test_python_api_with_adapters_and_an_embedding(base, files, tmp_path):
+    from safetensors.torch import save_file
+
+    from lorakit.sample import SamplePrompt, generate_with_adapters
+
+    a, _ = files
+    emb = tmp_path / "qxz.safetensors"
+    width = base.text_encoder.get_input_embeddings().weight.shape[1]
+    save_file({"clip_l": torch.randn(2, width, generator=torch.Generator().manual_seed(0))}, str(emb),
+              metadata={"lorakit_ti_token": "qxz"})
+    model = copy.deepcopy(base)
+    prompt = [SamplePrompt("a qxz star", steps=2, seed=4)]
+    plain = generate_with_adapters(model, [], prompt, progress=False)[0]
+    before = _state(model)
+    both = generate_with_adapters(model, [f"{a}:0.5"], prompt, embeddings=[emb], progress=False)[0]
+    assert model.tokenizer.convert_tokens_to_ids(["qxz", "qxz_1"]) == [len(model.tokenizer) - 2,
+                                                                      len(model.tokenizer) - 1]
+    after = _state(model)
+    assert all(torch.equal(v, after[k]) for k, v in before.items() if "token_embedding" not in k)
+    assert np.abs(np.asarray(both, dtype=np.int16) - np.asarray(plain, dtype=np.int16)).max() > 2

@@ -49,17 +49,19 @@ def _hook(layer: nn.Module, delta: Delta):
             up = up.reshape(delta.shape[0], rank, 1, 1)
 
         def path(x: torch.Tensor) -> torch.Tensor:
+            d, u = down.to(x.device), up.to(x.device)  # no copy unless the model moved since (generate(device=))
             if conv:
-                h = F.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation)
-                return F.conv2d(h, up)
-            return F.linear(F.linear(x, down), up)
+                h = F.conv2d(x, d, None, layer.stride, layer.padding, layer.dilation)
+                return F.conv2d(h, u)
+            return F.linear(F.linear(x, d), u)
     else:
         weight = delta.weight().to(device, dtype)
 
         def path(x: torch.Tensor) -> torch.Tensor:
+            w = weight.to(x.device)
             if conv:
-                return F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation)
-            return F.linear(x, weight)
+                return F.conv2d(x, w, None, layer.stride, layer.padding, layer.dilation)
+            return F.linear(x, w)
 
     def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         x = inputs[0]
