@@ -205,6 +205,20 @@ def test_resize_keeps_alpha_ratio_and_reduces_error_with_rank(base, tmp_path):
         assert err == pytest.approx(r.fro_error, rel=1e-4, abs=1e-6)
 
 
+def test_reported_errors_are_those_of_the_written_dtype(base, tmp_path):
+    path = _random_adapter(base, tmp_path / "a.safetensors", rank=4, text_encoder=False)
+    result = resize_adapter(path, RankRule(4), dtype=torch.float16)  # nothing dropped: only fp16 rounding
+    before, after = file_deltas(path), file_deltas(result.as_file())
+    assert next(iter(result.as_file().tensors.values())).dtype == torch.float16
+    errors = []
+    for r in result.reports:
+        want = before[r.name].matrix()
+        errors.append(float((after[r.name].matrix() - want).norm() / want.norm()))
+        # the report rounds the factors before the file's alpha is folded in: the same size, not the same bits
+        assert 0.4 < errors[-1] / r.fro_error < 2.5, r.name
+    assert 1e-5 < max(errors) < 1e-2
+
+
 def test_block_weight_zero_leaves_those_blocks_bit_identical(base, tmp_path):
     path = _random_adapter(base, tmp_path / "a.safetensors")
     model = copy.deepcopy(base)

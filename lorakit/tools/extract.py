@@ -66,7 +66,8 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
             this_rule = conv_rule if is_kxk_conv(layer) else rule
             if this_rule.rank == 0:
                 continue
-            factors = factorize(Delta.from_weight(diff), this_rule, name=name, clamp_quantile=clamp_quantile)
+            factors = factorize(Delta.from_weight(diff), this_rule, name=name, clamp_quantile=clamp_quantile,
+                                dtype=dtype)
             result.add(name, factors)
     if not result.reports:
         raise MismatchError(f"{tuned.source or 'the tuned model'} and {base.source or 'the base'} have the same "

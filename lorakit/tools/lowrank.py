@@ -199,8 +199,13 @@ def _clamp(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tuple[torch
     return up.clamp(-high, high), down.clamp(-high, high)
 
 
-def factorize(delta: Delta, rule: RankRule, *, name: str = "", clamp_quantile: float | None = None) -> Factors:
-    """The rank-``r`` factors of ``ΔW`` that ``rule`` chooses, split evenly (``√σ`` on each side)."""
+def factorize(delta: Delta, rule: RankRule, *, name: str = "", clamp_quantile: float | None = None,
+              dtype: torch.dtype = torch.float64) -> Factors:
+    """The rank-``r`` factors of ``ΔW`` that ``rule`` chooses, split evenly (``√σ`` on each side).
+
+    ``dtype``: the precision the factors will be stored in; they are rounded to it, so the errors in the report
+    include storage rounding (an estimate of its size: the file rounds them again after folding in its alpha).
+    """
     if clamp_quantile is not None and not 0 < clamp_quantile <= 1:
         raise ToolError(f"clamp quantile must lie in (0, 1], got {clamp_quantile}")
     u, s, vh = thin_svd(delta)
@@ -210,6 +215,7 @@ def factorize(delta: Delta, rule: RankRule, *, name: str = "", clamp_quantile: f
     down = root[:, None] * vh[:rank]
     if clamp_quantile is not None and clamp_quantile < 1 and rank > 0:
         up, down = _clamp(up, down, clamp_quantile)
+    up, down = up.to(dtype).double(), down.to(dtype).double()
     norm2 = float((s**2).sum())
     energy = float((s[:rank] ** 2).sum()) / norm2 if norm2 > 0 else 1.0
     target = delta.matrix().double()

@@ -100,7 +100,8 @@ def combine(adapters: Sequence[AdapterSpec | str], model: BaseModel | None = Non
         if exact:
             result.add(name, Factors(delta.up, delta.down, tuple(delta.shape), _exact_report(name, delta)))
         else:
-            result.add(name, factorize(delta, rule or RankRule(), name=name, clamp_quantile=clamp_quantile))
+            result.add(name, factorize(delta, rule or RankRule(), name=name, clamp_quantile=clamp_quantile,
+                                       dtype=dtype))
     how = "exact: ranks concatenated" if exact else f"ΔW summed and re-factored ({(rule or RankRule()).describe()})"
     result.notes.append(f"combined {len(specs)} adapter(s), {how}")
     result.finish(read_adapter(specs[0].path).metadata,

@@ -51,7 +51,8 @@ def resize_adapter(source: str | os.PathLike | AdapterFile, rule: RankRule | Non
     for name, delta in deltas.items():
         tensors = modules.get(name, {})
         kxk = len(delta.shape) == 4 and delta.shape[2] * delta.shape[3] > 1
-        factors = factorize(delta, conv_rule if kxk else rule, name=name, clamp_quantile=clamp_quantile)
+        factors = factorize(delta, conv_rule if kxk else rule, name=name, clamp_quantile=clamp_quantile,
+                            dtype=dtype)
         if plain_lora(tensors) and "alpha" in tensors and float(tensors["alpha"]):
             ratios.append(float(tensors["alpha"]) / tensors["lora_down.weight"].shape[0])
         result.add(name, factors)
