@@ -40,6 +40,25 @@ def test_product_svd_equals_dense_svd_without_materialising():
     torch.testing.assert_close(u.T @ u, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(60, 400), (400, 60)])
+def test_gram_svd_of_large_dense_matrices_matches_lapack(shape):
+    from lorakit.tools.lowrank import dense_svd
+
+    g = torch.Generator().manual_seed(3)
+    m, n = shape
+    k = min(m, n)
+    q1, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    spectrum = torch.logspace(0, -6, k, dtype=torch.float64)
+    a = (q1 * spectrum) @ q2.T
+    u, s, vh = dense_svd(a, gram_above=0)  # forced through eigh(A Aᵀ)
+    torch.testing.assert_close(s[:20], spectrum[:20], rtol=1e-9, atol=0)
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, a, rtol=0, atol=1e-14)  # full rank: exact
+    r = 10
+    best = torch.linalg.norm(a - (q1[:, :r] * spectrum[:r]) @ q2[:, :r].T)
+    torch.testing.assert_close(torch.linalg.norm(a - (u[:, :r] * s[:r]) @ vh[:r]), best, rtol=1e-9, atol=0)
+
+
 def test_rank_rules_follow_kohya_definitions():
     s = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5])
     assert RankRule(3).choose(s) == 3 and RankRule(10).choose(s) == 5

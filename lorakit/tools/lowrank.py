@@ -90,10 +90,37 @@ class Delta:
         return cls(tuple(weight.shape), dense=weight.reshape(weight.shape[0], -1))
 
 
+#: dense matrices with more elements than this (and one side at least twice the other) go through the Gram matrix
+GRAM_ABOVE = 1 << 22
+
+
+def dense_svd(a: torch.Tensor, gram_above: int = GRAM_ABOVE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of a dense matrix in float64.
+
+    A large, elongated matrix (SD1.5's 1280 × 11520 conv ΔW) goes through ``eigh(A Aᵀ)`` of its short side:
+    about 15× faster than LAPACK's SVD on one CPU thread.  ``U`` is then a complete orthonormal basis, so a
+    full-rank factorisation still reproduces ``A`` to float64 precision; singular values below ~1e-8·σ₁ lose
+    relative accuracy, far below float32 data.
+    """
+    a = a.double()
+    m, n = a.shape
+    if m * n <= gram_above or max(m, n) < 2 * min(m, n):
+        return torch.linalg.svd(a, full_matrices=False)
+    tall = m > n
+    b = a.T if tall else a  # rows <= columns
+    evals, u = torch.linalg.eigh(b @ b.T)
+    s = evals.flip(0).clamp_min(0).sqrt()
+    u = u.flip(1)
+    keep = s > (s[0] * 1e-12 if s.numel() else 0)
+    vh = torch.where(keep[:, None], (u.T @ b) / torch.where(keep, s, 1.0)[:, None], 0.0)
+    s = torch.where(keep, s, 0.0)
+    return (vh.T, s, u.T) if tall else (u, s, vh)
+
+
 def thin_svd(delta: Delta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``U, S, Vh`` (float64) with ``ΔW = U diag(S) Vh``; through QR and a small core for a product."""
     if not delta.is_product:
-        return torch.linalg.svd(delta.dense.double(), full_matrices=False)
+        return dense_svd(delta.dense)
     q1, r1 = torch.linalg.qr(delta.up.double())
     q2, r2 = torch.linalg.qr(delta.down.double().T)
     p, s, qh = torch.linalg.svd(r1 @ r2.T, full_matrices=False)
