@@ -238,6 +238,19 @@ def test_reported_errors_are_those_of_the_written_dtype(base, tmp_path):
     assert 1e-5 < max(errors) < 1e-2
 
 
+def test_resize_writes_kohya_names_for_a_lycoris_wrapper_file(base, tmp_path):
+    path = _random_adapter(base, tmp_path / "a.safetensors", rank=4, alpha=2.0)
+    file = read_adapter(path)
+    renamed = {}
+    for key, tensor in file.tensors.items():  # as LyCORIS's own wrapper names them (transformers-5 TE paths)
+        key = key.replace("lora_unet_", "lycoris_").replace("lora_te_text_model_", "lycoris_")
+        renamed[key] = tensor
+    lyco = write_adapter(tmp_path / "lyco.safetensors", renamed)
+    result = resize_adapter(lyco, RankRule(2))
+    assert set(result.as_file().modules()) == set(file.modules())
+    assert {float(t["alpha"]) for t in result.as_file().modules().values()} == {1.0}  # alpha / rank 1/2 kept
+
+
 def test_block_weight_zero_leaves_those_blocks_bit_identical(base, tmp_path):
     path = _random_adapter(base, tmp_path / "a.safetensors")
     model = copy.deepcopy(base)

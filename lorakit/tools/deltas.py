@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from lorakit.blocks import BlockWeights, parse_block_weights
-from lorakit.formats import AdapterFile, AdapterFileError, load_network, read_adapter
+from lorakit.formats import AdapterFile, AdapterFileError, component_of, load_network, read_adapter
 from lorakit.models import BaseModel
+from lorakit.network import LYCORIS_PREFIX
 from lorakit.tools import MismatchError, ToolError
 from lorakit.tools.lowrank import Delta
 
@@ -69,6 +70,17 @@ def parse_adapter_spec(text: str | os.PathLike | AdapterSpec) -> AdapterSpec:
     return AdapterSpec(Path(text))
 
 
+def kohya_module_name(name: str) -> str:
+    """A module name as kohya writes it: LyCORIS's own wrapper prefix ``lycoris_`` becomes ``lora_unet_`` or
+    ``lora_te_text_model_`` (text-encoder paths written without the ``text_model`` level get it back)."""
+    if not name.startswith(LYCORIS_PREFIX + "_"):
+        return name
+    rest = name[len(LYCORIS_PREFIX) + 1:]
+    if component_of(name) == "text_encoder":
+        return "lora_te_" + (rest if rest.startswith("text_model_") else "text_model_" + rest)
+    return "lora_unet_" + rest
+
+
 def plain_lora(tensors: Mapping[str, torch.Tensor]) -> bool:
     """A module that is exactly ``scale · up @ down`` (no Tucker core, no DoRA magnitude)."""
     keys = set(tensors)
@@ -111,7 +123,7 @@ def file_deltas(source: str | os.PathLike | AdapterFile, model: BaseModel | None
             alpha = tensors.get("alpha")
             alpha = float(rank) if alpha is None or float(alpha) == 0 else float(alpha)
             shape = (up.shape[0],) + tuple(down.shape[1:])
-            deltas[name] = _lora_product(down, up, shape, w * alpha / rank)
+            deltas[kohya_module_name(name)] = _lora_product(down, up, shape, w * alpha / rank)
         return deltas
     try:
         network, _ = load_network(file, model.unet, model.text_encoder)

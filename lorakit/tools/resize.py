@@ -18,7 +18,7 @@ import torch
 from lorakit.formats import AdapterFile, read_adapter
 from lorakit.models import BaseModel
 from lorakit.tools import ToolError
-from lorakit.tools.deltas import file_deltas, plain_lora
+from lorakit.tools.deltas import file_deltas, kohya_module_name, plain_lora
 from lorakit.tools.lowrank import RankRule, factorize
 from lorakit.tools.result import ToolResult
 
@@ -48,8 +48,9 @@ def resize_adapter(source: str | os.PathLike | AdapterFile, rule: RankRule | Non
     deltas = file_deltas(file, model if (to_lora and model is not None) else None)
     result = ToolResult("resize --to lora" if to_lora else "resize", dtype)
     ratios = []
+    by_kohya_name = {kohya_module_name(n): t for n, t in modules.items()}
     for name, delta in deltas.items():
-        tensors = modules.get(name, {})
+        tensors = by_kohya_name.get(name, {})
         kxk = len(delta.shape) == 4 and delta.shape[2] * delta.shape[3] > 1
         factors = factorize(delta, conv_rule if kxk else rule, name=name, clamp_quantile=clamp_quantile,
                             dtype=dtype)
