@@ -77,18 +77,13 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
     if bias_changed:
         result.notes.append(f"{len(bias_changed)} layer(s) also changed their bias (e.g. {bias_changed[0]}); a LoRA "
                             "has no bias, so that part of the difference is not in the file")
-    outside = _changed_outside(tuned, base, text_encoder, {n for n in result_names(result)})
+    outside = _changed_outside(tuned, base, text_encoder, {r.name for r in result.reports})
     if outside:
         result.notes.append(f"{len(outside)} other tensor(s) differ but are no adapted layer (e.g. {outside[0]}): "
                             "not in the file")
-    result.finish(None, lorakit_source=f"{tuned.source} - {base.source}",
-                           lorakit_rank_rule=rule.describe(), lorakit_conv_rank_rule=conv_rule.describe(),
-                           lorakit_preset=preset)
+    result.finish(None, lorakit_source=f"{tuned.source} - {base.source}", lorakit_rank_rule=rule.describe(),
+                  lorakit_conv_rank_rule=conv_rule.describe(), lorakit_preset=preset)
     return result
-
-
-def result_names(result: ToolResult) -> list[str]:
-    return [r.name for r in result.reports]
 
 
 def _changed_outside(tuned: BaseModel, base: BaseModel, text_encoder: bool, adapted: set[str]) -> list[str]:

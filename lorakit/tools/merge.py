@@ -104,9 +104,9 @@ def combine(adapters: Sequence[AdapterSpec | str], model: BaseModel | None = Non
                                        dtype=dtype))
     how = "exact: ranks concatenated" if exact else f"ΔW summed and re-factored ({(rule or RankRule()).describe()})"
     result.notes.append(f"combined {len(specs)} adapter(s), {how}")
-    result.finish(read_adapter(specs[0].path).metadata,
-                           lorakit_source=", ".join(s.label for s in specs),
-                           ss_training_comment=f"lorakit merge --to-adapter of {', '.join(s.label for s in specs)}")
+    labels = ", ".join(s.label for s in specs)
+    result.finish(read_adapter(specs[0].path).metadata, lorakit_source=labels,
+                  ss_training_comment=f"lorakit merge --to-adapter of {labels}")
     return result
 
 
