@@ -39,13 +39,22 @@ def test_several_adapters_unmerged_equal_merged_and_leave_the_model_alone(base, 
     a, b = files
     specs = [f"{a}:0.8", f"{b}:0.5:MIDD"]
     before, plain = _state(base), unet_out(base)
+    ids = torch.tensor([[845, 5, 17, 42, 846]])
+    with torch.no_grad():
+        plain_te = base.text_encoder(ids).last_hidden_state
     with applied(base, specs) as changed:
         unmerged = unet_out(base)
+        with torch.no_grad():
+            unmerged_te = base.text_encoder(ids).last_hidden_state
         assert changed > 0
         during = _state(base)
         assert all(torch.equal(v, during[k]) for k, v in before.items())  # unmerged: weights untouched
     with applied(base, specs, merged=True):
         merged = unet_out(base)
+        with torch.no_grad():
+            merged_te = base.text_encoder(ids).last_hidden_state
+    torch.testing.assert_close(unmerged_te, merged_te, rtol=1e-4, atol=1e-5)
+    assert (unmerged_te - plain_te).abs().max() > 1e-3  # the text-encoder modules act too
     after = _state(base)
     assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
     torch.testing.assert_close(unet_out(base), plain, rtol=0, atol=0)
