@@ -259,10 +259,10 @@ def paper_block_ranks(preset: str, rank: int, alpha: float, conv_rank: int | Non
     outside = UniformRanks(rank, alpha) if text_encoder else None
     return BlockRanks(coarse_block_dims(preset, rank), alpha=alpha, conv_block_dims=conv_dims,
                       conv_alpha=conv_alpha if conv_alpha is not None else alpha,
-                      outside=_text_encoder_only(outside) if outside else None)
+                      outside=text_encoder_only(outside) if outside else None)
 
 
-def _text_encoder_only(rule: UniformRanks) -> Callable[[str, nn.Module], ModuleSpec | None]:
+def text_encoder_only(rule: UniformRanks) -> Callable[[str, nn.Module], ModuleSpec | None]:
     def only_text(name: str, layer: nn.Module) -> ModuleSpec | None:
         return rule(name, layer) if _normalise(name) is None else None
     return only_text
@@ -333,3 +333,123 @@ def parse_block_weights(spec: str | Sequence[float], block_map: BlockMap = SD1,
     for block_id, value in zip(layout[1:], values[1:], strict=True):
         blocks[block_map.parse_block_id(block_id)] = value
     return BlockWeights(base=values[0], blocks=tuple(blocks), block_map=block_map)
+
+
+# ---- the paper's blocks as a training option ---------------------------------------------------------
+
+def coarse_groups(spec: str | Iterable[str], block_map: BlockMap = SD1) -> tuple[str, ...]:
+    """'upper', 'upper,middle', 'all', 'IN0,OUT3' -> the coarse groups they name (paper presets or group names)."""
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [s.strip() for s in spec]
+    groups: list[str] = []
+    for item in items:
+        key = item.lower()
+        if key == "all":
+            chosen: Iterable[str] = block_map.coarse
+        elif key in PAPER_PRESETS:
+            chosen = PAPER_PRESETS[key]
+        elif item.upper() in block_map.coarse:
+            chosen = (item.upper(),)
+        else:
+            raise ValueError(f"unknown blocks {item!r}: use upper, middle, bottom, all or coarse blocks "
+                             f"({', '.join(block_map.coarse)}), comma-separated")
+        groups += [g for g in chosen if g not in groups]
+    if not groups:
+        raise ValueError("blocks: name at least one of upper, middle, bottom, all")
+    return tuple(groups)
+
+
+def blocks_block_dims(spec: str | Iterable[str], dim: int, block_map: BlockMap = SD1) -> list[int]:
+    """25 ``block_dims`` for ``--blocks``: ``dim`` in the named coarse groups, 0 (no module) elsewhere."""
+    return coarse_block_dims(coarse_groups(spec, block_map), dim, block_map)
+
+
+# ---- kohya's per-block learning-rate weights --------------------------------------------------------------
+
+#: kohya's ramps over the 12 down (or up) blocks, optionally '+base' (e.g. 'sine+.5')
+LR_RAMPS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+_SIDE = 12  # SD1.x blocks per side (down: IN00..IN11, up: OUT00..OUT11)
+
+
+def lr_weight_list(spec: str | Sequence[float], what: str = "lr weight") -> list[float]:
+    """12 weights from a kohya ``down_lr_weight``/``up_lr_weight``: a ramp name (+ offset) or up to 12 numbers.
+
+    Values run in block order: IN00..IN11 (shallow to deep) or OUT00..OUT11 (deep to shallow).  Ramps:
+    ``sine`` 0 -> 1, ``cosine`` 1 -> 0 (quarter periods), ``linear`` 0 -> 1, ``reverse_linear`` 1 -> 0, ``zeros``;
+    ``+x`` adds ``x`` to each.  A shorter list is filled with 1, as kohya does; a longer one is an error.
+    """
+    import math
+
+    if isinstance(spec, str):
+        text = spec.strip()
+        name, _, offset = text.partition("+")
+        if name in LR_RAMPS:
+            try:
+                base = float(offset) if offset else 0.0
+            except ValueError:
+                raise ValueError(f"{what}: cannot read the offset of {spec!r}") from None
+            steps = [i / (_SIDE - 1) for i in range(_SIDE)]
+            ramp = {"sine": [math.sin(math.pi * s / 2) for s in steps],
+                    "cosine": [math.sin(math.pi * s / 2) for s in reversed(steps)],
+                    "linear": steps, "reverse_linear": list(reversed(steps)), "zeros": [0.0] * _SIDE}[name]
+            return [v + base for v in ramp]
+        items: list = [t for t in text.split(",") if t.strip()]
+    else:
+        items = list(spec)
+    try:
+        values = [float(v) for v in items]
+    except ValueError:
+        raise ValueError(f"{what}: {spec!r} is neither numbers nor one of {', '.join(LR_RAMPS)}") from None
+    if len(values) > _SIDE:
+        raise ValueError(f"{what}: {len(values)} values, at most {_SIDE} (one per block of that side)")
+    return values + [1.0] * (_SIDE - len(values))
+
+
+@dataclass(frozen=True)
+class BlockLrWeights:
+    """kohya's ``down_lr_weight`` / ``mid_lr_weight`` / ``up_lr_weight``: a learning-rate factor per U-Net block.
+
+    Weights at or below ``zero_threshold`` become 0, and a block of weight 0 gets no modules at all.
+    Text-encoder modules and U-Net modules outside the blocks keep factor 1.
+    """
+
+    blocks: tuple[float, ...]  # 25 values
+    block_map: BlockMap = SD1
+
+    def __call__(self, name: str) -> float:
+        if _normalise(name) is None:
+            return 1.0
+        index = self.block_map.block_index(name)
+        return 1.0 if index is None else self.blocks[index]
+
+    def network_args(self) -> dict[str, str]:
+        return {"down_lr_weight": _join(self.blocks[:_SIDE]), "mid_lr_weight": f"{self.blocks[_SIDE]:g}",
+                "up_lr_weight": _join(self.blocks[_SIDE + 1:])}
+
+
+def parse_block_lr_weights(down: str | Sequence[float] | None = None, mid: float | None = None,
+                           up: str | Sequence[float] | None = None, zero_threshold: float = 0.0,
+                           block_map: BlockMap = SD1) -> BlockLrWeights | None:
+    """The weights from kohya's three options (None when none is given)."""
+    if down is None and mid is None and up is None:
+        return None
+    if len(block_map) != 2 * _SIDE + 1:
+        raise ValueError(f"block learning-rate weights are defined for 25-block U-Nets, not {block_map.arch}")
+    values = (lr_weight_list(down, "down_lr_weight") if down is not None else [1.0] * _SIDE) + \
+        [float(mid) if mid is not None else 1.0] + \
+        (lr_weight_list(up, "up_lr_weight") if up is not None else [1.0] * _SIDE)
+    return BlockLrWeights(tuple(v if v > zero_threshold else 0.0 for v in values), block_map)
+
+
+@dataclass
+class WithoutZeroBlocks:
+    """A rank rule with the modules of blocks whose learning-rate weight is 0 left out (rank 0: no key)."""
+
+    rule: Callable[[str, nn.Module], ModuleSpec | None]
+    weights: BlockLrWeights
+
+    def __call__(self, name: str, layer: nn.Module) -> ModuleSpec | None:
+        return None if self.weights(name) == 0 else self.rule(name, layer)
+
+    def network_args(self) -> dict[str, str]:
+        describe = getattr(self.rule, "network_args", None)
+        return {**(describe() if callable(describe) else {}), **self.weights.network_args()}

@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("lorakit.commands.eval", "judge checkpoints: generate, measure, rank; metrics and an HTML report"),
     "report": ("lorakit.commands.report", "one HTML page for a training run from what its folder holds"),
     "world": ("lorakit.commands.world", "the built-in shapes world: pretrain, quality, dataset, experiment, ..."),
+    "sample": ("lorakit.commands.sample", "images from a base model with any number of adapters and embeddings"),
+    "merge": ("lorakit.commands.merge", "bake adapters into a base model, or combine them into one adapter file"),
+    "extract": ("lorakit.commands.extract", "an adapter from the difference of two models, by SVD"),
+    "resize": ("lorakit.commands.resize", "lower an adapter's rank, or convert any adapter to plain LoRA"),
 }
 
 

@@ -96,6 +96,15 @@ class NetworkConfig:
     block_alphas: list[float] | None = None
     conv_block_dims: list[int] | None = None
     conv_block_alphas: list[float] | None = None
+    #: the block-wise LoRA paper's coarse blocks: "upper", "middle", "bottom", "all" or a comma list of them
+    #: (or of coarse blocks IN0..IN3, MID, OUT0..OUT3); rank/alpha/conv_rank apply there, no module elsewhere
+    blocks: str | None = None
+    #: kohya's per-block learning-rate factors: 12 comma-separated values or a ramp (sine, cosine, linear,
+    #: reverse_linear, zeros; "+0.5" adds an offset); blocks at factor <= block_lr_zero_threshold get no module
+    down_lr_weight: str | None = None
+    mid_lr_weight: float | None = None
+    up_lr_weight: str | None = None
+    block_lr_zero_threshold: float = 0.0
 
 
 @dataclass
@@ -269,6 +278,7 @@ class TrainConfig:
             self.early_stop.make_rule()
         except (TypeError, ValueError) as e:
             raise ConfigError(f"early_stop.rule_args: {e}") from e
+        self._validate_blocks()
         if self.method.kind in ("ti", "pivotal") and not (self.method.ti_token or self.data.trigger):
             raise ConfigError(f"method.kind = {self.method.kind!r} needs the new token: set method.ti_token "
                               "(or data.trigger), e.g. --set method.ti_token=zkz")
@@ -282,6 +292,25 @@ class TrainConfig:
                 raise ConfigError(f"method.kind = {self.method.kind!r} trains no adapter, so {', '.join(changed)} "
                                   f"would be ignored: remove them, or use method.kind = {other}")
         return self
+
+    def _validate_blocks(self) -> None:
+        """Block-wise options parse (coarse block names, lr-weight ramps and lists), and are not combined with
+        kohya's explicit block_dims, which would silently win."""
+        from lorakit.blocks import blocks_block_dims, parse_block_lr_weights  # torch: only when validating
+
+        net = self.network
+        if net.blocks is not None:
+            if net.block_dims is not None:
+                raise ConfigError("network.blocks and network.block_dims both choose the blocks: give one of them")
+            try:
+                blocks_block_dims(net.blocks, 1)
+            except (ValueError, KeyError) as e:
+                raise ConfigError(f"network.blocks = {net.blocks!r}: {e}") from e
+        try:
+            parse_block_lr_weights(net.down_lr_weight, net.mid_lr_weight, net.up_lr_weight,
+                                   net.block_lr_zero_threshold)
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"network.down_lr_weight/mid_lr_weight/up_lr_weight: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -104,6 +104,7 @@ def format_report(report: FileReport) -> str:
         f"dtype:       {_counted(report.dtypes)} (tensors)",
         f"base model:  {_base_model_text(report)}",
         "blocks:      " + (", ".join(f"{b} {n}" for b, n in report.blocks.items()) or "none (no U-Net modules)"),
+        "block ranks: " + (block_ranks(report) or "none (no U-Net modules)"),
     ]
     shown = {k: v for k, v in sorted(report.metadata.items()) if k.startswith(("ss_", "lorakit_"))}
     others = len(report.metadata) - len(shown)
@@ -113,6 +114,21 @@ def format_report(report: FileReport) -> str:
         lines.append(f"  {key}: {value}")
     lines += ["", "summary: " + summary(report)]
     return "\n".join(lines)
+
+
+def block_ranks(report: FileReport) -> str:
+    """Rank per U-Net block ('IN01 4, IN02 4, MID 2-4'); blocks absent from the file have rank 0 (no module)."""
+    ranks: dict[str, set[int]] = {}
+    for m in report.modules:
+        if m.component == "unet":
+            ranks.setdefault(m.block or "other", set()).update([m.rank] if m.rank is not None else [])
+    parts = []
+    for block in list(SD1.names) + ["other"]:
+        if block in ranks:
+            values = sorted(ranks[block])
+            text = "-" if not values else str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+            parts.append(f"{block} {text}")
+    return ", ".join(parts)
 
 
 def summary(report: FileReport) -> str:

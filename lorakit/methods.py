@@ -15,7 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.blocks import BlockRanks
+from lorakit.blocks import (
+    BlockLrWeights,
+    BlockRanks,
+    WithoutZeroBlocks,
+    blocks_block_dims,
+    parse_block_lr_weights,
+    text_encoder_only,
+)
 from lorakit.config import SAVE_PRECISIONS, ConfigError, TrainConfig
 from lorakit.earlystop.cs import CSMeter, cs_native
 from lorakit.embeddings import expand_tokens, register_tokens, token_names
@@ -67,14 +74,38 @@ def _lr(cfg: TrainConfig, specific: float | None) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- adapters
+def block_lr_weights(cfg: TrainConfig) -> BlockLrWeights | None:
+    net = cfg.network
+    try:
+        return parse_block_lr_weights(net.down_lr_weight, net.mid_lr_weight, net.up_lr_weight,
+                                      net.block_lr_zero_threshold)
+    except ValueError as err:
+        raise ValueError(f"network: {err}") from None
+
+
 def rank_rule(cfg: TrainConfig):
     net = cfg.network
-    if net.block_dims is not None:
-        return BlockRanks(net.block_dims, block_alphas=net.block_alphas, conv_block_dims=net.conv_block_dims,
-                          conv_block_alphas=net.conv_block_alphas, alpha=net.alpha,
-                          conv_alpha=net.conv_alpha if net.conv_alpha is not None else net.alpha,
+    conv_alpha = net.conv_alpha if net.conv_alpha is not None else net.alpha
+    if net.blocks is not None:
+        if net.block_dims is not None:
+            raise ValueError("network: blocks and block_dims both given; use one of them")
+        try:
+            dims = blocks_block_dims(net.blocks, net.rank)
+            conv_rank = net.rank if net.conv_rank is None else net.conv_rank  # as UniformRanks: None = rank
+            conv_dims = blocks_block_dims(net.blocks, conv_rank) if conv_rank > 0 else None
+        except ValueError as err:
+            raise ValueError(f"network: {err}") from None
+        # outside the U-Net blocks only the text encoder is trained (if asked), as in the paper
+        rule = BlockRanks(dims, alpha=net.alpha, conv_block_dims=conv_dims, conv_alpha=conv_alpha,
+                          outside=text_encoder_only(UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha)))
+    elif net.block_dims is not None:
+        rule = BlockRanks(net.block_dims, block_alphas=net.block_alphas, conv_block_dims=net.conv_block_dims,
+                          conv_block_alphas=net.conv_block_alphas, alpha=net.alpha, conv_alpha=conv_alpha,
                           outside=UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha))
-    return UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha)
+    else:
+        rule = UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha)
+    weights = block_lr_weights(cfg)
+    return rule if weights is None else WithoutZeroBlocks(rule, weights)
 
 
 class AdapterMethod(TrainingMethod):
@@ -105,10 +136,23 @@ class AdapterMethod(TrainingMethod):
         params = self.network.trainable_parameters()
         lrs = {"unet": _lr(self.cfg, self.cfg.optimizer.unet_lr),
                "text_encoder": _lr(self.cfg, self.cfg.optimizer.text_encoder_lr)}
+        weights = block_lr_weights(self.cfg)
         for group, plist in params.items():
-            if plist:
-                groups.append({"params": plist, "lr": lrs.get(group, self.cfg.optimizer.learning_rate),
-                               "name": group})
+            if not plist:
+                continue
+            lr = lrs.get(group, self.cfg.optimizer.learning_rate)
+            if weights is None or group != "unet":
+                groups.append({"params": plist, "lr": lr, "name": group})
+                continue
+            # kohya's block learning rates: one parameter group per factor
+            by_factor: dict[float, list] = {}
+            for name in self.network.names("unet"):
+                own = [p for k, p in self.network[name].named_parameters()
+                       if not k.startswith("base.") and p.requires_grad]
+                by_factor.setdefault(weights(name), []).extend(own)
+            for factor, own in by_factor.items():
+                if own:
+                    groups.append({"params": own, "lr": lr * factor, "name": f"unet x{factor:g}"})
         return groups
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:

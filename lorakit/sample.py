@@ -18,6 +18,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -405,6 +406,46 @@ def save_sample_grid(images: Sequence[Image.Image], prompts: Sequence[SampleProm
     return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
+# ------------------------------------------------------------------------------------------ with adapters
+def generate_with_adapters(model: BaseModel, adapters: Sequence[Any], prompts: Sequence[SamplePrompt | str], *,
+                           merged: bool = False, embeddings: Sequence[str | os.PathLike] = (),
+                           **options: Any) -> list[Image.Image]:
+    """``generate`` with any number of adapters applied, each ``"file[:multiplier[:LBW]]"`` or an ``AdapterSpec``.
+
+    Unmerged by default (a separate update path per layer; ``merged=True`` writes ``W0 + ΣΔW`` for the duration).
+    The model's weights are exactly as before afterwards.  ``embeddings``: textual-inversion files, added to the
+    tokenizer (that stays) and expanded in the prompts.  ``options`` go to ``generate``.
+    """
+    from lorakit.embeddings import load_embedding
+    from lorakit.tools.apply import applied
+
+    loaded = [load_embedding(model, path) for path in embeddings]
+    items = []
+    for p in prompts:
+        p = SamplePrompt(p) if isinstance(p, str) else p
+        for emb in loaded:
+            p = replace(p, prompt=emb.expand_prompt(p.prompt), negative_prompt=emb.expand_prompt(p.negative_prompt))
+        items.append(p)
+    with applied(model, adapters, merged=merged):
+        return generate(model, items, **options)
+
+
+def save_samples(images: Sequence[Image.Image], prompts: Sequence[SamplePrompt], folder: str | Path,
+                 title: str = "", cols: int | None = None) -> list[Path]:
+    """Each image as ``NNN-<prompt words>.png`` and all of them as ``grid.png`` (labels: prompt, seed, ``title``)."""
+    folder = Path(folder)
+    written = []
+    for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", prompt.prompt).strip("-")[:40] or "image"
+        path = folder / f"{i:03d}-{slug}.png"
+        atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"), suffix=".png")
+        written.append(path)
+    labels = [f"{p.prompt} (seed {p.seed})" + (f" | {title}" if title else "") for p in prompts]
+    grid = image_grid(images, cols=cols, labels=labels)
+    written.append(atomic_write(folder / "grid.png", lambda tmp: grid.save(tmp, format="PNG"), suffix=".png"))
+    return written
+
+
 __all__ = ["SamplePrompt", "PromptSyntaxError", "SAMPLERS", "parse_prompt_line", "parse_prompt_dict",
            "parse_prompt_text", "load_prompts", "sampler_name", "make_scheduler", "generate", "image_grid",
-           "save_sample_grid", "resolve_prompts"]
+           "save_sample_grid", "resolve_prompts", "generate_with_adapters", "save_samples"]

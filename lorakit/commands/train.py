@@ -29,6 +29,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--preset": ("network.preset", str, "attn-only, attn-mlp, full, kohya, lycoris-full"),
     "--rank": ("network.rank", int, "adapter rank (network_dim)"),
     "--alpha": ("network.alpha", float, "adapter alpha (network_alpha)"),
+    "--blocks": ("network.blocks", str, "train only these U-Net blocks (block-wise LoRA paper): upper, middle, bottom, "
+                 "all, or a comma list (upper,middle)"),
     "--lr": ("optimizer.learning_rate", float, "learning rate"),
     "--epochs": ("training.max_epochs", int, "maximum epochs"),
     "--max-steps": ("training.max_steps", int, "maximum optimizer steps"),

@@ -1,0 +1,38 @@
+"""``lorakit extract TUNED --base BASE --out FILE``: a LoRA/LoCon from the difference of two models."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lorakit.commands.rank_options import add_rank_arguments, dtype, finish, rank_rules
+
+HELP = "an adapter (LoRA/LoCon) from the difference of a fine-tuned model and its base, by SVD"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("tuned", help="the fine-tuned model: a diffusers folder or a single-file .safetensors")
+    parser.add_argument("--base", default=None, help="the model it was tuned from (default: the built-in model)")
+    parser.add_argument("--out", type=Path, required=True, help="the adapter file to write (.safetensors)")
+    parser.add_argument("--preset", default="full",
+                        help="which layers (lorakit presets: full = LoCon, attn-mlp, attn-only, kohya)")
+    parser.add_argument("--no-text-encoder", action="store_true", help="extract the U-Net only")
+    parser.add_argument("--min-diff", type=float, default=0.0,
+                        help="layers whose largest |ΔW| is at most this get no module (default 0: identical only)")
+    add_rank_arguments(parser, rank_help="rank to keep (default 4; with --dynamic: the most it may be)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.models import load_base_model
+    from lorakit.tools import check_output
+    from lorakit.tools.extract import extract_adapter
+
+    check_output(args.out, [args.tuned, args.base], overwrite=args.overwrite)
+    rule, conv_rule = rank_rules(args, default_rank=4)
+    tuned = load_base_model(args.tuned)
+    base = load_base_model(args.base)
+    result = extract_adapter(tuned, base, rule, conv_rule, preset=args.preset,
+                             text_encoder=not args.no_text_encoder, clamp_quantile=args.clamp_quantile,
+                             min_diff=args.min_diff, dtype=dtype(args))
+    written = result.write(args.out, [args.tuned, args.base], overwrite=args.overwrite)
+    return finish(result, args, written)

@@ -1,0 +1,49 @@
+"""``lorakit merge ADAPTER[:MULT[:LBW]]... --out PATH``: bake adapters into a model, or combine them into one."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lorakit.commands.rank_options import add_rank_arguments, dtype, finish, rank_rules
+
+HELP = "bake adapters (multipliers, block weights) into a base model, or combine them into one adapter file"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapters", nargs="+", metavar="ADAPTER[:MULT[:LBW]]",
+                        help="adapter files, each with an optional multiplier and LoRA Block Weight string "
+                             "(17 or 26 values) or preset (ALL, MIDD, OUTALL, ...)")
+    parser.add_argument("--model", default=None, help="base model (default: the built-in model)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="a folder (diffusers), a *.safetensors file (single-file LDM checkpoint), or with "
+                             "--to-adapter the adapter file")
+    parser.add_argument("--to-adapter", action="store_true",
+                        help="write one adapter holding the weighted sum: exact for LoRA + LoRA (ranks "
+                             "concatenated) unless a rank is asked; otherwise ΔW summed and re-factored by SVD")
+    add_rank_arguments(parser, conv=False,
+                       rank_help="with --to-adapter: the rank of the combined adapter (default: exact)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.models import load_base_model
+    from lorakit.tools import check_output
+    from lorakit.tools.deltas import parse_adapter_spec
+    from lorakit.tools.merge import bake, combine, save_model
+
+    specs = [parse_adapter_spec(a) for a in args.adapters]
+    inputs = [s.path for s in specs] + [args.model]
+    check_output(args.out, inputs, overwrite=args.overwrite)
+    model = load_base_model(args.model)
+    if args.to_adapter:
+        rule, _ = rank_rules(args)
+        result = combine(specs, model, rule, clamp_quantile=args.clamp_quantile, dtype=dtype(args))
+        written = result.write(args.out, inputs, overwrite=args.overwrite)
+        return finish(result, args, written)
+    for line in bake(model, specs):
+        print(line)
+    written = save_model(model, args.out, inputs, overwrite=args.overwrite,
+                         dtype=None if args.dtype == "fp32" else args.dtype)
+    kind = "single-file checkpoint" if written.suffix == ".safetensors" else "diffusers folder"
+    print(f"wrote {written} ({kind}, base {model.source})")
+    return 0

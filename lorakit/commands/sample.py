@@ -1,0 +1,63 @@
+"""``lorakit sample [ADAPTER[:MULT[:LBW]]]... --prompt TEXT | --prompts FILE --out DIR``: images with adapters."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+HELP = "images from a base model with any number of adapters (multipliers, block weights) and TI embeddings"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapters", nargs="*", metavar="ADAPTER[:MULT[:LBW]]",
+                        help="adapter files, each with an optional multiplier and LoRA Block Weight string "
+                             "(17 or 26 values) or preset (ALL, MIDD, OUTALL, ...)")
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="a prompt (kohya options like --n, --d work inside "
+                                                           "quotes); repeat for more")
+    prompts.add_argument("--prompts", type=Path, help="a kohya prompt file (.txt, .toml or .json)")
+    parser.add_argument("--model", default=None, help="base model (default: the built-in model)")
+    parser.add_argument("--embedding", action="append", default=[], type=Path,
+                        help="a textual-inversion embedding (.safetensors); repeat for more")
+    parser.add_argument("--merged", action="store_true",
+                        help="merge the adapters into the weights while sampling (default: a separate path)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the single images and grid.png")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt without --d (then +1 each)")
+    parser.add_argument("--steps", type=int, default=None, help="steps for prompts that set none")
+    parser.add_argument("--cfg", type=float, default=None, help="CFG scale for prompts that set none")
+    parser.add_argument("--sampler", default=None, help="sampler for prompts that set none (ddim, euler_a, ...)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--batch-size", type=int, default=4)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from lorakit.models import load_base_model
+    from lorakit.sample import SamplePrompt, generate_with_adapters, load_prompts, parse_prompt_line, save_samples
+    from lorakit.tools.deltas import parse_adapter_spec
+
+    defaults = SamplePrompt("")
+    overrides = {k: v for k, v in (("steps", args.steps), ("cfg_scale", args.cfg), ("sampler", args.sampler))
+                 if v is not None}
+    defaults = replace(defaults, **overrides)
+    if args.prompts is not None:
+        prompts = load_prompts(args.prompts, defaults)
+    else:
+        prompts = [parse_prompt_line(p, defaults, where="--prompt") for p in args.prompt]
+    specs = [parse_adapter_spec(a) for a in args.adapters]
+    for spec in specs:
+        if not spec.path.is_file():
+            raise FileNotFoundError(f"{spec.path}: no such adapter file")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_base_model(args.model, device=device)
+    prompts = [replace(p, seed=p.seed if p.seed is not None else args.seed + i) for i, p in enumerate(prompts)]
+    images = generate_with_adapters(model, specs, prompts, merged=args.merged, embeddings=args.embedding,
+                                    batch_size=args.batch_size, progress=False)
+    title = ", ".join(s.label for s in specs) or "no adapter"
+    written = save_samples(images, prompts, args.out, title=title + (" (merged)" if args.merged and specs else ""))
+    for spec in specs:
+        print(f"adapter {spec.label}")
+    print(f"{len(images)} image(s) from {model.source}: {args.out} (grid: {written[-1].name})")
+    return 0

@@ -1,0 +1,38 @@
+"""Model tools: low-rank factorisation (``lowrank``), adapters from two models (``extract``), rank reduction and
+conversion to plain LoRA (``resize``), baking and combining adapters (``merge``).
+
+They share ``deltas`` (an adapter file as per-module ``ΔW``, dense or as a low-rank product) and ``result``
+(what a tool wrote: tensors, metadata and a per-module report).  Errors derive from ``ToolError``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+
+
+class ToolError(LorakitError, ValueError):
+    """A tool cannot do what was asked; the message names the file or module and says why."""
+
+
+class MismatchError(ToolError):
+    """Inputs that do not fit each other: an adapter for another architecture, models of different shapes."""
+
+
+def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], *,
+                 overwrite: bool = False) -> Path:
+    """Refuse to write ``out`` over one of the ``inputs`` (always) or over an existing file (unless ``overwrite``)."""
+    out = Path(out)
+    target = out.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        path = Path(given)
+        if path.resolve() == target or (out.exists() and path.exists() and os.path.samefile(out, path)):
+            raise ToolError(f"{out}: this is an input ({given}); write the result to another path")
+    if out.exists() and not overwrite:
+        raise ToolError(f"{out} exists; choose another path or pass --overwrite")
+    return out

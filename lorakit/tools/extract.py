@@ -1,0 +1,106 @@
+"""An adapter from the difference of two models: ``ΔW = W_tuned − W_base`` per layer, factorised by SVD.
+
+The layers are those a preset selects (default ``full``: attention, feed-forward, ResNet convs and samplers, i.e.
+LoCon; the text encoder's attention and MLP too).  Linear and 1×1 layers follow ``rule``, k×k convs ``conv_rule``
+(``RankRule(0)``: convs left out).  Layers whose weights are identical get no module.  A LoRA carries no bias:
+bias differences (and differences in layers outside the preset: norms, embeddings) are reported, not written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorakit.models import BaseModel
+from lorakit.network import components, get_preset, is_kxk_conv, select_targets
+from lorakit.tools import MismatchError
+from lorakit.tools.lowrank import Delta, RankRule, factorize
+from lorakit.tools.result import ToolResult
+
+
+def check_same_architecture(tuned: BaseModel, base: BaseModel, text_encoder: bool = True) -> None:
+    """``MismatchError`` naming the first tensors that differ in name or shape between the two models."""
+    pairs = [("U-Net", tuned.unet, base.unet)]
+    if text_encoder:
+        pairs.append(("text encoder", tuned.text_encoder, base.text_encoder))
+    for what, a, b in pairs:
+        sa, sb = a.state_dict(), b.state_dict()
+        only_a, only_b = sorted(set(sa) - set(sb)), sorted(set(sb) - set(sa))
+        if only_a or only_b:
+            example = (only_a or only_b)[0]
+            raise MismatchError(f"the two models' {what}s have different layers ({len(only_a)} only in "
+                                f"{tuned.source or 'the tuned model'}, {len(only_b)} only in "
+                                f"{base.source or 'the base'}, e.g. {example}): not the same architecture")
+        for key in sa:
+            if sa[key].shape != sb[key].shape:
+                raise MismatchError(f"the two models differ in shape at {what} {key}: {tuple(sa[key].shape)} in "
+                                    f"{tuned.source or 'the tuned model'}, {tuple(sb[key].shape)} in "
+                                    f"{base.source or 'the base'}: not the same architecture")
+
+
+@torch.no_grad()
+def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule: RankRule | None = None, *,
+                    preset: str = "full", text_encoder: bool = True, clamp_quantile: float | None = None,
+                    min_diff: float = 0.0, dtype: torch.dtype = torch.float32) -> ToolResult:
+    """A LoRA/LoCon whose ``ΔW`` approximates ``tuned − base`` (both models unchanged).
+
+    ``min_diff``: layers whose largest ``|ΔW|`` is at most this get no module (0: only identical layers).
+    """
+    check_same_architecture(tuned, base, text_encoder)
+    conv_rule = conv_rule or rule
+    chosen = get_preset(preset)
+    result = ToolResult("extract", dtype)
+    tuned_comps = {c.group: c for c in components(tuned.unet, tuned.text_encoder if text_encoder else None)}
+    bias_changed, unchanged = [], 0
+    for comp in components(base.unet, base.text_encoder if text_encoder else None):
+        rules = chosen.text_encoder if comp.is_text_encoder else chosen.unet
+        other = tuned_comps[comp.group].model
+        for path, layer in select_targets(comp, rules):
+            name = comp.kohya_name(path)
+            tuned_layer = other.get_submodule(path)
+            diff = tuned_layer.weight.detach().double() - layer.weight.detach().double()
+            if layer.bias is not None and not torch.equal(tuned_layer.bias, layer.bias):
+                bias_changed.append(name)
+            if float(diff.abs().max()) <= min_diff:
+                unchanged += 1
+                continue
+            this_rule = conv_rule if is_kxk_conv(layer) else rule
+            if this_rule.rank == 0:
+                continue
+            factors = factorize(Delta.from_weight(diff), this_rule, name=name, clamp_quantile=clamp_quantile,
+                                dtype=dtype)
+            result.add(name, factors)
+    if not result.reports:
+        raise MismatchError(f"{tuned.source or 'the tuned model'} and {base.source or 'the base'} have the same "
+                            f"weights in every layer the {preset!r} preset selects: nothing to extract")
+    if unchanged:
+        result.notes.append(f"{unchanged} layer(s) without a difference above {min_diff:g}: no module")
+    if bias_changed:
+        result.notes.append(f"{len(bias_changed)} layer(s) also changed their bias (e.g. {bias_changed[0]}); a LoRA "
+                            "has no bias, so that part of the difference is not in the file")
+    outside = _changed_outside(tuned, base, text_encoder, {r.name for r in result.reports})
+    if outside:
+        result.notes.append(f"{len(outside)} other tensor(s) differ but are no adapted layer (e.g. {outside[0]}): "
+                            "not in the file")
+    result.finish(None, lorakit_source=f"{tuned.source} - {base.source}", lorakit_rank_rule=rule.describe(),
+                  lorakit_conv_rank_rule=conv_rule.describe(), lorakit_preset=preset)
+    return result
+
+
+def _changed_outside(tuned: BaseModel, base: BaseModel, text_encoder: bool, adapted: set[str]) -> list[str]:
+    """Tensors that differ between the models and are not the weight or bias of a layer considered above."""
+    from lorakit.network import kohya_name
+
+    pairs = [("lora_unet", tuned.unet, base.unet, "")]
+    if text_encoder:
+        prefix = "text_model." if "text_model" not in dict(base.text_encoder.named_children()) else ""
+        pairs.append(("lora_te", tuned.text_encoder, base.text_encoder, prefix))
+    changed = []
+    for kohya_prefix, a, b, path_prefix in pairs:
+        sb = b.state_dict()
+        for key, tensor in a.state_dict().items():
+            module, _, leaf = key.rpartition(".")
+            if leaf in ("weight", "bias") and kohya_name(kohya_prefix, path_prefix + module) in adapted:
+                continue
+            if not torch.equal(tensor, sb[key]):
+                changed.append(key)
+    return changed

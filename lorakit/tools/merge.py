@@ -1,0 +1,116 @@
+"""Bake adapters into a base model, or combine several adapters into one adapter file.
+
+``bake``: each adapter is loaded into the model, scaled by its multiplier and LoRA Block Weights, merged into the
+base weights and taken out again; a module whose weight comes out 0 is not touched at all, so the layers of a
+block weighted 0 stay bit-identical.  ``save_model`` writes a diffusers folder or a single-file LDM
+``.safetensors`` (what A1111, ComfyUI, diffusers ``from_single_file`` and lorakit load).
+
+``combine``: one adapter file holding ``Σ wᵢ ΔWᵢ``.  For plain LoRA/LoCon inputs without a rank rule it is
+exact: the factors are concatenated (rank = sum of ranks) with each file's ``multiplier · alpha / rank`` folded
+into its up factors.  Otherwise the summed ``ΔW`` (still a product where every input is a LoRA: the SVD then
+never materialises it) is re-factored by SVD to the rule's rank, and the report gives the energy kept.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from lorakit.formats import AdapterFileError, load_network, read_adapter
+from lorakit.models import BaseModel, save_single_file_checkpoint
+from lorakit.tools import MismatchError, ToolError, check_output
+from lorakit.tools.deltas import AdapterSpec, file_deltas, parse_adapter_spec
+from lorakit.tools.lowrank import Delta, Factors, ModuleReport, RankRule, factorize
+from lorakit.tools.result import ToolResult
+
+
+@torch.no_grad()
+def bake(model: BaseModel, adapters: Sequence[AdapterSpec | str]) -> list[str]:
+    """Merge the adapters into ``model``'s weights in place; one line per adapter says what was merged."""
+    lines = []
+    for spec in (parse_adapter_spec(a) for a in adapters):
+        try:
+            network, _ = load_network(spec.path, model.unet, model.text_encoder)
+        except AdapterFileError as err:
+            raise MismatchError(str(err)) from None
+        network.set_multiplier(spec.multiplier, spec.block_weights)
+        merged = 0
+        for adapter in network.adapters.values():
+            if adapter.multiplier != 0:  # weight 0: leave the layer alone (W + 0·ΔW can flip -0.0)
+                adapter.merge()
+                merged += 1
+        total = len(network)
+        network.remove(keep_merged=True)
+        lines.append(f"{spec.label}: {merged} of {total} modules merged"
+                     + (f", {total - merged} left alone (weight 0)" if merged < total else ""))
+    return lines
+
+
+def save_model(model: BaseModel, out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None] = (), *,
+               overwrite: bool = False, dtype: str | torch.dtype | None = None) -> Path:
+    """A ``*.safetensors`` path: single-file LDM checkpoint; anything else: a diffusers folder (atomic both).
+
+    ``dtype`` casts on the way out; for a folder the model itself is cast (in place).
+    """
+    out = Path(out)
+    check_output(out, inputs, overwrite=overwrite)
+    if out.suffix.lower() == ".safetensors":
+        return save_single_file_checkpoint(model, out, dtype, overwrite=overwrite)
+    if out.suffix:
+        raise ToolError(f"{out}: write a model to a folder (diffusers) or a .safetensors file (single file)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        pipe = model.pipeline()
+        if dtype is not None:
+            from lorakit.models import resolve_dtype
+
+            pipe.to(dtype=resolve_dtype(dtype))
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if out.exists():  # only with overwrite (checked above)
+            shutil.rmtree(out)
+        os.rename(tmp, out)  # a folder appears whole or not at all
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def combine(adapters: Sequence[AdapterSpec | str], model: BaseModel | None = None, rule: RankRule | None = None,
+            *, clamp_quantile: float | None = None, dtype: torch.dtype = torch.float32) -> ToolResult:
+    """One adapter with ``Σ wᵢ ΔWᵢ`` (see the module doc); ``model`` checks the files and reads non-LoRA ones."""
+    specs = [parse_adapter_spec(a) for a in adapters]
+    if not specs:
+        raise ToolError("combine needs at least one adapter")
+    summed: dict[str, Delta] = {}
+    for spec in specs:
+        for name, delta in file_deltas(spec.path, model, spec=spec).items():
+            if name in summed and tuple(summed[name].shape) != tuple(delta.shape):
+                raise MismatchError(f"{spec.path}: module {name} has shape {delta.shape}, another file "
+                                    f"{summed[name].shape}: the adapters are for different models")
+            summed[name] = summed[name] + delta if name in summed else delta
+    exact = rule is None and all(d.is_product for d in summed.values())
+    result = ToolResult("merge --to-adapter", dtype)
+    for name, delta in summed.items():
+        if exact:
+            result.add(name, Factors(delta.up, delta.down, tuple(delta.shape), _exact_report(name, delta)))
+        else:
+            result.add(name, factorize(delta, rule or RankRule(), name=name, clamp_quantile=clamp_quantile,
+                                       dtype=dtype))
+    how = "exact: ranks concatenated" if exact else f"ΔW summed and re-factored ({(rule or RankRule()).describe()})"
+    result.notes.append(f"combined {len(specs)} adapter(s), {how}")
+    labels = ", ".join(s.label for s in specs)
+    result.finish(read_adapter(specs[0].path).metadata, lorakit_source=labels,
+                  ss_training_comment=f"lorakit merge --to-adapter of {labels}")
+    return result
+
+
+def _exact_report(name: str, delta: Delta) -> ModuleReport:
+    norm2 = float((delta.up.T @ delta.up * (delta.down @ delta.down.T)).sum())  # ‖UD‖² = tr(UᵀU DDᵀ)
+    return ModuleReport(name, tuple(delta.shape), delta.inner_rank, delta.inner_rank, 1.0, 0.0, 0.0, norm2,
+                        "exact")

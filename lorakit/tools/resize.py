@@ -1,0 +1,76 @@
+"""Lower the rank of a LoRA/LoCon file, or turn any adapter file into a plain LoRA/LoCon (``to_lora``).
+
+Resizing reads each module as the product of its factors (no ``ΔW`` is materialised for the SVD) and keeps the
+rank a ``RankRule`` chooses; the source's ``alpha / rank`` ratio is kept, as kohya's ``resize_lora.py`` does, so
+a learning rate tuned for the file still fits (one alpha for the whole file, ``ratio × largest rank``; see
+``result.ToolResult``).  ``to_lora`` reads each module's ``ΔW`` through its adapter's
+``delta_weight()`` (LoHa, LoKr, full, IA3, DoRA, Tucker: needs the base model) and factorises it; without a
+rule it keeps every singular value above float noise, i.e. the conversion is exact up to rounding, and the
+report says what every module kept.  The output loads in every client that reads kohya LoRA/LoCon files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lorakit.formats import AdapterFile, read_adapter
+from lorakit.models import BaseModel
+from lorakit.tools import ToolError
+from lorakit.tools.deltas import file_deltas, kohya_module_name, plain_lora
+from lorakit.tools.lowrank import RankRule, factorize
+from lorakit.tools.result import ToolResult
+
+
+def resize_adapter(source: str | os.PathLike | AdapterFile, rule: RankRule | None = None, *,
+                   conv_rule: RankRule | None = None, to_lora: bool = False, model: BaseModel | None = None,
+                   clamp_quantile: float | None = None, dtype: torch.dtype = torch.float32) -> ToolResult:
+    """A plain LoRA/LoCon with the ranks ``rule`` (k×k convs: ``conv_rule``, default ``rule``) chooses.
+
+    Without ``to_lora`` every module must be a plain LoRA/LoCon and a rule must be given.  With ``to_lora``
+    other algorithms are converted through ``model`` (required for them).
+    """
+    file = source if isinstance(source, AdapterFile) else read_adapter(source)
+    modules = file.modules()
+    if not modules:
+        raise ToolError(f"{file.label}: no adapter modules in this file")
+    others = sorted(n for n, t in modules.items() if not plain_lora(t))
+    if others and not to_lora:
+        raise ToolError(f"{file.label}: {len(others)} module(s) are not plain LoRA/LoCon (e.g. {others[0]}); "
+                        "resize lowers the rank of LoRA/LoCon files: convert with --to lora")
+    if rule is None and not to_lora:
+        raise ToolError("resize needs --rank N or --dynamic METHOD --param X")
+    rule = rule or RankRule()
+    conv_rule = conv_rule or rule
+    if others and model is None:
+        raise ToolError(f"{file.label}: converting {others[0]} to LoRA needs the base model it was trained for")
+    deltas = file_deltas(file, model if (to_lora and model is not None) else None)
+    result = ToolResult("resize --to lora" if to_lora else "resize", dtype)
+    ratios = []
+    by_kohya_name = {kohya_module_name(n): t for n, t in modules.items()}
+    for name, delta in deltas.items():
+        tensors = by_kohya_name.get(name, {})
+        kxk = len(delta.shape) == 4 and delta.shape[2] * delta.shape[3] > 1
+        factors = factorize(delta, conv_rule if kxk else rule, name=name, clamp_quantile=clamp_quantile,
+                            dtype=dtype)
+        if plain_lora(tensors) and "alpha" in tensors and float(tensors["alpha"]):
+            ratios.append(float(tensors["alpha"]) / tensors["lora_down.weight"].shape[0])
+        result.add(name, factors)
+        if factors.rank == 0:
+            result.notes.append(f"{name}: ΔW is zero; no module written")
+    if to_lora:
+        algos = sorted({_algorithm(t) for t in modules.values()})
+        result.notes.append(f"converted from {', '.join(algos)}")
+    rules = rule.describe() + (f"; k x k convs {conv_rule.describe()}" if conv_rule is not rule else "")
+    # the source's alpha / rank (most files use one) is kept, so a learning rate tuned for it still fits
+    ratio = max(set(ratios), key=ratios.count) if ratios else 1.0
+    result.finish(file.metadata, alpha_per_rank=ratio, lorakit_source=str(file.label), lorakit_rank_rule=rules,
+                  ss_training_comment=f"{result.tool} ({rules}) of {file.label}")
+    return result
+
+
+def _algorithm(tensors) -> str:
+    from lorakit.formats import detect_algorithm
+
+    return detect_algorithm(tensors)

@@ -1,0 +1,161 @@
+"""The commands sample, merge, extract, resize (through ``lorakit.cli.main``) and several adapters at once."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_tools import _random_adapter, unet_out
+
+from lorakit.cli import main
+from lorakit.formats import read_adapter
+from lorakit.models import builtin_model_path, load_base_model
+from lorakit.tools.apply import applied
+from lorakit.tools.merge import bake
+
+
+@pytest.fixture(scope="module")
+def base():
+    if not (builtin_model_path() / "model_index.json").is_file():
+        pytest.skip("the built-in model is not shipped in this checkout")
+    return load_base_model(None)
+
+
+@pytest.fixture(scope="module")
+def files(base, tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapters")
+    return (_random_adapter(base, d / "a.safetensors", rank=4, alpha=2.0, seed=1),
+            _random_adapter(base, d / "b.safetensors", rank=2, alpha=1.0, seed=2, preset="attn-mlp"))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in {**model.unet.state_dict(), **model.text_encoder.state_dict()}.items()}
+
+
+def test_several_adapters_unmerged_equal_merged_and_leave_the_model_alone(base, files):
+    a, b = files
+    specs = [f"{a}:0.8", f"{b}:0.5:MIDD"]
+    before, plain = _state(base), unet_out(base)
+    ids = torch.tensor([[845, 5, 17, 42, 846]])
+    with torch.no_grad():
+        plain_te = base.text_encoder(ids).last_hidden_state
+    with applied(base, specs) as changed:
+        unmerged = unet_out(base)
+        with torch.no_grad():
+            unmerged_te = base.text_encoder(ids).last_hidden_state
+        assert changed > 0
+        during = _state(base)
+        assert all(torch.equal(v, during[k]) for k, v in before.items())  # unmerged: weights untouched
+    with applied(base, specs, merged=True):
+        merged = unet_out(base)
+        with torch.no_grad():
+            merged_te = base.text_encoder(ids).last_hidden_state
+    torch.testing.assert_close(unmerged_te, merged_te, rtol=1e-4, atol=1e-5)
+    assert (unmerged_te - plain_te).abs().max() > 1e-3  # the text-encoder modules act too
+    after = _state(base)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
+    torch.testing.assert_close(unet_out(base), plain, rtol=0, atol=0)
+    torch.testing.assert_close(unmerged, merged, rtol=1e-4, atol=1e-5)
+    assert (unmerged - plain).abs().max() > 1e-3
+
+
+def test_sample_command_writes_grid_and_singles(base, files, tmp_path, capsys):
+    a, b = files
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("# kohya syntax\na star on a blue background --d 5 --s 3\na red circle --s 3 --l 5\n")
+    rc = main(["sample", f"{a}:0.8:OUTALL", f"{b}:0.5", "--prompts", str(prompts), "--out", str(tmp_path / "s"),
+               "--device", "cpu"])
+    assert rc == 0
+    pngs = sorted(p.name for p in (tmp_path / "s").glob("*.png"))
+    assert pngs == ["000-a-star-on-a-blue-background.png", "001-a-red-circle.png", "grid.png"]
+    out = capsys.readouterr().out
+    assert "a:0.8:OUTALL" in out and "2 image(s)" in out
+    # an adapter at multiplier 0 changes nothing; the same adapter merged or not gives (nearly) the same image
+    for name, extra in (("plain", []), ("zero", [f"{a}:0"]), ("unmerged", [f"{a}:1"]),
+                        ("merged", [f"{a}:1", "--merged"])):
+        assert main(["sample", *extra, "--prompt", "a star --s 3 --d 7", "--out", str(tmp_path / name),
+                     "--device", "cpu"]) == 0
+    img = {n: np.asarray(Image.open(tmp_path / n / "000-a-star.png"),
+                         dtype=np.int16) for n in ("plain", "zero", "unmerged", "merged")}
+    assert np.array_equal(img["plain"], img["zero"])
+    assert np.abs(img["unmerged"] - img["merged"]).max() <= 2
+    assert np.abs(img["unmerged"] - img["plain"]).max() > 2
+
+
+def test_sample_refuses_bad_block_weights(files, tmp_path, capsys):
+    a, _ = files
+    rc = main(["sample", f"{a}:1:1,0,1", "--prompt", "x", "--out", str(tmp_path / "s")])
+    assert rc == 2 and "17 or 26 values" in capsys.readouterr().err
+
+
+def test_merge_commands(base, files, tmp_path, capsys):
+    a, b = files
+    assert main(["merge", f"{a}:0.7", f"{b}:-0.3", "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert "modules merged" in capsys.readouterr().out
+    baked = copy.deepcopy(base)
+    bake(baked, [f"{a}:0.7", f"{b}:-0.3"])
+    torch.testing.assert_close(unet_out(load_base_model(tmp_path / "m.safetensors")), unet_out(baked), rtol=0,
+                               atol=0)
+    assert main(["merge", f"{a}:0.7", f"{b}:-0.3", "--out", str(tmp_path / "ab.safetensors"), "--to-adapter",
+                 "--report", str(tmp_path / "ab.txt")]) == 0
+    out = capsys.readouterr().out
+    assert "exact: ranks concatenated" in out and "retained energy 1.000000" in out
+    assert "lora_unet_" in (tmp_path / "ab.txt").read_text()
+    # refusals: an input as output, an existing output
+    assert main(["merge", str(a), "--out", str(a), "--to-adapter"]) == 2
+    assert "is an input" in capsys.readouterr().err
+    assert main(["merge", str(a), "--out", str(tmp_path / "ab.safetensors"), "--to-adapter"]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_extract_and_resize_commands(base, files, tmp_path, capsys):
+    a, _ = files
+    tuned = copy.deepcopy(base)
+    bake(tuned, [a])
+    from lorakit.tools.merge import save_model
+
+    save_model(tuned, tmp_path / "tuned")
+    x = tmp_path / "x.safetensors"
+    assert main(["extract", str(tmp_path / "tuned"), "--out", str(x), "--rank", "6", "--conv-rank", "2",
+                 "--report", str(tmp_path / "x.txt")]) == 0
+    out = capsys.readouterr().out
+    assert "extract: " in out and "retained energy" in out
+    file = read_adapter(x)
+    ranks = {n: t["lora_down.weight"].shape[0] for n, t in file.modules().items()}
+    assert ranks["lora_unet_down_blocks_0_resnets_0_conv1"] == 2
+    assert ranks["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"] == 6  # fixed rank
+    assert any(n.startswith("lora_te_") for n in ranks)
+    assert file.metadata["ss_network_module"] == "networks.lora"
+    assert file.metadata["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "6"}'  # one alpha per file
+    y = tmp_path / "y.safetensors"
+    assert main(["resize", str(x), "--out", str(y), "--dynamic", "sv_fro", "--param", "0.9", "--rank", "3"]) == 0
+    resized = read_adapter(y)
+    assert max(t["lora_down.weight"].shape[0] for t in resized.modules().values()) <= 3
+    assert "resize" in resized.metadata["lorakit_tool"]
+    assert main(["resize", str(x), "--out", str(tmp_path / "z.safetensors")]) == 2
+    assert "--rank" in capsys.readouterr().err
+
+
+def test_python_api_with_adapters_and_an_embedding(base, files, tmp_path):
+    from safetensors.torch import save_file
+
+    from lorakit.sample import SamplePrompt, generate_with_adapters
+
+    a, _ = files
+    emb = tmp_path / "qxz.safetensors"
+    width = base.text_encoder.get_input_embeddings().weight.shape[1]
+    save_file({"clip_l": torch.randn(2, width, generator=torch.Generator().manual_seed(0))}, str(emb),
+              metadata={"lorakit_ti_token": "qxz"})
+    model = copy.deepcopy(base)
+    prompt = [SamplePrompt("a qxz star", steps=2, seed=4)]
+    plain = generate_with_adapters(model, [], prompt, progress=False)[0]
+    before = _state(model)
+    both = generate_with_adapters(model, [f"{a}:0.5"], prompt, embeddings=[emb], progress=False)[0]
+    assert model.tokenizer.convert_tokens_to_ids(["qxz", "qxz_1"]) == [len(model.tokenizer) - 2,
+                                                                      len(model.tokenizer) - 1]
+    after = _state(model)
+    assert all(torch.equal(v, after[k]) for k, v in before.items() if "token_embedding" not in k)
+    assert np.abs(np.asarray(both, dtype=np.int16) - np.asarray(plain, dtype=np.int16)).max() > 2
