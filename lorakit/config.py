@@ -170,6 +170,10 @@ class OutputConfig:
     #: "error": refuse a non-empty output folder; "resume": continue the run found there; "overwrite"
     if_exists: str = "error"
     save_precision: str = "fp32"
+    #: the result adapter's key layout: "kohya" (every algorithm; A1111, ComfyUI, LyCORIS, diffusers read it) or
+    #: "diffusers" (diffusers/PEFT names as save_lora_weights writes them; plain LoRA/LoCon only).  Checkpoints
+    #: inside the run always use kohya names (resume reads them).
+    format: str = "kohya"
 
 
 @dataclass
@@ -279,6 +283,7 @@ class TrainConfig:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"early_stop.rule_args: {e}") from e
         self._validate_blocks()
+        self._validate_format()
         if self.method.kind in ("ti", "pivotal") and not (self.method.ti_token or self.data.trigger):
             raise ConfigError(f"method.kind = {self.method.kind!r} needs the new token: set method.ti_token "
                               "(or data.trigger), e.g. --set method.ti_token=zkz")
@@ -292,6 +297,23 @@ class TrainConfig:
                 raise ConfigError(f"method.kind = {self.method.kind!r} trains no adapter, so {', '.join(changed)} "
                                   f"would be ignored: remove them, or use method.kind = {other}")
         return self
+
+    def _validate_format(self) -> None:
+        """A diffusers-layout result must be writable, checked now rather than after training."""
+        out, net = self.output, self.network
+        if out.format not in ("kohya", "diffusers"):
+            raise ConfigError(f"output.format must be kohya or diffusers, got {out.format!r}")
+        if out.format != "diffusers":
+            return
+        if self.method.kind not in ("adapter", "pivotal"):
+            raise ConfigError(f"output.format = \"diffusers\" is for adapters; method.kind = {self.method.kind!r} "
+                              "writes no adapter")
+        tucker = bool(net.args.get("use_tucker"))
+        if net.algorithm.lower() not in ("lora", "locon") or tucker or net.use_dora:
+            what = "Tucker LoCon" if tucker else ("DoRA" if net.use_dora else net.algorithm)
+            raise ConfigError(f"output.format = \"diffusers\" holds plain LoRA/LoCon only, not {what}: keep the "
+                              "kohya format (diffusers reads it too for LoRA), or convert the result afterwards "
+                              "with `lorakit resize FILE --to lora`")
 
     def _validate_blocks(self) -> None:
         """Block-wise options parse (coarse block names, lr-weight ramps and lists), and are not combined with

@@ -172,7 +172,8 @@ class AdapterMethod(TrainingMethod):
 
     def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
         path = folder / f"{name}.safetensors"
-        save_network(self.network, path, metadata=metadata, overwrite=True, dtype=save_dtype(self.cfg))
+        save_network(self.network, path, metadata=metadata, overwrite=True, dtype=save_dtype(self.cfg),
+                     format=self.cfg.output.format)
         return [path]
 
     def summary(self) -> str:

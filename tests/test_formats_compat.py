@@ -354,7 +354,7 @@ def test_lorakit_loads_converted_variants(tmp_path, kind):
 
 
 def test_diffusers_loads_lorakit_diffusers_format(tmp_path):
-    from conftest import build_tiny_text_encoder as te_builder
+    from model_helpers import build_tiny_text_encoder as te_builder
 
     unet, te = build_tiny_unet(), te_builder()
     network = create_network(unet, te, preset="full", ranks=UniformRanks(4, 2.0, conv_rank=2, conv_alpha=3.0))

@@ -457,3 +457,35 @@ def test_native_runs_keep_only_the_last_checkpoint_without_early_stopping(tiny_m
     run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 3},
                           method={"kind": "native"}, optimizer={"learning_rate": 1e-4}))
     assert [c.epoch for c in RunFolder(out, "resume").checkpoints()] == [3]
+
+
+def test_diffusers_format_result_holds_the_trained_adapter(tiny_model_dir, dataset, tmp_path):
+    from lorakit.formats import load_network, read_adapter
+    from lorakit.models import load_base_model
+
+    out = tmp_path / "run"
+    run_train(make_config(tiny_model_dir, dataset, out, network={"preset": "full"},
+                          output={"format": "diffusers"}, training={"max_epochs": 1}))
+    result = read_adapter(out / "lorakit.safetensors")
+    assert result.layout == "diffusers" and any(k.endswith("lora_A.weight") for k in result.tensors)
+    # the same ΔW as the run's last checkpoint, which keeps kohya names for resume
+    outputs = []
+    for source in (out / "lorakit.safetensors", out / "checkpoints" / "epoch-0001" / "trained.safetensors"):
+        model = load_base_model(tiny_model_dir)
+        load_network(source, model.unet, model.text_encoder)
+        torch.manual_seed(0)
+        x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+        with torch.no_grad():
+            hidden = model.text_encoder(torch.zeros(1, 8, dtype=torch.long))[0]
+            outputs.append(model.unet(x, t, hidden).sample)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_diffusers_format_is_refused_before_training_for_what_it_cannot_hold(tiny_model_dir, dataset, tmp_path):
+    from lorakit.config import ConfigError
+
+    cfg = make_config(tiny_model_dir, dataset, tmp_path / "run", network={"algorithm": "loha"},
+                      output={"format": "diffusers"})
+    with pytest.raises(ConfigError, match="plain LoRA/LoCon only, not loha.*resize FILE --to lora"):
+        run_train(cfg)
+    assert not (tmp_path / "run").exists()

@@ -41,6 +41,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--sample-prompts": ("sample.prompts", str, "kohya-syntax prompt file sampled every epoch"),
     "--out": ("output.dir", str, "output folder (default: output/train-<time>)"),
     "--name": ("output.name", str, "file name of the result (default: lorakit)"),
+    "--format": ("output.format", str, "key layout of the result: kohya (default) or diffusers (LoRA/LoCon only)"),
     "--mixed-precision": ("model.mixed_precision", str, "no, fp16, bf16"),
 }
 
