@@ -43,19 +43,23 @@ def check_value(value: Any, annotation: Any, where: str, error: type[Exception])
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        list_error = None
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return check_value(value, arg, where, error)
-            except error:
-                pass
+            except error as e:
+                if isinstance(value, list | tuple) and typing.get_origin(arg) in (list, tuple):
+                    list_error = e  # a list given for "int or [w, h]": what is wrong with the list is the news
+        if list_error is not None:
+            raise list_error
         names = " or ".join(_name(a) for a in args if a is not type(None))
         raise error(f"{where}: expected {names}, got {value!r}")
     if origin in (list, tuple):
         fixed = origin is tuple and bool(args) and args[-1] is not Ellipsis
         if not isinstance(value, list | tuple) or (fixed and len(value) != len(args)):
-            raise error(f"{where}: expected a list{f' of {len(args)}' if fixed else ''}, got {value!r}")
+            raise error(f"{where}: expected a list{f' of {len(args)} values' if fixed else ''}, got {value!r}")
         item_types = args if fixed else (args[:1] or (Any,))
         items = [check_value(v, item_types[min(i, len(item_types) - 1)], f"{where}[{i}]", error)
                  for i, v in enumerate(value)]

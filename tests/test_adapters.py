@@ -361,7 +361,7 @@ def test_rank_dropout_one_drops_everything(config):
     # DoRA: the whole update is dropped, the rescale of W0 stays: W' = W0 · m / ‖W0‖ (rows, or columns)
     base, m = adapter.base, adapter.dora_scale.detach()
     w0 = base.weight.detach()
-    on_out = options.get("wd_on_out", True)
+    on_out = options.get("wd_on_out", False)  # lorakit default: input columns
     norm = (w0.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1) if on_out
             else w0.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, 1, 1))
     expected = F.conv2d(x, w0 * m / norm, base.bias, base.stride, base.padding, base.dilation)

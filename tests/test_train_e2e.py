@@ -24,7 +24,7 @@ from lorakit.models import BaseModel, load_base_model
 from lorakit.sample import SamplePrompt, generate
 from lorakit.world import concept
 from lorakit.world.reader import read_images
-from lorakit.world.recipe import recipe_config
+from lorakit.world.recipe import apply_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,9 @@ def base_rate() -> tuple[float, float]:
 
 
 def train_config(data: Path, out: Path, steps: int, **sections) -> TrainConfig:
-    cfg = recipe_config()  # the built-in job's recipe (a LoCon, batch 4), with each run's own changes below
+    cfg = TrainConfig()
+    cfg.method.kind = sections.get("method", {}).get("kind", "adapter")  # the recipe shapes adapters only
+    apply_recipe(cfg)  # the built-in job's recipe (a LoCon, batch 4), with each run's own changes below
     cfg.data.train_data = str(data)
     cfg.training.max_steps = steps
     cfg.training.max_epochs = 100
