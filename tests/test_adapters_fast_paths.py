@@ -31,6 +31,8 @@ FAST = [
     ("lora", {"dora": True}),
     ("lora", {"dora": True, "wd_on_out": False}),
     ("lora", {"dora": True, "alpha": 0.5}),
+    ("oft", {}),
+    ("oft", {"constraint": 1e-3, "rescaled": True}),
 ]
 fast_cases = pytest.mark.parametrize("config", FAST, ids=[a + "".join(f"-{k}={v}" for k, v in o.items())
                                                           for a, o in FAST])

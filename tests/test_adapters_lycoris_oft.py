@@ -1,0 +1,170 @@
+"""OFT (and the later members of the family) against the installed LyCORIS, both ways, on Linear and conv layers:
+
+- lorakit's ``file_tensors()`` loaded strictly into LyCORIS's module give the same forward, and LyCORIS's
+  ``get_diff_weight`` equals lorakit's ``delta_weight()``;
+- a LyCORIS module's ``state_dict()`` (what its files hold) loaded with ``from_file_tensors`` gives the same
+  forward and ΔW, and is detected as the right algorithm from its tensors;
+- the places where lorakit follows other math than LyCORIS are pinned by tests that show LyCORIS's behaviour.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit.adapters import ALGORITHMS, detect_algorithm, make_adapter
+
+lycoris_modules = pytest.importorskip("lycoris.modules")
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(64, 48), (2, 3, 64)),
+    "conv1x1": (lambda: nn.Conv2d(32, 48, 1), (2, 32, 5, 5)),
+    "conv3x3": (lambda: nn.Conv2d(32, 48, 3, stride=2, padding=1), (2, 32, 7, 7)),
+}
+
+# (algorithm, LyCORIS class, rank, lorakit options); LyCORIS takes the same option names
+CONFIGS = [
+    ("oft", lycoris_modules.DiagOFTModule, 4, {}),
+    ("oft", lycoris_modules.DiagOFTModule, 4, {"constraint": 1e-3}),
+    ("oft", lycoris_modules.DiagOFTModule, 8, {"rescaled": True}),
+    ("oft", lycoris_modules.DiagOFTModule, 2, {"constraint": 1e-3, "rescaled": True}),
+]
+MULTIPLIERS = [1.0, 0.6]
+
+
+def config_id(config) -> str:
+    algorithm, _, rank, options = config
+    return f"{algorithm}-r{rank}" + "".join(f"-{k}={v}" for k, v in options.items())
+
+
+def layer_and_input(layer: str):
+    factory, shape = LAYERS[layer]
+    torch.manual_seed(0)
+    return factory(), torch.randn(shape)
+
+
+@torch.no_grad()
+def randomize(module: nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if name.startswith(("base.", "org_module")):
+            continue
+        noise = torch.randn(p.shape, generator=g)
+        p.copy_(1 + 0.2 * noise if name == "rescale" else 0.3 * noise)
+
+
+def comparable(options: dict, multiplier: float) -> bool:
+    """LyCORIS leaves ``rescale`` out of its multiplier (see test_lycoris_oft_rescale_ignores_the_multiplier);
+    lorakit's ΔW is linear in it, so with a rescale the two agree at multiplier 1 only."""
+    return multiplier == 1 or not options.get("rescaled")
+
+
+cases = [(c, m) for c in CONFIGS for m in MULTIPLIERS if comparable(c[3], m)]
+interop = pytest.mark.parametrize("config, multiplier", cases,
+                                  ids=[f"{config_id(c)}-mult={m}" for c, m in cases])
+
+
+def their_delta(theirs, multiplier: float) -> torch.Tensor:
+    return theirs.get_diff_weight(multiplier=multiplier)[0]
+
+
+@interop
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_lorakit_tensors_in_lycoris(config, multiplier, layer):
+    algorithm, cls, rank, options = config
+    base, x = layer_and_input(layer)
+    ours = make_adapter(algorithm, copy.deepcopy(base), rank=rank, multiplier=multiplier, **options)
+    randomize(ours)
+    theirs = cls("test", copy.deepcopy(base), multiplier, lora_dim=rank, **options)
+    theirs.load_state_dict(ours.file_tensors(), strict=True)
+    with torch.no_grad():
+        assert torch.count_nonzero(ours.delta_weight()) > 0
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.delta_weight(), their_delta(theirs, multiplier), rtol=1e-5, atol=1e-5)
+
+
+@interop
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_lycoris_tensors_in_lorakit(config, multiplier, layer):
+    algorithm, cls, rank, options = config
+    base, x = layer_and_input(layer)
+    theirs = cls("test", copy.deepcopy(base), multiplier, lora_dim=rank, **options)
+    randomize(theirs)
+    tensors = {k: v.detach().clone() for k, v in theirs.state_dict().items()}
+    assert detect_algorithm(tensors) == algorithm
+    ours = ALGORITHMS[algorithm].from_file_tensors(copy.deepcopy(base), tensors, multiplier)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.delta_weight(), their_delta(theirs, multiplier), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_same_keys_and_shapes_as_lycoris_at_init(config, layer):
+    algorithm, cls, rank, options = config
+    base, _ = layer_and_input(layer)
+    ours = make_adapter(algorithm, copy.deepcopy(base), rank=rank, **options).file_tensors()
+    theirs = cls("test", copy.deepcopy(base), 1.0, lora_dim=rank, **options).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    for key in ours:
+        torch.testing.assert_close(ours[key].float(), theirs[key].float())
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_lycoris_made_file_loads_from_disk(tmp_path, layer):
+    """A file LyCORIS's own tensors make (kohya prefix, safetensors) loads through lorakit's reader."""
+    from safetensors.torch import load_file, save_file
+
+    base, x = layer_and_input(layer)
+    theirs = lycoris_modules.DiagOFTModule("test", copy.deepcopy(base), 1.0, lora_dim=4, constraint=1e-3,
+                                           rescaled=True)
+    randomize(theirs)
+    path = tmp_path / "oft.safetensors"
+    save_file({f"lora_unet_x.{k}": v.detach().contiguous() for k, v in theirs.state_dict().items()}, str(path))
+    tensors = {k.split(".", 1)[1]: v for k, v in load_file(str(path)).items()}
+    ours = ALGORITHMS[detect_algorithm(tensors)].from_file_tensors(copy.deepcopy(base), tensors)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_lycoris_oft_rescale_ignores_the_multiplier():
+    """LyCORIS's ``make_weight`` computes ``rescale ⊙ (m (Rᵀ − I) W) + (rescale − 1) W``: the rescale is not
+    scaled by the multiplier, so at multiplier 0 its output is not the base layer.  lorakit scales the whole
+    ``ΔW = s ⊙ R W0 − W0`` (multiplier 0 is the base layer, ΔW linear in the multiplier, as every other
+    adapter) and agrees with LyCORIS at multiplier 1."""
+    base, x = layer_and_input("linear")
+    theirs = lycoris_modules.DiagOFTModule("test", copy.deepcopy(base), 0.0, lora_dim=4, rescaled=True)
+    randomize(theirs)
+    ours = ALGORITHMS["oft"].from_file_tensors(copy.deepcopy(base), dict(theirs.state_dict()), 0.0)
+    with torch.no_grad():
+        assert (theirs(x) - base(x)).abs().max() > 1e-2
+        torch.testing.assert_close(ours(x), base(x))
+
+
+def test_rotation_is_orthogonal_and_keeps_the_row_angles():
+    """OFT's point: R is orthogonal (without rescale), so W' = R W0 keeps the Gram matrix of W0's columns."""
+    base, _ = layer_and_input("conv3x3")
+    ours = make_adapter("oft", base, rank=4, constraint=1e-3)
+    randomize(ours)
+    r = ours.rotation()
+    eye = torch.eye(r.shape[-1]).expand_as(r)
+    torch.testing.assert_close(r @ r.transpose(-1, -2), eye, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        w0 = base.weight.reshape(48, -1)
+        w = w0 + ours.delta_weight().reshape(48, -1)
+        torch.testing.assert_close(w.T @ w, w0.T @ w0, rtol=1e-4, atol=1e-5)
+
+
+def test_constraint_caps_the_skew_norm():
+    """constraint c: ‖P‖_F ≤ c · out (LyCORIS's bound); a tighter constraint moves the weight less."""
+    base, _ = layer_and_input("linear")
+    deltas = []
+    for constraint in (0.0, 1e-2, 1e-3):
+        ours = make_adapter("oft", copy.deepcopy(base), rank=4, constraint=constraint)
+        randomize(ours)
+        with torch.no_grad():
+            deltas.append(ours.delta_weight().norm().item())
+    assert deltas[0] > deltas[1] > deltas[2] > 0
