@@ -529,7 +529,7 @@ def test_lokr_full_matrix_has_scale_one_and_alpha_rank():
 # ---- the registry: every table derives from the classes' own attributes ---------------------------------------
 
 def test_registry_is_derived_from_the_classes():
-    from lorakit.adapters import _DETECTION, ALGORITHMS, ALIASES, KNOWN
+    from lorakit.adapters import _DETECTION, ALGORITHMS, ALIASES
     from lorakit.formats import module_rank
     from lorakit.inspection import _ALGORITHM_NAMES
 
