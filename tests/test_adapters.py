@@ -62,6 +62,8 @@ CONFIGS = [
     ("full", {}),
     ("oft", {}),
     ("oft", {"constraint": 1e-3, "rescaled": True}),
+    ("boft", {"rank": 6}),
+    ("boft", {"rank": 6, "constraint": 1e-3, "rescaled": True}),
 ]
 
 
@@ -74,7 +76,8 @@ def build(algorithm: str, layer: str, seed: int = 0, **options):
     factory, shape = LAYERS[layer]
     torch.manual_seed(seed)
     base = factory()
-    adapter = make_adapter(algorithm, base, rank=RANK, **options)
+    options.setdefault("rank", RANK)  # BOFT needs a block size that splits 48 into a power of two of blocks
+    adapter = make_adapter(algorithm, base, **options)
     return adapter, torch.randn(shape)
 
 
@@ -443,7 +446,7 @@ def test_lokr_bypass_equals_materialised_path_with_gradients(layer, options):
 
 
 def test_registry_and_make_adapter():
-    assert set(ALGORITHMS) == {"lora", "loha", "lokr", "ia3", "full", "oft"}
+    assert set(ALGORITHMS) == {"lora", "loha", "lokr", "ia3", "full", "oft", "boft"}
     base = nn.Conv2d(8, 8, 3)
     assert isinstance(make_adapter("LoCon", base, rank=2), LoRA)
     assert isinstance(make_adapter("kron", base, rank=2), LoKr)

@@ -33,6 +33,7 @@ FAST = [
     ("lora", {"dora": True, "alpha": 0.5}),
     ("oft", {}),
     ("oft", {"constraint": 1e-3, "rescaled": True}),
+    ("boft", {"rank": 6, "constraint": 1e-3, "rescaled": True}),
 ]
 fast_cases = pytest.mark.parametrize("config", FAST, ids=[a + "".join(f"-{k}={v}" for k, v in o.items())
                                                           for a, o in FAST])

@@ -31,6 +31,9 @@ CONFIGS = [
     ("oft", lycoris_modules.DiagOFTModule, 4, {"constraint": 1e-3}),
     ("oft", lycoris_modules.DiagOFTModule, 8, {"rescaled": True}),
     ("oft", lycoris_modules.DiagOFTModule, 2, {"constraint": 1e-3, "rescaled": True}),
+    ("boft", lycoris_modules.ButterflyOFTModule, 6, {}),
+    ("boft", lycoris_modules.ButterflyOFTModule, 16, {"constraint": 1e-3}),
+    ("boft", lycoris_modules.ButterflyOFTModule, 6, {"rescaled": True}),
 ]
 MULTIPLIERS = [1.0, 0.6]
 
@@ -56,13 +59,14 @@ def randomize(module: nn.Module, seed: int = 1) -> None:
         p.copy_(1 + 0.2 * noise if name == "rescale" else 0.3 * noise)
 
 
-def comparable(options: dict, multiplier: float) -> bool:
-    """LyCORIS leaves ``rescale`` out of its multiplier (see test_lycoris_oft_rescale_ignores_the_multiplier);
-    lorakit's ΔW is linear in it, so with a rescale the two agree at multiplier 1 only."""
-    return multiplier == 1 or not options.get("rescaled")
+def comparable(algorithm: str, options: dict, multiplier: float) -> bool:
+    """LyCORIS leaves OFT's ``rescale`` out of its multiplier (test_lycoris_oft_rescale_ignores_the_multiplier)
+    and interpolates each BOFT stage toward I (test_lycoris_boft_multiplier_is_not_linear); lorakit's ΔW is
+    linear in the multiplier, so there the two agree at multiplier 1 only."""
+    return multiplier == 1 or not (options.get("rescaled") or algorithm == "boft")
 
 
-cases = [(c, m) for c in CONFIGS for m in MULTIPLIERS if comparable(c[3], m)]
+cases = [(c, m) for c in CONFIGS for m in MULTIPLIERS if comparable(c[0], c[3], m)]
 interop = pytest.mark.parametrize("config, multiplier", cases,
                                   ids=[f"{config_id(c)}-mult={m}" for c, m in cases])
 
@@ -168,3 +172,29 @@ def test_constraint_caps_the_skew_norm():
         with torch.no_grad():
             deltas.append(ours.delta_weight().norm().item())
     assert deltas[0] > deltas[1] > deltas[2] > 0
+
+
+def test_lycoris_boft_multiplier_is_not_linear():
+    """LyCORIS's BOFT takes ``m R_i + (1 − m) I`` for every stage, so its ΔW at multiplier 0.5 is not half the
+    ΔW at 1 (a product of interpolated stages); lorakit's is (``ΔW = m (B W0 − W0)``), and at 1 they agree."""
+    base, _ = layer_and_input("linear")
+    theirs = lycoris_modules.ButterflyOFTModule("test", copy.deepcopy(base), 1.0, lora_dim=6)
+    randomize(theirs)
+    ours = ALGORITHMS["boft"].from_file_tensors(copy.deepcopy(base), dict(theirs.state_dict()), 0.5)
+    with torch.no_grad():
+        full, half = their_delta(theirs, 1.0), their_delta(theirs, 0.5)
+        assert (half - 0.5 * full).abs().max() > 1e-3
+        torch.testing.assert_close(ours.delta_weight(), 0.5 * full, rtol=1e-5, atol=1e-5)
+
+
+def test_boft_is_one_dense_rotation():
+    """Four butterfly stages of 6×6 blocks over 48 channels connect every output channel with every other
+    (OFT's blocks never do), and the product stays orthogonal."""
+    base, _ = layer_and_input("linear")
+    ours = make_adapter("boft", base, rank=6)
+    randomize(ours)
+    with torch.no_grad():
+        eye = torch.eye(48)
+        b = ours.rotate(eye, 0)  # the butterfly applied to the identity's rows: B itself
+        torch.testing.assert_close(b @ b.T, eye, rtol=1e-5, atol=1e-5)
+        assert (b.abs() > 1e-9).all()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.adapters.base import Adapter, AdapterFormatError, AdapterShapeError, BaseLayer
+from lorakit.adapters.boft import BOFT
 from lorakit.adapters.full import Full
 from lorakit.adapters.functional import factorization
 from lorakit.adapters.ia3 import IA3
@@ -28,7 +29,7 @@ from lorakit.adapters.lowrank import LowRankAdapter
 from lorakit.adapters.oft import OFT
 from lorakit.errors import InvalidValueError
 
-_CLASSES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, IA3, Full, OFT)
+_CLASSES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, IA3, Full, OFT, BOFT)
 
 ALGORITHMS: dict[str, type[Adapter]] = {cls.algorithm: cls for cls in _CLASSES}
 
@@ -131,6 +132,7 @@ __all__ = [
     "ForeignAlgorithm",
     "AdapterFormatError",
     "AdapterShapeError",
+    "BOFT",
     "Full",
     "IA3",
     "LoHa",
