@@ -64,6 +64,9 @@ CONFIGS = [
     ("oft", {"constraint": 1e-3, "rescaled": True}),
     ("boft", {"rank": 6}),
     ("boft", {"rank": 6, "constraint": 1e-3, "rescaled": True}),
+    ("glora", {}),
+    ("glora", {"alpha": 8.0}),
+    ("glora", {"use_tucker": True}),
 ]
 
 
@@ -143,6 +146,7 @@ INIT = {  # key: "zero" | "kaiming" | standard deviation of a normal init
     "lokr_w1": "kaiming", "lokr_w1_a": "kaiming", "lokr_w1_b": "kaiming", "lokr_w2_a": "kaiming",
     "lokr_t2": "kaiming", "lokr_w2": "zero", "lokr_w2_b": "zero", "weight": "zero", "diff": "zero",
     "diff_b": "zero", "oft_blocks": "zero", "rescale": "ones",
+    "a1.weight": "kaiming", "b1.weight": "kaiming", "bm.weight": "kaiming", "a2.weight": "zero", "b2.weight": "zero",
 }
 
 
@@ -446,7 +450,7 @@ def test_lokr_bypass_equals_materialised_path_with_gradients(layer, options):
 
 
 def test_registry_and_make_adapter():
-    assert set(ALGORITHMS) == {"lora", "loha", "lokr", "ia3", "full", "oft", "boft"}
+    assert set(ALGORITHMS) == {"lora", "loha", "lokr", "ia3", "full", "oft", "boft", "glora"}
     base = nn.Conv2d(8, 8, 3)
     assert isinstance(make_adapter("LoCon", base, rank=2), LoRA)
     assert isinstance(make_adapter("kron", base, rank=2), LoKr)
@@ -475,6 +479,7 @@ def test_registry_and_make_adapter():
     (["oft_blocks", "rescale", "alpha"], "oft"),
     (["oft_diag"], "oft-legacy"),
     (["a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"], "glora"),
+    (["a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "alpha"], "glora"),
     (["w_norm", "b_norm"], "norm"),
 ])
 def test_detect_algorithm(keys, algorithm):

@@ -34,6 +34,9 @@ CONFIGS = [
     ("boft", lycoris_modules.ButterflyOFTModule, 6, {}),
     ("boft", lycoris_modules.ButterflyOFTModule, 16, {"constraint": 1e-3}),
     ("boft", lycoris_modules.ButterflyOFTModule, 6, {"rescaled": True}),
+    ("glora", lycoris_modules.GLoRAModule, 4, {"alpha": None}),
+    ("glora", lycoris_modules.GLoRAModule, 4, {"alpha": 1.0}),
+    ("glora", lycoris_modules.GLoRAModule, 2, {"alpha": 8.0}),
 ]
 MULTIPLIERS = [1.0, 0.6]
 
@@ -113,8 +116,11 @@ def test_same_keys_and_shapes_as_lycoris_at_init(config, layer):
     ours = make_adapter(algorithm, copy.deepcopy(base), rank=rank, **options).file_tensors()
     theirs = cls("test", copy.deepcopy(base), 1.0, lora_dim=rank, **options).state_dict()
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
-    for key in ours:
-        torch.testing.assert_close(ours[key].float(), theirs[key].float())
+    assert {k for k, v in ours.items() if v.dim() and not v.any()} == \
+        {k for k, v in theirs.items() if v.dim() and not v.any()}  # the same zero factors
+    for key in ("alpha", "oft_blocks", "rescale"):  # the deterministic ones
+        if key in ours:
+            torch.testing.assert_close(ours[key].float(), theirs[key].float())
 
 
 @pytest.mark.parametrize("layer", list(LAYERS))
@@ -198,3 +204,22 @@ def test_boft_is_one_dense_rotation():
         b = ours.rotate(eye, 0)  # the butterfly applied to the identity's rows: B itself
         torch.testing.assert_close(b @ b.T, eye, rtol=1e-5, atol=1e-5)
         assert (b.abs() > 1e-9).all()
+
+
+def test_lycoris_glora_never_builds_its_tucker_core():
+    """GLoRAModule asks ``use_tucker and all(k == 1)`` and then ``use_tucker and any(k != 1)``: ``bm`` is never
+    made, so LyCORIS cannot load a GLoRA file with ``bm.weight``; lorakit makes and reads one, and its ΔW is
+    the forward's."""
+    base, x = layer_and_input("conv3x3")
+    theirs = lycoris_modules.GLoRAModule("test", copy.deepcopy(base), 1.0, lora_dim=4, alpha=4, use_tucker=True)
+    assert "bm.weight" not in theirs.state_dict()
+    ours = make_adapter("glora", copy.deepcopy(base), rank=4, use_tucker=True)
+    randomize(ours)
+    tensors = ours.file_tensors()
+    assert tensors["bm.weight"].shape == (4, 4, 3, 3) and tensors["b2.weight"].shape == (4, 32, 1, 1)
+    with pytest.raises(RuntimeError, match="bm.weight"):
+        theirs.load_state_dict(tensors, strict=True)
+    again = ALGORITHMS["glora"].from_file_tensors(copy.deepcopy(base), tensors)
+    with torch.no_grad():
+        ref = torch.nn.functional.conv2d(x, base.weight + again.delta_weight(), base.bias, 2, 1)
+        torch.testing.assert_close(again(x), ref, rtol=1e-5, atol=1e-5)

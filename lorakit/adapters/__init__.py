@@ -21,6 +21,7 @@ from lorakit.adapters.base import Adapter, AdapterFormatError, AdapterShapeError
 from lorakit.adapters.boft import BOFT
 from lorakit.adapters.full import Full
 from lorakit.adapters.functional import factorization
+from lorakit.adapters.glora import GLoRA
 from lorakit.adapters.ia3 import IA3
 from lorakit.adapters.loha import LoHa
 from lorakit.adapters.lokr import LoKr
@@ -29,7 +30,7 @@ from lorakit.adapters.lowrank import LowRankAdapter
 from lorakit.adapters.oft import OFT
 from lorakit.errors import InvalidValueError
 
-_CLASSES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, IA3, Full, OFT, BOFT)
+_CLASSES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, IA3, Full, OFT, BOFT, GLoRA)
 
 ALGORITHMS: dict[str, type[Adapter]] = {cls.algorithm: cls for cls in _CLASSES}
 
@@ -52,7 +53,6 @@ class ForeignAlgorithm:
 FOREIGN: tuple[ForeignAlgorithm, ...] = (
     # LyCORIS 1.x's OFT (``oft_diag``), a different parametrisation from today's ``oft_blocks``
     ForeignAlgorithm("oft-legacy", "OFT (LyCORIS 1.x)", ("oft_diag",)),
-    ForeignAlgorithm("glora", "GLoRA", ("a1.weight",), rank_keys=("a1.weight",)),
     ForeignAlgorithm("norm", "norm layer", ("w_norm",)),
     ForeignAlgorithm("tlora", "T-LoRA", ("lambda_layer",)),
 )
@@ -104,7 +104,7 @@ for _spec in KNOWN.values():
 def detect_algorithm(keys: Iterable[str] | Mapping[str, torch.Tensor]) -> str:
     """The algorithm of one module from its key names relative to the module prefix.
 
-    Returns a name of ``ALGORITHMS`` for what lorakit can load, or one of ``"oft-legacy"``, ``"glora"``,
+    Returns a name of ``ALGORITHMS`` for what lorakit can load, or one of ``"oft-legacy"``,
     ``"norm"``, ``"tlora"`` for LyCORIS algorithms it recognises but does not implement.  DoRA files are
     their base algorithm (``dora_scale`` is an option), DyLoRA files are plain LoRA files.  Given the tensors
     (a mapping) rather than key names, classes with a ``matches(tensors)`` check use it (OFT's ``oft_blocks``
@@ -134,6 +134,7 @@ __all__ = [
     "AdapterShapeError",
     "BOFT",
     "Full",
+    "GLoRA",
     "IA3",
     "LoHa",
     "LoKr",
