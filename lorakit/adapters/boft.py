@@ -62,6 +62,7 @@ class BOFT(OFT):
     aliases = ("butterfly-oft",)
     display_name = "BOFT"
     file_keys = ("oft_blocks",)
+    lycoris_algo = "boft"
 
     def __init__(self, base: BaseLayer, rank: int = 8, multiplier: float = 1.0, *, stages: int | None = None,
                  **options) -> None:

@@ -65,6 +65,7 @@ class OFT(Adapter):
     aliases = ("diag-oft", "diag_oft")  # LyCORIS's module name
     display_name = "OFT"
     file_keys = ("oft_blocks",)
+    lycoris_algo = "diag-oft"
     #: a LyCORIS-style ``rank`` (its ``lora_dim``: the block size) is taken by ``make_adapter``
     takes_rank = True
 
