@@ -291,6 +291,11 @@ def network_metadata(network: AdapterNetwork, base_model_version: str = "sd_v1")
     if algos <= {"lora"} and not dora:
         module = "networks.lora"  # kohya's own LoRA / LoCon
         args.pop("algo", None)
+    elif algos == {"dylora"}:
+        module = "networks.dylora"  # kohya's DyLoRA: a plain LoRA file, its block size as network_args unit
+        args.pop("algo", None)
+        args.pop("block_size", None)
+        args["unit"] = str(_most_common(a.block_size for a in adapters))
     else:
         module = "lycoris.kohya"  # how kohya + LyCORIS record LoHa, LoKr, DoRA, ...
         args["algo"] = args.get("algo") or (_most_common(a.algorithm for a in network.adapters.values()) or "")

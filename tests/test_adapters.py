@@ -450,7 +450,7 @@ def test_lokr_bypass_equals_materialised_path_with_gradients(layer, options):
 
 
 def test_registry_and_make_adapter():
-    assert set(ALGORITHMS) == {"lora", "loha", "lokr", "ia3", "full", "oft", "boft", "glora"}
+    assert set(ALGORITHMS) == {"lora", "loha", "lokr", "ia3", "full", "oft", "boft", "glora", "dylora"}
     base = nn.Conv2d(8, 8, 3)
     assert isinstance(make_adapter("LoCon", base, rank=2), LoRA)
     assert isinstance(make_adapter("kron", base, rank=2), LoKr)
@@ -544,6 +544,10 @@ def test_registry_is_derived_from_the_classes():
     for key, specs in _DETECTION.items():  # a shared key needs a check on the tensors to tell them apart
         assert len(specs) == 1 or all(hasattr(spec, "matches") for spec in specs), key
     for name, cls in ALGORITHMS.items():
+        if getattr(cls, "file_algorithm", None):  # DyLoRA: its files are another algorithm's (plain LoRA)
+            tensors = make_adapter(name, nn.Linear(64, 64), rank=4, block_size=2).file_tensors()
+            assert not cls.file_keys and detect_algorithm(tensors) == cls.file_algorithm
+            continue
         assert cls.algorithm == name and cls.display_name and cls.file_keys
         assert _ALGORITHM_NAMES[name] == cls.display_name
         assert all(cls in _DETECTION[key] for key in cls.file_keys)

@@ -258,6 +258,38 @@ def test_lycoris_family_files_record_lycoris_names_and_load_back(tiny_model_dir,
             torch.testing.assert_close(adapter(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_dylora_run_writes_a_kohya_dylora_file_that_cuts_to_any_block(tiny_model_dir, dataset, tmp_path):
+    """A DyLoRA run (rank 4, block size 2) writes a plain LoRA file with kohya's DyLoRA metadata; training changed
+    it; cut to rank 2 it is its truncated factors and loads back as a LoRA."""
+    from lorakit.formats import detect_algorithm, load_network, read_adapter
+    from lorakit.models import load_base_model
+    from lorakit.tools.lowrank import RankRule
+    from lorakit.tools.resize import resize_adapter
+
+    out = tmp_path / "dylora"
+    run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 1},
+                          network={"algorithm": "dylora", "preset": "attn-only", "rank": 4,
+                                   "args": {"block_size": 2}}))
+    path = out / "lorakit.safetensors"
+    file = read_adapter(path)
+    assert file.metadata["ss_network_module"] == "networks.dylora"
+    assert json.loads(file.metadata["ss_network_args"])["unit"] == "2"
+    assert {detect_algorithm(m) for m in file.modules().values()} == {"lora"}
+    ups = [t["lora_up.weight"] for t in file.modules().values()]
+    assert any(float(u[:, 2:].abs().max()) > 0 for u in ups), "the second block never learned"
+    cut_path = tmp_path / "cut.safetensors"
+    resize_adapter(path, RankRule(rank=2)).write(cut_path, [path])
+    model = load_base_model(tiny_model_dir)
+    network, report = load_network(cut_path, model.unet, model.text_encoder)
+    assert report.ok and len(network) == len(file.modules())
+    for name, tensors in file.modules().items():
+        alpha = float(tensors["alpha"])
+        expected = (alpha / 2) * (tensors["lora_up.weight"][:, :2].reshape(-1, 2)
+                                  @ tensors["lora_down.weight"][:2].reshape(2, -1))
+        got = network.adapters[name].delta_weight().detach().reshape(expected.shape)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_mixed_precision_keeps_adapters_fp32(tiny_model_dir, dataset, tmp_path):
     from lorakit.formats import read_adapter
 

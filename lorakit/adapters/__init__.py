@@ -19,6 +19,7 @@ import torch
 
 from lorakit.adapters.base import Adapter, AdapterFormatError, AdapterShapeError, BaseLayer
 from lorakit.adapters.boft import BOFT
+from lorakit.adapters.dylora import DyLoRA
 from lorakit.adapters.full import Full
 from lorakit.adapters.functional import factorization
 from lorakit.adapters.glora import GLoRA
@@ -30,7 +31,7 @@ from lorakit.adapters.lowrank import LowRankAdapter
 from lorakit.adapters.oft import OFT
 from lorakit.errors import InvalidValueError
 
-_CLASSES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, IA3, Full, OFT, BOFT, GLoRA)
+_CLASSES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, IA3, Full, OFT, BOFT, GLoRA, DyLoRA)
 
 ALGORITHMS: dict[str, type[Adapter]] = {cls.algorithm: cls for cls in _CLASSES}
 
@@ -133,6 +134,7 @@ __all__ = [
     "AdapterFormatError",
     "AdapterShapeError",
     "BOFT",
+    "DyLoRA",
     "Full",
     "GLoRA",
     "IA3",
