@@ -104,3 +104,7 @@ def test_resize_of_a_dylora_file_truncates_its_factors(tmp_path):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="multiple of its block size 2"):
         resize_adapter(path, RankRule(rank=3))
+
+
+def test_kohya_unit_is_the_block_size():
+    assert make_adapter("dylora", nn.Linear(8, 8), rank=4, unit=2).block_size == 2

@@ -223,3 +223,16 @@ def test_lycoris_glora_never_builds_its_tucker_core():
     with torch.no_grad():
         ref = torch.nn.functional.conv2d(x, base.weight + again.delta_weight(), base.bias, 2, 1)
         torch.testing.assert_close(again(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_boft_refuses_a_layer_it_cannot_split_and_a_file_that_does_not_fit():
+    """48 channels cannot be cut into even blocks of at most 4 whose count is a power of two (LyCORIS raises
+    too); a file's blocks that do not cover the layer are refused naming the key."""
+    with pytest.raises(ValueError, match="BOFT cannot split the 48 output channels"):
+        make_adapter("boft", nn.Linear(8, 48), rank=4)
+    tensors = make_adapter("boft", nn.Linear(8, 48), rank=6).file_tensors()
+    with pytest.raises(ValueError, match="oft_blocks"):
+        ALGORITHMS["boft"].from_file_tensors(nn.Linear(8, 40), tensors)
+    oft = make_adapter("oft", nn.Linear(8, 48), rank=4).file_tensors()
+    with pytest.raises(ValueError, match="oft_blocks"):
+        ALGORITHMS["oft"].from_file_tensors(nn.Linear(8, 40), oft)

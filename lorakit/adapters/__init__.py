@@ -64,7 +64,7 @@ KNOWN: dict[str, type[Adapter] | ForeignAlgorithm] = {**ALGORITHMS, **{f.algorit
 # option names of LyCORIS / kohya network_args, read as lorakit's
 _OPTION_ALIASES = {"dora_wd": "dora", "weight_decompose": "dora", "wd_on_output": "wd_on_out",
                    "train_on_input": "on_input", "bypass_mode": "bypass", "use_cp": "use_tucker",
-                   "use_conv_cp": "use_tucker"}
+                   "use_conv_cp": "use_tucker", "unit": "block_size"}  # unit: kohya's DyLoRA
 
 
 def algorithm_class(algorithm: str) -> type[Adapter]:
@@ -82,8 +82,10 @@ def make_adapter(algorithm: str, base: BaseLayer, rank: int = 4, alpha: float | 
     ``rank``/``alpha`` are ignored by the algorithms without them (``ia3``, ``full``).  Options: ``multiplier``,
     ``dropout``, ``rank_dropout``, ``rank_dropout_scale``, ``module_dropout`` everywhere; ``dora``,
     ``wd_on_out``, ``use_tucker`` (lora, loha, lokr); ``factor``, ``decompose_both``, ``full_matrix``,
-    ``unbalanced_factorization``, ``bypass`` (lokr); ``on_input`` (ia3).  LyCORIS's names (``dora_wd``,
-    ``weight_decompose``, ``train_on_input``, ``bypass_mode``, ...) are accepted too.
+    ``unbalanced_factorization``, ``bypass`` (lokr); ``on_input`` (ia3); ``constraint``, ``rescaled`` (oft, boft,
+    where ``rank`` bounds the block size); ``use_tucker`` (glora); ``block_size`` (dylora, kohya's ``unit``).
+    LyCORIS's names (``dora_wd``, ``weight_decompose``, ``train_on_input``, ``bypass_mode``, ...) are accepted
+    too.
     """
     cls = algorithm_class(algorithm)
     options = {_OPTION_ALIASES.get(k, k): v for k, v in options.items()}
