@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from lorakit.adapters import ALGORITHMS, KNOWN
+from lorakit.adapters import ALGORITHMS, ALIASES, KNOWN
 from lorakit.adapters import detect_algorithm as registry_detect
 from lorakit.adapters.base import Adapter, AdapterFormatError
 from lorakit.adapters.lowrank import LowRankAdapter
@@ -291,9 +291,17 @@ def network_metadata(network: AdapterNetwork, base_model_version: str = "sd_v1")
     if algos <= {"lora"} and not dora:
         module = "networks.lora"  # kohya's own LoRA / LoCon
         args.pop("algo", None)
+    elif algos == {"dylora"}:
+        module = "networks.dylora"  # kohya's DyLoRA: a plain LoRA file, its block size as network_args unit
+        args.pop("algo", None)
+        args.pop("block_size", None)
+        args["unit"] = str(_most_common(a.block_size for a in adapters))
     else:
         module = "lycoris.kohya"  # how kohya + LyCORIS record LoHa, LoKr, DoRA, ...
         args["algo"] = args.get("algo") or (_most_common(a.algorithm for a in network.adapters.values()) or "")
+        cls = ALGORITHMS.get(ALIASES.get(args["algo"].lower(), args["algo"].lower()))
+        if cls is not None and cls.lycoris_algo:  # LyCORIS's own name (OFT is "diag-oft" there)
+            args["algo"] = cls.lycoris_algo
         if dora:
             args["dora_wd"] = "True"
             # the norm axis, under LyCORIS's argument name (its default is rows; lorakit's input columns)

@@ -60,6 +60,13 @@ CONFIGS = [
     ("ia3", {}),
     ("ia3", {"on_input": True}),
     ("full", {}),
+    ("oft", {}),
+    ("oft", {"constraint": 1e-3, "rescaled": True}),
+    ("boft", {"rank": 6}),
+    ("boft", {"rank": 6, "constraint": 1e-3, "rescaled": True}),
+    ("glora", {}),
+    ("glora", {"alpha": 8.0}),
+    ("glora", {"use_tucker": True}),
 ]
 
 
@@ -72,7 +79,8 @@ def build(algorithm: str, layer: str, seed: int = 0, **options):
     factory, shape = LAYERS[layer]
     torch.manual_seed(seed)
     base = factory()
-    adapter = make_adapter(algorithm, base, rank=RANK, **options)
+    options.setdefault("rank", RANK)  # BOFT needs a block size that splits 48 into a power of two of blocks
+    adapter = make_adapter(algorithm, base, **options)
     return adapter, torch.randn(shape)
 
 
@@ -137,7 +145,8 @@ INIT = {  # key: "zero" | "kaiming" | standard deviation of a normal init
     "hada_w1_a": 0.1, "hada_w1_b": 1.0, "hada_w2_a": "zero", "hada_w2_b": 1.0, "hada_t1": 0.1, "hada_t2": 0.1,
     "lokr_w1": "kaiming", "lokr_w1_a": "kaiming", "lokr_w1_b": "kaiming", "lokr_w2_a": "kaiming",
     "lokr_t2": "kaiming", "lokr_w2": "zero", "lokr_w2_b": "zero", "weight": "zero", "diff": "zero",
-    "diff_b": "zero",
+    "diff_b": "zero", "oft_blocks": "zero", "rescale": "ones",
+    "a1.weight": "kaiming", "b1.weight": "kaiming", "bm.weight": "kaiming", "a2.weight": "zero", "b2.weight": "zero",
 }
 
 
@@ -158,6 +167,8 @@ def test_initialisation(config, layer):
             close(t.reshape(-1), norms, tol=1e-6)
         elif INIT[key] == "zero":
             assert torch.count_nonzero(t) == 0, key
+        elif INIT[key] == "ones":
+            assert torch.equal(t, torch.ones_like(t)), key
         elif INIT[key] == "kaiming":
             bound = kaiming_bound(t)
             assert t.abs().max() <= bound and t.abs().max() > 0.5 * bound, key
@@ -439,7 +450,7 @@ def test_lokr_bypass_equals_materialised_path_with_gradients(layer, options):
 
 
 def test_registry_and_make_adapter():
-    assert set(ALGORITHMS) == {"lora", "loha", "lokr", "ia3", "full"}
+    assert set(ALGORITHMS) == {"lora", "loha", "lokr", "ia3", "full", "oft", "boft", "glora", "dylora"}
     base = nn.Conv2d(8, 8, 3)
     assert isinstance(make_adapter("LoCon", base, rank=2), LoRA)
     assert isinstance(make_adapter("kron", base, rank=2), LoKr)
@@ -466,7 +477,9 @@ def test_registry_and_make_adapter():
     (["weight", "on_input"], "ia3"),
     (["diff", "diff_b"], "full"),
     (["oft_blocks", "rescale", "alpha"], "oft"),
+    (["oft_diag"], "oft-legacy"),
     (["a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"], "glora"),
+    (["a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "alpha"], "glora"),
     (["w_norm", "b_norm"], "norm"),
 ])
 def test_detect_algorithm(keys, algorithm):
@@ -524,16 +537,20 @@ def test_lokr_full_matrix_has_scale_one_and_alpha_rank():
 # ---- the registry: every table derives from the classes' own attributes ---------------------------------------
 
 def test_registry_is_derived_from_the_classes():
-    from lorakit.adapters import _DETECTION, ALGORITHMS, ALIASES, KNOWN
+    from lorakit.adapters import _DETECTION, ALGORITHMS, ALIASES
     from lorakit.formats import module_rank
     from lorakit.inspection import _ALGORITHM_NAMES
 
-    keys = [key for spec in KNOWN.values() for key in spec.file_keys]
-    assert len(keys) == len(set(keys)), "two algorithms claim the same file key"
+    for key, specs in _DETECTION.items():  # a shared key needs a check on the tensors to tell them apart
+        assert len(specs) == 1 or all(hasattr(spec, "matches") for spec in specs), key
     for name, cls in ALGORITHMS.items():
+        if getattr(cls, "file_algorithm", None):  # DyLoRA: its files are another algorithm's (plain LoRA)
+            tensors = make_adapter(name, nn.Linear(64, 64), rank=4, block_size=2).file_tensors()
+            assert not cls.file_keys and detect_algorithm(tensors) == cls.file_algorithm
+            continue
         assert cls.algorithm == name and cls.display_name and cls.file_keys
         assert _ALGORITHM_NAMES[name] == cls.display_name
-        assert all(_DETECTION[key] == name for key in cls.file_keys)
+        assert all(cls in _DETECTION[key] for key in cls.file_keys)
         assert all(ALIASES[alias] == name for alias in cls.aliases)
         base = nn.Linear(64, 64)  # wide enough for LoKr to factor its w2 (at 12×8 both halves are full)
         tensors = make_adapter(name, base, rank=3).file_tensors()

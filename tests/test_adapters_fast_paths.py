@@ -31,6 +31,11 @@ FAST = [
     ("lora", {"dora": True}),
     ("lora", {"dora": True, "wd_on_out": False}),
     ("lora", {"dora": True, "alpha": 0.5}),
+    ("oft", {}),
+    ("oft", {"constraint": 1e-3, "rescaled": True}),
+    ("boft", {"rank": 6, "constraint": 1e-3, "rescaled": True}),
+    ("glora", {"alpha": 1.0}),  # at alpha 8 (scale 4) float32 rounding alone exceeds the 1e-5 bound here
+    ("glora", {"use_tucker": True}),
 ]
 fast_cases = pytest.mark.parametrize("config", FAST, ids=[a + "".join(f"-{k}={v}" for k, v in o.items())
                                                           for a, o in FAST])

@@ -24,6 +24,15 @@ def randomize(adapter: nn.Module, seed: int = 0, scale: float = 0.3) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
+# what an algorithm needs to fit every layer below: BOFT a block size bound ≥ 10 (40 = 10 · 4 channels), DyLoRA a
+# rank that is a multiple of its block size
+SIZES = {"boft": {"rank": 10}, "dylora": {"rank": 2, "block_size": 2}}
+
+
+def sized(algorithm: str) -> dict:
+    return SIZES.get(algorithm, {"rank": 2})
+
+
 def layers(dtype: torch.dtype = torch.float64) -> list[nn.Module]:
     torch.manual_seed(0)
     return [nn.Linear(24, 16, dtype=dtype), nn.Linear(16, 40, bias=False, dtype=dtype),
@@ -74,7 +83,7 @@ def test_hand_computed_two_by_two():
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_zero_update_at_initialisation_gives_zero_not_nan(algorithm):
-    adapters = [make_adapter(algorithm, base, rank=2) for base in layers(torch.float32)]
+    adapters = [make_adapter(algorithm, base, **sized(algorithm)) for base in layers(torch.float32)]
     for fast in (True, False):
         values = layer_cosines(adapters, fast=fast)
         if algorithm in ("lora", "loha", "lokr", "ia3", "full"):
@@ -86,7 +95,7 @@ def test_zero_update_at_initialisation_gives_zero_not_nan(algorithm):
 def test_every_adapter_works_through_delta_weight(algorithm):
     adapters = []
     for i, base in enumerate(layers()):
-        adapter = make_adapter(algorithm, base, rank=2)
+        adapter = make_adapter(algorithm, base, **sized(algorithm))
         randomize(adapter, seed=10 + i, scale=0.1)
         adapters.append(adapter)
     expected = torch.tensor([dense_cos(a) for a in adapters], dtype=torch.float64)
@@ -177,3 +186,39 @@ def test_ia3_and_lokr_short_forms_equal_the_delta_weight_terms(algorithm, option
     torch.testing.assert_close(meter.layer_cosines(), layer_cosines(adapters, fast=False), rtol=1e-10, atol=1e-12)
     adapters[0].merge()  # measured against the original weight while merged, with the cached norms too
     assert meter() == pytest.approx(cs_value(adapters, fast=False), rel=1e-10)
+
+
+@pytest.mark.parametrize("algorithm, options", [("oft", {"rank": 4, "constraint": 1e-2}),
+                                                ("boft", {"rank": 6, "rescaled": True}),
+                                                ("glora", {"rank": 2}), ("dylora", {"rank": 4, "block_size": 2})])
+def test_cs_of_the_lycoris_family_is_the_cosine_of_delta_weight_with_w0(algorithm, options):
+    """CS goes through delta_weight(): for OFT/BOFT that is ΔW = (R − I)·W0 (rescale included), built here
+    independently from R applied to W0's rows, and its cosine with W0."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from lorakit.adapters import make_adapter
+    from lorakit.earlystop.cs import layer_cosines
+
+    torch.manual_seed(0)
+    adapters = [make_adapter(algorithm, nn.Linear(24, 48), **options),
+                make_adapter(algorithm, nn.Conv2d(12, 48, 3, padding=1), **options)]
+    with torch.no_grad():
+        for adapter in adapters:
+            for name, p in adapter.named_parameters():
+                if not name.startswith("base."):
+                    p.add_(0.2 * torch.randn_like(p))
+    expected = []
+    for adapter in adapters:
+        w0 = adapter.base.weight.detach()
+        if algorithm in ("oft", "boft"):
+            rotated = adapter.rotate(w0, 0)
+            if adapter.rescale is not None:
+                rotated = rotated * adapter.rescale.detach()
+            delta = rotated - w0
+        else:
+            delta = adapter.delta_weight().detach()
+        expected.append(F.cosine_similarity(delta.reshape(1, -1), w0.reshape(1, -1)).item())
+    got = layer_cosines(adapters).tolist()
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert all(abs(c) > 1e-3 for c in got)

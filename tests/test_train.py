@@ -206,7 +206,7 @@ def test_small_images_warn_about_upscaling(tiny_model_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ methods
-@pytest.mark.parametrize("algorithm", ["loha", "lokr", "ia3", "full"])
+@pytest.mark.parametrize("algorithm", ["loha", "lokr", "ia3", "full", "oft", "boft", "glora"])
 def test_other_algorithms_train(tiny_model_dir, dataset, tmp_path, algorithm):
     from lorakit.formats import read_adapter
 
@@ -226,6 +226,68 @@ def test_other_algorithms_train(tiny_model_dir, dataset, tmp_path, algorithm):
     assert report.ok and len(report.matched) == len(network) > 0
     changed = [n for n, a in network.adapters.items() if float(a.delta_weight().detach().abs().max()) > 0]
     assert len(changed) > len(network) // 2, f"{algorithm}: training left ΔW = 0 in most modules"
+
+
+@pytest.mark.parametrize("algorithm, lycoris_algo", [("oft", "diag-oft"), ("boft", "boft"), ("glora", "glora")])
+def test_lycoris_family_files_record_lycoris_names_and_load_back(tiny_model_dir, dataset, tmp_path, algorithm,
+                                                                 lycoris_algo):
+    """OFT/BOFT/GLoRA runs write ss_network_module/args as LyCORIS's kohya wrapper does, and the file loads back
+    into adapters whose tensors are the file's and whose forward is the base layer with W0 + ΔW."""
+    from lorakit.formats import load_network, read_adapter
+    from lorakit.models import load_base_model
+
+    out = tmp_path / algorithm
+    run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 1},
+                          network={"algorithm": algorithm, "preset": "attn-only", "args": {"constraint": 1e-2}
+                                   if algorithm != "glora" else {}}))
+    path = out / "lorakit.safetensors"
+    metadata = read_adapter(path).metadata
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(metadata["ss_network_args"])["algo"] == lycoris_algo
+    model = load_base_model(tiny_model_dir)
+    network, report = load_network(path, model.unet, model.text_encoder)
+    assert report.ok and len(network) > 0
+    stored = load_file(str(path))
+    for name, adapter in network.adapters.items():
+        for key, value in adapter.file_tensors().items():
+            torch.testing.assert_close(value.float(), stored[f"{name}.{key}"].float())
+    for adapter in network.adapters.values():
+        x = torch.randn((2, 3, adapter.in_features) if adapter.kind == "linear" else (2, adapter.in_features, 4, 4))
+        with torch.no_grad():
+            expected = adapter.base_forward(x, adapter.base.weight + adapter.delta_weight(), adapter.base.bias)
+            torch.testing.assert_close(adapter(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dylora_run_writes_a_kohya_dylora_file_that_cuts_to_any_block(tiny_model_dir, dataset, tmp_path):
+    """A DyLoRA run (rank 4, block size 2) writes a plain LoRA file with kohya's DyLoRA metadata; training changed
+    it; cut to rank 2 it is its truncated factors and loads back as a LoRA."""
+    from lorakit.formats import detect_algorithm, load_network, read_adapter
+    from lorakit.models import load_base_model
+    from lorakit.tools.lowrank import RankRule
+    from lorakit.tools.resize import resize_adapter
+
+    out = tmp_path / "dylora"
+    run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 1},
+                          network={"algorithm": "dylora", "preset": "attn-only", "rank": 4,
+                                   "args": {"block_size": 2}}))
+    path = out / "lorakit.safetensors"
+    file = read_adapter(path)
+    assert file.metadata["ss_network_module"] == "networks.dylora"
+    assert json.loads(file.metadata["ss_network_args"])["unit"] == "2"
+    assert {detect_algorithm(m) for m in file.modules().values()} == {"lora"}
+    ups = [t["lora_up.weight"] for t in file.modules().values()]
+    assert any(float(u[:, 2:].abs().max()) > 0 for u in ups), "the second block never learned"
+    cut_path = tmp_path / "cut.safetensors"
+    resize_adapter(path, RankRule(rank=2)).write(cut_path, [path])
+    model = load_base_model(tiny_model_dir)
+    network, report = load_network(cut_path, model.unet, model.text_encoder)
+    assert report.ok and len(network) == len(file.modules())
+    for name, tensors in file.modules().items():
+        alpha = float(tensors["alpha"])
+        expected = (alpha / 2) * (tensors["lora_up.weight"][:, :2].reshape(-1, 2)
+                                  @ tensors["lora_down.weight"][:2].reshape(2, -1))
+        got = network.adapters[name].delta_weight().detach().reshape(expected.shape)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_mixed_precision_keeps_adapters_fp32(tiny_model_dir, dataset, tmp_path):

@@ -12,20 +12,26 @@ Every table here is derived from the classes' own attributes (``algorithm``, ``a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import torch
+
 from lorakit.adapters.base import Adapter, AdapterFormatError, AdapterShapeError, BaseLayer
+from lorakit.adapters.boft import BOFT
+from lorakit.adapters.dylora import DyLoRA
 from lorakit.adapters.full import Full
 from lorakit.adapters.functional import factorization
+from lorakit.adapters.glora import GLoRA
 from lorakit.adapters.ia3 import IA3
 from lorakit.adapters.loha import LoHa
 from lorakit.adapters.lokr import LoKr
 from lorakit.adapters.lora import LoRA
 from lorakit.adapters.lowrank import LowRankAdapter
+from lorakit.adapters.oft import OFT
 from lorakit.errors import InvalidValueError
 
-_CLASSES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, IA3, Full)
+_CLASSES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, IA3, Full, OFT, BOFT, GLoRA, DyLoRA)
 
 ALGORITHMS: dict[str, type[Adapter]] = {cls.algorithm: cls for cls in _CLASSES}
 
@@ -46,8 +52,8 @@ class ForeignAlgorithm:
 
 
 FOREIGN: tuple[ForeignAlgorithm, ...] = (
-    ForeignAlgorithm("oft", "OFT", ("oft_blocks", "oft_diag")),
-    ForeignAlgorithm("glora", "GLoRA", ("a1.weight",), rank_keys=("a1.weight",)),
+    # LyCORIS 1.x's OFT (``oft_diag``), a different parametrisation from today's ``oft_blocks``
+    ForeignAlgorithm("oft-legacy", "OFT (LyCORIS 1.x)", ("oft_diag",)),
     ForeignAlgorithm("norm", "norm layer", ("w_norm",)),
     ForeignAlgorithm("tlora", "T-LoRA", ("lambda_layer",)),
 )
@@ -58,7 +64,7 @@ KNOWN: dict[str, type[Adapter] | ForeignAlgorithm] = {**ALGORITHMS, **{f.algorit
 # option names of LyCORIS / kohya network_args, read as lorakit's
 _OPTION_ALIASES = {"dora_wd": "dora", "weight_decompose": "dora", "wd_on_output": "wd_on_out",
                    "train_on_input": "on_input", "bypass_mode": "bypass", "use_cp": "use_tucker",
-                   "use_conv_cp": "use_tucker"}
+                   "use_conv_cp": "use_tucker", "unit": "block_size"}  # unit: kohya's DyLoRA
 
 
 def algorithm_class(algorithm: str) -> type[Adapter]:
@@ -76,33 +82,47 @@ def make_adapter(algorithm: str, base: BaseLayer, rank: int = 4, alpha: float | 
     ``rank``/``alpha`` are ignored by the algorithms without them (``ia3``, ``full``).  Options: ``multiplier``,
     ``dropout``, ``rank_dropout``, ``rank_dropout_scale``, ``module_dropout`` everywhere; ``dora``,
     ``wd_on_out``, ``use_tucker`` (lora, loha, lokr); ``factor``, ``decompose_both``, ``full_matrix``,
-    ``unbalanced_factorization``, ``bypass`` (lokr); ``on_input`` (ia3).  LyCORIS's names (``dora_wd``,
-    ``weight_decompose``, ``train_on_input``, ``bypass_mode``, ...) are accepted too.
+    ``unbalanced_factorization``, ``bypass`` (lokr); ``on_input`` (ia3); ``constraint``, ``rescaled`` (oft, boft,
+    where ``rank`` bounds the block size); ``use_tucker`` (glora); ``block_size`` (dylora, kohya's ``unit``).
+    LyCORIS's names (``dora_wd``, ``weight_decompose``, ``train_on_input``, ``bypass_mode``, ...) are accepted
+    too.
     """
     cls = algorithm_class(algorithm)
     options = {_OPTION_ALIASES.get(k, k): v for k, v in options.items()}
     if issubclass(cls, LowRankAdapter):
         return cls(base, rank, alpha, **options)
+    if getattr(cls, "takes_rank", False):  # OFT/BOFT: rank is LyCORIS's lora_dim (a block size)
+        return cls(base, rank, **options)
     return cls(base, **options)
 
 
-# key → algorithm (keys are never shared between algorithms); names outside ALGORITHMS are recognised so
-# callers can say "oft is not supported" instead of "unknown keys"
-_DETECTION: dict[str, str] = {key: spec.algorithm for spec in KNOWN.values() for key in spec.file_keys}
+# key → the algorithms using it (OFT and BOFT share ``oft_blocks``; its number of axes tells them apart); names
+# outside ALGORITHMS are recognised so callers can say "norm is not supported" instead of "unknown keys"
+_DETECTION: dict[str, list[type[Adapter] | ForeignAlgorithm]] = {}
+for _spec in KNOWN.values():
+    for _key in _spec.file_keys:
+        _DETECTION.setdefault(_key, []).append(_spec)
 
 
-def detect_algorithm(keys: Iterable[str]) -> str:
+def detect_algorithm(keys: Iterable[str] | Mapping[str, torch.Tensor]) -> str:
     """The algorithm of one module from its key names relative to the module prefix.
 
-    Returns a name of ``ALGORITHMS`` for what lorakit can load, or one of ``"oft"``, ``"glora"``,
+    Returns a name of ``ALGORITHMS`` for what lorakit can load, or one of ``"oft-legacy"``,
     ``"norm"``, ``"tlora"`` for LyCORIS algorithms it recognises but does not implement.  DoRA files are
-    their base algorithm (``dora_scale`` is an option), DyLoRA files are plain LoRA files.
+    their base algorithm (``dora_scale`` is an option), DyLoRA files are plain LoRA files.  Given the tensors
+    (a mapping) rather than key names, classes with a ``matches(tensors)`` check use it (OFT's ``oft_blocks``
+    has 3 axes, BOFT's 4).
     Raises ``ValueError`` when nothing is recognised.
     """
+    tensors = keys if isinstance(keys, Mapping) else None
     keys = set(keys)
-    for key, algorithm in _DETECTION.items():
+    for key, specs in _DETECTION.items():
         if key in keys:
-            return algorithm
+            for spec in specs:
+                matches = getattr(spec, "matches", None)
+                # with key names only, the first listed wins (OFT before BOFT)
+                if tensors is None or matches is None or matches(tensors):
+                    return spec.algorithm
     raise ValueError(f"no adapter algorithm recognised from keys {sorted(keys)}")
 
 
@@ -115,12 +135,16 @@ __all__ = [
     "ForeignAlgorithm",
     "AdapterFormatError",
     "AdapterShapeError",
+    "BOFT",
+    "DyLoRA",
     "Full",
+    "GLoRA",
     "IA3",
     "LoHa",
     "LoKr",
     "LoRA",
     "LowRankAdapter",
+    "OFT",
     "algorithm_class",
     "detect_algorithm",
     "factorization",

@@ -90,6 +90,8 @@ class Adapter(nn.Module):
     rank_keys: ClassVar[tuple[str, ...]] = ()
     #: keys whose second dimension is the adapted layer's input width (tells base models apart)
     width_keys: ClassVar[tuple[str, ...]] = ()
+    #: the name LyCORIS's kohya wrapper takes in ``network_args`` (``algo=...``) when it differs from ``algorithm``
+    lycoris_algo: ClassVar[str] = ""
     #: whether the algorithm has a bias update (``delta_bias`` is then not always ``None``)
     updates_bias: ClassVar[bool] = False
 

@@ -11,15 +11,17 @@ report says what every module kept.  The output loads in every client that reads
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
+from lorakit.adapters.base import alpha_from_file
 from lorakit.formats import AdapterFile, read_adapter
 from lorakit.models import BaseModel
 from lorakit.tools import ToolError
 from lorakit.tools.deltas import file_deltas, kohya_module_name, plain_lora
-from lorakit.tools.lowrank import RankRule, factorize
+from lorakit.tools.lowrank import Factors, ModuleReport, RankRule, factorize
 from lorakit.tools.result import ToolResult
 
 
@@ -45,6 +47,9 @@ def resize_adapter(source: str | os.PathLike | AdapterFile, rule: RankRule | Non
     conv_rule = conv_rule or rule
     if others and model is None:
         raise ToolError(f"{file.label}: converting {others[0]} to LoRA needs the base model it was trained for")
+    unit = dylora_unit(file.metadata)
+    if unit is not None and not to_lora and rule.rank is not None and rule.dynamic is None:
+        return _cut_dylora(file, modules, rule, conv_rule, unit, dtype)
     deltas = file_deltas(file, model if (to_lora and model is not None) else None)
     result = ToolResult("resize --to lora" if to_lora else "resize", dtype)
     ratios = []
@@ -67,6 +72,60 @@ def resize_adapter(source: str | os.PathLike | AdapterFile, rule: RankRule | Non
     ratio = max(set(ratios), key=ratios.count) if ratios else 1.0
     result.finish(file.metadata, alpha_per_rank=ratio, lorakit_source=str(file.label), lorakit_rank_rule=rules,
                   ss_training_comment=f"{result.tool} ({rules}) of {file.label}")
+    return result
+
+
+def dylora_unit(metadata) -> int | None:
+    """The block size of a DyLoRA file from its metadata (kohya: ``networks.dylora`` with ``unit``; LyCORIS:
+    ``algo=dylora`` with ``block_size``, default 4), or None for any other file."""
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+    except ValueError:
+        return None
+    if not isinstance(args, dict):
+        return None
+    if metadata.get("ss_network_module") == "networks.dylora":
+        return int(args.get("unit", 1))
+    if str(args.get("algo", "")).lower() == "dylora":
+        return int(args.get("block_size", 4))
+    return None
+
+
+def _cut_dylora(file: AdapterFile, modules, rule: RankRule, conv_rule: RankRule, unit: int,
+                dtype: torch.dtype) -> ToolResult:
+    """A DyLoRA file at rank N is its first N ranks: ``ΔW_N = (alpha / N) · up[:, :N] @ down[:N]`` (what it was
+    trained to be at N), not the best rank-N approximation an SVD would give; N a multiple of the block size."""
+    result = ToolResult("resize (DyLoRA cut)", dtype)
+    alphas = []
+    for name, tensors in modules.items():
+        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        kxk = down.dim() == 4 and down.shape[2] * down.shape[3] > 1
+        n, full = (conv_rule if kxk else rule).rank, int(down.shape[0])
+        if n % unit or not 0 < n <= full:
+            raise ToolError(f"{file.label}: {name}: a DyLoRA file is cut at a multiple of its block size {unit} "
+                            f"up to its rank {full}, not at {n}")
+        alpha = alpha_from_file(tensors, full)
+        alphas.append(alpha)
+        shape = (int(up.shape[0]), *down.shape[1:])
+        a = down.reshape(full, -1).double()
+        b = up.reshape(up.shape[0], full).double()
+        kept_up, kept_down = b[:, :n] * (alpha / n), a[:n]
+        whole = (alpha / full) * (b @ a)
+        kept = kept_up @ kept_down
+        norm2 = float(whole.square().sum())
+        error = whole - kept
+        fro = float(error.norm() / whole.norm()) if norm2 > 0 else 0.0
+        peak = float(whole.abs().max())
+        report = ModuleReport(kohya_module_name(name), shape, n, full, float(kept.square().sum()) / norm2
+                              if norm2 > 0 else 1.0, fro, float(error.abs().max()) / peak if peak > 0 else 0.0,
+                              norm2, note=f"DyLoRA: first {n} of {full} ranks")
+        result.add(kohya_module_name(name), Factors(kept_up, kept_down, shape, report))
+    # the source's alpha is kept: the cut file reads as (alpha / N) · up[:, :N] down[:N], like the training step
+    alpha = max(set(alphas), key=alphas.count)
+    top = max(f.rank for f in result.factors.values())
+    result.finish(file.metadata, alpha_per_rank=alpha / top, lorakit_source=str(file.label),
+                  lorakit_rank_rule=f"DyLoRA cut at rank {rule.rank}",
+                  ss_training_comment=f"{result.tool} of {file.label}")
     return result
 
 
