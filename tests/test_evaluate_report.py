@@ -101,3 +101,41 @@ def test_two_runs_on_one_page_have_a_line_each_and_their_settings():
     assert page.settings[1][1]["algorithm"] == "loha"
     assert len(page.charts) == len(result.groups) + 1  # metric-vs-epoch per type and the trade-off scatter
     assert page.grids[0].columns == ["base", "r/e1", "r/e2", "s/e1", "s/e2"]
+
+
+def test_the_ranking_table_lists_every_checkpoint_best_first_with_its_method_and_key_metrics():
+    from lorakit.evaluate.checkpoints import EvalCheckpoint, RunInfo
+    from lorakit.evaluate.report import key_metrics, ranking_table
+
+    checkpoints, _, jobs, images, data = setup()
+    more = [EvalCheckpoint("s/e2", "native", None, "s2", run="s", epoch=2)]
+    images = {**images, "s/e2": images["r/e1"][::-1]}
+    runs = [RunInfo("r", None, {"method": "adapter", "algorithm": "loha"}), RunInfo("s", None, {"method": "native"})]
+    result = evaluate(checkpoints + more, runs, jobs, images, {"thumb": ThumbExtractor()}, data, seeds=2)
+    result = json.loads(json.dumps(result.to_dict()))  # what metrics.json holds
+    from lorakit.evaluate.pipeline import result_from_dict
+
+    result = result_from_dict(result)
+    keys = key_metrics(result)
+    assert ("train", "fidelity[thumb]") in keys and ("agnostic", "leak[thumb]") in keys
+    table = ranking_table(result)
+    page = Page("p", tables=[table])
+    text = render_html(page)
+    parsed = parse_report(text)
+    rows = parsed.tables[table.title]
+    labels = [lb for lb, _ in rows]
+    assert sorted(labels) == sorted(c["label"] for c in result.checkpoints)
+    hm = [result.harmonic_mean[lb] for lb in labels]
+    means = [result.mean_score[lb] for lb in labels]
+    assert list(zip(hm, means, strict=True)) == sorted(zip(hm, means, strict=True), reverse=True)
+    assert labels[0] == result.best
+    for rank, (lb, cells) in enumerate(rows, start=1):
+        values = {m: v for m, v, _, _ in cells}
+        assert values["rank"] == rank and values["harmonic mean"] == result.harmonic_mean[lb]
+        for group, metric in keys:
+            assert values[f"{metric} ({group})"] == result.value(group, lb, metric)
+    methods = dict(zip(labels, (row[0] for row in table.info), strict=True))
+    assert methods == {"base": "base model", "r/e1": "loha", "r/e2": "loha", "s/e2": "native"}
+    assert '<th class="label">method</th><th class="label">epoch</th>' in text
+    # on the eval page it comes first
+    assert page_from_eval(result, jobs, images).tables[0].title == table.title

@@ -45,6 +45,9 @@ class Table:
     rows: list[tuple[str, list[float | None]]]
     higher_is_better: list[bool | None]  # per column; None: no best marked
     note: str = ""
+    #: text columns shown between the row label and the numbers (a run's method, say); one list per row
+    info_columns: list[str] = field(default_factory=list)
+    info: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -121,16 +124,21 @@ def render_html(page: Page) -> str:
         head = "".join(f'<th data-metric="{e(c)}">{e(c)}'
                        + ("" if table.higher_is_better[j] is None else (" ↑" if table.higher_is_better[j] else " ↓"))
                        + "</th>" for j, c in enumerate(table.columns))
+        info_head = "".join(f'<th class="label">{e(c)}</th>' for c in table.info_columns)
         parts.append(f'<div class="scroll"><table class="metrics" data-table="{t_index}" data-title="{e(table.title)}">'
-                     f'<thead><tr><th class="label">checkpoint</th>{head}</tr></thead><tbody>')
+                     f'<thead><tr><th class="label">checkpoint</th>{info_head}{head}</tr></thead><tbody>')
         for i, (label, values) in enumerate(table.rows):
+            info = table.info[i] if i < len(table.info) else []
+            info_cells = "".join(f'<td class="label info">{e(str(info[k]) if k < len(info) else "")}</td>'
+                                 for k in range(len(table.info_columns)))
             cells = []
             for j, v in enumerate(values):
                 mark = i in best[j]
                 data = json.dumps(v if _finite(v) else None)
                 cells.append(f'<td class="{"best" if mark else ""}" data-metric="{e(table.columns[j])}" '
                              f'data-value="{e(data)}">{format_value(v)}{" ★" if mark else ""}</td>')
-            parts.append(f'<tr><td class="label" data-checkpoint="{e(label)}">{e(label)}</td>{"".join(cells)}</tr>')
+            parts.append(f'<tr><td class="label" data-checkpoint="{e(label)}">{e(label)}</td>{info_cells}'
+                         f'{"".join(cells)}</tr>')
         parts.append("</tbody></table></div>")
     if page.charts:
         parts.append('<h2>Charts</h2><div class="charts">')
@@ -285,25 +293,90 @@ def tradeoff_chart(result: EvalResult) -> Chart | None:
 
 
 # ------------------------------------------------------------------------------------------------ pages
+#: the metric a person compares checkpoints by first, per prompt type (the first name present wins; a prefix
+#: ending in "[" matches any extractor); the agnostic prompts have two: what the base model keeps, and the leak
+KEY_METRICS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("train", ("world.fidelity", "fidelity[")),
+    ("trigger", ("world.fidelity", "fidelity[")),
+    ("alter", ("world.controllability", "clip_score[", "prompt_acc[")),
+    ("style", ("world.controllability", "clip_score[", "style_loss[")),
+    ("agnostic", ("world.preservation", "style_loss[")),
+    ("agnostic", ("world.leak", "leak[")),
+)
+
+
+def key_metrics(result: EvalResult) -> list[tuple[str, str]]:
+    """(group, metric) of each prompt type's key metric that the result has (KEY_METRICS)."""
+    out: list[tuple[str, str]] = []
+    for group, prefixes in KEY_METRICS:
+        names = result.metric_names(group)
+        for prefix in prefixes:
+            match = next((m for m in names if m == prefix or (prefix.endswith("[") and m.startswith(prefix))), None)
+            if match and (group, match) not in out:
+                out.append((group, match))
+                break
+    return out
+
+
+def checkpoint_method(result: EvalResult, checkpoint: Mapping[str, Any]) -> str:
+    """What a checkpoint is, in a word: "base model", the run's algorithm ("lora", "loha", ...), "native"."""
+    if checkpoint.get("kind") == "base":
+        return "base model"
+    settings = next((r["settings"] for r in result.runs if r["name"] == checkpoint.get("run")), None)
+    if settings is None:
+        return str(checkpoint.get("kind") or "")
+    if settings.get("method", "adapter") != "adapter":
+        return str(settings["method"])
+    return str(settings.get("algorithm", "adapter"))
+
+
+def ranking_order(result: EvalResult) -> list[str]:
+    """Checkpoint labels best first: by harmonic mean, ties broken by the arithmetic mean (as ``best`` is)."""
+    def key(lb: str) -> tuple[float, float]:
+        hm, mean = result.harmonic_mean.get(lb), result.mean_score.get(lb)
+        return (hm if _finite(hm) else -1.0, mean if _finite(mean) else -1.0)
+
+    labels = [c["label"] for c in result.checkpoints]
+    return sorted(labels, key=key, reverse=True)  # sorted is stable: equal keys keep the input order
+
+
+def ranking_table(result: EvalResult) -> Table | None:
+    """The checkpoints compared, best first, in one table (the paper's Table 1 for these runs): method, epoch,
+    each prompt type's key metric, the harmonic and arithmetic means of the rank-normalised scores, the rank."""
+    if len(result.harmonic_mean) < 2:
+        return None
+    info = {c["label"]: c for c in result.checkpoints}
+    keys = key_metrics(result)
+    order = ranking_order(result)
+    rows, texts = [], []
+    for rank, lb in enumerate(order, start=1):
+        c = info[lb]
+        rows.append((lb, [result.value(g, lb, m) for g, m in keys]
+                     + [result.harmonic_mean.get(lb), result.mean_score.get(lb), float(rank)]))
+        texts.append([checkpoint_method(result, c), "" if c.get("epoch") is None else str(c["epoch"])])
+    columns = [f"{m} ({g})" for g, m in keys] + ["harmonic mean", "arithmetic mean", "rank"]
+    return Table("ranking: the checkpoints compared, best first", columns, rows,
+                 [result.directions.get(m) for _, m in keys] + [True, True, False],
+                 note="rank: by the harmonic mean of every metric below, each rank-normalised to [0, 1] across the "
+                 "checkpoints compared (best 1), per prompt type (the paper's rule); a checkpoint worst on any one "
+                 "metric has harmonic mean 0, and the arithmetic mean of the same scores breaks such ties. The "
+                 "metric columns are each prompt type's key metric; every metric is in the tables below",
+                 info_columns=["method", "epoch"], info=texts)
+
+
 def page_from_eval(result: EvalResult, jobs: Sequence[ImageJob], images: Mapping[str, Sequence[Image.Image]],
                    title: str = "lorakit eval", summary: Sequence[str] = ()) -> Page:
     """The page of a ``lorakit eval`` result: tables per prompt type (and pooled), the harmonic-mean ranking,
     charts, one image grid per prompt type (rows prompts, columns checkpoints, one image per seed)."""
     labels = [c["label"] for c in result.checkpoints]
     page = Page(title=title, summary=list(summary))
+    if (ranking := ranking_table(result)) is not None:
+        page.tables.append(ranking)
     for group in result.groups:
         names = result.metric_names(group)
         rows = [(lb, [result.value(group, lb, m) for m in names]) for lb in labels]
         page.tables.append(Table(f"metrics: {group} prompts" if group != "all" else "metrics: all prompts pooled",
                                  names, rows, [result.directions.get(m) for m in names]))
-    if result.harmonic_mean:
-        rows = [(lb, [result.harmonic_mean.get(lb), result.mean_score.get(lb)]) for lb in labels]
-        page.tables.append(Table("ranking: harmonic mean of the rank-normalised metrics",
-                                 ["harmonic mean", "arithmetic mean"], rows, [True, True],
-                                 note="each metric rank-normalised to [0, 1] across the checkpoints compared (best 1), "
-                                 "per prompt type; the best checkpoint has the highest harmonic mean (the paper's "
-                                 "rule). A checkpoint worst on any one metric has harmonic mean 0; the arithmetic "
-                                 "mean breaks such ties"))
     if result.importance:
         features: list[str] = []
         for values in result.importance.values():
