@@ -10,6 +10,12 @@ from model_helpers import SD15_TE, build_tiny_text_encoder, build_tiny_unet
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end tests (marked slow, a minute or more each) first: pytest-xdist hands tests out in
+    collection order, so the short ones fill the gaps at the end instead of one long test running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort keeps the rest's order
+
+
 @pytest.fixture(scope="session")
 def sd15_meta():
     """(unet, text_encoder) shaped like SD1.5, on the meta device: names and shapes, no memory."""
