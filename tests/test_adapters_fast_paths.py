@@ -88,7 +88,7 @@ def test_fast_forward_equals_reference_with_its_gradients(config, layer, multipl
         x.grad = None
 
 
-@pytest.mark.parametrize("config", [c for c in FAST if c[0] in ("loha", "lokr")], ids=str)
+@pytest.mark.parametrize("config", [c for c in FAST if c[0] in ("loha", "lokr", "oft", "boft")], ids=str)
 @pytest.mark.parametrize("layer", ["linear", "conv3x3_s2"])
 def test_factorised_and_materialised_forwards_agree(config, layer):
     algorithm, options = config
@@ -133,6 +133,17 @@ def test_the_cheaper_path_is_chosen_from_shapes(algorithm, options):
     pinned = make_adapter(algorithm, nn.Conv2d(256, 256, 3, padding=1), rank=4, **options)
     pinned.forward_path = "materialised"
     assert not pinned.factorised_for(torch.zeros(1, 256, 2, 2))
+
+
+@pytest.mark.parametrize("algorithm, options", [("oft", {}), ("boft", {"rank": 8})])
+def test_oft_rotates_whichever_is_smaller_weight_or_output(algorithm, options):
+    conv = make_adapter(algorithm, nn.Conv2d(64, 64, 3, padding=1), **options)
+    assert not conv.factorised_for(torch.zeros(4, 64, 16, 16))  # 576 weights per channel, 1024 positions
+    assert conv.factorised_for(torch.zeros(1, 64, 4, 4))  # a deep 4x4 map: 16 positions
+    linear = make_adapter(algorithm, nn.Linear(32, 64), **options)
+    assert not linear.factorised_for(torch.zeros(2, 77, 32))
+    linear.forward_path = "factorised"
+    assert linear.factorised_for(torch.zeros(2, 77, 32))
 
 
 @pytest.mark.parametrize("config", [("loha", {}), ("lokr", {}), ("ia3", {}), ("lora", {"dora": True})], ids=str)

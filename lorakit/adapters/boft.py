@@ -92,6 +92,33 @@ class BOFT(OFT):
     def rotate(self, z: torch.Tensor, axis: int) -> torch.Tensor:
         return apply_butterfly(self.rotation(), z, axis)
 
+    def rotate_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """``B W`` for a weight ``(out, ...)``, as ``apply_butterfly`` along axis 0 but with each stage's channel
+        shuffle done as one row gather (the shuffle back and the next stage's shuffle composed into one):
+        ~3 ops per stage instead of ~12, which is most of a BOFT step's cost on small layers."""
+        r = self.rotation()
+        gathers = self._row_gathers(w.device)
+        flat = w.reshape(self.out_features, -1)
+        for i in range(r.shape[0]):
+            flat = flat.index_select(0, gathers[i])
+            flat = torch.bmm(r[i], flat.reshape(self.block_num, self.block_size, -1)).reshape(flat.shape)
+        return flat.index_select(0, gathers[-1]).reshape(w.shape)
+
+    def _row_gathers(self, device: torch.device) -> list[torch.Tensor]:
+        """Row indices: entry i (i < m) takes rows from stage i−1's order (the channel order for i = 0) into
+        stage i's; the last entry takes stage m−1's order back to the channel order."""
+        cached = getattr(self, "_gathers", None)
+        if cached is None or cached[0].device != device:
+            channels = torch.arange(self.out_features)
+            b = self.block_size
+            orders = [channels.unflatten(0, (-1, 2, 2 ** i * (b // 2))).transpose(-1, -2).flatten()
+                      for i in range(self.stages)]  # stage i's order: row j holds channel orders[i][j]
+            inverses = [torch.argsort(o) for o in orders]
+            cached = [orders[0]] + [inverses[i - 1][orders[i]] for i in range(1, self.stages)] + [inverses[-1]]
+            cached = [g.to(device) for g in cached]
+            self._gathers = cached
+        return cached
+
     @classmethod
     def matches(cls, tensors: dict[str, torch.Tensor]) -> bool:
         return tensors["oft_blocks"].dim() == 4

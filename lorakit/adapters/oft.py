@@ -68,6 +68,9 @@ class OFT(Adapter):
     lycoris_algo = "diag-oft"
     #: a LyCORIS-style ``rank`` (its ``lora_dim``: the block size) is taken by ``make_adapter``
     takes_rank = True
+    #: "factorised": rotate the frozen layer's output; "materialised": rotate W0 and run the layer once with
+    #: it; "auto": whichever touches fewer values (``factorised_for``)
+    forward_path: str = "auto"
 
     def __init__(self, base: BaseLayer, rank: int = 4, multiplier: float = 1.0, *, constraint: float = 0.0,
                  rescaled: bool = False, block_size: int | None = None, dropout: float = 0.0,
@@ -118,6 +121,12 @@ class OFT(Adapter):
         """``R z`` along ``axis`` (the output channels of ``W0`` or of ``W0 x``)."""
         return rotate_rows(self.rotation(), z, axis)
 
+    def rotate_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """``R W`` for a weight ``(out, ...)``: one batched matmul over the blocks of rows, no axis moves."""
+        r = self.rotation()
+        k, b, _ = r.shape
+        return torch.bmm(r, w.reshape(k, b, -1)).reshape(w.shape)
+
     def _rescale_for(self, axis_last: bool) -> torch.Tensor:
         s = self.rescale.reshape(-1)
         return s if axis_last else s.reshape(-1, *(1,) * (self.base.weight.dim() - 2))
@@ -125,7 +134,7 @@ class OFT(Adapter):
     # ---- ΔW ------------------------------------------------------------------------------------
     def _deltas(self, train: bool) -> tuple[torch.Tensor, None]:
         w0 = self.original_weight
-        rotated = self.rotate(w0.to(torch.promote_types(w0.dtype, torch.float32)), 0)
+        rotated = self.rotate_weight(w0.to(torch.promote_types(w0.dtype, torch.float32)))
         if self.rescale is not None:
             rotated = rotated * self.rescale
         delta = rotated - w0.to(rotated.dtype)
@@ -135,17 +144,30 @@ class OFT(Adapter):
             delta = delta * self._row_mask(delta)
         return delta, None
 
-    # ---- forward: rotate the frozen layer's output ----------------------------------------------------
+    # ---- forward: rotate the frozen layer's weight, or its output --------------------------------------
+    def factorised_for(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` rotates the layer's output rather than its weight (shapes only).
+
+        R acts on output channels, so rotating W0 (in·k² values per channel) or W0 x (one value per output
+        position per channel) gives the same y; the smaller is cheaper, and for a U-Net's convs and attention
+        at training batch sizes that is the weight (BOFT: ~1.4x faster per step on the CPU, ~3x in sampling).
+        """
+        if self.forward_path != "auto":
+            return self.forward_path == "factorised"
+        return self.base.weight[0].numel() > self.positions(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return super().forward(x)
+        train = self.training
+        if not self.factorised_for(x) and not (train and self.dropout > 0):  # dropout acts on the output
+            return self._weight_rotating_forward(x, train)
         axis = -1 if self.kind == "linear" else (1 if x.dim() == 4 else 0)
         z = self.base_forward(x, self.base.weight, None)
         zf = z.to(torch.promote_types(z.dtype, torch.float32))
         rotated = self.rotate(zf, axis)
         if self.rescale is not None:
             rotated = rotated * self._rescale_for(axis == -1)
-        train = self.training
         plain = self.multiplier == 1 and not (train and (self.dropout > 0 or self.rank_dropout > 0
                                                         or self.module_dropout > 0))
         if plain:
@@ -167,6 +189,15 @@ class OFT(Adapter):
         if bias is None:
             return y
         return y + (bias if axis == -1 else bias.reshape(-1, *(1,) * (z.dim() - axis - 1)))
+
+    def _weight_rotating_forward(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """``y = (W0 + ΔW) x + b`` with ΔW from ``_deltas`` (multiplier and rank dropout on its rows included)."""
+        delta, _ = self._deltas(train)
+        if train and self.module_dropout > 0:
+            delta = delta * self._module_keep(delta)
+        w0 = self.base.weight
+        weight = w0.to(delta.dtype) + delta
+        return self.base_forward(x, weight if weight.dtype == x.dtype else weight.to(x.dtype), self.base.bias)
 
     # ---- files ---------------------------------------------------------------------------------
     @classmethod
