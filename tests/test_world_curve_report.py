@@ -78,6 +78,7 @@ def test_table_and_plot_from_run_folders(tmp_path):
     assert "new color or background" in table
     assert "0.00 → 0.00, 0.00 → 0.30, 0.90 → 0.30" in table
     lines = curve_report.summary_lines(runs)
-    assert lines[0].startswith("second-valley: fired in 1/1 runs; TP - onset = [")
+    assert lines[0].startswith("second-valley: 1/1 runs within ±1 epoch of the onset (1/1 within ±1 of its "
+                               "interval); fired in 1/1 runs; TP - onset = [")
     png = curve_report.plot_run(run, tmp_path / "plot.png")
     assert png.read_bytes()[:4] == b"\x89PNG"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from lorakit.config import load_config
 from lorakit.earlystop import CalmRule, SecondValley
-from lorakit.world.experiment import change_success, overfitting_onset, smooth, turning_epoch
+from lorakit.world.experiment import change_success, smooth, turning_epoch
+from lorakit.world.onset import Onset, measure_onset
 
 #: rule name -> (rule, window in epochs): the two rules of ``early_stop.rule``, the paper's without the noise
 #: guard, and both with a longer window (fewer, wider CSF waves)
@@ -40,6 +41,8 @@ class RunResult:
     control: list[float]
     color_control: list[float]
     onset: int
+    onset_interval: Onset  # the onset with its bootstrap interval and the generalisation score per epoch
+    leak: list[float]  # share of agnostic-prompt images showing the concept
     turning: dict[str, int | None]  # rule name -> turning-point epoch (None: never decided)
     found: dict[str, int | None]  # rule name -> epoch at which the rule had decided
 
@@ -58,7 +61,8 @@ class RunResult:
 
 
 def load_run(run_dir: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES) -> RunResult:
-    rows = json.loads((run_dir / "curve.json").read_text())
+    rows = sorted(json.loads((run_dir / "curve.json").read_text()), key=lambda r: r["epoch"])
+    onset = measure_onset(rows, changes)
     cfg = load_config(run_dir / "config.toml")
     turning, found = {}, {}
     for name, (rule, window_epochs) in RULES.items():
@@ -72,7 +76,8 @@ def load_run(run_dir: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES) -> Ru
         change_success=[change_success(r, changes) for r in rows], changes=changes,
         control=[r["controllability"] for r in rows],
         color_control=[r["controllability_by_attribute"].get("color", 0.0) for r in rows],
-        onset=overfitting_onset(rows, changes), turning=turning, found=found)
+        onset=onset.epoch, onset_interval=onset, leak=[r.get("leak", 0.0) for r in rows],
+        turning=turning, found=found)
 
 
 def find_runs(root: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES) -> list[RunResult]:
@@ -87,21 +92,23 @@ def _fmt(value: float | None) -> str:
 
 def markdown_table(runs: list[RunResult]) -> str:
     changes = " or ".join(runs[0].changes) if runs else "?"
-    head = (f"| run | onset = peak of success on new {changes}: epoch (success / fidelity) | "
+    head = (f"| run | onset [90% interval] = peak of success on new {changes} − leak: epoch (success / fidelity) | "
             "fidelity peak: epoch (success / fidelity) | second valley TP: epoch, decided at "
             "(success / fidelity) | calm rule TP: epoch, decided at (success / fidelity) | "
             "epoch 0 → last: success, fidelity, control |")
     lines = [head, "|" + "---|" * 6]
 
-    def cell(r: RunResult, epoch: int | None, found: int | None = None) -> str:
+    def cell(r: RunResult, epoch: int | None, found: int | None = None, interval: Onset | None = None) -> str:
         if epoch is None:
             return "never"
         when = f", {found}" if found is not None else ""
-        return f"{epoch}{when} ({_fmt(r.at(epoch, r.change_success))} / {_fmt(r.at(epoch, r.fidelity))})"
+        shown = str(interval) if interval is not None else f"{epoch}"
+        return f"{shown}{when} ({_fmt(r.at(epoch, r.change_success))} / {_fmt(r.at(epoch, r.fidelity))})"
 
     for r in runs:
         lines.append(
-            f"| {r.algorithm} lr {r.lr:g} seed {r.seed} | {cell(r, r.onset)} | {cell(r, r.fidelity_peak)} | "
+            f"| {r.algorithm} lr {r.lr:g} seed {r.seed} | {cell(r, r.onset, interval=r.onset_interval)} | "
+            f"{cell(r, r.fidelity_peak)} | "
             f"{cell(r, r.turning['second-valley'], r.found['second-valley'])} | "
             f"{cell(r, r.turning['calm'], r.found['calm'])} | "
             f"{r.change_success[0]:.2f} → {r.change_success[-1]:.2f}, {r.fidelity[0]:.2f} → {r.fidelity[-1]:.2f}, "
@@ -120,11 +127,15 @@ def summary_lines(runs: list[RunResult]) -> list[str]:
             continue
         signed = [r.turning[name] - r.onset for r in fired]
         within = sum(abs(d) <= 2 for d in signed)
+        within_one = sum(abs(d) <= 1 for d in signed)  # never-fired runs count as misses below
+        inside = sum(r.onset_interval.contains(r.turning[name], slack=1) for r in fired)
         to_peak = sum(abs(r.turning[name] - r.fidelity_peak) for r in fired) / len(fired)
         success = {r.name: list(smooth(r.change_success)) for r in fired}  # single scored epochs are noisy
         kept = [r.at(r.turning[name], success[r.name]) / r.at(r.onset, success[r.name]) for r in fired
                 if r.at(r.onset, success[r.name]) > 0] or [float("nan")]
-        out.append(f"{name}: fired in {len(fired)}/{len(runs)} runs; TP - onset = {signed} epochs "
+        out.append(f"{name}: {within_one}/{len(runs)} runs within ±1 epoch of the onset "
+                   f"({inside}/{len(runs)} within ±1 of its interval); "
+                   f"fired in {len(fired)}/{len(runs)} runs; TP - onset = {signed} epochs "
                    f"(mean |·| {sum(map(abs, signed)) / len(signed):.1f}, {within} within 2 epochs, "
                    f"{sum(d < 0 for d in signed)} early, {sum(d > 0 for d in signed)} late); "
                    f"smoothed success at TP / at onset = {sum(kept) / len(kept):.2f} (mean); "
@@ -143,7 +154,11 @@ def plot_run(run: RunResult, path: Path) -> Path:
     changes = " or ".join(run.changes)
     ax.plot(run.epochs, run.change_success, "s-", label=f"concept + new {changes} obeyed")
     ax.plot(run.epochs, smooth(run.change_success), ":", color="C1", label="the same, smoothed")
-    ax.axvline(run.onset, color="C1", linestyle="--", label=f"measured onset (epoch {run.onset})")
+    ax.plot(run.epochs, run.leak, "x-", color="C5", label="leak (concept on agnostic prompts)")
+    ax.axvline(run.onset, color="C1", linestyle="--", label=f"measured onset (epoch {run.onset_interval})")
+    if run.onset_interval.low is not None:
+        ax.axvspan(run.onset_interval.low - 0.5, run.onset_interval.high + 0.5, color="C1", alpha=0.12,
+                   label="onset's 90% bootstrap interval")
     ax.plot(run.epochs, run.control, "^-", label="controllability (scored prompts)")
     ax.plot(run.epochs, run.color_control, "v-", label="color obeyed (scored prompts)")
     ax.axvline(run.fidelity_peak, color="k", linestyle="--", label=f"fidelity peak (epoch {run.fidelity_peak})")

@@ -34,7 +34,9 @@ from lorakit.models import BaseModel, load_base_model
 from lorakit.sample import SamplePrompt
 from lorakit.train import train
 from lorakit.world import concept
-from lorakit.world.metrics import world_metrics
+from lorakit.world.metrics import image_outcomes, metrics_from_readings, pixel_vector
+from lorakit.world.onset import measure_onset
+from lorakit.world.reader import default_reader
 from lorakit.world.recipe import recipe_config
 
 
@@ -89,7 +91,12 @@ def score(model: BaseModel, seeds_per_prompt: int, adapter: Path | None = None,
         paths, _ = generate_all(model, base_hash, [checkpoint], jobs, settings, ImageCache(cache or tmp),
                                 batch_size=32, progress=False)
         images = load_images(paths)[checkpoint.label]
-    return world_metrics(images, [labels[j.prompt_index] for j in jobs]).as_dict()
+    image_prompts = [labels[j.prompt_index] for j in jobs]
+    readings = default_reader().read_many(images)
+    pixels = np.stack([pixel_vector(im) for im in images])
+    metrics = metrics_from_readings(readings, image_prompts, pixel_features=pixels).as_dict()
+    # per image, so the onset's bootstrap can resample prompts (lorakit.world.onset)
+    return {**metrics, "outcomes": image_outcomes(readings, image_prompts)}
 
 
 def score_run(run_dir: Path, model_spec: str | None = None, seeds_per_prompt: int = 2,
@@ -197,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"epoch {r['epoch']:3d}  fidelity {r['fidelity']:.2f}  "
               f"success on changes ({args.changes}) {change_success(r, changes):.2f}  "
               f"control {r['controllability']:.2f}  leak {r['leak']:.2f}")
-    print(f"overfitting onset (peak of success on {args.changes} changes): epoch", overfitting_onset(rows, changes))
+    onset = measure_onset(rows, changes)
+    print(f"overfitting onset (peak of success on {args.changes} changes minus leak), 90% interval: epoch {onset}")
     print("CS-Fluctuation turning point:", turning_epoch(args.out))
     return 0
 

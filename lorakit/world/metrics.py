@@ -211,6 +211,21 @@ def metrics_from_readings(readings: Sequence[Reading], prompts: Sequence[EvalPro
         counts_by_change={a: len(v) for a, v in changed.items()}, concept_shape=concept_shape)
 
 
+def image_outcomes(readings: Sequence[Reading], prompts: Sequence[EvalPrompt | dict],
+                   concept_shape: str = CONCEPT_SHAPE) -> list[dict]:
+    """Per image, what the onset needs and a bootstrap can resample: the prompt it came from, its type, whether
+    the concept was drawn, and for each attribute the prompt changes whether the image shows the concept *and*
+    the new value."""
+    prompts = [_as_prompt(p) for p in prompts]
+    out = []
+    for reading, p in zip(readings, prompts, strict=True):
+        seen = reading.has_shape(concept_shape)
+        obeyed = _obeyed(reading, p.expected)
+        out.append({"prompt": p.prompt, "type": p.type, "seen": bool(seen),
+                    "changed": {a: bool(seen and obeyed[a]) for a in p.changes}})
+    return out
+
+
 def world_metrics(images: Sequence[Image.Image | np.ndarray], prompts: Sequence[EvalPrompt | dict],
                   reader: Reader | None = None, concept_shape: str = CONCEPT_SHAPE) -> WorldMetrics:
     """Read ``images`` (one per entry of ``prompts``, several images per prompt allowed) and score them."""

@@ -1,0 +1,145 @@
+"""The measured overfitting onset of a shapes-world run, and how sure it is.
+
+Per scored epoch, the generalisation score
+
+    g(e) = success on prompts that change something the training set never shows − concept leak
+
+where success is the share of those prompts' images showing the concept *and* the new color, row or
+background (pooled over the ``changes`` asked for), and leak is the share of ``agnostic``-prompt images (no
+trigger: "a red circle at the top right") that show the concept anyway.  Both fall when a run overfits: the
+concept is drawn in its training colors and rows whatever the prompt says, or drawn where it was not asked
+for.  The onset is the epoch (≥ 1) where the centred 3-epoch moving average of g peaks.
+
+How sure: every epoch is scored on the same prompts and seeds, so a paired bootstrap draws prompts with
+replacement (change prompts and agnostic prompts separately, each prompt with all its images), uses the draw
+for every epoch, and takes the onset of each draw; the interval is the central 90% of those onsets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: bootstrap draws: the interval's ends move by less than an epoch between seeds at this count (tests)
+RESAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class Onset:
+    epoch: int
+    low: int | None  # the interval's ends; None when the rows carry no per-image outcomes (older runs)
+    high: int | None
+    scores: tuple[float, ...]  # g per scored epoch, unsmoothed
+
+    def __str__(self) -> str:
+        return f"{self.epoch}" if self.low is None else f"{self.epoch} [{self.low}–{self.high}]"
+
+    def contains(self, epoch: int, slack: int = 0) -> bool:
+        low, high = (self.epoch, self.epoch) if self.low is None else (self.low, self.high)
+        return low - slack <= epoch <= high + slack
+
+
+@dataclass(frozen=True)
+class PromptCounts:
+    """Per scored epoch and prompt: images counted for success (``n``) and the successes among them (``s``),
+    agnostic images (``a``) and those showing the concept (``l``).  Arrays of shape (epochs, prompts)."""
+    epochs: tuple[int, ...]
+    change_prompts: np.ndarray  # bool (prompts,): the prompt changes one of the attributes asked for
+    agnostic_prompts: np.ndarray  # bool (prompts,)
+    s: np.ndarray
+    n: np.ndarray
+    l: np.ndarray  # noqa: E741  (the paper-style letter for leak)
+    a: np.ndarray
+
+
+def prompt_counts(rows: Sequence[dict], changes: Sequence[str]) -> PromptCounts | None:
+    """Counts from the ``outcomes`` each scored row carries (``lorakit.world.experiment.score``); ``None`` when a
+    row has none.  Every row must hold the same prompts (they are paired across epochs)."""
+    if not rows or any("outcomes" not in r for r in rows):
+        return None
+    keys = sorted({(o["type"], o["prompt"]) for o in rows[0]["outcomes"]})
+    index = {k: i for i, k in enumerate(keys)}
+    shape = (len(rows), len(keys))
+    s, n, l, a = (np.zeros(shape) for _ in range(4))  # noqa: E741
+    for e, row in enumerate(rows):
+        if {(o["type"], o["prompt"]) for o in row["outcomes"]} != set(keys):
+            raise ValueError(f"epoch {row['epoch']} was scored on other prompts than epoch {rows[0]['epoch']}")
+        for o in row["outcomes"]:
+            k = index[(o["type"], o["prompt"])]
+            asked = [o["changed"][c] for c in changes if c in o["changed"]]
+            if asked:  # a prompt changing two asked attributes counts once per attribute, as change_success
+                n[e, k] += len(asked)
+                s[e, k] += sum(asked)
+            if o["type"] == "agnostic":
+                a[e, k] += 1
+                l[e, k] += o["seen"]
+    return PromptCounts(tuple(r["epoch"] for r in rows), n.sum(0) > 0, a.sum(0) > 0, s, n, l, a)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.divide(num, den, out=np.zeros_like(num, dtype=float), where=den > 0)
+
+
+def generalisation(counts: PromptCounts, weights: np.ndarray | None = None, count_leak: bool = True) -> np.ndarray:
+    """g per epoch; with ``weights`` (draws × prompts: how often each prompt was drawn) one row per draw."""
+    w = np.ones((1, counts.s.shape[1])) if weights is None else np.atleast_2d(weights)
+    success = _ratio(w @ counts.s.T, w @ counts.n.T)  # (draws, epochs)
+    if not count_leak:
+        return success if weights is not None else success[0]
+    leak = _ratio(w @ counts.l.T, w @ counts.a.T)
+    g = success - leak
+    return g if weights is not None else g[0]
+
+
+def smooth_rows(values: np.ndarray, width: int = 3) -> np.ndarray:
+    """Centred moving average along the last axis, shorter at the ends (``experiment.smooth`` for many rows)."""
+    v = np.atleast_2d(values).astype(float)
+    half = width // 2
+    cols = [v[:, max(0, i - half):i + half + 1].mean(axis=1) for i in range(v.shape[1])]
+    return np.stack(cols, axis=1)
+
+
+def peak_epoch(epochs: Sequence[int], scores: np.ndarray) -> np.ndarray:
+    """Per row of ``scores``: the epoch ≥ 1 of the smoothed maximum (the earliest on ties)."""
+    smoothed = smooth_rows(scores)
+    usable = np.array([e >= 1 for e in epochs])
+    smoothed[:, ~usable] = -np.inf
+    return np.asarray(epochs)[np.argmax(smoothed, axis=1)]
+
+
+def _draws(mask: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """How often each prompt of ``mask`` is drawn in each of ``resamples`` draws of ``mask.sum()`` prompts."""
+    chosen = np.flatnonzero(mask)
+    out = np.zeros((resamples, mask.size))
+    if chosen.size:
+        picks = rng.integers(0, chosen.size, size=(resamples, chosen.size))
+        np.add.at(out, (np.arange(resamples)[:, None], chosen[picks]), 1)
+    return out
+
+
+def measure_onset(rows: Sequence[dict], changes: Sequence[str], *, count_leak: bool = True,
+                  resamples: int = RESAMPLES, level: float = 0.9, seed: int = 0) -> Onset:
+    """The onset of a scored run (rows of ``curve.json``, epoch 0 first) with its bootstrap interval."""
+    from lorakit.world.experiment import change_success  # the aggregate fallback for rows without outcomes
+
+    rows = sorted(rows, key=lambda r: r["epoch"])
+    epochs = [r["epoch"] for r in rows]
+    if not any(e >= 1 for e in epochs):
+        raise ValueError("the onset needs at least one scored epoch after epoch 0")
+    counts = prompt_counts(rows, changes)
+    if counts is None:
+        g = np.array([change_success(r, tuple(changes)) - (r.get("leak", 0.0) if count_leak else 0.0)
+                      for r in rows])
+        g = np.nan_to_num(g)
+        return Onset(int(peak_epoch(epochs, g[None])[0]), None, None, tuple(float(x) for x in g))
+    g = generalisation(counts, count_leak=count_leak)
+    rng = np.random.default_rng(seed)
+    weights = _draws(counts.change_prompts, resamples, rng)
+    if count_leak:
+        weights += _draws(counts.agnostic_prompts & ~counts.change_prompts, resamples, rng)
+    onsets = peak_epoch(epochs, generalisation(counts, weights, count_leak))
+    tail = (1 - level) / 2
+    low, high = np.quantile(onsets, [tail, 1 - tail], method="inverted_cdf")
+    return Onset(int(peak_epoch(epochs, g[None])[0]), int(low), int(high), tuple(float(x) for x in g))
