@@ -5,7 +5,8 @@
 - ``dataset``: write the "zkz" concept's training images, captions and evaluation prompts to a folder;
 - ``train-reader``: retrain the attribute reader's shape classifier;
 - ``experiment``: train past the overfitting point and score every epoch (docs/early_stopping.md);
-- ``curve-report``: tables and plots of ``experiment`` runs.
+- ``curve-report``: tables and plots of ``experiment`` runs;
+- ``grid``: many ``experiment`` runs in parallel (resumable), then the ``curve-report`` table.
 
 Each task module has ``add_arguments(parser)`` and ``run(args)`` (and ``main(argv)`` for ``python -m``).
 """
@@ -16,9 +17,9 @@ import argparse
 from pathlib import Path
 from types import ModuleType
 
-from lorakit.world import concept, curve_report, experiment, pretrain, quality, train_reader
+from lorakit.world import concept, curve_report, experiment, grid, pretrain, quality, train_reader
 
-HELP = "the built-in shapes world: pretrain, quality, dataset, train-reader, experiment, curve-report"
+HELP = "the built-in shapes world: pretrain, quality, dataset, train-reader, experiment, curve-report, grid"
 
 #: task -> (module with add_arguments/run, or None for "dataset", which lives here; one-line help)
 TASKS: dict[str, tuple[ModuleType | None, str]] = {
@@ -28,6 +29,7 @@ TASKS: dict[str, tuple[ModuleType | None, str]] = {
     "train-reader": (train_reader, "retrain (or measure) the attribute reader's shape classifier"),
     "experiment": (experiment, "train past overfitting and score every epoch's checkpoint"),
     "curve-report": (curve_report, "tables and plots of experiment runs"),
+    "grid": (grid, "a grid of experiment runs in parallel, resumable, then the table"),
 }
 
 

@@ -1,0 +1,141 @@
+"""A grid of overfitting-curve runs (``lorakit world experiment``), run in parallel and resumable, then the table.
+
+``lorakit world grid --out runs/grid`` trains and scores every combination of ``--algorithms``, ``--lrs`` and
+``--seeds`` (default: LoRA, LoCon, LoHa, LoKr × lr 2e-3 and 8e-3 × seeds 0 and 1 = 16 runs), ``--jobs`` at a
+time, each in its own process with one thread (two torch processes with two threads each on two cores slow
+each other down 8x).  A run that finished is marked ``grid_done`` and skipped; one that was interrupted
+continues where it stopped (its training resumes, its scored epochs are kept).  At the end the table of every
+run under ``--out`` is rebuilt (``curve-report``), so the same command both fills the grid and refreshes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+#: the issue's grid names LoRA and LoCon apart: LoRA on attention and MLP linears only, LoCon also on convs
+ALGORITHMS = {"lora": ("lora", "kohya"), "locon": ("lora", "full"), "loha": ("loha", "full"),
+              "lokr": ("lokr", "full")}
+DONE = "grid_done"
+
+
+@dataclass(frozen=True)
+class GridRun:
+    name: str
+    folder: Path
+    argv: tuple[str, ...]  # arguments of ``lorakit world experiment``
+
+    @property
+    def done(self) -> bool:
+        return (self.folder / DONE).exists()
+
+
+def plan(out: Path, algorithms: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], *, epochs: int,
+         seeds_per_prompt: int, types: str, changes: str, model: str | None = None) -> list[GridRun]:
+    """Every combination, named ``<algorithm>_lr<lr>_s<seed>`` (the names ``curve-report`` shows)."""
+    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    if unknown:
+        raise ValueError(f"unknown algorithm(s) {', '.join(unknown)}; the grid knows {', '.join(ALGORITHMS)}")
+    runs = []
+    for algorithm in algorithms:
+        algo, preset = ALGORITHMS[algorithm]
+        for lr in lrs:
+            for seed in seeds:
+                name = f"{algorithm}_lr{lr:g}_s{seed}"
+                folder = out / name
+                argv = ["--out", str(folder), "--algorithm", algo, "--preset", preset, "--lr", f"{lr:g}",
+                        "--seed", str(seed), "--epochs", str(epochs), "--seeds-per-prompt", str(seeds_per_prompt),
+                        "--types", types, "--changes", changes, "--score-every", "1"]
+                if model:
+                    argv += ["--model", model]
+                runs.append(GridRun(name, folder, tuple(argv)))
+    return runs
+
+
+def experiment_command(run: GridRun) -> list[str]:
+    return [sys.executable, "-m", "lorakit.world.experiment", *run.argv]
+
+
+def run_all(runs: Sequence[GridRun], jobs: int = 2,
+            command: Callable[[GridRun], list[str]] = experiment_command,
+            report: Callable[[str], None] = print) -> list[GridRun]:
+    """Run every unfinished run, ``jobs`` at a time, one thread each; returns the runs that failed (their log
+    is ``<run>/experiment.log``)."""
+    pending = [r for r in runs if not r.done]
+    skipped = len(runs) - len(pending)
+    if skipped:
+        report(f"{skipped} of {len(runs)} runs already done, skipped")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    running: list[tuple[GridRun, subprocess.Popen, object]] = []
+    failed: list[GridRun] = []
+    finished = 0
+    while pending or running:
+        while pending and len(running) < max(1, jobs):
+            run = pending.pop(0)
+            run.folder.mkdir(parents=True, exist_ok=True)
+            log = open(run.folder / "experiment.log", "a")  # noqa: SIM115  (closed when the run ends)
+            running.append((run, subprocess.Popen(command(run), stdout=log, stderr=subprocess.STDOUT, env=env), log))
+            report(f"started {run.name}")
+        time.sleep(0.2)
+        for item in list(running):
+            run, process, log = item
+            if process.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            finished += 1
+            if process.returncode == 0:
+                (run.folder / DONE).write_text("")
+                report(f"finished {run.name} ({finished + skipped}/{len(runs)})")
+            else:
+                failed.append(run)
+                report(f"FAILED {run.name} (exit {process.returncode}); see {run.folder / 'experiment.log'}")
+    return failed
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--out", type=Path, required=True, help="folder of the grid's run folders")
+    ap.add_argument("--algorithms", default="lora,locon,loha,lokr")
+    ap.add_argument("--lrs", default="2e-3,8e-3", help="one that does not break the model in 20 epochs, one that does")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--seeds-per-prompt", type=int, default=3)
+    ap.add_argument("--types", default="alter,style,agnostic",
+                    help="prompt types scored every epoch (the onset's, and agnostic for concept leak)")
+    ap.add_argument("--changes", default="color,position,background")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    ap.add_argument("--markdown", type=Path, help="write the table here (default: <out>/table.md)")
+    ap.add_argument("--plot", type=Path, help="plot of the first run")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.world import curve_report
+
+    runs = plan(args.out, [a.strip() for a in args.algorithms.split(",")],
+                [float(x) for x in args.lrs.split(",")], [int(x) for x in args.seeds.split(",")],
+                epochs=args.epochs, seeds_per_prompt=args.seeds_per_prompt, types=args.types,
+                changes=args.changes, model=args.model)
+    failed = run_all(runs, args.jobs)
+    report = argparse.Namespace(runs=args.out, markdown=args.markdown or args.out / "table.md", plot=args.plot,
+                                plot_run=None, changes=args.changes)
+    curve_report.run(report)
+    done = sum(r.done for r in runs)
+    print(f"grid: {done}/{len(runs)} runs done, {len(failed)} failed; table: {report.markdown}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
