@@ -475,7 +475,8 @@ def _sample(model: BaseModel, method: TrainingMethod, prompts: list[SamplePrompt
             accelerator: Accelerator) -> Path:
     expanded = [replace(p, prompt=method.expand_prompt(p.prompt),
                         negative_prompt=method.expand_prompt(p.negative_prompt)) for p in prompts]
-    images = generate(model, expanded, device=accelerator.device, progress=False)
+    with method.sampling():
+        images = generate(model, expanded, device=accelerator.device, progress=False)
     save_sample_grid(images, prompts, path)
     return path
 

@@ -315,6 +315,37 @@ def test_text_encoder_gets_its_own_learning_rate(tiny_model_dir, dataset, tmp_pa
     assert any(k.startswith("lora_te_") for k in keys) and any(k.startswith("lora_unet_") for k in keys)
 
 
+def test_sampling_during_training_bakes_the_adapters_in_and_restores_the_weights_exactly(tiny_model_dir, dataset,
+                                                                                        tmp_path):
+    import numpy as np
+
+    from lorakit.methods import AdapterMethod
+    from lorakit.models import load_base_model
+    from lorakit.sample import SamplePrompt, generate
+
+    model = load_base_model(tiny_model_dir)
+    method = AdapterMethod(make_config(tiny_model_dir, dataset, tmp_path / "run", network={"conv_rank": 4}), model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for adapter in method.network.adapters.values():
+            adapter.lora_up.weight.normal_(std=0.5)  # a large update (a fresh one is zero)
+    weights = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    prompts = [SamplePrompt("a red circle", steps=4), SamplePrompt("a blue square on a gray background", steps=4)]
+    unmerged = generate(model, prompts, progress=False)
+    with method.sampling():
+        assert method.network.merged
+        merged = generate(model, prompts, progress=False)
+    assert not method.network.merged
+    assert all(torch.equal(weights[k], v) for k, v in model.unet.state_dict().items())
+    for a, b in zip(unmerged, merged, strict=True):  # the same images, up to float rounding
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
+    method.network.set_multiplier(0.0)
+    base = generate(model, prompts, progress=False)
+    pixel_change = [np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max()
+                    for a, b in zip(base, merged, strict=True)]
+    assert max(pixel_change) > 8  # the update shows: the test above compares images that differ
+
+
 def test_native_fine_tuning_writes_a_checkpoint_that_loads(tiny_model_dir, dataset, tmp_path):
     from lorakit.models import load_base_model
 
