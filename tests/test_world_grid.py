@@ -25,12 +25,15 @@ def test_the_default_grid_is_the_issue_grid(tmp_path):
 
 
 def script_command(run: GridRun) -> list[str]:
-    """A stand-in for the experiment: appends its name to a shared file, fails for runs named *_s1."""
+    """A stand-in for the experiment: appends its name to a shared file, fails for runs named *_s1.  Like the
+    trainer, it refuses a run folder holding files it did not write (no config.toml)."""
     code = ("import os, sys, time; from pathlib import Path; name = sys.argv[1]; "
-            "assert os.environ['OMP_NUM_THREADS'] == '1'; "
+            "assert os.environ['OMP_NUM_THREADS'] == '1'; folder = Path(sys.argv[3]); "
+            "assert not folder.exists() or (folder / 'config.toml').exists() or not any(folder.iterdir()), "
+            "'not a run folder'; folder.mkdir(exist_ok=True); (folder / 'config.toml').write_text(''); "
             "Path(sys.argv[2]).open('a').write(name + '\\n'); time.sleep(0.3); print('ran', name); "
             "sys.exit(3 if name.endswith('_s1') else 0)")
-    return [sys.executable, "-c", code, run.name, str(run.folder.parent / "calls.txt")]
+    return [sys.executable, "-c", code, run.name, str(run.folder.parent / "calls.txt"), str(run.folder)]
 
 
 def test_runs_in_parallel_processes_skips_finished_ones_and_names_failures(tmp_path):
@@ -40,7 +43,7 @@ def test_runs_in_parallel_processes_skips_finished_ones_and_names_failures(tmp_p
     failed = run_all(runs, jobs=2, command=script_command, report=messages.append)
     assert sorted(r.name for r in failed) == ["loha_lr0.001_s1", "lora_lr0.001_s1"]
     assert sorted(r.name for r in runs if r.done) == ["loha_lr0.001_s0", "lora_lr0.001_s0"]
-    assert "ran lora_lr0.001_s0" in (tmp_path / "lora_lr0.001_s0" / "experiment.log").read_text()
+    assert "ran lora_lr0.001_s0" in (tmp_path / "logs" / "lora_lr0.001_s0.log").read_text()
     assert any(m.startswith("FAILED lora_lr0.001_s1 (exit 3)") for m in messages)
     calls = (tmp_path / "calls.txt").read_text().split()
     assert sorted(calls) == sorted(r.name for r in runs)
@@ -51,7 +54,7 @@ def test_runs_in_parallel_processes_skips_finished_ones_and_names_failures(tmp_p
     assert messages[0] == "2 of 4 runs already done, skipped"
     again = (tmp_path / "calls.txt").read_text().split()[len(calls):]
     assert sorted(again) == ["loha_lr0.001_s1", "lora_lr0.001_s1"]
-    assert (tmp_path / "lora_lr0.001_s1" / "experiment.log").read_text().count("ran lora_lr0.001_s1") == 2
+    assert (tmp_path / "logs" / "lora_lr0.001_s1.log").read_text().count("ran lora_lr0.001_s1") == 2
     assert (tmp_path / "loha_lr0.001_s0" / DONE).exists()
 
 

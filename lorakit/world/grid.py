@@ -35,6 +35,12 @@ class GridRun:
     def done(self) -> bool:
         return (self.folder / DONE).exists()
 
+    @property
+    def log(self) -> Path:
+        # beside the run folder, not in it: the trainer refuses to start in a folder that holds files it did
+        # not write
+        return self.folder.parent / "logs" / f"{self.name}.log"
+
 
 def plan(out: Path, algorithms: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], *, epochs: int,
          seeds_per_prompt: int, types: str, changes: str, model: str | None = None) -> list[GridRun]:
@@ -66,7 +72,7 @@ def run_all(runs: Sequence[GridRun], jobs: int = 2,
             command: Callable[[GridRun], list[str]] = experiment_command,
             report: Callable[[str], None] = print) -> list[GridRun]:
     """Run every unfinished run, ``jobs`` at a time, one thread each; returns the runs that failed (their log
-    is ``<run>/experiment.log``)."""
+    is ``<out>/logs/<run>.log``)."""
     pending = [r for r in runs if not r.done]
     skipped = len(runs) - len(pending)
     if skipped:
@@ -78,8 +84,8 @@ def run_all(runs: Sequence[GridRun], jobs: int = 2,
     while pending or running:
         while pending and len(running) < max(1, jobs):
             run = pending.pop(0)
-            run.folder.mkdir(parents=True, exist_ok=True)
-            log = open(run.folder / "experiment.log", "a")  # noqa: SIM115  (closed when the run ends)
+            run.log.parent.mkdir(parents=True, exist_ok=True)
+            log = open(run.log, "a")  # noqa: SIM115  (closed when the run ends)
             running.append((run, subprocess.Popen(command(run), stdout=log, stderr=subprocess.STDOUT, env=env), log))
             report(f"started {run.name}")
         time.sleep(0.2)
@@ -95,7 +101,7 @@ def run_all(runs: Sequence[GridRun], jobs: int = 2,
                 report(f"finished {run.name} ({finished + skipped}/{len(runs)})")
             else:
                 failed.append(run)
-                report(f"FAILED {run.name} (exit {process.returncode}); see {run.folder / 'experiment.log'}")
+                report(f"FAILED {run.name} (exit {process.returncode}); see {run.log}")
     return failed
 
 
