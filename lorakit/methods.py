@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit.adapters.base import FUSE_DTYPES
 from lorakit.blocks import (
     BlockLrWeights,
     BlockRanks,
@@ -183,7 +184,7 @@ class AdapterMethod(TrainingMethod):
         bit for bit, so training continues exactly as without sampling.  Costs a copy of the adapted weights
         while it lasts."""
         weights = [a.base.weight for a in self.network.adapters.values()]
-        if not weights or any(w.dtype not in (torch.float32, torch.float64) for w in weights):
+        if not weights or any(w.dtype not in FUSE_DTYPES for w in weights):
             yield
             return
         self.network.merge()

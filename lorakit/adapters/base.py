@@ -36,7 +36,7 @@ BaseLayer = nn.Linear | nn.Conv2d
 
 # The fused path adds ΔW into W0 before the matmul; in half precision that addition rounds a small ΔW away,
 # so there the update runs as a separate product instead.
-_FUSE_DTYPES = (torch.float32, torch.float64)
+FUSE_DTYPES = (torch.float32, torch.float64)
 
 
 class AdapterFormatError(LorakitError, ValueError):
@@ -197,7 +197,7 @@ class Adapter(nn.Module):
     def _forward_with_delta(self, x: torch.Tensor, dw: torch.Tensor, db: torch.Tensor | None) -> torch.Tensor:
         w0, b0 = self.base.weight, self.base.bias
         output_dropout = self.training and self.dropout > 0
-        if not output_dropout and x.dtype == w0.dtype == dw.dtype and w0.dtype in _FUSE_DTYPES:
+        if not output_dropout and x.dtype == w0.dtype == dw.dtype and w0.dtype in FUSE_DTYPES:
             # one matmul/conv with W0 + ΔW: the cheapest path when no precision is lost
             bias = b0 if db is None else (db if b0 is None else b0 + db)
             return self.base_forward(x, w0 + dw, bias)

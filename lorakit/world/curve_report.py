@@ -40,11 +40,14 @@ class RunResult:
     changes: tuple[str, ...]
     control: list[float]
     color_control: list[float]
-    onset: int
     onset_interval: Onset  # the onset with its bootstrap interval and the generalisation score per epoch
     leak: list[float]  # share of agnostic-prompt images showing the concept
     turning: dict[str, int | None]  # rule name -> turning-point epoch (None: never decided)
     found: dict[str, int | None]  # rule name -> epoch at which the rule had decided
+
+    @property
+    def onset(self) -> int:
+        return self.onset_interval.epoch
 
     @property
     def fidelity_peak(self) -> int:
@@ -76,7 +79,7 @@ def load_run(run_dir: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES) -> Ru
         change_success=[change_success(r, changes) for r in rows], changes=changes,
         control=[r["controllability"] for r in rows],
         color_control=[r["controllability_by_attribute"].get("color", 0.0) for r in rows],
-        onset=onset.epoch, onset_interval=onset, leak=[r.get("leak", 0.0) for r in rows],
+        onset_interval=onset, leak=[r.get("leak", 0.0) for r in rows],
         turning=turning, found=found)
 
 

@@ -34,9 +34,8 @@ from lorakit.models import BaseModel, load_base_model
 from lorakit.sample import SamplePrompt
 from lorakit.train import train
 from lorakit.world import concept
-from lorakit.world.metrics import image_outcomes, metrics_from_readings, pixel_vector
-from lorakit.world.onset import measure_onset
-from lorakit.world.reader import default_reader
+from lorakit.world.metrics import image_outcomes, metrics_from_readings, read_images
+from lorakit.world.onset import measure_onset, peak_epoch, smooth_rows
 from lorakit.world.recipe import recipe_config
 
 
@@ -92,8 +91,7 @@ def score(model: BaseModel, seeds_per_prompt: int, adapter: Path | None = None,
                                 batch_size=32, progress=False)
         images = load_images(paths)[checkpoint.label]
     image_prompts = [labels[j.prompt_index] for j in jobs]
-    readings = default_reader().read_many(images)
-    pixels = np.stack([pixel_vector(im) for im in images])
+    readings, pixels = read_images(images)
     metrics = metrics_from_readings(readings, image_prompts, pixel_features=pixels).as_dict()
     # per image, so the onset's bootstrap can resample prompts (lorakit.world.onset)
     return {**metrics, "outcomes": image_outcomes(readings, image_prompts)}
@@ -129,9 +127,7 @@ def score_run(run_dir: Path, model_spec: str | None = None, seeds_per_prompt: in
 
 def smooth(values: list[float], width: int = 3) -> np.ndarray:
     """Centred moving average (shorter at the ends): the scores of neighbouring epochs are noisy."""
-    v = np.asarray(values, dtype=float)
-    half = width // 2
-    return np.array([v[max(0, i - half):i + half + 1].mean() for i in range(len(v))])
+    return smooth_rows(np.asarray(values, dtype=float), width)[0]
 
 
 #: the attributes whose change defines the issue's overfitting onset (alter prompts: new color or position)
@@ -150,10 +146,8 @@ def change_success(row: dict, changes: tuple[str, ...] = ALTER_CHANGES) -> float
 
 def overfitting_onset(rows: list[dict], changes: tuple[str, ...] = ALTER_CHANGES) -> int:
     """The epoch (≥ 1) where smoothed success on prompts changing ``changes`` peaks."""
-    epochs = [r["epoch"] for r in rows]
-    success = smooth([change_success(r, changes) for r in rows])
-    candidates = [i for i, e in enumerate(epochs) if e >= 1]
-    return epochs[max(candidates, key=lambda i: (success[i], -i))]
+    success = np.array([change_success(r, changes) for r in rows])
+    return int(peak_epoch([r["epoch"] for r in rows], success[None])[0])
 
 
 def turning_epoch(run_dir: Path, rule=None, alignment: str | int = "centre", window_epochs: int = 1) -> dict | None:

@@ -226,10 +226,16 @@ def image_outcomes(readings: Sequence[Reading], prompts: Sequence[EvalPrompt | d
     return out
 
 
+def read_images(images: Sequence[Image.Image | np.ndarray],
+                reader: Reader | None = None) -> tuple[list[Reading], np.ndarray | None]:
+    """The reader's readings of ``images`` and their pixel vectors (the diversity features)."""
+    readings = (reader or default_reader()).read_many(list(images))
+    pixels = np.stack([pixel_vector(im) for im in images]) if len(images) else None
+    return readings, pixels
+
+
 def world_metrics(images: Sequence[Image.Image | np.ndarray], prompts: Sequence[EvalPrompt | dict],
                   reader: Reader | None = None, concept_shape: str = CONCEPT_SHAPE) -> WorldMetrics:
     """Read ``images`` (one per entry of ``prompts``, several images per prompt allowed) and score them."""
-    reader = reader or default_reader()
-    readings = reader.read_many(list(images))
-    pixels = np.stack([pixel_vector(im) for im in images]) if len(images) else None
+    readings, pixels = read_images(images, reader)
     return metrics_from_readings(readings, prompts, pixel_features=pixels, concept_shape=concept_shape)

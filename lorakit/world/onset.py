@@ -94,11 +94,12 @@ def generalisation(counts: PromptCounts, weights: np.ndarray | None = None, coun
 
 
 def smooth_rows(values: np.ndarray, width: int = 3) -> np.ndarray:
-    """Centred moving average along the last axis, shorter at the ends (``experiment.smooth`` for many rows)."""
+    """Centred moving average along the last axis, shorter at the ends: each row's scores of neighbouring epochs
+    are noisy."""
     v = np.atleast_2d(values).astype(float)
     half = width // 2
     cols = [v[:, max(0, i - half):i + half + 1].mean(axis=1) for i in range(v.shape[1])]
-    return np.stack(cols, axis=1)
+    return np.stack(cols, axis=1) if cols else v.copy()
 
 
 def peak_epoch(epochs: Sequence[int], scores: np.ndarray) -> np.ndarray:
