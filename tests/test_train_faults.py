@@ -125,7 +125,9 @@ def test_sigkill_during_a_save_then_resume(data, reference, tmp_path):
 
 def test_ctrl_c_mid_epoch_says_how_to_resume(data, reference, tmp_path):
     out = tmp_path / "run"
-    stopped = start_and_signal(train_cmd(data, out), out, after_steps=14, sig=signal.SIGINT)
+    # The interrupted run is set to last far longer than the reference, so that a loaded machine cannot let it
+    # finish before the signal lands; the resume then asks for the reference's length (max_steps may change).
+    stopped = start_and_signal(train_cmd(data, out, steps=10 * STEPS), out, after_steps=14, sig=signal.SIGINT)
     assert stopped.returncode == 130
     assert "Traceback" not in stopped.stderr
     ours = [line for line in stopped.stderr.splitlines() if line.startswith("lorakit")]  # not library chatter
@@ -134,6 +136,7 @@ def test_ctrl_c_mid_epoch_says_how_to_resume(data, reference, tmp_path):
     assert f"--resume --out {out}" in ours[0] and "from epoch-0001" in ours[0]
     resumed = run(train_cmd(data, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"training.max_steps {10 * STEPS} -> {STEPS}" in resumed.stdout
     assert_same_run(out, reference)
 
 
