@@ -23,12 +23,13 @@ def row(epoch: int, fidelity: float, alter: float, control: float) -> dict:
             "counts_by_change": {"color": 6, "position": 8, "background": 6}}
 
 
-def write_run(folder, fidelity, alter, control, cs) -> None:
+def write_run(folder, fidelity, alter, control, cs, algorithm="loha", preset="attn-only") -> None:
     folder.mkdir()
     rows = [row(e, f, a, c) for e, (f, a, c) in enumerate(zip(fidelity, alter, control, strict=True))]
     (folder / "curve.json").write_text(json.dumps(rows))
     cfg = TrainConfig()
-    cfg.network.algorithm = "loha"
+    cfg.network.algorithm = algorithm
+    cfg.network.preset = preset
     cfg.optimizer.learning_rate = 2e-3
     cfg.training.seed = 3
     (folder / "config.toml").write_text(to_toml(cfg))
@@ -50,6 +51,15 @@ def test_onset_is_the_smoothed_peak_of_success_on_changed_prompts():
     # a late, lower bump does not move the onset; ties go to the earlier epoch
     late = [row(e, 0, a, 0) for e, a in enumerate([0.0, 0.4, 0.4, 0.4, 0.1, 0.0, 0.3, 0.3, 0.3])]
     assert overfitting_onset(late, ("color",)) == 2
+
+
+def test_a_lora_on_the_convs_is_shown_as_locon(tmp_path):
+    cs = np.linspace(0, 0.1, 40)
+    for name, algorithm, preset in (("a", "lora", "full"), ("b", "lora", "kohya"), ("c", "loha", "full")):
+        write_run(tmp_path / name, [0, .2, .3, .2], [0, .2, .3, .1], [.9, .8, .7, .6], cs, algorithm, preset)
+    runs = curve_report.find_runs(tmp_path, ("color",))
+    assert [r.label for r in runs] == ["locon", "lora", "loha"]
+    assert "| locon lr 0.002 seed 3 |" in curve_report.markdown_table(runs)
 
 
 def test_score_run_refuses_a_cache_scored_differently(tmp_path):

@@ -26,6 +26,8 @@ RULES = {"second-valley": (SecondValley(), 1), "second-valley-0": (SecondValley(
 #: prompt says (README).  Runs on the step-8000 model, which placed them at chance, were read with
 #: ``--changes color,background`` ("star AND new position" could not be told apart from luck there).
 MEASURABLE_CHANGES = ("color", "position", "background")
+#: presets that adapt the ResNet k×k convs (lorakit.network.PRESETS)
+CONV_PRESETS = ("full", "lycoris-full")
 
 
 @dataclass
@@ -44,6 +46,12 @@ class RunResult:
     leak: list[float]  # share of agnostic-prompt images showing the concept
     turning: dict[str, int | None]  # rule name -> turning-point epoch (None: never decided)
     found: dict[str, int | None]  # rule name -> epoch at which the rule had decided
+    preset: str = "attn-only"
+
+    @property
+    def label(self) -> str:
+        """The adapter as users name it: a LoRA on a preset with the ResNet convs is a LoCon."""
+        return "locon" if self.algorithm == "lora" and self.preset in CONV_PRESETS else self.algorithm
 
     @property
     def onset(self) -> int:
@@ -80,7 +88,7 @@ def load_run(run_dir: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES) -> Ru
         control=[r["controllability"] for r in rows],
         color_control=[r["controllability_by_attribute"].get("color", 0.0) for r in rows],
         onset_interval=onset, leak=[r.get("leak", 0.0) for r in rows],
-        turning=turning, found=found)
+        turning=turning, found=found, preset=cfg.network.preset)
 
 
 def find_runs(root: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES) -> list[RunResult]:
@@ -110,7 +118,7 @@ def markdown_table(runs: list[RunResult]) -> str:
 
     for r in runs:
         lines.append(
-            f"| {r.algorithm} lr {r.lr:g} seed {r.seed} | {cell(r, r.onset, interval=r.onset_interval)} | "
+            f"| {r.label} lr {r.lr:g} seed {r.seed} | {cell(r, r.onset, interval=r.onset_interval)} | "
             f"{cell(r, r.fidelity_peak)} | "
             f"{cell(r, r.turning['second-valley'], r.found['second-valley'])} | "
             f"{cell(r, r.turning['calm'], r.found['calm'])} | "
@@ -170,7 +178,7 @@ def plot_run(run: RunResult, path: Path) -> Path:
             ax.axvline(run.turning[name], color=style, linestyle="-.", label=f"{name} TP (epoch {run.turning[name]})")
     ax.set_xlabel("epoch")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{run.algorithm}, lr {run.lr:g}, seed {run.seed}")
+    ax.set_title(f"{run.label}, lr {run.lr:g}, seed {run.seed}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
