@@ -11,7 +11,7 @@ from PIL import Image
 
 from lorakit.world.degrade import add_noise, blur, degrade, spurious_blobs
 from lorakit.world.reader import UNKNOWN, WEIGHTS_PATH, Reader, label, read_image, to_array
-from lorakit.world.render import BACKGROUNDS, COLORS, SHAPES, ObjectSpec, Scene, render, render_array
+from lorakit.world.render import BACKGROUNDS, COLORS, SHAPES, STYLE_BACKGROUNDS, ObjectSpec, Scene, render, render_array
 from lorakit.world.train_reader import EVAL_SEED_BASE, attribute_accuracy, held_out_images, render_other
 
 ATTRIBUTES = ("shape", "color", "position", "size", "background")
@@ -50,8 +50,18 @@ def test_degraded_renders(reader):
         assert acc[attr] >= DEGRADED_FLOOR[attr], (attr, acc)
 
 
+def test_the_style_texture_reads_as_well_as_the_others(reader):
+    """The checkered background pretraining never shows (the block-wise experiment's style): clean and degraded
+    renders; the tests above keep the pretraining textures' floors with the checkerboard branch in place."""
+    for mode in ("clean", "degraded"):
+        scenes, images = held_out_images(150, mode, seed=909, backgrounds=STYLE_BACKGROUNDS)
+        acc = attribute_accuracy(reader, scenes, images)
+        for attr in ATTRIBUTES:
+            assert acc[attr] >= DEGRADED_FLOOR[attr], (mode, attr, acc)
+
+
 def test_plain_backgrounds_have_no_objects(reader):
-    for bg, seed in itertools.product(BACKGROUNDS, range(4)):
+    for bg, seed in itertools.product(BACKGROUNDS + STYLE_BACKGROUNDS, range(4)):
         img = render_array(Scene((), bg, seed=seed))
         for version in (img, degrade(img, np.random.default_rng(seed), strength=1.0)):
             r = reader.read(version)
@@ -137,7 +147,13 @@ VAE_DIR = Path(__file__).resolve().parents[1] / "lorakit" / "world" / "base_mode
 def test_vae_round_trips(reader):
     from lorakit.world.degrade import load_vae
 
-    scenes, images = held_out_images(200, "vae", seed=303, vae=load_vae(VAE_DIR))
+    vae = load_vae(VAE_DIR)
+    scenes, images = held_out_images(200, "vae", seed=303, vae=vae)
     acc = attribute_accuracy(reader, scenes, images)
     for attr in ATTRIBUTES:
         assert acc[attr] >= VAE_FLOOR[attr], (attr, acc)
+    # the style texture through a VAE that never saw it (measured on 300 renders: shape 85.3%, background
+    # 96.3%, color and position 100%): the ceiling on what the block-wise experiment can read back
+    scenes, images = held_out_images(100, "vae", seed=909, vae=vae, backgrounds=STYLE_BACKGROUNDS)
+    acc = attribute_accuracy(reader, scenes, images)
+    assert acc["background"] >= 0.9 and acc["shape"] >= 0.75 and acc["color"] >= 0.97, acc

@@ -6,7 +6,8 @@
 - ``train-reader``: retrain the attribute reader's shape classifier;
 - ``experiment``: train past the overfitting point and score every epoch (docs/early_stopping.md);
 - ``curve-report``: tables and plots of ``experiment`` runs;
-- ``grid``: many ``experiment`` runs in parallel (resumable), then the ``curve-report`` table.
+- ``grid``: many ``experiment`` runs in parallel (resumable), then the ``curve-report`` table;
+- ``blockwise``: the block-wise LoRA paper's experiment (character + style adapters in chosen blocks).
 
 Each task module has ``add_arguments(parser)`` and ``run(args)`` (and ``main(argv)`` for ``python -m``).
 """
@@ -17,9 +18,10 @@ import argparse
 from pathlib import Path
 from types import ModuleType
 
-from lorakit.world import concept, curve_report, experiment, grid, pretrain, quality, train_reader
+from lorakit.world import blockwise, concept, curve_report, experiment, grid, pretrain, quality, train_reader
 
-HELP = "the built-in shapes world: pretrain, quality, dataset, train-reader, experiment, curve-report, grid"
+HELP = ("the built-in shapes world: pretrain, quality, dataset, train-reader, experiment, curve-report, grid, "
+        "blockwise")
 
 #: task -> (module with add_arguments/run, or None for "dataset", which lives here; one-line help)
 TASKS: dict[str, tuple[ModuleType | None, str]] = {
@@ -30,6 +32,7 @@ TASKS: dict[str, tuple[ModuleType | None, str]] = {
     "experiment": (experiment, "train past overfitting and score every epoch's checkpoint"),
     "curve-report": (curve_report, "tables and plots of experiment runs"),
     "grid": (grid, "a grid of experiment runs in parallel, resumable, then the table"),
+    "blockwise": (blockwise, "character + style adapters in chosen blocks, combined and read (resumable)"),
 }
 
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from lorakit.world.concept import CONCEPT_SHAPE, EvalPrompt
 from lorakit.world.reader import SHAPE_CLASSES, UNKNOWN, Reader, Reading, ReadObject, default_reader, to_array
-from lorakit.world.render import BACKGROUNDS, COLORS, POSITIONS, SIZES
+from lorakit.world.render import BACKGROUNDS, COLORS, POSITIONS, SIZES, STYLE_BACKGROUNDS
 
 FIDELITY_TYPES = ("train", "trigger", "alter", "style")
 CONTROL_TYPES = ("alter", "style")
@@ -57,7 +57,7 @@ def vendi_score(features: np.ndarray) -> float:
 
 def attribute_vector(reading: Reading) -> np.ndarray:
     """One-hot background plus one-hot shape/color/position/size of the main object (all zero if none)."""
-    parts = [np.array([reading.background == b for b in BACKGROUNDS], dtype=np.float64)]
+    parts = [np.array([reading.background == b for b in BACKGROUNDS + STYLE_BACKGROUNDS], dtype=np.float64)]
     obj = reading.main
     for values, attr in ((SHAPE_CLASSES[:-1] + (UNKNOWN,), "shape"), (tuple(COLORS) + (UNKNOWN,), "color"),
                          (tuple(POSITIONS), "position"), (tuple(SIZES), "size")):
@@ -133,7 +133,9 @@ def _target(reading: Reading, expected: dict[str, str]) -> ReadObject | None:
     return reading.main
 
 
-def _obeyed(reading: Reading, expected: dict[str, str]) -> dict[str, bool]:
+def obeyed(reading: Reading, expected: dict[str, str]) -> dict[str, bool]:
+    """For each attribute ``expected`` asks for, whether the reading shows it (object attributes on the object
+    the prompt is about)."""
     obj = _target(reading, expected)
     out = {}
     for attr, value in expected.items():
@@ -165,27 +167,27 @@ def metrics_from_readings(readings: Sequence[Reading], prompts: Sequence[EvalPro
     fidelity_by_type = {t: _mean([seen[i] for i in by_type[t]]) for t in FIDELITY_TYPES if t in by_type}
     fidelity = _mean([seen[i] for t in FIDELITY_TYPES for i in by_type.get(t, [])])
 
-    obeyed = [_obeyed(r, p.expected) for r, p in zip(readings, prompts, strict=True)]
+    obeys = [obeyed(r, p.expected) for r, p in zip(readings, prompts, strict=True)]
     checks: dict[str, list[bool]] = defaultdict(list)
     kept: list[bool] = []
     for i, p in enumerate(prompts):
         if p.type in CONTROL_TYPES:
-            for attr, ok in obeyed[i].items():
+            for attr, ok in obeys[i].items():
                 checks[attr].append(ok)
         elif p.type == "agnostic":
-            kept.extend(obeyed[i].values())
+            kept.extend(obeys[i].values())
     order = ("color", "position", "size", "background")
     success_by_type = {}
     for t in FIDELITY_TYPES:
         if t in by_type:
             # size is left out: an alter/style prompt changes color, place or background, and "small"/"large"
             # is the least reliable reading of a generated shape
-            success_by_type[t] = _mean([seen[i] and all(ok for a, ok in obeyed[i].items() if a != "size")
+            success_by_type[t] = _mean([seen[i] and all(ok for a, ok in obeys[i].items() if a != "size")
                                         for i in by_type[t]])
     changed: dict[str, list[bool]] = defaultdict(list)
     for i, p in enumerate(prompts):
         for attr in p.changes:
-            changed[attr].append(seen[i] and obeyed[i][attr])
+            changed[attr].append(seen[i] and obeys[i][attr])
     controllability_by_attribute = {a: _mean(checks[a]) for a in order if checks[a]}
     controllability = _mean([ok for a in order for ok in checks[a]])
 
@@ -220,9 +222,9 @@ def image_outcomes(readings: Sequence[Reading], prompts: Sequence[EvalPrompt | d
     out = []
     for reading, p in zip(readings, prompts, strict=True):
         seen = reading.has_shape(concept_shape)
-        obeyed = _obeyed(reading, p.expected)
+        got = obeyed(reading, p.expected)
         out.append({"prompt": p.prompt, "type": p.type, "seen": bool(seen),
-                    "changed": {a: bool(seen and obeyed[a]) for a in p.changes}})
+                    "changed": {a: bool(seen and got[a]) for a in p.changes}})
     return out
 
 

@@ -5,8 +5,9 @@ foreground is where a pixel is far from the background's gray axis.  From there 
 
 - background: the global tint is measured on the border and taken out; the brightness of the background
   pixels (80th percentile, so dark stripes and dots do not count) says black / gray / light, and for a
-  light one the texture says white / striped / dotted (how much of it is darker than the base, and whether
-  its periodic energy lies on the diagonals (stripes) or on the axes too (a dot lattice));
+  light one the texture says white / striped / dotted / checkered (how much of it is darker than the base,
+  and whether its periodic energy lies on one diagonal (stripes), on both (a checkerboard, a texture only
+  ``lorakit.world.style`` teaches) or on the axes too (a dot lattice));
 - objects: connected components of the foreground (hysteresis: a component needs a strongly saturated
   core, and a minimum area, so faint smudges are ignored), largest first;
 - color: the median color of a component's core, nearest palette color (``unknown`` if none is near);
@@ -221,15 +222,21 @@ def read_background(img: np.ndarray, foreground: np.ndarray, tint: np.ndarray) -
     ky, kx = np.meshgrid(k, k, indexing="ij")
     band = (np.hypot(kx, ky) >= 4) & (np.hypot(kx, ky) <= 16)
     e_diag = float(spec[band & (np.abs(kx - ky) <= 1.5)].sum())
+    e_anti = float(spec[band & (np.abs(kx + ky) <= 1.5)].sum())
     e_axes = float(spec[band & ((np.abs(kx) <= 1.5) | (np.abs(ky) <= 1.5))].sum())
     amplitude = math.sqrt(e_diag + e_axes) / (n * n)  # ~ the pattern's contrast in gray levels
     if amplitude < TEXTURE_AMPLITUDE:
         return "white", min(light_conf, float(np.clip((TEXTURE_AMPLITUDE - amplitude) / 1.0, 0, 1)))
     texture_conf = min(light_conf, float(np.clip((amplitude - TEXTURE_AMPLITUDE) / 1.0, 0, 1)))
     ratio = e_axes / (e_axes + e_diag)
-    if ratio < 0.45:
-        return "striped", min(texture_conf, float(np.clip((0.45 - ratio) / 0.2, 0, 1)))
-    return "dotted", min(texture_conf, float(np.clip((ratio - 0.45) / 0.2, 0, 1)))
+    if ratio >= 0.45:
+        return "dotted", min(texture_conf, float(np.clip((ratio - 0.45) / 0.2, 0, 1)))
+    # no energy on the axes: stripes (one diagonal) or a checkerboard (both diagonals, as much on each)
+    both = e_anti / (e_anti + e_diag)
+    stripe_conf = float(np.clip((0.45 - ratio) / 0.2, 0, 1))
+    if both < 0.25:
+        return "striped", min(texture_conf, stripe_conf, float(np.clip((0.25 - both) / 0.1, 0, 1)))
+    return "checkered", min(texture_conf, stripe_conf, float(np.clip((both - 0.25) / 0.1, 0, 1)))
 
 
 @dataclass

@@ -40,6 +40,9 @@ POSITIONS: dict[str, tuple[int, int]] = {
 }
 
 BACKGROUNDS: tuple[str, ...] = ("white", "black", "gray", "striped", "dotted")
+#: textures pretraining never shows (the tokenizer does not know their names either): a style that only an
+#: adapter teaches, as in the block-wise experiment (``lorakit.world.style``)
+STYLE_BACKGROUNDS: tuple[str, ...] = ("checkered",)
 
 SUPERSAMPLE = 4
 
@@ -67,8 +70,9 @@ class Scene:
     jitter: bool = field(default=True)
 
     def __post_init__(self) -> None:
-        if self.background not in BACKGROUNDS:
-            raise ValueError(f"unknown background {self.background!r}; known: {', '.join(BACKGROUNDS)}")
+        if self.background not in BACKGROUNDS + STYLE_BACKGROUNDS:
+            raise ValueError(f"unknown background {self.background!r}; "
+                             f"known: {', '.join(BACKGROUNDS + STYLE_BACKGROUNDS)}")
 
 
 def cell_center(position: str) -> tuple[float, float]:
@@ -103,7 +107,7 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> l
 
 def _background(name: str, size: int, rng: np.random.Generator, jitter: bool) -> Image.Image:
     shift = int(rng.integers(-8, 9)) if jitter else 0
-    if name in ("white", "striped", "dotted"):
+    if name in ("white", "striped", "dotted", "checkered"):
         base = 242 + min(shift, 8) // 2
     elif name == "black":
         base = 18 + shift
@@ -129,6 +133,15 @@ def _background(name: str, size: int, rng: np.random.Generator, jitter: bool) ->
             for j in range(-1, 10):
                 x, y = i * period + offset, j * period + offset
                 draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=tone)
+    elif name == "checkered":
+        cell = size / 8  # squares of 8 px at 64 px: a period of 16 px along both axes
+        ox, oy = (rng.uniform(0, 2 * cell, size=2) if jitter else (0.0, 0.0))
+        tone = (168 + shift, 168 + shift, 168 + shift)
+        for i in range(-2, 10):
+            for j in range(-2, 10):
+                if (i + j) % 2 == 0:
+                    x, y = i * cell + ox, j * cell + oy
+                    draw.rectangle([x, y, x + cell, y + cell], fill=tone)
     return img
 
 

@@ -58,14 +58,16 @@ EVAL_SEED_BASE = 1_000_000_000
 ACCURACY_PATH = WEIGHTS_PATH.with_name("reader_accuracy.json")
 
 
-def random_scenes(count: int, seed: int, seed_base: int = 0) -> list[Scene]:
-    """``count`` one-object scenes with every attribute uniform (shapes include the concept's star)."""
+def random_scenes(count: int, seed: int, seed_base: int = 0,
+                  backgrounds: tuple[str, ...] = BACKGROUNDS) -> list[Scene]:
+    """``count`` one-object scenes with every attribute uniform (shapes include the concept's star; backgrounds
+    from ``backgrounds``)."""
     rng = np.random.default_rng(seed)
     scenes = []
     for _ in range(count):
         obj = ObjectSpec(str(rng.choice(ALL_SHAPES)), str(rng.choice(list(COLORS))), str(rng.choice(list(SIZES))),
                          str(rng.choice(list(POSITIONS))))
-        scenes.append(Scene((obj,), str(rng.choice(BACKGROUNDS)), seed=seed_base + int(rng.integers(0, 10**8))))
+        scenes.append(Scene((obj,), str(rng.choice(backgrounds)), seed=seed_base + int(rng.integers(0, 10**8))))
     return scenes
 
 
@@ -212,9 +214,10 @@ def attribute_accuracy(reader: Reader, scenes: list[Scene], images: list[np.ndar
     return {k: v / len(scenes) for k, v in hits.items()}
 
 
-def held_out_images(count: int, mode: str, seed: int = 7, vae=None) -> tuple[list[Scene], list[np.ndarray]]:
+def held_out_images(count: int, mode: str, seed: int = 7, vae=None,
+                    backgrounds: tuple[str, ...] = BACKGROUNDS) -> tuple[list[Scene], list[np.ndarray]]:
     """Renders with seeds never used in training; ``mode`` is clean, degraded, vae or vae+degraded."""
-    scenes = random_scenes(count, seed, seed_base=EVAL_SEED_BASE)
+    scenes = random_scenes(count, seed, seed_base=EVAL_SEED_BASE, backgrounds=backgrounds)
     images = [render_array(s) for s in scenes]
     if mode.startswith("vae"):
         images = vae_roundtrip(images, vae, seed=seed)
