@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.optimizers import can_fuse
+
 RANK = 8
 ALPHA = 8.0
 LOKR_FACTOR = 4
@@ -284,7 +286,8 @@ class PeakMemory:
 
 def make_step(model: Callable[..., Any], batch: Batch, params: list[nn.Parameter], autocast) -> Callable[[], None]:
     """One training step; without parameters, the floor: forward and backward to the input latents."""
-    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+    # the trainer's AdamW (fused where torch has the kernel), for every variant alike, peers included
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=can_fuse([{"params": params}]) or None) if params else None
     latents = batch.latents.detach().clone().requires_grad_(optimizer is None)
 
     def step() -> None:

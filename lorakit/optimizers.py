@@ -9,8 +9,19 @@ from typing import Any
 import torch
 
 
+def can_fuse(groups: list[dict]) -> bool:
+    """Whether torch's fused AdamW kernel takes these parameters: floating point, all on one CPU or CUDA device.
+    On the CPU the default for-loop AdamW spends ~45 ms per step on a LoCon's 556 tensors, the fused one ~10 ms
+    (docs/performance.md); the update is the same AdamW (results agree to float rounding, not bit for bit)."""
+    params = [p for g in groups for p in g["params"]]
+    devices = {p.device for p in params}
+    return (len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
+            and all(p.is_floating_point() for p in params))
+
+
 def _adamw(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=opt.learning_rate, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+    return torch.optim.AdamW(groups, lr=opt.learning_rate, betas=tuple(opt.betas), weight_decay=opt.weight_decay,
+                             fused=can_fuse(groups) or None)
 
 
 def _adamw8bit(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
