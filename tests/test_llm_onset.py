@@ -1,0 +1,64 @@
+"""experiments/llm_onset.py: the language-model check of the turning-point rules, on a tiny run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("peft")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+import llm_onset  # noqa: E402
+
+from lorakit.earlystop.monitor import CSFluctuationMonitor  # noqa: E402
+
+
+def test_texts_are_offline_disjoint_and_cut_into_windows():
+    train, held = llm_onset.finetune_texts()
+    assert len(train) > 3 * len(held) > 1000
+    assert not set(train.split("\n\n")) & set(held.split("\n\n"))
+    corpus = llm_onset.docstring_corpus(("json", "textwrap"))
+    assert "JSON" in corpus and len(corpus) > 1000
+    w = llm_onset.windows("abcdefghij", block=4)
+    assert w.tolist() == [[97, 98, 99, 100], [101, 102, 103, 104]]
+
+
+def _history(cs: np.ndarray, per_epoch: int) -> dict:
+    monitor = CSFluctuationMonitor(per_epoch, 1e-3, report_only=True)
+    for k, value in enumerate(cs):
+        monitor.update(k + 1, float(value), epoch=k // per_epoch + 1)
+    return monitor.history.to_dict()
+
+
+def test_table_compares_each_rule_with_the_held_out_minimum():
+    t = np.arange(200, dtype=float)
+    cs = 0.1 * (1 - np.exp(-t / 30)) + 0.03 * np.exp(-t / 60) * np.sin(2 * np.pi * t / 25)
+    losses = [3.0, 2.5, 2.2, 2.1, 2.15, 2.3] + [2.4] * 14
+    run = llm_onset.RunResult(seed=0, lr=1e-3, eval_loss=losses, cs_history=_history(cs, 10))
+    assert run.onset == 4
+    tps = llm_onset.turning_epochs(run)
+    assert set(tps) == {"second-valley", "calm", "second-valley-2M", "calm-2M"}
+    text = llm_onset.table([run])
+    assert "| lr 0.001 seed 0 | 4, 2.100 |" in text
+    for name, epoch in tps.items():
+        within = int(epoch is not None and abs(epoch - 4) <= 1)
+        assert f"- {name}: {within}/1 runs within ±1 epoch" in text
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end(tmp_path):
+    out = tmp_path / "llm"
+    assert llm_onset.main(["--out", str(out), "--seeds", "0", "--lrs", "2e-3", "--epochs", "3",
+                           "--pretrain-steps", "5"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    (run,) = data["runs"]
+    assert len(run["eval_loss"]) == 3 and len(run["cs_history"]["cs"]) == 3 * 9  # CS at every step
+    assert "| lr 0.002 seed 0 |" in (out / "table.md").read_text()
+    # cached: a second call trains nothing and gives the same table
+    table = (out / "table.md").read_text()
+    assert llm_onset.main(["--out", str(out), "--seeds", "0", "--lrs", "2e-3", "--epochs", "3",
+                           "--pretrain-steps", "5"]) == 0
+    assert (out / "table.md").read_text() == table
