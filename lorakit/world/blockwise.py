@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +102,6 @@ class Plan:
     rank: int = 8
     sample_seeds: int = 4
     model: str | None = None
-    runs: dict[str, TrainConfig] = field(default_factory=dict)
 
     @property
     def character_dir(self) -> Path:

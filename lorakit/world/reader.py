@@ -233,10 +233,10 @@ def read_background(img: np.ndarray, foreground: np.ndarray, tint: np.ndarray) -
         return "dotted", min(texture_conf, float(np.clip((ratio - 0.45) / 0.2, 0, 1)))
     # no energy on the axes: stripes (one diagonal) or a checkerboard (both diagonals, as much on each)
     both = e_anti / (e_anti + e_diag)
-    stripe_conf = float(np.clip((0.45 - ratio) / 0.2, 0, 1))
+    off_axes_conf = float(np.clip((0.45 - ratio) / 0.2, 0, 1))
     if both < 0.25:
-        return "striped", min(texture_conf, stripe_conf, float(np.clip((0.25 - both) / 0.1, 0, 1)))
-    return "checkered", min(texture_conf, stripe_conf, float(np.clip((both - 0.25) / 0.1, 0, 1)))
+        return "striped", min(texture_conf, off_axes_conf, float(np.clip((0.25 - both) / 0.1, 0, 1)))
+    return "checkered", min(texture_conf, off_axes_conf, float(np.clip((both - 0.25) / 0.1, 0, 1)))
 
 
 @dataclass

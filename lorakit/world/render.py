@@ -40,8 +40,8 @@ POSITIONS: dict[str, tuple[int, int]] = {
 }
 
 BACKGROUNDS: tuple[str, ...] = ("white", "black", "gray", "striped", "dotted")
-#: textures pretraining never shows (the tokenizer does not know their names either): a style that only an
-#: adapter teaches, as in the block-wise experiment (``lorakit.world.style``)
+#: textures pretraining never shows (no pretraining caption names them): a style that only an adapter teaches,
+#: as in the block-wise experiment (``lorakit.world.style``)
 STYLE_BACKGROUNDS: tuple[str, ...] = ("checkered",)
 
 SUPERSAMPLE = 4
