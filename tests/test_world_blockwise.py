@@ -104,3 +104,19 @@ def test_command_trains_samples_reports_and_resumes(tmp_path):
 
     bad = subprocess.run(cmd[:-1] + ["--blocks", "top"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode != 0 and "unknown block set 'top'" in bad.stderr
+
+
+def test_cached_samples_are_reused_only_for_the_same_prompts_and_seeds(tmp_path):
+    pairing = blockwise.Pairing("character", (tmp_path / "c.safetensors",), "style-only")
+    prompts = blockwise.style_only_prompts()
+    rows = [{"prompt": p.text, "seed": p.seed + 10_000 * k, **dict.fromkeys(blockwise.CHECKS, True)}
+            for p in prompts for k in range(2)]
+    cache = tmp_path / pairing.slug / "scores.json"
+    cache.parent.mkdir()
+    cache.write_text(json.dumps({"pairing": pairing.name, "prompts": "style-only", "blocks": None,
+                                 "style_seed": None, "images": rows}))
+    assert blockwise.sample_pairing(None, pairing, prompts, 2, tmp_path)["images"] == rows  # no model needed
+    from lorakit.formats import AdapterFileNotFoundError
+
+    with pytest.raises(AdapterFileNotFoundError):  # 3 seeds asked: it samples again, and needs the adapter for it
+        blockwise.sample_pairing(None, pairing, prompts, 3, tmp_path)

@@ -181,7 +181,10 @@ def sample_pairing(model: BaseModel, pairing: Pairing, prompts: Sequence[Prompt]
     where = folder / pairing.slug
     cache = where / "scores.json"
     if cache.exists():
-        return json.loads(cache.read_text())
+        cached = json.loads(cache.read_text())
+        if [(r["prompt"], r["seed"]) for r in cached["images"]] == [
+                (p.text, p.seed + 10_000 * k) for p in prompts for k in range(sample_seeds)]:
+            return cached  # made with the same prompts and seeds; otherwise sample again
     samples = [SamplePrompt(p.text, seed=p.seed + 10_000 * k, steps=concept.SAMPLE_STEPS,
                             cfg_scale=concept.SAMPLE_CFG, width=concept.SAMPLE_WIDTH, height=concept.SAMPLE_HEIGHT)
                for p in prompts for k in range(sample_seeds)]
