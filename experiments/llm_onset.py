@@ -121,40 +121,82 @@ class _Windows(torch.utils.data.Dataset):
 class RunResult:
     seed: int
     lr: float
-    eval_loss: list[float]  # per epoch 1..E
+    window_losses: list[list[float]]  # per epoch 1..E, the mean loss of each held-out window
     cs_history: dict
+
+    @property
+    def eval_loss(self) -> list[float]:
+        """Held-out loss per epoch (windows are all ``BLOCK`` tokens long: the mean of the window means)."""
+        return [float(np.mean(w)) for w in self.window_losses]
 
     @property
     def onset(self) -> int:
         return int(np.argmin(self.eval_loss)) + 1
 
+    def onset_interval(self, draws: int = 1000, level: float = 0.9, seed: int = 0) -> tuple[int, int]:
+        """The onset's interval: resample held-out windows with replacement (the same draw for every epoch)
+        and take the central ``level`` of the onsets."""
+        losses = np.asarray(self.window_losses)  # (epochs, windows)
+        rng = np.random.default_rng(seed)
+        picks = rng.integers(0, losses.shape[1], size=(draws, losses.shape[1]))
+        onsets = np.argmin(losses[:, picks].mean(axis=2), axis=0) + 1  # (draws,)
+        tail = (1 - level) / 2
+        low, high = np.quantile(onsets, [tail, 1 - tail], method="inverted_cdf")
+        return int(low), int(high)
+
+
+class _HeldOutLoss:
+    """Called after every epoch: the loss of each held-out window, kept per epoch (the Trainer's own evaluation
+    reports only their mean, and the onset's interval resamples windows)."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+        self.per_epoch: list[list[float]] = []
+
+    @torch.no_grad()
+    def __call__(self, model) -> None:
+        was_training = model.training
+        model.eval()
+        logits = model(input_ids=self.data).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.data[:, 1:].reshape(-1),
+                                                 reduction="none").reshape(len(self.data), -1).mean(dim=1)
+        self.per_epoch.append([float(x) for x in loss])
+        model.train(was_training)
+
 
 def finetune(base_dir: Path, out: Path, seed: int, lr: float, epochs: int, batch: int = 8) -> RunResult:
     """One LoRA fine-tune with CS recorded at every step and the held-out loss after every epoch (cached)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import GPT2LMHeadModel, PrinterCallback, Trainer, TrainingArguments
+    from transformers import GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     from lorakit.earlystop.hf import RECORD_NAME, CSFluctuationCallback
 
     result = out / "result.json"
     if result.exists():
-        return RunResult(**json.loads(result.read_text()))
+        cached = json.loads(result.read_text())
+        if "window_losses" in cached:  # an older result (mean losses only) is trained again
+            return RunResult(**cached)
     train_text, held_text = finetune_texts()
     torch.manual_seed(seed)
     model = get_peft_model(GPT2LMHeadModel.from_pretrained(base_dir), LoraConfig(
         r=8, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], lora_dropout=0.0, fan_in_fan_out=True))
     args = TrainingArguments(output_dir=str(out), num_train_epochs=epochs, per_device_train_batch_size=batch,
-                             per_device_eval_batch_size=32, learning_rate=lr, lr_scheduler_type="constant",
-                             weight_decay=0.0, eval_strategy="epoch", save_strategy="no", logging_strategy="epoch",
-                             report_to=[], seed=seed, data_seed=seed, use_cpu=True, disable_tqdm=True)
+                             learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, eval_strategy="no",
+                             save_strategy="no", logging_strategy="epoch", report_to=[], seed=seed, data_seed=seed,
+                             use_cpu=True, disable_tqdm=True)
+    held_out = _HeldOutLoss(windows(held_text))
+
+    class EveryEpoch(TrainerCallback):
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            held_out(model)
+
     callback = CSFluctuationCallback(report_only=True, restore=False)
     trainer = Trainer(model=model, args=args, train_dataset=_Windows(windows(train_text)),
-                      eval_dataset=_Windows(windows(held_text)), callbacks=[callback])
+                      callbacks=[callback, EveryEpoch()])
     trainer.remove_callback(PrinterCallback)  # the losses are in the table; no dict per epoch on the terminal
     trainer.train()
-    losses = [row["eval_loss"] for row in trainer.state.log_history if "eval_loss" in row]
     record = json.loads((out / RECORD_NAME).read_text())
-    run = RunResult(seed, lr, losses, record["history"])
+    run = RunResult(seed, lr, held_out.per_epoch, record["history"])
     result.write_text(json.dumps(run.__dict__))
     return run
 
@@ -178,8 +220,9 @@ def turning_epochs(run: RunResult) -> dict[str, int | None]:
 
 def table(runs: list[RunResult]) -> str:
     names = list(turning_epochs(runs[0]))
-    lines = ["| run | onset (min held-out loss): epoch, loss | " + " | ".join(f"{n}: epoch (Δ, loss)" for n in names)
-             + " |", "|" + "---|" * (2 + len(names))]
+    lines = ["| run | onset (min held-out loss) [90% interval]: epoch, loss | "
+             + " | ".join(f"{n}: epoch (Δ, loss)" for n in names) + " |", "|" + "---|" * (2 + len(names))]
+    intervals = {id(r): r.onset_interval() for r in runs}
     for r in runs:
         tps = turning_epochs(r)
         cells = []
@@ -187,15 +230,19 @@ def table(runs: list[RunResult]) -> str:
             e = tps[n]
             cells.append("never" if e is None else
                          f"{e} ({e - r.onset:+d}, {r.eval_loss[min(e, len(r.eval_loss)) - 1]:.3f})")
-        lines.append(f"| lr {r.lr:g} seed {r.seed} | {r.onset}, {min(r.eval_loss):.3f} | " + " | ".join(cells) + " |")
+        low, high = intervals[id(r)]
+        lines.append(f"| lr {r.lr:g} seed {r.seed} | {r.onset} [{low}–{high}], {min(r.eval_loss):.3f} | "
+                     + " | ".join(cells) + " |")
     lines.append("")
     for n in names:
         fired = [(r, turning_epochs(r)[n]) for r in runs]
         within = sum(e is not None and abs(e - r.onset) <= 1 for r, e in fired)
+        inside = sum(e is not None and intervals[id(r)][0] - 1 <= e <= intervals[id(r)][1] + 1 for r, e in fired)
         deltas = [e - r.onset for r, e in fired if e is not None]
         mean = f"{np.mean(deltas):+.1f}" if deltas else "—"
-        lines.append(f"- {n}: {within}/{len(runs)} runs within ±1 epoch of the onset (mean turning point − onset "
-                     f"{mean} epochs; never fired in {sum(e is None for _, e in fired)})")
+        lines.append(f"- {n}: {within}/{len(runs)} runs within ±1 epoch of the onset ({inside}/{len(runs)} within "
+                     f"±1 of its interval; mean turning point − onset {mean} epochs; never fired in "
+                     f"{sum(e is None for _, e in fired)})")
     return "\n".join(lines) + "\n"
 
 
@@ -219,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     version = f"Python {sys.version.split()[0]}, torch {torch.__version__}"
     (args.out / "table.md").write_text(f"{text}\n{version}; {args.epochs} epochs, pretrain {args.pretrain_steps} "
                                        f"steps\n")
-    (args.out / "results.json").write_text(json.dumps({"version": version, "runs": [r.__dict__ for r in runs]}))
+    (args.out / "results.json").write_text(json.dumps({"version": version, "runs": [
+        {**r.__dict__, "eval_loss": r.eval_loss, "onset": r.onset, "onset_interval": r.onset_interval()}
+        for r in runs]}))
     print(text)
     print("held-out loss per epoch: " + "; ".join(
         f"lr {r.lr:g} s{r.seed}: " + " ".join(f"{x:.2f}" for x in r.eval_loss) for r in runs))

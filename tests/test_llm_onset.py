@@ -37,15 +37,26 @@ def test_table_compares_each_rule_with_the_held_out_minimum():
     t = np.arange(200, dtype=float)
     cs = 0.1 * (1 - np.exp(-t / 30)) + 0.03 * np.exp(-t / 60) * np.sin(2 * np.pi * t / 25)
     losses = [3.0, 2.5, 2.2, 2.1, 2.15, 2.3] + [2.4] * 14
-    run = llm_onset.RunResult(seed=0, lr=1e-3, eval_loss=losses, cs_history=_history(cs, 10))
-    assert run.onset == 4
+    # two held-out windows per epoch that agree on the minimum, so the interval is the onset itself
+    run = llm_onset.RunResult(seed=0, lr=1e-3, window_losses=[[x - 0.01, x + 0.01] for x in losses],
+                              cs_history=_history(cs, 10))
+    assert run.eval_loss == pytest.approx(losses) and run.onset == 4 and run.onset_interval() == (4, 4)
     tps = llm_onset.turning_epochs(run)
     assert set(tps) == {"second-valley", "calm", "second-valley-2M", "calm-2M"}
     text = llm_onset.table([run])
-    assert "| lr 0.001 seed 0 | 4, 2.100 |" in text
+    assert "| lr 0.001 seed 0 | 4 [4–4], 2.100 |" in text
     for name, epoch in tps.items():
         within = int(epoch is not None and abs(epoch - 4) <= 1)
-        assert f"- {name}: {within}/1 runs within ±1 epoch" in text
+        assert f"- {name}: {within}/1 runs within ±1 epoch of the onset ({within}/1 within ±1 of its interval" in text
+
+
+def test_onset_interval_widens_when_windows_disagree():
+    # window A has its minimum at epoch 2, window B at epoch 5: resampling windows moves the onset between them
+    a = [2.0, 1.0, 1.5, 1.6, 1.7, 1.8]
+    b = [2.0, 1.9, 1.8, 1.7, 1.25, 1.9]
+    run = llm_onset.RunResult(seed=0, lr=1e-3, window_losses=[[x, y] for x, y in zip(a, b, strict=True)],
+                              cs_history={})
+    assert run.onset == 2 and run.onset_interval() == (2, 5)
 
 
 @pytest.mark.slow
@@ -56,6 +67,7 @@ def test_tiny_run_end_to_end(tmp_path):
     data = json.loads((out / "results.json").read_text())
     (run,) = data["runs"]
     assert len(run["eval_loss"]) == 3 and len(run["cs_history"]["cs"]) == 3 * 9  # CS at every step
+    assert len(run["window_losses"]) == 3 and len(run["window_losses"][0]) == 20  # every held-out window
     assert "| lr 0.002 seed 0 |" in (out / "table.md").read_text()
     # cached: a second call trains nothing and gives the same table
     table = (out / "table.md").read_text()
