@@ -4,6 +4,7 @@ statistics, and one small run through the command."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,7 +80,7 @@ def test_command_trains_samples_reports_and_resumes(tmp_path):
     cmd = [sys.executable, "-m", "lorakit.cli", "world", "blockwise", "--out", str(out), "--blocks", "upper,all",
            "--style-seeds", "0", "--sample-seeds", "1", "--character-epochs", "1", "--style-epochs", "1",
            "--no-progress"]
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     trained = [line for line in first.stdout.splitlines() if line.startswith("training ")]
