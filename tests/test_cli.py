@@ -24,7 +24,8 @@ def test_every_command_follows_the_pattern(name):
 def test_world_tasks_are_subcommands(tmp_path, capsys):
     from lorakit.commands.world import TASKS
 
-    assert set(TASKS) == {"pretrain", "quality", "dataset", "train-reader", "experiment", "curve-report", "grid"}
+    assert set(TASKS) == {"pretrain", "quality", "dataset", "train-reader", "experiment", "curve-report", "grid",
+                          "blockwise"}
     assert main(["world", "dataset", str(tmp_path / "zkz")]) == 0
     assert "wrote 15 images" in capsys.readouterr().out
     assert (tmp_path / "zkz" / "sample_prompts.txt").is_file()

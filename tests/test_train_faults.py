@@ -45,9 +45,16 @@ def log_steps(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # a suite started in the background by a non-interactive shell (`pytest &`) ignores SIGINT, and children
+    # inherit that: Python then never raises KeyboardInterrupt, whatever lorakit does
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_and_signal(cmd: list[str], out: Path, after_steps: int, sig: int) -> subprocess.CompletedProcess:
     """Start ``cmd`` and send ``sig`` once log.jsonl holds ``after_steps`` steps."""
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         try:
