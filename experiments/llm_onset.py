@@ -223,8 +223,9 @@ def table(runs: list[RunResult]) -> str:
     lines = ["| run | onset (min held-out loss) [90% interval]: epoch, loss | "
              + " | ".join(f"{n}: epoch (Δ, loss)" for n in names) + " |", "|" + "---|" * (2 + len(names))]
     intervals = {id(r): r.onset_interval() for r in runs}
+    turning = {id(r): turning_epochs(r) for r in runs}
     for r in runs:
-        tps = turning_epochs(r)
+        tps = turning[id(r)]
         cells = []
         for n in names:
             e = tps[n]
@@ -235,7 +236,7 @@ def table(runs: list[RunResult]) -> str:
                      + " | ".join(cells) + " |")
     lines.append("")
     for n in names:
-        fired = [(r, turning_epochs(r)[n]) for r in runs]
+        fired = [(r, turning[id(r)][n]) for r in runs]
         within = sum(e is not None and abs(e - r.onset) <= 1 for r, e in fired)
         inside = sum(e is not None and intervals[id(r)][0] - 1 <= e <= intervals[id(r)][1] + 1 for r, e in fired)
         deltas = [e - r.onset for r, e in fired if e is not None]

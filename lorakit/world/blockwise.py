@@ -180,14 +180,13 @@ def sample_pairing(model: BaseModel, pairing: Pairing, prompts: Sequence[Prompt]
     """Sample and read one pairing's images (cached in ``folder/<slug>/``: scores.json and the PNGs)."""
     where = folder / pairing.slug
     cache = where / "scores.json"
-    if cache.exists():
-        cached = json.loads(cache.read_text())
-        if [(r["prompt"], r["seed"]) for r in cached["images"]] == [
-                (p.text, p.seed + 10_000 * k) for p in prompts for k in range(sample_seeds)]:
-            return cached  # made with the same prompts and seeds; otherwise sample again
     samples = [SamplePrompt(p.text, seed=p.seed + 10_000 * k, steps=concept.SAMPLE_STEPS,
                             cfg_scale=concept.SAMPLE_CFG, width=concept.SAMPLE_WIDTH, height=concept.SAMPLE_HEIGHT)
                for p in prompts for k in range(sample_seeds)]
+    if cache.exists():
+        cached = json.loads(cache.read_text())
+        if [(r["prompt"], r["seed"]) for r in cached["images"]] == [(s.prompt, s.seed) for s in samples]:
+            return cached  # made with the same prompts and seeds; otherwise sample again
     labels = [p for p in prompts for _ in range(sample_seeds)]
     images = generate_with_adapters(model, [f"{a}:1" for a in pairing.adapters], samples, batch_size=16,
                                     progress=False)

@@ -185,19 +185,24 @@ def load_prompts(path: str | Path) -> list[EvalPrompt]:
     return [EvalPrompt(**p) for p in data["prompts"]]
 
 
+def write_images(images: Path, scenes: list[Scene], captions: list[str]) -> list[Path]:
+    """Render each scene to ``images/NNN.png`` with its caption beside it as ``NNN.txt`` (kohya's layout)."""
+    images.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (scene, caption) in enumerate(zip(scenes, captions, strict=True)):
+        path = images / f"{i:03d}.png"
+        render(scene).save(path, optimize=False)
+        path.with_suffix(".txt").write_text(caption + "\n")
+        paths.append(path)
+    return paths
+
+
 def write_concept_dataset(folder: str | Path) -> list[Path]:
     """Write the training set (kohya layout), prompts.json, eval_prompts.txt, sample_prompts.txt and
     eval_prompts.toml (the prompt file ``lorakit eval --prompts`` reads) under ``folder``; deterministic.
     Returns the image paths."""
     folder = Path(folder)
-    images = folder / FOLDER_NAME
-    images.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (scene, caption) in enumerate(zip(concept_scenes(), concept_captions(), strict=True)):
-        path = images / f"{i:03d}.png"
-        render(scene).save(path, optimize=False)
-        path.with_suffix(".txt").write_text(caption + "\n")
-        paths.append(path)
+    paths = write_images(folder / FOLDER_NAME, concept_scenes(), concept_captions())
     data = {"concept": concept_spec(), "prompts": [asdict(p) for p in eval_prompts()]}
     (folder / "prompts.json").write_text(json.dumps(data, indent=1) + "\n")
     (folder / "eval_prompts.txt").write_text("".join(p.kohya_line() + "\n" for p in eval_prompts()))

@@ -17,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.world.captions import natural_caption, tag_caption
-from lorakit.world.render import ObjectSpec, Scene, render
+from lorakit.world.concept import write_images
+from lorakit.world.render import ObjectSpec, Scene
 
 STYLE_BACKGROUND = "checkered"
 REPEATS = 10
@@ -51,12 +52,4 @@ def style_captions() -> list[str]:
 
 def write_style_dataset(folder: str | Path) -> list[Path]:
     """Write the style's training set (kohya layout) under ``folder``; deterministic.  Returns the image paths."""
-    images = Path(folder) / FOLDER_NAME
-    images.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (scene, caption) in enumerate(zip(style_scenes(), style_captions(), strict=True)):
-        path = images / f"{i:03d}.png"
-        render(scene).save(path, optimize=False)
-        path.with_suffix(".txt").write_text(caption + "\n")
-        paths.append(path)
-    return paths
+    return write_images(Path(folder) / FOLDER_NAME, style_scenes(), style_captions())
