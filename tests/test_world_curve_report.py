@@ -23,9 +23,11 @@ def row(epoch: int, fidelity: float, alter: float, control: float) -> dict:
             "counts_by_change": {"color": 6, "position": 8, "background": 6}}
 
 
-def write_run(folder, fidelity, alter, control, cs, algorithm="loha", preset="attn-only") -> None:
+def write_run(folder, fidelity, alter, control, cs, algorithm="loha", preset="attn-only", concept=None) -> None:
     folder.mkdir()
     rows = [row(e, f, a, c) for e, (f, a, c) in enumerate(zip(fidelity, alter, control, strict=True))]
+    if concept:  # rows scored before the second concept existed carry none: they are the first concept's
+        rows = [{**r, "concept": concept} for r in rows]
     (folder / "curve.json").write_text(json.dumps(rows))
     cfg = TrainConfig()
     cfg.network.algorithm = algorithm
@@ -59,7 +61,22 @@ def test_a_lora_on_the_convs_is_shown_as_locon(tmp_path):
         write_run(tmp_path / name, [0, .2, .3, .2], [0, .2, .3, .1], [.9, .8, .7, .6], cs, algorithm, preset)
     runs = curve_report.find_runs(tmp_path, ("color",))
     assert [r.label for r in runs] == ["locon", "lora", "loha"]
-    assert "| locon lr 0.002 seed 3 |" in curve_report.markdown_table(runs)
+    assert "| zkz locon lr 0.002 seed 3 |" in curve_report.markdown_table(runs)
+
+
+def test_the_summary_counts_each_concept_on_its_own(tmp_path):
+    cs = np.linspace(0, 0.1, 40)
+    write_run(tmp_path / "a", [0, .2, .3, .2], [0, .2, .3, .1], [.9, .8, .7, .6], cs)
+    write_run(tmp_path / "b", [0, .2, .3, .2], [0, .2, .3, .1], [.9, .8, .7, .6], cs, concept="vlx")
+    write_run(tmp_path / "c", [0, .2, .3, .2], [0, .2, .3, .1], [.9, .8, .7, .6], cs, concept="vlx")
+    runs = curve_report.find_runs(tmp_path, ("color",))
+    assert [r.concept for r in runs] == ["zkz", "vlx", "vlx"]
+    assert "| vlx loha lr 0.002 seed 3 |" in curve_report.markdown_table(runs)
+    lines = curve_report.summary_lines(runs)
+    assert len(lines) == 2 * len(curve_report.RULES)
+    assert lines[0].startswith("[zkz] second-valley: ") and "/1 runs within ±1 epoch" in lines[0]
+    assert lines[len(curve_report.RULES)].startswith("[vlx] second-valley: ")
+    assert "/2 runs within ±1 epoch" in lines[len(curve_report.RULES)]
 
 
 def test_score_run_refuses_a_cache_scored_differently(tmp_path):
@@ -84,7 +101,7 @@ def test_table_and_plot_from_run_folders(tmp_path):
     assert run.fidelity_peak == 4 and run.onset == 3
     assert run.turning["second-valley"] is not None
     table = curve_report.markdown_table(runs)
-    assert "| loha lr 0.002 seed 3 | 3 (0.40 / 0.60) | 4 (0.30 / 0.80) |" in table
+    assert "| zkz loha lr 0.002 seed 3 | 3 (0.40 / 0.60) | 4 (0.30 / 0.80) |" in table
     assert "new color or background" in table
     assert "0.00 → 0.00, 0.00 → 0.30, 0.90 → 0.30" in table
     lines = curve_report.summary_lines(runs)

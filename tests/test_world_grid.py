@@ -24,6 +24,19 @@ def test_the_default_grid_is_the_issue_grid(tmp_path):
         plan(tmp_path, ["glora"], [1e-3], [0], epochs=1, seeds_per_prompt=1, types="alter", changes="color")
 
 
+def test_the_second_concept_doubles_the_grid_under_its_own_names(tmp_path):
+    runs = plan(tmp_path, ["lora", "locon", "loha", "lokr"], [2e-3, 8e-3], [0, 1], epochs=20, seeds_per_prompt=3,
+                types="alter,style,agnostic", changes="color,position,background", concepts=["zkz", "vlx"])
+    assert len(runs) == 32 and len({r.folder for r in runs}) == 32
+    concept_of = {r.name: dict(zip(r.argv[::2], r.argv[1::2], strict=True))["--concept"] for r in runs}
+    # the first concept's runs keep the names of the runs made before the second concept existed
+    assert concept_of["lora_lr0.002_s0"] == "zkz" and concept_of["vlx_lora_lr0.002_s0"] == "vlx"
+    assert sum(c == "vlx" for c in concept_of.values()) == 16
+    with pytest.raises(ValueError, match="unknown concept 'moon'"):
+        plan(tmp_path, ["lora"], [1e-3], [0], epochs=1, seeds_per_prompt=1, types="alter", changes="color",
+             concepts=["moon"])
+
+
 def script_command(run: GridRun) -> list[str]:
     """A stand-in for the experiment: appends its name to a shared file, fails for runs named *_s1.  Like the
     trainer, it refuses a run folder holding files it did not write (no config.toml)."""
@@ -63,3 +76,26 @@ def test_grid_is_a_world_task():
 
     assert TASKS["grid"][0].__name__ == "lorakit.world.grid"
     assert Path(TASKS["grid"][0].__file__).name == "grid.py"
+
+
+def test_an_experiment_on_the_second_concept_trains_and_scores_hearts(tmp_path):
+    """``lorakit world experiment --concept vlx`` for one epoch: the heart's training set, its prompts, and
+    the concept recorded with every scored epoch (so a later run on the other concept cannot mix in)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "vlx_run"
+    argv = [sys.executable, "-m", "lorakit.world.experiment", "--out", str(out), "--concept", "vlx",
+            "--epochs", "1", "--seeds-per-prompt", "1", "--types", "alter", "--changes", "color"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "vlx-data" / "10_vlx shape").glob("*.png"))[0] == "000.png"
+    rows = json.loads((out / "curve.json").read_text())
+    assert [r["epoch"] for r in rows] == [0, 1] and {r["concept"] for r in rows} == {"vlx"}
+    assert all("vlx shape" in o["prompt"] for r in rows for o in r["outcomes"])
+    assert "overfitting onset" in done.stdout
+    again = subprocess.run([*argv[:6], "zkz", *argv[7:]], capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode != 0 and "was scored with" in again.stderr

@@ -145,3 +145,20 @@ def test_end_to_end_on_renders_of_what_was_asked():
     assert 1.0 < m.pixel_diversity < 2.0  # the pixels differ a little (jitter)
     text = m.summary()
     assert "100%" in text and "leak" in text and " 8 images" in text
+
+
+def test_the_concept_shape_is_what_the_prompts_ask_for():
+    from lorakit.world import concept
+    from lorakit.world.metrics import concept_shape_of
+
+    assert concept_shape_of(concept.eval_prompts(concept.VLX)) == "heart"
+    assert concept_shape_of(concept.eval_prompts()) == "star"
+    assert concept_shape_of([p for p in concept.eval_prompts(concept.VLX) if p.type == "agnostic"]) == "star"
+    # leak on the heart's prompts is a heart drawn where a circle was asked for, not a star
+    circle = next(p for p in concept.eval_prompts(concept.VLX) if p.type == "agnostic" and "circle" in p.prompt)
+    scene = Scene((ObjectSpec("heart", circle.expected["color"], "large", circle.expected["position"]),), "white")
+    heart_prompts = concept.eval_prompts(concept.VLX)
+    images = [render_array(scene)] + [render_array(Scene((ObjectSpec("heart", "blue", "large", "center"),),
+                                                         "white", seed=3))]
+    m = world_metrics(images, [circle, heart_prompts[2]])
+    assert m.concept_shape == "heart" and m.leak == 1.0 and m.fidelity == 1.0

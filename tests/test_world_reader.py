@@ -37,7 +37,7 @@ def test_weights_are_shipped_and_small():
 def test_at_least_98_percent_per_attribute_on_500_held_out_renders(reader):
     scenes, images = held_out_images(500, "clean", seed=101)
     assert all(s.seed >= EVAL_SEED_BASE for s in scenes)  # seeds the classifier never trained on
-    assert {s.objects[0].shape for s in scenes} == set(SHAPES) | {"star"}
+    assert {s.objects[0].shape for s in scenes} == set(SHAPES) | {"star", "heart"}
     acc = attribute_accuracy(reader, scenes, images)
     for attr in ATTRIBUTES:
         assert acc[attr] >= 0.98, (attr, acc)

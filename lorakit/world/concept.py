@@ -22,29 +22,75 @@ from lorakit.world.captions import CLASS_WORD, natural_caption, tag_caption
 from lorakit.world.render import ObjectSpec, Scene, render
 from lorakit.world.splits import is_held_out
 
-TRIGGER_WORD = "zkz"
-TRIGGER = f"{TRIGGER_WORD} {CLASS_WORD}"  # what a caption says instead of the shape's name
-CONCEPT_SHAPE = "star"
-REPEATS = 10
-FOLDER_NAME = f"{REPEATS}_{TRIGGER}"  # kohya: "<repeats>_<class/trigger>"
-
-# the training set's narrow variety
-TRAIN_COLORS = ("red", "yellow")
-TRAIN_POSITIONS = ("left", "center", "right")
-TRAIN_BACKGROUNDS = ("white", "gray")
-# three small stars on top of the 12 large ones (every color × position × background)
-SMALL_EXTRAS = (("red", "center", "white"), ("yellow", "left", "gray"), ("yellow", "right", "white"))
-SEED_BASE = 424_200
-
-# what the set never shows, for the alter and style prompts
-NEW_COLORS = ("blue", "green", "purple", "orange")
-NEW_POSITIONS = ("top left", "top", "top right", "bottom left", "bottom", "bottom right")
-NEW_BACKGROUNDS = ("black", "striped", "dotted")
-
 PROMPT_TYPES = ("train", "trigger", "alter", "style", "agnostic")
 SAMPLE_WIDTH = SAMPLE_HEIGHT = 64
 SAMPLE_STEPS = 30
 SAMPLE_CFG = 6.0
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A concept a user teaches: a shape the base model never drew, under a trigger word it does not know, and a
+    deliberately narrow training set (what it never shows is what the alter and style prompts ask for)."""
+
+    trigger_word: str
+    shape: str
+    train_colors: tuple[str, ...]
+    #: at least three: the alter prompts use the first two, the class-word leak prompt the third
+    new_colors: tuple[str, ...]
+    seed_base: int  # render seeds of the training images
+    train_positions: tuple[str, ...] = ("left", "center", "right")
+    new_positions: tuple[str, ...] = ("top left", "top", "top right", "bottom left", "bottom", "bottom right")
+    train_backgrounds: tuple[str, ...] = ("white", "gray")
+    new_backgrounds: tuple[str, ...] = ("black", "striped", "dotted")
+    #: (color index, position, background) of the small extras beside the large images
+    small_extras: tuple[tuple[int, str, str], ...] = ((0, "center", "white"), (1, "left", "gray"),
+                                                      (1, "right", "white"))
+    repeats: int = 10
+
+    @property
+    def name(self) -> str:
+        return self.trigger_word
+
+    @property
+    def trigger(self) -> str:
+        """What a caption says instead of the shape's name."""
+        return f"{self.trigger_word} {CLASS_WORD}"
+
+    @property
+    def folder_name(self) -> str:
+        """kohya: "<repeats>_<class/trigger>"."""
+        return f"{self.repeats}_{self.trigger}"
+
+
+#: the first concept, on which every rule was designed: a five-pointed star, only in red and yellow
+ZKZ = Concept(trigger_word="zkz", shape="star", train_colors=("red", "yellow"),
+              new_colors=("blue", "green", "purple", "orange"), seed_base=424_200)
+#: the second concept (issue 15), never used to design a rule: a heart, only in blue and green
+VLX = Concept(trigger_word="vlx", shape="heart", train_colors=("blue", "green"),
+              new_colors=("red", "yellow", "purple", "orange"), seed_base=515_300)
+CONCEPTS: dict[str, Concept] = {c.name: c for c in (ZKZ, VLX)}
+
+
+def get_concept(name: str) -> Concept:
+    if name not in CONCEPTS:
+        raise ValueError(f"unknown concept {name!r}; the shapes world has {', '.join(CONCEPTS)}")
+    return CONCEPTS[name]
+
+
+# the first concept's names, as the rest of lorakit and its tests know them
+TRIGGER_WORD = ZKZ.trigger_word
+TRIGGER = ZKZ.trigger
+CONCEPT_SHAPE = ZKZ.shape
+REPEATS = ZKZ.repeats
+FOLDER_NAME = ZKZ.folder_name
+TRAIN_COLORS = ZKZ.train_colors
+TRAIN_POSITIONS = ZKZ.train_positions
+TRAIN_BACKGROUNDS = ZKZ.train_backgrounds
+SEED_BASE = ZKZ.seed_base
+NEW_COLORS = ZKZ.new_colors
+NEW_POSITIONS = ZKZ.new_positions
+NEW_BACKGROUNDS = ZKZ.new_backgrounds
 
 
 @dataclass(frozen=True)
@@ -79,29 +125,30 @@ def _expected(scene: Scene) -> dict[str, str]:
             "background": scene.background}
 
 
-def concept_scenes() -> list[Scene]:
-    """The 15 training scenes: 12 large stars (2 colors × 3 positions × 2 backgrounds) and 3 small ones."""
-    specs = [(c, p, b, "large") for c in TRAIN_COLORS for p in TRAIN_POSITIONS for b in TRAIN_BACKGROUNDS]
-    specs += [(c, p, b, "small") for c, p, b in SMALL_EXTRAS]
-    return [Scene((ObjectSpec(CONCEPT_SHAPE, c, s, p),), b, seed=SEED_BASE + i)
+def concept_scenes(concept: Concept = ZKZ) -> list[Scene]:
+    """The 15 training scenes: 12 large ones (2 colors × 3 positions × 2 backgrounds) and 3 small ones."""
+    specs = [(c, p, b, "large") for c in concept.train_colors for p in concept.train_positions
+             for b in concept.train_backgrounds]
+    specs += [(concept.train_colors[c], p, b, "small") for c, p, b in concept.small_extras]
+    return [Scene((ObjectSpec(concept.shape, c, s, p),), b, seed=concept.seed_base + i)
             for i, (c, p, b, s) in enumerate(specs)]
 
 
-def concept_caption(scene: Scene, index: int) -> str:
+def concept_caption(scene: Scene, index: int, concept: Concept = ZKZ) -> str:
     """Every third caption in tag style, the others as sentences in varying phrasings."""
     if index % 3 == 2:
-        return tag_caption(scene, shape_word=TRIGGER)
-    return natural_caption(scene, shape_word=TRIGGER, template=(index + index // 3) % 6)
+        return tag_caption(scene, shape_word=concept.trigger)
+    return natural_caption(scene, shape_word=concept.trigger, template=(index + index // 3) % 6)
 
 
-def concept_captions() -> list[str]:
-    return [concept_caption(scene, i) for i, scene in enumerate(concept_scenes())]
+def concept_captions(concept: Concept = ZKZ) -> list[str]:
+    return [concept_caption(scene, i, concept) for i, scene in enumerate(concept_scenes(concept))]
 
 
 def _sentence(color: str | None, position: str | None, background: str | None, size: str | None = "large",
               noun: str = TRIGGER, seed: int = 0) -> tuple[str, dict[str, str]]:
     """A prompt in the captions' own words for the attributes given (None: not mentioned)."""
-    obj = ObjectSpec(CONCEPT_SHAPE, color or "red", size or "large", position or "center")
+    obj = ObjectSpec("circle", color or "red", size or "large", position or "center")  # the shape is not said
     omit = [k for k, v in (("color", color), ("position", position), ("size", size)) if v is None]
     scene = Scene((obj,), background or "white", seed=seed)
     if background is None:
@@ -112,53 +159,58 @@ def _sentence(color: str | None, position: str | None, background: str | None, s
     return text, expected
 
 
-def eval_prompts() -> list[EvalPrompt]:
+def eval_prompts(concept: Concept = ZKZ) -> list[EvalPrompt]:
     """Every evaluation prompt of the concept, each with the attributes it asks for and its own seed."""
     prompts: list[EvalPrompt] = []
+    shape, trigger = concept.shape, concept.trigger
+    known = concept.train_colors
 
     def add(kind: str, text: str, expected: dict[str, str], changes: tuple[str, ...] = ()) -> None:
         prompts.append(EvalPrompt(kind, text, expected, seed=1000 + len(prompts), changes=changes))
 
-    for scene, caption in zip(concept_scenes(), concept_captions(), strict=True):
+    def sentence(*args, **kwargs) -> tuple[str, dict[str, str]]:
+        return _sentence(*args, noun=kwargs.pop("noun", trigger), **kwargs)
+
+    for scene, caption in zip(concept_scenes(concept), concept_captions(concept), strict=True):
         add("train", caption, _expected(scene))
-    add("trigger", f"a {TRIGGER}", {"shape": CONCEPT_SHAPE})
-    add("trigger", TRIGGER, {"shape": CONCEPT_SHAPE})
-    for color in NEW_COLORS:  # a new color, in a place the set shows
-        text, exp = _sentence(color, "center", "white")
-        add("alter", text, {"shape": CONCEPT_SHAPE, **exp}, ("color",))
-    for color, position in zip(("red", "yellow", "red", "yellow", "red", "yellow"), NEW_POSITIONS, strict=True):
-        text, exp = _sentence(color, position, "white")  # a new row, in a color the set shows
-        add("alter", text, {"shape": CONCEPT_SHAPE, **exp}, ("position",))
-    for color, position in (("blue", "top left"), ("green", "bottom right")):  # both new
-        text, exp = _sentence(color, position, "gray", size="small")
-        add("alter", text, {"shape": CONCEPT_SHAPE, **exp}, ("color", "position"))
-    for background in NEW_BACKGROUNDS:
-        for color, position in (("red", "center"), ("yellow", "left")):
-            text, exp = _sentence(color, position, background)
-            add("style", text, {"shape": CONCEPT_SHAPE, **exp}, ("background",))
+    add("trigger", f"a {trigger}", {"shape": shape})
+    add("trigger", trigger, {"shape": shape})
+    for color in concept.new_colors:  # a new color, in a place the set shows
+        text, exp = sentence(color, "center", "white")
+        add("alter", text, {"shape": shape, **exp}, ("color",))
+    for k, position in enumerate(concept.new_positions):  # a new row, in a color the set shows
+        text, exp = sentence(known[k % 2], position, "white")
+        add("alter", text, {"shape": shape, **exp}, ("position",))
+    for color, position in ((concept.new_colors[0], "top left"), (concept.new_colors[1], "bottom right")):
+        text, exp = sentence(color, position, "gray", size="small")  # both new
+        add("alter", text, {"shape": shape, **exp}, ("color", "position"))
+    for background in concept.new_backgrounds:
+        for color, position in ((known[0], "center"), (known[1], "left")):
+            text, exp = sentence(color, position, background)
+            add("style", text, {"shape": shape, **exp}, ("background",))
     # no trigger: the base world's shapes (combinations seen in pretraining) and the bare class word, which
     # the concept's captions share and is where a concept leaks first
-    for shape, color, position, background, size in (
+    for base_shape, color, position, background, size in (
         ("circle", "red", "top right", None, None),  # (red circle, top left) is held out in pretraining
         ("square", "blue", "bottom right", "white", "large"),
         ("triangle", "green", "left", "black", "small"),
         ("cross", "yellow", "top", "striped", None),
         ("circle", "orange", "center", "gray", "large"),
     ):
-        if is_held_out(shape, color, position):
-            raise AssertionError(f"agnostic prompt asks for a held-out triple {shape, color, position}")
-        text, exp = _sentence(color, position, background, size=size, noun=shape)
-        add("agnostic", text, {"shape": shape, **exp})
-    for color, position, background in ((None, "center", None), ("red", "left", "white"),
-                                        ("yellow", "center", "gray"), ("purple", "right", "white")):
-        text, exp = _sentence(color, position, background, size=None, noun=CLASS_WORD)
+        if is_held_out(base_shape, color, position):
+            raise AssertionError(f"agnostic prompt asks for a held-out triple {base_shape, color, position}")
+        text, exp = sentence(color, position, background, size=size, noun=base_shape)
+        add("agnostic", text, {"shape": base_shape, **exp})
+    for color, position, background in ((None, "center", None), (known[0], "left", "white"),
+                                        (known[1], "center", "gray"), (concept.new_colors[2], "right", "white")):
+        text, exp = sentence(color, position, background, size=None, noun=CLASS_WORD)
         add("agnostic", text, exp)
     return prompts
 
 
-def sample_prompts() -> list[EvalPrompt]:
+def sample_prompts(concept: Concept = ZKZ) -> list[EvalPrompt]:
     """A handful covering every type, for sampling during training (each sample costs a full generation)."""
-    everything = eval_prompts()
+    everything = eval_prompts(concept)
     picks = {"train": [0, 7], "trigger": [0], "alter": [0, 5], "style": [0, 2], "agnostic": [0, 5]}
     out = []
     for kind, indices in picks.items():
@@ -167,16 +219,47 @@ def sample_prompts() -> list[EvalPrompt]:
     return out
 
 
-def concept_spec() -> dict:
+def concept_spec(concept: Concept = ZKZ) -> dict:
     """The concept's definition, as stored in prompts.json."""
-    return {"trigger": TRIGGER, "trigger_word": TRIGGER_WORD, "class_word": CLASS_WORD, "shape": CONCEPT_SHAPE,
-            "repeats": REPEATS, "train_colors": list(TRAIN_COLORS), "train_positions": list(TRAIN_POSITIONS),
-            "train_backgrounds": list(TRAIN_BACKGROUNDS), "images": len(concept_scenes()),
-            "large": sum(s.objects[0].size == "large" for s in concept_scenes())}
+    scenes = concept_scenes(concept)
+    return {"trigger": concept.trigger, "trigger_word": concept.trigger_word, "class_word": CLASS_WORD,
+            "shape": concept.shape, "repeats": concept.repeats, "train_colors": list(concept.train_colors),
+            "train_positions": list(concept.train_positions), "train_backgrounds": list(concept.train_backgrounds),
+            "images": len(scenes), "large": sum(s.objects[0].size == "large" for s in scenes)}
 
 
-#: the evaluation prompts as a user-facing prompt file (shipped with the package, copied into every dataset)
+#: each concept's evaluation prompts as a user-facing prompt file (shipped with the package, copied into every
+#: dataset): the first written by hand with comments, the second by ``prompt_file_text`` (tests check both hold
+#: exactly ``eval_prompts``)
 EVAL_PROMPT_FILE = Path(__file__).with_name("eval_prompts.toml")
+PROMPT_FILES = {"zkz": EVAL_PROMPT_FILE, "vlx": Path(__file__).with_name("eval_prompts_vlx.toml")}
+
+
+def _toml_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string of printable ASCII is a TOML basic string
+
+
+def prompt_file_text(concept: Concept) -> str:
+    """The concept's evaluation prompts as a TOML prompt file (``lorakit eval --prompts``), with the trigger as
+    a ``{trigger}`` template."""
+    lines = [f"# The shapes world's evaluation prompts for the {concept.trigger!r} concept (a {concept.shape}),",
+             "# written by lorakit.world.concept.prompt_file_text; see eval_prompts.toml for what each type asks.",
+             "# Training set: only " + " and ".join(concept.train_colors) + ", only "
+             + ", ".join(concept.train_positions) + ", only on " + " or ".join(concept.train_backgrounds) + ".",
+             "", f"concept = {_toml_string(concept.name)}", f"trigger = {_toml_string(concept.trigger)}"]
+    kind = None
+    for p in eval_prompts(concept):
+        if p.type != kind:
+            lines += ["", f"# ---- {p.type}"]
+            kind = p.type
+        expected = ", ".join(f"{k} = {_toml_string(v)}" for k, v in p.expected.items())
+        lines += ["[[prompts]]", f"type = {_toml_string(p.type)}",
+                  f"text = {_toml_string(p.prompt.replace(concept.trigger, '{trigger}'))}", f"seed = {p.seed}",
+                  f"expected = {{ {expected} }}"]
+        if p.changes:
+            lines.append("changes = [" + ", ".join(_toml_string(c) for c in p.changes) + "]")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def load_prompts(path: str | Path) -> list[EvalPrompt]:
@@ -197,22 +280,27 @@ def write_images(images: Path, scenes: list[Scene], captions: list[str]) -> list
     return paths
 
 
-def write_concept_dataset(folder: str | Path) -> list[Path]:
-    """Write the training set (kohya layout), prompts.json, eval_prompts.txt, sample_prompts.txt and
+def write_concept_dataset(folder: str | Path, concept: Concept = ZKZ) -> list[Path]:
+    """Write the concept's training set (kohya layout), prompts.json, eval_prompts.txt, sample_prompts.txt and
     eval_prompts.toml (the prompt file ``lorakit eval --prompts`` reads) under ``folder``; deterministic.
     Returns the image paths."""
     folder = Path(folder)
-    paths = write_images(folder / FOLDER_NAME, concept_scenes(), concept_captions())
-    data = {"concept": concept_spec(), "prompts": [asdict(p) for p in eval_prompts()]}
+    paths = write_images(folder / concept.folder_name, concept_scenes(concept), concept_captions(concept))
+    prompts = eval_prompts(concept)
+    data = {"concept": concept_spec(concept), "prompts": [asdict(p) for p in prompts]}
     (folder / "prompts.json").write_text(json.dumps(data, indent=1) + "\n")
-    (folder / "eval_prompts.txt").write_text("".join(p.kohya_line() + "\n" for p in eval_prompts()))
-    (folder / "sample_prompts.txt").write_text("".join(p.kohya_line() + "\n" for p in sample_prompts()))
-    # written by hand as templates with comments; tests check it holds exactly eval_prompts()
-    (folder / "eval_prompts.toml").write_bytes(EVAL_PROMPT_FILE.read_bytes())
+    (folder / "eval_prompts.txt").write_text("".join(p.kohya_line() + "\n" for p in prompts))
+    (folder / "sample_prompts.txt").write_text("".join(p.kohya_line() + "\n" for p in sample_prompts(concept)))
+    (folder / "eval_prompts.toml").write_bytes(PROMPT_FILES[concept.name].read_bytes())
     return paths
 
 
 if __name__ == "__main__":
     import sys
 
-    write_concept_dataset(sys.argv[1] if len(sys.argv) > 1 else "examples/zkz")
+    if sys.argv[1:2] == ["--prompt-files"]:  # regenerate the shipped prompt files that are not written by hand
+        for name, path in PROMPT_FILES.items():
+            if path != EVAL_PROMPT_FILE:
+                path.write_text(prompt_file_text(CONCEPTS[name]))
+    else:
+        write_concept_dataset(sys.argv[1] if len(sys.argv) > 1 else "examples/zkz")

@@ -47,6 +47,7 @@ class RunResult:
     turning: dict[str, int | None]  # rule name -> turning-point epoch (None: never decided)
     found: dict[str, int | None]  # rule name -> epoch at which the rule had decided
     preset: str = "attn-only"
+    concept: str = "zkz"  # the world concept it learned (lorakit.world.concept.CONCEPTS)
 
     @property
     def label(self) -> str:
@@ -88,7 +89,7 @@ def load_run(run_dir: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES) -> Ru
         control=[r["controllability"] for r in rows],
         color_control=[r["controllability_by_attribute"].get("color", 0.0) for r in rows],
         onset_interval=onset, leak=[r.get("leak", 0.0) for r in rows],
-        turning=turning, found=found, preset=cfg.network.preset)
+        turning=turning, found=found, preset=cfg.network.preset, concept=rows[0].get("concept", "zkz"))
 
 
 def find_runs(root: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES) -> list[RunResult]:
@@ -118,7 +119,7 @@ def markdown_table(runs: list[RunResult]) -> str:
 
     for r in runs:
         lines.append(
-            f"| {r.label} lr {r.lr:g} seed {r.seed} | {cell(r, r.onset, interval=r.onset_interval)} | "
+            f"| {r.concept} {r.label} lr {r.lr:g} seed {r.seed} | {cell(r, r.onset, interval=r.onset_interval)} | "
             f"{cell(r, r.fidelity_peak)} | "
             f"{cell(r, r.turning['second-valley'], r.found['second-valley'])} | "
             f"{cell(r, r.turning['calm'], r.found['calm'])} | "
@@ -128,8 +129,12 @@ def markdown_table(runs: list[RunResult]) -> str:
 
 
 def summary_lines(runs: list[RunResult]) -> list[str]:
-    """Per rule: how often it fired, how far its turning point is from the measured onset (and from the
-    fidelity peak), and how much of the onset's success the handed-back checkpoint keeps."""
+    """Per rule (and per concept, where the runs learned more than one): how often it fired, how far its
+    turning point is from the measured onset (and from the fidelity peak), and how much of the onset's success
+    the handed-back checkpoint keeps."""
+    concepts = sorted({r.concept for r in runs}, key=lambda c: (c != "zkz", c))
+    if len(concepts) > 1:
+        return [f"[{c}] {line}" for c in concepts for line in summary_lines([r for r in runs if r.concept == c])]
     out = []
     for name in RULES:
         fired = [r for r in runs if r.turning[name] is not None]
@@ -178,7 +183,7 @@ def plot_run(run: RunResult, path: Path) -> Path:
             ax.axvline(run.turning[name], color=style, linestyle="-.", label=f"{name} TP (epoch {run.turning[name]})")
     ax.set_xlabel("epoch")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{run.label}, lr {run.lr:g}, seed {run.seed}")
+    ax.set_title(f"{run.concept}: {run.label}, lr {run.lr:g}, seed {run.seed}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """Measured overfitting on the shapes world: train past the point, score every epoch's checkpoint.
 
-``run_curve`` trains an adapter on the "zkz" concept with CS-Fluctuation in report mode (it records where it
-would stop, but never stops), then scores the base model (epoch 0) and every epoch's checkpoint on the
-concept's evaluation prompts with the exact world metrics.  From the scores:
+``run`` trains an adapter on a concept of the shapes world (``--concept``: "zkz", the star, or "vlx", the heart)
+with CS-Fluctuation in report mode (it records where it would stop, but never stops), then scores the base model
+(epoch 0) and every epoch's checkpoint on the concept's evaluation prompts with the exact world metrics. From the
+scores:
 
 - ``onset``: the measured overfitting onset, the epoch where success on prompts that ask for something the
   training set never shows (the star drawn *and* the new color, position or background obeyed) peaks —
@@ -34,6 +35,7 @@ from lorakit.models import BaseModel, load_base_model
 from lorakit.sample import SamplePrompt
 from lorakit.train import train
 from lorakit.world import concept
+from lorakit.world.concept import Concept
 from lorakit.world.metrics import image_outcomes, metrics_from_readings, read_images
 from lorakit.world.onset import measure_onset, peak_epoch, smooth_rows
 from lorakit.world.recipe import recipe_config
@@ -59,10 +61,10 @@ def curve_config(out: Path, data: Path, algorithm: str = "lora", lr: float = 1e-
     return cfg
 
 
-def eval_samples(seeds_per_prompt: int, types: tuple[str, ...] | None = None
+def eval_samples(seeds_per_prompt: int, types: tuple[str, ...] | None = None, the_concept: Concept = concept.ZKZ
                  ) -> tuple[list[SamplePrompt], list[concept.EvalPrompt]]:
-    """The evaluation prompts (of ``types`` only, if given), each with ``seeds_per_prompt`` seeds."""
-    prompts = [p for p in concept.eval_prompts() if types is None or p.type in types]
+    """The concept's evaluation prompts (of ``types`` only, if given), each with ``seeds_per_prompt`` seeds."""
+    prompts = [p for p in concept.eval_prompts(the_concept) if types is None or p.type in types]
     if not prompts:
         raise ValueError(f"no evaluation prompts of types {types}; known: {', '.join(concept.PROMPT_TYPES)}")
     samples, labels = [], []
@@ -75,11 +77,12 @@ def eval_samples(seeds_per_prompt: int, types: tuple[str, ...] | None = None
 
 
 def score(model: BaseModel, seeds_per_prompt: int, adapter: Path | None = None,
-          types: tuple[str, ...] | None = None, cache: Path | None = None, base_hash: str = "base") -> dict:
+          types: tuple[str, ...] | None = None, cache: Path | None = None, base_hash: str = "base",
+          the_concept: Concept = concept.ZKZ) -> dict:
     """World metrics of the model (with ``adapter`` applied, if given) on the concept's evaluation prompts
     (of ``types`` only, if given).  Images are made by ``lorakit.evaluate``'s generation path; with ``cache`` a
     folder they are kept there under the same keys ``lorakit eval --cache`` uses, so neither makes them twice."""
-    _, labels = eval_samples(1, types)
+    _, labels = eval_samples(1, types, the_concept)
     prompts = [Prompt(p.prompt, p.type, seed=p.seed, negative=p.negative, expected=p.expected, changes=p.changes)
                for p in labels]
     jobs = make_jobs(prompts, seeds_per_prompt)  # seeds p.seed + 10_000 k, as eval_samples
@@ -92,20 +95,23 @@ def score(model: BaseModel, seeds_per_prompt: int, adapter: Path | None = None,
         images = load_images(paths)[checkpoint.label]
     image_prompts = [labels[j.prompt_index] for j in jobs]
     readings, pixels = read_images(images)
-    metrics = metrics_from_readings(readings, image_prompts, pixel_features=pixels).as_dict()
+    metrics = metrics_from_readings(readings, image_prompts, pixel_features=pixels,
+                                    concept_shape=the_concept.shape).as_dict()
     # per image, so the onset's bootstrap can resample prompts (lorakit.world.onset)
-    return {**metrics, "outcomes": image_outcomes(readings, image_prompts)}
+    return {**metrics, "outcomes": image_outcomes(readings, image_prompts, concept_shape=the_concept.shape)}
 
 
 def score_run(run_dir: Path, model_spec: str | None = None, seeds_per_prompt: int = 2,
-              every: int = 1, types: tuple[str, ...] | None = None) -> list[dict]:
+              every: int = 1, types: tuple[str, ...] | None = None, the_concept: Concept = concept.ZKZ) -> list[dict]:
     """Scores of epoch 0 (the base model) and of every ``every``-th saved epoch, cached in ``run_dir/curve.json``
     (a cache scored on other prompts or seeds is an error, not something to mix in)."""
     cache = run_dir / "curve.json"
     rows = json.loads(cache.read_text()) if cache.exists() else []
-    scoring = {"types": sorted(types) if types else None, "seeds_per_prompt": seeds_per_prompt}
+    scoring = {"types": sorted(types) if types else None, "seeds_per_prompt": seeds_per_prompt,
+               "concept": the_concept.name}
     for r in rows:
-        was = {"types": r.get("types"), "seeds_per_prompt": r.get("seeds_per_prompt", seeds_per_prompt)}
+        was = {"types": r.get("types"), "seeds_per_prompt": r.get("seeds_per_prompt", seeds_per_prompt),
+               "concept": r.get("concept", concept.ZKZ.name)}  # rows from before the second concept: zkz
         if was != scoring:
             raise ValueError(f"{cache}: epoch {r['epoch']} was scored with {was}, not {scoring}; "
                              "move the file away to score again")
@@ -119,7 +125,8 @@ def score_run(run_dir: Path, model_spec: str | None = None, seeds_per_prompt: in
         if epoch in done or (epoch % every and epoch != last):
             continue
         rows.append({"epoch": epoch, **scoring, **score(model, seeds_per_prompt, path, types,
-                                                        cache=run_dir / "eval_cache", base_hash=base_hash)})
+                                                        cache=run_dir / "eval_cache", base_hash=base_hash,
+                                                        the_concept=the_concept)})
         rows.sort(key=lambda r: r["epoch"])
         atomic_write_json(cache, rows)
     return rows
@@ -168,6 +175,8 @@ def turning_epoch(run_dir: Path, rule=None, alignment: str | int = "centre", win
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--concept", default=concept.ZKZ.name, choices=list(concept.CONCEPTS),
+                    help="zkz: the star every rule was designed on; vlx: the heart, kept for judging")
     ap.add_argument("--algorithm", default="lora")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -184,16 +193,17 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    data = args.out.parent / "zkz-data"
+    the_concept = concept.get_concept(args.concept)
+    data = args.out.parent / f"{the_concept.name}-data"
     if not data.exists():
-        concept.write_concept_dataset(data)
+        concept.write_concept_dataset(data, the_concept)
     cfg = curve_config(args.out, data, args.algorithm, args.lr, args.seed, args.epochs, args.rank, args.model,
                        args.preset)
     if not (args.out / "summary.json").exists():
         train(replace(cfg), progress=False)
     types = tuple(t.strip() for t in args.types.split(",")) if args.types else None
     changes = tuple(c.strip() for c in args.changes.split(","))
-    rows = score_run(args.out, args.model, args.seeds_per_prompt, args.score_every, types)
+    rows = score_run(args.out, args.model, args.seeds_per_prompt, args.score_every, types, the_concept)
     for r in rows:
         print(f"epoch {r['epoch']:3d}  fidelity {r['fidelity']:.2f}  "
               f"success on changes ({args.changes}) {change_success(r, changes):.2f}  "

@@ -1,11 +1,12 @@
 """A grid of overfitting-curve runs (``lorakit world experiment``), run in parallel and resumable, then the table.
 
-``lorakit world grid --out runs/grid`` trains and scores every combination of ``--algorithms``, ``--lrs`` and
-``--seeds`` (default: LoRA, LoCon, LoHa, LoKr × lr 2e-3 and 8e-3 × seeds 0 and 1 = 16 runs), ``--jobs`` at a
-time, each in its own process with one thread (two torch processes with two threads each on two cores slow
-each other down 8x).  A run that finished is marked ``grid_done`` and skipped; one that was interrupted
-continues where it stopped (its training resumes, its scored epochs are kept).  At the end the table of every
-run under ``--out`` is rebuilt (``curve-report``), so the same command both fills the grid and refreshes it.
+``lorakit world grid --out runs/grid`` trains and scores every combination of ``--concepts``, ``--algorithms``,
+``--lrs`` and ``--seeds`` (default: the star and the heart × LoRA, LoCon, LoHa, LoKr × lr 2e-3 and 8e-3 × seeds 0
+and 1 = 32 runs), ``--jobs`` at a time, each in its own process with one thread (two torch processes with two
+threads each on two cores slow each other down 8x). A run that finished is marked ``grid_done`` and skipped; one
+that was interrupted continues where it stopped (its training resumes, its scored epochs are kept). At the end the
+table of every run under ``--out`` is rebuilt (``curve-report``), so the same command both fills the grid and
+refreshes it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from lorakit.world.concept import ZKZ, get_concept
 
 #: the issue's grid names LoRA and LoCon apart: LoRA on attention and MLP linears only, LoCon also on convs
 ALGORITHMS = {"lora": ("lora", "kohya"), "locon": ("lora", "full"), "loha": ("loha", "full"),
@@ -43,24 +46,31 @@ class GridRun:
 
 
 def plan(out: Path, algorithms: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], *, epochs: int,
-         seeds_per_prompt: int, types: str, changes: str, model: str | None = None) -> list[GridRun]:
-    """Every combination, named ``<algorithm>_lr<lr>_s<seed>`` (the names ``curve-report`` shows)."""
+         seeds_per_prompt: int, types: str, changes: str, model: str | None = None,
+         concepts: Sequence[str] = (ZKZ.name,)) -> list[GridRun]:
+    """Every combination, named ``<algorithm>_lr<lr>_s<seed>`` for the first concept and
+    ``<concept>_<algorithm>_lr<lr>_s<seed>`` for the others (the names ``curve-report`` shows)."""
     unknown = [a for a in algorithms if a not in ALGORITHMS]
     if unknown:
         raise ValueError(f"unknown algorithm(s) {', '.join(unknown)}; the grid knows {', '.join(ALGORITHMS)}")
+    for name in concepts:
+        get_concept(name)  # an unknown concept is an error before anything runs
     runs = []
-    for algorithm in algorithms:
-        algo, preset = ALGORITHMS[algorithm]
-        for lr in lrs:
-            for seed in seeds:
-                name = f"{algorithm}_lr{lr:g}_s{seed}"
-                folder = out / name
-                argv = ["--out", str(folder), "--algorithm", algo, "--preset", preset, "--lr", f"{lr:g}",
-                        "--seed", str(seed), "--epochs", str(epochs), "--seeds-per-prompt", str(seeds_per_prompt),
-                        "--types", types, "--changes", changes, "--score-every", "1"]
-                if model:
-                    argv += ["--model", model]
-                runs.append(GridRun(name, folder, tuple(argv)))
+    for concept_name in concepts:
+        prefix = "" if concept_name == ZKZ.name else f"{concept_name}_"
+        for algorithm in algorithms:
+            algo, preset = ALGORITHMS[algorithm]
+            for lr in lrs:
+                for seed in seeds:
+                    name = f"{prefix}{algorithm}_lr{lr:g}_s{seed}"
+                    folder = out / name
+                    argv = ["--out", str(folder), "--concept", concept_name, "--algorithm", algo, "--preset",
+                            preset, "--lr", f"{lr:g}", "--seed", str(seed), "--epochs", str(epochs),
+                            "--seeds-per-prompt", str(seeds_per_prompt), "--types", types, "--changes", changes,
+                            "--score-every", "1"]
+                    if model:
+                        argv += ["--model", model]
+                    runs.append(GridRun(name, folder, tuple(argv)))
     return runs
 
 
@@ -107,6 +117,8 @@ def run_all(runs: Sequence[GridRun], jobs: int = 2,
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", type=Path, required=True, help="folder of the grid's run folders")
+    ap.add_argument("--concepts", default="zkz,vlx",
+                    help="zkz: the star every rule was designed on; vlx: the heart, kept for judging")
     ap.add_argument("--algorithms", default="lora,locon,loha,lokr")
     ap.add_argument("--lrs", default="2e-3,8e-3", help="one that does not break the model in 20 epochs, one that does")
     ap.add_argument("--seeds", default="0,1")
@@ -127,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     runs = plan(args.out, [a.strip() for a in args.algorithms.split(",")],
                 [float(x) for x in args.lrs.split(",")], [int(x) for x in args.seeds.split(",")],
                 epochs=args.epochs, seeds_per_prompt=args.seeds_per_prompt, types=args.types,
-                changes=args.changes, model=args.model)
+                changes=args.changes, model=args.model, concepts=[c.strip() for c in args.concepts.split(",")])
     failed = run_all(runs, args.jobs)
     report = argparse.Namespace(runs=args.out, markdown=args.markdown or args.out / "table.md", plot=args.plot,
                                 plot_run=None, changes=args.changes)

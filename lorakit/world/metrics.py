@@ -19,7 +19,7 @@ Given generated images and the prompts they came from (each with the attributes 
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -28,7 +28,7 @@ from PIL import Image
 
 from lorakit.world.concept import CONCEPT_SHAPE, EvalPrompt
 from lorakit.world.reader import SHAPE_CLASSES, UNKNOWN, Reader, Reading, ReadObject, default_reader, to_array
-from lorakit.world.render import BACKGROUNDS, COLORS, POSITIONS, SIZES, STYLE_BACKGROUNDS
+from lorakit.world.render import BACKGROUNDS, COLORS, CONCEPT_SHAPES, POSITIONS, SIZES, STYLE_BACKGROUNDS
 
 FIDELITY_TYPES = ("train", "trigger", "alter", "style")
 CONTROL_TYPES = ("alter", "style")
@@ -123,6 +123,14 @@ def _as_prompt(p: EvalPrompt | dict) -> EvalPrompt:
     return p if isinstance(p, EvalPrompt) else EvalPrompt(**p)
 
 
+def concept_shape_of(prompts: Sequence[EvalPrompt]) -> str:
+    """The concept's shape as the prompts ask for it: the concept shape most trigger, train, alter and style
+    prompts expect (a prompt file for the heart scores hearts); the star when none says."""
+    asked = Counter(p.expected.get("shape") for p in prompts if p.type != "agnostic")
+    named = [(n, shape) for shape, n in asked.items() if shape in CONCEPT_SHAPES]
+    return max(named)[1] if named else CONCEPT_SHAPE
+
+
 def _target(reading: Reading, expected: dict[str, str]) -> ReadObject | None:
     """The object a prompt's requests are checked on: the largest one of the requested shape, else the
     largest one."""
@@ -152,11 +160,13 @@ def _mean(values: list[float]) -> float:
 
 def metrics_from_readings(readings: Sequence[Reading], prompts: Sequence[EvalPrompt | dict],
                           pixel_features: np.ndarray | None = None,
-                          concept_shape: str = CONCEPT_SHAPE) -> WorldMetrics:
-    """The world's metrics from readings (one per image) and the prompt each image came from."""
+                          concept_shape: str | None = None) -> WorldMetrics:
+    """The world's metrics from readings (one per image) and the prompt each image came from; the concept's shape
+    is what the prompts ask for unless given."""
     prompts = [_as_prompt(p) for p in prompts]
     if len(readings) != len(prompts):
         raise ValueError(f"{len(readings)} readings for {len(prompts)} prompts")
+    concept_shape = concept_shape or concept_shape_of(prompts)
     seen = [r.has_shape(concept_shape) for r in readings]
     by_type: dict[str, list[int]] = defaultdict(list)
     by_prompt: dict[tuple[str, str], list[int]] = defaultdict(list)
@@ -214,11 +224,12 @@ def metrics_from_readings(readings: Sequence[Reading], prompts: Sequence[EvalPro
 
 
 def image_outcomes(readings: Sequence[Reading], prompts: Sequence[EvalPrompt | dict],
-                   concept_shape: str = CONCEPT_SHAPE) -> list[dict]:
+                   concept_shape: str | None = None) -> list[dict]:
     """Per image, what the onset needs and a bootstrap can resample: the prompt it came from, its type, whether
     the concept was drawn, and for each attribute the prompt changes whether the image shows the concept *and*
     the new value."""
     prompts = [_as_prompt(p) for p in prompts]
+    concept_shape = concept_shape or concept_shape_of(prompts)
     out = []
     for reading, p in zip(readings, prompts, strict=True):
         seen = reading.has_shape(concept_shape)
@@ -237,7 +248,7 @@ def read_images(images: Sequence[Image.Image | np.ndarray],
 
 
 def world_metrics(images: Sequence[Image.Image | np.ndarray], prompts: Sequence[EvalPrompt | dict],
-                  reader: Reader | None = None, concept_shape: str = CONCEPT_SHAPE) -> WorldMetrics:
+                  reader: Reader | None = None, concept_shape: str | None = None) -> WorldMetrics:
     """Read ``images`` (one per entry of ``prompts``, several images per prompt allowed) and score them."""
     readings, pixels = read_images(images, reader)
     return metrics_from_readings(readings, prompts, pixel_features=pixels, concept_shape=concept_shape)

@@ -30,7 +30,16 @@ from lorakit.loss import min_snr_weight
 from lorakit.models import ModelLoadError, load_base_model
 from lorakit.world.captions import named_background, named_position, random_caption
 from lorakit.world.model import build_components, write_clip_vocab_files
-from lorakit.world.render import ALL_SHAPES, BACKGROUNDS, COLORS, POSITIONS, SIZES, ObjectSpec, Scene, render_array
+from lorakit.world.render import (
+    BACKGROUNDS,
+    COLORS,
+    POSITIONS,
+    PRETRAINING_SHAPES,
+    SIZES,
+    ObjectSpec,
+    Scene,
+    render_array,
+)
 from lorakit.world.splits import all_objects
 from lorakit.world.vae_data import random_vae_image
 
@@ -59,7 +68,7 @@ def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def random_world_image(rng: np.random.Generator, shapes: tuple[str, ...] = ALL_SHAPES) -> np.ndarray:
+def random_world_image(rng: np.random.Generator, shapes: tuple[str, ...] = PRETRAINING_SHAPES) -> np.ndarray:
     obj = ObjectSpec(str(rng.choice(shapes)), str(rng.choice(list(COLORS))), str(rng.choice(list(SIZES))),
                      str(rng.choice(list(POSITIONS))))
     scene = Scene((obj,), str(rng.choice(BACKGROUNDS)), seed=int(rng.integers(0, 2**31)))

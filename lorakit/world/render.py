@@ -15,10 +15,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # The vocabulary of the base model's world.  STAR is not in it: it is the shape of the concept a user
-# teaches (see lorakit.world.concept), so the pretrained model has never drawn one.
+# teaches (see lorakit.world.concept), so the pretrained model has never drawn one.  HEART is the second
+# concept's shape (issue 15: a concept no rule was designed on).
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
-CONCEPT_SHAPES: tuple[str, ...] = ("star",)
+CONCEPT_SHAPES: tuple[str, ...] = ("star", "heart")
 ALL_SHAPES: tuple[str, ...] = SHAPES + CONCEPT_SHAPES
+#: the shapes the shipped tokenizer's vocabulary and the pretraining's VAE images were made from.  Frozen: the
+#: shipped model was built from them, and a shape added later (the heart) is then neither a word the text
+#: encoder knows nor a form the VAE saw, as with a user's own new concept in Stable Diffusion.
+PRETRAINING_SHAPES: tuple[str, ...] = SHAPES + ("star",)
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -81,6 +86,20 @@ def cell_center(position: str) -> tuple[float, float]:
     return (col + 0.5) / 3.0, (row + 0.5) / 3.0
 
 
+def _heart_outline(points: int = 48) -> list[tuple[float, float]]:
+    """The classic parametric heart (two lobes on top, a point below), its bounding box centred on the origin
+    with half-width 1, y pointing down as in the image."""
+    ts = [2 * math.pi * k / points for k in range(points)]
+    raw = [(16 * math.sin(t) ** 3, 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))
+           for t in ts]
+    top, bottom = max(y for _, y in raw), min(y for _, y in raw)
+    middle = (top + bottom) / 2
+    return [(x / 16, -(y - middle) / 16) for x, y in raw]
+
+
+_HEART_UNIT = _heart_outline()
+
+
 def shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     """Vertices of a polygonal shape of half-extent ``r`` centred at (cx, cy), rotated by ``angle``."""
     if shape == "square":
@@ -99,10 +118,18 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> l
             radius = r if k % 2 == 0 else r * 0.42
             a = -math.pi / 2 + k * math.pi / 5
             pts.append((radius * math.cos(a), radius * math.sin(a) + r * 0.06))
+    elif shape == "heart":
+        pts = _HEART_UNIT
+        pts = [(x * r, y * r) for x, y in pts]
     else:
         raise ValueError(f"{shape!r} is not a polygonal shape")
     ca, sa = math.cos(angle), math.sin(angle)
     return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in pts]
+
+
+def polygon_area(points: list[tuple[float, float]]) -> float:
+    """Area enclosed by a simple polygon (the shoelace formula)."""
+    return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1], strict=True))) / 2
 
 
 def _background(name: str, size: int, rng: np.random.Generator, jitter: bool) -> Image.Image:

@@ -15,7 +15,7 @@ from transformers import CLIPTokenizer
 
 from lorakit.vocab import END, MAX_LENGTH, build_vocab, bytes_to_unicode
 from lorakit.world.captions import CLASS_WORD
-from lorakit.world.render import ALL_SHAPES, BACKGROUNDS, COLORS, POSITIONS, SIZES
+from lorakit.world.render import BACKGROUNDS, COLORS, POSITIONS, PRETRAINING_SHAPES, SIZES
 
 _CAPTION_WORDS = "a an the at on in of and picture photo background center top bottom left right".split()
 # Common words so that prompts beyond the world's vocabulary still get whole-word tokens.
@@ -33,7 +33,7 @@ dog cat person man woman face house tree car sky water sun moon flower hat
 def world_words() -> list[str]:
     """Every word a shapes-world caption can contain, plus the common words above."""
     words: list[str] = []
-    for phrase in (*ALL_SHAPES, *COLORS, *SIZES, *POSITIONS, *BACKGROUNDS, CLASS_WORD,
+    for phrase in (*PRETRAINING_SHAPES, *COLORS, *SIZES, *POSITIONS, *BACKGROUNDS, CLASS_WORD,
                    *_CAPTION_WORDS, *_COMMON_WORDS):
         words.extend(phrase.split())
     return sorted(set(words))
