@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.world.grid import DONE, GridRun, plan, run_all
+from lorakit.world.grid import DONE, GridRun, plan, rescoring, run_all
 
 
 def test_the_default_grid_is_the_issue_grid(tmp_path):
@@ -70,6 +70,13 @@ def test_runs_in_parallel_processes_skips_finished_ones_and_names_failures(tmp_p
     assert (tmp_path / "logs" / "lora_lr0.001_s1.log").read_text().count("ran lora_lr0.001_s1") == 2
     assert (tmp_path / "loha_lr0.001_s0" / DONE).exists()
 
+    # rescoring: only the finished runs, all of them, with --rescore
+    redo = rescoring(runs)
+    assert [r.name for r in redo] == ["lora_lr0.001_s0", "loha_lr0.001_s0"] and redo[0].argv[-1] == "--rescore"
+    messages.clear()
+    assert run_all(redo, jobs=2, command=script_command, report=messages.append, redo_done=True) == []
+    assert sorted((tmp_path / "calls.txt").read_text().split()[len(calls) + 2:]) == sorted(r.name for r in redo)
+
 
 def test_grid_is_a_world_task():
     from lorakit.commands.world import TASKS
@@ -88,14 +95,23 @@ def test_an_experiment_on_the_second_concept_trains_and_scores_hearts(tmp_path):
 
     out = tmp_path / "vlx_run"
     argv = [sys.executable, "-m", "lorakit.world.experiment", "--out", str(out), "--concept", "vlx",
-            "--epochs", "1", "--seeds-per-prompt", "1", "--types", "alter", "--changes", "color"]
+            "--epochs", "1", "--seeds-per-prompt", "1", "--types", "alter,agnostic", "--changes", "color"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "vlx-data" / "10_vlx shape").glob("*.png"))[0] == "000.png"
     rows = json.loads((out / "curve.json").read_text())
     assert [r["epoch"] for r in rows] == [0, 1] and {r["concept"] for r in rows} == {"vlx"}
-    assert all("vlx shape" in o["prompt"] for r in rows for o in r["outcomes"])
+    assert all(("vlx shape" in o["prompt"]) == (o["type"] == "alter") for r in rows for o in r["outcomes"])
+    assert all(("kept" in o) == (o["type"] == "agnostic") for r in rows for o in r["outcomes"])
     assert "overfitting onset" in done.stdout
+
+    # scored again from the cached images: the same outcomes, nothing generated anew
+    images = sorted(p.name for p in (out / "eval_cache").rglob("*") if p.is_file())
+    (out / "curve.json").write_text(json.dumps([{**r, "outcomes": []} for r in rows]))  # as an older scoring
+    rescored = subprocess.run([*argv, "--rescore"], capture_output=True, text=True, env=env, timeout=600)
+    assert rescored.returncode == 0, rescored.stderr[-2000:]
+    assert json.loads((out / "curve.json").read_text()) == rows
+    assert sorted(p.name for p in (out / "eval_cache").rglob("*") if p.is_file()) == images
     again = subprocess.run([*argv[:6], "zkz", *argv[7:]], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode != 0 and "was scored with" in again.stderr

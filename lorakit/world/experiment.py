@@ -102,11 +102,14 @@ def score(model: BaseModel, seeds_per_prompt: int, adapter: Path | None = None,
 
 
 def score_run(run_dir: Path, model_spec: str | None = None, seeds_per_prompt: int = 2,
-              every: int = 1, types: tuple[str, ...] | None = None, the_concept: Concept = concept.ZKZ) -> list[dict]:
+              every: int = 1, types: tuple[str, ...] | None = None, the_concept: Concept = concept.ZKZ,
+              rescore: bool = False) -> list[dict]:
     """Scores of epoch 0 (the base model) and of every ``every``-th saved epoch, cached in ``run_dir/curve.json``
-    (a cache scored on other prompts or seeds is an error, not something to mix in)."""
+    (a cache scored on other prompts or seeds is an error, not something to mix in).  ``rescore`` scores every
+    epoch again: the images come back from ``run_dir/eval_cache`` (only missing ones are generated), so a new
+    reader or outcome reads the same pictures."""
     cache = run_dir / "curve.json"
-    rows = json.loads(cache.read_text()) if cache.exists() else []
+    rows = json.loads(cache.read_text()) if cache.exists() and not rescore else []
     scoring = {"types": sorted(types) if types else None, "seeds_per_prompt": seeds_per_prompt,
                "concept": the_concept.name}
     for r in rows:
@@ -188,6 +191,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--score-every", type=int, default=1, help="score every k-th epoch's checkpoint")
     ap.add_argument("--types", default=None,
                     help="score only these prompt types, comma-separated (e.g. alter,style: the onset's prompts)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="score every epoch again from the cached images (after a change to the reader or metrics)")
     ap.add_argument("--changes", default=",".join(ALTER_CHANGES),
                     help="attributes whose changed-prompt success defines the onset (color,position,background)")
 
@@ -203,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
         train(replace(cfg), progress=False)
     types = tuple(t.strip() for t in args.types.split(",")) if args.types else None
     changes = tuple(c.strip() for c in args.changes.split(","))
-    rows = score_run(args.out, args.model, args.seeds_per_prompt, args.score_every, types, the_concept)
+    rows = score_run(args.out, args.model, args.seeds_per_prompt, args.score_every, types, the_concept,
+                     rescore=args.rescore)
     for r in rows:
         print(f"epoch {r['epoch']:3d}  fidelity {r['fidelity']:.2f}  "
               f"success on changes ({args.changes}) {change_success(r, changes):.2f}  "

@@ -74,16 +74,22 @@ def plan(out: Path, algorithms: Sequence[str], lrs: Sequence[float], seeds: Sequ
     return runs
 
 
+def rescoring(runs: Sequence[GridRun]) -> list[GridRun]:
+    """The finished runs, each to be scored again from its cached images (unfinished ones are left alone: they
+    score themselves when they finish)."""
+    return [GridRun(r.name, r.folder, (*r.argv, "--rescore")) for r in runs if r.done]
+
+
 def experiment_command(run: GridRun) -> list[str]:
     return [sys.executable, "-m", "lorakit.world.experiment", *run.argv]
 
 
 def run_all(runs: Sequence[GridRun], jobs: int = 2,
             command: Callable[[GridRun], list[str]] = experiment_command,
-            report: Callable[[str], None] = print) -> list[GridRun]:
-    """Run every unfinished run, ``jobs`` at a time, one thread each; returns the runs that failed (their log
-    is ``<out>/logs/<run>.log``)."""
-    pending = [r for r in runs if not r.done]
+            report: Callable[[str], None] = print, redo_done: bool = False) -> list[GridRun]:
+    """Run every unfinished run (every run with ``redo_done``), ``jobs`` at a time, one thread each; returns the
+    runs that failed (their log is ``<out>/logs/<run>.log``)."""
+    pending = [r for r in runs if redo_done or not r.done]
     skipped = len(runs) - len(pending)
     if skipped:
         report(f"{skipped} of {len(runs)} runs already done, skipped")
@@ -129,6 +135,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--changes", default="color,position,background")
     ap.add_argument("--model", default=None)
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="score every run's epochs again from its cached images (no training, no sampling); "
+                         "for a new reader or outcome")
     ap.add_argument("--markdown", type=Path, help="write the table here (default: <out>/table.md)")
     ap.add_argument("--plot", type=Path, help="plot of the first run")
 
@@ -140,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
                 [float(x) for x in args.lrs.split(",")], [int(x) for x in args.seeds.split(",")],
                 epochs=args.epochs, seeds_per_prompt=args.seeds_per_prompt, types=args.types,
                 changes=args.changes, model=args.model, concepts=[c.strip() for c in args.concepts.split(",")])
-    failed = run_all(runs, args.jobs)
+    if args.rescore:
+        runs = rescoring(runs)
+    failed = run_all(runs, args.jobs, redo_done=args.rescore)
     report = argparse.Namespace(runs=args.out, markdown=args.markdown or args.out / "table.md", plot=args.plot,
                                 plot_run=None, changes=args.changes)
     curve_report.run(report)

@@ -226,16 +226,21 @@ def metrics_from_readings(readings: Sequence[Reading], prompts: Sequence[EvalPro
 def image_outcomes(readings: Sequence[Reading], prompts: Sequence[EvalPrompt | dict],
                    concept_shape: str | None = None) -> list[dict]:
     """Per image, what the onset needs and a bootstrap can resample: the prompt it came from, its type, whether
-    the concept was drawn, and for each attribute the prompt changes whether the image shows the concept *and*
-    the new value."""
+    the concept was drawn, for each attribute the prompt changes whether the image shows the concept *and* the
+    new value, and for an agnostic prompt whether the picture is still the one asked for (``kept``)."""
     prompts = [_as_prompt(p) for p in prompts]
     concept_shape = concept_shape or concept_shape_of(prompts)
     out = []
     for reading, p in zip(readings, prompts, strict=True):
         seen = reading.has_shape(concept_shape)
         got = obeyed(reading, p.expected)
-        out.append({"prompt": p.prompt, "type": p.type, "seen": bool(seen),
-                    "changed": {a: bool(seen and got[a]) for a in p.changes}})
+        outcome = {"prompt": p.prompt, "type": p.type, "seen": bool(seen),
+                   "changed": {a: bool(seen and got[a]) for a in p.changes}}
+        if p.type == "agnostic":
+            # the prompt's own picture, as the base model drew it: no concept, and what it asks for (size left
+            # out, as in success); a leak fails it, and so does a broken picture
+            outcome["kept"] = bool(not seen and all(ok for a, ok in got.items() if a != "size"))
+        out.append(outcome)
     return out
 
 

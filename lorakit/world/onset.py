@@ -2,13 +2,16 @@
 
 Per scored epoch, the generalisation score
 
-    g(e) = success on prompts that change something the training set never shows − concept leak
+    g(e) = success on prompts that change something the training set never shows − agnostic failure
 
 where success is the share of those prompts' images showing the concept *and* the new color, row or
-background (pooled over the ``changes`` asked for), and leak is the share of ``agnostic``-prompt images (no
-trigger: "a red circle at the top right") that show the concept anyway.  Both fall when a run overfits: the
-concept is drawn in its training colors and rows whatever the prompt says, or drawn where it was not asked
-for.  The onset is the epoch (≥ 1) where the centred 3-epoch moving average of g peaks.
+background (pooled over the ``changes`` asked for), and agnostic failure is the share of ``agnostic``-prompt
+images (no trigger: "a red circle at the top right") that are not the picture asked for: the concept drawn
+anyway (leak), or the asked shape, color, row or background lost (a model that breaks).  g falls when a run
+overfits: the concept is drawn in its training colors and rows whatever the prompt says, drawn where it was
+not asked for, or the adapter breaks what the base model could draw.  (Rows scored before outcomes carried
+``kept`` count leak alone; leak alone misses a breakdown: a broken model that draws no star does not leak.)
+The onset is the epoch (≥ 1) where the centred 3-epoch moving average of g peaks.
 
 How sure: every epoch is scored on the same prompts and seeds, so a paired bootstrap draws prompts with
 replacement (change prompts and agnostic prompts separately, each prompt with all its images), uses the draw
@@ -44,7 +47,8 @@ class Onset:
 @dataclass(frozen=True)
 class PromptCounts:
     """Per scored epoch and prompt: images counted for success (``n``) and the successes among them (``s``),
-    agnostic images (``a``) and those showing the concept (``l``).  Arrays of shape (epochs, prompts)."""
+    agnostic images (``a``) and those failed (``l``: not the picture asked for, or, for outcomes without
+    ``kept``, showing the concept).  Arrays of shape (epochs, prompts)."""
     epochs: tuple[int, ...]
     change_prompts: np.ndarray  # bool (prompts,): the prompt changes one of the attributes asked for
     agnostic_prompts: np.ndarray  # bool (prompts,)
@@ -74,7 +78,7 @@ def prompt_counts(rows: Sequence[dict], changes: Sequence[str]) -> PromptCounts 
                 s[e, k] += sum(asked)
             if o["type"] == "agnostic":
                 a[e, k] += 1
-                l[e, k] += o["seen"]
+                l[e, k] += (not o["kept"]) if "kept" in o else o["seen"]
     return PromptCounts(tuple(r["epoch"] for r in rows), n.sum(0) > 0, a.sum(0) > 0, s, n, l, a)
 
 
@@ -131,7 +135,7 @@ def measure_onset(rows: Sequence[dict], changes: Sequence[str], *, count_leak: b
         raise ValueError("the onset needs at least one scored epoch after epoch 0")
     counts = prompt_counts(rows, changes)
     if counts is None:
-        g = np.array([change_success(r, tuple(changes)) - (r.get("leak", 0.0) if count_leak else 0.0)
+        g = np.array([change_success(r, tuple(changes)) - (r.get("leak", 0.0) if count_leak else 0.0)  # leak alone
                       for r in rows])
         g = np.nan_to_num(g)
         return Onset(int(peak_epoch(epochs, g[None])[0]), None, None, tuple(float(x) for x in g))
