@@ -104,7 +104,8 @@ def _fmt(value: float | None) -> str:
 
 def markdown_table(runs: list[RunResult]) -> str:
     changes = " or ".join(runs[0].changes) if runs else "?"
-    head = (f"| run | onset [90% interval] = peak of success on new {changes} − leak: epoch (success / fidelity) | "
+    head = (f"| run | onset [90% interval] = peak of success on new {changes} × agnostic kept: epoch "
+            "(success / fidelity) | "
             "fidelity peak: epoch (success / fidelity) | second valley TP: epoch, decided at "
             "(success / fidelity) | calm rule TP: epoch, decided at (success / fidelity) | "
             "epoch 0 → last: success, fidelity, control |")
@@ -171,6 +172,7 @@ def plot_run(run: RunResult, path: Path) -> Path:
     ax.plot(run.epochs, run.change_success, "s-", label=f"concept + new {changes} obeyed")
     ax.plot(run.epochs, smooth(run.change_success), ":", color="C1", label="the same, smoothed")
     ax.plot(run.epochs, run.leak, "x-", color="C5", label="leak (concept on agnostic prompts)")
+    ax.plot(run.epochs, run.onset_interval.scores, "d-", color="C8", label="onset score (success × agnostic kept)")
     ax.axvline(run.onset, color="C1", linestyle="--", label=f"measured onset (epoch {run.onset_interval})")
     if run.onset_interval.low is not None:
         ax.axvspan(run.onset_interval.low - 0.5, run.onset_interval.high + 0.5, color="C1", alpha=0.12,

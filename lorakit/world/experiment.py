@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
               f"success on changes ({args.changes}) {change_success(r, changes):.2f}  "
               f"control {r['controllability']:.2f}  leak {r['leak']:.2f}")
     onset = measure_onset(rows, changes)
-    print(f"overfitting onset (peak of success on {args.changes} changes minus agnostic failure), 90% interval: "
+    print(f"overfitting onset (peak of success on {args.changes} changes × agnostic kept), 90% interval: "
           f"epoch {onset}")
     print("CS-Fluctuation turning point:", turning_epoch(args.out))
     return 0

@@ -2,16 +2,19 @@
 
 Per scored epoch, the generalisation score
 
-    g(e) = success on prompts that change something the training set never shows − agnostic failure
+    g(e) = success on prompts that change something the training set never shows × kept
 
 where success is the share of those prompts' images showing the concept *and* the new color, row or
-background (pooled over the ``changes`` asked for), and agnostic failure is the share of ``agnostic``-prompt
-images (no trigger: "a red circle at the top right") that are not the picture asked for: the concept drawn
-anyway (leak), or the asked shape, color, row or background lost (a model that breaks).  g falls when a run
-overfits: the concept is drawn in its training colors and rows whatever the prompt says, drawn where it was
-not asked for, or the adapter breaks what the base model could draw.  (Rows scored before outcomes carried
-``kept`` count leak alone; leak alone misses a breakdown: a broken model that draws no star does not leak.)
-The onset is the epoch (≥ 1) where the centred 3-epoch moving average of g peaks.
+background (pooled over the ``changes`` asked for), and kept is the share of ``agnostic``-prompt images (no
+trigger: "a red circle at the top right") that are still the picture asked for: not the concept (a leak), and
+the asked shape, color, row and background (a model that breaks loses them).  g falls when a run overfits: the
+concept is drawn in its training colors and rows whatever the prompt says, drawn where it was not asked for,
+or the adapter breaks what the base model could draw.  A product, not a difference: a checkpoint is worth
+nothing if it never draws the concept in a new setting, or if it no longer draws what the base model drew;
+success − (1 − kept) was measured first and peaks at epoch 1 in most runs (every epoch costs more kept than it
+adds success in this world), which rewards stopping before anything is learned.  Rows scored before outcomes
+carried ``kept`` use success − leak (leak alone misses a breakdown: a broken model that draws no star does not
+leak).  The onset is the epoch (≥ 1) where the centred 3-epoch moving average of g peaks.
 
 How sure: every epoch is scored on the same prompts and seeds, so a paired bootstrap draws prompts with
 replacement (change prompts and agnostic prompts separately, each prompt with all its images), uses the draw
@@ -47,8 +50,8 @@ class Onset:
 @dataclass(frozen=True)
 class PromptCounts:
     """Per scored epoch and prompt: images counted for success (``n``) and the successes among them (``s``),
-    agnostic images (``a``) and those failed (``l``: not the picture asked for, or, for outcomes without
-    ``kept``, showing the concept).  Arrays of shape (epochs, prompts)."""
+    agnostic images (``a``) and those failed (``l``: not the picture asked for when ``kept``, else showing the
+    concept).  Arrays of shape (epochs, prompts)."""
     epochs: tuple[int, ...]
     change_prompts: np.ndarray  # bool (prompts,): the prompt changes one of the attributes asked for
     agnostic_prompts: np.ndarray  # bool (prompts,)
@@ -56,6 +59,7 @@ class PromptCounts:
     n: np.ndarray
     l: np.ndarray  # noqa: E741  (the paper-style letter for leak)
     a: np.ndarray
+    kept: bool = False  # ``l`` counts pictures not kept (outcomes with ``kept``), not leaks alone
 
 
 def prompt_counts(rows: Sequence[dict], changes: Sequence[str]) -> PromptCounts | None:
@@ -66,7 +70,7 @@ def prompt_counts(rows: Sequence[dict], changes: Sequence[str]) -> PromptCounts 
     keys = sorted({(o["type"], o["prompt"]) for o in rows[0]["outcomes"]})
     index = {k: i for i, k in enumerate(keys)}
     shape = (len(rows), len(keys))
-    s, n, l, a = (np.zeros(shape) for _ in range(4))  # noqa: E741
+    s, n, a, leaked, lost = (np.zeros(shape) for _ in range(5))
     for e, row in enumerate(rows):
         if {(o["type"], o["prompt"]) for o in row["outcomes"]} != set(keys):
             raise ValueError(f"epoch {row['epoch']} was scored on other prompts than epoch {rows[0]['epoch']}")
@@ -78,8 +82,12 @@ def prompt_counts(rows: Sequence[dict], changes: Sequence[str]) -> PromptCounts 
                 s[e, k] += sum(asked)
             if o["type"] == "agnostic":
                 a[e, k] += 1
-                l[e, k] += (not o["kept"]) if "kept" in o else o["seen"]
-    return PromptCounts(tuple(r["epoch"] for r in rows), n.sum(0) > 0, a.sum(0) > 0, s, n, l, a)
+                leaked[e, k] += o["seen"]
+                lost[e, k] += not o.get("kept", True)
+    # every epoch alike: a run scored partly before ``kept`` existed counts leaks alone
+    kept = all("kept" in o for r in rows for o in r["outcomes"] if o["type"] == "agnostic")
+    return PromptCounts(tuple(r["epoch"] for r in rows), n.sum(0) > 0, a.sum(0) > 0, s, n,
+                        lost if kept else leaked, a, kept)
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -92,8 +100,8 @@ def generalisation(counts: PromptCounts, weights: np.ndarray | None = None, coun
     success = _ratio(w @ counts.s.T, w @ counts.n.T)  # (draws, epochs)
     if not count_leak:
         return success if weights is not None else success[0]
-    leak = _ratio(w @ counts.l.T, w @ counts.a.T)
-    g = success - leak
+    failed = _ratio(w @ counts.l.T, w @ counts.a.T)
+    g = success * (1 - failed) if counts.kept else success - failed
     return g if weights is not None else g[0]
 
 
