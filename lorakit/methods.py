@@ -26,12 +26,25 @@ from lorakit.blocks import (
     text_encoder_only,
 )
 from lorakit.config import SAVE_PRECISIONS, ConfigError, TrainConfig
-from lorakit.earlystop.cs import CSMeter, cs_native
+from lorakit.earlystop.cs import CSMeter, CSReading, native_reading
 from lorakit.embeddings import expand_tokens, register_tokens, token_names
 from lorakit.formats import save_network, write_adapter
 from lorakit.models import BaseModel, save_single_file_checkpoint
 from lorakit.network import AdapterNetwork, UniformRanks, create_network, get_preset, select_targets
 from lorakit.network import components as network_components
+
+
+class NativeCSMeter:
+    """CS of native fine-tuning, ``ΔW = W - W0`` over (trained weight, saved pretrained copy) pairs."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.pairs = pairs
+
+    def read(self) -> CSReading:
+        return native_reading((w.detach(), w0.to(w.device)) for w, w0 in self.pairs)
+
+    def __call__(self) -> float:
+        return self.read().cs
 
 
 class TrainingMethod:
@@ -49,7 +62,8 @@ class TrainingMethod:
     def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
-    def cs_meter(self) -> Callable[[], float] | None:
+    def cs_meter(self) -> CSMeter | NativeCSMeter | None:
+        """What reads CS (and the update's size) after a step: ``meter()`` is CS, ``meter.read()`` both."""
         return None
 
     def expand_prompt(self, prompt: str) -> str:
@@ -170,7 +184,7 @@ class AdapterMethod(TrainingMethod):
                 for key, value in adapter.file_tensors().items():
                     value.copy_(tensors[f"{name}.{key}"])
 
-    def cs_meter(self) -> Callable[[], float] | None:
+    def cs_meter(self) -> CSMeter | None:
         # CS over the U-Net's adapters, as the paper; a text-encoder-only network falls back to all of them
         if self._meter is None:
             self._meter = CSMeter(dict(self.network.adapters.items()))
@@ -247,10 +261,8 @@ class NativeMethod(TrainingMethod):
             for n, p in self.params.items():
                 p.copy_(tensors[n])
 
-    def cs_meter(self) -> Callable[[], float] | None:
-        def meter() -> float:
-            return cs_native((w.detach(), w0.to(w.device)) for w, w0 in self._pairs)
-        return meter
+    def cs_meter(self) -> NativeCSMeter | None:
+        return NativeCSMeter(self._pairs)
 
     def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
         path = folder / f"{name}.safetensors"

@@ -319,8 +319,9 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
                 losses.append(loss.item())
                 record = {"step": step, "epoch": epoch + 1, "loss": losses[-1], "lr": lr_schedule.get_last_lr()[0]}
                 if monitor is not None and step % cfg.early_stop.interval == 0:
-                    record["cs"] = meter()
-                    decision = monitor.update(step, record["cs"], epoch=epoch + 1)
+                    reading = meter.read()
+                    record["cs"], record["update_size"] = reading.cs, reading.update
+                    decision = monitor.update(step, reading.cs, epoch=epoch + 1, update=reading.update)
                     if decision.stop:
                         stop_decision = decision
                 if is_main:

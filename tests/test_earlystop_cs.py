@@ -222,3 +222,28 @@ def test_cs_of_the_lycoris_family_is_the_cosine_of_delta_weight_with_w0(algorith
     got = layer_cosines(adapters).tolist()
     assert got == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert all(abs(c) > 1e-3 for c in got)
+
+
+@pytest.mark.parametrize("algorithm", ["lora", "loha", "lokr", "ia3", "full"])
+def test_the_update_size_is_the_norm_of_delta_w_over_the_norm_of_w(algorithm):
+    """``read()`` gives CS and mean ‖ΔW‖/‖W0‖ from the same sums, through each adapter's short form."""
+    adapters = []
+    for i, base in enumerate(layers()):
+        adapter = make_adapter(algorithm, base, **sized(algorithm))
+        randomize(adapter, seed=20 + i, scale=0.1)
+        adapters.append(adapter)
+    sizes = [float(a.delta_weight().detach().double().norm() / a.original_weight.detach().double().norm())
+             for a in adapters]
+    reading = CSMeter(adapters).read()
+    assert reading.update == pytest.approx(sum(sizes) / len(sizes), rel=1e-9)
+    assert reading.cs == pytest.approx(CSMeter(adapters)(), rel=1e-12)
+    assert reading.update > 0
+
+
+def test_native_reading_has_the_update_size_too():
+    from lorakit.earlystop.cs import native_reading
+
+    w0 = [torch.ones(4, 4, dtype=torch.float64), torch.ones(3, 3, dtype=torch.float64)]
+    w = [w0[0] * 1.5, w0[1].clone()]  # ΔW = 0.5 W0 in the first, nothing in the second
+    reading = native_reading(zip(w, w0, strict=True))
+    assert reading.update == pytest.approx((0.5 + 0.0) / 2) and reading.cs == pytest.approx((1.0 + 0.0) / 2)

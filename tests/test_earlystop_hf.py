@@ -125,6 +125,10 @@ def test_callback_stops_a_trainer_and_restores_the_turning_point_weights(stopped
     # and they are the weights whose CS the monitor recorded at that sample
     history = callback.monitor.history
     assert peft_cs_value(trainer.model) == pytest.approx(history.cs[tp.index], rel=1e-12)
+    from lorakit.earlystop.hf import peft_cs_reading
+
+    # the update's size is recorded beside it, from the same sums: ‖ΔW‖/‖W‖ of the PEFT layers
+    assert peft_cs_reading(trainer.model).update == pytest.approx(history.update[tp.index], rel=1e-12)
     # the same series offline gives the same turning point
     offline = find_turning_point(history.cs, 10, 1e-2, steps=history.steps, epochs=history.epochs)
     assert offline == tp

@@ -11,6 +11,7 @@ from lorakit.earlystop import (
     CalmRule,
     CSFluctuationMonitor,
     SecondValley,
+    UpdateBudget,
     cs_fluctuation,
     csf_offset,
     find_turning_point,
@@ -175,3 +176,51 @@ def test_history_holds_the_series_on_the_sample_axis():
     again = type(h).from_dict(json.loads(json.dumps(h.to_dict())))
     np.testing.assert_array_equal(again.csf, h.csf)
     assert again.turning_point == h.turning_point
+
+
+def test_the_budget_rule_decides_where_the_update_reaches_it_with_no_lag():
+    cs = training_like(300)
+    size = np.linspace(0.0, 0.3, 300)  # the update grows through training
+    steps = [2 * (k + 1) for k in range(300)]
+    epochs = [s // 40 + 1 for s in steps]
+    rule = UpdateBudget(budget=0.1)
+    monitor = CSFluctuationMonitor(M, 1e-4, rule=rule)
+    first = int(np.argmax(size >= 0.1))
+    for k in range(300):
+        decision = monitor.update(steps[k], cs[k], epochs[k], update=size[k])
+        if decision.stop:
+            break
+    assert k == first and decision.turning_point.step == decision.turning_point.found_at_step == steps[first]
+    assert decision.turning_point.epoch == epochs[first] and monitor.lag == 0
+    assert "budget 0.1" in decision.reason
+    # offline says the same; and the history keeps the sizes (a CSF rule's history too, for later replays)
+    assert find_turning_point(cs, M, 1e-4, rule=rule, steps=steps, epochs=epochs, update=size) == \
+        decision.turning_point
+    np.testing.assert_array_equal(monitor.history.update, size[:first + 1])
+    with pytest.raises(ValueError, match="update's size"):
+        find_turning_point(cs, M, 1e-4, rule=rule)
+    with pytest.raises(ValueError, match="needs the update's size"):
+        CSFluctuationMonitor(M, 1e-4, rule=rule).update(1, 0.1)
+    from lorakit.earlystop import rule_from_dict
+
+    assert rule_from_dict(rule.to_dict()) == rule
+    with pytest.raises(ValueError, match="budget"):
+        UpdateBudget(budget=-1.0)
+
+
+def test_the_budget_rule_resumes_and_old_states_without_sizes_load():
+    cs, size = training_like(200), np.linspace(0.0, 0.2, 200)
+    whole, first = (CSFluctuationMonitor(M, 1e-4, rule=UpdateBudget(0.15)) for _ in range(2))
+    expected = [whole.update(k, cs[k], update=size[k]) for k in range(200)]
+    for k in range(60):
+        first.update(k, cs[k], update=size[k])
+    resumed = CSFluctuationMonitor.from_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [resumed.update(k, cs[k], update=size[k]) for k in range(60, 200)] == expected[60:]
+    # a state saved before the size was recorded (a CSF rule) still loads, its sizes unknown
+    old = CSFluctuationMonitor(M, 1e-4)
+    for k in range(30):
+        old.update(k, cs[k])
+    state = old.state_dict()
+    del state["update"]
+    again = CSFluctuationMonitor.from_state_dict(state)
+    assert again.history.update is None and len(again.history.cs) == 30

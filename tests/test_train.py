@@ -451,8 +451,8 @@ def test_early_stop_hands_back_the_turning_point_checkpoint(tiny_model_dir, data
     class StopAtStep5(train_module.CSFluctuationMonitor):
         """The real monitor, told to decide "turning point at step 2" when it sees step 5."""
 
-        def update(self, step, cs, epoch=None):
-            super().update(step, cs, epoch)
+        def update(self, step, cs, epoch=None, update=None):
+            super().update(step, cs, epoch, update=update)
             if step == 5:
                 self.turning_point = TurningPoint(step=2, epoch=1, index=1, valley_index=1, found_at_step=5,
                                                   found_at_index=4, csf=0.0, reason="test")
@@ -476,6 +476,28 @@ def test_early_stop_hands_back_the_turning_point_checkpoint(tiny_model_dir, data
     assert meta["ss_v_parameterization"] == meta["ss_zero_terminal_snr"] == "False"  # an epsilon model
     assert "turning point at step 2" in result.summary
     assert (out / "cs_fluctuation.png").exists() and (out / "cs_history.json").exists()
+
+
+def test_the_budget_rule_stops_where_the_update_reaches_its_size(tiny_model_dir, dataset, tmp_path):
+    """Not patched: a report-mode run records the update's size every step; a budget set to the size of step 5
+    stops the same run at step 5, with the turning point there (no lag) and the nearest epoch handed back."""
+    watch = tmp_path / "watch"
+    run_train(make_config(tiny_model_dir, dataset, watch, training={"max_epochs": 3},
+                          early_stop={"mode": "report", "rule": "budget"}))
+    records = [json.loads(line) for line in (watch / "log.jsonl").read_text().splitlines()]
+    sizes = [r["update_size"] for r in records if "update_size" in r]
+    assert len(sizes) == len(records) and sizes[0] > 0 and sizes[-1] > sizes[0]  # it grows with training
+    history = json.loads((watch / "cs_history.json").read_text())
+    assert history["update"] == pytest.approx(sizes)
+    budget = sizes[4]  # reached at step 5 (sizes grow step by step here)
+    assert all(s < budget for s in sizes[:4])
+    out = tmp_path / "run"
+    result = run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 3},
+                                   early_stop={"mode": "cs-fluctuation", "rule": "budget",
+                                               "rule_args": {"budget": budget}}))
+    assert result.stopped_early and result.steps == 5
+    tp = json.loads((out / "cs_history.json").read_text())["turning_point"]
+    assert tp["step"] == tp["found_at_step"] == 5 and "budget" in tp["reason"]
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
@@ -529,6 +551,7 @@ def test_early_stop_rule_is_configurable(tiny_model_dir, dataset, tmp_path, monk
     assert seen == [CalmRule(threshold=0.2)]
     assert TrainConfig().early_stop.make_rule() == CalmRule()  # the default (docs/early_stopping.md says why)
     for bad in ({"rule": "third-valley"}, {"rule": "second-valley", "rule_args": {"prominence": 2.0}},
+                {"rule": "budget", "rule_args": {"budget": 0.0}},
                 {"rule": "second-valley", "rule_args": {"patience": 1}}, {"rule_args": {"prominence": 0.1}}):
         with pytest.raises(ConfigError, match="early_stop.rule"):
             make_config(tiny_model_dir, dataset, tmp_path / "x", early_stop=bad).validate()

@@ -1,8 +1,9 @@
 """CS-Fluctuation early stopping (seed paper "Early-stopping LoRA", section 3.2, Algorithm 1).
 
 - ``series``: the curve as pure numpy functions (eq. 3-4), trailing windows, offsets and the lag;
-- ``rules``: when to stop: ``SecondValley`` (the paper's, with a noise guard) or ``CalmRule``;
-- ``cs``: eq. 2 over lorakit adapters (low-rank identities for LoRA) or (W, W0) pairs;
+- ``rules``: when to stop: ``SecondValley`` (the paper's, with a noise guard), ``CalmRule`` or
+  ``UpdateBudget`` (the update's size ‖ΔW‖/‖W‖, beyond the paper);
+- ``cs``: eq. 2 over lorakit adapters (low-rank identities for LoRA) or (W, W0) pairs, and the update's size;
 - ``monitor``: ``CSFluctuationMonitor`` (online), ``find_turning_point`` (offline, same answer);
 - ``candidates``: real copies of the weights at candidate turning points;
 - ``plot``: the paper-style figure;  ``hf``: a transformers ``TrainerCallback`` for PEFT LoRA models
@@ -19,6 +20,7 @@ from typing import Any
 _EXPORTS: dict[str, str] = {
     "CSFluctuationMonitor": "lorakit.earlystop.monitor",
     "CSMeter": "lorakit.earlystop.cs",
+    "CSReading": "lorakit.earlystop.cs",
     "CalmRule": "lorakit.earlystop.rules",
     "Candidate": "lorakit.earlystop.candidates",
     "CandidateStore": "lorakit.earlystop.candidates",
@@ -27,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "History": "lorakit.earlystop.monitor",
     "SecondValley": "lorakit.earlystop.rules",
     "TurningPoint": "lorakit.earlystop.monitor",
+    "UpdateBudget": "lorakit.earlystop.rules",
     "cs_fluctuation": "lorakit.earlystop.series",
     "cs_native": "lorakit.earlystop.cs",
     "cs_value": "lorakit.earlystop.cs",

@@ -22,6 +22,7 @@ cosine 0, not NaN.  All sums run in float32 at least, on the weights' device, wi
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +34,21 @@ from lorakit.adapters.lokr import LoKr
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
+
+
+@dataclass(frozen=True)
+class CSReading:
+    """One sample of what ΔW and W say: CS (eq. 2) and the update's size, the mean over layers of ‖ΔW‖ / ‖W‖
+    (the same sums, so it costs nothing more; the ``budget`` rule reads it)."""
+
+    cs: float
+    update: float
+
+
+def relative_update(delta_sq: torch.Tensor, weight_sq: torch.Tensor) -> torch.Tensor:
+    """``‖ΔW‖ / ‖W‖`` from the two sums; 0 where ``W`` is zero."""
+    safe = torch.where(weight_sq > 0, weight_sq, torch.ones_like(weight_sq))
+    return torch.where(weight_sq > 0, torch.sqrt(delta_sq.clamp_min(0.0) / safe), torch.zeros_like(delta_sq))
 
 
 def cosine_from_terms(dot: torch.Tensor, delta_sq: torch.Tensor, weight_sq: torch.Tensor) -> torch.Tensor:
@@ -179,16 +195,24 @@ def cs_value(adapters: Iterable[Adapter] | Mapping[str, Adapter], fast: bool = T
 
 
 @torch.no_grad()
-def cs_native(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Eq. 2 for native fine-tuning: pairs of (trained ``W``, saved pretrained copy ``W0``), ``ΔW = W - W0``."""
-    out = []
+def native_reading(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> CSReading:
+    """CS and the update's size for native fine-tuning: pairs of (trained ``W``, saved pretrained copy ``W0``),
+    ``ΔW = W - W0``."""
+    cosines, sizes = [], []
     for weight, original in pairs:
         dot, delta_sq = dense_terms(weight.detach() - original.to(weight.device, weight.dtype), original)
         w = original.reshape(-1).to(dot.dtype)
-        out.append(cosine_from_terms(dot, delta_sq, torch.dot(w, w)).to(torch.float64).cpu())
-    if not out:
+        weight_sq = torch.dot(w, w)
+        cosines.append(cosine_from_terms(dot, delta_sq, weight_sq).to(torch.float64).cpu())
+        sizes.append(relative_update(delta_sq, weight_sq).to(torch.float64).cpu())
+    if not cosines:
         raise ValueError("CS needs at least one weight pair")
-    return float(torch.stack(out).mean())
+    return CSReading(float(torch.stack(cosines).mean()), float(torch.stack(sizes).mean()))
+
+
+def cs_native(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Eq. 2 for native fine-tuning: pairs of (trained ``W``, saved pretrained copy ``W0``), ``ΔW = W - W0``."""
+    return native_reading(pairs).cs
 
 
 class CSMeter:
@@ -214,7 +238,8 @@ class CSMeter:
                 self._cache.append(ia3_norms(adapter) if form == "ia3" else None)
 
     @torch.no_grad()
-    def layer_cosines(self) -> torch.Tensor:
+    def layer_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per layer: the cosine of ΔW and W0, and ‖ΔW‖ / ‖W0‖ (float64, on the weights' device)."""
         dots, deltas = [], []
         for adapter, cache in zip(self.adapters, self._cache, strict=True):
             dot, delta_sq = adapter_terms(adapter, self.fast, cache)
@@ -223,8 +248,18 @@ class CSMeter:
         device = dots[0].device
         # one vectorised cosine for all layers instead of a handful of small kernels per layer
         weight_sq = torch.stack([w.to(device=device, dtype=torch.float64) for w in self._weight_sq])
-        return cosine_from_terms(torch.stack([d.to(device) for d in dots]),
-                                 torch.stack([d.to(device) for d in deltas]), weight_sq)
+        delta_sq = torch.stack([d.to(device) for d in deltas])
+        return (cosine_from_terms(torch.stack([d.to(device) for d in dots]), delta_sq, weight_sq),
+                relative_update(delta_sq, weight_sq))
+
+    def layer_cosines(self) -> torch.Tensor:
+        return self.layer_terms()[0]
+
+    def read(self) -> CSReading:
+        """CS and the update's size in one pass (one host sync)."""
+        cosines, sizes = self.layer_terms()
+        both = torch.stack([cosines.mean(), sizes.mean()]).cpu()
+        return CSReading(float(both[0]), float(both[1]))
 
     def __call__(self) -> float:
         return float(self.layer_cosines().mean())

@@ -30,7 +30,7 @@ from transformers.trainer_callback import ExportableState
 
 from lorakit.atomic import atomic_write_text
 from lorakit.earlystop.candidates import CandidateStore
-from lorakit.earlystop.cs import cosine_from_terms, dense_terms, lowrank_terms
+from lorakit.earlystop.cs import CSReading, cosine_from_terms, dense_terms, lowrank_terms, relative_update
 from lorakit.earlystop.monitor import CSFluctuationMonitor, Decision, TurningPoint
 from lorakit.earlystop.plot import plot_cs_fluctuation
 from lorakit.earlystop.rules import Rule, rule_from_dict
@@ -83,14 +83,24 @@ def peft_layer_terms(layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
-def peft_cs_value(model: nn.Module | list[tuple[nn.Module, str]], adapter_name: str | None = None) -> float:
-    """Eq. 2 over the PEFT LoRA layers of ``model`` (or over ``peft_lora_layers(model)`` found before)."""
+def peft_cs_reading(model: nn.Module | list[tuple[nn.Module, str]], adapter_name: str | None = None) -> CSReading:
+    """Eq. 2 and the update's size (mean ‖ΔW‖/‖W‖) over the PEFT LoRA layers of ``model`` (or over
+    ``peft_lora_layers(model)`` found before)."""
     layers = model if isinstance(model, list) else peft_lora_layers(model, adapter_name)
     if not layers:
         raise ValueError("the model has no PEFT LoRA layers" + (f" for adapter {adapter_name!r}" if adapter_name
                                                                    else ""))
-    cosines = [cosine_from_terms(*peft_layer_terms(layer, name)).to(torch.float64).cpu() for layer, name in layers]
-    return float(torch.stack(cosines).mean())
+    cosines, sizes = [], []
+    for layer, name in layers:
+        dot, delta_sq, weight_sq = peft_layer_terms(layer, name)
+        cosines.append(cosine_from_terms(dot, delta_sq, weight_sq).to(torch.float64).cpu())
+        sizes.append(relative_update(delta_sq, weight_sq).to(torch.float64).cpu())
+    return CSReading(float(torch.stack(cosines).mean()), float(torch.stack(sizes).mean()))
+
+
+def peft_cs_value(model: nn.Module | list[tuple[nn.Module, str]], adapter_name: str | None = None) -> float:
+    """Eq. 2 over the PEFT LoRA layers of ``model`` (or over ``peft_lora_layers(model)`` found before)."""
+    return peft_cs_reading(model, adapter_name).cs
 
 
 # ---- the callback ------------------------------------------------------------------------------------
@@ -183,7 +193,8 @@ class CSFluctuationCallback(TrainerCallback, ExportableState):
         if self.monitor is None or model is None or state.global_step % self.interval:
             return
         epoch = _epoch_number(state)
-        self.decision = self.monitor.update(state.global_step, peft_cs_value(self._layers), epoch)
+        reading = peft_cs_reading(self._layers)
+        self.decision = self.monitor.update(state.global_step, reading.cs, epoch, update=reading.update)
         if self.save == "sample":
             self._take_copy(model, state.global_step, epoch)
         self.turning_point = self.monitor.turning_point

@@ -1,10 +1,12 @@
 """The online CS-Fluctuation monitor (Algorithm 1) and its offline twin.
 
-Feed it one CS value per sample (every step, or every ``interval`` steps)::
+Feed it one CS value per sample (every step, or every ``interval`` steps), and the update's size
+(``CSMeter.read()`` gives both; the ``budget`` rule decides on the size)::
 
     monitor = CSFluctuationMonitor(window=steps_per_epoch, lr=1e-4)
     for step in ...:
-        decision = monitor.update(step, cs_value(adapters), epoch)
+        reading = meter.read()
+        decision = monitor.update(step, reading.cs, epoch, update=reading.update)
         if decision.stop:
             # hand back the weights saved at decision.turning_point.step
             break
@@ -12,7 +14,8 @@ Feed it one CS value per sample (every step, or every ``interval`` steps)::
 The window M and every index here count *samples* (updates), not steps; ``update`` records the step (and
 epoch) of each sample so that the turning point comes back as a step.  The turning point refers to the
 sample ``lag`` samples before the CSF valley (``series.turning_point_lag``; ``(3M-2)//2`` by default) and is
-known when the rule confirms the valley, one sample after it at the earliest.
+known when the rule confirms the valley, one sample after it at the earliest.  A rule on the update's size has
+no lag: the size is known at the sample it belongs to.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class History:
     cs: np.ndarray
     csf: np.ndarray
     turning_point: TurningPoint | None = None
+    update: np.ndarray | None = None  # ‖ΔW‖/‖W‖ per sample (NaN where not recorded; None: never recorded)
 
     def ma_cs(self) -> np.ndarray:
         """MA(CS) on the sample axis (eq. 3, trailing), NaN for the first ``M - 1`` samples."""
@@ -88,7 +92,9 @@ class History:
         return {"window": self.window, "lr": self.lr, "lag": self.lag, "steps": self.steps.tolist(),
                 "epochs": list(self.epochs), "cs": self.cs.tolist(),
                 "csf": [None if math.isnan(v) else v for v in self.csf.tolist()],
-                "turning_point": None if self.turning_point is None else self.turning_point.to_dict()}
+                "turning_point": None if self.turning_point is None else self.turning_point.to_dict(),
+                **({} if self.update is None else
+                   {"update": [None if math.isnan(v) else v for v in self.update.tolist()]})}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> History:
@@ -97,7 +103,9 @@ class History:
                    np.asarray(data["steps"], dtype=np.int64), list(data["epochs"]),
                    np.asarray(data["cs"], dtype=np.float64),
                    np.asarray([math.nan if v is None else v for v in data["csf"]], dtype=np.float64),
-                   None if tp is None else TurningPoint(**tp))
+                   None if tp is None else TurningPoint(**tp),
+                   None if data.get("update") is None else  # histories from before the size was recorded
+                   np.asarray([math.nan if v is None else v for v in data["update"]], dtype=np.float64))
 
 
 def _turning_point(found: Detection, lag: int, steps: list[int], epochs: list[int | None],
@@ -110,16 +118,23 @@ def _turning_point(found: Detection, lag: int, steps: list[int], epochs: list[in
 
 def find_turning_point(cs: np.ndarray, window: int, lr: float = 1.0, rule: Rule | None = None,
                        alignment: str | int = "centre", steps: np.ndarray | None = None,
-                       epochs: list[int | None] | None = None) -> TurningPoint | None:
+                       epochs: list[int | None] | None = None, update: np.ndarray | None = None
+                       ) -> TurningPoint | None:
     """Offline: the turning point of a whole CS series, as the monitor would report it, or ``None``.
 
-    ``steps``/``epochs`` label the samples (default: the sample index, no epochs).  Because the rules are
-    online, running this on the prefix ``cs[:k+1]`` says whether the monitor has decided at sample ``k``.
+    ``steps``/``epochs`` label the samples (default: the sample index, no epochs); ``update`` is the update's
+    size per sample, which a rule on it needs.  Because the rules are online, running this on the prefix
+    ``cs[:k+1]`` says whether the monitor has decided at sample ``k``.
     """
     cs = np.asarray(cs, dtype=np.float64)
     rule = rule or SecondValley()
     steps = list(range(len(cs))) if steps is None else [int(s) for s in steps]
     epochs = [None] * len(cs) if epochs is None else list(epochs)
+    if rule.series == "update":
+        if update is None:
+            raise ValueError(f"the {rule.name} rule reads the update's size ‖ΔW‖/‖W‖; this series has none")
+        found = rule.find(np.asarray(update, dtype=np.float64), window)
+        return None if found is None else _turning_point(found, 0, steps, epochs, math.nan)
     csf = cs_fluctuation(cs, window, lr)
     offset = csf_offset(window)
     found = rule.find(csf, window, offset)
@@ -149,12 +164,14 @@ class CSFluctuationMonitor:
         self.min_steps = int(min_steps)
         self.report_only = bool(report_only)
         self.alignment = alignment
-        self.lag = turning_point_lag(self.window, alignment)
+        # a valley of CSF describes the CS samples before it; the update's size, the sample it is read at
+        self.lag = 0 if self.rule.series == "update" else turning_point_lag(self.window, alignment)
         self._offset = csf_offset(self.window)
         self._tracker = self.rule.tracker(self.window)
         self._steps: list[int] = []
         self._epochs: list[int | None] = []
         self._cs: list[float] = []
+        self._update: list[float] = []  # ‖ΔW‖/‖W‖ per sample, NaN where not given
         self._csf: list[float] = []  # from sample 3M-2 on
         # the tails of the intermediate series that the next value needs: MA (2), ∇MA (M), X (M)
         self._ma: list[float] = []
@@ -163,9 +180,13 @@ class CSFluctuationMonitor:
         self.turning_point: TurningPoint | None = None
 
     # ---- feeding -----------------------------------------------------------------------------
-    def update(self, step: int, cs: float, epoch: int | None = None) -> Decision:
-        """Record the CS of ``step`` (after that step's update) and say whether to stop."""
+    def update(self, step: int, cs: float, epoch: int | None = None, update: float | None = None) -> Decision:
+        """Record the CS of ``step`` (after that step's update), and the update's size ‖ΔW‖/‖W‖ if known, and say
+        whether to stop."""
         step, cs = int(step), float(cs)
+        if self.rule.series == "update" and (update is None or not math.isfinite(update)):
+            raise ValueError(f"the {self.rule.name} rule needs the update's size ‖ΔW‖/‖W‖ at step {step}, got "
+                             f"{update}")
         if self._steps and step <= self._steps[-1]:
             raise ValueError(f"steps must increase: got step {step} after step {self._steps[-1]}")
         if not math.isfinite(cs):
@@ -174,11 +195,17 @@ class CSFluctuationMonitor:
         self._steps.append(step)
         self._epochs.append(None if epoch is None else int(epoch))
         self._cs.append(cs)
+        self._update.append(math.nan if update is None else float(update))
         n = len(self._cs) - 1
         value = self._advance()
         if value is not None:
             self._csf.append(value)
-            if self.turning_point is None:
+        if self.turning_point is None:
+            if self.rule.series == "update":
+                found = self._tracker.update(n, self._update[-1])
+                if found is not None:
+                    self.turning_point = _turning_point(found, 0, self._steps, self._epochs, math.nan)
+            elif value is not None:
                 found = self._tracker.update(n, value)
                 if found is not None:
                     self.turning_point = _turning_point(found, self.lag, self._steps, self._epochs,
@@ -209,6 +236,8 @@ class CSFluctuationMonitor:
         tp = self.turning_point
         if tp is None:
             needed = self._offset + 1
+            if self.rule.series == "update":
+                return Decision(False, f"the update's size {self._update[-1]:.4g} is under the budget")
             if len(self._cs) < needed:
                 return Decision(False, f"collecting samples: {len(self._cs)} of the {needed} that CS-Fluctuation "
                                        f"needs (3 windows of {self.window})")
@@ -224,9 +253,11 @@ class CSFluctuationMonitor:
     @property
     def history(self) -> History:
         n = len(self._cs)
+        update = np.asarray(self._update, dtype=np.float64)
         return History(self.window, self.lr, self.lag, np.asarray(self._steps, dtype=np.int64),
                        list(self._epochs), np.asarray(self._cs, dtype=np.float64),
-                       pad_to_samples(np.asarray(self._csf), self._offset, n), self.turning_point)
+                       pad_to_samples(np.asarray(self._csf), self._offset, n), self.turning_point,
+                       update if np.isfinite(update).any() else None)
 
     def earliest_candidate_step(self) -> int:
         """No step before this can still be the turning point: saved weights older than the last copy at or
@@ -234,6 +265,8 @@ class CSFluctuationMonitor:
         if self.turning_point is not None:
             return self.turning_point.step
         n = len(self._cs)
+        if self.rule.series == "update":  # decided at the sample it reads: only the next samples can be it
+            return (self._steps[-1] + 1) if self._steps else 0
         valley = self._tracker.earliest_candidate(n - 1) if n > self._offset else self._offset
         index = max(0, valley - self.lag)
         if index >= n:
@@ -249,6 +282,7 @@ class CSFluctuationMonitor:
         """Everything needed to continue identically; plain JSON types only."""
         return {"version": _STATE_VERSION, "config": self.config(), "steps": list(self._steps),
                 "epochs": list(self._epochs), "cs": list(self._cs), "csf": list(self._csf),
+                "update": [None if math.isnan(v) else v for v in self._update],
                 "tails": {"ma": list(self._ma), "slope": list(self._slope), "x": list(self._x)},
                 "tracker": self._tracker.state_dict(),
                 "turning_point": None if self.turning_point is None else self.turning_point.to_dict()}
@@ -264,6 +298,8 @@ class CSFluctuationMonitor:
         self._steps = [int(s) for s in state["steps"]]
         self._epochs = [None if e is None else int(e) for e in state["epochs"]]
         self._cs = [float(v) for v in state["cs"]]
+        saved = state.get("update") or [None] * len(self._cs)  # states from before the size was recorded
+        self._update = [math.nan if v is None else float(v) for v in saved]
         self._csf = [float(v) for v in state["csf"]]
         tails = state["tails"]
         self._ma, self._slope, self._x = ([float(v) for v in tails[k]] for k in ("ma", "slope", "x"))

@@ -23,6 +23,13 @@ only noise in its range, and there noise wiggles still count.
 ``CalmRule`` is an alternative that reads the paper's claim directly ("when CS-Fluctuation becomes small"):
 the turning point is the first sample of the first stretch of ``patience · M`` samples during which CSF stays
 below ``threshold`` times its running maximum.  It does not depend on counting waves.
+
+``UpdateBudget`` reads another thing ΔW and W tell, from the same sums as CS: the update's size, the mean over
+layers of ‖ΔW‖ / ‖W‖.  The turning point is the first sample where it reaches ``budget``: an adapter that has
+moved its layers that far has learned what it will and starts to overwrite the base model.  Unlike CSF, the size
+grows fast exactly when a run breaks the model (a high learning rate), so the rule stops a breakdown early and
+a slow learner late (``docs/early_stopping.md`` has the measurements it was chosen on).  A rule says which
+series it reads (``series``): ``"csf"`` or ``"update"``.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class Tracker(Protocol):
 
 class Rule(Protocol):
     name: ClassVar[str]
+    series: ClassVar[str]  # what the tracker is fed: "csf" (CS-Fluctuation) or "update" (‖ΔW‖ / ‖W‖)
 
     def tracker(self, window: int) -> Tracker: ...
 
@@ -85,6 +93,7 @@ class SecondValley:
     """
 
     name: ClassVar[str] = "second_valley"
+    series: ClassVar[str] = "csf"
     valley: int = 2
     prominence: float = 0.05
     min_distance: float = 0.0
@@ -184,6 +193,7 @@ class CalmRule:
     """The first sample of the first ``patience · M`` samples in a row with CSF below ``threshold × max so far``."""
 
     name: ClassVar[str] = "calm"
+    series: ClassVar[str] = "csf"
     threshold: float = 0.1
     patience: float = 1.0
 
@@ -239,10 +249,57 @@ class CalmTracker:
             state["decided"])
 
 
-RULES: dict[str, type] = {SecondValley.name: SecondValley, CalmRule.name: CalmRule}
+# ---- beyond the paper: the update's size -----------------------------------------------------------
 
 
-def rule_from_dict(config: dict[str, Any]) -> SecondValley | CalmRule:
+@dataclass(frozen=True)
+class UpdateBudget:
+    """The first sample where the mean over layers of ‖ΔW‖ / ‖W‖ reaches ``budget``."""
+
+    name: ClassVar[str] = "budget"
+    series: ClassVar[str] = "update"
+    budget: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.budget > 0:
+            raise InvalidValueError(f"budget is a size of ΔW relative to W, above 0; got {self.budget}")
+
+    def tracker(self, window: int) -> BudgetTracker:
+        return BudgetTracker(self)
+
+    def find(self, values: np.ndarray, window: int, offset: int = 0) -> Detection | None:
+        return _run(self.tracker(window), values, offset)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
+
+
+@dataclass
+class BudgetTracker:
+    rule: UpdateBudget
+    decided: bool = False
+
+    def update(self, index: int, value: float) -> Detection | None:
+        if self.decided or not value >= self.rule.budget:  # a NaN (no size recorded) never decides
+            return None
+        self.decided = True
+        return Detection(index, index, f"the update's size ‖ΔW‖/‖W‖ reached {value:.4g} at sample {index} "
+                                       f"(budget {self.rule.budget:g})")
+
+    def earliest_candidate(self, index: int) -> int:
+        return index
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decided": self.decided}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decided = bool(state["decided"])
+
+
+RULES: dict[str, type] = {SecondValley.name: SecondValley, CalmRule.name: CalmRule, UpdateBudget.name: UpdateBudget}
+
+
+def rule_from_dict(config: dict[str, Any]) -> SecondValley | CalmRule | UpdateBudget:
     """Rebuild a rule from ``rule.to_dict()`` (used by state dicts and the transformers callback)."""
     config = dict(config)
     name = config.pop("name")
