@@ -113,5 +113,15 @@ def test_an_experiment_on_the_second_concept_trains_and_scores_hearts(tmp_path):
     assert rescored.returncode == 0, rescored.stderr[-2000:]
     assert json.loads((out / "curve.json").read_text()) == rows
     assert sorted(p.name for p in (out / "eval_cache").rglob("*") if p.is_file()) == images
+
+    # the update's size the trainer recorded at the epoch's last step is what its checkpoint says (the replay
+    # of the budget rule on runs recorded before the size was kept reads the checkpoints)
+    from lorakit.world.update_sizes import budget_epoch, checkpoint_update_sizes
+
+    history = json.loads((out / "cs_history.json").read_text())
+    sizes = checkpoint_update_sizes(out)
+    assert list(sizes) == [1] and sizes[1] == pytest.approx(history["update"][-1], rel=1e-9)
+    assert budget_epoch(sizes, sizes[1]) == 1 and budget_epoch(sizes, sizes[1] * 1.01) is None
+    assert json.loads((out / "update_sizes.json").read_text()) == {"1": sizes[1]}  # cached
     again = subprocess.run([*argv[:6], "zkz", *argv[7:]], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode != 0 and "was scored with" in again.stderr

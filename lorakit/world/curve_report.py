@@ -13,14 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.config import load_config
-from lorakit.earlystop import CalmRule, SecondValley
+from lorakit.earlystop import CalmRule, SecondValley, UpdateBudget
 from lorakit.world.experiment import change_success, smooth, turning_epoch
 from lorakit.world.onset import Onset, measure_onset
+from lorakit.world.update_sizes import budget_epoch, checkpoint_update_sizes
 
 #: rule name -> (rule, window in epochs): the two rules of ``early_stop.rule``, the paper's without the noise
 #: guard, and both with a longer window (fewer, wider CSF waves)
 RULES = {"second-valley": (SecondValley(), 1), "second-valley-0": (SecondValley(prominence=0.0), 1),
-         "calm": (CalmRule(), 1), "second-valley-2M": (SecondValley(), 2), "calm-2M": (CalmRule(), 2)}
+         "calm": (CalmRule(), 1), "second-valley-2M": (SecondValley(), 2), "calm-2M": (CalmRule(), 2),
+         "budget": (UpdateBudget(), 1)}
 
 #: the changes the onset is measured on by default: all three since the built-in model places objects where the
 #: prompt says (README).  Runs on the step-8000 model, which placed them at chance, were read with
@@ -79,6 +81,9 @@ def load_run(run_dir: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES) -> Ru
     turning, found = {}, {}
     for name, (rule, window_epochs) in RULES.items():
         tp = turning_epoch(run_dir, rule, window_epochs=window_epochs)
+        if tp is None and rule.series == "update":  # a run from before the size was recorded: its checkpoints
+            epoch = budget_epoch(checkpoint_update_sizes(run_dir), rule.budget)
+            tp = None if epoch is None else {"epoch": epoch, "found_at_epoch": epoch}
         turning[name] = None if tp is None else tp["epoch"]
         found[name] = None if tp is None else tp["found_at_epoch"]
     return RunResult(
@@ -108,8 +113,8 @@ def markdown_table(runs: list[RunResult]) -> str:
             "(success / fidelity) | "
             "fidelity peak: epoch (success / fidelity) | second valley TP: epoch, decided at "
             "(success / fidelity) | calm rule TP: epoch, decided at (success / fidelity) | "
-            "epoch 0 → last: success, fidelity, control |")
-    lines = [head, "|" + "---|" * 6]
+            "budget rule TP: epoch, decided at (success / fidelity) | epoch 0 → last: success, fidelity, control |")
+    lines = [head, "|" + "---|" * 7]
 
     def cell(r: RunResult, epoch: int | None, found: int | None = None, interval: Onset | None = None) -> str:
         if epoch is None:
@@ -124,6 +129,7 @@ def markdown_table(runs: list[RunResult]) -> str:
             f"{cell(r, r.fidelity_peak)} | "
             f"{cell(r, r.turning['second-valley'], r.found['second-valley'])} | "
             f"{cell(r, r.turning['calm'], r.found['calm'])} | "
+            f"{cell(r, r.turning['budget'], r.found['budget'])} | "
             f"{r.change_success[0]:.2f} → {r.change_success[-1]:.2f}, {r.fidelity[0]:.2f} → {r.fidelity[-1]:.2f}, "
             f"{r.control[0]:.2f} → {r.control[-1]:.2f} |")
     return "\n".join(lines) + "\n"
@@ -180,7 +186,7 @@ def plot_run(run: RunResult, path: Path) -> Path:
     ax.plot(run.epochs, run.control, "^-", label="controllability (scored prompts)")
     ax.plot(run.epochs, run.color_control, "v-", label="color obeyed (scored prompts)")
     ax.axvline(run.fidelity_peak, color="k", linestyle="--", label=f"fidelity peak (epoch {run.fidelity_peak})")
-    for name, style in (("second-valley", "C3"), ("calm", "C4")):
+    for name, style in (("second-valley", "C3"), ("calm", "C4"), ("budget", "C9")):
         if run.turning[name] is not None:
             ax.axvline(run.turning[name], color=style, linestyle="-.", label=f"{name} TP (epoch {run.turning[name]})")
     ax.set_xlabel("epoch")

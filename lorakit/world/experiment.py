@@ -167,8 +167,10 @@ def turning_epoch(run_dir: Path, rule=None, alignment: str | int = "centre", win
     if not path.exists():
         return None
     h = History.from_dict(json.loads(path.read_text()))
+    if getattr(rule, "series", "csf") == "update" and h.update is None:
+        return None  # recorded before the trainer kept the update's size (lorakit.world.update_sizes replays it)
     tp = find_turning_point(np.asarray(h.cs), h.window * window_epochs, h.lr, rule=rule, alignment=alignment,
-                            steps=list(h.steps), epochs=list(h.epochs))
+                            steps=list(h.steps), epochs=list(h.epochs), update=h.update)
     if tp is None:
         return None
     steps_per_epoch = h.window  # the trainer's default window is one epoch of CS samples

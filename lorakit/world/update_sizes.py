@@ -1,0 +1,51 @@
+"""The update's size ‖ΔW‖/‖W‖ (mean over layers) of every epoch checkpoint of a run, for replaying the ``budget``
+rule on runs recorded before the trainer kept the size with every CS sample.
+
+A run trained since then has the size per step in ``cs_history.json`` and the rule replays exactly as it ran;
+for an older run the size is read from its saved epoch checkpoints (the same ``CSMeter`` sums), so the rule is
+replayed at epoch ends: it stops at the first epoch whose checkpoint reached the budget (online it decides at
+the step inside that epoch where the size crossed it).  Cached in ``<run>/update_sizes.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lorakit.atomic import atomic_write_json
+from lorakit.checkpoints import RunFolder
+from lorakit.config import load_config
+from lorakit.earlystop.cs import CSMeter
+from lorakit.formats import load_network
+from lorakit.models import BaseModel, load_base_model
+
+CACHE = "update_sizes.json"
+
+
+_models: dict[str | None, BaseModel] = {}  # one load of a base model for every run of a report
+
+
+def checkpoint_update_sizes(run_dir: Path, model: BaseModel | None = None) -> dict[int, float]:
+    """Epoch -> mean ‖ΔW‖/‖W0‖ over the adapted U-Net layers of that epoch's checkpoint (as the trainer measures:
+    the U-Net's adapters); ``model``: the run's base model (default: the one its config names)."""
+    cache = run_dir / CACHE
+    sizes = {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.exists() else {}
+    missing = [c for c in RunFolder(run_dir, "resume").checkpoints() if c.epoch not in sizes]
+    if missing:
+        if model is None:
+            base = load_config(run_dir / "config.toml").model.base
+            model = _models[base] if base in _models else _models.setdefault(base, load_base_model(base))
+        for checkpoint in missing:
+            network, _ = load_network(checkpoint.tensors_path, model.unet, model.text_encoder)
+            try:
+                unet = network.names("unet")
+                sizes[checkpoint.epoch] = CSMeter({n: network[n] for n in unet} if unet else network).read().update
+            finally:
+                network.remove()
+        atomic_write_json(cache, {str(k): v for k, v in sorted(sizes.items())})
+    return dict(sorted(sizes.items()))
+
+
+def budget_epoch(sizes: dict[int, float], budget: float) -> int | None:
+    """The first epoch whose checkpoint's size reached ``budget`` (None: never in the run)."""
+    return next((epoch for epoch, size in sorted(sizes.items()) if size >= budget), None)
