@@ -73,10 +73,12 @@ def test_the_summary_counts_each_concept_on_its_own(tmp_path):
     assert [r.concept for r in runs] == ["zkz", "vlx", "vlx"]
     assert "| vlx loha lr 0.002 seed 3 |" in curve_report.markdown_table(runs)
     lines = curve_report.summary_lines(runs)
-    assert len(lines) == 2 * len(curve_report.RULES)
+    assert len(lines) == 2 * (len(curve_report.RULES) + 1)  # each concept's rules and its fixed-epoch baseline
     assert lines[0].startswith("[zkz] second-valley: ") and "/1 runs within ±1 epoch" in lines[0]
-    assert lines[len(curve_report.RULES)].startswith("[vlx] second-valley: ")
-    assert "/2 runs within ±1 epoch" in lines[len(curve_report.RULES)]
+    vlx = len(curve_report.RULES) + 1
+    assert lines[vlx].startswith("[vlx] second-valley: ") and "/2 runs within ±1 epoch" in lines[vlx]
+    assert lines[vlx - 1].startswith("[zkz] fixed epoch") and "1/1 runs within ±1 epoch of the onset at epoch" in \
+        lines[vlx - 1]
 
 
 def test_score_run_refuses_a_cache_scored_differently(tmp_path):

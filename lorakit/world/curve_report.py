@@ -163,7 +163,21 @@ def summary_lines(runs: list[RunResult]) -> list[str]:
                    f"{sum(d < 0 for d in signed)} early, {sum(d > 0 for d in signed)} late); "
                    f"smoothed success at TP / at onset = {sum(kept) / len(kept):.2f} (mean); "
                    f"mean |TP - fidelity peak| = {to_peak:.1f} epochs")
+    out.append(fixed_epoch_baseline(runs))
     return out
+
+
+def fixed_epoch_baseline(runs: list[RunResult]) -> str:
+    """What a rule must beat: stopping every run at the same epoch, that epoch chosen afterwards as the one that
+    does best on these very runs (an oracle no rule has)."""
+    last = max((max(r.epochs) for r in runs), default=0)
+    scored = [(sum(abs(epoch - r.onset) <= 1 for r in runs), -sum(abs(epoch - r.onset) for r in runs), epoch)
+              for epoch in range(1, last + 1)]
+    if not scored:
+        return "fixed epoch: no runs"
+    hits, neg_dev, epoch = max(scored, key=lambda t: (t[0], t[1], -t[2]))
+    return (f"fixed epoch (the best single epoch for every run, chosen on these runs): {hits}/{len(runs)} runs "
+            f"within ±1 epoch of the onset at epoch {epoch} (mean |·| {-neg_dev / len(runs):.1f})")
 
 
 def plot_run(run: RunResult, path: Path) -> Path:
