@@ -13,16 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.config import load_config
-from lorakit.earlystop import CalmRule, SecondValley, UpdateBudget
+from lorakit.earlystop.replay import COMPARED_RULES
 from lorakit.world.experiment import change_success, smooth, turning_epoch
 from lorakit.world.onset import Onset, measure_onset
 from lorakit.world.update_sizes import budget_epoch, checkpoint_update_sizes
 
-#: rule name -> (rule, window in epochs): the two rules of ``early_stop.rule``, the paper's without the noise
-#: guard, and both with a longer window (fewer, wider CSF waves)
-RULES = {"second-valley": (SecondValley(), 1), "second-valley-0": (SecondValley(prominence=0.0), 1),
-         "calm": (CalmRule(), 1), "second-valley-2M": (SecondValley(), 2), "calm-2M": (CalmRule(), 2),
-         "budget": (UpdateBudget(), 1)}
+#: rule name -> (rule, window in epochs), the same set the language-model experiment replays
+RULES = COMPARED_RULES
 
 #: the changes the onset is measured on by default: all three since the built-in model places objects where the
 #: prompt says (README).  Runs on the step-8000 model, which placed them at chance, were read with

@@ -27,7 +27,8 @@ import numpy as np
 from lorakit.atomic import atomic_write_json
 from lorakit.checkpoints import RunFolder
 from lorakit.config import TrainConfig
-from lorakit.earlystop import History, find_turning_point
+from lorakit.earlystop import History, SecondValley
+from lorakit.earlystop.replay import replay
 from lorakit.evaluate.checkpoints import EvalCheckpoint, file_hash, model_hash
 from lorakit.evaluate.generate import ImageCache, SamplerSettings, generate_all, load_images, make_jobs
 from lorakit.evaluate.prompts import EvalPrompt as Prompt
@@ -167,10 +168,8 @@ def turning_epoch(run_dir: Path, rule=None, alignment: str | int = "centre", win
     if not path.exists():
         return None
     h = History.from_dict(json.loads(path.read_text()))
-    if getattr(rule, "series", "csf") == "update" and h.update is None:
-        return None  # recorded before the trainer kept the update's size (lorakit.world.update_sizes replays it)
-    tp = find_turning_point(np.asarray(h.cs), h.window * window_epochs, h.lr, rule=rule, alignment=alignment,
-                            steps=list(h.steps), epochs=list(h.epochs), update=h.update)
+    # None for a size rule on a run recorded before the size was kept (lorakit.world.update_sizes replays it)
+    tp = replay(h, rule or SecondValley(), window_epochs, alignment)
     if tp is None:
         return None
     steps_per_epoch = h.window  # the trainer's default window is one epoch of CS samples
