@@ -23,7 +23,8 @@ def row(epoch: int, fidelity: float, alter: float, control: float) -> dict:
             "counts_by_change": {"color": 6, "position": 8, "background": 6}}
 
 
-def write_run(folder, fidelity, alter, control, cs, algorithm="loha", preset="attn-only", concept=None) -> None:
+def write_run(folder, fidelity, alter, control, cs, algorithm="loha", preset="attn-only", concept=None,
+              sizes=None) -> None:
     folder.mkdir()
     rows = [row(e, f, a, c) for e, (f, a, c) in enumerate(zip(fidelity, alter, control, strict=True))]
     if concept:  # rows scored before the second concept existed carry none: they are the first concept's
@@ -37,7 +38,7 @@ def write_run(folder, fidelity, alter, control, cs, algorithm="loha", preset="at
     (folder / "config.toml").write_text(to_toml(cfg))
     monitor = CSFluctuationMonitor(10, 2e-3, report_only=True)
     for k, value in enumerate(cs):
-        monitor.update(k + 1, float(value), epoch=k // 10 + 1)
+        monitor.update(k + 1, float(value), epoch=k // 10 + 1, update=None if sizes is None else float(sizes[k]))
     (folder / "cs_history.json").write_text(json.dumps(monitor.history.to_dict()))
 
 
@@ -111,3 +112,19 @@ def test_table_and_plot_from_run_folders(tmp_path):
                                "interval); fired in 1/1 runs; TP - onset = [")
     png = curve_report.plot_run(run, tmp_path / "plot.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_budget_rule_and_its_sweep_from_the_recorded_sizes(tmp_path):
+    cs = np.linspace(0, 0.1, 40)
+    sizes = np.linspace(0.0, 0.2, 40)  # 10 samples per epoch: 0.1 is reached at sample 20, in epoch 3
+    write_run(tmp_path / "a", [0, .2, .3, .2, .1], [0, .2, .5, .1, 0], [.9, .8, .7, .6, .5], cs, sizes=sizes)
+    runs = curve_report.find_runs(tmp_path, ("color",))
+    assert runs[0].onset == 2 and runs[0].turning["budget"] == 3
+    lines = curve_report.budget_sweep(runs, [0.05, 0.1, 0.3], {"a": tmp_path / "a"})
+    # epoch-end sizes 0.046, 0.097, 0.149, 0.2: 0.05 is reached at epoch 2, 0.1 at 3, 0.3 never
+    assert lines == ["budget 0.05: 1/1 runs within ±1 epoch of the onset (1/1 within ±1 of its interval); "
+                     "TP - onset = [0]",
+                     "budget 0.1: 1/1 runs within ±1 epoch of the onset (1/1 within ±1 of its interval); "
+                     "TP - onset = [1]",
+                     "budget 0.3: 0/1 runs within ±1 epoch of the onset (0/1 within ±1 of its interval); "
+                     "TP - onset = ['never']"]

@@ -177,6 +177,35 @@ def fixed_epoch_baseline(runs: list[RunResult]) -> str:
             f"within ±1 epoch of the onset at epoch {epoch} (mean |·| {-neg_dev / len(runs):.1f})")
 
 
+def budget_sweep(runs: list[RunResult], budgets: list[float], run_dirs: dict[str, Path]) -> list[str]:
+    """How the budget rule does at each of ``budgets`` on ``runs`` (how its default was chosen, on the first
+    concept's runs): per budget, the runs within ±1 epoch of the onset and the turning point − onset of each."""
+    sizes = {r.name: _sizes(run_dirs[r.name]) for r in runs}
+    out = []
+    for budget in budgets:
+        tps = {r.name: budget_epoch(sizes[r.name], budget) for r in runs}
+        signed = [None if tps[r.name] is None else tps[r.name] - r.onset for r in runs]
+        hits = sum(d is not None and abs(d) <= 1 for d in signed)
+        inside = sum(tps[r.name] is not None and r.onset_interval.contains(tps[r.name], slack=1) for r in runs)
+        out.append(f"budget {budget:g}: {hits}/{len(runs)} runs within ±1 epoch of the onset ({inside}/{len(runs)} "
+                   f"within ±1 of its interval); TP - onset = {['never' if d is None else d for d in signed]}")
+    return out
+
+
+def _sizes(run_dir: Path) -> dict[int, float]:
+    """The update's size per epoch: from the recorded history at epoch ends where the run kept it, else from
+    its checkpoints."""
+    history = json.loads((run_dir / "cs_history.json").read_text()) if (run_dir / "cs_history.json").exists() \
+        else {}
+    if history.get("update"):
+        last = {}
+        for epoch, size in zip(history["epochs"], history["update"], strict=True):
+            if epoch is not None and size is not None:
+                last[int(epoch)] = float(size)
+        return last
+    return checkpoint_update_sizes(run_dir)
+
+
 def plot_run(run: RunResult, path: Path) -> Path:
     import matplotlib  # here, not at the top: slow to import, and the backend must be chosen before pyplot
 
@@ -216,6 +245,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--plot", type=Path, help="plot of the first run (or --plot-run NAME)")
     ap.add_argument("--plot-run")
+    ap.add_argument("--budget-sweep", help="comma-separated budgets: how the budget rule does at each, per concept "
+                                           "(e.g. 0.05,0.075,0.1,0.15,0.2)")
     ap.add_argument("--changes", default=",".join(MEASURABLE_CHANGES),
                     help="attributes whose changed-prompt success defines the onset (default: color,position,"
                          "background; runs on a base model that ignores position words: color,background)")
@@ -227,8 +258,16 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     for line in summary_lines(runs):
         print(line)
+    sweep = []
+    if getattr(args, "budget_sweep", None):
+        budgets = [float(b) for b in args.budget_sweep.split(",")]
+        dirs = {r.name: args.runs / r.name for r in runs}
+        for concept in sorted({r.concept for r in runs}, key=lambda c: (c != "zkz", c)):
+            sweep += [f"[{concept}] {line}" for line in budget_sweep([r for r in runs if r.concept == concept],
+                                                                     budgets, dirs)]
+        print("\n".join(sweep))
     if args.markdown:
-        args.markdown.write_text(table + "\n" + "\n".join(f"- {s}" for s in summary_lines(runs)) + "\n")
+        args.markdown.write_text(table + "\n" + "\n".join(f"- {s}" for s in summary_lines(runs) + sweep) + "\n")
     if args.plot and runs:
         chosen = next((r for r in runs if r.name == args.plot_run), runs[0])
         print("wrote", plot_run(chosen, args.plot))

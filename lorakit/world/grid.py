@@ -153,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
         runs = rescoring(runs)
     failed = run_all(runs, args.jobs, redo_done=args.rescore)
     report = argparse.Namespace(runs=args.out, markdown=args.markdown or args.out / "table.md", plot=args.plot,
-                                plot_run=None, changes=args.changes)
+                                plot_run=None, changes=args.changes,
+                                budget_sweep="0.05,0.075,0.1,0.15,0.2")
     curve_report.run(report)
     done = sum(r.done for r in runs)
     print(f"grid: {done}/{len(runs)} runs done, {len(failed)} failed; table: {report.markdown}")
