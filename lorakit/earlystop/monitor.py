@@ -50,7 +50,7 @@ class TurningPoint:
     valley_index: int  # the sample the CSF valley is filed under (trailing windows)
     found_at_step: int
     found_at_index: int
-    csf: float  # CSF at the valley
+    csf: float | None  # CSF at the valley (None for a rule on the update's size)
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,11 +109,11 @@ class History:
 
 
 def _turning_point(found: Detection, lag: int, steps: list[int], epochs: list[int | None],
-                   csf_at_valley: float) -> TurningPoint:
+                   csf_at_valley: float | None) -> TurningPoint:
     index = max(0, found.csf_index - lag)
     return TurningPoint(step=int(steps[index]), epoch=epochs[index], index=index, valley_index=found.csf_index,
                         found_at_step=int(steps[found.decided_index]), found_at_index=found.decided_index,
-                        csf=float(csf_at_valley), reason=found.reason)
+                        csf=None if csf_at_valley is None else float(csf_at_valley), reason=found.reason)
 
 
 def find_turning_point(cs: np.ndarray, window: int, lr: float = 1.0, rule: Rule | None = None,
@@ -134,7 +134,7 @@ def find_turning_point(cs: np.ndarray, window: int, lr: float = 1.0, rule: Rule 
         if update is None:
             raise ValueError(f"the {rule.name} rule reads the update's size ‖ΔW‖/‖W‖; this series has none")
         found = rule.find(np.asarray(update, dtype=np.float64), window)
-        return None if found is None else _turning_point(found, 0, steps, epochs, math.nan)
+        return None if found is None else _turning_point(found, 0, steps, epochs, None)
     csf = cs_fluctuation(cs, window, lr)
     offset = csf_offset(window)
     found = rule.find(csf, window, offset)
@@ -204,7 +204,7 @@ class CSFluctuationMonitor:
             if self.rule.series == "update":
                 found = self._tracker.update(n, self._update[-1])
                 if found is not None:
-                    self.turning_point = _turning_point(found, 0, self._steps, self._epochs, math.nan)
+                    self.turning_point = _turning_point(found, 0, self._steps, self._epochs, None)
             elif value is not None:
                 found = self._tracker.update(n, value)
                 if found is not None:
