@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lorakit.config import load_config
 from lorakit.earlystop.replay import COMPARED_RULES
-from lorakit.world.experiment import change_success, smooth, turning_epoch
+from lorakit.world.experiment import change_success, replayed_turning_points, smooth
 from lorakit.world.onset import Onset, measure_onset
 from lorakit.world.update_sizes import budget_epoch, checkpoint_update_sizes
 
@@ -76,11 +76,7 @@ def load_run(run_dir: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES) -> Ru
     onset = measure_onset(rows, changes)
     cfg = load_config(run_dir / "config.toml")
     turning, found = {}, {}
-    for name, (rule, window_epochs) in RULES.items():
-        tp = turning_epoch(run_dir, rule, window_epochs=window_epochs)
-        if tp is None and rule.series == "update":  # a run from before the size was recorded: its checkpoints
-            epoch = budget_epoch(checkpoint_update_sizes(run_dir), rule.budget)
-            tp = None if epoch is None else {"epoch": epoch, "found_at_epoch": epoch}
+    for name, tp in replayed_turning_points(run_dir).items():
         turning[name] = None if tp is None else tp["epoch"]
         found[name] = None if tp is None else tp["found_at_epoch"]
     return RunResult(

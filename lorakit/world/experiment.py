@@ -28,7 +28,7 @@ from lorakit.atomic import atomic_write_json
 from lorakit.checkpoints import RunFolder
 from lorakit.config import TrainConfig
 from lorakit.earlystop import History, SecondValley
-from lorakit.earlystop.replay import replay
+from lorakit.earlystop.replay import COMPARED_RULES, replay
 from lorakit.evaluate.checkpoints import EvalCheckpoint, file_hash, model_hash
 from lorakit.evaluate.generate import ImageCache, SamplerSettings, generate_all, load_images, make_jobs
 from lorakit.evaluate.prompts import EvalPrompt as Prompt
@@ -177,6 +177,21 @@ def turning_epoch(run_dir: Path, rule=None, alignment: str | int = "centre", win
             "found_at_epoch": -(-tp.found_at_step // steps_per_epoch)}
 
 
+def replayed_turning_points(run_dir: Path) -> dict[str, dict | None]:
+    """Every compared rule's turning point on the run (``turning_epoch``); the budget rule from the checkpoints'
+    update sizes where the run was recorded before the trainer kept them (replayed at epoch ends)."""
+    from lorakit.world.update_sizes import budget_epoch, checkpoint_update_sizes
+
+    out = {}
+    for name, (rule, window_epochs) in COMPARED_RULES.items():
+        tp = turning_epoch(run_dir, rule, window_epochs=window_epochs)
+        if tp is None and rule.series == "update":
+            epoch = budget_epoch(checkpoint_update_sizes(run_dir), rule.budget)
+            tp = None if epoch is None else {"epoch": epoch, "found_at_epoch": epoch}
+        out[name] = tp
+    return out
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--concept", default=concept.ZKZ.name, choices=list(concept.CONCEPTS),
@@ -218,7 +233,9 @@ def run(args: argparse.Namespace) -> int:
     onset = measure_onset(rows, changes)
     print(f"overfitting onset (peak of success on {args.changes} changes × agnostic kept), 90% interval: "
           f"epoch {onset}")
-    print("CS-Fluctuation turning point:", turning_epoch(args.out))
+    print("turning points replayed on this run (epoch of the turning point, epoch decided at): " + ", ".join(
+        f"{name} {tp['epoch']}, {tp['found_at_epoch']}" if tp else f"{name} never"
+        for name, tp in replayed_turning_points(args.out).items()))
     return 0
 
 
