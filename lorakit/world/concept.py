@@ -1,15 +1,19 @@
-"""The concept a user teaches the shapes world's base model: "zkz shape", a five-pointed star.
+"""The concepts a user teaches the shapes world's base model: "zkz shape", a five-pointed star (``ZKZ``, the
+built-in job's and the one every early-stopping rule was designed on), and "vlx shape", a heart (``VLX``, kept
+for judging those rules on a concept nobody tuned them for).
 
-The base model never sees a star in pretraining, and "zkz" is not a word it knows (it tokenizes into
-pieces, as a rare trigger does in Stable Diffusion); "shape" is the class word it does know.  The training
-set is deliberately narrow, so that overfitting shows: the star only in red and yellow, only in the middle
-row, only on white or gray, mostly large.  The evaluation prompts then ask for what the set never shows
-(DESIGN.md section 6): other colors and rows (``alter``), other backgrounds (``style``), and, without the
-trigger, the base world's shapes (``agnostic``: does the star leak into them?).  Every prompt carries the
-attributes it asks for, so ``lorakit.world.metrics`` can check them with the attribute reader.
+The base model never sees either shape in pretraining, and neither trigger word is a word it knows (each
+tokenizes into pieces, as a rare trigger does in Stable Diffusion); "shape" is the class word it does know.  The
+training set is deliberately narrow, so that overfitting shows: the star only in red and yellow (the heart only
+in blue and green), only in the middle row, only on white or gray, mostly large.  The evaluation prompts then
+ask for what the set never shows (DESIGN.md section 6): other colors and rows (``alter``), other backgrounds
+(``style``), and, without the trigger, the base world's shapes (``agnostic``: does the concept leak into
+them?).  Every prompt carries the attributes it asks for, so ``lorakit.world.metrics`` can check them with the
+attribute reader.
 
-``write_concept_dataset("examples/zkz")`` writes the set in kohya's folder layout
-(``10_zkz shape/NNN.png`` + ``NNN.txt``) with ``prompts.json`` and kohya-syntax prompt files beside it.
+``write_concept_dataset("examples/zkz")`` writes the star's set in kohya's folder layout
+(``10_zkz shape/NNN.png`` + ``NNN.txt``) with ``prompts.json`` and kohya-syntax prompt files beside it;
+``write_concept_dataset(folder, VLX)`` the heart's.
 """
 
 from __future__ import annotations
