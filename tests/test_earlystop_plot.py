@@ -89,3 +89,18 @@ def test_candidates_prune_keeps_what_can_still_be_nearest():
     with pytest.raises(ValueError):
         store.add(30, [("w", torch.zeros(1))])
     assert CandidateStore().nearest(5) is None
+
+
+def test_the_update_size_gets_its_own_panel(tmp_path):
+    from lorakit.earlystop import UpdateBudget
+
+    cs = np.linspace(0, 0.1, 200)
+    monitor = CSFluctuationMonitor(20, 1e-4, rule=UpdateBudget(0.05), report_only=True)
+    for k in range(200):
+        monitor.update(k + 1, cs[k], epoch=k // 40 + 1, update=k / 1000)
+    plain = plot_cs_fluctuation(monitored().history, tmp_path / "plain.png")
+    both = plot_cs_fluctuation(monitor.history, tmp_path / "both.png", budget=0.05)
+    from PIL import Image
+
+    # a taller figure with the second panel
+    assert Image.open(both).size[1] > Image.open(plain).size[1]

@@ -222,7 +222,8 @@ class CSFluctuationCallback(TrainerCallback, ExportableState):
             if self.record:
                 self._write_record(os.path.join(args.output_dir, RECORD_NAME))
             if self.plot:
-                plot_cs_fluctuation(self.monitor.history, os.path.join(args.output_dir, PLOT_NAME))
+                plot_cs_fluctuation(self.monitor.history, os.path.join(args.output_dir, PLOT_NAME),
+                                    budget=getattr(self.rule, "budget", None))
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _take_copy(self, model: nn.Module, step: int, epoch: int | None) -> None:

@@ -28,12 +28,13 @@ def _history(history: History | Mapping[str, Any]) -> History:
 
 def plot_cs_fluctuation(history: History | Mapping[str, Any], path: str | os.PathLike,
                         turning_point: TurningPoint | int | None = None, *, x: str = "step",
-                        title: str | None = None) -> Path:
+                        title: str | None = None, budget: float | None = None) -> Path:
     """Write the figure to ``path`` (PNG) and return it.
 
     ``history``: ``monitor.history`` or its ``to_dict()`` (e.g. read back from JSON); ``turning_point``: a
     ``TurningPoint``, a step, or ``None`` for the history's own; ``x``: ``"step"`` or ``"epoch"`` (fractional
-    epochs from the steps, when the samples carry epochs).
+    epochs from the steps, when the samples carry epochs).  When the history has the update's size, a second
+    panel shows it (with ``budget``, the budget rule's line).
     """
     h = _history(history)
     tp = h.turning_point if turning_point is None else turning_point
@@ -47,9 +48,10 @@ def plot_cs_fluctuation(history: History | Mapping[str, Any], path: str | os.Pat
     elif x != "step":
         raise ValueError(f"x must be 'step' or 'epoch', got {x!r}")
 
-    fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
+    sizes = h.update if h.update is not None and np.isfinite(h.update).any() else None
+    fig = Figure(figsize=(8, 5 if sizes is None else 7), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(1, 1, 1) if sizes is None else fig.add_subplot(3, 1, (1, 2))
     xs = to_x(steps)
     ax.plot(xs, h.cs, color="tab:blue", alpha=0.35, lw=1, label="CS")
     ax.plot(xs, h.ma_cs(), color="tab:blue", lw=1.8, label=f"MA(CS), M={h.window}")
@@ -68,6 +70,16 @@ def plot_cs_fluctuation(history: History | Mapping[str, Any], path: str | os.Pat
         ax.axvline(to_x(float(tp_step)), color="grey", ls="--", lw=1.5, label=f"turning point (step {tp_step})")
     if found_step is not None:
         ax.axvline(to_x(float(found_step)), color="grey", ls=":", lw=1, label=f"found at step {found_step}")
+    if sizes is not None:
+        below = fig.add_subplot(3, 1, 3, sharex=ax)
+        below.plot(xs, sizes, color="tab:purple", lw=1.5, label="update size ‖ΔW‖/‖W‖ (mean over layers)")
+        if budget is not None:
+            below.axhline(budget, color="tab:red", ls="--", lw=1, label=f"budget {budget:g}")
+        if tp_step is not None:
+            below.axvline(to_x(float(tp_step)), color="grey", ls="--", lw=1.5)
+        below.set_ylabel("‖ΔW‖/‖W‖", color="tab:purple")
+        below.set_xlabel(label)
+        below.legend(fontsize="small", loc="upper left")
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize="small")
     ax.set_title(title or "CS-Fluctuation")
