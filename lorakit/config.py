@@ -152,10 +152,10 @@ class EarlyStopConfig:
     window: int | None = None
     #: compute CS every this many steps
     interval: int = 1
-    #: turning-point rule: "calm" (CSF stays small for a window; the default, nearer the measured overfitting
-    #: onset on the shapes world, docs/early_stopping.md), "second-valley" (the paper's Algorithm 1) or "budget"
-    #: (the update's size ‖ΔW‖/‖W‖ reaches a budget; beyond the paper)
-    rule: str = "calm"
+    #: turning-point rule: "budget" (the update's size ‖ΔW‖/‖W‖ reaches a budget; beyond the paper; the default,
+    #: the nearest to the measured overfitting onset on both shapes-world concepts, docs/early_stopping.md), "calm"
+    #: (CSF stays small for a window) or "second-valley" (the paper's Algorithm 1)
+    rule: str = "budget"
     #: the rule's options, e.g. {prominence = 0.05}, {threshold = 0.1, patience = 1.0} or {budget = 0.1}
     rule_args: dict = field(default_factory=dict)
 
