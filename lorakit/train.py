@@ -516,11 +516,12 @@ def _summary_text(s: dict[str, Any]) -> str:
              "  data: " + s["data"].replace("\n", "\n        "), f"  trained: {s['trained']}"]
     if s["stopped_early"]:
         tp = s["turning_point"]
-        lines.append(f"  early stop: CS-Fluctuation turning point at step {tp['step']}; "
+        why = f" ({tp['reason']})" if tp.get("reason") else ""
+        lines.append(f"  early stop: turning point at step {tp['step']}{why}; "
                      f"result = checkpoint of epoch {s['final_epoch']}")
     else:
         found = s.get("turning_point_found")
-        note = f"; CS-Fluctuation turning point found at step {found['step']} (report only)" if found else ""
+        note = f"; turning point found at step {found['step']} (report only)" if found else ""
         lines.append(f"  result = epoch {s['final_epoch']} (no early stop{note})")
     if s["final_loss"] is not None:
         lines.append(f"  loss: last {s['final_loss']:.4f}, mean over the last epoch {s['mean_loss_last_epoch']:.4f}")

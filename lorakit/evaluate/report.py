@@ -421,7 +421,7 @@ def page_from_run(run_dir: str | Path) -> Page:
                             f"{summary.get('epochs_run', '?')} epochs, {summary.get('seconds', '?')} s; result = "
                             f"epoch {summary.get('final_epoch', '?')}")
         if tp:
-            page.summary.append(f"CS-Fluctuation turning point at step {tp.get('step')} (epoch {tp.get('epoch')})"
+            page.summary.append(f"early-stopping turning point at step {tp.get('step')} (epoch {tp.get('epoch')})"
                                 + (", training stopped there" if summary.get("stopped_early") else ", report only"))
     else:
         page.summary.append("no summary.json: the run has not finished (or was interrupted)")
