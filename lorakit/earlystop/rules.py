@@ -27,8 +27,9 @@ below ``threshold`` times its running maximum.  It does not depend on counting w
 ``UpdateBudget`` reads another thing ΔW and W tell, from the same sums as CS: the update's size, the mean over
 layers of ‖ΔW‖ / ‖W‖.  The turning point is the first sample where it reaches ``budget``: an adapter that has
 moved its layers that far has learned what it will and starts to overwrite the base model.  Unlike CSF, the size
-grows fast exactly when a run breaks the model (a high learning rate), so the rule stops a breakdown early and
-a slow learner late (``docs/early_stopping.md`` has the measurements it was chosen on).  A rule says which
+grows fast exactly when a run breaks the model (a high learning rate), so the rule stops a breakdown within its
+first epoch and lets a slow learner run until its update has grown (``docs/early_stopping.md`` has the
+measurements it was chosen on, and where it misses).  A rule says which
 series it reads (``series``): ``"csf"`` or ``"update"``.
 """
 
