@@ -162,3 +162,23 @@ def test_the_concept_shape_is_what_the_prompts_ask_for():
                                                          "white", seed=3))]
     m = world_metrics(images, [circle, heart_prompts[2]])
     assert m.concept_shape == "heart" and m.leak == 1.0 and m.fidelity == 1.0
+
+
+def test_the_eval_provider_scores_the_heart_in_every_prompt_group():
+    """``lorakit eval``'s world provider scores each prompt type apart: the agnostic group alone must still count
+    a heart (not a star) as the heart concept's leak."""
+    from lorakit.evaluate.prompts import EvalPrompt as Prompt
+    from lorakit.world import concept
+    from lorakit.world.evaluation import WorldMetricProvider
+
+    vlx = concept.eval_prompts(concept.VLX)
+    circle = next(p for p in vlx if p.type == "agnostic" and "circle" in p.prompt)
+    train = vlx[2]
+    prompts = [Prompt(p.prompt, p.type, seed=p.seed, expected=p.expected, changes=p.changes) for p in (circle, train)]
+    images = [render_array(Scene((ObjectSpec("heart", "red", "large", "top right"),), "white")),
+              render_array(Scene((ObjectSpec("heart", "blue", "large", "center"),), "white", seed=3))]
+    from PIL import Image
+
+    out = WorldMetricProvider()([Image.fromarray(a) for a in images], prompts)
+    assert out["agnostic"]["world.leak"] == 1.0 and out["all"]["world.leak"] == 1.0
+    assert out["train"]["world.fidelity"] == 1.0

@@ -20,7 +20,7 @@ from PIL import Image
 from lorakit.evaluate.extractors import ExtractorError, register_extractor
 from lorakit.evaluate.pipeline import ALL, register_metric_provider
 from lorakit.world import concept
-from lorakit.world.metrics import attribute_vector, metrics_from_readings, pixel_vector
+from lorakit.world.metrics import attribute_vector, concept_shape_of, metrics_from_readings, pixel_vector
 from lorakit.world.reader import Reader, default_reader
 
 EXTRACTOR_KIND = "world-reader"
@@ -76,6 +76,8 @@ class WorldMetricProvider:
 
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[Any]) -> dict[str, dict[str, float]]:
         world_prompts = [_world_prompt(p) for p in prompts]
+        # from every prompt at once: the agnostic prompts alone do not say which shape the concept is
+        shape = concept_shape_of(world_prompts)
         readings = self.reader.read_many(list(images))
         pixels = np.stack([pixel_vector(im) for im in images]) if len(images) else None
         out: dict[str, dict[str, float]] = {}
@@ -83,7 +85,7 @@ class WorldMetricProvider:
             idx = [i for i, p in enumerate(world_prompts) if p.type == t]
             if not idx:
                 continue
-            m = metrics_from_readings([readings[i] for i in idx], [world_prompts[i] for i in idx])
+            m = metrics_from_readings([readings[i] for i in idx], [world_prompts[i] for i in idx], concept_shape=shape)
             row = {"world.diversity": m.diversity}
             if t == "agnostic":
                 row.update({"world.leak": m.leak, "world.preservation": m.preservation})
@@ -92,7 +94,7 @@ class WorldMetricProvider:
                 if t in ("alter", "style"):
                     row["world.controllability"] = m.controllability
             out[t] = {k: v for k, v in row.items() if v is not None}
-        m = metrics_from_readings(readings, world_prompts, pixel_features=pixels)
+        m = metrics_from_readings(readings, world_prompts, pixel_features=pixels, concept_shape=shape)
         pooled = {"world.fidelity": m.fidelity, "world.controllability": m.controllability,
                   "world.preservation": m.preservation, "world.leak": m.leak, "world.diversity": m.diversity}
         if m.pixel_diversity is not None:
