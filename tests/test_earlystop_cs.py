@@ -40,6 +40,16 @@ def layers(dtype: torch.dtype = torch.float64) -> list[nn.Module]:
             nn.Conv2d(4, 10, (3, 1), stride=2, dtype=dtype)]
 
 
+def randomized_adapters(algorithm: str, seed: int) -> list[nn.Module]:
+    """One adapter on each of ``layers()``, every tensor random (layer k seeded ``seed + k``)."""
+    adapters = []
+    for i, base in enumerate(layers()):
+        adapter = make_adapter(algorithm, base, **sized(algorithm))
+        randomize(adapter, seed=seed + i, scale=0.1)
+        adapters.append(adapter)
+    return adapters
+
+
 def dense_cos(adapter: nn.Module) -> float:
     d = adapter.delta_weight().detach().double().reshape(-1)
     w = adapter.original_weight.detach().double().reshape(-1)
@@ -93,11 +103,7 @@ def test_zero_update_at_initialisation_gives_zero_not_nan(algorithm):
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_every_adapter_works_through_delta_weight(algorithm):
-    adapters = []
-    for i, base in enumerate(layers()):
-        adapter = make_adapter(algorithm, base, **sized(algorithm))
-        randomize(adapter, seed=10 + i, scale=0.1)
-        adapters.append(adapter)
+    adapters = randomized_adapters(algorithm, seed=10)
     expected = torch.tensor([dense_cos(a) for a in adapters], dtype=torch.float64)
     torch.testing.assert_close(layer_cosines(adapters), expected, rtol=1e-10, atol=1e-12)
 
@@ -227,11 +233,7 @@ def test_cs_of_the_lycoris_family_is_the_cosine_of_delta_weight_with_w0(algorith
 @pytest.mark.parametrize("algorithm", ["lora", "loha", "lokr", "ia3", "full"])
 def test_the_update_size_is_the_norm_of_delta_w_over_the_norm_of_w(algorithm):
     """``read()`` gives CS and mean ‖ΔW‖/‖W0‖ from the same sums, through each adapter's short form."""
-    adapters = []
-    for i, base in enumerate(layers()):
-        adapter = make_adapter(algorithm, base, **sized(algorithm))
-        randomize(adapter, seed=20 + i, scale=0.1)
-        adapters.append(adapter)
+    adapters = randomized_adapters(algorithm, seed=20)
     sizes = [float(a.delta_weight().detach().double().norm() / a.original_weight.detach().double().norm())
              for a in adapters]
     reading = CSMeter(adapters).read()
