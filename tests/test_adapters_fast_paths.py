@@ -121,6 +121,84 @@ def test_loha_factors_reproduce_the_hadamard_product():
     torch.testing.assert_close(khatri_rao_rows(a, b)[2], torch.kron(a[2], b[2]))
 
 
+def _autograd_chain(adapter, x):
+    """LoHa's factorised forward through plain autograd (the path ``loha_chain`` replaces), for comparison."""
+    adapter.rank_dropout = 1e-12  # a training-time dropout that drops nothing keeps the autograd path
+    try:
+        return adapter(x)
+    finally:
+        adapter.rank_dropout = 0.0
+
+
+@all_layers
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "input_without_grad"])
+def test_loha_chain_is_one_node_with_the_autograd_paths_values_and_gradients(layer, batch, layout):
+    adapter, x = build("loha", layer, multiplier=0.7, alpha=3.0)
+    randomize(adapter)
+    adapter.forward_path = "factorised"
+    adapter.train()
+    x = torch.randn(batch, *x.shape[1:], dtype=torch.float64)
+    adapter.double()
+    if layout == "channels_last" and x.dim() == 4:
+        x = x.to(memory_format=torch.channels_last)
+        adapter.base.to(memory_format=torch.channels_last)
+    x.requires_grad_(layout != "input_without_grad")
+    expected = _autograd_chain(adapter, x)
+    assert "LoHaChain" not in type(expected.grad_fn).__name__
+    weights = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    (expected * weights).sum().backward()
+    want, want_x = grads(adapter), None if x.grad is None else x.grad.clone()
+    x.grad = None
+
+    y = adapter(x)
+    assert type(y.grad_fn).__name__ == "_LoHaChainBackward"
+    torch.testing.assert_close(y, expected.detach())
+    (y * weights).sum().backward()
+    got = grads(adapter)
+    assert set(got) == set(want) == {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+    if want_x is None:
+        assert x.grad is None
+    else:
+        torch.testing.assert_close(x.grad, want_x)
+
+
+def test_loha_chain_is_left_to_autograd_where_it_does_not_apply():
+    adapter, x = build("loha", "conv3x3_s2", use_tucker=True)
+    adapter.forward_path = "factorised"
+    assert "LoHaChain" not in type(adapter(x.requires_grad_()).grad_fn).__name__  # Tucker cores
+    adapter, x = build("loha", "linear")
+    adapter.forward_path = "factorised"
+    adapter.base.to(torch.bfloat16)
+    assert "LoHaChain" not in type(adapter(x.to(torch.bfloat16)).grad_fn).__name__  # mixed dtypes
+    adapter, x = build("loha", "linear", dropout=0.5)
+    adapter.forward_path = "factorised"
+    assert "LoHaChain" not in type(adapter.train()(x).grad_fn).__name__  # training-time dropout
+    assert type(adapter.eval()(x).grad_fn).__name__ == "_LoHaChainBackward"  # no dropout in eval
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv3x3_s2"])
+def test_loha_chain_traces_without_graph_breaks(layer):
+    adapter, x = build("loha", layer)
+    randomize(adapter)
+    adapter.forward_path = "factorised"
+    torch._dynamo.reset()
+    compiled = torch.compile(adapter, backend="aot_eager", fullgraph=True)  # traces forward and backward
+    x = x.requires_grad_(True)
+    y = compiled(x)
+    y.square().sum().backward()
+    got, got_x = grads(adapter), x.grad.clone()
+    x.grad = None
+    expected = reference(adapter, x)
+    expected.square().sum().backward()
+    close(y, expected.detach())
+    for name, grad in grads(adapter).items():
+        close(got[name], grad, tol=1e-4)
+    close(got_x, x.grad, tol=1e-4)
+
+
 @pytest.mark.parametrize("algorithm, options", [("loha", {}), ("lokr", {"factor": 4})])
 def test_the_cheaper_path_is_chosen_from_shapes(algorithm, options):
     # a big 3x3 conv seeing a 2x2 map (a U-Net's deepest level): building ΔW would dominate

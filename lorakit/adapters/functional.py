@@ -106,6 +106,91 @@ def loha_factors(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: t
     return khatri_rao_rows(w1a.T, w2a.T), v, core
 
 
+class _LoHaChain(torch.autograd.Function):
+    """``base(x, W0, b) + scale · U (V x)`` for LoHa's rank-r² factors, as one autograd node.
+
+    The same function as running ``loha_factors`` through autograd, with fewer and cheaper kernels (measured
+    on the CPU: a third less time over the frozen layer on the linears of an SD U-Net):
+    ``U`` is built as ``Uᵀ`` ``(r², out)`` and ``V`` as ``(r², in·k·k)``, so the products that build them and
+    the reductions that differentiate them run along the long, contiguous axis; ``scale`` goes on the thin
+    ``(positions, r²)`` side; the frozen and the adapter's input gradients meet in one buffer.  ``U`` and
+    ``V`` are kept for backward (the plain autograd graph keeps them too).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w0, b, w1a, w1b, w2a, w2b, scale: float, conv):
+        r = w1b.shape[0]
+        a1t, a2t = w1a.t().contiguous(), w2a.t().contiguous()  # (r, out): the output axis innermost
+        ut = (a1t.unsqueeze(1) * a2t.unsqueeze(0)).reshape(r * r, -1)  # Uᵀ[(i, j), o] = A1[o, i] A2[o, j]
+        v = (w1b.unsqueeze(1) * w2b.unsqueeze(0)).reshape(r * r, -1)  # V[(i, j), c] = B1[i, c] B2[j, c]
+        if conv is None:
+            x2 = x.reshape(-1, x.shape[-1])
+            y = torch.mm(x2, w0.t()) if b is None else torch.addmm(b, x2, w0.t())
+            z = torch.mm(x2, v.t())
+            y.addmm_(z, ut, alpha=scale)
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
+        else:
+            stride, padding, dilation = conv
+            y = F.conv2d(x, w0, b, stride, padding, dilation)
+            z = F.conv2d(x, v.reshape(r * r, *w0.shape[1:]), None, stride, padding, dilation)
+            n, z3 = y.shape[0], z.reshape(y.shape[0], r * r, -1)
+            if y.is_contiguous():  # in place through a view
+                y.view(n, y.shape[1], -1).baddbmm_(ut.t().expand(n, -1, -1), z3, alpha=scale)
+            else:  # e.g. channels-last: a reshape would copy, and the in-place add would be lost
+                y = y + torch.matmul(ut.t(), z3).reshape(y.shape) * scale
+        ctx.save_for_backward(x, w0, a1t, a2t, w1b, w2b, ut, v, z)
+        ctx.scale, ctx.conv = scale, conv
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w0, a1t, a2t, w1b, w2b, ut, v, z = ctx.saved_tensors
+        scale, conv = ctx.scale, ctx.conv
+        r = a1t.shape[0]
+        want_x = ctx.needs_input_grad[0]
+        grad_x = None
+        if conv is None:
+            g = grad.reshape(-1, grad.shape[-1])
+            gz = torch.mm(g, ut.t()).mul_(scale)  # (positions, r²)
+            gut = torch.mm(z.t(), g).mul_(scale)  # (r², out)
+            gv = torch.mm(gz.t(), x.reshape(-1, x.shape[-1]))
+            if want_x:
+                grad_x = torch.mm(g, w0).addmm_(gz, v).reshape(x.shape)
+        else:
+            stride, padding, dilation = conv
+            n = grad.shape[0]
+            g, z3 = grad.reshape(n, grad.shape[1], -1), z.reshape(n, r * r, -1)
+            gz = torch.matmul(ut, g).mul_(scale)  # (n, r², positions)
+            gut = torch.mm(z3[0], g[0].t()) if n == 1 else torch.bmm(z3, g.transpose(1, 2)).sum(0)
+            gut.mul_(scale)
+            gx_z, gv, _ = torch.ops.aten.convolution_backward(
+                gz.reshape(z.shape), x, v.reshape(r * r, *w0.shape[1:]), None, stride, padding, dilation,
+                False, [0, 0], 1, [want_x, True, False])
+            gv = gv.reshape(r * r, -1)
+            if want_x:
+                grad_x = torch.ops.aten.convolution_backward(
+                    grad, x, w0, None, stride, padding, dilation, False, [0, 0], 1, [True, False, False])[0]
+                grad_x.add_(gx_z)
+        gut, gv = gut.reshape(r, r, -1), gv.reshape(r, r, -1)
+        grad_w1a = (gut * a2t.unsqueeze(0)).sum(1).t()
+        grad_w2a = (gut * a1t.unsqueeze(1)).sum(0).t()
+        grad_w1b = (gv * w2b.unsqueeze(0)).sum(1)
+        grad_w2b = (gv * w1b.unsqueeze(1)).sum(0)
+        return grad_x, None, None, grad_w1a, grad_w1b, grad_w2a, grad_w2b, None, None
+
+
+def loha_chain(x: torch.Tensor, w0: torch.Tensor, b: torch.Tensor | None, w1a: torch.Tensor, w1b: torch.Tensor,
+               w2a: torch.Tensor, w2b: torch.Tensor, scale: float,
+               conv: tuple[list[int], list[int], list[int]] | None = None) -> torch.Tensor:
+    """``F.linear(x, W0, b)`` (or ``F.conv2d`` with ``conv = (stride, padding, dilation)``) plus LoHa's update
+    ``scale · (w1a w1b) ⊙ (w2a w2b)`` applied as its rank-r² chain, never building ``ΔW``.
+
+    Plain LoHa only (no Tucker cores), every tensor of one floating dtype, a batched conv input, integer
+    padding; ``W0`` and ``b`` get no gradient.  Differentiable in ``x`` and the four factors.
+    """
+    return _LoHaChain.apply(x, w0, b, w1a, w1b, w2a, w2b, float(scale), conv)
+
+
 # ---- LoKr --------------------------------------------------------------------------------------------
 
 

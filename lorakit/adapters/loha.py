@@ -25,8 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.base import AdapterShapeError, BaseLayer, alpha_from_file, prefer_factorised, require
-from lorakit.adapters.functional import loha_factors, loha_weight
+from lorakit.adapters.base import (
+    FUSE_DTYPES,
+    AdapterShapeError,
+    BaseLayer,
+    alpha_from_file,
+    prefer_factorised,
+    require,
+)
+from lorakit.adapters.functional import loha_chain, loha_factors, loha_weight
 from lorakit.adapters.lowrank import LowRankAdapter, dora_options
 
 
@@ -90,6 +97,11 @@ class LoHa(LowRankAdapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.dora_scale is not None or not self.factorised_for(x):
             return super().forward(x)
+        if self._plain_chain(x):
+            base = self.base
+            conv = None if self.kind == "linear" else (list(base.stride), list(base.padding), list(base.dilation))
+            return loha_chain(x, base.weight, base.bias, self.hada_w1_a, self.hada_w1_b, self.hada_w2_a,
+                              self.hada_w2_b, self.scale * self.multiplier, conv)
         y = self.base_forward(x, self.base.weight, self.base.bias)
         u, v, core = loha_factors(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b,
                                   self.hada_t1, self.hada_t2)
@@ -115,6 +127,19 @@ class LoHa(LowRankAdapter):
         if train and self.dropout > 0:
             d = F.dropout(d, self.dropout, training=True)
         return y + d.to(y.dtype)
+
+    def _plain_chain(self, x: torch.Tensor) -> bool:
+        """Whether the factorised forward can run as ``functional.loha_chain``: no Tucker core, no training-time
+        dropout, one dtype throughout, no autocast, a batched conv input with integer padding (shapes, types
+        and flags only: a static branch for ``torch.compile``)."""
+        if self.tucker or torch.is_autocast_enabled(x.device.type):
+            return False
+        if self.training and (self.dropout > 0 or self.rank_dropout > 0 or self.module_dropout > 0):
+            return False
+        dtype = x.dtype
+        if self.base.weight.dtype != dtype or self.hada_w1_a.dtype != dtype or dtype not in FUSE_DTYPES:
+            return False
+        return self.kind == "linear" or (x.dim() == 4 and not isinstance(self.base.padding, str))
 
     @classmethod
     def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
