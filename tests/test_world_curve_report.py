@@ -128,3 +128,33 @@ def test_budget_rule_and_its_sweep_from_the_recorded_sizes(tmp_path):
                      "TP - onset = [1]",
                      "budget 0.3: 0/1 runs within ±1 epoch of the onset (0/1 within ±1 of its interval); "
                      "TP - onset = ['never']"]
+
+
+def test_archived_records_rebuild_the_same_table_and_only_finished_runs_count(tmp_path):
+    from lorakit.world.grid import DONE, GridRun, archive
+
+    t = np.arange(120, dtype=float)
+    cs = 0.1 * (1 - np.exp(-t / 30)) + 0.03 * np.exp(-t / 60) * np.sin(2 * np.pi * t / 25)
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    for name in ("done", "scoring"):
+        write_run(grid / name, fidelity=[0, .1, .3, .6, .8, .7, .5, .4, .3, .3, .3, .3],
+                  alter=[0, .1, .2, .4, .3, .2, .1, 0, 0, 0, 0, 0],
+                  control=[.9, .9, .85, .8, .6, .5, .4, .3, .3, .3, .3, .3], cs=cs, sizes=np.linspace(0, .2, 120))
+        (grid / name / "checkpoints").mkdir()  # what the archive leaves behind
+        (grid / name / "checkpoints" / "big.safetensors").write_bytes(b"x" * 1000)
+    (grid / "done" / DONE).write_text("")
+    runs = [GridRun(name, grid / name, ()) for name in ("done", "scoring")]
+
+    assert [r.name for r in curve_report.find_runs(grid, ("color",))] == ["done", "scoring"]
+    assert [r.name for r in curve_report.find_runs(grid, ("color",), finished_only=True)] == ["done"]
+
+    archived = archive(runs, tmp_path / "records")
+    assert archived == [tmp_path / "records" / "done"]
+    assert sorted(p.name for p in archived[0].iterdir()) == sorted(["config.toml", "curve.json", "cs_history.json",
+                                                                     DONE])
+    original = curve_report.find_runs(grid, ("color",), finished_only=True)
+    copied = curve_report.find_runs(tmp_path / "records", ("color",), finished_only=True)
+    assert curve_report.markdown_table(copied) == curve_report.markdown_table(original)
+    assert curve_report.summary_lines(copied) == curve_report.summary_lines(original)
+    assert copied[0].turning == original[0].turning and copied[0].turning["budget"] is not None

@@ -90,9 +90,13 @@ def load_run(run_dir: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES) -> Ru
         turning=turning, found=found, preset=cfg.network.preset, concept=rows[0].get("concept", "zkz"))
 
 
-def find_runs(root: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES) -> list[RunResult]:
-    """Every run under ``root`` with at least one scored checkpoint (runs still training are left out)."""
+def find_runs(root: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES,
+              finished_only: bool = False) -> list[RunResult]:
+    """Every run under ``root`` with at least one scored checkpoint (runs still training are left out); with
+    ``finished_only``, only the runs a grid marked finished (``grid_done``: every epoch scored)."""
     scored = [p for p in sorted(root.glob("*/curve.json")) if any(r["epoch"] >= 1 for r in json.loads(p.read_text()))]
+    if finished_only:
+        scored = [p for p in scored if (p.parent / "grid_done").exists()]
     return [load_run(p.parent, changes) for p in scored]
 
 
@@ -246,10 +250,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--changes", default=",".join(MEASURABLE_CHANGES),
                     help="attributes whose changed-prompt success defines the onset (default: color,position,"
                          "background; runs on a base model that ignores position words: color,background)")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="only runs a grid marked finished (grid_done), not those still being scored")
 
 
 def run(args: argparse.Namespace) -> int:
-    runs = find_runs(args.runs, tuple(c.strip() for c in args.changes.split(",")))
+    runs = find_runs(args.runs, tuple(c.strip() for c in args.changes.split(",")),
+                     finished_only=getattr(args, "finished_only", False))
     table = markdown_table(runs)
     print(table)
     for line in summary_lines(runs):

@@ -80,6 +80,30 @@ def rescoring(runs: Sequence[GridRun]) -> list[GridRun]:
     return [GridRun(r.name, r.folder, (*r.argv, "--rescore")) for r in runs if r.done]
 
 
+#: what ``curve-report`` reads of a run: enough to rebuild the table and replay every rule without the
+#: checkpoints, sampled images or image cache (a few hundred KB per run instead of tens of MB)
+RECORD_FILES = ("config.toml", "curve.json", "cs_history.json", DONE)
+
+
+def archive(runs: Sequence[GridRun], dest: Path) -> list[Path]:
+    """Copy the records of every finished run (``RECORD_FILES``) to ``dest/<run>/``, e.g. to commit them so that
+    a later session judges a new rule on the same runs; a run already archived is brought up to date.
+    Returns the archived run folders."""
+    from lorakit.atomic import atomic_write_bytes
+
+    archived = []
+    for run in runs:
+        if not run.done:
+            continue
+        target = dest / run.name
+        for name in RECORD_FILES:
+            source = run.folder / name
+            if source.exists():
+                atomic_write_bytes(target / name, source.read_bytes())
+        archived.append(target)
+    return archived
+
+
 def experiment_command(run: GridRun) -> list[str]:
     return [sys.executable, "-m", "lorakit.world.experiment", *run.argv]
 
@@ -140,6 +164,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "for a new reader or outcome")
     ap.add_argument("--markdown", type=Path, help="write the table here (default: <out>/table.md)")
     ap.add_argument("--plot", type=Path, help="plot of the first run")
+    ap.add_argument("--archive", type=Path,
+                    help="also copy each finished run's records (config, scores, CS history) here: what the "
+                         "table needs, small enough to commit")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,10 +181,13 @@ def run(args: argparse.Namespace) -> int:
     failed = run_all(runs, args.jobs, redo_done=args.rescore)
     report = argparse.Namespace(runs=args.out, markdown=args.markdown or args.out / "table.md", plot=args.plot,
                                 plot_run=None, changes=args.changes,
-                                budget_sweep="0.05,0.075,0.1,0.15,0.2")
+                                budget_sweep="0.05,0.075,0.1,0.15,0.2", finished_only=False)
     curve_report.run(report)
     done = sum(r.done for r in runs)
     print(f"grid: {done}/{len(runs)} runs done, {len(failed)} failed; table: {report.markdown}")
+    if args.archive:
+        archived = archive(runs, args.archive)
+        print(f"archived the records of {len(archived)} finished runs in {args.archive}")
     return 1 if failed else 0
 
 
