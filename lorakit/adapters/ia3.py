@@ -48,7 +48,8 @@ class IA3(Adapter):
         train = self.training
         if self.merged or (self.scales_input and train and (self.rank_dropout > 0 or self.dropout > 0)):
             return super().forward(x)  # merged, or row masks / output dropout that need W0 x apart
-        v = self.weight * self.multiplier
+        # at strength 1 (training) the vector itself: one kernel fewer forward and backward on every layer
+        v = self.weight if self.multiplier == 1 else self.weight * self.multiplier
         if train and self.module_dropout > 0:
             v = v * self._module_keep(v)
         if self.scales_input:  # W0 ((1 + v) ⊙ x) + b: one matmul/conv
