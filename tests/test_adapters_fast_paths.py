@@ -121,57 +121,6 @@ def test_loha_factors_reproduce_the_hadamard_product():
     torch.testing.assert_close(khatri_rao_rows(a, b)[2], torch.kron(a[2], b[2]))
 
 
-@pytest.mark.parametrize("case", [
-    ((3, 3), (1, 1), (1, 1), (2, 16, 7, 7)),  # an SD ResNet conv
-    ((3, 3), (0, 0), (1, 1), (1, 16, 6, 5)),  # "valid"
-    ((3, 3), (2, 2), (2, 2), (1, 16, 6, 6)),  # dilated
-    ((3, 1), (1, 0), (1, 1), (1, 16, 5, 6)),  # non-square
-    ((5, 3), (1, 2), (1, 1), (1, 16, 8, 7)),  # asymmetric padding per axis
-    ((1, 1), (0, 0), (1, 1), (3, 16, 4, 4)),
-], ids=str)
-def test_conv_by_fold_is_the_conv_with_its_gradients(case):
-    kernel, padding, dilation, shape = case
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, shape[1], *kernel, generator=g, dtype=torch.float64, requires_grad=True)
-    from lorakit.adapters.functional import conv2d_by_fold
-
-    want = torch.nn.functional.conv2d(x, w, None, 1, padding, dilation)
-    weights = torch.randn(want.shape, generator=g, dtype=torch.float64)
-    gx, gw = torch.autograd.grad((want * weights).sum(), (x, w))
-    got = conv2d_by_fold(x, w, padding, dilation)
-    torch.testing.assert_close(got, want)
-    hx, hw = torch.autograd.grad((got * weights).sum(), (x, w))
-    torch.testing.assert_close(hx, gx)
-    torch.testing.assert_close(hw, gw)
-
-
-def test_locon_down_projection_takes_the_fold_where_it_applies():
-    from lorakit.adapters.functional import fold_applies
-
-    same = nn.Conv2d(32, 48, 3, padding=1)
-    x = torch.zeros(1, 32, 6, 6)
-    assert fold_applies(same, x, 8)
-    assert not fold_applies(nn.Conv2d(32, 48, 3, stride=2, padding=1), x, 8)  # strided: the stock conv
-    assert not fold_applies(nn.Conv2d(32, 48, 3, padding="same"), x, 8)
-    assert not fold_applies(nn.Conv2d(32, 48, 3, padding=3), x, 8)  # more padding than a fold can express
-    assert not fold_applies(same, x[0], 8)  # unbatched input
-    assert not fold_applies(same, x, 32)  # as many channels as the input: nothing saved
-    adapter = make_adapter("lora", same, rank=8)
-    randomize(adapter)
-    y = adapter(x.normal_())
-    close(y, reference(adapter, x))
-    names, fn = set(), y.grad_fn
-    stack = [fn]
-    while stack:  # the down projection went through the fold (Col2Im in the graph)
-        node = stack.pop()
-        if node is None or type(node).__name__ in names:
-            continue
-        names.add(type(node).__name__)
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-    assert "Col2ImBackward0" in names
-
-
 def _autograd_chain(adapter, x):
     """LoHa's factorised forward through plain autograd (the path ``loha_chain`` replaces), for comparison."""
     adapter.rank_dropout = 1e-12  # a training-time dropout that drops nothing keeps the autograd path

@@ -28,38 +28,6 @@ def lora_weight(down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None =
     return torch.einsum("ijhw,oi,jc->ochw", mid, up.reshape(out, rank), down.reshape(down.shape[0], -1))
 
 
-def conv2d_by_fold(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int],
-                   dilation: tuple[int, int]) -> torch.Tensor:
-    """``F.conv2d(x, weight, stride=1, padding, dilation)`` for a weight with few output channels (LoCon's down
-    projection, ``r`` of them), without the input's k×k columns.
-
-    A conv is ``Σ_k shift_k(W_k x)``: one ``(r·kh·kw, in)`` product at every input position, then ``F.fold``
-    adds the shifted planes (a fold with the kernel flipped and the padding complemented is that sum).  On the
-    CPU the stock conv builds ``in·kh·kw`` columns per position in forward and again in backward (and sums
-    them back for the input's gradient); this builds ``r·kh·kw``.  Needs ``padding ≤ dilation·(k − 1)`` on
-    both axes (every "same" or "valid" conv).
-    """
-    n, c, height, width = x.shape
-    r, _, kh, kw = weight.shape
-    out_h = height + 2 * padding[0] - dilation[0] * (kh - 1)
-    out_w = width + 2 * padding[1] - dilation[1] * (kw - 1)
-    flipped = weight.flip(-2, -1).permute(0, 2, 3, 1).reshape(r * kh * kw, c)
-    planes = torch.matmul(flipped, x.reshape(n, c, height * width))  # (n, r·kh·kw, positions)
-    complement = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
-    return F.fold(planes, (out_h, out_w), (kh, kw), dilation=dilation, padding=complement)
-
-
-def fold_applies(conv: torch.nn.Conv2d, x: torch.Tensor, out_channels: int) -> bool:
-    """Whether ``conv2d_by_fold`` computes ``conv``'s operation on ``x`` for a weight of ``out_channels``, and
-    is the cheaper way (shapes and types only).  CPU only: it was measured there (batch 1: 1.3-2.5× faster
-    than the stock conv on an SD U-Net's layers, batch 4 within ±10 %); elsewhere the stock conv stays."""
-    if x.device.type != "cpu" or x.dim() != 4 or isinstance(conv.padding, str) or out_channels >= conv.in_channels:
-        return False
-    if any(s != 1 for s in conv.stride):
-        return False
-    return all(0 <= p <= d * (k - 1) for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size, strict=True))
-
-
 # ---- LoHa --------------------------------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.adapters.base import AdapterShapeError, BaseLayer, alpha_from_file, require
-from lorakit.adapters.functional import conv2d_by_fold, fold_applies, lora_weight
+from lorakit.adapters.functional import lora_weight
 from lorakit.adapters.lowrank import Factor, LowRankAdapter, dora_options
 
 # key names other tools use for the same two matrices (PEFT / diffusers), read as kohya's
@@ -89,8 +89,6 @@ class LoRA(LowRankAdapter):
             return F.linear(h, down)
         conv = self.base
         if self.lora_mid is None:
-            if fold_applies(conv, h, self.rank):
-                return conv2d_by_fold(h, down, conv.padding, conv.dilation)
             return F.conv2d(h, down, None, conv.stride, conv.padding, conv.dilation)
         return F.conv2d(F.conv2d(h, down), self.lora_mid.weight, None, conv.stride, conv.padding, conv.dilation)
 
