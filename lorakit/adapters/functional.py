@@ -110,7 +110,7 @@ class _LoHaChain(torch.autograd.Function):
     """``base(x, W0, b) + scale · U (V x)`` for LoHa's rank-r² factors, as one autograd node.
 
     The same function as running ``loha_factors`` through autograd, with fewer and cheaper kernels (measured
-    on the CPU: a third less time over the frozen layer on the linears of an SD U-Net):
+    on the CPU: 25-35 % less time over the frozen layer on an SD U-Net's linears, the whole LoHa step 5 % faster):
     ``U`` is built as ``Uᵀ`` ``(r², out)`` and ``V`` as ``(r², in·k·k)``, so the products that build them and
     the reductions that differentiate them run along the long, contiguous axis; ``scale`` goes on the thin
     ``(positions, r²)`` side; the frozen and the adapter's input gradients meet in one buffer.  ``U`` and

@@ -15,6 +15,7 @@ from pathlib import Path
 from lorakit.config import load_config
 from lorakit.earlystop.replay import COMPARED_RULES
 from lorakit.world.experiment import change_success, replayed_turning_points, smooth
+from lorakit.world.grid import DONE
 from lorakit.world.onset import Onset, measure_onset
 from lorakit.world.update_sizes import budget_epoch, checkpoint_update_sizes
 
@@ -96,7 +97,7 @@ def find_runs(root: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES,
     ``finished_only``, only the runs a grid marked finished (``grid_done``: every epoch scored)."""
     scored = [p for p in sorted(root.glob("*/curve.json")) if any(r["epoch"] >= 1 for r in json.loads(p.read_text()))]
     if finished_only:
-        scored = [p for p in scored if (p.parent / "grid_done").exists()]
+        scored = [p for p in scored if (p.parent / DONE).exists()]
     return [load_run(p.parent, changes) for p in scored]
 
 
