@@ -158,3 +158,15 @@ def test_archived_records_rebuild_the_same_table_and_only_finished_runs_count(tm
     assert curve_report.markdown_table(copied) == curve_report.markdown_table(original)
     assert curve_report.summary_lines(copied) == curve_report.summary_lines(original)
     assert copied[0].turning == original[0].turning and copied[0].turning["budget"] is not None
+
+
+def test_the_committed_grid_records_rebuild_the_rows_the_docs_show():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    runs = curve_report.find_runs(root / "experiments" / "onset_grid", finished_only=True)
+    assert len(runs) >= 5
+    docs = (root / "docs" / "early_stopping.md").read_text()
+    table = curve_report.markdown_table(runs).splitlines()
+    row = next(line for line in table if line.startswith("| zkz lora lr 0.002 seed 0 |"))
+    assert row in docs  # the run at 2e-3 was trained again and reproduces its row exactly
