@@ -86,6 +86,20 @@ def khatri_rao_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.unsqueeze(2) * b.unsqueeze(1)).reshape(a.shape[0], -1)
 
 
+def khatri_rao_stack(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Every row of ``p`` times every row of ``q``: ``(m, n)``, ``(k, n)`` → ``(m·k, n)`` with
+    ``out[i·k + j] = p[i] ⊙ q[j]``, the long axis ``n`` innermost (contiguous, and its backward reduces along a
+    middle axis: ``khatri_rao_stack_grads``)."""
+    return (p.unsqueeze(1) * q.unsqueeze(0)).reshape(p.shape[0] * q.shape[0], -1)
+
+
+def khatri_rao_stack_grads(grad: torch.Tensor, p: torch.Tensor,
+                           q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``<grad, khatri_rao_stack(p, q)>`` with respect to ``p`` and ``q``."""
+    g = grad.reshape(p.shape[0], q.shape[0], -1)
+    return (g * q.unsqueeze(0)).sum(1), (g * p.unsqueeze(1)).sum(0)
+
+
 def loha_factors(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
                  t1: torch.Tensor | None = None,
                  t2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -98,7 +112,7 @@ def loha_factors(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: t
     """
     # V built in its own (r², columns) layout: contiguous, and its backward reduces along a middle axis
     # (KR(B1ᵀ, B2ᵀ)ᵀ through transposes was several times slower on the CPU)
-    v = (w1b.unsqueeze(1) * w2b.unsqueeze(0)).reshape(w1b.shape[0] * w2b.shape[0], -1)
+    v = khatri_rao_stack(w1b, w2b)
     if t1 is None:
         return khatri_rao_rows(w1a, w2a), v, None
     r, _, kh, kw = t1.shape
@@ -121,8 +135,8 @@ class _LoHaChain(torch.autograd.Function):
     def forward(ctx, x, w0, b, w1a, w1b, w2a, w2b, scale: float, conv):
         r = w1b.shape[0]
         a1t, a2t = w1a.t().contiguous(), w2a.t().contiguous()  # (r, out): the output axis innermost
-        ut = (a1t.unsqueeze(1) * a2t.unsqueeze(0)).reshape(r * r, -1)  # Uᵀ[(i, j), o] = A1[o, i] A2[o, j]
-        v = (w1b.unsqueeze(1) * w2b.unsqueeze(0)).reshape(r * r, -1)  # V[(i, j), c] = B1[i, c] B2[j, c]
+        ut = khatri_rao_stack(a1t, a2t)  # Uᵀ[(i, j), o] = A1[o, i] A2[o, j]
+        v = khatri_rao_stack(w1b, w2b)  # V[(i, j), c] = B1[i, c] B2[j, c]
         if conv is None:
             x2 = x.reshape(-1, x.shape[-1])
             y = torch.mm(x2, w0.t()) if b is None else torch.addmm(b, x2, w0.t())
@@ -166,17 +180,13 @@ class _LoHaChain(torch.autograd.Function):
             gx_z, gv, _ = torch.ops.aten.convolution_backward(
                 gz.reshape(z.shape), x, v.reshape(r * r, *w0.shape[1:]), None, stride, padding, dilation,
                 False, [0, 0], 1, [want_x, True, False])
-            gv = gv.reshape(r * r, -1)
             if want_x:
                 grad_x = torch.ops.aten.convolution_backward(
                     grad, x, w0, None, stride, padding, dilation, False, [0, 0], 1, [True, False, False])[0]
                 grad_x.add_(gx_z)
-        gut, gv = gut.reshape(r, r, -1), gv.reshape(r, r, -1)
-        grad_w1a = (gut * a2t.unsqueeze(0)).sum(1).t()
-        grad_w2a = (gut * a1t.unsqueeze(1)).sum(0).t()
-        grad_w1b = (gv * w2b.unsqueeze(0)).sum(1)
-        grad_w2b = (gv * w1b.unsqueeze(1)).sum(0)
-        return grad_x, None, None, grad_w1a, grad_w1b, grad_w2a, grad_w2b, None, None
+        grad_a1t, grad_a2t = khatri_rao_stack_grads(gut, a1t, a2t)
+        grad_w1b, grad_w2b = khatri_rao_stack_grads(gv, w1b, w2b)
+        return grad_x, None, None, grad_a1t.t(), grad_w1b, grad_a2t.t(), grad_w2b, None, None
 
 
 def loha_chain(x: torch.Tensor, w0: torch.Tensor, b: torch.Tensor | None, w1a: torch.Tensor, w1b: torch.Tensor,

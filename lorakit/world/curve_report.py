@@ -257,7 +257,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     runs = find_runs(args.runs, tuple(c.strip() for c in args.changes.split(",")),
-                     finished_only=getattr(args, "finished_only", False))
+                     finished_only=args.finished_only)
     table = markdown_table(runs)
     print(table)
     for line in summary_lines(runs):
