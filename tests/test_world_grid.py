@@ -53,8 +53,12 @@ def test_runs_in_parallel_processes_skips_finished_ones_and_names_failures(tmp_p
     runs = plan(tmp_path, ["lora", "loha"], [1e-3], [0, 1], epochs=1, seeds_per_prompt=1, types="alter",
                 changes="color")
     messages: list[str] = []
-    failed = run_all(runs, jobs=2, command=script_command, report=messages.append)
+    finished: list[tuple[str, bool]] = []
+    failed = run_all(runs, jobs=2, command=script_command, report=messages.append,
+                     on_done=lambda run: finished.append((run.name, run.done)))
     assert sorted(r.name for r in failed) == ["loha_lr0.001_s1", "lora_lr0.001_s1"]
+    # on_done sees each finished run once, already marked done (so archive() takes it), and no failed one
+    assert sorted(finished) == [("loha_lr0.001_s0", True), ("lora_lr0.001_s0", True)]
     assert sorted(r.name for r in runs if r.done) == ["loha_lr0.001_s0", "lora_lr0.001_s0"]
     assert "ran lora_lr0.001_s0" in (tmp_path / "logs" / "lora_lr0.001_s0.log").read_text()
     assert any(m.startswith("FAILED lora_lr0.001_s1 (exit 3)") for m in messages)

@@ -110,9 +110,11 @@ def experiment_command(run: GridRun) -> list[str]:
 
 def run_all(runs: Sequence[GridRun], jobs: int = 2,
             command: Callable[[GridRun], list[str]] = experiment_command,
-            report: Callable[[str], None] = print, redo_done: bool = False) -> list[GridRun]:
+            report: Callable[[str], None] = print, redo_done: bool = False,
+            on_done: Callable[[GridRun], None] | None = None) -> list[GridRun]:
     """Run every unfinished run (every run with ``redo_done``), ``jobs`` at a time, one thread each; returns the
-    runs that failed (their log is ``<out>/logs/<run>.log``)."""
+    runs that failed (their log is ``<out>/logs/<run>.log``). ``on_done`` is called with each run as soon as it
+    finishes (e.g. to archive its records before a long grid is interrupted)."""
     pending = [r for r in runs if redo_done or not r.done]
     skipped = len(runs) - len(pending)
     if skipped:
@@ -139,6 +141,8 @@ def run_all(runs: Sequence[GridRun], jobs: int = 2,
             if process.returncode == 0:
                 (run.folder / DONE).write_text("")
                 report(f"finished {run.name} ({finished + skipped}/{len(runs)})")
+                if on_done is not None:
+                    on_done(run)
             else:
                 failed.append(run)
                 report(f"FAILED {run.name} (exit {process.returncode}); see {run.log}")
@@ -178,7 +182,9 @@ def run(args: argparse.Namespace) -> int:
                 changes=args.changes, model=args.model, concepts=[c.strip() for c in args.concepts.split(",")])
     if args.rescore:
         runs = rescoring(runs)
-    failed = run_all(runs, args.jobs, redo_done=args.rescore)
+    # archive each run as it finishes, not at the end: a grid of hours is often stopped before its end
+    on_done = (lambda finished: archive([finished], args.archive)) if args.archive else None
+    failed = run_all(runs, args.jobs, redo_done=args.rescore, on_done=on_done)
     report = argparse.Namespace(runs=args.out, markdown=args.markdown or args.out / "table.md", plot=args.plot,
                                 plot_run=None, changes=args.changes,
                                 budget_sweep="0.05,0.075,0.1,0.15,0.2", finished_only=False)
