@@ -58,6 +58,18 @@ class ModelConfig:
     #: override the model's prediction type ("epsilon" or "v_prediction"); None: the model's own
     prediction_type: str | None = None
     gradient_checkpointing: bool = False
+    #: run the training step's U-Net through torch.compile: the first steps pay for compiling (minutes), later
+    #: ones skip most of the per-layer Python and launch overhead (a GPU gains most; on a CPU it can be slower,
+    #: docs/performance.md).  Sampling stays eager.
+    compile: bool = False
+    #: torch.compile's mode ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    compile_mode: str = "default"
+    #: torch.compile's backend ("inductor"; "aot_eager" traces without generating code, to check a model compiles)
+    compile_backend: str = "inductor"
+
+
+#: torch.compile's modes (torch._inductor.list_mode_options)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -211,6 +223,10 @@ class TrainConfig:
             (_positive_int(self.method.ti_vectors), "method.ti_vectors", "a positive integer", self.method.ti_vectors),
             (self.model.mixed_precision in ("no", "fp16", "bf16"), "model.mixed_precision", "no, fp16 or bf16",
              self.model.mixed_precision),
+            (self.model.compile_mode in COMPILE_MODES, "model.compile_mode", f"one of {one_of(COMPILE_MODES)}",
+             self.model.compile_mode),
+            (self.model.compile_backend in compile_backends(), "model.compile_backend",
+             f"one of {one_of(compile_backends())}", self.model.compile_backend),
             (self.model.prediction_type in (None, *PREDICTION_TYPES), "model.prediction_type",
              f"one of {one_of(PREDICTION_TYPES)} (or absent: the model's own)", self.model.prediction_type),
             (net.algorithm.lower() in ALGORITHMS or net.algorithm.lower() in ALIASES, "network.algorithm",
@@ -358,10 +374,19 @@ def _resolution_ok(value: Any) -> bool:
         all(_positive_int(v) and v % 8 == 0 for v in sides)
 
 
+def compile_backends() -> list[str]:
+    """The backends torch.compile accepts here (the debugging ones included: "aot_eager" traces the training
+    step without generating code)."""
+    import torch
+
+    return torch.compiler.list_backends(exclude_tags=())
+
+
 # ------------------------------------------------------------------------------------------------- resume
 #: settings that may change when a run is resumed: they decide what happens next, not what was trained so far
 RESUMABLE = ("training.max_epochs", "training.max_steps", "training.save_every_n_epochs", "output.name",
-             "output.save_precision", "model.gradient_checkpointing", "data.cache_latents_to_disk", "data.cache_dir",
+             "output.save_precision", "model.gradient_checkpointing", "model.compile", "model.compile_mode",
+             "model.compile_backend", "data.cache_latents_to_disk", "data.cache_dir",
              "data.verify_images", "data.upscale_warning_factor", "data.orphan_captions", "sample.prompts",
              "sample.every_n_epochs", "sample.sampler", "sample.steps", "sample.cfg_scale")
 _NOT_COMPARED = ("output.dir", "output.if_exists")

@@ -157,8 +157,8 @@ def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, bat
                  accelerator: Accelerator, unet=None, text_encoder=None) -> torch.Tensor:
     """The loss of one batch.  ``unet``/``text_encoder``: the modules to run (accelerate's wrappers in a
     distributed run, so gradients are synchronised); default the model's own."""
-    unet = unet or model.unet
-    text_encoder = text_encoder or model.text_encoder
+    unet = model.unet if unet is None else unet  # not `or`: a compiled module has no truth value
+    text_encoder = model.text_encoder if text_encoder is None else text_encoder
     generator = torch.Generator().manual_seed(step_seed(cfg.training.seed, step))
     device = accelerator.device
     if batch.latents is not None:
@@ -272,6 +272,11 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
         # run the wrapped modules (DDP in a distributed run); sampling and saving use the plain ones
         wrapped = {id(m): w for m, w in zip(trained, prepared[:-2], strict=True)}
         run_unet, run_te = wrapped.get(id(model.unet)), wrapped.get(id(model.text_encoder))
+        if cfg.model.compile:
+            # the training step's U-Net only (a frozen one too: textual inversion runs it forward and backward);
+            # it shares the parameters, so sampling and saving keep using the plain module
+            run_unet = torch.compile(model.unet if run_unet is None else run_unet, mode=cfg.model.compile_mode,
+                                     backend=cfg.model.compile_backend)
         for module in trained:
             module.train()
         prompts = sample_prompts(cfg, model)
@@ -280,6 +285,9 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
             print(method.summary())
             print(f"{steps_per_epoch} steps per epoch, up to {cfg.training.max_epochs} epochs ({total_steps} steps); "
                   f"early stopping: {cfg.early_stop.mode if monitor else 'off'}")
+            if cfg.model.compile:
+                print(f"the U-Net is compiled (torch.compile, backend {cfg.model.compile_backend}, mode "
+                      f"{cfg.model.compile_mode}): the first steps are slow while it compiles")
     except BaseException:
         if is_main and not run.resuming:
             RunManifest(run.path).remove_all()
@@ -288,7 +296,7 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
         raise
 
     stop_decision = None
-    timer = _StepTimer(first_step=step)
+    timer = _StepTimer(first_step=step, warmup=3 if cfg.model.compile else 1)  # compiling spans a few steps
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not (progress and is_main))
     epoch = start_epoch
     n_proc, rank = accelerator.num_processes, accelerator.process_index
@@ -414,10 +422,10 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
 class _StepTimer:
     """Seconds per step over the first few steps after start (the very first one pays for warm-up)."""
 
-    WARMUP, MEASURE = 1, 3
+    MEASURE = 3
 
-    def __init__(self, first_step: int) -> None:
-        self.start_step = first_step + self.WARMUP
+    def __init__(self, first_step: int, warmup: int = 1) -> None:
+        self.start_step = first_step + warmup
         self.started: float | None = None
         self.done = False
 

@@ -301,6 +301,38 @@ def test_bf16_mixed_precision_keeps_adapters_fp32(tiny_model_dir, dataset, tmp_p
     assert {v.dtype for v in tensors.values()} == {torch.float32}
 
 
+@pytest.mark.parametrize("algorithm", ["lora", "loha"])
+def test_a_compiled_unet_trains_the_same_adapter_as_the_eager_one(tiny_model_dir, dataset, tmp_path, algorithm):
+    """``model.compile``: torch.compile traces the training step (the adapters' forward and backward included,
+    LoHa's autograd Function too) and trains what eager mode trains.  The ``aot_eager`` backend traces and
+    partitions the graph like inductor but runs it op by op, so the check is fast and exact enough to compare."""
+    import torch._dynamo
+
+    sections = {"training": {"max_epochs": 1}, "network": {"algorithm": algorithm}}
+    eager = run_train(make_config(tiny_model_dir, dataset, tmp_path / "eager", **sections))
+    torch._dynamo.reset()
+    compiled = run_train(make_config(tiny_model_dir, dataset, tmp_path / "compiled", **sections,
+                                     model={"compile": True, "compile_backend": "aot_eager"}))
+    assert len(compiled.losses) == len(eager.losses) >= 2
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4, abs=1e-6)
+    a = load_file(str(tmp_path / "eager" / "lorakit.safetensors"))
+    b = load_file(str(tmp_path / "compiled" / "lorakit.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    moved = [k for k in a if "lora_up" in k or "hada_w1_a" in k]
+    assert moved and any(b[k].abs().sum() > 0 for k in moved)  # it trained something
+
+
+def test_compile_settings_are_checked_before_anything_runs(tiny_model_dir, dataset, tmp_path):
+    from lorakit.config import ConfigError
+
+    for key, value in (("compile_mode", "fastest"), ("compile_backend", "tensorrt-please")):
+        cfg = make_config(tiny_model_dir, dataset, tmp_path / key, model={"compile": True, key: value})
+        with pytest.raises(ConfigError, match=f"model.{key}"):
+            run_train(cfg)
+        assert not (tmp_path / key).exists()
+
+
 def test_text_encoder_gets_its_own_learning_rate(tiny_model_dir, dataset, tmp_path):
     from lorakit.formats import read_adapter
     from lorakit.methods import AdapterMethod
