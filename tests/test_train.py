@@ -323,8 +323,12 @@ def test_a_compiled_unet_trains_the_same_adapter_as_the_eager_one(tiny_model_dir
     assert moved and any(b[k].abs().sum() > 0 for k in moved)  # it trained something
 
 
-def test_compile_settings_are_checked_before_anything_runs(tiny_model_dir, dataset, tmp_path):
+def test_compile_settings_are_checked_before_anything_runs(tiny_model_dir, dataset, tmp_path, capsys):
+    from lorakit.cli import main
     from lorakit.config import ConfigError
+
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "flag"), "--compile", "--print-config"]) == 0
+    assert "compile = true" in capsys.readouterr().out
 
     for key, value in (("compile_mode", "fastest"), ("compile_backend", "tensorrt-please")):
         cfg = make_config(tiny_model_dir, dataset, tmp_path / key, model={"compile": True, key: value})

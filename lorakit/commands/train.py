@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action = parser.add_argument(flag, type=kind, help=f"{help_} [{key}]")
         if flag == "--algorithm":
             action.algorithms = _AlgorithmNames()  # argparse fills %(name)s in help from the action's attributes
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the training step's U-Net (slow first steps; a GPU gains most) "
+                             "[model.compile]")
     parser.add_argument("--resume", action="store_true", help="continue the run in the output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in the output folder")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -96,6 +99,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if value is not None:
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, value)
+    if args.compile:
+        cfg.model.compile = True
     for item in args.set:
         dotted, sep, raw = item.partition("=")
         if not sep:
