@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from lorakit.config import TrainConfig, to_toml
 from lorakit.earlystop import CSFluctuationMonitor
@@ -104,7 +105,7 @@ def test_table_and_plot_from_run_folders(tmp_path):
     assert run.fidelity_peak == 4 and run.onset == 3
     assert run.turning["second-valley"] is not None
     table = curve_report.markdown_table(runs)
-    assert "| zkz loha lr 0.002 seed 3 | 3 (0.40 / 0.60) | 4 (0.30 / 0.80) |" in table
+    assert "| zkz loha lr 0.002 seed 3 | 3 (0.40 / 0.60); peak 3 | 4 (0.30 / 0.80) |" in table
     assert "new color or background" in table
     assert "0.00 → 0.00, 0.00 → 0.30, 0.90 → 0.30" in table
     lines = curve_report.summary_lines(runs)
@@ -119,15 +120,46 @@ def test_budget_rule_and_its_sweep_from_the_recorded_sizes(tmp_path):
     sizes = np.linspace(0.0, 0.2, 40)  # 10 samples per epoch: 0.1 is reached at sample 20, in epoch 3
     write_run(tmp_path / "a", [0, .2, .3, .2, .1], [0, .2, .5, .1, 0], [.9, .8, .7, .6, .5], cs, sizes=sizes)
     runs = curve_report.find_runs(tmp_path, ("color",))
-    assert runs[0].onset == 2 and runs[0].turning["budget"] == 3
+    # smoothed success .23, .27, .2, .05: the peak at epoch 2, 80% of it (.21) already at epoch 1
+    assert (runs[0].onset, runs[0].onset_interval.peak) == (1, 2) and runs[0].turning["budget"] == 3
     lines = curve_report.budget_sweep(runs, [0.05, 0.1, 0.3], {"a": tmp_path / "a"})
     # epoch-end sizes 0.046, 0.097, 0.149, 0.2: 0.05 is reached at epoch 2, 0.1 at 3, 0.3 never
     assert lines == ["budget 0.05: 1/1 runs within ±1 epoch of the onset (1/1 within ±1 of its interval); "
-                     "TP - onset = [0]",
-                     "budget 0.1: 1/1 runs within ±1 epoch of the onset (1/1 within ±1 of its interval); "
                      "TP - onset = [1]",
+                     "budget 0.1: 0/1 runs within ±1 epoch of the onset (0/1 within ±1 of its interval); "
+                     "TP - onset = [2]",
                      "budget 0.3: 0/1 runs within ±1 epoch of the onset (0/1 within ±1 of its interval); "
                      "TP - onset = ['never']"]
+
+
+def test_the_spectral_budget_sweeps_from_the_kept_record(tmp_path):
+    """An archived run has no checkpoints: its spectral sizes come from the record the experiment kept."""
+    cs = np.linspace(0, 0.1, 40)
+    write_run(tmp_path / "a", [0, .2, .3, .2, .1], [0, .2, .5, .1, 0], [.9, .8, .7, .6, .5], cs)
+    (tmp_path / "a" / "spectral_sizes.json").write_text(json.dumps({"1": 0.1, "2": 0.22, "3": 0.31, "4": 0.4}))
+    runs = curve_report.find_runs(tmp_path, ("color",))
+    assert runs[0].onset == 1
+    lines = curve_report.budget_sweep(runs, [0.2, 0.3, 0.5], {"a": tmp_path / "a"}, measure="spectral")
+    assert lines == ["spectral budget 0.2: 1/1 runs within ±1 epoch of the onset (1/1 within ±1 of its interval); "
+                     "TP - onset = [1]",
+                     "spectral budget 0.3: 0/1 runs within ±1 epoch of the onset (0/1 within ±1 of its interval); "
+                     "TP - onset = [2]",
+                     "spectral budget 0.5: 0/1 runs within ±1 epoch of the onset (0/1 within ±1 of its interval); "
+                     "TP - onset = ['never']"]
+
+
+def test_the_spectral_size_of_a_layer_is_its_largest_singular_value_against_the_weights():
+    from lorakit.world.update_sizes import layer_spectral_ratio
+
+    weight = torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5]))
+    # rank one, σ1 = 3·‖u‖·‖v‖ = 3; a LoHa-like spread update of the same Frobenius size has a smaller σ1
+    u, v = torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 0.6, 0.8, 0])
+    assert layer_spectral_ratio(3 * torch.outer(u, v), weight) == pytest.approx(3 / 4)
+    spread = torch.eye(4) * 1.5  # Frobenius 3 as well, σ1 1.5
+    assert layer_spectral_ratio(spread, weight) == pytest.approx(1.5 / 4)
+    conv = torch.zeros(2, 1, 3, 3)
+    conv[0, 0, 1, 1] = 2.0
+    assert layer_spectral_ratio(conv * 0.5, conv) == pytest.approx(0.5)  # a kernel is flattened to out × in·k·k
 
 
 def test_archived_records_rebuild_the_same_table_and_only_finished_runs_count(tmp_path):

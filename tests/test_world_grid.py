@@ -127,5 +127,8 @@ def test_an_experiment_on_the_second_concept_trains_and_scores_hearts(tmp_path):
     assert list(sizes) == [1] and sizes[1] == pytest.approx(history["update"][-1], rel=1e-9)
     assert budget_epoch(sizes, sizes[1]) == 1 and budget_epoch(sizes, sizes[1] * 1.01) is None
     assert json.loads((out / "update_sizes.json").read_text()) == {"1": sizes[1]}  # cached
+    # the experiment kept the spectral size of its checkpoint too (a record the grid archives)
+    spectral = json.loads((out / "spectral_sizes.json").read_text())
+    assert list(spectral) == ["1"] and 0 < spectral["1"] < 1
     again = subprocess.run([*argv[:6], "zkz", *argv[7:]], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode != 0 and "was scored with" in again.stderr

@@ -46,10 +46,25 @@ def test_onset_is_the_smoothed_peak_and_leak_moves_it_earlier():
     success = [0.0, 0.2, 0.4, 0.6, 0.7, 0.75, 0.8, 0.8]  # still rising: without leak the peak is late
     leak = [0.0, 0.0, 0.0, 0.1, 0.3, 0.5, 0.7, 0.9]  # the star drawn where a circle was asked for
     rows = rows_from([[s] * 4 for s in success], leak)
-    assert measure_onset(rows, ("color",), count_leak=False).epoch == 6
+    assert measure_onset(rows, ("color",), count_leak=False).peak == 6
+    assert measure_onset(rows, ("color",), count_leak=False).epoch == 4  # smoothed .57, .70: 80% of .80 at 4
     onset = measure_onset(rows, ("color",))
-    assert onset.epoch == 3  # smoothed g: .2, .4, .53, .5 ... peaks at epoch 3
-    assert onset.low <= 3 <= onset.high
+    assert onset.peak == 3  # smoothed g: .2, .37, .43, .38 ... peaks at epoch 3
+    assert onset.epoch == 2  # and reaches 80% of the peak (.35) at epoch 2
+    assert onset.low <= 2 <= onset.high and onset.peak_low <= 3 <= onset.peak_high
+    assert measure_onset(rows, ("color",), reach=1.0).epoch == 3
+
+
+def test_the_start_of_a_plateau_is_measured_tighter_than_its_peak():
+    """g climbs for three epochs and then stays flat for twelve: where the flat part peaks is chance, where it
+    starts is not.  The bootstrap says so: the peak's interval spans the plateau, the onset's does not."""
+    rng = np.random.default_rng(1)
+    truth = [0.0, 0.15, 0.3, 0.45] + [0.5] * 12
+    curves = [list(np.clip(t + rng.normal(0, 0.2, 12), 0, 1)) for t in truth]
+    onset = measure_onset(rows_from(curves, [0.0] * len(truth), images=5), ("color",))
+    assert 2 <= onset.epoch <= 4 and onset.high < onset.peak_high  # measured: 4 [3–8], peak 8 [5–15]
+    assert onset.peak_high - onset.peak_low >= 2 * (onset.high - onset.low)
+    assert onset.peak_text == f"{onset.peak} [{onset.peak_low}–{onset.peak_high}]"
 
 
 def test_interval_narrows_with_more_prompts_and_is_reproducible():
@@ -78,9 +93,10 @@ def test_rows_without_outcomes_fall_back_to_the_aggregates():
     rows = [{"epoch": e, "success_by_change": {"color": s}, "counts_by_change": {"color": 6}, "leak": leak}
             for e, (s, leak) in enumerate([(0, 0), (0.3, 0), (0.6, 0.5), (0.6, 0.6), (0.6, 0.7)])]
     onset = measure_onset(rows, ("color",))
-    assert (onset.epoch, onset.low, onset.high) == (1, None, None)  # g: 0, .3, .1, 0, -.1
+    assert (onset.epoch, onset.low, onset.high, onset.peak) == (1, None, None, 1)  # g: 0, .3, .1, 0, -.1
     assert str(onset) == "1"
-    assert measure_onset(rows, ("color",), count_leak=False).epoch == 3
+    no_leak = measure_onset(rows, ("color",), count_leak=False)  # g: 0, .3, .6, .6, .6 (smoothed .3, .5, .6)
+    assert (no_leak.epoch, no_leak.peak) == (2, 3)
 
 
 def test_epochs_scored_on_other_prompts_are_refused():

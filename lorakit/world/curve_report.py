@@ -16,8 +16,8 @@ from lorakit.config import load_config
 from lorakit.earlystop.replay import COMPARED_RULES
 from lorakit.world.experiment import change_success, replayed_turning_points, smooth
 from lorakit.world.grid import DONE
-from lorakit.world.onset import Onset, measure_onset
-from lorakit.world.update_sizes import budget_epoch, checkpoint_update_sizes
+from lorakit.world.onset import REACH, Onset, measure_onset
+from lorakit.world.update_sizes import budget_epoch, checkpoint_spectral_sizes, checkpoint_update_sizes
 
 #: rule name -> (rule, window in epochs), the same set the language-model experiment replays
 RULES = COMPARED_RULES
@@ -107,8 +107,8 @@ def _fmt(value: float | None) -> str:
 
 def markdown_table(runs: list[RunResult]) -> str:
     changes = " or ".join(runs[0].changes) if runs else "?"
-    head = (f"| run | onset [90% interval] = peak of success on new {changes} × agnostic kept: epoch "
-            "(success / fidelity) | "
+    head = (f"| run | onset [90% interval] = first epoch at {REACH:.0%} of the peak of success on new {changes} × "
+            "agnostic kept: epoch (success / fidelity); the peak [90% interval] | "
             "fidelity peak: epoch (success / fidelity) | second valley TP: epoch, decided at "
             "(success / fidelity) | calm rule TP: epoch, decided at (success / fidelity) | "
             "budget rule TP: epoch, decided at (success / fidelity) | epoch 0 → last: success, fidelity, control |")
@@ -119,7 +119,8 @@ def markdown_table(runs: list[RunResult]) -> str:
             return "never"
         when = f", {found}" if found is not None else ""
         shown = str(interval) if interval is not None else f"{epoch}"
-        return f"{shown}{when} ({_fmt(r.at(epoch, r.change_success))} / {_fmt(r.at(epoch, r.fidelity))})"
+        peak = f"; peak {interval.peak_text}" if interval is not None and interval.peak is not None else ""
+        return f"{shown}{when} ({_fmt(r.at(epoch, r.change_success))} / {_fmt(r.at(epoch, r.fidelity))}){peak}"
 
     for r in runs:
         lines.append(
@@ -178,17 +179,22 @@ def fixed_epoch_baseline(runs: list[RunResult]) -> str:
             f"within ±1 epoch of the onset at epoch {epoch} (mean |·| {-neg_dev / len(runs):.1f})")
 
 
-def budget_sweep(runs: list[RunResult], budgets: list[float], run_dirs: dict[str, Path]) -> list[str]:
+def budget_sweep(runs: list[RunResult], budgets: list[float], run_dirs: dict[str, Path],
+                 measure: str = "frobenius") -> list[str]:
     """How the budget rule does at each of ``budgets`` on ``runs`` (how its default was chosen, on the first
-    concept's runs): per budget, the runs within ±1 epoch of the onset and the turning point − onset of each."""
-    sizes = {r.name: _sizes(run_dirs[r.name]) for r in runs}
+    concept's runs): per budget, the runs within ±1 epoch of the onset and the turning point − onset of each.
+    ``measure``: the size the budget is on, ``frobenius`` (‖ΔW‖/‖W‖, the trainer's) or ``spectral``
+    (σ1(ΔW)/σ1(W), replayed at epoch ends from the checkpoints or their cached record)."""
+    read = _sizes if measure == "frobenius" else checkpoint_spectral_sizes
+    sizes = {r.name: read(run_dirs[r.name]) for r in runs}
+    label = "budget" if measure == "frobenius" else "spectral budget"
     out = []
     for budget in budgets:
         tps = {r.name: budget_epoch(sizes[r.name], budget) for r in runs}
         signed = [None if tps[r.name] is None else tps[r.name] - r.onset for r in runs]
         hits = sum(d is not None and abs(d) <= 1 for d in signed)
         inside = sum(tps[r.name] is not None and r.onset_interval.contains(tps[r.name], slack=1) for r in runs)
-        out.append(f"budget {budget:g}: {hits}/{len(runs)} runs within ±1 epoch of the onset ({inside}/{len(runs)} "
+        out.append(f"{label} {budget:g}: {hits}/{len(runs)} runs within ±1 epoch of the onset ({inside}/{len(runs)} "
                    f"within ±1 of its interval); TP - onset = {['never' if d is None else d for d in signed]}")
     return out
 
@@ -248,6 +254,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--plot-run")
     ap.add_argument("--budget-sweep", help="comma-separated budgets: how the budget rule does at each, per concept "
                                            "(e.g. 0.05,0.075,0.1,0.15,0.2)")
+    ap.add_argument("--spectral-sweep", help="the same with the budget on σ1(ΔW)/σ1(W) (a candidate, read from the "
+                                             "checkpoints or their spectral_sizes.json), e.g. 0.2,0.25,0.3,0.4")
     ap.add_argument("--changes", default=",".join(MEASURABLE_CHANGES),
                     help="attributes whose changed-prompt success defines the onset (default: color,position,"
                          "background; runs on a base model that ignores position words: color,background)")
@@ -263,13 +271,15 @@ def run(args: argparse.Namespace) -> int:
     for line in summary_lines(runs):
         print(line)
     sweep = []
-    if getattr(args, "budget_sweep", None):
-        budgets = [float(b) for b in args.budget_sweep.split(",")]
-        dirs = {r.name: args.runs / r.name for r in runs}
+    dirs = {r.name: args.runs / r.name for r in runs}
+    for measure, option in (("frobenius", "budget_sweep"), ("spectral", "spectral_sweep")):
+        if not getattr(args, option, None):
+            continue
+        budgets = [float(b) for b in getattr(args, option).split(",")]
         for concept in sorted({r.concept for r in runs}, key=lambda c: (c != "zkz", c)):
             sweep += [f"[{concept}] {line}" for line in budget_sweep([r for r in runs if r.concept == concept],
-                                                                     budgets, dirs)]
-        print("\n".join(sweep))
+                                                                     budgets, dirs, measure)]
+    print("\n".join(sweep))
     if args.markdown:
         args.markdown.write_text(table + "\n" + "\n".join(f"- {s}" for s in summary_lines(runs) + sweep) + "\n")
     if args.plot and runs:

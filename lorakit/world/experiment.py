@@ -38,8 +38,9 @@ from lorakit.train import train
 from lorakit.world import concept
 from lorakit.world.concept import Concept
 from lorakit.world.metrics import image_outcomes, metrics_from_readings, read_images
-from lorakit.world.onset import measure_onset, peak_epoch, smooth_rows
+from lorakit.world.onset import REACH, measure_onset, peak_epoch, smooth_rows
 from lorakit.world.recipe import recipe_config
+from lorakit.world.update_sizes import checkpoint_spectral_sizes
 
 
 def curve_config(out: Path, data: Path, algorithm: str = "lora", lr: float = 1e-3, seed: int = 0,
@@ -226,13 +227,15 @@ def run(args: argparse.Namespace) -> int:
     changes = tuple(c.strip() for c in args.changes.split(","))
     rows = score_run(args.out, args.model, args.seeds_per_prompt, args.score_every, types, the_concept,
                      rescore=args.rescore)
+    # a record beside the scores (the grid archives it; the checkpoints it is read from are not kept)
+    checkpoint_spectral_sizes(args.out)
     for r in rows:
         print(f"epoch {r['epoch']:3d}  fidelity {r['fidelity']:.2f}  "
               f"success on changes ({args.changes}) {change_success(r, changes):.2f}  "
               f"control {r['controllability']:.2f}  leak {r['leak']:.2f}")
     onset = measure_onset(rows, changes)
-    print(f"overfitting onset (peak of success on {args.changes} changes × agnostic kept), 90% interval: "
-          f"epoch {onset}")
+    print(f"overfitting onset (first epoch at {REACH:.0%} of the peak of success on {args.changes} changes × "
+          f"agnostic kept), 90% interval: epoch {onset}; the peak itself: epoch {onset.peak_text}")
     print("turning points replayed on this run (epoch of the turning point, epoch decided at): " + ", ".join(
         f"{name} {tp['epoch']}, {tp['found_at_epoch']}" if tp else f"{name} never"
         for name, tp in replayed_turning_points(args.out).items()))

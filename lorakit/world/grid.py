@@ -80,9 +80,12 @@ def rescoring(runs: Sequence[GridRun]) -> list[GridRun]:
     return [GridRun(r.name, r.folder, (*r.argv, "--rescore")) for r in runs if r.done]
 
 
+#: the spectral sizes of a run's checkpoints (``update_sizes.checkpoint_spectral_sizes``): kept, since the
+#: checkpoints they are read from are not
+SPECTRAL_CACHE = "spectral_sizes.json"
 #: what ``curve-report`` reads of a run: enough to rebuild the table and replay every rule without the
 #: checkpoints, sampled images or image cache (a few hundred KB per run instead of tens of MB)
-RECORD_FILES = ("config.toml", "curve.json", "cs_history.json", DONE)
+RECORD_FILES = ("config.toml", "curve.json", "cs_history.json", SPECTRAL_CACHE, DONE)
 
 
 def archive(runs: Sequence[GridRun], dest: Path) -> list[Path]:

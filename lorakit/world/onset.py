@@ -14,7 +14,13 @@ nothing if it never draws the concept in a new setting, or if it no longer draws
 success − (1 − kept) was measured first and peaks at epoch 1 in most runs (every epoch costs more kept than it
 adds success in this world), which rewards stopping before anything is learned.  Rows scored before outcomes
 carried ``kept`` use success − leak (leak alone misses a breakdown: a broken model that draws no star does not
-leak).  The onset is the epoch (≥ 1) where the centred 3-epoch moving average of g peaks.
+leak).
+
+The onset is the first epoch (≥ 1) where the centred 3-epoch moving average of g reaches ``REACH`` (80%) of its
+peak: the earliest checkpoint nearly as good as the best one.  The peak itself (``reach = 1``, the onset of the
+first grids, still reported) sits on a plateau in a run that learns slowly, and the bootstrap moves it by ten
+epochs and more ([6–17], [8–20] on the star's LoRA and LoCon at 2e-3) where the plateau's start moves by four
+([5–9], [7–11]); by construction, stopping there gives up at most a fifth of the best smoothed g.
 
 How sure: every epoch is scored on the same prompts and seeds, so a paired bootstrap draws prompts with
 replacement (change prompts and agnostic prompts separately, each prompt with all its images), uses the draw
@@ -30,6 +36,8 @@ import numpy as np
 
 #: bootstrap draws: the interval's ends move by less than an epoch between seeds at this count (tests)
 RESAMPLES = 1000
+#: the onset is the first epoch whose smoothed g reaches this share of its peak (1.0: the peak itself)
+REACH = 0.8
 
 
 @dataclass(frozen=True)
@@ -38,9 +46,18 @@ class Onset:
     low: int | None  # the interval's ends; None when the rows carry no per-image outcomes (older runs)
     high: int | None
     scores: tuple[float, ...]  # g per scored epoch, unsmoothed
+    #: where smoothed g peaks, with its own interval (the onset itself when it is measured with ``reach = 1``)
+    peak: int | None = None
+    peak_low: int | None = None
+    peak_high: int | None = None
 
     def __str__(self) -> str:
         return f"{self.epoch}" if self.low is None else f"{self.epoch} [{self.low}–{self.high}]"
+
+    @property
+    def peak_text(self) -> str:
+        return "" if self.peak is None else f"{self.peak}" if self.peak_low is None else \
+            f"{self.peak} [{self.peak_low}–{self.peak_high}]"
 
     def contains(self, epoch: int, slack: int = 0) -> bool:
         low, high = (self.epoch, self.epoch) if self.low is None else (self.low, self.high)
@@ -116,10 +133,19 @@ def smooth_rows(values: np.ndarray, width: int = 3) -> np.ndarray:
 
 def peak_epoch(epochs: Sequence[int], scores: np.ndarray) -> np.ndarray:
     """Per row of ``scores``: the epoch ≥ 1 of the smoothed maximum (the earliest on ties)."""
+    return first_reaching(epochs, scores, 1.0)
+
+
+def first_reaching(epochs: Sequence[int], scores: np.ndarray, reach: float) -> np.ndarray:
+    """Per row of ``scores``: the first epoch ≥ 1 whose smoothed score reaches ``reach`` × the smoothed maximum
+    (over epochs ≥ 1); a maximum ≤ 0 (nothing learned, or leak above success) must be reached itself."""
     smoothed = smooth_rows(scores)
     usable = np.array([e >= 1 for e in epochs])
     smoothed[:, ~usable] = -np.inf
-    return np.asarray(epochs)[np.argmax(smoothed, axis=1)]
+    best = smoothed.max(axis=1, keepdims=True)
+    target = np.where(best > 0, reach * best, best)
+    # a hair of slack: the moving averages of equal scores can differ in the last bit
+    return np.asarray(epochs)[np.argmax(smoothed >= target - 1e-12, axis=1)]
 
 
 def _draws(mask: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -133,8 +159,9 @@ def _draws(mask: np.ndarray, resamples: int, rng: np.random.Generator) -> np.nda
 
 
 def measure_onset(rows: Sequence[dict], changes: Sequence[str], *, count_leak: bool = True,
-                  resamples: int = RESAMPLES, level: float = 0.9, seed: int = 0) -> Onset:
-    """The onset of a scored run (rows of ``curve.json``, epoch 0 first) with its bootstrap interval."""
+                  resamples: int = RESAMPLES, level: float = 0.9, seed: int = 0, reach: float = REACH) -> Onset:
+    """The onset of a scored run (rows of ``curve.json``, epoch 0 first) with its bootstrap interval, and the
+    peak of g with its own (the same draws)."""
     from lorakit.world.experiment import change_success  # the aggregate fallback for rows without outcomes
 
     rows = sorted(rows, key=lambda r: r["epoch"])
@@ -146,13 +173,21 @@ def measure_onset(rows: Sequence[dict], changes: Sequence[str], *, count_leak: b
         g = np.array([change_success(r, tuple(changes)) - (r.get("leak", 0.0) if count_leak else 0.0)  # leak alone
                       for r in rows])
         g = np.nan_to_num(g)
-        return Onset(int(peak_epoch(epochs, g[None])[0]), None, None, tuple(float(x) for x in g))
+        return Onset(int(first_reaching(epochs, g[None], reach)[0]), None, None, tuple(float(x) for x in g),
+                     peak=int(peak_epoch(epochs, g[None])[0]))
     g = generalisation(counts, count_leak=count_leak)
     rng = np.random.default_rng(seed)
     weights = _draws(counts.change_prompts, resamples, rng)
     if count_leak:
         weights += _draws(counts.agnostic_prompts & ~counts.change_prompts, resamples, rng)
-    onsets = peak_epoch(epochs, generalisation(counts, weights, count_leak))
+    drawn = generalisation(counts, weights, count_leak)
     tail = (1 - level) / 2
-    low, high = np.quantile(onsets, [tail, 1 - tail], method="inverted_cdf")
-    return Onset(int(peak_epoch(epochs, g[None])[0]), int(low), int(high), tuple(float(x) for x in g))
+
+    def interval(per_draw: np.ndarray) -> tuple[int, int]:
+        low, high = np.quantile(per_draw, [tail, 1 - tail], method="inverted_cdf")
+        return int(low), int(high)
+
+    low, high = interval(first_reaching(epochs, drawn, reach))
+    peak_low, peak_high = interval(peak_epoch(epochs, drawn))
+    return Onset(int(first_reaching(epochs, g[None], reach)[0]), low, high, tuple(float(x) for x in g),
+                 peak=int(peak_epoch(epochs, g[None])[0]), peak_low=peak_low, peak_high=peak_high)
