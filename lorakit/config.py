@@ -166,7 +166,8 @@ class EarlyStopConfig:
     interval: int = 1
     #: turning-point rule: "budget" (the update's size ‖ΔW‖/‖W‖ reaches a budget; beyond the paper; the default,
     #: the nearest to the measured overfitting onset on both shapes-world concepts, docs/early_stopping.md), "calm"
-    #: (CSF stays small for a window) or "second-valley" (the paper's Algorithm 1)
+    #: (CSF stays small for a window), "second-valley" (the paper's Algorithm 1) or "spectral-budget" (the same
+    #: budget on σ1(ΔW)/σ1(W), read at epoch ends; a candidate, docs/early_stopping.md)
     rule: str = "budget"
     #: the rule's options, e.g. {prominence = 0.05}, {threshold = 0.1, patience = 1.0} or {budget = 0.1}
     rule_args: dict = field(default_factory=dict)

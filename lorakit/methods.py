@@ -40,8 +40,8 @@ class NativeCSMeter:
     def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.pairs = pairs
 
-    def read(self) -> CSReading:
-        return native_reading((w.detach(), w0.to(w.device)) for w, w0 in self.pairs)
+    def read(self, spectral: bool = False) -> CSReading:
+        return native_reading(((w.detach(), w0.to(w.device)) for w, w0 in self.pairs), spectral)
 
     def __call__(self) -> float:
         return self.read().cs

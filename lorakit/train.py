@@ -326,10 +326,15 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
                 step += 1
                 losses.append(loss.item())
                 record = {"step": step, "epoch": epoch + 1, "loss": losses[-1], "lr": lr_schedule.get_last_lr()[0]}
-                if monitor is not None and step % cfg.early_stop.interval == 0:
-                    reading = meter.read()
+                # the spectral size costs an SVD per layer: read at epoch ends, where its rule decides
+                spectral = monitor is not None and monitor.rule.series == "spectral" and done == local_batches
+                if monitor is not None and (step % cfg.early_stop.interval == 0 or spectral):
+                    reading = meter.read(spectral=spectral)
                     record["cs"], record["update_size"] = reading.cs, reading.update
-                    decision = monitor.update(step, reading.cs, epoch=epoch + 1, update=reading.update)
+                    if reading.spectral is not None:
+                        record["spectral_size"] = reading.spectral
+                    decision = monitor.update(step, reading.cs, epoch=epoch + 1, update=reading.update,
+                                              spectral=reading.spectral)
                     if decision.stop:
                         stop_decision = decision
                 if is_main:

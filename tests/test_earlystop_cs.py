@@ -249,3 +249,44 @@ def test_native_reading_has_the_update_size_too():
     w = [w0[0] * 1.5, w0[1].clone()]  # ΔW = 0.5 W0 in the first, nothing in the second
     reading = native_reading(zip(w, w0, strict=True))
     assert reading.update == pytest.approx((0.5 + 0.0) / 2) and reading.cs == pytest.approx((1.0 + 0.0) / 2)
+
+
+def _svd_top(matrix: torch.Tensor) -> float:
+    return float(torch.linalg.svdvals(matrix.detach().double().reshape(matrix.shape[0], -1))[0])
+
+
+@pytest.mark.parametrize("algorithm, options", [
+    ("lora", {}), ("lora", {"multiplier": -0.7}), ("loha", {}), ("lokr", {}), ("lokr", {"factor": 2}),
+    ("lokr", {"decompose_both": True}), ("lokr", {"use_tucker": True}), ("ia3", {}), ("full", {}),
+    ("lora", {"dora": True}),
+], ids=str)
+def test_the_spectral_size_is_the_top_singular_value_of_delta_w_over_that_of_w(algorithm, options):
+    """``read(spectral=True)``: mean over layers of σ1(ΔW)/σ1(W0), through LoRA's r×r Grams and LoKr's factors,
+    equal to an SVD of the materialised ΔW; off by default (it is read at epoch ends only)."""
+    from lorakit.earlystop.cs import delta_spectral_norm
+
+    adapters = []
+    for i, base in enumerate(layers()):
+        adapter = make_adapter(algorithm, base, rank=2, **options)
+        randomize(adapter, seed=40 + i, scale=0.2)
+        adapters.append(adapter)
+    for a in adapters:
+        assert float(delta_spectral_norm(a)) == pytest.approx(_svd_top(a.delta_weight()), rel=1e-9)
+    ratios = [_svd_top(a.delta_weight()) / _svd_top(a.original_weight) for a in adapters]
+    meter = CSMeter(adapters)
+    assert meter.read().spectral is None
+    reading = meter.read(spectral=True)
+    assert reading.spectral == pytest.approx(sum(ratios) / len(ratios), rel=1e-9) and reading.spectral > 0
+    assert reading.update == pytest.approx(meter.read().update, rel=1e-12)
+
+
+def test_a_rank_one_update_is_spectrally_larger_than_a_spread_one_of_the_same_frobenius_size():
+    from lorakit.earlystop.cs import native_reading
+
+    w0 = torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=torch.float64))
+    u, v = torch.tensor([1.0, 0, 0, 0], dtype=torch.float64), torch.tensor([0, 0.6, 0.8, 0], dtype=torch.float64)
+    focused = native_reading([(w0 + 3 * torch.outer(u, v), w0)], spectral=True)  # ‖ΔW‖ = 3, σ1 = 3
+    spread = native_reading([(w0 + 1.5 * torch.eye(4, dtype=torch.float64), w0)], spectral=True)  # ‖ΔW‖ 3, σ1 1.5
+    assert focused.update == pytest.approx(spread.update)
+    assert focused.spectral == pytest.approx(3 / 4) and spread.spectral == pytest.approx(1.5 / 4)
+    assert native_reading([(w0 * 1.5, w0)]).spectral is None  # only when asked for

@@ -164,3 +164,5 @@ def test_callback_refuses_a_model_without_lora():
         callback.on_train_begin(None, None, None, model=torch.nn.Linear(2, 2))
     with pytest.raises(ValueError):
         CSFluctuationCallback(save="never")
+    with pytest.raises(ValueError, match="does not compute"):  # the spectral size is the lorakit trainer's
+        CSFluctuationCallback(rule={"name": "spectral_budget", "budget": 0.25})

@@ -224,3 +224,36 @@ def test_the_budget_rule_resumes_and_old_states_without_sizes_load():
     del state["update"]
     again = CSFluctuationMonitor.from_state_dict(state)
     assert again.history.update is None and len(again.history.cs) == 30
+
+
+def test_the_spectral_budget_decides_only_where_the_spectral_size_was_read():
+    """The trainer reads σ1(ΔW)/σ1(W) at epoch ends (every 10th sample here): the samples between carry none and
+    never decide; the turning point is the epoch end that reached the budget; resumable, replayable."""
+    from lorakit.earlystop import History, SpectralBudget, rule_from_dict
+    from lorakit.earlystop.replay import replay
+
+    cs, n = training_like(120), 120
+    spectral = [0.03 * (k // 10 + 1) if k % 10 == 9 else None for k in range(n)]  # 0.03, 0.06, ... at epoch ends
+    rule = SpectralBudget(budget=0.2)
+    whole = CSFluctuationMonitor(M, 1e-4, rule=rule)
+    decisions = [whole.update(k + 1, cs[k], epoch=k // 10 + 1, update=0.01 * k, spectral=spectral[k])
+                 for k in range(n)]
+    stop = next(k for k, d in enumerate(decisions) if d.stop)
+    assert stop == 69 and spectral[69] == pytest.approx(0.21)  # the 7th epoch end: 0.21 ≥ 0.2 > 0.18
+    tp = decisions[stop].turning_point
+    assert tp.step == tp.found_at_step == 70 and tp.epoch == 7 and "σ1(ΔW)/σ1(W)" in tp.reason
+    assert "under the budget" in decisions[stop - 1].reason
+    # resumed mid-way: the same decisions; the history keeps the sizes where read, NaN between
+    first = CSFluctuationMonitor(M, 1e-4, rule=rule)
+    for k in range(35):
+        first.update(k + 1, cs[k], epoch=k // 10 + 1, update=0.01 * k, spectral=spectral[k])
+    resumed = CSFluctuationMonitor.from_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [resumed.update(k + 1, cs[k], epoch=k // 10 + 1, update=0.01 * k, spectral=spectral[k])
+            for k in range(35, n)] == decisions[35:]
+    history = History.from_dict(json.loads(json.dumps(whole.history.to_dict())))
+    assert np.isnan(history.spectral[0]) and history.spectral[9] == pytest.approx(0.03)
+    assert replay(history, rule) == tp
+    assert replay(History.from_dict({**whole.history.to_dict(), "spectral": None}), rule) is None
+    assert rule_from_dict(rule.to_dict()) == rule
+    with pytest.raises(ValueError, match="budget"):
+        SpectralBudget(budget=0.0)

@@ -487,8 +487,8 @@ def test_early_stop_hands_back_the_turning_point_checkpoint(tiny_model_dir, data
     class StopAtStep5(train_module.CSFluctuationMonitor):
         """The real monitor, told to decide "turning point at step 2" when it sees step 5."""
 
-        def update(self, step, cs, epoch=None, update=None):
-            super().update(step, cs, epoch, update=update)
+        def update(self, step, cs, epoch=None, update=None, spectral=None):
+            super().update(step, cs, epoch, update=update, spectral=spectral)
             if step == 5:
                 self.turning_point = TurningPoint(step=2, epoch=1, index=1, valley_index=1, found_at_step=5,
                                                   found_at_index=4, csf=0.0, reason="test")
@@ -534,6 +534,36 @@ def test_the_budget_rule_stops_where_the_update_reaches_its_size(tiny_model_dir,
     assert result.stopped_early and result.steps == 5
     tp = json.loads((out / "cs_history.json").read_text())["turning_point"]
     assert tp["step"] == tp["found_at_step"] == 5 and "budget" in tp["reason"]
+
+
+@pytest.mark.parametrize("algorithm", ["lora", "loha"])
+def test_the_spectral_budget_reads_at_epoch_ends_and_stops_there(tiny_model_dir, dataset, tmp_path, algorithm):
+    """``early_stop.rule = "spectral-budget"``: σ1(ΔW)/σ1(W) is read at each epoch's last step only (2 steps per
+    epoch here), recorded, and equal to what the epoch's checkpoint says; a budget between the first and the
+    second epoch's size stops the run at the end of epoch 2 and hands epoch 2 back."""
+    from lorakit.world.update_sizes import checkpoint_spectral_sizes
+
+    watch = tmp_path / "watch"
+    sections = {"training": {"max_epochs": 3}, "network": {"algorithm": algorithm}}
+    run_train(make_config(tiny_model_dir, dataset, watch, **sections,
+                          early_stop={"mode": "report", "rule": "spectral-budget"}))
+    records = [json.loads(line) for line in (watch / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "spectral_size" in r] == [2, 4, 6]
+    sizes = [r["spectral_size"] for r in records if "spectral_size" in r]
+    assert 0 < sizes[0] < sizes[1] < sizes[2]
+    history = json.loads((watch / "cs_history.json").read_text())
+    assert [v for v in history["spectral"] if v is not None] == pytest.approx(sizes)
+    assert list(checkpoint_spectral_sizes(watch).values()) == pytest.approx(sizes, rel=1e-6)
+
+    out = tmp_path / "run"
+    budget = (sizes[0] + sizes[1]) / 2
+    result = run_train(make_config(tiny_model_dir, dataset, out, **sections,
+                                   early_stop={"mode": "cs-fluctuation", "rule": "spectral-budget",
+                                               "rule_args": {"budget": budget}}))
+    assert result.stopped_early and result.steps == 4
+    tp = json.loads((out / "cs_history.json").read_text())["turning_point"]
+    assert tp["step"] == tp["found_at_step"] == 4 and "σ1(ΔW)/σ1(W)" in tp["reason"]
+    assert result.final_epoch == 2
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from lorakit.config import TrainConfig, to_toml
 from lorakit.earlystop import CSFluctuationMonitor
@@ -146,20 +145,6 @@ def test_the_spectral_budget_sweeps_from_the_kept_record(tmp_path):
                      "TP - onset = [2]",
                      "spectral budget 0.5: 0/1 runs within ±1 epoch of the onset (0/1 within ±1 of its interval); "
                      "TP - onset = ['never']"]
-
-
-def test_the_spectral_size_of_a_layer_is_its_largest_singular_value_against_the_weights():
-    from lorakit.world.update_sizes import layer_spectral_ratio
-
-    weight = torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5]))
-    # rank one, σ1 = 3·‖u‖·‖v‖ = 3; a LoHa-like spread update of the same Frobenius size has a smaller σ1
-    u, v = torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 0.6, 0.8, 0])
-    assert layer_spectral_ratio(3 * torch.outer(u, v), weight) == pytest.approx(3 / 4)
-    spread = torch.eye(4) * 1.5  # Frobenius 3 as well, σ1 1.5
-    assert layer_spectral_ratio(spread, weight) == pytest.approx(1.5 / 4)
-    conv = torch.zeros(2, 1, 3, 3)
-    conv[0, 0, 1, 1] = 2.0
-    assert layer_spectral_ratio(conv * 0.5, conv) == pytest.approx(0.5)  # a kernel is flattened to out × in·k·k
 
 
 def test_archived_records_rebuild_the_same_table_and_only_finished_runs_count(tmp_path):

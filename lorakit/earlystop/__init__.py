@@ -1,8 +1,8 @@
 """CS-Fluctuation early stopping (seed paper "Early-stopping LoRA", section 3.2, Algorithm 1).
 
 - ``series``: the curve as pure numpy functions (eq. 3-4), trailing windows, offsets and the lag;
-- ``rules``: when to stop: ``SecondValley`` (the paper's, with a noise guard), ``CalmRule`` or
-  ``UpdateBudget`` (the update's size ‖ΔW‖/‖W‖, beyond the paper);
+- ``rules``: when to stop: ``SecondValley`` (the paper's, with a noise guard), ``CalmRule``, ``UpdateBudget``
+  (the update's size ‖ΔW‖/‖W‖, beyond the paper) or ``SpectralBudget`` (σ1(ΔW)/σ1(W), read at epoch ends);
 - ``cs``: eq. 2 over lorakit adapters (low-rank identities for LoRA) or (W, W0) pairs, and the update's size;
 - ``monitor``: ``CSFluctuationMonitor`` (online), ``find_turning_point`` (offline, same answer);
 - ``candidates``: real copies of the weights at candidate turning points;
@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "Detection": "lorakit.earlystop.rules",
     "History": "lorakit.earlystop.monitor",
     "SecondValley": "lorakit.earlystop.rules",
+    "SpectralBudget": "lorakit.earlystop.rules",
     "TurningPoint": "lorakit.earlystop.monitor",
     "UpdateBudget": "lorakit.earlystop.rules",
     "cs_fluctuation": "lorakit.earlystop.series",

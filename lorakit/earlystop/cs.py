@@ -13,7 +13,12 @@ and ``‖W‖`` is computed once per layer by ``CSMeter``.  Two more algorithms 
 - LoKr, ``ΔW = γ w1 ⊗ w2``: ``<ΔW, W> = γ Σ_ac w1[a,c] <w2, W_(a,c)>`` over the blocks of ``W``, and
   ``‖ΔW‖² = γ² ‖w1‖² ‖w2‖²``: one pass over ``W`` and no ``W``-sized temporary.
 
-A Tucker core, DoRA, LoHa and full fall back to ``delta_weight()``.  The cost that remains is one read of
+A Tucker core, DoRA, LoHa and full fall back to ``delta_weight()``.
+
+The spectral size σ1(ΔW)/σ1(W0) (``CSMeter.read(spectral=True)``, for the ``spectral_budget`` rule) is exact:
+σ1(γBA)² is the largest eigenvalue of the r×r product (BᵀB)(AAᵀ) for LoRA, σ1(w1 ⊗ w2) = σ1(w1) σ1(w2) for
+LoKr, and an SVD of ``delta_weight()`` for the rest; σ1(W0) is computed once.  An SVD per layer is too much for
+every step, so the trainer reads it at epoch ends.  The cost that remains is one read of
 every adapted ``W`` per call (``r × out × in`` multiply-adds for LoRA), so the trainer's
 ``early_stop.interval`` is the knob for how often to pay it.  A zero update (every LoRA at initialisation) has
 cosine 0, not NaN.  All sums run in float32 at least, on the weights' device, with one host sync per call.
@@ -39,10 +44,25 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 @dataclass(frozen=True)
 class CSReading:
     """One sample of what ΔW and W say: CS (eq. 2) and the update's size, the mean over layers of ‖ΔW‖ / ‖W‖
-    (the same sums, so it costs nothing more; the ``budget`` rule reads it)."""
+    (the same sums, so it costs nothing more; the ``budget`` rule reads it); the spectral size, the mean of
+    σ1(ΔW) / σ1(W), where it was asked for (``spectral_budget``)."""
 
     cs: float
     update: float
+    spectral: float | None = None
+
+
+@torch.no_grad()
+def spectral_norm(matrix: torch.Tensor) -> torch.Tensor:
+    """σ1 of a weight or update, a conv kernel flattened to ``out × in·k·k`` (float32 at least)."""
+    m = matrix.detach().reshape(matrix.shape[0], -1)
+    return torch.linalg.matrix_norm(m.to(_compute_dtype(m)), ord=2)
+
+
+def spectral_ratio(top_delta: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
+    """σ1(ΔW) / σ1(W); 0 where W is zero."""
+    safe = torch.where(top_weight > 0, top_weight, torch.ones_like(top_weight))
+    return torch.where(top_weight > 0, top_delta / safe, torch.zeros_like(top_delta))
 
 
 def relative_update(delta_sq: torch.Tensor, weight_sq: torch.Tensor) -> torch.Tensor:
@@ -104,6 +124,24 @@ def _lowrank_factors(adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor, floa
     if scale is None:
         return None
     return down.weight, up.weight, float(scale) * float(adapter.multiplier)
+
+
+@torch.no_grad()
+def delta_spectral_norm(adapter: Adapter, fast: bool = True) -> torch.Tensor:
+    """σ1(ΔW) of one adapter: from r×r Grams for LoRA, from the Kronecker factors for LoKr, else an SVD of ΔW."""
+    form = _short_form(adapter) if fast else "dense"
+    if form == "lowrank":
+        down, up, scale = _lowrank_factors(adapter)
+        rank = down.shape[0]
+        a = down.reshape(rank, -1).double()
+        b = up.reshape(up.shape[0], rank).double()
+        # (BᵀB)(AAᵀ) is similar to a symmetric PSD matrix: its eigenvalues are real, ≥ 0, and σ(BA)²
+        top = torch.linalg.eigvals((b.T @ b) @ (a @ a.T)).real.max().clamp_min(0.0)
+        return top.sqrt() * abs(scale)
+    if form == "kron":
+        gamma = float(adapter.scale) * float(adapter.multiplier)
+        return spectral_norm(adapter._w1()) * spectral_norm(adapter._w2()) * abs(gamma)
+    return spectral_norm(adapter.delta_weight())
 
 
 def _short_form(adapter: Adapter) -> str:
@@ -195,19 +233,23 @@ def cs_value(adapters: Iterable[Adapter] | Mapping[str, Adapter], fast: bool = T
 
 
 @torch.no_grad()
-def native_reading(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> CSReading:
+def native_reading(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], spectral: bool = False) -> CSReading:
     """CS and the update's size for native fine-tuning: pairs of (trained ``W``, saved pretrained copy ``W0``),
-    ``ΔW = W - W0``."""
-    cosines, sizes = [], []
+    ``ΔW = W - W0``; with ``spectral``, the spectral size too (an SVD of every ΔW and W0: for epoch ends)."""
+    cosines, sizes, tops = [], [], []
     for weight, original in pairs:
-        dot, delta_sq = dense_terms(weight.detach() - original.to(weight.device, weight.dtype), original)
+        delta = weight.detach() - original.to(weight.device, weight.dtype)
+        dot, delta_sq = dense_terms(delta, original)
         w = original.reshape(-1).to(dot.dtype)
         weight_sq = torch.dot(w, w)
         cosines.append(cosine_from_terms(dot, delta_sq, weight_sq).to(torch.float64).cpu())
         sizes.append(relative_update(delta_sq, weight_sq).to(torch.float64).cpu())
+        if spectral and original.dim() >= 2:  # a bias or norm weight has no singular values to speak of
+            tops.append(spectral_ratio(spectral_norm(delta), spectral_norm(original)).to(torch.float64).cpu())
     if not cosines:
         raise ValueError("CS needs at least one weight pair")
-    return CSReading(float(torch.stack(cosines).mean()), float(torch.stack(sizes).mean()))
+    return CSReading(float(torch.stack(cosines).mean()), float(torch.stack(sizes).mean()),
+                     float(torch.stack(tops).mean()) if tops else None)
 
 
 def cs_native(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -227,6 +269,7 @@ class CSMeter:
         if not self.adapters:
             raise ValueError("CS needs at least one adapter")
         self.fast = fast
+        self._weight_top: torch.Tensor | None = None  # σ1(W0) per layer, on the first spectral read
         with torch.no_grad():
             self._weight_sq = []
             self._cache: list[torch.Tensor | None] = []
@@ -255,11 +298,23 @@ class CSMeter:
     def layer_cosines(self) -> torch.Tensor:
         return self.layer_terms()[0]
 
-    def read(self) -> CSReading:
-        """CS and the update's size in one pass (one host sync)."""
+    @torch.no_grad()
+    def layer_spectral_sizes(self) -> torch.Tensor:
+        """Per layer: σ1(ΔW) / σ1(W0) (float64, on the weights' device)."""
+        if self._weight_top is None:
+            self._weight_top = torch.stack([spectral_norm(frozen_weight(a)).to(torch.float64)
+                                            for a in self.adapters])
+        tops = torch.stack([delta_spectral_norm(a, self.fast).to(self._weight_top.device, torch.float64)
+                            for a in self.adapters])
+        return spectral_ratio(tops, self._weight_top)
+
+    def read(self, spectral: bool = False) -> CSReading:
+        """CS and the update's size in one pass (one host sync); with ``spectral``, the spectral size too
+        (an SVD-sized computation per layer that is not a LoRA: read it at epoch ends, not every step)."""
         cosines, sizes = self.layer_terms()
         both = torch.stack([cosines.mean(), sizes.mean()]).cpu()
-        return CSReading(float(both[0]), float(both[1]))
+        top = float(self.layer_spectral_sizes().mean()) if spectral else None
+        return CSReading(float(both[0]), float(both[1]), top)
 
     def __call__(self) -> float:
         return float(self.layer_cosines().mean())

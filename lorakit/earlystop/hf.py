@@ -139,6 +139,9 @@ class CSFluctuationCallback(TrainerCallback, ExportableState):
             raise ValueError(f"interval must be a positive number of steps, got {interval}")
         self.window, self.interval, self.lr = window, int(interval), lr
         self.rule = rule_from_dict(rule) if isinstance(rule, dict) else rule
+        if self.rule is not None and self.rule.series == "spectral":
+            raise ValueError(f"the {self.rule.name} rule reads σ1(ΔW)/σ1(W), which this callback does not compute; "
+                             "use the budget rule (‖ΔW‖/‖W‖) or a CSF rule")
         self.min_steps, self.report_only, self.alignment = int(min_steps), bool(report_only), alignment
         self.save, self.restore, self.record, self.plot = save, bool(restore), bool(record), bool(plot)
         self.adapter_name = adapter_name

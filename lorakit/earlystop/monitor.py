@@ -15,7 +15,8 @@ The window M and every index here count *samples* (updates), not steps; ``update
 epoch) of each sample so that the turning point comes back as a step.  The turning point refers to the
 sample ``lag`` samples before the CSF valley (``series.turning_point_lag``; ``(3M-2)//2`` by default) and is
 known when the rule confirms the valley, one sample after it at the earliest.  A rule on the update's size has
-no lag: the size is known at the sample it belongs to.
+no lag: the size is known at the sample it belongs to.  The spectral size (``spectral=``) is given where it was
+read (the trainer: epoch ends) and is NaN at the other samples.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from lorakit.earlystop.rules import Detection, Rule, SecondValley, rule_from_dict
+from lorakit.earlystop.rules import SIZE_NAMES, SIZE_SERIES, Detection, Rule, SecondValley, rule_from_dict
 from lorakit.earlystop.series import (
     check_window,
     cs_fluctuation,
@@ -83,6 +84,11 @@ class History:
     csf: np.ndarray
     turning_point: TurningPoint | None = None
     update: np.ndarray | None = None  # ‖ΔW‖/‖W‖ per sample (NaN where not recorded; None: never recorded)
+    spectral: np.ndarray | None = None  # σ1(ΔW)/σ1(W) per sample, likewise
+
+    def size(self, series: str) -> np.ndarray | None:
+        """The recorded size series a size rule reads ("update" or "spectral")."""
+        return self.update if series == "update" else self.spectral
 
     def ma_cs(self) -> np.ndarray:
         """MA(CS) on the sample axis (eq. 3, trailing), NaN for the first ``M - 1`` samples."""
@@ -93,8 +99,8 @@ class History:
                 "epochs": list(self.epochs), "cs": self.cs.tolist(),
                 "csf": [None if math.isnan(v) else v for v in self.csf.tolist()],
                 "turning_point": None if self.turning_point is None else self.turning_point.to_dict(),
-                **({} if self.update is None else
-                   {"update": [None if math.isnan(v) else v for v in self.update.tolist()]})}
+                **{name: [None if math.isnan(v) else v for v in values.tolist()]
+                   for name, values in (("update", self.update), ("spectral", self.spectral)) if values is not None}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> History:
@@ -104,8 +110,9 @@ class History:
                    np.asarray(data["cs"], dtype=np.float64),
                    np.asarray([math.nan if v is None else v for v in data["csf"]], dtype=np.float64),
                    None if tp is None else TurningPoint(**tp),
-                   None if data.get("update") is None else  # histories from before the size was recorded
-                   np.asarray([math.nan if v is None else v for v in data["update"]], dtype=np.float64))
+                   *(None if data.get(name) is None else  # histories from before the sizes were recorded
+                     np.asarray([math.nan if v is None else v for v in data[name]], dtype=np.float64)
+                     for name in SIZE_SERIES))
 
 
 def _turning_point(found: Detection, lag: int, steps: list[int], epochs: list[int | None],
@@ -118,22 +125,24 @@ def _turning_point(found: Detection, lag: int, steps: list[int], epochs: list[in
 
 def find_turning_point(cs: np.ndarray, window: int, lr: float = 1.0, rule: Rule | None = None,
                        alignment: str | int = "centre", steps: np.ndarray | None = None,
-                       epochs: list[int | None] | None = None, update: np.ndarray | None = None
-                       ) -> TurningPoint | None:
+                       epochs: list[int | None] | None = None, update: np.ndarray | None = None,
+                       spectral: np.ndarray | None = None) -> TurningPoint | None:
     """Offline: the turning point of a whole CS series, as the monitor would report it, or ``None``.
 
     ``steps``/``epochs`` label the samples (default: the sample index, no epochs); ``update`` is the update's
-    size per sample, which a rule on it needs.  Because the rules are online, running this on the prefix
-    ``cs[:k+1]`` says whether the monitor has decided at sample ``k``.
+    size per sample, which a rule on it needs (``spectral``: the spectral size, NaN where not read).  Because
+    the rules are online, running this on the prefix ``cs[:k+1]`` says whether the monitor has decided at
+    sample ``k``.
     """
     cs = np.asarray(cs, dtype=np.float64)
     rule = rule or SecondValley()
     steps = list(range(len(cs))) if steps is None else [int(s) for s in steps]
     epochs = [None] * len(cs) if epochs is None else list(epochs)
-    if rule.series == "update":
-        if update is None:
-            raise ValueError(f"the {rule.name} rule reads the update's size ‖ΔW‖/‖W‖; this series has none")
-        found = rule.find(np.asarray(update, dtype=np.float64), window)
+    if rule.series in SIZE_SERIES:
+        sizes = update if rule.series == "update" else spectral
+        if sizes is None:
+            raise ValueError(f"the {rule.name} rule reads {SIZE_NAMES[rule.series]}; this series has none")
+        found = rule.find(np.asarray(sizes, dtype=np.float64), window)
         return None if found is None else _turning_point(found, 0, steps, epochs, None)
     csf = cs_fluctuation(cs, window, lr)
     offset = csf_offset(window)
@@ -165,13 +174,14 @@ class CSFluctuationMonitor:
         self.report_only = bool(report_only)
         self.alignment = alignment
         # a valley of CSF describes the CS samples before it; the update's size, the sample it is read at
-        self.lag = 0 if self.rule.series == "update" else turning_point_lag(self.window, alignment)
+        self.lag = 0 if self.rule.series in SIZE_SERIES else turning_point_lag(self.window, alignment)
         self._offset = csf_offset(self.window)
         self._tracker = self.rule.tracker(self.window)
         self._steps: list[int] = []
         self._epochs: list[int | None] = []
         self._cs: list[float] = []
         self._update: list[float] = []  # ‖ΔW‖/‖W‖ per sample, NaN where not given
+        self._spectral: list[float] = []  # σ1(ΔW)/σ1(W) per sample, NaN where not given (most samples)
         self._csf: list[float] = []  # from sample 3M-2 on
         # the tails of the intermediate series that the next value needs: MA (2), ∇MA (M), X (M)
         self._ma: list[float] = []
@@ -180,9 +190,10 @@ class CSFluctuationMonitor:
         self.turning_point: TurningPoint | None = None
 
     # ---- feeding -----------------------------------------------------------------------------
-    def update(self, step: int, cs: float, epoch: int | None = None, update: float | None = None) -> Decision:
-        """Record the CS of ``step`` (after that step's update), and the update's size ‖ΔW‖/‖W‖ if known, and say
-        whether to stop."""
+    def update(self, step: int, cs: float, epoch: int | None = None, update: float | None = None,
+               spectral: float | None = None) -> Decision:
+        """Record the CS of ``step`` (after that step's update), the update's size ‖ΔW‖/‖W‖ and its spectral size
+        σ1(ΔW)/σ1(W) where known, and say whether to stop."""
         step, cs = int(step), float(cs)
         if self.rule.series == "update" and (update is None or not math.isfinite(update)):
             raise ValueError(f"the {self.rule.name} rule needs the update's size ‖ΔW‖/‖W‖ at step {step}, got "
@@ -196,13 +207,14 @@ class CSFluctuationMonitor:
         self._epochs.append(None if epoch is None else int(epoch))
         self._cs.append(cs)
         self._update.append(math.nan if update is None else float(update))
+        self._spectral.append(math.nan if spectral is None else float(spectral))
         n = len(self._cs) - 1
         value = self._advance()
         if value is not None:
             self._csf.append(value)
         if self.turning_point is None:
-            if self.rule.series == "update":
-                found = self._tracker.update(n, self._update[-1])
+            if self.rule.series in SIZE_SERIES:
+                found = self._tracker.update(n, (self._update if self.rule.series == "update" else self._spectral)[-1])
                 if found is not None:
                     self.turning_point = _turning_point(found, 0, self._steps, self._epochs, None)
             elif value is not None:
@@ -238,6 +250,10 @@ class CSFluctuationMonitor:
             needed = self._offset + 1
             if self.rule.series == "update":
                 return Decision(False, f"the update's size {self._update[-1]:.4g} is under the budget")
+            if self.rule.series == "spectral":
+                last = next((v for v in reversed(self._spectral) if not math.isnan(v)), None)
+                return Decision(False, "the spectral size is read at epoch ends" if last is None else
+                                f"the spectral size {last:.4g} (last read) is under the budget")
             if len(self._cs) < needed:
                 return Decision(False, f"collecting samples: {len(self._cs)} of the {needed} that CS-Fluctuation "
                                        f"needs (3 windows of {self.window})")
@@ -253,11 +269,12 @@ class CSFluctuationMonitor:
     @property
     def history(self) -> History:
         n = len(self._cs)
-        update = np.asarray(self._update, dtype=np.float64)
+        update, spectral = (np.asarray(v, dtype=np.float64) for v in (self._update, self._spectral))
         return History(self.window, self.lr, self.lag, np.asarray(self._steps, dtype=np.int64),
                        list(self._epochs), np.asarray(self._cs, dtype=np.float64),
                        pad_to_samples(np.asarray(self._csf), self._offset, n), self.turning_point,
-                       update if np.isfinite(update).any() else None)
+                       update if np.isfinite(update).any() else None,
+                       spectral if np.isfinite(spectral).any() else None)
 
     def earliest_candidate_step(self) -> int:
         """No step before this can still be the turning point: saved weights older than the last copy at or
@@ -265,7 +282,7 @@ class CSFluctuationMonitor:
         if self.turning_point is not None:
             return self.turning_point.step
         n = len(self._cs)
-        if self.rule.series == "update":  # decided at the sample it reads: only the next samples can be it
+        if self.rule.series in SIZE_SERIES:  # decided at the sample it reads: only the next samples can be it
             return (self._steps[-1] + 1) if self._steps else 0
         valley = self._tracker.earliest_candidate(n - 1) if n > self._offset else self._offset
         index = max(0, valley - self.lag)
@@ -283,6 +300,7 @@ class CSFluctuationMonitor:
         return {"version": _STATE_VERSION, "config": self.config(), "steps": list(self._steps),
                 "epochs": list(self._epochs), "cs": list(self._cs), "csf": list(self._csf),
                 "update": [None if math.isnan(v) else v for v in self._update],
+                "spectral": [None if math.isnan(v) else v for v in self._spectral],
                 "tails": {"ma": list(self._ma), "slope": list(self._slope), "x": list(self._x)},
                 "tracker": self._tracker.state_dict(),
                 "turning_point": None if self.turning_point is None else self.turning_point.to_dict()}
@@ -300,6 +318,8 @@ class CSFluctuationMonitor:
         self._cs = [float(v) for v in state["cs"]]
         saved = state.get("update") or [None] * len(self._cs)  # states from before the size was recorded
         self._update = [math.nan if v is None else float(v) for v in saved]
+        saved = state.get("spectral") or [None] * len(self._cs)
+        self._spectral = [math.nan if v is None else float(v) for v in saved]
         self._csf = [float(v) for v in state["csf"]]
         tails = state["tails"]
         self._ma, self._slope, self._x = ([float(v) for v in tails[k]] for k in ("ma", "slope", "x"))

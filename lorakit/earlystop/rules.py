@@ -29,8 +29,14 @@ layers of ‖ΔW‖ / ‖W‖.  The turning point is the first sample where it r
 moved its layers that far has learned what it will and starts to overwrite the base model.  Unlike CSF, the size
 grows fast exactly when a run breaks the model (a high learning rate), so the rule stops a breakdown within its
 first epoch and lets a slow learner run until its update has grown (``docs/early_stopping.md`` has the
-measurements it was chosen on, and where it misses).  A rule says which
-series it reads (``series``): ``"csf"`` or ``"update"``.
+measurements it was chosen on, and where it misses).
+
+``SpectralBudget`` is the same rule on the spectral size, the mean over layers of σ1(ΔW) / σ1(W): how far a
+layer moves any one input, whatever the update's rank (the Frobenius size of a LoHa's rank-r² or a LoKr's
+Kronecker update is spread over many directions, each moved a little).  It costs an SVD-sized computation per
+layer, so the trainer reads it at epoch ends only, and the rule decides there.
+
+A rule says which series it reads (``series``): ``"csf"``, ``"update"`` or ``"spectral"``.
 """
 
 from __future__ import annotations
@@ -63,9 +69,14 @@ class Tracker(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+#: the series a size rule reads: no lag, decided at the sample the size belongs to
+SIZE_SERIES = ("update", "spectral")
+
+
 class Rule(Protocol):
     name: ClassVar[str]
-    series: ClassVar[str]  # what the tracker is fed: "csf" (CS-Fluctuation) or "update" (‖ΔW‖ / ‖W‖)
+    #: what the tracker is fed: "csf" (CS-Fluctuation), "update" (‖ΔW‖ / ‖W‖) or "spectral" (σ1(ΔW) / σ1(W))
+    series: ClassVar[str]
 
     def tracker(self, window: int) -> Tracker: ...
 
@@ -275,16 +286,43 @@ class UpdateBudget:
         return {"name": self.name, **asdict(self)}
 
 
+@dataclass(frozen=True)
+class SpectralBudget:
+    """The first sample where the mean over layers of σ1(ΔW) / σ1(W) reaches ``budget`` (the trainer reads it at
+    epoch ends; samples without it are NaN and never decide)."""
+
+    name: ClassVar[str] = "spectral_budget"
+    series: ClassVar[str] = "spectral"
+    budget: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not self.budget > 0:
+            raise InvalidValueError(f"budget is a size of ΔW relative to W, above 0; got {self.budget}")
+
+    def tracker(self, window: int) -> BudgetTracker:
+        return BudgetTracker(self)
+
+    def find(self, values: np.ndarray, window: int, offset: int = 0) -> Detection | None:
+        return _run(self.tracker(window), values, offset)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
+
+
+#: how each size series is named in a turning point's reason and in errors
+SIZE_NAMES = {"update": "the update's size ‖ΔW‖/‖W‖", "spectral": "the update's spectral size σ1(ΔW)/σ1(W)"}
+
+
 @dataclass
 class BudgetTracker:
-    rule: UpdateBudget
+    rule: UpdateBudget | SpectralBudget
     decided: bool = False
 
     def update(self, index: int, value: float) -> Detection | None:
         if self.decided or not value >= self.rule.budget:  # a NaN (no size recorded) never decides
             return None
         self.decided = True
-        return Detection(index, index, f"the update's size ‖ΔW‖/‖W‖ reached {value:.4g} at sample {index} "
+        return Detection(index, index, f"{SIZE_NAMES[self.rule.series]} reached {value:.4g} at sample {index} "
                                        f"(budget {self.rule.budget:g})")
 
     def earliest_candidate(self, index: int) -> int:
@@ -297,10 +335,11 @@ class BudgetTracker:
         self.decided = bool(state["decided"])
 
 
-RULES: dict[str, type] = {SecondValley.name: SecondValley, CalmRule.name: CalmRule, UpdateBudget.name: UpdateBudget}
+RULES: dict[str, type] = {SecondValley.name: SecondValley, CalmRule.name: CalmRule, UpdateBudget.name: UpdateBudget,
+                          SpectralBudget.name: SpectralBudget}
 
 
-def rule_from_dict(config: dict[str, Any]) -> SecondValley | CalmRule | UpdateBudget:
+def rule_from_dict(config: dict[str, Any]) -> SecondValley | CalmRule | UpdateBudget | SpectralBudget:
     """Rebuild a rule from ``rule.to_dict()`` (used by state dicts and the transformers callback)."""
     config = dict(config)
     name = config.pop("name")

@@ -179,15 +179,16 @@ def turning_epoch(run_dir: Path, rule=None, alignment: str | int = "centre", win
 
 
 def replayed_turning_points(run_dir: Path) -> dict[str, dict | None]:
-    """Every compared rule's turning point on the run (``turning_epoch``); the budget rule from the checkpoints'
-    update sizes where the run was recorded before the trainer kept them (replayed at epoch ends)."""
-    from lorakit.world.update_sizes import budget_epoch, checkpoint_update_sizes
+    """Every compared rule's turning point on the run (``turning_epoch``); a size rule from the checkpoints'
+    sizes (or their record) where the trainer did not keep that size (replayed at epoch ends)."""
+    from lorakit.world.update_sizes import budget_epoch, checkpoint_spectral_sizes, checkpoint_update_sizes
 
     out = {}
     for name, (rule, window_epochs) in COMPARED_RULES.items():
         tp = turning_epoch(run_dir, rule, window_epochs=window_epochs)
-        if tp is None and rule.series == "update":
-            epoch = budget_epoch(checkpoint_update_sizes(run_dir), rule.budget)
+        if tp is None and rule.series in ("update", "spectral"):
+            sizes = (checkpoint_update_sizes if rule.series == "update" else checkpoint_spectral_sizes)(run_dir)
+            epoch = budget_epoch(sizes, rule.budget)
             tp = None if epoch is None else {"epoch": epoch, "found_at_epoch": epoch}
         out[name] = tp
     return out

@@ -1,6 +1,6 @@
 """The update's size ‖ΔW‖/‖W‖ (mean over layers) of every epoch checkpoint of a run, for replaying the ``budget``
 rule on runs recorded before the trainer kept the size with every CS sample; and its spectral size
-σ1(ΔW)/σ1(W), a candidate measure for the budget that the trainer does not compute (see ``spectral_sizes``).
+σ1(ΔW)/σ1(W) (``checkpoint_spectral_sizes``), which the trainer reads only when its rule is ``spectral-budget``.
 
 A run trained since then has the size per step in ``cs_history.json`` and the rule replays exactly as it ran;
 for an older run the size is read from its saved epoch checkpoints (the same ``CSMeter`` sums), so the rule is
@@ -13,12 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from lorakit.atomic import atomic_write_json
 from lorakit.checkpoints import RunFolder
 from lorakit.config import load_config
-from lorakit.earlystop.cs import CSMeter, frozen_weight
+from lorakit.earlystop.cs import CSMeter
 from lorakit.formats import load_network
 from lorakit.models import BaseModel, load_base_model
 from lorakit.world.grid import SPECTRAL_CACHE
@@ -55,21 +53,14 @@ def budget_epoch(sizes: dict[int, float], budget: float) -> int | None:
     return next((epoch for epoch, size in sorted(sizes.items()) if size >= budget), None)
 
 
-def layer_spectral_ratio(delta: torch.Tensor, weight: torch.Tensor) -> float:
-    """σ1(ΔW) / σ1(W) of one layer (a conv kernel flattened to ``out × in·k·k``), exact (an SVD)."""
-    d, w = delta.detach().flatten(1).double(), weight.detach().flatten(1).double()
-    top = torch.linalg.matrix_norm(w, ord=2)
-    return float(torch.linalg.matrix_norm(d, ord=2) / top) if top > 0 else 0.0
-
-
 def checkpoint_spectral_sizes(run_dir: Path, model: BaseModel | None = None) -> dict[int, float]:
     """Epoch -> the mean over the adapted U-Net layers of σ1(ΔW)/σ1(W0) for each epoch checkpoint.
 
     Why beside ‖ΔW‖/‖W‖: the Frobenius size of a high-rank update (LoHa's rank r², LoKr's Kronecker product) is
     spread over many directions, each moved a little, while a rank-8 LoRA puts all of it into eight; the largest
-    singular value is how far the layer moves any one input, whatever the update's rank.  Exact (one SVD per
-    layer and checkpoint: seconds per checkpoint on the built-in model), cached in ``spectral_sizes.json``; a run
-    whose checkpoints are gone (an archived record) is read from that file alone."""
+    singular value is how far the layer moves any one input, whatever the update's rank.  The trainer's own
+    reading (``CSMeter.read(spectral=True)``: exact), cached in ``spectral_sizes.json``; a run whose checkpoints
+    are gone (an archived record) is read from that file alone."""
     cache = run_dir / SPECTRAL_CACHE
     sizes = {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.exists() else {}
     checkpoints = RunFolder(run_dir, "resume").checkpoints() if (run_dir / "checkpoints").is_dir() else []
@@ -81,11 +72,9 @@ def checkpoint_spectral_sizes(run_dir: Path, model: BaseModel | None = None) -> 
         for checkpoint in missing:
             network, _ = load_network(checkpoint.tensors_path, model.unet, model.text_encoder)
             try:
-                names = network.names("unet") or list(network.names())
-                with torch.no_grad():
-                    ratios = [layer_spectral_ratio(network[n].delta_weight(), frozen_weight(network[n]))
-                              for n in names]
-                sizes[checkpoint.epoch] = sum(ratios) / len(ratios)
+                unet = network.names("unet")
+                meter = CSMeter({n: network[n] for n in unet} if unet else network)
+                sizes[checkpoint.epoch] = meter.read(spectral=True).spectral  # what the trainer reads
             finally:
                 network.remove()
         atomic_write_json(cache, {str(k): v for k, v in sorted(sizes.items())})
