@@ -13,15 +13,15 @@ and ``‖W‖`` is computed once per layer by ``CSMeter``.  Two more algorithms 
 - LoKr, ``ΔW = γ w1 ⊗ w2``: ``<ΔW, W> = γ Σ_ac w1[a,c] <w2, W_(a,c)>`` over the blocks of ``W``, and
   ``‖ΔW‖² = γ² ‖w1‖² ‖w2‖²``: one pass over ``W`` and no ``W``-sized temporary.
 
-A Tucker core, DoRA, LoHa and full fall back to ``delta_weight()``.
+A Tucker core, DoRA, LoHa and full fall back to ``delta_weight()``.  The cost that remains is one read of
+every adapted ``W`` per call (``r × out × in`` multiply-adds for LoRA), so the trainer's
+``early_stop.interval`` is the knob for how often to pay it.  A zero update (every LoRA at initialisation) has
+cosine 0, not NaN.  All sums run in float32 at least, on the weights' device, with one host sync per call.
 
 The spectral size σ1(ΔW)/σ1(W0) (``CSMeter.read(spectral=True)``, for the ``spectral_budget`` rule) is exact:
 σ1(γBA)² is the largest eigenvalue of the r×r product (BᵀB)(AAᵀ) for LoRA, σ1(w1 ⊗ w2) = σ1(w1) σ1(w2) for
 LoKr, and an SVD of ``delta_weight()`` for the rest; σ1(W0) is computed once.  An SVD per layer is too much for
-every step, so the trainer reads it at epoch ends.  The cost that remains is one read of
-every adapted ``W`` per call (``r × out × in`` multiply-adds for LoRA), so the trainer's
-``early_stop.interval`` is the knob for how often to pay it.  A zero update (every LoRA at initialisation) has
-cosine 0, not NaN.  All sums run in float32 at least, on the weights' device, with one host sync per call.
+every step, so the trainer reads it at epoch ends.
 """
 
 from __future__ import annotations
