@@ -165,7 +165,8 @@ class EarlyStopConfig:
     #: compute CS every this many steps
     interval: int = 1
     #: turning-point rule: "budget" (the update's size ‖ΔW‖/‖W‖ reaches a budget; beyond the paper; the default,
-    #: the nearest to the measured overfitting onset on both shapes-world concepts, docs/early_stopping.md), "calm"
+    #: with spectral-budget the nearest to the measured overfitting onset on both shapes-world concepts,
+    #: docs/early_stopping.md), "calm"
     #: (CSF stays small for a window), "second-valley" (the paper's Algorithm 1) or "spectral-budget" (the same
     #: budget on σ1(ΔW)/σ1(W), read at epoch ends; a candidate, docs/early_stopping.md)
     rule: str = "budget"
@@ -226,8 +227,9 @@ class TrainConfig:
              self.model.mixed_precision),
             (self.model.compile_mode in COMPILE_MODES, "model.compile_mode", f"one of {one_of(COMPILE_MODES)}",
              self.model.compile_mode),
-            (self.model.compile_backend in compile_backends(), "model.compile_backend",
-             f"one of {one_of(compile_backends())}", self.model.compile_backend),
+            # torch is asked only when the option is used: `--print-config` must not wait for it
+            (not self.model.compile or self.model.compile_backend in compile_backends(), "model.compile_backend",
+             f"one of {one_of(compile_backends()) if self.model.compile else ''}", self.model.compile_backend),
             (self.model.prediction_type in (None, *PREDICTION_TYPES), "model.prediction_type",
              f"one of {one_of(PREDICTION_TYPES)} (or absent: the model's own)", self.model.prediction_type),
             (net.algorithm.lower() in ALGORITHMS or net.algorithm.lower() in ALIASES, "network.algorithm",
