@@ -265,12 +265,12 @@ class CalmTracker:
 
 
 @dataclass(frozen=True)
-class UpdateBudget:
-    """The first sample where the mean over layers of ‖ΔW‖ / ‖W‖ reaches ``budget``."""
+class _SizeBudget:
+    """A budget on one of the size series: the first sample where it reaches ``budget`` (no lag)."""
 
-    name: ClassVar[str] = "budget"
-    series: ClassVar[str] = "update"
-    budget: float = 0.1
+    name: ClassVar[str]
+    series: ClassVar[str]
+    budget: float
 
     def __post_init__(self) -> None:
         if not self.budget > 0:
@@ -287,26 +287,22 @@ class UpdateBudget:
 
 
 @dataclass(frozen=True)
-class SpectralBudget:
+class UpdateBudget(_SizeBudget):
+    """The first sample where the mean over layers of ‖ΔW‖ / ‖W‖ reaches ``budget``."""
+
+    name: ClassVar[str] = "budget"
+    series: ClassVar[str] = "update"
+    budget: float = 0.1
+
+
+@dataclass(frozen=True)
+class SpectralBudget(_SizeBudget):
     """The first sample where the mean over layers of σ1(ΔW) / σ1(W) reaches ``budget`` (the trainer reads it at
     epoch ends; samples without it are NaN and never decide)."""
 
     name: ClassVar[str] = "spectral_budget"
     series: ClassVar[str] = "spectral"
     budget: float = 0.25
-
-    def __post_init__(self) -> None:
-        if not self.budget > 0:
-            raise InvalidValueError(f"budget is a size of ΔW relative to W, above 0; got {self.budget}")
-
-    def tracker(self, window: int) -> BudgetTracker:
-        return BudgetTracker(self)
-
-    def find(self, values: np.ndarray, window: int, offset: int = 0) -> Detection | None:
-        return _run(self.tracker(window), values, offset)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **asdict(self)}
 
 
 #: how each size series is named in a turning point's reason and in errors
@@ -315,7 +311,7 @@ SIZE_NAMES = {"update": "the update's size ‖ΔW‖/‖W‖", "spectral": "the 
 
 @dataclass
 class BudgetTracker:
-    rule: UpdateBudget | SpectralBudget
+    rule: _SizeBudget
     decided: bool = False
 
     def update(self, index: int, value: float) -> Detection | None:

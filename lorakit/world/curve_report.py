@@ -279,7 +279,8 @@ def run(args: argparse.Namespace) -> int:
         for concept in sorted({r.concept for r in runs}, key=lambda c: (c != "zkz", c)):
             sweep += [f"[{concept}] {line}" for line in budget_sweep([r for r in runs if r.concept == concept],
                                                                      budgets, dirs, measure)]
-    print("\n".join(sweep))
+    if sweep:
+        print("\n".join(sweep))
     if args.markdown:
         args.markdown.write_text(table + "\n" + "\n".join(f"- {s}" for s in summary_lines(runs) + sweep) + "\n")
     if args.plot and runs:

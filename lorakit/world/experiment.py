@@ -29,6 +29,7 @@ from lorakit.checkpoints import RunFolder
 from lorakit.config import TrainConfig
 from lorakit.earlystop import History, SecondValley
 from lorakit.earlystop.replay import COMPARED_RULES, replay
+from lorakit.earlystop.rules import SIZE_SERIES
 from lorakit.evaluate.checkpoints import EvalCheckpoint, file_hash, model_hash
 from lorakit.evaluate.generate import ImageCache, SamplerSettings, generate_all, load_images, make_jobs
 from lorakit.evaluate.prompts import EvalPrompt as Prompt
@@ -186,7 +187,7 @@ def replayed_turning_points(run_dir: Path) -> dict[str, dict | None]:
     out = {}
     for name, (rule, window_epochs) in COMPARED_RULES.items():
         tp = turning_epoch(run_dir, rule, window_epochs=window_epochs)
-        if tp is None and rule.series in ("update", "spectral"):
+        if tp is None and rule.series in SIZE_SERIES:
             sizes = (checkpoint_update_sizes if rule.series == "update" else checkpoint_spectral_sizes)(run_dir)
             epoch = budget_epoch(sizes, rule.budget)
             tp = None if epoch is None else {"epoch": epoch, "found_at_epoch": epoch}

@@ -19,8 +19,8 @@ leak).
 The onset is the first epoch (≥ 1) where the centred 3-epoch moving average of g reaches ``REACH`` (80%) of its
 peak: the earliest checkpoint nearly as good as the best one.  The peak itself (``reach = 1``, the onset of the
 first grids, still reported) sits on a plateau in a run that learns slowly, and the bootstrap moves it by ten
-epochs and more ([6–17], [8–20] on the star's LoRA and LoCon at 2e-3) where the plateau's start moves by four
-([5–9], [7–11]); by construction, stopping there gives up at most a fifth of the best smoothed g.
+epochs and more ([6–17], [8–20] on the star's LoCon and LoRA at 2e-3) where the plateau's start moves by five
+or six ([6–11], [7–13]); by construction, stopping there gives up at most a fifth of the best smoothed g.
 
 How sure: every epoch is scored on the same prompts and seeds, so a paired bootstrap draws prompts with
 replacement (change prompts and agnostic prompts separately, each prompt with all its images), uses the draw

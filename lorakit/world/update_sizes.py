@@ -30,22 +30,7 @@ _models: dict[str | None, BaseModel] = {}  # one load of a base model for every 
 def checkpoint_update_sizes(run_dir: Path, model: BaseModel | None = None) -> dict[int, float]:
     """Epoch -> mean ‖ΔW‖/‖W0‖ over the adapted U-Net layers of that epoch's checkpoint (as the trainer measures:
     the U-Net's adapters); ``model``: the run's base model (default: the one its config names)."""
-    cache = run_dir / CACHE
-    sizes = {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.exists() else {}
-    missing = [c for c in RunFolder(run_dir, "resume").checkpoints() if c.epoch not in sizes]
-    if missing:
-        if model is None:
-            base = load_config(run_dir / "config.toml").model.base
-            model = _models[base] if base in _models else _models.setdefault(base, load_base_model(base))
-        for checkpoint in missing:
-            network, _ = load_network(checkpoint.tensors_path, model.unet, model.text_encoder)
-            try:
-                unet = network.names("unet")
-                sizes[checkpoint.epoch] = CSMeter({n: network[n] for n in unet} if unet else network).read().update
-            finally:
-                network.remove()
-        atomic_write_json(cache, {str(k): v for k, v in sorted(sizes.items())})
-    return dict(sorted(sizes.items()))
+    return _checkpoint_sizes(run_dir, CACHE, spectral=False, model=model)
 
 
 def budget_epoch(sizes: dict[int, float], budget: float) -> int | None:
@@ -61,10 +46,17 @@ def checkpoint_spectral_sizes(run_dir: Path, model: BaseModel | None = None) -> 
     singular value is how far the layer moves any one input, whatever the update's rank.  The trainer's own
     reading (``CSMeter.read(spectral=True)``: exact), cached in ``spectral_sizes.json``; a run whose checkpoints
     are gone (an archived record) is read from that file alone."""
-    cache = run_dir / SPECTRAL_CACHE
+    return _checkpoint_sizes(run_dir, SPECTRAL_CACHE, spectral=True, model=model)
+
+
+def _checkpoint_sizes(run_dir: Path, cache_name: str, spectral: bool, model: BaseModel | None) -> dict[int, float]:
+    """The trainer's reading of every epoch checkpoint not yet in ``<run>/<cache_name>``: the spectral size or
+    ‖ΔW‖/‖W‖.  A spectral record stands alone (an archived run keeps it, not its checkpoints); the Frobenius one
+    is only a cache of the checkpoints, which must be there."""
+    cache = run_dir / cache_name
     sizes = {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.exists() else {}
-    checkpoints = RunFolder(run_dir, "resume").checkpoints() if (run_dir / "checkpoints").is_dir() else []
-    missing = [c for c in checkpoints if c.epoch not in sizes]
+    standalone = spectral and not (run_dir / "checkpoints").is_dir()
+    missing = [] if standalone else [c for c in RunFolder(run_dir, "resume").checkpoints() if c.epoch not in sizes]
     if missing:
         if model is None:
             base = load_config(run_dir / "config.toml").model.base
@@ -73,8 +65,8 @@ def checkpoint_spectral_sizes(run_dir: Path, model: BaseModel | None = None) -> 
             network, _ = load_network(checkpoint.tensors_path, model.unet, model.text_encoder)
             try:
                 unet = network.names("unet")
-                meter = CSMeter({n: network[n] for n in unet} if unet else network)
-                sizes[checkpoint.epoch] = meter.read(spectral=True).spectral  # what the trainer reads
+                reading = CSMeter({n: network[n] for n in unet} if unet else network).read(spectral=spectral)
+                sizes[checkpoint.epoch] = reading.spectral if spectral else reading.update  # what the trainer reads
             finally:
                 network.remove()
         atomic_write_json(cache, {str(k): v for k, v in sorted(sizes.items())})
