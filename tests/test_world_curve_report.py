@@ -187,3 +187,9 @@ def test_the_committed_grid_records_rebuild_the_rows_the_docs_show():
     table = curve_report.markdown_table(runs).splitlines()
     row = next(line for line in table if line.startswith("| zkz lora lr 0.002 seed 0 |"))
     assert row in docs  # the run at 2e-3 was trained again and reproduces its row exactly
+    # the measurement's ceiling, per concept: the sum over runs of the share of resampled onsets within ±1
+    star = [r for r in runs if r.concept == "zkz"]
+    ceiling = next(line for line in curve_report.summary_lines(runs) if line.startswith("[zkz] ceiling"))
+    assert f"≈{sum(r.reproduced[1] for r in star):.1f}/{len(star)} runs at the 81 images" in ceiling
+    assert all(r.reproduced[4] >= r.reproduced[1] - 0.05 for r in star)  # more images: no less reproducible
+    assert ceiling in docs

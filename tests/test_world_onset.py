@@ -143,3 +143,21 @@ def test_a_breakdown_counts_as_overfitting_where_leak_alone_misses_it():
     leak_only = [{**r, "outcomes": [{k: v for k, v in o.items() if k != "kept"} for o in r["outcomes"]]}
                  for r in rows]
     assert measure_onset(leak_only, ("color",)).epoch >= 6  # the leak sees nothing happen
+
+
+def test_reproduced_says_how_often_a_resampled_onset_lands_within_one_epoch():
+    """A sharp rise measured on many prompts is reproduced by nearly every resample; a flat, noisy run is not,
+    and scoring it on four times as many images (``images=4``) reproduces it more often."""
+    rng = np.random.default_rng(2)
+    sharp = [0.0, 0.0, 0.0, 0.8, 0.8, 0.8, 0.8, 0.8]
+    flat = [0.0] + [0.3] * 11
+
+    def noisy(truth: list[float], prompts: int) -> list[dict]:
+        curves = [list(np.clip(t + rng.normal(0, 0.2, prompts), 0, 1)) for t in truth]
+        return rows_from(curves, [0.0] * len(truth), images=4)
+
+    clear, unclear = measure_onset(noisy(sharp, 30), ("color",)), measure_onset(noisy(flat, 6), ("color",))
+    assert clear.reproduced >= 0.95 and clear.epoch == 4  # smoothed g: .27, .53, .8 at epochs 2-4
+    assert unclear.reproduced < 0.9
+    flat_rows = noisy(flat, 6)
+    assert measure_onset(flat_rows, ("color",), images=4).reproduced > measure_onset(flat_rows, ("color",)).reproduced

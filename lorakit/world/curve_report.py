@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit.config import load_config
@@ -26,6 +26,8 @@ RULES = COMPARED_RULES
 #: prompt says (README).  Runs on the step-8000 model, which placed them at chance, were read with
 #: ``--changes color,background`` ("star AND new position" could not be told apart from luck there).
 MEASURABLE_CHANGES = ("color", "position", "background")
+#: the image counts the measurement ceiling is estimated at, as multiples of what each run scored per epoch
+CEILING_MULTIPLES = (1, 2, 4)
 #: presets that adapt the ResNet k×k convs (lorakit.network.PRESETS)
 CONV_PRESETS = ("full", "lycoris-full")
 
@@ -48,6 +50,9 @@ class RunResult:
     found: dict[str, int | None]  # rule name -> epoch at which the rule had decided
     preset: str = "attn-only"
     concept: str = "zkz"  # the world concept it learned (lorakit.world.concept.CONCEPTS)
+    images_per_epoch: int = 0  # images scored per epoch (0: rows without per-image outcomes)
+    #: images multiple -> share of bootstrap onsets within ±1 epoch of the measured one (``Onset.reproduced``)
+    reproduced: dict[int, float] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -75,6 +80,8 @@ class RunResult:
 def load_run(run_dir: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES) -> RunResult:
     rows = sorted(json.loads((run_dir / "curve.json").read_text()), key=lambda r: r["epoch"])
     onset = measure_onset(rows, changes)
+    reproduced = {} if onset.reproduced is None else {
+        k: onset.reproduced if k == 1 else measure_onset(rows, changes, images=k).reproduced for k in CEILING_MULTIPLES}
     cfg = load_config(run_dir / "config.toml")
     turning, found = {}, {}
     for name, tp in replayed_turning_points(run_dir).items():
@@ -88,7 +95,8 @@ def load_run(run_dir: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES) -> Ru
         control=[r["controllability"] for r in rows],
         color_control=[r["controllability_by_attribute"].get("color", 0.0) for r in rows],
         onset_interval=onset, leak=[r.get("leak", 0.0) for r in rows],
-        turning=turning, found=found, preset=cfg.network.preset, concept=rows[0].get("concept", "zkz"))
+        turning=turning, found=found, preset=cfg.network.preset, concept=rows[0].get("concept", "zkz"),
+        images_per_epoch=len(rows[-1].get("outcomes", [])), reproduced=reproduced)
 
 
 def find_runs(root: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES,
@@ -108,7 +116,8 @@ def _fmt(value: float | None) -> str:
 def markdown_table(runs: list[RunResult]) -> str:
     changes = " or ".join(runs[0].changes) if runs else "?"
     head = (f"| run | onset [90% interval] = first epoch at {REACH:.0%} of the peak of success on new {changes} × "
-            "agnostic kept: epoch (success / fidelity); the peak [90% interval] | "
+            "agnostic kept: epoch (success / fidelity); the peak [90% interval]; share of resampled onsets within "
+            "±1 epoch | "
             "fidelity peak: epoch (success / fidelity) | second valley TP: epoch, decided at "
             "(success / fidelity) | calm rule TP: epoch, decided at (success / fidelity) | "
             "budget rule TP: epoch, decided at (success / fidelity) | epoch 0 → last: success, fidelity, control |")
@@ -120,6 +129,8 @@ def markdown_table(runs: list[RunResult]) -> str:
         when = f", {found}" if found is not None else ""
         shown = str(interval) if interval is not None else f"{epoch}"
         peak = f"; peak {interval.peak_text}" if interval is not None and interval.peak is not None else ""
+        if interval is not None and interval.reproduced is not None:
+            peak += f"; ±1 in {interval.reproduced:.0%}"
         return f"{shown}{when} ({_fmt(r.at(epoch, r.change_success))} / {_fmt(r.at(epoch, r.fidelity))}){peak}"
 
     for r in runs:
@@ -141,7 +152,7 @@ def summary_lines(runs: list[RunResult]) -> list[str]:
     concepts = sorted({r.concept for r in runs}, key=lambda c: (c != "zkz", c))
     if len(concepts) > 1:
         return [f"[{c}] {line}" for c in concepts for line in summary_lines([r for r in runs if r.concept == c])]
-    out = []
+    out = [ceiling_line(runs)] if any(r.reproduced for r in runs) else []
     for name in RULES:
         fired = [r for r in runs if r.turning[name] is not None]
         if not fired:
@@ -164,6 +175,20 @@ def summary_lines(runs: list[RunResult]) -> list[str]:
                    f"mean |TP - fidelity peak| = {to_peak:.1f} epochs")
     out.append(fixed_epoch_baseline(runs))
     return out
+
+
+def ceiling_line(runs: list[RunResult]) -> str:
+    """How many runs a perfect rule (one that stops at each run's true onset) can expect to be counted within ±1
+    epoch of the measured onset: the sum over runs of the share of bootstrap onsets within ±1 of the measured
+    one; and the same if every epoch were scored on more images.  No rule's "N/M" can be judged above it."""
+    measured = [r for r in runs if r.reproduced]
+    images = sorted({r.images_per_epoch for r in measured})
+    per = "/".join(str(n) for n in images)
+    at = [f"≈{sum(r.reproduced[k] for r in measured):.1f}/{len(measured)} with {k}× as many"
+          for k in CEILING_MULTIPLES if k > 1]
+    return (f"ceiling (the measurement's, not a rule's): a rule stopping at every run's true onset would be counted "
+            f"within ±1 epoch of the measured onset in ≈{sum(r.reproduced[1] for r in measured):.1f}/"
+            f"{len(measured)} runs at the {per} images scored per epoch (bootstrap), {', '.join(at)}")
 
 
 def fixed_epoch_baseline(runs: list[RunResult]) -> str:

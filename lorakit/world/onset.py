@@ -24,7 +24,11 @@ or six ([6–11], [7–13]); by construction, stopping there gives up at most a 
 
 How sure: every epoch is scored on the same prompts and seeds, so a paired bootstrap draws prompts with
 replacement (change prompts and agnostic prompts separately, each prompt with all its images), uses the draw
-for every epoch, and takes the onset of each draw; the interval is the central 90% of those onsets.
+for every epoch, and takes the onset of each draw; the interval is the central 90% of those onsets.  The share
+of draws whose onset is within ±1 epoch of the measured one (``Onset.reproduced``) is how often a rule that
+stopped at the run's true onset would be counted within ±1 of the measured onset: summed over runs, the most
+"N/M runs within ±1 epoch" any rule can expect, the measurement's ceiling.  Drawing ``images`` times as many
+prompts per draw estimates that ceiling if every epoch were scored on that many times more images.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class Onset:
     peak: int | None = None
     peak_low: int | None = None
     peak_high: int | None = None
+    #: share of bootstrap draws whose onset is within ±1 epoch of ``epoch`` (None without per-image outcomes)
+    reproduced: float | None = None
 
     def __str__(self) -> str:
         return f"{self.epoch}" if self.low is None else f"{self.epoch} [{self.low}–{self.high}]"
@@ -148,20 +154,23 @@ def first_reaching(epochs: Sequence[int], scores: np.ndarray, reach: float) -> n
     return np.asarray(epochs)[np.argmax(smoothed >= target - 1e-12, axis=1)]
 
 
-def _draws(mask: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """How often each prompt of ``mask`` is drawn in each of ``resamples`` draws of ``mask.sum()`` prompts."""
+def _draws(mask: np.ndarray, resamples: int, rng: np.random.Generator, multiple: int = 1) -> np.ndarray:
+    """How often each prompt of ``mask`` is drawn in each of ``resamples`` draws of ``multiple × mask.sum()``
+    prompts (``multiple`` > 1: as if every prompt had been scored on that many times more images)."""
     chosen = np.flatnonzero(mask)
     out = np.zeros((resamples, mask.size))
     if chosen.size:
-        picks = rng.integers(0, chosen.size, size=(resamples, chosen.size))
+        picks = rng.integers(0, chosen.size, size=(resamples, chosen.size * multiple))
         np.add.at(out, (np.arange(resamples)[:, None], chosen[picks]), 1)
     return out
 
 
 def measure_onset(rows: Sequence[dict], changes: Sequence[str], *, count_leak: bool = True,
-                  resamples: int = RESAMPLES, level: float = 0.9, seed: int = 0, reach: float = REACH) -> Onset:
+                  resamples: int = RESAMPLES, level: float = 0.9, seed: int = 0, reach: float = REACH,
+                  images: int = 1) -> Onset:
     """The onset of a scored run (rows of ``curve.json``, epoch 0 first) with its bootstrap interval, and the
-    peak of g with its own (the same draws)."""
+    peak of g with its own (the same draws); ``images`` > 1 draws that many times more prompts per resample (the
+    interval and ``reproduced`` as if every epoch had been scored on ``images`` × as many images)."""
     from lorakit.world.experiment import change_success  # the aggregate fallback for rows without outcomes
 
     rows = sorted(rows, key=lambda r: r["epoch"])
@@ -177,9 +186,9 @@ def measure_onset(rows: Sequence[dict], changes: Sequence[str], *, count_leak: b
                      peak=int(peak_epoch(epochs, g[None])[0]))
     g = generalisation(counts, count_leak=count_leak)
     rng = np.random.default_rng(seed)
-    weights = _draws(counts.change_prompts, resamples, rng)
+    weights = _draws(counts.change_prompts, resamples, rng, images)
     if count_leak:
-        weights += _draws(counts.agnostic_prompts & ~counts.change_prompts, resamples, rng)
+        weights += _draws(counts.agnostic_prompts & ~counts.change_prompts, resamples, rng, images)
     drawn = generalisation(counts, weights, count_leak)
     tail = (1 - level) / 2
 
@@ -187,7 +196,9 @@ def measure_onset(rows: Sequence[dict], changes: Sequence[str], *, count_leak: b
         low, high = np.quantile(per_draw, [tail, 1 - tail], method="inverted_cdf")
         return int(low), int(high)
 
-    low, high = interval(first_reaching(epochs, drawn, reach))
+    onset = int(first_reaching(epochs, g[None], reach)[0])
+    onsets = first_reaching(epochs, drawn, reach)
+    low, high = interval(onsets)
     peak_low, peak_high = interval(peak_epoch(epochs, drawn))
-    return Onset(int(first_reaching(epochs, g[None], reach)[0]), low, high, tuple(float(x) for x in g),
-                 peak=int(peak_epoch(epochs, g[None])[0]), peak_low=peak_low, peak_high=peak_high)
+    return Onset(onset, low, high, tuple(float(x) for x in g), peak=int(peak_epoch(epochs, g[None])[0]),
+                 peak_low=peak_low, peak_high=peak_high, reproduced=float(np.mean(np.abs(onsets - onset) <= 1)))
