@@ -259,7 +259,8 @@ class RunFolder:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def truncate_log(self, max_step: int) -> None:
-        """On resume: drop log lines of steps after the checkpoint (they will be run again; 0: all of them)."""
+        """On resume: drop log lines of steps after the checkpoint (they will be run again; -1: all of them, the
+        sample stop's score of the base model at step 0 too)."""
         if not (self.path / "log.jsonl").exists():
             return
         records = [r for r in self.read_log() if r.get("step", 0) <= max_step]

@@ -172,6 +172,18 @@ class EarlyStopConfig:
     rule: str = "budget"
     #: the rule's options, e.g. {prominence = 0.05}, {threshold = 0.1, patience = 1.0} or {budget = 0.1}
     rule_args: dict = field(default_factory=dict)
+    #: stop on the samples instead (beyond the paper; lorakit.earlystop.samples): a sample scorer's name, e.g.
+    #: "world" (the shapes world's reader); "" = off.  At every epoch end the trainer draws ``sample_prompts``
+    #: (``sample_seeds`` images each), the scorer turns them into one score, and the run stops once the smoothed
+    #: score has not risen for ``sample_patience`` epochs, handing back the first epoch at ``sample_reach`` of its
+    #: best.  The weight rule above is still recorded (report only).
+    samples: str = ""
+    #: the evaluation prompt file the scorer reads (the ``lorakit eval --prompts`` format, with ``expected``
+    #: attributes); the built-in job uses its dataset's eval_prompts.toml
+    sample_prompts: str | None = None
+    sample_seeds: int = 1
+    sample_reach: float = 0.8
+    sample_patience: int = 3
 
     def make_rule(self):
         """The configured turning-point rule (raises ValueError/TypeError for an unknown rule or option)."""
@@ -288,6 +300,14 @@ class TrainConfig:
              self.early_stop.interval),
             (self.early_stop.window is None or self.early_stop.window >= 2, "early_stop.window",
              "at least 2 steps (or absent: steps per epoch, at least 2)", self.early_stop.window),
+            (_positive_int(self.early_stop.sample_seeds), "early_stop.sample_seeds", "a positive integer",
+             self.early_stop.sample_seeds),
+            (_positive_int(self.early_stop.sample_patience), "early_stop.sample_patience",
+             "a positive integer (epochs)", self.early_stop.sample_patience),
+            (isinstance(self.early_stop.sample_reach, int | float) and 0 < self.early_stop.sample_reach <= 1,
+             "early_stop.sample_reach", "in (0, 1]", self.early_stop.sample_reach),
+            (not self.early_stop.samples or self.early_stop.mode != "off", "early_stop.samples",
+             'empty when early_stop.mode = "off" (stopping on samples is early stopping)', self.early_stop.samples),
             (self.output.if_exists in ("error", "resume", "overwrite"), "output.if_exists",
              "error, resume or overwrite", self.output.if_exists),
             (self.output.save_precision in SAVE_PRECISIONS, "output.save_precision",

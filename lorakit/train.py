@@ -25,6 +25,8 @@ from lorakit.checkpoints import RunFolder
 from lorakit.config import ConfigError, TrainConfig, load_config, resume_changes, to_toml
 from lorakit.data import DataConfig, TrainingData
 from lorakit.earlystop import CSFluctuationMonitor, plot_cs_fluctuation
+from lorakit.earlystop.monitor import Decision, TurningPoint
+from lorakit.earlystop.samples import SampleStop, SampleTurningPoint, make_sample_stop
 from lorakit.errors import LorakitError
 from lorakit.loss import add_training_noise, diffusion_loss
 from lorakit.metadata import ss_metadata
@@ -209,6 +211,7 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
                 check_resume_settings(run.path / "config.toml", cfg)
             run.write_text("config.toml", to_toml(cfg))
             print(opening_line(cfg))
+        sample_stop = _sample_stop(cfg, accelerator)  # its prompt file is read before the model is loaded
 
         # the model, what is trained, the data
         model = prepare_model(cfg, accelerator)
@@ -242,8 +245,9 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
         if cfg.early_stop.mode != "off" and meter is not None:
             # the moving averages need at least 2 points: a 1-step epoch gets the smallest window that works
             window = cfg.early_stop.window or max(2, steps_per_epoch // cfg.early_stop.interval)
+            # stopping on the samples: the weight rule is still recorded, as in report mode
             monitor = CSFluctuationMonitor(window=window, lr=unet_lr, rule=cfg.early_stop.make_rule(),
-                                           report_only=cfg.early_stop.mode == "report")
+                                           report_only=cfg.early_stop.mode == "report" or sample_stop is not None)
 
         # resume: from the last checkpoint, mid-epoch when it was saved mid-epoch (max_steps or an early stop)
         start_epoch, step, losses, skip = 0, 0, [], 0
@@ -258,12 +262,14 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
             start_epoch, step, losses = state["epoch"] - (1 if skip else 0), state["step"], list(state["losses"])
             if monitor is not None and state.get("monitor") is not None:
                 monitor.load_state_dict(state["monitor"])
+            if sample_stop is not None and state.get("sample_stop") is not None:
+                sample_stop.rule.load_state_dict(state["sample_stop"])
             if is_main:
                 run.truncate_log(step)
                 where = f"{skip} steps into epoch {start_epoch + 1}" if skip else f"after epoch {start_epoch}"
                 print(f"resuming {run.path} {where} (step {step})")
         elif run.resuming and is_main:
-            run.truncate_log(0)  # killed before the first checkpoint: its log lines will be written again
+            run.truncate_log(-1)  # killed before the first checkpoint: its log lines will be written again
             print(f"resuming {run.path}: no checkpoint was saved yet, starting from the beginning")
 
         trained = [m for m in (model.unet, model.text_encoder) if any(p.requires_grad for p in m.parameters())]
@@ -296,6 +302,9 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
         raise
 
     stop_decision = None
+    if is_main and sample_stop is not None and 0 not in sample_stop.rule.scores:
+        # the base model's own score (epoch 0): the smoothing of epoch 1 needs it, as the onset's does
+        _score_samples(sample_stop, 0, 0, model, method, cfg, run, accelerator)
     timer = _StepTimer(first_step=step, warmup=3 if cfg.model.compile else 1)  # compiling spans a few steps
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not (progress and is_main))
     epoch = start_epoch
@@ -348,11 +357,16 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
                     break
             epoch += 1
             skip = 0
+            if is_main and sample_stop is not None:  # scored before saving: the checkpoint's state holds it
+                found = _score_samples(sample_stop, epoch, step, model, method, cfg, run, accelerator)
+                if found is not None and stop_decision is None and cfg.early_stop.mode == "cs-fluctuation":
+                    stop_decision = _sample_decision(found, steps_per_epoch, step, monitor)
             if is_main and (epoch % cfg.training.save_every_n_epochs == 0 or stop_decision is not None
                             or step >= total_steps or epoch == cfg.training.max_epochs):
                 state = {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
                          "epoch": epoch, "step": step, "losses": losses,
                          "monitor": monitor.state_dict() if monitor is not None else None,
+                         "sample_stop": sample_stop.rule.state_dict() if sample_stop is not None else None,
                          # batches of this epoch trained when it ended early (0: the whole epoch)
                          "batches_done": done if done < local_batches else 0,
                          "stopped_early": stop_decision is not None, "data": fingerprint}
@@ -362,6 +376,10 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
                     earliest = None  # early stopping off or report-only: only the last checkpoint is used
                     if stop_decision is not None and stop_decision.turning_point is not None:
                         earliest = stop_decision.turning_point.step
+                    elif sample_stop is not None and cfg.early_stop.mode == "cs-fluctuation":
+                        # the sample rule's turning point only moves later as its best score rises
+                        candidate = sample_stop.rule.final()
+                        earliest = candidate.epoch * steps_per_epoch if candidate is not None else 0
                     elif monitor is not None and cfg.early_stop.mode == "cs-fluctuation":
                         earliest = monitor.earliest_candidate_step()
                     run.prune_checkpoints(checkpoints_to_keep([c.epoch for c in run.checkpoints()],
@@ -397,6 +415,10 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
         files = method.save(run.path, cfg.output.name, meta)
         run.record(files)
         reported = monitor.turning_point if monitor is not None else None
+        if sample_stop is not None:
+            sample_record = sample_stop.record()
+            run.write_json("sample_scores.json", sample_record)
+            files.append(run.file("sample_scores.json"))
         if monitor is not None and len(monitor.history.steps) > 1:
             # the CS series itself: other stopping rules can be replayed on it without training again
             run.write_json("cs_history.json", monitor.history.to_dict())
@@ -412,6 +434,7 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
             "turning_point": turning.to_dict() if turning is not None else None,
             # report mode: where it would have stopped
             "turning_point_found": reported.to_dict() if reported is not None else None,
+            "sample_scores": sample_record if sample_stop is not None else None,
             "final_loss": losses[-1] if losses else None,
             "mean_loss_last_epoch": sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])),
             "seconds": round(time.time() - started, 1), "data": data.summary(), "trained": method.summary(),
@@ -484,6 +507,55 @@ def _check_resumable(state: dict[str, Any], fingerprint: str, data: TrainingData
             f"finished after {state['step']} steps ({state['epoch']} epochs)"
         raise TrainingError(f"--resume: the run in {run.path} {why}; there is nothing to continue. To train "
                             "longer, raise --epochs or --max-steps")
+
+
+def _sample_stop(cfg: TrainConfig, accelerator: Accelerator) -> SampleStop | None:
+    """The sample stop the config asks for (``early_stop.samples``), its prompts read and checked."""
+    if not cfg.early_stop.samples or cfg.early_stop.mode == "off":
+        return None
+    if accelerator.num_processes > 1:
+        raise TrainingError("early_stop.samples scores the samples in one process; train in one process, or use a "
+                            "rule on the weights (early_stop.rule)")
+    from lorakit.evaluate.checkpoints import kohya_trigger
+
+    es = cfg.early_stop
+    trigger = cfg.data.trigger or (kohya_trigger(cfg.data.train_data) if cfg.data.train_data else None)
+    try:
+        return make_sample_stop(es.samples, es.sample_prompts, es.sample_seeds, es.sample_reach, es.sample_patience,
+                                trigger=trigger)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _score_samples(sample_stop: SampleStop, epoch: int, step: int, model: BaseModel, method: TrainingMethod,
+                   cfg: TrainConfig, run: RunFolder, accelerator: Accelerator) -> SampleTurningPoint | None:
+    """Draw and score the sample stop's prompts with the adapter as it is at the end of ``epoch``; the images go
+    to ``samples/scored-epoch-NNNN.png`` (what the score was computed on), the score to the log."""
+    def draw(jobs: list[tuple[Any, int]]) -> list[Any]:
+        prompts = [SamplePrompt(method.expand_prompt(p.text), method.expand_prompt(p.negative), seed=seed,
+                                steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, sampler=cfg.sample.sampler)
+                   for p, seed in jobs]
+        with method.sampling():
+            images = generate(model, prompts, device=accelerator.device, progress=False)
+        save_sample_grid(images, prompts, run.sample_path(f"scored-epoch-{epoch:04d}"))
+        return images
+
+    found = sample_stop.score_epoch(epoch, draw)
+    run.log({"step": step, "epoch": epoch, "sample_score": sample_stop.rule.scores[epoch]})
+    return found
+
+
+def _sample_decision(found: SampleTurningPoint, steps_per_epoch: int, step: int,
+                     monitor: CSFluctuationMonitor | None) -> Decision:
+    """The sample rule's turning point as the trainer's stop decision: the end of its epoch (a saved checkpoint);
+    on the CS record, the sample nearest that step."""
+    turning_step = found.epoch * steps_per_epoch
+    steps = list(monitor.history.steps) if monitor is not None else []
+    index = min(range(len(steps)), key=lambda i: abs(steps[i] - turning_step)) if steps else 0
+    reason = f"samples: {found.reason}"
+    return Decision(True, reason, TurningPoint(step=turning_step, epoch=found.epoch, index=index, valley_index=index,
+                                               found_at_step=step, found_at_index=max(0, len(steps) - 1), csf=None,
+                                               reason=reason))
 
 
 def _sample(model: BaseModel, method: TrainingMethod, prompts: list[SamplePrompt], path: Path,

@@ -89,6 +89,9 @@ def builtin_default(cfg: TrainConfig, write: bool = True) -> TrainConfig:
     prompts = data_dir / "sample_prompts.txt"
     if cfg.sample.prompts is None and (prompts.exists() or not write):
         cfg.sample.prompts = str(prompts)
+    scored = data_dir / "eval_prompts.toml"  # the prompts the onset is measured on, for early_stop.samples
+    if cfg.early_stop.samples and cfg.early_stop.sample_prompts is None and (scored.exists() or not write):
+        cfg.early_stop.sample_prompts = str(scored)
     return cfg
 
 
@@ -122,6 +125,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg.validate()
 
 
+#: ``early_stop.samples`` naming the shapes world's scorer (lorakit.world.evaluation registers it)
+WORLD_SCORER = "world"
+
 #: said before the built-in job starts, so a first-time user knows what they are watching
 BUILTIN_INTRODUCTION = (
     "The built-in job: lorakit's shapes world is a tiny Stable Diffusion 1.x model that draws circles, squares, "
@@ -135,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
         print(to_toml(cfg))
         return 0
     from lorakit.train import train  # here, not at the top: --print-config must not wait for torch
+
+    if cfg.early_stop.samples.partition("=")[0] == WORLD_SCORER:
+        import lorakit.world.evaluation  # noqa: F401  (registers the world's sample scorer; the core never imports it)
 
     if args.data is None and cfg.data.train_data and Path(cfg.data.train_data).name.endswith("-data") \
             and args.config is None:

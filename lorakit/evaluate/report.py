@@ -436,6 +436,8 @@ def page_from_run(run_dir: str | Path) -> Page:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
+            if not any(_finite(rec.get(key)) for key in ("loss", "cs")):
+                continue  # not a training step (a sample score of the sample stop)
             slot = per_epoch.setdefault(int(rec.get("epoch", 0)), {"loss": [], "cs": []})
             for key in ("loss", "cs"):
                 if _finite(rec.get(key)):
@@ -451,7 +453,7 @@ def page_from_run(run_dir: str | Path) -> Page:
         epochs = [e for e, _ in sorted(per_epoch.items())]
         ax.plot(epochs, [r[1][0] for r in rows], "o-", label="mean loss")
         if tp := (summary.get("turning_point") or summary.get("turning_point_found")):
-            ax.axvline(tp.get("epoch"), color="C3", linestyle="--", label=f"CS turning point (epoch {tp.get('epoch')})")
+            ax.axvline(tp.get("epoch"), color="C3", linestyle="--", label=f"turning point (epoch {tp.get('epoch')})")
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -13,19 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit.config import load_config
+from lorakit.earlystop import samples as sample_stop
 from lorakit.earlystop.replay import COMPARED_RULES
 from lorakit.world.experiment import change_success, replayed_turning_points, smooth
 from lorakit.world.grid import DONE
-from lorakit.world.onset import REACH, Onset, measure_onset
+from lorakit.world.onset import CHANGES, REACH, Onset, first_reaching, generalisation, measure_onset, prompt_counts
 from lorakit.world.update_sizes import budget_epoch, checkpoint_spectral_sizes, checkpoint_update_sizes
 
 #: rule name -> (rule, window in epochs), the same set the language-model experiment replays
 RULES = COMPARED_RULES
 
-#: the changes the onset is measured on by default: all three since the built-in model places objects where the
-#: prompt says (README).  Runs on the step-8000 model, which placed them at chance, were read with
-#: ``--changes color,background`` ("star AND new position" could not be told apart from luck there).
-MEASURABLE_CHANGES = ("color", "position", "background")
+#: the changes the onset is measured on by default (``onset.CHANGES``).  Runs on the step-8000 model, which placed
+#: objects at chance, were read with ``--changes color,background`` ("star AND new position" could not be told
+#: apart from luck there).
+MEASURABLE_CHANGES = CHANGES
 #: the image counts the measurement ceiling is estimated at, as multiples of what each run scored per epoch
 CEILING_MULTIPLES = (1, 2, 4)
 #: presets that adapt the ResNet k×k convs (lorakit.network.PRESETS)
@@ -191,6 +192,60 @@ def ceiling_line(runs: list[RunResult]) -> str:
             f"{len(measured)} runs at the {per} images scored per epoch (bootstrap), {', '.join(at)}")
 
 
+def images_of_seeds(rows: list[dict], keep: set[int]) -> list[dict]:
+    """The rows with only the images of the ``keep``-th seeds of each prompt (a prompt's images are scored in
+    seed order, ``lorakit.evaluate.generate.make_jobs``)."""
+    out = []
+    for row in rows:
+        seen: dict[tuple[str, str], int] = {}
+        kept = []
+        for o in row["outcomes"]:
+            key = (o["type"], o["prompt"])
+            if seen.setdefault(key, 0) in keep:
+                kept.append(o)
+            seen[key] += 1
+        out.append({**row, "outcomes": kept})
+    return out
+
+
+def sample_stop_lines(runs: list[RunResult], run_dirs: dict[str, Path], patience: int = 3) -> list[str]:
+    """The sample stop (``early_stop.samples = "world"``, ``lorakit.earlystop.samples``) replayed on the scored
+    images: the trainer's draw is one seed per prompt, so each seed's images in turn play the trainer's samples
+    and the onset is measured on the other seeds' (held out, so the rule is not judged on its own images).  Beside
+    it, the same split's ceiling: the onset of the rule's images themselves against the held-out onset."""
+    concepts = sorted({r.concept for r in runs}, key=lambda c: (c != "zkz", c))
+    out = []
+    for concept in concepts:
+        chosen = [r for r in runs if r.concept == concept]
+        rows = {r.name: sorted(json.loads((run_dirs[r.name] / "curve.json").read_text()), key=lambda x: x["epoch"])
+                for r in chosen}
+        if not all(all("outcomes" in x for x in rs) for rs in rows.values()):
+            continue
+        seeds = min(rs[-1].get("seeds_per_prompt", 1) for rs in rows.values())
+        if seeds < 2:
+            continue
+        parts, ceilings = [], []
+        for j in range(seeds):
+            signed, ceiling = [], 0
+            for r in chosen:
+                held = measure_onset(images_of_seeds(rows[r.name], set(range(seeds)) - {j}), r.changes).epoch
+                counts = prompt_counts(images_of_seeds(rows[r.name], {j}), r.changes)
+                g = generalisation(counts)
+                found = sample_stop.replay(dict(zip(counts.epochs, g, strict=True)), patience=patience)
+                signed.append(None if found is None else found.epoch - held)
+                ceiling += abs(int(first_reaching(list(counts.epochs), g[None], REACH)[0]) - held) <= 1
+            hits = sum(d is not None and abs(d) <= 1 for d in signed)
+            shown = ["never" if d is None else d for d in signed]
+            parts.append(f"seed {j}: {hits}/{len(chosen)} (TP - onset = {shown})")
+            ceilings.append(f"{ceiling}/{len(chosen)}")
+        images = len(images_of_seeds(rows[chosen[0].name][-1:], {0})[0]["outcomes"])
+        out.append(f"[{concept}] sample stop (uses samples: {images} images per epoch, one seed of each prompt, "
+                   f"patience {patience}; the onset from the other seeds' images) runs within ±1 epoch: "
+                   f"{'; '.join(parts)}; the split's ceiling (those {images} images' own onset): "
+                   f"{', '.join(ceilings)}")
+    return out
+
+
 def fixed_epoch_baseline(runs: list[RunResult]) -> str:
     """What a rule must beat: stopping every run at the same epoch, that epoch chosen afterwards as the one that
     does best on these very runs (an oracle no rule has)."""
@@ -281,6 +336,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                                            "(e.g. 0.05,0.075,0.1,0.15,0.2)")
     ap.add_argument("--spectral-sweep", help="the same with the budget on σ1(ΔW)/σ1(W) (a candidate, read from the "
                                              "checkpoints or their spectral_sizes.json), e.g. 0.2,0.25,0.3,0.4")
+    ap.add_argument("--sample-stop", action="store_true",
+                    help="also replay the sample stop (early_stop.samples = \"world\") on one seed's images, "
+                         "against the onset of the other seeds'")
     ap.add_argument("--changes", default=",".join(MEASURABLE_CHANGES),
                     help="attributes whose changed-prompt success defines the onset (default: color,position,"
                          "background; runs on a base model that ignores position words: color,background)")
@@ -304,6 +362,8 @@ def run(args: argparse.Namespace) -> int:
         for concept in sorted({r.concept for r in runs}, key=lambda c: (c != "zkz", c)):
             sweep += [f"[{concept}] {line}" for line in budget_sweep([r for r in runs if r.concept == concept],
                                                                      budgets, dirs, measure)]
+    if args.sample_stop:
+        sweep += sample_stop_lines(runs, dirs)
     if sweep:
         print("\n".join(sweep))
     if args.markdown:

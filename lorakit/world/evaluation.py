@@ -1,10 +1,12 @@
-"""The shapes world as a user of ``lorakit.evaluate``: its exact attribute reader as a feature extractor, and its
-exact metrics (``lorakit.world.metrics``) as a metric provider.
+"""The shapes world as a user of ``lorakit.evaluate`` and of the sample stop: its exact attribute reader as a
+feature extractor, its exact metrics (``lorakit.world.metrics``) as a metric provider, and the onset's score as a
+sample scorer.
 
-Importing this module registers both: ``load_extractor("world-reader", None)`` (or a path to other reader
-weights) and ``load_metric_provider("world")``.  The reader's embedding of an image is the one-hot vector of what
-it reads (background, the main object's shape, color, position, size), so the generic metrics (fidelity, Vendi,
-leak) computed on it say the same things in the same units as the world's exact metrics, on any image.
+Importing this module registers all three: ``load_extractor("world-reader", None)`` (or a path to other reader
+weights), ``load_metric_provider("world")`` and ``load_sample_scorer("world")`` (``early_stop.samples``).  The
+reader's embedding of an image is the one-hot vector of what it reads (background, the main object's shape,
+color, position, size), so the generic metrics (fidelity, Vendi, leak) computed on it say the same things in the
+same units as the world's exact metrics, on any image.
 """
 
 from __future__ import annotations
@@ -17,10 +19,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lorakit.earlystop.samples import register_sample_scorer
 from lorakit.evaluate.extractors import ExtractorError, register_extractor
 from lorakit.evaluate.pipeline import ALL, register_metric_provider
 from lorakit.world import concept
-from lorakit.world.metrics import attribute_vector, concept_shape_of, metrics_from_readings, pixel_vector
+from lorakit.world.metrics import (
+    attribute_vector,
+    concept_shape_of,
+    image_outcomes,
+    metrics_from_readings,
+    pixel_vector,
+)
+from lorakit.world.onset import CHANGES, generalisation, prompt_counts
 from lorakit.world.reader import Reader, default_reader
 
 EXTRACTOR_KIND = "world-reader"
@@ -105,5 +115,23 @@ class WorldMetricProvider:
         return out
 
 
+class WorldSampleScorer:
+    """The onset's score g of a set of images (``lorakit.world.onset``): success on prompts that change a color,
+    row or background the training set never shows × the share of agnostic pictures kept."""
+
+    name = PROVIDER
+    types = ("alter", "style", "agnostic")
+
+    def __init__(self, weights: str | Path | None = None) -> None:
+        self.reader = WorldReaderExtractor(weights).reader
+
+    def __call__(self, images: Sequence[Image.Image], prompts: Sequence[Any]) -> float:
+        world_prompts = [_world_prompt(p) for p in prompts]
+        outcomes = image_outcomes(self.reader.read_many(list(images)), world_prompts)
+        counts = prompt_counts([{"epoch": 0, "outcomes": outcomes}], CHANGES)
+        return float(generalisation(counts)[0])
+
+
 register_extractor(EXTRACTOR_KIND, lambda path: WorldReaderExtractor(path))
+register_sample_scorer(PROVIDER, lambda path: WorldSampleScorer(path))
 register_metric_provider(PROVIDER, WorldMetricProvider)

@@ -42,6 +42,9 @@ import numpy as np
 RESAMPLES = 1000
 #: the onset is the first epoch whose smoothed g reaches this share of its peak (1.0: the peak itself)
 REACH = 0.8
+#: the attributes whose change g counts: all three, since the built-in model places objects where the prompt
+#: says (README)
+CHANGES = ("color", "position", "background")
 
 
 @dataclass(frozen=True)
