@@ -183,7 +183,7 @@ class EarlyStopConfig:
     sample_prompts: str | None = None
     sample_seeds: int = 1
     sample_reach: float = 0.8
-    sample_patience: int = 3
+    sample_patience: int = 4
 
     def make_rule(self):
         """The configured turning-point rule (raises ValueError/TypeError for an unknown rule or option)."""

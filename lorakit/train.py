@@ -302,7 +302,7 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
         raise
 
     stop_decision = None
-    if is_main and sample_stop is not None and 0 not in sample_stop.rule.scores:
+    if is_main and sample_stop is not None and step == 0:
         # the base model's own score (epoch 0): the smoothing of epoch 1 needs it, as the onset's does
         _score_samples(sample_stop, 0, 0, model, method, cfg, run, accelerator)
     timer = _StepTimer(first_step=step, warmup=3 if cfg.model.compile else 1)  # compiling spans a few steps
@@ -377,9 +377,8 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
                     if stop_decision is not None and stop_decision.turning_point is not None:
                         earliest = stop_decision.turning_point.step
                     elif sample_stop is not None and cfg.early_stop.mode == "cs-fluctuation":
-                        # the sample rule's turning point only moves later as its best score rises
-                        candidate = sample_stop.rule.final()
-                        earliest = candidate.epoch * steps_per_epoch if candidate is not None else 0
+                        candidate = sample_stop.rule.earliest_candidate()
+                        earliest = candidate * steps_per_epoch if candidate is not None else 0
                     elif monitor is not None and cfg.early_stop.mode == "cs-fluctuation":
                         earliest = monitor.earliest_candidate_step()
                     run.prune_checkpoints(checkpoints_to_keep([c.epoch for c in run.checkpoints()],

@@ -234,3 +234,22 @@ def test_the_world_scorer_is_the_onset_score_of_the_images(tmp_path):
     assert scorer(asked, prompts) == 1.0
     assert scorer([picture("star", "red", "center")] + asked[1:], prompts) == 0.0
     assert scorer(asked[:1] + [picture("star", "red", "top right"), asked[2]], prompts) == 0.5
+
+
+def test_the_earliest_candidate_never_passes_a_later_turning_point():
+    """What native runs prune up to: whatever the next scores are, the turning point decided later is never
+    before it (a last epoch with half its window can look best and then fall back)."""
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        scores = list(rng.random(rng.integers(4, 16)))
+        rule = SamplePlateau(patience=2)
+        bounds = []
+        for epoch, value in enumerate(scores):
+            rule.update(epoch, value)
+            bounds.append(rule.earliest_candidate())
+        later = rule.final().epoch
+        assert all(b is None or b <= later for b in bounds)
+    rule = SamplePlateau()
+    for epoch, value in enumerate([0.0, 0.1, 0.1, 0.9]):
+        rule.update(epoch, value)
+    assert rule.final().epoch == 3 and rule.earliest_candidate() == 2  # epoch 3's window is not complete yet

@@ -193,3 +193,9 @@ def test_the_committed_grid_records_rebuild_the_rows_the_docs_show():
     assert f"≈{sum(r.reproduced[1] for r in star):.1f}/{len(star)} runs at the 81 images" in ceiling
     assert all(r.reproduced[4] >= r.reproduced[1] - 0.05 for r in star)  # more images: no less reproducible
     assert ceiling in docs
+    # the sample stop replayed on one seed's images against the other seeds' onset, as the docs show it
+    dirs = {r.name: root / "experiments" / "onset_grid" / r.name for r in runs}
+    replayed = curve_report.sample_stop_lines(runs, dirs)
+    assert [line[:23] for line in replayed] == ["[zkz] sample stop (uses", "[zkz] sample stop on al",
+                                                "[vlx] sample stop (uses", "[vlx] sample stop on al"]
+    assert all(line in docs for line in replayed)

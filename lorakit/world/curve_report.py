@@ -208,7 +208,8 @@ def images_of_seeds(rows: list[dict], keep: set[int]) -> list[dict]:
     return out
 
 
-def sample_stop_lines(runs: list[RunResult], run_dirs: dict[str, Path], patience: int = 3) -> list[str]:
+def sample_stop_lines(runs: list[RunResult], run_dirs: dict[str, Path],
+                      patience: int = sample_stop.PATIENCE) -> list[str]:
     """The sample stop (``early_stop.samples = "world"``, ``lorakit.earlystop.samples``) replayed on the scored
     images: the trainer's draw is one seed per prompt, so each seed's images in turn play the trainer's samples
     and the onset is measured on the other seeds' (held out, so the rule is not judged on its own images).  Beside
@@ -243,6 +244,16 @@ def sample_stop_lines(runs: list[RunResult], run_dirs: dict[str, Path], patience
                    f"patience {patience}; the onset from the other seeds' images) runs within ±1 epoch: "
                    f"{'; '.join(parts)}; the split's ceiling (those {images} images' own onset): "
                    f"{', '.join(ceilings)}")
+        # every seed's images (sample_seeds = all of them): the onset's own images and definition, so only the
+        # online cut-off (deciding after ``patience`` epochs, before the scores end) can move it
+        online = [sample_stop.replay(dict(zip(r.epochs, r.onset_interval.scores, strict=True)), patience=patience)
+                  for r in chosen]
+        signed = ["never" if f is None else f.epoch - r.onset for f, r in zip(online, chosen, strict=True)]
+        hits = sum(d != "never" and abs(d) <= 1 for d in signed)
+        every = len(rows[chosen[0].name][-1]["outcomes"])
+        out.append(f"[{concept}] sample stop on all {every} scored images per epoch (the onset's own images: "
+                   f"only its online cut-off can miss): {hits}/{len(chosen)} runs within ±1 epoch of the onset; "
+                   f"TP - onset = {signed}, decided at epochs {[None if f is None else f.decided_at for f in online]}")
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorakit.config import TrainConfig
+from lorakit.world.concept import SAMPLE_CFG, SAMPLE_STEPS
 
 #: dotted config key -> value
 RECIPE: dict[str, Any] = {
@@ -23,6 +24,10 @@ RECIPE: dict[str, Any] = {
     "training.max_epochs": 20,
     # sampling 9 prompts costs about as much as training an epoch on the CPU
     "sample.every_n_epochs": 2,
+    # the world's sampler settings (its sample prompts carry them too): the sample stop
+    # (early_stop.samples = "world") then draws the very images the overfitting onset is measured on
+    "sample.steps": SAMPLE_STEPS,
+    "sample.cfg_scale": SAMPLE_CFG,
     # textual inversion / pivotal tuning start the new token from the world's class word
     "method.ti_init_word": "shape",
 }
