@@ -26,6 +26,7 @@ from lorakit.config import ConfigError, TrainConfig, load_config, resume_changes
 from lorakit.data import DataConfig, TrainingData
 from lorakit.earlystop import CSFluctuationMonitor, plot_cs_fluctuation
 from lorakit.earlystop.monitor import Decision, TurningPoint
+from lorakit.earlystop.plot import plot_sample_scores
 from lorakit.earlystop.samples import SampleStop, SampleTurningPoint, make_sample_stop
 from lorakit.errors import LorakitError
 from lorakit.loss import add_training_noise, diffusion_loss
@@ -417,7 +418,7 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
         if sample_stop is not None:
             sample_record = sample_stop.record()
             run.write_json("sample_scores.json", sample_record)
-            files.append(run.file("sample_scores.json"))
+            files += [run.file("sample_scores.json"), plot_sample_scores(sample_record, run.file("sample_scores.png"))]
         if monitor is not None and len(monitor.history.steps) > 1:
             # the CS series itself: other stopping rules can be replayed on it without training again
             run.write_json("cs_history.json", monitor.history.to_dict())

@@ -141,6 +141,7 @@ def test_the_trainer_stops_on_the_samples_and_hands_back_the_turning_point(tiny_
     record = json.loads((out / "sample_scores.json").read_text())
     assert record["scores"] == {"0": 0.0, "1": 0.5, "2": 1.0, "3": 0.1, "4": 0.1, "5": 0.1}
     assert record["turning_point"]["epoch"] == 1 and record["images_per_epoch"] == 2
+    assert (out / "sample_scores.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_epoch"] == 1 and summary["sample_scores"] == record
     # the file handed back is epoch 1's checkpoint, and the images each score was computed on are kept

@@ -86,6 +86,33 @@ def plot_cs_fluctuation(history: History | Mapping[str, Any], path: str | os.Pat
     return _save_atomic(fig, Path(path))
 
 
+def plot_sample_scores(record: Mapping[str, Any], path: str | os.PathLike, title: str | None = None) -> Path:
+    """The sample stop's scores per epoch (``SampleStop.record()``: ``sample_scores.json``), their 3-epoch mean,
+    the level the turning point had to reach and the turning point itself; written to ``path`` (PNG)."""
+    from lorakit.earlystop.samples import smoothed
+
+    scores = {int(k): float(v) for k, v in record["scores"].items()}
+    epochs = sorted(scores)
+    values = [scores[e] for e in epochs]
+    fig = Figure(figsize=(8, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(epochs, values, "o", color="tab:orange", alpha=0.6, label=f"sample score ({record['scorer']}, "
+                                                                       f"{record['images_per_epoch']} images)")
+    ax.plot(epochs, smoothed(values), color="tab:orange", lw=1.8, label="3-epoch mean")
+    tp = record.get("turning_point")
+    if tp is not None:
+        level = record["reach"] * tp["best"] if tp["best"] > 0 else tp["best"]
+        ax.axhline(level, color="tab:red", ls=":", lw=1, label=f"{record['reach']:.0%} of the best mean")
+        ax.axvline(tp["epoch"], color="grey", ls="--", lw=1.5, label=f"turning point (epoch {tp['epoch']})")
+        ax.axvline(tp["found_at_epoch"], color="grey", ls=":", lw=1, label=f"decided at epoch {tp['found_at_epoch']}")
+    ax.set_xlabel("epoch (0: the base model)")
+    ax.set_ylabel("score (higher is better)")
+    ax.legend(fontsize="small", loc="best")
+    ax.set_title(title or "early stopping on the samples")
+    return _save_atomic(fig, Path(path))
+
+
 def _epoch_axis(h: History):
     """Map steps to fractional epochs by linear interpolation between the epoch changes of the samples."""
     known = [(float(s), e) for s, e in zip(h.steps, h.epochs, strict=True) if e is not None]
