@@ -164,12 +164,12 @@ class EarlyStopConfig:
     window: int | None = None
     #: compute CS every this many steps
     interval: int = 1
-    #: turning-point rule: "budget" (the update's size ‖ΔW‖/‖W‖ reaches a budget; beyond the paper; the default,
-    #: with spectral-budget the nearest to the measured overfitting onset on both shapes-world concepts,
-    #: docs/early_stopping.md), "calm"
-    #: (CSF stays small for a window), "second-valley" (the paper's Algorithm 1) or "spectral-budget" (the same
-    #: budget on σ1(ΔW)/σ1(W), read at epoch ends; a candidate, docs/early_stopping.md)
-    rule: str = "budget"
+    #: turning-point rule: "spectral-budget" (the update's spectral size σ1(ΔW)/σ1(W) reaches a budget, read at
+    #: epoch ends; beyond the paper; the default: with "budget" the nearest to the measured overfitting onset on
+    #: both shapes-world concepts, nearer on average on the star, and the same for every adapter rank,
+    #: docs/early_stopping.md), "budget" (the same on ‖ΔW‖/‖W‖, read every step), "calm" (CSF stays small for a
+    #: window) or "second-valley" (the paper's Algorithm 1)
+    rule: str = "spectral-budget"
     #: the rule's options, e.g. {prominence = 0.05}, {threshold = 0.1, patience = 1.0} or {budget = 0.1}
     rule_args: dict = field(default_factory=dict)
     #: stop on the samples instead (beyond the paper; lorakit.earlystop.samples): a sample scorer's name, e.g.

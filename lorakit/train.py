@@ -424,7 +424,8 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
             run.write_json("cs_history.json", monitor.history.to_dict())
             files.append(plot_cs_fluctuation(monitor.history, run.file("cs_fluctuation.png"),
                                              turning_point=turning or reported,
-                                             budget=getattr(monitor.rule, "budget", None)))
+                                             budget=getattr(monitor.rule, "budget", None),
+                                             budget_series=monitor.rule.series))
         if prompts:
             files.append(_sample(model, method, prompts, run.sample_path("final"), accelerator))
         summary = {

@@ -104,3 +104,26 @@ def test_the_update_size_gets_its_own_panel(tmp_path):
 
     # a taller figure with the second panel
     assert Image.open(both).size[1] > Image.open(plain).size[1]
+
+
+def test_the_spectral_size_is_drawn_where_it_was_read(tmp_path):
+    """The default rule reads σ1(ΔW)/σ1(W) at epoch ends: its points and its budget line are in the size panel
+    (brown), which the figure without them lacks."""
+    from PIL import Image
+
+    from lorakit.earlystop import SpectralBudget
+
+    cs = np.linspace(0, 0.1, 200)
+    monitor = CSFluctuationMonitor(20, 1e-4, rule=SpectralBudget(0.25), report_only=True)
+    for k in range(200):
+        end = (k + 1) % 40 == 0
+        monitor.update(k + 1, cs[k], epoch=k // 40 + 1, update=k / 1000, spectral=(k + 1) / 400 if end else None)
+    without = plot_cs_fluctuation(monitor.history, tmp_path / "without.png")
+    plain = plot_cs_fluctuation({**monitor.history.to_dict(), "spectral": None}, tmp_path / "plain.png")
+    drawn = plot_cs_fluctuation(monitor.history, tmp_path / "spectral.png", budget=0.25, budget_series="spectral")
+
+    def brown(path) -> int:  # tab:brown is (140, 86, 75)
+        pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return int((np.abs(pixels - [140, 86, 75]).sum(axis=2) < 30).sum())
+
+    assert brown(plain) == 0 < brown(without) < brown(drawn)

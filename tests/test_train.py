@@ -602,7 +602,7 @@ def test_cli_builtin_default_job(tmp_path, capsys):
 def test_early_stop_rule_is_configurable(tiny_model_dir, dataset, tmp_path, monkeypatch):
     import lorakit.train as train_module
     from lorakit.config import ConfigError
-    from lorakit.earlystop import CalmRule, UpdateBudget
+    from lorakit.earlystop import CalmRule, SpectralBudget
 
     seen = []
 
@@ -616,7 +616,7 @@ def test_early_stop_rule_is_configurable(tiny_model_dir, dataset, tmp_path, monk
                           early_stop={"mode": "report", "rule": "calm", "rule_args": {"threshold": 0.2}}))
     assert seen == [CalmRule(threshold=0.2)]
     # the default (docs/early_stopping.md says why)
-    assert TrainConfig().early_stop.make_rule() == UpdateBudget(budget=0.1)
+    assert TrainConfig().early_stop.make_rule() == SpectralBudget(budget=0.25)
     for bad in ({"rule": "third-valley"}, {"rule": "second-valley", "rule_args": {"prominence": 2.0}},
                 {"rule": "budget", "rule_args": {"budget": 0.0}},
                 {"rule": "second-valley", "rule_args": {"patience": 1}}, {"rule_args": {"prominence": 0.1}}):

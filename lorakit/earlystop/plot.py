@@ -28,13 +28,15 @@ def _history(history: History | Mapping[str, Any]) -> History:
 
 def plot_cs_fluctuation(history: History | Mapping[str, Any], path: str | os.PathLike,
                         turning_point: TurningPoint | int | None = None, *, x: str = "step",
-                        title: str | None = None, budget: float | None = None) -> Path:
+                        title: str | None = None, budget: float | None = None,
+                        budget_series: str = "update") -> Path:
     """Write the figure to ``path`` (PNG) and return it.
 
     ``history``: ``monitor.history`` or its ``to_dict()`` (e.g. read back from JSON); ``turning_point``: a
     ``TurningPoint``, a step, or ``None`` for the history's own; ``x``: ``"step"`` or ``"epoch"`` (fractional
     epochs from the steps, when the samples carry epochs).  When the history has the update's size, a second
-    panel shows it (with ``budget``, the budget rule's line).
+    panel shows it, and the spectral size (read at epoch ends) where it was read; ``budget`` draws a size
+    rule's budget on the series it reads (``budget_series``: "update" or "spectral").
     """
     h = _history(history)
     tp = h.turning_point if turning_point is None else turning_point
@@ -73,11 +75,18 @@ def plot_cs_fluctuation(history: History | Mapping[str, Any], path: str | os.Pat
     if sizes is not None:
         below = fig.add_subplot(3, 1, 3, sharex=ax)
         below.plot(xs, sizes, color="tab:purple", lw=1.5, label="update size ‖ΔW‖/‖W‖ (mean over layers)")
+        spectral = h.spectral if h.spectral is not None and np.isfinite(h.spectral).any() else None
+        if spectral is not None:  # read at epoch ends only: markers where it was read
+            read = np.isfinite(spectral)
+            below.plot(xs[read], spectral[read], "o-", color="tab:brown", lw=1, ms=3,
+                       label="spectral size σ1(ΔW)/σ1(W) (epoch ends)")
         if budget is not None:
-            below.axhline(budget, color="tab:red", ls="--", lw=1, label=f"budget {budget:g}")
+            below.axhline(budget, color="tab:red" if budget_series == "update" else "tab:brown", ls="--", lw=1,
+                          label=f"budget {budget:g} on the {'spectral' if budget_series == 'spectral' else 'update'}"
+                                " size")
         if tp_step is not None:
             below.axvline(to_x(float(tp_step)), color="grey", ls="--", lw=1.5)
-        below.set_ylabel("‖ΔW‖/‖W‖", color="tab:purple")
+        below.set_ylabel("update size")
         below.set_xlabel(label)
         below.legend(fontsize="small", loc="upper left")
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
