@@ -5,6 +5,8 @@
   (the update's size ‖ΔW‖/‖W‖, beyond the paper) or ``SpectralBudget`` (σ1(ΔW)/σ1(W), read at epoch ends);
 - ``cs``: eq. 2 over lorakit adapters (low-rank identities for LoRA) or (W, W0) pairs, and the update's size;
 - ``monitor``: ``CSFluctuationMonitor`` (online), ``find_turning_point`` (offline, same answer);
+- ``samples``: stopping on the samples instead (beyond the paper): ``SamplePlateau`` over per-epoch scores of
+  the images a registered sample scorer reads (``register_sample_scorer``; the shapes world registers one);
 - ``candidates``: real copies of the weights at candidate turning points;
 - ``plot``: the paper-style figure;  ``hf``: a transformers ``TrainerCallback`` for PEFT LoRA models
   (imported on demand: ``from lorakit.earlystop.hf import CSFluctuationCallback``).
@@ -27,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "Decision": "lorakit.earlystop.monitor",
     "Detection": "lorakit.earlystop.rules",
     "History": "lorakit.earlystop.monitor",
+    "SamplePlateau": "lorakit.earlystop.samples",
     "SecondValley": "lorakit.earlystop.rules",
     "SpectralBudget": "lorakit.earlystop.rules",
     "TurningPoint": "lorakit.earlystop.monitor",
@@ -41,6 +44,8 @@ _EXPORTS: dict[str, str] = {
     "moving_average": "lorakit.earlystop.series",
     "moving_variance": "lorakit.earlystop.series",
     "plot_cs_fluctuation": "lorakit.earlystop.plot",
+    "plot_sample_scores": "lorakit.earlystop.plot",
+    "register_sample_scorer": "lorakit.earlystop.samples",
     "rule_from_dict": "lorakit.earlystop.rules",
     "sign_change_valleys": "lorakit.earlystop.series",
     "smoothed_slope": "lorakit.earlystop.series",

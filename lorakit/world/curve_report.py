@@ -121,8 +121,9 @@ def markdown_table(runs: list[RunResult]) -> str:
             "±1 epoch | "
             "fidelity peak: epoch (success / fidelity) | second valley TP: epoch, decided at "
             "(success / fidelity) | calm rule TP: epoch, decided at (success / fidelity) | "
-            "budget rule TP: epoch, decided at (success / fidelity) | epoch 0 → last: success, fidelity, control |")
-    lines = [head, "|" + "---|" * 7]
+            "budget rule TP: epoch, decided at (success / fidelity) | spectral budget rule (the trainer's default) TP: "
+            "epoch, decided at (success / fidelity) | epoch 0 → last: success, fidelity, control |")
+    lines = [head, "|" + "---|" * 8]
 
     def cell(r: RunResult, epoch: int | None, found: int | None = None, interval: Onset | None = None) -> str:
         if epoch is None:
@@ -141,6 +142,7 @@ def markdown_table(runs: list[RunResult]) -> str:
             f"{cell(r, r.turning['second-valley'], r.found['second-valley'])} | "
             f"{cell(r, r.turning['calm'], r.found['calm'])} | "
             f"{cell(r, r.turning['budget'], r.found['budget'])} | "
+            f"{cell(r, r.turning['spectral-budget'], r.found['spectral-budget'])} | "
             f"{r.change_success[0]:.2f} → {r.change_success[-1]:.2f}, {r.fidelity[0]:.2f} → {r.fidelity[-1]:.2f}, "
             f"{r.control[0]:.2f} → {r.control[-1]:.2f} |")
     return "\n".join(lines) + "\n"
