@@ -132,7 +132,8 @@ WORLD_SCORER = "world"
 BUILTIN_INTRODUCTION = (
     "The built-in job: lorakit's shapes world is a tiny Stable Diffusion 1.x model that draws circles, squares, "
     "triangles and crosses; it has never seen a star. The 'zkz' concept is 15 rendered stars in kohya layout. "
-    "lorakit teaches the model the star as 'zkz shape' and stops by CS-Fluctuation before it overfits.")
+    "lorakit teaches the model the star as 'zkz shape' and stops before it overfits, by watching the adapter's "
+    "weights (CS-Fluctuation and the size of the update).")
 
 
 def run(args: argparse.Namespace) -> int:
