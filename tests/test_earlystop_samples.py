@@ -254,3 +254,16 @@ def test_the_earliest_candidate_never_passes_a_later_turning_point():
     for epoch, value in enumerate([0.0, 0.1, 0.1, 0.9]):
         rule.update(epoch, value)
     assert rule.final().epoch == 3 and rule.earliest_candidate() == 2  # epoch 3's window is not complete yet
+
+
+def test_the_built_in_job_reads_its_own_prompt_file_for_the_world_scorer(tmp_path, capsys):
+    """`lorakit train --set early_stop.samples=world`: the built-in job scores its dataset's eval_prompts.toml
+    (the prompts its onset is measured on) with the world's sampler settings."""
+    from lorakit.cli import main
+
+    out = tmp_path / "job"
+    assert main(["train", "--out", str(out), "--set", "early_stop.samples=world", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert 'samples = "world"' in printed and "sample_patience = 4" in printed
+    assert f'sample_prompts = "{tmp_path / "job-data" / "eval_prompts.toml"}"' in printed
+    assert "steps = 30" in printed and "cfg_scale = 6.0" in printed
