@@ -29,6 +29,7 @@ import tomli_w
 
 from lorakit.data.config import DataConfig
 from lorakit.earlystop.rules import RULES, rule_from_dict  # numpy only: config must stay free of torch
+from lorakit.earlystop.samples import SamplePlateau
 from lorakit.errors import InvalidValueError
 from lorakit.tomlcheck import set_fields
 
@@ -302,10 +303,6 @@ class TrainConfig:
              "at least 2 steps (or absent: steps per epoch, at least 2)", self.early_stop.window),
             (_positive_int(self.early_stop.sample_seeds), "early_stop.sample_seeds", "a positive integer",
              self.early_stop.sample_seeds),
-            (_positive_int(self.early_stop.sample_patience), "early_stop.sample_patience",
-             "a positive integer (epochs)", self.early_stop.sample_patience),
-            (isinstance(self.early_stop.sample_reach, int | float) and 0 < self.early_stop.sample_reach <= 1,
-             "early_stop.sample_reach", "in (0, 1]", self.early_stop.sample_reach),
             (not self.early_stop.samples or self.early_stop.mode != "off", "early_stop.samples",
              'empty when early_stop.mode = "off" (stopping on samples is early stopping)', self.early_stop.samples),
             (self.output.if_exists in ("error", "resume", "overwrite"), "output.if_exists",
@@ -322,6 +319,10 @@ class TrainConfig:
             self.early_stop.make_rule()
         except (TypeError, ValueError) as e:
             raise ConfigError(f"early_stop.rule_args: {e}") from e
+        try:  # the sample stop's rule checks its own options (sample_reach, sample_patience)
+            SamplePlateau(self.early_stop.sample_reach, self.early_stop.sample_patience)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         self._validate_blocks()
         self._validate_format()
         if self.method.kind in ("ti", "pivotal") and not (self.method.ti_token or self.data.trigger):

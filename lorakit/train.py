@@ -427,7 +427,8 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
                                              budget=getattr(monitor.rule, "budget", None),
                                              budget_series=monitor.rule.series))
         if prompts:
-            files.append(_sample(model, method, prompts, run.sample_path("final"), accelerator))
+            _sample(model, method, prompts, run.sample_path("final"), accelerator)
+            files.append(run.sample_path("final"))
         summary = {
             "output_dir": str(run.path), "files": [str(f) for f in files], "method": cfg.method.kind,
             "epochs_run": epoch, "steps": step, "final_epoch": final_epoch,
@@ -533,13 +534,9 @@ def _score_samples(sample_stop: SampleStop, epoch: int, step: int, model: BaseMo
     """Draw and score the sample stop's prompts with the adapter as it is at the end of ``epoch``; the images go
     to ``samples/scored-epoch-NNNN.png`` (what the score was computed on), the score to the log."""
     def draw(jobs: list[tuple[Any, int]]) -> list[Any]:
-        prompts = [SamplePrompt(method.expand_prompt(p.text), method.expand_prompt(p.negative), seed=seed,
-                                steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, sampler=cfg.sample.sampler)
-                   for p, seed in jobs]
-        with method.sampling():
-            images = generate(model, prompts, device=accelerator.device, progress=False)
-        save_sample_grid(images, prompts, run.sample_path(f"scored-epoch-{epoch:04d}"))
-        return images
+        prompts = [SamplePrompt(p.text, p.negative, seed=seed, steps=cfg.sample.steps,
+                                cfg_scale=cfg.sample.cfg_scale, sampler=cfg.sample.sampler) for p, seed in jobs]
+        return _sample(model, method, prompts, run.sample_path(f"scored-epoch-{epoch:04d}"), accelerator)
 
     found = sample_stop.score_epoch(epoch, draw)
     run.log({"step": step, "epoch": epoch, "sample_score": sample_stop.rule.scores[epoch]})
@@ -560,13 +557,14 @@ def _sample_decision(found: SampleTurningPoint, steps_per_epoch: int, step: int,
 
 
 def _sample(model: BaseModel, method: TrainingMethod, prompts: list[SamplePrompt], path: Path,
-            accelerator: Accelerator) -> Path:
+            accelerator: Accelerator) -> list[Any]:
+    """The prompts drawn with the adapter as it is now (their trigger expanded), saved as a grid at ``path``."""
     expanded = [replace(p, prompt=method.expand_prompt(p.prompt),
                         negative_prompt=method.expand_prompt(p.negative_prompt)) for p in prompts]
     with method.sampling():
         images = generate(model, expanded, device=accelerator.device, progress=False)
     save_sample_grid(images, prompts, path)
-    return path
+    return images
 
 
 def checkpoints_to_keep(saved: list[int], steps_per_epoch: int, earliest_step: int | None) -> set[int]:

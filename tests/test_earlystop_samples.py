@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_train import Interrupt, make_config, run_train, write_dataset
+from test_train import Interrupt, die_after_saving, make_config, run_train, write_dataset
 
 from lorakit.checkpoints import RunFolder
 from lorakit.config import ConfigError
@@ -66,7 +66,7 @@ def test_on_all_scores_the_rule_is_the_onset_definition():
         for epoch, value in enumerate(g):
             assert rule.update(epoch, value) is None
         assert rule.final().epoch == first_reaching(list(range(len(g))), g[None], 0.8)[0]
-    assert smoothed([1.0, 2.0, 6.0]) == [1.5, 3.0, 4.0]
+    assert list(smoothed([1.0, 2.0, 6.0])) == [1.5, 3.0, 4.0]
 
 
 def test_bad_options_and_state_round_trip():
@@ -175,15 +175,7 @@ def test_a_resumed_run_scores_as_a_straight_one(tiny_model_dir, tmp_path, monkey
     stop = {"mode": "report", "samples": "pixel-test", "sample_prompts": str(tmp_path / "p.toml")}
     run_train(make_config(tiny_model_dir, data, tmp_path / "straight", training={"max_epochs": 3}, early_stop=stop))
 
-    original = RunFolder.save_checkpoint
-
-    def save_then_die(self, epoch, *args, **kwargs):
-        saved = original(self, epoch, *args, **kwargs)
-        if epoch == 2:
-            raise Interrupt("killed after epoch 2")
-        return saved
-
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
+    original = die_after_saving(monkeypatch, 2)
     with pytest.raises(Interrupt):
         run_train(make_config(tiny_model_dir, data, tmp_path / "cut", training={"max_epochs": 3}, early_stop=stop))
     monkeypatch.setattr(RunFolder, "save_checkpoint", original)
@@ -206,6 +198,10 @@ def test_a_bad_sample_setting_is_refused_before_anything_is_written(tiny_model_d
     assert not out.exists()
     with pytest.raises(ConfigError, match="early_stop.samples"):
         make_config(tiny_model_dir, data, out, early_stop={"mode": "off", "samples": "world"}).validate()
+    for key, bad in (("sample_reach", 1.5), ("sample_patience", 0)):  # the rule's own checks, named as in the config
+        with pytest.raises(ConfigError, match=f"early_stop.{key} must be"):
+            stop = {"mode": "report", "samples": "world", key: bad}
+            make_config(tiny_model_dir, data, out, early_stop=stop).validate()
 
 
 # -------------------------------------------------------------------------------------------------- the world's scorer

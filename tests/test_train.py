@@ -103,21 +103,28 @@ class Interrupt(Exception):
     pass
 
 
+def die_after_saving(monkeypatch, last_epoch: int):
+    """Make the run die right after it saved the checkpoint of ``last_epoch``; returns the real save, to put
+    back before resuming."""
+    original = RunFolder.save_checkpoint
+
+    def save_then_die(self, epoch, *args, **kwargs):
+        saved = original(self, epoch, *args, **kwargs)
+        if epoch == last_epoch:
+            raise Interrupt(f"killed after epoch {last_epoch}")
+        return saved
+
+    monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
+    return original
+
+
 def test_resume_continues_exactly(tiny_model_dir, dataset, tmp_path, monkeypatch):
     cfg = make_config(tiny_model_dir, dataset, tmp_path / "straight", training={"max_epochs": 3},
                       network={"dropout": 0.1})
     straight = run_train(cfg)
 
-    original = RunFolder.save_checkpoint
-
-    def save_then_die(self, epoch, *args, **kwargs):
-        saved = original(self, epoch, *args, **kwargs)
-        if epoch == 1:
-            raise Interrupt("killed after epoch 1")
-        return saved
-
     interrupted = tmp_path / "interrupted"
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
+    original = die_after_saving(monkeypatch, 1)
     with pytest.raises(Interrupt):
         run_train(make_config(tiny_model_dir, dataset, interrupted, training={"max_epochs": 3},
                               network={"dropout": 0.1}))

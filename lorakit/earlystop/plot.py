@@ -82,8 +82,7 @@ def plot_cs_fluctuation(history: History | Mapping[str, Any], path: str | os.Pat
                        label="spectral size σ1(ΔW)/σ1(W) (epoch ends)")
         if budget is not None:
             below.axhline(budget, color="tab:red" if budget_series == "update" else "tab:brown", ls="--", lw=1,
-                          label=f"budget {budget:g} on the {'spectral' if budget_series == 'spectral' else 'update'}"
-                                " size")
+                          label=f"budget {budget:g} on the {budget_series} size")
         if tp_step is not None:
             below.axvline(to_x(float(tp_step)), color="grey", ls="--", lw=1.5)
         below.set_ylabel("update size")

@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from lorakit.errors import InvalidValueError
 
 #: epochs without a new best before the rule decides: 4 on the star's runs (3 stopped its slow learners on a bump
@@ -58,11 +60,13 @@ def load_sample_scorer(spec: str) -> SampleScorer:
     return SAMPLE_SCORERS[name](path or None)
 
 
-def smoothed(scores: Sequence[float]) -> list[float]:
-    """The centred ``WIDTH``-epoch mean of each score (shorter at the ends)."""
-    half = WIDTH // 2
-    return [sum(scores[max(0, i - half):i + half + 1]) / len(scores[max(0, i - half):i + half + 1])
-            for i in range(len(scores))]
+def smoothed(values: Sequence[float] | np.ndarray, width: int = WIDTH) -> np.ndarray:
+    """The centred ``width``-epoch mean along the last axis (shorter at the ends); the shapes world's onset
+    smooths its scores with the same function, so the rule and the onset it is judged against agree."""
+    v = np.asarray(values, dtype=float)
+    half = width // 2
+    cols = [v[..., max(0, i - half):i + half + 1].mean(axis=-1) for i in range(v.shape[-1])]
+    return np.stack(cols, axis=-1) if cols else v.copy()
 
 
 @dataclass(frozen=True)
@@ -89,10 +93,11 @@ class SamplePlateau:
     scores: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not 0 < self.reach <= 1:
-            raise InvalidValueError(f"early_stop.rule_args.reach must be in (0, 1], got {self.reach}")
+        # named as the config spells them: config validation builds the rule to check them
+        if isinstance(self.reach, bool) or not isinstance(self.reach, int | float) or not 0 < self.reach <= 1:
+            raise InvalidValueError(f"early_stop.sample_reach must be in (0, 1], got {self.reach!r}")
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
-            raise InvalidValueError(f"early_stop.rule_args.patience must be a whole number of epochs >= 1, "
+            raise InvalidValueError(f"early_stop.sample_patience must be a positive integer (epochs), "
                                     f"got {self.patience!r}")
 
     def update(self, epoch: int, score: float) -> SampleTurningPoint | None:
@@ -161,7 +166,6 @@ class SampleStop:
     prompts: Sequence[Any]
     seeds: int
     rule: SamplePlateau
-    last_images: list[Any] = field(default_factory=list, repr=False)
     decided: SampleTurningPoint | None = None  # the first turning point the rule decided on
 
     @property
@@ -179,7 +183,6 @@ class SampleStop:
         """Score ``epoch``'s images and record it; the turning point once decided."""
         jobs = self.jobs()
         images = draw(jobs)
-        self.last_images = images
         score = float(self.scorer(images, [p for p, _ in jobs]))
         if score != score:  # NaN: a scorer that found nothing to score
             raise InvalidValueError(f"the sample scorer {self.scorer.name!r} returned NaN at epoch {epoch}: the "

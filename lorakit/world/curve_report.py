@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from lorakit.config import load_config
 from lorakit.earlystop import samples as sample_stop
 from lorakit.earlystop.replay import COMPARED_RULES
@@ -152,7 +154,7 @@ def summary_lines(runs: list[RunResult]) -> list[str]:
     """Per rule (and per concept, where the runs learned more than one): how often it fired, how far its
     turning point is from the measured onset (and from the fidelity peak), and how much of the onset's success
     the handed-back checkpoint keeps."""
-    concepts = sorted({r.concept for r in runs}, key=lambda c: (c != "zkz", c))
+    concepts = concepts_of(runs)
     if len(concepts) > 1:
         return [f"[{c}] {line}" for c in concepts for line in summary_lines([r for r in runs if r.concept == c])]
     out = [ceiling_line(runs)] if any(r.reproduced for r in runs) else []
@@ -194,6 +196,22 @@ def ceiling_line(runs: list[RunResult]) -> str:
             f"{len(measured)} runs at the {per} images scored per epoch (bootstrap), {', '.join(at)}")
 
 
+def concepts_of(runs: list[RunResult]) -> list[str]:
+    """The concepts the runs learned, the star (the one the rules were designed on) first."""
+    return sorted({r.concept for r in runs}, key=lambda c: (c != "zkz", c))
+
+
+def _scores(rows: list[dict], changes: tuple[str, ...]) -> tuple[list[int], np.ndarray]:
+    """The scored epochs and g at each, from the rows' per-image outcomes."""
+    counts = prompt_counts(rows, changes)
+    return list(counts.epochs), generalisation(counts)
+
+
+def _onset_epoch(epochs: list[int], g: np.ndarray) -> int:
+    """The onset's point estimate (``measure_onset(...).epoch`` without its bootstrap)."""
+    return int(first_reaching(epochs, g[None], REACH)[0])
+
+
 def images_of_seeds(rows: list[dict], keep: set[int]) -> list[dict]:
     """The rows with only the images of the ``keep``-th seeds of each prompt (a prompt's images are scored in
     seed order, ``lorakit.evaluate.generate.make_jobs``)."""
@@ -216,9 +234,8 @@ def sample_stop_lines(runs: list[RunResult], run_dirs: dict[str, Path],
     images: the trainer's draw is one seed per prompt, so each seed's images in turn play the trainer's samples
     and the onset is measured on the other seeds' (held out, so the rule is not judged on its own images).  Beside
     it, the same split's ceiling: the onset of the rule's images themselves against the held-out onset."""
-    concepts = sorted({r.concept for r in runs}, key=lambda c: (c != "zkz", c))
     out = []
-    for concept in concepts:
+    for concept in concepts_of(runs):
         chosen = [r for r in runs if r.concept == concept]
         rows = {r.name: sorted(json.loads((run_dirs[r.name] / "curve.json").read_text()), key=lambda x: x["epoch"])
                 for r in chosen}
@@ -231,12 +248,11 @@ def sample_stop_lines(runs: list[RunResult], run_dirs: dict[str, Path],
         for j in range(seeds):
             signed, ceiling = [], 0
             for r in chosen:
-                held = measure_onset(images_of_seeds(rows[r.name], set(range(seeds)) - {j}), r.changes).epoch
-                counts = prompt_counts(images_of_seeds(rows[r.name], {j}), r.changes)
-                g = generalisation(counts)
-                found = sample_stop.replay(dict(zip(counts.epochs, g, strict=True)), patience=patience)
+                held = _onset_epoch(*_scores(images_of_seeds(rows[r.name], set(range(seeds)) - {j}), r.changes))
+                epochs, g = _scores(images_of_seeds(rows[r.name], {j}), r.changes)
+                found = sample_stop.replay(dict(zip(epochs, g, strict=True)), patience=patience)
                 signed.append(None if found is None else found.epoch - held)
-                ceiling += abs(int(first_reaching(list(counts.epochs), g[None], REACH)[0]) - held) <= 1
+                ceiling += abs(_onset_epoch(epochs, g) - held) <= 1
             hits = sum(d is not None and abs(d) <= 1 for d in signed)
             shown = ["never" if d is None else d for d in signed]
             parts.append(f"seed {j}: {hits}/{len(chosen)} (TP - onset = {shown})")
@@ -372,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
         if not getattr(args, option, None):
             continue
         budgets = [float(b) for b in getattr(args, option).split(",")]
-        for concept in sorted({r.concept for r in runs}, key=lambda c: (c != "zkz", c)):
+        for concept in concepts_of(runs):
             sweep += [f"[{concept}] {line}" for line in budget_sweep([r for r in runs if r.concept == concept],
                                                                      budgets, dirs, measure)]
     if args.sample_stop:

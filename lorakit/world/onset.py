@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lorakit.earlystop.samples import smoothed
+
 #: bootstrap draws: the interval's ends move by less than an epoch between seeds at this count (tests)
 RESAMPLES = 1000
 #: the onset is the first epoch whose smoothed g reaches this share of its peak (1.0: the peak itself)
@@ -132,12 +134,9 @@ def generalisation(counts: PromptCounts, weights: np.ndarray | None = None, coun
 
 
 def smooth_rows(values: np.ndarray, width: int = 3) -> np.ndarray:
-    """Centred moving average along the last axis, shorter at the ends: each row's scores of neighbouring epochs
-    are noisy."""
-    v = np.atleast_2d(values).astype(float)
-    half = width // 2
-    cols = [v[:, max(0, i - half):i + half + 1].mean(axis=1) for i in range(v.shape[1])]
-    return np.stack(cols, axis=1) if cols else v.copy()
+    """Centred moving average along the last axis, shorter at the ends, one row per draw: each row's scores of
+    neighbouring epochs are noisy.  The sample stop's own smoothing (``lorakit.earlystop.samples.smoothed``)."""
+    return smoothed(np.atleast_2d(values), width)
 
 
 def peak_epoch(epochs: Sequence[int], scores: np.ndarray) -> np.ndarray:
