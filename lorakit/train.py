@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list
 from diffusers.optimization import get_scheduler
 from tqdm import tqdm
 
@@ -212,7 +213,7 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
                 check_resume_settings(run.path / "config.toml", cfg)
             run.write_text("config.toml", to_toml(cfg))
             print(opening_line(cfg))
-        sample_stop = _sample_stop(cfg, accelerator)  # its prompt file is read before the model is loaded
+        sample_stop = _sample_stop(cfg)  # its prompt file is read before the model is loaded
 
         # the model, what is trained, the data
         model = prepare_model(cfg, accelerator)
@@ -303,7 +304,7 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
         raise
 
     stop_decision = None
-    if is_main and sample_stop is not None and step == 0:
+    if sample_stop is not None and step == 0:
         # the base model's own score (epoch 0): the smoothing of epoch 1 needs it, as the onset's does
         _score_samples(sample_stop, 0, 0, model, method, cfg, run, accelerator)
     timer = _StepTimer(first_step=step, warmup=3 if cfg.model.compile else 1)  # compiling spans a few steps
@@ -358,7 +359,7 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
                     break
             epoch += 1
             skip = 0
-            if is_main and sample_stop is not None:  # scored before saving: the checkpoint's state holds it
+            if sample_stop is not None:  # scored before saving: the checkpoint's state holds it
                 found = _score_samples(sample_stop, epoch, step, model, method, cfg, run, accelerator)
                 if found is not None and stop_decision is None and cfg.early_stop.mode == "cs-fluctuation":
                     stop_decision = _sample_decision(found, steps_per_epoch, step, monitor)
@@ -511,13 +512,10 @@ def _check_resumable(state: dict[str, Any], fingerprint: str, data: TrainingData
                             "longer, raise --epochs or --max-steps")
 
 
-def _sample_stop(cfg: TrainConfig, accelerator: Accelerator) -> SampleStop | None:
+def _sample_stop(cfg: TrainConfig) -> SampleStop | None:
     """The sample stop the config asks for (``early_stop.samples``), its prompts read and checked."""
     if not cfg.early_stop.samples or cfg.early_stop.mode == "off":
         return None
-    if accelerator.num_processes > 1:
-        raise TrainingError("early_stop.samples scores the samples in one process; train in one process, or use a "
-                            "rule on the weights (early_stop.rule)")
     from lorakit.evaluate.checkpoints import kohya_trigger
 
     es = cfg.early_stop
@@ -532,14 +530,20 @@ def _sample_stop(cfg: TrainConfig, accelerator: Accelerator) -> SampleStop | Non
 def _score_samples(sample_stop: SampleStop, epoch: int, step: int, model: BaseModel, method: TrainingMethod,
                    cfg: TrainConfig, run: RunFolder, accelerator: Accelerator) -> SampleTurningPoint | None:
     """Draw and score the sample stop's prompts with the adapter as it is at the end of ``epoch``; the images go
-    to ``samples/scored-epoch-NNNN.png`` (what the score was computed on), the score to the log."""
+    to ``samples/scored-epoch-NNNN.png`` (what the score was computed on), the score to the log.  In a
+    multi-process run the main process draws and scores, and every process records its score, so all of them
+    decide the same stop."""
     def draw(jobs: list[tuple[Any, int]]) -> list[Any]:
         prompts = [SamplePrompt(p.text, p.negative, seed=seed, steps=cfg.sample.steps,
                                 cfg_scale=cfg.sample.cfg_scale, sampler=cfg.sample.sampler) for p, seed in jobs]
         return _sample(model, method, prompts, run.sample_path(f"scored-epoch-{epoch:04d}"), accelerator)
 
-    found = sample_stop.score_epoch(epoch, draw)
-    run.log({"step": step, "epoch": epoch, "sample_score": sample_stop.rule.scores[epoch]})
+    score = sample_stop.score_images(draw) if accelerator.is_main_process else None
+    if accelerator.num_processes > 1:
+        score = broadcast_object_list([score], from_process=0)[0]
+    found = sample_stop.record_score(epoch, score)
+    if accelerator.is_main_process:
+        run.log({"step": step, "epoch": epoch, "sample_score": score})
     return found
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -23,6 +24,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_two_processes(tmp_path: Path, job: Path, *script_args: str) -> list[dict[str, str]]:
+    """Run the script under `accelerate launch` with two processes; each rank's saved metadata."""
+    # --multi_gpu selects accelerate's torchrun launcher; without a GPU each process runs on the CPU with gloo
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(SCRIPT), str(job), str(tmp_path), *script_args]
+    # the tests' folder (the script imports test helpers) and this checkout's lorakit, not an installed one
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parent.parent)])}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metas = []
+    for rank in (0, 1):
+        with safe_open(str(tmp_path / f"rank{rank}.safetensors"), "pt") as f:
+            metas.append(f.metadata())
+    return metas
+
+
 def test_two_processes_train_one_synchronised_adapter(tiny_model_dir, tmp_path):
     data = write_dataset(tmp_path / "data", n=4)
     out = tmp_path / "out"
@@ -30,20 +49,7 @@ def test_two_processes_train_one_synchronised_adapter(tiny_model_dir, tmp_path):
     job.write_text(f'[model]\nbase = "{tiny_model_dir}"\n[data]\ntrain_data = "{data}"\nbatch_size = 1\n'
                    f'[network]\nrank = 2\n[training]\nmax_epochs = 2\n[early_stop]\nmode = "off"\n'
                    f'[output]\ndir = "{out}"\n')
-    # --multi_gpu selects accelerate's torchrun launcher; without a GPU each process runs on the CPU with gloo
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(SCRIPT), str(job), str(tmp_path)]
-    # the tests' folder (the script imports test helpers) and this checkout's lorakit, not an installed one
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parent.parent)])}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    metas = []
-    for rank in (0, 1):
-        with safe_open(str(tmp_path / f"rank{rank}.safetensors"), "pt") as f:
-            metas.append(f.metadata())
+    metas = launch_two_processes(tmp_path, job)
     assert all(m["world"] == "2" and m["backend"] == "gloo" for m in metas)
     assert all(m["steps"] == "4" for m in metas)  # 4 images, batch 1, 2 processes: 2 steps per epoch
     a, b = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
@@ -52,3 +58,26 @@ def test_two_processes_train_one_synchronised_adapter(tiny_model_dir, tmp_path):
     final = load_file(str(out / "lorakit.safetensors"))
     assert all(torch.equal(final[k], a[k]) for k in final)
     assert any(float(v.abs().max()) > 0 for k, v in final.items() if k.endswith("lora_up.weight"))
+
+
+def test_two_processes_stop_together_on_the_samples(tiny_model_dir, tmp_path):
+    """early_stop.samples with two processes: the main one draws and scores, both record the score, so both
+    stop after the same epoch and hand back the same turning point (a process that went on alone would hang)."""
+    from test_earlystop_samples import PROMPTS
+
+    data = write_dataset(tmp_path / "data", n=4)
+    out = tmp_path / "out"
+    (tmp_path / "p.toml").write_text(PROMPTS)
+    job = tmp_path / "job.toml"
+    job.write_text(f'[model]\nbase = "{tiny_model_dir}"\n[data]\ntrain_data = "{data}"\nbatch_size = 1\n'
+                   f'[network]\nrank = 2\n[training]\nmax_epochs = 10\n[sample]\nsteps = 2\n'
+                   f'[early_stop]\nmode = "cs-fluctuation"\nsamples = "count-test"\n'
+                   f'sample_prompts = "{tmp_path / "p.toml"}"\nsample_patience = 2\n[output]\ndir = "{out}"\n')
+    metas = launch_two_processes(tmp_path, job, "count-scorer")
+    # CountingScorer's script stops once epoch 5 is scored and hands back epoch 1 (see test_earlystop_samples)
+    assert [m["scorer_calls"] for m in metas] == ["6", "0"]  # epochs 0-5, scored by the main process only
+    assert all(m["steps"] == "10" and m["stopped_early"] == "True" and m["final_epoch"] == "1" for m in metas)
+    record = json.loads((out / "sample_scores.json").read_text())
+    assert record["scores"] == {"0": 0.0, "1": 0.5, "2": 1.0, "3": 0.1, "4": 0.1, "5": 0.1}
+    a, b = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # both hold the turning point's checkpoint

@@ -181,9 +181,17 @@ class SampleStop:
     def score_epoch(self, epoch: int, draw: Callable[[list[tuple[Any, int]]], list[Any]]
                     ) -> SampleTurningPoint | None:
         """Score ``epoch``'s images and record it; the turning point once decided."""
+        return self.record_score(epoch, self.score_images(draw))
+
+    def score_images(self, draw: Callable[[list[tuple[Any, int]]], list[Any]]) -> float:
+        """Draw this epoch's images and score them (in one process; the others get the score by
+        ``record_score``)."""
         jobs = self.jobs()
-        images = draw(jobs)
-        score = float(self.scorer(images, [p for p, _ in jobs]))
+        return float(self.scorer(draw(jobs), [p for p, _ in jobs]))
+
+    def record_score(self, epoch: int, score: float) -> SampleTurningPoint | None:
+        """Record ``epoch``'s score; the turning point once decided.  Every process of a multi-process run
+        records the same scores, so every one decides the same stop."""
         if score != score:  # NaN: a scorer that found nothing to score
             raise InvalidValueError(f"the sample scorer {self.scorer.name!r} returned NaN at epoch {epoch}: the "
                                     f"prompts hold none of the types it reads ({', '.join(self.scorer.types)})")

@@ -1,4 +1,10 @@
-"""Run by test_train_distributed.py under `accelerate launch`: train, then each rank saves its own weights."""
+"""Run by test_train_distributed.py under `accelerate launch`: train, then each rank saves its own weights.
+
+    distributed_train.py JOB.toml OUT_DIR [count-scorer]
+
+``count-scorer`` registers test_earlystop_samples.CountingScorer as the sample scorer "count-test"; each rank
+records how often it was called in its process.
+"""
 
 import sys
 
@@ -9,6 +15,14 @@ import lorakit.train as train_module
 from lorakit.config import load_config
 
 captured = {}
+scorer = None
+if sys.argv[3:] == ["count-scorer"]:
+    from test_earlystop_samples import CountingScorer
+
+    from lorakit.earlystop.samples import register_sample_scorer
+
+    scorer = CountingScorer()
+    register_sample_scorer("count-test", lambda path: scorer)
 make_method = train_module.make_method
 
 
@@ -22,4 +36,6 @@ result = train_module.train(load_config(sys.argv[1]), progress=False)
 state = PartialState()
 save_file({k: v.contiguous() for k, v in captured["method"].trained_tensors().items()},
           f"{sys.argv[2]}/rank{state.process_index}.safetensors",
-          metadata={"world": str(state.num_processes), "steps": str(result.steps), "backend": str(state.backend)})
+          metadata={"world": str(state.num_processes), "steps": str(result.steps), "backend": str(state.backend),
+                    "final_epoch": str(result.final_epoch), "stopped_early": str(result.stopped_early),
+                    "scorer_calls": str(len(scorer.calls) if scorer is not None else 0)})
