@@ -308,19 +308,38 @@ def test_bf16_mixed_precision_keeps_adapters_fp32(tiny_model_dir, dataset, tmp_p
     assert {v.dtype for v in tensors.values()} == {torch.float32}
 
 
+def counting_backend(graphs: list) -> str:
+    """A torch.compile backend that records the inputs of every graph it compiles, then runs it with
+    ``aot_eager`` (which traces and partitions like inductor, op by op): how a test counts (re)compilations."""
+    from torch._dynamo.backends.registry import lookup_backend, register_backend
+
+    def counting(gm, example_inputs, **kwargs):
+        graphs.append([tuple(t.shape) for t in example_inputs if torch.is_tensor(t)])
+        return lookup_backend("aot_eager")(gm, example_inputs, **kwargs)
+
+    name = f"lorakit_test_counting_{id(graphs)}"
+    register_backend(counting, name=name)
+    return name
+
+
 @pytest.mark.parametrize("algorithm", ["lora", "loha"])
 def test_a_compiled_unet_trains_the_same_adapter_as_the_eager_one(tiny_model_dir, dataset, tmp_path, algorithm):
     """``model.compile``: torch.compile traces the training step (the adapters' forward and backward included,
-    LoHa's autograd Function too) and trains what eager mode trains.  The ``aot_eager`` backend traces and
-    partitions the graph like inductor but runs it op by op, so the check is fast and exact enough to compare."""
+    LoHa's autograd Function too) and trains what eager mode trains, compiling once: sampling, checkpoints and
+    the CS meter between epochs run beside the compiled graph and never make it compile again (with inductor
+    every recompile costs minutes)."""
     import torch._dynamo
 
-    sections = {"training": {"max_epochs": 1}, "network": {"algorithm": algorithm}}
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a zkz shape --w 64 --h 64 --d 1 --s 2\n")
+    sections = {"training": {"max_epochs": 2}, "network": {"algorithm": algorithm},
+                "sample": {"prompts": str(prompts)}, "early_stop": {"mode": "report"}}
     eager = run_train(make_config(tiny_model_dir, dataset, tmp_path / "eager", **sections))
     torch._dynamo.reset()
+    graphs: list = []
     compiled = run_train(make_config(tiny_model_dir, dataset, tmp_path / "compiled", **sections,
-                                     model={"compile": True, "compile_backend": "aot_eager"}))
-    assert len(compiled.losses) == len(eager.losses) >= 2
+                                     model={"compile": True, "compile_backend": counting_backend(graphs)}))
+    assert len(compiled.losses) == len(eager.losses) == 4
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4, abs=1e-6)
     a = load_file(str(tmp_path / "eager" / "lorakit.safetensors"))
     b = load_file(str(tmp_path / "compiled" / "lorakit.safetensors"))
@@ -328,6 +347,8 @@ def test_a_compiled_unet_trains_the_same_adapter_as_the_eager_one(tiny_model_dir
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
     moved = [k for k in a if "lora_up" in k or "hada_w1_a" in k]
     assert moved and any(b[k].abs().sum() > 0 for k in moved)  # it trained something
+    assert len(list((tmp_path / "compiled" / "samples").rglob("*.png"))) >= 2  # it sampled after each epoch
+    assert len(graphs) == 1, graphs  # 4 steps of one shape, two epochs with samples between: one compilation
 
 
 def test_compile_settings_are_checked_before_anything_runs(tiny_model_dir, dataset, tmp_path, capsys):
