@@ -538,9 +538,21 @@ def _score_samples(sample_stop: SampleStop, epoch: int, step: int, model: BaseMo
                                 cfg_scale=cfg.sample.cfg_scale, sampler=cfg.sample.sampler) for p, seed in jobs]
         return _sample(model, method, prompts, run.sample_path(f"scored-epoch-{epoch:04d}"), accelerator)
 
-    score = sample_stop.score_images(draw) if accelerator.is_main_process else None
-    if accelerator.num_processes > 1:
+    score: Any = None
+    if accelerator.num_processes == 1:
+        score = sample_stop.score_images(draw)
+    else:
+        failure: Exception | None = None
+        if accelerator.is_main_process:
+            try:
+                score = sample_stop.score_images(draw)
+            except Exception as err:  # the others wait for this score: they must hear of the failure, not hang
+                failure, score = err, f"{type(err).__name__}: {err}"
         score = broadcast_object_list([score], from_process=0)[0]
+        if failure is not None:
+            raise failure
+        if isinstance(score, str):
+            raise TrainingError(f"the main process could not score the samples of epoch {epoch}: {score}")
     found = sample_stop.record_score(epoch, score)
     if accelerator.is_main_process:
         run.log({"step": step, "epoch": epoch, "sample_score": score})

@@ -24,8 +24,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_processes(tmp_path: Path, job: Path, *script_args: str) -> list[dict[str, str]]:
-    """Run the script under `accelerate launch` with two processes; each rank's saved metadata."""
+def launch(tmp_path: Path, job: Path, *script_args: str) -> subprocess.CompletedProcess:
+    """Run the script under `accelerate launch` with two processes."""
     # --multi_gpu selects accelerate's torchrun launcher; without a GPU each process runs on the CPU with gloo
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -33,7 +33,12 @@ def launch_two_processes(tmp_path: Path, job: Path, *script_args: str) -> list[d
     # the tests' folder (the script imports test helpers) and this checkout's lorakit, not an installed one
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parent.parent)])}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def launch_two_processes(tmp_path: Path, job: Path, *script_args: str) -> list[dict[str, str]]:
+    """Run the script under `accelerate launch` with two processes; each rank's saved metadata."""
+    done = launch(tmp_path, job, *script_args)
     assert done.returncode == 0, done.stderr[-3000:]
     metas = []
     for rank in (0, 1):
@@ -60,24 +65,37 @@ def test_two_processes_train_one_synchronised_adapter(tiny_model_dir, tmp_path):
     assert any(float(v.abs().max()) > 0 for k, v in final.items() if k.endswith("lora_up.weight"))
 
 
-def test_two_processes_stop_together_on_the_samples(tiny_model_dir, tmp_path):
-    """early_stop.samples with two processes: the main one draws and scores, both record the score, so both
-    stop after the same epoch and hand back the same turning point (a process that went on alone would hang)."""
+def sample_stop_job(tiny_model_dir: Path, tmp_path: Path) -> Path:
     from test_earlystop_samples import PROMPTS
 
     data = write_dataset(tmp_path / "data", n=4)
-    out = tmp_path / "out"
     (tmp_path / "p.toml").write_text(PROMPTS)
     job = tmp_path / "job.toml"
     job.write_text(f'[model]\nbase = "{tiny_model_dir}"\n[data]\ntrain_data = "{data}"\nbatch_size = 1\n'
                    f'[network]\nrank = 2\n[training]\nmax_epochs = 10\n[sample]\nsteps = 2\n'
                    f'[early_stop]\nmode = "cs-fluctuation"\nsamples = "count-test"\n'
-                   f'sample_prompts = "{tmp_path / "p.toml"}"\nsample_patience = 2\n[output]\ndir = "{out}"\n')
-    metas = launch_two_processes(tmp_path, job, "count-scorer")
+                   f'sample_prompts = "{tmp_path / "p.toml"}"\nsample_patience = 2\n'
+                   f'[output]\ndir = "{tmp_path / "out"}"\n')
+    return job
+
+
+def test_two_processes_stop_together_on_the_samples(tiny_model_dir, tmp_path):
+    """early_stop.samples with two processes: the main one draws and scores, both record the score, so both
+    stop after the same epoch and hand back the same turning point (a process that went on alone would hang)."""
+    metas = launch_two_processes(tmp_path, sample_stop_job(tiny_model_dir, tmp_path), "count-scorer")
     # CountingScorer's script stops once epoch 5 is scored and hands back epoch 1 (see test_earlystop_samples)
     assert [m["scorer_calls"] for m in metas] == ["6", "0"]  # epochs 0-5, scored by the main process only
     assert all(m["steps"] == "10" and m["stopped_early"] == "True" and m["final_epoch"] == "1" for m in metas)
-    record = json.loads((out / "sample_scores.json").read_text())
+    record = json.loads((tmp_path / "out" / "sample_scores.json").read_text())
     assert record["scores"] == {"0": 0.0, "1": 0.5, "2": 1.0, "3": 0.1, "4": 0.1, "5": 0.1}
     a, b = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)  # both hold the turning point's checkpoint
+
+
+def test_a_scorer_failing_in_the_main_process_stops_every_process(tiny_model_dir, tmp_path):
+    """The other process waits for the main one's score; when scoring fails it is told and stops too, with the
+    reason, instead of waiting for a score that never comes."""
+    done = launch(tmp_path, sample_stop_job(tiny_model_dir, tmp_path), "failing-scorer")
+    assert done.returncode != 0
+    assert "the scorer's model is missing" in done.stderr
+    assert "the main process could not score the samples of epoch 0: RuntimeError" in done.stderr

@@ -3,7 +3,7 @@
     distributed_train.py JOB.toml OUT_DIR [count-scorer]
 
 ``count-scorer`` registers test_earlystop_samples.CountingScorer as the sample scorer "count-test"; each rank
-records how often it was called in its process.
+records how often it was called in its process.  ``failing-scorer`` registers one that raises when it scores.
 """
 
 import sys
@@ -23,6 +23,16 @@ if sys.argv[3:] == ["count-scorer"]:
 
     scorer = CountingScorer()
     register_sample_scorer("count-test", lambda path: scorer)
+elif sys.argv[3:] == ["failing-scorer"]:
+    from test_earlystop_samples import CountingScorer
+
+    from lorakit.earlystop.samples import register_sample_scorer
+
+    class FailingScorer(CountingScorer):
+        def __call__(self, images, prompts) -> float:
+            raise RuntimeError("the scorer's model is missing")
+
+    register_sample_scorer("count-test", lambda path: FailingScorer())
 make_method = train_module.make_method
 
 
