@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -363,30 +365,32 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
                 found = _score_samples(sample_stop, epoch, step, model, method, cfg, run, accelerator)
                 if found is not None and stop_decision is None and cfg.early_stop.mode == "cs-fluctuation":
                     stop_decision = _sample_decision(found, steps_per_epoch, step, monitor)
-            if is_main and (epoch % cfg.training.save_every_n_epochs == 0 or stop_decision is not None
-                            or step >= total_steps or epoch == cfg.training.max_epochs):
-                state = {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                         "epoch": epoch, "step": step, "losses": losses,
-                         "monitor": monitor.state_dict() if monitor is not None else None,
-                         "sample_stop": sample_stop.rule.state_dict() if sample_stop is not None else None,
-                         # batches of this epoch trained when it ended early (0: the whole epoch)
-                         "batches_done": done if done < local_batches else 0,
-                         "stopped_early": stop_decision is not None, "data": fingerprint}
-                run.save_checkpoint(epoch, method.trained_tensors(), state,
-                                    metadata=metadata_for(cfg, data, model, epoch, step))
-                if cfg.method.kind == "native":  # a whole U-Net per epoch: keep only what may be handed back
-                    earliest = None  # early stopping off or report-only: only the last checkpoint is used
-                    if stop_decision is not None and stop_decision.turning_point is not None:
-                        earliest = stop_decision.turning_point.step
-                    elif sample_stop is not None and cfg.early_stop.mode == "cs-fluctuation":
-                        candidate = sample_stop.rule.earliest_candidate()
-                        earliest = candidate * steps_per_epoch if candidate is not None else 0
-                    elif monitor is not None and cfg.early_stop.mode == "cs-fluctuation":
-                        earliest = monitor.earliest_candidate_step()
-                    run.prune_checkpoints(checkpoints_to_keep([c.epoch for c in run.checkpoints()],
-                                                              steps_per_epoch, earliest))
-            if is_main and prompts and (epoch % cfg.sample.every_n_epochs == 0 or stop_decision is not None):
-                _sample(model, method, prompts, run.sample_path(f"epoch-{epoch:04d}"), accelerator)
+            # the main process's checkpoint and samples; the others wait for it at the next step's all-reduce
+            with fail_together(accelerator, f"saving or sampling epoch {epoch}"):
+                if is_main and (epoch % cfg.training.save_every_n_epochs == 0 or stop_decision is not None
+                                or step >= total_steps or epoch == cfg.training.max_epochs):
+                    state = {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+                             "epoch": epoch, "step": step, "losses": losses,
+                             "monitor": monitor.state_dict() if monitor is not None else None,
+                             "sample_stop": sample_stop.rule.state_dict() if sample_stop is not None else None,
+                             # batches of this epoch trained when it ended early (0: the whole epoch)
+                             "batches_done": done if done < local_batches else 0,
+                             "stopped_early": stop_decision is not None, "data": fingerprint}
+                    run.save_checkpoint(epoch, method.trained_tensors(), state,
+                                        metadata=metadata_for(cfg, data, model, epoch, step))
+                    if cfg.method.kind == "native":  # a whole U-Net per epoch: keep only what may be handed back
+                        earliest = None  # early stopping off or report-only: only the last checkpoint is used
+                        if stop_decision is not None and stop_decision.turning_point is not None:
+                            earliest = stop_decision.turning_point.step
+                        elif sample_stop is not None and cfg.early_stop.mode == "cs-fluctuation":
+                            candidate = sample_stop.rule.earliest_candidate()
+                            earliest = candidate * steps_per_epoch if candidate is not None else 0
+                        elif monitor is not None and cfg.early_stop.mode == "cs-fluctuation":
+                            earliest = monitor.earliest_candidate_step()
+                        run.prune_checkpoints(checkpoints_to_keep([c.epoch for c in run.checkpoints()],
+                                                                  steps_per_epoch, earliest))
+                if is_main and prompts and (epoch % cfg.sample.every_n_epochs == 0 or stop_decision is not None):
+                    _sample(model, method, prompts, run.sample_path(f"epoch-{epoch:04d}"), accelerator)
     except KeyboardInterrupt:
         last = run.latest_checkpoint()
         kept = f"from {last.path.name}" if last else "from the start (no checkpoint yet)"
@@ -538,25 +542,38 @@ def _score_samples(sample_stop: SampleStop, epoch: int, step: int, model: BaseMo
                                 cfg_scale=cfg.sample.cfg_scale, sampler=cfg.sample.sampler) for p, seed in jobs]
         return _sample(model, method, prompts, run.sample_path(f"scored-epoch-{epoch:04d}"), accelerator)
 
-    score: Any = None
-    if accelerator.num_processes == 1:
-        score = sample_stop.score_images(draw)
-    else:
-        failure: Exception | None = None
+    score = None
+    with fail_together(accelerator, f"scoring the samples of epoch {epoch}"):
         if accelerator.is_main_process:
-            try:
-                score = sample_stop.score_images(draw)
-            except Exception as err:  # the others wait for this score: they must hear of the failure, not hang
-                failure, score = err, f"{type(err).__name__}: {err}"
+            score = sample_stop.score_images(draw)
+    if accelerator.num_processes > 1:
         score = broadcast_object_list([score], from_process=0)[0]
-        if failure is not None:
-            raise failure
-        if isinstance(score, str):
-            raise TrainingError(f"the main process could not score the samples of epoch {epoch}: {score}")
     found = sample_stop.record_score(epoch, score)
     if accelerator.is_main_process:
         run.log({"step": step, "epoch": epoch, "sample_score": score})
     return found
+
+
+@contextmanager
+def fail_together(accelerator: Accelerator, what: str) -> Iterator[None]:
+    """Work that only the main process does (saving, sampling, scoring), failing in every process at once: the
+    others would otherwise wait for the main one at their next collective operation, until the launcher kills
+    them (torchrun) or the process group times out.  The main process re-raises its own error; the others raise a
+    TrainingError that names it."""
+    failure: Exception | None = None
+    try:
+        yield
+    except Exception as err:
+        if accelerator.num_processes == 1:
+            raise
+        failure = err
+    if accelerator.num_processes == 1:
+        return
+    message = broadcast_object_list([f"{type(failure).__name__}: {failure}" if failure else None], from_process=0)[0]
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise TrainingError(f"the main process failed {what}: {message}")
 
 
 def _sample_decision(found: SampleTurningPoint, steps_per_epoch: int, step: int,

@@ -24,7 +24,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp_path: Path, job: Path, *script_args: str) -> subprocess.CompletedProcess:
+def launch(tmp_path: Path, job: Path, *script_args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run the script under `accelerate launch` with two processes."""
     # --multi_gpu selects accelerate's torchrun launcher; without a GPU each process runs on the CPU with gloo
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -33,7 +33,7 @@ def launch(tmp_path: Path, job: Path, *script_args: str) -> subprocess.Completed
     # the tests' folder (the script imports test helpers) and this checkout's lorakit, not an installed one
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parent.parent)])}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def launch_two_processes(tmp_path: Path, job: Path, *script_args: str) -> list[dict[str, str]]:
@@ -94,8 +94,24 @@ def test_two_processes_stop_together_on_the_samples(tiny_model_dir, tmp_path):
 
 def test_a_scorer_failing_in_the_main_process_stops_every_process(tiny_model_dir, tmp_path):
     """The other process waits for the main one's score; when scoring fails it is told and stops too, with the
-    reason, instead of waiting for a score that never comes."""
-    done = launch(tmp_path, sample_stop_job(tiny_model_dir, tmp_path), "failing-scorer")
+    reason (torchrun would kill it without one; a launcher that does not watch its workers would leave it
+    waiting until the process group times out)."""
+    done = launch(tmp_path, sample_stop_job(tiny_model_dir, tmp_path), "failing-scorer", timeout=300)
     assert done.returncode != 0
     assert "the scorer's model is missing" in done.stderr
-    assert "the main process could not score the samples of epoch 0: RuntimeError" in done.stderr
+    assert "the main process failed scoring the samples of epoch 0: RuntimeError" in done.stderr
+
+
+def test_a_full_disk_in_the_main_process_stops_every_process(tiny_model_dir, tmp_path):
+    """Only the main process saves checkpoints and samples; when that fails (here: no space left), the other
+    process stops with the reason instead of waiting at the next step for a partner that is gone."""
+    # the script fails the main process's checkpoint as a full disk would (OSError ENOSPC)
+    data = write_dataset(tmp_path / "data", n=4)
+    job = tmp_path / "job.toml"
+    job.write_text(f'[model]\nbase = "{tiny_model_dir}"\n[data]\ntrain_data = "{data}"\nbatch_size = 1\n'
+                   f'[network]\nrank = 2\n[training]\nmax_epochs = 3\n[early_stop]\nmode = "off"\n'
+                   f'[output]\ndir = "{tmp_path / "out"}"\n')
+    done = launch(tmp_path, job, "full-disk", timeout=300)
+    assert done.returncode != 0
+    assert "No space left on device" in done.stderr
+    assert "the main process failed saving or sampling epoch 1: OSError" in done.stderr

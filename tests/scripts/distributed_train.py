@@ -3,7 +3,8 @@
     distributed_train.py JOB.toml OUT_DIR [count-scorer]
 
 ``count-scorer`` registers test_earlystop_samples.CountingScorer as the sample scorer "count-test"; each rank
-records how often it was called in its process.  ``failing-scorer`` registers one that raises when it scores.
+records how often it was called in its process.  ``failing-scorer`` registers one that raises when it scores;
+``full-disk`` makes the main process's first checkpoint fail as on a full disk.
 """
 
 import sys
@@ -33,6 +34,18 @@ elif sys.argv[3:] == ["failing-scorer"]:
             raise RuntimeError("the scorer's model is missing")
 
     register_sample_scorer("count-test", lambda path: FailingScorer())
+elif sys.argv[3:] == ["full-disk"]:
+    import errno
+    import os
+
+    from lorakit.checkpoints import RunFolder
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # the launcher's RANK: a PartialState made before train() would set accelerate up for one process
+    if os.environ["RANK"] == "0":
+        RunFolder.save_checkpoint = no_space
 make_method = train_module.make_method
 
 
