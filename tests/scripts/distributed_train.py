@@ -1,6 +1,6 @@
 """Run by test_train_distributed.py under `accelerate launch`: train, then each rank saves its own weights.
 
-    distributed_train.py JOB.toml OUT_DIR [count-scorer]
+    distributed_train.py JOB.toml OUT_DIR [count-scorer | failing-scorer | full-disk]
 
 ``count-scorer`` registers test_earlystop_samples.CountingScorer as the sample scorer "count-test"; each rank
 records how often it was called in its process.  ``failing-scorer`` registers one that raises when it scores;
@@ -46,6 +46,7 @@ elif sys.argv[3:] == ["full-disk"]:
     # the launcher's RANK: a PartialState made before train() would set accelerate up for one process
     if os.environ["RANK"] == "0":
         RunFolder.save_checkpoint = no_space
+
 make_method = train_module.make_method
 
 
