@@ -178,14 +178,8 @@ class SampleStop:
 
         return [(job.prompt, job.seed) for job in make_jobs(list(self.prompts), self.seeds)]
 
-    def score_epoch(self, epoch: int, draw: Callable[[list[tuple[Any, int]]], list[Any]]
-                    ) -> SampleTurningPoint | None:
-        """Score ``epoch``'s images and record it; the turning point once decided."""
-        return self.record_score(epoch, self.score_images(draw))
-
     def score_images(self, draw: Callable[[list[tuple[Any, int]]], list[Any]]) -> float:
-        """Draw this epoch's images and score them (in one process; the others get the score by
-        ``record_score``)."""
+        """Draw this epoch's images and score them (in one process; every process then ``record_score``s it)."""
         jobs = self.jobs()
         return float(self.scorer(draw(jobs), [p for p, _ in jobs]))
 
