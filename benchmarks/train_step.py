@@ -317,6 +317,8 @@ def run_variant(unet: nn.Module, variant: Variant, batch: Batch, args: argparse.
     made = setup(unet, variant, args.device)
     try:
         model: Callable[..., Any] = unet
+        if args.channels_last:  # after setup, so that the adapters' conv weights are channels-last too
+            unet.to(memory_format=torch.channels_last)
         if args.compile:
             torch._dynamo.reset()
             model = torch.compile(unet)
@@ -432,6 +434,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default="", help="comma-separated names (default: all available): "
                         + ", ".join(v.name for v in VARIANTS))
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net (every variant)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the U-Net, its adapters and the latents in channels-last layout (every variant)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="a tiny U-Net and 2 rounds: a smoke test")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
@@ -464,6 +468,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     for b in batches:
         batch = make_batch(b, side, config["cross_attention_dim"], args.device, dtype)
+        if args.channels_last:
+            batch = Batch(*(t.to(memory_format=torch.channels_last) if t.dim() == 4 else t
+                            for t in (batch.latents, batch.timesteps, batch.text, batch.target)))
         for r in range(args.rounds):
             k = r % len(variants)  # rotate the order: no variant always runs first or after the same one
             for v in variants[k:] + variants[:k]:
@@ -475,7 +482,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"machine": machine(args.device),
               "settings": {"device": args.device, "dtype": args.dtype, "resolution": args.resolution,
                            "latent_side": side, "batches": batches, "rounds": args.rounds, "steps": args.steps,
-                           "warmup": args.warmup, "compile": args.compile, "threads": args.threads,
+                           "warmup": args.warmup, "compile": args.compile,
+                           "channels_last": args.channels_last, "threads": args.threads,
                            "quick": args.quick, "rank": RANK, "alpha": ALPHA, "lokr_factor": LOKR_FACTOR,
                            "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
                            "clock": "wall" if args.device.startswith("cuda") else "process CPU time",

@@ -64,3 +64,18 @@ def test_quick_run_writes_every_field(tmp_path: Path) -> None:
             assert set(ours["x_peers"]) == {"lycoris-loha"}
         native = by[("lorakit-native", b)]
         assert native["trained_params"] > 10 * lora["trained_params"]
+
+
+def test_channels_last_runs_every_variant_in_that_layout(tmp_path: Path) -> None:
+    """``--channels-last``: the U-Net, the adapters set up on it and the latents in channels-last layout."""
+    pytest.importorskip("diffusers")
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--quick", "--rounds", "1", "--batches", "1",
+           "--warmup", "0", "--no-memory", "--variants", "floor,lorakit-lora", "--channels-last", "--json", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["settings"]["channels_last"] is True
+    assert [r["variant"] for r in result["results"]] == ["floor", "lorakit-lora"]
+    assert all(r["s_per_step"] > 0 for r in result["results"])
