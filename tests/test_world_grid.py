@@ -132,3 +132,21 @@ def test_an_experiment_on_the_second_concept_trains_and_scores_hearts(tmp_path):
     assert list(spectral) == ["1"] and 0 < spectral["1"] < 1
     again = subprocess.run([*argv[:6], "zkz", *argv[7:]], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode != 0 and "was scored with" in again.stderr
+
+
+def test_the_grid_rebuilds_its_table_with_every_curve_report_option(tmp_path):
+    """At its end the grid rebuilds the table through curve-report; its options come from curve-report's own
+    parser, so an option added there has its default here (a hand-made Namespace once lacked one and the grid
+    failed after hours of runs)."""
+    import shutil
+
+    from lorakit.world import curve_report
+    from lorakit.world.grid import report_args
+
+    source = Path(__file__).resolve().parents[1] / "experiments" / "onset_grid" / "vlx_lora_lr0.008_s0"
+    shutil.copytree(source, tmp_path / "vlx_lora_lr0.008_s0")
+    args = report_args(tmp_path, None, None, "color,position,background")
+    assert args.sample_stop is False and args.spectral_sweep is None and not args.finished_only
+    assert curve_report.run(args) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "| vlx lora lr 0.008 seed 0 |" in table and "[vlx] budget 0.1:" in table

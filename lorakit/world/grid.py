@@ -176,6 +176,17 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "table needs, small enough to commit")
 
 
+def report_args(out: Path, markdown: Path | None, plot: Path | None, changes: str) -> argparse.Namespace:
+    """The table's options, parsed by ``curve-report``'s own parser (so every option it reads has its default)."""
+    from lorakit.world import curve_report
+
+    parser = argparse.ArgumentParser()
+    curve_report.add_arguments(parser)
+    argv = [str(out), "--markdown", str(markdown or out / "table.md"), "--changes", changes,
+            "--budget-sweep", "0.05,0.075,0.1,0.15,0.2"]
+    return parser.parse_args(argv + (["--plot", str(plot)] if plot else []))
+
+
 def run(args: argparse.Namespace) -> int:
     from lorakit.world import curve_report
 
@@ -188,9 +199,7 @@ def run(args: argparse.Namespace) -> int:
     # archive each run as it finishes, not at the end: a grid of hours is often stopped before its end
     on_done = (lambda finished: archive([finished], args.archive)) if args.archive else None
     failed = run_all(runs, args.jobs, redo_done=args.rescore, on_done=on_done)
-    report = argparse.Namespace(runs=args.out, markdown=args.markdown or args.out / "table.md", plot=args.plot,
-                                plot_run=None, changes=args.changes,
-                                budget_sweep="0.05,0.075,0.1,0.15,0.2", finished_only=False)
+    report = report_args(args.out, args.markdown, args.plot, args.changes)
     curve_report.run(report)
     done = sum(r.done for r in runs)
     print(f"grid: {done}/{len(runs)} runs done, {len(failed)} failed; table: {report.markdown}")
