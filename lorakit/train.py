@@ -560,15 +560,14 @@ def fail_together(accelerator: Accelerator, what: str) -> Iterator[None]:
     others would otherwise wait for the main one at their next collective operation, until the launcher kills
     them (torchrun) or the process group times out.  The main process re-raises its own error; the others raise a
     TrainingError that names it."""
+    if accelerator.num_processes == 1:
+        yield
+        return
     failure: Exception | None = None
     try:
         yield
     except Exception as err:
-        if accelerator.num_processes == 1:
-            raise
         failure = err
-    if accelerator.num_processes == 1:
-        return
     message = broadcast_object_list([f"{type(failure).__name__}: {failure}" if failure else None], from_process=0)[0]
     if failure is not None:
         raise failure

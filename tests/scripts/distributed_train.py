@@ -17,14 +17,7 @@ from lorakit.config import load_config
 
 captured = {}
 scorer = None
-if sys.argv[3:] == ["count-scorer"]:
-    from test_earlystop_samples import CountingScorer
-
-    from lorakit.earlystop.samples import register_sample_scorer
-
-    scorer = CountingScorer()
-    register_sample_scorer("count-test", lambda path: scorer)
-elif sys.argv[3:] == ["failing-scorer"]:
+if sys.argv[3:] in (["count-scorer"], ["failing-scorer"]):
     from test_earlystop_samples import CountingScorer
 
     from lorakit.earlystop.samples import register_sample_scorer
@@ -33,7 +26,11 @@ elif sys.argv[3:] == ["failing-scorer"]:
         def __call__(self, images, prompts) -> float:
             raise RuntimeError("the scorer's model is missing")
 
-    register_sample_scorer("count-test", lambda path: FailingScorer())
+    if sys.argv[3] == "count-scorer":
+        scorer = CountingScorer()
+        register_sample_scorer("count-test", lambda path: scorer)
+    else:
+        register_sample_scorer("count-test", lambda path: FailingScorer())
 elif sys.argv[3:] == ["full-disk"]:
     import errno
     import os
