@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,7 @@ class RunFolder:
         self.created = not self.path.exists()  # made by this run: a failed start may remove it again
         self.path.mkdir(parents=True, exist_ok=True)
         self.manifest = RunManifest(self.path)
+        self._pending_log: list[str] = []  # lines log.jsonl could not take yet
         for sub in ("checkpoints", "samples"):
             self.make_dir(sub)
 
@@ -245,18 +247,56 @@ class RunFolder:
         return self.file(Path("samples") / f"{label}.png")
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to log.jsonl.  A line that cannot be written (a full disk) is kept in memory and
+        written with the next one: a step never fails on its log line, since in a multi-process run the other
+        processes would wait for this one until they time out.  ``flush_log`` raises if it still cannot be
+        written; the trainer calls it with the epoch's checkpoint, where every process fails together."""
+        self._pending_log.append(json.dumps(record) + "\n")
+        try:
+            self._write_pending_log()
+        except OSError as err:
+            if len(self._pending_log) == 1:  # say it once per failure, not once per step
+                print(f"warning: cannot write {self.path / 'log.jsonl'} ({err.strerror or err}); its lines are "
+                      "kept in memory and written when there is space", file=sys.stderr)
+
+    def flush_log(self) -> None:
+        """Write the log lines kept in memory; ``RunWriteError`` if they still cannot be written."""
+        try:
+            self._write_pending_log()
+        except OSError as err:
+            raise _write_error(self.path / "log.jsonl", err) from None
+
+    def _write_pending_log(self) -> None:
+        if not self._pending_log:
+            return
         path = self.file("log.jsonl")
+        size = path.stat().st_size if path.exists() else 0
         try:
             with path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as err:
-            raise _write_error(path, err) from None
+                f.write("".join(self._pending_log))
+        except OSError:
+            try:  # a write cut off mid-line would corrupt the line after it: back to the last whole line
+                os.truncate(path, size)
+            except OSError:
+                pass  # read_log skips a cut-off last line
+            raise
+        self._pending_log.clear()
 
     def read_log(self) -> list[dict[str, Any]]:
         path = self.path / "log.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number == len(lines):  # the last line, cut off by a crash or a full disk mid-write
+                    break
+                raise OutputFolderError(f"{path}: line {number} is not JSON ({line[:60]!r}); the file was edited or "
+                                    "damaged, move it away to continue the run") from None
+        return records
 
     def truncate_log(self, max_step: int) -> None:
         """On resume: drop log lines of steps after the checkpoint (they will be run again; -1: all of them, the

@@ -367,6 +367,8 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
                     stop_decision = _sample_decision(found, steps_per_epoch, step, monitor)
             # the main process's checkpoint and samples; the others wait for it at the next step's all-reduce
             with fail_together(accelerator, f"saving or sampling epoch {epoch}"):
+                if is_main:
+                    run.flush_log()  # lines a full disk refused during the epoch: now, or the run stops here
                 if is_main and (epoch % cfg.training.save_every_n_epochs == 0 or stop_decision is not None
                                 or step >= total_steps or epoch == cfg.training.max_epochs):
                     state = {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
@@ -410,6 +412,7 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
     files: list[Path] = []
     summary_text = ""
     if is_main:
+        run.flush_log()
         meta = metadata_for(cfg, data, model, final_epoch, step)
         if monitor is not None:
             meta["lorakit_early_stop"] = cfg.early_stop.mode

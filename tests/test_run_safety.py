@@ -21,6 +21,37 @@ from lorakit.data.dataset import RepeatedIndex
 from lorakit.run_manifest import MANIFEST_NAME, ManifestError, RunManifest
 
 
+# ------------------------------------------------------------------------------------------------ log.jsonl
+def test_a_log_line_the_disk_refused_is_written_with_the_next_one(tmp_path, capsys):
+    run = RunFolder(tmp_path / "run")
+    run.log({"step": 1})
+    (run.path / "log.jsonl").rename(run.path / "kept.jsonl")
+    (run.path / "log.jsonl").mkdir()  # appending to it fails like a full disk: an OSError
+    run.log({"step": 2})
+    run.log({"step": 3})  # no error while training: the lines wait
+    assert capsys.readouterr().err.count("cannot write") == 1
+    with pytest.raises(OSError, match="log.jsonl"):
+        run.flush_log()  # the trainer's epoch end: now it fails, with the file named
+    (run.path / "log.jsonl").rmdir()
+    (run.path / "kept.jsonl").rename(run.path / "log.jsonl")
+    run.log({"step": 4})
+    assert [r["step"] for r in run.read_log()] == [1, 2, 3, 4]
+
+
+def test_a_log_cut_off_mid_line_still_resumes_but_a_damaged_middle_is_named(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    for step in (1, 2, 3):
+        run.log({"step": step})
+    with (run.path / "log.jsonl").open("a") as f:
+        f.write('{"step": 4, "lo')  # a crash in the middle of a write
+    assert [r["step"] for r in run.read_log()] == [1, 2, 3]
+    run.truncate_log(2)
+    assert (run.path / "log.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+    (run.path / "log.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(OutputFolderError, match=r"log.jsonl: line 2 is not JSON"):
+        run.read_log()
+
+
 # ------------------------------------------------------------------------------------------------ manifest
 def test_manifest_removes_only_what_it_recorded(tmp_path):
     run = RunFolder(tmp_path / "run")

@@ -173,6 +173,33 @@ def test_full_disk_during_a_save_keeps_the_mid_epoch_checkpoint(data, reference,
     assert [r["loss"] for r in log_steps(out)] == reference[0]
 
 
+def test_full_disk_while_logging_then_resume(data, reference, tmp_path):
+    """The disk fills up in the middle of an epoch, while log.jsonl grows: the step that cannot log goes on
+    (in a multi-process run the others would wait for it), the epoch's end stops the run naming the file, the log
+    holds whole lines only, and --resume continues from the last checkpoint as if nothing had happened."""
+    out = tmp_path / "run"
+    report = ("--early-stop", "report")  # CS on every log line: longer lines, the same training
+    first = run(train_cmd(data, out, *report, steps=12))  # one epoch: its checkpoint
+    assert first.returncode == 0, first.stderr[-3000:]
+    line = len((out / "log.jsonl").read_text()) / 12
+    # the file-size limit is per file, and a checkpoint is far larger than it: log.jsonl must reach it before
+    # epoch 2 ends (step 24); config.toml, rewritten because max_steps changes, must still fit
+    limit = int(18.5 * line)
+    assert (out / "config.toml").stat().st_size < limit
+    full = run(train_cmd(data, out, *report, "--resume", steps=36), preexec_fn=_limit_file_size(limit))
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert full.stderr.count("warning: cannot write") == 1, full.stderr[-3000:]
+    assert "cannot write" in full.stderr.splitlines()[-1] and "log.jsonl" in full.stderr.splitlines()[-1]
+    logged = (out / "log.jsonl").read_text()
+    assert logged.endswith("\n") and 12 < len(log_steps(out)) < 24  # whole lines only, cut within epoch 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001"]
+    again = run(train_cmd(data, out, *report, "--resume", steps=36))
+    assert again.returncode == 0, again.stderr[-3000:]
+    records = log_steps(out)
+    assert [r["step"] for r in records] == list(range(1, 37)), "log.jsonl must hold each step once"
+    assert [r["loss"] for r in records[:STEPS]] == reference[0]  # a constant schedule: the same first steps
+
+
 def test_overwrite_touches_only_lorakit_files(data, tmp_path):
     """A project folder with the user's images, notes and training data: --overwrite never deletes any of it."""
     project = tmp_path / "project"
