@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import broadcast_object_list
 from diffusers.optimization import get_scheduler
 from tqdm import tqdm
@@ -197,8 +198,7 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
     started = time.time()
     if cfg.model.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainingError("model.mixed_precision = \"fp16\" needs a GPU; on the CPU use \"bf16\" or \"no\"")
-    # accelerate keeps its settings per process: a second train() in one process (a sweep) may use others
-    AcceleratorState._reset_state(reset_partial_state=False)
+    _reset_accelerate_settings()
     accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision,
                               gradient_accumulation_steps=cfg.optimizer.gradient_accumulation_steps,
                               cpu=not torch.cuda.is_available())
@@ -555,6 +555,19 @@ def _score_samples(sample_stop: SampleStop, epoch: int, step: int, model: BaseMo
     if accelerator.is_main_process:
         run.log({"step": step, "epoch": epoch, "sample_score": score})
     return found
+
+
+def _reset_accelerate_settings() -> None:
+    """Forget accelerate's per-process settings of an earlier run in this process (a sweep may use others).
+
+    Its process-level state (``PartialState``: how many processes, which one this is) is kept, since the process
+    group it set up cannot be made again, except when it does not match the launcher's: a ``PartialState()`` made
+    by a user's script before ``train()`` on a machine without a GPU sets itself up for one process even under a
+    multi-process launcher, and every process would then believe it is the main one and write the same files.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    made = PartialState._shared_state.get("num_processes")
+    AcceleratorState._reset_state(reset_partial_state=made is not None and made != launched)
 
 
 @contextmanager

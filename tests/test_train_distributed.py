@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -47,14 +48,17 @@ def launch_two_processes(tmp_path: Path, job: Path, *script_args: str) -> list[d
     return metas
 
 
-def test_two_processes_train_one_synchronised_adapter(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("script_args", [(), ("partial-state-first",)], ids=["plain", "partial-state-first"])
+def test_two_processes_train_one_synchronised_adapter(tiny_model_dir, tmp_path, script_args):
+    """Also when the user's script made accelerate's PartialState() before train(): on a machine without a GPU it
+    set itself up for one process, and both processes would have trained alone, each believing it is the main one."""
     data = write_dataset(tmp_path / "data", n=4)
     out = tmp_path / "out"
     job = tmp_path / "job.toml"
     job.write_text(f'[model]\nbase = "{tiny_model_dir}"\n[data]\ntrain_data = "{data}"\nbatch_size = 1\n'
                    f'[network]\nrank = 2\n[training]\nmax_epochs = 2\n[early_stop]\nmode = "off"\n'
                    f'[output]\ndir = "{out}"\n')
-    metas = launch_two_processes(tmp_path, job)
+    metas = launch_two_processes(tmp_path, job, *script_args)
     assert all(m["world"] == "2" and m["backend"] == "gloo" for m in metas)
     assert all(m["steps"] == "4" for m in metas)  # 4 images, batch 1, 2 processes: 2 steps per epoch
     a, b = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))

@@ -1,10 +1,12 @@
 """Run by test_train_distributed.py under `accelerate launch`: train, then each rank saves its own weights.
 
-    distributed_train.py JOB.toml OUT_DIR [count-scorer | failing-scorer | full-disk]
+    distributed_train.py JOB.toml OUT_DIR [count-scorer | failing-scorer | full-disk | partial-state-first]
 
 ``count-scorer`` registers test_earlystop_samples.CountingScorer as the sample scorer "count-test"; each rank
 records how often it was called in its process.  ``failing-scorer`` registers one that raises when it scores;
-``full-disk`` makes the main process's first checkpoint fail as on a full disk.
+``full-disk`` makes the main process's first checkpoint fail as on a full disk.  ``partial-state-first`` makes a
+``PartialState()`` before training, as a user's script might (without a GPU it sets accelerate up for one
+process until ``train()`` corrects it).
 """
 
 import sys
@@ -43,6 +45,9 @@ elif sys.argv[3:] == ["full-disk"]:
     # the launcher's RANK: a PartialState made before train() would set accelerate up for one process
     if os.environ["RANK"] == "0":
         RunFolder.save_checkpoint = no_space
+
+elif sys.argv[3:] == ["partial-state-first"]:
+    PartialState()
 
 make_method = train_module.make_method
 
