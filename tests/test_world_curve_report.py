@@ -10,6 +10,7 @@ import pytest
 
 from lorakit.config import TrainConfig, to_toml
 from lorakit.earlystop import CSFluctuationMonitor
+from lorakit.errors import InvalidValueError
 from lorakit.world import curve_report
 from lorakit.world.experiment import change_success, overfitting_onset, score_run
 
@@ -195,7 +196,25 @@ def test_the_committed_grid_records_rebuild_the_rows_the_docs_show():
     assert ceiling in docs
     # the sample stop replayed on one seed's images against the other seeds' onset, as the docs show it
     dirs = {r.name: root / "experiments" / "onset_grid" / r.name for r in runs}
-    replayed = curve_report.sample_stop_lines(runs, dirs)
+    counts = curve_report.sample_stop_counts(runs, dirs)
+    replayed = curve_report.sample_stop_lines(counts)
     assert [line[:23] for line in replayed] == ["[zkz] sample stop (uses", "[zkz] sample stop on al",
                                                 "[vlx] sample stop (uses", "[vlx] sample stop on al"]
     assert all(line in docs for line in replayed)
+    # the headline table at the top of the page: one command rebuilds it (--update-doc) from the same runs
+    headline = curve_report.headline_table(runs, counts)
+    assert headline in docs
+    default = next(line for line in headline.splitlines() if "(the trainer's default)" in line)
+    hits = curve_report.rule_count(star, "spectral-budget")[0]
+    assert default.startswith("| `spectral-budget` (the trainer's default) |") and f"**{hits}/{len(star)}" in default
+
+
+def test_update_doc_rewrites_only_between_its_markers(tmp_path):
+    doc = tmp_path / "page.md"
+    begin, end = curve_report.DOC_MARKERS["headline"]
+    doc.write_text(f"# Title\n\nprose a person wrote\n\n{begin}\nold table\n{end}\n\nmore prose\n")
+    curve_report.update_doc(doc, {"headline": "| new | table |\n"})
+    assert doc.read_text() == f"# Title\n\nprose a person wrote\n\n{begin}\n| new | table |\n{end}\n\nmore prose\n"
+    with pytest.raises(InvalidValueError, match="curve-report runs"):
+        curve_report.update_doc(doc, {"runs": "x"})  # no markers for that block: nothing is written
+    assert "| new | table |" in doc.read_text()

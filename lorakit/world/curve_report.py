@@ -17,6 +17,8 @@ import numpy as np
 from lorakit.config import load_config
 from lorakit.earlystop import samples as sample_stop
 from lorakit.earlystop.replay import COMPARED_RULES
+from lorakit.errors import InvalidValueError
+from lorakit.world.concept import CONCEPTS
 from lorakit.world.experiment import change_success, replayed_turning_points, smooth
 from lorakit.world.grid import DONE
 from lorakit.world.onset import CHANGES, REACH, Onset, first_reaching, generalisation, measure_onset, prompt_counts
@@ -228,12 +230,33 @@ def images_of_seeds(rows: list[dict], keep: set[int]) -> list[dict]:
     return out
 
 
-def sample_stop_lines(runs: list[RunResult], run_dirs: dict[str, Path],
-                      patience: int = sample_stop.PATIENCE) -> list[str]:
+@dataclass
+class SampleStopCounts:
+    """The sample stop replayed on one concept's runs (``sample_stop_counts``)."""
+
+    concept: str
+    runs: int
+    images: int  # images per epoch of one seed (what ``sample_seeds = 1`` draws)
+    every: int  # images per epoch of all seeds
+    patience: int
+    held_out: list[list[int | str]]  # per seed: TP - held-out onset per run ("never": not decided)
+    split_ceiling: list[int]  # per seed: runs whose own-images onset is within ±1 of the held-out one
+    on_all: list[int | str]  # TP - onset per run, on every seed's images
+    decided_at: list[int | None]
+
+    @staticmethod
+    def hits(signed: list[int | str]) -> int:
+        return sum(d != "never" and abs(d) <= 1 for d in signed)
+
+
+def sample_stop_counts(runs: list[RunResult], run_dirs: dict[str, Path],
+                       patience: int = sample_stop.PATIENCE) -> list[SampleStopCounts]:
     """The sample stop (``early_stop.samples = "world"``, ``lorakit.earlystop.samples``) replayed on the scored
     images: the trainer's draw is one seed per prompt, so each seed's images in turn play the trainer's samples
     and the onset is measured on the other seeds' (held out, so the rule is not judged on its own images).  Beside
-    it, the same split's ceiling: the onset of the rule's images themselves against the held-out onset."""
+    it, the same split's ceiling (the onset of the rule's images themselves against the held-out onset), and the
+    rule on every seed's images (the onset's own images and definition, so only the online cut-off, deciding after
+    ``patience`` epochs before the scores end, can move it)."""
     out = []
     for concept in concepts_of(runs):
         chosen = [r for r in runs if r.concept == concept]
@@ -244,48 +267,112 @@ def sample_stop_lines(runs: list[RunResult], run_dirs: dict[str, Path],
         seeds = min(rs[-1].get("seeds_per_prompt", 1) for rs in rows.values())
         if seeds < 2:
             continue
-        parts, ceilings = [], []
+        held_out, ceilings = [], []
         for j in range(seeds):
             signed, ceiling = [], 0
             for r in chosen:
                 held = _onset_epoch(*_scores(images_of_seeds(rows[r.name], set(range(seeds)) - {j}), r.changes))
                 epochs, g = _scores(images_of_seeds(rows[r.name], {j}), r.changes)
                 found = sample_stop.replay(dict(zip(epochs, g, strict=True)), patience=patience)
-                signed.append(None if found is None else found.epoch - held)
+                signed.append("never" if found is None else found.epoch - held)
                 ceiling += abs(_onset_epoch(epochs, g) - held) <= 1
-            hits = sum(d is not None and abs(d) <= 1 for d in signed)
-            shown = ["never" if d is None else d for d in signed]
-            parts.append(f"seed {j}: {hits}/{len(chosen)} (TP - onset = {shown})")
-            ceilings.append(f"{ceiling}/{len(chosen)}")
-        images = len(images_of_seeds(rows[chosen[0].name][-1:], {0})[0]["outcomes"])
-        out.append(f"[{concept}] sample stop (uses samples: {images} images per epoch, one seed of each prompt, "
-                   f"patience {patience}; the onset from the other seeds' images) runs within ±1 epoch: "
-                   f"{'; '.join(parts)}; the split's ceiling (those {images} images' own onset): "
-                   f"{', '.join(ceilings)}")
-        # every seed's images (sample_seeds = all of them): the onset's own images and definition, so only the
-        # online cut-off (deciding after ``patience`` epochs, before the scores end) can move it
+            held_out.append(signed)
+            ceilings.append(ceiling)
         online = [sample_stop.replay(dict(zip(r.epochs, r.onset_interval.scores, strict=True)), patience=patience)
                   for r in chosen]
-        signed = ["never" if f is None else f.epoch - r.onset for f, r in zip(online, chosen, strict=True)]
-        hits = sum(d != "never" and abs(d) <= 1 for d in signed)
-        every = len(rows[chosen[0].name][-1]["outcomes"])
-        out.append(f"[{concept}] sample stop on all {every} scored images per epoch (the onset's own images: "
-                   f"only its online cut-off can miss): {hits}/{len(chosen)} runs within ±1 epoch of the onset; "
-                   f"TP - onset = {signed}, decided at epochs {[None if f is None else f.decided_at for f in online]}")
+        out.append(SampleStopCounts(
+            concept=concept, runs=len(chosen), patience=patience,
+            images=len(images_of_seeds(rows[chosen[0].name][-1:], {0})[0]["outcomes"]),
+            every=len(rows[chosen[0].name][-1]["outcomes"]), held_out=held_out, split_ceiling=ceilings,
+            on_all=["never" if f is None else f.epoch - r.onset for f, r in zip(online, chosen, strict=True)],
+            decided_at=[None if f is None else f.decided_at for f in online]))
     return out
 
 
-def fixed_epoch_baseline(runs: list[RunResult]) -> str:
+def sample_stop_lines(counts: list[SampleStopCounts]) -> list[str]:
+    """``sample_stop_counts`` as the summary's lines."""
+    out = []
+    for c in counts:
+        parts = [f"seed {j}: {c.hits(signed)}/{c.runs} (TP - onset = {signed})" for j, signed in enumerate(c.held_out)]
+        out.append(f"[{c.concept}] sample stop (uses samples: {c.images} images per epoch, one seed of each prompt, "
+                   f"patience {c.patience}; the onset from the other seeds' images) runs within ±1 epoch: "
+                   f"{'; '.join(parts)}; the split's ceiling (those {c.images} images' own onset): "
+                   f"{', '.join(f'{n}/{c.runs}' for n in c.split_ceiling)}")
+        out.append(f"[{c.concept}] sample stop on all {c.every} scored images per epoch (the onset's own images: "
+                   f"only its online cut-off can miss): {c.hits(c.on_all)}/{c.runs} runs within ±1 epoch of the "
+                   f"onset; TP - onset = {c.on_all}, decided at epochs {c.decided_at}")
+    return out
+
+
+def best_fixed_epoch(runs: list[RunResult]) -> tuple[int, int, float]:
     """What a rule must beat: stopping every run at the same epoch, that epoch chosen afterwards as the one that
-    does best on these very runs (an oracle no rule has)."""
+    does best on these very runs (an oracle no rule has): (runs within ±1 epoch, the epoch, mean |epoch - onset|)."""
     last = max((max(r.epochs) for r in runs), default=0)
     scored = [(sum(abs(epoch - r.onset) <= 1 for r in runs), -sum(abs(epoch - r.onset) for r in runs), epoch)
               for epoch in range(1, last + 1)]
     if not scored:
-        return "fixed epoch: no runs"
+        return 0, 0, float("nan")
     hits, neg_dev, epoch = max(scored, key=lambda t: (t[0], t[1], -t[2]))
+    return hits, epoch, -neg_dev / len(runs)
+
+
+def fixed_epoch_baseline(runs: list[RunResult]) -> str:
+    if not runs or max((max(r.epochs) for r in runs), default=0) < 1:
+        return "fixed epoch: no runs"
+    hits, epoch, mean = best_fixed_epoch(runs)
     return (f"fixed epoch (the best single epoch for every run, chosen on these runs): {hits}/{len(runs)} runs "
-            f"within ±1 epoch of the onset at epoch {epoch} (mean |·| {-neg_dev / len(runs):.1f})")
+            f"within ±1 epoch of the onset at epoch {epoch} (mean |·| {mean:.1f})")
+
+
+def rule_count(runs: list[RunResult], name: str) -> tuple[int, float | None]:
+    """Runs whose turning point under rule ``name`` is within ±1 epoch of the onset (a rule that never decided
+    misses), and the mean |TP - onset| over the runs where it decided."""
+    signed = [r.turning[name] - r.onset for r in runs if r.turning[name] is not None]
+    mean = sum(map(abs, signed)) / len(signed) if signed else None
+    return sum(abs(d) <= 1 for d in signed), mean
+
+
+def headline_table(runs: list[RunResult], samples: list[SampleStopCounts] | None = None) -> str:
+    """One row per stopping rule, one column per concept: how many runs each stops within ±1 epoch of the
+    measured onset, beside what no rule can beat (the measurement's ceiling) and what needs no rule (one epoch
+    for every run, chosen afterwards).  The first concept is the one the rules were designed on."""
+    from lorakit.config import EarlyStopConfig
+
+    default = EarlyStopConfig().rule
+    concepts = concepts_of(runs)
+    by = {c: [r for r in runs if r.concept == c] for c in concepts}
+    names = {c: f"{c} ({CONCEPTS[c].shape}{'; the rules were designed on it' if i == 0 else '; held out'})"
+             if c in CONCEPTS else c for i, c in enumerate(concepts)}
+    lines = ["| stopping rule | reads | " + " | ".join(names[c] for c in concepts) + " |",
+             "|---|---|" + "---|" * len(concepts)]
+
+    def row(label: str, reads: str, cells: list[str]) -> None:
+        lines.append(f"| {label} | {reads} | " + " | ".join(cells) + " |")
+
+    for name in RULES:
+        counts = {c: rule_count(by[c], name) for c in concepts}
+        cells = [f"{hits}/{len(by[c])}" + ("" if mean is None else f" ({mean:.1f})") for c, (hits, mean) in
+                 counts.items()]
+        if name == default:
+            cells = [f"**{cell}**" for cell in cells]
+        reads = "ΔW, W: size" if name in ("budget", "spectral-budget") else "ΔW, W: CS-Fluctuation"
+        row(f"`{name}`" + (" (the trainer's default)" if name == default else ""), reads, cells)
+    fixed = {c: best_fixed_epoch(by[c]) for c in concepts}
+    row("one epoch for every run, chosen afterwards on these runs", "nothing",
+        [f"{h}/{len(by[c])} at epoch {e} ({m:.1f})" for c, (h, e, m) in fixed.items()])
+    counted = {c.concept: c for c in samples or []}
+    if counted and all(c in counted for c in concepts):
+        first = counted[concepts[0]]
+        row(f"sample stop, {first.images} images per epoch (one seed of each prompt; the onset measured on the "
+            f"other seeds'), per seed", "samples",
+            [", ".join(f"{counted[c].hits(s)}/{len(by[c])}" for s in counted[c].held_out) for c in concepts])
+        row(f"sample stop on all {first.every} images per epoch (the onset's own images)", "samples",
+            [f"{counted[c].hits(counted[c].on_all)}/{len(by[c])}" for c in concepts])
+    ceiling = {c: [r for r in by[c] if r.reproduced] for c in concepts}
+    row("ceiling: a rule stopping every run at its true onset (the measurement's noise)", "—",
+        [f"≈{sum(r.reproduced[1] for r in ceiling[c]):.1f}/{len(ceiling[c])}" if ceiling[c] else "—"
+         for c in concepts])
+    return "\n".join(lines) + "\n"
 
 
 def budget_sweep(runs: list[RunResult], budgets: list[float], run_dirs: dict[str, Path],
@@ -371,6 +458,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--changes", default=",".join(MEASURABLE_CHANGES),
                     help="attributes whose changed-prompt success defines the onset (default: color,position,"
                          "background; runs on a base model that ignores position words: color,background)")
+    ap.add_argument("--update-doc", type=Path,
+                    help="write the headline table and the runs' table and lines into this Markdown file, between "
+                         f"its {DOC_MARKERS['headline'][0]} / {DOC_MARKERS['headline'][1]} and "
+                         f"{DOC_MARKERS['runs'][0]} / {DOC_MARKERS['runs'][1]} lines")
     ap.add_argument("--finished-only", action="store_true",
                     help="only runs a grid marked finished (grid_done), not those still being scored")
 
@@ -391,16 +482,45 @@ def run(args: argparse.Namespace) -> int:
         for concept in concepts_of(runs):
             sweep += [f"[{concept}] {line}" for line in budget_sweep([r for r in runs if r.concept == concept],
                                                                      budgets, dirs, measure)]
-    if args.sample_stop:
-        sweep += sample_stop_lines(runs, dirs)
+    samples = sample_stop_counts(runs, dirs) if args.sample_stop else None
+    if samples:
+        sweep += sample_stop_lines(samples)
     if sweep:
         print("\n".join(sweep))
+    headline = headline_table(runs, samples)
+    print(headline)
+    runs_block = table + "\n" + "\n".join(f"- {s}" for s in summary_lines(runs) + sweep) + "\n"
     if args.markdown:
-        args.markdown.write_text(table + "\n" + "\n".join(f"- {s}" for s in summary_lines(runs) + sweep) + "\n")
+        args.markdown.write_text(headline + "\n" + runs_block)
+    if args.update_doc:
+        update_doc(args.update_doc, {"headline": headline, "runs": runs_block})
+        print("updated", args.update_doc)
     if args.plot and runs:
         chosen = next((r for r in runs if r.name == args.plot_run), runs[0])
         print("wrote", plot_run(chosen, args.plot))
     return 0
+
+
+#: the lines between which ``update_doc`` writes each generated block
+DOC_MARKERS = {name: (f"<!-- curve-report {name} -->", f"<!-- /curve-report {name} -->")
+               for name in ("headline", "runs")}
+
+
+def update_doc(path: Path, blocks: dict[str, str]) -> None:
+    """Replace what lies between each block's markers in the Markdown file ``path`` (the rest of the page is
+    prose a person wrote, kept as it is); the file is written atomically."""
+    from lorakit.atomic import atomic_write_text
+
+    text = path.read_text(encoding="utf-8")
+    for name, block in blocks.items():
+        begin, end = DOC_MARKERS[name]
+        if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+            raise InvalidValueError(f"{path}: needs one line {begin} and, after it, one line {end} around the {name} "
+                             "block")
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{begin}\n{block.strip()}\n{end}{tail}"
+    atomic_write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:
