@@ -170,15 +170,13 @@ def summary_lines(runs: list[RunResult]) -> list[str]:
         within_one = sum(abs(d) <= 1 for d in signed)  # never-fired runs count as misses below
         inside = sum(r.onset_interval.contains(r.turning[name], slack=1) for r in fired)
         to_peak = sum(abs(r.turning[name] - r.fidelity_peak) for r in fired) / len(fired)
-        success = {r.name: list(smooth(r.change_success)) for r in fired}  # single scored epochs are noisy
-        kept = [r.at(r.turning[name], success[r.name]) / r.at(r.onset, success[r.name]) for r in fired
-                if r.at(r.onset, success[r.name]) > 0] or [float("nan")]
+        kept = success_kept(fired, name)
         out.append(f"{name}: {within_one}/{len(runs)} runs within ±1 epoch of the onset "
                    f"({inside}/{len(runs)} within ±1 of its interval); "
                    f"fired in {len(fired)}/{len(runs)} runs; TP - onset = {signed} epochs "
                    f"(mean |·| {sum(map(abs, signed)) / len(signed):.1f}, {within} within 2 epochs, "
                    f"{sum(d < 0 for d in signed)} early, {sum(d > 0 for d in signed)} late); "
-                   f"smoothed success at TP / at onset = {sum(kept) / len(kept):.2f} (mean); "
+                   f"smoothed success at TP / at onset = {kept:.2f} (mean); "
                    f"mean |TP - fidelity peak| = {to_peak:.1f} epochs")
     out.append(fixed_epoch_baseline(runs))
     return out
@@ -324,6 +322,19 @@ def fixed_epoch_baseline(runs: list[RunResult]) -> str:
             f"within ±1 epoch of the onset at epoch {epoch} (mean |·| {mean:.1f})")
 
 
+def success_kept(runs: list[RunResult], name: str) -> float:
+    """The quality rule ``name`` hands back: the smoothed success at its turning point as a share of that at the
+    onset, averaged over the runs where it decided and the onset's success is above 0 (nan: none)."""
+    kept = []
+    for r in runs:
+        if r.turning[name] is None:
+            continue
+        success = list(smooth(r.change_success))  # single scored epochs are noisy
+        if r.at(r.onset, success) > 0:
+            kept.append(r.at(r.turning[name], success) / r.at(r.onset, success))
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
 def rule_count(runs: list[RunResult], name: str) -> tuple[int, float | None]:
     """Runs whose turning point under rule ``name`` is within ±1 epoch of the onset (a rule that never decided
     misses), and the mean |TP - onset| over the runs where it decided."""
@@ -351,8 +362,8 @@ def headline_table(runs: list[RunResult], samples: list[SampleStopCounts] | None
 
     for name in RULES:
         counts = {c: rule_count(by[c], name) for c in concepts}
-        cells = [f"{hits}/{len(by[c])}" + ("" if mean is None else f" ({mean:.1f})") for c, (hits, mean) in
-                 counts.items()]
+        cells = [f"{hits}/{len(by[c])}" + ("" if mean is None else f" ({mean:.1f}; {success_kept(by[c], name):.2f})")
+                 for c, (hits, mean) in counts.items()]
         if name == default:
             cells = [f"**{cell}**" for cell in cells]
         reads = "ΔW, W: size" if name in ("budget", "spectral-budget") else "ΔW, W: CS-Fluctuation"
