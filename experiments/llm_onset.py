@@ -5,8 +5,9 @@ against the overfitting onset measured by held-out loss?
    standard-library modules (cached in ``<out>/pretrained``).
 2. Fine-tune it with a PEFT LoRA (rank 8 on every attention and MLP projection) on a small, different text: the
    language reference's "assignment" topic (``pydoc_data.topics``), every 5th paragraph held out.  A
-   transformers ``Trainer`` runs it with lorakit's ``CSFluctuationCallback`` in report mode (it records CS at
-   every step and never stops), and evaluates the held-out loss after every epoch.
+   transformers ``Trainer`` runs it with lorakit's ``CSFluctuationCallback`` in report mode (it records CS and
+   the update's size at every step, its spectral size at epoch ends, and never stops), and evaluates the held-out
+   loss after every epoch.
 3. The onset is the epoch (≥ 1) of minimum held-out loss; each rule is replayed on the recorded CS series (as
    ``lorakit world curve-report`` does for the shapes world), its turning point compared with the onset.
 
@@ -174,7 +175,8 @@ def finetune(base_dir: Path, out: Path, seed: int, lr: float, epochs: int, batch
     result = out / "result.json"
     if result.exists():
         cached = json.loads(result.read_text())
-        if "window_losses" in cached:  # an older result (mean losses only) is trained again
+        # an older result (mean losses only, or no spectral size) is trained again
+        if "window_losses" in cached and any(v is not None for v in cached["cs_history"].get("spectral") or []):
             return RunResult(**cached)
     train_text, held_text = finetune_texts()
     torch.manual_seed(seed)
@@ -190,7 +192,8 @@ def finetune(base_dir: Path, out: Path, seed: int, lr: float, epochs: int, batch
         def on_epoch_end(self, args, state, control, model=None, **kwargs):
             held_out(model)
 
-    callback = CSFluctuationCallback(report_only=True, restore=False)
+    # report mode: it never stops; the spectral size is read at epoch ends for the trainer's default rule
+    callback = CSFluctuationCallback(report_only=True, restore=False, spectral=True)
     trainer = Trainer(model=model, args=args, train_dataset=_Windows(windows(train_text)),
                       callbacks=[callback, EveryEpoch()])
     trainer.remove_callback(PrinterCallback)  # the losses are in the table; no dict per epoch on the terminal
@@ -211,8 +214,6 @@ def turning_epochs(run: RunResult) -> dict[str, int | None]:
     out = {}
     for name, (rule, window_epochs) in COMPARED_RULES.items():
         if name == "second-valley-0":  # the noise guard matters on the shapes world's short curves only
-            continue
-        if rule.series == "spectral":  # the transformers callback does not read the spectral size
             continue
         tp = replay(h, rule, window_epochs)
         out[name] = None if tp is None or tp.epoch is None else int(tp.epoch)

@@ -20,7 +20,14 @@ from transformers import (  # noqa: E402
 )
 
 from lorakit.earlystop import find_turning_point  # noqa: E402
-from lorakit.earlystop.hf import RECORD_NAME, CSFluctuationCallback, peft_cs_value, peft_lora_layers  # noqa: E402
+from lorakit.earlystop.hf import (  # noqa: E402
+    RECORD_NAME,
+    CSFluctuationCallback,
+    peft_cs_reading,
+    peft_cs_value,
+    peft_lora_layers,
+)
+from lorakit.earlystop.rules import SpectralBudget  # noqa: E402
 
 MAX_STEPS = 200
 
@@ -69,6 +76,59 @@ def test_peft_cs_equals_the_merged_weights(build):
     value = peft_cs_value(model)
     assert abs(value) > 1e-3
     assert value == pytest.approx(dense_cs(model), rel=1e-4, abs=1e-6)
+
+
+def dense_spectral_size(model: torch.nn.Module) -> float:
+    """Mean σ1(ΔW)/σ1(W0) with ΔW from PEFT's own merge, by full SVDs."""
+    layers = peft_lora_layers(model)
+    originals = [layer.get_base_layer().weight.detach().clone() for layer, _ in layers]
+    model.merge_adapter()
+    deltas = [layer.get_base_layer().weight.detach() - w0 for (layer, _), w0 in zip(layers, originals, strict=True)]
+    model.unmerge_adapter()
+    return float(torch.stack([torch.linalg.matrix_norm(d.double(), ord=2) / torch.linalg.matrix_norm(w.double(), ord=2)
+                              for d, w in zip(deltas, originals, strict=True)]).mean())
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2, lambda: tiny_llama(use_dora=True)],
+                         ids=["llama", "gpt2-fan_in_fan_out", "llama-dora"])
+def test_peft_spectral_size_equals_the_merged_weights(build):
+    model = build()
+    assert peft_cs_reading(model).spectral is None  # only when asked: it costs an SVD per layer
+    assert peft_cs_reading(model, spectral=True).spectral == 0.0
+    randomize_lora(model)
+    cache = {}
+    first = peft_cs_reading(model, spectral=True, weight_norms=cache).spectral
+    assert first > 1e-3 and first == pytest.approx(dense_spectral_size(model), rel=1e-6)
+    assert len(cache) == len(peft_lora_layers(model))  # σ1(W0) once per layer; the next reading reuses it
+    assert peft_cs_reading(model, spectral=True, weight_norms=cache).spectral == pytest.approx(first, rel=1e-6)
+
+
+def test_callback_stops_on_the_spectral_budget_read_at_epoch_ends(tmp_path):
+    """The lorakit trainer's default rule in a transformers Trainer: σ1(ΔW)/σ1(W) read at every epoch end (2
+    steps), never between, and the run stops at the first epoch end where it reaches the budget, handing back
+    that epoch's weights."""
+    model = tiny_llama()
+    # a model trained from scratch has small weights: σ1(ΔW)/σ1(W) passes 1 within epochs; 3: epoch ends off it
+    callback = CSFluctuationCallback(rule=SpectralBudget(budget=5.0), interval=3)
+    snapshots = Snapshots()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2,
+                             max_steps=MAX_STEPS, lr_scheduler_type="constant", save_strategy="no", report_to=[],
+                             logging_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=token_data(), callbacks=[callback, snapshots])
+    trainer.train()
+    history = callback.monitor.history
+    read = {int(step): float(v) for step, v in zip(history.steps, history.spectral, strict=True) if v == v}
+    assert read and all(step % 2 == 0 for step in read)  # 8 examples, batch 4: 2 steps per epoch
+    assert set(history.steps) == set(range(3, trainer.state.global_step + 1, 3)) | set(read)
+    stop = trainer.state.global_step
+    assert stop < MAX_STEPS and stop % 2 == 0 and read[stop] >= 5.0 > max(v for s, v in read.items() if s < stop)
+    assert callback.turning_point.step == stop and callback.turning_point.epoch == stop // 2
+    weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(weights[n], snapshots.by_step[stop][n]) for n in weights)
+    # what was read is the spectral size of the weights at that step
+    for n, p in weights.items():
+        p.data.copy_(snapshots.by_step[stop - 2][n])
+    assert dense_spectral_size(model) == pytest.approx(read[stop - 2], rel=1e-6)
 
 
 class Snapshots(TrainerCallback):
@@ -164,5 +224,5 @@ def test_callback_refuses_a_model_without_lora():
         callback.on_train_begin(None, None, None, model=torch.nn.Linear(2, 2))
     with pytest.raises(ValueError):
         CSFluctuationCallback(save="never")
-    with pytest.raises(ValueError, match="does not compute"):  # the spectral size is the lorakit trainer's
-        CSFluctuationCallback(rule={"name": "spectral_budget", "budget": 0.25})
+    with pytest.raises(ValueError, match="spectral=False cannot serve it"):
+        CSFluctuationCallback(rule={"name": "spectral_budget", "budget": 0.25}, spectral=False)

@@ -28,8 +28,10 @@ def test_texts_are_offline_disjoint_and_cut_into_windows():
 
 def _history(cs: np.ndarray, per_epoch: int) -> dict:
     monitor = CSFluctuationMonitor(per_epoch, 1e-3, report_only=True)
-    for k, value in enumerate(cs):  # the update's size grows with the steps, reaching 0.1 at step 51
-        monitor.update(k + 1, float(value), epoch=k // per_epoch + 1, update=(k + 1) / 510)
+    for k, value in enumerate(cs):  # the update's size grows with the steps, reaching 0.1 at step 51; its
+        # spectral size, read at epoch ends, reaches 0.25 at step 80
+        spectral = (k + 1) / 320 if (k + 1) % per_epoch == 0 else None
+        monitor.update(k + 1, float(value), epoch=k // per_epoch + 1, update=(k + 1) / 510, spectral=spectral)
     return monitor.history.to_dict()
 
 
@@ -42,8 +44,9 @@ def test_table_compares_each_rule_with_the_held_out_minimum():
                               cs_history=_history(cs, 10))
     assert run.eval_loss == pytest.approx(losses) and run.onset == 4 and run.onset_interval() == (4, 4)
     tps = llm_onset.turning_epochs(run)
-    assert set(tps) == {"second-valley", "calm", "second-valley-2M", "calm-2M", "budget"}
+    assert set(tps) == {"second-valley", "calm", "second-valley-2M", "calm-2M", "budget", "spectral-budget"}
     assert tps["budget"] == 6  # step 51 is in epoch 6 (10 steps per epoch)
+    assert tps["spectral-budget"] == 8  # the end of epoch 8
     text = llm_onset.table([run])
     assert "| lr 0.001 seed 0 | 4 [4–4], 2.100 |" in text
     for name, epoch in tps.items():

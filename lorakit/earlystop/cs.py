@@ -127,17 +127,22 @@ def _lowrank_factors(adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor, floa
 
 
 @torch.no_grad()
+def lowrank_spectral_norm(down: torch.Tensor, up: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """σ1(scale · up @ down) from r×r Grams, never building the product (conv factors flattened)."""
+    rank = down.shape[0]
+    a = down.reshape(rank, -1).double()
+    b = up.reshape(up.shape[0], rank).double()
+    # (BᵀB)(AAᵀ) is similar to a symmetric PSD matrix: its eigenvalues are real, ≥ 0, and σ(BA)²
+    top = torch.linalg.eigvals((b.T @ b) @ (a @ a.T)).real.max().clamp_min(0.0)
+    return top.sqrt() * abs(scale)
+
+
+@torch.no_grad()
 def delta_spectral_norm(adapter: Adapter, fast: bool = True) -> torch.Tensor:
     """σ1(ΔW) of one adapter: from r×r Grams for LoRA, from the Kronecker factors for LoKr, else an SVD of ΔW."""
     form = _short_form(adapter) if fast else "dense"
     if form == "lowrank":
-        down, up, scale = _lowrank_factors(adapter)
-        rank = down.shape[0]
-        a = down.reshape(rank, -1).double()
-        b = up.reshape(up.shape[0], rank).double()
-        # (BᵀB)(AAᵀ) is similar to a symmetric PSD matrix: its eigenvalues are real, ≥ 0, and σ(BA)²
-        top = torch.linalg.eigvals((b.T @ b) @ (a @ a.T)).real.max().clamp_min(0.0)
-        return top.sqrt() * abs(scale)
+        return lowrank_spectral_norm(*_lowrank_factors(adapter))
     if form == "kron":
         gamma = float(adapter.scale) * float(adapter.multiplier)
         return spectral_norm(adapter._w1()) * spectral_norm(adapter._w2()) * abs(gamma)

@@ -30,7 +30,16 @@ from transformers.trainer_callback import ExportableState
 
 from lorakit.atomic import atomic_write_text
 from lorakit.earlystop.candidates import CandidateStore
-from lorakit.earlystop.cs import CSReading, cosine_from_terms, dense_terms, lowrank_terms, relative_update
+from lorakit.earlystop.cs import (
+    CSReading,
+    cosine_from_terms,
+    dense_terms,
+    lowrank_spectral_norm,
+    lowrank_terms,
+    relative_update,
+    spectral_norm,
+    spectral_ratio,
+)
 from lorakit.earlystop.monitor import CSFluctuationMonitor, Decision, TurningPoint
 from lorakit.earlystop.plot import plot_cs_fluctuation
 from lorakit.earlystop.rules import Rule, rule_from_dict
@@ -83,19 +92,55 @@ def peft_layer_terms(layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
-def peft_cs_reading(model: nn.Module | list[tuple[nn.Module, str]], adapter_name: str | None = None) -> CSReading:
+def peft_layer_spectral(layer: nn.Module, adapter: str,
+                        weight_norms: dict[tuple[int, str], torch.Tensor] | None = None) -> torch.Tensor:
+    """σ1(ΔW)/σ1(W0) of one PEFT LoRA layer and adapter: σ1(ΔW) from r×r Grams for plain LoRA, from PEFT's own
+    ``ΔW`` otherwise.  ``weight_norms`` caches σ1(W0) (W0 is frozen: one SVD per layer and run, not per reading)."""
+    weight = layer.get_base_layer().weight
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    merged = adapter in getattr(layer, "merged_adapters", [])
+    down = layer.lora_A[adapter] if adapter in layer.lora_A else None
+    if variant is None and not merged and isinstance(down, nn.Linear) and weight.dim() == 2:
+        top_delta = lowrank_spectral_norm(down.weight, layer.lora_B[adapter].weight, layer.scaling[adapter])
+        original = weight
+    else:
+        if variant is not None:
+            original = weight - layer.get_delta_weight(adapter) if merged else weight
+            top_delta = spectral_norm(variant.merge_safe(layer, adapter, original.clone()) - original)
+        else:
+            delta = layer.get_delta_weight(adapter)
+            original = weight - delta if merged else weight
+            top_delta = spectral_norm(delta)
+    key = (id(layer), adapter)
+    if weight_norms is None or merged or key not in weight_norms:
+        top_weight = spectral_norm(original)  # the transpose of fan_in_fan_out has the same σ1
+        if weight_norms is not None and not merged:
+            weight_norms[key] = top_weight
+    else:
+        top_weight = weight_norms[key]
+    return spectral_ratio(top_delta.to(torch.float64), top_weight.to(torch.float64)).cpu()
+
+
+@torch.no_grad()
+def peft_cs_reading(model: nn.Module | list[tuple[nn.Module, str]], adapter_name: str | None = None,
+                    spectral: bool = False,
+                    weight_norms: dict[tuple[int, str], torch.Tensor] | None = None) -> CSReading:
     """Eq. 2 and the update's size (mean ‖ΔW‖/‖W‖) over the PEFT LoRA layers of ``model`` (or over
-    ``peft_lora_layers(model)`` found before)."""
+    ``peft_lora_layers(model)`` found before); with ``spectral``, also the mean σ1(ΔW)/σ1(W) (the
+    ``spectral_budget`` rule's size; ``weight_norms``: a cache of σ1(W), see ``peft_layer_spectral``)."""
     layers = model if isinstance(model, list) else peft_lora_layers(model, adapter_name)
     if not layers:
         raise ValueError("the model has no PEFT LoRA layers" + (f" for adapter {adapter_name!r}" if adapter_name
                                                                    else ""))
-    cosines, sizes = [], []
+    cosines, sizes, tops = [], [], []
     for layer, name in layers:
         dot, delta_sq, weight_sq = peft_layer_terms(layer, name)
         cosines.append(cosine_from_terms(dot, delta_sq, weight_sq).to(torch.float64).cpu())
         sizes.append(relative_update(delta_sq, weight_sq).to(torch.float64).cpu())
-    return CSReading(float(torch.stack(cosines).mean()), float(torch.stack(sizes).mean()))
+        if spectral:
+            tops.append(peft_layer_spectral(layer, name, weight_norms))
+    return CSReading(float(torch.stack(cosines).mean()), float(torch.stack(sizes).mean()),
+                     float(torch.stack(tops).mean()) if spectral else None)
 
 
 def peft_cs_value(model: nn.Module | list[tuple[nn.Module, str]], adapter_name: str | None = None) -> float:
@@ -126,22 +171,29 @@ class CSFluctuationCallback(TrainerCallback, ExportableState):
     ``alignment``: as ``CSFluctuationMonitor``; ``save``: ``"epoch"`` (copy at epoch ends, as the paper
     returns the turning-point epoch) or ``"sample"`` (copy at every CS sample: the exact step);
     ``restore``: put the turning-point weights back at train end; ``record``/``plot``: write
-    ``cs_fluctuation.json``/``.png`` to ``args.output_dir``; ``adapter_name``: only this PEFT adapter.
+    ``cs_fluctuation.json``/``.png`` to ``args.output_dir``; ``adapter_name``: only this PEFT adapter;
+    ``spectral``: also read σ1(ΔW)/σ1(W) at every epoch end (one SVD per layer the first time, r×r problems
+    after), as the lorakit trainer does; default: when the rule reads it (``spectral_budget``), and ``True``
+    records it in report mode for replaying that rule afterwards.
     """
 
     def __init__(self, window: int | None = None, interval: int = 1, lr: float | None = None,
                  rule: Rule | dict[str, Any] | None = None, min_steps: int = 0, report_only: bool = False,
                  alignment: str | int = "centre", save: str = "epoch", restore: bool = True,
-                 record: bool = True, plot: bool = False, adapter_name: str | None = None) -> None:
+                 record: bool = True, plot: bool = False, adapter_name: str | None = None,
+                 spectral: bool | None = None) -> None:
         if save not in ("epoch", "sample"):
             raise ValueError(f"save must be 'epoch' or 'sample', got {save!r}")
         if int(interval) < 1:
             raise ValueError(f"interval must be a positive number of steps, got {interval}")
         self.window, self.interval, self.lr = window, int(interval), lr
         self.rule = rule_from_dict(rule) if isinstance(rule, dict) else rule
-        if self.rule is not None and self.rule.series == "spectral":
-            raise ValueError(f"the {self.rule.name} rule reads σ1(ΔW)/σ1(W), which this callback does not compute; "
-                             "use the budget rule (‖ΔW‖/‖W‖) or a CSF rule")
+        needs_spectral = self.rule is not None and self.rule.series == "spectral"
+        if spectral is False and needs_spectral:
+            raise ValueError(f"the {self.rule.name} rule reads σ1(ΔW)/σ1(W): spectral=False cannot serve it")
+        self.spectral = needs_spectral if spectral is None else bool(spectral)
+        self._steps_per_epoch: int | None = None
+        self._weight_norms: dict[tuple[int, str], torch.Tensor] = {}  # σ1(W0) per layer: W0 never changes
         self.min_steps, self.report_only, self.alignment = int(min_steps), bool(report_only), alignment
         self.save, self.restore, self.record, self.plot = save, bool(restore), bool(record), bool(plot)
         self.adapter_name = adapter_name
@@ -159,7 +211,7 @@ class CSFluctuationCallback(TrainerCallback, ExportableState):
                 "rule": None if self.rule is None else self.rule.to_dict(), "min_steps": self.min_steps,
                 "report_only": self.report_only, "alignment": self.alignment, "save": self.save,
                 "restore": self.restore, "record": self.record, "plot": self.plot,
-                "adapter_name": self.adapter_name}
+                "adapter_name": self.adapter_name, "spectral": self.spectral}
         return {"args": args, "attributes": {"monitor_state": self.monitor_state}}
 
     @property
@@ -179,11 +231,15 @@ class CSFluctuationCallback(TrainerCallback, ExportableState):
         if not self._layers:
             raise ValueError("CSFluctuationCallback needs a PEFT model with LoRA layers")
         window = self.window
+        if train_dataloader is not None:
+            self._steps_per_epoch = max(len(train_dataloader) // args.gradient_accumulation_steps, 1)
         if window is None:
-            if train_dataloader is None:
+            if self._steps_per_epoch is None:
                 raise ValueError("give CSFluctuationCallback a window: steps per epoch are unknown")
-            steps_per_epoch = max(len(train_dataloader) // args.gradient_accumulation_steps, 1)
-            window = max(2, round(steps_per_epoch / self.interval))
+            window = max(2, round(self._steps_per_epoch / self.interval))
+        if self.spectral and self._steps_per_epoch is None:
+            raise ValueError("the spectral size is read at epoch ends, and the steps per epoch are unknown (no "
+                             "train_dataloader)")
         lr = self.lr if self.lr is not None else args.learning_rate
         self.monitor = CSFluctuationMonitor(window, lr, self.rule, self.min_steps, self.report_only, self.alignment)
         if self._pending_state is not None:
@@ -193,11 +249,17 @@ class CSFluctuationCallback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model: nn.Module | None = None, **kwargs: Any) -> None:
-        if self.monitor is None or model is None or state.global_step % self.interval:
+        # the spectral size costs an SVD-sized problem per layer: read at epoch ends, where its rule decides,
+        # also when the epoch's last step is not one of every ``interval``
+        at_epoch_end = self._steps_per_epoch is not None and state.global_step % self._steps_per_epoch == 0
+        if self.monitor is None or model is None or (state.global_step % self.interval
+                                                     and not (self.spectral and at_epoch_end)):
             return
         epoch = _epoch_number(state)
-        reading = peft_cs_reading(self._layers)
-        self.decision = self.monitor.update(state.global_step, reading.cs, epoch, update=reading.update)
+        reading = peft_cs_reading(self._layers, spectral=self.spectral and at_epoch_end,
+                                  weight_norms=self._weight_norms)
+        self.decision = self.monitor.update(state.global_step, reading.cs, epoch, update=reading.update,
+                                            spectral=reading.spectral)
         if self.save == "sample":
             self._take_copy(model, state.global_step, epoch)
         self.turning_point = self.monitor.turning_point
