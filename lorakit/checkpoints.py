@@ -294,8 +294,8 @@ class RunFolder:
             except json.JSONDecodeError:
                 if number == len(lines):  # the last line, cut off by a crash or a full disk mid-write
                     break
-                raise OutputFolderError(f"{path}: line {number} is not JSON ({line[:60]!r}); the file was edited or "
-                                    "damaged, move it away to continue the run") from None
+                raise OutputFolderError(f"{path}: line {number} is not JSON ({line[:60]!r}); the file was edited "
+                                        "or damaged, move it away to continue the run") from None
         return records
 
     def truncate_log(self, max_step: int) -> None:

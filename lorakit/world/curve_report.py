@@ -1,8 +1,9 @@
 """Tables and plots of overfitting-curve runs (``lorakit.world.experiment``): where each early-stopping rule
 puts the turning point compared with the measured overfitting onset.
 
-``lorakit world curve-report RUNS_DIR --markdown docs/early_stopping_table.md --plot docs/curve.png``
-reads every run folder under ``RUNS_DIR`` that has a ``curve.json``.
+``lorakit world curve-report RUNS_DIR --update-doc docs/early_stopping.md --plot docs/curve.png``
+reads every run folder under ``RUNS_DIR`` that has a ``curve.json``; ``--update-doc`` rewrites the page's generated
+blocks (the headline table, the runs' table and lines) and leaves its prose alone.
 """
 
 from __future__ import annotations
@@ -366,7 +367,7 @@ def headline_table(runs: list[RunResult], samples: list[SampleStopCounts] | None
                  for c, (hits, mean) in counts.items()]
         if name == default:
             cells = [f"**{cell}**" for cell in cells]
-        reads = "ΔW, W: size" if name in ("budget", "spectral-budget") else "ΔW, W: CS-Fluctuation"
+        reads = "ΔW, W: size" if RULES[name][0].series in ("update", "spectral") else "ΔW, W: CS-Fluctuation"
         row(f"`{name}`" + (" (the trainer's default)" if name == default else ""), reads, cells)
     fixed = {c: best_fixed_epoch(by[c]) for c in concepts}
     row("one epoch for every run, chosen afterwards on these runs", "nothing",
@@ -526,8 +527,8 @@ def update_doc(path: Path, blocks: dict[str, str]) -> None:
     for name, block in blocks.items():
         begin, end = DOC_MARKERS[name]
         if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
-            raise InvalidValueError(f"{path}: needs one line {begin} and, after it, one line {end} around the {name} "
-                             "block")
+            raise InvalidValueError(f"{path}: needs one line {begin} and, after it, one line {end} around the "
+                                    f"{name} block")
         head, rest = text.split(begin, 1)
         _, tail = rest.split(end, 1)
         text = f"{head}{begin}\n{block.strip()}\n{end}{tail}"
