@@ -76,6 +76,47 @@ def test_eval_end_to_end_writes_metrics_and_report_and_caches(tmp_path, concept_
     assert (run / "report.html").is_file() and "wrote" in capsys.readouterr().out
 
 
+def test_ctrl_c_during_generation_keeps_the_images_and_the_same_command_continues(tmp_path, concept_data, capsys):
+    """A real `lorakit eval` process interrupted with Ctrl-C once its first images are cached: it says where they
+    are and how to continue, and the same command then makes only the images that are missing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from test_train_faults import _sigint_as_in_a_terminal
+
+    run = write_run(tmp_path / "run", epochs=1, data=concept_data)
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(PROMPTS_TOML)
+    out = tmp_path / "out"
+    # 2 checkpoints × 3 prompts × 12 seeds, 8 at a time: Ctrl-C arrives long before the last of 9 batches
+    args = ["eval", str(run), "--prompts", str(prompts), "--out", str(out), "--steps", "4", "--seeds", "12",
+            "--batch-size", "8", "--quiet"]
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_in_a_terminal,
+                            env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    def cached() -> list[Path]:  # finished images, not the hidden temporary file of one being written
+        return [p for p in (out / "cache").rglob("*.png") if not p.name.startswith(".")]
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not cached():
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the eval ended before its first image: {proc.communicate()[1][-2000:]}"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert f"the images made so far are kept in {out / 'cache'}: the same command continues" in stderr
+    assert not (out / "metrics.json").exists()  # nothing half-measured is written
+    kept = len(cached())
+    assert 0 < kept < 72 and len(list((out / "cache").rglob("*.png"))) == kept  # no temporary file left
+    assert main(args) == 0
+    assert f"({72 - kept} generated, " in (text := capsys.readouterr().out) and f"; {kept} from the cache" in text
+
+
 def test_bad_input_is_a_clear_error_naming_the_file_and_nothing_is_written(tmp_path, concept_data, capsys):
     run = write_run(tmp_path / "run", epochs=1, data=concept_data)
     good = tmp_path / "prompts.toml"

@@ -19,6 +19,12 @@ class EvalCommandError(LorakitError, ValueError):
     """A command-line value that cannot work; the message names it."""
 
 
+class EvalInterrupted(LorakitError):
+    """Ctrl-C while images are generated: they are cached, so the same command continues."""
+
+    exit_code = 130
+
+
 HELP = "judge checkpoints: generate, measure, rank; metrics and an HTML report"
 
 
@@ -150,8 +156,12 @@ def run(args: argparse.Namespace) -> int:
     check_checkpoints(model, checkpoints)  # a file that does not fit fails here, before any image is made
 
     cache = ImageCache(args.cache or args.out / "cache")
-    paths, stats = generate_all(model, model_hash(args.model), checkpoints, jobs, settings, cache,
-                                batch_size=args.batch_size, progress=not args.quiet)
+    try:
+        paths, stats = generate_all(model, model_hash(args.model), checkpoints, jobs, settings, cache,
+                                    batch_size=args.batch_size, progress=not args.quiet)
+    except KeyboardInterrupt:
+        raise EvalInterrupted(f"interrupted; the images made so far are kept in {cache.folder}: the same command "
+                              "continues from them (no image is made twice)") from None
     images = load_images(paths)
     from PIL import Image
 
