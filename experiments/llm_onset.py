@@ -12,6 +12,7 @@ against the overfitting onset measured by held-out loss?
    ``lorakit world curve-report`` does for the shapes world), its turning point compared with the onset.
 
     python experiments/llm_onset.py --out runs/llm_onset            # 3 seeds × 2 learning rates, the table
+    python experiments/llm_onset.py --out runs/llm_onset --update-doc docs/early_stopping.md   # and the page
 
 The texts come from this Python's standard library, so the numbers belong to its version (written with the
 results).  Writes ``<out>/results.json`` and ``<out>/table.md``.
@@ -37,6 +38,8 @@ PRETRAIN_MODULES = ("abc", "argparse", "bisect", "collections", "contextlib", "c
                     "textwrap", "threading", "types", "zipfile")
 FINETUNE_TOPIC = "assignment"
 BLOCK = 128  # tokens (bytes) per training window
+#: where ``--update-doc`` writes the table in docs/early_stopping.md
+DOC_MARKERS = {"llm": ("<!-- llm_onset table -->", "<!-- /llm_onset table -->")}
 
 
 # ---------------------------------------------------------------------------------------------- texts
@@ -256,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lrs", default="2e-3,1e-2")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--pretrain-steps", type=int, default=2000)
+    ap.add_argument("--update-doc", type=Path, help="also write the table into this Markdown file, between its "
+                                                    f"{DOC_MARKERS['llm'][0]} and {DOC_MARKERS['llm'][1]} lines")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     base = args.out / "pretrained"
@@ -267,8 +272,13 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(finetune(base, args.out / f"lr{lr:g}_s{seed}_e{args.epochs}", seed, lr, args.epochs))
     text = table(runs)
     version = f"Python {sys.version.split()[0]}, torch {torch.__version__}"
-    (args.out / "table.md").write_text(f"{text}\n{version}; {args.epochs} epochs, pretrain {args.pretrain_steps} "
-                                       f"steps\n")
+    block = f"{text}\n{version}; {args.epochs} epochs, pretrain {args.pretrain_steps} steps\n"
+    (args.out / "table.md").write_text(block)
+    if args.update_doc:
+        from lorakit.world.curve_report import update_doc
+
+        update_doc(args.update_doc, {"llm": block}, DOC_MARKERS)
+        print(f"updated {args.update_doc}")
     (args.out / "results.json").write_text(json.dumps({"version": version, "runs": [
         {**r.__dict__, "eval_loss": r.eval_loss, "onset": r.onset, "onset_interval": r.onset_interval()}
         for r in runs]}))

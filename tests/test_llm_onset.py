@@ -78,3 +78,15 @@ def test_tiny_run_end_to_end(tmp_path):
     assert llm_onset.main(["--out", str(out), "--seeds", "0", "--lrs", "2e-3", "--epochs", "3",
                            "--pretrain-steps", "5"]) == 0
     assert (out / "table.md").read_text() == table
+
+
+def test_the_page_has_the_markers_the_table_is_written_between(tmp_path):
+    from lorakit.world.curve_report import update_doc
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "early_stopping.md"
+    copy = tmp_path / "page.md"
+    copy.write_text(page.read_text())
+    update_doc(copy, {"llm": "| a new | table |\n"}, llm_onset.DOC_MARKERS)
+    begin, end = llm_onset.DOC_MARKERS["llm"]
+    assert f"{begin}\n| a new | table |\n{end}" in copy.read_text()
+    assert copy.read_text().replace("| a new | table |", "") != page.read_text()  # the old table was replaced

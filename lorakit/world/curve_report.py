@@ -518,14 +518,15 @@ DOC_MARKERS = {name: (f"<!-- curve-report {name} -->", f"<!-- /curve-report {nam
                for name in ("headline", "runs")}
 
 
-def update_doc(path: Path, blocks: dict[str, str]) -> None:
-    """Replace what lies between each block's markers in the Markdown file ``path`` (the rest of the page is
-    prose a person wrote, kept as it is); the file is written atomically."""
+def update_doc(path: Path, blocks: dict[str, str], markers: dict[str, tuple[str, str]] | None = None) -> None:
+    """Replace what lies between each block's markers (``DOC_MARKERS`` unless given) in the Markdown file
+    ``path`` (the rest of the page is prose a person wrote, kept as it is); the file is written atomically."""
     from lorakit.atomic import atomic_write_text
 
+    markers = DOC_MARKERS if markers is None else markers
     text = path.read_text(encoding="utf-8")
     for name, block in blocks.items():
-        begin, end = DOC_MARKERS[name]
+        begin, end = markers[name]
         if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
             raise InvalidValueError(f"{path}: needs one line {begin} and, after it, one line {end} around the "
                                     f"{name} block")
