@@ -260,6 +260,27 @@ def test_resume_refuses_changed_settings_and_data(tiny_model_dir, tmp_path):
         run_train(make_config(tiny_model_dir, data, out, training={"max_epochs": 2}, output={"if_exists": "resume"}))
 
 
+def test_resume_with_only_the_output_folder_continues_a_run_of_any_settings(tiny_model_dir, tmp_path, capsys):
+    """`lorakit train --out DIR --resume`, as the README writes it: the run's own config.toml is the base, so a
+    run started with flags (here LoHa, rank 2, batch 2, no early stop) continues without repeating them; a flag
+    given with --resume is a change to that run, checked like any other."""
+    data = write_dataset(tmp_path / "data", n=4, repeats=2)
+    flags = ["--data", str(data), "--model", str(tiny_model_dir), "--algorithm", "loha", "--rank", "2",
+             "--batch-size", "2", "--early-stop", "off", "--no-progress"]
+    assert main(["train", *flags, "--out", str(tmp_path / "straight"), "--max-steps", "6"]) == 0
+    out = tmp_path / "run"
+    assert main(["train", *flags, "--out", str(out), "--max-steps", "3"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "6", "--no-progress"]) == 0
+    assert "training.max_steps 3 -> 6" in capsys.readouterr().out
+    losses = [[json.loads(line)["loss"] for line in (folder / "log.jsonl").read_text().splitlines()]
+              for folder in (tmp_path / "straight", out)]
+    assert len(losses[1]) == 6 and losses[1] == losses[0]  # the same LoHa run as one never interrupted
+    assert load_config(out / "config.toml").network.algorithm == "loha"
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "8", "--rank", "4", "--no-progress"]) == 2
+    assert "network.rank 2 -> 4" in capsys.readouterr().err
+
+
 def test_max_steps_resume_continues_mid_epoch(tiny_model_dir, tmp_path):
     """epoch_batches(skip=): a run stopped by max_steps mid-epoch continues with the rest of that epoch."""
     data = write_dataset(tmp_path / "data", n=4, repeats=2)  # batch 2: 4 steps per epoch

@@ -95,8 +95,19 @@ def builtin_default(cfg: TrainConfig, write: bool = True) -> TrainConfig:
     return cfg
 
 
+def _resumed_config(args: argparse.Namespace) -> TrainConfig | None:
+    """``--resume --out DIR`` without a config file: the run's own settings (``DIR/config.toml``), so that
+    ``lorakit train --out DIR --resume`` continues any run, not only one started with lorakit's defaults; the flags
+    given with it change them as they would change a config file (and are then checked like any change)."""
+    if not args.resume or args.out is None or not (Path(args.out) / "config.toml").is_file():
+        return None
+    cfg = load_config(Path(args.out) / "config.toml")
+    cfg.output.dir = args.out  # the folder as given now (the run may have been moved)
+    return cfg
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    cfg = load_config(args.config) if args.config else TrainConfig()
+    cfg = load_config(args.config) if args.config else _resumed_config(args) or TrainConfig()
     for flag, (key, _, _) in FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
