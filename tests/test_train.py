@@ -620,6 +620,14 @@ def test_cli_builtin_default_job(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert 'preset = "full"' in printed and "learning_rate = 0.001" in printed  # the user's flag wins
     assert "every_n_epochs = 2" in printed
+    # the README's `lorakit train --print-config > config.toml`: the file runs as the built-in job again; it names
+    # no dataset that was never rendered, and says how to point it at your own images
+    assert printed.startswith("# lorakit train's built-in job") and "train_data" not in printed.split("[data]")[1]
+    config = tmp_path / "config.toml"
+    config.write_text(printed)
+    assert main(["train", str(config), "--out", str(tmp_path / "from-file"), "--max-steps", "2", "--no-progress"]) == 0
+    assert (tmp_path / "from-file" / "lorakit.safetensors").exists() and (tmp_path / "from-file-data").is_dir()
+    capsys.readouterr()
     assert main(["train", "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
     summary = capsys.readouterr().out
     assert "38 steps in 1 epochs" in summary and (out / "lorakit.safetensors").exists()

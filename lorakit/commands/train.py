@@ -107,7 +107,9 @@ def _resumed_config(args: argparse.Namespace) -> TrainConfig | None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    cfg = load_config(args.config) if args.config else _resumed_config(args) or TrainConfig()
+    resumed = None if args.config else _resumed_config(args)
+    args.resumed = resumed is not None
+    cfg = load_config(args.config) if args.config else resumed or TrainConfig()
     for flag, (key, _, _) in FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
@@ -130,9 +132,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         cfg.output.if_exists = "overwrite"
     if cfg.output.dir == "output" and args.out is None:
         cfg.output.dir = f"output/train-{time.strftime('%Y%m%d-%H%M%S')}"
+    args.sample_prompts_generated = args.scored_prompts_generated = False
     if cfg.data.train_data is None:
         cfg.validate()  # before the built-in concept's images are rendered
+        sample_prompts, scored_prompts = cfg.sample.prompts, cfg.early_stop.sample_prompts
         cfg = builtin_default(cfg, write=not args.print_config)
+        args.sample_prompts_generated = sample_prompts is None and cfg.sample.prompts is not None
+        args.scored_prompts_generated = scored_prompts is None and cfg.early_stop.sample_prompts is not None
     return cfg.validate()
 
 
@@ -147,10 +153,43 @@ BUILTIN_INTRODUCTION = (
     "weights (CS-Fluctuation and the size of the update).")
 
 
+#: heads the built-in job's printed config (`lorakit train --print-config`), which can be run as it is
+BUILTIN_CONFIG_HEADER = """\
+# lorakit train's built-in job (no --data). Run as it is (`lorakit train config.toml`), it renders the shapes
+# world's concept beside its output folder and trains on it, as `lorakit train` does. To train on your own
+# images, add data.train_data = "FOLDER" (kohya layout) and model.base; the values below are the built-in job's
+# recipe where it differs from lorakit's general defaults (`lorakit train --data FOLDER --print-config` prints
+# those).
+"""
+
+
+def printable_config(cfg: TrainConfig, args: argparse.Namespace) -> str:
+    """The config as TOML; for the built-in job without the paths it makes up when it runs (its dataset, its
+    prompt files, its time-stamped output folder), so that the printed file runs as the built-in job again
+    instead of naming a dataset that was never rendered."""
+    if not _is_builtin_job(args):
+        return to_toml(cfg)
+    from copy import deepcopy
+
+    shown = deepcopy(cfg)
+    shown.data.train_data = None
+    if args.sample_prompts_generated:
+        shown.sample.prompts = None
+    if args.scored_prompts_generated:
+        shown.early_stop.sample_prompts = None
+    if args.out is None:
+        shown.output.dir = "output"
+    return BUILTIN_CONFIG_HEADER + to_toml(shown)
+
+
+def _is_builtin_job(args: argparse.Namespace) -> bool:
+    return args.config is None and args.data is None and not getattr(args, "resumed", False)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.print_config:
-        print(to_toml(cfg))
+        print(printable_config(cfg, args))
         return 0
     from lorakit.train import train  # here, not at the top: --print-config must not wait for torch
 
