@@ -12,6 +12,7 @@ import argparse
 import errno
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 from lorakit.errors import LorakitError
@@ -38,6 +39,21 @@ USER_OS_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, PermissionError,
                                              NotADirectoryError, FileExistsError)
 
 
+def show_own_warnings(command: str) -> None:
+    """Print lorakit's own warnings (about the user's images, captions and settings) as one line naming the
+    command, as its errors are; Python's "file:line: Category" header and the echoed source line mean nothing to
+    a user.  Other warnings keep Python's format."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.split(".")[0] == "lorakit":
+            print(f"lorakit {command}: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # --verbose anywhere on the line: the libraries' own warnings and progress bars are shown (for debugging)
@@ -56,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parsers[command].description = module.HELP
         module.add_arguments(parsers[command])
     args = parser.parse_args(argv)
+    show_own_warnings(command)
     try:
         return int(module.run(args))
     except (LorakitError, *USER_OS_ERRORS) as err:  # the user's mistake: a message, not a traceback

@@ -42,6 +42,22 @@ def test_main_command_has_no_third_party_noise_and_says_what_it_does(tmp_path):
     assert (tmp_path / "run" / "summary.txt").read_text().rstrip().endswith(after.rstrip().splitlines()[-1])
 
 
+def test_a_warning_about_the_users_data_is_one_line_naming_the_command(tmp_path):
+    """Images without captions, trigger or class: lorakit warns as it errs, without Python's file:line header and
+    the echoed source line."""
+    from PIL import Image
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(data / f"{i}.png")
+    result = _run_train(tmp_path / "run", "--data", str(data))
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "no caption file" in line]
+    assert len(warned) == 1 and warned[0].startswith("lorakit train: warning: ")
+    assert "DatasetWarning" not in result.stderr and ".py:" not in result.stderr
+
+
 def test_silencing_hides_the_libraries_notices(tmp_path):
     # transformers' notice about torchvision, printed when an image processor class is used without it
     use = "import transformers; transformers.CLIPImageProcessor"
