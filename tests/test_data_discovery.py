@@ -216,6 +216,14 @@ def test_empty_parent_folder_says_where_it_looked_and_what_it_expected(tmp_path)
     assert str(tmp_path) in message and "zkz/" in message and "'<repeats>_<trigger> <class>'" in message
 
 
+def test_images_in_a_folder_named_like_a_date_are_pointed_at(tmp_path):
+    """`--data photos` where the images sit in photos/2024-01-01/: not kohya layout, and not "no images"."""
+    make_folder(tmp_path / "2024-01-01", 3)
+    message = error(tmp_path)
+    assert "2024-01-01/ holds 3 image(s)" in message and "'<repeats>_<trigger> <class>'" in message
+    assert f"--data {tmp_path / '2024-01-01'} --trigger WORD" in message
+
+
 def test_kohya_folder_without_images(tmp_path):
     make_folder(tmp_path / "10_zkz shape", 2)
     (tmp_path / "3_empty one").mkdir()

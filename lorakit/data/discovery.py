@@ -106,6 +106,14 @@ def resolve_datasets(config: DataConfig, default_resolution: int | tuple[int, in
         tokens = " ".join(w for w in (config.trigger, config.class_word) if w) or None
         subsets = [{**defaults, "image_dir": str(source), "class_tokens": tokens, "trigger": config.trigger}]
     else:
+        holding = [(d, sum(is_image(p) for p in d.iterdir())) for d in _subdirs(source)]
+        holding = [(d, n) for d, n in holding if n]
+        if holding:  # e.g. a folder named like a date: images, but not in a '<repeats>_<name>' folder
+            d, n = holding[0]
+            raise DatasetError(f"{source}: no images of its own and no '<repeats>_<trigger> <class>' folders, but "
+                               f"{d.name}/ holds {n} image(s){' (and more subfolders)' if len(holding) > 1 else ''}: "
+                               "rename it in kohya layout ('<repeats>_<trigger> <class>', e.g. '10_sks dog'), or "
+                               f"train on it alone: --data {d} --trigger WORD")
         looked = ", ".join(f"{d.name}/" for d in _subdirs(source)) or "no subfolders"
         raise DatasetError(f"no images found in {source} (looked at the folder itself and its subfolders: "
                            f"{looked}); {_EXPECTED_LAYOUT}")
