@@ -430,22 +430,28 @@ def generate_with_adapters(model: BaseModel, adapters: Sequence[Any], prompts: S
         return generate(model, items, **options)
 
 
+def sample_paths(prompts: Sequence[SamplePrompt], folder: str | Path) -> list[Path]:
+    """Where ``save_samples`` writes: ``NNN-<prompt words>.png`` per prompt, then ``grid.png``."""
+    folder = Path(folder)
+    names = [f"{i:03d}-{re.sub(r'[^A-Za-z0-9]+', '-', p.prompt).strip('-')[:40] or 'image'}.png"
+             for i, p in enumerate(prompts)]
+    return [folder / name for name in names] + [folder / "grid.png"]
+
+
 def save_samples(images: Sequence[Image.Image], prompts: Sequence[SamplePrompt], folder: str | Path,
                  title: str = "", cols: int | None = None) -> list[Path]:
     """Each image as ``NNN-<prompt words>.png`` and all of them as ``grid.png`` (labels: prompt, seed, ``title``)."""
-    folder = Path(folder)
+    paths = sample_paths(prompts, folder)
     written = []
-    for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", prompt.prompt).strip("-")[:40] or "image"
-        path = folder / f"{i:03d}-{slug}.png"
+    for image, path in zip(images, paths[:-1], strict=True):
         atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"), suffix=".png")
         written.append(path)
     labels = [f"{p.prompt} (seed {p.seed})" + (f" | {title}" if title else "") for p in prompts]
     grid = image_grid(images, cols=cols, labels=labels)
-    written.append(atomic_write(folder / "grid.png", lambda tmp: grid.save(tmp, format="PNG"), suffix=".png"))
+    written.append(atomic_write(paths[-1], lambda tmp: grid.save(tmp, format="PNG"), suffix=".png"))
     return written
 
 
 __all__ = ["SamplePrompt", "PromptSyntaxError", "SAMPLERS", "parse_prompt_line", "parse_prompt_dict",
            "parse_prompt_text", "load_prompts", "sampler_name", "make_scheduler", "generate", "image_grid",
-           "save_sample_grid", "resolve_prompts", "generate_with_adapters", "save_samples"]
+           "save_sample_grid", "resolve_prompts", "generate_with_adapters", "sample_paths", "save_samples"]

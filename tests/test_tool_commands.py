@@ -73,6 +73,14 @@ def test_sample_command_writes_grid_and_singles(base, files, tmp_path, capsys):
     assert pngs == ["000-a-star-on-a-blue-background.png", "001-a-red-circle.png", "grid.png"]
     out = capsys.readouterr().out
     assert "a:0.8:OUTALL" in out and "2 image(s)" in out
+    # the same folder again: the images of the first call are the user's now; replaced only when asked
+    first = (tmp_path / "s" / "grid.png").read_bytes()
+    again = ["sample", f"{a}:0.2", "--prompts", str(prompts), "--out", str(tmp_path / "s"), "--device", "cpu"]
+    assert main(again) == 2
+    err = capsys.readouterr().err
+    assert "000-a-star-on-a-blue-background.png" in err and "pass --overwrite" in err
+    assert (tmp_path / "s" / "grid.png").read_bytes() == first
+    assert main([*again, "--overwrite"]) == 0 and (tmp_path / "s" / "grid.png").read_bytes() != first
     # an adapter at multiplier 0 changes nothing; the same adapter merged or not gives (nearly) the same image
     for name, extra in (("plain", []), ("zero", [f"{a}:0"]), ("unmerged", [f"{a}:1"]),
                         ("merged", [f"{a}:1", "--merged"])):

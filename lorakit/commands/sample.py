@@ -6,7 +6,13 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from lorakit.errors import LorakitError
+
 HELP = "images from a base model with any number of adapters (multipliers, block weights) and TI embeddings"
+
+
+class SampleCommandError(LorakitError):
+    """The command would replace the user's files without being asked to."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merged", action="store_true",
                         help="merge the adapters into the weights while sampling (default: a separate path)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the single images and grid.png")
+    parser.add_argument("--overwrite", action="store_true", help="replace images of an earlier call in --out")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt without --d (then +1 each)")
     parser.add_argument("--steps", type=int, default=None, help="steps for prompts that set none")
     parser.add_argument("--cfg", type=float, default=None, help="CFG scale for prompts that set none")
@@ -35,7 +42,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from lorakit.models import load_base_model
-    from lorakit.sample import SamplePrompt, generate_with_adapters, load_prompts, parse_prompt_line, save_samples
+    from lorakit.sample import (
+        SamplePrompt,
+        generate_with_adapters,
+        load_prompts,
+        parse_prompt_line,
+        sample_paths,
+        save_samples,
+    )
     from lorakit.tools.deltas import parse_adapter_spec
 
     defaults = SamplePrompt("")
@@ -46,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
         prompts = load_prompts(args.prompts, defaults)
     else:
         prompts = [parse_prompt_line(p, defaults, where="--prompt") for p in args.prompt]
+    taken = [p for p in sample_paths(prompts, args.out) if p.exists()]
+    if taken and not args.overwrite:  # checked before the model loads: nothing is generated to be thrown away
+        raise SampleCommandError(f"{', '.join(str(p) for p in taken[:3])}{' ...' if len(taken) > 3 else ''} "
+                                 "exist (an earlier call?); choose another --out, or pass --overwrite to replace them")
     specs = [parse_adapter_spec(a) for a in args.adapters]
     for spec in specs:
         if not spec.path.is_file():
