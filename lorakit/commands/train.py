@@ -95,21 +95,24 @@ def builtin_default(cfg: TrainConfig, write: bool = True) -> TrainConfig:
     return cfg
 
 
-def _resumed_config(args: argparse.Namespace) -> TrainConfig | None:
-    """``--resume --out DIR`` without a config file: the run's own settings (``DIR/config.toml``), so that
-    ``lorakit train --out DIR --resume`` continues any run, not only one started with lorakit's defaults; the flags
-    given with it change them as they would change a config file (and are then checked like any change)."""
-    if not args.resume or args.out is None or not (Path(args.out) / "config.toml").is_file():
+def _resumed_run_config(args: argparse.Namespace) -> Path | None:
+    """``--resume --out DIR`` without a config file: the run's own settings, ``DIR/config.toml``, are the base,
+    so that ``lorakit train --out DIR --resume`` continues any run, not only one started with lorakit's defaults;
+    the flags given with it change them as they would change a config file (and are checked like any change)."""
+    if args.config or not args.resume or args.out is None:
         return None
-    cfg = load_config(Path(args.out) / "config.toml")
-    cfg.output.dir = args.out  # the folder as given now (the run may have been moved)
-    return cfg
+    path = Path(args.out) / "config.toml"
+    return path if path.is_file() else None
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    resumed = None if args.config else _resumed_config(args)
-    args.resumed = resumed is not None
-    cfg = load_config(args.config) if args.config else resumed or TrainConfig()
+    if args.config:
+        cfg = load_config(args.config)
+    elif (run_config := _resumed_run_config(args)) is not None:
+        cfg = load_config(run_config)
+        cfg.output.dir = args.out  # the folder as given now (the run may have been moved)
+    else:
+        cfg = TrainConfig()
     for flag, (key, _, _) in FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
@@ -132,13 +135,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         cfg.output.if_exists = "overwrite"
     if cfg.output.dir == "output" and args.out is None:
         cfg.output.dir = f"output/train-{time.strftime('%Y%m%d-%H%M%S')}"
-    args.sample_prompts_generated = args.scored_prompts_generated = False
     if cfg.data.train_data is None:
         cfg.validate()  # before the built-in concept's images are rendered
-        sample_prompts, scored_prompts = cfg.sample.prompts, cfg.early_stop.sample_prompts
         cfg = builtin_default(cfg, write=not args.print_config)
-        args.sample_prompts_generated = sample_prompts is None and cfg.sample.prompts is not None
-        args.scored_prompts_generated = scored_prompts is None and cfg.early_stop.sample_prompts is not None
     return cfg.validate()
 
 
@@ -172,10 +171,11 @@ def printable_config(cfg: TrainConfig, args: argparse.Namespace) -> str:
     from copy import deepcopy
 
     shown = deepcopy(cfg)
+    rendered = Path(cfg.data.train_data)  # what builtin_default points the job at
     shown.data.train_data = None
-    if args.sample_prompts_generated:
+    if shown.sample.prompts == str(rendered / "sample_prompts.txt"):
         shown.sample.prompts = None
-    if args.scored_prompts_generated:
+    if shown.early_stop.sample_prompts == str(rendered / "eval_prompts.toml"):
         shown.early_stop.sample_prompts = None
     if args.out is None:
         shown.output.dir = "output"
@@ -183,7 +183,7 @@ def printable_config(cfg: TrainConfig, args: argparse.Namespace) -> str:
 
 
 def _is_builtin_job(args: argparse.Namespace) -> bool:
-    return args.config is None and args.data is None and not getattr(args, "resumed", False)
+    return args.config is None and args.data is None and _resumed_run_config(args) is None
 
 
 def run(args: argparse.Namespace) -> int:
