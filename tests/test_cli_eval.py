@@ -71,6 +71,14 @@ def test_eval_end_to_end_writes_metrics_and_report_and_caches(tmp_path, concept_
     # the second call makes no image
     assert main(argv) == 0
     assert "(0 generated; 6 from the cache" in capsys.readouterr().out
+    # another evaluation into the same folder does not replace this one unasked
+    before = (out / "metrics.json").read_text()
+    assert main([*argv, "--seeds", "2"]) == 2
+    assert "holds an evaluation of other checkpoints or settings" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == before
+    assert main([*argv, "--seeds", "2", "--overwrite"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["setup"]["seeds"] == 2
+    capsys.readouterr()
     # lorakit report on the run: a page from the folder alone
     assert main(["report", str(run)]) == 0
     assert (run / "report.html").is_file() and "wrote" in capsys.readouterr().out

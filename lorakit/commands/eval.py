@@ -28,6 +28,34 @@ class EvalInterrupted(LorakitError):
 HELP = "judge checkpoints: generate, measure, rank; metrics and an HTML report"
 
 
+def _call_fingerprint(keys: dict[str, list[str]], extractors: list[tuple[str, str | None]], data: Path | None,
+                      shap: bool) -> str:
+    """One hash of what an evaluation measures: every image (the cache keys name base model, checkpoint, prompt,
+    seed and sampler), the extractors, the dataset and the options that change the numbers."""
+    import hashlib
+    import json
+
+    fields = {"images": keys, "extractors": sorted(f"{k}={p or ''}" for k, p in extractors),
+              "data": str(data) if data else None, "shap": shap}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_out_folder(out: Path, call: str, overwrite: bool) -> None:
+    """An evaluation already in ``out`` is replaced only when it is the same call (continued) or when asked."""
+    import json
+
+    previous = out / "metrics.json"
+    if overwrite or not previous.is_file():
+        return
+    try:
+        made_by = json.loads(previous.read_text(encoding="utf-8")).get("setup", {}).get("call")
+    except (OSError, ValueError, AttributeError):
+        made_by = None
+    if made_by != call:
+        raise EvalCommandError(f"--out {out}: holds an evaluation of other checkpoints or settings (metrics.json, "
+                               "metrics.csv, report.html); choose another --out, or pass --overwrite to replace it")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="+", metavar="RUN_OR_FILE",
                         help="training run folders (every saved epoch) and/or adapter .safetensors files")
@@ -58,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="OCR text check on prompts whose expected attributes have a text (the word the image "
                              "must show; optional extra: pip install 'lorakit[ocr]')")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an evaluation of other checkpoints or settings in --out (the same call again "
+                             "continues it without this)")
 
 
 def parse_extractor(spec: str) -> tuple[str, str | None]:
@@ -89,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         SamplerSettings,
         check_checkpoints,
         generate_all,
+        image_keys,
         load_images,
         make_jobs,
     )
@@ -155,9 +187,13 @@ def run(args: argparse.Namespace) -> int:
     model = load_base_model(args.model)
     check_checkpoints(model, checkpoints)  # a file that does not fit fails here, before any image is made
 
+    # what this call measures; the same call again continues it, another one does not replace it unasked
+    base_hash = model_hash(args.model)
+    call = _call_fingerprint(image_keys(base_hash, checkpoints, jobs, settings), specs, data, args.shap)
+    _check_out_folder(args.out, call, args.overwrite)
     cache = ImageCache(args.cache or args.out / "cache")
     try:
-        paths, stats = generate_all(model, model_hash(args.model), checkpoints, jobs, settings, cache,
+        paths, stats = generate_all(model, base_hash, checkpoints, jobs, settings, cache,
                                     batch_size=args.batch_size, progress=not args.quiet)
     except KeyboardInterrupt:
         raise EvalInterrupted(f"interrupted; the images made so far are kept in {cache.folder}: the same command "
@@ -177,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
              "images": len(jobs) * len(checkpoints), "generated": stats.made, "cached": stats.cached,
              "seconds generating": round(stats.seconds, 2),
              "seconds per generated image": None if stats.seconds_per_image is None
-             else round(stats.seconds_per_image, 4)}
+             else round(stats.seconds_per_image, 4), "call": call}
     result = evaluate(checkpoints, runs, jobs, images, extractors, data_images, providers, args.seeds, setup)
     if args.shap:
         add_importance(result)

@@ -167,12 +167,18 @@ class GenerationStats:
         return self.seconds / self.made if self.made else None
 
 
+def image_keys(base_hash: str, checkpoints: Sequence[EvalCheckpoint], jobs: Sequence[ImageJob],
+               settings: SamplerSettings) -> dict[str, list[str]]:
+    """Checkpoint label -> the cache key of each job's image: everything that decides the image."""
+    return {c.label: [ImageCache.key(base_hash, c.hash, j, settings) for j in jobs] for c in checkpoints}
+
+
 def generate_all(model: BaseModel, base_hash: str, checkpoints: Sequence[EvalCheckpoint], jobs: Sequence[ImageJob],
                  settings: SamplerSettings, cache: ImageCache, *, batch_size: int = 16, progress: bool = True,
                  device: str | torch.device | None = None) -> tuple[dict[str, list[Path]], GenerationStats]:
     """Make (or find) every job's image for every checkpoint; returns checkpoint label -> image paths in job
     order, and how many were made and how long that took.  One progress bar over the images still to make."""
-    keys = {c.label: [ImageCache.key(base_hash, c.hash, j, settings) for j in jobs] for c in checkpoints}
+    keys = image_keys(base_hash, checkpoints, jobs, settings)
     todo = {c.label: [i for i, k in enumerate(keys[c.label]) if not cache.has(k)] for c in checkpoints}
     stats = GenerationStats(cached=sum(len(jobs) - len(t) for t in todo.values()))
     bar = tqdm(total=sum(len(t) for t in todo.values()), desc="generating", unit="img", disable=not progress)
