@@ -82,6 +82,12 @@ def test_eval_end_to_end_writes_metrics_and_report_and_caches(tmp_path, concept_
     # lorakit report on the run: a page from the folder alone
     assert main(["report", str(run)]) == 0
     assert (run / "report.html").is_file() and "wrote" in capsys.readouterr().out
+    assert main(["report", str(run)]) == 0  # its own page again: replaced
+    notes = tmp_path / "notes.html"
+    notes.write_text("<html>my notes</html>")
+    assert main(["report", str(run), "--out", str(notes)]) == 2  # the user's file: not unasked
+    assert "not a page lorakit wrote" in capsys.readouterr().err and notes.read_text() == "<html>my notes</html>"
+    assert main(["report", str(run), "--out", str(notes), "--overwrite"]) == 0 and "lorakit" in notes.read_text()
 
 
 def test_ctrl_c_during_generation_keeps_the_images_and_the_same_command_continues(tmp_path, concept_data, capsys):

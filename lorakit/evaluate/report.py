@@ -110,9 +110,22 @@ td.best{font-weight:bold;background:#e3f4e3}
 """
 
 
+#: in every page lorakit writes: a page that has it may be written over, any other file only when asked
+GENERATOR_TAG = '<meta name="generator" content="lorakit">'
+
+
+def written_by_lorakit(path: Path) -> bool:
+    """Whether the file at ``path`` is a page lorakit wrote (pages from before the tag: by their title)."""
+    try:
+        head = path.read_text(encoding="utf-8", errors="replace")[:4000]
+    except OSError:
+        return False
+    return GENERATOR_TAG in head or "<title>lorakit " in head
+
+
 def render_html(page: Page) -> str:
     e = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+    parts = ["<!DOCTYPE html>", f'<html lang="en"><head><meta charset="utf-8">{GENERATOR_TAG}',
              f"<title>{e(page.title)}</title><style>{_CSS}</style></head><body>", f"<h1>{e(page.title)}</h1>"]
     if page.summary:
         parts.append('<ul class="summary">' + "".join(f"<li>{e(s)}</li>" for s in page.summary) + "</ul>")
