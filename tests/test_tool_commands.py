@@ -117,6 +117,12 @@ def test_merge_commands(base, files, tmp_path, capsys):
     assert "is an input" in capsys.readouterr().err
     assert main(["merge", str(a), "--out", str(tmp_path / "ab.safetensors"), "--to-adapter"]) == 2
     assert "exists" in capsys.readouterr().err
+    # the --report file is the user's too: refused before any work, not replaced after it
+    (tmp_path / "mine.txt").write_text("my notes")
+    assert main(["merge", str(a), "--out", str(tmp_path / "c.safetensors"), "--to-adapter",
+                 "--report", str(tmp_path / "mine.txt")]) == 2
+    assert "mine.txt exists" in capsys.readouterr().err
+    assert (tmp_path / "mine.txt").read_text() == "my notes" and not (tmp_path / "c.safetensors").exists()
 
 
 def test_extract_and_resize_commands(base, files, tmp_path, capsys):

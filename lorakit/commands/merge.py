@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     specs = [parse_adapter_spec(a) for a in args.adapters]
     inputs = [s.path for s in specs] + [args.model]
     check_output(args.out, inputs, overwrite=args.overwrite)
+    if args.report is not None:  # checked now, not after the work: the table is written last
+        check_output(args.report, [*inputs, args.out], overwrite=args.overwrite)
     model = load_base_model(args.model)
     if args.to_adapter:
         rule, _ = rank_rules(args)

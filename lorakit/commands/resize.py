@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.tools.resize import resize_adapter
 
     check_output(args.out, [args.file], overwrite=args.overwrite)
+    if args.report is not None:  # checked now, not after the work: the table is written last
+        check_output(args.report, [*[args.file], args.out], overwrite=args.overwrite)
     rule, conv_rule = rank_rules(args)
     file = read_adapter(args.file)
     model = None
