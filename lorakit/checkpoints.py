@@ -80,6 +80,32 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+class FolderLock:
+    """An exclusive lock on a run folder (``flock`` on the folder itself: no file is left behind, and the kernel
+    lets it go when the process ends, also on ``kill -9``).  Two runs writing one folder would interleave their
+    checkpoints and log lines, and an ``--overwrite`` would delete a running run's files."""
+
+    def __init__(self, folder: Path) -> None:
+        self.fd: int | None = None
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; the folder is not locked there
+            return
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise OutputFolderError(f"{folder} is in use by another lorakit run (still training, or resuming in "
+                                    "another terminal): wait for it to end, or choose another output folder") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
 class RunFolder:
     """Creates or reopens the output folder according to ``if_exists`` ("error", "resume", "overwrite").
 
@@ -90,30 +116,45 @@ class RunFolder:
     """
 
     def __init__(self, directory: str | Path, if_exists: str = "error", protect: Iterable[str | Path] = (),
-                 name: str = "lorakit") -> None:
+                 name: str = "lorakit", lock: bool = False) -> None:
         self.path = Path(directory)
         self.resuming = False
         self.name = name
+        self._lock: FolderLock | None = None
         if self.path.exists() and not self.path.is_dir():
             raise OutputFolderError(f"{self.path} is a file, not a folder: choose another output folder")
-        if self.path.exists() and any(self.path.iterdir()):
-            if if_exists == "error":
-                raise OutputFolderError(
-                    f"{self.path} already holds files (a previous run?). Choose another output folder, "
-                    f"or set output.if_exists = \"resume\" to continue that run, or \"overwrite\" to replace it")
-            if if_exists == "overwrite":
-                self._clear_previous_run(protect)
-            elif if_exists == "resume":
-                if not ((self.path / "config.toml").exists() or RunManifest.exists_in(self.path)):
-                    raise OutputFolderError(f"{self.path} is not a lorakit run folder (no config.toml): nothing to "
-                                            "resume there; check --out")
-                self.resuming = True
-        self.created = not self.path.exists()  # made by this run: a failed start may remove it again
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.manifest = RunManifest(self.path)
-        self._pending_log: list[str] = []  # lines log.jsonl could not take yet
-        for sub in ("checkpoints", "samples"):
-            self.make_dir(sub)
+        if lock and self.path.is_dir():  # before looking inside: another run may be writing (or overwriting) it
+            self._lock = FolderLock(self.path)
+        try:
+            if self.path.exists() and any(self.path.iterdir()):
+                if if_exists == "error":
+                    raise OutputFolderError(
+                        f"{self.path} already holds files (a previous run?). Choose another output folder, "
+                        f"or set output.if_exists = \"resume\" to continue that run, or \"overwrite\" to replace it")
+                if if_exists == "overwrite":
+                    self._clear_previous_run(protect)
+                elif if_exists == "resume":
+                    if not ((self.path / "config.toml").exists() or RunManifest.exists_in(self.path)):
+                        raise OutputFolderError(f"{self.path} is not a lorakit run folder (no config.toml): nothing to "
+                                                "resume there; check --out")
+                    self.resuming = True
+            self.created = not self.path.exists()  # made by this run: a failed start may remove it again
+            self.path.mkdir(parents=True, exist_ok=True)
+            if lock and self._lock is None:
+                self._lock = FolderLock(self.path)
+            self.manifest = RunManifest(self.path)
+            self._pending_log: list[str] = []  # lines log.jsonl could not take yet
+            for sub in ("checkpoints", "samples"):
+                self.make_dir(sub)
+        except BaseException:  # a refusal (a folder that holds files, ...) lets go of the lock
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let another process use the folder (the lock also ends with the process, however it ends)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _clear_previous_run(self, protect: Iterable[str | Path]) -> None:
         """"overwrite": delete the files the previous run wrote, and nothing else."""

@@ -193,7 +193,18 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
     """Run a training job described by ``cfg`` and return what it produced.
 
     ``config_file``: the TOML ``cfg`` was read from; like the data, it is never in a folder that is overwritten.
+    The main process holds the output folder's lock for the run, and lets it go however the run ends.
     """
+    folders: list[RunFolder] = []
+    try:
+        return _train(cfg, progress, config_file, folders)
+    finally:
+        for folder in folders:
+            folder.release()
+
+
+def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
+           folders: list[RunFolder]) -> TrainResult:
     cfg.validate()
     started = time.time()
     if cfg.model.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -205,7 +216,10 @@ def train(cfg: TrainConfig, progress: bool = True, config_file: str | Path | Non
     is_main = accelerator.is_main_process
     check_paths(cfg)
     protect = [p for p in (cfg.data.train_data, cfg.data.reg_data, config_file) if p]
-    run = RunFolder(cfg.output.dir, cfg.output.if_exists, protect=protect, name=cfg.output.name) if is_main else None
+    run = None
+    if is_main:
+        run = RunFolder(cfg.output.dir, cfg.output.if_exists, protect=protect, name=cfg.output.name, lock=True)
+        folders.append(run)
     accelerator.wait_for_everyone()
     if run is None:
         run = RunFolder(cfg.output.dir, "resume", name=cfg.output.name)

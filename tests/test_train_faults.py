@@ -200,6 +200,40 @@ def test_full_disk_while_logging_then_resume(data, reference, tmp_path):
     assert [r["loss"] for r in records[:STEPS]] == reference[0]  # a constant schedule: the same first steps
 
 
+def test_a_running_run_locks_its_folder_until_it_ends_even_by_kill_9(data, tmp_path):
+    """A second `lorakit train` on the folder of a run that is still training (a --resume in another terminal, an
+    --overwrite) is refused and changes nothing; once the first is killed with SIGKILL, --resume works."""
+    out = tmp_path / "run"
+    first = subprocess.Popen(train_cmd(data, out, "--epochs", "200", steps=2000), env=env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and first.poll() is None and len(log_steps_safe(out)) < 14:
+            time.sleep(0.05)  # past the first epoch's checkpoint (12 steps)
+        assert first.poll() is None, first.communicate()[1][-2000:]
+        for extra in (("--resume",), ("--overwrite",)):
+            second = run(train_cmd(data, out, "--epochs", "200", *extra, steps=2000))
+            assert second.returncode == 2 and "is in use by another lorakit run" in second.stderr, second.stderr
+        assert first.poll() is None  # the refusals happened while it trained
+        assert (out / "checkpoints" / "epoch-0001").is_dir() and (out / "config.toml").exists()
+    finally:
+        first.kill()
+        first.communicate()
+    last = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir())  # 12 steps per epoch
+    resumed = run(train_cmd(data, out, "--epochs", "200", "--resume", steps=12 * last + 3))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {out} after epoch {last}" in resumed.stdout
+    assert [r["step"] for r in log_steps(out)] == list(range(1, 12 * last + 4))
+
+
+def log_steps_safe(out: Path) -> list[dict]:
+    """log_steps while another process appends (its last line may be half written)."""
+    try:
+        return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()[:-1]]
+    except (FileNotFoundError, ValueError):
+        return []
+
+
 def test_overwrite_touches_only_lorakit_files(data, tmp_path):
     """A project folder with the user's images, notes and training data: --overwrite never deletes any of it."""
     project = tmp_path / "project"
