@@ -55,15 +55,20 @@ def randomize_lora(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-def dense_cs(model: torch.nn.Module) -> float:
-    """Eq. 2 with ΔW from PEFT's own merge: merge, read the weights, unmerge."""
+def merged_updates(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(ΔW, W0)`` of every LoRA layer from PEFT's own merge: merge, read the weights, unmerge."""
     layers = peft_lora_layers(model)
     originals = [layer.get_base_layer().weight.detach().clone() for layer, _ in layers]
     model.merge_adapter()
     deltas = [layer.get_base_layer().weight.detach() - w0 for (layer, _), w0 in zip(layers, originals, strict=True)]
     model.unmerge_adapter()
+    return list(zip(deltas, originals, strict=True))
+
+
+def dense_cs(model: torch.nn.Module) -> float:
+    """Eq. 2 with ΔW from PEFT's own merge."""
     cos = [torch.nn.functional.cosine_similarity(d.reshape(1, -1).double(), w.reshape(1, -1).double())
-           for d, w in zip(deltas, originals, strict=True)]
+           for d, w in merged_updates(model)]
     return float(torch.cat(cos).mean())
 
 
@@ -80,13 +85,8 @@ def test_peft_cs_equals_the_merged_weights(build):
 
 def dense_spectral_size(model: torch.nn.Module) -> float:
     """Mean σ1(ΔW)/σ1(W0) with ΔW from PEFT's own merge, by full SVDs."""
-    layers = peft_lora_layers(model)
-    originals = [layer.get_base_layer().weight.detach().clone() for layer, _ in layers]
-    model.merge_adapter()
-    deltas = [layer.get_base_layer().weight.detach() - w0 for (layer, _), w0 in zip(layers, originals, strict=True)]
-    model.unmerge_adapter()
     return float(torch.stack([torch.linalg.matrix_norm(d.double(), ord=2) / torch.linalg.matrix_norm(w.double(), ord=2)
-                              for d, w in zip(deltas, originals, strict=True)]).mean())
+                              for d, w in merged_updates(model)]).mean())
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2, lambda: tiny_llama(use_dora=True)],

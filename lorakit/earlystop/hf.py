@@ -64,28 +64,35 @@ def peft_lora_layers(model: nn.Module, adapter_name: str | None = None) -> list[
     return found
 
 
-@torch.no_grad()
-def peft_layer_terms(layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(<ΔW, W0>, ‖ΔW‖², ‖W0‖²)`` of one PEFT LoRA layer and adapter.
-
-    Plain LoRA on a Linear (or a GPT-2 ``Conv1D``, ``fan_in_fan_out``) uses the low-rank identities; LoRA
-    variants (DoRA, ...) use PEFT's own merge to get the exact ``ΔW``; other layers ``get_delta_weight``.
-    """
+def _peft_update(layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                          tuple[torch.Tensor, torch.Tensor, float] | None]:
+    """``(W0, ΔW, None)`` of one PEFT LoRA layer and adapter, or ``(W0, None, (down, up, scale))`` when ``ΔW =
+    scale · up @ down`` exactly (plain LoRA on a Linear or a GPT-2 ``Conv1D``, not merged), so that it need not be
+    built.  LoRA variants (DoRA, ...) get the exact ``ΔW`` from PEFT's own merge; other layers from
+    ``get_delta_weight``; a merged adapter is taken back out of the base weight."""
     weight = layer.get_base_layer().weight
     variant = getattr(layer, "lora_variant", {}).get(adapter)
     merged = adapter in getattr(layer, "merged_adapters", [])
     down = layer.lora_A[adapter] if adapter in layer.lora_A else None
     if variant is None and not merged and isinstance(down, nn.Linear) and weight.dim() == 2:
+        return weight, None, (down.weight, layer.lora_B[adapter].weight, layer.scaling[adapter])
+    if variant is not None:
+        original = weight - layer.get_delta_weight(adapter) if merged else weight
+        return original, variant.merge_safe(layer, adapter, original.clone()) - original, None
+    delta = layer.get_delta_weight(adapter)
+    return (weight - delta if merged else weight), delta, None
+
+
+@torch.no_grad()
+def peft_layer_terms(layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(<ΔW, W0>, ‖ΔW‖², ‖W0‖²)`` of one PEFT LoRA layer and adapter (the low-rank identities where
+    ``_peft_update`` gives factors)."""
+    weight, delta, factors = _peft_update(layer, adapter)
+    if factors is not None:
+        down, up, scale = factors
         w = weight.T if layer.fan_in_fan_out else weight  # (out, in), as B A
-        dot, delta_sq = lowrank_terms(down.weight, layer.lora_B[adapter].weight, w, layer.scaling[adapter])
+        dot, delta_sq = lowrank_terms(down, up, w, scale)
     else:
-        if variant is not None:
-            original = weight - layer.get_delta_weight(adapter) if merged else weight
-            delta = variant.merge_safe(layer, adapter, original.clone()) - original
-        else:
-            delta = layer.get_delta_weight(adapter)
-            original = weight - delta if merged else weight
-        weight = original
         dot, delta_sq = dense_terms(delta, weight)
     w = weight.reshape(-1).to(dot.dtype)
     return dot, delta_sq, torch.dot(w, w)
@@ -94,23 +101,12 @@ def peft_layer_terms(layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torc
 @torch.no_grad()
 def peft_layer_spectral(layer: nn.Module, adapter: str,
                         weight_norms: dict[tuple[int, str], torch.Tensor] | None = None) -> torch.Tensor:
-    """σ1(ΔW)/σ1(W0) of one PEFT LoRA layer and adapter: σ1(ΔW) from r×r Grams for plain LoRA, from PEFT's own
-    ``ΔW`` otherwise.  ``weight_norms`` caches σ1(W0) (W0 is frozen: one SVD per layer and run, not per reading)."""
-    weight = layer.get_base_layer().weight
-    variant = getattr(layer, "lora_variant", {}).get(adapter)
-    merged = adapter in getattr(layer, "merged_adapters", [])
-    down = layer.lora_A[adapter] if adapter in layer.lora_A else None
-    if variant is None and not merged and isinstance(down, nn.Linear) and weight.dim() == 2:
-        top_delta = lowrank_spectral_norm(down.weight, layer.lora_B[adapter].weight, layer.scaling[adapter])
-        original = weight
-    else:
-        if variant is not None:
-            original = weight - layer.get_delta_weight(adapter) if merged else weight
-            top_delta = spectral_norm(variant.merge_safe(layer, adapter, original.clone()) - original)
-        else:
-            delta = layer.get_delta_weight(adapter)
-            original = weight - delta if merged else weight
-            top_delta = spectral_norm(delta)
+    """σ1(ΔW)/σ1(W0) of one PEFT LoRA layer and adapter: σ1(ΔW) from r×r Grams where ``_peft_update`` gives
+    factors, from ``ΔW`` otherwise.  ``weight_norms`` caches σ1(W0) (W0 is frozen: one SVD per layer and run, not
+    per reading)."""
+    original, delta, factors = _peft_update(layer, adapter)
+    top_delta = lowrank_spectral_norm(*factors) if factors is not None else spectral_norm(delta)
+    merged = adapter in getattr(layer, "merged_adapters", [])  # W0 recomputed from the merged weight: not cached
     key = (id(layer), adapter)
     if weight_norms is None or merged or key not in weight_norms:
         top_weight = spectral_norm(original)  # the transpose of fan_in_fan_out has the same σ1

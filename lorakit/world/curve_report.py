@@ -316,9 +316,9 @@ def best_fixed_epoch(runs: list[RunResult]) -> tuple[int, int, float]:
 
 
 def fixed_epoch_baseline(runs: list[RunResult]) -> str:
-    if not runs or max((max(r.epochs) for r in runs), default=0) < 1:
-        return "fixed epoch: no runs"
     hits, epoch, mean = best_fixed_epoch(runs)
+    if not epoch:
+        return "fixed epoch: no runs"
     return (f"fixed epoch (the best single epoch for every run, chosen on these runs): {hits}/{len(runs)} runs "
             f"within ±1 epoch of the onset at epoch {epoch} (mean |·| {mean:.1f})")
 
