@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,7 +415,30 @@ RESUMABLE = ("training.max_epochs", "training.max_steps", "training.save_every_n
              "data.verify_images", "data.upscale_warning_factor", "data.orphan_captions", "sample.prompts",
              "sample.every_n_epochs", "sample.sampler", "sample.steps", "sample.cfg_scale")
 _NOT_COMPARED = ("output.dir", "output.if_exists")
-_PATH_KEYS = ("model.base", "data.train_data", "data.reg_data", "data.cache_dir", "sample.prompts")
+_PATH_KEYS = ("model.base", "data.train_data", "data.reg_data", "data.cache_dir", "sample.prompts",
+              "early_stop.sample_prompts")
+#: path settings that always name a file or folder (model.base and the prompt files may name a built-in instead)
+_ALWAYS_PATHS = ("data.train_data", "data.reg_data", "data.cache_dir")
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """A copy of ``cfg`` whose relative paths are made absolute against the current directory: what a run writes
+    as its ``config.toml``, so that ``lorakit train --out DIR --resume`` (or the config file run again) works
+    from any directory, not only the one the run was started in. A value that is not an existing file or
+    folder is kept as it is where it may name something else (a model or prompt file lorakit knows by name)."""
+    from copy import deepcopy
+
+    out = deepcopy(cfg)
+    for key in _PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(out, section), name)
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if not path.is_absolute() and (key in _ALWAYS_PATHS or path.exists()):
+            # abspath, not resolve: a symlink the user named stays the link they chose
+            setattr(getattr(out, section), name, os.path.abspath(path))
+    return out
 
 
 def _flat(cfg: TrainConfig) -> dict[str, Any]:

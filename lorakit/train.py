@@ -26,7 +26,7 @@ from diffusers.optimization import get_scheduler
 from tqdm import tqdm
 
 from lorakit.checkpoints import RunFolder
-from lorakit.config import ConfigError, TrainConfig, load_config, resume_changes, to_toml
+from lorakit.config import ConfigError, TrainConfig, load_config, resume_changes, to_toml, with_absolute_paths
 from lorakit.data import DataConfig, TrainingData
 from lorakit.earlystop import CSFluctuationMonitor, plot_cs_fluctuation
 from lorakit.earlystop.monitor import Decision, TurningPoint
@@ -227,7 +227,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         if is_main:
             if run.resuming and (run.path / "config.toml").exists():
                 check_resume_settings(run.path / "config.toml", cfg)
-            run.write_text("config.toml", to_toml(cfg))
+            run.write_text("config.toml", to_toml(with_absolute_paths(cfg)))
             print(opening_line(cfg))
         sample_stop = _sample_stop(cfg)  # its prompt file is read before the model is loaded
 

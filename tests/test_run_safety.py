@@ -281,6 +281,32 @@ def test_resume_with_only_the_output_folder_continues_a_run_of_any_settings(tiny
     assert "network.rank 2 -> 4" in capsys.readouterr().err
 
 
+def test_resume_from_another_directory_finds_the_runs_relative_paths(tiny_model_dir, tmp_path, monkeypatch,
+                                                                       capsys):
+    """A run started with relative paths (`--data data`) is resumed from elsewhere (`--out /abs/run --resume`):
+    the run's config.toml names its data and model by absolute paths, so the resume finds them."""
+    project = tmp_path / "project"
+    write_dataset(project / "data", n=4, repeats=2)
+    (project / "model").symlink_to(tiny_model_dir, target_is_directory=True)
+    monkeypatch.chdir(project)
+    flags = ["--data", "data", "--model", "model", "--rank", "2", "--batch-size", "2", "--early-stop", "off",
+             "--no-progress"]
+    assert main(["train", *flags, "--out", "run", "--max-steps", "3"]) == 0
+    written = load_config(project / "run" / "config.toml")
+    assert written.data.train_data == str(project / "data")
+    assert written.model.base == str(project / "model")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["train", "--out", str(project / "run"), "--resume", "--max-steps", "4", "--no-progress"]) == 0
+    assert "training.max_steps 3 -> 4" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (project / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    # and the same flags, relative, from the run's own directory still count as unchanged
+    monkeypatch.chdir(project)
+    assert main(["train", *flags, "--out", "run", "--resume", "--max-steps", "5"]) == 0
+    assert "differ" not in capsys.readouterr().err
+
+
 def test_max_steps_resume_continues_mid_epoch(tiny_model_dir, tmp_path):
     """epoch_batches(skip=): a run stopped by max_steps mid-epoch continues with the rest of that epoch."""
     data = write_dataset(tmp_path / "data", n=4, repeats=2)  # batch 2: 4 steps per epoch
