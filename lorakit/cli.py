@@ -9,6 +9,7 @@ line to ``COMMANDS``.
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import importlib
 import sys
@@ -54,6 +55,29 @@ def show_own_warnings(command: str) -> None:
     warnings.showwarning = show
 
 
+def unrecognized(arguments: Sequence[str], parser: argparse.ArgumentParser, aliases: dict[str, str]) -> str:
+    """argparse's "unrecognized arguments" message, with what was probably meant after each option: lorakit's
+    name for a kohya option (``aliases``), the same option written with dashes, or the closest of the command's
+    own options."""
+    options = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    said = []
+    for argument in arguments:
+        name = argument.split("=", 1)[0]
+        dashed = "--" + name.lstrip("-").replace("_", "-")
+        hint = None
+        if name.startswith("-"):
+            if dashed in aliases:
+                hint = aliases[dashed]
+            elif dashed in options:
+                hint = dashed
+            else:
+                close = difflib.get_close_matches(dashed, options, n=1, cutoff=0.7)
+                hint = close[0] if close else None
+        said.append(f"{argument} (did you mean {hint}?)" if hint and not hint.startswith("(") else
+                    f"{argument} {hint}" if hint else argument)
+    return "unrecognized arguments: " + " ".join(said)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # --verbose anywhere on the line: the libraries' own warnings and progress bars are shown (for debugging)
@@ -71,7 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[command][0])
         parsers[command].description = module.HELP
         module.add_arguments(parsers[command])
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        chosen = parsers.get(command, parser)
+        chosen.error(unrecognized(unknown, chosen, getattr(module, "KOHYA_OPTIONS", {})))
     show_own_warnings(command)
     try:
         return int(module.run(args))

@@ -88,3 +88,52 @@ def test_domain_errors_are_lorakit_errors_and_value_errors():
                 ModelLoadError, PromptSyntaxError, InvalidValueError):
         assert issubclass(cls, LorakitError) and issubclass(cls, ValueError), cls
     assert issubclass(EmbeddingError, LorakitError) and issubclass(TrainingError, LorakitError)
+
+
+@pytest.mark.parametrize(("typed", "said"), [
+    (["--network_dim", "16"], "--network_dim (did you mean --rank?)"),  # kohya's name
+    (["--learning_rate=1e-4"], "--learning_rate=1e-4 (did you mean --lr?)"),
+    (["--batch_size", "2"], "--batch_size (did you mean --batch-size?)"),  # underscores for dashes
+    (["--epohcs", "3"], "--epohcs (did you mean --epochs?)"),  # a near miss
+    (["--optimizer_type", "adamw"], "--optimizer_type (did you mean --set optimizer.optimizer=NAME?)"),
+    (["--foo"], "unrecognized arguments: --foo\n"),  # nothing close: no guess
+])
+def test_an_unknown_option_says_what_was_probably_meant(capsys, typed, said):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--print-config", *typed])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: lorakit train") and said in err
+
+
+def test_every_kohya_translation_is_an_option_or_a_setting_that_exists():
+    """The hints name real flags and real --set keys (a renamed option would otherwise leave a wrong hint)."""
+    from lorakit.commands.train import KOHYA_OPTIONS, add_arguments
+    from lorakit.config import TrainConfig, set_option
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {s for action in parser._actions for s in action.option_strings}
+    for kohya, lorakit_says in KOHYA_OPTIONS.items():
+        if lorakit_says.startswith("--set"):
+            dotted, _, value = lorakit_says.split(" ", 1)[1].strip("'").partition("=")
+            names = {"optimizer.optimizer": "adamw", "optimizer.lr_scheduler": "cosine",
+                     "output.save_precision": "fp16"}
+            example = {"NAME": names.get(dotted), "N": "2", "X": "0.1", "true": "true", ".EXT": ".caption",
+                       "{KEY = VALUE}": "{factor = 8}"}
+            cfg = TrainConfig()
+            set_option(cfg, dotted, example[value])
+            cfg.validate()
+        elif lorakit_says.startswith("--"):
+            assert lorakit_says.split()[0] in flags, kohya
+        else:
+            assert lorakit_says.startswith("(the default"), kohya
+
+
+def test_a_printed_config_without_out_gives_every_run_its_own_folder(tmp_path, capsys):
+    """`lorakit train --data X --print-config > config.toml`: the file says ``output`` (each run of it gets its
+    own time-stamped folder), not the time stamp of the moment it was printed."""
+    assert main(["train", "--data", str(tmp_path), "--print-config"]) == 0
+    assert '\ndir = "output"\n' in capsys.readouterr().out
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--print-config"]) == 0
+    assert f'\ndir = "{tmp_path / "run"}"\n' in capsys.readouterr().out

@@ -86,6 +86,19 @@ def test_plain_folder_with_trigger(tmp_path):
     assert d.tag_frequency == {"photos": {"zkz star": 3, "a star on grass": 1, "at night": 1}}
 
 
+def test_a_captioned_folder_missing_some_caption_files_is_named(tmp_path):
+    """Most images captioned, one .txt missing: said with the caption the image gets instead; a folder with no
+    caption files at all (the folder's caption on purpose, as in kohya) is not warned about."""
+    make_folder(tmp_path / "a" / "5_ohwx dog", 3, captions={0: "ohwx dog, red ball", 2: "ohwx dog, grass"})
+    message = warned(tmp_path / "a")
+    assert "1 of 3 images have no caption file (<image name>.txt)" in message
+    assert "the caption 'ohwx dog'" in message and "001.png" in message
+    make_folder(tmp_path / "b" / "5_ohwx dog", 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetWarning)
+        TrainingData(DataConfig(train_data=str(tmp_path / "b"), resolution=64), seed=0)
+
+
 def test_plain_folder_without_trigger_or_captions_warns_about_empty_captions(tmp_path):
     make_folder(tmp_path / "photos", 2)
     assert "empty caption" in warned(tmp_path / "photos")

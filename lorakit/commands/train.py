@@ -56,6 +56,30 @@ class _AlgorithmNames:
         return ", ".join(ALGORITHMS)
 
 
+#: kohya sd-scripts' train_network.py options (dashes for underscores) -> how lorakit says it: a kohya user's
+#: command line gets the translation in the "unrecognized arguments" error instead of a bare refusal
+KOHYA_OPTIONS: dict[str, str] = {
+    "--pretrained-model-name-or-path": "--model", "--train-data-dir": "--data", "--reg-data-dir": "--reg-data",
+    "--dataset-config": "--data FILE.toml", "--output-dir": "--out", "--output-name": "--name",
+    "--network-dim": "--rank", "--network-alpha": "--alpha", "--network-module": "--algorithm",
+    "--learning-rate": "--lr", "--max-train-epochs": "--epochs", "--max-train-steps": "--max-steps",
+    "--train-batch-size": "--batch-size", "--network-args": "--set 'network.args={KEY = VALUE}'",
+    "--optimizer-type": "--set optimizer.optimizer=NAME", "--lr-scheduler": "--set optimizer.lr_scheduler=NAME",
+    "--lr-warmup-steps": "--set optimizer.lr_warmup_steps=N",
+    "--save-every-n-epochs": "--set training.save_every_n_epochs=N",
+    "--gradient-checkpointing": "--set model.gradient_checkpointing=true",
+    "--gradient-accumulation-steps": "--set optimizer.gradient_accumulation_steps=N",
+    "--max-grad-norm": "--set optimizer.max_grad_norm=X", "--noise-offset": "--set training.noise_offset=X",
+    "--network-dropout": "--set network.dropout=X", "--save-precision": "--set output.save_precision=NAME",
+    "--network-train-unet-only": "(the default; --set network.train_text_encoder=true to also train it)",
+    "--cache-latents": "(the default: data.cache_latents)", "--caption-extension": "--set data.caption_extension=.EXT",
+    "--shuffle-caption": "--set data.shuffle_caption=true", "--keep-tokens": "--set data.keep_tokens=N",
+    "--enable-bucket": "--set data.enable_bucket=true", "--flip-aug": "--set data.flip_aug=true",
+    "--sample-prompts": "--sample-prompts", "--sample-every-n-epochs": "--set sample.every_n_epochs=N",
+    "--max-epochs": "--epochs",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="a TOML training config (see docs/ or `--print-config`)")
     for flag, (key, kind, help_) in FLAGS.items():
@@ -163,22 +187,23 @@ BUILTIN_CONFIG_HEADER = """\
 
 
 def printable_config(cfg: TrainConfig, args: argparse.Namespace) -> str:
-    """The config as TOML; for the built-in job without the paths it makes up when it runs (its dataset, its
-    prompt files, its time-stamped output folder), so that the printed file runs as the built-in job again
+    """The config as TOML, its output folder as given (``output`` when none was: every run of the printed file
+    then gets its own time-stamped folder, as without a config); for the built-in job without the paths it makes
+    up when it runs (its dataset, its prompt files), so that the printed file runs as the built-in job again
     instead of naming a dataset that was never rendered."""
-    if not _is_builtin_job(args):
-        return to_toml(cfg)
     from copy import deepcopy
 
     shown = deepcopy(cfg)
+    if args.out is None:  # not the time stamp of this printing: each run of the file gets its own folder
+        shown.output.dir = "output"
+    if not _is_builtin_job(args):
+        return to_toml(shown)
     rendered = Path(cfg.data.train_data)  # what builtin_default points the job at
     shown.data.train_data = None
     if shown.sample.prompts == str(rendered / "sample_prompts.txt"):
         shown.sample.prompts = None
     if shown.early_stop.sample_prompts == str(rendered / "eval_prompts.toml"):
         shown.early_stop.sample_prompts = None
-    if args.out is None:
-        shown.output.dir = "output"
     return BUILTIN_CONFIG_HEADER + to_toml(shown)
 
 

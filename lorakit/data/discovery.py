@@ -187,7 +187,7 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
             problems.warn(f"{folder}: no '{ext}' caption files, but {len(other)} '{other[0].suffix}' files next to "
                           f"the images (e.g. {other[0].name}) are ignored; set caption_extension = "
                           f"'{other[0].suffix}' if they are the captions")
-    records, multiline, empty = [], [], []
+    records, multiline, empty, no_file = [], [], [], []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
         probed = list(pool.map(lambda p: _try_probe(p, config.verify_images), images))
     for image, size in zip(images, probed, strict=True):
@@ -196,7 +196,9 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
             continue
         raw = None
         caption_path = captions.get(image.stem)
-        if caption_path is not None:
+        if caption_path is None:
+            no_file.append(image.name)
+        else:
             try:
                 text, lines = read_caption_file(caption_path)
             except UnicodeDecodeError as e:
@@ -216,6 +218,13 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
     if empty:
         problems.warn(f"{folder}: empty caption files, the folder's caption {subset.class_tokens!r} is used "
                       f"instead: {_some(empty)}")
+    if no_file and len(no_file) < len(records) and not subset.is_reg:
+        # a folder that is captioned file by file and misses some: more often a lost or misnamed .txt than a
+        # choice (a folder with no caption files at all uses the folder's caption on purpose, as in kohya)
+        fallback = base_caption(None, subset)
+        fallback = f"the caption {fallback!r}" if fallback else "an empty caption"
+        problems.warn(f"{folder}: {len(no_file)} of {len(records)} images have no caption file (<image name>{ext}) "
+                      f"and are trained with {fallback}: {_some(no_file)}")
     uncaptioned = [r.path.name for r in records if not r.caption]
     if uncaptioned and not subset.is_reg:
         problems.warn(f"{folder}: images with no caption file, no trigger and no class: trained with an empty "
