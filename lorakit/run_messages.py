@@ -20,6 +20,11 @@ _ALGORITHM_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "(IA)
 _CONV_PRESETS = ("full", "lycoris-full")
 
 
+def count(n: int, noun: str) -> str:
+    """'1 epoch', '3 epochs': a count with its noun in the right number."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def what_is_trained(cfg: TrainConfig) -> str:
     """'a LoCon (rank 8, preset full)', 'native fine-tuning (DreamBooth)', ... for the opening line."""
     kind = cfg.method.kind
@@ -41,7 +46,7 @@ def opening_line(cfg: TrainConfig) -> str:
     """The first line of a run: method, data, base model, output folder."""
     model = cfg.model.base or "the built-in shapes-world model (lorakit/world/base_model)"
     return (f"lorakit train: {what_is_trained(cfg)} on {cfg.data.train_data} with {model}, "
-            f"up to {cfg.training.max_epochs} epochs; results go to {cfg.output.dir}")
+            f"up to {count(cfg.training.max_epochs, 'epoch')}; results go to {cfg.output.dir}")
 
 
 def estimate_line(seconds_per_step: float, steps_left: int, early_stop: bool) -> str:

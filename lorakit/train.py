@@ -40,7 +40,7 @@ from lorakit.models import BaseModel, load_base_model, resolve_dtype
 from lorakit.optimizers import OPTIMIZERS
 from lorakit.prior import ensure_class_images
 from lorakit.run_manifest import RunManifest
-from lorakit.run_messages import estimate_line, next_steps, opening_line
+from lorakit.run_messages import count, estimate_line, next_steps, opening_line
 from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
 
 
@@ -307,7 +307,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         if is_main:
             print(data.summary())
             print(method.summary())
-            print(f"{steps_per_epoch} steps per epoch, up to {cfg.training.max_epochs} epochs ({total_steps} steps); "
+            print(f"{count(steps_per_epoch, 'step')} per epoch, up to {count(cfg.training.max_epochs, 'epoch')} "
+                  f"({count(total_steps, 'step')}); "
                   f"early stopping: {cfg.early_stop.mode if monitor else 'off'}")
             if cfg.model.compile:
                 print(f"the U-Net is compiled (torch.compile, backend {cfg.model.compile_backend}, mode "
@@ -528,7 +529,7 @@ def _check_resumable(state: dict[str, Any], fingerprint: str, data: TrainingData
         state["epoch"] >= cfg.training.max_epochs and not state.get("batches_done"))
     if finished and (run.path / "summary.json").exists():
         why = "stopped early at its turning point" if state.get("stopped_early") else \
-            f"finished after {state['step']} steps ({state['epoch']} epochs)"
+            f"finished after {count(state['step'], 'step')} ({count(state['epoch'], 'epoch')})"
         raise TrainingError(f"--resume: the run in {run.path} {why}; there is nothing to continue. To train "
                             "longer, raise --epochs or --max-steps")
 
@@ -658,7 +659,8 @@ def _nan_message(run: RunFolder, step: int, epoch: int) -> str:
 
 
 def _summary_text(s: dict[str, Any]) -> str:
-    lines = [f"lorakit train: {s['method']} — {s['steps']} steps in {s['epochs_run']} epochs, {s['seconds']} s",
+    lines = [f"lorakit train: {s['method']} — {count(s['steps'], 'step')} in {count(s['epochs_run'], 'epoch')}, "
+             f"{s['seconds']} s",
              "  data: " + s["data"].replace("\n", "\n        "), f"  trained: {s['trained']}"]
     if s["stopped_early"]:
         tp = s["turning_point"]

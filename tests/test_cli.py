@@ -137,3 +137,15 @@ def test_a_printed_config_without_out_gives_every_run_its_own_folder(tmp_path, c
     assert '\ndir = "output"\n' in capsys.readouterr().out
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--print-config"]) == 0
     assert f'\ndir = "{tmp_path / "run"}"\n' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("command", "dest"), [("merge", "model"), ("extract", "base")])
+def test_merge_and_extract_take_the_base_model_as_model_or_base(command, dest):
+    """extract names it --base, the other commands --model: both spellings work in both (a user switching
+    between them should not meet an 'unrecognized arguments')."""
+    module = importlib.import_module(f"lorakit.commands.{command}")
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    for flag in ("--model", "--base"):
+        args = parser.parse_args(["x.safetensors", "--out", "y.safetensors", flag, "/models/sd15"])
+        assert getattr(args, dest) == "/models/sd15"

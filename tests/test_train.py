@@ -630,7 +630,7 @@ def test_cli_builtin_default_job(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
     summary = capsys.readouterr().out
-    assert "38 steps in 1 epochs" in summary and (out / "lorakit.safetensors").exists()
+    assert "38 steps in 1 epoch," in summary and (out / "lorakit.safetensors").exists()
     assert (tmp_path / "job-data" / "10_zkz shape").is_dir()
     assert sorted(p.name for p in (out / "samples").glob("*.png"))
 

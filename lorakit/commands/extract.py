@@ -12,7 +12,8 @@ HELP = "an adapter (LoRA/LoCon) from the difference of a fine-tuned model and it
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("tuned", help="the fine-tuned model: a diffusers folder or a single-file .safetensors")
-    parser.add_argument("--base", default=None, help="the model it was tuned from (default: the built-in model)")
+    parser.add_argument("--base", "--model", dest="base", default=None,
+                        help="the model it was tuned from (default: the built-in model)")
     parser.add_argument("--out", type=Path, required=True, help="the adapter file to write (.safetensors)")
     parser.add_argument("--preset", default="full",
                         help="which layers (lorakit presets: full = LoCon, attn-mlp, attn-only, kohya)")

@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER[:MULT[:LBW]]",
                         help="adapter files, each with an optional multiplier and LoRA Block Weight string "
                              "(17 or 26 values) or preset (ALL, MIDD, OUTALL, ...)")
-    parser.add_argument("--model", default=None, help="base model (default: the built-in model)")
+    parser.add_argument("--model", "--base", dest="model", default=None,
+                        help="base model (default: the built-in model)")
     parser.add_argument("--out", type=Path, required=True,
                         help="a folder (diffusers), a *.safetensors file (single-file LDM checkpoint), or with "
                              "--to-adapter the adapter file")
