@@ -220,6 +220,16 @@ class Adapter(nn.Module):
             mask = mask * (1.0 / (1.0 - self.rank_dropout))
         return mask
 
+    def _add_factorised_update(self, y: torch.Tensor, d: torch.Tensor, train: bool) -> torch.Tensor:
+        """``y + d`` for an update ``d`` computed from the factors (LoHa's and LoKr's factorised paths), with the
+        training-time dropouts applied to it as the materialised path applies them to ``ΔW``."""
+        if train and self.rank_dropout > 0:  # output rows of ΔW, as in the materialised path
+            rows = self._rank_mask((self.out_features,), d)
+            d = d * (rows if self.kind == "linear" else rows.reshape(-1, 1, 1))
+        if train and self.dropout > 0:
+            d = F.dropout(d, self.dropout, training=True)
+        return y + d.to(y.dtype)
+
     def _row_mask(self, like: torch.Tensor) -> torch.Tensor:
         """Rank dropout for algorithms without a rank axis (as LyCORIS): drop output rows of ``ΔW``."""
         return self._rank_mask((like.shape[0],) + (1,) * (like.dim() - 1), like)

@@ -121,12 +121,7 @@ class LoHa(LowRankAdapter):
                 h = F.conv2d(F.conv2d(h, v[:, :, None, None]), core, None, conv.stride, conv.padding,
                              conv.dilation)
             d = F.conv2d(h, u[:, :, None, None])
-        if train and self.rank_dropout > 0:  # output rows of ΔW, as in the materialised path
-            rows = self._rank_mask((self.out_features,), d)
-            d = d * (rows if self.kind == "linear" else rows.reshape(-1, 1, 1))
-        if train and self.dropout > 0:
-            d = F.dropout(d, self.dropout, training=True)
-        return y + d.to(y.dtype)
+        return self._add_factorised_update(y, d, train)
 
     def _plain_chain(self, x: torch.Tensor) -> bool:
         """Whether the factorised forward can run as ``functional.loha_chain``: no Tucker core, no training-time

@@ -28,7 +28,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.base import (
@@ -205,12 +204,7 @@ class LoKr(LowRankAdapter):
         else:
             kernel = self.lokr_w2_b.reshape(self.rank, self.layout.d, *self.kernel_size)
             d = kron_lowrank_conv2d(h, w1, self.lokr_w2_a, kernel, None, conv.stride, conv.padding, conv.dilation)
-        if train and self.rank_dropout > 0:  # output rows of ΔW, as in the materialised path
-            rows = self._rank_mask((self.out_features,), d)
-            d = d * (rows if self.kind == "linear" else rows.reshape(-1, 1, 1))
-        if train and self.dropout > 0:
-            d = F.dropout(d, self.dropout, training=True)
-        return y + d.to(y.dtype)
+        return self._add_factorised_update(y, d, train)
 
     # ---- files ---------------------------------------------------------------------------------
     @classmethod

@@ -14,8 +14,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lorakit.lazy import lazy_exports
 
 # Names are imported on first use (PEP 562), not here: lorakit.config reads earlystop.rules, and `lorakit train
 # --print-config` must not wait for torch and matplotlib, which cs, monitor and plot bring.
@@ -53,16 +52,4 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # the next access is a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
