@@ -39,6 +39,7 @@ from lorakit.adapters.lowrank import LowRankAdapter
 from lorakit.atomic import DestinationExistsError, atomic_write
 from lorakit.blocks import SD1, BlockMap
 from lorakit.errors import LorakitError
+from lorakit.file_kinds import NotAnAdapterError, check_adapter_path
 from lorakit.metadata import metadata_value, ss_metadata, version_metadata
 from lorakit.network import (
     LYCORIS_PREFIX,
@@ -127,6 +128,10 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         raise AdapterFileNotFoundError(f"{path}: no such file")
     with open(path, "rb") as f:
         _sniff(path, f.read(9), path.stat().st_size)  # before safetensors sees it: a pickle is named as one
+    try:  # a model, a model component or an embedding: said from the header, before gigabytes are read
+        check_adapter_path(path)
+    except NotAnAdapterError as err:
+        raise AdapterFileError(str(err)) from None
     try:
         # safetensors checks the header against the file (a truncated or corrupt file fails here, whole)
         with safe_open(str(path), framework="pt") as f:
@@ -520,7 +525,9 @@ def _plan(file: AdapterFile, comps: Sequence[Component], multiplier: float) -> t
         algorithm = detect_algorithm(tensors)
         cls = ALGORITHMS.get(algorithm)
         if cls is None:
-            report.unsupported[name] = (f"algorithm {algorithm!r} (keys {sorted(tensors)}) is not one lorakit "
+            keys = sorted(tensors)
+            shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            report.unsupported[name] = (f"algorithm {algorithm!r} (keys {shown}) is not one lorakit "
                                         f"implements ({', '.join(ALGORITHMS)})")
             continue
         key = name

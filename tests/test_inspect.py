@@ -105,3 +105,35 @@ def test_inspect_says_what_a_non_adapter_is(tmp_path, capsys):
             "; use it as --model\n" if name == "model.safetensors" else "\n"), err
     code, _, err = _inspect(capsys, tmp_path)
     assert code == 2 and f"{tmp_path}: is a folder, not a file" in err
+
+
+@pytest.mark.parametrize("command", [["sample", "--prompt", "x", "--out", "{out}"], ["merge", "--out", "{out}.st"],
+                                     ["resize", "--rank", "2", "--out", "{out}.safetensors"],
+                                     ["eval", "--out", "{out}"]])
+def test_every_command_says_a_model_checkpoint_given_as_an_adapter_is_one(tmp_path, capsys, command):
+    """sample, merge, resize and eval, given a model checkpoint where an adapter belongs, say what it is in one
+    line, read from the header (they listed every key of the checkpoint, tens of kilobytes, as 'unsupported
+    modules')."""
+    g = torch.Generator().manual_seed(0)
+    model = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
+               "first_stage_model.encoder.conv_in.weight": torch.randn(8, 3, 3, 3, generator=g)}, model)
+    name, *options = command
+    argv = [name, str(model), *(o.format(out=tmp_path / "out") for o in options)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # its last line: in this process the libraries' own output is not silenced
+    assert err.splitlines()[-1] == f"lorakit {name}: error: {model}: a full Stable Diffusion model checkpoint " \
+                                   "(U-Net, VAE), not an adapter; use it as --model", err
+
+
+def test_a_module_of_an_unknown_algorithm_lists_a_few_of_its_keys(tmp_path):
+    from lorakit.formats import AdapterFile, AdapterFileError, load_network
+
+    unet = build_tiny_unet()
+    name = "lora_unet_" + next(n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)).replace(".", "_")
+    tensors = {f"{name}.mystery_{i}": torch.zeros(2) for i in range(40)}
+    with pytest.raises(AdapterFileError) as info:
+        load_network(AdapterFile(tensors), unet)
+    message = str(info.value)
+    assert "algorithm 'unknown' (keys mystery_0, mystery_1, mystery_10, mystery_11 and 36 more)" in message
+    assert len(message) < 600

@@ -13,7 +13,7 @@ from conftest import build_tiny_unet
 
 from lorakit.blocks import SD1
 from lorakit.errors import LorakitError
-from lorakit.formats import load_network, read_adapter, save_network, write_adapter
+from lorakit.formats import AdapterFileError, load_network, read_adapter, save_network, write_adapter
 from lorakit.models import builtin_model_path, load_base_model
 from lorakit.network import UniformRanks, create_network
 from lorakit.tools import MismatchError, ToolError
@@ -370,6 +370,9 @@ def test_resize_refuses_other_algorithms_without_to_lora(base, tmp_path):
         resize_adapter(path, to_lora=True)
     with pytest.raises(ToolError, match="--rank"):
         resize_adapter(_random_adapter(base, tmp_path / "l.safetensors", text_encoder=False))
-    write_adapter(tmp_path / "empty.safetensors", {"emb": torch.zeros(2)})
+    write_adapter(tmp_path / "empty.safetensors", {"lora_unet_loose": torch.zeros(2)})  # an adapter's name only
     with pytest.raises(ToolError, match="no adapter modules"):
         resize_adapter(tmp_path / "empty.safetensors", RankRule(1))
+    write_adapter(tmp_path / "other.safetensors", {"emb": torch.zeros(2)})  # said from the header
+    with pytest.raises(AdapterFileError, match="not an adapter: none of its 1 tensors has an adapter's key names"):
+        resize_adapter(tmp_path / "other.safetensors", RankRule(1))

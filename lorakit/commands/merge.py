@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.file_kinds import check_adapter_path
     from lorakit.models import load_base_model
     from lorakit.tools import check_output
     from lorakit.tools.deltas import parse_adapter_spec
@@ -37,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, inputs, overwrite=args.overwrite)
     if args.report is not None:  # checked now, not after the work: the table is written last
         check_output(args.report, [*inputs, args.out], overwrite=args.overwrite)
+    for spec in specs:  # a model or an embedding given as an adapter is said before the base model loads
+        check_adapter_path(spec.path)
     model = load_base_model(args.model)
     if args.to_adapter:
         rule, _ = rank_rules(args)

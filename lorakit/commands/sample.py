@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+from lorakit.file_kinds import check_adapter_path
 
 HELP = "images from a base model with any number of adapters (multipliers, block weights) and TI embeddings"
 
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         raise SampleCommandError(f"{', '.join(str(p) for p in taken[:3])}{' ...' if len(taken) > 3 else ''} "
                                  "exist (an earlier call?); choose another --out, or pass --overwrite to replace them")
     specs = [parse_adapter_spec(a) for a in args.adapters]
-    for spec in specs:
+    for spec in specs:  # before the model loads: a model folder or checkpoint given as an adapter is said so
+        check_adapter_path(spec.path)
         if not spec.path.is_file():
             raise FileNotFoundError(f"{spec.path}: no such adapter file")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

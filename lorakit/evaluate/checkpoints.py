@@ -180,8 +180,9 @@ def read_file_checkpoint(path: str | Path) -> EvalCheckpoint:
 
         meta = read_adapter(path).metadata
         epoch = int(meta["ss_epoch"]) if str(meta.get("ss_epoch", "")).isdigit() else None
-    except (ValueError, OSError) as err:
-        raise CheckpointError(f"{path}: cannot read it as an adapter file: {err}") from None
+    except (ValueError, OSError) as err:  # the reader's messages name the file already
+        said = str(err) if str(err).startswith(str(path)) else f"{path}: cannot read it as an adapter file: {err}"
+        raise CheckpointError(said) from None
     return EvalCheckpoint(label=path.stem, kind="adapter", path=path, hash=file_hash(path), epoch=epoch)
 
 
