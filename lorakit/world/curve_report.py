@@ -168,14 +168,14 @@ def summary_lines(runs: list[RunResult]) -> list[str]:
             continue
         signed = [r.turning[name] - r.onset for r in fired]
         within = sum(abs(d) <= 2 for d in signed)
-        within_one = sum(abs(d) <= 1 for d in signed)  # never-fired runs count as misses below
+        within_one, mean = rule_count(runs, name)  # never-fired runs count as misses
         inside = sum(r.onset_interval.contains(r.turning[name], slack=1) for r in fired)
         to_peak = sum(abs(r.turning[name] - r.fidelity_peak) for r in fired) / len(fired)
         kept = success_kept(fired, name)
         out.append(f"{name}: {within_one}/{len(runs)} runs within ±1 epoch of the onset "
                    f"({inside}/{len(runs)} within ±1 of its interval); "
                    f"fired in {len(fired)}/{len(runs)} runs; TP - onset = {signed} epochs "
-                   f"(mean |·| {sum(map(abs, signed)) / len(signed):.1f}, {within} within 2 epochs, "
+                   f"(mean |·| {mean:.1f}, {within} within 2 epochs, "
                    f"{sum(d < 0 for d in signed)} early, {sum(d > 0 for d in signed)} late); "
                    f"smoothed success at TP / at onset = {kept:.2f} (mean); "
                    f"mean |TP - fidelity peak| = {to_peak:.1f} epochs")
