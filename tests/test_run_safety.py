@@ -301,6 +301,11 @@ def test_resume_from_another_directory_finds_the_runs_relative_paths(tiny_model_
     assert "training.max_steps 3 -> 4" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in (project / "run" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    # a run written before paths were made absolute: from elsewhere, the error says where to resume from
+    config = project / "run" / "config.toml"
+    config.write_text(config.read_text().replace(str(project / "data"), "data"))
+    assert main(["train", "--out", str(project / "run"), "--resume", "--max-steps", "5", "--no-progress"]) == 2
+    assert "data.train_data = 'data' is relative to the directory the run was started in" in capsys.readouterr().err
     # and the same flags, relative, from the run's own directory still count as unchanged
     monkeypatch.chdir(project)
     assert main(["train", *flags, "--out", "run", "--resume", "--max-steps", "5"]) == 0

@@ -129,12 +129,25 @@ def _resumed_run_config(args: argparse.Namespace) -> Path | None:
     return path if path.is_file() else None
 
 
+def _check_relative_paths(cfg: TrainConfig, run_config: Path) -> None:
+    """A run's config.toml written before its paths were made absolute names them relative to the directory the
+    run was started in; from anywhere else they are missing, and the error says where to resume from."""
+    for key in ("model.base", "data.train_data", "data.reg_data", "sample.prompts"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value and not Path(value).is_absolute() and not Path(value).expanduser().exists():
+            raise ConfigError(f"{run_config}: {key} = {value!r} is relative to the directory the run was started "
+                              f"in, and there is no {value} here ({Path.cwd()}): run `lorakit train --out "
+                              f"{run_config.parent.resolve()} --resume` from that directory")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.config:
         cfg = load_config(args.config)
     elif (run_config := _resumed_run_config(args)) is not None:
         cfg = load_config(run_config)
         cfg.output.dir = args.out  # the folder as given now (the run may have been moved)
+        _check_relative_paths(cfg, run_config)
     else:
         cfg = TrainConfig()
     for flag, (key, _, _) in FLAGS.items():
