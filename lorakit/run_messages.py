@@ -86,5 +86,10 @@ def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[s
     plots = [f for f in files if f.suffix == ".png" and "cs_fluctuation" in f.name]
     if plots:
         lines.append(f"  CS-Fluctuation curve: {plots[0]}")
-    lines.append(f"  a page with the samples, the curve and the settings: lorakit report {shlex.quote(str(run_dir))}")
+    report = f"lorakit report {shlex.quote(str(run_dir))}"
+    if cfg.sample.prompts or any((run_dir / "samples").glob("*.png")):
+        lines.append(f"  a page with the samples, the curve and the settings: {report}")
+    else:  # kohya's way: samples only when asked for; say so rather than promise a page of them
+        lines.append(f"  a page with the curve and the settings: {report} (no samples were drawn during training: "
+                     "--sample-prompts FILE, kohya's prompt syntax, draws them at every epoch end)")
     return ["next:", *lines]

@@ -108,3 +108,13 @@ def test_next_steps_fit_the_algorithm(tmp_path):
     cfg.method.kind = "ti"
     lines = "\n".join(next_steps(tmp_path, [tmp_path / "lorakit-zkz.safetensors"], cfg))
     assert "load_textual_inversion" in lines and "'zkz'" in lines and "lorakit sample" not in lines
+
+
+def test_next_steps_promise_a_page_of_samples_only_when_there_are_some(tmp_path):
+    cfg = TrainConfig()
+    lines = "\n".join(next_steps(tmp_path, [tmp_path / "lorakit.safetensors"], cfg))
+    assert "a page with the curve and the settings" in lines and "--sample-prompts FILE" in lines
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "e1-0.png").write_bytes(b"")
+    lines = "\n".join(next_steps(tmp_path, [tmp_path / "lorakit.safetensors"], cfg))
+    assert "a page with the samples, the curve and the settings" in lines and "--sample-prompts" not in lines
