@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
@@ -31,6 +32,7 @@ from lorakit.data import DataConfig, TrainingData
 from lorakit.earlystop import CSFluctuationMonitor, plot_cs_fluctuation
 from lorakit.earlystop.monitor import Decision, TurningPoint
 from lorakit.earlystop.plot import plot_sample_scores
+from lorakit.earlystop.rules import SIZE_NAMES
 from lorakit.earlystop.samples import SampleStop, SampleTurningPoint, make_sample_stop
 from lorakit.errors import LorakitError
 from lorakit.loss import add_training_noise, diffusion_loss
@@ -460,6 +462,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             # report mode: where it would have stopped
             "turning_point_found": reported.to_dict() if reported is not None else None,
             "sample_scores": sample_record if sample_stop is not None else None,
+            "undecided": _undecided(monitor) if monitor is not None and reported is None else None,
             "final_loss": losses[-1] if losses else None,
             "mean_loss_last_epoch": sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])),
             "seconds": round(time.time() - started, 1), "data": data.summary(), "trained": method.summary(),
@@ -658,6 +661,22 @@ def _nan_message(run: RunFolder, step: int, epoch: int) -> str:
             "Lower the learning rate, turn off fp16 (use bf16 or no mixed precision), or check the images.")
 
 
+def _undecided(monitor: CSFluctuationMonitor) -> str:
+    """Why the rule found no turning point, in numbers a user can act on (a size budget is a property of the
+    model and data: how far the run got towards it tells whether more epochs or another budget is needed)."""
+    rule = monitor.rule
+    budget = getattr(rule, "budget", None)
+    sizes = monitor.history.size(rule.series) if budget is not None else None
+    if sizes is None:
+        return f"the {rule.name.replace('_', '-')} rule found no turning point in the CS-Fluctuation curve"
+    recorded = sizes[~np.isnan(sizes)]
+    if not len(recorded):
+        return f"the {rule.name.replace('_', '-')} rule had no size reading to decide on"
+    largest = f" (largest {recorded.max():.3g})" if recorded.max() > recorded[-1] else ""
+    return (f"{SIZE_NAMES[rule.series]} reached {recorded[-1]:.3g} of its budget {budget:g} by the end{largest}; "
+            "the budget was set on the shapes world (docs/early_stopping.md)")
+
+
 def _summary_text(s: dict[str, Any]) -> str:
     lines = [f"lorakit train: {s['method']} — {count(s['steps'], 'step')} in {count(s['epochs_run'], 'epoch')}, "
              f"{s['seconds']} s",
@@ -671,6 +690,8 @@ def _summary_text(s: dict[str, Any]) -> str:
         found = s.get("turning_point_found")
         note = f"; turning point found at step {found['step']} (report only)" if found else ""
         lines.append(f"  result = epoch {s['final_epoch']} (no early stop{note})")
+        if s.get("undecided"):
+            lines.append(f"  early stop: {s['undecided']}")
     if s["final_loss"] is not None:
         lines.append(f"  loss: last {s['final_loss']:.4f}, mean over the last epoch {s['mean_loss_last_epoch']:.4f}")
     lines += [f"  wrote {f}" for f in s["files"]]
