@@ -4,6 +4,7 @@ per prompt type; and the page of a training run made from its folder alone."""
 from __future__ import annotations
 
 import json
+from html import unescape
 
 import numpy as np
 import pytest
@@ -73,6 +74,13 @@ def test_page_of_a_training_run_from_its_folder(tmp_path):
     assert "turning point at step 4 (epoch 1)" in text
     with pytest.raises(CheckpointError, match="not a lorakit run"):
         page_from_run(tmp_path)
+    # a run whose rule never decided: the page says why, as the run's summary does
+    undecided = write_run(tmp_path / "undecided", epochs=2, turning_epoch=None)
+    summary = json.loads((undecided / "summary.json").read_text())
+    summary["undecided"] = "the update's spectral size σ1(ΔW)/σ1(W) reached 0.0197 of its budget 0.25 by the end"
+    (undecided / "summary.json").write_text(json.dumps(summary))
+    assert "early stopping did not decide: the update's spectral size σ1(ΔW)/σ1(W) reached 0.0197" in \
+        unescape(render_html(page_from_run(undecided)))
 
 
 def test_shap_importance_is_a_table_of_its_own():

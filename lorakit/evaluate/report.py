@@ -436,6 +436,8 @@ def page_from_run(run_dir: str | Path) -> Page:
         if tp:
             page.summary.append(f"early-stopping turning point at step {tp.get('step')} (epoch {tp.get('epoch')})"
                                 + (", training stopped there" if summary.get("stopped_early") else ", report only"))
+        elif summary.get("undecided"):  # why the rule did not stop the run
+            page.summary.append(f"early stopping did not decide: {summary['undecided']}")
     else:
         page.summary.append("no summary.json: the run has not finished (or was interrupted)")
     # loss and CS per epoch from the step log
