@@ -91,7 +91,7 @@ def test_a_captioned_folder_missing_some_caption_files_is_named(tmp_path):
     caption files at all (the folder's caption on purpose, as in kohya) is not warned about."""
     make_folder(tmp_path / "a" / "5_ohwx dog", 3, captions={0: "ohwx dog, red ball", 2: "ohwx dog, grass"})
     message = warned(tmp_path / "a")
-    assert "1 of 3 images have no caption file (<image name>.txt)" in message
+    assert "1 of 3 images has no caption file (<image name>.txt)" in message
     assert "the caption 'ohwx dog'" in message and "001.png" in message
     make_folder(tmp_path / "b" / "5_ohwx dog", 3)
     with warnings.catch_warnings():

@@ -220,10 +220,10 @@ class TrainingData:
             if not scheme.enabled and kept < 0.8:
                 cropped.append(f"{rec.path} ({rec.size[0]}×{rec.size[1]}, {100 * (1 - kept):.0f}% cut away)")
         if upscaled:
-            problems.warn(f"{len(upscaled)} images are smaller than their training size and will be upscaled "
+            problems.warn(f"{_images_are(len(upscaled))} smaller than their training size and will be upscaled "
                           f"(blurry): {'; '.join(upscaled[:10])}" + (" ..." if len(upscaled) > 10 else ""))
         if cropped:
-            problems.warn(f"{len(cropped)} images are cropped to the square resolution; set enable_bucket = true to "
+            problems.warn(f"{_images_are(len(cropped))} cropped to the square resolution; set enable_bucket = true to "
                           f"keep them whole: {'; '.join(cropped[:10])}" + (" ..." if len(cropped) > 10 else ""))
 
     # ------------------------------------------------------------------------------------------- counting
@@ -399,3 +399,8 @@ class TrainingData:
             enable_bucket=first.enable_bucket, min_bucket_reso=self.schemes[0].min_reso,
             max_bucket_reso=self.schemes[0].max_reso, batch_size_per_device=first.batch_size,
         )
+
+
+def _images_are(n: int) -> str:
+    """'1 image is', '3 images are': the subject of a warning about some of the images."""
+    return "1 image is" if n == 1 else f"{n} images are"

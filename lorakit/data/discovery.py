@@ -223,8 +223,9 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
         # choice (a folder with no caption files at all uses the folder's caption on purpose, as in kohya)
         fallback = base_caption(None, subset)
         fallback = f"the caption {fallback!r}" if fallback else "an empty caption"
-        problems.warn(f"{folder}: {len(no_file)} of {len(records)} images have no caption file (<image name>{ext}) "
-                      f"and are trained with {fallback}: {_some(no_file)}")
+        has, are = ("has", "is") if len(no_file) == 1 else ("have", "are")
+        problems.warn(f"{folder}: {len(no_file)} of {len(records)} images {has} no caption file (<image name>{ext}) "
+                      f"and {are} trained with {fallback}: {_some(no_file)}")
     uncaptioned = [r.path.name for r in records if not r.caption]
     if uncaptioned and not subset.is_reg:
         problems.warn(f"{folder}: images with no caption file, no trigger and no class: trained with an empty "
