@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit.checkpoints import OutputFolderError, RunFolder
-from lorakit.config import TrainConfig
+from lorakit.config import TrainConfig, load_config
 from lorakit.data import DatasetError
 from lorakit.world.captions import natural_caption
 from lorakit.world.render import ObjectSpec, Scene, render
@@ -712,3 +712,23 @@ def test_diffusers_format_is_refused_before_training_for_what_it_cannot_hold(tin
     with pytest.raises(ConfigError, match="plain LoRA/LoCon only, not loha.*resize FILE --to lora"):
         run_train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_textual_inversion_takes_its_token_from_the_kohya_folder(tiny_model_dir, tmp_path, capsys):
+    """`lorakit train --method ti --data DIR` on `1_zkz shape/`: the token is the folder's trigger, as for an
+    adapter (it asked for --set method.ti_token=...); several triggers are refused, naming them; the printed
+    config stays TOML."""
+    import tomllib
+
+    from lorakit.cli import main
+
+    data = write_dataset(tmp_path / "data")
+    flags = ["--data", str(data), "--model", str(tiny_model_dir), "--method", "ti", "--no-progress"]
+    assert main(["train", *flags, "--out", str(tmp_path / "ti"), "--max-steps", "2"]) == 0
+    assert "method.ti_token = 'zkz', the trigger of 1_zkz shape" in capsys.readouterr().err
+    assert load_config(tmp_path / "ti" / "config.toml").method.ti_token == "zkz"
+    assert main(["train", *flags, "--print-config"]) == 0
+    assert tomllib.loads(capsys.readouterr().out)["method"]["ti_token"] == "zkz"
+    (data / "2_qwx cat").mkdir()
+    assert main(["train", *flags, "--out", str(tmp_path / "two")]) == 2
+    assert "name several triggers: 'zkz' (1_zkz shape); 'qwx' (2_qwx cat)" in capsys.readouterr().err

@@ -8,6 +8,7 @@ flags; flags win over the file, and ``--set section.key=value`` reaches every op
 from __future__ import annotations
 
 import argparse
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -141,6 +142,27 @@ def _check_relative_paths(cfg: TrainConfig, run_config: Path) -> None:
                               f"{run_config.parent.resolve()} --resume` from that directory")
 
 
+def _token_from_folders(cfg: TrainConfig) -> None:
+    """Textual inversion on a kohya-layout folder without a token given: the token is the trigger its folders
+    name (``5_ohwx dog/`` -> ``ohwx``), as for the adapters, when they name one; said on the first line."""
+    if cfg.method.kind not in ("ti", "pivotal") or cfg.method.ti_token or cfg.data.trigger \
+            or not cfg.data.train_data:
+        return
+    from lorakit.data.discovery import kohya_triggers
+
+    triggers = kohya_triggers(Path(cfg.data.train_data).expanduser())
+    if len(triggers) == 1:
+        (token, folders), = triggers.items()
+        cfg.method.ti_token = token
+        # on stderr: `--print-config > config.toml` must stay TOML
+        print(f"lorakit train: method.ti_token = {token!r}, the trigger of {', '.join(folders)}", file=sys.stderr)
+    elif triggers:
+        named = "; ".join(f"{t!r} ({', '.join(f)})" for t, f in triggers.items())
+        raise ConfigError(f"method.kind = {cfg.method.kind!r} learns one token, and the folders of "
+                          f"{cfg.data.train_data} name several triggers: {named}; choose one with "
+                          "--set method.ti_token=WORD")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.config:
         cfg = load_config(args.config)
@@ -172,6 +194,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         cfg.output.if_exists = "overwrite"
     if cfg.output.dir == "output" and args.out is None:
         cfg.output.dir = f"output/train-{time.strftime('%Y%m%d-%H%M%S')}"
+    _token_from_folders(cfg)
     if cfg.data.train_data is None:
         cfg.validate()  # before the built-in concept's images are rendered
         cfg = builtin_default(cfg, write=not args.print_config)

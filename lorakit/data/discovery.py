@@ -52,6 +52,19 @@ def _subdirs(folder: Path) -> list[Path]:
     return [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")]
 
 
+def kohya_triggers(parent: Path) -> dict[str, list[str]]:
+    """The trigger words a kohya-layout folder names (the first word after ``<repeats>_``), each with the
+    subfolders that name it; {} for a folder that is not in kohya layout."""
+    found: dict[str, list[str]] = {}
+    if parent.is_dir():
+        for folder in _subdirs(parent):
+            match = KOHYA_FOLDER.match(folder.name)
+            words = match.group(2).split() if match else []
+            if words:
+                found.setdefault(words[0], []).append(folder.name)
+    return found
+
+
 def kohya_subsets(parent: Path, is_reg: bool, defaults: dict, trigger: str | None, problems: Problems,
                   skip: Path | None = None) -> list[dict]:
     """Subset values for each ``N_name`` folder of ``parent``; badly named folders are reported."""
