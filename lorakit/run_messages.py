@@ -70,19 +70,34 @@ def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[s
                       "models/checkpoints); diffusers: StableDiffusionPipeline.from_single_file(...)"]
         elif cfg.method.kind == "ti":
             token = result.stem.split("-", 1)[-1]
-            lines += [f"  use {result}: A1111: models/embeddings, then write '{token}' in a prompt; ComfyUI: "
-                      f"models/embeddings, 'embedding:{result.stem}'",
+            # A1111 names an embedding after its file: the prompt word is the file's stem, not the token
+            lines += [f"  use {result}: A1111: models/embeddings, then write '{result.stem}' in a prompt (or rename "
+                      f"the file {token}.safetensors and write '{token}'); ComfyUI: models/embeddings, "
+                      f"'embedding:{result.stem}'",
                       f"  diffusers: pipe.load_textual_inversion(\"{result}\")"]
         else:
+            # pivotal tuning writes the adapter and the embedding as two files: both are needed
+            embedding = next((f for f in weights if f.stem.startswith(f"{cfg.output.name}-")), None) \
+                if cfg.method.kind == "pivotal" else None
+            result = next(f for f in weights if f != embedding)
+            quoted = shlex.quote(str(result))
             lines += [f"  A1111/ComfyUI: copy {result.name} into models/Lora (ComfyUI: models/loras), then "
                       f"<lora:{result.stem}:1> in the prompt (ComfyUI: a LoraLoader node)"]
+            if embedding is not None:
+                lines.append(f"  and the token's embedding {embedding.name} into models/embeddings; its prompt word "
+                             f"is the file's name: '{embedding.stem}' in A1111, 'embedding:{embedding.stem}' in "
+                             "ComfyUI")
             if cfg.network.algorithm in DIFFUSERS_LOADS and not cfg.network.use_dora:
-                lines.append(f"  diffusers: pipe.load_lora_weights(\"{result}\")")
+                loads = f"pipe.load_lora_weights(\"{result}\")"
+                if embedding is not None:
+                    loads += f", pipe.load_textual_inversion(\"{embedding}\")"
+                lines.append(f"  diffusers: {loads}")
             else:
                 lines.append(f"  diffusers cannot read this algorithm: `lorakit resize {quoted} --to lora --out "
                              "plain.safetensors` makes a plain LoRA it reads (docs/compatibility.md)")
             model = f" --model {shlex.quote(cfg.model.base)}" if cfg.model.base else ""
-            lines.append(f"  lorakit sample {quoted}{model} --prompt \"...\" --out samples/")
+            with_embedding = f" --embedding {shlex.quote(str(embedding))}" if embedding is not None else ""
+            lines.append(f"  lorakit sample {quoted}{with_embedding}{model} --prompt \"...\" --out samples/")
     plots = [f for f in files if f.suffix == ".png" and "cs_fluctuation" in f.name]
     if plots:
         lines.append(f"  CS-Fluctuation curve: {plots[0]}")
