@@ -76,8 +76,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--cache-latents": "(the default: data.cache_latents)", "--caption-extension": "--set data.caption_extension=.EXT",
     "--shuffle-caption": "--set data.shuffle_caption=true", "--keep-tokens": "--set data.keep_tokens=N",
     "--enable-bucket": "--set data.enable_bucket=true", "--flip-aug": "--set data.flip_aug=true",
-    "--sample-prompts": "--sample-prompts", "--sample-every-n-epochs": "--set sample.every_n_epochs=N",
-    "--max-epochs": "--epochs",
+    "--sample-every-n-epochs": "--set sample.every_n_epochs=N",
 }
 
 
@@ -144,7 +143,7 @@ def _check_relative_paths(cfg: TrainConfig, run_config: Path) -> None:
 
 def _token_from_folders(cfg: TrainConfig) -> None:
     """Textual inversion on a kohya-layout folder without a token given: the token is the trigger its folders
-    name (``5_ohwx dog/`` -> ``ohwx``), as for the adapters, when they name one; said on the first line."""
+    name (``5_ohwx dog/`` -> ``ohwx``), as for the adapters, when they name one; said before the run starts."""
     if cfg.method.kind not in ("ti", "pivotal") or cfg.method.ti_token or cfg.data.trigger \
             or not cfg.data.train_data:
         return
