@@ -7,8 +7,10 @@ that appeared while we were writing (a hard link fails if the target exists).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,8 +41,27 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, suffix: str 
             os.replace(tmp, path)
         else:
             _rename_no_clobber(tmp, path)
+    except Exception as err:
+        disk = disk_error(err, path)
+        if disk is not None:
+            raise disk from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+#: a full disk, a file-size limit (ulimit -f) and a full quota: the user's to fix, said as such by the CLI
+DISK_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def disk_error(err: BaseException, path: str | os.PathLike) -> OSError | None:
+    """``err`` as an OSError naming ``path`` when it is a full disk or a size limit reported by a writer that does
+    not raise OSError (safetensors' Rust writer says "... (os error 28)"); None for anything else."""
+    if isinstance(err, OSError):
+        return None
+    found = re.search(r"os error (\d+)", str(err))
+    code = int(found.group(1)) if found else None
+    return OSError(code, os.strerror(code), str(path)) if code in DISK_ERRNOS else None
 
 
 def _rename_no_clobber(tmp: Path, path: Path) -> None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import errno
 import importlib
 import sys
 import warnings
 from collections.abc import Sequence
 
+from lorakit.atomic import DISK_ERRNOS
 from lorakit.errors import LorakitError
 from lorakit.quiet import silence_third_party
 
@@ -35,7 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 #: OS errors that are the user's to fix (a missing or protected file, a folder where a file belongs); with a
-#: full disk (ENOSPC) they print a message; any other error, a bug inside lorakit or torch included, a traceback
+#: full disk, a file-size limit or a full quota (DISK_ERRNOS) they print a message; any other error, a bug inside
+#: lorakit or torch included, a traceback
 USER_OS_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, PermissionError, IsADirectoryError,
                                              NotADirectoryError, FileExistsError)
 
@@ -107,9 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lorakit {command}: {'' if code == 130 else 'error: '}{err}", file=sys.stderr)
         return code
     except OSError as err:
-        if err.errno != errno.ENOSPC:
+        if err.errno not in DISK_ERRNOS:
             raise  # anything else is a bug (or a broken system): its traceback helps
-        print(f"lorakit {command}: error: {err}", file=sys.stderr)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"lorakit {command}: error: {where}{err.strerror} (a full disk, a file-size limit or a full quota); "
+              "lorakit's writes are atomic, so no half-written file was left: free space and run the same command "
+              "again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside training (loading, scanning): nothing to resume
         print(f"lorakit {command}: interrupted", file=sys.stderr)

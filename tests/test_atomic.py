@@ -2,7 +2,7 @@
 
 import pytest
 
-from lorakit.atomic import DestinationExistsError, atomic_path, atomic_write_json, atomic_write_text
+from lorakit.atomic import DestinationExistsError, atomic_path, atomic_write, atomic_write_json, atomic_write_text
 
 
 def test_write_replaces_only_when_complete(tmp_path):
@@ -29,3 +29,27 @@ def test_suffix_is_kept_for_format_sniffing_writers(tmp_path):
         assert tmp.suffix == ".png" and tmp.parent == tmp_path
         tmp.write_bytes(b"x")
     assert (tmp_path / "c.png").read_bytes() == b"x"
+
+
+def test_a_writer_reporting_a_full_disk_in_its_own_words_raises_oserror(tmp_path):
+    """safetensors' Rust writer says "... (os error 28)" in its own exception type: it becomes an OSError naming
+    the file (the CLI says it in one line), and the temporary file goes; any other failure is left as it is."""
+    import errno
+
+    class WriterError(Exception):
+        pass
+
+    def full(tmp):
+        tmp.write_bytes(b"half")
+        raise WriterError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with pytest.raises(OSError) as info:
+        atomic_write(tmp_path / "x.safetensors", full)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "x.safetensors")
+    assert isinstance(info.value.__cause__, WriterError) and list(tmp_path.iterdir()) == []
+
+    def broken(tmp):
+        raise WriterError("a bug (os error 5)")  # not a disk condition: unchanged
+
+    with pytest.raises(WriterError):
+        atomic_write(tmp_path / "y.safetensors", broken)

@@ -56,6 +56,7 @@ class _Command:
     (FileNotFoundError("x.safetensors: no such file"), "no such file"),
     (PermissionError("out/: permission denied"), "permission denied"),
     (OSError(28, "No space left on device"), "No space left"),
+    (OSError(27, "File too large", "out.safetensors"), "out.safetensors: File too large (a full disk, a file-size"),
 ])
 def test_user_errors_are_one_line(monkeypatch, capsys, error, message):
     monkeypatch.setitem(COMMANDS, "boom", ("boom", "raise"))

@@ -173,3 +173,31 @@ def test_python_api_with_adapters_and_an_embedding(base, files, tmp_path):
     after = _state(model)
     assert all(torch.equal(v, after[k]) for k, v in before.items() if "token_embedding" not in k)
     assert np.abs(np.asarray(both, dtype=np.int16) - np.asarray(plain, dtype=np.int16)).max() > 2
+
+
+def _limit_file_size() -> None:
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+
+
+def test_merge_past_a_file_size_limit_says_so_and_leaves_no_file(files, tmp_path):
+    """A real `lorakit merge` under a 2 MB file-size limit (as a full disk) writing a 14 MB checkpoint: one line
+    naming the file, exit 2, and no half-written file or temporary left (safetensors' writer reports it as
+    "os error 27", not as an OSError, and it ended in a traceback)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run([sys.executable, "-m", "lorakit.cli", "merge", str(files[0]), "--out",
+                           str(out / "merged.safetensors")], capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limit_file_size)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"lorakit merge: error: {out / 'merged.safetensors'}: File too large (a full disk, a file-size limit or a "
+        "full quota); lorakit's writes are atomic, so no half-written file was left: free space and run the same "
+        "command again")
+    assert "Traceback" not in done.stderr and list(out.iterdir()) == []
