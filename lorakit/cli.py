@@ -93,7 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else None
     module = None
     if command is not None:
-        module = importlib.import_module(COMMANDS[command][0])
+        try:  # the libraries a command imports take seconds: a Ctrl-C meanwhile is not a crash
+            module = importlib.import_module(COMMANDS[command][0])
+        except KeyboardInterrupt:
+            print(f"lorakit {command}: interrupted", file=sys.stderr)
+            return 130
         parsers[command].description = module.HELP
         module.add_arguments(parsers[command])
     args, unknown = parser.parse_known_args(argv)

@@ -150,3 +150,15 @@ def test_merge_and_extract_take_the_base_model_as_model_or_base(command, dest):
     for flag in ("--model", "--base"):
         args = parser.parse_args(["x.safetensors", "--out", "y.safetensors", flag, "/models/sd15"])
         assert getattr(args, dest) == "/models/sd15"
+
+
+def test_ctrl_c_while_a_command_imports_its_libraries_is_not_a_crash(monkeypatch, capsys):
+    """Importing a command's libraries takes seconds (torch, diffusers): a Ctrl-C then ended in a traceback from
+    deep inside transformers and the signal's own exit status; it is now 'interrupted', exit 130."""
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(COMMANDS, "boom", ("boom", "raise"))
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    assert main(["boom"]) == 130
+    assert capsys.readouterr().err == "lorakit boom: interrupted\n"
