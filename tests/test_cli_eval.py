@@ -200,3 +200,31 @@ def test_eval_with_clip_dinov2_and_vgg_models_from_local_folders(tmp_path, conce
     assert metrics["agnostic"]["base"]["style_loss[vgg19]"] == 0.0  # the base model against itself
     assert not any(k.startswith("world.") for k in metrics["alter"]["run/e1"])  # no world reader chosen
     capsys.readouterr()
+
+
+def test_a_run_is_judged_on_the_base_model_it_was_trained_on(tmp_path, concept_data, capsys):
+    """Without --model, eval uses the base model named in the runs' config.toml (it used the built-in model,
+    so a LoRA for the user's SD model was judged on the wrong model or refused as not fitting); runs trained on
+    different models, or on one that is gone, are refused before anything is made."""
+    from lorakit.config import load_config, to_toml
+    from lorakit.models import builtin_model_path
+
+    def trained_on(run, base):
+        cfg = load_config(run / "config.toml")
+        cfg.model.base = str(base)
+        (run / "config.toml").write_text(to_toml(cfg))
+        return run
+
+    run = trained_on(write_run(tmp_path / "run", epochs=1, data=concept_data), builtin_model_path())
+    out = tmp_path / "out"
+    assert main(["eval", str(run), "--out", str(out), "--steps", "4", "--no-base", "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert f"base model {builtin_model_path()}, the one the runs were trained on" in said
+    assert json.loads((out / "metrics.json").read_text())["setup"]["extractors"] == "world-reader"
+
+    other = trained_on(write_run(tmp_path / "other", epochs=1, data=concept_data), tmp_path / "gone-model")
+    assert main(["eval", str(other), "--out", str(tmp_path / "o2"), "--quiet"]) == 2
+    assert f"trained on {tmp_path / 'gone-model'}, which is not there (moved?)" in capsys.readouterr().err
+    assert main(["eval", str(run), str(other), "--out", str(tmp_path / "o3"), "--quiet"]) == 2
+    assert "the runs were trained on different base models" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

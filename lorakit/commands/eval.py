@@ -110,6 +110,25 @@ def _data_folder(args: argparse.Namespace, runs) -> Path | None:
     return None
 
 
+def _base_model(args: argparse.Namespace, runs) -> str | None:
+    """``--model``; else the base model the runs were trained on (their config.toml), when they agree: an
+    adapter is judged on the model it was trained for, not on the built-in one; else None (the built-in)."""
+    if args.model is not None:
+        return args.model
+    bases = {r.settings.get("base") for r in runs}
+    if not runs or bases == {None}:
+        return None
+    if len(bases) > 1:
+        named = ", ".join(sorted(f"{r.name}: {r.settings.get('base') or 'the built-in model'}" for r in runs))
+        raise EvalCommandError(f"the runs were trained on different base models ({named}); evaluate them "
+                               "separately, or choose one with --model")
+    base = bases.pop()
+    if not Path(base).expanduser().exists():
+        raise EvalCommandError(f"the runs were trained on {base}, which is not there (moved?); pass --model PATH")
+    print(f"lorakit eval: base model {base}, the one the runs were trained on (--model chooses another)")
+    return base
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     import lorakit.world.evaluation  # noqa: F401  (registers the world reader and the world's exact metrics)
@@ -134,12 +153,13 @@ def run(args: argparse.Namespace) -> int:
     )
     from lorakit.evaluate.prompts import PromptSetError, default_prompt_set, load_prompt_set
     from lorakit.evaluate.report import page_from_eval, render_html
-    from lorakit.models import load_base_model
+    from lorakit.models import builtin_model_path, load_base_model
 
     # everything is checked before anything is written
     if args.out.exists() and not args.out.is_dir():
         raise EvalCommandError(f"--out {args.out}: exists and is not a folder")
     checkpoints, runs = discover(args.sources, include_base=not args.no_base, every=args.every)
+    args.model = _base_model(args, runs)
     data = _data_folder(args, runs)
     pairs = dataset_images(data) if data is not None else []
     trigger = args.trigger or next((r.trigger for r in runs if r.trigger), None) \
@@ -171,7 +191,9 @@ def run(args: argparse.Namespace) -> int:
                                    "pip install 'lorakit[ocr]'") from None
     specs = [parse_extractor(s) for s in args.extractor]
     if not specs:
-        if args.model not in (None, "builtin"):
+        builtin = args.model in (None, "builtin") or \
+            Path(args.model).expanduser().resolve() == builtin_model_path().resolve()
+        if not builtin:
             raise EvalCommandError("choose a feature extractor: --extractor clip=DIR, dinov2=DIR, vgg19=FILE "
                                    "(world-reader is the default only for the built-in model)")
         specs = [("world-reader", None)]
