@@ -101,6 +101,10 @@ def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[s
     plots = [f for f in files if f.suffix == ".png" and "cs_fluctuation" in f.name]
     if plots:
         lines.append(f"  CS-Fluctuation curve: {plots[0]}")
+    if cfg.method.kind in ("adapter", "native"):  # the kinds `lorakit eval` reads epoch by epoch
+        extractor = "" if not cfg.model.base else " --extractor clip=DIR (a local CLIP model)"
+        lines.append(f"  which epoch is best, measured: lorakit eval {shlex.quote(str(run_dir))}{extractor} "
+                     f"--out {shlex.quote(str(run_dir))}-eval")
     report = f"lorakit report {shlex.quote(str(run_dir))}"
     if cfg.sample.prompts or any((run_dir / "samples").glob("*.png")):
         lines.append(f"  a page with the samples, the curve and the settings: {report}")

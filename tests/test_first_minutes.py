@@ -120,6 +120,7 @@ def test_next_steps_fit_the_algorithm(tmp_path):
 def test_next_steps_promise_a_page_of_samples_only_when_there_are_some(tmp_path):
     cfg = TrainConfig()
     lines = "\n".join(next_steps(tmp_path, [tmp_path / "lorakit.safetensors"], cfg))
+    assert f"lorakit eval {tmp_path} --out {tmp_path}-eval" in lines  # the built-in model: its reader is the default
     assert "a page with the curve and the settings" in lines and "--sample-prompts FILE" in lines
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "e1-0.png").write_bytes(b"")
