@@ -216,7 +216,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                               gradient_accumulation_steps=cfg.optimizer.gradient_accumulation_steps,
                               cpu=not torch.cuda.is_available())
     is_main = accelerator.is_main_process
-    check_paths(cfg)
+    check_paths(cfg, config_file)
     protect = [p for p in (cfg.data.train_data, cfg.data.reg_data, config_file) if p]
     run = None
     if is_main:
@@ -510,14 +510,22 @@ def check_resume_settings(previous: Path, cfg: TrainConfig) -> None:
         print("resume: applying changed settings: " + "; ".join(applied))
 
 
-def check_paths(cfg: TrainConfig) -> None:
-    """The files and folders the config names exist (checked before anything is loaded or written)."""
+def check_paths(cfg: TrainConfig, config_file: str | Path | None = None) -> None:
+    """The files and folders the config names exist (checked before anything is loaded or written). Relative
+    paths are read from the current directory, as kohya reads them; when one exists beside the config file
+    instead, the error says so."""
     for key, value in (("model.base", cfg.model.base), ("data.train_data", cfg.data.train_data),
                        # prior preservation fills (and makes) the class-image folder itself
                        ("data.reg_data", cfg.data.reg_data if cfg.data.num_class_images <= 0 else None),
                        ("sample.prompts", cfg.sample.prompts)):
         if value and not Path(value).expanduser().exists():
-            raise ConfigError(f"{key}: {value}: no such file or folder")
+            hint = ""
+            beside = Path(config_file).parent / value if config_file else None
+            if beside is not None and not Path(value).is_absolute() and beside.exists():
+                hint = (f" (relative paths are read from the current directory, {Path.cwd()}; there is a {value} "
+                        f"beside {config_file}: run from {Path(config_file).parent.resolve()}, or write the path "
+                        "absolute)")
+            raise ConfigError(f"{key}: {value}: no such file or folder{hint}")
 
 
 def _check_resumable(state: dict[str, Any], fingerprint: str, data: TrainingData, ckpt: Path, run: RunFolder,

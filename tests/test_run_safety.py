@@ -358,3 +358,18 @@ def test_missing_paths_are_named_before_anything_is_written(tmp_path):
         with pytest.raises(ConfigError, match=f"{key}: .*: no such file or folder"):
             run_train(cfg)
         assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_run_from_elsewhere_says_where_its_relative_paths_are(tiny_model_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    """`lorakit train proj/config.toml` naming `photos` (beside the file) from another directory: relative paths
+    are read from the current directory, as kohya reads them, and the error says the folder is beside the file."""
+    project = tmp_path / "proj"
+    write_dataset(project / "photos", n=2)
+    (project / "config.toml").write_text(f'[data]\ntrain_data = "photos"\n[model]\nbase = "{tiny_model_dir}"\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "proj/config.toml", "--out", "run", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "data.train_data: photos: no such file or folder (relative paths are read from the current directory" \
+        in err and f"run from {project}" in err
+    assert not (tmp_path / "run").exists()
