@@ -329,6 +329,9 @@ class TrainConfig:
         if self.method.kind in ("ti", "pivotal") and not (self.method.ti_token or self.data.trigger):
             raise ConfigError(f"method.kind = {self.method.kind!r} needs the new token: set method.ti_token "
                               "(or data.trigger), e.g. --set method.ti_token=zkz")
+        if self.data.num_class_images > 0 and not self.data.class_prompt:  # before the model loads, not after
+            raise ConfigError("data.num_class_images > 0 needs data.class_prompt, the prompt the class images are "
+                              "generated from, e.g. --set data.class_prompt=\"a dog\"")
         if self.method.kind in ("ti", "native"):
             # the network section only shapes adapters: set for textual inversion or native training it would be
             # silently ignored

@@ -731,4 +731,22 @@ def test_textual_inversion_takes_its_token_from_the_kohya_folder(tiny_model_dir,
     assert tomllib.loads(capsys.readouterr().out)["method"]["ti_token"] == "zkz"
     (data / "2_qwx cat").mkdir()
     assert main(["train", *flags, "--out", str(tmp_path / "two")]) == 2
-    assert "name several triggers: 'zkz' (1_zkz shape); 'qwx' (2_qwx cat)" in capsys.readouterr().err
+    assert "name several: 'zkz' (1_zkz shape); 'qwx' (2_qwx cat)" in capsys.readouterr().err
+
+
+def test_prior_preservation_takes_its_class_prompt_from_the_kohya_folder(tmp_path, capsys):
+    """`--set data.num_class_images=N` on `1_zkz shape/`: the class images are generated from the folder's class
+    (`shape`), as kohya names them; a folder without a class is refused before the model loads."""
+    import tomllib
+
+    from lorakit.cli import main
+
+    data = write_dataset(tmp_path / "data")
+    assert main(["train", "--data", str(data), "--set", "data.num_class_images=2", "--print-config"]) == 0
+    out, err = capsys.readouterr()
+    assert tomllib.loads(out)["data"]["class_prompt"] == "shape"
+    assert "data.class_prompt = 'shape', the class of 1_zkz shape" in err
+    (data / "1_zkz shape").rename(data / "1_zkz")
+    assert main(["train", "--data", str(data), "--set", "data.num_class_images=2", "--out", str(tmp_path / "r")]) == 2
+    assert "data.num_class_images > 0 needs data.class_prompt" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

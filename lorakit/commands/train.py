@@ -141,25 +141,30 @@ def _check_relative_paths(cfg: TrainConfig, run_config: Path) -> None:
                               f"{run_config.parent.resolve()} --resume` from that directory")
 
 
-def _token_from_folders(cfg: TrainConfig) -> None:
-    """Textual inversion on a kohya-layout folder without a token given: the token is the trigger its folders
-    name (``5_ohwx dog/`` -> ``ohwx``), as for the adapters, when they name one; said before the run starts."""
-    if cfg.method.kind not in ("ti", "pivotal") or cfg.method.ti_token or cfg.data.trigger \
-            or not cfg.data.train_data:
+def _settings_from_folders(cfg: TrainConfig) -> None:
+    """What a kohya-layout folder (``5_ohwx dog/``) already says, for the settings that need it and were not
+    given: textual inversion's token is the folders' trigger (``ohwx``), as for the adapters, and prior
+    preservation's class prompt is their class (``dog``), as kohya's class images are named. Said before the run
+    starts, on stderr (`--print-config > config.toml` must stay TOML); folders naming several are refused."""
+    if not cfg.data.train_data:
         return
-    from lorakit.data.discovery import kohya_triggers
+    wanted = []
+    if cfg.method.kind in ("ti", "pivotal") and not (cfg.method.ti_token or cfg.data.trigger):
+        wanted.append(("trigger", "method", "ti_token", "learns one token"))
+    if cfg.data.num_class_images > 0 and not cfg.data.class_prompt:
+        wanted.append(("class", "data", "class_prompt", "generates class images from one class prompt"))
+    for part, section, key, why in wanted:
+        from lorakit.data.discovery import kohya_names
 
-    triggers = kohya_triggers(Path(cfg.data.train_data).expanduser())
-    if len(triggers) == 1:
-        (token, folders), = triggers.items()
-        cfg.method.ti_token = token
-        # on stderr: `--print-config > config.toml` must stay TOML
-        print(f"lorakit train: method.ti_token = {token!r}, the trigger of {', '.join(folders)}", file=sys.stderr)
-    elif triggers:
-        named = "; ".join(f"{t!r} ({', '.join(f)})" for t, f in triggers.items())
-        raise ConfigError(f"method.kind = {cfg.method.kind!r} learns one token, and the folders of "
-                          f"{cfg.data.train_data} name several triggers: {named}; choose one with "
-                          "--set method.ti_token=WORD")
+        names = kohya_names(Path(cfg.data.train_data).expanduser(), part)
+        if len(names) == 1:
+            (name, folders), = names.items()
+            setattr(getattr(cfg, section), key, name)
+            print(f"lorakit train: {section}.{key} = {name!r}, the {part} of {', '.join(folders)}", file=sys.stderr)
+        elif names:
+            named = "; ".join(f"{n!r} ({', '.join(f)})" for n, f in names.items())
+            raise ConfigError(f"{section}.{key} is not set, and the run {why} while the folders of "
+                              f"{cfg.data.train_data} name several: {named}; choose with --set {section}.{key}=...")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -193,7 +198,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         cfg.output.if_exists = "overwrite"
     if cfg.output.dir == "output" and args.out is None:
         cfg.output.dir = f"output/train-{time.strftime('%Y%m%d-%H%M%S')}"
-    _token_from_folders(cfg)
+    _settings_from_folders(cfg)
     if cfg.data.train_data is None:
         cfg.validate()  # before the built-in concept's images are rendered
         cfg = builtin_default(cfg, write=not args.print_config)

@@ -52,16 +52,18 @@ def _subdirs(folder: Path) -> list[Path]:
     return [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")]
 
 
-def kohya_triggers(parent: Path) -> dict[str, list[str]]:
-    """The trigger words a kohya-layout folder names (the first word after ``<repeats>_``), each with the
-    subfolders that name it; {} for a folder that is not in kohya layout."""
+def kohya_names(parent: Path, part: str = "trigger") -> dict[str, list[str]]:
+    """What the ``<repeats>_<trigger> <class>`` subfolders of a kohya-layout folder name: their triggers (the first
+    word) or, with ``part="class"``, their class words (the rest), each with the subfolders that name it; {} for a
+    folder that is not in kohya layout."""
     found: dict[str, list[str]] = {}
     if parent.is_dir():
         for folder in _subdirs(parent):
             match = KOHYA_FOLDER.match(folder.name)
             words = match.group(2).split() if match else []
-            if words:
-                found.setdefault(words[0], []).append(folder.name)
+            name = (words[0] if part == "trigger" else " ".join(words[1:])) if words else ""
+            if name:
+                found.setdefault(name, []).append(folder.name)
     return found
 
 
