@@ -153,9 +153,11 @@ def _settings_from_folders(cfg: TrainConfig) -> None:
         wanted.append(("trigger", "method", "ti_token", "learns one token"))
     if cfg.data.num_class_images > 0 and not cfg.data.class_prompt:
         wanted.append(("class", "data", "class_prompt", "generates class images from one class prompt"))
-    for part, section, key, why in wanted:
-        from lorakit.data.discovery import kohya_names
+    if not wanted:
+        return
+    from lorakit.data.discovery import kohya_names  # here: --print-config of any other run must stay light
 
+    for part, section, key, why in wanted:
         names = kohya_names(Path(cfg.data.train_data).expanduser(), part)
         if len(names) == 1:
             (name, folders), = names.items()
