@@ -128,6 +128,16 @@ def builtin_model_path() -> Path:
     return Path(__file__).parent / "world" / "base_model"
 
 
+def base_model_path(spec: str | Path | None) -> Path:
+    """The file or folder a base-model spec names: None or "builtin" is the shipped model."""
+    return builtin_model_path() if spec is None or str(spec) == "builtin" else Path(spec).expanduser()
+
+
+def is_builtin_model(spec: str | Path | None) -> bool:
+    """Whether ``spec`` names the shipped model, by name or by its path (whose world reader judges its images)."""
+    return base_model_path(spec).resolve() == builtin_model_path().resolve()
+
+
 def _own_memory(module: torch.nn.Module) -> None:
     """Give every CPU tensor that lives in a loader's buffer memory of torch's own (64-byte aligned).
 

@@ -102,7 +102,10 @@ def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[s
     if plots:
         lines.append(f"  CS-Fluctuation curve: {plots[0]}")
     if cfg.method.kind in ("adapter", "native"):  # the kinds `lorakit eval` reads epoch by epoch
-        extractor = "" if not cfg.model.base else " --extractor clip=DIR (a local CLIP model)"
+        from lorakit.models import is_builtin_model
+
+        # the built-in model's images are judged by the world reader, eval's default; others need an extractor
+        extractor = "" if is_builtin_model(cfg.model.base) else " --extractor clip=DIR (a local CLIP model)"
         lines.append(f"  which epoch is best, measured: lorakit eval {shlex.quote(str(run_dir))}{extractor} "
                      f"--out {shlex.quote(str(run_dir))}-eval")
     report = f"lorakit report {shlex.quote(str(run_dir))}"

@@ -121,6 +121,12 @@ def test_next_steps_promise_a_page_of_samples_only_when_there_are_some(tmp_path)
     cfg = TrainConfig()
     lines = "\n".join(next_steps(tmp_path, [tmp_path / "lorakit.safetensors"], cfg))
     assert f"lorakit eval {tmp_path} --out {tmp_path}-eval" in lines  # the built-in model: its reader is the default
+    from lorakit.models import builtin_model_path
+
+    for base, hint in ((builtin_model_path(), False), ("/models/sd15.safetensors", True)):  # by path: the same
+        cfg.model.base = str(base)
+        assert ("--extractor clip=DIR" in "\n".join(next_steps(tmp_path, [], cfg))) == hint
+    cfg.model.base = None
     assert "a page with the curve and the settings" in lines and "--sample-prompts FILE" in lines
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "e1-0.png").write_bytes(b"")

@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from lorakit.evaluate.prompts import PromptSetError, default_prompt_set, load_prompt_set
     from lorakit.evaluate.report import page_from_eval, render_html
-    from lorakit.models import builtin_model_path, load_base_model
+    from lorakit.models import is_builtin_model, load_base_model
 
     # everything is checked before anything is written
     if args.out.exists() and not args.out.is_dir():
@@ -191,9 +191,7 @@ def run(args: argparse.Namespace) -> int:
                                    "pip install 'lorakit[ocr]'") from None
     specs = [parse_extractor(s) for s in args.extractor]
     if not specs:
-        builtin = args.model in (None, "builtin") or \
-            Path(args.model).expanduser().resolve() == builtin_model_path().resolve()
-        if not builtin:
+        if not is_builtin_model(args.model):
             raise EvalCommandError("choose a feature extractor: --extractor clip=DIR, dinov2=DIR, vgg19=FILE "
                                    "(world-reader is the default only for the built-in model)")
         specs = [("world-reader", None)]

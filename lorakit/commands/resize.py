@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output(args.out, [args.file], overwrite=args.overwrite)
     if args.report is not None:  # checked now, not after the work: the table is written last
-        check_output(args.report, [*[args.file], args.out], overwrite=args.overwrite)
+        check_output(args.report, [args.file, args.out], overwrite=args.overwrite)
     rule, conv_rule = rank_rules(args)
     file = read_adapter(args.file)
     model = None

@@ -74,9 +74,9 @@ def file_hash(path: Path, chunk: int = 1 << 20) -> str:
 
 def model_hash(spec: str | Path | None) -> str:
     """A hash of a base model's files (a diffusers folder's weights and configs, or a single file)."""
-    from lorakit.models import builtin_model_path
+    from lorakit.models import base_model_path
 
-    path = builtin_model_path() if spec is None or str(spec) == "builtin" else Path(spec)
+    path = base_model_path(spec)
     if path.is_file():
         return file_hash(path)
     if not path.is_dir():
