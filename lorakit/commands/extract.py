@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output(args.out, [args.tuned, args.base], overwrite=args.overwrite)
     if args.report is not None:  # checked now, not after the work: the table is written last
-        check_output(args.report, [*[args.tuned, args.base], args.out], overwrite=args.overwrite)
+        check_output(args.report, [args.tuned, args.base, args.out], overwrite=args.overwrite)
     rule, conv_rule = rank_rules(args, default_rank=4)
     tuned = load_base_model(args.tuned)
     base = load_base_model(args.base)
