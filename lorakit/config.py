@@ -424,6 +424,15 @@ _PATH_KEYS = ("model.base", "data.train_data", "data.reg_data", "data.cache_dir"
 _ALWAYS_PATHS = ("data.train_data", "data.reg_data", "data.cache_dir")
 
 
+def missing_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(key, value) of every file or folder the config names that does not exist (prior preservation fills, and
+    makes, its class-image folder itself)."""
+    named = (("model.base", cfg.model.base), ("data.train_data", cfg.data.train_data),
+             ("data.reg_data", cfg.data.reg_data if cfg.data.num_class_images <= 0 else None),
+             ("sample.prompts", cfg.sample.prompts))
+    return [(key, value) for key, value in named if value and not Path(value).expanduser().exists()]
+
+
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """A copy of ``cfg`` whose relative paths are made absolute against the current directory: what a run writes
     as its ``config.toml``, so that ``lorakit train --out DIR --resume`` (or the config file run again) works

@@ -27,7 +27,15 @@ from diffusers.optimization import get_scheduler
 from tqdm import tqdm
 
 from lorakit.checkpoints import RunFolder
-from lorakit.config import ConfigError, TrainConfig, load_config, resume_changes, to_toml, with_absolute_paths
+from lorakit.config import (
+    ConfigError,
+    TrainConfig,
+    load_config,
+    missing_paths,
+    resume_changes,
+    to_toml,
+    with_absolute_paths,
+)
 from lorakit.data import DataConfig, TrainingData
 from lorakit.earlystop import CSFluctuationMonitor, plot_cs_fluctuation
 from lorakit.earlystop.monitor import Decision, TurningPoint
@@ -514,18 +522,14 @@ def check_paths(cfg: TrainConfig, config_file: str | Path | None = None) -> None
     """The files and folders the config names exist (checked before anything is loaded or written). Relative
     paths are read from the current directory, as kohya reads them; when one exists beside the config file
     instead, the error says so."""
-    for key, value in (("model.base", cfg.model.base), ("data.train_data", cfg.data.train_data),
-                       # prior preservation fills (and makes) the class-image folder itself
-                       ("data.reg_data", cfg.data.reg_data if cfg.data.num_class_images <= 0 else None),
-                       ("sample.prompts", cfg.sample.prompts)):
-        if value and not Path(value).expanduser().exists():
-            hint = ""
-            beside = Path(config_file).parent / value if config_file else None
-            if beside is not None and not Path(value).is_absolute() and beside.exists():
-                hint = (f" (relative paths are read from the current directory, {Path.cwd()}; there is a {value} "
-                        f"beside {config_file}: run from {Path(config_file).parent.resolve()}, or write the path "
-                        "absolute)")
-            raise ConfigError(f"{key}: {value}: no such file or folder{hint}")
+    for key, value in missing_paths(cfg):
+        hint = ""
+        beside = Path(config_file).parent / value if config_file else None
+        if beside is not None and not Path(value).is_absolute() and beside.exists():
+            hint = (f" (relative paths are read from the current directory, {Path.cwd()}; there is a {value} "
+                    f"beside {config_file}: run from {Path(config_file).parent.resolve()}, or write the path "
+                    "absolute)")
+        raise ConfigError(f"{key}: {value}: no such file or folder{hint}")
 
 
 def _check_resumable(state: dict[str, Any], fingerprint: str, data: TrainingData, ckpt: Path, run: RunFolder,

@@ -13,7 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from lorakit.config import ConfigError, TrainConfig, load_config, set_option, to_toml
+from lorakit.config import ConfigError, TrainConfig, load_config, missing_paths, set_option, to_toml
 from lorakit.world import concept
 from lorakit.world.recipe import apply_recipe
 
@@ -132,10 +132,8 @@ def _resumed_run_config(args: argparse.Namespace) -> Path | None:
 def _check_relative_paths(cfg: TrainConfig, run_config: Path) -> None:
     """A run's config.toml written before its paths were made absolute names them relative to the directory the
     run was started in; from anywhere else they are missing, and the error says where to resume from."""
-    for key in ("model.base", "data.train_data", "data.reg_data", "sample.prompts"):
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value and not Path(value).is_absolute() and not Path(value).expanduser().exists():
+    for key, value in missing_paths(cfg):
+        if not Path(value).is_absolute():
             raise ConfigError(f"{run_config}: {key} = {value!r} is relative to the directory the run was started "
                               f"in, and there is no {value} here ({Path.cwd()}): run `lorakit train --out "
                               f"{run_config.parent.resolve()} --resume` from that directory")
