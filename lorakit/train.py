@@ -553,10 +553,10 @@ def _sample_stop(cfg: TrainConfig) -> SampleStop | None:
     """The sample stop the config asks for (``early_stop.samples``), its prompts read and checked."""
     if not cfg.early_stop.samples or cfg.early_stop.mode == "off":
         return None
-    from lorakit.evaluate.checkpoints import kohya_trigger
+    from lorakit.data.discovery import kohya_phrase
 
     es = cfg.early_stop
-    trigger = cfg.data.trigger or (kohya_trigger(cfg.data.train_data) if cfg.data.train_data else None)
+    trigger = cfg.data.trigger or (kohya_phrase(cfg.data.train_data) if cfg.data.train_data else None)
     try:
         return make_sample_stop(es.samples, es.sample_prompts, es.sample_seeds, es.sample_reach, es.sample_patience,
                                 trigger=trigger)

@@ -47,6 +47,23 @@ def test_kohya_layout_repeats_triggers_and_folder_captions(tmp_path):
     assert "64×64 (5)" in summary
 
 
+def test_kohya_phrase_is_what_the_first_training_folder_names(tmp_path):
+    from lorakit.data.discovery import kohya_names, kohya_phrase
+
+    assert kohya_phrase(tmp_path) is None  # no subfolders
+    (tmp_path / ".0_hidden thing").mkdir()  # hidden, as the trainer skips it
+    (tmp_path / "20230101_photos").mkdir()  # a date, not repeats: the trainer refuses it
+    (tmp_path / "3_").mkdir()  # no name
+    (tmp_path / "notes").mkdir()
+    assert kohya_phrase(tmp_path) is None
+    (tmp_path / "5_ohwx dog").mkdir()
+    (tmp_path / "7_zkz shape").mkdir()
+    assert kohya_phrase(tmp_path) == "ohwx dog"  # the first in sorted order, trigger and class
+    assert kohya_names(tmp_path) == {"ohwx": ["5_ohwx dog"], "zkz": ["7_zkz shape"]}
+    assert kohya_phrase(tmp_path / "5_ohwx dog") is None  # an image folder itself
+    assert kohya_phrase(tmp_path / "missing") is None
+
+
 def test_caption_extension_is_configurable(tmp_path):
     folder = make_folder(tmp_path / "2_zkz", 2, captions={0: "zkz, star", 1: "zkz, cross"}, ext=".caption")
     (folder / "000.txt").write_text("not the caption")

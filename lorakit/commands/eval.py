@@ -132,7 +132,8 @@ def _base_model(args: argparse.Namespace, runs) -> str | None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     import lorakit.world.evaluation  # noqa: F401  (registers the world reader and the world's exact metrics)
-    from lorakit.evaluate.checkpoints import dataset_images, discover, kohya_trigger, model_hash
+    from lorakit.data.discovery import kohya_phrase
+    from lorakit.evaluate.checkpoints import dataset_images, discover, model_hash
     from lorakit.evaluate.extractors import load_extractor
     from lorakit.evaluate.generate import (
         ImageCache,
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     data = _data_folder(args, runs)
     pairs = dataset_images(data) if data is not None else []
     trigger = args.trigger or next((r.trigger for r in runs if r.trigger), None) \
-        or (kohya_trigger(data) if data else None)
+        or (kohya_phrase(data) if data else None)
     if args.prompts is not None:
         try:  # the file's own trigger first; the run's (or dataset folder's) only when the file has none
             prompt_set = load_prompt_set(args.prompts, trigger=args.trigger)

@@ -52,6 +52,15 @@ def _subdirs(folder: Path) -> list[Path]:
     return [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")]
 
 
+def _kohya_name(folder: Path) -> str:
+    """The ``<trigger> <class>`` words a ``<repeats>_<trigger> <class>`` folder names; "" for any other folder
+    (hidden, no name after the number, or a number too large to be repeats: a date)."""
+    match = KOHYA_FOLDER.match(folder.name)
+    if folder.name.startswith(".") or not match or int(match.group(1)) > MAX_REPEATS:
+        return ""
+    return match.group(2).strip()
+
+
 def kohya_names(parent: Path, part: str = "trigger") -> dict[str, list[str]]:
     """What the ``<repeats>_<trigger> <class>`` subfolders of a kohya-layout folder name: their triggers (the first
     word) or, with ``part="class"``, their class words (the rest), each with the subfolders that name it; {} for a
@@ -59,12 +68,20 @@ def kohya_names(parent: Path, part: str = "trigger") -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     if parent.is_dir():
         for folder in _subdirs(parent):
-            match = KOHYA_FOLDER.match(folder.name)
-            words = match.group(2).split() if match else []
+            words = _kohya_name(folder).split()
             name = (words[0] if part == "trigger" else " ".join(words[1:])) if words else ""
             if name:
                 found.setdefault(name, []).append(folder.name)
     return found
+
+
+def kohya_phrase(parent: str | Path) -> str | None:
+    """The ``<trigger> <class>`` the first ``<repeats>_<trigger> <class>`` subfolder of ``parent`` names
+    (``10_zkz shape`` -> ``zkz shape``): the words a kohya-layout image without a caption file is trained on, and
+    what evaluation prompts say by default; ``None`` for a folder that is not in kohya layout."""
+    parent = Path(parent)
+    names = [_kohya_name(folder) for folder in _subdirs(parent)] if parent.is_dir() else []
+    return next((name for name in names if name), None)
 
 
 def kohya_subsets(parent: Path, is_reg: bool, defaults: dict, trigger: str | None, problems: Problems,

@@ -231,12 +231,3 @@ def dataset_images(folder: str | Path) -> list[tuple[Path, str]]:
     if not pairs:
         raise CheckpointError(f"{folder}: no images in the dataset folder")
     return pairs
-
-
-def kohya_trigger(folder: str | Path) -> str | None:
-    """The class/trigger a kohya layout names (``10_zkz shape`` -> ``zkz shape``), if the folder has one."""
-    for child in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
-        m = re.match(r"^\d+_(.+)$", child.name)
-        if child.is_dir() and m:
-            return m.group(1)
-    return None
