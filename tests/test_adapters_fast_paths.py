@@ -13,7 +13,14 @@ from test_adapters import LAYERS, build, close, plain, randomize, reference
 from torch import nn
 
 from lorakit.adapters import make_adapter
-from lorakit.adapters.functional import khatri_rao_rows, loha_factors, loha_weight
+from lorakit.adapters.functional import (
+    KR_GRADS_LOOP_FROM,
+    khatri_rao_rows,
+    khatri_rao_stack,
+    khatri_rao_stack_grads,
+    loha_factors,
+    loha_weight,
+)
 
 # configurations whose forward has a path that does not materialise ΔW
 FAST = [
@@ -163,6 +170,39 @@ def test_loha_chain_is_one_node_with_the_autograd_paths_values_and_gradients(lay
         assert x.grad is None
     else:
         torch.testing.assert_close(x.grad, want_x)
+
+
+@pytest.mark.parametrize("rows, columns", [(3, 50), (8, 50), (4, KR_GRADS_LOOP_FROM // 4), (8, 2900), (5, 7000)])
+def test_khatri_rao_stack_grads_are_autograds_on_both_sides_of_the_loop_size(rows, columns):
+    g = torch.Generator().manual_seed(rows * columns)
+    p = torch.randn(rows, columns, generator=g, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(rows + 1, columns, generator=g, dtype=torch.float64, requires_grad=True)  # m ≠ k
+    grad = torch.randn(rows * (rows + 1), columns, generator=g, dtype=torch.float64)
+    khatri_rao_stack(p, q).backward(grad)
+    got_p, got_q = khatri_rao_stack_grads(grad, p.detach(), q.detach())
+    torch.testing.assert_close(got_p, p.grad)
+    torch.testing.assert_close(got_q, q.grad)
+
+
+@pytest.mark.parametrize("shape", [(2900, 6), (6, 2900)], ids=["wide_input", "wide_output"])
+def test_loha_chain_on_a_layer_wide_enough_for_the_row_loop(shape):
+    n_in, n_out = shape
+    adapter = make_adapter("loha", nn.Linear(n_in, n_out).requires_grad_(False), rank=8, alpha=3.0).double()
+    randomize(adapter)
+    adapter.forward_path = "factorised"
+    assert 8 * max(n_in, n_out) >= KR_GRADS_LOOP_FROM  # the backward takes the loop on one side
+    x = torch.randn(2, 5, n_in, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 5, n_out, dtype=torch.float64)
+    (_autograd_chain(adapter, x) * weights).sum().backward()
+    want, want_x = grads(adapter), x.grad.clone()
+    x.grad = None
+    y = adapter(x)
+    assert type(y.grad_fn).__name__ == "_LoHaChainBackward"
+    (y * weights).sum().backward()
+    got = grads(adapter)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+    torch.testing.assert_close(x.grad, want_x)
 
 
 def test_loha_chain_is_left_to_autograd_where_it_does_not_apply():

@@ -93,11 +93,27 @@ def khatri_rao_stack(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p.unsqueeze(1) * q.unsqueeze(0)).reshape(p.shape[0] * q.shape[0], -1)
 
 
+#: rank rows × columns from which ``khatri_rao_stack_grads`` runs one multiply-add per rank row on the CPU
+#: (``benchmarks/loha_grads.py``: the crossover lay at 4,500-5,000 columns for 4 rows, 2,700 for 8, below
+#: 1,440 for 16; at 8 rows × 5,120 columns, an SD U-Net feed-forward, the loop takes half the time)
+KR_GRADS_LOOP_FROM = 20_000
+
+
 def khatri_rao_stack_grads(grad: torch.Tensor, p: torch.Tensor,
                            q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``<grad, khatri_rao_stack(p, q)>`` with respect to ``p`` and ``q``."""
-    g = grad.reshape(p.shape[0], q.shape[0], -1)
-    return (g * q.unsqueeze(0)).sum(1), (g * p.unsqueeze(1)).sum(0)
+    m, k = p.shape[0], q.shape[0]
+    g = grad.reshape(m, k, -1)
+    if grad.device.type != "cpu" or max(m, k) * g.shape[-1] < KR_GRADS_LOOP_FROM:
+        return (g * q.unsqueeze(0)).sum(1), (g * p.unsqueeze(1)).sum(0)
+    # large: a broadcast product the size of grad, then a reduction along its middle axis, runs at a fraction
+    # of the speed of m + k multiply-adds on rows (one launch each, no temporary)
+    grad_p, grad_q = g[:, 0] * q[0], g[0] * p[0]
+    for j in range(1, k):
+        grad_p.addcmul_(g[:, j], q[j])
+    for i in range(1, m):
+        grad_q.addcmul_(g[i], p[i])
+    return grad_p, grad_q
 
 
 def loha_factors(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
