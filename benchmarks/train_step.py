@@ -2,7 +2,8 @@
 
     python benchmarks/train_step.py                       # CPU: SD1.5 layout at half width, 16x16 latents
     python benchmarks/train_step.py --quick               # smoke test: a tiny U-Net, 2 rounds
-    python benchmarks/train_step.py --device cuda --resolution 512 --dtype bf16 --compile
+    python benchmarks/train_step.py --width full --resolution 256   # CPU: SD1.5's own width, 32x32 latents
+    python benchmarks/train_step.py --device cuda --resolution 512 --dtype bf16 --compile   # full width on a GPU
 
 Variants (``--variants`` picks a subset by name):
 
@@ -90,13 +91,17 @@ _LORAKIT_ALGORITHM = {"lora": "lora", "dora": "lora", "locon": "lora", "loha": "
 
 # ---- the model and the batch ---------------------------------------------------------------------------------
 
-def unet_config(quick: bool) -> dict[str, Any]:
-    """SD1.5's U-Net layout (4 levels, 2 layers per block, cross-attention at the first three) at half width;
-    ``quick``: the same layout, tiny."""
+#: block channels of SD1.5's U-Net layout (4 levels, 2 layers per block, cross-attention at the first three)
+WIDTHS = {"half": (160, 320, 640, 640), "full": (320, 640, 1280, 1280)}
+
+
+def unet_config(quick: bool, width: str = "half") -> dict[str, Any]:
+    """SD1.5's U-Net layout at ``width`` ("full" is SD1.5's own U-Net, 860M parameters; "half" a quarter of
+    its arithmetic, what the CPU tables use); ``quick``: the same layout, tiny."""
     if quick:
         return {"block_out_channels": (16, 16, 32, 32), "layers_per_block": 1, "norm_num_groups": 8,
                 "cross_attention_dim": 32, "attention_head_dim": 2}
-    return {"block_out_channels": (160, 320, 640, 640), "layers_per_block": 2, "norm_num_groups": 32,
+    return {"block_out_channels": WIDTHS[width], "layers_per_block": 2, "norm_num_groups": 32,
             "cross_attention_dim": 768, "attention_head_dim": 8}
 
 
@@ -425,6 +430,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the U-Net's weights (adapters train in float32 under autocast)")
     parser.add_argument("--resolution", type=int, default=None,
                         help="image side in pixels; latents are 1/8 (default: 128, i.e. 16x16 latents; quick: 64)")
+    parser.add_argument("--width", choices=sorted(WIDTHS), default=None,
+                        help="U-Net width (default: half on the CPU, full, i.e. SD1.5's own U-Net, elsewhere)")
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; quick 2)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant per round "
@@ -442,6 +449,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     args.resolution = args.resolution or (64 if args.quick else 128)
+    args.width = args.width or ("half" if args.device == "cpu" else "full")
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.warmup = args.warmup if args.warmup is not None else (3 if args.compile else 1)
     args.steps = args.steps or (10 if args.device.startswith("cuda") else 1)
@@ -460,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     variants = [known[n] for n in wanted] if wanted else [v for v in VARIANTS if available(v)]
     batches = [int(b) for b in args.batches.split(",") if b]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    config = unet_config(args.quick)
+    config = unet_config(args.quick, args.width)
     unet = build_unet(config, args.device, dtype)
     side = args.resolution // 8
     clock, memory = Clock(args.device), PeakMemory(args.device)
@@ -484,7 +492,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "latent_side": side, "batches": batches, "rounds": args.rounds, "steps": args.steps,
                            "warmup": args.warmup, "compile": args.compile,
                            "channels_last": args.channels_last, "threads": args.threads,
-                           "quick": args.quick, "rank": RANK, "alpha": ALPHA, "lokr_factor": LOKR_FACTOR,
+                           "quick": args.quick, "width": args.width, "rank": RANK, "alpha": ALPHA,
+                           "lokr_factor": LOKR_FACTOR,
                            "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
                            "clock": "wall" if args.device.startswith("cuda") else "process CPU time",
                            "command": " ".join(sys.argv)},
