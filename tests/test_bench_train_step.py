@@ -37,6 +37,7 @@ def test_quick_run_writes_every_field(tmp_path: Path) -> None:
     assert {"platform", "torch", "cpu_count", "torch_threads"} <= set(result["machine"])
     settings = result["settings"]
     assert settings["quick"] and settings["batches"] == [1, 2] and settings["rounds"] == 1
+    assert settings["width"] == "half"
     rows = result["results"]
     assert [(r["variant"], r["batch"]) for r in rows] == [(v, b) for b in (1, 2) for v in variants]
     for row in rows:
@@ -79,3 +80,16 @@ def test_channels_last_runs_every_variant_in_that_layout(tmp_path: Path) -> None
     assert result["settings"]["channels_last"] is True
     assert [r["variant"] for r in result["results"]] == ["floor", "lorakit-lora"]
     assert all(r["s_per_step"] > 0 for r in result["results"])
+
+
+def test_width_is_sd15s_own_on_a_gpu_and_half_on_the_cpu() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_step
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert train_step.parse_args([]).width == "half"
+    assert train_step.parse_args(["--device", "cuda"]).width == "full"
+    assert train_step.parse_args(["--device", "cuda", "--width", "half"]).width == "half"
+    assert train_step.unet_config(False, "full")["block_out_channels"] == (320, 640, 1280, 1280)  # SD1.5's
+    assert train_step.unet_config(False)["block_out_channels"] == (160, 320, 640, 640)
