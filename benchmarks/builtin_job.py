@@ -71,14 +71,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     done = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
+    user, system = after.ru_utime - children.ru_utime, after.ru_stime - children.ru_stime
+    cpu = user + system
+    peak_mib = after.ru_maxrss / 1024  # KiB on Linux; the largest child so far, and this is the only one
     result = {"machine": info, "command": "lorakit " + " ".join(cmd[3:]), "returncode": done.returncode,
-              "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "load_before": before, "load_after": load(),
+              "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "user_s": round(user, 1),
+              "system_s": round(system, 1), "peak_rss_mib": round(peak_mib),
+              "keep_freed_memory": env.get("LORAKIT_KEEP_FREED_MEMORY", "(default: on)"),
+              "load_before": before, "load_after": load(),
               "threads": env.get("OMP_NUM_THREADS"), "stdout_tail": done.stdout[-2000:]}
     print(done.stdout[-2000:])
     if done.returncode != 0:
         print(done.stderr[-4000:], file=sys.stderr)
-    print(f"wall {wall:.1f} s, CPU {cpu:.1f} s (child process), load average before {before} "
+    print(f"wall {wall:.1f} s, CPU {cpu:.1f} s (user {user:.1f}, system {system:.1f}; child process), peak RSS "
+          f"{peak_mib:.0f} MiB, LORAKIT_KEEP_FREED_MEMORY={result['keep_freed_memory']}, load average before {before} "
           f"after {result['load_after']}, OMP_NUM_THREADS={result['threads']}, exit {done.returncode}")
     if args.keep:
         print(f"kept: {folder}")

@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                       # CPU: SD1.5 layout at half width, 16x16 latents
     python benchmarks/train_step.py --quick               # smoke test: a tiny U-Net, 2 rounds
     python benchmarks/train_step.py --width full --resolution 256   # CPU: SD1.5's own width, 32x32 latents
+    python benchmarks/train_step.py --keep-freed-memory   # malloc as `lorakit train` sets it (lorakit.host_memory)
     python benchmarks/train_step.py --device cuda --resolution 512 --dtype bf16 --compile   # full width on a GPU
 
 Variants (``--variants`` picks a subset by name):
@@ -446,6 +447,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="a tiny U-Net and 2 rounds: a smoke test")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="as `lorakit train` runs: glibc keeps freed memory for reuse (lorakit.host_memory); "
+                             "the CPU's step-peak column is then not measured (the resident size never shrinks)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     args.resolution = args.resolution or (64 if args.quick else 128)
@@ -453,6 +457,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.warmup = args.warmup if args.warmup is not None else (3 if args.compile else 1)
     args.steps = args.steps or (10 if args.device.startswith("cuda") else 1)
+    if args.keep_freed_memory and args.device == "cpu":
+        args.no_memory = True  # peak RSS above the resting state means nothing once freed memory is kept
     return args
 
 
@@ -460,6 +466,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # it logs every network it builds
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from lorakit.host_memory import keep_freed_memory
+
+        args.keep_freed_memory = keep_freed_memory()
     wanted = [n for n in args.variants.split(",") if n]
     known = {v.name: v for v in VARIANTS}
     unknown = [n for n in wanted if n not in known]
@@ -492,7 +502,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "latent_side": side, "batches": batches, "rounds": args.rounds, "steps": args.steps,
                            "warmup": args.warmup, "compile": args.compile,
                            "channels_last": args.channels_last, "threads": args.threads,
-                           "quick": args.quick, "width": args.width, "rank": RANK, "alpha": ALPHA,
+                           "quick": args.quick, "width": args.width,
+                           "keep_freed_memory": args.keep_freed_memory, "rank": RANK, "alpha": ALPHA,
                            "lokr_factor": LOKR_FACTOR,
                            "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
                            "clock": "wall" if args.device.startswith("cuda") else "process CPU time",
