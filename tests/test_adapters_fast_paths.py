@@ -205,6 +205,19 @@ def test_loha_chain_on_a_layer_wide_enough_for_the_row_loop(shape):
     torch.testing.assert_close(x.grad, want_x)
 
 
+@pytest.mark.parametrize("algorithm", ["lora", "loha"])
+def test_a_base_layer_trained_along_gets_its_gradient(algorithm):
+    adapter, x = build(algorithm, "linear")
+    randomize(adapter)
+    if algorithm == "loha":
+        adapter.forward_path = "factorised"
+    adapter.base.weight.requires_grad_(True)
+    adapter.base.bias.requires_grad_(True)
+    adapter(x).square().sum().backward()
+    assert adapter.base.weight.grad is not None and adapter.base.bias.grad is not None
+    assert adapter.base.weight.grad.abs().sum() > 0
+
+
 def test_loha_chain_is_left_to_autograd_where_it_does_not_apply():
     adapter, x = build("loha", "conv3x3_s2", use_tucker=True)
     adapter.forward_path = "factorised"

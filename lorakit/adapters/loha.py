@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.base import (
-    FUSE_DTYPES,
     AdapterShapeError,
     BaseLayer,
     alpha_from_file,
@@ -124,17 +123,9 @@ class LoHa(LowRankAdapter):
         return self._add_factorised_update(y, d, train)
 
     def _plain_chain(self, x: torch.Tensor) -> bool:
-        """Whether the factorised forward can run as ``functional.loha_chain``: no Tucker core, no training-time
-        dropout, one dtype throughout, no autocast, a batched conv input with integer padding (shapes, types
-        and flags only: a static branch for ``torch.compile``)."""
-        if self.tucker or torch.is_autocast_enabled(x.device.type):
-            return False
-        if self.training and (self.dropout > 0 or self.rank_dropout > 0 or self.module_dropout > 0):
-            return False
-        dtype = x.dtype
-        if self.base.weight.dtype != dtype or self.hada_w1_a.dtype != dtype or dtype not in FUSE_DTYPES:
-            return False
-        return self.kind == "linear" or (x.dim() == 4 and not isinstance(self.base.padding, str))
+        """Whether the factorised forward can run as ``functional.loha_chain`` (no Tucker core)."""
+        return not self.tucker and self._chain_applies(x, self.hada_w1_a, self.hada_w1_b, self.hada_w2_a,
+                                                       self.hada_w2_b)
 
     @classmethod
     def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.adapters.base import Adapter, BaseLayer
+from lorakit.adapters.base import FUSE_DTYPES, Adapter, BaseLayer
 from lorakit.adapters.functional import dora_weight, weight_norm
 from lorakit.errors import InvalidValueError
 
@@ -79,6 +79,23 @@ class LowRankAdapter(Adapter):
         delta = dora_weight(merged, magnitude.to(dtype), 1.0, self.wd_on_out) - w0
         # strength m: W0 + m·(W' − W0) (A1111, ComfyUI); m = 0 gives W0 exactly
         return delta if self.multiplier == 1 else delta * self.multiplier, None
+
+    def _chain_applies(self, x: torch.Tensor, *factors: torch.Tensor) -> bool:
+        """Whether a one-node chain (``functional.lora_chain``, ``loha_chain``) can compute ``forward(x)``: no
+        training-time dropout, a frozen base layer, one float32/float64 dtype for ``x``, ``W0`` and the factors,
+        no autocast, a batched conv input with integer padding (shapes, types and flags only: a static branch
+        for ``torch.compile``)."""
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+        if self.training and (self.dropout > 0 or self.rank_dropout > 0 or self.module_dropout > 0):
+            return False
+        base = self.base
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return False
+        dtype = x.dtype
+        if dtype not in FUSE_DTYPES or base.weight.dtype != dtype or any(f.dtype != dtype for f in factors):
+            return False
+        return self.kind == "linear" or (x.dim() == 4 and not isinstance(base.padding, str))
 
     def extra_repr(self) -> str:
         extra = f", dora(on_out={self.wd_on_out})" if self.dora_scale is not None else ""
