@@ -205,67 +205,6 @@ def test_loha_chain_on_a_layer_wide_enough_for_the_row_loop(shape):
     torch.testing.assert_close(x.grad, want_x)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 96), (5, 96)], ids=["tokens", "rows"])
-@pytest.mark.parametrize("multiplier", [1.0, 0.6])
-@pytest.mark.parametrize("input_grad", [True, False])
-def test_lora_chain_is_one_node_with_the_autograd_paths_values_and_gradients(shape, multiplier, input_grad):
-    adapter, _ = build("lora", "linear", multiplier=multiplier, alpha=3.0)
-    randomize(adapter)
-    adapter.train().double()
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=input_grad)
-    expected = _autograd_chain(adapter, x)
-    assert "LoRAChain" not in type(expected.grad_fn).__name__
-    weights = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    (expected * weights).sum().backward()
-    want, want_x = grads(adapter), None if x.grad is None else x.grad.clone()
-    x.grad = None
-
-    y = adapter(x)
-    assert type(y.grad_fn).__name__ == "_LoRAChainBackward" and y.shape == expected.shape
-    torch.testing.assert_close(y, expected.detach())
-    (y * weights).sum().backward()
-    got = grads(adapter)
-    assert set(got) == set(want) == {"lora_down.weight", "lora_up.weight"}
-    for name in want:
-        torch.testing.assert_close(got[name], want[name])
-    if want_x is None:
-        assert x.grad is None
-    else:
-        torch.testing.assert_close(x.grad, want_x)
-
-
-def test_lora_chain_on_an_unbatched_input_is_the_row_of_a_batch():
-    adapter, x = build("lora", "linear")
-    randomize(adapter)
-    row = x[0, 0].clone().requires_grad_(True)
-    y = adapter(row)
-    assert type(y.grad_fn).__name__ == "_LoRAChainBackward" and y.shape == (48,)
-    torch.testing.assert_close(y, adapter(row[None])[0])
-    y.sum().backward()
-    assert row.grad.shape == (96,)
-
-
-def test_lora_chain_is_left_to_autograd_where_it_does_not_apply():
-    def node(adapter, x):
-        return type(adapter(x).grad_fn).__name__
-
-    adapter, x = build("lora", "linear")
-    assert node(adapter, x) == "_LoRAChainBackward"
-    assert "LoRAChain" not in node(build("lora", "conv1x1")[0], build("lora", "conv1x1")[1])  # convs: autograd
-    adapter.base.to(torch.bfloat16)
-    assert "LoRAChain" not in node(adapter, x.to(torch.bfloat16))  # mixed dtypes
-    adapter, x = build("lora", "linear", rank_dropout=0.5)
-    assert "LoRAChain" not in node(adapter.train(), x)  # training-time dropout
-    assert node(adapter.eval(), x) == "_LoRAChainBackward"  # no dropout in eval
-    adapter, x = build("lora", "linear")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert "LoRAChain" not in node(adapter, x)
-    adapter.base.weight.requires_grad_(True)  # a base layer trained along: W0 must get its gradient
-    assert "LoRAChain" not in node(adapter, x)
-    adapter(x).sum().backward()
-    assert adapter.base.weight.grad is not None
-
-
 @pytest.mark.parametrize("algorithm", ["lora", "loha"])
 def test_a_base_layer_trained_along_gets_its_gradient(algorithm):
     adapter, x = build(algorithm, "linear")
@@ -277,24 +216,6 @@ def test_a_base_layer_trained_along_gets_its_gradient(algorithm):
     adapter(x).square().sum().backward()
     assert adapter.base.weight.grad is not None and adapter.base.bias.grad is not None
     assert adapter.base.weight.grad.abs().sum() > 0
-
-
-def test_lora_chain_traces_without_graph_breaks():
-    adapter, x = build("lora", "linear")
-    randomize(adapter)
-    torch._dynamo.reset()
-    compiled = torch.compile(adapter, backend="aot_eager", fullgraph=True)  # traces forward and backward
-    x = x.requires_grad_(True)
-    y = compiled(x)
-    y.square().sum().backward()
-    got, got_x = grads(adapter), x.grad.clone()
-    x.grad = None
-    expected = reference(adapter, x)
-    expected.square().sum().backward()
-    close(y, expected.detach())
-    for name, grad in grads(adapter).items():
-        close(got[name], grad, tol=1e-4)
-    close(got_x, x.grad, tol=1e-4)
 
 
 def test_loha_chain_is_left_to_autograd_where_it_does_not_apply():

@@ -28,47 +28,6 @@ def lora_weight(down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None =
     return torch.einsum("ijhw,oi,jc->ochw", mid, up.reshape(out, rank), down.reshape(down.shape[0], -1))
 
 
-class _LoRAChain(torch.autograd.Function):
-    """``F.linear(x, W0, b) + scale · (x Aᵀ) Bᵀ`` as one autograd node.
-
-    Through plain autograd the update is added out of place (a copy of the output), and the frozen and the
-    update's input gradients are two tensors summed by a third; here the update is added into the output and
-    the update's input gradient into the frozen one, in place.  Those are passes over ``(tokens, width)``
-    tensors, which dominate a rank-8 update at SD's token counts (``benchmarks/lora_chain_ab.py``).
-    """
-
-    @staticmethod
-    def forward(ctx, x, w0, b, down, up, scale: float):
-        x2 = x.reshape(-1, x.shape[-1])
-        y = torch.mm(x2, w0.t()) if b is None else torch.addmm(b, x2, w0.t())
-        h = torch.mm(x2, down.t())  # (tokens, r)
-        y.addmm_(h, up.t(), alpha=scale)
-        ctx.save_for_backward(x, w0, down, up, h)
-        ctx.scale = scale
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w0, down, up, h = ctx.saved_tensors
-        scale = ctx.scale
-        x2, g = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-        gh = torch.mm(g, up).mul_(scale)  # (tokens, r)
-        grad_up = torch.mm(g.t(), h).mul_(scale) if ctx.needs_input_grad[4] else None
-        grad_down = torch.mm(gh.t(), x2) if ctx.needs_input_grad[3] else None
-        grad_x = torch.mm(g, w0).addmm_(gh, down).reshape(x.shape) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, grad_down, grad_up, None
-
-
-def lora_chain(x: torch.Tensor, w0: torch.Tensor, b: torch.Tensor | None, down: torch.Tensor, up: torch.Tensor,
-               scale: float) -> torch.Tensor:
-    """``F.linear(x, W0, b)`` plus LoRA's update ``scale · B A`` applied through the rank, as one autograd node.
-
-    ``down`` (A) is ``(r, in)``, ``up`` (B) ``(out, r)``; every tensor of one floating dtype; ``W0`` and ``b``
-    get no gradient.  Differentiable in ``x``, ``down`` and ``up``.
-    """
-    return _LoRAChain.apply(x, w0, b, down, up, float(scale))
-
-
 # ---- LoHa --------------------------------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.adapters.base import AdapterShapeError, BaseLayer, alpha_from_file, require
-from lorakit.adapters.functional import lora_chain, lora_weight
+from lorakit.adapters.functional import lora_weight
 from lorakit.adapters.lowrank import Factor, LowRankAdapter, dora_options
 
 # key names other tools use for the same two matrices (PEFT / diffusers), read as kohya's
@@ -105,9 +105,6 @@ class LoRA(LowRankAdapter):
             return self._dora_forward(x)
         if self.merged:
             return super().forward(x)
-        if self.kind == "linear" and self._chain_applies(x, self.lora_down.weight, self.lora_up.weight):
-            return lora_chain(x, self.base.weight, self.base.bias, self.lora_down.weight, self.lora_up.weight,
-                              self.scale * self.multiplier)
         y = self.base_forward(x, self.base.weight, self.base.bias)
         h = self._down(x)
         up, scale = self.lora_up.weight, self.scale * self.multiplier
