@@ -81,7 +81,7 @@ class LowRankAdapter(Adapter):
         return delta if self.multiplier == 1 else delta * self.multiplier, None
 
     def _chain_applies(self, x: torch.Tensor, *factors: torch.Tensor) -> bool:
-        """Whether a one-node chain (``functional.lora_chain``, ``loha_chain``) can compute ``forward(x)``: no
+        """Whether a one-node chain (``functional.loha_chain``) can compute ``forward(x)``: no
         training-time dropout, a frozen base layer, one float32/float64 dtype for ``x``, ``W0`` and the factors,
         no autocast, a batched conv input with integer padding (shapes, types and flags only: a static branch
         for ``torch.compile``)."""
