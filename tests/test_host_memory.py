@@ -39,8 +39,9 @@ def _child(mode: str, env: dict[str, str] | None = None) -> tuple[bool, int, int
     once it is freed."""
     import os
 
+    inherited = {k: v for k, v in os.environ.items() if k != host_memory.ENV_SWITCH}  # conftest sets it for tests
     done = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+                          env={**inherited, **(env or {})})
     assert done.returncode == 0, done.stderr
     applied, mmapped, heap = done.stdout.split()
     return applied == "True", int(mmapped), int(heap)
