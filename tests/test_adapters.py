@@ -556,3 +556,20 @@ def test_registry_is_derived_from_the_classes():
         tensors = make_adapter(name, base, rank=3).file_tensors()
         assert detect_algorithm(tensors) == name
         assert module_rank(tensors) == (3 if cls.rank_keys else None)
+
+
+@dropout_cases
+@pytest.mark.parametrize("layer", ["linear", "conv3x3_s2"])
+def test_dropouts_in_training_take_an_unbatched_input(config, layer):
+    """torch layers take one sample without a batch axis (Linear: (in,), Conv2d: (C, H, W)); the rank mask is one
+    sample's then, and rank dropout 1 still leaves the base layer alone."""
+    algorithm, options = config
+    adapter, x = build(algorithm, layer, **options, **DROPOUTS)
+    randomize(adapter)
+    one = x.reshape(-1, x.shape[-1])[0] if layer == "linear" else x[0]
+    adapter.train()
+    assert adapter(one).shape == plain(adapter, one).shape
+    adapter.dropout = adapter.module_dropout = 0.0
+    adapter.rank_dropout = 1.0
+    if not options.get("dora"):
+        close(adapter(one), plain(adapter, one), tol=1e-6)

@@ -164,10 +164,11 @@ class LoRA(LowRankAdapter):
         if self.dropout > 0:
             h = F.dropout(h, self.dropout, training=True)
         if self.rank_dropout > 0:
-            if self.kind == "linear":  # (batch, ..., r): one mask per sample, shared over tokens
-                shape = (h.shape[0],) + (1,) * (h.dim() - 2) + (self.rank,)
-            else:  # (batch, r, h, w)
-                shape = (h.shape[0], self.rank, 1, 1)
+            # one mask per sample, shared over its tokens or pixels; an unbatched input is one sample
+            if self.kind == "linear":  # (batch, ..., r), or (r,)
+                shape = (h.shape[0],) + (1,) * (h.dim() - 2) + (self.rank,) if h.dim() > 1 else (self.rank,)
+            else:  # (batch, r, h, w), or (r, h, w)
+                shape = (h.shape[0], self.rank, 1, 1) if h.dim() == 4 else (self.rank, 1, 1)
             h = h * self._rank_mask(shape, h)
         if self.module_dropout > 0:
             up = up * self._module_keep(up)
