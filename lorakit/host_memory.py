@@ -8,7 +8,9 @@ model's step was system time spent on those faults, and a quarter of a LoCon ste
 inputs alive for their gradients. ``keep_freed_memory`` turns both off for the process (``M_MMAP_MAX = 0``:
 no ``mmap`` for allocations; ``M_TRIM_THRESHOLD = -1``: never trim), so freed blocks are reused. The price:
 the resident size stays at its peak instead of shrinking between steps (a training process reaches that peak
-every step anyway). Files mapped by safetensors are not allocations and are not affected.
+every step anyway). Files mapped by safetensors are not allocations and are not affected. A denoising step
+does the same, so ``lorakit sample`` and ``eval`` call it too (6-17 % faster at 256²-512², the same benchmark's
+``--job sample``).
 
 ``LORAKIT_KEEP_FREED_MEMORY=0`` in the environment leaves malloc as it is.
 """

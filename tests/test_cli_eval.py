@@ -228,3 +228,25 @@ def test_a_run_is_judged_on_the_base_model_it_was_trained_on(tmp_path, concept_d
     assert main(["eval", str(run), str(other), "--out", str(tmp_path / "o3"), "--quiet"]) == 2
     assert "the runs were trained on different base models" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_eval_keeps_freed_memory_before_the_models_load(tmp_path, concept_data, monkeypatch, capsys):
+    """Denoising steps free and take back the same buffers: eval asks malloc to keep them, once its arguments are
+    checked and before any model loads (tests/test_host_memory.py tests what that does)."""
+    import lorakit.evaluate.extractors
+    from lorakit import host_memory
+
+    calls = []
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1) or False)
+
+    def stop(*args, **kwargs):
+        assert calls == [1]
+        raise KeyError("stopped where the extractors load")
+
+    monkeypatch.setattr(lorakit.evaluate.extractors, "load_extractor", stop)
+    run = write_run(tmp_path / "run", epochs=1, data=concept_data)
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(PROMPTS_TOML)
+    with pytest.raises(KeyError, match="stopped where the extractors load"):
+        main(["eval", str(run), "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--quiet"])
+    assert calls == [1]

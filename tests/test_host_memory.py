@@ -1,4 +1,5 @@
-"""lorakit.host_memory: large blocks come from a heap that keeps freed memory, and `lorakit train` asks for it."""
+"""lorakit.host_memory: large blocks come from a heap that keeps freed memory, and `lorakit train`, `sample` and
+`eval` ask for it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import textwrap
 import pytest
 
 from lorakit import host_memory
+from lorakit.errors import LorakitError
 
 # glibc's own account (mallinfo2) of a 64 MiB block, above its largest mmap threshold (32 MiB): the bytes in mmapped
 # blocks while it is held, and how much the heap grew once it is freed
@@ -75,3 +77,43 @@ def test_lorakit_train_keeps_freed_memory(tmp_path, monkeypatch):
     assert main(["train", "--max-steps", "1", "--no-progress", "--early-stop", "off", "--out",
                  str(tmp_path / "run")]) == 0
     assert calls == [1]
+
+
+class _ModelLoadStopped(LorakitError):
+    pass
+
+
+def _stop_at_model_load(*args, **kwargs):
+    raise _ModelLoadStopped("stopped where the model loads")
+
+
+def test_lorakit_sample_keeps_freed_memory_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import lorakit.models
+    from lorakit.cli import main
+
+    calls = []
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1) or False)
+    monkeypatch.setattr(lorakit.models, "load_base_model", _stop_at_model_load)
+    assert main(["sample", "--prompt", "a star", "--out", str(tmp_path / "s"), "--device", "cpu"]) == 2
+    assert "stopped where the model loads" in capsys.readouterr().err
+    assert calls == [1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_benchmark_times_denoising_steps_both_ways():
+    """benchmarks/host_memory_ab.py --job sample: one child process per setting, the setting applied in its own."""
+    import os
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "host_memory_ab.py"
+    env = {k: v for k, v in os.environ.items() if k != host_memory.ENV_SWITCH}  # conftest sets it for tests
+    done = subprocess.run([sys.executable, str(script), "--job", "sample", "--width", "half", "--resolution", "64",
+                           "--steps", "1", "--repeats", "1"], capture_output=True, text=True, timeout=300,
+                          env={**env, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "denoising steps, batch 2, no autograd" in out and "did not apply" not in out
+    rows = [line for line in out.splitlines() if line.startswith(("| as it is", "| freed memory kept"))]
+    assert len(rows) == 2
+    kept = next(r for r in rows if r.startswith("| freed memory kept")).split("|")
+    assert float(kept[3].split()[0]) > 0 and int(kept[4]) < 1000  # a time, and (next to) no page faults

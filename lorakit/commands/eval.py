@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from lorakit.evaluate.prompts import PromptSetError, default_prompt_set, load_prompt_set
     from lorakit.evaluate.report import page_from_eval, render_html
+    from lorakit.host_memory import keep_freed_memory
     from lorakit.models import is_builtin_model, load_base_model
 
     # everything is checked before anything is written
@@ -196,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
             raise EvalCommandError("choose a feature extractor: --extractor clip=DIR, dinov2=DIR, vgg19=FILE "
                                    "(world-reader is the default only for the built-in model)")
         specs = [("world-reader", None)]
+    keep_freed_memory()  # each denoising step frees and takes back the same buffers (SD1.5 on the CPU: 7-16 % faster)
     extractors = {}
     for kind, path in specs:
         extractors[kind if kind not in extractors else f"{kind}-{len(extractors)}"] = load_extractor(kind, path)
