@@ -1,6 +1,7 @@
-"""LoCon's k×k down projection, three ways, per 3×3 layer of the half-width SD1.5 U-Net (issue 14's CPU gap).
+"""LoCon's k×k down projection, four ways, per 3×3 layer of the SD1.5 U-Net (issue 14's CPU gap).
 
-    OMP_NUM_THREADS=1 python benchmarks/locon_down_ab.py            # batch 1 and 4, one thread
+    OMP_NUM_THREADS=1 python benchmarks/locon_down_ab.py                          # half width, 16×16 latents
+    OMP_NUM_THREADS=1 python benchmarks/locon_down_ab.py --width full --batches 1 # SD1.5's width, 32×32 (256²)
 
 The frozen 3×3 conv is the floor; each variant adds a rank-r LoCon update (down k×k, up 1×1) and is timed
 forward + backward (input and adapter gradients), median of interleaved repeats, as the extra milliseconds over
@@ -11,10 +12,11 @@ the frozen conv alone:
   autograd function that computes the input gradient once and only the down kernel's weight gradient (the
   concatenated weight is kept and only its r rows are refreshed per step, so W0 is not copied);
 - ``shift``: the down conv as a 1×1 conv to 9r channels followed by a fixed one-hot grouped 3×3 conv that sums
-  the shifted planes (no im2col of the wide input).
+  the shifted planes (no im2col of the wide input);
+- ``unfold``: the down conv as an explicit im2col (``F.unfold``) and one matrix product.
 
-Outputs and gradients of every variant are checked against ``stock`` before timing.  None of the three beat
-``stock`` at both batch sizes when this was written (docs/performance.md).
+Outputs and gradients of every variant are checked against ``stock`` before timing.  None beat ``stock`` by more
+than the noise at half width, batch 1 and 4, or at SD1.5's width, batch 1 (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ import torch.nn.functional as F
 
 #: (out, in, side) of the U-Net's 3×3 convs at half width, latents 16×16
 SHAPES = [(640, 640, 2), (640, 640, 4), (320, 320, 8), (160, 160, 16), (640, 1280, 2), (320, 640, 8), (160, 320, 16)]
+#: the same at SD1.5's own width, latents 32×32 (256²)
+SHAPES_FULL = [(1280, 1280, 4), (1280, 1280, 8), (640, 640, 16), (320, 320, 32), (1280, 2560, 4), (640, 1280, 16),
+               (320, 640, 32)]
 
 
 class ConcatDown(torch.autograd.Function):
@@ -87,7 +92,12 @@ def layer_variants(out: int, inp: int, side: int, batch: int, rank: int):
         z = F.conv2d(x, down.permute(0, 2, 3, 1).reshape(rank * 9, inp, 1, 1))
         return F.conv2d(x, w0, b0, 1, 1) + F.conv2d(F.conv2d(z, shifts, None, 1, 1, 1, rank), up)
 
-    return x, (down, up), {"frozen": frozen, "stock": stock, "concat": concat, "shift": shift}
+    def unfold():
+        cols = F.unfold(x, 3, padding=1)  # (batch, in·9, positions)
+        h = (down.reshape(rank, inp * 9) @ cols).reshape(batch, rank, side, side)
+        return F.conv2d(x, w0, b0, 1, 1) + F.conv2d(h, up)
+
+    return x, (down, up), {"frozen": frozen, "stock": stock, "concat": concat, "shift": shift, "unfold": unfold}
 
 
 def fwd_bwd(fn, x, params) -> list[torch.Tensor]:
@@ -102,20 +112,25 @@ def fwd_bwd(fn, x, params) -> list[torch.Tensor]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--width", choices=["half", "full"], default="half")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = ["stock", "concat", "shift"]
+    from lorakit.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # as lorakit train runs: no page faults for the same buffers every repeat
+    names = ["stock", "concat", "shift", "unfold"]
+    shapes = SHAPES if args.width == "half" else SHAPES_FULL
     for batch in (int(b) for b in args.batches.split(",")):
         totals = dict.fromkeys(names, 0.0)
         print(f"batch {batch}: extra ms over the frozen 3×3 conv (forward + backward)")
         print(f"{'layer':>24} {'frozen':>8} " + " ".join(f"{n:>8}" for n in names))
-        for out, inp, side in SHAPES:
+        for out, inp, side in shapes:
             x, params, variants = layer_variants(out, inp, side, batch, args.rank)
             reference = fwd_bwd(variants["stock"], x, params)
-            for name in ("concat", "shift"):
+            for name in names[1:]:
                 got = fwd_bwd(variants[name], x, params)
                 pairs = zip(reference, got, strict=True)
                 assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in pairs), name
