@@ -93,3 +93,25 @@ def test_width_is_sd15s_own_on_a_gpu_and_half_on_the_cpu() -> None:
     assert train_step.parse_args(["--device", "cuda", "--width", "half"]).width == "half"
     assert train_step.unet_config(False, "full")["block_out_channels"] == (320, 640, 1280, 1280)  # SD1.5's
     assert train_step.unet_config(False)["block_out_channels"] == (160, 320, 640, 640)
+
+
+def test_the_gpu_script_runs_the_benchmark_with_the_issues_settings(tmp_path: Path) -> None:
+    """benchmarks/gpu_issue14.sh: the GPU settings (512², bf16, SD1.5's width) go to train_step.py, the arguments
+    after the part win over them (here: the CPU and a tiny U-Net), and the log and JSON land in $OUT."""
+    pytest.importorskip("diffusers")
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = ["bash", str(ROOT / "benchmarks" / "gpu_issue14.sh"), "eager", "--device", "cpu", "--dtype", "fp32",
+           "--quick", "--resolution", "64", "--rounds", "1", "--batches", "1", "--warmup", "0", "--no-memory",
+           "--variants", "floor,lorakit-lora"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "issue14-eager.json").read_text())
+    command = result["settings"]["command"]
+    assert "--device cuda --resolution 512 --dtype bf16 --width full --batches 1,4 --rounds 5" in command
+    assert result["settings"]["device"] == "cpu" and result["settings"]["batches"] == [1]
+    assert [r["variant"] for r in result["results"]] == ["floor", "lorakit-lora"]
+    log = (tmp_path / "issue14-eager.txt").read_text()
+    assert log.startswith("# benchmarks/gpu_issue14.sh eager --device cpu") and "| lorakit-lora | 1 |" in log
+    wrong = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_issue14.sh"), "fast"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "unknown part 'fast'" in wrong.stderr
