@@ -107,7 +107,7 @@ def test_the_gpu_script_runs_the_benchmark_with_the_issues_settings(tmp_path: Pa
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "issue14-eager.json").read_text())
     command = result["settings"]["command"]
-    assert "--device cuda --resolution 512 --dtype bf16 --width full --batches 1,4 --rounds 5" in command
+    assert "--device cuda --resolution 512 --dtype bf16 --width full --batches 1,4 --rounds 3" in command
     assert result["settings"]["device"] == "cpu" and result["settings"]["batches"] == [1]
     assert [r["variant"] for r in result["results"]] == ["floor", "lorakit-lora"]
     log = (tmp_path / "issue14-eager.txt").read_text()
