@@ -216,3 +216,23 @@ def test_ocr_provider_reads_the_expected_word():
     ocr = load_metric_provider("ocr")
     got = ocr([text_image("LORAKIT"), Image.new("RGB", (256, 128), "white"), text_image("LORAKIT")], prompts)
     assert got == {"trigger": {"ocr_text": 1.0}, "alter": {"ocr_text": 0.0}}  # agnostic: no word expected
+
+
+def _result(harmonic, means, best):
+    from lorakit.evaluate.pipeline import EvalResult
+
+    return EvalResult(checkpoints=[], runs=[], groups=[], directions={}, metrics={}, scores={},
+                      harmonic_mean=harmonic, best=best, mean_score=means)
+
+
+def test_the_summary_says_which_mean_chose_the_best_checkpoint():
+    from lorakit.evaluate.pipeline import summary_lines
+
+    alone = summary_lines(_result({"e1": 0.2, "e2": 0.6}, {"e1": 0.4, "e2": 0.7}, "e2"))[0]
+    assert alone == "best checkpoint (harmonic mean of rank-normalised metrics): e2 (0.600; arithmetic mean 0.700)"
+    # every checkpoint worst at some metric: the harmonic means all 0, the arithmetic mean chose
+    tied = summary_lines(_result({"e1": 0.0, "e2": 0.0, "e3": 0.0}, {"e1": 0.4, "e2": 0.7, "e3": 0.5}, "e2"))[0]
+    assert tied == ("best checkpoint: e2 (arithmetic mean of rank-normalised metrics 0.700; 3 checkpoints tie on "
+                    "the harmonic mean at 0.000, each worst at one metric or more)")
+    two = summary_lines(_result({"e1": 0.5, "e2": 0.5, "e3": 0.1}, {"e1": 0.4, "e2": 0.7, "e3": 0.5}, "e2"))[0]
+    assert two.endswith("2 checkpoints tie on the harmonic mean at 0.500)")

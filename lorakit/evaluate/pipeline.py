@@ -315,9 +315,15 @@ def summary_lines(result: EvalResult, headline: Sequence[tuple[str, str]] = ()) 
     if result.best is not None:
         hm = result.harmonic_mean.get(result.best)
         mean = result.mean_score.get(result.best)
-        lines.append(f"best checkpoint (harmonic mean of rank-normalised metrics): {result.best}"
-                     + (f" ({hm:.3f}" if _finite(hm) else " (")
-                     + (f"; arithmetic mean {mean:.3f})" if _finite(mean) else ")"))
+        tied = sum(1 for v in result.harmonic_mean.values() if v == hm)
+        if tied > 1 and _finite(mean):  # say which mean chose, or "best ... (0.000)" reads as a failure
+            lines.append(f"best checkpoint: {result.best} (arithmetic mean of rank-normalised metrics {mean:.3f}; "
+                         f"{tied} checkpoints tie on the harmonic mean at {hm:.3f}"
+                         + (", each worst at one metric or more)" if hm == 0 else ")"))
+        else:
+            lines.append(f"best checkpoint (harmonic mean of rank-normalised metrics): {result.best}"
+                         + (f" ({hm:.3f}" if _finite(hm) else " (")
+                         + (f"; arithmetic mean {mean:.3f})" if _finite(mean) else ")"))
     for group, metric in headline:
         values = [(c["label"], result.value(group, c["label"], metric)) for c in result.checkpoints]
         shown = ", ".join(f"{lb} {v:.3f}" for lb, v in values if _finite(v))
