@@ -97,8 +97,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         for mode in ("default", "keep") if repeat % 2 == 0 else ("keep", "default"):
             done = subprocess.run([sys.executable, __file__, "--child", mode, "--job", args.job, "--width", args.width,
-                                   "--resolution",
-                                   str(args.resolution), "--steps", str(args.steps)],
+                                   "--resolution", str(args.resolution), "--steps", str(args.steps)],
                                   capture_output=True, text=True, env=env, check=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append((mode, repeat + 1, result))
