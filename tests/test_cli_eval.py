@@ -230,7 +230,7 @@ def test_a_run_is_judged_on_the_base_model_it_was_trained_on(tmp_path, concept_d
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
-def test_eval_keeps_freed_memory_before_the_models_load(tmp_path, concept_data, monkeypatch, capsys):
+def test_eval_keeps_freed_memory_before_the_models_load(tmp_path, concept_data, monkeypatch):
     """Denoising steps free and take back the same buffers: eval asks malloc to keep them, once its arguments are
     checked and before any model loads (tests/test_host_memory.py tests what that does)."""
     import lorakit.evaluate.extractors
