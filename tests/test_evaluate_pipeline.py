@@ -236,3 +236,6 @@ def test_the_summary_says_which_mean_chose_the_best_checkpoint():
                     "the harmonic mean at 0.000, each worst at one metric or more)")
     two = summary_lines(_result({"e1": 0.5, "e2": 0.5, "e3": 0.1}, {"e1": 0.4, "e2": 0.7, "e3": 0.5}, "e2"))[0]
     assert two.endswith("2 checkpoints tie on the harmonic mean at 0.500)")
+    # a metrics.json with no harmonic means (null) still prints, as before
+    unknown = summary_lines(_result({"e1": None, "e2": None}, {"e1": 0.4, "e2": 0.7}, "e2"))[0]
+    assert unknown == "best checkpoint (harmonic mean of rank-normalised metrics): e2 (; arithmetic mean 0.700)"

@@ -316,7 +316,7 @@ def summary_lines(result: EvalResult, headline: Sequence[tuple[str, str]] = ()) 
         hm = result.harmonic_mean.get(result.best)
         mean = result.mean_score.get(result.best)
         tied = sum(1 for v in result.harmonic_mean.values() if v == hm)
-        if tied > 1 and _finite(mean):  # say which mean chose, or "best ... (0.000)" reads as a failure
+        if tied > 1 and _finite(hm) and _finite(mean):  # say which mean chose, or "best ... (0.000)" reads as a failure
             lines.append(f"best checkpoint: {result.best} (arithmetic mean of rank-normalised metrics {mean:.3f}; "
                          f"{tied} checkpoints tie on the harmonic mean at {hm:.3f}"
                          + (", each worst at one metric or more)" if hm == 0 else ")"))
