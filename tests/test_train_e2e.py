@@ -97,7 +97,8 @@ RUNS = {
     # the same update to float rounding): 3% / 0.09 fused against 12% / 0.16 before, and with today's six-shape
     # reader 0% / 0.065 fused, 6% / 0.11 with the loop kernel; 8e-3 was worse (0% / 0.03-0.06): that lr sits where
     # the last bits decide.  At 2e-3 over 300 steps (AMD EPYC, 2026-12-05): 12% / 0.21 fused, 21% / 0.23 loop,
-    # 12% / 0.19 with seed 1 (150 steps: 0-3% / 0.13)
+    # 12% / 0.19 with seed 1 (150 steps: 0-3% / 0.13); each run: python benchmarks/e2e_recipe.py glora --lr 2e-3
+    # --steps 300 [--adamw loop] [--seed 1]
     "glora": (300, {"network": {"algorithm": "glora", **FULL}, "optimizer": {"learning_rate": 2e-3}}, (0.05, 0.10)),
     # DyLoRA on another CPU (Intel Xeon, 2026-12-04; the numbers above were an AMD EPYC's): 3% / 0.117, the same
     # code one star fewer in 34 samples (BLAS rounding); its floor asks for one star and 4x the base probability
