@@ -169,10 +169,12 @@ class EarlyStopConfig:
     #: turning-point rule: "spectral-budget" (the update's spectral size σ1(ΔW)/σ1(W) reaches a budget, read at
     #: epoch ends; beyond the paper; the default: with "budget" the nearest to the measured overfitting onset on
     #: both shapes-world concepts, nearer on average on the star, and the same for every adapter rank,
-    #: docs/early_stopping.md), "budget" (the same on ‖ΔW‖/‖W‖, read every step), "calm" (CSF stays small for a
-    #: window) or "second-valley" (the paper's Algorithm 1)
+    #: docs/early_stopping.md), "budget" (the same on ‖ΔW‖/‖W‖, read every step), "growth-stall" (‖ΔW‖/‖W‖ stops
+    #: growing from epoch to epoch, or reaches a cap), "calm" (CSF stays small for a window) or "second-valley" (the
+    #: paper's Algorithm 1)
     rule: str = "spectral-budget"
-    #: the rule's options, e.g. {prominence = 0.05}, {threshold = 0.1, patience = 1.0} or {budget = 0.1}
+    #: the rule's options, e.g. {prominence = 0.05}, {threshold = 0.1, patience = 1.0}, {budget = 0.1} or
+    #: {growth = 0.07, span = 2, cap = 0.175}
     rule_args: dict = field(default_factory=dict)
     #: stop on the samples instead (beyond the paper; lorakit.earlystop.samples): a sample scorer's name, e.g.
     #: "world" (the shapes world's reader); "" = off.  At every epoch end the trainer draws ``sample_prompts``

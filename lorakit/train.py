@@ -40,7 +40,7 @@ from lorakit.data import DataConfig, TrainingData
 from lorakit.earlystop import CSFluctuationMonitor, plot_cs_fluctuation
 from lorakit.earlystop.monitor import Decision, TurningPoint
 from lorakit.earlystop.plot import plot_sample_scores
-from lorakit.earlystop.rules import SIZE_NAMES
+from lorakit.earlystop.rules import SIZE_NAMES, GrowthStall
 from lorakit.earlystop.samples import SampleStop, SampleTurningPoint, make_sample_stop
 from lorakit.errors import LorakitError
 from lorakit.loss import add_training_noise, diffusion_loss
@@ -678,6 +678,14 @@ def _undecided(monitor: CSFluctuationMonitor) -> str:
     model and data: how far the run got towards it tells whether more epochs or another budget is needed)."""
     rule = monitor.rule
     budget = getattr(rule, "budget", None)
+    if isinstance(rule, GrowthStall):
+        ends = monitor.history.update[monitor.window - 1::monitor.window] if monitor.history.update is not None else []
+        if len(ends) <= rule.span or not ends[-1 - rule.span] > 0:
+            return (f"the growth-stall rule compares the update's size over {rule.span} windows of "
+                    f"{monitor.window} samples; the run ended after {len(ends)}")
+        rate = (ends[-1] / ends[-1 - rule.span]) ** (1 / rule.span) - 1
+        return (f"{SIZE_NAMES[rule.series]} was still growing by {rate:.1%} per window at the end (the rule stops "
+                f"below {rule.growth:.1%}, or at the cap {rule.cap:g}; it reached {ends[-1]:.3g})")
     sizes = monitor.history.size(rule.series) if budget is not None else None
     if sizes is None:
         return f"the {rule.name.replace('_', '-')} rule found no turning point in the CS-Fluctuation curve"

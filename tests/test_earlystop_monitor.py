@@ -257,3 +257,72 @@ def test_the_spectral_budget_decides_only_where_the_spectral_size_was_read():
     assert rule_from_dict(rule.to_dict()) == rule
     with pytest.raises(ValueError, match="budget"):
         SpectralBudget(budget=0.0)
+
+
+def _growing(ends: list[float], window: int) -> np.ndarray:
+    """A size series whose value at the end of window w is ``ends[w]``, rising linearly inside each window (the
+    samples between window ends must not decide)."""
+    out, last = [], 0.0
+    for end in ends:
+        out += list(np.linspace(last, end, window + 1)[1:])
+        last = end
+    return np.asarray(out)
+
+
+def test_the_growth_stall_stops_at_the_first_window_end_where_growth_slows():
+    """Growth per window over the last two windows, read at window ends only: 30% per window, then 4%; the rule
+    decides at the first window end where the two-window rate is below 7%, with no lag; resumable, replayable."""
+    from lorakit.earlystop import GrowthStall, History, rule_from_dict
+    from lorakit.earlystop.replay import replay
+
+    ends = [0.02 * 1.3 ** w for w in range(6)] + [0.02 * 1.3 ** 5 * 1.04 ** w for w in range(1, 8)]
+    window = 10
+    size = _growing(ends, window)
+    n = len(size)
+    cs = training_like(n)
+    rule = GrowthStall(growth=0.07, span=2, cap=1.0)
+    rates = [(ends[w] / ends[w - 2]) ** 0.5 - 1 for w in range(2, len(ends))]
+    stall = 2 + next(i for i, r in enumerate(rates) if r < 0.07)  # the window whose end decides
+    assert stall == 7  # windows 5→7: 1.3 · 1.04 → sqrt = 16% at window 6; 1.04² at window 7
+    monitor = CSFluctuationMonitor(window, 1e-4, rule=rule)
+    decisions = [monitor.update(k + 1, cs[k], epoch=k // window + 1, update=size[k]) for k in range(n)]
+    stop = next(k for k, d in enumerate(decisions) if d.stop)
+    assert stop == (stall + 1) * window - 1 and monitor.lag == 0
+    tp = decisions[stop].turning_point
+    assert tp.step == tp.found_at_step == stop + 1 and tp.epoch == stall + 1
+    assert "grew by 4.0% per window over the last 2" in tp.reason
+    assert "still growing" in decisions[stop - 1].reason
+    # compared sample by sample the rate would dip below 7% inside the window already: only window ends count
+    early = [k for k in range(2 * window, n) if (size[k] / size[k - 2 * window]) ** 0.5 - 1 < 0.07]
+    assert early[0] < stop and not decisions[early[0]].stop
+    # resumed mid-way: the same decisions; the history replays to the same turning point
+    first = CSFluctuationMonitor(window, 1e-4, rule=rule)
+    for k in range(35):
+        first.update(k + 1, cs[k], epoch=k // window + 1, update=size[k])
+    resumed = CSFluctuationMonitor.from_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [resumed.update(k + 1, cs[k], epoch=k // window + 1, update=size[k]) for k in range(35, n)] == \
+        decisions[35:]
+    assert replay(History.from_dict(json.loads(json.dumps(monitor.history.to_dict()))), rule) == tp
+    assert rule_from_dict(rule.to_dict()) == rule
+
+
+def test_the_growth_stall_cap_stops_a_run_that_grows_fast():
+    """A breakdown doubles its update every window: it never stalls, and the cap stops it at the first window
+    end past it (here the second, before any growth rate exists)."""
+    from lorakit.earlystop import GrowthStall
+
+    size = _growing([0.1, 0.2, 0.4, 0.8, 1.6], 10)
+    found = GrowthStall(cap=0.175).find(size, 10)
+    assert found.csf_index == found.decided_index == 19 and "cap 0.175" in found.reason
+    assert GrowthStall(cap=5.0).find(size, 10) is None  # growing 100% per window: never stalled
+    # a size that never grows (nothing learned) stalls as soon as two windows can be compared
+    assert GrowthStall(cap=5.0).find(np.full(50, 0.01), 10).csf_index == 29
+
+
+@pytest.mark.parametrize("args, match", [({"growth": 0.0}, "growth"), ({"span": 0}, "span"),
+                                         ({"span": 1.5}, "span"), ({"cap": -1.0}, "cap")])
+def test_the_growth_stall_rejects_meaningless_options(args, match):
+    from lorakit.earlystop import GrowthStall
+
+    with pytest.raises(ValueError, match=match):
+        GrowthStall(**args)

@@ -44,9 +44,11 @@ def test_table_compares_each_rule_with_the_held_out_minimum():
                               cs_history=_history(cs, 10))
     assert run.eval_loss == pytest.approx(losses) and run.onset == 4 and run.onset_interval() == (4, 4)
     tps = llm_onset.turning_epochs(run)
-    assert set(tps) == {"second-valley", "calm", "second-valley-2M", "calm-2M", "budget", "spectral-budget"}
+    assert set(tps) == {"second-valley", "calm", "second-valley-2M", "calm-2M", "budget", "spectral-budget",
+                        "growth-stall"}
     assert tps["budget"] == 6  # step 51 is in epoch 6 (10 steps per epoch)
     assert tps["spectral-budget"] == 8  # the end of epoch 8
+    assert tps["growth-stall"] == 9  # a steady rise never stalls before its cap: 90 / 510 ≥ 0.175 ends epoch 9
     text = llm_onset.table([run])
     assert "| lr 0.001 seed 0 | 4 [4–4], 2.100 |" in text
     for name, epoch in tps.items():

@@ -598,6 +598,33 @@ def test_the_spectral_budget_reads_at_epoch_ends_and_stops_there(tiny_model_dir,
     assert result.final_epoch == 2
 
 
+def test_the_growth_stall_stops_at_the_epoch_end_where_the_update_slows(tiny_model_dir, dataset, tmp_path):
+    """``early_stop.rule = "growth-stall"``, not patched: a report-mode run records the update's size every step;
+    a growth threshold between two epochs' growth rates stops the same run at the end of the first epoch whose
+    rate is below it, and hands that epoch back.  A run that never stalls says how fast it still grew."""
+    watch = tmp_path / "watch"
+    never = {"growth": 1e-9, "span": 1, "cap": 1e9}
+    run_train(make_config(tiny_model_dir, dataset, watch, training={"max_epochs": 4},
+                          early_stop={"mode": "report", "rule": "growth-stall", "rule_args": never}))
+    history = json.loads((watch / "cs_history.json").read_text())
+    assert history["window"] == 2  # two steps per epoch: the window ends are the epoch ends
+    ends = history["update"][1::2]
+    rates = [ends[e] / ends[e - 1] - 1 for e in range(1, 4)]  # epochs 2, 3, 4 against the one before
+    said = json.loads((watch / "summary.json").read_text())["undecided"]
+    assert said.startswith(f"the update's size ‖ΔW‖/‖W‖ was still growing by {rates[-1]:.1%} per window")
+    # a threshold between the two fastest epochs' rates: the first epoch growing slower than it is where it stops
+    growth = sum(sorted(rates)[-2:]) / 2
+    stall = 2 + next(i for i, rate in enumerate(rates) if rate < growth)
+    assert stall < 4  # the update decelerates here (61%, 33%, 22% per epoch): the stop comes before the last epoch
+    out = tmp_path / "run"
+    result = run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 4},
+                                   early_stop={"mode": "cs-fluctuation", "rule": "growth-stall",
+                                               "rule_args": {"growth": growth, "span": 1, "cap": 1e9}}))
+    assert result.stopped_early and result.steps == 2 * stall and result.final_epoch == stall
+    tp = json.loads((out / "cs_history.json").read_text())["turning_point"]
+    assert tp["step"] == tp["found_at_step"] == 2 * stall and "per window over the last 1" in tp["reason"]
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 def test_cli_train_runs_a_config_and_flags(tiny_model_dir, dataset, tmp_path, capsys):
     from lorakit.cli import main

@@ -218,3 +218,61 @@ def test_update_doc_rewrites_only_between_its_markers(tmp_path):
     with pytest.raises(InvalidValueError, match="curve-report runs"):
         curve_report.update_doc(doc, {"runs": "x"})  # no markers for that block: nothing is written
     assert "| new | table |" in doc.read_text()
+
+
+def test_the_growth_stall_on_epoch_sizes_matches_its_replay_on_the_recorded_steps():
+    """A run recorded before the trainer kept the update's size is replayed on its checkpoints' sizes, one per
+    epoch (``size_rule_epoch``): on the archived grid, whose records keep the size of every step, that gives the
+    same epoch as the replay on the steps, for the growth stall and the budget alike."""
+    from pathlib import Path
+
+    from lorakit.earlystop import GrowthStall, UpdateBudget
+    from lorakit.world.experiment import turning_epoch
+    from lorakit.world.update_sizes import budget_epoch, size_rule_epoch
+
+    grid = Path(__file__).resolve().parents[1] / "experiments" / "onset_grid"
+    folders = sorted(p for p in grid.iterdir() if (p / "cs_history.json").exists())
+    assert len(folders) == 32
+    stall_epochs = []
+    for folder in folders:
+        history = json.loads((folder / "cs_history.json").read_text())
+        epochs = np.asarray(history["epochs"])
+        sizes = {int(e): float(np.asarray(history["update"])[epochs == e][-1]) for e in sorted(set(epochs))}
+        for rule in (GrowthStall(), UpdateBudget()):
+            replayed = turning_epoch(folder, rule)
+            assert size_rule_epoch(sizes, rule) == (None if replayed is None else replayed["epoch"]), folder.name
+        assert size_rule_epoch(sizes, UpdateBudget(0.1)) == budget_epoch(sizes, 0.1)
+        stall_epochs.append(size_rule_epoch(sizes, GrowthStall()))
+    assert len(set(stall_epochs)) >= 4  # it does not stop every run at one epoch
+
+
+def test_the_growth_sweep_on_the_page_is_the_grids_and_its_best_star_row_is_the_default():
+    """The docs' sweep of the growth stall is rebuilt from the archived runs, and the setting the star ranks first
+    is ``GrowthStall()``'s defaults (the rule was designed on the star, the heart held out)."""
+    import re
+    from pathlib import Path
+
+    from lorakit.earlystop import GrowthStall
+
+    root = Path(__file__).resolve().parents[1]
+    grid = root / "experiments" / "onset_grid"
+    runs = curve_report.find_runs(grid, finished_only=True)
+    sweep = curve_report.growth_sweep(runs, {r.name: grid / r.name for r in runs}, [0.05, 0.07, 0.1, 0.12, 0.15],
+                                      [1, 2, 3], [0.15, 0.175, 0.2, 100.0])
+    assert sweep in (root / "docs" / "early_stopping.md").read_text()
+    (best,) = [line for line in sweep.splitlines() if "(best on zkz)" in line]
+    default = GrowthStall()
+    assert best.startswith(f"| {default.growth:g} | {default.span} | {default.cap:g} | **")
+    hits = [int(m) for m in re.findall(r"\| \**(\d+)/16", "\n".join(sweep.splitlines()[2:]))[0::2]]
+    assert len(hits) == 60 and int(re.search(r"\*\*(\d+)/16", best).group(1)) == max(hits)
+
+
+def test_a_malformed_growth_sweep_is_named(tmp_path):
+    from pathlib import Path
+
+    grid = Path(__file__).resolve().parents[1] / "experiments" / "onset_grid"
+    ap = __import__("argparse").ArgumentParser()
+    curve_report.add_arguments(ap)
+    for bad in ("0.07;2", "0.07;two;0.175", "0.07;0;0.175"):
+        with pytest.raises(InvalidValueError, match="--growth-sweep"):
+            curve_report.run(ap.parse_args([str(grid), "--finished-only", "--growth-sweep", bad]))

@@ -2,7 +2,8 @@
 
 - ``series``: the curve as pure numpy functions (eq. 3-4), trailing windows, offsets and the lag;
 - ``rules``: when to stop: ``SecondValley`` (the paper's, with a noise guard), ``CalmRule``, ``UpdateBudget``
-  (the update's size ‖ΔW‖/‖W‖, beyond the paper) or ``SpectralBudget`` (σ1(ΔW)/σ1(W), read at epoch ends);
+  (the update's size ‖ΔW‖/‖W‖, beyond the paper), ``SpectralBudget`` (σ1(ΔW)/σ1(W), read at epoch ends) or
+  ``GrowthStall`` (that size stops growing from epoch to epoch, or reaches a cap);
 - ``cs``: eq. 2 over lorakit adapters (low-rank identities for LoRA) or (W, W0) pairs, and the update's size;
 - ``monitor``: ``CSFluctuationMonitor`` (online), ``find_turning_point`` (offline, same answer);
 - ``samples``: stopping on the samples instead (beyond the paper): ``SamplePlateau`` over per-epoch scores of
@@ -27,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "CandidateStore": "lorakit.earlystop.candidates",
     "Decision": "lorakit.earlystop.monitor",
     "Detection": "lorakit.earlystop.rules",
+    "GrowthStall": "lorakit.earlystop.rules",
     "History": "lorakit.earlystop.monitor",
     "SamplePlateau": "lorakit.earlystop.samples",
     "SecondValley": "lorakit.earlystop.rules",

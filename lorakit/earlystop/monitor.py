@@ -248,6 +248,8 @@ class CSFluctuationMonitor:
         tp = self.turning_point
         if tp is None:
             needed = self._offset + 1
+            if self.rule.series == "update" and not hasattr(self.rule, "budget"):
+                return Decision(False, f"the update's size {self._update[-1]:.4g} is still growing")
             if self.rule.series == "update":
                 return Decision(False, f"the update's size {self._update[-1]:.4g} is under the budget")
             if self.rule.series == "spectral":

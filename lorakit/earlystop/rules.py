@@ -36,6 +36,12 @@ layer moves any one input, whatever the update's rank (the Frobenius size of a L
 Kronecker update is spread over many directions, each moved a little).  It costs an SVD-sized computation per
 layer, so the trainer reads it at epoch ends only, and the rule decides there.
 
+``GrowthStall`` reads the same size differently: not how large it is but whether it still grows.  At the end of
+each window (one epoch by default) it compares the size with the size ``span`` windows before; the turning point
+is the first window end where it grew by less than ``growth`` per window (the adapter has little left to learn),
+or where it reached ``cap`` (a run breaking the model).  A growth rate does not depend on the size's scale, which
+changes with the learning rate, the rank and the model; the cap does.
+
 A rule says which series it reads (``series``): ``"csf"``, ``"update"`` or ``"spectral"``.
 """
 
@@ -331,11 +337,83 @@ class BudgetTracker:
         self.decided = bool(state["decided"])
 
 
+# ---- beyond the paper: the update stops growing -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GrowthStall:
+    """At the end of each window of M samples (the trainer's default window: one epoch), the update's size
+    ‖ΔW‖/‖W‖ grew by less than ``growth`` per window over the last ``span`` windows, or it reached ``cap``.
+
+    ``growth``: the per-window growth rate below which the update counts as stalled, from
+    ``(s_now / s_span_windows_ago) ** (1 / span) - 1``; ``cap``: the size at which the rule stops whatever the
+    growth (a run that breaks the model grows its update far past it in its first windows).
+    """
+
+    name: ClassVar[str] = "growth_stall"
+    series: ClassVar[str] = "update"
+    growth: float = 0.07
+    span: int = 2
+    cap: float = 0.175
+
+    def __post_init__(self) -> None:
+        if not self.growth > 0:
+            raise InvalidValueError(f"growth is a rate per window above 0, got {self.growth}")
+        if isinstance(self.span, bool) or not isinstance(self.span, int) or self.span < 1:
+            raise InvalidValueError(f"span counts windows from 1, got {self.span!r}")
+        if not self.cap > 0:
+            raise InvalidValueError(f"cap is a size of ΔW relative to W, above 0; got {self.cap}")
+
+    def tracker(self, window: int) -> GrowthTracker:
+        return GrowthTracker(self, window)
+
+    def find(self, values: np.ndarray, window: int, offset: int = 0) -> Detection | None:
+        return _run(self.tracker(window), values, offset)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
+
+
+@dataclass
+class GrowthTracker:
+    rule: GrowthStall
+    window: int
+    ends: list[float] = field(default_factory=list)  # the size at the end of each window so far
+    decided: bool = False
+
+    def update(self, index: int, value: float) -> Detection | None:
+        # only a window's last sample counts: the growth is measured window to window (epoch to epoch)
+        if self.decided or (index + 1) % self.window or math.isnan(value):
+            return None
+        self.ends.append(value)
+        found = None
+        if value >= self.rule.cap:
+            found = f"reached {value:.4g} (cap {self.rule.cap:g})"
+        elif len(self.ends) > self.rule.span and self.ends[-1 - self.rule.span] > 0:
+            rate = (value / self.ends[-1 - self.rule.span]) ** (1 / self.rule.span) - 1
+            if rate < self.rule.growth:
+                found = (f"grew by {rate:.1%} per window over the last {self.rule.span} (below "
+                         f"{self.rule.growth:.1%}), to {value:.4g}")
+        if found is None:
+            return None
+        self.decided = True
+        return Detection(index, index, f"{SIZE_NAMES[self.rule.series]} {found} at sample {index}")
+
+    def earliest_candidate(self, index: int) -> int:
+        return index
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ends": list(self.ends), "decided": self.decided}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ends, self.decided = [float(v) for v in state["ends"]], bool(state["decided"])
+
+
 RULES: dict[str, type] = {SecondValley.name: SecondValley, CalmRule.name: CalmRule, UpdateBudget.name: UpdateBudget,
-                          SpectralBudget.name: SpectralBudget}
+                          SpectralBudget.name: SpectralBudget, GrowthStall.name: GrowthStall}
 
 
-def rule_from_dict(config: dict[str, Any]) -> SecondValley | CalmRule | UpdateBudget | SpectralBudget:
+def rule_from_dict(config: dict[str, Any]) -> SecondValley | CalmRule | UpdateBudget | SpectralBudget | GrowthStall:
     """Rebuild a rule from ``rule.to_dict()`` (used by state dicts and the transformers callback)."""
     config = dict(config)
     name = config.pop("name")

@@ -18,12 +18,18 @@ import numpy as np
 from lorakit.config import load_config
 from lorakit.earlystop import samples as sample_stop
 from lorakit.earlystop.replay import COMPARED_RULES
+from lorakit.earlystop.rules import SIZE_SERIES, GrowthStall
 from lorakit.errors import InvalidValueError
 from lorakit.world.concept import CONCEPTS
 from lorakit.world.experiment import change_success, replayed_turning_points, smooth
 from lorakit.world.grid import DONE
 from lorakit.world.onset import CHANGES, REACH, Onset, first_reaching, generalisation, measure_onset, prompt_counts
-from lorakit.world.update_sizes import budget_epoch, checkpoint_spectral_sizes, checkpoint_update_sizes
+from lorakit.world.update_sizes import (
+    budget_epoch,
+    checkpoint_spectral_sizes,
+    checkpoint_update_sizes,
+    size_rule_epoch,
+)
 
 #: rule name -> (rule, window in epochs), the same set the language-model experiment replays
 RULES = COMPARED_RULES
@@ -127,8 +133,9 @@ def markdown_table(runs: list[RunResult]) -> str:
             "fidelity peak: epoch (success / fidelity) | second valley TP: epoch, decided at "
             "(success / fidelity) | calm rule TP: epoch, decided at (success / fidelity) | "
             "budget rule TP: epoch, decided at (success / fidelity) | spectral budget rule (the trainer's default) TP: "
-            "epoch, decided at (success / fidelity) | epoch 0 → last: success, fidelity, control |")
-    lines = [head, "|" + "---|" * 8]
+            "epoch, decided at (success / fidelity) | growth-stall rule TP: epoch, decided at (success / fidelity) | "
+            "epoch 0 → last: success, fidelity, control |")
+    lines = [head, "|" + "---|" * 9]
 
     def cell(r: RunResult, epoch: int | None, found: int | None = None, interval: Onset | None = None) -> str:
         if epoch is None:
@@ -148,6 +155,7 @@ def markdown_table(runs: list[RunResult]) -> str:
             f"{cell(r, r.turning['calm'], r.found['calm'])} | "
             f"{cell(r, r.turning['budget'], r.found['budget'])} | "
             f"{cell(r, r.turning['spectral-budget'], r.found['spectral-budget'])} | "
+            f"{cell(r, r.turning['growth-stall'], r.found['growth-stall'])} | "
             f"{r.change_success[0]:.2f} → {r.change_success[-1]:.2f}, {r.fidelity[0]:.2f} → {r.fidelity[-1]:.2f}, "
             f"{r.control[0]:.2f} → {r.control[-1]:.2f} |")
     return "\n".join(lines) + "\n"
@@ -367,7 +375,9 @@ def headline_table(runs: list[RunResult], samples: list[SampleStopCounts] | None
                  for c, (hits, mean) in counts.items()]
         if name == default:
             cells = [f"**{cell}**" for cell in cells]
-        reads = "ΔW, W: size" if RULES[name][0].series in ("update", "spectral") else "ΔW, W: CS-Fluctuation"
+        rule = RULES[name][0]
+        reads = ("ΔW, W: CS-Fluctuation" if rule.series not in SIZE_SERIES else
+                 "ΔW, W: the size's growth" if isinstance(rule, GrowthStall) else "ΔW, W: size")
         row(f"`{name}`" + (" (the trainer's default)" if name == default else ""), reads, cells)
     fixed = {c: best_fixed_epoch(by[c]) for c in concepts}
     row("one epoch for every run, chosen afterwards on these runs", "nothing",
@@ -405,6 +415,39 @@ def budget_sweep(runs: list[RunResult], budgets: list[float], run_dirs: dict[str
         out.append(f"{label} {budget:g}: {hits}/{len(runs)} runs within ±1 epoch of the onset ({inside}/{len(runs)} "
                    f"within ±1 of its interval); TP - onset = {['never' if d is None else d for d in signed]}")
     return out
+
+
+def growth_sweep(runs: list[RunResult], run_dirs: dict[str, Path], growths: list[float], spans: list[int],
+                 caps: list[float]) -> str:
+    """How the growth-stall rule does at every combination of its options, per concept, as a Markdown table:
+    the runs within ±1 epoch of the onset (the mean |TP − onset| over the runs where it decided).  Replayed on
+    the update's size at epoch ends, which gives the trainer's epoch (a test checks it on the archived grid).
+    The row the first concept ranks best (most runs, then the nearest mean) is marked: how the default was
+    chosen, with the other concepts held out."""
+    concepts = concepts_of(runs)
+    sizes = {r.name: _sizes(run_dirs[r.name]) for r in runs}
+    rows = []
+    for growth in growths:
+        for span in spans:
+            for cap in caps:
+                rule = GrowthStall(growth=growth, span=span, cap=cap)
+                cells = []
+                for c in concepts:
+                    signed = [None if (e := size_rule_epoch(sizes[r.name], rule)) is None else e - r.onset
+                              for r in runs if r.concept == c]
+                    decided = [abs(d) for d in signed if d is not None]
+                    cells.append((sum(d <= 1 for d in decided), len(signed),
+                                  sum(decided) / len(decided) if decided else float("inf")))
+                rows.append((rule, cells))
+    best = max(range(len(rows)), key=lambda i: (rows[i][1][0][0], -rows[i][1][0][2], -i))
+    lines = ["| growth per epoch | span (epochs) | cap | " + " | ".join(concepts) + " |",
+             "|---|---|---|" + "---|" * len(concepts)]
+    for i, (rule, cells) in enumerate(rows):
+        shown = [f"{hits}/{n} ({mean:.1f})" for hits, n, mean in cells]
+        if i == best:
+            shown[0] = f"**{shown[0]}** (best on {concepts[0]})"
+        lines.append(f"| {rule.growth:g} | {rule.span} | {rule.cap:g} | " + " | ".join(shown) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _sizes(run_dir: Path) -> dict[int, float]:
@@ -464,6 +507,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                                            "(e.g. 0.05,0.075,0.1,0.15,0.2)")
     ap.add_argument("--spectral-sweep", help="the same with the budget on σ1(ΔW)/σ1(W) (a candidate, read from the "
                                              "checkpoints or their spectral_sizes.json), e.g. 0.2,0.25,0.3,0.4")
+    ap.add_argument("--growth-sweep", metavar="GROWTHS;SPANS;CAPS",
+                    help="the growth-stall rule at every combination of these options, per concept, e.g. "
+                         "'0.05,0.07,0.1;1,2,3;0.15,0.175,0.2' (written between the page's growth-sweep markers)")
     ap.add_argument("--sample-stop", action="store_true",
                     help="also replay the sample stop (early_stop.samples = \"world\") on one seed's images, "
                          "against the onset of the other seeds'")
@@ -478,7 +524,23 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="only runs a grid marked finished (grid_done), not those still being scored")
 
 
+def parse_growth_sweep(text: str) -> tuple[list[float], list[int], list[float]]:
+    """``--growth-sweep``'s "GROWTHS;SPANS;CAPS" as three lists, each setting checked by the rule itself."""
+    try:
+        growths, spans, caps = (part.split(",") for part in text.split(";"))
+        options = [float(g) for g in growths], [int(k) for k in spans], [float(c) for c in caps]
+        for growth in options[0]:
+            for span in options[1]:
+                for cap in options[2]:
+                    GrowthStall(growth=growth, span=span, cap=cap)
+    except ValueError as e:
+        raise InvalidValueError(f"--growth-sweep {text!r}: want GROWTHS;SPANS;CAPS, each a comma-separated list of "
+                                f"numbers ({e})") from e
+    return options
+
+
 def run(args: argparse.Namespace) -> int:
+    growth_options = parse_growth_sweep(args.growth_sweep) if getattr(args, "growth_sweep", None) else None
     runs = find_runs(args.runs, tuple(c.strip() for c in args.changes.split(",")),
                      finished_only=args.finished_only)
     table = markdown_table(runs)
@@ -494,6 +556,10 @@ def run(args: argparse.Namespace) -> int:
         for concept in concepts_of(runs):
             sweep += [f"[{concept}] {line}" for line in budget_sweep([r for r in runs if r.concept == concept],
                                                                      budgets, dirs, measure)]
+    growth = None
+    if growth_options:
+        growth = growth_sweep(runs, dirs, *growth_options)
+        print(growth)
     samples = sample_stop_counts(runs, dirs) if args.sample_stop else None
     if samples:
         sweep += sample_stop_lines(samples)
@@ -505,7 +571,8 @@ def run(args: argparse.Namespace) -> int:
     if args.markdown:
         args.markdown.write_text(headline + "\n" + runs_block)
     if args.update_doc:
-        update_doc(args.update_doc, {"headline": headline, "runs": runs_block})
+        update_doc(args.update_doc, {"headline": headline, "runs": runs_block,
+                                     **({"growth-sweep": growth} if growth else {})})
         print("updated", args.update_doc)
     if args.plot and runs:
         chosen = next((r for r in runs if r.name == args.plot_run), runs[0])
@@ -515,7 +582,7 @@ def run(args: argparse.Namespace) -> int:
 
 #: the lines between which ``update_doc`` writes each generated block
 DOC_MARKERS = {name: (f"<!-- curve-report {name} -->", f"<!-- /curve-report {name} -->")
-               for name in ("headline", "runs")}
+               for name in ("headline", "runs", "growth-sweep")}
 
 
 def update_doc(path: Path, blocks: dict[str, str], markers: dict[str, tuple[str, str]] | None = None) -> None:

@@ -179,17 +179,24 @@ def turning_epoch(run_dir: Path, rule=None, alignment: str | int = "centre", win
             "found_at_epoch": -(-tp.found_at_step // steps_per_epoch)}
 
 
+def _has_size(run_dir: Path, series: str) -> bool:
+    """Whether the run's CS record kept the size ``series`` (the trainer keeps ‖ΔW‖/‖W‖ with every sample
+    since it could; the spectral size only when its rule ran)."""
+    path = run_dir / "cs_history.json"
+    return path.exists() and History.from_dict(json.loads(path.read_text())).size(series) is not None
+
+
 def replayed_turning_points(run_dir: Path) -> dict[str, dict | None]:
     """Every compared rule's turning point on the run (``turning_epoch``); a size rule from the checkpoints'
     sizes (or their record) where the trainer did not keep that size (replayed at epoch ends)."""
-    from lorakit.world.update_sizes import budget_epoch, checkpoint_spectral_sizes, checkpoint_update_sizes
+    from lorakit.world.update_sizes import checkpoint_spectral_sizes, checkpoint_update_sizes, size_rule_epoch
 
     out = {}
     for name, (rule, window_epochs) in COMPARED_RULES.items():
         tp = turning_epoch(run_dir, rule, window_epochs=window_epochs)
-        if tp is None and rule.series in SIZE_SERIES:
+        if tp is None and rule.series in SIZE_SERIES and not _has_size(run_dir, rule.series):
             sizes = (checkpoint_update_sizes if rule.series == "update" else checkpoint_spectral_sizes)(run_dir)
-            epoch = budget_epoch(sizes, rule.budget)
+            epoch = size_rule_epoch(sizes, rule)
             tp = None if epoch is None else {"epoch": epoch, "found_at_epoch": epoch}
         out[name] = tp
     return out

@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from lorakit.atomic import atomic_write_json
 from lorakit.checkpoints import RunFolder
 from lorakit.config import load_config
 from lorakit.earlystop.cs import CSMeter
+from lorakit.earlystop.rules import Rule
 from lorakit.formats import load_network
 from lorakit.models import BaseModel, load_base_model
 from lorakit.world.grid import SPECTRAL_CACHE
@@ -36,6 +39,15 @@ def checkpoint_update_sizes(run_dir: Path, model: BaseModel | None = None) -> di
 def budget_epoch(sizes: dict[int, float], budget: float) -> int | None:
     """The first epoch whose checkpoint's size reached ``budget`` (None: never in the run)."""
     return next((epoch for epoch, size in sorted(sizes.items()) if size >= budget), None)
+
+
+def size_rule_epoch(sizes: dict[int, float], rule: Rule) -> int | None:
+    """The epoch a size rule (a budget, or the growth stall) picks on the checkpoints' sizes, one value per epoch
+    (a window of one sample); None: never in the run.  Epochs are taken in order; a gap in them is the rule's
+    window too (a growth stall then compares epochs further apart)."""
+    epochs = sorted(sizes)
+    found = rule.find(np.asarray([sizes[e] for e in epochs], dtype=np.float64), window=1)
+    return None if found is None else epochs[found.csf_index]
 
 
 def checkpoint_spectral_sizes(run_dir: Path, model: BaseModel | None = None) -> dict[int, float]:
