@@ -267,11 +267,12 @@ def test_the_growth_sweep_on_the_page_is_the_grids_and_its_best_star_row_is_the_
     assert len(hits) == 60 and int(re.search(r"\*\*(\d+)/16", best).group(1)) == max(hits)
 
 
-def test_a_malformed_growth_sweep_is_named(tmp_path):
+def test_a_malformed_growth_sweep_is_named():
+    import argparse
     from pathlib import Path
 
     grid = Path(__file__).resolve().parents[1] / "experiments" / "onset_grid"
-    ap = __import__("argparse").ArgumentParser()
+    ap = argparse.ArgumentParser()
     curve_report.add_arguments(ap)
     for bad in ("0.07;2", "0.07;two;0.175", "0.07;0;0.175"):
         with pytest.raises(InvalidValueError, match="--growth-sweep"):

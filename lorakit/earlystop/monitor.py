@@ -27,7 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from lorakit.earlystop.rules import SIZE_NAMES, SIZE_SERIES, Detection, Rule, SecondValley, rule_from_dict
+from lorakit.earlystop.rules import (
+    SIZE_NAMES,
+    SIZE_SERIES,
+    Detection,
+    GrowthStall,
+    Rule,
+    SecondValley,
+    rule_from_dict,
+)
 from lorakit.earlystop.series import (
     check_window,
     cs_fluctuation,
@@ -248,7 +256,7 @@ class CSFluctuationMonitor:
         tp = self.turning_point
         if tp is None:
             needed = self._offset + 1
-            if self.rule.series == "update" and not hasattr(self.rule, "budget"):
+            if isinstance(self.rule, GrowthStall):
                 return Decision(False, f"the update's size {self._update[-1]:.4g} is still growing")
             if self.rule.series == "update":
                 return Decision(False, f"the update's size {self._update[-1]:.4g} is under the budget")
