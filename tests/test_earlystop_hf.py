@@ -131,6 +131,30 @@ def test_callback_stops_on_the_spectral_budget_read_at_epoch_ends(tmp_path):
     assert dense_spectral_size(model) == pytest.approx(read[stop - 2], rel=1e-6)
 
 
+def test_callback_stops_on_the_growth_stall_at_an_epoch_end(tmp_path):
+    """``GrowthStall`` in a transformers Trainer: the update's size is compared from epoch end to epoch end (2
+    steps per epoch, one CS sample per step), and the run stops at the first epoch end whose growth is below the
+    threshold, handing back that epoch's weights."""
+    from lorakit.earlystop import GrowthStall
+
+    model = tiny_llama()
+    # growth from epoch to epoch here is far below 1000%: the first epoch end that can be compared (the second)
+    callback = CSFluctuationCallback(rule=GrowthStall(growth=10.0, span=1, cap=1e9))
+    snapshots = Snapshots()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2,
+                             max_steps=MAX_STEPS, lr_scheduler_type="constant", save_strategy="no", report_to=[],
+                             logging_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=token_data(), callbacks=[callback, snapshots])
+    trainer.train()
+    assert trainer.state.global_step == 4 and callback.monitor.window == 2
+    tp = callback.turning_point
+    assert tp.step == 4 and tp.epoch == 2 and "per window over the last 1" in tp.reason
+    sizes = callback.monitor.history.update
+    assert sizes[3] / sizes[1] - 1 < 10.0 and sizes[3] > sizes[1] > 0  # still growing, but below the threshold
+    weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(weights[n], snapshots.by_step[4][n]) for n in weights)
+
+
 class Snapshots(TrainerCallback):
     """Independent copies of the trainable weights after every step, to check what the callback restores."""
 
