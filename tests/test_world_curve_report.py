@@ -113,6 +113,9 @@ def test_table_and_plot_from_run_folders(tmp_path):
                                "interval); fired in 1/1 runs; TP - onset = [")
     png = curve_report.plot_run(run, tmp_path / "plot.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+    # the plot draws compared rules only, the trainer's default among them
+    plotted = {name for name, _ in curve_report.PLOTTED_TURNING_POINTS}
+    assert plotted <= set(curve_report.RULES) and TrainConfig().early_stop.rule in plotted
 
 
 def test_budget_rule_and_its_sweep_from_the_recorded_sizes(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorakit.config import load_config
+from lorakit.config import EarlyStopConfig, load_config
 from lorakit.earlystop import samples as sample_stop
 from lorakit.earlystop.replay import COMPARED_RULES
 from lorakit.earlystop.rules import SIZE_SERIES, GrowthStall
@@ -464,6 +464,11 @@ def _sizes(run_dir: Path) -> dict[int, float]:
     return checkpoint_update_sizes(run_dir)
 
 
+#: the turning points ``plot_run`` draws, with their colours: the paper's rule, the calm, the size rules
+PLOTTED_TURNING_POINTS = (("second-valley", "C3"), ("calm", "C4"), ("budget", "C9"), ("spectral-budget", "C6"),
+                          ("growth-stall", "C7"))
+
+
 def plot_run(run: RunResult, path: Path) -> Path:
     import matplotlib  # here, not at the top: slow to import, and the backend must be chosen before pyplot
 
@@ -484,9 +489,11 @@ def plot_run(run: RunResult, path: Path) -> Path:
     ax.plot(run.epochs, run.control, "^-", label="controllability (scored prompts)")
     ax.plot(run.epochs, run.color_control, "v-", label="color obeyed (scored prompts)")
     ax.axvline(run.fidelity_peak, color="k", linestyle="--", label=f"fidelity peak (epoch {run.fidelity_peak})")
-    for name, style in (("second-valley", "C3"), ("calm", "C4"), ("budget", "C9")):
-        if run.turning[name] is not None:
-            ax.axvline(run.turning[name], color=style, linestyle="-.", label=f"{name} TP (epoch {run.turning[name]})")
+    for name, style in PLOTTED_TURNING_POINTS:
+        if run.turning.get(name) is not None:
+            default = " (the trainer's default)" if name == EarlyStopConfig().rule else ""
+            ax.axvline(run.turning[name], color=style, linestyle="-.",
+                       label=f"{name}{default} TP (epoch {run.turning[name]})")
     ax.set_xlabel("epoch")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"{run.concept}: {run.label}, lr {run.lr:g}, seed {run.seed}")
