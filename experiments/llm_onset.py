@@ -11,7 +11,7 @@ against the overfitting onset measured by held-out loss?
 3. The onset is the epoch (≥ 1) of minimum held-out loss; each rule is replayed on the recorded CS series (as
    ``lorakit world curve-report`` does for the shapes world), its turning point compared with the onset.
 
-    python experiments/llm_onset.py --out runs/llm_onset            # 3 seeds × 2 learning rates, the table
+    python experiments/llm_onset.py --out runs/llm_onset            # 5 seeds × 2 learning rates, the table
     python experiments/llm_onset.py --out runs/llm_onset --update-doc docs/early_stopping.md   # and the page
 
 The texts come from this Python's standard library, so the numbers belong to its version (written with the
@@ -255,7 +255,7 @@ def table(runs: list[RunResult]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/llm_onset"))
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--lrs", default="2e-3,1e-2")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--pretrain-steps", type=int, default=2000)
