@@ -680,10 +680,10 @@ def _undecided(monitor: CSFluctuationMonitor) -> str:
     budget = getattr(rule, "budget", None)
     if isinstance(rule, GrowthStall):
         ends = monitor.history.update[monitor.window - 1::monitor.window] if monitor.history.update is not None else []
-        if len(ends) <= rule.span or not ends[-1 - rule.span] > 0:
+        rate = rule.rate(ends)
+        if rate is None:
             return (f"the growth-stall rule compares the update's size over {rule.span} windows of "
                     f"{monitor.window} samples; the run ended after {len(ends)}")
-        rate = (ends[-1] / ends[-1 - rule.span]) ** (1 / rule.span) - 1
         return (f"{SIZE_NAMES[rule.series]} was still growing by {rate:.1%} per window at the end (the rule stops "
                 f"below {rule.growth:.1%}, or at the cap {rule.cap:g}; it reached {ends[-1]:.3g})")
     sizes = monitor.history.size(rule.series) if budget is not None else None

@@ -110,12 +110,7 @@ def test_callback_stops_on_the_spectral_budget_read_at_epoch_ends(tmp_path):
     model = tiny_llama()
     # a model trained from scratch has small weights: σ1(ΔW)/σ1(W) passes 1 within epochs; 3: epoch ends off it
     callback = CSFluctuationCallback(rule=SpectralBudget(budget=5.0), interval=3)
-    snapshots = Snapshots()
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2,
-                             max_steps=MAX_STEPS, lr_scheduler_type="constant", save_strategy="no", report_to=[],
-                             logging_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=token_data(), callbacks=[callback, snapshots])
-    trainer.train()
+    trainer, snapshots = train_with(model, callback, tmp_path)
     history = callback.monitor.history
     read = {int(step): float(v) for step, v in zip(history.steps, history.spectral, strict=True) if v == v}
     assert read and all(step % 2 == 0 for step in read)  # 8 examples, batch 4: 2 steps per epoch
@@ -140,12 +135,7 @@ def test_callback_stops_on_the_growth_stall_at_an_epoch_end(tmp_path):
     model = tiny_llama()
     # growth from epoch to epoch here is far below 1000%: the first epoch end that can be compared (the second)
     callback = CSFluctuationCallback(rule=GrowthStall(growth=10.0, span=1, cap=1e9))
-    snapshots = Snapshots()
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2,
-                             max_steps=MAX_STEPS, lr_scheduler_type="constant", save_strategy="no", report_to=[],
-                             logging_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=token_data(), callbacks=[callback, snapshots])
-    trainer.train()
+    trainer, snapshots = train_with(model, callback, tmp_path)
     assert trainer.state.global_step == 4 and callback.monitor.window == 2
     tp = callback.turning_point
     assert tp.step == 4 and tp.epoch == 2 and "per window over the last 1" in tp.reason
@@ -153,6 +143,18 @@ def test_callback_stops_on_the_growth_stall_at_an_epoch_end(tmp_path):
     assert sizes[3] / sizes[1] - 1 < 10.0 and sizes[3] > sizes[1] > 0  # still growing, but below the threshold
     weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert all(torch.equal(weights[n], snapshots.by_step[4][n]) for n in weights)
+
+
+def train_with(model, callback, out, **extra) -> tuple[Trainer, Snapshots]:
+    """A transformers Trainer over ``token_data()`` (constant lr 1e-2, batch 4: 2 steps per epoch, at most
+    MAX_STEPS) with ``callback`` and a ``Snapshots`` of the weights after every step, run to its end."""
+    snapshots = Snapshots()
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2,
+                             max_steps=MAX_STEPS, lr_scheduler_type="constant", save_strategy="no", report_to=[],
+                             logging_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, **extra)
+    trainer = Trainer(model=model, args=args, train_dataset=token_data(), callbacks=[callback, snapshots])
+    trainer.train()
+    return trainer, snapshots
 
 
 class Snapshots(TrainerCallback):
@@ -180,13 +182,7 @@ def stopped_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
     model = tiny_llama()
     callback = CSFluctuationCallback(window=10, save="sample")
-    snapshots = Snapshots()
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2,
-                             max_steps=MAX_STEPS, lr_scheduler_type="constant", save_strategy="no", report_to=[],
-                             logging_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
-                             dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=token_data(), callbacks=[callback, snapshots])
-    trainer.train()
+    trainer, snapshots = train_with(model, callback, out, dataloader_num_workers=0)
     return trainer, callback, snapshots, out
 
 

@@ -99,11 +99,22 @@ def _run(tracker: Tracker, csf: np.ndarray, offset: int) -> Detection | None:
     return None
 
 
+class _RuleMethods:
+    """What every rule does the same way given its ``tracker``: the offline run and the config dict."""
+
+    def find(self, values: np.ndarray, window: int, offset: int = 0) -> Detection | None:
+        """The detection on a whole series (``values[k]`` belongs to sample ``offset + k``), or ``None``."""
+        return _run(self.tracker(window), values, offset)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
+
+
 # ---- the paper's rule --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class SecondValley:
+class SecondValley(_RuleMethods):
     """The ``valley``-th valley of CSF (2 in the paper), with the noise guard described in the module doc.
 
     ``prominence``: fraction of the running range a wiggle must exceed on both sides to count (0 = none);
@@ -127,19 +138,12 @@ class SecondValley:
     def tracker(self, window: int) -> ValleyTracker:
         return ValleyTracker(self, window)
 
-    def find(self, csf: np.ndarray, window: int, offset: int = 0) -> Detection | None:
-        """The detection on a whole curve (``csf[k]`` belongs to sample ``offset + k``), or ``None``."""
-        return _run(self.tracker(window), csf, offset)
-
     def valleys(self, csf: np.ndarray, window: int, offset: int = 0) -> list[tuple[int, int]]:
         """All counted valleys of a curve as ``(valley_index, known_at_index)``, for plots and tests."""
         # the same tracker told to count every valley (it never reaches len(csf) + 1 of them)
         tracker = ValleyTracker(SecondValley(len(csf) + 1, self.prominence, self.min_distance), window)
         _run(tracker, csf, offset)
         return [tuple(v) for v in tracker.counted]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **asdict(self)}
 
 
 @dataclass
@@ -207,7 +211,7 @@ class ValleyTracker:
 
 
 @dataclass(frozen=True)
-class CalmRule:
+class CalmRule(_RuleMethods):
     """The first sample of the first ``patience · M`` samples in a row with CSF below ``threshold × max so far``."""
 
     name: ClassVar[str] = "calm"
@@ -223,12 +227,6 @@ class CalmRule:
 
     def tracker(self, window: int) -> CalmTracker:
         return CalmTracker(self, window)
-
-    def find(self, csf: np.ndarray, window: int, offset: int = 0) -> Detection | None:
-        return _run(self.tracker(window), csf, offset)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **asdict(self)}
 
 
 @dataclass
@@ -271,7 +269,7 @@ class CalmTracker:
 
 
 @dataclass(frozen=True)
-class _SizeBudget:
+class _SizeBudget(_RuleMethods):
     """A budget on one of the size series: the first sample where it reaches ``budget`` (no lag)."""
 
     name: ClassVar[str]
@@ -284,12 +282,6 @@ class _SizeBudget:
 
     def tracker(self, window: int) -> BudgetTracker:
         return BudgetTracker(self)
-
-    def find(self, values: np.ndarray, window: int, offset: int = 0) -> Detection | None:
-        return _run(self.tracker(window), values, offset)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **asdict(self)}
 
 
 @dataclass(frozen=True)
@@ -341,7 +333,7 @@ class BudgetTracker:
 
 
 @dataclass(frozen=True)
-class GrowthStall:
+class GrowthStall(_RuleMethods):
     """At the end of each window of M samples (the trainer's default window: one epoch), the update's size
     ‖ΔW‖/‖W‖ grew by less than ``growth`` per window over the last ``span`` windows, or it reached ``cap``.
 
@@ -367,11 +359,12 @@ class GrowthStall:
     def tracker(self, window: int) -> GrowthTracker:
         return GrowthTracker(self, window)
 
-    def find(self, values: np.ndarray, window: int, offset: int = 0) -> Detection | None:
-        return _run(self.tracker(window), values, offset)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **asdict(self)}
+    def rate(self, ends: list[float] | np.ndarray) -> float | None:
+        """The growth per window over the last ``span`` of the window-end sizes ``ends`` (None before there are
+        ``span + 1`` of them, or from a size of 0)."""
+        if len(ends) <= self.span or not ends[-1 - self.span] > 0:
+            return None
+        return float((ends[-1] / ends[-1 - self.span]) ** (1 / self.span) - 1)
 
 
 @dataclass
@@ -387,13 +380,12 @@ class GrowthTracker:
             return None
         self.ends.append(value)
         found = None
+        rate = self.rule.rate(self.ends)
         if value >= self.rule.cap:
             found = f"reached {value:.4g} (cap {self.rule.cap:g})"
-        elif len(self.ends) > self.rule.span and self.ends[-1 - self.rule.span] > 0:
-            rate = (value / self.ends[-1 - self.rule.span]) ** (1 / self.rule.span) - 1
-            if rate < self.rule.growth:
-                found = (f"grew by {rate:.1%} per window over the last {self.rule.span} (below "
-                         f"{self.rule.growth:.1%}), to {value:.4g}")
+        elif rate is not None and rate < self.rule.growth:
+            found = (f"grew by {rate:.1%} per window over the last {self.rule.span} (below "
+                     f"{self.rule.growth:.1%}), to {value:.4g}")
         if found is None:
             return None
         self.decided = True

@@ -9,6 +9,7 @@ blocks (the headline table, the runs' table and lines) and leaves its prose alon
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -427,18 +428,16 @@ def growth_sweep(runs: list[RunResult], run_dirs: dict[str, Path], growths: list
     concepts = concepts_of(runs)
     sizes = {r.name: _sizes(run_dirs[r.name]) for r in runs}
     rows = []
-    for growth in growths:
-        for span in spans:
-            for cap in caps:
-                rule = GrowthStall(growth=growth, span=span, cap=cap)
-                cells = []
-                for c in concepts:
-                    signed = [None if (e := size_rule_epoch(sizes[r.name], rule)) is None else e - r.onset
-                              for r in runs if r.concept == c]
-                    decided = [abs(d) for d in signed if d is not None]
-                    cells.append((sum(d <= 1 for d in decided), len(signed),
-                                  sum(decided) / len(decided) if decided else float("inf")))
-                rows.append((rule, cells))
+    for growth, span, cap in itertools.product(growths, spans, caps):
+        rule = GrowthStall(growth=growth, span=span, cap=cap)
+        cells = []
+        for c in concepts:
+            signed = [None if (e := size_rule_epoch(sizes[r.name], rule)) is None else e - r.onset
+                      for r in runs if r.concept == c]
+            decided = [abs(d) for d in signed if d is not None]
+            cells.append((sum(d <= 1 for d in decided), len(signed),
+                          sum(decided) / len(decided) if decided else float("inf")))
+        rows.append((rule, cells))
     best = max(range(len(rows)), key=lambda i: (rows[i][1][0][0], -rows[i][1][0][2], -i))
     lines = ["| growth per epoch | span (epochs) | cap | " + " | ".join(concepts) + " |",
              "|---|---|---|" + "---|" * len(concepts)]
@@ -536,10 +535,8 @@ def parse_growth_sweep(text: str) -> tuple[list[float], list[int], list[float]]:
     try:
         growths, spans, caps = (part.split(",") for part in text.split(";"))
         options = [float(g) for g in growths], [int(k) for k in spans], [float(c) for c in caps]
-        for growth in options[0]:
-            for span in options[1]:
-                for cap in options[2]:
-                    GrowthStall(growth=growth, span=span, cap=cap)
+        for growth, span, cap in itertools.product(*options):
+            GrowthStall(growth=growth, span=span, cap=cap)
     except ValueError as e:
         raise InvalidValueError(f"--growth-sweep {text!r}: want GROWTHS;SPANS;CAPS, each a comma-separated list of "
                                 f"numbers ({e})") from e

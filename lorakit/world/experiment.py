@@ -163,13 +163,19 @@ def overfitting_onset(rows: list[dict], changes: tuple[str, ...] = ALTER_CHANGES
     return int(peak_epoch([r["epoch"] for r in rows], success[None])[0])
 
 
-def turning_epoch(run_dir: Path, rule=None, alignment: str | int = "centre", window_epochs: int = 1) -> dict | None:
-    """Replay CS-Fluctuation on the run's recorded CS series under ``rule``, with a window of ``window_epochs``
-    times the recorded one (one epoch by default); the turning point's epoch."""
+def _recorded_history(run_dir: Path) -> History | None:
     path = run_dir / "cs_history.json"
-    if not path.exists():
+    return History.from_dict(json.loads(path.read_text())) if path.exists() else None
+
+
+def turning_epoch(run_dir: Path, rule=None, alignment: str | int = "centre", window_epochs: int = 1,
+                  history: History | None = None) -> dict | None:
+    """Replay CS-Fluctuation on the run's recorded CS series under ``rule``, with a window of ``window_epochs``
+    times the recorded one (one epoch by default); the turning point's epoch.  ``history``: the run's record,
+    when the caller has read it already."""
+    h = history if history is not None else _recorded_history(run_dir)
+    if h is None:
         return None
-    h = History.from_dict(json.loads(path.read_text()))
     # None for a size rule on a run recorded before the size was kept (lorakit.world.update_sizes replays it)
     tp = replay(h, rule or SecondValley(), window_epochs, alignment)
     if tp is None:
@@ -179,22 +185,18 @@ def turning_epoch(run_dir: Path, rule=None, alignment: str | int = "centre", win
             "found_at_epoch": -(-tp.found_at_step // steps_per_epoch)}
 
 
-def _has_size(run_dir: Path, series: str) -> bool:
-    """Whether the run's CS record kept the size ``series`` (the trainer keeps ‖ΔW‖/‖W‖ with every sample
-    since it could; the spectral size only when its rule ran)."""
-    path = run_dir / "cs_history.json"
-    return path.exists() and History.from_dict(json.loads(path.read_text())).size(series) is not None
-
-
 def replayed_turning_points(run_dir: Path) -> dict[str, dict | None]:
     """Every compared rule's turning point on the run (``turning_epoch``); a size rule from the checkpoints'
-    sizes (or their record) where the trainer did not keep that size (replayed at epoch ends)."""
+    sizes (or their record) where the trainer did not keep that size (the trainer keeps ‖ΔW‖/‖W‖ with every
+    sample since it could, the spectral size only when its rule ran), replayed at epoch ends."""
     from lorakit.world.update_sizes import checkpoint_spectral_sizes, checkpoint_update_sizes, size_rule_epoch
 
+    history = _recorded_history(run_dir)  # read once for every rule
     out = {}
     for name, (rule, window_epochs) in COMPARED_RULES.items():
-        tp = turning_epoch(run_dir, rule, window_epochs=window_epochs)
-        if tp is None and rule.series in SIZE_SERIES and not _has_size(run_dir, rule.series):
+        tp = None if history is None else turning_epoch(run_dir, rule, window_epochs=window_epochs, history=history)
+        kept = history is not None and history.size(rule.series) is not None
+        if tp is None and rule.series in SIZE_SERIES and not kept:
             sizes = (checkpoint_update_sizes if rule.series == "update" else checkpoint_spectral_sizes)(run_dir)
             epoch = size_rule_epoch(sizes, rule)
             tp = None if epoch is None else {"epoch": epoch, "found_at_epoch": epoch}
