@@ -208,6 +208,27 @@ def test_the_budget_rule_decides_where_the_update_reaches_it_with_no_lag():
         UpdateBudget(budget=-1.0)
 
 
+def test_each_rule_says_what_it_waits_for_before_it_decides():
+    """The monitor's "not yet" reason comes from the rule: a size rule names its series and its last value; a
+    rule on CS-Fluctuation leaves it to the monitor (how many samples CS-Fluctuation still needs)."""
+    from lorakit.earlystop import CalmRule, GrowthStall, SpectralBudget
+
+    def first_reason(rule, spectral=None):
+        return CSFluctuationMonitor(M, 1e-4, rule=rule).update(1, 0.1, epoch=1, update=0.0123,
+                                                                  spectral=spectral).reason
+
+    assert first_reason(UpdateBudget(0.1)) == "the update's size 0.0123 is under the budget"
+    assert first_reason(GrowthStall()) == "the update's size 0.0123 is still growing"
+    assert first_reason(SpectralBudget(0.25)) == "the spectral size is read at epoch ends"
+    assert first_reason(SpectralBudget(0.25), spectral=0.05) == "the spectral size 0.05 (last read) is under the budget"
+    assert first_reason(CalmRule()).startswith("collecting samples: 1 of the")
+    # the last size read counts, not a sample between epoch ends that carries none
+    monitor = CSFluctuationMonitor(M, 1e-4, rule=SpectralBudget(0.25))
+    monitor.update(1, 0.1, epoch=1, update=0.01, spectral=0.07)
+    waiting = monitor.update(2, 0.1, epoch=1, update=0.02).reason
+    assert waiting == "the spectral size 0.07 (last read) is under the budget"
+
+
 def test_the_budget_rule_resumes_and_old_states_without_sizes_load():
     cs, size = training_like(200), np.linspace(0.0, 0.2, 200)
     whole, first = (CSFluctuationMonitor(M, 1e-4, rule=UpdateBudget(0.15)) for _ in range(2))

@@ -31,7 +31,6 @@ from lorakit.earlystop.rules import (
     SIZE_NAMES,
     SIZE_SERIES,
     Detection,
-    GrowthStall,
     Rule,
     SecondValley,
     rule_from_dict,
@@ -256,14 +255,10 @@ class CSFluctuationMonitor:
         tp = self.turning_point
         if tp is None:
             needed = self._offset + 1
-            if isinstance(self.rule, GrowthStall):
-                return Decision(False, f"the update's size {self._update[-1]:.4g} is still growing")
-            if self.rule.series == "update":
-                return Decision(False, f"the update's size {self._update[-1]:.4g} is under the budget")
-            if self.rule.series == "spectral":
-                last = next((v for v in reversed(self._spectral) if not math.isnan(v)), None)
-                return Decision(False, "the spectral size is read at epoch ends" if last is None else
-                                f"the spectral size {last:.4g} (last read) is under the budget")
+            sizes = {"update": self._update, "spectral": self._spectral}.get(self.rule.series, [])
+            waiting = self.rule.waiting(sizes)
+            if waiting is not None:
+                return Decision(False, waiting)
             if len(self._cs) < needed:
                 return Decision(False, f"collecting samples: {len(self._cs)} of the {needed} that CS-Fluctuation "
                                        f"needs (3 windows of {self.window})")

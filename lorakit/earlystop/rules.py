@@ -48,6 +48,7 @@ A rule says which series it reads (``series``): ``"csf"``, ``"update"`` or ``"sp
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -90,6 +91,8 @@ class Rule(Protocol):
 
     def to_dict(self) -> dict[str, Any]: ...
 
+    def waiting(self, sizes: Sequence[float]) -> str | None: ...
+
 
 def _run(tracker: Tracker, csf: np.ndarray, offset: int) -> Detection | None:
     for k, value in enumerate(np.asarray(csf, dtype=np.float64)):
@@ -108,6 +111,11 @@ class _RuleMethods:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **asdict(self)}
+
+    def waiting(self, sizes: Sequence[float]) -> str | None:
+        """What the rule waits for while it has not decided, given the series it reads so far (``sizes``; empty
+        for a rule on CS-Fluctuation); None: the monitor says how far CS-Fluctuation got instead."""
+        return None
 
 
 # ---- the paper's rule --------------------------------------------------------------------------------
@@ -283,6 +291,14 @@ class _SizeBudget(_RuleMethods):
     def tracker(self, window: int) -> BudgetTracker:
         return BudgetTracker(self)
 
+    def waiting(self, sizes: Sequence[float]) -> str | None:
+        # the spectral size is read at epoch ends only: the samples between are NaN
+        last = next((v for v in reversed(sizes) if not math.isnan(v)), None)
+        what = "the update's size" if self.series == "update" else "the spectral size"
+        if last is None:
+            return f"{what} is read at epoch ends" if self.series == "spectral" else f"{what} is not read yet"
+        return f"{what} {last:.4g}{' (last read)' if self.series == 'spectral' else ''} is under the budget"
+
 
 @dataclass(frozen=True)
 class UpdateBudget(_SizeBudget):
@@ -358,6 +374,10 @@ class GrowthStall(_RuleMethods):
 
     def tracker(self, window: int) -> GrowthTracker:
         return GrowthTracker(self, window)
+
+    def waiting(self, sizes: Sequence[float]) -> str | None:
+        last = next((v for v in reversed(sizes) if not math.isnan(v)), None)
+        return "the update's size is not read yet" if last is None else f"the update's size {last:.4g} is still growing"
 
     def rate(self, ends: list[float] | np.ndarray) -> float | None:
         """The growth per window over the last ``span`` of the window-end sizes ``ends`` (None before there are
