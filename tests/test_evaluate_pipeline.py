@@ -239,3 +239,19 @@ def test_the_summary_says_which_mean_chose_the_best_checkpoint():
     # a metrics.json with no harmonic means (null) still prints, as before
     unknown = summary_lines(_result({"e1": None, "e2": None}, {"e1": 0.4, "e2": 0.7}, "e2"))[0]
     assert unknown == "best checkpoint (harmonic mean of rank-normalised metrics): e2 (; arithmetic mean 0.700)"
+
+
+def test_checkpoints_rank_by_harmonic_mean_then_arithmetic_mean_then_their_order():
+    """One ordering serves ``evaluate``'s best, the page's ranking table and the summary's tie count."""
+    from lorakit.evaluate.pipeline import best_first
+
+    harmonic = {"a": 0.0, "b": 0.5, "c": 0.0, "d": None, "e": 0.0}
+    means = {"a": 0.4, "b": 0.1, "c": 0.6, "d": 0.9, "e": 0.4}
+    # b has the best harmonic mean whatever its arithmetic mean; c beats a and e on the arithmetic mean; a comes
+    # before e as given (equal keys); d, with no harmonic mean, is last
+    assert best_first(["a", "b", "c", "d", "e"], harmonic, means) == ["b", "c", "a", "e", "d"]
+    assert best_first(["e", "a"], harmonic, means) == ["e", "a"]
+    result = _result(harmonic, means, "b")
+    result.checkpoints = [{"label": lb} for lb in "abcde"]
+    assert result.ranking()[0] == result.best and result.tied_with_best() == 1
+    assert _result(harmonic, means, "c").tied_with_best() == 3 and _result({}, {}, None).tied_with_best() == 0

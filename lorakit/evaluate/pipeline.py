@@ -115,6 +115,30 @@ class EvalResult:
             names.extend(m for m in row if m not in names)
         return names
 
+    def ranking(self) -> list[str]:
+        """Checkpoint labels best first (``best`` is the first when two or more were compared)."""
+        return best_first([c["label"] for c in self.checkpoints], self.harmonic_mean, self.mean_score)
+
+    def tied_with_best(self) -> int:
+        """How many checkpoints share the best one's harmonic mean (itself included; the arithmetic mean chose
+        among them)."""
+        if self.best is None:
+            return 0
+        hm = self.harmonic_mean.get(self.best)
+        return sum(1 for v in self.harmonic_mean.values() if v == hm)
+
+
+def best_first(labels: Sequence[str], harmonic: Mapping[str, float | None],
+               means: Mapping[str, float | None]) -> list[str]:
+    """``labels`` best first: by the harmonic mean of the rank-normalised scores, and among equal harmonic means
+    (with many metrics most checkpoints are worst at one of them: 0) by the arithmetic mean of the same scores;
+    equal keys keep the input order (the first checkpoint wins, as in ``best_by_harmonic_mean``)."""
+    def key(label: str) -> tuple[float, float]:
+        hm, mean = harmonic.get(label), means.get(label)
+        return (hm if _finite(hm) else -1.0, mean if _finite(mean) else -1.0)
+
+    return sorted(labels, key=key, reverse=True)  # sorted is stable, reversed too
+
 
 def _clean(value: Any) -> Any:
     """NaN/inf -> None (JSON has no NaN; browsers refuse it), numpy scalars -> Python, paths -> str."""
@@ -254,14 +278,10 @@ def evaluate(checkpoints: Sequence[EvalCheckpoint], runs: Sequence[RunInfo], job
         flat_dirs = {f"{g}/{m}": directions[m] for g, rows in table.items() for row in rows.values() for m in row
                      if f"{g}/{m}" in present}
         if flat_dirs:
-            best, harmonic = best_by_harmonic_mean(flat, flat_dirs)
-            # many metrics: most checkpoints are worst at one of them (harmonic mean 0); the arithmetic mean
-            # of the same scores breaks the tie
+            _, harmonic = best_by_harmonic_mean(flat, flat_dirs)
             means = {lb: float(np.mean([s for g in scores.values() for s in g.get(lb, {}).values() if _finite(s)]
                                        or [float("nan")])) for lb in labels}
-            tied = [lb for lb in labels if harmonic.get(lb) == harmonic.get(best)]
-            if len(tied) > 1:
-                best = max(tied, key=lambda lb: (means[lb] if _finite(means[lb]) else -1.0))
+            best = best_first(labels, harmonic, means)[0]
     groups = [g for g in (*PROMPT_TYPES, ALL) if g in table]
     return EvalResult(
         checkpoints=[{"label": c.label, "kind": c.kind, "run": c.run, "epoch": c.epoch,
@@ -315,7 +335,7 @@ def summary_lines(result: EvalResult, headline: Sequence[tuple[str, str]] = ()) 
     if result.best is not None:
         hm = result.harmonic_mean.get(result.best)
         mean = result.mean_score.get(result.best)
-        tied = sum(1 for v in result.harmonic_mean.values() if v == hm)
+        tied = result.tied_with_best()
         if tied > 1 and _finite(hm) and _finite(mean):  # say which mean chose, or "best ... (0.000)" reads as a failure
             lines.append(f"best checkpoint: {result.best} (arithmetic mean of rank-normalised metrics {mean:.3f}; "
                          f"{tied} checkpoints tie on the harmonic mean at {hm:.3f}"

@@ -343,16 +343,6 @@ def checkpoint_method(result: EvalResult, checkpoint: Mapping[str, Any]) -> str:
     return str(settings.get("algorithm", "adapter"))
 
 
-def ranking_order(result: EvalResult) -> list[str]:
-    """Checkpoint labels best first: by harmonic mean, ties broken by the arithmetic mean (as ``best`` is)."""
-    def key(lb: str) -> tuple[float, float]:
-        hm, mean = result.harmonic_mean.get(lb), result.mean_score.get(lb)
-        return (hm if _finite(hm) else -1.0, mean if _finite(mean) else -1.0)
-
-    labels = [c["label"] for c in result.checkpoints]
-    return sorted(labels, key=key, reverse=True)  # sorted is stable: equal keys keep the input order
-
-
 def ranking_table(result: EvalResult) -> Table | None:
     """The checkpoints compared, best first, in one table (the paper's Table 1 for these runs): method, epoch,
     each prompt type's key metric, the harmonic and arithmetic means of the rank-normalised scores, the rank."""
@@ -360,7 +350,7 @@ def ranking_table(result: EvalResult) -> Table | None:
         return None
     info = {c["label"]: c for c in result.checkpoints}
     keys = key_metrics(result)
-    order = ranking_order(result)
+    order = result.ranking()
     rows, texts = [], []
     for rank, lb in enumerate(order, start=1):
         c = info[lb]
