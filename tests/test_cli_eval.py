@@ -180,6 +180,40 @@ def test_without_a_prompt_file_the_prompts_come_from_the_dataset_captions(tmp_pa
     assert "wrote" in capsys.readouterr().out
 
 
+def test_images_without_caption_files_are_captioned_as_the_trainer_captioned_them(tmp_path, capsys):
+    """A plain folder (named like a date) of caption-less photos trained with --trigger/--class: the trainer
+    captioned every image "xyz ball", so eval's default prompts come from that, not "the dataset has no captions";
+    in kohya layout an image without a caption file is its folder's "<trigger> <class>"."""
+    from PIL import Image
+
+    from lorakit.config import load_config, to_toml
+    from lorakit.evaluate.checkpoints import dataset_images
+
+    photos = tmp_path / "2026-12-05 photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(photos / f"img {i}.jpg")
+    run = write_run(tmp_path / "run", epochs=1, data=photos)
+    cfg = load_config(run / "config.toml")
+    cfg.data.trigger, cfg.data.class_word = "xyz", "ball"
+    (run / "config.toml").write_text(to_toml(cfg))
+    out = tmp_path / "out"
+    assert main(["eval", str(run), "--out", str(out), "--steps", "2", "--no-base", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["setup"]["prompts"] == "captions" and metrics["setup"]["trigger"] == "xyz"
+    capsys.readouterr()
+
+    kohya = tmp_path / "kohya"
+    (kohya / "5_zkz star").mkdir(parents=True)
+    (kohya / "1_a date 20261205").mkdir()
+    for folder, name in ((kohya / "5_zkz star", "a"), (kohya / "5_zkz star", "b"), (kohya / "1_a date 20261205", "c")):
+        Image.new("RGB", (64, 64)).save(folder / f"{name}.png")
+    (kohya / "5_zkz star" / "b.txt").write_text("zkz star, red\n")
+    assert [c for _, c in dataset_images(kohya, "unused")] == ["a date 20261205", "zkz star", "zkz star, red"]
+    assert [c for _, c in dataset_images(photos)] == ["", "", ""]  # no run to say what the trainer used
+    assert [c for _, c in dataset_images(photos, "xyz ball")] == ["xyz ball"] * 3
+
+
 def test_eval_with_clip_dinov2_and_vgg_models_from_local_folders(tmp_path, concept_data, clip_folder,  # noqa: F811
                                                                  dino_folder, capsys):  # noqa: F811
     """The generic path with real transformers models: tiny random CLIP and DINOv2 saved with save_pretrained and

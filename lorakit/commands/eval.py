@@ -163,7 +163,9 @@ def run(args: argparse.Namespace) -> int:
     checkpoints, runs = discover(args.sources, include_base=not args.no_base, every=args.every)
     args.model = _base_model(args, runs)
     data = _data_folder(args, runs)
-    pairs = dataset_images(data) if data is not None else []
+    # an image with no caption file was trained on its run's --trigger/--class words: the default prompts too
+    plain_caption = next((r.plain_caption for r in runs if r.plain_caption), None) or args.trigger
+    pairs = dataset_images(data, plain_caption) if data is not None else []
     trigger = args.trigger or next((r.trigger for r in runs if r.trigger), None) \
         or (kohya_phrase(data) if data else None)
     if args.prompts is not None:

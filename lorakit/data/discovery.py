@@ -52,7 +52,7 @@ def _subdirs(folder: Path) -> list[Path]:
     return [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")]
 
 
-def _kohya_name(folder: Path) -> str:
+def folder_phrase(folder: Path) -> str:
     """The ``<trigger> <class>`` words a ``<repeats>_<trigger> <class>`` folder names; "" for any other folder
     (hidden, no name after the number, or a number too large to be repeats: a date)."""
     match = KOHYA_FOLDER.match(folder.name)
@@ -68,7 +68,7 @@ def kohya_names(parent: Path, part: str = "trigger") -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     if parent.is_dir():
         for folder in _subdirs(parent):
-            words = _kohya_name(folder).split()
+            words = folder_phrase(folder).split()
             name = (words[0] if part == "trigger" else " ".join(words[1:])) if words else ""
             if name:
                 found.setdefault(name, []).append(folder.name)
@@ -80,7 +80,7 @@ def kohya_phrase(parent: str | Path) -> str | None:
     (``10_zkz shape`` -> ``zkz shape``): the words a kohya-layout image without a caption file is trained on, and
     what evaluation prompts say by default; ``None`` for a folder that is not in kohya layout."""
     parent = Path(parent)
-    names = [_kohya_name(folder) for folder in _subdirs(parent)] if parent.is_dir() else []
+    names = [folder_phrase(folder) for folder in _subdirs(parent)] if parent.is_dir() else []
     return next((name for name in names if name), None)
 
 

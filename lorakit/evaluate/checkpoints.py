@@ -60,7 +60,14 @@ class RunInfo:
     turning_step: int | None = None
     data: str | None = None  # the training images' folder, from config.toml
     trigger: str | None = None
+    class_word: str | None = None
     checkpoints: list[EvalCheckpoint] = field(default_factory=list)
+
+    @property
+    def plain_caption(self) -> str | None:
+        """What the trainer captioned an image of a plain (not kohya-layout) folder with when it had no caption
+        file: the trigger and class word (``--trigger``, ``--class``); None when the run set neither."""
+        return " ".join(w for w in (self.trigger, self.class_word) if w) or None
 
 
 def file_hash(path: Path, chunk: int = 1 << 20) -> str:
@@ -144,7 +151,8 @@ def read_run(path: str | Path, every: int = 1) -> RunInfo:
     kind = _kind(config, path / "config.toml")
     summary = _read_json(path / "summary.json")
     info = RunInfo(name=path.resolve().name, path=path, settings=run_settings(config), summary=summary,
-                   data=config.get("data", {}).get("train_data"), trigger=config.get("data", {}).get("trigger"))
+                   data=config.get("data", {}).get("train_data"), trigger=config.get("data", {}).get("trigger"),
+                   class_word=config.get("data", {}).get("class_word"))
     if summary:
         tp = summary.get("turning_point") or summary.get("turning_point_found")
         if isinstance(tp, dict):
@@ -218,15 +226,22 @@ def discover(sources: Sequence[str | Path], include_base: bool = True,
     return _unique_labels(checkpoints), runs
 
 
-def dataset_images(folder: str | Path) -> list[tuple[Path, str]]:
-    """(image, caption) pairs of a training folder (kohya layout or plain), captions from sibling ``.txt``."""
+def dataset_images(folder: str | Path, plain_caption: str | None = None) -> list[tuple[Path, str]]:
+    """(image, caption) pairs of a training folder (kohya layout or plain), captioned as the trainer captions
+    them: the sibling ``.txt``; without one, the ``<trigger> <class>`` of the image's ``N_trigger class`` folder,
+    or ``plain_caption`` for an image in any other folder ("" when it is None)."""
+    from lorakit.data.discovery import folder_phrase
+
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: the dataset folder does not exist")
     pairs = []
     for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         caption_file = image.with_suffix(".txt")
-        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
+        if caption_file.is_file():
+            caption = caption_file.read_text(encoding="utf-8").strip()
+        else:
+            caption = (folder_phrase(image.parent) if image.parent != folder else "") or plain_caption or ""
         pairs.append((image, caption))
     if not pairs:
         raise CheckpointError(f"{folder}: no images in the dataset folder")
