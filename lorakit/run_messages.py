@@ -109,9 +109,11 @@ def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[s
         lines.append(f"  which epoch is best, measured: lorakit eval {shlex.quote(str(run_dir))}{extractor} "
                      f"--out {shlex.quote(str(run_dir))}-eval")
     report = f"lorakit report {shlex.quote(str(run_dir))}"
+    # report reads the eval folder suggested above when it is there
+    ranked = ", and after the eval its ranking" if cfg.method.kind in ("adapter", "native") else ""
     if cfg.sample.prompts or any((run_dir / "samples").glob("*.png")):
-        lines.append(f"  a page with the samples, the curve and the settings: {report}")
+        lines.append(f"  a page with the samples, the curve and the settings{ranked}: {report}")
     else:  # kohya's way: samples only when asked for; say so rather than promise a page of them
-        lines.append(f"  a page with the curve and the settings: {report} (no samples were drawn during training: "
-                     "--sample-prompts FILE, kohya's prompt syntax, draws them at every epoch end)")
+        lines.append(f"  a page with the curve and the settings{ranked}: {report} (no samples were drawn during "
+                     "training: --sample-prompts FILE, kohya's prompt syntax, draws them at every epoch end)")
     return ["next:", *lines]

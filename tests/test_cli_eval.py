@@ -90,6 +90,39 @@ def test_eval_end_to_end_writes_metrics_and_report_and_caches(tmp_path, concept_
     assert main(["report", str(run), "--out", str(notes), "--overwrite"]) == 0 and "lorakit" in notes.read_text()
 
 
+def test_the_run_page_shows_what_eval_measured_and_where_the_turning_point_ranks(tmp_path, concept_data, capsys):
+    """`lorakit eval RUN --out RUN-eval` (the folder the trainer's summary suggests), then `lorakit report RUN`:
+    the run's page gets the eval's ranking first, its charts, the best checkpoint and the turning point's rank;
+    --eval names another folder; a folder with no metrics.json is refused by name."""
+    from lorakit.evaluate.pipeline import result_from_dict
+
+    run = write_run(tmp_path / "run", epochs=2, turning_epoch=2, data=concept_data)
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(PROMPTS_TOML)
+    assert main(["report", str(run)]) == 0  # before any eval: the run alone
+    alone = (run / "report.html").read_text()
+    assert "ranking: the checkpoints compared" not in alone and "measured by lorakit eval" not in alone
+    beside = tmp_path / "run-eval"
+    assert main(["eval", str(run), "--prompts", str(prompts), "--out", str(beside), "--steps", "2", "--quiet"]) == 0
+    result = result_from_dict(json.loads((beside / "metrics.json").read_text()))
+    rank = result.ranking().index("run/e2") + 1
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    said = capsys.readouterr().out
+    assert f"measured by lorakit eval ({beside}, its page with the images: {beside}/report.html): best " in said
+    assert f"the turning point's checkpoint (epoch 2) ranks {rank} of 3 there" in said
+    page = (run / "report.html").read_text()
+    assert page.index("ranking: the checkpoints compared") < page.index("training: per epoch")
+    assert page.count("<figure>") > alone.count("<figure>")  # the metric charts joined the loss and CS charts
+    elsewhere = tmp_path / "elsewhere"
+    beside.rename(elsewhere)
+    assert main(["report", str(run)]) == 0 and "measured by lorakit eval" not in capsys.readouterr().out
+    assert main(["report", str(run), "--eval", str(elsewhere)]) == 0
+    assert f"measured by lorakit eval ({elsewhere}" in capsys.readouterr().out
+    assert main(["report", str(run), "--eval", str(tmp_path)]) == 2
+    assert f"--eval {tmp_path}: no metrics.json there" in capsys.readouterr().err
+
+
 def test_ctrl_c_during_generation_keeps_the_images_and_the_same_command_continues(tmp_path, concept_data, capsys):
     """A real `lorakit eval` process interrupted with Ctrl-C once its first images are cached: it says where they
     are and how to continue, and the same command then makes only the images that are missing."""

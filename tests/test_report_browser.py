@@ -82,6 +82,33 @@ def test_run_report_in_chromium(tmp_path):
     assert len(seen) == 2 and all(c and w > 0 for c, w in seen)
 
 
+def test_run_report_with_an_eval_in_chromium(tmp_path):
+    """A run's page with an eval's ranking and charts added: no console message, every chart decodes, and the
+    ranking table the browser built holds the eval's harmonic means in the eval's order."""
+    from eval_helpers import write_run
+    from test_evaluate_pipeline import ThumbExtractor, setup
+
+    from lorakit.evaluate.pipeline import evaluate
+    from lorakit.evaluate.report import add_eval_result, page_from_run, render_html
+
+    checkpoints, runs, jobs, images, data = setup()
+    result = evaluate(checkpoints, runs, jobs, images, {"thumb": ThumbExtractor()}, data, seeds=2)
+    run = write_run(tmp_path / "r", epochs=2)
+    page = page_from_run(run)
+    charts_before = len(page.charts)
+    add_eval_result(page, result, "r-eval", "r", 1)
+    dom, console = load_in_browser(tmp_path, render_html(page))
+    assert console == []
+    seen = probe(dom)
+    assert len(seen) == len(page.charts) > charts_before and all(c and w > 0 for c, w in seen)
+    ranking = parse_report(dom).tables["ranking: the checkpoints compared, best first"]
+    assert [label for label, _ in ranking] == result.ranking()
+    for label, cells in ranking:
+        assert {m: v for m, v, _, _ in cells}["harmonic mean"] == result.harmonic_mean[label]
+    rank = result.ranking().index("r/e1") + 1
+    assert f"the turning point's checkpoint (epoch 1) ranks {rank} of 3 there" in dom
+
+
 def test_a_broken_image_or_a_console_error_is_caught(tmp_path):
     """The check itself can fail: a page with an undecodable image and a console error."""
     dom, console = load_in_browser(tmp_path, '<!DOCTYPE html><html><body><img src="data:image/png;base64,AAAA">'

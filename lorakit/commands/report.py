@@ -1,5 +1,7 @@
 """``lorakit report RUN``: one HTML page for a training run from what its folder already holds (sample grids,
-loss and CS per epoch, the CS-Fluctuation chart, settings, summary).  Generates nothing."""
+loss and CS per epoch, the CS-Fluctuation chart, settings, summary), and what ``lorakit eval`` measured on its
+checkpoints when there is an eval folder (``--eval``, by default ``RUN-eval`` beside it: the folder the trainer's
+summary suggests).  Generates nothing."""
 
 from __future__ import annotations
 
@@ -19,17 +21,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, metavar="RUN", help="a training run folder (with config.toml)")
     parser.add_argument("--out", type=Path, default=None, help="the HTML file (default RUN/report.html)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out even if lorakit did not write it")
+    parser.add_argument("--eval", type=Path, default=None, metavar="DIR",
+                        help="a `lorakit eval` output folder (metrics.json) whose ranking and charts join the page "
+                             "(default: RUN-eval beside the run, when it holds one)")
+
+
+def eval_folder(args: argparse.Namespace) -> Path | None:
+    """``--eval``, checked; else ``RUN-eval`` beside the run when it holds a metrics.json; else None."""
+    if args.eval is not None:
+        if not (args.eval / "metrics.json").is_file():
+            raise ReportCommandError(f"--eval {args.eval}: no metrics.json there (a `lorakit eval --out` folder "
+                                     "holds one)")
+        return args.eval
+    beside = args.run.parent / f"{args.run.resolve().name}-eval"
+    return beside if (beside / "metrics.json").is_file() else None
 
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.atomic import atomic_write_text
-    from lorakit.evaluate.report import page_from_run, render_html, written_by_lorakit
+    from lorakit.evaluate.checkpoints import CheckpointError, _read_json, summary_turning_point
+    from lorakit.evaluate.pipeline import result_from_dict
+    from lorakit.evaluate.report import add_eval_result, page_from_run, render_html, written_by_lorakit
 
     out = args.out or args.run / "report.html"
     if out.exists() and not args.overwrite and not (out.is_file() and written_by_lorakit(out)):
         raise ReportCommandError(f"{out} exists and is not a page lorakit wrote; choose another --out, or pass "
                                  "--overwrite to replace it")
+    measured = eval_folder(args)
     page = page_from_run(args.run)
+    if measured is not None:
+        data = _read_json(measured / "metrics.json")
+        try:
+            result = result_from_dict(data or {})
+        except KeyError as e:
+            raise CheckpointError(f"{measured / 'metrics.json'}: not a lorakit eval result (no {e})") from None
+        tp = summary_turning_point(_read_json(args.run / "summary.json"))
+        add_eval_result(page, result, str(measured), args.run.resolve().name, tp.get("epoch") if tp else None)
     atomic_write_text(out, render_html(page))
     print(f"lorakit report: {page.title[len('lorakit report: '):]}: {len(page.grids[0].rows) if page.grids else 0} "
           f"sample grids, {len(page.tables)} tables, {len(page.charts)} charts")

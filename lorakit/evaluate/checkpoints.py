@@ -116,6 +116,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def summary_turning_point(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A run's turning point from its summary.json: where it stopped, or, in report mode (or when it did not
+    stop), where the rule found it; None when there is none."""
+    tp = (summary or {}).get("turning_point") or (summary or {}).get("turning_point_found")
+    return tp if isinstance(tp, dict) else None
+
+
 def run_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The settings that tell runs apart, from a parsed config.toml (missing keys: the trainer's defaults)."""
     from lorakit.config import TrainConfig
@@ -153,11 +160,8 @@ def read_run(path: str | Path, every: int = 1) -> RunInfo:
     info = RunInfo(name=path.resolve().name, path=path, settings=run_settings(config), summary=summary,
                    data=config.get("data", {}).get("train_data"), trigger=config.get("data", {}).get("trigger"),
                    class_word=config.get("data", {}).get("class_word"))
-    if summary:
-        tp = summary.get("turning_point") or summary.get("turning_point_found")
-        if isinstance(tp, dict):
-            info.turning_epoch = tp.get("epoch")
-            info.turning_step = tp.get("step")
+    if (tp := summary_turning_point(summary)) is not None:
+        info.turning_epoch, info.turning_step = tp.get("epoch"), tp.get("step")
     found: list[tuple[int, Path]] = []
     folder = path / "checkpoints"
     for child in sorted(folder.iterdir()) if folder.is_dir() else []:

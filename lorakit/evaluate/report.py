@@ -407,10 +407,49 @@ def page_from_eval(result: EvalResult, jobs: Sequence[ImageJob], images: Mapping
     return page
 
 
+def turning_point_rank(result: EvalResult, run_name: str, epoch: int | None) -> tuple[int, int] | None:
+    """Where the run's turning-point checkpoint ranks among the checkpoints an eval compared: (rank, of how
+    many); None when the eval did not measure that epoch of that run (or ranked nothing)."""
+    if epoch is None or len(result.harmonic_mean) < 2:
+        return None
+    order = result.ranking()
+    label = next((c["label"] for c in result.checkpoints if c.get("run") == run_name and c.get("epoch") == epoch),
+                 None)
+    return None if label is None else (order.index(label) + 1, len(order))
+
+
+def add_eval_result(page: Page, result: EvalResult, where: str, run_name: str, turning_epoch: int | None) -> None:
+    """Put what ``lorakit eval`` measured on a run's checkpoints on the run's page: the best checkpoint and where
+    the turning point ranks (the early stop judged), the ranking table first, the metric charts.  The eval's own
+    page (``where``/report.html) keeps the per-prompt-type tables and the images."""
+    from lorakit.evaluate.pipeline import summary_lines
+
+    best = summary_lines(result)[:1]
+    page.summary.append(f"measured by lorakit eval ({where}, its page with the images: {where}/report.html): "
+                        + (best[0] if best else "one checkpoint, nothing ranked"))
+    if (placed := turning_point_rank(result, run_name, turning_epoch)) is not None:
+        page.summary.append(f"the turning point's checkpoint (epoch {turning_epoch}) ranks {placed[0]} of "
+                            f"{placed[1]} there")
+    elif turning_epoch is not None:
+        page.summary.append(f"the eval did not measure the turning point's checkpoint (epoch {turning_epoch})")
+    if (ranking := ranking_table(result)) is not None:
+        page.tables.insert(0, ranking)
+    page.charts.extend(metric_charts(result))
+    if (chart := tradeoff_chart(result)) is not None:
+        page.charts.append(chart)
+
+
 def page_from_run(run_dir: str | Path) -> Page:
     """The page of one training run from its folder alone: sample grids per epoch, loss and CS per epoch,
     the CS-Fluctuation chart with its turning point, the run's settings and summary.  Generates nothing."""
-    from lorakit.evaluate.checkpoints import CheckpointError, _read_json, _read_toml, is_run_folder, run_settings
+    from lorakit.evaluate.checkpoints import (
+        CheckpointError,
+        _read_json,
+        _read_toml,
+        is_run_folder,
+        run_settings,
+        summary_turning_point,
+    )
 
     run = Path(run_dir)
     if not is_run_folder(run):
@@ -419,7 +458,7 @@ def page_from_run(run_dir: str | Path) -> Page:
     summary = _read_json(run / "summary.json") or {}
     page = Page(title=f"lorakit report: {run.resolve().name}")
     if summary:
-        tp = summary.get("turning_point") or summary.get("turning_point_found")
+        tp = summary_turning_point(summary)
         page.summary.append(f"{summary.get('method', '?')}: {summary.get('steps', '?')} steps in "
                             f"{summary.get('epochs_run', '?')} epochs, {summary.get('seconds', '?')} s; result = "
                             f"epoch {summary.get('final_epoch', '?')}")
@@ -457,7 +496,7 @@ def page_from_run(run_dir: str | Path) -> Page:
         fig, ax = plt.subplots(figsize=(6, 3))
         epochs = [e for e, _ in sorted(per_epoch.items())]
         ax.plot(epochs, [r[1][0] for r in rows], "o-", label="mean loss")
-        if tp := (summary.get("turning_point") or summary.get("turning_point_found")):
+        if tp := summary_turning_point(summary):
             ax.axvline(tp.get("epoch"), color="C3", linestyle="--", label=f"turning point (epoch {tp.get('epoch')})")
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
