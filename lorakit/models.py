@@ -253,6 +253,8 @@ def _load_folder(folder: Path, dtype: torch.dtype, device, tokenizer: str | Path
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a single-file checkpoint, refusing anything that would need unpickling."""
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:  # an interrupted copy or download: say so plainly
+        raise ModelLoadError(f"{path}: an empty file (0 bytes), not a checkpoint; copy it again")
     if path.suffix.lower() == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -269,7 +271,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                 f"{path}: refusing to unpickle it: the file holds Python objects besides tensors, and loading "
                 f"those can run arbitrary code. Convert it to .safetensors with a tool you trust. ({e})") from e
         except Exception as e:
-            raise ModelLoadError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from e
+            raise ModelLoadError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
+                                 f"{type(e).__name__}: {e}") from e
         while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]  # Lightning-style files nest the weights
         if not isinstance(obj, dict):

@@ -194,6 +194,22 @@ def test_truncated_safetensors_is_refused(tiny, tmp_path):
         load_base_model(path)
 
 
+@pytest.mark.parametrize("name", ["empty.safetensors", "empty.ckpt"])
+def test_an_empty_or_cut_checkpoint_says_what_is_wrong(tmp_path, name):
+    """An interrupted copy leaves 0 bytes: said as such, not as an empty error message; a cut .ckpt names the
+    error's kind."""
+    path = tmp_path / name
+    path.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=rf"{name.replace('.', '[.]')}: an empty file \(0 bytes\), not a "):
+        load_base_model(path)
+    if name.endswith(".ckpt"):
+        torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(64)}}, path)
+        path.write_bytes(path.read_bytes()[:100])
+        with pytest.raises(ModelLoadError, match=r"empty\.ckpt: not a readable checkpoint \(truncated or corrupt\?\): "
+                                                 r"[A-Za-z]+(Error|Exception)"):
+            load_base_model(path)
+
+
 def _write(path, tensors):
     save_file(tensors, str(path))
     return path
