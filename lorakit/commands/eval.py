@@ -99,6 +99,72 @@ def parse_extractor(spec: str) -> tuple[str, str | None]:
     return kind, (path.strip() or None) if eq else None
 
 
+def _prompt_set(args: argparse.Namespace, runs, data: Path | None, pairs: list[tuple[Path, str]]):
+    """``--prompts`` (its own trigger first; the runs' or the dataset folder's only when it names none), else a set
+    made from the dataset's captions and trigger."""
+    from lorakit.data.discovery import kohya_phrase
+    from lorakit.evaluate.prompts import PromptSetError, default_prompt_set, load_prompt_set
+
+    trigger = args.trigger or next((r.trigger for r in runs if r.trigger), None) \
+        or (kohya_phrase(data) if data else None)
+    if args.prompts is not None:
+        try:
+            return load_prompt_set(args.prompts, trigger=args.trigger)
+        except PromptSetError:
+            if args.trigger is not None or not trigger:
+                raise
+            return load_prompt_set(args.prompts, trigger=trigger)
+    if not pairs or not trigger:
+        raise EvalCommandError("no --prompts given and no dataset captions and trigger to make default prompts "
+                               "from: pass --prompts FILE (or --data DIR and --trigger WORD)")
+    return default_prompt_set([c for _, c in pairs if c], trigger)
+
+
+def _check_optional_extras(args: argparse.Namespace) -> None:
+    """--shap and --ocr need optional packages: said before anything is generated."""
+    if args.shap:
+        try:
+            import catboost  # noqa: F401
+            import shap  # noqa: F401
+        except ImportError:
+            raise EvalCommandError("--shap needs the optional extra 'shap' (catboost and shap): "
+                                   "pip install 'lorakit[shap]'") from None
+    if args.ocr:
+        try:
+            import rapidocr_onnxruntime  # noqa: F401
+        except ImportError:
+            raise EvalCommandError("--ocr needs the optional extra 'ocr' (rapidocr-onnxruntime 1.x): "
+                                   "pip install 'lorakit[ocr]'") from None
+
+
+def _extractor_specs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """The --extractor choices; the world reader by default, on the built-in model only."""
+    from lorakit.models import is_builtin_model
+
+    specs = [parse_extractor(s) for s in args.extractor]
+    if specs:
+        return specs
+    if not is_builtin_model(args.model):
+        raise EvalCommandError("choose a feature extractor: --extractor clip=DIR, dinov2=DIR, vgg19=FILE "
+                               "(world-reader is the default only for the built-in model)")
+    return [("world-reader", None)]
+
+
+def _load_measures(args: argparse.Namespace, specs: list[tuple[str, str | None]]) -> tuple[dict, list]:
+    """The loaded extractors (a kind chosen twice gets a numbered name) and the metric providers (the world's
+    exact metrics with its reader, OCR when asked)."""
+    from lorakit.evaluate.extractors import load_extractor
+    from lorakit.evaluate.pipeline import load_metric_provider
+
+    extractors = {}
+    for kind, path in specs:
+        extractors[kind if kind not in extractors else f"{kind}-{len(extractors)}"] = load_extractor(kind, path)
+    providers = [load_metric_provider("world")] if any(k == "world-reader" for k, _ in specs) else []
+    if args.ocr:
+        providers.append(load_metric_provider("ocr"))
+    return extractors, providers
+
+
 def _data_folder(args: argparse.Namespace, runs) -> Path | None:
     if args.data is not None:
         return args.data
@@ -132,9 +198,7 @@ def _base_model(args: argparse.Namespace, runs) -> str | None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     import lorakit.world.evaluation  # noqa: F401  (registers the world reader and the world's exact metrics)
-    from lorakit.data.discovery import kohya_phrase
     from lorakit.evaluate.checkpoints import dataset_images, discover, model_hash
-    from lorakit.evaluate.extractors import load_extractor
     from lorakit.evaluate.generate import (
         ImageCache,
         SamplerSettings,
@@ -148,14 +212,12 @@ def run(args: argparse.Namespace) -> int:
         add_importance,
         evaluate,
         headline_metrics,
-        load_metric_provider,
         metrics_csv,
         summary_lines,
     )
-    from lorakit.evaluate.prompts import PromptSetError, default_prompt_set, load_prompt_set
     from lorakit.evaluate.report import page_from_eval, render_html
     from lorakit.host_memory import keep_freed_memory
-    from lorakit.models import is_builtin_model, load_base_model
+    from lorakit.models import load_base_model
 
     # everything is checked before anything is written
     if args.out.exists() and not args.out.is_dir():
@@ -166,46 +228,11 @@ def run(args: argparse.Namespace) -> int:
     # an image with no caption file was trained on its run's --trigger/--class words: the default prompts too
     plain_caption = next((r.plain_caption for r in runs if r.plain_caption), None) or args.trigger
     pairs = dataset_images(data, plain_caption) if data is not None else []
-    trigger = args.trigger or next((r.trigger for r in runs if r.trigger), None) \
-        or (kohya_phrase(data) if data else None)
-    if args.prompts is not None:
-        try:  # the file's own trigger first; the run's (or dataset folder's) only when the file has none
-            prompt_set = load_prompt_set(args.prompts, trigger=args.trigger)
-        except PromptSetError:
-            if args.trigger is not None or not trigger:
-                raise
-            prompt_set = load_prompt_set(args.prompts, trigger=trigger)
-    else:
-        if not pairs or not trigger:
-            raise EvalCommandError("no --prompts given and no dataset captions and trigger to make default prompts "
-                                   "from: pass --prompts FILE (or --data DIR and --trigger WORD)")
-        prompt_set = default_prompt_set([c for _, c in pairs if c], trigger)
-    if args.shap:
-        try:
-            import catboost  # noqa: F401
-            import shap  # noqa: F401
-        except ImportError:
-            raise EvalCommandError("--shap needs the optional extra 'shap' (catboost and shap): "
-                                   "pip install 'lorakit[shap]'") from None
-    if args.ocr:
-        try:
-            import rapidocr_onnxruntime  # noqa: F401
-        except ImportError:
-            raise EvalCommandError("--ocr needs the optional extra 'ocr' (rapidocr-onnxruntime 1.x): "
-                                   "pip install 'lorakit[ocr]'") from None
-    specs = [parse_extractor(s) for s in args.extractor]
-    if not specs:
-        if not is_builtin_model(args.model):
-            raise EvalCommandError("choose a feature extractor: --extractor clip=DIR, dinov2=DIR, vgg19=FILE "
-                                   "(world-reader is the default only for the built-in model)")
-        specs = [("world-reader", None)]
+    prompt_set = _prompt_set(args, runs, data, pairs)
+    _check_optional_extras(args)
+    specs = _extractor_specs(args)
     keep_freed_memory()  # each denoising step frees and takes back the same buffers (SD1.5 on the CPU: 6-17 % faster)
-    extractors = {}
-    for kind, path in specs:
-        extractors[kind if kind not in extractors else f"{kind}-{len(extractors)}"] = load_extractor(kind, path)
-    providers = [load_metric_provider("world")] if any(k == "world-reader" for k, _ in specs) else []
-    if args.ocr:
-        providers.append(load_metric_provider("ocr"))
+    extractors, providers = _load_measures(args, specs)
     settings = SamplerSettings(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, width=args.size,
                                height=args.size)
     jobs = make_jobs(prompt_set.prompts, args.seeds)
