@@ -406,14 +406,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                     run.save_checkpoint(epoch, method.trained_tensors(), state,
                                         metadata=metadata_for(cfg, data, model, epoch, step))
                     if cfg.method.kind == "native":  # a whole U-Net per epoch: keep only what may be handed back
-                        earliest = None  # early stopping off or report-only: only the last checkpoint is used
-                        if stop_decision is not None and stop_decision.turning_point is not None:
-                            earliest = stop_decision.turning_point.step
-                        elif sample_stop is not None and cfg.early_stop.mode == "cs-fluctuation":
-                            candidate = sample_stop.rule.earliest_candidate()
-                            earliest = candidate * steps_per_epoch if candidate is not None else 0
-                        elif monitor is not None and cfg.early_stop.mode == "cs-fluctuation":
-                            earliest = monitor.earliest_candidate_step()
+                        earliest = _earliest_handed_back_step(cfg, stop_decision, sample_stop, monitor,
+                                                              steps_per_epoch)
                         run.prune_checkpoints(checkpoints_to_keep([c.epoch for c in run.checkpoints()],
                                                                   steps_per_epoch, earliest))
                 if is_main and prompts and (epoch % cfg.sample.every_n_epochs == 0 or stop_decision is not None):
@@ -483,6 +477,21 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def _earliest_handed_back_step(cfg: TrainConfig, stop_decision: Decision | None, sample_stop: SampleStop | None,
+                               monitor: CSFluctuationMonitor | None, steps_per_epoch: int) -> int | None:
+    """The earliest step whose checkpoint the run may still hand back: the turning point once decided, else the
+    earliest step the stopping rule (on the samples, or on the weights) could still choose; None when only the
+    last checkpoint is handed back (early stopping off or report only)."""
+    if stop_decision is not None and stop_decision.turning_point is not None:
+        return stop_decision.turning_point.step
+    if cfg.early_stop.mode != "cs-fluctuation":
+        return None
+    if sample_stop is not None:
+        candidate = sample_stop.rule.earliest_candidate()
+        return candidate * steps_per_epoch if candidate is not None else 0
+    return monitor.earliest_candidate_step() if monitor is not None else None
+
+
 class _StepTimer:
     """Seconds per step over the first few steps after start (the very first one pays for warm-up)."""
 
