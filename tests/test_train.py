@@ -702,6 +702,35 @@ def test_checkpoints_to_keep_are_those_early_stopping_may_hand_back():
     assert checkpoints_to_keep([], 10, 5) == set()
 
 
+def test_a_native_run_prunes_up_to_the_earliest_step_it_may_still_hand_back():
+    """Each source of that step in turn: the decided turning point; the sample stop's earliest candidate epoch (0
+    before it trusts any); the weight rule's; nothing (the last checkpoint only) without a stop that hands back."""
+    from lorakit.config import TrainConfig
+    from lorakit.earlystop import CSFluctuationMonitor
+    from lorakit.earlystop.monitor import Decision, TurningPoint
+    from lorakit.earlystop.samples import SamplePlateau, SampleStop
+    from lorakit.train import _earliest_handed_back_step
+
+    cfg = TrainConfig()
+    decided = Decision(True, "found", TurningPoint(step=70, epoch=7, index=69, valley_index=69, found_at_step=70,
+                                                   found_at_index=69, csf=None, reason="test"))
+    monitor = CSFluctuationMonitor(10, 1e-4)
+    for k in range(5):
+        monitor.update(k + 1, 0.1 * k, epoch=1)
+    plateau = SampleStop(scorer=None, prompts=[], seeds=1, rule=SamplePlateau(0.8, 4))
+    assert _earliest_handed_back_step(cfg, decided, plateau, monitor, 10) == 70
+    assert _earliest_handed_back_step(cfg, None, plateau, monitor, 10) == 0  # no score yet: every epoch may be
+    for epoch, score in enumerate([0.0, 0.2, 0.9, 1.0, 1.0, 1.0]):
+        plateau.rule.update(epoch, score)
+    assert plateau.rule.earliest_candidate() is not None
+    assert _earliest_handed_back_step(cfg, None, plateau, monitor, 10) == 10 * plateau.rule.earliest_candidate()
+    assert _earliest_handed_back_step(cfg, None, None, monitor, 10) == monitor.earliest_candidate_step()
+    assert _earliest_handed_back_step(cfg, None, None, None, 10) is None
+    cfg.early_stop.mode = "report"  # nothing is handed back but the last checkpoint
+    assert _earliest_handed_back_step(cfg, None, plateau, monitor, 10) is None
+    assert _earliest_handed_back_step(cfg, decided, None, monitor, 10) == 70
+
+
 def test_native_runs_keep_only_the_last_checkpoint_without_early_stopping(tiny_model_dir, dataset, tmp_path):
     out = tmp_path / "native-pruned"
     run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 3},
