@@ -11,7 +11,10 @@ import errno
 import json
 import os
 import re
-import tempfile
+import secrets
+import signal
+import stat
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +23,46 @@ from typing import Any
 
 class DestinationExistsError(FileExistsError):
     """The target exists and the caller asked not to replace it."""
+
+
+@contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise it, through the handler that was set, when
+    the block ends.  Python raises KeyboardInterrupt between any two steps of the main thread, so without this
+    one landing between "the temporary file exists" and "its name is assigned" would leave the file behind.  A
+    signal mask cannot do it: a terminal's Ctrl-C goes to the whole process, and any other thread (torch's) takes
+    it.  Only the main thread handles signals, so elsewhere there is nothing to hold."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # None: a handler set outside Python, which could not be put back
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
+
+
+def new_temp_path(path: Path, suffix: str, make: Callable[[Path], None]) -> Path:
+    """Create a hidden temporary file or folder beside ``path`` (``.NAME.<8 hex>SUFFIX``) with ``make(candidate)``,
+    which must fail with FileExistsError when the name is taken.  ``make`` creates it with the mode the umask
+    gives (``0o666``/``0o777`` minus it), as a plain ``open`` would: ``tempfile``'s owner-only 0600/0700 would stay
+    on the renamed result, and a model or adapter file that other users (a ComfyUI service, a container with
+    another uid) cannot read is a file that does not load."""
+    for _ in range(100):
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            make(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(errno.EEXIST, "no free temporary name beside it", str(path))
+
+
+def _make_file(candidate: Path) -> None:
+    os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
 @contextmanager
@@ -32,11 +75,14 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, suffix: str 
     path.parent.mkdir(parents=True, exist_ok=True)
     if not overwrite and path.exists():
         raise DestinationExistsError(f"{path} exists; pass overwrite to replace it")
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        with _ctrl_c_deferred():  # a Ctrl-C is raised once the name is known, so the finally removes the file
+            tmp = new_temp_path(path, suffix, _make_file)
+        mode = stat.S_IMODE(tmp.stat().st_mode)  # what the umask gives a new file
         yield tmp
+        if stat.S_IMODE(tmp.stat().st_mode) != mode:  # safetensors' writer makes its file 0600 whatever the umask
+            os.chmod(tmp, mode)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -47,7 +93,9 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, suffix: str 
             raise disk from err
         raise
     finally:
-        tmp.unlink(missing_ok=True)
+        with _ctrl_c_deferred():
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
 
 
 #: a full disk, a file-size limit (ulimit -f) and a full quota: the user's to fix, said as such by the CLI

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -249,6 +250,8 @@ class RunFolder:
             save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
                       str(self.file(inside / "trained.safetensors")), metadata=metadata)
             torch.save(state, self.file(inside / "state.pt"))
+            # safetensors makes its file 0600 whatever the umask; an epoch's adapter is a file users hand on too
+            os.chmod(tmp / "trained.safetensors", stat.S_IMODE((tmp / "state.pt").stat().st_mode))
         except (OSError, RuntimeError, SafetensorError) as err:
             self._remove_checkpoint_dir(tmp)
             last = self.latest_checkpoint()

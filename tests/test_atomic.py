@@ -53,3 +53,61 @@ def test_a_writer_reporting_a_full_disk_in_its_own_words_raises_oserror(tmp_path
 
     with pytest.raises(WriterError):
         atomic_write(tmp_path / "y.safetensors", broken)
+
+
+@pytest.fixture
+def umask_022():
+    import os
+
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_files_and_folders_get_the_mode_the_umask_gives_not_owner_only(tmp_path, umask_022):
+    """An adapter or model another user's service (ComfyUI, A1111 in a container) must read: 0644 under umask 022,
+    as a plain open() gives; tempfile's 0600 stayed on every renamed file."""
+    import os
+    import stat
+
+    from lorakit.atomic import new_temp_path
+
+    written = atomic_write_text(tmp_path / "config.toml", "x = 1\n")
+    assert stat.S_IMODE(written.stat().st_mode) == 0o644
+    # safetensors' own writer makes its file 0600: the adapter handed to other tools gets the umask's mode too
+    import torch
+    from safetensors.torch import save_file
+
+    adapter = atomic_write(tmp_path / "lorakit.safetensors", lambda tmp: save_file({"w": torch.zeros(2)}, str(tmp)))
+    assert stat.S_IMODE(adapter.stat().st_mode) == 0o644
+    folder = new_temp_path(tmp_path / "model", ".tmp", lambda candidate: candidate.mkdir())
+    assert folder.name.startswith(".model.") and stat.S_IMODE(folder.stat().st_mode) == 0o755
+    os.umask(0o077)  # a user who wants their files private still gets that
+    assert stat.S_IMODE(atomic_write_text(tmp_path / "private.txt", "x").stat().st_mode) == 0o600
+
+
+def test_ctrl_c_while_the_temporary_file_is_made_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A Ctrl-C that lands right after the temporary file exists but before its name is known (the worst moment)
+    is raised once the name is known, and the file is removed; the target is untouched."""
+    import os
+    import signal
+
+    import lorakit.atomic as atomic
+
+    made = []
+
+    def make_then_ctrl_c(candidate):
+        os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        made.append(candidate)
+        os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C, delivered now
+
+    atomic_write_text(tmp_path / "kept.txt", "old")
+    monkeypatch.setattr(atomic, "_make_file", make_then_ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a test worker may ignore SIGINT
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write_text(tmp_path / "kept.txt", "new")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert made and not made[0].exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.txt"] and (tmp_path / "kept.txt").read_text() == "old"

@@ -84,6 +84,22 @@ def test_a_run_folder_is_removed_whole(tmp_path, monkeypatch):
     assert list(run.path.iterdir()) == []
 
 
+def test_an_epoch_checkpoint_is_as_readable_as_the_umask_says(tmp_path):
+    """safetensors writes its file 0600; an epoch's adapter is handed on like the final one (umask 022: 0644)."""
+    import os
+    import stat
+
+    import torch
+
+    previous = os.umask(0o022)
+    try:
+        ckpt = RunFolder(tmp_path / "run").save_checkpoint(1, {"w": torch.ones(2)}, {"step": 1})
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in ckpt.path.iterdir()}
+    assert modes == {"trained.safetensors": 0o644, "state.pt": 0o644}
+
+
 def test_manifest_never_leaves_the_folder_or_follows_links(tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()

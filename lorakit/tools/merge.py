@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from lorakit.atomic import new_temp_path
 from lorakit.formats import AdapterFileError, load_network, read_adapter
 from lorakit.models import BaseModel, save_single_file_checkpoint
 from lorakit.tools import MismatchError, ToolError, check_output
@@ -64,7 +64,7 @@ def save_model(model: BaseModel, out: str | os.PathLike, inputs: Sequence[str | 
     if out.suffix:
         raise ToolError(f"{out}: write a model to a folder (diffusers) or a .safetensors file (single file)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp = new_temp_path(out, ".tmp", lambda candidate: candidate.mkdir())  # mode 0o777 minus the umask
     try:
         pipe = model.pipeline()
         if dtype is not None:
