@@ -61,6 +61,16 @@ def new_temp_path(path: Path, suffix: str, make: Callable[[Path], None]) -> Path
     raise FileExistsError(errno.EEXIST, "no free temporary name beside it", str(path))
 
 
+def give_umask_modes(folder: Path) -> None:
+    """Every file under ``folder`` (made by ``new_temp_path``, so its mode is 0o777 minus the umask) gets the mode
+    the umask gives a new file: a writer such as safetensors' (and so diffusers' ``save_pretrained``) makes its
+    files 0600 whatever the umask."""
+    mode = stat.S_IMODE(folder.stat().st_mode) & 0o666
+    for file in folder.rglob("*"):
+        if file.is_file() and not file.is_symlink() and stat.S_IMODE(file.stat().st_mode) != mode:
+            os.chmod(file, mode)
+
+
 def _make_file(candidate: Path) -> None:
     os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 

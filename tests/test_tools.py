@@ -323,6 +323,24 @@ def test_save_model_single_file_and_folder_load_back(base, tmp_path):
         save_model(model, folder)
 
 
+def test_a_merged_model_is_readable_by_other_users_as_the_umask_says(base, tmp_path):
+    """diffusers' save_pretrained writes its safetensors 0600 (safetensors >= 0.8.1): another user's client, or a
+    container with another uid, could not load the merged model.  Under umask 022: folders 0755, files 0644."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        folder = save_model(copy.deepcopy(base), tmp_path / "merged", [])
+        single = save_model(copy.deepcopy(base), tmp_path / "merged.safetensors", [])
+    finally:
+        os.umask(previous)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()}
+    assert modes == {0o644} and stat.S_IMODE(single.stat().st_mode) == 0o644
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert any(p.suffix == ".safetensors" for p in folder.rglob("*"))
+
+
 # ---- refusals --------------------------------------------------------------------------------------------------
 
 def test_never_overwrites_an_input_or_an_existing_file(base, tmp_path):

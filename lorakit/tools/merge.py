@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.atomic import new_temp_path
+from lorakit.atomic import give_umask_modes, new_temp_path
 from lorakit.formats import AdapterFileError, load_network, read_adapter
 from lorakit.models import BaseModel, save_single_file_checkpoint
 from lorakit.tools import MismatchError, ToolError, check_output
@@ -72,6 +72,7 @@ def save_model(model: BaseModel, out: str | os.PathLike, inputs: Sequence[str | 
 
             pipe.to(dtype=resolve_dtype(dtype))
         pipe.save_pretrained(tmp, safe_serialization=True)
+        give_umask_modes(tmp)  # its safetensors files would be 0600: unreadable to another user's client
         if out.exists():  # only with overwrite (checked above)
             shutil.rmtree(out)
         os.rename(tmp, out)  # a folder appears whole or not at all
