@@ -119,6 +119,10 @@ class NetworkConfig:
     mid_lr_weight: float | None = None
     up_lr_weight: str | None = None
     block_lr_zero_threshold: float = 0.0
+    #: kohya's --network_weights: start the adapter from this .safetensors adapter file (continue a LoRA, or train
+    #: on from another); its modules must match this network's (algorithm, rank, alpha); modules it lacks start
+    #: fresh
+    weights: str | None = None
 
 
 @dataclass
@@ -421,9 +425,9 @@ RESUMABLE = ("training.max_epochs", "training.max_steps", "training.save_every_n
              "sample.every_n_epochs", "sample.sampler", "sample.steps", "sample.cfg_scale")
 _NOT_COMPARED = ("output.dir", "output.if_exists")
 _PATH_KEYS = ("model.base", "data.train_data", "data.reg_data", "data.cache_dir", "sample.prompts",
-              "early_stop.sample_prompts")
+              "early_stop.sample_prompts", "network.weights")
 #: path settings that always name a file or folder (model.base and the prompt files may name a built-in instead)
-_ALWAYS_PATHS = ("data.train_data", "data.reg_data", "data.cache_dir")
+_ALWAYS_PATHS = ("data.train_data", "data.reg_data", "data.cache_dir", "network.weights")
 
 
 def missing_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
@@ -431,7 +435,7 @@ def missing_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
     makes, its class-image folder itself)."""
     named = (("model.base", cfg.model.base), ("data.train_data", cfg.data.train_data),
              ("data.reg_data", cfg.data.reg_data if cfg.data.num_class_images <= 0 else None),
-             ("sample.prompts", cfg.sample.prompts))
+             ("sample.prompts", cfg.sample.prompts), ("network.weights", cfg.network.weights))
     return [(key, value) for key, value in named if value and not Path(value).expanduser().exists()]
 
 

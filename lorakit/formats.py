@@ -571,3 +571,104 @@ def _failure_message(file: AdapterFile, report: LoadReport, unet: nn.Module | No
     elif report.file_base_model and (report.unmatched or report.mismatched):
         hint = f" (the file looks like {report.file_base_model}; is the model another architecture or size?)"
     return f"{file.label}: does not fit the model{hint}: " + "; ".join(report.problems())
+
+
+# ---- starting a network from a file (kohya's --network_weights) ---------------------------------------------
+
+@dataclass
+class StartReport:
+    """How an adapter file started a new network: the modules it filled, the ones that start fresh."""
+
+    source: str
+    loaded: list[str]
+    fresh: list[str]
+
+    def summary(self) -> str:
+        fresh = f"; {len(self.fresh)} start fresh (the file has none for them)" if self.fresh else ""
+        return f"network weights from {self.source}: {len(self.loaded)} modules{fresh}"
+
+
+def _with_alpha(adapter: Adapter, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A file module's tensors with its alpha filled in where the file leaves it out (kohya: alpha = rank)."""
+    if "alpha" in adapter.file_tensors() and "alpha" not in tensors and module_rank(tensors) is not None:
+        return {**tensors, "alpha": torch.tensor(float(module_rank(tensors)))}
+    return tensors
+
+
+def _module_mismatch(adapter: Adapter, tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """Why a file module cannot start this adapter (algorithm, keys, shapes, alpha), in the words of the setting
+    to change; None when it can.  Worded without the module's name, so that modules failing alike group."""
+    own = adapter.file_tensors()
+    algorithm, trained = detect_algorithm(tensors), type(adapter).algorithm
+    if algorithm != trained:
+        return f"the file's modules are {algorithm}, this run trains {trained} (--algorithm)"
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or extra:
+        return (f"the file's keys differ from this run's adapter (missing {missing or 'none'}, extra "
+                f"{extra or 'none'}: DoRA, Tucker or another option differs)")
+    rank, file_rank = module_rank(own), module_rank(tensors)
+    if rank != file_rank:
+        return f"rank {file_rank} in the file, {rank} here (--rank, or network.conv_rank for 3×3 convs)"
+    for key, value in own.items():
+        if tuple(tensors[key].shape) != tuple(value.shape):
+            return f"{key} has shape {tuple(tensors[key].shape)} in the file, {tuple(value.shape)} here"
+    if "alpha" in own and not torch.equal(tensors["alpha"].float(), own["alpha"].float()):
+        return (f"alpha {module_alpha(tensors):g} in the file, {module_alpha(own):g} here (--alpha, or "
+                "network.conv_alpha for 3×3 convs: the update would be scaled differently)")
+    return None
+
+
+def start_network_from_file(network: AdapterNetwork, source: str | os.PathLike | AdapterFile,
+                            unet: nn.Module | None = None,
+                            text_encoder: nn.Module | Sequence[nn.Module] | None = None) -> StartReport:
+    """Start ``network``'s adapters from an adapter file instead of their fresh initialisation (kohya's
+    ``--network_weights``: continue a LoRA, or train on from someone else's).
+
+    The file's modules are matched to the network's by the names the models' layers produce (kohya, LyCORIS and
+    diffusers layouts alike).  Every module of the file must have its counterpart in the network with the same
+    algorithm, keys, shapes and alpha; the network's modules the file lacks keep their fresh initialisation (a
+    wider preset than the file's).  Otherwise ``AdapterFileError`` names the file and the first problems, in
+    terms of the setting to change, and nothing is changed.
+    """
+    file = source if isinstance(source, AdapterFile) else read_adapter(source)
+    comps = components(unet, text_encoder)
+    table = _lookup(comps)
+    adapters = dict(network.adapters.items())
+    problems: dict[str, list[str]] = {}  # why -> the file's modules that fail so
+    pairs: list[tuple[str, Adapter, Mapping[str, torch.Tensor]]] = []
+    for name, tensors in file.modules().items():
+        # diffusers' converter names SD1's lone text encoder lora_te1_ (as load_network reads it)
+        found = table.get(name) or (table.get("lora_te_" + name.removeprefix("lora_te1_"))
+                                    if name.startswith("lora_te1_") else None)
+        own_name = found[0].kohya_name(found[1]) if found is not None else None
+        if own_name not in adapters:
+            if not _given(name, comps):  # the text encoder's modules when only the U-Net is trained, say
+                why = (f"this run does not train the {component_of(name).replace('_', ' ')} "
+                       "(network.train_unet, network.train_text_encoder)")
+            elif found is None:
+                why = "they name no layer of this model"
+            else:
+                why = "their layers are not adapted in this run (--preset, --blocks)"
+            problems.setdefault(why, []).append(name)
+            continue
+        tensors = _with_alpha(adapters[own_name], tensors)
+        why = _module_mismatch(adapters[own_name], tensors)
+        if why is not None:
+            problems.setdefault(why, []).append(name)
+            continue
+        pairs.append((own_name, adapters[own_name], tensors))
+    if file.loose_keys():
+        problems[f"keys that belong to no module, e.g. {file.loose_keys()[0]!r}"] = file.loose_keys()
+    if problems or not pairs:
+        total = len(file.modules())
+        shown = [f"{len(names)} of its {total} modules ({names[0]}{', ...' if len(names) > 1 else ''}): {why}"
+                 for why, names in list(problems.items())[:3]]
+        more = f"; and {len(problems) - 3} other problems" if len(problems) > 3 else ""
+        raise AdapterFileError(f"{file.label}: cannot start this run's network from it: "
+                               + ("; ".join(shown) + more if shown else "it holds no module"))
+    with torch.no_grad():
+        for _, adapter, tensors in pairs:
+            for key, value in adapter.file_tensors().items():
+                value.copy_(tensors[key].to(dtype=value.dtype, device=value.device))
+    loaded = {own_name for own_name, _, _ in pairs}
+    return StartReport(file.label, sorted(loaded), sorted(set(adapters) - loaded))

@@ -28,7 +28,7 @@ from lorakit.blocks import (
 from lorakit.config import SAVE_PRECISIONS, ConfigError, TrainConfig
 from lorakit.earlystop.cs import CSMeter, CSReading, native_reading
 from lorakit.embeddings import expand_tokens, register_tokens, token_names
-from lorakit.formats import save_network, write_adapter
+from lorakit.formats import save_network, start_network_from_file, write_adapter
 from lorakit.models import BaseModel, save_single_file_checkpoint
 from lorakit.network import AdapterNetwork, UniformRanks, create_network, get_preset, select_targets
 from lorakit.network import components as network_components
@@ -147,6 +147,11 @@ class AdapterMethod(TrainingMethod):
             preset=net.preset, ranks=rank_rule(cfg), algorithm=net.algorithm, options=options)
         if len(self.network) == 0:
             raise ConfigError(f"network: preset {net.preset!r} with these ranks selects no module of the model")
+        self.started_from = None
+        if net.weights:  # after the fresh initialisation, which it replaces (the random stream stays the same)
+            self.started_from = start_network_from_file(
+                self.network, net.weights, model.unet if net.train_unet else None,
+                model.text_encoder if net.train_text_encoder else None)
         self.cfg = cfg
         self._meter = CSMeter({n: self.network[n] for n in self.network.names("unet")}) \
             if self.network.names("unet") else None
@@ -218,8 +223,9 @@ class AdapterMethod(TrainingMethod):
         n_params = sum(p.numel() for ps in self.network.trainable_parameters().values() for p in ps)
         where = ", ".join(f"{n} {g} modules" for g, n in counts.items())
         net = self.cfg.network
+        started = f"\n{self.started_from.summary()}" if self.started_from is not None else ""
         return (f"{net.algorithm} rank {net.rank} alpha {net.alpha:g}, preset {net.preset}: {where}, "
-                f"{n_params:,} trainable parameters")
+                f"{n_params:,} trainable parameters{started}")
 
 
 # ------------------------------------------------------------------------------------------------ native

@@ -43,6 +43,7 @@ from lorakit.earlystop.plot import plot_sample_scores
 from lorakit.earlystop.rules import SIZE_NAMES, GrowthStall
 from lorakit.earlystop.samples import SampleStop, SampleTurningPoint, make_sample_stop
 from lorakit.errors import LorakitError
+from lorakit.formats import read_adapter
 from lorakit.loss import add_training_noise, diffusion_loss
 from lorakit.metadata import ss_metadata
 from lorakit.methods import TrainingMethod, make_method
@@ -240,6 +241,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             run.write_text("config.toml", to_toml(with_absolute_paths(cfg)))
             print(opening_line(cfg))
         sample_stop = _sample_stop(cfg)  # its prompt file is read before the model is loaded
+        if cfg.network.weights:  # a pickle, a model or a cut file is refused before the model loads, too
+            read_adapter(cfg.network.weights)
 
         # the model, what is trained, the data
         model = prepare_model(cfg, accelerator)
@@ -709,7 +712,8 @@ def _undecided(monitor: CSFluctuationMonitor) -> str:
 def _summary_text(s: dict[str, Any]) -> str:
     lines = [f"lorakit train: {s['method']} — {count(s['steps'], 'step')} in {count(s['epochs_run'], 'epoch')}, "
              f"{s['seconds']} s",
-             "  data: " + s["data"].replace("\n", "\n        "), f"  trained: {s['trained']}"]
+             "  data: " + s["data"].replace("\n", "\n        "),
+             "  trained: " + s["trained"].replace("\n", "\n           ")]
     if s["stopped_early"]:
         tp = s["turning_point"]
         why = f" ({tp['reason']})" if tp.get("reason") else ""

@@ -738,6 +738,33 @@ def test_native_runs_keep_only_the_last_checkpoint_without_early_stopping(tiny_m
     assert [c.epoch for c in RunFolder(out, "resume").checkpoints()] == [3]
 
 
+def test_a_run_starts_from_another_runs_adapter_file(tiny_model_dir, dataset, tmp_path):
+    """--network-weights (kohya's --network_weights): a second run continues the first's adapter.  At a learning
+    rate of 1e-12 it hands back the file it started from (a fresh LoRA has every up matrix at zero); a file that
+    does not fit is refused before the first step, and leaves no run folder."""
+    from lorakit.cli import main
+    from lorakit.formats import read_adapter
+
+    first = tmp_path / "first"
+    run_train(make_config(tiny_model_dir, dataset, first, training={"max_epochs": 1}))
+    started = read_adapter(first / "lorakit.safetensors").tensors
+    assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in started.items())
+    second = tmp_path / "second"
+    result = run_train(make_config(tiny_model_dir, dataset, second, training={"max_epochs": 1},
+                                   network={"weights": str(first / "lorakit.safetensors")},
+                                   optimizer={"learning_rate": 1e-12, "optimizer": "sgd"}))
+    got = read_adapter(second / "lorakit.safetensors").tensors
+    assert got.keys() == started.keys()
+    for key, value in started.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-9)
+    assert f"network weights from {first / 'lorakit.safetensors'}: " in result.summary
+    # the same from the command line, with a rank that does not fit: refused by name, nothing left behind
+    refused = tmp_path / "refused"
+    code = main(["train", "--data", str(dataset), "--model", str(tiny_model_dir), "--out", str(refused),
+                 "--network-weights", str(first / "lorakit.safetensors"), "--rank", "4", "--no-progress"])
+    assert code == 2 and not refused.exists()
+
+
 def test_diffusers_format_result_holds_the_trained_adapter(tiny_model_dir, dataset, tmp_path):
     from lorakit.formats import load_network, read_adapter
     from lorakit.models import load_base_model

@@ -30,6 +30,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--preset": ("network.preset", str, "attn-only, attn-mlp, full, kohya, lycoris-full"),
     "--rank": ("network.rank", int, "adapter rank (network_dim)"),
     "--alpha": ("network.alpha", float, "adapter alpha (network_alpha)"),
+    "--network-weights": ("network.weights", str, "start the adapter from this adapter file (kohya's "
+                          "--network_weights; same algorithm, rank and alpha)"),
     "--blocks": ("network.blocks", str, "train only these U-Net blocks (block-wise LoRA paper): upper, middle, bottom, "
                  "all, or a comma list (upper,middle)"),
     "--lr": ("optimizer.learning_rate", float, "learning rate"),

@@ -1,0 +1,102 @@
+"""Starting a new network from an adapter file (kohya's --network_weights): what fits is copied exactly, what
+the file lacks starts fresh, and anything that does not fit is refused by name with the setting to change, the
+network left as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_helpers import build_tiny_text_encoder, build_tiny_unet, randomize
+from safetensors.torch import save_file
+
+from lorakit.formats import AdapterFileError, read_adapter, save_network, start_network_from_file
+from lorakit.network import UniformRanks, create_network
+
+
+def _network(preset="kohya", algorithm="lora", rank=4, alpha=2.0, te=True, **options):
+    unet, encoder = build_tiny_unet(), build_tiny_text_encoder() if te else None
+    network = create_network(unet, encoder, preset=preset, algorithm=algorithm,
+                             ranks=UniformRanks(rank, alpha, conv_rank=2, conv_alpha=1.0), options=options)
+    return network, unet, encoder
+
+
+def _trained_file(tmp_path, name="a.safetensors", fmt="kohya", **kw):
+    network, _, _ = _network(**kw)
+    randomize(network)
+    return save_network(network, tmp_path / name, format=fmt), network
+
+
+def _snapshot(network):
+    return {k: v.clone() for k, v in network.file_tensors().items()}
+
+
+@pytest.mark.parametrize("algorithm", ["lora", "loha", "lokr"])
+def test_a_matching_network_starts_exactly_where_the_file_left_off(tmp_path, algorithm):
+    path, trained = _trained_file(tmp_path, preset="full", algorithm=algorithm)
+    network, unet, encoder = _network(preset="full", algorithm=algorithm)
+    report = start_network_from_file(network, path, unet, encoder)
+    assert report.fresh == [] and len(report.loaded) == len(network) and str(path) in report.summary()
+    expected = trained.file_tensors()
+    got = network.file_tensors()
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    # it trains from there: the parameters are the network's own, not copies
+    assert all(p.requires_grad for ps in network.trainable_parameters().values() for p in ps)
+
+
+def test_a_diffusers_layout_file_and_a_kohya_file_without_alpha_start_it_too(tmp_path):
+    path, trained = _trained_file(tmp_path, fmt="diffusers", te=False, rank=4, alpha=4.0)
+    network, unet, _ = _network(te=False, rank=4, alpha=4.0)
+    start_network_from_file(network, path, unet)
+    assert all(torch.equal(network.file_tensors()[k], v) for k, v in trained.file_tensors().items())
+    # kohya writes no alpha when it equals the rank: read as alpha = rank
+    kohya = {k: v for k, v in read_adapter(_trained_file(tmp_path, "b.safetensors", te=False, rank=4,
+                                                         alpha=4.0)[0]).tensors.items() if not k.endswith(".alpha")}
+    save_file(kohya, str(tmp_path / "no-alpha.safetensors"))
+    again, unet, _ = _network(te=False, rank=4, alpha=4.0)
+    assert len(start_network_from_file(again, tmp_path / "no-alpha.safetensors", unet).loaded) == len(again)
+
+
+def test_modules_the_file_lacks_start_fresh(tmp_path):
+    path, _ = _trained_file(tmp_path, preset="attn-only", te=False)
+    network, unet, _ = _network(preset="full", te=False)
+    fresh = _snapshot(network)
+    report = start_network_from_file(network, path, unet)
+    assert report.loaded and report.fresh and len(report.loaded) + len(report.fresh) == len(network)
+    assert f"{len(report.fresh)} start fresh" in report.summary()
+    after = network.file_tensors()
+    for name in report.fresh:
+        assert all(torch.equal(after[k], v) for k, v in fresh.items() if k.startswith(name + "."))
+    changed = [k for k in after if not torch.equal(after[k], fresh[k])]
+    assert changed and all(k.split(".")[0] in report.loaded for k in changed)
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    ({"rank": 2}, "rank 4 in the file, 2 here (--rank"),
+    ({"alpha": 1.0}, "alpha 2 in the file, 1 here (--alpha"),
+    ({"algorithm": "loha"}, "the file's modules are lora, this run trains loha (--algorithm)"),
+    ({"preset": "attn-only"}, "their layers are not adapted in this run (--preset"),
+    ({"te": False}, "this run does not train the text encoder (network.train_unet, network.train_text_encoder)"),
+    ({"dora": True}, "the file's keys differ from this run's adapter (missing ['dora_scale']"),
+])
+def test_a_file_that_does_not_fit_is_refused_naming_it_and_what_to_change(tmp_path, change, said):
+    path, _ = _trained_file(tmp_path, preset="full")
+    kw = {"preset": "full", **change}
+    network, unet, encoder = _network(**kw)
+    before = _snapshot(network)
+    with pytest.raises(AdapterFileError) as info:
+        start_network_from_file(network, path, unet, encoder)
+    message = str(info.value)
+    assert message.startswith(f"{path}: cannot start this run's network from it: ") and said in message
+    assert " of its " in message and " modules (" in message  # counted once, not listed module by module
+    assert all(torch.equal(network.file_tensors()[k], v) for k, v in before.items())  # nothing changed
+
+
+def test_a_file_for_another_model_names_no_layer(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"lora_unet_not_a_layer.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_not_a_layer.lora_up.weight": torch.zeros(8, 4)}, str(path))
+    network, unet, encoder = _network()
+    with pytest.raises(AdapterFileError, match=r"1 of its 1 modules \(lora_unet_not_a_layer\): they name no layer"):
+        start_network_from_file(network, path, unet, encoder)
