@@ -114,6 +114,15 @@ def test_the_run_page_shows_what_eval_measured_and_where_the_turning_point_ranks
     page = (run / "report.html").read_text()
     assert page.index("ranking: the checkpoints compared") < page.index("training: per epoch")
     assert page.count("<figure>") > alone.count("<figure>")  # the metric charts joined the loss and CS charts
+    # the run trained again into the same folder: the eval's numbers are not its own, and the page says so
+    epoch2 = run / "checkpoints" / "epoch-0002" / "trained.safetensors"
+    kept = epoch2.read_bytes()
+    save_file(lora_tensors(0.9, seed=7), str(epoch2), metadata={"ss_epoch": "2"})
+    assert main(["report", str(run)]) == 0
+    said = capsys.readouterr().out
+    assert f"not shown: the eval in {beside} measured checkpoints that have changed since (run/e2" in said
+    assert "ranking: the checkpoints compared" not in (run / "report.html").read_text()
+    epoch2.write_bytes(kept)
     elsewhere = tmp_path / "elsewhere"
     beside.rename(elsewhere)
     assert main(["report", str(run)]) == 0 and "measured by lorakit eval" not in capsys.readouterr().out

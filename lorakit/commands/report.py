@@ -37,11 +37,30 @@ def eval_folder(args: argparse.Namespace) -> Path | None:
     return beside if (beside / "metrics.json").is_file() else None
 
 
-def run(args: argparse.Namespace) -> int:
-    from lorakit.atomic import atomic_write_text
+def _join_eval(page, run: Path, measured: Path) -> None:
+    """The eval's ranking, charts and verdict on the run's page; only a line saying why when the run's checkpoints
+    changed since the eval measured them."""
     from lorakit.evaluate.checkpoints import CheckpointError, _read_json, summary_turning_point
     from lorakit.evaluate.pipeline import result_from_dict
-    from lorakit.evaluate.report import add_eval_result, page_from_run, render_html, written_by_lorakit
+    from lorakit.evaluate.report import add_eval_result, changed_since_eval
+
+    try:
+        result = result_from_dict(_read_json(measured / "metrics.json") or {})
+    except KeyError as e:
+        raise CheckpointError(f"{measured / 'metrics.json'}: not a lorakit eval result (no {e})") from None
+    run_name = run.resolve().name
+    if changed := changed_since_eval(result, run, run_name):
+        page.summary.append(f"not shown: the eval in {measured} measured checkpoints that have changed since "
+                            f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}: the run was trained "
+                            "again); run lorakit eval again for this run's ranking")
+        return
+    tp = summary_turning_point(_read_json(run / "summary.json"))
+    add_eval_result(page, result, str(measured), run_name, tp.get("epoch") if tp else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.atomic import atomic_write_text
+    from lorakit.evaluate.report import page_from_run, render_html, written_by_lorakit
 
     out = args.out or args.run / "report.html"
     if out.exists() and not args.overwrite and not (out.is_file() and written_by_lorakit(out)):
@@ -50,13 +69,7 @@ def run(args: argparse.Namespace) -> int:
     measured = eval_folder(args)
     page = page_from_run(args.run)
     if measured is not None:
-        data = _read_json(measured / "metrics.json")
-        try:
-            result = result_from_dict(data or {})
-        except KeyError as e:
-            raise CheckpointError(f"{measured / 'metrics.json'}: not a lorakit eval result (no {e})") from None
-        tp = summary_turning_point(_read_json(args.run / "summary.json"))
-        add_eval_result(page, result, str(measured), args.run.resolve().name, tp.get("epoch") if tp else None)
+        _join_eval(page, args.run, measured)
     atomic_write_text(out, render_html(page))
     print(f"lorakit report: {page.title[len('lorakit report: '):]}: {len(page.grids[0].rows) if page.grids else 0} "
           f"sample grids, {len(page.tables)} tables, {len(page.charts)} charts")

@@ -418,6 +418,22 @@ def turning_point_rank(result: EvalResult, run_name: str, epoch: int | None) -> 
     return None if label is None else (order.index(label) + 1, len(order))
 
 
+def changed_since_eval(result: EvalResult, run_dir: Path, run_name: str) -> list[str]:
+    """Labels of the run's checkpoints the eval measured whose files have changed since (the run was trained again
+    into the same folder): its numbers are not this run's.  A checkpoint no longer there (a native run keeps
+    only the ones it may hand back) cannot be told and is not listed."""
+    from lorakit.evaluate.checkpoints import file_hash
+
+    changed = []
+    for c in result.checkpoints:
+        if c.get("run") != run_name or c.get("epoch") is None:
+            continue
+        file = run_dir / "checkpoints" / f"epoch-{int(c['epoch']):04d}" / "trained.safetensors"
+        if file.is_file() and file_hash(file) != c.get("hash"):
+            changed.append(str(c["label"]))
+    return changed
+
+
 def add_eval_result(page: Page, result: EvalResult, where: str, run_name: str, turning_epoch: int | None) -> None:
     """Put what ``lorakit eval`` measured on a run's checkpoints on the run's page: the best checkpoint and where
     the turning point ranks (the early stop judged), the ranking table first, the metric charts.  The eval's own
