@@ -222,7 +222,8 @@ def test_a_running_run_locks_its_folder_until_it_ends_even_by_kill_9(data, tmp_p
     finally:
         first.kill()
         first.communicate()
-    last = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir())  # 12 steps per epoch
+    # 12 steps per epoch; a kill during a save leaves epoch-NNNN.tmp/, which is not a checkpoint
+    last = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir() if p.name[6:].isdigit())
     resumed = run(train_cmd(data, out, "--epochs", "200", "--resume", steps=12 * last + 3))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming {out} after epoch {last}" in resumed.stdout
