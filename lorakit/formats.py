@@ -124,6 +124,11 @@ def _sniff(path: Path, head: bytes, size: int) -> None:
 def read_adapter(path: str | os.PathLike) -> AdapterFile:
     """Read a ``.safetensors`` adapter file (kohya or LyCORIS keys), checking it before loading."""
     path = Path(path)
+    if path.is_dir():  # said as a folder (a run folder: which file to give), not as a missing file
+        try:
+            check_adapter_path(path)
+        except NotAnAdapterError as err:
+            raise AdapterFileError(str(err)) from None
     if not path.is_file():
         raise AdapterFileNotFoundError(f"{path}: no such file")
     with open(path, "rb") as f:

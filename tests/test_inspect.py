@@ -126,6 +126,22 @@ def test_every_command_says_a_model_checkpoint_given_as_an_adapter_is_one(tmp_pa
                                    "(U-Net, VAE), not an adapter; use it as --model", err
 
 
+@pytest.mark.parametrize("command", [["inspect"], ["sample", "--prompt", "x", "--out", "{out}"],
+                                     ["merge", "--out", "{out}.st"], ["resize", "--rank", "2", "--out", "{out}.st"]])
+def test_a_run_folder_given_as_an_adapter_names_the_file_to_give(tmp_path, capsys, command):
+    """`lorakit sample runs/mychar ...`: the run folder is not an adapter; the error names its result file (resize
+    said "no such file" for it)."""
+    run = tmp_path / "mychar"
+    run.mkdir()
+    (run / "config.toml").write_text("[network]\n")
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4)}, run / "lorakit.safetensors")
+    name, *options = command
+    assert main([name, str(run), *(o.format(out=tmp_path / "out") for o in options)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"lorakit {name}: error: {run}: is a folder, not a file; give one adapter "
+                                    f".safetensors file (a lorakit run: its result is {run / 'lorakit.safetensors'})")
+
+
 def test_a_module_of_an_unknown_algorithm_lists_a_few_of_its_keys(tmp_path):
     from lorakit.formats import AdapterFile, AdapterFileError, load_network
 
