@@ -78,7 +78,8 @@ def test_sample_command_writes_grid_and_singles(base, files, tmp_path, capsys):
     again = ["sample", f"{a}:0.2", "--prompts", str(prompts), "--out", str(tmp_path / "s"), "--device", "cpu"]
     assert main(again) == 2
     err = capsys.readouterr().err
-    assert "000-a-star-on-a-blue-background.png" in err and "pass --overwrite" in err
+    assert "000-a-star-on-a-blue-background.png" in err and "exist (an earlier call?)" in err
+    assert "pass --overwrite to replace them" in err
     assert (tmp_path / "s" / "grid.png").read_bytes() == first
     assert main([*again, "--overwrite"]) == 0 and (tmp_path / "s" / "grid.png").read_bytes() != first
     # an adapter at multiplier 0 changes nothing; the same adapter merged or not gives (nearly) the same image

@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     taken = [p for p in sample_paths(prompts, args.out) if p.exists()]
     if taken and not args.overwrite:  # checked before the model loads: nothing is generated to be thrown away
         raise SampleCommandError(f"{', '.join(str(p) for p in taken[:3])}{' ...' if len(taken) > 3 else ''} "
-                                 "exist (an earlier call?); choose another --out, or pass --overwrite to replace them")
+                                 f"{'exists' if len(taken) == 1 else 'exist'} (an earlier call?); choose another "
+                                 f"--out, or pass --overwrite to replace {'it' if len(taken) == 1 else 'them'}")
     specs = [parse_adapter_spec(a) for a in args.adapters]
     for spec in specs:  # before the model loads: a model folder or checkpoint given as an adapter is said so
         check_adapter_path(spec.path)
