@@ -243,6 +243,7 @@ def test_images_without_caption_files_are_captioned_as_the_trainer_captioned_the
     assert main(["eval", str(run), "--out", str(out), "--steps", "2", "--no-base", "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["setup"]["prompts"] == "captions" and metrics["setup"]["trigger"] == "xyz"
+    assert "<td class=\"label\">xyz ball</td>" in (out / "report.html").read_text()  # the train prompts' row
     capsys.readouterr()
 
     kohya = tmp_path / "kohya"
