@@ -106,7 +106,8 @@ def test_the_run_page_shows_what_eval_measured_and_where_the_turning_point_ranks
     assert main(["eval", str(run), "--prompts", str(prompts), "--out", str(beside), "--steps", "2", "--quiet"]) == 0
     result = result_from_dict(json.loads((beside / "metrics.json").read_text()))
     rank = result.ranking().index("run/e2") + 1
-    capsys.readouterr()
+    assert capsys.readouterr().out.endswith(f"next:\n  on the run's page, with where its turning point ranks: "
+                                            f"lorakit report {run}\n")  # it finds run-eval itself
     assert main(["report", str(run)]) == 0
     said = capsys.readouterr().out
     assert f"measured by lorakit eval ({beside}, its page with the images: {beside}/report.html): best " in said
@@ -126,6 +127,9 @@ def test_the_run_page_shows_what_eval_measured_and_where_the_turning_point_ranks
     elsewhere = tmp_path / "elsewhere"
     beside.rename(elsewhere)
     assert main(["report", str(run)]) == 0 and "measured by lorakit eval" not in capsys.readouterr().out
+    assert main(["eval", str(run), "--prompts", str(prompts), "--out", str(elsewhere), "--steps", "2",
+                 "--quiet"]) == 0  # the same call again: every image from the cache
+    assert capsys.readouterr().out.endswith(f"lorakit report {run} --eval {elsewhere}\n")
     assert main(["report", str(run), "--eval", str(elsewhere)]) == 0
     assert f"measured by lorakit eval ({elsewhere}" in capsys.readouterr().out
     assert main(["report", str(run), "--eval", str(tmp_path)]) == 2

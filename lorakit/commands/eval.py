@@ -287,4 +287,19 @@ def run(args: argparse.Namespace) -> int:
         print("  " + line)
     for path in written:
         print(f"  wrote {path}")
+    for line in _report_hints(runs, args.out):
+        print(line)
     return 0
+
+
+def _report_hints(runs, out: Path) -> list[str]:
+    """How to see this ranking on each evaluated run's own page (``lorakit report`` finds ``RUN-eval`` itself)."""
+    import shlex
+
+    hints = []
+    for r in runs:
+        beside = r.path.parent / f"{r.path.resolve().name}-eval"
+        found = beside.resolve() == out.resolve()
+        command = f"lorakit report {shlex.quote(str(r.path))}" + ("" if found else f" --eval {shlex.quote(str(out))}")
+        hints.append(f"  on the run's page, with where its turning point ranks: {command}")
+    return ["next:", *hints] if hints else []
