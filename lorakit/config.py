@@ -435,7 +435,7 @@ def missing_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
     makes, its class-image folder itself)."""
     named = (("model.base", cfg.model.base), ("data.train_data", cfg.data.train_data),
              ("data.reg_data", cfg.data.reg_data if cfg.data.num_class_images <= 0 else None),
-             ("sample.prompts", cfg.sample.prompts), ("network.weights", cfg.network.weights))
+             ("sample.prompts", cfg.sample.prompts))  # network.weights: the trainer, which knows a resumed run
     return [(key, value) for key, value in named if value and not Path(value).expanduser().exists()]
 
 

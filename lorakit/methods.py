@@ -133,7 +133,7 @@ class AdapterMethod(TrainingMethod):
 
     kind = "adapter"
 
-    def __init__(self, cfg: TrainConfig, model: BaseModel) -> None:
+    def __init__(self, cfg: TrainConfig, model: BaseModel, start_from_file: bool = True) -> None:
         net = cfg.network
         if not (net.train_unet or net.train_text_encoder):
             raise ConfigError("network: train_unet and train_text_encoder are both false: nothing to train")
@@ -148,7 +148,8 @@ class AdapterMethod(TrainingMethod):
         if len(self.network) == 0:
             raise ConfigError(f"network: preset {net.preset!r} with these ranks selects no module of the model")
         self.started_from = None
-        if net.weights:  # after the fresh initialisation, which it replaces (the random stream stays the same)
+        # after the fresh initialisation, which it replaces (so the random stream stays the same)
+        if net.weights and start_from_file:
             self.started_from = start_network_from_file(
                 self.network, net.weights, model.unet if net.train_unet else None,
                 model.text_encoder if net.train_text_encoder else None)
@@ -359,9 +360,9 @@ class PivotalTuning(TrainingMethod):
 
     kind = "pivotal"
 
-    def __init__(self, cfg: TrainConfig, model: BaseModel) -> None:
+    def __init__(self, cfg: TrainConfig, model: BaseModel, start_from_file: bool = True) -> None:
         self.ti = TextualInversion(cfg, model)
-        self.adapter = AdapterMethod(cfg, model)
+        self.adapter = AdapterMethod(cfg, model, start_from_file)
 
     def param_groups(self) -> list[dict]:
         return self.ti.param_groups() + self.adapter.param_groups()
@@ -392,6 +393,12 @@ class PivotalTuning(TrainingMethod):
         return f"pivotal tuning: {self.ti.summary()}; {self.adapter.summary()}"
 
 
-def make_method(cfg: TrainConfig, model: BaseModel) -> TrainingMethod:
-    kinds = {"adapter": AdapterMethod, "native": NativeMethod, "ti": TextualInversion, "pivotal": PivotalTuning}
+def make_method(cfg: TrainConfig, model: BaseModel, start_from_file: bool = True) -> TrainingMethod:
+    """The configured method; ``start_from_file=False`` leaves ``network.weights`` unread (a resumed run: its
+    checkpoint holds what the file started)."""
+    if cfg.method.kind == "adapter":
+        return AdapterMethod(cfg, model, start_from_file)
+    if cfg.method.kind == "pivotal":
+        return PivotalTuning(cfg, model, start_from_file)
+    kinds = {"native": NativeMethod, "ti": TextualInversion}
     return kinds[cfg.method.kind](cfg, model)

@@ -241,13 +241,17 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             run.write_text("config.toml", to_toml(with_absolute_paths(cfg)))
             print(opening_line(cfg))
         sample_stop = _sample_stop(cfg)  # its prompt file is read before the model is loaded
-        if cfg.network.weights:  # a pickle, a model or a cut file is refused before the model loads, too
+        # a resumed run's checkpoint holds what the adapter file started: the file is not read (it may be gone)
+        start_from_file = bool(cfg.network.weights) and not (run.resuming and run.latest_checkpoint() is not None)
+        if start_from_file:  # a missing file, a pickle, a model or a cut file is refused before the model loads
+            if not Path(cfg.network.weights).expanduser().is_file():
+                raise ConfigError(f"network.weights: {cfg.network.weights}: no such file")
             read_adapter(cfg.network.weights)
 
         # the model, what is trained, the data
         model = prepare_model(cfg, accelerator)
         torch.manual_seed(cfg.training.seed)  # after loading: adapter init must not depend on how the model was read
-        method = make_method(cfg, model)
+        method = make_method(cfg, model, start_from_file=start_from_file)
         for group in method.param_groups():  # trained tensors stay fp32 whatever the base model's dtype
             for p in group["params"]:
                 p.data = p.data.float()

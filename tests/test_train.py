@@ -742,22 +742,33 @@ def test_a_run_starts_from_another_runs_adapter_file(tiny_model_dir, dataset, tm
     """--network-weights (kohya's --network_weights): a second run continues the first's adapter.  At a learning
     rate of 1e-12 it hands back the file it started from (a fresh LoRA has every up matrix at zero); a file that
     does not fit is refused before the first step, and leaves no run folder."""
+    import shutil
+
     from lorakit.cli import main
+    from lorakit.config import ConfigError
     from lorakit.formats import read_adapter
 
     first = tmp_path / "first"
     run_train(make_config(tiny_model_dir, dataset, first, training={"max_epochs": 1}))
     started = read_adapter(first / "lorakit.safetensors").tensors
     assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in started.items())
-    second = tmp_path / "second"
-    result = run_train(make_config(tiny_model_dir, dataset, second, training={"max_epochs": 1},
-                                   network={"weights": str(first / "lorakit.safetensors")},
-                                   optimizer={"learning_rate": 1e-12, "optimizer": "sgd"}))
+    second, start = tmp_path / "second", tmp_path / "downloaded.safetensors"
+    shutil.copyfile(first / "lorakit.safetensors", start)
+    cfg = make_config(tiny_model_dir, dataset, second, training={"max_epochs": 1}, network={"weights": str(start)},
+                      optimizer={"learning_rate": 1e-12, "optimizer": "sgd"})
+    result = run_train(cfg)
     got = read_adapter(second / "lorakit.safetensors").tensors
     assert got.keys() == started.keys()
     for key, value in started.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=1e-9)
-    assert f"network weights from {first / 'lorakit.safetensors'}: " in result.summary
+    assert f"network weights from {start}: " in result.summary
+    # the file is gone (deleted after the download): a resumed run does not need it, its checkpoint has the weights
+    start.unlink()
+    cfg.training.max_epochs, cfg.output.if_exists = 2, "resume"
+    assert run_train(cfg).epochs == 2
+    with pytest.raises(ConfigError, match=rf"network.weights: {start}: no such file"):
+        run_train(make_config(tiny_model_dir, dataset, tmp_path / "third", network={"weights": str(start)}))
+    assert not (tmp_path / "third").exists()
     # the same from the command line, with a rank that does not fit: refused by name, nothing left behind
     refused = tmp_path / "refused"
     code = main(["train", "--data", str(dataset), "--model", str(tiny_model_dir), "--out", str(refused),

@@ -52,8 +52,8 @@ elif sys.argv[3:] == ["partial-state-first"]:
 make_method = train_module.make_method
 
 
-def capture(cfg, model):
-    captured["method"] = make_method(cfg, model)
+def capture(cfg, model, **options):
+    captured["method"] = make_method(cfg, model, **options)
     return captured["method"]
 
 
