@@ -151,7 +151,7 @@ class AdapterMethod(TrainingMethod):
         # after the fresh initialisation, which it replaces (so the random stream stays the same)
         if net.weights and start_from_file:
             self.started_from = start_network_from_file(
-                self.network, net.weights, model.unet if net.train_unet else None,
+                self.network, Path(net.weights).expanduser(), model.unet if net.train_unet else None,
                 model.text_encoder if net.train_text_encoder else None)
         self.cfg = cfg
         self._meter = CSMeter({n: self.network[n] for n in self.network.names("unet")}) \

@@ -246,7 +246,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         if start_from_file:  # a missing file, a pickle, a model or a cut file is refused before the model loads
             if not Path(cfg.network.weights).expanduser().is_file():
                 raise ConfigError(f"network.weights: {cfg.network.weights}: no such file")
-            read_adapter(cfg.network.weights)
+            read_adapter(Path(cfg.network.weights).expanduser())
 
         # the model, what is trained, the data
         model = prepare_model(cfg, accelerator)
