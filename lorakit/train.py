@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
@@ -40,7 +39,7 @@ from lorakit.data import DataConfig, TrainingData
 from lorakit.earlystop import CSFluctuationMonitor, plot_cs_fluctuation
 from lorakit.earlystop.monitor import Decision, TurningPoint
 from lorakit.earlystop.plot import plot_sample_scores
-from lorakit.earlystop.rules import SIZE_NAMES, GrowthStall
+from lorakit.earlystop.rules import SIZE_SERIES
 from lorakit.earlystop.samples import SampleStop, SampleTurningPoint, make_sample_stop
 from lorakit.errors import LorakitError
 from lorakit.formats import read_adapter
@@ -690,27 +689,10 @@ def _nan_message(run: RunFolder, step: int, epoch: int) -> str:
 
 
 def _undecided(monitor: CSFluctuationMonitor) -> str:
-    """Why the rule found no turning point, in numbers a user can act on (a size budget is a property of the
-    model and data: how far the run got towards it tells whether more epochs or another budget is needed)."""
+    """Why the rule found no turning point, in the rule's own terms."""
     rule = monitor.rule
-    budget = getattr(rule, "budget", None)
-    if isinstance(rule, GrowthStall):
-        ends = monitor.history.update[monitor.window - 1::monitor.window] if monitor.history.update is not None else []
-        rate = rule.rate(ends)
-        if rate is None:
-            return (f"the growth-stall rule compares the update's size over {rule.span} windows of "
-                    f"{monitor.window} samples; the run ended after {len(ends)}")
-        return (f"{SIZE_NAMES[rule.series]} was still growing by {rate:.1%} per window at the end (the rule stops "
-                f"below {rule.growth:.1%}, or at the cap {rule.cap:g}; it reached {ends[-1]:.3g})")
-    sizes = monitor.history.size(rule.series) if budget is not None else None
-    if sizes is None:
-        return f"the {rule.name.replace('_', '-')} rule found no turning point in the CS-Fluctuation curve"
-    recorded = sizes[~np.isnan(sizes)]
-    if not len(recorded):
-        return f"the {rule.name.replace('_', '-')} rule had no size reading to decide on"
-    largest = f" (largest {recorded.max():.3g})" if recorded.max() > recorded[-1] else ""
-    return (f"{SIZE_NAMES[rule.series]} reached {recorded[-1]:.3g} of its budget {budget:g} by the end{largest}; "
-            "the budget was set on the shapes world (docs/early_stopping.md)")
+    sizes = monitor.history.size(rule.series) if rule.series in SIZE_SERIES else None
+    return rule.undecided(sizes, monitor.window)
 
 
 def _summary_text(s: dict[str, Any]) -> str:

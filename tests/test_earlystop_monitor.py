@@ -208,6 +208,26 @@ def test_the_budget_rule_decides_where_the_update_reaches_it_with_no_lag():
         UpdateBudget(budget=-1.0)
 
 
+def test_each_rule_says_why_it_did_not_decide_by_the_end():
+    """At the end of a run without a turning point each rule explains itself in its own numbers: a budget how far
+    the size got (and its largest), the growth stall how fast the size still grew (or that the run was too short
+    to measure a growth), a rule on CS-Fluctuation that the curve held none."""
+    from lorakit.earlystop import GrowthStall, SpectralBudget
+
+    no_valley = SecondValley().undecided(None, M)
+    assert no_valley == "the second-valley rule found no turning point in the CS-Fluctuation curve"
+    spectral = np.array([np.nan, 0.05, np.nan, 0.12, np.nan, 0.08])
+    assert SpectralBudget(0.25).undecided(spectral, 2).startswith(
+        "the update's spectral size σ1(ΔW)/σ1(W) reached 0.08 of its budget 0.25 by the end (largest 0.12)")
+    assert UpdateBudget(0.1).undecided(np.array([np.nan]), M) == "the budget rule had no size reading to decide on"
+    short = GrowthStall(span=2).undecided(np.array([0.01, 0.02, 0.03, 0.04]), 2)
+    assert short == ("the growth-stall rule compares the update's size over 2 windows of 2 samples; "
+                     "the run ended after 2")
+    growing = GrowthStall(growth=0.07, span=2).undecided(np.array([0.0, 0.01, 0.0, 0.02, 0.0, 0.04]), 2)
+    assert growing.startswith("the update's size ‖ΔW‖/‖W‖ was still growing by 100.0% per window at the end")
+    assert growing.endswith("it reached 0.04)")
+
+
 def test_each_rule_says_what_it_waits_for_before_it_decides():
     """The monitor's "not yet" reason comes from the rule: a size rule names its series and its last value; a
     rule on CS-Fluctuation leaves it to the monitor (how many samples CS-Fluctuation still needs)."""

@@ -93,6 +93,13 @@ class Rule(Protocol):
 
     def waiting(self, sizes: Sequence[float]) -> str | None: ...
 
+    def undecided(self, sizes: np.ndarray | None, window: int) -> str: ...
+
+
+def _last_read(sizes: Sequence[float]) -> float | None:
+    """The latest recorded size (the spectral size is read at epoch ends only: the samples between are NaN)."""
+    return next((v for v in reversed(sizes) if not math.isnan(v)), None)
+
 
 def _run(tracker: Tracker, csf: np.ndarray, offset: int) -> Detection | None:
     for k, value in enumerate(np.asarray(csf, dtype=np.float64)):
@@ -116,6 +123,11 @@ class _RuleMethods:
         """What the rule waits for while it has not decided, given the series it reads so far (``sizes``; empty
         for a rule on CS-Fluctuation); None: the monitor says how far CS-Fluctuation got instead."""
         return None
+
+    def undecided(self, sizes: np.ndarray | None, window: int) -> str:
+        """Why the rule found no turning point by the end of a run, in numbers a user can act on; ``sizes`` is the
+        whole recorded series the rule reads (None for CS-Fluctuation), ``window`` the samples per window."""
+        return f"the {self.name.replace('_', '-')} rule found no turning point in the CS-Fluctuation curve"
 
 
 # ---- the paper's rule --------------------------------------------------------------------------------
@@ -292,12 +304,22 @@ class _SizeBudget(_RuleMethods):
         return BudgetTracker(self)
 
     def waiting(self, sizes: Sequence[float]) -> str | None:
-        # the spectral size is read at epoch ends only: the samples between are NaN
-        last = next((v for v in reversed(sizes) if not math.isnan(v)), None)
+        last = _last_read(sizes)
         what = "the update's size" if self.series == "update" else "the spectral size"
         if last is None:
             return f"{what} is read at epoch ends" if self.series == "spectral" else f"{what} is not read yet"
         return f"{what} {last:.4g}{' (last read)' if self.series == 'spectral' else ''} is under the budget"
+
+    def undecided(self, sizes: np.ndarray | None, window: int) -> str:
+        # a budget is a property of the model and data: how far the run got towards it tells whether more epochs
+        # or another budget is needed
+        recorded = np.asarray([] if sizes is None else sizes, dtype=np.float64)
+        recorded = recorded[~np.isnan(recorded)]
+        if not len(recorded):
+            return f"the {self.name.replace('_', '-')} rule had no size reading to decide on"
+        largest = f" (largest {recorded.max():.3g})" if recorded.max() > recorded[-1] else ""
+        return (f"{SIZE_NAMES[self.series]} reached {recorded[-1]:.3g} of its budget {self.budget:g} by the end"
+                f"{largest}; the budget was set on the shapes world (docs/early_stopping.md)")
 
 
 @dataclass(frozen=True)
@@ -376,8 +398,17 @@ class GrowthStall(_RuleMethods):
         return GrowthTracker(self, window)
 
     def waiting(self, sizes: Sequence[float]) -> str | None:
-        last = next((v for v in reversed(sizes) if not math.isnan(v)), None)
+        last = _last_read(sizes)
         return "the update's size is not read yet" if last is None else f"the update's size {last:.4g} is still growing"
+
+    def undecided(self, sizes: np.ndarray | None, window: int) -> str:
+        ends = [] if sizes is None else list(sizes[window - 1::window])
+        rate = self.rate(ends)
+        if rate is None:
+            return (f"the growth-stall rule compares the update's size over {self.span} windows of "
+                    f"{window} samples; the run ended after {len(ends)}")
+        return (f"{SIZE_NAMES[self.series]} was still growing by {rate:.1%} per window at the end (the rule stops "
+                f"below {self.growth:.1%}, or at the cap {self.cap:g}; it reached {ends[-1]:.3g})")
 
     def rate(self, ends: list[float] | np.ndarray) -> float | None:
         """The growth per window over the last ``span`` of the window-end sizes ``ends`` (None before there are
