@@ -21,7 +21,7 @@ import json
 import os
 import struct
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -510,19 +510,30 @@ class _Step:
     adapter: Adapter
 
 
-def _plan(file: AdapterFile, comps: Sequence[Component], multiplier: float) -> tuple[LoadReport, list[_Step]]:
-    """Build every adapter of ``file`` without touching the model; the report says what does not fit."""
+def _layer_finder(file: AdapterFile, comps: Sequence[Component]) -> Callable[[str], tuple[Component, str] | None]:
+    """How ``file``'s module names find the model's layers: by their kohya names, and a lone text encoder named
+    ``lora_te1_`` (SDXL's first, and what diffusers' kohya converter writes for SD1's only one) as ``lora_te_``
+    unless the file is SDXL's."""
     try:
         table = _lookup(comps)
     except ValueError as err:  # two layers of the model with one kohya name: no file can address them
         raise AdapterFileError(f"{file.label}: cannot be matched to this model: {err}") from err
+    te1_alias = guess_base_model(file) != "sdxl" and not any(n.startswith("lora_te2_") for n in file.modules())
+
+    def find(name: str) -> tuple[Component, str] | None:
+        if name not in table and te1_alias and name.startswith("lora_te1_"):
+            name = "lora_te_" + name.removeprefix("lora_te1_")
+        return table.get(name)
+    return find
+
+
+def _plan(file: AdapterFile, comps: Sequence[Component], multiplier: float) -> tuple[LoadReport, list[_Step]]:
+    """Build every adapter of ``file`` without touching the model; the report says what does not fit."""
+    find_layer = _layer_finder(file, comps)
     report = LoadReport(file.label, loose_keys=file.loose_keys(), file_base_model=guess_base_model(file))
     planned: list[_Step] = []
     claimed: dict[tuple[int, str], str] = {}  # (component, layer path) -> the file's first module name for it
-    modules = file.modules()
-    # diffusers' kohya converter names a lone text encoder lora_te1_ (SDXL's first); read it so unless SDXL
-    te1_alias = report.file_base_model != "sdxl" and not any(n.startswith("lora_te2_") for n in modules)
-    for name, tensors in modules.items():
+    for name, tensors in file.modules().items():
         if not _given(name, comps):
             report.skipped.append(name)
             continue
@@ -535,13 +546,11 @@ def _plan(file: AdapterFile, comps: Sequence[Component], multiplier: float) -> t
             report.unsupported[name] = (f"algorithm {algorithm!r} (keys {shown}) is not one lorakit "
                                         f"implements ({', '.join(ALGORITHMS)})")
             continue
-        key = name
-        if key not in table and te1_alias and key.startswith("lora_te1_"):
-            key = "lora_te_" + key.removeprefix("lora_te1_")
-        if key not in table:
+        found = find_layer(name)
+        if found is None:
             report.unmatched.append(name)
             continue
-        comp, path = table[key]
+        comp, path = found
         target = (id(comp.model), path)
         if target in claimed:  # e.g. lora_unet_X and lycoris_X: two files joined into one
             report.duplicates[name] = claimed[target]
@@ -637,14 +646,12 @@ def start_network_from_file(network: AdapterNetwork, source: str | os.PathLike |
     """
     file = source if isinstance(source, AdapterFile) else read_adapter(source)
     comps = components(unet, text_encoder)
-    table = _lookup(comps)
+    find_layer = _layer_finder(file, comps)
     adapters = dict(network.adapters.items())
     problems: dict[str, list[str]] = {}  # why -> the file's modules that fail so
     pairs: list[tuple[str, Adapter, Mapping[str, torch.Tensor]]] = []
     for name, tensors in file.modules().items():
-        # diffusers' converter names SD1's lone text encoder lora_te1_ (as load_network reads it)
-        found = table.get(name) or (table.get("lora_te_" + name.removeprefix("lora_te1_"))
-                                    if name.startswith("lora_te1_") else None)
+        found = find_layer(name)
         own_name = found[0].kohya_name(found[1]) if found is not None else None
         if own_name not in adapters:
             if not _given(name, comps):  # the text encoder's modules when only the U-Net is trained, say

@@ -28,7 +28,7 @@ from lorakit.blocks import (
 from lorakit.config import SAVE_PRECISIONS, ConfigError, TrainConfig
 from lorakit.earlystop.cs import CSMeter, CSReading, native_reading
 from lorakit.embeddings import expand_tokens, register_tokens, token_names
-from lorakit.formats import save_network, start_network_from_file, write_adapter
+from lorakit.formats import AdapterFile, save_network, start_network_from_file, write_adapter
 from lorakit.models import BaseModel, save_single_file_checkpoint
 from lorakit.network import AdapterNetwork, UniformRanks, create_network, get_preset, select_targets
 from lorakit.network import components as network_components
@@ -133,7 +133,9 @@ class AdapterMethod(TrainingMethod):
 
     kind = "adapter"
 
-    def __init__(self, cfg: TrainConfig, model: BaseModel, start_from_file: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, model: BaseModel, start_file: AdapterFile | bool = True) -> None:
+        """``start_file``: True reads ``network.weights`` when it is set, False leaves it unread, an
+        ``AdapterFile`` is that file already read (the trainer reads it before the model, to refuse it early)."""
         net = cfg.network
         if not (net.train_unet or net.train_text_encoder):
             raise ConfigError("network: train_unet and train_text_encoder are both false: nothing to train")
@@ -149,9 +151,11 @@ class AdapterMethod(TrainingMethod):
             raise ConfigError(f"network: preset {net.preset!r} with these ranks selects no module of the model")
         self.started_from = None
         # after the fresh initialisation, which it replaces (so the random stream stays the same)
-        if net.weights and start_from_file:
+        source = start_file if isinstance(start_file, AdapterFile) else \
+            Path(net.weights).expanduser() if start_file and net.weights else None
+        if source is not None:
             self.started_from = start_network_from_file(
-                self.network, Path(net.weights).expanduser(), model.unet if net.train_unet else None,
+                self.network, source, model.unet if net.train_unet else None,
                 model.text_encoder if net.train_text_encoder else None)
         self.cfg = cfg
         self._meter = CSMeter({n: self.network[n] for n in self.network.names("unet")}) \
@@ -360,9 +364,9 @@ class PivotalTuning(TrainingMethod):
 
     kind = "pivotal"
 
-    def __init__(self, cfg: TrainConfig, model: BaseModel, start_from_file: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, model: BaseModel, start_file: AdapterFile | bool = True) -> None:
         self.ti = TextualInversion(cfg, model)
-        self.adapter = AdapterMethod(cfg, model, start_from_file)
+        self.adapter = AdapterMethod(cfg, model, start_file)
 
     def param_groups(self) -> list[dict]:
         return self.ti.param_groups() + self.adapter.param_groups()
@@ -393,12 +397,12 @@ class PivotalTuning(TrainingMethod):
         return f"pivotal tuning: {self.ti.summary()}; {self.adapter.summary()}"
 
 
-def make_method(cfg: TrainConfig, model: BaseModel, start_from_file: bool = True) -> TrainingMethod:
-    """The configured method; ``start_from_file=False`` leaves ``network.weights`` unread (a resumed run: its
-    checkpoint holds what the file started)."""
+def make_method(cfg: TrainConfig, model: BaseModel, start_file: AdapterFile | bool = True) -> TrainingMethod:
+    """The configured method; ``start_file`` as ``AdapterMethod`` takes it (False leaves ``network.weights``
+    unread: a resumed run's checkpoint holds what the file started)."""
     if cfg.method.kind == "adapter":
-        return AdapterMethod(cfg, model, start_from_file)
+        return AdapterMethod(cfg, model, start_file)
     if cfg.method.kind == "pivotal":
-        return PivotalTuning(cfg, model, start_from_file)
+        return PivotalTuning(cfg, model, start_file)
     kinds = {"native": NativeMethod, "ti": TextualInversion}
     return kinds[cfg.method.kind](cfg, model)

@@ -42,7 +42,7 @@ from lorakit.earlystop.plot import plot_sample_scores
 from lorakit.earlystop.rules import SIZE_SERIES
 from lorakit.earlystop.samples import SampleStop, SampleTurningPoint, make_sample_stop
 from lorakit.errors import LorakitError
-from lorakit.formats import read_adapter
+from lorakit.formats import AdapterFile, read_adapter
 from lorakit.loss import add_training_noise, diffusion_loss
 from lorakit.metadata import ss_metadata
 from lorakit.methods import TrainingMethod, make_method
@@ -241,16 +241,17 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             print(opening_line(cfg))
         sample_stop = _sample_stop(cfg)  # its prompt file is read before the model is loaded
         # a resumed run's checkpoint holds what the adapter file started: the file is not read (it may be gone)
-        start_from_file = bool(cfg.network.weights) and not (run.resuming and run.latest_checkpoint() is not None)
-        if start_from_file:  # a missing file, a pickle, a model or a cut file is refused before the model loads
+        start_file: AdapterFile | bool = False
+        if cfg.network.weights and not (run.resuming and run.latest_checkpoint() is not None):
+            # a missing file, a pickle, a model or a cut file is refused before the model loads
             if not Path(cfg.network.weights).expanduser().is_file():
                 raise ConfigError(f"network.weights: {cfg.network.weights}: no such file")
-            read_adapter(Path(cfg.network.weights).expanduser())
+            start_file = read_adapter(Path(cfg.network.weights).expanduser())
 
         # the model, what is trained, the data
         model = prepare_model(cfg, accelerator)
         torch.manual_seed(cfg.training.seed)  # after loading: adapter init must not depend on how the model was read
-        method = make_method(cfg, model, start_from_file=start_from_file)
+        method = make_method(cfg, model, start_file=start_file)
         for group in method.param_groups():  # trained tensors stay fp32 whatever the base model's dtype
             for p in group["params"]:
                 p.data = p.data.float()

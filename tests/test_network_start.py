@@ -58,6 +58,19 @@ def test_a_diffusers_layout_file_and_a_kohya_file_without_alpha_start_it_too(tmp
     assert len(start_network_from_file(again, tmp_path / "no-alpha.safetensors", unet).loaded) == len(again)
 
 
+def test_a_lone_text_encoder_named_te1_starts_it_as_the_loader_reads_it(tmp_path):
+    """diffusers' kohya converter names SD1's only text encoder ``lora_te1_``: the file starts the network as
+    ``load_network`` would read it (the same lookup), and all of it is loaded."""
+    path, trained = _trained_file(tmp_path)
+    renamed = {k.replace("lora_te_", "lora_te1_", 1): v for k, v in read_adapter(path).tensors.items()}
+    assert any(k.startswith("lora_te1_") for k in renamed)
+    save_file(renamed, str(tmp_path / "te1.safetensors"))
+    network, unet, encoder = _network()
+    report = start_network_from_file(network, tmp_path / "te1.safetensors", unet, encoder)
+    assert report.fresh == [] and len(report.loaded) == len(network)
+    assert all(torch.equal(network.file_tensors()[k], v) for k, v in trained.file_tensors().items())
+
+
 def test_modules_the_file_lacks_start_fresh(tmp_path):
     path, _ = _trained_file(tmp_path, preset="attn-only", te=False)
     network, unet, _ = _network(preset="full", te=False)
