@@ -123,6 +123,9 @@ class NetworkConfig:
     #: on from another); its modules must match this network's (algorithm, rank, alpha); modules it lacks start
     #: fresh
     weights: str | None = None
+    #: kohya's --dim_from_weights: each module's rank and alpha come from ``weights`` (a resized file's varying
+    #: ranks, say); the network is the file's modules, and rank/alpha/conv_rank/conv_alpha are not read for them
+    dim_from_weights: bool = False
 
 
 @dataclass
@@ -332,6 +335,12 @@ class TrainConfig:
             raise ConfigError(str(e)) from e
         self._validate_blocks()
         self._validate_format()
+        if net.dim_from_weights and not net.weights:
+            raise ConfigError("network.dim_from_weights takes the ranks from network.weights, which is not set: "
+                              "give --network-weights FILE")
+        if net.dim_from_weights and (net.blocks is not None or net.block_dims is not None):
+            raise ConfigError("network.dim_from_weights and network.blocks/block_dims both choose the ranks: "
+                              "the file's modules decide where adapters go; remove one of them")
         if self.method.kind in ("ti", "pivotal") and not (self.method.ti_token or self.data.trigger):
             raise ConfigError(f"method.kind = {self.method.kind!r} needs the new token: set method.ti_token "
                               "(or data.trigger), e.g. --set method.ti_token=zkz")

@@ -45,6 +45,8 @@ from lorakit.network import (
     LYCORIS_PREFIX,
     AdapterNetwork,
     Component,
+    ModuleSpec,
+    RankRule,
     adaptable_layers,
     components,
     is_kxk_conv,
@@ -622,14 +624,53 @@ def _module_mismatch(adapter: Adapter, tensors: Mapping[str, torch.Tensor]) -> s
                 f"{extra or 'none'}: DoRA, Tucker or another option differs)")
     rank, file_rank = module_rank(own), module_rank(tensors)
     if rank != file_rank:
-        return f"rank {file_rank} in the file, {rank} here (--rank, or network.conv_rank for 3×3 convs)"
+        return (f"rank {file_rank} in the file, {rank} here (--rank, or network.conv_rank for 3×3 convs; or "
+                "--dim-from-weights to take the file's)")
     for key, value in own.items():
         if tuple(tensors[key].shape) != tuple(value.shape):
             return f"{key} has shape {tuple(tensors[key].shape)} in the file, {tuple(value.shape)} here"
     if "alpha" in own and not torch.equal(tensors["alpha"].float(), own["alpha"].float()):
         return (f"alpha {module_alpha(tensors):g} in the file, {module_alpha(own):g} here (--alpha, or "
-                "network.conv_alpha for 3×3 convs: the update would be scaled differently)")
+                "network.conv_alpha for 3×3 convs: the update would be scaled differently; or --dim-from-weights)")
     return None
+
+
+@dataclass(frozen=True)
+class FileRanks:
+    """A rank rule that gives each layer the rank and alpha of its module in an adapter file (kohya's
+    ``--dim_from_weights``); a layer the file has no module for gets none.  A rankless module (a full-matrix LoKr)
+    takes ``fallback``'s rank, the run's own."""
+
+    source: str
+    specs: Mapping[str, ModuleSpec | None]  # the model's kohya module name -> the file's rank and alpha
+    fallback: RankRule
+
+    def __call__(self, name: str, layer: nn.Module) -> ModuleSpec | None:
+        if name not in self.specs:
+            return None
+        spec = self.specs[name]
+        return spec if spec is not None else self.fallback(name, layer)
+
+    def ranks(self) -> list[int]:
+        return sorted({spec.rank for spec in self.specs.values() if spec is not None})
+
+
+def ranks_from_file(source: str | os.PathLike | AdapterFile, fallback: RankRule, unet: nn.Module | None = None,
+                    text_encoder: nn.Module | Sequence[nn.Module] | None = None) -> FileRanks:
+    """The rank rule that builds the network ``source`` holds (module by module: its rank, its alpha, alpha =
+    rank where the file leaves it out).  Modules that name no layer are left to ``start_network_from_file``,
+    which refuses them by name."""
+    file = source if isinstance(source, AdapterFile) else read_adapter(source)
+    find_layer = _layer_finder(file, components(unet, text_encoder))
+    specs: dict[str, ModuleSpec | None] = {}
+    for name, tensors in file.modules().items():
+        found = find_layer(name)
+        if found is None:
+            continue
+        rank, alpha = module_rank(tensors), module_alpha(tensors)
+        specs[found[0].kohya_name(found[1])] = None if rank is None else \
+            ModuleSpec(rank, float(rank) if alpha is None else alpha)
+    return FileRanks(file.label, specs, fallback)
 
 
 def start_network_from_file(network: AdapterNetwork, source: str | os.PathLike | AdapterFile,

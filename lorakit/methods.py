@@ -28,7 +28,14 @@ from lorakit.blocks import (
 from lorakit.config import SAVE_PRECISIONS, ConfigError, TrainConfig
 from lorakit.earlystop.cs import CSMeter, CSReading, native_reading
 from lorakit.embeddings import expand_tokens, register_tokens, token_names
-from lorakit.formats import AdapterFile, save_network, start_network_from_file, write_adapter
+from lorakit.formats import (
+    AdapterFile,
+    ranks_from_file,
+    read_adapter,
+    save_network,
+    start_network_from_file,
+    write_adapter,
+)
 from lorakit.models import BaseModel, save_single_file_checkpoint
 from lorakit.network import AdapterNetwork, UniformRanks, create_network, get_preset, select_targets
 from lorakit.network import components as network_components
@@ -103,10 +110,18 @@ def block_lr_weights(cfg: TrainConfig) -> BlockLrWeights | None:
         raise ValueError(f"network: {err}") from None
 
 
-def rank_rule(cfg: TrainConfig):
+def rank_rule(cfg: TrainConfig, ranks_file: AdapterFile | None = None, model: BaseModel | None = None):
+    """Each module's rank and alpha as the config chooses; with ``network.dim_from_weights``, those of
+    ``ranks_file``'s modules (matched to ``model``'s layers)."""
     net = cfg.network
     conv_alpha = net.conv_alpha if net.conv_alpha is not None else net.alpha
-    if net.blocks is not None:
+    if net.dim_from_weights:
+        if ranks_file is None or model is None:
+            raise ValueError("network.dim_from_weights: the rank rule needs the adapter file and the model")
+        rule = ranks_from_file(ranks_file, UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha),
+                               model.unet if net.train_unet else None,
+                               model.text_encoder if net.train_text_encoder else None)
+    elif net.blocks is not None:
         if net.block_dims is not None:
             raise ValueError("network: blocks and block_dims both given; use one of them")
         try:
@@ -133,10 +148,16 @@ class AdapterMethod(TrainingMethod):
 
     kind = "adapter"
 
-    def __init__(self, cfg: TrainConfig, model: BaseModel, start_file: AdapterFile | bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, model: BaseModel, start_file: AdapterFile | bool = True,
+                 ranks_file: AdapterFile | None = None) -> None:
         """``start_file``: True reads ``network.weights`` when it is set, False leaves it unread, an
-        ``AdapterFile`` is that file already read (the trainer reads it before the model, to refuse it early)."""
+        ``AdapterFile`` is that file already read (the trainer reads it before the model, to refuse it early).
+        ``ranks_file``: where ``network.dim_from_weights`` reads the ranks when the start file is not read (a
+        resumed run: its checkpoint); by default the start file."""
         net = cfg.network
+        if net.dim_from_weights and ranks_file is None:
+            ranks_file = start_file if isinstance(start_file, AdapterFile) else \
+                read_adapter(Path(net.weights).expanduser())
         if not (net.train_unet or net.train_text_encoder):
             raise ConfigError("network: train_unet and train_text_encoder are both false: nothing to train")
         options = dict(net.args)
@@ -146,7 +167,10 @@ class AdapterMethod(TrainingMethod):
                 options[key] = value
         self.network: AdapterNetwork = create_network(
             model.unet if net.train_unet else None, model.text_encoder if net.train_text_encoder else None,
-            preset=net.preset, ranks=rank_rule(cfg), algorithm=net.algorithm, options=options)
+            preset=net.preset, ranks=rank_rule(cfg, ranks_file, model), algorithm=net.algorithm, options=options)
+        if len(self.network) == 0 and net.dim_from_weights:
+            raise ConfigError(f"network.dim_from_weights: {ranks_file.label}: none of its modules is a layer this "
+                              f"run adapts (--preset {net.preset}, network.train_unet/train_text_encoder)")
         if len(self.network) == 0:
             raise ConfigError(f"network: preset {net.preset!r} with these ranks selects no module of the model")
         self.started_from = None
@@ -229,7 +253,10 @@ class AdapterMethod(TrainingMethod):
         where = ", ".join(f"{n} {g} modules" for g, n in counts.items())
         net = self.cfg.network
         started = f"\n{self.started_from.summary()}" if self.started_from is not None else ""
-        return (f"{net.algorithm} rank {net.rank} alpha {net.alpha:g}, preset {net.preset}: {where}, "
+        ranks = [r for n in self.network.names() if isinstance(r := getattr(self.network[n], "rank", None), int)]
+        shape = (f"ranks {'–'.join(str(r) for r in sorted({min(ranks), max(ranks)}))} from the file"
+                 if net.dim_from_weights and ranks else f"rank {net.rank} alpha {net.alpha:g}")
+        return (f"{net.algorithm} {shape}, preset {net.preset}: {where}, "
                 f"{n_params:,} trainable parameters{started}")
 
 
@@ -364,9 +391,10 @@ class PivotalTuning(TrainingMethod):
 
     kind = "pivotal"
 
-    def __init__(self, cfg: TrainConfig, model: BaseModel, start_file: AdapterFile | bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, model: BaseModel, start_file: AdapterFile | bool = True,
+                 ranks_file: AdapterFile | None = None) -> None:
         self.ti = TextualInversion(cfg, model)
-        self.adapter = AdapterMethod(cfg, model, start_file)
+        self.adapter = AdapterMethod(cfg, model, start_file, ranks_file)
 
     def param_groups(self) -> list[dict]:
         return self.ti.param_groups() + self.adapter.param_groups()
@@ -397,12 +425,13 @@ class PivotalTuning(TrainingMethod):
         return f"pivotal tuning: {self.ti.summary()}; {self.adapter.summary()}"
 
 
-def make_method(cfg: TrainConfig, model: BaseModel, start_file: AdapterFile | bool = True) -> TrainingMethod:
-    """The configured method; ``start_file`` as ``AdapterMethod`` takes it (False leaves ``network.weights``
-    unread: a resumed run's checkpoint holds what the file started)."""
+def make_method(cfg: TrainConfig, model: BaseModel, start_file: AdapterFile | bool = True,
+                ranks_file: AdapterFile | None = None) -> TrainingMethod:
+    """The configured method; ``start_file`` and ``ranks_file`` as ``AdapterMethod`` takes them (False leaves
+    ``network.weights`` unread: a resumed run's checkpoint holds what the file started)."""
     if cfg.method.kind == "adapter":
-        return AdapterMethod(cfg, model, start_file)
+        return AdapterMethod(cfg, model, start_file, ranks_file)
     if cfg.method.kind == "pivotal":
-        return PivotalTuning(cfg, model, start_file)
+        return PivotalTuning(cfg, model, start_file, ranks_file)
     kinds = {"native": NativeMethod, "ti": TextualInversion}
     return kinds[cfg.method.kind](cfg, model)

@@ -247,11 +247,14 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             if not Path(cfg.network.weights).expanduser().is_file():
                 raise ConfigError(f"network.weights: {cfg.network.weights}: no such file")
             start_file = read_adapter(Path(cfg.network.weights).expanduser())
+        # a resumed run takes the ranks from its own checkpoint, which has the network's shapes
+        ranks_file = read_adapter(run.latest_checkpoint().tensors_path) \
+            if cfg.network.dim_from_weights and not isinstance(start_file, AdapterFile) else None
 
         # the model, what is trained, the data
         model = prepare_model(cfg, accelerator)
         torch.manual_seed(cfg.training.seed)  # after loading: adapter init must not depend on how the model was read
-        method = make_method(cfg, model, start_file=start_file)
+        method = make_method(cfg, model, start_file=start_file, ranks_file=ranks_file)
         for group in method.param_groups():  # trained tensors stay fp32 whatever the base model's dtype
             for p in group["params"]:
                 p.data = p.data.float()

@@ -71,6 +71,31 @@ def test_a_lone_text_encoder_named_te1_starts_it_as_the_loader_reads_it(tmp_path
     assert all(torch.equal(network.file_tensors()[k], v) for k, v in trained.file_tensors().items())
 
 
+def test_ranks_from_a_file_build_its_network_module_by_module(tmp_path):
+    """kohya's --dim_from_weights: each module gets the file's rank and alpha (alpha = rank where kohya left it
+    out), layers the file has no module for get none, whatever the run's own rank."""
+    from lorakit.formats import ranks_from_file
+    from lorakit.network import ModuleSpec
+
+    unet, encoder = build_tiny_unet(), build_tiny_text_encoder()
+    mixed = create_network(unet, encoder, preset="attn-only",
+                           ranks=lambda name, layer: ModuleSpec(1 if "to_q" in name else 3, 2.0))
+    randomize(mixed)
+    path = save_network(mixed, tmp_path / "mixed.safetensors")
+    tensors = {k: v for k, v in read_adapter(path).tensors.items()
+               if not (k.endswith(".alpha") and "to_k" in k)}  # to_k: alpha left out, so alpha = its rank
+    save_file(tensors, str(tmp_path / "some-alphas.safetensors"))
+    unet, encoder = build_tiny_unet(), build_tiny_text_encoder()
+    rule = ranks_from_file(tmp_path / "some-alphas.safetensors", UniformRanks(8, 8.0), unet, encoder)
+    network = create_network(unet, encoder, preset="full", ranks=rule)
+    assert sorted(network.names()) == sorted(mixed.names()) and rule.ranks() == [1, 3]
+    for name in network.names():
+        expected_alpha = 3.0 if "to_k" in name else 2.0
+        assert (network[name].rank, float(network[name].alpha)) == (mixed[name].rank, expected_alpha), name
+    report = start_network_from_file(network, tmp_path / "some-alphas.safetensors", unet, encoder)
+    assert report.fresh == [] and len(report.loaded) == len(mixed)
+
+
 def test_modules_the_file_lacks_start_fresh(tmp_path):
     path, _ = _trained_file(tmp_path, preset="attn-only", te=False)
     network, unet, _ = _network(preset="full", te=False)

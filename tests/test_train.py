@@ -776,6 +776,56 @@ def test_a_run_starts_from_another_runs_adapter_file(tiny_model_dir, dataset, tm
     assert code == 2 and not refused.exists()
 
 
+def test_dim_from_weights_takes_each_modules_rank_from_the_file(tiny_model_dir, dataset, tmp_path, capsys):
+    """--dim-from-weights (kohya's --dim_from_weights): a file whose modules have different ranks (as `resize`
+    writes) starts a network of those ranks and alphas, whatever --rank says; resumed after the file is gone, the
+    run takes them from its own checkpoint.  Without it the same file is refused, naming the option."""
+    from safetensors.torch import save_file
+
+    from lorakit.cli import main
+    from lorakit.formats import read_adapter
+
+    first = tmp_path / "first"
+    run_train(make_config(tiny_model_dir, dataset, first, training={"max_epochs": 1},
+                          network={"rank": 4, "alpha": 2.0}))
+    tensors = dict(read_adapter(first / "lorakit.safetensors").tensors)
+    modules = sorted({k.split(".")[0] for k in tensors})
+    for name in modules[::2]:  # every other module cut to rank 1: a file of mixed ranks
+        tensors[f"{name}.lora_down.weight"] = tensors[f"{name}.lora_down.weight"][:1].contiguous()
+        tensors[f"{name}.lora_up.weight"] = tensors[f"{name}.lora_up.weight"][:, :1].contiguous()
+    start = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(start))
+    second = tmp_path / "second"
+    flags = ["train", "--data", str(dataset), "--model", str(tiny_model_dir), "--network-weights", str(start),
+             "--rank", "8", "--lr", "1e-12", "--set", "optimizer.optimizer=sgd", "--set", "early_stop.mode=off",
+             "--no-progress"]
+    assert main([*flags, "--out", str(tmp_path / "refused")]) == 2
+    assert "--dim-from-weights to take the file's" in capsys.readouterr().err
+    assert main([*flags, "--dim-from-weights", "--epochs", "1", "--out", str(second)]) == 0
+    said = capsys.readouterr().out
+    assert f"a LoRA (ranks from {start}, preset" in said and "lora ranks 1–4 from the file" in said
+    got = read_adapter(second / "lorakit.safetensors").tensors
+    assert got.keys() == tensors.keys()
+    for key, value in tensors.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-9)
+    start.unlink()
+    assert main([*flags, "--dim-from-weights", "--epochs", "2", "--out", str(second), "--resume"]) == 0
+    assert {k: v.shape for k, v in read_adapter(second / "lorakit.safetensors").tensors.items()} == \
+        {k: v.shape for k, v in tensors.items()}
+
+
+def test_dim_from_weights_needs_the_file_and_leaves_the_blocks_to_it(tmp_path):
+    from lorakit.config import ConfigError
+
+    cfg = TrainConfig()
+    cfg.network.dim_from_weights = True
+    with pytest.raises(ConfigError, match="network.dim_from_weights takes the ranks from network.weights"):
+        cfg.validate()
+    cfg.network.weights, cfg.network.blocks = str(tmp_path / "a.safetensors"), "upper"
+    with pytest.raises(ConfigError, match="network.dim_from_weights and network.blocks/block_dims"):
+        cfg.validate()
+
+
 def test_diffusers_format_result_holds_the_trained_adapter(tiny_model_dir, dataset, tmp_path):
     from lorakit.formats import load_network, read_adapter
     from lorakit.models import load_base_model

@@ -31,7 +31,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--rank": ("network.rank", int, "adapter rank (network_dim)"),
     "--alpha": ("network.alpha", float, "adapter alpha (network_alpha)"),
     "--network-weights": ("network.weights", str, "start the adapter from this adapter file (kohya's "
-                          "--network_weights; same algorithm, rank and alpha)"),
+                          "--network_weights; same algorithm, rank and alpha, or --dim-from-weights)"),
     "--blocks": ("network.blocks", str, "train only these U-Net blocks (block-wise LoRA paper): upper, middle, bottom, "
                  "all, or a comma list (upper,middle)"),
     "--lr": ("optimizer.learning_rate", float, "learning rate"),
@@ -91,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the training step's U-Net (slow first steps; a GPU gains most) "
                              "[model.compile]")
+    parser.add_argument("--dim-from-weights", action="store_true",
+                        help="take each module's rank and alpha from --network-weights (kohya's --dim_from_weights)"
+                             " [network.dim_from_weights]")
     parser.add_argument("--resume", action="store_true", help="continue the run in the output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in the output folder")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -185,6 +188,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             setattr(getattr(cfg, section), name, value)
     if args.compile:
         cfg.model.compile = True
+    if args.dim_from_weights:
+        cfg.network.dim_from_weights = True
     for item in args.set:
         dotted, sep, raw = item.partition("=")
         if not sep:
