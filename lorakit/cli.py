@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("lorakit.commands.merge", "bake adapters into a base model, or combine them into one adapter file"),
     "extract": ("lorakit.commands.extract", "an adapter from the difference of two models, by SVD"),
     "resize": ("lorakit.commands.resize", "lower an adapter's rank, or convert any adapter to plain LoRA"),
+    "convert": ("lorakit.commands.convert",
+                "rewrite an adapter in the kohya or diffusers/PEFT key layout, the same ΔW"),
 }
 
 

@@ -1,0 +1,70 @@
+"""Rewrite an adapter file in another key layout with the same ΔW: the kohya/LyCORIS names that A1111, ComfyUI,
+kohya and LyCORIS read, or the diffusers/PEFT names of ``load_lora_weights`` (which A1111 cannot read).
+
+The file is loaded into the base model first, strictly, so a file for another model is refused before anything
+is written, and names come out canonical (``lycoris_`` files and a lone SD1 ``lora_te1_`` become ``lora_unet_``
+/ ``lora_te_``).  The tensors are the loaded adapters' own: a kohya file is rewritten exactly; the diffusers
+layout folds each module's scale ``alpha / rank`` into ``lora_B`` (``lorakit.diffusers_format``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.formats import AdapterFileError, load_network, read_adapter, save_network
+from lorakit.models import BaseModel
+from lorakit.tools import ToolError
+
+LAYOUTS = ("kohya", "diffusers")
+
+# what save_network writes from the network itself: the source's values would describe the old layout
+_RECOMPUTED = ("ss_network_", "sshs_", "lorakit_format", "lora_adapter_metadata", "lorakit_algorithm",
+               "lorakit_preset")
+
+
+@dataclass(frozen=True)
+class Conversion:
+    source: str
+    source_layout: str
+    out: Path
+    layout: str
+    modules: int
+    algorithms: tuple[str, ...]
+    renamed: int  # modules whose name changed (diffusers -> kohya: all of them; kohya -> kohya: made canonical)
+
+    def summary(self) -> str:
+        what = f"{self.modules} modules ({', '.join(self.algorithms)})"
+        renamed = f"; {self.renamed} names made canonical" if self.layout == self.source_layout and self.renamed \
+            else ""
+        return (f"lorakit convert: {self.source} ({self.source_layout} layout) -> {self.out} ({self.layout} "
+                f"layout): {what}, the same ΔW{renamed}")
+
+
+def convert_adapter(source: str | os.PathLike, out: str | os.PathLike, layout: str, model: BaseModel, *,
+                    overwrite: bool = False, dtype: torch.dtype | None = None) -> Conversion:
+    """Write ``source`` to ``out`` in ``layout`` ("kohya" or "diffusers"); its metadata is kept, except what
+    describes the layout, and its tensors' dtype unless ``dtype`` is given."""
+    if layout not in LAYOUTS:
+        raise ToolError(f"unknown layout {layout!r}; layouts: {', '.join(LAYOUTS)}")
+    file = read_adapter(source)
+    if dtype is None:  # the file's own (an fp16 download stays fp16), whatever the loaded adapters hold
+        floats = Counter(t.dtype for t in file.tensors.values() if t.is_floating_point())
+        dtype = floats.most_common(1)[0][0] if floats else None
+    try:
+        network, _ = load_network(file, model.unet, model.text_encoder)
+    except AdapterFileError as err:
+        raise ToolError(f"{err} (give the model it was trained on: --model)") from None
+    try:
+        kept = {k: v for k, v in file.metadata.items() if not k.startswith(_RECOMPUTED)}
+        written = save_network(network, out, kept, format=layout, overwrite=overwrite, dtype=dtype)
+        names = set(network.names())
+        algorithms = tuple(sorted({a.algorithm for a in network.adapters.values()}))
+    finally:
+        network.remove()
+    return Conversion(file.label, file.layout, written, layout, len(names), algorithms,
+                      len(names - set(file.modules())) if file.layout == "kohya" else len(names))
