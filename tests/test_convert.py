@@ -50,6 +50,8 @@ def test_kohya_to_diffusers_and_back_gives_the_model_the_same_outputs(base, tmp_
     converted = read_adapter(peft)
     assert converted.layout == "diffusers" and any(k.endswith("lora_A.weight") for k in converted.tensors)
     assert converted.metadata["ss_training_comment"] == "my character, 12 images"
+    for key in ("ss_network_args", "lorakit_preset"):  # LoCon's conv_dim, the preset: settings, kept
+        assert converted.metadata[key] == read_adapter(source).metadata[key] and converted.metadata[key]
     assert_same_outputs(base, source, peft)
     back = tmp_path / "back.safetensors"
     assert main(["convert", str(peft), "--to", "kohya", "--out", str(back)]) == 0

@@ -22,9 +22,10 @@ from lorakit.tools import ToolError
 
 LAYOUTS = ("kohya", "diffusers")
 
-# what save_network writes from the network itself: the source's values would describe the old layout
-_RECOMPUTED = ("ss_network_", "sshs_", "lorakit_format", "lora_adapter_metadata", "lorakit_algorithm",
-               "lorakit_preset")
+# what save_network derives from the tensors themselves (the module kind, rank, alpha, hashes, the layout): the
+# source's values would describe the old file; the rest (training settings, ss_network_args, the preset) stays
+_RECOMPUTED = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "sshs_", "lorakit_format",
+               "lora_adapter_metadata", "lorakit_algorithm")
 
 
 @dataclass(frozen=True)
