@@ -21,6 +21,16 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort keeps the rest's order
 
 
+@pytest.fixture(scope="module")
+def base():
+    """The built-in model, loaded once per test module (the tools' tests leave it as they found it)."""
+    from lorakit.models import builtin_model_path, load_base_model
+
+    if not (builtin_model_path() / "model_index.json").is_file():
+        pytest.skip("the built-in model is not shipped in this checkout")
+    return load_base_model(None)
+
+
 @pytest.fixture(scope="session")
 def sd15_meta():
     """(unet, text_encoder) shaped like SD1.5, on the meta device: names and shapes, no memory."""

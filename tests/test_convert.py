@@ -3,7 +3,6 @@ keeps its metadata and dtype, and what a layout cannot hold is refused before an
 
 from __future__ import annotations
 
-import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -11,16 +10,8 @@ from test_tools import _random_adapter, unet_out
 
 from lorakit.cli import main
 from lorakit.formats import load_network, read_adapter
-from lorakit.models import builtin_model_path, load_base_model
 
 TOKENS = torch.tensor([[845, 5, 17, 42, 846]])
-
-
-@pytest.fixture(scope="module")
-def base():
-    if not (builtin_model_path() / "model_index.json").is_file():
-        pytest.skip("the built-in model is not shipped in this checkout")
-    return load_base_model(None)
 
 
 def outputs_with(model, path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,16 +12,9 @@ from test_tools import _random_adapter, unet_out
 
 from lorakit.cli import main
 from lorakit.formats import read_adapter
-from lorakit.models import builtin_model_path, load_base_model
+from lorakit.models import load_base_model
 from lorakit.tools.apply import applied
 from lorakit.tools.merge import bake
-
-
-@pytest.fixture(scope="module")
-def base():
-    if not (builtin_model_path() / "model_index.json").is_file():
-        pytest.skip("the built-in model is not shipped in this checkout")
-    return load_base_model(None)
 
 
 @pytest.fixture(scope="module")

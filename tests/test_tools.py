@@ -125,13 +125,6 @@ def test_adapter_specs():
 
 # ---- with the built-in model -----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def base():
-    if not (builtin_model_path() / "model_index.json").is_file():
-        pytest.skip("the built-in model is not shipped in this checkout")
-    return load_base_model(None)
-
-
 def _random_adapter(model, path, *, algorithm="lora", preset="full", rank=4, alpha=2.0, seed=0, scale=0.05,
                     text_encoder=True, **options):
     network = create_network(model.unet, model.text_encoder if text_encoder else None, preset=preset,

@@ -13,7 +13,7 @@ from test_formats import lycoris_state  # noqa: F401  (fixture: LyCORIS presets 
 from test_tools import _random_adapter, unet_out
 
 from lorakit.formats import load_network, read_adapter
-from lorakit.models import builtin_model_path, load_base_model
+from lorakit.models import builtin_model_path
 from lorakit.tools.deltas import file_deltas
 from lorakit.tools.extract import extract_adapter
 from lorakit.tools.lowrank import RankRule
@@ -21,13 +21,6 @@ from lorakit.tools.merge import bake, combine
 from lorakit.tools.resize import resize_adapter
 
 IDS = torch.tensor([[845, 5, 17, 42, 846]])
-
-
-@pytest.fixture(scope="module")
-def base():
-    if not (builtin_model_path() / "model_index.json").is_file():
-        pytest.skip("the built-in model is not shipped in this checkout")
-    return load_base_model(None)
 
 
 @pytest.fixture(scope="module")
