@@ -60,6 +60,9 @@ class ModelConfig:
     #: override the model's prediction type ("epsilon" or "v_prediction"); None: the model's own
     prediction_type: str | None = None
     gradient_checkpointing: bool = False
+    #: kohya's and A1111's clip skip: 1 conditions the U-Net on the text encoder's last layer, 2 on the one before
+    #: (through the final layer norm), as SD1.x anime models were trained; sampling during training uses it too
+    clip_skip: int = 1
     #: run the training step's U-Net through torch.compile: the first steps pay for compiling (minutes), later
     #: ones skip most of the per-layer Python and launch overhead (a GPU gains most; on a CPU it can be slower,
     #: docs/performance.md).  Sampling stays eager.
@@ -248,6 +251,8 @@ class TrainConfig:
             (_positive_int(self.method.ti_vectors), "method.ti_vectors", "a positive integer", self.method.ti_vectors),
             (self.model.mixed_precision in ("no", "fp16", "bf16"), "model.mixed_precision", "no, fp16 or bf16",
              self.model.mixed_precision),
+            (_positive_int(self.model.clip_skip), "model.clip_skip",
+             "a positive integer (1: the text encoder's last layer; 2: the one before)", self.model.clip_skip),
             (self.model.compile_mode in COMPILE_MODES, "model.compile_mode", f"one of {one_of(COMPILE_MODES)}",
              self.model.compile_mode),
             # torch is asked only when the option is used: `--print-config` must not wait for it

@@ -33,6 +33,17 @@ FIELDS = NETWORK_FIELDS + TRAINING_FIELDS
 VERSION_KEY = "lorakit_version"
 
 
+def trained_clip_skip(metadata: Mapping[str, str]) -> int | None:
+    """The clip skip an adapter was trained with (kohya's ``ss_clip_skip``: a number, or "None" for the last
+    layer); None when the file does not say."""
+    value = metadata.get("ss_clip_skip")
+    if value is None:
+        return None
+    if value == "None":
+        return 1
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def metadata_value(value: Any) -> str:
     """A metadata value as kohya writes it."""
     if isinstance(value, str):

@@ -123,6 +123,28 @@ class BaseModel:
                                        feature_extractor=None, requires_safety_checker=False)
 
 
+def encode_prompt_ids(text_encoder: torch.nn.Module, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    """The U-Net's conditioning for token ids: the text encoder's last hidden state, or with ``clip_skip`` N > 1
+    the output of its N-th layer from the end through the final layer norm, as kohya trains and A1111 samples
+    ("clip skip"; SD1.x anime models are trained with 2): the model as if its last N - 1 layers were not there.
+    diffusers' pipelines count one less (their ``clip_skip=1`` is this 2), and with transformers 5 their own
+    clip skip fails (it looks for ``text_model``), so ``lorakit.sample`` passes these embeddings instead."""
+    if clip_skip == 1:
+        return text_encoder(ids)[0]
+    states = text_encoder(ids, output_hidden_states=True).hidden_states
+    inner = getattr(text_encoder, "module", text_encoder)  # accelerate's wrapper in a distributed run
+    text_model = getattr(inner, "text_model", inner)  # transformers 4 nests the layers, 5 does not
+    return text_model.final_layer_norm(states[-clip_skip])
+
+
+def check_clip_skip(model: BaseModel, clip_skip: int) -> None:
+    """Refuse a clip skip the model's text encoder has not the layers for (before any work is done)."""
+    layers = model.text_encoder.config.num_hidden_layers
+    if not 1 <= clip_skip <= layers:
+        raise InvalidValueError(f"clip skip {clip_skip}: the text encoder of {model.source or 'the model'} has "
+                                f"{layers} layers (1 = its last layer, the default; 2 = the one before)")
+
+
 def builtin_model_path() -> Path:
     """Where the pretrained built-in model is shipped (a diffusers folder inside the package)."""
     return Path(__file__).parent / "world" / "base_model"

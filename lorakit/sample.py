@@ -29,6 +29,7 @@ from typing import Any
 import diffusers
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 if sys.version_info >= (3, 11):
@@ -38,7 +39,8 @@ else:  # pragma: no cover
 
 from lorakit.atomic import atomic_write
 from lorakit.errors import InvalidValueError, LorakitError
-from lorakit.models import BaseModel
+from lorakit.metadata import trained_clip_skip
+from lorakit.models import BaseModel, encode_prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -281,11 +283,28 @@ def _batches(indices: list[int], size: int) -> Iterable[list[int]]:
         yield indices[start:start + size]
 
 
+def _text_inputs(model: BaseModel, prompts: list[str], negatives: list[str], clip_skip: int,
+                 device: torch.device) -> dict[str, Any]:
+    """What the pipeline is given for the text: the prompts (it encodes them itself), or with a clip skip the
+    embeddings encoded as the trainer encodes them (diffusers' own ``clip_skip`` counts one less, and fails with
+    transformers 5)."""
+    if clip_skip == 1:
+        return {"prompt": prompts, "negative_prompt": negatives}
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        ids = model.tokenizer(texts, padding="max_length", max_length=model.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(device)
+        return encode_prompt_ids(model.text_encoder, ids, clip_skip)
+
+    return {"prompt_embeds": embed(prompts), "negative_prompt_embeds": embed(negatives)}
+
+
 @torch.no_grad()
 def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device: str | torch.device | None = None,
-             batch_size: int = 4, base_seed: int = 0, clip_skip: int | None = None,
+             batch_size: int = 4, base_seed: int = 0, clip_skip: int = 1,
              progress: bool = True) -> list[Image.Image]:
-    """One image per prompt, in order.
+    """One image per prompt, in order; ``clip_skip`` as kohya and A1111 count it (1: the text encoder's last
+    layer; ``lorakit.models.encode_prompt_ids``).
 
     Deterministic: each image's noise comes from its own CPU generator seeded with the prompt's seed (or
     ``base_seed + index`` when the prompt has none), so an image does not depend on its batch or device.
@@ -314,11 +333,11 @@ def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device:
             for (width, height, steps, cfg, sampler), indices in groups.items():
                 pipe.scheduler = make_scheduler(sampler, model)
                 for chunk in _batches(indices, max(1, batch_size)):
-                    out = pipe(prompt=[resolved[i].prompt for i in chunk],
-                               negative_prompt=[resolved[i].negative_prompt for i in chunk],
-                               height=height, width=width, num_inference_steps=steps, guidance_scale=cfg,
+                    text = _text_inputs(model, [resolved[i].prompt for i in chunk],
+                                        [resolved[i].negative_prompt for i in chunk], clip_skip, target)
+                    out = pipe(**text, height=height, width=width, num_inference_steps=steps, guidance_scale=cfg,
                                generator=[torch.Generator("cpu").manual_seed(resolved[i].seed) for i in chunk],
-                               clip_skip=clip_skip, output_type="pil")
+                               output_type="pil")
                     for i, image in zip(chunk, out.images, strict=True):
                         images[i] = image
                     bar.update(len(chunk))
@@ -452,6 +471,32 @@ def save_samples(images: Sequence[Image.Image], prompts: Sequence[SamplePrompt],
     return written
 
 
+def sampling_clip_skip(given: int | None, adapters: Sequence[str | os.PathLike]) -> tuple[int, str | None]:
+    """The clip skip to sample with, and a line saying where it came from when it is not the plain default:
+    ``--clip-skip``, else the one the adapters were trained with (they must agree), else 1."""
+    if given is not None:
+        return given, None
+    trained = {}
+    for path in map(Path, adapters):
+        try:
+            with safe_open(str(path), "pt") as f:
+                found = trained_clip_skip(f.metadata() or {})
+        except (OSError, SafetensorError):  # reading it as an adapter says what is wrong, later
+            continue
+        if found is not None:
+            trained[path] = found
+    values = set(trained.values())
+    if len(values) > 1:
+        listed = ", ".join(f"{p}: {v}" for p, v in trained.items())
+        raise InvalidValueError(f"the adapters were trained with different clip skips ({listed}); choose one "
+                                "with --clip-skip N")
+    if values and (value := values.pop()) > 1:
+        return value, f"clip skip {value}, as the adapters were trained (--clip-skip to change)"
+    return 1, None
+
+
 __all__ = ["SamplePrompt", "PromptSyntaxError", "SAMPLERS", "parse_prompt_line", "parse_prompt_dict",
            "parse_prompt_text", "load_prompts", "sampler_name", "make_scheduler", "generate", "image_grid",
-           "save_sample_grid", "resolve_prompts", "generate_with_adapters", "sample_paths", "save_samples"]
+           "save_sample_grid", "resolve_prompts", "generate_with_adapters", "sample_paths", "save_samples",
+           "sampling_clip_skip"]
+

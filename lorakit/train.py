@@ -46,7 +46,7 @@ from lorakit.formats import AdapterFile, read_adapter
 from lorakit.loss import add_training_noise, diffusion_loss
 from lorakit.metadata import ss_metadata
 from lorakit.methods import TrainingMethod, make_method
-from lorakit.models import BaseModel, load_base_model, resolve_dtype
+from lorakit.models import BaseModel, check_clip_skip, encode_prompt_ids, load_base_model, resolve_dtype
 from lorakit.optimizers import OPTIMIZERS
 from lorakit.prior import ensure_class_images
 from lorakit.run_manifest import RunManifest
@@ -132,7 +132,7 @@ def with_class_images(cfg: TrainConfig, model: BaseModel, run: RunFolder, is_mai
         if not data.reg_data:
             run.make_dir("class_images")
         ensure_class_images(model, folder, data.class_prompt, data.num_class_images, seed=cfg.training.seed,
-                            steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale)
+                            steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, clip_skip=cfg.model.clip_skip)
         if not data.reg_data:
             run.record_tree("class_images")
     accelerator.wait_for_everyone()
@@ -163,6 +163,7 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
         v_parameterization=model.prediction_type == "v_prediction",
         zero_terminal_snr=bool(model.scheduler_config.get("rescale_betas_zero_snr", False)),
         resolution=model.resolution,
+        clip_skip=cfg.model.clip_skip if cfg.model.clip_skip > 1 else "None",  # kohya: "None" when not set
     )
     meta["lorakit_method"] = cfg.method.kind
     meta.update(data.kohya_metadata())
@@ -191,7 +192,7 @@ def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, bat
     ids = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids.to(device)
     with accelerator.autocast():
-        hidden = text_encoder(ids)[0]
+        hidden = encode_prompt_ids(text_encoder, ids, cfg.model.clip_skip)
         prediction = unet(noised.noisy_latents.to(model.unet.dtype), noised.timesteps,
                           hidden.to(model.unet.dtype)).sample
     return diffusion_loss(prediction, noised, model.noise_scheduler, model.prediction_type,
@@ -253,6 +254,10 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
 
         # the model, what is trained, the data
         model = prepare_model(cfg, accelerator)
+        try:
+            check_clip_skip(model, cfg.model.clip_skip)
+        except ValueError as err:
+            raise ConfigError(f"model.clip_skip: {err}") from None
         torch.manual_seed(cfg.training.seed)  # after loading: adapter init must not depend on how the model was read
         method = make_method(cfg, model, start_file=start_file, ranks_file=ranks_file)
         for group in method.param_groups():  # trained tensors stay fp32 whatever the base model's dtype
@@ -421,7 +426,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                         run.prune_checkpoints(checkpoints_to_keep([c.epoch for c in run.checkpoints()],
                                                                   steps_per_epoch, earliest))
                 if is_main and prompts and (epoch % cfg.sample.every_n_epochs == 0 or stop_decision is not None):
-                    _sample(model, method, prompts, run.sample_path(f"epoch-{epoch:04d}"), accelerator)
+                    _sample(model, method, prompts, run.sample_path(f"epoch-{epoch:04d}"), accelerator,
+                            cfg.model.clip_skip)
     except KeyboardInterrupt:
         last = run.latest_checkpoint()
         kept = f"from {last.path.name}" if last else "from the start (no checkpoint yet)"
@@ -464,7 +470,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                                              budget=getattr(monitor.rule, "budget", None),
                                              budget_series=monitor.rule.series))
         if prompts:
-            _sample(model, method, prompts, run.sample_path("final"), accelerator)
+            _sample(model, method, prompts, run.sample_path("final"), accelerator, cfg.model.clip_skip)
             files.append(run.sample_path("final"))
         summary = {
             "output_dir": str(run.path), "files": [str(f) for f in files], "method": cfg.method.kind,
@@ -592,7 +598,8 @@ def _score_samples(sample_stop: SampleStop, epoch: int, step: int, model: BaseMo
     def draw(jobs: list[tuple[Any, int]]) -> list[Any]:
         prompts = [SamplePrompt(p.text, p.negative, seed=seed, steps=cfg.sample.steps,
                                 cfg_scale=cfg.sample.cfg_scale, sampler=cfg.sample.sampler) for p, seed in jobs]
-        return _sample(model, method, prompts, run.sample_path(f"scored-epoch-{epoch:04d}"), accelerator)
+        return _sample(model, method, prompts, run.sample_path(f"scored-epoch-{epoch:04d}"), accelerator,
+                       cfg.model.clip_skip)
 
     score = None
     with fail_together(accelerator, f"scoring the samples of epoch {epoch}"):
@@ -654,12 +661,12 @@ def _sample_decision(found: SampleTurningPoint, steps_per_epoch: int, step: int,
 
 
 def _sample(model: BaseModel, method: TrainingMethod, prompts: list[SamplePrompt], path: Path,
-            accelerator: Accelerator) -> list[Any]:
+            accelerator: Accelerator, clip_skip: int) -> list[Any]:
     """The prompts drawn with the adapter as it is now (their trigger expanded), saved as a grid at ``path``."""
     expanded = [replace(p, prompt=method.expand_prompt(p.prompt),
                         negative_prompt=method.expand_prompt(p.negative_prompt)) for p in prompts]
     with method.sampling():
-        images = generate(model, expanded, device=accelerator.device, progress=False)
+        images = generate(model, expanded, device=accelerator.device, progress=False, clip_skip=clip_skip)
     save_sample_grid(images, prompts, path)
     return images
 

@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
     parser.add_argument("--cfg", type=float, default=7.0, help="CFG scale (default 7)")
     parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--clip-skip", type=int, default=None,
+                        help="read prompts from the text encoder's N-th layer from the end (kohya/A1111: 1 = last); "
+                             "default: what the checkpoints were trained with (ss_clip_skip), else 1")
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--every", type=int, default=1, help="evaluate every k-th saved epoch (the last always)")
@@ -217,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
     )
     from lorakit.evaluate.report import page_from_eval, render_html
     from lorakit.host_memory import keep_freed_memory
-    from lorakit.models import load_base_model
+    from lorakit.models import check_clip_skip, load_base_model
+    from lorakit.sample import sampling_clip_skip
 
     # everything is checked before anything is written
     if args.out.exists() and not args.out.is_dir():
@@ -233,10 +237,14 @@ def run(args: argparse.Namespace) -> int:
     specs = _extractor_specs(args)
     keep_freed_memory()  # each denoising step frees and takes back the same buffers (SD1.5 on the CPU: 6-17 % faster)
     extractors, providers = _load_measures(args, specs)
+    clip_skip, clip_skip_said = sampling_clip_skip(args.clip_skip, [c.path for c in checkpoints if c.path])
     settings = SamplerSettings(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, width=args.size,
-                               height=args.size)
+                               height=args.size, clip_skip=clip_skip)
+    if clip_skip_said:
+        print(f"lorakit eval: {clip_skip_said}")
     jobs = make_jobs(prompt_set.prompts, args.seeds)
     model = load_base_model(args.model)
+    check_clip_skip(model, clip_skip)
     check_checkpoints(model, checkpoints)  # a file that does not fit fails here, before any image is made
 
     # what this call measures; the same call again continues it, another one does not replace it unasked
@@ -259,7 +267,8 @@ def run(args: argparse.Namespace) -> int:
             data_images.append(im.convert("RGB"))
     setup = {"prompts": prompt_set.source, "concept": prompt_set.concept, "trigger": prompt_set.trigger,
              "prompt count": len(prompt_set.prompts), "seeds": args.seeds, "steps": settings.steps,
-             "cfg": settings.cfg_scale, "sampler": settings.sampler, "size": args.size or model.resolution,
+             "cfg": settings.cfg_scale, "sampler": settings.sampler, "clip skip": settings.clip_skip,
+             "size": args.size or model.resolution,
              "base model": args.model or "builtin", "data": str(data) if data else None,
              "data images": len(data_images), "extractors": ", ".join(f"{k}={p or ''}".rstrip("=") for k, p in specs),
              "images": len(jobs) * len(checkpoints), "generated": stats.made, "cached": stats.cached,

@@ -37,19 +37,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default=None, help="sampler for prompts that set none (ddim, euler_a, ...)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--clip-skip", type=int, default=None,
+                        help="read the prompt from the text encoder's N-th layer from the end, as kohya and A1111 "
+                             "count (1 = last); default: what the adapters were trained with (ss_clip_skip), else 1")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from lorakit.host_memory import keep_freed_memory
-    from lorakit.models import load_base_model
+    from lorakit.models import check_clip_skip, load_base_model
     from lorakit.sample import (
         SamplePrompt,
         generate_with_adapters,
         load_prompts,
         parse_prompt_line,
         sample_paths,
+        sampling_clip_skip,
         save_samples,
     )
     from lorakit.tools.deltas import parse_adapter_spec
@@ -72,15 +76,20 @@ def run(args: argparse.Namespace) -> int:
         check_adapter_path(spec.path)
         if not spec.path.is_file():
             raise FileNotFoundError(f"{spec.path}: no such adapter file")
+    clip_skip, said = sampling_clip_skip(args.clip_skip, [spec.path for spec in specs])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     keep_freed_memory()  # each denoising step frees and takes back the same buffers (SD1.5 on the CPU: 6-17 % faster)
     model = load_base_model(args.model, device=device)
+    check_clip_skip(model, clip_skip)
     prompts = [replace(p, seed=p.seed if p.seed is not None else args.seed + i) for i, p in enumerate(prompts)]
     images = generate_with_adapters(model, specs, prompts, merged=args.merged, embeddings=args.embedding,
-                                    batch_size=args.batch_size, progress=False)
+                                    batch_size=args.batch_size, progress=False, clip_skip=clip_skip)
     title = ", ".join(s.label for s in specs) or "no adapter"
     written = save_samples(images, prompts, args.out, title=title + (" (merged)" if args.merged and specs else ""))
     for spec in specs:
         print(f"adapter {spec.label}")
+    if said:
+        print(said)
     print(f"{len(images)} image(s) from {model.source}: {args.out} (grid: {written[-1].name})")
     return 0
+

@@ -39,6 +39,7 @@ class SamplerSettings:
     sampler: str = "ddim"
     width: int | None = None  # None: the model's native size
     height: int | None = None
+    clip_skip: int = 1  # as kohya and A1111 count it (lorakit.models.encode_prompt_ids)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sampler", sampler_name(self.sampler))
@@ -75,8 +76,11 @@ class ImageCache:
 
     @staticmethod
     def key(base_hash: str, checkpoint_hash: str, job: ImageJob, settings: SamplerSettings) -> str:
+        sampler = asdict(settings)
+        if sampler["clip_skip"] == 1:  # absent from the keys of images made before there was a clip skip
+            del sampler["clip_skip"]
         fields = {"base": base_hash, "checkpoint": checkpoint_hash, "prompt": job.prompt.text,
-                  "negative": job.prompt.negative, "seed": job.seed, **asdict(settings)}
+                  "negative": job.prompt.negative, "seed": job.seed, **sampler}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
     def path(self, key: str) -> Path:
@@ -193,7 +197,8 @@ def generate_all(model: BaseModel, base_hash: str, checkpoints: Sequence[EvalChe
                                             height=settings.height, seed=jobs[i].seed, cfg_scale=settings.cfg_scale,
                                             steps=settings.steps, sampler=settings.sampler) for i in chunk]
                     started = time.perf_counter()
-                    images = generate(model, samples, batch_size=batch_size, progress=False, device=device)
+                    images = generate(model, samples, batch_size=batch_size, progress=False, device=device,
+                                      clip_skip=settings.clip_skip)
                     stats.seconds += time.perf_counter() - started
                     for i, image in zip(chunk, images, strict=True):
                         cache.store(keys[c.label][i], image)  # at once: an interrupted call keeps what it made

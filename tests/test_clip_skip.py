@@ -1,0 +1,121 @@
+"""Clip skip as kohya and A1111 count it: training conditions the U-Net on the layer sampling reads, the files
+say which, and `sample`/`eval` use what an adapter was trained with unless told otherwise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_train import make_config, run_train, write_dataset
+
+from lorakit.cli import main
+from lorakit.config import ConfigError
+from lorakit.formats import read_adapter
+from lorakit.models import encode_prompt_ids, load_base_model
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return write_dataset(tmp_path / "data")
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2, 3])
+def test_clip_skip_n_is_the_text_encoder_without_its_last_n_minus_1_layers(tiny_model_dir, clip_skip):
+    """What "clip skip" means (kohya, A1111): the text encoder as if its last N - 1 layers were not there, its
+    final layer norm still applied; 1 is the encoder as it is."""
+    import copy
+
+    model = load_base_model(tiny_model_dir)
+    ids = model.tokenizer(["a zkz star on grass"], padding="max_length", truncation=True,
+                          max_length=model.tokenizer.model_max_length, return_tensors="pt").input_ids
+    shorter = copy.deepcopy(model.text_encoder)
+    layers = getattr(shorter, "text_model", shorter).encoder.layers
+    del layers[len(layers) - (clip_skip - 1):]
+    with torch.no_grad():
+        ours = encode_prompt_ids(model.text_encoder, ids, clip_skip)
+        expected = shorter(ids)[0]
+        last = model.text_encoder(ids)[0]
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ours, last) == (clip_skip == 1)
+
+
+def test_a_run_with_clip_skip_2_trains_on_it_and_says_so_in_its_files(tiny_model_dir, dataset, tmp_path):
+    runs = {}
+    for skip in (1, 2):
+        runs[skip] = tmp_path / f"skip{skip}"
+        run_train(make_config(tiny_model_dir, dataset, runs[skip], training={"max_epochs": 1},
+                              model={"clip_skip": skip}))
+    one, two = (read_adapter(runs[s] / "lorakit.safetensors") for s in (1, 2))
+    assert one.metadata["ss_clip_skip"] == "None" and two.metadata["ss_clip_skip"] == "2"  # kohya's spelling
+    assert any(not torch.equal(one.tensors[k], two.tensors[k]) for k in one.tensors)  # the same seed, other text
+    assert 'clip_skip = 2' in (runs[2] / "config.toml").read_text()
+
+
+def test_a_clip_skip_the_text_encoder_has_no_layer_for_is_refused_before_anything_is_written(tiny_model_dir,
+                                                                                             dataset, tmp_path):
+    with pytest.raises(ConfigError, match=r"model.clip_skip: clip skip 5: the text encoder of .* has 4 layers"):
+        run_train(make_config(tiny_model_dir, dataset, tmp_path / "run", model={"clip_skip": 5}))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="model.clip_skip must be a positive integer"):
+        make_config(tiny_model_dir, dataset, tmp_path / "run", model={"clip_skip": 0}).validate()
+
+
+def test_sample_uses_the_clip_skip_the_adapter_was_trained_with(tiny_model_dir, dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    run_train(make_config(tiny_model_dir, dataset, run, training={"max_epochs": 1}, model={"clip_skip": 2}))
+    adapter = str(run / "lorakit.safetensors")
+    flags = ["--model", str(tiny_model_dir), "--prompt", "a zkz star --d 1", "--steps", "2"]
+    assert main(["sample", adapter, *flags, "--out", str(tmp_path / "trained")]) == 0
+    assert "clip skip 2, as the adapters were trained (--clip-skip to change)" in capsys.readouterr().out
+    for skip in ("2", "1"):
+        assert main(["sample", adapter, *flags, "--clip-skip", skip, "--out", str(tmp_path / skip)]) == 0
+
+    def pixels(folder):
+        return np.asarray(Image.open(next(folder.glob("000-*.png"))))
+
+    assert np.array_equal(pixels(tmp_path / "trained"), pixels(tmp_path / "2"))
+    assert not np.array_equal(pixels(tmp_path / "trained"), pixels(tmp_path / "1"))
+    # two adapters trained differently: the user chooses
+    other = tmp_path / "other"
+    run_train(make_config(tiny_model_dir, dataset, other, training={"max_epochs": 1}))
+    capsys.readouterr()
+    assert main(["sample", adapter, str(other / "lorakit.safetensors"), *flags, "--out", str(tmp_path / "both")]) == 2
+    err = capsys.readouterr().err
+    assert "trained with different clip skips" in err and "choose one with --clip-skip N" in err
+
+
+def test_eval_image_keys_change_only_for_another_clip_skip():
+    """Images an earlier eval cached (before clip skip existed) keep their keys; another clip skip gets new ones."""
+    import hashlib
+    from dataclasses import asdict
+
+    from lorakit.evaluate.generate import ImageCache, ImageJob, SamplerSettings
+    from lorakit.evaluate.prompts import EvalPrompt
+
+    job = ImageJob(0, EvalPrompt("a zkz star", "trigger"), repeat=0, seed=3)
+    before = {k: v for k, v in asdict(SamplerSettings()).items() if k != "clip_skip"}
+    old_key = hashlib.sha256(json.dumps({"base": "b", "checkpoint": "c", "prompt": "a zkz star", "negative": "",
+                                         "seed": 3, **before}, sort_keys=True).encode()).hexdigest()[:32]
+    assert ImageCache.key("b", "c", job, SamplerSettings()) == old_key
+    assert ImageCache.key("b", "c", job, SamplerSettings(clip_skip=2)) != old_key
+
+
+def test_eval_judges_checkpoints_with_the_clip_skip_they_were_trained_with(tmp_path, capsys):
+    from eval_helpers import write_run
+    from safetensors.torch import load_file, save_file
+    from test_cli_eval import PROMPTS_TOML
+
+    run = write_run(tmp_path / "run", epochs=1)
+    for file in run.glob("checkpoints/*/trained.safetensors"):
+        save_file(load_file(str(file)), str(file), metadata={"ss_epoch": "1", "ss_clip_skip": "2"})
+    (tmp_path / "prompts.toml").write_text(PROMPTS_TOML)
+    flags = ["--prompts", str(tmp_path / "prompts.toml"), "--steps", "2", "--no-base", "--quiet"]
+    assert main(["eval", str(run), "--out", str(tmp_path / "trained"), *flags]) == 0
+    assert "lorakit eval: clip skip 2, as the adapters were trained" in capsys.readouterr().out
+    assert main(["eval", str(run), "--out", str(tmp_path / "last"), "--clip-skip", "1", *flags]) == 0
+    setups = [json.loads((tmp_path / name / "metrics.json").read_text())["setup"] for name in ("trained", "last")]
+    assert [s["clip skip"] for s in setups] == [2, 1]
+    assert setups[0]["generated"] == setups[1]["generated"] > 0  # other keys: nothing taken from the other's cache
