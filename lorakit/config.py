@@ -127,7 +127,8 @@ class NetworkConfig:
     #: fresh
     weights: str | None = None
     #: kohya's --dim_from_weights: each module's rank and alpha come from ``weights`` (a resized file's varying
-    #: ranks, say); the network is the file's modules, and rank/alpha/conv_rank/conv_alpha are not read for them
+    #: ranks, say); the network is the file's modules, whatever the preset, and rank/alpha/conv_rank/conv_alpha
+    #: are not read for them
     dim_from_weights: bool = False
 
 

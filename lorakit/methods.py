@@ -110,6 +110,12 @@ def block_lr_weights(cfg: TrainConfig) -> BlockLrWeights | None:
         raise ValueError(f"network: {err}") from None
 
 
+def adapted_preset(cfg: TrainConfig) -> str:
+    """The preset whose layers may get adapters: with ``network.dim_from_weights`` the widest, since the file's
+    modules choose the layers (as kohya builds the network from the file); otherwise ``network.preset``."""
+    return "lycoris-full" if cfg.network.dim_from_weights else cfg.network.preset
+
+
 def rank_rule(cfg: TrainConfig, ranks_file: AdapterFile | None = None, model: BaseModel | None = None):
     """Each module's rank and alpha as the config chooses; with ``network.dim_from_weights``, those of
     ``ranks_file``'s modules (matched to ``model``'s layers)."""
@@ -167,10 +173,13 @@ class AdapterMethod(TrainingMethod):
                 options[key] = value
         self.network: AdapterNetwork = create_network(
             model.unet if net.train_unet else None, model.text_encoder if net.train_text_encoder else None,
-            preset=net.preset, ranks=rank_rule(cfg, ranks_file, model), algorithm=net.algorithm, options=options)
+            preset=adapted_preset(cfg), ranks=rank_rule(cfg, ranks_file, model), algorithm=net.algorithm,
+            options=options)
+        if net.dim_from_weights:  # not a preset's name: the file chose the layers
+            self.network.args["preset"] = "from-weights"
         if len(self.network) == 0 and net.dim_from_weights:
             raise ConfigError(f"network.dim_from_weights: {ranks_file.label}: none of its modules is a layer this "
-                              f"run adapts (--preset {net.preset}, network.train_unet/train_text_encoder)")
+                              "run adapts (network.train_unet/train_text_encoder)")
         if len(self.network) == 0:
             raise ConfigError(f"network: preset {net.preset!r} with these ranks selects no module of the model")
         self.started_from = None
@@ -254,9 +263,9 @@ class AdapterMethod(TrainingMethod):
         net = self.cfg.network
         started = f"\n{self.started_from.summary()}" if self.started_from is not None else ""
         ranks = [r for n in self.network.names() if isinstance(r := getattr(self.network[n], "rank", None), int)]
-        shape = (f"ranks {'–'.join(str(r) for r in sorted({min(ranks), max(ranks)}))} from the file"
-                 if net.dim_from_weights and ranks else f"rank {net.rank} alpha {net.alpha:g}")
-        return (f"{net.algorithm} {shape}, preset {net.preset}: {where}, "
+        shape = (f"ranks {'–'.join(str(r) for r in sorted({min(ranks), max(ranks)}))} and layers from the file"
+                 if net.dim_from_weights and ranks else f"rank {net.rank} alpha {net.alpha:g}, preset {net.preset}")
+        return (f"{net.algorithm} {shape}: {where}, "
                 f"{n_params:,} trainable parameters{started}")
 
 

@@ -38,8 +38,8 @@ def what_is_trained(cfg: TrainConfig) -> str:
         name = "LoCon"  # LoRA on the conv layers too: the name users know from LyCORIS and kohya
     if net.use_dora:
         name += " with DoRA"
-    rank = f"ranks from {net.weights}" if net.dim_from_weights else f"rank {net.rank}"
-    what = f"a {name} ({rank}, preset {net.preset})"
+    shape = f"ranks and layers from {net.weights}" if net.dim_from_weights else f"rank {net.rank}, preset {net.preset}"
+    what = f"a {name} ({shape})"
     return what if kind == "adapter" else f"pivotal tuning: an embedding plus {what}"
 
 

@@ -778,8 +778,9 @@ def test_a_run_starts_from_another_runs_adapter_file(tiny_model_dir, dataset, tm
 
 def test_dim_from_weights_takes_each_modules_rank_from_the_file(tiny_model_dir, dataset, tmp_path, capsys):
     """--dim-from-weights (kohya's --dim_from_weights): a file whose modules have different ranks (as `resize`
-    writes) starts a network of those ranks and alphas, whatever --rank says; resumed after the file is gone, the
-    run takes them from its own checkpoint.  Without it the same file is refused, naming the option."""
+    writes) starts a network of those ranks, alphas and layers, whatever --rank and --preset say; resumed after
+    the file is gone, the run takes them from its own checkpoint.  Without it the file is refused, naming the
+    option."""
     from safetensors.torch import save_file
 
     from lorakit.cli import main
@@ -787,7 +788,7 @@ def test_dim_from_weights_takes_each_modules_rank_from_the_file(tiny_model_dir, 
 
     first = tmp_path / "first"
     run_train(make_config(tiny_model_dir, dataset, first, training={"max_epochs": 1},
-                          network={"rank": 4, "alpha": 2.0}))
+                          network={"rank": 4, "alpha": 2.0, "preset": "full"}))  # LoCon: convs too
     tensors = dict(read_adapter(first / "lorakit.safetensors").tensors)
     modules = sorted({k.split(".")[0] for k in tensors})
     for name in modules[::2]:  # every other module cut to rank 1: a file of mixed ranks
@@ -802,8 +803,8 @@ def test_dim_from_weights_takes_each_modules_rank_from_the_file(tiny_model_dir, 
     assert main([*flags, "--out", str(tmp_path / "refused")]) == 2
     assert "--dim-from-weights to take the file's" in capsys.readouterr().err
     assert main([*flags, "--dim-from-weights", "--epochs", "1", "--out", str(second)]) == 0
-    said = capsys.readouterr().out
-    assert f"a LoRA (ranks from {start}, preset" in said and "lora ranks 1–4 from the file" in said
+    said = capsys.readouterr().out  # the layers are the file's, whatever --preset (here the default, attn-mlp)
+    assert f"a LoRA (ranks and layers from {start})" in said and "lora ranks 1–4 and layers from the file" in said
     got = read_adapter(second / "lorakit.safetensors").tensors
     assert got.keys() == tensors.keys()
     for key, value in tensors.items():
