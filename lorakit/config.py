@@ -130,6 +130,9 @@ class NetworkConfig:
     #: ranks, say); the network is the file's modules, whatever the preset, and rank/alpha/conv_rank/conv_alpha
     #: are not read for them
     dim_from_weights: bool = False
+    #: kohya's --scale_weight_norms: after each step a module whose ‖ΔW‖ exceeds this is scaled back onto it
+    #: (max-norm regularisation; kohya's guides suggest 1); LoRA/LoCon, LoHa, LoKr; None: off
+    max_norm: float | None = None
 
 
 @dataclass
@@ -270,6 +273,8 @@ class TrainConfig:
              "0 or more (0: no k×k conv adapters; absent: the rank)", net.conv_rank),
             (net.conv_alpha is None or _at_least(net.conv_alpha, 0), "network.conv_alpha", "0 or more",
              net.conv_alpha),
+            (net.max_norm is None or _at_least(net.max_norm, 0, strict=True), "network.max_norm",
+             "a positive number (or absent: off)", net.max_norm),
             *[(0 <= getattr(net, k) <= 1, f"network.{k}", "between 0 and 1", getattr(net, k))
               for k in ("dropout", "rank_dropout", "module_dropout")],
             (_positive_int(data.batch_size), "data.batch_size", "a positive integer", data.batch_size),

@@ -36,6 +36,7 @@ from lorakit.formats import (
     start_network_from_file,
     write_adapter,
 )
+from lorakit.max_norm import MaxNormReading, apply_max_norm, check_max_norm_supported
 from lorakit.models import BaseModel, save_single_file_checkpoint
 from lorakit.network import AdapterNetwork, UniformRanks, create_network, get_preset, select_targets
 from lorakit.network import components as network_components
@@ -78,6 +79,10 @@ class TrainingMethod:
 
     def after_optimizer_step(self) -> None:
         """Called after each optimizer step (textual inversion restores the frozen embedding rows)."""
+
+    def step_record(self) -> dict[str, float]:
+        """What the last ``after_optimizer_step`` did, for the run's log (max-norm: the modules scaled back)."""
+        return {}
 
     def sampling(self) -> AbstractContextManager[None]:
         """The state the model samples in during training (adapters merged where that is exact enough)."""
@@ -175,6 +180,12 @@ class AdapterMethod(TrainingMethod):
             model.unet if net.train_unet else None, model.text_encoder if net.train_text_encoder else None,
             preset=adapted_preset(cfg), ranks=rank_rule(cfg, ranks_file, model), algorithm=net.algorithm,
             options=options)
+        self._max_norm: MaxNormReading | None = None
+        if net.max_norm is not None:
+            try:
+                check_max_norm_supported(self.network)
+            except ValueError as err:
+                raise ConfigError(f"network.max_norm: {err}") from None
         if net.dim_from_weights:  # not a preset's name: the file chose the layers
             self.network.args["preset"] = "from-weights"
         if len(self.network) == 0 and net.dim_from_weights:
@@ -193,6 +204,13 @@ class AdapterMethod(TrainingMethod):
         self.cfg = cfg
         self._meter = CSMeter({n: self.network[n] for n in self.network.names("unet")}) \
             if self.network.names("unet") else None
+
+    def after_optimizer_step(self) -> None:
+        if self.cfg.network.max_norm is not None:
+            self._max_norm = apply_max_norm(self.network, self.cfg.network.max_norm)
+
+    def step_record(self) -> dict[str, float]:
+        return self._max_norm.to_record() if self._max_norm is not None else {}
 
     def param_groups(self) -> list[dict]:
         groups = []
@@ -423,6 +441,10 @@ class PivotalTuning(TrainingMethod):
 
     def after_optimizer_step(self) -> None:
         self.ti.after_optimizer_step()
+        self.adapter.after_optimizer_step()
+
+    def step_record(self) -> dict[str, float]:
+        return self.adapter.step_record()
 
     def sampling(self) -> AbstractContextManager[None]:
         return self.adapter.sampling()

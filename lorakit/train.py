@@ -164,6 +164,7 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
         zero_terminal_snr=bool(model.scheduler_config.get("rescale_betas_zero_snr", False)),
         resolution=model.resolution,
         clip_skip=cfg.model.clip_skip if cfg.model.clip_skip > 1 else "None",  # kohya: "None" when not set
+        scale_weight_norms=str(cfg.network.max_norm),
     )
     meta["lorakit_method"] = cfg.method.kind
     meta.update(data.kohya_metadata())
@@ -378,7 +379,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 method.after_optimizer_step()
                 step += 1
                 losses.append(loss.item())
-                record = {"step": step, "epoch": epoch + 1, "loss": losses[-1], "lr": lr_schedule.get_last_lr()[0]}
+                record = {"step": step, "epoch": epoch + 1, "loss": losses[-1], "lr": lr_schedule.get_last_lr()[0],
+                          **method.step_record()}
                 # the spectral size costs an SVD per layer: read at epoch ends, where its rule decides
                 spectral = monitor is not None and monitor.rule.series == "spectral" and done == local_batches
                 if monitor is not None and (step % cfg.early_stop.interval == 0 or spectral):
@@ -396,7 +398,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 if is_main and (seconds := timer.measured(step)) is not None:
                     stops_early = monitor is not None and not monitor.report_only
                     bar.write(estimate_line(seconds, total_steps - step, stops_early))
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{record['lr']:.2e}", epoch=epoch + 1)
+                scaled = {"scaled": record["keys_scaled"]} if "keys_scaled" in record else {}  # max-norm, as kohya
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{record['lr']:.2e}", epoch=epoch + 1, **scaled)
                 if stop_decision is not None or step >= total_steps:
                     break
             epoch += 1

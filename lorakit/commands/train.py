@@ -32,6 +32,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--alpha": ("network.alpha", float, "adapter alpha (network_alpha)"),
     "--network-weights": ("network.weights", str, "start the adapter from this adapter file (kohya's "
                           "--network_weights; same algorithm, rank and alpha, or --dim-from-weights)"),
+    "--scale-weight-norms": ("network.max_norm", float, "max-norm regularisation (kohya's --scale_weight_norms): "
+                             "scale back any module whose ‖ΔW‖ exceeds this after each step"),
     "--blocks": ("network.blocks", str, "train only these U-Net blocks (block-wise LoRA paper): upper, middle, bottom, "
                  "all, or a comma list (upper,middle)"),
     "--lr": ("optimizer.learning_rate", float, "learning rate"),
