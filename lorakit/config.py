@@ -160,6 +160,15 @@ class TrainingConfig:
     min_snr_gamma: float | None = None
     prior_loss_weight: float = 1.0
     save_every_n_epochs: int = 1
+    #: kohya's multi-resolution noise: this many coarser noise layers (kohya's guides: 6-10; 0: off), each weighted
+    #: by ``multires_noise_discount`` to the power of its level (lorakit.loss)
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    #: input perturbation (kohya's ip_noise_gamma; the paper: 0.1): the U-Net sees a little more noise than the
+    #: target says
+    ip_noise_gamma: float = 0.0
+    #: weight the loss by 1/√SNR (kohya's debiased_estimation_loss)
+    debiased_estimation_loss: bool = False
 
 
 @dataclass
@@ -296,6 +305,15 @@ class TrainConfig:
              "training.min_snr_gamma", "positive (or absent)", train.min_snr_gamma),
             (_at_least(train.prior_loss_weight, 0), "training.prior_loss_weight", "0 or more",
              train.prior_loss_weight),
+            (isinstance(train.multires_noise_iterations, int) and not isinstance(train.multires_noise_iterations,
+                                                                                 bool)
+             and train.multires_noise_iterations >= 0, "training.multires_noise_iterations",
+             "0 or more (0: off; kohya's guides use 6-10)", train.multires_noise_iterations),
+            (_at_least(train.multires_noise_discount, 0, strict=True) and train.multires_noise_discount <= 1,
+             "training.multires_noise_discount", "above 0, at most 1 (kohya's default 0.3)",
+             train.multires_noise_discount),
+            (_at_least(train.ip_noise_gamma, 0), "training.ip_noise_gamma", "0 or more (0: off; the paper: 0.1)",
+             train.ip_noise_gamma),
             *[(value is None or _at_least(value, 0, strict=True) and value <= MAX_LEARNING_RATE, f"optimizer.{key}",
                f"a positive number up to {MAX_LEARNING_RATE:g} (typical: 1e-4)", value)
               for key, value in (("learning_rate", opt.learning_rate), ("unet_lr", opt.unet_lr),
@@ -346,6 +364,9 @@ class TrainConfig:
             raise ConfigError(str(e)) from e
         self._validate_blocks()
         self._validate_format()
+        if train.noise_offset and train.multires_noise_iterations:  # as kohya refuses them together
+            raise ConfigError("training.noise_offset and training.multires_noise_iterations both change the noise's "
+                              "low frequencies: use one of them")
         if net.dim_from_weights and not net.weights:
             raise ConfigError("network.dim_from_weights takes the ranks from network.weights, which is not set: "
                               "give --network-weights FILE")

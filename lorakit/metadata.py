@@ -25,7 +25,8 @@ TRAINING_FIELDS = (
     "training_comment", "sd_model_name", "sd_model_hash", "new_sd_model_hash", "vae_name", "tag_frequency",
     "dataset_dirs", "reg_dataset_dirs", "caption_dropout_rate", "shuffle_caption", "keep_tokens", "flip_aug",
     "color_aug", "cache_latents", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_info",
-    "prior_loss_weight", "scale_weight_norms",
+    "prior_loss_weight", "scale_weight_norms", "multires_noise_iterations", "multires_noise_discount",
+    "ip_noise_gamma", "debiased_estimation",
 )
 FIELDS = NETWORK_FIELDS + TRAINING_FIELDS
 

@@ -165,6 +165,11 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
         resolution=model.resolution,
         clip_skip=cfg.model.clip_skip if cfg.model.clip_skip > 1 else "None",  # kohya: "None" when not set
         scale_weight_norms=str(cfg.network.max_norm),
+        # kohya writes these as given ("None" when off)
+        multires_noise_iterations=cfg.training.multires_noise_iterations or "None",
+        multires_noise_discount=cfg.training.multires_noise_discount,
+        ip_noise_gamma=cfg.training.ip_noise_gamma or "None",
+        debiased_estimation=bool(cfg.training.debiased_estimation_loss),
     )
     meta["lorakit_method"] = cfg.method.kind
     meta.update(data.kohya_metadata())
@@ -187,8 +192,10 @@ def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, bat
             pixels = batch.pixel_values.to(device, dtype=model.vae.dtype)
             latents = model.vae.encode(pixels).latent_dist.sample(generator.manual_seed(step_seed(-1, step)))
     latents = latents.to(device, dtype=torch.float32) * model.vae.config.scaling_factor
-    noised = add_training_noise(model.noise_scheduler, latents, generator, model.prediction_type,
-                                cfg.training.noise_offset)
+    train = cfg.training
+    noised = add_training_noise(model.noise_scheduler, latents, generator, model.prediction_type, train.noise_offset,
+                                multires_iterations=train.multires_noise_iterations,
+                                multires_discount=train.multires_noise_discount, ip_noise_gamma=train.ip_noise_gamma)
     captions = [method.expand_prompt(c) for c in batch.captions]
     ids = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids.to(device)
@@ -196,8 +203,8 @@ def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, bat
         hidden = encode_prompt_ids(text_encoder, ids, cfg.model.clip_skip)
         prediction = unet(noised.noisy_latents.to(model.unet.dtype), noised.timesteps,
                           hidden.to(model.unet.dtype)).sample
-    return diffusion_loss(prediction, noised, model.noise_scheduler, model.prediction_type,
-                          cfg.training.min_snr_gamma, batch.is_reg, cfg.training.prior_loss_weight)
+    return diffusion_loss(prediction, noised, model.noise_scheduler, model.prediction_type, train.min_snr_gamma,
+                          batch.is_reg, train.prior_loss_weight, debiased=train.debiased_estimation_loss)
 
 
 # ----------------------------------------------------------------------------------------------- training

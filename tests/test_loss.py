@@ -1,0 +1,90 @@
+"""The training loss and its noise options: what each option changes, and that an option left off changes nothing
+(the same draws, so runs made before it existed resume and reproduce exactly)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from lorakit.loss import add_training_noise, debiased_weight, diffusion_loss, min_snr_weight, multires_noise
+
+SCHEDULER = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012)
+
+
+def _latents(b=4, seed=0):
+    return torch.randn((b, 4, 32, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def test_without_options_the_noise_timesteps_and_target_are_the_plain_draws():
+    latents = _latents()
+    got = add_training_noise(SCHEDULER, latents, torch.Generator().manual_seed(7), "epsilon")
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(latents.shape, generator=g)
+    timesteps = torch.randint(0, 1000, (4,), generator=g)
+    assert torch.equal(got.target, noise) and torch.equal(got.timesteps, timesteps)
+    assert torch.equal(got.noisy_latents, SCHEDULER.add_noise(latents, noise, timesteps))
+
+
+def test_multires_noise_has_unit_variance_and_more_low_frequency_power_than_white_noise():
+    white = torch.randn((64, 4, 32, 32), generator=torch.Generator().manual_seed(1))
+    pyramid = multires_noise(white, torch.Generator().manual_seed(2), iterations=6, discount=0.3)
+    assert float(pyramid.std()) == pytest.approx(1.0, abs=1e-5)
+    # the mean of a 32×32 white-noise patch has variance 1/1024; the coarse layers (weights 0.3, 0.09, ...) make
+    # it about 5 times larger, and the finest scales weaker: neighbouring pixels correlate
+    assert float(pyramid.mean(dim=(2, 3)).var()) > 3 * float(white.mean(dim=(2, 3)).var())
+    shifted = (pyramid[..., 1:] * pyramid[..., :-1]).mean()
+    assert float(shifted) > 0.03 > 10 * abs(float((white[..., 1:] * white[..., :-1]).mean()))
+    again = multires_noise(white, torch.Generator().manual_seed(2), iterations=6, discount=0.3)
+    assert torch.equal(pyramid, again)  # drawn from the step's generator: reproducible
+
+
+def test_input_perturbation_noises_the_input_more_but_keeps_the_target():
+    latents = _latents()
+    plain = add_training_noise(SCHEDULER, latents, torch.Generator().manual_seed(3), "epsilon")
+    perturbed = add_training_noise(SCHEDULER, latents, torch.Generator().manual_seed(3), "epsilon",
+                                   ip_noise_gamma=0.1)
+    assert torch.equal(perturbed.target, plain.target) and torch.equal(perturbed.timesteps, plain.timesteps)
+    assert not torch.equal(perturbed.noisy_latents, plain.noisy_latents)
+    # what was added is √(1 - ᾱ_t) · γ · N(0, 1): its spread is γ times the noise's
+    sigma = (1 - SCHEDULER.alphas_cumprod[plain.timesteps]).sqrt().reshape(-1, 1, 1, 1)
+    extra = (perturbed.noisy_latents - plain.noisy_latents) / sigma
+    assert float(extra.std()) == pytest.approx(0.1, rel=0.05)
+
+
+def test_the_loss_weights_follow_their_formulas():
+    t = torch.tensor([0, 10, 500, 999])
+    abar = SCHEDULER.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    torch.testing.assert_close(debiased_weight(SCHEDULER, t, "epsilon"), 1 / snr.clamp(max=1000).sqrt())
+    torch.testing.assert_close(debiased_weight(SCHEDULER, t, "v_prediction"), 1 / (snr.clamp(max=1000) + 1))
+    torch.testing.assert_close(min_snr_weight(SCHEDULER, t, 5.0, "epsilon"), snr.clamp(max=5.0) / snr)
+    latents = _latents()
+    batch = add_training_noise(SCHEDULER, latents, torch.Generator().manual_seed(4), "epsilon")
+    prediction = batch.target + 0.1 * torch.randn(batch.target.shape, generator=torch.Generator().manual_seed(5))
+    per_sample = ((prediction - batch.target) ** 2).mean(dim=(1, 2, 3))
+    weights = debiased_weight(SCHEDULER, batch.timesteps, "epsilon")
+    got = diffusion_loss(prediction, batch, SCHEDULER, "epsilon", debiased=True)
+    torch.testing.assert_close(got, (per_sample * weights).mean())
+    torch.testing.assert_close(diffusion_loss(prediction, batch, SCHEDULER, "epsilon"), per_sample.mean())
+
+
+def test_a_run_with_the_noise_options_records_them_and_refuses_two_low_frequency_tricks(tiny_model_dir, tmp_path):
+    from test_train import make_config, run_train, write_dataset
+
+    from lorakit.config import ConfigError
+    from lorakit.formats import read_adapter
+
+    data = write_dataset(tmp_path / "data")
+    training = {"max_epochs": 1, "multires_noise_iterations": 6, "multires_noise_discount": 0.3,
+                "ip_noise_gamma": 0.1, "debiased_estimation_loss": True}
+    run_train(make_config(tiny_model_dir, data, tmp_path / "run", training=training))
+    meta = read_adapter(tmp_path / "run" / "lorakit.safetensors").metadata
+    assert (meta["ss_multires_noise_iterations"], meta["ss_multires_noise_discount"], meta["ss_ip_noise_gamma"],
+            meta["ss_debiased_estimation"]) == ("6", "0.3", "0.1", "True")
+    with pytest.raises(ConfigError, match="training.noise_offset and training.multires_noise_iterations"):
+        make_config(tiny_model_dir, data, tmp_path / "x",
+                    training={"noise_offset": 0.05, "multires_noise_iterations": 6}).validate()
+    with pytest.raises(ConfigError, match="training.ip_noise_gamma must be 0 or more"):
+        make_config(tiny_model_dir, data, tmp_path / "x", training={"ip_noise_gamma": -0.1}).validate()
