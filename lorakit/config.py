@@ -228,6 +228,8 @@ class OutputConfig:
     #: "diffusers" (diffusers/PEFT names as save_lora_weights writes them; plain LoRA/LoCon only).  Checkpoints
     #: inside the run always use kohya names (resume reads them).
     format: str = "kohya"
+    #: kohya's --training_comment: a note kept in the result's metadata (ss_training_comment; A1111 shows it)
+    comment: str | None = None
 
 
 @dataclass

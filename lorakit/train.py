@@ -170,6 +170,7 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
         multires_noise_discount=cfg.training.multires_noise_discount,
         ip_noise_gamma=cfg.training.ip_noise_gamma or "None",
         debiased_estimation=bool(cfg.training.debiased_estimation_loss),
+        output_name=cfg.output.name, training_comment=cfg.output.comment or "None",
     )
     meta["lorakit_method"] = cfg.method.kind
     meta.update(data.kohya_metadata())

@@ -895,3 +895,15 @@ def test_prior_preservation_takes_its_class_prompt_from_the_kohya_folder(tmp_pat
     assert main(["train", "--data", str(data), "--set", "data.num_class_images=2", "--out", str(tmp_path / "r")]) == 2
     assert "data.num_class_images > 0 needs data.class_prompt" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_training_comment_and_output_name_go_into_the_results_metadata(tiny_model_dir, dataset, tmp_path):
+    """kohya's ss_training_comment and ss_output_name: what A1111's metadata view shows for a LoRA."""
+    from lorakit.cli import main
+    from lorakit.formats import read_adapter
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(dataset), "--model", str(tiny_model_dir), "--out", str(out), "--max-steps",
+                 "1", "--name", "mycat", "--training-comment", "my cat, 12 photos", "--no-progress"]) == 0
+    meta = read_adapter(out / "mycat.safetensors").metadata
+    assert (meta["ss_training_comment"], meta["ss_output_name"]) == ("my cat, 12 photos", "mycat")

@@ -48,6 +48,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--name": ("output.name", str, "file name of the result (default: lorakit)"),
     "--format": ("output.format", str, "key layout of the result: kohya (default) or diffusers (LoRA/LoCon only)"),
     "--mixed-precision": ("model.mixed_precision", str, "no, fp16, bf16"),
+    "--training-comment": ("output.comment", str, "a note kept in the result's metadata (ss_training_comment)"),
     "--clip-skip": ("model.clip_skip", int, "condition on the text encoder's N-th layer from the end (kohya/A1111: "
                     "1 = last, the default; 2 for most SD1.x anime models)"),
 }
