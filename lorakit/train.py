@@ -193,10 +193,11 @@ def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, bat
             pixels = batch.pixel_values.to(device, dtype=model.vae.dtype)
             latents = model.vae.encode(pixels).latent_dist.sample(generator.manual_seed(step_seed(-1, step)))
     latents = latents.to(device, dtype=torch.float32) * model.vae.config.scaling_factor
-    train = cfg.training
-    noised = add_training_noise(model.noise_scheduler, latents, generator, model.prediction_type, train.noise_offset,
-                                multires_iterations=train.multires_noise_iterations,
-                                multires_discount=train.multires_noise_discount, ip_noise_gamma=train.ip_noise_gamma)
+    options = cfg.training
+    noised = add_training_noise(model.noise_scheduler, latents, generator, model.prediction_type,
+                                options.noise_offset, multires_iterations=options.multires_noise_iterations,
+                                multires_discount=options.multires_noise_discount,
+                                ip_noise_gamma=options.ip_noise_gamma)
     captions = [method.expand_prompt(c) for c in batch.captions]
     ids = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids.to(device)
@@ -204,8 +205,8 @@ def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, bat
         hidden = encode_prompt_ids(text_encoder, ids, cfg.model.clip_skip)
         prediction = unet(noised.noisy_latents.to(model.unet.dtype), noised.timesteps,
                           hidden.to(model.unet.dtype)).sample
-    return diffusion_loss(prediction, noised, model.noise_scheduler, model.prediction_type, train.min_snr_gamma,
-                          batch.is_reg, train.prior_loss_weight, debiased=train.debiased_estimation_loss)
+    return diffusion_loss(prediction, noised, model.noise_scheduler, model.prediction_type, options.min_snr_gamma,
+                          batch.is_reg, options.prior_loss_weight, debiased=options.debiased_estimation_loss)
 
 
 # ----------------------------------------------------------------------------------------------- training
