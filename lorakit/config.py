@@ -63,6 +63,9 @@ class ModelConfig:
     #: kohya's and A1111's clip skip: 1 conditions the U-Net on the text encoder's last layer, 2 on the one before
     #: (through the final layer norm), as SD1.x anime models were trained; sampling during training uses it too
     clip_skip: int = 1
+    #: kohya's max_token_length: captions (and sample prompts) of up to 75 tokens, CLIP's own, or 150 / 225 read
+    #: in chunks of 75 (long tag lists); longer ones are cut, and the trainer says how many were
+    max_token_length: int = 75
     #: run the training step's U-Net through torch.compile: the first steps pay for compiling (minutes), later
     #: ones skip most of the per-layer Python and launch overhead (a GPU gains most; on a CPU it can be slower,
     #: docs/performance.md).  Sampling stays eager.
@@ -268,6 +271,8 @@ class TrainConfig:
              self.model.mixed_precision),
             (_positive_int(self.model.clip_skip), "model.clip_skip",
              "a positive integer (1: the text encoder's last layer; 2: the one before)", self.model.clip_skip),
+            (self.model.max_token_length in (75, 150, 225), "model.max_token_length", "75, 150 or 225 (kohya's)",
+             self.model.max_token_length),
             (self.model.compile_mode in COMPILE_MODES, "model.compile_mode", f"one of {one_of(COMPILE_MODES)}",
              self.model.compile_mode),
             # torch is asked only when the option is used: `--print-config` must not wait for it

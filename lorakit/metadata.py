@@ -26,7 +26,7 @@ TRAINING_FIELDS = (
     "dataset_dirs", "reg_dataset_dirs", "caption_dropout_rate", "shuffle_caption", "keep_tokens", "flip_aug",
     "color_aug", "cache_latents", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_info",
     "prior_loss_weight", "scale_weight_norms", "multires_noise_iterations", "multires_noise_discount",
-    "ip_noise_gamma", "debiased_estimation",
+    "ip_noise_gamma", "debiased_estimation", "max_token_length",
 )
 FIELDS = NETWORK_FIELDS + TRAINING_FIELDS
 
@@ -34,14 +34,19 @@ FIELDS = NETWORK_FIELDS + TRAINING_FIELDS
 VERSION_KEY = "lorakit_version"
 
 
-def trained_clip_skip(metadata: Mapping[str, str]) -> int | None:
-    """The clip skip an adapter was trained with (kohya's ``ss_clip_skip``: a number, or "None" for the last
-    layer); None when the file does not say."""
-    value = metadata.get("ss_clip_skip")
+#: how an adapter was trained to read prompts: kohya's entry, and its value when kohya wrote "None" (not set)
+TEXT_SETTINGS = {"clip_skip": ("ss_clip_skip", 1), "max_token_length": ("ss_max_token_length", 75)}
+
+
+def trained_text_setting(metadata: Mapping[str, str], name: str) -> int | None:
+    """The clip skip or max token length (``name``) an adapter was trained with, from kohya's ``ss_*`` entry (a
+    number, or "None": kohya's default); None when the file does not say."""
+    key, default = TEXT_SETTINGS[name]
+    value = metadata.get(key)
     if value is None:
         return None
     if value == "None":
-        return 1
+        return default
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 

@@ -123,18 +123,54 @@ class BaseModel:
                                        feature_extractor=None, requires_safety_checker=False)
 
 
+#: kohya's max_token_length: the 75 tokens CLIP reads between BOS and EOS, or 150 / 225 read in chunks of 75
+TOKEN_LENGTHS = (75, 150, 225)
+
+
+def tokenize_prompts(tokenizer: CLIPTokenizer, texts: list[str], max_token_length: int = 75) -> torch.Tensor:
+    """Token ids ``(batch, chunks, 77)``: each chunk is BOS, 75 of the prompt's tokens (padded), EOS, as kohya
+    splits a prompt of up to ``max_token_length`` tokens (longer ones are cut there)."""
+    width = tokenizer.model_max_length  # 77: BOS + 75 + EOS
+    if max_token_length == width - 2:
+        return tokenizer(texts, padding="max_length", max_length=width, truncation=True,
+                         return_tensors="pt").input_ids[:, None]
+    ids = tokenizer(texts, padding="max_length", max_length=max_token_length + 2, truncation=True,
+                    return_tensors="pt").input_ids
+    body = width - 2
+    return torch.stack([torch.cat([ids[:, :1], ids[:, i:i + body], ids[:, -1:]], dim=1)
+                        for i in range(1, max_token_length + 1, body)], dim=1)
+
+
+def prompt_token_counts(tokenizer: CLIPTokenizer, texts: list[str]) -> list[int]:
+    """How many tokens each text is, BOS and EOS not counted (what ``max_token_length`` limits)."""
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False).input_ids]
+
+
 def encode_prompt_ids(text_encoder: torch.nn.Module, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-    """The U-Net's conditioning for token ids: the text encoder's last hidden state, or with ``clip_skip`` N > 1
-    the output of its N-th layer from the end through the final layer norm, as kohya trains and A1111 samples
-    ("clip skip"; SD1.x anime models are trained with 2): the model as if its last N - 1 layers were not there.
-    diffusers' pipelines count one less (their ``clip_skip=1`` is this 2), and with transformers 5 their own
-    clip skip fails (it looks for ``text_model``), so ``lorakit.sample`` passes these embeddings instead."""
+    """The U-Net's conditioning for token ids ``(batch, 77)`` or chunked ``(batch, chunks, 77)``
+    (``tokenize_prompts``).
+
+    Each chunk gives the text encoder's last hidden state, or with ``clip_skip`` N > 1 the output of its N-th
+    layer from the end through the final layer norm, as kohya trains and A1111 samples ("clip skip"; SD1.x anime
+    models are trained with 2): the model as if its last N - 1 layers were not there.  diffusers' pipelines count
+    one less (their ``clip_skip=1`` is this 2), and with transformers 5 their own clip skip fails (it looks for
+    ``text_model``), so ``lorakit.sample`` passes these embeddings instead.  Several chunks are joined as kohya
+    joins them: the first BOS, every chunk's 75 token states, the last EOS (2 + 75·chunks states)."""
+    chunked = ids.dim() == 3
+    b = ids.shape[0]
+    flat = ids.reshape(-1, ids.shape[-1])
     if clip_skip == 1:
-        return text_encoder(ids)[0]
-    states = text_encoder(ids, output_hidden_states=True).hidden_states
-    inner = getattr(text_encoder, "module", text_encoder)  # accelerate's wrapper in a distributed run
-    text_model = getattr(inner, "text_model", inner)  # transformers 4 nests the layers, 5 does not
-    return text_model.final_layer_norm(states[-clip_skip])
+        states = text_encoder(flat)[0]
+    else:
+        hidden = text_encoder(flat, output_hidden_states=True).hidden_states
+        inner = getattr(text_encoder, "module", text_encoder)  # accelerate's wrapper in a distributed run
+        text_model = getattr(inner, "text_model", inner)  # transformers 4 nests the layers, 5 does not
+        states = text_model.final_layer_norm(hidden[-clip_skip])
+    if not chunked or ids.shape[1] == 1:
+        return states.reshape(b, ids.shape[-1], -1)
+    states = states.reshape(b, ids.shape[1], ids.shape[-1], -1)
+    return torch.cat([states[:, 0, :1], *[states[:, k, 1:-1] for k in range(ids.shape[1])], states[:, -1, -1:]],
+                     dim=1)
 
 
 def check_clip_skip(model: BaseModel, clip_skip: int) -> None:

@@ -21,7 +21,8 @@ def class_image_folder(parent: Path, class_prompt: str) -> Path:
 
 
 def ensure_class_images(model: BaseModel, parent: Path, class_prompt: str, count: int, seed: int = 0,
-                        steps: int = 20, cfg_scale: float = 7.0, batch_size: int = 8, clip_skip: int = 1) -> Path:
+                        steps: int = 20, cfg_scale: float = 7.0, batch_size: int = 8, clip_skip: int = 1,
+                        max_token_length: int = 75) -> Path:
     """Make sure ``count`` class images for ``class_prompt`` exist under ``parent``; returns ``parent``."""
     folder = class_image_folder(parent, class_prompt)
     folder.mkdir(parents=True, exist_ok=True)
@@ -30,7 +31,8 @@ def ensure_class_images(model: BaseModel, parent: Path, class_prompt: str, count
     if missing:
         prompts = [SamplePrompt(class_prompt, seed=seed * 100_003 + i, steps=steps, cfg_scale=cfg_scale)
                    for i in missing]
-        images = generate(model, prompts, batch_size=batch_size, clip_skip=clip_skip)
+        images = generate(model, prompts, batch_size=batch_size, clip_skip=clip_skip,
+                          max_token_length=max_token_length)
         for i, image in zip(missing, images, strict=True):
             path = folder / f"{i:04d}.png"
             atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))

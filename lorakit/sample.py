@@ -39,8 +39,8 @@ else:  # pragma: no cover
 
 from lorakit.atomic import atomic_write
 from lorakit.errors import InvalidValueError, LorakitError
-from lorakit.metadata import trained_clip_skip
-from lorakit.models import BaseModel, encode_prompt_ids
+from lorakit.metadata import TEXT_SETTINGS, trained_text_setting
+from lorakit.models import BaseModel, encode_prompt_ids, tokenize_prompts
 
 log = logging.getLogger(__name__)
 
@@ -284,16 +284,15 @@ def _batches(indices: list[int], size: int) -> Iterable[list[int]]:
 
 
 def _text_inputs(model: BaseModel, prompts: list[str], negatives: list[str], clip_skip: int,
-                 device: torch.device) -> dict[str, Any]:
-    """What the pipeline is given for the text: the prompts (it encodes them itself), or with a clip skip the
-    embeddings encoded as the trainer encodes them (diffusers' own ``clip_skip`` counts one less, and fails with
-    transformers 5)."""
-    if clip_skip == 1:
+                 max_token_length: int, device: torch.device) -> dict[str, Any]:
+    """What the pipeline is given for the text: the prompts (it encodes them itself), or with a clip skip or
+    longer prompts the embeddings encoded as the trainer encodes them (diffusers' own ``clip_skip`` counts one
+    less and fails with transformers 5; it reads 75 tokens at most)."""
+    if clip_skip == 1 and max_token_length == 75:
         return {"prompt": prompts, "negative_prompt": negatives}
 
     def embed(texts: list[str]) -> torch.Tensor:
-        ids = model.tokenizer(texts, padding="max_length", max_length=model.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids.to(device)
+        ids = tokenize_prompts(model.tokenizer, texts, max_token_length).to(device)
         return encode_prompt_ids(model.text_encoder, ids, clip_skip)
 
     return {"prompt_embeds": embed(prompts), "negative_prompt_embeds": embed(negatives)}
@@ -301,10 +300,11 @@ def _text_inputs(model: BaseModel, prompts: list[str], negatives: list[str], cli
 
 @torch.no_grad()
 def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device: str | torch.device | None = None,
-             batch_size: int = 4, base_seed: int = 0, clip_skip: int = 1,
+             batch_size: int = 4, base_seed: int = 0, clip_skip: int = 1, max_token_length: int = 75,
              progress: bool = True) -> list[Image.Image]:
     """One image per prompt, in order; ``clip_skip`` as kohya and A1111 count it (1: the text encoder's last
-    layer; ``lorakit.models.encode_prompt_ids``).
+    layer) and prompts of up to ``max_token_length`` tokens, read as the trainer reads them
+    (``lorakit.models.tokenize_prompts``, ``encode_prompt_ids``).
 
     Deterministic: each image's noise comes from its own CPU generator seeded with the prompt's seed (or
     ``base_seed + index`` when the prompt has none), so an image does not depend on its batch or device.
@@ -334,7 +334,8 @@ def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device:
                 pipe.scheduler = make_scheduler(sampler, model)
                 for chunk in _batches(indices, max(1, batch_size)):
                     text = _text_inputs(model, [resolved[i].prompt for i in chunk],
-                                        [resolved[i].negative_prompt for i in chunk], clip_skip, target)
+                                        [resolved[i].negative_prompt for i in chunk], clip_skip,
+                                        max_token_length, target)
                     out = pipe(**text, height=height, width=width, num_inference_steps=steps, guidance_scale=cfg,
                                generator=[torch.Generator("cpu").manual_seed(resolved[i].seed) for i in chunk],
                                output_type="pil")
@@ -471,32 +472,39 @@ def save_samples(images: Sequence[Image.Image], prompts: Sequence[SamplePrompt],
     return written
 
 
-def sampling_clip_skip(given: int | None, adapters: Sequence[str | os.PathLike]) -> tuple[int, str | None]:
-    """The clip skip to sample with, and a line saying where it came from when it is not the plain default:
-    ``--clip-skip``, else the one the adapters were trained with (they must agree), else 1."""
-    if given is not None:
-        return given, None
-    trained = {}
-    for path in map(Path, adapters):
-        try:
-            with safe_open(str(path), "pt") as f:
-                found = trained_clip_skip(f.metadata() or {})
-        except (OSError, SafetensorError):  # reading it as an adapter says what is wrong, later
+def trained_text_settings(adapters: Sequence[str | os.PathLike], clip_skip: int | None = None,
+                          max_token_length: int | None = None) -> tuple[dict[str, int], list[str]]:
+    """How to read prompts for these adapters: ``clip_skip`` and ``max_token_length`` as given, else as the
+    adapters were trained (``ss_clip_skip``, ``ss_max_token_length``; they must agree), else kohya's defaults;
+    and a line for each value taken from the files that is not the default."""
+    given = {"clip_skip": clip_skip, "max_token_length": max_token_length}
+    settings, said = {}, []
+    for name, (_, default) in TEXT_SETTINGS.items():
+        if given[name] is not None:
+            settings[name] = given[name]
             continue
-        if found is not None:
-            trained[path] = found
-    values = set(trained.values())
-    if len(values) > 1:
-        listed = ", ".join(f"{p}: {v}" for p, v in trained.items())
-        raise InvalidValueError(f"the adapters were trained with different clip skips ({listed}); choose one "
-                                "with --clip-skip N")
-    if values and (value := values.pop()) > 1:
-        return value, f"clip skip {value}, as the adapters were trained (--clip-skip to change)"
-    return 1, None
+        trained = {}
+        for path in map(Path, adapters):
+            try:
+                with safe_open(str(path), "pt") as f:
+                    found = trained_text_setting(f.metadata() or {}, name)
+            except (OSError, SafetensorError):  # reading it as an adapter says what is wrong, later
+                continue
+            if found is not None:
+                trained[path] = found
+        flag = "--" + name.replace("_", "-")
+        if len(set(trained.values())) > 1:
+            listed = ", ".join(f"{p}: {v}" for p, v in trained.items())
+            raise InvalidValueError(f"the adapters were trained with different {name.replace('_', ' ')}s ({listed}); "
+                                    f"choose one with {flag} N")
+        settings[name] = next(iter(trained.values()), default)
+        if settings[name] != default:
+            said.append(f"{name.replace('_', ' ')} {settings[name]}, as the adapters were trained ({flag} to change)")
+    return settings, said
 
 
 __all__ = ["SamplePrompt", "PromptSyntaxError", "SAMPLERS", "parse_prompt_line", "parse_prompt_dict",
            "parse_prompt_text", "load_prompts", "sampler_name", "make_scheduler", "generate", "image_grid",
            "save_sample_grid", "resolve_prompts", "generate_with_adapters", "sample_paths", "save_samples",
-           "sampling_clip_skip"]
+           "trained_text_settings"]
 

@@ -46,7 +46,15 @@ from lorakit.formats import AdapterFile, read_adapter
 from lorakit.loss import add_training_noise, diffusion_loss
 from lorakit.metadata import ss_metadata
 from lorakit.methods import TrainingMethod, make_method
-from lorakit.models import BaseModel, check_clip_skip, encode_prompt_ids, load_base_model, resolve_dtype
+from lorakit.models import (
+    BaseModel,
+    check_clip_skip,
+    encode_prompt_ids,
+    load_base_model,
+    prompt_token_counts,
+    resolve_dtype,
+    tokenize_prompts,
+)
 from lorakit.optimizers import OPTIMIZERS
 from lorakit.prior import ensure_class_images
 from lorakit.run_manifest import RunManifest
@@ -132,7 +140,8 @@ def with_class_images(cfg: TrainConfig, model: BaseModel, run: RunFolder, is_mai
         if not data.reg_data:
             run.make_dir("class_images")
         ensure_class_images(model, folder, data.class_prompt, data.num_class_images, seed=cfg.training.seed,
-                            steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, clip_skip=cfg.model.clip_skip)
+                            steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, clip_skip=cfg.model.clip_skip,
+                            max_token_length=cfg.model.max_token_length)
         if not data.reg_data:
             run.record_tree("class_images")
     accelerator.wait_for_everyone()
@@ -164,6 +173,7 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
         zero_terminal_snr=bool(model.scheduler_config.get("rescale_betas_zero_snr", False)),
         resolution=model.resolution,
         clip_skip=cfg.model.clip_skip if cfg.model.clip_skip > 1 else "None",  # kohya: "None" when not set
+        max_token_length=cfg.model.max_token_length if cfg.model.max_token_length > 75 else "None",
         scale_weight_norms=str(cfg.network.max_norm),
         # kohya writes these as given ("None" when off)
         multires_noise_iterations=cfg.training.multires_noise_iterations or "None",
@@ -199,8 +209,7 @@ def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, bat
                                 multires_discount=options.multires_noise_discount,
                                 ip_noise_gamma=options.ip_noise_gamma)
     captions = [method.expand_prompt(c) for c in batch.captions]
-    ids = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids.to(device)
+    ids = tokenize_prompts(model.tokenizer, captions, cfg.model.max_token_length).to(device)
     with accelerator.autocast():
         hidden = encode_prompt_ids(text_encoder, ids, cfg.model.clip_skip)
         prediction = unet(noised.noisy_latents.to(model.unet.dtype), noised.timesteps,
@@ -275,6 +284,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 p.data = p.data.float()
         data = TrainingData(with_class_images(cfg, model, run, is_main, accelerator), seed=cfg.training.seed,
                             default_resolution=model.resolution)
+        if is_main and (note := long_captions_note(model, data, cfg.model.max_token_length)):
+            print(note)
         if cfg.data.cache_latents:
             own_cache = cfg.data.cache_latents_to_disk and not cfg.data.cache_dir
             if own_cache and is_main:
@@ -438,8 +449,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                         run.prune_checkpoints(checkpoints_to_keep([c.epoch for c in run.checkpoints()],
                                                                   steps_per_epoch, earliest))
                 if is_main and prompts and (epoch % cfg.sample.every_n_epochs == 0 or stop_decision is not None):
-                    _sample(model, method, prompts, run.sample_path(f"epoch-{epoch:04d}"), accelerator,
-                            cfg.model.clip_skip)
+                    _sample(model, method, prompts, run.sample_path(f"epoch-{epoch:04d}"), accelerator, cfg)
     except KeyboardInterrupt:
         last = run.latest_checkpoint()
         kept = f"from {last.path.name}" if last else "from the start (no checkpoint yet)"
@@ -482,7 +492,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                                              budget=getattr(monitor.rule, "budget", None),
                                              budget_series=monitor.rule.series))
         if prompts:
-            _sample(model, method, prompts, run.sample_path("final"), accelerator, cfg.model.clip_skip)
+            _sample(model, method, prompts, run.sample_path("final"), accelerator, cfg)
             files.append(run.sample_path("final"))
         summary = {
             "output_dir": str(run.path), "files": [str(f) for f in files], "method": cfg.method.kind,
@@ -610,8 +620,7 @@ def _score_samples(sample_stop: SampleStop, epoch: int, step: int, model: BaseMo
     def draw(jobs: list[tuple[Any, int]]) -> list[Any]:
         prompts = [SamplePrompt(p.text, p.negative, seed=seed, steps=cfg.sample.steps,
                                 cfg_scale=cfg.sample.cfg_scale, sampler=cfg.sample.sampler) for p, seed in jobs]
-        return _sample(model, method, prompts, run.sample_path(f"scored-epoch-{epoch:04d}"), accelerator,
-                       cfg.model.clip_skip)
+        return _sample(model, method, prompts, run.sample_path(f"scored-epoch-{epoch:04d}"), accelerator, cfg)
 
     score = None
     with fail_together(accelerator, f"scoring the samples of epoch {epoch}"):
@@ -673,12 +682,13 @@ def _sample_decision(found: SampleTurningPoint, steps_per_epoch: int, step: int,
 
 
 def _sample(model: BaseModel, method: TrainingMethod, prompts: list[SamplePrompt], path: Path,
-            accelerator: Accelerator, clip_skip: int) -> list[Any]:
+            accelerator: Accelerator, cfg: TrainConfig) -> list[Any]:
     """The prompts drawn with the adapter as it is now (their trigger expanded), saved as a grid at ``path``."""
     expanded = [replace(p, prompt=method.expand_prompt(p.prompt),
                         negative_prompt=method.expand_prompt(p.negative_prompt)) for p in prompts]
     with method.sampling():
-        images = generate(model, expanded, device=accelerator.device, progress=False, clip_skip=clip_skip)
+        images = generate(model, expanded, device=accelerator.device, progress=False, clip_skip=cfg.model.clip_skip,
+                          max_token_length=cfg.model.max_token_length)
     save_sample_grid(images, prompts, path)
     return images
 
@@ -702,6 +712,21 @@ def _checkpoint_epoch_for(turning_step: int, steps_per_epoch: int, run: RunFolde
     """The saved epoch whose end is nearest to the turning-point step (the paper reports epochs)."""
     saved = [c.epoch for c in run.checkpoints()]
     return min(saved, key=lambda e: (abs(e * steps_per_epoch - turning_step), e))
+
+
+def long_captions_note(model: BaseModel, data: TrainingData, limit: int) -> str | None:
+    """What the text encoder does not read: captions longer than ``limit`` tokens are cut there (silently, in
+    kohya); None when every caption fits."""
+    captions = [r.caption for r in data.records]
+    counts = prompt_token_counts(model.tokenizer, captions)
+    long = [(r, n) for r, n in zip(data.records, counts, strict=True) if n > limit]
+    if not long:
+        return None
+    record, n = max(long, key=lambda pair: pair[1])
+    longer = (f"; model.max_token_length = {150 if limit == 75 else 225} reads more (kohya's max_token_length: 150 "
+              "or 225)" if limit < 225 else "")
+    return (f"note: {len(long)} of {len(captions)} captions are longer than the {limit} tokens the text encoder "
+            f"reads and are cut there (the longest: the caption of {record.path}, {n} tokens){longer}")
 
 
 def _nan_message(run: RunFolder, step: int, epoch: int) -> str:

@@ -87,8 +87,9 @@ def test_sample_uses_the_clip_skip_the_adapter_was_trained_with(tiny_model_dir, 
     assert "trained with different clip skips" in err and "choose one with --clip-skip N" in err
 
 
-def test_eval_image_keys_change_only_for_another_clip_skip():
-    """Images an earlier eval cached (before clip skip existed) keep their keys; another clip skip gets new ones."""
+def test_eval_image_keys_change_only_for_another_clip_skip_or_token_length():
+    """Images an earlier eval cached (before clip skip and max token length existed) keep their keys; another
+    clip skip or token length gets new ones."""
     import hashlib
     from dataclasses import asdict
 
@@ -96,11 +97,12 @@ def test_eval_image_keys_change_only_for_another_clip_skip():
     from lorakit.evaluate.prompts import EvalPrompt
 
     job = ImageJob(0, EvalPrompt("a zkz star", "trigger"), repeat=0, seed=3)
-    before = {k: v for k, v in asdict(SamplerSettings()).items() if k != "clip_skip"}
+    before = {k: v for k, v in asdict(SamplerSettings()).items() if k not in ("clip_skip", "max_token_length")}
     old_key = hashlib.sha256(json.dumps({"base": "b", "checkpoint": "c", "prompt": "a zkz star", "negative": "",
                                          "seed": 3, **before}, sort_keys=True).encode()).hexdigest()[:32]
     assert ImageCache.key("b", "c", job, SamplerSettings()) == old_key
     assert ImageCache.key("b", "c", job, SamplerSettings(clip_skip=2)) != old_key
+    assert ImageCache.key("b", "c", job, SamplerSettings(max_token_length=150)) != old_key
 
 
 def test_eval_judges_checkpoints_with_the_clip_skip_they_were_trained_with(tmp_path, capsys):
@@ -119,3 +121,61 @@ def test_eval_judges_checkpoints_with_the_clip_skip_they_were_trained_with(tmp_p
     setups = [json.loads((tmp_path / name / "metrics.json").read_text())["setup"] for name in ("trained", "last")]
     assert [s["clip skip"] for s in setups] == [2, 1]
     assert setups[0]["generated"] == setups[1]["generated"] > 0  # other keys: nothing taken from the other's cache
+
+
+# ---- kohya's max_token_length: prompts read in chunks of 75 tokens ----------------------------------------------
+
+LONG = ", ".join(f"red star number {i} on green grass" for i in range(20))  # far more than 75 tokens
+
+
+@pytest.mark.parametrize("length", [150, 225])
+def test_long_prompts_are_read_in_chunks_of_75_and_joined_as_kohya_joins_them(tiny_model_dir, length):
+    from lorakit.models import prompt_token_counts, tokenize_prompts
+
+    model = load_base_model(tiny_model_dir)
+    tok = model.tokenizer
+    assert prompt_token_counts(tok, [LONG])[0] > 225
+    ids = tokenize_prompts(tok, [LONG, "a zkz star"], length)
+    chunks = length // 75
+    assert ids.shape == (2, chunks, 77)
+    assert (ids[:, :, 0] == tok.bos_token_id).all() and (ids[:, :, -1] == tok.eos_token_id).all()
+    plain = tok([LONG], add_special_tokens=False).input_ids[0]
+    assert ids[0, :, 1:-1].reshape(-1).tolist() == plain[:75 * chunks]  # the prompt's tokens, in order
+    with torch.no_grad():
+        joined = encode_prompt_ids(model.text_encoder, ids, clip_skip=2)
+        each = [encode_prompt_ids(model.text_encoder, ids[:, k], clip_skip=2) for k in range(chunks)]
+        short = encode_prompt_ids(model.text_encoder, tokenize_prompts(tok, ["a zkz star"]), clip_skip=2)
+    assert joined.shape == (2, 2 + 75 * chunks, model.text_encoder.config.hidden_size)
+    expected = torch.cat([each[0][:, :1], *[e[:, 1:-1] for e in each], each[-1][:, -1:]], dim=1)
+    torch.testing.assert_close(joined, expected, rtol=0, atol=0)
+    # a short prompt's first 76 states are those of the plain 77-token reading
+    torch.testing.assert_close(joined[1:, :76], short[:, :76], rtol=1e-6, atol=1e-6)
+
+
+def test_a_run_says_which_captions_are_cut_and_reads_them_whole_with_a_longer_limit(tiny_model_dir, dataset,
+                                                                                    tmp_path, capsys):
+    long_caption = next(dataset.rglob("*.txt"))
+    long_caption.write_text(LONG)
+    assert main(["train", "--data", str(dataset), "--model", str(tiny_model_dir), "--out", str(tmp_path / "cut"),
+                 "--max-steps", "1", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "note: 1 of" in said and "captions are longer than the 75 tokens the text encoder reads" in said
+    assert "model.max_token_length = 150 reads more" in said
+    out = tmp_path / "whole"
+    assert main(["train", "--data", str(dataset), "--model", str(tiny_model_dir), "--out", str(out),
+                 "--max-steps", "1", "--no-progress", "--set", "model.max_token_length=225"]) == 0
+    said = capsys.readouterr().out
+    assert "captions are longer than the 225 tokens" in said and "reads more" not in said
+    assert read_adapter(out / "lorakit.safetensors").metadata["ss_max_token_length"] == "225"
+    # sampling reads prompts as the adapter was trained to
+    flags = ["--model", str(tiny_model_dir), "--prompt", f"{LONG} --d 1", "--steps", "2"]
+    assert main(["sample", str(out / "lorakit.safetensors"), *flags, "--out", str(tmp_path / "s225")]) == 0
+    assert "max token length 225, as the adapters were trained (--max-token-length to change)" in \
+        capsys.readouterr().out
+    assert main(["sample", str(out / "lorakit.safetensors"), *flags, "--max-token-length", "75",
+                 "--out", str(tmp_path / "s75")]) == 0
+
+    def pixels(folder):
+        return np.asarray(Image.open(next(folder.glob("000-*.png"))))
+
+    assert not np.array_equal(pixels(tmp_path / "s225"), pixels(tmp_path / "s75"))

@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-skip", type=int, default=None,
                         help="read prompts from the text encoder's N-th layer from the end (kohya/A1111: 1 = last); "
                              "default: what the checkpoints were trained with (ss_clip_skip), else 1")
+    parser.add_argument("--max-token-length", type=int, choices=(75, 150, 225), default=None,
+                        help="read prompts of up to this many tokens in chunks of 75, as kohya trains; default: what "
+                             "the checkpoints were trained with (ss_max_token_length), else 75")
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--every", type=int, default=1, help="evaluate every k-th saved epoch (the last always)")
@@ -221,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.evaluate.report import page_from_eval, render_html
     from lorakit.host_memory import keep_freed_memory
     from lorakit.models import check_clip_skip, load_base_model
-    from lorakit.sample import sampling_clip_skip
+    from lorakit.sample import trained_text_settings
 
     # everything is checked before anything is written
     if args.out.exists() and not args.out.is_dir():
@@ -237,14 +240,15 @@ def run(args: argparse.Namespace) -> int:
     specs = _extractor_specs(args)
     keep_freed_memory()  # each denoising step frees and takes back the same buffers (SD1.5 on the CPU: 6-17 % faster)
     extractors, providers = _load_measures(args, specs)
-    clip_skip, clip_skip_said = sampling_clip_skip(args.clip_skip, [c.path for c in checkpoints if c.path])
+    text, said = trained_text_settings([c.path for c in checkpoints if c.path], args.clip_skip,
+                                       args.max_token_length)
     settings = SamplerSettings(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, width=args.size,
-                               height=args.size, clip_skip=clip_skip)
-    if clip_skip_said:
-        print(f"lorakit eval: {clip_skip_said}")
+                               height=args.size, **text)
+    for line in said:
+        print(f"lorakit eval: {line}")
     jobs = make_jobs(prompt_set.prompts, args.seeds)
     model = load_base_model(args.model)
-    check_clip_skip(model, clip_skip)
+    check_clip_skip(model, settings.clip_skip)
     check_checkpoints(model, checkpoints)  # a file that does not fit fails here, before any image is made
 
     # what this call measures; the same call again continues it, another one does not replace it unasked
@@ -268,6 +272,7 @@ def run(args: argparse.Namespace) -> int:
     setup = {"prompts": prompt_set.source, "concept": prompt_set.concept, "trigger": prompt_set.trigger,
              "prompt count": len(prompt_set.prompts), "seeds": args.seeds, "steps": settings.steps,
              "cfg": settings.cfg_scale, "sampler": settings.sampler, "clip skip": settings.clip_skip,
+             "max token length": settings.max_token_length,
              "size": args.size or model.resolution,
              "base model": args.model or "builtin", "data": str(data) if data else None,
              "data images": len(data_images), "extractors": ", ".join(f"{k}={p or ''}".rstrip("=") for k, p in specs),

@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-skip", type=int, default=None,
                         help="read the prompt from the text encoder's N-th layer from the end, as kohya and A1111 "
                              "count (1 = last); default: what the adapters were trained with (ss_clip_skip), else 1")
+    parser.add_argument("--max-token-length", type=int, choices=(75, 150, 225), default=None,
+                        help="read prompts of up to this many tokens in chunks of 75, as kohya trains; default: what "
+                             "the adapters were trained with (ss_max_token_length), else 75")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
         load_prompts,
         parse_prompt_line,
         sample_paths,
-        sampling_clip_skip,
         save_samples,
+        trained_text_settings,
     )
     from lorakit.tools.deltas import parse_adapter_spec
 
@@ -76,20 +79,20 @@ def run(args: argparse.Namespace) -> int:
         check_adapter_path(spec.path)
         if not spec.path.is_file():
             raise FileNotFoundError(f"{spec.path}: no such adapter file")
-    clip_skip, said = sampling_clip_skip(args.clip_skip, [spec.path for spec in specs])
+    text, said = trained_text_settings([spec.path for spec in specs], args.clip_skip, args.max_token_length)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     keep_freed_memory()  # each denoising step frees and takes back the same buffers (SD1.5 on the CPU: 6-17 % faster)
     model = load_base_model(args.model, device=device)
-    check_clip_skip(model, clip_skip)
+    check_clip_skip(model, text["clip_skip"])
     prompts = [replace(p, seed=p.seed if p.seed is not None else args.seed + i) for i, p in enumerate(prompts)]
     images = generate_with_adapters(model, specs, prompts, merged=args.merged, embeddings=args.embedding,
-                                    batch_size=args.batch_size, progress=False, clip_skip=clip_skip)
+                                    batch_size=args.batch_size, progress=False, **text)
     title = ", ".join(s.label for s in specs) or "no adapter"
     written = save_samples(images, prompts, args.out, title=title + (" (merged)" if args.merged and specs else ""))
     for spec in specs:
         print(f"adapter {spec.label}")
-    if said:
-        print(said)
+    for line in said:
+        print(line)
     print(f"{len(images)} image(s) from {model.source}: {args.out} (grid: {written[-1].name})")
     return 0
 

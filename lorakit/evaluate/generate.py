@@ -40,6 +40,7 @@ class SamplerSettings:
     width: int | None = None  # None: the model's native size
     height: int | None = None
     clip_skip: int = 1  # as kohya and A1111 count it (lorakit.models.encode_prompt_ids)
+    max_token_length: int = 75  # kohya's: prompts read in chunks of 75 tokens up to this
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sampler", sampler_name(self.sampler))
@@ -77,8 +78,9 @@ class ImageCache:
     @staticmethod
     def key(base_hash: str, checkpoint_hash: str, job: ImageJob, settings: SamplerSettings) -> str:
         sampler = asdict(settings)
-        if sampler["clip_skip"] == 1:  # absent from the keys of images made before there was a clip skip
-            del sampler["clip_skip"]
+        for name, default in (("clip_skip", 1), ("max_token_length", 75)):
+            if sampler[name] == default:  # absent from the keys of images made before the option existed
+                del sampler[name]
         fields = {"base": base_hash, "checkpoint": checkpoint_hash, "prompt": job.prompt.text,
                   "negative": job.prompt.negative, "seed": job.seed, **sampler}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
@@ -198,7 +200,7 @@ def generate_all(model: BaseModel, base_hash: str, checkpoints: Sequence[EvalChe
                                             steps=settings.steps, sampler=settings.sampler) for i in chunk]
                     started = time.perf_counter()
                     images = generate(model, samples, batch_size=batch_size, progress=False, device=device,
-                                      clip_skip=settings.clip_skip)
+                                      clip_skip=settings.clip_skip, max_token_length=settings.max_token_length)
                     stats.seconds += time.perf_counter() - started
                     for i, image in zip(chunk, images, strict=True):
                         cache.store(keys[c.label][i], image)  # at once: an interrupted call keeps what it made
