@@ -179,6 +179,8 @@ class SampleConfig:
     #: kohya-syntax prompt file ("prompt --n neg --w 64 --h 64 --d seed --l cfg --s steps" per line)
     prompts: str | None = None
     every_n_epochs: int = 1
+    #: also sample every this many steps within an epoch (kohya's sample_every_n_steps; None: epoch ends only)
+    every_n_steps: int | None = None
     sampler: str = "ddim"
     steps: int = 20
     cfg_scale: float = 7.0
@@ -339,6 +341,8 @@ class TrainConfig:
             (_positive_int(self.sample.every_n_epochs), "sample.every_n_epochs", "a positive integer",
              self.sample.every_n_epochs),
             (_positive_int(self.sample.steps), "sample.steps", "a positive integer", self.sample.steps),
+            (self.sample.every_n_steps is None or _positive_int(self.sample.every_n_steps), "sample.every_n_steps",
+             "a positive integer (or absent: at epoch ends only)", self.sample.every_n_steps),
             (self.early_stop.mode in ("cs-fluctuation", "report", "off"), "early_stop.mode",
              "cs-fluctuation, report or off", self.early_stop.mode),
             (self.early_stop.rule.replace("-", "_") in RULES, "early_stop.rule",  # the config spells it with "-"

@@ -420,6 +420,11 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                     bar.write(estimate_line(seconds, total_steps - step, stops_early))
                 scaled = {"scaled": record["keys_scaled"]} if "keys_scaled" in record else {}  # max-norm, as kohya
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{record['lr']:.2e}", epoch=epoch + 1, **scaled)
+                every = cfg.sample.every_n_steps
+                if is_main and prompts and every and step % every == 0 and step < total_steps:
+                    # named to sort before its epoch's own grid (the run page lists them in name order)
+                    _sample(model, method, prompts, run.sample_path(f"epoch-{epoch + 1:04d}-step-{step:06d}"),
+                            accelerator, cfg)
                 if stop_decision is not None or step >= total_steps:
                     break
             epoch += 1

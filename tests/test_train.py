@@ -907,3 +907,22 @@ def test_the_training_comment_and_output_name_go_into_the_results_metadata(tiny_
                  "1", "--name", "mycat", "--training-comment", "my cat, 12 photos", "--no-progress"]) == 0
     meta = read_adapter(out / "mycat.safetensors").metadata
     assert (meta["ss_training_comment"], meta["ss_output_name"]) == ("my cat, 12 photos", "mycat")
+
+
+def test_samples_every_n_steps_within_epochs_without_changing_the_training(tiny_model_dir, tmp_path):
+    """kohya's sample_every_n_steps: grids mid-epoch, named to sort before their epoch's own; the run trains the
+    same adapter as without them (sampling forks the random state)."""
+    data = write_dataset(tmp_path / "data", n=8)  # 4 steps an epoch at batch size 2
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a zkz shape --w 64 --h 64 --d 1 --s 2\n")
+    results = {}
+    for every in (None, 3):
+        out = tmp_path / f"every-{every}"
+        results[every] = run_train(make_config(tiny_model_dir, data, out, sample={"prompts": str(prompts),
+                                                                                   "every_n_steps": every}))
+    grids = sorted(p.name for p in (tmp_path / "every-3" / "samples").glob("*.png"))
+    assert grids == ["epoch-0001-step-000003.png", "epoch-0001.png", "epoch-0002-step-000006.png", "epoch-0002.png",
+                     "final.png"]
+    assert results[3].losses == results[None].losses
+    a, b = (load_file(str(tmp_path / f"every-{e}" / "lorakit.safetensors")) for e in (None, 3))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -88,6 +88,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--shuffle-caption": "--set data.shuffle_caption=true", "--keep-tokens": "--set data.keep_tokens=N",
     "--enable-bucket": "--set data.enable_bucket=true", "--flip-aug": "--set data.flip_aug=true",
     "--sample-every-n-epochs": "--set sample.every_n_epochs=N",
+    "--sample-every-n-steps": "--set sample.every_n_steps=N",
 }
 
 
