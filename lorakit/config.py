@@ -144,7 +144,11 @@ class OptimizerConfig:
     unet_lr: float | None = None
     text_encoder_lr: float | None = None
     ti_lr: float = 5e-3
-    optimizer: str = "adamw"  # "adamw", "adamw8bit" (needs bitsandbytes), "sgd"
+    #: "adamw", "adamw8bit" (needs bitsandbytes), "sgd", "prodigy" (learning_rate 1.0; needs prodigyopt), "lion"
+    #: (needs lion-pytorch), "adafactor"
+    optimizer: str = "adamw"
+    #: the optimizer's own options (kohya's --optimizer_args), e.g. {d_coef = 0.5, use_bias_correction = true}
+    args: dict = field(default_factory=dict)
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     lr_scheduler: str = "constant"  # diffusers' schedule names: constant, constant_with_warmup, cosine, linear...

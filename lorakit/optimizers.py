@@ -20,20 +20,49 @@ def can_fuse(groups: list[dict]) -> bool:
 
 
 def _adamw(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=opt.learning_rate, betas=tuple(opt.betas), weight_decay=opt.weight_decay,
-                             fused=can_fuse(groups) or None)
+    return torch.optim.AdamW(groups, **{"lr": opt.learning_rate, "betas": tuple(opt.betas),
+                                        "weight_decay": opt.weight_decay, "fused": can_fuse(groups) or None,
+                                        **opt.args})
+
+
+def _import(module: str, package: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError:
+        raise ImportError(f"needs {package} (pip install {package}, or lorakit[optimizers])") from None
 
 
 def _adamw8bit(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise ImportError("needs bitsandbytes (pip install bitsandbytes)") from None
-    return bnb.optim.AdamW8bit(groups, lr=opt.learning_rate, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+    bnb = _import("bitsandbytes", "bitsandbytes")
+    return bnb.optim.AdamW8bit(groups, **{"lr": opt.learning_rate, "betas": tuple(opt.betas),
+                                          "weight_decay": opt.weight_decay, **opt.args})
 
 
 def _sgd(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=opt.learning_rate, weight_decay=opt.weight_decay)
+    return torch.optim.SGD(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay, **opt.args})
+
+
+# The adaptive and sign-based optimizers kohya users pick: their own default betas (Lion's are (0.9, 0.99), not
+# AdamW's), so optimizer.betas is not passed; optimizer.args (kohya's --optimizer_args) is.
+def _prodigy(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
+    """Prodigy (Mishchenko & Defazio 2023) estimates the step size itself: the learning rate is a multiplier, 1.0
+    as its authors and kohya's guides set it."""
+    prodigy = _import("prodigyopt", "prodigyopt")
+    return prodigy.Prodigy(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay, **opt.args})
+
+
+def _lion(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
+    """Lion (Chen et al. 2023): sign updates; its learning rate is 3-10 times smaller than AdamW's."""
+    lion = _import("lion_pytorch", "lion-pytorch")
+    return lion.Lion(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay, **opt.args})
+
+
+def _adafactor(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
+    """transformers' Adafactor at the configured learning rate (no relative step, as kohya runs it with an lr)."""
+    from transformers.optimization import Adafactor
+
+    return Adafactor(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay, "relative_step": False,
+                                "scale_parameter": False, "warmup_init": False, **opt.args})
 
 
 #: name -> builder(param_groups, OptimizerConfig)
@@ -41,4 +70,7 @@ OPTIMIZERS: dict[str, Callable[[list[dict], Any], torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "adamw8bit": _adamw8bit,
     "sgd": _sgd,
+    "prodigy": _prodigy,
+    "lion": _lion,
+    "adafactor": _adafactor,
 }

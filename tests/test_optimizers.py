@@ -1,7 +1,9 @@
-"""The trainer's optimizers: AdamW takes torch's fused kernel where it can, and it is the same AdamW."""
+"""The trainer's optimizers: AdamW takes torch's fused kernel where it can, and it is the same AdamW; Prodigy, Lion
+and Adafactor train, take their options (kohya's --optimizer_args) and a run can use them."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -39,3 +41,46 @@ def test_not_fused_where_the_kernel_cannot_run():
     assert can_fuse([{"params": [cpu]}])
     assert not can_fuse([{"params": [cpu]}, {"params": [meta]}])  # two devices
     assert not can_fuse([{"params": [meta]}])  # no kernel for the meta device
+
+
+@pytest.mark.parametrize(("name", "lr", "args", "option"), [("prodigy", 1.0, {"d_coef": 0.5}, ("d_coef", 0.5)),
+                                                            ("lion", 1e-2, {"betas": (0.95, 0.98)},
+                                                             ("betas", (0.95, 0.98))),
+                                                            ("adafactor", 1e-2, {"clip_threshold": 2.0},
+                                                             ("clip_threshold", 2.0))])
+def test_each_optimizer_takes_its_options_and_descends_a_quadratic(name, lr, args, option):
+    opt_cfg = OptimizerConfig()
+    opt_cfg.learning_rate, opt_cfg.weight_decay, opt_cfg.args = lr, 0.0, args
+    params = _params(0)
+    target = [torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) for p in params]
+    optimizer = OPTIMIZERS[name]([{"params": params, "lr": lr}], opt_cfg)
+    assert optimizer.param_groups[0][option[0]] == option[1]
+
+    def loss() -> torch.Tensor:
+        return sum(((p - t) ** 2).sum() for p, t in zip(params, target, strict=True))
+
+    start = float(loss())
+    for _ in range(60):
+        optimizer.zero_grad()
+        value = loss()
+        value.backward()
+        optimizer.step()
+    assert float(loss()) < 0.7 * start
+
+
+def test_a_run_trains_and_resumes_with_prodigy_at_its_learning_rate_of_1(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+    from test_train import write_dataset
+
+    from lorakit.cli import main
+
+    out = tmp_path / "run"
+    flags = ["train", "--data", str(write_dataset(tmp_path / "data")), "--model", str(tiny_model_dir), "--out",
+             str(out), "--lr", "1", "--set", "optimizer.optimizer=prodigy", "--set", "optimizer.args={d_coef = 0.5}",
+             "--no-progress"]
+    assert main([*flags, "--epochs", "1"]) == 0
+    trained = load_file(str(out / "lorakit.safetensors"))
+    assert any(float(v.abs().max()) > 0 for k, v in trained.items() if k.endswith("lora_up.weight"))
+    # its state (the step size it estimated) is saved and read back safely (weights_only) on resume
+    assert main([*flags, "--epochs", "2", "--resume"]) == 0
+    assert [c.name for c in sorted((out / "checkpoints").iterdir())] == ["epoch-0001", "epoch-0002"]
