@@ -176,6 +176,12 @@ class TrainingConfig:
     ip_noise_gamma: float = 0.0
     #: weight the loss by 1/√SNR (kohya's debiased_estimation_loss)
     debiased_estimation_loss: bool = False
+    #: kohya's loss_type: "l2" (the squared error), "huber" or "smooth_l1" (pseudo-Huber: large errors, often
+    #: from noisy or mislabelled images, weigh less); its parameter ``huber_c`` follows ``huber_schedule``
+    #: ("snr", "exponential" or "constant"; lorakit.loss)
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
 
 
 @dataclass
@@ -260,7 +266,7 @@ class TrainConfig:
 
         from lorakit.adapters import ALGORITHMS, ALIASES
         from lorakit.data.discovery import MAX_REPEATS
-        from lorakit.loss import PREDICTION_TYPES
+        from lorakit.loss import HUBER_SCHEDULES, LOSS_TYPES, PREDICTION_TYPES
         from lorakit.network import PRESETS
         from lorakit.optimizers import OPTIMIZERS
 
@@ -327,6 +333,11 @@ class TrainConfig:
              train.multires_noise_discount),
             (_at_least(train.ip_noise_gamma, 0), "training.ip_noise_gamma", "0 or more (0: off; the paper: 0.1)",
              train.ip_noise_gamma),
+            (train.loss_type in LOSS_TYPES, "training.loss_type", f"one of {one_of(LOSS_TYPES)}", train.loss_type),
+            (train.huber_schedule in HUBER_SCHEDULES, "training.huber_schedule", f"one of {one_of(HUBER_SCHEDULES)}",
+             train.huber_schedule),
+            (_at_least(train.huber_c, 0, strict=True) and train.huber_c <= 1, "training.huber_c",
+             "above 0, at most 1 (kohya's default 0.1)", train.huber_c),
             *[(value is None or _at_least(value, 0, strict=True) and value <= MAX_LEARNING_RATE, f"optimizer.{key}",
                f"a positive number up to {MAX_LEARNING_RATE:g} (typical: 1e-4)", value)
               for key, value in (("learning_rate", opt.learning_rate), ("unet_lr", opt.unet_lr),

@@ -10,11 +10,16 @@
   ``min(SNR, γ) / (SNR + 1)`` for v-prediction;
 - debiased estimation (Yu et al. 2024, kohya's ``debiased_estimation_loss``): weight ``1 / √SNR`` for
   ε-prediction, ``1 / (SNR + 1)`` for v-prediction, SNR capped at 1000 (it is infinite at t = 0);
-- prior preservation (DreamBooth): regularization samples weighted by ``prior_loss_weight``.
+- prior preservation (DreamBooth): regularization samples weighted by ``prior_loss_weight``;
+- the pseudo-Huber loss (Khrapov et al. 2024, kohya's ``loss_type = "huber"``/``"smooth_l1"``): ``2c(√(d² + c²) −
+  c)`` (``huber``; ``smooth_l1`` without the leading ``c``) instead of ``d²``, with ``c`` constant, decaying
+  exponentially over the timesteps, or from the noise level (``huber_schedule = "snr"``: ``(1 − c₀) / (1 + σ_t)²
+  + c₀``), so noisy (large-error) samples weigh less than in the squared error.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +29,9 @@ from lorakit.errors import InvalidValueError
 
 #: what a U-Net can be trained to predict (the targets ``add_training_noise`` builds)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+#: kohya's loss types and Huber schedules
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
 
 
 @dataclass
@@ -91,12 +99,38 @@ def debiased_weight(scheduler, timesteps: torch.Tensor, prediction_type: str) ->
     return 1 / (snr + 1) if prediction_type == "v_prediction" else 1 / snr.sqrt()
 
 
+def huber_c(scheduler, timesteps: torch.Tensor, schedule: str, c: float) -> torch.Tensor:
+    """The pseudo-Huber parameter of each sample's timestep."""
+    t = timesteps.float()
+    if schedule == "constant":
+        return torch.full_like(t, c)
+    if schedule == "exponential":  # c at the last timestep, 1 at t = 0
+        return torch.exp(math.log(c) * t / scheduler.config.num_train_timesteps)
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+    return (1 - c) / (1 + sigmas) ** 2 + c
+
+
+def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
+                    c: torch.Tensor | None = None) -> torch.Tensor:
+    """The error of each sample, averaged over its elements: squared, or pseudo-Huber with ``c`` per sample."""
+    prediction, target = prediction.float(), target.float()
+    if loss_type == "l2":
+        return F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+    c = c.reshape(-1, 1, 1, 1)
+    smooth = torch.sqrt((prediction - target) ** 2 + c ** 2) - c
+    scale = 2 * c if loss_type == "huber" else 2.0
+    return (scale * smooth).mean(dim=(1, 2, 3))
+
+
 def diffusion_loss(prediction: torch.Tensor, batch: NoisedBatch, scheduler, prediction_type: str,
                    min_snr_gamma: float | None = None, is_reg: torch.Tensor | None = None,
-                   prior_loss_weight: float = 1.0, debiased: bool = False) -> torch.Tensor:
-    """Mean squared error per sample, weighted (Min-SNR, debiased estimation, prior preservation), averaged over
-    the batch."""
-    per_sample = F.mse_loss(prediction.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
+                   prior_loss_weight: float = 1.0, debiased: bool = False, loss_type: str = "l2",
+                   huber_schedule: str = "snr", huber_c_value: float = 0.1) -> torch.Tensor:
+    """The error per sample (squared, or pseudo-Huber), weighted (Min-SNR, debiased estimation, prior
+    preservation), averaged over the batch."""
+    c = None if loss_type == "l2" else huber_c(scheduler, batch.timesteps, huber_schedule, huber_c_value)
+    per_sample = per_sample_loss(prediction, batch.target, loss_type, c)
     weights = torch.ones_like(per_sample)
     if min_snr_gamma:
         weights = weights * min_snr_weight(scheduler, batch.timesteps, min_snr_gamma, prediction_type)

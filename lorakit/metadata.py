@@ -26,7 +26,7 @@ TRAINING_FIELDS = (
     "dataset_dirs", "reg_dataset_dirs", "caption_dropout_rate", "shuffle_caption", "keep_tokens", "flip_aug",
     "color_aug", "cache_latents", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_info",
     "prior_loss_weight", "scale_weight_norms", "multires_noise_iterations", "multires_noise_discount",
-    "ip_noise_gamma", "debiased_estimation", "max_token_length",
+    "ip_noise_gamma", "debiased_estimation", "max_token_length", "loss_type", "huber_schedule", "huber_c",
 )
 FIELDS = NETWORK_FIELDS + TRAINING_FIELDS
 

@@ -180,6 +180,7 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
         multires_noise_discount=cfg.training.multires_noise_discount,
         ip_noise_gamma=cfg.training.ip_noise_gamma or "None",
         debiased_estimation=bool(cfg.training.debiased_estimation_loss),
+        loss_type=cfg.training.loss_type, huber_schedule=cfg.training.huber_schedule, huber_c=cfg.training.huber_c,
         output_name=cfg.output.name, training_comment=cfg.output.comment or "None",
     )
     meta["lorakit_method"] = cfg.method.kind
@@ -215,7 +216,9 @@ def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, bat
         prediction = unet(noised.noisy_latents.to(model.unet.dtype), noised.timesteps,
                           hidden.to(model.unet.dtype)).sample
     return diffusion_loss(prediction, noised, model.noise_scheduler, model.prediction_type, options.min_snr_gamma,
-                          batch.is_reg, options.prior_loss_weight, debiased=options.debiased_estimation_loss)
+                          batch.is_reg, options.prior_loss_weight, debiased=options.debiased_estimation_loss,
+                          loss_type=options.loss_type, huber_schedule=options.huber_schedule,
+                          huber_c_value=options.huber_c)
 
 
 # ----------------------------------------------------------------------------------------------- training

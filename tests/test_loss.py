@@ -7,7 +7,15 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from lorakit.loss import add_training_noise, debiased_weight, diffusion_loss, min_snr_weight, multires_noise
+from lorakit.loss import (
+    add_training_noise,
+    debiased_weight,
+    diffusion_loss,
+    huber_c,
+    min_snr_weight,
+    multires_noise,
+    per_sample_loss,
+)
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                           beta_end=0.012)
@@ -70,6 +78,31 @@ def test_the_loss_weights_follow_their_formulas():
     torch.testing.assert_close(diffusion_loss(prediction, batch, SCHEDULER, "epsilon"), per_sample.mean())
 
 
+def test_the_pseudo_huber_loss_is_quadratic_for_small_errors_linear_for_large_and_scheduled_by_noise():
+    c = torch.tensor([0.1])
+    small, large = torch.full((1, 1, 2, 2), 1e-3), torch.full((1, 1, 2, 2), 10.0)
+    zero = torch.zeros_like(small)
+    # 2c(√(d² + c²) − c) ≈ d² for d ≪ c, ≈ 2c·|d| for d ≫ c
+    assert float(per_sample_loss(small, zero, "huber", c)) == pytest.approx(1e-6, rel=1e-2)
+    assert float(per_sample_loss(large, zero, "huber", c)) == pytest.approx(2 * 0.1 * (10.0 - 0.1), rel=1e-3)
+    assert float(per_sample_loss(large, zero, "smooth_l1", c)) == pytest.approx(2 * (10.0 - 0.1), rel=1e-3)
+    assert float(per_sample_loss(large, zero, "l2")) == pytest.approx(100.0)
+    t = torch.tensor([0, 500, 999])
+    snr = huber_c(SCHEDULER, t, "snr", 0.1)
+    assert float(snr[0]) > 0.9 and float(snr[-1]) == pytest.approx(0.1, abs=0.01)  # c₀ + (1 − c₀)/(1 + σ)²
+    assert (snr[:-1] > snr[1:]).all()  # noisier timesteps: a smaller c, so large errors weigh less
+    exponential = huber_c(SCHEDULER, t, "exponential", 0.1)
+    assert float(exponential[0]) == 1.0 and float(exponential[-1]) == pytest.approx(0.1, rel=0.01)
+    assert torch.equal(huber_c(SCHEDULER, t, "constant", 0.1), torch.full((3,), 0.1))
+    latents = _latents()
+    batch = add_training_noise(SCHEDULER, latents, torch.Generator().manual_seed(4), "epsilon")
+    prediction = batch.target + torch.randn(batch.target.shape, generator=torch.Generator().manual_seed(5))
+    expected = per_sample_loss(prediction, batch.target, "huber", huber_c(SCHEDULER, batch.timesteps, "snr", 0.1))
+    got = diffusion_loss(prediction, batch, SCHEDULER, "epsilon", loss_type="huber")
+    torch.testing.assert_close(got, expected.mean())
+    assert float(got) < float(diffusion_loss(prediction, batch, SCHEDULER, "epsilon"))
+
+
 def test_a_run_with_the_noise_options_records_them_and_refuses_two_low_frequency_tricks(tiny_model_dir, tmp_path):
     from test_train import make_config, run_train, write_dataset
 
@@ -78,11 +111,12 @@ def test_a_run_with_the_noise_options_records_them_and_refuses_two_low_frequency
 
     data = write_dataset(tmp_path / "data")
     training = {"max_epochs": 1, "multires_noise_iterations": 6, "multires_noise_discount": 0.3,
-                "ip_noise_gamma": 0.1, "debiased_estimation_loss": True}
+                "ip_noise_gamma": 0.1, "debiased_estimation_loss": True, "loss_type": "huber"}
     run_train(make_config(tiny_model_dir, data, tmp_path / "run", training=training))
     meta = read_adapter(tmp_path / "run" / "lorakit.safetensors").metadata
     assert (meta["ss_multires_noise_iterations"], meta["ss_multires_noise_discount"], meta["ss_ip_noise_gamma"],
-            meta["ss_debiased_estimation"]) == ("6", "0.3", "0.1", "True")
+            meta["ss_debiased_estimation"], meta["ss_loss_type"], meta["ss_huber_schedule"]) == \
+        ("6", "0.3", "0.1", "True", "huber", "snr")
     with pytest.raises(ConfigError, match="training.noise_offset and training.multires_noise_iterations"):
         make_config(tiny_model_dir, data, tmp_path / "x",
                     training={"noise_offset": 0.05, "multires_noise_iterations": 6}).validate()
