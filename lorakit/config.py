@@ -267,6 +267,7 @@ class TrainConfig:
         from lorakit.adapters import ALGORITHMS, ALIASES
         from lorakit.data.discovery import MAX_REPEATS
         from lorakit.loss import HUBER_SCHEDULES, LOSS_TYPES, PREDICTION_TYPES
+        from lorakit.models import TOKEN_LENGTHS
         from lorakit.network import PRESETS
         from lorakit.optimizers import OPTIMIZERS
 
@@ -283,8 +284,8 @@ class TrainConfig:
              self.model.mixed_precision),
             (_positive_int(self.model.clip_skip), "model.clip_skip",
              "a positive integer (1: the text encoder's last layer; 2: the one before)", self.model.clip_skip),
-            (self.model.max_token_length in (75, 150, 225), "model.max_token_length", "75, 150 or 225 (kohya's)",
-             self.model.max_token_length),
+            (self.model.max_token_length in TOKEN_LENGTHS, "model.max_token_length",
+             f"one of {one_of(map(str, TOKEN_LENGTHS))} (kohya's)", self.model.max_token_length),
             (self.model.compile_mode in COMPILE_MODES, "model.compile_mode", f"one of {one_of(COMPILE_MODES)}",
              self.model.compile_mode),
             # torch is asked only when the option is used: `--print-config` must not wait for it

@@ -83,7 +83,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--multires-noise-discount": "--set training.multires_noise_discount=X",
     "--ip-noise-gamma": "--set training.ip_noise_gamma=X",
     "--debiased-estimation-loss": "--set training.debiased_estimation_loss=true",
-    "--loss-type": "--set training.loss_type=huber", "--huber-schedule": "--set training.huber_schedule=snr",
+    "--loss-type": "--set training.loss_type=NAME", "--huber-schedule": "--set training.huber_schedule=NAME",
     "--huber-c": "--set training.huber_c=X",
     "--network-dropout": "--set network.dropout=X", "--save-precision": "--set output.save_precision=NAME",
     "--network-train-unet-only": "(the default; --set network.train_text_encoder=true to also train it)",
