@@ -3,6 +3,7 @@ against it, the trainer builds from it)."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,7 @@ def _adamw(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
 
 def _import(module: str, package: str) -> Any:
     try:
-        return __import__(module)
+        return importlib.import_module(module)
     except ImportError:
         raise ImportError(f"needs {package} (pip install {package}, or lorakit[optimizers])") from None
 

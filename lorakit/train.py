@@ -99,6 +99,8 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimiz
         return OPTIMIZERS[opt.optimizer](groups, opt)
     except ImportError as err:
         raise TrainingError(f"optimizer.optimizer = {opt.optimizer!r}: {err}") from None
+    except (TypeError, ValueError) as err:  # an option the optimizer does not have, or a value it refuses
+        raise TrainingError(f"optimizer.args = {opt.args!r} for {opt.optimizer}: {err}") from None
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:

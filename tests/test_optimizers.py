@@ -84,3 +84,16 @@ def test_a_run_trains_and_resumes_with_prodigy_at_its_learning_rate_of_1(tiny_mo
     # its state (the step size it estimated) is saved and read back safely (weights_only) on resume
     assert main([*flags, "--epochs", "2", "--resume"]) == 0
     assert [c.name for c in sorted((out / "checkpoints").iterdir())] == ["epoch-0001", "epoch-0002"]
+
+
+def test_an_option_the_optimizer_does_not_have_is_refused_by_name(tiny_model_dir, tmp_path, capsys):
+    from test_train import write_dataset
+
+    from lorakit.cli import main
+
+    assert main(["train", "--data", str(write_dataset(tmp_path / "data")), "--model", str(tiny_model_dir), "--out",
+                 str(tmp_path / "run"), "--max-steps", "1", "--set", "optimizer.optimizer=lion", "--set",
+                 "optimizer.args={d_coef = 0.5}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "optimizer.args = {'d_coef': 0.5} for lion:" in err and "d_coef" in err
+    assert not (tmp_path / "run").exists()
