@@ -99,6 +99,11 @@ def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[s
             model = f" --model {shlex.quote(cfg.model.base)}" if cfg.model.base else ""
             with_embedding = f" --embedding {shlex.quote(str(embedding))}" if embedding is not None else ""
             lines.append(f"  lorakit sample {quoted}{with_embedding}{model} --prompt \"...\" --out samples/")
+        skip = cfg.model.clip_skip
+        if skip > 1:  # sampled without it, the result looks undertrained or off: say it where people sample
+            lines.append(f"  trained with clip skip {skip}: sample with it too (A1111: Settings > Clip skip {skip}; "
+                         f"ComfyUI: a CLIP Set Last Layer node at -{skip}; diffusers: clip_skip={skip - 1}; "
+                         "lorakit sample and eval read it from the file)")
     plots = [f for f in files if f.suffix == ".png" and "cs_fluctuation" in f.name]
     if plots:
         lines.append(f"  CS-Fluctuation curve: {plots[0]}")

@@ -43,11 +43,15 @@ def test_clip_skip_n_is_the_text_encoder_without_its_last_n_minus_1_layers(tiny_
 
 
 def test_a_run_with_clip_skip_2_trains_on_it_and_says_so_in_its_files(tiny_model_dir, dataset, tmp_path):
-    runs = {}
+    runs, said = {}, {}
     for skip in (1, 2):
         runs[skip] = tmp_path / f"skip{skip}"
-        run_train(make_config(tiny_model_dir, dataset, runs[skip], training={"max_epochs": 1},
-                              model={"clip_skip": skip}))
+        said[skip] = run_train(make_config(tiny_model_dir, dataset, runs[skip], training={"max_epochs": 1},
+                                           model={"clip_skip": skip})).summary
+    # where people sample, the run says how to sample it (an adapter sampled without its clip skip looks off)
+    assert "trained with clip skip 2: sample with it too (A1111: Settings > Clip skip 2; ComfyUI: a CLIP Set Last " \
+        "Layer node at -2; diffusers: clip_skip=1;" in said[2]
+    assert "clip skip" not in said[1]
     one, two = (read_adapter(runs[s] / "lorakit.safetensors") for s in (1, 2))
     assert one.metadata["ss_clip_skip"] == "None" and two.metadata["ss_clip_skip"] == "2"  # kohya's spelling
     assert any(not torch.equal(one.tensors[k], two.tensors[k]) for k in one.tensors)  # the same seed, other text
