@@ -107,6 +107,10 @@ def test_two_runs_on_one_page_have_a_line_each_and_their_settings():
     page = page_from_eval(result, jobs, images)
     assert [name for name, _ in page.settings] == ["r", "s", "evaluation"]
     assert page.settings[1][1]["algorithm"] == "loha"
+    # on the page: a row per setting and a column per run, read down (it used to scroll sideways)
+    text = render_html(page)
+    assert '<th class="label">setting</th><th>r</th><th>s</th><th>evaluation</th>' in text
+    assert '<tr><td class="label">algorithm</td><td>lora</td><td>loha</td><td></td></tr>' in text
     assert len(page.charts) == len(result.groups) + 1  # metric-vs-epoch per type and the trade-off scatter
     assert page.grids[0].columns == ["base", "r/e1", "r/e2", "s/e1", "s/e2"]
 

@@ -172,16 +172,18 @@ def render_html(page: Page) -> str:
             parts.append(f'<tr><td class="label">{e(label)}</td>{tds}</tr>')
         parts.append("</tbody></table></div>")
     if page.settings:
+        # a row per setting, a column per run (and the evaluation): read down, not scrolled across
         parts.append("<h2>Settings</h2>")
         keys: list[str] = []
         for _, s in page.settings:
             keys.extend(k for k in s if k not in keys)
-        head = "".join(f"<th>{e(k)}</th>" for k in keys)
-        parts.append(f'<table class="settings"><thead><tr><th class="label">run</th>{head}</tr></thead><tbody>')
-        for name, s in page.settings:
-            tds = "".join(f"<td>{e(str(s.get(k, '')))}</td>" for k in keys)
-            parts.append(f'<tr><td class="label">{e(name)}</td>{tds}</tr>')
-        parts.append("</tbody></table>")
+        head = "".join(f"<th>{e(name)}</th>" for name, _ in page.settings)
+        parts.append(f'<div class="scroll"><table class="settings"><thead><tr><th class="label">setting</th>{head}'
+                     "</tr></thead><tbody>")
+        for k in keys:
+            tds = "".join(f"<td>{e(str(s.get(k, '')))}</td>" for _, s in page.settings)
+            parts.append(f'<tr><td class="label">{e(k)}</td>{tds}</tr>')
+        parts.append("</tbody></table></div>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
