@@ -267,7 +267,7 @@ class TrainConfig:
         from lorakit.adapters import ALGORITHMS, ALIASES
         from lorakit.data.discovery import MAX_REPEATS
         from lorakit.loss import HUBER_SCHEDULES, LOSS_TYPES, PREDICTION_TYPES
-        from lorakit.models import TOKEN_LENGTHS
+        from lorakit.metadata import TOKEN_LENGTHS
         from lorakit.network import PRESETS
         from lorakit.optimizers import OPTIMIZERS
 

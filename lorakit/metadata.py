@@ -36,6 +36,8 @@ VERSION_KEY = "lorakit_version"
 
 #: how an adapter was trained to read prompts: kohya's entry, and its value when kohya wrote "None" (not set)
 TEXT_SETTINGS = {"clip_skip": ("ss_clip_skip", 1), "max_token_length": ("ss_max_token_length", 75)}
+#: kohya's max_token_length: the 75 tokens CLIP reads between BOS and EOS, or 150 / 225 read in chunks of 75
+TOKEN_LENGTHS = (75, 150, 225)
 
 
 def trained_text_setting(metadata: Mapping[str, str], name: str) -> int | None:

@@ -166,9 +166,11 @@ class AdapterMethod(TrainingMethod):
         ``ranks_file``: where ``network.dim_from_weights`` reads the ranks when the start file is not read (a
         resumed run: its checkpoint); by default the start file."""
         net = cfg.network
+        # the file read once: it may give the ranks and start the weights
+        start = start_file if isinstance(start_file, AdapterFile) else \
+            read_adapter(Path(net.weights).expanduser()) if start_file and net.weights else None
         if net.dim_from_weights and ranks_file is None:
-            ranks_file = start_file if isinstance(start_file, AdapterFile) else \
-                read_adapter(Path(net.weights).expanduser())
+            ranks_file = start if start is not None else read_adapter(Path(net.weights).expanduser())
         if not (net.train_unet or net.train_text_encoder):
             raise ConfigError("network: train_unet and train_text_encoder are both false: nothing to train")
         options = dict(net.args)
@@ -195,11 +197,9 @@ class AdapterMethod(TrainingMethod):
             raise ConfigError(f"network: preset {net.preset!r} with these ranks selects no module of the model")
         self.started_from = None
         # after the fresh initialisation, which it replaces (so the random stream stays the same)
-        source = start_file if isinstance(start_file, AdapterFile) else \
-            Path(net.weights).expanduser() if start_file and net.weights else None
-        if source is not None:
+        if start is not None:
             self.started_from = start_network_from_file(
-                self.network, source, model.unet if net.train_unet else None,
+                self.network, start, model.unet if net.train_unet else None,
                 model.text_encoder if net.train_text_encoder else None)
         self.cfg = cfg
         self._meter = CSMeter({n: self.network[n] for n in self.network.names("unet")}) \

@@ -123,10 +123,6 @@ class BaseModel:
                                        feature_extractor=None, requires_safety_checker=False)
 
 
-#: kohya's max_token_length: the 75 tokens CLIP reads between BOS and EOS, or 150 / 225 read in chunks of 75
-TOKEN_LENGTHS = (75, 150, 225)
-
-
 def tokenize_prompts(tokenizer: CLIPTokenizer, texts: list[str], max_token_length: int = 75) -> torch.Tensor:
     """Token ids ``(batch, chunks, 77)``: each chunk is BOS, 75 of the prompt's tokens (padded), EOS, as kohya
     splits a prompt of up to ``max_token_length`` tokens (longer ones are cut there)."""

@@ -17,6 +17,11 @@ from lorakit.formats import read_adapter
 from lorakit.models import encode_prompt_ids, load_base_model
 
 
+def pixels(folder):
+    """The first image `lorakit sample` wrote into ``folder``."""
+    return np.asarray(Image.open(next(folder.glob("000-*.png"))))
+
+
 @pytest.fixture
 def dataset(tmp_path):
     return write_dataset(tmp_path / "data")
@@ -76,9 +81,6 @@ def test_sample_uses_the_clip_skip_the_adapter_was_trained_with(tiny_model_dir, 
     assert "clip skip 2, as the adapters were trained (--clip-skip to change)" in capsys.readouterr().out
     for skip in ("2", "1"):
         assert main(["sample", adapter, *flags, "--clip-skip", skip, "--out", str(tmp_path / skip)]) == 0
-
-    def pixels(folder):
-        return np.asarray(Image.open(next(folder.glob("000-*.png"))))
 
     assert np.array_equal(pixels(tmp_path / "trained"), pixels(tmp_path / "2"))
     assert not np.array_equal(pixels(tmp_path / "trained"), pixels(tmp_path / "1"))
@@ -178,8 +180,5 @@ def test_a_run_says_which_captions_are_cut_and_reads_them_whole_with_a_longer_li
         capsys.readouterr().out
     assert main(["sample", str(out / "lorakit.safetensors"), *flags, "--max-token-length", "75",
                  "--out", str(tmp_path / "s75")]) == 0
-
-    def pixels(folder):
-        return np.asarray(Image.open(next(folder.glob("000-*.png"))))
 
     assert not np.array_equal(pixels(tmp_path / "s225"), pixels(tmp_path / "s75"))

@@ -12,6 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
+from lorakit.commands.prompt_options import add_prompt_reading_arguments
 from lorakit.errors import LorakitError
 
 
@@ -74,12 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
     parser.add_argument("--cfg", type=float, default=7.0, help="CFG scale (default 7)")
     parser.add_argument("--sampler", default="ddim")
-    parser.add_argument("--clip-skip", type=int, default=None,
-                        help="read prompts from the text encoder's N-th layer from the end (kohya/A1111: 1 = last); "
-                             "default: what the checkpoints were trained with (ss_clip_skip), else 1")
-    parser.add_argument("--max-token-length", type=int, choices=(75, 150, 225), default=None,
-                        help="read prompts of up to this many tokens in chunks of 75, as kohya trains; default: what "
-                             "the checkpoints were trained with (ss_max_token_length), else 75")
+    add_prompt_reading_arguments(parser, "checkpoints")
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--every", type=int, default=1, help="evaluate every k-th saved epoch (the last always)")

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from lorakit.commands.prompt_options import add_prompt_reading_arguments
 from lorakit.errors import LorakitError
 from lorakit.file_kinds import check_adapter_path
 
@@ -37,12 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default=None, help="sampler for prompts that set none (ddim, euler_a, ...)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--clip-skip", type=int, default=None,
-                        help="read the prompt from the text encoder's N-th layer from the end, as kohya and A1111 "
-                             "count (1 = last); default: what the adapters were trained with (ss_clip_skip), else 1")
-    parser.add_argument("--max-token-length", type=int, choices=(75, 150, 225), default=None,
-                        help="read prompts of up to this many tokens in chunks of 75, as kohya trains; default: what "
-                             "the adapters were trained with (ss_max_token_length), else 75")
+    add_prompt_reading_arguments(parser, "adapters")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from lorakit.atomic import atomic_write
 from lorakit.errors import InvalidValueError
 from lorakit.evaluate.checkpoints import CheckpointError, EvalCheckpoint
 from lorakit.evaluate.prompts import EvalPrompt
+from lorakit.metadata import TEXT_SETTINGS
 from lorakit.models import BaseModel
 from lorakit.sample import SamplePrompt, generate, sampler_name
 
@@ -78,7 +79,7 @@ class ImageCache:
     @staticmethod
     def key(base_hash: str, checkpoint_hash: str, job: ImageJob, settings: SamplerSettings) -> str:
         sampler = asdict(settings)
-        for name, default in (("clip_skip", 1), ("max_token_length", 75)):
+        for name, (_, default) in TEXT_SETTINGS.items():
             if sampler[name] == default:  # absent from the keys of images made before the option existed
                 del sampler[name]
         fields = {"base": base_hash, "checkpoint": checkpoint_hash, "prompt": job.prompt.text,
