@@ -726,9 +726,15 @@ def _checkpoint_epoch_for(turning_step: int, steps_per_epoch: int, run: RunFolde
 
 def long_captions_note(model: BaseModel, data: TrainingData, limit: int) -> str | None:
     """What the text encoder does not read: captions longer than ``limit`` tokens are cut there (silently, in
-    kohya); None when every caption fits."""
+    kohya); None when every caption fits.  A caption of several lines (``enable_wildcard``) counts by its
+    longest line."""
     captions = [r.caption for r in data.records]
-    counts = prompt_token_counts(model.tokenizer, captions)
+    lines = [c.split("\n") for c in captions]
+    flat = prompt_token_counts(model.tokenizer, [line for ls in lines for line in ls])
+    counts, start = [], 0
+    for ls in lines:
+        counts.append(max(flat[start:start + len(ls)]))
+        start += len(ls)
     long = [(r, n) for r, n in zip(data.records, counts, strict=True) if n > limit]
     if not long:
         return None

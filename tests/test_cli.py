@@ -121,7 +121,8 @@ def test_every_kohya_translation_is_an_option_or_a_setting_that_exists():
             names = {"optimizer.optimizer": "adamw", "optimizer.lr_scheduler": "cosine",
                      "output.save_precision": "fp16", "training.loss_type": "huber", "training.huber_schedule": "snr"}
             example = {"NAME": names.get(dotted), "N": "2", "X": "0.1", "true": "true", ".EXT": ".caption",
-                       "{KEY = VALUE}": "{factor = 8}"}
+                       "{KEY = VALUE}": "{factor = 8}",
+                       "MARK": "|||"}
             cfg = TrainConfig()
             set_option(cfg, dotted, example[value])
             cfg.validate()

@@ -182,3 +182,23 @@ def test_a_run_says_which_captions_are_cut_and_reads_them_whole_with_a_longer_li
                  "--out", str(tmp_path / "s75")]) == 0
 
     assert not np.array_equal(pixels(tmp_path / "s225"), pixels(tmp_path / "s75"))
+
+
+def test_a_wildcard_caption_is_measured_by_its_longest_line(tiny_model_dir, tmp_path):
+    """With enable_wildcard each step reads one line, so the note counts a line, not the lines joined."""
+    from data_helpers import data, make_folder
+
+    from lorakit.models import prompt_token_counts
+    from lorakit.train import long_captions_note
+
+    model = load_base_model(tiny_model_dir)
+    short = "zkz, a red circle, " * 3
+    make_folder(tmp_path / "1_zkz shape", 1, captions={0: f"{short}\n{short}"})
+    assert long_captions_note(model, data(tmp_path / "1_zkz shape", enable_wildcard=True, trigger="zkz"), 75) is None
+    make_folder(tmp_path / "1_zkz shape", 1, captions={0: f"{short}\n{LONG}"})
+    d = data(tmp_path / "1_zkz shape", enable_wildcard=True, trigger="zkz")
+    note = long_captions_note(model, d, 75)
+    first, second = d.records[0].caption.split("\n")
+    longest, joined = prompt_token_counts(model.tokenizer, [second, d.records[0].caption])
+    assert joined > longest
+    assert f"{longest} tokens" in note and "1 of 1 captions" in note

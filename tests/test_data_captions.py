@@ -105,3 +105,68 @@ def test_contains_word():
 
 def test_count_tags_lowercases_and_counts_once_per_caption():
     assert count_tags(["zkz, Red, circle", "zkz, red", ""]) == {"zkz": 2, "red": 2, "circle": 1}
+    assert count_tags(["zkz, red\nzkz, blue"]) == {"zkz": 1, "red": 1, "blue": 1}  # lines of one caption
+
+
+# ------------------------------------------------------------------ kohya's separators and wildcards
+
+SEPARATED = "zkz, red ||| circle, small, centered, plain ||| best quality, detailed"
+
+
+def test_keep_tokens_separator_fixes_the_front_and_the_end_and_is_never_trained_as_text():
+    s = subset(shuffle_caption=True, caption_tag_dropout_rate=0.3, keep_tokens_separator="|||")
+    middles = set()
+    for seed in range(200):
+        tags = sample_caption(SEPARATED, s, random.Random(seed), 0).split(", ")
+        assert tags[:2] == ["zkz", "red"] and tags[-2:] == ["best quality", "detailed"]
+        assert set(tags[2:-2]) <= {"circle", "small", "centered", "plain"}
+        middles.add(tuple(tags[2:-2]))
+    assert len(middles) > 30  # the middle is shuffled and dropped
+    # nothing shuffled or dropped: the separator is still taken out (kohya would leave "|||" in the caption)
+    plain = subset(keep_tokens_separator="|||")
+    assert sample_caption(SEPARATED, plain, random.Random(0), 0) == SEPARATED.replace(" |||", ",")
+    # a caption without the separator falls back to keep_tokens
+    s = subset(shuffle_caption=True, keep_tokens=1, keep_tokens_separator="|||")
+    assert all(sample_caption(CAPTION, s, random.Random(i), 0).startswith("zkz, ") for i in range(50))
+
+
+def test_secondary_separator_moves_joined_tags_as_one():
+    s = subset(shuffle_caption=True, caption_tag_dropout_rate=0.4, secondary_separator=";;;")
+    caption = "zkz, red;;;circle, small, on white;;;plain background"
+    seen = set()
+    for seed in range(200):
+        out = sample_caption(caption, s, random.Random(seed), 0)
+        assert ";;;" not in out
+        tags = out.split(", ")
+        # a joined pair is kept or dropped whole, and its parts stay side by side
+        assert all(t in {"zkz", "red,circle", "small", "on white,plain background"} for t in tags if t), out
+        seen.update(tags)
+    assert {"red,circle", "on white,plain background"} <= seen
+    assert sample_caption(caption, subset(secondary_separator=";;;"), random.Random(0), 0) == \
+        "zkz, red,circle, small, on white,plain background"
+
+
+def test_wildcards_draw_one_option_and_one_line_and_keep_escaped_braces():
+    s = subset(enable_wildcard=True)
+    caption = "zkz, {red|green|blue} circle, {{literal}}\nzkz, {tiny|huge} star"
+    outs = {sample_caption(caption, s, random.Random(seed), 0) for seed in range(300)}
+    assert outs == {"zkz, red circle, {literal}", "zkz, green circle, {literal}", "zkz, blue circle, {literal}",
+                    "zkz, tiny star", "zkz, huge star"}
+    # off (the default), braces are plain text and the caller's draws are untouched
+    rng, reference = random.Random(5), random.Random(5)
+    assert sample_caption(caption, subset(), rng, 0) == caption
+    assert rng.random() == reference.random()
+
+
+def test_wildcards_come_before_the_shuffle():
+    """A drawn option with commas becomes tags that are shuffled like the others (kohya's order)."""
+    s = subset(enable_wildcard=True, shuffle_caption=True, keep_tokens=1)
+    outs = [sample_caption("zkz, {red, round|blue, square}, small", s, random.Random(i), 0) for i in range(100)]
+    assert all(o.startswith("zkz, ") and "{" not in o for o in outs)
+    assert {frozenset(o.split(", ")) for o in outs} == {frozenset({"zkz", "red", "round", "small"}),
+                                                        frozenset({"zkz", "blue", "square", "small"})}
+
+
+def test_every_line_of_a_multi_line_caption_gets_the_trigger_prefix_and_suffix():
+    s = subset(class_tokens="zkz shape", caption_suffix=", simple")
+    assert base_caption("a red circle\nzkz, a star", s) == "zkz shape, a red circle , simple\nzkz, a star , simple"

@@ -368,3 +368,33 @@ def test_the_zkz_example_folder_reads_cleanly():
     assert d.num_train_images == 10 * len(train) and d.steps_per_epoch == d.num_train_images
     batch = d.epoch_batches(0)[0]
     assert batch.pixel_values.shape == (1, 3, 64, 64)
+
+
+def test_wildcard_captions_keep_every_line_and_draw_one_per_step(tmp_path):
+    make_folder(tmp_path / "1_zkz shape", 1, captions={0: "zkz, {red|blue} circle\n\nzkz, a star\n"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetWarning)  # no "only the first line" warning: every line is used
+        d = data(tmp_path, enable_wildcard=True)
+    assert d.records[0].caption == "zkz, {red|blue} circle\nzkz, a star"
+    drawn = {caption for epoch in range(40) for batch in d.epoch_batches(epoch) for caption in batch.captions}
+    assert drawn == {"zkz, red circle", "zkz, blue circle", "zkz, a star"}
+    # without it only the first line is read, as kohya does
+    assert data(tmp_path).records[0].caption == "zkz, {red|blue} circle"
+
+
+def test_kohya_caption_separators_are_read_from_a_dataset_toml_and_checked(tmp_path):
+    make_folder(tmp_path / "hoge", 1, captions={0: "zkz, red ||| circle;;;small, plain"})
+    toml = tmp_path / "dataset.toml"
+    toml.write_text("[general]\nkeep_tokens_separator = '|||'\nsecondary_separator = ';;;'\n"
+                    "enable_wildcard = true\n[[datasets]]\nresolution = 64\n[[datasets.subsets]]\n"
+                    "image_dir = 'hoge'\nclass_tokens = 'zkz shape'\n")
+    d = data(toml)
+    (batch,) = d.epoch_batches(0)
+    assert batch.captions == ["zkz, red, circle,small, plain"]
+    for bad in (",", " "):
+        toml.write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'hoge'\n"
+                        f"keep_tokens_separator = '{bad}'\n")
+        assert "keep_tokens_separator" in error(toml) and "|||" in error(toml)
+    toml.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'hoge'\n"
+                    "keep_tokens_separator = '|'\nsecondary_separator = '|'\n")
+    assert "both '|'" in error(toml)

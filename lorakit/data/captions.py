@@ -1,4 +1,5 @@
-"""Captions: reading caption files, trigger words, dropped tags, kohya's shuffle/keep/dropout, tag counts.
+"""Captions: reading caption files, trigger words, dropped tags, kohya's shuffle/keep/dropout and wildcards,
+tag counts.
 
 Two stages. ``base_caption`` runs once per image at discovery (prefix/suffix, dropped tags, trigger); it is
 what tag counts and summaries see. ``sample_caption`` runs per sample and epoch with a random generator the
@@ -15,14 +16,14 @@ from pathlib import Path
 from lorakit.data.config import SubsetConfig
 
 
-def read_caption_file(path: Path) -> tuple[str, int]:
-    """The first non-empty line of a caption file (kohya uses the first line), and how many lines had text.
+def read_caption_file(path: Path) -> list[str]:
+    """The non-empty lines of a caption file, stripped (kohya trains on the first, or with ``enable_wildcard``
+    on one drawn per step).
 
     Raises UnicodeDecodeError for files that are not UTF-8 (a BOM is accepted).
     """
     lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
-    lines = [line for line in lines if line]
-    return (lines[0] if lines else ""), len(lines)
+    return [line for line in lines if line]
 
 
 def split_tags(caption: str, separator: str = ",") -> list[str]:
@@ -52,7 +53,12 @@ def base_caption(raw: str | None, subset: SubsetConfig) -> str:
     ``raw`` is the caption file's text, or None when the image has none (then the folder's class tokens are
     used, as kohya does). Prefix/suffix are joined with a space as in kohya; ``drop_tags`` are removed; the
     trigger is put in front when missing (as the class tokens if they contain it: "zkz shape, <caption>").
+    A caption of several lines (``enable_wildcard``: one is drawn per step) is treated line by line, so every
+    line gets the prefix, the suffix and the trigger (kohya puts the prefix on the first line only and the
+    suffix on the last, which a drawn line then lacks).
     """
+    if raw is not None and "\n" in raw:
+        return "\n".join(base_caption(line, subset) for line in raw.split("\n"))
     caption = raw if raw is not None else (subset.class_tokens or "")
     if subset.caption_prefix:
         caption = f"{subset.caption_prefix} {caption}".strip()
@@ -75,33 +81,77 @@ def shuffle(items: list, rng: random.Random) -> None:
         items[i], items[j] = items[j], items[i]
 
 
+def _pick(options: list[str], rng: random.Random) -> str:
+    # rng.random() rather than rng.choice: its sequence is guaranteed across Python versions (see shuffle)
+    return options[min(int(rng.random() * len(options)), len(options) - 1)]
+
+
+_WILDCARD = re.compile(r"\{\{|\}\}|\{([^{}]+)\}")
+
+
+def resolve_wildcards(caption: str, rng: random.Random) -> str:
+    """kohya's ``enable_wildcard``: one line of a multi-line caption, and in it one option of each
+    ``{a|b|c}``, drawn from ``rng``; ``{{`` and ``}}`` stand for literal braces."""
+    lines = caption.split("\n")
+    line = _pick(lines, rng) if len(lines) > 1 else caption
+
+    def replace(match: re.Match) -> str:
+        if match.group(1) is None:
+            return match.group(0)[0]  # an escaped brace
+        return _pick(match.group(1).split("|"), rng)
+
+    return _WILDCARD.sub(replace, line)
+
+
+def _kept_parts(caption: str, subset: SubsetConfig) -> tuple[list[str], list[str], list[str]]:
+    """The caption's tags as (fixed in front, free to move or drop, fixed at the end).
+
+    With ``keep_tokens_separator`` in the caption ("zkz, red ||| tags... ||| suffix"), what stands before it is
+    fixed, and what follows a second one stays at the end (kohya's rule); otherwise the first ``keep_tokens``
+    tags are fixed."""
+    sep, tag_sep = subset.keep_tokens_separator, subset.caption_separator
+    if sep and sep in caption:
+        front, rest = caption.split(sep, 1)
+        middle, _, end = rest.partition(sep)
+        return split_tags(front, tag_sep), split_tags(middle, tag_sep), split_tags(end.replace(sep, tag_sep),
+                                                                                     tag_sep)
+    tags = split_tags(caption, tag_sep)
+    return tags[: subset.keep_tokens], tags[subset.keep_tokens:], []
+
+
 def sample_caption(base: str, subset: SubsetConfig, rng: random.Random, epoch: int) -> str:
-    """One draw of kohya's caption randomness: whole-caption dropout, then shuffle and tag dropout.
+    """One draw of kohya's caption randomness: whole-caption dropout, wildcards, then shuffle and tag dropout.
 
     ``epoch`` counts from 0; ``caption_dropout_every_n_epochs`` counts epochs from 1 as kohya does (n = 2
-    drops captions in the 2nd, 4th... epoch). The first ``keep_tokens`` tags never move and are never dropped.
-    Shuffled/tag-dropped captions are re-joined with ", " (kohya does the same).
+    drops captions in the 2nd, 4th... epoch). The fixed tags (the first ``keep_tokens``, or those around
+    ``keep_tokens_separator``) never move and are never dropped. Shuffled/tag-dropped captions are re-joined
+    with ", " (kohya does the same), and so is a caption with the separator, which is never trained as text
+    (kohya leaves it in when nothing is shuffled or dropped). Last, ``secondary_separator`` becomes the caption
+    separator: tags joined by it moved and dropped as one.  Options that are off draw nothing from ``rng``.
     """
     dropped = subset.caption_dropout_rate > 0 and rng.random() < subset.caption_dropout_rate
     every = subset.caption_dropout_every_n_epochs
     if dropped or (every > 0 and (epoch + 1) % every == 0):
         return ""
-    if not (subset.shuffle_caption or subset.caption_tag_dropout_rate > 0):
-        return base
-    tags = split_tags(base, subset.caption_separator)
-    fixed, flexible = tags[: subset.keep_tokens], tags[subset.keep_tokens:]
-    if subset.shuffle_caption:
-        shuffle(flexible, rng)
-    if subset.caption_tag_dropout_rate > 0:
-        flexible = [t for t in flexible if rng.random() >= subset.caption_tag_dropout_rate]
-    return ", ".join(fixed + flexible)
+    caption = resolve_wildcards(base, rng) if subset.enable_wildcard else base
+    has_separator = bool(subset.keep_tokens_separator) and subset.keep_tokens_separator in caption
+    if subset.shuffle_caption or subset.caption_tag_dropout_rate > 0 or has_separator:
+        fixed, flexible, end = _kept_parts(caption, subset)
+        if subset.shuffle_caption:
+            shuffle(flexible, rng)
+        if subset.caption_tag_dropout_rate > 0:
+            flexible = [t for t in flexible if rng.random() >= subset.caption_tag_dropout_rate]
+        caption = ", ".join(fixed + flexible + end)
+    if subset.secondary_separator:
+        caption = caption.replace(subset.secondary_separator, subset.caption_separator)
+    return caption
 
 
 def count_tags(captions: Iterable[str], separator: str = ",") -> dict[str, int]:
-    """Tag counts over captions, lower-cased, one count per image (kohya's ``ss_tag_frequency`` per folder)."""
+    """Tag counts over captions, lower-cased, one count per image (kohya's ``ss_tag_frequency`` per folder; a
+    tag in several lines of one caption counts once)."""
     counts: dict[str, int] = {}
     for caption in captions:
-        for tag in split_tags(caption, separator):
-            tag = tag.lower()
+        for tag in dict.fromkeys(t.lower() for line in caption.split("\n") for t in split_tags(line, separator)):
             counts[tag] = counts.get(tag, 0) + 1
     return counts

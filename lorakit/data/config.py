@@ -58,6 +58,16 @@ class DataConfig:
     inject_trigger: bool = True
     #: the first N tags stay in place when captions are shuffled (1 keeps a leading trigger first)
     keep_tokens: int = 0
+    #: kohya's keep_tokens_separator (e.g. "|||"): in a caption "zkz, red ||| tags ||| end", what stands before it
+    #: is never shuffled or dropped, nor what follows a second one (kept at the end); the separator itself is
+    #: removed.  Captions without it fall back to keep_tokens
+    keep_tokens_separator: str = ""
+    #: kohya's secondary_separator (e.g. ";;;"): tags joined by it move and drop as one, then it becomes the
+    #: caption separator ("red;;;circle" -> "red,circle")
+    secondary_separator: str = ""
+    #: kohya's enable_wildcard: each step draws one line of a multi-line caption file and one option of each
+    #: "{a|b|c}" in it ("{{" / "}}": literal braces); off, only a caption file's first line is read
+    enable_wildcard: bool = False
     shuffle_caption: bool = False
     #: probability that a whole caption becomes "" (unconditional training)
     caption_dropout_rate: float = 0.0
@@ -105,6 +115,9 @@ class SubsetConfig:
     caption_prefix: str | None = None
     caption_suffix: str | None = None
     keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    secondary_separator: str = ""
+    enable_wildcard: bool = False
     shuffle_caption: bool = False
     caption_dropout_rate: float = 0.0
     caption_dropout_every_n_epochs: int = 0
@@ -145,10 +158,9 @@ _INHERITED_SUBSET_KEYS = tuple(k for k in SUBSET_KEYS if k not in _SUBSET_ONLY)
 
 # kohya options lorakit does not implement: refused by name rather than silently changing the training
 KOHYA_UNSUPPORTED = (
-    "bucket_no_upscale", "color_aug", "face_crop_aug_range", "keep_tokens_separator", "secondary_separator",
-    "enable_wildcard", "token_warmup_min", "token_warmup_step", "custom_attributes", "validation_seed",
-    "validation_split", "resize_interpolation", "alpha_mask", "metadata_file", "conditioning_data_dir",
-    "network_multiplier",
+    "bucket_no_upscale", "color_aug", "face_crop_aug_range", "token_warmup_min", "token_warmup_step",
+    "custom_attributes", "validation_seed", "validation_split", "resize_interpolation", "alpha_mask",
+    "metadata_file", "conditioning_data_dir", "network_multiplier",
 )
 # kohya options that only change speed: accepted and ignored
 KOHYA_IGNORED = ("cache_info",)

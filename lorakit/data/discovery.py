@@ -173,7 +173,17 @@ def _check_subset(subset: SubsetConfig, where: Path, problems: Problems) -> None
     for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
         if not 0.0 <= getattr(subset, name) <= 1.0:
             problems.error(f"{where}: {name} must be between 0 and 1, not {getattr(subset, name)}")
-    if subset.shuffle_caption and subset.keep_tokens == 0 and subset.effective_trigger and subset.inject_trigger:
+    for name in ("keep_tokens_separator", "secondary_separator"):
+        value = getattr(subset, name)
+        if value and value.strip() in ("", subset.caption_separator.strip()):
+            problems.error(f"{where}: {name} = {value!r} would split every caption at its tags or spaces; use "
+                           f"a mark that never appears in a caption (kohya's guides: "
+                           f"{'|||' if name == 'keep_tokens_separator' else ';;;'})")
+    if subset.keep_tokens_separator and subset.keep_tokens_separator == subset.secondary_separator:
+        problems.error(f"{where}: keep_tokens_separator and secondary_separator are both "
+                       f"{subset.keep_tokens_separator!r}; they mean different things")
+    if (subset.shuffle_caption and subset.keep_tokens == 0 and not subset.keep_tokens_separator
+            and subset.effective_trigger and subset.inject_trigger):
         problems.warn(f"{where}: shuffle_caption with keep_tokens = 0 moves the trigger "
                       f"{subset.effective_trigger!r} around the caption; set keep_tokens = 1 to keep it first")
 
@@ -232,12 +242,13 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
             no_file.append(image.name)
         else:
             try:
-                text, lines = read_caption_file(caption_path)
+                lines = read_caption_file(caption_path)
             except UnicodeDecodeError as e:
                 problems.error(f"{caption_path}: caption file is not UTF-8 text ({e})")
                 continue
-            if lines > 1:
+            if len(lines) > 1 and not subset.enable_wildcard:
                 multiline.append(caption_path.name)
+            text = "\n".join(lines) if subset.enable_wildcard else "".join(lines[:1])
             if text:
                 raw = text
             else:
@@ -246,7 +257,8 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
         records.append(ImageRecord(image, size, base_caption(raw, subset), raw is not None, dataset, index,
                                    subset.is_reg, folder.name, stat.st_mtime_ns, stat.st_size))
     if multiline:
-        problems.warn(f"{folder}: only the first line of multi-line caption files is used: {_some(multiline)}")
+        problems.warn(f"{folder}: only the first line of multi-line caption files is used (enable_wildcard = true "
+                      f"draws one line per step): {_some(multiline)}")
     if empty:
         problems.warn(f"{folder}: empty caption files, the folder's caption {subset.class_tokens!r} is used "
                       f"instead: {_some(empty)}")
