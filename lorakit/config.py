@@ -59,6 +59,11 @@ class ModelConfig:
     mixed_precision: str = "no"
     #: override the model's prediction type ("epsilon" or "v_prediction"); None: the model's own
     prediction_type: str | None = None
+    #: kohya's --zero_terminal_snr (Lin et al. 2024): the noise schedule rescaled so that its last step is pure
+    #: noise, sampled from that step ("trailing" spacing), for the full range of brightness; needs a v-prediction
+    #: model (prediction_type = "v_prediction"): an ε-prediction model cannot denoise pure noise.  Models whose
+    #: own schedule says so (rescale_betas_zero_snr) already train and sample this way
+    zero_terminal_snr: bool = False
     gradient_checkpointing: bool = False
     #: kohya's and A1111's clip skip: 1 conditions the U-Net on the text encoder's last layer, 2 on the one before
     #: (through the final layer norm), as SD1.x anime models were trained; sampling during training uses it too
@@ -176,6 +181,12 @@ class TrainingConfig:
     ip_noise_gamma: float = 0.0
     #: weight the loss by 1/√SNR (kohya's debiased_estimation_loss)
     debiased_estimation_loss: bool = False
+    #: kohya's v_pred_like_loss (ε-prediction models): add this share of a v-prediction-like loss, which weighs
+    #: noisy timesteps more (kohya's guides: 0.1-0.3; 0: off)
+    v_pred_like_loss: float = 0.0
+    #: kohya's scale_v_pred_loss_like_noise_pred (v-prediction models): weigh each timestep's loss as an
+    #: ε-prediction model's would be (by SNR / (SNR + 1))
+    scale_v_pred_loss_like_noise_pred: bool = False
     #: kohya's loss_type: "l2" (the squared error), "huber" or "smooth_l1" (pseudo-Huber: large errors, often
     #: from noisy or mislabelled images, weigh less); its parameter ``huber_c`` follows ``huber_schedule``
     #: ("snr", "exponential" or "constant"; lorakit.loss)
@@ -332,6 +343,8 @@ class TrainConfig:
             (_at_least(train.multires_noise_discount, 0, strict=True) and train.multires_noise_discount <= 1,
              "training.multires_noise_discount", "above 0, at most 1 (kohya's default 0.3)",
              train.multires_noise_discount),
+            (_at_least(train.v_pred_like_loss, 0), "training.v_pred_like_loss", "0 or more (0: off; kohya's guides "
+             "use 0.1-0.3)", train.v_pred_like_loss),
             (_at_least(train.ip_noise_gamma, 0), "training.ip_noise_gamma", "0 or more (0: off; the paper: 0.1)",
              train.ip_noise_gamma),
             (train.loss_type in LOSS_TYPES, "training.loss_type", f"one of {one_of(LOSS_TYPES)}", train.loss_type),

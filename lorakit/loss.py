@@ -10,6 +10,9 @@
   ``min(SNR, γ) / (SNR + 1)`` for v-prediction;
 - debiased estimation (Yu et al. 2024, kohya's ``debiased_estimation_loss``): weight ``1 / √SNR`` for
   ε-prediction, ``1 / (SNR + 1)`` for v-prediction, SNR capped at 1000 (it is infinite at t = 0);
+- kohya's ``v_pred_like_loss`` λ (ε-prediction): weight ``1 + λ (SNR + 1) / SNR``, the squared ε error plus λ
+  times a v-prediction-like one; ``scale_v_pred_loss_like_noise_pred`` (v-prediction): weight ``SNR / (SNR + 1)``,
+  so each timestep weighs as in ε-prediction (SNR capped at 1000 in both, as kohya does);
 - prior preservation (DreamBooth): regularization samples weighted by ``prior_loss_weight``;
 - the pseudo-Huber loss (Khrapov et al. 2024, kohya's ``loss_type = "huber"``/``"smooth_l1"``): ``2c(√(d² + c²) −
   c)`` (``huber``; ``smooth_l1`` without the leading ``c``) instead of ``d²``, with ``c`` constant, decaying
@@ -93,10 +96,37 @@ def min_snr_weight(scheduler, timesteps: torch.Tensor, gamma: float, prediction_
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
-def debiased_weight(scheduler, timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def _capped_snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = torch.clamp(alphas_cumprod / (1 - alphas_cumprod), max=1000.0)
+    return torch.clamp(alphas_cumprod / (1 - alphas_cumprod), max=1000.0)  # infinite at t = 0
+
+
+def debiased_weight(scheduler, timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    snr = _capped_snr(scheduler, timesteps)
     return 1 / (snr + 1) if prediction_type == "v_prediction" else 1 / snr.sqrt()
+
+
+def v_pred_like_weight(scheduler, timesteps: torch.Tensor, share: float) -> torch.Tensor:
+    snr = _capped_snr(scheduler, timesteps)
+    return 1 + share * (snr + 1) / snr
+
+
+def noise_pred_like_weight(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    snr = _capped_snr(scheduler, timesteps)
+    return snr / (snr + 1)
+
+
+def check_loss_options(options, prediction_type: str) -> None:
+    """Refuse loss options that mean nothing for this model's prediction type (``options``: the trainer's
+    ``[training]`` table), naming the option."""
+    if options.v_pred_like_loss and prediction_type != "epsilon":
+        raise InvalidValueError(
+            f"training.v_pred_like_loss = {options.v_pred_like_loss}: it gives an ε-prediction model part of a "
+            f"v-prediction loss, and this model predicts {prediction_type}; leave it at 0")
+    if options.scale_v_pred_loss_like_noise_pred and prediction_type != "v_prediction":
+        raise InvalidValueError(
+            "training.scale_v_pred_loss_like_noise_pred weighs a v-prediction model's loss as an ε-prediction "
+            f"model's, and this model predicts {prediction_type}; leave it off (or set model.prediction_type)")
 
 
 def huber_c(scheduler, timesteps: torch.Tensor, schedule: str, c: float) -> torch.Tensor:
@@ -126,9 +156,10 @@ def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: s
 def diffusion_loss(prediction: torch.Tensor, batch: NoisedBatch, scheduler, prediction_type: str,
                    min_snr_gamma: float | None = None, is_reg: torch.Tensor | None = None,
                    prior_loss_weight: float = 1.0, debiased: bool = False, loss_type: str = "l2",
-                   huber_schedule: str = "snr", huber_c_value: float = 0.1) -> torch.Tensor:
-    """The error per sample (squared, or pseudo-Huber), weighted (Min-SNR, debiased estimation, prior
-    preservation), averaged over the batch."""
+                   huber_schedule: str = "snr", huber_c_value: float = 0.1, v_pred_like: float = 0.0,
+                   scale_v_like_noise: bool = False) -> torch.Tensor:
+    """The error per sample (squared, or pseudo-Huber), weighted (Min-SNR, debiased estimation, v-prediction-
+    like or ε-prediction-like weighting, prior preservation), averaged over the batch."""
     c = None if loss_type == "l2" else huber_c(scheduler, batch.timesteps, huber_schedule, huber_c_value)
     per_sample = per_sample_loss(prediction, batch.target, loss_type, c)
     weights = torch.ones_like(per_sample)
@@ -136,6 +167,10 @@ def diffusion_loss(prediction: torch.Tensor, batch: NoisedBatch, scheduler, pred
         weights = weights * min_snr_weight(scheduler, batch.timesteps, min_snr_gamma, prediction_type)
     if debiased:
         weights = weights * debiased_weight(scheduler, batch.timesteps, prediction_type)
+    if v_pred_like:
+        weights = weights * v_pred_like_weight(scheduler, batch.timesteps, v_pred_like)
+    if scale_v_like_noise:
+        weights = weights * noise_pred_like_weight(scheduler, batch.timesteps)
     if is_reg is not None and bool(is_reg.any()):
         weights = torch.where(is_reg.to(weights.device), weights * prior_loss_weight, weights)
     return (per_sample * weights).mean()

@@ -27,6 +27,7 @@ TRAINING_FIELDS = (
     "color_aug", "cache_latents", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_info",
     "prior_loss_weight", "scale_weight_norms", "multires_noise_iterations", "multires_noise_discount",
     "ip_noise_gamma", "debiased_estimation", "max_token_length", "loss_type", "huber_schedule", "huber_c",
+    "v_pred_like_loss", "scale_v_pred_loss_like_noise_pred",
 )
 FIELDS = NETWORK_FIELDS + TRAINING_FIELDS
 

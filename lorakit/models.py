@@ -111,6 +111,29 @@ class BaseModel:
                 module.to(dtype=resolve_dtype(dtype))
         return self
 
+    def set_schedule(self, prediction_type: str | None = None, zero_terminal_snr: bool = False) -> None:
+        """Train and sample as a model that predicts ``prediction_type`` (None: as it is) and, with
+        ``zero_terminal_snr``, on kohya's rescaled schedule whose last step is pure noise (Lin et al. 2024),
+        sampled from that step ("trailing" spacing).  The samplers' config and the training schedule change
+        together.  Raises ModelLoadError for zero terminal SNR on an ε-prediction model, which cannot denoise
+        pure noise (its sampling divides by the signal, 0 there)."""
+        prediction_type = prediction_type or self.prediction_type
+        if prediction_type not in PREDICTION_TYPES:
+            raise ModelLoadError(f"{self.source}: unsupported prediction_type {prediction_type!r}")
+        config = {**self.scheduler_config, "prediction_type": prediction_type}
+        if zero_terminal_snr:
+            if prediction_type != "v_prediction":
+                raise ModelLoadError(
+                    f"{self.source}: zero terminal SNR needs a v-prediction model, and this one predicts "
+                    f"{prediction_type}: an ε-prediction model cannot denoise the schedule's last step (pure noise). "
+                    "Set model.prediction_type = \"v_prediction\" to train it into one (kohya's "
+                    "--v_parameterization), or leave zero_terminal_snr off")
+            config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        self.scheduler_config, self.prediction_type = config, prediction_type
+        # SD never clips x0 (DDPMScheduler's default would); only step() uses it, but sampling from it should be
+        # right
+        self.noise_scheduler = DDPMScheduler.from_config(config, clip_sample=False)
+
     def pipeline(self, scheduler: Any = None) -> StableDiffusionPipeline:
         """A StableDiffusionPipeline over these very modules (no copies: adapters applied in place show up).
 
@@ -217,15 +240,10 @@ def _own_memory(module: torch.nn.Module) -> None:
 
 def _assemble(tokenizer, text_encoder, unet, vae, scheduler_config: dict, source: str,
               prediction_type: str | None, device, dtype: torch.dtype) -> BaseModel:
-    prediction_type = prediction_type or scheduler_config.get("prediction_type") or "epsilon"
-    if prediction_type not in PREDICTION_TYPES:
-        raise ModelLoadError(f"{source}: unsupported prediction_type {prediction_type!r}")
-    scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
-    # SD never clips x0 (DDPMScheduler's default would); only step() uses it, but sampling from it should be right
-    noise_scheduler = DDPMScheduler.from_config(scheduler_config, clip_sample=False)
-    model = BaseModel(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
-                      noise_scheduler=noise_scheduler, prediction_type=prediction_type, source=source,
-                      scheduler_config=scheduler_config)
+    model = BaseModel(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, noise_scheduler=None,
+                      source=source, scheduler_config=scheduler_config,
+                      prediction_type=scheduler_config.get("prediction_type") or "epsilon")
+    model.set_schedule(prediction_type)
     model.resolution = unet.config.sample_size * model.vae_scale_factor
     for module in (text_encoder, unet, vae):
         module.eval()

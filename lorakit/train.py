@@ -43,7 +43,7 @@ from lorakit.earlystop.rules import SIZE_SERIES
 from lorakit.earlystop.samples import SampleStop, SampleTurningPoint, make_sample_stop
 from lorakit.errors import LorakitError
 from lorakit.formats import AdapterFile, read_adapter
-from lorakit.loss import add_training_noise, diffusion_loss
+from lorakit.loss import add_training_noise, check_loss_options, diffusion_loss
 from lorakit.metadata import ss_metadata
 from lorakit.methods import TrainingMethod, make_method
 from lorakit.models import (
@@ -110,8 +110,9 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
 def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
     """Load the base model; frozen parts in the mixed-precision dtype, everything trained stays fp32."""
     model = load_base_model(cfg.model.base)
-    if cfg.model.prediction_type:
-        model.prediction_type = cfg.model.prediction_type
+    if cfg.model.prediction_type or cfg.model.zero_terminal_snr:
+        model.set_schedule(cfg.model.prediction_type, cfg.model.zero_terminal_snr)
+    check_loss_options(cfg.training, model.prediction_type)
     model.vae.requires_grad_(False)
     model.unet.requires_grad_(False)
     model.text_encoder.requires_grad_(False)
@@ -182,6 +183,8 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
         multires_noise_discount=cfg.training.multires_noise_discount,
         ip_noise_gamma=cfg.training.ip_noise_gamma or "None",
         debiased_estimation=bool(cfg.training.debiased_estimation_loss),
+        v_pred_like_loss=cfg.training.v_pred_like_loss or "None",
+        scale_v_pred_loss_like_noise_pred=bool(cfg.training.scale_v_pred_loss_like_noise_pred),
         loss_type=cfg.training.loss_type, huber_schedule=cfg.training.huber_schedule, huber_c=cfg.training.huber_c,
         output_name=cfg.output.name, training_comment=cfg.output.comment or "None",
     )
@@ -220,7 +223,8 @@ def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, bat
     return diffusion_loss(prediction, noised, model.noise_scheduler, model.prediction_type, options.min_snr_gamma,
                           batch.is_reg, options.prior_loss_weight, debiased=options.debiased_estimation_loss,
                           loss_type=options.loss_type, huber_schedule=options.huber_schedule,
-                          huber_c_value=options.huber_c)
+                          huber_c_value=options.huber_c, v_pred_like=options.v_pred_like_loss,
+                          scale_v_like_noise=options.scale_v_pred_loss_like_noise_pred)
 
 
 # ----------------------------------------------------------------------------------------------- training

@@ -14,7 +14,9 @@ from lorakit.loss import (
     huber_c,
     min_snr_weight,
     multires_noise,
+    noise_pred_like_weight,
     per_sample_loss,
+    v_pred_like_weight,
 )
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
@@ -68,6 +70,10 @@ def test_the_loss_weights_follow_their_formulas():
     torch.testing.assert_close(debiased_weight(SCHEDULER, t, "epsilon"), 1 / snr.clamp(max=1000).sqrt())
     torch.testing.assert_close(debiased_weight(SCHEDULER, t, "v_prediction"), 1 / (snr.clamp(max=1000) + 1))
     torch.testing.assert_close(min_snr_weight(SCHEDULER, t, 5.0, "epsilon"), snr.clamp(max=5.0) / snr)
+    capped = snr.clamp(max=1000)
+    torch.testing.assert_close(v_pred_like_weight(SCHEDULER, t, 0.2), 1 + 0.2 * (capped + 1) / capped)
+    torch.testing.assert_close(noise_pred_like_weight(SCHEDULER, t), capped / (capped + 1))
+    assert bool((v_pred_like_weight(SCHEDULER, t, 0.2).diff() > 0).all())  # the noisier, the more
     latents = _latents()
     batch = add_training_noise(SCHEDULER, latents, torch.Generator().manual_seed(4), "epsilon")
     prediction = batch.target + 0.1 * torch.randn(batch.target.shape, generator=torch.Generator().manual_seed(5))
@@ -76,6 +82,10 @@ def test_the_loss_weights_follow_their_formulas():
     got = diffusion_loss(prediction, batch, SCHEDULER, "epsilon", debiased=True)
     torch.testing.assert_close(got, (per_sample * weights).mean())
     torch.testing.assert_close(diffusion_loss(prediction, batch, SCHEDULER, "epsilon"), per_sample.mean())
+    got = diffusion_loss(prediction, batch, SCHEDULER, "epsilon", v_pred_like=0.3)
+    torch.testing.assert_close(got, (per_sample * v_pred_like_weight(SCHEDULER, batch.timesteps, 0.3)).mean())
+    got = diffusion_loss(prediction, batch, SCHEDULER, "v_prediction", scale_v_like_noise=True)
+    torch.testing.assert_close(got, (per_sample * noise_pred_like_weight(SCHEDULER, batch.timesteps)).mean())
 
 
 def test_the_pseudo_huber_loss_is_quadratic_for_small_errors_linear_for_large_and_scheduled_by_noise():
@@ -122,3 +132,58 @@ def test_a_run_with_the_noise_options_records_them_and_refuses_two_low_frequency
                     training={"noise_offset": 0.05, "multires_noise_iterations": 6}).validate()
     with pytest.raises(ConfigError, match="training.ip_noise_gamma must be 0 or more"):
         make_config(tiny_model_dir, data, tmp_path / "x", training={"ip_noise_gamma": -0.1}).validate()
+
+
+def test_zero_terminal_snr_rescales_the_schedule_as_diffusers_does_and_needs_v_prediction(tiny_model_dir):
+    from lorakit.models import ModelLoadError, load_base_model
+
+    model = load_base_model(tiny_model_dir)
+    assert model.prediction_type == "epsilon" and float(model.noise_scheduler.alphas_cumprod[-1]) > 0
+    with pytest.raises(ModelLoadError, match="zero terminal SNR needs a v-prediction model.*prediction_type"):
+        model.set_schedule(zero_terminal_snr=True)
+    before = model.noise_scheduler.alphas_cumprod.clone()
+    model.set_schedule("v_prediction", zero_terminal_snr=True)
+    abar = model.noise_scheduler.alphas_cumprod
+    assert float(abar[-1]) == 0.0 and model.prediction_type == "v_prediction"
+    # Lin et al.'s rescaling keeps the first step's signal and is a different schedule from there on
+    torch.testing.assert_close(abar[0], before[0])
+    assert bool((abar[1:] < before[1:]).all())
+    assert model.scheduler_config["timestep_spacing"] == "trailing"  # samplers start from the pure-noise step
+    rescaled = DDPMScheduler.from_config({**model.scheduler_config, "rescale_betas_zero_snr": False})
+    torch.testing.assert_close(rescaled.alphas_cumprod, before)  # the same betas before rescaling
+
+
+def test_a_zero_terminal_snr_run_trains_samples_and_records_it_and_loss_options_must_fit_the_model(
+        tiny_model_dir, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from test_train import make_config, run_train, write_dataset
+
+    from lorakit.errors import InvalidValueError
+    from lorakit.formats import read_adapter
+
+    data = write_dataset(tmp_path / "data")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("zkz shape --d 1 --s 3\n")
+    cfg = make_config(tiny_model_dir, data, tmp_path / "run",
+                      training={"max_epochs": 1, "min_snr_gamma": 5.0, "debiased_estimation_loss": True,
+                                "scale_v_pred_loss_like_noise_pred": True},
+                      model={"prediction_type": "v_prediction", "zero_terminal_snr": True},
+                      sample={"prompts": str(prompts)})
+    run_train(cfg)
+    meta = read_adapter(tmp_path / "run" / "lorakit.safetensors").metadata
+    assert (meta["ss_zero_terminal_snr"], meta["ss_v_parameterization"],
+            meta["ss_scale_v_pred_loss_like_noise_pred"]) == ("True", "True", "True")
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert losses and all(np.isfinite(losses))  # SNR 0 at the last step weighs nothing, never NaN
+    grid = next((tmp_path / "run").rglob("*.png"))
+    assert np.isfinite(np.asarray(Image.open(grid), dtype=float)).all()
+    for model, training, wrong in (({}, {"scale_v_pred_loss_like_noise_pred": True}, "scale_v_pred"),
+                                   ({"prediction_type": "v_prediction"}, {"v_pred_like_loss": 0.2},
+                                    "v_pred_like_loss")):
+        with pytest.raises(InvalidValueError, match=f"training.{wrong}"):
+            run_train(make_config(tiny_model_dir, data, tmp_path / wrong, model=model,
+                                  training={"max_epochs": 1, **training}))
