@@ -453,13 +453,23 @@ def _load_single_file(path: Path, dtype: torch.dtype, device, config: str | Path
             raise ModelLoadError(f"{path}: the {name} is incomplete: {len(empty)} tensors missing, e.g. {empty[0]}")
     if "lorakit_vae_scaling_factor" in metadata:  # written by save_single_file_checkpoint
         vae.register_to_config(scaling_factor=float(metadata["lorakit_vae_scaling_factor"]))
-    prediction_type = prediction_type or metadata.get("lorakit_prediction_type")
+    # the file's own word first: lorakit's metadata, then the community's marker tensors (see _SCHEDULE_MARKERS)
+    marked = "v_prediction" if _SCHEDULE_MARKERS["v_prediction"] in checkpoint else None
+    prediction_type = prediction_type or metadata.get("lorakit_prediction_type") or marked
     scheduler_config = dict(DDPMScheduler.load_config(folder, subfolder="scheduler", local_files_only=True))
     tok = load_clip_tokenizer(tokenizer or folder)
-    return _assemble(tok, text_encoder, unet, vae, scheduler_config, str(path), prediction_type, device, dtype)
+    model = _assemble(tok, text_encoder, unet, vae, scheduler_config, str(path), prediction_type, device, dtype)
+    if _SCHEDULE_MARKERS["zero_terminal_snr"] in checkpoint:
+        model.set_schedule(zero_terminal_snr=True)
+    return model
 
 
 # ------------------------------------------------------------------------------------------------- saving
+#: empty tensors a single-file checkpoint carries to say how it samples, as v-prediction and zero-terminal-SNR
+#: releases do (ComfyUI and A1111/Forge read them; an original-layout file has no scheduler config)
+_SCHEDULE_MARKERS = {"v_prediction": "v_pred", "zero_terminal_snr": "ztsnr"}
+
+
 def _plain_keys(module: torch.nn.Module, fresh) -> None:
     """Refuse modules with tensors a plain model of their config lacks (e.g. adapters still applied)."""
     with torch.device("meta"):
@@ -495,6 +505,10 @@ def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str |
         if cast is not None and tensor.is_floating_point():
             tensor = tensor.to(cast)
         out[key] = tensor.contiguous()
+    if model.prediction_type == "v_prediction":
+        out[_SCHEDULE_MARKERS["v_prediction"]] = torch.zeros(0)
+    if model.scheduler_config.get("rescale_betas_zero_snr"):
+        out[_SCHEDULE_MARKERS["zero_terminal_snr"]] = torch.zeros(0)
     info = {"lorakit_vae_scaling_factor": repr(float(vae.config.scaling_factor)),
             "lorakit_prediction_type": model.prediction_type, "lorakit_architecture": model.version,
             **version_metadata(),

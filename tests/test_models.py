@@ -131,6 +131,30 @@ def test_single_file_with_explicit_config_and_fp16(tiny, tiny_model_dir, tmp_pat
     assert torch.equal(loaded.unet.state_dict()[w], tiny.unet.state_dict()[w].half().float())
 
 
+def test_a_v_prediction_zero_terminal_snr_checkpoint_says_so_in_the_markers_other_tools_read(tiny_model_dir,
+                                                                                              tmp_path):
+    """An original-layout file has no scheduler config: v-prediction and zero-terminal-SNR releases carry empty
+    ``v_pred`` / ``ztsnr`` tensors (ComfyUI, A1111/Forge read them); lorakit writes and reads the same."""
+    from safetensors.torch import save_file
+
+    model = load_base_model(tiny_model_dir)
+    model.set_schedule("v_prediction", zero_terminal_snr=True)
+    path = save_single_file_checkpoint(model, tmp_path / "vpred.safetensors")
+    tensors, _ = read_checkpoint(path)
+    assert tensors["v_pred"].numel() == tensors["ztsnr"].numel() == 0
+    bare = tmp_path / "community.safetensors"  # the markers alone, no lorakit metadata
+    save_file(tensors, str(bare))
+    for file in (path, bare):
+        loaded = load_base_model(file)
+        assert loaded.prediction_type == "v_prediction" and float(loaded.noise_scheduler.alphas_cumprod[-1]) == 0
+        assert loaded.scheduler_config["timestep_spacing"] == "trailing"
+        assert torch.equal(unet_out(loaded), unet_out(model))
+    del tensors["v_pred"]
+    save_file(tensors, str(bare))
+    with pytest.raises(ModelLoadError, match=r"community\.safetensors: zero terminal SNR needs a v-prediction"):
+        load_base_model(bare)
+
+
 def test_overwrite_protection(tiny, tmp_path):
     path = tmp_path / "model.safetensors"
     save_single_file_checkpoint(tiny, path)
