@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from data_helpers import data, make_folder, make_image
 from PIL import Image
 
-from lorakit.data import BucketScheme, DataConfig, DatasetWarning, TrainingData, bucket_resolutions
+from lorakit.data import BucketScheme, DataConfig, DatasetError, DatasetWarning, TrainingData, bucket_resolutions
 from lorakit.data.buckets import make_scheme
 from lorakit.data.config import DatasetConfig
 
@@ -51,6 +52,42 @@ def test_default_bucket_range_is_half_to_twice_the_resolution():
 def test_bucket_assignment_is_exact(size, bucket, resized):
     scheme = BucketScheme((512, 512), tuple(bucket_resolutions((512, 512), 256, 1024, 64)), True, 64, 256, 1024)
     assert scheme.select(size) == (bucket, resized)
+
+
+@pytest.mark.parametrize("size, bucket, resized", [
+    ((300, 200), (256, 192), (300, 200)),    # smaller than 512²: its own size, cut to steps of 64, never enlarged
+    ((512, 512), (512, 512), (512, 512)),
+    ((1000, 500), (640, 320), (640, 320)),   # larger: shrunk to 512²'s area; the height's rounding keeps 2:1
+    ((2000, 2000), (512, 512), (512, 512)),
+    ((700, 300), (640, 256), (700, 300)),    # 210 000 pixels fit in 512²: kept, cropped to 640×256
+])
+def test_bucket_no_upscale_gives_each_image_a_bucket_of_its_own_size(size, bucket, resized):
+    scheme, errors, _ = make_scheme(DatasetConfig([], (512, 512), enable_bucket=True, bucket_no_upscale=True))
+    assert not errors and scheme.no_upscale and scheme.select(size) == (bucket, resized)
+
+
+def test_bucket_no_upscale_trains_small_images_at_their_size_and_refuses_those_below_a_step(tmp_path):
+    folder = tmp_path / "1_zkz"
+    make_image(folder / "small.png", (40, 24))
+    make_image(folder / "square.png", (64, 64))
+    make_image(folder / "wide.png", (128, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetWarning)  # nothing is enlarged, so nothing to warn about
+        d = data(tmp_path, enable_bucket=True, bucket_reso_steps=8, bucket_no_upscale=True)
+    assignment = {r.path.name: d.buckets[i] for i, r in enumerate(d.records)}
+    assert assignment == {"small.png": ((40, 24), (40, 24)), "square.png": ((64, 64), (64, 64)),
+                          "wide.png": ((80, 40), (80, 40))}
+    shapes = {tuple(b.pixel_values.shape[2:]) for b in d.epoch_batches(0)}
+    assert shapes == {(24, 40), (64, 64), (40, 80)}
+    assert d.kohya_metadata()["ss_bucket_no_upscale"] == "True"
+    make_image(folder / "tiny.png", (4, 30))
+    with pytest.raises(DatasetError, match=r"bucket_reso_steps \(8 pixels\).*tiny\.png \(4×30\)"):
+        data(tmp_path, enable_bucket=True, bucket_reso_steps=8, bucket_no_upscale=True)
+    _, _, said = make_scheme(DatasetConfig([], (64, 64), bucket_no_upscale=True))
+    assert "does nothing without enable_bucket" in said[0]
+    _, _, said = make_scheme(DatasetConfig([], (64, 64), enable_bucket=True, bucket_no_upscale=True,
+                                           min_bucket_reso=32))
+    assert "not used with bucket_no_upscale" in said[0]
 
 
 def test_batches_stay_within_one_bucket_and_have_the_bucket_size(tmp_path):

@@ -96,7 +96,8 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--keep-tokens-separator": "--set data.keep_tokens_separator=MARK",
     "--secondary-separator": "--set data.secondary_separator=MARK",
     "--enable-wildcard": "--set data.enable_wildcard=true",
-    "--enable-bucket": "--set data.enable_bucket=true", "--flip-aug": "--set data.flip_aug=true",
+    "--enable-bucket": "--set data.enable_bucket=true",
+    "--bucket-no-upscale": "--set data.bucket_no_upscale=true", "--flip-aug": "--set data.flip_aug=true",
     "--sample-every-n-epochs": "--set sample.every_n_epochs=N",
     "--sample-every-n-steps": "--set sample.every_n_steps=N",
 }

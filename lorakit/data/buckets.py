@@ -3,7 +3,9 @@
 Buckets are (width, height) pairs with sides multiple of ``steps``, between ``min_reso`` and ``max_reso``,
 area at most the resolution's. Each image goes to the bucket of nearest aspect ratio (its exact size when
 that is a bucket), is resized to cover the bucket and cropped to it. Without buckets there is one bucket,
-the resolution itself.
+the resolution itself.  With kohya's ``bucket_no_upscale`` every image has a bucket of its own size instead:
+shrunk (keeping its aspect ratio) only when its area exceeds the resolution's, never enlarged, its sides
+cut down to multiples of ``steps``.
 """
 
 from __future__ import annotations
@@ -42,10 +44,16 @@ class BucketScheme:
     steps: int
     min_reso: int | None
     max_reso: int | None
+    #: kohya's bucket_no_upscale: buckets from each image's own size (``resos`` is then empty)
+    no_upscale: bool = False
 
     def select(self, size: Size) -> tuple[Size, Size]:
         """(bucket, resized size) for an image of ``size``: the bucket of nearest aspect ratio (the first such
-        in sorted order on a tie, as kohya's argmin), and the size that covers it keeping the aspect ratio."""
+        in sorted order on a tie, as kohya's argmin), and the size that covers it keeping the aspect ratio.
+        With ``no_upscale``: the image's own size, a side below ``steps`` giving a bucket side of 0 (the caller
+        refuses it)."""
+        if self.no_upscale:
+            return self._own_size(size)
         width, height = size
         aspect = width / height
         if size in self.resos:
@@ -59,6 +67,28 @@ class BucketScheme:
         resized = (max(reso[0], int(width * scale + 0.5)), max(reso[1], int(height * scale + 0.5)))
         return reso, resized
 
+    def _round(self, x: float) -> int:
+        x = int(x + 0.5)
+        return max(self.steps, x - x % self.steps)  # kohya's round_to_steps, never 0 (kohya divides by it)
+
+    def _own_size(self, size: Size) -> tuple[Size, Size]:
+        width, height = size
+        max_area = self.resolution[0] * self.resolution[1]
+        resized = size
+        if width * height > max_area:
+            # shrink to the resolution's area; round the side whose rounding keeps the aspect ratio better
+            aspect = width / height
+            scaled_width = math.sqrt(max_area * aspect)
+            by_width, by_height = self._round(scaled_width), self._round(max_area / scaled_width)
+            width_error = abs(by_width / self._round(by_width / aspect) - aspect)
+            height_error = abs(self._round(by_height * aspect) / by_height - aspect)
+            if width_error < height_error:
+                resized = (by_width, int(by_width / aspect + 0.5))
+            else:
+                resized = (int(by_height * aspect + 0.5), by_height)
+        bucket = (resized[0] - resized[0] % self.steps, resized[1] - resized[1] % self.steps)
+        return bucket, resized
+
 
 def make_scheme(dataset: DatasetConfig) -> tuple[BucketScheme, list[str], list[str]]:
     """The bucket scheme of a dataset, with (errors, warnings) about its settings."""
@@ -68,12 +98,20 @@ def make_scheme(dataset: DatasetConfig) -> tuple[BucketScheme, list[str], list[s
     if min(res) <= 0 or res[0] % 8 or res[1] % 8:
         errors.append(f"resolution {res[0]}×{res[1]}: sides must be positive multiples of 8 (the VAE's factor)")
     if not dataset.enable_bucket:
+        if dataset.bucket_no_upscale:
+            warnings.append("bucket_no_upscale = true does nothing without enable_bucket = true (kohya ignores it "
+                            "too): images are resized to the resolution")
         return BucketScheme(res, (res,), False, 8, None, None), errors, warnings
     steps = dataset.bucket_reso_steps
     if steps <= 0 or steps % 8:
         errors.append(f"bucket_reso_steps = {steps}: must be a positive multiple of 8 (e.g. 64, or 8 for "
                       "64-pixel models)")
         return BucketScheme(res, (res,), True, steps, None, None), errors, warnings
+    if dataset.bucket_no_upscale:
+        if dataset.min_bucket_reso is not None or dataset.max_bucket_reso is not None:
+            warnings.append("min_bucket_reso and max_bucket_reso are not used with bucket_no_upscale: each image's "
+                            "bucket is its own size (as in kohya)")
+        return BucketScheme(res, (), True, steps, None, None, no_upscale=True), errors, warnings
     lo = dataset.min_bucket_reso
     hi = dataset.max_bucket_reso
     lo = max(steps, min(res) // 2 // steps * steps) if lo is None else lo

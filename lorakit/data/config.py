@@ -50,6 +50,10 @@ class DataConfig:
     #: smallest/largest bucket side; None: half / twice the resolution (kohya's 256/1024 at 512)
     min_bucket_reso: int | None = None
     max_bucket_reso: int | None = None
+    #: kohya's bucket_no_upscale (with enable_bucket): each image trains at its own size, shrunk only when larger
+    #: than the resolution's area and cut to multiples of bucket_reso_steps, never enlarged (small images stay
+    #: sharp; many sizes make smaller batches)
+    bucket_no_upscale: bool = False
     caption_extension: str = ".txt"
     caption_separator: str = ","
     caption_prefix: str | None = None
@@ -148,6 +152,7 @@ class DatasetConfig:
     min_bucket_reso: int | None = None
     max_bucket_reso: int | None = None
     bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
 
 
 # ------------------------------------------------------------------------------------------- key tables
@@ -158,7 +163,7 @@ _INHERITED_SUBSET_KEYS = tuple(k for k in SUBSET_KEYS if k not in _SUBSET_ONLY)
 
 # kohya options lorakit does not implement: refused by name rather than silently changing the training
 KOHYA_UNSUPPORTED = (
-    "bucket_no_upscale", "color_aug", "face_crop_aug_range", "token_warmup_min", "token_warmup_step",
+    "color_aug", "face_crop_aug_range", "token_warmup_min", "token_warmup_step",
     "custom_attributes", "validation_seed", "validation_split", "resize_interpolation", "alpha_mask",
     "metadata_file", "conditioning_data_dir", "network_multiplier",
 )

@@ -163,6 +163,7 @@ class TrainingData:
         self.repeats = self._balance_repeats(problems)
         self.buckets: list[tuple[tuple[int, int], tuple[int, int]]] = []  # per record: (bucket, resized)
         self._assign_buckets(problems)
+        problems.raise_if_any(str(config.train_data))
         self.samples = RepeatedIndex(self.repeats)
         for d, dataset in enumerate(self.datasets):
             n = sum(r for r, rec in zip(self.repeats, self.records, strict=True) if rec.dataset == d)
@@ -207,11 +208,14 @@ class TrainingData:
         return repeats
 
     def _assign_buckets(self, problems: Problems) -> None:
-        upscaled, cropped = [], []
+        upscaled, cropped, too_small = [], [], []
         for rec in self.records:
             scheme = self.schemes[rec.dataset]
             bucket, resized = scheme.select(rec.size)
             self.buckets.append((bucket, resized))
+            if min(bucket) == 0:  # bucket_no_upscale: a side shorter than one bucket step
+                too_small.append(f"{rec.path} ({rec.size[0]}×{rec.size[1]})")
+                continue
             factor = max(bucket[0] / rec.size[0], bucket[1] / rec.size[1])
             if factor > self.config.upscale_warning_factor or (not scheme.enabled and factor > 1.0):
                 upscaled.append(f"{rec.path} ({rec.size[0]}×{rec.size[1]}, enlarged {factor:.2f}× to fill "
@@ -219,6 +223,12 @@ class TrainingData:
             kept = (bucket[0] * bucket[1]) / (resized[0] * resized[1])
             if not scheme.enabled and kept < 0.8:
                 cropped.append(f"{rec.path} ({rec.size[0]}×{rec.size[1]}, {100 * (1 - kept):.0f}% cut away)")
+        if too_small:
+            steps = self.schemes[0].steps
+            problems.error(f"{_images_are(len(too_small))} narrower or lower than bucket_reso_steps ({steps} "
+                           "pixels), so bucket_no_upscale leaves no bucket of their size; remove them or lower "
+                           "bucket_reso_steps: "
+                           f"{'; '.join(too_small[:10])}" + (" ..." if len(too_small) > 10 else ""))
         if upscaled:
             problems.warn(f"{_images_are(len(upscaled))} smaller than their training size and will be upscaled "
                           f"(blurry): {'; '.join(upscaled[:10])}" + (" ..." if len(upscaled) > 10 else ""))
@@ -396,7 +406,8 @@ class TrainingData:
             num_batches_per_epoch=self.steps_per_epoch, tag_frequency=self.tag_frequency, dataset_dirs=dirs,
             reg_dataset_dirs=reg_dirs, bucket_info=bucket_info,
             resolution=str(first.resolution),  # kohya writes the tuple as Python prints it: "(512, 512)"
-            enable_bucket=first.enable_bucket, min_bucket_reso=self.schemes[0].min_reso,
+            enable_bucket=first.enable_bucket, bucket_no_upscale=first.bucket_no_upscale,
+            min_bucket_reso=self.schemes[0].min_reso,
             max_bucket_reso=self.schemes[0].max_reso, batch_size_per_device=first.batch_size,
         )
 
