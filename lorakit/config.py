@@ -150,7 +150,8 @@ class OptimizerConfig:
     text_encoder_lr: float | None = None
     ti_lr: float = 5e-3
     #: "adamw", "adamw8bit" (needs bitsandbytes), "sgd", "prodigy" (learning_rate 1.0; needs prodigyopt), "lion"
-    #: (needs lion-pytorch), "adafactor"
+    #: (needs lion-pytorch), "adafactor", D-Adaptation's "dadaptadam", "dadaptlion", "dadaptsgd", "dadaptadagrad",
+    #: "dadaptadan" (learning_rate 1.0; needs dadaptation)
     optimizer: str = "adamw"
     #: the optimizer's own options (kohya's --optimizer_args), e.g. {d_coef = 0.5, use_bias_correction = true}
     args: dict = field(default_factory=dict)

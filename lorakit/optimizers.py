@@ -58,6 +58,16 @@ def _lion(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
     return lion.Lion(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay, **opt.args})
 
 
+def _dadaptation(name: str) -> Callable[[list[dict], Any], torch.optim.Optimizer]:
+    """D-Adaptation (Defazio & Mishchenko 2023; Prodigy's predecessor, kohya's DAdaptAdam, DAdaptLion...):
+    estimates the step size; the learning rate is a multiplier, 1.0 as kohya's guides set it."""
+    def build(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
+        dadaptation = _import("dadaptation", "dadaptation")
+        return getattr(dadaptation, name)(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay,
+                                                     **opt.args})
+    return build
+
+
 def _adafactor(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
     """transformers' Adafactor at the configured learning rate (no relative step, as kohya runs it with an lr)."""
     from transformers.optimization import Adafactor
@@ -74,4 +84,19 @@ OPTIMIZERS: dict[str, Callable[[list[dict], Any], torch.optim.Optimizer]] = {
     "prodigy": _prodigy,
     "lion": _lion,
     "adafactor": _adafactor,
+    **{name.lower(): _dadaptation(name)
+       for name in ("DAdaptAdam", "DAdaptLion", "DAdaptSGD", "DAdaptAdaGrad", "DAdaptAdan")},
 }
+#: the optimizers that find their own step size: the learning rate multiplies it, and belongs near 1
+ADAPTIVE = ("prodigy", "dadaptadam", "dadaptlion", "dadaptsgd", "dadaptadagrad", "dadaptadan")
+
+
+def adaptive_lr_note(optimizer: str, learning_rates: list[float]) -> str | None:
+    """A warning when an optimizer that estimates its own step size gets a learning rate far below 1 (the usual
+    slip: AdamW's 1e-4 kept, so the estimated step is scaled 10 000 times down and nothing is learned)."""
+    # the largest: block-wise learning-rate weights scale some groups down on purpose
+    top = max(learning_rates, default=1.0)
+    if optimizer not in ADAPTIVE or top >= 0.1:
+        return None
+    return (f"note: {optimizer} estimates its own step size and the learning rate multiplies it; {top:g} makes it "
+            "learn almost nothing. Use --lr 1 (as kohya's guides do), or 0.5 for a gentler run")

@@ -55,7 +55,7 @@ from lorakit.models import (
     resolve_dtype,
     tokenize_prompts,
 )
-from lorakit.optimizers import OPTIMIZERS
+from lorakit.optimizers import OPTIMIZERS, adaptive_lr_note
 from lorakit.prior import ensure_class_images
 from lorakit.run_manifest import RunManifest
 from lorakit.run_messages import count, estimate_line, next_steps, opening_line
@@ -294,6 +294,9 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         data = TrainingData(with_class_images(cfg, model, run, is_main, accelerator), seed=cfg.training.seed,
                             default_resolution=model.resolution)
         if is_main and (note := long_captions_note(model, data, cfg.model.max_token_length)):
+            print(note)
+        if is_main and (note := adaptive_lr_note(cfg.optimizer.optimizer,
+                                                 [g["lr"] for g in method.param_groups()])):
             print(note)
         if cfg.data.cache_latents:
             own_cache = cfg.data.cache_latents_to_disk and not cfg.data.cache_dir

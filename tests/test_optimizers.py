@@ -1,5 +1,5 @@
-"""The trainer's optimizers: AdamW takes torch's fused kernel where it can, and it is the same AdamW; Prodigy, Lion
-and Adafactor train, take their options (kohya's --optimizer_args) and a run can use them."""
+"""The trainer's optimizers: AdamW takes torch's fused kernel where it can, and it is the same AdamW; Prodigy, Lion,
+Adafactor and D-Adaptation train, take their options (kohya's --optimizer_args) and a run can use them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lorakit.config import OptimizerConfig
-from lorakit.optimizers import OPTIMIZERS, can_fuse
+from lorakit.optimizers import OPTIMIZERS, adaptive_lr_note, can_fuse
 
 
 def _params(seed: int) -> list[nn.Parameter]:
@@ -47,7 +47,13 @@ def test_not_fused_where_the_kernel_cannot_run():
                                                             ("lion", 1e-2, {"betas": (0.95, 0.98)},
                                                              ("betas", (0.95, 0.98))),
                                                             ("adafactor", 1e-2, {"clip_threshold": 2.0},
-                                                             ("clip_threshold", 2.0))])
+                                                             ("clip_threshold", 2.0)),
+                                                            ("dadaptadam", 1.0, {"decouple": True},
+                                                             ("decouple", True)),
+                                                            ("dadaptlion", 1.0, {"betas": (0.9, 0.95)},
+                                                             ("betas", (0.9, 0.95))),
+                                                            ("dadaptsgd", 1.0, {"momentum": 0.5},
+                                                             ("momentum", 0.5))])
 def test_each_optimizer_takes_its_options_and_descends_a_quadratic(name, lr, args, option):
     opt_cfg = OptimizerConfig()
     opt_cfg.learning_rate, opt_cfg.weight_decay, opt_cfg.args = lr, 0.0, args
@@ -68,7 +74,16 @@ def test_each_optimizer_takes_its_options_and_descends_a_quadratic(name, lr, arg
     assert float(loss()) < 0.7 * start
 
 
-def test_a_run_trains_and_resumes_with_prodigy_at_its_learning_rate_of_1(tiny_model_dir, tmp_path):
+def test_an_adaptive_optimizer_left_at_adamws_learning_rate_is_pointed_out():
+    assert "--lr 1" in adaptive_lr_note("prodigy", [1e-4, 5e-5])
+    assert "0.0001 makes it learn almost nothing" in adaptive_lr_note("dadaptadam", [1e-4])
+    assert adaptive_lr_note("prodigy", [1.0, 0.05]) is None  # a block scaled down on purpose
+    assert adaptive_lr_note("adamw", [1e-4]) is None
+
+
+@pytest.mark.parametrize(("name", "args"), [("prodigy", "{d_coef = 0.5}"), ("dadaptadam", "{decouple = true}")])
+def test_a_run_trains_and_resumes_with_an_adaptive_optimizer_at_its_learning_rate_of_1(tiny_model_dir, tmp_path,
+                                                                                       name, args):
     from safetensors.torch import load_file
     from test_train import write_dataset
 
@@ -76,7 +91,7 @@ def test_a_run_trains_and_resumes_with_prodigy_at_its_learning_rate_of_1(tiny_mo
 
     out = tmp_path / "run"
     flags = ["train", "--data", str(write_dataset(tmp_path / "data")), "--model", str(tiny_model_dir), "--out",
-             str(out), "--lr", "1", "--set", "optimizer.optimizer=prodigy", "--set", "optimizer.args={d_coef = 0.5}",
+             str(out), "--lr", "1", "--set", f"optimizer.optimizer={name}", "--set", f"optimizer.args={args}",
              "--no-progress"]
     assert main([*flags, "--epochs", "1"]) == 0
     trained = load_file(str(out / "lorakit.safetensors"))
