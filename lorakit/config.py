@@ -182,6 +182,10 @@ class TrainingConfig:
     ip_noise_gamma: float = 0.0
     #: weight the loss by 1/√SNR (kohya's debiased_estimation_loss)
     debiased_estimation_loss: bool = False
+    #: kohya's min_timestep / max_timestep: train only on timesteps in [min, max) (absent: 0 and the schedule's
+    #: length, 1000 for SD); low ones teach detail and texture, high ones composition
+    min_timestep: int | None = None
+    max_timestep: int | None = None
     #: kohya's v_pred_like_loss (ε-prediction models): add this share of a v-prediction-like loss, which weighs
     #: noisy timesteps more (kohya's guides: 0.1-0.3; 0: off)
     v_pred_like_loss: float = 0.0
@@ -344,6 +348,13 @@ class TrainConfig:
             (_at_least(train.multires_noise_discount, 0, strict=True) and train.multires_noise_discount <= 1,
              "training.multires_noise_discount", "above 0, at most 1 (kohya's default 0.3)",
              train.multires_noise_discount),
+            (train.min_timestep is None or isinstance(train.min_timestep, int) and train.min_timestep >= 0,
+             "training.min_timestep", "an integer, 0 or more (or absent: 0)", train.min_timestep),
+            (train.max_timestep is None or _positive_int(train.max_timestep), "training.max_timestep",
+             "a positive integer (or absent: the schedule's length)", train.max_timestep),
+            (train.min_timestep is None or train.max_timestep is None or train.min_timestep < train.max_timestep,
+             "training.min_timestep", f"below training.max_timestep ({train.max_timestep}): the range [min, max) "
+             "would be empty", train.min_timestep),
             (_at_least(train.v_pred_like_loss, 0), "training.v_pred_like_loss", "0 or more (0: off; kohya's guides "
              "use 0.1-0.3)", train.v_pred_like_loss),
             (_at_least(train.ip_noise_gamma, 0), "training.ip_noise_gamma", "0 or more (0: off; the paper: 0.1)",

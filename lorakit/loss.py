@@ -63,9 +63,11 @@ def multires_noise(noise: torch.Tensor, generator: torch.Generator, iterations: 
 
 def add_training_noise(scheduler, latents: torch.Tensor, generator: torch.Generator, prediction_type: str,
                        noise_offset: float = 0.0, *, multires_iterations: int = 0, multires_discount: float = 0.3,
-                       ip_noise_gamma: float = 0.0) -> NoisedBatch:
+                       ip_noise_gamma: float = 0.0, timestep_range: tuple[int | None, int | None] = (None, None)
+                       ) -> NoisedBatch:
     """Draw noise and timesteps (from ``generator``, so a step is reproducible) and build the target.  An option
-    left off draws nothing, so the other draws stay what they were without it."""
+    left off draws nothing, so the other draws stay what they were without it.  ``timestep_range``: kohya's
+    [min_timestep, max_timestep), None for the schedule's ends."""
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
     if noise_offset:
@@ -73,7 +75,13 @@ def add_training_noise(scheduler, latents: torch.Tensor, generator: torch.Genera
         noise = noise + noise_offset * offset.to(latents.device)
     if multires_iterations:
         noise = multires_noise(noise, generator, multires_iterations, multires_discount)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
+    length = scheduler.config.num_train_timesteps
+    low, high = timestep_range
+    low, high = 0 if low is None else low, length if high is None else high
+    if not 0 <= low < high <= length:
+        raise InvalidValueError(f"timesteps [{low}, {high}): must lie within the schedule's 0..{length} and not be "
+                                "empty (training.min_timestep / max_timestep)")
+    timesteps = torch.randint(low, high, (b,), generator=generator)
     timesteps = timesteps.to(latents.device)
     seen = noise
     if ip_noise_gamma:  # the input is noised a little more than the target says
@@ -116,9 +124,14 @@ def noise_pred_like_weight(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     return snr / (snr + 1)
 
 
-def check_loss_options(options, prediction_type: str) -> None:
-    """Refuse loss options that mean nothing for this model's prediction type (``options``: the trainer's
-    ``[training]`` table), naming the option."""
+def check_loss_options(options, prediction_type: str, num_timesteps: int) -> None:
+    """Refuse loss options that mean nothing for this model (its prediction type, its schedule's length;
+    ``options``: the trainer's ``[training]`` table), naming the option, before the first step."""
+    for name in ("min_timestep", "max_timestep"):
+        value = getattr(options, name)
+        if value is not None and value > num_timesteps - (name == "min_timestep"):
+            raise InvalidValueError(f"training.{name} = {value}: this model's schedule has {num_timesteps} timesteps "
+                                    f"(0 to {num_timesteps - 1})")
     if options.v_pred_like_loss and prediction_type != "epsilon":
         raise InvalidValueError(
             f"training.v_pred_like_loss = {options.v_pred_like_loss}: it gives an ε-prediction model part of a "

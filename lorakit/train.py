@@ -112,7 +112,7 @@ def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
     model = load_base_model(cfg.model.base)
     if cfg.model.prediction_type or cfg.model.zero_terminal_snr:
         model.set_schedule(cfg.model.prediction_type, cfg.model.zero_terminal_snr)
-    check_loss_options(cfg.training, model.prediction_type)
+    check_loss_options(cfg.training, model.prediction_type, model.noise_scheduler.config.num_train_timesteps)
     model.vae.requires_grad_(False)
     model.unet.requires_grad_(False)
     model.text_encoder.requires_grad_(False)
@@ -213,7 +213,8 @@ def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, bat
     noised = add_training_noise(model.noise_scheduler, latents, generator, model.prediction_type,
                                 options.noise_offset, multires_iterations=options.multires_noise_iterations,
                                 multires_discount=options.multires_noise_discount,
-                                ip_noise_gamma=options.ip_noise_gamma)
+                                ip_noise_gamma=options.ip_noise_gamma,
+                                timestep_range=(options.min_timestep, options.max_timestep))
     captions = [method.expand_prompt(c) for c in batch.captions]
     ids = tokenize_prompts(model.tokenizer, captions, cfg.model.max_token_length).to(device)
     with accelerator.autocast():

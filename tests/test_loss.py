@@ -37,6 +37,40 @@ def test_without_options_the_noise_timesteps_and_target_are_the_plain_draws():
     assert torch.equal(got.noisy_latents, SCHEDULER.add_noise(latents, noise, timesteps))
 
 
+def test_a_timestep_range_draws_only_from_it_and_the_full_range_is_the_plain_draw():
+    latents = _latents(b=256)
+    got = add_training_noise(SCHEDULER, latents, torch.Generator().manual_seed(3), "epsilon",
+                             timestep_range=(200, 400))
+    assert int(got.timesteps.min()) >= 200 and int(got.timesteps.max()) < 400
+    assert len(set(got.timesteps.tolist())) > 100  # spread over the range
+    plain = add_training_noise(SCHEDULER, latents, torch.Generator().manual_seed(3), "epsilon")
+    full = add_training_noise(SCHEDULER, latents, torch.Generator().manual_seed(3), "epsilon",
+                              timestep_range=(0, 1000))
+    assert torch.equal(plain.timesteps, full.timesteps)
+    with pytest.raises(ValueError, match="min_timestep / max_timestep"):
+        add_training_noise(SCHEDULER, latents, torch.Generator(), "epsilon", timestep_range=(900, 1200))
+
+
+def test_timestep_options_are_checked_before_the_run():
+    from lorakit.config import ConfigError, TrainConfig
+
+    cfg = TrainConfig()
+    cfg.training.min_timestep, cfg.training.max_timestep = 500, 500
+    with pytest.raises(ConfigError, match=r"training.min_timestep.*below training.max_timestep \(500\)"):
+        cfg.validate()
+    cfg.training.min_timestep, cfg.training.max_timestep = -1, None
+    with pytest.raises(ConfigError, match="training.min_timestep"):
+        cfg.validate()
+    cfg.training.min_timestep, cfg.training.max_timestep = 100, 800
+    cfg.validate()
+    from lorakit.loss import check_loss_options
+
+    check_loss_options(cfg.training, "epsilon", 1000)
+    cfg.training.max_timestep = 1200  # beyond the schedule: known only once the model is loaded
+    with pytest.raises(ValueError, match="training.max_timestep = 1200: this model's schedule has 1000 timesteps"):
+        check_loss_options(cfg.training, "epsilon", 1000)
+
+
 def test_multires_noise_has_unit_variance_and_more_low_frequency_power_than_white_noise():
     white = torch.randn((64, 4, 32, 32), generator=torch.Generator().manual_seed(1))
     pyramid = multires_noise(white, torch.Generator().manual_seed(2), iterations=6, discount=0.3)

@@ -86,6 +86,13 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--v-pred-like-loss": "--set training.v_pred_like_loss=X",
     "--scale-v-pred-loss-like-noise-pred": "--set training.scale_v_pred_loss_like_noise_pred=true",
     "--zero-terminal-snr": "--set model.zero_terminal_snr=true",
+    "--min-timestep": "--set training.min_timestep=N", "--max-timestep": "--set training.max_timestep=N",
+    # speed and memory switches kohya needs and lorakit does by itself
+    "--xformers": "(the default: PyTorch's scaled-dot-product attention, no switch needed)",
+    "--sdpa": "(the default: PyTorch's scaled-dot-product attention)",
+    "--mem-eff-attn": "(the default: PyTorch's scaled-dot-product attention picks a memory-efficient kernel)",
+    "--persistent-data-loader-workers": "(the default: lorakit has no loader workers; latents are cached once)",
+    "--max-data-loader-n-workers": "(the default: lorakit has no loader workers; latents are cached once)",
     "--v-parameterization": "--set model.prediction_type=v_prediction",
     "--loss-type": "--set training.loss_type=NAME", "--huber-schedule": "--set training.huber_schedule=NAME",
     "--huber-c": "--set training.huber_c=X",
