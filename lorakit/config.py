@@ -55,6 +55,9 @@ MAX_LEARNING_RATE = 10.0
 class ModelConfig:
     #: a diffusers folder, a single-file .safetensors checkpoint, or None for the built-in shapes-world model
     base: str | None = None
+    #: kohya's --vae: another VAE for the base model (a .safetensors VAE such as vae-ft-mse-840000, a diffusers VAE
+    #: folder, or a checkpoint whose VAE to take); latents, class images and samples use it.  None: the model's own
+    vae: str | None = None
     #: mixed precision for the frozen base model and autocast: "no", "fp16", "bf16"; adapters stay fp32
     mixed_precision: str = "no"
     #: override the model's prediction type ("epsilon" or "v_prediction"); None: the model's own

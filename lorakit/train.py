@@ -60,6 +60,7 @@ from lorakit.prior import ensure_class_images
 from lorakit.run_manifest import RunManifest
 from lorakit.run_messages import count, estimate_line, next_steps, opening_line
 from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
+from lorakit.vae import use_vae, vae_name
 
 
 class TrainingError(LorakitError):
@@ -110,6 +111,7 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
 def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
     """Load the base model; frozen parts in the mixed-precision dtype, everything trained stays fp32."""
     model = load_base_model(cfg.model.base)
+    use_vae(model, cfg.model.vae)
     if cfg.model.prediction_type or cfg.model.zero_terminal_snr:
         model.set_schedule(cfg.model.prediction_type, cfg.model.zero_terminal_snr)
     check_loss_options(cfg.training, model.prediction_type, model.noise_scheduler.config.num_train_timesteps)
@@ -169,7 +171,7 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
         noise_offset=cfg.training.noise_offset,
         min_snr_gamma=str(cfg.training.min_snr_gamma),  # kohya writes "None" when it is off
         prior_loss_weight=cfg.training.prior_loss_weight, mixed_precision=cfg.model.mixed_precision,
-        sd_model_name=Path(model.source).name if model.source else "builtin",
+        sd_model_name=Path(model.source).name if model.source else "builtin", vae_name=vae_name(cfg.model.vae),
         base_model_version="sd_v1", v2=False,
         # kohya's names: tools that read a LoRA's metadata learn what the base model predicts and its schedule
         v_parameterization=model.prediction_type == "v_prediction",

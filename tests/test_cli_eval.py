@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from eval_helpers import lora_tensors, write_run
@@ -331,3 +332,46 @@ def test_eval_keeps_freed_memory_before_the_models_load(tmp_path, concept_data, 
     with pytest.raises(KeyError, match="stopped where the extractors load"):
         main(["eval", str(run), "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--quiet"])
     assert calls == [1]
+
+
+def test_a_run_is_judged_with_the_vae_it_was_trained_with(tmp_path, concept_data, capsys):
+    """Without --vae, eval decodes with the VAE in the runs' config.toml (kohya's --vae): the images are other
+    images than the model's own VAE makes, cached under other keys."""
+    import torch
+
+    from lorakit import ldm
+    from lorakit.config import load_config, to_toml
+    from lorakit.models import load_base_model
+
+    vae = load_base_model(None).vae
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in vae.decoder.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    vae_file = tmp_path / "better-vae.safetensors"
+    save_file({k: v.contiguous() for k, v in ldm.vae_to_ldm(vae.state_dict(), vae.config).items()}, str(vae_file))
+    run = write_run(tmp_path / "run", epochs=1, data=concept_data)
+
+    def trained_with(path):
+        cfg = load_config(run / "config.toml")
+        cfg.model.vae = path
+        (run / "config.toml").write_text(to_toml(cfg))
+
+    trained_with(str(vae_file))
+    cache = tmp_path / "cache"
+    argv = ["eval", str(run), "--steps", "2", "--no-base", "--quiet", "--cache", str(cache)]
+    assert main([*argv, "--out", str(tmp_path / "with")]) == 0
+    said = capsys.readouterr().out
+    assert f"VAE {vae_file}, the one the runs were trained with (--vae chooses another)" in said
+    images, generated = map(int, re.search(r"= (\d+) images \((\d+) generated", said).groups())
+    assert images == generated > 0
+    assert json.loads((tmp_path / "with" / "metrics.json").read_text())["runs"][0]["settings"]["vae"] == \
+        str(vae_file)
+    trained_with(None)
+    assert main([*argv, "--out", str(tmp_path / "without")]) == 0
+    said = capsys.readouterr().out
+    assert "VAE" not in said and f"= {images} images ({images} generated" in said  # nothing reused
+    assert len(list(cache.rglob("*.png"))) == 2 * images
+    trained_with(str(tmp_path / "gone.safetensors"))
+    assert main([*argv, "--out", str(tmp_path / "gone")]) == 2
+    assert "trained with " + str(tmp_path / "gone.safetensors") + ", which is not there" in capsys.readouterr().err

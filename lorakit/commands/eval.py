@@ -9,6 +9,7 @@ extractors (and the shapes world's exact metrics when its reader is chosen); wri
 from __future__ import annotations
 
 import argparse
+import hashlib
 import time
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt file (.toml, .txt 'type: prompt' lines, or the world's prompts.json); "
                              "default: prompts made from the dataset's captions")
     parser.add_argument("--model", default=None, help="base model (default: the built-in shapes-world model)")
+    parser.add_argument("--vae", default=None, help="another VAE for the base model (kohya's --vae: a .safetensors "
+                                                    "VAE or a diffusers VAE folder)")
     parser.add_argument("--extractor", action="append", default=[], metavar="KIND[=PATH]",
                         help="feature extractor, repeatable: clip=DIR, dinov2=DIR, vgg19=FILE.safetensors, "
                              "world-reader (default with the built-in model: world-reader)")
@@ -178,23 +181,32 @@ def _data_folder(args: argparse.Namespace, runs) -> Path | None:
     return None
 
 
-def _base_model(args: argparse.Namespace, runs) -> str | None:
-    """``--model``; else the base model the runs were trained on (their config.toml), when they agree: an
-    adapter is judged on the model it was trained for, not on the built-in one; else None (the built-in)."""
-    if args.model is not None:
-        return args.model
-    bases = {r.settings.get("base") for r in runs}
-    if not runs or bases == {None}:
+#: what the runs' config.toml says about the model their images come from: setting -> (flag, how it is said:
+#: "trained on|with", the thing, the things)
+_TRAINED_WITH = {"base": ("--model", "on", "base model", "base models"), "vae": ("--vae", "with", "VAE", "VAEs")}
+
+
+def _trained_with(given: str | None, runs, setting: str) -> str | None:
+    """``given`` (the flag's value); else the base model (``setting`` "base") or VAE ("vae") the runs were
+    trained with (their config.toml), when they agree: an adapter is judged on the model it was trained for, not
+    on the built-in one; else None (the built-in model, or the model's own VAE)."""
+    if given is not None:
+        return given
+    flag, preposition, thing, things = _TRAINED_WITH[setting]
+    values = {r.settings.get(setting) for r in runs}
+    if not runs or values == {None}:
         return None
-    if len(bases) > 1:
-        named = ", ".join(sorted(f"{r.name}: {r.settings.get('base') or 'the built-in model'}" for r in runs))
-        raise EvalCommandError(f"the runs were trained on different base models ({named}); evaluate them "
-                               "separately, or choose one with --model")
-    base = bases.pop()
-    if not Path(base).expanduser().exists():
-        raise EvalCommandError(f"the runs were trained on {base}, which is not there (moved?); pass --model PATH")
-    print(f"lorakit eval: base model {base}, the one the runs were trained on (--model chooses another)")
-    return base
+    if len(values) > 1:
+        default = "the built-in model" if setting == "base" else "the model's own"
+        named = ", ".join(sorted(f"{r.name}: {r.settings.get(setting) or default}" for r in runs))
+        raise EvalCommandError(f"the runs were trained {preposition} different {things} ({named}); evaluate them "
+                               f"separately, or choose one with {flag}")
+    value = values.pop()
+    if not Path(value).expanduser().exists():
+        raise EvalCommandError(f"the runs were trained {preposition} {value}, which is not there (moved?); pass "
+                               f"{flag} PATH")
+    print(f"lorakit eval: {thing} {value}, the one the runs were trained {preposition} ({flag} chooses another)")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -221,12 +233,14 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.host_memory import keep_freed_memory
     from lorakit.models import check_clip_skip, load_base_model
     from lorakit.sample import trained_text_settings
+    from lorakit.vae import use_vae
 
     # everything is checked before anything is written
     if args.out.exists() and not args.out.is_dir():
         raise EvalCommandError(f"--out {args.out}: exists and is not a folder")
     checkpoints, runs = discover(args.sources, include_base=not args.no_base, every=args.every)
-    args.model = _base_model(args, runs)
+    args.model = _trained_with(args.model, runs, "base")
+    args.vae = _trained_with(args.vae, runs, "vae")
     data = _data_folder(args, runs)
     # an image with no caption file was trained on its run's --trigger/--class words: the default prompts too
     plain_caption = next((r.plain_caption for r in runs if r.plain_caption), None) or args.trigger
@@ -244,11 +258,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"lorakit eval: {line}")
     jobs = make_jobs(prompt_set.prompts, args.seeds)
     model = load_base_model(args.model)
+    use_vae(model, args.vae)
     check_clip_skip(model, settings.clip_skip)
     check_checkpoints(model, checkpoints)  # a file that does not fit fails here, before any image is made
 
     # what this call measures; the same call again continues it, another one does not replace it unasked
     base_hash = model_hash(args.model)
+    if args.vae:  # another VAE decodes other images (the key is unchanged without one: old caches stay valid)
+        base_hash = hashlib.sha256(f"{base_hash} vae {model_hash(args.vae)}".encode()).hexdigest()[:16]
     call = _call_fingerprint(image_keys(base_hash, checkpoints, jobs, settings), specs, data, args.shap)
     _check_out_folder(args.out, call, args.overwrite)
     cache = ImageCache(args.cache or args.out / "cache")

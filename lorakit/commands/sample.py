@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                            "quotes); repeat for more")
     prompts.add_argument("--prompts", type=Path, help="a kohya prompt file (.txt, .toml or .json)")
     parser.add_argument("--model", default=None, help="base model (default: the built-in model)")
+    parser.add_argument("--vae", default=None, help="another VAE for the base model (kohya's --vae: a .safetensors "
+                                                    "VAE or a diffusers VAE folder)")
     parser.add_argument("--embedding", action="append", default=[], type=Path,
                         help="a textual-inversion embedding (.safetensors); repeat for more")
     parser.add_argument("--merged", action="store_true",
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         trained_text_settings,
     )
     from lorakit.tools.deltas import parse_adapter_spec
+    from lorakit.vae import use_vae
 
     defaults = SamplePrompt("")
     overrides = {k: v for k, v in (("steps", args.steps), ("cfg_scale", args.cfg), ("sampler", args.sampler))
@@ -79,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     keep_freed_memory()  # each denoising step frees and takes back the same buffers (SD1.5 on the CPU: 6-17 % faster)
     model = load_base_model(args.model, device=device)
+    use_vae(model, args.vae)
     check_clip_skip(model, text["clip_skip"])
     prompts = [replace(p, seed=p.seed if p.seed is not None else args.seed + i) for i, p in enumerate(prompts)]
     images = generate_with_adapters(model, specs, prompts, merged=args.merged, embeddings=args.embedding,
@@ -89,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"adapter {spec.label}")
     for line in said:
         print(line)
-    print(f"{len(images)} image(s) from {model.source}: {args.out} (grid: {written[-1].name})")
+    vae = f" with the VAE {args.vae}" if args.vae else ""
+    print(f"{len(images)} image(s) from {model.source}{vae}: {args.out} (grid: {written[-1].name})")
     return 0
 

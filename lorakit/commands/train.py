@@ -25,6 +25,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--reg-data": ("data.reg_data", str, "regularization images (kohya layout)"),
     "--trigger": ("data.trigger", str, "the trigger word (plain folders)"),
     "--model": ("model.base", str, "base model: diffusers folder or single-file .safetensors (default: built-in)"),
+    "--vae": ("model.vae", str, "another VAE for the base model (a .safetensors VAE or a diffusers VAE folder)"),
     "--method": ("method.kind", str, "adapter (default), native, ti, pivotal"),
     "--algorithm": ("network.algorithm", str, "%(algorithms)s"),
     "--preset": ("network.preset", str, "attn-only, attn-mlp, full, kohya, lycoris-full"),

@@ -29,7 +29,8 @@ SETTING_KEYS = (("method", "method", "kind"), ("algorithm", "network", "algorith
                 ("rank", "network", "rank"), ("alpha", "network", "alpha"), ("conv_rank", "network", "conv_rank"),
                 ("lr", "optimizer", "learning_rate"), ("optimizer", "optimizer", "optimizer"),
                 ("batch_size", "data", "batch_size"), ("max_epochs", "training", "max_epochs"),
-                ("seed", "training", "seed"), ("early_stop", "early_stop", "mode"), ("base", "model", "base"))
+                ("seed", "training", "seed"), ("early_stop", "early_stop", "mode"), ("base", "model", "base"),
+                ("vae", "model", "vae"))
 
 
 class CheckpointError(LorakitError, ValueError):
