@@ -13,6 +13,7 @@
 - kohya's ``v_pred_like_loss`` λ (ε-prediction): weight ``1 + λ (SNR + 1) / SNR``, the squared ε error plus λ
   times a v-prediction-like one; ``scale_v_pred_loss_like_noise_pred`` (v-prediction): weight ``SNR / (SNR + 1)``,
   so each timestep weighs as in ε-prediction (SNR capped at 1000 in both, as kohya does);
+- kohya's alpha mask: each element's error weighted by the image's opacity there;
 - prior preservation (DreamBooth): regularization samples weighted by ``prior_loss_weight``;
 - the pseudo-Huber loss (Khrapov et al. 2024, kohya's ``loss_type = "huber"``/``"smooth_l1"``): ``2c(√(d² + c²) −
   c)`` (``huber``; ``smooth_l1`` without the leading ``c``) instead of ``d²``, with ``c`` constant, decaying
@@ -155,26 +156,33 @@ def huber_c(scheduler, timesteps: torch.Tensor, schedule: str, c: float) -> torc
 
 
 def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
-                    c: torch.Tensor | None = None) -> torch.Tensor:
-    """The error of each sample, averaged over its elements: squared, or pseudo-Huber with ``c`` per sample."""
+                    c: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The error of each sample, averaged over its elements: squared, or pseudo-Huber with ``c`` per sample.
+    ``mask`` (B, 1, H, W) in [0, 1] at any size (kohya's alpha mask, at the image's) weighs each element: it is
+    averaged down to the prediction's size, and the mean still divides by every element, as kohya's does (a
+    half-transparent image weighs half)."""
     prediction, target = prediction.float(), target.float()
     if loss_type == "l2":
-        return F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
-    c = c.reshape(-1, 1, 1, 1)
-    smooth = torch.sqrt((prediction - target) ** 2 + c ** 2) - c
-    scale = 2 * c if loss_type == "huber" else 2.0
-    return (scale * smooth).mean(dim=(1, 2, 3))
+        elements = F.mse_loss(prediction, target, reduction="none")
+    else:
+        c = c.reshape(-1, 1, 1, 1)
+        smooth = torch.sqrt((prediction - target) ** 2 + c ** 2) - c
+        elements = (2 * c if loss_type == "huber" else 2.0) * smooth
+    if mask is not None:
+        elements = elements * F.interpolate(mask.to(elements), size=elements.shape[2:], mode="area")
+    return elements.mean(dim=(1, 2, 3))
 
 
 def diffusion_loss(prediction: torch.Tensor, batch: NoisedBatch, scheduler, prediction_type: str,
                    min_snr_gamma: float | None = None, is_reg: torch.Tensor | None = None,
                    prior_loss_weight: float = 1.0, debiased: bool = False, loss_type: str = "l2",
                    huber_schedule: str = "snr", huber_c_value: float = 0.1, v_pred_like: float = 0.0,
-                   scale_v_like_noise: bool = False) -> torch.Tensor:
+                   scale_v_like_noise: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The error per sample (squared, or pseudo-Huber), weighted (Min-SNR, debiased estimation, v-prediction-
-    like or ε-prediction-like weighting, prior preservation), averaged over the batch."""
+    like or ε-prediction-like weighting, prior preservation), averaged over the batch; ``mask``: see
+    ``per_sample_loss``."""
     c = None if loss_type == "l2" else huber_c(scheduler, batch.timesteps, huber_schedule, huber_c_value)
-    per_sample = per_sample_loss(prediction, batch.target, loss_type, c)
+    per_sample = per_sample_loss(prediction, batch.target, loss_type, c, mask)
     weights = torch.ones_like(per_sample)
     if min_snr_gamma:
         weights = weights * min_snr_weight(scheduler, batch.timesteps, min_snr_gamma, prediction_type)

@@ -227,7 +227,8 @@ def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, bat
                           batch.is_reg, options.prior_loss_weight, debiased=options.debiased_estimation_loss,
                           loss_type=options.loss_type, huber_schedule=options.huber_schedule,
                           huber_c_value=options.huber_c, v_pred_like=options.v_pred_like_loss,
-                          scale_v_like_noise=options.scale_v_pred_loss_like_noise_pred)
+                          scale_v_like_noise=options.scale_v_pred_loss_like_noise_pred,
+                          mask=None if batch.loss_masks is None else batch.loss_masks.to(device))
 
 
 # ----------------------------------------------------------------------------------------------- training

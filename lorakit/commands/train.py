@@ -105,7 +105,9 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--secondary-separator": "--set data.secondary_separator=MARK",
     "--enable-wildcard": "--set data.enable_wildcard=true",
     "--enable-bucket": "--set data.enable_bucket=true",
-    "--bucket-no-upscale": "--set data.bucket_no_upscale=true", "--flip-aug": "--set data.flip_aug=true",
+    "--bucket-no-upscale": "--set data.bucket_no_upscale=true",
+    "--alpha-mask": "--set data.alpha_mask=true", "--masked-loss": "--set data.alpha_mask=true",
+    "--flip-aug": "--set data.flip_aug=true",
     "--sample-every-n-epochs": "--set sample.every_n_epochs=N",
     "--sample-every-n-steps": "--set sample.every_n_steps=N",
 }

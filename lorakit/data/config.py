@@ -86,6 +86,9 @@ class DataConfig:
     flip_aug: bool = False
     #: random instead of center crop (cannot be combined with cached latents)
     random_crop: bool = False
+    #: kohya's alpha_mask: a transparent image's alpha channel masks the loss, so its transparent background is not
+    #: learned (the image itself is shown to the VAE on white); opaque images count everywhere
+    alpha_mask: bool = False
     #: a caption file whose image is missing: "error" (default) or "warn" (kohya ignores it silently)
     orphan_captions: str = "error"
     #: open every image fully before training (catches truncated/corrupt files up front)
@@ -129,6 +132,7 @@ class SubsetConfig:
     drop_tags: list[str] = field(default_factory=list)
     flip_aug: bool = False
     random_crop: bool = False
+    alpha_mask: bool = False
 
     @property
     def effective_trigger(self) -> str | None:
@@ -163,9 +167,9 @@ _INHERITED_SUBSET_KEYS = tuple(k for k in SUBSET_KEYS if k not in _SUBSET_ONLY)
 
 # kohya options lorakit does not implement: refused by name rather than silently changing the training
 KOHYA_UNSUPPORTED = (
-    "color_aug", "face_crop_aug_range", "token_warmup_min", "token_warmup_step",
-    "custom_attributes", "validation_seed", "validation_split", "resize_interpolation", "alpha_mask",
-    "metadata_file", "conditioning_data_dir", "network_multiplier",
+    "color_aug", "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "custom_attributes",
+    "validation_seed", "validation_split", "resize_interpolation", "metadata_file", "conditioning_data_dir",
+    "network_multiplier",
 )
 # kohya options that only change speed: accepted and ignored
 KOHYA_IGNORED = ("cache_info",)

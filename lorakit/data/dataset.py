@@ -17,6 +17,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,8 +27,11 @@ from lorakit.data.captions import count_tags, sample_caption, shuffle
 from lorakit.data.config import DataConfig, SubsetConfig
 from lorakit.data.discovery import ImageRecord, resolve_datasets, scan_subset
 from lorakit.data.errors import DatasetError, Problems
-from lorakit.data.images import fit, load_rgb, to_tensor
+from lorakit.data.images import fit, load_alpha, load_rgb, mask_tensor, to_tensor
 from lorakit.metadata import ss_metadata
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def seeded_rng(*parts: object) -> random.Random:
@@ -58,6 +62,8 @@ class Batch:
     latents: torch.Tensor | None = None  # (B, C, h, w) VAE latent_dist mean, NOT multiplied by scaling_factor
     latents_std: torch.Tensor | None = None  # (B, C, h, w) latent_dist std
     flipped: list[bool] | None = None
+    #: (B, 1, H, W) in [0, 1] at the image size: the loss weight of each pixel (kohya's alpha_mask), or None
+    loss_masks: torch.Tensor | None = None
     epoch: int = 0
     index: int = 0
 
@@ -177,6 +183,7 @@ class TrainingData:
         self._groups = dict(sorted(groups.items()))
         self.warnings = problems.warnings
         self._latents: dict[tuple[int, bool], Latent] | None = None
+        self._masks: dict[tuple[int, tuple[int, int], bool], Image.Image] = {}
 
     # ------------------------------------------------------------------------------------------ building
     def subset_of(self, record: ImageRecord) -> SubsetConfig:
@@ -318,6 +325,9 @@ class TrainingData:
                       is_reg=torch.tensor([self.records[r].is_reg for r in recs], dtype=torch.bool),
                       image_paths=[self.records[r].path for r in recs], flipped=[d.flip for d in draws],
                       epoch=plan.epoch, index=plan.index)
+        if any(self.subset_of(self.records[r]).alpha_mask for r in recs):
+            batch.loss_masks = torch.stack([self.alpha(r, d.offset, d.flip) for r, d in zip(recs, draws,
+                                                                                             strict=True)])
         if self._latents is not None:
             pairs = [self._latents[(r, d.flip)] for r, d in zip(recs, draws, strict=True)]
             batch.latents = torch.stack([m for m, _ in pairs])
@@ -332,6 +342,23 @@ class TrainingData:
         bucket, resized = self.buckets[record_index]
         offset = crop_offset(resized, bucket) if offset is None else offset
         return to_tensor(fit(load_rgb(self.records[record_index].path), resized, bucket, offset, flip))
+
+    def alpha(self, record_index: int, offset: tuple[int, int] | None = None, flip: bool = False) -> torch.Tensor:
+        """(1, H, W) in [0, 1]: the loss mask of one image at its bucket size, cropped and flipped as its pixels
+        (ones where its folder has no alpha_mask, or the image no transparency).  Kept in memory (as bytes) for
+        the center crop, which every step of a cached run uses."""
+        rec = self.records[record_index]
+        bucket, resized = self.buckets[record_index]
+        if not self.subset_of(rec).alpha_mask:
+            return torch.ones(1, bucket[1], bucket[0])
+        offset = crop_offset(resized, bucket) if offset is None else offset
+        key = (record_index, offset, flip)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = fit(load_alpha(rec.path), resized, bucket, offset, flip)
+            if offset == crop_offset(resized, bucket):
+                self._masks[key] = mask
+        return mask_tensor(mask)
 
     # ------------------------------------------------------------------------------------------- latents
     def cache_latents(self, vae: torch.nn.Module, directory: str | Path | None = None, vae_id: str | None = None,
@@ -407,6 +434,7 @@ class TrainingData:
             reg_dataset_dirs=reg_dirs, bucket_info=bucket_info,
             resolution=str(first.resolution),  # kohya writes the tuple as Python prints it: "(512, 512)"
             enable_bucket=first.enable_bucket, bucket_no_upscale=first.bucket_no_upscale,
+            masked_loss=any(s.alpha_mask for d in self.datasets for s in d.subsets),
             min_bucket_reso=self.schemes[0].min_reso,
             max_bucket_reso=self.schemes[0].max_reso, batch_size_per_device=first.batch_size,
         )

@@ -20,7 +20,7 @@ from pathlib import Path
 from lorakit.data.captions import base_caption, read_caption_file
 from lorakit.data.config import DataConfig, DatasetConfig, SubsetConfig, build_dataset, defaults_from, read_dataset_toml
 from lorakit.data.errors import DatasetError, Problems
-from lorakit.data.images import IMAGE_EXTENSIONS, is_image, probe
+from lorakit.data.images import IMAGE_EXTENSIONS, is_image, is_transparent, probe
 
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
 #: more repeats than this is a folder name that starts with a number by chance (a date: 20230101_photos)
@@ -270,6 +270,9 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
         has, are = ("has", "is") if len(no_file) == 1 else ("have", "are")
         problems.warn(f"{folder}: {len(no_file)} of {len(records)} images {has} no caption file (<image name>{ext}) "
                       f"and {are} trained with {fallback}: {_some(no_file)}")
+    if subset.alpha_mask and records and not any(is_transparent(r.path) for r in records):
+        problems.warn(f"{folder}: alpha_mask is on, but none of its images has transparency (an alpha channel): "
+                      "their loss is not masked")
     uncaptioned = [r.path.name for r in records if not r.caption]
     if uncaptioned and not subset.is_reg:
         problems.warn(f"{folder}: images with no caption file, no trigger and no class: trained with an empty "

@@ -1,4 +1,5 @@
-"""Image files to tensors: checking, RGB conversion (alpha on white), resize-to-cover, crop, flip."""
+"""Image files to tensors: checking, RGB conversion (alpha on white), the alpha channel as a loss mask,
+resize-to-cover, crop, flip."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         peak = arr.max() if arr.size else 1.0
         scale = 255.0 if peak <= 1.0 and im.mode == "F" else (255.0 / 65535.0 if peak > 255 else 1.0)
         im = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+    if has_alpha(im):
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -59,6 +60,25 @@ def load_rgb(path: Path) -> Image.Image:
         return to_rgb(im)
 
 
+def has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
+def is_transparent(path: Path) -> bool:
+    """Whether the image has an alpha channel (or a transparent palette entry); reads the header only."""
+    with Image.open(path) as im:
+        return has_alpha(im)
+
+
+def load_alpha(path: Path) -> Image.Image:
+    """The image's transparency as a mode "L" image, upright (255: opaque); all 255 for an image without one."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if not has_alpha(im):
+            return Image.new("L", im.size, 255)
+        return im.convert("RGBA").getchannel("A")
+
+
 def fit(im: Image.Image, resized: Size, reso: Size, offset: tuple[int, int], flip: bool = False) -> Image.Image:
     """Resize to ``resized`` (which covers ``reso``), crop ``reso`` at ``offset``, optionally mirror."""
     if im.size != resized:
@@ -66,6 +86,11 @@ def fit(im: Image.Image, resized: Size, reso: Size, offset: tuple[int, int], fli
     left, top = offset
     im = im.crop((left, top, left + reso[0], top + reso[1]))
     return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
+
+
+def mask_tensor(im: Image.Image) -> torch.Tensor:
+    """(1, H, W) float32 in [0, 1] from a mode "L" image."""
+    return torch.from_numpy(np.array(im, dtype=np.uint8, copy=True))[None].float().div_(255.0)
 
 
 def to_tensor(im: Image.Image) -> torch.Tensor:
