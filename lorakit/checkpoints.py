@@ -10,6 +10,7 @@ Layout::
     OUT/<name>.safetensors               the final result (+ <name>-<token>.safetensors for textual inversion)
     OUT/summary.json, OUT/summary.txt    what happened
     OUT/log.jsonl                        loss, lr and CS per step
+    OUT/logs/                            the same as TensorBoard scalars (output.log_with = "tensorboard")
 
 A checkpoint folder is written under a temporary name and renamed when complete, so an interrupted save
 leaves the previous checkpoint intact and a half-written one is never mistaken for a checkpoint.
@@ -73,7 +74,7 @@ class Checkpoint:
 
 # what a run writes at the top of its folder (besides <name>.safetensors and <name>-<token>.safetensors)
 RUN_NAMES = ("config.toml", "log.jsonl", "summary.json", "summary.txt", "cs_history.json", "cs_fluctuation.png",
-             "checkpoints", "samples", "class_images", "latent_cache")
+             "checkpoints", "samples", "class_images", "latent_cache", "logs")
 
 
 def _inside(path: Path, folder: Path) -> bool:

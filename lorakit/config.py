@@ -264,6 +264,11 @@ class OutputConfig:
     format: str = "kohya"
     #: kohya's --training_comment: a note kept in the result's metadata (ss_training_comment; A1111 shows it)
     comment: str | None = None
+    #: kohya's --log_with: also write the step records (loss, lr, CS, ...) for "tensorboard" (needs the
+    #: tensorboard package, lorakit[tensorboard]); None: log.jsonl and the run page only
+    log_with: str | None = None
+    #: kohya's --logging_dir: where the tracker writes (None: logs/ in the run folder)
+    logging_dir: str | None = None
 
 
 @dataclass
@@ -289,6 +294,7 @@ class TrainConfig:
         from lorakit.metadata import TOKEN_LENGTHS
         from lorakit.network import PRESETS
         from lorakit.optimizers import OPTIMIZERS
+        from lorakit.trackers import TRACKERS
 
         def one_of(names) -> str:
             return ", ".join(names)
@@ -296,6 +302,8 @@ class TrainConfig:
         net, opt, data, train = self.network, self.optimizer, self.data, self.training
         checks: list[tuple[bool, str, str, Any]] = [
             (self.method.kind in METHODS, "method.kind", f"one of {one_of(METHODS)}", self.method.kind),
+            (self.output.log_with in (None, *TRACKERS), "output.log_with",
+             f"one of {one_of(TRACKERS)} (or absent: log.jsonl and the run page only)", self.output.log_with),
             (self.method.native_targets in ("all", *PRESETS), "method.native_targets",
              f"all or a preset ({one_of(PRESETS)})", self.method.native_targets),
             (_positive_int(self.method.ti_vectors), "method.ti_vectors", "a positive integer", self.method.ti_vectors),

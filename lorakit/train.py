@@ -60,6 +60,7 @@ from lorakit.prior import ensure_class_images
 from lorakit.run_manifest import RunManifest
 from lorakit.run_messages import count, estimate_line, next_steps, opening_line
 from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
+from lorakit.trackers import check_tracker, hyperparameters, logging_dir, scalars
 from lorakit.vae import use_vae, vae_name
 
 
@@ -253,9 +254,12 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     if cfg.model.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainingError("model.mixed_precision = \"fp16\" needs a GPU; on the CPU use \"bf16\" or \"no\"")
     _reset_accelerate_settings()
+    check_tracker(cfg.output.log_with)
+    tracker_dir = logging_dir(cfg.output.log_with, cfg.output.logging_dir, Path(cfg.output.dir))
     accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision,
                               gradient_accumulation_steps=cfg.optimizer.gradient_accumulation_steps,
-                              cpu=not torch.cuda.is_available())
+                              cpu=not torch.cuda.is_available(), log_with=cfg.output.log_with,
+                              project_dir=None if tracker_dir is None else str(tracker_dir))
     is_main = accelerator.is_main_process
     check_paths(cfg, config_file)
     protect = [p for p in (cfg.data.train_data, cfg.data.reg_data, config_file) if p]
@@ -272,6 +276,10 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 check_resume_settings(run.path / "config.toml", cfg)
             run.write_text("config.toml", to_toml(with_absolute_paths(cfg)))
             print(opening_line(cfg))
+            if tracker_dir is not None and tracker_dir.resolve() == (run.path / "logs").resolve():
+                run.make_dir("logs")  # the run's own: an overwrite removes it with the rest
+        if tracker_dir is not None:
+            accelerator.init_trackers(cfg.output.name, config=hyperparameters(cfg.to_dict()))
         sample_stop = _sample_stop(cfg)  # its prompt file is read before the model is loaded
         # a resumed run's checkpoint holds what the adapter file started: the file is not read (it may be gone)
         start_file: AdapterFile | bool = False
@@ -430,6 +438,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                         stop_decision = decision
                 if is_main:
                     run.log(record)
+                if tracker_dir is not None:
+                    accelerator.log(scalars(record), step=step)
                 bar.update(1)
                 if is_main and (seconds := timer.measured(step)) is not None:
                     stops_early = monitor is not None and not monitor.report_only
@@ -478,6 +488,10 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                                   f"--resume --out {run.path} to continue {kept}") from None
     finally:
         bar.close()
+        if tracker_dir is not None:
+            accelerator.end_training()  # flushes the event files, also of an interrupted run
+            if is_main:
+                run.record_tree("logs")
     accelerator.wait_for_everyone()
 
     # the result: the turning-point checkpoint when early stopping fired, else the last one
@@ -652,6 +666,8 @@ def _score_samples(sample_stop: SampleStop, epoch: int, step: int, model: BaseMo
     found = sample_stop.record_score(epoch, score)
     if accelerator.is_main_process:
         run.log({"step": step, "epoch": epoch, "sample_score": score})
+    if cfg.output.log_with is not None:
+        accelerator.log(scalars({"sample_score": score}), step=step)
     return found
 
 

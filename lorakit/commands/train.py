@@ -108,6 +108,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--bucket-no-upscale": "--set data.bucket_no_upscale=true",
     "--alpha-mask": "--set data.alpha_mask=true", "--masked-loss": "--set data.alpha_mask=true",
     "--flip-aug": "--set data.flip_aug=true",
+    "--log-with": "--set output.log_with=tensorboard", "--logging-dir": "--set output.logging_dir=DIR",
     "--sample-every-n-epochs": "--set sample.every_n_epochs=N",
     "--sample-every-n-steps": "--set sample.every_n_steps=N",
 }
