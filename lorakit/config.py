@@ -173,6 +173,11 @@ class TrainingConfig:
     max_steps: int | None = None
     seed: int = 0
     noise_offset: float = 0.0
+    #: kohya's noise_offset_random_strength: each step's offset strength drawn uniformly from [0, noise_offset]
+    noise_offset_random_strength: bool = False
+    #: kohya's adaptive_noise_scale: the offset grows by this times each channel's |mean latent| (needs
+    #: noise_offset)
+    adaptive_noise_scale: float | None = None
     min_snr_gamma: float | None = None
     prior_loss_weight: float = 1.0
     save_every_n_epochs: int = 1
@@ -183,6 +188,8 @@ class TrainingConfig:
     #: input perturbation (kohya's ip_noise_gamma; the paper: 0.1): the U-Net sees a little more noise than the
     #: target says
     ip_noise_gamma: float = 0.0
+    #: kohya's ip_noise_gamma_random_strength: each step's γ drawn uniformly from [0, ip_noise_gamma]
+    ip_noise_gamma_random_strength: bool = False
     #: weight the loss by 1/√SNR (kohya's debiased_estimation_loss)
     debiased_estimation_loss: bool = False
     #: kohya's min_timestep / max_timestep: train only on timesteps in [min, max) (absent: 0 and the schedule's
@@ -430,6 +437,13 @@ class TrainConfig:
         if train.noise_offset and train.multires_noise_iterations:  # as kohya refuses them together
             raise ConfigError("training.noise_offset and training.multires_noise_iterations both change the noise's "
                               "low frequencies: use one of them")
+        for option in ("noise_offset_random_strength", "adaptive_noise_scale"):
+            if getattr(train, option) not in (None, False) and not train.noise_offset:
+                raise ConfigError(f"training.{option} changes training.noise_offset, which is 0: set noise_offset "
+                                  "(kohya's guides: 0.05-0.1)")
+        if train.ip_noise_gamma_random_strength and not train.ip_noise_gamma:
+            raise ConfigError("training.ip_noise_gamma_random_strength draws training.ip_noise_gamma's strength, "
+                              "which is 0: set ip_noise_gamma (the paper: 0.1)")
         if net.dim_from_weights and not net.weights:
             raise ConfigError("network.dim_from_weights takes the ranks from network.weights, which is not set: "
                               "give --network-weights FILE")

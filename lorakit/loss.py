@@ -1,7 +1,9 @@
 """The denoising loss of latent diffusion training, with the options people use.
 
 - epsilon or v-prediction targets (whatever the model was trained with);
-- noise offset (Guttenberg's trick for very dark/bright images): ``noise += offset · N(0, 1)`` per channel;
+- noise offset (Guttenberg's trick for very dark/bright images): ``noise += offset · N(0, 1)`` per channel, its
+  strength drawn at random or grown with the latents' mean (kohya's ``noise_offset_random_strength``,
+  ``adaptive_noise_scale``);
 - multi-resolution ("pyramid") noise (Whitaker): noise at ever coarser random scales, upsampled and added with
   weights ``discount^i``, then scaled back to unit variance (kohya's ``multires_noise_iterations``/``_discount``);
 - input perturbation (Ning et al. 2023, kohya's ``ip_noise_gamma``): the U-Net sees latents noised with
@@ -64,16 +66,25 @@ def multires_noise(noise: torch.Tensor, generator: torch.Generator, iterations: 
 
 def add_training_noise(scheduler, latents: torch.Tensor, generator: torch.Generator, prediction_type: str,
                        noise_offset: float = 0.0, *, multires_iterations: int = 0, multires_discount: float = 0.3,
-                       ip_noise_gamma: float = 0.0, timestep_range: tuple[int | None, int | None] = (None, None)
-                       ) -> NoisedBatch:
+                       ip_noise_gamma: float = 0.0, timestep_range: tuple[int | None, int | None] = (None, None),
+                       noise_offset_random_strength: bool = False, adaptive_noise_scale: float | None = None,
+                       ip_noise_gamma_random_strength: bool = False) -> NoisedBatch:
     """Draw noise and timesteps (from ``generator``, so a step is reproducible) and build the target.  An option
     left off draws nothing, so the other draws stay what they were without it.  ``timestep_range``: kohya's
-    [min_timestep, max_timestep), None for the schedule's ends."""
+    [min_timestep, max_timestep), None for the schedule's ends.  ``noise_offset_random_strength`` /
+    ``ip_noise_gamma_random_strength``: the strength is drawn uniformly below the given one, once per batch;
+    ``adaptive_noise_scale``: the offset grows with each channel's |mean latent| (kohya's three options)."""
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
     if noise_offset:
+        strength: float | torch.Tensor = noise_offset
+        if noise_offset_random_strength:
+            strength = noise_offset * float(torch.rand((), generator=generator))
+        if adaptive_noise_scale is not None:  # brighter or darker images get a larger offset, never below 0
+            strength = torch.clamp(strength + adaptive_noise_scale * latents.mean(dim=(2, 3), keepdim=True).abs(),
+                                   min=0.0)
         offset = torch.randn((b, latents.shape[1], 1, 1), generator=generator, dtype=latents.dtype)
-        noise = noise + noise_offset * offset.to(latents.device)
+        noise = noise + strength * offset.to(latents.device)
     if multires_iterations:
         noise = multires_noise(noise, generator, multires_iterations, multires_discount)
     length = scheduler.config.num_train_timesteps
@@ -86,8 +97,10 @@ def add_training_noise(scheduler, latents: torch.Tensor, generator: torch.Genera
     timesteps = timesteps.to(latents.device)
     seen = noise
     if ip_noise_gamma:  # the input is noised a little more than the target says
+        gamma = ip_noise_gamma * float(torch.rand((), generator=generator)) if ip_noise_gamma_random_strength \
+            else ip_noise_gamma
         extra = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-        seen = noise + ip_noise_gamma * extra
+        seen = noise + gamma * extra
     noisy = scheduler.add_noise(latents, seen, timesteps)
     if prediction_type == "epsilon":
         target = noise

@@ -29,6 +29,7 @@ TRAINING_FIELDS = (
     "prior_loss_weight", "scale_weight_norms", "multires_noise_iterations", "multires_noise_discount",
     "ip_noise_gamma", "debiased_estimation", "max_token_length", "loss_type", "huber_schedule", "huber_c",
     "v_pred_like_loss", "scale_v_pred_loss_like_noise_pred", "masked_loss",
+    "noise_offset_random_strength", "ip_noise_gamma_random_strength", "adaptive_noise_scale",
 )
 FIELDS = NETWORK_FIELDS + TRAINING_FIELDS
 

@@ -185,6 +185,9 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
         multires_noise_iterations=cfg.training.multires_noise_iterations or "None",
         multires_noise_discount=cfg.training.multires_noise_discount,
         ip_noise_gamma=cfg.training.ip_noise_gamma or "None",
+        noise_offset_random_strength=bool(cfg.training.noise_offset_random_strength),
+        ip_noise_gamma_random_strength=bool(cfg.training.ip_noise_gamma_random_strength),
+        adaptive_noise_scale=str(cfg.training.adaptive_noise_scale),
         debiased_estimation=bool(cfg.training.debiased_estimation_loss),
         v_pred_like_loss=cfg.training.v_pred_like_loss or "None",
         scale_v_pred_loss_like_noise_pred=bool(cfg.training.scale_v_pred_loss_like_noise_pred),
@@ -217,7 +220,10 @@ def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, bat
                                 options.noise_offset, multires_iterations=options.multires_noise_iterations,
                                 multires_discount=options.multires_noise_discount,
                                 ip_noise_gamma=options.ip_noise_gamma,
-                                timestep_range=(options.min_timestep, options.max_timestep))
+                                timestep_range=(options.min_timestep, options.max_timestep),
+                                noise_offset_random_strength=options.noise_offset_random_strength,
+                                adaptive_noise_scale=options.adaptive_noise_scale,
+                                ip_noise_gamma_random_strength=options.ip_noise_gamma_random_strength)
     captions = [method.expand_prompt(c) for c in batch.captions]
     ids = tokenize_prompts(model.tokenizer, captions, cfg.model.max_token_length).to(device)
     with accelerator.autocast():

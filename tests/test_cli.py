@@ -124,6 +124,11 @@ def test_every_kohya_translation_is_an_option_or_a_setting_that_exists():
                        "{KEY = VALUE}": "{factor = 8}",
                        "MARK": "|||"}
             cfg = TrainConfig()
+            needs = {"training.noise_offset_random_strength": "training.noise_offset",
+                     "training.adaptive_noise_scale": "training.noise_offset",
+                     "training.ip_noise_gamma_random_strength": "training.ip_noise_gamma"}  # what they change
+            if dotted in needs:
+                set_option(cfg, needs[dotted], "0.1")
             set_option(cfg, dotted, example.get(value, value))
             cfg.validate()
         elif lorakit_says.startswith("--"):

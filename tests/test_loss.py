@@ -37,6 +37,42 @@ def test_without_options_the_noise_timesteps_and_target_are_the_plain_draws():
     assert torch.equal(got.noisy_latents, SCHEDULER.add_noise(latents, noise, timesteps))
 
 
+def test_random_and_adaptive_strengths_are_kohyas_formulas_on_the_steps_own_draws():
+    latents = _latents() + torch.tensor([0.5, -1.0, 0.0, 2.0]).reshape(1, 4, 1, 1)  # channels of other means
+    got = add_training_noise(SCHEDULER, latents, torch.Generator().manual_seed(7), "epsilon", 0.1,
+                             noise_offset_random_strength=True, adaptive_noise_scale=0.05)
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(latents.shape, generator=g)
+    strength = 0.1 * float(torch.rand((), generator=g)) + 0.05 * latents.mean(dim=(2, 3), keepdim=True).abs()
+    offset = torch.randn((4, 4, 1, 1), generator=g)
+    torch.testing.assert_close(got.target, noise + strength * offset)
+    assert strength.shape == (4, 4, 1, 1) and float(strength[:, 3].min()) > float(strength[:, 2].max())
+
+    got = add_training_noise(SCHEDULER, latents, torch.Generator().manual_seed(7), "epsilon", ip_noise_gamma=0.1,
+                             ip_noise_gamma_random_strength=True)
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(latents.shape, generator=g)
+    timesteps = torch.randint(0, 1000, (4,), generator=g)
+    gamma = 0.1 * float(torch.rand((), generator=g))
+    seen = noise + gamma * torch.randn(latents.shape, generator=g)
+    assert torch.equal(got.target, noise) and torch.equal(got.timesteps, timesteps)
+    torch.testing.assert_close(got.noisy_latents, SCHEDULER.add_noise(latents, seen, timesteps))
+
+
+def test_the_strength_options_need_the_strength_they_change():
+    from lorakit.config import ConfigError, TrainConfig
+
+    for option, value in (("noise_offset_random_strength", True), ("adaptive_noise_scale", 0.05),
+                          ("ip_noise_gamma_random_strength", True)):
+        cfg = TrainConfig()
+        setattr(cfg.training, option, value)
+        with pytest.raises(ConfigError, match=f"training.{option}"):
+            cfg.validate()
+    cfg = TrainConfig()
+    cfg.training.noise_offset, cfg.training.adaptive_noise_scale = 0.05, 0.01
+    cfg.validate()
+
+
 def test_a_timestep_range_draws_only_from_it_and_the_full_range_is_the_plain_draw():
     latents = _latents(b=256)
     got = add_training_noise(SCHEDULER, latents, torch.Generator().manual_seed(3), "epsilon",
@@ -155,12 +191,15 @@ def test_a_run_with_the_noise_options_records_them_and_refuses_two_low_frequency
 
     data = write_dataset(tmp_path / "data")
     training = {"max_epochs": 1, "multires_noise_iterations": 6, "multires_noise_discount": 0.3,
-                "ip_noise_gamma": 0.1, "debiased_estimation_loss": True, "loss_type": "huber"}
+                "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True, "debiased_estimation_loss": True,
+                "loss_type": "huber"}
     run_train(make_config(tiny_model_dir, data, tmp_path / "run", training=training))
     meta = read_adapter(tmp_path / "run" / "lorakit.safetensors").metadata
     assert (meta["ss_multires_noise_iterations"], meta["ss_multires_noise_discount"], meta["ss_ip_noise_gamma"],
             meta["ss_debiased_estimation"], meta["ss_loss_type"], meta["ss_huber_schedule"]) == \
         ("6", "0.3", "0.1", "True", "huber", "snr")
+    assert (meta["ss_ip_noise_gamma_random_strength"], meta["ss_noise_offset_random_strength"],
+            meta["ss_adaptive_noise_scale"]) == ("True", "False", "None")
     with pytest.raises(ConfigError, match="training.noise_offset and training.multires_noise_iterations"):
         make_config(tiny_model_dir, data, tmp_path / "x",
                     training={"noise_offset": 0.05, "multires_noise_iterations": 6}).validate()
