@@ -282,10 +282,6 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 check_resume_settings(run.path / "config.toml", cfg)
             run.write_text("config.toml", to_toml(with_absolute_paths(cfg)))
             print(opening_line(cfg))
-            if tracker_dir is not None and tracker_dir.resolve() == (run.path / "logs").resolve():
-                run.make_dir("logs")  # the run's own: an overwrite removes it with the rest
-        if tracker_dir is not None:
-            accelerator.init_trackers(cfg.output.name, config=hyperparameters(cfg.to_dict()))
         sample_stop = _sample_stop(cfg)  # its prompt file is read before the model is loaded
         # a resumed run's checkpoint holds what the adapter file started: the file is not read (it may be gone)
         start_file: AdapterFile | bool = False
@@ -395,6 +391,10 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             if run.created and run.path.is_dir() and not any(run.path.iterdir()):
                 run.path.rmdir()
         raise
+    if tracker_dir is not None:  # once the run is set up: one that fails before leaves no tracker files behind
+        if is_main and tracker_dir.resolve() == (run.path / "logs").resolve():
+            run.make_dir("logs")  # the run's own: an overwrite removes it with the rest
+        accelerator.init_trackers(cfg.output.name, config=hyperparameters(cfg.to_dict()))
 
     stop_decision = None
     if sample_stop is not None and step == 0:

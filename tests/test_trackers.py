@@ -49,3 +49,10 @@ def test_an_unknown_tracker_is_refused_before_the_run(tiny_model_dir, tmp_path, 
     assert main(["train", "--data", str(write_dataset(tmp_path / "data")), "--model", str(tiny_model_dir),
                  "--out", str(tmp_path / "run"), "--set", "output.log_with=wandb", "--no-progress"]) == 2
     assert "output.log_with" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_tracker_files(tiny_model_dir, tmp_path, capsys):
+    assert main(["train", "--data", str(write_dataset(tmp_path / "data")), "--model", str(tiny_model_dir),
+                 "--out", str(tmp_path / "run"), "--set", "output.log_with=tensorboard", "--no-progress",
+                 "--network-weights", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err and not (tmp_path / "run").exists()
