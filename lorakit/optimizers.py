@@ -76,6 +76,9 @@ def _adafactor(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
                                 "scale_parameter": False, "warmup_init": False, **opt.args})
 
 
+#: the dadaptation package's optimizers, by their class names (kohya's optimizer_type names)
+_DADAPTATION = ("DAdaptAdam", "DAdaptLion", "DAdaptSGD", "DAdaptAdaGrad", "DAdaptAdan")
+
 #: name -> builder(param_groups, OptimizerConfig)
 OPTIMIZERS: dict[str, Callable[[list[dict], Any], torch.optim.Optimizer]] = {
     "adamw": _adamw,
@@ -84,11 +87,10 @@ OPTIMIZERS: dict[str, Callable[[list[dict], Any], torch.optim.Optimizer]] = {
     "prodigy": _prodigy,
     "lion": _lion,
     "adafactor": _adafactor,
-    **{name.lower(): _dadaptation(name)
-       for name in ("DAdaptAdam", "DAdaptLion", "DAdaptSGD", "DAdaptAdaGrad", "DAdaptAdan")},
+    **{name.lower(): _dadaptation(name) for name in _DADAPTATION},
 }
 #: the optimizers that find their own step size: the learning rate multiplies it, and belongs near 1
-ADAPTIVE = ("prodigy", "dadaptadam", "dadaptlion", "dadaptsgd", "dadaptadagrad", "dadaptadan")
+ADAPTIVE = ("prodigy", *(name.lower() for name in _DADAPTATION))
 
 
 def adaptive_lr_note(optimizer: str, learning_rates: list[float]) -> str | None:

@@ -197,7 +197,7 @@ def _trained_with(given: str | None, runs, setting: str) -> str | None:
     if not runs or values == {None}:
         return None
     if len(values) > 1:
-        default = "the built-in model" if setting == "base" else "the model's own"
+        default = "the built-in model" if setting == "base" else "the model's own VAE"
         named = ", ".join(sorted(f"{r.name}: {r.settings.get(setting) or default}" for r in runs))
         raise EvalCommandError(f"the runs were trained {preposition} different {things} ({named}); evaluate them "
                                f"separately, or choose one with {flag}")
