@@ -322,7 +322,8 @@ def counting_backend(graphs: list) -> str:
     return name
 
 
-@pytest.mark.parametrize("algorithm", ["lora", "loha"])
+# LoHa's compiled run (its autograd Function traced) is the slower half: with pytest -m extended
+@pytest.mark.parametrize("algorithm", ["lora", pytest.param("loha", marks=pytest.mark.extended)])
 def test_a_compiled_unet_trains_the_same_adapter_as_the_eager_one(tiny_model_dir, dataset, tmp_path, algorithm):
     """``model.compile``: torch.compile traces the training step (the adapters' forward and backward included,
     LoHa's autograd Function too) and trains what eager mode trains, compiling once: sampling, checkpoints and
