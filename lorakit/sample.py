@@ -503,8 +503,52 @@ def trained_text_settings(adapters: Sequence[str | os.PathLike], clip_skip: int 
     return settings, said
 
 
+def _trained_flags(adapters: Sequence[str | os.PathLike], key: str) -> dict[Path, bool]:
+    """What each adapter file says about a kohya yes/no entry (``ss_v_parameterization``: "True"/"False");
+    files that do not say, or cannot be read (reading them as adapters says what is wrong, later), are left out."""
+    said = {}
+    for path in map(Path, adapters):
+        try:
+            with safe_open(str(path), "pt") as f:
+                value = (f.metadata() or {}).get(key)
+        except (OSError, SafetensorError):
+            continue
+        if value in ("True", "False"):
+            said[path] = value == "True"
+    return said
+
+
+def adopt_trained_schedule(model: BaseModel, adapters: Sequence[str | os.PathLike]) -> list[str]:
+    """Sample ``model`` on the schedule the adapters were trained on (kohya's ``ss_v_parameterization`` and
+    ``ss_zero_terminal_snr``) where the model does not already: a single-file SD2 768-v checkpoint does not say it
+    predicts v, and its adapter sampled as ε gives noise.  Returns a line for each change.  Adapters that disagree
+    are an error; an adapter trained as ε on a model that predicts v is the user's choice of base and left alone."""
+    lines = []
+    v_said = _trained_flags(adapters, "ss_v_parameterization")
+    snr_said = _trained_flags(adapters, "ss_zero_terminal_snr")
+    for what, said in (("v-prediction", v_said), ("zero terminal SNR", snr_said)):
+        if len(set(said.values())) > 1:
+            listed = ", ".join(f"{p}: {'with' if v else 'without'}" for p, v in said.items())
+            raise InvalidValueError(f"the adapters were trained with and without {what} ({listed}); sample them "
+                                    "separately")
+    v_prediction = any(v_said.values()) or model.prediction_type == "v_prediction"
+    rescaled = bool(model.scheduler_config.get("rescale_betas_zero_snr", False))
+    zero_snr = any(snr_said.values()) and not rescaled
+    if zero_snr and not v_prediction:  # kohya allows it for ε; lorakit's sampler cannot denoise pure noise
+        lines.append("the adapters were trained with zero terminal SNR on an ε-prediction model: sampled on the "
+                     "model's own schedule")
+        zero_snr = False
+    if v_prediction and model.prediction_type != "v_prediction":
+        lines.append("v-prediction, as the adapters were trained (ss_v_parameterization)")
+    if zero_snr:
+        lines.append("zero terminal SNR, as the adapters were trained (ss_zero_terminal_snr)")
+    if v_prediction != (model.prediction_type == "v_prediction") or zero_snr:
+        model.set_schedule("v_prediction" if v_prediction else None, zero_terminal_snr=zero_snr or rescaled)
+    return lines
+
+
 __all__ = ["SamplePrompt", "PromptSyntaxError", "SAMPLERS", "parse_prompt_line", "parse_prompt_dict",
            "parse_prompt_text", "load_prompts", "sampler_name", "make_scheduler", "generate", "image_grid",
            "save_sample_grid", "resolve_prompts", "generate_with_adapters", "sample_paths", "save_samples",
-           "trained_text_settings"]
+           "trained_text_settings", "adopt_trained_schedule"]
 

@@ -209,6 +209,11 @@ def _trained_with(given: str | None, runs, setting: str) -> str | None:
     return value
 
 
+def _schedule(model) -> str:
+    """What of the model's schedule changes its images that its file's hash does not say."""
+    return f"{model.prediction_type} zero-snr={bool(model.scheduler_config.get('rescale_betas_zero_snr', False))}"
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     import lorakit.world.evaluation  # noqa: F401  (registers the world reader and the world's exact metrics)
@@ -232,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.evaluate.report import page_from_eval, render_html
     from lorakit.host_memory import keep_freed_memory
     from lorakit.models import check_clip_skip, load_base_model
-    from lorakit.sample import trained_text_settings
+    from lorakit.sample import adopt_trained_schedule, trained_text_settings
     from lorakit.vae import use_vae
 
     # everything is checked before anything is written
@@ -260,12 +265,17 @@ def run(args: argparse.Namespace) -> int:
     model = load_base_model(args.model)
     use_vae(model, args.vae)
     check_clip_skip(model, settings.clip_skip)
+    own_schedule = _schedule(model)
+    for line in adopt_trained_schedule(model, [c.path for c in checkpoints if c.path]):
+        print(f"lorakit eval: {line}")
     check_checkpoints(model, checkpoints)  # a file that does not fit fails here, before any image is made
 
     # what this call measures; the same call again continues it, another one does not replace it unasked
     base_hash = model_hash(args.model)
     if args.vae:  # another VAE decodes other images (the key is unchanged without one: old caches stay valid)
         base_hash = hashlib.sha256(f"{base_hash} vae {model_hash(args.vae)}".encode()).hexdigest()[:16]
+    if _schedule(model) != own_schedule:  # the base model's own images change with its schedule too
+        base_hash = hashlib.sha256(f"{base_hash} schedule {_schedule(model)}".encode()).hexdigest()[:16]
     call = _call_fingerprint(image_keys(base_hash, checkpoints, jobs, settings), specs, data, args.shap)
     _check_out_folder(args.out, call, args.overwrite)
     cache = ImageCache(args.cache or args.out / "cache")

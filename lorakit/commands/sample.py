@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.models import check_clip_skip, load_base_model
     from lorakit.sample import (
         SamplePrompt,
+        adopt_trained_schedule,
         generate_with_adapters,
         load_prompts,
         parse_prompt_line,
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_base_model(args.model, device=device)
     use_vae(model, args.vae)
     check_clip_skip(model, text["clip_skip"])
+    said += adopt_trained_schedule(model, [spec.path for spec in specs])
     prompts = [replace(p, seed=p.seed if p.seed is not None else args.seed + i) for i, p in enumerate(prompts)]
     images = generate_with_adapters(model, specs, prompts, merged=args.merged, embeddings=args.embedding,
                                     batch_size=args.batch_size, progress=False, **text)
