@@ -181,6 +181,9 @@ class TrainingConfig:
     min_snr_gamma: float | None = None
     prior_loss_weight: float = 1.0
     save_every_n_epochs: int = 1
+    #: kohya's save_last_n_epochs: keep only the last N saved checkpoints, and those early stopping may still
+    #: hand back (absent: every one)
+    save_last_n_epochs: int | None = None
     #: kohya's multi-resolution noise: this many coarser noise layers (kohya's guides: 6-10; 0: off), each weighted
     #: by ``multires_noise_discount`` to the power of its level (lorakit.loss)
     multires_noise_iterations: int = 0
@@ -354,6 +357,9 @@ class TrainConfig:
              "a positive integer (or absent: the epochs decide)", train.max_steps),
             (_positive_int(train.save_every_n_epochs), "training.save_every_n_epochs", "a positive integer",
              train.save_every_n_epochs),
+            (train.save_last_n_epochs is None or _positive_int(train.save_last_n_epochs),
+             "training.save_last_n_epochs", "a positive integer (or absent: every checkpoint is kept)",
+             train.save_last_n_epochs),
             (_at_least(train.noise_offset, 0), "training.noise_offset", "0 or more", train.noise_offset),
             (train.min_snr_gamma is None or _at_least(train.min_snr_gamma, 0, strict=True),
              "training.min_snr_gamma", "positive (or absent)", train.min_snr_gamma),
@@ -536,7 +542,8 @@ def compile_backends() -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- resume
 #: settings that may change when a run is resumed: they decide what happens next, not what was trained so far
-RESUMABLE = ("training.max_epochs", "training.max_steps", "training.save_every_n_epochs", "output.name",
+RESUMABLE = ("training.max_epochs", "training.max_steps", "training.save_every_n_epochs",
+             "training.save_last_n_epochs", "output.name",
              "output.save_precision", "model.gradient_checkpointing", "model.compile", "model.compile_mode",
              "model.compile_backend", "data.cache_latents_to_disk", "data.cache_dir",
              "data.verify_images", "data.upscale_warning_factor", "data.orphan_captions", "sample.prompts",

@@ -480,11 +480,14 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                              "stopped_early": stop_decision is not None, "data": fingerprint}
                     run.save_checkpoint(epoch, method.trained_tensors(), state,
                                         metadata=metadata_for(cfg, data, model, epoch, step))
-                    if cfg.method.kind == "native":  # a whole U-Net per epoch: keep only what may be handed back
+                    # native: a whole U-Net per epoch, so only what may be handed back is kept, as with
+                    # kohya's save_last_n_epochs (plus the last N)
+                    if cfg.method.kind == "native" or cfg.training.save_last_n_epochs is not None:
                         earliest = _earliest_handed_back_step(cfg, stop_decision, sample_stop, monitor,
                                                               steps_per_epoch)
                         run.prune_checkpoints(checkpoints_to_keep([c.epoch for c in run.checkpoints()],
-                                                                  steps_per_epoch, earliest))
+                                                                  steps_per_epoch, earliest,
+                                                                  cfg.training.save_last_n_epochs))
                 if is_main and prompts and (epoch % cfg.sample.every_n_epochs == 0 or stop_decision is not None):
                     _sample(model, method, prompts, run.sample_path(f"epoch-{epoch:04d}"), accelerator, cfg)
     except KeyboardInterrupt:
@@ -736,14 +739,17 @@ def _sample(model: BaseModel, method: TrainingMethod, prompts: list[SamplePrompt
     return images
 
 
-def checkpoints_to_keep(saved: list[int], steps_per_epoch: int, earliest_step: int | None) -> set[int]:
-    """The saved epochs that ``_checkpoint_epoch_for`` may still hand back, and the last one (resume, result).
+def checkpoints_to_keep(saved: list[int], steps_per_epoch: int, earliest_step: int | None,
+                        last_n: int | None = None) -> set[int]:
+    """The saved epochs that ``_checkpoint_epoch_for`` may still hand back, the last one (resume, result), and
+    the last ``last_n`` (kohya's save_last_n_epochs).
 
     ``earliest_step``: no turning point can come before it (``monitor.earliest_candidate_step()``); None when
     nothing is ever handed back (early stopping off).  An epoch ending before another that ends at or before
     ``earliest_step`` can never be the nearest to a later turning point.
     """
-    keep = {max(saved)} if saved else set()
+    keep = set(sorted(saved)[-last_n:]) if last_n else set()
+    keep |= {max(saved)} if saved else set()
     if earliest_step is not None:
         before = [e for e in saved if e * steps_per_epoch <= earliest_step]
         first = max(before) if before else min(saved, default=0)

@@ -701,6 +701,30 @@ def test_checkpoints_to_keep_are_those_early_stopping_may_hand_back():
     assert checkpoints_to_keep(saved, 10, 30) == {3, 4, 5}
     assert checkpoints_to_keep(saved, 10, 0) == set(saved)
     assert checkpoints_to_keep([], 10, 5) == set()
+    # kohya's save_last_n_epochs: the last N, and still every checkpoint early stopping may hand back
+    assert checkpoints_to_keep(saved, 10, None, last_n=2) == {4, 5}
+    assert checkpoints_to_keep(saved, 10, 26, last_n=1) == {2, 3, 4, 5}
+    assert checkpoints_to_keep(saved, 10, 46, last_n=3) == {3, 4, 5}
+    assert checkpoints_to_keep([3], 10, None, last_n=2) == {3}
+
+
+def test_save_last_n_epochs_keeps_the_last_checkpoints_and_resumes_from_them(tiny_model_dir, dataset, tmp_path):
+    from lorakit.config import ConfigError
+    from lorakit.run_manifest import RunManifest
+
+    out = tmp_path / "run"
+    result = run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 4, "save_last_n_epochs": 2}))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0003", "epoch-0004"]
+    manifest = RunManifest(out)
+    assert not any("epoch-0001" in p or "epoch-0002" in p for p in manifest.files | manifest.dirs)  # forgotten
+    assert any("epoch-0003" in p for p in manifest.files)
+    assert result.final_epoch == 4
+    cfg = make_config(tiny_model_dir, dataset, out, training={"max_epochs": 6, "save_last_n_epochs": 3})
+    cfg.output.if_exists = "resume"
+    run_train(cfg)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0004", "epoch-0005", "epoch-0006"]
+    with pytest.raises(ConfigError, match="training.save_last_n_epochs"):
+        make_config(tiny_model_dir, dataset, out, training={"save_last_n_epochs": 0}).validate()
 
 
 def test_a_native_run_prunes_up_to_the_earliest_step_it_may_still_hand_back():

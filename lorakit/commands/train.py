@@ -77,6 +77,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--lr-scheduler": "--set optimizer.lr_scheduler=NAME",
     "--lr-warmup-steps": "--set optimizer.lr_warmup_steps=N",
     "--save-every-n-epochs": "--set training.save_every_n_epochs=N",
+    "--save-last-n-epochs": "--set training.save_last_n_epochs=N",
     "--gradient-checkpointing": "--set model.gradient_checkpointing=true",
     "--gradient-accumulation-steps": "--set optimizer.gradient_accumulation_steps=N",
     "--max-grad-norm": "--set optimizer.max_grad_norm=X", "--noise-offset": "--set training.noise_offset=X",
