@@ -184,6 +184,11 @@ class TrainingConfig:
     #: kohya's save_last_n_epochs: keep only the last N saved checkpoints, and those early stopping may still
     #: hand back (absent: every one)
     save_last_n_epochs: int | None = None
+    #: the validation loss of the images data.validation_split holds out (kohya's options): every N epochs (absent:
+    #: every epoch), and also every N steps; at most ``max_validation_steps`` batches each time (absent: all)
+    validate_every_n_epochs: int | None = None
+    validate_every_n_steps: int | None = None
+    max_validation_steps: int | None = None
     #: kohya's multi-resolution noise: this many coarser noise layers (kohya's guides: 6-10; 0: off), each weighted
     #: by ``multires_noise_discount`` to the power of its level (lorakit.loss)
     multires_noise_iterations: int = 0
@@ -360,6 +365,12 @@ class TrainConfig:
             (train.save_last_n_epochs is None or _positive_int(train.save_last_n_epochs),
              "training.save_last_n_epochs", "a positive integer (or absent: every checkpoint is kept)",
              train.save_last_n_epochs),
+            (train.validate_every_n_epochs is None or _positive_int(train.validate_every_n_epochs),
+             "training.validate_every_n_epochs", "a positive integer (or absent)", train.validate_every_n_epochs),
+            (train.validate_every_n_steps is None or _positive_int(train.validate_every_n_steps),
+             "training.validate_every_n_steps", "a positive integer (or absent)", train.validate_every_n_steps),
+            (train.max_validation_steps is None or _positive_int(train.max_validation_steps),
+             "training.max_validation_steps", "a positive integer (or absent)", train.max_validation_steps),
             (_at_least(train.noise_offset, 0), "training.noise_offset", "0 or more", train.noise_offset),
             (train.min_snr_gamma is None or _at_least(train.min_snr_gamma, 0, strict=True),
              "training.min_snr_gamma", "positive (or absent)", train.min_snr_gamma),
@@ -543,7 +554,8 @@ def compile_backends() -> list[str]:
 # ------------------------------------------------------------------------------------------------- resume
 #: settings that may change when a run is resumed: they decide what happens next, not what was trained so far
 RESUMABLE = ("training.max_epochs", "training.max_steps", "training.save_every_n_epochs",
-             "training.save_last_n_epochs", "output.name",
+             "training.save_last_n_epochs", "training.validate_every_n_epochs", "training.validate_every_n_steps",
+             "training.max_validation_steps", "output.name",
              "output.save_precision", "model.gradient_checkpointing", "model.compile", "model.compile_mode",
              "model.compile_backend", "data.cache_latents_to_disk", "data.cache_dir",
              "data.verify_images", "data.upscale_warning_factor", "data.orphan_captions", "sample.prompts",

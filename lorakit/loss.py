@@ -111,6 +111,19 @@ def add_training_noise(scheduler, latents: torch.Tensor, generator: torch.Genera
     return NoisedBatch(noisy, timesteps, target)
 
 
+def noise_at(scheduler, latents: torch.Tensor, generator: torch.Generator, prediction_type: str,
+             timestep: int) -> NoisedBatch:
+    """Plain noise from ``generator`` at one fixed ``timestep`` for the whole batch (the validation loss):
+    no offset, no multi-resolution layers, no input perturbation.  A timestep past the schedule's end is
+    taken as its last."""
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+    last = scheduler.config.num_train_timesteps - 1
+    timesteps = torch.full((latents.shape[0],), min(timestep, last), dtype=torch.long, device=latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    return NoisedBatch(noisy, timesteps, target)
+
+
 def min_snr_weight(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
     snr = alphas_cumprod / (1 - alphas_cumprod)

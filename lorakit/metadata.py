@@ -30,6 +30,8 @@ TRAINING_FIELDS = (
     "ip_noise_gamma", "debiased_estimation", "max_token_length", "loss_type", "huber_schedule", "huber_c",
     "v_pred_like_loss", "scale_v_pred_loss_like_noise_pred", "masked_loss",
     "noise_offset_random_strength", "ip_noise_gamma_random_strength", "adaptive_noise_scale",
+    "validation_seed", "validation_split", "max_validation_steps", "validate_every_n_epochs",
+    "validate_every_n_steps",
 )
 FIELDS = NETWORK_FIELDS + TRAINING_FIELDS
 

@@ -8,7 +8,6 @@ a run resumed from a checkpoint continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -43,23 +42,22 @@ from lorakit.earlystop.rules import SIZE_SERIES
 from lorakit.earlystop.samples import SampleStop, SampleTurningPoint, make_sample_stop
 from lorakit.errors import LorakitError
 from lorakit.formats import AdapterFile, read_adapter
-from lorakit.loss import add_training_noise, check_loss_options, diffusion_loss
+from lorakit.loss import check_loss_options
 from lorakit.metadata import ss_metadata
 from lorakit.methods import TrainingMethod, make_method
 from lorakit.models import (
     BaseModel,
     check_clip_skip,
-    encode_prompt_ids,
     load_base_model,
     prompt_token_counts,
     resolve_dtype,
-    tokenize_prompts,
 )
 from lorakit.optimizers import OPTIMIZERS, adaptive_lr_note
 from lorakit.prior import ensure_class_images
 from lorakit.run_manifest import RunManifest
 from lorakit.run_messages import count, estimate_line, next_steps, opening_line
 from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
+from lorakit.step_loss import compute_loss, step_seed, validation_loss
 from lorakit.trackers import check_tracker, hyperparameters, logging_dir, scalars
 from lorakit.vae import use_vae, vae_name
 
@@ -85,11 +83,6 @@ class TrainResult:
     final_epoch: int
     losses: list[float] = field(default_factory=list)
     summary: str = ""
-
-
-def step_seed(seed: int, step: int) -> int:
-    """A seed for one optimizer step, independent of every other step's."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{step}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -194,48 +187,13 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
         loss_type=cfg.training.loss_type, huber_schedule=cfg.training.huber_schedule, huber_c=cfg.training.huber_c,
         output_name=cfg.output.name, training_comment=cfg.output.comment or "None",
     )
+    if data.held_out:  # kohya's names, as it writes them
+        meta.update(ss_metadata(max_validation_steps=str(cfg.training.max_validation_steps),
+                                validate_every_n_epochs=str(cfg.training.validate_every_n_epochs),
+                                validate_every_n_steps=str(cfg.training.validate_every_n_steps)))
     meta["lorakit_method"] = cfg.method.kind
     meta.update(data.kohya_metadata())
     return meta
-
-
-# --------------------------------------------------------------------------------------------------- loss
-def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, batch, step: int,
-                 accelerator: Accelerator, unet=None, text_encoder=None) -> torch.Tensor:
-    """The loss of one batch.  ``unet``/``text_encoder``: the modules to run (accelerate's wrappers in a
-    distributed run, so gradients are synchronised); default the model's own."""
-    unet = model.unet if unet is None else unet  # not `or`: a compiled module has no truth value
-    text_encoder = model.text_encoder if text_encoder is None else text_encoder
-    generator = torch.Generator().manual_seed(step_seed(cfg.training.seed, step))
-    device = accelerator.device
-    if batch.latents is not None:
-        latents = batch.sample_latents(generator)
-    else:
-        with torch.no_grad():
-            pixels = batch.pixel_values.to(device, dtype=model.vae.dtype)
-            latents = model.vae.encode(pixels).latent_dist.sample(generator.manual_seed(step_seed(-1, step)))
-    latents = latents.to(device, dtype=torch.float32) * model.vae.config.scaling_factor
-    options = cfg.training
-    noised = add_training_noise(model.noise_scheduler, latents, generator, model.prediction_type,
-                                options.noise_offset, multires_iterations=options.multires_noise_iterations,
-                                multires_discount=options.multires_noise_discount,
-                                ip_noise_gamma=options.ip_noise_gamma,
-                                timestep_range=(options.min_timestep, options.max_timestep),
-                                noise_offset_random_strength=options.noise_offset_random_strength,
-                                adaptive_noise_scale=options.adaptive_noise_scale,
-                                ip_noise_gamma_random_strength=options.ip_noise_gamma_random_strength)
-    captions = [method.expand_prompt(c) for c in batch.captions]
-    ids = tokenize_prompts(model.tokenizer, captions, cfg.model.max_token_length).to(device)
-    with accelerator.autocast():
-        hidden = encode_prompt_ids(text_encoder, ids, cfg.model.clip_skip)
-        prediction = unet(noised.noisy_latents.to(model.unet.dtype), noised.timesteps,
-                          hidden.to(model.unet.dtype)).sample
-    return diffusion_loss(prediction, noised, model.noise_scheduler, model.prediction_type, options.min_snr_gamma,
-                          batch.is_reg, options.prior_loss_weight, debiased=options.debiased_estimation_loss,
-                          loss_type=options.loss_type, huber_schedule=options.huber_schedule,
-                          huber_c_value=options.huber_c, v_pred_like=options.v_pred_like_loss,
-                          scale_v_like_noise=options.scale_v_pred_loss_like_noise_pred,
-                          mask=None if batch.loss_masks is None else batch.loss_masks.to(device))
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -307,6 +265,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 p.data = p.data.float()
         data = TrainingData(with_class_images(cfg, model, run, is_main, accelerator), seed=cfg.training.seed,
                             default_resolution=model.resolution)
+        _check_validation(cfg, data)
         if is_main and (note := long_captions_note(model, data, cfg.model.max_token_length)):
             print(note)
         if is_main and (note := adaptive_lr_note(cfg.optimizer.optimizer,
@@ -400,6 +359,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     if sample_stop is not None and step == 0:
         # the base model's own score (epoch 0): the smoothing of epoch 1 needs it, as the onset's does
         _score_samples(sample_stop, 0, 0, model, method, cfg, run, accelerator)
+    validated: dict[int, float] = {}  # step -> validation loss, this session
     timer = _StepTimer(first_step=step, warmup=3 if cfg.model.compile else 1)  # compiling spans a few steps
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not (progress and is_main))
     epoch = start_epoch
@@ -442,6 +402,9 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                                               spectral=reading.spectral)
                     if decision.stop:
                         stop_decision = decision
+                if is_main and data.held_out and cfg.training.validate_every_n_steps \
+                        and step % cfg.training.validate_every_n_steps == 0:
+                    record["val_loss"] = validated[step] = _validate(cfg, model, method, data, accelerator)
                 if is_main:
                     run.log(record)
                 if tracker_dir is not None:
@@ -461,6 +424,12 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                     break
             epoch += 1
             skip = 0
+            if is_main and data.held_out and epoch % (cfg.training.validate_every_n_epochs or 1) == 0 \
+                    and step not in validated:  # before the checkpoint: a resumed run does it again
+                validated[step] = _validate(cfg, model, method, data, accelerator)
+                run.log({"step": step, "epoch": epoch, "val_loss": validated[step]})
+                if tracker_dir is not None:
+                    accelerator.log({"val_loss": validated[step]}, step=step)
             if sample_stop is not None:  # scored before saving: the checkpoint's state holds it
                 found = _score_samples(sample_stop, epoch, step, model, method, cfg, run, accelerator)
                 if found is not None and stop_decision is None and cfg.early_stop.mode == "cs-fluctuation":
@@ -550,6 +519,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             "final_loss": losses[-1] if losses else None,
             "mean_loss_last_epoch": sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])),
             "seconds": round(time.time() - started, 1), "data": data.summary(), "trained": method.summary(),
+            "validation": _validation_summary(run, len(data.held_out)) if data.held_out else None,
         }
         run.write_json("summary.json", summary)
         summary_text = "\n".join([_summary_text(summary), *next_steps(run.path, files, cfg)])
@@ -559,6 +529,36 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+_VALIDATION_SETTINGS = ("validate_every_n_epochs", "validate_every_n_steps", "max_validation_steps")
+
+
+def _check_validation(cfg: TrainConfig, data: TrainingData) -> None:
+    """Validation settings with no image held out would silently do nothing: refused."""
+    given = [f"training.{k}" for k in _VALIDATION_SETTINGS if getattr(cfg.training, k) is not None]
+    if given and not data.held_out:
+        raise ConfigError(f"{', '.join(given)}: no image is held out for validation; set data.validation_split "
+                          "(kohya's --validation_split, e.g. 0.1) or validation_split in the dataset TOML")
+
+
+def _validate(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, data: TrainingData,
+              accelerator: Accelerator) -> float:
+    """The held-out images' loss now (the same images, timesteps and noise each time)."""
+    seed = next((d.validation_seed for d in data.datasets if d.validation_seed is not None), cfg.training.seed)
+    loss = validation_loss(cfg, model, method, data.validation_batches(), accelerator, seed,
+                           cfg.training.max_validation_steps)
+    return round(float(loss), 6) if loss is not None else float("nan")
+
+
+def _validation_summary(run: RunFolder, images: int) -> dict[str, Any]:
+    """The run's validation losses (from its log, so a resumed run's earlier ones count): the last and the
+    lowest, with their step and epoch."""
+    run.flush_log()
+    points = [{"step": r["step"], "epoch": r["epoch"], "val_loss": r["val_loss"]} for r in run.read_log()
+              if isinstance(r.get("val_loss"), (int, float)) and math.isfinite(r["val_loss"])]
+    return {"held_out_images": images, "measured": len(points), "last": points[-1] if points else None,
+            "lowest": min(points, key=lambda p: p["val_loss"]) if points else None}
+
+
 def _earliest_handed_back_step(cfg: TrainConfig, stop_decision: Decision | None, sample_stop: SampleStop | None,
                                monitor: CSFluctuationMonitor | None, steps_per_epoch: int) -> int | None:
     """The earliest step whose checkpoint the run may still hand back: the turning point once decided, else the
@@ -814,6 +814,11 @@ def _summary_text(s: dict[str, Any]) -> str:
         lines.append(f"  result = epoch {s['final_epoch']} (no early stop{note})")
         if s.get("undecided"):
             lines.append(f"  early stop: {s['undecided']}")
+    if (v := s.get("validation")) and v["last"]:
+        low = v["lowest"]
+        lines.append(f"  validation loss ({count(v['held_out_images'], 'held-out image')}): last "
+                     f"{v['last']['val_loss']:.4f}, lowest {low['val_loss']:.4f} at step {low['step']} "
+                     f"(epoch {low['epoch']})")
     if s["final_loss"] is not None:
         lines.append(f"  loss: last {s['final_loss']:.4f}, mean over the last epoch {s['mean_loss_last_epoch']:.4f}")
     lines += [f"  wrote {f}" for f in s["files"]]

@@ -83,6 +83,24 @@ def test_page_of_a_training_run_from_its_folder(tmp_path):
         unescape(render_html(page_from_run(undecided)))
 
 
+def test_the_run_page_shows_the_validation_loss_per_epoch(tmp_path):
+    """A run with held-out images (data.validation_split) logs val_loss on steps and at epoch ends."""
+    run = write_run(tmp_path / "run", epochs=2, turning_epoch=1)
+    with (run / "log.jsonl").open("a") as log:
+        for record in ({"step": 2, "epoch": 1, "loss": 0.3, "lr": 1e-3, "val_loss": 0.41},
+                       {"step": 4, "epoch": 1, "val_loss": 0.40}, {"step": 8, "epoch": 2, "val_loss": 0.45}):
+            log.write(json.dumps(record) + "\n")
+    parsed = parse_report(render_html(page_from_run(run)))
+    rows = {label: {m: (v, best) for m, v, _, best in cells}
+            for label, cells in parsed.tables["training: per epoch"]}
+    assert rows["epoch 1"]["validation loss"] == (0.40, True)  # the epoch's last value; the lowest is marked
+    assert rows["epoch 2"]["validation loss"] == (0.45, False)
+    assert rows["epoch 1"]["steps"][0] == 5  # the epoch-end record is not a training step
+    # a run without it has no such column
+    plain = parse_report(render_html(page_from_run(write_run(tmp_path / "plain", epochs=1))))
+    assert all("validation loss" not in {m for m, *_ in cells} for _, cells in plain.tables["training: per epoch"])
+
+
 def test_shap_importance_is_a_table_of_its_own():
     checkpoints, runs, jobs, images, data = setup()
     result = evaluate(checkpoints, runs, jobs, images, {"thumb": ThumbExtractor()}, data, seeds=2)

@@ -89,6 +89,11 @@ class DataConfig:
     #: kohya's alpha_mask: a transparent image's alpha channel masks the loss, so its transparent background is not
     #: learned (the image itself is shown to the VAE on white); opaque images count everywhere
     alpha_mask: bool = False
+    #: kohya's validation_split: this share of each training folder's images (drawn with ``validation_seed``,
+    #: default the training seed) is held out and not trained on; their loss at fixed timesteps and noise is the
+    #: run's validation loss (``training.validate_every_n_epochs``/``_steps``)
+    validation_split: float = 0.0
+    validation_seed: int | None = None
     #: a caption file whose image is missing: "error" (default) or "warn" (kohya ignores it silently)
     orphan_captions: str = "error"
     #: open every image fully before training (catches truncated/corrupt files up front)
@@ -157,6 +162,8 @@ class DatasetConfig:
     max_bucket_reso: int | None = None
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
+    validation_split: float = 0.0
+    validation_seed: int | None = None
 
 
 # ------------------------------------------------------------------------------------------- key tables
@@ -168,7 +175,7 @@ _INHERITED_SUBSET_KEYS = tuple(k for k in SUBSET_KEYS if k not in _SUBSET_ONLY)
 # kohya options lorakit does not implement: refused by name rather than silently changing the training
 KOHYA_UNSUPPORTED = (
     "color_aug", "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "custom_attributes",
-    "validation_seed", "validation_split", "resize_interpolation", "metadata_file", "conditioning_data_dir",
+    "resize_interpolation", "metadata_file", "conditioning_data_dir",
     "network_multiplier",
 )
 # kohya options that only change speed: accepted and ignored

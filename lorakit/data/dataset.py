@@ -10,9 +10,11 @@ and trains on bit-identical batches.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -166,6 +168,8 @@ class TrainingData:
         problems.raise_if_any(str(config.train_data))
         if not any(not r.is_reg for r in self.records):
             raise DatasetError(f"{config.train_data}: only regularization images were found; nothing to train on")
+        self.held_out = self._hold_out(problems)
+        problems.raise_if_any(str(config.train_data))
         self.repeats = self._balance_repeats(problems)
         self.buckets: list[tuple[tuple[int, int], tuple[int, int]]] = []  # per record: (bucket, resized)
         self._assign_buckets(problems)
@@ -189,11 +193,39 @@ class TrainingData:
     def subset_of(self, record: ImageRecord) -> SubsetConfig:
         return self.datasets[record.dataset].subsets[record.subset]
 
+    def _hold_out(self, problems: Problems) -> set[int]:
+        """The records kept for validation (kohya's validation_split): per training folder, the images are
+        shuffled with the validation seed and the last ``len - ceil(len × (1 - split))`` held out, as kohya
+        splits them; never a regularization image."""
+        held: set[int] = set()
+        for d, dataset in enumerate(self.datasets):
+            split = dataset.validation_split
+            if not 0 <= split < 1:
+                problems.error(f"{self.config.train_data} dataset #{d + 1}: validation_split must be at least 0 and "
+                               f"below 1, not {split}")
+                continue
+            if split == 0:
+                continue
+            seed = self.seed if dataset.validation_seed is None else dataset.validation_seed
+            for s, subset in enumerate(dataset.subsets):
+                if subset.is_reg:
+                    continue
+                ids = [i for i, r in enumerate(self.records) if r.dataset == d and r.subset == s]
+                shuffle(ids, seeded_rng("validation", seed, d, s))
+                kept = math.ceil(len(ids) * (1 - split))
+                if ids and kept == len(ids):
+                    problems.error(f"{subset.image_dir}: validation_split {split} of its {len(ids)} images holds "
+                                   f"none out (kohya rounds the training share up); use at least "
+                                   f"{math.ceil(100 / len(ids)) / 100:g}, or more images")
+                held.update(ids[kept:])
+        return held
+
     def _balance_repeats(self, problems: Problems) -> list[int]:
         """Repeats per record; regularization repeats follow kohya: per dataset, reg images are taken in
         order with their own repeats until they match the training samples, then cycled one more repeat each
         until they do (the last image taken may overshoot; reg images beyond that point are not used)."""
-        repeats = [0 if r.is_reg else self.subset_of(r).num_repeats for r in self.records]
+        repeats = [0 if r.is_reg or i in self.held_out else self.subset_of(r).num_repeats
+                   for i, r in enumerate(self.records)]
         for d in range(len(self.datasets)):
             target = sum(n for n, r in zip(repeats, self.records, strict=True) if r.dataset == d)
             reg = [i for i, r in enumerate(self.records) if r.dataset == d and r.is_reg]
@@ -271,7 +303,9 @@ class TrainingData:
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """kohya's ``ss_tag_frequency``: {folder name: {tag: images with it}} over the prepared captions."""
         out: dict[str, dict[str, int]] = {}
-        for rec in self.records:
+        for i, rec in enumerate(self.records):
+            if i in self.held_out:  # not trained on
+                continue
             counts = out.setdefault(rec.folder, {})
             for tag, n in count_tags([rec.caption], self.subset_of(rec).caption_separator).items():
                 counts[tag] = counts.get(tag, 0) + n
@@ -337,6 +371,38 @@ class TrainingData:
                                                                                                  strict=True)])
         return batch
 
+    def validation_batches(self) -> Iterator[Batch]:
+        """The held-out images (``validation_split``) in batches of their dataset's size and bucket, each as it
+        is: its caption without shuffling, dropout or flip, center-cropped; the same batches every call, read as
+        they are iterated."""
+        groups: dict[tuple[int, tuple[int, int]], list[int]] = {}
+        for i in sorted(self.held_out):
+            groups.setdefault((self.records[i].dataset, self.buckets[i][0]), []).append(i)
+        index = 0
+        for (d, _), ids in sorted(groups.items()):
+            size = self.datasets[d].batch_size
+            for k in range(0, len(ids), size):
+                yield self._held_out_batch(ids[k:k + size], index)
+                index += 1
+
+    def _held_out_batch(self, ids: list[int], index: int) -> Batch:
+        captions = []
+        for i in ids:
+            subset = dataclasses.replace(self.subset_of(self.records[i]), shuffle_caption=False,
+                                         caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0,
+                                         caption_tag_dropout_rate=0.0)
+            captions.append(sample_caption(self.records[i].caption, subset, seeded_rng("validation caption", i), 0))
+        batch = Batch(captions=captions, is_reg=torch.zeros(len(ids), dtype=torch.bool),
+                      image_paths=[self.records[i].path for i in ids], flipped=[False] * len(ids), index=index)
+        if any(self.subset_of(self.records[i]).alpha_mask for i in ids):
+            batch.loss_masks = torch.stack([self.alpha(i) for i in ids])
+        if self._latents is not None:
+            batch.latents = torch.stack([self._latents[(i, False)][0] for i in ids])
+            batch.latents_std = torch.stack([self._latents[(i, False)][1] for i in ids])
+        else:
+            batch.pixel_values = torch.stack([self.pixels(i) for i in ids])
+        return batch
+
     def pixels(self, record_index: int, offset: tuple[int, int] | None = None, flip: bool = False) -> torch.Tensor:
         """(3, H, W) in [-1, 1] for one image at its bucket size (center crop unless ``offset`` is given)."""
         bucket, resized = self.buckets[record_index]
@@ -373,10 +439,12 @@ class TrainingData:
                                f"{', '.join(random_crop)}; turn one of them off")
         jobs: dict[tuple[int, bool], EncodeJob] = {}
         for i, rec in enumerate(self.records):
-            if self.repeats[i] == 0:
+            if self.repeats[i] == 0 and i not in self.held_out:
                 continue
             bucket, resized = self.buckets[i]
-            for flip in (False, True) if self.subset_of(rec).flip_aug else (False,):
+            # a held-out image is only ever seen as it is (validation_batches)
+            flips = (False, True) if self.subset_of(rec).flip_aug and i not in self.held_out else (False,)
+            for flip in flips:
                 jobs[(i, flip)] = EncodeJob(rec.path, rec.mtime_ns, rec.file_size, resized, bucket,
                                             crop_offset(resized, bucket), flip)
         by_job = {job: key for key, job in jobs.items()}
@@ -390,10 +458,10 @@ class TrainingData:
     # ------------------------------------------------------------------------------------------- reports
     def summary(self) -> str:
         """Plain text: folders, images × repeats, buckets, regularization images, steps per epoch."""
-        train = [r for r in self.records if not r.is_reg]
+        train = [r for i, r in enumerate(self.records) if not r.is_reg and i not in self.held_out]
         folders: dict[str, list[int]] = {}
         for i, rec in enumerate(self.records):
-            if not rec.is_reg:
+            if not rec.is_reg and i not in self.held_out:
                 folders.setdefault(rec.folder, []).append(self.repeats[i])
         parts = [f"{name}: {len(reps)} × {reps[0]}" for name, reps in folders.items()]
         lines = [f"{len(folders)} folder{'s' if len(folders) != 1 else ''}, {len(train)} images "
@@ -404,10 +472,13 @@ class TrainingData:
                          f"(balanced to the training samples)")
         else:
             lines.append("0 reg images")
+        if self.held_out:
+            split = sorted({f"{d.validation_split:g}" for d in self.datasets if d.validation_split})
+            lines.append(f"{len(self.held_out)} images held out for validation (validation_split {', '.join(split)})")
         for d in range(len(self.schemes)):
             images: dict[tuple[int, int], int] = {}
             for i, rec in enumerate(self.records):
-                if rec.dataset == d:
+                if rec.dataset == d and i not in self.held_out:
                     images[self.buckets[i][0]] = images.get(self.buckets[i][0], 0) + 1
             listing = ", ".join(f"{w}×{h} ({n})" for (w, h), n in sorted(images.items(), key=lambda kv: -kv[1]))
             prefix = f"dataset #{d + 1}: " if len(self.schemes) > 1 else ""
@@ -422,7 +493,8 @@ class TrainingData:
         reg_dirs: dict[str, dict] = {}
         for d, dataset in enumerate(self.datasets):
             for s, subset in enumerate(dataset.subsets):
-                count = sum(1 for r in self.records if r.dataset == d and r.subset == s)
+                count = sum(1 for i, r in enumerate(self.records)
+                            if r.dataset == d and r.subset == s and i not in self.held_out)
                 target = reg_dirs if subset.is_reg else dirs
                 target[Path(subset.image_dir).name] = {"n_repeats": subset.num_repeats, "img_count": count}
         first = self.datasets[0]
@@ -437,6 +509,8 @@ class TrainingData:
             masked_loss=any(s.alpha_mask for d in self.datasets for s in d.subsets),
             min_bucket_reso=self.schemes[0].min_reso,
             max_bucket_reso=self.schemes[0].max_reso, batch_size_per_device=first.batch_size,
+            **({"validation_split": first.validation_split, "validation_seed": str(first.validation_seed)}
+               if self.held_out else {}),
         )
 
 

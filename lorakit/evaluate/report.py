@@ -498,28 +498,37 @@ def page_from_run(run_dir: str | Path) -> Page:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
-            if not any(_finite(rec.get(key)) for key in ("loss", "cs")):
+            if not any(_finite(rec.get(key)) for key in ("loss", "cs", "val_loss")):
                 continue  # not a training step (a sample score of the sample stop)
-            slot = per_epoch.setdefault(int(rec.get("epoch", 0)), {"loss": [], "cs": []})
-            for key in ("loss", "cs"):
+            slot = per_epoch.setdefault(int(rec.get("epoch", 0)), {"loss": [], "cs": [], "val_loss": []})
+            for key in ("loss", "cs", "val_loss"):
                 if _finite(rec.get(key)):
                     slot[key].append(float(rec[key]))
     if per_epoch:
+        # the held-out images' loss (data.validation_split), when the run measured it: its last value per epoch
+        validated = any(v["val_loss"] for v in per_epoch.values())
         rows = [(f"epoch {e}", [sum(v["loss"]) / len(v["loss"]) if v["loss"] else None,
-                                v["cs"][-1] if v["cs"] else None, float(len(v["loss"]))])
+                                v["cs"][-1] if v["cs"] else None, float(len(v["loss"]))]
+                 + ([v["val_loss"][-1] if v["val_loss"] else None] if validated else []))
                 for e, v in sorted(per_epoch.items())]
-        page.tables.append(Table("training: per epoch", ["mean loss", "CS at epoch end", "steps"], rows,
-                                 [False, None, None]))
+        page.tables.append(Table("training: per epoch", ["mean loss", "CS at epoch end", "steps"]
+                                 + (["validation loss"] if validated else []), rows,
+                                 [False, None, None] + ([False] if validated else [])))
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(6, 3))
         epochs = [e for e, _ in sorted(per_epoch.items())]
         ax.plot(epochs, [r[1][0] for r in rows], "o-", label="mean loss")
+        if validated:
+            points = [(e, r[1][3]) for e, r in zip(epochs, rows, strict=True) if r[1][3] is not None]
+            ax.plot([e for e, _ in points], [v for _, v in points], "s-", color="C2",
+                    label="validation loss (held-out images)")
         if tp := summary_turning_point(summary):
             ax.axvline(tp.get("epoch"), color="C3", linestyle="--", label=f"turning point (epoch {tp.get('epoch')})")
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        page.charts.append(Chart("mean training loss per epoch", _figure_png(fig)))
+        page.charts.append(Chart("mean training loss per epoch" + (", and the validation loss" if validated else ""),
+                                 _figure_png(fig)))
     if (run / "cs_fluctuation.png").is_file():
         page.charts.append(Chart("CS-Fluctuation (saved by the trainer)", (run / "cs_fluctuation.png").read_bytes()))
     samples = sorted((run / "samples").glob("*.png")) if (run / "samples").is_dir() else []

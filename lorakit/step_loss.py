@@ -1,0 +1,103 @@
+"""The loss of one batch: the training step's (random noise and timestep from the step's seed) and the held-out
+images' validation loss (kohya's fixed timesteps and noise).  Both run the same prediction and loss function."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import torch
+from accelerate import Accelerator
+
+from lorakit.config import TrainConfig
+from lorakit.data.dataset import Batch
+from lorakit.loss import NoisedBatch, add_training_noise, diffusion_loss, noise_at
+from lorakit.methods import TrainingMethod
+from lorakit.models import BaseModel, encode_prompt_ids, tokenize_prompts
+
+#: kohya's validation timesteps (train_network.py): the loss of each held-out batch is averaged over these
+VALIDATION_TIMESTEPS = (10, 350, 500, 650, 990)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A seed for one optimizer step, independent of every other step's."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{step}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def batch_latents(model: BaseModel, batch: Batch, generator: torch.Generator, step: int,
+                  device: torch.device) -> torch.Tensor:
+    """The batch's latents, scaled for the U-Net (float32): a draw from the cached distributions, or the VAE's
+    encoding of its pixels (with a generator seeded from ``step``)."""
+    if batch.latents is not None:
+        latents = batch.sample_latents(generator)
+    else:
+        with torch.no_grad():
+            pixels = batch.pixel_values.to(device, dtype=model.vae.dtype)
+            latents = model.vae.encode(pixels).latent_dist.sample(generator.manual_seed(step_seed(-1, step)))
+    return latents.to(device, dtype=torch.float32) * model.vae.config.scaling_factor
+
+
+def prediction_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, batch: Batch, noised: NoisedBatch,
+                    accelerator: Accelerator, unet=None, text_encoder=None) -> torch.Tensor:
+    """The U-Net's prediction for ``noised`` under the batch's captions, and the run's loss of it."""
+    unet = model.unet if unet is None else unet  # not `or`: a compiled module has no truth value
+    text_encoder = model.text_encoder if text_encoder is None else text_encoder
+    device = accelerator.device
+    options = cfg.training
+    captions = [method.expand_prompt(c) for c in batch.captions]
+    ids = tokenize_prompts(model.tokenizer, captions, cfg.model.max_token_length).to(device)
+    with accelerator.autocast():
+        hidden = encode_prompt_ids(text_encoder, ids, cfg.model.clip_skip)
+        prediction = unet(noised.noisy_latents.to(model.unet.dtype), noised.timesteps,
+                          hidden.to(model.unet.dtype)).sample
+    return diffusion_loss(prediction, noised, model.noise_scheduler, model.prediction_type, options.min_snr_gamma,
+                          batch.is_reg, options.prior_loss_weight, debiased=options.debiased_estimation_loss,
+                          loss_type=options.loss_type, huber_schedule=options.huber_schedule,
+                          huber_c_value=options.huber_c, v_pred_like=options.v_pred_like_loss,
+                          scale_v_like_noise=options.scale_v_pred_loss_like_noise_pred,
+                          mask=None if batch.loss_masks is None else batch.loss_masks.to(device))
+
+
+def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, batch: Batch, step: int,
+                 accelerator: Accelerator, unet=None, text_encoder=None) -> torch.Tensor:
+    """The loss of one training batch.  ``unet``/``text_encoder``: the modules to run (accelerate's wrappers in
+    a distributed run, so gradients are synchronised); default the model's own."""
+    generator = torch.Generator().manual_seed(step_seed(cfg.training.seed, step))
+    latents = batch_latents(model, batch, generator, step, accelerator.device)
+    options = cfg.training
+    noised = add_training_noise(model.noise_scheduler, latents, generator, model.prediction_type,
+                                options.noise_offset, multires_iterations=options.multires_noise_iterations,
+                                multires_discount=options.multires_noise_discount,
+                                ip_noise_gamma=options.ip_noise_gamma,
+                                timestep_range=(options.min_timestep, options.max_timestep),
+                                noise_offset_random_strength=options.noise_offset_random_strength,
+                                adaptive_noise_scale=options.adaptive_noise_scale,
+                                ip_noise_gamma_random_strength=options.ip_noise_gamma_random_strength)
+    return prediction_loss(cfg, model, method, batch, noised, accelerator, unet, text_encoder)
+
+
+def validation_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, batches: Iterable[Batch],
+                    accelerator: Accelerator, seed: int, max_batches: int | None = None) -> float | None:
+    """The held-out images' loss: each batch at each of kohya's ``VALIDATION_TIMESTEPS`` with noise drawn from
+    (``seed``, batch) — the same every call, so the values of one run are comparable — without the noise
+    augmentations (offset, multi-resolution, input perturbation) or any dropout; the mean over batches and
+    timesteps.  None when there is no batch.  Gradients are not kept, and the modules' modes are restored."""
+    modules = [m for m in (model.unet, model.text_encoder)]
+    modes = [m.training for m in modules]
+    losses = []
+    try:
+        for m in modules:
+            m.eval()  # adapter, rank and module dropout off
+        with torch.no_grad():
+            for k, batch in enumerate(batches):
+                if max_batches is not None and k >= max_batches:
+                    break
+                generator = torch.Generator().manual_seed(step_seed(seed, -1 - k))
+                latents = batch_latents(model, batch, generator, -1 - k, accelerator.device)
+                for t in VALIDATION_TIMESTEPS:
+                    noised = noise_at(model.noise_scheduler, latents, generator, model.prediction_type, t)
+                    losses.append(float(prediction_loss(cfg, model, method, batch, noised, accelerator)))
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+    return sum(losses) / len(losses) if losses else None
