@@ -90,7 +90,13 @@ def test_the_run_page_shows_the_validation_loss_per_epoch(tmp_path):
         for record in ({"step": 2, "epoch": 1, "loss": 0.3, "lr": 1e-3, "val_loss": 0.41},
                        {"step": 4, "epoch": 1, "val_loss": 0.40}, {"step": 8, "epoch": 2, "val_loss": 0.45}):
             log.write(json.dumps(record) + "\n")
-    parsed = parse_report(render_html(page_from_run(run)))
+    summary = json.loads((run / "summary.json").read_text())
+    summary["validation"] = {"held_out_images": 3, "measured": 3, "last": {"step": 8, "epoch": 2, "val_loss": 0.45},
+                             "lowest": {"step": 4, "epoch": 1, "val_loss": 0.4}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = render_html(page_from_run(run))
+    assert "validation loss on 3 held-out images: lowest 0.4 at step 4 (epoch 1)" in text
+    parsed = parse_report(text)
     rows = {label: {m: (v, best) for m, v, _, best in cells}
             for label, cells in parsed.tables["training: per epoch"]}
     assert rows["epoch 1"]["validation loss"] == (0.40, True)  # the epoch's last value; the lowest is marked

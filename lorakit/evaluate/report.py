@@ -485,6 +485,11 @@ def page_from_run(run_dir: str | Path) -> Page:
                                 + (", training stopped there" if summary.get("stopped_early") else ", report only"))
         elif summary.get("undecided"):  # why the rule did not stop the run
             page.summary.append(f"early stopping did not decide: {summary['undecided']}")
+        validation = summary.get("validation") or {}
+        if isinstance(validation.get("lowest"), dict):
+            low = validation["lowest"]
+            page.summary.append(f"validation loss on {validation.get('held_out_images', '?')} held-out images: "
+                                f"lowest {low.get('val_loss')} at step {low.get('step')} (epoch {low.get('epoch')})")
     else:
         page.summary.append("no summary.json: the run has not finished (or was interrupted)")
     # loss and CS per epoch from the step log
