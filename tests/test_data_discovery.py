@@ -398,3 +398,15 @@ def test_kohya_caption_separators_are_read_from_a_dataset_toml_and_checked(tmp_p
     toml.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'hoge'\n"
                     "keep_tokens_separator = '|'\nsecondary_separator = '|'\n")
     assert "both '|'" in error(toml)
+
+
+def test_captions_without_the_keep_tokens_separator_are_named_when_shuffling_would_move_their_trigger(tmp_path):
+    make_folder(tmp_path / "1_zkz shape", 3, captions={0: "zkz ||| red, circle", 1: "zkz, blue, star",
+                                                       2: "zkz, green, square"})
+    said = warned(tmp_path, keep_tokens_separator="|||", shuffle_caption=True)
+    assert "2 of 3 captions have no '|||', so shuffle_caption moves their trigger 'zkz'" in said
+    assert "001.png" in said and "000.png" not in said.split("have no")[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetWarning)  # keep_tokens = 1 keeps it in front: nothing to say
+        TrainingData(DataConfig(train_data=str(tmp_path), resolution=64, keep_tokens_separator="|||",
+                                shuffle_caption=True, keep_tokens=1), seed=0)

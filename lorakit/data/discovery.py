@@ -273,6 +273,15 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
     if subset.alpha_mask and records and not any(is_transparent(r.path) for r in records):
         problems.warn(f"{folder}: alpha_mask is on, but none of its images has transparency (an alpha channel): "
                       "their loss is not masked")
+    sep = subset.keep_tokens_separator
+    if (sep and subset.shuffle_caption and subset.keep_tokens == 0 and subset.effective_trigger
+            and subset.inject_trigger and not subset.is_reg):
+        # such a caption falls back to keep_tokens (kohya's rule), and nothing keeps its trigger in front
+        loose = [r.path.name for r in records if r.caption and sep not in r.caption]
+        if loose:
+            problems.warn(f"{folder}: {len(loose)} of {len(records)} captions have no {sep!r}, so shuffle_caption "
+                          f"moves their trigger {subset.effective_trigger!r} around (keep_tokens = 0); put {sep!r} "
+                          f"after the trigger or set keep_tokens = 1: {_some(loose)}")
     uncaptioned = [r.path.name for r in records if not r.caption]
     if uncaptioned and not subset.is_reg:
         problems.warn(f"{folder}: images with no caption file, no trigger and no class: trained with an empty "
