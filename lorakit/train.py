@@ -356,15 +356,15 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         accelerator.init_trackers(cfg.output.name, config=hyperparameters(cfg.to_dict()))
 
     stop_decision = None
-    if sample_stop is not None and step == 0:
-        # the base model's own score (epoch 0): the smoothing of epoch 1 needs it, as the onset's does
-        _score_samples(sample_stop, 0, 0, model, method, cfg, run, accelerator)
     validated: dict[int, float] = {}  # step -> validation loss, this session
     timer = _StepTimer(first_step=step, warmup=3 if cfg.model.compile else 1)  # compiling spans a few steps
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not (progress and is_main))
     epoch = start_epoch
     n_proc, rank = accelerator.num_processes, accelerator.process_index
-    try:
+    try:  # from here on, the tracker's files are recorded in the run's manifest however the run ends
+        if sample_stop is not None and step == 0:
+            # the base model's own score (epoch 0): the smoothing of epoch 1 needs it, as the onset's does
+            _score_samples(sample_stop, 0, 0, model, method, cfg, run, accelerator)
         while epoch < cfg.training.max_epochs and step < total_steps and stop_decision is None:
             local_batches = len(data.epoch_batches(epoch)[rank::n_proc])
             # the plan of the epoch minus the batches already trained, dealt out to the processes

@@ -56,3 +56,34 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_tracker_files(tiny_mod
                  "--out", str(tmp_path / "run"), "--set", "output.log_with=tensorboard", "--no-progress",
                  "--network-weights", str(tmp_path / "missing.safetensors")]) == 2
     assert "missing.safetensors" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+class _FailingScorer:
+    """A user's sample scorer that breaks on the base model's images (the first thing scored)."""
+
+    name = "fail-test"
+    types = ("alter", "agnostic")
+
+    def __call__(self, images, prompts) -> float:
+        raise RuntimeError("the scorer broke")
+
+
+def test_tracker_files_of_a_run_that_fails_on_its_first_sample_score_are_the_runs(tiny_model_dir, tmp_path):
+    from test_earlystop_samples import PROMPTS
+    from test_train import make_config, run_train
+
+    from lorakit.earlystop.samples import register_sample_scorer
+    from lorakit.run_manifest import RunManifest
+
+    register_sample_scorer("fail-test", lambda path: _FailingScorer())
+    (tmp_path / "p.toml").write_text(PROMPTS)
+    out = tmp_path / "run"
+    cfg = make_config(tiny_model_dir, write_dataset(tmp_path / "data"), out,
+                      early_stop={"mode": "cs-fluctuation", "samples": "fail-test",
+                                  "sample_prompts": str(tmp_path / "p.toml")},
+                      output={"log_with": "tensorboard"})
+    with pytest.raises(RuntimeError, match="the scorer broke"):
+        run_train(cfg)
+    written = [p for p in (out / "logs").rglob("*") if p.is_file()]
+    manifest = RunManifest(out)
+    assert written and all(manifest.owns(p) for p in written)  # an overwrite removes them with the rest
