@@ -31,7 +31,7 @@ TRAINING_FIELDS = (
     "v_pred_like_loss", "scale_v_pred_loss_like_noise_pred", "masked_loss",
     "noise_offset_random_strength", "ip_noise_gamma_random_strength", "adaptive_noise_scale",
     "validation_seed", "validation_split", "max_validation_steps", "validate_every_n_epochs",
-    "validate_every_n_steps",
+    "validate_every_n_steps", "resize_interpolation",
 )
 FIELDS = NETWORK_FIELDS + TRAINING_FIELDS
 

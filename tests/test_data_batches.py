@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from data_helpers import data, make_folder, make_image
@@ -230,3 +231,24 @@ def test_works_as_a_torch_dataset(tmp_path):
     d = data(tmp_path / "train", seed=3, **_dataset(tmp_path))
     loader = torch.utils.data.DataLoader(d.epoch_batches(0), batch_size=None, num_workers=0)
     assert _snapshot(loader) == _snapshot(d.epoch_batches(0))
+
+
+def test_resize_interpolation_resizes_as_kohya_names_it(tmp_path):
+    from lorakit.data.images import RESIZE_INTERPOLATIONS, load_rgb
+
+    make_image(tmp_path / "1_zkz" / "a.png", (96, 96), (0, 0, 0))
+    noisy = Image.effect_noise((96, 96), 80).convert("RGB")
+    noisy.save(tmp_path / "1_zkz" / "a.png")
+    pixels = {name: data(tmp_path, resolution=40, resize_interpolation=name).pixels(0)
+              for name in (None, "nearest", "area", "bicubic")}
+    assert len({tuple(p.flatten()[:200].tolist()) for p in pixels.values()}) == 4  # each resizes differently
+    for name in ("nearest", "area"):  # Pillow's filter of that name, and nothing else
+        expected = load_rgb(tmp_path / "1_zkz" / "a.png").resize((40, 40), RESIZE_INTERPOLATIONS[name])
+        assert torch.equal(pixels[name], torch.from_numpy(np.array(expected)).permute(2, 0, 1).float() / 127.5 - 1)
+    toml = tmp_path / "d.toml"
+    toml.write_text(f"[[datasets]]\nresolution = 40\n[[datasets.subsets]]\nimage_dir = '{tmp_path / '1_zkz'}'\n"
+                    "class_tokens = 'zkz'\nresize_interpolation = 'cubic'\n")
+    assert torch.equal(data(toml).pixels(0), pixels["bicubic"])  # kohya's alias
+    assert data(toml).kohya_metadata()["ss_resize_interpolation"] == "cubic"
+    with pytest.raises(DatasetError, match=r"1_zkz: resize_interpolation 'sinc' is not one of lanczos, "):
+        data(tmp_path, resolution=40, resize_interpolation="sinc")

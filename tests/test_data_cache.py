@@ -197,3 +197,16 @@ def test_unused_reg_images_are_not_encoded(tmp_path):
     d.cache_latents(vae)
     assert sum(calls) == 2
     assert all(b.latents is not None for b in d.epoch_batches(0))
+
+
+def test_another_resize_interpolation_gets_latents_of_its_own(tmp_path):
+    """kohya's resize_interpolation changes the pixels the VAE sees; Lanczos (absent) keeps the keys it had."""
+    source, cache = _folder(tmp_path), tmp_path / "cache"
+    vae = tiny_vae(0)
+    data(source, resolution=16).cache_latents(vae, directory=cache)
+    calls = count_encodes(vae)
+    data(source, resolution=16, resize_interpolation="nearest").cache_latents(vae, directory=cache)
+    assert sum(calls) == 3
+    calls = count_encodes(vae)
+    data(source, resolution=16).cache_latents(vae, directory=cache)
+    assert calls == []  # the Lanczos latents are still there, under their old keys

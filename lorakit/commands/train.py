@@ -113,6 +113,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--secondary-separator": "--set data.secondary_separator=MARK",
     "--enable-wildcard": "--set data.enable_wildcard=true",
     "--enable-bucket": "--set data.enable_bucket=true",
+    "--resize-interpolation": "--set data.resize_interpolation=NAME",
     "--bucket-no-upscale": "--set data.bucket_no_upscale=true",
     "--alpha-mask": "--set data.alpha_mask=true", "--masked-loss": "--set data.alpha_mask=true",
     "--flip-aug": "--set data.flip_aug=true",

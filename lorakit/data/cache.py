@@ -40,11 +40,14 @@ class EncodeJob:
     bucket: tuple[int, int]
     offset: tuple[int, int]
     flip: bool
+    interpolation: str | None = None  # resize_interpolation (None: Lanczos)
 
     def key(self, vae_id: str) -> str:
         fields = {"v": CACHE_VERSION, "path": str(self.path.resolve()), "mtime_ns": self.mtime_ns,
                   "size": self.file_size, "resized": list(self.resized), "bucket": list(self.bucket),
                   "offset": list(self.offset), "flip": self.flip, "vae": vae_id}
+        if self.interpolation is not None:  # absent: the key of a latent cached before the option
+            fields["interpolation"] = self.interpolation
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 

@@ -89,6 +89,9 @@ class DataConfig:
     #: kohya's alpha_mask: a transparent image's alpha channel masks the loss, so its transparent background is not
     #: learned (the image itself is shown to the VAE on white); opaque images count everywhere
     alpha_mask: bool = False
+    #: kohya's resize_interpolation: how images are resized to their bucket (lanczos, nearest, bilinear, bicubic,
+    #: area, box; kohya's aliases linear, cubic, lanczos4); absent: Lanczos
+    resize_interpolation: str | None = None
     #: kohya's validation_split: this share of each training folder's images (drawn with ``validation_seed``,
     #: default the training seed) is held out and not trained on; their loss at fixed timesteps and noise is the
     #: run's validation loss (``training.validate_every_n_epochs``/``_steps``)
@@ -138,6 +141,7 @@ class SubsetConfig:
     flip_aug: bool = False
     random_crop: bool = False
     alpha_mask: bool = False
+    resize_interpolation: str | None = None
 
     @property
     def effective_trigger(self) -> str | None:
@@ -175,7 +179,7 @@ _INHERITED_SUBSET_KEYS = tuple(k for k in SUBSET_KEYS if k not in _SUBSET_ONLY)
 # kohya options lorakit does not implement: refused by name rather than silently changing the training
 KOHYA_UNSUPPORTED = (
     "color_aug", "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "custom_attributes",
-    "resize_interpolation", "metadata_file", "conditioning_data_dir",
+    "metadata_file", "conditioning_data_dir",
     "network_multiplier",
 )
 # kohya options that only change speed: accepted and ignored

@@ -317,6 +317,9 @@ class TrainingData:
         parts = [(r.folder, r.path.name, r.file_size, r.caption, r.is_reg, n, self.buckets[i][0])
                  for i, (r, n) in enumerate(zip(self.records, self.repeats, strict=True))]
         parts.append([d.batch_size for d in self.datasets])
+        resampled = [s.resize_interpolation for d in self.datasets for s in d.subsets]
+        if any(resampled):  # other pixels; absent, the fingerprint of a run from before the option
+            parts.append(resampled)
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     def bucket_counts(self) -> dict[tuple[int, tuple[int, int]], int]:
@@ -407,7 +410,9 @@ class TrainingData:
         """(3, H, W) in [-1, 1] for one image at its bucket size (center crop unless ``offset`` is given)."""
         bucket, resized = self.buckets[record_index]
         offset = crop_offset(resized, bucket) if offset is None else offset
-        return to_tensor(fit(load_rgb(self.records[record_index].path), resized, bucket, offset, flip))
+        rec = self.records[record_index]
+        return to_tensor(fit(load_rgb(rec.path), resized, bucket, offset, flip,
+                             self.subset_of(rec).resize_interpolation))
 
     def alpha(self, record_index: int, offset: tuple[int, int] | None = None, flip: bool = False) -> torch.Tensor:
         """(1, H, W) in [0, 1]: the loss mask of one image at its bucket size, cropped and flipped as its pixels
@@ -421,7 +426,7 @@ class TrainingData:
         key = (record_index, offset, flip)
         mask = self._masks.get(key)
         if mask is None:
-            mask = fit(load_alpha(rec.path), resized, bucket, offset, flip)
+            mask = fit(load_alpha(rec.path), resized, bucket, offset, flip, self.subset_of(rec).resize_interpolation)
             if offset == crop_offset(resized, bucket):
                 self._masks[key] = mask
         return mask_tensor(mask)
@@ -446,7 +451,8 @@ class TrainingData:
             flips = (False, True) if self.subset_of(rec).flip_aug and i not in self.held_out else (False,)
             for flip in flips:
                 jobs[(i, flip)] = EncodeJob(rec.path, rec.mtime_ns, rec.file_size, resized, bucket,
-                                            crop_offset(resized, bucket), flip)
+                                            crop_offset(resized, bucket), flip,
+                                            self.subset_of(rec).resize_interpolation)
         by_job = {job: key for key, job in jobs.items()}
         problems = Problems()
         latents = encode_all(list(jobs.values()), vae,
@@ -511,6 +517,8 @@ class TrainingData:
             max_bucket_reso=self.schemes[0].max_reso, batch_size_per_device=first.batch_size,
             **({"validation_split": first.validation_split, "validation_seed": str(first.validation_seed)}
                if self.held_out else {}),
+            **({"resize_interpolation": first.subsets[0].resize_interpolation}
+               if first.subsets[0].resize_interpolation else {}),
         )
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from lorakit.data.captions import base_caption, read_caption_file
 from lorakit.data.config import DataConfig, DatasetConfig, SubsetConfig, build_dataset, defaults_from, read_dataset_toml
 from lorakit.data.errors import DatasetError, Problems
-from lorakit.data.images import IMAGE_EXTENSIONS, is_image, is_transparent, probe
+from lorakit.data.images import IMAGE_EXTENSIONS, RESIZE_INTERPOLATIONS, is_image, is_transparent, probe
 
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
 #: more repeats than this is a folder name that starts with a number by chance (a date: 20230101_photos)
@@ -168,6 +168,9 @@ def _check_subset(subset: SubsetConfig, where: Path, problems: Problems) -> None
     if subset.num_repeats < 1:
         problems.error(f"{where}: {subset.num_repeats} repeats: its images would never be trained; use at least 1 "
                        "(or move the folder out)")
+    if subset.resize_interpolation is not None and subset.resize_interpolation not in RESIZE_INTERPOLATIONS:
+        problems.error(f"{where}: resize_interpolation {subset.resize_interpolation!r} is not one of "
+                       f"{', '.join(RESIZE_INTERPOLATIONS)}")
     if subset.keep_tokens < 0:
         problems.error(f"{where}: keep_tokens must be 0 or more, not {subset.keep_tokens}")
     for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):

@@ -15,6 +15,15 @@ _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 Size = tuple[int, int]
 
+#: kohya's resize_interpolation names -> Pillow's filters ("area": the box filter, which averages each output
+#: pixel's area as OpenCV's INTER_AREA does when shrinking); None: Lanczos, lorakit's resampling before the option
+RESIZE_INTERPOLATIONS = {
+    "lanczos": Image.Resampling.LANCZOS, "lanczos4": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+    "linear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "cubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX, "box": Image.Resampling.BOX,
+}
+
 
 def is_image(path: Path) -> bool:
     # dotfiles are skipped: macOS "._x.png" resource forks look like images but are not
@@ -79,10 +88,12 @@ def load_alpha(path: Path) -> Image.Image:
         return im.convert("RGBA").getchannel("A")
 
 
-def fit(im: Image.Image, resized: Size, reso: Size, offset: tuple[int, int], flip: bool = False) -> Image.Image:
-    """Resize to ``resized`` (which covers ``reso``), crop ``reso`` at ``offset``, optionally mirror."""
+def fit(im: Image.Image, resized: Size, reso: Size, offset: tuple[int, int], flip: bool = False,
+        interpolation: str | None = None) -> Image.Image:
+    """Resize to ``resized`` (which covers ``reso``) with ``interpolation`` (a ``RESIZE_INTERPOLATIONS`` name;
+    None: Lanczos), crop ``reso`` at ``offset``, optionally mirror."""
     if im.size != resized:
-        im = im.resize(resized, Image.Resampling.LANCZOS)
+        im = im.resize(resized, RESIZE_INTERPOLATIONS[interpolation or "lanczos"])
     left, top = offset
     im = im.crop((left, top, left + reso[0], top + reso[1]))
     return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
