@@ -99,3 +99,59 @@ def test_an_all_transparent_dataset_teaches_nothing_and_the_file_says_the_loss_w
     ups = [t for k, t in read_adapter(tmp_path / "unmasked" / "lorakit.safetensors").tensors.items()
            if k.endswith("lora_up.weight")]
     assert any(bool((t != 0).any()) for t in ups)  # the same images unmasked do teach
+
+
+# ---- kohya's conditioning_data_dir: mask images beside the data ------------------------------------------------
+
+
+def _mask_toml(tmp_path, masks: str = "masks", **extra):
+    lines = "".join(f"{k} = {v!r}\n" for k, v in extra.items()).replace("True", "true")
+    toml = tmp_path / "data.toml"
+    toml.write_text(f"[[datasets]]\nresolution = 32\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = 'images'\n"
+                    f"class_tokens = 'zkz shape'\nconditioning_data_dir = '{masks}'\n{lines}")
+    return toml
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_mask_images_weigh_the_loss_through_crop_and_flip(tmp_path, cached):
+    make_image(tmp_path / "images" / "a.png", (64, 32))
+    make_image(tmp_path / "images" / "b.jpg", (64, 32), (0, 90, 0))
+    (tmp_path / "masks").mkdir()
+    left_black = np.zeros((32, 64, 3), dtype=np.uint8)
+    left_black[:, 32:] = (255, 0, 0)  # the red channel is the mask, as kohya reads it
+    Image.fromarray(left_black).save(tmp_path / "masks" / "a.png")
+    Image.new("L", (64, 32), 255).save(tmp_path / "masks" / "b.webp")  # any extension, grayscale too
+    d = data(_mask_toml(tmp_path, flip_aug=True))  # relative folders: from the TOML's folder
+    if cached:
+        d.cache_latents(tiny_vae())
+    seen = set()
+    for epoch in range(8):
+        (batch,) = d.epoch_batches(epoch)
+        for path, flipped, mask in zip(batch.image_paths, batch.flipped, batch.loss_masks, strict=True):
+            if path.name == "b.jpg":
+                assert bool((mask == 1).all())
+                continue
+            expected = torch.arange(32) >= 16  # the center crop: its right half is white
+            assert torch.equal(mask[0, 0] > 0.5, expected.flip(0) if flipped else expected)
+            seen.add(flipped)
+    assert seen == {False, True}
+    assert d.kohya_metadata()["ss_masked_loss"] == "True"
+
+
+def test_a_missing_or_mis_sized_mask_is_an_error_naming_the_files(tmp_path):
+    from lorakit.data import DatasetError
+
+    for name in ("a", "b", "c"):
+        make_image(tmp_path / "images" / f"{name}.png", (64, 32))
+    (tmp_path / "masks").mkdir()
+    Image.new("L", (64, 32), 255).save(tmp_path / "masks" / "a.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "masks" / "b.png")
+    with pytest.raises(DatasetError) as info:
+        data(_mask_toml(tmp_path))
+    text = str(info.value)
+    assert "1 images have no mask image of the same name" in text and "c.png" in text
+    assert "masks/b.png: the mask is 32×32, its image" in text and "is 64×32" in text
+    with pytest.raises(DatasetError, match="conditioning_data_dir .*nowhere is not a folder"):
+        data(_mask_toml(tmp_path, masks="nowhere"))
+    with pytest.raises(DatasetError, match="alpha_mask and conditioning_data_dir both give the loss mask"):
+        data(_mask_toml(tmp_path, alpha_mask=True))

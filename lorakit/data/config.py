@@ -142,6 +142,9 @@ class SubsetConfig:
     random_crop: bool = False
     alpha_mask: bool = False
     resize_interpolation: str | None = None
+    #: kohya's conditioning_data_dir for the masked loss: a folder with a mask image per image (the same name,
+    #: any image extension, the same size); its red channel weighs the loss (white: learned, black: ignored)
+    conditioning_data_dir: str | None = None
 
     @property
     def effective_trigger(self) -> str | None:
@@ -171,7 +174,7 @@ class DatasetConfig:
 
 
 # ------------------------------------------------------------------------------------------- key tables
-_SUBSET_ONLY = ("image_dir", "is_reg")
+_SUBSET_ONLY = ("image_dir", "is_reg", "conditioning_data_dir")
 SUBSET_KEYS = tuple(f.name for f in dataclasses.fields(SubsetConfig))
 DATASET_KEYS = tuple(f.name for f in dataclasses.fields(DatasetConfig) if f.name != "subsets")
 _INHERITED_SUBSET_KEYS = tuple(k for k in SUBSET_KEYS if k not in _SUBSET_ONLY)
@@ -179,7 +182,7 @@ _INHERITED_SUBSET_KEYS = tuple(k for k in SUBSET_KEYS if k not in _SUBSET_ONLY)
 # kohya options lorakit does not implement: refused by name rather than silently changing the training
 KOHYA_UNSUPPORTED = (
     "color_aug", "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "custom_attributes",
-    "metadata_file", "conditioning_data_dir",
+    "metadata_file",
     "network_multiplier",
 )
 # kohya options that only change speed: accepted and ignored
@@ -275,6 +278,8 @@ def read_dataset_toml(path: str | Path, defaults: dict[str, Any]) -> list[Datase
                 raise DatasetError(f"{sub_where}: image_dir is required")
             merged = {**merged_ds, **sub_values}
             merged["image_dir"] = str(_resolve_dir(sub_values["image_dir"], path.parent))
+            if sub_values.get("conditioning_data_dir"):
+                merged["conditioning_data_dir"] = str(_resolve_dir(sub_values["conditioning_data_dir"], path.parent))
             subsets.append(merged)
         datasets.append(build_dataset(merged_ds, subsets, where))
     return datasets

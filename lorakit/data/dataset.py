@@ -29,7 +29,7 @@ from lorakit.data.captions import count_tags, sample_caption, shuffle
 from lorakit.data.config import DataConfig, SubsetConfig
 from lorakit.data.discovery import ImageRecord, resolve_datasets, scan_subset
 from lorakit.data.errors import DatasetError, Problems
-from lorakit.data.images import fit, load_alpha, load_rgb, mask_tensor, to_tensor
+from lorakit.data.images import fit, load_alpha, load_mask, load_rgb, mask_tensor, to_tensor
 from lorakit.metadata import ss_metadata
 
 if TYPE_CHECKING:
@@ -320,6 +320,8 @@ class TrainingData:
         resampled = [s.resize_interpolation for d in self.datasets for s in d.subsets]
         if any(resampled):  # other pixels; absent, the fingerprint of a run from before the option
             parts.append(resampled)
+        if any(r.mask for r in self.records):  # the same for mask images
+            parts.append([r.mask.name if r.mask else None for r in self.records])
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     def bucket_counts(self) -> dict[tuple[int, tuple[int, int]], int]:
@@ -362,7 +364,7 @@ class TrainingData:
                       is_reg=torch.tensor([self.records[r].is_reg for r in recs], dtype=torch.bool),
                       image_paths=[self.records[r].path for r in recs], flipped=[d.flip for d in draws],
                       epoch=plan.epoch, index=plan.index)
-        if any(self.subset_of(self.records[r]).alpha_mask for r in recs):
+        if any(self._masked(r) for r in recs):
             batch.loss_masks = torch.stack([self.alpha(r, d.offset, d.flip) for r, d in zip(recs, draws,
                                                                                              strict=True)])
         if self._latents is not None:
@@ -397,7 +399,7 @@ class TrainingData:
             captions.append(sample_caption(self.records[i].caption, subset, seeded_rng("validation caption", i), 0))
         batch = Batch(captions=captions, is_reg=torch.zeros(len(ids), dtype=torch.bool),
                       image_paths=[self.records[i].path for i in ids], flipped=[False] * len(ids), index=index)
-        if any(self.subset_of(self.records[i]).alpha_mask for i in ids):
+        if any(self._masked(i) for i in ids):
             batch.loss_masks = torch.stack([self.alpha(i) for i in ids])
         if self._latents is not None:
             batch.latents = torch.stack([self._latents[(i, False)][0] for i in ids])
@@ -414,19 +416,26 @@ class TrainingData:
         return to_tensor(fit(load_rgb(rec.path), resized, bucket, offset, flip,
                              self.subset_of(rec).resize_interpolation))
 
+    def _masked(self, record_index: int) -> bool:
+        """Whether the image's loss is masked: by its alpha channel, or by its mask image."""
+        rec = self.records[record_index]
+        return rec.mask is not None or self.subset_of(rec).alpha_mask
+
     def alpha(self, record_index: int, offset: tuple[int, int] | None = None, flip: bool = False) -> torch.Tensor:
-        """(1, H, W) in [0, 1]: the loss mask of one image at its bucket size, cropped and flipped as its pixels
-        (ones where its folder has no alpha_mask, or the image no transparency).  Kept in memory (as bytes) for
-        the center crop, which every step of a cached run uses."""
+        """(1, H, W) in [0, 1]: the loss mask of one image at its bucket size, cropped and flipped as its pixels:
+        its mask image (conditioning_data_dir), else its alpha channel (alpha_mask), else ones (also for an image
+        without transparency).  Kept in memory (as bytes) for the center crop, which every step of a cached run
+        uses."""
         rec = self.records[record_index]
         bucket, resized = self.buckets[record_index]
-        if not self.subset_of(rec).alpha_mask:
+        if not self._masked(record_index):
             return torch.ones(1, bucket[1], bucket[0])
         offset = crop_offset(resized, bucket) if offset is None else offset
         key = (record_index, offset, flip)
         mask = self._masks.get(key)
         if mask is None:
-            mask = fit(load_alpha(rec.path), resized, bucket, offset, flip, self.subset_of(rec).resize_interpolation)
+            source = load_mask(rec.mask) if rec.mask is not None else load_alpha(rec.path)
+            mask = fit(source, resized, bucket, offset, flip, self.subset_of(rec).resize_interpolation)
             if offset == crop_offset(resized, bucket):
                 self._masks[key] = mask
         return mask_tensor(mask)
@@ -512,7 +521,7 @@ class TrainingData:
             reg_dataset_dirs=reg_dirs, bucket_info=bucket_info,
             resolution=str(first.resolution),  # kohya writes the tuple as Python prints it: "(512, 512)"
             enable_bucket=first.enable_bucket, bucket_no_upscale=first.bucket_no_upscale,
-            masked_loss=any(s.alpha_mask for d in self.datasets for s in d.subsets),
+            masked_loss=any(s.alpha_mask or s.conditioning_data_dir for d in self.datasets for s in d.subsets),
             min_bucket_reso=self.schemes[0].min_reso,
             max_bucket_reso=self.schemes[0].max_reso, batch_size_per_device=first.batch_size,
             **({"validation_split": first.validation_split, "validation_seed": str(first.validation_seed)}

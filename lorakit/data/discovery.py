@@ -11,6 +11,7 @@ Input forms (``DataConfig.train_data``):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,7 @@ class ImageRecord:
     folder: str  # the image folder's name: the key of kohya's tag frequency
     mtime_ns: int
     file_size: int
+    mask: Path | None = None  # its mask image in the folder's conditioning_data_dir (masked loss)
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -171,6 +173,8 @@ def _check_subset(subset: SubsetConfig, where: Path, problems: Problems) -> None
     if subset.resize_interpolation is not None and subset.resize_interpolation not in RESIZE_INTERPOLATIONS:
         problems.error(f"{where}: resize_interpolation {subset.resize_interpolation!r} is not one of "
                        f"{', '.join(RESIZE_INTERPOLATIONS)}")
+    if subset.alpha_mask and subset.conditioning_data_dir:
+        problems.error(f"{where}: alpha_mask and conditioning_data_dir both give the loss mask; choose one")
     if subset.keep_tokens < 0:
         problems.error(f"{where}: keep_tokens must be 0 or more, not {subset.keep_tokens}")
     for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
@@ -259,6 +263,8 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
         stat = image.stat()
         records.append(ImageRecord(image, size, base_caption(raw, subset), raw is not None, dataset, index,
                                    subset.is_reg, folder.name, stat.st_mtime_ns, stat.st_size))
+    if subset.conditioning_data_dir:
+        _find_masks(records, Path(subset.conditioning_data_dir), folder, config.verify_images, problems)
     if multiline:
         problems.warn(f"{folder}: only the first line of multi-line caption files is used (enable_wildcard = true "
                       f"draws one line per step): {_some(multiline)}")
@@ -290,6 +296,32 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
         problems.warn(f"{folder}: images with no caption file, no trigger and no class: trained with an empty "
                       f"caption: {_some(uncaptioned)}")
     return records
+
+
+def _find_masks(records: list[ImageRecord], mask_dir: Path, folder: Path, verify: bool, problems: Problems) -> None:
+    """Give each record its mask image (the same stem in ``mask_dir``, as kohya pairs conditioning images); a
+    missing, unreadable or differently sized mask is an error naming the files."""
+    if not mask_dir.is_dir():
+        problems.error(f"{folder}: conditioning_data_dir {mask_dir} is not a folder")
+        return
+    masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if is_image(p)}
+    missing = []
+    for i, rec in enumerate(records):
+        mask = masks.get(rec.path.stem)
+        if mask is None:
+            missing.append(rec.path.name)
+            continue
+        size = _try_probe(mask, verify)
+        if isinstance(size, Exception):
+            problems.error(f"{mask}: cannot read this mask image ({type(size).__name__}: {size})")
+        elif size != rec.size:
+            problems.error(f"{mask}: the mask is {size[0]}×{size[1]}, its image {rec.path} is {rec.size[0]}×"
+                           f"{rec.size[1]}; a mask must have its image's size")
+        else:
+            records[i] = dataclasses.replace(rec, mask=mask)
+    if missing:
+        problems.error(f"{folder}: {len(missing)} images have no mask image of the same name in {mask_dir} "
+                       f"(conditioning_data_dir): {_some(missing)}")
 
 
 def _try_probe(path: Path, verify: bool) -> tuple[int, int] | Exception:

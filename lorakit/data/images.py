@@ -88,6 +88,13 @@ def load_alpha(path: Path) -> Image.Image:
         return im.convert("RGBA").getchannel("A")
 
 
+def load_mask(path: Path) -> Image.Image:
+    """A mask image (kohya's conditioning_data_dir) as the mode "L" loss weight: its red channel, as kohya reads
+    it (255: learned, 0: ignored), upright."""
+    with Image.open(path) as im:
+        return to_rgb(ImageOps.exif_transpose(im)).getchannel("R")
+
+
 def fit(im: Image.Image, resized: Size, reso: Size, offset: tuple[int, int], flip: bool = False,
         interpolation: str | None = None) -> Image.Image:
     """Resize to ``resized`` (which covers ``reso``) with ``interpolation`` (a ``RESIZE_INTERPOLATIONS`` name;
