@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -410,3 +411,29 @@ def test_captions_without_the_keep_tokens_separator_are_named_when_shuffling_wou
         warnings.simplefilter("error", DatasetWarning)  # keep_tokens = 1 keeps it in front: nothing to say
         TrainingData(DataConfig(train_data=str(tmp_path), resolution=64, keep_tokens_separator="|||",
                                 shuffle_caption=True, keep_tokens=1), seed=0)
+
+
+# ---- kohya's fine-tuning metadata (metadata_file, kohya's --in_json) --------------------------------------------
+
+def test_a_metadata_file_lists_the_images_and_gives_their_captions_as_kohya_joins_them(tmp_path):
+    make_folder(tmp_path / "images", 4, captions={0: "a caption file, never read"})
+    (tmp_path / "meta.json").write_text(json.dumps({
+        "000": {"caption": "zkz shape, a red circle", "tags": "red, circle"},  # kohya's keys: names without extension
+        "001.png": {"tags": "blue, star"},  # tags alone are the caption
+        str(tmp_path / "images" / "002.png"): {"caption": "two lines\nof caption", "tags": "green"},
+    }))
+    toml = tmp_path / "d.toml"
+    toml.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'images'\n"
+                    "metadata_file = 'meta.json'\n")
+    said = warned(toml)
+    assert "1 images are not in its metadata_file meta.json and are not trained: 003.png" in said
+    d = data(toml)
+    captions = {r.path.name: r.caption for r in d.records}
+    assert captions == {"000.png": "zkz shape, a red circle,red, circle", "001.png": "blue, star",
+                        "002.png": "two lines\nof caption,green"}
+    d = data(toml, enable_wildcard=True)  # kohya: the tags follow each line
+    assert {r.path.name: r.caption for r in d.records}["002.png"] == "two lines,green\nof caption,green"
+    (tmp_path / "meta.json").write_text(json.dumps({"000": {"caption": "x"}, "nope": {"caption": "y"}}))
+    assert "meta.json: 1 entries name no image in" in error(toml) and "nope" in error(toml)
+    (tmp_path / "meta.json").write_text("[1, 2]")
+    assert "expected a JSON object" in error(toml)

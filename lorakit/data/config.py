@@ -145,6 +145,9 @@ class SubsetConfig:
     #: kohya's conditioning_data_dir for the masked loss: a folder with a mask image per image (the same name,
     #: any image extension, the same size); its red channel weighs the loss (white: learned, black: ignored)
     conditioning_data_dir: str | None = None
+    #: kohya's fine-tuning metadata (``--in_json``): a JSON file {image: {"caption": ..., "tags": ...}}; the
+    #: folder's images it lists are trained, with its captions (caption files are not read)
+    metadata_file: str | None = None
 
     @property
     def effective_trigger(self) -> str | None:
@@ -174,7 +177,7 @@ class DatasetConfig:
 
 
 # ------------------------------------------------------------------------------------------- key tables
-_SUBSET_ONLY = ("image_dir", "is_reg", "conditioning_data_dir")
+_SUBSET_ONLY = ("image_dir", "is_reg", "conditioning_data_dir", "metadata_file")
 SUBSET_KEYS = tuple(f.name for f in dataclasses.fields(SubsetConfig))
 DATASET_KEYS = tuple(f.name for f in dataclasses.fields(DatasetConfig) if f.name != "subsets")
 _INHERITED_SUBSET_KEYS = tuple(k for k in SUBSET_KEYS if k not in _SUBSET_ONLY)
@@ -182,7 +185,6 @@ _INHERITED_SUBSET_KEYS = tuple(k for k in SUBSET_KEYS if k not in _SUBSET_ONLY)
 # kohya options lorakit does not implement: refused by name rather than silently changing the training
 KOHYA_UNSUPPORTED = (
     "color_aug", "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "custom_attributes",
-    "metadata_file",
     "network_multiplier",
 )
 # kohya options that only change speed: accepted and ignored
@@ -278,8 +280,9 @@ def read_dataset_toml(path: str | Path, defaults: dict[str, Any]) -> list[Datase
                 raise DatasetError(f"{sub_where}: image_dir is required")
             merged = {**merged_ds, **sub_values}
             merged["image_dir"] = str(_resolve_dir(sub_values["image_dir"], path.parent))
-            if sub_values.get("conditioning_data_dir"):
-                merged["conditioning_data_dir"] = str(_resolve_dir(sub_values["conditioning_data_dir"], path.parent))
+            for key in ("conditioning_data_dir", "metadata_file"):  # relative: from the TOML's folder first
+                if sub_values.get(key):
+                    merged[key] = str(_resolve_dir(sub_values[key], path.parent))
             subsets.append(merged)
         datasets.append(build_dataset(merged_ds, subsets, where))
     return datasets

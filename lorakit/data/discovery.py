@@ -12,6 +12,7 @@ Input forms (``DataConfig.train_data``):
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -219,23 +220,30 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
         others = ", ".join(p.name for p in entries[:5]) or "the folder is empty"
         problems.error(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder (found: {others})")
         return []
-    ext = _extension(subset.caption_extension)
-    captions = {p.stem: p for p in entries if p.suffix.lower() == ext.lower()}
-    stems = {p.stem for p in images}
-    for stem, path in captions.items():
-        if stem not in stems:
-            message = (f"{path}: caption file without an image (no {stem}{{{','.join(IMAGE_EXTENSIONS)}}} in "
-                       f"{folder}); remove or rename it")
-            if config.orphan_captions == "warn":
-                problems.warn(message)
-            else:
-                problems.error(message + " (or set orphan_captions = 'warn')")
-    if not captions:
-        other = [p for p in entries if p.suffix.lower() in _CAPTION_LIKE and p.stem in stems]
-        if other:
-            problems.warn(f"{folder}: no '{ext}' caption files, but {len(other)} '{other[0].suffix}' files next to "
-                          f"the images (e.g. {other[0].name}) are ignored; set caption_extension = "
-                          f"'{other[0].suffix}' if they are the captions")
+    if subset.metadata_file:  # kohya's fine-tuning layout: the JSON lists the images and holds the captions
+        images, from_json = _metadata_captions(Path(subset.metadata_file), folder, images, subset, problems)
+        if not images:
+            return []
+        captions: dict[str, Path] = {}
+    else:
+        from_json = None
+        ext = _extension(subset.caption_extension)
+        captions = {p.stem: p for p in entries if p.suffix.lower() == ext.lower()}
+        stems = {p.stem for p in images}
+        for stem, path in captions.items():
+            if stem not in stems:
+                message = (f"{path}: caption file without an image (no {stem}{{{','.join(IMAGE_EXTENSIONS)}}} in "
+                           f"{folder}); remove or rename it")
+                if config.orphan_captions == "warn":
+                    problems.warn(message)
+                else:
+                    problems.error(message + " (or set orphan_captions = 'warn')")
+        if not captions:
+            other = [p for p in entries if p.suffix.lower() in _CAPTION_LIKE and p.stem in stems]
+            if other:
+                problems.warn(f"{folder}: no '{ext}' caption files, but {len(other)} '{other[0].suffix}' files next to "
+                              f"the images (e.g. {other[0].name}) are ignored; set caption_extension = "
+                              f"'{other[0].suffix}' if they are the captions")
     records, multiline, empty, no_file = [], [], [], []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
         probed = list(pool.map(lambda p: _try_probe(p, config.verify_images), images))
@@ -245,7 +253,9 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
             continue
         raw = None
         caption_path = captions.get(image.stem)
-        if caption_path is None:
+        if from_json is not None:
+            raw = from_json[image] or None
+        elif caption_path is None:
             no_file.append(image.name)
         else:
             try:
@@ -296,6 +306,49 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
         problems.warn(f"{folder}: images with no caption file, no trigger and no class: trained with an empty "
                       f"caption: {_some(uncaptioned)}")
     return records
+
+
+def _metadata_captions(path: Path, folder: Path, images: list[Path], subset: SubsetConfig,
+                       problems: Problems) -> tuple[list[Path], dict[Path, str]]:
+    """The images kohya's metadata JSON lists (a key is an image path, or its name in ``folder`` with or
+    without extension) and each one's caption as kohya makes it: "caption", then the "tags" after the caption
+    separator (with enable_wildcard: after each line of the caption).  Errors name the file and the keys."""
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        problems.error(f"{path}: metadata_file not found")
+        return [], {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        problems.error(f"{path}: cannot read this metadata file ({err})")
+        return [], {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, dict) for v in metadata.values()):
+        problems.error(f"{path}: expected a JSON object {{image: {{\"caption\": ..., \"tags\": ...}}}}")
+        return [], {}
+    by_name = {p.name: p for p in images} | {p.stem: p for p in images}
+    listed, captions, missing = [], {}, []
+    for key, entry in metadata.items():
+        image = Path(key) if Path(key).is_file() and is_image(Path(key)) else by_name.get(Path(key).name)
+        if image is None:
+            missing.append(key)
+            continue
+        caption, tags = entry.get("caption"), entry.get("tags")
+        if caption is None:
+            caption, tags = tags, None
+        sep = subset.caption_separator
+        if tags:
+            tags = tags.replace("\n", sep) if subset.enable_wildcard else tags
+            caption = "\n".join(f"{line}{sep}{tags}" for line in caption.split("\n") if line.strip()) \
+                if subset.enable_wildcard else f"{caption}{sep}{tags}"
+        if image not in captions:
+            listed.append(image)
+        captions[image] = str(caption or "").strip()
+    if missing:
+        problems.error(f"{path}: {len(missing)} entries name no image in {folder}: {_some(missing)}")
+    unlisted = [p.name for p in images if p not in captions]
+    if unlisted and not missing:
+        problems.warn(f"{folder}: {len(unlisted)} images are not in its metadata_file {path.name} and are not "
+                      f"trained: {_some(unlisted)}")
+    return listed, captions
 
 
 def _find_masks(records: list[ImageRecord], mask_dir: Path, folder: Path, verify: bool, problems: Problems) -> None:
