@@ -252,3 +252,35 @@ def test_resize_interpolation_resizes_as_kohya_names_it(tmp_path):
     assert data(toml).kohya_metadata()["ss_resize_interpolation"] == "cubic"
     with pytest.raises(DatasetError, match=r"1_zkz: resize_interpolation 'sinc' is not one of lanczos, "):
         data(tmp_path, resolution=40, resize_interpolation="sinc")
+
+
+def test_color_aug_shifts_hue_or_gamma_of_a_third_of_the_samples_and_changes_no_other_draw(tmp_path):
+    from lorakit.data.images import color_augment
+
+    red = Image.new("RGB", (8, 8), (200, 40, 40))
+    assert np.abs(np.asarray(color_augment(red, "hue", 0.0), dtype=int) - np.asarray(red, dtype=int)).max() <= 2
+    turned = np.asarray(color_augment(red, "hue", 8.0), dtype=int)[0, 0]
+    assert turned[0] >= 190 and turned[1] > 60 and abs(turned[2] - 40) <= 3  # red towards orange, 16° round
+    darker = np.asarray(color_augment(red, "gamma", 1.05), dtype=int)[0, 0]
+    assert tuple(darker) == tuple(round(255 * (v / 255) ** 1.05) for v in (200, 40, 40))  # on the 0..1 scale
+
+    noisy = Image.fromarray(np.random.default_rng(0).integers(30, 220, (32, 32, 3), dtype=np.uint8))  # colorful
+    for i in range(6):
+        (tmp_path / "50_zkz").mkdir(exist_ok=True)
+        noisy.rotate(90 * i).save(tmp_path / "50_zkz" / f"{i}.png")
+    plain = data(tmp_path, resolution=32, flip_aug=True, shuffle_caption=True, batch_size=10)
+    colored = data(tmp_path, resolution=32, flip_aug=True, shuffle_caption=True, batch_size=10, color_aug=True)
+    changed = total = 0
+    for epoch in range(2):
+        for a, b in zip(plain.epoch_batches(epoch), colored.epoch_batches(epoch), strict=True):
+            assert a.captions == b.captions and a.flipped == b.flipped and a.image_paths == b.image_paths
+            differs = (a.pixel_values - b.pixel_values).abs().flatten(1).amax(1) > 1.5 / 127.5
+            changed += int(differs.sum())
+            total += len(a)
+    assert 0.25 < changed / total < 0.4  # kohya's third of the samples (600 of them)
+    again = data(tmp_path, resolution=32, flip_aug=True, shuffle_caption=True, batch_size=10, color_aug=True)
+    assert torch.equal(next(iter(again.epoch_batches(0))).pixel_values,
+                       next(iter(colored.epoch_batches(0))).pixel_values)  # the same draws: resume is exact
+    assert colored.kohya_metadata()["ss_color_aug"] == "True"
+    with pytest.raises(DatasetError, match=r"color_aug cannot be used with cached latents .*cache_latents = false"):
+        colored.cache_latents(None)

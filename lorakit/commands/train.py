@@ -119,6 +119,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--conditioning-data-dir": "--data FILE.toml, with conditioning_data_dir = 'DIR' in a [[datasets.subsets]]",
     "--in-json": "--data FILE.toml, with metadata_file = 'FILE.json' in a [[datasets.subsets]]",
     "--flip-aug": "--set data.flip_aug=true",
+    "--color-aug": "--set data.color_aug=true",
     "--log-with": "--set output.log_with=tensorboard", "--logging-dir": "--set output.logging_dir=DIR",
     "--sample-every-n-epochs": "--set sample.every_n_epochs=N",
     "--sample-every-n-steps": "--set sample.every_n_steps=N",

@@ -97,6 +97,9 @@ class DataConfig:
     #: run's validation loss (``training.validate_every_n_epochs``/``_steps``)
     validation_split: float = 0.0
     validation_seed: int | None = None
+    #: kohya's color_aug: a third of the samples get a small random hue shift or gamma (needs cache_latents =
+    #: false: the pixels change every step)
+    color_aug: bool = False
     #: a caption file whose image is missing: "error" (default) or "warn" (kohya ignores it silently)
     orphan_captions: str = "error"
     #: open every image fully before training (catches truncated/corrupt files up front)
@@ -140,6 +143,7 @@ class SubsetConfig:
     drop_tags: list[str] = field(default_factory=list)
     flip_aug: bool = False
     random_crop: bool = False
+    color_aug: bool = False
     alpha_mask: bool = False
     resize_interpolation: str | None = None
     #: kohya's conditioning_data_dir for the masked loss: a folder with a mask image per image (the same name,
@@ -184,7 +188,7 @@ _INHERITED_SUBSET_KEYS = tuple(k for k in SUBSET_KEYS if k not in _SUBSET_ONLY)
 
 # kohya options lorakit does not implement: refused by name rather than silently changing the training
 KOHYA_UNSUPPORTED = (
-    "color_aug", "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "custom_attributes",
+    "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "custom_attributes",
     "network_multiplier",
 )
 # kohya options that only change speed: accepted and ignored

@@ -29,7 +29,17 @@ from lorakit.data.captions import count_tags, sample_caption, shuffle
 from lorakit.data.config import DataConfig, SubsetConfig
 from lorakit.data.discovery import ImageRecord, resolve_datasets, scan_subset
 from lorakit.data.errors import DatasetError, Problems
-from lorakit.data.images import fit, load_alpha, load_mask, load_rgb, mask_tensor, to_tensor
+from lorakit.data.images import (
+    COLOR_AUG_GAMMA,
+    COLOR_AUG_HUE_STEPS,
+    color_augment,
+    fit,
+    load_alpha,
+    load_mask,
+    load_rgb,
+    mask_tensor,
+    to_tensor,
+)
 from lorakit.metadata import ss_metadata
 
 if TYPE_CHECKING:
@@ -129,6 +139,7 @@ class _Draw:
     caption: str
     flip: bool
     offset: tuple[int, int]
+    color: tuple[str, float] | None = None  # color_aug: ("hue", steps) or ("gamma", exponent)
 
 
 class TrainingData:
@@ -355,7 +366,13 @@ class TrainingData:
         bucket, resized = self.buckets[rec_index]
         offset = crop_offset(resized, bucket, aug.random(), aug.random()) if subset.random_crop else \
             crop_offset(resized, bucket)
-        return _Draw(caption, flip, offset)
+        color = None
+        if subset.color_aug:  # a stream of its own: the other draws stay what they are without it
+            rng = seeded_rng("color", self.seed, epoch, sample_id)
+            if rng.random() <= 0.33:  # kohya's odds: a third of the samples, half hue and half gamma
+                color = ("hue", rng.uniform(-COLOR_AUG_HUE_STEPS, COLOR_AUG_HUE_STEPS)) if rng.random() > 0.5 \
+                    else ("gamma", rng.uniform(*COLOR_AUG_GAMMA))
+        return _Draw(caption, flip, offset, color)
 
     def load_batch(self, plan: BatchPlan) -> Batch:
         draws = [self._draw(plan.epoch, sid) for sid in plan.sample_ids]
@@ -372,8 +389,8 @@ class TrainingData:
             batch.latents = torch.stack([m for m, _ in pairs])
             batch.latents_std = torch.stack([s for _, s in pairs])
         else:
-            batch.pixel_values = torch.stack([self.pixels(r, d.offset, d.flip) for r, d in zip(recs, draws,
-                                                                                                 strict=True)])
+            batch.pixel_values = torch.stack([self.pixels(r, d.offset, d.flip, d.color)
+                                              for r, d in zip(recs, draws, strict=True)])
         return batch
 
     def validation_batches(self) -> Iterator[Batch]:
@@ -408,13 +425,15 @@ class TrainingData:
             batch.pixel_values = torch.stack([self.pixels(i) for i in ids])
         return batch
 
-    def pixels(self, record_index: int, offset: tuple[int, int] | None = None, flip: bool = False) -> torch.Tensor:
-        """(3, H, W) in [-1, 1] for one image at its bucket size (center crop unless ``offset`` is given)."""
+    def pixels(self, record_index: int, offset: tuple[int, int] | None = None, flip: bool = False,
+               color: tuple[str, float] | None = None) -> torch.Tensor:
+        """(3, H, W) in [-1, 1] for one image at its bucket size (center crop unless ``offset`` is given), with
+        kohya's ``color`` augmentation when given."""
         bucket, resized = self.buckets[record_index]
         offset = crop_offset(resized, bucket) if offset is None else offset
         rec = self.records[record_index]
-        return to_tensor(fit(load_rgb(rec.path), resized, bucket, offset, flip,
-                             self.subset_of(rec).resize_interpolation))
+        im = fit(load_rgb(rec.path), resized, bucket, offset, flip, self.subset_of(rec).resize_interpolation)
+        return to_tensor(color_augment(im, *color) if color is not None else im)
 
     def _masked(self, record_index: int) -> bool:
         """Whether the image's loss is masked: by its alpha channel, or by its mask image."""
@@ -447,10 +466,11 @@ class TrainingData:
         carry ``latents``/``latents_std`` instead of pixels. With ``directory``, latents are kept on disk and
         reused by later runs while the image, the crop and the VAE are unchanged. ``vae_id`` overrides the VAE
         fingerprint (a hash of its weights) used in cache keys."""
-        random_crop = sorted({r.folder for r in self.records if self.subset_of(r).random_crop})
-        if random_crop:
-            raise DatasetError(f"random_crop cannot be used with cached latents (a new crop every step), set in: "
-                               f"{', '.join(random_crop)}; turn one of them off")
+        for option, why in (("random_crop", "a new crop every step"), ("color_aug", "new colors every step")):
+            folders = sorted({r.folder for r in self.records if getattr(self.subset_of(r), option)})
+            if folders:
+                raise DatasetError(f"{option} cannot be used with cached latents ({why}), set in: "
+                                   f"{', '.join(folders)}; turn one of them off (cache_latents = false)")
         jobs: dict[tuple[int, bool], EncodeJob] = {}
         for i, rec in enumerate(self.records):
             if self.repeats[i] == 0 and i not in self.held_out:
@@ -522,6 +542,8 @@ class TrainingData:
             resolution=str(first.resolution),  # kohya writes the tuple as Python prints it: "(512, 512)"
             enable_bucket=first.enable_bucket, bucket_no_upscale=first.bucket_no_upscale,
             masked_loss=any(s.alpha_mask or s.conditioning_data_dir for d in self.datasets for s in d.subsets),
+            flip_aug=any(s.flip_aug for d in self.datasets for s in d.subsets),
+            color_aug=any(s.color_aug for d in self.datasets for s in d.subsets),
             min_bucket_reso=self.schemes[0].min_reso,
             max_bucket_reso=self.schemes[0].max_reso, batch_size_per_device=first.batch_size,
             **({"validation_split": first.validation_split, "validation_seed": str(first.validation_seed)}

@@ -106,6 +106,27 @@ def fit(im: Image.Image, resized: Size, reso: Size, offset: tuple[int, int], fli
     return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
 
 
+#: kohya's color_aug: a third of the samples get a hue shift of up to this many steps of OpenCV's 180-step hue
+#: circle (±16°), or a gamma in [0.95, 1.05]
+COLOR_AUG_HUE_STEPS = 8
+COLOR_AUG_GAMMA = (0.95, 1.05)
+
+
+def color_augment(im: Image.Image, kind: str, amount: float) -> Image.Image:
+    """kohya's color_aug on an RGB image: ``kind`` "hue" turns the hue by ``amount`` of OpenCV's 180 hue steps;
+    "gamma" raises each value to ``amount`` on the 0..1 scale (albumentations' RandomGamma, which kohya's
+    comment names; its own code raises 0..255 values, which mostly darkens or clips).  Pixels only: sizes and
+    masks are untouched."""
+    if kind == "hue":
+        hsv = np.array(im.convert("HSV"), dtype=np.int16)  # Pillow's hue has 256 steps
+        hsv[..., 0] = (hsv[..., 0] + round(amount * 256 / 180)) % 256
+        return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
+    if kind == "gamma":
+        values = np.asarray(im, dtype=np.float32) / 255.0
+        return Image.fromarray(np.clip(values ** amount * 255.0 + 0.5, 0, 255).astype(np.uint8), "RGB")
+    raise ValueError(f"unknown color augmentation {kind!r}")
+
+
 def mask_tensor(im: Image.Image) -> torch.Tensor:
     """(1, H, W) float32 in [0, 1] from a mode "L" image."""
     return torch.from_numpy(np.array(im, dtype=np.uint8, copy=True))[None].float().div_(255.0)
