@@ -284,6 +284,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         total_steps = steps_per_epoch * cfg.training.max_epochs
         if cfg.training.max_steps is not None:
             total_steps = min(total_steps, cfg.training.max_steps)
+        data.count_steps(total_steps, accelerator.num_processes * cfg.optimizer.gradient_accumulation_steps)
 
         optimizer = build_optimizer(method.param_groups(), cfg)
         lr_schedule = get_scheduler(cfg.optimizer.lr_scheduler, optimizer,

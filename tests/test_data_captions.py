@@ -170,3 +170,30 @@ def test_wildcards_come_before_the_shuffle():
 def test_every_line_of_a_multi_line_caption_gets_the_trigger_prefix_and_suffix():
     s = subset(class_tokens="zkz shape", caption_suffix=", simple")
     assert base_caption("a red circle\nzkz, a star", s) == "zkz shape, a red circle , simple\nzkz, a star , simple"
+
+
+def test_token_warmup_grows_the_free_tags_as_kohya_counts_them():
+    s = subset(keep_tokens=1, token_warmup_min=1, token_warmup_step=10)
+    caption = "zkz, a, b, c, d, e, f, g, h, i"  # 9 free tags after the kept one
+    rng = random.Random(0)
+    # kohya: floor(step × (9 - 1) / 10) + 1 of them while step < 10, then all (nothing else changes)
+    lengths = [len(sample_caption(caption, s, rng, 0, step, 10).split(", ")) - 1 for step in range(12)]
+    assert lengths == [1, 1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 9]
+    assert sample_caption(caption, s, rng, 0, 3, 10) == "zkz, a, b, c"  # the first ones, in order
+    assert sample_caption(caption, s, rng, 0, 3, 0) == caption  # off
+    shuffled = subset(keep_tokens=1, token_warmup_min=2, token_warmup_step=4, shuffle_caption=True)
+    drawn = {sample_caption(caption, shuffled, random.Random(k), 0, 0, 4) for k in range(20)}
+    assert drawn == {"zkz, a, b", "zkz, b, a"}  # cut first, then shuffled, as kohya does
+
+
+def test_token_warmup_counts_the_runs_steps_in_batches(tmp_path):
+    from data_helpers import data, make_folder
+
+    make_folder(tmp_path / "1_zkz", 4, captions={i: "zkz, a, b, c, d, e" for i in range(4)})
+    d = data(tmp_path, keep_tokens=1, token_warmup_step=0.5, batch_size=1)  # half of the run's steps
+    d.count_steps(total_steps=8, batches_per_step=1)  # 2 epochs of 4 steps: warm-up over steps 0-3
+    sizes = [len(b.captions[0].split(", ")) - 1 for e in range(2) for b in d.epoch_batches(e)]
+    assert sizes == [1, 2, 3, 4, 5, 5, 5, 5]  # floor(step × 4 / 4) + 1
+    d.count_steps(total_steps=8, batches_per_step=2)  # accumulation: two batches a step
+    sizes = [len(b.captions[0].split(", ")) - 1 for e in range(2) for b in d.epoch_batches(e)]
+    assert sizes == [1, 1, 2, 2, 3, 3, 4, 4]

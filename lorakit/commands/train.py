@@ -110,6 +110,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--cache-latents": "(the default: data.cache_latents)", "--caption-extension": "--set data.caption_extension=.EXT",
     "--shuffle-caption": "--set data.shuffle_caption=true", "--keep-tokens": "--set data.keep_tokens=N",
     "--keep-tokens-separator": "--set data.keep_tokens_separator=MARK",
+    "--token-warmup-min": "--set data.token_warmup_min=N", "--token-warmup-step": "--set data.token_warmup_step=X",
     "--secondary-separator": "--set data.secondary_separator=MARK",
     "--enable-wildcard": "--set data.enable_wildcard=true",
     "--enable-bucket": "--set data.enable_bucket=true",

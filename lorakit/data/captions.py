@@ -8,6 +8,7 @@ caller seeds from (seed, epoch, sample), so a resumed run draws exactly the same
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Iterable
@@ -119,7 +120,16 @@ def _kept_parts(caption: str, subset: SubsetConfig) -> tuple[list[str], list[str
     return tags[: subset.keep_tokens], tags[subset.keep_tokens:], []
 
 
-def sample_caption(base: str, subset: SubsetConfig, rng: random.Random, epoch: int) -> str:
+def warmup_length(flexible: int, subset: SubsetConfig, step: int, warmup_steps: int) -> int:
+    """How many of the ``flexible`` tags kohya's token warm-up keeps at ``step`` (counted from 0): from
+    ``token_warmup_min`` growing linearly over ``warmup_steps`` steps, then all of them."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return flexible
+    return math.floor(step * ((flexible - subset.token_warmup_min) / warmup_steps)) + subset.token_warmup_min
+
+
+def sample_caption(base: str, subset: SubsetConfig, rng: random.Random, epoch: int, step: int = 0,
+                   warmup_steps: int = 0) -> str:
     """One draw of kohya's caption randomness: whole-caption dropout, wildcards, then shuffle and tag dropout.
 
     ``epoch`` counts from 0; ``caption_dropout_every_n_epochs`` counts epochs from 1 as kohya does (n = 2
@@ -128,6 +138,8 @@ def sample_caption(base: str, subset: SubsetConfig, rng: random.Random, epoch: i
     with ", " (kohya does the same), and so is a caption with the separator, which is never trained as text
     (kohya leaves it in when nothing is shuffled or dropped). Last, ``secondary_separator`` becomes the caption
     separator: tags joined by it moved and dropped as one.  Options that are off draw nothing from ``rng``.
+    ``step`` and ``warmup_steps``: kohya's token warm-up (the free tags cut to ``warmup_length`` before they
+    are shuffled or dropped).
     """
     dropped = subset.caption_dropout_rate > 0 and rng.random() < subset.caption_dropout_rate
     every = subset.caption_dropout_every_n_epochs
@@ -135,8 +147,11 @@ def sample_caption(base: str, subset: SubsetConfig, rng: random.Random, epoch: i
         return ""
     caption = resolve_wildcards(base, rng) if subset.enable_wildcard else base
     has_separator = bool(subset.keep_tokens_separator) and subset.keep_tokens_separator in caption
-    if subset.shuffle_caption or subset.caption_tag_dropout_rate > 0 or has_separator:
+    warming = 0 <= step < warmup_steps
+    if subset.shuffle_caption or subset.caption_tag_dropout_rate > 0 or has_separator or warming:
         fixed, flexible, end = _kept_parts(caption, subset)
+        if warming:
+            flexible = flexible[:warmup_length(len(flexible), subset, step, warmup_steps)]
         if subset.shuffle_caption:
             shuffle(flexible, rng)
         if subset.caption_tag_dropout_rate > 0:

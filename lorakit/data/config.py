@@ -79,6 +79,11 @@ class DataConfig:
     caption_dropout_every_n_epochs: int = 0
     #: probability that each tag (except the kept ones) is dropped
     caption_tag_dropout_rate: float = 0.0
+    #: kohya's token warm-up: for the first ``token_warmup_step`` steps (below 1: that share of the run's steps)
+    #: captions keep only their first tags after the kept ones, ``token_warmup_min`` at the start and
+    #: growing linearly to all of them (0: off)
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0
     #: tags removed from every caption: words that describe the concept itself, which the trigger should absorb
     drop_tags: list[str] = field(default_factory=list)
     #: random horizontal flip. Off by default: it breaks captions that say "left"/"right" and asymmetric concepts
@@ -140,6 +145,8 @@ class SubsetConfig:
     caption_dropout_rate: float = 0.0
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0
     drop_tags: list[str] = field(default_factory=list)
     flip_aug: bool = False
     random_crop: bool = False
@@ -188,7 +195,7 @@ _INHERITED_SUBSET_KEYS = tuple(k for k in SUBSET_KEYS if k not in _SUBSET_ONLY)
 
 # kohya options lorakit does not implement: refused by name rather than silently changing the training
 KOHYA_UNSUPPORTED = (
-    "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "custom_attributes",
+    "face_crop_aug_range", "custom_attributes",
     "network_multiplier",
 )
 # kohya options that only change speed: accepted and ignored

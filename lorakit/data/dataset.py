@@ -198,6 +198,9 @@ class TrainingData:
         self._groups = dict(sorted(groups.items()))
         self.warnings = problems.warnings
         self._latents: dict[tuple[int, bool], Latent] | None = None
+        # how batches count as training steps (kohya's token warm-up counts steps); the trainer sets them
+        self.total_steps: int | None = None
+        self.batches_per_step = 1
         self._masks: dict[tuple[int, tuple[int, int], bool], Image.Image] = {}
 
     # ------------------------------------------------------------------------------------------ building
@@ -356,11 +359,24 @@ class TrainingData:
         """The batches of ``epoch`` from the ``skip``-th on, loaded lazily."""
         return EpochBatches(self, self.epoch_plan(epoch)[skip:])
 
-    def _draw(self, epoch: int, sample_id: int) -> _Draw:
+    def count_steps(self, total_steps: int, batches_per_step: int = 1) -> None:
+        """How the trainer counts steps: ``total_steps`` in the run, each ``batches_per_step`` batches (gradient
+        accumulation × processes).  kohya's token warm-up is given in steps, or as a share of the run's."""
+        self.total_steps, self.batches_per_step = total_steps, batches_per_step
+
+    def _warmup_steps(self, subset: SubsetConfig) -> int:
+        if subset.token_warmup_step >= 1:
+            return int(subset.token_warmup_step)
+        if subset.token_warmup_step <= 0 or self.total_steps is None:  # a share of an unknown run: off
+            return 0
+        return math.floor(subset.token_warmup_step * self.total_steps)
+
+    def _draw(self, epoch: int, sample_id: int, step: int = 0) -> _Draw:
         rec_index = self.samples[sample_id]
         rec = self.records[rec_index]
         subset = self.subset_of(rec)
-        caption = sample_caption(rec.caption, subset, seeded_rng("caption", self.seed, epoch, sample_id), epoch)
+        caption = sample_caption(rec.caption, subset, seeded_rng("caption", self.seed, epoch, sample_id), epoch,
+                                 step, self._warmup_steps(subset))
         aug = seeded_rng("augment", self.seed, epoch, sample_id)
         flip = subset.flip_aug and aug.random() < 0.5
         bucket, resized = self.buckets[rec_index]
@@ -375,7 +391,8 @@ class TrainingData:
         return _Draw(caption, flip, offset, color)
 
     def load_batch(self, plan: BatchPlan) -> Batch:
-        draws = [self._draw(plan.epoch, sid) for sid in plan.sample_ids]
+        step = (plan.epoch * self.steps_per_epoch + plan.index) // self.batches_per_step  # the step it trains in
+        draws = [self._draw(plan.epoch, sid, step) for sid in plan.sample_ids]
         recs = [self.samples[sid] for sid in plan.sample_ids]
         batch = Batch(captions=[d.caption for d in draws],
                       is_reg=torch.tensor([self.records[r].is_reg for r in recs], dtype=torch.bool),

@@ -176,6 +176,8 @@ def _check_subset(subset: SubsetConfig, where: Path, problems: Problems) -> None
                        f"{', '.join(RESIZE_INTERPOLATIONS)}")
     if subset.alpha_mask and subset.conditioning_data_dir:
         problems.error(f"{where}: alpha_mask and conditioning_data_dir both give the loss mask; choose one")
+    if subset.token_warmup_min < 0 or subset.token_warmup_step < 0:
+        problems.error(f"{where}: token_warmup_min and token_warmup_step must be 0 or more")
     if subset.keep_tokens < 0:
         problems.error(f"{where}: keep_tokens must be 0 or more, not {subset.keep_tokens}")
     for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
