@@ -60,6 +60,9 @@ class ModelConfig:
     vae: str | None = None
     #: mixed precision for the frozen base model and autocast: "no", "fp16", "bf16"; adapters stay fp32
     mixed_precision: str = "no"
+    #: kohya's --no_half_vae: the VAE stays fp32 under fp16/bf16 mixed precision (some VAEs give NaN latents or
+    #: black images in fp16)
+    no_half_vae: bool = False
     #: override the model's prediction type ("epsilon" or "v_prediction"); None: the model's own
     prediction_type: str | None = None
     #: kohya's --zero_terminal_snr (Lin et al. 2024): the noise schedule rescaled so that its last step is pure

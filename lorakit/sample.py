@@ -329,6 +329,7 @@ def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device:
             net.to(target).eval()
         pipe = model.pipeline()
         pipe.set_progress_bar_config(disable=True)
+        upcast_vae = model.vae.dtype != model.unet.dtype  # kohya's no_half_vae: the pipeline would mix dtypes
         with torch.random.fork_rng(devices=rng_devices):
             for (width, height, steps, cfg, sampler), indices in groups.items():
                 pipe.scheduler = make_scheduler(sampler, model)
@@ -338,8 +339,9 @@ def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device:
                                         max_token_length, target)
                     out = pipe(**text, height=height, width=width, num_inference_steps=steps, guidance_scale=cfg,
                                generator=[torch.Generator("cpu").manual_seed(resolved[i].seed) for i in chunk],
-                               output_type="pil")
-                    for i, image in zip(chunk, out.images, strict=True):
+                               output_type="latent" if upcast_vae else "pil")
+                    for i, image in zip(chunk, _decoded(pipe, out.images) if upcast_vae else out.images,
+                                        strict=True):
                         images[i] = image
                     bar.update(len(chunk))
     finally:
@@ -349,6 +351,14 @@ def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device:
         for module, mode in modes:  # per module, not .train(mode): frozen parts may differ from their parents
             module.training = mode
     return images  # type: ignore[return-value]
+
+
+def _decoded(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
+    """The pipeline's latents decoded by a VAE of another dtype (fp32 beside a half-precision U-Net)."""
+    vae = pipe.vae
+    with torch.no_grad():
+        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
 
 
 # -------------------------------------------------------------------------------------------------- grids

@@ -114,7 +114,8 @@ def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
     model.text_encoder.requires_grad_(False)
     low = weight_dtype(cfg.model.mixed_precision)
     if low != torch.float32:
-        model.vae.to(dtype=low)
+        if not cfg.model.no_half_vae:
+            model.vae.to(dtype=low)
         if cfg.method.kind != "native":
             model.unet.to(dtype=low)
         if cfg.method.kind not in ("ti", "pivotal") and not cfg.network.train_text_encoder:

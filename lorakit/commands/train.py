@@ -83,6 +83,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--validate-every-n-steps": "--set training.validate_every_n_steps=N",
     "--max-validation-steps": "--set training.max_validation_steps=N",
     "--gradient-checkpointing": "--set model.gradient_checkpointing=true",
+    "--no-half-vae": "--set model.no_half_vae=true",
     "--gradient-accumulation-steps": "--set optimizer.gradient_accumulation_steps=N",
     "--max-grad-norm": "--set optimizer.max_grad_norm=X", "--noise-offset": "--set training.noise_offset=X",
     "--multires-noise-iterations": "--set training.multires_noise_iterations=N",
