@@ -404,9 +404,11 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                                               spectral=reading.spectral)
                     if decision.stop:
                         stop_decision = decision
-                if is_main and data.held_out and cfg.training.validate_every_n_steps \
+                if data.held_out and cfg.training.validate_every_n_steps \
                         and step % cfg.training.validate_every_n_steps == 0:
-                    record["val_loss"] = validated[step] = _validate(cfg, model, method, data, accelerator)
+                    with fail_together(accelerator, f"validating at step {step}"):  # the main process measures
+                        if is_main:
+                            record["val_loss"] = validated[step] = _validate(cfg, model, method, data, accelerator)
                 if is_main:
                     run.log(record)
                 if tracker_dir is not None:
@@ -426,18 +428,18 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                     break
             epoch += 1
             skip = 0
-            if is_main and data.held_out and epoch % (cfg.training.validate_every_n_epochs or 1) == 0 \
-                    and step not in validated:  # before the checkpoint: a resumed run does it again
-                validated[step] = _validate(cfg, model, method, data, accelerator)
-                run.log({"step": step, "epoch": epoch, "val_loss": validated[step]})
-                if tracker_dir is not None:
-                    accelerator.log({"val_loss": validated[step]}, step=step)
             if sample_stop is not None:  # scored before saving: the checkpoint's state holds it
                 found = _score_samples(sample_stop, epoch, step, model, method, cfg, run, accelerator)
                 if found is not None and stop_decision is None and cfg.early_stop.mode == "cs-fluctuation":
                     stop_decision = _sample_decision(found, steps_per_epoch, step, monitor)
             # the main process's checkpoint and samples; the others wait for it at the next step's all-reduce
-            with fail_together(accelerator, f"saving or sampling epoch {epoch}"):
+            with fail_together(accelerator, f"validating, saving or sampling epoch {epoch}"):
+                if is_main and data.held_out and epoch % (cfg.training.validate_every_n_epochs or 1) == 0 \
+                        and step not in validated:  # before the checkpoint: a resumed run does it again
+                    validated[step] = _validate(cfg, model, method, data, accelerator)
+                    run.log({"step": step, "epoch": epoch, "val_loss": validated[step]})
+                    if tracker_dir is not None:
+                        accelerator.log({"val_loss": validated[step]}, step=step)
                 if is_main:
                     run.flush_log()  # lines a full disk refused during the epoch: now, or the run stops here
                 if is_main and (epoch % cfg.training.save_every_n_epochs == 0 or stop_decision is not None

@@ -118,4 +118,4 @@ def test_a_full_disk_in_the_main_process_stops_every_process(tiny_model_dir, tmp
     done = launch(tmp_path, job, "full-disk", timeout=300)
     assert done.returncode != 0
     assert "No space left on device" in done.stderr
-    assert "the main process failed saving or sampling epoch 1: OSError" in done.stderr
+    assert "the main process failed validating, saving or sampling epoch 1: OSError" in done.stderr
