@@ -149,7 +149,7 @@ def test_a_missing_or_mis_sized_mask_is_an_error_naming_the_files(tmp_path):
     with pytest.raises(DatasetError) as info:
         data(_mask_toml(tmp_path))
     text = str(info.value)
-    assert "1 images have no mask image of the same name" in text and "c.png" in text
+    assert "1 image has no mask image of the same name" in text and "c.png" in text
     assert "masks/b.png: the mask is 32×32, its image" in text and "is 64×32" in text
     with pytest.raises(DatasetError, match="conditioning_data_dir .*nowhere is not a folder"):
         data(_mask_toml(tmp_path, masks="nowhere"))

@@ -426,7 +426,7 @@ def test_a_metadata_file_lists_the_images_and_gives_their_captions_as_kohya_join
     toml.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'images'\n"
                     "metadata_file = 'meta.json'\n")
     said = warned(toml)
-    assert "1 images are not in its metadata_file meta.json and are not trained: 003.png" in said
+    assert "1 image is not in its metadata_file meta.json and not trained: 003.png" in said
     d = data(toml)
     captions = {r.path.name: r.caption for r in d.records}
     assert captions == {"000.png": "zkz shape, a red circle,red, circle", "001.png": "blue, star",
@@ -434,6 +434,8 @@ def test_a_metadata_file_lists_the_images_and_gives_their_captions_as_kohya_join
     d = data(toml, enable_wildcard=True)  # kohya: the tags follow each line
     assert {r.path.name: r.caption for r in d.records}["002.png"] == "two lines,green\nof caption,green"
     (tmp_path / "meta.json").write_text(json.dumps({"000": {"caption": "x"}, "nope": {"caption": "y"}}))
-    assert "meta.json: 1 entries name no image in" in error(toml) and "nope" in error(toml)
+    assert "meta.json: 1 entry names no image in" in error(toml) and "nope" in error(toml)
+    (tmp_path / "meta.json").write_text(json.dumps({"000": {"caption": ["a", "list"]}}))
+    assert "'000': \"caption\" and \"tags\" must be text" in error(toml)
     (tmp_path / "meta.json").write_text("[1, 2]")
     assert "expected a JSON object" in error(toml)

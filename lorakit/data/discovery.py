@@ -334,6 +334,9 @@ def _metadata_captions(path: Path, folder: Path, images: list[Path], subset: Sub
             missing.append(key)
             continue
         caption, tags = entry.get("caption"), entry.get("tags")
+        if not all(v is None or isinstance(v, str) for v in (caption, tags)):
+            problems.error(f"{path}: {key!r}: \"caption\" and \"tags\" must be text")
+            continue
         if caption is None:
             caption, tags = tags, None
         sep = subset.caption_separator
@@ -345,11 +348,12 @@ def _metadata_captions(path: Path, folder: Path, images: list[Path], subset: Sub
             listed.append(image)
         captions[image] = str(caption or "").strip()
     if missing:
-        problems.error(f"{path}: {len(missing)} entries name no image in {folder}: {_some(missing)}")
+        name = "1 entry names" if len(missing) == 1 else f"{len(missing)} entries name"
+        problems.error(f"{path}: {name} no image in {folder}: {_some(missing)}")
     unlisted = [p.name for p in images if p not in captions]
     if unlisted and not missing:
-        problems.warn(f"{folder}: {len(unlisted)} images are not in its metadata_file {path.name} and are not "
-                      f"trained: {_some(unlisted)}")
+        are = "1 image is" if len(unlisted) == 1 else f"{len(unlisted)} images are"
+        problems.warn(f"{folder}: {are} not in its metadata_file {path.name} and not trained: {_some(unlisted)}")
     return listed, captions
 
 
@@ -375,8 +379,9 @@ def _find_masks(records: list[ImageRecord], mask_dir: Path, folder: Path, verify
         else:
             records[i] = dataclasses.replace(rec, mask=mask)
     if missing:
-        problems.error(f"{folder}: {len(missing)} images have no mask image of the same name in {mask_dir} "
-                       f"(conditioning_data_dir): {_some(missing)}")
+        have = "1 image has" if len(missing) == 1 else f"{len(missing)} images have"
+        problems.error(f"{folder}: {have} no mask image of the same name in {mask_dir} (conditioning_data_dir): "
+                       f"{_some(missing)}")
 
 
 def _try_probe(path: Path, verify: bool) -> tuple[int, int] | Exception:
