@@ -88,6 +88,14 @@ class TrainingMethod:
         """The state the model samples in during training (adapters merged where that is exact enough)."""
         return nullcontext()
 
+    def scaled(self, multiplier: float) -> AbstractContextManager[None]:
+        """The adapter at ``multiplier`` for one batch (kohya's per-dataset network_multiplier); methods without
+        an adapter refuse any but 1."""
+        if multiplier != 1.0:
+            raise ConfigError(f"network_multiplier {multiplier:g}: only an adapter has a multiplier, and method "
+                              f"{self.kind!r} trains none")
+        return nullcontext()
+
     def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
         raise NotImplementedError
 
@@ -267,6 +275,17 @@ class AdapterMethod(TrainingMethod):
             yield
         finally:
             self.network.unmerge()
+
+    @contextmanager
+    def scaled(self, multiplier: float) -> Iterator[None]:
+        if multiplier == 1.0:
+            yield
+            return
+        self.network.set_multiplier(multiplier)
+        try:
+            yield
+        finally:  # the meter, checkpoints and samples see the adapter as it is
+            self.network.set_multiplier(1.0)
 
     def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
         path = folder / f"{name}.safetensors"
@@ -448,6 +467,9 @@ class PivotalTuning(TrainingMethod):
 
     def sampling(self) -> AbstractContextManager[None]:
         return self.adapter.sampling()
+
+    def scaled(self, multiplier: float) -> AbstractContextManager[None]:
+        return self.adapter.scaled(multiplier)
 
     def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
         return self.adapter.save(folder, name, metadata) + self.ti.save(folder, name, metadata)

@@ -96,7 +96,8 @@ def validation_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, 
                 latents = batch_latents(model, batch, generator, -1 - k, accelerator.device)
                 for t in VALIDATION_TIMESTEPS:
                     noised = noise_at(model.noise_scheduler, latents, generator, model.prediction_type, t)
-                    losses.append(float(prediction_loss(cfg, model, method, batch, noised, accelerator)))
+                    with method.scaled(batch.network_multiplier):
+                        losses.append(float(prediction_loss(cfg, model, method, batch, noised, accelerator)))
     finally:
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)

@@ -267,6 +267,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         data = TrainingData(with_class_images(cfg, model, run, is_main, accelerator), seed=cfg.training.seed,
                             default_resolution=model.resolution)
         _check_validation(cfg, data)
+        for dataset in data.datasets:  # a method without an adapter refuses a multiplier before the first step
+            method.scaled(dataset.network_multiplier)
         if is_main and (note := long_captions_note(model, data, cfg.model.max_token_length)):
             print(note)
         if is_main and (note := adaptive_lr_note(cfg.optimizer.optimizer,
@@ -376,7 +378,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 done = i + 1
                 with accelerator.accumulate(*trained):
                     torch.manual_seed(step_seed(cfg.training.seed + 1, step * 1000 + i))  # adapter dropout
-                    loss = compute_loss(cfg, model, method, batch, step, accelerator, run_unet, run_te)
+                    with method.scaled(batch.network_multiplier):
+                        loss = compute_loss(cfg, model, method, batch, step, accelerator, run_unet, run_te)
                     if not torch.isfinite(loss):
                         raise TrainingError(_nan_message(run, step, epoch))
                     accelerator.backward(loss)

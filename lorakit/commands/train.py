@@ -84,6 +84,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--max-validation-steps": "--set training.max_validation_steps=N",
     "--gradient-checkpointing": "--set model.gradient_checkpointing=true",
     "--no-half-vae": "--set model.no_half_vae=true",
+    "--network-multiplier": "--set data.network_multiplier=X",
     "--gradient-accumulation-steps": "--set optimizer.gradient_accumulation_steps=N",
     "--max-grad-norm": "--set optimizer.max_grad_norm=X", "--noise-offset": "--set training.noise_offset=X",
     "--multires-noise-iterations": "--set training.multires_noise_iterations=N",

@@ -102,6 +102,9 @@ class DataConfig:
     #: run's validation loss (``training.validate_every_n_epochs``/``_steps``)
     validation_split: float = 0.0
     validation_seed: int | None = None
+    #: kohya's per-dataset network_multiplier: the adapter's strength while training on this data (a dataset
+    #: at -1 teaches the adapter the opposite, as in kohya's "difference" training); 1: as usual
+    network_multiplier: float = 1.0
     #: kohya's color_aug: a third of the samples get a small random hue shift or gamma (needs cache_latents =
     #: false: the pixels change every step)
     color_aug: bool = False
@@ -185,6 +188,7 @@ class DatasetConfig:
     bucket_no_upscale: bool = False
     validation_split: float = 0.0
     validation_seed: int | None = None
+    network_multiplier: float = 1.0
 
 
 # ------------------------------------------------------------------------------------------- key tables
@@ -196,7 +200,6 @@ _INHERITED_SUBSET_KEYS = tuple(k for k in SUBSET_KEYS if k not in _SUBSET_ONLY)
 # kohya options lorakit does not implement: refused by name rather than silently changing the training
 KOHYA_UNSUPPORTED = (
     "face_crop_aug_range", "custom_attributes",
-    "network_multiplier",
 )
 # kohya options that only change speed: accepted and ignored
 KOHYA_IGNORED = ("cache_info",)

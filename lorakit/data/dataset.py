@@ -78,6 +78,8 @@ class Batch:
     loss_masks: torch.Tensor | None = None
     epoch: int = 0
     index: int = 0
+    #: the adapter's strength for this batch (its dataset's network_multiplier; a batch is one dataset's)
+    network_multiplier: float = 1.0
 
     def sample_latents(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """``mean + std * noise``: a fresh draw from the cached latent distributions (still unscaled)."""
@@ -397,7 +399,8 @@ class TrainingData:
         batch = Batch(captions=[d.caption for d in draws],
                       is_reg=torch.tensor([self.records[r].is_reg for r in recs], dtype=torch.bool),
                       image_paths=[self.records[r].path for r in recs], flipped=[d.flip for d in draws],
-                      epoch=plan.epoch, index=plan.index)
+                      epoch=plan.epoch, index=plan.index,
+                      network_multiplier=self.datasets[plan.dataset].network_multiplier)
         if any(self._masked(r) for r in recs):
             batch.loss_masks = torch.stack([self.alpha(r, d.offset, d.flip) for r, d in zip(recs, draws,
                                                                                              strict=True)])
@@ -432,7 +435,8 @@ class TrainingData:
                                          caption_tag_dropout_rate=0.0)
             captions.append(sample_caption(self.records[i].caption, subset, seeded_rng("validation caption", i), 0))
         batch = Batch(captions=captions, is_reg=torch.zeros(len(ids), dtype=torch.bool),
-                      image_paths=[self.records[i].path for i in ids], flipped=[False] * len(ids), index=index)
+                      image_paths=[self.records[i].path for i in ids], flipped=[False] * len(ids), index=index,
+                      network_multiplier=self.datasets[self.records[ids[0]].dataset].network_multiplier)
         if any(self._masked(i) for i in ids):
             batch.loss_masks = torch.stack([self.alpha(i) for i in ids])
         if self._latents is not None:
@@ -534,8 +538,10 @@ class TrainingData:
                     images[self.buckets[i][0]] = images.get(self.buckets[i][0], 0) + 1
             listing = ", ".join(f"{w}×{h} ({n})" for (w, h), n in sorted(images.items(), key=lambda kv: -kv[1]))
             prefix = f"dataset #{d + 1}: " if len(self.schemes) > 1 else ""
+            multiplier = self.datasets[d].network_multiplier
             lines.append(f"{prefix}{len(images)} bucket{'s' if len(images) != 1 else ''} (images): {listing}; "
-                         f"batch size {self.datasets[d].batch_size}")
+                         f"batch size {self.datasets[d].batch_size}"
+                         + (f"; network multiplier {multiplier:g}" if multiplier != 1 else ""))
         lines.append(f"{self.steps_per_epoch} steps/epoch")
         return "\n".join(lines)
 
