@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,3 +285,54 @@ def test_color_aug_shifts_hue_or_gamma_of_a_third_of_the_samples_and_changes_no_
     assert colored.kohya_metadata()["ss_color_aug"] == "True"
     with pytest.raises(DatasetError, match=r"color_aug cannot be used with cached latents .*cache_latents = false"):
         colored.cache_latents(None)
+
+
+def test_face_crop_puts_the_face_in_the_middle_at_a_scale_within_the_range(tmp_path):
+    import random
+
+    from lorakit.data.buckets import face_crop, face_from_name
+
+    assert face_from_name(Path("me_300_200_80_100.png")) == (300, 200, 80, 100)
+    assert face_from_name(Path("photo_2024.png")) is None and face_from_name(Path("a_b_1_2_3.png")) is None
+    # a 1000×800 image, face 100 px at (300, 200), 64×64 crops: the face fills 1/4..1/2 of the side
+    for seed in range(20):
+        resized, (left, top) = face_crop((1000, 800), (64, 64), (300, 200, 100, 100), (2.0, 4.0),
+                                         random.Random(seed))
+        scale = resized[0] / 1000
+        assert 64 / (100 * 4.0) - 0.01 <= scale <= 64 / (100 * 2.0) + 0.01
+        # centred on the face, give or take kohya's jitter of face_size // 20 (in the original's pixels)
+        assert abs(left + 32 - 300 * scale) <= 6 and abs(top + 32 - 200 * scale) <= 6
+    # one value: one scale, no draws at all (a latent can be cached)
+    assert face_crop((1000, 800), (64, 64), (300, 200, 100, 100), (3.0, 3.0), None)[0] == (213, 171)
+    # a face at the edge: the crop stays inside the image
+    resized, (left, top) = face_crop((1000, 800), (64, 64), (5, 5, 100, 100), (2.0, 2.0), None)
+    assert (left, top) == (0, 0)
+
+
+def test_face_crop_in_batches_is_drawn_per_step_and_refused_with_cached_latents(tmp_path):
+    from data_helpers import tiny_vae
+
+    folder = tmp_path / "1_zkz"
+    folder.mkdir()
+    img = Image.new("RGB", (256, 256), (0, 0, 255))
+    img.paste((255, 0, 0), (96, 96, 160, 160))  # a red "face" of 64 px in the middle
+    img.save(folder / "me_128_128_64_64.png")
+    img.save(folder / "plain.png")  # no face in its name: the usual center crop
+    d = data(tmp_path, resolution=32, face_crop_aug_range=(1.0, 2.0), batch_size=2)
+    sizes = set()
+    for epoch in range(6):
+        (batch,) = d.epoch_batches(epoch)
+        for path, px in zip(batch.image_paths, batch.pixel_values, strict=True):
+            red = float((px[0] > 0.5).float().mean())
+            if path.name == "plain.png":
+                assert 0.05 < red < 0.07  # 64² of 256², shrunk whole into 32×32: 1/16 of the crop
+            else:
+                assert red > 0.24  # the face fills half or all of the side: at least a quarter of the crop
+                sizes.add(round(red, 2))
+    assert len(sizes) > 1  # another scale in other epochs
+    with pytest.raises(DatasetError, match="face_crop_aug_range cannot be used with cached latents"):
+        d.cache_latents(tiny_vae())
+    fixed = data(tmp_path, resolution=32, face_crop_aug_range=(2.0, 2.0), batch_size=2)
+    fixed.cache_latents(tiny_vae())  # one scale: cached once, at the face
+    with pytest.raises(DatasetError, match=r"face_crop_aug_range must be \[min, max\]"):
+        data(tmp_path, resolution=32, face_crop_aug_range=(3.0, 2.0))

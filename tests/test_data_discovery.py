@@ -218,7 +218,7 @@ def test_toml_unknown_key_names_key_file_and_suggestion(tmp_path):
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\nresolution = 512\n", "belongs in [general] or"),
     ("[general]\nimage_dir = 'hoge'\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\n",
      "belongs in [[datasets.subsets]]"),
-    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\nface_crop_aug_range = [2.0, 4.0]\n", "does not support"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\ncustom_attributes = {}\n", "does not support"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\nnum_repeats = 'ten'\n", "expected int"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\nshuffle_caption = 1\n", "expected bool"),
     ("[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n", "image_dir is required"),

@@ -123,6 +123,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--in-json": "--data FILE.toml, with metadata_file = 'FILE.json' in a [[datasets.subsets]]",
     "--flip-aug": "--set data.flip_aug=true",
     "--color-aug": "--set data.color_aug=true",
+    "--face-crop-aug-range": "--set 'data.face_crop_aug_range=[2.0, 4.0]'",
     "--log-with": "--set output.log_with=tensorboard", "--logging-dir": "--set output.logging_dir=DIR",
     "--sample-every-n-epochs": "--set sample.every_n_epochs=N",
     "--sample-every-n-steps": "--set sample.every_n_steps=N",

@@ -134,6 +134,45 @@ def make_scheme(dataset: DatasetConfig) -> tuple[BucketScheme, list[str], list[s
     return BucketScheme(res, tuple(bucket_resolutions(res, lo, hi, steps)), True, steps, lo, hi), errors, warnings
 
 
+def face_from_name(path) -> tuple[int, int, int, int] | None:
+    """kohya's face position in a file name, ``<name>_<cx>_<cy>_<w>_<h>.png`` (its detect_face_rotate script
+    writes them, in the image's pixels); None when the name does not end in four numbers."""
+    tokens = path.stem.split("_")
+    if len(tokens) < 5 or not all(t.isdigit() for t in tokens[-4:]):
+        return None
+    cx, cy, w, h = (int(t) for t in tokens[-4:])
+    return (cx, cy, w, h) if w > 0 and h > 0 else None
+
+
+def face_crop(size: Size, reso: Size, face: tuple[int, int, int, int], face_range: tuple[float, float],
+              rng, random_crop: bool = False) -> tuple[Size, tuple[int, int]]:
+    """kohya's face_crop_aug_range (without buckets): the (resized size, crop offset) that puts the face near the
+    middle of ``reso`` at a scale where the face fills between 1/range[1] and 1/range[0] of the shorter side,
+    drawn from ``rng`` when the range is not one value (never enlarged, unless the image is smaller than ``reso``:
+    kohya refuses those, lorakit enlarges them to cover it).  With ``random_crop`` the face moves off centre."""
+    width, height = size
+    cx, cy, fw, fh = face
+    face_size = max(fw, fh)
+    side = min(reso)
+    cover = max(reso[0] / width, reso[1] / height)
+    ceiling = max(1.0, cover)
+    low = min(ceiling, max(cover, side / (face_size * face_range[1])))
+    high = min(ceiling, max(low, side / (face_size * face_range[0])))
+    scale = low if low >= high else rng.uniform(low, high)
+    resized = (max(reso[0], int(width * scale + 0.5)), max(reso[1], int(height * scale + 0.5)))
+    offset = []
+    for target, length, centre in ((reso[0], resized[0], int(cx * scale + 0.5)),
+                                   (reso[1], resized[1], int(cy * scale + 0.5))):
+        start = centre - target // 2
+        if random_crop:  # kohya: off centre, more often near it, to show some background
+            reach = max(length - centre, centre)
+            start += rng.randint(0, reach) + rng.randint(0, reach) - reach
+        elif face_range[0] != face_range[1] and face_size > side // 10 and face_size >= 40:
+            start += rng.randint(-face_size // 20, face_size // 20)
+        offset.append(max(0, min(start, length - target)))
+    return resized, (offset[0], offset[1])
+
+
 def crop_offset(resized: Size, reso: Size, u: float | None = None, v: float | None = None) -> tuple[int, int]:
     """Top-left corner of the bucket inside the resized image: centered (kohya: ``trim // 2``), or at fractions
     ``u``, ``v`` in [0, 1) of the free room for a random crop."""

@@ -105,6 +105,10 @@ class DataConfig:
     #: kohya's per-dataset network_multiplier: the adapter's strength while training on this data (a dataset
     #: at -1 teaches the adapter the opposite, as in kohya's "difference" training); 1: as usual
     network_multiplier: float = 1.0
+    #: kohya's face_crop_aug_range (without buckets): images named ``<name>_<cx>_<cy>_<w>_<h>`` (kohya's
+    #: detect_face_rotate script) are cropped around that face, scaled so that it fills between 1/max and 1/min of
+    #: the shorter side, e.g. [2.0, 4.0] (needs cache_latents = false when the range is not one value)
+    face_crop_aug_range: tuple[float, float] | None = None
     #: kohya's color_aug: a third of the samples get a small random hue shift or gamma (needs cache_latents =
     #: false: the pixels change every step)
     color_aug: bool = False
@@ -154,6 +158,7 @@ class SubsetConfig:
     flip_aug: bool = False
     random_crop: bool = False
     color_aug: bool = False
+    face_crop_aug_range: tuple[float, float] | None = None
     alpha_mask: bool = False
     resize_interpolation: str | None = None
     #: kohya's conditioning_data_dir for the masked loss: a folder with a mask image per image (the same name,
@@ -199,7 +204,7 @@ _INHERITED_SUBSET_KEYS = tuple(k for k in SUBSET_KEYS if k not in _SUBSET_ONLY)
 
 # kohya options lorakit does not implement: refused by name rather than silently changing the training
 KOHYA_UNSUPPORTED = (
-    "face_crop_aug_range", "custom_attributes",
+    "custom_attributes",
 )
 # kohya options that only change speed: accepted and ignored
 KOHYA_IGNORED = ("cache_info",)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lorakit.data.buckets import BucketScheme, crop_offset, make_scheme
+from lorakit.data.buckets import BucketScheme, crop_offset, face_crop, make_scheme
 from lorakit.data.cache import EncodeJob, Latent, encode_all
 from lorakit.data.captions import count_tags, sample_caption, shuffle
 from lorakit.data.config import DataConfig, SubsetConfig
@@ -142,6 +142,7 @@ class _Draw:
     flip: bool
     offset: tuple[int, int]
     color: tuple[str, float] | None = None  # color_aug: ("hue", steps) or ("gamma", exponent)
+    resized: tuple[int, int] | None = None  # face_crop_aug_range: this step's size (None: the record's own)
 
 
 class TrainingData:
@@ -178,6 +179,9 @@ class TrainingData:
                     continue
                 seen.add(folder)
                 self.records += scan_subset(subset, d, s, config, problems)
+                if subset.face_crop_aug_range is not None and dataset.enable_bucket:
+                    problems.warn(f"{subset.image_dir}: face_crop_aug_range crops around faces only without "
+                                  "buckets (as kohya's does); with enable_bucket it is not used")
         problems.raise_if_any(str(config.train_data))
         if not any(not r.is_reg for r in self.records):
             raise DatasetError(f"{config.train_data}: only regularization images were found; nothing to train on")
@@ -382,15 +386,28 @@ class TrainingData:
         aug = seeded_rng("augment", self.seed, epoch, sample_id)
         flip = subset.flip_aug and aug.random() < 0.5
         bucket, resized = self.buckets[rec_index]
-        offset = crop_offset(resized, bucket, aug.random(), aug.random()) if subset.random_crop else \
-            crop_offset(resized, bucket)
+        face_resized = None
+        if self._face_cropped(rec_index):  # a stream of its own, as color_aug's
+            face_resized, offset = face_crop(rec.size, bucket, rec.face, subset.face_crop_aug_range,
+                                             seeded_rng("face", self.seed, epoch, sample_id), subset.random_crop)
+        elif subset.random_crop:
+            offset = crop_offset(resized, bucket, aug.random(), aug.random())
+        else:
+            offset = crop_offset(resized, bucket)
         color = None
         if subset.color_aug:  # a stream of its own: the other draws stay what they are without it
             rng = seeded_rng("color", self.seed, epoch, sample_id)
             if rng.random() <= 0.33:  # kohya's odds: a third of the samples, half hue and half gamma
                 color = ("hue", rng.uniform(-COLOR_AUG_HUE_STEPS, COLOR_AUG_HUE_STEPS)) if rng.random() > 0.5 \
                     else ("gamma", rng.uniform(*COLOR_AUG_GAMMA))
-        return _Draw(caption, flip, offset, color)
+        return _Draw(caption, flip, offset, color, face_resized)
+
+    def _face_cropped(self, record_index: int) -> bool:
+        """Whether kohya's face_crop_aug_range crops this image: its name gives a face, and its dataset has no
+        buckets (kohya crops faces only then)."""
+        rec = self.records[record_index]
+        return rec.face is not None and self.subset_of(rec).face_crop_aug_range is not None \
+            and not self.datasets[rec.dataset].enable_bucket
 
     def load_batch(self, plan: BatchPlan) -> Batch:
         step = (plan.epoch * self.steps_per_epoch + plan.index) // self.batches_per_step  # the step it trains in
@@ -402,14 +419,14 @@ class TrainingData:
                       epoch=plan.epoch, index=plan.index,
                       network_multiplier=self.datasets[plan.dataset].network_multiplier)
         if any(self._masked(r) for r in recs):
-            batch.loss_masks = torch.stack([self.alpha(r, d.offset, d.flip) for r, d in zip(recs, draws,
-                                                                                             strict=True)])
+            batch.loss_masks = torch.stack([self.alpha(r, d.offset, d.flip, d.resized)
+                                            for r, d in zip(recs, draws, strict=True)])
         if self._latents is not None:
             pairs = [self._latents[(r, d.flip)] for r, d in zip(recs, draws, strict=True)]
             batch.latents = torch.stack([m for m, _ in pairs])
             batch.latents_std = torch.stack([s for _, s in pairs])
         else:
-            batch.pixel_values = torch.stack([self.pixels(r, d.offset, d.flip, d.color)
+            batch.pixel_values = torch.stack([self.pixels(r, d.offset, d.flip, d.color, d.resized)
                                               for r, d in zip(recs, draws, strict=True)])
         return batch
 
@@ -447,10 +464,11 @@ class TrainingData:
         return batch
 
     def pixels(self, record_index: int, offset: tuple[int, int] | None = None, flip: bool = False,
-               color: tuple[str, float] | None = None) -> torch.Tensor:
+               color: tuple[str, float] | None = None, resized: tuple[int, int] | None = None) -> torch.Tensor:
         """(3, H, W) in [-1, 1] for one image at its bucket size (center crop unless ``offset`` is given), with
-        kohya's ``color`` augmentation when given."""
-        bucket, resized = self.buckets[record_index]
+        kohya's ``color`` augmentation when given; ``resized``: another size to crop from (a face crop)."""
+        bucket, own = self.buckets[record_index]
+        resized = own if resized is None else resized
         offset = crop_offset(resized, bucket) if offset is None else offset
         rec = self.records[record_index]
         im = fit(load_rgb(rec.path), resized, bucket, offset, flip, self.subset_of(rec).resize_interpolation)
@@ -461,22 +479,24 @@ class TrainingData:
         rec = self.records[record_index]
         return rec.mask is not None or self.subset_of(rec).alpha_mask
 
-    def alpha(self, record_index: int, offset: tuple[int, int] | None = None, flip: bool = False) -> torch.Tensor:
+    def alpha(self, record_index: int, offset: tuple[int, int] | None = None, flip: bool = False,
+              resized: tuple[int, int] | None = None) -> torch.Tensor:
         """(1, H, W) in [0, 1]: the loss mask of one image at its bucket size, cropped and flipped as its pixels:
         its mask image (conditioning_data_dir), else its alpha channel (alpha_mask), else ones (also for an image
         without transparency).  Kept in memory (as bytes) for the center crop, which every step of a cached run
         uses."""
         rec = self.records[record_index]
-        bucket, resized = self.buckets[record_index]
+        bucket, own = self.buckets[record_index]
         if not self._masked(record_index):
             return torch.ones(1, bucket[1], bucket[0])
+        resized = own if resized is None else resized
         offset = crop_offset(resized, bucket) if offset is None else offset
-        key = (record_index, offset, flip)
+        key = (record_index, resized, offset, flip)
         mask = self._masks.get(key)
         if mask is None:
             source = load_mask(rec.mask) if rec.mask is not None else load_alpha(rec.path)
             mask = fit(source, resized, bucket, offset, flip, self.subset_of(rec).resize_interpolation)
-            if offset == crop_offset(resized, bucket):
+            if (resized, offset) == (own, crop_offset(own, bucket)):
                 self._masks[key] = mask
         return mask_tensor(mask)
 
@@ -487,8 +507,16 @@ class TrainingData:
         carry ``latents``/``latents_std`` instead of pixels. With ``directory``, latents are kept on disk and
         reused by later runs while the image, the crop and the VAE are unchanged. ``vae_id`` overrides the VAE
         fingerprint (a hash of its weights) used in cache keys."""
-        for option, why in (("random_crop", "a new crop every step"), ("color_aug", "new colors every step")):
-            folders = sorted({r.folder for r in self.records if getattr(self.subset_of(r), option)})
+        def varies(option: str, i: int) -> bool:
+            subset = self.subset_of(self.records[i])
+            if option == "face_crop_aug_range":  # one scale, no jitter: the same crop every step, cacheable
+                return self._face_cropped(i) and (
+                    subset.random_crop or subset.face_crop_aug_range[0] != subset.face_crop_aug_range[1])
+            return bool(getattr(subset, option))
+
+        for option, why in (("random_crop", "a new crop every step"), ("color_aug", "new colors every step"),
+                            ("face_crop_aug_range", "a new scale every step")):
+            folders = sorted({r.folder for i, r in enumerate(self.records) if varies(option, i)})
             if folders:
                 raise DatasetError(f"{option} cannot be used with cached latents ({why}), set in: "
                                    f"{', '.join(folders)}; turn one of them off (cache_latents = false)")
@@ -497,16 +525,19 @@ class TrainingData:
             if self.repeats[i] == 0 and i not in self.held_out:
                 continue
             bucket, resized = self.buckets[i]
+            offset = crop_offset(resized, bucket)
+            if self._face_cropped(i) and i not in self.held_out:  # one scale (checked above): no draws
+                resized, offset = face_crop(rec.size, bucket, rec.face, self.subset_of(rec).face_crop_aug_range,
+                                            None)
             # a held-out image is only ever seen as it is (validation_batches)
             flips = (False, True) if self.subset_of(rec).flip_aug and i not in self.held_out else (False,)
             for flip in flips:
-                jobs[(i, flip)] = EncodeJob(rec.path, rec.mtime_ns, rec.file_size, resized, bucket,
-                                            crop_offset(resized, bucket), flip,
+                jobs[(i, flip)] = EncodeJob(rec.path, rec.mtime_ns, rec.file_size, resized, bucket, offset, flip,
                                             self.subset_of(rec).resize_interpolation)
         by_job = {job: key for key, job in jobs.items()}
         problems = Problems()
         latents = encode_all(list(jobs.values()), vae,
-                             lambda job: self.pixels(by_job[job][0], job.offset, job.flip),
+                             lambda job: self.pixels(by_job[job][0], job.offset, job.flip, resized=job.resized),
                              Path(directory) if directory is not None else None, vae_id, batch_size, problems)
         self.warnings += problems.warnings
         self._latents = {key: latents[job] for key, job in jobs.items()}

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit.data.buckets import face_from_name
 from lorakit.data.captions import base_caption, read_caption_file
 from lorakit.data.config import DataConfig, DatasetConfig, SubsetConfig, build_dataset, defaults_from, read_dataset_toml
 from lorakit.data.errors import DatasetError, Problems
@@ -49,6 +50,7 @@ class ImageRecord:
     mtime_ns: int
     file_size: int
     mask: Path | None = None  # its mask image in the folder's conditioning_data_dir (masked loss)
+    face: tuple[int, int, int, int] | None = None  # face_crop_aug_range: (cx, cy, w, h) from its file name
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -176,6 +178,9 @@ def _check_subset(subset: SubsetConfig, where: Path, problems: Problems) -> None
                        f"{', '.join(RESIZE_INTERPOLATIONS)}")
     if subset.alpha_mask and subset.conditioning_data_dir:
         problems.error(f"{where}: alpha_mask and conditioning_data_dir both give the loss mask; choose one")
+    face_range = subset.face_crop_aug_range
+    if face_range is not None and not (len(face_range) == 2 and 0 < face_range[0] <= face_range[1]):
+        problems.error(f"{where}: face_crop_aug_range must be [min, max] with 0 < min <= max, not {list(face_range)}")
     if subset.token_warmup_min < 0 or subset.token_warmup_step < 0:
         problems.error(f"{where}: token_warmup_min and token_warmup_step must be 0 or more")
     if subset.keep_tokens < 0:
@@ -277,6 +282,12 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
                                    subset.is_reg, folder.name, stat.st_mtime_ns, stat.st_size))
     if subset.conditioning_data_dir:
         _find_masks(records, Path(subset.conditioning_data_dir), folder, config.verify_images, problems)
+    if subset.face_crop_aug_range is not None:
+        records[:] = [dataclasses.replace(r, face=face_from_name(r.path)) for r in records]
+        if records and not any(r.face for r in records):
+            problems.warn(f"{folder}: face_crop_aug_range is set, but no image name ends in a face position "
+                          "(<name>_<cx>_<cy>_<w>_<h>, as kohya's detect_face_rotate writes them): nothing is cropped "
+                          "around a face")
     if multiline:
         problems.warn(f"{folder}: only the first line of multi-line caption files is used (enable_wildcard = true "
                       f"draws one line per step): {_some(multiline)}")
