@@ -11,7 +11,9 @@ cut down to multiples of ``steps``.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from lorakit.data.config import DatasetConfig
 
@@ -134,7 +136,7 @@ def make_scheme(dataset: DatasetConfig) -> tuple[BucketScheme, list[str], list[s
     return BucketScheme(res, tuple(bucket_resolutions(res, lo, hi, steps)), True, steps, lo, hi), errors, warnings
 
 
-def face_from_name(path) -> tuple[int, int, int, int] | None:
+def face_from_name(path: Path) -> tuple[int, int, int, int] | None:
     """kohya's face position in a file name, ``<name>_<cx>_<cy>_<w>_<h>.png`` (its detect_face_rotate script
     writes them, in the image's pixels); None when the name does not end in four numbers."""
     tokens = path.stem.split("_")
@@ -145,7 +147,7 @@ def face_from_name(path) -> tuple[int, int, int, int] | None:
 
 
 def face_crop(size: Size, reso: Size, face: tuple[int, int, int, int], face_range: tuple[float, float],
-              rng, random_crop: bool = False) -> tuple[Size, tuple[int, int]]:
+              rng: random.Random | None, random_crop: bool = False) -> tuple[Size, tuple[int, int]]:
     """kohya's face_crop_aug_range (without buckets): the (resized size, crop offset) that puts the face near the
     middle of ``reso`` at a scale where the face fills between 1/range[1] and 1/range[0] of the shorter side,
     drawn from ``rng`` when the range is not one value (never enlarged, unless the image is smaller than ``reso``:
