@@ -102,13 +102,17 @@ def add_training_noise(scheduler, latents: torch.Tensor, generator: torch.Genera
         extra = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
         seen = noise + gamma * extra
     noisy = scheduler.add_noise(latents, seen, timesteps)
+    return NoisedBatch(noisy, timesteps, prediction_target(scheduler, latents, noise, timesteps, prediction_type))
+
+
+def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                      prediction_type: str) -> torch.Tensor:
+    """What the U-Net is trained to predict: the noise (ε) or the velocity (v)."""
     if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise InvalidValueError(f"unknown prediction type {prediction_type!r} (epsilon or v_prediction)")
-    return NoisedBatch(noisy, timesteps, target)
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise InvalidValueError(f"unknown prediction type {prediction_type!r} (epsilon or v_prediction)")
 
 
 def noise_at(scheduler, latents: torch.Tensor, generator: torch.Generator, prediction_type: str,
@@ -120,8 +124,7 @@ def noise_at(scheduler, latents: torch.Tensor, generator: torch.Generator, predi
     last = scheduler.config.num_train_timesteps - 1
     timesteps = torch.full((latents.shape[0],), min(timestep, last), dtype=torch.long, device=latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-    return NoisedBatch(noisy, timesteps, target)
+    return NoisedBatch(noisy, timesteps, prediction_target(scheduler, latents, noise, timesteps, prediction_type))
 
 
 def min_snr_weight(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:

@@ -82,7 +82,7 @@ def validation_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, 
     (``seed``, batch) — the same every call, so the values of one run are comparable — without the noise
     augmentations (offset, multi-resolution, input perturbation) or any dropout; the mean over batches and
     timesteps.  None when there is no batch.  Gradients are not kept, and the modules' modes are restored."""
-    modules = [m for m in (model.unet, model.text_encoder)]
+    modules = [model.unet, model.text_encoder]
     modes = [m.training for m in modules]
     losses = []
     try:
