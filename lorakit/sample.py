@@ -482,6 +482,19 @@ def save_samples(images: Sequence[Image.Image], prompts: Sequence[SamplePrompt],
     return written
 
 
+def _adapter_metadata(adapters: Sequence[str | os.PathLike]) -> dict[Path, dict[str, str]]:
+    """Each adapter file's metadata, read once; a file that cannot be read is left out (reading it as an adapter
+    says what is wrong, later)."""
+    found = {}
+    for path in map(Path, adapters):
+        try:
+            with safe_open(str(path), "pt") as f:
+                found[path] = f.metadata() or {}
+        except (OSError, SafetensorError):
+            continue
+    return found
+
+
 def trained_text_settings(adapters: Sequence[str | os.PathLike], clip_skip: int | None = None,
                           max_token_length: int | None = None) -> tuple[dict[str, int], list[str]]:
     """How to read prompts for these adapters: ``clip_skip`` and ``max_token_length`` as given, else as the
@@ -489,19 +502,13 @@ def trained_text_settings(adapters: Sequence[str | os.PathLike], clip_skip: int 
     and a line for each value taken from the files that is not the default."""
     given = {"clip_skip": clip_skip, "max_token_length": max_token_length}
     settings, said = {}, []
+    metadata = _adapter_metadata(adapters) if None in given.values() else {}
     for name, (_, default) in TEXT_SETTINGS.items():
         if given[name] is not None:
             settings[name] = given[name]
             continue
-        trained = {}
-        for path in map(Path, adapters):
-            try:
-                with safe_open(str(path), "pt") as f:
-                    found = trained_text_setting(f.metadata() or {}, name)
-            except (OSError, SafetensorError):  # reading it as an adapter says what is wrong, later
-                continue
-            if found is not None:
-                trained[path] = found
+        trained = {path: found for path, meta in metadata.items()
+                   if (found := trained_text_setting(meta, name)) is not None}
         flag = "--" + name.replace("_", "-")
         if len(set(trained.values())) > 1:
             listed = ", ".join(f"{p}: {v}" for p, v in trained.items())
@@ -513,19 +520,10 @@ def trained_text_settings(adapters: Sequence[str | os.PathLike], clip_skip: int 
     return settings, said
 
 
-def _trained_flags(adapters: Sequence[str | os.PathLike], key: str) -> dict[Path, bool]:
+def _trained_flags(metadata: dict[Path, dict[str, str]], key: str) -> dict[Path, bool]:
     """What each adapter file says about a kohya yes/no entry (``ss_v_parameterization``: "True"/"False");
-    files that do not say, or cannot be read (reading them as adapters says what is wrong, later), are left out."""
-    said = {}
-    for path in map(Path, adapters):
-        try:
-            with safe_open(str(path), "pt") as f:
-                value = (f.metadata() or {}).get(key)
-        except (OSError, SafetensorError):
-            continue
-        if value in ("True", "False"):
-            said[path] = value == "True"
-    return said
+    files that do not say are left out."""
+    return {path: meta[key] == "True" for path, meta in metadata.items() if meta.get(key) in ("True", "False")}
 
 
 def adopt_trained_schedule(model: BaseModel, adapters: Sequence[str | os.PathLike]) -> list[str]:
@@ -534,8 +532,9 @@ def adopt_trained_schedule(model: BaseModel, adapters: Sequence[str | os.PathLik
     predicts v, and its adapter sampled as ε gives noise.  Returns a line for each change.  Adapters that disagree
     are an error; an adapter trained as ε on a model that predicts v is the user's choice of base and left alone."""
     lines = []
-    v_said = _trained_flags(adapters, "ss_v_parameterization")
-    snr_said = _trained_flags(adapters, "ss_zero_terminal_snr")
+    metadata = _adapter_metadata(adapters)
+    v_said = _trained_flags(metadata, "ss_v_parameterization")
+    snr_said = _trained_flags(metadata, "ss_zero_terminal_snr")
     for what, said in (("v-prediction", v_said), ("zero terminal SNR", snr_said)):
         if len(set(said.values())) > 1:
             listed = ", ".join(f"{p}: {'with' if v else 'without'}" for p, v in said.items())
