@@ -88,12 +88,15 @@ class TrainingMethod:
         """The state the model samples in during training (adapters merged where that is exact enough)."""
         return nullcontext()
 
-    def scaled(self, multiplier: float) -> AbstractContextManager[None]:
-        """The adapter at ``multiplier`` for one batch (kohya's per-dataset network_multiplier); methods without
-        an adapter refuse any but 1."""
+    def check_multiplier(self, multiplier: float) -> None:
+        """Refuse a network_multiplier other than 1 for a method without an adapter (before the first step)."""
         if multiplier != 1.0:
             raise ConfigError(f"network_multiplier {multiplier:g}: only an adapter has a multiplier, and method "
                               f"{self.kind!r} trains none")
+
+    def scaled(self, multiplier: float) -> AbstractContextManager[None]:
+        """The adapter at ``multiplier`` for one batch (kohya's per-dataset network_multiplier)."""
+        self.check_multiplier(multiplier)
         return nullcontext()
 
     def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
@@ -275,6 +278,9 @@ class AdapterMethod(TrainingMethod):
             yield
         finally:
             self.network.unmerge()
+
+    def check_multiplier(self, multiplier: float) -> None:
+        """Any multiplier scales an adapter."""
 
     @contextmanager
     def scaled(self, multiplier: float) -> Iterator[None]:
@@ -467,6 +473,9 @@ class PivotalTuning(TrainingMethod):
 
     def sampling(self) -> AbstractContextManager[None]:
         return self.adapter.sampling()
+
+    def check_multiplier(self, multiplier: float) -> None:
+        self.adapter.check_multiplier(multiplier)
 
     def scaled(self, multiplier: float) -> AbstractContextManager[None]:
         return self.adapter.scaled(multiplier)

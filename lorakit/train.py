@@ -267,8 +267,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         data = TrainingData(with_class_images(cfg, model, run, is_main, accelerator), seed=cfg.training.seed,
                             default_resolution=model.resolution)
         _check_validation(cfg, data)
-        for dataset in data.datasets:  # a method without an adapter refuses a multiplier before the first step
-            method.scaled(dataset.network_multiplier)
+        for dataset in data.datasets:
+            method.check_multiplier(dataset.network_multiplier)
         if is_main and (note := long_captions_note(model, data, cfg.model.max_token_length)):
             print(note)
         if is_main and (note := adaptive_lr_note(cfg.optimizer.optimizer,
