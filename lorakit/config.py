@@ -558,16 +558,16 @@ def compile_backends() -> list[str]:
 #: settings that may change when a run is resumed: they decide what happens next, not what was trained so far
 RESUMABLE = ("training.max_epochs", "training.max_steps", "training.save_every_n_epochs",
              "training.save_last_n_epochs", "training.validate_every_n_epochs", "training.validate_every_n_steps",
-             "training.max_validation_steps", "output.name",
+             "training.max_validation_steps", "data.validation_data", "output.name",
              "output.save_precision", "model.gradient_checkpointing", "model.compile", "model.compile_mode",
              "model.compile_backend", "data.cache_latents_to_disk", "data.cache_dir",
              "data.verify_images", "data.upscale_warning_factor", "data.orphan_captions", "sample.prompts",
              "sample.every_n_epochs", "sample.sampler", "sample.steps", "sample.cfg_scale")
 _NOT_COMPARED = ("output.dir", "output.if_exists")
-_PATH_KEYS = ("model.base", "data.train_data", "data.reg_data", "data.cache_dir", "sample.prompts",
-              "early_stop.sample_prompts", "network.weights")
+_PATH_KEYS = ("model.base", "data.train_data", "data.reg_data", "data.validation_data", "data.cache_dir",
+              "sample.prompts", "early_stop.sample_prompts", "network.weights")
 #: path settings that always name a file or folder (model.base and the prompt files may name a built-in instead)
-_ALWAYS_PATHS = ("data.train_data", "data.reg_data", "data.cache_dir", "network.weights")
+_ALWAYS_PATHS = ("data.train_data", "data.reg_data", "data.validation_data", "data.cache_dir", "network.weights")
 
 
 def missing_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
@@ -575,6 +575,7 @@ def missing_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
     makes, its class-image folder itself)."""
     named = (("model.base", cfg.model.base), ("data.train_data", cfg.data.train_data),
              ("data.reg_data", cfg.data.reg_data if cfg.data.num_class_images <= 0 else None),
+             ("data.validation_data", cfg.data.validation_data),
              ("sample.prompts", cfg.sample.prompts))  # network.weights: the trainer, which knows a resumed run
     return [(key, value) for key, value in named if value and not Path(value).expanduser().exists()]
 

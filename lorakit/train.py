@@ -544,7 +544,8 @@ def _check_validation(cfg: TrainConfig, data: TrainingData) -> None:
     given = [f"training.{k}" for k in _VALIDATION_SETTINGS if getattr(cfg.training, k) is not None]
     if given and not data.held_out:
         raise ConfigError(f"{', '.join(given)}: no image is held out for validation; set data.validation_split "
-                          "(kohya's --validation_split, e.g. 0.1) or validation_split in the dataset TOML")
+                          "(kohya's --validation_split, e.g. 0.1) or validation_split in the dataset TOML, or give "
+                          "a folder of held-out images: data.validation_data (--validation-data)")
 
 
 def _validate(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, data: TrainingData,

@@ -142,3 +142,76 @@ class_tokens = "zkz shape"
                                                                             "validation_split = 0.5"))
     with pytest.raises(DatasetError, match=r"'validation_split' cannot be set in .*\[general\] or \[\[datasets\]\]"):
         TrainingData(DataConfig(train_data=str(toml)))
+
+
+# ------------------------------------------------------------------------------- a folder of held-out images
+def test_a_validation_folder_is_held_out_whole_and_leaves_the_training_data_as_it_was(tmp_path):
+    """data.validation_data (OneTrainer's validation concepts): every image of that folder is held out, the
+    training data, its metadata and its fingerprint (what resume compares) stay what they were without it."""
+    folder = write_dataset(tmp_path / "data", n=4, repeats=3)
+    held = write_dataset(tmp_path / "held", n=3, repeats=5)
+    plain = TrainingData(data_config(folder))
+    data = TrainingData(data_config(folder, validation_data=str(held)))
+    assert {data.records[i].path.parent for i in data.held_out} == {held / "5_zkz shape"}
+    assert len(data.held_out) == 3
+    assert data.num_train_images == plain.num_train_images == 12 and data.steps_per_epoch == plain.steps_per_epoch
+    assert [data.records[s].path for s in data.samples] == [plain.records[s].path for s in plain.samples]
+    assert data.fingerprint() == plain.fingerprint()
+    assert data.kohya_metadata()["ss_dataset_dirs"] == plain.kohya_metadata()["ss_dataset_dirs"]
+    assert "3 images held out for validation (3 in validation folders)" in data.summary()
+    assert [len(b) for b in data.validation_batches()] == [1, 1, 1]
+    # with a split too: both held out, each said
+    both = TrainingData(data_config(folder, validation_data=str(held), validation_split=0.25))
+    assert len(both.held_out) == 4 and "(validation_split 0.25; 3 in validation folders)" in both.summary()
+    # a plain folder of images with the trigger given works as train_data does
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for path in (held / "5_zkz shape").iterdir():
+        (loose / path.name).write_bytes(path.read_bytes())
+    assert len(TrainingData(data_config(folder, validation_data=str(loose), trigger="zkz")).held_out) == 3
+
+
+def test_a_validation_folder_that_would_be_trained_on_or_is_missing_is_refused(tmp_path):
+    folder = write_dataset(tmp_path / "data", n=4)
+    with pytest.raises(DatasetError, match=r"held: validation folder not found"):
+        TrainingData(data_config(folder, validation_data=str(tmp_path / "held")))
+    with pytest.raises(DatasetError, match=r"validation_data is \(inside\) the training folder"):
+        TrainingData(data_config(folder, validation_data=str(folder / "1_zkz shape")))
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f"""[general]
+resolution = 64
+[[datasets]]
+[[datasets.subsets]]
+image_dir = "{folder / '1_zkz shape'}"
+class_tokens = "zkz shape"
+[[datasets.subsets]]
+image_dir = "{write_dataset(tmp_path / 'held', n=2) / '1_zkz shape'}"
+class_tokens = "zkz shape"
+is_validation = true
+""")
+    assert len(TrainingData(DataConfig(train_data=str(toml))).held_out) == 2
+    with pytest.raises(DatasetError, match="validation_data .* is not used with a dataset config file"):
+        TrainingData(DataConfig(train_data=str(toml), validation_data=str(tmp_path / "held")))
+    toml.write_text(toml.read_text() + "is_reg = true\n")
+    with pytest.raises(DatasetError, match="is_reg and is_validation"):
+        TrainingData(DataConfig(train_data=str(toml)))
+    only_held = tmp_path / "only.toml"
+    only_held.write_text(toml.read_text().split("[[datasets.subsets]]")[0] + "[[datasets.subsets]]" +
+                         toml.read_text().split("[[datasets.subsets]]")[2].replace("is_reg = true\n", ""))
+    with pytest.raises(DatasetError, match="only regularization or validation images"):
+        TrainingData(DataConfig(train_data=str(only_held)))
+
+
+def test_a_run_with_a_validation_folder_trains_what_it_trains_without_and_measures_its_loss(tiny_model_dir,
+                                                                                           tmp_path):
+    folder = write_dataset(tmp_path / "data", n=4)
+    held = write_dataset(tmp_path / "held", n=2)
+    runs = {}
+    for name, extra in (("with", {"validation_data": str(held)}), ("without", {})):
+        run_train(make_config(tiny_model_dir, folder, tmp_path / name, data=extra, training={"max_epochs": 2}))
+        runs[name] = read_adapter(tmp_path / name / "lorakit.safetensors").tensors
+    for key, tensor in runs["with"].items():
+        assert torch.equal(tensor, runs["without"][key]), key
+    log = [json.loads(line) for line in (tmp_path / "with" / "log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in log if "val_loss" in r] == [(1, 2), (2, 4)]
+    assert json.loads((tmp_path / "with" / "summary.json").read_text())["validation"]["held_out_images"] == 2

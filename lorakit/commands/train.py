@@ -23,6 +23,7 @@ HELP = "train an adapter, embedding or model from a folder of images"
 FLAGS: dict[str, tuple[str, type, str]] = {
     "--data": ("data.train_data", str, "image folder: kohya layout (N_trigger class/), a plain folder, or a TOML"),
     "--reg-data": ("data.reg_data", str, "regularization images (kohya layout)"),
+    "--validation-data": ("data.validation_data", str, "held-out images of the concept for the validation loss"),
     "--trigger": ("data.trigger", str, "the trigger word (plain folders)"),
     "--model": ("model.base", str, "base model: diffusers folder or single-file .safetensors (default: built-in)"),
     "--vae": ("model.vae", str, "another VAE for the base model (a .safetensors VAE or a diffusers VAE folder)"),

@@ -33,6 +33,10 @@ class DataConfig:
     train_data: str | None = None
     #: regularization (class) images in kohya layout (``1_shape/``); not used with a TOML file (use ``is_reg``)
     reg_data: str | None = None
+    #: held-out images of the concept, never trained on (as OneTrainer's validation concepts): a kohya-layout or
+    #: plain folder like ``train_data``; their loss is the run's validation loss, beside or instead of
+    #: ``validation_split``.  Not used with a TOML file (use a subset with ``is_validation = true``)
+    validation_data: str | None = None
     #: the word the adapter learns. Kohya layout: default the first word of each folder's name (``zkz`` in
     #: ``10_zkz shape``); plain folder: needed unless every image has a caption
     trigger: str | None = None
@@ -134,6 +138,8 @@ class SubsetConfig:
 
     image_dir: str
     is_reg: bool = False
+    #: every image of this folder is held out for the validation loss and never trained on
+    is_validation: bool = False
     num_repeats: int = 1
     #: caption of images without a caption file ("zkz shape")
     class_tokens: str | None = None
@@ -197,7 +203,7 @@ class DatasetConfig:
 
 
 # ------------------------------------------------------------------------------------------- key tables
-_SUBSET_ONLY = ("image_dir", "is_reg", "conditioning_data_dir", "metadata_file")
+_SUBSET_ONLY = ("image_dir", "is_reg", "is_validation", "conditioning_data_dir", "metadata_file")
 SUBSET_KEYS = tuple(f.name for f in dataclasses.fields(SubsetConfig))
 DATASET_KEYS = tuple(f.name for f in dataclasses.fields(DatasetConfig) if f.name != "subsets")
 _INHERITED_SUBSET_KEYS = tuple(k for k in SUBSET_KEYS if k not in _SUBSET_ONLY)

@@ -183,8 +183,9 @@ class TrainingData:
                     problems.warn(f"{subset.image_dir}: face_crop_aug_range crops around faces only without "
                                   "buckets (as kohya's does); with enable_bucket it is not used")
         problems.raise_if_any(str(config.train_data))
-        if not any(not r.is_reg for r in self.records):
-            raise DatasetError(f"{config.train_data}: only regularization images were found; nothing to train on")
+        if not any(not r.is_reg and not self.subset_of(r).is_validation for r in self.records):
+            raise DatasetError(f"{config.train_data}: only regularization or validation images were found; nothing "
+                               "to train on")
         self.held_out = self._hold_out(problems)
         problems.raise_if_any(str(config.train_data))
         self.repeats = self._balance_repeats(problems)
@@ -216,8 +217,9 @@ class TrainingData:
     def _hold_out(self, problems: Problems) -> set[int]:
         """The records kept for validation (kohya's validation_split): per training folder, the images are
         shuffled with the validation seed and the last ``len - ceil(len × (1 - split))`` held out, as kohya
-        splits them; never a regularization image."""
-        held: set[int] = set()
+        splits them; never a regularization image.  Every image of a validation folder (``validation_data``,
+        ``is_validation``) is held out too."""
+        held = {i for i, r in enumerate(self.records) if self.subset_of(r).is_validation}
         for d, dataset in enumerate(self.datasets):
             split = dataset.validation_split
             if not 0 <= split < 1:
@@ -228,7 +230,7 @@ class TrainingData:
                 continue
             seed = self.seed if dataset.validation_seed is None else dataset.validation_seed
             for s, subset in enumerate(dataset.subsets):
-                if subset.is_reg:
+                if subset.is_reg or subset.is_validation:
                     continue
                 ids = [i for i, r in enumerate(self.records) if r.dataset == d and r.subset == s]
                 shuffle(ids, seeded_rng("validation", seed, d, s))
@@ -334,14 +336,17 @@ class TrainingData:
     def fingerprint(self) -> str:
         """A hash of what an epoch is made of (images, sizes, captions, repeats, buckets, batch sizes): a run
         resumed on data with another fingerprint would not continue the same run."""
+        # a validation folder's images are not trained on: it may be added or changed when a run is resumed
         parts = [(r.folder, r.path.name, r.file_size, r.caption, r.is_reg, n, self.buckets[i][0])
-                 for i, (r, n) in enumerate(zip(self.records, self.repeats, strict=True))]
+                 for i, (r, n) in enumerate(zip(self.records, self.repeats, strict=True))
+                 if not self.subset_of(r).is_validation]
         parts.append([d.batch_size for d in self.datasets])
         resampled = [s.resize_interpolation for d in self.datasets for s in d.subsets]
         if any(resampled):  # other pixels; absent, the fingerprint of a run from before the option
             parts.append(resampled)
         if any(r.mask for r in self.records):  # the same for mask images
-            parts.append([r.mask.name if r.mask else None for r in self.records])
+            parts.append([r.mask.name if r.mask else None for r in self.records
+                          if not self.subset_of(r).is_validation])
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     def bucket_counts(self) -> dict[tuple[int, tuple[int, int]], int]:
@@ -561,7 +566,10 @@ class TrainingData:
             lines.append("0 reg images")
         if self.held_out:
             split = sorted({f"{d.validation_split:g}" for d in self.datasets if d.validation_split})
-            lines.append(f"{len(self.held_out)} images held out for validation (validation_split {', '.join(split)})")
+            folders = sum(1 for i in self.held_out if self.subset_of(self.records[i]).is_validation)
+            how = ([f"validation_split {', '.join(split)}"] if split else []) + \
+                ([f"{folders} in validation folders"] if folders else [])
+            lines.append(f"{len(self.held_out)} images held out for validation ({'; '.join(how)})")
         for d in range(len(self.schemes)):
             images: dict[tuple[int, int], int] = {}
             for i, rec in enumerate(self.records):
@@ -582,6 +590,8 @@ class TrainingData:
         reg_dirs: dict[str, dict] = {}
         for d, dataset in enumerate(self.datasets):
             for s, subset in enumerate(dataset.subsets):
+                if subset.is_validation:  # not trained on: A1111 and kohya count these folders' images as trained
+                    continue
                 count = sum(1 for i, r in enumerate(self.records)
                             if r.dataset == d and r.subset == s and i not in self.held_out)
                 target = reg_dirs if subset.is_reg else dirs

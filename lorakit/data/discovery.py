@@ -126,6 +126,9 @@ def resolve_datasets(config: DataConfig, default_resolution: int | tuple[int, in
         if config.reg_data:
             raise DatasetError(f"{source}: reg_data ({config.reg_data}) is not used with a dataset config file; "
                                "add a [[datasets.subsets]] with is_reg = true instead")
+        if config.validation_data:
+            raise DatasetError(f"{source}: validation_data ({config.validation_data}) is not used with a dataset "
+                               "config file; add a [[datasets.subsets]] with is_validation = true instead")
         return read_dataset_toml(source, defaults)
     if not source.is_dir():
         raise DatasetError(f"{source}: no such folder" if not source.exists() else
@@ -163,8 +166,31 @@ def resolve_datasets(config: DataConfig, default_resolution: int | tuple[int, in
             raise DatasetError(f"{reg}: no '<repeats>_<class>' folders (such as '1_shape/') found; regularization "
                                "images use kohya layout")
         subsets += reg_subsets
+    if config.validation_data:
+        subsets += validation_subsets(Path(config.validation_data).expanduser(), source, defaults, config, problems)
     problems.raise_if_any(str(source))
     return [build_dataset(defaults, subsets, str(source))]
+
+
+def validation_subsets(folder: Path, source: Path, defaults: dict, config: DataConfig,
+                       problems: Problems) -> list[dict]:
+    """The subsets of ``validation_data``: a kohya-layout folder (its folders' repeats are not used) or a plain
+    folder of images, in the training data's caption rules; every image held out."""
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: validation folder not found" if not folder.exists() else
+                           f"{folder}: validation_data must be a folder of images, not a file")
+    if folder.resolve() == source.resolve() or source.resolve() in folder.resolve().parents:
+        raise DatasetError(f"{folder}: validation_data is (inside) the training folder {source}: its images "
+                           "would be trained on; keep held-out images in a folder of their own")
+    if any(is_image(p) for p in folder.iterdir()):
+        tokens = " ".join(w for w in (config.trigger, config.class_word) if w) or None
+        subsets = [{**defaults, "image_dir": str(folder), "class_tokens": tokens, "trigger": config.trigger}]
+    else:
+        subsets = kohya_subsets(folder, False, defaults, config.trigger, problems)
+        if not subsets and not problems.errors:
+            raise DatasetError(f"{folder}: validation_data holds no images and no '<repeats>_<trigger> <class>' "
+                               "folders")
+    return [{**s, "is_validation": True} for s in subsets]
 
 
 def _check_subset(subset: SubsetConfig, where: Path, problems: Problems) -> None:
@@ -176,6 +202,9 @@ def _check_subset(subset: SubsetConfig, where: Path, problems: Problems) -> None
     if subset.resize_interpolation is not None and subset.resize_interpolation not in RESIZE_INTERPOLATIONS:
         problems.error(f"{where}: resize_interpolation {subset.resize_interpolation!r} is not one of "
                        f"{', '.join(RESIZE_INTERPOLATIONS)}")
+    if subset.is_reg and subset.is_validation:
+        problems.error(f"{where}: is_reg and is_validation: a folder is either regularization images or held-out "
+                       "images of the concept; choose one")
     if subset.alpha_mask and subset.conditioning_data_dir:
         problems.error(f"{where}: alpha_mask and conditioning_data_dir both give the loss mask; choose one")
     face_range = subset.face_crop_aug_range
