@@ -369,6 +369,13 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         if sample_stop is not None and step == 0:
             # the base model's own score (epoch 0): the smoothing of epoch 1 needs it, as the onset's does
             _score_samples(sample_stop, 0, 0, model, method, cfg, run, accelerator)
+        if data.held_out and step == 0:  # the base model's validation loss: what training is measured against
+            with fail_together(accelerator, "validating the base model"):
+                if is_main:
+                    validated[0] = _validate(cfg, model, method, data, accelerator)
+                    run.log({"step": 0, "epoch": 0, "val_loss": validated[0]})
+                    if tracker_dir is not None:
+                        accelerator.log({"val_loss": validated[0]}, step=0)
         while epoch < cfg.training.max_epochs and step < total_steps and stop_decision is None:
             local_batches = len(data.epoch_batches(epoch)[rank::n_proc])
             # the plan of the epoch minus the batches already trained, dealt out to the processes
@@ -563,7 +570,9 @@ def _validation_summary(run: RunFolder, images: int) -> dict[str, Any]:
     run.flush_log()
     points = [{"step": r["step"], "epoch": r["epoch"], "val_loss": r["val_loss"]} for r in run.read_log()
               if isinstance(r.get("val_loss"), (int, float)) and math.isfinite(r["val_loss"])]
-    return {"held_out_images": images, "measured": len(points), "last": points[-1] if points else None,
+    base = next((p for p in points if p["step"] == 0), None)
+    return {"held_out_images": images, "measured": len(points), "base_model": base["val_loss"] if base else None,
+            "last": points[-1] if points else None,
             "lowest": min(points, key=lambda p: p["val_loss"]) if points else None}
 
 
@@ -824,9 +833,11 @@ def _summary_text(s: dict[str, Any]) -> str:
             lines.append(f"  early stop: {s['undecided']}")
     if (v := s.get("validation")) and v["last"]:
         low = v["lowest"]
-        lines.append(f"  validation loss ({count(v['held_out_images'], 'held-out image')}): last "
-                     f"{v['last']['val_loss']:.4f}, lowest {low['val_loss']:.4f} at step {low['step']} "
-                     f"(epoch {low['epoch']})")
+        where = "before training (the base model)" if low["step"] == 0 else \
+            f"at step {low['step']} (epoch {low['epoch']})"
+        base = f"base model {v['base_model']:.4f}, " if v.get("base_model") is not None else ""
+        lines.append(f"  validation loss ({count(v['held_out_images'], 'held-out image')}): {base}last "
+                     f"{v['last']['val_loss']:.4f}, lowest {low['val_loss']:.4f} {where}")
     if s["final_loss"] is not None:
         lines.append(f"  loss: last {s['final_loss']:.4f}, mean over the last epoch {s['mean_loss_last_epoch']:.4f}")
     lines += [f"  wrote {f}" for f in s["files"]]

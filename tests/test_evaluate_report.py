@@ -102,6 +102,11 @@ def test_the_run_page_shows_the_validation_loss_per_epoch(tmp_path):
     assert rows["epoch 1"]["validation loss"] == (0.40, True)  # the epoch's last value; the lowest is marked
     assert rows["epoch 2"]["validation loss"] == (0.45, False)
     assert rows["epoch 1"]["steps"][0] == 5  # the epoch-end record is not a training step
+    # the base model's value (step 0, before training) is named so, also when it stays the lowest
+    summary["validation"].update(base_model=0.39, lowest={"step": 0, "epoch": 0, "val_loss": 0.39})
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert ("validation loss on 3 held-out images: base model 0.39, lowest 0.39 before training (the base model)"
+            in render_html(page_from_run(run)))
     # a run without it has no such column
     plain = parse_report(render_html(page_from_run(write_run(tmp_path / "plain", epochs=1))))
     assert all("validation loss" not in {m for m, *_ in cells} for _, cells in plain.tables["training: per epoch"])

@@ -79,13 +79,15 @@ def test_a_run_logs_the_validation_loss_and_says_where_it_was_lowest(tiny_model_
     steps_with = [r["step"] for r in log if "val_loss" in r and "loss" in r]
     epoch_ends = [r for r in log if "val_loss" in r and "loss" not in r]
     assert steps_with == list(range(2, result.steps + 1, 2))  # 4 images × 2 repeats / batch 2: 4 steps an epoch
-    assert epoch_ends == []  # every epoch ends on an even step: measured there already, not twice
+    # every epoch ends on an even step: measured there already, not twice; the base model's before the first step
+    assert [(r["step"], r["epoch"]) for r in epoch_ends] == [(0, 0)]
     values = [r["val_loss"] for r in log if "val_loss" in r]
     assert all(v > 0 for v in values) and len(set(values)) > 1  # the adapter changes, so does the loss
     summary = json.loads((out / "summary.json").read_text())["validation"]
     assert summary["held_out_images"] == 2 and summary["measured"] == len(values)
     assert summary["lowest"]["val_loss"] == min(values) and summary["last"]["val_loss"] == values[-1]
-    assert "validation loss (2 held-out images): last" in result.summary
+    assert summary["base_model"] == values[0] == epoch_ends[0]["val_loss"]
+    assert f"validation loss (2 held-out images): base model {values[0]:.4f}, last" in result.summary
     meta = read_adapter(out / "lorakit.safetensors").metadata
     assert meta["ss_validation_split"] == "0.34" and meta["ss_validate_every_n_steps"] == "2"
     assert meta["ss_num_train_images"] == "8"
@@ -118,9 +120,10 @@ def test_a_resumed_run_keeps_its_earlier_validation_losses(tiny_model_dir, tmp_p
     run_train(cfg)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     measured = [(r["epoch"], r["step"]) for r in log if "val_loss" in r]
-    assert measured == [(1, 2), (2, 4), (3, 6)]  # once per epoch end (4 images, batch 2), none twice
+    assert measured == [(0, 0), (1, 2), (2, 4), (3, 6)]  # the base model, each epoch end (4 images, batch 2), none
+    # twice: the resumed session does not measure a base model again
     summary = json.loads((out / "summary.json").read_text())["validation"]
-    assert summary["measured"] == 3 and summary["last"]["epoch"] == 3
+    assert summary["measured"] == 4 and summary["last"]["epoch"] == 3
 
 
 def test_the_dataset_toml_sets_the_split_per_dataset_as_kohya_does(tmp_path):
@@ -213,5 +216,5 @@ def test_a_run_with_a_validation_folder_trains_what_it_trains_without_and_measur
     for key, tensor in runs["with"].items():
         assert torch.equal(tensor, runs["without"][key]), key
     log = [json.loads(line) for line in (tmp_path / "with" / "log.jsonl").read_text().splitlines()]
-    assert [(r["epoch"], r["step"]) for r in log if "val_loss" in r] == [(1, 2), (2, 4)]
+    assert [(r["epoch"], r["step"]) for r in log if "val_loss" in r] == [(0, 0), (1, 2), (2, 4)]
     assert json.loads((tmp_path / "with" / "summary.json").read_text())["validation"]["held_out_images"] == 2

@@ -488,8 +488,11 @@ def page_from_run(run_dir: str | Path) -> Page:
         validation = summary.get("validation") or {}
         if isinstance(validation.get("lowest"), dict):
             low = validation["lowest"]
+            where = "before training (the base model)" if low.get("step") == 0 else \
+                f"at step {low.get('step')} (epoch {low.get('epoch')})"
+            base = f"base model {validation['base_model']}, " if validation.get("base_model") is not None else ""
             page.summary.append(f"validation loss on {validation.get('held_out_images', '?')} held-out images: "
-                                f"lowest {low.get('val_loss')} at step {low.get('step')} (epoch {low.get('epoch')})")
+                                f"{base}lowest {low.get('val_loss')} {where}")
     else:
         page.summary.append("no summary.json: the run has not finished (or was interrupted)")
     # loss and CS per epoch from the step log
