@@ -91,6 +91,37 @@ def test_eval_end_to_end_writes_metrics_and_report_and_caches(tmp_path, concept_
     assert main(["report", str(run), "--out", str(notes), "--overwrite"]) == 0 and "lorakit" in notes.read_text()
 
 
+def test_a_run_with_a_validation_folder_is_judged_on_its_held_out_images_too(tmp_path, concept_data, capsys):
+    """The run's data.validation_data (or --held-out) gives the held-out fidelity and the memorisation gap."""
+    import tomllib
+
+    from lorakit.world.concept import write_images
+    from lorakit.world.render import ObjectSpec, Scene
+
+    held = tmp_path / "held"
+    write_images(held / "1_zkz shape", [Scene((ObjectSpec("star", "blue", "large", "top"),), "black", seed=5)],
+                 ["a large blue zkz shape at the top, black background"])
+    run = write_run(tmp_path / "run", epochs=1, data=concept_data)
+    config = (run / "config.toml").read_text().replace("[data]\n", f"[data]\nvalidation_data = \"{held}\"\n", 1)
+    assert tomllib.loads(config)["data"]["validation_data"] == str(held)
+    (run / "config.toml").write_text(config)
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(PROMPTS_TOML)
+    out = tmp_path / "out"
+    assert main(["eval", str(run), "--prompts", str(prompts), "--out", str(out), "--steps", "2", "--quiet",
+                 "--no-base"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["setup"]["held-out images"] == 1 and metrics["setup"]["data images"] == 15
+    row = metrics["metrics"]["train"]["run/e1"]
+    assert row["memorisation[world-reader]"] == pytest.approx(
+        row["fidelity[world-reader]"] - row["heldout_fidelity[world-reader]"])
+    capsys.readouterr()
+    assert main(["eval", str(run), "--prompts", str(prompts), "--out", str(tmp_path / "o2"), "--quiet",
+                 "--held-out", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "--held-out" in err and "nowhere: no such folder" in err
+
+
 def test_the_run_page_shows_what_eval_measured_and_where_the_turning_point_ranks(tmp_path, concept_data, capsys):
     """`lorakit eval RUN --out RUN-eval` (the folder the trainer's summary suggests), then `lorakit report RUN`:
     the run's page gets the eval's ranking first, its charts, the best checkpoint and the turning point's rank;

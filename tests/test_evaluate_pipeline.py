@@ -255,3 +255,28 @@ def test_checkpoints_rank_by_harmonic_mean_then_arithmetic_mean_then_their_order
     result.checkpoints = [{"label": lb} for lb in "abcde"]
     assert result.ranking()[0] == result.best and result.tied_with_best() == 1
     assert _result(harmonic, means, "c").tied_with_best() == 3 and _result({}, {}, None).tied_with_best() == 0
+
+
+def test_held_out_images_give_their_fidelity_and_the_memorisation_gap():
+    """A checkpoint that copies its training images is nearer to them than to held-out images of the concept: its
+    memorisation gap (fidelity − held-out fidelity) is the larger; each value is the metric function's."""
+    checkpoints, runs, jobs, images, data = setup()
+    held = [image(2000 + i) for i in range(3)]
+    images["r/e2"] = [data[i % len(data)] for i in range(len(jobs))]  # copies of the training images
+    images["r/e1"] = [held[i % len(held)] for i in range(len(jobs))]  # drawn like the held-out ones
+    ex = ThumbExtractor()
+    result = evaluate(checkpoints, runs, jobs, images, {"thumb": ex}, data, seeds=2, held_out_images=held)
+    train = [i for i, j in enumerate(jobs) if j.prompt.type == "train"]
+    emb = ex.embed_images([images["r/e2"][i] for i in train])
+    near_held = M.image_similarity(emb, ex.embed_images(held))
+    assert result.value("train", "r/e2", "heldout_fidelity[thumb]") == pytest.approx(near_held)
+    assert result.value("train", "r/e2", "memorisation[thumb]") == pytest.approx(
+        M.image_similarity(emb, ex.embed_images(data)) - near_held)
+    gap = {c: result.value("train", c, "memorisation[thumb]") for c in ("r/e1", "r/e2")}
+    assert gap["r/e2"] > 0 > gap["r/e1"]
+    assert result.directions["memorisation[thumb]"] is False and result.directions["heldout_fidelity[thumb]"]
+    assert "heldout_fidelity[thumb]" not in result.metric_names("agnostic")
+    # without held-out images neither metric exists
+    plain = evaluate(checkpoints, runs, jobs, images, {"thumb": ex}, data, seeds=2)
+    assert not {m for g in plain.groups for m in plain.metric_names(g)} & {"memorisation[thumb]",
+                                                                           "heldout_fidelity[thumb]"}

@@ -31,7 +31,7 @@ HELP = "judge checkpoints: generate, measure, rank; metrics and an HTML report"
 
 
 def _call_fingerprint(keys: dict[str, list[str]], extractors: list[tuple[str, str | None]], data: Path | None,
-                      shap: bool) -> str:
+                      shap: bool, held_out: Path | None = None) -> str:
     """One hash of what an evaluation measures: every image (the cache keys name base model, checkpoint, prompt,
     seed and sampler), the extractors, the dataset and the options that change the numbers."""
     import hashlib
@@ -39,6 +39,8 @@ def _call_fingerprint(keys: dict[str, list[str]], extractors: list[tuple[str, st
 
     fields = {"images": keys, "extractors": sorted(f"{k}={p or ''}" for k, p in extractors),
               "data": str(data) if data else None, "shap": shap}
+    if held_out is not None:  # absent, the fingerprint of an evaluation from before the option
+        fields["held_out"] = str(held_out)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -73,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "world-reader (default with the built-in model: world-reader)")
     parser.add_argument("--data", type=Path, default=None,
                         help="the concept's training images (default: the run's data.train_data)")
+    parser.add_argument("--held-out", type=Path, default=None,
+                        help="images of the concept never trained on: fidelity to them and the memorisation gap "
+                             "(default: the run's data.validation_data)")
     parser.add_argument("--trigger", default=None, help="fills {trigger} in prompt templates")
     parser.add_argument("--seeds", type=int, default=1, help="images per prompt (default 1)")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
@@ -170,6 +175,15 @@ def _load_measures(args: argparse.Namespace, specs: list[tuple[str, str | None]]
     return extractors, providers
 
 
+def _held_out_folder(args: argparse.Namespace, runs) -> Path | None:
+    """``--held-out``, else the runs' validation folder (data.validation_data) where one exists."""
+    if args.held_out is not None:
+        if not args.held_out.is_dir():
+            raise EvalCommandError(f"--held-out {args.held_out}: no such folder")
+        return args.held_out
+    return next((Path(r.held_out) for r in runs if r.held_out and Path(r.held_out).is_dir()), None)
+
+
 def _data_folder(args: argparse.Namespace, runs) -> Path | None:
     if args.data is not None:
         return args.data
@@ -250,6 +264,8 @@ def run(args: argparse.Namespace) -> int:
     # an image with no caption file was trained on its run's --trigger/--class words: the default prompts too
     plain_caption = next((r.plain_caption for r in runs if r.plain_caption), None) or args.trigger
     pairs = dataset_images(data, plain_caption) if data is not None else []
+    held_out = _held_out_folder(args, runs)
+    held_out_pairs = dataset_images(held_out, plain_caption) if held_out is not None else []
     prompt_set = _prompt_set(args, runs, data, pairs)
     _check_optional_extras(args)
     specs = _extractor_specs(args)
@@ -276,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
         base_hash = hashlib.sha256(f"{base_hash} vae {model_hash(args.vae)}".encode()).hexdigest()[:16]
     if _schedule(model) != own_schedule:  # the base model's own images change with its schedule too
         base_hash = hashlib.sha256(f"{base_hash} schedule {_schedule(model)}".encode()).hexdigest()[:16]
-    call = _call_fingerprint(image_keys(base_hash, checkpoints, jobs, settings), specs, data, args.shap)
+    call = _call_fingerprint(image_keys(base_hash, checkpoints, jobs, settings), specs, data, args.shap, held_out)
     _check_out_folder(args.out, call, args.overwrite)
     cache = ImageCache(args.cache or args.out / "cache")
     try:
@@ -288,22 +304,29 @@ def run(args: argparse.Namespace) -> int:
     images = load_images(paths)
     from PIL import Image
 
-    data_images = []
-    for p, _ in pairs:
-        with Image.open(p) as im:
-            data_images.append(im.convert("RGB"))
+    def read_rgb(found: list[tuple[Path, str]]) -> list[Image.Image]:
+        out = []
+        for p, _ in found:
+            with Image.open(p) as im:
+                out.append(im.convert("RGB"))
+        return out
+
+    data_images, held_out_images = read_rgb(pairs), read_rgb(held_out_pairs)
     setup = {"prompts": prompt_set.source, "concept": prompt_set.concept, "trigger": prompt_set.trigger,
              "prompt count": len(prompt_set.prompts), "seeds": args.seeds, "steps": settings.steps,
              "cfg": settings.cfg_scale, "sampler": settings.sampler, "clip skip": settings.clip_skip,
              "max token length": settings.max_token_length,
              "size": args.size or model.resolution,
              "base model": args.model or "builtin", "data": str(data) if data else None,
-             "data images": len(data_images), "extractors": ", ".join(f"{k}={p or ''}".rstrip("=") for k, p in specs),
+             "data images": len(data_images),
+             **({"held-out images": len(held_out_images), "held out": str(held_out)} if held_out else {}),
+             "extractors": ", ".join(f"{k}={p or ''}".rstrip("=") for k, p in specs),
              "images": len(jobs) * len(checkpoints), "generated": stats.made, "cached": stats.cached,
              "seconds generating": round(stats.seconds, 2),
              "seconds per generated image": None if stats.seconds_per_image is None
              else round(stats.seconds_per_image, 4), "call": call}
-    result = evaluate(checkpoints, runs, jobs, images, extractors, data_images, providers, args.seeds, setup)
+    result = evaluate(checkpoints, runs, jobs, images, extractors, data_images, providers, args.seeds, setup,
+                      held_out_images)
     if args.shap:
         add_importance(result)
     result.setup["seconds total"] = round(time.perf_counter() - started, 2)

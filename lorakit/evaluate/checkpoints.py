@@ -60,6 +60,7 @@ class RunInfo:
     turning_epoch: int | None = None  # CS-Fluctuation turning point (stopped there, or found in report mode)
     turning_step: int | None = None
     data: str | None = None  # the training images' folder, from config.toml
+    held_out: str | None = None  # its folder of held-out images (data.validation_data)
     trigger: str | None = None
     class_word: str | None = None
     checkpoints: list[EvalCheckpoint] = field(default_factory=list)
@@ -158,9 +159,10 @@ def read_run(path: str | Path, every: int = 1) -> RunInfo:
     config = _read_toml(path / "config.toml")
     kind = _kind(config, path / "config.toml")
     summary = _read_json(path / "summary.json")
+    data = config.get("data", {})
     info = RunInfo(name=path.resolve().name, path=path, settings=run_settings(config), summary=summary,
-                   data=config.get("data", {}).get("train_data"), trigger=config.get("data", {}).get("trigger"),
-                   class_word=config.get("data", {}).get("class_word"))
+                   data=data.get("train_data"), held_out=data.get("validation_data"), trigger=data.get("trigger"),
+                   class_word=data.get("class_word"))
     if (tp := summary_turning_point(summary)) is not None:
         info.turning_epoch, info.turning_step = tp.get("epoch"), tp.get("step")
     found: list[tuple[int, Path]] = []

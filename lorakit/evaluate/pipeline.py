@@ -171,8 +171,14 @@ def _metric_name(metric: str, extractor: str) -> str:
 def compute_metrics(checkpoints: Sequence[EvalCheckpoint], jobs: Sequence[ImageJob],
                     images: Mapping[str, Sequence[Image.Image]], extractors: Mapping[str, FeatureExtractor],
                     data_images: Sequence[Image.Image] = (), providers: Sequence[MetricProvider] = (),
-                    seeds: int = 1) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, bool]]:
-    """group -> checkpoint label -> metric -> value, and metric -> higher-is-better."""
+                    seeds: int = 1, held_out_images: Sequence[Image.Image] = ()
+                    ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, bool]]:
+    """group -> checkpoint label -> metric -> value, and metric -> higher-is-better.
+
+    ``held_out_images``: images of the concept never trained on (the run's validation folder): fidelity to them
+    (``heldout_fidelity``), and how much nearer the samples are to the training images than to these
+    (``memorisation``, fidelity − held-out fidelity): a checkpoint that copies its training images rather than
+    learning the concept draws away from the held-out ones."""
     table: dict[str, dict[str, dict[str, float]]] = {}
     directions: dict[str, bool] = {}
 
@@ -188,6 +194,7 @@ def compute_metrics(checkpoints: Sequence[EvalCheckpoint], jobs: Sequence[ImageJ
 
     for name, extractor in extractors.items():
         data = _embed(extractor, data_images) if data_images else None
+        held = _embed(extractor, held_out_images) if held_out_images else None
         emb = {c.label: _embed(extractor, images[c.label]) for c in checkpoints}
         texts = None
         if extractor.supports_text:
@@ -205,6 +212,12 @@ def compute_metrics(checkpoints: Sequence[EvalCheckpoint], jobs: Sequence[ImageJ
                 if data is not None and t in FIDELITY_TYPES:
                     put(t, c.label, _metric_name("fidelity", name), M.image_similarity(e, data), True)
                     put(t, c.label, _metric_name("centroid_dist", name), M.centroid_distance(e, data), False)
+                if held is not None and t in FIDELITY_TYPES:
+                    near_held = M.image_similarity(e, held)
+                    put(t, c.label, _metric_name("heldout_fidelity", name), near_held, True)
+                    if data is not None:
+                        put(t, c.label, _metric_name("memorisation", name), M.image_similarity(e, data) - near_held,
+                            False)
                 if seeds >= 2:
                     div = M.mean_vendi_by_group(e, [jobs[i].prompt_index for i in idx])
                 else:
@@ -259,13 +272,14 @@ def rank_scores(table: Mapping[str, Mapping[str, Mapping[str, float]]], directio
 def evaluate(checkpoints: Sequence[EvalCheckpoint], runs: Sequence[RunInfo], jobs: Sequence[ImageJob],
              images: Mapping[str, Sequence[Image.Image]], extractors: Mapping[str, FeatureExtractor],
              data_images: Sequence[Image.Image] = (), providers: Sequence[MetricProvider] = (), seeds: int = 1,
-             setup: Mapping[str, Any] | None = None) -> EvalResult:
+             setup: Mapping[str, Any] | None = None, held_out_images: Sequence[Image.Image] = ()) -> EvalResult:
     """Metrics, scores and the harmonic-mean best checkpoint of everything compared."""
     if not jobs:
         raise EvaluationError("no prompts to evaluate")
     if not extractors and not providers:
         raise EvaluationError("no extractor and no metric provider chosen: nothing would be measured")
-    table, directions = compute_metrics(checkpoints, jobs, images, extractors, data_images, providers, seeds)
+    table, directions = compute_metrics(checkpoints, jobs, images, extractors, data_images, providers, seeds,
+                                        held_out_images)
     labels = [c.label for c in checkpoints]
     scores = rank_scores(table, directions, labels)
     harmonic: dict[str, float | None] = {}
