@@ -253,3 +253,29 @@ def test_overwrite_touches_only_lorakit_files(data, tmp_path):
     manifest = json.loads((out / "lorakit-manifest.json").read_text())
     assert "notes.txt" not in manifest["files"] and "config.toml" in manifest["files"]
     assert (project / "notes.txt").read_text() == "my notes" and len(list(mine.rglob("*.png"))) == 4
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_input_is_named_by_the_command_and_leaves_everything_as_it_was(tmp_path):
+    """What a user meets in a terminal: a corrupt image and a caption without its image, then an adapter file made
+    for another model: exit status 2, each file named, no traceback, no run folder, the user's files unchanged."""
+    from safetensors.torch import save_file
+
+    data = write_dataset(tmp_path / "photos", n=3)
+    (data / "1_zkz shape" / "001.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (data / "1_zkz shape" / "ghost.txt").write_text("a zkz shape")
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    out = tmp_path / "run"
+    done = run(train_cmd(data, out))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "001.png" in done.stderr and "ghost.txt" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists() and {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+
+    other = tmp_path / "other.safetensors"
+    save_file({"lora_unet_not_a_layer.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_not_a_layer.lora_up.weight": torch.zeros(8, 4)}, str(other))
+    good = write_dataset(tmp_path / "good", n=2)
+    done = run(train_cmd(good, out, "--network-weights", str(other)))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{other}: cannot start this run's network from it" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists() and other.stat().st_size > 0
