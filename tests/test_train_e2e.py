@@ -123,10 +123,11 @@ def trained_star_rate(method: str, out: Path) -> tuple[float, float]:
 
 
 #: run only with ``pytest -m extended`` (not in the default suite, which CI runs): the LyCORIS family's
-#: rotations, GLoRA, LoKr and DyLoRA, which the unit tests check against LyCORIS itself (LoRA, LoHa, native and
-#: pivotal stay in CI); ~9 minutes of CPU together.  LoKr and DyLoRA moved here when the suite neared CI's
-#: 15 minutes (2026-12-06: 820-885 s on 2 cores)
-EXTENDED = ("oft", "boft", "glora", "lokr", "dylora")
+#: rotations, GLoRA, LoKr, DyLoRA and LoHa, which the unit tests check against LyCORIS itself (LoRA, native and
+#: pivotal stay in CI); ~10 minutes of CPU together.  LoKr and DyLoRA moved here when the suite neared CI's
+#: 15 minutes (2026-12-06: 820-885 s on 2 cores), LoHa when it passed them on a slower machine (924 s; its run
+#: took 80 s of one worker)
+EXTENDED = ("oft", "boft", "glora", "lokr", "dylora", "loha")
 
 
 @pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.extended) if m in EXTENDED else m
