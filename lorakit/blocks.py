@@ -14,7 +14,11 @@ Names may be diffusers paths (``down_blocks.0.attentions.0.proj_in``) or kohya/L
 no U-Net block (LoRA Block Weight calls them BASE).  Modules outside the 25 blocks (``conv_out``,
 ``time_embedding``) have no block either.
 
-Everything architecture-specific lives in a ``BlockMap`` so SDXL can be added as a second map.
+SDXL has 19 (LoRA Block Weight's SDXL layout: IN00-IN08, M00, OUT00-OUT08): kohya names its modules after the LDM
+U-Net (``lora_unet_input_blocks_4_1_...`` -> IN04, ``middle_block`` -> MID, ``output_blocks_i`` -> OUT0i); files
+with diffusers names map as SD1.x's do, on three levels (``down_blocks.1.attentions.0`` -> IN04).
+
+Everything architecture-specific lives in a ``BlockMap``; ``BLOCK_MAPS`` holds both.
 """
 
 from __future__ import annotations
@@ -70,13 +74,13 @@ class BlockMap:
 
     ``index_of`` maps a normalised module name (underscored diffusers path) to a block index;
     ``lbw_layouts`` maps the number of values in a LoRA Block Weight string to the block ids they address
-    (first id ``BASE`` = text encoder).
+    (first id ``BASE`` = text encoder; None: a value this architecture has no block for, ignored).
     """
 
     arch: str
     names: tuple[str, ...]
     index_of: Callable[[str], int | None]
-    lbw_layouts: Mapping[int, tuple[str, ...]]
+    lbw_layouts: Mapping[int, tuple[str | None, ...]]
     #: coarse groups of the block-wise LoRA paper: group name -> block indices
     coarse: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
@@ -125,7 +129,44 @@ SD1 = BlockMap(
     },
 )
 
-BLOCK_MAPS: dict[str, BlockMap] = {"sd1": SD1}
+# ---- the SDXL 19-block map ----------------------------------------------------------------------
+
+SDXL_BLOCKS: tuple[str, ...] = tuple(f"IN{i:02d}" for i in range(9)) + ("MID",) + tuple(f"OUT{i:02d}" for i in range(9))
+_LDM = re.compile(r"^(input_blocks|output_blocks)_(\d+)(?:_|$)")
+
+
+def _sdxl_index(flat: str) -> int | None:
+    m = _LDM.match(flat)
+    if m:  # kohya's SDXL names: the LDM blocks themselves
+        i = int(m.group(2))
+        if i > 8:
+            return None
+        return i if m.group(1) == "input_blocks" else 10 + i
+    if flat.startswith("middle_block_") or flat == "middle_block":
+        return 9
+    m = _UPDOWN.match(flat)
+    if m:  # diffusers names: three levels of three LDM blocks each
+        side, i, kind, j = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
+        local = 3 * i + (2 if kind.endswith("samplers") else j)
+        return 1 + local if side == "down" else 10 + local
+    if flat.startswith("mid_block_") or flat == "mid_block":
+        return 9
+    if flat == "conv_in" or flat.startswith("conv_in_"):
+        return 0
+    return None
+
+
+#: a 26-value SD1.x string on an SDXL file: the extension keeps the blocks SDXL has (IN09-IN11 and OUT09-OUT11 not)
+_LBW26_ON_SDXL = tuple(None if b in ("IN09", "IN10", "IN11", "OUT09", "OUT10", "OUT11") else b for b in _LBW26)
+
+SDXL = BlockMap(
+    arch="sdxl",
+    names=SDXL_BLOCKS,
+    index_of=_sdxl_index,
+    lbw_layouts={20: ("BASE",) + SDXL_BLOCKS, 26: _LBW26_ON_SDXL},
+)
+
+BLOCK_MAPS: dict[str, BlockMap] = {"sd1": SD1, "sdxl": SDXL}
 
 
 def block_index(name: str, block_map: BlockMap = SD1) -> int | None:
@@ -312,7 +353,8 @@ class BlockWeights:
 
 def parse_block_weights(spec: str | Sequence[float], block_map: BlockMap = SD1,
                         presets: Mapping[str, str] = LBW_PRESETS) -> BlockWeights:
-    """Parse '1,0,0,...' (17 or 26 values for SD1.x) or a preset name ('ALL', 'MIDD', ...)."""
+    """Parse '1,0,0,...' (17 or 26 values for SD1.x; 20, or SD1.x's 26, for SDXL) or a preset name ('ALL',
+    'MIDD', ...: SD1.x's 17-value strings)."""
     if isinstance(spec, str):
         text = spec.strip()
         if text.upper() in {k.upper() for k in presets}:
@@ -323,15 +365,18 @@ def parse_block_weights(spec: str | Sequence[float], block_map: BlockMap = SD1,
     layout = block_map.lbw_layouts.get(len(items))
     if layout is None:
         sizes = " or ".join(str(n) for n in sorted(block_map.lbw_layouts))
-        raise InvalidValueError(f"a {block_map.arch} block-weight string has {sizes} values "
-                         f"(or is one of {', '.join(presets)}), got {len(items)}: {spec!r}")
+        fitting = [k for k, v in presets.items() if len(v.split(",")) in block_map.lbw_layouts]
+        named = f" (or is one of {', '.join(fitting)})" if fitting else ""
+        raise InvalidValueError(f"a {block_map.arch} block-weight string has {sizes} values{named}, got "
+                                f"{len(items)}: {spec!r}")
     try:
         values = [float(v) for v in items]
     except ValueError:
         raise InvalidValueError(f"block weights must be numbers: {spec!r}") from None
     blocks = [0.0] * len(block_map)
     for block_id, value in zip(layout[1:], values[1:], strict=True):
-        blocks[block_map.parse_block_id(block_id)] = value
+        if block_id is not None:  # None: a block of another architecture's layout this one lacks
+            blocks[block_map.parse_block_id(block_id)] = value
     return BlockWeights(base=values[0], blocks=tuple(blocks), block_map=block_map)
 
 

@@ -37,7 +37,7 @@ from lorakit.adapters import detect_algorithm as registry_detect
 from lorakit.adapters.base import Adapter, AdapterFormatError
 from lorakit.adapters.lowrank import LowRankAdapter
 from lorakit.atomic import DestinationExistsError, atomic_write
-from lorakit.blocks import SD1, BlockMap
+from lorakit.blocks import BLOCK_MAPS, SD1, BlockMap
 from lorakit.errors import LorakitError
 from lorakit.file_kinds import NotAnAdapterError, check_adapter_path
 from lorakit.metadata import metadata_value, ss_metadata, version_metadata
@@ -266,6 +266,11 @@ def guess_base_model(file: AdapterFile) -> str | None:
     if any(n.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_")) for n in modules):
         return "sdxl"  # kohya names SDXL modules after the LDM U-Net, SD1.x after diffusers
     return None
+
+
+def block_map_of(file: AdapterFile) -> BlockMap:
+    """The U-Net block map a file's module names follow: SDXL's for an SDXL file, else SD1.x's (SD2 shares it)."""
+    return BLOCK_MAPS["sdxl"] if guess_base_model(file) == "sdxl" else SD1
 
 
 def _input_width(tensors: Mapping[str, torch.Tensor]) -> int | None:

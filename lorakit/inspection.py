@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit.adapters import KNOWN
-from lorakit.blocks import SD1, BlockMap
+from lorakit.blocks import BLOCK_MAPS, BlockMap
 from lorakit.file_kinds import check_adapter_path
-from lorakit.formats import AdapterFile, ModuleInfo, describe_modules, guess_base_model, read_adapter
+from lorakit.formats import AdapterFile, ModuleInfo, block_map_of, describe_modules, guess_base_model, read_adapter
 
 _COMPONENT_LABELS = {"unet": "U-Net", "text_encoder": "text encoder", "text_encoder_1": "text encoder 1",
                      "text_encoder_2": "text encoder 2", "unknown": "unknown prefix"}
@@ -40,9 +40,12 @@ class FileReport:
         return Counter(getattr(m, attr) for m in self.modules)
 
 
-def inspect_file(path: str | Path, block_map: BlockMap = SD1) -> FileReport:
+def inspect_file(path: str | Path, block_map: BlockMap | None = None) -> FileReport:
+    """What a file holds; ``block_map``: the blocks its modules are counted in (default: the file's own, SDXL's
+    for an SDXL file)."""
     check_adapter_path(path)  # a folder, a model, an embedding: say what it is instead of "an unknown adapter"
     file: AdapterFile = read_adapter(path)
+    block_map = block_map or block_map_of(file)
     modules = describe_modules(file, block_map)
     blocks = Counter(m.block or "other" for m in modules if m.component == "unet")
     order = list(block_map.names) + ["other"]
@@ -116,6 +119,11 @@ def format_report(report: FileReport) -> str:
     return "\n".join(lines)
 
 
+def _block_names(report: FileReport) -> tuple[str, ...]:
+    """The blocks of the file's architecture, in order (inspect_file counted its modules in them)."""
+    return BLOCK_MAPS["sdxl" if report.base_model == "sdxl" else "sd1"].names
+
+
 def block_ranks(report: FileReport) -> str:
     """Rank per U-Net block ('IN01 4, IN02 4, MID 2-4'); blocks absent from the file have rank 0 (no module)."""
     ranks: dict[str, set[int]] = {}
@@ -123,7 +131,7 @@ def block_ranks(report: FileReport) -> str:
         if m.component == "unet":
             ranks.setdefault(m.block or "other", set()).update([m.rank] if m.rank is not None else [])
     parts = []
-    for block in list(SD1.names) + ["other"]:
+    for block in list(_block_names(report)) + ["other"]:
         if block in ranks:
             values = sorted(ranks[block])
             text = "-" if not values else str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
@@ -145,7 +153,7 @@ def summary(report: FileReport) -> str:
                  else f"ranks {min((r for r in ranks if r is not None), default='-')}"
                       f"-{max((r for r in ranks if r is not None), default='-')}")
     alpha_text = f"alpha {_alpha(next(iter(alphas)))}" if len(alphas) == 1 else f"{len(alphas)} alpha values"
-    where = _runs([b for b in report.blocks if b != "other"], list(SD1.names))
+    where = _runs([b for b in report.blocks if b != "other"], list(_block_names(report)))
     text = (f"{report.path.name}: {algos} adapter" + (f" for {base}" if base else "") +
             f", {len(report.modules)} modules ({parts}), {rank_text}, {alpha_text}, "
             f"{'/'.join(report.dtypes)}, {_size(report.size)}.")

@@ -155,3 +155,34 @@ def test_lbw_26_values_and_presets():
         parse_block_weights("1,1,1")
     with pytest.raises(ValueError, match="numbers"):
         parse_block_weights(",".join(["a"] * 17))
+
+
+# ---- SDXL --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("ldm", "diffusers", "block"), [
+    ("input_blocks_1_0_in_layers_2", "down_blocks_0_resnets_0_conv1", "IN01"),
+    ("input_blocks_3_0_op", "down_blocks_0_downsamplers_0_conv", "IN03"),
+    ("input_blocks_4_1_transformer_blocks_0_attn1_to_q", "down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+     "IN04"),
+    ("input_blocks_8_1_proj_in", "down_blocks_2_attentions_1_proj_in", "IN08"),
+    ("middle_block_1_proj_out", "mid_block_attentions_0_proj_out", "MID"),
+    ("output_blocks_0_1_proj_in", "up_blocks_0_attentions_0_proj_in", "OUT00"),
+    ("output_blocks_2_2_conv", "up_blocks_0_upsamplers_0_conv", "OUT02"),
+    ("output_blocks_5_2_conv", "up_blocks_1_upsamplers_0_conv", "OUT05"),
+    ("output_blocks_8_0_out_layers_3", "up_blocks_2_resnets_2_conv2", "OUT08"),
+])
+def test_sdxl_blocks_are_the_same_for_kohya_ldm_names_and_diffusers_names(ldm, diffusers, block):
+    assert blocks.SDXL.block_name(f"lora_unet_{ldm}") == block
+    assert blocks.SDXL.block_name(f"lora_unet_{diffusers}") == block
+    assert blocks.SDXL.block_name("lora_te2_text_model_encoder_layers_0_mlp_fc1") is None  # BASE
+    assert len(blocks.SDXL) == 19 and blocks.BLOCK_MAPS["sdxl"] is blocks.SDXL
+
+
+def test_sdxl_block_weights_take_the_extensions_20_values_or_sd1s_26_without_the_blocks_sdxl_lacks():
+    w = parse_block_weights("0.5," + ",".join(str(i) for i in range(19)), blocks.SDXL)
+    assert w.base == 0.5 and w("lora_unet_input_blocks_4_1_proj_in") == 4 and w("lora_unet_middle_block_1_proj_in") == 9
+    assert w("lora_unet_output_blocks_8_1_proj_in") == 18 and w("lora_te1_text_model_encoder_layers_0_mlp_fc1") == 0.5
+    w26 = parse_block_weights(",".join(str(i) for i in range(26)), blocks.SDXL)  # BASE, IN00-IN11, M00, OUT00-OUT11
+    assert w26("lora_unet_input_blocks_8_1_proj_in") == 9 and w26("lora_unet_middle_block_1_proj_in") == 13
+    assert w26("lora_unet_output_blocks_0_1_proj_in") == 14 and w26("lora_unet_output_blocks_8_1_proj_in") == 22
+    with pytest.raises(ValueError, match="sdxl block-weight string has 20 or 26 values"):
+        parse_block_weights("MIDD", blocks.SDXL)  # the presets are SD1.x's 17-value strings

@@ -387,3 +387,49 @@ def test_resize_refuses_other_algorithms_without_to_lora(base, tmp_path):
     write_adapter(tmp_path / "other.safetensors", {"emb": torch.zeros(2)})  # said from the header
     with pytest.raises(AdapterFileError, match="not an adapter: none of its 1 tensors has an adapter's key names"):
         resize_adapter(tmp_path / "other.safetensors", RankRule(1))
+
+
+def _sdxl_lora(path, scale: float = 0.1) -> None:
+    """A kohya SDXL LoRA file: LDM module names, both text encoders."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, (out, inp) in {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (64, 64),
+                             "lora_unet_middle_block_1_proj_in": (64, 64),
+                             "lora_unet_output_blocks_8_1_proj_out": (32, 32),
+                             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (48, 48),
+                             "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (80, 80)}.items():
+        tensors[f"{name}.lora_down.weight"] = torch.randn(4, inp, generator=gen) * scale
+        tensors[f"{name}.lora_up.weight"] = torch.randn(out, 4, generator=gen) * scale
+        tensors[f"{name}.alpha"] = torch.tensor(4.0)
+    save_file(tensors, str(path), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+
+
+def test_block_weights_on_an_sdxl_file_act_on_its_own_blocks(tmp_path):
+    """LoRA Block Weight's SDXL string (BASE, IN00-IN08, M00, OUT00-OUT08) on kohya's LDM names; an SD1.x preset
+    does not fit an SDXL file and is refused naming it (before: every U-Net module kept weight 1)."""
+    path = tmp_path / "xl.safetensors"
+    _sdxl_lora(path)
+    full = file_deltas(path)
+    values = ["0.5"] + ["0"] * 4 + ["2"] + ["0"] * 4 + ["3"] + ["0"] * 8 + ["1"]  # IN04 2, MID 3, OUT08 1
+    deltas = file_deltas(path, spec=parse_adapter_spec(f"{path}:1:{','.join(values)}"))
+    for name, weight in (("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", 2.0),
+                         ("lora_unet_middle_block_1_proj_in", 3.0), ("lora_unet_output_blocks_8_1_proj_out", 1.0),
+                         ("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", 0.5)):
+        torch.testing.assert_close(deltas[name].weight(), weight * full[name].weight())
+    with pytest.raises(ToolError, match=r"xl.safetensors: a sdxl block-weight string has 20 or 26 values"):
+        file_deltas(path, spec=parse_adapter_spec(f"{path}:1:MIDD"))
+    merged = combine([f"{path}:1:{','.join(values)}"])
+    assert set(merged.factors) == set(full)  # merge --to-adapter of an SDXL file with its block weights
+
+
+def test_inspect_counts_an_sdxl_file_in_sdxl_blocks(tmp_path):
+    from lorakit.inspection import block_ranks, inspect_file, summary
+
+    path = tmp_path / "xl.safetensors"
+    _sdxl_lora(path)
+    report = inspect_file(path)
+    assert report.base_model == "sdxl" and report.blocks == {"IN04": 1, "MID": 1, "OUT08": 1}
+    assert block_ranks(report) == "IN04 4, MID 4, OUT08 4"
+    assert "It touches U-Net blocks IN04, MID, OUT08." in summary(report)

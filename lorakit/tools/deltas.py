@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from lorakit.blocks import BlockWeights, parse_block_weights
-from lorakit.formats import AdapterFile, AdapterFileError, component_of, load_network, read_adapter
+from lorakit.blocks import BLOCK_MAPS, BlockMap, BlockWeights, parse_block_weights
+from lorakit.formats import AdapterFile, AdapterFileError, block_map_of, component_of, load_network, read_adapter
 from lorakit.models import BaseModel
 from lorakit.network import LYCORIS_PREFIX
 from lorakit.tools import MismatchError, ToolError
@@ -37,6 +37,16 @@ class AdapterSpec:
     def weight(self, name: str) -> float:
         """The multiplier of module ``name`` (block weight included)."""
         return self.multiplier * (self.block_weights(name) if self.block_weights is not None else 1.0)
+
+    def weights_for(self, block_map: BlockMap) -> BlockWeights | None:
+        """The block weights on ``block_map``'s blocks (an SDXL file's are not an SD1.x file's); None without
+        them.  ToolError when the string does not fit that architecture."""
+        if not self.lbw:
+            return None
+        try:
+            return parse_block_weights(self.lbw, block_map)
+        except ValueError as err:
+            raise ToolError(f"{self.path}: {err}") from None
 
     @property
     def label(self) -> str:
@@ -61,11 +71,16 @@ def parse_adapter_spec(text: str | os.PathLike | AdapterSpec) -> AdapterSpec:
             continue
         lbw = rest[1].strip() if tail == 2 else None
         weights = None
-        if lbw:
-            try:
-                weights = parse_block_weights(lbw)
-            except ValueError as err:
-                raise ToolError(f"{text}: {err}") from None
+        if lbw:  # checked now against every architecture; applied on the file's own blocks when it is read
+            parsed, errors = {}, []
+            for arch, block_map in BLOCK_MAPS.items():
+                try:
+                    parsed[arch] = parse_block_weights(lbw, block_map)
+                except ValueError as err:
+                    errors.append(str(err))
+            if not parsed:
+                raise ToolError(f"{text}: {'; '.join(errors)}")
+            weights = parsed.get("sd1")  # what a model (SD1.x) applies
         return AdapterSpec(Path(head), multiplier, weights, lbw or None)
     return AdapterSpec(Path(text))
 
@@ -102,9 +117,9 @@ def file_deltas(source: str | os.PathLike | AdapterFile, model: BaseModel | None
     model is left as it was.  Without ``model`` only plain LoRA/LoCon files can be read.
     Modules whose multiplier is 0 are left out.
     """
-    if spec is not None:
-        multiplier, block_weights = spec.multiplier, spec.block_weights
     file = source if isinstance(source, AdapterFile) else read_adapter(source)
+    if spec is not None:
+        multiplier, block_weights = spec.multiplier, spec.weights_for(block_map_of(file))
 
     def weight(name: str) -> float:
         return multiplier * (block_weights(name) if block_weights is not None else 1.0)
