@@ -122,6 +122,31 @@ def test_a_run_with_a_validation_folder_is_judged_on_its_held_out_images_too(tmp
     assert "--held-out" in err and "nowhere: no such folder" in err
 
 
+def test_images_a_validation_split_held_out_are_judged_as_held_out_not_as_training_data(tmp_path, concept_data,
+                                                                                        capsys):
+    """The split is drawn again from the run's config as the trainer drew it: those images leave the fidelity
+    reference and become the held-out set."""
+    from lorakit.data import DataConfig, TrainingData
+
+    run = write_run(tmp_path / "run", epochs=1, data=concept_data)
+    config = (run / "config.toml").read_text().replace("validation_split = 0.0", "validation_split = 0.2")
+    (run / "config.toml").write_text(config)
+    from lorakit.config import load_config
+    from lorakit.evaluate.checkpoints import read_run, split_held_out
+
+    seed = load_config(run / "config.toml").training.seed
+    data = TrainingData(DataConfig(train_data=str(concept_data), validation_split=0.2, resolution=64), seed=seed)
+    assert len(data.held_out) == 3  # 15 images: kohya keeps ceil(15 × 0.8) = 12
+    assert split_held_out(read_run(run)) == {data.records[i].path.resolve() for i in data.held_out}
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(PROMPTS_TOML)
+    out = tmp_path / "out"
+    assert main(["eval", str(run), "--prompts", str(prompts), "--out", str(out), "--steps", "2", "--quiet",
+                 "--no-base"]) == 0
+    setup = json.loads((out / "metrics.json").read_text())["setup"]
+    assert (setup["data images"], setup["held-out images"], setup["held out"]) == (12, 3, "3 by validation_split")
+
+
 def test_the_run_page_shows_what_eval_measured_and_where_the_turning_point_ranks(tmp_path, concept_data, capsys):
     """`lorakit eval RUN --out RUN-eval` (the folder the trainer's summary suggests), then `lorakit report RUN`:
     the run's page gets the eval's ranking first, its charts, the best checkpoint and the turning point's rank;

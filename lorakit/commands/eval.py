@@ -31,7 +31,7 @@ HELP = "judge checkpoints: generate, measure, rank; metrics and an HTML report"
 
 
 def _call_fingerprint(keys: dict[str, list[str]], extractors: list[tuple[str, str | None]], data: Path | None,
-                      shap: bool, held_out: Path | None = None) -> str:
+                      shap: bool, held_out: str | None = None) -> str:
     """One hash of what an evaluation measures: every image (the cache keys name base model, checkpoint, prompt,
     seed and sampler), the extractors, the dataset and the options that change the numbers."""
     import hashlib
@@ -40,7 +40,7 @@ def _call_fingerprint(keys: dict[str, list[str]], extractors: list[tuple[str, st
     fields = {"images": keys, "extractors": sorted(f"{k}={p or ''}" for k, p in extractors),
               "data": str(data) if data else None, "shap": shap}
     if held_out is not None:  # absent, the fingerprint of an evaluation from before the option
-        fields["held_out"] = str(held_out)
+        fields["held_out"] = held_out
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -231,7 +231,7 @@ def _schedule(model) -> str:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     import lorakit.world.evaluation  # noqa: F401  (registers the world reader and the world's exact metrics)
-    from lorakit.evaluate.checkpoints import dataset_images, discover, model_hash
+    from lorakit.evaluate.checkpoints import dataset_images, discover, model_hash, split_held_out
     from lorakit.evaluate.generate import (
         ImageCache,
         SamplerSettings,
@@ -266,6 +266,12 @@ def run(args: argparse.Namespace) -> int:
     pairs = dataset_images(data, plain_caption) if data is not None else []
     held_out = _held_out_folder(args, runs)
     held_out_pairs = dataset_images(held_out, plain_caption) if held_out is not None else []
+    # images a validation_split held out are not the data the runs learned from: they join the held-out ones
+    split = set().union(*(split_held_out(r) for r in runs)) if pairs else set()
+    held_out_pairs += [(p, c) for p, c in pairs if p.resolve() in split]
+    pairs = [(p, c) for p, c in pairs if p.resolve() not in split]
+    held_what = ", ".join(([str(held_out)] if held_out is not None else [])
+                          + ([f"{len(split)} by validation_split"] if split else []))
     prompt_set = _prompt_set(args, runs, data, pairs)
     _check_optional_extras(args)
     specs = _extractor_specs(args)
@@ -292,7 +298,8 @@ def run(args: argparse.Namespace) -> int:
         base_hash = hashlib.sha256(f"{base_hash} vae {model_hash(args.vae)}".encode()).hexdigest()[:16]
     if _schedule(model) != own_schedule:  # the base model's own images change with its schedule too
         base_hash = hashlib.sha256(f"{base_hash} schedule {_schedule(model)}".encode()).hexdigest()[:16]
-    call = _call_fingerprint(image_keys(base_hash, checkpoints, jobs, settings), specs, data, args.shap, held_out)
+    call = _call_fingerprint(image_keys(base_hash, checkpoints, jobs, settings), specs, data, args.shap,
+                             held_what or None)
     _check_out_folder(args.out, call, args.overwrite)
     cache = ImageCache(args.cache or args.out / "cache")
     try:
@@ -319,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
              "size": args.size or model.resolution,
              "base model": args.model or "builtin", "data": str(data) if data else None,
              "data images": len(data_images),
-             **({"held-out images": len(held_out_images), "held out": str(held_out)} if held_out else {}),
+             **({"held-out images": len(held_out_images), "held out": held_what} if held_what else {}),
              "extractors": ", ".join(f"{k}={p or ''}".rstrip("=") for k, p in specs),
              "images": len(jobs) * len(checkpoints), "generated": stats.made, "cached": stats.cached,
              "seconds generating": round(stats.seconds, 2),

@@ -233,6 +233,28 @@ def discover(sources: Sequence[str | Path], include_base: bool = True,
     return _unique_labels(checkpoints), runs
 
 
+def split_held_out(run: RunInfo) -> set[Path]:
+    """The images the run's ``validation_split`` held out of its training folders (resolved paths; the split is
+    drawn again as the trainer drew it, from the run's config.toml); empty when it held none out that way.
+    CheckpointError when the run's data can no longer be read as it was."""
+    from lorakit.config import ConfigError, load_config
+    from lorakit.data import DatasetError, TrainingData
+
+    try:
+        cfg = load_config(run.path / "config.toml")
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    source = cfg.data.train_data or ""
+    if not cfg.data.validation_split and not source.endswith(".toml"):  # a dataset TOML may set it per dataset
+        return set()
+    cfg.data.validation_data, cfg.data.verify_images = None, False  # the split's own images only; sizes suffice
+    try:
+        data = TrainingData(cfg.data, seed=cfg.training.seed, default_resolution=cfg.data.resolution or 512)
+    except (DatasetError, OSError) as err:
+        raise CheckpointError(f"{run.path}: its validation split cannot be drawn again from {source}: {err}") from None
+    return {data.records[i].path.resolve() for i in data.held_out}
+
+
 def dataset_images(folder: str | Path, plain_caption: str | None = None) -> list[tuple[Path, str]]:
     """(image, caption) pairs of a training folder (kohya layout or plain), captioned as the trainer captions
     them: the sibling ``.txt``; without one, the ``<trigger> <class>`` of the image's ``N_trigger class`` folder,
