@@ -54,18 +54,24 @@ def _normalise(name: str) -> str | None:
     return None if flat.startswith(_TEXT_PREFIXES) else flat
 
 
-def _sd1_index(flat: str) -> int | None:
+def _diffusers_index(flat: str, mid: int) -> int | None:
+    """The block of a diffusers module name in a U-Net whose middle block has index ``mid`` (12 in SD1.x, 9 in
+    SDXL): level i's resnets/attentions j are LDM block 3i+j+1 (down) or mid+1+3i+j (up)."""
     m = _UPDOWN.match(flat)
     if m:
         side, i, kind, j = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
         # a level's sampler sits in the last LDM block of that level
         local = 3 * i + (2 if kind.endswith("samplers") else j)
-        return 1 + local if side == "down" else 13 + local
+        return 1 + local if side == "down" else mid + 1 + local
     if flat.startswith("mid_block_") or flat == "mid_block":
-        return 12
+        return mid
     if flat == "conv_in" or flat.startswith("conv_in_"):
         return 0
     return None
+
+
+def _sd1_index(flat: str) -> int | None:
+    return _diffusers_index(flat, mid=12)
 
 
 @dataclass(frozen=True)
@@ -144,16 +150,7 @@ def _sdxl_index(flat: str) -> int | None:
         return i if m.group(1) == "input_blocks" else 10 + i
     if flat.startswith("middle_block_") or flat == "middle_block":
         return 9
-    m = _UPDOWN.match(flat)
-    if m:  # diffusers names: three levels of three LDM blocks each
-        side, i, kind, j = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
-        local = 3 * i + (2 if kind.endswith("samplers") else j)
-        return 1 + local if side == "down" else 10 + local
-    if flat.startswith("mid_block_") or flat == "mid_block":
-        return 9
-    if flat == "conv_in" or flat.startswith("conv_in_"):
-        return 0
-    return None
+    return _diffusers_index(flat, mid=9)  # diffusers names: three levels of three LDM blocks each
 
 
 #: a 26-value SD1.x string on an SDXL file: the extension keeps the blocks SDXL has (IN09-IN11 and OUT09-OUT11 not)
