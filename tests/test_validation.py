@@ -218,3 +218,10 @@ def test_a_run_with_a_validation_folder_trains_what_it_trains_without_and_measur
     log = [json.loads(line) for line in (tmp_path / "with" / "log.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in log if "val_loss" in r] == [(0, 0), (1, 2), (2, 4)]
     assert json.loads((tmp_path / "with" / "summary.json").read_text())["validation"]["held_out_images"] == 2
+    # a folder of held-out images may be given to a run that is resumed: it changes nothing trained so far
+    cfg = make_config(tiny_model_dir, folder, tmp_path / "without", data={"validation_data": str(held)},
+                      training={"max_epochs": 3})
+    cfg.output.if_exists = "resume"
+    run_train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "without" / "log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in log if "val_loss" in r] == [(3, 6)]
