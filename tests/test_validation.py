@@ -160,6 +160,9 @@ def test_a_validation_folder_is_held_out_whole_and_leaves_the_training_data_as_i
     assert data.num_train_images == plain.num_train_images == 12 and data.steps_per_epoch == plain.steps_per_epoch
     assert [data.records[s].path for s in data.samples] == [plain.records[s].path for s in plain.samples]
     assert data.fingerprint() == plain.fingerprint()
+    lanczos = {"resize_interpolation": "lanczos"}  # a subset option the validation folder inherits too
+    assert TrainingData(data_config(folder, validation_data=str(held), **lanczos)).fingerprint() == \
+        TrainingData(data_config(folder, **lanczos)).fingerprint()
     assert data.kohya_metadata()["ss_dataset_dirs"] == plain.kohya_metadata()["ss_dataset_dirs"]
     assert "3 images held out for validation (3 in validation folders)" in data.summary()
     assert [len(b) for b in data.validation_batches()] == [1, 1, 1]

@@ -341,7 +341,7 @@ class TrainingData:
                  for i, (r, n) in enumerate(zip(self.records, self.repeats, strict=True))
                  if not self.subset_of(r).is_validation]
         parts.append([d.batch_size for d in self.datasets])
-        resampled = [s.resize_interpolation for d in self.datasets for s in d.subsets]
+        resampled = [s.resize_interpolation for d in self.datasets for s in d.subsets if not s.is_validation]
         if any(resampled):  # other pixels; absent, the fingerprint of a run from before the option
             parts.append(resampled)
         if any(r.mask for r in self.records):  # the same for mask images
