@@ -258,6 +258,13 @@ def test_block_weight_zero_leaves_those_blocks_bit_identical(base, tmp_path):
             assert torch.equal(before[key], after[key]), key  # bit for bit
     assert any(k.startswith("unet.up_blocks.") for k in changed)
     assert any(k.startswith("te.") for k in changed)
+    # SDXL's 20-value layout fits no SD1.x file: refused naming the file, nothing merged
+    sdxl_string = ",".join(["1"] * 20)
+    for call in (lambda: bake(model, [f"{path}:1:{sdxl_string}"]),
+                 lambda: file_deltas(path, spec=parse_adapter_spec(f"{path}:1:{sdxl_string}"))):
+        with pytest.raises(ToolError, match=r"a.safetensors: a sd1 block-weight string has 17 or 26 values"):
+            call()
+    assert all(torch.equal(after[k], v) for k, v in _weights(model).items())
 
 
 def test_lora_plus_lora_combined_exactly_equals_applying_both(base, tmp_path):

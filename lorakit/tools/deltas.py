@@ -31,8 +31,8 @@ class AdapterSpec:
 
     path: Path
     multiplier: float = 1.0
-    block_weights: BlockWeights | None = None
-    lbw: str | None = None  # the block-weight text as given, for labels
+    block_weights: BlockWeights | None = None  # SD1.x's reading of ``lbw`` (None: no string, or one for SDXL only)
+    lbw: str | None = None  # the block-weight text as given, for labels; weights_for reads it on a file's blocks
 
     def weight(self, name: str) -> float:
         """The multiplier of module ``name`` (block weight included)."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lorakit.atomic import give_umask_modes, new_temp_path
+from lorakit.blocks import SD1
 from lorakit.formats import AdapterFileError, load_network, read_adapter
 from lorakit.models import BaseModel, save_single_file_checkpoint
 from lorakit.tools import MismatchError, ToolError, check_output
@@ -34,11 +35,12 @@ def bake(model: BaseModel, adapters: Sequence[AdapterSpec | str]) -> list[str]:
     """Merge the adapters into ``model``'s weights in place; one line per adapter says what was merged."""
     lines = []
     for spec in (parse_adapter_spec(a) for a in adapters):
+        weights = spec.weights_for(SD1)  # the models lorakit loads are SD1.x's; refused before the model is touched
         try:
             network, _ = load_network(spec.path, model.unet, model.text_encoder)
         except AdapterFileError as err:
             raise MismatchError(str(err)) from None
-        network.set_multiplier(spec.multiplier, spec.block_weights)
+        network.set_multiplier(spec.multiplier, weights)
         merged = 0
         for adapter in network.adapters.values():
             if adapter.multiplier != 0:  # weight 0: leave the layer alone (W + 0·ΔW can flip -0.0)
