@@ -440,3 +440,8 @@ def test_inspect_counts_an_sdxl_file_in_sdxl_blocks(tmp_path):
     assert report.base_model == "sdxl" and report.blocks == {"IN04": 1, "MID": 1, "OUT08": 1}
     assert block_ranks(report) == "IN04 4, MID 4, OUT08 4"
     assert "It touches U-Net blocks IN04, MID, OUT08." in summary(report)
+    # resize reads it without a model: the same modules, cut to rank 2, still counted as SDXL
+    out = resize_adapter(path, RankRule(rank=2)).write(tmp_path / "xl2.safetensors", [path])
+    small = inspect_file(out)
+    assert small.base_model == "sdxl" and block_ranks(small) == "IN04 2, MID 2, OUT08 2"
+    assert {m.name for m in small.modules} == {m.name for m in report.modules}
