@@ -110,6 +110,7 @@ def test_a_run_with_a_validation_folder_is_judged_on_its_held_out_images_too(tmp
     out = tmp_path / "out"
     assert main(["eval", str(run), "--prompts", str(prompts), "--out", str(out), "--steps", "2", "--quiet",
                  "--no-base"]) == 0
+    assert "memorisation[world-reader] on train: run/e1 " in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["setup"]["held-out images"] == 1 and metrics["setup"]["data images"] == 15
     row = metrics["metrics"]["train"]["run/e1"]

@@ -367,9 +367,10 @@ def summary_lines(result: EvalResult, headline: Sequence[tuple[str, str]] = ()) 
 
 
 def headline_metrics(result: EvalResult) -> list[tuple[str, str]]:
-    """(group, metric) pairs a person looks at first: fidelity on train prompts, control on alter prompts."""
+    """(group, metric) pairs a person looks at first: fidelity on train prompts (and the memorisation gap, with
+    held-out images), control on alter prompts."""
     wanted = []
-    for group, prefixes in (("train", ("world.fidelity", "fidelity[")),
+    for group, prefixes in (("train", ("world.fidelity", "fidelity[")), ("train", ("memorisation[",)),
                             ("alter", ("world.controllability", "clip_score[")), ("alter", ("world.success",)),
                             ("style", ("world.success", "style_loss[")), ("agnostic", ("world.leak", "leak["))):
         names = result.metric_names(group)
