@@ -63,7 +63,7 @@ def test_two_processes_train_one_synchronised_adapter(tiny_model_dir, tmp_path, 
     assert all(m["world"] == "2" and m["backend"] == "gloo" for m in metas)
     assert all(m["steps"] == "4" for m in metas)  # 4 images trained, batch 1, 2 processes: 2 steps per epoch
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "val_loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in log if "val_loss" in r] == [0, 1, 2, 3, 4]  # the base model's first, then each step
     a, b = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     # each process saw different images; only synchronised gradients keep the replicas identical
     assert all(torch.equal(a[k], b[k]) for k in a)
