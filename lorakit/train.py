@@ -365,6 +365,15 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not (progress and is_main))
     epoch = start_epoch
     n_proc, rank = accelerator.num_processes, accelerator.process_index
+
+    def record_validation(at_step: int, at_epoch: int) -> None:
+        """The held-out loss now, on its own log line (the main process; steps inside an epoch log it with
+        their step's record instead)."""
+        validated[at_step] = _validate(cfg, model, method, data, accelerator)
+        run.log({"step": at_step, "epoch": at_epoch, "val_loss": validated[at_step]})
+        if tracker_dir is not None:
+            accelerator.log({"val_loss": validated[at_step]}, step=at_step)
+
     try:  # from here on, the tracker's files are recorded in the run's manifest however the run ends
         if sample_stop is not None and step == 0:
             # the base model's own score (epoch 0): the smoothing of epoch 1 needs it, as the onset's does
@@ -372,10 +381,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         if data.held_out and step == 0:  # the base model's validation loss: what training is measured against
             with fail_together(accelerator, "validating the base model"):
                 if is_main:
-                    validated[0] = _validate(cfg, model, method, data, accelerator)
-                    run.log({"step": 0, "epoch": 0, "val_loss": validated[0]})
-                    if tracker_dir is not None:
-                        accelerator.log({"val_loss": validated[0]}, step=0)
+                    record_validation(0, 0)
         while epoch < cfg.training.max_epochs and step < total_steps and stop_decision is None:
             local_batches = len(data.epoch_batches(epoch)[rank::n_proc])
             # the plan of the epoch minus the batches already trained, dealt out to the processes
@@ -446,10 +452,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             with fail_together(accelerator, f"validating, saving or sampling epoch {epoch}"):
                 if is_main and data.held_out and epoch % (cfg.training.validate_every_n_epochs or 1) == 0 \
                         and step not in validated:  # before the checkpoint: a resumed run does it again
-                    validated[step] = _validate(cfg, model, method, data, accelerator)
-                    run.log({"step": step, "epoch": epoch, "val_loss": validated[step]})
-                    if tracker_dir is not None:
-                        accelerator.log({"val_loss": validated[step]}, step=step)
+                    record_validation(step, epoch)
                 if is_main:
                     run.flush_log()  # lines a full disk refused during the epoch: now, or the run stops here
                 if is_main and (epoch % cfg.training.save_every_n_epochs == 0 or stop_decision is not None
