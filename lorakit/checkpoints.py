@@ -208,6 +208,7 @@ class RunFolder:
         if folder.is_dir() and self.manifest.owns(folder):
             self.manifest.add_files(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
             self.manifest.add_dirs(p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink())
+            self.manifest.add_links(p for p in folder.rglob("*") if p.is_symlink())  # W&B's latest-run
 
     def write_text(self, relative: str, text: str) -> Path:
         path = self.file(relative)

@@ -282,11 +282,16 @@ class OutputConfig:
     format: str = "kohya"
     #: kohya's --training_comment: a note kept in the result's metadata (ss_training_comment; A1111 shows it)
     comment: str | None = None
-    #: kohya's --log_with: also write the step records (loss, lr, CS, ...) for "tensorboard" (needs the
-    #: tensorboard package, lorakit[tensorboard]); None: log.jsonl and the run page only
+    #: kohya's --log_with: also write the step records (loss, lr, CS, ...) for "tensorboard", "wandb" (Weights &
+    #: Biases; the key from `wandb login` or WANDB_API_KEY, or WANDB_MODE=offline) or "all" (both); each needs its
+    #: package (lorakit[tensorboard], lorakit[wandb]); None: log.jsonl and the run page only
     log_with: str | None = None
     #: kohya's --logging_dir: where the tracker writes (None: logs/ in the run folder)
     logging_dir: str | None = None
+    #: kohya's --log_tracker_name: the TensorBoard folder / W&B project (None: output.name)
+    log_tracker_name: str | None = None
+    #: kohya's --wandb_run_name: the W&B run's name (None: the run folder's name)
+    wandb_run_name: str | None = None
 
 
 @dataclass
@@ -312,6 +317,7 @@ class TrainConfig:
         from lorakit.metadata import TOKEN_LENGTHS
         from lorakit.network import PRESETS
         from lorakit.optimizers import OPTIMIZERS
+        from lorakit.trackers import ALL as ALL_TRACKERS
         from lorakit.trackers import TRACKERS
 
         def one_of(names) -> str:
@@ -320,8 +326,9 @@ class TrainConfig:
         net, opt, data, train = self.network, self.optimizer, self.data, self.training
         checks: list[tuple[bool, str, str, Any]] = [
             (self.method.kind in METHODS, "method.kind", f"one of {one_of(METHODS)}", self.method.kind),
-            (self.output.log_with in (None, *TRACKERS), "output.log_with",
-             f"one of {one_of(TRACKERS)} (or absent: log.jsonl and the run page only)", self.output.log_with),
+            (self.output.log_with in (None, *TRACKERS, ALL_TRACKERS), "output.log_with",
+             f"one of {one_of(TRACKERS)} or {ALL_TRACKERS} (or absent: log.jsonl and the run page only)",
+             self.output.log_with),
             (self.method.native_targets in ("all", *PRESETS), "method.native_targets",
              f"all or a preset ({one_of(PRESETS)})", self.method.native_targets),
             (_positive_int(self.method.ti_vectors), "method.ti_vectors", "a positive integer", self.method.ti_vectors),
@@ -643,6 +650,10 @@ def merge_into(cfg: TrainConfig, values: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: unknown section [{section}]{hint}")
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: [{section}] must be a table")
+        if section == "output" and "wandb_api_key" in table:  # kohya's option, refused: it would be saved
+            raise ConfigError(f"{source} [output]: wandb_api_key is not read from a config (the config is copied "
+                              "into the run folder and the adapter's metadata); run `wandb login` or set "
+                              "WANDB_API_KEY")
         set_fields(getattr(cfg, section), table, f"{source} [{section}]", ConfigError)
 
 

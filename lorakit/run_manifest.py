@@ -4,7 +4,9 @@ An output folder may also hold what the user put there (their images, notes, the
 data); ``--overwrite`` must never touch any of it.  So every path lorakit writes is recorded here *before* it is
 written (a crash after the write can then never leave an unrecorded lorakit file), and the manifest itself is
 rewritten atomically after every change.  Paths are kept relative to the run folder; removing them never
-follows a symbolic link and never leaves the folder, whatever the manifest says.
+follows a symbolic link and never leaves the folder, whatever the manifest says.  The symbolic links a writer made
+itself (W&B's ``latest-run``, its debug logs) are recorded as links: removing one unlinks the link, never what it
+points to.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class RunManifest:
         self.path = self.folder / MANIFEST_NAME
         self.files: set[str] = set()
         self.dirs: set[str] = set()
+        self.links: set[str] = set()  # symbolic links lorakit's writers made (never followed)
         if self.path.is_file():
             self._read()
 
@@ -57,6 +60,7 @@ class RunManifest:
                                 "deleted. Remove the run's files yourself, or choose another output folder") from None
         self.files = {self._checked(p) for p in files}
         self.dirs = {self._checked(p) for p in dirs}
+        self.links = {self._checked(p) for p in data.get("links", [])}  # absent before links were recorded
 
     def _checked(self, relative: str) -> str:
         p = PurePosixPath(relative)
@@ -74,12 +78,12 @@ class RunManifest:
 
     def save(self) -> None:
         atomic_write_json(self.path, {"lorakit_manifest": _FORMAT, "files": sorted(self.files),
-                                      "dirs": sorted(self.dirs)})
+                                      "dirs": sorted(self.dirs), "links": sorted(self.links)})
 
     # ------------------------------------------------------------------------------------------ recording
     def owns(self, path: str | os.PathLike) -> bool:
         rel = self._relative(path)
-        return rel in self.files or rel in self.dirs
+        return rel in self.files or rel in self.dirs or rel in self.links
 
     def add_file(self, path: str | os.PathLike) -> Path:
         """Record ``path`` (call before writing it); returns it, so ``write(manifest.add_file(p))`` reads well."""
@@ -102,6 +106,13 @@ class RunManifest:
             self.dirs |= rels
             self.save()
 
+    def add_links(self, paths) -> None:
+        """Record symbolic links a writer made inside a folder lorakit created (the links, not their targets)."""
+        rels = {self._relative(p) for p in paths} - self.links
+        if rels:
+            self.links |= rels
+            self.save()
+
     def make_dir(self, path: str | os.PathLike) -> Path:
         """Create ``path`` (and the parents inside the run folder) and record each folder that was created."""
         path = Path(path)
@@ -119,9 +130,10 @@ class RunManifest:
 
     def forget(self, path: str | os.PathLike) -> None:
         rel = self._relative(path)
-        if rel in self.files or rel in self.dirs:
+        if rel in self.files or rel in self.dirs or rel in self.links:
             self.files.discard(rel)
             self.dirs.discard(rel)
+            self.links.discard(rel)
             self.save()
 
     # ------------------------------------------------------------------------------------------- removing
@@ -151,6 +163,13 @@ class RunManifest:
                 self.files.discard(rel)
             for tmp in _atomic_leftovers(path):  # temporary files of a write that was killed
                 tmp.unlink(missing_ok=True)
+        for rel in sorted(r for r in self.links if inside(r)):
+            parent = self._safe(str(PurePosixPath(rel).parent)) if "/" in rel else self.folder
+            link = None if parent is None else parent / PurePosixPath(rel).name
+            if link is not None and link.is_symlink():
+                link.unlink()  # the link only: its target is never touched
+            if link is None or not link.exists():  # else a file or folder now stands there: not ours, kept
+                self.links.discard(rel)
         kept = []
         for rel in sorted((r for r in self.dirs if inside(r)), key=lambda r: -len(PurePosixPath(r).parts)):
             path = self._safe(rel)
@@ -167,7 +186,7 @@ class RunManifest:
     def remove_all(self) -> list[Path]:
         """Delete everything recorded (and then the manifest); returns the folders kept for holding other files."""
         kept = self.remove_under("")
-        if self.files or self.dirs:
+        if self.files or self.dirs or self.links:
             self.save()
         else:
             self.path.unlink(missing_ok=True)

@@ -58,7 +58,16 @@ from lorakit.run_manifest import RunManifest
 from lorakit.run_messages import count, estimate_line, next_steps, opening_line
 from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
 from lorakit.step_loss import compute_loss, step_seed, validation_loss
-from lorakit.trackers import check_tracker, hyperparameters, logging_dir, scalars
+from lorakit.trackers import (
+    WANDB_RUN_FILE,
+    check_tracker,
+    hyperparameters,
+    log_sample_images,
+    logging_dir,
+    scalars,
+    tracker_init_kwargs,
+    tracker_names,
+)
 from lorakit.vae import use_vae, vae_name
 
 
@@ -223,7 +232,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     tracker_dir = logging_dir(cfg.output.log_with, cfg.output.logging_dir, Path(cfg.output.dir))
     accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision,
                               gradient_accumulation_steps=cfg.optimizer.gradient_accumulation_steps,
-                              cpu=not torch.cuda.is_available(), log_with=cfg.output.log_with,
+                              cpu=not torch.cuda.is_available(), log_with=tracker_names(cfg.output.log_with) or None,
                               project_dir=None if tracker_dir is None else str(tracker_dir))
     is_main = accelerator.is_main_process
     check_paths(cfg, config_file)
@@ -357,7 +366,12 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     if tracker_dir is not None:  # once the run is set up: one that fails before leaves no tracker files behind
         if is_main and tracker_dir.resolve() == (run.path / "logs").resolve():
             run.make_dir("logs")  # the run's own: an overwrite removes it with the rest
-        accelerator.init_trackers(cfg.output.name, config=hyperparameters(cfg.to_dict()))
+        init_kwargs, wandb_id = ({}, None) if not is_main else tracker_init_kwargs(
+            cfg.output.log_with, tracker_dir, run.path, cfg.output.wandb_run_name, run.resuming)
+        if wandb_id is not None:
+            run.write_json(WANDB_RUN_FILE, {"id": wandb_id})  # a resumed run continues this W&B run
+        accelerator.init_trackers(cfg.output.log_tracker_name or cfg.output.name,
+                                  config=hyperparameters(cfg.to_dict()), init_kwargs=init_kwargs)
 
     stop_decision = None
     validated: dict[int, float] = {}  # step -> validation loss, this session
@@ -439,7 +453,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 if is_main and prompts and every and step % every == 0 and step < total_steps:
                     # named to sort before its epoch's own grid (the run page lists them in name order)
                     _sample(model, method, prompts, run.sample_path(f"epoch-{epoch + 1:04d}-step-{step:06d}"),
-                            accelerator, cfg)
+                            accelerator, cfg, log_step=step)
                 if stop_decision is not None or step >= total_steps:
                     break
             epoch += 1
@@ -475,7 +489,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                                                                   steps_per_epoch, earliest,
                                                                   cfg.training.save_last_n_epochs))
                 if is_main and prompts and (epoch % cfg.sample.every_n_epochs == 0 or stop_decision is not None):
-                    _sample(model, method, prompts, run.sample_path(f"epoch-{epoch:04d}"), accelerator, cfg)
+                    _sample(model, method, prompts, run.sample_path(f"epoch-{epoch:04d}"), accelerator, cfg,
+                            log_step=step)
     except KeyboardInterrupt:
         last = run.latest_checkpoint()
         kept = f"from {last.path.name}" if last else "from the start (no checkpoint yet)"
@@ -748,14 +763,17 @@ def _sample_decision(found: SampleTurningPoint, steps_per_epoch: int, step: int,
 
 
 def _sample(model: BaseModel, method: TrainingMethod, prompts: list[SamplePrompt], path: Path,
-            accelerator: Accelerator, cfg: TrainConfig) -> list[Any]:
-    """The prompts drawn with the adapter as it is now (their trigger expanded), saved as a grid at ``path``."""
+            accelerator: Accelerator, cfg: TrainConfig, log_step: int | None = None) -> list[Any]:
+    """The prompts drawn with the adapter as it is now (their trigger expanded), saved as a grid at ``path``;
+    with ``log_step``, also sent to W&B when the run logs there (as kohya's samples are)."""
     expanded = [replace(p, prompt=method.expand_prompt(p.prompt),
                         negative_prompt=method.expand_prompt(p.negative_prompt)) for p in prompts]
     with method.sampling():
         images = generate(model, expanded, device=accelerator.device, progress=False, clip_skip=cfg.model.clip_skip,
                           max_token_length=cfg.model.max_token_length)
     save_sample_grid(images, prompts, path)
+    if log_step is not None:
+        log_sample_images(accelerator, cfg.output.log_with, images, [p.prompt for p in prompts], log_step)
     return images
 
 

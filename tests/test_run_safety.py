@@ -116,6 +116,32 @@ def test_manifest_never_leaves_the_folder_or_follows_links(tmp_path):
     assert (precious / "photo.png").exists()
 
 
+def test_recorded_links_are_unlinked_and_their_targets_kept(tmp_path):
+    """A tracker's own symbolic links (W&B's latest-run, its debug logs) are removed with the run; what they
+    point to never is, nor anything reached through a link the user put in the way."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "photo.png").write_bytes(b"irreplaceable")
+    run = tmp_path / "run"
+    manifest = RunManifest(run)
+    logs = manifest.make_dir(run / "logs" / "wandb")
+    (logs / "latest-run").symlink_to(precious, target_is_directory=True)
+    (logs / "debug.log").symlink_to(precious / "photo.png")
+    (logs / "gone.log").symlink_to(tmp_path / "missing")  # a dangling link
+    manifest.add_links([logs / "latest-run", logs / "debug.log", logs / "gone.log"])
+    assert RunManifest(run).owns(logs / "latest-run")
+    assert RunManifest(run).remove_all() == []
+    assert not (run / "logs").exists() and not (run / MANIFEST_NAME).exists()
+    assert (precious / "photo.png").read_bytes() == b"irreplaceable"
+    # a recorded link reached through a folder the user replaced with a link: left alone
+    (run / "logs").mkdir(parents=True)
+    (run / "logs" / "wandb").symlink_to(precious, target_is_directory=True)
+    (precious / "latest-run").symlink_to(precious / "photo.png")
+    (run / MANIFEST_NAME).write_text(json.dumps({"files": [], "dirs": [], "links": ["logs/wandb/latest-run"]}))
+    RunManifest(run).remove_all()
+    assert (precious / "latest-run").is_symlink() and (precious / "photo.png").exists()
+
+
 def test_overwrite_refusals(tmp_path):
     legacy = tmp_path / "legacy"  # a run of an older lorakit: no manifest, so its files are not known
     legacy.mkdir()

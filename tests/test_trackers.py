@@ -4,6 +4,7 @@ TensorBoard's own reader), a resumed run continues the curves, and an overwrite 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from test_train import write_dataset
@@ -47,8 +48,107 @@ def test_a_run_logs_to_tensorboard_and_a_resumed_run_continues_the_curves(tiny_m
 
 def test_an_unknown_tracker_is_refused_before_the_run(tiny_model_dir, tmp_path, capsys):
     assert main(["train", "--data", str(write_dataset(tmp_path / "data")), "--model", str(tiny_model_dir),
-                 "--out", str(tmp_path / "run"), "--set", "output.log_with=wandb", "--no-progress"]) == 2
+                 "--out", str(tmp_path / "run"), "--set", "output.log_with=comet", "--no-progress"]) == 2
     assert "output.log_with" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def _wandb_records(run_dir: Path) -> list:
+    """The records of a W&B offline run (its ``run-<id>.wandb`` file: W&B's LevelDB-style log of protobuf
+    records, 32 KiB blocks of chunks with a 7-byte header: CRC, length, kind), as ``wandb sync`` would upload."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, chunk, records = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            records.append(record)
+            chunk = b""
+    return records
+
+
+def _wandb_history(run_dir: Path) -> list[dict[str, object]]:
+    rows = []
+    for record in _wandb_records(run_dir):
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows
+
+
+def test_a_run_logs_to_wandb_offline_with_its_samples_and_a_resumed_run_continues_it(
+        tiny_model_dir, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a zkz shape --w 64 --h 64 --d 1 --s 2\nzkz shape, blue --w 64 --h 64 --d 2 --s 2\n")
+    out = tmp_path / "run"
+    flags = ["train", "--data", str(write_dataset(tmp_path / "data")), "--model", str(tiny_model_dir), "--out",
+             str(out), "--no-progress", "--set", "output.log_with=wandb", "--set", f"sample.prompts='{prompts}'",
+             "--set", "output.log_tracker_name=my-project", "--set", "output.wandb_run_name=first try",
+             "--early-stop", "report"]
+    assert main([*flags, "--epochs", "1"]) == 0
+    run_id = json.loads((out / "wandb-run.json").read_text())["id"]
+    (first,) = (out / "logs" / "wandb").glob(f"offline-run-*-{run_id}")
+    records = _wandb_records(first)
+    (started,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (started.project, started.display_name, started.run_id) == ("my-project", "first try", run_id)
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in steps if "loss" in r}
+    history = _wandb_history(first)
+    logged = {row["_step"]: row["loss"] for row in history if "loss" in row}
+    assert logged == pytest.approx(losses, rel=1e-6)
+    (samples,) = [row for row in history if "samples/_type" in row]
+    assert samples["_step"] == max(losses) and samples["samples/captions"] == ["a zkz shape", "zkz shape, blue"]
+    assert len(list((first / "files" / "media" / "images").glob("samples_*.png"))) == 2
+    # the run's settings as the W&B run's config
+    configs = [item.key for r in records if r.WhichOneof("record_type") == "config" for item in r.config.update]
+    assert "network.rank" in configs
+
+    assert main([*flags, "--epochs", "2", "--resume"]) == 0
+    assert json.loads((out / "wandb-run.json").read_text())["id"] == run_id  # the same W&B run, continued
+    second = [d for d in (out / "logs" / "wandb").glob(f"offline-run-*-{run_id}") if d != first]
+    assert len(second) == 1
+    resumed = [row["_step"] for row in _wandb_history(second[0]) if "loss" in row]
+    assert resumed == [s + max(losses) for s in sorted(losses)]  # from the checkpoint on, nothing repeated
+    capsys.readouterr()
+    # the run owns its W&B files: an overwrite removes them with the rest, and starts a new W&B run
+    assert main([*flags, "--epochs", "1", "--set", "output.if_exists=overwrite"]) == 0
+    assert json.loads((out / "wandb-run.json").read_text())["id"] != run_id
+    assert not list((out / "logs" / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+def test_wandb_without_a_login_or_with_a_key_in_the_config_is_refused_before_the_run(
+        tiny_model_dir, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    flags = ["train", "--data", str(write_dataset(tmp_path / "data")), "--model", str(tiny_model_dir),
+             "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main([*flags, "--set", "output.log_with=all"]) == 2
+    err = capsys.readouterr().err
+    assert "wandb login" in err and "WANDB_MODE=offline" in err and not (tmp_path / "run").exists()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    (tmp_path / "netrc").chmod(0o600)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    from lorakit.trackers import wandb_can_log
+
+    assert wandb_can_log()  # a `wandb login` is enough
+    assert main([*flags, "--set", "output.wandb_api_key=0123456789abcdef"]) == 2
+    err = capsys.readouterr().err
+    assert "wandb_api_key" in err and "WANDB_API_KEY" in err and not (tmp_path / "run").exists()
 
 
 def test_a_run_that_fails_before_its_first_step_leaves_no_tracker_files(tiny_model_dir, tmp_path, capsys):

@@ -125,7 +125,11 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--flip-aug": "--set data.flip_aug=true",
     "--color-aug": "--set data.color_aug=true",
     "--face-crop-aug-range": "--set 'data.face_crop_aug_range=[2.0, 4.0]'",
-    "--log-with": "--set output.log_with=tensorboard", "--logging-dir": "--set output.logging_dir=DIR",
+    "--log-with": "--set output.log_with=wandb",
+    "--logging-dir": "--set output.logging_dir=DIR",
+    "--log-tracker-name": "--set output.log_tracker_name=NAME",
+    "--wandb-run-name": "--set output.wandb_run_name=NAME",
+    "--wandb-api-key": "(the default: W&B's own login, `wandb login` or WANDB_API_KEY; never read from a config)",
     "--sample-every-n-epochs": "--set sample.every_n_epochs=N",
     "--sample-every-n-steps": "--set sample.every_n_steps=N",
 }
