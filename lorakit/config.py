@@ -292,6 +292,13 @@ class OutputConfig:
     log_tracker_name: str | None = None
     #: kohya's --wandb_run_name: the W&B run's name (None: the run folder's name)
     wandb_run_name: str | None = None
+    #: kohya's --metadata_title / _author / _description / _license / _tags: the result's ModelSpec entries
+    #: (modelspec.title etc., which model managers and sites show; the title defaults to output.name)
+    metadata_title: str | None = None
+    metadata_author: str | None = None
+    metadata_description: str | None = None
+    metadata_license: str | None = None
+    metadata_tags: str | None = None
 
 
 @dataclass

@@ -38,6 +38,7 @@ from lorakit.formats import (
 )
 from lorakit.max_norm import MaxNormReading, apply_max_norm, check_max_norm_supported
 from lorakit.models import BaseModel, save_single_file_checkpoint
+from lorakit.modelspec import as_embedding
 from lorakit.network import AdapterNetwork, UniformRanks, create_network, get_preset, select_targets
 from lorakit.network import components as network_components
 
@@ -429,7 +430,8 @@ class TextualInversion(TrainingMethod):
         path = folder / f"{name}-{self.token}.safetensors"
         # A1111, ComfyUI and diffusers all read a single-tensor file; "clip_l" names the encoder (SDXL: + clip_g)
         write_adapter(path, {"clip_l": self.vectors().float().cpu().contiguous()},
-                      {**metadata, "lorakit_ti_token": self.token, "lorakit_ti_vectors": str(len(self.tokens))},
+                      {**as_embedding(metadata, self.token), "lorakit_ti_token": self.token,
+                       "lorakit_ti_vectors": str(len(self.tokens))},
                       overwrite=True, dtype=save_dtype(self.cfg))
         return [path]
 

@@ -52,6 +52,7 @@ from lorakit.models import (
     prompt_token_counts,
     resolve_dtype,
 )
+from lorakit.modelspec import USER_FIELDS, modelspec_metadata
 from lorakit.optimizers import OPTIMIZERS, adaptive_lr_note
 from lorakit.prior import ensure_class_images
 from lorakit.run_manifest import RunManifest
@@ -203,7 +204,26 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
                                 validate_every_n_steps=str(cfg.training.validate_every_n_steps)))
     meta["lorakit_method"] = cfg.method.kind
     meta.update(data.kohya_metadata())
+    meta.update(_modelspec(cfg, data, model))
     return meta
+
+
+def _modelspec(cfg: TrainConfig, data: TrainingData, model: BaseModel) -> dict[str, str]:
+    """The result's ModelSpec entries (an embedding's own are set where it is saved: pivotal saves both)."""
+    kind = "textual-inversion" if cfg.method.kind == "ti" else "lora"
+    if kind == "textual-inversion":
+        triggers = [cfg.method.ti_token or cfg.data.trigger or ""]
+    else:
+        triggers = [s.effective_trigger or "" for d in data.datasets for s in d.subsets
+                    if not s.is_reg and not s.is_validation]
+    size = cfg.data.resolution or model.resolution
+    narrowed = cfg.training.min_timestep is not None or cfg.training.max_timestep is not None
+    last = int(model.scheduler_config.get("num_train_timesteps", 1000))
+    return modelspec_metadata(
+        kind, title=cfg.output.name, resolution=(size, size) if isinstance(size, int) else tuple(size),
+        prediction_type=model.prediction_type, clip_skip=cfg.model.clip_skip,
+        timesteps=(cfg.training.min_timestep or 0, cfg.training.max_timestep or last) if narrowed else None,
+        triggers=triggers, user={f: getattr(cfg.output, f"metadata_{f}") for f in USER_FIELDS})
 
 
 # ----------------------------------------------------------------------------------------------- training

@@ -121,7 +121,9 @@ def test_every_kohya_translation_is_an_option_or_a_setting_that_exists():
             names = {"optimizer.optimizer": "adamw", "optimizer.lr_scheduler": "cosine",
                      "output.save_precision": "fp16", "training.loss_type": "huber", "training.huber_schedule": "snr",
                      "data.resize_interpolation": "bicubic", "output.log_tracker_name": "my-project",
-                     "output.wandb_run_name": "first try"}
+                     "output.wandb_run_name": "first try", "output.metadata_title": "My style",
+                     "output.metadata_author": "me", "output.metadata_description": "a style",
+                     "output.metadata_license": "CreativeML Open RAIL-M", "output.metadata_tags": "style, paint"}
             example = {"NAME": names.get(dotted), "N": "2", "X": "0.1", "true": "true", ".EXT": ".caption",
                        "{KEY = VALUE}": "{factor = 8}",
                        "MARK": "|||"}

@@ -492,6 +492,16 @@ def test_pivotal_tuning_writes_embedding_and_adapter(tiny_model_dir, dataset, tm
     assert float((vector - start).abs().max()) > 1e-4
     ups = [v for k, v in load_file(str(out / "lorakit.safetensors")).items() if k.endswith("lora_up.weight")]
     assert ups and all(float(u.abs().max()) > 0 for u in ups)
+    # each file says what it is to the tools that list models (ModelSpec): an adapter and an embedding
+    from safetensors import safe_open
+
+    adapter, embedding = (safe_open(str(out / n), "pt").metadata() for n in ("lorakit.safetensors",
+                                                                              "lorakit-zkz.safetensors"))
+    assert adapter["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert adapter["modelspec.trigger_phrase"] == "zkz"  # the training folder's trigger
+    assert embedding["modelspec.architecture"] == "stable-diffusion-v1/textual-inversion"
+    assert embedding["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert embedding["modelspec.trigger_phrase"] == "zkz" and embedding["modelspec.title"] == "lorakit"
 
 
 def test_prior_preservation_generates_class_images(tiny_model_dir, dataset, tmp_path, monkeypatch):
