@@ -109,9 +109,10 @@ def format_report(report: FileReport) -> str:
         "blocks:      " + (", ".join(f"{b} {n}" for b, n in report.blocks.items()) or "none (no U-Net modules)"),
         "block ranks: " + (block_ranks(report) or "none (no U-Net modules)"),
     ]
-    shown = {k: v for k, v in sorted(report.metadata.items()) if k.startswith(("ss_", "lorakit_"))}
+    shown = {k: v for k, v in sorted(report.metadata.items()) if k.startswith(("ss_", "lorakit_", "modelspec."))}
     others = len(report.metadata) - len(shown)
-    lines.append(f"metadata:    {len(shown)} ss_*/lorakit_* entries" + (f", {others} other" if others else ""))
+    lines.append(f"metadata:    {len(shown)} ss_*/lorakit_*/modelspec.* entries"
+                 + (f", {others} other" if others else ""))
     for key, value in shown.items():
         value = value if len(value) <= _LONG else value[:_LONG] + f"... ({len(value)} chars)"
         lines.append(f"  {key}: {value}")

@@ -69,7 +69,7 @@ def test_inspect_lycoris_loha_without_metadata(tmp_path, capsys):
     code, out, _ = _inspect(capsys, path)
     assert code == 0
     assert "algorithm:   loha ×1" in out and "ranks:       4 ×1" in out and "alphas:      1 ×1" in out
-    assert "blocks:      IN01 1" in out and "metadata:    0 ss_*/lorakit_* entries" in out
+    assert "blocks:      IN01 1" in out and "metadata:    0 ss_*/lorakit_*/modelspec.* entries" in out
     assert "base model:  unknown" in out
 
 

@@ -38,7 +38,7 @@ def test_optional_entries_appear_only_when_set():
         modelspec_metadata("lora", title="t", resolution=(8, 8), prediction_type="epsilon", user={"titel": "x"})
 
 
-def test_a_trained_adapter_carries_the_users_entries(tiny_model_dir, tmp_path):
+def test_a_trained_adapter_carries_the_users_entries(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--data", str(write_dataset(tmp_path / "data")), "--model", str(tiny_model_dir),
                  "--out", str(out), "--no-progress", "--epochs", "1", "--name", "star_style", "--early-stop", "off",
@@ -51,3 +51,6 @@ def test_a_trained_adapter_carries_the_users_entries(tiny_model_dir, tmp_path):
     assert meta["modelspec.encoder_layer"] == "2" and meta["ss_output_name"] == "star_style"
     date = datetime.datetime.fromisoformat(meta["modelspec.date"])
     assert abs((datetime.datetime.now(datetime.UTC) - date).total_seconds()) < 600
+    capsys.readouterr()
+    assert main(["inspect", str(out / "star_style.safetensors")]) == 0
+    assert "  modelspec.title: star_style" in capsys.readouterr().out  # lorakit inspect lists them too
