@@ -143,6 +143,12 @@ def test_extract_and_resize_commands(base, files, tmp_path, capsys):
     resized = read_adapter(y)
     assert max(t["lora_down.weight"].shape[0] for t in resized.modules().values()) <= 3
     assert "resize" in resized.metadata["lorakit_tool"]
+    # described for model managers: the extracted file after its model, the resized one as its source
+    assert file.metadata["modelspec.title"] == "tuned"
+    assert file.metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert file.metadata["modelspec.resolution"] == f"{base.resolution}x{base.resolution}"
+    assert {k: v for k, v in resized.metadata.items() if k.startswith("modelspec.") and k != "modelspec.date"} \
+        == {k: v for k, v in file.metadata.items() if k.startswith("modelspec.") and k != "modelspec.date"}
     assert main(["resize", str(x), "--out", str(tmp_path / "z.safetensors")]) == 2
     assert "--rank" in capsys.readouterr().err
 

@@ -8,9 +8,12 @@ bias differences (and differences in layers outside the preset: norms, embedding
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from lorakit.models import BaseModel
+from lorakit.modelspec import modelspec_metadata
 from lorakit.network import components, get_preset, is_kxk_conv, select_targets
 from lorakit.tools import MismatchError
 from lorakit.tools.lowrank import Delta, RankRule, factorize
@@ -81,8 +84,11 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
     if outside:
         result.notes.append(f"{len(outside)} other tensor(s) differ but are no adapted layer (e.g. {outside[0]}): "
                             "not in the file")
+    described = modelspec_metadata("lora", title=Path(tuned.source).stem if tuned.source else "extracted",
+                                   resolution=(tuned.resolution, tuned.resolution),
+                                   prediction_type=tuned.prediction_type)
     result.finish(None, lorakit_source=f"{tuned.source} - {base.source}", lorakit_rank_rule=rule.describe(),
-                  lorakit_conv_rank_rule=conv_rule.describe(), lorakit_preset=preset)
+                  lorakit_conv_rank_rule=conv_rule.describe(), lorakit_preset=preset, **described)
     return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -61,7 +62,9 @@ class ToolResult:
         for name, factors in self.factors.items():
             for key, tensor in lora_tensors(factors, alpha, self.dtype).items():
                 self.tensors[f"{name}.{key}"] = tensor
-        meta = {k: v for k, v in (source or {}).items() if k in _KEEP_FROM_SOURCE}
+        meta = {k: v for k, v in (source or {}).items() if k in _KEEP_FROM_SOURCE or k.startswith("modelspec.")}
+        if "modelspec.date" in meta:  # the same model described (title, trigger, license), made now
+            meta["modelspec.date"] = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
         kxk = {n: len(f.shape) == 4 and f.shape[2] * f.shape[3] > 1 for n, f in self.factors.items()}
         linear = [f for n, f in self.factors.items() if not kxk[n]]
         conv = [f for n, f in self.factors.items() if kxk[n]]
