@@ -28,16 +28,30 @@ def _header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
         return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})
 
 
+def is_embedding(names: set[str]) -> bool:
+    """Whether tensor names are a textual-inversion file's: A1111/ComfyUI ({"clip_l": ...}), SDXL (+ "clip_g"),
+    the older A1111 formats."""
+    return bool(names) and (names <= {"clip_l", "clip_g"} or names == {"emb_params"}
+                            or all(k.startswith("string_to_param") for k in names))
+
+
+def embedding_header(path: str | os.PathLike) -> tuple[dict[str, list[int]], dict[str, str]] | None:
+    """{key: shape} and the metadata of a safetensors textual-inversion file; None for anything else."""
+    try:
+        keys, metadata = _header(Path(path))
+    except Exception:  # not safetensors, truncated, ...
+        return None
+    return (keys, metadata) if is_embedding(set(keys)) else None
+
+
 def describe_weights(keys: dict[str, list[int]]) -> str | None:
     """A description of a non-adapter safetensors file from its {key: shape}, or None if it may be an adapter."""
     if not keys:
         return "holds no tensors, so it is not an adapter"
     if any(_ADAPTER_KEY.search(k) for k in keys):
         return None
-    # textual-inversion files: A1111/ComfyUI ({"clip_l": ...}), SDXL (+ "clip_g"), the older A1111 formats
     names = set(keys)
-    if names <= {"clip_l", "clip_g"} or names == {"emb_params"} or all(k.startswith("string_to_param")
-                                                                        for k in names):
+    if is_embedding(names):
         shapes = ", ".join(f"{k} {'×'.join(map(str, keys[k]))}" for k in sorted(names))
         return f"a textual-inversion embedding ({shapes}), not an adapter"
     parts = [label for prefix, label in (("model.diffusion_model.", "U-Net"), ("cond_stage_model.", "text encoder"),

@@ -444,12 +444,15 @@ def generate_with_adapters(model: BaseModel, adapters: Sequence[Any], prompts: S
 
     Unmerged by default (a separate update path per layer; ``merged=True`` writes ``W0 + ΣΔW`` for the duration).
     The model's weights are exactly as before afterwards.  ``embeddings``: textual-inversion files, added to the
-    tokenizer (that stays) and expanded in the prompts.  ``options`` go to ``generate``.
+    tokenizer (that stays) and expanded in the prompts, each under the token its file names or, as in A1111 and
+    ComfyUI, its file name (``my_style.safetensors``: ``my_style``).  ``options`` go to ``generate``.
     """
-    from lorakit.embeddings import load_embedding
+    from lorakit.embeddings import load_embedding, read_embedding
     from lorakit.tools.apply import applied
 
-    loaded = [load_embedding(model, path) for path in embeddings]
+    # the token a file names, else its name without the extension, as A1111 and ComfyUI call an embedding
+    loaded = [load_embedding(model, path, token=None if read_embedding(path)[1] else Path(path).stem)
+              for path in embeddings]
     items = []
     for p in prompts:
         p = SamplePrompt(p) if isinstance(p, str) else p

@@ -86,7 +86,7 @@ def test_inspect_bad_files(tmp_path, capsys):
 
 
 def test_inspect_says_what_a_non_adapter_is(tmp_path, capsys):
-    """A model checkpoint, one model component, an embedding or a folder is named as such, and the exit is 2."""
+    """A model checkpoint, one model component or a folder is named as such, and the exit is 2."""
     g = torch.Generator().manual_seed(0)
     files = {
         "model.safetensors": ({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
@@ -95,8 +95,6 @@ def test_inspect_says_what_a_non_adapter_is(tmp_path, capsys):
                               "a full Stable Diffusion model checkpoint (U-Net, text encoder, VAE), not an adapter"),
         "unet.safetensors": ({k: v.contiguous() for k, v in build_tiny_unet().state_dict().items()},
                              "the weights of a diffusers U-Net (one model component), not an adapter"),
-        "zkz.safetensors": ({"clip_l": torch.randn(2, 32, generator=g)},
-                            "a textual-inversion embedding (clip_l 2×32), not an adapter"),
     }
     for name, (tensors, what) in files.items():
         save_file(tensors, tmp_path / name)
@@ -105,6 +103,24 @@ def test_inspect_says_what_a_non_adapter_is(tmp_path, capsys):
             "; use it as --model\n" if name == "model.safetensors" else "\n"), err
     code, _, err = _inspect(capsys, tmp_path)
     assert code == 2 and f"{tmp_path}: is a folder, not a file" in err
+
+
+def test_inspect_describes_an_embedding(tmp_path, capsys):
+    """An embedding is no adapter, but inspect says what it holds: vectors, their lengths, the base model their
+    width belongs to, and how each client's prompt calls it."""
+    vectors = torch.zeros(2, 768)
+    vectors[0, 0], vectors[1, :2] = 0.5, torch.tensor([3.0, 4.0])
+    save_file({"clip_l": vectors}, tmp_path / "my_style.safetensors", metadata={"modelspec.title": "My style"})
+    code, out, err = _inspect(capsys, tmp_path / "my_style.safetensors")
+    assert code == 0 and err == ""
+    assert "tensors:     clip_l 2×768 float32" in out and "vectors:     2 per prompt token" in out
+    assert "base model:  SD1.x" in out and "lengths:     clip_l 0.5, 5" in out
+    assert "A1111: my_style; ComfyUI: embedding:my_style; lorakit: my_style" in out
+    assert "  modelspec.title: My style" in out and out.rstrip().endswith("or my_style (lorakit).")
+    save_file({"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)}, tmp_path / "xl.safetensors",
+              metadata={"lorakit_ti_token": "zkz"})
+    code, out, _ = _inspect(capsys, tmp_path / "xl.safetensors")
+    assert code == 0 and "base model:  SDXL" in out and "lorakit: zkz" in out
 
 
 @pytest.mark.parametrize("command", [["sample", "--prompt", "x", "--out", "{out}"], ["merge", "--out", "{out}.st"],

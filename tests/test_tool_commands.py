@@ -173,6 +173,15 @@ def test_python_api_with_adapters_and_an_embedding(base, files, tmp_path):
     after = _state(model)
     assert all(torch.equal(v, after[k]) for k, v in before.items() if "token_embedding" not in k)
     assert np.abs(np.asarray(both, dtype=np.int16) - np.asarray(plain, dtype=np.int16)).max() > 2
+    # an A1111 embedding names no token: its file name is the word, as in A1111 and ComfyUI
+    a1111 = tmp_path / "my_style.safetensors"
+    vector = torch.randn(1, width, generator=torch.Generator().manual_seed(1))
+    save_file({"emb_params": vector}, str(a1111))
+    generate_with_adapters(model, [], [SamplePrompt("a my_style star", steps=2, seed=4)], embeddings=[a1111],
+                           progress=False)
+    (token_id,) = model.tokenizer.convert_tokens_to_ids(["my_style"])
+    assert token_id == len(model.tokenizer) - 1 and model.tokenizer("a my_style").input_ids[2] == token_id
+    assert torch.equal(model.text_encoder.get_input_embeddings().weight[token_id], vector[0])
 
 
 def _limit_file_size() -> None:
