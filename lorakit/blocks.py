@@ -156,11 +156,14 @@ def _sdxl_index(flat: str) -> int | None:
 #: a 26-value SD1.x string on an SDXL file: the extension keeps the blocks SDXL has (IN09-IN11 and OUT09-OUT11 not)
 _LBW26_ON_SDXL = tuple(None if b in ("IN09", "IN10", "IN11", "OUT09", "OUT10", "OUT11") else b for b in _LBW26)
 
+#: the extension's 12-value SDXL shorthand: the blocks with attention layers (its BLOCKID12); every other block 0
+_LBW12_SDXL = ("BASE", "IN04", "IN05", "IN07", "IN08", "MID", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05")
+
 SDXL = BlockMap(
     arch="sdxl",
     names=SDXL_BLOCKS,
     index_of=_sdxl_index,
-    lbw_layouts={20: ("BASE",) + SDXL_BLOCKS, 26: _LBW26_ON_SDXL},
+    lbw_layouts={12: _LBW12_SDXL, 20: ("BASE",) + SDXL_BLOCKS, 26: _LBW26_ON_SDXL},
 )
 
 BLOCK_MAPS: dict[str, BlockMap] = {"sd1": SD1, "sdxl": SDXL}
@@ -350,7 +353,7 @@ class BlockWeights:
 
 def parse_block_weights(spec: str | Sequence[float], block_map: BlockMap = SD1,
                         presets: Mapping[str, str] = LBW_PRESETS) -> BlockWeights:
-    """Parse '1,0,0,...' (17 or 26 values for SD1.x; 20, or SD1.x's 26, for SDXL) or a preset name ('ALL',
+    """Parse '1,0,0,...' (17 or 26 values for SD1.x; 12, 20, or SD1.x's 26, for SDXL) or a preset name ('ALL',
     'MIDD', ...: SD1.x's 17-value strings)."""
     if isinstance(spec, str):
         text = spec.strip()
@@ -361,7 +364,8 @@ def parse_block_weights(spec: str | Sequence[float], block_map: BlockMap = SD1,
         items = list(spec)
     layout = block_map.lbw_layouts.get(len(items))
     if layout is None:
-        sizes = " or ".join(str(n) for n in sorted(block_map.lbw_layouts))
+        counts = [str(n) for n in sorted(block_map.lbw_layouts)]
+        sizes = ", ".join(counts[:-1]) + " or " + counts[-1] if len(counts) > 1 else counts[0]
         fitting = [k for k, v in presets.items() if len(v.split(",")) in block_map.lbw_layouts]
         named = f" (or is one of {', '.join(fitting)})" if fitting else ""
         raise InvalidValueError(f"a {block_map.arch} block-weight string has {sizes} values{named}, got "

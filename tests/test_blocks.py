@@ -184,5 +184,13 @@ def test_sdxl_block_weights_take_the_extensions_20_values_or_sd1s_26_without_the
     w26 = parse_block_weights(",".join(str(i) for i in range(26)), blocks.SDXL)  # BASE, IN00-IN11, M00, OUT00-OUT11
     assert w26("lora_unet_input_blocks_8_1_proj_in") == 9 and w26("lora_unet_middle_block_1_proj_in") == 13
     assert w26("lora_unet_output_blocks_0_1_proj_in") == 14 and w26("lora_unet_output_blocks_8_1_proj_in") == 22
-    with pytest.raises(ValueError, match="sdxl block-weight string has 20 or 26 values"):
+    with pytest.raises(ValueError, match="sdxl block-weight string has 12, 20 or 26 values"):
         parse_block_weights("MIDD", blocks.SDXL)  # the presets are SD1.x's 17-value strings
+    # the extension's 12-value shorthand: BASE, IN04, IN05, IN07, IN08, M00, OUT00-OUT05; the other blocks 0
+    w12 = parse_block_weights("0.5,1,2,3,4,5,6,7,8,9,10,11", blocks.SDXL)
+    assert w12.base == 0.5 and [w12.blocks[blocks.SDXL.names.index(b)] for b in ("IN04", "IN05", "IN07", "IN08")] \
+        == [1, 2, 3, 4]
+    assert w12("lora_unet_middle_block_1_proj_in") == 5 and w12("lora_unet_output_blocks_5_1_proj_in") == 11
+    assert w12("lora_unet_output_blocks_6_0_in_layers_2") == 0 and w12("lora_unet_input_blocks_1_0_in_layers_2") == 0
+    with pytest.raises(ValueError, match="sd1 block-weight string has 17 or 26 values"):
+        parse_block_weights("0.5,1,2,3,4,5,6,7,8,9,10,11", blocks.SD1)

@@ -425,7 +425,7 @@ def test_block_weights_on_an_sdxl_file_act_on_its_own_blocks(tmp_path):
                          ("lora_unet_middle_block_1_proj_in", 3.0), ("lora_unet_output_blocks_8_1_proj_out", 1.0),
                          ("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", 0.5)):
         torch.testing.assert_close(deltas[name].weight(), weight * full[name].weight())
-    with pytest.raises(ToolError, match=r"xl.safetensors: a sdxl block-weight string has 20 or 26 values"):
+    with pytest.raises(ToolError, match=r"xl.safetensors: a sdxl block-weight string has 12, 20 or 26 values"):
         file_deltas(path, spec=parse_adapter_spec(f"{path}:1:MIDD"))
     merged = combine([f"{path}:1:{','.join(values)}"])
     assert set(merged.factors) == set(full)  # merge --to-adapter of an SDXL file with its block weights
