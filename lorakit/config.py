@@ -231,6 +231,9 @@ class SampleConfig:
     sampler: str = "ddim"
     steps: int = 20
     cfg_scale: float = 7.0
+    #: kohya's sample_at_first: also draw the prompts before the first step, from the base model or the adapter
+    #: the run starts from (samples/epoch-0000-before-training.png, the first row of the run page)
+    at_first: bool = False
 
 
 @dataclass
@@ -576,7 +579,11 @@ RESUMABLE = ("training.max_epochs", "training.max_steps", "training.save_every_n
              "output.save_precision", "model.gradient_checkpointing", "model.compile", "model.compile_mode",
              "model.compile_backend", "data.cache_latents_to_disk", "data.cache_dir",
              "data.verify_images", "data.upscale_warning_factor", "data.orphan_captions", "sample.prompts",
-             "sample.every_n_epochs", "sample.sampler", "sample.steps", "sample.cfg_scale")
+             "sample.every_n_epochs", "sample.sampler", "sample.steps", "sample.cfg_scale", "sample.at_first",
+             # what is logged where, and how the result describes itself: never the training
+             "output.log_with", "output.logging_dir", "output.log_tracker_name", "output.wandb_run_name",
+             "output.comment", "output.metadata_title", "output.metadata_author", "output.metadata_description",
+             "output.metadata_license", "output.metadata_tags")
 _NOT_COMPARED = ("output.dir", "output.if_exists")
 _PATH_KEYS = ("model.base", "data.train_data", "data.reg_data", "data.validation_data", "data.cache_dir",
               "sample.prompts", "early_stop.sample_prompts", "network.weights")

@@ -412,6 +412,9 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         if sample_stop is not None and step == 0:
             # the base model's own score (epoch 0): the smoothing of epoch 1 needs it, as the onset's does
             _score_samples(sample_stop, 0, 0, model, method, cfg, run, accelerator)
+        if is_main and prompts and cfg.sample.at_first and step == 0:  # what the run starts from, to compare with
+            _sample(model, method, prompts, run.sample_path("epoch-0000-before-training"), accelerator, cfg,
+                    log_step=0)
         if data.held_out and step == 0:  # the base model's validation loss: what training is measured against
             with fail_together(accelerator, "validating the base model"):
                 if is_main:

@@ -54,3 +54,7 @@ def test_a_trained_adapter_carries_the_users_entries(tiny_model_dir, tmp_path, c
     capsys.readouterr()
     assert main(["inspect", str(out / "star_style.safetensors")]) == 0
     assert "  modelspec.title: star_style" in capsys.readouterr().out  # lorakit inspect lists them too
+    # how the result describes itself may change when the run is resumed (it changes no training)
+    assert main(["train", "--out", str(out), "--resume", "--no-progress", "--epochs", "2",
+                 "--set", "output.metadata_author=Ada Lovelace"]) == 0
+    assert read_adapter(out / "star_style.safetensors").metadata["modelspec.author"] == "Ada Lovelace"

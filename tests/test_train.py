@@ -970,6 +970,40 @@ def test_the_training_comment_and_output_name_go_into_the_results_metadata(tiny_
     assert (meta["ss_training_comment"], meta["ss_output_name"]) == ("my cat, 12 photos", "mycat")
 
 
+def test_sample_at_first_draws_the_start_once_without_changing_the_training(tiny_model_dir, tmp_path):
+    """kohya's sample_at_first: a grid before the first step, sorted first on the run page; not drawn again when
+    the run is resumed, and the run trains what it trains without it."""
+    import numpy as np
+    from PIL import Image
+
+    from lorakit.sample import SamplePrompt, generate, save_sample_grid
+
+    data = write_dataset(tmp_path / "data", n=4)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a zkz shape --w 64 --h 64 --d 1 --s 2\n")
+    results = {}
+    for first in (False, True):
+        cfg = make_config(tiny_model_dir, data, tmp_path / f"first-{first}", training={"max_epochs": 1},
+                          sample={"prompts": str(prompts), "at_first": first})
+        results[first] = run_train(cfg)
+    out = tmp_path / "first-True"
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == [
+        "epoch-0000-before-training.png", "epoch-0001.png", "final.png"]
+    assert results[True].losses == results[False].losses
+    # the grid is the base model's own picture of the prompt
+    from lorakit.models import load_base_model
+
+    prompt = SamplePrompt("a zkz shape", width=64, height=64, seed=1, steps=2)
+    expected = save_sample_grid(generate(load_base_model(tiny_model_dir), [prompt], progress=False), [prompt],
+                                tmp_path / "base.png")
+    with Image.open(out / "samples" / "epoch-0000-before-training.png") as grid, Image.open(expected) as base:
+        assert np.array_equal(np.asarray(grid), np.asarray(base))
+    resumed = make_config(tiny_model_dir, data, out, training={"max_epochs": 2},
+                          sample={"prompts": str(prompts), "at_first": True}, output={"if_exists": "resume"})
+    run_train(resumed)
+    assert len(list((out / "samples").glob("epoch-0000*.png"))) == 1
+
+
 def test_samples_every_n_steps_within_epochs_without_changing_the_training(tiny_model_dir, tmp_path):
     """kohya's sample_every_n_steps: grids mid-epoch, named to sort before their epoch's own; the run trains the
     same adapter as without them (sampling forks the random state)."""

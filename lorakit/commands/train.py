@@ -131,7 +131,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--wandb-run-name": "--set output.wandb_run_name=NAME",
     "--unet-lr": "--set optimizer.unet_lr=X", "--text-encoder-lr": "--set optimizer.text_encoder_lr=X",
     "--min-snr-gamma": "--set training.min_snr_gamma=X", "--prior-loss-weight": "--set training.prior_loss_weight=X",
-    "--sample-sampler": "--set sample.sampler=NAME",
+    "--sample-sampler": "--set sample.sampler=NAME", "--sample-at-first": "--set sample.at_first=true",
     "--caption-prefix": "--set data.caption_prefix=NAME", "--caption-suffix": "--set data.caption_suffix=NAME",
     "--caption-separator": "--set data.caption_separator=MARK",
     "--caption-dropout-rate": "--set data.caption_dropout_rate=X",
