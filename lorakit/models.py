@@ -280,6 +280,34 @@ def load_base_model(spec: str | Path | None = None, dtype: str | torch.dtype = t
                          "folder or a single-file .safetensors checkpoint)")
 
 
+def native_resolution(spec: str | Path | None = None, config: str | Path | None = None) -> int:
+    """The image size a base model was made for, read from its configs (and a single file's tensor shapes) without
+    loading any weights; raises ModelLoadError for a model lorakit cannot load (an SDXL file, a missing path)."""
+    if spec is None or str(spec) == "builtin":
+        return _folder_resolution(builtin_model_path())
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _folder_resolution(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{spec}: no such file or folder (lorakit never downloads models: give a local diffusers "
+                             "folder or a single-file .safetensors checkpoint)")
+    if config is not None:
+        return _folder_resolution(Path(config))
+    if path.suffix != ".safetensors":  # a pickle's shapes need torch.load: assume the SD1.x layout it must have
+        return _folder_resolution(SD15_CONFIG)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:  # shapes only: tensors on the meta device hold no data
+        shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    return _folder_resolution(_known_configs()[detect_architecture(shapes, path)])
+
+
+def _folder_resolution(folder: Path) -> int:
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 # ----------------------------------------------------------------------------------------- diffusers folder
 def load_clip_tokenizer(folder: str | Path) -> CLIPTokenizer:
     """A CLIP tokenizer from a folder (or its ``tokenizer/`` subfolder).

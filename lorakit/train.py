@@ -295,7 +295,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 p.data = p.data.float()
         data = TrainingData(with_class_images(cfg, model, run, is_main, accelerator), seed=cfg.training.seed,
                             default_resolution=model.resolution)
-        _check_validation(cfg, data)
+        check_validation(cfg, data)
         for dataset in data.datasets:
             method.check_multiplier(dataset.network_multiplier)
         if is_main and (note := long_captions_note(model, data, cfg.model.max_token_length)):
@@ -587,7 +587,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
 _VALIDATION_SETTINGS = ("validate_every_n_epochs", "validate_every_n_steps", "max_validation_steps")
 
 
-def _check_validation(cfg: TrainConfig, data: TrainingData) -> None:
+def check_validation(cfg: TrainConfig, data: TrainingData) -> None:
     """Validation settings with no image held out would silently do nothing: refused."""
     given = [f"training.{k}" for k in _VALIDATION_SETTINGS if getattr(cfg.training, k) is not None]
     if given and not data.held_out:

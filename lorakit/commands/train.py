@@ -145,6 +145,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--network-train-text-encoder-only": "--set network.train_text_encoder=true --set network.train_unet=false",
     "--save-state": "(the default: every checkpoint holds the optimizer's state; --resume continues from it)",
     "--save-state-on-train-end": "(the default: the last checkpoint holds the training state)",
+    "--debug-dataset": "--dry-run",
     "--save-model-as": "(the default: safetensors, the only format lorakit writes)",
     "--save-every-n-steps": "(not in lorakit: checkpoints are saved at epoch ends, --set "
                             "training.save_every_n_epochs=N; a stopped run resumes from the last one)",
@@ -183,6 +184,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="set any config option, e.g. --set network.conv_rank=4 (repeatable)")
     parser.add_argument("--print-config", action="store_true", help="print the resulting config as TOML and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the run (settings, model, every image and caption) and say what it would train, "
+                             "without loading the model or writing anything")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -346,6 +350,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.print_config:
         print(printable_config(cfg, args))
+        return 0
+    if args.dry_run:
+        from lorakit.dry_run import dry_run
+
+        print(dry_run(cfg, config_file=args.config))
         return 0
     from lorakit.host_memory import keep_freed_memory
     from lorakit.train import train  # here, not at the top: --print-config must not wait for torch

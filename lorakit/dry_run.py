@@ -1,0 +1,72 @@
+"""``lorakit train --dry-run``: what a run would train on, checked as the trainer checks it, without loading the
+model's weights or writing a file.
+
+Before a run of hours a user wants to know that the images, captions, repeats, buckets and settings are what they
+meant: every problem the trainer would stop on (a corrupt image, a missing caption, a setting out of range, a base
+model lorakit cannot load) is reported here in seconds, with the captions as they will be trained and the steps the
+run will take.  kohya's ``--debug_dataset`` shows images one by one in a window; this is its plain-text, scriptable
+counterpart.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+from lorakit.config import TrainConfig
+from lorakit.data import TrainingData
+from lorakit.models import native_resolution
+from lorakit.run_messages import count, opening_line
+from lorakit.trackers import check_tracker
+from lorakit.train import check_paths, check_validation
+
+#: captions shown as examples, and tags per folder in the frequency list
+EXAMPLES, TOP_TAGS = 3, 8
+
+
+def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
+    """The report of a run that is checked but not started (raises what the trainer would raise)."""
+    cfg.validate()
+    check_tracker(cfg.output.log_with)
+    check_paths(cfg, config_file)
+    resolution = native_resolution(cfg.model.base)  # also refuses a model lorakit cannot load
+    data_cfg, notes = cfg.data, []
+    if cfg.data.num_class_images > 0:  # prior preservation: the class images are drawn when the run starts
+        folder = Path(cfg.data.reg_data) if cfg.data.reg_data else None
+        have = len(list(folder.glob("*.png"))) if folder and folder.is_dir() else 0
+        if have < cfg.data.num_class_images:
+            notes.append(f"prior preservation: {cfg.data.num_class_images - have} class images of "
+                         f"{cfg.data.class_prompt!r} would be drawn first; the counts below leave them out")
+            data_cfg = replace(cfg.data, reg_data=None)
+    data = TrainingData(data_cfg, seed=cfg.training.seed, default_resolution=resolution)
+    check_validation(cfg, data)
+    steps_per_epoch = math.ceil(data.steps_per_epoch / cfg.optimizer.gradient_accumulation_steps)
+    total = steps_per_epoch * cfg.training.max_epochs
+    capped = cfg.training.max_steps is not None and cfg.training.max_steps < total
+    total = min(total, cfg.training.max_steps) if capped else total
+
+    lines = ["lorakit train --dry-run: the run checked, nothing loaded or written", opening_line(cfg),
+             f"base model: {cfg.model.base or 'built-in'}, made for {resolution}×{resolution} (from its configs)"]
+    lines += ["data:"] + [f"  {line}" for line in data.summary().splitlines()]
+    lines += [f"  note: {n}" for n in notes]
+    trained = [r for i, r in enumerate(data.records) if not r.is_reg and i not in data.held_out]
+    uncaptioned = sum(not r.has_caption_file for r in trained)
+    if uncaptioned:
+        lines.append(f"  {count(uncaptioned, 'image')} without a caption file: trained with the folder's words")
+    lines.append(f"captions as trained (before each step's shuffling and dropout), {min(EXAMPLES, len(trained))} of "
+                 f"{len(trained)}:")
+    lines += [f"  {r.path.name}: {r.caption!r}" for r in trained[:EXAMPLES]]
+    frequency = data.tag_frequency
+    if frequency:
+        lines.append(f"most frequent tags (images with the tag), up to {TOP_TAGS} per folder:")
+        for folder, tags in frequency.items():
+            top = sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_TAGS]
+            lines.append(f"  {folder}: " + ", ".join(f"{tag} ({n})" for tag, n in top))
+    lines.append(f"training: {count(steps_per_epoch, 'step')} per epoch × {count(cfg.training.max_epochs, 'epoch')}"
+                 f" = {count(total, 'step')}" + (f" (training.max_steps {cfg.training.max_steps})" if capped else "")
+                 + f"; early stopping: {cfg.early_stop.mode}")
+    if data.warnings:
+        lines.append(f"warnings: {len(data.warnings)} (above)")
+    lines.append("checked: run the same command without --dry-run to train")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""``lorakit train --dry-run``: the run checked as the trainer checks it, its data and steps said, and nothing loaded
+or written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_train import write_dataset
+
+import lorakit.models
+from lorakit.cli import main
+from lorakit.models import load_base_model, native_resolution, save_single_file_checkpoint
+
+
+def _no_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run loaded the model's weights")
+
+    monkeypatch.setattr(lorakit.models, "load_base_model", refuse)
+    monkeypatch.setattr("lorakit.train.load_base_model", refuse)
+
+
+def test_a_dry_run_says_what_would_be_trained_and_writes_nothing(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    data = write_dataset(tmp_path / "data", n=6)
+    (next(data.rglob("001.txt"))).unlink()  # an image without its caption file
+    out = tmp_path / "run"
+    _no_loading(monkeypatch)
+    assert main(["train", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(out), "--dry-run",
+                 "--batch-size", "2", "--epochs", "4", "--max-steps", "10", "--trigger", "zkz"]) == 0
+    text = capsys.readouterr().out
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    assert "made for 64×64 (from its configs)" in text
+    assert "1 folder, 6 images (1_zkz shape: 6 × 1) = 6 samples/epoch" in text
+    assert "1 image without a caption file: trained with the folder's words" in text
+    assert "  001.png: 'zkz shape'" in text  # the caption it will train with: the folder's words
+    assert "training: 3 steps per epoch × 4 epochs = 10 steps (training.max_steps 10)" in text
+    assert "1_zkz shape: white background (5)" in text  # tag frequency, as kohya counts it
+
+
+def test_a_dry_run_stops_on_what_the_run_would_stop_on(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    data = write_dataset(tmp_path / "data", n=3)
+    (next(data.rglob("002.png"))).write_bytes(b"not a png")
+    _no_loading(monkeypatch)
+    flags = ["train", "--model", str(tiny_model_dir), "--out", str(tmp_path / "run"), "--dry-run"]
+    assert main([*flags, "--data", str(data)]) == 2
+    assert "002.png" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    # a setting that needs held-out images, without any
+    assert main([*flags, "--data", str(write_dataset(tmp_path / "ok", n=3)), "--set",
+                 "training.validate_every_n_epochs=1"]) == 2
+    assert "no image is held out for validation" in capsys.readouterr().err
+
+
+def test_a_base_model_is_read_from_its_configs_and_shapes_only(tmp_path):
+    tiny = load_base_model(None)
+    single = save_single_file_checkpoint(tiny, tmp_path / "tiny.safetensors")
+    assert native_resolution(single) == native_resolution(None) == tiny.resolution == 64
+    # an SDXL checkpoint is refused from its tensor names, before any weight is read
+    xl = tmp_path / "xl.safetensors"
+    save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(4),
+               "model.diffusion_model.label_emb.0.0.weight": torch.ones(4, 4)}, str(xl))
+    with pytest.raises(lorakit.models.ModelLoadError, match="SDXL"):
+        native_resolution(xl)
+    with pytest.raises(lorakit.models.ModelLoadError, match="no such file"):
+        native_resolution(tmp_path / "missing")
