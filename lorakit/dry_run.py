@@ -19,7 +19,7 @@ from lorakit.data import TrainingData
 from lorakit.models import native_resolution
 from lorakit.run_messages import count, opening_line
 from lorakit.trackers import check_tracker
-from lorakit.train import check_paths, check_validation
+from lorakit.train import check_paths, check_resume_settings, check_validation
 
 #: captions shown as examples, and tags per folder in the frequency list
 EXAMPLES, TOP_TAGS = 3, 8
@@ -30,6 +30,10 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     cfg.validate()
     check_tracker(cfg.output.log_with)
     check_paths(cfg, config_file)
+    previous = Path(cfg.output.dir) / "config.toml"
+    resuming = cfg.output.if_exists == "resume" and previous.is_file()
+    if resuming:  # the settings a resume may not change are refused as the resume would refuse them
+        check_resume_settings(previous, cfg)
     resolution = native_resolution(cfg.model.base)  # also refuses a model lorakit cannot load
     data_cfg, notes = cfg.data, []
     if cfg.data.num_class_images > 0:  # prior preservation: the class images are drawn when the run starts
@@ -68,5 +72,7 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
                  + f"; early stopping: {cfg.early_stop.mode}")
     if data.warnings:
         lines.append(f"warnings: {len(data.warnings)} (above)")
+    if resuming:
+        lines.append(f"resume: continues the run in {cfg.output.dir} from its last checkpoint")
     lines.append("checked: run the same command without --dry-run to train")
     return "\n".join(lines)

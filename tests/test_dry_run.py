@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from test_train import write_dataset
 
 import lorakit.models
+import lorakit.train  # imported before any patch: it keeps its own name for load_base_model
 from lorakit.cli import main
 from lorakit.models import load_base_model, native_resolution, save_single_file_checkpoint
 
@@ -18,7 +19,7 @@ def _no_loading(monkeypatch):
         raise AssertionError("a dry run loaded the model's weights")
 
     monkeypatch.setattr(lorakit.models, "load_base_model", refuse)
-    monkeypatch.setattr("lorakit.train.load_base_model", refuse)
+    monkeypatch.setattr(lorakit.train, "load_base_model", refuse)
 
 
 def test_a_dry_run_says_what_would_be_trained_and_writes_nothing(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -36,6 +37,17 @@ def test_a_dry_run_says_what_would_be_trained_and_writes_nothing(tiny_model_dir,
     assert "  001.png: 'zkz shape'" in text  # the caption it will train with: the folder's words
     assert "training: 3 steps per epoch × 4 epochs = 10 steps (training.max_steps 10)" in text
     assert "1_zkz shape: white background (5)" in text  # tag frequency, as kohya counts it
+
+    # a resume is checked as the resume would check it: a setting it may not change is refused
+    flags = ["train", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(out), "--batch-size", "2"]
+    monkeypatch.undo()
+    assert main([*flags, "--epochs", "1", "--no-progress", "--early-stop", "off"]) == 0
+    _no_loading(monkeypatch)
+    capsys.readouterr()
+    assert main([*flags, "--epochs", "2", "--resume", "--dry-run", "--early-stop", "off"]) == 0
+    assert f"resume: continues the run in {out}" in capsys.readouterr().out
+    assert main([*flags, "--epochs", "2", "--resume", "--dry-run", "--early-stop", "off", "--rank", "4"]) == 2
+    assert "--resume: these settings differ" in capsys.readouterr().err
 
 
 def test_a_dry_run_stops_on_what_the_run_would_stop_on(tiny_model_dir, tmp_path, monkeypatch, capsys):
