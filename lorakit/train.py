@@ -392,6 +392,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             run.write_json(WANDB_RUN_FILE, {"id": wandb_id})  # a resumed run continues this W&B run
         accelerator.init_trackers(cfg.output.log_tracker_name or cfg.output.name,
                                   config=hyperparameters(cfg.to_dict()), init_kwargs=init_kwargs)
+        if is_main:
+            run.record_tree("logs")  # the tracker's files as they start: a run killed later still owns them
 
     stop_decision = None
     validated: dict[int, float] = {}  # step -> validation loss, this session
@@ -492,6 +494,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                     record_validation(step, epoch)
                 if is_main:
                     run.flush_log()  # lines a full disk refused during the epoch: now, or the run stops here
+                    if tracker_dir is not None:
+                        run.record_tree("logs")  # files the tracker opened since (record_tree: run's own only)
                 if is_main and (epoch % cfg.training.save_every_n_epochs == 0 or stop_decision is not None
                                 or step >= total_steps or epoch == cfg.training.max_epochs):
                     state = {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),

@@ -4,6 +4,7 @@ TensorBoard's own reader), a resumed run continues the curves, and an overwrite 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,33 @@ def test_tracker_files_of_a_run_that_fails_on_its_first_sample_score_are_the_run
     written = [p for p in (out / "logs").rglob("*") if p.is_file()]
     manifest = RunManifest(out)
     assert written and all(manifest.owns(p) for p in written)  # an overwrite removes them with the rest
+
+
+def test_a_killed_run_owns_its_tracker_files_so_an_overwrite_removes_them(tmp_path):
+    """kill -9 in the middle of a run logging to TensorBoard and W&B (offline): the files the trackers opened were
+    recorded as they started and at the epoch's end, so --overwrite removes them and keeps nothing back."""
+    pytest.importorskip("wandb")
+    import os
+    import signal
+
+    from test_train_faults import start_and_signal, train_cmd
+
+    data = write_dataset(tmp_path / "data", n=4, repeats=3)  # 12 steps an epoch at batch size 1
+    out = tmp_path / "run"
+    os.environ["WANDB_MODE"], os.environ["WANDB_SILENT"] = "offline", "true"  # the child processes inherit them
+    try:
+        killed = start_and_signal(train_cmd(data, out, "--set", "output.log_with=all", steps=200), out, 14,
+                                  signal.SIGKILL)
+        assert killed.returncode == -signal.SIGKILL
+        first_id = json.loads((out / "wandb-run.json").read_text())["id"]
+        assert list((out / "logs" / "wandb").glob(f"offline-run-*-{first_id}"))
+        again = subprocess.run(train_cmd(data, out, "--set", "output.log_with=all", "--overwrite", steps=2),
+                               capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        del os.environ["WANDB_MODE"], os.environ["WANDB_SILENT"]
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "overwrite: kept" not in again.stdout  # nothing of the killed run was left as "not lorakit's"
+    assert not list((out / "logs" / "wandb").glob(f"offline-run-*-{first_id}"))
+    new_id = json.loads((out / "wandb-run.json").read_text())["id"]
+    assert new_id != first_id and list((out / "logs" / "wandb").glob(f"offline-run-*-{new_id}"))
