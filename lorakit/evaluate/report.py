@@ -36,6 +36,7 @@ class Grid:
     columns: list[str]
     rows: list[tuple[str, list[list[Image.Image]]]]
     cell_px: int = CELL_PX  # shown width of each image
+    row_label: str = "prompt"  # what each row's label names
 
 
 @dataclass
@@ -163,7 +164,7 @@ def render_html(page: Page) -> str:
     for grid in page.grids:
         parts.append(f"<h2>{e(grid.title)}</h2>")
         head = "".join(f"<th>{e(c)}</th>" for c in grid.columns)
-        parts.append('<div class="scroll"><table class="grid"><thead><tr><th class="label">prompt</th>'
+        parts.append(f'<div class="scroll"><table class="grid"><thead><tr><th class="label">{e(grid.row_label)}</th>'
                      f"{head}</tr></thead><tbody>")
         for label, cells in grid.rows:
             img = '<img alt="{}" style="width:{}px" src="{}">'
@@ -547,6 +548,6 @@ def page_from_run(run_dir: str | Path) -> Page:
                 rows.append((s.stem, [[im.convert("RGB")]]))
                 width = max(width, im.width)
         page.grids.append(Grid("samples (each grid: the run's sample prompts)", ["sample grid"], rows,
-                               cell_px=min(2 * width, 1200)))
+                               cell_px=min(2 * width, 1200), row_label="when"))
     page.settings = [(run.resolve().name, settings)]
     return page
