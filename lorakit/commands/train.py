@@ -183,6 +183,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the run in the output folder")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="set any config option, e.g. --set network.conv_rank=4 (repeatable)")
+    parser.add_argument("--from-kohya", metavar="FILE",
+                        help="start from a kohya sd-scripts training config (its --config_file TOML): every option "
+                             "translated, and what lorakit lacks listed (with --print-config: a lorakit config)")
     parser.add_argument("--print-config", action="store_true", help="print the resulting config as TOML and exit")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the run (settings, model, every image and caption) and say what it would train, "
@@ -261,7 +264,11 @@ def _settings_from_folders(cfg: TrainConfig) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    if args.config:
+    if args.config and args.from_kohya:
+        raise ConfigError("give a lorakit config or --from-kohya FILE, not both")
+    if args.from_kohya:
+        cfg = _from_kohya(args)
+    elif args.config:
         cfg = load_config(args.config)
     elif (run_config := _resumed_run_config(args)) is not None:
         cfg = load_config(run_config)
@@ -300,6 +307,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg.validate()
 
 
+def _from_kohya(args: argparse.Namespace) -> TrainConfig:
+    """The config a kohya config file translates to; what it cannot translate is said, and refused for a run
+    (``--print-config`` and ``--dry-run`` go on, so that the user can see and edit the rest)."""
+    from lorakit.kohya_config import config_from_kohya
+
+    cfg, translation = config_from_kohya(args.from_kohya)
+    if translation.untranslated:
+        listed = "\n".join(f"  - {line}" for line in translation.untranslated)
+        if not (args.print_config or args.dry_run):
+            raise ConfigError(f"{args.from_kohya}: {len(translation.untranslated)} kohya option(s) lorakit cannot "
+                              f"take over:\n{listed}\nRemove them from the file, or write a lorakit config to edit "
+                              "with --print-config")
+        print(f"{args.from_kohya}: not taken over:\n{listed}", file=sys.stderr)
+    return cfg
+
+
 #: ``early_stop.samples`` naming the shapes world's scorer (lorakit.world.evaluation registers it)
 WORLD_SCORER = "world"
 
@@ -329,8 +352,8 @@ def printable_config(cfg: TrainConfig, args: argparse.Namespace) -> str:
     from copy import deepcopy
 
     shown = deepcopy(cfg)
-    if args.out is None:  # not the time stamp of this printing: each run of the file gets its own folder
-        shown.output.dir = "output"
+    if args.out is None and cfg.output.dir.startswith("output/train-"):  # the time stamp config_from_args made:
+        shown.output.dir = "output"  # not this printing's, each run of the file gets its own folder
     if not _is_builtin_job(args):
         return to_toml(shown)
     rendered = Path(cfg.data.train_data)  # what builtin_default points the job at
@@ -343,7 +366,7 @@ def printable_config(cfg: TrainConfig, args: argparse.Namespace) -> str:
 
 
 def _is_builtin_job(args: argparse.Namespace) -> bool:
-    return args.config is None and args.data is None and _resumed_run_config(args) is None
+    return args.config is None and args.from_kohya is None and args.data is None and _resumed_run_config(args) is None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,165 @@
+"""kohya sd-scripts' training config file (``train_network.py --config_file FILE.toml``: its command-line options as
+flat TOML keys) read into a lorakit config.
+
+Each key is translated with the table the trainer's error messages use for kohya's options
+(``lorakit.commands.train.KOHYA_OPTIONS``), or a lorakit flag of the same name, so one table says how every kohya
+option is spelled in lorakit.  A few need more than a rename: ``network_module`` + ``network_args`` (the algorithm,
+its preset and options), ``optimizer_args``, ``resolution = "512,512"``.  kohya also trains the text encoder unless
+``network_train_unet_only`` is set, where lorakit's default is the U-Net only: the translation keeps kohya's choice.
+
+A key that is off (false, "", 0, an empty list) changes nothing and is skipped.  What cannot be translated is
+listed, never dropped silently: keys lorakit has no counterpart for, and unknown keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from lorakit.config import ConfigError, TrainConfig, merge_into
+
+#: kohya's network modules -> lorakit's algorithm (lycoris.kohya names its algorithm in network_args: algo=...)
+NETWORK_MODULES = {"networks.lora": "lora", "networks.dylora": "dylora", "networks.oft": "oft"}
+#: network_args lorakit has as settings of their own (the rest go to network.args)
+_NETWORK_ARG_SETTINGS = {"conv_dim": ("network", "conv_rank", int), "conv_alpha": ("network", "conv_alpha", float)}
+#: placeholders in the translation table, filled with the file's value
+_PLACEHOLDERS = ("X", "N", "NAME", "DIR", "FILE", ".EXT", "MARK", "{KEY = VALUE}", "FILE.toml")
+
+
+@dataclass
+class KohyaTranslation:
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # {section: {key: value}}
+    skipped: list[str] = field(default_factory=list)  # kohya keys that are lorakit's default anyway
+    untranslated: list[str] = field(default_factory=list)  # "key = value: why"
+
+    def set(self, dotted: str, value: Any) -> None:
+        section, key = dotted.split(".", 1)
+        self.settings.setdefault(section, {})[key] = value
+
+
+def _is_off(value: Any) -> bool:
+    return value is None or value is False or value == "" or value == [] or value == {} or (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0)
+
+
+def _pairs(value: Any, key: str, path: Path) -> dict[str, Any]:
+    """kohya's ``["k=v", ...]`` (or a table) -> {k: v} with TOML-typed values (numbers, booleans)."""
+    if isinstance(value, dict):
+        return dict(value)
+    items = value if isinstance(value, list) else str(value).split()
+    out = {}
+    for item in items:
+        name, sep, raw = str(item).partition("=")
+        if not sep:
+            raise ConfigError(f"{path}: {key}: expected key=value items, got {item!r}")
+        out[name.strip()] = _literal(raw.strip())
+    return out
+
+
+def _literal(raw: str) -> Any:
+    """A kohya ``key=value`` value as kohya reads it (Python literals: 0.1, True, (0.9, 0.99)); a word as text."""
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return {"true": True, "false": False}.get(raw.lower(), raw)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def read_kohya_file(path: str | Path) -> dict[str, Any]:
+    """The flat option table of a kohya config (TOML, as ``--config_file`` reads; or JSON)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such kohya config file") from None
+    try:
+        table = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: not a readable kohya config: {err}") from None
+    flat: dict[str, Any] = {}
+    for key, value in table.items():  # sd-scripts also accepts its options grouped in tables
+        if isinstance(value, dict) and key not in ("network_args", "optimizer_args"):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
+    """lorakit settings for a kohya option table (see the module's docstring)."""
+    from lorakit.commands.train import FLAGS, KOHYA_OPTIONS
+
+    out = KohyaTranslation()
+    options = dict(table)
+    network_args = _pairs(options.pop("network_args", []) or [], "network_args", path)
+    module = options.pop("network_module", None)
+    if module is not None:
+        algo = str(network_args.pop("algo", "lora")) if module == "lycoris.kohya" else NETWORK_MODULES.get(module)
+        if algo is None:
+            out.untranslated.append(f"network_module = {module!r}: not a network lorakit trains")
+        else:
+            out.set("network.algorithm", algo)
+            convs = "conv_dim" in network_args or module == "lycoris.kohya"
+            out.set("network.preset", "full" if convs else "kohya")  # LoCon reaches the ResNet convs
+    for name, (section, key, kind) in _NETWORK_ARG_SETTINGS.items():
+        if name in network_args:
+            out.set(f"{section}.{key}", kind(network_args.pop(name)))
+    if network_args:
+        out.set("network.args", network_args)
+    if "optimizer_args" in options:
+        args = _pairs(options.pop("optimizer_args") or [], "optimizer_args", path)
+        if args:
+            out.set("optimizer.args", args)
+    if "optimizer_type" in options:
+        out.set("optimizer.optimizer", str(options.pop("optimizer_type")).lower())
+    if "resolution" in options:
+        size = [int(v) for v in str(options.pop("resolution")).replace(" ", "").split(",") if v]
+        out.set("data.resolution", size[0] if len(size) == 1 or size[0] == size[1] else size[:2])
+    # kohya trains the text encoder too unless told not to; lorakit's default is the U-Net only
+    unet_only = bool(options.pop("network_train_unet_only", False))
+    te_only = bool(options.pop("network_train_text_encoder_only", False))
+    out.set("network.train_text_encoder", not unet_only)
+    if te_only:
+        out.set("network.train_unet", False)
+
+    for key, value in options.items():
+        dashed = "--" + key.replace("_", "-")
+        hint = KOHYA_OPTIONS.get(dashed) or (dashed if dashed in FLAGS else None)
+        if _is_off(value):
+            out.skipped.append(key)
+            continue
+        if hint is None:
+            out.untranslated.append(f"{key} = {value!r}: not a kohya option lorakit knows")
+        elif hint.startswith("(the default"):
+            out.skipped.append(key)
+        elif hint.startswith("(not in lorakit"):
+            out.untranslated.append(f"{key} = {value!r}: {hint.strip('()')}")
+        elif hint.startswith("--set "):
+            for setting in hint.removeprefix("--set ").split(" --set "):
+                dotted, _, literal = setting.strip("'").partition("=")
+                if isinstance(value, bool):  # a switch: the table's literal when it is on
+                    out.set(dotted, tomllib.loads(f"v = {literal}")["v"] if literal not in _PLACEHOLDERS else value)
+                else:
+                    out.set(dotted, value)
+        else:
+            flag = hint.split()[0]
+            if flag not in FLAGS:
+                out.untranslated.append(f"{key} = {value!r}: lorakit spells it {hint}")
+                continue
+            out.set(FLAGS[flag][0], value)
+    return out
+
+
+def config_from_kohya(path: str | Path) -> tuple[TrainConfig, KohyaTranslation]:
+    """A lorakit config from a kohya config file, and what was and was not translated (values are checked by
+    type here and by range in ``TrainConfig.validate``, each error naming the file)."""
+    path = Path(path)
+    translation = translate(read_kohya_file(path), path)
+    cfg = TrainConfig()
+    merge_into(cfg, translation.settings, f"{path} (kohya config)")
+    return cfg, translation

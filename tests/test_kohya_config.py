@@ -1,0 +1,113 @@
+"""``lorakit train --from-kohya FILE``: a kohya sd-scripts training config (its --config_file TOML) translated
+option by option, what lorakit lacks listed, and the run it describes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+from test_train import write_dataset
+
+from lorakit.cli import main
+from lorakit.config import ConfigError, load_config
+from lorakit.kohya_config import config_from_kohya
+
+KOHYA = """\
+pretrained_model_name_or_path = "/models/sd15.safetensors"
+train_data_dir = "/data/my_char"
+output_dir = "/runs/my_char"
+output_name = "my_char"
+save_model_as = "safetensors"
+network_module = "lycoris.kohya"
+network_dim = 16
+network_alpha = 8
+network_args = ["algo=loha", "conv_dim=4", "conv_alpha=2", "use_tucker=True"]
+learning_rate = 1e-4
+text_encoder_lr = 5e-5
+optimizer_type = "AdamW8bit"
+optimizer_args = ["weight_decay=0.1", "betas=(0.9,0.99)"]
+lr_scheduler = "cosine"
+train_batch_size = 2
+max_train_epochs = 10
+mixed_precision = "bf16"
+seed = 42
+clip_skip = 2
+resolution = "512,512"
+shuffle_caption = true
+keep_tokens = 1
+xformers = true
+gradient_checkpointing = true
+noise_offset = 0.05
+min_snr_gamma = 5
+max_token_length = 150
+full_bf16 = false
+log_with = "tensorboard"
+sample_sampler = "euler_a"
+save_every_n_steps = 500
+my_own_key = 3
+"""
+
+
+def test_every_option_is_translated_or_listed(tmp_path):
+    path = tmp_path / "kohya.toml"
+    path.write_text(KOHYA)
+    cfg, translation = config_from_kohya(path)
+    assert (cfg.model.base, cfg.data.train_data, cfg.output.dir, cfg.output.name) == (
+        "/models/sd15.safetensors", "/data/my_char", "/runs/my_char", "my_char")
+    net, opt = cfg.network, cfg.optimizer
+    assert (net.algorithm, net.preset, net.rank, net.alpha, net.conv_rank, net.conv_alpha) == ("loha", "full", 16, 8,
+                                                                                                4, 2)
+    assert net.args == {"use_tucker": True} and net.train_text_encoder and net.train_unet  # kohya trains both
+    assert (opt.optimizer, opt.learning_rate, opt.text_encoder_lr, opt.lr_scheduler) == ("adamw8bit", 1e-4, 5e-5,
+                                                                                         "cosine")
+    assert opt.args == {"weight_decay": 0.1, "betas": [0.9, 0.99]}
+    data = cfg.data
+    assert (data.batch_size, data.resolution, data.shuffle_caption, data.keep_tokens) == (2, 512, True, 1)
+    assert (cfg.training.max_epochs, cfg.training.seed, cfg.training.noise_offset, cfg.training.min_snr_gamma) == (
+        10, 42, 0.05, 5)
+    assert (cfg.model.mixed_precision, cfg.model.clip_skip, cfg.model.max_token_length) == ("bf16", 2, 150)
+    assert cfg.model.gradient_checkpointing and cfg.output.log_with == "tensorboard"
+    assert cfg.sample.sampler == "euler_a"
+    assert [line.split(" = ")[0] for line in translation.untranslated] == ["save_every_n_steps", "my_own_key"]
+    assert "full_bf16" in translation.skipped and "xformers" in translation.skipped  # off, or lorakit's way anyway
+
+
+def test_a_kohya_config_trains_as_kohya_would_and_prints_a_lorakit_config(tiny_model_dir, tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", n=4)
+    path = tmp_path / "kohya.toml"
+    path.write_text(f'pretrained_model_name_or_path = "{tiny_model_dir}"\ntrain_data_dir = "{data}"\n'
+                    f'output_dir = "{tmp_path / "run"}"\noutput_name = "zkz"\nnetwork_module = "networks.lora"\n'
+                    'network_dim = 4\nnetwork_alpha = 2\ntrain_batch_size = 2\nmax_train_epochs = 1\nseed = 1\n'
+                    'save_every_n_steps = 100\n')
+    assert main(["train", "--from-kohya", str(path), "--no-progress"]) == 2  # refused: not every option taken over
+    err = capsys.readouterr().err
+    assert "save_every_n_steps = 100" in err and "--print-config" in err and not (tmp_path / "run").exists()
+    assert main(["train", "--from-kohya", str(path), "--print-config"]) == 0
+    printed = capsys.readouterr()
+    assert "not taken over" in printed.err and "save_every_n_steps" in printed.err
+    (tmp_path / "lorakit.toml").write_text(printed.out)
+    assert load_config(tmp_path / "lorakit.toml").network.rank == 4  # the printed config is a lorakit config
+
+    path.write_text(path.read_text().replace("save_every_n_steps = 100\n", ""))
+    assert main(["train", "--from-kohya", str(path), "--no-progress", "--early-stop", "off"]) == 0
+    with safe_open(str(tmp_path / "run" / "zkz.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
+    assert any(k.startswith("lora_te_") for k in keys)  # kohya trains the text encoder unless told not to
+
+
+def test_json_configs_and_bad_values_name_the_file(tmp_path):
+    path = tmp_path / "kohya.json"
+    path.write_text(json.dumps({"network_module": "networks.lora", "network_train_unet_only": True,
+                                "network_dim": 8, "optimizer_type": "Prodigy"}))
+    cfg, _ = config_from_kohya(path)
+    assert (cfg.network.rank, cfg.network.train_text_encoder, cfg.optimizer.optimizer) == (8, False, "prodigy")
+    path.write_text(json.dumps({"network_args": ["conv_dim"]}))
+    with pytest.raises(ConfigError, match="kohya.json: network_args: expected key=value items"):
+        config_from_kohya(path)
+    path.write_text(json.dumps({"network_dim": "sixteen"}))
+    with pytest.raises(ConfigError, match="kohya.json"):
+        config_from_kohya(path)
+    with pytest.raises(ConfigError, match="no such kohya config file"):
+        config_from_kohya(tmp_path / "missing.toml")
