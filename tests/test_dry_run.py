@@ -75,3 +75,12 @@ def test_a_base_model_is_read_from_its_configs_and_shapes_only(tmp_path):
         native_resolution(xl)
     with pytest.raises(lorakit.models.ModelLoadError, match="no such file"):
         native_resolution(tmp_path / "missing")
+
+
+def test_the_built_in_job_is_checked_without_leaving_its_images_behind(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _no_loading(monkeypatch)
+    assert main(["train", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "1 folder, 15 images (10_zkz shape: 15 × 10) = 150 samples/epoch" in text
+    assert "rendered for this check in a temporary folder" in text and list(tmp_path.iterdir()) == []

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import textwrap
 import time
+from copy import deepcopy
 from pathlib import Path
 
 from lorakit.config import ConfigError, TrainConfig, load_config, missing_paths, set_option, to_toml
@@ -303,7 +305,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     _settings_from_folders(cfg)
     if cfg.data.train_data is None:
         cfg.validate()  # before the built-in concept's images are rendered
-        cfg = builtin_default(cfg, write=not args.print_config)
+        cfg = builtin_default(cfg, write=not (args.print_config or args.dry_run))
     return cfg.validate()
 
 
@@ -349,8 +351,6 @@ def printable_config(cfg: TrainConfig, args: argparse.Namespace) -> str:
     then gets its own time-stamped folder, as without a config); for the built-in job without the paths it makes
     up when it runs (its dataset, its prompt files), so that the printed file runs as the built-in job again
     instead of naming a dataset that was never rendered."""
-    from copy import deepcopy
-
     shown = deepcopy(cfg)
     if args.out is None and cfg.output.dir.startswith("output/train-"):  # the time stamp config_from_args made:
         shown.output.dir = "output"  # not this printing's, each run of the file gets its own folder
@@ -365,6 +365,28 @@ def printable_config(cfg: TrainConfig, args: argparse.Namespace) -> str:
     return BUILTIN_CONFIG_HEADER + to_toml(shown)
 
 
+def _dry_run(cfg: TrainConfig, args: argparse.Namespace) -> str:
+    """``--dry-run``; the built-in job's images, when no run has rendered them yet, are rendered for the check in a
+    temporary folder (the run renders them beside its output folder), so that the check writes nothing."""
+    from lorakit.dry_run import dry_run
+
+    data = Path(cfg.data.train_data)
+    if not (_is_builtin_job(args) and not data.exists()):
+        return dry_run(cfg, config_file=args.config)
+    with tempfile.TemporaryDirectory() as tmp:
+        rendered = Path(tmp) / data.name
+        concept.write_concept_dataset(rendered)
+        checked = deepcopy(cfg)
+        checked.data.train_data = str(rendered)
+        for section, key in (("sample", "prompts"), ("early_stop", "sample_prompts")):
+            value = getattr(getattr(checked, section), key)
+            if value and Path(value).parent == data:
+                setattr(getattr(checked, section), key, str(rendered / Path(value).name))
+        report = dry_run(checked, config_file=args.config).replace(str(rendered), str(data))
+    return report + f"\n(the built-in concept's images were rendered for this check in a temporary folder; the run " \
+                    f"renders them in {data})"
+
+
 def _is_builtin_job(args: argparse.Namespace) -> bool:
     return args.config is None and args.from_kohya is None and args.data is None and _resumed_run_config(args) is None
 
@@ -375,9 +397,7 @@ def run(args: argparse.Namespace) -> int:
         print(printable_config(cfg, args))
         return 0
     if args.dry_run:
-        from lorakit.dry_run import dry_run
-
-        print(dry_run(cfg, config_file=args.config))
+        print(_dry_run(cfg, args))
         return 0
     from lorakit.host_memory import keep_freed_memory
     from lorakit.train import train  # here, not at the top: --print-config must not wait for torch
