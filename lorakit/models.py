@@ -280,7 +280,7 @@ def load_base_model(spec: str | Path | None = None, dtype: str | torch.dtype = t
                          "folder or a single-file .safetensors checkpoint)")
 
 
-def native_resolution(spec: str | Path | None = None, config: str | Path | None = None) -> int:
+def native_resolution(spec: str | Path | None = None) -> int:
     """The image size a base model was made for, read from its configs (and a single file's tensor shapes) without
     loading any weights; raises ModelLoadError for a model lorakit cannot load (an SDXL file, a missing path)."""
     if spec is None or str(spec) == "builtin":
@@ -291,8 +291,6 @@ def native_resolution(spec: str | Path | None = None, config: str | Path | None 
     if not path.is_file():
         raise ModelLoadError(f"{spec}: no such file or folder (lorakit never downloads models: give a local diffusers "
                              "folder or a single-file .safetensors checkpoint)")
-    if config is not None:
-        return _folder_resolution(Path(config))
     if path.suffix != ".safetensors":  # a pickle's shapes need torch.load: assume the SD1.x layout it must have
         return _folder_resolution(SD15_CONFIG)
     from safetensors import safe_open
