@@ -126,8 +126,9 @@ def test_every_kohya_translation_is_an_option_or_a_setting_that_exists():
             names = {"optimizer.optimizer": "adamw", "optimizer.lr_scheduler": "cosine",
                      "output.save_precision": "fp16", "training.loss_type": "huber", "training.huber_schedule": "snr",
                      "data.resize_interpolation": "bicubic", "output.log_tracker_name": "my-project",
-                     "output.wandb_run_name": "first try", "sample.sampler": "euler_a", "output.log_with": "tensorboard",
-                     "data.caption_prefix": "masterpiece", "data.caption_suffix": "best quality",
+                     "output.wandb_run_name": "first try", "sample.sampler": "euler_a",
+                     "output.log_with": "tensorboard", "data.caption_prefix": "masterpiece",
+                     "data.caption_suffix": "best quality",
                      "output.metadata_title": "My style",
                      "output.metadata_author": "me", "output.metadata_description": "a style",
                      "output.metadata_license": "CreativeML Open RAIL-M", "output.metadata_tags": "style, paint"}
