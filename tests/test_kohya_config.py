@@ -10,8 +10,8 @@ from safetensors import safe_open
 from test_train import write_dataset
 
 from lorakit.cli import main
+from lorakit.commands.kohya_config import config_from_kohya
 from lorakit.config import ConfigError, load_config
-from lorakit.kohya_config import config_from_kohya
 
 KOHYA = """\
 pretrained_model_name_or_path = "/models/sd15.safetensors"
@@ -105,6 +105,9 @@ def test_json_configs_and_bad_values_name_the_file(tmp_path):
     assert (cfg.network.rank, cfg.network.train_text_encoder, cfg.optimizer.optimizer) == (8, False, "prodigy")
     path.write_text(json.dumps({"network_args": ["conv_dim"]}))
     with pytest.raises(ConfigError, match="kohya.json: network_args: expected key=value items"):
+        config_from_kohya(path)
+    path.write_text(json.dumps({"resolution": "512x512"}))
+    with pytest.raises(ConfigError, match="kohya.json: resolution = '512x512'"):
         config_from_kohya(path)
     path.write_text(json.dumps({"network_dim": "sixteen"}))
     with pytest.raises(ConfigError, match="kohya.json"):

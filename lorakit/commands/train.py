@@ -312,7 +312,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _from_kohya(args: argparse.Namespace) -> TrainConfig:
     """The config a kohya config file translates to; what it cannot translate is said, and refused for a run
     (``--print-config`` and ``--dry-run`` go on, so that the user can see and edit the rest)."""
-    from lorakit.kohya_config import config_from_kohya
+    from lorakit.commands.kohya_config import config_from_kohya
 
     cfg, translation = config_from_kohya(args.from_kohya)
     if translation.untranslated:

@@ -118,7 +118,12 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
     if "optimizer_type" in options:
         out.set("optimizer.optimizer", str(options.pop("optimizer_type")).lower())
     if "resolution" in options:
-        size = [int(v) for v in str(options.pop("resolution")).replace(" ", "").split(",") if v]
+        raw = options.pop("resolution")
+        try:
+            size = [int(v) for v in str(raw).replace(" ", "").split(",") if v]
+        except ValueError:
+            raise ConfigError(f"{path}: resolution = {raw!r}: expected a size or width,height (512 or \"512,768\")"
+                              ) from None
         out.set("data.resolution", size[0] if len(size) == 1 or size[0] == size[1] else size[:2])
     # kohya trains the text encoder too unless told not to; lorakit's default is the U-Net only
     unet_only = bool(options.pop("network_train_unet_only", False))
