@@ -209,7 +209,10 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
 
 
 def _modelspec(cfg: TrainConfig, data: TrainingData, model: BaseModel) -> dict[str, str]:
-    """The result's ModelSpec entries (an embedding's own are set where it is saved: pivotal saves both)."""
+    """The result's ModelSpec entries (an embedding's own are set where it is saved: pivotal saves both); none for
+    native fine-tuning, whose result is a whole model and whose checkpoints are lorakit's own."""
+    if cfg.method.kind == "native":
+        return {}
     kind = "textual-inversion" if cfg.method.kind == "ti" else "lora"
     if kind == "textual-inversion":
         triggers = [cfg.method.ti_token or cfg.data.trigger or ""]
