@@ -123,11 +123,12 @@ def trained_star_rate(method: str, out: Path) -> tuple[float, float]:
 
 
 #: run only with ``pytest -m extended`` (not in the default suite, which CI runs): the LyCORIS family's
-#: rotations, GLoRA, LoKr, DyLoRA and LoHa, which the unit tests check against LyCORIS itself (LoRA, native and
-#: pivotal stay in CI); ~10 minutes of CPU together.  LoKr and DyLoRA moved here when the suite neared CI's
-#: 15 minutes (2026-12-06: 820-885 s on 2 cores), LoHa when it passed them on a slower machine (924 s; its run
-#: took 80 s of one worker)
-EXTENDED = ("oft", "boft", "glora", "lokr", "dylora", "loha")
+#: rotations, GLoRA, LoKr, DyLoRA and LoHa, which the unit tests check against LyCORIS itself, and pivotal tuning,
+#: whose two halves (textual inversion, LoRA) the suite trains (LoRA and native stay in CI); ~11 minutes of CPU
+#: together.  LoKr and DyLoRA moved here when the suite neared CI's 15 minutes (2026-12-06: 820-885 s on 2 cores),
+#: LoHa when it passed them on a slower machine (924 s; its run took 80 s of one worker), pivotal (72 s) when new
+#: tests took that back
+EXTENDED = ("oft", "boft", "glora", "lokr", "dylora", "loha", "pivotal")
 
 
 @pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.extended) if m in EXTENDED else m
