@@ -114,3 +114,15 @@ def test_json_configs_and_bad_values_name_the_file(tmp_path):
         config_from_kohya(path)
     with pytest.raises(ConfigError, match="no such kohya config file"):
         config_from_kohya(tmp_path / "missing.toml")
+
+
+def test_the_kohya_page_shows_the_table_lorakit_uses():
+    from pathlib import Path
+
+    from lorakit.commands.kohya_config import DOC_MARKERS, options_table
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "kohya.md").read_text(encoding="utf-8")
+    begin, end = DOC_MARKERS
+    assert page.split(begin, 1)[1].split(end, 1)[0].strip() == options_table().strip(), \
+        "docs/kohya.md is out of date: python -m lorakit.commands.kohya_config --update-doc docs/kohya.md"
+    assert "| `--unet_lr` | `--set optimizer.unet_lr=X` |" in page

@@ -27,6 +27,8 @@ from lorakit.config import ConfigError, TrainConfig, merge_into
 NETWORK_MODULES = {"networks.lora": "lora", "networks.dylora": "dylora", "networks.oft": "oft"}
 #: network_args lorakit has as settings of their own (the rest go to network.args)
 _NETWORK_ARG_SETTINGS = {"conv_dim": ("network", "conv_rank", int), "conv_alpha": ("network", "conv_alpha", float)}
+#: the lines around the options table in docs/kohya.md
+DOC_MARKERS = ("<!-- kohya options table -->", "<!-- /kohya options table -->")
 #: placeholders in the translation table, filled with the file's value
 _PLACEHOLDERS = ("X", "N", "NAME", "DIR", "FILE", ".EXT", "MARK", "{KEY = VALUE}", "FILE.toml")
 
@@ -168,3 +170,42 @@ def config_from_kohya(path: str | Path) -> tuple[TrainConfig, KohyaTranslation]:
     cfg = TrainConfig()
     merge_into(cfg, translation.settings, f"{path} (kohya config)")
     return cfg, translation
+
+
+def options_table() -> str:
+    """The Markdown table of kohya's options and how lorakit says each (docs/kohya.md): the translation table the
+    trainer's error messages and ``--from-kohya`` use, so the page cannot drift from what lorakit does."""
+    from lorakit.commands.train import KOHYA_OPTIONS
+
+    rows = ["| kohya option | in lorakit |", "|---|---|"]
+    for option, says in sorted(KOHYA_OPTIONS.items()):
+        kohya = "--" + option.removeprefix("--").replace("-", "_")
+        text = (says.strip("()") if says.startswith("(") else f"`{says}`").replace("|", "\\|")
+        rows.append(f"| `{kohya}` | {text} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lorakit.commands.kohya_config [--update-doc docs/kohya.md]``: print (or write) the table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--update-doc", type=Path, help="write the table between the page's markers")
+    args = parser.parse_args(argv)
+    table = options_table()
+    if args.update_doc:
+        from lorakit.atomic import atomic_write_text
+
+        text = args.update_doc.read_text(encoding="utf-8")
+        begin, end = DOC_MARKERS
+        if text.count(begin) != 1 or text.count(end) != 1:
+            raise SystemExit(f"{args.update_doc}: needs one line {begin} and one line {end}")
+        head, rest = text.split(begin, 1)
+        atomic_write_text(args.update_doc, f"{head}{begin}\n{table}{end}{rest.split(end, 1)[1]}")
+    else:
+        print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
