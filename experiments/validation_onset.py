@@ -178,7 +178,7 @@ def table(out: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--runs", default="locon_lr0.002_s0", help="grid run names, comma-separated")
+    parser.add_argument("--runs", default="locon_lr0.002_s0", help="grid run names, comma-separated, or all (the 32)")
     parser.add_argument("--held-out", default="new", help="new, same, or both: new,same")
     parser.add_argument("--table", action="store_true", help="print the table of the finished runs; train nothing")
     parser.add_argument("--update-doc", type=Path, help="with --table: write it between the page's markers "
@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
             update_doc(args.update_doc, {"table": text}, DOC_MARKERS)
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    results = [run_one(args.out, run, kind) for run in args.runs.split(",") for kind in args.held_out.split(",")]
+    runs = sorted(p.name for p in GRID.iterdir() if p.is_dir()) if args.runs == "all" else args.runs.split(",")
+    results = [run_one(args.out, run, kind) for run in runs for kind in args.held_out.split(",")]
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     for r in results:
         losses = " ".join(f"{e}:{v:.4f}" for e, v in sorted(r["val_loss"].items(), key=lambda kv: int(kv[0])))
