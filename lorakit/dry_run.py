@@ -14,7 +14,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from lorakit.config import TrainConfig
+from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import TrainingData
 from lorakit.models import native_resolution
 from lorakit.run_messages import count, opening_line
@@ -37,6 +37,8 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     resolution = native_resolution(cfg.model.base)  # also refuses a model lorakit cannot load
     data_cfg, notes = cfg.data, []
     if cfg.data.num_class_images > 0:  # prior preservation: the class images are drawn when the run starts
+        if not cfg.data.class_prompt:
+            raise ConfigError("data.num_class_images > 0 needs data.class_prompt (e.g. \"a shape\")")
         folder = Path(cfg.data.reg_data) if cfg.data.reg_data else None
         have = len(list(folder.glob("*.png"))) if folder and folder.is_dir() else 0
         if have < cfg.data.num_class_images:

@@ -61,6 +61,18 @@ def test_a_dry_run_stops_on_what_the_run_would_stop_on(tiny_model_dir, tmp_path,
     assert main([*flags, "--data", str(write_dataset(tmp_path / "ok", n=3)), "--set",
                  "training.validate_every_n_epochs=1"]) == 2
     assert "no image is held out for validation" in capsys.readouterr().err
+    # prior preservation: its class images are drawn when the run starts, so the check says so and counts without
+    ok = str(tmp_path / "ok")
+    assert main([*flags, "--data", ok, "--set", "data.num_class_images=4"]) == 0  # the class from the folder's name
+    assert "4 class images of 'shape' would be drawn first" in capsys.readouterr().out
+    plain = tmp_path / "plain"  # a plain folder names no class: the prompt must be given, as the run would say
+    plain.mkdir()
+    for png in (tmp_path / "ok").rglob("*.png"):
+        (plain / png.name).write_bytes(png.read_bytes())
+    assert main([*flags, "--data", str(plain), "--trigger", "zkz", "--set", "data.num_class_images=4"]) == 2
+    assert "needs data.class_prompt" in capsys.readouterr().err
+    assert main([*flags, "--data", ok, "--set", "data.num_class_images=4", "--set", "data.class_prompt=a shape"]) == 0
+    assert "note: prior preservation: 4 class images of 'a shape' would be drawn first" in capsys.readouterr().out
 
 
 def test_a_base_model_is_read_from_its_configs_and_shapes_only(tmp_path):
