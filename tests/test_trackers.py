@@ -4,7 +4,6 @@ TensorBoard's own reader), a resumed run continues the curves, and an overwrite 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -86,12 +85,20 @@ def _wandb_history(run_dir: Path) -> list[dict[str, object]]:
     return rows
 
 
-def test_a_run_logs_to_wandb_offline_with_its_samples_and_a_resumed_run_continues_it(
-        tiny_model_dir, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def wandb_offline(monkeypatch, tmp_path_factory):
+    """W&B offline, with its caches and settings in a temporary folder (not the user's home); child processes
+    inherit it."""
     pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
+    home = tmp_path_factory.mktemp("wandb-home")
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_CACHE_DIR", home / "cache"),
+                        ("WANDB_CONFIG_DIR", home / "config"), ("WANDB_DATA_DIR", home / "data")):
+        monkeypatch.setenv(name, str(value))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+def test_a_run_logs_to_wandb_offline_with_its_samples_and_a_resumed_run_continues_it(
+        tiny_model_dir, tmp_path, wandb_offline, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a zkz shape --w 64 --h 64 --d 1 --s 2\nzkz shape, blue --w 64 --h 64 --d 2 --s 2\n")
     out = tmp_path / "run"
@@ -190,29 +197,21 @@ def test_tracker_files_of_a_run_that_fails_on_its_first_sample_score_are_the_run
     assert written and all(manifest.owns(p) for p in written)  # an overwrite removes them with the rest
 
 
-def test_a_killed_run_owns_its_tracker_files_so_an_overwrite_removes_them(tmp_path):
+def test_a_killed_run_owns_its_tracker_files_so_an_overwrite_removes_them(tmp_path, wandb_offline):
     """kill -9 in the middle of a run logging to TensorBoard and W&B (offline): the files the trackers opened were
     recorded as they started and at the epoch's end, so --overwrite removes them and keeps nothing back."""
-    pytest.importorskip("wandb")
-    import os
     import signal
 
-    from test_train_faults import start_and_signal, train_cmd
+    from test_train_faults import run, start_and_signal, train_cmd
 
     data = write_dataset(tmp_path / "data", n=4, repeats=3)  # 12 steps an epoch at batch size 1
     out = tmp_path / "run"
-    os.environ["WANDB_MODE"], os.environ["WANDB_SILENT"] = "offline", "true"  # the child processes inherit them
-    try:
-        killed = start_and_signal(train_cmd(data, out, "--set", "output.log_with=all", steps=200), out, 14,
-                                  signal.SIGKILL)
-        assert killed.returncode == -signal.SIGKILL
-        first_id = json.loads((out / "wandb-run.json").read_text())["id"]
-        assert list((out / "logs" / "wandb").glob(f"offline-run-*-{first_id}"))
-        again = subprocess.run(train_cmd(data, out, "--set", "output.log_with=all", "--overwrite", steps=2),
-                               capture_output=True, text=True, timeout=300,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    finally:
-        del os.environ["WANDB_MODE"], os.environ["WANDB_SILENT"]
+    killed = start_and_signal(train_cmd(data, out, "--set", "output.log_with=all", steps=200), out, 14,
+                              signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    first_id = json.loads((out / "wandb-run.json").read_text())["id"]
+    assert list((out / "logs" / "wandb").glob(f"offline-run-*-{first_id}"))
+    again = run(train_cmd(data, out, "--set", "output.log_with=all", "--overwrite", steps=2))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "overwrite: kept" not in again.stdout  # nothing of the killed run was left as "not lorakit's"
     assert not list((out / "logs" / "wandb").glob(f"offline-run-*-{first_id}"))
