@@ -144,7 +144,7 @@ def table(out: Path) -> str:
     rows = ["| run | onset [90% interval] | held-out set | loss: base model → lowest (epoch) → last | lowest − onset "
             f"| online: smoothed over {SMOOTH} epochs, stop after {PATIENCE} without a new lowest "
             f"| default ({DEFAULT_RULE}) − onset |", "|---|---|---|---|---|---|---|"]
-    tally: dict[tuple[str, str], dict[str, list[bool]]] = {}
+    tally: dict[tuple[str, str], dict[str, list]] = {}  # per rule: (within ±1, inside the interval), or False
     grid = {}
     for run, kind, losses in finished_runs(out):
         if run not in grid:
