@@ -10,7 +10,6 @@ counterpart.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from lorakit.data import TrainingData
 from lorakit.models import native_resolution
 from lorakit.run_messages import count, opening_line
 from lorakit.trackers import check_tracker
-from lorakit.train import check_paths, check_resume_settings, check_validation
+from lorakit.train import check_paths, check_resume_settings, check_validation, planned_steps
 
 #: captions shown as examples, and tags per folder in the frequency list
 EXAMPLES, TOP_TAGS = 3, 8
@@ -47,10 +46,8 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
             data_cfg = replace(cfg.data, reg_data=None)
     data = TrainingData(data_cfg, seed=cfg.training.seed, default_resolution=resolution)
     check_validation(cfg, data)
-    steps_per_epoch = math.ceil(data.steps_per_epoch / cfg.optimizer.gradient_accumulation_steps)
-    total = steps_per_epoch * cfg.training.max_epochs
-    capped = cfg.training.max_steps is not None and cfg.training.max_steps < total
-    total = min(total, cfg.training.max_steps) if capped else total
+    steps_per_epoch, total = planned_steps(cfg, data)
+    capped = total < steps_per_epoch * cfg.training.max_epochs
 
     lines = ["lorakit train --dry-run: the run checked, nothing loaded or written", opening_line(cfg),
              f"base model: {cfg.model.base or 'built-in'}, made for {resolution}×{resolution} (from its configs)"]

@@ -77,10 +77,12 @@ def read_embedding(path: str | Path) -> tuple[torch.Tensor, str | None]:
     return vectors, meta.get("lorakit_ti_token")
 
 
-def load_embedding(model: BaseModel, path: str | Path, token: str | None = None) -> LoadedEmbedding:
-    """Add the embedding of ``path`` to ``model`` under ``token`` (default: the token saved in the file)."""
+def load_embedding(model: BaseModel, path: str | Path, token: str | None = None,
+                   default_token: str | None = None) -> LoadedEmbedding:
+    """Add the embedding of ``path`` to ``model`` under ``token`` (default: the token saved in the file, else
+    ``default_token``)."""
     vectors, saved_token = read_embedding(path)
-    token = token or saved_token
+    token = token or saved_token or default_token
     if not token:
         raise EmbeddingError(f"{path}: the file names no token; pass one (e.g. token='zkz')")
     emb = model.text_encoder.get_input_embeddings().weight

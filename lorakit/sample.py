@@ -447,12 +447,11 @@ def generate_with_adapters(model: BaseModel, adapters: Sequence[Any], prompts: S
     tokenizer (that stays) and expanded in the prompts, each under the token its file names or, as in A1111 and
     ComfyUI, its file name (``my_style.safetensors``: ``my_style``).  ``options`` go to ``generate``.
     """
-    from lorakit.embeddings import load_embedding, read_embedding
+    from lorakit.embeddings import load_embedding
     from lorakit.tools.apply import applied
 
     # the token a file names, else its name without the extension, as A1111 and ComfyUI call an embedding
-    loaded = [load_embedding(model, path, token=None if read_embedding(path)[1] else Path(path).stem)
-              for path in embeddings]
+    loaded = [load_embedding(model, path, default_token=Path(path).stem) for path in embeddings]
     items = []
     for p in prompts:
         p = SamplePrompt(p) if isinstance(p, str) else p

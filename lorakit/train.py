@@ -314,11 +314,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                                if cfg.data.cache_latents_to_disk else None)
             if own_cache and is_main:
                 run.record_tree("latent_cache")
-        steps_per_epoch = math.ceil(data.steps_per_epoch / accelerator.num_processes
-                                    / cfg.optimizer.gradient_accumulation_steps)
-        total_steps = steps_per_epoch * cfg.training.max_epochs
-        if cfg.training.max_steps is not None:
-            total_steps = min(total_steps, cfg.training.max_steps)
+        steps_per_epoch, total_steps = planned_steps(cfg, data, accelerator.num_processes)
         data.count_steps(total_steps, accelerator.num_processes * cfg.optimizer.gradient_accumulation_steps)
 
         optimizer = build_optimizer(method.param_groups(), cfg)
@@ -592,6 +588,13 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
 
 # ----------------------------------------------------------------------------------------------- helpers
 _VALIDATION_SETTINGS = ("validate_every_n_epochs", "validate_every_n_steps", "max_validation_steps")
+
+
+def planned_steps(cfg: TrainConfig, data: TrainingData, processes: int = 1) -> tuple[int, int]:
+    """Optimizer steps per epoch and in the whole run (max_epochs, cut at max_steps) on ``processes`` processes."""
+    per_epoch = math.ceil(data.steps_per_epoch / processes / cfg.optimizer.gradient_accumulation_steps)
+    total = per_epoch * cfg.training.max_epochs
+    return per_epoch, total if cfg.training.max_steps is None else min(total, cfg.training.max_steps)
 
 
 def check_validation(cfg: TrainConfig, data: TrainingData) -> None:
