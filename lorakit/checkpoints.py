@@ -6,6 +6,7 @@ Layout::
     OUT/checkpoints/epoch-0003/          one folder per saved epoch, complete or absent:
         trained.safetensors              the trained tensors (adapter / embeddings / native weights)
         state.pt                         optimizer, lr schedule, step counters, monitor (torch.load weights_only)
+    OUT/checkpoints/step-00000500/       the same, saved every N steps (training.save_every_n_steps)
     OUT/samples/epoch-0003.png           sample grids
     OUT/<name>.safetensors               the final result (+ <name>-<token>.safetensors for textual inversion)
     OUT/summary.json, OUT/summary.txt    what happened
@@ -29,14 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lorakit.atomic import atomic_write_text
+from lorakit.checkpoint_names import EPOCH_DIR, STEP_DIR, epoch_dir_name, step_dir_name
 from lorakit.errors import LorakitError
 from lorakit.run_manifest import MANIFEST_NAME, RunManifest
-
-_EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
 
 
 class OutputFolderError(LorakitError, ValueError):
@@ -58,8 +58,22 @@ class CheckpointSaveError(LorakitError, OSError):
 
 @dataclass
 class Checkpoint:
-    epoch: int  # epochs completed (1-based: epoch-0001 is the state after the first epoch)
+    """A saved state of the run: of an epoch (``epoch-NNNN/``) or of a step (``step-NNNNNNNN/``)."""
+
+    #: epochs completed (1-based: epoch-0001 is the state after the first epoch); None for a step checkpoint
+    epoch: int | None
     path: Path
+    #: a step checkpoint's step (from its name); None for an epoch checkpoint
+    saved_step: int | None = None
+
+    def step(self) -> int:
+        """The optimizer steps trained when it was saved: a step checkpoint's name, an epoch checkpoint's metadata
+        (``ss_steps``, a header read), else its state (checkpoints of runs older than the metadata)."""
+        if self.saved_step is not None:
+            return self.saved_step
+        with safe_open(str(self.tensors_path), "pt") as f:
+            steps = (f.metadata() or {}).get("ss_steps")
+        return int(steps) if steps is not None and steps.isdigit() else int(self.load_state()["step"])
 
     @property
     def tensors_path(self) -> Path:
@@ -221,17 +235,31 @@ class RunFolder:
         return self.write_text(relative, json.dumps(data, indent=2, default=str) + "\n")
 
     # ----------------------------------------------------------------------------------------- checkpoints
-    def checkpoints(self) -> list[Checkpoint]:
+    def _complete_dirs(self, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
         found = []
         for child in (self.path / "checkpoints").iterdir():
-            m = _EPOCH_DIR.match(child.name)
+            m = pattern.match(child.name)
             if m and (child / "state.pt").exists() and (child / "trained.safetensors").exists():
-                found.append(Checkpoint(int(m.group(1)), child))
-        return sorted(found, key=lambda c: c.epoch)
+                found.append((int(m.group(1)), child))
+        return sorted(found)
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """The epoch checkpoints, oldest first (what evaluation, early stopping and pruning choose among)."""
+        return [Checkpoint(epoch, path) for epoch, path in self._complete_dirs(EPOCH_DIR)]
+
+    def step_checkpoints(self) -> list[Checkpoint]:
+        """The step checkpoints (``training.save_every_n_steps``), oldest first."""
+        return [Checkpoint(None, path, saved_step=step) for step, path in self._complete_dirs(STEP_DIR)]
 
     def latest_checkpoint(self) -> Checkpoint | None:
-        found = self.checkpoints()
-        return found[-1] if found else None
+        """The checkpoint a resume continues from: the one saved after the most steps (an epoch's end and a step
+        checkpoint at the same step hold the same state; the epoch's is taken)."""
+        epochs, steps = self.checkpoints(), self.step_checkpoints()
+        if not steps:
+            return epochs[-1] if epochs else None
+        if not epochs or steps[-1].step() > epochs[-1].step():
+            return steps[-1]
+        return epochs[-1]
 
     def checkpoint(self, epoch: int) -> Checkpoint | None:
         for c in self.checkpoints():
@@ -240,10 +268,11 @@ class RunFolder:
         return None
 
     def save_checkpoint(self, epoch: int, tensors: dict[str, torch.Tensor], state: dict[str, Any],
-                        metadata: dict[str, str] | None = None) -> Checkpoint:
-        """Write the checkpoint into ``epoch-NNNN.tmp/`` and rename it when complete; a failed write (a full
-        disk) raises CheckpointSaveError and leaves the earlier checkpoints as they were."""
-        final = self.path / "checkpoints" / f"epoch-{epoch:04d}"
+                        metadata: dict[str, str] | None = None, step: int | None = None) -> Checkpoint:
+        """Write the checkpoint of ``epoch`` (or, given ``step``, the step checkpoint ``step-NNNNNNNN``) into a
+        ``.tmp`` folder and rename it when complete; a failed write (a full disk) raises CheckpointSaveError and
+        leaves the earlier checkpoints as they were."""
+        final = self.path / "checkpoints" / (epoch_dir_name(epoch) if step is None else step_dir_name(step))
         tmp = final.with_name(final.name + ".tmp")
         self._remove_checkpoint_dir(tmp)
         inside = tmp.relative_to(self.path)  # file() and make_dir() take paths inside the run folder
@@ -259,14 +288,15 @@ class RunFolder:
             last = self.latest_checkpoint()
             kept = f"the last complete checkpoint is {last.path}" if last else "no checkpoint had been saved yet"
             raise CheckpointSaveError(
-                f"could not save the checkpoint of epoch {epoch} in {final} ({type(err).__name__}: {err}). "
+                f"could not save the checkpoint of {'epoch' if step is None else 'step'} "
+                f"{epoch if step is None else step} in {final} ({type(err).__name__}: {err}). "
                 f"Is the disk full? Training stopped; {kept}. Free some space and continue with --resume") from None
         self._remove_checkpoint_dir(final)
         os.replace(tmp, final)
         self.manifest.add_dirs([final])
         self.record([final / "trained.safetensors", final / "state.pt"])
         self.manifest.remove_under(tmp.relative_to(self.path).as_posix())  # gone: only forgets the entries
-        return Checkpoint(epoch, final)
+        return Checkpoint(epoch, final) if step is None else Checkpoint(None, final, saved_step=step)
 
     def _remove_checkpoint_dir(self, folder: Path) -> None:
         """Delete a checkpoint folder lorakit wrote; a file in it that is not lorakit's stops the deletion."""
@@ -286,6 +316,12 @@ class RunFolder:
         """Delete checkpoints of epochs not in ``keep`` (native fine-tuning checkpoints are large)."""
         for c in self.checkpoints():
             if c.epoch not in keep:
+                self._remove_checkpoint_dir(c.path)
+
+    def prune_step_checkpoints(self, first_kept_step: int) -> None:
+        """Delete the step checkpoints saved before ``first_kept_step`` (kohya's save_last_n_steps)."""
+        for c in self.step_checkpoints():
+            if c.step() < first_kept_step:
                 self._remove_checkpoint_dir(c.path)
 
     # --------------------------------------------------------------------------------------------- files

@@ -187,6 +187,11 @@ class TrainingConfig:
     #: kohya's save_last_n_epochs: keep only the last N saved checkpoints, and those early stopping may still
     #: hand back (absent: every one)
     save_last_n_epochs: int | None = None
+    #: kohya's save_every_n_steps: also a checkpoint every N steps (``checkpoints/step-NNNNNNNN/``, the adapter
+    #: and the training state), which a resume continues from like an epoch's; absent: epoch ends only
+    save_every_n_steps: int | None = None
+    #: kohya's save_last_n_steps: keep only the step checkpoints of the last N steps (absent: every one)
+    save_last_n_steps: int | None = None
     #: the validation loss of the images data.validation_split holds out (kohya's options): every N epochs (absent:
     #: every epoch), and also every N steps; at most ``max_validation_steps`` batches each time (absent: all)
     validate_every_n_epochs: int | None = None
@@ -385,6 +390,15 @@ class TrainConfig:
             (train.save_last_n_epochs is None or _positive_int(train.save_last_n_epochs),
              "training.save_last_n_epochs", "a positive integer (or absent: every checkpoint is kept)",
              train.save_last_n_epochs),
+            (train.save_every_n_steps is None or _positive_int(train.save_every_n_steps),
+             "training.save_every_n_steps", "a positive integer (or absent: checkpoints at epoch ends only)",
+             train.save_every_n_steps),
+            (train.save_last_n_steps is None or _positive_int(train.save_last_n_steps),
+             "training.save_last_n_steps", "a positive integer (or absent: every step checkpoint is kept)",
+             train.save_last_n_steps),
+            (train.save_last_n_steps is None or train.save_every_n_steps is not None,
+             "training.save_last_n_steps", "set together with training.save_every_n_steps (it keeps the last of "
+             "those step checkpoints)", train.save_last_n_steps),
             (train.validate_every_n_epochs is None or _positive_int(train.validate_every_n_epochs),
              "training.validate_every_n_epochs", "a positive integer (or absent)", train.validate_every_n_epochs),
             (train.validate_every_n_steps is None or _positive_int(train.validate_every_n_steps),
@@ -574,7 +588,8 @@ def compile_backends() -> list[str]:
 # ------------------------------------------------------------------------------------------------- resume
 #: settings that may change when a run is resumed: they decide what happens next, not what was trained so far
 RESUMABLE = ("training.max_epochs", "training.max_steps", "training.save_every_n_epochs",
-             "training.save_last_n_epochs", "training.validate_every_n_epochs", "training.validate_every_n_steps",
+             "training.save_last_n_epochs", "training.save_every_n_steps", "training.save_last_n_steps",
+             "training.validate_every_n_epochs", "training.validate_every_n_steps",
              "training.max_validation_steps", "data.validation_data", "output.name",
              "output.save_precision", "model.gradient_checkpointing", "model.compile", "model.compile_mode",
              "model.compile_backend", "data.cache_latents_to_disk", "data.cache_dir",

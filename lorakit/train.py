@@ -409,6 +409,28 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         if tracker_dir is not None:
             accelerator.log({"val_loss": validated[at_step]}, step=at_step)
 
+    def training_state(at_epoch: int, done: int, local_batches: int) -> dict[str, Any]:
+        """What a resume needs, ``done`` of the epoch's ``local_batches`` batches trained (``at_epoch``: the epoch
+        ended, or the one in progress)."""
+        return {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+                "epoch": at_epoch, "step": step, "losses": losses,
+                "monitor": monitor.state_dict() if monitor is not None else None,
+                "sample_stop": sample_stop.rule.state_dict() if sample_stop is not None else None,
+                # batches of this epoch trained when it was saved mid-epoch (0: the whole epoch)
+                "batches_done": done if done < local_batches else 0,
+                "stopped_early": stop_decision is not None, "data": fingerprint}
+
+    def step_checkpoint_due(at_step: int) -> bool:
+        every = cfg.training.save_every_n_steps
+        return bool(every) and at_step % every == 0
+
+    def save_step_checkpoint(at_epoch: int, done: int, local_batches: int) -> None:
+        """kohya's save_every_n_steps: the adapter and the state of this step, then save_last_n_steps's pruning."""
+        run.save_checkpoint(at_epoch, method.trained_tensors(), training_state(at_epoch, done, local_batches),
+                            metadata=metadata_for(cfg, data, model, at_epoch, step), step=step)
+        if cfg.training.save_last_n_steps is not None:
+            run.prune_step_checkpoints(step - cfg.training.save_last_n_steps)
+
     try:  # from here on, the tracker's files are recorded in the run's manifest however the run ends
         if sample_stop is not None and step == 0:
             # the base model's own score (epoch 0): the smoothing of epoch 1 needs it, as the onset's does
@@ -479,7 +501,12 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                     _sample(model, method, prompts, run.sample_path(f"epoch-{epoch + 1:04d}-step-{step:06d}"),
                             accelerator, cfg, log_step=step)
                 if stop_decision is not None or step >= total_steps:
-                    break
+                    break  # the epoch's end saves this step's checkpoint
+                if step_checkpoint_due(step) and done < local_batches:  # an epoch's end is saved below
+                    with fail_together(accelerator, f"saving the checkpoint of step {step}"):
+                        if is_main:
+                            run.flush_log()  # the log as far as the checkpoint: a resume continues both
+                            save_step_checkpoint(epoch + 1, done, local_batches)
             epoch += 1
             skip = 0
             if sample_stop is not None:  # scored before saving: the checkpoint's state holds it
@@ -497,14 +524,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                         run.record_tree("logs")  # files the tracker opened since (record_tree: run's own only)
                 if is_main and (epoch % cfg.training.save_every_n_epochs == 0 or stop_decision is not None
                                 or step >= total_steps or epoch == cfg.training.max_epochs):
-                    state = {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                             "epoch": epoch, "step": step, "losses": losses,
-                             "monitor": monitor.state_dict() if monitor is not None else None,
-                             "sample_stop": sample_stop.rule.state_dict() if sample_stop is not None else None,
-                             # batches of this epoch trained when it ended early (0: the whole epoch)
-                             "batches_done": done if done < local_batches else 0,
-                             "stopped_early": stop_decision is not None, "data": fingerprint}
-                    run.save_checkpoint(epoch, method.trained_tensors(), state,
+                    run.save_checkpoint(epoch, method.trained_tensors(), training_state(epoch, done, local_batches),
                                         metadata=metadata_for(cfg, data, model, epoch, step))
                     # native: a whole U-Net per epoch, so only what may be handed back is kept, as with
                     # kohya's save_last_n_epochs (plus the last N)
@@ -514,6 +534,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                         run.prune_checkpoints(checkpoints_to_keep([c.epoch for c in run.checkpoints()],
                                                                   steps_per_epoch, earliest,
                                                                   cfg.training.save_last_n_epochs))
+                elif is_main and step_checkpoint_due(step):  # the epoch's end, not saved as the epoch's
+                    save_step_checkpoint(epoch, done, local_batches)
                 if is_main and prompts and (epoch % cfg.sample.every_n_epochs == 0 or stop_decision is not None):
                     _sample(model, method, prompts, run.sample_path(f"epoch-{epoch:04d}"), accelerator, cfg,
                             log_step=step)

@@ -35,7 +35,13 @@ def test_discover_a_run_lists_the_base_model_and_every_epoch_with_settings(tmp_p
     # an adapter file given directly, and the same run twice: labels stay unique
     file = run / "checkpoints" / "epoch-0001" / "trained.safetensors"
     checkpoints, _ = discover([file, run], include_base=False)
-    assert checkpoints[0].label == "trained" and checkpoints[0].epoch == 1
+    assert checkpoints[0].label == "runA/epoch-0001" and checkpoints[0].epoch == 1  # the run's, not "trained"
+    # a step checkpoint (training.save_every_n_steps) is not one of the run's epochs; as a file it is compared
+    step_dir = run / "checkpoints" / "step-00000005"
+    step_dir.mkdir()
+    (step_dir / "trained.safetensors").write_bytes(file.read_bytes())
+    assert [c.label for c in discover([run], include_base=False)[0]] == ["runA/e1", "runA/e2", "runA/e3"]
+    assert discover([step_dir / "trained.safetensors"], include_base=False)[0][0].label == "runA/step-00000005"
     checkpoints, _ = discover([run, run], include_base=False)
     assert len({c.label for c in checkpoints}) == 6
 

@@ -45,6 +45,8 @@ full_bf16 = false
 log_with = "tensorboard"
 sample_sampler = "euler_a"
 save_every_n_steps = 500
+save_last_n_steps = 2000
+fp8_base = true
 my_own_key = 3
 """
 
@@ -69,7 +71,8 @@ def test_every_option_is_translated_or_listed(tmp_path):
     assert (cfg.model.mixed_precision, cfg.model.clip_skip, cfg.model.max_token_length) == ("bf16", 2, 150)
     assert cfg.model.gradient_checkpointing and cfg.output.log_with == "tensorboard"
     assert cfg.sample.sampler == "euler_a"
-    assert [line.split(" = ")[0] for line in translation.untranslated] == ["save_every_n_steps", "my_own_key"]
+    assert (cfg.training.save_every_n_steps, cfg.training.save_last_n_steps) == (500, 2000)
+    assert [line.split(" = ")[0] for line in translation.untranslated] == ["fp8_base", "my_own_key"]
     assert "full_bf16" in translation.skipped and "xformers" in translation.skipped  # off, or lorakit's way anyway
 
 
@@ -79,17 +82,17 @@ def test_a_kohya_config_trains_as_kohya_would_and_prints_a_lorakit_config(tiny_m
     path.write_text(f'pretrained_model_name_or_path = "{tiny_model_dir}"\ntrain_data_dir = "{data}"\n'
                     f'output_dir = "{tmp_path / "run"}"\noutput_name = "zkz"\nnetwork_module = "networks.lora"\n'
                     'network_dim = 4\nnetwork_alpha = 2\ntrain_batch_size = 2\nmax_train_epochs = 1\nseed = 1\n'
-                    'save_every_n_steps = 100\n')
+                    'fp8_base = true\n')
     assert main(["train", "--from-kohya", str(path), "--no-progress"]) == 2  # refused: not every option taken over
     err = capsys.readouterr().err
-    assert "save_every_n_steps = 100" in err and "--print-config" in err and not (tmp_path / "run").exists()
+    assert "fp8_base" in err and "--print-config" in err and not (tmp_path / "run").exists()
     assert main(["train", "--from-kohya", str(path), "--print-config"]) == 0
     printed = capsys.readouterr()
-    assert "not taken over" in printed.err and "save_every_n_steps" in printed.err
+    assert "not taken over" in printed.err and "fp8_base" in printed.err
     (tmp_path / "lorakit.toml").write_text(printed.out)
     assert load_config(tmp_path / "lorakit.toml").network.rank == 4  # the printed config is a lorakit config
 
-    path.write_text(path.read_text().replace("save_every_n_steps = 100\n", ""))
+    path.write_text(path.read_text().replace("fp8_base = true\n", ""))
     assert main(["train", "--from-kohya", str(path), "--no-progress", "--early-stop", "off"]) == 0
     with safe_open(str(tmp_path / "run" / "zkz.safetensors"), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()

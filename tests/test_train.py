@@ -763,6 +763,73 @@ def test_save_last_n_epochs_keeps_the_last_checkpoints_and_resumes_from_them(tin
         make_config(tiny_model_dir, dataset, out, training={"save_last_n_epochs": 0}).validate()
 
 
+def test_step_checkpoints_are_saved_pruned_and_resumed_from_mid_epoch_and_at_epoch_ends(tiny_model_dir, dataset,
+                                                                                       tmp_path, monkeypatch):
+    """kohya's save_every_n_steps / save_last_n_steps: 2 steps per epoch, a step checkpoint every step; a run
+    killed right after the one of step 4 (an epoch's end not saved as the epoch's) or of step 3 (mid-epoch)
+    continues from it exactly."""
+    training = {"max_epochs": 3, "save_every_n_epochs": 3, "save_every_n_steps": 1, "save_last_n_steps": 2}
+    straight = run_train(make_config(tiny_model_dir, dataset, tmp_path / "straight", training=training))
+    checkpoints = tmp_path / "straight" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "epoch-0003", "step-00000003", "step-00000004", "step-00000005"]  # 1 and 2 pruned; 6 is epoch 3's end
+    run = RunFolder(tmp_path / "straight", "resume")
+    states = {c.step(): c.load_state() for c in run.step_checkpoints()}
+    assert {s: (st["epoch"], st["batches_done"], st["step"]) for s, st in states.items()} == {
+        3: (2, 1, 3), 4: (2, 0, 4), 5: (3, 1, 5)}  # (epoch ended or in progress, its batches done, step)
+    assert run.latest_checkpoint().path.name == "epoch-0003"  # step 6: the epoch's checkpoint
+
+    original = RunFolder.save_checkpoint
+    for killed_after in (4, 3):
+        def save_then_die(self, epoch, *args, step=None, killed_after=killed_after, **kwargs):
+            saved = original(self, epoch, *args, step=step, **kwargs)
+            if step == killed_after:
+                raise Interrupt(f"killed after step {step}")
+            return saved
+
+        out = tmp_path / f"killed-{killed_after}"
+        monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
+        with pytest.raises(Interrupt):
+            run_train(make_config(tiny_model_dir, dataset, out, training=training))
+        monkeypatch.setattr(RunFolder, "save_checkpoint", original)
+        assert RunFolder(out, "resume").latest_checkpoint().path.name == f"step-{killed_after:08d}"
+        resumed = run_train(make_config(tiny_model_dir, dataset, out, training=training,
+                                        output={"if_exists": "resume"}))
+        assert resumed.losses == straight.losses  # bit-identical on the CPU
+        a = load_file(str(tmp_path / "straight" / "lorakit.safetensors"))
+        b = load_file(str(out / "lorakit.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, 7))
+
+
+def test_the_latest_checkpoint_is_the_one_saved_after_the_most_steps(tmp_path):
+    """An epoch checkpoint saved mid-epoch (max_steps) and a step checkpoint of the same epoch, resumed later:
+    the steps decide, read from the epoch checkpoint's metadata or, without it, from its state."""
+    run = RunFolder(tmp_path / "run", "error")
+    tensors = {"w": torch.zeros(2)}
+    run.save_checkpoint(1, tensors, {"step": 2, "epoch": 1})
+    run.save_checkpoint(2, tensors, {"step": 3, "epoch": 2, "batches_done": 1}, metadata={"ss_steps": "3"})
+    assert run.latest_checkpoint().path.name == "epoch-0002"
+    later = run.save_checkpoint(2, tensors, {"step": 4, "epoch": 2}, step=4)
+    assert later.step() == 4 and run.latest_checkpoint().path == later.path
+    run.save_checkpoint(2, tensors, {"step": 5, "epoch": 2, "batches_done": 1})  # no metadata: its state says 5
+    assert run.latest_checkpoint().path.name == "epoch-0002" and run.latest_checkpoint().step() == 5
+    assert [c.epoch for c in run.checkpoints()] == [1, 2]  # evaluation's list: epochs only
+    run.prune_step_checkpoints(5)
+    assert run.step_checkpoints() == []
+
+
+def test_step_checkpoint_settings_are_checked(tiny_model_dir, dataset, tmp_path):
+    from lorakit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="training.save_every_n_steps must be a positive integer"):
+        make_config(tiny_model_dir, dataset, tmp_path, training={"save_every_n_steps": 0}).validate()
+    with pytest.raises(ConfigError, match="training.save_last_n_steps must be set together with "
+                                          "training.save_every_n_steps"):
+        make_config(tiny_model_dir, dataset, tmp_path, training={"save_last_n_steps": 100}).validate()
+
+
 def test_a_native_run_prunes_up_to_the_earliest_step_it_may_still_hand_back():
     """Each source of that step in turn: the decided turning point; the sample stop's earliest candidate epoch (0
     before it trusts any); the weight rule's; nothing (the last checkpoint only) without a stop that hands back."""

@@ -108,6 +108,20 @@ def test_sigkill_before_the_first_checkpoint_then_resume(data, reference, tmp_pa
     assert_same_run(out, reference)
 
 
+def test_sigkill_after_a_step_checkpoint_resumes_from_it_not_from_the_older_epoch(data, reference, tmp_path):
+    """kohya's save_every_n_steps: 12 steps per epoch, a step checkpoint every 7 (only the last kept); killed at
+    step 15, the run continues from step 14 (not from epoch 1, whose checkpoint is older) exactly."""
+    out = tmp_path / "run"
+    every = ("--set", "training.save_every_n_steps=7", "--set", "training.save_last_n_steps=6")
+    killed = start_and_signal(train_cmd(data, out, *every), out, after_steps=15, sig=signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001", "step-00000014"]
+    resumed = run(train_cmd(data, out, *every, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "2 steps into epoch 2 (step 14)" in resumed.stdout
+    assert_same_run(out, reference)
+
+
 def test_sigkill_during_a_save_then_resume(data, reference, tmp_path):
     """The process kills itself (a real SIGKILL: no cleanup runs) half-way through writing the second checkpoint."""
     out = tmp_path / "run"

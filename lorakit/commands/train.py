@@ -81,6 +81,8 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--lr-warmup-steps": "--set optimizer.lr_warmup_steps=N",
     "--save-every-n-epochs": "--set training.save_every_n_epochs=N",
     "--save-last-n-epochs": "--set training.save_last_n_epochs=N",
+    "--save-every-n-steps": "--set training.save_every_n_steps=N",
+    "--save-last-n-steps": "--set training.save_last_n_steps=N",
     "--validation-split": "--set data.validation_split=X", "--validation-seed": "--set data.validation_seed=N",
     "--validate-every-n-epochs": "--set training.validate_every_n_epochs=N",
     "--validate-every-n-steps": "--set training.validate_every_n_steps=N",
@@ -149,9 +151,6 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--save-state-on-train-end": "(the default: the last checkpoint holds the training state)",
     "--debug-dataset": "--dry-run",
     "--save-model-as": "(the default: safetensors, the only format lorakit writes)",
-    "--save-every-n-steps": "(not in lorakit: checkpoints are saved at epoch ends, --set "
-                            "training.save_every_n_epochs=N; a stopped run resumes from the last one)",
-    "--save-last-n-steps": "(not in lorakit: --set training.save_last_n_epochs=N)",
     "--lr-scheduler-num-cycles": "(not in lorakit: diffusers' schedules run with their own cycles and power)",
     "--lr-scheduler-power": "(not in lorakit: diffusers' schedules run with their own cycles and power)",
     "--full-bf16": "(not in lorakit: trained weights stay fp32; --mixed-precision bf16 runs the model in bf16)",

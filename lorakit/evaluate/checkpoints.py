@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorakit.checkpoint_names import EPOCH_DIR, STEP_DIR
 from lorakit.errors import LorakitError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-_EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
 #: run settings shown in the report and used as SHAP features: (label, config section, key)
 SETTING_KEYS = (("method", "method", "kind"), ("algorithm", "network", "algorithm"), ("preset", "network", "preset"),
                 ("rank", "network", "rank"), ("alpha", "network", "alpha"), ("conv_rank", "network", "conv_rank"),
@@ -168,7 +167,7 @@ def read_run(path: str | Path, every: int = 1) -> RunInfo:
     found: list[tuple[int, Path]] = []
     folder = path / "checkpoints"
     for child in sorted(folder.iterdir()) if folder.is_dir() else []:
-        m = _EPOCH_DIR.match(child.name)
+        m = EPOCH_DIR.match(child.name)
         if m and (child / "trained.safetensors").is_file():
             found.append((int(m.group(1)), child / "trained.safetensors"))
     if not found:
@@ -198,7 +197,17 @@ def read_file_checkpoint(path: str | Path) -> EvalCheckpoint:
     except (ValueError, OSError) as err:  # the reader's messages name the file already
         said = str(err) if str(err).startswith(str(path)) else f"{path}: cannot read it as an adapter file: {err}"
         raise CheckpointError(said) from None
-    return EvalCheckpoint(label=path.stem, kind="adapter", path=path, hash=file_hash(path), epoch=epoch)
+    return EvalCheckpoint(label=_file_label(path), kind="adapter", path=path, hash=file_hash(path), epoch=epoch)
+
+
+def _file_label(path: Path) -> str:
+    """A file's label: its name, or for a run's checkpoint (``RUN/checkpoints/step-00000500/trained.safetensors``)
+    the run and the checkpoint, which say more than every checkpoint's own name, "trained"."""
+    folder = path.resolve().parent
+    if path.name == "trained.safetensors" and folder.parent.name == "checkpoints" and \
+            (EPOCH_DIR.match(folder.name) or STEP_DIR.match(folder.name)):
+        return f"{folder.parent.parent.name}/{folder.name}"
+    return path.stem
 
 
 def _unique_labels(checkpoints: list[EvalCheckpoint]) -> list[EvalCheckpoint]:

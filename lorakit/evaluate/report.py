@@ -22,6 +22,7 @@ from typing import Any
 
 from PIL import Image
 
+from lorakit.checkpoint_names import epoch_dir_name
 from lorakit.evaluate.generate import ImageJob
 from lorakit.evaluate.pipeline import EvalResult
 
@@ -431,7 +432,7 @@ def changed_since_eval(result: EvalResult, run_dir: Path, run_name: str) -> list
     for c in result.checkpoints:
         if c.get("run") != run_name or c.get("epoch") is None:
             continue
-        file = run_dir / "checkpoints" / f"epoch-{int(c['epoch']):04d}" / "trained.safetensors"
+        file = run_dir / "checkpoints" / epoch_dir_name(int(c['epoch'])) / "trained.safetensors"
         if file.is_file() and file_hash(file) != c.get("hash"):
             changed.append(str(c["label"]))
     return changed

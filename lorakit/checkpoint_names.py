@@ -1,0 +1,17 @@
+"""The names of a run's checkpoint folders (``checkpoints/epoch-0003/``, ``checkpoints/step-00000500/``), shared by
+the trainer, which writes them, and evaluation, which reads them without importing torch."""
+
+from __future__ import annotations
+
+import re
+
+EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
+STEP_DIR = re.compile(r"^step-(\d{8,})$")  # kohya names its step files with 8 digits too
+
+
+def epoch_dir_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
