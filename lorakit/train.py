@@ -600,6 +600,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             "mean_loss_last_epoch": sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])),
             "seconds": round(time.time() - started, 1), "data": data.summary(), "trained": method.summary(),
             "validation": _validation_summary(run, len(data.held_out)) if data.held_out else None,
+            "step_checkpoints": [c.step() for c in run.step_checkpoints()],
         }
         run.write_json("summary.json", summary)
         summary_text = "\n".join([_summary_text(summary), *next_steps(run.path, files, cfg)])
@@ -916,5 +917,8 @@ def _summary_text(s: dict[str, Any]) -> str:
                      f"{v['last']['val_loss']:.4f}, lowest {low['val_loss']:.4f} {where}")
     if s["final_loss"] is not None:
         lines.append(f"  loss: last {s['final_loss']:.4f}, mean over the last epoch {s['mean_loss_last_epoch']:.4f}")
+    if steps := s.get("step_checkpoints"):
+        lines.append(f"  step checkpoints (with their training state): step {', '.join(map(str, steps))} in "
+                     f"{Path(s['output_dir']) / 'checkpoints'}")
     lines += [f"  wrote {f}" for f in s["files"]]
     return "\n".join(lines)

@@ -778,6 +778,7 @@ def test_step_checkpoints_are_saved_pruned_and_resumed_from_mid_epoch_and_at_epo
     assert {s: (st["epoch"], st["batches_done"], st["step"]) for s, st in states.items()} == {
         3: (2, 1, 3), 4: (2, 0, 4), 5: (3, 1, 5)}  # (epoch ended or in progress, its batches done, step)
     assert run.latest_checkpoint().path.name == "epoch-0003"  # step 6: the epoch's checkpoint
+    assert "step checkpoints (with their training state): step 3, 4, 5 in " in straight.summary
 
     original = RunFolder.save_checkpoint
     for killed_after in (4, 3):
