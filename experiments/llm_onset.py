@@ -275,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     block = f"{text}\n{version}; {args.epochs} epochs, pretrain {args.pretrain_steps} steps\n"
     (args.out / "table.md").write_text(block)
     if args.update_doc:
-        from lorakit.world.curve_report import update_doc
+        from lorakit.doc_blocks import update_doc_blocks
 
-        update_doc(args.update_doc, {"llm": block}, DOC_MARKERS)
+        update_doc_blocks(args.update_doc, {"llm": block}, DOC_MARKERS)
         print(f"updated {args.update_doc}")
     (args.out / "results.json").write_text(json.dumps({"version": version, "runs": [
         {**r.__dict__, "eval_loss": r.eval_loss, "onset": r.onset, "onset_interval": r.onset_interval()}

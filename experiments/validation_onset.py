@@ -188,9 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         text = table(args.out)
         print(text, end="")
         if args.update_doc:
-            from lorakit.world.curve_report import update_doc
+            from lorakit.doc_blocks import update_doc_blocks
 
-            update_doc(args.update_doc, {"table": text}, DOC_MARKERS)
+            update_doc_blocks(args.update_doc, {"table": text}, DOC_MARKERS)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     runs = sorted(p.name for p in GRID.iterdir() if p.is_dir()) if args.runs == "all" else args.runs.split(",")

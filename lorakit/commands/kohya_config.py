@@ -194,14 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     table = options_table()
     if args.update_doc:
-        from lorakit.atomic import atomic_write_text
+        from lorakit.doc_blocks import update_doc_blocks
 
-        text = args.update_doc.read_text(encoding="utf-8")
-        begin, end = DOC_MARKERS
-        if text.count(begin) != 1 or text.count(end) != 1:
-            raise SystemExit(f"{args.update_doc}: needs one line {begin} and one line {end}")
-        head, rest = text.split(begin, 1)
-        atomic_write_text(args.update_doc, f"{head}{begin}\n{table}{end}{rest.split(end, 1)[1]}")
+        update_doc_blocks(args.update_doc, {"kohya options": table}, {"kohya options": DOC_MARKERS})
     else:
         print(table, end="")
     return 0

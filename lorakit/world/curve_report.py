@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lorakit.config import EarlyStopConfig, load_config
+from lorakit.doc_blocks import update_doc_blocks
 from lorakit.earlystop import samples as sample_stop
 from lorakit.earlystop.replay import COMPARED_RULES
 from lorakit.earlystop.rules import SIZE_SERIES, GrowthStall
@@ -592,19 +593,7 @@ DOC_MARKERS = {name: (f"<!-- curve-report {name} -->", f"<!-- /curve-report {nam
 def update_doc(path: Path, blocks: dict[str, str], markers: dict[str, tuple[str, str]] | None = None) -> None:
     """Replace what lies between each block's markers (``DOC_MARKERS`` unless given) in the Markdown file
     ``path`` (the rest of the page is prose a person wrote, kept as it is); the file is written atomically."""
-    from lorakit.atomic import atomic_write_text
-
-    markers = DOC_MARKERS if markers is None else markers
-    text = path.read_text(encoding="utf-8")
-    for name, block in blocks.items():
-        begin, end = markers[name]
-        if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
-            raise InvalidValueError(f"{path}: needs one line {begin} and, after it, one line {end} around the "
-                                    f"{name} block")
-        head, rest = text.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        text = f"{head}{begin}\n{block.strip()}\n{end}{tail}"
-    atomic_write_text(path, text)
+    update_doc_blocks(path, blocks, DOC_MARKERS if markers is None else markers)
 
 
 def main(argv: list[str] | None = None) -> int:
