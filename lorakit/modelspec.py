@@ -23,6 +23,11 @@ KINDS = {
 USER_FIELDS = ("title", "author", "description", "license", "tags")
 
 
+def modelspec_date(now: datetime.datetime | None = None) -> str:
+    """``modelspec.date``: ``now`` (default: this moment, UTC) to the second, ISO 8601 as kohya writes it."""
+    return (now or datetime.datetime.now(datetime.UTC)).replace(microsecond=0).isoformat()
+
+
 def modelspec_metadata(kind: str, *, title: str, resolution: tuple[int, int], prediction_type: str,
                        clip_skip: int = 1, timesteps: tuple[int, int] | None = None,
                        triggers: Iterable[str] = (), user: Mapping[str, str | None] | None = None,
@@ -36,14 +41,13 @@ def modelspec_metadata(kind: str, *, title: str, resolution: tuple[int, int], pr
     unknown = sorted(set(user) - set(USER_FIELDS))
     if unknown:
         raise ValueError(f"unknown ModelSpec entries {unknown}; known: {', '.join(USER_FIELDS)}")
-    now = now or datetime.datetime.now(datetime.UTC)
     entries = {
         "sai_model_spec": SPEC_VERSION,
         "architecture": f"{ARCHITECTURE_SD1}/{suffix}",
         "implementation": implementation,
         "title": user.pop("title", None) or title,
         "resolution": f"{resolution[0]}x{resolution[1]}",
-        "date": now.replace(microsecond=0).isoformat(),
+        "date": modelspec_date(now),
         "prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
         **user,
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -14,6 +13,7 @@ import torch
 import lorakit
 from lorakit.atomic import atomic_write_text
 from lorakit.formats import AdapterFile, model_hashes, write_adapter
+from lorakit.modelspec import modelspec_date
 from lorakit.tools import check_output
 from lorakit.tools.lowrank import Factors, ModuleReport, lora_tensors, report_table, totals, totals_line
 
@@ -64,7 +64,7 @@ class ToolResult:
                 self.tensors[f"{name}.{key}"] = tensor
         meta = {k: v for k, v in (source or {}).items() if k in _KEEP_FROM_SOURCE or k.startswith("modelspec.")}
         if "modelspec.date" in meta:  # the same model described (title, trigger, license), made now
-            meta["modelspec.date"] = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
+            meta["modelspec.date"] = modelspec_date()
         kxk = {n: len(f.shape) == 4 and f.shape[2] * f.shape[3] > 1 for n, f in self.factors.items()}
         linear = [f for n, f in self.factors.items() if not kxk[n]]
         conv = [f for n, f in self.factors.items() if kxk[n]]
