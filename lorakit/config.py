@@ -164,7 +164,8 @@ class OptimizerConfig:
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     lr_scheduler: str = "constant"  # diffusers' schedule names: constant, constant_with_warmup, cosine, linear...
-    lr_warmup_steps: int = 0
+    #: warmup steps, or (kohya's float below 1) that share of the run's steps
+    lr_warmup_steps: int | float = 0
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1
 
@@ -443,7 +444,8 @@ class TrainConfig:
             (len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas), "optimizer.betas",
              "two numbers in [0, 1), e.g. [0.9, 0.999]", opt.betas),
             (_at_least(opt.weight_decay, 0), "optimizer.weight_decay", "0 or more", opt.weight_decay),
-            (opt.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps", "0 or more", opt.lr_warmup_steps),
+            (_warmup_ok(opt.lr_warmup_steps), "optimizer.lr_warmup_steps",
+             "a whole number of steps, or a share of the steps below 1 (0.1: the first 10%)", opt.lr_warmup_steps),
             (_at_least(opt.max_grad_norm, 0), "optimizer.max_grad_norm", "0 or more (0: no clipping)",
              opt.max_grad_norm),
             (_positive_int(opt.gradient_accumulation_steps), "optimizer.gradient_accumulation_steps",
@@ -556,6 +558,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _warmup_ok(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return value >= 0 and (float(value).is_integer() or value < 1)
+
+
+def warmup_steps(value: int | float, total_steps: int) -> int:
+    """``optimizer.lr_warmup_steps`` in steps: a share below 1 of ``total_steps`` (kohya reads a float so), else
+    the number itself."""
+    return int(value * total_steps) if isinstance(value, float) and value < 1 else int(value)
 
 
 def _positive_int(value: Any) -> bool:

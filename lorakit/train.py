@@ -32,6 +32,7 @@ from lorakit.config import (
     missing_paths,
     resume_changes,
     to_toml,
+    warmup_steps,
     with_absolute_paths,
 )
 from lorakit.data import DataConfig, TrainingData
@@ -319,7 +320,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
 
         optimizer = build_optimizer(method.param_groups(), cfg)
         lr_schedule = get_scheduler(cfg.optimizer.lr_scheduler, optimizer,
-                                    num_warmup_steps=cfg.optimizer.lr_warmup_steps, num_training_steps=total_steps)
+                                    num_warmup_steps=warmup_steps(cfg.optimizer.lr_warmup_steps, total_steps),
+                                    num_training_steps=total_steps)
         unet_lr = cfg.optimizer.unet_lr or cfg.optimizer.learning_rate
         monitor = None
         meter = method.cs_meter()

@@ -58,8 +58,8 @@ def test_every_option_is_translated_or_listed(tmp_path):
     assert (cfg.model.base, cfg.data.train_data, cfg.output.dir, cfg.output.name) == (
         "/models/sd15.safetensors", "/data/my_char", "/runs/my_char", "my_char")
     net, opt = cfg.network, cfg.optimizer
-    assert (net.algorithm, net.preset, net.rank, net.alpha, net.conv_rank, net.conv_alpha) == ("loha", "full", 16, 8,
-                                                                                                4, 2)
+    assert (net.algorithm, net.preset, net.rank, net.alpha, net.conv_rank, net.conv_alpha) == (
+        "loha", "lycoris-full", 16, 8, 4, 2)  # LyCORIS's default preset, full, reaches conv_in/out too
     assert net.args == {"use_tucker": True} and net.train_text_encoder and net.train_unet  # kohya trains both
     assert (opt.optimizer, opt.learning_rate, opt.text_encoder_lr, opt.lr_scheduler) == ("adamw8bit", 1e-4, 5e-5,
                                                                                          "cosine")

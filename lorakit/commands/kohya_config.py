@@ -1,5 +1,5 @@
 """kohya sd-scripts' training config file (``train_network.py --config_file FILE.toml``: its command-line options as
-flat TOML keys) read into a lorakit config.
+flat TOML keys), or a kohya_ss GUI config (JSON, ``lorakit.commands.kohya_gui``), read into a lorakit config.
 
 Each key is translated with the table the trainer's error messages use for kohya's options
 (``lorakit.commands.train.KOHYA_OPTIONS``), or a lorakit flag of the same name, so one table says how every kohya
@@ -25,6 +25,13 @@ from lorakit.config import ConfigError, TrainConfig, merge_into
 
 #: kohya's network modules -> lorakit's algorithm (lycoris.kohya names its algorithm in network_args: algo=...)
 NETWORK_MODULES = {"networks.lora": "lora", "networks.dylora": "dylora", "networks.oft": "oft"}
+#: LyCORIS's algorithm names lorakit spells otherwise ("locon" is LyCORIS's LoRA with convolutions: lora + a
+#: preset that reaches them)
+LYCORIS_ALGORITHMS = {"locon": "lora"}
+#: LyCORIS's presets -> lorakit's (LyCORIS's full also adapts conv_in, conv_out and the time embedding)
+LYCORIS_PRESETS = {"full": "lycoris-full", "attn-mlp": "attn-mlp", "attn-only": "attn-only"}
+#: kohya's values lorakit names otherwise
+_KOHYA_VALUES = {"save_precision": {"float": "fp32"}}
 #: network_args lorakit has as settings of their own (the rest go to network.args)
 _NETWORK_ARG_SETTINGS = {"conv_dim": ("network", "conv_rank", int), "conv_alpha": ("network", "conv_alpha", float)}
 #: the lines around the options table in docs/kohya.md
@@ -105,9 +112,16 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
         if algo is None:
             out.untranslated.append(f"network_module = {module!r}: not a network lorakit trains")
         else:
-            out.set("network.algorithm", algo)
-            convs = "conv_dim" in network_args or module == "lycoris.kohya"
-            out.set("network.preset", "full" if convs else "kohya")  # LoCon reaches the ResNet convs
+            out.set("network.algorithm", LYCORIS_ALGORITHMS.get(algo, algo))
+            if module == "lycoris.kohya":  # LyCORIS's own presets (its default: full)
+                preset = str(network_args.pop("preset", "full"))
+                if preset in LYCORIS_PRESETS:
+                    out.set("network.preset", LYCORIS_PRESETS[preset])
+                else:
+                    out.untranslated.append(f"network_args preset={preset}: a LyCORIS preset lorakit lacks (it has "
+                                            f"{', '.join(LYCORIS_PRESETS)})")
+            else:  # kohya's LoCon reaches the ResNet convs
+                out.set("network.preset", "full" if "conv_dim" in network_args else "kohya")
     for name, (section, key, kind) in _NETWORK_ARG_SETTINGS.items():
         if name in network_args:
             out.set(f"{section}.{key}", kind(network_args.pop(name)))
@@ -135,6 +149,8 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
         out.set("network.train_unet", False)
 
     for key, value in options.items():
+        if key in _KOHYA_VALUES and isinstance(value, str):
+            value = _KOHYA_VALUES[key].get(value, value)
         dashed = "--" + key.replace("_", "-")
         hint = KOHYA_OPTIONS.get(dashed) or (dashed if dashed in FLAGS else None)
         if _is_off(value):
@@ -165,8 +181,17 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
 def config_from_kohya(path: str | Path) -> tuple[TrainConfig, KohyaTranslation]:
     """A lorakit config from a kohya config file, and what was and was not translated (values are checked by
     type here and by range in ``TrainConfig.validate``, each error naming the file)."""
+    from lorakit.commands.kohya_gui import gui_to_kohya, is_gui_config
+
     path = Path(path)
-    translation = translate(read_kohya_file(path), path)
+    table = read_kohya_file(path)
+    if is_gui_config(table):  # the kohya_ss GUI's saved config: the options it would launch sd-scripts with
+        table, gui_skipped, gui_notes = gui_to_kohya(table, path)
+        translation = translate(table, path)
+        translation.skipped += gui_skipped
+        translation.untranslated += gui_notes
+    else:
+        translation = translate(table, path)
     cfg = TrainConfig()
     merge_into(cfg, translation.settings, f"{path} (kohya config)")
     return cfg, translation

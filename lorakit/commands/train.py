@@ -151,6 +151,8 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--save-state-on-train-end": "(the default: the last checkpoint holds the training state)",
     "--debug-dataset": "--dry-run",
     "--save-model-as": "(the default: safetensors, the only format lorakit writes)",
+    "--lr-scheduler-type": "(not in lorakit: diffusers' schedules by name, --set optimizer.lr_scheduler=NAME)",
+    "--lr-scheduler-args": "(not in lorakit: diffusers' schedules by name, --set optimizer.lr_scheduler=NAME)",
     "--lr-scheduler-num-cycles": "(not in lorakit: diffusers' schedules run with their own cycles and power)",
     "--lr-scheduler-power": "(not in lorakit: diffusers' schedules run with their own cycles and power)",
     "--full-bf16": "(not in lorakit: trained weights stay fp32; --mixed-precision bf16 runs the model in bf16)",

@@ -1,0 +1,123 @@
+"""``lorakit train --from-kohya GUI.json``: a config saved by the kohya_ss GUI (bmaltais/kohya_ss's LoRA tab), whose
+fields the GUI turns into sd-scripts options when it starts a run, translated as the GUI would launch it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+from test_train import write_dataset
+
+from lorakit.cli import main
+from lorakit.commands.kohya_config import config_from_kohya
+from lorakit.config import ConfigError, TrainConfig, warmup_steps
+
+
+def gui_config(**fields) -> dict:
+    """A GUI config as the GUI saves it: every field present, numbers it reads from text boxes as strings, fields
+    that are off as "" / 0 / false."""
+    return {
+        "LoRA_type": "LyCORIS/LoKr", "LyCORIS_preset": "attn-mlp", "model_list": "custom",
+        "pretrained_model_name_or_path": "/models/sd15.safetensors", "train_data_dir": "/data/zkz",
+        "reg_data_dir": "", "output_dir": "/runs/zkz", "output_name": "2024", "logging_dir": "",
+        "epoch": 12, "max_train_epochs": "", "max_train_steps": "", "max_resolution": "512,512",
+        "train_batch_size": 2, "learning_rate": 0.0001, "unet_lr": 0.0001, "text_encoder_lr": 0,
+        "lr_scheduler": "cosine", "lr_warmup": 10, "lr_scheduler_args": "", "optimizer": "AdamW8bit",
+        "optimizer_args": '"weight_decay=0.1" "betas=0.9,0.99"', "network_dim": 16, "network_alpha": 8,
+        "conv_dim": 4, "conv_alpha": 2, "factor": 8, "use_tucker": False, "use_cp": False, "unit": 1,
+        "rank_dropout": 0, "module_dropout": 0, "network_dropout": 0, "block_dims": "", "down_lr_weight": "",
+        "clip_skip": "2", "seed": "42", "max_token_length": "75", "keep_tokens": "1", "shuffle_caption": True,
+        "noise_offset_type": "Multires", "noise_offset": 0.05, "multires_noise_iterations": 6,
+        "multires_noise_discount": 0.3, "min_snr_gamma": 5, "mixed_precision": "bf16", "save_precision": "fp16",
+        "xformers": "xformers", "num_cpu_threads_per_process": 2, "num_processes": 1, "sample_prompts": "",
+        "sample_every_n_epochs": 0, "sample_sampler": "euler_a", "sdxl": False, "v2": False,
+        "training_comment": "zkz, 12 epochs", "additional_parameters": "--max_token_length 150 --no_half_vae",
+        **fields,
+    }
+
+
+def test_a_gui_config_is_translated_as_the_gui_launches_it(tmp_path):
+    path = tmp_path / "zkz.json"
+    path.write_text(json.dumps(gui_config()))
+    cfg, translation = config_from_kohya(path)
+    net, opt, data, training = cfg.network, cfg.optimizer, cfg.data, cfg.training
+    assert (net.algorithm, net.preset, net.rank, net.alpha, net.conv_rank, net.conv_alpha) == (
+        "lokr", "attn-mlp", 16, 8, 4, 2)
+    assert net.args == {"factor": 8}  # options that are off are not passed, as the GUI does not pass them
+    assert net.train_unet and not net.train_text_encoder  # the text encoder's learning rate is 0: U-Net only
+    assert (opt.optimizer, opt.unet_lr, opt.lr_scheduler, opt.lr_warmup_steps) == ("adamw8bit", 1e-4, "cosine", 0.1)
+    assert opt.args == {"weight_decay": 0.1, "betas": [0.9, 0.99]}
+    assert (training.max_epochs, training.seed, training.multires_noise_iterations) == (12, 42, 6)
+    assert training.noise_offset == 0  # the GUI passes only the chosen kind of offset noise (Multires)
+    assert (data.resolution, data.batch_size, data.keep_tokens) == (512, 2, 1)
+    assert (cfg.model.clip_skip, cfg.model.max_token_length, cfg.model.no_half_vae) == (2, 150, True)  # extra options
+    assert (cfg.output.name, cfg.output.comment) == ("2024", "zkz, 12 epochs")  # text that looks like a number
+    assert translation.untranslated == []
+    assert {"model_list", "num_cpu_threads_per_process", "xformers"} <= set(translation.skipped)
+
+
+@pytest.mark.parametrize(("fields", "said"), [
+    ({"LoRA_type": "LoRA-FA"}, "network_module = 'networks.lora_fa': not a network lorakit trains"),
+    ({"LoRA_type": "Something new"}, "LoRA_type = 'Something new': not a LoRA type of the kohya_ss GUI"),
+    ({"LyCORIS_preset": "unet-transformer-only"}, "preset=unet-transformer-only: a LyCORIS preset lorakit lacks"),
+    ({"sample_prompts": "zkz shape --n blurry"}, "sample_prompts: the GUI keeps the prompts in its config"),
+    ({"num_processes": 2}, "num_processes = 2: launch with `accelerate launch --num_processes 2"),
+    ({"sdxl": True}, "sdxl = true: lorakit trains Stable Diffusion 1.x base models"),
+])
+def test_what_lorakit_cannot_take_over_from_a_gui_config_is_listed(tmp_path, fields, said):
+    path = tmp_path / "gui.json"
+    path.write_text(json.dumps(gui_config(**fields)))
+    _, translation = config_from_kohya(path)
+    assert any(said in line for line in translation.untranslated), translation.untranslated
+
+
+def test_the_gui_s_learning_rates_of_zero_choose_the_networks_and_its_types_their_modules(tmp_path):
+    path = tmp_path / "gui.json"
+    for (unet_lr, te_lr), (unet, te) in {(1e-4, 5e-5): (True, True), (0, 5e-5): (False, True),
+                                         (0, 0): (True, True)}.items():
+        path.write_text(json.dumps(gui_config(unet_lr=unet_lr, text_encoder_lr=te_lr)))
+        cfg, _ = config_from_kohya(path)
+        assert (cfg.network.train_unet, cfg.network.train_text_encoder) == (unet, te)
+        default = TrainConfig().optimizer.learning_rate
+        assert cfg.optimizer.learning_rate == (1e-4 if (unet_lr, te_lr) == (0, 0) else default)
+    path.write_text(json.dumps(gui_config(LoRA_type="Kohya LoCon", noise_offset_type="Original")))
+    cfg, _ = config_from_kohya(path)
+    assert (cfg.network.algorithm, cfg.network.preset, cfg.network.conv_rank) == ("lora", "full", 4)
+    assert (cfg.training.noise_offset, cfg.training.multires_noise_iterations) == (0.05, 0)
+    path.write_text(json.dumps(gui_config(LoRA_type="Standard")))
+    cfg, _ = config_from_kohya(path)
+    assert (cfg.network.algorithm, cfg.network.preset, cfg.network.conv_rank) == ("lora", "kohya", None)
+    path.write_text(json.dumps(gui_config(LoRA_type="LyCORIS/LoHa", LyCORIS_preset="full", use_tucker=True)))
+    cfg, _ = config_from_kohya(path)
+    assert (cfg.network.algorithm, cfg.network.preset, cfg.network.args) == ("loha", "lycoris-full",
+                                                                              {"use_tucker": True})
+    path.write_text(json.dumps(gui_config(additional_parameters="--network_dim sixteen")))
+    with pytest.raises(ConfigError, match="gui.json"):  # a value missing: the type check names the file
+        config_from_kohya(path)
+    path.write_text(json.dumps(gui_config(additional_parameters="150 --no_half_vae")))
+    with pytest.raises(ConfigError, match="gui.json: additional_parameters = .*'150' follows no --option"):
+        config_from_kohya(path)
+
+
+def test_a_warmup_share_is_a_share_of_the_run_s_steps(tmp_path):
+    assert (warmup_steps(0.1, 250), warmup_steps(25, 250), warmup_steps(25.0, 250)) == (25, 25, 25)
+    for bad in (1.5, -1, True):
+        cfg = TrainConfig()
+        cfg.optimizer.lr_warmup_steps = bad
+        with pytest.raises(ConfigError, match="optimizer.lr_warmup_steps must be a whole number of steps, or a share"):
+            cfg.validate()
+
+
+def test_a_gui_config_trains(tiny_model_dir, tmp_path):
+    data = write_dataset(tmp_path / "data", n=4)
+    path = tmp_path / "gui.json"
+    path.write_text(json.dumps(gui_config(
+        pretrained_model_name_or_path=str(tiny_model_dir), train_data_dir=str(data), output_dir=str(tmp_path / "run"),
+        output_name="zkz", epoch=1, max_resolution="64,64", network_dim=4, network_alpha=2, conv_dim=0, conv_alpha=0,
+        factor=2, mixed_precision="no", save_precision="float", optimizer="AdamW", additional_parameters="")))
+    assert main(["train", "--from-kohya", str(path), "--no-progress", "--early-stop", "off"]) == 0
+    with safe_open(str(tmp_path / "run" / "zkz.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert any(k.endswith("lokr_w1") for k in keys) and not any(k.startswith("lora_te_") for k in keys)
+    assert meta["ss_network_module"] == "lycoris.kohya" and json.loads(meta["ss_network_args"])["algo"] == "lokr"
