@@ -35,11 +35,10 @@ def _images(n: int, size: tuple[int, int] = (40, 40), seed: int = 0) -> list[Ima
     return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
 
 
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory) -> Path:
+def make_tiny_clip(folder: Path) -> Path:
+    """A random CLIP model (image and text towers, the shipped tokenizer) saved as a user's CLIP folder is."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
     torch.manual_seed(0)
     config = CLIPConfig(
         text_config=dict(vocab_size=847, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -53,6 +52,11 @@ def clip_folder(tmp_path_factory) -> Path:
     for f in TOKENIZER.iterdir():
         shutil.copy(f, folder / f.name)
     return folder
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory) -> Path:
+    return make_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
 @pytest.fixture(scope="module")

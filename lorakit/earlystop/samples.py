@@ -12,7 +12,9 @@ checkpoint nearly as good as the best one, as early as it can be known.
 Scorers are registered by name (``register_sample_scorer``): what "good" means depends on what can read the
 images.  The shapes world registers ``world`` (its exact reader: success on new colors, rows and backgrounds ×
 agnostic pictures kept, the onset's own score) when ``lorakit.world.evaluation`` is imported; the core never
-imports the world.
+imports the world.  lorakit ships ``clip`` (``lorakit.evaluate.sample_scorer``: fidelity to the training images ×
+prompt-following, read with a local CLIP model), imported when first named.  A scorer with a ``set_reference``
+method is given the training images before training.
 """
 
 from __future__ import annotations
@@ -51,9 +53,17 @@ def register_sample_scorer(name: str, factory: Callable[[str | None], SampleScor
     SAMPLE_SCORERS[name] = factory
 
 
+#: the scorers lorakit ships, imported when first named (the module registers its scorer)
+BUILT_IN_SCORERS = {"clip": "lorakit.evaluate.sample_scorer"}
+
+
 def load_sample_scorer(spec: str) -> SampleScorer:
     """``"name"`` or ``"name=PATH"`` -> the registered scorer."""
     name, _, path = spec.partition("=")
+    if name not in SAMPLE_SCORERS and name in BUILT_IN_SCORERS:
+        import importlib
+
+        importlib.import_module(BUILT_IN_SCORERS[name])
     if name not in SAMPLE_SCORERS:
         known = ", ".join(SAMPLE_SCORERS) or "none registered"
         raise InvalidValueError(f"early_stop.samples: unknown sample scorer {name!r} (known: {known})")
@@ -223,4 +233,6 @@ def make_sample_stop(spec: str, prompt_file: str | None, seeds: int, reach: floa
     if not prompts:
         raise InvalidValueError(f"early_stop.sample_prompts: {prompt_file} has no prompt of the types the "
                                 f"{scorer.name!r} scorer reads ({', '.join(scorer.types)})")
+    if (check := getattr(scorer, "check_prompts", None)) is not None:  # what else a scorer needs of them
+        check(prompts, f"early_stop.sample_prompts: {prompt_file}")
     return SampleStop(scorer, prompts, seeds, SamplePlateau(reach, patience))
