@@ -261,7 +261,8 @@ class EarlyStopConfig:
     #: {growth = 0.07, span = 2, cap = 0.175}
     rule_args: dict = field(default_factory=dict)
     #: stop on the samples instead (beyond the paper; lorakit.earlystop.samples): a sample scorer's name, e.g.
-    #: "world" (the shapes world's reader); "" = off.  At every epoch end the trainer draws ``sample_prompts``
+    #: "world" (the shapes world's reader) or "clip=PATH" (a local CLIP model: fidelity × prompt-following,
+    #: lorakit.evaluate.sample_scorer); "" = off.  At every epoch end the trainer draws ``sample_prompts``
     #: (``sample_seeds`` images each), the scorer turns them into one score, and the run stops once the smoothed
     #: score has not risen for ``sample_patience`` epochs, handing back the first epoch at ``sample_reach`` of its
     #: best.  The weight rule above is still recorded (report only).
