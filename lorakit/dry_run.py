@@ -69,9 +69,24 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     lines.append(f"training: {count(steps_per_epoch, 'step')} per epoch × {count(cfg.training.max_epochs, 'epoch')}"
                  f" = {count(total, 'step')}" + (f" (training.max_steps {cfg.training.max_steps})" if capped else "")
                  + f"; early stopping: {cfg.early_stop.mode}")
+    lines.append(_checkpoints_line(cfg, steps_per_epoch, total))
     if data.warnings:
         lines.append(f"warnings: {len(data.warnings)} (above)")
     if resuming:
         lines.append(f"resume: continues the run in {cfg.output.dir} from its last checkpoint")
     lines.append("checked: run the same command without --dry-run to train")
     return "\n".join(lines)
+
+
+def _checkpoints_line(cfg: TrainConfig, steps_per_epoch: int, total: int) -> str:
+    """When checkpoints would be saved: every N epochs and the last, and step checkpoints at the multiples of
+    save_every_n_steps that do not fall on an epoch saved anyway (as the trainer decides)."""
+    line = f"checkpoints: every {count(cfg.training.save_every_n_epochs, 'epoch')} and the last"
+    every = cfg.training.save_every_n_steps
+    if not every:
+        return line
+    epoch_saved = {e * steps_per_epoch for e in range(1, cfg.training.max_epochs + 1)
+                   if e % cfg.training.save_every_n_epochs == 0}
+    steps = [s for s in range(every, total, every) if s not in epoch_saved]
+    kept = f", those of the last {cfg.training.save_last_n_steps} steps kept" if cfg.training.save_last_n_steps else ""
+    return f"{line}; a step checkpoint every {count(every, 'step')} ({count(len(steps), 'checkpoint')}{kept})"

@@ -28,7 +28,8 @@ def test_a_dry_run_says_what_would_be_trained_and_writes_nothing(tiny_model_dir,
     out = tmp_path / "run"
     _no_loading(monkeypatch)
     assert main(["train", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(out), "--dry-run",
-                 "--batch-size", "2", "--epochs", "4", "--max-steps", "10", "--trigger", "zkz"]) == 0
+                 "--batch-size", "2", "--epochs", "4", "--max-steps", "10", "--trigger", "zkz",
+                 "--set", "training.save_every_n_epochs=2", "--set", "training.save_every_n_steps=2"]) == 0
     text = capsys.readouterr().out
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data"]
     assert "made for 64×64 (from its configs)" in text
@@ -37,6 +38,8 @@ def test_a_dry_run_says_what_would_be_trained_and_writes_nothing(tiny_model_dir,
     assert "  001.png: 'zkz shape'" in text  # the caption it will train with: the folder's words
     assert "training: 3 steps per epoch × 4 epochs = 10 steps (training.max_steps 10)" in text
     assert "1_zkz shape: white background (5)" in text  # tag frequency, as kohya counts it
+    # steps 2, 4 and 8: step 6 ends epoch 2, saved as the epoch's; step 10 is the last, saved as the epoch's too
+    assert "checkpoints: every 2 epochs and the last; a step checkpoint every 2 steps (3 checkpoints)" in text
 
     # a resume is checked as the resume would check it: a setting it may not change is refused
     flags = ["train", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(out), "--batch-size", "2"]
