@@ -147,6 +147,13 @@ class NetworkConfig:
     #: kohya's --scale_weight_norms: after each step a module whose ‖ΔW‖ exceeds this is scaled back onto it
     #: (max-norm regularisation; kohya's guides suggest 1); LoRA/LoCon, LoHa, LoKr; None: off
     max_norm: float | None = None
+    #: LoRA+ (kohya's network_args loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio): the
+    #: up matrices (B, ``lora_up``) learn this many times faster than the rest (the LoRA+ paper suggests about
+    #: 16); the U-Net's or the text encoder's own ratio, else the shared one; None: off.  LoRA/LoCon (and DoRA),
+    #: DyLoRA: the algorithms with an up matrix
+    loraplus_lr_ratio: float | None = None
+    loraplus_unet_lr_ratio: float | None = None
+    loraplus_text_encoder_lr_ratio: float | None = None
 
 
 @dataclass
@@ -392,6 +399,9 @@ class TrainConfig:
             (train.save_last_n_epochs is None or _positive_int(train.save_last_n_epochs),
              "training.save_last_n_epochs", "a positive integer (or absent: every checkpoint is kept)",
              train.save_last_n_epochs),
+            *[(getattr(net, k) is None or _at_least(getattr(net, k), 0, strict=True), f"network.{k}",
+               "positive (or absent: LoRA+ off)", getattr(net, k))
+              for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")],
             (train.save_every_n_steps is None or _positive_int(train.save_every_n_steps),
              "training.save_every_n_steps", "a positive integer (or absent: checkpoints at epoch ends only)",
              train.save_every_n_steps),

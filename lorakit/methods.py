@@ -118,6 +118,15 @@ def _lr(cfg: TrainConfig, specific: float | None) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- adapters
+def loraplus_ratios(cfg: TrainConfig) -> dict[str, float]:
+    """LoRA+'s learning-rate ratio of the up matrices per network ("unet", "text_encoder"), where it is on: the
+    network's own ratio, else the shared one (kohya's rule)."""
+    net = cfg.network
+    ratios = {"unet": net.loraplus_unet_lr_ratio or net.loraplus_lr_ratio,
+              "text_encoder": net.loraplus_text_encoder_lr_ratio or net.loraplus_lr_ratio}
+    return {group: ratio for group, ratio in ratios.items() if ratio is not None}
+
+
 def block_lr_weights(cfg: TrainConfig) -> BlockLrWeights | None:
     net = cfg.network
     try:
@@ -202,6 +211,13 @@ class AdapterMethod(TrainingMethod):
                 raise ConfigError(f"network.max_norm: {err}") from None
         if net.dim_from_weights:  # not a preset's name: the file chose the layers
             self.network.args["preset"] = "from-weights"
+        for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+            if getattr(net, key) is not None:  # recorded in ss_network_args, where kohya's network_args put them
+                self.network.args[key] = f"{getattr(net, key):g}"
+        if loraplus_ratios(cfg) and not any(k.startswith("lora_up.") for name in self.network.names()
+                                            for k, _ in self.network[name].named_parameters()):
+            raise ConfigError(f"network.loraplus_lr_ratio: LoRA+ speeds up the up matrices (lora_up) of LoRA, "
+                              f"LoCon, DoRA and DyLoRA; {net.algorithm} has none")
         if len(self.network) == 0 and net.dim_from_weights:
             raise ConfigError(f"network.dim_from_weights: {ranks_file.label}: none of its modules is a layer this "
                               "run adapts (network.train_unet/train_text_encoder)")
@@ -230,22 +246,27 @@ class AdapterMethod(TrainingMethod):
         lrs = {"unet": _lr(self.cfg, self.cfg.optimizer.unet_lr),
                "text_encoder": _lr(self.cfg, self.cfg.optimizer.text_encoder_lr)}
         weights = block_lr_weights(self.cfg)
+        plus = loraplus_ratios(self.cfg)
         for group, plist in params.items():
             if not plist:
                 continue
             lr = lrs.get(group, self.cfg.optimizer.learning_rate)
-            if weights is None or group != "unet":
+            by_block = weights is not None and group == "unet"
+            ratio = plus.get(group)
+            if not by_block and ratio is None:
                 groups.append({"params": plist, "lr": lr, "name": group})
                 continue
-            # kohya's block learning rates: one parameter group per factor
-            by_factor: dict[float, list] = {}
-            for name in self.network.names("unet"):
-                own = [p for k, p in self.network[name].named_parameters()
-                       if not k.startswith("base.") and p.requires_grad]
-                by_factor.setdefault(weights(name), []).extend(own)
-            for factor, own in by_factor.items():
-                if own:
-                    groups.append({"params": own, "lr": lr * factor, "name": f"unet x{factor:g}"})
+            # kohya's block learning rates (one group per factor) and LoRA+ (the up matrices in groups of their own)
+            split: dict[tuple[float, bool], list] = {}
+            for name in self.network.names(group):
+                factor = weights(name) if by_block else 1.0
+                for k, p in self.network[name].named_parameters():
+                    if not k.startswith("base.") and p.requires_grad:
+                        split.setdefault((factor, ratio is not None and k.startswith("lora_up.")), []).append(p)
+            for (factor, up), own in split.items():
+                label = f"{group} x{factor:g}" if by_block else group
+                groups.append({"params": own, "lr": lr * factor * (ratio if up else 1.0),
+                               "name": f"{label} plus" if up else label})
         return groups
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ save_model_as = "safetensors"
 network_module = "lycoris.kohya"
 network_dim = 16
 network_alpha = 8
-network_args = ["algo=loha", "conv_dim=4", "conv_alpha=2", "use_tucker=True"]
+network_args = ["algo=loha", "conv_dim=4", "conv_alpha=2", "use_tucker=True", "loraplus_lr_ratio=16"]
 learning_rate = 1e-4
 text_encoder_lr = 5e-5
 optimizer_type = "AdamW8bit"
@@ -61,6 +61,7 @@ def test_every_option_is_translated_or_listed(tmp_path):
     assert (net.algorithm, net.preset, net.rank, net.alpha, net.conv_rank, net.conv_alpha) == (
         "loha", "lycoris-full", 16, 8, 4, 2)  # LyCORIS's default preset, full, reaches conv_in/out too
     assert net.args == {"use_tucker": True} and net.train_text_encoder and net.train_unet  # kohya trains both
+    assert net.loraplus_lr_ratio == 16  # LoRA+ is a setting of lorakit's own
     assert (opt.optimizer, opt.learning_rate, opt.text_encoder_lr, opt.lr_scheduler) == ("adamw8bit", 1e-4, 5e-5,
                                                                                          "cosine")
     assert opt.args == {"weight_decay": 0.1, "betas": [0.9, 0.99]}

@@ -33,6 +33,7 @@ def gui_config(**fields) -> dict:
         "xformers": "xformers", "num_cpu_threads_per_process": 2, "num_processes": 1, "sample_prompts": "",
         "sample_every_n_epochs": 0, "sample_sampler": "euler_a", "sdxl": False, "v2": False,
         "training_comment": "zkz, 12 epochs", "additional_parameters": "--max_token_length 150 --no_half_vae",
+        "loraplus_lr_ratio": 0, "loraplus_unet_lr_ratio": 8, "loraplus_text_encoder_lr_ratio": 0,
         **fields,
     }
 
@@ -45,6 +46,7 @@ def test_a_gui_config_is_translated_as_the_gui_launches_it(tmp_path):
     assert (net.algorithm, net.preset, net.rank, net.alpha, net.conv_rank, net.conv_alpha) == (
         "lokr", "attn-mlp", 16, 8, 4, 2)
     assert net.args == {"factor": 8}  # options that are off are not passed, as the GUI does not pass them
+    assert (net.loraplus_lr_ratio, net.loraplus_unet_lr_ratio) == (None, 8)
     assert net.train_unet and not net.train_text_encoder  # the text encoder's learning rate is 0: U-Net only
     assert (opt.optimizer, opt.unet_lr, opt.lr_scheduler, opt.lr_warmup_steps) == ("adamw8bit", 1e-4, "cosine", 0.1)
     assert opt.args == {"weight_decay": 0.1, "betas": [0.9, 0.99]}
@@ -115,7 +117,8 @@ def test_a_gui_config_trains(tiny_model_dir, tmp_path):
     path.write_text(json.dumps(gui_config(
         pretrained_model_name_or_path=str(tiny_model_dir), train_data_dir=str(data), output_dir=str(tmp_path / "run"),
         output_name="zkz", epoch=1, max_resolution="64,64", network_dim=4, network_alpha=2, conv_dim=0, conv_alpha=0,
-        factor=2, mixed_precision="no", save_precision="float", optimizer="AdamW", additional_parameters="")))
+        factor=2, mixed_precision="no", save_precision="float", optimizer="AdamW", additional_parameters="",
+        loraplus_unet_lr_ratio=0)))  # LoKr has no up matrix for LoRA+
     assert main(["train", "--from-kohya", str(path), "--no-progress", "--early-stop", "off"]) == 0
     with safe_open(str(tmp_path / "run" / "zkz.safetensors"), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()

@@ -33,7 +33,9 @@ LYCORIS_PRESETS = {"full": "lycoris-full", "attn-mlp": "attn-mlp", "attn-only": 
 #: kohya's values lorakit names otherwise
 _KOHYA_VALUES = {"save_precision": {"float": "fp32"}}
 #: network_args lorakit has as settings of their own (the rest go to network.args)
-_NETWORK_ARG_SETTINGS = {"conv_dim": ("network", "conv_rank", int), "conv_alpha": ("network", "conv_alpha", float)}
+_NETWORK_ARG_SETTINGS = {"conv_dim": ("network", "conv_rank", int), "conv_alpha": ("network", "conv_alpha", float),
+                         **{k: ("network", k, float) for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                                                               "loraplus_text_encoder_lr_ratio")}}
 #: the lines around the options table in docs/kohya.md
 DOC_MARKERS = ("<!-- kohya options table -->", "<!-- /kohya options table -->")
 #: placeholders in the translation table, filled with the file's value
