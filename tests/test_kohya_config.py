@@ -130,3 +130,27 @@ def test_the_kohya_page_shows_the_table_lorakit_uses():
     assert page.split(begin, 1)[1].split(end, 1)[0].strip() == options_table().strip(), \
         "docs/kohya.md is out of date: python -m lorakit.commands.kohya_config --update-doc docs/kohya.md"
     assert "| `--unet_lr` | `--set optimizer.unet_lr=X` |" in page
+
+
+def test_a_kohya_textual_inversion_config_trains_an_embedding(tiny_model_dir, tmp_path):
+    """train_textual_inversion.py's config: token_string makes it textual inversion, its learning rate the
+    embedding's; the template switches lorakit lacks are listed when on."""
+    data = write_dataset(tmp_path / "data", n=4)
+    path = tmp_path / "ti.toml"
+    path.write_text(f'pretrained_model_name_or_path = "{tiny_model_dir}"\ntrain_data_dir = "{data}"\n'
+                    f'output_dir = "{tmp_path / "run"}"\noutput_name = "zkz_ti"\ntoken_string = "zkz"\n'
+                    'init_word = "shape"\nnum_vectors_per_token = 2\nlearning_rate = 5e-3\ntrain_batch_size = 2\n'
+                    'max_train_epochs = 1\nuse_object_template = false\n')
+    cfg, translation = config_from_kohya(path)
+    assert (cfg.method.kind, cfg.method.ti_token, cfg.method.ti_init_word, cfg.method.ti_vectors) == (
+        "ti", "zkz", "shape", 2)
+    assert cfg.optimizer.ti_lr == 5e-3 and translation.untranslated == []
+    assert main(["train", "--from-kohya", str(path), "--no-progress", "--early-stop", "off"]) == 0
+    written = sorted(p.name for p in (tmp_path / "run").glob("*.safetensors"))
+    assert written == ["zkz_ti-zkz.safetensors"], written
+    with safe_open(str(tmp_path / "run" / written[0]), "pt") as f:
+        assert [f.get_tensor(k).shape[0] for k in f.keys()] == [2]  # two vectors for the one token
+    path.write_text(path.read_text().replace("use_object_template = false", "use_object_template = true"))
+    _, translation = config_from_kohya(path)
+    assert translation.untranslated == ["use_object_template = True: not in lorakit: textual inversion trains on "
+                                        "the images' captions"]

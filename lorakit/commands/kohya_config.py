@@ -143,10 +143,17 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
             raise ConfigError(f"{path}: resolution = {raw!r}: expected a size or width,height (512 or \"512,768\")"
                               ) from None
         out.set("data.resolution", size[0] if len(size) == 1 or size[0] == size[1] else size[:2])
+    token = options.pop("token_string", None)
+    if token:  # train_textual_inversion.py: its learning rate is the embedding's
+        out.set("method.kind", "ti")
+        out.set("method.ti_token", str(token))
+        if "learning_rate" in options:
+            out.set("optimizer.ti_lr", options.pop("learning_rate"))
     # kohya trains the text encoder too unless told not to; lorakit's default is the U-Net only
     unet_only = bool(options.pop("network_train_unet_only", False))
     te_only = bool(options.pop("network_train_text_encoder_only", False))
-    out.set("network.train_text_encoder", not unet_only)
+    if not token:  # textual inversion trains no network
+        out.set("network.train_text_encoder", not unet_only)
     if te_only:
         out.set("network.train_unet", False)
 

@@ -115,6 +115,12 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--loraplus-lr-ratio": "--set network.loraplus_lr_ratio=X",
     "--loraplus-unet-lr-ratio": "--set network.loraplus_unet_lr_ratio=X",
     "--loraplus-text-encoder-lr-ratio": "--set network.loraplus_text_encoder_lr_ratio=X",
+    # train_textual_inversion.py's options (--from-kohya sets --method ti when token_string is given)
+    "--token-string": "--method ti --set method.ti_token=NAME",
+    "--init-word": "--set method.ti_init_word=NAME",
+    "--num-vectors-per-token": "--set method.ti_vectors=N",
+    "--use-object-template": "(not in lorakit: textual inversion trains on the images' captions)",
+    "--use-style-template": "(not in lorakit: textual inversion trains on the images' captions)",
     "--network-dropout": "--set network.dropout=X", "--save-precision": "--set output.save_precision=NAME",
     "--network-train-unet-only": "(the default; --set network.train_text_encoder=true to also train it)",
     "--cache-latents": "(the default: data.cache_latents)", "--caption-extension": "--set data.caption_extension=.EXT",
