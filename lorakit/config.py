@@ -391,6 +391,7 @@ class TrainConfig:
             (0 <= data.caption_tag_dropout_rate <= 1, "data.caption_tag_dropout_rate", "between 0 and 1",
              data.caption_tag_dropout_rate),
             (data.num_class_images >= 0, "data.num_class_images", "0 or more", data.num_class_images),
+            (_positive_int(data.vae_batch_size), "data.vae_batch_size", "a positive integer", data.vae_batch_size),
             (_positive_int(train.max_epochs), "training.max_epochs", "a positive integer", train.max_epochs),
             (train.max_steps is None or _positive_int(train.max_steps), "training.max_steps",
              "a positive integer (or absent: the epochs decide)", train.max_steps),

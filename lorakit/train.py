@@ -314,7 +314,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             if own_cache and is_main:
                 run.make_dir("latent_cache")
             data.cache_latents(model.vae, directory=(cfg.data.cache_dir or run.path / "latent_cache")
-                               if cfg.data.cache_latents_to_disk else None)
+                               if cfg.data.cache_latents_to_disk else None, batch_size=cfg.data.vae_batch_size)
             if own_cache and is_main:
                 run.record_tree("latent_cache")
         steps_per_epoch, total_steps = planned_steps(cfg, data, accelerator.num_processes)

@@ -1089,3 +1089,25 @@ def test_samples_every_n_steps_within_epochs_without_changing_the_training(tiny_
     assert results[3].losses == results[None].losses
     a, b = (load_file(str(tmp_path / f"every-{e}" / "lorakit.safetensors")) for e in (None, 3))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vae_batch_size_sets_how_many_images_the_vae_encodes_at_once(tiny_model_dir, tmp_path, monkeypatch):
+    """kohya's vae_batch_size: 4 images cached one at a time (4 encoder calls) or all together (1), the same
+    training either way up to the VAE's batching."""
+    from diffusers import AutoencoderKL
+
+    data = write_dataset(tmp_path / "data", n=4)
+    real = AutoencoderKL.encode
+    runs = {}
+    for size in (1, 8):
+        batches = []
+
+        def counting(self, x, *args, _batches=batches, **kwargs):
+            _batches.append(x.shape[0])
+            return real(self, x, *args, **kwargs)
+
+        monkeypatch.setattr(AutoencoderKL, "encode", counting)
+        runs[size] = run_train(make_config(tiny_model_dir, data, tmp_path / f"vae{size}",
+                                           data={"vae_batch_size": size}, training={"max_epochs": 1}))
+        assert batches == ([1, 1, 1, 1] if size == 1 else [4])
+    assert runs[1].losses == pytest.approx(runs[8].losses, rel=1e-4)

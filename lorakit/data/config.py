@@ -126,6 +126,8 @@ class DataConfig:
     cache_latents: bool = True
     cache_latents_to_disk: bool = False
     cache_dir: str | None = None
+    #: kohya's vae_batch_size: images encoded together when the latents are cached (fewer: less GPU memory)
+    vae_batch_size: int = 8
     #: DreamBooth prior preservation, read by the trainer: this many class images, generated from
     #: `class_prompt` by the base model when `reg_data` holds fewer (lorakit.data only reads images)
     num_class_images: int = 0
