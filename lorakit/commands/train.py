@@ -16,8 +16,6 @@ from copy import deepcopy
 from pathlib import Path
 
 from lorakit.config import ConfigError, TrainConfig, load_config, missing_paths, set_option, to_toml
-from lorakit.world import concept
-from lorakit.world.recipe import apply_recipe
 
 HELP = "train an adapter, embedding or model from a folder of images"
 
@@ -218,6 +216,9 @@ def builtin_default(cfg: TrainConfig, write: bool = True) -> TrainConfig:
     if cfg.model.base is not None:
         raise ConfigError(f"--model {cfg.model.base} needs --data: without data lorakit runs its built-in job (the "
                           "built-in concept on the built-in model); give --data FOLDER to train your model")
+    from lorakit.world import concept  # the shapes world: only the built-in job needs it
+    from lorakit.world.recipe import apply_recipe
+
     apply_recipe(cfg, only_defaults=True)
     out = Path(cfg.output.dir)
     data_dir = out.parent / (out.name + "-data")
@@ -389,6 +390,8 @@ def _dry_run(cfg: TrainConfig, args: argparse.Namespace) -> str:
     data = Path(cfg.data.train_data)
     if not (_is_builtin_job(args) and not data.exists()):
         return dry_run(cfg, config_file=args.config)
+    from lorakit.world import concept
+
     with tempfile.TemporaryDirectory() as tmp:
         rendered = Path(tmp) / data.name
         concept.write_concept_dataset(rendered)
