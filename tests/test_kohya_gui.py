@@ -124,3 +124,22 @@ def test_a_gui_config_trains(tiny_model_dir, tmp_path):
         keys, meta = list(f.keys()), f.metadata()
     assert any(k.endswith("lokr_w1") for k in keys) and not any(k.startswith("lora_te_") for k in keys)
     assert meta["ss_network_module"] == "lycoris.kohya" and json.loads(meta["ss_network_args"])["algo"] == "lokr"
+
+
+def test_a_textual_inversion_tab_config_is_textual_inversion(tmp_path):
+    ti = {key: value for key, value in gui_config().items()
+          if key not in ("LoRA_type", "LyCORIS_preset", "unet_lr", "text_encoder_lr", "network_dim", "network_alpha",
+                         "conv_dim", "conv_alpha", "factor", "use_tucker", "use_cp", "unit", "rank_dropout",
+                         "module_dropout", "network_dropout", "block_dims", "down_lr_weight", "loraplus_lr_ratio",
+                         "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")}
+    ti.update(token_string="zkz", init_word="shape", num_vectors_per_token=2, template="caption", weights="",
+              learning_rate="0.005")
+    path = tmp_path / "ti.json"
+    path.write_text(json.dumps(ti))
+    cfg, translation = config_from_kohya(path)
+    assert (cfg.method.kind, cfg.method.ti_token, cfg.method.ti_vectors, cfg.optimizer.ti_lr) == ("ti", "zkz", 2, 5e-3)
+    assert (cfg.training.max_epochs, cfg.data.resolution) == (12, 512) and translation.untranslated == []
+    path.write_text(json.dumps({**ti, "template": "object template"}))
+    _, translation = config_from_kohya(path)
+    assert translation.untranslated == ["template = 'object template': lorakit's textual inversion trains on the "
+                                        "images' captions (the GUI's \"caption\")"]

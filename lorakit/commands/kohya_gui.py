@@ -1,6 +1,7 @@
-"""The kohya_ss GUI's saved configs (bmaltais/kohya_ss: the LoRA tab's "Save" JSON and its presets) as the
-sd-scripts options the GUI launches ``train_network.py`` with, so ``lorakit train --from-kohya GUI.json`` reads
-them through the same translation as a ``--config_file`` TOML.
+"""The kohya_ss GUI's saved configs (bmaltais/kohya_ss: the LoRA and textual-inversion tabs' "Save" JSON, and
+their presets) as the sd-scripts options the GUI launches ``train_network.py`` (``train_textual_inversion.py``)
+with, so ``lorakit train --from-kohya GUI.json`` reads them through the same translation as a ``--config_file``
+TOML.
 
 Most GUI keys are sd-scripts options already.  The others are GUI fields the GUI turns into options when it
 starts a run, and this module does the same:
@@ -72,8 +73,9 @@ GUI_ONLY = ("model_list", "save_as", "save_as_bool", "file_path", "headless", "p
 
 
 def is_gui_config(table: dict[str, Any]) -> bool:
-    """A kohya_ss GUI config (every version saves its LoRA type), not a ``--config_file`` table."""
-    return "LoRA_type" in table
+    """A kohya_ss GUI config of its LoRA tab (every version saves the LoRA type) or its textual-inversion tab
+    (the token and the GUI's own resolution field), not a ``--config_file`` table."""
+    return "LoRA_type" in table or ("token_string" in table and "max_resolution" in table)
 
 
 #: GUI fields that hold text even when it looks like a number (the rest are numbers the GUI saves as strings:
@@ -159,7 +161,11 @@ def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[
     skipped = [k for k in GUI_ONLY if k in gui]
     for key in skipped:
         gui.pop(key)
-    options, notes = _network(gui)
+    options, notes = _network(gui) if "LoRA_type" in gui else ({}, [])
+    template = gui.pop("template", "caption")  # the textual-inversion tab: captions, or kohya's templates
+    if template not in ("caption", "", None):
+        notes.append(f"template = {template!r}: lorakit's textual inversion trains on the images' captions (the "
+                     "GUI's \"caption\")")
     epochs = gui.pop("epoch", None)
     if _is_set(epochs) and not _is_set(gui.get("max_train_epochs")):
         gui["max_train_epochs"] = int(epochs)
