@@ -301,7 +301,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                             default_resolution=model.resolution)
         check_validation(cfg, data)
         if is_main and sample_stop is not None and hasattr(sample_stop.scorer, "set_reference"):
-            sample_stop.scorer.set_reference(data.trained_images())  # what its samples are compared with
+            sample_stop.scorer.set_reference(data.trained_image_paths())  # what its samples are compared with
         for dataset in data.datasets:
             method.check_multiplier(dataset.network_multiplier)
         if is_main and (note := long_captions_note(model, data, cfg.model.max_token_length)):

@@ -54,6 +54,24 @@ def test_the_score_is_fidelity_to_the_training_images_times_prompt_following(cli
     assert scorer.components(reference[:3], prompts)["fidelity"] > parts["fidelity"]
 
 
+
+def test_the_training_images_are_read_from_their_files_a_batch_at_a_time(clip, tmp_path, monkeypatch):
+    import lorakit.evaluate.sample_scorer as module
+    from lorakit.earlystop.samples import load_sample_scorer
+
+    reference = _images(5, seed=1)
+    paths = []
+    for i, im in enumerate(reference):
+        paths.append(tmp_path / f"{i}.png")
+        im.save(paths[-1])
+    scorer = load_sample_scorer(f"clip={clip}")
+    scorer.set_reference(reference)
+    in_memory = scorer.reference
+    monkeypatch.setattr(module, "REFERENCE_BATCH", 2)  # 5 files: batches of 2, 2 and 1
+    scorer.set_reference(paths)
+    assert scorer.reference.shape == in_memory.shape and np.allclose(scorer.reference, in_memory, atol=1e-5)
+
+
 def test_clip_scorer_settings_are_refused_with_what_to_do(clip, tmp_path):
     from lorakit.earlystop.samples import load_sample_scorer, make_sample_stop
 

@@ -307,9 +307,9 @@ class TrainingData:
         """Training samples per epoch, repeats included (kohya's ``ss_num_train_images``)."""
         return sum(n for n, r in zip(self.repeats, self.records, strict=True) if not r.is_reg)
 
-    def trained_images(self) -> list[Image.Image]:
-        """The images trained on (no regularization or held-out image), each once, upright and RGB."""
-        return [load_rgb(r.path) for n, r in zip(self.repeats, self.records, strict=True) if n and not r.is_reg]
+    def trained_image_paths(self) -> list[Path]:
+        """The images trained on (no regularization or held-out image), each once."""
+        return [r.path for n, r in zip(self.repeats, self.records, strict=True) if n and not r.is_reg]
 
     @property
     def num_reg_images(self) -> int:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lorakit.data.images import load_rgb
 from lorakit.errors import InvalidValueError
 from lorakit.evaluate import metrics as M
 from lorakit.evaluate.extractors import load_extractor
@@ -35,6 +36,8 @@ from lorakit.evaluate.extractors import load_extractor
 #: the prompt types fidelity is measured on, and those prompt-following is measured on (a subset)
 FIDELITY_TYPES = ("train", "trigger", "alter", "style")
 FOLLOWING_TYPES = ("alter", "style")
+#: training images read and embedded at a time
+REFERENCE_BATCH = 64
 
 
 class ClipSampleScorer:
@@ -51,11 +54,17 @@ class ClipSampleScorer:
         self.extractor = load_extractor("clip", str(path))
         self.reference: np.ndarray | None = None
 
-    def set_reference(self, images: Sequence[Image.Image]) -> None:
-        """The training images the generated ones are compared with (embedded once)."""
+    def set_reference(self, images: Sequence[Image.Image | Path]) -> None:
+        """The training images the generated ones are compared with (embedded once; files are read a batch at a
+        time, upright and RGB, so a large dataset is never held in memory)."""
         if not images:
             raise InvalidValueError("the clip sample scorer needs the training images to compare with; none given")
-        self.reference = self.extractor.embed_images(list(images)).numpy()
+        parts = []
+        for start in range(0, len(images), REFERENCE_BATCH):
+            batch = [load_rgb(Path(im)) if isinstance(im, str | Path) else im
+                     for im in images[start:start + REFERENCE_BATCH]]
+            parts.append(self.extractor.embed_images(batch).numpy())
+        self.reference = np.concatenate(parts)
 
     def components(self, images: Sequence[Image.Image], prompts: Sequence[Any]) -> dict[str, float]:
         """The two factors (``fidelity``, ``following``); NaN for a factor none of the prompts measures."""
