@@ -66,6 +66,7 @@ def test_a_gui_config_is_translated_as_the_gui_launches_it(tmp_path):
     ({"sample_prompts": "zkz shape --n blurry"}, "sample_prompts: the GUI keeps the prompts in its config"),
     ({"num_processes": 2}, "num_processes = 2: launch with `accelerate launch --num_processes 2"),
     ({"sdxl": True}, "sdxl = true: lorakit trains Stable Diffusion 1.x base models"),
+    ({"lr_warmup": 100}, "lr_warmup = 100: warming up for the whole run"),
 ])
 def test_what_lorakit_cannot_take_over_from_a_gui_config_is_listed(tmp_path, fields, said):
     path = tmp_path / "gui.json"

@@ -180,7 +180,11 @@ def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[
             gui[key] = _arg_list(gui[key])
     warmup = gui.pop("lr_warmup", 0)
     if _is_set(warmup) and not _is_set(gui.get("lr_warmup_steps")):
-        gui["lr_warmup_steps"] = float(warmup) / 100  # a percentage of the steps; sd-scripts: a ratio below 1
+        if float(warmup) >= 100:  # a share is below 1: a whole run of warm-up is a number of steps
+            notes.append(f"lr_warmup = {warmup}: warming up for the whole run; set optimizer.lr_warmup_steps to "
+                         "its number of steps")
+        else:
+            gui["lr_warmup_steps"] = float(warmup) / 100  # a percentage of the steps; sd-scripts: a ratio below 1
     # which network trains: the GUI reads a learning rate of 0 as "not this one"
     unet_lr, te_lr = (float(gui.get(k) or 0) for k in ("unet_lr", "text_encoder_lr"))
     if unet_lr or te_lr:
