@@ -131,16 +131,18 @@ def test_every_kohya_translation_is_an_option_or_a_setting_that_exists():
                      "data.caption_suffix": "best quality",
                      "output.metadata_title": "My style",
                      "output.metadata_author": "me", "output.metadata_description": "a style",
+                     "method.ti_init_word": "dog",
                      "output.metadata_license": "CreativeML Open RAIL-M", "output.metadata_tags": "style, paint"}
             example = {"NAME": names.get(dotted), "N": "2", "X": "0.1", "true": "true", ".EXT": ".caption",
                        "{KEY = VALUE}": "{factor = 8}",
                        "MARK": "|||"}
             cfg = TrainConfig()
-            needs = {"training.noise_offset_random_strength": "training.noise_offset",
-                     "training.adaptive_noise_scale": "training.noise_offset",
-                     "training.ip_noise_gamma_random_strength": "training.ip_noise_gamma"}  # what they change
+            needs = {"training.noise_offset_random_strength": ("training.noise_offset", "0.1"),
+                     "training.adaptive_noise_scale": ("training.noise_offset", "0.1"),
+                     "training.ip_noise_gamma_random_strength": ("training.ip_noise_gamma", "0.1"),
+                     "training.save_last_n_steps": ("training.save_every_n_steps", "2")}  # what they change
             if dotted in needs:
-                set_option(cfg, needs[dotted], "0.1")
+                set_option(cfg, *needs[dotted])
             set_option(cfg, dotted, example.get(value, value))
             cfg.validate()
         elif several:

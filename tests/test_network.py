@@ -189,3 +189,21 @@ def test_no_double_application_and_atomic_creation(tiny_unet):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'everything'"):
         create_network(None, preset="everything")
+
+
+@pytest.mark.parametrize("algorithm", ["lora", "loha", "lokr", "ia3", "full", "glora", "boft", "oft", "dylora"])
+def test_every_algorithm_adapts_lycoris_full_s_extra_layers(algorithm):
+    """LyCORIS's own `full` preset (what a LyCORIS kohya config names, or names by default) also adapts conv_in,
+    conv_out and the time embedding: every algorithm builds there, and the gradient reaches those adapters."""
+    unet = build_tiny_unet()
+    network = create_network(unet, preset="lycoris-full", ranks=UniformRanks(4, 4.0, 4, 4.0), algorithm=algorithm)
+    extra = [n for n in network.names() if n.endswith(("conv_in", "conv_out", "time_embedding_linear_1"))]
+    assert len(extra) == 3
+    randomize(network)
+    unet(*unet_inputs()).sample.square().mean().backward()
+    for name in extra:
+        grads = [p.grad for k, p in network[name].named_parameters() if not k.startswith("base.") and p.requires_grad]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), name
+        if algorithm == "oft" and name.endswith("conv_out"):
+            continue  # 4 output channels in blocks of 1 (LyCORIS's factorization(4, 4)): a 1×1 rotation is fixed
+        assert any(float(g.abs().max()) > 0 for g in grads), name
