@@ -99,3 +99,29 @@ def test_the_built_in_job_is_checked_without_leaving_its_images_behind(tmp_path,
     text = capsys.readouterr().out
     assert "1 folder, 15 images (10_zkz shape: 15 × 10) = 150 samples/epoch" in text
     assert "rendered for this check in a temporary folder" in text and list(tmp_path.iterdir()) == []
+
+
+def test_a_dry_run_checks_the_sample_stop_without_loading_its_model(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """early_stop.samples = "clip=PATH": the folder is checked from its config alone (this one holds no weights, so
+    loading it would fail), the prompt file read and its prompts checked, as the trainer would."""
+    import json
+
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    (clip / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    prompts = tmp_path / "p.toml"
+    prompts.write_text('trigger = "zkz shape"\ntrain = ["a {trigger}"]\nalter = ["a blue {trigger}", '
+                       '"a {trigger} on the left"]\nagnostic = ["a circle"]\n')
+    _no_loading(monkeypatch)
+    flags = ["train", "--model", str(tiny_model_dir), "--data", str(write_dataset(tmp_path / "data", n=3)), "--out",
+             str(tmp_path / "run"), "--dry-run", "--set", f"early_stop.sample_prompts={json.dumps(str(prompts))}"]
+    assert main([*flags, "--set", f"early_stop.samples={json.dumps(f'clip={clip}')}"]) == 0
+    assert ("early stop on the samples: the 'clip' scorer, 3 prompts × 1 seed drawn and scored at every epoch end"
+            in capsys.readouterr().out)  # the agnostic prompt is not read
+    missing = tmp_path / "none"
+    assert main([*flags, "--set", f"early_stop.samples={json.dumps(f'clip={missing}')}"]) == 2
+    assert f"{missing}: no such folder" in capsys.readouterr().err
+    prompts.write_text('trigger = "zkz shape"\ntrain = ["a {trigger}"]\n')
+    assert main([*flags, "--set", f"early_stop.samples={json.dumps(f'clip={clip}')}"]) == 2
+    assert "the clip sample scorer needs alter or style prompts" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

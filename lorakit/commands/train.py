@@ -416,6 +416,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(printable_config(cfg, args))
         return 0
+    if cfg.early_stop.samples.partition("=")[0] == WORLD_SCORER:
+        import lorakit.world.evaluation  # noqa: F401  (registers the world's sample scorer; the core never imports it)
     if args.dry_run:
         print(_dry_run(cfg, args))
         return 0
@@ -423,8 +425,6 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train import train  # here, not at the top: --print-config must not wait for torch
 
     keep_freed_memory()  # every step frees and takes back the same buffers: keep them (an SD1.5 CPU step ~20 % faster)
-    if cfg.early_stop.samples.partition("=")[0] == WORLD_SCORER:
-        import lorakit.world.evaluation  # noqa: F401  (registers the world's sample scorer; the core never imports it)
 
     if args.data is None and cfg.data.train_data and Path(cfg.data.train_data).name.endswith("-data") \
             and args.config is None:

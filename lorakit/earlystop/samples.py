@@ -49,7 +49,8 @@ SAMPLE_SCORERS: dict[str, Callable[[str | None], SampleScorer]] = {}
 
 
 def register_sample_scorer(name: str, factory: Callable[[str | None], SampleScorer]) -> None:
-    """``factory(path)``: the scorer, ``path`` being what follows ``=`` in ``early_stop.samples`` (or None)."""
+    """``factory(path)``: the scorer, ``path`` being what follows ``=`` in ``early_stop.samples`` (or None).  A
+    scorer class as the factory lets ``--dry-run`` read its ``types`` (and ``check_spec``) without loading it."""
     SAMPLE_SCORERS[name] = factory
 
 
@@ -57,9 +58,8 @@ def register_sample_scorer(name: str, factory: Callable[[str | None], SampleScor
 BUILT_IN_SCORERS = {"clip": "lorakit.evaluate.sample_scorer"}
 
 
-def load_sample_scorer(spec: str) -> SampleScorer:
-    """``"name"`` or ``"name=PATH"`` -> the registered scorer."""
-    name, _, path = spec.partition("=")
+def _scorer_factory(name: str) -> Callable[[str | None], SampleScorer]:
+    """The registered factory of ``name`` (a built-in scorer's module imported on first use)."""
     if name not in SAMPLE_SCORERS and name in BUILT_IN_SCORERS:
         import importlib
 
@@ -67,7 +67,13 @@ def load_sample_scorer(spec: str) -> SampleScorer:
     if name not in SAMPLE_SCORERS:
         known = ", ".join(SAMPLE_SCORERS) or "none registered"
         raise InvalidValueError(f"early_stop.samples: unknown sample scorer {name!r} (known: {known})")
-    return SAMPLE_SCORERS[name](path or None)
+    return SAMPLE_SCORERS[name]
+
+
+def load_sample_scorer(spec: str) -> SampleScorer:
+    """``"name"`` or ``"name=PATH"`` -> the registered scorer."""
+    name, _, path = spec.partition("=")
+    return _scorer_factory(name)(path or None)
 
 
 def smoothed(values: Sequence[float] | np.ndarray, width: int = WIDTH) -> np.ndarray:
@@ -213,13 +219,9 @@ class SampleStop:
                 "turning_point": found.to_dict() if found is not None else None}
 
 
-def make_sample_stop(spec: str, prompt_file: str | None, seeds: int, reach: float, patience: int,
-                     trigger: str | None = None) -> SampleStop:
-    """The configured sample stop (``early_stop.samples`` and its options): the scorer, the prompts of the types
-    it reads from ``prompt_file`` (``trigger``: the training data's, for a file that names none), the rule."""
+def _read_prompts(prompt_file: str | None, trigger: str | None) -> list[Any]:
     from lorakit.evaluate.prompts import PromptSetError, load_prompt_set
 
-    scorer = load_sample_scorer(spec)
     if not prompt_file:
         raise InvalidValueError("early_stop.samples needs early_stop.sample_prompts: an evaluation prompt file "
                                 "(the `lorakit eval --prompts` format) for the scorer to read")
@@ -229,10 +231,40 @@ def make_sample_stop(spec: str, prompt_file: str | None, seeds: int, reach: floa
         if not trigger:
             raise
         prompt_set = load_prompt_set(prompt_file, trigger=trigger)
-    prompts = [p for p in prompt_set.prompts if p.type in scorer.types]
-    if not prompts:
+    return list(prompt_set.prompts)
+
+
+def _prompts_it_reads(scorer: Any, prompts: list[Any], prompt_file: str) -> list[Any]:
+    """The prompts of the types ``scorer`` (a scorer, or a scorer class) reads; refused when none, or when its
+    ``check_prompts`` finds them short of what it needs."""
+    read = [p for p in prompts if p.type in scorer.types]
+    if not read:
         raise InvalidValueError(f"early_stop.sample_prompts: {prompt_file} has no prompt of the types the "
                                 f"{scorer.name!r} scorer reads ({', '.join(scorer.types)})")
     if (check := getattr(scorer, "check_prompts", None)) is not None:  # what else a scorer needs of them
-        check(prompts, f"early_stop.sample_prompts: {prompt_file}")
+        check(read, f"early_stop.sample_prompts: {prompt_file}")
+    return read
+
+
+def make_sample_stop(spec: str, prompt_file: str | None, seeds: int, reach: float, patience: int,
+                     trigger: str | None = None) -> SampleStop:
+    """The configured sample stop (``early_stop.samples`` and its options): the scorer, the prompts of the types
+    it reads from ``prompt_file`` (``trigger``: the training data's, for a file that names none), the rule."""
+    scorer = load_sample_scorer(spec)
+    prompts = _prompts_it_reads(scorer, _read_prompts(prompt_file, trigger), str(prompt_file))
     return SampleStop(scorer, prompts, seeds, SamplePlateau(reach, patience))
+
+
+def check_sample_stop(spec: str, prompt_file: str | None, seeds: int, trigger: str | None = None) -> str:
+    """What ``make_sample_stop`` checks, without loading the scorer's model (``lorakit train --dry-run``): the
+    scorer's name, its own check of its path (``check_spec``, where the factory has one), the prompt file, and the
+    prompts it reads (where the factory says which types); a line saying what each epoch would score."""
+    name, _, path = spec.partition("=")
+    factory = _scorer_factory(name)
+    if (check := getattr(factory, "check_spec", None)) is not None:
+        check(path or None)
+    prompts = _read_prompts(prompt_file, trigger)
+    if getattr(factory, "types", None) is not None:
+        prompts = _prompts_it_reads(factory, prompts, str(prompt_file))
+    return (f"early stop on the samples: the {name!r} scorer, {len(prompts)} prompts × {seeds} "
+            f"seed{'' if seeds == 1 else 's'} drawn and scored at every epoch end")

@@ -56,7 +56,7 @@ def _rgb(images: Sequence[Image.Image]) -> list[Image.Image]:
 
 
 # ------------------------------------------------------------------------------------ transformers models
-def _model_folder(path: str | Path, model_type: str, label: str) -> Path:
+def model_folder(path: str | Path, model_type: str, label: str) -> Path:
     """The folder, checked to hold a transformers model of ``model_type``: a clear error naming the folder, and
     never a hub lookup (a path that is not a folder would otherwise be taken for a repository id)."""
     folder = Path(path)
@@ -92,7 +92,7 @@ class CLIPExtractor:
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 32) -> None:
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-        self.folder = _model_folder(path, "clip", "CLIP")
+        self.folder = model_folder(path, "clip", "CLIP")
         self.name = f"clip:{self.folder.name}"
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -135,7 +135,7 @@ class DINOv2Extractor:
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 32) -> None:
         from transformers import AutoImageProcessor, Dinov2Model
 
-        self.folder = _model_folder(path, "dinov2", "DINOv2")
+        self.folder = model_folder(path, "dinov2", "DINOv2")
         self.name = f"dinov2:{self.folder.name}"
         self.device = torch.device(device)
         self.batch_size = batch_size

@@ -31,7 +31,7 @@ from PIL import Image
 from lorakit.data.images import load_rgb
 from lorakit.errors import InvalidValueError
 from lorakit.evaluate import metrics as M
-from lorakit.evaluate.extractors import load_extractor
+from lorakit.evaluate.extractors import load_extractor, model_folder
 
 #: the prompt types fidelity is measured on, and those prompt-following is measured on (a subset)
 FIDELITY_TYPES = ("train", "trigger", "alter", "style")
@@ -48,11 +48,17 @@ class ClipSampleScorer:
     types = FIDELITY_TYPES
 
     def __init__(self, path: str | Path | None) -> None:
+        self.check_spec(path)
+        self.extractor = load_extractor("clip", str(path))
+        self.reference: np.ndarray | None = None
+
+    @staticmethod
+    def check_spec(path: str | Path | None) -> None:
+        """The folder checked to hold a CLIP model (its config only: ``--dry-run`` loads nothing)."""
         if not path:
             raise InvalidValueError('early_stop.samples = "clip" needs the local folder of a CLIP model: '
                                     '"clip=/path/to/clip" (saved with save_pretrained; nothing is downloaded)')
-        self.extractor = load_extractor("clip", str(path))
-        self.reference: np.ndarray | None = None
+        model_folder(path, "clip", "CLIP")
 
     def set_reference(self, images: Sequence[Image.Image | Path]) -> None:
         """The training images the generated ones are compared with (embedded once; files are read a batch at a
@@ -86,7 +92,8 @@ class ClipSampleScorer:
         # negatives never reads as a good score
         return max(parts["fidelity"], 0.0) * max(parts["following"], 0.0)
 
-    def check_prompts(self, prompts: Sequence[Any], source: str) -> None:
+    @staticmethod
+    def check_prompts(prompts: Sequence[Any], source: str) -> None:
         """Both factors need prompts: refused before training when one has none."""
         if not any(p.type in FOLLOWING_TYPES for p in prompts):
             raise InvalidValueError(f"{source}: the clip sample scorer needs alter or style prompts (the concept "

@@ -133,5 +133,5 @@ class WorldSampleScorer:
 
 
 register_extractor(EXTRACTOR_KIND, lambda path: WorldReaderExtractor(path))
-register_sample_scorer(PROVIDER, lambda path: WorldSampleScorer(path))
+register_sample_scorer(PROVIDER, WorldSampleScorer)  # the class: its types are known without loading it
 register_metric_provider(PROVIDER, WorldMetricProvider)
