@@ -60,7 +60,7 @@ def test_a_gui_config_is_translated_as_the_gui_launches_it(tmp_path):
 
 
 @pytest.mark.parametrize(("fields", "said"), [
-    ({"LoRA_type": "LoRA-FA"}, "network_module = 'networks.lora_fa': not a network lorakit trains"),
+    ({"LoRA_type": "Flux1"}, "network_module = 'networks.lora_flux': not a network lorakit trains"),
     ({"LoRA_type": "Something new"}, "LoRA_type = 'Something new': not a LoRA type of the kohya_ss GUI"),
     ({"LyCORIS_preset": "unet-transformer-only"}, "preset=unet-transformer-only: a LyCORIS preset lorakit lacks"),
     ({"sample_prompts": "zkz shape --n blurry"}, "sample_prompts: the GUI keeps the prompts in its config"),
@@ -88,6 +88,9 @@ def test_the_gui_s_learning_rates_of_zero_choose_the_networks_and_its_types_thei
     cfg, _ = config_from_kohya(path)
     assert (cfg.network.algorithm, cfg.network.preset, cfg.network.conv_rank) == ("lora", "full", 4)
     assert (cfg.training.noise_offset, cfg.training.multires_noise_iterations) == (0.05, 0)
+    path.write_text(json.dumps(gui_config(LoRA_type="LoRA-FA")))
+    cfg, _ = config_from_kohya(path)
+    assert (cfg.network.algorithm, cfg.network.preset, cfg.network.args) == ("lora", "kohya", {"frozen_down": True})
     path.write_text(json.dumps(gui_config(LoRA_type="Standard")))
     cfg, _ = config_from_kohya(path)
     assert (cfg.network.algorithm, cfg.network.preset, cfg.network.conv_rank) == ("lora", "kohya", None)

@@ -1111,3 +1111,22 @@ def test_vae_batch_size_sets_how_many_images_the_vae_encodes_at_once(tiny_model_
                                            data={"vae_batch_size": size}, training={"max_epochs": 1}))
         assert batches == ([1, 1, 1, 1] if size == 1 else [4])
     assert runs[1].losses == pytest.approx(runs[8].losses, rel=1e-4)
+
+
+def test_lora_fa_keeps_the_down_matrices_as_they_start(tiny_model_dir, dataset, tmp_path):
+    """LoRA-FA (network.args frozen_down, kohya's networks.lora_fa): only the up matrices train; the down ones
+    of the result are those of step 1 (the up matrices start at zero, so no down matrix moves in step 1 either
+    way), where an ordinary LoRA's have moved by step 3. The file is an ordinary LoRA's."""
+    downs = {}
+    for frozen in (False, True):
+        out = tmp_path / f"fa-{frozen}"
+        args = {"frozen_down": True} if frozen else {}
+        run_train(make_config(tiny_model_dir, dataset, out, network={"args": args},
+                              training={"max_steps": 3, "save_every_n_steps": 1}))
+        first = RunFolder(out, "resume").step_checkpoints()[0].load_tensors()
+        final = load_file(str(out / "lorakit.safetensors"))
+        moved = [not torch.equal(first[k], final[k]) for k in final if k.endswith("lora_down.weight")]
+        ups = [not torch.equal(first[k], final[k]) for k in final if k.endswith("lora_up.weight")]
+        downs[frozen] = any(moved)
+        assert all(ups) and {k.split(".", 1)[1] for k in final} == {"lora_down.weight", "lora_up.weight", "alpha"}
+    assert downs == {False: True, True: False}

@@ -83,7 +83,8 @@ def make_adapter(algorithm: str, base: BaseLayer, rank: int = 4, alpha: float | 
     ``dropout``, ``rank_dropout``, ``rank_dropout_scale``, ``module_dropout`` everywhere; ``dora``,
     ``wd_on_out``, ``use_tucker`` (lora, loha, lokr); ``factor``, ``decompose_both``, ``full_matrix``,
     ``unbalanced_factorization``, ``bypass`` (lokr); ``on_input`` (ia3); ``constraint``, ``rescaled`` (oft, boft,
-    where ``rank`` bounds the block size); ``use_tucker`` (glora); ``block_size`` (dylora, kohya's ``unit``).
+    where ``rank`` bounds the block size); ``use_tucker`` (glora); ``block_size`` (dylora, kohya's ``unit``);
+    ``frozen_down`` (lora: LoRA-FA).
     LyCORIS's names (``dora_wd``, ``weight_decompose``, ``train_on_input``, ``bypass_mode``, ...) are accepted
     too.
     """

@@ -24,7 +24,8 @@ import tomllib
 from lorakit.config import ConfigError, TrainConfig, merge_into
 
 #: kohya's network modules -> lorakit's algorithm (lycoris.kohya names its algorithm in network_args: algo=...)
-NETWORK_MODULES = {"networks.lora": "lora", "networks.dylora": "dylora", "networks.oft": "oft"}
+NETWORK_MODULES = {"networks.lora": "lora", "networks.lora_fa": "lora", "networks.dylora": "dylora",
+                   "networks.oft": "oft"}
 #: LyCORIS's algorithm names lorakit spells otherwise ("locon" is LyCORIS's LoRA with convolutions: lora + a
 #: preset that reaches them)
 LYCORIS_ALGORITHMS = {"locon": "lora"}
@@ -124,6 +125,8 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
                                             f"{', '.join(LYCORIS_PRESETS)})")
             else:  # kohya's LoCon reaches the ResNet convs
                 out.set("network.preset", "full" if "conv_dim" in network_args else "kohya")
+            if module == "networks.lora_fa":  # LoRA-FA: LoRA whose down matrices stay as they start
+                network_args["frozen_down"] = True
     for name, (section, key, kind) in _NETWORK_ARG_SETTINGS.items():
         if name in network_args:
             out.set(f"{section}.{key}", kind(network_args.pop(name)))
