@@ -99,6 +99,7 @@ def test_lorakit_sample_keeps_freed_memory_before_the_model_loads(tmp_path, monk
     assert calls == [1]
 
 
+@pytest.mark.extended  # 27 s: the benchmark's own harness (pytest -m extended); the setting is tested above
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_the_benchmark_times_denoising_steps_both_ways():
     """benchmarks/host_memory_ab.py --job sample: one child process per setting, the setting applied in its own."""

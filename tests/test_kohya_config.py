@@ -77,13 +77,19 @@ def test_every_option_is_translated_or_listed(tmp_path):
     assert "full_bf16" in translation.skipped and "xformers" in translation.skipped  # off, or lorakit's way anyway
 
 
-def test_a_kohya_config_trains_as_kohya_would_and_prints_a_lorakit_config(tiny_model_dir, tmp_path, capsys):
+def kohya_file(tmp_path, model_dir, name: str, options: str):
+    """A kohya config training 4 images of the built-in architecture into tmp_path/run, with ``options``."""
     data = write_dataset(tmp_path / "data", n=4)
-    path = tmp_path / "kohya.toml"
-    path.write_text(f'pretrained_model_name_or_path = "{tiny_model_dir}"\ntrain_data_dir = "{data}"\n'
-                    f'output_dir = "{tmp_path / "run"}"\noutput_name = "zkz"\nnetwork_module = "networks.lora"\n'
-                    'network_dim = 4\nnetwork_alpha = 2\ntrain_batch_size = 2\nmax_train_epochs = 1\nseed = 1\n'
-                    'fp8_base = true\n')
+    path = tmp_path / name
+    path.write_text(f'pretrained_model_name_or_path = "{model_dir}"\ntrain_data_dir = "{data}"\n'
+                    f'output_dir = "{tmp_path / "run"}"\n{options}')
+    return path
+
+
+def test_a_kohya_config_trains_as_kohya_would_and_prints_a_lorakit_config(tiny_model_dir, tmp_path, capsys):
+    path = kohya_file(tmp_path, tiny_model_dir, "kohya.toml", 'output_name = "zkz"\nnetwork_module = "networks.lora"\n'
+                      'network_dim = 4\nnetwork_alpha = 2\ntrain_batch_size = 2\nmax_train_epochs = 1\nseed = 1\n'
+                      'fp8_base = true\n')
     assert main(["train", "--from-kohya", str(path), "--no-progress"]) == 2  # refused: not every option taken over
     err = capsys.readouterr().err
     assert "fp8_base" in err and "--print-config" in err and not (tmp_path / "run").exists()
@@ -135,12 +141,9 @@ def test_the_kohya_page_shows_the_table_lorakit_uses():
 def test_a_kohya_textual_inversion_config_trains_an_embedding(tiny_model_dir, tmp_path):
     """train_textual_inversion.py's config: token_string makes it textual inversion, its learning rate the
     embedding's; the template switches lorakit lacks are listed when on."""
-    data = write_dataset(tmp_path / "data", n=4)
-    path = tmp_path / "ti.toml"
-    path.write_text(f'pretrained_model_name_or_path = "{tiny_model_dir}"\ntrain_data_dir = "{data}"\n'
-                    f'output_dir = "{tmp_path / "run"}"\noutput_name = "zkz_ti"\ntoken_string = "zkz"\n'
-                    'init_word = "shape"\nnum_vectors_per_token = 2\nlearning_rate = 5e-3\ntrain_batch_size = 2\n'
-                    'max_train_epochs = 1\nuse_object_template = false\n')
+    path = kohya_file(tmp_path, tiny_model_dir, "ti.toml", 'output_name = "zkz_ti"\ntoken_string = "zkz"\n'
+                      'init_word = "shape"\nnum_vectors_per_token = 2\nlearning_rate = 5e-3\ntrain_batch_size = 2\n'
+                      'max_train_epochs = 1\nuse_object_template = false\n')
     cfg, translation = config_from_kohya(path)
     assert (cfg.method.kind, cfg.method.ti_token, cfg.method.ti_init_word, cfg.method.ti_vectors) == (
         "ti", "zkz", "shape", 2)

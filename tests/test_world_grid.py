@@ -89,6 +89,7 @@ def test_grid_is_a_world_task():
     assert Path(TASKS["grid"][0].__file__).name == "grid.py"
 
 
+@pytest.mark.extended  # 75 s of one worker: the experiment harness, not the product (pytest -m extended)
 def test_an_experiment_on_the_second_concept_trains_and_scores_hearts(tmp_path):
     """``lorakit world experiment --concept vlx`` for one epoch: the heart's training set, its prompts, and
     the concept recorded with every scored epoch (so a later run on the other concept cannot mix in)."""

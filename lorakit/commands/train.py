@@ -81,6 +81,9 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--save-last-n-epochs": "--set training.save_last_n_epochs=N",
     "--save-every-n-steps": "--set training.save_every_n_steps=N",
     "--save-last-n-steps": "--set training.save_last_n_steps=N",
+    # a checkpoint and its training state are kept together: the state's own count is the checkpoints'
+    "--save-last-n-epochs-state": "--set training.save_last_n_epochs=N",
+    "--save-last-n-steps-state": "--set training.save_last_n_steps=N",
     "--validation-split": "--set data.validation_split=X", "--validation-seed": "--set data.validation_seed=N",
     "--validate-every-n-epochs": "--set training.validate_every_n_epochs=N",
     "--validate-every-n-steps": "--set training.validate_every_n_steps=N",
