@@ -122,6 +122,9 @@ def test_json_configs_and_bad_values_name_the_file(tmp_path):
     path.write_text(json.dumps({"network_dim": "sixteen"}))
     with pytest.raises(ConfigError, match="kohya.json"):
         config_from_kohya(path)
+    path.write_text(json.dumps({"learning_rate": 1e-6, "max_train_steps": 400, "train_batch_size": 1}))
+    _, translation = config_from_kohya(path)  # a DreamBooth config (train_db.py): not made a LoRA run silently
+    assert translation.untranslated[0].startswith("no network_module (and no token_string): not a train_network.py")
     with pytest.raises(ConfigError, match="no such kohya config file"):
         config_from_kohya(tmp_path / "missing.toml")
 

@@ -152,6 +152,10 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
         out.set("method.ti_token", str(token))
         if "learning_rate" in options:
             out.set("optimizer.ti_lr", options.pop("learning_rate"))
+    if module is None and not token:  # train_network.py needs its module: this is another script's config
+        out.untranslated.append("no network_module (and no token_string): not a train_network.py or "
+                                "train_textual_inversion.py config; DreamBooth and fine-tuning configs (train_db.py, "
+                                "fine_tune.py) are not translated (lorakit's --method native fine-tunes the U-Net)")
     # kohya trains the text encoder too unless told not to; lorakit's default is the U-Net only
     unet_only = bool(options.pop("network_train_unet_only", False))
     te_only = bool(options.pop("network_train_text_encoder_only", False))
