@@ -54,7 +54,8 @@ class KohyaTranslation:
         self.settings.setdefault(section, {})[key] = value
 
 
-def _is_off(value: Any) -> bool:
+def is_off(value: Any) -> bool:
+    """A kohya option that changes nothing: absent, false, empty, or 0."""
     return value is None or value is False or value == "" or value == [] or value == {} or (
         isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0)
 
@@ -169,7 +170,7 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
             value = _KOHYA_VALUES[key].get(value, value)
         dashed = "--" + key.replace("_", "-")
         hint = KOHYA_OPTIONS.get(dashed) or (dashed if dashed in FLAGS else None)
-        if _is_off(value):
+        if is_off(value):
             out.skipped.append(key)
             continue
         if hint is None:
@@ -200,14 +201,12 @@ def config_from_kohya(path: str | Path) -> tuple[TrainConfig, KohyaTranslation]:
     from lorakit.commands.kohya_gui import gui_to_kohya, is_gui_config
 
     path = Path(path)
-    table = read_kohya_file(path)
+    table, gui_skipped, gui_notes = read_kohya_file(path), [], []
     if is_gui_config(table):  # the kohya_ss GUI's saved config: the options it would launch sd-scripts with
         table, gui_skipped, gui_notes = gui_to_kohya(table, path)
-        translation = translate(table, path)
-        translation.skipped += gui_skipped
-        translation.untranslated += gui_notes
-    else:
-        translation = translate(table, path)
+    translation = translate(table, path)
+    translation.skipped += gui_skipped
+    translation.untranslated += gui_notes
     cfg = TrainConfig()
     merge_into(cfg, translation.settings, f"{path} (kohya config)")
     return cfg, translation

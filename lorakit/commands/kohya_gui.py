@@ -30,6 +30,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from lorakit.commands.kohya_config import is_off
 from lorakit.config import ConfigError
 
 #: the GUI's LoRA types -> (sd-scripts network module, LyCORIS algorithm or None)
@@ -97,10 +98,6 @@ def _number_or_text(key: str, value: Any) -> Any:
     return int(number) if number.is_integer() and not any(c in value for c in ".eE") else number
 
 
-def _is_set(value: Any) -> bool:
-    return value not in (None, "", False, 0, 0.0, [], {})
-
-
 def _arg_list(value: Any) -> list[str]:
     """The GUI's one-string option lists (``"d0=1e-5" "decouple=True"``) as sd-scripts' list, quotes removed."""
     if isinstance(value, list):
@@ -143,12 +140,12 @@ def _network(gui: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     out: dict[str, Any] = {"network_module": module}
     if algo is not None:
         names = _LYCORIS_ARGS[algo]
-        args = [f"algo={algo}"] + ([f"preset={preset}"] if _is_set(preset) else [])
-        args += [f"{'block_size' if k == 'unit' else k}={fields[k]}" for k in names if _is_set(fields.get(k))]
+        args = [f"algo={algo}"] + ([f"preset={preset}"] if not is_off(preset) else [])
+        args += [f"{'block_size' if k == 'unit' else k}={fields[k]}" for k in names if not is_off(fields.get(k))]
     else:
         names = _KOHYA_NETWORK_ARGS + (("conv_dim", "conv_alpha") if lora_type == "Kohya LoCon" else ()) + (
             ("conv_dim", "conv_alpha", "unit") if lora_type == "Kohya DyLoRA" else ())
-        args = [f"{k}={fields[k]}" for k in names if _is_set(fields.get(k))]
+        args = [f"{k}={fields[k]}" for k in names if not is_off(fields.get(k))]
     if args:
         out["network_args"] = args
     return out, []
@@ -167,19 +164,19 @@ def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[
         notes.append(f"template = {template!r}: lorakit's textual inversion trains on the images' captions (the "
                      "GUI's \"caption\")")
     epochs = gui.pop("epoch", None)
-    if _is_set(epochs) and not _is_set(gui.get("max_train_epochs")):
+    if not is_off(epochs) and is_off(gui.get("max_train_epochs")):
         gui["max_train_epochs"] = int(epochs)
     for gui_key, option in (("max_resolution", "resolution"), ("optimizer", "optimizer_type"),
                             ("lora_network_weights", "network_weights")):
         if gui_key in gui:
             value = gui.pop(gui_key)
-            if option not in gui or not _is_set(gui[option]):
+            if option not in gui or is_off(gui[option]):
                 gui[option] = value
     for key in ("optimizer_args", "lr_scheduler_args"):
         if key in gui:
             gui[key] = _arg_list(gui[key])
     warmup = gui.pop("lr_warmup", 0)
-    if _is_set(warmup) and not _is_set(gui.get("lr_warmup_steps")):
+    if not is_off(warmup) and is_off(gui.get("lr_warmup_steps")):
         if float(warmup) >= 100:  # a share is below 1: a whole run of warm-up is a number of steps
             notes.append(f"lr_warmup = {warmup}: warming up for the whole run; set optimizer.lr_warmup_steps to "
                          "its number of steps")
@@ -211,13 +208,13 @@ def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[
         notes.append(f"num_processes = {processes!r}: launch with `accelerate launch --num_processes {processes} -m "
                      "lorakit.cli train` instead")
     prompts = gui.pop("sample_prompts", "")
-    if _is_set(prompts):
+    if not is_off(prompts):
         notes.append("sample_prompts: the GUI keeps the prompts in its config; save them in a file (kohya's syntax) "
                      "and --set sample.prompts=FILE")
     if gui.pop("sdxl", False):
         notes.append("sdxl = true: lorakit trains Stable Diffusion 1.x base models (SDXL not yet)")
     extra = gui.pop("additional_parameters", "")
-    if _is_set(extra):  # command-line text: numbers as sd-scripts' argument types read them
+    if not is_off(extra):  # command-line text: numbers as sd-scripts' argument types read them
         gui.update({k: [_number_or_text(k, v) for v in value] if isinstance(value, list) else
                     _number_or_text(k, value) for k, value in _extra_options(str(extra), path).items()})
     options.update(gui)
