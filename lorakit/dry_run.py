@@ -18,7 +18,7 @@ from lorakit.data import TrainingData
 from lorakit.models import native_resolution
 from lorakit.run_messages import count, opening_line
 from lorakit.trackers import check_tracker
-from lorakit.train import check_paths, check_resume_settings, check_validation, planned_steps
+from lorakit.train import check_paths, check_resume_settings, check_validation, planned_steps, sample_stop_line
 
 #: captions shown as examples, and tags per folder in the frequency list
 EXAMPLES, TOP_TAGS = 3, 8
@@ -71,7 +71,7 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
                  + f"; early stopping: {cfg.early_stop.mode}")
     lines.append(_checkpoints_line(cfg, steps_per_epoch, total))
     if cfg.early_stop.samples and cfg.early_stop.mode != "off":
-        lines.append(_sample_stop_line(cfg))
+        lines.append(sample_stop_line(cfg))
     if data.warnings:
         lines.append(f"warnings: {len(data.warnings)} (above)")
     if resuming:
@@ -92,16 +92,3 @@ def _checkpoints_line(cfg: TrainConfig, steps_per_epoch: int, total: int) -> str
     steps = [s for s in range(every, total, every) if s not in epoch_saved]
     kept = f", those of the last {cfg.training.save_last_n_steps} steps kept" if cfg.training.save_last_n_steps else ""
     return f"{line}; a step checkpoint every {count(every, 'step')} ({count(len(steps), 'checkpoint')}{kept})"
-
-
-def _sample_stop_line(cfg: TrainConfig) -> str:
-    """The sample stop checked as the trainer checks it, its scorer's model not loaded."""
-    from lorakit.data.discovery import kohya_phrase
-    from lorakit.earlystop.samples import check_sample_stop
-
-    es = cfg.early_stop
-    trigger = cfg.data.trigger or (kohya_phrase(cfg.data.train_data) if cfg.data.train_data else None)
-    try:
-        return check_sample_stop(es.samples, es.sample_prompts, es.sample_seeds, trigger=trigger)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None

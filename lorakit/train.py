@@ -735,17 +735,33 @@ def _check_resumable(state: dict[str, Any], fingerprint: str, data: TrainingData
                             "longer, raise --epochs or --max-steps")
 
 
+def _sample_trigger(cfg: TrainConfig) -> str | None:
+    """The trigger a sample-stop prompt file that names none is filled with: the data's."""
+    from lorakit.data.discovery import kohya_phrase
+
+    return cfg.data.trigger or (kohya_phrase(cfg.data.train_data) if cfg.data.train_data else None)
+
+
 def _sample_stop(cfg: TrainConfig) -> SampleStop | None:
     """The sample stop the config asks for (``early_stop.samples``), its prompts read and checked."""
     if not cfg.early_stop.samples or cfg.early_stop.mode == "off":
         return None
-    from lorakit.data.discovery import kohya_phrase
-
     es = cfg.early_stop
-    trigger = cfg.data.trigger or (kohya_phrase(cfg.data.train_data) if cfg.data.train_data else None)
     try:
         return make_sample_stop(es.samples, es.sample_prompts, es.sample_seeds, es.sample_reach, es.sample_patience,
-                                trigger=trigger)
+                                trigger=_sample_trigger(cfg))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def sample_stop_line(cfg: TrainConfig) -> str:
+    """``--dry-run``'s line on the sample stop, checked as ``_sample_stop`` checks it but without loading the
+    scorer's model (``lorakit.earlystop.samples.check_sample_stop``)."""
+    from lorakit.earlystop.samples import check_sample_stop
+
+    es = cfg.early_stop
+    try:
+        return check_sample_stop(es.samples, es.sample_prompts, es.sample_seeds, trigger=_sample_trigger(cfg))
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
