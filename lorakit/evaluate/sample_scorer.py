@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from lorakit.data.images import load_rgb
+from lorakit.earlystop.samples import register_sample_scorer
 from lorakit.errors import InvalidValueError
 from lorakit.evaluate import metrics as M
 from lorakit.evaluate.extractors import load_extractor, model_folder
@@ -100,10 +101,4 @@ class ClipSampleScorer:
                                     "asked into something new) to measure how the prompts still steer it")
 
 
-def _register() -> None:
-    from lorakit.earlystop.samples import register_sample_scorer
-
-    register_sample_scorer(ClipSampleScorer.name, ClipSampleScorer)
-
-
-_register()
+register_sample_scorer(ClipSampleScorer.name, ClipSampleScorer)
