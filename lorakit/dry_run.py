@@ -18,7 +18,14 @@ from lorakit.data import TrainingData
 from lorakit.models import native_resolution
 from lorakit.run_messages import count, opening_line
 from lorakit.trackers import check_tracker
-from lorakit.train import check_paths, check_resume_settings, check_validation, planned_steps, sample_stop_line
+from lorakit.train import (
+    check_paths,
+    check_resume_settings,
+    check_validation,
+    planned_steps,
+    sample_stop_line,
+    saves_epoch,
+)
 
 #: captions shown as examples, and tags per folder in the frequency list
 EXAMPLES, TOP_TAGS = 3, 8
@@ -87,8 +94,7 @@ def _checkpoints_line(cfg: TrainConfig, steps_per_epoch: int, total: int) -> str
     every = cfg.training.save_every_n_steps
     if not every:
         return line
-    epoch_saved = {e * steps_per_epoch for e in range(1, cfg.training.max_epochs + 1)
-                   if e % cfg.training.save_every_n_epochs == 0}
+    epoch_saved = {e * steps_per_epoch for e in range(1, cfg.training.max_epochs + 1) if saves_epoch(cfg, e)}
     steps = [s for s in range(every, total, every) if s not in epoch_saved]
     kept = f", those of the last {cfg.training.save_last_n_steps} steps kept" if cfg.training.save_last_n_steps else ""
     return f"{line}; a step checkpoint every {count(every, 'step')} ({count(len(steps), 'checkpoint')}{kept})"

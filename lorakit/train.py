@@ -526,8 +526,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                     run.flush_log()  # lines a full disk refused during the epoch: now, or the run stops here
                     if tracker_dir is not None:
                         run.record_tree("logs")  # files the tracker opened since (record_tree: run's own only)
-                if is_main and (epoch % cfg.training.save_every_n_epochs == 0 or stop_decision is not None
-                                or step >= total_steps or epoch == cfg.training.max_epochs):
+                if is_main and (saves_epoch(cfg, epoch) or stop_decision is not None or step >= total_steps):
                     run.save_checkpoint(epoch, method.trained_tensors(), training_state(epoch, done, local_batches),
                                         metadata=metadata_for(cfg, data, model, epoch, step))
                     # native: a whole U-Net per epoch, so only what may be handed back is kept, as with
@@ -622,6 +621,12 @@ def planned_steps(cfg: TrainConfig, data: TrainingData, processes: int = 1) -> t
     per_epoch = math.ceil(data.steps_per_epoch / processes / cfg.optimizer.gradient_accumulation_steps)
     total = per_epoch * cfg.training.max_epochs
     return per_epoch, total if cfg.training.max_steps is None else min(total, cfg.training.max_steps)
+
+
+def saves_epoch(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether the end of ``epoch`` is saved as an epoch checkpoint by the schedule (every
+    ``save_every_n_epochs``, and the last epoch); a run that stops or ends mid-plan saves its end too."""
+    return epoch % cfg.training.save_every_n_epochs == 0 or epoch == cfg.training.max_epochs
 
 
 def check_validation(cfg: TrainConfig, data: TrainingData) -> None:
