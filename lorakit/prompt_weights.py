@@ -13,15 +13,17 @@ import re
 import torch
 from transformers import CLIPTokenizer
 
+from lorakit.models import encode_prompt_ids, tokenize_prompts
+
 #: A1111's factors for one pair of round / square brackets
 ROUND, SQUARE = 1.1, 1 / 1.1
 _TOKENS = re.compile(r"\\[()\[\]\\]|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|\]|[^\\()\[\]:]+|[\\:]")
-_SYNTAX = re.compile(r"(?<!\\)[()\[\]]")
+_SYNTAX = re.compile(r"[()\[\]]")
 
 
-def has_weights(text: str) -> bool:
-    """Whether ``text`` uses the bracket syntax (an unescaped bracket): it must be parsed, even where every weight
-    is 1, so that ``(word:1.0)`` means ``word``."""
+def uses_bracket_syntax(text: str) -> bool:
+    """Whether ``text`` has a bracket, escaped or not: it must be parsed, even where every weight is 1, so that
+    ``(word:1.0)`` means ``word`` and ``\\(`` a literal bracket."""
     return bool(_SYNTAX.search(text))
 
 
@@ -108,3 +110,14 @@ def apply_weights(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     # a mean near zero would blow the ratio up (or flip the states' sign): those prompts keep the plain scaling
     ratio = torch.where(torch.isfinite(ratio) & (ratio > 0), ratio, torch.ones_like(ratio))
     return scaled * ratio
+
+
+def encode_texts(tokenizer: CLIPTokenizer, text_encoder: torch.nn.Module, texts: list[str], *, weighted: bool,
+                 clip_skip: int = 1, max_token_length: int = 75, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The text encoder's states for ``texts`` as the trainer encodes them (``lorakit.models.encode_prompt_ids``);
+    ``weighted``: the bracket syntax read as weights (every text parsed), else brackets are plain text."""
+    if not weighted:
+        return encode_prompt_ids(text_encoder, tokenize_prompts(tokenizer, texts, max_token_length).to(device),
+                                 clip_skip)
+    ids, weights = weighted_token_ids(tokenizer, texts, max_token_length)
+    return apply_weights(encode_prompt_ids(text_encoder, ids.to(device), clip_skip), weights)

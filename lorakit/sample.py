@@ -40,8 +40,8 @@ else:  # pragma: no cover
 from lorakit.atomic import atomic_write
 from lorakit.errors import InvalidValueError, LorakitError
 from lorakit.metadata import TEXT_SETTINGS, trained_text_setting
-from lorakit.models import BaseModel, encode_prompt_ids, tokenize_prompts
-from lorakit.prompt_weights import apply_weights, has_weights, weighted_token_ids
+from lorakit.models import BaseModel
+from lorakit.prompt_weights import encode_texts, uses_bracket_syntax
 
 log = logging.getLogger(__name__)
 
@@ -290,17 +290,14 @@ def _text_inputs(model: BaseModel, prompts: list[str], negatives: list[str], cli
     prompts or weighted words (``(word:1.2)``, ``lorakit.prompt_weights``) the embeddings encoded as the trainer
     encodes them (diffusers' own ``clip_skip`` counts one less and fails with transformers 5; it reads 75 tokens
     at most, and no weights)."""
-    weighted = any(has_weights(t) for t in [*prompts, *negatives])
+    weighted = any(uses_bracket_syntax(t) for t in [*prompts, *negatives])
     if clip_skip == 1 and max_token_length == 75 and not weighted:
         return {"prompt": prompts, "negative_prompt": negatives}
 
     def embed(texts: list[str]) -> torch.Tensor:
-        if not weighted:
-            ids = tokenize_prompts(model.tokenizer, texts, max_token_length).to(device)
-            return encode_prompt_ids(model.text_encoder, ids, clip_skip)
         # A1111's (word:1.2) syntax: the states scaled token by token, as kohya's sample prompts are read
-        ids, weights = weighted_token_ids(model.tokenizer, texts, max_token_length)
-        return apply_weights(encode_prompt_ids(model.text_encoder, ids.to(device), clip_skip), weights)
+        return encode_texts(model.tokenizer, model.text_encoder, texts, weighted=weighted, clip_skip=clip_skip,
+                            max_token_length=max_token_length, device=device)
 
     return {"prompt_embeds": embed(prompts), "negative_prompt_embeds": embed(negatives)}
 

@@ -13,7 +13,8 @@ from lorakit.config import TrainConfig
 from lorakit.data.dataset import Batch
 from lorakit.loss import NoisedBatch, add_training_noise, diffusion_loss, noise_at
 from lorakit.methods import TrainingMethod
-from lorakit.models import BaseModel, encode_prompt_ids, tokenize_prompts
+from lorakit.models import BaseModel
+from lorakit.prompt_weights import encode_texts, uses_bracket_syntax
 
 #: kohya's validation timesteps (train_network.py): the loss of each held-out batch is averaged over these
 VALIDATION_TIMESTEPS = (10, 350, 500, 650, 990)
@@ -37,6 +38,15 @@ def batch_latents(model: BaseModel, batch: Batch, generator: torch.Generator, st
     return latents.to(device, dtype=torch.float32) * model.vae.config.scaling_factor
 
 
+def encode_captions(cfg: TrainConfig, model: BaseModel, text_encoder: torch.nn.Module, captions: list[str],
+                    device: torch.device) -> torch.Tensor:
+    """The text encoder's states for training captions; with ``data.weighted_captions`` (kohya's), ``(word:1.2)``
+    weighs words as in sample prompts (``lorakit.prompt_weights``), else brackets are plain text."""
+    weighted = cfg.data.weighted_captions and any(uses_bracket_syntax(c) for c in captions)
+    return encode_texts(model.tokenizer, text_encoder, captions, weighted=weighted, clip_skip=cfg.model.clip_skip,
+                        max_token_length=cfg.model.max_token_length, device=device)
+
+
 def prediction_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, batch: Batch, noised: NoisedBatch,
                     accelerator: Accelerator, unet=None, text_encoder=None) -> torch.Tensor:
     """The U-Net's prediction for ``noised`` under the batch's captions, and the run's loss of it."""
@@ -45,9 +55,8 @@ def prediction_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, 
     device = accelerator.device
     options = cfg.training
     captions = [method.expand_prompt(c) for c in batch.captions]
-    ids = tokenize_prompts(model.tokenizer, captions, cfg.model.max_token_length).to(device)
     with accelerator.autocast():
-        hidden = encode_prompt_ids(text_encoder, ids, cfg.model.clip_skip)
+        hidden = encode_captions(cfg, model, text_encoder, captions, device)
         prediction = unet(noised.noisy_latents.to(model.unet.dtype), noised.timesteps,
                           hidden.to(model.unet.dtype)).sample
     return diffusion_loss(prediction, noised, model.noise_scheduler, model.prediction_type, options.min_snr_gamma,

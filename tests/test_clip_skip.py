@@ -202,3 +202,17 @@ def test_a_wildcard_caption_is_measured_by_its_longest_line(tiny_model_dir, tmp_
     longest, joined = prompt_token_counts(model.tokenizer, [second, d.records[0].caption])
     assert joined > longest
     assert f"{longest} tokens" in note and "1 of 1 captions" in note
+
+
+def test_weighted_captions_are_measured_by_their_words(tiny_model_dir, tmp_path):
+    """With weighted_captions the brackets and weights are no tokens: a caption whose words fit is not long."""
+    from data_helpers import data, make_folder
+
+    from lorakit.train import long_captions_note
+
+    model = load_base_model(tiny_model_dir)
+    caption = ", ".join(["(red circle:1.1)"] * 12)  # 35 tokens of words, over 100 with the brackets
+    make_folder(tmp_path / "1_zkz shape", 1, captions={0: caption})
+    assert "captions are longer" in long_captions_note(model, data(tmp_path / "1_zkz shape", trigger="zkz"), 75)
+    weighted = data(tmp_path / "1_zkz shape", trigger="zkz", weighted_captions=True)
+    assert long_captions_note(model, weighted, 75) is None

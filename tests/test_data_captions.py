@@ -197,3 +197,25 @@ def test_token_warmup_counts_the_runs_steps_in_batches(tmp_path):
     d.count_steps(total_steps=8, batches_per_step=2)  # accumulation: two batches a step
     sizes = [len(b.captions[0].split(", ")) - 1 for e in range(2) for b in d.epoch_batches(e)]
     assert sizes == [1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_weighted_captions_move_and_drop_a_brackets_tags_together():
+    """kohya's weighted_captions: a separator inside brackets does not split, so shuffling and tag dropout never
+    cut ``(red, round:1.2)`` apart (kohya's own split does, and warns users off commas in brackets)."""
+    from lorakit.data.captions import split_tags
+
+    caption = r"zkz, (red, round:1.2), [small, faint], on white, a \(literal, comma\)"
+    assert split_tags(caption, brackets=True) == ["zkz", "(red, round:1.2)", "[small, faint]", "on white",
+                                                  r"a \(literal", r"comma\)"]
+    assert len(split_tags(caption)) == 8  # plain text: every comma splits, as kohya splits
+    s = subset(shuffle_caption=True, caption_tag_dropout_rate=0.3, keep_tokens=1)
+    seen = set()
+    for seed in range(100):
+        tags = split_tags(sample_caption(caption, s, random.Random(seed), 0, weighted=True), brackets=True)
+        assert tags[0] == "zkz" and set(tags) <= {"zkz", "(red, round:1.2)", "[small, faint]", "on white",
+                                                  r"a \(literal", r"comma\)"}
+        seen.update(tags)
+    assert {"(red, round:1.2)", "[small, faint]"} <= seen
+    unweighted = {t for seed in range(100)
+                  for t in sample_caption(caption, s, random.Random(seed), 0).split(", ")}
+    assert "(red" in unweighted  # without weighted captions the bracket is split like any text

@@ -36,6 +36,7 @@ clip_skip = 2
 resolution = "512,512"
 shuffle_caption = true
 keep_tokens = 1
+weighted_captions = true
 xformers = true
 gradient_checkpointing = true
 noise_offset = 0.05
@@ -67,6 +68,7 @@ def test_every_option_is_translated_or_listed(tmp_path):
     assert opt.args == {"weight_decay": 0.1, "betas": [0.9, 0.99]}
     data = cfg.data
     assert (data.batch_size, data.resolution, data.shuffle_caption, data.keep_tokens) == (2, 512, True, 1)
+    assert data.weighted_captions
     assert (cfg.training.max_epochs, cfg.training.seed, cfg.training.noise_offset, cfg.training.min_snr_gamma) == (
         10, 42, 0.05, 5)
     assert (cfg.model.mixed_precision, cfg.model.clip_skip, cfg.model.max_token_length) == ("bf16", 2, 150)

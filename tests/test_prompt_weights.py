@@ -9,7 +9,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from lorakit.models import encode_prompt_ids, load_base_model, tokenize_prompts
-from lorakit.prompt_weights import apply_weights, has_weights, parse_weights, weighted_token_ids
+from lorakit.prompt_weights import apply_weights, parse_weights, uses_bracket_syntax, weighted_token_ids
 from lorakit.sample import SamplePrompt, generate
 
 TOKENIZER = "lorakit/world/base_model/tokenizer"
@@ -33,8 +33,10 @@ def test_the_grammar_is_a1111_s(text, runs):
 
 
 def test_a_prompt_with_brackets_is_parsed_even_when_they_weigh_1():
-    assert has_weights("a (red:1.0) circle") and has_weights("stray ) here")
-    assert not has_weights(r"a \(literal\) x") and not has_weights("plain, time: 5pm")
+    """Escaped brackets too: A1111 reads ``\\(`` as a literal bracket, so the backslash must go."""
+    assert uses_bracket_syntax("a (red:1.0) circle") and uses_bracket_syntax("stray ) here")
+    assert uses_bracket_syntax(r"a \(literal\) x") and parse_weights(r"a \(literal\) x") == [("a (literal) x", 1.0)]
+    assert not uses_bracket_syntax("plain, time: 5pm")
 
 
 @pytest.mark.parametrize("max_token_length", [75, 150])

@@ -1115,6 +1115,25 @@ def test_vae_batch_size_sets_how_many_images_the_vae_encodes_at_once(tiny_model_
     assert runs[1].losses == pytest.approx(runs[8].losses, rel=1e-4)
 
 
+def test_weighted_captions_weigh_the_words_of_training_captions(tiny_model_dir, tmp_path):
+    """kohya's weighted_captions: ``(zkz shape:1.0)`` trains exactly as ``zkz shape`` does, ``(zkz shape:1.5)``
+    trains otherwise; without the option the brackets are text, so the same caption trains otherwise again."""
+    losses = {}
+    for name, caption, weighted in [("plain", "zkz shape, a red star", False),
+                                    ("weight 1", "(zkz shape:1.0), a red star", True),
+                                    ("weight 1.5", "(zkz shape:1.5), a red star", True),
+                                    ("as text", "(zkz shape:1.5), a red star", False)]:
+        data = write_dataset(tmp_path / name / "data", n=2)
+        for txt in data.rglob("*.txt"):
+            txt.write_text(caption)
+        losses[name] = run_train(make_config(tiny_model_dir, data, tmp_path / name / "run", training={
+            "max_epochs": 1, "seed": 3}, data={"weighted_captions": weighted})).losses
+    assert losses["weight 1"] == losses["plain"]
+    assert losses["weight 1.5"] != pytest.approx(losses["plain"], rel=1e-6)
+    assert losses["as text"] != pytest.approx(losses["weight 1.5"], rel=1e-6)
+    assert losses["as text"] != pytest.approx(losses["plain"], rel=1e-6)
+
+
 def test_lora_fa_keeps_the_down_matrices_as_they_start(tiny_model_dir, dataset, tmp_path):
     """LoRA-FA (network.args frozen_down, kohya's networks.lora_fa): only the up matrices train; the down ones
     of the result are those of step 1 (the up matrices start at zero, so no down matrix moves in step 1 either

@@ -124,7 +124,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--use-object-template": "(not in lorakit: textual inversion trains on the images' captions)",
     "--use-style-template": "(not in lorakit: textual inversion trains on the images' captions)",
     "--vae-batch-size": "--set data.vae_batch_size=N",
-    "--weighted-captions": "(not in lorakit: captions are read as plain text, (word:1.2) included)",
+    "--weighted-captions": "--set data.weighted_captions=true",
     "--lowram": "(not in lorakit: no memory mode to switch; the model loads as diffusers loads it)",
     "--highvram": "(not in lorakit: no memory mode to switch; the model loads as diffusers loads it)",
     "--config-file": "--from-kohya FILE",

@@ -27,9 +27,27 @@ def read_caption_file(path: Path) -> list[str]:
     return [line for line in lines if line]
 
 
-def split_tags(caption: str, separator: str = ",") -> list[str]:
-    """Comma-separated tags, stripped, empty ones removed."""
-    return [t.strip() for t in caption.split(separator) if t.strip()]
+def split_tags(caption: str, separator: str = ",", brackets: bool = False) -> list[str]:
+    """Comma-separated tags, stripped, empty ones removed.  ``brackets`` (weighted captions): a separator inside
+    round or square brackets does not split, so ``(red, round:1.2)`` stays one tag (``\\(`` is no bracket)."""
+    if not brackets:
+        return [t.strip() for t in caption.split(separator) if t.strip()]
+    tags, start, depth, i = [], 0, 0, 0
+    while i < len(caption):
+        if caption[i] == "\\":
+            i += 2  # an escaped character is text
+            continue
+        if caption[i] in "([":
+            depth += 1
+        elif caption[i] in ")]":
+            depth = max(depth - 1, 0)  # a stray closing bracket is text (as the prompt parser reads it)
+        elif depth == 0 and caption.startswith(separator, i):
+            tags.append(caption[start:i])
+            start = i = i + len(separator)
+            continue
+        i += 1
+    tags.append(caption[start:])
+    return [t.strip() for t in tags if t.strip()]
 
 
 def contains_word(caption: str, word: str) -> bool:
@@ -104,7 +122,7 @@ def resolve_wildcards(caption: str, rng: random.Random) -> str:
     return _WILDCARD.sub(replace, line)
 
 
-def _kept_parts(caption: str, subset: SubsetConfig) -> tuple[list[str], list[str], list[str]]:
+def _kept_parts(caption: str, subset: SubsetConfig, brackets: bool) -> tuple[list[str], list[str], list[str]]:
     """The caption's tags as (fixed in front, free to move or drop, fixed at the end).
 
     With ``keep_tokens_separator`` in the caption ("zkz, red ||| tags... ||| suffix"), what stands before it is
@@ -114,9 +132,9 @@ def _kept_parts(caption: str, subset: SubsetConfig) -> tuple[list[str], list[str
     if sep and sep in caption:
         front, rest = caption.split(sep, 1)
         middle, _, end = rest.partition(sep)
-        return split_tags(front, tag_sep), split_tags(middle, tag_sep), split_tags(end.replace(sep, tag_sep),
-                                                                                     tag_sep)
-    tags = split_tags(caption, tag_sep)
+        return (split_tags(front, tag_sep, brackets), split_tags(middle, tag_sep, brackets),
+                split_tags(end.replace(sep, tag_sep), tag_sep, brackets))
+    tags = split_tags(caption, tag_sep, brackets)
     return tags[: subset.keep_tokens], tags[subset.keep_tokens:], []
 
 
@@ -129,7 +147,7 @@ def warmup_length(flexible: int, subset: SubsetConfig, step: int, warmup_steps: 
 
 
 def sample_caption(base: str, subset: SubsetConfig, rng: random.Random, epoch: int, step: int = 0,
-                   warmup_steps: int = 0) -> str:
+                   warmup_steps: int = 0, weighted: bool = False) -> str:
     """One draw of kohya's caption randomness: whole-caption dropout, wildcards, then shuffle and tag dropout.
 
     ``epoch`` counts from 0; ``caption_dropout_every_n_epochs`` counts epochs from 1 as kohya does (n = 2
@@ -139,7 +157,8 @@ def sample_caption(base: str, subset: SubsetConfig, rng: random.Random, epoch: i
     (kohya leaves it in when nothing is shuffled or dropped). Last, ``secondary_separator`` becomes the caption
     separator: tags joined by it moved and dropped as one.  Options that are off draw nothing from ``rng``.
     ``step`` and ``warmup_steps``: kohya's token warm-up (the free tags cut to ``warmup_length`` before they
-    are shuffled or dropped).
+    are shuffled or dropped).  ``weighted`` (``data.weighted_captions``): tags inside one bracket move and drop
+    together.
     """
     dropped = subset.caption_dropout_rate > 0 and rng.random() < subset.caption_dropout_rate
     every = subset.caption_dropout_every_n_epochs
@@ -149,7 +168,7 @@ def sample_caption(base: str, subset: SubsetConfig, rng: random.Random, epoch: i
     has_separator = bool(subset.keep_tokens_separator) and subset.keep_tokens_separator in caption
     warming = 0 <= step < warmup_steps
     if subset.shuffle_caption or subset.caption_tag_dropout_rate > 0 or has_separator or warming:
-        fixed, flexible, end = _kept_parts(caption, subset)
+        fixed, flexible, end = _kept_parts(caption, subset, weighted)
         if warming:
             flexible = flexible[:warmup_length(len(flexible), subset, step, warmup_steps)]
         if subset.shuffle_caption:

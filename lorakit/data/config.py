@@ -76,6 +76,10 @@ class DataConfig:
     #: kohya's enable_wildcard: each step draws one line of a multi-line caption file and one option of each
     #: "{a|b|c}" in it ("{{" / "}}": literal braces); off, only a caption file's first line is read
     enable_wildcard: bool = False
+    #: kohya's weighted_captions: ``(word:1.2)``, ``(word)``, ``[word]`` in captions weigh words as in sample prompts
+    #: (``\\(`` a literal bracket), and shuffling and tag dropout keep a bracket's tags together; off, brackets are
+    #: plain text
+    weighted_captions: bool = False
     shuffle_caption: bool = False
     #: probability that a whole caption becomes "" (unconditional training)
     caption_dropout_rate: float = 0.0

@@ -391,7 +391,7 @@ class TrainingData:
         rec = self.records[rec_index]
         subset = self.subset_of(rec)
         caption = sample_caption(rec.caption, subset, seeded_rng("caption", self.seed, epoch, sample_id), epoch,
-                                 step, self._warmup_steps(subset))
+                                 step, self._warmup_steps(subset), weighted=self.config.weighted_captions)
         aug = seeded_rng("augment", self.seed, epoch, sample_id)
         flip = subset.flip_aug and aug.random() < 0.5
         bucket, resized = self.buckets[rec_index]
@@ -459,7 +459,8 @@ class TrainingData:
             subset = dataclasses.replace(self.subset_of(self.records[i]), shuffle_caption=False,
                                          caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0,
                                          caption_tag_dropout_rate=0.0)
-            captions.append(sample_caption(self.records[i].caption, subset, seeded_rng("validation caption", i), 0))
+            captions.append(sample_caption(self.records[i].caption, subset, seeded_rng("validation caption", i), 0,
+                                           weighted=self.config.weighted_captions))
         batch = Batch(captions=captions, is_reg=torch.zeros(len(ids), dtype=torch.bool),
                       image_paths=[self.records[i].path for i in ids], flipped=[False] * len(ids), index=index,
                       network_multiplier=self.datasets[self.records[ids[0]].dataset].network_multiplier)
