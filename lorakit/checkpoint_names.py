@@ -1,5 +1,6 @@
-"""The names of a run's checkpoint folders (``checkpoints/epoch-0003/``, ``checkpoints/step-00000500/``), shared by
-the trainer, which writes them, and evaluation, which reads them without importing torch."""
+"""The names of a run's checkpoint folders (``checkpoints/epoch-0003/``, ``checkpoints/step-00000500/``) and of the
+tensors in a native checkpoint, shared by the trainer, which writes them, and evaluation, which reads them without
+importing torch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import re
 
 EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
 STEP_DIR = re.compile(r"^step-(\d{8,})$")  # kohya names its step files with 8 digits too
+#: a native fine-tuning checkpoint's text-encoder parameters start with this (the U-Net's have no prefix)
+TEXT_ENCODER_PREFIX = "text_encoder."
 
 
 def epoch_dir_name(epoch: int) -> str:

@@ -98,6 +98,9 @@ class MethodConfig:
     kind: str = "adapter"
     #: native: which U-Net layers are trained ("attn-only", "attn-mlp", "full" or "all")
     native_targets: str = "all"
+    #: native: fine-tune the whole text encoder too, at optimizer.text_encoder_lr (default the learning rate), as
+    #: kohya's train_db.py and diffusers' train_dreambooth.py --train_text_encoder do; the result holds both
+    native_text_encoder: bool = False
     #: textual inversion: the new token(s); default the trigger word
     ti_token: str | None = None
     #: textual inversion: the word whose embedding the new token(s) start from; "*" is A1111's default
@@ -521,6 +524,10 @@ class TrainConfig:
         if self.data.num_class_images > 0 and not self.data.class_prompt:  # before the model loads, not after
             raise ConfigError("data.num_class_images > 0 needs data.class_prompt, the prompt the class images are "
                               "generated from, e.g. --set data.class_prompt=\"a dog\"")
+        if self.method.native_text_encoder and self.method.kind != "native":
+            raise ConfigError(f"method.native_text_encoder fine-tunes the text encoder in native training, but "
+                              f"method.kind is {self.method.kind!r}: adapters train it with "
+                              "--set network.train_text_encoder=true")
         if self.method.kind in ("ti", "native"):
             # the network section only shapes adapters: set for textual inversion or native training it would be
             # silently ignored

@@ -9,6 +9,7 @@ its token), and the files it writes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -25,6 +26,7 @@ from lorakit.blocks import (
     parse_block_lr_weights,
     text_encoder_only,
 )
+from lorakit.checkpoint_names import TEXT_ENCODER_PREFIX
 from lorakit.config import SAVE_PRECISIONS, ConfigError, TrainConfig
 from lorakit.earlystop.cs import CSMeter, CSReading, native_reading
 from lorakit.embeddings import expand_tokens, register_tokens, token_names
@@ -335,8 +337,18 @@ class AdapterMethod(TrainingMethod):
 
 
 # ------------------------------------------------------------------------------------------------ native
+_TEXT_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
+
+
+def _text_layer(name: str) -> int:
+    """The text encoder's layer a parameter belongs to (-1: embeddings and the final norm, read by every layer)."""
+    match = _TEXT_LAYER.search(name)
+    return int(match.group(1)) if match else -1
+
+
 class NativeMethod(TrainingMethod):
-    """Fine-tune the U-Net's own weights (DreamBooth when combined with prior preservation).
+    """Fine-tune the U-Net's own weights, and with ``method.native_text_encoder`` the text encoder's (DreamBooth
+    when combined with prior preservation).
 
     CS-Fluctuation uses ``ΔW = W − W0`` over the adapted-layer kinds of the chosen targets; ``W0`` is a copy
     kept on the CPU.
@@ -356,21 +368,30 @@ class NativeMethod(TrainingMethod):
             comp = network_components(unet)[0]
             layers = select_targets(comp, get_preset(targets).unet)
             self.params = {f"{n}.{k}": p for n, m in layers for k, p in m.named_parameters()}
-        for p in self.params.values():
+        # the text encoder's under a prefix of their own in checkpoints (``lorakit.evaluate`` reads them so); the
+        # layers a clip skip leaves unread get no gradient, and would stall a distributed run waiting for one
+        read = model.text_encoder.config.num_hidden_layers - (cfg.model.clip_skip - 1)
+        self.text_params = {f"{TEXT_ENCODER_PREFIX}{n}": p for n, p in model.text_encoder.named_parameters()
+                            if _text_layer(n) < read} if cfg.method.native_text_encoder else {}
+        for p in [*self.params.values(), *self.text_params.values()]:
             p.requires_grad_(True)
-        # W0 of the layers whose ΔW CS-Fluctuation follows
+        # W0 of the layers whose ΔW CS-Fluctuation follows (the U-Net's, as the paper)
         self._pairs = [(m.weight, m.weight.detach().to("cpu", copy=True)) for _, m in layers]
 
     def param_groups(self) -> list[dict]:
-        return [{"params": list(self.params.values()), "lr": _lr(self.cfg, self.cfg.optimizer.unet_lr),
-                 "name": "unet"}]
+        groups = [{"params": list(self.params.values()), "lr": _lr(self.cfg, self.cfg.optimizer.unet_lr),
+                   "name": "unet"}]
+        if self.text_params:
+            groups.append({"params": list(self.text_params.values()),
+                           "lr": _lr(self.cfg, self.cfg.optimizer.text_encoder_lr), "name": "text_encoder"})
+        return groups
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.params.items()}
+        return {n: p.detach() for n, p in {**self.params, **self.text_params}.items()}
 
     def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for n, p in self.params.items():
+            for n, p in {**self.params, **self.text_params}.items():
                 p.copy_(tensors[n])
 
     def cs_meter(self) -> NativeCSMeter | None:
@@ -382,8 +403,10 @@ class NativeMethod(TrainingMethod):
         return [path]
 
     def summary(self) -> str:
-        n = sum(p.numel() for p in self.params.values())
-        return f"native fine-tuning of the U-Net ({self.cfg.method.native_targets}): {n:,} trainable parameters"
+        n = sum(p.numel() for p in [*self.params.values(), *self.text_params.values()])
+        text = " and the text encoder" if self.text_params else ""
+        return (f"native fine-tuning of the U-Net ({self.cfg.method.native_targets}){text}: {n:,} trainable "
+                "parameters")
 
 
 # --------------------------------------------------------------------------------------- textual inversion

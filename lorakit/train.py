@@ -130,7 +130,9 @@ def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
             model.vae.to(dtype=low)
         if cfg.method.kind != "native":
             model.unet.to(dtype=low)
-        if cfg.method.kind not in ("ti", "pivotal") and not cfg.network.train_text_encoder:
+        trains_text_encoder = (cfg.method.kind in ("ti", "pivotal") or cfg.method.native_text_encoder
+                               or (cfg.method.kind == "adapter" and cfg.network.train_text_encoder))
+        if not trains_text_encoder:  # its trained weights stay float32 (mixed precision runs in autocast)
             model.text_encoder.to(dtype=low)
     model.to(accelerator.device)
     if cfg.model.gradient_checkpointing:

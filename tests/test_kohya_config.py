@@ -124,9 +124,10 @@ def test_json_configs_and_bad_values_name_the_file(tmp_path):
     path.write_text(json.dumps({"network_dim": "sixteen"}))
     with pytest.raises(ConfigError, match="kohya.json"):
         config_from_kohya(path)
-    path.write_text(json.dumps({"learning_rate": 1e-6, "max_train_steps": 400, "train_batch_size": 1}))
-    _, translation = config_from_kohya(path)  # a DreamBooth config (train_db.py): not made a LoRA run silently
-    assert translation.untranslated[0].startswith("no network_module (and no token_string): not a train_network.py")
+    path.write_text(json.dumps({"learning_rate": 1e-6, "in_json": "meta.json", "train_batch_size": 1}))
+    _, translation = config_from_kohya(path)  # a fine_tune.py config: not made a LoRA run silently
+    assert translation.untranslated[0].startswith("in_json = 'meta.json' without network_module or token_string: a "
+                                                  "fine_tune.py config")
     with pytest.raises(ConfigError, match="no such kohya config file"):
         config_from_kohya(tmp_path / "missing.toml")
 
@@ -162,3 +163,26 @@ def test_a_kohya_textual_inversion_config_trains_an_embedding(tiny_model_dir, tm
     _, translation = config_from_kohya(path)
     assert translation.untranslated == ["use_object_template = True: not in lorakit: textual inversion trains on "
                                         "the images' captions"]
+
+
+def test_a_kohya_dreambooth_config_fine_tunes_the_unet_and_the_text_encoder(tiny_model_dir, tmp_path):
+    """train_db.py's config (no network_module, no token_string): native fine-tuning of both networks, at
+    learning_rate and learning_rate_te, unless stop_text_encoder_training is -1 or 0; a stop after N steps is
+    listed (lorakit has none)."""
+    path = kohya_file(tmp_path, tiny_model_dir, "db.toml", 'output_name = "zkz_db"\nlearning_rate = 1e-4\n'
+                      'learning_rate_te = 5e-5\ntrain_batch_size = 2\nmax_train_epochs = 1\nprior_loss_weight = 1.0\n')
+    cfg, translation = config_from_kohya(path)
+    assert (cfg.method.kind, cfg.method.native_text_encoder, cfg.method.native_targets) == ("native", True, "all")
+    assert (cfg.optimizer.learning_rate, cfg.optimizer.text_encoder_lr) == (1e-4, 5e-5)
+    assert translation.untranslated == []
+    assert main(["train", "--from-kohya", str(path), "--no-progress", "--early-stop", "off"]) == 0
+    with safe_open(str(tmp_path / "run" / "zkz_db.safetensors"), "pt") as f:
+        assert any(k.startswith("cond_stage_model.") for k in f.keys())  # a whole model, the text encoder in it
+    db = path.read_text()
+    for stop, trains in ((-1, False), (0, False)):
+        path.write_text(f"{db}stop_text_encoder_training = {stop}\n")
+        cfg, translation = config_from_kohya(path)
+        assert cfg.method.native_text_encoder is trains and translation.untranslated == []
+    path.write_text(f"{db}stop_text_encoder_training = 300\n")
+    _, translation = config_from_kohya(path)
+    assert [line.split(":")[0] for line in translation.untranslated] == ["stop_text_encoder_training = 300"]

@@ -193,6 +193,7 @@ BAD_SETTINGS = [
      r"network.algorithm = 'loha', network.rank = 64 would be ignored"),
     ({"method": {"kind": "native"}, "network": {"alpha": 4.0}}, "network.alpha = 4.0 would be ignored"),
     ({"method": {"kind": "ti"}}, "method.kind = 'ti' needs the new token"),
+    ({"method": {"native_text_encoder": True}}, "method.native_text_encoder fine-tunes the text encoder in native"),
 ]
 
 

@@ -453,6 +453,55 @@ def test_native_fine_tuning_writes_a_checkpoint_that_loads(tiny_model_dir, datas
     assert all(torch.equal(te_a[k], te_b[k]) for k in te_b)
 
 
+def test_native_fine_tuning_of_the_text_encoder_too_saves_resumes_and_evaluates_both(tiny_model_dir, dataset,
+                                                                                     tmp_path, monkeypatch):
+    """method.native_text_encoder (kohya's train_db.py, diffusers' --train_text_encoder): both networks train, at
+    their own learning rates; the result holds both; an interrupted run resumes to the straight run's weights;
+    eval applies an epoch checkpoint's text encoder too."""
+    from lorakit.evaluate.checkpoints import EvalCheckpoint
+    from lorakit.evaluate.generate import applied
+    from lorakit.methods import NativeMethod
+    from lorakit.models import load_base_model
+
+    def config(out, **extra):
+        return make_config(tiny_model_dir, dataset, out, training={"max_epochs": 2}, output=extra,
+                           method={"kind": "native", "native_text_encoder": True},
+                           optimizer={"learning_rate": 1e-4, "text_encoder_lr": 3e-4})
+
+    straight = run_train(config(tmp_path / "straight"))
+    base = load_base_model(tiny_model_dir)
+    tuned = load_base_model(tmp_path / "straight" / "lorakit.safetensors")
+    for net in ("unet", "text_encoder"):
+        ours, theirs = getattr(tuned, net).state_dict(), getattr(base, net).state_dict()
+        assert any(not torch.equal(ours[k], theirs[k]) for k in theirs), f"the {net} did not change"
+    groups = NativeMethod(config(tmp_path / "unused"), load_base_model(tiny_model_dir)).param_groups()
+    assert {g["name"]: g["lr"] for g in groups} == {"unet": 1e-4, "text_encoder": 3e-4}
+    # with a clip skip of 2 the last layer is never read, so it is not trained (no gradient would reach it)
+    skipping = config(tmp_path / "unused")
+    skipping.model.clip_skip = 2
+    method = NativeMethod(skipping, load_base_model(tiny_model_dir))
+    last = base.text_encoder.config.num_hidden_layers - 1
+    assert method.text_params and not any(f"layers.{last}." in n for n in method.text_params)
+    assert len(method.text_params) < len(NativeMethod(config(tmp_path / "unused"),
+                                                      load_base_model(tiny_model_dir)).text_params)
+
+    original = die_after_saving(monkeypatch, 1)
+    with pytest.raises(Interrupt):
+        run_train(config(tmp_path / "interrupted"))
+    monkeypatch.setattr(RunFolder, "save_checkpoint", original)
+    resumed = run_train(config(tmp_path / "interrupted", if_exists="resume"))
+    assert resumed.losses == straight.losses
+    again = load_base_model(tmp_path / "interrupted" / "lorakit.safetensors")
+    assert all(torch.equal(v, tuned.text_encoder.state_dict()[k]) for k, v in again.text_encoder.state_dict().items())
+
+    epoch = next((tmp_path / "straight" / "checkpoints").glob("epoch-0002/*.safetensors"))
+    name, param = next(iter(base.text_encoder.named_parameters()))
+    before = param.detach().clone()
+    with applied(base, EvalCheckpoint(label="epoch 2", kind="native", path=epoch, hash="h")):
+        assert torch.equal(param.detach(), tuned.text_encoder.state_dict()[name].to(param.dtype))
+    assert torch.equal(param.detach(), before)
+
+
 def test_textual_inversion_trains_only_the_new_rows(tiny_model_dir, dataset, tmp_path):
     from lorakit.methods import TextualInversion
     from lorakit.models import load_base_model

@@ -1,5 +1,7 @@
 """kohya sd-scripts' training config file (``train_network.py --config_file FILE.toml``: its command-line options as
-flat TOML keys), or a kohya_ss GUI config (JSON, ``lorakit.commands.kohya_gui``), read into a lorakit config.
+flat TOML keys; also ``train_textual_inversion.py``'s, with ``token_string``, and ``train_db.py``'s, with neither
+``network_module`` nor ``token_string``: DreamBooth, lorakit's native fine-tuning), or a kohya_ss GUI config (JSON,
+``lorakit.commands.kohya_gui``), read into a lorakit config.
 
 Each key is translated with the table the trainer's error messages use for kohya's options
 (``lorakit.commands.train.KOHYA_OPTIONS``), or a lorakit flag of the same name, so one table says how every kohya
@@ -153,14 +155,16 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
         out.set("method.ti_token", str(token))
         if "learning_rate" in options:
             out.set("optimizer.ti_lr", options.pop("learning_rate"))
-    if module is None and not token:  # train_network.py needs its module: this is another script's config
-        out.untranslated.append("no network_module (and no token_string): not a train_network.py or "
-                                "train_textual_inversion.py config; DreamBooth and fine-tuning configs (train_db.py, "
-                                "fine_tune.py) are not translated (lorakit's --method native fine-tunes the U-Net)")
+    dreambooth = module is None and not token and "in_json" not in options
+    if dreambooth:
+        _dreambooth(options, out)
+    elif module is None and not token:  # fine_tune.py reads its captions from in_json
+        out.untranslated.append(f"in_json = {options.pop('in_json')!r} without network_module or token_string: a "
+                                "fine_tune.py config, not translated (a train_db.py config, without in_json, is)")
     # kohya trains the text encoder too unless told not to; lorakit's default is the U-Net only
     unet_only = bool(options.pop("network_train_unet_only", False))
     te_only = bool(options.pop("network_train_text_encoder_only", False))
-    if not token:  # textual inversion trains no network
+    if not token and not dreambooth:  # textual inversion and DreamBooth train no network
         out.set("network.train_text_encoder", not unet_only)
     if te_only:
         out.set("network.train_unet", False)
@@ -193,6 +197,18 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
                 continue
             out.set(FLAGS[flag][0], value)
     return out
+
+
+def _dreambooth(options: dict[str, Any], out: KohyaTranslation) -> None:
+    """train_db.py: native fine-tuning of the whole U-Net and the text encoder, unless
+    ``stop_text_encoder_training`` is -1 or 0 (kohya then never trains it); a stop after N steps is not in lorakit."""
+    out.set("method.kind", "native")
+    stop = options.pop("stop_text_encoder_training", None)
+    if stop is None or (isinstance(stop, int) and stop <= 0):
+        out.set("method.native_text_encoder", stop is None)
+    else:
+        out.untranslated.append(f"stop_text_encoder_training = {stop!r}: not in lorakit as a step: the text encoder "
+                                "trains for the whole run (method.native_text_encoder = true) or not at all (false)")
 
 
 def config_from_kohya(path: str | Path) -> tuple[TrainConfig, KohyaTranslation]:

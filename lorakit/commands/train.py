@@ -143,6 +143,11 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--alpha-mask": "--set data.alpha_mask=true", "--masked-loss": "--set data.alpha_mask=true",
     "--conditioning-data-dir": "--data FILE.toml, with conditioning_data_dir = 'DIR' in a [[datasets.subsets]]",
     "--in-json": "--data FILE.toml, with metadata_file = 'FILE.json' in a [[datasets.subsets]]",
+    # train_db.py's options (--from-kohya: a config without network_module or token_string is DreamBooth)
+    "--learning-rate-te": "--set optimizer.text_encoder_lr=X",
+    "--stop-text-encoder-training": "(not in lorakit as a step: --method native trains the text encoder with "
+                                    "--set method.native_text_encoder=true for the whole run)",
+    "--no-token-padding": "(not in lorakit: captions are padded to CLIP's 77 tokens, as CLIP was trained)",
     "--flip-aug": "--set data.flip_aug=true",
     "--color-aug": "--set data.color_aug=true",
     "--face-crop-aug-range": "--set 'data.face_crop_aug_range=[2.0, 4.0]'",

@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lorakit.atomic import atomic_write
+from lorakit.checkpoint_names import TEXT_ENCODER_PREFIX
 from lorakit.errors import InvalidValueError
 from lorakit.evaluate.checkpoints import CheckpointError, EvalCheckpoint
 from lorakit.evaluate.prompts import EvalPrompt
@@ -129,17 +130,20 @@ def applied(model: BaseModel, checkpoint: EvalCheckpoint) -> Iterator[None]:
 
 @contextmanager
 def _native_weights(model: BaseModel, path: Path) -> Iterator[None]:
-    """A native fine-tuning checkpoint (U-Net parameter names) copied in; the base weights put back after."""
+    """A native fine-tuning checkpoint (U-Net parameter names, and the text encoder's under
+    ``TEXT_ENCODER_PREFIX`` where it was trained too) copied in; the base weights put back after."""
     from safetensors.torch import load_file
 
     try:
         tensors = load_file(str(path))
     except Exception as err:  # safetensors' own error types
         raise CheckpointError(f"{path}: cannot be read as safetensors: {err}") from None
-    params = dict(model.unet.named_parameters())
+    params = {**dict(model.unet.named_parameters()),
+              **{f"{TEXT_ENCODER_PREFIX}{n}": p for n, p in model.text_encoder.named_parameters()}}
     for name, value in tensors.items():
         if name not in params:
-            raise CheckpointError(f"{path}: does not fit the base model: {name!r} is no U-Net parameter")
+            raise CheckpointError(f"{path}: does not fit the base model: {name!r} is no U-Net or text-encoder "
+                                  "parameter")
         if tuple(params[name].shape) != tuple(value.shape):
             raise CheckpointError(f"{path}: does not fit the base model: {name!r} has shape {tuple(value.shape)}, "
                                   f"the model's {tuple(params[name].shape)}")
