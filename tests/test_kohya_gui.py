@@ -147,3 +147,44 @@ def test_a_textual_inversion_tab_config_is_textual_inversion(tmp_path):
     _, translation = config_from_kohya(path)
     assert translation.untranslated == ["template = 'object template': lorakit's textual inversion trains on the "
                                         "images' captions (the GUI's \"caption\")"]
+
+
+def dreambooth_tab(**fields) -> dict:
+    """A DreamBooth tab config: the LoRA tab's without the network fields, with the DreamBooth tab's own."""
+    db = {key: value for key, value in gui_config().items()
+          if key not in ("LoRA_type", "LyCORIS_preset", "unet_lr", "text_encoder_lr", "network_dim", "network_alpha",
+                         "conv_dim", "conv_alpha", "factor", "use_tucker", "use_cp", "unit", "rank_dropout",
+                         "module_dropout", "network_dropout", "block_dims", "down_lr_weight", "loraplus_lr_ratio",
+                         "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")}
+    return {**db, "learning_rate": "1e-6", "learning_rate_te": "5e-7", "learning_rate_te1": "",
+            "learning_rate_te2": "", "stop_text_encoder_training": 0, "no_token_padding": False,
+            "prior_loss_weight": 1.0, **fields}
+
+
+def test_a_dreambooth_tab_config_is_native_fine_tuning_of_both_networks(tmp_path):
+    """The DreamBooth tab launches train_db.py: native fine-tuning, the text encoder too at learning_rate_te; its
+    "Stop TE" field of 0 means no stop, -1 no text-encoder training, and any other value (the GUI passes it to
+    sd-scripts as a step) is listed.  The LoRA tab's own stop field is ignored, as the GUI ignores it; the
+    fine-tuning tab is listed as not translated."""
+    path = tmp_path / "db.json"
+    path.write_text(json.dumps(dreambooth_tab()))
+    cfg, translation = config_from_kohya(path)
+    assert (cfg.method.kind, cfg.method.native_text_encoder) == ("native", True)
+    assert (cfg.optimizer.learning_rate, cfg.optimizer.text_encoder_lr, cfg.training.max_epochs) == (1e-6, 5e-7, 12)
+    assert translation.untranslated == []
+    path.write_text(json.dumps(dreambooth_tab(stop_text_encoder_training=-1)))
+    cfg, translation = config_from_kohya(path)
+    assert not cfg.method.native_text_encoder and translation.untranslated == []
+    path.write_text(json.dumps(dreambooth_tab(stop_text_encoder_training=30)))
+    _, translation = config_from_kohya(path)
+    assert [line.split(":")[0] for line in translation.untranslated] == ["stop_text_encoder_training = 30"]
+
+    path.write_text(json.dumps(gui_config(stop_text_encoder_training=30)))
+    cfg, translation = config_from_kohya(path)
+    assert cfg.method.kind == "adapter" and translation.untranslated == []
+    fine_tune = dreambooth_tab(image_folder="/data/zkz", train_dir="/runs", train_text_encoder=True)
+    del fine_tune["stop_text_encoder_training"]
+    path.write_text(json.dumps(fine_tune))
+    _, translation = config_from_kohya(path)
+    assert any(line.startswith("image_folder = '/data/zkz': a kohya_ss GUI fine-tuning config")
+               for line in translation.untranslated)

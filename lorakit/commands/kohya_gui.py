@@ -1,7 +1,7 @@
-"""The kohya_ss GUI's saved configs (bmaltais/kohya_ss: the LoRA and textual-inversion tabs' "Save" JSON, and
-their presets) as the sd-scripts options the GUI launches ``train_network.py`` (``train_textual_inversion.py``)
-with, so ``lorakit train --from-kohya GUI.json`` reads them through the same translation as a ``--config_file``
-TOML.
+"""The kohya_ss GUI's saved configs (bmaltais/kohya_ss: the LoRA, textual-inversion and DreamBooth tabs' "Save"
+JSON, and their presets) as the sd-scripts options the GUI launches ``train_network.py``
+(``train_textual_inversion.py``, ``train_db.py``) with, so ``lorakit train --from-kohya GUI.json`` reads them
+through the same translation as a ``--config_file`` TOML.
 
 Most GUI keys are sd-scripts options already.  The others are GUI fields the GUI turns into options when it
 starts a run, and this module does the same:
@@ -74,9 +74,12 @@ GUI_ONLY = ("model_list", "save_as", "save_as_bool", "file_path", "headless", "p
 
 
 def is_gui_config(table: dict[str, Any]) -> bool:
-    """A kohya_ss GUI config of its LoRA tab (every version saves the LoRA type) or its textual-inversion tab
-    (the token and the GUI's own resolution field), not a ``--config_file`` table."""
-    return "LoRA_type" in table or ("token_string" in table and "max_resolution" in table)
+    """A kohya_ss GUI config of its LoRA tab (every version saves the LoRA type), its textual-inversion tab
+    (the token and the GUI's own resolution field), its DreamBooth tab (the resolution field and the text
+    encoder's stop) or its fine-tuning tab (the resolution field and the image folder), not a ``--config_file``
+    table."""
+    return "LoRA_type" in table or ("max_resolution" in table and any(
+        k in table for k in ("token_string", "stop_text_encoder_training", "image_folder")))
 
 
 #: GUI fields that hold text even when it looks like a number (the rest are numbers the GUI saves as strings:
@@ -158,7 +161,15 @@ def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[
     skipped = [k for k in GUI_ONLY if k in gui]
     for key in skipped:
         gui.pop(key)
+    dreambooth_tab = "LoRA_type" not in gui and "token_string" not in gui
     options, notes = _network(gui) if "LoRA_type" in gui else ({}, [])
+    stop = gui.pop("stop_text_encoder_training", None)
+    if dreambooth_tab and stop not in (None, 0):
+        gui["stop_text_encoder_training"] = stop  # the DreamBooth tab passes it (0: none); the LoRA tab ignores it
+    if "image_folder" in gui:  # the fine-tuning tab launches fine_tune.py with metadata it writes itself
+        notes.append(f"image_folder = {gui.pop('image_folder')!r}: a kohya_ss GUI fine-tuning config (fine_tune.py), "
+                     "not translated; the DreamBooth tab's configs are")
+        gui.pop("train_dir", None)
     template = gui.pop("template", "caption")  # the textual-inversion tab: captions, or kohya's templates
     if template not in ("caption", "", None):
         notes.append(f"template = {template!r}: lorakit's textual inversion trains on the images' captions (the "
