@@ -51,8 +51,10 @@ def lora_tensors(scale: float, seed: int) -> dict[str, torch.Tensor]:
         net.remove()
 
 
-def write_run(folder: Path, epochs: int = 2, turning_epoch: int | None = 1, data: Path | None = None) -> Path:
-    """A run folder as the trainer leaves it (config.toml, checkpoints/epoch-NNNN, summary.json, log.jsonl)."""
+def write_run(folder: Path, epochs: int = 2, turning_epoch: int | None = 1, data: Path | None = None,
+              step_checkpoints: tuple[int, ...] = ()) -> Path:
+    """A run folder as the trainer leaves it (config.toml, checkpoints/epoch-NNNN, summary.json, log.jsonl: 4 steps
+    an epoch), with step checkpoints (checkpoints/step-NNNNNNNN) at ``step_checkpoints``."""
     folder.mkdir(parents=True)
     cfg = TrainConfig()
     cfg.network.algorithm = "lora"
@@ -65,6 +67,11 @@ def write_run(folder: Path, epochs: int = 2, turning_epoch: int | None = 1, data
         ckpt = folder / "checkpoints" / f"epoch-{e:04d}"
         ckpt.mkdir(parents=True)
         save_file(lora_tensors(0.3 * e, seed=e), str(ckpt / "trained.safetensors"), metadata={"ss_epoch": str(e)})
+    for step in step_checkpoints:
+        ckpt = folder / "checkpoints" / f"step-{step:08d}"
+        ckpt.mkdir(parents=True)
+        save_file(lora_tensors(0.3 * step / 4, seed=100 + step), str(ckpt / "trained.safetensors"),
+                  metadata={"ss_epoch": str((step - 1) // 4 + 1), "ss_steps": str(step)})
     tp = {"step": 4, "epoch": turning_epoch} if turning_epoch else None
     (folder / "summary.json").write_text(json.dumps({
         "method": "adapter", "epochs_run": epochs, "steps": 4 * epochs, "final_epoch": epochs, "stopped_early": False,

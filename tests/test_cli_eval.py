@@ -91,6 +91,26 @@ def test_eval_end_to_end_writes_metrics_and_report_and_caches(tmp_path, concept_
     assert main(["report", str(run), "--out", str(notes), "--overwrite"]) == 0 and "lorakit" in notes.read_text()
 
 
+def test_step_checkpoints_are_compared_when_asked_and_placed_between_the_epochs(tmp_path, concept_data, capsys):
+    """training.save_every_n_steps' checkpoints: left out (and said so) by default; with --step-checkpoints
+    compared, charted at step / steps per epoch, and named by their step in the ranking."""
+    run = write_run(tmp_path / "run", epochs=1, data=concept_data, step_checkpoints=(2,))
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(PROMPTS_TOML)
+    argv = ["eval", str(run), "--steps", "4", "--quiet"]
+    # said before anything else is read (here, a prompt file that is not there stops the call next)
+    assert main([*argv, "--prompts", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "epochs")]) == 2
+    assert "run also holds 1 step checkpoint(s), not compared (--step-checkpoints" in capsys.readouterr().out
+    argv += ["--prompts", str(prompts)]
+    assert main([*argv, "--out", str(tmp_path / "out"), "--step-checkpoints"]) == 0
+    assert "step checkpoint(s), not compared" not in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [(c["label"], c["epoch"], c["step"]) for c in metrics["checkpoints"]] == [
+        ("base", 0, None), ("run/s2", 0.5, 2), ("run/e1", 1, None)]
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert '<td class="label info">0.5 (step 2)</td>' in html and "sN a step checkpoint" in html
+
+
 def test_a_run_with_a_validation_folder_is_judged_on_its_held_out_images_too(tmp_path, concept_data, capsys):
     """The run's data.validation_data (or --held-out) gives the held-out fidelity and the memorisation gap."""
     import tomllib

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from eval_helpers import PROMPTS, base_model, lora_tensors, write_run
@@ -42,6 +44,13 @@ def test_discover_a_run_lists_the_base_model_and_every_epoch_with_settings(tmp_p
     (step_dir / "trained.safetensors").write_bytes(file.read_bytes())
     assert [c.label for c in discover([run], include_base=False)[0]] == ["runA/e1", "runA/e2", "runA/e3"]
     assert discover([step_dir / "trained.safetensors"], include_base=False)[0][0].label == "runA/step-00000005"
+    # asked for, it is placed between the epochs by the steps per epoch the log counts (4): step 5 is epoch 1.25
+    info = read_run(run, step_checkpoints=True)
+    assert [(c.label, c.epoch, c.step) for c in info.checkpoints] == [
+        ("runA/e1", 1, None), ("runA/s5", 1.25, 5), ("runA/e2", 2, None), ("runA/e3", 3, None)]
+    assert info.step_checkpoints_left_out == 0 and read_run(run).step_checkpoints_left_out == 1
+    (run / "log.jsonl").unlink()  # without the log its place is unknown: compared, last, off the charts
+    assert [(c.label, c.epoch) for c in read_run(run, step_checkpoints=True).checkpoints][-1] == ("runA/s5", None)
     checkpoints, _ = discover([run, run], include_base=False)
     assert len({c.label for c in checkpoints}) == 6
 
@@ -140,3 +149,14 @@ def test_a_native_run_is_applied_as_weights_and_put_back(tmp_path):
     with pytest.raises(CheckpointError, match=r"other.safetensors.*conv_in.weight"):
         check_checkpoints(model, [bad])
     assert torch.equal(weight, original)
+
+
+def test_steps_per_epoch_counts_each_step_once_and_reads_past_a_cut_line(tmp_path):
+    from lorakit.evaluate.checkpoints import steps_per_epoch
+
+    log = tmp_path / "log.jsonl"
+    lines = [{"step": s, "epoch": (s - 1) // 3 + 1, "loss": 0.1} for s in range(1, 8)]  # 3 per epoch, 1 in the 3rd
+    lines += [{"step": 3, "epoch": 1, "val_loss": 0.2}, {"step": 3, "epoch": 1, "sample_score": 0.5}]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"step": 8, "ep')
+    assert steps_per_epoch(log) == 3
+    assert steps_per_epoch(tmp_path / "missing.jsonl") is None

@@ -87,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--every", type=int, default=1, help="evaluate every k-th saved epoch (the last always)")
+    parser.add_argument("--step-checkpoints", action="store_true",
+                        help="also the runs' step checkpoints (training.save_every_n_steps), charted between "
+                             "their epochs")
     parser.add_argument("--no-base", action="store_true", help="leave the base model (epoch 0) out")
     parser.add_argument("--cache", type=Path, default=None, help="image cache folder (default DIR/cache)")
     parser.add_argument("--shap", action="store_true",
@@ -257,7 +260,12 @@ def run(args: argparse.Namespace) -> int:
     # everything is checked before anything is written
     if args.out.exists() and not args.out.is_dir():
         raise EvalCommandError(f"--out {args.out}: exists and is not a folder")
-    checkpoints, runs = discover(args.sources, include_base=not args.no_base, every=args.every)
+    checkpoints, runs = discover(args.sources, include_base=not args.no_base, every=args.every,
+                                 step_checkpoints=args.step_checkpoints)
+    for run in runs:
+        if run.step_checkpoints_left_out:
+            print(f"lorakit eval: {run.name} also holds {run.step_checkpoints_left_out} step checkpoint(s), not "
+                  "compared (--step-checkpoints to compare them too)")
     args.model = _trained_with(args.model, runs, "base")
     args.vae = _trained_with(args.vae, runs, "vae")
     data = _data_folder(args, runs)

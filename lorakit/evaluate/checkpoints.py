@@ -3,7 +3,8 @@
 A source is one of
 - a training run folder (``config.toml`` + ``checkpoints/epoch-NNNN/trained.safetensors``): every saved epoch,
   with the run's settings (algorithm, rank, lr, preset, ...) from its ``config.toml`` and its CS-Fluctuation
-  turning point from ``summary.json``;
+  turning point from ``summary.json``; with ``step_checkpoints`` also its ``checkpoints/step-NNNNNNNN/``, placed
+  between the epochs at ``step / steps per epoch`` (the steps per epoch counted in its ``log.jsonl``);
 - an adapter file (``.safetensors``): one checkpoint, settings from its ``ss_*`` metadata.
 
 The base model itself is "epoch 0" (once, however many runs are compared).  Each checkpoint carries a content
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +47,8 @@ class EvalCheckpoint:
     path: Path | None
     hash: str  # content hash of the file ("base" for the base model: the base model's hash is keyed separately)
     run: str | None = None  # the run's name (folder name), None for the base model and loose files
-    epoch: int | None = None
+    epoch: float | None = None  # a step checkpoint's is fractional (step 6 of 4 per epoch: 1.5); None: unknown
+    step: int | None = None  # a step checkpoint's step (None for epoch checkpoints, files and the base model)
 
 
 @dataclass
@@ -63,6 +66,7 @@ class RunInfo:
     trigger: str | None = None
     class_word: str | None = None
     checkpoints: list[EvalCheckpoint] = field(default_factory=list)
+    step_checkpoints_left_out: int = 0  # step checkpoints the run holds that were not asked for
 
     @property
     def plain_caption(self) -> str | None:
@@ -149,9 +153,10 @@ def is_run_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.toml").is_file()
 
 
-def read_run(path: str | Path, every: int = 1) -> RunInfo:
+def read_run(path: str | Path, every: int = 1, step_checkpoints: bool = False) -> RunInfo:
     """A run folder's settings, summary, turning point and saved checkpoints (every ``every``-th epoch, the last
-    one always).  CheckpointError for a folder that is not a run, or a run with no saved checkpoint."""
+    one always; with ``step_checkpoints`` its step checkpoints too, all of them, in order of training).
+    CheckpointError for a folder that is not a run, or a run with no saved checkpoint."""
     path = Path(path)
     if not is_run_folder(path):
         raise CheckpointError(f"{path}: not a lorakit run folder (no config.toml)")
@@ -164,22 +169,56 @@ def read_run(path: str | Path, every: int = 1) -> RunInfo:
                    class_word=data.get("class_word"))
     if (tp := summary_turning_point(summary)) is not None:
         info.turning_epoch, info.turning_step = tp.get("epoch"), tp.get("step")
-    found: list[tuple[int, Path]] = []
-    folder = path / "checkpoints"
-    for child in sorted(folder.iterdir()) if folder.is_dir() else []:
-        m = EPOCH_DIR.match(child.name)
-        if m and (child / "trained.safetensors").is_file():
-            found.append((int(m.group(1)), child / "trained.safetensors"))
-    if not found:
+    found, steps = _saved(path / "checkpoints", EPOCH_DIR), _saved(path / "checkpoints", STEP_DIR)
+    if not found and not (step_checkpoints and steps):
         raise CheckpointError(f"{path}: the run has no saved checkpoint (checkpoints/epoch-NNNN/trained.safetensors)"
                               "; train it first, or pass its adapter file")
-    last = found[-1][0]
+    last = found[-1][0] if found else None
     for epoch, file in found:
         if epoch % max(1, every) and epoch != last:
             continue
         info.checkpoints.append(EvalCheckpoint(label=f"{info.name}/e{epoch}", kind=kind, path=file,
                                                hash=file_hash(file), run=info.name, epoch=epoch))
+    if not step_checkpoints:
+        info.step_checkpoints_left_out = len(steps)
+        return info
+    per_epoch = steps_per_epoch(path / "log.jsonl")
+    for step, file in steps:
+        info.checkpoints.append(EvalCheckpoint(label=f"{info.name}/s{step}", kind=kind, path=file,
+                                               hash=file_hash(file), run=info.name, step=step,
+                                               epoch=round(step / per_epoch, 3) if per_epoch else None))
+    # in order of training; a step checkpoint whose place is unknown comes last
+    info.checkpoints.sort(key=lambda c: (c.epoch is None, c.epoch or 0.0))
     return info
+
+
+def _saved(folder: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:
+    """(number, tensors file) of the complete checkpoints in ``folder`` whose names match ``pattern``, in order."""
+    found = []
+    for child in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = pattern.match(child.name)
+        if m and (child / "trained.safetensors").is_file():
+            found.append((int(m.group(1)), child / "trained.safetensors"))
+    return found
+
+
+def steps_per_epoch(log: Path) -> int | None:
+    """The run's optimizer steps per epoch: the most any epoch logged (every whole epoch has as many; the last may
+    have stopped early), each step once (validation and sample-score lines repeat theirs).  None without a
+    readable log."""
+    counts: dict[int, set[int]] = {}
+    try:
+        lines = log.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill: the rest still counts
+            continue
+        if isinstance(record, dict) and "step" in record and isinstance(record.get("epoch"), int):
+            counts.setdefault(record["epoch"], set()).add(record["step"])
+    return max(len(steps) for steps in counts.values()) if counts else None
 
 
 def read_file_checkpoint(path: str | Path) -> EvalCheckpoint:
@@ -222,8 +261,8 @@ def _unique_labels(checkpoints: list[EvalCheckpoint]) -> list[EvalCheckpoint]:
     return out
 
 
-def discover(sources: Sequence[str | Path], include_base: bool = True,
-             every: int = 1) -> tuple[list[EvalCheckpoint], list[RunInfo]]:
+def discover(sources: Sequence[str | Path], include_base: bool = True, every: int = 1,
+             step_checkpoints: bool = False) -> tuple[list[EvalCheckpoint], list[RunInfo]]:
     """The checkpoints to compare (the base model first, as epoch 0) and the runs they came from."""
     if not sources:
         raise CheckpointError("nothing to evaluate: give run folders or adapter files")
@@ -234,7 +273,7 @@ def discover(sources: Sequence[str | Path], include_base: bool = True,
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            info = read_run(path, every)
+            info = read_run(path, every, step_checkpoints)
             runs.append(info)
             checkpoints.extend(info.checkpoints)
         else:

@@ -298,7 +298,7 @@ def evaluate(checkpoints: Sequence[EvalCheckpoint], runs: Sequence[RunInfo], job
             best = best_first(labels, harmonic, means)[0]
     groups = [g for g in (*PROMPT_TYPES, ALL) if g in table]
     return EvalResult(
-        checkpoints=[{"label": c.label, "kind": c.kind, "run": c.run, "epoch": c.epoch,
+        checkpoints=[{"label": c.label, "kind": c.kind, "run": c.run, "epoch": c.epoch, "step": c.step,
                       "path": str(c.path) if c.path else None, "hash": c.hash} for c in checkpoints],
         runs=[{"name": r.name, "path": str(r.path), "settings": r.settings, "turning_epoch": r.turning_epoch,
                "turning_step": r.turning_step} for r in runs],

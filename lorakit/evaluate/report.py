@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image
 
-from lorakit.checkpoint_names import epoch_dir_name
+from lorakit.checkpoint_names import epoch_dir_name, step_dir_name
 from lorakit.evaluate.generate import ImageJob
 from lorakit.evaluate.pipeline import EvalResult
 
@@ -300,13 +300,15 @@ def tradeoff_chart(result: EvalResult) -> Chart | None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, linestyle="-" if run else "", ms=6,
                 color=f"C{n}", label=run or "base / files")
         for x, y, c in pts:
-            text = str(c["epoch"]) if c["run"] or c["kind"] == "base" else c["label"]
+            text = epoch_text(c, short=True) if c["run"] or c["kind"] == "base" else c["label"]
             ax.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(f"fidelity: {fm} on {fg} prompts", fontsize=8)
     ax.set_ylabel(f"controllability: {cm} on {cg} prompts", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return Chart(f"fidelity ({fm}, {fg}) against controllability ({cm}, {cg}); labels are epochs", _figure_png(fig))
+    steps = ", sN a step checkpoint's step" if any(c.get("step") is not None for c in result.checkpoints) else ""
+    return Chart(f"fidelity ({fm}, {fg}) against controllability ({cm}, {cg}); labels are epochs{steps}",
+                 _figure_png(fig))
 
 
 # ------------------------------------------------------------------------------------------------ pages
@@ -347,6 +349,15 @@ def checkpoint_method(result: EvalResult, checkpoint: Mapping[str, Any]) -> str:
     return str(settings.get("algorithm", "adapter"))
 
 
+def epoch_text(checkpoint: Mapping[str, Any], short: bool = False) -> str:
+    """A checkpoint's place in its run: "3", a step checkpoint's "1.5 (step 6)" ("s6" when ``short``), "" when
+    unknown."""
+    epoch, step = checkpoint.get("epoch"), checkpoint.get("step")
+    if step is not None:
+        return f"s{step}" if short else (f"step {step}" if epoch is None else f"{epoch:g} (step {step})")
+    return "" if epoch is None else f"{epoch:g}"
+
+
 def ranking_table(result: EvalResult) -> Table | None:
     """The checkpoints compared, best first, in one table (the paper's Table 1 for these runs): method, epoch,
     each prompt type's key metric, the harmonic and arithmetic means of the rank-normalised scores, the rank."""
@@ -360,7 +371,7 @@ def ranking_table(result: EvalResult) -> Table | None:
         c = info[lb]
         rows.append((lb, [result.value(g, lb, m) for g, m in keys]
                      + [result.harmonic_mean.get(lb), result.mean_score.get(lb), float(rank)]))
-        texts.append([checkpoint_method(result, c), "" if c.get("epoch") is None else str(c["epoch"])])
+        texts.append([checkpoint_method(result, c), epoch_text(c)])
     columns = [f"{m} ({g})" for g, m in keys] + ["harmonic mean", "arithmetic mean", "rank"]
     return Table("ranking: the checkpoints compared, best first", columns, rows,
                  [result.directions.get(m) for _, m in keys] + [True, True, False],
@@ -417,8 +428,8 @@ def turning_point_rank(result: EvalResult, run_name: str, epoch: int | None) -> 
     if epoch is None or len(result.harmonic_mean) < 2:
         return None
     order = result.ranking()
-    label = next((c["label"] for c in result.checkpoints if c.get("run") == run_name and c.get("epoch") == epoch),
-                 None)
+    label = next((c["label"] for c in result.checkpoints if c.get("run") == run_name and c.get("epoch") == epoch
+                  and c.get("step") is None), None)
     return None if label is None else (order.index(label) + 1, len(order))
 
 
@@ -430,9 +441,10 @@ def changed_since_eval(result: EvalResult, run_dir: Path, run_name: str) -> list
 
     changed = []
     for c in result.checkpoints:
-        if c.get("run") != run_name or c.get("epoch") is None:
+        if c.get("run") != run_name or (c.get("epoch") is None and c.get("step") is None):
             continue
-        file = run_dir / "checkpoints" / epoch_dir_name(int(c['epoch'])) / "trained.safetensors"
+        folder = step_dir_name(c["step"]) if c.get("step") is not None else epoch_dir_name(int(c["epoch"]))
+        file = run_dir / "checkpoints" / folder / "trained.safetensors"
         if file.is_file() and file_hash(file) != c.get("hash"):
             changed.append(str(c["label"]))
     return changed
