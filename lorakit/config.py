@@ -101,6 +101,9 @@ class MethodConfig:
     #: native: fine-tune the whole text encoder too, at optimizer.text_encoder_lr (default the learning rate), as
     #: kohya's train_db.py and diffusers' train_dreambooth.py --train_text_encoder do; the result holds both
     native_text_encoder: bool = False
+    #: native: the text encoder trains for the first N optimizer steps only, then stays as it is (kohya's
+    #: stop_text_encoder_training); None: the whole run
+    native_text_encoder_steps: int | None = None
     #: textual inversion: the new token(s); default the trigger word
     ti_token: str | None = None
     #: textual inversion: the word whose embedding the new token(s) start from; "*" is A1111's default
@@ -524,6 +527,10 @@ class TrainConfig:
         if self.data.num_class_images > 0 and not self.data.class_prompt:  # before the model loads, not after
             raise ConfigError("data.num_class_images > 0 needs data.class_prompt, the prompt the class images are "
                               "generated from, e.g. --set data.class_prompt=\"a dog\"")
+        steps = self.method.native_text_encoder_steps
+        if steps is not None and not (_positive_int(steps) and self.method.native_text_encoder):
+            raise ConfigError(f"method.native_text_encoder_steps = {steps!r}: a positive number of steps, with "
+                              "method.native_text_encoder = true (the text encoder trains for those first steps)")
         if self.method.native_text_encoder and self.method.kind != "native":
             raise ConfigError(f"method.native_text_encoder fine-tunes the text encoder in native training, but "
                               f"method.kind is {self.method.kind!r}: adapters train it with "

@@ -80,6 +80,13 @@ class TrainingMethod:
     def expand_prompt(self, prompt: str) -> str:
         return prompt
 
+    #: set once the text encoder no longer trains (native fine-tuning's text-encoder steps are over): the trainer
+    #: then runs the plain module, without gradients
+    text_encoder_stopped: bool = False
+
+    def before_step(self, step: int) -> None:
+        """Called before each batch of optimizer step ``step`` (counted from 0), a resumed run's first too."""
+
     def after_optimizer_step(self) -> None:
         """Called after each optimizer step (textual inversion restores the frozen embedding rows)."""
 
@@ -394,6 +401,16 @@ class NativeMethod(TrainingMethod):
             for n, p in {**self.params, **self.text_params}.items():
                 p.copy_(tensors[n])
 
+    def before_step(self, step: int) -> None:
+        # kohya's stop_text_encoder_training: from this step on no gradient reaches the text encoder, so the
+        # optimizer leaves it as it is (AdamW skips a parameter without a gradient, weight decay included)
+        limit = self.cfg.method.native_text_encoder_steps
+        if self.text_params and not self.text_encoder_stopped and limit is not None and step >= limit:
+            for p in self.text_params.values():
+                p.requires_grad_(False)
+                p.grad = None
+            self.text_encoder_stopped = True
+
     def cs_meter(self) -> NativeCSMeter | None:
         return NativeCSMeter(self._pairs)
 
@@ -404,7 +421,8 @@ class NativeMethod(TrainingMethod):
 
     def summary(self) -> str:
         n = sum(p.numel() for p in [*self.params.values(), *self.text_params.values()])
-        text = " and the text encoder" if self.text_params else ""
+        limit = self.cfg.method.native_text_encoder_steps
+        text = (" and the text encoder" + (f" (its first {limit} steps)" if limit else "")) if self.text_params else ""
         return (f"native fine-tuning of the U-Net ({self.cfg.method.native_targets}){text}: {n:,} trainable "
                 "parameters")
 

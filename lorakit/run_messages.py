@@ -29,7 +29,9 @@ def what_is_trained(cfg: TrainConfig) -> str:
     """'a LoCon (rank 8, preset full)', 'native fine-tuning (DreamBooth)', ... for the opening line."""
     kind = cfg.method.kind
     if kind == "native":
-        text = " and the text encoder" if cfg.method.native_text_encoder else ""
+        limit = cfg.method.native_text_encoder_steps
+        text = (" and the text encoder" + (f" (its first {limit} steps)" if limit else "")
+                if cfg.method.native_text_encoder else "")
         return f"native fine-tuning of the U-Net{text} (DreamBooth)"
     if kind == "ti":
         return f"a Textual Inversion embedding ({cfg.method.ti_vectors} vector(s) per token)"

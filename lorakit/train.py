@@ -456,10 +456,12 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             done = skip
             for i, batch in enumerate(batches, start=skip):
                 done = i + 1
+                method.before_step(step)
                 with accelerator.accumulate(*trained):
                     torch.manual_seed(step_seed(cfg.training.seed + 1, step * 1000 + i))  # adapter dropout
                     with method.scaled(batch.network_multiplier):
-                        loss = compute_loss(cfg, model, method, batch, step, accelerator, run_unet, run_te)
+                        loss = compute_loss(cfg, model, method, batch, step, accelerator, run_unet,
+                                            None if method.text_encoder_stopped else run_te)
                     if not torch.isfinite(loss):
                         raise TrainingError(_nan_message(run, step, epoch))
                     accelerator.backward(loss)

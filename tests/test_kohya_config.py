@@ -167,8 +167,7 @@ def test_a_kohya_textual_inversion_config_trains_an_embedding(tiny_model_dir, tm
 
 def test_a_kohya_dreambooth_config_fine_tunes_the_unet_and_the_text_encoder(tiny_model_dir, tmp_path):
     """train_db.py's config (no network_module, no token_string): native fine-tuning of both networks, at
-    learning_rate and learning_rate_te, unless stop_text_encoder_training is -1 or 0; a stop after N steps is
-    listed (lorakit has none)."""
+    learning_rate and learning_rate_te, the text encoder for stop_text_encoder_training steps (-1 or 0: never)."""
     path = kohya_file(tmp_path, tiny_model_dir, "db.toml", 'output_name = "zkz_db"\nlearning_rate = 1e-4\n'
                       'learning_rate_te = 5e-5\ntrain_batch_size = 2\nmax_train_epochs = 1\nprior_loss_weight = 1.0\n')
     cfg, translation = config_from_kohya(path)
@@ -184,5 +183,9 @@ def test_a_kohya_dreambooth_config_fine_tunes_the_unet_and_the_text_encoder(tiny
         cfg, translation = config_from_kohya(path)
         assert cfg.method.native_text_encoder is trains and translation.untranslated == []
     path.write_text(f"{db}stop_text_encoder_training = 300\n")
-    _, translation = config_from_kohya(path)
+    cfg, translation = config_from_kohya(path)
+    assert (cfg.method.native_text_encoder, cfg.method.native_text_encoder_steps) == (True, 300)
+    assert translation.untranslated == []
+    path.write_text(f"{db}network_module = 'networks.lora'\nstop_text_encoder_training = 300\n")
+    _, translation = config_from_kohya(path)  # train_network.py has no such option: said, not made native
     assert [line.split(":")[0] for line in translation.untranslated] == ["stop_text_encoder_training = 300"]

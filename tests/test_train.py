@@ -502,6 +502,36 @@ def test_native_fine_tuning_of_the_text_encoder_too_saves_resumes_and_evaluates_
     assert torch.equal(param.detach(), before)
 
 
+def test_the_text_encoder_trains_for_its_first_steps_only_and_a_resume_keeps_the_limit(tiny_model_dir, dataset,
+                                                                                        tmp_path, monkeypatch):
+    """method.native_text_encoder_steps (kohya's stop_text_encoder_training): after 1 step of 4 the text encoder
+    stays what that step made it (a 1-step run's), while the U-Net trains on; a run interrupted after the stop
+    resumes to the straight run's weights."""
+    from lorakit.models import load_base_model
+
+    def config(out, **training):
+        return make_config(tiny_model_dir, dataset, out, training={"max_epochs": 2, **training},
+                           output={"if_exists": "resume"} if out.exists() else {},
+                           method={"kind": "native", "native_text_encoder": True, "native_text_encoder_steps": 1},
+                           optimizer={"learning_rate": 1e-4, "text_encoder_lr": 3e-4})
+
+    straight = run_train(config(tmp_path / "limited"))
+    one_step = run_train(config(tmp_path / "one step", max_steps=1))
+    assert len(straight.losses) == 4 and one_step.losses == straight.losses[:1]
+    limited, after_one = (load_base_model(tmp_path / name / "lorakit.safetensors") for name in ("limited", "one step"))
+    assert all(torch.equal(v, after_one.text_encoder.state_dict()[k])
+               for k, v in limited.text_encoder.state_dict().items())
+    assert not all(torch.equal(v, after_one.unet.state_dict()[k]) for k, v in limited.unet.state_dict().items())
+
+    original = die_after_saving(monkeypatch, 1)
+    with pytest.raises(Interrupt):
+        run_train(config(tmp_path / "interrupted"))
+    monkeypatch.setattr(RunFolder, "save_checkpoint", original)
+    assert run_train(config(tmp_path / "interrupted")).losses == straight.losses
+    a, b = (load_file(str(tmp_path / name / "lorakit.safetensors")) for name in ("limited", "interrupted"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_textual_inversion_trains_only_the_new_rows(tiny_model_dir, dataset, tmp_path):
     from lorakit.methods import TextualInversion
     from lorakit.models import load_base_model

@@ -158,7 +158,10 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
     dreambooth = module is None and not token and "in_json" not in options
     if dreambooth:
         _dreambooth(options, out)
-    elif module is None and not token:  # fine_tune.py reads its captions from in_json
+    elif "stop_text_encoder_training" in options and not is_off(options["stop_text_encoder_training"]):
+        out.untranslated.append(f"stop_text_encoder_training = {options.pop('stop_text_encoder_training')!r}: "
+                                "train_db.py's (DreamBooth); adapters train the text encoder for the whole run")
+    if module is None and not token and not dreambooth:  # fine_tune.py reads its captions from in_json
         out.untranslated.append(f"in_json = {options.pop('in_json')!r} without network_module or token_string: a "
                                 "fine_tune.py config, not translated (a train_db.py config, without in_json, is)")
     # kohya trains the text encoder too unless told not to; lorakit's default is the U-Net only
@@ -200,15 +203,16 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
 
 
 def _dreambooth(options: dict[str, Any], out: KohyaTranslation) -> None:
-    """train_db.py: native fine-tuning of the whole U-Net and the text encoder, unless
-    ``stop_text_encoder_training`` is -1 or 0 (kohya then never trains it); a stop after N steps is not in lorakit."""
+    """train_db.py: native fine-tuning of the whole U-Net and the text encoder, the latter for the first
+    ``stop_text_encoder_training`` steps when that is given (-1 or 0: kohya never trains it)."""
     out.set("method.kind", "native")
     stop = options.pop("stop_text_encoder_training", None)
-    if stop is None or (isinstance(stop, int) and stop <= 0):
-        out.set("method.native_text_encoder", stop is None)
-    else:
-        out.untranslated.append(f"stop_text_encoder_training = {stop!r}: not in lorakit as a step: the text encoder "
-                                "trains for the whole run (method.native_text_encoder = true) or not at all (false)")
+    if stop is not None and not isinstance(stop, int):
+        out.untranslated.append(f"stop_text_encoder_training = {stop!r}: not a number of steps")
+        return
+    out.set("method.native_text_encoder", stop is None or stop > 0)
+    if stop is not None and stop > 0:
+        out.set("method.native_text_encoder_steps", stop)
 
 
 def config_from_kohya(path: str | Path) -> tuple[TrainConfig, KohyaTranslation]:

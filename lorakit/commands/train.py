@@ -145,8 +145,8 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--in-json": "--data FILE.toml, with metadata_file = 'FILE.json' in a [[datasets.subsets]]",
     # train_db.py's options (--from-kohya: a config without network_module or token_string is DreamBooth)
     "--learning-rate-te": "--set optimizer.text_encoder_lr=X",
-    "--stop-text-encoder-training": "(not in lorakit as a step: --method native trains the text encoder with "
-                                    "--set method.native_text_encoder=true for the whole run)",
+    "--stop-text-encoder-training": "--method native --set method.native_text_encoder=true "
+                                    "--set method.native_text_encoder_steps=N",
     "--no-token-padding": "(not in lorakit: captions are padded to CLIP's 77 tokens, as CLIP was trained)",
     "--flip-aug": "--set data.flip_aug=true",
     "--color-aug": "--set data.color_aug=true",
