@@ -70,6 +70,12 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
     return merged or [("", 1.0)]
 
 
+def plain_text(text: str) -> str:
+    """What a weighted prompt says, without its syntax (``a (red:1.3) star`` -> ``a red star``): the text a CLIP
+    text embedding or a token count should read."""
+    return "".join(piece for piece, _ in parse_weights(text)) if uses_bracket_syntax(text) else text
+
+
 def weighted_token_ids(tokenizer: CLIPTokenizer, texts: list[str], max_token_length: int = 75
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids ``(batch, chunks, 77)`` laid out exactly as ``lorakit.models.tokenize_prompts`` lays out the

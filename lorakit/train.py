@@ -56,7 +56,7 @@ from lorakit.models import (
 from lorakit.modelspec import USER_FIELDS, modelspec_metadata
 from lorakit.optimizers import OPTIMIZERS, adaptive_lr_note
 from lorakit.prior import ensure_class_images
-from lorakit.prompt_weights import parse_weights
+from lorakit.prompt_weights import plain_text
 from lorakit.run_manifest import RunManifest
 from lorakit.run_messages import count, estimate_line, next_steps, opening_line
 from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
@@ -894,7 +894,7 @@ def long_captions_note(model: BaseModel, data: TrainingData, limit: int) -> str 
     captions = [r.caption for r in data.records]
     lines = [c.split("\n") for c in captions]
     if data.config.weighted_captions:  # brackets and weights are not read as tokens
-        lines = [["".join(piece for piece, _ in parse_weights(line)) for line in ls] for ls in lines]
+        lines = [[plain_text(line) for line in ls] for ls in lines]
     flat = prompt_token_counts(model.tokenizer, [line for ls in lines for line in ls])
     counts, start = [], 0
     for ls in lines:

@@ -280,3 +280,15 @@ def test_held_out_images_give_their_fidelity_and_the_memorisation_gap():
     plain = evaluate(checkpoints, runs, jobs, images, {"thumb": ex}, data, seeds=2)
     assert not {m for g in plain.groups for m in plain.metric_names(g)} & {"memorisation[thumb]",
                                                                            "heldout_fidelity[thumb]"}
+
+
+def test_a_weighted_prompt_is_embedded_as_its_words():
+    """clip_score reads what a weighted prompt says: "a (blue:1.3) zkz shape" scores as "a blue zkz shape" (the
+    generator weighs the words; the brackets and numbers are no text)."""
+    checkpoints, runs, _, images, data = setup()
+    weighted = [EvalPrompt("(blue:1.3) zkz shape", "alter", seed=3), EvalPrompt("[green] zkz shape", "alter", seed=4)]
+    plain = [EvalPrompt("blue zkz shape", "alter", seed=3), EvalPrompt("green zkz shape", "alter", seed=4)]
+    results = [evaluate(checkpoints, runs, make_jobs(prompts, seeds=2), images, {"thumb": ThumbExtractor()}, data,
+                        seeds=2) for prompts in (weighted, plain)]
+    assert results[0].value("alter", "r/e1", "clip_score[thumb]") == \
+        results[1].value("alter", "r/e1", "clip_score[thumb]")

@@ -9,7 +9,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from lorakit.models import encode_prompt_ids, load_base_model, tokenize_prompts
-from lorakit.prompt_weights import apply_weights, parse_weights, uses_bracket_syntax, weighted_token_ids
+from lorakit.prompt_weights import apply_weights, parse_weights, plain_text, uses_bracket_syntax, weighted_token_ids
 from lorakit.sample import SamplePrompt, generate
 
 TOKENIZER = "lorakit/world/base_model/tokenizer"
@@ -37,6 +37,7 @@ def test_a_prompt_with_brackets_is_parsed_even_when_they_weigh_1():
     assert uses_bracket_syntax("a (red:1.0) circle") and uses_bracket_syntax("stray ) here")
     assert uses_bracket_syntax(r"a \(literal\) x") and parse_weights(r"a \(literal\) x") == [("a (literal) x", 1.0)]
     assert not uses_bracket_syntax("plain, time: 5pm")
+    assert plain_text("a ((red:1.3)) [star], \\(sic\\)") == "a red star, (sic)" and plain_text("a: b") == "a: b"
 
 
 @pytest.mark.parametrize("max_token_length", [75, 150])

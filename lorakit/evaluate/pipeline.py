@@ -36,6 +36,7 @@ from lorakit.evaluate.extractors import FeatureExtractor
 from lorakit.evaluate.generate import ImageJob
 from lorakit.evaluate.prompts import PROMPT_TYPES
 from lorakit.evaluate.scores import best_by_harmonic_mean, rank_normalise, shap_importance
+from lorakit.prompt_weights import plain_text
 
 FIDELITY_TYPES = ("train", "trigger", "alter", "style")
 STYLE_LOSS_TYPES = ("style", "agnostic")
@@ -199,7 +200,8 @@ def compute_metrics(checkpoints: Sequence[EvalCheckpoint], jobs: Sequence[ImageJ
         texts = None
         if extractor.supports_text:
             prompt_texts = sorted({j.prompt.text for j in jobs})
-            text_emb = extractor.embed_texts(prompt_texts).float()
+            # a weighted prompt's words, as the generator read them ("(red:1.3)" is not text to embed)
+            text_emb = extractor.embed_texts([plain_text(t) for t in prompt_texts]).float()
             texts = {t: text_emb[k] for k, t in enumerate(prompt_texts)}
         grams = None
         gram_fn = getattr(extractor, "gram_matrices", None)

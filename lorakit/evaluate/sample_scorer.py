@@ -33,6 +33,7 @@ from lorakit.earlystop.samples import register_sample_scorer
 from lorakit.errors import InvalidValueError
 from lorakit.evaluate import metrics as M
 from lorakit.evaluate.extractors import load_extractor, model_folder
+from lorakit.prompt_weights import plain_text
 
 #: the prompt types fidelity is measured on, and those prompt-following is measured on (a subset)
 FIDELITY_TYPES = ("train", "trigger", "alter", "style")
@@ -83,7 +84,7 @@ class ClipSampleScorer:
         fidelity = M.image_similarity(embedded[concept], self.reference) if concept else float("nan")
         following = float("nan")
         if steered:
-            texts = self.extractor.embed_texts([prompts[i].text for i in steered]).numpy()
+            texts = self.extractor.embed_texts([plain_text(prompts[i].text) for i in steered]).numpy()
             following = M.clip_score(embedded[steered], texts)
         return {"fidelity": fidelity, "following": following}
 
