@@ -415,6 +415,20 @@ def test_captions_without_the_keep_tokens_separator_are_named_when_shuffling_wou
 
 # ---- kohya's fine-tuning metadata (metadata_file, kohya's --in_json) --------------------------------------------
 
+def test_a_plain_folder_takes_a_metadata_file_as_kohya_s_in_json(tmp_path):
+    """data.metadata_file (kohya's --in_json beside train_data_dir): a plain folder's captions from the JSON, no
+    trigger needed; with kohya-layout folders or a dataset TOML it belongs on a subset, and says so."""
+    make_folder(tmp_path / "images", 2)
+    (tmp_path / "meta.json").write_text(json.dumps({"000": {"caption": "a red circle"}, "001": {"tags": "star"}}))
+    d = data(tmp_path / "images", metadata_file=str(tmp_path / "meta.json"))
+    assert {r.path.name: r.caption for r in d.records} == {"000.png": "a red circle", "001.png": "star"}
+    make_folder(tmp_path / "kohya" / "1_zkz shape", 1)
+    assert "goes with a plain folder of images" in error(tmp_path / "kohya", metadata_file="meta.json")
+    toml = tmp_path / "d.toml"
+    toml.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'images'\n")
+    assert "set metadata_file on its [[datasets.subsets]]" in error(toml, metadata_file="meta.json")
+
+
 def test_a_metadata_file_lists_the_images_and_gives_their_captions_as_kohya_joins_them(tmp_path):
     make_folder(tmp_path / "images", 4, captions={0: "a caption file, never read"})
     (tmp_path / "meta.json").write_text(json.dumps({

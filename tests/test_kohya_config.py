@@ -124,10 +124,6 @@ def test_json_configs_and_bad_values_name_the_file(tmp_path):
     path.write_text(json.dumps({"network_dim": "sixteen"}))
     with pytest.raises(ConfigError, match="kohya.json"):
         config_from_kohya(path)
-    path.write_text(json.dumps({"learning_rate": 1e-6, "in_json": "meta.json", "train_batch_size": 1}))
-    _, translation = config_from_kohya(path)  # a fine_tune.py config: not made a LoRA run silently
-    assert translation.untranslated[0].startswith("in_json = 'meta.json' without network_module or token_string: a "
-                                                  "fine_tune.py config")
     with pytest.raises(ConfigError, match="no such kohya config file"):
         config_from_kohya(tmp_path / "missing.toml")
 
@@ -189,3 +185,31 @@ def test_a_kohya_dreambooth_config_fine_tunes_the_unet_and_the_text_encoder(tiny
     path.write_text(f"{db}network_module = 'networks.lora'\nstop_text_encoder_training = 300\n")
     _, translation = config_from_kohya(path)  # train_network.py has no such option: said, not made native
     assert [line.split(":")[0] for line in translation.untranslated] == ["stop_text_encoder_training = 300"]
+
+
+def test_a_kohya_fine_tuning_config_trains_on_its_metadata_captions(tiny_model_dir, tmp_path):
+    """fine_tune.py's config (in_json, no network_module or token_string): native fine-tuning on the images its
+    metadata JSON lists, with their captions; the text encoder only with train_text_encoder."""
+    from lorakit.data import TrainingData
+
+    data = write_dataset(tmp_path / "data", n=4)
+    images = tmp_path / "images"
+    images.mkdir()
+    for png in sorted(data.rglob("*.png")):
+        png.rename(images / png.name)
+    (tmp_path / "meta.json").write_text(json.dumps({p.stem: {"caption": f"zkz shape number {i}"}
+                                                    for i, p in enumerate(sorted(images.glob("*.png")))}))
+    path = tmp_path / "ft.toml"
+    path.write_text(f'pretrained_model_name_or_path = "{tiny_model_dir}"\ntrain_data_dir = "{images}"\n'
+                    f'in_json = "{tmp_path / "meta.json"}"\noutput_dir = "{tmp_path / "run"}"\noutput_name = "ft"\n'
+                    'learning_rate = 1e-5\ntrain_batch_size = 2\nmax_train_epochs = 1\n')
+    cfg, translation = config_from_kohya(path)
+    assert (cfg.method.kind, cfg.method.native_text_encoder) == ("native", False) and translation.untranslated == []
+    assert cfg.data.metadata_file == str(tmp_path / "meta.json")
+    assert main(["train", "--from-kohya", str(path), "--no-progress", "--early-stop", "off"]) == 0
+    assert (tmp_path / "run" / "ft.safetensors").is_file()
+    trained = TrainingData(cfg.data, default_resolution=64)  # what the run read: the JSON's captions
+    assert sorted(r.caption for r in trained.records) == [f"zkz shape number {i}" for i in range(4)]
+    path.write_text(path.read_text() + "train_text_encoder = true\nlearning_rate_te = 5e-6\n")
+    cfg, _ = config_from_kohya(path)
+    assert cfg.method.native_text_encoder and cfg.optimizer.text_encoder_lr == 5e-6

@@ -1,7 +1,7 @@
 """kohya sd-scripts' training config file (``train_network.py --config_file FILE.toml``: its command-line options as
-flat TOML keys; also ``train_textual_inversion.py``'s, with ``token_string``, and ``train_db.py``'s, with neither
-``network_module`` nor ``token_string``: DreamBooth, lorakit's native fine-tuning), or a kohya_ss GUI config (JSON,
-``lorakit.commands.kohya_gui``), read into a lorakit config.
+flat TOML keys; also ``train_textual_inversion.py``'s, with ``token_string``, and ``train_db.py``'s and
+``fine_tune.py``'s, with neither ``network_module`` nor ``token_string``: lorakit's native fine-tuning), or a
+kohya_ss GUI config (JSON, ``lorakit.commands.kohya_gui``), read into a lorakit config.
 
 Each key is translated with the table the trainer's error messages use for kohya's options
 (``lorakit.commands.train.KOHYA_OPTIONS``), or a lorakit flag of the same name, so one table says how every kohya
@@ -155,19 +155,16 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
         out.set("method.ti_token", str(token))
         if "learning_rate" in options:
             out.set("optimizer.ti_lr", options.pop("learning_rate"))
-    dreambooth = module is None and not token and "in_json" not in options
-    if dreambooth:
-        _dreambooth(options, out)
+    native = module is None and not token  # train_db.py (DreamBooth) or fine_tune.py (with in_json)
+    if native:
+        _native(options, out)
     elif "stop_text_encoder_training" in options and not is_off(options["stop_text_encoder_training"]):
         out.untranslated.append(f"stop_text_encoder_training = {options.pop('stop_text_encoder_training')!r}: "
                                 "train_db.py's (DreamBooth); adapters train the text encoder for the whole run")
-    if module is None and not token and not dreambooth:  # fine_tune.py reads its captions from in_json
-        out.untranslated.append(f"in_json = {options.pop('in_json')!r} without network_module or token_string: a "
-                                "fine_tune.py config, not translated (a train_db.py config, without in_json, is)")
     # kohya trains the text encoder too unless told not to; lorakit's default is the U-Net only
     unet_only = bool(options.pop("network_train_unet_only", False))
     te_only = bool(options.pop("network_train_text_encoder_only", False))
-    if not token and not dreambooth:  # textual inversion and DreamBooth train no network
+    if not token and not native:  # textual inversion and native fine-tuning train no network
         out.set("network.train_text_encoder", not unet_only)
     if te_only:
         out.set("network.train_unet", False)
@@ -202,10 +199,14 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
     return out
 
 
-def _dreambooth(options: dict[str, Any], out: KohyaTranslation) -> None:
-    """train_db.py: native fine-tuning of the whole U-Net and the text encoder, the latter for the first
-    ``stop_text_encoder_training`` steps when that is given (-1 or 0: kohya never trains it)."""
+def _native(options: dict[str, Any], out: KohyaTranslation) -> None:
+    """train_db.py and fine_tune.py: native fine-tuning of the whole U-Net.  fine_tune.py (its captions in
+    ``in_json``) trains the text encoder with ``train_text_encoder``; train_db.py trains it unless told not to,
+    for the first ``stop_text_encoder_training`` steps when that is given (-1 or 0: never)."""
     out.set("method.kind", "native")
+    if "in_json" in options:
+        out.set("method.native_text_encoder", bool(options.pop("train_text_encoder", False)))
+        return
     stop = options.pop("stop_text_encoder_training", None)
     if stop is not None and not isinstance(stop, int):
         out.untranslated.append(f"stop_text_encoder_training = {stop!r}: not a number of steps")

@@ -142,7 +142,9 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--bucket-no-upscale": "--set data.bucket_no_upscale=true",
     "--alpha-mask": "--set data.alpha_mask=true", "--masked-loss": "--set data.alpha_mask=true",
     "--conditioning-data-dir": "--data FILE.toml, with conditioning_data_dir = 'DIR' in a [[datasets.subsets]]",
-    "--in-json": "--data FILE.toml, with metadata_file = 'FILE.json' in a [[datasets.subsets]]",
+    "--in-json": "--set data.metadata_file=FILE",
+    # fine_tune.py's (--from-kohya: a config with in_json and neither network_module nor token_string)
+    "--train-text-encoder": "--set method.native_text_encoder=true",
     # train_db.py's options (--from-kohya: a config without network_module or token_string is DreamBooth)
     "--learning-rate-te": "--set optimizer.text_encoder_lr=X",
     "--stop-text-encoder-training": "--method native --set method.native_text_encoder=true "

@@ -33,6 +33,10 @@ class DataConfig:
     train_data: str | None = None
     #: regularization (class) images in kohya layout (``1_shape/``); not used with a TOML file (use ``is_reg``)
     reg_data: str | None = None
+    #: kohya's fine-tuning metadata (``--in_json``) for a plain ``train_data`` folder: a JSON file {image:
+    #: {"caption": ..., "tags": ...}}; the folder's images it lists are trained, with its captions (a TOML dataset
+    #: config sets it per subset)
+    metadata_file: str | None = None
     #: held-out images of the concept, never trained on (as OneTrainer's validation concepts): a kohya-layout or
     #: plain folder like ``train_data``; their loss is the run's validation loss, beside or instead of
     #: ``validation_split``.  Not used with a TOML file (use a subset with ``is_validation = true``)

@@ -129,6 +129,9 @@ def resolve_datasets(config: DataConfig, default_resolution: int | tuple[int, in
         if config.validation_data:
             raise DatasetError(f"{source}: validation_data ({config.validation_data}) is not used with a dataset "
                                "config file; add a [[datasets.subsets]] with is_validation = true instead")
+        if config.metadata_file:
+            raise DatasetError(f"{source}: metadata_file ({config.metadata_file}) is not used with a dataset config "
+                               "file; set metadata_file on its [[datasets.subsets]] instead")
         return read_dataset_toml(source, defaults)
     if not source.is_dir():
         raise DatasetError(f"{source}: no such folder" if not source.exists() else
@@ -140,11 +143,15 @@ def resolve_datasets(config: DataConfig, default_resolution: int | tuple[int, in
         raise DatasetError(f"{source}: holds both images ({images[0].name}, ...) and kohya folders "
                            f"({kohya[0].name}/, ...); in kohya layout every image must be inside a "
                            "'<repeats>_<trigger> <class>' folder, so move the loose images into one")
+    if kohya and config.metadata_file:
+        raise DatasetError(f"{source}: metadata_file ({config.metadata_file}) goes with a plain folder of images (as "
+                           "kohya's --in_json); for kohya-layout folders set it on a subset of a dataset .toml")
     if kohya:
         subsets = kohya_subsets(source, False, defaults, config.trigger, problems, skip)
     elif images:
         tokens = " ".join(w for w in (config.trigger, config.class_word) if w) or None
-        subsets = [{**defaults, "image_dir": str(source), "class_tokens": tokens, "trigger": config.trigger}]
+        subsets = [{**defaults, "image_dir": str(source), "class_tokens": tokens, "trigger": config.trigger,
+                    "metadata_file": config.metadata_file}]
     else:
         holding = [(d, sum(is_image(p) for p in d.iterdir())) for d in _subdirs(source)]
         holding = [(d, n) for d, n in holding if n]
