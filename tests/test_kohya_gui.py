@@ -165,7 +165,7 @@ def test_a_dreambooth_tab_config_is_native_fine_tuning_of_both_networks(tmp_path
     """The DreamBooth tab launches train_db.py: native fine-tuning, the text encoder too at learning_rate_te; its
     "Stop TE" field of 0 means no stop, -1 no text-encoder training, any other value a stop after that many steps
     (the GUI labels it a percentage but hands it to sd-scripts as a step).  The LoRA tab's own stop field is
-    ignored, as the GUI ignores it; the fine-tuning tab is listed as not translated."""
+    ignored, as the GUI ignores it."""
     path = tmp_path / "db.json"
     path.write_text(json.dumps(dreambooth_tab()))
     cfg, translation = config_from_kohya(path)
@@ -182,9 +182,27 @@ def test_a_dreambooth_tab_config_is_native_fine_tuning_of_both_networks(tmp_path
     path.write_text(json.dumps(gui_config(stop_text_encoder_training=30)))
     cfg, translation = config_from_kohya(path)
     assert cfg.method.kind == "adapter" and translation.untranslated == []
-    fine_tune = dreambooth_tab(image_folder="/data/zkz", train_dir="/runs", train_text_encoder=True)
-    del fine_tune["stop_text_encoder_training"]
-    path.write_text(json.dumps(fine_tune))
-    _, translation = config_from_kohya(path)
-    assert any(line.startswith("image_folder = '/data/zkz': a kohya_ss GUI fine-tuning config")
-               for line in translation.untranslated)
+
+
+def test_a_fine_tuning_tab_config_trains_the_image_folder_with_its_captions(tmp_path):
+    """The fine-tuning tab launches fine_tune.py on image_folder: with "create caption" the captions are its caption
+    files (the GUI merges them into train_dir's metadata first), else the metadata JSON in train_dir (the latents'
+    one with use_latent_files); the text encoder only when ticked; dataset_repeats the repeats."""
+    tab = {key: value for key, value in dreambooth_tab().items()
+           if key not in ("train_data_dir", "reg_data_dir", "stop_text_encoder_training", "no_token_padding",
+                          "prior_loss_weight")}
+    tab.update(image_folder="/data/zkz", train_dir="/runs/ft", caption_metadata_filename="meta_cap.json",
+               latent_metadata_filename="meta_lat.json", full_path=True, create_caption=True, create_buckets=True,
+               use_latent_files="Yes", dataset_repeats="40", train_text_encoder=False, caption_extension="",
+               batch_size="1")
+    path = tmp_path / "ft.json"
+    path.write_text(json.dumps(tab))
+    cfg, translation = config_from_kohya(path)
+    assert (cfg.method.kind, cfg.method.native_text_encoder, cfg.data.train_data, cfg.data.caption_extension,
+            cfg.data.metadata_file, cfg.data.repeats) == ("native", False, "/data/zkz", ".caption", None, 40)
+    assert translation.untranslated == []
+    path.write_text(json.dumps({**tab, "create_caption": False, "train_text_encoder": True}))
+    cfg, translation = config_from_kohya(path)
+    assert (cfg.method.native_text_encoder, cfg.data.metadata_file) == (True, "/runs/ft/meta_lat.json")
+    path.write_text(json.dumps({**tab, "create_caption": False, "use_latent_files": "No"}))
+    assert config_from_kohya(path)[0].data.metadata_file == "/runs/ft/meta_cap.json"

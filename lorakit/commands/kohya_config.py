@@ -201,10 +201,11 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
 
 def _native(options: dict[str, Any], out: KohyaTranslation) -> None:
     """train_db.py and fine_tune.py: native fine-tuning of the whole U-Net.  fine_tune.py (its captions in
-    ``in_json``) trains the text encoder with ``train_text_encoder``; train_db.py trains it unless told not to,
-    for the first ``stop_text_encoder_training`` steps when that is given (-1 or 0: never)."""
+    ``in_json``; the GUI's fine-tuning tab may read them from caption files instead, and always says
+    ``train_text_encoder``) trains the text encoder with ``train_text_encoder``; train_db.py trains it unless
+    told not to, for the first ``stop_text_encoder_training`` steps when that is given (-1 or 0: never)."""
     out.set("method.kind", "native")
-    if "in_json" in options:
+    if "in_json" in options or "train_text_encoder" in options:
         out.set("method.native_text_encoder", bool(options.pop("train_text_encoder", False)))
         return
     stop = options.pop("stop_text_encoder_training", None)

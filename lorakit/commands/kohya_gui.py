@@ -1,7 +1,7 @@
-"""The kohya_ss GUI's saved configs (bmaltais/kohya_ss: the LoRA, textual-inversion and DreamBooth tabs' "Save"
-JSON, and their presets) as the sd-scripts options the GUI launches ``train_network.py``
-(``train_textual_inversion.py``, ``train_db.py``) with, so ``lorakit train --from-kohya GUI.json`` reads them
-through the same translation as a ``--config_file`` TOML.
+"""The kohya_ss GUI's saved configs (bmaltais/kohya_ss: the LoRA, textual-inversion, DreamBooth and fine-tuning
+tabs' "Save" JSON, and their presets) as the sd-scripts options the GUI launches ``train_network.py``
+(``train_textual_inversion.py``, ``train_db.py``, ``fine_tune.py``) with, so ``lorakit train --from-kohya
+GUI.json`` reads them through the same translation as a ``--config_file`` TOML.
 
 Most GUI keys are sd-scripts options already.  The others are GUI fields the GUI turns into options when it
 starts a run, and this module does the same:
@@ -154,6 +154,24 @@ def _network(gui: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return out, []
 
 
+def _fine_tuning_tab(gui: dict[str, Any]) -> None:
+    """The fine-tuning tab's fields as the fine_tune.py options the GUI launches with: the images in
+    ``image_folder``; their captions from its caption files (``create_caption``: the GUI merges them into the
+    metadata JSON first, lorakit reads them directly) or from the metadata JSON in ``train_dir`` (the latents'
+    one with ``use_latent_files``, whose captions are the same); the text encoder trained or not, said always."""
+    gui["train_data_dir"] = gui.pop("image_folder")
+    folder = str(gui.pop("train_dir", "") or "")
+    captions, latents = (gui.pop(k, "") or "" for k in ("caption_metadata_filename", "latent_metadata_filename"))
+    if gui.pop("create_caption", gui.pop("generate_caption_database", False)):
+        gui["caption_extension"] = gui.get("caption_extension") or ".caption"  # the GUI's default for merging
+    else:
+        name = latents if gui.get("use_latent_files") == "Yes" else captions
+        gui["in_json"] = str(Path(folder) / name)
+    for key in ("use_latent_files", "create_buckets", "generate_image_buckets", "full_path", "batch_size"):
+        gui.pop(key, None)  # bucket latents are prepared by lorakit itself; paths in the JSON are read either way
+    gui["train_text_encoder"] = bool(gui.get("train_text_encoder"))
+
+
 def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[str], list[str]]:
     """The sd-scripts options a kohya_ss GUI config launches with; (options, GUI keys skipped, notes on what
     lorakit cannot take over)."""
@@ -166,10 +184,8 @@ def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[
     stop = gui.pop("stop_text_encoder_training", None)
     if dreambooth_tab and stop not in (None, 0):
         gui["stop_text_encoder_training"] = stop  # the DreamBooth tab passes it (0: none); the LoRA tab ignores it
-    if "image_folder" in gui:  # the fine-tuning tab launches fine_tune.py with metadata it writes itself
-        notes.append(f"image_folder = {gui.pop('image_folder')!r}: a kohya_ss GUI fine-tuning config (fine_tune.py), "
-                     "not translated; the DreamBooth tab's configs are")
-        gui.pop("train_dir", None)
+    if "image_folder" in gui:
+        _fine_tuning_tab(gui)
     template = gui.pop("template", "caption")  # the textual-inversion tab: captions, or kohya's templates
     if template not in ("caption", "", None):
         notes.append(f"template = {template!r}: lorakit's textual inversion trains on the images' captions (the "
