@@ -84,9 +84,13 @@ def check_adapter_path(path: str | os.PathLike) -> None:
     if not path.is_file():
         return
     try:
-        keys, _ = _header(path)
+        keys, metadata = _header(path)
     except Exception:  # not safetensors, truncated, ...: the reader's checks explain it
         return
+    if metadata.get("lorakit_method") == "native":  # lorakit.native_checkpoints.METHOD_KEY (no torch import here)
+        raise NotAnAdapterError(f"{path}: a lorakit native fine-tuning checkpoint (one epoch's weights of a --method "
+                                f"native run), not an adapter; make it a model with: lorakit merge {path} --out "
+                                "MODEL.safetensors")
     description = describe_weights(keys)
     if description is not None:
         raise NotAnAdapterError(f"{path}: {description}")

@@ -71,7 +71,10 @@ def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[s
         quoted = shlex.quote(str(result))
         if cfg.method.kind == "native":
             lines += [f"  use {result}: a full model; A1111/ComfyUI: put it in models/Stable-diffusion (ComfyUI: "
-                      "models/checkpoints); diffusers: StableDiffusionPipeline.from_single_file(...)"]
+                      "models/checkpoints); diffusers: StableDiffusionPipeline.from_single_file(...)",
+                      "  another epoch as a model: lorakit merge "
+                      f"{shlex.quote(str(result.parent / 'checkpoints' / 'epoch-NNNN' / 'trained.safetensors'))} "
+                      "--out MODEL.safetensors"]
         elif cfg.method.kind == "ti":
             token = result.stem.split("-", 1)[-1]
             # A1111 names an embedding after its file: the prompt word is the file's stem, not the token

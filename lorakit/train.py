@@ -54,6 +54,7 @@ from lorakit.models import (
     resolve_dtype,
 )
 from lorakit.modelspec import USER_FIELDS, modelspec_metadata
+from lorakit.native_checkpoints import METHOD_KEY
 from lorakit.optimizers import OPTIMIZERS, adaptive_lr_note
 from lorakit.prior import ensure_class_images
 from lorakit.prompt_weights import plain_text
@@ -206,7 +207,7 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
         meta.update(ss_metadata(max_validation_steps=str(cfg.training.max_validation_steps),
                                 validate_every_n_epochs=str(cfg.training.validate_every_n_epochs),
                                 validate_every_n_steps=str(cfg.training.validate_every_n_steps)))
-    meta["lorakit_method"] = cfg.method.kind
+    meta[METHOD_KEY] = cfg.method.kind  # a native checkpoint is told by it (lorakit.native_checkpoints)
     meta.update(data.kohya_metadata())
     meta.update(_modelspec(cfg, data, model))
     return meta

@@ -532,6 +532,36 @@ def test_the_text_encoder_trains_for_its_first_steps_only_and_a_resume_keeps_the
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_any_epoch_of_a_native_run_becomes_a_model_with_merge(tiny_model_dir, dataset, tmp_path, capsys):
+    """A native run's epoch checkpoint is lorakit's own file (trained parameters, not a model): `lorakit merge` bakes
+    it into the base model, with a multiplier the share of the way from the base weights; commands that take
+    adapters say so."""
+    from lorakit.cli import main
+    from lorakit.models import load_base_model
+
+    run = tmp_path / "native"
+    run_train(make_config(tiny_model_dir, dataset, run, training={"max_epochs": 1}, optimizer={"learning_rate": 1e-3},
+                          method={"kind": "native", "native_text_encoder": True}))
+    epoch = run / "checkpoints" / "epoch-0001" / "trained.safetensors"
+    for spec, out in ((str(epoch), "whole"), (f"{epoch}:0.5", "half")):
+        assert main(["merge", spec, "--model", str(tiny_model_dir), "--out", str(tmp_path / f"{out}.safetensors")]) == 0
+    said = capsys.readouterr().out
+    assert "native fine-tuning checkpoint" in said and "text-encoder weights put in (×0.5)" in said
+    base, result, whole, half = (load_base_model(p) for p in (tiny_model_dir, run / "lorakit.safetensors",
+                                                              tmp_path / "whole.safetensors",
+                                                              tmp_path / "half.safetensors"))
+    for net in ("unet", "text_encoder"):
+        b, r, w, h = (getattr(m, net).state_dict() for m in (base, result, whole, half))
+        assert all(torch.equal(w[k], r[k]) for k in r), f"merging epoch 1 is not the run's {net}"
+        assert any(not torch.equal(r[k], b[k]) for k in b)
+        assert all(torch.allclose(h[k], (b[k] + r[k]) / 2, atol=1e-6) for k in b if b[k].is_floating_point())
+    assert main(["sample", str(epoch), "--model", str(tiny_model_dir), "--prompt", "zkz", "--out",
+                 str(tmp_path / "s")]) != 0
+    assert f"lorakit merge {epoch} --out" in capsys.readouterr().err
+    assert main(["merge", str(epoch), "--to-adapter", "--out", str(tmp_path / "a.safetensors")]) != 0
+    assert "lorakit extract" in capsys.readouterr().err
+
+
 def test_textual_inversion_trains_only_the_new_rows(tiny_model_dir, dataset, tmp_path):
     from lorakit.methods import TextualInversion
     from lorakit.models import load_base_model

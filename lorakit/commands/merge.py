@@ -1,4 +1,6 @@
-"""``lorakit merge ADAPTER[:MULT[:LBW]]... --out PATH``: bake adapters into a model, or combine them into one."""
+"""``lorakit merge ADAPTER[:MULT[:LBW]]... --out PATH``: bake adapters into a model, or combine them into one.  A
+native fine-tuning run's epoch checkpoint is baked in too (``FILE[:MULT]``: its weights, or that share of the way
+from the base model's to them): any epoch of such a run becomes a model a client loads."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ HELP = "bake adapters (multipliers, block weights) into a base model, or combine
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER[:MULT[:LBW]]",
                         help="adapter files, each with an optional multiplier and LoRA Block Weight string "
-                             "(17 or 26 values) or preset (ALL, MIDD, OUTALL, ...)")
+                             "(17 or 26 values) or preset (ALL, MIDD, OUTALL, ...); also a native fine-tuning "
+                             "run's checkpoints/epoch-NNNN/trained.safetensors (with a multiplier)")
     parser.add_argument("--model", "--base", dest="model", default=None,
                         help="base model (default: the built-in model)")
     parser.add_argument("--out", type=Path, required=True,
@@ -29,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorakit.file_kinds import check_adapter_path
     from lorakit.models import load_base_model
-    from lorakit.tools import check_output
+    from lorakit.native_checkpoints import is_native_checkpoint
+    from lorakit.tools import ToolError, check_output
     from lorakit.tools.deltas import parse_adapter_spec
     from lorakit.tools.merge import bake, combine, save_model
 
@@ -39,7 +43,11 @@ def run(args: argparse.Namespace) -> int:
     if args.report is not None:  # checked now, not after the work: the table is written last
         check_output(args.report, [*inputs, args.out], overwrite=args.overwrite)
     for spec in specs:  # a model or an embedding given as an adapter is said before the base model loads
-        check_adapter_path(spec.path)
+        if not is_native_checkpoint(spec.path):
+            check_adapter_path(spec.path)
+        elif args.to_adapter:
+            raise ToolError(f"{spec.path}: a native fine-tuning checkpoint holds weights, not an update to combine; "
+                            "make it a model (without --to-adapter), or an adapter with lorakit extract")
     model = load_base_model(args.model)
     if args.to_adapter:
         rule, _ = rank_rules(args)

@@ -22,12 +22,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from lorakit.atomic import atomic_write
-from lorakit.checkpoint_names import TEXT_ENCODER_PREFIX
 from lorakit.errors import InvalidValueError
 from lorakit.evaluate.checkpoints import CheckpointError, EvalCheckpoint
 from lorakit.evaluate.prompts import EvalPrompt
 from lorakit.metadata import TEXT_SETTINGS
 from lorakit.models import BaseModel
+from lorakit.native_checkpoints import NativeCheckpointError, apply_native_checkpoint, restore
 from lorakit.sample import SamplePrompt, generate, sampler_name
 
 #: the k-th seed of a prompt is its own seed + SEED_STRIDE * k (the world experiment's convention)
@@ -130,33 +130,15 @@ def applied(model: BaseModel, checkpoint: EvalCheckpoint) -> Iterator[None]:
 
 @contextmanager
 def _native_weights(model: BaseModel, path: Path) -> Iterator[None]:
-    """A native fine-tuning checkpoint (U-Net parameter names, and the text encoder's under
-    ``TEXT_ENCODER_PREFIX`` where it was trained too) copied in; the base weights put back after."""
-    from safetensors.torch import load_file
-
+    """A native fine-tuning checkpoint (``lorakit.native_checkpoints``) copied in; the base weights put back after."""
     try:
-        tensors = load_file(str(path))
-    except Exception as err:  # safetensors' own error types
-        raise CheckpointError(f"{path}: cannot be read as safetensors: {err}") from None
-    params = {**dict(model.unet.named_parameters()),
-              **{f"{TEXT_ENCODER_PREFIX}{n}": p for n, p in model.text_encoder.named_parameters()}}
-    for name, value in tensors.items():
-        if name not in params:
-            raise CheckpointError(f"{path}: does not fit the base model: {name!r} is no U-Net or text-encoder "
-                                  "parameter")
-        if tuple(params[name].shape) != tuple(value.shape):
-            raise CheckpointError(f"{path}: does not fit the base model: {name!r} has shape {tuple(value.shape)}, "
-                                  f"the model's {tuple(params[name].shape)}")
-    saved = {n: params[n].detach().clone() for n in tensors}
-    with torch.no_grad():
-        for n, value in tensors.items():
-            params[n].copy_(value.to(params[n].dtype))
+        saved = apply_native_checkpoint(path, model.unet, model.text_encoder)
+    except NativeCheckpointError as err:
+        raise CheckpointError(str(err)) from None
     try:
         yield
     finally:
-        with torch.no_grad():
-            for n, value in saved.items():
-                params[n].copy_(value)
+        restore(saved, model.unet, model.text_encoder)
 
 
 def check_checkpoints(model: BaseModel, checkpoints: Sequence[EvalCheckpoint]) -> None:

@@ -22,8 +22,10 @@ import torch
 
 from lorakit.atomic import give_umask_modes, new_temp_path
 from lorakit.blocks import SD1
+from lorakit.checkpoint_names import TEXT_ENCODER_PREFIX
 from lorakit.formats import AdapterFileError, load_network, read_adapter
 from lorakit.models import BaseModel, save_single_file_checkpoint
+from lorakit.native_checkpoints import NativeCheckpointError, apply_native_checkpoint, is_native_checkpoint
 from lorakit.tools import MismatchError, ToolError, check_output
 from lorakit.tools.deltas import AdapterSpec, file_deltas, parse_adapter_spec
 from lorakit.tools.lowrank import Delta, Factors, ModuleReport, RankRule, factorize
@@ -35,6 +37,9 @@ def bake(model: BaseModel, adapters: Sequence[AdapterSpec | str]) -> list[str]:
     """Merge the adapters into ``model``'s weights in place; one line per adapter says what was merged."""
     lines = []
     for spec in (parse_adapter_spec(a) for a in adapters):
+        if is_native_checkpoint(spec.path):  # one epoch of a --method native run: its weights, not an update
+            lines.append(_bake_native(model, spec))
+            continue
         weights = spec.weights_for(SD1)  # the models lorakit loads are SD1.x's; refused before the model is touched
         try:
             network, _ = load_network(spec.path, model.unet, model.text_encoder)
@@ -51,6 +56,19 @@ def bake(model: BaseModel, adapters: Sequence[AdapterSpec | str]) -> list[str]:
         lines.append(f"{spec.label}: {merged} of {total} modules merged"
                      + (f", {total - merged} left alone (weight 0)" if merged < total else ""))
     return lines
+
+
+def _bake_native(model: BaseModel, spec: AdapterSpec) -> str:
+    """A native fine-tuning checkpoint's weights put into the model (``W0 + m·(W − W0)``: 1 the trained model)."""
+    if spec.lbw is not None:
+        raise ToolError(f"{spec.path}: a native fine-tuning checkpoint takes a multiplier, not LoRA Block Weights")
+    try:
+        replaced = apply_native_checkpoint(spec.path, model.unet, model.text_encoder, spec.multiplier)
+    except NativeCheckpointError as err:
+        raise MismatchError(str(err)) from None
+    text = sum(n.startswith(TEXT_ENCODER_PREFIX) for n in replaced)
+    which = f"{len(replaced) - text} U-Net" + (f" and {text} text-encoder" if text else "")
+    return f"{spec.label}: native fine-tuning checkpoint, {which} weights put in (×{spec.multiplier:g})"
 
 
 def save_model(model: BaseModel, out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None] = (), *,
