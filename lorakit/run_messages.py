@@ -72,7 +72,7 @@ def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[s
         if cfg.method.kind == "native":
             lines += [f"  use {result}: a full model; A1111/ComfyUI: put it in models/Stable-diffusion (ComfyUI: "
                       "models/checkpoints); diffusers: StableDiffusionPipeline.from_single_file(...)",
-                      "  another epoch as a model: lorakit merge "
+                      "  an epoch checkpoint the run kept, as a model: lorakit merge "
                       f"{shlex.quote(str(result.parent / 'checkpoints' / 'epoch-NNNN' / 'trained.safetensors'))} "
                       "--out MODEL.safetensors"]
         elif cfg.method.kind == "ti":

@@ -158,9 +158,11 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
     native = module is None and not token  # train_db.py (DreamBooth) or fine_tune.py (with in_json)
     if native:
         _native(options, out)
-    elif "stop_text_encoder_training" in options and not is_off(options["stop_text_encoder_training"]):
-        out.untranslated.append(f"stop_text_encoder_training = {options.pop('stop_text_encoder_training')!r}: "
-                                "train_db.py's (DreamBooth); adapters train the text encoder for the whole run")
+    else:  # the native scripts' text-encoder switches: for adapters, network_train_unet_only decides
+        for key, script in (("stop_text_encoder_training", "train_db.py"), ("train_text_encoder", "fine_tune.py")):
+            if key in options and not is_off(options[key]):
+                out.untranslated.append(f"{key} = {options.pop(key)!r}: {script}'s; adapters train the text "
+                                        "encoder unless network_train_unet_only is set")
     # kohya trains the text encoder too unless told not to; lorakit's default is the U-Net only
     unet_only = bool(options.pop("network_train_unet_only", False))
     te_only = bool(options.pop("network_train_text_encoder_only", False))

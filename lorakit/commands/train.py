@@ -144,7 +144,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--conditioning-data-dir": "--data FILE.toml, with conditioning_data_dir = 'DIR' in a [[datasets.subsets]]",
     "--in-json": "--set data.metadata_file=FILE",
     # fine_tune.py's (--from-kohya: a config with in_json and neither network_module nor token_string)
-    "--train-text-encoder": "--set method.native_text_encoder=true",
+    "--train-text-encoder": "--method native --set method.native_text_encoder=true",
     "--dataset-repeats": "--set data.repeats=N",
     # train_db.py's options (--from-kohya: a config without network_module or token_string is DreamBooth)
     "--learning-rate-te": "--set optimizer.text_encoder_lr=X",
