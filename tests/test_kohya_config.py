@@ -168,12 +168,17 @@ def test_a_kohya_dreambooth_config_fine_tunes_the_unet_and_the_text_encoder(tiny
                       'learning_rate_te = 5e-5\ntrain_batch_size = 2\nmax_train_epochs = 1\nprior_loss_weight = 1.0\n')
     cfg, translation = config_from_kohya(path)
     assert (cfg.method.kind, cfg.method.native_text_encoder, cfg.method.native_targets) == ("native", True, "all")
+    assert translation.notes == []
     assert (cfg.optimizer.learning_rate, cfg.optimizer.text_encoder_lr) == (1e-4, 5e-5)
     assert translation.untranslated == []
     assert main(["train", "--from-kohya", str(path), "--no-progress", "--early-stop", "off"]) == 0
     with safe_open(str(tmp_path / "run" / "zkz_db.safetensors"), "pt") as f:
         assert any(k.startswith("cond_stage_model.") for k in f.keys())  # a whole model, the text encoder in it
     db = path.read_text()
+    path.write_text(f"{db}save_model_as = 'diffusers'\n")  # taken over as a file, and said so
+    assert config_from_kohya(path)[1].notes == [
+        "save_model_as = 'diffusers': lorakit writes one .safetensors file (diffusers reads it with from_single_file; "
+        "a folder: lorakit merge RESULT --out FOLDER)"]
     for stop, trains in ((-1, False), (0, False)):
         path.write_text(f"{db}stop_text_encoder_training = {stop}\n")
         cfg, translation = config_from_kohya(path)

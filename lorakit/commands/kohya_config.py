@@ -50,6 +50,7 @@ class KohyaTranslation:
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # {section: {key: value}}
     skipped: list[str] = field(default_factory=list)  # kohya keys that are lorakit's default anyway
     untranslated: list[str] = field(default_factory=list)  # "key = value: why"
+    notes: list[str] = field(default_factory=list)  # taken over, differently from kohya: said, not refused
 
     def set(self, dotted: str, value: Any) -> None:
         section, key = dotted.split(".", 1)
@@ -171,6 +172,13 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
     if te_only:
         out.set("network.train_unet", False)
 
+    saved_as = str(options.pop("save_model_as", "") or "")
+    if saved_as == "diffusers":
+        out.notes.append("save_model_as = 'diffusers': lorakit writes one .safetensors file (diffusers reads it with "
+                         "from_single_file; a folder: lorakit merge RESULT --out FOLDER)")
+    elif saved_as not in ("", "safetensors"):
+        out.notes.append(f"save_model_as = {saved_as!r}: lorakit writes .safetensors (it never pickles), which "
+                         f"A1111, ComfyUI and kohya load as they load a .{saved_as} file")
     for key, value in options.items():
         if key in _KOHYA_VALUES and isinstance(value, str):
             value = _KOHYA_VALUES[key].get(value, value)

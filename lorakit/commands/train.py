@@ -352,6 +352,8 @@ def _from_kohya(args: argparse.Namespace) -> TrainConfig:
                               f"take over:\n{listed}\nRemove them from the file, or write a lorakit config to edit "
                               "with --print-config")
         print(f"{args.from_kohya}: not taken over:\n{listed}", file=sys.stderr)
+    for note in translation.notes:
+        print(f"{args.from_kohya}: {note}", file=sys.stderr)
     return cfg
 
 
