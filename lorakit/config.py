@@ -162,6 +162,10 @@ class NetworkConfig:
     loraplus_text_encoder_lr_ratio: float | None = None
 
 
+#: the LoRA+ ratios, under the names kohya's network_args give them
+LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+
+
 @dataclass
 class OptimizerConfig:
     learning_rate: float = 1e-4
@@ -408,7 +412,7 @@ class TrainConfig:
              train.save_last_n_epochs),
             *[(getattr(net, k) is None or _at_least(getattr(net, k), 0, strict=True), f"network.{k}",
                "positive (or absent: LoRA+ off)", getattr(net, k))
-              for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")],
+              for k in LORAPLUS_KEYS],
             (train.save_every_n_steps is None or _positive_int(train.save_every_n_steps),
              "training.save_every_n_steps", "a positive integer (or absent: checkpoints at epoch ends only)",
              train.save_every_n_steps),

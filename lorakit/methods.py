@@ -27,7 +27,7 @@ from lorakit.blocks import (
     text_encoder_only,
 )
 from lorakit.checkpoint_names import TEXT_ENCODER_PREFIX
-from lorakit.config import SAVE_PRECISIONS, ConfigError, TrainConfig
+from lorakit.config import LORAPLUS_KEYS, SAVE_PRECISIONS, ConfigError, TrainConfig
 from lorakit.earlystop.cs import CSMeter, CSReading, native_reading
 from lorakit.embeddings import expand_tokens, register_tokens, token_names
 from lorakit.formats import (
@@ -220,7 +220,7 @@ class AdapterMethod(TrainingMethod):
                 raise ConfigError(f"network.max_norm: {err}") from None
         if net.dim_from_weights:  # not a preset's name: the file chose the layers
             self.network.args["preset"] = "from-weights"
-        for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        for key in LORAPLUS_KEYS:
             if getattr(net, key) is not None:  # recorded in ss_network_args, where kohya's network_args put them
                 self.network.args[key] = f"{getattr(net, key):g}"
         if loraplus_ratios(cfg) and not any(k.startswith("lora_up.") for name in self.network.names()

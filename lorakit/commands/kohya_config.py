@@ -23,7 +23,7 @@ from typing import Any
 
 import tomllib
 
-from lorakit.config import ConfigError, TrainConfig, merge_into
+from lorakit.config import LORAPLUS_KEYS, ConfigError, TrainConfig, merge_into
 
 #: kohya's network modules -> lorakit's algorithm (lycoris.kohya names its algorithm in network_args: algo=...)
 NETWORK_MODULES = {"networks.lora": "lora", "networks.lora_fa": "lora", "networks.dylora": "dylora",
@@ -37,8 +37,7 @@ LYCORIS_PRESETS = {"full": "lycoris-full", "attn-mlp": "attn-mlp", "attn-only": 
 _KOHYA_VALUES = {"save_precision": {"float": "fp32"}}
 #: network_args lorakit has as settings of their own (the rest go to network.args)
 _NETWORK_ARG_SETTINGS = {"conv_dim": ("network", "conv_rank", int), "conv_alpha": ("network", "conv_alpha", float),
-                         **{k: ("network", k, float) for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio",
-                                                               "loraplus_text_encoder_lr_ratio")}}
+                         **{k: ("network", k, float) for k in LORAPLUS_KEYS}}
 #: the lines around the options table in docs/kohya.md
 DOC_MARKERS = ("<!-- kohya options table -->", "<!-- /kohya options table -->")
 #: placeholders in the translation table, filled with the file's value
