@@ -10,6 +10,9 @@ EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
 STEP_DIR = re.compile(r"^step-(\d{8,})$")  # kohya names its step files with 8 digits too
 #: a native fine-tuning checkpoint's text-encoder parameters start with this (the U-Net's have no prefix)
 TEXT_ENCODER_PREFIX = "text_encoder."
+#: the metadata entry of every checkpoint and result naming the method that made it ("native": a native
+#: fine-tuning checkpoint, lorakit.native_checkpoints)
+METHOD_KEY = "lorakit_method"
 
 
 def epoch_dir_name(epoch: int) -> str:

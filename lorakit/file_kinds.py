@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+from lorakit.checkpoint_names import METHOD_KEY
 from lorakit.errors import LorakitError
 
 # key fragments only adapter files have (kohya/LyCORIS and diffusers/PEFT names)
@@ -87,7 +88,7 @@ def check_adapter_path(path: str | os.PathLike) -> None:
         keys, metadata = _header(path)
     except Exception:  # not safetensors, truncated, ...: the reader's checks explain it
         return
-    if metadata.get("lorakit_method") == "native":  # lorakit.native_checkpoints.METHOD_KEY (no torch import here)
+    if metadata.get(METHOD_KEY) == "native":
         raise NotAnAdapterError(f"{path}: a lorakit native fine-tuning checkpoint (one epoch's weights of a --method "
                                 f"native run), not an adapter; make it a model with: lorakit merge {path} --out "
                                 "MODEL.safetensors")

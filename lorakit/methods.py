@@ -43,6 +43,7 @@ from lorakit.models import BaseModel, save_single_file_checkpoint
 from lorakit.modelspec import as_embedding
 from lorakit.network import AdapterNetwork, UniformRanks, create_network, get_preset, select_targets
 from lorakit.network import components as network_components
+from lorakit.run_messages import text_encoder_part
 
 
 class NativeCSMeter:
@@ -421,10 +422,8 @@ class NativeMethod(TrainingMethod):
 
     def summary(self) -> str:
         n = sum(p.numel() for p in [*self.params.values(), *self.text_params.values()])
-        limit = self.cfg.method.native_text_encoder_steps
-        text = (" and the text encoder" + (f" (its first {limit} steps)" if limit else "")) if self.text_params else ""
-        return (f"native fine-tuning of the U-Net ({self.cfg.method.native_targets}){text}: {n:,} trainable "
-                "parameters")
+        return (f"native fine-tuning of the U-Net ({self.cfg.method.native_targets}){text_encoder_part(self.cfg)}: "
+                f"{n:,} trainable parameters")
 
 
 # --------------------------------------------------------------------------------------- textual inversion

@@ -11,11 +11,8 @@ from pathlib import Path
 
 import torch
 
-from lorakit.checkpoint_names import TEXT_ENCODER_PREFIX
+from lorakit.checkpoint_names import METHOD_KEY, TEXT_ENCODER_PREFIX
 from lorakit.errors import LorakitError
-
-#: the metadata entry the trainer writes into every checkpoint (``lorakit.train``): the method that made it
-METHOD_KEY = "lorakit_method"
 
 
 class NativeCheckpointError(LorakitError, ValueError):
@@ -39,9 +36,9 @@ def model_parameters(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> di
             **{f"{TEXT_ENCODER_PREFIX}{n}": p for n, p in text_encoder.named_parameters()}}
 
 
-def read_native_checkpoint(path: str | os.PathLike, unet: torch.nn.Module,
-                           text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors, each checked against the model's parameter of that name and shape."""
+def read_native_checkpoint(path: str | os.PathLike, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, each checked against the parameter of that name and shape in ``params``
+    (``model_parameters``)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -49,7 +46,6 @@ def read_native_checkpoint(path: str | os.PathLike, unet: torch.nn.Module,
         tensors = load_file(str(path))
     except Exception as err:  # safetensors' own error types
         raise NativeCheckpointError(f"{path}: cannot be read as safetensors: {err}") from None
-    params = model_parameters(unet, text_encoder)
     for name, value in tensors.items():
         if name not in params:
             raise NativeCheckpointError(f"{path}: does not fit the base model: {name!r} is no U-Net or text-encoder "
@@ -65,8 +61,8 @@ def apply_native_checkpoint(path: str | os.PathLike, unet: torch.nn.Module, text
                             multiplier: float = 1.0) -> dict[str, torch.Tensor]:
     """Put the checkpoint's weights into the model: ``W0 + multiplier·(W − W0)`` (1: the trained weights exactly,
     0.5: halfway from the base model).  Returns the replaced base weights, to put back with ``restore``."""
-    tensors = read_native_checkpoint(path, unet, text_encoder)
     params = model_parameters(unet, text_encoder)
+    tensors = read_native_checkpoint(path, params)
     saved = {n: params[n].detach().clone() for n in tensors}
     for name, value in tensors.items():
         target = value.to(params[name].dtype)

@@ -25,14 +25,19 @@ def count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
+def text_encoder_part(cfg: TrainConfig) -> str:
+    """" and the text encoder (its first N steps)" where native fine-tuning trains it too, else ""."""
+    if not cfg.method.native_text_encoder:
+        return ""
+    limit = cfg.method.native_text_encoder_steps
+    return " and the text encoder" + (f" (its first {limit} steps)" if limit else "")
+
+
 def what_is_trained(cfg: TrainConfig) -> str:
     """'a LoCon (rank 8, preset full)', 'native fine-tuning (DreamBooth)', ... for the opening line."""
     kind = cfg.method.kind
     if kind == "native":
-        limit = cfg.method.native_text_encoder_steps
-        text = (" and the text encoder" + (f" (its first {limit} steps)" if limit else "")
-                if cfg.method.native_text_encoder else "")
-        return f"native fine-tuning of the U-Net{text} (DreamBooth)"
+        return f"native fine-tuning of the U-Net{text_encoder_part(cfg)} (DreamBooth)"
     if kind == "ti":
         return f"a Textual Inversion embedding ({cfg.method.ti_vectors} vector(s) per token)"
     net = cfg.network

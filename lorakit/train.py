@@ -24,6 +24,7 @@ from accelerate.utils import broadcast_object_list
 from diffusers.optimization import get_scheduler
 from tqdm import tqdm
 
+from lorakit.checkpoint_names import METHOD_KEY
 from lorakit.checkpoints import RunFolder
 from lorakit.config import (
     ConfigError,
@@ -54,7 +55,6 @@ from lorakit.models import (
     resolve_dtype,
 )
 from lorakit.modelspec import USER_FIELDS, modelspec_metadata
-from lorakit.native_checkpoints import METHOD_KEY
 from lorakit.optimizers import OPTIMIZERS, adaptive_lr_note
 from lorakit.prior import ensure_class_images
 from lorakit.prompt_weights import plain_text

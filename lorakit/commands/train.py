@@ -212,9 +212,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="set any config option, e.g. --set network.conv_rank=4 (repeatable)")
     parser.add_argument("--from-kohya", metavar="FILE",
-                        help="start from a kohya sd-scripts training config (its --config_file TOML, LoRA or "
-                             "textual inversion) or a kohya_ss GUI config (JSON): every option translated, and what "
-                             "lorakit lacks listed (with --print-config: a lorakit config)")
+                        help="start from a kohya sd-scripts training config (its --config_file TOML: LoRA, "
+                             "textual inversion, DreamBooth or fine-tuning) or a kohya_ss GUI config (JSON): every "
+                             "option translated, and what lorakit lacks listed (with --print-config: a lorakit "
+                             "config)")
     parser.add_argument("--print-config", action="store_true", help="print the resulting config as TOML and exit")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the run (settings, model, every image and caption) and say what it would train, "
