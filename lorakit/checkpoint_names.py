@@ -5,11 +5,16 @@ importing torch."""
 from __future__ import annotations
 
 import re
+from typing import TypeVar
+
+T = TypeVar("T")  # a tensor; this module stays torch-free
 
 EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
 STEP_DIR = re.compile(r"^step-(\d{8,})$")  # kohya names its step files with 8 digits too
 #: a native fine-tuning checkpoint's text-encoder parameters start with this (the U-Net's have no prefix)
 TEXT_ENCODER_PREFIX = "text_encoder."
+#: a pivotal-tuning checkpoint's embedding tensors start with this (its adapter's keep their own names)
+PIVOTAL_EMBEDDING_PREFIX = "ti."
 #: the metadata entry of every checkpoint and result naming the method that made it ("native": a native
 #: fine-tuning checkpoint, lorakit.native_checkpoints)
 METHOD_KEY = "lorakit_method"
@@ -21,3 +26,10 @@ def epoch_dir_name(epoch: int) -> str:
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def split_pivotal(tensors: dict[str, T]) -> tuple[dict[str, T], dict[str, T]]:
+    """A pivotal-tuning checkpoint's tensors as (the adapter's, the embedding's without their prefix)."""
+    n = len(PIVOTAL_EMBEDDING_PREFIX)
+    return ({k: v for k, v in tensors.items() if not k.startswith(PIVOTAL_EMBEDDING_PREFIX)},
+            {k[n:]: v for k, v in tensors.items() if k.startswith(PIVOTAL_EMBEDDING_PREFIX)})

@@ -8,7 +8,10 @@ to all of them, as training did.
 
 from __future__ import annotations
 
+import copy
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,14 +88,36 @@ def load_embedding(model: BaseModel, path: str | Path, token: str | None = None,
     token = token or saved_token or default_token
     if not token:
         raise EmbeddingError(f"{path}: the file names no token; pass one (e.g. token='zkz')")
+    return add_embedding(model, vectors, token, str(path))
+
+
+def add_embedding(model: BaseModel, vectors: torch.Tensor, token: str, where: str) -> LoadedEmbedding:
+    """Add ``vectors`` ([n, dim]) to ``model`` as the tokens of ``token``; ``where`` names their file in errors."""
     emb = model.text_encoder.get_input_embeddings().weight
+    if vectors.ndim != 2:
+        raise EmbeddingError(f"{where}: embedding vectors of shape {tuple(vectors.shape)}, expected [vectors, dim]")
     if vectors.shape[1] != emb.shape[1]:
-        raise EmbeddingError(f"{path}: vectors of size {vectors.shape[1]}, but this text encoder's embeddings have "
+        raise EmbeddingError(f"{where}: vectors of size {vectors.shape[1]}, but this text encoder's embeddings have "
                              f"size {emb.shape[1]} (an embedding for another model)")
     tokens = token_names(token, vectors.shape[0])
     ids = register_tokens(model, tokens)
     if ids is None:
-        raise EmbeddingError(f"{path}: token {token!r} (or one of {tokens}) is already in the vocabulary")
+        raise EmbeddingError(f"{where}: token {token!r} (or one of {tokens}) is already in the vocabulary")
     with torch.no_grad():
         model.text_encoder.get_input_embeddings().weight[ids] = vectors.to(emb.dtype)
     return LoadedEmbedding(token, tokens)
+
+
+@contextmanager
+def embedding_added(model: BaseModel, vectors: torch.Tensor, token: str, where: str) -> Iterator[LoadedEmbedding]:
+    """``add_embedding`` for the duration: the tokenizer and the text encoder's embedding rows are exactly as
+    before afterwards (a tokenizer cannot forget an added token, so the one before it learned them comes back)."""
+    tokenizer = model.tokenizer
+    rows = model.text_encoder.get_input_embeddings().weight.shape[0]
+    model.tokenizer = copy.deepcopy(tokenizer)
+    try:
+        yield add_embedding(model, vectors, token, where)
+    finally:
+        model.tokenizer = tokenizer
+        if model.text_encoder.get_input_embeddings().weight.shape[0] != rows:
+            model.text_encoder.resize_token_embeddings(rows)  # drops the added rows, keeps the others as they were

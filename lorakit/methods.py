@@ -26,7 +26,7 @@ from lorakit.blocks import (
     parse_block_lr_weights,
     text_encoder_only,
 )
-from lorakit.checkpoint_names import TEXT_ENCODER_PREFIX
+from lorakit.checkpoint_names import PIVOTAL_EMBEDDING_PREFIX, TEXT_ENCODER_PREFIX, split_pivotal
 from lorakit.config import LORAPLUS_KEYS, SAVE_PRECISIONS, ConfigError, TrainConfig
 from lorakit.earlystop.cs import CSMeter, CSReading, native_reading
 from lorakit.embeddings import expand_tokens, register_tokens, token_names
@@ -515,11 +515,13 @@ class PivotalTuning(TrainingMethod):
         return self.ti.param_groups() + self.adapter.param_groups()
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:
-        return {**self.adapter.trained_tensors(), **{f"ti.{k}": v for k, v in self.ti.trained_tensors().items()}}
+        return {**self.adapter.trained_tensors(),
+                **{f"{PIVOTAL_EMBEDDING_PREFIX}{k}": v for k, v in self.ti.trained_tensors().items()}}
 
     def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.adapter.load_trained_tensors({k: v for k, v in tensors.items() if not k.startswith("ti.")})
-        self.ti.load_trained_tensors({k[3:]: v for k, v in tensors.items() if k.startswith("ti.")})
+        adapter, embedding = split_pivotal(tensors)
+        self.adapter.load_trained_tensors(adapter)
+        self.ti.load_trained_tensors(embedding)
 
     def cs_meter(self) -> Callable[[], float] | None:
         return self.adapter.cs_meter()

@@ -118,16 +118,14 @@ def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[s
     plots = [f for f in files if f.suffix == ".png" and "cs_fluctuation" in f.name]
     if plots:
         lines.append(f"  CS-Fluctuation curve: {plots[0]}")
-    if cfg.method.kind in ("adapter", "native"):  # the kinds `lorakit eval` reads epoch by epoch
-        from lorakit.models import is_builtin_model
+    from lorakit.models import is_builtin_model
 
-        # the built-in model's images are judged by the world reader, eval's default; others need an extractor
-        extractor = "" if is_builtin_model(cfg.model.base) else " --extractor clip=DIR (a local CLIP model)"
-        lines.append(f"  which epoch is best, measured: lorakit eval {shlex.quote(str(run_dir))}{extractor} "
-                     f"--out {shlex.quote(str(run_dir))}-eval")
+    # the built-in model's images are judged by the world reader, eval's default; others need an extractor
+    extractor = "" if is_builtin_model(cfg.model.base) else " --extractor clip=DIR (a local CLIP model)"
+    lines.append(f"  which epoch is best, measured: lorakit eval {shlex.quote(str(run_dir))}{extractor} "
+                 f"--out {shlex.quote(str(run_dir))}-eval")
     report = f"lorakit report {shlex.quote(str(run_dir))}"
-    # report reads the eval folder suggested above when it is there
-    ranked = ", and after the eval its ranking" if cfg.method.kind in ("adapter", "native") else ""
+    ranked = ", and after the eval its ranking"  # report reads the eval folder suggested above when it is there
     if cfg.sample.prompts or any((run_dir / "samples").glob("*.png")):
         lines.append(f"  a page with the samples, the curve and the settings{ranked}: {report}")
     else:  # kohya's way: samples only when asked for; say so rather than promise a page of them

@@ -452,3 +452,36 @@ def test_a_run_is_judged_with_the_vae_it_was_trained_with(tmp_path, concept_data
     trained_with(str(tmp_path / "gone.safetensors"))
     assert main([*argv, "--out", str(tmp_path / "gone")]) == 2
     assert "trained with " + str(tmp_path / "gone.safetensors") + ", which is not there" in capsys.readouterr().err
+
+
+def test_textual_inversion_runs_and_embedding_files_are_judged_beside_an_adapter(tmp_path, concept_data, capsys):
+    """A TI run's token read as training read it (its vectors, in every checkpoint's prompts but not the base
+    model's), beside an adapter run and a loose embedding file in one call; prompts without the token are drawn
+    exactly as by the base model, so the embedding never leaks into them."""
+    from eval_helpers import base_model
+    from test_evaluate_generate import write_embedding_run
+
+    model = base_model()
+    square = model.text_encoder.get_input_embeddings().weight[
+        model.tokenizer("square", add_special_tokens=False).input_ids].detach().clone()
+    ti = write_embedding_run(tmp_path / "ti", square)  # zkz := the model's own "square"
+    save_file({"clip_l": square}, str(tmp_path / "mine.safetensors"), metadata={"lorakit_ti_token": "zkz"})
+    adapter = write_run(tmp_path / "lora", epochs=1, data=concept_data)
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(PROMPTS_TOML.replace('trigger = "zkz shape"', 'trigger = "zkz"'))
+    out = tmp_path / "out"
+    assert main(["eval", str(ti), str(adapter), str(tmp_path / "mine.safetensors"), "--prompts", str(prompts),
+                 "--out", str(out), "--steps", "4", "--quiet"]) == 0
+    assert "4 checkpoints × 3 prompts" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [(c["label"], c["kind"]) for c in metrics["checkpoints"]] == [
+        ("base", "base"), ("ti/e1", "embedding"), ("lora/e1", "adapter"), ("mine", "embedding")]
+    # 12 images, 8 different ones: the base model's 3, the adapter's 3 (it changes every prompt), the embedding's
+    # 2 with the token (its agnostic prompt draws the base model's image); the file (the same vectors, its token
+    # in its metadata) draws the run's images again
+    from PIL import Image
+
+    images = sorted((out / "cache").rglob("*.png"))
+    assert len(images) == 12 and len({Image.open(f).tobytes() for f in images}) == 8
+    assert metrics["metrics"]["agnostic"]["ti/e1"] == metrics["metrics"]["agnostic"]["base"]
+    assert "textual inversion" in (out / "report.html").read_text()

@@ -160,3 +160,93 @@ def test_steps_per_epoch_counts_each_step_once_and_reads_past_a_cut_line(tmp_pat
     log.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"step": 8, "ep')
     assert steps_per_epoch(log) == 3
     assert steps_per_epoch(tmp_path / "missing.jsonl") is None
+
+
+# ------------------------------------------------------------------------ textual inversion and pivotal tuning
+def write_embedding_run(folder, vectors, kind: str = "ti", extra=None):
+    """A textual-inversion (or pivotal) run folder whose one checkpoint holds ``vectors`` for the token zkz."""
+    from lorakit.config import TrainConfig, to_toml
+
+    ckpt = folder / "checkpoints" / "epoch-0001"
+    ckpt.mkdir(parents=True)
+    cfg = TrainConfig()
+    cfg.method.kind, cfg.method.ti_token, cfg.method.ti_vectors = kind, "zkz", vectors.shape[0]
+    (folder / "config.toml").write_text(to_toml(cfg))
+    prefix = "ti." if kind == "pivotal" else ""
+    save_file({**(extra or {}), f"{prefix}clip_l": vectors}, str(ckpt / "trained.safetensors"))
+    return folder
+
+
+def model_state(model):
+    emb = model.text_encoder.get_input_embeddings().weight
+    return len(model.tokenizer), model.tokenizer("a zkz shape").input_ids, emb.detach().clone()
+
+
+def test_a_textual_inversion_run_reads_its_token_and_leaves_the_model_as_it_was(tmp_path):
+    import torch
+
+    model = base_model()
+    width = model.text_encoder.get_input_embeddings().weight.shape[1]
+    vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(0))
+    run = write_embedding_run(tmp_path / "ti", vectors)
+    (ckpt,) = discover([run], include_base=False)[0]
+    assert (ckpt.kind, ckpt.token, ckpt.label) == ("embedding", "zkz", "ti/e1")
+    before = model_state(model)
+    for _ in range(2):  # a second time: the token is not "already in the vocabulary"
+        with applied(model, ckpt) as written:
+            assert written("a zkz shape, zkzz") == "a zkz zkz_1 shape, zkzz"  # as training read it
+            ids = model.tokenizer.convert_tokens_to_ids(["zkz", "zkz_1"])
+            assert torch.equal(model.text_encoder.get_input_embeddings().weight[ids], vectors)
+        after = model_state(model)
+        assert after[:2] == before[:2] and torch.equal(after[2], before[2])
+    # the embedding changes the images of prompts with its token, and no other image
+    prompts = [PROMPTS[0], PROMPTS[2]]  # "... zkz shape ...", and an agnostic prompt without it
+    base = discover([run])[0][0]
+    paths, _ = generate_all(model, "m", [base, ckpt], make_jobs(prompts, 1), SETTINGS, ImageCache(tmp_path / "c"),
+                            progress=False)
+    images = {k: [np.asarray(im) for im in v] for k, v in load_images(paths).items()}
+    assert not np.array_equal(images["base"][0], images["ti/e1"][0])
+    assert np.array_equal(images["base"][1], images["ti/e1"][1])
+
+
+def test_embedding_files_are_compared_under_the_token_they_name_or_their_file_name(tmp_path):
+    import torch
+
+    width = base_model().text_encoder.get_input_embeddings().weight.shape[1]
+    save_file({"emb_params": torch.ones(1, width)}, str(tmp_path / "my_style.safetensors"))  # A1111's layout
+    save_file({"clip_l": torch.ones(3, width)}, str(tmp_path / "lorakit-qwx.safetensors"),
+              metadata={"lorakit_ti_token": "qwx", "ss_epoch": "4"})
+    run = write_embedding_run(tmp_path / "ti", torch.ones(1, width))
+    found = discover([tmp_path / "my_style.safetensors", tmp_path / "lorakit-qwx.safetensors",
+                      run / "checkpoints" / "epoch-0001" / "trained.safetensors"], include_base=False)[0]
+    assert [(c.kind, c.token, c.label, c.epoch) for c in found] == [
+        ("embedding", "my_style", "my_style", None), ("embedding", "qwx", "lorakit-qwx", 4),
+        ("embedding", "zkz", "ti/epoch-0001", None)]  # a run's own file: the run's token, not "trained"
+    with applied(base_model(), found[1]) as written:
+        assert written("qwx") == "qwx qwx_1 qwx_2"
+    # the same vectors under another token read other prompts: another cache key
+    save_file({"clip_l": torch.ones(3, width)}, str(tmp_path / "other.safetensors"))
+    assert discover([tmp_path / "other.safetensors"], include_base=False)[0][0].hash != found[1].hash
+
+
+def test_a_pivotal_checkpoint_applies_its_adapter_and_its_embedding_together(tmp_path):
+    import torch
+
+    model = base_model()
+    width = model.text_encoder.get_input_embeddings().weight.shape[1]
+    run = write_embedding_run(tmp_path / "piv", torch.ones(1, width), kind="pivotal", extra=lora_tensors(0.3, 1))
+    (ckpt,) = discover([run], include_base=False)[0]
+    assert (ckpt.kind, ckpt.token) == ("pivotal", "zkz")
+    before = model_state(model)
+    with applied(model, ckpt) as written:
+        assert any("lora" in n for n, _ in model.unet.named_modules())
+        assert "zkz" in model.tokenizer.get_vocab() and written("zkz") == "zkz"
+    assert not any("lora" in n for n, _ in model.unet.named_modules())
+    assert model_state(model)[:2] == before[:2]
+    # an embedding for another text encoder: an error naming the file, the adapter taken off again
+    bad = write_embedding_run(tmp_path / "bad", torch.ones(1, width + 1), kind="pivotal", extra=lora_tensors(0.3, 1))
+    with pytest.raises(CheckpointError, match=r"bad/checkpoints/epoch-0001/trained.safetensors.*another model"):
+        check_checkpoints(model, discover([bad], include_base=False)[0])
+    assert not any("lora" in n for n, _ in model.unet.named_modules())
+    after = model_state(model)
+    assert after[:2] == before[:2] and torch.equal(after[2], before[2])

@@ -133,5 +133,6 @@ def test_next_steps_promise_a_page_of_samples_only_when_there_are_some(tmp_path)
     lines = "\n".join(next_steps(tmp_path, [tmp_path / "lorakit.safetensors"], cfg))
     assert "a page with the samples, the curve and the settings" in lines and "--sample-prompts" not in lines
     assert f"and after the eval its ranking: lorakit report {tmp_path}" in lines  # report finds {tmp_path}-eval
-    cfg.method.kind = "ti"  # eval does not read a TI run epoch by epoch: no eval, no ranking promised
-    assert "after the eval" not in "\n".join(next_steps(tmp_path, [], cfg))
+    cfg.method.kind = "ti"  # eval reads a textual-inversion run epoch by epoch too
+    lines = "\n".join(next_steps(tmp_path, [], cfg))
+    assert f"lorakit eval {tmp_path} --out {tmp_path}-eval" in lines and "after the eval its ranking" in lines

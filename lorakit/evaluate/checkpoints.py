@@ -5,7 +5,12 @@ A source is one of
   with the run's settings (algorithm, rank, lr, preset, ...) from its ``config.toml`` and its CS-Fluctuation
   turning point from ``summary.json``; with ``step_checkpoints`` also its ``checkpoints/step-NNNNNNNN/``, placed
   between the epochs at ``step / steps per epoch`` (the steps per epoch counted in its ``log.jsonl``);
-- an adapter file (``.safetensors``): one checkpoint, settings from its ``ss_*`` metadata.
+- an adapter file (``.safetensors``): one checkpoint, settings from its ``ss_*`` metadata;
+- a textual-inversion embedding file: one checkpoint, its token the one the file names, else its file name (as
+  A1111 and ComfyUI call an embedding).
+
+Textual-inversion and pivotal runs' checkpoints carry their token: prompts are read with it added to the model
+(``zkz`` standing for all of the embedding's vectors), the base model reads the same prompts without it.
 
 The base model itself is "epoch 0" (once, however many runs are compared).  Each checkpoint carries a content
 hash, so cached images are never reused for a file that changed.
@@ -43,12 +48,13 @@ class EvalCheckpoint:
     """One thing to generate with: the base model (``path`` None, ``epoch`` 0) or an adapter/weights file."""
 
     label: str  # unique among the checkpoints compared: "base", "<run>/e3", "<file stem>"
-    kind: str  # "base", "adapter", "native"
+    kind: str  # "base", "adapter", "native", "embedding" (textual inversion), "pivotal" (an embedding + an adapter)
     path: Path | None
     hash: str  # content hash of the file ("base" for the base model: the base model's hash is keyed separately)
     run: str | None = None  # the run's name (folder name), None for the base model and loose files
     epoch: float | None = None  # a step checkpoint's is fractional (step 6 of 4 per epoch: 1.5); None: unknown
     step: int | None = None  # a step checkpoint's step (None for epoch checkpoints, files and the base model)
+    token: str | None = None  # an embedding's token ("embedding" and "pivotal" checkpoints)
 
 
 @dataclass
@@ -141,12 +147,29 @@ def run_settings(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _kind(config: dict[str, Any], where: Path) -> str:
-    kind = config.get("method", {}).get("kind", "adapter")
-    if kind not in ("adapter", "native"):
-        raise CheckpointError(f"{where}: method {kind!r} checkpoints cannot be evaluated yet (adapter and native "
-                              "runs can); evaluate the run's final files instead")
-    return kind
+#: a run's method (config.toml's method.kind) -> the kind of its checkpoints
+_CHECKPOINT_KINDS = {"adapter": "adapter", "native": "native", "ti": "embedding", "pivotal": "pivotal"}
+
+
+def _kind(config: dict[str, Any], where: Path) -> tuple[str, str | None]:
+    """The kind of a run's checkpoints and, for an embedding, its token (as the trainer chose it)."""
+    method = config.get("method", {})
+    kind = _CHECKPOINT_KINDS.get(method.get("kind", "adapter"))
+    if kind is None:
+        raise CheckpointError(f"{where}: unknown method {method.get('kind')!r} (one of {', '.join(_CHECKPOINT_KINDS)})")
+    if kind not in ("embedding", "pivotal"):
+        return kind, None
+    token = method.get("ti_token") or config.get("data", {}).get("trigger")
+    if not token:
+        raise CheckpointError(f"{where}: a textual-inversion run that names no token (method.ti_token or data.trigger)")
+    return kind, token
+
+
+def checkpoint_hash(file: Path, token: str | None = None) -> str:
+    """The content hash that keys a checkpoint's images; an embedding's token is part of it (the same vectors
+    under another word read other prompts)."""
+    digest = file_hash(file)
+    return digest if token is None else hashlib.sha256(f"{digest}:{token}".encode()).hexdigest()[:16]
 
 
 def is_run_folder(path: Path) -> bool:
@@ -161,7 +184,7 @@ def read_run(path: str | Path, every: int = 1, step_checkpoints: bool = False) -
     if not is_run_folder(path):
         raise CheckpointError(f"{path}: not a lorakit run folder (no config.toml)")
     config = _read_toml(path / "config.toml")
-    kind = _kind(config, path / "config.toml")
+    kind, token = _kind(config, path / "config.toml")
     summary = _read_json(path / "summary.json")
     data = config.get("data", {})
     info = RunInfo(name=path.resolve().name, path=path, settings=run_settings(config), summary=summary,
@@ -178,15 +201,17 @@ def read_run(path: str | Path, every: int = 1, step_checkpoints: bool = False) -
         if epoch % max(1, every) and epoch != last:
             continue
         info.checkpoints.append(EvalCheckpoint(label=f"{info.name}/e{epoch}", kind=kind, path=file,
-                                               hash=file_hash(file), run=info.name, epoch=epoch))
+                                               hash=checkpoint_hash(file, token), run=info.name, epoch=epoch,
+                                               token=token))
     if not step_checkpoints:
         info.step_checkpoints_left_out = len(steps)
         return info
     per_epoch = steps_per_epoch(path / "log.jsonl")
     for step, file in steps:
         info.checkpoints.append(EvalCheckpoint(label=f"{info.name}/s{step}", kind=kind, path=file,
-                                               hash=file_hash(file), run=info.name, step=step,
-                                               epoch=round(step / per_epoch, 3) if per_epoch else None))
+                                               hash=checkpoint_hash(file, token), run=info.name, step=step,
+                                               epoch=round(step / per_epoch, 3) if per_epoch else None,
+                                               token=token))
     # in order of training; a step checkpoint whose place is unknown comes last
     info.checkpoints.sort(key=lambda c: (c.epoch is None, c.epoch or 0.0))
     return info
@@ -222,31 +247,70 @@ def steps_per_epoch(log: Path) -> int | None:
 
 
 def read_file_checkpoint(path: str | Path) -> EvalCheckpoint:
+    """One file as a checkpoint: an adapter file, an embedding file, or a run's own checkpoint file (read as its
+    run's ``config.toml`` says: an embedding under the run's token, native weights)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file or run folder")
     if path.suffix.lower() != ".safetensors":
         raise CheckpointError(f"{path}: not a .safetensors adapter file (lorakit never unpickles .pt/.ckpt files)")
-    epoch = None
+    from lorakit.file_kinds import embedding_header
+
+    label = _file_label(path)
+    if (run := _owning_run(path)) is not None:
+        kind, token = _kind(_read_toml(run / "config.toml"), run / "config.toml")
+        if kind != "adapter":
+            return EvalCheckpoint(label=label, kind=kind, path=path, hash=checkpoint_hash(path, token),
+                                  epoch=_metadata_epoch(_header_metadata(path)), token=token)
+    if (embedding := embedding_header(path)) is not None:
+        token = embedding[1].get("lorakit_ti_token") or path.stem  # A1111 and ComfyUI call it by its file name
+        return EvalCheckpoint(label=label, kind="embedding", path=path, hash=checkpoint_hash(path, token),
+                              epoch=_metadata_epoch(embedding[1]), token=token)
     try:
         from lorakit.formats import read_adapter
 
         meta = read_adapter(path).metadata
-        epoch = int(meta["ss_epoch"]) if str(meta.get("ss_epoch", "")).isdigit() else None
     except (ValueError, OSError) as err:  # the reader's messages name the file already
         said = str(err) if str(err).startswith(str(path)) else f"{path}: cannot read it as an adapter file: {err}"
         raise CheckpointError(said) from None
-    return EvalCheckpoint(label=_file_label(path), kind="adapter", path=path, hash=file_hash(path), epoch=epoch)
+    return EvalCheckpoint(label=label, kind="adapter", path=path, hash=file_hash(path), epoch=_metadata_epoch(meta))
 
 
-def _file_label(path: Path) -> str:
-    """A file's label: its name, or for a run's checkpoint (``RUN/checkpoints/step-00000500/trained.safetensors``)
-    the run and the checkpoint, which say more than every checkpoint's own name, "trained"."""
+def _metadata_epoch(metadata: dict[str, str]) -> int | None:
+    return int(metadata["ss_epoch"]) if str(metadata.get("ss_epoch", "")).isdigit() else None
+
+
+def _header_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:  # safetensors' own error types for a truncated or foreign file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def _checkpoint_folder(path: Path) -> Path | None:
+    """The folder of a run's checkpoint file (``RUN/checkpoints/epoch-NNNN/trained.safetensors``, or a step
+    checkpoint's), or None for any other file."""
     folder = path.resolve().parent
     if path.name == "trained.safetensors" and folder.parent.name == "checkpoints" and \
             (EPOCH_DIR.match(folder.name) or STEP_DIR.match(folder.name)):
-        return f"{folder.parent.parent.name}/{folder.name}"
-    return path.stem
+        return folder
+    return None
+
+
+def _owning_run(path: Path) -> Path | None:
+    """The run folder whose checkpoint ``path`` is, or None."""
+    folder = _checkpoint_folder(path)
+    return folder.parent.parent if folder is not None and is_run_folder(folder.parent.parent) else None
+
+
+def _file_label(path: Path) -> str:
+    """A file's label: its name, or for a run's checkpoint the run and the checkpoint, which say more than every
+    checkpoint's own name, "trained"."""
+    folder = _checkpoint_folder(path)
+    return f"{folder.parent.parent.name}/{folder.name}" if folder is not None else path.stem
 
 
 def _unique_labels(checkpoints: list[EvalCheckpoint]) -> list[EvalCheckpoint]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,9 +22,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from lorakit.atomic import atomic_write
+from lorakit.checkpoint_names import PIVOTAL_EMBEDDING_PREFIX, split_pivotal
+from lorakit.embeddings import EmbeddingError, embedding_added, read_embedding
 from lorakit.errors import InvalidValueError
 from lorakit.evaluate.checkpoints import CheckpointError, EvalCheckpoint
 from lorakit.evaluate.prompts import EvalPrompt
+from lorakit.formats import AdapterFile
 from lorakit.metadata import TEXT_SETTINGS
 from lorakit.models import BaseModel
 from lorakit.native_checkpoints import NativeCheckpointError, apply_native_checkpoint, restore
@@ -102,30 +105,90 @@ class ImageCache:
 
 
 # ----------------------------------------------------------------------------------------------- applying
+def _unchanged(prompt: str) -> str:
+    return prompt
+
+
 @contextmanager
-def applied(model: BaseModel, checkpoint: EvalCheckpoint) -> Iterator[None]:
-    """The model with ``checkpoint`` applied in place; exactly the base model again afterwards."""
+def applied(model: BaseModel, checkpoint: EvalCheckpoint) -> Iterator[Callable[[str], str]]:
+    """The model with ``checkpoint`` applied in place; exactly the base model again afterwards.  Yields how a
+    prompt is written for it: an embedding's token expanded to all its vectors (``zkz`` → ``zkz zkz_1``), as
+    training and sampling read it; other prompts unchanged."""
     if checkpoint.kind == "base" or checkpoint.path is None:
-        yield
+        yield _unchanged
         return
     if checkpoint.kind == "adapter":
-        from lorakit.formats import load_network
-
-        try:
-            network, _ = load_network(checkpoint.path, model.unet, model.text_encoder)
-        except (ValueError, OSError) as err:  # AdapterFileError names the file and the key that does not fit
-            text = str(err)
-            raise CheckpointError(text if str(checkpoint.path) in text else f"{checkpoint.path}: {text}") from None
-        try:
-            yield
-        finally:
-            network.remove()
+        with _adapter(model, checkpoint.path):
+            yield _unchanged
         return
     if checkpoint.kind == "native":
         with _native_weights(model, checkpoint.path):
-            yield
+            yield _unchanged
+        return
+    if checkpoint.kind == "embedding":
+        vectors, _ = _read_embedding(checkpoint.path)
+        with _embedding(model, vectors, checkpoint) as expand:
+            yield expand
+        return
+    if checkpoint.kind == "pivotal":
+        adapter, vectors = _pivotal_parts(checkpoint.path)
+        with _adapter(model, adapter), _embedding(model, vectors, checkpoint) as expand:
+            yield expand
         return
     raise CheckpointError(f"{checkpoint.path}: cannot apply a checkpoint of kind {checkpoint.kind!r}")
+
+
+@contextmanager
+def _adapter(model: BaseModel, source: Path | AdapterFile) -> Iterator[None]:
+    """An adapter file (or its tensors) loaded unmerged; removed after."""
+    from lorakit.formats import load_network
+
+    where = str(source.path if isinstance(source, AdapterFile) else source)
+    try:
+        network, _ = load_network(source, model.unet, model.text_encoder)
+    except (ValueError, OSError) as err:  # AdapterFileError names the file and the key that does not fit
+        raise CheckpointError(str(err) if where in str(err) else f"{where}: {err}") from None
+    try:
+        yield
+    finally:
+        network.remove()
+
+
+def _read_embedding(path: Path) -> tuple[torch.Tensor, str | None]:
+    try:
+        return read_embedding(path)
+    except EmbeddingError as err:
+        raise CheckpointError(str(err)) from None
+
+
+@contextmanager
+def _embedding(model: BaseModel, vectors: torch.Tensor, checkpoint: EvalCheckpoint) -> Iterator[Callable[[str], str]]:
+    """A checkpoint's embedding added under its token for the duration; yields the prompt expansion."""
+    if not checkpoint.token:
+        raise CheckpointError(f"{checkpoint.path}: an embedding checkpoint without a token")
+    try:
+        with embedding_added(model, vectors, checkpoint.token, str(checkpoint.path)) as loaded:
+            yield loaded.expand_prompt
+    except EmbeddingError as err:  # names the file: a token already in the vocabulary, vectors of another size
+        raise CheckpointError(str(err)) from None
+
+
+def _pivotal_parts(path: Path) -> tuple[AdapterFile, torch.Tensor]:
+    """A pivotal-tuning checkpoint's adapter (its own keys, with the file's metadata) and embedding vectors (the
+    trainer keeps both in one file)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = dict(f.metadata() or {})
+    except Exception as err:  # safetensors' own error types for a truncated or foreign file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    adapter, embedding = split_pivotal(tensors)
+    if "clip_l" not in embedding:
+        raise CheckpointError(f"{path}: a pivotal-tuning checkpoint without its embedding "
+                              f"({PIVOTAL_EMBEDDING_PREFIX}clip_l)")
+    return AdapterFile(adapter, metadata, path), embedding["clip_l"]
 
 
 @contextmanager
@@ -179,10 +242,11 @@ def generate_all(model: BaseModel, base_hash: str, checkpoints: Sequence[EvalChe
         for c in checkpoints:
             if not todo[c.label]:
                 continue
-            with applied(model, c):
+            with applied(model, c) as written:
                 for start in range(0, len(todo[c.label]), max(1, batch_size)):
                     chunk = todo[c.label][start:start + batch_size]
-                    samples = [SamplePrompt(jobs[i].prompt.text, jobs[i].prompt.negative, width=settings.width,
+                    samples = [SamplePrompt(written(jobs[i].prompt.text), written(jobs[i].prompt.negative),
+                                            width=settings.width,
                                             height=settings.height, seed=jobs[i].seed, cfg_scale=settings.cfg_scale,
                                             steps=settings.steps, sampler=settings.sampler) for i in chunk]
                     started = time.perf_counter()

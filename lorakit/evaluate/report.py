@@ -338,15 +338,19 @@ def key_metrics(result: EvalResult) -> list[tuple[str, str]]:
 
 
 def checkpoint_method(result: EvalResult, checkpoint: Mapping[str, Any]) -> str:
-    """What a checkpoint is, in a word: "base model", the run's algorithm ("lora", "loha", ...), "native"."""
+    """What a checkpoint is, in a few words: "base model", the run's algorithm ("lora", "loha", ...), "native",
+    "textual inversion", "pivotal tuning (lora)"; a loose file's kind ("adapter", "embedding")."""
     if checkpoint.get("kind") == "base":
         return "base model"
     settings = next((r["settings"] for r in result.runs if r["name"] == checkpoint.get("run")), None)
     if settings is None:
         return str(checkpoint.get("kind") or "")
-    if settings.get("method", "adapter") != "adapter":
-        return str(settings["method"])
-    return str(settings.get("algorithm", "adapter"))
+    method, algorithm = settings.get("method", "adapter"), str(settings.get("algorithm", "adapter"))
+    if method == "ti":
+        return "textual inversion"
+    if method == "pivotal":
+        return f"pivotal tuning ({algorithm})"
+    return algorithm if method == "adapter" else str(method)
 
 
 def epoch_text(checkpoint: Mapping[str, Any], short: bool = False) -> str:
