@@ -485,3 +485,7 @@ def test_textual_inversion_runs_and_embedding_files_are_judged_beside_an_adapter
     assert len(images) == 12 and len({Image.open(f).tobytes() for f in images}) == 8
     assert metrics["metrics"]["agnostic"]["ti/e1"] == metrics["metrics"]["agnostic"]["base"]
     assert "textual inversion" in (out / "report.html").read_text()
+    # the run's page takes the ranking in: its checkpoints are the ones measured (the token is part of their hash)
+    assert main(["report", str(ti), "--eval", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "changed since" not in said and "ranking" in (ti / "report.html").read_text()

@@ -441,7 +441,7 @@ def changed_since_eval(result: EvalResult, run_dir: Path, run_name: str) -> list
     """Labels of the run's checkpoints the eval measured whose files have changed since (the run was trained again
     into the same folder): its numbers are not this run's.  A checkpoint no longer there (a native run keeps
     only the ones it may hand back) cannot be told and is not listed."""
-    from lorakit.evaluate.checkpoints import file_hash
+    from lorakit.evaluate.checkpoints import checkpoint_hash
 
     changed = []
     for c in result.checkpoints:
@@ -449,7 +449,7 @@ def changed_since_eval(result: EvalResult, run_dir: Path, run_name: str) -> list
             continue
         folder = step_dir_name(c["step"]) if c.get("step") is not None else epoch_dir_name(int(c["epoch"]))
         file = run_dir / "checkpoints" / folder / "trained.safetensors"
-        if file.is_file() and file_hash(file) != c.get("hash"):
+        if file.is_file() and checkpoint_hash(file, c.get("token")) != c.get("hash"):
             changed.append(str(c["label"]))
     return changed
 
