@@ -1117,6 +1117,10 @@ def test_textual_inversion_takes_its_token_from_the_kohya_folder(tiny_model_dir,
     (data / "2_qwx cat").mkdir()
     assert main(["train", *flags, "--out", str(tmp_path / "two")]) == 2
     assert "name several: 'zkz' (1_zkz shape); 'qwx' (2_qwx cat)" in capsys.readouterr().err
+    # the built-in job (no --data) learns its concept's trigger, as its folder would say
+    assert main(["train", "--method", "pivotal", "--print-config"]) == 0
+    out, err = capsys.readouterr()
+    assert tomllib.loads(out)["method"]["ti_token"] == "zkz" and "the trigger of the built-in concept" in err
 
 
 def test_prior_preservation_takes_its_class_prompt_from_the_kohya_folder(tmp_path, capsys):

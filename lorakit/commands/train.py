@@ -296,6 +296,17 @@ def _settings_from_folders(cfg: TrainConfig) -> None:
                               f"{cfg.data.train_data} name several: {named}; choose with --set {section}.{key}=...")
 
 
+def _builtin_token(cfg: TrainConfig) -> None:
+    """Textual inversion on the built-in job learns the built-in concept's trigger, as it would from the
+    concept's kohya folder given as --data."""
+    if cfg.method.kind in ("ti", "pivotal") and not (cfg.method.ti_token or cfg.data.trigger):
+        from lorakit.world.concept import FOLDER_NAME, TRIGGER_WORD
+
+        cfg.method.ti_token = TRIGGER_WORD
+        print(f"lorakit train: method.ti_token = {TRIGGER_WORD!r}, the trigger of the built-in concept "
+              f"({FOLDER_NAME})", file=sys.stderr)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.config and args.from_kohya:
         raise ConfigError("give a lorakit config or --from-kohya FILE, not both")
@@ -335,6 +346,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         cfg.output.dir = f"output/train-{time.strftime('%Y%m%d-%H%M%S')}"
     _settings_from_folders(cfg)
     if cfg.data.train_data is None:
+        _builtin_token(cfg)
         cfg.validate()  # before the built-in concept's images are rendered
         cfg = builtin_default(cfg, write=not (args.print_config or args.dry_run))
     return cfg.validate()
