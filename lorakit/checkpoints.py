@@ -202,6 +202,8 @@ class RunFolder:
         found = [self.path / n for n in RUN_NAMES if (self.path / n).exists() or (self.path / n).is_symlink()]
         found += [p for p in self.path.glob(f"{self.name}*.safetensors")
                   if p.name == f"{self.name}.safetensors" or p.name.startswith(f"{self.name}-")]
+        if (self.path / self.name).is_dir():  # a native run's diffusers folder (output.format = "diffusers")
+            found.append(self.path / self.name)
         return sorted(p for p in found if manifest is None or not manifest.owns(p) or p.is_symlink())
 
     # ------------------------------------------------------------------------------------ recorded writing
@@ -215,6 +217,11 @@ class RunFolder:
     def record(self, paths: Iterable[Path]) -> None:
         """Record files already written (by code that chose their names itself)."""
         self.manifest.add_files(paths)
+
+    def record_folder(self, folder: Path) -> None:
+        """Record a folder written whole (by code that chose its name) and everything in it."""
+        self.manifest.add_dirs([folder])
+        self.record_tree(folder.relative_to(self.path))
 
     def record_tree(self, relative: str | Path) -> None:
         """Record every file under a folder the run created (class images, a latent cache)."""

@@ -305,7 +305,8 @@ class OutputConfig:
     save_precision: str = "fp32"
     #: the result adapter's key layout: "kohya" (every algorithm; A1111, ComfyUI, LyCORIS, diffusers read it) or
     #: "diffusers" (diffusers/PEFT names as save_lora_weights writes them; plain LoRA/LoCon only).  Checkpoints
-    #: inside the run always use kohya names (resume reads them).
+    #: inside the run always use kohya names (resume reads them).  Native fine-tuning: "kohya" writes one
+    #: single-file checkpoint (A1111, ComfyUI), "diffusers" a diffusers folder (kohya's save_model_as = "diffusers").
     format: str = "kohya"
     #: kohya's --training_comment: a note kept in the result's metadata (ss_training_comment; A1111 shows it)
     comment: str | None = None
@@ -557,9 +558,11 @@ class TrainConfig:
             raise ConfigError(f"output.format must be kohya or diffusers, got {out.format!r}")
         if out.format != "diffusers":
             return
+        if self.method.kind == "native":  # the whole model as a diffusers folder instead of one file
+            return
         if self.method.kind not in ("adapter", "pivotal"):
-            raise ConfigError(f"output.format = \"diffusers\" is for adapters; method.kind = {self.method.kind!r} "
-                              "writes no adapter")
+            raise ConfigError(f"output.format = \"diffusers\" is for adapters and native fine-tuning; method.kind = "
+                              f"{self.method.kind!r} writes an embedding (one file every client reads)")
         tucker = bool(net.args.get("use_tucker"))
         if net.algorithm.lower() not in ("lora", "locon") or tucker or net.use_dora:
             what = "Tucker LoCon" if tucker else ("DoRA" if net.use_dora else net.algorithm)

@@ -39,7 +39,7 @@ from lorakit.formats import (
     write_adapter,
 )
 from lorakit.max_norm import MaxNormReading, apply_max_norm, check_max_norm_supported
-from lorakit.models import BaseModel, save_single_file_checkpoint
+from lorakit.models import BaseModel, save_diffusers_folder, save_single_file_checkpoint
 from lorakit.modelspec import as_embedding
 from lorakit.network import AdapterNetwork, UniformRanks, create_network, get_preset, select_targets
 from lorakit.network import components as network_components
@@ -416,6 +416,8 @@ class NativeMethod(TrainingMethod):
         return NativeCSMeter(self._pairs)
 
     def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
+        if self.cfg.output.format == "diffusers":  # kohya's save_model_as = "diffusers": a folder from_pretrained reads
+            return [save_diffusers_folder(self.model, folder / name, save_dtype(self.cfg), overwrite=True)]
         path = folder / f"{name}.safetensors"
         save_single_file_checkpoint(self.model, path, save_dtype(self.cfg), overwrite=True)
         return [path]

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import json
 import logging
 import pickle
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lorakit import ldm
-from lorakit.atomic import atomic_write
+from lorakit.atomic import atomic_write, give_umask_modes, new_temp_path
 from lorakit.errors import InvalidValueError, LorakitError
 from lorakit.loss import PREDICTION_TYPES
 from lorakit.metadata import version_metadata
@@ -540,3 +541,33 @@ def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str |
             **version_metadata(),
             **(metadata or {})}
     return atomic_write(path, lambda tmp: save_file(out, str(tmp), metadata=info), overwrite=overwrite)
+
+
+def save_diffusers_folder(model: BaseModel, path: str | Path, dtype: str | torch.dtype | None = None, *,
+                          overwrite: bool = False) -> Path:
+    """Write ``model`` as a diffusers folder (``from_pretrained`` loads it; so do ComfyUI's diffusers loader and
+    lorakit ``--model``).  Atomic: written beside ``path``, then renamed (an existing folder is replaced only with
+    ``overwrite``).  ``dtype`` casts on the way out: the modules are cast for the write and cast back after, so a
+    model written at lower precision than it holds is left rounded to it."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = new_temp_path(path, ".tmp", lambda candidate: candidate.mkdir())  # mode 0o777 minus the umask
+    modules = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}
+    held = {name: module.dtype for name, module in modules.items()}
+    try:
+        pipe = model.pipeline()
+        if dtype is not None:
+            pipe.to(dtype=resolve_dtype(dtype))
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        give_umask_modes(tmp)  # its safetensors files would be 0600: unreadable to another user's client
+        if path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)  # a folder appears whole or not at all
+    finally:
+        for name, module in modules.items():
+            module.to(dtype=held[name])
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path

@@ -66,21 +66,33 @@ def estimate_line(seconds_per_step: float, steps_left: int, early_stop: bool) ->
     return f"{seconds_per_step:.2f} s/step: {when} for the remaining {steps_left} steps, plus sampling{tail}"
 
 
+def _native_next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[str]:
+    """A native run's model (one file, or a diffusers folder) and how to make any kept epoch a model."""
+    model = f" --model {shlex.quote(cfg.model.base)}" if cfg.model.base else ""
+    merge = (f"lorakit merge {shlex.quote(str(run_dir / 'checkpoints' / 'epoch-NNNN' / 'trained.safetensors'))}"
+             f"{model} --out MODEL.safetensors")
+    folder = next((f for f in files if (f / "model_index.json").is_file()), None)
+    if folder is not None:  # output.format = "diffusers"
+        return [f"  use {folder}: a diffusers folder; diffusers: StableDiffusionPipeline.from_pretrained("
+                f"\"{folder}\"); lorakit: --model {shlex.quote(str(folder))}",
+                f"  as one file for A1111/ComfyUI: {merge} (the epoch handed back, or any other the run kept)"]
+    single = next((f for f in files if f.suffix == ".safetensors"), None)
+    lines = [f"  use {single}: a full model; A1111/ComfyUI: put it in models/Stable-diffusion (ComfyUI: "
+             "models/checkpoints); diffusers: StableDiffusionPipeline.from_single_file(...)"] if single else []
+    return lines + [f"  an epoch checkpoint the run kept, as a model: {merge}"]
+
+
 def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[str]:
     """How to use what the run made: A1111/ComfyUI, diffusers, ``lorakit sample``, the plot, the report."""
     files = [Path(f) for f in files]
     weights = [f for f in files if f.suffix == ".safetensors"]
     lines: list[str] = []
-    if weights:
+    if cfg.method.kind == "native":
+        lines += _native_next_steps(run_dir, files, cfg)
+    elif weights:
         result = weights[0]
         quoted = shlex.quote(str(result))
-        if cfg.method.kind == "native":
-            lines += [f"  use {result}: a full model; A1111/ComfyUI: put it in models/Stable-diffusion (ComfyUI: "
-                      "models/checkpoints); diffusers: StableDiffusionPipeline.from_single_file(...)",
-                      "  an epoch checkpoint the run kept, as a model: lorakit merge "
-                      f"{shlex.quote(str(result.parent / 'checkpoints' / 'epoch-NNNN' / 'trained.safetensors'))} "
-                      "--out MODEL.safetensors"]
-        elif cfg.method.kind == "ti":
+        if cfg.method.kind == "ti":
             token = result.stem.split("-", 1)[-1]
             # A1111 names an embedding after its file: the prompt word is the file's stem, not the token
             lines += [f"  use {result}: A1111: models/embeddings, then write '{result.stem}' in a prompt (or rename "
@@ -110,6 +122,7 @@ def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[s
             model = f" --model {shlex.quote(cfg.model.base)}" if cfg.model.base else ""
             with_embedding = f" --embedding {shlex.quote(str(embedding))}" if embedding is not None else ""
             lines.append(f"  lorakit sample {quoted}{with_embedding}{model} --prompt \"...\" --out samples/")
+    if lines:
         skip = cfg.model.clip_skip
         if skip > 1:  # sampled without it, the result looks undertrained or off: say it where people sample
             lines.append(f"  trained with clip skip {skip}: sample with it too (A1111: Settings > Clip skip {skip}; "

@@ -580,7 +580,9 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 meta["lorakit_turning_point_epoch"] = str(turning.epoch)
                 meta["lorakit_checkpoint_epoch"] = str(final_epoch)  # the saved epoch handed back
         files = method.save(run.path, cfg.output.name, meta)
-        run.record(files)
+        run.record(f for f in files if not f.is_dir())
+        for folder in (f for f in files if f.is_dir()):  # a native run's diffusers folder
+            run.record_folder(folder)
         reported = monitor.turning_point if monitor is not None else None
         if sample_stop is not None:
             sample_record = sample_stop.record()

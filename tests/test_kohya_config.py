@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 from test_train import write_dataset
 
@@ -161,7 +162,7 @@ def test_a_kohya_textual_inversion_config_trains_an_embedding(tiny_model_dir, tm
                                         "the images' captions"]
 
 
-def test_a_kohya_dreambooth_config_fine_tunes_the_unet_and_the_text_encoder(tiny_model_dir, tmp_path):
+def test_a_kohya_dreambooth_config_fine_tunes_the_unet_and_the_text_encoder(tiny_model_dir, tmp_path, capsys):
     """train_db.py's config (no network_module, no token_string): native fine-tuning of both networks, at
     learning_rate and learning_rate_te, the text encoder for stop_text_encoder_training steps (-1 or 0: never)."""
     path = kohya_file(tmp_path, tiny_model_dir, "db.toml", 'output_name = "zkz_db"\nlearning_rate = 1e-4\n'
@@ -175,10 +176,22 @@ def test_a_kohya_dreambooth_config_fine_tunes_the_unet_and_the_text_encoder(tiny
     with safe_open(str(tmp_path / "run" / "zkz_db.safetensors"), "pt") as f:
         assert any(k.startswith("cond_stage_model.") for k in f.keys())  # a whole model, the text encoder in it
     db = path.read_text()
-    path.write_text(f"{db}save_model_as = 'diffusers'\n")  # taken over as a file, and said so
-    assert config_from_kohya(path)[1].notes == [
-        "save_model_as = 'diffusers': lorakit writes one .safetensors file (diffusers reads it with from_single_file; "
-        "a folder: lorakit merge RESULT --out FOLDER)"]
+    path.write_text(f"{db}save_model_as = 'diffusers'\n")  # the model as a diffusers folder, as kohya writes it
+    cfg, translation = config_from_kohya(path)
+    assert cfg.output.format == "diffusers" and translation.notes == []
+    assert main(["train", "--from-kohya", str(path), "--no-progress", "--early-stop", "off", "--out",
+                 str(tmp_path / "folder")]) == 0
+    from lorakit.models import load_base_model
+
+    trained = load_base_model(tmp_path / "folder" / "zkz_db")  # loads as any diffusers folder
+    single = load_base_model(tmp_path / "run" / "zkz_db.safetensors")  # the same run written as one file
+    for a, b in ((trained.unet, single.unet), (trained.text_encoder, single.text_encoder)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert "a diffusers folder; diffusers: StableDiffusionPipeline.from_pretrained(" in capsys.readouterr().out
+    # the run owns the folder it wrote: --overwrite replaces the run, the folder with it
+    assert main(["train", "--from-kohya", str(path), "--no-progress", "--early-stop", "off", "--out",
+                 str(tmp_path / "folder"), "--overwrite"]) == 0
+    assert (tmp_path / "folder" / "zkz_db" / "model_index.json").is_file()
     for stop, trains in ((-1, False), (0, False)):
         path.write_text(f"{db}stop_text_encoder_training = {stop}\n")
         cfg, translation = config_from_kohya(path)

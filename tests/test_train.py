@@ -1097,6 +1097,11 @@ def test_diffusers_format_is_refused_before_training_for_what_it_cannot_hold(tin
     with pytest.raises(ConfigError, match="plain LoRA/LoCon only, not loha.*resize FILE --to lora"):
         run_train(cfg)
     assert not (tmp_path / "run").exists()
+    cfg = make_config(tiny_model_dir, dataset, tmp_path / "run", method={"kind": "ti", "ti_token": "zkz"},
+                      output={"format": "diffusers"})
+    with pytest.raises(ConfigError, match="method.kind = 'ti' writes an embedding"):
+        run_train(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 def test_textual_inversion_takes_its_token_from_the_kohya_folder(tiny_model_dir, tmp_path, capsys):

@@ -172,7 +172,9 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
         out.set("network.train_unet", False)
 
     saved_as = str(options.pop("save_model_as", "") or "")
-    if saved_as == "diffusers":
+    if saved_as == "diffusers" and native:  # DreamBooth / fine-tuning: the model as a diffusers folder
+        out.set("output.format", "diffusers")
+    elif saved_as == "diffusers":
         out.notes.append("save_model_as = 'diffusers': lorakit writes one .safetensors file (diffusers reads it with "
                          "from_single_file; a folder: lorakit merge RESULT --out FOLDER)")
     elif saved_as not in ("", "safetensors"):

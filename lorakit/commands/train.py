@@ -48,7 +48,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--sample-prompts": ("sample.prompts", str, "kohya-syntax prompt file sampled every epoch"),
     "--out": ("output.dir", str, "output folder (default: output/train-<time>)"),
     "--name": ("output.name", str, "file name of the result (default: lorakit)"),
-    "--format": ("output.format", str, "key layout of the result: kohya (default) or diffusers (LoRA/LoCon only)"),
+    "--format": ("output.format", str, "key layout of the result: kohya (default) or diffusers (LoRA/LoCon only; "
+                                      "a native run: the model as a diffusers folder)"),
     "--mixed-precision": ("model.mixed_precision", str, "no, fp16, bf16"),
     "--training-comment": ("output.comment", str, "a note kept in the result's metadata (ss_training_comment)"),
     "--clip-skip": ("model.clip_skip", int, "condition on the text encoder's N-th layer from the end (kohya/A1111: "
@@ -175,7 +176,8 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--save-state": "(the default: every checkpoint holds the optimizer's state; --resume continues from it)",
     "--save-state-on-train-end": "(the default: the last checkpoint holds the training state)",
     "--debug-dataset": "--dry-run",
-    "--save-model-as": "(the default: safetensors, the only format lorakit writes)",
+    "--save-model-as": "(the default: safetensors, the only format lorakit writes; a native run as a diffusers "
+                        "folder: --format diffusers)",
     "--lr-scheduler-type": "(not in lorakit: diffusers' schedules by name, --set optimizer.lr_scheduler=NAME)",
     "--lr-scheduler-args": "(not in lorakit: diffusers' schedules by name, --set optimizer.lr_scheduler=NAME)",
     "--lr-scheduler-num-cycles": "(not in lorakit: diffusers' schedules run with their own cycles and power)",

@@ -14,17 +14,15 @@ never materialises it) is re-factored by SVD to the rule's rank, and the report 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from lorakit.atomic import give_umask_modes, new_temp_path
 from lorakit.blocks import SD1
 from lorakit.checkpoint_names import TEXT_ENCODER_PREFIX
 from lorakit.formats import AdapterFileError, load_network, read_adapter
-from lorakit.models import BaseModel, save_single_file_checkpoint
+from lorakit.models import BaseModel, save_diffusers_folder, save_single_file_checkpoint
 from lorakit.native_checkpoints import NativeCheckpointError, apply_native_checkpoint, is_native_checkpoint
 from lorakit.tools import MismatchError, ToolError, check_output
 from lorakit.tools.deltas import AdapterSpec, file_deltas, parse_adapter_spec
@@ -73,33 +71,14 @@ def _bake_native(model: BaseModel, spec: AdapterSpec) -> str:
 
 def save_model(model: BaseModel, out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None] = (), *,
                overwrite: bool = False, dtype: str | torch.dtype | None = None) -> Path:
-    """A ``*.safetensors`` path: single-file LDM checkpoint; anything else: a diffusers folder (atomic both).
-
-    ``dtype`` casts on the way out; for a folder the model itself is cast (in place).
-    """
+    """A ``*.safetensors`` path: single-file LDM checkpoint; anything else: a diffusers folder (atomic both)."""
     out = Path(out)
     check_output(out, inputs, overwrite=overwrite)
     if out.suffix.lower() == ".safetensors":
         return save_single_file_checkpoint(model, out, dtype, overwrite=overwrite)
     if out.suffix:
         raise ToolError(f"{out}: write a model to a folder (diffusers) or a .safetensors file (single file)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = new_temp_path(out, ".tmp", lambda candidate: candidate.mkdir())  # mode 0o777 minus the umask
-    try:
-        pipe = model.pipeline()
-        if dtype is not None:
-            from lorakit.models import resolve_dtype
-
-            pipe.to(dtype=resolve_dtype(dtype))
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        give_umask_modes(tmp)  # its safetensors files would be 0600: unreadable to another user's client
-        if out.exists():  # only with overwrite (checked above)
-            shutil.rmtree(out)
-        os.rename(tmp, out)  # a folder appears whole or not at all
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+    return save_diffusers_folder(model, out, dtype, overwrite=overwrite)
 
 
 def combine(adapters: Sequence[AdapterSpec | str], model: BaseModel | None = None, rule: RankRule | None = None,
