@@ -12,6 +12,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from lorakit.file_kinds import TI_TOKEN_KEY
+
 #: text-encoder width -> the base model family whose encoder it is (clip_l: SD1.x 768, SD2.x 1024; clip_g: SDXL)
 _WIDTHS = {("clip_l", 768): "SD1.x (or SDXL's first encoder)", ("clip_l", 1024): "SD2.x",
            ("clip_g", 1280): "SDXL", ("emb_params", 768): "SD1.x", ("emb_params", 1024): "SD2.x"}
@@ -54,7 +56,7 @@ def inspect_embedding(path: str | Path) -> EmbeddingReport:
 
 def format_embedding_report(report: EmbeddingReport) -> str:
     name = report.path.stem
-    token = report.metadata.get("lorakit_ti_token") or name  # lorakit sample's: the file's token, else its name
+    token = report.metadata.get(TI_TOKEN_KEY) or name  # lorakit sample's: the file's token, else its name
     lines = [f"file:        {report.path}",
              "kind:        textual-inversion embedding",
              f"size:        {report.size} bytes",

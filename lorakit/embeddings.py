@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from lorakit.errors import LorakitError
+from lorakit.file_kinds import TI_TOKEN_KEY
 from lorakit.models import BaseModel
 
 
@@ -77,7 +78,7 @@ def read_embedding(path: str | Path) -> tuple[torch.Tensor, str | None]:
         vectors = vectors[None]
     if vectors.ndim != 2:
         raise EmbeddingError(f"{path}: tensor {key!r} has shape {tuple(vectors.shape)}, expected [vectors, dim]")
-    return vectors, meta.get("lorakit_ti_token")
+    return vectors, meta.get(TI_TOKEN_KEY)
 
 
 def load_embedding(model: BaseModel, path: str | Path, token: str | None = None,

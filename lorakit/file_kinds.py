@@ -45,6 +45,33 @@ def embedding_header(path: str | os.PathLike) -> tuple[dict[str, list[int]], dic
     return (keys, metadata) if is_embedding(set(keys)) else None
 
 
+#: the metadata entry naming an embedding's token (in the embedding, and in a pivotal-tuning adapter beside it)
+TI_TOKEN_KEY = "lorakit_ti_token"
+
+
+def embedding_token(path: Path, metadata: dict[str, str]) -> str:
+    """The word an embedding file stands for: the token its metadata names, else its file name (A1111 and
+    ComfyUI call an embedding by its file name)."""
+    return metadata.get(TI_TOKEN_KEY) or path.stem
+
+
+def pivotal_embedding(path: str | os.PathLike) -> tuple[bool, Path | None]:
+    """Whether ``path`` is a pivotal-tuning adapter (the trainer writes it with its embedding, ``NAME.safetensors``
+    and ``NAME-TOKEN.safetensors``), and the embedding beside it (None when it is not there, or is ambiguous)."""
+    path = Path(path)
+    try:
+        keys, metadata = _header(path)
+    except Exception:  # not safetensors, missing, truncated: not one
+        return False, None
+    if metadata.get(METHOD_KEY) != "pivotal" or is_embedding(set(keys)):  # the embedding says "pivotal" too
+        return False, None
+    token = metadata.get(TI_TOKEN_KEY)  # files from before it was recorded: any embedding named NAME-*
+    candidates = [path.with_name(f"{path.stem}-{token}.safetensors")] if token else \
+        sorted(path.parent.glob(f"{path.stem}-*.safetensors"))
+    found = [c for c in candidates if c.is_file() and embedding_header(c) is not None]
+    return True, found[0] if len(found) == 1 else None
+
+
 def describe_weights(keys: dict[str, list[int]]) -> str | None:
     """A description of a non-adapter safetensors file from its {key: shape}, or None if it may be an adapter."""
     if not keys:

@@ -30,6 +30,7 @@ from lorakit.checkpoint_names import PIVOTAL_EMBEDDING_PREFIX, TEXT_ENCODER_PREF
 from lorakit.config import LORAPLUS_KEYS, SAVE_PRECISIONS, ConfigError, TrainConfig
 from lorakit.earlystop.cs import CSMeter, CSReading, native_reading
 from lorakit.embeddings import expand_tokens, register_tokens, token_names
+from lorakit.file_kinds import TI_TOKEN_KEY
 from lorakit.formats import (
     AdapterFile,
     ranks_from_file,
@@ -493,7 +494,7 @@ class TextualInversion(TrainingMethod):
         path = folder / f"{name}-{self.token}.safetensors"
         # A1111, ComfyUI and diffusers all read a single-tensor file; "clip_l" names the encoder (SDXL: + clip_g)
         write_adapter(path, {"clip_l": self.vectors().float().cpu().contiguous()},
-                      {**as_embedding(metadata, self.token), "lorakit_ti_token": self.token,
+                      {**as_embedding(metadata, self.token), TI_TOKEN_KEY: self.token,
                        "lorakit_ti_vectors": str(len(self.tokens))},
                       overwrite=True, dtype=save_dtype(self.cfg))
         return [path]
@@ -548,7 +549,9 @@ class PivotalTuning(TrainingMethod):
         return self.adapter.scaled(multiplier)
 
     def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
-        return self.adapter.save(folder, name, metadata) + self.ti.save(folder, name, metadata)
+        # the adapter names its token: eval and sample find the embedding beside it (file_kinds.pivotal_embedding)
+        return (self.adapter.save(folder, name, {**metadata, TI_TOKEN_KEY: self.ti.token})
+                + self.ti.save(folder, name, metadata))
 
     def summary(self) -> str:
         return f"pivotal tuning: {self.ti.summary()}; {self.adapter.summary()}"

@@ -615,6 +615,46 @@ def test_pivotal_tuning_writes_embedding_and_adapter(tiny_model_dir, dataset, tm
     assert embedding["modelspec.trigger_phrase"] == "zkz" and embedding["modelspec.title"] == "lorakit"
 
 
+
+def test_a_pivotal_result_is_sampled_and_judged_with_the_embedding_beside_it(tiny_model_dir, dataset, tmp_path,
+                                                                             capsys):
+    """The adapter of a pivotal run names its token, so `lorakit sample` and `lorakit eval` given the adapter
+    alone read the prompt's token with the embedding beside it, as training did."""
+    import numpy as np
+    from PIL import Image
+
+    from lorakit.cli import main
+    from lorakit.evaluate.checkpoints import CheckpointError, read_file_checkpoint
+    from lorakit.evaluate.generate import applied
+    from lorakit.file_kinds import pivotal_embedding
+    from lorakit.models import load_base_model
+
+    out = tmp_path / "pivotal"
+    run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 1},
+                          method={"kind": "pivotal", "ti_token": "zkz"}, optimizer={"ti_lr": 1e-2}))
+    adapter, embedding = out / "lorakit.safetensors", out / "lorakit-zkz.safetensors"
+    assert pivotal_embedding(adapter) == (True, embedding) and pivotal_embedding(embedding) == (False, None)
+    sample = ["sample", str(adapter), "--model", str(tiny_model_dir), "--prompt", "a zkz shape --s 2 --d 1",
+              "--device", "cpu"]
+    assert main([*sample, "--out", str(tmp_path / "with")]) == 0
+    assert f"pivotal tuning, with its embedding {embedding}" in capsys.readouterr().out
+    checkpoint = read_file_checkpoint(adapter)
+    assert (checkpoint.kind, checkpoint.token, checkpoint.embedding) == ("pivotal", "zkz", embedding)
+    model = load_base_model(tiny_model_dir)
+    with applied(model, checkpoint) as written:
+        assert "zkz" in model.tokenizer.get_vocab() and any("lora" in n for n, _ in model.unet.named_modules())
+        assert written("a zkz shape") == "a zkz shape"
+    embedding.rename(tmp_path / "elsewhere.safetensors")  # the embedding moved away: said, not silently left out
+    assert main([*sample, "--out", str(tmp_path / "without")]) == 0
+    assert "its token is plain text; pass --embedding FILE" in capsys.readouterr().out
+    with_it, without = (np.asarray(Image.open(tmp_path / d / "000-a-zkz-shape.png"), dtype=np.int16)
+                        for d in ("with", "without"))
+    assert np.abs(with_it - without).max() > 0
+    with pytest.raises(CheckpointError, match="lorakit.safetensors: a pivotal-tuning adapter, trained with an "
+                                              "embedding that is not beside it"):
+        read_file_checkpoint(adapter)
+
+
 def test_prior_preservation_generates_class_images(tiny_model_dir, dataset, tmp_path, monkeypatch):
     import lorakit.train as train_module
 

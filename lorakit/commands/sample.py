@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorakit.commands.prompt_options import add_prompt_reading_arguments
 from lorakit.errors import LorakitError
 from lorakit.file_kinds import check_adapter_path
+
+if TYPE_CHECKING:
+    from lorakit.tools.deltas import AdapterSpec
 
 HELP = "images from a base model with any number of adapters (multipliers, block weights) and TI embeddings"
 
@@ -80,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         if not spec.path.is_file():
             raise FileNotFoundError(f"{spec.path}: no such adapter file")
     text, said = trained_text_settings([spec.path for spec in specs], args.clip_skip, args.max_token_length)
+    embeddings = [*args.embedding, *_pivotal_embeddings(specs, args.embedding, said)]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     keep_freed_memory()  # each denoising step frees and takes back the same buffers (SD1.5 on the CPU: 6-17 % faster)
     model = load_base_model(args.model, device=device)
@@ -87,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     check_clip_skip(model, text["clip_skip"])
     said += adopt_trained_schedule(model, [spec.path for spec in specs])
     prompts = [replace(p, seed=p.seed if p.seed is not None else args.seed + i) for i, p in enumerate(prompts)]
-    images = generate_with_adapters(model, specs, prompts, merged=args.merged, embeddings=args.embedding,
+    images = generate_with_adapters(model, specs, prompts, merged=args.merged, embeddings=embeddings,
                                     batch_size=args.batch_size, progress=False, **text)
     title = ", ".join(s.label for s in specs) or "no adapter"
     written = save_samples(images, prompts, args.out, title=title + (" (merged)" if args.merged and specs else ""))
@@ -99,3 +105,24 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(images)} image(s) from {model.source}{vae}: {args.out} (grid: {written[-1].name})")
     return 0
 
+
+
+def _pivotal_embeddings(specs: Sequence[AdapterSpec], given: Sequence[Path], said: list[str]) -> list[Path]:
+    """The embeddings of the pivotal-tuning adapters among ``specs`` that were not given with --embedding: the
+    trainer writes them beside the adapter, and without them the adapter's token is plain text."""
+    from lorakit.file_kinds import pivotal_embedding
+
+    given_files = {p.resolve() for p in given}
+    found = []
+    for spec in specs:
+        pivotal, beside = pivotal_embedding(spec.path)
+        if not pivotal or (beside is not None and beside.resolve() in given_files):
+            continue
+        if beside is None:
+            if not given:
+                said.append(f"{spec.path}: a pivotal-tuning adapter whose embedding is not beside it "
+                            f"({spec.path.stem}-TOKEN.safetensors): its token is plain text; pass --embedding FILE")
+            continue
+        found.append(beside)
+        said.append(f"{spec.path}: pivotal tuning, with its embedding {beside}")
+    return found

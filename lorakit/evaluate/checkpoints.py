@@ -55,6 +55,7 @@ class EvalCheckpoint:
     epoch: float | None = None  # a step checkpoint's is fractional (step 6 of 4 per epoch: 1.5); None: unknown
     step: int | None = None  # a step checkpoint's step (None for epoch checkpoints, files and the base model)
     token: str | None = None  # an embedding's token ("embedding" and "pivotal" checkpoints)
+    embedding: Path | None = None  # a pivotal adapter file's embedding file (a run's checkpoint holds both)
 
 
 @dataclass
@@ -165,10 +166,12 @@ def _kind(config: dict[str, Any], where: Path) -> tuple[str, str | None]:
     return kind, token
 
 
-def checkpoint_hash(file: Path, token: str | None = None) -> str:
+def checkpoint_hash(file: Path, token: str | None = None, embedding: Path | None = None) -> str:
     """The content hash that keys a checkpoint's images; an embedding's token is part of it (the same vectors
-    under another word read other prompts)."""
+    under another word read other prompts), and so is a pivotal adapter's separate embedding file."""
     digest = file_hash(file)
+    if embedding is not None:
+        digest += ":" + file_hash(embedding)
     return digest if token is None else hashlib.sha256(f"{digest}:{token}".encode()).hexdigest()[:16]
 
 
@@ -254,7 +257,7 @@ def read_file_checkpoint(path: str | Path) -> EvalCheckpoint:
         raise CheckpointError(f"{path}: no such file or run folder")
     if path.suffix.lower() != ".safetensors":
         raise CheckpointError(f"{path}: not a .safetensors adapter file (lorakit never unpickles .pt/.ckpt files)")
-    from lorakit.file_kinds import embedding_header
+    from lorakit.file_kinds import embedding_header, embedding_token, pivotal_embedding
 
     label = _file_label(path)
     if (run := _owning_run(path)) is not None:
@@ -263,7 +266,7 @@ def read_file_checkpoint(path: str | Path) -> EvalCheckpoint:
             return EvalCheckpoint(label=label, kind=kind, path=path, hash=checkpoint_hash(path, token),
                                   epoch=_metadata_epoch(_header_metadata(path)), token=token)
     if (embedding := embedding_header(path)) is not None:
-        token = embedding[1].get("lorakit_ti_token") or path.stem  # A1111 and ComfyUI call it by its file name
+        token = embedding_token(path, embedding[1])
         return EvalCheckpoint(label=label, kind="embedding", path=path, hash=checkpoint_hash(path, token),
                               epoch=_metadata_epoch(embedding[1]), token=token)
     try:
@@ -273,7 +276,17 @@ def read_file_checkpoint(path: str | Path) -> EvalCheckpoint:
     except (ValueError, OSError) as err:  # the reader's messages name the file already
         said = str(err) if str(err).startswith(str(path)) else f"{path}: cannot read it as an adapter file: {err}"
         raise CheckpointError(said) from None
-    return EvalCheckpoint(label=label, kind="adapter", path=path, hash=file_hash(path), epoch=_metadata_epoch(meta))
+    pivotal, beside = pivotal_embedding(path)
+    if not pivotal:
+        return EvalCheckpoint(label=label, kind="adapter", path=path, hash=file_hash(path),
+                              epoch=_metadata_epoch(meta))
+    if beside is None:  # judged without its token, the adapter would be judged on prompts it was not trained for
+        raise CheckpointError(f"{path}: a pivotal-tuning adapter, trained with an embedding that is not beside it "
+                              f"({path.stem}-TOKEN.safetensors, as the trainer wrote them): put it there, or "
+                              "evaluate the run folder")
+    token = embedding_token(beside, embedding_header(beside)[1])
+    return EvalCheckpoint(label=label, kind="pivotal", path=path, hash=checkpoint_hash(path, token, beside),
+                          epoch=_metadata_epoch(meta), token=token, embedding=beside)
 
 
 def _metadata_epoch(metadata: dict[str, str]) -> int | None:

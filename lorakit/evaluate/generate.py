@@ -131,7 +131,10 @@ def applied(model: BaseModel, checkpoint: EvalCheckpoint) -> Iterator[Callable[[
             yield expand
         return
     if checkpoint.kind == "pivotal":
-        adapter, vectors = _pivotal_parts(checkpoint.path)
+        if checkpoint.embedding is not None:  # a result's two files
+            adapter, (vectors, _) = checkpoint.path, _read_embedding(checkpoint.embedding)
+        else:  # a run's checkpoint: both in one file
+            adapter, vectors = _pivotal_parts(checkpoint.path)
         with _adapter(model, adapter), _embedding(model, vectors, checkpoint) as expand:
             yield expand
         return
