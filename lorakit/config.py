@@ -181,6 +181,10 @@ class OptimizerConfig:
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     lr_scheduler: str = "constant"  # diffusers' schedule names: constant, constant_with_warmup, cosine, linear...
+    #: kohya's lr_scheduler_num_cycles: the restarts of "cosine_with_restarts"
+    lr_scheduler_num_cycles: int = 1
+    #: kohya's lr_scheduler_power: the power of "polynomial" (1: linear decay)
+    lr_scheduler_power: float = 1.0
     #: warmup steps, or (kohya's float below 1) that share of the run's steps
     lr_warmup_steps: int | float = 0
     max_grad_norm: float = 1.0
@@ -464,6 +468,10 @@ class TrainConfig:
             (opt.optimizer in OPTIMIZERS, "optimizer.optimizer", f"one of {one_of(OPTIMIZERS)}", opt.optimizer),
             (opt.lr_scheduler in [t.value for t in SchedulerType], "optimizer.lr_scheduler",
              f"one of {one_of(t.value for t in SchedulerType)}", opt.lr_scheduler),
+            (_positive_int(opt.lr_scheduler_num_cycles), "optimizer.lr_scheduler_num_cycles",
+             "a positive integer (the restarts of cosine_with_restarts)", opt.lr_scheduler_num_cycles),
+            (_at_least(opt.lr_scheduler_power, 0, strict=True), "optimizer.lr_scheduler_power",
+             "above 0 (the power of the polynomial schedule; 1: linear)", opt.lr_scheduler_power),
             (len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas), "optimizer.betas",
              "two numbers in [0, 1), e.g. [0.9, 0.999]", opt.betas),
             (_at_least(opt.weight_decay, 0), "optimizer.weight_decay", "0 or more", opt.weight_decay),

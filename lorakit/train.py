@@ -327,7 +327,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         optimizer = build_optimizer(method.param_groups(), cfg)
         lr_schedule = get_scheduler(cfg.optimizer.lr_scheduler, optimizer,
                                     num_warmup_steps=warmup_steps(cfg.optimizer.lr_warmup_steps, total_steps),
-                                    num_training_steps=total_steps)
+                                    num_training_steps=total_steps, num_cycles=cfg.optimizer.lr_scheduler_num_cycles,
+                                    power=cfg.optimizer.lr_scheduler_power)
         unet_lr = cfg.optimizer.unet_lr or cfg.optimizer.learning_rate
         monitor = None
         meter = method.cs_meter()

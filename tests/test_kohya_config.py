@@ -29,6 +29,8 @@ text_encoder_lr = 5e-5
 optimizer_type = "AdamW8bit"
 optimizer_args = ["weight_decay=0.1", "betas=(0.9,0.99)"]
 lr_scheduler = "cosine"
+lr_scheduler_num_cycles = 3
+lr_scheduler_power = 2.0
 train_batch_size = 2
 max_train_epochs = 10
 mixed_precision = "bf16"
@@ -67,6 +69,7 @@ def test_every_option_is_translated_or_listed(tmp_path):
     assert (opt.optimizer, opt.learning_rate, opt.text_encoder_lr, opt.lr_scheduler) == ("adamw8bit", 1e-4, 5e-5,
                                                                                          "cosine")
     assert opt.args == {"weight_decay": 0.1, "betas": [0.9, 0.99]}
+    assert (opt.lr_scheduler_num_cycles, opt.lr_scheduler_power) == (3, 2.0)
     data = cfg.data
     assert (data.batch_size, data.resolution, data.shuffle_caption, data.keep_tokens) == (2, 512, True, 1)
     assert data.weighted_captions

@@ -1309,3 +1309,20 @@ def test_lora_fa_keeps_the_down_matrices_as_they_start(tiny_model_dir, dataset, 
         downs[frozen] = any(moved)
         assert all(ups) and {k.split(".", 1)[1] for k in final} == {"lora_down.weight", "lora_up.weight", "alpha"}
     assert downs == {False: True, True: False}
+
+
+def test_the_lr_schedule_takes_kohyas_cycles_and_power(tiny_model_dir, dataset, tmp_path):
+    """optimizer.lr_scheduler_num_cycles restarts cosine_with_restarts that many times; lr_scheduler_power bends
+    the polynomial decay (kohya's lr_scheduler_num_cycles / lr_scheduler_power, passed to diffusers' schedules)."""
+    def lrs(name: str, **optimizer) -> list[float]:
+        out = tmp_path / name
+        run_train(make_config(tiny_model_dir, dataset, out, training={"max_epochs": 4}, optimizer=optimizer))
+        return [r["lr"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+    restarts = lrs("restarts", lr_scheduler="cosine_with_restarts", lr_scheduler_num_cycles=2)
+    # each record holds the lr after its step: the first cycle falls over 3, the second starts at the top again
+    assert len(restarts) == 8 and restarts[0] > restarts[1] > restarts[2] < restarts[3] == pytest.approx(1e-3)
+    assert restarts[4:7] == pytest.approx(restarts[:3]) and restarts[7] == 0  # the run's end: 0
+    linear, squared = lrs("linear", lr_scheduler="polynomial"), lrs("squared", lr_scheduler="polynomial",
+                                                                     lr_scheduler_power=2.0)
+    assert linear[3] == pytest.approx(1e-3 * 4 / 8, rel=1e-3) and squared[3] < linear[3]  # falls faster
