@@ -110,6 +110,9 @@ class MethodConfig:
     #: ("Initialization text"); a word close to the concept ("dog", "style") usually learns faster
     ti_init_word: str = "*"
     ti_vectors: int = 1
+    #: textual inversion: start the token(s) from this embedding file instead of ti_init_word (kohya's --weights:
+    #: continue an embedding); it must hold ti_vectors vectors for this text encoder
+    ti_weights: str | None = None
 
 
 @dataclass
@@ -537,6 +540,10 @@ class TrainConfig:
         if self.method.kind in ("ti", "pivotal") and not (self.method.ti_token or self.data.trigger):
             raise ConfigError(f"method.kind = {self.method.kind!r} needs the new token: set method.ti_token "
                               "(or data.trigger), e.g. --set method.ti_token=zkz")
+        if self.method.ti_weights and self.method.kind not in ("ti", "pivotal"):
+            raise ConfigError(f"method.ti_weights starts a textual-inversion embedding, but method.kind is "
+                              f"{self.method.kind!r}: use method.kind = 'ti' or 'pivotal' (an adapter starts from "
+                              "network.weights)")
         if self.data.num_class_images > 0 and not self.data.class_prompt:  # before the model loads, not after
             raise ConfigError("data.num_class_images > 0 needs data.class_prompt, the prompt the class images are "
                               "generated from, e.g. --set data.class_prompt=\"a dog\"")
@@ -656,9 +663,10 @@ RESUMABLE = ("training.max_epochs", "training.max_steps", "training.save_every_n
              "output.metadata_license", "output.metadata_tags")
 _NOT_COMPARED = ("output.dir", "output.if_exists")
 _PATH_KEYS = ("model.base", "data.train_data", "data.reg_data", "data.validation_data", "data.cache_dir",
-              "sample.prompts", "early_stop.sample_prompts", "network.weights")
+              "sample.prompts", "early_stop.sample_prompts", "network.weights", "method.ti_weights")
 #: path settings that always name a file or folder (model.base and the prompt files may name a built-in instead)
-_ALWAYS_PATHS = ("data.train_data", "data.reg_data", "data.validation_data", "data.cache_dir", "network.weights")
+_ALWAYS_PATHS = ("data.train_data", "data.reg_data", "data.validation_data", "data.cache_dir", "network.weights",
+                 "method.ti_weights")
 
 
 def missing_paths(cfg: TrainConfig) -> list[tuple[str, str]]:

@@ -439,7 +439,7 @@ class TextualInversion(TrainingMethod):
 
     kind = "ti"
 
-    def __init__(self, cfg: TrainConfig, model: BaseModel) -> None:
+    def __init__(self, cfg: TrainConfig, model: BaseModel, start: torch.Tensor | None = None) -> None:
         self.cfg, self.model = cfg, model
         token = cfg.method.ti_token or cfg.data.trigger
         if not token:
@@ -457,9 +457,12 @@ class TextualInversion(TrainingMethod):
                              "set it to a word close to the concept (e.g. \"dog\", \"style\") or \"*\"")
         self.ids = ids
         emb = te.get_input_embeddings().weight
+        if start is not None and tuple(start.shape) != (len(ids), emb.shape[1]):
+            raise ConfigError(f"method.ti_weights: {cfg.method.ti_weights} holds vectors of size {start.shape[-1]}, "
+                              f"this text encoder's are {emb.shape[1]} (an embedding for another model)")
         with torch.no_grad():
-            for i, token_id in enumerate(self.ids):
-                emb[token_id] = emb[init_ids[i % len(init_ids)]]
+            for i, token_id in enumerate(self.ids):  # from the file (kohya's --weights), else the init word
+                emb[token_id] = start[i].to(emb.dtype) if start is not None else emb[init_ids[i % len(init_ids)]]
         te.requires_grad_(False)
         emb.requires_grad_(True)
         self.embedding = emb
@@ -500,8 +503,9 @@ class TextualInversion(TrainingMethod):
         return [path]
 
     def summary(self) -> str:
-        return (f"textual inversion: token {self.token!r} × {len(self.tokens)} vector(s), "
-                f"init {self.cfg.method.ti_init_word!r}")
+        start = f"from {self.cfg.method.ti_weights}" if self.cfg.method.ti_weights else \
+            f"init {self.cfg.method.ti_init_word!r}"
+        return f"textual inversion: token {self.token!r} × {len(self.tokens)} vector(s), {start}"
 
 
 class PivotalTuning(TrainingMethod):
@@ -510,8 +514,8 @@ class PivotalTuning(TrainingMethod):
     kind = "pivotal"
 
     def __init__(self, cfg: TrainConfig, model: BaseModel, start_file: AdapterFile | bool = True,
-                 ranks_file: AdapterFile | None = None) -> None:
-        self.ti = TextualInversion(cfg, model)
+                 ranks_file: AdapterFile | None = None, ti_start: torch.Tensor | None = None) -> None:
+        self.ti = TextualInversion(cfg, model, ti_start)
         self.adapter = AdapterMethod(cfg, model, start_file, ranks_file)
 
     def param_groups(self) -> list[dict]:
@@ -558,12 +562,14 @@ class PivotalTuning(TrainingMethod):
 
 
 def make_method(cfg: TrainConfig, model: BaseModel, start_file: AdapterFile | bool = True,
-                ranks_file: AdapterFile | None = None) -> TrainingMethod:
+                ranks_file: AdapterFile | None = None, ti_start: torch.Tensor | None = None) -> TrainingMethod:
     """The configured method; ``start_file`` and ``ranks_file`` as ``AdapterMethod`` takes them (False leaves
-    ``network.weights`` unread: a resumed run's checkpoint holds what the file started)."""
+    ``network.weights`` unread: a resumed run's checkpoint holds what the file started); ``ti_start``: the vectors
+    a new embedding starts from (method.ti_weights)."""
     if cfg.method.kind == "adapter":
         return AdapterMethod(cfg, model, start_file, ranks_file)
     if cfg.method.kind == "pivotal":
-        return PivotalTuning(cfg, model, start_file, ranks_file)
-    kinds = {"native": NativeMethod, "ti": TextualInversion}
-    return kinds[cfg.method.kind](cfg, model)
+        return PivotalTuning(cfg, model, start_file, ranks_file, ti_start)
+    if cfg.method.kind == "ti":
+        return TextualInversion(cfg, model, ti_start)
+    return NativeMethod(cfg, model)

@@ -286,6 +286,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             if not Path(cfg.network.weights).expanduser().is_file():
                 raise ConfigError(f"network.weights: {cfg.network.weights}: no such file")
             start_file = read_adapter(Path(cfg.network.weights).expanduser())
+        ti_start = _ti_start(cfg) if not (run.resuming and run.latest_checkpoint() is not None) else None
         # a resumed run takes the ranks from its own checkpoint, which has the network's shapes
         ranks_file = read_adapter(run.latest_checkpoint().tensors_path) \
             if cfg.network.dim_from_weights and not isinstance(start_file, AdapterFile) else None
@@ -297,7 +298,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         except ValueError as err:
             raise ConfigError(f"model.clip_skip: {err}") from None
         torch.manual_seed(cfg.training.seed)  # after loading: adapter init must not depend on how the model was read
-        method = make_method(cfg, model, start_file=start_file, ranks_file=ranks_file)
+        method = make_method(cfg, model, start_file=start_file, ranks_file=ranks_file, ti_start=ti_start)
         for group in method.param_groups():  # trained tensors stay fp32 whatever the base model's dtype
             for p in group["params"]:
                 p.data = p.data.float()
@@ -622,6 +623,27 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def _ti_start(cfg: TrainConfig) -> torch.Tensor | None:
+    """The vectors a textual-inversion run starts from (method.ti_weights, kohya's --weights), checked before the
+    model loads: a missing or unreadable file, or one with another number of vectors, is refused."""
+    path = cfg.method.ti_weights
+    if not path:
+        return None
+    from lorakit.embeddings import EmbeddingError, read_embedding
+
+    try:
+        vectors, _ = read_embedding(Path(path).expanduser())
+    except EmbeddingError as err:
+        raise ConfigError(f"method.ti_weights: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"method.ti_weights: {path}: {err.strerror or err}") from None
+    if vectors.shape[0] != cfg.method.ti_vectors:
+        raise ConfigError(f"method.ti_weights: {path} holds {vectors.shape[0]} vector(s) per token, but "
+                          f"method.ti_vectors is {cfg.method.ti_vectors}: set --set method.ti_vectors="
+                          f"{vectors.shape[0]}")
+    return vectors
+
+
 _VALIDATION_SETTINGS = ("validate_every_n_epochs", "validate_every_n_steps", "max_validation_steps")
 
 

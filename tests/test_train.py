@@ -586,6 +586,38 @@ def test_textual_inversion_trains_only_the_new_rows(tiny_model_dir, dataset, tmp
     assert list(emb) == ["clip_l"] and emb["clip_l"].shape == (2, model.text_encoder.config.hidden_size)
 
 
+def test_textual_inversion_continues_an_embedding_file(tiny_model_dir, dataset, tmp_path, capsys):
+    """method.ti_weights (kohya's --weights): the token starts from the file's vectors, not the init word's; a
+    file with another number of vectors, or none at all, is refused before the model loads."""
+    from lorakit.cli import main
+    from lorakit.config import ConfigError
+    from lorakit.methods import TextualInversion
+    from lorakit.models import load_base_model
+
+    first = make_config(tiny_model_dir, dataset, tmp_path / "first", training={"max_epochs": 1},
+                        method={"kind": "ti", "ti_token": "zkz", "ti_vectors": 2})
+    run_train(first)
+    trained = load_file(str(tmp_path / "first" / "lorakit-zkz.safetensors"))["clip_l"]
+    cfg = make_config(tiny_model_dir, dataset, tmp_path / "again", training={"max_epochs": 1},
+                      method={"kind": "ti", "ti_token": "zkz", "ti_vectors": 2,
+                              "ti_weights": str(tmp_path / "first" / "lorakit-zkz.safetensors")})
+    method = TextualInversion(cfg, load_base_model(tiny_model_dir), trained)
+    assert torch.equal(method.vectors(), trained) and "from " in method.summary()
+    run_train(cfg)  # and it trains on from there
+    again = load_file(str(tmp_path / "again" / "lorakit-zkz.safetensors"))["clip_l"]
+    assert not torch.equal(again, trained)
+    cfg.method.ti_vectors, cfg.output.dir = 3, str(tmp_path / "three")
+    with pytest.raises(ConfigError, match="holds 2 vector.*ti_vectors is 3: set --set method.ti_vectors=2"):
+        run_train(cfg)
+    assert not (tmp_path / "three").exists()
+    flags = ["train", "--data", str(dataset), "--model", str(tiny_model_dir), "--method", "ti", "--no-progress"]
+    assert main([*flags, "--set", "method.ti_weights=missing.safetensors", "--out", str(tmp_path / "m")]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
+    assert main([*flags, "--method", "adapter", "--set", f"method.ti_weights={tmp_path}", "--out",
+                 str(tmp_path / "a")]) == 2
+    assert "method.ti_weights starts a textual-inversion embedding" in capsys.readouterr().err
+
+
 def test_pivotal_tuning_writes_embedding_and_adapter(tiny_model_dir, dataset, tmp_path):
     out = tmp_path / "pivotal"
     cfg = make_config(tiny_model_dir, dataset, out, training={"max_epochs": 1},

@@ -121,7 +121,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--token-string": "--method ti --set method.ti_token=NAME",
     "--init-word": "--set method.ti_init_word=NAME",
     "--num-vectors-per-token": "--set method.ti_vectors=N",
-    "--weights": "(not in lorakit: a new embedding starts from method.ti_init_word's)",
+    "--weights": "--set method.ti_weights=FILE",
     "--use-object-template": "(not in lorakit: textual inversion trains on the images' captions)",
     "--use-style-template": "(not in lorakit: textual inversion trains on the images' captions)",
     "--vae-batch-size": "--set data.vae_batch_size=N",
