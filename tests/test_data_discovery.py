@@ -383,6 +383,32 @@ def test_wildcard_captions_keep_every_line_and_draw_one_per_step(tmp_path):
     assert data(tmp_path).records[0].caption == "zkz, {red|blue} circle"
 
 
+def test_caption_templates_replace_the_captions_with_a_template_drawn_per_step(tmp_path):
+    """data.caption_templates (kohya's use_object_template / use_style_template): every image of a training folder
+    is trained with one of the templates filled with the folder's trigger, its caption file unread; regularization
+    folders keep their captions; a folder with no trigger, or an unknown set, is an error naming it."""
+    from lorakit.data.captions import CAPTION_TEMPLATES
+
+    make_folder(tmp_path / "data" / "1_zkz shape", 2, captions={0: "a caption that is not read"})
+    make_folder(tmp_path / "reg" / "1_shape", 1, captions={0: "a red shape"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetWarning)  # no "1 of 2 images has no caption file" warning
+        d = TrainingData(DataConfig(train_data=str(tmp_path / "data"), resolution=64, caption_templates="style",
+                                    reg_data=str(tmp_path / "reg")), seed=0)
+    train = [r for r in d.records if not r.is_reg]
+    assert all(r.caption.split("\n") == [t.format("zkz") for t in CAPTION_TEMPLATES["style"]] for r in train)
+    assert [r.caption for r in d.records if r.is_reg] == ["a red shape"]
+    drawn = {c for epoch in range(30) for batch in d.epoch_batches(epoch) for c in batch.captions}
+    assert len(drawn - {"a red shape"}) > 8 and all("in the style of zkz" in c for c in drawn - {"a red shape"})
+    make_folder(tmp_path / "plain", 1)
+    assert "caption_templates = 'object' fills its templates with the folder's trigger" in error(
+        tmp_path / "plain", caption_templates="object")
+    assert data(tmp_path / "plain", caption_templates="object", trigger="qwx").records[0].caption.startswith(
+        "a photo of a qwx")
+    assert "caption_templates 'objects' is not one of object, style" in error(tmp_path / "data",
+                                                                             caption_templates="objects")
+
+
 def test_kohya_caption_separators_are_read_from_a_dataset_toml_and_checked(tmp_path):
     make_folder(tmp_path / "hoge", 1, captions={0: "zkz, red ||| circle;;;small, plain"})
     toml = tmp_path / "dataset.toml"

@@ -146,7 +146,7 @@ def test_the_kohya_page_shows_the_table_lorakit_uses():
 
 def test_a_kohya_textual_inversion_config_trains_an_embedding(tiny_model_dir, tmp_path):
     """train_textual_inversion.py's config: token_string makes it textual inversion, its learning rate the
-    embedding's; the template switches lorakit lacks are listed when on."""
+    embedding's; use_object_template trains on templates instead of the captions, and still trains."""
     path = kohya_file(tmp_path, tiny_model_dir, "ti.toml", 'output_name = "zkz_ti"\ntoken_string = "zkz"\n'
                       'init_word = "shape"\nnum_vectors_per_token = 2\nlearning_rate = 5e-3\ntrain_batch_size = 2\n'
                       'max_train_epochs = 1\nuse_object_template = false\n')
@@ -160,9 +160,11 @@ def test_a_kohya_textual_inversion_config_trains_an_embedding(tiny_model_dir, tm
     with safe_open(str(tmp_path / "run" / written[0]), "pt") as f:
         assert [f.get_tensor(k).shape[0] for k in f.keys()] == [2]  # two vectors for the one token
     path.write_text(path.read_text().replace("use_object_template = false", "use_object_template = true"))
-    _, translation = config_from_kohya(path)
-    assert translation.untranslated == ["use_object_template = True: not in lorakit: textual inversion trains on "
-                                        "the images' captions"]
+    cfg, translation = config_from_kohya(path)
+    assert cfg.data.caption_templates == "object" and translation.untranslated == []
+    assert main(["train", "--from-kohya", str(path), "--no-progress", "--early-stop", "off", "--out",
+                 str(tmp_path / "templates")]) == 0
+    assert (tmp_path / "templates" / "zkz_ti-zkz.safetensors").is_file()
 
 
 def test_a_kohya_dreambooth_config_fine_tunes_the_unet_and_the_text_encoder(tiny_model_dir, tmp_path, capsys):

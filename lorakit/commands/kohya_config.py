@@ -198,7 +198,7 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
             for setting in hint.removeprefix("--set ").split(" --set "):
                 dotted, _, literal = setting.strip("'").partition("=")
                 if isinstance(value, bool):  # a switch: the table's literal when it is on
-                    out.set(dotted, tomllib.loads(f"v = {literal}")["v"] if literal not in _PLACEHOLDERS else value)
+                    out.set(dotted, _setting_literal(literal) if literal not in _PLACEHOLDERS else value)
                 else:
                     out.set(dotted, value)
         else:
@@ -226,6 +226,14 @@ def _native(options: dict[str, Any], out: KohyaTranslation) -> None:
     out.set("method.native_text_encoder", stop is None or stop > 0)
     if stop is not None and stop > 0:
         out.set("method.native_text_encoder_steps", stop)
+
+
+def _setting_literal(text: str) -> Any:
+    """A value the option table writes after ``--set key=``: TOML where it is (true, 0.1), else a bare word."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 def config_from_kohya(path: str | Path) -> tuple[TrainConfig, KohyaTranslation]:

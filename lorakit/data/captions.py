@@ -66,6 +66,33 @@ def drop_tags(caption: str, tags: Iterable[str], separator: str = ",", keep: str
     return f"{separator} ".join(kept)
 
 
+#: data.caption_templates (kohya's use_object_template / use_style_template): lorakit's own wording, "{}" the
+#: trigger; one line is drawn per step
+CAPTION_TEMPLATES = {
+    "object": ("a photo of a {}", "a picture of the {}", "a close-up photo of a {}", "a bright photo of a {}",
+               "a dark photo of the {}", "a cropped photo of the {}", "a photo of one {}", "a good photo of a {}",
+               "a rendering of a {}", "a photo of a small {}", "a photo of a large {}", "a clear picture of the {}",
+               "a blurry photo of a {}", "an image of the {}", "a snapshot of a {}", "a photo of my {}"),
+    "style": ("a painting in the style of {}", "a picture in the style of {}", "an artwork in the style of {}",
+              "a drawing in the style of {}", "a rendering in the style of {}", "a sketch in the style of {}",
+              "an illustration in the style of {}", "a close-up painting in the style of {}",
+              "a small picture in the style of {}", "a large painting in the style of {}",
+              "a bright picture in the style of {}", "a dark painting in the style of {}",
+              "a still life in the style of {}", "a landscape in the style of {}", "a portrait in the style of {}",
+              "a scene in the style of {}"),
+}
+
+
+def template_caption(subset: SubsetConfig) -> str | None:
+    """Every template of ``subset.caption_templates`` filled with its trigger, one per line (a line is drawn per
+    step); None when the subset trains on its captions (regularization folders always do)."""
+    templates = CAPTION_TEMPLATES.get(subset.caption_templates or "")
+    trigger = subset.effective_trigger
+    if not templates or subset.is_reg or not trigger:
+        return None
+    return "\n".join(t.format(trigger) for t in templates)
+
+
 def base_caption(raw: str | None, subset: SubsetConfig) -> str:
     """The caption of one image before per-step randomness.
 
@@ -164,7 +191,8 @@ def sample_caption(base: str, subset: SubsetConfig, rng: random.Random, epoch: i
     every = subset.caption_dropout_every_n_epochs
     if dropped or (every > 0 and (epoch + 1) % every == 0):
         return ""
-    caption = resolve_wildcards(base, rng) if subset.enable_wildcard else base
+    templated = bool(subset.caption_templates) and not subset.is_reg  # a template drawn per step
+    caption = resolve_wildcards(base, rng) if subset.enable_wildcard or templated else base
     has_separator = bool(subset.keep_tokens_separator) and subset.keep_tokens_separator in caption
     warming = 0 <= step < warmup_steps
     if subset.shuffle_caption or subset.caption_tag_dropout_rate > 0 or has_separator or warming:

@@ -80,6 +80,11 @@ class DataConfig:
     #: kohya's enable_wildcard: each step draws one line of a multi-line caption file and one option of each
     #: "{a|b|c}" in it ("{{" / "}}": literal braces); off, only a caption file's first line is read
     enable_wildcard: bool = False
+    #: kohya's use_object_template / use_style_template: "object" or "style" trains every image of a training
+    #: folder with one of lorakit's caption templates ("a photo of a zkz", "a painting in the style of zkz"),
+    #: filled with the folder's trigger and drawn anew each step, instead of its caption (textual inversion
+    #: without captions); None: the captions
+    caption_templates: str | None = None
     #: kohya's weighted_captions: ``(word:1.2)``, ``(word)``, ``[word]`` in captions weigh words as in sample prompts
     #: (``\\(`` a literal bracket), and shuffling and tag dropout keep a bracket's tags together; off, brackets are
     #: plain text
@@ -164,6 +169,7 @@ class SubsetConfig:
     keep_tokens_separator: str = ""
     secondary_separator: str = ""
     enable_wildcard: bool = False
+    caption_templates: str | None = None
     shuffle_caption: bool = False
     caption_dropout_rate: float = 0.0
     caption_dropout_every_n_epochs: int = 0

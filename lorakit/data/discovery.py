@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.data.buckets import face_from_name
-from lorakit.data.captions import base_caption, read_caption_file
+from lorakit.data.captions import CAPTION_TEMPLATES, base_caption, read_caption_file, template_caption
 from lorakit.data.config import DataConfig, DatasetConfig, SubsetConfig, build_dataset, defaults_from, read_dataset_toml
 from lorakit.data.errors import DatasetError, Problems
 from lorakit.data.images import IMAGE_EXTENSIONS, RESIZE_INTERPOLATIONS, is_image, is_transparent, probe
@@ -206,6 +206,9 @@ def _check_subset(subset: SubsetConfig, where: Path, problems: Problems) -> None
     if subset.num_repeats < 1:
         problems.error(f"{where}: {subset.num_repeats} repeats: its images would never be trained; use at least 1 "
                        "(or move the folder out)")
+    if subset.caption_templates is not None and subset.caption_templates not in CAPTION_TEMPLATES:
+        problems.error(f"{where}: caption_templates {subset.caption_templates!r} is not one of "
+                       f"{', '.join(CAPTION_TEMPLATES)}")
     if subset.resize_interpolation is not None and subset.resize_interpolation not in RESIZE_INTERPOLATIONS:
         problems.error(f"{where}: resize_interpolation {subset.resize_interpolation!r} is not one of "
                        f"{', '.join(RESIZE_INTERPOLATIONS)}")
@@ -287,6 +290,11 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
                 problems.warn(f"{folder}: no '{ext}' caption files, but {len(other)} '{other[0].suffix}' files next to "
                               f"the images (e.g. {other[0].name}) are ignored; set caption_extension = "
                               f"'{other[0].suffix}' if they are the captions")
+    templates = template_caption(subset)
+    if subset.caption_templates in CAPTION_TEMPLATES and not subset.is_reg and templates is None:
+        problems.error(f"{folder}: caption_templates = {subset.caption_templates!r} fills its templates with the "
+                       "folder's trigger, and this folder names none: name it '<repeats>_<trigger> <class>', or give "
+                       "a trigger (--trigger)")
     records, multiline, empty, no_file = [], [], [], []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
         probed = list(pool.map(lambda p: _try_probe(p, config.verify_images), images))
@@ -296,6 +304,11 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
             continue
         raw = None
         caption_path = captions.get(image.stem)
+        if templates is not None:  # kohya's use_object/style_template: the captions are not read
+            stat = image.stat()
+            records.append(ImageRecord(image, size, templates, False, dataset, index, subset.is_reg, folder.name,
+                                       stat.st_mtime_ns, stat.st_size))
+            continue
         if from_json is not None:
             raw = from_json[image] or None
         elif caption_path is None:
