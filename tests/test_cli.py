@@ -137,12 +137,13 @@ def test_every_kohya_translation_is_an_option_or_a_setting_that_exists():
                        "{KEY = VALUE}": "{factor = 8}",
                        "MARK": "|||"}
             cfg = TrainConfig()
-            needs = {"training.noise_offset_random_strength": ("training.noise_offset", "0.1"),
-                     "training.adaptive_noise_scale": ("training.noise_offset", "0.1"),
-                     "training.ip_noise_gamma_random_strength": ("training.ip_noise_gamma", "0.1"),
-                     "training.save_last_n_steps": ("training.save_every_n_steps", "2")}  # what they change
-            if dotted in needs:
-                set_option(cfg, *needs[dotted])
+            needs = {"training.noise_offset_random_strength": [("training.noise_offset", "0.1")],
+                     "training.adaptive_noise_scale": [("training.noise_offset", "0.1")],
+                     "training.ip_noise_gamma_random_strength": [("training.ip_noise_gamma", "0.1")],
+                     "training.save_last_n_steps": [("training.save_every_n_steps", "2")],  # what they change
+                     "method.ti_weights": [("method.kind", "ti"), ("method.ti_token", "zkz")]}  # what they start
+            for needed in needs.get(dotted, []):
+                set_option(cfg, *needed)
             set_option(cfg, dotted, example.get(value, value))
             cfg.validate()
         elif several:
