@@ -16,7 +16,7 @@ from pathlib import Path
 from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import TrainingData
 from lorakit.models import native_resolution
-from lorakit.run_messages import count, opening_line
+from lorakit.run_messages import count, early_stop_text, opening_line
 from lorakit.trackers import check_tracker
 from lorakit.train import (
     check_paths,
@@ -61,12 +61,22 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     lines += ["data:"] + [f"  {line}" for line in data.summary().splitlines()]
     lines += [f"  note: {n}" for n in notes]
     trained = [r for i, r in enumerate(data.records) if not r.is_reg and i not in data.held_out]
-    uncaptioned = sum(not r.has_caption_file for r in trained)
+    templated = [r for r in trained if data.subset_of(r).templated]
+    uncaptioned = sum(not r.has_caption_file for r in trained if not data.subset_of(r).templated)
     if uncaptioned:
         lines.append(f"  {count(uncaptioned, 'image')} without a caption file: trained with the folder's words")
+    if templated:
+        kinds = sorted({data.subset_of(r).caption_templates for r in templated})
+        lines.append(f"  {count(len(templated), 'image')} trained with caption templates ({', '.join(kinds)}), one "
+                     "drawn per step, not their captions")
     lines.append(f"captions as trained (before each step's shuffling and dropout), {min(EXAMPLES, len(trained))} of "
                  f"{len(trained)}:")
-    lines += [f"  {r.path.name}: {r.caption!r}" for r in trained[:EXAMPLES]]
+    for r in trained[:EXAMPLES]:
+        shown = repr(r.caption)
+        if data.subset_of(r).templated:
+            lines_of = r.caption.split("\n")
+            shown = f"one of {len(lines_of)} templates, e.g. {lines_of[0]!r}"
+        lines.append(f"  {r.path.name}: {shown}")
     frequency = data.tag_frequency
     if frequency:
         lines.append(f"most frequent tags (images with the tag), up to {TOP_TAGS} per folder:")
@@ -75,7 +85,7 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
             lines.append(f"  {folder}: " + ", ".join(f"{tag} ({n})" for tag, n in top))
     lines.append(f"training: {count(steps_per_epoch, 'step')} per epoch × {count(cfg.training.max_epochs, 'epoch')}"
                  f" = {count(total, 'step')}" + (f" (training.max_steps {cfg.training.max_steps})" if capped else "")
-                 + f"; early stopping: {cfg.early_stop.mode}")
+                 + f"; early stopping: {early_stop_text(cfg, cfg.method.kind != 'ti')}")
     lines.append(_checkpoints_line(cfg, steps_per_epoch, total))
     if cfg.early_stop.samples and cfg.early_stop.mode != "off":
         lines.append(sample_stop_line(cfg))

@@ -58,6 +58,18 @@ def opening_line(cfg: TrainConfig) -> str:
             f"up to {count(cfg.training.max_epochs, 'epoch')}; results go to {cfg.output.dir}")
 
 
+def early_stop_text(cfg: TrainConfig, watches_weights: bool) -> str:
+    """What may stop the run early, for the plan line of ``lorakit train`` and ``--dry-run``: the rule, or off;
+    textual inversion has no adapter weights for a rule to read, only samples (``early_stop.samples``)."""
+    if cfg.early_stop.mode == "off":
+        return "off"
+    if cfg.early_stop.samples and not watches_weights:
+        return f"on the samples ({cfg.early_stop.samples})"
+    if not watches_weights:
+        return "off (textual inversion has no adapter weights to watch; early_stop.samples stops on the samples)"
+    return cfg.early_stop.mode
+
+
 def estimate_line(seconds_per_step: float, steps_left: int, early_stop: bool) -> str:
     """The time estimate printed once the first steps are measured."""
     total = seconds_per_step * steps_left

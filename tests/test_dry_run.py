@@ -101,6 +101,21 @@ def test_the_built_in_job_is_checked_without_leaving_its_images_behind(tmp_path,
     assert "rendered for this check in a temporary folder" in text and list(tmp_path.iterdir()) == []
 
 
+def test_a_dry_run_of_textual_inversion_on_templates_says_what_trains_and_what_may_stop_it(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """Caption templates shown as such (not 16 lines as one caption, no template "tags"); textual inversion's early
+    stop is off, having no adapter weights to read, unless it stops on the samples."""
+    monkeypatch.chdir(tmp_path)
+    _no_loading(monkeypatch)
+    assert main(["train", "--method", "ti", "--set", "data.caption_templates=object", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "15 images trained with caption templates (object), one drawn per step, not their captions" in text
+    assert "000.png: one of 16 templates, e.g. 'a photo of a zkz'" in text and "most frequent tags" not in text
+    assert "early stopping: off (textual inversion has no adapter weights to watch" in text
+    assert main(["train", "--method", "ti", "--set", "early_stop.samples=world", "--dry-run"]) == 0
+    assert "early stopping: on the samples (world)" in capsys.readouterr().out
+
+
 def test_a_dry_run_checks_the_sample_stop_without_loading_its_model(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """early_stop.samples = "clip=PATH": the folder is checked from its config alone (this one holds no weights, so
     loading it would fail), the prompt file read and its prompts checked, as the trainer would."""

@@ -136,3 +136,22 @@ def test_next_steps_promise_a_page_of_samples_only_when_there_are_some(tmp_path)
     cfg.method.kind = "ti"  # eval reads a textual-inversion run epoch by epoch too
     lines = "\n".join(next_steps(tmp_path, [], cfg))
     assert f"lorakit eval {tmp_path} --out {tmp_path}-eval" in lines and "after the eval its ranking" in lines
+
+
+def test_what_may_stop_the_run_is_said_as_it_is_for_every_method():
+    """Textual inversion has no adapter weights for the CS rule: the plan and the built-in job's introduction say
+    the run is not stopped on the weights (only on samples, when asked), instead of promising it."""
+    from lorakit.commands.train import builtin_introduction
+    from lorakit.run_messages import early_stop_text
+
+    cfg = TrainConfig()
+    assert early_stop_text(cfg, True) == cfg.early_stop.mode and "watching the adapter's weights" in \
+        builtin_introduction(cfg)
+    cfg.method.kind = "ti"
+    assert early_stop_text(cfg, False).startswith("off (textual inversion has no adapter weights")
+    assert "no adapter weights for the early stop to watch: every epoch runs" in builtin_introduction(cfg)
+    cfg.early_stop.samples = "world"
+    assert early_stop_text(cfg, False) == "on the samples (world)"
+    assert "by scoring the samples it draws (world)" in builtin_introduction(cfg)
+    cfg.early_stop.mode = "off"
+    assert early_stop_text(cfg, False) == "off" and "early stopping is off" in builtin_introduction(cfg)

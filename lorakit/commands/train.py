@@ -185,6 +185,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--full-bf16": "(not in lorakit: trained weights stay fp32; --mixed-precision bf16 runs the model in bf16)",
     "--full-fp16": "(not in lorakit: trained weights stay fp32; --mixed-precision fp16 runs the model in fp16)",
     "--fp8-base": "(not in lorakit: the base model runs in --mixed-precision's dtype)",
+    "--v2": "(not in lorakit: SD2.x base models are not supported yet; lorakit trains SD1.x)",
     "--no-metadata": "(not in lorakit: files always carry their ss_*/modelspec.* metadata, as clients expect)",
     "--metadata-title": "--set output.metadata_title=NAME",
     "--metadata-author": "--set output.metadata_author=NAME",
@@ -375,12 +376,20 @@ def _from_kohya(args: argparse.Namespace) -> TrainConfig:
 #: ``early_stop.samples`` naming the shapes world's scorer (lorakit.world.evaluation registers it)
 WORLD_SCORER = "world"
 
-#: said before the built-in job starts, so a first-time user knows what they are watching
-BUILTIN_INTRODUCTION = (
-    "The built-in job: lorakit's shapes world is a tiny Stable Diffusion 1.x model that draws circles, squares, "
-    "triangles and crosses; it has never seen a star. The 'zkz' concept is 15 rendered stars in kohya layout. "
-    "lorakit teaches the model the star as 'zkz shape' and stops before it overfits, by watching the adapter's "
-    "weights (CS-Fluctuation and the size of the update).")
+def builtin_introduction(cfg: TrainConfig) -> str:
+    """Said before the built-in job starts, so a first-time user knows what they are watching (and what stops it)."""
+    if cfg.early_stop.mode == "off":
+        stop = " (early stopping is off: every epoch runs)"
+    elif cfg.early_stop.samples:
+        stop = f" and stops before it overfits, by scoring the samples it draws ({cfg.early_stop.samples})"
+    elif cfg.method.kind == "ti":
+        stop = " (textual inversion has no adapter weights for the early stop to watch: every epoch runs)"
+    else:
+        weights = "the trained weights" if cfg.method.kind == "native" else "the adapter's weights"
+        stop = f" and stops before it overfits, by watching {weights} (CS-Fluctuation and the size of the update)"
+    return ("The built-in job: lorakit's shapes world is a tiny Stable Diffusion 1.x model that draws circles, "
+            "squares, triangles and crosses; it has never seen a star. The 'zkz' concept is 15 rendered stars in "
+            f"kohya layout. lorakit teaches the model the star as 'zkz shape'{stop}.")
 
 
 #: heads the built-in job's printed config (`lorakit train --print-config`), which can be run as it is
@@ -457,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.data is None and cfg.data.train_data and Path(cfg.data.train_data).name.endswith("-data") \
             and args.config is None:
-        print(textwrap.fill(BUILTIN_INTRODUCTION, width=110))
+        print(textwrap.fill(builtin_introduction(cfg), width=110))
     result = train(cfg, progress=not args.no_progress, config_file=args.config)
     print(result.summary)
     return 0

@@ -88,7 +88,7 @@ def template_caption(subset: SubsetConfig) -> str | None:
     step); None when the subset trains on its captions (regularization folders always do)."""
     templates = CAPTION_TEMPLATES.get(subset.caption_templates or "")
     trigger = subset.effective_trigger
-    if not templates or subset.is_reg or not trigger:
+    if not templates or not subset.templated or not trigger:
         return None
     return "\n".join(t.format(trigger) for t in templates)
 
@@ -191,8 +191,7 @@ def sample_caption(base: str, subset: SubsetConfig, rng: random.Random, epoch: i
     every = subset.caption_dropout_every_n_epochs
     if dropped or (every > 0 and (epoch + 1) % every == 0):
         return ""
-    templated = bool(subset.caption_templates) and not subset.is_reg  # a template drawn per step
-    caption = resolve_wildcards(base, rng) if subset.enable_wildcard or templated else base
+    caption = resolve_wildcards(base, rng) if subset.enable_wildcard or subset.templated else base
     has_separator = bool(subset.keep_tokens_separator) and subset.keep_tokens_separator in caption
     warming = 0 <= step < warmup_steps
     if subset.shuffle_caption or subset.caption_tag_dropout_rate > 0 or has_separator or warming:

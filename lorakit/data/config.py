@@ -191,6 +191,11 @@ class SubsetConfig:
     metadata_file: str | None = None
 
     @property
+    def templated(self) -> bool:
+        """Whether this folder's images train on caption templates (``caption_templates``), not their captions."""
+        return bool(self.caption_templates) and not self.is_reg
+
+    @property
     def effective_trigger(self) -> str | None:
         """The word every caption of this folder must contain (None: no check, e.g. regularization images)."""
         if self.is_reg:

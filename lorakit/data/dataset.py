@@ -332,6 +332,8 @@ class TrainingData:
         for i, rec in enumerate(self.records):
             if i in self.held_out:  # not trained on
                 continue
+            if self.subset_of(rec).templated:  # caption templates, the same for every image: no tags of its own
+                continue
             counts = out.setdefault(rec.folder, {})
             for tag, n in count_tags([rec.caption], self.subset_of(rec).caption_separator).items():
                 counts[tag] = counts.get(tag, 0) + n

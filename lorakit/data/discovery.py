@@ -291,7 +291,7 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
                               f"the images (e.g. {other[0].name}) are ignored; set caption_extension = "
                               f"'{other[0].suffix}' if they are the captions")
     templates = template_caption(subset)
-    if subset.caption_templates in CAPTION_TEMPLATES and not subset.is_reg and templates is None:
+    if subset.caption_templates in CAPTION_TEMPLATES and subset.templated and templates is None:
         problems.error(f"{folder}: caption_templates = {subset.caption_templates!r} fills its templates with the "
                        "folder's trigger, and this folder names none: name it '<repeats>_<trigger> <class>', or give "
                        "a trigger (--trigger)")
