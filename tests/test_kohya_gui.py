@@ -143,10 +143,11 @@ def test_a_textual_inversion_tab_config_is_textual_inversion(tmp_path):
     cfg, translation = config_from_kohya(path)
     assert (cfg.method.kind, cfg.method.ti_token, cfg.method.ti_vectors, cfg.optimizer.ti_lr) == ("ti", "zkz", 2, 5e-3)
     assert (cfg.training.max_epochs, cfg.data.resolution) == (12, 512) and translation.untranslated == []
-    path.write_text(json.dumps({**ti, "template": "object template"}))
-    _, translation = config_from_kohya(path)
-    assert translation.untranslated == ["template = 'object template': lorakit's textual inversion trains on the "
-                                        "images' captions (the GUI's \"caption\")"]
+    for template, kind in (("object template", "object"), ("style template", "style")):  # kohya's templates
+        path.write_text(json.dumps({**ti, "template": template, "weights": "/embeddings/zkz-start.safetensors"}))
+        cfg, translation = config_from_kohya(path)
+        assert (cfg.data.caption_templates, translation.untranslated) == (kind, [])
+        assert cfg.method.ti_weights == "/embeddings/zkz-start.safetensors"  # the tab's "Resume TI training"
 
 
 def dreambooth_tab(**fields) -> dict:

@@ -187,9 +187,11 @@ def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[
     if "image_folder" in gui:
         _fine_tuning_tab(gui)
     template = gui.pop("template", "caption")  # the textual-inversion tab: captions, or kohya's templates
-    if template not in ("caption", "", None):
-        notes.append(f"template = {template!r}: lorakit's textual inversion trains on the images' captions (the "
-                     "GUI's \"caption\")")
+    if template in ("object template", "style template"):  # as the GUI hands them to sd-scripts
+        gui[f"use_{template.split()[0]}_template"] = True
+    elif template not in ("caption", "", None):
+        notes.append(f"template = {template!r}: not a template of the GUI's textual-inversion tab (caption, object "
+                     "template, style template)")
     epochs = gui.pop("epoch", None)
     if not is_off(epochs) and is_off(gui.get("max_train_epochs")):
         gui["max_train_epochs"] = int(epochs)
