@@ -78,11 +78,15 @@ def estimate_line(seconds_per_step: float, steps_left: int, early_stop: bool) ->
     return f"{seconds_per_step:.2f} s/step: {when} for the remaining {steps_left} steps, plus sampling{tail}"
 
 
+def _model_option(cfg: TrainConfig) -> str:
+    """`` --model BASE`` for a command run on the run's base model (nothing for the built-in model)."""
+    return f" --model {shlex.quote(cfg.model.base)}" if cfg.model.base else ""
+
+
 def _native_next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[str]:
     """A native run's model (one file, or a diffusers folder) and how to make any kept epoch a model."""
-    model = f" --model {shlex.quote(cfg.model.base)}" if cfg.model.base else ""
     merge = (f"lorakit merge {shlex.quote(str(run_dir / 'checkpoints' / 'epoch-NNNN' / 'trained.safetensors'))}"
-             f"{model} --out MODEL.safetensors")
+             f"{_model_option(cfg)} --out MODEL.safetensors")
     folder = next((f for f in files if (f / "model_index.json").is_file()), None)
     if folder is not None:  # output.format = "diffusers"
         return [f"  use {folder}: a diffusers folder; diffusers: StableDiffusionPipeline.from_pretrained("
@@ -110,7 +114,9 @@ def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[s
             lines += [f"  use {result}: A1111: models/embeddings, then write '{result.stem}' in a prompt (or rename "
                       f"the file {token}.safetensors and write '{token}'); ComfyUI: models/embeddings, "
                       f"'embedding:{result.stem}'",
-                      f"  diffusers: pipe.load_textual_inversion(\"{result}\")"]
+                      f"  diffusers: pipe.load_textual_inversion(\"{result}\")",
+                      f"  lorakit sample --embedding {quoted}{_model_option(cfg)} --prompt \"a {token} ...\" "
+                      "--out samples/"]
         else:
             # pivotal tuning writes the adapter and the embedding as two files: both are needed
             embedding = next((f for f in weights if f.stem.startswith(f"{cfg.output.name}-")), None) \
@@ -131,9 +137,9 @@ def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[s
             else:
                 lines.append(f"  diffusers cannot read this algorithm: `lorakit resize {quoted} --to lora --out "
                              "plain.safetensors` makes a plain LoRA it reads (docs/compatibility.md)")
-            model = f" --model {shlex.quote(cfg.model.base)}" if cfg.model.base else ""
             with_embedding = f" --embedding {shlex.quote(str(embedding))}" if embedding is not None else ""
-            lines.append(f"  lorakit sample {quoted}{with_embedding}{model} --prompt \"...\" --out samples/")
+            lines.append(f"  lorakit sample {quoted}{with_embedding}{_model_option(cfg)} --prompt \"...\" "
+                         "--out samples/")
     if lines:
         skip = cfg.model.clip_skip
         if skip > 1:  # sampled without it, the result looks undertrained or off: say it where people sample

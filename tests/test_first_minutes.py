@@ -107,7 +107,8 @@ def test_next_steps_fit_the_algorithm(tmp_path):
     assert "load_lora_weights" not in lines and "--to lora" in lines  # diffusers cannot read LoKr
     cfg.method.kind = "ti"
     lines = "\n".join(next_steps(tmp_path, [tmp_path / "lorakit-zkz.safetensors"], cfg))
-    assert "load_textual_inversion" in lines and "lorakit sample" not in lines
+    assert "load_textual_inversion" in lines
+    assert f"lorakit sample --embedding {tmp_path / 'lorakit-zkz.safetensors'} --prompt \"a zkz ...\"" in lines
     # A1111 names an embedding after its file: the word to write is the file's stem (or the token once renamed)
     assert "write 'lorakit-zkz' in a prompt (or rename the file zkz.safetensors and write 'zkz')" in lines
     cfg.method.kind = "pivotal"  # two files: the adapter and the embedding, both named, both loaded
