@@ -507,6 +507,18 @@ def _plain_keys(module: torch.nn.Module, fresh) -> None:
                          f"{extra[0]}): merge or remove adapters before saving a base checkpoint")
 
 
+def check_single_file_layout(model: BaseModel, where: str | Path) -> None:
+    """Refuse a model the SD1.x single-file layout cannot hold as clients read it: a text encoder that is not
+    CLIP ViT-L's kind (SD2.x's OpenCLIP: ``gelu``) would be written under SD1's names, a file A1111 and ComfyUI
+    misread.  ``where`` names the file (or setting) in the message."""
+    act = getattr(model.text_encoder.config, "hidden_act", "quick_gelu")
+    if act != "quick_gelu":
+        raise InvalidValueError(f"{where}: this model's text encoder is not SD1.x's CLIP (hidden_act {act!r}: an "
+                                "SD2.x-style OpenCLIP encoder?); lorakit writes single-file checkpoints in the SD1.x "
+                                "layout only, which clients would misread: write a diffusers folder instead "
+                                "(output.format = \"diffusers\" for training, --out FOLDER for lorakit merge)")
+
+
 def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str | torch.dtype | None = None, *,
                                 overwrite: bool = False, metadata: dict[str, str] | None = None) -> Path:
     """Write ``model`` as one original-layout ``.safetensors`` file (what A1111, ComfyUI and kohya load).
@@ -519,6 +531,7 @@ def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str |
         raise InvalidValueError(f"{path}: single-file checkpoints are written as .safetensors only")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    check_single_file_layout(model, path)
     unet, vae, te = model.unet, model.vae, model.text_encoder
     _plain_keys(unet, lambda: UNet2DConditionModel.from_config(unet.config))
     _plain_keys(vae, lambda: AutoencoderKL.from_config(vae.config))

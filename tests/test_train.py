@@ -1358,3 +1358,29 @@ def test_the_lr_schedule_takes_kohyas_cycles_and_power(tiny_model_dir, dataset, 
     linear, squared = lrs("linear", lr_scheduler="polynomial"), lrs("squared", lr_scheduler="polynomial",
                                                                      lr_scheduler_power=2.0)
     assert linear[3] == pytest.approx(1e-3 * 4 / 8, rel=1e-3) and squared[3] < linear[3]  # falls faster
+
+
+def test_a_model_with_an_openclip_style_text_encoder_is_never_written_as_an_sd1_single_file(tiny_model_dir, dataset,
+                                                                                           tmp_path):
+    """A text encoder that is not SD1's CLIP (SD2.x's OpenCLIP uses gelu) would be written under SD1.x single-file
+    names that clients misread: native training refuses before its first step, and writes a diffusers folder when
+    asked; the writer itself refuses too (lorakit merge --out FILE.safetensors)."""
+    import shutil
+
+    from lorakit.config import ConfigError
+    from lorakit.errors import InvalidValueError
+    from lorakit.models import load_base_model, save_single_file_checkpoint
+
+    folder = tmp_path / "openclip"
+    shutil.copytree(tiny_model_dir, folder)
+    config = folder / "text_encoder" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_act": "gelu"}))
+    cfg = make_config(folder, dataset, tmp_path / "native", method={"kind": "native"}, training={"max_epochs": 1})
+    with pytest.raises(ConfigError, match="hidden_act 'gelu'.*write a diffusers folder instead"):
+        run_train(cfg)
+    assert not (tmp_path / "native" / "checkpoints").exists()
+    cfg.output.format = "diffusers"
+    assert (run_train(cfg).files[0] / "model_index.json").is_file()
+    with pytest.raises(InvalidValueError, match="x.safetensors: this model's text encoder is not SD1.x's CLIP"):
+        save_single_file_checkpoint(load_base_model(folder), tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
