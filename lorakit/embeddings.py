@@ -3,7 +3,8 @@
 Reads the files lorakit writes (``{"clip_l": [n, d]}`` with ``lorakit_ti_token`` metadata) and the common
 single-tensor layouts other tools write (A1111's ``emb_params``, diffusers' ``{token: tensor}``).  A file
 with n vectors becomes the tokens ``tok tok_1 ... tok_{n-1}``; ``expand_prompt`` rewrites ``tok`` in a prompt
-to all of them, as training did.
+to all of them, as training did.  A name that is a word of the vocabulary ("style") gets tokens of its own,
+``<style> ...``, and the word in prompts stands for them, as A1111 and ComfyUI match an embedding by its name.
 """
 
 from __future__ import annotations
@@ -32,16 +33,21 @@ def token_names(token: str, vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, vectors)]
 
 
-def expand_tokens(prompt: str, tokens: list[str]) -> str:
-    """Rewrite the word ``tokens[0]`` in ``prompt`` to all of ``tokens`` (as training and sampling see it)."""
-    if len(tokens) == 1:
+def expand_tokens(prompt: str, tokens: list[str], word: str | None = None) -> str:
+    """Rewrite ``word`` (default ``tokens[0]``) in ``prompt`` to all of ``tokens`` (as training and sampling see
+    it): ``zkz`` → ``zkz zkz_1``."""
+    word = tokens[0] if word is None else word
+    if tokens == [word]:
         return prompt
-    return re.sub(rf"(?<![\w]){re.escape(tokens[0])}(?![\w])", " ".join(tokens), prompt)
+    return re.sub(rf"(?<![\w]){re.escape(word)}(?![\w])", " ".join(tokens), prompt)
 
 
 def register_tokens(model: BaseModel, tokens: list[str]) -> list[int] | None:
     """Add ``tokens`` to the tokenizer and rows for them to the text encoder; their ids, or ``None`` when one
     of them is already a single token of the vocabulary."""
+    vocabulary = model.tokenizer.get_vocab()
+    if any(t in vocabulary for t in tokens):  # checked first: add_tokens would add the others and keep them
+        return None
     if model.tokenizer.add_tokens(tokens) != len(tokens):
         return None
     model.text_encoder.resize_token_embeddings(len(model.tokenizer))
@@ -50,11 +56,11 @@ def register_tokens(model: BaseModel, tokens: list[str]) -> list[int] | None:
 
 @dataclass
 class LoadedEmbedding:
-    token: str
-    tokens: list[str]
+    token: str  # the word prompts write
+    tokens: list[str]  # the tokenizer's tokens it stands for
 
     def expand_prompt(self, prompt: str) -> str:
-        return expand_tokens(prompt, self.tokens)
+        return expand_tokens(prompt, self.tokens, self.token)
 
 
 def read_embedding(path: str | Path) -> tuple[torch.Tensor, str | None]:
@@ -102,6 +108,9 @@ def add_embedding(model: BaseModel, vectors: torch.Tensor, token: str, where: st
                              f"size {emb.shape[1]} (an embedding for another model)")
     tokens = token_names(token, vectors.shape[0])
     ids = register_tokens(model, tokens)
+    if ids is None:  # a word of the vocabulary ("style"): it stands for tokens of its own, as A1111 matches names
+        tokens = token_names(f"<{token}>", vectors.shape[0])
+        ids = register_tokens(model, tokens)
     if ids is None:
         raise EmbeddingError(f"{where}: token {token!r} (or one of {tokens}) is already in the vocabulary")
     with torch.no_grad():

@@ -48,3 +48,25 @@ def test_pickles_and_broken_files_are_refused(model, tmp_path):
     broken.write_bytes(b"\x10\x00\x00\x00not a header")
     with pytest.raises(EmbeddingError, match="broken.safetensors: not a readable"):
         load_embedding(model, broken, token="x")
+
+
+def test_an_embedding_named_like_a_word_of_the_vocabulary_stands_for_tokens_of_its_own(tmp_path):
+    """A1111 and ComfyUI call an embedding by its name, whatever word it is ("style"): a name the vocabulary holds
+    gets tokens of its own (``<check>``) and the word in prompts stands for them; the rest of the vocabulary is
+    left alone. Here "check" holds the built-in model's vector of "square": the prompts encode the same."""
+    model = load_base_model(None)
+    assert "check" in model.tokenizer.get_vocab()
+    table = model.text_encoder.get_input_embeddings().weight
+    square = table[model.tokenizer.convert_tokens_to_ids("square</w>")][None].detach().clone()
+    path = tmp_path / "check.safetensors"
+    save_file({"emb_params": square}, str(path))
+    size = len(model.tokenizer)
+    loaded = load_embedding(model, path, default_token="check")
+    assert (loaded.token, loaded.tokens, len(model.tokenizer)) == ("check", ["<check>"], size + 1)  # nothing else
+    assert loaded.expand_prompt("a red check, checked") == "a red <check>, checked"
+
+    def encoded(text):
+        with torch.no_grad():
+            return model.text_encoder(model.tokenizer(text, return_tensors="pt").input_ids).last_hidden_state
+
+    assert torch.equal(encoded(loaded.expand_prompt("a red check")), encoded("a red square"))
