@@ -140,6 +140,9 @@ def test_a_native_run_is_applied_as_weights_and_put_back(tmp_path):
     save_file({name: original + 0.5}, str(run / "checkpoints" / "epoch-0001" / "trained.safetensors"))
     ckpt = discover([run], include_base=False)[0][0]
     assert ckpt.kind == "native"
+    # the run's checkpoint file given alone is read as its run says: native weights, not an adapter
+    alone = discover([run / "checkpoints" / "epoch-0001" / "trained.safetensors"], include_base=False)[0][0]
+    assert (alone.kind, alone.label, alone.hash) == ("native", "native/epoch-0001", ckpt.hash)
     with applied(model, ckpt):
         assert torch.allclose(weight, original + 0.5)
     assert torch.equal(weight, original)
