@@ -302,6 +302,15 @@ def test_without_a_prompt_file_the_prompts_come_from_the_dataset_captions(tmp_pa
     assert "train" in metrics["metrics"] and "agnostic" in metrics["metrics"]
     assert metrics["best"] is None  # one checkpoint: nothing to rank
     assert "wrote" in capsys.readouterr().out
+    # a run that trained on caption templates is judged on them
+    from lorakit.config import load_config, to_toml
+
+    cfg = load_config(run / "config.toml")
+    cfg.data.caption_templates = "object"
+    (run / "config.toml").write_text(to_toml(cfg))
+    assert main(["eval", str(run), "--out", str(tmp_path / "templated"), "--steps", "2", "--no-base", "--quiet",
+                 "--extractor", "world-reader"]) == 0
+    assert "a photo of a zkz" in (tmp_path / "templated" / "report.html").read_text()
 
 
 def test_images_without_caption_files_are_captioned_as_the_trainer_captioned_them(tmp_path, capsys):
@@ -337,6 +346,12 @@ def test_images_without_caption_files_are_captioned_as_the_trainer_captioned_the
     assert [c for _, c in dataset_images(kohya, "unused")] == ["a date 20261205", "zkz star", "zkz star, red"]
     assert [c for _, c in dataset_images(photos)] == ["", "", ""]  # no run to say what the trainer used
     assert [c for _, c in dataset_images(photos, "xyz ball")] == ["xyz ball"] * 3
+    # a run trained on caption templates (data.caption_templates): its images are the templates, in turn, with
+    # the trigger the trainer filled in (the folder's, or the run's data.trigger)
+    assert [c for _, c in dataset_images(kohya, templates="style")] == [
+        "a painting in the style of a", "a picture in the style of zkz", "an artwork in the style of zkz"]
+    assert [c for _, c in dataset_images(photos, templates="object", trigger="xyz")] == [
+        "a photo of a xyz", "a picture of the xyz", "a close-up photo of a xyz"]
 
 
 def test_eval_with_clip_dinov2_and_vgg_models_from_local_folders(tmp_path, concept_data, clip_folder,  # noqa: F811

@@ -272,9 +272,12 @@ def run(args: argparse.Namespace) -> int:
     data = _data_folder(args, runs)
     # an image with no caption file was trained on its run's --trigger/--class words: the default prompts too
     plain_caption = next((r.plain_caption for r in runs if r.plain_caption), None) or args.trigger
-    pairs = dataset_images(data, plain_caption) if data is not None else []
+    # a run that trained on caption templates (textual inversion without captions): its images captioned so
+    templated = next((r for r in runs if r.caption_templates), None)
+    captioning = {"templates": templated.caption_templates, "trigger": templated.trigger} if templated else {}
+    pairs = dataset_images(data, plain_caption, **captioning) if data is not None else []
     held_out = _held_out_folder(args, runs)
-    held_out_pairs = dataset_images(held_out, plain_caption) if held_out is not None else []
+    held_out_pairs = dataset_images(held_out, plain_caption, **captioning) if held_out is not None else []
     # images a validation_split held out are not the data the runs learned from: they join the held-out ones
     split = set().union(*(split_held_out(r) for r in runs)) if pairs else set()
     held_out_pairs += [(p, c) for p, c in pairs if p.resolve() in split]

@@ -72,6 +72,7 @@ class RunInfo:
     held_out: str | None = None  # its folder of held-out images (data.validation_data)
     trigger: str | None = None
     class_word: str | None = None
+    caption_templates: str | None = None  # data.caption_templates: it trained on templates, not the captions
     checkpoints: list[EvalCheckpoint] = field(default_factory=list)
     step_checkpoints_left_out: int = 0  # step checkpoints the run holds that were not asked for
 
@@ -192,7 +193,7 @@ def read_run(path: str | Path, every: int = 1, step_checkpoints: bool = False) -
     data = config.get("data", {})
     info = RunInfo(name=path.resolve().name, path=path, settings=run_settings(config), summary=summary,
                    data=data.get("train_data"), held_out=data.get("validation_data"), trigger=data.get("trigger"),
-                   class_word=data.get("class_word"))
+                   class_word=data.get("class_word"), caption_templates=data.get("caption_templates"))
     if (tp := summary_turning_point(summary)) is not None:
         info.turning_epoch, info.turning_step = tp.get("epoch"), tp.get("step")
     found, steps = _saved(path / "checkpoints", EPOCH_DIR), _saved(path / "checkpoints", STEP_DIR)
@@ -380,10 +381,14 @@ def split_held_out(run: RunInfo) -> set[Path]:
     return {data.records[i].path.resolve() for i in data.held_out}
 
 
-def dataset_images(folder: str | Path, plain_caption: str | None = None) -> list[tuple[Path, str]]:
+def dataset_images(folder: str | Path, plain_caption: str | None = None, templates: str | None = None,
+                   trigger: str | None = None) -> list[tuple[Path, str]]:
     """(image, caption) pairs of a training folder (kohya layout or plain), captioned as the trainer captions
     them: the sibling ``.txt``; without one, the ``<trigger> <class>`` of the image's ``N_trigger class`` folder,
-    or ``plain_caption`` for an image in any other folder ("" when it is None)."""
+    or ``plain_caption`` for an image in any other folder ("" when it is None).  A run that trained on caption
+    ``templates`` (data.caption_templates) gets them, in turn, filled with ``trigger`` (default: the folder's
+    trigger word, as the trainer fills them)."""
+    from lorakit.data.captions import CAPTION_TEMPLATES
     from lorakit.data.discovery import folder_phrase
 
     folder = Path(folder)
@@ -392,7 +397,11 @@ def dataset_images(folder: str | Path, plain_caption: str | None = None) -> list
     pairs = []
     for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         caption_file = image.with_suffix(".txt")
-        if caption_file.is_file():
+        words = (trigger or folder_phrase(image.parent) or plain_caption or "").split()
+        if templates in CAPTION_TEMPLATES and words:
+            lines = CAPTION_TEMPLATES[templates]
+            caption = lines[len(pairs) % len(lines)].format(words[0])
+        elif caption_file.is_file():
             caption = caption_file.read_text(encoding="utf-8").strip()
         else:
             caption = (folder_phrase(image.parent) if image.parent != folder else "") or plain_caption or ""
