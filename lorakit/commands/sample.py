@@ -106,7 +106,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _pivotal_embeddings(specs: Sequence[AdapterSpec], given: Sequence[Path], said: list[str]) -> list[Path]:
     """The embeddings of the pivotal-tuning adapters among ``specs`` that were not given with --embedding: the
     trainer writes them beside the adapter, and without them the adapter's token is plain text."""
