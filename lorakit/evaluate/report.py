@@ -533,19 +533,20 @@ def page_from_run(run_dir: str | Path) -> Page:
     if per_epoch:
         # the held-out images' loss (data.validation_split), when the run measured it: its last value per epoch
         validated = any(v["val_loss"] for v in per_epoch.values())
-        rows = [(f"epoch {e}", [sum(v["loss"]) / len(v["loss"]) if v["loss"] else None,
-                                v["cs"][-1] if v["cs"] else None, float(len(v["loss"]))]
+        watched = any(v["cs"] for v in per_epoch.values())  # textual inversion has no adapter weights to read
+        rows = [(f"epoch {e}", [sum(v["loss"]) / len(v["loss"]) if v["loss"] else None]
+                 + ([v["cs"][-1] if v["cs"] else None] if watched else []) + [float(len(v["loss"]))]
                  + ([v["val_loss"][-1] if v["val_loss"] else None] if validated else []))
                 for e, v in sorted(per_epoch.items())]
-        page.tables.append(Table("training: per epoch", ["mean loss", "CS at epoch end", "steps"]
-                                 + (["validation loss"] if validated else []), rows,
-                                 [False, None, None] + ([False] if validated else [])))
+        page.tables.append(Table("training: per epoch", ["mean loss"] + (["CS at epoch end"] if watched else [])
+                                 + ["steps"] + (["validation loss"] if validated else []), rows,
+                                 [False] + ([None] if watched else []) + [None] + ([False] if validated else [])))
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(6, 3))
         epochs = [e for e, _ in sorted(per_epoch.items())]
         ax.plot(epochs, [r[1][0] for r in rows], "o-", label="mean loss")
-        if validated:
-            points = [(e, r[1][3]) for e, r in zip(epochs, rows, strict=True) if r[1][3] is not None]
+        if validated:  # the last column
+            points = [(e, r[1][-1]) for e, r in zip(epochs, rows, strict=True) if r[1][-1] is not None]
             ax.plot([e for e, _ in points], [v for _, v in points], "s-", color="C2",
                     label="validation loss (held-out images)")
         if tp := summary_turning_point(summary):
