@@ -63,8 +63,9 @@ def early_stop_text(cfg: TrainConfig, watches_weights: bool) -> str:
     textual inversion has no adapter weights for a rule to read, only samples (``early_stop.samples``)."""
     if cfg.early_stop.mode == "off":
         return "off"
-    if cfg.early_stop.samples and not watches_weights:
-        return f"on the samples ({cfg.early_stop.samples})"
+    if cfg.early_stop.samples:  # the weight rule, where there are weights, is recorded beside it (report only)
+        recorded = f"; {cfg.early_stop.mode} recorded, not stopping" if watches_weights else ""
+        return f"on the samples ({cfg.early_stop.samples}){recorded}"
     if not watches_weights:
         return "off (textual inversion has no adapter weights to watch; early_stop.samples stops on the samples)"
     return cfg.early_stop.mode

@@ -153,6 +153,7 @@ def test_what_may_stop_the_run_is_said_as_it_is_for_every_method():
     assert "no adapter weights for the early stop to watch: every epoch runs" in builtin_introduction(cfg)
     cfg.early_stop.samples = "world"
     assert early_stop_text(cfg, False) == "on the samples (world)"
+    assert early_stop_text(cfg, True) == f"on the samples (world); {cfg.early_stop.mode} recorded, not stopping"
     assert "by scoring the samples it draws (world)" in builtin_introduction(cfg)
     cfg.early_stop.mode = "off"
     assert early_stop_text(cfg, False) == "off" and "early stopping is off" in builtin_introduction(cfg)
