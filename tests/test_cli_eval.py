@@ -507,3 +507,31 @@ def test_textual_inversion_runs_and_embedding_files_are_judged_beside_an_adapter
     said, page = capsys.readouterr().out, (ti / "report.html").read_text()
     assert "changed since" not in said and "ranking" in page
     assert "training: per epoch" in page and "CS at epoch end" not in page
+
+
+def test_an_embedding_given_to_eval_is_read_by_every_checkpoint_and_the_base_model(tmp_path, concept_data, capsys):
+    """--embedding FILE (a negative embedding the prompts name, say) joins every checkpoint, the base model too:
+    here "circle" holds the model's own "square", so the circle prompt draws exactly what the square prompt draws,
+    for the base model and the adapter alike; the images are cached under keys of their own, the setup names it."""
+    from eval_helpers import base_model
+    from PIL import Image
+
+    model = base_model()
+    square = model.text_encoder.get_input_embeddings().weight[
+        model.tokenizer("square", add_special_tokens=False).input_ids].detach().clone()
+    save_file({"emb_params": square}, str(tmp_path / "circle.safetensors"))
+    run = write_run(tmp_path / "run", epochs=1, data=concept_data)
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(PROMPTS_TOML + '\n[[prompts]]\ntype = "agnostic"\ntext = "a large green square at the top, '
+                       'black background"\nseed = 3\n')  # the circle prompt's seed
+    argv = ["eval", str(run), "--prompts", str(prompts), "--steps", "4", "--quiet", "--cache", str(tmp_path / "c")]
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "with"), "--embedding", str(tmp_path / "circle.safetensors")]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "images (" in line]
+    assert len(said) == 2 and "8 images (8 generated" in said[1]  # none from the first call's cache
+    setup = json.loads((tmp_path / "with" / "metrics.json").read_text())["setup"]
+    assert setup["embeddings"] == f"{tmp_path / 'circle.safetensors'} (circle)"
+    # 2 checkpoints × 4 prompts per call, 16 files; without the embedding 8 different images, and with it the
+    # same 8 again: the prompts without "circle" are untouched, and the circle prompt draws the square's image
+    pngs = sorted((tmp_path / "c").rglob("*.png"))
+    assert len(pngs) == 16 and len({Image.open(f).tobytes() for f in pngs}) == 8

@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="base model (default: the built-in shapes-world model)")
     parser.add_argument("--vae", default=None, help="another VAE for the base model (kohya's --vae: a .safetensors "
                                                     "VAE or a diffusers VAE folder)")
+    parser.add_argument("--embedding", action="append", default=[], type=Path, metavar="FILE",
+                        help="a textual-inversion embedding added for every checkpoint, the base model too (a "
+                             "negative embedding the prompts name, say); its word is the token the file names, "
+                             "else its file name; repeatable")
     parser.add_argument("--extractor", action="append", default=[], metavar="KIND[=PATH]",
                         help="feature extractor, repeatable: clip=DIR, dinov2=DIR, vgg19=FILE.safetensors, "
                              "world-reader (default with the built-in model: world-reader)")
@@ -235,7 +239,8 @@ def _schedule(model) -> str:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     import lorakit.world.evaluation  # noqa: F401  (registers the world reader and the world's exact metrics)
-    from lorakit.evaluate.checkpoints import dataset_images, discover, model_hash, split_held_out
+    from lorakit.embeddings import load_embedding
+    from lorakit.evaluate.checkpoints import dataset_images, discover, file_hash, model_hash, split_held_out
     from lorakit.evaluate.generate import (
         ImageCache,
         SamplerSettings,
@@ -302,6 +307,7 @@ def run(args: argparse.Namespace) -> int:
     own_schedule = _schedule(model)
     for line in adopt_trained_schedule(model, [c.path for c in checkpoints if c.path]):
         print(f"lorakit eval: {line}")
+    embeddings = [load_embedding(model, path, default_token=path.stem) for path in args.embedding]
     check_checkpoints(model, checkpoints)  # a file that does not fit fails here, before any image is made
 
     # what this call measures; the same call again continues it, another one does not replace it unasked
@@ -310,13 +316,20 @@ def run(args: argparse.Namespace) -> int:
         base_hash = hashlib.sha256(f"{base_hash} vae {model_hash(args.vae)}".encode()).hexdigest()[:16]
     if _schedule(model) != own_schedule:  # the base model's own images change with its schedule too
         base_hash = hashlib.sha256(f"{base_hash} schedule {_schedule(model)}".encode()).hexdigest()[:16]
+    for path, loaded in zip(args.embedding, embeddings, strict=True):  # they change every checkpoint's images
+        base_hash = hashlib.sha256(f"{base_hash} embedding {loaded.token} {file_hash(path)}".encode()).hexdigest()[:16]
+
+    def with_embeddings(text: str) -> str:
+        for loaded in embeddings:
+            text = loaded.expand_prompt(text)
+        return text
     call = _call_fingerprint(image_keys(base_hash, checkpoints, jobs, settings), specs, data, args.shap,
                              held_what or None)
     _check_out_folder(args.out, call, args.overwrite)
     cache = ImageCache(args.cache or args.out / "cache")
     try:
         paths, stats = generate_all(model, base_hash, checkpoints, jobs, settings, cache,
-                                    batch_size=args.batch_size, progress=not args.quiet)
+                                    batch_size=args.batch_size, progress=not args.quiet, words=with_embeddings)
     except KeyboardInterrupt:
         raise EvalInterrupted(f"interrupted; the images made so far are kept in {cache.folder}: the same command "
                               "continues from them (no image is made twice)") from None
@@ -337,6 +350,8 @@ def run(args: argparse.Namespace) -> int:
              "max token length": settings.max_token_length,
              "size": args.size or model.resolution,
              "base model": args.model or "builtin", "data": str(data) if data else None,
+             **({"embeddings": ", ".join(f"{p} ({e.token})" for p, e in zip(args.embedding, embeddings, strict=True))}
+                if embeddings else {}),
              "data images": len(data_images),
              **({"held-out images": len(held_out_images), "held out": held_what} if held_what else {}),
              "extractors": ", ".join(f"{k}={p or ''}".rstrip("=") for k, p in specs),

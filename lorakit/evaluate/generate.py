@@ -234,9 +234,12 @@ def image_keys(base_hash: str, checkpoints: Sequence[EvalCheckpoint], jobs: Sequ
 
 def generate_all(model: BaseModel, base_hash: str, checkpoints: Sequence[EvalCheckpoint], jobs: Sequence[ImageJob],
                  settings: SamplerSettings, cache: ImageCache, *, batch_size: int = 16, progress: bool = True,
-                 device: str | torch.device | None = None) -> tuple[dict[str, list[Path]], GenerationStats]:
+                 device: str | torch.device | None = None,
+                 words: Callable[[str], str] = _unchanged) -> tuple[dict[str, list[Path]], GenerationStats]:
     """Make (or find) every job's image for every checkpoint; returns checkpoint label -> image paths in job
-    order, and how many were made and how long that took.  One progress bar over the images still to make."""
+    order, and how many were made and how long that took.  One progress bar over the images still to make.
+    ``words``: how every checkpoint's prompts are written besides its own token (the embeddings the model holds
+    for the whole call, ``lorakit eval --embedding``; ``base_hash`` must name them)."""
     keys = image_keys(base_hash, checkpoints, jobs, settings)
     todo = {c.label: [i for i, k in enumerate(keys[c.label]) if not cache.has(k)] for c in checkpoints}
     stats = GenerationStats(cached=sum(len(jobs) - len(t) for t in todo.values()))
@@ -245,7 +248,10 @@ def generate_all(model: BaseModel, base_hash: str, checkpoints: Sequence[EvalChe
         for c in checkpoints:
             if not todo[c.label]:
                 continue
-            with applied(model, c) as written:
+            with applied(model, c) as own:
+                def written(text: str, own=own) -> str:
+                    return words(own(text))
+
                 for start in range(0, len(todo[c.label]), max(1, batch_size)):
                     chunk = todo[c.label][start:start + batch_size]
                     samples = [SamplePrompt(written(jobs[i].prompt.text), written(jobs[i].prompt.negative),
