@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lorakit.adapters import KNOWN
 from lorakit.blocks import BLOCK_MAPS, BlockMap
-from lorakit.file_kinds import check_adapter_path
+from lorakit.file_kinds import check_adapter_path, pivotal_embedding
 from lorakit.formats import AdapterFile, ModuleInfo, block_map_of, describe_modules, guess_base_model, read_adapter
 
 _COMPONENT_LABELS = {"unet": "U-Net", "text_encoder": "text encoder", "text_encoder_1": "text encoder 1",
@@ -109,6 +109,11 @@ def format_report(report: FileReport) -> str:
         "blocks:      " + (", ".join(f"{b} {n}" for b, n in report.blocks.items()) or "none (no U-Net modules)"),
         "block ranks: " + (block_ranks(report) or "none (no U-Net modules)"),
     ]
+    pivotal, embedding = pivotal_embedding(report.path)
+    if pivotal:  # the adapter is half of the result: say where the other half is
+        lines.append("trained with: an embedding (pivotal tuning): " + (
+            f"{embedding}, beside it (lorakit sample and eval add it)" if embedding is not None else
+            f"not beside it ({report.path.stem}-TOKEN.safetensors); without it the token is plain text"))
     shown = {k: v for k, v in sorted(report.metadata.items()) if k.startswith(("ss_", "lorakit_", "modelspec."))}
     others = len(report.metadata) - len(shown)
     lines.append(f"metadata:    {len(shown)} ss_*/lorakit_*/modelspec.* entries"

@@ -676,9 +676,13 @@ def test_a_pivotal_result_is_sampled_and_judged_with_the_embedding_beside_it(tin
     with applied(model, checkpoint) as written:
         assert "zkz" in model.tokenizer.get_vocab() and any("lora" in n for n, _ in model.unet.named_modules())
         assert written("a zkz shape") == "a zkz shape"
+    assert main(["inspect", str(adapter)]) == 0
+    assert f"trained with: an embedding (pivotal tuning): {embedding}, beside it" in capsys.readouterr().out
     embedding.rename(tmp_path / "elsewhere.safetensors")  # the embedding moved away: said, not silently left out
     assert main([*sample, "--out", str(tmp_path / "without")]) == 0
     assert "its token is plain text; pass --embedding FILE" in capsys.readouterr().out
+    assert main(["inspect", str(adapter)]) == 0
+    assert "trained with: an embedding (pivotal tuning): not beside it" in capsys.readouterr().out
     with_it, without = (np.asarray(Image.open(tmp_path / d / "000-a-zkz-shape.png"), dtype=np.int16)
                         for d in ("with", "without"))
     assert np.abs(with_it - without).max() > 0
