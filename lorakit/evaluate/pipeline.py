@@ -301,8 +301,8 @@ def evaluate(checkpoints: Sequence[EvalCheckpoint], runs: Sequence[RunInfo], job
     groups = [g for g in (*PROMPT_TYPES, ALL) if g in table]
     return EvalResult(
         checkpoints=[{"label": c.label, "kind": c.kind, "run": c.run, "epoch": c.epoch, "step": c.step,
-                      "path": str(c.path) if c.path else None, "hash": c.hash, "token": c.token}
-                     for c in checkpoints],
+                      "path": str(c.path) if c.path else None, "hash": c.hash, "token": c.token,
+                      **({"embedding": str(c.embedding)} if c.embedding else {})} for c in checkpoints],
         runs=[{"name": r.name, "path": str(r.path), "settings": r.settings, "turning_epoch": r.turning_epoch,
                "turning_step": r.turning_step} for r in runs],
         groups=groups, directions=directions, metrics=table, scores=scores,
