@@ -343,8 +343,9 @@ def checkpoint_method(result: EvalResult, checkpoint: Mapping[str, Any]) -> str:
     if checkpoint.get("kind") == "base":
         return "base model"
     settings = next((r["settings"] for r in result.runs if r["name"] == checkpoint.get("run")), None)
-    if settings is None:
-        return str(checkpoint.get("kind") or "")
+    if settings is None:  # a loose file: what it holds
+        kind = str(checkpoint.get("kind") or "")
+        return "pivotal tuning" if kind == "pivotal" else kind
     method, algorithm = settings.get("method", "adapter"), str(settings.get("algorithm", "adapter"))
     if method == "ti":
         return "textual inversion"
