@@ -535,3 +535,12 @@ def test_an_embedding_given_to_eval_is_read_by_every_checkpoint_and_the_base_mod
     # same 8 again: the prompts without "circle" are untouched, and the circle prompt draws the square's image
     pngs = sorted((tmp_path / "c").rglob("*.png"))
     assert len(pngs) == 16 and len({Image.open(f).tobytes() for f in pngs}) == 8
+    # one word cannot stand for two embeddings: an --embedding called as a compared embedding's token is refused
+    from test_evaluate_generate import write_embedding_run
+
+    ti = write_embedding_run(tmp_path / "ti", square)
+    save_file({"emb_params": square}, str(tmp_path / "zkz.safetensors"))
+    assert main(["eval", str(ti), "--prompts", str(prompts), "--out", str(tmp_path / "clash"), "--embedding",
+                 str(tmp_path / "zkz.safetensors")]) == 2
+    assert "it is called 'zkz', as ti/e1's embedding is" in capsys.readouterr().err
+    assert not (tmp_path / "clash").exists()

@@ -308,6 +308,11 @@ def run(args: argparse.Namespace) -> int:
     for line in adopt_trained_schedule(model, [c.path for c in checkpoints if c.path]):
         print(f"lorakit eval: {line}")
     embeddings = [load_embedding(model, path, default_token=path.stem) for path in args.embedding]
+    for path, loaded in zip(args.embedding, embeddings, strict=True):  # one word cannot stand for two embeddings
+        same = next((c.label for c in checkpoints if c.token == loaded.token), None)
+        if same is not None:
+            raise EvalCommandError(f"--embedding {path}: it is called {loaded.token!r}, as {same}'s embedding is; "
+                                   "compare it as a checkpoint instead (give the file without --embedding)")
     check_checkpoints(model, checkpoints)  # a file that does not fit fails here, before any image is made
 
     # what this call measures; the same call again continues it, another one does not replace it unasked
