@@ -25,6 +25,7 @@ from lorakit.train import (
     planned_steps,
     sample_stop_line,
     saves_epoch,
+    ti_start_vectors,
 )
 
 #: captions shown as examples, and tags per folder in the frequency list
@@ -41,6 +42,7 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     if resuming:  # the settings a resume may not change are refused as the resume would refuse them
         check_resume_settings(previous, cfg)
     resolution = native_resolution(cfg.model.base)  # also refuses a model lorakit cannot load
+    start = ti_start_vectors(cfg) if not resuming else None  # read as the run reads it (a resume does not)
     data_cfg, notes = cfg.data, []
     if cfg.data.num_class_images > 0:  # prior preservation: the class images are drawn when the run starts
         if not cfg.data.class_prompt:
@@ -60,6 +62,9 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
              f"base model: {cfg.model.base or 'built-in'}, made for {resolution}×{resolution} (from its configs)"]
     lines += ["data:"] + [f"  {line}" for line in data.summary().splitlines()]
     lines += [f"  note: {n}" for n in notes]
+    if start is not None:
+        lines.append(f"textual inversion starts from {cfg.method.ti_weights} ({count(start.shape[0], 'vector')} of "
+                     f"size {start.shape[1]} per token, checked against the model when it loads)")
     trained = [r for i, r in enumerate(data.records) if not r.is_reg and i not in data.held_out]
     templated = [r for r in trained if data.subset_of(r).templated]
     uncaptioned = sum(not r.has_caption_file for r in trained if not data.subset_of(r).templated)

@@ -286,7 +286,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             if not Path(cfg.network.weights).expanduser().is_file():
                 raise ConfigError(f"network.weights: {cfg.network.weights}: no such file")
             start_file = read_adapter(Path(cfg.network.weights).expanduser())
-        ti_start = _ti_start(cfg) if not (run.resuming and run.latest_checkpoint() is not None) else None
+        ti_start = ti_start_vectors(cfg) if not (run.resuming and run.latest_checkpoint() is not None) else None
         # a resumed run takes the ranks from its own checkpoint, which has the network's shapes
         ranks_file = read_adapter(run.latest_checkpoint().tensors_path) \
             if cfg.network.dim_from_weights and not isinstance(start_file, AdapterFile) else None
@@ -623,7 +623,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _ti_start(cfg: TrainConfig) -> torch.Tensor | None:
+def ti_start_vectors(cfg: TrainConfig) -> torch.Tensor | None:
     """The vectors a textual-inversion run starts from (method.ti_weights, kohya's --weights), checked before the
     model loads: a missing or unreadable file, or one with another number of vectors, is refused."""
     path = cfg.method.ti_weights

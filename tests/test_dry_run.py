@@ -114,6 +114,13 @@ def test_a_dry_run_of_textual_inversion_on_templates_says_what_trains_and_what_m
     assert "early stopping: off (textual inversion has no adapter weights to watch" in text
     assert main(["train", "--method", "ti", "--set", "early_stop.samples=world", "--dry-run"]) == 0
     assert "early stopping: on the samples (world)" in capsys.readouterr().out
+    # method.ti_weights is read as the run reads it: its vectors counted, a wrong count refused
+    save_file({"clip_l": torch.zeros(2, 32)}, str(tmp_path / "start.safetensors"))
+    flags = ["train", "--method", "ti", "--set", "method.ti_weights=start.safetensors", "--dry-run"]
+    assert main([*flags, "--set", "method.ti_vectors=2"]) == 0
+    assert "textual inversion starts from start.safetensors (2 vectors of size 32 per token" in capsys.readouterr().out
+    assert main(flags) == 2
+    assert "holds 2 vector(s) per token, but method.ti_vectors is 1" in capsys.readouterr().err
 
 
 def test_a_dry_run_checks_the_sample_stop_without_loading_its_model(tiny_model_dir, tmp_path, monkeypatch, capsys):
