@@ -544,3 +544,30 @@ def test_an_embedding_given_to_eval_is_read_by_every_checkpoint_and_the_base_mod
                  str(tmp_path / "zkz.safetensors")]) == 2
     assert "it is called 'zkz', as ti/e1's embedding is" in capsys.readouterr().err
     assert not (tmp_path / "clash").exists()
+
+
+def test_a_textual_inversion_run_on_a_plain_folder_gets_default_prompts_around_its_token(tmp_path, capsys):
+    """A TI run that names its token only in method.ti_token (a plain folder whose captions hold it): without
+    --prompts, the default prompts are built around that token, as its captions use it."""
+    import torch
+    from eval_helpers import base_model
+    from PIL import Image
+    from test_evaluate_generate import write_embedding_run
+
+    from lorakit.config import load_config, to_toml
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, color in enumerate(("red", "blue")):
+        Image.new("RGB", (64, 64), (200 * (i == 0), 0, 200 * (i == 1))).save(photos / f"{i}.png")
+        (photos / f"{i}.txt").write_text(f"a {color} zkz on a white background")
+    width = base_model().text_encoder.get_input_embeddings().weight.shape[1]
+    run = write_embedding_run(tmp_path / "ti", torch.ones(1, width))
+    cfg = load_config(run / "config.toml")
+    cfg.data.train_data = str(photos)
+    (run / "config.toml").write_text(to_toml(cfg))
+    out = tmp_path / "out"
+    assert main(["eval", str(run), "--out", str(out), "--steps", "2", "--no-base", "--quiet"]) == 0
+    setup = json.loads((out / "metrics.json").read_text())["setup"]
+    assert (setup["prompts"], setup["trigger"]) == ("captions", "zkz")
+    assert "a blue zkz on a white background" in (out / "report.html").read_text()

@@ -123,7 +123,8 @@ def _prompt_set(args: argparse.Namespace, runs, data: Path | None, pairs: list[t
     from lorakit.data.discovery import kohya_phrase
     from lorakit.evaluate.prompts import PromptSetError, default_prompt_set, load_prompt_set
 
-    trigger = args.trigger or next((r.trigger for r in runs if r.trigger), None) \
+    # an embedding's token is the word its prompts must hold (a TI run may name it only in method.ti_token)
+    trigger = args.trigger or next((r.trigger or r.token for r in runs if r.trigger or r.token), None) \
         or (kohya_phrase(data) if data else None)
     if args.prompts is not None:
         try:

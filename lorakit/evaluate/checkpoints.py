@@ -73,6 +73,7 @@ class RunInfo:
     trigger: str | None = None
     class_word: str | None = None
     caption_templates: str | None = None  # data.caption_templates: it trained on templates, not the captions
+    token: str | None = None  # a textual-inversion or pivotal run's token (method.ti_token, else data.trigger)
     checkpoints: list[EvalCheckpoint] = field(default_factory=list)
     step_checkpoints_left_out: int = 0  # step checkpoints the run holds that were not asked for
 
@@ -193,7 +194,7 @@ def read_run(path: str | Path, every: int = 1, step_checkpoints: bool = False) -
     data = config.get("data", {})
     info = RunInfo(name=path.resolve().name, path=path, settings=run_settings(config), summary=summary,
                    data=data.get("train_data"), held_out=data.get("validation_data"), trigger=data.get("trigger"),
-                   class_word=data.get("class_word"), caption_templates=data.get("caption_templates"))
+                   class_word=data.get("class_word"), caption_templates=data.get("caption_templates"), token=token)
     if (tp := summary_turning_point(summary)) is not None:
         info.turning_epoch, info.turning_step = tp.get("epoch"), tp.get("step")
     found, steps = _saved(path / "checkpoints", EPOCH_DIR), _saved(path / "checkpoints", STEP_DIR)
