@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +61,13 @@ class LoadedEmbedding:
 
     def expand_prompt(self, prompt: str) -> str:
         return expand_tokens(prompt, self.tokens, self.token)
+
+
+def expand_all(prompt: str, embeddings: Iterable[LoadedEmbedding]) -> str:
+    """``prompt`` with the words of all ``embeddings`` expanded (what a model holding them reads)."""
+    for embedding in embeddings:
+        prompt = embedding.expand_prompt(prompt)
+    return prompt
 
 
 def read_embedding(path: str | Path) -> tuple[torch.Tensor, str | None]:

@@ -22,7 +22,8 @@ class NotAnAdapterError(LorakitError):
     """The path exists but is not an adapter file; the message says what it is."""
 
 
-def _header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+def read_header(path: str | os.PathLike) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """{key: shape} and the metadata of a safetensors file, from its header alone (safetensors' errors pass)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -39,7 +40,7 @@ def is_embedding(names: set[str]) -> bool:
 def embedding_header(path: str | os.PathLike) -> tuple[dict[str, list[int]], dict[str, str]] | None:
     """{key: shape} and the metadata of a safetensors textual-inversion file; None for anything else."""
     try:
-        keys, metadata = _header(Path(path))
+        keys, metadata = read_header(path)
     except Exception:  # not safetensors, truncated, ...
         return None
     return (keys, metadata) if is_embedding(set(keys)) else None
@@ -60,7 +61,7 @@ def pivotal_embedding(path: str | os.PathLike) -> tuple[bool, Path | None]:
     and ``NAME-TOKEN.safetensors``), and the embedding beside it (None when it is not there, or is ambiguous)."""
     path = Path(path)
     try:
-        keys, metadata = _header(path)
+        keys, metadata = read_header(path)
     except Exception:  # not safetensors, missing, truncated: not one
         return False, None
     if metadata.get(METHOD_KEY) != "pivotal" or is_embedding(set(keys)):  # the embedding says "pivotal" too
@@ -112,7 +113,7 @@ def check_adapter_path(path: str | os.PathLike) -> None:
     if not path.is_file():
         return
     try:
-        keys, metadata = _header(path)
+        keys, metadata = read_header(path)
     except Exception:  # not safetensors, truncated, ...: the reader's checks explain it
         return
     if metadata.get(METHOD_KEY) == "native":

@@ -21,11 +21,10 @@ class NativeCheckpointError(LorakitError, ValueError):
 
 def is_native_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a native fine-tuning checkpoint, from its header's metadata (nothing else is read)."""
-    from safetensors import safe_open
+    from lorakit.file_kinds import read_header
 
     try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get(METHOD_KEY) == "native"
+        return read_header(path)[1].get(METHOD_KEY) == "native"
     except Exception:  # not safetensors, missing, truncated: not one
         return False
 

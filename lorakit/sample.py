@@ -451,7 +451,7 @@ def generate_with_adapters(model: BaseModel, adapters: Sequence[Any], prompts: S
     tokenizer (that stays) and expanded in the prompts, each under the token its file names or, as in A1111 and
     ComfyUI, its file name (``my_style.safetensors``: ``my_style``).  ``options`` go to ``generate``.
     """
-    from lorakit.embeddings import load_embedding
+    from lorakit.embeddings import expand_all, load_embedding
     from lorakit.tools.apply import applied
 
     # the token a file names, else its name without the extension, as A1111 and ComfyUI call an embedding
@@ -459,9 +459,8 @@ def generate_with_adapters(model: BaseModel, adapters: Sequence[Any], prompts: S
     items = []
     for p in prompts:
         p = SamplePrompt(p) if isinstance(p, str) else p
-        for emb in loaded:
-            p = replace(p, prompt=emb.expand_prompt(p.prompt), negative_prompt=emb.expand_prompt(p.negative_prompt))
-        items.append(p)
+        items.append(replace(p, prompt=expand_all(p.prompt, loaded),
+                             negative_prompt=expand_all(p.negative_prompt, loaded)))
     with applied(model, adapters, merged=merged):
         return generate(model, items, **options)
 

@@ -240,7 +240,7 @@ def _schedule(model) -> str:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     import lorakit.world.evaluation  # noqa: F401  (registers the world reader and the world's exact metrics)
-    from lorakit.embeddings import load_embedding
+    from lorakit.embeddings import expand_all, load_embedding
     from lorakit.evaluate.checkpoints import dataset_images, discover, file_hash, model_hash, split_held_out
     from lorakit.evaluate.generate import (
         ImageCache,
@@ -324,18 +324,14 @@ def run(args: argparse.Namespace) -> int:
         base_hash = hashlib.sha256(f"{base_hash} schedule {_schedule(model)}".encode()).hexdigest()[:16]
     for path, loaded in zip(args.embedding, embeddings, strict=True):  # they change every checkpoint's images
         base_hash = hashlib.sha256(f"{base_hash} embedding {loaded.token} {file_hash(path)}".encode()).hexdigest()[:16]
-
-    def with_embeddings(text: str) -> str:
-        for loaded in embeddings:
-            text = loaded.expand_prompt(text)
-        return text
     call = _call_fingerprint(image_keys(base_hash, checkpoints, jobs, settings), specs, data, args.shap,
                              held_what or None)
     _check_out_folder(args.out, call, args.overwrite)
     cache = ImageCache(args.cache or args.out / "cache")
     try:
         paths, stats = generate_all(model, base_hash, checkpoints, jobs, settings, cache,
-                                    batch_size=args.batch_size, progress=not args.quiet, words=with_embeddings)
+                                    batch_size=args.batch_size, progress=not args.quiet,
+                                    words=lambda text: expand_all(text, embeddings))
     except KeyboardInterrupt:
         raise EvalInterrupted(f"interrupted; the images made so far are kept in {cache.folder}: the same command "
                               "continues from them (no image is made twice)") from None

@@ -296,11 +296,10 @@ def _metadata_epoch(metadata: dict[str, str]) -> int | None:
 
 
 def _header_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
+    from lorakit.file_kinds import read_header
 
     try:
-        with safe_open(str(path), "pt") as f:
-            return dict(f.metadata() or {})
+        return read_header(path)[1]
     except Exception as err:  # safetensors' own error types for a truncated or foreign file
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
 
