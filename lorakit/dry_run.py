@@ -41,7 +41,7 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     resuming = cfg.output.if_exists == "resume" and previous.is_file()
     if resuming:  # the settings a resume may not change are refused as the resume would refuse them
         check_resume_settings(previous, cfg)
-    resolution = native_resolution(cfg.model.base)  # also refuses a model lorakit cannot load
+    resolution = native_resolution(cfg.model.base, cfg.model.prediction_type)  # also refuses what cannot load
     start = ti_start_vectors(cfg) if not resuming else None  # read as the run reads it (a resume does not)
     data_cfg, notes = cfg.data, []
     if cfg.data.num_class_images > 0:  # prior preservation: the class images are drawn when the run starts

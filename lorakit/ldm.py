@@ -1,13 +1,15 @@
-"""Tensor names of the original single-file layout of Stable Diffusion 1.x, written from diffusers' names.
+"""Tensor names of the original single-file layout of Stable Diffusion 1.x and 2.x, written from diffusers' names.
 
-A1111, ComfyUI, kohya and most model sites use the layout of the original (CompVis/LDM) code: one file with
-``model.diffusion_model.*`` (U-Net), ``first_stage_model.*`` (VAE) and ``cond_stage_model.transformer.*``
-(CLIP text encoder).  This module maps a diffusers state dict to those names.  The other direction goes
-through diffusers' own single-file loader (see ``lorakit.models``), so a file written here and read there
-checks one implementation against the other.
+A1111, ComfyUI, kohya and most model sites use the layout of the original (CompVis/LDM and Stability AI) code: one
+file with ``model.diffusion_model.*`` (U-Net), ``first_stage_model.*`` (VAE) and the text encoder: SD1.x's CLIP
+under ``cond_stage_model.transformer.*`` (transformers' own names), SD2.x's OpenCLIP under
+``cond_stage_model.model.*`` (OpenCLIP's names: one ``in_proj`` for q, k and v, ``ln_1``, ``mlp.c_fc``, ...).
+This module maps a diffusers state dict to those names.  The other direction goes through diffusers' own
+single-file converters (see ``lorakit.models``), so a file written here and read there checks one implementation
+against the other.
 
 Only names change, except in the VAE's mid-block attention, whose q/k/v/out projections are 1×1 convolutions
-in the original and Linear layers in diffusers.
+in the original and Linear layers in diffusers, and in OpenCLIP's attention, whose q, k and v are one tensor.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD2.x's text encoder
 
 # inside a U-Net ResNet block
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
@@ -172,5 +175,115 @@ def text_encoder_from_ldm(checkpoint: Mapping[str, torch.Tensor], model_keys: se
         name = "text_model." + inner if wrapped else inner
         if name.endswith("position_ids") and name not in model_keys:
             continue
+        out[name] = tensor
+    return out
+
+
+# ------------------------------------------------------------------------------------ SD2.x's OpenCLIP encoder
+# transformers' name inside a layer -> OpenCLIP's (q/k/v are handled apart: they are one in_proj there)
+_OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                  "embeddings.position_embedding.weight": "positional_embedding",
+                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+
+
+def text_encoder_layout(checkpoint: Mapping[str, torch.Tensor]) -> str | None:
+    """"clip" (SD1.x, ``cond_stage_model.transformer.*``), "open_clip" (SD2.x, ``cond_stage_model.model.*``), or
+    None when the checkpoint has no text encoder."""
+    if any(k.startswith(OPEN_CLIP_PREFIX) for k in checkpoint):
+        return "open_clip"
+    if any(k.startswith(TEXT_ENCODER_PREFIX) for k in checkpoint):
+        return "clip"
+    return None
+
+
+def _layer_count(state_dict: Mapping[str, torch.Tensor]) -> int:
+    """How many layers a transformers text encoder's state dict holds."""
+    return 1 + max(int(k.split("encoder.layers.")[1].split(".")[0]) for k in state_dict if "encoder.layers." in k)
+
+
+def open_clip_stand_ins(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What an SD2.x file holds beyond the 23 layers diffusers keeps, for a model that was never read from one:
+    OpenCLIP's last layer (SD2.x conditions on the one before, so its values are never used: a copy of the layer
+    before, as kohya writes it), the projection and logit scale of CLIP's contrastive head (unused: identity, 100)."""
+    out = open_clip_names(state_dict)
+    n = _layer_count(state_dict)
+    last = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{n - 1}."
+    extras = {f"{OPEN_CLIP_PREFIX}transformer.resblocks.{n}." + k[len(last):]: t.detach().clone()
+              for k, t in out.items() if k.startswith(last)}
+    width = out[OPEN_CLIP_PREFIX + "positional_embedding"].shape[1]
+    extras[OPEN_CLIP_PREFIX + "text_projection"] = torch.eye(width)
+    extras[OPEN_CLIP_PREFIX + "logit_scale"] = torch.tensor(4.6052)  # ln 100, where CLIP's training clamps it
+    return extras
+
+
+def open_clip_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel state dict (SD2.x's encoder) under OpenCLIP's names, prefix included; q, k
+    and v of each layer concatenated into OpenCLIP's ``in_proj`` (in that order).  ``position_ids`` is dropped:
+    OpenCLIP has none."""
+    plain = {k.removeprefix("text_model."): t for k, t in state_dict.items()}
+    out = {}
+    for key, tensor in plain.items():
+        if key in _OPEN_CLIP_TOP:
+            out[OPEN_CLIP_PREFIX + _OPEN_CLIP_TOP[key]] = tensor
+        elif key.startswith("encoder.layers."):
+            index, rest = key.removeprefix("encoder.layers.").split(".", 1)
+            block = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{index}."
+            if rest.startswith("self_attn.q_proj."):
+                kind = rest.rsplit(".", 1)[1]  # weight or bias
+                parts = [plain[f"encoder.layers.{index}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+                out[block + f"attn.in_proj_{kind}"] = torch.cat(parts, dim=0)
+            elif rest.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+                continue  # part of in_proj, written with q
+            else:
+                out[block + _rename_inner(rest, _OPEN_CLIP_LAYER)] = tensor
+        elif not key.endswith("position_ids"):
+            raise ValueError(f"text-encoder tensor {key!r} has no place in the SD2.x single-file layout")
+    return out
+
+
+def text_encoder_to_open_clip(state_dict: Mapping[str, torch.Tensor],
+                              carried: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """SD2.x's text encoder as its single files hold it: ``open_clip_names`` plus the tensors diffusers does not
+    keep (the last layer, the contrastive head): ``carried``, those of the file the model was read from
+    (``open_clip_extras``), or else stand-ins (``open_clip_stand_ins``)."""
+    extras = dict(carried) if carried else open_clip_stand_ins(state_dict)
+    return {**open_clip_names(state_dict), **extras}
+
+
+def open_clip_extras(checkpoint: Mapping[str, torch.Tensor], kept_layers: int) -> dict[str, torch.Tensor]:
+    """The OpenCLIP tensors of an SD2.x file that a ``kept_layers``-layer transformers encoder does not hold: the
+    layers after them and the contrastive head, under their own names, to be written back as they came."""
+    out = {}
+    for key, tensor in checkpoint.items():
+        if not key.startswith(OPEN_CLIP_PREFIX):
+            continue
+        inner = key[len(OPEN_CLIP_PREFIX):]
+        if inner.startswith("transformer.resblocks."):
+            if int(inner.split(".")[2]) >= kept_layers:
+                out[key] = tensor
+        elif inner in ("text_projection", "logit_scale"):
+            out[key] = tensor
+    return out
+
+
+def text_encoder_from_open_clip(checkpoint: Mapping[str, torch.Tensor], model: torch.nn.Module
+                                ) -> dict[str, torch.Tensor]:
+    """The text-encoder tensors of an SD2.x file, named as in ``model`` (a transformers CLIPTextModel), through
+    diffusers' converter; the layers after the model's last and the contrastive head are left out (see
+    ``open_clip_extras``)."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    kept = model.config.num_hidden_layers
+    own = {k: t for k, t in checkpoint.items() if k.startswith(OPEN_CLIP_PREFIX)}
+    ignored = set(open_clip_extras(own, kept))
+    converted = convert_open_clip_checkpoint(model, {k: t for k, t in own.items() if k not in ignored})
+    wrapped = any(k.startswith("text_model.") for k in model.state_dict())
+    out = {}
+    for key, tensor in converted.items():
+        if key == "text_projection.weight":
+            continue
+        name = key if wrapped else key.removeprefix("text_model.")
         out[name] = tensor
     return out

@@ -39,6 +39,14 @@ FIELDS = NETWORK_FIELDS + TRAINING_FIELDS
 VERSION_KEY = "lorakit_version"
 
 
+def base_model_fields(family: str, prediction_type: str) -> dict[str, Any]:
+    """``ss_metadata`` arguments that name the base model as kohya does: ``base_model_version`` "sd_v1" or "sd_v2"
+    (``family`` "sd1" / "sd2"), with "_v" for a v-prediction model (kohya's ``get_model_version_str_for_sd1_sd2``),
+    and ``v2``."""
+    version = {"sd1": "sd_v1", "sd2": "sd_v2"}[family] + ("_v" if prediction_type == "v_prediction" else "")
+    return {"base_model_version": version, "v2": family == "sd2"}
+
+
 #: how an adapter was trained to read prompts: kohya's entry, and its value when kohya wrote "None" (not set)
 TEXT_SETTINGS = {"clip_skip": ("ss_clip_skip", 1), "max_token_length": ("ss_max_token_length", 75)}
 #: kohya's max_token_length: the 75 tokens CLIP reads between BOS and EOS, or 150 / 225 read in chunks of 75

@@ -1,4 +1,4 @@
-"""Load base models: the built-in tiny model, a diffusers folder, or a single-file SD1.x checkpoint.
+"""Load base models: the built-in tiny model, a diffusers folder, or a single-file SD1.x or SD2.x checkpoint.
 
 Everything is offline: nothing is ever fetched from a model hub.  A single-file checkpoint is read here
 (safetensors, or a ``.ckpt`` that ``torch.load(weights_only=True)`` accepts; nothing is unpickled), matched to a
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SD15_CONFIG = CONFIG_DIR / "sd15"
+SD2_CONFIG = CONFIG_DIR / "sd2"  # SD2.x at 512 (2.0-base, 2.1-base: ε-prediction)
+SD2_V_CONFIG = CONFIG_DIR / "sd2-v"  # SD2.x at 768 (2.0-v, 2.1: v-prediction); the same shapes as SD2_CONFIG
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -72,7 +74,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------------- the model
 @dataclass
 class BaseModel:
-    """The components of a Stable Diffusion 1.x model, as training and sampling use them."""
+    """The components of a Stable Diffusion 1.x or 2.x model, as training and sampling use them."""
 
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
@@ -80,10 +82,13 @@ class BaseModel:
     vae: AutoencoderKL
     noise_scheduler: DDPMScheduler  # the training schedule (add_noise, velocity targets)
     prediction_type: str = "epsilon"  # "epsilon" or "v_prediction"
-    version: str = "sd1"
+    version: str = "sd1"  # "sd1" or "sd2" (model_family)
     source: str = ""
     resolution: int = 512  # native image size
     scheduler_config: dict[str, Any] = field(default_factory=dict)  # the model's own; samplers are built from it
+    # tensors of the single file the model was read from that no module holds (SD2.x's last text-encoder layer,
+    # which SD2 never uses, and OpenCLIP's contrastive head): written back as they came
+    carried_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -239,10 +244,26 @@ def _own_memory(module: torch.nn.Module) -> None:
                         table[name] = copy
 
 
+def model_family(text_encoder_config: Any) -> str:
+    """"sd1" or "sd2", told by the text encoder: SD1.x's CLIP ViT-L uses quick_gelu, SD2.x's OpenCLIP ViT-H gelu
+    (which also decides how a single file names its tensors).  Raises ModelLoadError for any other."""
+    act = getattr(text_encoder_config, "hidden_act", "quick_gelu")
+    if act == "quick_gelu":
+        return "sd1"
+    if act == "gelu":
+        return "sd2"
+    raise ModelLoadError(f"a text encoder with hidden_act {act!r} is neither SD1.x's CLIP (quick_gelu) nor SD2.x's "
+                         "OpenCLIP (gelu): lorakit trains SD1.x and SD2.x models")
+
+
 def _assemble(tokenizer, text_encoder, unet, vae, scheduler_config: dict, source: str,
               prediction_type: str | None, device, dtype: torch.dtype) -> BaseModel:
+    try:
+        version = model_family(text_encoder.config)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{source}: {e}") from None
     model = BaseModel(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, noise_scheduler=None,
-                      source=source, scheduler_config=scheduler_config,
+                      source=source, scheduler_config=scheduler_config, version=version,
                       prediction_type=scheduler_config.get("prediction_type") or "epsilon")
     model.set_schedule(prediction_type)
     model.resolution = unet.config.sample_size * model.vae_scale_factor
@@ -281,9 +302,10 @@ def load_base_model(spec: str | Path | None = None, dtype: str | torch.dtype = t
                          "folder or a single-file .safetensors checkpoint)")
 
 
-def native_resolution(spec: str | Path | None = None) -> int:
-    """The image size a base model was made for, read from its configs (and a single file's tensor shapes) without
-    loading any weights; raises ModelLoadError for a model lorakit cannot load (an SDXL file, a missing path)."""
+def native_resolution(spec: str | Path | None = None, prediction_type: str | None = None) -> int:
+    """The image size a base model was made for, read from its configs (and a single file's tensor shapes and
+    metadata) without loading any weights; raises ModelLoadError for a model lorakit cannot load (an SDXL file, a
+    missing path).  ``prediction_type`` as the load is told it (an SD2.x single file predicting v is a 768 model)."""
     if spec is None or str(spec) == "builtin":
         return _folder_resolution(builtin_model_path())
     path = Path(spec).expanduser()
@@ -298,7 +320,9 @@ def native_resolution(spec: str | Path | None = None) -> int:
 
     with safe_open(str(path), "pt") as f:  # shapes only: tensors on the meta device hold no data
         shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
-    return _folder_resolution(_known_configs()[detect_architecture(shapes, path)])
+        metadata = f.metadata() or {}
+    found = detect_architecture(shapes, path)
+    return _folder_resolution(_config_folder(found, _file_prediction_type(shapes, metadata, prediction_type)))
 
 
 def _folder_resolution(folder: Path) -> int:
@@ -312,7 +336,9 @@ def load_clip_tokenizer(folder: str | Path) -> CLIPTokenizer:
     """A CLIP tokenizer from a folder (or its ``tokenizer/`` subfolder).
 
     Besides the usual files (tokenizer.json, or vocab.json + merges.txt) a folder with only CLIP's merges.txt
-    works: CLIP's vocabulary follows from its merges (this is how lorakit ships SD1.5's tokenizer).
+    works: CLIP's vocabulary follows from its merges (this is how lorakit ships SD1.5's tokenizer).  A folder with
+    only a ``tokenizer_config.json`` is CLIP's merges with that file's padding token (how lorakit ships SD2.x's:
+    OpenCLIP's tokenizer is CLIP's, padded with "!").
     """
     folder = Path(folder)
     if (folder / "tokenizer").is_dir():
@@ -320,11 +346,16 @@ def load_clip_tokenizer(folder: str | Path) -> CLIPTokenizer:
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
         return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
     merges_file = folder / "merges.txt"
+    settings_file = folder / "tokenizer_config.json"
+    if not merges_file.is_file() and settings_file.is_file():
+        merges_file = SD15_CONFIG / "tokenizer" / "merges.txt"
     if not merges_file.is_file():
         raise ModelLoadError(f"{folder}: no CLIP tokenizer here (tokenizer.json, vocab.json or merges.txt)")
     lines = merges_file.read_text(encoding="utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-    tok = CLIPTokenizer(vocab=build_vocab(merges), merges=merges)
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    tok = CLIPTokenizer(vocab=build_vocab(merges), merges=merges,
+                        **{k: settings[k] for k in ("pad_token",) if k in settings})
     tok.model_max_length = 77
     return tok
 
@@ -381,8 +412,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def _known_configs() -> dict[str, Path]:
-    """Config folders a single-file checkpoint is matched against (the built-in model's when it is installed)."""
-    configs = {"sd15": SD15_CONFIG}
+    """Config folders a single-file checkpoint is matched against (the built-in model's when it is installed).
+    SD2.x's 768 v-prediction config has the shapes of its 512 one ("sd2"): ``_config_folder`` tells them apart."""
+    configs = {"sd15": SD15_CONFIG, "sd2": SD2_CONFIG}
     if (builtin_model_path() / "model_index.json").is_file():
         configs["builtin"] = builtin_model_path()
     return configs
@@ -395,20 +427,23 @@ def _te_key(checkpoint: dict, inner: str) -> str:
 
 
 def _signature(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Shapes of a few tensors that tell SD1.x-family configs apart, computed from a config folder.
+    """Shapes of a few tensors that tell SD1.x- and SD2.x-family configs apart, computed from a config folder.
 
-    "text:" keys are text-encoder tensors, looked up with or without the ``text_model.`` level.
+    "text:" keys are SD1.x text-encoder tensors, looked up with or without the ``text_model.`` level; an SD2.x
+    config names OpenCLIP's position table instead.
     """
     u = json.loads((folder / "unet" / "config.json").read_text())
     v = json.loads((folder / "vae" / "config.json").read_text())
     t = json.loads((folder / "text_encoder" / "config.json").read_text())
     width = u["block_out_channels"][0]
+    positions = ("text:embeddings.position_embedding.weight" if t.get("hidden_act", "quick_gelu") == "quick_gelu"
+                 else ldm.OPEN_CLIP_PREFIX + "positional_embedding")
     return {
         ldm.UNET_PREFIX + "input_blocks.0.0.weight": (width, u.get("in_channels", 4), 3, 3),
         ldm.UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (width,
                                                                                      u["cross_attention_dim"]),
         ldm.VAE_PREFIX + "encoder.conv_in.weight": (v["block_out_channels"][0], v.get("in_channels", 3), 3, 3),
-        "text:embeddings.position_embedding.weight": (t["max_position_embeddings"], t["hidden_size"]),
+        positions: (t["max_position_embeddings"], t["hidden_size"]),
     }
 
 
@@ -420,46 +455,78 @@ def _shape_of(checkpoint: dict, key: str) -> tuple[int, ...] | None:
 
 
 def detect_architecture(checkpoint: dict[str, torch.Tensor], path: str | Path = "checkpoint") -> str:
-    """Which known config ("sd15", "builtin") fits an original-layout checkpoint; a clear refusal otherwise."""
+    """Which known config ("sd15", "sd2", "builtin") fits an original-layout checkpoint; a clear refusal
+    otherwise."""
     keys = list(checkpoint)
     if any(k.startswith("conditioner.embedders.") for k in keys) or any(
             k.startswith(ldm.UNET_PREFIX + "label_emb.") for k in keys):
         raise ModelLoadError(f"{path}: this is an SDXL checkpoint (conditioner.embedders.* / label_emb); "
                              "SDXL is not supported yet")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise ModelLoadError(f"{path}: this is an SD2.x checkpoint (OpenCLIP text encoder, cond_stage_model.model.*); "
-                             "unsupported: lorakit loads SD1.x checkpoints")
     if not any(k.startswith(ldm.UNET_PREFIX) for k in keys):
         hint = ""
         if any(k.startswith(("lora_", "lycoris_")) for k in keys):
             hint = " It looks like an adapter (LoRA) file: load it as an adapter, not as a base model."
         elif any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
             hint = " It looks like a single diffusers component; use a diffusers folder instead."
-        raise ModelLoadError(f"{path}: unsupported checkpoint: no {ldm.UNET_PREFIX}* tensors, so not an SD1.x "
-                             f"single-file checkpoint.{hint}")
-    for prefix, what in ((ldm.VAE_PREFIX, "VAE"), (ldm.TEXT_ENCODER_PREFIX, "text encoder")):
-        if not any(k.startswith(prefix) for k in keys):
-            raise ModelLoadError(f"{path}: the checkpoint has no {what} ({prefix}*); lorakit needs a full checkpoint")
+        raise ModelLoadError(f"{path}: unsupported checkpoint: no {ldm.UNET_PREFIX}* tensors, so not an SD1.x or "
+                             f"SD2.x single-file checkpoint.{hint}")
+    if not any(k.startswith(ldm.VAE_PREFIX) for k in keys):
+        raise ModelLoadError(f"{path}: the checkpoint has no VAE ({ldm.VAE_PREFIX}*); lorakit needs a full checkpoint")
+    if ldm.text_encoder_layout(checkpoint) is None:
+        raise ModelLoadError(f"{path}: the checkpoint has no text encoder ({ldm.TEXT_ENCODER_PREFIX}* for SD1.x, "
+                             f"{ldm.OPEN_CLIP_PREFIX}* for SD2.x); lorakit needs a full checkpoint")
     candidates = {name: _signature(folder) for name, folder in _known_configs().items()}
     for name, expected in candidates.items():
         if all(_shape_of(checkpoint, key) == shape for key, shape in expected.items()):
             return name
     lines = []
-    for key in next(iter(candidates.values())):
-        wants = ", ".join(f"{name} {tuple(sig[key])}" for name, sig in candidates.items())
+    for key in dict.fromkeys(k for sig in candidates.values() for k in sig):
+        wants = ", ".join(f"{name} {tuple(sig[key])}" for name, sig in candidates.items() if key in sig)
         lines.append(f"  {key.removeprefix('text:')}: found {_shape_of(checkpoint, key)}; {wants}")
-    to_k = _shape_of(checkpoint, ldm.UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-    hint = " (cross-attention width 1024: an SD2.x model?)" if to_k and to_k[1] == 1024 else ""
+    hint = ""
     if (_shape_of(checkpoint, ldm.UNET_PREFIX + "input_blocks.0.0.weight") or (0, 4))[1] != 4:
         hint = " (U-Net input channels are not 4: an inpainting or other special model?)"
     raise ModelLoadError(f"{path}: unsupported architecture{hint}: its shapes fit no config lorakit knows "
-                         "(SD1.x and the built-in model; SDXL is not supported yet):\n" + "\n".join(lines))
+                         "(SD1.x, SD2.x and the built-in model; SDXL is not supported yet):\n"
+                         + "\n".join(lines))
+
+
+def _file_prediction_type(checkpoint: dict, metadata: dict[str, str], given: str | None) -> str | None:
+    """What a single file predicts: as the user says, else as lorakit's metadata or the community's marker
+    tensor says (see ``_SCHEDULE_MARKERS``); None when nothing says."""
+    marked = "v_prediction" if _SCHEDULE_MARKERS["v_prediction"] in checkpoint else None
+    return given or metadata.get("lorakit_prediction_type") or marked
+
+
+def _config_folder(found: str, prediction_type: str | None) -> Path:
+    """The config folder for a detected architecture: an SD2.x file predicting v is the 768 model (2.0-v, 2.1)."""
+    if found == "sd2" and prediction_type == "v_prediction":
+        return SD2_V_CONFIG
+    return _known_configs()[found]
 
 
 def _load_single_file(path: Path, dtype: torch.dtype, device, config: str | Path | None,
                       tokenizer: str | Path | None, prediction_type: str | None) -> BaseModel:
     checkpoint, metadata = read_checkpoint(path)
-    folder = Path(config) if config is not None else _known_configs()[detect_architecture(checkpoint, path)]
+    prediction_type = _file_prediction_type(checkpoint, metadata, prediction_type)
+    if config is not None:
+        folder = Path(config)
+    else:
+        found = detect_architecture(checkpoint, path)
+        folder = _config_folder(found, prediction_type)
+        if found == "sd2" and prediction_type is None:
+            log.warning("%s: an SD2.x file does not say whether it predicts noise (2.0-base, 2.1-base: 512) or v "
+                        "(2.0-v, 2.1: 768); read as the 512 ε-prediction model. For a v model set "
+                        "model.prediction_type = \"v_prediction\" (kohya's --v_parameterization)", path)
+    te_config = CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True)
+    try:
+        wanted = "open_clip" if model_family(te_config) == "sd2" else "clip"
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{folder / 'text_encoder'}: {e}") from None
+    layout = ldm.text_encoder_layout(checkpoint)
+    if layout != wanted:
+        raise ModelLoadError(f"{path}: its text encoder is {_LAYOUT_NAMES[layout]}, and the config in {folder} is "
+                             f"for {_LAYOUT_NAMES[wanted]}")
     try:
         unet = UNet2DConditionModel.from_single_file(checkpoint, config=str(folder), subfolder="unet",
                                                      local_files_only=True, torch_dtype=dtype)
@@ -467,8 +534,12 @@ def _load_single_file(path: Path, dtype: torch.dtype, device, config: str | Path
                                              torch_dtype=dtype)
     except Exception as e:  # shape mismatches and missing keys surface as assorted errors deep in diffusers
         raise ModelLoadError(f"{path}: cannot convert it with the config in {folder}: {e}") from e
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True))
-    te_state = ldm.text_encoder_from_ldm(checkpoint, set(text_encoder.state_dict()))
+    text_encoder, carried = CLIPTextModel(te_config), {}
+    if layout == "open_clip":
+        te_state = ldm.text_encoder_from_open_clip(checkpoint, text_encoder)
+        carried = ldm.open_clip_extras(checkpoint, text_encoder.config.num_hidden_layers)
+    else:
+        te_state = ldm.text_encoder_from_ldm(checkpoint, set(text_encoder.state_dict()))
     try:
         text_encoder.load_state_dict(te_state, strict=True)
     except RuntimeError as e:
@@ -480,15 +551,17 @@ def _load_single_file(path: Path, dtype: torch.dtype, device, config: str | Path
             raise ModelLoadError(f"{path}: the {name} is incomplete: {len(empty)} tensors missing, e.g. {empty[0]}")
     if "lorakit_vae_scaling_factor" in metadata:  # written by save_single_file_checkpoint
         vae.register_to_config(scaling_factor=float(metadata["lorakit_vae_scaling_factor"]))
-    # the file's own word first: lorakit's metadata, then the community's marker tensors (see _SCHEDULE_MARKERS)
-    marked = "v_prediction" if _SCHEDULE_MARKERS["v_prediction"] in checkpoint else None
-    prediction_type = prediction_type or metadata.get("lorakit_prediction_type") or marked
     scheduler_config = dict(DDPMScheduler.load_config(folder, subfolder="scheduler", local_files_only=True))
     tok = load_clip_tokenizer(tokenizer or folder)
     model = _assemble(tok, text_encoder, unet, vae, scheduler_config, str(path), prediction_type, device, dtype)
+    model.carried_tensors = carried
     if _SCHEDULE_MARKERS["zero_terminal_snr"] in checkpoint:
         model.set_schedule(zero_terminal_snr=True)
     return model
+
+
+_LAYOUT_NAMES = {"clip": f"SD1.x's CLIP ({ldm.TEXT_ENCODER_PREFIX}*)",
+                 "open_clip": f"SD2.x's OpenCLIP ({ldm.OPEN_CLIP_PREFIX}*)"}
 
 
 # ------------------------------------------------------------------------------------------------- saving
@@ -508,20 +581,24 @@ def _plain_keys(module: torch.nn.Module, fresh) -> None:
 
 
 def check_single_file_layout(model: BaseModel, where: str | Path) -> None:
-    """Refuse a model the SD1.x single-file layout cannot hold as clients read it: a text encoder that is not
-    CLIP ViT-L's kind (SD2.x's OpenCLIP: ``gelu``) would be written under SD1's names, a file A1111 and ComfyUI
-    misread.  ``where`` names the file (or setting) in the message."""
-    act = getattr(model.text_encoder.config, "hidden_act", "quick_gelu")
-    if act != "quick_gelu":
-        raise InvalidValueError(f"{where}: this model's text encoder is not SD1.x's CLIP (hidden_act {act!r}: an "
-                                "SD2.x-style OpenCLIP encoder?); lorakit writes single-file checkpoints in the SD1.x "
-                                "layout only, which clients would misread: write a diffusers folder instead "
-                                "(output.format = \"diffusers\" for training, --out FOLDER for lorakit merge)")
+    """Refuse a model no single-file layout holds as clients read it: a text encoder that is neither SD1.x's CLIP
+    (written under ``cond_stage_model.transformer.*``) nor SD2.x's OpenCLIP (``cond_stage_model.model.*``), whose
+    version disagrees with its encoder.  ``where`` names the file (or setting) in the message."""
+    try:
+        family = model_family(model.text_encoder.config)
+    except ModelLoadError as e:
+        family, why = None, str(e)
+    else:
+        why = f"the model is called {model.version} and its text encoder is {family}'s"
+    if family != model.version:
+        raise InvalidValueError(f"{where}: {why}; write a diffusers folder instead (output.format = \"diffusers\" "
+                                "for training, --out FOLDER for lorakit merge)")
 
 
 def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str | torch.dtype | None = None, *,
                                 overwrite: bool = False, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``model`` as one original-layout ``.safetensors`` file (what A1111, ComfyUI and kohya load).
+    """Write ``model`` as one original-layout ``.safetensors`` file (what A1111, ComfyUI and kohya load): SD1.x's
+    layout, or SD2.x's (OpenCLIP's names for the text encoder) for an SD2.x model.
 
     ``dtype``: cast on the way out (e.g. "fp16" halves the file); None keeps each tensor's dtype.  The write
     is atomic (temporary file, then rename) and an existing file is kept unless ``overwrite``.
@@ -536,14 +613,20 @@ def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str |
     _plain_keys(unet, lambda: UNet2DConditionModel.from_config(unet.config))
     _plain_keys(vae, lambda: AutoencoderKL.from_config(vae.config))
     _plain_keys(te, lambda: CLIPTextModel(te.config))
+    if model.version == "sd2":
+        text = ldm.text_encoder_to_open_clip(te.state_dict(), model.carried_tensors)
+    else:
+        text = ldm.text_encoder_to_ldm(te.state_dict())
     tensors = {**ldm.unet_to_ldm(unet.state_dict(), unet.config), **ldm.vae_to_ldm(vae.state_dict(), vae.config),
-               **ldm.text_encoder_to_ldm(te.state_dict())}
+               **text}
     cast = resolve_dtype(dtype) if dtype is not None else None
     out = {}
     for key, tensor in tensors.items():
         tensor = tensor.detach().to("cpu")
-        if cast is not None and tensor.is_floating_point():
-            tensor = tensor.to(cast)
+        # SD2's carried tensors and stand-ins are as the source file held them, or fp32: in the encoder's dtype
+        target = cast or (te.dtype if key in text else None)
+        if target is not None and tensor.is_floating_point():
+            tensor = tensor.to(target)
         out[key] = tensor.contiguous()
     if model.prediction_type == "v_prediction":
         out[_SCHEDULE_MARKERS["v_prediction"]] = torch.zeros(0)

@@ -3,7 +3,8 @@
 kohya writes them beside its ``ss_*`` entries, and model managers, ComfyUI nodes and model sites read them: the
 title a file is listed under, the base model family it needs (``modelspec.architecture``), its resolution, how
 its base model predicts, and the words that call it up (``modelspec.trigger_phrase``).  The values follow
-kohya's choices for SD1.x: ``stable-diffusion-v1/lora`` with the ``diffusers`` implementation for an adapter,
+kohya's choices for SD1.x and SD2.x: ``stable-diffusion-v1/lora`` (``stable-diffusion-v2-512``,
+``stable-diffusion-v2-768-v``) with the ``diffusers`` implementation for an adapter,
 ``stable-diffusion-v1/textual-inversion`` with Stability AI's for an embedding.
 """
 
@@ -14,6 +15,8 @@ from collections.abc import Iterable, Mapping
 
 SPEC_VERSION = "1.0.1"
 ARCHITECTURE_SD1 = "stable-diffusion-v1"
+ARCHITECTURE_SD2 = "stable-diffusion-v2-512"
+ARCHITECTURE_SD2_V = "stable-diffusion-v2-768-v"
 #: what a file holds -> (the architecture's suffix, the implementation kohya names for SD1.x)
 KINDS = {
     "lora": ("lora", "diffusers"),
@@ -28,12 +31,21 @@ def modelspec_date(now: datetime.datetime | None = None) -> str:
     return (now or datetime.datetime.now(datetime.UTC)).replace(microsecond=0).isoformat()
 
 
+def architecture(family: str, prediction_type: str) -> str:
+    """The base model's ModelSpec architecture, as kohya names it: SD2.x's by its prediction type (a v model is the
+    768 one)."""
+    if family == "sd2":
+        return ARCHITECTURE_SD2_V if prediction_type == "v_prediction" else ARCHITECTURE_SD2
+    return ARCHITECTURE_SD1
+
+
 def modelspec_metadata(kind: str, *, title: str, resolution: tuple[int, int], prediction_type: str,
-                       clip_skip: int = 1, timesteps: tuple[int, int] | None = None,
+                       family: str = "sd1", clip_skip: int = 1, timesteps: tuple[int, int] | None = None,
                        triggers: Iterable[str] = (), user: Mapping[str, str | None] | None = None,
                        now: datetime.datetime | None = None) -> dict[str, str]:
     """The ``modelspec.*`` entries of a file of ``kind`` ("lora": any adapter of the LoRA family; "textual-
-    inversion"): ``prediction_type`` as diffusers names it ("epsilon", "v_prediction"), ``clip_skip`` 1 for
+    inversion") for a base model of ``family`` ("sd1", "sd2"): ``prediction_type`` as diffusers names it
+    ("epsilon", "v_prediction"), ``clip_skip`` 1 for
     none, ``timesteps`` the trained range when it was narrowed, ``user`` the entries a person set (title,
     author, description, license, tags; None or "" left out).  The date is ``now`` (UTC) to the second."""
     suffix, implementation = KINDS[kind]
@@ -43,7 +55,7 @@ def modelspec_metadata(kind: str, *, title: str, resolution: tuple[int, int], pr
         raise ValueError(f"unknown ModelSpec entries {unknown}; known: {', '.join(USER_FIELDS)}")
     entries = {
         "sai_model_spec": SPEC_VERSION,
-        "architecture": f"{ARCHITECTURE_SD1}/{suffix}",
+        "architecture": f"{architecture(family, prediction_type)}/{suffix}",
         "implementation": implementation,
         "title": user.pop("title", None) or title,
         "resolution": f"{resolution[0]}x{resolution[1]}",
@@ -67,7 +79,8 @@ def as_embedding(metadata: Mapping[str, str], token: str) -> dict[str, str]:
     out = dict(metadata)
     if "modelspec.architecture" in out:
         suffix, implementation = KINDS["textual-inversion"]
-        out["modelspec.architecture"] = f"{ARCHITECTURE_SD1}/{suffix}"
+        base = out["modelspec.architecture"].split("/")[0]
+        out["modelspec.architecture"] = f"{base}/{suffix}"
         out["modelspec.implementation"] = implementation
         out["modelspec.trigger_phrase"] = token
     return out

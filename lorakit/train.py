@@ -45,7 +45,7 @@ from lorakit.earlystop.samples import SampleStop, SampleTurningPoint, make_sampl
 from lorakit.errors import LorakitError
 from lorakit.formats import AdapterFile, read_adapter
 from lorakit.loss import check_loss_options
-from lorakit.metadata import ss_metadata
+from lorakit.metadata import base_model_fields, ss_metadata
 from lorakit.methods import TrainingMethod, make_method
 from lorakit.models import (
     BaseModel,
@@ -117,7 +117,7 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
 
 def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
     """Load the base model; frozen parts in the mixed-precision dtype, everything trained stays fp32."""
-    model = load_base_model(cfg.model.base)
+    model = load_base_model(cfg.model.base, prediction_type=cfg.model.prediction_type)
     use_vae(model, cfg.model.vae)
     if cfg.model.prediction_type or cfg.model.zero_terminal_snr:
         model.set_schedule(cfg.model.prediction_type, cfg.model.zero_terminal_snr)
@@ -182,7 +182,7 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
         min_snr_gamma=str(cfg.training.min_snr_gamma),  # kohya writes "None" when it is off
         prior_loss_weight=cfg.training.prior_loss_weight, mixed_precision=cfg.model.mixed_precision,
         sd_model_name=Path(model.source).name if model.source else "builtin", vae_name=vae_name(cfg.model.vae),
-        base_model_version="sd_v1", v2=False,
+        **base_model_fields(model.version, model.prediction_type),
         # kohya's names: tools that read a LoRA's metadata learn what the base model predicts and its schedule
         v_parameterization=model.prediction_type == "v_prediction",
         zero_terminal_snr=bool(model.scheduler_config.get("rescale_betas_zero_snr", False)),
@@ -229,7 +229,7 @@ def _modelspec(cfg: TrainConfig, data: TrainingData, model: BaseModel) -> dict[s
     last = int(model.scheduler_config.get("num_train_timesteps", 1000))
     return modelspec_metadata(
         kind, title=cfg.output.name, resolution=(size, size) if isinstance(size, int) else tuple(size),
-        prediction_type=model.prediction_type, clip_skip=cfg.model.clip_skip,
+        prediction_type=model.prediction_type, family=model.version, clip_skip=cfg.model.clip_skip,
         timesteps=(cfg.training.min_timestep or 0, cfg.training.max_timestep or last) if narrowed else None,
         triggers=triggers, user={f: getattr(cfg.output, f"metadata_{f}") for f in USER_FIELDS})
 

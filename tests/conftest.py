@@ -63,3 +63,15 @@ def tiny_model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_model") / "model"
     export_pipeline(build_components(0), folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory):
+    """A tiny SD2.x-kind model (model_helpers.build_tiny_sd2_components(0)) as a diffusers folder."""
+    from model_helpers import build_tiny_sd2_components
+
+    from lorakit.world.pretrain import export_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny_sd2") / "model"
+    export_pipeline(build_tiny_sd2_components(0), folder)
+    return folder

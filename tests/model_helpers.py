@@ -63,3 +63,21 @@ def randomize(network, seed: int = 0, scale: float = 0.1) -> None:
             for key, p in adapter.named_parameters():
                 if not key.startswith("base."):
                     p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def build_tiny_sd2_components(seed: int = 0) -> dict:
+    """The built-in model's sizes with SD2.x's kinds of layer (random weights): an OpenCLIP-style text encoder
+    (gelu), a U-Net whose transformers project with Linear layers, a tokenizer padding with "!" as SD2's does."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from lorakit.world.model import UNET_CONFIG, build_components
+
+    c = build_components(seed)
+    torch.manual_seed(seed + 1)
+    config = copy.deepcopy(c["text_encoder"].config)
+    config.hidden_act = "gelu"
+    c["text_encoder"] = CLIPTextModel(config).eval()
+    c["unet"] = UNet2DConditionModel(**{**UNET_CONFIG, "use_linear_projection": True}).eval()
+    c["tokenizer"].pad_token = "!"
+    return c

@@ -65,7 +65,7 @@ def test_a_gui_config_is_translated_as_the_gui_launches_it(tmp_path):
     ({"LyCORIS_preset": "unet-transformer-only"}, "preset=unet-transformer-only: a LyCORIS preset lorakit lacks"),
     ({"sample_prompts": "zkz shape --n blurry"}, "sample_prompts: the GUI keeps the prompts in its config"),
     ({"num_processes": 2}, "num_processes = 2: launch with `accelerate launch --num_processes 2"),
-    ({"sdxl": True}, "sdxl = true: lorakit trains Stable Diffusion 1.x base models"),
+    ({"sdxl": True}, "sdxl = true: lorakit trains Stable Diffusion 1.x and 2.x base models"),
     ({"lr_warmup": 100}, "lr_warmup = 100: warming up for the whole run"),
 ])
 def test_what_lorakit_cannot_take_over_from_a_gui_config_is_listed(tmp_path, fields, said):

@@ -249,12 +249,12 @@ def test_sdxl_checkpoint_is_refused(tmp_path):
         load_base_model(path)
 
 
-def test_sd2_checkpoint_is_refused(tmp_path):
+def test_an_sd2_checkpoint_without_a_vae_is_named_as_incomplete(tmp_path):
     path = _write(tmp_path / "sd21.safetensors", {
         "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
         "cond_stage_model.model.positional_embedding": torch.zeros(77, 16),
     })
-    with pytest.raises(ModelLoadError, match=r"sd21\.safetensors: .*SD2\.x.*unsupported"):
+    with pytest.raises(ModelLoadError, match=r"sd21\.safetensors: the checkpoint has no VAE"):
         load_base_model(path)
 
 
@@ -269,6 +269,7 @@ def test_unknown_shapes_are_refused_with_the_shape(tmp_path):
         load_base_model(path)
     message = str(info.value)
     assert "(48, 4, 3, 3)" in message and "sd15 (320, 4, 3, 3)" in message and "SDXL" in message
+    assert "sd2 (320, 1024)" in message  # SD2.x's cross-attention width, beside SD1.5's
 
 
 def test_files_that_are_not_checkpoints_are_refused(tmp_path):
@@ -344,3 +345,117 @@ def test_dtype_names():
     assert dtype_name(torch.bfloat16) == "bf16"
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("fp8")
+
+
+# ------------------------------------------------------------------------------------------------------ SD2.x
+def _te_out(text_encoder, tokenizer) -> torch.Tensor:
+    ids = tokenizer(["a red circle at the top left"], padding="max_length", max_length=16,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text_encoder(ids)[0]
+
+
+def test_an_sd2_single_file_round_trips_exactly_and_diffusers_reads_it_as_written(tiny_sd2_dir, tmp_path):
+    """An SD2.x-kind model (OpenCLIP-style encoder) is written in SD2.x's layout: OpenCLIP's names, q/k/v in one
+    in_proj, a last layer diffusers does not keep (a stand-in here; the file's own when it was read from one).
+    lorakit reads it back, and so does diffusers' own single-file pipeline reader, both exactly as written."""
+    from diffusers import StableDiffusionPipeline
+
+    model = load_base_model(tiny_sd2_dir)
+    assert model.version == "sd2" and model.tokenizer.pad_token == "!"
+    path = save_single_file_checkpoint(model, tmp_path / "sd2.safetensors")
+    tensors, metadata = read_checkpoint(path)
+    assert metadata["lorakit_architecture"] == "sd2"
+    layers = model.text_encoder.config.num_hidden_layers
+    block = f"cond_stage_model.model.transformer.resblocks.{layers}."  # the layer SD2 never uses, written as SD2 has it
+    width = model.text_encoder.config.hidden_size
+    assert tensors["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * width, width)
+    assert torch.equal(tensors[block + "mlp.c_fc.weight"],
+                       tensors[f"cond_stage_model.model.transformer.resblocks.{layers - 1}.mlp.c_fc.weight"])
+    assert not any(k.startswith(ldm.TEXT_ENCODER_PREFIX) for k in tensors)
+
+    loaded = load_base_model(path, config=tiny_sd2_dir)
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_state(getattr(loaded, name), getattr(model, name))
+    assert loaded.version == "sd2" and loaded.tokenizer.pad_token == "!"
+    assert sorted(loaded.carried_tensors) == sorted([k for k in tensors if k.startswith(block)] + [
+        "cond_stage_model.model.logit_scale", "cond_stage_model.model.text_projection"])
+    again, _ = read_checkpoint(save_single_file_checkpoint(loaded, tmp_path / "again.safetensors"))
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+    pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(tiny_sd2_dir), local_files_only=True,
+                                                    safety_checker=None, requires_safety_checker=False)
+    assert torch.equal(_te_out(pipe.text_encoder, model.tokenizer), _te_out(model.text_encoder, model.tokenizer))
+    assert_same_state(pipe.unet, model.unet)
+
+
+def test_a_file_whose_text_encoder_is_not_its_configs_kind_is_refused(tiny_sd2_dir, tiny_model_dir, tmp_path):
+    path = save_single_file_checkpoint(load_base_model(tiny_sd2_dir), tmp_path / "sd2.safetensors")
+    with pytest.raises(ModelLoadError, match=r"sd2\.safetensors: its text encoder is SD2\.x's OpenCLIP .*config in "
+                                             r".* is for SD1\.x's CLIP"):
+        load_base_model(path, config=tiny_model_dir)
+
+
+def _sd2_meta():
+    """SD2.1's U-Net and text encoder built from lorakit's configs on the meta device: names and shapes."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(models.SD2_CONFIG / "unet"))
+        te = CLIPTextModel(CLIPTextConfig.from_pretrained(models.SD2_CONFIG / "text_encoder"))
+    return unet, te
+
+
+def test_sd2_layout_at_full_size_has_sd2_files_names_and_counts():
+    """At full SD2.1 size (meta tensors): the U-Net's 686 tensors (its transformers' proj_in/proj_out are Linear:
+    2-D), the text encoder's 24 OpenCLIP layers of 12 tensors plus 6 others, as every SD2.x file holds them; and
+    diffusers' converters map both back to the modules' names."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    unet, te = _sd2_meta()
+    written = ldm.unet_to_ldm(unet.state_dict(), unet.config)
+    assert len(written) == 686
+    assert written[ldm.UNET_PREFIX + "input_blocks.1.1.proj_in.weight"].shape == (320, 320)
+    assert written[ldm.UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape == (320, 1024)
+    assert convert_ldm_unet_checkpoint(written, dict(unet.config)).keys() == unet.state_dict().keys()
+
+    text = ldm.text_encoder_to_open_clip(te.state_dict())
+    assert len(text) == 24 * 12 + 6
+    for key, shape in (("transformer.resblocks.23.attn.in_proj_weight", (3072, 1024)),
+                       ("transformer.resblocks.0.mlp.c_fc.weight", (4096, 1024)),
+                       ("positional_embedding", (77, 1024)), ("token_embedding.weight", (49408, 1024)),
+                       ("text_projection", (1024, 1024)), ("ln_final.bias", (1024,))):
+        assert text[ldm.OPEN_CLIP_PREFIX + key].shape == shape, key
+    assert ldm.text_encoder_from_open_clip(text, te).keys() == te.state_dict().keys() - {
+        k for k in te.state_dict() if k.endswith("position_ids")}
+    assert sorted(ldm.open_clip_extras(text, 23)) == sorted(
+        [k for k in text if ".resblocks.23." in k] + [ldm.OPEN_CLIP_PREFIX + "text_projection",
+                                                      ldm.OPEN_CLIP_PREFIX + "logit_scale"])
+
+
+def test_sd2_checkpoint_shapes_are_detected_and_a_v_file_is_the_768_model(tmp_path):
+    """Shapes say SD2.x; only a v marker (or the user) tells SD2.1-768-v from 2.1-base, whose shapes are the same."""
+    with torch.device("meta"):
+        fake = {
+            "model.diffusion_model.input_blocks.0.0.weight": torch.empty(320, 4, 3, 3),
+            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.empty(320, 1024),
+            "first_stage_model.encoder.conv_in.weight": torch.empty(128, 3, 3, 3),
+            "cond_stage_model.model.positional_embedding": torch.empty(77, 1024),
+        }
+        assert detect_architecture(fake) == "sd2"
+    path = _write(tmp_path / "sd21.safetensors", {k: torch.zeros(t.shape) for k, t in fake.items()})
+    assert models.native_resolution(path) == 512
+    assert models.native_resolution(path, "v_prediction") == 768
+    marked = tmp_path / "sd21-v.safetensors"
+    save_file({**read_checkpoint(path)[0], "v_pred": torch.zeros(0)}, str(marked))
+    assert models.native_resolution(marked) == 768
+
+
+def test_sd2_tokenizer_is_clips_padded_with_exclamation_marks():
+    sd1, sd2 = load_clip_tokenizer(SD15_CONFIG), load_clip_tokenizer(models.SD2_CONFIG)
+    assert sd2.pad_token == "!" and sd2.pad_token_id == 0 and len(sd2) == 49408
+    assert sd2("a photo of a cat").input_ids == sd1("a photo of a cat").input_ids
+    padded = sd2("a cat", padding="max_length", max_length=8).input_ids
+    assert padded == [49406, 320, 2368, 49407, 0, 0, 0, 0]
+    assert sd1("a cat", padding="max_length", max_length=8).input_ids[4:] == [49407] * 4

@@ -24,6 +24,21 @@ def test_an_adapter_is_described_as_kohya_describes_an_sd1_lora():
         "modelspec.trigger_phrase": "zkz, vlx"}
 
 
+def test_sd2_adapters_and_embeddings_name_sd2_as_kohya_does():
+    """kohya's architectures for SD2.x (512 ε; 768 v), and its ss_base_model_version ("_v" for v-prediction)."""
+    from lorakit.metadata import base_model_fields
+    from lorakit.modelspec import as_embedding
+
+    base = modelspec_metadata("lora", title="t", resolution=(512, 512), prediction_type="epsilon", family="sd2")
+    v = modelspec_metadata("lora", title="t", resolution=(768, 768), prediction_type="v_prediction", family="sd2")
+    assert base["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
+    assert v["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert as_embedding(v, "zkz")["modelspec.architecture"] == "stable-diffusion-v2-768-v/textual-inversion"
+    assert base_model_fields("sd2", "epsilon") == {"base_model_version": "sd_v2", "v2": True}
+    assert base_model_fields("sd2", "v_prediction")["base_model_version"] == "sd_v2_v"
+    assert base_model_fields("sd1", "v_prediction") == {"base_model_version": "sd_v1_v", "v2": False}
+
+
 def test_optional_entries_appear_only_when_set():
     entries = modelspec_metadata("textual-inversion", title="t", resolution=(768, 512),
                                  prediction_type="v_prediction", clip_skip=2, timesteps=(100, 900),

@@ -1364,27 +1364,39 @@ def test_the_lr_schedule_takes_kohyas_cycles_and_power(tiny_model_dir, dataset, 
     assert linear[3] == pytest.approx(1e-3 * 4 / 8, rel=1e-3) and squared[3] < linear[3]  # falls faster
 
 
-def test_a_model_with_an_openclip_style_text_encoder_is_never_written_as_an_sd1_single_file(tiny_model_dir, dataset,
-                                                                                           tmp_path):
-    """A text encoder that is not SD1's CLIP (SD2.x's OpenCLIP uses gelu) would be written under SD1.x single-file
-    names that clients misread: native training refuses before its first step, and writes a diffusers folder when
-    asked; the writer itself refuses too (lorakit merge --out FILE.safetensors)."""
+def test_an_sd2_model_trains_natively_into_an_sd2_single_file_and_its_adapters_say_sd2(tiny_sd2_dir, dataset,
+                                                                                       tmp_path):
+    """A model with SD2.x's kind of text encoder (OpenCLIP's gelu) is an SD2.x model: native training writes its
+    single file in SD2.x's layout (cond_stage_model.model.*, which A1111 and ComfyUI read as SD2), and an adapter
+    trained on it names SD2 as kohya does (ss_v2, ss_base_model_version, the ModelSpec architecture)."""
+    from lorakit.models import load_base_model, read_checkpoint
+
+    native = run_train(make_config(tiny_sd2_dir, dataset, tmp_path / "native", method={"kind": "native"},
+                                   training={"max_epochs": 1}))
+    tensors, metadata = read_checkpoint(native.files[0])
+    assert metadata["lorakit_architecture"] == "sd2"
+    assert any(k.startswith("cond_stage_model.model.transformer.resblocks.") for k in tensors)
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in tensors)
+    trained = load_base_model(native.files[0], config=tiny_sd2_dir)
+    base = load_base_model(tiny_sd2_dir)
+    assert trained.version == "sd2"
+    changed = [k for k, t in trained.unet.state_dict().items() if not torch.equal(t, base.unet.state_dict()[k])]
+    assert changed  # the trained U-Net, not the base's
+
+    adapter = run_train(make_config(tiny_sd2_dir, dataset, tmp_path / "lora", training={"max_epochs": 1}))
+    _, meta = read_checkpoint(adapter.files[0])
+    assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
+
+
+def test_a_text_encoder_of_neither_family_is_refused_naming_its_activation(tiny_model_dir, tmp_path):
     import shutil
 
-    from lorakit.config import ConfigError
-    from lorakit.errors import InvalidValueError
-    from lorakit.models import load_base_model, save_single_file_checkpoint
+    from lorakit.models import ModelLoadError, load_base_model
 
-    folder = tmp_path / "openclip"
+    folder = tmp_path / "odd"
     shutil.copytree(tiny_model_dir, folder)
     config = folder / "text_encoder" / "config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_act": "gelu"}))
-    cfg = make_config(folder, dataset, tmp_path / "native", method={"kind": "native"}, training={"max_epochs": 1})
-    with pytest.raises(ConfigError, match="hidden_act 'gelu'.*write a diffusers folder instead"):
-        run_train(cfg)
-    assert not (tmp_path / "native" / "checkpoints").exists()
-    cfg.output.format = "diffusers"
-    assert (run_train(cfg).files[0] / "model_index.json").is_file()
-    with pytest.raises(InvalidValueError, match="x.safetensors: this model's text encoder is not SD1.x's CLIP"):
-        save_single_file_checkpoint(load_base_model(folder), tmp_path / "x.safetensors")
-    assert not (tmp_path / "x.safetensors").exists()
+    config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_act": "relu"}))
+    with pytest.raises(ModelLoadError, match=r"odd: a text encoder with hidden_act 'relu' is neither SD1\.x's"):
+        load_base_model(folder)

@@ -241,7 +241,7 @@ def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[
         notes.append("sample_prompts: the GUI keeps the prompts in its config; save them in a file (kohya's syntax) "
                      "and --set sample.prompts=FILE")
     if gui.pop("sdxl", False):
-        notes.append("sdxl = true: lorakit trains Stable Diffusion 1.x base models (SDXL not yet)")
+        notes.append("sdxl = true: lorakit trains Stable Diffusion 1.x and 2.x base models (SDXL not yet)")
     extra = gui.pop("additional_parameters", "")
     if not is_off(extra):  # command-line text: numbers as sd-scripts' argument types read them
         gui.update({k: [_number_or_text(k, v) for v in value] if isinstance(value, list) else

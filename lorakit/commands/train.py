@@ -185,8 +185,10 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--full-bf16": "(not in lorakit: trained weights stay fp32; --mixed-precision bf16 runs the model in bf16)",
     "--full-fp16": "(not in lorakit: trained weights stay fp32; --mixed-precision fp16 runs the model in fp16)",
     "--fp8-base": "(not in lorakit: the base model runs in --mixed-precision's dtype)",
-    "--v2": "(not in lorakit: SD2.x base models are not supported yet; lorakit trains SD1.x)",
-    "--block-lr": "(not in lorakit: sdxl_train.py's learning rate per U-Net block, for SDXL; lorakit trains SD1.x)",
+    "--v2": "(the default: lorakit tells an SD2.x model from an SD1.x one by its text encoder; an SD2.x single "
+            "file predicting v also needs --v-parameterization, as in kohya)",
+    "--block-lr": "(not in lorakit: sdxl_train.py's learning rate per U-Net block, for SDXL; lorakit trains SD1.x "
+                  "and SD2.x)",
     "--no-metadata": "(not in lorakit: files always carry their ss_*/modelspec.* metadata, as clients expect)",
     "--metadata-title": "--set output.metadata_title=NAME",
     "--metadata-author": "--set output.metadata_author=NAME",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.metadata import base_model_fields, ss_metadata
 from lorakit.models import BaseModel
 from lorakit.modelspec import modelspec_metadata
 from lorakit.network import components, get_preset, is_kxk_conv, select_targets
@@ -86,7 +87,8 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
                             "not in the file")
     described = modelspec_metadata("lora", title=Path(tuned.source).stem if tuned.source else "extracted",
                                    resolution=(tuned.resolution, tuned.resolution),
-                                   prediction_type=tuned.prediction_type)
+                                   prediction_type=tuned.prediction_type, family=tuned.version)
+    described |= ss_metadata(**base_model_fields(tuned.version, tuned.prediction_type))
     result.finish(None, lorakit_source=f"{tuned.source} - {base.source}", lorakit_rank_rule=rule.describe(),
                   lorakit_conv_rank_rule=conv_rule.describe(), lorakit_preset=preset, **described)
     return result

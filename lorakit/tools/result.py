@@ -12,7 +12,8 @@ import torch
 
 import lorakit
 from lorakit.atomic import atomic_write_text
-from lorakit.formats import AdapterFile, model_hashes, write_adapter
+from lorakit.formats import AdapterFile, guess_base_model, model_hashes, write_adapter
+from lorakit.metadata import base_model_fields, ss_metadata
 from lorakit.modelspec import modelspec_date
 from lorakit.tools import check_output
 from lorakit.tools.lowrank import Factors, ModuleReport, lora_tensors, report_table, totals, totals_line
@@ -83,7 +84,9 @@ class ToolResult:
             "lorakit_retained_energy": f"{t.energy:.6f}",
             "lorakit_max_fro_error": f"{t.max_fro_error:.3e}",
         })
-        meta.setdefault("ss_base_model_version", "sd_v1")
+        if "ss_base_model_version" not in meta:  # a source that does not say: the widths tell SD2.x from SD1.x
+            family = "sd2" if guess_base_model(AdapterFile(self.tensors, {})) == "sd2" else "sd1"
+            meta.update(ss_metadata(**base_model_fields(family, "epsilon")))
         meta.update(extra)
         self.metadata = meta
 
