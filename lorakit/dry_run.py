@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import TrainingData
-from lorakit.models import native_resolution
+from lorakit.models import family_name, native_resolution
 from lorakit.run_messages import count, early_stop_text, opening_line
 from lorakit.trackers import check_tracker
 from lorakit.train import (
@@ -42,6 +42,7 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     if resuming:  # the settings a resume may not change are refused as the resume would refuse them
         check_resume_settings(previous, cfg)
     resolution = native_resolution(cfg.model.base, cfg.model.prediction_type)  # also refuses what cannot load
+    family = family_name(cfg.model.base, cfg.model.prediction_type)
     start = ti_start_vectors(cfg) if not resuming else None  # read as the run reads it (a resume does not)
     data_cfg, notes = cfg.data, []
     if cfg.data.num_class_images > 0:  # prior preservation: the class images are drawn when the run starts
@@ -59,7 +60,8 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     capped = total < steps_per_epoch * cfg.training.max_epochs
 
     lines = ["lorakit train --dry-run: the run checked, nothing loaded or written", opening_line(cfg),
-             f"base model: {cfg.model.base or 'built-in'}, made for {resolution}×{resolution} (from its configs)"]
+             f"base model: {cfg.model.base or 'built-in'}, {family}, made for {resolution}×{resolution} "
+             "(from its configs)"]
     lines += ["data:"] + [f"  {line}" for line in data.summary().splitlines()]
     lines += [f"  note: {n}" for n in notes]
     if start is not None:

@@ -20,6 +20,7 @@ import pickle
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -302,27 +303,42 @@ def load_base_model(spec: str | Path | None = None, dtype: str | torch.dtype = t
                          "folder or a single-file .safetensors checkpoint)")
 
 
-def native_resolution(spec: str | Path | None = None, prediction_type: str | None = None) -> int:
-    """The image size a base model was made for, read from its configs (and a single file's tensor shapes and
-    metadata) without loading any weights; raises ModelLoadError for a model lorakit cannot load (an SDXL file, a
-    missing path).  ``prediction_type`` as the load is told it (an SD2.x single file predicting v is a 768 model)."""
+def describing_configs(spec: str | Path | None = None, prediction_type: str | None = None) -> Path:
+    """The folder whose configs describe a base model, found without loading any weights: the model's own folder,
+    or for a single file the config lorakit matches it to by its tensor shapes and metadata.  Raises
+    ModelLoadError for a model lorakit cannot load (an SDXL file, a missing path).  ``prediction_type`` as the load
+    is told it (an SD2.x single file predicting v is the 768 model)."""
     if spec is None or str(spec) == "builtin":
-        return _folder_resolution(builtin_model_path())
+        return builtin_model_path()
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _folder_resolution(path)
+        return path
     if not path.is_file():
         raise ModelLoadError(f"{spec}: no such file or folder (lorakit never downloads models: give a local diffusers "
                              "folder or a single-file .safetensors checkpoint)")
-    if path.suffix != ".safetensors":  # a pickle's shapes need torch.load: assume the SD1.x layout it must have
-        return _folder_resolution(SD15_CONFIG)
-    from safetensors import safe_open
-
+    if path.suffix != ".safetensors":  # a pickle's shapes need torch.load: assume SD1.x, checked when it loads
+        return SD15_CONFIG
     with safe_open(str(path), "pt") as f:  # shapes only: tensors on the meta device hold no data
         shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
         metadata = f.metadata() or {}
     found = detect_architecture(shapes, path)
-    return _folder_resolution(_config_folder(found, _file_prediction_type(shapes, metadata, prediction_type)))
+    return _config_folder(found, _file_prediction_type(shapes, metadata, prediction_type))
+
+
+def native_resolution(spec: str | Path | None = None, prediction_type: str | None = None) -> int:
+    """The image size a base model was made for, read as ``describing_configs`` reads it (no weights loaded)."""
+    return _folder_resolution(describing_configs(spec, prediction_type))
+
+
+def family_name(spec: str | Path | None = None, prediction_type: str | None = None) -> str:
+    """"SD1.x" or "SD2.x" for a base model, from its configs (no weights loaded)."""
+    folder = describing_configs(spec, prediction_type)
+    settings = json.loads((folder / "text_encoder" / "config.json").read_text())
+    try:
+        family = model_family(SimpleNamespace(**settings))
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{folder / 'text_encoder'}: {e}") from None
+    return {"sd1": "SD1.x", "sd2": "SD2.x"}[family]
 
 
 def _folder_resolution(folder: Path) -> int:

@@ -116,7 +116,7 @@ def parse_prompt_line(line: str, defaults: SamplePrompt | None = None, where: st
             raise PromptSyntaxError(f"{where}: cannot read option '--{option.strip()}'")
         name, value = m[1].lower(), (m[2] or "").strip()
         if name in _KOHYA_IGNORED:
-            log.warning("%s: --%s has no meaning for lorakit's SD1.x sampling; ignored", where, name)
+            log.warning("%s: --%s has no meaning for lorakit's SD1.x/SD2.x sampling; ignored", where, name)
             continue
         if name not in _OPTIONS:
             raise PromptSyntaxError(f"{where}: unknown option --{name} (known: "

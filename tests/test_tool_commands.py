@@ -210,3 +210,31 @@ def test_merge_past_a_file_size_limit_says_so_and_leaves_no_file(files, tmp_path
         "full quota); lorakit's writes are atomic, so no half-written file was left: free space and run the same "
         "command again")
     assert "Traceback" not in done.stderr and list(out.iterdir()) == []
+
+
+def test_merge_and_extract_on_an_sd2_model_write_sd2_files(tiny_sd2_dir, tmp_path, capsys):
+    """An adapter baked into an SD2.x-kind model comes out in SD2.x's single-file layout (or a diffusers folder),
+    equal to the baked model; a LoRA extracted from it names SD2 as kohya does."""
+    from lorakit.models import read_checkpoint
+
+    sd2 = load_base_model(tiny_sd2_dir)
+    a = _random_adapter(sd2, tmp_path / "a.safetensors")
+    baked = copy.deepcopy(sd2)
+    bake(baked, [f"{a}:0.7"])
+    single, folder = tmp_path / "m.safetensors", tmp_path / "m"
+    for out in (single, folder):
+        assert main(["merge", f"{a}:0.7", "--model", str(tiny_sd2_dir), "--out", str(out)]) == 0
+    capsys.readouterr()
+    tensors, _ = read_checkpoint(single)
+    assert any(k.startswith("cond_stage_model.model.") for k in tensors)
+    for merged in (load_base_model(single, config=tiny_sd2_dir), load_base_model(folder)):
+        assert merged.version == "sd2"
+        torch.testing.assert_close(unet_out(merged), unet_out(baked), rtol=0, atol=0)
+        ids = torch.tensor([[1, 5, 9, 2]])
+        with torch.no_grad():
+            torch.testing.assert_close(merged.text_encoder(ids)[0], baked.text_encoder(ids)[0], rtol=0, atol=0)
+    x = tmp_path / "x.safetensors"
+    assert main(["extract", str(folder), "--base", str(tiny_sd2_dir), "--out", str(x), "--rank", "4"]) == 0
+    meta = read_adapter(x).metadata
+    assert meta["ss_base_model_version"] == "sd_v2" and meta["ss_v2"] == "True"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
