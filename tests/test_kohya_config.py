@@ -83,6 +83,17 @@ def test_every_option_is_translated_or_listed(tmp_path):
     assert "full_bf16" in translation.skipped and "xformers" in translation.skipped  # off, or lorakit's way anyway
 
 
+def test_an_sd2_config_is_taken_over_with_its_prediction_type(tmp_path):
+    """kohya's v2 switch needs nothing (lorakit reads the family from the model); v_parameterization is the
+    prediction type, which also picks SD2.x's 768 config for a single file."""
+    path = tmp_path / "sd2.toml"
+    path.write_text('pretrained_model_name_or_path = "/models/v2-1_768-ema-pruned.safetensors"\nv2 = true\n'
+                    'v_parameterization = true\nresolution = "768,768"\n')
+    cfg, translation = config_from_kohya(path)
+    assert cfg.model.prediction_type == "v_prediction" and cfg.data.resolution == 768
+    assert "v2" in translation.skipped and not translation.untranslated
+
+
 def kohya_file(tmp_path, model_dir, name: str, options: str):
     """A kohya config training 4 images of the built-in architecture into tmp_path/run, with ``options``."""
     data = write_dataset(tmp_path / "data", n=4)
