@@ -54,6 +54,15 @@ def inspect_embedding(path: str | Path) -> EmbeddingReport:
                            {k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items()}, norms, metadata)
 
 
+def _base_model_text(report: EmbeddingReport) -> str:
+    """The base model as the width tells it, and as kohya's metadata states it where the file has it."""
+    stated = report.metadata.get("ss_base_model_version")
+    guessed = f"{report.base_model} (from the width)" if report.base_model else None
+    if stated:
+        return f"{stated} (metadata)" + (f"; {guessed}" if guessed else "")
+    return guessed or "unknown (the width is no known encoder's, and the metadata does not say)"
+
+
 def format_embedding_report(report: EmbeddingReport) -> str:
     name = report.path.stem
     token = report.metadata.get(TI_TOKEN_KEY) or name  # lorakit sample's: the file's token, else its name
@@ -63,7 +72,7 @@ def format_embedding_report(report: EmbeddingReport) -> str:
              "tensors:     " + ", ".join(f"{k} {'×'.join(map(str, s))} {report.dtypes[k]}"
                                          for k, s in sorted(report.shapes.items())),
              f"vectors:     {report.vectors} per prompt token",
-             f"base model:  {report.base_model or 'unknown'} (from the width)"]
+             f"base model:  {_base_model_text(report)}"]
     for key, values in sorted(report.norms.items()):
         lines.append(f"lengths:     {key} " + ", ".join(f"{v:.3g}" for v in values))
     lines.append(f"prompt:      A1111: {name}; ComfyUI: embedding:{name}; lorakit: {token} (lorakit sample "

@@ -121,6 +121,13 @@ def test_inspect_describes_an_embedding(tmp_path, capsys):
               metadata={"lorakit_ti_token": "zkz"})
     code, out, _ = _inspect(capsys, tmp_path / "xl.safetensors")
     assert code == 0 and "base model:  SDXL" in out and "lorakit: zkz" in out
+    save_file({"clip_l": torch.ones(1, 32)}, tmp_path / "small.safetensors",
+              metadata={"ss_base_model_version": "sd_v2"})  # a tiny model's width: the metadata says what it is for
+    code, out, _ = _inspect(capsys, tmp_path / "small.safetensors")
+    assert code == 0 and "base model:  sd_v2 (metadata)" in out
+    save_file({"clip_l": torch.ones(1, 32)}, tmp_path / "bare.safetensors")
+    code, out, _ = _inspect(capsys, tmp_path / "bare.safetensors")
+    assert code == 0 and "base model:  unknown (the width is no known encoder's" in out
 
 
 @pytest.mark.parametrize("command", [["sample", "--prompt", "x", "--out", "{out}"], ["merge", "--out", "{out}.st"],
