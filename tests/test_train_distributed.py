@@ -48,7 +48,10 @@ def launch_two_processes(tmp_path: Path, job: Path, *script_args: str) -> list[d
     return metas
 
 
-@pytest.mark.parametrize("script_args", [(), ("partial-state-first",)], ids=["plain", "partial-state-first"])
+# the plain launch (17 s) runs with pytest -m extended: the suite keeps the harder case, a script that made
+# accelerate's PartialState() first, whose two processes must still train one synchronised adapter
+@pytest.mark.parametrize("script_args", [pytest.param((), marks=pytest.mark.extended), ("partial-state-first",)],
+                         ids=["plain", "partial-state-first"])
 def test_two_processes_train_one_synchronised_adapter(tiny_model_dir, tmp_path, script_args):
     """Also when the user's script made accelerate's PartialState() before train(): on a machine without a GPU it
     set itself up for one process, and both processes would have trained alone, each believing it is the main one."""
