@@ -35,7 +35,7 @@ def load_vae(spec: str | Path, like: AutoencoderKL) -> AutoencoderKL:
                         for c in (vae.config, like.config))
         if mine != theirs:
             raise ModelLoadError(f"{path}: this VAE does not fit the base model ({what} {mine} here, {theirs} in the "
-                                 "model's own VAE); SD1.x VAEs fit SD1.x models")
+                                 "model's own VAE); SD1.x and SD2.x share one kind of VAE, SDXL's is another")
     vae.register_to_config(scaling_factor=like.config.scaling_factor)
     if vae.dtype != like.dtype:  # only then: diffusers warns about every .to(dtype=...)
         vae.to(dtype=like.dtype)

@@ -459,3 +459,38 @@ def test_sd2_tokenizer_is_clips_padded_with_exclamation_marks():
     padded = sd2("a cat", padding="max_length", max_length=8).input_ids
     assert padded == [49406, 320, 2368, 49407, 0, 0, 0, 0]
     assert sd1("a cat", padding="max_length", max_length=8).input_ids[4:] == [49407] * 4
+
+
+def test_an_sd2_file_that_does_not_say_what_it_predicts_loads_as_the_512_model_and_says_so(
+        tiny_sd2_dir, tmp_path, monkeypatch, caplog):
+    """The real load path, with lorakit's SD2.x configs swapped for tiny ones of the same kinds (real SD2.x files
+    are gigabytes): no word on the prediction type → the 512 ε config, with a warning that names the setting; a v
+    marker or the user's prediction type → the 768 v config."""
+    import json
+    import logging
+    import shutil
+
+    v_folder = tmp_path / "tiny_sd2_v"
+    shutil.copytree(tiny_sd2_dir, v_folder)
+    for part, changes in (("unet/config.json", {"sample_size": 24}),
+                          ("scheduler/scheduler_config.json", {"prediction_type": "v_prediction"})):
+        file = v_folder / part
+        file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+    monkeypatch.setattr(models, "_known_configs", lambda: {"sd15": SD15_CONFIG, "sd2": tiny_sd2_dir})
+    monkeypatch.setattr(models, "SD2_V_CONFIG", v_folder)
+    written = save_single_file_checkpoint(load_base_model(tiny_sd2_dir), tmp_path / "lorakit.safetensors")
+    assert load_base_model(written).prediction_type == "epsilon"  # lorakit's own files say it in their metadata
+    path = _write(tmp_path / "sd21.safetensors", read_checkpoint(written)[0])  # as other tools write SD2.x files
+    with caplog.at_level(logging.WARNING, logger="lorakit.models"):
+        plain = load_base_model(path)
+    assert (plain.version, plain.prediction_type, plain.resolution) == ("sd2", "epsilon", 64)
+    assert "sd21.safetensors: an SD2.x file does not say whether it predicts" in caplog.text
+    assert 'model.prediction_type = "v_prediction"' in caplog.text
+    told = load_base_model(path, prediction_type="v_prediction")
+    assert (told.prediction_type, told.resolution) == ("v_prediction", 96)
+    marked = tmp_path / "sd21-v.safetensors"
+    save_file({**read_checkpoint(path)[0], "v_pred": torch.zeros(0)}, str(marked))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lorakit.models"):
+        assert load_base_model(marked).resolution == 96
+    assert "does not say" not in caplog.text
