@@ -316,11 +316,17 @@ def describing_configs(spec: str | Path | None = None, prediction_type: str | No
     if not path.is_file():
         raise ModelLoadError(f"{spec}: no such file or folder (lorakit never downloads models: give a local diffusers "
                              "folder or a single-file .safetensors checkpoint)")
-    if path.suffix != ".safetensors":  # a pickle's shapes need torch.load: assume SD1.x, checked when it loads
-        return SD15_CONFIG
-    with safe_open(str(path), "pt") as f:  # shapes only: tensors on the meta device hold no data
-        shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
-        metadata = f.metadata() or {}
+    if path.suffix.lower() != ".safetensors":  # a .ckpt's tensors mapped from the file, not read
+        try:
+            shapes, metadata = read_checkpoint(path, mmap=True)
+        except ModelLoadError as e:
+            if "mmap" not in str(e):
+                raise
+            return SD15_CONFIG  # an old-format .ckpt cannot be mapped: assumed SD1.x here, told apart when it loads
+    else:
+        with safe_open(str(path), "pt") as f:  # shapes only: tensors on the meta device hold no data
+            shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+            metadata = f.metadata() or {}
     found = detect_architecture(shapes, path)
     return _config_folder(found, _file_prediction_type(shapes, metadata, prediction_type))
 
@@ -396,8 +402,9 @@ def _load_folder(folder: Path, dtype: torch.dtype, device, tokenizer: str | Path
 
 
 # ------------------------------------------------------------------------------------------- single file
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a single-file checkpoint, refusing anything that would need unpickling."""
+def read_checkpoint(path: str | Path, *, mmap: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a single-file checkpoint, refusing anything that would need unpickling.  ``mmap``: a
+    ``.ckpt``'s tensors mapped from the file, not read (only the zip format torch writes since 1.6 can be)."""
     path = Path(path)
     if path.is_file() and path.stat().st_size == 0:  # an interrupted copy or download: say so plainly
         raise ModelLoadError(f"{path}: an empty file (0 bytes), not a checkpoint; copy it again")
@@ -411,7 +418,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         return tensors, metadata
     if path.suffix.lower() in PICKLE_SUFFIXES:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
             raise ModelLoadError(
                 f"{path}: refusing to unpickle it: the file holds Python objects besides tensors, and loading "

@@ -450,6 +450,10 @@ def test_sd2_checkpoint_shapes_are_detected_and_a_v_file_is_the_768_model(tmp_pa
     marked = tmp_path / "sd21-v.safetensors"
     save_file({**read_checkpoint(path)[0], "v_pred": torch.zeros(0)}, str(marked))
     assert models.native_resolution(marked) == 768
+    pickled = tmp_path / "v2-1_512-ema-pruned.ckpt"  # the .ckpt most SD2.x releases came as: mapped, not read
+    torch.save({"state_dict": {k: torch.zeros(t.shape) for k, t in fake.items()}}, pickled)
+    assert models.native_resolution(pickled) == 512 and models.family_name(pickled) == "SD2.x"
+    assert models.family_name(path, "v_prediction") == "SD2.x" and models.family_name(None) == "SD1.x"
 
 
 def test_sd2_tokenizer_is_clips_padded_with_exclamation_marks():
