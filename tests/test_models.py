@@ -429,6 +429,14 @@ def test_sd2_layout_at_full_size_has_sd2_files_names_and_counts():
         assert text[ldm.OPEN_CLIP_PREFIX + key].shape == shape, key
     assert ldm.text_encoder_from_open_clip(text, te).keys() == te.state_dict().keys() - {
         k for k in te.state_dict() if k.endswith("position_ids")}
+    # diffusers' own detection (what from_single_file does without a config) takes the whole file for SD2.x
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type, is_open_clip_model
+
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(models.SD2_CONFIG / "vae"))
+    whole = {**written, **ldm.vae_to_ldm(vae.state_dict(), vae.config), **text}
+    assert infer_diffusers_model_type(whole) == "v2" and is_open_clip_model(whole)
     assert sorted(ldm.open_clip_extras(text, 23)) == sorted(
         [k for k in text if ".resblocks.23." in k] + [ldm.OPEN_CLIP_PREFIX + "text_projection",
                                                       ldm.OPEN_CLIP_PREFIX + "logit_scale"])
