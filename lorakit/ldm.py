@@ -198,21 +198,16 @@ def text_encoder_layout(checkpoint: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _layer_count(state_dict: Mapping[str, torch.Tensor]) -> int:
-    """How many layers a transformers text encoder's state dict holds."""
-    return 1 + max(int(k.split("encoder.layers.")[1].split(".")[0]) for k in state_dict if "encoder.layers." in k)
-
-
-def open_clip_stand_ins(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What an SD2.x file holds beyond the 23 layers diffusers keeps, for a model that was never read from one:
-    OpenCLIP's last layer (SD2.x conditions on the one before, so its values are never used: a copy of the layer
-    before, as kohya writes it), the projection and logit scale of CLIP's contrastive head (unused: identity, 100)."""
-    out = open_clip_names(state_dict)
-    n = _layer_count(state_dict)
-    last = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{n - 1}."
-    extras = {f"{OPEN_CLIP_PREFIX}transformer.resblocks.{n}." + k[len(last):]: t.detach().clone()
-              for k, t in out.items() if k.startswith(last)}
-    width = out[OPEN_CLIP_PREFIX + "positional_embedding"].shape[1]
+def open_clip_stand_ins(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What an SD2.x file holds beyond the 23 layers diffusers keeps, for a model that was never read from one,
+    from its encoder under OpenCLIP's names (``open_clip_names``): OpenCLIP's last layer (SD2.x conditions on the
+    one before, so its values are never used: a copy of the layer before, as kohya writes it), the projection and
+    logit scale of CLIP's contrastive head (unused: identity, 100)."""
+    blocks = f"{OPEN_CLIP_PREFIX}transformer.resblocks."
+    n = 1 + max(int(k[len(blocks):].split(".")[0]) for k in named if k.startswith(blocks))
+    last = f"{blocks}{n - 1}."
+    extras = {f"{blocks}{n}." + k[len(last):]: t.detach().clone() for k, t in named.items() if k.startswith(last)}
+    width = named[OPEN_CLIP_PREFIX + "positional_embedding"].shape[1]
     extras[OPEN_CLIP_PREFIX + "text_projection"] = torch.eye(width)
     extras[OPEN_CLIP_PREFIX + "logit_scale"] = torch.tensor(4.6052)  # ln 100, where CLIP's training clamps it
     return extras
@@ -248,8 +243,8 @@ def text_encoder_to_open_clip(state_dict: Mapping[str, torch.Tensor],
     """SD2.x's text encoder as its single files hold it: ``open_clip_names`` plus the tensors diffusers does not
     keep (the last layer, the contrastive head): ``carried``, those of the file the model was read from
     (``open_clip_extras``), or else stand-ins (``open_clip_stand_ins``)."""
-    extras = dict(carried) if carried else open_clip_stand_ins(state_dict)
-    return {**open_clip_names(state_dict), **extras}
+    named = open_clip_names(state_dict)
+    return {**named, **(dict(carried) if carried else open_clip_stand_ins(named))}
 
 
 def open_clip_extras(checkpoint: Mapping[str, torch.Tensor], kept_layers: int) -> dict[str, torch.Tensor]:
