@@ -40,7 +40,7 @@ from lorakit.formats import (
     write_adapter,
 )
 from lorakit.max_norm import MaxNormReading, apply_max_norm, check_max_norm_supported
-from lorakit.models import BaseModel, check_single_file_layout, save_diffusers_folder, save_single_file_checkpoint
+from lorakit.models import BaseModel, save_diffusers_folder, save_single_file_checkpoint
 from lorakit.modelspec import as_embedding
 from lorakit.network import AdapterNetwork, UniformRanks, create_network, get_preset, select_targets
 from lorakit.network import components as network_components
@@ -367,11 +367,6 @@ class NativeMethod(TrainingMethod):
 
     def __init__(self, cfg: TrainConfig, model: BaseModel) -> None:
         self.cfg, self.model = cfg, model
-        if cfg.output.format != "diffusers":  # refused now, not after the run: the result is one such file
-            try:
-                check_single_file_layout(model, "output.format = \"kohya\" (one single-file checkpoint)")
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
         unet = model.unet
         unet.requires_grad_(False)
         targets = cfg.method.native_targets

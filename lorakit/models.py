@@ -603,21 +603,6 @@ def _plain_keys(module: torch.nn.Module, fresh) -> None:
                          f"{extra[0]}): merge or remove adapters before saving a base checkpoint")
 
 
-def check_single_file_layout(model: BaseModel, where: str | Path) -> None:
-    """Refuse a model no single-file layout holds as clients read it: a text encoder that is neither SD1.x's CLIP
-    (written under ``cond_stage_model.transformer.*``) nor SD2.x's OpenCLIP (``cond_stage_model.model.*``), whose
-    version disagrees with its encoder.  ``where`` names the file (or setting) in the message."""
-    try:
-        family = model_family(model.text_encoder.config)
-    except ModelLoadError as e:
-        family, why = None, str(e)
-    else:
-        why = f"the model is called {model.version} and its text encoder is {family}'s"
-    if family != model.version:
-        raise InvalidValueError(f"{where}: {why}; write a diffusers folder instead (output.format = \"diffusers\" "
-                                "for training, --out FOLDER for lorakit merge)")
-
-
 def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str | torch.dtype | None = None, *,
                                 overwrite: bool = False, metadata: dict[str, str] | None = None) -> Path:
     """Write ``model`` as one original-layout ``.safetensors`` file (what A1111, ComfyUI and kohya load): SD1.x's
@@ -631,7 +616,6 @@ def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str |
         raise InvalidValueError(f"{path}: single-file checkpoints are written as .safetensors only")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    check_single_file_layout(model, path)
     unet, vae, te = model.unet, model.vae, model.text_encoder
     _plain_keys(unet, lambda: UNet2DConditionModel.from_config(unet.config))
     _plain_keys(vae, lambda: AutoencoderKL.from_config(vae.config))
