@@ -18,6 +18,8 @@ import json
 import logging
 import pickle
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -650,27 +652,41 @@ def save_diffusers_folder(model: BaseModel, path: str | Path, dtype: str | torch
                           overwrite: bool = False) -> Path:
     """Write ``model`` as a diffusers folder (``from_pretrained`` loads it; so do ComfyUI's diffusers loader and
     lorakit ``--model``).  Atomic: written beside ``path``, then renamed (an existing folder is replaced only with
-    ``overwrite``).  ``dtype`` casts on the way out: the modules are cast for the write and cast back after, so a
-    model written at lower precision than it holds is left rounded to it."""
+    ``overwrite``).  ``dtype`` casts on the way out; the model keeps its own tensors, exactly as they were."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = new_temp_path(path, ".tmp", lambda candidate: candidate.mkdir())  # mode 0o777 minus the umask
-    modules = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}
-    held = {name: module.dtype for name, module in modules.items()}
     try:
-        pipe = model.pipeline()
-        if dtype is not None:
-            pipe.to(dtype=resolve_dtype(dtype))
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        with _cast_for_writing((model.unet, model.vae, model.text_encoder), dtype):
+            model.pipeline().save_pretrained(tmp, safe_serialization=True)
         give_umask_modes(tmp)  # its safetensors files would be 0600: unreadable to another user's client
         if path.exists():
             shutil.rmtree(path)
         os.rename(tmp, path)  # a folder appears whole or not at all
     finally:
-        for name, module in modules.items():
-            module.to(dtype=held[name])
         if tmp.exists():
             shutil.rmtree(tmp)
     return path
+
+
+@contextmanager
+def _cast_for_writing(modules: tuple[torch.nn.Module, ...], dtype: str | torch.dtype | None) -> Iterator[None]:
+    """The modules cast to ``dtype`` (None: as they are) while the block runs, then given back their own tensors:
+    cast back instead, a model written at lower precision would go on rounded to it (a native run's final
+    samples drawn from the rounded weights).  The cast copies cost what the written precision does."""
+    if dtype is None:
+        yield
+        return
+    kept = [(table, name, tensor, tensor.data) for module in modules for sub in module.modules()
+            for table in (sub._parameters, sub._buffers) for name, tensor in table.items() if tensor is not None]
+    try:
+        for module in modules:
+            module.to(dtype=resolve_dtype(dtype))
+        yield
+    finally:
+        # .to() swaps a parameter's data in place and replaces a buffer: both put back as they were
+        for table, name, tensor, data in kept:
+            tensor.data = data
+            table[name] = tensor

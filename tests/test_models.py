@@ -155,6 +155,23 @@ def test_a_v_prediction_zero_terminal_snr_checkpoint_says_so_in_the_markers_othe
         load_base_model(bare)
 
 
+def test_a_diffusers_folder_written_at_half_precision_leaves_the_model_exactly_as_it_was(tiny, tmp_path):
+    """The write casts for the file only: the model goes on with its own float32 tensors (a native run draws its
+    final samples after writing its result), and the folder holds the fp16 values."""
+    before = {name: {k: t.clone() for k, t in getattr(tiny, name).state_dict().items()}
+              for name in ("unet", "vae", "text_encoder")}
+    models.save_diffusers_folder(tiny, tmp_path / "half", "fp16")
+    for name, state in before.items():
+        now = getattr(tiny, name).state_dict()
+        assert all(now[k].dtype == t.dtype and torch.equal(now[k], t) for k, t in state.items()), name
+    from safetensors.torch import load_file
+
+    written = load_file(str(tmp_path / "half" / "unet" / "diffusion_pytorch_model.safetensors"))
+    w = "conv_in.weight"
+    assert {t.dtype for t in written.values() if t.is_floating_point()} == {torch.float16}
+    assert torch.equal(written[w], before["unet"][w].half())
+
+
 def test_overwrite_protection(tiny, tmp_path):
     path = tmp_path / "model.safetensors"
     save_single_file_checkpoint(tiny, path)
