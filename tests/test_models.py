@@ -334,14 +334,20 @@ def test_sd15_layout_matches_diffusers_reader(sd15_meta):
     assert ldm.text_encoder_from_ldm(te_written, set(te.state_dict())).keys() == te.state_dict().keys()
 
 
-def test_sd15_checkpoint_shapes_are_detected():
-    with torch.device("meta"):  # shapes only: detection never reads values
-        fake = {
+def _detected_shapes(text_key: str, width: int) -> dict[str, torch.Tensor]:
+    """The tensors detection reads, at SD1.x/SD2.x size, on the meta device (detection never reads values)."""
+    with torch.device("meta"):
+        return {
             "model.diffusion_model.input_blocks.0.0.weight": torch.empty(320, 4, 3, 3),
-            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.empty(320, 768),
+            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.empty(320, width),
             "first_stage_model.encoder.conv_in.weight": torch.empty(128, 3, 3, 3),
-            "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": torch.empty(77, 768),
+            text_key: torch.empty(77, width),
         }
+
+
+def test_sd15_checkpoint_shapes_are_detected():
+    with torch.device("meta"):
+        fake = _detected_shapes("cond_stage_model.transformer.text_model.embeddings.position_embedding.weight", 768)
         assert detect_architecture(fake) == "sd15"
         old_layout = {k.replace("transformer.text_model.", "transformer."): v for k, v in fake.items()}
         assert detect_architecture(old_layout) == "sd15"
@@ -461,14 +467,8 @@ def test_sd2_layout_at_full_size_has_sd2_files_names_and_counts():
 
 def test_sd2_checkpoint_shapes_are_detected_and_a_v_file_is_the_768_model(tmp_path):
     """Shapes say SD2.x; only a v marker (or the user) tells SD2.1-768-v from 2.1-base, whose shapes are the same."""
-    with torch.device("meta"):
-        fake = {
-            "model.diffusion_model.input_blocks.0.0.weight": torch.empty(320, 4, 3, 3),
-            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.empty(320, 1024),
-            "first_stage_model.encoder.conv_in.weight": torch.empty(128, 3, 3, 3),
-            "cond_stage_model.model.positional_embedding": torch.empty(77, 1024),
-        }
-        assert detect_architecture(fake) == "sd2"
+    fake = _detected_shapes("cond_stage_model.model.positional_embedding", 1024)
+    assert detect_architecture(fake) == "sd2"
     path = _write(tmp_path / "sd21.safetensors", {k: torch.zeros(t.shape) for k, t in fake.items()})
     assert models.native_resolution(path) == 512
     assert models.native_resolution(path, "v_prediction") == 768
