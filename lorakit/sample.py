@@ -40,7 +40,7 @@ else:  # pragma: no cover
 from lorakit.atomic import atomic_write
 from lorakit.errors import InvalidValueError, LorakitError
 from lorakit.metadata import TEXT_SETTINGS, trained_text_setting
-from lorakit.models import BaseModel
+from lorakit.models import SD2_V_CONFIG, BaseModel, native_resolution
 from lorakit.prompt_weights import encode_texts, uses_bracket_syntax
 
 log = logging.getLogger(__name__)
@@ -554,6 +554,9 @@ def adopt_trained_schedule(model: BaseModel, adapters: Sequence[str | os.PathLik
         zero_snr = False
     if v_prediction and model.prediction_type != "v_prediction":
         lines.append("v-prediction, as the adapters were trained (ss_v_parameterization)")
+        if model.version == "sd2":  # SD2.x's v model is the 768 one (2.0-v, 2.1), read as the 512 one until now
+            model.resolution = native_resolution(SD2_V_CONFIG)
+            lines.append(f"{model.resolution}×{model.resolution} by default: SD2.x's v-prediction model's size")
     if zero_snr:
         lines.append("zero terminal SNR, as the adapters were trained (ss_zero_terminal_snr)")
     if v_prediction != (model.prediction_type == "v_prediction") or zero_snr:

@@ -42,6 +42,17 @@ def test_an_adapter_trained_as_v_prediction_turns_an_epsilon_model_into_one(mode
     assert model.pipeline().scheduler.config.prediction_type == "v_prediction"
 
 
+def test_an_sd2_model_turned_into_v_prediction_samples_at_768(tiny_sd2_dir, model, tmp_path):
+    """An SD2.x file that did not say it predicts v was read as the 512 model; its v adapter says it is the 768
+    one (2.1), so sampling's default size follows.  An SD1.x model keeps its size."""
+    sd2 = load_base_model(tiny_sd2_dir)
+    lines = adopt_trained_schedule(sd2, [adapter(tmp_path / "v.safetensors", v_parameterization="True")])
+    assert sd2.resolution == 768 and "768×768 by default: SD2.x's v-prediction model's size" in lines[1]
+    size = model.resolution
+    adopt_trained_schedule(model, [tmp_path / "v.safetensors"])
+    assert model.resolution == size and model.prediction_type == "v_prediction"
+
+
 def test_zero_terminal_snr_comes_with_v_prediction(model, tmp_path):
     file = adapter(tmp_path / "z.safetensors", v_parameterization="True", zero_terminal_snr="True")
     lines = adopt_trained_schedule(model, [file])
