@@ -93,8 +93,10 @@ READ: dict[str, dict[str, str]] = {
 
 # ---- the model and the files ------------------------------------------------------------------------------
 
-def tiny_unet(seed: int = 0):
-    """A UNet2DConditionModel with SD1.x's block structure (4 levels, 2 layers per block), random weights."""
+def tiny_unet(seed: int = 0, linear_projection: bool = False):
+    """A UNet2DConditionModel with SD1.x's block structure (4 levels, 2 layers per block), random weights;
+    ``linear_projection``: its transformers project in and out with Linear layers, as SD2.x's do (1×1 convs in
+    SD1.x)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -102,7 +104,8 @@ def tiny_unet(seed: int = 0):
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64, 64),
         norm_num_groups=16, cross_attention_dim=32, attention_head_dim=2,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).eval()
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        use_linear_projection=linear_projection).eval()
 
 
 def _inputs() -> tuple[torch.Tensor, ...]:
@@ -211,20 +214,20 @@ def _short(err: BaseException) -> str:
     return text if len(text) <= 70 else text[:67] + "..."
 
 
-def measure(row: Row, folder: Path, clients=MEASURED) -> dict[str, str]:
-    """One table row: the cell of each measured client."""
+def measure(row: Row, folder: Path, clients=MEASURED, *, linear_projection: bool = False) -> dict[str, str]:
+    """One table row: the cell of each measured client (on an SD2.x-kind U-Net with ``linear_projection``)."""
     from lorakit.formats import load_network
 
-    base_unet = tiny_unet()
+    base_unet = tiny_unet(linear_projection=linear_projection)
     base = _out(base_unet)
     path = make_file(row, folder, base_unet)
-    ours = tiny_unet()
+    ours = tiny_unet(linear_projection=linear_projection)
     load_network(path, ours)
     reference = _out(ours)
     effect = (reference - base).abs().max().item()
     cells = {}
     for client in clients:
-        unet = tiny_unet()
+        unet = tiny_unet(linear_projection=linear_projection)
         quiet = io.StringIO()
         try:
             with warnings.catch_warnings(), contextlib.redirect_stderr(quiet), contextlib.redirect_stdout(quiet):
