@@ -167,6 +167,7 @@ cache_info = true
   [[datasets.subsets]]
   image_dir = 'hoge'
   caption_dropout_rate = 0.25
+  custom_attributes = { diff_output_preservation = true }  # kohya's FLUX scripts read it, its SD scripts do not
 """
 
 
@@ -218,7 +219,8 @@ def test_toml_unknown_key_names_key_file_and_suggestion(tmp_path):
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\nresolution = 512\n", "belongs in [general] or"),
     ("[general]\nimage_dir = 'hoge'\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\n",
      "belongs in [[datasets.subsets]]"),
-    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\ncustom_attributes = {}\n", "does not support"),
+    ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\ncustom_attributes = 3\n",
+     "custom_attributes: expected a table"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\nnum_repeats = 'ten'\n", "expected int"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'hoge'\nshuffle_caption = 1\n", "expected bool"),
     ("[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n", "image_dir is required"),

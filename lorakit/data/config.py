@@ -229,12 +229,11 @@ SUBSET_KEYS = tuple(f.name for f in dataclasses.fields(SubsetConfig))
 DATASET_KEYS = tuple(f.name for f in dataclasses.fields(DatasetConfig) if f.name != "subsets")
 _INHERITED_SUBSET_KEYS = tuple(k for k in SUBSET_KEYS if k not in _SUBSET_ONLY)
 
-# kohya options lorakit does not implement: refused by name rather than silently changing the training
-KOHYA_UNSUPPORTED = (
-    "custom_attributes",
-)
 # kohya options that only change speed: accepted and ignored
 KOHYA_IGNORED = ("cache_info",)
+# kohya tables its SD scripts never read (custom_attributes: only its FLUX and Lumina scripts do, for
+# diff_output_preservation): accepted when they are tables and, as there, change nothing
+KOHYA_INERT_TABLES = ("custom_attributes",)
 
 
 _SUBSET_HINTS = typing.get_type_hints(SubsetConfig)
@@ -249,8 +248,10 @@ def _check_table(table: Any, allowed: tuple[str, ...], level: str, where: str) -
     for key, value in table.items():
         if key in KOHYA_IGNORED:
             continue
-        if key in KOHYA_UNSUPPORTED:
-            raise DatasetError(f"{where}: {key!r} is a kohya option that lorakit does not support; remove it")
+        if key in KOHYA_INERT_TABLES:
+            if not isinstance(value, dict):
+                raise DatasetError(f"{where}: {key}: expected a table (e.g. {key} = {{ name = 1 }}), got {value!r}")
+            continue
         if key not in allowed:
             if key in SUBSET_KEYS or key in DATASET_KEYS:
                 home = "[[datasets.subsets]]" if key in _SUBSET_ONLY else "[general] or [[datasets]]"
