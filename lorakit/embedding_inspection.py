@@ -16,7 +16,8 @@ from lorakit.file_kinds import TI_TOKEN_KEY
 
 #: text-encoder width -> the base model family whose encoder it is (clip_l: SD1.x 768, SD2.x 1024; clip_g: SDXL)
 _WIDTHS = {("clip_l", 768): "SD1.x (or SDXL's first encoder)", ("clip_l", 1024): "SD2.x",
-           ("clip_g", 1280): "SDXL", ("emb_params", 768): "SD1.x", ("emb_params", 1024): "SD2.x"}
+           ("clip_g", 1280): "SDXL", ("emb_params", 768): "SD1.x", ("emb_params", 1024): "SD2.x",
+           ("clip_h", 1024): "SD2.x"}
 
 
 @dataclass(frozen=True)

@@ -79,9 +79,11 @@ def read_embedding(path: str | Path) -> tuple[torch.Tensor, str | None]:
         with safe_open(str(path), "pt") as f:
             keys = list(f.keys())
             meta = f.metadata() or {}
-            key = next((k for k in ("clip_l", "emb_params") if k in keys), keys[0] if len(keys) == 1 else None)
+            known = [k for k in ("clip_l", "clip_h", "emb_params") if k in keys]
+            key = known[0] if known else keys[0] if len(keys) == 1 else None
             if key is None:
-                raise EmbeddingError(f"{path}: expected one tensor ('clip_l' or 'emb_params'), found keys {keys}")
+                raise EmbeddingError(f"{path}: expected one tensor ('clip_l', 'clip_h' or 'emb_params'), found keys "
+                                     f"{keys}")
             vectors = f.get_tensor(key)
     except EmbeddingError:
         raise

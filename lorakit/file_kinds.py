@@ -32,8 +32,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, list[int]], dict[str
 
 def is_embedding(names: set[str]) -> bool:
     """Whether tensor names are a textual-inversion file's: A1111/ComfyUI ({"clip_l": ...}), SDXL (+ "clip_g"),
-    the older A1111 formats."""
-    return bool(names) and (names <= {"clip_l", "clip_g"} or names == {"emb_params"}
+    ComfyUI's name for an SD2.x one ({"clip_h": ...}), the older A1111 formats."""
+    return bool(names) and (names <= {"clip_l", "clip_g"} or names in ({"emb_params"}, {"clip_h"})
                             or all(k.startswith("string_to_param") for k in names))
 
 

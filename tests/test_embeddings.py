@@ -41,6 +41,21 @@ def test_a1111_layout_needs_a_token_and_the_right_size(model, tmp_path):
         load_embedding(model, wrong, token="other")
 
 
+def test_comfyuis_sd2_layout_is_an_embedding_too(tiny_sd2_dir, tmp_path):
+    """ComfyUI names an SD2.x embedding's tensor after the encoder ({"clip_h": ...}): read like lorakit's own, and
+    told apart from an adapter by inspect and eval."""
+    from lorakit.file_kinds import embedding_header
+
+    sd2 = load_base_model(tiny_sd2_dir)
+    vectors = torch.randn(1, sd2.text_encoder.get_input_embeddings().weight.shape[1])
+    path = tmp_path / "qwx.safetensors"
+    save_file({"clip_h": vectors}, str(path))
+    assert embedding_header(path) is not None
+    loaded = load_embedding(sd2, path, token="qwx")
+    ids = sd2.tokenizer.convert_tokens_to_ids(loaded.tokens)
+    assert torch.equal(sd2.text_encoder.get_input_embeddings().weight[ids], vectors)
+
+
 def test_pickles_and_broken_files_are_refused(model, tmp_path):
     with pytest.raises(EmbeddingError, match="never unpickled"):
         load_embedding(model, tmp_path / "emb.pt", token="x")
