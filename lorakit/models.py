@@ -314,6 +314,7 @@ def describing_configs(spec: str | Path | None = None, prediction_type: str | No
         return builtin_model_path()
     path = Path(spec).expanduser()
     if path.is_dir():
+        _check_folder(path, ("unet", "vae", "text_encoder"))  # the configs read from it
         return path
     if not path.is_file():
         raise ModelLoadError(f"{spec}: no such file or folder (lorakit never downloads models: give a local diffusers "
@@ -384,12 +385,15 @@ def load_clip_tokenizer(folder: str | Path) -> CLIPTokenizer:
     return tok
 
 
-def _load_folder(folder: Path, dtype: torch.dtype, device, tokenizer: str | Path | None,
-                 prediction_type: str | None) -> BaseModel:
-    needed = ("unet", "vae", "text_encoder", "scheduler") + (() if tokenizer else ("tokenizer",))
+def _check_folder(folder: Path, needed: tuple[str, ...]) -> None:
     missing = [p for p in needed if not (folder / p).is_dir()]
     if missing:
         raise ModelLoadError(f"{folder}: not a Stable Diffusion diffusers folder (missing {', '.join(missing)})")
+
+
+def _load_folder(folder: Path, dtype: torch.dtype, device, tokenizer: str | Path | None,
+                 prediction_type: str | None) -> BaseModel:
+    _check_folder(folder, ("unet", "vae", "text_encoder", "scheduler") + (() if tokenizer else ("tokenizer",)))
     try:
         # loaded straight into dtype: casting afterwards would hold two copies (and diffusers warns about it)
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,

@@ -90,6 +90,10 @@ def test_a_base_model_is_read_from_its_configs_and_shapes_only(tmp_path):
         native_resolution(xl)
     with pytest.raises(lorakit.models.ModelLoadError, match="no such file"):
         native_resolution(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()  # a folder that is no model: said as loading says it, not a missing config file
+    with pytest.raises(lorakit.models.ModelLoadError, match="empty: not a Stable Diffusion diffusers folder "
+                                                           r"\(missing unet, vae, text_encoder\)"):
+        native_resolution(tmp_path / "empty")
 
 
 def test_the_built_in_job_is_checked_without_leaving_its_images_behind(tmp_path, monkeypatch, capsys):
