@@ -687,8 +687,15 @@ def test_a_pivotal_result_is_sampled_and_judged_with_the_embedding_beside_it(tin
                         for d in ("with", "without"))
     assert np.abs(with_it - without).max() > 0
     with pytest.raises(CheckpointError, match="lorakit.safetensors: a pivotal-tuning adapter, trained with an "
-                                              "embedding that is not beside it"):
+                                              r"embedding that is not beside it .*give its embedding file too"):
         read_file_checkpoint(adapter)
+    # a renamed pair given together is one checkpoint: the embedding (called zkz by its metadata) is the adapter's
+    from lorakit.evaluate.checkpoints import checkpoint_hash, discover
+
+    moved = tmp_path / "elsewhere.safetensors"
+    checkpoints, _ = discover([adapter, moved])
+    assert [(c.kind, c.token, c.embedding) for c in checkpoints] == [("base", None, None), ("pivotal", "zkz", moved)]
+    assert checkpoints[1].hash == checkpoint_hash(adapter, "zkz", moved)  # the cache key holds the pair
 
 
 def test_prior_preservation_generates_class_images(tiny_model_dir, dataset, tmp_path, monkeypatch):

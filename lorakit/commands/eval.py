@@ -63,7 +63,8 @@ def _check_out_folder(out: Path, call: str, overwrite: bool) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="+", metavar="RUN_OR_FILE",
                         help="training run folders (every saved epoch: adapter, native, textual inversion or "
-                             "pivotal runs) and/or adapter or embedding .safetensors files")
+                             "pivotal runs) and/or adapter or embedding .safetensors files (a pivotal adapter "
+                             "whose embedding is not beside it under the trainer's name: give both files)")
     parser.add_argument("--out", required=True, type=Path, help="folder for metrics.json, metrics.csv, report.html")
     parser.add_argument("--prompts", type=Path, default=None,
                         help="prompt file (.toml, .txt 'type: prompt' lines, or the world's prompts.json); "

@@ -251,9 +251,11 @@ def steps_per_epoch(log: Path) -> int | None:
     return max(len(steps) for steps in counts.values()) if counts else None
 
 
-def read_file_checkpoint(path: str | Path) -> EvalCheckpoint:
+def read_file_checkpoint(path: str | Path, partner: Path | None = None) -> EvalCheckpoint:
     """One file as a checkpoint: an adapter file, an embedding file, or a run's own checkpoint file (read as its
-    run's ``config.toml`` says: an embedding under the run's token, native weights)."""
+    run's ``config.toml`` says: an embedding under the run's token, native weights).  ``partner``: a pivotal
+    adapter's embedding given beside it on the command line (``loose_partners``), for one not under the trainer's
+    name."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file or run folder")
@@ -282,10 +284,11 @@ def read_file_checkpoint(path: str | Path) -> EvalCheckpoint:
     if not pivotal:
         return EvalCheckpoint(label=label, kind="adapter", path=path, hash=file_hash(path),
                               epoch=_metadata_epoch(meta))
+    beside = beside or partner
     if beside is None:  # judged without its token, the adapter would be judged on prompts it was not trained for
         raise CheckpointError(f"{path}: a pivotal-tuning adapter, trained with an embedding that is not beside it "
-                              f"({path.stem}-TOKEN.safetensors, as the trainer wrote them): put it there, or "
-                              "evaluate the run folder")
+                              f"({path.stem}-TOKEN.safetensors, as the trainer wrote them): put it there, give "
+                              "its embedding file too (lorakit eval ADAPTER EMBEDDING), or evaluate the run folder")
     token = embedding_token(beside, embedding_header(beside)[1])
     return EvalCheckpoint(label=label, kind="pivotal", path=path, hash=checkpoint_hash(path, token, beside),
                           epoch=_metadata_epoch(meta), token=token, embedding=beside)
@@ -339,23 +342,46 @@ def _unique_labels(checkpoints: list[EvalCheckpoint]) -> list[EvalCheckpoint]:
     return out
 
 
+def loose_partners(files: Sequence[Path]) -> dict[Path, Path]:
+    """Pivotal adapters among ``files`` whose embedding is not beside them under the trainer's name, each paired
+    with the one embedding among ``files`` called by the token the adapter names (a renamed pair given together)."""
+    from lorakit.file_kinds import TI_TOKEN_KEY, embedding_header, embedding_token, pivotal_embedding, read_header
+
+    tokens = {}
+    for file in files:
+        if (header := embedding_header(file)) is not None:
+            tokens[file] = embedding_token(file, header[1])
+    pairs = {}
+    for file in files:
+        if pivotal_embedding(file) != (True, None):
+            continue
+        token = read_header(file)[1].get(TI_TOKEN_KEY)
+        called = [e for e, t in tokens.items() if token and t == token]
+        if len(called) == 1:
+            pairs[file] = called[0]
+    return pairs
+
+
 def discover(sources: Sequence[str | Path], include_base: bool = True, every: int = 1,
              step_checkpoints: bool = False) -> tuple[list[EvalCheckpoint], list[RunInfo]]:
-    """The checkpoints to compare (the base model first, as epoch 0) and the runs they came from."""
+    """The checkpoints to compare (the base model first, as epoch 0) and the runs they came from.  A pivotal
+    adapter given with its embedding file (``loose_partners``) is one checkpoint: the embedding is not judged
+    alone."""
     if not sources:
         raise CheckpointError("nothing to evaluate: give run folders or adapter files")
     runs: list[RunInfo] = []
     checkpoints: list[EvalCheckpoint] = []
     if include_base:
         checkpoints.append(EvalCheckpoint(label="base", kind="base", path=None, hash="base", epoch=0))
+    partners = loose_partners([Path(s) for s in sources if Path(s).is_file()])
     for source in sources:
         path = Path(source)
         if path.is_dir():
             info = read_run(path, every, step_checkpoints)
             runs.append(info)
             checkpoints.extend(info.checkpoints)
-        else:
-            checkpoints.append(read_file_checkpoint(path))
+        elif path not in partners.values():
+            checkpoints.append(read_file_checkpoint(path, partners.get(path)))
     return _unique_labels(checkpoints), runs
 
 
