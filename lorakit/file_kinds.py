@@ -87,7 +87,14 @@ def describe_weights(keys: dict[str, list[int]]) -> str | None:
                                          ("conditioner.", "text encoders"), ("first_stage_model.", "VAE"))
              if any(k.startswith(prefix) for k in names)]
     if parts:
-        return f"a full Stable Diffusion model checkpoint ({', '.join(parts)}), not an adapter; use it as --model"
+        family, use = "Stable Diffusion", "use it as --model"
+        if any(k.startswith("conditioner.") for k in names):
+            family, use = "SDXL", "lorakit does not train SDXL yet"
+        elif any(k.startswith("cond_stage_model.model.") for k in names):  # OpenCLIP's names
+            family = "SD2.x"
+        elif any(k.startswith("cond_stage_model.transformer.") for k in names):
+            family = "SD1.x"
+        return f"a full {family} model checkpoint ({', '.join(parts)}), not an adapter; {use}"
     if any(k.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for k in names) and \
             any(k.startswith("time_embedding.") for k in names):
         return "the weights of a diffusers U-Net (one model component), not an adapter"

@@ -92,7 +92,14 @@ def test_inspect_says_what_a_non_adapter_is(tmp_path, capsys):
         "model.safetensors": ({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
                                "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(8),
                                "first_stage_model.encoder.conv_in.weight": torch.randn(8, 3, 3, 3, generator=g)},
-                              "a full Stable Diffusion model checkpoint (U-Net, text encoder, VAE), not an adapter"),
+                              "a full SD1.x model checkpoint (U-Net, text encoder, VAE), not an adapter"),
+        "sd2.safetensors": ({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
+                             "cond_stage_model.model.ln_final.weight": torch.ones(8)},
+                            "a full SD2.x model checkpoint (U-Net, text encoder), not an adapter; use it as --model"),
+        "sdxl.safetensors": ({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
+                              "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(8)},
+                             "a full SDXL model checkpoint (U-Net, text encoders), not an adapter; lorakit does not "
+                             "train SDXL yet"),
         "unet.safetensors": ({k: v.contiguous() for k, v in build_tiny_unet().state_dict().items()},
                              "the weights of a diffusers U-Net (one model component), not an adapter"),
     }
