@@ -1396,6 +1396,19 @@ def test_an_sd2_model_trains_natively_into_an_sd2_single_file_and_its_adapters_s
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
 
 
+def test_textual_inversion_on_an_sd2_model_writes_an_sd2_embedding(tiny_sd2_dir, dataset, tmp_path):
+    """The embedding is sized for SD2.x's encoder, and says SD2 as kohya's do (its ModelSpec architecture too)."""
+    from lorakit.embeddings import load_embedding
+    from lorakit.models import load_base_model, read_checkpoint
+
+    result = run_train(make_config(tiny_sd2_dir, dataset, tmp_path / "ti", training={"max_epochs": 1},
+                                   method={"kind": "ti", "ti_token": "zkz"}, optimizer={"ti_lr": 1e-2}))
+    _, meta = read_checkpoint(result.files[0])
+    assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-512/textual-inversion"
+    assert load_embedding(load_base_model(tiny_sd2_dir), result.files[0]).tokens == ["zkz"]
+
+
 def test_a_text_encoder_of_neither_family_is_refused_naming_its_activation(tiny_model_dir, tmp_path):
     import shutil
 
