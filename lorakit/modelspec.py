@@ -17,7 +17,7 @@ SPEC_VERSION = "1.0.1"
 ARCHITECTURE_SD1 = "stable-diffusion-v1"
 ARCHITECTURE_SD2 = "stable-diffusion-v2-512"
 ARCHITECTURE_SD2_V = "stable-diffusion-v2-768-v"
-#: what a file holds -> (the architecture's suffix, the implementation kohya names for SD1.x)
+#: what a file holds -> (the architecture's suffix, the implementation kohya names for SD1.x and SD2.x)
 KINDS = {
     "lora": ("lora", "diffusers"),
     "textual-inversion": ("textual-inversion", "https://github.com/Stability-AI/generative-models"),
@@ -45,9 +45,9 @@ def modelspec_metadata(kind: str, *, title: str, resolution: tuple[int, int], pr
                        now: datetime.datetime | None = None) -> dict[str, str]:
     """The ``modelspec.*`` entries of a file of ``kind`` ("lora": any adapter of the LoRA family; "textual-
     inversion") for a base model of ``family`` ("sd1", "sd2"): ``prediction_type`` as diffusers names it
-    ("epsilon", "v_prediction"), ``clip_skip`` 1 for
-    none, ``timesteps`` the trained range when it was narrowed, ``user`` the entries a person set (title,
-    author, description, license, tags; None or "" left out).  The date is ``now`` (UTC) to the second."""
+    ("epsilon", "v_prediction"), ``clip_skip`` 1 for none, ``timesteps`` the trained range when it was narrowed,
+    ``user`` the entries a person set (title, author, description, license, tags; None or "" left out).  The date
+    is ``now`` (UTC) to the second."""
     suffix, implementation = KINDS[kind]
     user = {k: v for k, v in (user or {}).items() if v}
     unknown = sorted(set(user) - set(USER_FIELDS))
