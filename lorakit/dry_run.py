@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import TrainingData
-from lorakit.models import family_name, native_resolution
+from lorakit.models import family_name, native_resolution, unsaid_sd2_prediction
 from lorakit.run_messages import count, early_stop_text, opening_line
 from lorakit.trackers import check_tracker
 from lorakit.train import (
@@ -43,6 +43,9 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
         check_resume_settings(previous, cfg)
     resolution = native_resolution(cfg.model.base, cfg.model.prediction_type)  # also refuses what cannot load
     family = family_name(cfg.model.base, cfg.model.prediction_type)
+    if unsaid_sd2_prediction(cfg.model.base, cfg.model.prediction_type):
+        family += (" (the file does not say whether it predicts noise or v: read as the 512 ε model; for a 768 v "
+                   "model such as 2.1 set model.prediction_type = \"v_prediction\")")
     start = ti_start_vectors(cfg) if not resuming else None  # read as the run reads it (a resume does not)
     data_cfg, notes = cfg.data, []
     if cfg.data.num_class_images > 0:  # prior preservation: the class images are drawn when the run starts

@@ -316,22 +316,42 @@ def describing_configs(spec: str | Path | None = None, prediction_type: str | No
     if path.is_dir():
         _check_folder(path, ("unet", "vae", "text_encoder"))  # the configs read from it
         return path
+    header = _single_file_header(spec)
+    if header is None:
+        return SD15_CONFIG  # an old-format .ckpt cannot be mapped: assumed SD1.x here, told apart when it loads
+    shapes, metadata = header
+    found = detect_architecture(shapes, path)
+    return _config_folder(found, _file_prediction_type(shapes, metadata, prediction_type))
+
+
+def unsaid_sd2_prediction(spec: str | Path | None, prediction_type: str | None = None) -> bool:
+    """Whether ``spec`` is an SD2.x single file that does not say whether it predicts noise or v, and the user did
+    not either: it loads as the 512 ε model (``_load_single_file`` warns), a 2.1 (768 v) file wrongly."""
+    if prediction_type or spec is None or not Path(spec).expanduser().is_file():
+        return False
+    header = _single_file_header(spec)
+    if header is None:
+        return False
+    shapes, metadata = header
+    return detect_architecture(shapes, spec) == "sd2" and _file_prediction_type(shapes, metadata, None) is None
+
+
+def _single_file_header(spec: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """A single file's tensors as shapes (meta tensors, or a .ckpt's mapped from the file, not read) and its
+    metadata; None for an old-format .ckpt, which cannot be mapped."""
+    path = Path(spec).expanduser()
     if not path.is_file():
         raise ModelLoadError(f"{spec}: no such file or folder (lorakit never downloads models: give a local diffusers "
                              "folder or a single-file .safetensors checkpoint)")
-    if path.suffix.lower() != ".safetensors":  # a .ckpt's tensors mapped from the file, not read
+    if path.suffix.lower() != ".safetensors":
         try:
-            shapes, metadata = read_checkpoint(path, mmap=True)
+            return read_checkpoint(path, mmap=True)
         except ModelLoadError as e:
             if "mmap" not in str(e):
                 raise
-            return SD15_CONFIG  # an old-format .ckpt cannot be mapped: assumed SD1.x here, told apart when it loads
-    else:
-        with safe_open(str(path), "pt") as f:  # shapes only: tensors on the meta device hold no data
-            shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
-            metadata = f.metadata() or {}
-    found = detect_architecture(shapes, path)
-    return _config_folder(found, _file_prediction_type(shapes, metadata, prediction_type))
+            return None
+    with safe_open(str(path), "pt") as f:  # shapes only: tensors on the meta device hold no data
+        return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}, f.metadata() or {}
 
 
 def native_resolution(spec: str | Path | None = None, prediction_type: str | None = None) -> int:

@@ -523,3 +523,16 @@ def test_an_sd2_file_that_does_not_say_what_it_predicts_loads_as_the_512_model_a
     with caplog.at_level(logging.WARNING, logger="lorakit.models"):
         assert load_base_model(marked).resolution == 96
     assert "does not say" not in caplog.text
+    # said before the run too: the dry run reads the same header
+    assert models.unsaid_sd2_prediction(path) and not models.unsaid_sd2_prediction(path, "epsilon")
+    assert not models.unsaid_sd2_prediction(marked) and not models.unsaid_sd2_prediction(written)
+    assert not models.unsaid_sd2_prediction(tiny_sd2_dir) and not models.unsaid_sd2_prediction(None)
+    from test_train import write_dataset
+
+    from lorakit.config import TrainConfig
+    from lorakit.dry_run import dry_run
+
+    cfg = TrainConfig()
+    cfg.model.base, cfg.data.train_data = str(path), str(write_dataset(tmp_path / "data", n=2))
+    cfg.output.dir = str(tmp_path / "run")
+    assert "SD2.x (the file does not say whether it predicts noise or v" in dry_run(cfg)
