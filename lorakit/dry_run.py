@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import TrainingData
-from lorakit.models import family_name, native_resolution, unsaid_sd2_prediction
+from lorakit.models import describe_base_model
 from lorakit.run_messages import count, early_stop_text, opening_line
 from lorakit.trackers import check_tracker
 from lorakit.train import (
@@ -41,9 +41,9 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     resuming = cfg.output.if_exists == "resume" and previous.is_file()
     if resuming:  # the settings a resume may not change are refused as the resume would refuse them
         check_resume_settings(previous, cfg)
-    resolution = native_resolution(cfg.model.base, cfg.model.prediction_type)  # also refuses what cannot load
-    family = family_name(cfg.model.base, cfg.model.prediction_type)
-    if unsaid_sd2_prediction(cfg.model.base, cfg.model.prediction_type):
+    described = describe_base_model(cfg.model.base, cfg.model.prediction_type)  # also refuses what cannot load
+    resolution, family = described.resolution, described.family
+    if described.unsaid_sd2_prediction:
         family += (" (the file does not say whether it predicts noise or v: read as the 512 ε model; for a 768 v "
                    "model such as 2.1 set model.prediction_type = \"v_prediction\")")
     start = ti_start_vectors(cfg) if not resuming else None  # read as the run reads it (a resume does not)

@@ -305,35 +305,49 @@ def load_base_model(spec: str | Path | None = None, dtype: str | torch.dtype = t
                          "folder or a single-file .safetensors checkpoint)")
 
 
-def describing_configs(spec: str | Path | None = None, prediction_type: str | None = None) -> Path:
-    """The folder whose configs describe a base model, found without loading any weights: the model's own folder,
-    or for a single file the config lorakit matches it to by its tensor shapes and metadata.  Raises
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a base model is, read from its configs (and a single file's header) without loading any weights."""
+
+    configs: Path  # the folder whose configs describe it: its own, or the one a single file is matched to
+    # an SD2.x single file that does not say whether it predicts noise or v, nor did the user: it loads as the
+    # 512 ε model (``_load_single_file`` warns), a 2.1 (768 v) file wrongly
+    unsaid_sd2_prediction: bool = False
+
+    @property
+    def resolution(self) -> int:
+        """The image size the model was made for."""
+        return _folder_resolution(self.configs)
+
+    @property
+    def family(self) -> str:
+        """"SD1.x" or "SD2.x"."""
+        settings = json.loads((self.configs / "text_encoder" / "config.json").read_text())
+        try:
+            family = model_family(SimpleNamespace(**settings))
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{self.configs / 'text_encoder'}: {e}") from None
+        return {"sd1": "SD1.x", "sd2": "SD2.x"}[family]
+
+
+def describe_base_model(spec: str | Path | None = None, prediction_type: str | None = None) -> ModelDescription:
+    """A base model described without loading any weights: a folder by its own configs, a single file by the
+    config lorakit matches it to from its tensor shapes and metadata (its header read once).  Raises
     ModelLoadError for a model lorakit cannot load (an SDXL file, a missing path).  ``prediction_type`` as the load
     is told it (an SD2.x single file predicting v is the 768 model)."""
     if spec is None or str(spec) == "builtin":
-        return builtin_model_path()
+        return ModelDescription(builtin_model_path())
     path = Path(spec).expanduser()
     if path.is_dir():
         _check_folder(path, ("unet", "vae", "text_encoder"))  # the configs read from it
-        return path
+        return ModelDescription(path)
     header = _single_file_header(spec)
     if header is None:
-        return SD15_CONFIG  # an old-format .ckpt cannot be mapped: assumed SD1.x here, told apart when it loads
+        return ModelDescription(SD15_CONFIG)  # an old-format .ckpt: assumed SD1.x here, told apart when it loads
     shapes, metadata = header
     found = detect_architecture(shapes, path)
-    return _config_folder(found, _file_prediction_type(shapes, metadata, prediction_type))
-
-
-def unsaid_sd2_prediction(spec: str | Path | None, prediction_type: str | None = None) -> bool:
-    """Whether ``spec`` is an SD2.x single file that does not say whether it predicts noise or v, and the user did
-    not either: it loads as the 512 ε model (``_load_single_file`` warns), a 2.1 (768 v) file wrongly."""
-    if prediction_type or spec is None or not Path(spec).expanduser().is_file():
-        return False
-    header = _single_file_header(spec)
-    if header is None:
-        return False
-    shapes, metadata = header
-    return detect_architecture(shapes, spec) == "sd2" and _file_prediction_type(shapes, metadata, None) is None
+    stated = _file_prediction_type(shapes, metadata, prediction_type)
+    return ModelDescription(_config_folder(found, stated), unsaid_sd2_prediction=found == "sd2" and stated is None)
 
 
 def _single_file_header(spec: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
@@ -355,19 +369,8 @@ def _single_file_header(spec: str | Path) -> tuple[dict[str, torch.Tensor], dict
 
 
 def native_resolution(spec: str | Path | None = None, prediction_type: str | None = None) -> int:
-    """The image size a base model was made for, read as ``describing_configs`` reads it (no weights loaded)."""
-    return _folder_resolution(describing_configs(spec, prediction_type))
-
-
-def family_name(spec: str | Path | None = None, prediction_type: str | None = None) -> str:
-    """"SD1.x" or "SD2.x" for a base model, from its configs (no weights loaded)."""
-    folder = describing_configs(spec, prediction_type)
-    settings = json.loads((folder / "text_encoder" / "config.json").read_text())
-    try:
-        family = model_family(SimpleNamespace(**settings))
-    except ModelLoadError as e:
-        raise ModelLoadError(f"{folder / 'text_encoder'}: {e}") from None
-    return {"sd1": "SD1.x", "sd2": "SD2.x"}[family]
+    """The image size a base model was made for, read as ``describe_base_model`` reads it (no weights loaded)."""
+    return describe_base_model(spec, prediction_type).resolution
 
 
 def _folder_resolution(folder: Path) -> int:

@@ -477,8 +477,9 @@ def test_sd2_checkpoint_shapes_are_detected_and_a_v_file_is_the_768_model(tmp_pa
     assert models.native_resolution(marked) == 768
     pickled = tmp_path / "v2-1_512-ema-pruned.ckpt"  # the .ckpt most SD2.x releases came as: mapped, not read
     torch.save({"state_dict": {k: torch.zeros(t.shape) for k, t in fake.items()}}, pickled)
-    assert models.native_resolution(pickled) == 512 and models.family_name(pickled) == "SD2.x"
-    assert models.family_name(path, "v_prediction") == "SD2.x" and models.family_name(None) == "SD1.x"
+    assert models.native_resolution(pickled) == 512 and models.describe_base_model(pickled).family == "SD2.x"
+    assert models.describe_base_model(path, "v_prediction").family == "SD2.x"
+    assert models.describe_base_model(None).family == "SD1.x"
 
 
 def test_sd2_tokenizer_is_clips_padded_with_exclamation_marks():
@@ -524,9 +525,12 @@ def test_an_sd2_file_that_does_not_say_what_it_predicts_loads_as_the_512_model_a
         assert load_base_model(marked).resolution == 96
     assert "does not say" not in caplog.text
     # said before the run too: the dry run reads the same header
-    assert models.unsaid_sd2_prediction(path) and not models.unsaid_sd2_prediction(path, "epsilon")
-    assert not models.unsaid_sd2_prediction(marked) and not models.unsaid_sd2_prediction(written)
-    assert not models.unsaid_sd2_prediction(tiny_sd2_dir) and not models.unsaid_sd2_prediction(None)
+    def unsaid(spec, prediction_type=None) -> bool:
+        return models.describe_base_model(spec, prediction_type).unsaid_sd2_prediction
+
+    assert unsaid(path) and not unsaid(path, "epsilon")
+    assert not unsaid(marked) and not unsaid(written)
+    assert not unsaid(tiny_sd2_dir) and not unsaid(None)
     from test_train import write_dataset
 
     from lorakit.config import TrainConfig
