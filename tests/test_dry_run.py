@@ -151,3 +151,20 @@ def test_a_dry_run_checks_the_sample_stop_without_loading_its_model(tiny_model_d
     assert main([*flags, "--set", f"early_stop.samples={json.dumps(f'clip={clip}')}"]) == 2
     assert "the clip sample scorer needs alter or style prompts" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_that_is_no_model_is_named_by_the_command_as_a_user_runs_it(tmp_path):
+    """`lorakit train --model FOLDER --dry-run` on a folder that holds no model: one line that names the folder and
+    what it lacks, exit 2, nothing written (a subprocess, as a user runs it)."""
+    import subprocess
+    import sys
+
+    empty = tmp_path / "my_model"
+    empty.mkdir()
+    data = write_dataset(tmp_path / "data", n=2)
+    done = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "--model", str(empty), "--data", str(data),
+                           "--out", str(tmp_path / "run"), "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (f"lorakit train: error: {empty}: not a Stable Diffusion diffusers "
+                                                    "folder (missing unet, vae, text_encoder)")
+    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists() and list(empty.iterdir()) == []
