@@ -45,6 +45,7 @@ def unet_module_map(config: Mapping) -> dict[str, str]:
     n = _layers_per_block(config)
     down, up = config["down_block_types"], config["up_block_types"]
     names = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",  # SDXL's
              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
              "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
              "mid_block.resnets.1": "middle_block.2"}
@@ -90,6 +91,28 @@ def vae_module_map(config: Mapping) -> dict[str, str]:
             names[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = f"encoder.down.{i}.downsample.conv"
             names[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = f"decoder.up.{level}.upsample.conv"
     return names
+
+
+def is_sdxl_unet(config: Mapping) -> bool:
+    """Whether a diffusers U-Net config is SDXL's kind: conditioned on pooled text and the image size."""
+    return config.get("addition_embed_type") == "text_time"
+
+
+def ldm_module_path(path: str, modules: Mapping[str, str]) -> str:
+    """A diffusers U-Net module path under its original name (``unet_module_map``'s ``modules``):
+    'down_blocks.1.attentions.0.proj_in' -> 'input_blocks.4.1.proj_in' (SD1.x/SDXL)."""
+    if path in modules:
+        return modules[path]
+    module, rest = _split(path, modules)
+    if ".resnets." in module:
+        rest = _rename_inner(rest, _UNET_RESNET)
+    return f"{modules[module]}.{rest}"
+
+
+def kohya_unet_names(config: Mapping) -> dict[str, str] | None:
+    """The module map kohya names a U-Net's adapters by: SDXL's original (LDM) names, as kohya's SDXL scripts
+    and A1111/ComfyUI's SDXL LoRAs use; None for SD1.x/2.x, which kohya names by diffusers paths."""
+    return unet_module_map(config) if is_sdxl_unet(config) else None
 
 
 def _split(key: str, modules: Mapping[str, str]) -> tuple[str, str]:

@@ -42,7 +42,9 @@ VERSION_KEY = "lorakit_version"
 def base_model_fields(family: str, prediction_type: str) -> dict[str, Any]:
     """``ss_metadata`` arguments that name the base model as kohya does: ``base_model_version`` "sd_v1" or "sd_v2"
     (``family`` "sd1" / "sd2"), with "_v" for a v-prediction model (kohya's ``get_model_version_str_for_sd1_sd2``),
-    and ``v2``."""
+    or SDXL's "sdxl_base_v1-0" (kohya's SDXL scripts write it whatever the model predicts); and ``v2``."""
+    if family == "sdxl":
+        return {"base_model_version": "sdxl_base_v1-0", "v2": False}
     version = {"sd1": "sd_v1", "sd2": "sd_v2"}[family] + ("_v" if prediction_type == "v_prediction" else "")
     return {"base_model_version": version, "v2": family == "sd2"}
 

@@ -163,7 +163,7 @@ def rank_rule(cfg: TrainConfig, ranks_file: AdapterFile | None = None, model: Ba
             raise ValueError("network.dim_from_weights: the rank rule needs the adapter file and the model")
         rule = ranks_from_file(ranks_file, UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha),
                                model.unet if net.train_unet else None,
-                               model.text_encoder if net.train_text_encoder else None)
+                               model.text_encoders if net.train_text_encoder else None)
     elif net.blocks is not None:
         if net.block_dims is not None:
             raise ValueError("network: blocks and block_dims both given; use one of them")
@@ -211,7 +211,7 @@ class AdapterMethod(TrainingMethod):
             if value != default:
                 options[key] = value
         self.network: AdapterNetwork = create_network(
-            model.unet if net.train_unet else None, model.text_encoder if net.train_text_encoder else None,
+            model.unet if net.train_unet else None, model.text_encoders if net.train_text_encoder else None,
             preset=adapted_preset(cfg), ranks=rank_rule(cfg, ranks_file, model), algorithm=net.algorithm,
             options=options)
         self._max_norm: MaxNormReading | None = None
@@ -239,7 +239,7 @@ class AdapterMethod(TrainingMethod):
         if start is not None:
             self.started_from = start_network_from_file(
                 self.network, start, model.unet if net.train_unet else None,
-                model.text_encoder if net.train_text_encoder else None)
+                model.text_encoders if net.train_text_encoder else None)
         self.cfg = cfg
         self._meter = CSMeter({n: self.network[n] for n in self.network.names("unet")}) \
             if self.network.names("unet") else None
@@ -561,11 +561,29 @@ class PivotalTuning(TrainingMethod):
         return f"pivotal tuning: {self.ti.summary()}; {self.adapter.summary()}"
 
 
+def check_sdxl_method(cfg: TrainConfig) -> None:
+    """Refuse what lorakit does not train on SDXL yet, before any work: every method but an adapter (textual
+    inversion needs an embedding per encoder, native fine-tuning SDXL's single-file layout), and block-wise ranks
+    or learning rates, which read SD1.x's blocks."""
+    if cfg.method.kind != "adapter":
+        raise ConfigError(f"method.kind = {cfg.method.kind!r}: on SDXL lorakit trains adapters of the LoRA family "
+                          "(method.kind = \"adapter\"); textual inversion, pivotal tuning and native fine-tuning of "
+                          "SDXL are not built yet")
+    net = cfg.network
+    given = [key for key in ("blocks", "block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight")
+             if getattr(net, key) is not None]
+    if given:
+        raise ConfigError(f"network.{given[0]}: block-wise ranks and learning rates follow SD1.x's blocks; SDXL's "
+                          "19 blocks are not built for training yet (leave it out to train every block alike)")
+
+
 def make_method(cfg: TrainConfig, model: BaseModel, start_file: AdapterFile | bool = True,
                 ranks_file: AdapterFile | None = None, ti_start: torch.Tensor | None = None) -> TrainingMethod:
     """The configured method; ``start_file`` and ``ranks_file`` as ``AdapterMethod`` takes them (False leaves
     ``network.weights`` unread: a resumed run's checkpoint holds what the file started); ``ti_start``: the vectors
     a new embedding starts from (method.ti_weights)."""
+    if model.is_sdxl:
+        check_sdxl_method(cfg)
     if cfg.method.kind == "adapter":
         return AdapterMethod(cfg, model, start_file, ranks_file)
     if cfg.method.kind == "pivotal":

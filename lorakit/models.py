@@ -26,10 +26,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lorakit import ldm
 from lorakit.atomic import atomic_write, give_umask_modes, new_temp_path
@@ -77,7 +84,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------------- the model
 @dataclass
 class BaseModel:
-    """The components of a Stable Diffusion 1.x or 2.x model, as training and sampling use them."""
+    """The components of a Stable Diffusion 1.x, 2.x or XL model, as training and sampling use them (SDXL: a
+    second tokenizer and text encoder, whose pooled output and the image size also condition the U-Net)."""
 
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
@@ -85,13 +93,33 @@ class BaseModel:
     vae: AutoencoderKL
     noise_scheduler: DDPMScheduler  # the training schedule (add_noise, velocity targets)
     prediction_type: str = "epsilon"  # "epsilon" or "v_prediction"
-    version: str = "sd1"  # "sd1" or "sd2" (model_family)
+    version: str = "sd1"  # "sd1", "sd2" or "sdxl" (model_family)
     source: str = ""
     resolution: int = 512  # native image size
     scheduler_config: dict[str, Any] = field(default_factory=dict)  # the model's own; samplers are built from it
     # tensors of the single file the model was read from that no module holds (SD2.x's last text-encoder layer,
     # which SD2 never uses, and OpenCLIP's contrastive head): written back as they came
     carried_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokenizer_2: CLIPTokenizer | None = None  # SDXL's second (OpenCLIP bigG's: pads with "!")
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's second encoder
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> tuple[torch.nn.Module, ...]:
+        """The text encoder, or SDXL's two (the order of kohya's ``lora_te1_`` / ``lora_te2_``)."""
+        return (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
+
+    @property
+    def tokenizers(self) -> tuple[CLIPTokenizer, ...]:
+        return (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer, self.tokenizer_2)
+
+    @property
+    def networks(self) -> tuple[torch.nn.Module, ...]:
+        """Every network of the model: the text encoder(s), the U-Net and the VAE."""
+        return (*self.text_encoders, self.unet, self.vae)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -111,8 +139,8 @@ class BaseModel:
         return self.unet.dtype
 
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> BaseModel:
-        """Move (and optionally cast) the three networks in place; returns self."""
-        for module in (self.text_encoder, self.unet, self.vae):
+        """Move (and optionally cast) the networks in place; returns self."""
+        for module in self.networks:
             if device is not None:
                 module.to(device=device)
             # only when it changes anything: diffusers warns about every .to(dtype=...)
@@ -143,13 +171,20 @@ class BaseModel:
         # right
         self.noise_scheduler = DDPMScheduler.from_config(config, clip_sample=False)
 
-    def pipeline(self, scheduler: Any = None) -> StableDiffusionPipeline:
-        """A StableDiffusionPipeline over these very modules (no copies: adapters applied in place show up).
+    def pipeline(self, scheduler: Any = None) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+        """A StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) over these very modules (no copies: adapters
+        applied in place show up).
 
         ``scheduler`` defaults to DDIM built from the model's scheduler config.
         """
         if scheduler is None:
             scheduler = DDIMScheduler.from_config(self.scheduler_config, prediction_type=self.prediction_type)
+        if self.is_sdxl:
+            # no watermark: samples are for the person training, and the package is not installed
+            return StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoder,
+                                             text_encoder_2=self.text_encoder_2, tokenizer=self.tokenizer,
+                                             tokenizer_2=self.tokenizer_2, unet=self.unet, scheduler=scheduler,
+                                             force_zeros_for_empty_prompt=False, add_watermarker=False)
         return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
                                        unet=self.unet, scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
@@ -184,8 +219,6 @@ def encode_prompt_ids(text_encoder: torch.nn.Module, ids: torch.Tensor, clip_ski
     one less (their ``clip_skip=1`` is this 2), and with transformers 5 their own clip skip fails (it looks for
     ``text_model``), so ``lorakit.sample`` passes these embeddings instead.  Several chunks are joined as kohya
     joins them: the first BOS, every chunk's 75 token states, the last EOS (2 + 75·chunks states)."""
-    chunked = ids.dim() == 3
-    b = ids.shape[0]
     flat = ids.reshape(-1, ids.shape[-1])
     if clip_skip == 1:
         states = text_encoder(flat)[0]
@@ -194,7 +227,14 @@ def encode_prompt_ids(text_encoder: torch.nn.Module, ids: torch.Tensor, clip_ski
         inner = getattr(text_encoder, "module", text_encoder)  # accelerate's wrapper in a distributed run
         text_model = getattr(inner, "text_model", inner)  # transformers 4 nests the layers, 5 does not
         states = text_model.final_layer_norm(hidden[-clip_skip])
-    if not chunked or ids.shape[1] == 1:
+    return join_chunk_states(states, ids)
+
+
+def join_chunk_states(states: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """An encoder's states ``(batch·chunks, 77, dim)`` for ``ids`` ``(batch, 77)`` or ``(batch, chunks, 77)``, as one
+    sequence per prompt: the first BOS, every chunk's 75 token states, the last EOS (kohya's joining)."""
+    b = ids.shape[0]
+    if ids.dim() == 2 or ids.shape[1] == 1:
         return states.reshape(b, ids.shape[-1], -1)
     states = states.reshape(b, ids.shape[1], ids.shape[-1], -1)
     return torch.cat([states[:, 0, :1], *[states[:, k, 1:-1] for k in range(ids.shape[1])], states[:, -1, -1:]],
@@ -203,6 +243,10 @@ def encode_prompt_ids(text_encoder: torch.nn.Module, ids: torch.Tensor, clip_ski
 
 def check_clip_skip(model: BaseModel, clip_skip: int) -> None:
     """Refuse a clip skip the model's text encoder has not the layers for (before any work is done)."""
+    if model.is_sdxl and clip_skip != 1:
+        raise InvalidValueError(f"clip skip {clip_skip}: SDXL ({model.source or 'the model'}) reads each text "
+                                "encoder's penultimate layer, the layers it was trained on, so there is no clip skip "
+                                "to set (kohya's SDXL scripts ignore it); leave clip_skip at 1")
     layers = model.text_encoder.config.num_hidden_layers
     if not 1 <= clip_skip <= layers:
         raise InvalidValueError(f"clip skip {clip_skip}: the text encoder of {model.source or 'the model'} has "
@@ -260,17 +304,20 @@ def model_family(text_encoder_config: Any) -> str:
 
 
 def _assemble(tokenizer, text_encoder, unet, vae, scheduler_config: dict, source: str,
-              prediction_type: str | None, device, dtype: torch.dtype) -> BaseModel:
+              prediction_type: str | None, device, dtype: torch.dtype, second: tuple | None = None) -> BaseModel:
+    """The model from its parts; ``second``: SDXL's (tokenizer_2, text_encoder_2)."""
     try:
-        version = model_family(text_encoder.config)
+        version = "sdxl" if second is not None else model_family(text_encoder.config)
     except ModelLoadError as e:
         raise ModelLoadError(f"{source}: {e}") from None
+    tokenizer_2, text_encoder_2 = second or (None, None)
     model = BaseModel(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, noise_scheduler=None,
                       source=source, scheduler_config=scheduler_config, version=version,
-                      prediction_type=scheduler_config.get("prediction_type") or "epsilon")
+                      prediction_type=scheduler_config.get("prediction_type") or "epsilon",
+                      tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2)
     model.set_schedule(prediction_type)
     model.resolution = unet.config.sample_size * model.vae_scale_factor
-    for module in (text_encoder, unet, vae):
+    for module in model.networks:
         module.eval()
         _own_memory(module)
     return model.to(device=device, dtype=dtype)
@@ -321,7 +368,9 @@ class ModelDescription:
 
     @property
     def family(self) -> str:
-        """"SD1.x" or "SD2.x"."""
+        """"SD1.x", "SD2.x" or "SDXL"."""
+        if (self.configs / "text_encoder_2").is_dir():
+            return "SDXL"
         settings = json.loads((self.configs / "text_encoder" / "config.json").read_text())
         try:
             family = model_family(SimpleNamespace(**settings))
@@ -424,10 +473,21 @@ def _load_folder(folder: Path, dtype: torch.dtype, device, tokenizer: str | Path
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=dtype)
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
         scheduler_config = dict(DDPMScheduler.load_config(folder, subfolder="scheduler", local_files_only=True))
+        second = _load_second_encoder(folder)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{folder}: cannot load the diffusers folder: {e}") from e
     tok = load_clip_tokenizer(tokenizer or folder)
-    return _assemble(tok, text_encoder, unet, vae, scheduler_config, str(folder), prediction_type, device, dtype)
+    return _assemble(tok, text_encoder, unet, vae, scheduler_config, str(folder), prediction_type, device, dtype,
+                     second)
+
+
+def _load_second_encoder(folder: Path) -> tuple[CLIPTokenizer, CLIPTextModelWithProjection] | None:
+    """SDXL's second tokenizer and text encoder (``tokenizer_2/``, ``text_encoder_2/``); None for SD1.x/2.x."""
+    if not (folder / "text_encoder_2").is_dir():
+        return None
+    _check_folder(folder, ("tokenizer_2",))
+    encoder = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", local_files_only=True)
+    return load_clip_tokenizer(folder / "tokenizer_2"), encoder
 
 
 # ------------------------------------------------------------------------------------------- single file
@@ -512,8 +572,9 @@ def detect_architecture(checkpoint: dict[str, torch.Tensor], path: str | Path = 
     keys = list(checkpoint)
     if any(k.startswith("conditioner.embedders.") for k in keys) or any(
             k.startswith(ldm.UNET_PREFIX + "label_emb.") for k in keys):
-        raise ModelLoadError(f"{path}: this is an SDXL checkpoint (conditioner.embedders.* / label_emb); "
-                             "SDXL is not supported yet")
+        raise ModelLoadError(f"{path}: this is an SDXL single-file checkpoint (conditioner.embedders.* / label_emb), "
+                             "which lorakit does not read yet: give the SDXL model as a diffusers folder (diffusers' "
+                             "StableDiffusionXLPipeline.from_single_file(...).save_pretrained(FOLDER) writes one)")
     if not any(k.startswith(ldm.UNET_PREFIX) for k in keys):
         hint = ""
         if any(k.startswith(("lora_", "lycoris_")) for k in keys):
@@ -539,7 +600,7 @@ def detect_architecture(checkpoint: dict[str, torch.Tensor], path: str | Path = 
     if (_shape_of(checkpoint, ldm.UNET_PREFIX + "input_blocks.0.0.weight") or (0, 4))[1] != 4:
         hint = " (U-Net input channels are not 4: an inpainting or other special model?)"
     raise ModelLoadError(f"{path}: unsupported architecture{hint}: its shapes fit no config lorakit knows "
-                         "(SD1.x, SD2.x and the built-in model; SDXL is not supported yet):\n"
+                         "(SD1.x, SD2.x and the built-in model; SDXL as a diffusers folder only):\n"
                          + "\n".join(lines))
 
 

@@ -5,7 +5,8 @@ title a file is listed under, the base model family it needs (``modelspec.archit
 its base model predicts, and the words that call it up (``modelspec.trigger_phrase``).  The values follow
 kohya's choices for SD1.x and SD2.x: ``stable-diffusion-v1/lora`` (``stable-diffusion-v2-512``,
 ``stable-diffusion-v2-768-v``) with the ``diffusers`` implementation for an adapter,
-``stable-diffusion-v1/textual-inversion`` with Stability AI's for an embedding.
+``stable-diffusion-v1/textual-inversion`` with Stability AI's for an embedding; SDXL's adapters are
+``stable-diffusion-xl-v1-base/lora`` with Stability AI's implementation, as kohya's SDXL scripts write them.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ SPEC_VERSION = "1.0.1"
 ARCHITECTURE_SD1 = "stable-diffusion-v1"
 ARCHITECTURE_SD2 = "stable-diffusion-v2-512"
 ARCHITECTURE_SD2_V = "stable-diffusion-v2-768-v"
+ARCHITECTURE_SDXL = "stable-diffusion-xl-v1-base"
+IMPLEMENTATION_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 #: what a file holds -> (the architecture's suffix, the implementation kohya names for SD1.x and SD2.x)
 KINDS = {
     "lora": ("lora", "diffusers"),
-    "textual-inversion": ("textual-inversion", "https://github.com/Stability-AI/generative-models"),
+    "textual-inversion": ("textual-inversion", IMPLEMENTATION_STABILITY_AI),
 }
 #: the user's own entries, as kohya's --metadata_<name> options
 USER_FIELDS = ("title", "author", "description", "license", "tags")
@@ -34,6 +37,8 @@ def modelspec_date(now: datetime.datetime | None = None) -> str:
 def architecture(family: str, prediction_type: str) -> str:
     """The base model's ModelSpec architecture, as kohya names it: SD2.x's by its prediction type (a v model is the
     768 one)."""
+    if family == "sdxl":
+        return ARCHITECTURE_SDXL
     if family == "sd2":
         return ARCHITECTURE_SD2_V if prediction_type == "v_prediction" else ARCHITECTURE_SD2
     return ARCHITECTURE_SD1
@@ -44,7 +49,7 @@ def modelspec_metadata(kind: str, *, title: str, resolution: tuple[int, int], pr
                        triggers: Iterable[str] = (), user: Mapping[str, str | None] | None = None,
                        now: datetime.datetime | None = None) -> dict[str, str]:
     """The ``modelspec.*`` entries of a file of ``kind`` ("lora": any adapter of the LoRA family; "textual-
-    inversion") for a base model of ``family`` ("sd1", "sd2"): ``prediction_type`` as diffusers names it
+    inversion") for a base model of ``family`` ("sd1", "sd2", "sdxl"): ``prediction_type`` as diffusers names it
     ("epsilon", "v_prediction"), ``clip_skip`` 1 for none, ``timesteps`` the trained range when it was narrowed,
     ``user`` the entries a person set (title, author, description, license, tags; None or "" left out).  The date
     is ``now`` (UTC) to the second."""
@@ -56,7 +61,8 @@ def modelspec_metadata(kind: str, *, title: str, resolution: tuple[int, int], pr
     entries = {
         "sai_model_spec": SPEC_VERSION,
         "architecture": f"{architecture(family, prediction_type)}/{suffix}",
-        "implementation": implementation,
+        # kohya names Stability AI's code for an SDXL adapter (its key names are the original U-Net's)
+        "implementation": IMPLEMENTATION_STABILITY_AI if family == "sdxl" else implementation,
         "title": user.pop("title", None) or title,
         "resolution": f"{resolution[0]}x{resolution[1]}",
         "date": modelspec_date(now),

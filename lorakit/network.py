@@ -8,8 +8,9 @@ block-wise ranks (``lorakit.blocks.BlockRanks``) plug in beside the default ``Un
 ``create_network`` replaces each chosen layer in its parent with the adapter wrapping it and returns an
 ``AdapterNetwork`` that holds the adapters by kohya name and can take them out again.
 
-Names follow kohya: ``lora_unet_`` + diffusers module path with ``.`` -> ``_``; ``lora_te_`` (SDXL:
-``lora_te1_`` / ``lora_te2_``) + the text encoder's path in the transformers-4 layout, whose
+Names follow kohya: ``lora_unet_`` + diffusers module path with ``.`` -> ``_`` (SDXL: the original LDM path,
+``lora_unet_input_blocks_4_1_...``, as kohya's SDXL scripts name it); ``lora_te_`` (SDXL: ``lora_te1_`` /
+``lora_te2_``) + the text encoder's path in the transformers-4 layout, whose
 ``CLIPTextModel`` keeps its modules under ``text_model.`` (transformers 5 dropped that level; the prefix
 is put back so files stay loadable in A1111/ComfyUI/kohya).
 """
@@ -27,6 +28,7 @@ from torch import nn
 from lorakit.adapters import make_adapter
 from lorakit.adapters.base import Adapter
 from lorakit.errors import InvalidValueError
+from lorakit.ldm import kohya_unet_names, ldm_module_path
 
 LINEAR, CONV1X1, CONV = "linear", "conv1x1", "conv"
 ALL_KINDS = frozenset({LINEAR, CONV1X1, CONV})
@@ -147,12 +149,17 @@ class Component:
     model: nn.Module
     path_prefix: str = ""  # put in front of module paths so names follow kohya's layout
     is_text_encoder: bool = False
+    # SDXL's U-Net: diffusers module path -> original (LDM) path, which kohya names its modules by
+    original_names: Mapping[str, str] | None = None
 
     def canonical_path(self, path: str) -> str:
+        """The path presets match: diffusers' for the U-Net, transformers 4's for a text encoder."""
         return self.path_prefix + path
 
     def kohya_name(self, path: str) -> str:
-        return kohya_name(self.prefix, self.canonical_path(path))
+        named = ldm_module_path(path, self.original_names) if self.original_names is not None else \
+            self.canonical_path(path)
+        return kohya_name(self.prefix, named)
 
 
 def kohya_name(prefix: str, path: str) -> str:
@@ -173,7 +180,9 @@ def components(unet: nn.Module | None = None,
     """The U-Net and the text encoder(s), with the kohya prefix each gets (two encoders: te1/te2)."""
     result = []
     if unet is not None:
-        result.append(Component("unet", UNET_PREFIX, unet))
+        config = getattr(unet, "config", None)
+        result.append(Component("unet", UNET_PREFIX, unet,
+                                original_names=kohya_unet_names(config) if isinstance(config, Mapping) else None))
     encoders = [] if text_encoder is None else (
         [text_encoder] if isinstance(text_encoder, nn.Module) else list(text_encoder))
     for i, te in enumerate(encoders):

@@ -38,10 +38,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from lorakit.atomic import atomic_write
+from lorakit.conditioning import Conditioning, encode_conditioning
 from lorakit.errors import InvalidValueError, LorakitError
 from lorakit.metadata import TEXT_SETTINGS, trained_text_setting
 from lorakit.models import SD2_V_CONFIG, BaseModel, native_resolution
-from lorakit.prompt_weights import encode_texts, uses_bracket_syntax
+from lorakit.prompt_weights import uses_bracket_syntax
 
 log = logging.getLogger(__name__)
 
@@ -291,15 +292,19 @@ def _text_inputs(model: BaseModel, prompts: list[str], negatives: list[str], cli
     encodes them (diffusers' own ``clip_skip`` counts one less and fails with transformers 5; it reads 75 tokens
     at most, and no weights)."""
     weighted = any(uses_bracket_syntax(t) for t in [*prompts, *negatives])
-    if clip_skip == 1 and max_token_length == 75 and not weighted:
+    if not model.is_sdxl and clip_skip == 1 and max_token_length == 75 and not weighted:
         return {"prompt": prompts, "negative_prompt": negatives}
 
-    def embed(texts: list[str]) -> torch.Tensor:
+    def embed(texts: list[str]) -> Conditioning:
         # A1111's (word:1.2) syntax: the states scaled token by token, as kohya's sample prompts are read
-        return encode_texts(model.tokenizer, model.text_encoder, texts, weighted=weighted, clip_skip=clip_skip,
-                            max_token_length=max_token_length, device=device)
+        return encode_conditioning(model, texts, weighted=weighted, clip_skip=clip_skip,
+                                   max_token_length=max_token_length, device=device)
 
-    return {"prompt_embeds": embed(prompts), "negative_prompt_embeds": embed(negatives)}
+    positive, negative = embed(prompts), embed(negatives)
+    inputs = {"prompt_embeds": positive.states, "negative_prompt_embeds": negative.states}
+    if positive.pooled is not None:  # SDXL: always encoded here, so that samples read prompts as training does
+        inputs.update(pooled_prompt_embeds=positive.pooled, negative_pooled_prompt_embeds=negative.pooled)
+    return inputs
 
 
 @torch.no_grad()
@@ -321,7 +326,7 @@ def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device:
     for i, p in enumerate(resolved):
         groups.setdefault((p.width, p.height, p.steps, p.cfg_scale, p.sampler), []).append(i)
 
-    networks = (model.unet, model.text_encoder, model.vae)
+    networks = model.networks
     modes = [(m, m.training) for net in networks for m in net.modules()]
     target = torch.device(device) if device is not None else model.device
     homes = [net.device for net in networks]

@@ -9,12 +9,13 @@ from collections.abc import Iterable
 import torch
 from accelerate import Accelerator
 
+from lorakit.conditioning import Conditioning, encode_conditioning
 from lorakit.config import TrainConfig
 from lorakit.data.dataset import Batch
 from lorakit.loss import NoisedBatch, add_training_noise, diffusion_loss, noise_at
 from lorakit.methods import TrainingMethod
 from lorakit.models import BaseModel
-from lorakit.prompt_weights import encode_texts, uses_bracket_syntax
+from lorakit.prompt_weights import uses_bracket_syntax
 
 #: kohya's validation timesteps (train_network.py): the loss of each held-out batch is averaged over these
 VALIDATION_TIMESTEPS = (10, 350, 500, 650, 990)
@@ -38,27 +39,29 @@ def batch_latents(model: BaseModel, batch: Batch, generator: torch.Generator, st
     return latents.to(device, dtype=torch.float32) * model.vae.config.scaling_factor
 
 
-def encode_captions(cfg: TrainConfig, model: BaseModel, text_encoder: torch.nn.Module, captions: list[str],
-                    device: torch.device) -> torch.Tensor:
-    """The text encoder's states for training captions; with ``data.weighted_captions`` (kohya's), ``(word:1.2)``
-    weighs words as in sample prompts (``lorakit.prompt_weights``), else brackets are plain text."""
+def encode_captions(cfg: TrainConfig, model: BaseModel, text_encoders, captions: list[str],
+                    device: torch.device) -> Conditioning:
+    """The conditioning for training captions; with ``data.weighted_captions`` (kohya's), ``(word:1.2)`` weighs
+    words as in sample prompts (``lorakit.prompt_weights``), else brackets are plain text."""
     weighted = cfg.data.weighted_captions and any(uses_bracket_syntax(c) for c in captions)
-    return encode_texts(model.tokenizer, text_encoder, captions, weighted=weighted, clip_skip=cfg.model.clip_skip,
-                        max_token_length=cfg.model.max_token_length, device=device)
+    return encode_conditioning(model, captions, weighted=weighted, clip_skip=cfg.model.clip_skip,
+                               max_token_length=cfg.model.max_token_length, device=device,
+                               text_encoders=text_encoders)
 
 
 def prediction_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, batch: Batch, noised: NoisedBatch,
-                    accelerator: Accelerator, unet=None, text_encoder=None) -> torch.Tensor:
+                    accelerator: Accelerator, unet=None, text_encoders=None) -> torch.Tensor:
     """The U-Net's prediction for ``noised`` under the batch's captions, and the run's loss of it."""
     unet = model.unet if unet is None else unet  # not `or`: a compiled module has no truth value
-    text_encoder = model.text_encoder if text_encoder is None else text_encoder
     device = accelerator.device
     options = cfg.training
     captions = [method.expand_prompt(c) for c in batch.captions]
+    latents = noised.noisy_latents
+    height, width = (side * model.vae_scale_factor for side in latents.shape[-2:])
     with accelerator.autocast():
-        hidden = encode_captions(cfg, model, text_encoder, captions, device)
-        prediction = unet(noised.noisy_latents.to(model.unet.dtype), noised.timesteps,
-                          hidden.to(model.unet.dtype)).sample
+        text = encode_captions(cfg, model, text_encoders, captions, device)
+        prediction = unet(latents.to(model.unet.dtype), noised.timesteps, text.states.to(model.unet.dtype),
+                          **text.unet_kwargs(height, width, model.unet.dtype)).sample
     return diffusion_loss(prediction, noised, model.noise_scheduler, model.prediction_type, options.min_snr_gamma,
                           batch.is_reg, options.prior_loss_weight, debiased=options.debiased_estimation_loss,
                           loss_type=options.loss_type, huber_schedule=options.huber_schedule,
@@ -68,8 +71,8 @@ def prediction_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, 
 
 
 def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, batch: Batch, step: int,
-                 accelerator: Accelerator, unet=None, text_encoder=None) -> torch.Tensor:
-    """The loss of one training batch.  ``unet``/``text_encoder``: the modules to run (accelerate's wrappers in
+                 accelerator: Accelerator, unet=None, text_encoders=None) -> torch.Tensor:
+    """The loss of one training batch.  ``unet``/``text_encoders``: the modules to run (accelerate's wrappers in
     a distributed run, so gradients are synchronised); default the model's own."""
     generator = torch.Generator().manual_seed(step_seed(cfg.training.seed, step))
     latents = batch_latents(model, batch, generator, step, accelerator.device)
@@ -82,7 +85,7 @@ def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, bat
                                 noise_offset_random_strength=options.noise_offset_random_strength,
                                 adaptive_noise_scale=options.adaptive_noise_scale,
                                 ip_noise_gamma_random_strength=options.ip_noise_gamma_random_strength)
-    return prediction_loss(cfg, model, method, batch, noised, accelerator, unet, text_encoder)
+    return prediction_loss(cfg, model, method, batch, noised, accelerator, unet, text_encoders)
 
 
 def validation_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, batches: Iterable[Batch],
@@ -91,7 +94,7 @@ def validation_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, 
     (``seed``, batch) — the same every call, so the values of one run are comparable — without the noise
     augmentations (offset, multi-resolution, input perturbation) or any dropout; the mean over batches and
     timesteps.  None when there is no batch.  Gradients are not kept, and the modules' modes are restored."""
-    modules = [model.unet, model.text_encoder]
+    modules = [model.unet, *model.text_encoders]
     modes = [m.training for m in modules]
     losses = []
     try:

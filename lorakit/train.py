@@ -124,7 +124,8 @@ def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
     check_loss_options(cfg.training, model.prediction_type, model.noise_scheduler.config.num_train_timesteps)
     model.vae.requires_grad_(False)
     model.unet.requires_grad_(False)
-    model.text_encoder.requires_grad_(False)
+    for text_encoder in model.text_encoders:
+        text_encoder.requires_grad_(False)
     low = weight_dtype(cfg.model.mixed_precision)
     if low != torch.float32:
         if not cfg.model.no_half_vae:
@@ -134,11 +135,13 @@ def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
         trains_text_encoder = (cfg.method.kind in ("ti", "pivotal") or cfg.method.native_text_encoder
                                or (cfg.method.kind == "adapter" and cfg.network.train_text_encoder))
         if not trains_text_encoder:  # its trained weights stay float32 (mixed precision runs in autocast)
-            model.text_encoder.to(dtype=low)
+            for text_encoder in model.text_encoders:
+                text_encoder.to(dtype=low)
     model.to(accelerator.device)
     if cfg.model.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-        model.text_encoder.gradient_checkpointing_enable()
+        for text_encoder in model.text_encoders:
+            text_encoder.gradient_checkpointing_enable()
     return model
 
 
@@ -363,12 +366,13 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             run.truncate_log(-1)  # killed before the first checkpoint: its log lines will be written again
             print(f"resuming {run.path}: no checkpoint was saved yet, starting from the beginning")
 
-        trained = [m for m in (model.unet, model.text_encoder) if any(p.requires_grad for p in m.parameters())]
+        trained = [m for m in (model.unet, *model.text_encoders) if any(p.requires_grad for p in m.parameters())]
         prepared = accelerator.prepare(*trained, optimizer, lr_schedule)
         optimizer, lr_schedule = prepared[-2], prepared[-1]
         # run the wrapped modules (DDP in a distributed run); sampling and saving use the plain ones
         wrapped = {id(m): w for m, w in zip(trained, prepared[:-2], strict=True)}
-        run_unet, run_te = wrapped.get(id(model.unet)), wrapped.get(id(model.text_encoder))
+        run_unet = wrapped.get(id(model.unet))
+        run_text = tuple(wrapped.get(id(te), te) for te in model.text_encoders)
         if cfg.model.compile:
             # the training step's U-Net only (a frozen one too: textual inversion runs it forward and backward);
             # it shares the parameters, so sampling and saving keep using the plain module
@@ -464,7 +468,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                     torch.manual_seed(step_seed(cfg.training.seed + 1, step * 1000 + i))  # adapter dropout
                     with method.scaled(batch.network_multiplier):
                         loss = compute_loss(cfg, model, method, batch, step, accelerator, run_unet,
-                                            None if method.text_encoder_stopped else run_te)
+                                            None if method.text_encoder_stopped else run_text)
                     if not torch.isfinite(loss):
                         raise TrainingError(_nan_message(run, step, epoch))
                     accelerator.backward(loss)

@@ -81,3 +81,45 @@ def build_tiny_sd2_components(seed: int = 0) -> dict:
     c["unet"] = UNet2DConditionModel(**{**UNET_CONFIG, "use_linear_projection": True}).eval()
     c["tokenizer"].pad_token = "!"
     return c
+
+
+def build_tiny_sdxl_components(seed: int = 0) -> dict:
+    """A tiny model of SDXL's kinds (random weights): CLIP-L-like and OpenCLIP-bigG-like text encoders whose
+    penultimate states are joined for the cross-attention, the second's projected pooled output and the image
+    size as the U-Net's added conditioning ("text_time"), no attention in the first level, Linear projections."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    from lorakit.world.model import LATENT_SIZE, TEXT_HIDDEN, build_components
+
+    c = build_components(seed)
+    torch.manual_seed(seed + 2)
+    config = copy.deepcopy(c["text_encoder"].config)
+    config.hidden_act, config.hidden_size, config.intermediate_size, config.projection_dim = "gelu", 64, 256, 48
+    tokenizer_2 = copy.deepcopy(c["tokenizer"])
+    tokenizer_2.pad_token = "!"
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 2, 4), norm_num_groups=16,
+        cross_attention_dim=TEXT_HIDDEN + config.hidden_size, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + config.projection_dim)
+    return dict(c, unet=unet.eval(), text_encoder_2=CLIPTextModelWithProjection(config).eval(),
+                tokenizer_2=tokenizer_2)
+
+
+def export_sdxl_pipeline(c: dict, folder) -> None:
+    """A diffusers SDXL folder of ``build_tiny_sdxl_components``'s parts."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from lorakit.world.model import write_clip_vocab_files
+
+    pipe = StableDiffusionXLPipeline(vae=c["vae"], text_encoder=c["text_encoder"], text_encoder_2=c["text_encoder_2"],
+                                     tokenizer=c["tokenizer"], tokenizer_2=c["tokenizer_2"], unet=c["unet"],
+                                     scheduler=c["scheduler"], add_watermarker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):
+        write_clip_vocab_files(c[sub], folder / sub)

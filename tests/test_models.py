@@ -262,7 +262,7 @@ def test_sdxl_checkpoint_is_refused(tmp_path):
         "model.diffusion_model.label_emb.0.0.weight": torch.zeros(8, 16),
         "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": torch.zeros(77, 8),
     })
-    with pytest.raises(ModelLoadError, match=r"sdxl_base\.safetensors: .*SDXL is not supported yet"):
+    with pytest.raises(ModelLoadError, match=r"sdxl_base\.safetensors: .*SDXL single-file.*diffusers folder"):
         load_base_model(path)
 
 
