@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import TrainingData
+from lorakit.methods import check_sdxl_settings
 from lorakit.models import describe_base_model
 from lorakit.run_messages import count, early_stop_text, opening_line
 from lorakit.trackers import check_tracker
@@ -43,6 +44,8 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
         check_resume_settings(previous, cfg)
     described = describe_base_model(cfg.model.base, cfg.model.prediction_type)  # also refuses what cannot load
     resolution, family = described.resolution, described.family
+    if family == "SDXL":
+        check_sdxl_settings(cfg)
     if described.unsaid_sd2_prediction:
         family += (" (the file does not say whether it predicts noise or v: read as the 512 ε model; for a 768 v "
                    "model such as 2.1 set model.prediction_type = \"v_prediction\")")

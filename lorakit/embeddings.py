@@ -109,6 +109,8 @@ def load_embedding(model: BaseModel, path: str | Path, token: str | None = None,
 
 def add_embedding(model: BaseModel, vectors: torch.Tensor, token: str, where: str) -> LoadedEmbedding:
     """Add ``vectors`` ([n, dim]) to ``model`` as the tokens of ``token``; ``where`` names their file in errors."""
+    if model.is_sdxl:  # an SDXL embedding is a pair (clip_l, clip_g), one per encoder
+        raise EmbeddingError(f"{where}: lorakit does not use textual-inversion embeddings with SDXL models yet")
     emb = model.text_encoder.get_input_embeddings().weight
     if vectors.ndim != 2:
         raise EmbeddingError(f"{where}: embedding vectors of shape {tuple(vectors.shape)}, expected [vectors, dim]")

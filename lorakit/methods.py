@@ -561,10 +561,14 @@ class PivotalTuning(TrainingMethod):
         return f"pivotal tuning: {self.ti.summary()}; {self.adapter.summary()}"
 
 
-def check_sdxl_method(cfg: TrainConfig) -> None:
+def check_sdxl_settings(cfg: TrainConfig) -> None:
     """Refuse what lorakit does not train on SDXL yet, before any work: every method but an adapter (textual
-    inversion needs an embedding per encoder, native fine-tuning SDXL's single-file layout), and block-wise ranks
-    or learning rates, which read SD1.x's blocks."""
+    inversion needs an embedding per encoder, native fine-tuning SDXL's single-file layout), block-wise ranks
+    or learning rates, which read SD1.x's blocks; and a clip skip, which SDXL has not."""
+    if cfg.model.clip_skip != 1:
+        raise ConfigError(f"model.clip_skip = {cfg.model.clip_skip}: SDXL reads each text encoder's penultimate "
+                          "layer, the layers it was trained on, so there is no clip skip to set (kohya's SDXL "
+                          "scripts ignore it); leave it at 1")
     if cfg.method.kind != "adapter":
         raise ConfigError(f"method.kind = {cfg.method.kind!r}: on SDXL lorakit trains adapters of the LoRA family "
                           "(method.kind = \"adapter\"); textual inversion, pivotal tuning and native fine-tuning of "
@@ -583,7 +587,7 @@ def make_method(cfg: TrainConfig, model: BaseModel, start_file: AdapterFile | bo
     ``network.weights`` unread: a resumed run's checkpoint holds what the file started); ``ti_start``: the vectors
     a new embedding starts from (method.ti_weights)."""
     if model.is_sdxl:
-        check_sdxl_method(cfg)
+        check_sdxl_settings(cfg)
     if cfg.method.kind == "adapter":
         return AdapterMethod(cfg, model, start_file, ranks_file)
     if cfg.method.kind == "pivotal":

@@ -75,3 +75,13 @@ def tiny_sd2_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_sd2") / "model"
     export_pipeline(build_tiny_sd2_components(0), folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A tiny SDXL-kind model (model_helpers.build_tiny_sdxl_components(0)) as a diffusers folder."""
+    from model_helpers import build_tiny_sdxl_components, export_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny_sdxl") / "model"
+    export_sdxl_pipeline(build_tiny_sdxl_components(0), folder)
+    return folder

@@ -148,7 +148,7 @@ def _adapter(model: BaseModel, source: Path | AdapterFile) -> Iterator[None]:
 
     where = str(source.path if isinstance(source, AdapterFile) else source)
     try:
-        network, _ = load_network(source, model.unet, model.text_encoder)
+        network, _ = load_network(source, model.unet, model.text_encoders)
     except (ValueError, OSError) as err:  # AdapterFileError names the file and the key that does not fit
         raise CheckpointError(str(err) if where in str(err) else f"{where}: {err}") from None
     try:

@@ -33,7 +33,7 @@ def summed_deltas(model: BaseModel, adapters: Sequence[AdapterSpec | str]) -> di
 
 
 def _layers(model: BaseModel) -> dict[str, nn.Module]:
-    return {c.kohya_name(path): layer for c in components(model.unet, model.text_encoder)
+    return {c.kohya_name(path): layer for c in components(model.unet, model.text_encoders)
             for path, layer in adaptable_layers(c)}
 
 

@@ -57,7 +57,7 @@ def convert_adapter(source: str | os.PathLike, out: str | os.PathLike, layout: s
         floats = Counter(t.dtype for t in file.tensors.values() if t.is_floating_point())
         dtype = floats.most_common(1)[0][0] if floats else None
     try:
-        network, _ = load_network(file, model.unet, model.text_encoder)
+        network, _ = load_network(file, model.unet, model.text_encoders)
     except AdapterFileError as err:
         raise ToolError(f"{err} (give the model it was trained on: --model)") from None
     try:

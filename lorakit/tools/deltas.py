@@ -141,7 +141,7 @@ def file_deltas(source: str | os.PathLike | AdapterFile, model: BaseModel | None
             deltas[kohya_module_name(name)] = _lora_product(down, up, shape, w * alpha / rank)
         return deltas
     try:
-        network, _ = load_network(file, model.unet, model.text_encoder)
+        network, _ = load_network(file, model.unet, model.text_encoders)
     except AdapterFileError as err:
         raise MismatchError(str(err)) from None
     try:

@@ -15,7 +15,7 @@ import torch
 from lorakit.metadata import base_model_fields, ss_metadata
 from lorakit.models import BaseModel
 from lorakit.modelspec import modelspec_metadata
-from lorakit.network import components, get_preset, is_kxk_conv, select_targets
+from lorakit.network import Component, components, get_preset, is_kxk_conv, select_targets
 from lorakit.tools import MismatchError
 from lorakit.tools.lowrank import Delta, RankRule, factorize
 from lorakit.tools.result import ToolResult
@@ -25,7 +25,12 @@ def check_same_architecture(tuned: BaseModel, base: BaseModel, text_encoder: boo
     """``MismatchError`` naming the first tensors that differ in name or shape between the two models."""
     pairs = [("U-Net", tuned.unet, base.unet)]
     if text_encoder:
-        pairs.append(("text encoder", tuned.text_encoder, base.text_encoder))
+        if len(tuned.text_encoders) != len(base.text_encoders):
+            raise MismatchError(f"{tuned.source or 'the tuned model'} has {len(tuned.text_encoders)} text encoder(s), "
+                                f"{base.source or 'the base'} {len(base.text_encoders)}: not the same architecture")
+        several = len(base.text_encoders) > 1
+        pairs += [(f"text encoder{f' {i + 1}' if several else ''}", a, b)
+                  for i, (a, b) in enumerate(zip(tuned.text_encoders, base.text_encoders, strict=True))]
     for what, a, b in pairs:
         sa, sb = a.state_dict(), b.state_dict()
         only_a, only_b = sorted(set(sa) - set(sb)), sorted(set(sb) - set(sa))
@@ -53,9 +58,9 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
     conv_rule = conv_rule or rule
     chosen = get_preset(preset)
     result = ToolResult("extract", dtype)
-    tuned_comps = {c.group: c for c in components(tuned.unet, tuned.text_encoder if text_encoder else None)}
+    tuned_comps = {c.group: c for c in components(tuned.unet, tuned.text_encoders if text_encoder else None)}
     bias_changed, unchanged = [], 0
-    for comp in components(base.unet, base.text_encoder if text_encoder else None):
+    for comp in components(base.unet, base.text_encoders if text_encoder else None):
         rules = chosen.text_encoder if comp.is_text_encoder else chosen.unet
         other = tuned_comps[comp.group].model
         for path, layer in select_targets(comp, rules):
@@ -96,19 +101,23 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
 
 def _changed_outside(tuned: BaseModel, base: BaseModel, text_encoder: bool, adapted: set[str]) -> list[str]:
     """Tensors that differ between the models and are not the weight or bias of a layer considered above."""
-    from lorakit.network import kohya_name
-
-    pairs = [("lora_unet", tuned.unet, base.unet, "")]
-    if text_encoder:
-        prefix = "text_model." if "text_model" not in dict(base.text_encoder.named_children()) else ""
-        pairs.append(("lora_te", tuned.text_encoder, base.text_encoder, prefix))
+    tuned_comps = {c.group: c for c in components(tuned.unet, tuned.text_encoders if text_encoder else None)}
     changed = []
-    for kohya_prefix, a, b, path_prefix in pairs:
-        sb = b.state_dict()
-        for key, tensor in a.state_dict().items():
+    for comp in components(base.unet, base.text_encoders if text_encoder else None):
+        sb = comp.model.state_dict()
+        for key, tensor in tuned_comps[comp.group].model.state_dict().items():
             module, _, leaf = key.rpartition(".")
-            if leaf in ("weight", "bias") and kohya_name(kohya_prefix, path_prefix + module) in adapted:
+            if leaf in ("weight", "bias") and _kohya_name_or_none(comp, module) in adapted:
                 continue
             if not torch.equal(tensor, sb[key]):
                 changed.append(key)
     return changed
+
+
+def _kohya_name_or_none(comp: Component, module: str) -> str | None:
+    """The name an adapter of ``module`` would have; None for a module no adapter name reaches (an SDXL U-Net
+    module outside the original layout's blocks)."""
+    try:
+        return comp.kohya_name(module)
+    except KeyError:
+        return None

@@ -40,7 +40,7 @@ def bake(model: BaseModel, adapters: Sequence[AdapterSpec | str]) -> list[str]:
             continue
         weights = spec.weights_for(SD1)  # the models lorakit loads are SD1.x's; refused before the model is touched
         try:
-            network, _ = load_network(spec.path, model.unet, model.text_encoder)
+            network, _ = load_network(spec.path, model.unet, model.text_encoders)
         except AdapterFileError as err:
             raise MismatchError(str(err)) from None
         network.set_multiplier(spec.multiplier, weights)

@@ -1,0 +1,198 @@
+"""SDXL from a diffusers folder, on a tiny model of SDXL's kinds built here (model_helpers.build_tiny_sdxl_components):
+two text encoders, the conditioning kohya trains with and diffusers samples with, kohya's SDXL module names, and
+files that diffusers' SDXL pipeline loads as lorakit applies them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_train import make_config, write_dataset
+
+from lorakit import blocks, ldm
+from lorakit.conditioning import encode_conditioning
+from lorakit.config import ConfigError
+from lorakit.embeddings import EmbeddingError, add_embedding
+from lorakit.errors import InvalidValueError
+from lorakit.formats import load_network, save_network
+from lorakit.methods import make_method
+from lorakit.models import check_clip_skip, describe_base_model, load_base_model
+from lorakit.network import UniformRanks, create_network
+
+ROOT = Path(__file__).resolve().parents[1]
+TWO = ["a zkz star", "a red circle at the top left"]
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl_dir):
+    return load_base_model(tiny_sdxl_dir)
+
+
+def _pipeline(folder: Path):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+
+
+def _unet_out(unet, text, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([500, 20])
+    with torch.no_grad():
+        return unet(x, t, text.states, **text.unet_kwargs(64, 64, torch.float32)).sample
+
+
+def test_an_sdxl_folder_loads_with_both_encoders(sdxl, tiny_sdxl_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    assert sdxl.is_sdxl and sdxl.version == "sdxl" and len(sdxl.text_encoders) == 2
+    assert sdxl.tokenizer_2.pad_token == "!" and sdxl.tokenizer.pad_token != "!"
+    assert describe_base_model(tiny_sdxl_dir).family == "SDXL"
+    assert isinstance(sdxl.pipeline(), StableDiffusionXLPipeline)
+    assert all(m.device.type == "cpu" for m in sdxl.networks) and len(sdxl.networks) == 4
+
+
+def test_conditioning_is_what_diffusers_sdxl_pipeline_encodes(sdxl, tiny_sdxl_dir):
+    prompts = ["a zkz star at the top left", "a red circle"]
+    ours = encode_conditioning(sdxl, prompts)
+    states, _, pooled, _ = _pipeline(tiny_sdxl_dir).encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                                                   do_classifier_free_guidance=False)
+    width = sdxl.text_encoder.config.hidden_size + sdxl.text_encoder_2.config.hidden_size
+    assert ours.states.shape == (2, 77, width) and ours.pooled.shape == (2, 48)
+    torch.testing.assert_close(ours.states, states, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.pooled, pooled, rtol=0, atol=1e-6)
+    # the size conditioning diffusers gives a 64x64 image without crop: (h, w, 0, 0, h, w)
+    ids = ours.unet_kwargs(64, 48, torch.float32)["added_cond_kwargs"]["time_ids"]
+    assert ids.tolist() == [[64, 48, 0, 0, 64, 48]] * 2
+
+
+def test_long_and_weighted_prompts_on_sdxl(sdxl):
+    short = encode_conditioning(sdxl, ["a zkz star"])
+    long = encode_conditioning(sdxl, ["a zkz star"], max_token_length=150)
+    assert long.states.shape[1] == 152
+    torch.testing.assert_close(long.pooled, short.pooled)  # pooled from the first chunk, as kohya does
+    plain = encode_conditioning(sdxl, ["a (zkz:1.5) star"])
+    weighted = encode_conditioning(sdxl, ["a (zkz:1.5) star"], weighted=True)
+    assert not torch.allclose(plain.states, weighted.states)
+    torch.testing.assert_close(weighted.pooled, short.pooled)  # the words are the same; the weights scale states
+
+
+def test_adapter_names_are_kohyas_sdxl_names(sdxl):
+    network = create_network(sdxl.unet, sdxl.text_encoders, preset="lycoris-full", algorithm="locon",
+                             ranks=UniformRanks(2, 1, 2, 1))
+    try:
+        unet = [n.removeprefix("lora_unet_") for n in network.names("unet")]
+        original = {k.removeprefix(ldm.UNET_PREFIX).rsplit(".", 1)[0].replace(".", "_")
+                    for k in ldm.unet_to_ldm(sdxl.unet.state_dict(), sdxl.unet.config)}
+        # every module named after a module of the original U-Net, as A1111 and ComfyUI map SDXL LoRAs
+        assert unet and set(unet) <= original
+        assert {"input_blocks_4_1_transformer_blocks_0_attn1_to_q", "input_blocks_1_0_in_layers_2",
+                "input_blocks_3_0_op", "middle_block_1_proj_in", "output_blocks_2_2_conv",
+                "input_blocks_4_0_skip_connection", "time_embed_0"} <= set(unet)
+        # ... and each lies in one of SDXL's 19 blocks (what block weights and inspect count)
+        assert all(blocks.SDXL.block_name(f"lora_unet_{n}") for n in unet if not n.startswith(("time_embed", "out_")))
+        assert {n.split("_text_model_")[0] for n in network.names() if "text_model" in n} == {"lora_te1", "lora_te2"}
+    finally:
+        network.remove()
+
+
+def _randomised_file(network, path: Path) -> Path:
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name in network.names():
+            network[name].lora_up.weight.copy_(torch.randn(network[name].lora_up.weight.shape, generator=g) * 0.05)
+    save_network(network, path, base_model_version="sdxl_base_v1-0")
+    return path
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_diffusers_sdxl_pipeline_loads_the_file_as_lorakit_applies_it(tmp_path, tiny_sdxl_dir, layout):
+    model = load_base_model(tiny_sdxl_dir)
+    network = create_network(model.unet, model.text_encoders, preset="full", algorithm="lora",
+                             ranks=UniformRanks(2, 1))
+    path = _randomised_file(network, tmp_path / "a.safetensors")
+    if layout == "diffusers":
+        network_file = tmp_path / "d.safetensors"
+        save_network(network, network_file, base_model_version="sdxl_base_v1-0", format="diffusers")
+        path = network_file
+    count = len(network)
+    network.remove()
+    base_text = encode_conditioning(model, TWO)
+    base = _unet_out(model.unet, base_text)
+    loaded, report = load_network(path, model.unet, model.text_encoders)
+    assert not report.unmatched and len(loaded) == count
+    ours_text = encode_conditioning(model, TWO)
+    ours = _unet_out(model.unet, ours_text)
+    assert (ours - base).abs().max() > 1e-3 and (ours_text.states - base_text.states).abs().max() > 1e-3
+
+    pipe = _pipeline(tiny_sdxl_dir)
+    pipe.load_lora_weights(str(path))
+    states, _, pooled, _ = pipe.encode_prompt(TWO, device="cpu", num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    torch.testing.assert_close(states, ours_text.states, rtol=0, atol=1e-5)
+    torch.testing.assert_close(pooled, ours_text.pooled, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_unet_out(pipe.unet, ours_text), ours, rtol=0, atol=1e-5)
+
+
+def test_sdxl_refuses_what_it_does_not_train_yet(sdxl, tmp_path):
+    for sections, words in (({"method": {"kind": "ti"}}, "method.kind = 'ti'"),
+                            ({"method": {"kind": "native"}}, "method.kind = 'native'"),
+                            ({"network": {"blocks": "upper"}}, "network.blocks"),
+                            ({"network": {"down_lr_weight": "sine"}}, "network.down_lr_weight"),
+                            ({"model": {"clip_skip": 2}}, "model.clip_skip = 2")):
+        cfg = make_config(Path("unused"), Path("unused"), tmp_path / "out", **sections)
+        with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+            make_method(cfg, sdxl)
+    with pytest.raises(InvalidValueError, match="no clip skip"):
+        check_clip_skip(sdxl, 2)
+    with pytest.raises(EmbeddingError, match="SDXL"):
+        add_embedding(sdxl, torch.zeros(1, 32), "zkz", "e.safetensors")
+    assert len(sdxl.tokenizer) == len(sdxl.tokenizer_2)  # nothing was added on the way
+
+
+def test_train_an_sdxl_lora_as_a_user_does(tmp_path, tiny_sdxl_dir):
+    """`lorakit train` in a subprocess: U-Net and both text encoders, samples drawn with the SDXL pipeline."""
+    data = write_dataset(tmp_path / "data", n=2)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a zkz shape --w 64 --h 64 --s 2\n")
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "--model", str(tiny_sdxl_dir), "--data",
+                           str(data), "--out", str(out), "--epochs", "2", "--rank", "2", "--resolution", "64",
+                           "--sample-prompts", str(prompts), "--early-stop", "off", "--no-progress",
+                           "--set", "network.train_text_encoder=true"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = out / "lorakit.safetensors"
+    tensors = load_file(result)
+    names = {k.split(".")[0] for k in tensors}
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names
+    assert {n.split("_text_model_")[0] for n in names if "text_model" in n} == {"lora_te1", "lora_te2"}
+    metadata = safe_open(str(result), "pt").metadata()
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0" and metadata["ss_v2"] == "False"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert sorted(p.name for p in (out / "samples").rglob("*.png"))  # drawn at the epochs' ends
+    # the trained file loads back into the model whole
+    model = load_base_model(tiny_sdxl_dir)
+    network, report = load_network(result, model.unet, model.text_encoders)
+    assert len(network) == len(names) and not report.unmatched and not report.skipped
+
+
+def test_extract_from_two_sdxl_models_names_both_encoders(tmp_path, tiny_sdxl_dir):
+    from lorakit.tools.extract import extract_adapter
+    from lorakit.tools.lowrank import RankRule
+
+    base, tuned = load_base_model(tiny_sdxl_dir), load_base_model(tiny_sdxl_dir)
+    g = torch.Generator().manual_seed(3)
+    changed = (tuned.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k,
+               tuned.text_encoder_2.text_model.encoder.layers[1].mlp.fc1)
+    with torch.no_grad():
+        for layer in changed:
+            layer.weight += torch.randn(layer.weight.shape, generator=g) * 0.1
+    result = extract_adapter(tuned, base, RankRule(2), preset="full")
+    assert sorted(r.name for r in result.reports) == [
+        "lora_te2_text_model_encoder_layers_1_mlp_fc1", "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"]
+
