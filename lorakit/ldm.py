@@ -22,6 +22,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD2.x's text encoder
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL's first text encoder (CLIP ViT-L)
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's second (OpenCLIP ViT-bigG)
 
 # inside a U-Net ResNet block
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
@@ -166,8 +168,9 @@ def vae_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[
     return out
 
 
-def text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers CLIPTextModel state dict under original names.
+def text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str = TEXT_ENCODER_PREFIX
+                        ) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel state dict under original names (``prefix``: SDXL's first encoder has its own).
 
     The original keeps the ``text_model.`` level that transformers >= 5.6 no longer has, so it is put back.
     ``position_ids`` is written as SD1.x files carry it: loaders built on older transformers expect it.
@@ -175,15 +178,16 @@ def text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
     out = {}
     for key, tensor in state_dict.items():
         inner = key if key.startswith("text_model.") else "text_model." + key
-        out[TEXT_ENCODER_PREFIX + inner] = tensor
-    positions = out.get(TEXT_ENCODER_PREFIX + "text_model.embeddings.position_embedding.weight")
+        out[prefix + inner] = tensor
+    positions = out.get(prefix + "text_model.embeddings.position_embedding.weight")
     if positions is not None:
-        out.setdefault(TEXT_ENCODER_PREFIX + "text_model.embeddings.position_ids",
+        out.setdefault(prefix + "text_model.embeddings.position_ids",
                        torch.arange(positions.shape[0], dtype=torch.int64)[None])
     return out
 
 
-def text_encoder_from_ldm(checkpoint: Mapping[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
+def text_encoder_from_ldm(checkpoint: Mapping[str, torch.Tensor], model_keys: set[str],
+                          prefix: str = TEXT_ENCODER_PREFIX) -> dict[str, torch.Tensor]:
     """The text-encoder tensors of an original-layout checkpoint, named as in a model with ``model_keys``.
 
     Accepts files with and without the ``text_model.`` level (both exist in the wild) and drops
@@ -192,9 +196,9 @@ def text_encoder_from_ldm(checkpoint: Mapping[str, torch.Tensor], model_keys: se
     wrapped = any(k.startswith("text_model.") for k in model_keys)
     out = {}
     for key, tensor in checkpoint.items():
-        if not key.startswith(TEXT_ENCODER_PREFIX):
+        if not key.startswith(prefix):
             continue
-        inner = key[len(TEXT_ENCODER_PREFIX):].removeprefix("text_model.")
+        inner = key[len(prefix):].removeprefix("text_model.")
         name = "text_model." + inner if wrapped else inner
         if name.endswith("position_ids") and name not in model_keys:
             continue
@@ -212,8 +216,12 @@ _OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
 
 
 def text_encoder_layout(checkpoint: Mapping[str, torch.Tensor]) -> str | None:
-    """"clip" (SD1.x, ``cond_stage_model.transformer.*``), "open_clip" (SD2.x, ``cond_stage_model.model.*``), or
-    None when the checkpoint has no text encoder."""
+    """"clip" (SD1.x, ``cond_stage_model.transformer.*``), "open_clip" (SD2.x, ``cond_stage_model.model.*``),
+    "sdxl" (``conditioner.embedders.0.transformer.*`` and ``.1.model.*``), or None when the checkpoint has no text
+    encoder of these layouts."""
+    if any(k.startswith(SDXL_OPEN_CLIP_PREFIX) for k in checkpoint) and any(
+            k.startswith(SDXL_CLIP_PREFIX) for k in checkpoint):
+        return "sdxl"
     if any(k.startswith(OPEN_CLIP_PREFIX) for k in checkpoint):
         return "open_clip"
     if any(k.startswith(TEXT_ENCODER_PREFIX) for k in checkpoint):
@@ -236,18 +244,22 @@ def open_clip_stand_ins(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return extras
 
 
-def open_clip_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers CLIPTextModel state dict (SD2.x's encoder) under OpenCLIP's names, prefix included; q, k
-    and v of each layer concatenated into OpenCLIP's ``in_proj`` (in that order).  ``position_ids`` is dropped:
-    OpenCLIP has none."""
+def open_clip_names(state_dict: Mapping[str, torch.Tensor], prefix: str = OPEN_CLIP_PREFIX
+                    ) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel state dict (SD2.x's encoder; SDXL's second, with its projection) under
+    OpenCLIP's names, ``prefix`` included; q, k and v of each layer concatenated into OpenCLIP's ``in_proj`` (in
+    that order), the projection transposed (OpenCLIP multiplies by it from the right).  ``position_ids`` is
+    dropped: OpenCLIP has none."""
     plain = {k.removeprefix("text_model."): t for k, t in state_dict.items()}
     out = {}
     for key, tensor in plain.items():
         if key in _OPEN_CLIP_TOP:
-            out[OPEN_CLIP_PREFIX + _OPEN_CLIP_TOP[key]] = tensor
+            out[prefix + _OPEN_CLIP_TOP[key]] = tensor
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = tensor.t()
         elif key.startswith("encoder.layers."):
             index, rest = key.removeprefix("encoder.layers.").split(".", 1)
-            block = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{index}."
+            block = f"{prefix}transformer.resblocks.{index}."
             if rest.startswith("self_attn.q_proj."):
                 kind = rest.rsplit(".", 1)[1]  # weight or bias
                 parts = [plain[f"encoder.layers.{index}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
@@ -257,7 +269,7 @@ def open_clip_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
             else:
                 out[block + _rename_inner(rest, _OPEN_CLIP_LAYER)] = tensor
         elif not key.endswith("position_ids"):
-            raise ValueError(f"text-encoder tensor {key!r} has no place in the SD2.x single-file layout")
+            raise ValueError(f"text-encoder tensor {key!r} has no place in OpenCLIP's single-file layout")
     return out
 
 
@@ -270,37 +282,52 @@ def text_encoder_to_open_clip(state_dict: Mapping[str, torch.Tensor],
     return {**named, **(dict(carried) if carried else open_clip_stand_ins(named))}
 
 
-def open_clip_extras(checkpoint: Mapping[str, torch.Tensor], kept_layers: int) -> dict[str, torch.Tensor]:
-    """The OpenCLIP tensors of an SD2.x file that a ``kept_layers``-layer transformers encoder does not hold: the
-    layers after them and the contrastive head, under their own names, to be written back as they came."""
+def sdxl_text_encoders_to_ldm(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor],
+                              carried: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """SDXL's two text encoders as its single files hold them: the first as CLIP's original names under
+    ``conditioner.embedders.0.transformer.``, the second under OpenCLIP's (``conditioner.embedders.1.model.``)
+    with its projection and the contrastive head's logit scale: ``carried`` from the file the model was read from,
+    else CLIP's ln 100."""
+    head = dict(carried) if carried else {SDXL_OPEN_CLIP_PREFIX + "logit_scale": torch.tensor(4.6052)}
+    return {**text_encoder_to_ldm(first, SDXL_CLIP_PREFIX), **open_clip_names(second, SDXL_OPEN_CLIP_PREFIX), **head}
+
+
+def open_clip_extras(checkpoint: Mapping[str, torch.Tensor], kept_layers: int, prefix: str = OPEN_CLIP_PREFIX,
+                     projected: bool = False) -> dict[str, torch.Tensor]:
+    """The OpenCLIP tensors of a file that a ``kept_layers``-layer transformers encoder does not hold: the layers
+    after them and the contrastive head (only its logit scale for an encoder with a projection, ``projected``:
+    SDXL's second), under their own names, to be written back as they came."""
+    head = ("logit_scale",) if projected else ("text_projection", "logit_scale")
     out = {}
     for key, tensor in checkpoint.items():
-        if not key.startswith(OPEN_CLIP_PREFIX):
+        if not key.startswith(prefix):
             continue
-        inner = key[len(OPEN_CLIP_PREFIX):]
+        inner = key[len(prefix):]
         if inner.startswith("transformer.resblocks."):
             if int(inner.split(".")[2]) >= kept_layers:
                 out[key] = tensor
-        elif inner in ("text_projection", "logit_scale"):
+        elif inner in head:
             out[key] = tensor
     return out
 
 
-def text_encoder_from_open_clip(checkpoint: Mapping[str, torch.Tensor], model: torch.nn.Module
-                                ) -> dict[str, torch.Tensor]:
-    """The text-encoder tensors of an SD2.x file, named as in ``model`` (a transformers CLIPTextModel), through
-    diffusers' converter; the layers after the model's last and the contrastive head are left out (see
+def text_encoder_from_open_clip(checkpoint: Mapping[str, torch.Tensor], model: torch.nn.Module,
+                                prefix: str = OPEN_CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """The text-encoder tensors of an SD2.x file (SDXL's second encoder: ``prefix``), named as in ``model`` (a
+    transformers CLIPTextModel, or CLIPTextModelWithProjection, which keeps the projection), through diffusers'
+    converter; the layers after the model's last and the rest of the contrastive head are left out (see
     ``open_clip_extras``)."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
     kept = model.config.num_hidden_layers
-    own = {k: t for k, t in checkpoint.items() if k.startswith(OPEN_CLIP_PREFIX)}
-    ignored = set(open_clip_extras(own, kept))
-    converted = convert_open_clip_checkpoint(model, {k: t for k, t in own.items() if k not in ignored})
+    projected = hasattr(model, "text_projection")
+    own = {k: t for k, t in checkpoint.items() if k.startswith(prefix)}
+    ignored = set(open_clip_extras(own, kept, prefix, projected))
+    converted = convert_open_clip_checkpoint(model, {k: t for k, t in own.items() if k not in ignored}, prefix)
     wrapped = any(k.startswith("text_model.") for k in model.state_dict())
     out = {}
     for key, tensor in converted.items():
-        if key == "text_projection.weight":
+        if key == "text_projection.weight" and not projected:
             continue
         name = key if wrapped else key.removeprefix("text_model.")
         out[name] = tensor

@@ -51,6 +51,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 SD15_CONFIG = CONFIG_DIR / "sd15"
 SD2_CONFIG = CONFIG_DIR / "sd2"  # SD2.x at 512 (2.0-base, 2.1-base: ε-prediction)
 SD2_V_CONFIG = CONFIG_DIR / "sd2-v"  # SD2.x at 768 (2.0-v, 2.1: v-prediction); the same shapes as SD2_CONFIG
+SDXL_CONFIG = CONFIG_DIR / "sdxl"  # SDXL 1.0 base
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -526,7 +527,7 @@ def read_checkpoint(path: str | Path, *, mmap: bool = False) -> tuple[dict[str, 
 def _known_configs() -> dict[str, Path]:
     """Config folders a single-file checkpoint is matched against (the built-in model's when it is installed).
     SD2.x's 768 v-prediction config has the shapes of its 512 one ("sd2"): ``_config_folder`` tells them apart."""
-    configs = {"sd15": SD15_CONFIG, "sd2": SD2_CONFIG}
+    configs = {"sd15": SD15_CONFIG, "sd2": SD2_CONFIG, "sdxl": SDXL_CONFIG}
     if (builtin_model_path() / "model_index.json").is_file():
         configs["builtin"] = builtin_model_path()
     return configs
@@ -539,21 +540,29 @@ def _te_key(checkpoint: dict, inner: str) -> str:
 
 
 def _signature(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Shapes of a few tensors that tell SD1.x- and SD2.x-family configs apart, computed from a config folder.
+    """Shapes of a few tensors that tell SD1.x-, SD2.x- and SDXL-family configs apart, computed from a config
+    folder.
 
     "text:" keys are SD1.x text-encoder tensors, looked up with or without the ``text_model.`` level; an SD2.x
-    config names OpenCLIP's position table instead.
+    config names OpenCLIP's position table instead, an SDXL one its second encoder's.
     """
     u = json.loads((folder / "unet" / "config.json").read_text())
     v = json.loads((folder / "vae" / "config.json").read_text())
-    t = json.loads((folder / "text_encoder" / "config.json").read_text())
-    width = u["block_out_channels"][0]
-    positions = ("text:embeddings.position_embedding.weight" if t.get("hidden_act", "quick_gelu") == "quick_gelu"
-                 else ldm.OPEN_CLIP_PREFIX + "positional_embedding")
+    second = folder / "text_encoder_2" / "config.json"
+    t = json.loads((second if second.is_file() else folder / "text_encoder" / "config.json").read_text())
+    if second.is_file():
+        positions = ldm.SDXL_OPEN_CLIP_PREFIX + "positional_embedding"
+    elif t.get("hidden_act", "quick_gelu") == "quick_gelu":
+        positions = "text:embeddings.position_embedding.weight"
+    else:
+        positions = ldm.OPEN_CLIP_PREFIX + "positional_embedding"
+    # the first level with cross-attention (SD1.x/2.x: the first; SDXL: the second), under its original name
+    level = next(i for i, kind in enumerate(u["down_block_types"]) if "CrossAttn" in kind)
+    attention = ldm.unet_module_map(u)[f"down_blocks.{level}.attentions.0"]
     return {
-        ldm.UNET_PREFIX + "input_blocks.0.0.weight": (width, u.get("in_channels", 4), 3, 3),
-        ldm.UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (width,
-                                                                                     u["cross_attention_dim"]),
+        ldm.UNET_PREFIX + "input_blocks.0.0.weight": (u["block_out_channels"][0], u.get("in_channels", 4), 3, 3),
+        f"{ldm.UNET_PREFIX}{attention}.transformer_blocks.0.attn2.to_k.weight": (u["block_out_channels"][level],
+                                                                                u["cross_attention_dim"]),
         ldm.VAE_PREFIX + "encoder.conv_in.weight": (v["block_out_channels"][0], v.get("in_channels", 3), 3, 3),
         positions: (t["max_position_embeddings"], t["hidden_size"]),
     }
@@ -567,22 +576,21 @@ def _shape_of(checkpoint: dict, key: str) -> tuple[int, ...] | None:
 
 
 def detect_architecture(checkpoint: dict[str, torch.Tensor], path: str | Path = "checkpoint") -> str:
-    """Which known config ("sd15", "sd2", "builtin") fits an original-layout checkpoint; a clear refusal
+    """Which known config ("sd15", "sd2", "sdxl", "builtin") fits an original-layout checkpoint; a clear refusal
     otherwise."""
     keys = list(checkpoint)
-    if any(k.startswith("conditioner.embedders.") for k in keys) or any(
-            k.startswith(ldm.UNET_PREFIX + "label_emb.") for k in keys):
-        raise ModelLoadError(f"{path}: this is an SDXL single-file checkpoint (conditioner.embedders.* / label_emb), "
-                             "which lorakit does not read yet: give the SDXL model as a diffusers folder (diffusers' "
-                             "StableDiffusionXLPipeline.from_single_file(...).save_pretrained(FOLDER) writes one)")
+    if any(k.startswith("conditioner.embedders.") for k in keys) and ldm.text_encoder_layout(checkpoint) != "sdxl":
+        raise ModelLoadError(f"{path}: its text conditioning (conditioner.embedders.*) is not SDXL base's two "
+                             f"encoders ({ldm.SDXL_CLIP_PREFIX}*, {ldm.SDXL_OPEN_CLIP_PREFIX}*): an SDXL refiner "
+                             "or another model, which lorakit does not train")
     if not any(k.startswith(ldm.UNET_PREFIX) for k in keys):
         hint = ""
         if any(k.startswith(("lora_", "lycoris_")) for k in keys):
             hint = " It looks like an adapter (LoRA) file: load it as an adapter, not as a base model."
         elif any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
             hint = " It looks like a single diffusers component; use a diffusers folder instead."
-        raise ModelLoadError(f"{path}: unsupported checkpoint: no {ldm.UNET_PREFIX}* tensors, so not an SD1.x or "
-                             f"SD2.x single-file checkpoint.{hint}")
+        raise ModelLoadError(f"{path}: unsupported checkpoint: no {ldm.UNET_PREFIX}* tensors, so not an SD1.x, "
+                             f"SD2.x or SDXL single-file checkpoint.{hint}")
     if not any(k.startswith(ldm.VAE_PREFIX) for k in keys):
         raise ModelLoadError(f"{path}: the checkpoint has no VAE ({ldm.VAE_PREFIX}*); lorakit needs a full checkpoint")
     if ldm.text_encoder_layout(checkpoint) is None:
@@ -600,7 +608,7 @@ def detect_architecture(checkpoint: dict[str, torch.Tensor], path: str | Path = 
     if (_shape_of(checkpoint, ldm.UNET_PREFIX + "input_blocks.0.0.weight") or (0, 4))[1] != 4:
         hint = " (U-Net input channels are not 4: an inpainting or other special model?)"
     raise ModelLoadError(f"{path}: unsupported architecture{hint}: its shapes fit no config lorakit knows "
-                         "(SD1.x, SD2.x and the built-in model; SDXL as a diffusers folder only):\n"
+                         "(SD1.x, SD2.x, SDXL 1.0 base and the built-in model):\n"
                          + "\n".join(lines))
 
 
@@ -631,11 +639,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, device, config: str | Path
             log.warning("%s: an SD2.x file does not say whether it predicts noise (2.0-base, 2.1-base: 512) or v "
                         "(2.0-v, 2.1: 768); read as the 512 ε-prediction model. For a v model set "
                         "model.prediction_type = \"v_prediction\" (kohya's --v_parameterization)", path)
-    te_config = CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True)
-    try:
-        wanted = "open_clip" if model_family(te_config) == "sd2" else "clip"
-    except ModelLoadError as e:
-        raise ModelLoadError(f"{folder / 'text_encoder'}: {e}") from None
+    wanted = _config_layout(folder)
     layout = ldm.text_encoder_layout(checkpoint)
     if layout != wanted:
         raise ModelLoadError(f"{path}: its text encoder is {_LAYOUT_NAMES[layout]}, and the config in {folder} is "
@@ -647,16 +651,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, device, config: str | Path
                                              torch_dtype=dtype)
     except Exception as e:  # shape mismatches and missing keys surface as assorted errors deep in diffusers
         raise ModelLoadError(f"{path}: cannot convert it with the config in {folder}: {e}") from e
-    text_encoder, carried = CLIPTextModel(te_config), {}
-    if layout == "open_clip":
-        te_state = ldm.text_encoder_from_open_clip(checkpoint, text_encoder)
-        carried = ldm.open_clip_extras(checkpoint, text_encoder.config.num_hidden_layers)
-    else:
-        te_state = ldm.text_encoder_from_ldm(checkpoint, set(text_encoder.state_dict()))
-    try:
-        text_encoder.load_state_dict(te_state, strict=True)
-    except RuntimeError as e:
-        raise ModelLoadError(f"{path}: its text encoder does not fit {folder / 'text_encoder'}: {e}") from e
+    text_encoder, second, carried = _text_encoders_from_file(checkpoint, layout, folder, path)
     for name, module in (("U-Net", unet), ("VAE", vae)):
         # diffusers builds on the meta device and leaves tensors the file lacks there, without a word
         empty = [k for k, t in module.state_dict().items() if t.is_meta]
@@ -666,7 +661,8 @@ def _load_single_file(path: Path, dtype: torch.dtype, device, config: str | Path
         vae.register_to_config(scaling_factor=float(metadata["lorakit_vae_scaling_factor"]))
     scheduler_config = dict(DDPMScheduler.load_config(folder, subfolder="scheduler", local_files_only=True))
     tok = load_clip_tokenizer(tokenizer or folder)
-    model = _assemble(tok, text_encoder, unet, vae, scheduler_config, str(path), prediction_type, device, dtype)
+    model = _assemble(tok, text_encoder, unet, vae, scheduler_config, str(path), prediction_type, device, dtype,
+                      second)
     model.carried_tensors = carried
     if _SCHEDULE_MARKERS["zero_terminal_snr"] in checkpoint:
         model.set_schedule(zero_terminal_snr=True)
@@ -674,7 +670,50 @@ def _load_single_file(path: Path, dtype: torch.dtype, device, config: str | Path
 
 
 _LAYOUT_NAMES = {"clip": f"SD1.x's CLIP ({ldm.TEXT_ENCODER_PREFIX}*)",
-                 "open_clip": f"SD2.x's OpenCLIP ({ldm.OPEN_CLIP_PREFIX}*)"}
+                 "open_clip": f"SD2.x's OpenCLIP ({ldm.OPEN_CLIP_PREFIX}*)",
+                 "sdxl": f"SDXL's CLIP and OpenCLIP ({ldm.SDXL_CLIP_PREFIX}*, {ldm.SDXL_OPEN_CLIP_PREFIX}*)"}
+
+
+def _config_layout(folder: Path) -> str:
+    """How a single file holds the text encoder(s) of the model a config folder describes (``_LAYOUT_NAMES``)."""
+    if (folder / "text_encoder_2").is_dir():
+        return "sdxl"
+    te_config = CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True)
+    try:
+        return "open_clip" if model_family(te_config) == "sd2" else "clip"
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{folder / 'text_encoder'}: {e}") from None
+
+
+def _text_encoders_from_file(checkpoint: dict[str, torch.Tensor], layout: str, folder: Path, path: Path
+                             ) -> tuple[CLIPTextModel, tuple | None, dict[str, torch.Tensor]]:
+    """A single file's text encoder, SDXL's second one with its tokenizer (else None), and the file's tensors
+    that no module holds but a file written back should (``BaseModel.carried_tensors``)."""
+    text_encoder, second, carried = CLIPTextModel(
+        CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True)), None, {}
+    encoders: list[tuple[torch.nn.Module, dict, str]] = []
+    if layout == "open_clip":
+        encoders.append((text_encoder, ldm.text_encoder_from_open_clip(checkpoint, text_encoder), "text_encoder"))
+        carried = ldm.open_clip_extras(checkpoint, text_encoder.config.num_hidden_layers)
+    elif layout == "sdxl":
+        encoders.append((text_encoder, ldm.text_encoder_from_ldm(checkpoint, set(text_encoder.state_dict()),
+                                                                 ldm.SDXL_CLIP_PREFIX), "text_encoder"))
+        encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig.from_pretrained(folder / "text_encoder_2", local_files_only=True))
+        encoders.append((encoder_2, ldm.text_encoder_from_open_clip(checkpoint, encoder_2, ldm.SDXL_OPEN_CLIP_PREFIX),
+                         "text_encoder_2"))
+        carried = ldm.open_clip_extras(checkpoint, encoder_2.config.num_hidden_layers, ldm.SDXL_OPEN_CLIP_PREFIX,
+                                       projected=True)
+        second = (load_clip_tokenizer(folder / "tokenizer_2"), encoder_2)
+    else:
+        encoders.append((text_encoder, ldm.text_encoder_from_ldm(checkpoint, set(text_encoder.state_dict())),
+                         "text_encoder"))
+    for module, state, sub in encoders:
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ModelLoadError(f"{path}: its text encoder does not fit {folder / sub}: {e}") from e
+    return text_encoder, second, carried
 
 
 # ------------------------------------------------------------------------------------------------- saving
@@ -696,7 +735,8 @@ def _plain_keys(module: torch.nn.Module, fresh) -> None:
 def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str | torch.dtype | None = None, *,
                                 overwrite: bool = False, metadata: dict[str, str] | None = None) -> Path:
     """Write ``model`` as one original-layout ``.safetensors`` file (what A1111, ComfyUI and kohya load): SD1.x's
-    layout, or SD2.x's (OpenCLIP's names for the text encoder) for an SD2.x model.
+    layout, SD2.x's (OpenCLIP's names for the text encoder) for an SD2.x model, SDXL's (its two encoders under
+    ``conditioner.embedders.``) for an SDXL model.
 
     ``dtype``: cast on the way out (e.g. "fp16" halves the file); None keeps each tensor's dtype.  The write
     is atomic (temporary file, then rename) and an existing file is kept unless ``overwrite``.
@@ -710,7 +750,11 @@ def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str |
     _plain_keys(unet, lambda: UNet2DConditionModel.from_config(unet.config))
     _plain_keys(vae, lambda: AutoencoderKL.from_config(vae.config))
     _plain_keys(te, lambda: CLIPTextModel(te.config))
-    if model.version == "sd2":
+    if model.is_sdxl:
+        _plain_keys(model.text_encoder_2, lambda: CLIPTextModelWithProjection(model.text_encoder_2.config))
+        text = ldm.sdxl_text_encoders_to_ldm(te.state_dict(), model.text_encoder_2.state_dict(),
+                                             model.carried_tensors)
+    elif model.version == "sd2":
         text = ldm.text_encoder_to_open_clip(te.state_dict(), model.carried_tensors)
     else:
         text = ldm.text_encoder_to_ldm(te.state_dict())
@@ -747,7 +791,7 @@ def save_diffusers_folder(model: BaseModel, path: str | Path, dtype: str | torch
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = new_temp_path(path, ".tmp", lambda candidate: candidate.mkdir())  # mode 0o777 minus the umask
     try:
-        with _cast_for_writing((model.unet, model.vae, model.text_encoder), dtype):
+        with _cast_for_writing(model.networks, dtype):
             model.pipeline().save_pretrained(tmp, safe_serialization=True)
         give_umask_modes(tmp)  # its safetensors files would be 0600: unreadable to another user's client
         if path.exists():

@@ -256,13 +256,15 @@ def _write(path, tensors):
     return path
 
 
-def test_sdxl_checkpoint_is_refused(tmp_path):
-    path = _write(tmp_path / "sdxl_base.safetensors", {
-        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+def test_an_sdxl_refiner_checkpoint_is_refused(tmp_path):
+    # the refiner conditions on one OpenCLIP encoder, under conditioner.embedders.0.model
+    path = _write(tmp_path / "sdxl_refiner.safetensors", {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(384, 4, 3, 3),
         "model.diffusion_model.label_emb.0.0.weight": torch.zeros(8, 16),
-        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": torch.zeros(77, 8),
+        "conditioner.embedders.0.model.positional_embedding": torch.zeros(77, 8),
     })
-    with pytest.raises(ModelLoadError, match=r"sdxl_base\.safetensors: .*SDXL single-file.*diffusers folder"):
+    with pytest.raises(ModelLoadError, match=r"sdxl_refiner\.safetensors: its text conditioning .* not SDXL base's "
+                                             r"two encoders .* an SDXL refiner"):
         load_base_model(path)
 
 

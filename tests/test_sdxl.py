@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_train import make_config, write_dataset
 
 from lorakit import blocks, ldm
@@ -196,3 +196,80 @@ def test_extract_from_two_sdxl_models_names_both_encoders(tmp_path, tiny_sdxl_di
     assert sorted(r.name for r in result.reports) == [
         "lora_te2_text_model_encoder_layers_1_mlp_fc1", "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"]
 
+
+
+# ---- single files ---------------------------------------------------------------------------------------------
+def test_an_sdxl_single_file_round_trips_exactly_and_diffusers_reads_it(tmp_path, sdxl, tiny_sdxl_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    from lorakit.models import read_checkpoint, save_single_file_checkpoint
+
+    path = save_single_file_checkpoint(sdxl, tmp_path / "xl.safetensors")
+    tensors, _ = read_checkpoint(path)
+    assert ldm.text_encoder_layout(tensors) == "sdxl"
+    assert tensors[ldm.SDXL_OPEN_CLIP_PREFIX + "text_projection"].shape == (64, 48)  # OpenCLIP's (width, proj)
+    # a logit scale the file brings is carried through and written back as it came
+    tensors[ldm.SDXL_OPEN_CLIP_PREFIX + "logit_scale"] = torch.tensor(3.25)
+    save_file(tensors, str(path))
+    again = load_base_model(path, config=tiny_sdxl_dir)
+    assert again.is_sdxl
+    pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(tiny_sdxl_dir), local_files_only=True)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for other in (again, pipe):
+            theirs = getattr(other, name).state_dict()
+            for key, tensor in getattr(sdxl, name).state_dict().items():
+                assert torch.equal(theirs[key], tensor), (name, key)
+    written = save_single_file_checkpoint(again, tmp_path / "again.safetensors")
+    assert float(load_file(written)[ldm.SDXL_OPEN_CLIP_PREFIX + "logit_scale"]) == 3.25
+
+
+def test_full_size_sdxl_names_are_sdxl_base_files_names():
+    """SDXL 1.0 base's configs on the meta device, written under original names: the tensor counts of
+    sd_xl_base_1.0.safetensors (U-Net 1680, VAE 248, CLIP-L 197, OpenCLIP-bigG 390) and diffusers' detection."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lorakit.models import SDXL_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_CONFIG / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SDXL_CONFIG / "vae"))
+        first = CLIPTextModel(CLIPTextConfig.from_pretrained(SDXL_CONFIG / "text_encoder"))
+        second = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(SDXL_CONFIG / "text_encoder_2"))
+    names = {**ldm.unet_to_ldm(unet.state_dict(), unet.config), **ldm.vae_to_ldm(vae.state_dict(), vae.config),
+             **ldm.sdxl_text_encoders_to_ldm(first.state_dict(), second.state_dict())}
+    counts = [sum(k.startswith(p) for k in names) for p in (ldm.UNET_PREFIX, ldm.VAE_PREFIX, ldm.SDXL_CLIP_PREFIX,
+                                                            ldm.SDXL_OPEN_CLIP_PREFIX)]
+    assert counts == [1680, 248, 197, 390] and len(names) == 2515
+    assert infer_diffusers_model_type(names) == "xl_base"
+
+
+def test_an_sdxl_file_is_told_by_its_shapes(tmp_path):
+    half = torch.float16
+    path = tmp_path / "someones_xl_model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3, dtype=half),
+               "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight":
+                   torch.zeros(640, 2048, dtype=half),
+               "first_stage_model.encoder.conv_in.weight": torch.zeros(128, 3, 3, 3, dtype=half),
+               ldm.SDXL_CLIP_PREFIX + "text_model.final_layer_norm.weight": torch.zeros(768, dtype=half),
+               ldm.SDXL_OPEN_CLIP_PREFIX + "positional_embedding": torch.zeros(77, 1280, dtype=half)}, str(path))
+    described = describe_base_model(path)
+    assert (described.family, described.resolution) == ("SDXL", 1024)
+
+
+def test_merge_an_sdxl_lora_into_a_single_file_as_a_user_does(tmp_path, tiny_sdxl_dir):
+    model = load_base_model(tiny_sdxl_dir)
+    network = create_network(model.unet, model.text_encoders, preset="full", algorithm="lora",
+                             ranks=UniformRanks(2, 1))
+    adapter = _randomised_file(network, tmp_path / "xl_lora.safetensors")
+    expected_text = encode_conditioning(model, TWO)
+    expected = _unet_out(model.unet, expected_text)
+    out = tmp_path / "merged.safetensors"
+    done = subprocess.run([sys.executable, "-m", "lorakit.cli", "merge", f"{adapter}:1", "--model", str(tiny_sdxl_dir),
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = load_base_model(out, config=tiny_sdxl_dir)
+    text = encode_conditioning(merged, TWO)
+    torch.testing.assert_close(text.states, expected_text.states, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_unet_out(merged.unet, text), expected, rtol=0, atol=1e-4)
