@@ -89,7 +89,7 @@ def describe_weights(keys: dict[str, list[int]]) -> str | None:
     if parts:
         family, use = "Stable Diffusion", "use it as --model"
         if any(k.startswith("conditioner.") for k in names):
-            family, use = "SDXL", "lorakit does not train SDXL yet"
+            family = "SDXL"
         elif any(k.startswith("cond_stage_model.model.") for k in names):  # OpenCLIP's names
             family = "SD2.x"
         elif any(k.startswith("cond_stage_model.transformer.") for k in names):

@@ -98,8 +98,8 @@ def test_inspect_says_what_a_non_adapter_is(tmp_path, capsys):
                             "a full SD2.x model checkpoint (U-Net, text encoder), not an adapter; use it as --model"),
         "sdxl.safetensors": ({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
                               "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(8)},
-                             "a full SDXL model checkpoint (U-Net, text encoders), not an adapter; lorakit does not "
-                             "train SDXL yet"),
+                             "a full SDXL model checkpoint (U-Net, text encoders), not an adapter; use it as "
+                             "--model"),
         "unet.safetensors": ({k: v.contiguous() for k, v in build_tiny_unet().state_dict().items()},
                              "the weights of a diffusers U-Net (one model component), not an adapter"),
     }

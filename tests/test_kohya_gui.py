@@ -65,7 +65,6 @@ def test_a_gui_config_is_translated_as_the_gui_launches_it(tmp_path):
     ({"LyCORIS_preset": "unet-transformer-only"}, "preset=unet-transformer-only: a LyCORIS preset lorakit lacks"),
     ({"sample_prompts": "zkz shape --n blurry"}, "sample_prompts: the GUI keeps the prompts in its config"),
     ({"num_processes": 2}, "num_processes = 2: launch with `accelerate launch --num_processes 2"),
-    ({"sdxl": True}, "sdxl = true: lorakit trains Stable Diffusion 1.x and 2.x base models"),
     ({"lr_warmup": 100}, "lr_warmup = 100: warming up for the whole run"),
 ])
 def test_what_lorakit_cannot_take_over_from_a_gui_config_is_listed(tmp_path, fields, said):
@@ -207,3 +206,13 @@ def test_a_fine_tuning_tab_config_trains_the_image_folder_with_its_captions(tmp_
     assert (cfg.method.native_text_encoder, cfg.data.metadata_file) == (True, "/runs/ft/meta_lat.json")
     path.write_text(json.dumps({**tab, "create_caption": False, "use_latent_files": "No"}))
     assert config_from_kohya(path)[0].data.metadata_file == "/runs/ft/meta_cap.json"
+
+
+@pytest.mark.parametrize(("sdxl", "no_half"), [(True, True), (True, False), (False, True)])
+def test_the_sdxl_boxes_keep_only_their_vae_setting(tmp_path, sdxl, no_half):
+    # lorakit tells SDXL by the model; the GUI passes --no_half_vae for an SDXL run with its box ticked
+    path = tmp_path / "gui.json"
+    path.write_text(json.dumps(gui_config(sdxl=sdxl, sdxl_no_half_vae=no_half, additional_parameters="")))
+    cfg, translation = config_from_kohya(path)
+    assert cfg.model.no_half_vae is (sdxl and no_half)
+    assert not any("sdxl" in line for line in translation.untranslated), translation.untranslated

@@ -70,7 +70,7 @@ GUI_ONLY = ("model_list", "save_as", "save_as_bool", "file_path", "headless", "p
             "num_cpu_threads_per_process", "num_machines", "multi_gpu", "gpu_ids", "main_process_port",
             "dynamo_backend", "dynamo_mode", "dynamo_use_fullgraph", "dynamo_use_dynamic",
             "extra_accelerate_launch_args", "stop_text_encoder_training_pct", "sdxl_cache_text_encoder_outputs",
-            "sdxl_no_half_vae", "flux1_checkbox", "use_wandb", "log_config", "async_upload")
+            "flux1_checkbox", "use_wandb", "log_config", "async_upload")
 
 
 def is_gui_config(table: dict[str, Any]) -> bool:
@@ -240,8 +240,10 @@ def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[
     if not is_off(prompts):
         notes.append("sample_prompts: the GUI keeps the prompts in its config; save them in a file (kohya's syntax) "
                      "and --set sample.prompts=FILE")
-    if gui.pop("sdxl", False):
-        notes.append("sdxl = true: lorakit trains Stable Diffusion 1.x and 2.x base models (SDXL not yet)")
+    # the GUI's SDXL box picks kohya's SDXL script; lorakit tells SDXL by the model, so only its VAE box is kept
+    if gui.pop("sdxl_no_half_vae", False) and gui.pop("sdxl", False):
+        gui["no_half_vae"] = True
+    gui.pop("sdxl", None)
     extra = gui.pop("additional_parameters", "")
     if not is_off(extra):  # command-line text: numbers as sd-scripts' argument types read them
         gui.update({k: [_number_or_text(k, v) for v in value] if isinstance(value, list) else

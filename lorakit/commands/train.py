@@ -126,6 +126,11 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--use-style-template": "--set data.caption_templates=style",
     "--vae-batch-size": "--set data.vae_batch_size=N",
     "--weighted-captions": "--set data.weighted_captions=true",
+    "--cache-text-encoder-outputs": "(not in lorakit: captions are encoded at every step; kohya's SDXL scripts cache "
+                                    "the encoders' outputs to save time when they are not trained)",
+    "--cache-text-encoder-outputs-to-disk": "(not in lorakit: captions are encoded at every step)",
+    "--disable-mmap-load-safetensors": "(the default: a loading switch of kohya's SDXL scripts for WSL; it changes "
+                                       "nothing trained)",
     "--lowram": "(not in lorakit: no memory mode to switch; the model loads as diffusers loads it)",
     "--highvram": "(not in lorakit: no memory mode to switch; the model loads as diffusers loads it)",
     "--config-file": "--from-kohya FILE",
