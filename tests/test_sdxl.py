@@ -273,3 +273,20 @@ def test_merge_an_sdxl_lora_into_a_single_file_as_a_user_does(tmp_path, tiny_sdx
     text = encode_conditioning(merged, TWO)
     torch.testing.assert_close(text.states, expected_text.states, rtol=0, atol=1e-5)
     torch.testing.assert_close(_unet_out(merged.unet, text), expected, rtol=0, atol=1e-4)
+
+
+def test_block_weights_merged_into_an_sdxl_model_are_read_on_sdxl_blocks(tmp_path, tiny_sdxl_dir):
+    from lorakit.tools.merge import bake
+
+    model = load_base_model(tiny_sdxl_dir)
+    network = create_network(model.unet, None, preset="kohya", ranks=UniformRanks(2, 1))
+    path = _randomised_file(network, tmp_path / "a.safetensors")
+    network.remove()
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    # the extension's 12-value SDXL shorthand: BASE, IN04, IN05, IN07, IN08, MID, OUT00-OUT05; IN04 and IN05 off
+    lines = bake(model, [f"{path}:1:1,0,0,1,1,1,1,1,1,1,1,1"])
+    after = model.unet.state_dict()
+    in04 = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"  # input_blocks.4
+    in07 = "down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q.weight"  # input_blocks.7
+    assert torch.equal(after[in04], before[in04]) and not torch.equal(after[in07], before[in07])
+    assert "left alone (weight 0)" in lines[0]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.blocks import SD1
+from lorakit.blocks import BLOCK_MAPS, SD1
 from lorakit.checkpoint_names import TEXT_ENCODER_PREFIX
 from lorakit.formats import AdapterFileError, load_network, read_adapter
 from lorakit.models import BaseModel, save_diffusers_folder, save_single_file_checkpoint
@@ -38,7 +38,8 @@ def bake(model: BaseModel, adapters: Sequence[AdapterSpec | str]) -> list[str]:
         if is_native_checkpoint(spec.path):  # one epoch of a --method native run: its weights, not an update
             lines.append(_bake_native(model, spec))
             continue
-        weights = spec.weights_for(SD1)  # the models lorakit loads are SD1.x's; refused before the model is touched
+        # on the model's own blocks (SD2.x shares SD1.x's); refused before the model is touched
+        weights = spec.weights_for(BLOCK_MAPS["sdxl"] if model.is_sdxl else SD1)
         try:
             network, _ = load_network(spec.path, model.unet, model.text_encoders)
         except AdapterFileError as err:
