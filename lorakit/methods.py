@@ -562,17 +562,20 @@ class PivotalTuning(TrainingMethod):
 
 
 def check_sdxl_settings(cfg: TrainConfig) -> None:
-    """Refuse what lorakit does not train on SDXL yet, before any work: every method but an adapter (textual
-    inversion needs an embedding per encoder, native fine-tuning SDXL's single-file layout), block-wise ranks
-    or learning rates, which read SD1.x's blocks; and a clip skip, which SDXL has not."""
+    """Refuse what lorakit does not train on SDXL yet, before any work: textual inversion and pivotal tuning (an
+    embedding per encoder), native fine-tuning of the text encoders, block-wise ranks or learning rates (they read
+    SD1.x's blocks); and a clip skip, which SDXL has not."""
     if cfg.model.clip_skip != 1:
         raise ConfigError(f"model.clip_skip = {cfg.model.clip_skip}: SDXL reads each text encoder's penultimate "
                           "layer, the layers it was trained on, so there is no clip skip to set (kohya's SDXL "
                           "scripts ignore it); leave it at 1")
-    if cfg.method.kind != "adapter":
+    if cfg.method.kind in ("ti", "pivotal"):
         raise ConfigError(f"method.kind = {cfg.method.kind!r}: on SDXL lorakit trains adapters of the LoRA family "
-                          "(method.kind = \"adapter\"); textual inversion, pivotal tuning and native fine-tuning of "
-                          "SDXL are not built yet")
+                          "and fine-tunes the U-Net natively; textual inversion and pivotal tuning of SDXL (an "
+                          "embedding per encoder) are not built yet")
+    if cfg.method.kind == "native" and cfg.method.native_text_encoder:
+        raise ConfigError("method.native_text_encoder: native fine-tuning of SDXL trains its U-Net; training its two "
+                          "text encoders natively is not built yet (leave it off, or train an adapter on them)")
     net = cfg.network
     given = [key for key in ("blocks", "block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight")
              if getattr(net, key) is not None]

@@ -90,12 +90,13 @@ def _native_next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -
              f"{_model_option(cfg)} --out MODEL.safetensors")
     folder = next((f for f in files if (f / "model_index.json").is_file()), None)
     if folder is not None:  # output.format = "diffusers"
-        return [f"  use {folder}: a diffusers folder; diffusers: StableDiffusionPipeline.from_pretrained("
+        return [f"  use {folder}: a diffusers folder; diffusers: DiffusionPipeline.from_pretrained("
                 f"\"{folder}\"); lorakit: --model {shlex.quote(str(folder))}",
                 f"  as one file for A1111/ComfyUI: {merge} (the epoch handed back, or any other the run kept)"]
     single = next((f for f in files if f.suffix == ".safetensors"), None)
     lines = [f"  use {single}: a full model; A1111/ComfyUI: put it in models/Stable-diffusion (ComfyUI: "
-             "models/checkpoints); diffusers: StableDiffusionPipeline.from_single_file(...)"] if single else []
+             "models/checkpoints); diffusers: StableDiffusionPipeline.from_single_file(...) "
+             "(an SDXL model: StableDiffusionXLPipeline)"] if single else []
     return lines + [f"  an epoch checkpoint the run kept, as a model: {merge}"]
 
 

@@ -203,7 +203,7 @@ def test_a_kohya_dreambooth_config_fine_tunes_the_unet_and_the_text_encoder(tiny
     single = load_base_model(tmp_path / "run" / "zkz_db.safetensors")  # the same run written as one file
     for a, b in ((trained.unet, single.unet), (trained.text_encoder, single.text_encoder)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
-    assert "a diffusers folder; diffusers: StableDiffusionPipeline.from_pretrained(" in capsys.readouterr().out
+    assert "a diffusers folder; diffusers: DiffusionPipeline.from_pretrained(" in capsys.readouterr().out
     # the run owns the folder it wrote: --overwrite replaces the run, the folder with it
     assert main(["train", "--from-kohya", str(path), "--no-progress", "--early-stop", "off", "--out",
                  str(tmp_path / "folder"), "--overwrite"]) == 0

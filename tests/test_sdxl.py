@@ -140,7 +140,9 @@ def test_diffusers_sdxl_pipeline_loads_the_file_as_lorakit_applies_it(tmp_path, 
 
 def test_sdxl_refuses_what_it_does_not_train_yet(sdxl, tmp_path):
     for sections, words in (({"method": {"kind": "ti"}}, "method.kind = 'ti'"),
-                            ({"method": {"kind": "native"}}, "method.kind = 'native'"),
+                            ({"method": {"kind": "pivotal"}}, "method.kind = 'pivotal'"),
+                            ({"method": {"kind": "native", "native_text_encoder": True}},
+                             "method.native_text_encoder"),
                             ({"network": {"blocks": "upper"}}, "network.blocks"),
                             ({"network": {"down_lr_weight": "sine"}}, "network.down_lr_weight"),
                             ({"model": {"clip_skip": 2}}, "model.clip_skip = 2")):
@@ -290,3 +292,20 @@ def test_block_weights_merged_into_an_sdxl_model_are_read_on_sdxl_blocks(tmp_pat
     in07 = "down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q.weight"  # input_blocks.7
     assert torch.equal(after[in04], before[in04]) and not torch.equal(after[in07], before[in07])
     assert "left alone (weight 0)" in lines[0]
+
+
+def test_native_fine_tuning_of_an_sdxl_unet_writes_an_sdxl_single_file(tmp_path, tiny_sdxl_dir):
+    from lorakit.train import train
+
+    cfg = make_config(tiny_sdxl_dir, write_dataset(tmp_path / "data", n=2), tmp_path / "run",
+                      method={"kind": "native"}, training={"max_epochs": 1})
+    result = train(cfg, progress=False)
+    path = result.files[0]
+    tensors = load_file(path)
+    assert ldm.text_encoder_layout(tensors) == "sdxl"
+    tuned, base = load_base_model(path, config=tiny_sdxl_dir), load_base_model(tiny_sdxl_dir)
+    key = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    assert not torch.equal(tuned.unet.state_dict()[key], base.unet.state_dict()[key])  # the U-Net trained
+    for first, second in zip(tuned.text_encoders, base.text_encoders, strict=True):  # the encoders did not
+        assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(),
+                                                      strict=True))
