@@ -10,7 +10,7 @@ its token), and the files it writes.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
@@ -29,7 +29,15 @@ from lorakit.blocks import (
 from lorakit.checkpoint_names import PIVOTAL_EMBEDDING_PREFIX, TEXT_ENCODER_PREFIX, split_pivotal
 from lorakit.config import LORAPLUS_KEYS, SAVE_PRECISIONS, ConfigError, TrainConfig
 from lorakit.earlystop.cs import CSMeter, CSReading, native_reading
-from lorakit.embeddings import expand_tokens, register_tokens, token_names
+from lorakit.embeddings import (
+    ENCODER_KEYS,
+    EmbeddingError,
+    check_vectors,
+    embedding_tensors,
+    expand_tokens,
+    register_tokens,
+    token_names,
+)
 from lorakit.file_kinds import TI_TOKEN_KEY
 from lorakit.formats import (
     AdapterFile,
@@ -439,64 +447,74 @@ class TextualInversion(TrainingMethod):
 
     kind = "ti"
 
-    def __init__(self, cfg: TrainConfig, model: BaseModel, start: torch.Tensor | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, model: BaseModel, start: Sequence[torch.Tensor] | None = None) -> None:
+        """``start``: the vectors to start from, one ``[n, d]`` tensor per text encoder (method.ti_weights)."""
         self.cfg, self.model = cfg, model
         token = cfg.method.ti_token or cfg.data.trigger
         if not token:
             raise ConfigError("textual inversion needs a token: set method.ti_token or data.trigger")
         self.token = token
         self.tokens = token_names(token, cfg.method.ti_vectors)
-        tok, te = model.tokenizer, model.text_encoder
+        if isinstance(start, torch.Tensor):  # one encoder's vectors
+            start = (start,)
+        if start is not None:
+            try:
+                check_vectors(model, start, str(cfg.method.ti_weights))
+            except EmbeddingError as err:
+                raise ConfigError(f"method.ti_weights: {err}") from None
         ids = register_tokens(model, self.tokens)
         if ids is None:
             raise ConfigError(f"textual inversion: token {token!r} (or one of {self.tokens}) is already in the "
                              "tokenizer's vocabulary as a single token; choose a new word")
-        init_ids = tok(cfg.method.ti_init_word, add_special_tokens=False).input_ids
+        init_ids = model.tokenizer(cfg.method.ti_init_word, add_special_tokens=False).input_ids
         if not init_ids:
             raise ConfigError(f"textual inversion: method.ti_init_word {cfg.method.ti_init_word!r} gives no tokens; "
                              "set it to a word close to the concept (e.g. \"dog\", \"style\") or \"*\"")
         self.ids = ids
-        emb = te.get_input_embeddings().weight
-        if start is not None and tuple(start.shape) != (len(ids), emb.shape[1]):
-            raise ConfigError(f"method.ti_weights: {cfg.method.ti_weights} holds vectors of size {start.shape[-1]}, "
-                              f"this text encoder's are {emb.shape[1]} (an embedding for another model)")
+        # one table of rows per text encoder (SDXL: two), each trained in the new tokens' rows only
+        self.embeddings = [te.get_input_embeddings().weight for te in model.text_encoders]
         with torch.no_grad():
-            for i, token_id in enumerate(self.ids):  # from the file (kohya's --weights), else the init word
-                emb[token_id] = start[i].to(emb.dtype) if start is not None else emb[init_ids[i % len(init_ids)]]
-        te.requires_grad_(False)
-        emb.requires_grad_(True)
-        self.embedding = emb
-        self._frozen = emb.detach().clone()
-        self._trained_rows = torch.zeros(emb.shape[0], dtype=torch.bool)
+            for k, emb in enumerate(self.embeddings):  # from the file (kohya's --weights), else the init word
+                for i, token_id in enumerate(self.ids):
+                    emb[token_id] = start[k][i].to(emb.dtype) if start is not None else \
+                        emb[init_ids[i % len(init_ids)]]
+        for te, emb in zip(model.text_encoders, self.embeddings, strict=True):
+            te.requires_grad_(False)
+            emb.requires_grad_(True)
+        self._frozen = [emb.detach().clone() for emb in self.embeddings]
+        self._trained_rows = torch.zeros(self.embeddings[0].shape[0], dtype=torch.bool)
         self._trained_rows[self.ids] = True
 
     def param_groups(self) -> list[dict]:
         # no weight decay: it would shrink the frozen rows too (they are restored after each step anyway)
-        return [{"params": [self.embedding], "lr": self.cfg.optimizer.ti_lr, "weight_decay": 0.0,
+        return [{"params": list(self.embeddings), "lr": self.cfg.optimizer.ti_lr, "weight_decay": 0.0,
                  "name": "textual_inversion"}]
 
     def after_optimizer_step(self) -> None:
         with torch.no_grad():
-            keep = ~self._trained_rows.to(self.embedding.device)
-            self.embedding[keep] = self._frozen.to(self.embedding.device)[keep]
+            for emb, frozen in zip(self.embeddings, self._frozen, strict=True):
+                keep = ~self._trained_rows.to(emb.device)
+                emb[keep] = frozen.to(emb.device)[keep]
 
-    def vectors(self) -> torch.Tensor:
-        return self.embedding.detach()[self.ids]
+    def vectors(self) -> tuple[torch.Tensor, ...]:
+        """The trained vectors, one ``[n, d]`` tensor per text encoder."""
+        return tuple(emb.detach()[self.ids] for emb in self.embeddings)
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:
-        return {"clip_l": self.vectors()}
+        return embedding_tensors(self.vectors())
 
     def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            self.embedding[self.ids] = tensors["clip_l"].to(self.embedding.dtype)
+            for key, emb in zip(ENCODER_KEYS, self.embeddings, strict=False):
+                emb[self.ids] = tensors[key].to(emb.dtype)
 
     def expand_prompt(self, prompt: str) -> str:
         return expand_tokens(prompt, self.tokens)
 
     def save(self, folder: Path, name: str, metadata: dict[str, str]) -> list[Path]:
         path = folder / f"{name}-{self.token}.safetensors"
-        # A1111, ComfyUI and diffusers all read a single-tensor file; "clip_l" names the encoder (SDXL: + clip_g)
-        write_adapter(path, {"clip_l": self.vectors().float().cpu().contiguous()},
+        # A1111, ComfyUI and diffusers read a single-tensor file; "clip_l" names the encoder (SDXL: + clip_g)
+        write_adapter(path, {k: v.float().cpu().contiguous() for k, v in embedding_tensors(self.vectors()).items()},
                       {**as_embedding(metadata, self.token), TI_TOKEN_KEY: self.token,
                        "lorakit_ti_vectors": str(len(self.tokens))},
                       overwrite=True, dtype=save_dtype(self.cfg))
@@ -514,7 +532,7 @@ class PivotalTuning(TrainingMethod):
     kind = "pivotal"
 
     def __init__(self, cfg: TrainConfig, model: BaseModel, start_file: AdapterFile | bool = True,
-                 ranks_file: AdapterFile | None = None, ti_start: torch.Tensor | None = None) -> None:
+                 ranks_file: AdapterFile | None = None, ti_start: Sequence[torch.Tensor] | None = None) -> None:
         self.ti = TextualInversion(cfg, model, ti_start)
         self.adapter = AdapterMethod(cfg, model, start_file, ranks_file)
 
@@ -562,17 +580,12 @@ class PivotalTuning(TrainingMethod):
 
 
 def check_sdxl_settings(cfg: TrainConfig) -> None:
-    """Refuse what lorakit does not train on SDXL yet, before any work: textual inversion and pivotal tuning (an
-    embedding per encoder), native fine-tuning of the text encoders, block-wise ranks or learning rates (they read
-    SD1.x's blocks); and a clip skip, which SDXL has not."""
+    """Refuse what lorakit does not train on SDXL yet, before any work: native fine-tuning of the text encoders,
+    block-wise ranks or learning rates (they read SD1.x's blocks); and a clip skip, which SDXL has not."""
     if cfg.model.clip_skip != 1:
         raise ConfigError(f"model.clip_skip = {cfg.model.clip_skip}: SDXL reads each text encoder's penultimate "
                           "layer, the layers it was trained on, so there is no clip skip to set (kohya's SDXL "
                           "scripts ignore it); leave it at 1")
-    if cfg.method.kind in ("ti", "pivotal"):
-        raise ConfigError(f"method.kind = {cfg.method.kind!r}: on SDXL lorakit trains adapters of the LoRA family "
-                          "and fine-tunes the U-Net natively; textual inversion and pivotal tuning of SDXL (an "
-                          "embedding per encoder) are not built yet")
     if cfg.method.kind == "native" and cfg.method.native_text_encoder:
         raise ConfigError("method.native_text_encoder: native fine-tuning of SDXL trains its U-Net; training its two "
                           "text encoders natively is not built yet (leave it off, or train an adapter on them)")
@@ -585,7 +598,8 @@ def check_sdxl_settings(cfg: TrainConfig) -> None:
 
 
 def make_method(cfg: TrainConfig, model: BaseModel, start_file: AdapterFile | bool = True,
-                ranks_file: AdapterFile | None = None, ti_start: torch.Tensor | None = None) -> TrainingMethod:
+                ranks_file: AdapterFile | None = None, ti_start: Sequence[torch.Tensor] | None = None
+                ) -> TrainingMethod:
     """The configured method; ``start_file`` and ``ranks_file`` as ``AdapterMethod`` takes them (False leaves
     ``network.weights`` unread: a resumed run's checkpoint holds what the file started); ``ti_start``: the vectors
     a new embedding starts from (method.ti_weights)."""

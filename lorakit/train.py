@@ -627,9 +627,10 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def ti_start_vectors(cfg: TrainConfig) -> torch.Tensor | None:
-    """The vectors a textual-inversion run starts from (method.ti_weights, kohya's --weights), checked before the
-    model loads: a missing or unreadable file, or one with another number of vectors, is refused."""
+def ti_start_vectors(cfg: TrainConfig) -> tuple[torch.Tensor, ...] | None:
+    """The vectors a textual-inversion run starts from (method.ti_weights, kohya's --weights), one tensor per text
+    encoder, checked before the model loads: a missing or unreadable file, or one with another number of vectors,
+    is refused."""
     path = cfg.method.ti_weights
     if not path:
         return None
@@ -641,10 +642,10 @@ def ti_start_vectors(cfg: TrainConfig) -> torch.Tensor | None:
         raise ConfigError(f"method.ti_weights: {err}") from None
     except OSError as err:
         raise ConfigError(f"method.ti_weights: {path}: {err.strerror or err}") from None
-    if vectors.shape[0] != cfg.method.ti_vectors:
-        raise ConfigError(f"method.ti_weights: {path} holds {vectors.shape[0]} vector(s) per token, but "
-                          f"method.ti_vectors is {cfg.method.ti_vectors}: set --set method.ti_vectors="
-                          f"{vectors.shape[0]}")
+    count = vectors[0].shape[0]
+    if count != cfg.method.ti_vectors:
+        raise ConfigError(f"method.ti_weights: {path} holds {count} vector(s) per token, but "
+                          f"method.ti_vectors is {cfg.method.ti_vectors}: set --set method.ti_vectors={count}")
     return vectors
 
 

@@ -139,9 +139,7 @@ def test_diffusers_sdxl_pipeline_loads_the_file_as_lorakit_applies_it(tmp_path, 
 
 
 def test_sdxl_refuses_what_it_does_not_train_yet(sdxl, tmp_path):
-    for sections, words in (({"method": {"kind": "ti"}}, "method.kind = 'ti'"),
-                            ({"method": {"kind": "pivotal"}}, "method.kind = 'pivotal'"),
-                            ({"method": {"kind": "native", "native_text_encoder": True}},
+    for sections, words in (({"method": {"kind": "native", "native_text_encoder": True}},
                              "method.native_text_encoder"),
                             ({"network": {"blocks": "upper"}}, "network.blocks"),
                             ({"network": {"down_lr_weight": "sine"}}, "network.down_lr_weight"),
@@ -151,8 +149,9 @@ def test_sdxl_refuses_what_it_does_not_train_yet(sdxl, tmp_path):
             make_method(cfg, sdxl)
     with pytest.raises(InvalidValueError, match="no clip skip"):
         check_clip_skip(sdxl, 2)
-    with pytest.raises(EmbeddingError, match="SDXL"):
-        add_embedding(sdxl, torch.zeros(1, 32), "zkz", "e.safetensors")
+    # an SD1.x/2.x embedding (one encoder's vectors) is not SDXL's pair
+    with pytest.raises(EmbeddingError, match=r"e\.safetensors: an embedding for one text encoder, .* has 2"):
+        add_embedding(sdxl, torch.zeros(1, 128), "zkz", "e.safetensors")
     assert len(sdxl.tokenizer) == len(sdxl.tokenizer_2)  # nothing was added on the way
 
 
@@ -309,3 +308,30 @@ def test_native_fine_tuning_of_an_sdxl_unet_writes_an_sdxl_single_file(tmp_path,
     for first, second in zip(tuned.text_encoders, base.text_encoders, strict=True):  # the encoders did not
         assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(),
                                                       strict=True))
+
+
+@pytest.mark.parametrize("kind", ["ti", "pivotal"])
+def test_textual_inversion_on_sdxl_trains_an_embedding_per_encoder(tmp_path, tiny_sdxl_dir, tiny_model_dir, kind):
+    """SDXL's embedding is a pair, clip_l and clip_g, as kohya's SDXL script writes it and A1111 and ComfyUI read
+    it; it loads back into an SDXL model (both encoders' rows) and is refused by an SD1.x model."""
+    from lorakit.embeddings import load_embedding, read_embedding
+    from lorakit.train import train
+
+    cfg = make_config(tiny_sdxl_dir, write_dataset(tmp_path / "data", n=2), tmp_path / "run",
+                      method={"kind": kind, "ti_token": "zkz", "ti_vectors": 2}, training={"max_epochs": 1})
+    result = train(cfg, progress=False)
+    embedding = next(p for p in result.files if p.name.endswith("-zkz.safetensors"))
+    tensors = load_file(embedding)
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {"clip_l": (2, 128), "clip_g": (2, 64)}
+    model = load_base_model(tiny_sdxl_dir)
+    before = encode_conditioning(model, ["a zkz_1 star"]).states
+    loaded = load_embedding(model, embedding)
+    ids = model.tokenizer.convert_tokens_to_ids(loaded.tokens)
+    assert ids == model.tokenizer_2.convert_tokens_to_ids(loaded.tokens)
+    for key, encoder in zip(("clip_l", "clip_g"), model.text_encoders, strict=True):
+        torch.testing.assert_close(encoder.get_input_embeddings().weight[ids], tensors[key])
+    assert not torch.allclose(encode_conditioning(model, [loaded.expand_prompt("a zkz star")]).states, before)
+    vectors, token = read_embedding(embedding)
+    assert token == "zkz" and len(vectors) == 2
+    with pytest.raises(EmbeddingError, match=r"an embedding for SDXL's two encoders \(clip_l, clip_g\)"):
+        load_embedding(load_base_model(tiny_model_dir), embedding)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from lorakit.atomic import atomic_write
 from lorakit.checkpoint_names import PIVOTAL_EMBEDDING_PREFIX, split_pivotal
-from lorakit.embeddings import EmbeddingError, embedding_added, read_embedding
+from lorakit.embeddings import ENCODER_KEYS, EmbeddingError, embedding_added, read_embedding
 from lorakit.errors import InvalidValueError
 from lorakit.evaluate.checkpoints import CheckpointError, EvalCheckpoint
 from lorakit.evaluate.prompts import EvalPrompt
@@ -157,7 +157,7 @@ def _adapter(model: BaseModel, source: Path | AdapterFile) -> Iterator[None]:
         network.remove()
 
 
-def _read_embedding(path: Path) -> tuple[torch.Tensor, str | None]:
+def _read_embedding(path: Path) -> tuple[tuple[torch.Tensor, ...], str | None]:
     try:
         return read_embedding(path)
     except EmbeddingError as err:
@@ -165,7 +165,8 @@ def _read_embedding(path: Path) -> tuple[torch.Tensor, str | None]:
 
 
 @contextmanager
-def _embedding(model: BaseModel, vectors: torch.Tensor, checkpoint: EvalCheckpoint) -> Iterator[Callable[[str], str]]:
+def _embedding(model: BaseModel, vectors: tuple[torch.Tensor, ...], checkpoint: EvalCheckpoint
+               ) -> Iterator[Callable[[str], str]]:
     """A checkpoint's embedding added under its token for the duration; yields the prompt expansion."""
     if not checkpoint.token:
         raise CheckpointError(f"{checkpoint.path}: an embedding checkpoint without a token")
@@ -176,7 +177,7 @@ def _embedding(model: BaseModel, vectors: torch.Tensor, checkpoint: EvalCheckpoi
         raise CheckpointError(str(err)) from None
 
 
-def _pivotal_parts(path: Path) -> tuple[AdapterFile, torch.Tensor]:
+def _pivotal_parts(path: Path) -> tuple[AdapterFile, tuple[torch.Tensor, ...]]:
     """A pivotal-tuning checkpoint's adapter (its own keys, with the file's metadata) and embedding vectors (the
     trainer keeps both in one file)."""
     from safetensors import safe_open
@@ -191,7 +192,8 @@ def _pivotal_parts(path: Path) -> tuple[AdapterFile, torch.Tensor]:
     if "clip_l" not in embedding:
         raise CheckpointError(f"{path}: a pivotal-tuning checkpoint without its embedding "
                               f"({PIVOTAL_EMBEDDING_PREFIX}clip_l)")
-    return AdapterFile(adapter, metadata, path), embedding["clip_l"]
+    vectors = tuple(embedding[key] for key in ENCODER_KEYS if key in embedding)  # SDXL's: clip_l and clip_g
+    return AdapterFile(adapter, metadata, path), vectors
 
 
 @contextmanager
