@@ -71,8 +71,9 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     lines += ["data:"] + [f"  {line}" for line in data.summary().splitlines()]
     lines += [f"  note: {n}" for n in notes]
     if start is not None:
-        lines.append(f"textual inversion starts from {cfg.method.ti_weights} ({count(start.shape[0], 'vector')} of "
-                     f"size {start.shape[1]} per token, checked against the model when it loads)")
+        sizes = " and ".join(str(t.shape[1]) for t in start)  # SDXL's: one size per text encoder
+        lines.append(f"textual inversion starts from {cfg.method.ti_weights} ({count(start[0].shape[0], 'vector')} "
+                     f"of size {sizes} per token, checked against the model when it loads)")
     trained = [r for i, r in enumerate(data.records) if not r.is_reg and i not in data.held_out]
     templated = [r for r in trained if data.subset_of(r).templated]
     uncaptioned = sum(not r.has_caption_file for r in trained if not data.subset_of(r).templated)

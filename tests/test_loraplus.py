@@ -22,7 +22,7 @@ def _method(**network) -> AdapterMethod:
     cfg.optimizer.learning_rate = 1e-3
     for key, value in network.items():
         set_option(cfg, f"network.{key}", value)
-    model = types.SimpleNamespace(unet=build_tiny_unet(), text_encoder=build_tiny_text_encoder())
+    model = types.SimpleNamespace(unet=build_tiny_unet(), text_encoders=(build_tiny_text_encoder(),))
     return AdapterMethod(cfg, model)
 
 

@@ -574,7 +574,7 @@ def test_textual_inversion_trains_only_the_new_rows(tiny_model_dir, dataset, tmp
     assert method.expand_prompt("a zkz shape, zkzz") == "a zkz zkz_1 shape, zkzz"
     before = model.text_encoder.get_input_embeddings().weight.detach().clone()
     with torch.no_grad():
-        method.embedding.add_(1.0)  # as if the optimizer (with weight decay) had touched every row
+        method.embeddings[0].add_(1.0)  # as if the optimizer (with weight decay) had touched every row
     method.after_optimizer_step()
     after = model.text_encoder.get_input_embeddings().weight
     frozen = torch.ones(after.shape[0], dtype=torch.bool)
