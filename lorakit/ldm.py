@@ -43,7 +43,8 @@ def _layers_per_block(config: Mapping) -> int:
 
 
 def unet_module_map(config: Mapping) -> dict[str, str]:
-    """diffusers module path -> original module path, for every module of an SD1.x-structured U-Net."""
+    """diffusers module path -> original module path, for every module of an SD1.x-structured U-Net (SD2.x's
+    and SDXL's too: one number of layers per level, attention where the level has it)."""
     n = _layers_per_block(config)
     down, up = config["down_block_types"], config["up_block_types"]
     names = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
@@ -142,7 +143,7 @@ def unet_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict
         try:
             module, rest = _split(key, modules)
         except KeyError:
-            raise ValueError(f"U-Net tensor {key!r} has no place in the SD1.x single-file layout") from None
+            raise ValueError(f"U-Net tensor {key!r} has no place in the original single-file layout") from None
         if ".resnets." in module:
             rest = _rename_inner(rest, _UNET_RESNET)
         out[UNET_PREFIX + modules[module] + "." + rest] = tensor

@@ -689,8 +689,7 @@ def _text_encoders_from_file(checkpoint: dict[str, torch.Tensor], layout: str, f
                              ) -> tuple[CLIPTextModel, tuple | None, dict[str, torch.Tensor]]:
     """A single file's text encoder, SDXL's second one with its tokenizer (else None), and the file's tensors
     that no module holds but a file written back should (``BaseModel.carried_tensors``)."""
-    text_encoder, second, carried = CLIPTextModel(
-        CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True)), None, {}
+    text_encoder, second, carried = _on_meta(CLIPTextModel, folder / "text_encoder"), None, {}
     encoders: list[tuple[torch.nn.Module, dict, str]] = []
     if layout == "open_clip":
         encoders.append((text_encoder, ldm.text_encoder_from_open_clip(checkpoint, text_encoder), "text_encoder"))
@@ -698,8 +697,7 @@ def _text_encoders_from_file(checkpoint: dict[str, torch.Tensor], layout: str, f
     elif layout == "sdxl":
         encoders.append((text_encoder, ldm.text_encoder_from_ldm(checkpoint, set(text_encoder.state_dict()),
                                                                  ldm.SDXL_CLIP_PREFIX), "text_encoder"))
-        encoder_2 = CLIPTextModelWithProjection(
-            CLIPTextConfig.from_pretrained(folder / "text_encoder_2", local_files_only=True))
+        encoder_2 = _on_meta(CLIPTextModelWithProjection, folder / "text_encoder_2")
         encoders.append((encoder_2, ldm.text_encoder_from_open_clip(checkpoint, encoder_2, ldm.SDXL_OPEN_CLIP_PREFIX),
                          "text_encoder_2"))
         carried = ldm.open_clip_extras(checkpoint, encoder_2.config.num_hidden_layers, ldm.SDXL_OPEN_CLIP_PREFIX,
@@ -710,10 +708,32 @@ def _text_encoders_from_file(checkpoint: dict[str, torch.Tensor], layout: str, f
                          "text_encoder"))
     for module, state, sub in encoders:
         try:
-            module.load_state_dict(state, strict=True)
+            _fill(module, state)
         except RuntimeError as e:
             raise ModelLoadError(f"{path}: its text encoder does not fit {folder / sub}: {e}") from e
     return text_encoder, second, carried
+
+
+def _on_meta(cls: type, config_folder: Path) -> torch.nn.Module:
+    """A text encoder of ``config_folder``'s config built on the meta device: no memory, no random weights that
+    the file's would replace (SDXL's second encoder has 695M parameters)."""
+    config = CLIPTextConfig.from_pretrained(config_folder, local_files_only=True)
+    with torch.device("meta"):
+        return cls(config)
+
+
+def _fill(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give a module built on the meta device the tensors of ``state`` (all of them, no others: RuntimeError
+    otherwise); the position ids, a buffer no file holds, are made again."""
+    module.load_state_dict(state, strict=True, assign=True)
+    for sub in module.modules():
+        ids = getattr(sub, "position_ids", None)
+        if isinstance(ids, torch.Tensor) and ids.is_meta:
+            sub.position_ids = torch.arange(ids.shape[-1]).expand((1, -1))
+    empty = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if empty:
+        raise RuntimeError(f"{len(empty)} tensors were not filled, e.g. {empty[0]}")
+    module.float()  # one dtype throughout, as a module built in fp32 and copied into would have (a file may mix)
 
 
 # ------------------------------------------------------------------------------------------------- saving

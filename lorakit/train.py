@@ -128,7 +128,10 @@ def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
         text_encoder.requires_grad_(False)
     low = weight_dtype(cfg.model.mixed_precision)
     if low != torch.float32:
-        if not cfg.model.no_half_vae:
+        # SDXL's VAE overflows in fp16 (NaN latents: kohya's SDXL users pass --no_half_vae), so it stays fp32
+        # unless its config says fp16 is safe (force_upcast false, as the fp16-fix VAE's does)
+        unsafe_in_fp16 = model.is_sdxl and low == torch.float16 and model.vae.config.get("force_upcast", True)
+        if not (cfg.model.no_half_vae or unsafe_in_fp16):
             model.vae.to(dtype=low)
         if cfg.method.kind != "native":
             model.unet.to(dtype=low)

@@ -259,17 +259,19 @@ def test_an_sdxl_file_is_told_by_its_shapes(tmp_path):
     assert (described.family, described.resolution) == ("SDXL", 1024)
 
 
-def test_merge_an_sdxl_lora_into_a_single_file_as_a_user_does(tmp_path, tiny_sdxl_dir):
+def test_merge_an_sdxl_lora_into_a_single_file(tmp_path, tiny_sdxl_dir):
+    from lorakit.tools.merge import bake, save_model
+
     model = load_base_model(tiny_sdxl_dir)
     network = create_network(model.unet, model.text_encoders, preset="full", algorithm="lora",
                              ranks=UniformRanks(2, 1))
     adapter = _randomised_file(network, tmp_path / "xl_lora.safetensors")
     expected_text = encode_conditioning(model, TWO)
     expected = _unet_out(model.unet, expected_text)
+    network.remove()
     out = tmp_path / "merged.safetensors"
-    done = subprocess.run([sys.executable, "-m", "lorakit.cli", "merge", f"{adapter}:1", "--model", str(tiny_sdxl_dir),
-                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    bake(model, [f"{adapter}:1"])  # what `lorakit merge ADAPTER --model M --out X.safetensors` does
+    save_model(model, out, [adapter])
     merged = load_base_model(out, config=tiny_sdxl_dir)
     text = encode_conditioning(merged, TWO)
     torch.testing.assert_close(text.states, expected_text.states, rtol=0, atol=1e-5)
@@ -335,3 +337,16 @@ def test_textual_inversion_on_sdxl_trains_an_embedding_per_encoder(tmp_path, tin
     assert token == "zkz" and len(vectors) == 2
     with pytest.raises(EmbeddingError, match=r"an embedding for SDXL's two encoders \(clip_l, clip_g\)"):
         load_embedding(load_base_model(tiny_model_dir), embedding)
+
+
+@pytest.mark.parametrize(("precision", "vae_dtype"), [("fp16", torch.float32), ("bf16", torch.bfloat16)])
+def test_sdxl_vae_stays_fp32_under_fp16(tmp_path, tiny_sdxl_dir, precision, vae_dtype):
+    """SDXL's VAE gives NaN latents in fp16; bf16 has fp32's range."""
+    import types
+
+    from lorakit.train import prepare_model
+
+    cfg = make_config(tiny_sdxl_dir, Path("unused"), tmp_path / "run")
+    cfg.model.mixed_precision = precision
+    model = prepare_model(cfg, types.SimpleNamespace(device=torch.device("cpu")))
+    assert model.vae.dtype == vae_dtype and model.unet.dtype != torch.float32

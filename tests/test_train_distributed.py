@@ -93,6 +93,7 @@ def sample_stop_job(tiny_model_dir: Path, tmp_path: Path) -> Path:
     return job
 
 
+@pytest.mark.extended  # 15-20 s of two processes; the suite's budget keeps the plainer ones
 def test_two_processes_stop_together_on_the_samples(tiny_model_dir, tmp_path):
     """early_stop.samples with two processes: the main one draws and scores, both record the score, so both
     stop after the same epoch and hand back the same turning point (a process that went on alone would hang)."""
@@ -106,6 +107,7 @@ def test_two_processes_stop_together_on_the_samples(tiny_model_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # both hold the turning point's checkpoint
 
 
+@pytest.mark.extended  # 15-20 s of two processes; the suite's budget keeps the plainer ones
 def test_a_scorer_failing_in_the_main_process_stops_every_process(tiny_model_dir, tmp_path):
     """The other process waits for the main one's score; when scoring fails it is told and stops too, with the
     reason (torchrun would kill it without one; a launcher that does not watch its workers would leave it
