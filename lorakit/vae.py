@@ -35,7 +35,8 @@ def load_vae(spec: str | Path, like: AutoencoderKL) -> AutoencoderKL:
                         for c in (vae.config, like.config))
         if mine != theirs:
             raise ModelLoadError(f"{path}: this VAE does not fit the base model ({what} {mine} here, {theirs} in the "
-                                 "model's own VAE); SD1.x and SD2.x share one kind of VAE, SDXL's is another")
+                                 "model's own VAE); SD1.x, SD2.x and SDXL share one kind of VAE (SDXL's weights "
+                                 "and latent scale are its own), and this is another")
     vae.register_to_config(scaling_factor=like.config.scaling_factor)
     if vae.dtype != like.dtype:  # only then: diffusers warns about every .to(dtype=...)
         vae.to(dtype=like.dtype)
