@@ -13,6 +13,8 @@ EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
 STEP_DIR = re.compile(r"^step-(\d{8,})$")  # kohya names its step files with 8 digits too
 #: a native fine-tuning checkpoint's text-encoder parameters start with this (the U-Net's have no prefix)
 TEXT_ENCODER_PREFIX = "text_encoder."
+#: ... and per text encoder: SDXL's second has a prefix of its own (diffusers' folder names, both)
+TEXT_ENCODER_PREFIXES = (TEXT_ENCODER_PREFIX, "text_encoder_2.")
 #: a pivotal-tuning checkpoint's embedding tensors start with this (its adapter's keep their own names)
 PIVOTAL_EMBEDDING_PREFIX = "ti."
 #: the metadata entry of every checkpoint and result naming the method that made it ("native": a native

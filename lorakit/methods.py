@@ -26,7 +26,7 @@ from lorakit.blocks import (
     parse_block_lr_weights,
     text_encoder_only,
 )
-from lorakit.checkpoint_names import PIVOTAL_EMBEDDING_PREFIX, TEXT_ENCODER_PREFIX, split_pivotal
+from lorakit.checkpoint_names import PIVOTAL_EMBEDDING_PREFIX, TEXT_ENCODER_PREFIXES, split_pivotal
 from lorakit.config import LORAPLUS_KEYS, SAVE_PRECISIONS, ConfigError, TrainConfig
 from lorakit.earlystop.cs import CSMeter, CSReading, native_reading
 from lorakit.embeddings import (
@@ -357,6 +357,19 @@ class AdapterMethod(TrainingMethod):
 _TEXT_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 
 
+def _text_parameter_read(model: BaseModel, encoder: int, name: str, clip_skip: int) -> bool:
+    """Whether the U-Net's conditioning reads a text-encoder parameter (so a gradient reaches it): SD1.x/2.x's
+    layers up to the clip skip's (and the final norm, which kohya applies to it); SDXL's first encoder's layers up
+    to its penultimate, without the final norm; all of SDXL's second, whose pooled output runs through every
+    layer, the final norm and the projection."""
+    layers = model.text_encoders[encoder].config.num_hidden_layers
+    if not model.is_sdxl:
+        return _text_layer(name) < layers - (clip_skip - 1)
+    if encoder == 1:
+        return True
+    return _text_layer(name) < layers - 1 and "final_layer_norm" not in name
+
+
 def _text_layer(name: str) -> int:
     """The text encoder's layer a parameter belongs to (-1: embeddings and the final norm, read by every layer)."""
     match = _TEXT_LAYER.search(name)
@@ -385,11 +398,13 @@ class NativeMethod(TrainingMethod):
             comp = network_components(unet)[0]
             layers = select_targets(comp, get_preset(targets).unet)
             self.params = {f"{n}.{k}": p for n, m in layers for k, p in m.named_parameters()}
-        # the text encoder's under a prefix of their own in checkpoints (``lorakit.evaluate`` reads them so); the
-        # layers a clip skip leaves unread get no gradient, and would stall a distributed run waiting for one
-        read = model.text_encoder.config.num_hidden_layers - (cfg.model.clip_skip - 1)
-        self.text_params = {f"{TEXT_ENCODER_PREFIX}{n}": p for n, p in model.text_encoder.named_parameters()
-                            if _text_layer(n) < read} if cfg.method.native_text_encoder else {}
+        # the text encoders' under a prefix of their own in checkpoints (``lorakit.evaluate`` reads them so); the
+        # parameters the conditioning leaves unread get no gradient, and would stall a distributed run waiting for one
+        self.text_params = {
+            f"{prefix}{n}": p
+            for k, (prefix, encoder) in enumerate(zip(TEXT_ENCODER_PREFIXES, model.text_encoders, strict=False))
+            for n, p in encoder.named_parameters() if _text_parameter_read(model, k, n, cfg.model.clip_skip)
+        } if cfg.method.native_text_encoder else {}
         for p in [*self.params.values(), *self.text_params.values()]:
             p.requires_grad_(True)
         # W0 of the layers whose ΔW CS-Fluctuation follows (the U-Net's, as the paper)
@@ -580,15 +595,12 @@ class PivotalTuning(TrainingMethod):
 
 
 def check_sdxl_settings(cfg: TrainConfig) -> None:
-    """Refuse what lorakit does not train on SDXL yet, before any work: native fine-tuning of the text encoders,
-    block-wise ranks or learning rates (they read SD1.x's blocks); and a clip skip, which SDXL has not."""
+    """Refuse what lorakit does not train on SDXL yet, before any work: block-wise ranks or learning rates (they
+    read SD1.x's blocks); and a clip skip, which SDXL has not."""
     if cfg.model.clip_skip != 1:
         raise ConfigError(f"model.clip_skip = {cfg.model.clip_skip}: SDXL reads each text encoder's penultimate "
                           "layer, the layers it was trained on, so there is no clip skip to set (kohya's SDXL "
                           "scripts ignore it); leave it at 1")
-    if cfg.method.kind == "native" and cfg.method.native_text_encoder:
-        raise ConfigError("method.native_text_encoder: native fine-tuning of SDXL trains its U-Net; training its two "
-                          "text encoders natively is not built yet (leave it off, or train an adapter on them)")
     net = cfg.network
     given = [key for key in ("blocks", "block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight")
              if getattr(net, key) is not None]

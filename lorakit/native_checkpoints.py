@@ -1,17 +1,18 @@
 """A native fine-tuning run's checkpoint (``checkpoints/epoch-NNNN/trained.safetensors`` of ``--method native``): the
 trained U-Net parameters under their diffusers names, and the text encoder's under ``TEXT_ENCODER_PREFIX`` where it
-trained too.  Not a model a client loads: ``lorakit eval`` applies it to the base model, ``lorakit merge`` bakes it
-into a whole model file.
+trained too (SDXL's second under ``text_encoder_2.``).  Not a model a client loads: ``lorakit eval`` applies it to
+the base model, ``lorakit merge`` bakes it into a whole model file.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from lorakit.checkpoint_names import METHOD_KEY, TEXT_ENCODER_PREFIX
+from lorakit.checkpoint_names import METHOD_KEY, TEXT_ENCODER_PREFIXES
 from lorakit.errors import LorakitError
 
 
@@ -29,10 +30,16 @@ def is_native_checkpoint(path: str | os.PathLike) -> bool:
         return False
 
 
-def model_parameters(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Every parameter a native checkpoint may hold, under the name it has there."""
+TextEncoders = torch.nn.Module | Sequence[torch.nn.Module]
+
+
+def model_parameters(unet: torch.nn.Module, text_encoders: TextEncoders) -> dict[str, torch.nn.Parameter]:
+    """Every parameter a native checkpoint may hold, under the name it has there (``text_encoders``: the model's
+    one, or SDXL's two)."""
+    encoders = [text_encoders] if isinstance(text_encoders, torch.nn.Module) else list(text_encoders)
     return {**dict(unet.named_parameters()),
-            **{f"{TEXT_ENCODER_PREFIX}{n}": p for n, p in text_encoder.named_parameters()}}
+            **{f"{prefix}{n}": p for prefix, encoder in zip(TEXT_ENCODER_PREFIXES, encoders, strict=False)
+               for n, p in encoder.named_parameters()}}
 
 
 def read_native_checkpoint(path: str | os.PathLike, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -56,7 +63,7 @@ def read_native_checkpoint(path: str | os.PathLike, params: dict[str, torch.nn.P
 
 
 @torch.no_grad()
-def apply_native_checkpoint(path: str | os.PathLike, unet: torch.nn.Module, text_encoder: torch.nn.Module,
+def apply_native_checkpoint(path: str | os.PathLike, unet: torch.nn.Module, text_encoder: TextEncoders,
                             multiplier: float = 1.0) -> dict[str, torch.Tensor]:
     """Put the checkpoint's weights into the model: ``W0 + multiplier·(W − W0)`` (1: the trained weights exactly,
     0.5: halfway from the base model).  Returns the replaced base weights, to put back with ``restore``."""
@@ -73,7 +80,7 @@ def apply_native_checkpoint(path: str | os.PathLike, unet: torch.nn.Module, text
 
 
 @torch.no_grad()
-def restore(saved: dict[str, torch.Tensor], unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+def restore(saved: dict[str, torch.Tensor], unet: torch.nn.Module, text_encoder: TextEncoders) -> None:
     """Put back the base weights ``apply_native_checkpoint`` returned."""
     params = model_parameters(unet, text_encoder)
     for name, value in saved.items():

@@ -139,9 +139,7 @@ def test_diffusers_sdxl_pipeline_loads_the_file_as_lorakit_applies_it(tmp_path, 
 
 
 def test_sdxl_refuses_what_it_does_not_train_yet(sdxl, tmp_path):
-    for sections, words in (({"method": {"kind": "native", "native_text_encoder": True}},
-                             "method.native_text_encoder"),
-                            ({"network": {"blocks": "upper"}}, "network.blocks"),
+    for sections, words in (({"network": {"blocks": "upper"}}, "network.blocks"),
                             ({"network": {"down_lr_weight": "sine"}}, "network.down_lr_weight"),
                             ({"model": {"clip_skip": 2}}, "model.clip_skip = 2")):
         cfg = make_config(Path("unused"), Path("unused"), tmp_path / "out", **sections)
@@ -350,3 +348,47 @@ def test_sdxl_vae_stays_fp32_under_fp16(tmp_path, tiny_sdxl_dir, precision, vae_
     cfg.model.mixed_precision = precision
     model = prepare_model(cfg, types.SimpleNamespace(device=torch.device("cpu")))
     assert model.vae.dtype == vae_dtype and model.unet.dtype != torch.float32
+
+
+def test_native_training_of_sdxl_text_encoders_trains_what_the_conditioning_reads(tmp_path, tiny_sdxl_dir):
+    """The first encoder up to its penultimate layer (no final norm), all of the second (its pooled output
+    runs through everything); the epoch checkpoints name the second's parameters text_encoder_2.*, and eval's
+    and merge's apply/restore put them in and back."""
+    from lorakit.native_checkpoints import apply_native_checkpoint, restore
+    from lorakit.train import train
+
+    cfg = make_config(tiny_sdxl_dir, write_dataset(tmp_path / "data", n=2), tmp_path / "run",
+                      method={"kind": "native", "native_text_encoder": True}, training={"max_epochs": 1})
+    train(cfg, progress=False)
+    checkpoint = next((tmp_path / "run" / "checkpoints").rglob("trained.safetensors"))
+    names = set(load_file(checkpoint))
+    base = load_base_model(tiny_sdxl_dir)
+    last = base.text_encoder.config.num_hidden_layers - 1
+    assert any(n.startswith("text_encoder.") and ".layers.0." in n for n in names)
+    assert not any(n.startswith("text_encoder.") and (f".layers.{last}." in n or "final_layer_norm" in n)
+                   for n in names)
+    second = {f"text_encoder_2.{n}" for n, _ in base.text_encoder_2.named_parameters()}
+    assert second <= names  # projection and final norm included
+    before = {n: p.detach().clone() for n, p in base.text_encoder_2.named_parameters()}
+    saved = apply_native_checkpoint(checkpoint, base.unet, base.text_encoders)
+    changed = [n for n, p in base.text_encoder_2.named_parameters() if not torch.equal(p, before[n])]
+    assert "text_projection.weight" in changed
+    restore(saved, base.unet, base.text_encoders)
+    assert all(torch.equal(p, before[n]) for n, p in base.text_encoder_2.named_parameters())
+
+
+def test_the_native_text_parameters_are_exactly_those_the_conditioning_reads(tiny_sdxl_dir, tmp_path):
+    from lorakit.methods import NativeMethod
+
+    model = load_base_model(tiny_sdxl_dir)
+    cfg = make_config(tiny_sdxl_dir, Path("unused"), tmp_path / "run",
+                      method={"kind": "native", "native_text_encoder": True})
+    chosen = NativeMethod(cfg, model).text_params
+    for encoder in model.text_encoders:
+        encoder.requires_grad_(True)
+    text = encode_conditioning(model, TWO)
+    (text.states.square().sum() + text.pooled.square().sum()).backward()
+    prefixes = ("text_encoder.", "text_encoder_2.")
+    reached = {f"{prefix}{n}" for prefix, encoder in zip(prefixes, model.text_encoders, strict=True)
+               for n, p in encoder.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert set(chosen) == reached

@@ -200,13 +200,13 @@ def _pivotal_parts(path: Path) -> tuple[AdapterFile, tuple[torch.Tensor, ...]]:
 def _native_weights(model: BaseModel, path: Path) -> Iterator[None]:
     """A native fine-tuning checkpoint (``lorakit.native_checkpoints``) copied in; the base weights put back after."""
     try:
-        saved = apply_native_checkpoint(path, model.unet, model.text_encoder)
+        saved = apply_native_checkpoint(path, model.unet, model.text_encoders)
     except NativeCheckpointError as err:
         raise CheckpointError(str(err)) from None
     try:
         yield
     finally:
-        restore(saved, model.unet, model.text_encoder)
+        restore(saved, model.unet, model.text_encoders)
 
 
 def check_checkpoints(model: BaseModel, checkpoints: Sequence[EvalCheckpoint]) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lorakit.blocks import BLOCK_MAPS, SD1
-from lorakit.checkpoint_names import TEXT_ENCODER_PREFIX
+from lorakit.checkpoint_names import TEXT_ENCODER_PREFIXES
 from lorakit.formats import AdapterFileError, load_network, read_adapter
 from lorakit.models import BaseModel, save_diffusers_folder, save_single_file_checkpoint
 from lorakit.native_checkpoints import NativeCheckpointError, apply_native_checkpoint, is_native_checkpoint
@@ -62,10 +62,10 @@ def _bake_native(model: BaseModel, spec: AdapterSpec) -> str:
     if spec.lbw is not None:
         raise ToolError(f"{spec.path}: a native fine-tuning checkpoint takes a multiplier, not LoRA Block Weights")
     try:
-        replaced = apply_native_checkpoint(spec.path, model.unet, model.text_encoder, spec.multiplier)
+        replaced = apply_native_checkpoint(spec.path, model.unet, model.text_encoders, spec.multiplier)
     except NativeCheckpointError as err:
         raise MismatchError(str(err)) from None
-    text = sum(n.startswith(TEXT_ENCODER_PREFIX) for n in replaced)
+    text = sum(n.startswith(TEXT_ENCODER_PREFIXES) for n in replaced)
     which = f"{len(replaced) - text} U-Net" + (f" and {text} text-encoder" if text else "")
     return f"{spec.label}: native fine-tuning checkpoint, {which} weights put in (×{spec.multiplier:g})"
 
