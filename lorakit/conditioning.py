@@ -4,9 +4,9 @@ encoder's pooled output and the image size (its "text_time" added conditioning).
 SD1.x/2.x: ``lorakit.prompt_weights.encode_texts`` (the last layer, or a clip skip).  SDXL, as kohya trains it
 (``get_hidden_states_sdxl``) and diffusers samples it: each encoder's penultimate hidden states, without the
 final layer norm, joined along the width (768 + 1280 = 2048 for SDXL 1.0); the pooled output is the second
-encoder's projected EOS state of the first 75-token chunk; the size conditioning is
-(original height, width, crop top, left, target height, width) = (h, w, 0, 0, h, w): lorakit does not keep an
-image's size before bucketing, and samples ask for no crop, so training and sampling say the same.
+encoder's projected EOS state of the first 75-token chunk; the size conditioning is (original height, width, crop
+top, left, target height, width): in training each image's as kohya computes it (``lorakit.data.buckets.
+size_condition``), without images (samples, or a batch that does not say) (h, w, 0, 0, h, w), as diffusers samples.
 """
 
 from __future__ import annotations
@@ -29,14 +29,16 @@ class Conditioning:
     states: torch.Tensor
     pooled: torch.Tensor | None = None
 
-    def unet_kwargs(self, height: int, width: int, dtype: torch.dtype) -> dict[str, Any]:
+    def unet_kwargs(self, height: int, width: int, dtype: torch.dtype,
+                    sizes: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
         """Keyword arguments of ``UNet2DConditionModel`` beside the states: SDXL's added conditioning for images
-        of ``height`` × ``width`` pixels; nothing for SD1.x/2.x."""
+        of ``height`` × ``width`` pixels (``sizes``: each image's six numbers, when known); nothing for SD1.x/2.x."""
         if self.pooled is None:
             return {}
-        size = torch.tensor([height, width, 0, 0, height, width], dtype=dtype, device=self.pooled.device)
-        return {"added_cond_kwargs": {"text_embeds": self.pooled.to(dtype),
-                                      "time_ids": size.expand(self.pooled.shape[0], 6)}}
+        if sizes is None:
+            sizes = [(height, width, 0, 0, height, width)] * self.pooled.shape[0]
+        ids = torch.tensor([list(s) for s in sizes], dtype=dtype, device=self.pooled.device)
+        return {"added_cond_kwargs": {"text_embeds": self.pooled.to(dtype), "time_ids": ids}}
 
 
 def encode_conditioning(model: BaseModel, texts: list[str], *, weighted: bool = False, clip_skip: int = 1,

@@ -68,6 +68,10 @@ def test_conditioning_is_what_diffusers_sdxl_pipeline_encodes(sdxl, tiny_sdxl_di
     # the size conditioning diffusers gives a 64x64 image without crop: (h, w, 0, 0, h, w)
     ids = ours.unet_kwargs(64, 48, torch.float32)["added_cond_kwargs"]["time_ids"]
     assert ids.tolist() == [[64, 48, 0, 0, 64, 48]] * 2
+    # a training batch's own, per image
+    sizes = [(100, 150, 0, 3, 64, 48), (48, 64, 2, 0, 64, 48)]
+    assert ours.unet_kwargs(64, 48, torch.float32, sizes)["added_cond_kwargs"]["time_ids"].tolist() == \
+        [list(s) for s in sizes]
 
 
 def test_long_and_weighted_prompts_on_sdxl(sdxl):
@@ -392,3 +396,27 @@ def test_the_native_text_parameters_are_exactly_those_the_conditioning_reads(tin
     reached = {f"{prefix}{n}" for prefix, encoder in zip(prefixes, model.text_encoders, strict=True)
                for n, p in encoder.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert set(chosen) == reached
+
+
+def test_size_conditioning_is_kohyas_per_image(tmp_path):
+    """kohya's SDXL size ids: the image's own size, where the whole image would sit fitted inside its bucket
+    (BucketManager.get_crop_ltrb; its left edge mirrored under a flip), the bucket's size."""
+    from PIL import Image
+
+    from lorakit.data import DataConfig, TrainingData
+    from lorakit.data.buckets import size_condition
+
+    assert size_condition((2000, 1000), (1024, 768)) == (1000, 2000, 128, 0, 768, 1024)
+    assert size_condition((600, 1000), (768, 1024)) == (1000, 600, 0, 76, 1024, 768)
+    assert size_condition((600, 1000), (768, 1024), flip=True) == (1000, 600, 0, 77, 1024, 768)
+    folder = tmp_path / "1_zkz"
+    folder.mkdir()
+    Image.new("RGB", (150, 100), (200, 30, 30)).save(folder / "wide.png")
+    (folder / "wide.txt").write_text("zkz")
+    data = TrainingData(DataConfig(train_data=str(tmp_path), resolution=64, enable_bucket=True,
+                                   bucket_reso_steps=8))
+    batch = data.epoch_batches(0)[0]
+    bucket = data.buckets[0][0]
+    assert batch.size_conditions == [size_condition((150, 100), bucket)] and batch.size_conditions[0][:2] == (100, 150)
+    text = encode_conditioning(load_base_model(ROOT / "lorakit/world/base_model"), ["zkz"])
+    assert text.unet_kwargs(64, 64, torch.float32, batch.size_conditions) == {}  # SD1.x has no size conditioning

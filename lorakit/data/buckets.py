@@ -182,3 +182,18 @@ def crop_offset(resized: Size, reso: Size, u: float | None = None, v: float | No
     if u is None or v is None:
         return free_x // 2, free_y // 2
     return int(u * (free_x + 1)), int(v * (free_y + 1))
+
+
+def size_condition(original: Size, reso: Size, flip: bool = False) -> tuple[int, int, int, int, int, int]:
+    """SDXL's size conditioning of one image, as kohya computes it (``BucketManager.get_crop_ltrb``, after Stability
+    AI's preprocessing): (original height, width, crop top, crop left, bucket height, width), where the crop is
+    where the whole image, fitted inside the bucket, would sit (its left edge mirrored under a horizontal flip)."""
+    bucket_ar, image_ar = reso[0] / reso[1], original[0] / original[1]
+    if bucket_ar > image_ar:  # a wider bucket: the heights match
+        fitted = (reso[1] * image_ar, float(reso[1]))
+    else:
+        fitted = (float(reso[0]), reso[0] / image_ar)
+    left, top = (reso[0] - fitted[0]) // 2, (reso[1] - fitted[1]) // 2
+    if flip:
+        left = reso[0] - (left + fitted[0])
+    return original[1], original[0], int(top), int(left), reso[1], reso[0]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lorakit.data.buckets import BucketScheme, crop_offset, face_crop, make_scheme
+from lorakit.data.buckets import BucketScheme, crop_offset, face_crop, make_scheme, size_condition
 from lorakit.data.cache import EncodeJob, Latent, encode_all
 from lorakit.data.captions import count_tags, sample_caption, shuffle
 from lorakit.data.config import DataConfig, SubsetConfig
@@ -80,6 +80,8 @@ class Batch:
     index: int = 0
     #: the adapter's strength for this batch (its dataset's network_multiplier; a batch is one dataset's)
     network_multiplier: float = 1.0
+    #: SDXL's size conditioning per image (``buckets.size_condition``): original size, crop, bucket size
+    size_conditions: list[tuple[int, int, int, int, int, int]] | None = None
 
     def sample_latents(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """``mean + std * noise``: a fresh draw from the cached latent distributions (still unscaled)."""
@@ -428,7 +430,9 @@ class TrainingData:
                       is_reg=torch.tensor([self.records[r].is_reg for r in recs], dtype=torch.bool),
                       image_paths=[self.records[r].path for r in recs], flipped=[d.flip for d in draws],
                       epoch=plan.epoch, index=plan.index,
-                      network_multiplier=self.datasets[plan.dataset].network_multiplier)
+                      network_multiplier=self.datasets[plan.dataset].network_multiplier,
+                      size_conditions=[size_condition(self.records[r].size, self.buckets[r][0], d.flip)
+                                       for r, d in zip(recs, draws, strict=True)])
         if any(self._masked(r) for r in recs):
             batch.loss_masks = torch.stack([self.alpha(r, d.offset, d.flip, d.resized)
                                             for r, d in zip(recs, draws, strict=True)])
@@ -465,7 +469,8 @@ class TrainingData:
                                            weighted=self.config.weighted_captions))
         batch = Batch(captions=captions, is_reg=torch.zeros(len(ids), dtype=torch.bool),
                       image_paths=[self.records[i].path for i in ids], flipped=[False] * len(ids), index=index,
-                      network_multiplier=self.datasets[self.records[ids[0]].dataset].network_multiplier)
+                      network_multiplier=self.datasets[self.records[ids[0]].dataset].network_multiplier,
+                      size_conditions=[size_condition(self.records[i].size, self.buckets[i][0]) for i in ids])
         if any(self._masked(i) for i in ids):
             batch.loss_masks = torch.stack([self.alpha(i) for i in ids])
         if self._latents is not None:
