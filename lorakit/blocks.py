@@ -225,12 +225,14 @@ def coarse_block_dims(groups: Iterable[str] | str, dim: int, block_map: BlockMap
 
 # ---- kohya block_dims as a rank rule --------------------------------------------------------------
 
-def _values(spec: Sequence[float] | str | None, n: int, what: str, cast: Callable) -> list | None:
+def _values(spec: Sequence[float] | str | None, n: int, what: str, cast: Callable,
+            arch: str | None = None) -> list | None:
     if spec is None:
         return None
     items = [s for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     if len(items) != n:
-        raise InvalidValueError(f"{what} needs {n} values (one per block), got {len(items)}")
+        which = f"{BLOCK_MAPS[arch].names[0]}..{BLOCK_MAPS[arch].names[-1]} of {arch}" if arch else "block"
+        raise InvalidValueError(f"{what} needs {n} values (one per block, {which}), got {len(items)}")
     try:
         return [cast(v.strip() if isinstance(v, str) else v) for v in items]
     except ValueError as err:
@@ -241,7 +243,8 @@ def _values(spec: Sequence[float] | str | None, n: int, what: str, cast: Callabl
 class BlockRanks:
     """Rank rule from kohya's ``block_dims`` / ``block_alphas`` / ``conv_block_dims`` / ``conv_block_alphas``.
 
-    Each takes one value per block (25 for SD1.x, as a list or a comma-separated string); a dim of 0
+    Each takes one value per block of ``block_map`` (25 for SD1.x, 19 for SDXL; a list or a comma-separated
+    string); a dim of 0
     leaves the block's modules out.  As in kohya: Linear and 1x1 conv layers use ``block_dims``; k x k convs
     use ``conv_block_dims`` and are left out when it is not given; missing alphas default to ``alpha`` /
     ``conv_alpha``.  Modules outside the U-Net blocks (the text encoder, ``conv_out``, ...) go to
@@ -258,11 +261,11 @@ class BlockRanks:
     block_map: BlockMap = SD1
 
     def __post_init__(self) -> None:
-        n = len(self.block_map)
-        self.dims = _values(self.block_dims, n, "block_dims", int)
-        self.alphas = _values(self.block_alphas, n, "block_alphas", float) or [self.alpha] * n
-        self.conv_dims = _values(self.conv_block_dims, n, "conv_block_dims", int)
-        self.conv_alphas = (_values(self.conv_block_alphas, n, "conv_block_alphas", float)
+        n, arch = len(self.block_map), self.block_map.arch
+        self.dims = _values(self.block_dims, n, "block_dims", int, arch)
+        self.alphas = _values(self.block_alphas, n, "block_alphas", float, arch) or [self.alpha] * n
+        self.conv_dims = _values(self.conv_block_dims, n, "conv_block_dims", int, arch)
+        self.conv_alphas = (_values(self.conv_block_alphas, n, "conv_block_alphas", float, arch)
                             or [self.conv_alpha] * n)
 
     def __call__(self, name: str, layer: nn.Module) -> ModuleSpec | None:

@@ -19,6 +19,8 @@ from torch import nn
 
 from lorakit.adapters.base import FUSE_DTYPES
 from lorakit.blocks import (
+    BLOCK_MAPS,
+    SD1,
     BlockLrWeights,
     BlockRanks,
     WithoutZeroBlocks,
@@ -185,9 +187,15 @@ def rank_rule(cfg: TrainConfig, ranks_file: AdapterFile | None = None, model: Ba
         rule = BlockRanks(dims, alpha=net.alpha, conv_block_dims=conv_dims, conv_alpha=conv_alpha,
                           outside=text_encoder_only(UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha)))
     elif net.block_dims is not None:
-        rule = BlockRanks(net.block_dims, block_alphas=net.block_alphas, conv_block_dims=net.conv_block_dims,
-                          conv_block_alphas=net.conv_block_alphas, alpha=net.alpha, conv_alpha=conv_alpha,
-                          outside=UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha))
+        # one value per block of the model's own map: SD1.x's (and SD2.x's) 25, SDXL's 19
+        block_map = BLOCK_MAPS["sdxl"] if model is not None and model.is_sdxl else SD1
+        try:
+            rule = BlockRanks(net.block_dims, block_alphas=net.block_alphas, conv_block_dims=net.conv_block_dims,
+                              conv_block_alphas=net.conv_block_alphas, alpha=net.alpha, conv_alpha=conv_alpha,
+                              outside=UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha),
+                              block_map=block_map)
+        except ValueError as err:
+            raise ConfigError(f"network: {err}") from None
     else:
         rule = UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha)
     weights = block_lr_weights(cfg)
@@ -595,18 +603,20 @@ class PivotalTuning(TrainingMethod):
 
 
 def check_sdxl_settings(cfg: TrainConfig) -> None:
-    """Refuse what lorakit does not train on SDXL yet, before any work: block-wise ranks or learning rates (they
-    read SD1.x's blocks); and a clip skip, which SDXL has not."""
+    """Refuse what lorakit does not train on SDXL yet, before any work: the block-wise paper's groups and kohya's
+    block learning rates (they read SD1.x's blocks; ``block_dims`` takes SDXL's); and a clip skip, which SDXL has
+    not."""
     if cfg.model.clip_skip != 1:
         raise ConfigError(f"model.clip_skip = {cfg.model.clip_skip}: SDXL reads each text encoder's penultimate "
                           "layer, the layers it was trained on, so there is no clip skip to set (kohya's SDXL "
                           "scripts ignore it); leave it at 1")
     net = cfg.network
-    given = [key for key in ("blocks", "block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight")
+    given = [key for key in ("blocks", "down_lr_weight", "mid_lr_weight", "up_lr_weight")
              if getattr(net, key) is not None]
     if given:
-        raise ConfigError(f"network.{given[0]}: block-wise ranks and learning rates follow SD1.x's blocks; SDXL's "
-                          "19 blocks are not built for training yet (leave it out to train every block alike)")
+        raise ConfigError(f"network.{given[0]}: the block-wise paper's groups and kohya's block learning rates follow "
+                          "SD1.x's blocks; on SDXL give network.block_dims, one rank per SDXL block (19: IN00-IN08, "
+                          "MID, OUT00-OUT08), or leave it out to train every block alike")
 
 
 def make_method(cfg: TrainConfig, model: BaseModel, start_file: AdapterFile | bool = True,

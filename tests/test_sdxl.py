@@ -144,6 +144,7 @@ def test_diffusers_sdxl_pipeline_loads_the_file_as_lorakit_applies_it(tmp_path, 
 
 def test_sdxl_refuses_what_it_does_not_train_yet(sdxl, tmp_path):
     for sections, words in (({"network": {"blocks": "upper"}}, "network.blocks"),
+                            ({"network": {"block_dims": [4] * 25}}, "network: block_dims needs 19 values"),
                             ({"network": {"down_lr_weight": "sine"}}, "network.down_lr_weight"),
                             ({"model": {"clip_skip": 2}}, "model.clip_skip = 2")):
         cfg = make_config(Path("unused"), Path("unused"), tmp_path / "out", **sections)
@@ -420,3 +421,13 @@ def test_size_conditioning_is_kohyas_per_image(tmp_path):
     assert batch.size_conditions == [size_condition((150, 100), bucket)] and batch.size_conditions[0][:2] == (100, 150)
     text = encode_conditioning(load_base_model(ROOT / "lorakit/world/base_model"), ["zkz"])
     assert text.unet_kwargs(64, 64, torch.float32, batch.size_conditions) == {}  # SD1.x has no size conditioning
+
+
+def test_block_dims_on_sdxl_give_each_of_its_19_blocks_its_rank(tmp_path, tiny_sdxl_dir):
+    model = load_base_model(tiny_sdxl_dir)
+    dims = [0] * 19
+    dims[4], dims[9], dims[10] = 2, 3, 4  # IN04, MID, OUT00
+    cfg = make_config(tiny_sdxl_dir, Path("unused"), tmp_path / "run", network={"block_dims": dims})
+    network = make_method(cfg, model).network
+    ranks = {blocks.SDXL.block_name(n): network[n].rank for n in network.names("unet")}
+    assert ranks == {"IN04": 2, "MID": 3, "OUT00": 4}
