@@ -1,4 +1,4 @@
-"""Load base models: the built-in tiny model, a diffusers folder, or a single-file SD1.x or SD2.x checkpoint.
+"""Load base models: the built-in tiny model, a diffusers folder, or a single-file SD1.x, SD2.x or SDXL checkpoint.
 
 Everything is offline: nothing is ever fetched from a model hub.  A single-file checkpoint is read here
 (safetensors, or a ``.ckpt`` that ``torch.load(weights_only=True)`` accepts; nothing is unpickled), matched to a
