@@ -289,8 +289,8 @@ def _text_inputs(model: BaseModel, prompts: list[str], negatives: list[str], cli
                  max_token_length: int, device: torch.device) -> dict[str, Any]:
     """What the pipeline is given for the text: the prompts (it encodes them itself), or with a clip skip, longer
     prompts, weighted words (``(word:1.2)``, ``lorakit.prompt_weights``) or an SDXL model the embeddings encoded as
-    the trainer encodes them (diffusers' own ``clip_skip`` counts one less and fails with transformers 5; it reads 75 tokens
-    at most, and no weights)."""
+    the trainer encodes them (diffusers' own ``clip_skip`` counts one less and fails with transformers 5; it reads
+    75 tokens at most, and no weights)."""
     weighted = any(uses_bracket_syntax(t) for t in [*prompts, *negatives])
     if not model.is_sdxl and clip_skip == 1 and max_token_length == 75 and not weighted:
         return {"prompt": prompts, "negative_prompt": negatives}
