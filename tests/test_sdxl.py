@@ -1,6 +1,6 @@
-"""SDXL from a diffusers folder, on a tiny model of SDXL's kinds built here (model_helpers.build_tiny_sdxl_components):
-two text encoders, the conditioning kohya trains with and diffusers samples with, kohya's SDXL module names, and
-files that diffusers' SDXL pipeline loads as lorakit applies them."""
+"""SDXL, on a tiny model of SDXL's kinds built here (model_helpers.build_tiny_sdxl_components): two text encoders,
+the conditioning kohya trains with and diffusers samples with, kohya's SDXL module names, files that diffusers' SDXL
+pipeline loads as lorakit applies them, single files in SDXL's layout, and every method trained on it."""
 
 from __future__ import annotations
 
