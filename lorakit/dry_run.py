@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import TrainingData
-from lorakit.methods import check_sdxl_settings
+from lorakit.methods import block_dims_rule, check_sdxl_settings
 from lorakit.models import describe_base_model
 from lorakit.run_messages import count, early_stop_text, opening_line
 from lorakit.trackers import check_tracker
@@ -46,6 +46,8 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     resolution, family = described.resolution, described.family
     if family == "SDXL":
         check_sdxl_settings(cfg)
+    if cfg.network.block_dims is not None and cfg.method.kind in ("adapter", "pivotal"):
+        block_dims_rule(cfg, sdxl=family == "SDXL")  # one value per block of this family's map
     if described.unsaid_sd2_prediction:
         family += (" (the file does not say whether it predicts noise or v: read as the 512 ε model; for a 768 v "
                    "model such as 2.1 set model.prediction_type = \"v_prediction\")")

@@ -163,6 +163,20 @@ def adapted_preset(cfg: TrainConfig) -> str:
     return "lycoris-full" if cfg.network.dim_from_weights else cfg.network.preset
 
 
+def block_dims_rule(cfg: TrainConfig, sdxl: bool = False) -> BlockRanks:
+    """kohya's ``block_dims`` (and alphas, conv dims) as a rank rule: one value per block of the model's own map,
+    SD1.x's (and SD2.x's) 25 or SDXL's 19; ConfigError for lists of another length (the dry run asks this too)."""
+    net = cfg.network
+    try:
+        return BlockRanks(net.block_dims, block_alphas=net.block_alphas, conv_block_dims=net.conv_block_dims,
+                          conv_block_alphas=net.conv_block_alphas, alpha=net.alpha,
+                          conv_alpha=net.conv_alpha if net.conv_alpha is not None else net.alpha,
+                          outside=UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha),
+                          block_map=BLOCK_MAPS["sdxl"] if sdxl else SD1)
+    except ValueError as err:
+        raise ConfigError(f"network: {err}") from None
+
+
 def rank_rule(cfg: TrainConfig, ranks_file: AdapterFile | None = None, model: BaseModel | None = None):
     """Each module's rank and alpha as the config chooses; with ``network.dim_from_weights``, those of
     ``ranks_file``'s modules (matched to ``model``'s layers)."""
@@ -187,15 +201,7 @@ def rank_rule(cfg: TrainConfig, ranks_file: AdapterFile | None = None, model: Ba
         rule = BlockRanks(dims, alpha=net.alpha, conv_block_dims=conv_dims, conv_alpha=conv_alpha,
                           outside=text_encoder_only(UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha)))
     elif net.block_dims is not None:
-        # one value per block of the model's own map: SD1.x's (and SD2.x's) 25, SDXL's 19
-        block_map = BLOCK_MAPS["sdxl"] if model is not None and model.is_sdxl else SD1
-        try:
-            rule = BlockRanks(net.block_dims, block_alphas=net.block_alphas, conv_block_dims=net.conv_block_dims,
-                              conv_block_alphas=net.conv_block_alphas, alpha=net.alpha, conv_alpha=conv_alpha,
-                              outside=UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha),
-                              block_map=block_map)
-        except ValueError as err:
-            raise ConfigError(f"network: {err}") from None
+        rule = block_dims_rule(cfg, sdxl=model is not None and model.is_sdxl)
     else:
         rule = UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha)
     weights = block_lr_weights(cfg)

@@ -431,3 +431,17 @@ def test_block_dims_on_sdxl_give_each_of_its_19_blocks_its_rank(tmp_path, tiny_s
     network = make_method(cfg, model).network
     ranks = {blocks.SDXL.block_name(n): network[n].rank for n in network.names("unet")}
     assert ranks == {"IN04": 2, "MID": 3, "OUT00": 4}
+
+
+def test_the_dry_run_checks_block_dims_against_the_models_blocks(tmp_path, tiny_sdxl_dir, tiny_model_dir):
+    from lorakit.dry_run import dry_run
+
+    data = write_dataset(tmp_path / "data", n=2)
+    for model, wrong, needed in ((tiny_sdxl_dir, 25, r"needs 19 values .*IN00\.\.OUT08 of sdxl"),
+                                 (tiny_model_dir, 19, r"needs 25 values .*IN00\.\.OUT11 of sd1")):
+        cfg = make_config(model, data, tmp_path / "run", network={"block_dims": [2] * wrong})
+        with pytest.raises(ConfigError, match=needed):
+            dry_run(cfg)
+        assert not (tmp_path / "run").exists()
+    cfg = make_config(tiny_sdxl_dir, data, tmp_path / "run", network={"block_dims": [2] * 19})
+    assert "SDXL" in dry_run(cfg)
