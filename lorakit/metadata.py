@@ -57,11 +57,14 @@ TOKEN_LENGTHS = (75, 150, 225)
 
 def trained_text_setting(metadata: Mapping[str, str], name: str) -> int | None:
     """The clip skip or max token length (``name``) an adapter was trained with, from kohya's ``ss_*`` entry (a
-    number, or "None": kohya's default); None when the file does not say."""
+    number, or "None": kohya's default); None when the file does not say.  An SDXL file's clip skip says nothing:
+    kohya's SDXL scripts record the option and ignore it (each encoder's penultimate layer is read)."""
     key, default = TEXT_SETTINGS[name]
     value = metadata.get(key)
     if value is None:
         return None
+    if name == "clip_skip" and metadata.get("ss_base_model_version", "").startswith("sdxl"):
+        return default
     if value == "None":
         return default
     return int(value) if value.isdigit() and int(value) > 0 else None

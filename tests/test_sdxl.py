@@ -445,3 +445,17 @@ def test_the_dry_run_checks_block_dims_against_the_models_blocks(tmp_path, tiny_
         assert not (tmp_path / "run").exists()
     cfg = make_config(tiny_sdxl_dir, data, tmp_path / "run", network={"block_dims": [2] * 19})
     assert "SDXL" in dry_run(cfg)
+
+
+def test_an_sdxl_file_recording_a_clip_skip_samples_as_sdxl_reads_prompts(tmp_path, tiny_sdxl_dir):
+    """kohya's SDXL scripts record --clip_skip 2 when given and ignore it; such a file is sampled as trained."""
+    from lorakit.sample import trained_text_settings
+
+    model = load_base_model(tiny_sdxl_dir)
+    network = create_network(model.unet, None, preset="kohya", ranks=UniformRanks(2, 1))
+    path = tmp_path / "kohya_xl.safetensors"
+    save_network(network, path, {"ss_clip_skip": "2", "ss_max_token_length": "150"},
+                 base_model_version="sdxl_base_v1-0")
+    settings, said = trained_text_settings([path])
+    assert settings == {"clip_skip": 1, "max_token_length": 150}
+    check_clip_skip(model, settings["clip_skip"])  # no refusal
