@@ -241,9 +241,9 @@ def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[
         notes.append("sample_prompts: the GUI keeps the prompts in its config; save them in a file (kohya's syntax) "
                      "and --set sample.prompts=FILE")
     # the GUI's SDXL box picks kohya's SDXL script; lorakit tells SDXL by the model, so only its VAE box is kept
-    if gui.pop("sdxl_no_half_vae", False) and gui.pop("sdxl", False):
+    sdxl, sdxl_no_half_vae = gui.pop("sdxl", False), gui.pop("sdxl_no_half_vae", False)
+    if sdxl and sdxl_no_half_vae:
         gui["no_half_vae"] = True
-    gui.pop("sdxl", None)
     extra = gui.pop("additional_parameters", "")
     if not is_off(extra):  # command-line text: numbers as sd-scripts' argument types read them
         gui.update({k: [_number_or_text(k, v) for v in value] if isinstance(value, list) else
