@@ -313,18 +313,18 @@ def open_clip_extras(checkpoint: Mapping[str, torch.Tensor], kept_layers: int, p
 
 
 def text_encoder_from_open_clip(checkpoint: Mapping[str, torch.Tensor], model: torch.nn.Module,
-                                prefix: str = OPEN_CLIP_PREFIX) -> dict[str, torch.Tensor]:
+                                prefix: str = OPEN_CLIP_PREFIX
+                                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The text-encoder tensors of an SD2.x file (SDXL's second encoder: ``prefix``), named as in ``model`` (a
     transformers CLIPTextModel, or CLIPTextModelWithProjection, which keeps the projection), through diffusers'
-    converter; the layers after the model's last and the rest of the contrastive head are left out (see
-    ``open_clip_extras``)."""
+    converter; and apart, under the file's names, the ones ``model`` does not hold (the layers after its last and
+    the rest of the contrastive head: ``open_clip_extras``), which a file written back carries."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
-    kept = model.config.num_hidden_layers
     projected = hasattr(model, "text_projection")
     own = {k: t for k, t in checkpoint.items() if k.startswith(prefix)}
-    ignored = set(open_clip_extras(own, kept, prefix, projected))
-    converted = convert_open_clip_checkpoint(model, {k: t for k, t in own.items() if k not in ignored}, prefix)
+    extras = open_clip_extras(own, model.config.num_hidden_layers, prefix, projected)
+    converted = convert_open_clip_checkpoint(model, {k: t for k, t in own.items() if k not in extras}, prefix)
     wrapped = any(k.startswith("text_model.") for k in model.state_dict())
     out = {}
     for key, tensor in converted.items():
@@ -332,4 +332,4 @@ def text_encoder_from_open_clip(checkpoint: Mapping[str, torch.Tensor], model: t
             continue
         name = key if wrapped else key.removeprefix("text_model.")
         out[name] = tensor
-    return out
+    return out, extras

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -369,21 +368,14 @@ class ModelDescription:
 
     @property
     def family(self) -> str:
-        """"SD1.x", "SD2.x" or "SDXL"."""
-        if (self.configs / "text_encoder_2").is_dir():
-            return "SDXL"
-        settings = json.loads((self.configs / "text_encoder" / "config.json").read_text())
-        try:
-            family = model_family(SimpleNamespace(**settings))
-        except ModelLoadError as e:
-            raise ModelLoadError(f"{self.configs / 'text_encoder'}: {e}") from None
-        return {"sd1": "SD1.x", "sd2": "SD2.x"}[family]
+        """"SD1.x", "SD2.x" or "SDXL", told as a single file's text-encoder layout is (``_config_layout``)."""
+        return {"clip": "SD1.x", "open_clip": "SD2.x", "sdxl": "SDXL"}[_config_layout(self.configs)]
 
 
 def describe_base_model(spec: str | Path | None = None, prediction_type: str | None = None) -> ModelDescription:
     """A base model described without loading any weights: a folder by its own configs, a single file by the
     config lorakit matches it to from its tensor shapes and metadata (its header read once).  Raises
-    ModelLoadError for a model lorakit cannot load (an SDXL file, a missing path).  ``prediction_type`` as the load
+    ModelLoadError for a model lorakit cannot load (an SDXL refiner, a missing path).  ``prediction_type`` as the load
     is told it (an SD2.x single file predicting v is the 768 model)."""
     if spec is None or str(spec) == "builtin":
         return ModelDescription(builtin_model_path())
@@ -692,16 +684,14 @@ def _text_encoders_from_file(checkpoint: dict[str, torch.Tensor], layout: str, f
     text_encoder, second, carried = _on_meta(CLIPTextModel, folder / "text_encoder"), None, {}
     encoders: list[tuple[torch.nn.Module, dict, str]] = []
     if layout == "open_clip":
-        encoders.append((text_encoder, ldm.text_encoder_from_open_clip(checkpoint, text_encoder), "text_encoder"))
-        carried = ldm.open_clip_extras(checkpoint, text_encoder.config.num_hidden_layers)
+        state, carried = ldm.text_encoder_from_open_clip(checkpoint, text_encoder)
+        encoders.append((text_encoder, state, "text_encoder"))
     elif layout == "sdxl":
         encoders.append((text_encoder, ldm.text_encoder_from_ldm(checkpoint, set(text_encoder.state_dict()),
                                                                  ldm.SDXL_CLIP_PREFIX), "text_encoder"))
         encoder_2 = _on_meta(CLIPTextModelWithProjection, folder / "text_encoder_2")
-        encoders.append((encoder_2, ldm.text_encoder_from_open_clip(checkpoint, encoder_2, ldm.SDXL_OPEN_CLIP_PREFIX),
-                         "text_encoder_2"))
-        carried = ldm.open_clip_extras(checkpoint, encoder_2.config.num_hidden_layers, ldm.SDXL_OPEN_CLIP_PREFIX,
-                                       projected=True)
+        state, carried = ldm.text_encoder_from_open_clip(checkpoint, encoder_2, ldm.SDXL_OPEN_CLIP_PREFIX)
+        encoders.append((encoder_2, state, "text_encoder_2"))
         second = (load_clip_tokenizer(folder / "tokenizer_2"), encoder_2)
     else:
         encoders.append((text_encoder, ldm.text_encoder_from_ldm(checkpoint, set(text_encoder.state_dict())),

@@ -452,7 +452,7 @@ def test_sd2_layout_at_full_size_has_sd2_files_names_and_counts():
                        ("positional_embedding", (77, 1024)), ("token_embedding.weight", (49408, 1024)),
                        ("text_projection", (1024, 1024)), ("ln_final.bias", (1024,))):
         assert text[ldm.OPEN_CLIP_PREFIX + key].shape == shape, key
-    assert ldm.text_encoder_from_open_clip(text, te).keys() == te.state_dict().keys() - {
+    assert ldm.text_encoder_from_open_clip(text, te)[0].keys() == te.state_dict().keys() - {
         k for k in te.state_dict() if k.endswith("position_ids")}
     # diffusers' own detection (what from_single_file does without a config) takes the whole file for SD2.x
     from diffusers import AutoencoderKL
