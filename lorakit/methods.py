@@ -40,6 +40,7 @@ from lorakit.embeddings import (
     register_tokens,
     token_names,
 )
+from lorakit.errors import InvalidValueError
 from lorakit.file_kinds import TI_TOKEN_KEY
 from lorakit.formats import (
     AdapterFile,
@@ -50,7 +51,7 @@ from lorakit.formats import (
     write_adapter,
 )
 from lorakit.max_norm import MaxNormReading, apply_max_norm, check_max_norm_supported
-from lorakit.models import BaseModel, save_diffusers_folder, save_single_file_checkpoint
+from lorakit.models import BaseModel, check_sdxl_clip_skip, save_diffusers_folder, save_single_file_checkpoint
 from lorakit.modelspec import as_embedding
 from lorakit.network import AdapterNetwork, UniformRanks, create_network, get_preset, select_targets
 from lorakit.network import components as network_components
@@ -612,10 +613,10 @@ def check_sdxl_settings(cfg: TrainConfig) -> None:
     """Refuse what lorakit does not train on SDXL yet, before any work: the block-wise paper's groups and kohya's
     block learning rates (they read SD1.x's blocks; ``block_dims`` takes SDXL's); and a clip skip, which SDXL has
     not."""
-    if cfg.model.clip_skip != 1:
-        raise ConfigError(f"model.clip_skip = {cfg.model.clip_skip}: SDXL reads each text encoder's penultimate "
-                          "layer, the layers it was trained on, so there is no clip skip to set (kohya's SDXL "
-                          "scripts ignore it); leave it at 1")
+    try:
+        check_sdxl_clip_skip(cfg.model.clip_skip, cfg.model.base)
+    except InvalidValueError as err:  # as the trainer says it (its check_clip_skip)
+        raise ConfigError(f"model.clip_skip: {err}") from None
     net = cfg.network
     given = [key for key in ("blocks", "down_lr_weight", "mid_lr_weight", "up_lr_weight")
              if getattr(net, key) is not None]

@@ -241,12 +241,18 @@ def join_chunk_states(states: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
                      dim=1)
 
 
+def check_sdxl_clip_skip(clip_skip: int, source: str | Path | None = None) -> None:
+    """Refuse a clip skip on SDXL (``source``: the model), which has none to set."""
+    if clip_skip != 1:
+        raise InvalidValueError(f"clip skip {clip_skip}: SDXL ({source or 'the model'}) reads each text encoder's "
+                                "penultimate layer, the layers it was trained on, so there is no clip skip to set "
+                                "(kohya's SDXL scripts ignore it); leave clip_skip at 1")
+
+
 def check_clip_skip(model: BaseModel, clip_skip: int) -> None:
     """Refuse a clip skip the model's text encoder has not the layers for (before any work is done)."""
-    if model.is_sdxl and clip_skip != 1:
-        raise InvalidValueError(f"clip skip {clip_skip}: SDXL ({model.source or 'the model'}) reads each text "
-                                "encoder's penultimate layer, the layers it was trained on, so there is no clip skip "
-                                "to set (kohya's SDXL scripts ignore it); leave clip_skip at 1")
+    if model.is_sdxl:
+        check_sdxl_clip_skip(clip_skip, model.source)
     layers = model.text_encoder.config.num_hidden_layers
     if not 1 <= clip_skip <= layers:
         raise InvalidValueError(f"clip skip {clip_skip}: the text encoder of {model.source or 'the model'} has "

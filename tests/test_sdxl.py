@@ -146,7 +146,7 @@ def test_sdxl_refuses_what_it_does_not_train_yet(sdxl, tmp_path):
     for sections, words in (({"network": {"blocks": "upper"}}, "network.blocks"),
                             ({"network": {"block_dims": [4] * 25}}, "network: block_dims needs 19 values"),
                             ({"network": {"down_lr_weight": "sine"}}, "network.down_lr_weight"),
-                            ({"model": {"clip_skip": 2}}, "model.clip_skip = 2")):
+                            ({"model": {"clip_skip": 2}}, "model.clip_skip: clip skip 2: SDXL")):
         cfg = make_config(Path("unused"), Path("unused"), tmp_path / "out", **sections)
         with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
             make_method(cfg, sdxl)
@@ -459,3 +459,26 @@ def test_an_sdxl_file_recording_a_clip_skip_samples_as_sdxl_reads_prompts(tmp_pa
     settings, said = trained_text_settings([path])
     assert settings == {"clip_skip": 1, "max_token_length": 150}
     check_clip_skip(model, settings["clip_skip"])  # no refusal
+
+
+def test_what_sdxl_refuses_is_said_by_the_command_as_a_user_runs_it(tmp_path, tiny_sdxl_dir):
+    """`lorakit train` in a subprocess: a clip skip on SDXL, and an SDXL refiner given as the model, are one line
+    each, exit 2, before anything is written."""
+    data = write_dataset(tmp_path / "data", n=2)
+    refiner = tmp_path / "sd_xl_refiner.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+               "conditioner.embedders.0.model.positional_embedding": torch.zeros(77, 8),
+               "first_stage_model.encoder.conv_in.weight": torch.zeros(8, 3, 3, 3)}, str(refiner))
+    for model, extra, said in ((tiny_sdxl_dir, ["--clip-skip", "2"],
+                                ("model.clip_skip: clip skip 2: SDXL (",
+                                 "reads each text encoder's penultimate layer")),
+                               (refiner, [], (f"{refiner}: its text conditioning (conditioner.embedders.*) is not "
+                                              "SDXL base's two encoders", "an SDXL refiner"))):
+        out = tmp_path / "run"
+        done = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "--model", str(model), "--data",
+                               str(data), "--out", str(out), *extra], capture_output=True, text=True, cwd=ROOT,
+                              timeout=300)
+        assert done.returncode == 2, done.stderr[-2000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("lorakit train: error: ") and all(part in last for part in said), last
+        assert "Traceback" not in done.stderr and not out.exists()
