@@ -10,6 +10,8 @@ from model_helpers import SD15_TE, build_tiny_text_encoder, build_tiny_unet
 
 # tiny models on 2 shared cores: one thread is ~100x faster than two threads fighting over them
 torch.set_num_threads(1)
+# and so do the `lorakit` commands tests run in child processes (torch would take both cores, beside a busy worker)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # `lorakit train` run in a test process would switch the worker's malloc for the rest of the session (it keeps
 # freed memory for reuse, lorakit.host_memory); tests of that switch run it in child processes of their own
 os.environ.setdefault("LORAKIT_KEEP_FREED_MEMORY", "0")

@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.extended  # 15 s: the benchmark's own harness, not the product (pytest -m extended)
 @pytest.mark.slow
 def test_quick_run_writes_every_field(tmp_path: Path) -> None:
     pytest.importorskip("diffusers")
@@ -67,6 +68,7 @@ def test_quick_run_writes_every_field(tmp_path: Path) -> None:
         assert native["trained_params"] > 10 * lora["trained_params"]
 
 
+@pytest.mark.extended  # 10 s: the benchmark's own harness, not the product (pytest -m extended)
 def test_channels_last_runs_every_variant_in_that_layout(tmp_path: Path) -> None:
     """``--channels-last``: the U-Net, the adapters set up on it and the latents in channels-last layout."""
     pytest.importorskip("diffusers")

@@ -156,6 +156,7 @@ def test_the_trainer_stops_on_the_samples_and_hands_back_the_turning_point(tiny_
         result.summary
 
 
+@pytest.mark.extended  # 20 s: the suite keeps the samples-based stop itself and its resume (pytest -m extended)
 def test_report_mode_records_the_sample_turning_point_without_stopping(tiny_model_dir, tmp_path):
     register_sample_scorer("count-test", lambda path: CountingScorer())
     (tmp_path / "p.toml").write_text(PROMPTS)

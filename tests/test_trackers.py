@@ -197,6 +197,7 @@ def test_tracker_files_of_a_run_that_fails_on_its_first_sample_score_are_the_run
     assert written and all(manifest.owns(p) for p in written)  # an overwrite removes them with the rest
 
 
+@pytest.mark.extended  # 26 s of a killed run; the overwrite rule is tested in test_train_faults (-m extended)
 def test_a_killed_run_owns_its_tracker_files_so_an_overwrite_removes_them(tmp_path, wandb_offline):
     """kill -9 in the middle of a run logging to TensorBoard and W&B (offline): the files the trackers opened were
     recorded as they started and at the epoch's end, so --overwrite removes them and keeps nothing back."""

@@ -97,6 +97,7 @@ def assert_same_run(out: Path, reference) -> None:
     assert mine.keys() == result.keys() and all(torch.equal(mine[k], result[k]) for k in mine)
 
 
+@pytest.mark.extended  # 22 s of a killed run: the suite keeps kill -9 during a save, and the lock (-m extended)
 def test_sigkill_before_the_first_checkpoint_then_resume(data, reference, tmp_path):
     out = tmp_path / "run"
     killed = start_and_signal(train_cmd(data, out), out, after_steps=3, sig=signal.SIGKILL)
@@ -108,6 +109,7 @@ def test_sigkill_before_the_first_checkpoint_then_resume(data, reference, tmp_pa
     assert_same_run(out, reference)
 
 
+@pytest.mark.extended  # 28 s of a killed run: the suite keeps kill -9 during a save, and the lock (-m extended)
 def test_sigkill_after_a_step_checkpoint_resumes_from_it_not_from_the_older_epoch(data, reference, tmp_path):
     """kohya's save_every_n_steps: 12 steps per epoch, a step checkpoint every 7 (only the last kept); killed at
     step 15, the run continues from step 14 (not from epoch 1, whose checkpoint is older) exactly."""
@@ -190,6 +192,7 @@ def test_full_disk_during_a_save_keeps_the_mid_epoch_checkpoint(data, reference,
     assert [r["loss"] for r in log_steps(out)] == reference[0]
 
 
+@pytest.mark.extended  # 43 s: the suite keeps the full disk during a save (pytest -m extended)
 def test_full_disk_while_logging_then_resume(data, reference, tmp_path):
     """The disk fills up in the middle of an epoch, while log.jsonl grows: the step that cannot log goes on
     (in a multi-process run the others would wait for it), the epoch's end stops the run naming the file, the log
