@@ -11,7 +11,7 @@ size_condition``), without images (samples, or a batch that does not say) (h, w,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,3 +66,28 @@ def encode_conditioning(model: BaseModel, texts: list[str], *, weighted: bool = 
     if weights is not None:
         states = apply_weights(states, weights)
     return Conditioning(states, pooled)
+
+
+class ConditioningCache:
+    """Each caption's conditioning, encoded once (kohya's ``cache_text_encoder_outputs``), for a run whose text
+    encoders do not train and whose captions do not change from step to step.
+
+    Every caption is encoded alone, so its row is the same whichever batch asks for it first: a resumed run, whose
+    cache starts empty, trains exactly as a straight one.  Rows stay on the device they were encoded on, without
+    gradients (the encoders are frozen)."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, Conditioning] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def conditioning(self, texts: Sequence[str], encode_one: Callable[[str], Conditioning]) -> Conditioning:
+        """The conditioning of ``texts`` as one batch; ``encode_one`` encodes a caption not seen before."""
+        for text in texts:
+            if text not in self._rows:
+                with torch.no_grad():
+                    self._rows[text] = encode_one(text)
+        rows = [self._rows[text] for text in texts]
+        pooled = None if rows[0].pooled is None else torch.cat([r.pooled for r in rows])
+        return Conditioning(torch.cat([r.states for r in rows]), pooled)

@@ -555,6 +555,9 @@ class TrainConfig:
             raise ConfigError(f"method.native_text_encoder fine-tunes the text encoder in native training, but "
                               f"method.kind is {self.method.kind!r}: adapters train it with "
                               "--set network.train_text_encoder=true")
+        if self.data.cache_text_encoder_outputs and (trains := self.trained_text_encoder_setting()):
+            raise ConfigError(f"data.cache_text_encoder_outputs keeps each caption's encoding, so the text encoders "
+                              f"must not train, but {trains}: turn one of them off")
         if self.method.kind in ("ti", "native"):
             # the network section only shapes adapters: set for textual inversion or native training it would be
             # silently ignored
@@ -565,6 +568,18 @@ class TrainConfig:
                 raise ConfigError(f"method.kind = {self.method.kind!r} trains no adapter, so {', '.join(changed)} "
                                   f"would be ignored: remove them, or use method.kind = {other}")
         return self
+
+    def trained_text_encoder_setting(self) -> str | None:
+        """The setting that makes this run train a text encoder (its embeddings, its weights or an adapter on it),
+        or None when the encoders stay frozen."""
+        method = self.method
+        if method.kind in ("ti", "pivotal"):
+            return f"method.kind = {method.kind!r} trains new token embeddings"
+        if method.kind == "native" and method.native_text_encoder:
+            return "method.native_text_encoder = true"
+        if method.kind == "adapter" and self.network.train_text_encoder:
+            return "network.train_text_encoder = true"
+        return None
 
     def _validate_format(self) -> None:
         """A diffusers-layout result must be writable, checked now rather than after training."""

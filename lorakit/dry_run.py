@@ -64,6 +64,8 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
             data_cfg = replace(cfg.data, reg_data=None)
     data = TrainingData(data_cfg, seed=cfg.training.seed, default_resolution=resolution)
     check_validation(cfg, data)
+    if cfg.data.cache_text_encoder_outputs:
+        data.check_captions_cacheable()
     steps_per_epoch, total = planned_steps(cfg, data)
     capped = total < steps_per_epoch * cfg.training.max_epochs
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import torch
 from accelerate import Accelerator
 
-from lorakit.conditioning import Conditioning, encode_conditioning
+from lorakit.conditioning import Conditioning, ConditioningCache, encode_conditioning
 from lorakit.config import TrainConfig
 from lorakit.data.dataset import Batch
 from lorakit.loss import NoisedBatch, add_training_noise, diffusion_loss, noise_at
@@ -40,18 +40,26 @@ def batch_latents(model: BaseModel, batch: Batch, generator: torch.Generator, st
 
 
 def encode_captions(cfg: TrainConfig, model: BaseModel, text_encoders, captions: list[str],
-                    device: torch.device) -> Conditioning:
+                    device: torch.device, cache: ConditioningCache | None = None) -> Conditioning:
     """The conditioning for training captions; with ``data.weighted_captions`` (kohya's), ``(word:1.2)`` weighs
-    words as in sample prompts (``lorakit.prompt_weights``), else brackets are plain text."""
-    weighted = cfg.data.weighted_captions and any(uses_bracket_syntax(c) for c in captions)
-    return encode_conditioning(model, captions, weighted=weighted, clip_skip=cfg.model.clip_skip,
-                               max_token_length=cfg.model.max_token_length, device=device,
-                               text_encoders=text_encoders)
+    words as in sample prompts (``lorakit.prompt_weights``), else brackets are plain text.  With ``cache``
+    (``data.cache_text_encoder_outputs``) each caption is encoded once, alone, and weighted by its own syntax."""
+    def encode(texts: list[str]) -> Conditioning:
+        weighted = cfg.data.weighted_captions and any(uses_bracket_syntax(c) for c in texts)
+        return encode_conditioning(model, texts, weighted=weighted, clip_skip=cfg.model.clip_skip,
+                                   max_token_length=cfg.model.max_token_length, device=device,
+                                   text_encoders=text_encoders)
+
+    if cache is not None:
+        return cache.conditioning(captions, lambda text: encode([text]))
+    return encode(captions)
 
 
 def prediction_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, batch: Batch, noised: NoisedBatch,
-                    accelerator: Accelerator, unet=None, text_encoders=None) -> torch.Tensor:
-    """The U-Net's prediction for ``noised`` under the batch's captions, and the run's loss of it."""
+                    accelerator: Accelerator, unet=None, text_encoders=None,
+                    captions_cache: ConditioningCache | None = None) -> torch.Tensor:
+    """The U-Net's prediction for ``noised`` under the batch's captions (from ``captions_cache`` when the run keeps
+    one), and the run's loss of it."""
     unet = model.unet if unet is None else unet  # not `or`: a compiled module has no truth value
     device = accelerator.device
     options = cfg.training
@@ -59,7 +67,7 @@ def prediction_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, 
     latents = noised.noisy_latents
     height, width = (side * model.vae_scale_factor for side in latents.shape[-2:])
     with accelerator.autocast():
-        text = encode_captions(cfg, model, text_encoders, captions, device)
+        text = encode_captions(cfg, model, text_encoders, captions, device, captions_cache)
         prediction = unet(latents.to(model.unet.dtype), noised.timesteps, text.states.to(model.unet.dtype),
                           **text.unet_kwargs(height, width, model.unet.dtype, batch.size_conditions)).sample
     return diffusion_loss(prediction, noised, model.noise_scheduler, model.prediction_type, options.min_snr_gamma,
@@ -71,7 +79,8 @@ def prediction_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, 
 
 
 def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, batch: Batch, step: int,
-                 accelerator: Accelerator, unet=None, text_encoders=None) -> torch.Tensor:
+                 accelerator: Accelerator, unet=None, text_encoders=None,
+                 captions_cache: ConditioningCache | None = None) -> torch.Tensor:
     """The loss of one training batch.  ``unet``/``text_encoders``: the modules to run (accelerate's wrappers in
     a distributed run, so gradients are synchronised); default the model's own."""
     generator = torch.Generator().manual_seed(step_seed(cfg.training.seed, step))
@@ -85,11 +94,12 @@ def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, bat
                                 noise_offset_random_strength=options.noise_offset_random_strength,
                                 adaptive_noise_scale=options.adaptive_noise_scale,
                                 ip_noise_gamma_random_strength=options.ip_noise_gamma_random_strength)
-    return prediction_loss(cfg, model, method, batch, noised, accelerator, unet, text_encoders)
+    return prediction_loss(cfg, model, method, batch, noised, accelerator, unet, text_encoders, captions_cache)
 
 
 def validation_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, batches: Iterable[Batch],
-                    accelerator: Accelerator, seed: int, max_batches: int | None = None) -> float | None:
+                    accelerator: Accelerator, seed: int, max_batches: int | None = None,
+                    captions_cache: ConditioningCache | None = None) -> float | None:
     """The held-out images' loss: each batch at each of kohya's ``VALIDATION_TIMESTEPS`` with noise drawn from
     (``seed``, batch) — the same every call, so the values of one run are comparable — without the noise
     augmentations (offset, multi-resolution, input perturbation) or any dropout; the mean over batches and
@@ -109,7 +119,8 @@ def validation_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, 
                 for t in VALIDATION_TIMESTEPS:
                     noised = noise_at(model.noise_scheduler, latents, generator, model.prediction_type, t)
                     with method.scaled(batch.network_multiplier):
-                        losses.append(float(prediction_loss(cfg, model, method, batch, noised, accelerator)))
+                        losses.append(float(prediction_loss(cfg, model, method, batch, noised, accelerator,
+                                                            captions_cache=captions_cache)))
     finally:
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)

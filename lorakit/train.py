@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from lorakit.checkpoint_names import METHOD_KEY
 from lorakit.checkpoints import RunFolder
+from lorakit.conditioning import ConditioningCache
 from lorakit.config import (
     ConfigError,
     TrainConfig,
@@ -135,9 +136,8 @@ def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
             model.vae.to(dtype=low)
         if cfg.method.kind != "native":
             model.unet.to(dtype=low)
-        trains_text_encoder = (cfg.method.kind in ("ti", "pivotal") or cfg.method.native_text_encoder
-                               or (cfg.method.kind == "adapter" and cfg.network.train_text_encoder))
-        if not trains_text_encoder:  # its trained weights stay float32 (mixed precision runs in autocast)
+        # a trained text encoder's weights stay float32 (mixed precision runs in autocast)
+        if cfg.trained_text_encoder_setting() is None:
             for text_encoder in model.text_encoders:
                 text_encoder.to(dtype=low)
     model.to(accelerator.device)
@@ -311,6 +311,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         data = TrainingData(with_class_images(cfg, model, run, is_main, accelerator), seed=cfg.training.seed,
                             default_resolution=model.resolution)
         check_validation(cfg, data)
+        if cfg.data.cache_text_encoder_outputs:
+            data.check_captions_cacheable()
         if is_main and sample_stop is not None and hasattr(sample_stop.scorer, "set_reference"):
             sample_stop.scorer.set_reference(data.trained_image_paths())  # what its samples are compared with
         for dataset in data.datasets:
@@ -412,6 +414,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             run.record_tree("logs")  # the tracker's files as they start: a run killed later still owns them
 
     stop_decision = None
+    # kohya's cache_text_encoder_outputs: each caption encoded once (the settings that forbid it were refused above)
+    captions_cache = ConditioningCache() if cfg.data.cache_text_encoder_outputs else None
     validated: dict[int, float] = {}  # step -> validation loss, this session
     timer = _StepTimer(first_step=step, warmup=3 if cfg.model.compile else 1)  # compiling spans a few steps
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not (progress and is_main))
@@ -421,7 +425,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     def record_validation(at_step: int, at_epoch: int) -> None:
         """The held-out loss now, on its own log line (the main process; steps inside an epoch log it with
         their step's record instead)."""
-        validated[at_step] = _validate(cfg, model, method, data, accelerator)
+        validated[at_step] = _validate(cfg, model, method, data, accelerator, captions_cache)
         run.log({"step": at_step, "epoch": at_epoch, "val_loss": validated[at_step]})
         if tracker_dir is not None:
             accelerator.log({"val_loss": validated[at_step]}, step=at_step)
@@ -471,7 +475,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                     torch.manual_seed(step_seed(cfg.training.seed + 1, step * 1000 + i))  # adapter dropout
                     with method.scaled(batch.network_multiplier):
                         loss = compute_loss(cfg, model, method, batch, step, accelerator, run_unet,
-                                            None if method.text_encoder_stopped else run_text)
+                                            None if method.text_encoder_stopped else run_text, captions_cache)
                     if not torch.isfinite(loss):
                         raise TrainingError(_nan_message(run, step, epoch))
                     accelerator.backward(loss)
@@ -503,7 +507,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                         and step % cfg.training.validate_every_n_steps == 0:
                     with fail_together(accelerator, f"validating at step {step}"):  # the main process measures
                         if is_main:
-                            record["val_loss"] = validated[step] = _validate(cfg, model, method, data, accelerator)
+                            record["val_loss"] = validated[step] = _validate(cfg, model, method, data, accelerator,
+                                                                             captions_cache)
                 if is_main:
                     run.log(record)
                 if tracker_dir is not None:
@@ -678,11 +683,11 @@ def check_validation(cfg: TrainConfig, data: TrainingData) -> None:
 
 
 def _validate(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, data: TrainingData,
-              accelerator: Accelerator) -> float:
+              accelerator: Accelerator, captions_cache: ConditioningCache | None = None) -> float:
     """The held-out images' loss now (the same images, timesteps and noise each time)."""
     seed = next((d.validation_seed for d in data.datasets if d.validation_seed is not None), cfg.training.seed)
     loss = validation_loss(cfg, model, method, data.validation_batches(), accelerator, seed,
-                           cfg.training.max_validation_steps)
+                           cfg.training.max_validation_steps, captions_cache)
     return round(float(loss), 6) if loss is not None else float("nan")
 
 

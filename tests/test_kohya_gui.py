@@ -208,11 +208,14 @@ def test_a_fine_tuning_tab_config_trains_the_image_folder_with_its_captions(tmp_
     assert config_from_kohya(path)[0].data.metadata_file == "/runs/ft/meta_cap.json"
 
 
-@pytest.mark.parametrize(("sdxl", "no_half"), [(True, True), (True, False), (False, True)])
-def test_the_sdxl_boxes_keep_only_their_vae_setting(tmp_path, sdxl, no_half):
-    # lorakit tells SDXL by the model; the GUI passes --no_half_vae for an SDXL run with its box ticked
+@pytest.mark.parametrize(("sdxl", "ticked"), [(True, True), (True, False), (False, True)])
+def test_the_sdxl_boxes_keep_only_their_vae_and_cache_settings(tmp_path, sdxl, ticked):
+    # lorakit tells SDXL by the model; the GUI passes --no_half_vae and --cache_text_encoder_outputs for an SDXL
+    # run with their boxes ticked
     path = tmp_path / "gui.json"
-    path.write_text(json.dumps(gui_config(sdxl=sdxl, sdxl_no_half_vae=no_half, additional_parameters="")))
+    path.write_text(json.dumps(gui_config(sdxl=sdxl, sdxl_no_half_vae=ticked, sdxl_cache_text_encoder_outputs=ticked,
+                                          additional_parameters="")))
     cfg, translation = config_from_kohya(path)
-    assert cfg.model.no_half_vae is (sdxl and no_half)
+    assert cfg.model.no_half_vae is (sdxl and ticked)
+    assert cfg.data.cache_text_encoder_outputs is (sdxl and ticked)
     assert not any("sdxl" in line for line in translation.untranslated), translation.untranslated

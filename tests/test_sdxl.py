@@ -85,6 +85,28 @@ def test_long_and_weighted_prompts_on_sdxl(sdxl):
     torch.testing.assert_close(weighted.pooled, short.pooled)  # the words are the same; the weights scale states
 
 
+def test_cached_text_encoder_outputs_are_the_batchs_own_on_sdxl(sdxl):
+    """kohya's --cache_text_encoder_outputs, as SDXL users run it: states and pooled output of each caption, cached
+    alone and stacked, are the batch's own; a weighted caption keeps its weights beside a plain one."""
+    from lorakit.conditioning import ConditioningCache
+    from lorakit.config import TrainConfig
+    from lorakit.step_loss import encode_captions
+
+    cfg = TrainConfig()
+    cfg.data.weighted_captions = True
+    captions = ["a zkz star", "a (zkz:1.5) star", "a zkz star"]
+    cache = ConditioningCache()
+    cached = encode_captions(cfg, sdxl, None, captions, torch.device("cpu"), cache)
+    assert len(cache) == 2 and cached.pooled.shape == (3, 48)
+    for row, caption in enumerate(captions):
+        alone = encode_captions(cfg, sdxl, None, [caption], torch.device("cpu"))
+        torch.testing.assert_close(cached.states[row:row + 1], alone.states, rtol=0, atol=0)
+        torch.testing.assert_close(cached.pooled[row:row + 1], alone.pooled, rtol=0, atol=0)
+    together = encode_captions(cfg, sdxl, None, captions, torch.device("cpu"))
+    torch.testing.assert_close(cached.states, together.states, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached.pooled, together.pooled, rtol=1e-5, atol=1e-5)
+
+
 def test_adapter_names_are_kohyas_sdxl_names(sdxl):
     network = create_network(sdxl.unet, sdxl.text_encoders, preset="lycoris-full", algorithm="locon",
                              ranks=UniformRanks(2, 1, 2, 1))

@@ -69,7 +69,7 @@ _NOISE_KINDS = {"Original": ("noise_offset", "adaptive_noise_scale", "noise_offs
 GUI_ONLY = ("model_list", "save_as", "save_as_bool", "file_path", "headless", "print_only", "use_shell",
             "num_cpu_threads_per_process", "num_machines", "multi_gpu", "gpu_ids", "main_process_port",
             "dynamo_backend", "dynamo_mode", "dynamo_use_fullgraph", "dynamo_use_dynamic",
-            "extra_accelerate_launch_args", "stop_text_encoder_training_pct", "sdxl_cache_text_encoder_outputs",
+            "extra_accelerate_launch_args", "stop_text_encoder_training_pct",
             "flux1_checkbox", "use_wandb", "log_config", "async_upload")
 
 
@@ -242,8 +242,11 @@ def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[
                      "and --set sample.prompts=FILE")
     # the GUI's SDXL box picks kohya's SDXL script; lorakit tells SDXL by the model, so only its VAE box is kept
     sdxl, sdxl_no_half_vae = gui.pop("sdxl", False), gui.pop("sdxl_no_half_vae", False)
+    sdxl_cache = gui.pop("sdxl_cache_text_encoder_outputs", False)
     if sdxl and sdxl_no_half_vae:
         gui["no_half_vae"] = True
+    if sdxl and sdxl_cache:
+        gui["cache_text_encoder_outputs"] = True
     extra = gui.pop("additional_parameters", "")
     if not is_off(extra):  # command-line text: numbers as sd-scripts' argument types read them
         gui.update({k: [_number_or_text(k, v) for v in value] if isinstance(value, list) else

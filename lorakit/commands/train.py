@@ -126,9 +126,9 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--use-style-template": "--set data.caption_templates=style",
     "--vae-batch-size": "--set data.vae_batch_size=N",
     "--weighted-captions": "--set data.weighted_captions=true",
-    "--cache-text-encoder-outputs": "(not in lorakit: captions are encoded at every step; kohya's SDXL scripts cache "
-                                    "the encoders' outputs to save time when they are not trained)",
-    "--cache-text-encoder-outputs-to-disk": "(not in lorakit: captions are encoded at every step)",
+    "--cache-text-encoder-outputs": "--set data.cache_text_encoder_outputs=true",
+    "--cache-text-encoder-outputs-to-disk": "(not in lorakit: the outputs are cached in memory, "
+                                            "--set data.cache_text_encoder_outputs=true)",
     "--disable-mmap-load-safetensors": "(the default: a loading switch of kohya's SDXL scripts for WSL; it changes "
                                        "nothing trained)",
     "--lowram": "(not in lorakit: no memory mode to switch; the model loads as diffusers loads it)",
@@ -192,8 +192,8 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--fp8-base": "(not in lorakit: the base model runs in --mixed-precision's dtype)",
     "--v2": "(the default: lorakit tells an SD2.x model from an SD1.x one by its text encoder; an SD2.x single "
             "file predicting v also needs --v-parameterization, as in kohya)",
-    "--block-lr": "(not in lorakit: sdxl_train.py's learning rate per U-Net block, for SDXL; lorakit trains SD1.x "
-                  "and SD2.x)",
+    "--block-lr": "(not in lorakit: sdxl_train.py's learning rate per U-Net block in SDXL fine-tuning; lorakit's "
+                  "native training has one U-Net learning rate)",
     "--no-metadata": "(not in lorakit: files always carry their ss_*/modelspec.* metadata, as clients expect)",
     "--metadata-title": "--set output.metadata_title=NAME",
     "--metadata-author": "--set output.metadata_author=NAME",

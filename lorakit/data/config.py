@@ -139,6 +139,9 @@ class DataConfig:
     cache_latents: bool = True
     cache_latents_to_disk: bool = False
     cache_dir: str | None = None
+    #: kohya's cache_text_encoder_outputs: encode each caption once and reuse it (the text encoders must not train,
+    #: and captions must not change from step to step: no shuffle_caption, tag dropout, token warm-up, wildcards)
+    cache_text_encoder_outputs: bool = False
     #: kohya's vae_batch_size: images encoded together when the latents are cached (fewer: less GPU memory)
     vae_batch_size: int = 8
     #: DreamBooth prior preservation, read by the trainer: this many class images, generated from

@@ -16,7 +16,7 @@ import itertools
 import json
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -518,6 +518,23 @@ class TrainingData:
         return mask_tensor(mask)
 
     # ------------------------------------------------------------------------------------------- latents
+    def _folders_where(self, holds: Callable[[int], bool]) -> list[str]:
+        """The folders (sorted) of the records whose index ``holds``: where an option a cache cannot take is set."""
+        return sorted({r.folder for i, r in enumerate(self.records) if holds(i)})
+
+    def check_captions_cacheable(self) -> None:
+        """Refuse ``cache_text_encoder_outputs`` where a folder draws a new caption nearly every step: shuffled
+        tags (n! orders) and tag dropout (2^n subsets) would fill the cache and never hit it.  Whole-caption
+        dropout, wildcards, templates and the token warm-up draw from a few captions each, which it keys by text."""
+        for option, why in (("shuffle_caption", "a new order of tags every step"),
+                            ("caption_tag_dropout_rate", "a new subset of tags every step")):
+            folders = self._folders_where(lambda i, opt=option: bool(self.repeats[i])
+                                          and bool(getattr(self.subset_of(self.records[i]), opt)))
+            if folders:
+                raise DatasetError(f"{option} cannot be used with cached text-encoder outputs ({why}), set in: "
+                                   f"{', '.join(folders)}; turn one of them off "
+                                   "(data.cache_text_encoder_outputs = false)")
+
     def cache_latents(self, vae: torch.nn.Module, directory: str | Path | None = None, vae_id: str | None = None,
                       batch_size: int = 8) -> None:
         """Encode every used (image, flip) once with ``vae`` (a diffusers AutoencoderKL); from now on batches
@@ -533,7 +550,7 @@ class TrainingData:
 
         for option, why in (("random_crop", "a new crop every step"), ("color_aug", "new colors every step"),
                             ("face_crop_aug_range", "a new scale every step")):
-            folders = sorted({r.folder for i, r in enumerate(self.records) if varies(option, i)})
+            folders = self._folders_where(lambda i, opt=option: varies(opt, i))
             if folders:
                 raise DatasetError(f"{option} cannot be used with cached latents ({why}), set in: "
                                    f"{', '.join(folders)}; turn one of them off (cache_latents = false)")
