@@ -392,6 +392,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             print(f"{count(steps_per_epoch, 'step')} per epoch, up to {count(cfg.training.max_epochs, 'epoch')} "
                   f"({count(total_steps, 'step')}); "
                   f"early stopping: {early_stop_text(cfg, meter is not None)}")
+            if cfg.data.cache_text_encoder_outputs:
+                print("text-encoder outputs cached: each caption is encoded once, when first trained on")
             if cfg.model.compile:
                 print(f"the U-Net is compiled (torch.compile, backend {cfg.model.compile_backend}, mode "
                       f"{cfg.model.compile_mode}): the first steps are slow while it compiles")

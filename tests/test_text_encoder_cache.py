@@ -35,7 +35,7 @@ def test_the_cache_encodes_each_caption_once_alone_and_stacks_rows_in_the_batch_
 
 
 def test_a_cached_run_encodes_each_caption_once_and_trains_as_an_uncached_one(tiny_model_dir, tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch, capsys):
     import lorakit.step_loss as step_loss
 
     data = write_dataset(tmp_path / "data", n=4, repeats=2)
@@ -49,8 +49,10 @@ def test_a_cached_run_encodes_each_caption_once_and_trains_as_an_uncached_one(ti
         return real(model, texts, **kwargs)
 
     monkeypatch.setattr(step_loss, "encode_conditioning", spy)
+    capsys.readouterr()
     cached = run_train(make_config(tiny_model_dir, data, tmp_path / "cached",
                                    data={"cache_text_encoder_outputs": True}))
+    assert "text-encoder outputs cached: each caption is encoded once" in capsys.readouterr().out
     assert sorted(t for texts in encoded for t in texts) == captions  # once each, ...
     assert all(len(texts) == 1 for texts in encoded)  # ... alone
     assert len(cached.losses) == len(plain.losses) == 8
