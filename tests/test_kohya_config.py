@@ -247,3 +247,17 @@ def test_a_kohya_fine_tuning_config_trains_on_its_metadata_captions(tiny_model_d
     path.write_text(path.read_text() + "train_text_encoder = true\nlearning_rate_te = 5e-6\n")
     cfg, _ = config_from_kohya(path)
     assert cfg.method.native_text_encoder and cfg.optimizer.text_encoder_lr == 5e-6
+
+
+def test_sdxl_scripts_cache_of_text_encoder_outputs_is_taken_over_with_a_frozen_text_encoder(tmp_path):
+    """sdxl_train_network.py's --cache_text_encoder_outputs, which kohya allows only with network_train_unet_only:
+    lorakit keeps the cache, and refuses it as kohya does, naming both keys, where the text encoder would train."""
+    path = tmp_path / "sdxl.toml"
+    base = 'network_module = "networks.lora"\ncache_text_encoder_outputs = true\n'
+    path.write_text(base + "network_train_unet_only = true\n")
+    cfg, translation = config_from_kohya(path)
+    assert cfg.data.cache_text_encoder_outputs and not cfg.network.train_text_encoder
+    assert not any("cache_text_encoder_outputs" in line for line in translation.untranslated)
+    path.write_text(base)
+    with pytest.raises(ConfigError, match="cache_text_encoder_outputs needs network_train_unet_only = true"):
+        config_from_kohya(path)
