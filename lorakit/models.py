@@ -306,7 +306,8 @@ def model_family(text_encoder_config: Any) -> str:
     if act == "gelu":
         return "sd2"
     raise ModelLoadError(f"a text encoder with hidden_act {act!r} is neither SD1.x's CLIP (quick_gelu) nor SD2.x's "
-                         "OpenCLIP (gelu): lorakit trains SD1.x and SD2.x models")
+                         "OpenCLIP (gelu): lorakit trains SD1.x, SD2.x and SDXL models (SDXL's first encoder is "
+                         "SD1.x's CLIP)")
 
 
 def _assemble(tokenizer, text_encoder, unet, vae, scheduler_config: dict, source: str,
