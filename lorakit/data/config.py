@@ -140,7 +140,7 @@ class DataConfig:
     cache_latents_to_disk: bool = False
     cache_dir: str | None = None
     #: kohya's cache_text_encoder_outputs: encode each caption once and reuse it (the text encoders must not train,
-    #: and captions must not change from step to step: no shuffle_caption, tag dropout, token warm-up, wildcards)
+    #: and tags must be neither shuffled nor dropped; whole-caption dropout, wildcards and the warm-up are kept)
     cache_text_encoder_outputs: bool = False
     #: kohya's vae_batch_size: images encoded together when the latents are cached (fewer: less GPU memory)
     vae_batch_size: int = 8
