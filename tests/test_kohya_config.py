@@ -261,3 +261,15 @@ def test_sdxl_scripts_cache_of_text_encoder_outputs_is_taken_over_with_a_frozen_
     path.write_text(base)
     with pytest.raises(ConfigError, match="cache_text_encoder_outputs needs network_train_unet_only = true"):
         config_from_kohya(path)
+
+
+@pytest.mark.parametrize(("value", "lr", "noted"), [([2e-5, 1e-5], 2e-5, True), ([3e-5], 3e-5, False),
+                                                    ([], None, False)])
+def test_a_list_of_text_encoder_learning_rates_is_read_as_kohyas_sd_networks_read_it(tmp_path, value, lr, noted):
+    """sd-scripts takes --text_encoder_lr as a list (nargs="*"); its SD1.x/SDXL networks use the first value for
+    every text encoder, and lorakit does the same, saying so when the others differ."""
+    path = tmp_path / "kohya.toml"
+    path.write_text(f'network_module = "networks.lora"\ntext_encoder_lr = {json.dumps(value)}\n')
+    cfg, translation = config_from_kohya(path)
+    assert cfg.validate().optimizer.text_encoder_lr == lr
+    assert any("for every text encoder" in note for note in translation.notes) is noted

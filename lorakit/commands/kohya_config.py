@@ -141,6 +141,12 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
             out.set("optimizer.args", args)
     if "optimizer_type" in options:
         out.set("optimizer.optimizer", str(options.pop("optimizer_type")).lower())
+    te_lr = options.get("text_encoder_lr")
+    if isinstance(te_lr, list):  # sd-scripts takes several (nargs="*"); its SD/SDXL networks read the first
+        options["text_encoder_lr"] = te_lr[0] if te_lr else None
+        if len(set(te_lr)) > 1:
+            out.notes.append(f"text_encoder_lr = {te_lr!r}: {te_lr[0]} for every text encoder, as kohya's SD and "
+                             "SDXL networks read it (the other values are for its FLUX/SD3 networks)")
     if "resolution" in options:
         raw = options.pop("resolution")
         try:
