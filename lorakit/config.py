@@ -249,6 +249,8 @@ class TrainingConfig:
     loss_type: str = "l2"
     huber_schedule: str = "snr"
     huber_c: float = 0.1
+    #: kohya's huber_scale: the constant and exponential schedules' c multiplied by it (not the snr schedule's)
+    huber_scale: float = 1.0
 
 
 @dataclass
@@ -464,6 +466,8 @@ class TrainConfig:
              train.huber_schedule),
             (_at_least(train.huber_c, 0, strict=True) and train.huber_c <= 1, "training.huber_c",
              "above 0, at most 1 (kohya's default 0.1)", train.huber_c),
+            (_at_least(train.huber_scale, 0, strict=True), "training.huber_scale", "above 0 (kohya's default 1)",
+             train.huber_scale),
             *[(value is None or _at_least(value, 0, strict=True) and value <= MAX_LEARNING_RATE, f"optimizer.{key}",
                f"a positive number up to {MAX_LEARNING_RATE:g} (typical: 1e-4)", value)
               for key, value in (("learning_rate", opt.learning_rate), ("unet_lr", opt.unet_lr),

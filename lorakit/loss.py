@@ -172,13 +172,14 @@ def check_loss_options(options, prediction_type: str, num_timesteps: int) -> Non
             f"model's, and this model predicts {prediction_type}; leave it off (or set model.prediction_type)")
 
 
-def huber_c(scheduler, timesteps: torch.Tensor, schedule: str, c: float) -> torch.Tensor:
-    """The pseudo-Huber parameter of each sample's timestep."""
+def huber_c(scheduler, timesteps: torch.Tensor, schedule: str, c: float, scale: float = 1.0) -> torch.Tensor:
+    """The pseudo-Huber parameter of each sample's timestep; ``scale`` (kohya's huber_scale) multiplies the constant
+    and exponential schedules, as kohya's does (not the snr schedule)."""
     t = timesteps.float()
     if schedule == "constant":
-        return torch.full_like(t, c)
-    if schedule == "exponential":  # c at the last timestep, 1 at t = 0
-        return torch.exp(math.log(c) * t / scheduler.config.num_train_timesteps)
+        return torch.full_like(t, c * scale)
+    if schedule == "exponential":  # c·scale at the last timestep, scale at t = 0
+        return torch.exp(math.log(c) * t / scheduler.config.num_train_timesteps) * scale
     alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
     sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
     return (1 - c) / (1 + sigmas) ** 2 + c
@@ -206,11 +207,13 @@ def diffusion_loss(prediction: torch.Tensor, batch: NoisedBatch, scheduler, pred
                    min_snr_gamma: float | None = None, is_reg: torch.Tensor | None = None,
                    prior_loss_weight: float = 1.0, debiased: bool = False, loss_type: str = "l2",
                    huber_schedule: str = "snr", huber_c_value: float = 0.1, v_pred_like: float = 0.0,
-                   scale_v_like_noise: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+                   scale_v_like_noise: bool = False, mask: torch.Tensor | None = None,
+                   huber_scale: float = 1.0) -> torch.Tensor:
     """The error per sample (squared, or pseudo-Huber), weighted (Min-SNR, debiased estimation, v-prediction-
     like or ε-prediction-like weighting, prior preservation), averaged over the batch; ``mask``: see
     ``per_sample_loss``."""
-    c = None if loss_type == "l2" else huber_c(scheduler, batch.timesteps, huber_schedule, huber_c_value)
+    c = None if loss_type == "l2" else huber_c(scheduler, batch.timesteps, huber_schedule, huber_c_value,
+                                               huber_scale)
     per_sample = per_sample_loss(prediction, batch.target, loss_type, c, mask)
     weights = torch.ones_like(per_sample)
     if min_snr_gamma:

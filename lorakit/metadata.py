@@ -28,6 +28,7 @@ TRAINING_FIELDS = (
     "bucket_info",
     "prior_loss_weight", "scale_weight_norms", "multires_noise_iterations", "multires_noise_discount",
     "ip_noise_gamma", "debiased_estimation", "max_token_length", "loss_type", "huber_schedule", "huber_c",
+    "huber_scale",
     "v_pred_like_loss", "scale_v_pred_loss_like_noise_pred", "masked_loss",
     "noise_offset_random_strength", "ip_noise_gamma_random_strength", "adaptive_noise_scale",
     "validation_seed", "validation_split", "max_validation_steps", "validate_every_n_epochs",

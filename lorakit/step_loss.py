@@ -73,7 +73,8 @@ def prediction_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, 
     return diffusion_loss(prediction, noised, model.noise_scheduler, model.prediction_type, options.min_snr_gamma,
                           batch.is_reg, options.prior_loss_weight, debiased=options.debiased_estimation_loss,
                           loss_type=options.loss_type, huber_schedule=options.huber_schedule,
-                          huber_c_value=options.huber_c, v_pred_like=options.v_pred_like_loss,
+                          huber_c_value=options.huber_c, huber_scale=options.huber_scale,
+                          v_pred_like=options.v_pred_like_loss,
                           scale_v_like_noise=options.scale_v_pred_loss_like_noise_pred,
                           mask=None if batch.loss_masks is None else batch.loss_masks.to(device))
 

@@ -207,6 +207,7 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
         v_pred_like_loss=cfg.training.v_pred_like_loss or "None",
         scale_v_pred_loss_like_noise_pred=bool(cfg.training.scale_v_pred_loss_like_noise_pred),
         loss_type=cfg.training.loss_type, huber_schedule=cfg.training.huber_schedule, huber_c=cfg.training.huber_c,
+        huber_scale=cfg.training.huber_scale,
         output_name=cfg.output.name, training_comment=cfg.output.comment or "None",
     )
     if data.held_out:  # kohya's names, as it writes them

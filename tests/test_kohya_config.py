@@ -155,6 +155,28 @@ def test_the_kohya_page_shows_the_table_lorakit_uses():
     assert "| `--unet_lr` | `--set optimizer.unet_lr=X` |" in page
 
 
+def test_every_sd_scripts_option_is_translated_or_named_with_its_reason(tmp_path):
+    """A kohya config holds whatever sd-scripts' parsers accept: each of its options (listed from sd-scripts'
+    source in tests/kohya_sd_scripts_options.txt) is a lorakit flag of the same name or has a row in the table, so
+    none is refused as unknown; and a config that sets those that change nothing trained still runs."""
+    from pathlib import Path
+
+    from lorakit.commands.train import FLAGS, KOHYA_OPTIONS
+
+    listed = (Path(__file__).parent / "kohya_sd_scripts_options.txt").read_text().split("\n")
+    options = [line for line in listed if line.startswith("--")]
+    assert len(options) > 200
+    unknown = [o for o in options if (dashed := o.replace("_", "-")) not in KOHYA_OPTIONS and dashed not in FLAGS]
+    assert unknown == []
+    path = tmp_path / "kohya.toml"
+    path.write_text('network_module = "networks.lora"\ndim_from_weights = true\nnetwork_weights = "a.safetensors"\n'
+                    'torch_compile = true\nuse_8bit_adam = true\nhuber_scale = 2.0\nlog_config = true\n')
+    cfg, translation = config_from_kohya(path)
+    assert translation.untranslated == [] and "log_config" in translation.skipped
+    assert cfg.network.dim_from_weights and cfg.model.compile and cfg.optimizer.optimizer == "adamw8bit"
+    assert cfg.training.huber_scale == 2.0
+
+
 def test_a_kohya_textual_inversion_config_trains_an_embedding(tiny_model_dir, tmp_path):
     """train_textual_inversion.py's config: token_string makes it textual inversion, its learning rate the
     embedding's; use_object_template trains on templates instead of the captions, and still trains."""

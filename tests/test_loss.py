@@ -174,6 +174,10 @@ def test_the_pseudo_huber_loss_is_quadratic_for_small_errors_linear_for_large_an
     exponential = huber_c(SCHEDULER, t, "exponential", 0.1)
     assert float(exponential[0]) == 1.0 and float(exponential[-1]) == pytest.approx(0.1, rel=0.01)
     assert torch.equal(huber_c(SCHEDULER, t, "constant", 0.1), torch.full((3,), 0.1))
+    # kohya's huber_scale multiplies the constant and exponential schedules, not the snr one
+    torch.testing.assert_close(huber_c(SCHEDULER, t, "constant", 0.1, 3.0), torch.full((3,), 0.3))
+    torch.testing.assert_close(huber_c(SCHEDULER, t, "exponential", 0.1, 3.0), 3.0 * exponential)
+    assert torch.equal(huber_c(SCHEDULER, t, "snr", 0.1, 3.0), snr)
     latents = _latents()
     batch = add_training_noise(SCHEDULER, latents, torch.Generator().manual_seed(4), "epsilon")
     prediction = batch.target + torch.randn(batch.target.shape, generator=torch.Generator().manual_seed(5))
