@@ -219,3 +219,37 @@ def test_the_sdxl_boxes_keep_only_their_vae_and_cache_settings(tmp_path, sdxl, t
     assert cfg.model.no_half_vae is (sdxl and ticked)
     assert cfg.data.cache_text_encoder_outputs is (sdxl and ticked)
     assert not any("sdxl" in line for line in translation.untranslated), translation.untranslated
+
+
+#: the fields a recent GUI saves for its SD3 and FLUX.1 boxes (bmaltais/kohya_ss test/config/SDXL-Standard-AdamW.json)
+SD3_AND_FLUX_DEFAULTS = {
+    "flux1_checkbox": False, "sd3_checkbox": False, "ae": "", "clip_g": "", "clip_l": "", "t5xxl": "",
+    "apply_t5_attn_mask": False, "blocks_to_swap": 0, "cpu_offload_checkpointing": False, "discrete_flow_shift": 3,
+    "double_blocks_to_swap": 0, "single_blocks_to_swap": 0, "guidance_scale": 3.5, "logit_mean": 0, "logit_std": 1,
+    "mode_scale": 1.29, "model_prediction_type": "sigma_scaled", "timestep_sampling": "sigma", "split_mode": False,
+    "t5xxl_dtype": "bf16", "t5xxl_device": "", "t5xxl_max_token_length": 512, "sd3_text_encoder_batch_size": 1,
+    "weighting_scheme": "logit_normal", "train_blocks": "all", "mem_eff_save": False, "save_clip": False,
+    "save_t5xxl": False, "flux1_cache_text_encoder_outputs": False, "sd3_cache_text_encoder_outputs": False,
+}
+
+
+def test_an_sdxl_dreambooth_config_of_a_recent_gui_is_taken_over_whole(tmp_path):
+    """A recent GUI saves its SD3 and FLUX.1 fields in every config and passes them to sd-scripts only with their
+    box ticked; its SDXL DreamBooth tab passes one learning rate per text encoder (learning_rate_te1/te2), not
+    learning_rate_te.  Ticked, the SD3/FLUX.1 boxes are refused by name."""
+    path = tmp_path / "sdxl_db.json"
+    path.write_text(json.dumps(dreambooth_tab(sdxl=True, sdxl_no_half_vae=True, learning_rate_te="5e-7",
+                                              learning_rate_te1="1e-5", learning_rate_te2="1e-5",
+                                              huber_scale=1, **SD3_AND_FLUX_DEFAULTS)))
+    cfg, translation = config_from_kohya(path)
+    assert translation.untranslated == [], translation.untranslated
+    assert (cfg.method.kind, cfg.optimizer.text_encoder_lr, cfg.model.no_half_vae) == ("native", 1e-5, True)
+    path.write_text(json.dumps(dreambooth_tab(sdxl=True, learning_rate_te1="1e-5", learning_rate_te2="2e-5")))
+    assert any(line.startswith("learning_rate_te2 = 2e-05: lorakit trains both SDXL text encoders at one rate")
+               for line in config_from_kohya(path)[1].untranslated)
+    path.write_text(json.dumps(dreambooth_tab(learning_rate_te1="1e-5", learning_rate_te2="2e-5")))  # SD1.x: unused
+    assert config_from_kohya(path)[0].optimizer.text_encoder_lr == 5e-7
+    for box, family in (("flux1_checkbox", "FLUX.1"), ("sd3_checkbox", "SD3")):
+        path.write_text(json.dumps(gui_config(**{**SD3_AND_FLUX_DEFAULTS, box: True})))
+        with pytest.raises(ConfigError, match=f"a {family} config"):
+            config_from_kohya(path)

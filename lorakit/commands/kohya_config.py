@@ -141,6 +141,13 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
             out.set("optimizer.args", args)
     if "optimizer_type" in options:
         out.set("optimizer.optimizer", str(options.pop("optimizer_type")).lower())
+    if "learning_rate_te2" in options:  # sdxl_train.py's second encoder: lorakit has one rate for both
+        te1, te2 = options.get("learning_rate_te1"), options.pop("learning_rate_te2")
+        if is_off(te1) and not is_off(te2):
+            options["learning_rate_te1"] = te2
+        elif not is_off(te2) and te2 != te1:
+            out.untranslated.append(f"learning_rate_te2 = {te2!r}: lorakit trains both SDXL text encoders at one "
+                                    f"rate (learning_rate_te1 = {te1!r}); give them the same value")
     te_lr = options.get("text_encoder_lr")
     if isinstance(te_lr, list):  # sd-scripts takes several (nargs="*"); its SD/SDXL networks read the first
         options["text_encoder_lr"] = te_lr[0] if te_lr else None

@@ -70,7 +70,17 @@ GUI_ONLY = ("model_list", "save_as", "save_as_bool", "file_path", "headless", "p
             "num_cpu_threads_per_process", "num_machines", "multi_gpu", "gpu_ids", "main_process_port",
             "dynamo_backend", "dynamo_mode", "dynamo_use_fullgraph", "dynamo_use_dynamic",
             "extra_accelerate_launch_args", "stop_text_encoder_training_pct",
-            "flux1_checkbox", "use_wandb", "log_config", "async_upload")
+            "use_wandb", "log_config", "async_upload")
+#: the GUI's SD3 and FLUX.1 fields: it passes them to sd-scripts only with its SD3 or FLUX.1 box ticked
+SD3_FIELDS = ("clip_g", "clip_g_dropout_rate", "sd3_clip_l_dropout_rate", "sd3_enable_scaled_pos_embed", "logit_mean",
+              "logit_std", "mode_scale", "pos_emb_random_crop_rate", "save_clip", "save_t5xxl", "sd3_t5_dropout_rate",
+              "t5xxl_device", "t5xxl_dtype", "sd3_text_encoder_batch_size", "weighting_scheme",
+              "sd3_cache_text_encoder_outputs", "sd3_cache_text_encoder_outputs_to_disk", "sd3_fused_backward_pass")
+FLUX_FIELDS = ("ae", "clip_l", "t5xxl", "flux1_clip_l", "flux1_t5xxl", "discrete_flow_shift", "model_prediction_type",
+               "timestep_sampling", "split_mode", "t5xxl_max_token_length", "guidance_scale", "mem_eff_save",
+               "apply_t5_attn_mask", "cpu_offload_checkpointing", "blocks_to_swap", "single_blocks_to_swap",
+               "double_blocks_to_swap", "flux1_cache_text_encoder_outputs",
+               "flux1_cache_text_encoder_outputs_to_disk", "flux_fused_backward_pass", "t5xxl_lr", "train_blocks")
 
 
 def is_gui_config(table: dict[str, Any]) -> bool:
@@ -176,7 +186,12 @@ def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[
     """The sd-scripts options a kohya_ss GUI config launches with; (options, GUI keys skipped, notes on what
     lorakit cannot take over)."""
     gui = {key: _number_or_text(key, value) for key, value in gui.items()}
-    skipped = [k for k in GUI_ONLY if k in gui]
+    for box, family in (("flux1_checkbox", "FLUX.1"), ("sd3_checkbox", "SD3")):
+        if gui.get(box):
+            raise ConfigError(f"{path}: a {family} config (the GUI's {family} box is ticked); lorakit trains SD1.x, "
+                              "SD2.x and SDXL models")
+    # the GUI's own state, and the fields it passes only for SD3 and FLUX.1
+    skipped = [k for k in (*GUI_ONLY, "flux1_checkbox", "sd3_checkbox", *SD3_FIELDS, *FLUX_FIELDS) if k in gui]
     for key in skipped:
         gui.pop(key)
     dreambooth_tab = "LoRA_type" not in gui and "token_string" not in gui
@@ -243,6 +258,9 @@ def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[
     # the GUI's SDXL box picks kohya's SDXL script; lorakit tells SDXL by the model, so only its VAE box is kept
     sdxl, sdxl_no_half_vae = gui.pop("sdxl", False), gui.pop("sdxl_no_half_vae", False)
     sdxl_cache = gui.pop("sdxl_cache_text_encoder_outputs", False)
+    # the DreamBooth tab's text-encoder learning rates: one for SD1.x/2.x, one per encoder for SDXL
+    for key in ("learning_rate_te1", "learning_rate_te2") if not sdxl else ("learning_rate_te",):
+        gui.pop(key, None)
     if sdxl and sdxl_no_half_vae:
         gui["no_half_vae"] = True
     if sdxl and sdxl_cache:
