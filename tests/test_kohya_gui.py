@@ -253,3 +253,22 @@ def test_an_sdxl_dreambooth_config_of_a_recent_gui_is_taken_over_whole(tmp_path)
         path.write_text(json.dumps(gui_config(**{**SD3_AND_FLUX_DEFAULTS, box: True})))
         with pytest.raises(ConfigError, match=f"a {family} config"):
             config_from_kohya(path)
+
+
+def test_an_sdxl_textual_inversion_config_keeps_what_kohyas_sdxl_script_uses(tmp_path):
+    """bmaltais/kohya_ss test/config/TI-AdamW8bit-SDXL.json's quirks: a clip skip of 2, which kohya's SDXL scripts
+    ignore (lorakit would refuse it on SDXL), is left out and said; text boxes the GUI saved as "False"
+    (huggingface_repo_id, metadata_author) are empty, not an upload to a repository named False."""
+    path = tmp_path / "ti_sdxl.json"
+    tab = {key: value for key, value in gui_config().items() if key not in ("LoRA_type", "LyCORIS_preset")}
+    path.write_text(json.dumps({**tab, "token_string": "zxc", "init_word": "*", "num_vectors_per_token": 8,
+                                "template": "style template", "sdxl": True, "clip_skip": 2,
+                                "huggingface_repo_id": "False", "resume_from_huggingface": "False",
+                                "metadata_author": "False"}))
+    cfg, translation = config_from_kohya(path)
+    assert (cfg.method.kind, cfg.method.ti_vectors, cfg.model.clip_skip) == ("ti", 8, 1)
+    assert cfg.output.metadata_author is None
+    assert not any("huggingface" in line for line in translation.untranslated), translation.untranslated
+    assert translation.notes == ["clip_skip = 2: left out, as kohya's SDXL scripts ignore it"]
+    path.write_text(json.dumps({**tab, "token_string": "zxc", "clip_skip": 2}))  # SD1.x: kept
+    assert config_from_kohya(path)[0].model.clip_skip == 2

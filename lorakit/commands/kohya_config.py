@@ -258,12 +258,13 @@ def config_from_kohya(path: str | Path) -> tuple[TrainConfig, KohyaTranslation]:
     from lorakit.commands.kohya_gui import gui_to_kohya, is_gui_config
 
     path = Path(path)
-    table, gui_skipped, gui_notes = read_kohya_file(path), [], []
+    table, gui_skipped, gui_notes, gui_said = read_kohya_file(path), [], [], []
     if is_gui_config(table):  # the kohya_ss GUI's saved config: the options it would launch sd-scripts with
-        table, gui_skipped, gui_notes = gui_to_kohya(table, path)
+        table, gui_skipped, gui_notes, gui_said = gui_to_kohya(table, path)
     translation = translate(table, path)
     translation.skipped += gui_skipped
     translation.untranslated += gui_notes
+    translation.notes += gui_said
     cfg = TrainConfig()
     merge_into(cfg, translation.settings, f"{path} (kohya config)")
     return cfg, translation

@@ -103,7 +103,10 @@ _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 def _number_or_text(key: str, value: Any) -> Any:
-    """A number the GUI saved as a string, as the number; any other value as it is."""
+    """A number the GUI saved as a string, as the number; "False" (which some GUI versions save in empty text
+    boxes, e.g. ``huggingface_repo_id``) as off; any other value as it is."""
+    if value == "False":
+        return False
     if not isinstance(value, str) or key in _TEXT_FIELDS or key.endswith(("_dir", "_path", "_file")) \
             or not _NUMBER.match(value.strip()):
         return value
@@ -182,9 +185,9 @@ def _fine_tuning_tab(gui: dict[str, Any]) -> None:
     gui["train_text_encoder"] = bool(gui.get("train_text_encoder"))
 
 
-def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[str], list[str]]:
+def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[str], list[str], list[str]]:
     """The sd-scripts options a kohya_ss GUI config launches with; (options, GUI keys skipped, notes on what
-    lorakit cannot take over)."""
+    lorakit cannot take over, notes on what it takes over otherwise than the GUI would)."""
     gui = {key: _number_or_text(key, value) for key, value in gui.items()}
     for box, family in (("flux1_checkbox", "FLUX.1"), ("sd3_checkbox", "SD3")):
         if gui.get(box):
@@ -265,9 +268,12 @@ def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[
         gui["no_half_vae"] = True
     if sdxl and sdxl_cache:
         gui["cache_text_encoder_outputs"] = True
+    said = []  # taken over differently from the GUI: said, not refused
+    if sdxl and not is_off(gui.get("clip_skip")) and gui["clip_skip"] != 1:  # lorakit refuses it on SDXL
+        said.append(f"clip_skip = {gui.pop('clip_skip')!r}: left out, as kohya's SDXL scripts ignore it")
     extra = gui.pop("additional_parameters", "")
     if not is_off(extra):  # command-line text: numbers as sd-scripts' argument types read them
         gui.update({k: [_number_or_text(k, v) for v in value] if isinstance(value, list) else
                     _number_or_text(k, value) for k, value in _extra_options(str(extra), path).items()})
     options.update(gui)
-    return options, skipped, notes
+    return options, skipped, notes, said
