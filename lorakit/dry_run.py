@@ -105,6 +105,8 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
                  f" = {count(total, 'step')}" + (f" (training.max_steps {cfg.training.max_steps})" if capped else "")
                  + f"; early stopping: {early_stop_text(cfg, cfg.method.kind != 'ti')}")
     lines.append(_checkpoints_line(cfg, steps_per_epoch, total))
+    if cfg.data.cache_text_encoder_outputs:
+        lines.append("text-encoder outputs cached: each caption is encoded once, when first trained on")
     if cfg.early_stop.samples and cfg.early_stop.mode != "off":
         lines.append(sample_stop_line(cfg))
     if data.warnings:

@@ -126,3 +126,5 @@ def test_the_command_refuses_a_shuffled_cache_before_anything_is_written(tiny_mo
                                                        "cache_text_encoder_outputs": True})
     with pytest.raises(DatasetError, match="shuffle_caption cannot be used with cached text-encoder outputs"):
         dry_run(cfg)
+    cfg.data.shuffle_caption = False
+    assert "text-encoder outputs cached: each caption is encoded once" in dry_run(cfg)
