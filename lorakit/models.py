@@ -611,11 +611,19 @@ def detect_architecture(checkpoint: dict[str, torch.Tensor], path: str | Path = 
                          + "\n".join(lines))
 
 
+#: ModelSpec's ``modelspec.prediction_type`` (kohya writes it in the models it saves) as diffusers names it
+_MODELSPEC_PREDICTIONS = {"v": "v_prediction", "epsilon": "epsilon"}
+
+
 def _file_prediction_type(checkpoint: dict, metadata: dict[str, str], given: str | None) -> str | None:
-    """What a single file predicts: as the user says, else as lorakit's metadata or the community's marker
+    """What a single file predicts: as the user says, else as lorakit's metadata, its ModelSpec entries
+    (``modelspec.prediction_type``, or an architecture ``stable-diffusion-v2-768-v``) or the community's marker
     tensor says (see ``_SCHEDULE_MARKERS``); None when nothing says."""
+    spec = _MODELSPEC_PREDICTIONS.get(metadata.get("modelspec.prediction_type", "").strip().lower())
+    if spec is None and metadata.get("modelspec.architecture", "").startswith("stable-diffusion-v2-768-v"):
+        spec = "v_prediction"
     marked = "v_prediction" if _SCHEDULE_MARKERS["v_prediction"] in checkpoint else None
-    return given or metadata.get("lorakit_prediction_type") or marked
+    return given or metadata.get("lorakit_prediction_type") or spec or marked
 
 
 def _config_folder(found: str, prediction_type: str | None) -> Path:

@@ -526,6 +526,18 @@ def test_an_sd2_file_that_does_not_say_what_it_predicts_loads_as_the_512_model_a
     with caplog.at_level(logging.WARNING, logger="lorakit.models"):
         assert load_base_model(marked).resolution == 96
     assert "does not say" not in caplog.text
+    # ModelSpec entries, as kohya writes them in the models it saves, say it too
+    tensors = read_checkpoint(path)[0]
+    for metadata, predicts in (({"modelspec.prediction_type": "v"}, "v_prediction"),
+                               ({"modelspec.architecture": "stable-diffusion-v2-768-v"}, "v_prediction"),
+                               ({"modelspec.prediction_type": "epsilon"}, "epsilon")):
+        spec_file = tmp_path / "sd21-spec.safetensors"
+        save_file(tensors, str(spec_file), metadata=metadata)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lorakit.models"):
+            assert load_base_model(spec_file).prediction_type == predicts
+        assert "does not say" not in caplog.text
+        assert not models.describe_base_model(spec_file).unsaid_sd2_prediction
     # said before the run too: the dry run reads the same header
     def unsaid(spec, prediction_type=None) -> bool:
         return models.describe_base_model(spec, prediction_type).unsaid_sd2_prediction

@@ -191,7 +191,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--full-fp16": "(not in lorakit: trained weights stay fp32; --mixed-precision fp16 runs the model in fp16)",
     "--fp8-base": "(not in lorakit: the base model runs in --mixed-precision's dtype)",
     "--v2": "(the default: lorakit tells an SD2.x model from an SD1.x one by its text encoder; an SD2.x single "
-            "file predicting v also needs --v-parameterization, as in kohya)",
+            "file predicting v whose metadata does not say so also needs --v-parameterization, as in kohya)",
     "--block-lr": "(not in lorakit: sdxl_train.py's learning rate per U-Net block in SDXL fine-tuning; lorakit's "
                   "native training has one U-Net learning rate)",
     "--no-metadata": "(not in lorakit: files always carry their ss_*/modelspec.* metadata, as clients expect)",
