@@ -5,6 +5,7 @@
     python benchmarks/train_step.py --width full --resolution 256   # CPU: SD1.5's own width, 32x32 latents
     python benchmarks/train_step.py --keep-freed-memory   # malloc as `lorakit train` sets it (lorakit.host_memory)
     python benchmarks/train_step.py --device cuda --resolution 512 --dtype bf16 --compile   # full width on a GPU
+    python benchmarks/train_step.py --family sdxl         # SDXL 1.0 base's U-Net layout (its size conditioning too)
 
 Variants (``--variants`` picks a subset by name):
 
@@ -94,16 +95,40 @@ _LORAKIT_ALGORITHM = {"lora": "lora", "dora": "lora", "locon": "lora", "loha": "
 
 #: block channels of SD1.5's U-Net layout (4 levels, 2 layers per block, cross-attention at the first three)
 WIDTHS = {"half": (160, 320, 640, 640), "full": (320, 640, 1280, 1280)}
+#: block channels of SDXL 1.0 base's U-Net (3 levels; 1, 2 and 10 transformer layers per block at the last two)
+SDXL_WIDTHS = {"half": (160, 320, 640), "full": (320, 640, 1280)}
+SDXL_UNET_CONFIG = Path(__file__).resolve().parents[1] / "lorakit" / "configs" / "sdxl" / "unet" / "config.json"
+#: the U-Net families the benchmark builds (--family)
+FAMILIES = ("sd15", "sdxl")
 
 
-def unet_config(quick: bool, width: str = "half") -> dict[str, Any]:
+def unet_config(quick: bool, width: str = "half", family: str = "sd15") -> dict[str, Any]:
     """SD1.5's U-Net layout at ``width`` ("full" is SD1.5's own U-Net, 860M parameters; "half" a quarter of
-    its arithmetic, what the CPU tables use); ``quick``: the same layout, tiny."""
+    its arithmetic, what the CPU tables use), or SDXL 1.0 base's (``family`` "sdxl": its config as lorakit ships
+    it, 2.6B parameters at full width); ``quick``: the same layout, tiny."""
+    if family == "sdxl":
+        if quick:  # SDXL's levels, linear projections and size conditioning, tiny
+            return {"block_out_channels": (16, 32, 32), "layers_per_block": 1, "norm_num_groups": 8,
+                    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    "transformer_layers_per_block": (1, 1, 2), "attention_head_dim": (2, 2, 4),
+                    "cross_attention_dim": 64, "use_linear_projection": True, "addition_embed_type": "text_time",
+                    "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 6 * 8 + 16}
+        config = {k: v for k, v in json.loads(SDXL_UNET_CONFIG.read_text()).items() if not k.startswith("_")}
+        return {**config, "block_out_channels": SDXL_WIDTHS[width]}
     if quick:
         return {"block_out_channels": (16, 16, 32, 32), "layers_per_block": 1, "norm_num_groups": 8,
                 "cross_attention_dim": 32, "attention_head_dim": 2}
     return {"block_out_channels": WIDTHS[width], "layers_per_block": 2, "norm_num_groups": 32,
             "cross_attention_dim": 768, "attention_head_dim": 8}
+
+
+def pooled_width(config: dict[str, Any]) -> int | None:
+    """SDXL's pooled text embedding width (the second encoder's projection, 1280) that the U-Net's size
+    conditioning takes beside six size numbers; None for a U-Net without it (SD1.x/2.x)."""
+    if config.get("addition_embed_type") != "text_time":
+        return None
+    return config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
 
 
 def build_unet(config: dict[str, Any], device: str, dtype: torch.dtype) -> nn.Module:
@@ -121,14 +146,23 @@ class Batch:
     timesteps: torch.Tensor
     text: torch.Tensor
     target: torch.Tensor
+    extra: dict[str, Any] = field(default_factory=dict)  # SDXL's added_cond_kwargs (pooled text, size numbers)
 
 
-def make_batch(batch: int, side: int, cross_dim: int, device: str, dtype: torch.dtype) -> Batch:
+def make_batch(batch: int, side: int, cross_dim: int, device: str, dtype: torch.dtype,
+               pooled: int | None = None) -> Batch:
+    """Random latents, text states and targets; with ``pooled`` (SDXL), the size conditioning too."""
     g = torch.Generator().manual_seed(batch)
     latents = torch.randn(batch, 4, side, side, generator=g).to(device, dtype)
+    extra = {}
+    if pooled is not None:
+        pixels = side * 8
+        extra = {"added_cond_kwargs": {
+            "text_embeds": torch.randn(batch, pooled, generator=g).to(device, dtype),
+            "time_ids": torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]] * batch, device=device, dtype=dtype)}}
     return Batch(latents, torch.full((batch,), 500, device=device),
                  torch.randn(batch, 77, cross_dim, generator=g).to(device, dtype),
-                 torch.randn(batch, 4, side, side, generator=g).to(device, dtype))
+                 torch.randn(batch, 4, side, side, generator=g).to(device, dtype), extra)
 
 
 # ---- setting up one variant ----------------------------------------------------------------------------------
@@ -298,7 +332,7 @@ def make_step(model: Callable[..., Any], batch: Batch, params: list[nn.Parameter
 
     def step() -> None:
         with autocast():
-            out = model(latents, batch.timesteps, batch.text).sample
+            out = model(latents, batch.timesteps, batch.text, **batch.extra).sample
         F.mse_loss(out.float(), batch.target.float()).backward()
         if optimizer is not None:
             optimizer.step()
@@ -431,6 +465,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the U-Net's weights (adapters train in float32 under autocast)")
     parser.add_argument("--resolution", type=int, default=None,
                         help="image side in pixels; latents are 1/8 (default: 128, i.e. 16x16 latents; quick: 64)")
+    parser.add_argument("--family", choices=FAMILIES, default="sd15",
+                        help="the U-Net's layout: SD1.5's (default) or SDXL 1.0 base's")
     parser.add_argument("--width", choices=sorted(WIDTHS), default=None,
                         help="U-Net width (default: half on the CPU, full, i.e. SD1.5's own U-Net, elsewhere)")
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
@@ -478,17 +514,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     variants = [known[n] for n in wanted] if wanted else [v for v in VARIANTS if available(v)]
     batches = [int(b) for b in args.batches.split(",") if b]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    config = unet_config(args.quick, args.width)
+    config = unet_config(args.quick, args.width, args.family)
     unet = build_unet(config, args.device, dtype)
     side = args.resolution // 8
     clock, memory = Clock(args.device), PeakMemory(args.device)
     raw: dict[tuple[str, int], list[dict[str, Any]]] = {(v.name, b): [] for v in variants for b in batches}
     started = time.perf_counter()
     for b in batches:
-        batch = make_batch(b, side, config["cross_attention_dim"], args.device, dtype)
+        batch = make_batch(b, side, config["cross_attention_dim"], args.device, dtype, pooled_width(config))
         if args.channels_last:
             batch = Batch(*(t.to(memory_format=torch.channels_last) if t.dim() == 4 else t
-                            for t in (batch.latents, batch.timesteps, batch.text, batch.target)))
+                            for t in (batch.latents, batch.timesteps, batch.text, batch.target)), batch.extra)
         for r in range(args.rounds):
             k = r % len(variants)  # rotate the order: no variant always runs first or after the same one
             for v in variants[k:] + variants[:k]:
@@ -502,7 +538,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "latent_side": side, "batches": batches, "rounds": args.rounds, "steps": args.steps,
                            "warmup": args.warmup, "compile": args.compile,
                            "channels_last": args.channels_last, "threads": args.threads,
-                           "quick": args.quick, "width": args.width,
+                           "quick": args.quick, "width": args.width, "family": args.family,
                            "keep_freed_memory": args.keep_freed_memory, "rank": RANK, "alpha": ALPHA,
                            "lokr_factor": LOKR_FACTOR,
                            "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},

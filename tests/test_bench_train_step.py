@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,6 +96,30 @@ def test_width_is_sd15s_own_on_a_gpu_and_half_on_the_cpu() -> None:
     assert train_step.parse_args(["--device", "cuda", "--width", "half"]).width == "half"
     assert train_step.unet_config(False, "full")["block_out_channels"] == (320, 640, 1280, 1280)  # SD1.5's
     assert train_step.unet_config(False)["block_out_channels"] == (160, 320, 640, 640)
+
+
+def test_the_sdxl_family_is_sdxl_bases_unet_with_its_size_conditioning() -> None:
+    """``--family sdxl``: SDXL 1.0 base's U-Net config as lorakit ships it (at half width on the CPU), and batches
+    that carry the pooled text embedding and six size numbers it is conditioned on; a tiny one runs a step."""
+    from diffusers import UNet2DConditionModel
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_step
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    full, half = train_step.unet_config(False, "full", "sdxl"), train_step.unet_config(False, "half", "sdxl")
+    assert (full["block_out_channels"], full["cross_attention_dim"]) == ((320, 640, 1280), 2048)
+    assert full["transformer_layers_per_block"] == [1, 2, 10] and half["block_out_channels"] == (160, 320, 640)
+    assert train_step.pooled_width(full) == 1280 and train_step.pooled_width(train_step.unet_config(False)) is None
+    assert train_step.parse_args(["--family", "sdxl"]).family == "sdxl"
+    tiny = train_step.unet_config(True, family="sdxl")
+    batch = train_step.make_batch(2, 8, tiny["cross_attention_dim"], "cpu", torch.float32,
+                                  train_step.pooled_width(tiny))
+    assert batch.extra["added_cond_kwargs"]["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
+    unet = UNet2DConditionModel(**tiny)
+    out = unet(batch.latents, batch.timesteps, batch.text, **batch.extra).sample
+    assert out.shape == batch.target.shape
 
 
 def test_the_gpu_script_runs_the_benchmark_with_the_issues_settings(tmp_path: Path) -> None:
