@@ -131,7 +131,7 @@ def test_every_kohya_translation_is_an_option_or_a_setting_that_exists():
                      "data.caption_suffix": "best quality",
                      "output.metadata_title": "My style",
                      "output.metadata_author": "me", "output.metadata_description": "a style",
-                     "method.ti_init_word": "dog",
+                     "method.ti_init_word": "dog", "model.compile_backend": "inductor",
                      "output.metadata_license": "CreativeML Open RAIL-M", "output.metadata_tags": "style, paint"}
             example = {"NAME": names.get(dotted), "N": "2", "X": "0.1", "true": "true", ".EXT": ".caption",
                        "{KEY = VALUE}": "{factor = 8}",
@@ -141,7 +141,8 @@ def test_every_kohya_translation_is_an_option_or_a_setting_that_exists():
                      "training.adaptive_noise_scale": [("training.noise_offset", "0.1")],
                      "training.ip_noise_gamma_random_strength": [("training.ip_noise_gamma", "0.1")],
                      "training.save_last_n_steps": [("training.save_every_n_steps", "2")],  # what they change
-                     "method.ti_weights": [("method.kind", "ti"), ("method.ti_token", "zkz")]}  # what they start
+                     "method.ti_weights": [("method.kind", "ti"), ("method.ti_token", "zkz")],  # what they start
+                     "network.dim_from_weights": [("network.weights", "start.safetensors")]}
             for needed in needs.get(dotted, []):
                 set_option(cfg, *needed)
             set_option(cfg, dotted, example.get(value, value))
