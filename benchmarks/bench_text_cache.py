@@ -5,9 +5,10 @@ Run on demand:
     python benchmarks/bench_text_cache.py                       # SD1.5's and SDXL's encoders, batch 1 and 4
     python benchmarks/bench_text_cache.py --family sd15 --unet  # also an SD1.5 U-Net step, for the share
 
-The encoders are built from their configs with random weights (SD1.5's CLIP ViT-L/14 text model; SDXL's, from
-``lorakit/configs/sdxl``: CLIP-L and OpenCLIP bigG with its projection), on the CPU in float32, and run as the
-trainer runs them (all hidden states kept, 77 tokens).  ``--unet``: an SD1.5 U-Net forward and backward at
+The encoders are built from the configs lorakit ships (``lorakit/configs/sd15``: CLIP ViT-L/14's text model;
+``lorakit/configs/sdxl``: CLIP-L and OpenCLIP bigG with its projection) with random weights, on the CPU in float32,
+and run as the trainer runs them (all hidden states kept, 77 tokens).  ``--unet``: an SD1.5 U-Net (its shipped
+config) forward and backward at
 ``--resolution`` (random weights, the input's gradient only), the floor the encoding adds to.  Every number printed
 comes from this one run; the variants are interleaved so machine noise hits all alike.
 """
@@ -27,18 +28,18 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from lorakit.conditioning import Conditioning, ConditioningCache
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lorakit" / "configs"
-#: SD1.5's text encoder (openai/clip-vit-large-patch14's text model), as its config.json says
-SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768)
+
+
+def config_file(family: str, part: str) -> Path:
+    """A shipped component config: ``lorakit/configs/<family>/<part>/config.json``."""
+    return CONFIGS / family / part / "config.json"
 
 
 def encoders(family: str) -> list[torch.nn.Module]:
+    first = CLIPTextModel(CLIPTextConfig.from_json_file(config_file(family, "text_encoder")))
     if family == "sd15":
-        return [CLIPTextModel(CLIPTextConfig(**SD15_TEXT))]
-    first = CLIPTextModel(CLIPTextConfig.from_json_file(CONFIGS / "sdxl" / "text_encoder" / "config.json"))
-    second = CLIPTextModelWithProjection(
-        CLIPTextConfig.from_json_file(CONFIGS / "sdxl" / "text_encoder_2" / "config.json"))
-    return [first, second]
+        return [first]
+    return [first, CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(config_file(family, "text_encoder_2")))]
 
 
 def encode(modules: list[torch.nn.Module], ids: torch.Tensor) -> Conditioning:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.unet:
         from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel(cross_attention_dim=768)
+        unet = UNet2DConditionModel.from_config(json.loads(config_file("sd15", "unet").read_text()))
         unet.requires_grad_(False)
         side = args.resolution // 8
         latents = torch.randn(1, 4, side, side, requires_grad=True)

@@ -17,7 +17,7 @@ from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import TrainingData
 from lorakit.methods import block_dims_rule, check_sdxl_settings
 from lorakit.models import describe_base_model
-from lorakit.run_messages import count, early_stop_text, opening_line
+from lorakit.run_messages import TEXT_CACHE_LINE, count, early_stop_text, opening_line
 from lorakit.trackers import check_tracker
 from lorakit.train import (
     check_paths,
@@ -106,7 +106,7 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
                  + f"; early stopping: {early_stop_text(cfg, cfg.method.kind != 'ti')}")
     lines.append(_checkpoints_line(cfg, steps_per_epoch, total))
     if cfg.data.cache_text_encoder_outputs:
-        lines.append("text-encoder outputs cached: each caption is encoded once, when first trained on")
+        lines.append(TEXT_CACHE_LINE)
     if cfg.early_stop.samples and cfg.early_stop.mode != "off":
         lines.append(sample_stop_line(cfg))
     if data.warnings:

@@ -20,6 +20,10 @@ _ALGORITHM_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "(IA)
 _CONV_PRESETS = ("full", "lycoris-full")
 
 
+#: said by the run and its dry run when data.cache_text_encoder_outputs is on
+TEXT_CACHE_LINE = "text-encoder outputs cached: each caption is encoded once, when first trained on"
+
+
 def count(n: int, noun: str) -> str:
     """'1 epoch', '3 epochs': a count with its noun in the right number."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

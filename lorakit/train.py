@@ -60,7 +60,14 @@ from lorakit.optimizers import OPTIMIZERS, adaptive_lr_note
 from lorakit.prior import ensure_class_images
 from lorakit.prompt_weights import plain_text
 from lorakit.run_manifest import RunManifest
-from lorakit.run_messages import count, early_stop_text, estimate_line, next_steps, opening_line
+from lorakit.run_messages import (
+    TEXT_CACHE_LINE,
+    count,
+    early_stop_text,
+    estimate_line,
+    next_steps,
+    opening_line,
+)
 from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
 from lorakit.step_loss import compute_loss, step_seed, validation_loss
 from lorakit.trackers import (
@@ -394,7 +401,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                   f"({count(total_steps, 'step')}); "
                   f"early stopping: {early_stop_text(cfg, meter is not None)}")
             if cfg.data.cache_text_encoder_outputs:
-                print("text-encoder outputs cached: each caption is encoded once, when first trained on")
+                print(TEXT_CACHE_LINE)
             if cfg.model.compile:
                 print(f"the U-Net is compiled (torch.compile, backend {cfg.model.compile_backend}, mode "
                       f"{cfg.model.compile_mode}): the first steps are slow while it compiles")
