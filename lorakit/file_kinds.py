@@ -112,11 +112,12 @@ def check_adapter_path(path: str | os.PathLike) -> None:
     that cannot be read at all are left to the adapter reader, whose errors say why)."""
     path = Path(path)
     if path.is_dir():
-        what = "a diffusers model folder" if (path / "model_index.json").is_file() else "a folder"
+        if (path / "model_index.json").is_file():
+            raise NotAnAdapterError(f"{path}: a diffusers model folder, not an adapter; use it as --model")
         results = sorted(path.glob("*.safetensors")) if (path / "config.toml").is_file() else []
         hint = f" (a lorakit run: its result is {results[0]})" if len(results) == 1 else \
             (f" (a lorakit run: its results are {', '.join(str(r) for r in results)})" if results else "")
-        raise NotAnAdapterError(f"{path}: is {what}, not a file; give one adapter .safetensors file{hint}")
+        raise NotAnAdapterError(f"{path}: is a folder, not a file; give one adapter .safetensors file{hint}")
     if not path.is_file():
         return
     try:

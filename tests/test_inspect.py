@@ -172,6 +172,22 @@ def test_a_run_folder_given_as_an_adapter_names_the_file_to_give(tmp_path, capsy
                                     f".safetensors file (a lorakit run: its result is {run / 'lorakit.safetensors'})")
 
 
+@pytest.mark.parametrize("command", [["sample", "--prompt", "x", "--out", "{out}"], ["merge", "--out", "{out}"],
+                                     ["resize", "--rank", "2", "--out", "{out}.st"], ["eval", "--out", "{out}"]])
+def test_a_diffusers_model_folder_given_as_an_adapter_is_said_to_go_to_model(tmp_path, capsys, command):
+    """`lorakit merge MODEL lora.safetensors --out merged` (kohya's merge script takes the model first): the
+    folder is named as a model, and the flag it belongs to with it."""
+    model = tmp_path / "sd15"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    name, *options = command
+    assert main([name, str(model), *(o.format(out=tmp_path / "out") for o in options)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"lorakit {name}: error: {model}: a diffusers model folder, not an adapter; " \
+                                   "use it as --model"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.st").exists()
+
+
 def test_a_module_of_an_unknown_algorithm_lists_a_few_of_its_keys(tmp_path):
     from lorakit.formats import AdapterFile, AdapterFileError, load_network
 

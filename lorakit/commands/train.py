@@ -221,10 +221,10 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--initial-step": "(not in lorakit: a run starts at its first step, or resumes its own folder with --resume)",
     "--skip-until-initial-step": "(not in lorakit: a run resumes its own folder where it stopped, --resume)",
     "--save-n-epoch-ratio": "(not in lorakit: --set training.save_every_n_epochs=N, N = epochs / the ratio)",
-    "--base-weights": "(not in lorakit: merge the files into the model first, lorakit merge MODEL FILE:MULT "
+    "--base-weights": "(not in lorakit: merge the files into the model first, lorakit merge --model MODEL FILE:MULT "
                       "--out MERGED, and train on MERGED)",
-    "--base-weights-multiplier": "(not in lorakit: merge with the multiplier first, lorakit merge MODEL FILE:MULT "
-                                 "--out MERGED)",
+    "--base-weights-multiplier": "(not in lorakit: merge with the multiplier first, lorakit merge --model MODEL "
+                                 "FILE:MULT --out MERGED)",
     "--lr-decay-steps": "(not in lorakit: for schedules lorakit lacks, such as warmup_stable_decay)",
     "--lr-scheduler-min-lr-ratio": "(not in lorakit: for schedules lorakit lacks, such as cosine_with_min_lr)",
     "--lr-scheduler-timescale": "(not in lorakit: for a schedule lorakit lacks, inverse_sqrt)",
