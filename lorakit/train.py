@@ -272,7 +272,9 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     _reset_accelerate_settings()
     check_tracker(cfg.output.log_with)
     tracker_dir = logging_dir(cfg.output.log_with, cfg.output.logging_dir, Path(cfg.output.dir))
-    accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision,
+    # the schedule is stepped here once per optimizer step: accelerate's own stepping would advance it once per
+    # process, so that a schedule set in optimizer steps ended halfway through a 2-process run
+    accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision, step_scheduler_with_optimizer=False,
                               gradient_accumulation_steps=cfg.optimizer.gradient_accumulation_steps,
                               cpu=not torch.cuda.is_available(), log_with=tracker_names(cfg.output.log_with) or None,
                               project_dir=None if tracker_dir is None else str(tracker_dir))
@@ -493,7 +495,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                         accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                     cfg.optimizer.max_grad_norm)
                     optimizer.step()
-                    lr_schedule.step()
+                    if accelerator.sync_gradients and not optimizer.step_was_skipped:  # fp16: an overflow skips it
+                        lr_schedule.step()
                     optimizer.zero_grad(set_to_none=True)
                 if not accelerator.sync_gradients:
                     continue

@@ -61,7 +61,8 @@ def test_two_processes_train_one_synchronised_adapter(tiny_model_dir, tmp_path, 
     # one image held out for validation, measured by the main process every step while the other waits; the
     # main process saves a checkpoint every step too (mid-epoch: the other waits at the next step)
     job.write_text(f'[model]\nbase = "{tiny_model_dir}"\n[data]\ntrain_data = "{data}"\nbatch_size = 1\n'
-                   f'validation_split = 0.2\n[network]\nrank = 2\n[training]\nmax_epochs = 2\n'
+                   f'validation_split = 0.2\n[network]\nrank = 2\n[optimizer]\nlr_scheduler = "linear"\n'
+                   f'learning_rate = 1e-3\n[training]\nmax_epochs = 2\n'
                    f'validate_every_n_steps = 1\nsave_every_n_steps = 1\n[early_stop]\nmode = "off"\n'
                    f'[output]\ndir = "{out}"\n')
     metas = launch_two_processes(tmp_path, job, *script_args)
@@ -69,6 +70,9 @@ def test_two_processes_train_one_synchronised_adapter(tiny_model_dir, tmp_path, 
     assert all(m["steps"] == "4" for m in metas)  # 4 images trained, batch 1, 2 processes: 2 steps per epoch
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "val_loss" in r] == [0, 1, 2, 3, 4]  # the base model's first, then each step
+    # the schedule counts optimizer steps, as in one process: linear decay over the run's 4 steps (accelerate
+    # steps a prepared schedule once per process; it ended at step 2 of 4)
+    assert [r["lr"] for r in log if "loss" in r] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "epoch-0001", "epoch-0002", "step-00000001", "step-00000003"]  # epoch ends are the epochs' checkpoints
     a, b = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
