@@ -183,13 +183,30 @@ class OptimizerConfig:
     args: dict = field(default_factory=dict)
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
-    lr_scheduler: str = "constant"  # diffusers' schedule names: constant, constant_with_warmup, cosine, linear...
-    #: kohya's lr_scheduler_num_cycles: the restarts of "cosine_with_restarts"
+    #: the schedule by name (kohya's): constant, constant_with_warmup, linear, cosine, cosine_with_restarts,
+    #: polynomial, piecewise_constant (its step_rules in lr_scheduler_args), cosine_with_min_lr, warmup_stable_decay,
+    #: inverse_sqrt (lorakit.schedules)
+    lr_scheduler: str = "constant"
+    #: kohya's lr_scheduler_num_cycles: the restarts of "cosine_with_restarts" (half-cosines of cosine_with_min_lr
+    #: and warmup_stable_decay, as kohya passes it)
     lr_scheduler_num_cycles: int = 1
     #: kohya's lr_scheduler_power: the power of "polynomial" (1: linear decay)
     lr_scheduler_power: float = 1.0
     #: warmup steps, or (kohya's float below 1) that share of the run's steps
     lr_warmup_steps: int | float = 0
+    #: kohya's lr_decay_steps: warmup_stable_decay's decay, in steps or (below 1) a share of the run's steps
+    lr_decay_steps: int | float = 0
+    #: kohya's lr_scheduler_min_lr_ratio: the smallest rate of cosine_with_min_lr and warmup_stable_decay, as a
+    #: share of the first
+    lr_scheduler_min_lr_ratio: float | None = None
+    #: kohya's lr_scheduler_timescale: inverse_sqrt's timescale (default: the warm-up steps, or 10000)
+    lr_scheduler_timescale: int | None = None
+    #: kohya's lr_scheduler_type: a schedule of torch.optim.lr_scheduler by class name (e.g.
+    #: "CosineAnnealingWarmRestarts"), instead of lr_scheduler; its arguments in lr_scheduler_args
+    lr_scheduler_type: str = ""
+    #: kohya's lr_scheduler_args: more keyword arguments of the schedule, e.g. {T_0 = 100} or
+    #: {step_rules = "1:10,0.1"}
+    lr_scheduler_args: dict = field(default_factory=dict)
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1
 
@@ -353,14 +370,13 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check every value that is wrong whatever the data, before anything is loaded or written (raises
         ConfigError naming the key).  Names are checked against the tables that define them."""
-        from diffusers.optimization import SchedulerType
-
         from lorakit.adapters import ALGORITHMS, ALIASES
         from lorakit.data.discovery import MAX_REPEATS
         from lorakit.loss import HUBER_SCHEDULES, LOSS_TYPES, PREDICTION_TYPES
         from lorakit.metadata import TOKEN_LENGTHS
         from lorakit.network import PRESETS
         from lorakit.optimizers import OPTIMIZERS
+        from lorakit.schedules import SCHEDULES, check_schedule
         from lorakit.trackers import ALL as ALL_TRACKERS
         from lorakit.trackers import TRACKERS
 
@@ -473,8 +489,8 @@ class TrainConfig:
               for key, value in (("learning_rate", opt.learning_rate), ("unet_lr", opt.unet_lr),
                                  ("text_encoder_lr", opt.text_encoder_lr), ("ti_lr", opt.ti_lr))],
             (opt.optimizer in OPTIMIZERS, "optimizer.optimizer", f"one of {one_of(OPTIMIZERS)}", opt.optimizer),
-            (opt.lr_scheduler in [t.value for t in SchedulerType], "optimizer.lr_scheduler",
-             f"one of {one_of(t.value for t in SchedulerType)}", opt.lr_scheduler),
+            (opt.lr_scheduler in SCHEDULES, "optimizer.lr_scheduler", f"one of {one_of(SCHEDULES)}",
+             opt.lr_scheduler),
             (_positive_int(opt.lr_scheduler_num_cycles), "optimizer.lr_scheduler_num_cycles",
              "a positive integer (the restarts of cosine_with_restarts)", opt.lr_scheduler_num_cycles),
             (_at_least(opt.lr_scheduler_power, 0, strict=True), "optimizer.lr_scheduler_power",
@@ -484,6 +500,17 @@ class TrainConfig:
             (_at_least(opt.weight_decay, 0), "optimizer.weight_decay", "0 or more", opt.weight_decay),
             (_warmup_ok(opt.lr_warmup_steps), "optimizer.lr_warmup_steps",
              "a whole number of steps, or a share of the steps below 1 (0.1: the first 10%)", opt.lr_warmup_steps),
+            (_warmup_ok(opt.lr_decay_steps), "optimizer.lr_decay_steps",
+             "a whole number of steps, or a share of the steps below 1 (0.1: the last 10%)", opt.lr_decay_steps),
+            (opt.lr_scheduler_min_lr_ratio is None or _at_least(opt.lr_scheduler_min_lr_ratio, 0)
+             and opt.lr_scheduler_min_lr_ratio <= 1, "optimizer.lr_scheduler_min_lr_ratio",
+             "a share of the first rate from 0 to 1 (e.g. 0.1)", opt.lr_scheduler_min_lr_ratio),
+            (opt.lr_scheduler_timescale is None or _positive_int(opt.lr_scheduler_timescale),
+             "optimizer.lr_scheduler_timescale", "a positive number of steps", opt.lr_scheduler_timescale),
+            (isinstance(opt.lr_scheduler_type, str), "optimizer.lr_scheduler_type",
+             "a class name of torch.optim.lr_scheduler, or \"\" (none)", opt.lr_scheduler_type),
+            (isinstance(opt.lr_scheduler_args, dict), "optimizer.lr_scheduler_args",
+             "a table of keyword arguments, e.g. {T_0 = 100}", opt.lr_scheduler_args),
             (_at_least(opt.max_grad_norm, 0), "optimizer.max_grad_norm", "0 or more (0: no clipping)",
              opt.max_grad_norm),
             (_positive_int(opt.gradient_accumulation_steps), "optimizer.gradient_accumulation_steps",
@@ -525,6 +552,7 @@ class TrainConfig:
             raise ConfigError(str(e)) from e
         self._validate_blocks()
         self._validate_format()
+        check_schedule(self.optimizer)  # a wrong schedule name or argument, said before anything loads
         if train.noise_offset and train.multires_noise_iterations:  # as kohya refuses them together
             raise ConfigError("training.noise_offset and training.multires_noise_iterations both change the noise's "
                               "low frequencies: use one of them")

@@ -21,7 +21,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import broadcast_object_list
-from diffusers.optimization import get_scheduler
 from tqdm import tqdm
 
 from lorakit.checkpoint_names import METHOD_KEY
@@ -34,7 +33,6 @@ from lorakit.config import (
     missing_paths,
     resume_changes,
     to_toml,
-    warmup_steps,
     with_absolute_paths,
 )
 from lorakit.data import DataConfig, TrainingData
@@ -69,6 +67,7 @@ from lorakit.run_messages import (
     opening_line,
 )
 from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
+from lorakit.schedules import build_lr_schedule
 from lorakit.step_loss import compute_loss, step_seed, validation_loss
 from lorakit.trackers import (
     WANDB_RUN_FILE,
@@ -190,7 +189,8 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
         unet_lr=cfg.optimizer.unet_lr or cfg.optimizer.learning_rate,
         text_encoder_lr=cfg.optimizer.text_encoder_lr or cfg.optimizer.learning_rate,
         epoch=epoch, steps=step, max_train_epochs=cfg.training.max_epochs, seed=cfg.training.seed,
-        lr_scheduler=cfg.optimizer.lr_scheduler, optimizer=cfg.optimizer.optimizer,
+        # the schedule that ran: a torch schedule by its class (kohya writes its --lr_scheduler, unused then)
+        lr_scheduler=cfg.optimizer.lr_scheduler_type or cfg.optimizer.lr_scheduler, optimizer=cfg.optimizer.optimizer,
         noise_offset=cfg.training.noise_offset,
         min_snr_gamma=str(cfg.training.min_snr_gamma),  # kohya writes "None" when it is off
         prior_loss_weight=cfg.training.prior_loss_weight, mixed_precision=cfg.model.mixed_precision,
@@ -344,10 +344,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         data.count_steps(total_steps, accelerator.num_processes * cfg.optimizer.gradient_accumulation_steps)
 
         optimizer = build_optimizer(method.param_groups(), cfg)
-        lr_schedule = get_scheduler(cfg.optimizer.lr_scheduler, optimizer,
-                                    num_warmup_steps=warmup_steps(cfg.optimizer.lr_warmup_steps, total_steps),
-                                    num_training_steps=total_steps, num_cycles=cfg.optimizer.lr_scheduler_num_cycles,
-                                    power=cfg.optimizer.lr_scheduler_power)
+        lr_schedule = build_lr_schedule(cfg.optimizer, optimizer, total_steps)
         unet_lr = cfg.optimizer.unet_lr or cfg.optimizer.learning_rate
         monitor = None
         meter = method.cs_meter()

@@ -132,6 +132,7 @@ def test_every_kohya_translation_is_an_option_or_a_setting_that_exists():
                      "output.metadata_title": "My style",
                      "output.metadata_author": "me", "output.metadata_description": "a style",
                      "method.ti_init_word": "dog", "model.compile_backend": "inductor",
+                     "optimizer.lr_scheduler_type": "CosineAnnealingWarmRestarts",
                      "output.metadata_license": "CreativeML Open RAIL-M", "output.metadata_tags": "style, paint"}
             example = {"NAME": names.get(dotted), "N": "2", "X": "0.1", "true": "true", ".EXT": ".caption",
                        "{KEY = VALUE}": "{factor = 8}",
@@ -142,10 +143,18 @@ def test_every_kohya_translation_is_an_option_or_a_setting_that_exists():
                      "training.ip_noise_gamma_random_strength": [("training.ip_noise_gamma", "0.1")],
                      "training.save_last_n_steps": [("training.save_every_n_steps", "2")],  # what they change
                      "method.ti_weights": [("method.kind", "ti"), ("method.ti_token", "zkz")],  # what they start
-                     "network.dim_from_weights": [("network.weights", "start.safetensors")]}
+                     "network.dim_from_weights": [("network.weights", "start.safetensors")],
+                     # the schedule settings' own schedules (a warm-up is refused with the default, constant)
+                     "optimizer.lr_warmup_steps": [("optimizer.lr_scheduler", "cosine")],
+                     "optimizer.lr_decay_steps": [("optimizer.lr_scheduler", "warmup_stable_decay")],
+                     "optimizer.lr_scheduler_min_lr_ratio": [("optimizer.lr_scheduler", "cosine_with_min_lr")],
+                     "optimizer.lr_scheduler_timescale": [("optimizer.lr_scheduler", "inverse_sqrt")],
+                     "optimizer.lr_scheduler_type": [("optimizer.lr_scheduler_args", "{T_0 = 10}")],
+                     "optimizer.lr_scheduler_args": [("optimizer.lr_scheduler_type", "StepLR")]}
+            own = {"optimizer.lr_scheduler_args": "{step_size = 10}"}  # StepLR's
             for needed in needs.get(dotted, []):
                 set_option(cfg, *needed)
-            set_option(cfg, dotted, example.get(value, value))
+            set_option(cfg, dotted, own.get(dotted, example.get(value, value)))
             cfg.validate()
         elif several:
             assert len(lorakit_says.split(" --set ")) > 1  # each checked above

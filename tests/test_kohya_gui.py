@@ -272,3 +272,18 @@ def test_an_sdxl_textual_inversion_config_keeps_what_kohyas_sdxl_script_uses(tmp
     assert translation.notes == ["clip_skip = 2: left out, as kohya's SDXL scripts ignore it"]
     path.write_text(json.dumps({**tab, "token_string": "zxc", "clip_skip": 2}))  # SD1.x: kept
     assert config_from_kohya(path)[0].model.clip_skip == 2
+
+
+def test_a_warm_up_with_the_constant_schedule_is_left_out_as_the_gui_leaves_it_out(tmp_path):
+    """The GUI drops the warm-up with the constant schedule ("Can't use LR warmup with LR Scheduler constant...
+    ignoring"); lorakit refuses that pair from a lorakit or sd-scripts config, so from a GUI config it is left out
+    and said."""
+    path = tmp_path / "constant.json"
+    path.write_text(json.dumps(gui_config(lr_scheduler="constant", lr_warmup=10)))
+    cfg, translation = config_from_kohya(path)
+    assert (cfg.optimizer.lr_scheduler, cfg.optimizer.lr_warmup_steps) == ("constant", 0)
+    assert translation.notes == ["lr_warmup = 10: left out, as the GUI leaves a warm-up out with the constant "
+                                 "schedule (constant_with_warmup warms up)"]
+    cfg.validate()
+    path.write_text(json.dumps(gui_config(lr_scheduler="constant_with_warmup", lr_warmup=10)))
+    assert config_from_kohya(path)[0].optimizer.lr_warmup_steps == 0.1

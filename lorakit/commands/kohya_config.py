@@ -98,7 +98,7 @@ def read_kohya_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not a readable kohya config: {err}") from None
     flat: dict[str, Any] = {}
     for key, value in table.items():  # sd-scripts also accepts its options grouped in tables
-        if isinstance(value, dict) and key not in ("network_args", "optimizer_args"):
+        if isinstance(value, dict) and key not in ("network_args", "optimizer_args", "lr_scheduler_args"):
             flat.update(value)
         else:
             flat[key] = value
@@ -139,6 +139,10 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
         args = _pairs(options.pop("optimizer_args") or [], "optimizer_args", path)
         if args:
             out.set("optimizer.args", args)
+    if "lr_scheduler_args" in options:  # ["T_0=100", ...] as kohya reads them (Python literals)
+        args = _pairs(options.pop("lr_scheduler_args") or [], "lr_scheduler_args", path)
+        if args:
+            out.set("optimizer.lr_scheduler_args", args)
     if "optimizer_type" in options:
         out.set("optimizer.optimizer", str(options.pop("optimizer_type")).lower())
     if "learning_rate_te2" in options:  # sdxl_train.py's second encoder: lorakit has one rate for both

@@ -269,6 +269,11 @@ def gui_to_kohya(gui: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[
     if sdxl and sdxl_cache:
         gui["cache_text_encoder_outputs"] = True
     said = []  # taken over differently from the GUI: said, not refused
+    if gui.get("lr_scheduler") == "constant" and not is_off(gui.get("lr_warmup_steps")):
+        given = f"lr_warmup = {warmup!r}" if not is_off(warmup) else f"lr_warmup_steps = {gui['lr_warmup_steps']!r}"
+        gui.pop("lr_warmup_steps")
+        said.append(f"{given}: left out, as the GUI leaves a warm-up out with the constant schedule "
+                    "(constant_with_warmup warms up)")
     if sdxl and not is_off(gui.get("clip_skip")) and gui["clip_skip"] != 1:  # lorakit refuses it on SDXL
         said.append(f"clip_skip = {gui.pop('clip_skip')!r}: left out, as kohya's SDXL scripts ignore it")
     extra = gui.pop("additional_parameters", "")

@@ -183,8 +183,8 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--debug-dataset": "--dry-run",
     "--save-model-as": "(the default: safetensors, the only format lorakit writes; a native run as a diffusers "
                         "folder: --format diffusers)",
-    "--lr-scheduler-type": "(not in lorakit: diffusers' schedules by name, --set optimizer.lr_scheduler=NAME)",
-    "--lr-scheduler-args": "(not in lorakit: diffusers' schedules by name, --set optimizer.lr_scheduler=NAME)",
+    "--lr-scheduler-type": "--set optimizer.lr_scheduler_type=NAME",
+    "--lr-scheduler-args": "--set 'optimizer.lr_scheduler_args={KEY = VALUE}'",
     "--lr-scheduler-num-cycles": "--set optimizer.lr_scheduler_num_cycles=N",
     "--lr-scheduler-power": "--set optimizer.lr_scheduler_power=X",
     "--full-bf16": "(not in lorakit: trained weights stay fp32; --mixed-precision bf16 runs the model in bf16)",
@@ -225,9 +225,9 @@ KOHYA_OPTIONS: dict[str, str] = {
                       "--out MERGED, and train on MERGED)",
     "--base-weights-multiplier": "(not in lorakit: merge with the multiplier first, lorakit merge --model MODEL "
                                  "FILE:MULT --out MERGED)",
-    "--lr-decay-steps": "(not in lorakit: for schedules lorakit lacks, such as warmup_stable_decay)",
-    "--lr-scheduler-min-lr-ratio": "(not in lorakit: for schedules lorakit lacks, such as cosine_with_min_lr)",
-    "--lr-scheduler-timescale": "(not in lorakit: for a schedule lorakit lacks, inverse_sqrt)",
+    "--lr-decay-steps": "--set optimizer.lr_decay_steps=N",
+    "--lr-scheduler-min-lr-ratio": "--set optimizer.lr_scheduler_min_lr_ratio=X",
+    "--lr-scheduler-timescale": "--set optimizer.lr_scheduler_timescale=N",
     "--text-encoder-batch-size": "(the default: captions are encoded with their training batch, or one at a time "
                                  "when cached)",
     "--cache-info": "(not in lorakit: images are listed from their folders at every start)",
