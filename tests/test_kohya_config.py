@@ -295,3 +295,24 @@ def test_a_list_of_text_encoder_learning_rates_is_read_as_kohyas_sd_networks_rea
     cfg, translation = config_from_kohya(path)
     assert cfg.validate().optimizer.text_encoder_lr == lr
     assert any("for every text encoder" in note for note in translation.notes) is noted
+
+
+def test_save_n_epoch_ratio_and_full_bf16_are_taken_over_as_kohya_runs_them(tmp_path, tiny_model_dir):
+    """save_n_epoch_ratio: kohya saves every floor(epochs / ratio) epochs (at least 1), whatever
+    save_every_n_epochs says; full_bf16 with an adapter: the model in bf16 and the adapter's small weights in fp32,
+    said; with native fine-tuning, whose weights are the whole model, it stays refused."""
+    path = kohya_file(tmp_path, tiny_model_dir, "kohya.toml",
+                      'network_module = "networks.lora"\nnetwork_train_unet_only = true\nmax_train_epochs = 10\n'
+                      'save_every_n_epochs = 1\nsave_n_epoch_ratio = 3\nmixed_precision = "bf16"\nfull_bf16 = true\n')
+    cfg, translation = config_from_kohya(path)
+    assert cfg.training.save_every_n_epochs == 3 and cfg.model.mixed_precision == "bf16"
+    assert translation.untranslated == []
+    assert any(n.startswith("full_bf16 = true: the model runs in bf16") for n in translation.notes), translation.notes
+    path.write_text(path.read_text().replace("save_n_epoch_ratio = 3", "save_n_epoch_ratio = 20"))
+    assert config_from_kohya(path)[0].training.save_every_n_epochs == 1  # floor(10 / 20) or 1
+    path.write_text(path.read_text().replace("max_train_epochs = 10\n", ""))
+    assert any(u.startswith("save_n_epoch_ratio = 20: it divides max_train_epochs, which this config does not set")
+               for u in config_from_kohya(path)[1].untranslated)
+    native = kohya_file(tmp_path / "db", tiny_model_dir, "db.toml", 'full_bf16 = true\nmixed_precision = "bf16"\n')
+    assert any(u.startswith("full_bf16 = True: not in lorakit for native fine-tuning")
+               for u in config_from_kohya(native)[1].untranslated)

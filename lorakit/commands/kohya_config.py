@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,21 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
     if te_only:
         out.set("network.train_unet", False)
 
+    ratio = options.pop("save_n_epoch_ratio", None)
+    if not is_off(ratio):  # kohya: save_every_n_epochs = floor(epochs / ratio) or 1, whatever it was set to
+        epochs = options.get("max_train_epochs")
+        if is_off(epochs):
+            out.untranslated.append(f"save_n_epoch_ratio = {ratio!r}: it divides max_train_epochs, which this config "
+                                    "does not set; give training.save_every_n_epochs")
+        else:
+            options.pop("save_every_n_epochs", None)
+            out.set("training.save_every_n_epochs", math.floor(int(epochs) / float(ratio)) or 1)
+    for key, dtype in (("full_bf16", "bf16"), ("full_fp16", "fp16")):
+        if not native and not is_off(options.get(key)):  # native fine-tuning: refused below, by its table row
+            options.pop(key)
+            out.notes.append(f"{key} = true: the model runs in {dtype} (mixed_precision) and the trained weights and "
+                             "their optimizer state stay fp32, as lorakit keeps them (an adapter's are small beside "
+                             "the model)")
     saved_as = str(options.pop("save_model_as", "") or "")
     if saved_as == "diffusers" and native:  # DreamBooth / fine-tuning: the model as a diffusers folder
         out.set("output.format", "diffusers")

@@ -187,8 +187,11 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--lr-scheduler-args": "--set 'optimizer.lr_scheduler_args={KEY = VALUE}'",
     "--lr-scheduler-num-cycles": "--set optimizer.lr_scheduler_num_cycles=N",
     "--lr-scheduler-power": "--set optimizer.lr_scheduler_power=X",
-    "--full-bf16": "(not in lorakit: trained weights stay fp32; --mixed-precision bf16 runs the model in bf16)",
-    "--full-fp16": "(not in lorakit: trained weights stay fp32; --mixed-precision fp16 runs the model in fp16)",
+    # with adapters, full_bf16/full_fp16 are taken over with a note (the adapter's weights stay fp32: small)
+    "--full-bf16": "(not in lorakit for native fine-tuning: trained weights stay fp32, twice kohya's memory for the "
+                   "weights and the optimizer's state; --mixed-precision bf16 runs the model in bf16)",
+    "--full-fp16": "(not in lorakit for native fine-tuning: trained weights stay fp32, twice kohya's memory for the "
+                   "weights and the optimizer's state; --mixed-precision fp16 runs the model in fp16)",
     "--fp8-base": "(not in lorakit: the base model runs in --mixed-precision's dtype)",
     "--v2": "(the default: lorakit tells an SD2.x model from an SD1.x one by its text encoder; an SD2.x single "
             "file predicting v whose metadata does not say so also needs --v-parameterization, as in kohya)",
@@ -220,7 +223,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--initial-epoch": "(not in lorakit: a run starts at its first epoch, or resumes its own folder with --resume)",
     "--initial-step": "(not in lorakit: a run starts at its first step, or resumes its own folder with --resume)",
     "--skip-until-initial-step": "(not in lorakit: a run resumes its own folder where it stopped, --resume)",
-    "--save-n-epoch-ratio": "(not in lorakit: --set training.save_every_n_epochs=N, N = epochs / the ratio)",
+    "--save-n-epoch-ratio": "--set training.save_every_n_epochs=N",  # N = max_train_epochs / the ratio, as kohya
     "--base-weights": "(not in lorakit: merge the files into the model first, lorakit merge --model MODEL FILE:MULT "
                       "--out MERGED, and train on MERGED)",
     "--base-weights-multiplier": "(not in lorakit: merge with the multiplier first, lorakit merge --model MODEL "
