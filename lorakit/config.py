@@ -58,6 +58,12 @@ class ModelConfig:
     #: kohya's --vae: another VAE for the base model (a .safetensors VAE such as vae-ft-mse-840000, a diffusers VAE
     #: folder, or a checkpoint whose VAE to take); latents, class images and samples use it.  None: the model's own
     vae: str | None = None
+    #: kohya's --base_weights: adapter files merged into the base model before training, so that the new adapter
+    #: learns on top of them (judging or sampling it later needs them too: merge them into the model with
+    #: `lorakit merge --model BASE FILE --out MERGED`, or give them beside it)
+    base_weights: list[str] = field(default_factory=list)
+    #: kohya's --base_weights_multiplier: each file's multiplier, in order (1 for a file without one)
+    base_weights_multiplier: list[float] = field(default_factory=list)
     #: mixed precision for the frozen base model and autocast: "no", "fp16", "bf16"; adapters stay fp32
     mixed_precision: str = "no"
     #: kohya's --no_half_vae: the VAE stays fp32 under fp16/bf16 mixed precision (some VAEs give NaN latents or
@@ -550,6 +556,13 @@ class TrainConfig:
             SamplePlateau(self.early_stop.sample_reach, self.early_stop.sample_patience)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        weights, multipliers = self.model.base_weights, self.model.base_weights_multiplier
+        if not (isinstance(weights, list) and all(isinstance(w, str) and w for w in weights)):
+            raise ConfigError(f"model.base_weights must be a list of adapter files, got {weights!r}")
+        if not (isinstance(multipliers, list) and all(_at_least(m, -1e6) for m in multipliers)) \
+                or len(multipliers) > len(weights):
+            raise ConfigError(f"model.base_weights_multiplier must be a list of numbers, one per file of "
+                              f"model.base_weights ({len(weights)}), got {multipliers!r}")
         self._validate_blocks()
         self._validate_format()
         check_schedule(self.optimizer)  # a wrong schedule name or argument, said before anything loads
@@ -722,7 +735,8 @@ def missing_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
     named = (("model.base", cfg.model.base), ("data.train_data", cfg.data.train_data),
              ("data.reg_data", cfg.data.reg_data if cfg.data.num_class_images <= 0 else None),
              ("data.validation_data", cfg.data.validation_data),
-             ("sample.prompts", cfg.sample.prompts))  # network.weights: the trainer, which knows a resumed run
+             ("sample.prompts", cfg.sample.prompts),  # network.weights: the trainer, which knows a resumed run
+             *(("model.base_weights", file) for file in cfg.model.base_weights))
     return [(key, value) for key, value in named if value and not Path(value).expanduser().exists()]
 
 
@@ -743,6 +757,8 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
         if not path.is_absolute() and (key in _ALWAYS_PATHS or path.exists()):
             # abspath, not resolve: a symlink the user named stays the link they chose
             setattr(getattr(out, section), name, os.path.abspath(path))
+    out.model.base_weights = [os.path.abspath(Path(f).expanduser()) if Path(f).expanduser().exists() else f
+                              for f in out.model.base_weights]
     return out
 
 

@@ -17,7 +17,7 @@ from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import TrainingData
 from lorakit.methods import block_dims_rule, check_sdxl_settings
 from lorakit.models import describe_base_model
-from lorakit.run_messages import TEXT_CACHE_LINE, count, early_stop_text, opening_line
+from lorakit.run_messages import TEXT_CACHE_LINE, base_weight_specs, count, early_stop_text, opening_line
 from lorakit.trackers import check_tracker
 from lorakit.train import (
     check_paths,
@@ -72,6 +72,8 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     lines = ["lorakit train --dry-run: the run checked, nothing loaded or written", opening_line(cfg),
              f"base model: {cfg.model.base or 'built-in'}, {family}, made for {resolution}×{resolution} "
              "(from its configs)"]
+    lines += [f"base weights: {spec}, merged into the model before training (checked against it when it loads)"
+              for spec in base_weight_specs(cfg)]
     lines += ["data:"] + [f"  {line}" for line in data.summary().splitlines()]
     lines += [f"  note: {n}" for n in notes]
     if start is not None:

@@ -104,6 +104,13 @@ def _native_next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -
     return lines + [f"  an epoch checkpoint the run kept, as a model: {merge}"]
 
 
+def base_weight_specs(cfg: TrainConfig) -> list[str]:
+    """model.base_weights as ``FILE:MULT`` arguments of lorakit sample and merge, shell-quoted."""
+    multipliers = cfg.model.base_weights_multiplier
+    return [shlex.quote(f"{f}:{multipliers[i] if i < len(multipliers) else 1.0:g}")
+            for i, f in enumerate(cfg.model.base_weights)]
+
+
 def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[str]:
     """How to use what the run made: A1111/ComfyUI, diffusers, ``lorakit sample``, the plot, the report."""
     files = [Path(f) for f in files]
@@ -144,8 +151,12 @@ def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[s
                 lines.append(f"  diffusers cannot read this algorithm: `lorakit resize {quoted} --to lora --out "
                              "plain.safetensors` makes a plain LoRA it reads (docs/compatibility.md)")
             with_embedding = f" --embedding {shlex.quote(str(embedding))}" if embedding is not None else ""
-            lines.append(f"  lorakit sample {quoted}{with_embedding}{_model_option(cfg)} --prompt \"...\" "
-                         "--out samples/")
+            base = base_weight_specs(cfg)
+            lines.append(f"  lorakit sample {''.join(f'{b} ' for b in base)}{quoted}{with_embedding}"
+                         f"{_model_option(cfg)} --prompt \"...\" --out samples/")
+            if base:  # the result is an update of the model with them merged: alone it is another adapter
+                lines.append(f"  it learned on top of the base weights {', '.join(base)} (model.base_weights): "
+                             "load them beside it everywhere (A1111/ComfyUI: their <lora:...> too)")
     if lines:
         skip = cfg.model.clip_skip
         if skip > 1:  # sampled without it, the result looks undertrained or off: say it where people sample

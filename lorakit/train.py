@@ -69,6 +69,7 @@ from lorakit.run_messages import (
 from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
 from lorakit.schedules import build_lr_schedule
 from lorakit.step_loss import compute_loss, step_seed, validation_loss
+from lorakit.tools.merge import merge_base_weights
 from lorakit.trackers import (
     WANDB_RUN_FILE,
     check_tracker,
@@ -126,6 +127,14 @@ def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
     """Load the base model; frozen parts in the mixed-precision dtype, everything trained stays fp32."""
     model = load_base_model(cfg.model.base, prediction_type=cfg.model.prediction_type)
     use_vae(model, cfg.model.vae)
+    if cfg.model.base_weights:  # kohya's --base_weights: merged in before the adapters or anything else see W
+        try:
+            lines = merge_base_weights(model, cfg.model.base_weights, cfg.model.base_weights_multiplier)
+        except LorakitError as err:
+            raise ConfigError(f"model.base_weights: {err}") from None
+        for line in lines:
+            if accelerator.is_main_process:
+                print(f"base weights: {line}")
     if cfg.model.prediction_type or cfg.model.zero_terminal_snr:
         model.set_schedule(cfg.model.prediction_type, cfg.model.zero_terminal_snr)
     check_loss_options(cfg.training, model.prediction_type, model.noise_scheduler.config.num_train_timesteps)

@@ -150,7 +150,8 @@ def test_every_kohya_translation_is_an_option_or_a_setting_that_exists():
                      "optimizer.lr_scheduler_min_lr_ratio": [("optimizer.lr_scheduler", "cosine_with_min_lr")],
                      "optimizer.lr_scheduler_timescale": [("optimizer.lr_scheduler", "inverse_sqrt")],
                      "optimizer.lr_scheduler_type": [("optimizer.lr_scheduler_args", "{T_0 = 10}")],
-                     "optimizer.lr_scheduler_args": [("optimizer.lr_scheduler_type", "StepLR")]}
+                     "optimizer.lr_scheduler_args": [("optimizer.lr_scheduler_type", "StepLR")],
+                     "model.base_weights_multiplier": [("model.base_weights", '["style.safetensors"]')]}
             own = {"optimizer.lr_scheduler_args": "{step_size = 10}"}  # StepLR's
             for needed in needs.get(dotted, []):
                 set_option(cfg, *needed)

@@ -404,6 +404,33 @@ def test_a_run_is_judged_on_the_base_model_it_was_trained_on(tmp_path, concept_d
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
+def test_a_run_trained_on_top_of_base_weights_is_judged_on_that_model(tmp_path, concept_data, capsys):
+    """model.base_weights (kohya's --base_weights) were merged into the model the run trained on: eval merges them
+    too, keys its images on them (the same cache makes them anew), and refuses runs that disagree on them."""
+    from lorakit.config import load_config, to_toml
+
+    style = next((write_run(tmp_path / "style", epochs=1, data=concept_data) / "checkpoints").rglob("*.safetensors"))
+    run = write_run(tmp_path / "run", epochs=1, data=concept_data)
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(PROMPTS_TOML)
+    argv = ["eval", str(run), "--prompts", str(prompts), "--steps", "4", "--no-base", "--quiet",
+            "--cache", str(tmp_path / "cache")]
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    assert "base weights" not in capsys.readouterr().out
+    cfg = load_config(run / "config.toml")
+    cfg.model.base_weights, cfg.model.base_weights_multiplier = [str(style)], [0.5]
+    (run / "config.toml").write_text(to_toml(cfg))
+    assert main([*argv, "--out", str(tmp_path / "on-style")]) == 0
+    said = capsys.readouterr().out
+    assert re.search(rf"lorakit eval: base weights, as the runs were trained: {re.escape(str(style))} at 0.5: "
+                     r"(\d+) of \1 modules merged", said), said
+    assert "(3 generated, " in said and "0 from the cache" in said, said  # other images than the plain model's
+    other = write_run(tmp_path / "other", epochs=1, data=concept_data)
+    assert main(["eval", str(run), str(other), "--out", str(tmp_path / "both"), "--quiet"]) == 2
+    assert "the runs were trained on top of different base weights" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists()
+
+
 def test_eval_keeps_freed_memory_before_the_models_load(tmp_path, concept_data, monkeypatch):
     """Denoising steps free and take back the same buffers: eval asks malloc to keep them, once its arguments are
     checked and before any model loads (tests/test_host_memory.py tests what that does)."""

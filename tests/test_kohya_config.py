@@ -316,3 +316,18 @@ def test_save_n_epoch_ratio_and_full_bf16_are_taken_over_as_kohya_runs_them(tmp_
     native = kohya_file(tmp_path / "db", tiny_model_dir, "db.toml", 'full_bf16 = true\nmixed_precision = "bf16"\n')
     assert any(u.startswith("full_bf16 = True: not in lorakit for native fine-tuning")
                for u in config_from_kohya(native)[1].untranslated)
+
+
+def test_base_weights_are_taken_over_one_file_or_several(tmp_path, tiny_model_dir):
+    """kohya's --base_weights and --base_weights_multiplier (nargs="*": a config may give one value or a list)."""
+    path = kohya_file(tmp_path, tiny_model_dir, "kohya.toml", 'network_module = "networks.lora"\n'
+                      'network_train_unet_only = true\nbase_weights = "style.safetensors"\n'
+                      'base_weights_multiplier = 0.7\n')
+    cfg, translation = config_from_kohya(path)
+    assert (cfg.model.base_weights, cfg.model.base_weights_multiplier) == (["style.safetensors"], [0.7])
+    assert translation.untranslated == []
+    path.write_text(path.read_text().replace('base_weights = "style.safetensors"\nbase_weights_multiplier = 0.7\n',
+                                             'base_weights = ["a.safetensors", "b.safetensors"]\n'
+                                             'base_weights_multiplier = [1.0]\n'))
+    cfg, _ = config_from_kohya(path)
+    assert (cfg.model.base_weights, cfg.model.base_weights_multiplier) == (["a.safetensors", "b.safetensors"], [1.0])

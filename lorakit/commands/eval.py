@@ -233,6 +233,23 @@ def _trained_with(given: str | None, runs, setting: str) -> str | None:
     return value
 
 
+def _base_weights(runs) -> tuple[tuple[str, float], ...]:
+    """The adapters the runs' model had merged in before they trained (model.base_weights), when they agree: their
+    checkpoints are judged on that model; () when none had any."""
+    found = {r.base_weights for r in runs}
+    if len(found) > 1:
+        named = "; ".join(sorted(f"{r.name}: {', '.join(f'{f}:{m:g}' for f, m in r.base_weights) or 'none'}"
+                                 for r in runs))
+        raise EvalCommandError(f"the runs were trained on top of different base weights ({named}); evaluate them "
+                               "separately")
+    weights = found.pop() if found else ()
+    for file, _ in weights:
+        if not Path(file).expanduser().is_file():
+            raise EvalCommandError(f"the runs were trained on top of {file} (model.base_weights), which is not there "
+                                   "(moved?)")
+    return weights
+
+
 def _schedule(model) -> str:
     """What of the model's schedule changes its images that its file's hash does not say."""
     return f"{model.prediction_type} zero-snr={bool(model.scheduler_config.get('rescale_betas_zero_snr', False))}"
@@ -263,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.host_memory import keep_freed_memory
     from lorakit.models import check_clip_skip, load_base_model
     from lorakit.sample import adopt_trained_schedule, trained_text_settings
+    from lorakit.tools.merge import merge_base_weights
     from lorakit.vae import use_vae
 
     # everything is checked before anything is written
@@ -276,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
                   "compared (--step-checkpoints to compare them too)")
     args.model = _trained_with(args.model, runs, "base")
     args.vae = _trained_with(args.vae, runs, "vae")
+    base_weights = _base_weights(runs)
     data = _data_folder(args, runs)
     # an image with no caption file was trained on its run's --trigger/--class words: the default prompts too
     plain_caption = next((r.plain_caption for r in runs if r.plain_caption), None) or args.trigger
@@ -305,6 +324,8 @@ def run(args: argparse.Namespace) -> int:
     jobs = make_jobs(prompt_set.prompts, args.seeds)
     model = load_base_model(args.model)
     use_vae(model, args.vae)
+    for line in merge_base_weights(model, [f for f, _ in base_weights], [m for _, m in base_weights]):
+        print(f"lorakit eval: base weights, as the runs were trained: {line}")
     check_clip_skip(model, settings.clip_skip)
     own_schedule = _schedule(model)
     for line in adopt_trained_schedule(model, [c.path for c in checkpoints if c.path]):
@@ -321,6 +342,9 @@ def run(args: argparse.Namespace) -> int:
     base_hash = model_hash(args.model)
     if args.vae:  # another VAE decodes other images (the key is unchanged without one: old caches stay valid)
         base_hash = hashlib.sha256(f"{base_hash} vae {model_hash(args.vae)}".encode()).hexdigest()[:16]
+    for file, multiplier in base_weights:  # merged into the model: every image changes
+        merged = f"{base_hash} base weights {file_hash(Path(file))}:{multiplier}"
+        base_hash = hashlib.sha256(merged.encode()).hexdigest()[:16]
     if _schedule(model) != own_schedule:  # the base model's own images change with its schedule too
         base_hash = hashlib.sha256(f"{base_hash} schedule {_schedule(model)}".encode()).hexdigest()[:16]
     for path, loaded in zip(args.embedding, embeddings, strict=True):  # they change every checkpoint's images

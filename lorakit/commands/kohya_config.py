@@ -192,6 +192,10 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
     if te_only:
         out.set("network.train_unet", False)
 
+    for key, kind in (("base_weights", str), ("base_weights_multiplier", float)):  # nargs="*": one or several
+        if not is_off(options.get(key)):
+            value = options.pop(key)
+            out.set(f"model.{key}", [kind(v) for v in (value if isinstance(value, list) else [value])])
     ratio = options.pop("save_n_epoch_ratio", None)
     if not is_off(ratio):  # kohya: save_every_n_epochs = floor(epochs / ratio) or 1, whatever it was set to
         epochs = options.get("max_train_epochs")

@@ -224,10 +224,8 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--initial-step": "(not in lorakit: a run starts at its first step, or resumes its own folder with --resume)",
     "--skip-until-initial-step": "(not in lorakit: a run resumes its own folder where it stopped, --resume)",
     "--save-n-epoch-ratio": "--set training.save_every_n_epochs=N",  # N = max_train_epochs / the ratio, as kohya
-    "--base-weights": "(not in lorakit: merge the files into the model first, lorakit merge --model MODEL FILE:MULT "
-                      "--out MERGED, and train on MERGED)",
-    "--base-weights-multiplier": "(not in lorakit: merge with the multiplier first, lorakit merge --model MODEL "
-                                 "FILE:MULT --out MERGED)",
+    "--base-weights": "--set 'model.base_weights=[\"FILE\"]'",
+    "--base-weights-multiplier": "--set 'model.base_weights_multiplier=[0.8]'",
     "--lr-decay-steps": "--set optimizer.lr_decay_steps=N",
     "--lr-scheduler-min-lr-ratio": "--set optimizer.lr_scheduler_min_lr_ratio=X",
     "--lr-scheduler-timescale": "--set optimizer.lr_scheduler_timescale=N",

@@ -76,6 +76,9 @@ class RunInfo:
     token: str | None = None  # a textual-inversion or pivotal run's token (method.ti_token, else data.trigger)
     checkpoints: list[EvalCheckpoint] = field(default_factory=list)
     step_checkpoints_left_out: int = 0  # step checkpoints the run holds that were not asked for
+    #: model.base_weights: (file, multiplier) of the adapters merged into the model before it trained (kohya's
+    #: --base_weights); its checkpoints are judged on that model too
+    base_weights: tuple[tuple[str, float], ...] = ()
 
     @property
     def plain_caption(self) -> str | None:
@@ -193,10 +196,13 @@ def read_run(path: str | Path, every: int = 1, step_checkpoints: bool = False) -
     config = _read_toml(path / "config.toml")
     kind, token = _kind(config, path / "config.toml")
     summary = _read_json(path / "summary.json")
-    data = config.get("data", {})
+    data, model = config.get("data", {}), config.get("model", {})
+    files, multipliers = model.get("base_weights", []), model.get("base_weights_multiplier", [])
+    base_weights = tuple((str(f), float(multipliers[i]) if i < len(multipliers) else 1.0) for i, f in enumerate(files))
     info = RunInfo(name=path.resolve().name, path=path, settings=run_settings(config), summary=summary,
                    data=data.get("train_data"), held_out=data.get("validation_data"), trigger=data.get("trigger"),
-                   class_word=data.get("class_word"), caption_templates=data.get("caption_templates"), token=token)
+                   class_word=data.get("class_word"), caption_templates=data.get("caption_templates"), token=token,
+                   base_weights=base_weights)
     if (tp := summary_turning_point(summary)) is not None:
         info.turning_epoch, info.turning_step = tp.get("epoch"), tp.get("step")
     found, steps = _saved(path / "checkpoints", EPOCH_DIR), _saved(path / "checkpoints", STEP_DIR)

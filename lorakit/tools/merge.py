@@ -57,6 +57,16 @@ def bake(model: BaseModel, adapters: Sequence[AdapterSpec | str]) -> list[str]:
     return lines
 
 
+def merge_base_weights(model: BaseModel, files: Sequence[str | Path], multipliers: Sequence[float]) -> list[str]:
+    """kohya's ``--base_weights``: merge adapter ``files`` into ``model``, each at its multiplier (1 where
+    ``multipliers`` has none, as kohya reads ``--base_weights_multiplier``); one line per file."""
+    specs = [AdapterSpec(Path(f).expanduser(), multipliers[i] if i < len(multipliers) else 1.0)
+             for i, f in enumerate(files)]
+    # named by path: a run's checkpoints are all called trained.safetensors
+    return [f"{spec.path} at {spec.multiplier:g}{line.removeprefix(spec.label)}"
+            for spec, line in zip(specs, bake(model, specs), strict=True)]
+
+
 def _bake_native(model: BaseModel, spec: AdapterSpec) -> str:
     """A native fine-tuning checkpoint's weights put into the model (``W0 + m·(W − W0)``: 1 the trained model)."""
     if spec.lbw is not None:
