@@ -59,8 +59,7 @@ class ModelConfig:
     #: folder, or a checkpoint whose VAE to take); latents, class images and samples use it.  None: the model's own
     vae: str | None = None
     #: kohya's --base_weights: adapter files merged into the base model before training, so that the new adapter
-    #: learns on top of them (judging or sampling it later needs them too: merge them into the model with
-    #: `lorakit merge --model BASE FILE --out MERGED`, or give them beside it)
+    #: learns on top of them (lorakit eval merges them too; to sample or merge the result, give them beside it)
     base_weights: list[str] = field(default_factory=list)
     #: kohya's --base_weights_multiplier: each file's multiplier, in order (1 for a file without one)
     base_weights_multiplier: list[float] = field(default_factory=list)
@@ -559,7 +558,7 @@ class TrainConfig:
         weights, multipliers = self.model.base_weights, self.model.base_weights_multiplier
         if not (isinstance(weights, list) and all(isinstance(w, str) and w for w in weights)):
             raise ConfigError(f"model.base_weights must be a list of adapter files, got {weights!r}")
-        if not (isinstance(multipliers, list) and all(_at_least(m, -1e6) for m in multipliers)) \
+        if not (isinstance(multipliers, list) and all(_at_least(m, -math.inf) for m in multipliers)) \
                 or len(multipliers) > len(weights):
             raise ConfigError(f"model.base_weights_multiplier must be a list of numbers, one per file of "
                               f"model.base_weights ({len(weights)}), got {multipliers!r}")
