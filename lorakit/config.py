@@ -780,6 +780,8 @@ def resume_changes(previous: TrainConfig, new: TrainConfig) -> tuple[list[str], 
         a, b = old.get(key), cur.get(key)
         if key in _PATH_KEYS:
             a, b = (str(Path(v).expanduser().resolve()) if v else v for v in (a, b))
+        elif key == "model.base_weights":  # config.toml names them absolutely, the user's config maybe not
+            a, b = ([str(Path(v).expanduser().resolve()) for v in files or []] for files in (a, b))
         if a == b:
             continue
         (applied if key in RESUMABLE else refused).append(f"{key} {a!r} -> {b!r}")

@@ -45,6 +45,11 @@ def test_a_run_trains_on_the_model_with_its_base_weights_merged(tiny_model_dir, 
     # the run's config.toml names the file absolutely: a resume or an eval from elsewhere finds it
     cfg = load_config(tmp_path / "on-style" / "config.toml")
     assert cfg.model.base_weights == [str(style)] and cfg.model.base_weights_multiplier == [0.5]
+    # the same command resumed: the relative name is the same file, not a changed setting
+    assert _train(tiny_model_dir, dataset, tmp_path / "on-style", "--resume", "--set",
+                  'model.base_weights=["style/lorakit.safetensors"]', "--set", "model.base_weights_multiplier=[0.5]"
+                  ) == 2
+    assert "there is nothing to continue" in capsys.readouterr().err
 
     # what the run trained on: each adapted layer's W0 + 0.5 ΔW of the style file
     merged = prepare_model(cfg, Accelerator(cpu=True)).unet
