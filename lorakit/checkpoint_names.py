@@ -20,6 +20,9 @@ PIVOTAL_EMBEDDING_PREFIX = "ti."
 #: the metadata entry of every checkpoint and result naming the method that made it ("native": a native
 #: fine-tuning checkpoint, lorakit.native_checkpoints)
 METHOD_KEY = "lorakit_method"
+#: the metadata entry of an adapter trained on top of model.base_weights: [[file name, multiplier, sha256 (16 hex
+#: digits, lorakit.evaluate.checkpoints.file_hash)], ...] as JSON
+BASE_WEIGHTS_KEY = "lorakit_base_weights"
 
 
 def epoch_dir_name(epoch: int) -> str:

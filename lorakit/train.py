@@ -8,6 +8,7 @@ a run resumed from a checkpoint continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -23,7 +24,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 
-from lorakit.checkpoint_names import METHOD_KEY
+from lorakit.checkpoint_names import BASE_WEIGHTS_KEY, METHOD_KEY
 from lorakit.checkpoints import RunFolder
 from lorakit.conditioning import ConditioningCache
 from lorakit.config import (
@@ -231,6 +232,14 @@ def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: 
                                 validate_every_n_epochs=str(cfg.training.validate_every_n_epochs),
                                 validate_every_n_steps=str(cfg.training.validate_every_n_steps)))
     meta[METHOD_KEY] = cfg.method.kind  # a native checkpoint is told by it (lorakit.native_checkpoints)
+    if cfg.model.base_weights:  # lorakit sample says when the file is given without them (known by content:
+        # every lorakit result is called lorakit.safetensors)
+        from lorakit.evaluate.checkpoints import file_hash
+
+        multipliers = cfg.model.base_weights_multiplier
+        meta[BASE_WEIGHTS_KEY] = json.dumps([[Path(f).name, multipliers[i] if i < len(multipliers) else 1.0,
+                                              file_hash(Path(f).expanduser())]
+                                             for i, f in enumerate(cfg.model.base_weights)])
     meta.update(data.kohya_metadata())
     meta.update(_modelspec(cfg, data, model))
     return meta

@@ -42,6 +42,14 @@ def test_a_run_trains_on_the_model_with_its_base_weights_merged(tiny_model_dir, 
                   'model.base_weights=["style/lorakit.safetensors"]') == 0
     assert "base weights: style/lorakit.safetensors:1, merged into the model before training" in \
         capsys.readouterr().out
+    # sampled alone, the result is said to need its base weights; given beside them, it is not
+    result = tmp_path / "on-style" / "lorakit.safetensors"
+    sample = ["sample", "--model", str(tiny_model_dir), "--prompt", "zkz shape", "--steps", "2", "--out"]
+    assert main([*sample, str(tmp_path / "alone"), str(result)]) == 0
+    assert f"{result} was trained on top of lorakit.safetensors:0.5 (model.base_weights): give them too" in \
+        capsys.readouterr().out
+    assert main([*sample, str(tmp_path / "beside"), f"{style}:0.5", str(result)]) == 0
+    assert "model.base_weights" not in capsys.readouterr().out
     # the run's config.toml names the file absolutely: a resume or an eval from elsewhere finds it
     cfg = load_config(tmp_path / "on-style" / "config.toml")
     assert cfg.model.base_weights == [str(style)] and cfg.model.base_weights_multiplier == [0.5]

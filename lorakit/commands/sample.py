@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         if not spec.path.is_file():
             raise FileNotFoundError(f"{spec.path}: no such adapter file")
     text, said = trained_text_settings([spec.path for spec in specs], args.clip_skip, args.max_token_length)
+    said += _base_weights_left_out(specs)
     embeddings = [*args.embedding, *_pivotal_embeddings(specs, args.embedding, said)]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     keep_freed_memory()  # each denoising step frees and takes back the same buffers (SD1.5 on the CPU: 6-17 % faster)
@@ -104,6 +106,29 @@ def run(args: argparse.Namespace) -> int:
     vae = f" with the VAE {args.vae}" if args.vae else ""
     print(f"{len(images)} image(s) from {model.source}{vae}: {args.out} (grid: {written[-1].name})")
     return 0
+
+
+def _base_weights_left_out(specs: Sequence[AdapterSpec]) -> list[str]:
+    """A note for each adapter trained on top of base weights (model.base_weights) given without them: it is an
+    update of that model, so alone it draws something else (a note, not an error: that may be what is wanted)."""
+    from lorakit.checkpoint_names import BASE_WEIGHTS_KEY
+    from lorakit.evaluate.checkpoints import file_hash
+    from lorakit.file_kinds import read_header
+
+    notes, given = [], None
+    for spec in specs:
+        try:
+            entries = json.loads(read_header(spec.path)[1].get(BASE_WEIGHTS_KEY) or "[]")
+        except (OSError, ValueError):  # an unreadable file is said by the adapter reader
+            continue
+        if given is None and entries:  # by content: every lorakit result is called lorakit.safetensors
+            given = {file_hash(s.path) for s in specs}
+        missing = [f"{name}:{multiplier:g}" for name, multiplier, digest in entries if digest not in given]
+        if missing:
+            notes.append(f"{spec.path} was trained on top of {', '.join(missing)} (model.base_weights): give them "
+                         f"too, before it, to draw what it learned (lorakit sample {' '.join(missing)} {spec.path} "
+                         "...)")
+    return notes
 
 
 def _pivotal_embeddings(specs: Sequence[AdapterSpec], given: Sequence[Path], said: list[str]) -> list[Path]:
