@@ -341,6 +341,9 @@ class OutputConfig:
     format: str = "kohya"
     #: kohya's --training_comment: a note kept in the result's metadata (ss_training_comment; A1111 shows it)
     comment: str | None = None
+    #: kohya's --no_metadata: the files keep only what loading and drawing them needs (the network's kind, rank and
+    #: alpha, the base model, clip skip, prediction type) and the ModelSpec; no dataset folders, tags or settings
+    no_metadata: bool = False
     #: kohya's --log_with: also write the step records (loss, lr, CS, ...) for "tensorboard", "wandb" (Weights &
     #: Biases; the key from `wandb login` or WANDB_API_KEY, or WANDB_MODE=offline) or "all" (both); each needs its
     #: package (lorakit[tensorboard], lorakit[wandb]); None: log.jsonl and the run page only

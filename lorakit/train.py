@@ -193,7 +193,24 @@ def sample_prompts(cfg: TrainConfig, model: BaseModel) -> list[SamplePrompt]:
     return load_prompts(cfg.sample.prompts, defaults)
 
 
-def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: int, step: int) -> dict[str, str]:
+#: what output.no_metadata keeps (kohya's --no_metadata keeps its SS_METADATA_MINIMUM_KEYS and the ModelSpec): the
+#: file's kind and base model, and what tools need to load it and draw it as trained
+MINIMUM_METADATA = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                    "ss_network_args", "ss_clip_skip", "ss_max_token_length", "ss_v_parameterization",
+                    "ss_zero_terminal_snr", METHOD_KEY)
+
+
+def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: int, step: int,
+                 extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The metadata of a file the run writes at ``epoch``/``step`` (``extra``: entries of its own); with
+    output.no_metadata, only MINIMUM_METADATA and the ModelSpec."""
+    meta = {**_all_metadata(cfg, data, model, epoch, step), **(extra or {})}
+    if cfg.output.no_metadata:  # kohya's --no_metadata: no dataset folders, tags, comments or settings
+        meta = {k: v for k, v in meta.items() if k in MINIMUM_METADATA or k.startswith("modelspec.")}
+    return meta
+
+
+def _all_metadata(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: int, step: int) -> dict[str, str]:
     meta = ss_metadata(
         learning_rate=cfg.optimizer.learning_rate,
         unet_lr=cfg.optimizer.unet_lr or cfg.optimizer.learning_rate,
@@ -614,14 +631,14 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     summary_text = ""
     if is_main:
         run.flush_log()
-        meta = metadata_for(cfg, data, model, final_epoch, step)
+        found = {}
         if monitor is not None:
-            meta["lorakit_early_stop"] = cfg.early_stop.mode
+            found["lorakit_early_stop"] = cfg.early_stop.mode
             if turning is not None:
-                meta["lorakit_turning_point_step"] = str(turning.step)
-                meta["lorakit_turning_point_epoch"] = str(turning.epoch)
-                meta["lorakit_checkpoint_epoch"] = str(final_epoch)  # the saved epoch handed back
-        files = method.save(run.path, cfg.output.name, meta)
+                found["lorakit_turning_point_step"] = str(turning.step)
+                found["lorakit_turning_point_epoch"] = str(turning.epoch)
+                found["lorakit_checkpoint_epoch"] = str(final_epoch)  # the saved epoch handed back
+        files = method.save(run.path, cfg.output.name, metadata_for(cfg, data, model, final_epoch, step, found))
         run.record(f for f in files if not f.is_dir())
         for folder in (f for f in files if f.is_dir()):  # a native run's diffusers folder
             run.record_folder(folder)

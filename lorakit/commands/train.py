@@ -197,7 +197,7 @@ KOHYA_OPTIONS: dict[str, str] = {
             "file predicting v whose metadata does not say so also needs --v-parameterization, as in kohya)",
     "--block-lr": "(not in lorakit: sdxl_train.py's learning rate per U-Net block in SDXL fine-tuning; lorakit's "
                   "native training has one U-Net learning rate)",
-    "--no-metadata": "(not in lorakit: files always carry their ss_*/modelspec.* metadata, as clients expect)",
+    "--no-metadata": "--set output.no_metadata=true",
     "--metadata-title": "--set output.metadata_title=NAME",
     "--metadata-author": "--set output.metadata_author=NAME",
     "--metadata-description": "--set output.metadata_description=NAME",
