@@ -331,3 +331,17 @@ def test_base_weights_are_taken_over_one_file_or_several(tmp_path, tiny_model_di
                                              'base_weights_multiplier = [1.0]\n'))
     cfg, _ = config_from_kohya(path)
     assert (cfg.model.base_weights, cfg.model.base_weights_multiplier) == (["a.safetensors", "b.safetensors"], [1.0])
+
+
+def test_options_that_change_nothing_trained_are_taken_over(tmp_path, tiny_model_dir):
+    """Memory modes, cache bookkeeping and a log prefix (found in users' configs: lowram = true) no longer stop a
+    config from running; the text-encoder cache's disk copy turns the cache on, as kohya turns it on."""
+    options = ('network_module = "networks.lora"\nlowram = true\nhighvram = true\ncache_info = true\n'
+               'skip_cache_check = true\nlog_prefix = "run1"\ncache_text_encoder_outputs_to_disk = true\n')
+    path = kohya_file(tmp_path, tiny_model_dir, "kohya.toml", options + "network_train_unet_only = true\n")
+    cfg, translation = config_from_kohya(path)
+    assert translation.untranslated == [] and cfg.data.cache_text_encoder_outputs
+    assert {"lowram", "highvram", "cache_info", "skip_cache_check", "log_prefix"} <= set(translation.skipped)
+    path.write_text(path.read_text().replace("network_train_unet_only = true\n", ""))
+    with pytest.raises(ConfigError, match="needs network_train_unet_only = true"):
+        config_from_kohya(path)

@@ -186,7 +186,9 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
     te_only = bool(options.pop("network_train_text_encoder_only", False))
     if not token and not native:  # textual inversion and native fine-tuning train no network
         out.set("network.train_text_encoder", not unet_only)
-        if not unet_only and not is_off(options.get("cache_text_encoder_outputs")):  # kohya asserts the same
+        cached = any(not is_off(options.get(k)) for k in ("cache_text_encoder_outputs",
+                                                          "cache_text_encoder_outputs_to_disk"))
+        if not unet_only and cached:  # kohya asserts the same
             raise ConfigError(f"{path}: cache_text_encoder_outputs needs network_train_unet_only = true (without it "
                               "kohya trains the text encoder too, whose outputs then change every step)")
     if te_only:

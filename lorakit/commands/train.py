@@ -127,12 +127,14 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--vae-batch-size": "--set data.vae_batch_size=N",
     "--weighted-captions": "--set data.weighted_captions=true",
     "--cache-text-encoder-outputs": "--set data.cache_text_encoder_outputs=true",
-    "--cache-text-encoder-outputs-to-disk": "(not in lorakit: the outputs are cached in memory, "
-                                            "--set data.cache_text_encoder_outputs=true)",
+    # kohya turns the cache on with its disk copy; lorakit keeps it in memory (the same outputs)
+    "--cache-text-encoder-outputs-to-disk": "--set data.cache_text_encoder_outputs=true",
     "--disable-mmap-load-safetensors": "(the default: a loading switch of kohya's SDXL scripts for WSL; it changes "
                                        "nothing trained)",
-    "--lowram": "(not in lorakit: no memory mode to switch; the model loads as diffusers loads it)",
-    "--highvram": "(not in lorakit: no memory mode to switch; the model loads as diffusers loads it)",
+    "--lowram": "(the default: no memory mode to switch, the model loads as diffusers loads it; it changes nothing "
+                "trained)",
+    "--highvram": "(the default: no memory mode to switch, the model loads as diffusers loads it; it changes nothing "
+                  "trained)",
     "--config-file": "--from-kohya FILE",
     "--output-config": "--print-config",
     "--network-dropout": "--set network.dropout=X", "--save-precision": "--set output.save_precision=NAME",
@@ -231,12 +233,14 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--lr-scheduler-timescale": "--set optimizer.lr_scheduler_timescale=N",
     "--text-encoder-batch-size": "(the default: captions are encoded with their training batch, or one at a time "
                                  "when cached)",
-    "--cache-info": "(not in lorakit: images are listed from their folders at every start)",
-    "--skip-cache-check": "(not in lorakit: the on-disk latent cache is checked against every image)",
+    "--cache-info": "(the default: images are listed from their folders at every start; it changes nothing trained)",
+    "--skip-cache-check": "(the default: the on-disk latent cache is checked against every image; it changes "
+                          "nothing trained)",
     "--dataset-class": "(not in lorakit: datasets are kohya folders, a dataset TOML or a metadata JSON)",
     "--tokenizer-cache-dir": "(the default: nothing is downloaded; the tokenizer comes with the model or lorakit)",
     "--log-config": "(the default: the run's settings go to the trackers, and its folder keeps config.toml)",
-    "--log-prefix": "(not in lorakit: --set output.logging_dir=DIR names the log folder)",
+    "--log-prefix": "(the default: the log folder is named by --set output.logging_dir=DIR; a prefix changes nothing "
+                    "trained)",
     "--log-tracker-config": "(not in lorakit: trackers take their own settings, --set output.log_tracker_name=NAME)",
     **dict.fromkeys(("--async-upload", "--huggingface-repo-id", "--huggingface-repo-type",
                      "--huggingface-path-in-repo", "--huggingface-token", "--huggingface-repo-visibility",
