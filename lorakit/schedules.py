@@ -66,9 +66,10 @@ def schedule_steps(opt: OptimizerConfig, total_steps: int) -> tuple[int, int]:
     return warmup_steps(opt.lr_warmup_steps, total_steps), warmup_steps(opt.lr_decay_steps, total_steps)
 
 
-def build_lr_schedule(opt: OptimizerConfig, optimizer: torch.optim.Optimizer,
-                      total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """The schedule ``opt`` asks for, over a run of ``total_steps`` optimizer steps."""
+def build_lr_schedule(opt: OptimizerConfig, optimizer: torch.optim.Optimizer, total_steps: int, *,
+                      stand_in: bool = False) -> torch.optim.lr_scheduler.LRScheduler:
+    """The schedule ``opt`` asks for, over a run of ``total_steps`` optimizer steps (``stand_in``: a length made up
+    to check the settings before the run's is known, so what depends on it is not checked)."""
     kwargs = dict(opt.lr_scheduler_args)
     warmup, decay = schedule_steps(opt, total_steps)
     if opt.lr_scheduler_type:
@@ -82,7 +83,7 @@ def build_lr_schedule(opt: OptimizerConfig, optimizer: torch.optim.Optimizer,
         instead = " (constant_with_warmup warms up)" if name == "constant" else ""
         raise ConfigError(f"optimizer.lr_warmup_steps = {opt.lr_warmup_steps!r}: the {name} schedule has no "
                           f"warm-up{instead}; set it to 0 or choose another schedule")
-    if name == "warmup_stable_decay" and warmup + decay > total_steps:
+    if name == "warmup_stable_decay" and warmup + decay > total_steps and not stand_in:
         raise ConfigError(f"optimizer.lr_warmup_steps and lr_decay_steps: {warmup} + {decay} steps are more than "
                           f"the run's {total_steps}")
     floor_given = opt.lr_scheduler_min_lr_ratio is not None or {"min_lr", "min_lr_rate"} & set(kwargs)
@@ -140,5 +141,9 @@ def check_schedule(opt: OptimizerConfig) -> None:
     loads anything (the run's length is not known yet: what depends on it is checked again when it starts)."""
     import torch
 
+    shares = [v for v in (opt.lr_warmup_steps, opt.lr_decay_steps) if isinstance(v, float) and v < 1]
+    if opt.lr_scheduler == "warmup_stable_decay" and len(shares) == 2 and sum(shares) > 1:
+        raise ConfigError(f"optimizer.lr_warmup_steps = {shares[0]!r} and lr_decay_steps = {shares[1]!r}: shares of "
+                          "the run that add up to more than all of it")
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    build_lr_schedule(opt, optimizer, total_steps=2 * max(1000, sum(schedule_steps(opt, 1000))))
+    build_lr_schedule(opt, optimizer, 2 * max(1000, sum(schedule_steps(opt, 1000))), stand_in=True)

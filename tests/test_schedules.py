@@ -92,11 +92,27 @@ def test_a_torch_schedule_by_class_name_with_its_arguments():
     ({"lr_scheduler_type": "StepLR"}, "missing 1 required positional argument: 'step_size'"),
     ({"lr_scheduler_type": "StepLR", "lr_scheduler_args": {"step_size": 2}, "lr_warmup_steps": 3},
      "a torch schedule (lr_scheduler_type = 'StepLR') has no warm-up"),
+    ({"lr_scheduler": "warmup_stable_decay", "lr_warmup_steps": 0.2, "lr_decay_steps": 0.9},
+     "optimizer.lr_warmup_steps = 0.2 and lr_decay_steps = 0.9: shares of the run that add up to more than all"),
 ])
 def test_a_schedule_that_cannot_be_made_is_refused_naming_the_setting(settings, said):
     with pytest.raises(ConfigError, match="optimizer.") as err:
         check_schedule(OptimizerConfig(**settings))
     assert said in str(err.value), str(err.value)
+
+
+def test_a_warm_up_and_decay_longer_than_the_run_are_refused_when_the_run_starts(tiny_model_dir, dataset,  # noqa: F811
+                                                                                   tmp_path, capsys):
+    """In steps, whether they fit depends on the run's length: said with it when the run starts, and the run
+    leaves nothing behind."""
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(dataset), "--out", str(out), "--no-progress",
+            "--epochs", "2", "--set", "data.batch_size=2", "--set", "optimizer.lr_scheduler=warmup_stable_decay",
+            "--set", "optimizer.lr_warmup_steps=3", "--set", "optimizer.lr_decay_steps=2"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "lorakit train: error: optimizer.lr_warmup_steps and lr_decay_steps: 3 + 2 steps are more than the run's 4")
+    assert not out.exists()
 
 
 def test_the_command_refuses_a_wrong_schedule_before_anything_is_written(tiny_model_dir, dataset, tmp_path, capsys):  # noqa: F811
