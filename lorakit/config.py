@@ -91,6 +91,10 @@ class ModelConfig:
     #: torch.compile's backend ("inductor"; "aot_eager" traces without generating code, to check a model compiles)
     compile_backend: str = "inductor"
 
+    def base_weight_pairs(self) -> list[tuple[str, float]]:
+        """(file, multiplier) of each of base_weights, as kohya pairs them (1 where no multiplier is given)."""
+        return pair_base_weights(self.base_weights, self.base_weights_multiplier)
+
 
 #: torch.compile's modes (torch._inductor.list_mode_options)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -724,11 +728,19 @@ RESUMABLE = ("training.max_epochs", "training.max_steps", "training.save_every_n
              "output.comment", "output.metadata_title", "output.metadata_author", "output.metadata_description",
              "output.metadata_license", "output.metadata_tags")
 _NOT_COMPARED = ("output.dir", "output.if_exists")
+#: the settings that name files or folders (model.base_weights: a list of them)
 _PATH_KEYS = ("model.base", "data.train_data", "data.reg_data", "data.validation_data", "data.cache_dir",
-              "sample.prompts", "early_stop.sample_prompts", "network.weights", "method.ti_weights")
+              "sample.prompts", "early_stop.sample_prompts", "network.weights", "method.ti_weights",
+              "model.base_weights")
 #: path settings that always name a file or folder (model.base and the prompt files may name a built-in instead)
 _ALWAYS_PATHS = ("data.train_data", "data.reg_data", "data.validation_data", "data.cache_dir", "network.weights",
-                 "method.ti_weights")
+                 "method.ti_weights", "model.base_weights")
+
+
+def pair_base_weights(files: list[str], multipliers: list[float]) -> list[tuple[str, float]]:
+    """model.base_weights with model.base_weights_multiplier: each file's multiplier, 1 past the end of the list (as
+    kohya reads --base_weights_multiplier)."""
+    return [(str(f), float(multipliers[i]) if i < len(multipliers) else 1.0) for i, f in enumerate(files)]
 
 
 def missing_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
@@ -749,18 +761,20 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     folder is kept as it is where it may name something else (a model or prompt file lorakit knows by name)."""
     from copy import deepcopy
 
+    def absolute(value: str, always: bool) -> str:
+        path = Path(value).expanduser()
+        # abspath, not resolve: a symlink the user named stays the link they chose
+        return os.path.abspath(path) if not path.is_absolute() and (always or path.exists()) else value
+
     out = deepcopy(cfg)
     for key in _PATH_KEYS:
         section, name = key.split(".")
         value = getattr(getattr(out, section), name)
         if not value:
             continue
-        path = Path(value).expanduser()
-        if not path.is_absolute() and (key in _ALWAYS_PATHS or path.exists()):
-            # abspath, not resolve: a symlink the user named stays the link they chose
-            setattr(getattr(out, section), name, os.path.abspath(path))
-    out.model.base_weights = [os.path.abspath(Path(f).expanduser()) if Path(f).expanduser().exists() else f
-                              for f in out.model.base_weights]
+        always = key in _ALWAYS_PATHS
+        made = [absolute(v, always) for v in value] if isinstance(value, list) else absolute(value, always)
+        setattr(getattr(out, section), name, made)
     return out
 
 
@@ -781,14 +795,19 @@ def resume_changes(previous: TrainConfig, new: TrainConfig) -> tuple[list[str], 
         if key in _NOT_COMPARED:
             continue
         a, b = old.get(key), cur.get(key)
-        if key in _PATH_KEYS:
-            a, b = (str(Path(v).expanduser().resolve()) if v else v for v in (a, b))
-        elif key == "model.base_weights":  # config.toml names them absolutely, the user's config maybe not
-            a, b = ([str(Path(v).expanduser().resolve()) for v in files or []] for files in (a, b))
+        if key in _PATH_KEYS:  # config.toml names them absolutely, the user's config maybe not
+            a, b = (_resolved(v) for v in (a, b))
         if a == b:
             continue
         (applied if key in RESUMABLE else refused).append(f"{key} {a!r} -> {b!r}")
     return applied, refused
+
+
+def _resolved(value: Any) -> Any:
+    """A path setting's value (a path, a list of them, or empty) with every path resolved."""
+    if isinstance(value, list):
+        return [str(Path(v).expanduser().resolve()) for v in value]
+    return str(Path(value).expanduser().resolve()) if value else value
 
 
 # ------------------------------------------------------------------------------------------------- loading

@@ -20,9 +20,9 @@ from lorakit.models import describe_base_model
 from lorakit.run_messages import TEXT_CACHE_LINE, base_weight_specs, count, early_stop_text, opening_line
 from lorakit.trackers import check_tracker
 from lorakit.train import (
+    check_data_settings,
     check_paths,
     check_resume_settings,
-    check_validation,
     planned_steps,
     sample_stop_line,
     saves_epoch,
@@ -63,9 +63,7 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
                          f"{cfg.data.class_prompt!r} would be drawn first; the counts below leave them out")
             data_cfg = replace(cfg.data, reg_data=None)
     data = TrainingData(data_cfg, seed=cfg.training.seed, default_resolution=resolution)
-    check_validation(cfg, data)
-    if cfg.data.cache_text_encoder_outputs:
-        data.check_captions_cacheable()
+    check_data_settings(cfg, data)
     steps_per_epoch, total = planned_steps(cfg, data)
     capped = total < steps_per_epoch * cfg.training.max_epochs
 

@@ -106,9 +106,7 @@ def _native_next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -
 
 def base_weight_specs(cfg: TrainConfig) -> list[str]:
     """model.base_weights as ``FILE:MULT`` arguments of lorakit sample and merge, shell-quoted."""
-    multipliers = cfg.model.base_weights_multiplier
-    return [shlex.quote(f"{f}:{multipliers[i] if i < len(multipliers) else 1.0:g}")
-            for i, f in enumerate(cfg.model.base_weights)]
+    return [shlex.quote(f"{f}:{multiplier:g}") for f, multiplier in cfg.model.base_weight_pairs()]
 
 
 def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[str]:

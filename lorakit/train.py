@@ -130,7 +130,7 @@ def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
     use_vae(model, cfg.model.vae)
     if cfg.model.base_weights:  # kohya's --base_weights: merged in before the adapters or anything else see W
         try:
-            lines = merge_base_weights(model, cfg.model.base_weights, cfg.model.base_weights_multiplier)
+            lines = merge_base_weights(model, cfg.model.base_weight_pairs())
         except LorakitError as err:
             raise ConfigError(f"model.base_weights: {err}") from None
         for line in lines:
@@ -200,10 +200,21 @@ MINIMUM_METADATA = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_n
                     "ss_zero_terminal_snr", METHOD_KEY)
 
 
+def base_weights_metadata(cfg: TrainConfig) -> dict[str, str]:
+    """The entry recording model.base_weights (name, multiplier, content hash), read once per run: lorakit sample
+    says when a file is given without them (known by content: every lorakit result is called lorakit.safetensors)."""
+    if not cfg.model.base_weights:
+        return {}
+    from lorakit.evaluate.checkpoints import file_hash
+
+    return {BASE_WEIGHTS_KEY: json.dumps([[Path(f).name, multiplier, file_hash(Path(f).expanduser())]
+                                          for f, multiplier in cfg.model.base_weight_pairs()])}
+
+
 def metadata_for(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch: int, step: int,
                  extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The metadata of a file the run writes at ``epoch``/``step`` (``extra``: entries of its own); with
-    output.no_metadata, only MINIMUM_METADATA and the ModelSpec."""
+    """The metadata of a file the run writes at ``epoch``/``step`` (``extra``: entries of its own, such as
+    ``base_weights_metadata``); with output.no_metadata, only MINIMUM_METADATA and the ModelSpec."""
     meta = {**_all_metadata(cfg, data, model, epoch, step), **(extra or {})}
     if cfg.output.no_metadata:  # kohya's --no_metadata: no dataset folders, tags, comments or settings
         meta = {k: v for k, v in meta.items() if k in MINIMUM_METADATA or k.startswith("modelspec.")}
@@ -249,14 +260,6 @@ def _all_metadata(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch:
                                 validate_every_n_epochs=str(cfg.training.validate_every_n_epochs),
                                 validate_every_n_steps=str(cfg.training.validate_every_n_steps)))
     meta[METHOD_KEY] = cfg.method.kind  # a native checkpoint is told by it (lorakit.native_checkpoints)
-    if cfg.model.base_weights:  # lorakit sample says when the file is given without them (known by content:
-        # every lorakit result is called lorakit.safetensors)
-        from lorakit.evaluate.checkpoints import file_hash
-
-        multipliers = cfg.model.base_weights_multiplier
-        meta[BASE_WEIGHTS_KEY] = json.dumps([[Path(f).name, multipliers[i] if i < len(multipliers) else 1.0,
-                                              file_hash(Path(f).expanduser())]
-                                             for i, f in enumerate(cfg.model.base_weights)])
     meta.update(data.kohya_metadata())
     meta.update(_modelspec(cfg, data, model))
     return meta
@@ -344,6 +347,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
 
         # the model, what is trained, the data
         model = prepare_model(cfg, accelerator)
+        file_entries = base_weights_metadata(cfg)  # every file the run writes carries them
         try:
             check_clip_skip(model, cfg.model.clip_skip)
         except ValueError as err:
@@ -355,9 +359,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 p.data = p.data.float()
         data = TrainingData(with_class_images(cfg, model, run, is_main, accelerator), seed=cfg.training.seed,
                             default_resolution=model.resolution)
-        check_validation(cfg, data)
-        if cfg.data.cache_text_encoder_outputs:
-            data.check_captions_cacheable()
+        check_data_settings(cfg, data)
         if is_main and sample_stop is not None and hasattr(sample_stop.scorer, "set_reference"):
             sample_stop.scorer.set_reference(data.trained_image_paths())  # what its samples are compared with
         for dataset in data.datasets:
@@ -492,7 +494,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     def save_step_checkpoint(at_epoch: int, done: int, local_batches: int) -> None:
         """kohya's save_every_n_steps: the adapter and the state of this step, then save_last_n_steps's pruning."""
         run.save_checkpoint(at_epoch, method.trained_tensors(), training_state(at_epoch, done, local_batches),
-                            metadata=metadata_for(cfg, data, model, at_epoch, step), step=step)
+                            metadata=metadata_for(cfg, data, model, at_epoch, step, file_entries), step=step)
         if cfg.training.save_last_n_steps is not None:
             run.prune_step_checkpoints(step - cfg.training.save_last_n_steps)
 
@@ -593,7 +595,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                         run.record_tree("logs")  # files the tracker opened since (record_tree: run's own only)
                 if is_main and (saves_epoch(cfg, epoch) or stop_decision is not None or step >= total_steps):
                     run.save_checkpoint(epoch, method.trained_tensors(), training_state(epoch, done, local_batches),
-                                        metadata=metadata_for(cfg, data, model, epoch, step))
+                                        metadata=metadata_for(cfg, data, model, epoch, step, file_entries))
                     # native: a whole U-Net per epoch, so only what may be handed back is kept, as with
                     # kohya's save_last_n_epochs (plus the last N)
                     if cfg.method.kind == "native" or cfg.training.save_last_n_epochs is not None:
@@ -631,7 +633,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     summary_text = ""
     if is_main:
         run.flush_log()
-        found = {}
+        found = dict(file_entries)
         if monitor is not None:
             found["lorakit_early_stop"] = cfg.early_stop.mode
             if turning is not None:
@@ -718,13 +720,16 @@ def saves_epoch(cfg: TrainConfig, epoch: int) -> bool:
     return epoch % cfg.training.save_every_n_epochs == 0 or epoch == cfg.training.max_epochs
 
 
-def check_validation(cfg: TrainConfig, data: TrainingData) -> None:
-    """Validation settings with no image held out would silently do nothing: refused."""
+def check_data_settings(cfg: TrainConfig, data: TrainingData) -> None:
+    """The settings that depend on the data (the run and its dry run check them alike): validation settings with
+    no image held out would silently do nothing; cached text-encoder outputs need captions that repeat."""
     given = [f"training.{k}" for k in _VALIDATION_SETTINGS if getattr(cfg.training, k) is not None]
     if given and not data.held_out:
         raise ConfigError(f"{', '.join(given)}: no image is held out for validation; set data.validation_split "
                           "(kohya's --validation_split, e.g. 0.1) or validation_split in the dataset TOML, or give "
                           "a folder of held-out images: data.validation_data (--validation-data)")
+    if cfg.data.cache_text_encoder_outputs:
+        data.check_captions_cacheable()
 
 
 def _validate(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, data: TrainingData,

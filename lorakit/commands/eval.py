@@ -324,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = make_jobs(prompt_set.prompts, args.seeds)
     model = load_base_model(args.model)
     use_vae(model, args.vae)
-    for line in merge_base_weights(model, [f for f, _ in base_weights], [m for _, m in base_weights]):
+    for line in merge_base_weights(model, base_weights):
         print(f"lorakit eval: base weights, as the runs were trained: {line}")
     check_clip_skip(model, settings.clip_skip)
     own_schedule = _schedule(model)

@@ -196,9 +196,10 @@ def read_run(path: str | Path, every: int = 1, step_checkpoints: bool = False) -
     config = _read_toml(path / "config.toml")
     kind, token = _kind(config, path / "config.toml")
     summary = _read_json(path / "summary.json")
+    from lorakit.config import pair_base_weights
+
     data, model = config.get("data", {}), config.get("model", {})
-    files, multipliers = model.get("base_weights", []), model.get("base_weights_multiplier", [])
-    base_weights = tuple((str(f), float(multipliers[i]) if i < len(multipliers) else 1.0) for i, f in enumerate(files))
+    base_weights = tuple(pair_base_weights(model.get("base_weights", []), model.get("base_weights_multiplier", [])))
     info = RunInfo(name=path.resolve().name, path=path, settings=run_settings(config), summary=summary,
                    data=data.get("train_data"), held_out=data.get("validation_data"), trigger=data.get("trigger"),
                    class_word=data.get("class_word"), caption_templates=data.get("caption_templates"), token=token,

@@ -57,11 +57,10 @@ def bake(model: BaseModel, adapters: Sequence[AdapterSpec | str]) -> list[str]:
     return lines
 
 
-def merge_base_weights(model: BaseModel, files: Sequence[str | Path], multipliers: Sequence[float]) -> list[str]:
-    """kohya's ``--base_weights``: merge adapter ``files`` into ``model``, each at its multiplier (1 where
-    ``multipliers`` has none, as kohya reads ``--base_weights_multiplier``); one line per file."""
-    specs = [AdapterSpec(Path(f).expanduser(), multipliers[i] if i < len(multipliers) else 1.0)
-             for i, f in enumerate(files)]
+def merge_base_weights(model: BaseModel, weights: Sequence[tuple[str, float]]) -> list[str]:
+    """kohya's ``--base_weights``: merge each adapter file of ``weights`` (file, multiplier) into ``model``; one
+    line per file."""
+    specs = [AdapterSpec(Path(f).expanduser(), multiplier) for f, multiplier in weights]
     # named by path: a run's checkpoints are all called trained.safetensors
     return [f"{spec.path} at {spec.multiplier:g}{line.removeprefix(spec.label)}"
             for spec, line in zip(specs, bake(model, specs), strict=True)]
