@@ -588,7 +588,7 @@ class TrainConfig:
         if net.dim_from_weights and (net.blocks is not None or net.block_dims is not None):
             raise ConfigError("network.dim_from_weights and network.blocks/block_dims both choose the ranks: "
                               "the file's modules decide where adapters go; remove one of them")
-        if self.method.kind in ("ti", "pivotal") and not (self.method.ti_token or self.data.trigger):
+        if self.lacks_ti_token():
             raise ConfigError(f"method.kind = {self.method.kind!r} needs the new token: set method.ti_token "
                               "(or data.trigger), e.g. --set method.ti_token=zkz")
         if self.method.ti_weights and self.method.kind not in ("ti", "pivotal"):
@@ -619,6 +619,11 @@ class TrainConfig:
                 raise ConfigError(f"method.kind = {self.method.kind!r} trains no adapter, so {', '.join(changed)} "
                                   f"would be ignored: remove them, or use method.kind = {other}")
         return self
+
+    def lacks_ti_token(self) -> bool:
+        """Textual inversion (or pivotal tuning) with no token to learn given (method.ti_token, or data.trigger):
+        refused, unless the data's folders name it (lorakit train fills it from them first)."""
+        return self.method.kind in ("ti", "pivotal") and not (self.method.ti_token or self.data.trigger)
 
     def trained_text_encoder_setting(self) -> str | None:
         """The setting that makes this run train a text encoder (its embeddings, its weights or an adapter on it),

@@ -340,11 +340,6 @@ def _check_relative_paths(cfg: TrainConfig, run_config: Path) -> None:
                               f"{run_config.parent.resolve()} --resume` from that directory")
 
 
-def _needs_ti_token(cfg: TrainConfig) -> bool:
-    """Textual inversion (or pivotal tuning) with no token to learn given: the data's trigger names it."""
-    return cfg.method.kind in ("ti", "pivotal") and not (cfg.method.ti_token or cfg.data.trigger)
-
-
 def _settings_from_folders(cfg: TrainConfig) -> None:
     """What a kohya-layout folder (``5_ohwx dog/``) already says, for the settings that need it and were not
     given: textual inversion's token is the folders' trigger (``ohwx``), as for the adapters, and prior
@@ -353,7 +348,7 @@ def _settings_from_folders(cfg: TrainConfig) -> None:
     if not cfg.data.train_data:
         return
     wanted = []
-    if _needs_ti_token(cfg):
+    if cfg.lacks_ti_token():
         wanted.append(("trigger", "method", "ti_token", "learns one token"))
     if cfg.data.num_class_images > 0 and not cfg.data.class_prompt:
         wanted.append(("class", "data", "class_prompt", "generates class images from one class prompt"))
@@ -376,7 +371,7 @@ def _settings_from_folders(cfg: TrainConfig) -> None:
 def _builtin_token(cfg: TrainConfig) -> None:
     """Textual inversion on the built-in job learns the built-in concept's trigger, as it would from the
     concept's kohya folder given as --data."""
-    if _needs_ti_token(cfg):
+    if cfg.lacks_ti_token():
         from lorakit.world.concept import FOLDER_NAME, TRIGGER_WORD
 
         cfg.method.ti_token = TRIGGER_WORD
