@@ -338,7 +338,10 @@ def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device:
             net.to(target).eval()
         pipe = model.pipeline()
         pipe.set_progress_bar_config(disable=True)
-        upcast_vae = model.vae.dtype != model.unet.dtype  # kohya's no_half_vae: the pipeline would mix dtypes
+        # in half precision the latents are decoded here, in the VAE's dtype: the pipeline would hand the VAE the
+        # U-Net's (an fp32 VAE beside a half U-Net, kohya's no_half_vae; fp32 latents from the U-Net accelerate
+        # wraps for mixed precision during training)
+        decode_here = not model.vae.dtype == model.unet.dtype == torch.float32
         with torch.random.fork_rng(devices=rng_devices):
             for (width, height, steps, cfg, sampler), indices in groups.items():
                 pipe.scheduler = make_scheduler(sampler, model)
@@ -348,9 +351,9 @@ def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device:
                                         max_token_length, target)
                     out = pipe(**text, height=height, width=width, num_inference_steps=steps, guidance_scale=cfg,
                                generator=[torch.Generator("cpu").manual_seed(resolved[i].seed) for i in chunk],
-                               output_type="latent" if upcast_vae else "pil")
-                    for i, image in zip(chunk, _decoded(pipe, out.images) if upcast_vae else out.images,
-                                        strict=True):
+                               output_type="latent" if decode_here else "pil")
+                    decoded = _decoded(pipe, out.images, model.is_sdxl) if decode_here else out.images
+                    for i, image in zip(chunk, decoded, strict=True):
                         images[i] = image
                     bar.update(len(chunk))
     finally:
@@ -362,11 +365,19 @@ def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device:
     return images  # type: ignore[return-value]
 
 
-def _decoded(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
-    """The pipeline's latents decoded by a VAE of another dtype (fp32 beside a half-precision U-Net)."""
+def _decoded(pipe: Any, latents: torch.Tensor, is_sdxl: bool) -> list[Image.Image]:
+    """The pipeline's latents decoded in the VAE's dtype; an SDXL VAE in fp16 that its config says overflows
+    (force_upcast) decodes in fp32 for the while, as the SDXL pipeline decodes it."""
     vae = pipe.vae
-    with torch.no_grad():
-        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    dtype = vae.dtype
+    upcast = is_sdxl and dtype == torch.float16 and vae.config.get("force_upcast", False)
+    try:
+        if upcast:
+            vae.to(torch.float32)
+        with torch.no_grad():
+            pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    finally:
+        vae.to(dtype)
     return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
 
 

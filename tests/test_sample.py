@@ -258,3 +258,19 @@ def test_save_sample_grid_writes_png_atomically(tmp_path):
     with Image.open(path) as im:
         assert im.format == "PNG" and im.width == 2 * 66 + 2
     assert [p.name for p in path.parent.iterdir()] == ["e1.png"]
+
+
+def test_an_sdxl_vae_in_fp16_decodes_in_fp32_and_stays_fp16(tiny_sdxl_dir):
+    """Latents are decoded by lorakit in half precision (the pipeline would hand the VAE the U-Net's dtype); an SDXL
+    VAE whose config says it overflows in fp16 (force_upcast) decodes in fp32 for the while, as the SDXL pipeline
+    decodes it, and is fp16 again afterwards."""
+    from lorakit.sample import SamplePrompt, generate
+
+    model = load_base_model(tiny_sdxl_dir)
+    model.to(dtype=torch.float16)
+    assert model.vae.config.force_upcast
+    seen = []
+    model.vae.post_quant_conv.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    image = generate(model, [SamplePrompt("a shape", width=64, height=64, steps=2)], progress=False)[0]
+    assert seen == [torch.float32] and model.vae.dtype == torch.float16
+    assert np.asarray(image).std() > 1
