@@ -68,6 +68,13 @@ class ModelConfig:
     #: kohya's --no_half_vae: the VAE stays fp32 under fp16/bf16 mixed precision (some VAEs give NaN latents or
     #: black images in fp16)
     no_half_vae: bool = False
+    #: kohya's --fp8_base: the frozen linear and conv weights of the U-Net and text encoders stored in fp8
+    #: (float8_e4m3fn) and upcast layer by layer as they compute: about half a bf16 model's memory, for 3 mantissa
+    #: bits in those weights (norms, embeddings and biases keep theirs; adapters and textual inversion's token
+    #: train in fp32 as always); needs mixed_precision fp16 or bf16, and not native fine-tuning (it trains them)
+    fp8_base: bool = False
+    #: kohya's --fp8_base_unet: the U-Net's weights alone in fp8; the text encoders stay as mixed_precision has them
+    fp8_base_unet: bool = False
     #: override the model's prediction type ("epsilon" or "v_prediction"); None: the model's own
     prediction_type: str | None = None
     #: kohya's --zero_terminal_snr (Lin et al. 2024): the noise schedule rescaled so that its last step is pure
@@ -90,6 +97,10 @@ class ModelConfig:
     compile_mode: str = "default"
     #: torch.compile's backend ("inductor"; "aot_eager" traces without generating code, to check a model compiles)
     compile_backend: str = "inductor"
+
+    def fp8_parts(self) -> tuple[str, ...]:
+        """The parts of the base model model.fp8_base/fp8_base_unet store in fp8: (), ("unet",) or both."""
+        return ("unet", "text_encoders") if self.fp8_base else ("unet",) if self.fp8_base_unet else ()
 
     def base_weight_pairs(self) -> list[tuple[str, float]]:
         """(file, multiplier) of each of base_weights, as kohya pairs them (1 where no multiplier is given)."""
@@ -591,6 +602,7 @@ class TrainConfig:
         if self.lacks_ti_token():
             raise ConfigError(f"method.kind = {self.method.kind!r} needs the new token: set method.ti_token "
                               "(or data.trigger), e.g. --set method.ti_token=zkz")
+        self._validate_fp8()
         if self.method.ti_weights and self.method.kind not in ("ti", "pivotal"):
             raise ConfigError(f"method.ti_weights starts a textual-inversion embedding, but method.kind is "
                               f"{self.method.kind!r}: use method.kind = 'ti' or 'pivotal' (an adapter starts from "
@@ -619,6 +631,18 @@ class TrainConfig:
                 raise ConfigError(f"method.kind = {self.method.kind!r} trains no adapter, so {', '.join(changed)} "
                                   f"would be ignored: remove them, or use method.kind = {other}")
         return self
+
+    def _validate_fp8(self) -> None:
+        parts = self.model.fp8_parts()
+        if not parts:
+            return
+        option = "model.fp8_base" if self.model.fp8_base else "model.fp8_base_unet"
+        if self.model.mixed_precision == "no":  # kohya refuses it too: fp8 is storage, the layers compute in it
+            raise ConfigError(f"{option} stores the base weights in fp8 and computes in mixed precision's dtype: set "
+                              "model.mixed_precision to bf16 (or fp16 on a GPU)")
+        if self.method.kind == "native":
+            raise ConfigError(f"{option}: native fine-tuning trains the base model's weights, which fp8 cannot hold; "
+                              "use it with an adapter (method.kind = 'adapter')")
 
     def lacks_ti_token(self) -> bool:
         """Textual inversion (or pivotal tuning) with no token to learn given (method.ti_token, or data.trigger):

@@ -40,6 +40,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from lorakit import ldm
 from lorakit.atomic import atomic_write, give_umask_modes, new_temp_path
 from lorakit.errors import InvalidValueError, LorakitError
+from lorakit.fp8 import compute_dtype
 from lorakit.loss import PREDICTION_TYPES
 from lorakit.metadata import version_metadata
 from lorakit.vocab import build_vocab
@@ -136,7 +137,8 @@ class BaseModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        """The dtype the U-Net computes in (with its weights stored in fp8, model.fp8_base, the one they had)."""
+        return compute_dtype(self.unet)
 
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> BaseModel:
         """Move (and optionally cast) the networks in place; returns self."""

@@ -341,7 +341,7 @@ def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device:
         # in half precision the latents are decoded here, in the VAE's dtype: the pipeline would hand the VAE the
         # U-Net's (an fp32 VAE beside a half U-Net, kohya's no_half_vae; fp32 latents from the U-Net accelerate
         # wraps for mixed precision during training)
-        decode_here = not model.vae.dtype == model.unet.dtype == torch.float32
+        decode_here = not model.vae.dtype == model.dtype == torch.float32
         with torch.random.fork_rng(devices=rng_devices):
             for (width, height, steps, cfg, sampler), indices in groups.items():
                 pipe.scheduler = make_scheduler(sampler, model)

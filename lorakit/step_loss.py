@@ -68,8 +68,8 @@ def prediction_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, 
     height, width = (side * model.vae_scale_factor for side in latents.shape[-2:])
     with accelerator.autocast():
         text = encode_captions(cfg, model, text_encoders, captions, device, captions_cache)
-        prediction = unet(latents.to(model.unet.dtype), noised.timesteps, text.states.to(model.unet.dtype),
-                          **text.unet_kwargs(height, width, model.unet.dtype, batch.size_conditions)).sample
+        prediction = unet(latents.to(model.dtype), noised.timesteps, text.states.to(model.dtype),
+                          **text.unet_kwargs(height, width, model.dtype, batch.size_conditions)).sample
     return diffusion_loss(prediction, noised, model.noise_scheduler, model.prediction_type, options.min_snr_gamma,
                           batch.is_reg, options.prior_loss_weight, debiased=options.debiased_estimation_loss,
                           loss_type=options.loss_type, huber_schedule=options.huber_schedule,

@@ -44,6 +44,7 @@ from lorakit.earlystop.rules import SIZE_SERIES
 from lorakit.earlystop.samples import SampleStop, SampleTurningPoint, make_sample_stop
 from lorakit.errors import LorakitError
 from lorakit.formats import AdapterFile, read_adapter
+from lorakit.fp8 import store_frozen_in_fp8
 from lorakit.loss import check_loss_options
 from lorakit.metadata import base_model_fields, ss_metadata
 from lorakit.methods import TrainingMethod, make_method
@@ -162,6 +163,25 @@ def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
         for text_encoder in model.text_encoders:
             text_encoder.gradient_checkpointing_enable()
     return model
+
+
+def keep_frozen_out_of_ddp(module: torch.nn.Module) -> None:
+    """DistributedDataParallel leaves the module's frozen weights alone: each process loaded the same ones, and its
+    broadcast of them from the first process at the start would copy the whole base model for nothing (and gloo,
+    the CPU's backend, cannot send fp8 weights: model.fp8_base)."""
+    frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
+
+
+def store_base_in_fp8(model: BaseModel, parts: tuple[str, ...]) -> str:
+    """model.fp8_base / fp8_base_unet: the frozen weights of ``parts`` ("unet", "text_encoders") stored in fp8;
+    the line the run prints about it."""
+    modules = [model.unet, *(model.text_encoders if "text_encoders" in parts else ())]
+    sizes = [store_frozen_in_fp8(module) for module in modules]
+    before, after = (sum(size[i] for size in sizes) / 2**20 for i in (0, 1))
+    names = "U-Net's and text encoders'" if "text_encoders" in parts else "U-Net's"
+    return (f"fp8 base: the {names} frozen weights take {after:.1f} MiB with their linear and conv layers in fp8, "
+            f"instead of {before:.1f} MiB")
 
 
 def with_class_images(cfg: TrainConfig, model: BaseModel, run: RunFolder, is_main: bool,
@@ -357,6 +377,10 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         for group in method.param_groups():  # trained tensors stay fp32 whatever the base model's dtype
             for p in group["params"]:
                 p.data = p.data.float()
+        if cfg.model.fp8_parts():  # once the adapters are in place: their own layers are trained, not stored
+            line = store_base_in_fp8(model, cfg.model.fp8_parts())
+            if is_main:
+                print(line)
         data = TrainingData(with_class_images(cfg, model, run, is_main, accelerator), seed=cfg.training.seed,
                             default_resolution=model.resolution)
         check_data_settings(cfg, data)
@@ -416,6 +440,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             print(f"resuming {run.path}: no checkpoint was saved yet, starting from the beginning")
 
         trained = [m for m in (model.unet, *model.text_encoders) if any(p.requires_grad for p in m.parameters())]
+        for module in trained:
+            keep_frozen_out_of_ddp(module)
         prepared = accelerator.prepare(*trained, optimizer, lr_schedule)
         optimizer, lr_schedule = prepared[-2], prepared[-1]
         # run the wrapped modules (DDP in a distributed run); sampling and saving use the plain ones

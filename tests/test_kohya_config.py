@@ -51,6 +51,7 @@ sample_sampler = "euler_a"
 save_every_n_steps = 500
 save_last_n_steps = 2000
 fp8_base = true
+no_token_padding = true
 my_own_key = 3
 """
 
@@ -79,7 +80,8 @@ def test_every_option_is_translated_or_listed(tmp_path):
     assert cfg.model.gradient_checkpointing and cfg.output.log_with == "tensorboard"
     assert cfg.sample.sampler == "euler_a"
     assert (cfg.training.save_every_n_steps, cfg.training.save_last_n_steps) == (500, 2000)
-    assert [line.split(" = ")[0] for line in translation.untranslated] == ["fp8_base", "my_own_key"]
+    assert cfg.model.fp8_base  # kohya's fp8_base: the base weights stored in fp8
+    assert [line.split(" = ")[0] for line in translation.untranslated] == ["no_token_padding", "my_own_key"]
     assert "full_bf16" in translation.skipped and "xformers" in translation.skipped  # off, or lorakit's way anyway
 
 
@@ -106,17 +108,17 @@ def kohya_file(tmp_path, model_dir, name: str, options: str):
 def test_a_kohya_config_trains_as_kohya_would_and_prints_a_lorakit_config(tiny_model_dir, tmp_path, capsys):
     path = kohya_file(tmp_path, tiny_model_dir, "kohya.toml", 'output_name = "zkz"\nnetwork_module = "networks.lora"\n'
                       'network_dim = 4\nnetwork_alpha = 2\ntrain_batch_size = 2\nmax_train_epochs = 1\nseed = 1\n'
-                      'fp8_base = true\n')
+                      'no_token_padding = true\n')
     assert main(["train", "--from-kohya", str(path), "--no-progress"]) == 2  # refused: not every option taken over
     err = capsys.readouterr().err
-    assert "fp8_base" in err and "--print-config" in err and not (tmp_path / "run").exists()
+    assert "no_token_padding" in err and "--print-config" in err and not (tmp_path / "run").exists()
     assert main(["train", "--from-kohya", str(path), "--print-config"]) == 0
     printed = capsys.readouterr()
-    assert "not taken over" in printed.err and "fp8_base" in printed.err
+    assert "not taken over" in printed.err and "no_token_padding" in printed.err
     (tmp_path / "lorakit.toml").write_text(printed.out)
     assert load_config(tmp_path / "lorakit.toml").network.rank == 4  # the printed config is a lorakit config
 
-    path.write_text(path.read_text().replace("fp8_base = true\n", ""))
+    path.write_text(path.read_text().replace("no_token_padding = true\n", ""))
     assert main(["train", "--from-kohya", str(path), "--no-progress", "--early-stop", "off"]) == 0
     with safe_open(str(tmp_path / "run" / "zkz.safetensors"), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import InvalidValueError, LorakitError
+from lorakit.fp8 import FP8_LAYERS, fp8_product
 
 BaseLayer = nn.Linear | nn.Conv2d
 
@@ -114,7 +115,9 @@ class Adapter(nn.Module):
     # ---- the layer being adapted -------------------------------------------------------------
     @property
     def base_weight(self) -> torch.Tensor:
-        return self.base.weight
+        """``W0`` as the layer computes with it: a weight stored in fp8 (model.fp8_base) is upcast, per use."""
+        weight = self.base.weight
+        return weight.to(self.base.compute_dtype) if isinstance(self.base, FP8_LAYERS) else weight
 
     @property
     def base_bias(self) -> torch.Tensor | None:
@@ -123,7 +126,7 @@ class Adapter(nn.Module):
     @property
     def original_weight(self) -> torch.Tensor:
         """``W0`` even while merged (the algorithms whose update depends on ``W0`` read this)."""
-        return self._original[0] if self.merged else self.base.weight
+        return self._original[0] if self.merged else self.base_weight
 
     @property
     def in_features(self) -> int:
@@ -151,6 +154,13 @@ class Adapter(nn.Module):
             return F.linear(x, weight, bias)
         conv = self.base
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
+
+    def frozen_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The frozen layer's own product ``W0 x`` (+ ``bias``).  A weight stored in fp8 (model.fp8_base) is upcast
+        for it, and autograd keeps the fp8 weight for the backward pass rather than the upcast copy."""
+        if isinstance(self.base, FP8_LAYERS):
+            return fp8_product(self.base, x, bias)
+        return self.base_forward(x, self.base.weight, bias)
 
     def positions(self, x: torch.Tensor) -> int:
         """How many output positions the layer computes for ``x``: tokens (× batch) for a Linear, batch ×
@@ -195,13 +205,13 @@ class Adapter(nn.Module):
         return self._forward_with_delta(x, dw, db)
 
     def _forward_with_delta(self, x: torch.Tensor, dw: torch.Tensor, db: torch.Tensor | None) -> torch.Tensor:
-        w0, b0 = self.base.weight, self.base.bias
+        w0, b0 = self.base.weight, self.base.bias  # stored in fp8 it is not fused (not in FUSE_DTYPES)
         output_dropout = self.training and self.dropout > 0
         if not output_dropout and x.dtype == w0.dtype == dw.dtype and w0.dtype in FUSE_DTYPES:
             # one matmul/conv with W0 + ΔW: the cheapest path when no precision is lost
             bias = b0 if db is None else (db if b0 is None else b0 + db)
             return self.base_forward(x, w0 + dw, bias)
-        y = self.base_forward(x, w0, b0)
+        y = self.frozen_forward(x, b0)
         h = x if x.dtype == dw.dtype else x.to(dw.dtype)
         d = self.base_forward(h, dw, db)
         if output_dropout:
@@ -240,6 +250,9 @@ class Adapter(nn.Module):
         """Add the update into the base layer; ``forward`` then runs the base layer alone."""
         if self.merged:
             return
+        if isinstance(self.base, FP8_LAYERS):
+            raise LorakitError(f"cannot merge into a base weight stored in {self.base.weight.dtype} (model.fp8_base): "
+                               "the update would be rounded to its few bits")
         dw, db = self.delta_weight(), self.delta_bias()
         bias = self.base.bias
         # keep the originals: unmerge restores them bit for bit (W0 + ΔW - ΔW is not W0 in floating point)

@@ -68,7 +68,7 @@ class DyLoRA(LoRA):
             return super().forward(x)
         n = self.sample_rank()
         down, up = self._truncated(n)
-        y = self.base_forward(x, self.base.weight, self.base.bias)
+        y = self.frozen_forward(x, self.base.bias)
         h = x if x.dtype == down.dtype else x.to(down.dtype)
         if self.kind == "linear":
             h = F.linear(h, down)

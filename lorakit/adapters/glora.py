@@ -117,12 +117,12 @@ class GLoRA(LowRankAdapter):
         if train and self.dropout > 0:
             da = F.dropout(da, self.dropout, training=True)
             db = F.dropout(db, self.dropout, training=True)
-        w0, b0 = self.base.weight, self.base.bias
+        b0 = self.base.bias
         if x.dtype in _FUSE and x.dtype == da.dtype:
             # W0 (x + γ A x) + b in one pass of the frozen layer
-            y = self.base_forward(torch.add(x, da, alpha=scale), w0, b0)
+            y = self.frozen_forward(torch.add(x, da, alpha=scale), b0)
         else:  # half precision: x + γ A x would round the update away; the update gets its own pass
-            y = self.base_forward(x, w0, b0) + self.base_forward((da * scale).to(x.dtype), w0, None)
+            y = self.frozen_forward(x, b0) + self.frozen_forward((da * scale).to(x.dtype), None)
         return torch.add(y, db if db.dtype == y.dtype else db.to(y.dtype), alpha=scale)
 
     @classmethod

@@ -59,8 +59,8 @@ class IA3(Adapter):
                 h = x * (1 + v).to(x.dtype)
             else:  # 1 + v would round a small v away in half precision
                 h = x + (x.to(v.dtype) * v).to(x.dtype)
-            return self.base_forward(h, self.base.weight, self.base.bias)
-        z = self.base_forward(x, self.base.weight, None)
+            return self.frozen_forward(h, self.base.bias)
+        z = self.frozen_forward(x, None)
         if self.kind == "conv":
             v = v.reshape(-1, 1, 1) if x.dim() == 3 else v
         if train and self.rank_dropout > 0:  # output rows of ΔW

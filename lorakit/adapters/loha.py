@@ -99,9 +99,9 @@ class LoHa(LowRankAdapter):
         if self._plain_chain(x):
             base = self.base
             conv = None if self.kind == "linear" else (list(base.stride), list(base.padding), list(base.dilation))
-            return loha_chain(x, base.weight, base.bias, self.hada_w1_a, self.hada_w1_b, self.hada_w2_a,
+            return loha_chain(x, self.base_weight, base.bias, self.hada_w1_a, self.hada_w1_b, self.hada_w2_a,
                               self.hada_w2_b, self.scale * self.multiplier, conv)
-        y = self.base_forward(x, self.base.weight, self.base.bias)
+        y = self.frozen_forward(x, self.base.bias)
         u, v, core = loha_factors(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b,
                                   self.hada_t1, self.hada_t2)
         u = u * (self.scale * self.multiplier)

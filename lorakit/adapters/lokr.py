@@ -183,7 +183,7 @@ class LoKr(LowRankAdapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.dora_scale is not None or not self.factorised_for(x):
             return super().forward(x)
-        y = self.base_forward(x, self.base.weight, self.base.bias)
+        y = self.frozen_forward(x, self.base.bias)
         w1 = self._w1() * (self.scale * self.multiplier)  # the scale rides on the smallest tensor
         train = self.training
         if train and self.module_dropout > 0:

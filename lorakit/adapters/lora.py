@@ -108,11 +108,11 @@ class LoRA(LowRankAdapter):
             if self.merged or self.lora_mid is not None or dropouts:
                 return super().forward(x)
             if self.multiplier == 0:  # strength 0 is the base layer, bit for bit
-                return self.base_forward(x, self.base.weight, self.base.bias)
+                return self.frozen_forward(x, self.base.bias)
             return self._dora_forward(x)
         if self.merged:
             return super().forward(x)
-        y = self.base_forward(x, self.base.weight, self.base.bias)
+        y = self.frozen_forward(x, self.base.bias)
         h = self._down(x)
         up, scale = self.lora_up.weight, self.scale * self.multiplier
         if self.training:
@@ -129,7 +129,7 @@ class LoRA(LowRankAdapter):
         magnitude = self.dora_scale
         dtype = torch.promote_types(magnitude.dtype, torch.float32)
         n_out, r, gamma = self.out_features, self.rank, self.scale
-        w0 = self.base.weight
+        w0 = self.base_weight
         w = w0.reshape(n_out, -1).to(dtype)
         a = self.lora_down.weight.reshape(r, -1).to(dtype)
         b = self.lora_up.weight.reshape(n_out, r).to(dtype)

@@ -163,7 +163,7 @@ class OFT(Adapter):
         if not self.factorised_for(x) and not (train and self.dropout > 0):  # dropout acts on the output
             return self._weight_rotating_forward(x, train)
         axis = -1 if self.kind == "linear" else (1 if x.dim() == 4 else 0)
-        z = self.base_forward(x, self.base.weight, None)
+        z = self.frozen_forward(x, None)
         zf = z.to(torch.promote_types(z.dtype, torch.float32))
         rotated = self.rotate(zf, axis)
         if self.rescale is not None:
@@ -195,7 +195,7 @@ class OFT(Adapter):
         delta, _ = self._deltas(train)
         if train and self.module_dropout > 0:
             delta = delta * self._module_keep(delta)
-        w0 = self.base.weight
+        w0 = self.base_weight
         weight = w0.to(delta.dtype) + delta
         return self.base_forward(x, weight if weight.dtype == x.dtype else weight.to(x.dtype), self.base.bias)
 

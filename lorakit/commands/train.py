@@ -194,7 +194,7 @@ KOHYA_OPTIONS: dict[str, str] = {
                    "weights and the optimizer's state; --mixed-precision bf16 runs the model in bf16)",
     "--full-fp16": "(not in lorakit for native fine-tuning: trained weights stay fp32, twice kohya's memory for the "
                    "weights and the optimizer's state; --mixed-precision fp16 runs the model in fp16)",
-    "--fp8-base": "(not in lorakit: the base model runs in --mixed-precision's dtype)",
+    "--fp8-base": "--set model.fp8_base=true",
     "--v2": "(the default: lorakit tells an SD2.x model from an SD1.x one by its text encoder; an SD2.x single "
             "file predicting v whose metadata does not say so also needs --v-parameterization, as in kohya)",
     "--block-lr": "(not in lorakit: sdxl_train.py's learning rate per U-Net block in SDXL fine-tuning; lorakit's "
@@ -246,7 +246,7 @@ KOHYA_OPTIONS: dict[str, str] = {
                      "--huggingface-path-in-repo", "--huggingface-token", "--huggingface-repo-visibility",
                      "--save-state-to-huggingface"), "(not in lorakit: nothing is uploaded)"),
     "--resume-from-huggingface": "(not in lorakit: nothing is downloaded)",
-    "--fp8-base-unet": "(not in lorakit: the base model runs in --mixed-precision's dtype)",
+    "--fp8-base-unet": "--set model.fp8_base_unet=true",
     "--fp16-master-weights-and-gradients": "(not in lorakit: trained weights stay fp32)",
     "--fused-backward-pass": "(not in lorakit: the optimizer steps after the whole backward pass)",
     "--fused-optimizer-groups": "(not in lorakit: the optimizer steps after the whole backward pass)",

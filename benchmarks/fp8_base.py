@@ -1,0 +1,129 @@
+"""model.fp8_base (kohya's --fp8_base): what storing the frozen U-Net in fp8 saves, and what it costs per step.
+
+    python benchmarks/fp8_base.py                         # CPU: SD1.5 layout at half width, 16x16 latents, bf16
+    python benchmarks/fp8_base.py --quick                 # smoke test: a tiny U-Net, 2 rounds
+    python benchmarks/fp8_base.py --family sdxl --width full --rounds 1 --no-step   # SDXL's U-Net: the bytes only
+    python benchmarks/fp8_base.py --device cuda --width full --resolution 512      # a GPU: SD1.5 at 512²
+
+Two copies of the same U-Net with a lorakit LoRA (rank 8, attention and feed-forward, the trainer's default
+preset) on it: one with its frozen weights in ``--dtype`` (bf16), one with them stored in fp8 as the trainer
+stores them (``lorakit.fp8.store_frozen_in_fp8``).  For each: the frozen weights' bytes at rest, and a real
+training step (forward under autocast, MSE loss, backward, AdamW step) timed over ``--rounds`` interleaved rounds
+(median; CPU: process CPU time, CUDA: synchronised wall time) with the step's peak memory above the resting state
+(as ``train_step.py`` measures it).  Only ratios within one run mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import (  # noqa: E402  (the benchmark's own helpers, beside this file)
+    WIDTHS,
+    Clock,
+    PeakMemory,
+    build_unet,
+    machine,
+    make_batch,
+    make_step,
+    pooled_width,
+    unet_config,
+)
+
+from lorakit.fp8 import frozen_bytes, store_frozen_in_fp8  # noqa: E402
+from lorakit.network import UniformRanks, create_network  # noqa: E402
+
+RANK = 8
+
+
+def adapted_unet(config: dict[str, Any], device: str, dtype: torch.dtype, fp8: bool):
+    """The U-Net with a LoRA on it, its trained tensors in fp32; with ``fp8`` its frozen weights stored in fp8."""
+    unet = build_unet(config, device, dtype)
+    network = create_network(unet, preset="attn-mlp", ranks=UniformRanks(RANK, float(RANK)), algorithm="lora")
+    params = [p for group in network.trainable_parameters().values() for p in group]
+    for p in params:
+        p.data = p.data.float()
+    before = frozen_bytes(unet)
+    if fp8:
+        store_frozen_in_fp8(unet)
+    return unet, params, before
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="mixed precision's dtype")
+    parser.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
+    parser.add_argument("--width", choices=sorted(WIDTHS), default=None, help="default: half on the CPU, else full")
+    parser.add_argument("--resolution", type=int, default=None, help="image side (default 128; quick 64)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; quick 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--quick", action="store_true", help="a tiny U-Net and 2 rounds: a smoke test")
+    parser.add_argument("--no-step", action="store_true", help="the bytes at rest only (no training step)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    args.width = args.width or ("half" if args.device == "cpu" else "full")
+    args.resolution = args.resolution or (64 if args.quick else 128)
+    args.rounds = args.rounds or (2 if args.quick else 5)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    config = unet_config(args.quick, args.width, args.family)
+    device_type = torch.device(args.device).type
+    clock, memory = Clock(args.device), PeakMemory(args.device)
+    batch = make_batch(args.batch, args.resolution // 8, config["cross_attention_dim"], args.device, dtype,
+                       pooled_width(config))
+    names = (args.dtype, "fp8")
+    rows: dict[str, dict[str, Any]] = {}
+    steps = {}
+    for name in names:
+        unet, params, before = adapted_unet(config, args.device, dtype, fp8=name == "fp8")
+        rows[name] = {"frozen_bytes": frozen_bytes(unet), "frozen_bytes_before": before, "times": [], "peak": None}
+        if not args.no_step:
+            steps[name] = make_step(unet, batch, params, lambda: torch.autocast(device_type, dtype=dtype))
+            steps[name]()  # warm-up
+        del unet, params
+        gc.collect()
+    started = time.perf_counter()
+    for r in range(0 if args.no_step else args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:  # alternate the order: neither always runs first
+            start = clock()
+            steps[name]()
+            rows[name]["times"].append(clock() - start)
+            if r == 0:
+                rows[name]["peak"] = memory.measure(steps[name])
+        print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+    base = rows[args.dtype]
+    lines = ["| frozen U-Net | weights at rest | step (median) | step's peak above rest |", "|---|---|---|---|"]
+    for name in names:
+        row = rows[name]
+        row["median_s"] = statistics.median(row["times"]) if row["times"] else None
+        size = f"{row['frozen_bytes'] / 2**20:.1f} MiB ({row['frozen_bytes'] / base['frozen_bytes']:.2f}×)"
+        step = "—" if row["median_s"] is None else \
+            f"{row['median_s']:.3f} s ({row['median_s'] / base['median_s']:.2f}×)"
+        peak = "—" if row["peak"] is None else f"{row['peak'] / 2**20:.1f} MiB"
+        lines.append(f"| {name} | {size} | {step} | {peak} |")
+    print("\n".join(lines))
+    result = {"machine": machine(args.device), "settings": {**vars(args), "json": str(args.json), "rank": RANK},
+              "elapsed_s": round(time.perf_counter() - started, 1), "results": rows, "command": " ".join(sys.argv)}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main()

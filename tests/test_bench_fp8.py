@@ -1,0 +1,31 @@
+"""Smoke test of benchmarks/fp8_base.py: a tiny run in a subprocess writes the table and the JSON the docs quote.
+
+It checks fields and the bytes at rest (exact), never timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.extended  # 10 s: the benchmark's harness, not the product (pytest -m extended)
+def test_quick_run_writes_the_table_and_every_field(tmp_path: Path) -> None:
+    out = tmp_path / "fp8.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fp8_base.py"), "--quick", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| fp8 | " in done.stdout and "| bf16 | " in done.stdout
+    rows = json.loads(out.read_text())["results"]
+    bf16, fp8 = rows["bf16"], rows["fp8"]
+    assert bf16["frozen_bytes"] == bf16["frozen_bytes_before"] == fp8["frozen_bytes_before"]
+    assert 0.45 < fp8["frozen_bytes"] / bf16["frozen_bytes"] < 0.6  # one byte a weight but the norms
+    assert len(bf16["times"]) == len(fp8["times"]) == 2 and fp8["median_s"] > 0
