@@ -369,6 +369,9 @@ class OutputConfig:
     log_tracker_name: str | None = None
     #: kohya's --wandb_run_name: the W&B run's name (None: the run folder's name)
     wandb_run_name: str | None = None
+    #: kohya's --log_tracker_config: a TOML file with each tracker's own settings, passed to it as it starts:
+    #: [wandb] entity = "my-team", tags = ["lora"], notes = "..."; [tensorboard] flush_secs = 30, filename_suffix
+    log_tracker_config: str | None = None
     #: kohya's --metadata_title / _author / _description / _license / _tags: the result's ModelSpec entries
     #: (modelspec.title etc., which model managers and sites show; the title defaults to output.name)
     metadata_title: str | None = None
@@ -754,16 +757,16 @@ RESUMABLE = ("training.max_epochs", "training.max_steps", "training.save_every_n
              "sample.every_n_epochs", "sample.sampler", "sample.steps", "sample.cfg_scale", "sample.at_first",
              # what is logged where, and how the result describes itself: never the training
              "output.log_with", "output.logging_dir", "output.log_tracker_name", "output.wandb_run_name",
-             "output.comment", "output.metadata_title", "output.metadata_author", "output.metadata_description",
-             "output.metadata_license", "output.metadata_tags")
+             "output.log_tracker_config", "output.comment", "output.metadata_title", "output.metadata_author",
+             "output.metadata_description", "output.metadata_license", "output.metadata_tags")
 _NOT_COMPARED = ("output.dir", "output.if_exists")
 #: the settings that name files or folders (model.base_weights: a list of them)
 _PATH_KEYS = ("model.base", "data.train_data", "data.reg_data", "data.validation_data", "data.cache_dir",
               "sample.prompts", "early_stop.sample_prompts", "network.weights", "method.ti_weights",
-              "model.base_weights")
+              "model.base_weights", "output.log_tracker_config")
 #: path settings that always name a file or folder (model.base and the prompt files may name a built-in instead)
 _ALWAYS_PATHS = ("data.train_data", "data.reg_data", "data.validation_data", "data.cache_dir", "network.weights",
-                 "method.ti_weights", "model.base_weights")
+                 "method.ti_weights", "model.base_weights", "output.log_tracker_config")
 
 
 def pair_base_weights(files: list[str], multipliers: list[float]) -> list[tuple[str, float]]:

@@ -18,7 +18,7 @@ from lorakit.data import TrainingData
 from lorakit.methods import block_dims_rule, check_sdxl_settings
 from lorakit.models import describe_base_model
 from lorakit.run_messages import TEXT_CACHE_LINE, base_weight_specs, count, early_stop_text, opening_line
-from lorakit.trackers import check_tracker
+from lorakit.trackers import check_tracker, read_tracker_settings
 from lorakit.train import (
     check_data_settings,
     check_paths,
@@ -37,6 +37,7 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     """The report of a run that is checked but not started (raises what the trainer would raise)."""
     cfg.validate()
     check_tracker(cfg.output.log_with)
+    read_tracker_settings(cfg.output.log_tracker_config, cfg.output.log_with)  # refused as the run refuses it
     check_paths(cfg, config_file)
     previous = Path(cfg.output.dir) / "config.toml"
     resuming = cfg.output.if_exists == "resume" and previous.is_file()

@@ -60,6 +60,47 @@ def check_tracker(log_with: str | None) -> None:
                                 "copied into the run folder)")
 
 
+#: W&B settings lorakit keeps for itself: a resumed run continues the W&B run by them
+_WANDB_OWN = ("id", "resume")
+
+
+def read_tracker_settings(path: str | Path | None, log_with: str | None) -> dict[str, dict[str, Any]]:
+    """kohya's --log_tracker_config: a TOML file with a table of each tracker's own settings (``[wandb]`` entity,
+    tags, notes, ...; ``[tensorboard]`` flush_secs, filename_suffix, ...), passed to the tracker as it starts.
+    Refused, naming the file, when it is unreadable, when a table names a tracker the run does not write, or when it
+    sets the W&B run id that resuming relies on."""
+    if path is None:
+        return {}
+    import tomllib
+
+    where = f"output.log_tracker_config: {path}"
+    try:
+        table = tomllib.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except OSError as err:
+        raise InvalidValueError(f"{where}: {err.strerror or err}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise InvalidValueError(f"{where}: not a TOML file ({err})") from None
+    used = tracker_names(log_with)
+    for name, settings in table.items():
+        if not isinstance(settings, dict):
+            raise InvalidValueError(f"{where}: {name} = {settings!r}: each tracker's settings are a table, e.g. "
+                                    "[wandb] with entity = \"my-team\" under it")
+        if name not in used:
+            raise InvalidValueError(f"{where}: [{name}] is not a tracker this run writes (output.log_with = "
+                                    f"{log_with!r}: {', '.join(used) or 'none'})")
+        if name == "wandb" and (own := [k for k in _WANDB_OWN if k in settings]):
+            raise InvalidValueError(f"{where}: [wandb] {', '.join(own)}: lorakit sets them, so that a resumed run "
+                                    "continues its W&B run; remove them")
+    return table
+
+
+def merge_tracker_settings(own: dict[str, dict[str, Any]],
+                           given: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """accelerate's ``init_kwargs``: lorakit's own settings per tracker, with the file's (output.log_tracker_config)
+    over them."""
+    return {name: {**own.get(name, {}), **given.get(name, {})} for name in {*own, *given}}
+
+
 def wandb_can_log() -> bool:
     """Whether W&B will start without asking for a key: a local mode, a key in the environment, or the login
     that ``wandb login`` keeps in ~/.netrc for the W&B host."""

@@ -78,6 +78,8 @@ from lorakit.trackers import (
     hyperparameters,
     log_sample_images,
     logging_dir,
+    merge_tracker_settings,
+    read_tracker_settings,
     scalars,
     tracker_init_kwargs,
     tracker_names,
@@ -329,6 +331,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         raise TrainingError("model.mixed_precision = \"fp16\" needs a GPU; on the CPU use \"bf16\" or \"no\"")
     _reset_accelerate_settings()
     check_tracker(cfg.output.log_with)
+    tracker_settings = read_tracker_settings(cfg.output.log_tracker_config, cfg.output.log_with)
     tracker_dir = logging_dir(cfg.output.log_with, cfg.output.logging_dir, Path(cfg.output.dir))
     # the schedule is stepped here once per optimizer step: accelerate's own stepping would advance it once per
     # process, so that a schedule set in optimizer steps ended halfway through a 2-process run
@@ -481,7 +484,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         if wandb_id is not None:
             run.write_json(WANDB_RUN_FILE, {"id": wandb_id})  # a resumed run continues this W&B run
         accelerator.init_trackers(cfg.output.log_tracker_name or cfg.output.name,
-                                  config=hyperparameters(cfg.to_dict()), init_kwargs=init_kwargs)
+                                  config=hyperparameters(cfg.to_dict()),
+                                  init_kwargs=merge_tracker_settings(init_kwargs, tracker_settings))
         if is_main:
             run.record_tree("logs")  # the tracker's files as they start: a run killed later still owns them
 

@@ -4,6 +4,7 @@ TensorBoard's own reader), a resumed run continues the curves, and an overwrite 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,48 @@ def test_a_killed_run_owns_its_tracker_files_so_an_overwrite_removes_them(tmp_pa
     assert not list((out / "logs" / "wandb").glob(f"offline-run-*-{first_id}"))
     new_id = json.loads((out / "wandb-run.json").read_text())["id"]
     assert new_id != first_id and list((out / "logs" / "wandb").glob(f"offline-run-*-{new_id}"))
+
+
+def test_a_tracker_settings_file_reaches_the_tracker(tiny_model_dir, tmp_path, monkeypatch):
+    """kohya's --log_tracker_config: each tracker's table is passed to it as it starts (TensorBoard's writer names
+    its event file with filename_suffix); a relative path is read from the current folder, as every path of a
+    config, and the run's config.toml keeps it absolute (a resume from elsewhere finds it)."""
+    folder = tmp_path / "job"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    (folder / "trackers.toml").write_text('[tensorboard]\nfilename_suffix = ".zkz"\nflush_secs = 5\n')
+    (folder / "job.toml").write_text(
+        f'[model]\nbase = "{tiny_model_dir}"\n[data]\ntrain_data = "{write_dataset(tmp_path / "data")}"\n'
+        f'[training]\nmax_epochs = 1\n[early_stop]\nmode = "off"\n'
+        f'[output]\ndir = "{tmp_path / "run"}"\nlog_with = "tensorboard"\nlog_tracker_config = "trackers.toml"\n')
+    assert main(["train", str(folder / "job.toml"), "--no-progress"]) == 0
+    # the run's writer (its hyperparameters go to a writer of accelerate's own, in a subfolder)
+    events = list((tmp_path / "run" / "logs" / "lorakit").glob("events.out.tfevents.*"))
+    assert events and all(e.name.endswith(".zkz") for e in events)
+    assert _scalars(tmp_path / "run" / "logs")["loss"]
+    recorded = (tmp_path / "run" / "config.toml").read_text()
+    assert f'log_tracker_config = "{folder / "trackers.toml"}"' in recorded
+
+
+@pytest.mark.parametrize(("content", "log_with", "says"), [
+    ("[tensorboard\nflush_secs = 5\n", "tensorboard", "not a TOML file"),
+    ("wandb = 3\n", "tensorboard", "wandb = 3: each tracker's settings are a table"),
+    ("[wandb]\nentity = \"team\"\n", "tensorboard", r"\[wandb\] is not a tracker this run writes \(output\.log_with "
+                                                    "= 'tensorboard': tensorboard\\)"),
+    ("[tensorbord]\nflush_secs = 5\n", "tensorboard", r"\[tensorbord\] is not a tracker this run writes"),
+    ("[wandb]\nid = \"abc\"\n", "wandb", r"\[wandb\] id: lorakit sets them, so that a resumed run continues"),
+    (None, "tensorboard", "no such file"),
+], ids=["not-toml", "not-a-table", "tracker-not-written", "misspelt", "wandb-id", "missing"])
+def test_a_bad_tracker_settings_file_is_refused_before_the_run(tiny_model_dir, tmp_path, capsys, wandb_offline,
+                                                              content, log_with, says):
+    settings = tmp_path / "trackers.toml"
+    if content is not None:
+        settings.write_text(content)
+    flags = ["train", "--data", str(write_dataset(tmp_path / "data")), "--model", str(tiny_model_dir), "--out",
+             str(tmp_path / "run"), "--set", f"output.log_with={log_with}", "--set",
+             f"output.log_tracker_config={settings}", "--no-progress"]
+    for extra in ([], ["--dry-run"]):  # the dry run refuses it as the run does
+        assert main([*flags, *extra]) == 2
+        err = capsys.readouterr().err
+        assert re.search(says, err, flags=re.I) and "log_tracker_config" in err, err
+        assert not (tmp_path / "run").exists()

@@ -241,7 +241,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--log-config": "(the default: the run's settings go to the trackers, and its folder keeps config.toml)",
     "--log-prefix": "(the default: the log folder is named by --set output.logging_dir=DIR; a prefix changes nothing "
                     "trained)",
-    "--log-tracker-config": "(not in lorakit: trackers take their own settings, --set output.log_tracker_name=NAME)",
+    "--log-tracker-config": "--set output.log_tracker_config=FILE",
     **dict.fromkeys(("--async-upload", "--huggingface-repo-id", "--huggingface-repo-type",
                      "--huggingface-path-in-repo", "--huggingface-token", "--huggingface-repo-visibility",
                      "--save-state-to-huggingface"), "(not in lorakit: nothing is uploaded)"),
