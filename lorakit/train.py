@@ -540,9 +540,9 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 if is_main:
                     record_validation(0, 0)
         while epoch < cfg.training.max_epochs and step < total_steps and stop_decision is None:
-            local_batches = len(data.epoch_batches(epoch)[rank::n_proc])
+            local_batches = len(data.epoch_batches(epoch, processes=n_proc)[rank::n_proc])
             # the plan of the epoch minus the batches already trained, dealt out to the processes
-            batches = data.epoch_batches(epoch, skip=skip * n_proc)[rank::n_proc]
+            batches = data.epoch_batches(epoch, skip=skip * n_proc, processes=n_proc)[rank::n_proc]
             done = skip
             for i, batch in enumerate(batches, start=skip):
                 done = i + 1

@@ -481,3 +481,15 @@ def test_a_metadata_file_lists_the_images_and_gives_their_captions_as_kohya_join
     assert "'000': \"caption\" and \"tags\" must be text" in error(toml)
     (tmp_path / "meta.json").write_text("[1, 2]")
     assert "expected a JSON object" in error(toml)
+
+
+@pytest.mark.parametrize(("images", "processes", "expected"), [(5, 1, 5), (5, 2, 6), (5, 4, 8), (1, 3, 3), (6, 2, 6)])
+def test_an_epoch_dealt_to_processes_gives_each_as_many_batches(tmp_path, images, processes, expected):
+    """As accelerate's even_batches: the epoch's own first batches again until it divides among the processes (a
+    process with a batch fewer left the others waiting for its gradients); a resume skips within the evened plan."""
+    d = data(make_folder(tmp_path / "1_zkz", images))
+    plan = d.epoch_batches(0, processes=processes).plans
+    assert len(plan) == expected and plan[:images] == d.epoch_plan(0)
+    assert plan[images:] == [d.epoch_plan(0)[i % images] for i in range(expected - images)]
+    assert {len(plan[rank::processes]) for rank in range(processes)} == {expected // processes}
+    assert d.epoch_batches(0, skip=2, processes=processes).plans == plan[2:]

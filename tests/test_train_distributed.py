@@ -54,8 +54,10 @@ def launch_two_processes(tmp_path: Path, job: Path, *script_args: str) -> list[d
                          ids=["plain", "partial-state-first"])
 def test_two_processes_train_one_synchronised_adapter(tiny_model_dir, tmp_path, script_args):
     """Also when the user's script made accelerate's PartialState() before train(): on a machine without a GPU it
-    set itself up for one process, and both processes would have trained alone, each believing it is the main one."""
-    data = write_dataset(tmp_path / "data", n=5)
+    set itself up for one process, and both processes would have trained alone, each believing it is the main one.
+    An odd number of batches: the epoch is evened out with its first batch again (one process went on to the
+    epoch's end while the other waited for its gradients: a gloo crash, or a hang)."""
+    data = write_dataset(tmp_path / "data", n=6)
     out = tmp_path / "out"
     job = tmp_path / "job.toml"
     # one image held out for validation, measured by the main process every step while the other waits; the
@@ -67,14 +69,15 @@ def test_two_processes_train_one_synchronised_adapter(tiny_model_dir, tmp_path, 
                    f'[output]\ndir = "{out}"\n')
     metas = launch_two_processes(tmp_path, job, *script_args)
     assert all(m["world"] == "2" and m["backend"] == "gloo" for m in metas)
-    assert all(m["steps"] == "4" for m in metas)  # 4 images trained, batch 1, 2 processes: 2 steps per epoch
+    assert all(m["steps"] == "6" for m in metas)  # 5 images trained (+1 again), batch 1, 2 processes: 3 per epoch
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "val_loss" in r] == [0, 1, 2, 3, 4]  # the base model's first, then each step
-    # the schedule counts optimizer steps, as in one process: linear decay over the run's 4 steps (accelerate
-    # steps a prepared schedule once per process; it ended at step 2 of 4)
-    assert [r["lr"] for r in log if "loss" in r] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
+    assert [r["step"] for r in log if "val_loss" in r] == list(range(7))  # the base model's first, then each step
+    # the schedule counts optimizer steps, as in one process: linear decay over the run's 6 steps (accelerate
+    # steps a prepared schedule once per process; it ended at step 3 of 6)
+    assert [r["lr"] for r in log if "loss" in r] == pytest.approx([1e-3 * k / 6 for k in range(5, -1, -1)])
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "epoch-0001", "epoch-0002", "step-00000001", "step-00000003"]  # epoch ends are the epochs' checkpoints
+        "epoch-0001", "epoch-0002", "step-00000001", "step-00000002", "step-00000004", "step-00000005"]  # epoch
+    # ends (steps 3 and 6) are the epochs' checkpoints
     a, b = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     # each process saw different images; only synchronised gradients keep the replicas identical
     assert all(torch.equal(a[k], b[k]) for k in a)

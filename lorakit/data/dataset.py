@@ -374,9 +374,14 @@ class TrainingData:
         shuffle(batches, rng)
         return [BatchPlan(epoch, k, d, bucket, ids) for k, (d, bucket, ids) in enumerate(batches)]
 
-    def epoch_batches(self, epoch: int, skip: int = 0) -> EpochBatches:
-        """The batches of ``epoch`` from the ``skip``-th on, loaded lazily."""
-        return EpochBatches(self, self.epoch_plan(epoch)[skip:])
+    def epoch_batches(self, epoch: int, skip: int = 0, processes: int = 1) -> EpochBatches:
+        """The batches of ``epoch`` from the ``skip``-th on, loaded lazily.  Dealt out to ``processes`` processes
+        (``[rank::processes]``), the epoch is first made a multiple of them with its own first batches again, as
+        accelerate's even_batches does: a process with a batch fewer would go on to the epoch's end while the
+        others wait for its gradients (two processes on 5 batches crashed or hung)."""
+        plan = self.epoch_plan(epoch)
+        plan += list(itertools.islice(itertools.cycle(plan), -len(plan) % processes))
+        return EpochBatches(self, plan[skip:])
 
     def count_steps(self, total_steps: int, batches_per_step: int = 1) -> None:
         """How the trainer counts steps: ``total_steps`` in the run, each ``batches_per_step`` batches (gradient
