@@ -153,10 +153,10 @@ def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
         unsafe_in_fp16 = model.is_sdxl and low == torch.float16 and model.vae.config.get("force_upcast", True)
         if not (cfg.model.no_half_vae or unsafe_in_fp16):
             model.vae.to(dtype=low)
-        if cfg.method.kind != "native":
+        if cfg.method.kind != "native" or cfg.model.full_bf16:  # full_bf16: what native trains too
             model.unet.to(dtype=low)
-        # a trained text encoder's weights stay float32 (mixed precision runs in autocast)
-        if cfg.trained_text_encoder_setting() is None:
+        # a trained text encoder's weights stay float32 (mixed precision runs in autocast), but under full_bf16
+        if cfg.trained_text_encoder_setting() is None or cfg.model.full_bf16:
             for text_encoder in model.text_encoders:
                 text_encoder.to(dtype=low)
     model.to(accelerator.device)
@@ -379,7 +379,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         method = make_method(cfg, model, start_file=start_file, ranks_file=ranks_file, ti_start=ti_start)
         for group in method.param_groups():  # trained tensors stay fp32 whatever the base model's dtype
             for p in group["params"]:
-                p.data = p.data.float()
+                p.data = p.data.to(weight_dtype(cfg.model.mixed_precision) if cfg.model.full_bf16 else torch.float32)
         if cfg.model.fp8_parts():  # once the adapters are in place: their own layers are trained, not stored
             line = store_base_in_fp8(model, cfg.model.fp8_parts())
             if is_main:

@@ -302,7 +302,7 @@ def test_a_list_of_text_encoder_learning_rates_is_read_as_kohyas_sd_networks_rea
 def test_save_n_epoch_ratio_and_full_bf16_are_taken_over_as_kohya_runs_them(tmp_path, tiny_model_dir):
     """save_n_epoch_ratio: kohya saves every floor(epochs / ratio) epochs (at least 1), whatever
     save_every_n_epochs says; full_bf16 with an adapter: the model in bf16 and the adapter's small weights in fp32,
-    said; with native fine-tuning, whose weights are the whole model, it stays refused."""
+    said; with native fine-tuning it trains the model's weights in bf16 (full_fp16 stays refused)."""
     path = kohya_file(tmp_path, tiny_model_dir, "kohya.toml",
                       'network_module = "networks.lora"\nnetwork_train_unet_only = true\nmax_train_epochs = 10\n'
                       'save_every_n_epochs = 1\nsave_n_epoch_ratio = 3\nmixed_precision = "bf16"\nfull_bf16 = true\n')
@@ -316,7 +316,9 @@ def test_save_n_epoch_ratio_and_full_bf16_are_taken_over_as_kohya_runs_them(tmp_
     assert any(u.startswith("save_n_epoch_ratio = 20: it divides max_train_epochs, which this config does not set")
                for u in config_from_kohya(path)[1].untranslated)
     native = kohya_file(tmp_path / "db", tiny_model_dir, "db.toml", 'full_bf16 = true\nmixed_precision = "bf16"\n')
-    assert any(u.startswith("full_bf16 = True: not in lorakit for native fine-tuning")
+    assert config_from_kohya(native)[0].model.full_bf16  # native fine-tuning's weights in bf16, as kohya trains them
+    native.write_text(native.read_text().replace("full_bf16", "full_fp16"))
+    assert any(u.startswith("full_fp16 = True: not in lorakit for native fine-tuning")
                for u in config_from_kohya(native)[1].untranslated)
 
 

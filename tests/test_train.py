@@ -462,6 +462,43 @@ def test_native_fine_tuning_writes_a_checkpoint_that_loads(tiny_model_dir, datas
     assert all(torch.equal(te_a[k], te_b[k]) for k in te_b)
 
 
+def test_native_fine_tuning_in_full_bf16_trains_and_keeps_its_state_in_bf16(tiny_model_dir, dataset, tmp_path):
+    """kohya's --full_bf16: the weights native fine-tuning trains (the text encoder's too), and the optimizer's
+    state, in bf16; a resumed run goes on from them; refused without bf16 mixed precision or with an adapter."""
+    from safetensors.torch import load_file
+
+    from lorakit.checkpoint_names import TEXT_ENCODER_PREFIXES
+    from lorakit.config import ConfigError
+    from lorakit.models import load_base_model
+
+    def config(**model):
+        return make_config(tiny_model_dir, dataset, tmp_path / "run", training={"max_epochs": 1},
+                           method={"kind": "native", "native_text_encoder": True}, optimizer={"learning_rate": 1e-4},
+                           model={"mixed_precision": "bf16", "full_bf16": True, **model})
+
+    result = run_train(config())
+    assert torch.isfinite(torch.tensor(result.losses)).all()
+    saved = tmp_path / "run" / "checkpoints" / "epoch-0001"
+    trained = load_file(str(saved / "trained.safetensors"))
+    assert {t.dtype for t in trained.values()} == {torch.bfloat16}
+    assert any(k.startswith(TEXT_ENCODER_PREFIXES) for k in trained)  # the text encoder's weights too
+    state = torch.load(saved / "state.pt", weights_only=True)["optimizer"]["state"]
+    assert {t.dtype for s in state.values() for k, t in s.items() if k.startswith("exp_avg")} == {torch.bfloat16}
+    base, tuned = load_base_model(tiny_model_dir), load_base_model(tmp_path / "run" / "lorakit.safetensors")
+    for net in ("unet", "text_encoder"):
+        ours, theirs = getattr(tuned, net).state_dict(), getattr(base, net).state_dict()
+        assert any(not torch.equal(ours[k], theirs[k]) for k in theirs), f"the {net} did not change"
+    resumed = config()
+    resumed.training.max_epochs, resumed.output.if_exists = 2, "resume"
+    assert len(run_train(resumed).losses) == 2 * len(result.losses)
+    with pytest.raises(ConfigError, match="model.full_bf16 trains the weights in bf16, which needs"):
+        config(mixed_precision="no").validate()
+    adapter = config()
+    adapter.method.kind = "adapter"
+    with pytest.raises(ConfigError, match="model.full_bf16 is for native fine-tuning"):
+        adapter.validate()
+
+
 def test_native_fine_tuning_of_the_text_encoder_too_saves_resumes_and_evaluates_both(tiny_model_dir, dataset,
                                                                                      tmp_path, monkeypatch):
     """method.native_text_encoder (kohya's train_db.py, diffusers' --train_text_encoder): both networks train, at

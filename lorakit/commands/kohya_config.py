@@ -208,7 +208,7 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
             options.pop("save_every_n_epochs", None)
             out.set("training.save_every_n_epochs", math.floor(int(epochs) / float(ratio)) or 1)
     for key, dtype in (("full_bf16", "bf16"), ("full_fp16", "fp16")):
-        if not native and not is_off(options.get(key)):  # native fine-tuning: refused below, by its table row
+        if not native and not is_off(options.get(key)):  # native fine-tuning: its table row (bf16 taken, fp16 not)
             options.pop(key)
             out.notes.append(f"{key} = true: the model runs in {dtype} (mixed_precision) and the trained weights and "
                              "their optimizer state stay fp32, as lorakit keeps them (an adapter's are small beside "

@@ -190,10 +190,9 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--lr-scheduler-num-cycles": "--set optimizer.lr_scheduler_num_cycles=N",
     "--lr-scheduler-power": "--set optimizer.lr_scheduler_power=X",
     # with adapters, full_bf16/full_fp16 are taken over with a note (the adapter's weights stay fp32: small)
-    "--full-bf16": "(not in lorakit for native fine-tuning: trained weights stay fp32, twice kohya's memory for the "
-                   "weights and the optimizer's state; --mixed-precision bf16 runs the model in bf16)",
-    "--full-fp16": "(not in lorakit for native fine-tuning: trained weights stay fp32, twice kohya's memory for the "
-                   "weights and the optimizer's state; --mixed-precision fp16 runs the model in fp16)",
+    "--full-bf16": "--set model.full_bf16=true",
+    "--full-fp16": "(not in lorakit for native fine-tuning: its trained weights stay fp32 under fp16 mixed "
+                   "precision; --mixed-precision bf16 --set model.full_bf16=true trains them in bf16, half the memory)",
     "--fp8-base": "--set model.fp8_base=true",
     "--v2": "(the default: lorakit tells an SD2.x model from an SD1.x one by its text encoder; an SD2.x single "
             "file predicting v whose metadata does not say so also needs --v-parameterization, as in kohya)",
