@@ -502,3 +502,40 @@ class WithoutZeroBlocks:
     def network_args(self) -> dict[str, str]:
         describe = getattr(self.rule, "network_args", None)
         return {**(describe() if callable(describe) else {}), **self.weights.network_args()}
+
+
+# ---- kohya's block_lr (sdxl_train.py): a learning rate per block of the whole U-Net, for native fine-tuning ------
+
+def fine_tune_block_count(unet_config: Mapping) -> int:
+    """How many learning rates kohya's ``block_lr`` takes for this U-Net: the time (and SDXL's label) embeddings,
+    each LDM input block, the middle block's three parts, each output block, the output layers (SDXL: 23)."""
+    from lorakit.ldm import unet_module_map
+
+    names = unet_module_map(unet_config).values()
+    inputs = 1 + max(int(n.split(".")[1]) for n in names if n.startswith("input_blocks."))
+    outputs = 1 + max(int(n.split(".")[1]) for n in names if n.startswith("output_blocks."))
+    return 1 + inputs + 3 + outputs + 1
+
+
+def fine_tune_block(parameter: str, unet_config: Mapping, modules: Mapping[str, str] | None = None) -> int:
+    """The index of a U-Net parameter (diffusers name) in kohya's ``block_lr`` order, by its LDM name as kohya's
+    ``get_block_params_to_optimize`` reads it: 0 time/label embeddings, then input blocks, middle block parts, output
+    blocks, and the output layers last.  ``modules``: ``ldm.unet_module_map(unet_config)``, when already built."""
+    from lorakit.ldm import ldm_module_path, unet_module_map
+
+    modules = modules if modules is not None else unet_module_map(unet_config)
+    name = ldm_module_path(parameter, modules)
+    kind, _, rest = name.partition(".")
+    if kind in ("time_embed", "label_emb"):
+        return 0
+    inputs = 1 + max(int(n.split(".")[1]) for n in modules.values() if n.startswith("input_blocks."))
+    index = int(rest.split(".")[0]) if kind in ("input_blocks", "middle_block", "output_blocks") else 0
+    if kind == "input_blocks":
+        return 1 + index
+    if kind == "middle_block":
+        return 1 + inputs + index
+    if kind == "output_blocks":
+        return 1 + inputs + 3 + index
+    if kind == "out":
+        return fine_tune_block_count(unet_config) - 1
+    raise ValueError(f"U-Net parameter {parameter!r} ({name}) is in none of kohya's blocks")

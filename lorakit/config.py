@@ -129,6 +129,10 @@ class MethodConfig:
     #: native: the text encoder trains for the first N optimizer steps only, then stays as it is (kohya's
     #: stop_text_encoder_training); None: the whole run
     native_text_encoder_steps: int | None = None
+    #: native: kohya's --block_lr (sdxl_train.py), a learning rate per U-Net block in kohya's order: the time (and
+    #: SDXL's label) embeddings, each LDM input block, the middle block's three parts, each output block, the output
+    #: layers; 0 leaves a block untrained.  SDXL: 23 values; SD1.x/2.x: 29 (12 input and 12 output blocks)
+    native_block_lr: list[float] | None = None
     #: textual inversion: the new token(s); default the trigger word
     ti_token: str | None = None
     #: textual inversion: the word whose embedding the new token(s) start from; "*" is A1111's default
@@ -627,6 +631,15 @@ class TrainConfig:
         if steps is not None and not (_positive_int(steps) and self.method.native_text_encoder):
             raise ConfigError(f"method.native_text_encoder_steps = {steps!r}: a positive number of steps, with "
                               "method.native_text_encoder = true (the text encoder trains for those first steps)")
+        block_lr = self.method.native_block_lr
+        if block_lr is not None and not (isinstance(block_lr, list) and block_lr
+                                         and all(_at_least(v, 0) for v in block_lr)):
+            raise ConfigError(f"method.native_block_lr must be a list of learning rates, 0 or more, one per U-Net "
+                              f"block (SDXL: 23), got {block_lr!r}")
+        if block_lr is not None and self.method.kind != "native":
+            raise ConfigError(f"method.native_block_lr sets native fine-tuning's rate per U-Net block, but method.kind "
+                              f"is {self.method.kind!r} (an adapter's: network.down_lr_weight/mid_lr_weight/"
+                              "up_lr_weight)")
         if self.method.native_text_encoder and self.method.kind != "native":
             raise ConfigError(f"method.native_text_encoder fine-tunes the text encoder in native training, but "
                               f"method.kind is {self.method.kind!r}: adapters train it with "

@@ -25,6 +25,8 @@ from lorakit.blocks import (
     BlockRanks,
     WithoutZeroBlocks,
     blocks_block_dims,
+    fine_tune_block,
+    fine_tune_block_count,
     parse_block_lr_weights,
     text_encoder_only,
 )
@@ -50,6 +52,7 @@ from lorakit.formats import (
     start_network_from_file,
     write_adapter,
 )
+from lorakit.ldm import unet_module_map
 from lorakit.max_norm import MaxNormReading, apply_max_norm, check_max_norm_supported
 from lorakit.models import BaseModel, check_sdxl_clip_skip, save_diffusers_folder, save_single_file_checkpoint
 from lorakit.modelspec import as_embedding
@@ -133,6 +136,21 @@ def save_dtype(cfg: TrainConfig) -> torch.dtype | None:
     """The dtype result files are written in (output.save_precision; None: as trained)."""
     name = SAVE_PRECISIONS[cfg.output.save_precision]
     return getattr(torch, name) if name else None
+
+
+def fine_tune_blocks(cfg: TrainConfig, unet: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, int] | None:
+    """kohya's block_lr (method.native_block_lr): each trained U-Net parameter's block in kohya's order; None
+    without it.  A list of another length than this U-Net's blocks is refused, naming the count."""
+    rates = cfg.method.native_block_lr
+    if rates is None:
+        return None
+    count = fine_tune_block_count(unet.config)
+    if len(rates) != count:
+        raise ConfigError(f"method.native_block_lr: {len(rates)} values, and this U-Net has {count} blocks in "
+                          f"kohya's order (time embeddings, {count - 5} input and output blocks, the middle "
+                          "block's three parts, the output layers; kohya's block_lr for SDXL: 23)")
+    modules = unet_module_map(unet.config)
+    return {n: fine_tune_block(n, unet.config, modules) for n in params}
 
 
 def _lr(cfg: TrainConfig, specific: float | None) -> float:
@@ -420,14 +438,26 @@ class NativeMethod(TrainingMethod):
             for k, (prefix, encoder) in enumerate(zip(TEXT_ENCODER_PREFIXES, model.text_encoders, strict=False))
             for n, p in encoder.named_parameters() if _text_parameter_read(model, k, n, cfg.model.clip_skip)
         } if cfg.method.native_text_encoder else {}
+        self.blocks = fine_tune_blocks(cfg, unet, self.params)
+        if self.blocks is not None:  # kohya's block_lr: a block at 0 is not trained at all
+            rates = cfg.method.native_block_lr
+            self.params = {n: p for n, p in self.params.items() if rates[self.blocks[n]] > 0}
         for p in [*self.params.values(), *self.text_params.values()]:
             p.requires_grad_(True)
         # W0 of the layers whose ΔW CS-Fluctuation follows (the U-Net's, as the paper)
         self._pairs = [(m.weight, m.weight.detach().to("cpu", copy=True)) for _, m in layers]
 
     def param_groups(self) -> list[dict]:
-        groups = [{"params": list(self.params.values()), "lr": _lr(self.cfg, self.cfg.optimizer.unet_lr),
-                   "name": "unet"}]
+        if self.blocks is None:
+            groups = [{"params": list(self.params.values()), "lr": _lr(self.cfg, self.cfg.optimizer.unet_lr),
+                       "name": "unet"}]
+        else:  # one group per block, in kohya's order, at its own rate
+            by_block: dict[int, dict] = {}
+            for n, p in self.params.items():
+                block = self.blocks[n]
+                by_block.setdefault(block, {"params": [], "lr": self.cfg.method.native_block_lr[block],
+                                            "name": f"unet_block_{block}"})["params"].append(p)
+            groups = [by_block[block] for block in sorted(by_block)]
         if self.text_params:
             groups.append({"params": list(self.text_params.values()),
                            "lr": _lr(self.cfg, self.cfg.optimizer.text_encoder_lr), "name": "text_encoder"})

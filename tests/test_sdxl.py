@@ -337,6 +337,36 @@ def test_native_fine_tuning_of_an_sdxl_unet_writes_an_sdxl_single_file(tmp_path,
                                                       strict=True))
 
 
+def test_block_lr_trains_each_sdxl_block_at_its_rate_and_leaves_blocks_at_0(tmp_path, tiny_sdxl_dir):
+    """kohya's --block_lr (sdxl_train.py), 23 rates in kohya's order: only the blocks with a rate train, each in an
+    optimizer group at its rate; a list of another length is refused naming the 23."""
+    from lorakit.commands.kohya_config import config_from_kohya
+    from lorakit.config import ConfigError
+    from lorakit.methods import NativeMethod
+    from lorakit.train import train
+
+    rates = [0.0] * 23
+    rates[5], rates[22] = 2e-3, 1e-3  # input block 4 (SDXL's first attention level), the output layers
+    cfg = make_config(tiny_sdxl_dir, write_dataset(tmp_path / "data", n=2), tmp_path / "run",
+                      method={"kind": "native", "native_block_lr": rates}, training={"max_epochs": 1})
+    groups = NativeMethod(cfg, load_base_model(tiny_sdxl_dir)).param_groups()
+    assert [(g["name"], g["lr"]) for g in groups] == [("unet_block_5", 2e-3), ("unet_block_22", 1e-3)]
+    tuned = load_base_model(train(cfg, progress=False).files[0], config=tiny_sdxl_dir).unet.state_dict()
+    base = load_base_model(tiny_sdxl_dir).unet.state_dict()
+    # input block 4 is the second level's first layer (resnet and attention); the output layers, its norm and conv
+    trained = ("down_blocks.1.resnets.0.", "down_blocks.1.attentions.0.", "conv_norm_out.", "conv_out.")
+    changed = [k for k in base if not torch.equal(tuned[k], base[k])]
+    assert all(k.startswith(trained) for k in changed)
+    assert any(k.startswith(trained[1]) for k in changed) and any(k.startswith("conv_out.") for k in changed)
+    short = make_config(tiny_sdxl_dir, tmp_path / "data", tmp_path / "other",
+                        method={"kind": "native", "native_block_lr": [1e-3] * 22})
+    with pytest.raises(ConfigError, match="22 values, and this U-Net has 23 blocks in kohya's order"):
+        NativeMethod(short, load_base_model(tiny_sdxl_dir))
+    kohya = tmp_path / "sdxl_train.toml"
+    kohya.write_text(f'pretrained_model_name_or_path = "{tiny_sdxl_dir}"\nblock_lr = "{",".join(map(str, rates))}"\n')
+    assert config_from_kohya(kohya)[0].method.native_block_lr == rates
+
+
 @pytest.mark.parametrize("kind", ["ti", "pivotal"])
 def test_textual_inversion_on_sdxl_trains_an_embedding_per_encoder(tmp_path, tiny_sdxl_dir, tiny_model_dir, kind):
     """SDXL's embedding is a pair, clip_l and clip_g, as kohya's SDXL script writes it and A1111 and ComfyUI read

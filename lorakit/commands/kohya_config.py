@@ -198,6 +198,12 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
         if not is_off(options.get(key)):
             value = options.pop(key)
             out.set(f"model.{key}", [kind(v) for v in (value if isinstance(value, list) else [value])])
+    block_lr = options.pop("block_lr", None)
+    if not is_off(block_lr):  # sdxl_train.py's "1e-6,1e-6,...": a rate per U-Net block
+        try:
+            out.set("method.native_block_lr", [float(v) for v in str(block_lr).split(",") if v.strip()])
+        except ValueError:
+            out.untranslated.append(f"block_lr = {block_lr!r}: not a comma-separated list of learning rates")
     ratio = options.pop("save_n_epoch_ratio", None)
     if not is_off(ratio):  # kohya: save_every_n_epochs = floor(epochs / ratio) or 1, whatever it was set to
         epochs = options.get("max_train_epochs")
