@@ -268,6 +268,13 @@ class TrainingConfig:
     validate_every_n_epochs: int | None = None
     validate_every_n_steps: int | None = None
     max_validation_steps: int | None = None
+    #: kohya's --ddp_timeout: minutes the processes of a distributed run wait for each other before giving up (None:
+    #: torch's default); a main process that caches latents or draws class images alone for longer needs more (it
+    #: applies to the process group train() sets up, not to one a script set up before calling it)
+    ddp_timeout: int | None = None
+    #: kohya's --ddp_gradient_as_bucket_view and --ddp_static_graph: DistributedDataParallel's options of those names
+    ddp_gradient_as_bucket_view: bool = False
+    ddp_static_graph: bool = False
     #: kohya's multi-resolution noise: this many coarser noise layers (kohya's guides: 6-10; 0: off), each weighted
     #: by ``multires_noise_discount`` to the power of its level (lorakit.loss)
     multires_noise_iterations: int = 0
@@ -489,6 +496,8 @@ class TrainConfig:
              "training.validate_every_n_steps", "a positive integer (or absent)", train.validate_every_n_steps),
             (train.max_validation_steps is None or _positive_int(train.max_validation_steps),
              "training.max_validation_steps", "a positive integer (or absent)", train.max_validation_steps),
+            (train.ddp_timeout is None or _positive_int(train.ddp_timeout), "training.ddp_timeout",
+             "a positive number of minutes (or absent: torch's default)", train.ddp_timeout),
             (_at_least(train.noise_offset, 0), "training.noise_offset", "0 or more", train.noise_offset),
             (train.min_snr_gamma is None or _at_least(train.min_snr_gamma, 0, strict=True),
              "training.min_snr_gamma", "positive (or absent)", train.min_snr_gamma),
@@ -773,7 +782,8 @@ def compile_backends() -> list[str]:
 RESUMABLE = ("training.max_epochs", "training.max_steps", "training.save_every_n_epochs",
              "training.save_last_n_epochs", "training.save_every_n_steps", "training.save_last_n_steps",
              "training.validate_every_n_epochs", "training.validate_every_n_steps",
-             "training.max_validation_steps", "data.validation_data", "output.name",
+             "training.max_validation_steps", "training.ddp_timeout", "training.ddp_gradient_as_bucket_view",
+             "training.ddp_static_graph", "data.validation_data", "output.name",
              "output.save_precision", "model.gradient_checkpointing", "model.compile", "model.compile_mode",
              "model.compile_backend", "data.cache_latents_to_disk", "data.cache_dir",
              "data.verify_images", "data.upscale_warning_factor", "data.orphan_captions", "sample.prompts",

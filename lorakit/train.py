@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from lorakit.conditioning import ConditioningCache
 from lorakit.config import (
     ConfigError,
     TrainConfig,
+    TrainingConfig,
     load_config,
     missing_paths,
     resume_changes,
@@ -165,6 +167,20 @@ def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
         for text_encoder in model.text_encoders:
             text_encoder.gradient_checkpointing_enable()
     return model
+
+
+def distributed_settings(training: TrainingConfig) -> list:
+    """accelerate's handlers for kohya's ddp_timeout, ddp_gradient_as_bucket_view and ddp_static_graph (none when
+    they are not set: accelerate's and torch's defaults)."""
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    handlers: list = []
+    if training.ddp_timeout is not None:
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=training.ddp_timeout)))
+    if training.ddp_gradient_as_bucket_view or training.ddp_static_graph:
+        handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=training.ddp_gradient_as_bucket_view,
+                                                      static_graph=training.ddp_static_graph))
+    return handlers
 
 
 def keep_frozen_out_of_ddp(module: torch.nn.Module) -> None:
@@ -336,6 +352,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     # the schedule is stepped here once per optimizer step: accelerate's own stepping would advance it once per
     # process, so that a schedule set in optimizer steps ended halfway through a 2-process run
     accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision, step_scheduler_with_optimizer=False,
+                              kwargs_handlers=distributed_settings(cfg.training),
                               gradient_accumulation_steps=cfg.optimizer.gradient_accumulation_steps,
                               cpu=not torch.cuda.is_available(), log_with=tracker_names(cfg.output.log_with) or None,
                               project_dir=None if tracker_dir is None else str(tracker_dir))

@@ -64,11 +64,13 @@ def test_two_processes_train_one_synchronised_adapter(tiny_model_dir, tmp_path, 
     # main process saves a checkpoint every step too (mid-epoch: the other waits at the next step)
     job.write_text(f'[model]\nbase = "{tiny_model_dir}"\n[data]\ntrain_data = "{data}"\nbatch_size = 1\n'
                    f'validation_split = 0.2\n[network]\nrank = 2\n[optimizer]\nlr_scheduler = "linear"\n'
-                   f'learning_rate = 1e-3\n[training]\nmax_epochs = 2\n'
+                   f'learning_rate = 1e-3\n[training]\nmax_epochs = 2\nddp_timeout = 7\nddp_static_graph = true\n'
                    f'validate_every_n_steps = 1\nsave_every_n_steps = 1\n[early_stop]\nmode = "off"\n'
                    f'[output]\ndir = "{out}"\n')
     metas = launch_two_processes(tmp_path, job, *script_args)
     assert all(m["world"] == "2" and m["backend"] == "gloo" for m in metas)
+    if not script_args:  # kohya's ddp_timeout, in minutes (a group the script set up before train() keeps its own)
+        assert [m["timeout"] for m in metas] == ["0:07:00"] * 2
     assert all(m["steps"] == "6" for m in metas)  # 5 images trained (+1 again), batch 1, 2 processes: 3 per epoch
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "val_loss" in r] == list(range(7))  # the base model's first, then each step
@@ -138,3 +140,22 @@ def test_a_full_disk_in_the_main_process_stops_every_process(tiny_model_dir, tmp
     assert done.returncode != 0
     assert "No space left on device" in done.stderr
     assert "the main process failed validating, saving or sampling epoch 1: OSError" in done.stderr
+
+
+def test_the_ddp_settings_reach_accelerate():
+    """kohya's ddp_timeout, ddp_gradient_as_bucket_view and ddp_static_graph become accelerate's handlers (the
+    timeout in a process group train() sets up: the extended 2-process test reads it there); none by default."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from lorakit.config import TrainingConfig
+    from lorakit.train import distributed_settings
+
+    assert distributed_settings(TrainingConfig()) == []
+    handlers = distributed_settings(TrainingConfig(ddp_timeout=7, ddp_static_graph=True))
+    try:
+        accelerator = Accelerator(cpu=True, kwargs_handlers=handlers)
+        assert accelerator.init_handler.timeout.total_seconds() == 7 * 60
+        assert accelerator.ddp_handler.static_graph and not accelerator.ddp_handler.gradient_as_bucket_view
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)

@@ -256,9 +256,9 @@ KOHYA_OPTIONS: dict[str, str] = {
     **dict.fromkeys(("--zero-stage", "--zero3-init-flag", "--zero3-save-16bit-model", "--offload-optimizer-device",
                      "--offload-optimizer-nvme-path", "--offload-param-device", "--offload-param-nvme-path"),
                     "(not in lorakit: no DeepSpeed)"),
-    "--ddp-timeout": "(not in lorakit: accelerate's default timeout)",
-    **dict.fromkeys(("--ddp-gradient-as-bucket-view", "--ddp-static-graph"),
-                    "(not in lorakit: accelerate's DDP defaults)"),
+    "--ddp-timeout": "--set training.ddp_timeout=MINUTES",
+    "--ddp-gradient-as-bucket-view": "--set training.ddp_gradient_as_bucket_view=true",
+    "--ddp-static-graph": "--set training.ddp_static_graph=true",
     # the flow-matching models' timestep sampling (SD3, FLUX): nothing to choose for SD1.x/2.x/SDXL
     "--weighting-scheme": "(not in lorakit: SD3/FLUX timestep sampling; SD1.x/2.x/SDXL sample timesteps uniformly)",
     **dict.fromkeys(("--logit-mean", "--logit-std", "--mode-scale"), "(not in lorakit: SD3/FLUX timestep sampling)"),

@@ -11,6 +11,7 @@ process until ``train()`` corrects it).
 
 import sys
 
+import torch
 from accelerate import PartialState
 from safetensors.torch import save_file
 
@@ -60,8 +61,12 @@ def capture(cfg, model, **options):
 train_module.make_method = capture
 result = train_module.train(load_config(sys.argv[1]), progress=False)
 state = PartialState()
+# the process group's timeout (training.ddp_timeout), as gloo's backend holds it
+group = torch.distributed.distributed_c10d._get_default_group()
+timeout = group._get_backend(torch.device("cpu")).options._timeout
 save_file({k: v.contiguous() for k, v in captured["method"].trained_tensors().items()},
           f"{sys.argv[2]}/rank{state.process_index}.safetensors",
           metadata={"world": str(state.num_processes), "steps": str(result.steps), "backend": str(state.backend),
                     "final_epoch": str(result.final_epoch), "stopped_early": str(result.stopped_early),
-                    "scorer_calls": str(len(scorer.calls) if scorer is not None else 0)})
+                    "scorer_calls": str(len(scorer.calls) if scorer is not None else 0),
+                    "timeout": str(timeout)})
