@@ -506,14 +506,20 @@ class WithoutZeroBlocks:
 
 # ---- kohya's block_lr (sdxl_train.py): a learning rate per block of the whole U-Net, for native fine-tuning ------
 
+def _ldm_block_counts(modules: Mapping[str, str]) -> tuple[int, int]:
+    """How many LDM input and output blocks a U-Net's module map (``ldm.unet_module_map``) names."""
+    def count(kind: str) -> int:
+        return 1 + max(int(n.split(".")[1]) for n in modules.values() if n.startswith(kind + "."))
+
+    return count("input_blocks"), count("output_blocks")
+
+
 def fine_tune_block_count(unet_config: Mapping) -> int:
     """How many learning rates kohya's ``block_lr`` takes for this U-Net: the time (and SDXL's label) embeddings,
     each LDM input block, the middle block's three parts, each output block, the output layers (SDXL: 23)."""
     from lorakit.ldm import unet_module_map
 
-    names = unet_module_map(unet_config).values()
-    inputs = 1 + max(int(n.split(".")[1]) for n in names if n.startswith("input_blocks."))
-    outputs = 1 + max(int(n.split(".")[1]) for n in names if n.startswith("output_blocks."))
+    inputs, outputs = _ldm_block_counts(unet_module_map(unet_config))
     return 1 + inputs + 3 + outputs + 1
 
 
@@ -526,16 +532,10 @@ def fine_tune_block(parameter: str, unet_config: Mapping, modules: Mapping[str, 
     modules = modules if modules is not None else unet_module_map(unet_config)
     name = ldm_module_path(parameter, modules)
     kind, _, rest = name.partition(".")
-    if kind in ("time_embed", "label_emb"):
-        return 0
-    inputs = 1 + max(int(n.split(".")[1]) for n in modules.values() if n.startswith("input_blocks."))
-    index = int(rest.split(".")[0]) if kind in ("input_blocks", "middle_block", "output_blocks") else 0
-    if kind == "input_blocks":
-        return 1 + index
-    if kind == "middle_block":
-        return 1 + inputs + index
-    if kind == "output_blocks":
-        return 1 + inputs + 3 + index
-    if kind == "out":
-        return fine_tune_block_count(unet_config) - 1
-    raise ValueError(f"U-Net parameter {parameter!r} ({name}) is in none of kohya's blocks")
+    inputs, outputs = _ldm_block_counts(modules)
+    first = {"time_embed": 0, "label_emb": 0, "input_blocks": 1, "middle_block": 1 + inputs,
+             "output_blocks": 1 + inputs + 3, "out": 1 + inputs + 3 + outputs}
+    if kind not in first:
+        raise ValueError(f"U-Net parameter {parameter!r} ({name}) is in none of kohya's blocks")
+    numbered = kind in ("input_blocks", "middle_block", "output_blocks")
+    return first[kind] + (int(rest.split(".")[0]) if numbered else 0)

@@ -194,3 +194,23 @@ def test_sdxl_block_weights_take_the_extensions_20_values_or_sd1s_26_without_the
     assert w12("lora_unet_output_blocks_6_0_in_layers_2") == 0 and w12("lora_unet_input_blocks_1_0_in_layers_2") == 0
     with pytest.raises(ValueError, match="sd1 block-weight string has 17 or 26 values"):
         parse_block_weights("0.5,1,2,3,4,5,6,7,8,9,10,11", blocks.SD1)
+
+
+def test_kohya_block_lr_order_on_sdxls_unet():
+    """sdxl_train.py's get_block_params_to_optimize reads the block off the LDM name: 0 time and label embeddings,
+    1-9 input blocks 0-8, 10-12 the middle block's resnet, attention, resnet, 13-21 output blocks 0-8, 22 out."""
+    import json
+    from pathlib import Path
+
+    from lorakit.blocks import fine_tune_block, fine_tune_block_count
+
+    config = json.loads((Path(__file__).parents[1] / "lorakit/configs/sdxl/unet/config.json").read_text())
+    assert fine_tune_block_count(config) == 23
+    expected = {"time_embedding.linear_1.weight": 0, "add_embedding.linear_2.bias": 0, "conv_in.weight": 1,
+                "down_blocks.0.resnets.1.conv1.weight": 3, "down_blocks.0.downsamplers.0.conv.weight": 4,
+                "down_blocks.1.attentions.0.proj_in.weight": 5, "down_blocks.2.resnets.1.norm1.weight": 9,
+                "mid_block.resnets.0.conv1.weight": 10, "mid_block.attentions.0.proj_out.weight": 11,
+                "mid_block.resnets.1.conv2.weight": 12, "up_blocks.0.resnets.0.conv1.weight": 13,
+                "up_blocks.0.upsamplers.0.conv.weight": 15, "up_blocks.2.resnets.2.conv2.bias": 21,
+                "conv_norm_out.weight": 22, "conv_out.bias": 22}
+    assert {name: fine_tune_block(name, config) for name in expected} == expected

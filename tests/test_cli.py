@@ -136,7 +136,7 @@ def test_every_kohya_translation_is_an_option_or_a_setting_that_exists():
                      "output.metadata_license": "CreativeML Open RAIL-M", "output.metadata_tags": "style, paint"}
             example = {"NAME": names.get(dotted), "N": "2", "X": "0.1", "true": "true", ".EXT": ".caption",
                        "{KEY = VALUE}": "{factor = 8}",
-                       "MARK": "|||"}
+                       "MARK": "|||", "MINUTES": "60", "FILE": "trackers.toml", "[LR, LR, ...]": "[1e-6, 0.0]"}
             cfg = TrainConfig()
             needs = {"training.noise_offset_random_strength": [("training.noise_offset", "0.1")],
                      "training.adaptive_noise_scale": [("training.noise_offset", "0.1")],
@@ -151,7 +151,13 @@ def test_every_kohya_translation_is_an_option_or_a_setting_that_exists():
                      "optimizer.lr_scheduler_timescale": [("optimizer.lr_scheduler", "inverse_sqrt")],
                      "optimizer.lr_scheduler_type": [("optimizer.lr_scheduler_args", "{T_0 = 10}")],
                      "optimizer.lr_scheduler_args": [("optimizer.lr_scheduler_type", "StepLR")],
-                     "model.base_weights_multiplier": [("model.base_weights", '["style.safetensors"]')]}
+                     "model.base_weights_multiplier": [("model.base_weights", '["style.safetensors"]')],
+                     # fp8 and bf16 weights compute in mixed precision's dtype; block rates and bf16 weights are
+                     # native fine-tuning's
+                     "model.fp8_base": [("model.mixed_precision", "bf16")],
+                     "model.fp8_base_unet": [("model.mixed_precision", "bf16")],
+                     "model.full_bf16": [("model.mixed_precision", "bf16"), ("method.kind", "native")],
+                     "method.native_block_lr": [("method.kind", "native")]}
             own = {"optimizer.lr_scheduler_args": "{step_size = 10}"}  # StepLR's
             for needed in needs.get(dotted, []):
                 set_option(cfg, *needed)

@@ -196,7 +196,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--fp8-base": "--set model.fp8_base=true",
     "--v2": "(the default: lorakit tells an SD2.x model from an SD1.x one by its text encoder; an SD2.x single "
             "file predicting v whose metadata does not say so also needs --v-parameterization, as in kohya)",
-    "--block-lr": "--set 'method.native_block_lr=[LR, LR, ...]' (23 for SDXL, in kohya's order)",
+    "--block-lr": "--set 'method.native_block_lr=[LR, LR, ...]'",
     "--no-metadata": "--set output.no_metadata=true",
     "--metadata-title": "--set output.metadata_title=NAME",
     "--metadata-author": "--set output.metadata_author=NAME",
