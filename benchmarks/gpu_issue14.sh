@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_issue14.sh fetch       # here, once (needs PyPI): the wheels the GPU machine lacks, into .whl/
 #   bash benchmarks/gpu_issue14.sh eager       # on the GPU machine, carrying .whl: every variant, batch 1 and 4
 #   bash benchmarks/gpu_issue14.sh compiled    # on the GPU machine, carrying .whl: torch.compile, batch 1
+#   bash benchmarks/gpu_issue14.sh fp8         # on the GPU machine, carrying .whl: model.fp8_base's memory and time
+#                                                (benchmarks/fp8_base.py; --family sdxl for SDXL's U-Net)
 #
 # The device tool runs each part as one call, e.g. run(command="bash benchmarks/gpu_issue14.sh eager",
 # carry=[".whl"], timeout_s=420): the eager part is minutes of stepping; the compiled one compiles the U-Net once
@@ -14,7 +16,7 @@
 # the one the CPU tables name.
 set -euo pipefail
 
-part=${1:?"usage: gpu_issue14.sh fetch|eager|compiled [train_step.py arguments]"}
+part=${1:?"usage: gpu_issue14.sh fetch|eager|compiled|fp8 [the benchmark's arguments]"}
 shift
 root=$(cd "$(dirname "$0")/.." && pwd)
 # versions as in .ci/constraints.txt; the last three are what diffusers and LyCORIS need beyond the machine's packages
@@ -29,10 +31,12 @@ if [[ $part == fetch ]]; then
     exit 0
 fi
 
+bench=train_step.py
 case $part in
     eager) part_args=(--batches 1,4 --rounds 3) ;;  # 30 timed steps per variant and batch: minutes in all
     compiled) part_args=(--compile --batches 1 --rounds 3 --variants floor,lorakit-lora,peft-lora,lorakit-locon) ;;
-    *) echo "gpu_issue14.sh: unknown part '$part' (fetch, eager or compiled)" >&2; exit 2 ;;
+    fp8) bench=fp8_base.py; part_args=(--rounds 3) ;;  # the U-Net in bf16 and with its base in fp8: seconds
+    *) echo "gpu_issue14.sh: unknown part '$part' (fetch, eager, compiled or fp8)" >&2; exit 2 ;;
 esac
 
 out=${OUT:-$root/gpu-results}
@@ -51,5 +55,5 @@ log=$out/issue14-$part.txt
     echo "# benchmarks/gpu_issue14.sh $part $*"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "(no nvidia-smi)"
 } > "$log"
-python3 "$root/benchmarks/train_step.py" --device cuda --resolution 512 --dtype bf16 --width full "${part_args[@]}" \
+python3 "$root/benchmarks/$bench" --device cuda --resolution 512 --dtype bf16 --width full "${part_args[@]}" \
     --json "$out/issue14-$part.json" "$@" 2>&1 | tee -a "$log"

@@ -29,3 +29,17 @@ def test_quick_run_writes_the_table_and_every_field(tmp_path: Path) -> None:
     assert bf16["frozen_bytes"] == bf16["frozen_bytes_before"] == fp8["frozen_bytes_before"]
     assert 0.45 < fp8["frozen_bytes"] / bf16["frozen_bytes"] < 0.6  # one byte a weight but the norms
     assert len(bf16["times"]) == len(fp8["times"]) == 2 and fp8["median_s"] > 0
+
+
+def test_the_gpu_script_runs_it_with_the_gpu_settings(tmp_path: Path) -> None:
+    """benchmarks/gpu_issue14.sh fp8: SD1.5's width at 512² in bf16 on CUDA, the arguments after the part winning
+    over them (here: the CPU and a tiny U-Net), the table and JSON in $OUT."""
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_issue14.sh"), "fp8", "--device", "cpu", "--quick",
+                           "--resolution", "64", "--rounds", "1"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "issue14-fp8.json").read_text())
+    assert "--device cuda --resolution 512 --dtype bf16 --width full --rounds 3" in result["command"]
+    assert result["settings"]["device"] == "cpu" and result["settings"]["rounds"] == 1
+    assert "| fp8 | " in (tmp_path / "issue14-fp8.txt").read_text()
