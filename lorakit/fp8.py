@@ -43,6 +43,8 @@ class _Fp8Product(torch.autograd.Function):
         upcast = weight.to(grad.dtype)
         if ctx.conv is None:
             grad_x = grad @ upcast
+        elif len(ctx.x_shape) == 3:  # an unbatched image
+            grad_x = torch.nn.grad.conv2d_input((1, *ctx.x_shape), upcast, grad[None], *ctx.conv)[0]
         else:
             grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, upcast, grad, *ctx.conv)
         return grad_x.to(ctx.x_dtype), None, None, None, None
@@ -50,6 +52,8 @@ class _Fp8Product(torch.autograd.Function):
 
 def fp8_product(layer: nn.Linear | nn.Conv2d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The layer's product with its fp8 weight (``bias`` in place of its own), keeping the fp8 weight for backward."""
+    if bias is not None and bias.requires_grad:  # the backward pass gives the input's gradient only
+        raise ValueError("an fp8 layer's bias is frozen with its weight; a trained bias needs its own path")
     conv = None if isinstance(layer, nn.Linear) else (layer.stride, layer.padding, layer.dilation, layer.groups)
     return _Fp8Product.apply(x, layer.weight, bias, layer.compute_dtype, conv)
 

@@ -303,3 +303,18 @@ def test_distributed_data_parallel_wraps_an_fp8_unet_once_its_frozen_weights_are
         assert counted and counted[1] == counted[2] != "0"
     else:  # what the trainer's keep_frozen_out_of_ddp is for
         assert "refused: Invalid scalar type" in done.stdout
+
+
+def test_an_fp8_conv_takes_an_unbatched_image_and_refuses_a_trained_bias():
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1).to(LOW).requires_grad_(False)
+    twin = copy.deepcopy(conv)
+    twin.weight.data = twin.weight.data.to(FP8).to(LOW)
+    store_frozen_in_fp8(conv)
+    x = torch.randn(4, 5, 5, dtype=LOW, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    conv(x).float().square().sum().backward()
+    twin(x2).float().square().sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+    conv.bias.requires_grad_(True)
+    with pytest.raises(ValueError, match="fp8 layer's bias is frozen with its weight"):
+        conv(x)
