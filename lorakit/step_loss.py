@@ -21,9 +21,11 @@ from lorakit.prompt_weights import uses_bracket_syntax
 VALIDATION_TIMESTEPS = (10, 350, 500, 650, 990)
 
 
-def step_seed(seed: int, step: int) -> int:
-    """A seed for one optimizer step, independent of every other step's."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{step}".encode()).digest()[:8], "little") & (2**63 - 1)
+def step_seed(seed: int, step: int, micro: int = 0) -> int:
+    """A seed for one optimizer step, independent of every other step's; ``micro``: the step's ``micro``-th batch
+    under gradient accumulation (the first one's seed is the step's own)."""
+    key = f"{seed}/{step}" if micro == 0 else f"{seed}/{step}/{micro}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def batch_latents(model: BaseModel, batch: Batch, generator: torch.Generator, step: int,
@@ -81,10 +83,11 @@ def prediction_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, 
 
 def compute_loss(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, batch: Batch, step: int,
                  accelerator: Accelerator, unet=None, text_encoders=None,
-                 captions_cache: ConditioningCache | None = None) -> torch.Tensor:
+                 captions_cache: ConditioningCache | None = None, micro: int = 0) -> torch.Tensor:
     """The loss of one training batch.  ``unet``/``text_encoders``: the modules to run (accelerate's wrappers in
-    a distributed run, so gradients are synchronised); default the model's own."""
-    generator = torch.Generator().manual_seed(step_seed(cfg.training.seed, step))
+    a distributed run, so gradients are synchronised); default the model's own.  ``micro``: the batch's place in
+    its optimizer step under gradient accumulation (each draws its own noise and timesteps)."""
+    generator = torch.Generator().manual_seed(step_seed(cfg.training.seed, step, micro))
     latents = batch_latents(model, batch, generator, step, accelerator.device)
     options = cfg.training
     noised = add_training_noise(model.noise_scheduler, latents, generator, model.prediction_type,

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -353,7 +353,6 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     # process, so that a schedule set in optimizer steps ended halfway through a 2-process run
     accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision, step_scheduler_with_optimizer=False,
                               kwargs_handlers=distributed_settings(cfg.training),
-                              gradient_accumulation_steps=cfg.optimizer.gradient_accumulation_steps,
                               cpu=not torch.cuda.is_available(), log_with=tracker_names(cfg.output.log_with) or None,
                               project_dir=None if tracker_dir is None else str(tracker_dir))
     is_main = accelerator.is_main_process
@@ -514,6 +513,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not (progress and is_main))
     epoch = start_epoch
     n_proc, rank = accelerator.num_processes, accelerator.process_index
+    accumulate = cfg.optimizer.gradient_accumulation_steps
 
     def record_validation(at_step: int, at_epoch: int) -> None:
         """The held-out loss now, on its own log line (the main process; steps inside an epoch log it with
@@ -563,24 +563,32 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             done = skip
             for i, batch in enumerate(batches, start=skip):
                 done = i + 1
+                # gradient accumulation: an optimizer step every `accumulate` batches, and at the epoch's last one
+                # (its group may be smaller: a step never takes batches of two epochs)
+                micro, group = i % accumulate, min(accumulate, local_batches - i // accumulate * accumulate)
+                steps_now = micro + 1 == group
                 method.before_step(step)
-                with accelerator.accumulate(*trained):
+                with ExitStack() as no_sync:
+                    if not steps_now:  # a distributed run exchanges gradients once, at the group's last batch
+                        for module in wrapped.values():
+                            no_sync.enter_context(accelerator.no_sync(module))
                     torch.manual_seed(step_seed(cfg.training.seed + 1, step * 1000 + i))  # adapter dropout
                     with method.scaled(batch.network_multiplier):
                         loss = compute_loss(cfg, model, method, batch, step, accelerator, run_unet,
-                                            None if method.text_encoder_stopped else run_text, captions_cache)
+                                            None if method.text_encoder_stopped else run_text, captions_cache,
+                                            micro=micro)
                     if not torch.isfinite(loss):
                         raise TrainingError(_nan_message(run, step, epoch))
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.optimizer.max_grad_norm:
-                        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                    cfg.optimizer.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients and not optimizer.step_was_skipped:  # fp16: an overflow skips it
-                        lr_schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if not accelerator.sync_gradients:
+                    accelerator.backward(loss / group)  # the step's gradient: the mean over its batches
+                if not steps_now:
                     continue
+                if cfg.optimizer.max_grad_norm:
+                    accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                cfg.optimizer.max_grad_norm)
+                optimizer.step()
+                if not optimizer.step_was_skipped:  # fp16: an overflow skips it
+                    lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
                 method.after_optimizer_step()
                 step += 1
                 losses.append(loss.item())

@@ -140,6 +140,35 @@ def test_resume_continues_exactly(tiny_model_dir, dataset, tmp_path, monkeypatch
     assert steps == list(range(1, 7))
 
 
+def test_gradient_accumulation_steps_at_each_epoch_end_and_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
+    """optimizer.gradient_accumulation_steps: an optimizer step every N batches and at an epoch's last batch, so a
+    step never takes batches of two epochs (3 batches at N = 2 were 1 step in the first epoch, the third batch's
+    gradient carried into the next, and the run fell short of its planned steps and schedule); a run killed after
+    a step checkpoint in the middle of an epoch resumes to the straight run's weights."""
+    data = write_dataset(tmp_path / "data", n=3)
+
+    def config(out, **output):
+        return make_config(tiny_model_dir, data, out, data={"batch_size": 1}, output=output,
+                           training={"max_epochs": 2, "save_every_n_steps": 1},
+                           optimizer={"gradient_accumulation_steps": 2, "lr_scheduler": "linear"})
+
+    straight = run_train(config(tmp_path / "straight"))
+    records = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [(r["step"], r["epoch"]) for r in steps] == [(1, 1), (2, 1), (3, 2), (4, 2)]
+    assert [r["lr"] for r in steps] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])  # the schedule runs to its end
+
+    original = die_after_saving(monkeypatch, 1)  # after the first step's checkpoint, mid-epoch
+    with pytest.raises(Interrupt):
+        run_train(config(tmp_path / "interrupted"))
+    monkeypatch.setattr(RunFolder, "save_checkpoint", original)
+    resumed = run_train(config(tmp_path / "interrupted", if_exists="resume"))
+    assert resumed.losses == straight.losses
+    a = load_file(str(tmp_path / "straight" / "lorakit.safetensors"))
+    b = load_file(str(tmp_path / "interrupted" / "lorakit.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_interrupted_save_keeps_previous_checkpoint(tiny_model_dir, dataset, tmp_path, monkeypatch):
     import lorakit.checkpoints as checkpoints
 
