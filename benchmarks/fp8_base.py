@@ -4,6 +4,7 @@
     python benchmarks/fp8_base.py --quick                 # smoke test: a tiny U-Net, 2 rounds
     python benchmarks/fp8_base.py --family sdxl --width full --rounds 1 --no-step   # SDXL's U-Net: the bytes only
     python benchmarks/fp8_base.py --device cuda --width full --resolution 512      # a GPU: SD1.5 at 512²
+    python benchmarks/fp8_base.py --upcast                # the upcast alone: lorakit's against torch's .to()
 
 Two copies of the same U-Net with a lorakit LoRA (rank 8, attention and feed-forward, the trainer's default
 preset) on it: one with its frozen weights in ``--dtype`` (bf16), one with them stored in fp8 as the trainer
@@ -39,7 +40,7 @@ from train_step import (  # noqa: E402  (the benchmark's own helpers, beside thi
     unet_config,
 )
 
-from lorakit.fp8 import frozen_bytes, store_frozen_in_fp8  # noqa: E402
+from lorakit.fp8 import FP8, frozen_bytes, store_frozen_in_fp8, upcast  # noqa: E402
 from lorakit.network import UniformRanks, create_network  # noqa: E402
 
 RANK = 8
@@ -58,6 +59,23 @@ def adapted_unet(config: dict[str, Any], device: str, dtype: torch.dtype, fp8: b
     return unet, params, before
 
 
+def time_upcast(device: str, dtype: torch.dtype, rounds: int) -> dict[str, float]:
+    """Median seconds to upcast a 1280×1280 fp8 weight (SD1.5's largest attention projection's size) with torch's
+    ``.to()`` and with ``lorakit.fp8.upcast``, interleaved; their results are checked equal first."""
+    weight = torch.randn(1280, 1280, device=device).to(FP8)
+    ways = {"torch .to()": lambda: weight.to(dtype), "lorakit upcast": lambda: upcast(weight, dtype)}
+    assert torch.equal(ways["torch .to()"]().float(), ways["lorakit upcast"]().float())
+    clock = Clock(device)
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, way in ways.items():
+            start = clock()
+            for _ in range(10):
+                way()
+            times[name].append((clock() - start) / 10)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -70,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="a tiny U-Net and 2 rounds: a smoke test")
     parser.add_argument("--no-step", action="store_true", help="the bytes at rest only (no training step)")
+    parser.add_argument("--upcast", action="store_true", help="time the upcast of one fp8 weight alone, torch's .to() "
+                        "against lorakit's")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     args.width = args.width or ("half" if args.device == "cpu" else "full")
@@ -82,6 +102,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if args.upcast:
+        medians = time_upcast(args.device, dtype, args.rounds)
+        base = medians["torch .to()"]
+        for name, seconds in medians.items():
+            print(f"{name}: {seconds * 1e3:.2f} ms ({seconds / base:.2f}×)")
+        return {"machine": machine(args.device), "upcast_s": medians}
     config = unet_config(args.quick, args.width, args.family)
     device_type = torch.device(args.device).type
     clock, memory = Clock(args.device), PeakMemory(args.device)

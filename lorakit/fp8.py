@@ -19,6 +19,23 @@ import torch.nn.functional as F
 from torch import nn
 
 FP8 = torch.float8_e4m3fn
+#: every fp8 value in order of its bits, per dtype it is upcast to (the CPU's upcast is a lookup in it)
+_VALUES: dict[torch.dtype, torch.Tensor] = {}
+_CHUNK = 1 << 18  # weights a lookup takes at once (1 MiB of indices)
+
+
+def upcast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An fp8 weight in ``dtype``, exactly.  On the CPU by looking each byte up in the 256 values fp8 has: torch's
+    own conversion there is several times slower (``benchmarks/fp8_base.py --upcast`` measures both)."""
+    if weight.device.type != "cpu":
+        return weight.to(dtype)
+    if dtype not in _VALUES:
+        _VALUES[dtype] = torch.arange(256, dtype=torch.uint8).view(FP8).to(dtype)
+    values, codes = _VALUES[dtype], weight.view(torch.uint8).reshape(-1)
+    out = torch.empty(codes.shape, dtype=dtype)
+    for start in range(0, codes.numel(), _CHUNK):  # the lookup's int32 indices a chunk at a time: little memory
+        torch.index_select(values, 0, codes[start:start + _CHUNK].int(), out=out[start:start + _CHUNK])
+    return out.view(weight.shape)
 
 
 class _Fp8Product(torch.autograd.Function):
@@ -30,23 +47,23 @@ class _Fp8Product(torch.autograd.Function):
                 conv: tuple | None) -> torch.Tensor:
         ctx.save_for_backward(weight)
         ctx.dtype, ctx.conv, ctx.x_shape, ctx.x_dtype = dtype, conv, x.shape, x.dtype
-        upcast = weight.to(dtype)
+        wide = upcast(weight, dtype)
         if conv is None:
-            return F.linear(x, upcast, bias)
-        return F.conv2d(x, upcast, bias, *conv)
+            return F.linear(x, wide, bias)
+        return F.conv2d(x, wide, bias, *conv)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         (weight,) = ctx.saved_tensors
-        upcast = weight.to(grad.dtype)
+        wide = upcast(weight, grad.dtype)
         if ctx.conv is None:
-            grad_x = grad @ upcast
+            grad_x = grad @ wide
         elif len(ctx.x_shape) == 3:  # an unbatched image
-            grad_x = torch.nn.grad.conv2d_input((1, *ctx.x_shape), upcast, grad[None], *ctx.conv)[0]
+            grad_x = torch.nn.grad.conv2d_input((1, *ctx.x_shape), wide, grad[None], *ctx.conv)[0]
         else:
-            grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, upcast, grad, *ctx.conv)
+            grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, wide, grad, *ctx.conv)
         return grad_x.to(ctx.x_dtype), None, None, None, None
 
 

@@ -43,3 +43,11 @@ def test_the_gpu_script_runs_it_with_the_gpu_settings(tmp_path: Path) -> None:
     assert "--device cuda --resolution 512 --dtype bf16 --width full --rounds 3" in result["command"]
     assert result["settings"]["device"] == "cpu" and result["settings"]["rounds"] == 1
     assert "| fp8 | " in (tmp_path / "issue14-fp8.txt").read_text()
+
+
+def test_the_upcast_timing_names_both_ways(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fp8_base.py"), "--upcast", "--rounds", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch .to(): " in done.stdout and "lorakit upcast: " in done.stdout

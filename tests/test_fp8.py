@@ -318,3 +318,14 @@ def test_an_fp8_conv_takes_an_unbatched_image_and_refuses_a_trained_bias():
     conv.bias.requires_grad_(True)
     with pytest.raises(ValueError, match="fp8 layer's bias is frozen with its weight"):
         conv(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_cpus_upcast_is_torchs_conversion_for_every_fp8_value(dtype):
+    """All 256 bit patterns, NaN and the subnormals included, in any shape."""
+    from lorakit.fp8 import upcast
+
+    every = torch.arange(256, dtype=torch.uint8).view(FP8).reshape(4, 8, 8)
+    ours, torchs = upcast(every, dtype), every.to(dtype)
+    assert ours.dtype == dtype and ours.shape == every.shape
+    assert torch.equal(ours.isnan(), torchs.isnan()) and torch.equal(ours.nan_to_num(), torchs.nan_to_num())

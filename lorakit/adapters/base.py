@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import InvalidValueError, LorakitError
-from lorakit.fp8 import FP8_LAYERS, fp8_product
+from lorakit.fp8 import FP8_LAYERS, fp8_product, upcast
 
 BaseLayer = nn.Linear | nn.Conv2d
 
@@ -117,7 +117,7 @@ class Adapter(nn.Module):
     def base_weight(self) -> torch.Tensor:
         """``W0`` as the layer computes with it: a weight stored in fp8 (model.fp8_base) is upcast, per use."""
         weight = self.base.weight
-        return weight.to(self.base.compute_dtype) if isinstance(self.base, FP8_LAYERS) else weight
+        return upcast(weight, self.base.compute_dtype) if isinstance(self.base, FP8_LAYERS) else weight
 
     @property
     def base_bias(self) -> torch.Tensor | None:
