@@ -393,7 +393,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             raise ConfigError(f"model.clip_skip: {err}") from None
         torch.manual_seed(cfg.training.seed)  # after loading: adapter init must not depend on how the model was read
         method = make_method(cfg, model, start_file=start_file, ranks_file=ranks_file, ti_start=ti_start)
-        for group in method.param_groups():  # trained tensors stay fp32 whatever the base model's dtype
+        for group in method.param_groups():  # trained tensors in fp32 whatever the base model's dtype (full_bf16: bf16)
             for p in group["params"]:
                 p.data = p.data.to(weight_dtype(cfg.model.mixed_precision) if cfg.model.full_bf16 else torch.float32)
         if cfg.model.fp8_parts():  # once the adapters are in place: their own layers are trained, not stored
