@@ -523,19 +523,22 @@ def fine_tune_block_count(unet_config: Mapping) -> int:
     return 1 + inputs + 3 + outputs + 1
 
 
-def fine_tune_block(parameter: str, unet_config: Mapping, modules: Mapping[str, str] | None = None) -> int:
-    """The index of a U-Net parameter (diffusers name) in kohya's ``block_lr`` order, by its LDM name as kohya's
+def fine_tune_blocks_of(parameters: Iterable[str], unet_config: Mapping) -> dict[str, int]:
+    """Each U-Net parameter's (diffusers name) index in kohya's ``block_lr`` order, by its LDM name as kohya's
     ``get_block_params_to_optimize`` reads it: 0 time/label embeddings, then input blocks, middle block parts, output
-    blocks, and the output layers last.  ``modules``: ``ldm.unet_module_map(unet_config)``, when already built."""
+    blocks, and the output layers last.  The module map and block counts are made once for all of them."""
     from lorakit.ldm import ldm_module_path, unet_module_map
 
-    modules = modules if modules is not None else unet_module_map(unet_config)
-    name = ldm_module_path(parameter, modules)
-    kind, _, rest = name.partition(".")
+    modules = unet_module_map(unet_config)
     inputs, outputs = _ldm_block_counts(modules)
     first = {"time_embed": 0, "label_emb": 0, "input_blocks": 1, "middle_block": 1 + inputs,
              "output_blocks": 1 + inputs + 3, "out": 1 + inputs + 3 + outputs}
-    if kind not in first:
-        raise ValueError(f"U-Net parameter {parameter!r} ({name}) is in none of kohya's blocks")
-    numbered = kind in ("input_blocks", "middle_block", "output_blocks")
-    return first[kind] + (int(rest.split(".")[0]) if numbered else 0)
+    found = {}
+    for parameter in parameters:
+        name = ldm_module_path(parameter, modules)
+        kind, _, rest = name.partition(".")
+        if kind not in first:
+            raise ValueError(f"U-Net parameter {parameter!r} ({name}) is in none of kohya's blocks")
+        numbered = kind in ("input_blocks", "middle_block", "output_blocks")
+        found[parameter] = first[kind] + (int(rest.split(".")[0]) if numbered else 0)
+    return found

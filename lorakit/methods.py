@@ -25,8 +25,8 @@ from lorakit.blocks import (
     BlockRanks,
     WithoutZeroBlocks,
     blocks_block_dims,
-    fine_tune_block,
     fine_tune_block_count,
+    fine_tune_blocks_of,
     parse_block_lr_weights,
     text_encoder_only,
 )
@@ -52,7 +52,6 @@ from lorakit.formats import (
     start_network_from_file,
     write_adapter,
 )
-from lorakit.ldm import unet_module_map
 from lorakit.max_norm import MaxNormReading, apply_max_norm, check_max_norm_supported
 from lorakit.models import BaseModel, check_sdxl_clip_skip, save_diffusers_folder, save_single_file_checkpoint
 from lorakit.modelspec import as_embedding
@@ -149,8 +148,7 @@ def fine_tune_blocks(cfg: TrainConfig, unet: nn.Module, params: dict[str, torch.
         raise ConfigError(f"method.native_block_lr: {len(rates)} values, and this U-Net has {count} blocks in "
                           f"kohya's order (time embeddings, {count - 5} input and output blocks, the middle "
                           "block's three parts, the output layers; kohya's block_lr for SDXL: 23)")
-    modules = unet_module_map(unet.config)
-    return {n: fine_tune_block(n, unet.config, modules) for n in params}
+    return fine_tune_blocks_of(params, unet.config)
 
 
 def _lr(cfg: TrainConfig, specific: float | None) -> float:

@@ -202,7 +202,7 @@ def test_kohya_block_lr_order_on_sdxls_unet():
     import json
     from pathlib import Path
 
-    from lorakit.blocks import fine_tune_block, fine_tune_block_count
+    from lorakit.blocks import fine_tune_block_count, fine_tune_blocks_of
 
     config = json.loads((Path(__file__).parents[1] / "lorakit/configs/sdxl/unet/config.json").read_text())
     assert fine_tune_block_count(config) == 23
@@ -213,4 +213,4 @@ def test_kohya_block_lr_order_on_sdxls_unet():
                 "mid_block.resnets.1.conv2.weight": 12, "up_blocks.0.resnets.0.conv1.weight": 13,
                 "up_blocks.0.upsamplers.0.conv.weight": 15, "up_blocks.2.resnets.2.conv2.bias": 21,
                 "conv_norm_out.weight": 22, "conv_out.bias": 22}
-    assert {name: fine_tune_block(name, config) for name in expected} == expected
+    assert fine_tune_blocks_of(expected, config) == expected
