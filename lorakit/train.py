@@ -130,7 +130,8 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
 
 
 def prepare_model(cfg: TrainConfig, accelerator: Accelerator) -> BaseModel:
-    """Load the base model; frozen parts in the mixed-precision dtype, everything trained stays fp32."""
+    """Load the base model; frozen parts in the mixed-precision dtype, everything trained stays fp32 (but under
+    model.full_bf16, which trains native fine-tuning's weights in bf16)."""
     model = load_base_model(cfg.model.base, prediction_type=cfg.model.prediction_type)
     use_vae(model, cfg.model.vae)
     if cfg.model.base_weights:  # kohya's --base_weights: merged in before the adapters or anything else see W
