@@ -107,13 +107,20 @@ def describe_weights(keys: dict[str, list[int]]) -> str | None:
     return f"not an adapter: none of its {len(names)} tensors has an adapter's key names (e.g. {example!r})"
 
 
+def model_folder_refusal(path: Path) -> str | None:
+    """What to tell someone who gave a diffusers model folder where an adapter (or a run) goes; None otherwise."""
+    if (path / "model_index.json").is_file():
+        return f"{path}: a diffusers model folder, not an adapter; use it as --model"
+    return None
+
+
 def check_adapter_path(path: str | os.PathLike) -> None:
     """Raise NotAnAdapterError when ``path`` is a folder or a safetensors file that is not an adapter (files
     that cannot be read at all are left to the adapter reader, whose errors say why)."""
     path = Path(path)
     if path.is_dir():
-        if (path / "model_index.json").is_file():
-            raise NotAnAdapterError(f"{path}: a diffusers model folder, not an adapter; use it as --model")
+        if refusal := model_folder_refusal(path):
+            raise NotAnAdapterError(refusal)
         results = sorted(path.glob("*.safetensors")) if (path / "config.toml").is_file() else []
         hint = f" (a lorakit run: its result is {results[0]})" if len(results) == 1 else \
             (f" (a lorakit run: its results are {', '.join(str(r) for r in results)})" if results else "")

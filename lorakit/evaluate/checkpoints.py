@@ -190,8 +190,10 @@ def read_run(path: str | Path, every: int = 1, step_checkpoints: bool = False) -
     CheckpointError for a folder that is not a run, or a run with no saved checkpoint."""
     path = Path(path)
     if not is_run_folder(path):
-        if (path / "model_index.json").is_file():
-            raise CheckpointError(f"{path}: a diffusers model folder, not an adapter; use it as --model")
+        from lorakit.file_kinds import model_folder_refusal
+
+        if refusal := model_folder_refusal(path):
+            raise CheckpointError(refusal)
         raise CheckpointError(f"{path}: not a lorakit run folder (no config.toml)")
     config = _read_toml(path / "config.toml")
     kind, token = _kind(config, path / "config.toml")
