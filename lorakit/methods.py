@@ -442,8 +442,9 @@ class NativeMethod(TrainingMethod):
             self.params = {n: p for n, p in self.params.items() if rates[self.blocks[n]] > 0}
         for p in [*self.params.values(), *self.text_params.values()]:
             p.requires_grad_(True)
-        # W0 of the layers whose ΔW CS-Fluctuation follows (the U-Net's, as the paper)
-        self._pairs = [(m.weight, m.weight.detach().to("cpu", copy=True)) for _, m in layers]
+        # W0 of the layers whose ΔW CS-Fluctuation follows (the U-Net's trained ones, as the paper: a block that
+        # native_block_lr leaves at 0 has no update to follow)
+        self._pairs = [(m.weight, m.weight.detach().to("cpu", copy=True)) for _, m in layers if m.weight.requires_grad]
 
     def param_groups(self) -> list[dict]:
         if self.blocks is None:

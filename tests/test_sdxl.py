@@ -349,8 +349,11 @@ def test_block_lr_trains_each_sdxl_block_at_its_rate_and_leaves_blocks_at_0(tmp_
     rates[5], rates[22] = 2e-3, 1e-3  # input block 4 (SDXL's first attention level), the output layers
     cfg = make_config(tiny_sdxl_dir, write_dataset(tmp_path / "data", n=2), tmp_path / "run",
                       method={"kind": "native", "native_block_lr": rates}, training={"max_epochs": 1})
-    groups = NativeMethod(cfg, load_base_model(tiny_sdxl_dir)).param_groups()
+    method = NativeMethod(cfg, load_base_model(tiny_sdxl_dir))
+    groups = method.param_groups()
     assert [(g["name"], g["lr"]) for g in groups] == [("unet_block_5", 2e-3), ("unet_block_22", 1e-3)]
+    trained = {id(p) for g in groups for p in g["params"]}
+    assert method._pairs and all(id(w) in trained for w, _ in method._pairs)  # CS follows the trained layers only
     tuned = load_base_model(train(cfg, progress=False).files[0], config=tiny_sdxl_dir).unet.state_dict()
     base = load_base_model(tiny_sdxl_dir).unet.state_dict()
     # input block 4 is the second level's first layer (resnet and attention); the output layers, its norm and conv
