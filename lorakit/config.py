@@ -238,6 +238,12 @@ class OptimizerConfig:
     lr_scheduler_args: dict = field(default_factory=dict)
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1
+    #: kohya's --fused_backward_pass, for native fine-tuning: each weight is stepped the moment the backward pass has
+    #: its gradient, and the gradient freed, instead of all the model's gradients held until the step (an SDXL
+    #: U-Net's: 10 GB in fp32).  Each weight has an optimizer of its own (adamw, adamw8bit, adafactor, lion or sgd:
+    #: the same update), max_grad_norm clips each weight's gradient alone (as kohya does); needs
+    #: gradient_accumulation_steps = 1, not fp16, one process (lorakit.fused_backward)
+    fused_backward_pass: bool = False
 
 
 @dataclass
@@ -414,6 +420,7 @@ class TrainConfig:
         ConfigError naming the key).  Names are checked against the tables that define them."""
         from lorakit.adapters import ALGORITHMS, ALIASES
         from lorakit.data.discovery import MAX_REPEATS
+        from lorakit.fused_backward import fused_backward_refusal
         from lorakit.loss import HUBER_SCHEDULES, LOSS_TYPES, PREDICTION_TYPES
         from lorakit.metadata import TOKEN_LENGTHS
         from lorakit.network import PRESETS
@@ -624,6 +631,10 @@ class TrainConfig:
             raise ConfigError(f"method.kind = {self.method.kind!r} needs the new token: set method.ti_token "
                               "(or data.trigger), e.g. --set method.ti_token=zkz")
         self._validate_fp8()
+        if self.optimizer.fused_backward_pass and (why := fused_backward_refusal(
+                self.method.kind, self.optimizer.optimizer, self.model.mixed_precision,
+                self.optimizer.gradient_accumulation_steps)):
+            raise ConfigError(f"optimizer.fused_backward_pass: {why}")
         if self.model.full_bf16 and self.model.mixed_precision != "bf16":  # as kohya refuses it
             raise ConfigError("model.full_bf16 trains the weights in bf16, which needs model.mixed_precision = bf16")
         if self.model.full_bf16 and self.method.kind != "native":

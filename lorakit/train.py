@@ -47,6 +47,7 @@ from lorakit.earlystop.samples import SampleStop, SampleTurningPoint, make_sampl
 from lorakit.errors import LorakitError
 from lorakit.formats import AdapterFile, read_adapter
 from lorakit.fp8 import store_frozen_in_fp8
+from lorakit.fused_backward import FusedBackwardOptimizer
 from lorakit.loss import check_loss_options
 from lorakit.metadata import base_model_fields, ss_metadata
 from lorakit.methods import TrainingMethod, make_method
@@ -118,6 +119,9 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimiz
     if opt.optimizer not in OPTIMIZERS:
         raise TrainingError(f"optimizer.optimizer: unknown optimizer {opt.optimizer!r} ({', '.join(OPTIMIZERS)})")
     try:
+        if opt.fused_backward_pass:  # an optimizer per weight, stepped during backward()
+            return FusedBackwardOptimizer(groups, lambda part: OPTIMIZERS[opt.optimizer](part, opt),
+                                          opt.max_grad_norm)
         return OPTIMIZERS[opt.optimizer](groups, opt)
     except ImportError as err:
         raise TrainingError(f"optimizer.optimizer = {opt.optimizer!r}: {err}") from None
@@ -357,6 +361,11 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                               cpu=not torch.cuda.is_available(), log_with=tracker_names(cfg.output.log_with) or None,
                               project_dir=None if tracker_dir is None else str(tracker_dir))
     is_main = accelerator.is_main_process
+    if cfg.optimizer.fused_backward_pass and accelerator.num_processes > 1:
+        # each process would step on its own gradient before the processes have averaged them
+        raise TrainingError(f"optimizer.fused_backward_pass steps each weight during the backward pass, before "
+                            f"the {accelerator.num_processes} processes have averaged its gradient: run one process, "
+                            "or turn it off")
     check_paths(cfg, config_file)
     protect = [p for p in (cfg.data.train_data, cfg.data.reg_data, config_file) if p]
     run = None
@@ -583,7 +592,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                     accelerator.backward(loss / group)  # the step's gradient: the mean over its batches
                 if not steps_now:
                     continue
-                if cfg.optimizer.max_grad_norm:
+                if cfg.optimizer.max_grad_norm and not cfg.optimizer.fused_backward_pass:  # fused: clipped in backward
                     accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                 cfg.optimizer.max_grad_norm)
                 optimizer.step()

@@ -322,6 +322,22 @@ def test_save_n_epoch_ratio_and_full_bf16_are_taken_over_as_kohya_runs_them(tmp_
                for u in config_from_kohya(native)[1].untranslated)
 
 
+def test_sdxl_trains_fused_backward_pass_and_optimizer_groups_become_lorakits_fused_pass(tmp_path, tiny_model_dir):
+    """sdxl_train.py's fused_backward_pass is lorakit's; its fused_optimizer_groups N (N optimizers, each stepped
+    when its weights' gradients are in) too, said: lorakit steps each weight alone."""
+    native = kohya_file(tmp_path, tiny_model_dir, "db.toml",
+                        'optimizer_type = "Adafactor"\nfused_backward_pass = true\n')
+    cfg, translation = config_from_kohya(native)
+    assert cfg.optimizer.fused_backward_pass and cfg.optimizer.optimizer == "adafactor" and cfg.method.kind == "native"
+    assert translation.untranslated == [] and translation.notes == []
+    cfg.validate()
+    native.write_text(native.read_text().replace("fused_backward_pass = true", "fused_optimizer_groups = 10"))
+    cfg, translation = config_from_kohya(native)
+    assert cfg.optimizer.fused_backward_pass and translation.untranslated == []
+    assert any(n.startswith("fused_optimizer_groups = 10: lorakit's fused backward pass steps each weight alone")
+               for n in translation.notes), translation.notes
+
+
 def test_base_weights_are_taken_over_one_file_or_several(tmp_path, tiny_model_dir):
     """kohya's --base_weights and --base_weights_multiplier (nargs="*": a config may give one value or a list)."""
     path = kohya_file(tmp_path, tiny_model_dir, "kohya.toml", 'network_module = "networks.lora"\n'

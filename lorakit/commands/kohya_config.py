@@ -204,6 +204,11 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
             out.set("method.native_block_lr", [float(v) for v in str(block_lr).split(",") if v.strip()])
         except ValueError:
             out.untranslated.append(f"block_lr = {block_lr!r}: not a comma-separated list of learning rates")
+    groups = options.pop("fused_optimizer_groups", None)
+    if not is_off(groups):  # sdxl_train.py's N optimizers, each stepped once its weights' gradients are all in
+        out.set("optimizer.fused_backward_pass", True)
+        out.notes.append(f"fused_optimizer_groups = {groups!r}: lorakit's fused backward pass steps each weight "
+                         "alone as its gradient is ready (as fused_backward_pass), which frees at least as much memory")
     ratio = options.pop("save_n_epoch_ratio", None)
     if not is_off(ratio):  # kohya: save_every_n_epochs = floor(epochs / ratio) or 1, whatever it was set to
         epochs = options.get("max_train_epochs")

@@ -246,8 +246,10 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--resume-from-huggingface": "(not in lorakit: nothing is downloaded)",
     "--fp8-base-unet": "--set model.fp8_base_unet=true",
     "--fp16-master-weights-and-gradients": "(not in lorakit: trained weights stay fp32)",
-    "--fused-backward-pass": "(not in lorakit: the optimizer steps after the whole backward pass)",
-    "--fused-optimizer-groups": "(not in lorakit: the optimizer steps after the whole backward pass)",
+    "--fused-backward-pass": "--set optimizer.fused_backward_pass=true",
+    # kohya's N groups, each stepped once its gradients are all in: lorakit steps each weight alone, which frees
+    # more memory; the optimizers that need all weights together (Prodigy, D-Adaptation) are refused with it
+    "--fused-optimizer-groups": "--set optimizer.fused_backward_pass=true",
     "--blocks-to-swap": "(not in lorakit: the model stays on the device)",
     "--cpu-offload-checkpointing": "(not in lorakit: gradient checkpointing keeps its activations on the device, "
                                    "--set model.gradient_checkpointing=true)",
