@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_issue14.sh compiled    # on the GPU machine, carrying .whl: torch.compile, batch 1
 #   bash benchmarks/gpu_issue14.sh fp8         # on the GPU machine, carrying .whl: model.fp8_base's memory and time
 #                                                (benchmarks/fp8_base.py; --family sdxl for SDXL's U-Net)
+#   bash benchmarks/gpu_issue14.sh fused       # on the GPU machine, carrying .whl: optimizer.fused_backward_pass's
+#                                                memory and time in native fine-tuning (benchmarks/fused_backward.py)
 #
 # The device tool runs each part as one call, e.g. run(command="bash benchmarks/gpu_issue14.sh eager",
 # carry=[".whl"], timeout_s=420): the eager part is minutes of stepping; the compiled one compiles the U-Net once
@@ -16,7 +18,7 @@
 # the one the CPU tables name.
 set -euo pipefail
 
-part=${1:?"usage: gpu_issue14.sh fetch|eager|compiled|fp8 [the benchmark's arguments]"}
+part=${1:?"usage: gpu_issue14.sh fetch|eager|compiled|fp8|fused [the benchmark's arguments]"}
 shift
 root=$(cd "$(dirname "$0")/.." && pwd)
 # versions as in .ci/constraints.txt; the last three are what diffusers and LyCORIS need beyond the machine's packages
@@ -36,7 +38,8 @@ case $part in
     eager) part_args=(--batches 1,4 --rounds 3) ;;  # 30 timed steps per variant and batch: minutes in all
     compiled) part_args=(--compile --batches 1 --rounds 3 --variants floor,lorakit-lora,peft-lora,lorakit-locon) ;;
     fp8) bench=fp8_base.py; part_args=(--rounds 3) ;;  # the U-Net in bf16 and with its base in fp8: seconds
-    *) echo "gpu_issue14.sh: unknown part '$part' (fetch, eager, compiled or fp8)" >&2; exit 2 ;;
+    fused) bench=fused_backward.py; part_args=(--steps 3) ;;  # SD1.5 natively, both variants: a minute
+    *) echo "gpu_issue14.sh: unknown part '$part' (fetch, eager, compiled, fp8 or fused)" >&2; exit 2 ;;
 esac
 
 out=${OUT:-$root/gpu-results}

@@ -102,9 +102,10 @@ def test_a_native_run_trains_as_without_it_and_resumes(tiny_model_dir, tmp_path)
     data = write_dataset(tmp_path / "data", n=6)
 
     def config(out, fused, epochs=2, **output):
-        # no clipping: fused clips each weight's gradient alone, the whole-model step their joint norm
+        # no clipping: fused clips each weight's gradient alone, the whole-model step their joint norm; gradient
+        # checkpointing recomputes the forward pass inside the backward one, where the weights step
         return make_config(tiny_model_dir, data, tmp_path / out, training={"max_epochs": epochs},
-                           method={"kind": "native"}, output=output,
+                           method={"kind": "native"}, output=output, model={"gradient_checkpointing": True},
                            optimizer={"learning_rate": 1e-4, "max_grad_norm": 0.0, "fused_backward_pass": fused})
 
     plain = run_train(config("plain", False))
