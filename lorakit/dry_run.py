@@ -17,7 +17,14 @@ from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import TrainingData
 from lorakit.methods import block_dims_rule, check_sdxl_settings
 from lorakit.models import describe_base_model
-from lorakit.run_messages import TEXT_CACHE_LINE, base_weight_specs, count, early_stop_text, opening_line
+from lorakit.run_messages import (
+    TEXT_CACHE_LINE,
+    base_weight_specs,
+    count,
+    early_stop_text,
+    fused_backward_line,
+    opening_line,
+)
 from lorakit.trackers import check_tracker, read_tracker_settings
 from lorakit.train import (
     check_data_settings,
@@ -108,6 +115,8 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     lines.append(_checkpoints_line(cfg, steps_per_epoch, total))
     if cfg.data.cache_text_encoder_outputs:
         lines.append(TEXT_CACHE_LINE)
+    if cfg.optimizer.fused_backward_pass:
+        lines.append(fused_backward_line(cfg.optimizer.max_grad_norm))
     if cfg.early_stop.samples and cfg.early_stop.mode != "off":
         lines.append(sample_stop_line(cfg))
     if data.warnings:

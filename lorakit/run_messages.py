@@ -24,6 +24,13 @@ _CONV_PRESETS = ("full", "lycoris-full")
 TEXT_CACHE_LINE = "text-encoder outputs cached: each caption is encoded once, when first trained on"
 
 
+def fused_backward_line(max_grad_norm: float) -> str:
+    """What optimizer.fused_backward_pass does to the run, said before it starts (its clipping differs)."""
+    clipping = f"; each weight's gradient clipped to {max_grad_norm:g} alone" if max_grad_norm else ""
+    return ("fused backward pass: each weight steps as soon as its gradient is ready, and the gradient is freed"
+            + clipping)
+
+
 def count(n: int, noun: str) -> str:
     """'1 epoch', '3 epochs': a count with its noun in the right number."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -68,6 +68,7 @@ from lorakit.run_messages import (
     count,
     early_stop_text,
     estimate_line,
+    fused_backward_line,
     next_steps,
     opening_line,
 )
@@ -493,6 +494,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                   f"early stopping: {early_stop_text(cfg, meter is not None)}")
             if cfg.data.cache_text_encoder_outputs:
                 print(TEXT_CACHE_LINE)
+            if cfg.optimizer.fused_backward_pass:
+                print(fused_backward_line(cfg.optimizer.max_grad_norm))
             if cfg.model.compile:
                 print(f"the U-Net is compiled (torch.compile, backend {cfg.model.compile_backend}, mode "
                       f"{cfg.model.compile_mode}): the first steps are slow while it compiles")

@@ -96,7 +96,7 @@ def test_each_weights_gradient_is_clipped_alone():
     assert len(norms) == 6 and max(norms) == pytest.approx(1e-3, rel=1e-4)
 
 
-def test_a_native_run_trains_as_without_it_and_resumes(tiny_model_dir, tmp_path):
+def test_a_native_run_trains_as_without_it_and_resumes(tiny_model_dir, tmp_path, capsys):
     from test_train import make_config, run_train, write_dataset
 
     data = write_dataset(tmp_path / "data", n=6)
@@ -110,6 +110,7 @@ def test_a_native_run_trains_as_without_it_and_resumes(tiny_model_dir, tmp_path)
 
     plain = run_train(config("plain", False))
     fused = run_train(config("fused", True))
+    assert "fused backward pass: each weight steps as soon as its gradient is ready" in capsys.readouterr().out
     torch.testing.assert_close(torch.tensor(fused.losses), torch.tensor(plain.losses), rtol=1e-4, atol=1e-6)
     from safetensors.torch import load_file
     ours, theirs = (load_file(str(tmp_path / out / "checkpoints" / "epoch-0002" / "trained.safetensors"))
@@ -139,3 +140,19 @@ def test_settings_it_cannot_work_with_are_refused_by_name(tiny_model_dir, tmp_pa
             setattr(getattr(cfg, section), key, value)
     with pytest.raises(ConfigError, match=f"optimizer.fused_backward_pass: .*{match}"):
         cfg.validate()
+
+
+def test_a_dry_run_says_it_and_an_adapter_run_is_refused_from_the_command_line(tiny_model_dir, tmp_path, capsys):
+    from test_train import write_dataset
+
+    from lorakit.cli import main
+
+    flags = ["train", "--data", str(write_dataset(tmp_path / "data")), "--model", str(tiny_model_dir), "--out",
+             str(tmp_path / "run"), "--dry-run", "--set", "optimizer.fused_backward_pass=true"]
+    assert main([*flags, "--method", "native", "--set", "optimizer.max_grad_norm=0.5"]) == 0
+    assert ("fused backward pass: each weight steps as soon as its gradient is ready, and the gradient is freed; each "
+            "weight's gradient clipped to 0.5 alone") in capsys.readouterr().out
+    assert main(flags) == 2
+    assert "optimizer.fused_backward_pass: it saves the memory of native fine-tuning's gradients" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
