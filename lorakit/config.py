@@ -269,6 +269,11 @@ class TrainingConfig:
     save_every_n_steps: int | None = None
     #: kohya's save_last_n_steps: keep only the step checkpoints of the last N steps (absent: every one)
     save_last_n_steps: int | None = None
+    #: an exponential moving average of the trained weights (OneTrainer's EMA, diffusers' --use_ema), updated after
+    #: every optimizer step with this decay (e.g. 0.999: about the last 1000 steps; warmed up as diffusers does):
+    #: checkpoints, the result, samples and validation use the average; training and CS-Fluctuation the live
+    #: weights (lorakit.ema).  Absent: off
+    ema_decay: float | None = None
     #: the validation loss of the images data.validation_split holds out (kohya's options): every N epochs (absent:
     #: every epoch), and also every N steps; at most ``max_validation_steps`` batches each time (absent: all)
     validate_every_n_epochs: int | None = None
@@ -488,6 +493,8 @@ class TrainConfig:
             *[(getattr(net, k) is None or _at_least(getattr(net, k), 0, strict=True), f"network.{k}",
                "positive (or absent: LoRA+ off)", getattr(net, k))
               for k in LORAPLUS_KEYS],
+            (train.ema_decay is None or (_at_least(train.ema_decay, 0) and train.ema_decay < 1),
+             "training.ema_decay", "a number in [0, 1) (e.g. 0.999; absent: no average)", train.ema_decay),
             (train.save_every_n_steps is None or _positive_int(train.save_every_n_steps),
              "training.save_every_n_steps", "a positive integer (or absent: checkpoints at epoch ends only)",
              train.save_every_n_steps),

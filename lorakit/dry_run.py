@@ -22,6 +22,7 @@ from lorakit.run_messages import (
     base_weight_specs,
     count,
     early_stop_text,
+    ema_line,
     fused_backward_line,
     opening_line,
 )
@@ -115,6 +116,8 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     lines.append(_checkpoints_line(cfg, steps_per_epoch, total))
     if cfg.data.cache_text_encoder_outputs:
         lines.append(TEXT_CACHE_LINE)
+    if cfg.training.ema_decay is not None:
+        lines.append(ema_line(cfg.training.ema_decay))
     if cfg.optimizer.fused_backward_pass:
         lines.append(fused_backward_line(cfg.optimizer.max_grad_norm))
     if cfg.early_stop.samples and cfg.early_stop.mode != "off":

@@ -24,6 +24,12 @@ _CONV_PRESETS = ("full", "lycoris-full")
 TEXT_CACHE_LINE = "text-encoder outputs cached: each caption is encoded once, when first trained on"
 
 
+def ema_line(decay: float) -> str:
+    """What training.ema_decay does to the run, said before it starts."""
+    return (f"weights averaged (EMA, decay {decay:g}): checkpoints, samples and the result hold the average; training "
+            "and CS-Fluctuation follow the live weights")
+
+
 def fused_backward_line(max_grad_norm: float) -> str:
     """What optimizer.fused_backward_pass does to the run, said before it starts (its clipping differs)."""
     clipping = f"; each weight's gradient clipped to {max_grad_norm:g} alone" if max_grad_norm else ""

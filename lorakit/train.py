@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -25,7 +25,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 
-from lorakit.checkpoint_names import BASE_WEIGHTS_KEY, METHOD_KEY
+from lorakit.checkpoint_names import BASE_WEIGHTS_KEY, EMA_DECAY_KEY, METHOD_KEY
 from lorakit.checkpoints import RunFolder
 from lorakit.conditioning import ConditioningCache
 from lorakit.config import (
@@ -44,6 +44,7 @@ from lorakit.earlystop.monitor import Decision, TurningPoint
 from lorakit.earlystop.plot import plot_sample_scores
 from lorakit.earlystop.rules import SIZE_SERIES
 from lorakit.earlystop.samples import SampleStop, SampleTurningPoint, make_sample_stop
+from lorakit.ema import WeightAverage
 from lorakit.errors import LorakitError
 from lorakit.formats import AdapterFile, read_adapter
 from lorakit.fp8 import store_frozen_in_fp8
@@ -67,6 +68,7 @@ from lorakit.run_messages import (
     TEXT_CACHE_LINE,
     count,
     early_stop_text,
+    ema_line,
     estimate_line,
     fused_backward_line,
     next_steps,
@@ -304,6 +306,8 @@ def _all_metadata(cfg: TrainConfig, data: TrainingData, model: BaseModel, epoch:
                                 validate_every_n_epochs=str(cfg.training.validate_every_n_epochs),
                                 validate_every_n_steps=str(cfg.training.validate_every_n_steps)))
     meta[METHOD_KEY] = cfg.method.kind  # a native checkpoint is told by it (lorakit.native_checkpoints)
+    if cfg.training.ema_decay is not None:  # the weights are a moving average (lorakit.ema)
+        meta[EMA_DECAY_KEY] = str(cfg.training.ema_decay)
     meta.update(data.kohya_metadata())
     meta.update(_modelspec(cfg, data, model))
     return meta
@@ -407,6 +411,9 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         for group in method.param_groups():  # trained tensors in fp32 whatever the base model's dtype (full_bf16: bf16)
             for p in group["params"]:
                 p.data = p.data.to(weight_dtype(cfg.model.mixed_precision) if cfg.model.full_bf16 else torch.float32)
+        # the moving average starts at the weights training starts from (a resume loads its own below)
+        ema = WeightAverage(method.trained_tensors(), cfg.training.ema_decay) \
+            if cfg.training.ema_decay is not None else None
         if cfg.model.fp8_parts():  # once the adapters are in place: their own layers are trained, not stored
             line = store_base_in_fp8(model, cfg.model.fp8_parts())
             if is_main:
@@ -452,7 +459,11 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         if run.resuming and (ckpt := run.latest_checkpoint()) is not None:
             state = ckpt.load_state()
             _check_resumable(state, fingerprint, data, ckpt.path, run, total_steps, cfg)
-            method.load_trained_tensors(ckpt.load_tensors())
+            if ema is not None:  # the checkpoint holds the average; the state the weights training goes on from
+                method.load_trained_tensors(state["live_tensors"])
+                ema.load(state["ema"], ckpt.load_tensors())
+            else:
+                method.load_trained_tensors(ckpt.load_tensors())
             optimizer.load_state_dict(state["optimizer"])
             lr_schedule.load_state_dict(state["lr_schedule"])
             skip = state.get("batches_done", 0)
@@ -494,6 +505,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                   f"early stopping: {early_stop_text(cfg, meter is not None)}")
             if cfg.data.cache_text_encoder_outputs:
                 print(TEXT_CACHE_LINE)
+            if cfg.training.ema_decay is not None:
+                print(ema_line(cfg.training.ema_decay))
             if cfg.optimizer.fused_backward_pass:
                 print(fused_backward_line(cfg.optimizer.max_grad_norm))
             if cfg.model.compile:
@@ -531,7 +544,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     def record_validation(at_step: int, at_epoch: int) -> None:
         """The held-out loss now, on its own log line (the main process; steps inside an epoch log it with
         their step's record instead)."""
-        validated[at_step] = _validate(cfg, model, method, data, accelerator, captions_cache)
+        with judged():
+            validated[at_step] = _validate(cfg, model, method, data, accelerator, captions_cache)
         run.log({"step": at_step, "epoch": at_epoch, "val_loss": validated[at_step]})
         if tracker_dir is not None:
             accelerator.log({"val_loss": validated[at_step]}, step=at_step)
@@ -545,7 +559,17 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 "sample_stop": sample_stop.rule.state_dict() if sample_stop is not None else None,
                 # batches of this epoch trained when it was saved mid-epoch (0: the whole epoch)
                 "batches_done": done if done < local_batches else 0,
-                "stopped_early": stop_decision is not None, "data": fingerprint}
+                "stopped_early": stop_decision is not None, "data": fingerprint,
+                **({} if ema is None else {"ema": ema.state_dict(), "live_tensors": method.trained_tensors()})}
+
+    def handed_back() -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint holds: what the run would hand back now (the average, with training.ema_decay)."""
+        tensors = method.trained_tensors()
+        return tensors if ema is None else ema.tensors_like(tensors)
+
+    def judged() -> AbstractContextManager[None]:
+        """The weights samples and validation see: the average's, with training.ema_decay."""
+        return nullcontext() if ema is None else ema.applied(method)
 
     def step_checkpoint_due(at_step: int) -> bool:
         every = cfg.training.save_every_n_steps
@@ -553,7 +577,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
 
     def save_step_checkpoint(at_epoch: int, done: int, local_batches: int) -> None:
         """kohya's save_every_n_steps: the adapter and the state of this step, then save_last_n_steps's pruning."""
-        run.save_checkpoint(at_epoch, method.trained_tensors(), training_state(at_epoch, done, local_batches),
+        run.save_checkpoint(at_epoch, handed_back(), training_state(at_epoch, done, local_batches),
                             metadata=metadata_for(cfg, data, model, at_epoch, step, file_entries), step=step)
         if cfg.training.save_last_n_steps is not None:
             run.prune_step_checkpoints(step - cfg.training.save_last_n_steps)
@@ -603,6 +627,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                     lr_schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 method.after_optimizer_step()
+                if ema is not None:
+                    ema.update(method.trained_tensors())
                 step += 1
                 losses.append(loss.item())
                 record = {"step": step, "epoch": epoch + 1, "loss": losses[-1], "lr": lr_schedule.get_last_lr()[0],
@@ -622,8 +648,9 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                         and step % cfg.training.validate_every_n_steps == 0:
                     with fail_together(accelerator, f"validating at step {step}"):  # the main process measures
                         if is_main:
-                            record["val_loss"] = validated[step] = _validate(cfg, model, method, data, accelerator,
-                                                                             captions_cache)
+                            with judged():
+                                record["val_loss"] = validated[step] = _validate(cfg, model, method, data,
+                                                                                 accelerator, captions_cache)
                 if is_main:
                     run.log(record)
                 if tracker_dir is not None:
@@ -637,8 +664,9 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 every = cfg.sample.every_n_steps
                 if is_main and prompts and every and step % every == 0 and step < total_steps:
                     # named to sort before its epoch's own grid (the run page lists them in name order)
-                    _sample(model, method, prompts, run.sample_path(f"epoch-{epoch + 1:04d}-step-{step:06d}"),
-                            accelerator, cfg, log_step=step)
+                    with judged():
+                        _sample(model, method, prompts, run.sample_path(f"epoch-{epoch + 1:04d}-step-{step:06d}"),
+                                accelerator, cfg, log_step=step)
                 if stop_decision is not None or step >= total_steps:
                     break  # the epoch's end saves this step's checkpoint
                 if step_checkpoint_due(step) and done < local_batches:  # an epoch's end is saved below
@@ -649,7 +677,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             epoch += 1
             skip = 0
             if sample_stop is not None:  # scored before saving: the checkpoint's state holds it
-                found = _score_samples(sample_stop, epoch, step, model, method, cfg, run, accelerator)
+                with judged():
+                    found = _score_samples(sample_stop, epoch, step, model, method, cfg, run, accelerator)
                 if found is not None and stop_decision is None and cfg.early_stop.mode == "cs-fluctuation":
                     stop_decision = _sample_decision(found, steps_per_epoch, step, monitor)
             # the main process's checkpoint and samples; the others wait for it at the next step's all-reduce
@@ -662,7 +691,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                     if tracker_dir is not None:
                         run.record_tree("logs")  # files the tracker opened since (record_tree: run's own only)
                 if is_main and (saves_epoch(cfg, epoch) or stop_decision is not None or step >= total_steps):
-                    run.save_checkpoint(epoch, method.trained_tensors(), training_state(epoch, done, local_batches),
+                    run.save_checkpoint(epoch, handed_back(), training_state(epoch, done, local_batches),
                                         metadata=metadata_for(cfg, data, model, epoch, step, file_entries))
                     # native: a whole U-Net per epoch, so only what may be handed back is kept, as with
                     # kohya's save_last_n_epochs (plus the last N)
@@ -675,8 +704,9 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 elif is_main and step_checkpoint_due(step):  # the epoch's end, not saved as the epoch's
                     save_step_checkpoint(epoch, done, local_batches)
                 if is_main and prompts and (epoch % cfg.sample.every_n_epochs == 0 or stop_decision is not None):
-                    _sample(model, method, prompts, run.sample_path(f"epoch-{epoch:04d}"), accelerator, cfg,
-                            log_step=step)
+                    with judged():
+                        _sample(model, method, prompts, run.sample_path(f"epoch-{epoch:04d}"), accelerator, cfg,
+                                log_step=step)
     except KeyboardInterrupt:
         last = run.latest_checkpoint()
         kept = f"from {last.path.name}" if last else "from the start (no checkpoint yet)"
@@ -693,6 +723,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     # the result: the turning-point checkpoint when early stopping fired, else the last one
     turning = stop_decision.turning_point if stop_decision is not None else None
     final_epoch = epoch
+    if ema is not None:  # the run hands back the average (a turning point's checkpoint holds its own, read next)
+        ema.copy_to(method)
     if turning is not None:
         final_epoch = _checkpoint_epoch_for(turning.step, steps_per_epoch, run)
         ckpt = run.checkpoint(final_epoch)
