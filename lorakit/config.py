@@ -631,6 +631,11 @@ class TrainConfig:
         if net.dim_from_weights and not net.weights:
             raise ConfigError("network.dim_from_weights takes the ranks from network.weights, which is not set: "
                               "give --network-weights FILE")
+        if "rs_lora" in net.args and not isinstance(net.args["rs_lora"], bool):
+            raise ConfigError(f"network.args rs_lora must be true or false, got {net.args['rs_lora']!r}")
+        if net.args.get("rs_lora") and net.dim_from_weights:  # the file's alphas already hold their scale
+            raise ConfigError("network.args rs_lora scales each alpha by √rank, and network.dim_from_weights takes "
+                              "the alphas from the file, where that scale is already written: remove rs_lora")
         if net.dim_from_weights and (net.blocks is not None or net.block_dims is not None):
             raise ConfigError("network.dim_from_weights and network.blocks/block_dims both choose the ranks: "
                               "the file's modules decide where adapters go; remove one of them")

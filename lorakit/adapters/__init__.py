@@ -12,6 +12,7 @@ Every table here is derived from the classes' own attributes (``algorithm``, ``a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -84,17 +85,30 @@ def make_adapter(algorithm: str, base: BaseLayer, rank: int = 4, alpha: float | 
     ``wd_on_out``, ``use_tucker`` (lora, loha, lokr); ``factor``, ``decompose_both``, ``full_matrix``,
     ``unbalanced_factorization``, ``bypass`` (lokr); ``on_input`` (ia3); ``constraint``, ``rescaled`` (oft, boft,
     where ``rank`` bounds the block size); ``use_tucker`` (glora); ``block_size`` (dylora, kohya's ``unit``);
-    ``frozen_down`` (lora: LoRA-FA).
+    ``frozen_down`` (lora: LoRA-FA); ``rs_lora`` (lora, loha, lokr, glora: rank-stabilised scaling).
     LyCORIS's names (``dora_wd``, ``weight_decompose``, ``train_on_input``, ``bypass_mode``, ...) are accepted
     too.
     """
     cls = algorithm_class(algorithm)
     options = {_OPTION_ALIASES.get(k, k): v for k, v in options.items()}
+    if options.pop("rs_lora", False):
+        alpha = rank_stabilised_alpha(cls, rank, alpha)
     if issubclass(cls, LowRankAdapter):
         return cls(base, rank, alpha, **options)
     if getattr(cls, "takes_rank", False):  # OFT/BOFT: rank is LyCORIS's lora_dim (a block size)
         return cls(base, rank, **options)
     return cls(base, **options)
+
+
+def rank_stabilised_alpha(cls: type[Adapter], rank: int, alpha: float | None) -> float:
+    """rsLoRA (Kalajdzievski 2023; LyCORIS's ``rs_lora``, PEFT's ``use_rslora``): the scale ``alpha / √rank``
+    instead of ``alpha / rank``, so that a higher rank learns as fast.  Written as LyCORIS writes it, an alpha of
+    ``alpha · √rank``: every reader's ``alpha / rank`` then gives the scale, with no option to know of."""
+    if not issubclass(cls, LowRankAdapter) or issubclass(cls, DyLoRA):
+        why = "trains every rank up to its own, so no one rank sets the scale" if issubclass(cls, DyLoRA) else \
+            "has no alpha / rank scale"
+        raise InvalidValueError(f"rs_lora scales alpha by √rank, and {cls.__name__} {why}")
+    return (float(alpha) if alpha else float(rank)) * math.sqrt(rank)
 
 
 # key → the algorithms using it (OFT and BOFT share ``oft_blocks``; its number of axes tells them apart); names
