@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -29,15 +28,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import (  # noqa: E402  (the benchmark's own helpers, beside this file)
-    WIDTHS,
     Clock,
     PeakMemory,
+    add_unet_step_arguments,
     build_unet,
     machine,
     make_batch,
     make_step,
     pooled_width,
+    settle_unet_step_arguments,
     unet_config,
+    write_result,
 )
 
 from lorakit.fp8 import FP8, frozen_bytes, store_frozen_in_fp8, upcast  # noqa: E402
@@ -78,22 +79,12 @@ def time_upcast(device: str, dtype: torch.dtype, rounds: int) -> dict[str, float
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="mixed precision's dtype")
-    parser.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
-    parser.add_argument("--width", choices=sorted(WIDTHS), default=None, help="default: half on the CPU, else full")
-    parser.add_argument("--resolution", type=int, default=None, help="image side (default 128; quick 64)")
-    parser.add_argument("--batch", type=int, default=1)
+    add_unet_step_arguments(parser)
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; quick 2)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--quick", action="store_true", help="a tiny U-Net and 2 rounds: a smoke test")
     parser.add_argument("--no-step", action="store_true", help="the bytes at rest only (no training step)")
     parser.add_argument("--upcast", action="store_true", help="time the upcast of one fp8 weight alone, torch's .to() "
                         "against lorakit's")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = parser.parse_args(argv)
-    args.width = args.width or ("half" if args.device == "cpu" else "full")
-    args.resolution = args.resolution or (64 if args.quick else 128)
+    args = settle_unet_step_arguments(parser.parse_args(argv))
     args.rounds = args.rounds or (2 if args.quick else 5)
     return args
 
@@ -144,11 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         peak = "—" if row["peak"] is None else f"{row['peak'] / 2**20:.1f} MiB"
         lines.append(f"| {name} | {size} | {step} | {peak} |")
     print("\n".join(lines))
-    result = {"machine": machine(args.device), "settings": {**vars(args), "json": str(args.json), "rank": RANK},
-              "elapsed_s": round(time.perf_counter() - started, 1), "results": rows, "command": " ".join(sys.argv)}
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1, default=str))
-    return result
+    return write_result(args, rows, started, rank=RANK)
 
 
 if __name__ == "__main__":

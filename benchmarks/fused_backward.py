@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -32,14 +31,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import (  # noqa: E402  (the benchmark's own helpers, beside this file)
-    WIDTHS,
     Clock,
     PeakMemory,
+    add_unet_step_arguments,
     build_unet,
-    machine,
     make_batch,
     pooled_width,
+    settle_unet_step_arguments,
     unet_config,
+    write_result,
 )
 
 from lorakit.config import OptimizerConfig  # noqa: E402
@@ -75,20 +75,10 @@ def native_step(unet: torch.nn.Module, batch, dtype: torch.dtype, optimizer_name
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="autocast's dtype")
-    parser.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
-    parser.add_argument("--width", choices=sorted(WIDTHS), default=None, help="default: half on the CPU, else full")
-    parser.add_argument("--resolution", type=int, default=None, help="image side (default 128; quick 64)")
-    parser.add_argument("--batch", type=int, default=1)
+    add_unet_step_arguments(parser)
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor", "sgd", "lion"))
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 4; quick 2)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--quick", action="store_true", help="a tiny U-Net and 2 steps: a smoke test")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = parser.parse_args(argv)
-    args.width = args.width or ("half" if args.device == "cpu" else "full")
-    args.resolution = args.resolution or (64 if args.quick else 128)
+    args = settle_unet_step_arguments(parser.parse_args(argv))
     args.steps = args.steps or (2 if args.quick else 4)
     return args
 
@@ -127,11 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{row['peak'] / 2**20:.0f} MiB ({row['peak'] / base['peak']:.2f}×)"
         lines.append(f"| {name} | {row['median_s']:.3f} s ({row['median_s'] / base['median_s']:.2f}×) | {peak} |")
     print("\n".join(lines))
-    result = {"machine": machine(args.device), "settings": {**vars(args), "json": str(args.json)},
-              "elapsed_s": round(time.perf_counter() - started, 1), "results": rows, "command": " ".join(sys.argv)}
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1, default=str))
-    return result
+    return write_result(args, rows, started)
 
 
 if __name__ == "__main__":

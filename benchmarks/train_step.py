@@ -458,6 +458,36 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def add_unet_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the benchmarks that time one U-Net's training step in mixed precision (fp8_base.py,
+    fused_backward.py): device, autocast dtype, layout, width, resolution, batch, threads, quick, json."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="mixed precision's dtype")
+    parser.add_argument("--family", choices=FAMILIES, default="sd15")
+    parser.add_argument("--width", choices=sorted(WIDTHS), default=None, help="default: half on the CPU, else full")
+    parser.add_argument("--resolution", type=int, default=None, help="image side (default 128; quick 64)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--quick", action="store_true", help="a tiny U-Net: a smoke test")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+
+
+def settle_unet_step_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """The defaults that depend on other options (half width on the CPU, 64² when quick)."""
+    args.width = args.width or ("half" if args.device == "cpu" else "full")
+    args.resolution = args.resolution or (64 if args.quick else 128)
+    return args
+
+
+def write_result(args: argparse.Namespace, rows: dict[str, Any], started: float, **settings: Any) -> dict[str, Any]:
+    """The run's record (machine, settings, elapsed time, rows, command line), written to ``--json`` if given."""
+    result = {"machine": machine(args.device), "settings": {**vars(args), "json": str(args.json), **settings},
+              "elapsed_s": round(time.perf_counter() - started, 1), "results": rows, "command": " ".join(sys.argv)}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
