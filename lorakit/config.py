@@ -838,6 +838,7 @@ def missing_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
              ("data.reg_data", cfg.data.reg_data if cfg.data.num_class_images <= 0 else None),
              ("data.validation_data", cfg.data.validation_data),
              ("sample.prompts", cfg.sample.prompts),  # network.weights: the trainer, which knows a resumed run
+             ("output.log_tracker_config", cfg.output.log_tracker_config),
              *(("model.base_weights", file) for file in cfg.model.base_weights))
     return [(key, value) for key, value in named if value and not Path(value).expanduser().exists()]
 

@@ -45,8 +45,8 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     """The report of a run that is checked but not started (raises what the trainer would raise)."""
     cfg.validate()
     check_tracker(cfg.output.log_with)
-    read_tracker_settings(cfg.output.log_tracker_config, cfg.output.log_with)  # refused as the run refuses it
     check_paths(cfg, config_file)
+    read_tracker_settings(cfg.output.log_tracker_config, cfg.output.log_with)  # refused as the run refuses it
     previous = Path(cfg.output.dir) / "config.toml"
     resuming = cfg.output.if_exists == "resume" and previous.is_file()
     if resuming:  # the settings a resume may not change are refused as the resume would refuse them

@@ -357,7 +357,6 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         raise TrainingError("model.mixed_precision = \"fp16\" needs a GPU; on the CPU use \"bf16\" or \"no\"")
     _reset_accelerate_settings()
     check_tracker(cfg.output.log_with)
-    tracker_settings = read_tracker_settings(cfg.output.log_tracker_config, cfg.output.log_with)
     tracker_dir = logging_dir(cfg.output.log_with, cfg.output.logging_dir, Path(cfg.output.dir))
     # the schedule is stepped here once per optimizer step: accelerate's own stepping would advance it once per
     # process, so that a schedule set in optimizer steps ended halfway through a 2-process run
@@ -372,6 +371,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                             f"the {accelerator.num_processes} processes have averaged its gradient: run one process, "
                             "or turn it off")
     check_paths(cfg, config_file)
+    tracker_settings = read_tracker_settings(cfg.output.log_tracker_config, cfg.output.log_with)
     protect = [p for p in (cfg.data.train_data, cfg.data.reg_data, config_file) if p]
     run = None
     if is_main:

@@ -397,7 +397,9 @@ def test_missing_paths_are_named_before_anything_is_written(tmp_path):
     (tmp_path / "model").mkdir()  # exists: each case has one missing path
     for sections, key in (({"model": {"base": str(tmp_path / "sd15.safetensors")}}, "model.base"),
                           ({"sample": {"prompts": str(tmp_path / "prompts.txt")}}, "sample.prompts"),
-                          ({"data": {"reg_data": str(tmp_path / "reg")}}, "data.reg_data")):
+                          ({"data": {"reg_data": str(tmp_path / "reg")}}, "data.reg_data"),
+                          ({"output": {"log_with": "tensorboard", "log_tracker_config": str(tmp_path / "t.toml")}},
+                           "output.log_tracker_config")):
         cfg = make_config(tmp_path / "model", data, tmp_path / "run", **sections)
         with pytest.raises(ConfigError, match=f"{key}: .*: no such file or folder"):
             run_train(cfg)
