@@ -17,15 +17,7 @@ from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import TrainingData
 from lorakit.methods import block_dims_rule, check_sdxl_settings
 from lorakit.models import describe_base_model
-from lorakit.run_messages import (
-    TEXT_CACHE_LINE,
-    base_weight_specs,
-    count,
-    early_stop_text,
-    ema_line,
-    fused_backward_line,
-    opening_line,
-)
+from lorakit.run_messages import base_weight_specs, count, early_stop_text, opening_line, setting_lines
 from lorakit.trackers import check_tracker, read_tracker_settings
 from lorakit.train import (
     check_data_settings,
@@ -114,12 +106,7 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
                  f" = {count(total, 'step')}" + (f" (training.max_steps {cfg.training.max_steps})" if capped else "")
                  + f"; early stopping: {early_stop_text(cfg, cfg.method.kind != 'ti')}")
     lines.append(_checkpoints_line(cfg, steps_per_epoch, total))
-    if cfg.data.cache_text_encoder_outputs:
-        lines.append(TEXT_CACHE_LINE)
-    if cfg.training.ema_decay is not None:
-        lines.append(ema_line(cfg.training.ema_decay))
-    if cfg.optimizer.fused_backward_pass:
-        lines.append(fused_backward_line(cfg.optimizer.max_grad_norm))
+    lines += setting_lines(cfg)
     if cfg.early_stop.samples and cfg.early_stop.mode != "off":
         lines.append(sample_stop_line(cfg))
     if data.warnings:

@@ -24,17 +24,20 @@ _CONV_PRESETS = ("full", "lycoris-full")
 TEXT_CACHE_LINE = "text-encoder outputs cached: each caption is encoded once, when first trained on"
 
 
-def ema_line(decay: float) -> str:
-    """What training.ema_decay does to the run, said before it starts."""
-    return (f"weights averaged (EMA, decay {decay:g}): checkpoints, samples and the result hold the average; training "
-            "and CS-Fluctuation follow the live weights")
-
-
-def fused_backward_line(max_grad_norm: float) -> str:
-    """What optimizer.fused_backward_pass does to the run, said before it starts (its clipping differs)."""
-    clipping = f"; each weight's gradient clipped to {max_grad_norm:g} alone" if max_grad_norm else ""
-    return ("fused backward pass: each weight steps as soon as its gradient is ready, and the gradient is freed"
-            + clipping)
+def setting_lines(cfg: TrainConfig) -> list[str]:
+    """What the settings that change how a run trains or what it hands back do, said before it starts (by the
+    trainer and by its dry run alike)."""
+    lines = []
+    if cfg.data.cache_text_encoder_outputs:
+        lines.append(TEXT_CACHE_LINE)
+    if cfg.training.ema_decay is not None:
+        lines.append(f"weights averaged (EMA, decay {cfg.training.ema_decay:g}): checkpoints, samples and the result "
+                     "hold the average; training and CS-Fluctuation follow the live weights")
+    if cfg.optimizer.fused_backward_pass:  # its clipping differs from the whole-model step's
+        clip = cfg.optimizer.max_grad_norm
+        lines.append("fused backward pass: each weight steps as soon as its gradient is ready, and the gradient is "
+                     "freed" + (f"; each weight's gradient clipped to {clip:g} alone" if clip else ""))
+    return lines
 
 
 def count(n: int, noun: str) -> str:

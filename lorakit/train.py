@@ -65,14 +65,12 @@ from lorakit.prior import ensure_class_images
 from lorakit.prompt_weights import plain_text
 from lorakit.run_manifest import RunManifest
 from lorakit.run_messages import (
-    TEXT_CACHE_LINE,
     count,
     early_stop_text,
-    ema_line,
     estimate_line,
-    fused_backward_line,
     next_steps,
     opening_line,
+    setting_lines,
 )
 from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
 from lorakit.schedules import build_lr_schedule
@@ -503,12 +501,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             print(f"{count(steps_per_epoch, 'step')} per epoch, up to {count(cfg.training.max_epochs, 'epoch')} "
                   f"({count(total_steps, 'step')}); "
                   f"early stopping: {early_stop_text(cfg, meter is not None)}")
-            if cfg.data.cache_text_encoder_outputs:
-                print(TEXT_CACHE_LINE)
-            if cfg.training.ema_decay is not None:
-                print(ema_line(cfg.training.ema_decay))
-            if cfg.optimizer.fused_backward_pass:
-                print(fused_backward_line(cfg.optimizer.max_grad_norm))
+            for line in setting_lines(cfg):
+                print(line)
             if cfg.model.compile:
                 print(f"the U-Net is compiled (torch.compile, backend {cfg.model.compile_backend}, mode "
                       f"{cfg.model.compile_mode}): the first steps are slow while it compiles")
