@@ -203,6 +203,9 @@ class OptimizerConfig:
     learning_rate: float = 1e-4
     unet_lr: float | None = None
     text_encoder_lr: float | None = None
+    #: native fine-tuning of SDXL's second text encoder (OpenCLIP ViT-bigG; kohya's learning_rate_te2): its own
+    #: rate; None: text_encoder_lr's; 0: it stays as it is and only the first trains (as kohya reads 0)
+    text_encoder_2_lr: float | None = None
     ti_lr: float = 5e-3
     #: "adamw", "adamw8bit" (needs bitsandbytes), "sgd", "prodigy" (learning_rate 1.0; needs prodigyopt), "lion"
     #: (needs lion-pytorch), "adafactor", D-Adaptation's "dadaptadam", "dadaptlion", "dadaptsgd", "dadaptadagrad",
@@ -546,6 +549,9 @@ class TrainConfig:
                f"a positive number up to {MAX_LEARNING_RATE:g} (typical: 1e-4)", value)
               for key, value in (("learning_rate", opt.learning_rate), ("unet_lr", opt.unet_lr),
                                  ("text_encoder_lr", opt.text_encoder_lr), ("ti_lr", opt.ti_lr))],
+            (opt.text_encoder_2_lr is None or _at_least(opt.text_encoder_2_lr, 0)
+             and opt.text_encoder_2_lr <= MAX_LEARNING_RATE, "optimizer.text_encoder_2_lr",
+             f"0 (not trained) or a positive number up to {MAX_LEARNING_RATE:g}", opt.text_encoder_2_lr),
             (opt.optimizer in OPTIMIZERS, "optimizer.optimizer", f"one of {one_of(OPTIMIZERS)}", opt.optimizer),
             (opt.lr_scheduler in SCHEDULES, "optimizer.lr_scheduler", f"one of {one_of(SCHEDULES)}",
              opt.lr_scheduler),
@@ -672,6 +678,11 @@ class TrainConfig:
             raise ConfigError(f"method.native_block_lr sets native fine-tuning's rate per U-Net block, but method.kind "
                               f"is {self.method.kind!r} (an adapter's: network.down_lr_weight/mid_lr_weight/"
                               "up_lr_weight)")
+        if self.optimizer.text_encoder_2_lr is not None and not (self.method.kind == "native"
+                                                                 and self.method.native_text_encoder):
+            raise ConfigError("optimizer.text_encoder_2_lr is the rate of SDXL's second text encoder in native "
+                              "fine-tuning: it needs method.kind = 'native' and method.native_text_encoder = true (an "
+                              "adapter's text encoders share optimizer.text_encoder_lr)")
         if self.method.native_text_encoder and self.method.kind != "native":
             raise ConfigError(f"method.native_text_encoder fine-tunes the text encoder in native training, but "
                               f"method.kind is {self.method.kind!r}: adapters train it with "

@@ -388,6 +388,16 @@ class AdapterMethod(TrainingMethod):
 _TEXT_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 
 
+def _text_encoder_rates(cfg: TrainConfig, encoders: int) -> list[float]:
+    """Native fine-tuning's rate for each text encoder: text_encoder_lr (else the learning rate), and for SDXL's
+    second text_encoder_2_lr where it is set (0: not trained)."""
+    first, second = _lr(cfg, cfg.optimizer.text_encoder_lr), cfg.optimizer.text_encoder_2_lr
+    if second is not None and encoders < 2:
+        raise ConfigError("optimizer.text_encoder_2_lr is the rate of SDXL's second text encoder, and this model has "
+                          "one text encoder: remove it (optimizer.text_encoder_lr sets the rate of its one)")
+    return [first, *([first if second is None else second] * (encoders - 1))]
+
+
 def _text_parameter_read(model: BaseModel, encoder: int, name: str, clip_skip: int) -> bool:
     """Whether the U-Net's conditioning reads a text-encoder parameter (so a gradient reaches it): SD1.x/2.x's
     layers up to the clip skip's (and the final norm, which kohya applies to it); SDXL's first encoder's layers up
@@ -431,11 +441,14 @@ class NativeMethod(TrainingMethod):
             self.params = {f"{n}.{k}": p for n, m in layers for k, p in m.named_parameters()}
         # the text encoders' under a prefix of their own in checkpoints (``lorakit.evaluate`` reads them so); the
         # parameters the conditioning leaves unread get no gradient, and would stall a distributed run waiting for one
+        # each trained encoder's rate (SDXL's second may have its own, or 0: not trained)
+        self.text_rates = _text_encoder_rates(cfg, len(model.text_encoders)) if cfg.method.native_text_encoder else []
         self.text_params = {
             f"{prefix}{n}": p
             for k, (prefix, encoder) in enumerate(zip(TEXT_ENCODER_PREFIXES, model.text_encoders, strict=False))
+            if self.text_rates and self.text_rates[k] > 0
             for n, p in encoder.named_parameters() if _text_parameter_read(model, k, n, cfg.model.clip_skip)
-        } if cfg.method.native_text_encoder else {}
+        }
         self.blocks = fine_tune_blocks(cfg, unet, self.params)
         if self.blocks is not None:  # kohya's block_lr: a block at 0 is not trained at all
             rates = cfg.method.native_block_lr
@@ -457,9 +470,10 @@ class NativeMethod(TrainingMethod):
                 by_block.setdefault(block, {"params": [], "lr": self.cfg.method.native_block_lr[block],
                                             "name": f"unet_block_{block}"})["params"].append(p)
             groups = [by_block[block] for block in sorted(by_block)]
-        if self.text_params:
-            groups.append({"params": list(self.text_params.values()),
-                           "lr": _lr(self.cfg, self.cfg.optimizer.text_encoder_lr), "name": "text_encoder"})
+        for k, (prefix, rate) in enumerate(zip(TEXT_ENCODER_PREFIXES, self.text_rates, strict=False)):
+            params = [p for n, p in self.text_params.items() if n.startswith(prefix)]
+            if params:
+                groups.append({"params": params, "lr": rate, "name": "text_encoder" if k == 0 else "text_encoder_2"})
         return groups
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:

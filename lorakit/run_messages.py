@@ -50,7 +50,14 @@ def text_encoder_part(cfg: TrainConfig) -> str:
     if not cfg.method.native_text_encoder:
         return ""
     limit = cfg.method.native_text_encoder_steps
-    return " and the text encoder" + (f" (its first {limit} steps)" if limit else "")
+    second = cfg.optimizer.text_encoder_2_lr  # SDXL's second encoder: its own rate, or 0 (not trained)
+    if second is None:
+        which, whose = " and the text encoder", "its"
+    elif second == 0:
+        which, whose = " and the first text encoder", "its"
+    else:
+        which, whose = f" and the text encoders (the second at {second:g})", "their"
+    return which + (f" ({whose} first {limit} steps)" if limit else "")
 
 
 def what_is_trained(cfg: TrainConfig) -> str:

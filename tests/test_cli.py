@@ -158,6 +158,7 @@ def test_every_kohya_translation_is_an_option_or_a_setting_that_exists():
                      "model.fp8_base_unet": [("model.mixed_precision", "bf16")],
                      "model.full_bf16": [("model.mixed_precision", "bf16"), ("method.kind", "native")],
                      "optimizer.fused_backward_pass": [("method.kind", "native")],
+                     "optimizer.text_encoder_2_lr": [("method.kind", "native"), ("method.native_text_encoder", "true")],
                      "method.native_block_lr": [("method.kind", "native")]}
             own = {"optimizer.lr_scheduler_args": "{step_size = 10}"}  # StepLR's
             for needed in needs.get(dotted, []):

@@ -236,7 +236,7 @@ SD3_AND_FLUX_DEFAULTS = {
 def test_an_sdxl_dreambooth_config_of_a_recent_gui_is_taken_over_whole(tmp_path):
     """A recent GUI saves its SD3 and FLUX.1 fields in every config and passes them to sd-scripts only with their
     box ticked; its SDXL DreamBooth tab passes one learning rate per text encoder (learning_rate_te1/te2), not
-    learning_rate_te.  Ticked, the SD3/FLUX.1 boxes are refused by name."""
+    learning_rate_te, and lorakit trains each at its own.  Ticked, the SD3/FLUX.1 boxes are refused by name."""
     path = tmp_path / "sdxl_db.json"
     path.write_text(json.dumps(dreambooth_tab(sdxl=True, sdxl_no_half_vae=True, learning_rate_te="5e-7",
                                               learning_rate_te1="1e-5", learning_rate_te2="1e-5",
@@ -245,8 +245,9 @@ def test_an_sdxl_dreambooth_config_of_a_recent_gui_is_taken_over_whole(tmp_path)
     assert translation.untranslated == [], translation.untranslated
     assert (cfg.method.kind, cfg.optimizer.text_encoder_lr, cfg.model.no_half_vae) == ("native", 1e-5, True)
     path.write_text(json.dumps(dreambooth_tab(sdxl=True, learning_rate_te1="1e-5", learning_rate_te2="2e-5")))
-    assert any(line.startswith("learning_rate_te2 = 2e-05: lorakit trains both SDXL text encoders at one rate")
-               for line in config_from_kohya(path)[1].untranslated)
+    cfg, translation = config_from_kohya(path)  # each encoder at its own rate, as sdxl_train.py trains them
+    assert (cfg.optimizer.text_encoder_lr, cfg.optimizer.text_encoder_2_lr) == (1e-5, 2e-5)
+    assert translation.untranslated == []
     path.write_text(json.dumps(dreambooth_tab(learning_rate_te1="1e-5", learning_rate_te2="2e-5")))  # SD1.x: unused
     assert config_from_kohya(path)[0].optimizer.text_encoder_lr == 5e-7
     for box, family in (("flux1_checkbox", "FLUX.1"), ("sd3_checkbox", "SD3")):

@@ -437,6 +437,36 @@ def test_native_training_of_sdxl_text_encoders_trains_what_the_conditioning_read
     assert all(torch.equal(p, before[n]) for n, p in base.text_encoder_2.named_parameters())
 
 
+def test_each_sdxl_text_encoder_trains_at_its_own_rate_or_not_at_all(tmp_path, tiny_sdxl_dir, tiny_model_dir):
+    """optimizer.text_encoder_2_lr (kohya's learning_rate_te2): the second encoder's rate; 0 leaves it as it is and
+    the first trains; a model with one text encoder refuses it."""
+    from lorakit.methods import NativeMethod
+    from lorakit.train import train
+
+    model = load_base_model(tiny_sdxl_dir)
+    cfg = make_config(tiny_sdxl_dir, Path("unused"), tmp_path / "run", optimizer={"text_encoder_lr": 1e-5,
+                      "text_encoder_2_lr": 3e-5}, method={"kind": "native", "native_text_encoder": True})
+    rates = {g["name"]: g["lr"] for g in NativeMethod(cfg, model).param_groups()}
+    assert rates == {"unet": cfg.optimizer.learning_rate, "text_encoder": 1e-5, "text_encoder_2": 3e-5}
+    cfg = make_config(tiny_sdxl_dir, write_dataset(tmp_path / "data", n=2), tmp_path / "run",
+                      optimizer={"text_encoder_2_lr": 0.0}, method={"kind": "native", "native_text_encoder": True},
+                      training={"max_epochs": 1})
+    train(cfg, progress=False)
+    trained = load_file(next((tmp_path / "run" / "checkpoints").rglob("trained.safetensors")))
+    assert not any(n.startswith("text_encoder_2.") for n in trained)  # the second stays as the base model has it
+    first = {n.removeprefix("text_encoder."): t for n, t in trained.items() if n.startswith("text_encoder.")}
+    base = model.text_encoder.state_dict()
+    assert first and any(not torch.equal(t, base[n]) for n, t in first.items())  # the first trained
+    one = make_config(tiny_model_dir, Path("unused"), tmp_path / "one", optimizer={"text_encoder_2_lr": 1e-5},
+                      method={"kind": "native", "native_text_encoder": True})
+    with pytest.raises(ConfigError, match="this model has one text encoder"):
+        NativeMethod(one, load_base_model(tiny_model_dir))
+    one.method.native_text_encoder = False
+    with pytest.raises(ConfigError, match="optimizer.text_encoder_2_lr is the rate of SDXL's second text encoder in "
+                                          "native fine-tuning"):
+        one.validate()
+
+
 def test_the_native_text_parameters_are_exactly_those_the_conditioning_reads(tiny_sdxl_dir, tmp_path):
     from lorakit.methods import NativeMethod
 

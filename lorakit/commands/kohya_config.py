@@ -146,13 +146,7 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
             out.set("optimizer.lr_scheduler_args", args)
     if "optimizer_type" in options:
         out.set("optimizer.optimizer", str(options.pop("optimizer_type")).lower())
-    if "learning_rate_te2" in options:  # sdxl_train.py's second encoder: lorakit has one rate for both
-        te1, te2 = options.get("learning_rate_te1"), options.pop("learning_rate_te2")
-        if is_off(te1) and not is_off(te2):
-            options["learning_rate_te1"] = te2
-        elif not is_off(te2) and te2 != te1:
-            out.untranslated.append(f"learning_rate_te2 = {te2!r}: lorakit trains both SDXL text encoders at one "
-                                    f"rate (learning_rate_te1 = {te1!r}); give them the same value")
+    te2 = options.pop("learning_rate_te2", None)  # sdxl_train.py's second text encoder: below, once native is known
     te_lr = options.get("text_encoder_lr")
     if isinstance(te_lr, list):  # sd-scripts takes several (nargs="*"); its SD/SDXL networks read the first
         options["text_encoder_lr"] = te_lr[0] if te_lr else None
@@ -176,6 +170,14 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
     native = module is None and not token  # train_db.py (DreamBooth) or fine_tune.py (with in_json)
     if native:
         _native(options, out)
+        if out.settings.get("method", {}).get("native_text_encoder"):
+            _second_text_encoder_rate(options, te2, out)
+    elif not is_off(te2) and is_off(options.get("learning_rate_te1")):  # an adapter's encoders share one rate
+        options["learning_rate_te1"] = te2
+    elif not is_off(te2) and te2 != options.get("learning_rate_te1"):
+        out.untranslated.append(f"learning_rate_te2 = {te2!r}: an adapter trains both SDXL text encoders at one "
+                                f"rate (learning_rate_te1 = {options.get('learning_rate_te1')!r}); give them the "
+                                "same value")
     else:  # the native scripts' text-encoder switches: for adapters, network_train_unet_only decides
         for key, script in (("stop_text_encoder_training", "train_db.py"), ("train_text_encoder", "fine_tune.py")):
             if key in options and not is_off(options[key]):
@@ -279,6 +281,16 @@ def _native(options: dict[str, Any], out: KohyaTranslation) -> None:
     out.set("method.native_text_encoder", stop is None or stop > 0)
     if stop is not None and stop > 0:
         out.set("method.native_text_encoder_steps", stop)
+
+
+def _second_text_encoder_rate(options: dict[str, Any], te2: Any, out: KohyaTranslation) -> None:
+    """sdxl_train.py's rates of the two text encoders: each its own (learning_rate_te1, learning_rate_te2), either
+    defaulting to learning_rate (0: that encoder not trained), where lorakit's second defaults to the first's."""
+    te1, lr = options.get("learning_rate_te1"), options.get("learning_rate")
+    given = te2 is not None and not isinstance(te2, bool)  # 0 too: kohya's "not trained"
+    second = te2 if given else (lr if not is_off(te1) and te1 != lr else None)
+    if second is not None:
+        out.set("optimizer.text_encoder_2_lr", second)
 
 
 def _setting_literal(text: str) -> Any:

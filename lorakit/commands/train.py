@@ -216,7 +216,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     # sdxl_train.py's, one per SDXL text encoder: lorakit has one rate for both (a config giving them the same value,
     # or only one of them, is taken over)
     "--learning-rate-te1": "--set optimizer.text_encoder_lr=X",
-    "--learning-rate-te2": "--set optimizer.text_encoder_lr=X",
+    "--learning-rate-te2": "--set optimizer.text_encoder_2_lr=X",
     "--diffusers-xformers": "(the default: PyTorch's scaled-dot-product attention)",
     "--use-safetensors": "(the default: lorakit writes .safetensors only)",
     "--resume": "(not in lorakit: a kohya state folder; lorakit's --resume continues its own run folder)",
