@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import TrainingData
-from lorakit.methods import block_dims_rule, check_sdxl_settings
+from lorakit.methods import block_dims_rule, check_sdxl_settings, check_second_text_encoder_rate
 from lorakit.models import describe_base_model
 from lorakit.run_messages import base_weight_specs, count, early_stop_text, opening_line, setting_lines
 from lorakit.trackers import check_tracker, read_tracker_settings
@@ -47,6 +47,7 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     resolution, family = described.resolution, described.family
     if family == "SDXL":
         check_sdxl_settings(cfg)
+    check_second_text_encoder_rate(cfg, 2 if family == "SDXL" else 1)
     if cfg.network.block_dims is not None and cfg.method.kind in ("adapter", "pivotal"):
         block_dims_rule(cfg, sdxl=family == "SDXL")  # one value per block of this family's map
     if described.unsaid_sd2_prediction:

@@ -391,11 +391,16 @@ _TEXT_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 def _text_encoder_rates(cfg: TrainConfig, encoders: int) -> list[float]:
     """Native fine-tuning's rate for each text encoder: text_encoder_lr (else the learning rate), and for SDXL's
     second text_encoder_2_lr where it is set (0: not trained)."""
+    check_second_text_encoder_rate(cfg, encoders)
     first, second = _lr(cfg, cfg.optimizer.text_encoder_lr), cfg.optimizer.text_encoder_2_lr
-    if second is not None and encoders < 2:
+    return [first, *([first if second is None else second] * (encoders - 1))]
+
+
+def check_second_text_encoder_rate(cfg: TrainConfig, encoders: int) -> None:
+    """Refuse optimizer.text_encoder_2_lr for a model with one text encoder (the trainer and its dry run)."""
+    if cfg.optimizer.text_encoder_2_lr is not None and encoders < 2:
         raise ConfigError("optimizer.text_encoder_2_lr is the rate of SDXL's second text encoder, and this model has "
                           "one text encoder: remove it (optimizer.text_encoder_lr sets the rate of its one)")
-    return [first, *([first if second is None else second] * (encoders - 1))]
 
 
 def _text_parameter_read(model: BaseModel, encoder: int, name: str, clip_skip: int) -> bool:

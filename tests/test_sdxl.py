@@ -461,6 +461,11 @@ def test_each_sdxl_text_encoder_trains_at_its_own_rate_or_not_at_all(tmp_path, t
                       method={"kind": "native", "native_text_encoder": True})
     with pytest.raises(ConfigError, match="this model has one text encoder"):
         NativeMethod(one, load_base_model(tiny_model_dir))
+    from lorakit.dry_run import dry_run
+
+    one.data.train_data = str(write_dataset(tmp_path / "data1", n=1))
+    with pytest.raises(ConfigError, match="this model has one text encoder"):  # said before loading anything
+        dry_run(one)
     one.method.native_text_encoder = False
     with pytest.raises(ConfigError, match="optimizer.text_encoder_2_lr is the rate of SDXL's second text encoder in "
                                           "native fine-tuning"):
