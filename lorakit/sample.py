@@ -481,23 +481,34 @@ def generate_with_adapters(model: BaseModel, adapters: Sequence[Any], prompts: S
         return generate(model, items, **options)
 
 
-def sample_paths(prompts: Sequence[SamplePrompt], folder: str | Path) -> list[Path]:
-    """Where ``save_samples`` writes: ``NNN-<prompt words>.png`` per prompt, then ``grid.png``."""
+def sample_paths(prompts: Sequence[SamplePrompt], folder: str | Path,
+                 columns: Sequence[str] = ()) -> list[Path]:
+    """Where ``save_samples`` writes: ``NNN-<prompt words>.png`` per prompt (with ``columns``, one image per prompt
+    and column: ``NNN-<prompt words>-<column>.png``), then ``grid.png``."""
     folder = Path(folder)
-    names = [f"{i:03d}-{re.sub(r'[^A-Za-z0-9]+', '-', p.prompt).strip('-')[:40] or 'image'}.png"
-             for i, p in enumerate(prompts)]
+    words = [re.sub(r"[^A-Za-z0-9]+", "-", p.prompt).strip("-")[:40] or "image" for p in prompts]
+    if not columns:
+        names = [f"{i:03d}-{w}.png" for i, w in enumerate(words)]
+    else:
+        names = [f"{i:03d}-{w}-{re.sub(r'[^A-Za-z0-9.]+', '-', c).strip('-')}.png"
+                 for i, w in enumerate(words) for c in columns]
     return [folder / name for name in names] + [folder / "grid.png"]
 
 
 def save_samples(images: Sequence[Image.Image], prompts: Sequence[SamplePrompt], folder: str | Path,
-                 title: str = "", cols: int | None = None) -> list[Path]:
-    """Each image as ``NNN-<prompt words>.png`` and all of them as ``grid.png`` (labels: prompt, seed, ``title``)."""
-    paths = sample_paths(prompts, folder)
+                 title: str = "", cols: int | None = None, columns: Sequence[str] = ()) -> list[Path]:
+    """Each image as ``NNN-<prompt words>.png`` and all of them as ``grid.png`` (labels: prompt, seed, ``title``).
+    With ``columns``, ``images`` holds each prompt's image for every column in turn (a row per prompt), and each
+    is labelled with its column too."""
+    paths = sample_paths(prompts, folder, columns)
     written = []
     for image, path in zip(images, paths[:-1], strict=True):
         atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"), suffix=".png")
         written.append(path)
     labels = [f"{p.prompt} (seed {p.seed})" + (f" | {title}" if title else "") for p in prompts]
+    if columns:
+        labels = [f"{label} {column}" for label in labels for column in columns]
+        cols = len(columns)
     grid = image_grid(images, cols=cols, labels=labels)
     written.append(atomic_write(paths[-1], lambda tmp: grid.save(tmp, format="PNG"), suffix=".png"))
     return written

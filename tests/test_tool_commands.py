@@ -87,6 +87,34 @@ def test_sample_command_writes_grid_and_singles(base, files, tmp_path, capsys):
     assert np.abs(img["unmerged"] - img["plain"]).max() > 2
 
 
+def test_a_sweep_draws_every_prompt_at_each_strength(files, tmp_path, capsys):
+    """--sweep 0,0.5,1 (A1111's X/Y plot of a LoRA's weight): a row per prompt, a column per strength, each the
+    adapter's multiplier times the value; ×0 is the base model's image and ×1 the adapter's as given."""
+    a, _ = files
+    flags = ["--prompt", "a star --s 3 --d 7", "--prompt", "a red circle --s 3 --d 8", "--device", "cpu"]
+    assert main(["sample", f"{a}:2", *flags, "--sweep", "0,0.25,0.5", "--out", str(tmp_path / "sweep")]) == 0
+    out = capsys.readouterr().out
+    names = {p.name for p in (tmp_path / "sweep").glob("*.png")}
+    assert names == {"000-a-star-x0.png", "000-a-star-x0.25.png", "000-a-star-x0.5.png", "001-a-red-circle-x0.png",
+                     "001-a-red-circle-x0.25.png", "001-a-red-circle-x0.5.png", "grid.png"}, names
+    assert "6 image(s)" in out
+    for name, extra in (("plain", []), ("half", [f"{a}:1"])):
+        assert main(["sample", *extra, *flags, "--out", str(tmp_path / name)]) == 0
+    image = lambda path: np.asarray(Image.open(path), dtype=np.int16)  # noqa: E731
+    sweep = tmp_path / "sweep"
+    for prompt in ("000-a-star", "001-a-red-circle"):
+        assert np.array_equal(image(sweep / f"{prompt}-x0.png"), image(tmp_path / "plain" / f"{prompt}.png"))
+        assert np.array_equal(image(sweep / f"{prompt}-x0.5.png"), image(tmp_path / "half" / f"{prompt}.png"))
+        assert np.abs(image(sweep / f"{prompt}-x0.25.png") - image(sweep / f"{prompt}-x0.5.png")).max() > 2
+    grid, single = Image.open(sweep / "grid.png"), Image.open(sweep / "000-a-star-x0.png")
+    assert grid.width >= 3 * single.width and grid.height < 3 * single.height + 200  # 3 columns, 2 rows
+    assert main(["sample", *flags, "--sweep", "0,1", "--out", str(tmp_path / "none")]) == 2
+    assert "--sweep draws the adapters at several strengths: give at least one adapter" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", f"{a}", *flags, "--sweep", "half", "--out", str(tmp_path / "bad")])
+    assert "'half': comma-separated numbers" in capsys.readouterr().err
+
+
 def test_sample_refuses_bad_block_weights(files, tmp_path, capsys):
     a, _ = files
     rc = main(["sample", f"{a}:1:1,0,1", "--prompt", "x", "--out", str(tmp_path / "s")])

@@ -46,7 +46,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default=None, help="sampler for prompts that set none (ddim, euler_a, ...)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--sweep", type=_strengths, default=None, metavar="X,Y,...",
+                        help="draw every prompt at each of these strengths, a column each (A1111's X/Y plot of a "
+                             "LoRA's weight): each adapter's multiplier times the value (0: the base model)")
     add_prompt_reading_arguments(parser, "adapters")
+
+
+def _strengths(text: str) -> list[float]:
+    """``--sweep 0,0.5,1``: the strengths, in the order given."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated numbers, e.g. 0,0.5,1") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least one strength, e.g. 0,0.5,1")
+    return values
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.sample import (
         SamplePrompt,
         adopt_trained_schedule,
-        generate_with_adapters,
         load_prompts,
         parse_prompt_line,
         sample_paths,
@@ -75,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
         prompts = load_prompts(args.prompts, defaults)
     else:
         prompts = [parse_prompt_line(p, defaults, where="--prompt") for p in args.prompt]
-    taken = [p for p in sample_paths(prompts, args.out) if p.exists()]
+    if args.sweep is not None and not args.adapters:
+        raise SampleCommandError("--sweep draws the adapters at several strengths: give at least one adapter")
+    columns = [f"x{v:g}" for v in args.sweep] if args.sweep is not None else []  # the grid font has no ×
+    taken = [p for p in sample_paths(prompts, args.out, columns) if p.exists()]
     if taken and not args.overwrite:  # checked before the model loads: nothing is generated to be thrown away
         raise SampleCommandError(f"{', '.join(str(p) for p in taken[:3])}{' ...' if len(taken) > 3 else ''} "
                                  f"{'exists' if len(taken) == 1 else 'exist'} (an earlier call?); choose another "
@@ -95,10 +111,11 @@ def run(args: argparse.Namespace) -> int:
     check_clip_skip(model, text["clip_skip"])
     said += adopt_trained_schedule(model, [spec.path for spec in specs])
     prompts = [replace(p, seed=p.seed if p.seed is not None else args.seed + i) for i, p in enumerate(prompts)]
-    images = generate_with_adapters(model, specs, prompts, merged=args.merged, embeddings=embeddings,
-                                    batch_size=args.batch_size, progress=False, **text)
+    images = _draw(model, specs, prompts, args.sweep, merged=args.merged, embeddings=embeddings,
+                   batch_size=args.batch_size, progress=False, **text)
     title = ", ".join(s.label for s in specs) or "no adapter"
-    written = save_samples(images, prompts, args.out, title=title + (" (merged)" if args.merged and specs else ""))
+    written = save_samples(images, prompts, args.out, title=title + (" (merged)" if args.merged and specs else ""),
+                           columns=columns)
     for spec in specs:
         print(f"adapter {spec.label}")
     for line in said:
@@ -106,6 +123,18 @@ def run(args: argparse.Namespace) -> int:
     vae = f" with the VAE {args.vae}" if args.vae else ""
     print(f"{len(images)} image(s) from {model.source}{vae}: {args.out} (grid: {written[-1].name})")
     return 0
+
+
+def _draw(model, specs: Sequence[AdapterSpec], prompts: list, sweep: list[float] | None, **options) -> list:
+    """The images of every prompt; with ``sweep``, of every prompt at each strength (a row per prompt, the
+    strengths in its columns), each strength scaling every adapter's own multiplier."""
+    from lorakit.sample import generate_with_adapters
+
+    if sweep is None:
+        return generate_with_adapters(model, specs, prompts, **options)
+    by_strength = [generate_with_adapters(model, [replace(s, multiplier=s.multiplier * v) for s in specs], prompts,
+                                          **options) for v in sweep]
+    return [images[i] for i in range(len(prompts)) for images in by_strength]
 
 
 def _base_weights_left_out(specs: Sequence[AdapterSpec]) -> list[str]:
