@@ -87,6 +87,8 @@ class ModelConfig:
     #: model (prediction_type = "v_prediction"): an ε-prediction model cannot denoise pure noise.  Models whose
     #: own schedule says so (rescale_betas_zero_snr) already train and sample this way
     zero_terminal_snr: bool = False
+    #: recompute each block's activations in the backward pass instead of keeping them (kohya's
+    #: --gradient_checkpointing): much less memory for a slower step
     gradient_checkpointing: bool = False
     #: kohya's and A1111's clip skip: 1 conditions the U-Net on the text encoder's last layer, 2 on the one before
     #: (through the final layer norm), as SD1.x anime models were trained; sampling during training uses it too
@@ -138,6 +140,8 @@ class MethodConfig:
     #: textual inversion: the word whose embedding the new token(s) start from; "*" is A1111's default
     #: ("Initialization text"); a word close to the concept ("dog", "style") usually learns faster
     ti_init_word: str = "*"
+    #: textual inversion: vectors per new token (kohya's num_vectors_per_token); more hold more detail and take more of
+    #: the prompt's 75 tokens
     ti_vectors: int = 1
     #: textual inversion: start the token(s) from this embedding file instead of ti_init_word (kohya's --weights:
     #: continue an embedding); it must hold ti_vectors vectors for this text encoder
@@ -146,24 +150,40 @@ class MethodConfig:
 
 @dataclass
 class NetworkConfig:
+    #: the adapter: lora (LoCon with a conv preset), loha, lokr, ia3, full, glora, oft, boft, dylora (lorakit.adapters)
     algorithm: str = "lora"
+    #: which layers get an adapter: attn-only, attn-mlp (attention and feed-forward), kohya (kohya's networks.lora),
+    #: full (also the convolutions: LoCon), lycoris-full (lorakit.network)
     preset: str = "attn-mlp"
+    #: the rank of each linear layer's adapter (kohya's network_dim)
     rank: int = 8
+    #: kohya's network_alpha: the update is scaled by alpha / rank (alpha = rank: no scaling)
     alpha: float = 8.0
+    #: the rank of each convolution's adapter with a conv preset (kohya's conv_dim; absent: rank)
     conv_rank: int | None = None
+    #: the alpha of the convolutions' adapters (kohya's conv_alpha; absent: alpha)
     conv_alpha: float | None = None
+    #: put adapters on the U-Net (false with train_text_encoder: kohya's network_train_text_encoder_only)
     train_unet: bool = True
+    #: also put adapters on the text encoder(s) (kohya trains them unless network_train_unet_only)
     train_text_encoder: bool = False
+    #: kohya's network_dropout: dropout on each adapter's hidden features while training
     dropout: float = 0.0
+    #: kohya's rank_dropout: each step drops this share of each adapter's ranks
     rank_dropout: float = 0.0
+    #: kohya's module_dropout: each step leaves out each adapter with this probability
     module_dropout: float = 0.0
+    #: DoRA (LyCORIS's dora_wd): the adapter also learns each output's magnitude apart from its direction
     use_dora: bool = False
     #: extra algorithm options, as kohya's --network_args (e.g. factor = 8 for LoKr, use_tucker = true)
     args: dict[str, Any] = field(default_factory=dict)
     #: kohya block-wise dims: 25 values for SD1.x (IN00..IN11, MID, OUT00..OUT11); 0 = no module there
     block_dims: list[int] | None = None
+    #: kohya's block_alphas: an alpha per block, in block_dims' order
     block_alphas: list[float] | None = None
+    #: kohya's conv_block_dims: a convolution rank per block, in block_dims' order (0: no conv adapter there)
     conv_block_dims: list[int] | None = None
+    #: kohya's conv_block_alphas: a convolution alpha per block, in block_dims' order
     conv_block_alphas: list[float] | None = None
     #: the block-wise LoRA paper's coarse blocks: "upper", "middle", "bottom", "all" or a comma list of them
     #: (or of coarse blocks IN0..IN3, MID, OUT0..OUT3); rank/alpha/conv_rank apply there, no module elsewhere
@@ -171,8 +191,11 @@ class NetworkConfig:
     #: kohya's per-block learning-rate factors: 12 comma-separated values or a ramp (sine, cosine, linear,
     #: reverse_linear, zeros; "+0.5" adds an offset); blocks at factor <= block_lr_zero_threshold get no module
     down_lr_weight: str | None = None
+    #: kohya's mid_lr_weight: the middle block's learning-rate factor (see down_lr_weight)
     mid_lr_weight: float | None = None
+    #: kohya's up_lr_weight: the 12 up blocks' factors or a ramp (see down_lr_weight)
     up_lr_weight: str | None = None
+    #: kohya's block_lr_zero_threshold: blocks whose factor is at most this get no adapter
     block_lr_zero_threshold: float = 0.0
     #: kohya's --network_weights: start the adapter from this .safetensors adapter file (continue a LoRA, or train
     #: on from another); its modules must match this network's (algorithm, rank, alpha); modules it lacks start
@@ -190,7 +213,9 @@ class NetworkConfig:
     #: 16); the U-Net's or the text encoder's own ratio, else the shared one; None: off.  LoRA/LoCon (and DoRA),
     #: DyLoRA: the algorithms with an up matrix
     loraplus_lr_ratio: float | None = None
+    #: LoRA+ for the U-Net's adapters only (see loraplus_lr_ratio)
     loraplus_unet_lr_ratio: float | None = None
+    #: LoRA+ for the text encoder's adapters only (see loraplus_lr_ratio)
     loraplus_text_encoder_lr_ratio: float | None = None
 
 
@@ -200,12 +225,16 @@ LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_e
 
 @dataclass
 class OptimizerConfig:
+    #: the learning rate (typical: 1e-4 for LoRA, 1e-6-5e-6 native; 1 for Prodigy and D-Adaptation)
     learning_rate: float = 1e-4
+    #: kohya's unet_lr: the U-Net's rate (absent: learning_rate)
     unet_lr: float | None = None
+    #: kohya's text_encoder_lr: the text encoder's rate, its adapters' or (native) its own (absent: learning_rate)
     text_encoder_lr: float | None = None
     #: native fine-tuning of SDXL's second text encoder (OpenCLIP ViT-bigG; kohya's learning_rate_te2): its own
     #: rate; None: text_encoder_lr's; 0: it stays as it is and only the first trains (as kohya reads 0)
     text_encoder_2_lr: float | None = None
+    #: textual inversion's rate for the new token's vectors (and pivotal tuning's embedding)
     ti_lr: float = 5e-3
     #: "adamw", "adamw8bit" (needs bitsandbytes), "sgd", "prodigy" (learning_rate 1.0; needs prodigyopt), "lion"
     #: (needs lion-pytorch), "adafactor", D-Adaptation's "dadaptadam", "dadaptlion", "dadaptsgd", "dadaptadagrad",
@@ -213,7 +242,9 @@ class OptimizerConfig:
     optimizer: str = "adamw"
     #: the optimizer's own options (kohya's --optimizer_args), e.g. {d_coef = 0.5, use_bias_correction = true}
     args: dict = field(default_factory=dict)
+    #: the optimizer's weight decay (AdamW's decoupled decay; 0: none)
     weight_decay: float = 1e-2
+    #: AdamW's (and 8-bit AdamW's) betas; the other optimizers keep their own unless optimizer.args sets them
     betas: tuple[float, float] = (0.9, 0.999)
     #: the schedule by name (kohya's): constant, constant_with_warmup, linear, cosine, cosine_with_restarts,
     #: polynomial, piecewise_constant (its step_rules in lr_scheduler_args), cosine_with_min_lr, warmup_stable_decay,
@@ -239,7 +270,10 @@ class OptimizerConfig:
     #: kohya's lr_scheduler_args: more keyword arguments of the schedule, e.g. {T_0 = 100} or
     #: {step_rules = "1:10,0.1"}
     lr_scheduler_args: dict = field(default_factory=dict)
+    #: kohya's max_grad_norm: clip the gradients' joint norm to this before each step (0: no clipping)
     max_grad_norm: float = 1.0
+    #: kohya's gradient_accumulation_steps: a step takes the mean gradient of this many batches (and of an epoch's last
+    #: ones)
     gradient_accumulation_steps: int = 1
     #: kohya's --fused_backward_pass, for native fine-tuning: each weight is stepped the moment the backward pass has
     #: its gradient, and the gradient freed, instead of all the model's gradients held until the step (an SDXL
@@ -251,18 +285,28 @@ class OptimizerConfig:
 
 @dataclass
 class TrainingConfig:
+    #: the most epochs the run trains (kohya's max_train_epochs); early stopping may end it sooner
     max_epochs: int = 10
     #: stop after this many optimizer steps even if epochs remain (None: epochs decide)
     max_steps: int | None = None
+    #: the seed of everything drawn: the adapters' start, the data's order, noise and timesteps (a run is reproducible,
+    #: and a resumed run continues exactly)
     seed: int = 0
+    #: kohya's noise_offset: add a per-channel constant to the noise (kohya's guides: 0.05-0.1), for darker darks and
+    #: brighter brights
     noise_offset: float = 0.0
     #: kohya's noise_offset_random_strength: each step's offset strength drawn uniformly from [0, noise_offset]
     noise_offset_random_strength: bool = False
     #: kohya's adaptive_noise_scale: the offset grows by this times each channel's |mean latent| (needs
     #: noise_offset)
     adaptive_noise_scale: float | None = None
+    #: Min-SNR weighting (kohya's min_snr_gamma; the paper: 5): each timestep's loss weighed by min(SNR, γ)/SNR
+    #: (v-prediction: /(SNR + 1)); absent: off
     min_snr_gamma: float | None = None
+    #: DreamBooth prior preservation: the regularization images' loss weight (kohya's prior_loss_weight)
     prior_loss_weight: float = 1.0
+    #: kohya's save_every_n_epochs: a checkpoint every N epochs (and the last; early stopping needs them to hand back
+    #: its turning point)
     save_every_n_epochs: int = 1
     #: kohya's save_last_n_epochs: keep only the last N saved checkpoints, and those early stopping may still
     #: hand back (absent: every one)
@@ -280,7 +324,9 @@ class TrainingConfig:
     #: the validation loss of the images data.validation_split holds out (kohya's options): every N epochs (absent:
     #: every epoch), and also every N steps; at most ``max_validation_steps`` batches each time (absent: all)
     validate_every_n_epochs: int | None = None
+    #: also the validation loss every this many steps (see validate_every_n_epochs)
     validate_every_n_steps: int | None = None
+    #: at most this many validation batches each time (see validate_every_n_epochs)
     max_validation_steps: int | None = None
     #: kohya's --ddp_timeout: minutes the processes of a distributed run wait for each other before giving up (None:
     #: torch's default); a main process that caches latents or draws class images alone for longer needs more (it
@@ -288,10 +334,12 @@ class TrainingConfig:
     ddp_timeout: int | None = None
     #: kohya's --ddp_gradient_as_bucket_view and --ddp_static_graph: DistributedDataParallel's options of those names
     ddp_gradient_as_bucket_view: bool = False
+    #: DistributedDataParallel's static_graph (kohya's --ddp_static_graph; see ddp_gradient_as_bucket_view)
     ddp_static_graph: bool = False
     #: kohya's multi-resolution noise: this many coarser noise layers (kohya's guides: 6-10; 0: off), each weighted
     #: by ``multires_noise_discount`` to the power of its level (lorakit.loss)
     multires_noise_iterations: int = 0
+    #: kohya's multires_noise_discount: each coarser level's weight factor (see multires_noise_iterations)
     multires_noise_discount: float = 0.3
     #: input perturbation (kohya's ip_noise_gamma; the paper: 0.1): the U-Net sees a little more noise than the
     #: target says
@@ -303,6 +351,7 @@ class TrainingConfig:
     #: kohya's min_timestep / max_timestep: train only on timesteps in [min, max) (absent: 0 and the schedule's
     #: length, 1000 for SD); low ones teach detail and texture, high ones composition
     min_timestep: int | None = None
+    #: the end of the timesteps trained (see min_timestep)
     max_timestep: int | None = None
     #: kohya's v_pred_like_loss (ε-prediction models): add this share of a v-prediction-like loss, which weighs
     #: noisy timesteps more (kohya's guides: 0.1-0.3; 0: off)
@@ -314,7 +363,9 @@ class TrainingConfig:
     #: from noisy or mislabelled images, weigh less); its parameter ``huber_c`` follows ``huber_schedule``
     #: ("snr", "exponential" or "constant"; lorakit.loss)
     loss_type: str = "l2"
+    #: kohya's huber_schedule: how huber_c changes with the timestep ("snr", "exponential", "constant"; see loss_type)
     huber_schedule: str = "snr"
+    #: kohya's huber_c: the pseudo-Huber loss's parameter (see loss_type)
     huber_c: float = 0.1
     #: kohya's huber_scale: the constant and exponential schedules' c multiplied by it (not the snr schedule's)
     huber_scale: float = 1.0
@@ -324,11 +375,15 @@ class TrainingConfig:
 class SampleConfig:
     #: kohya-syntax prompt file ("prompt --n neg --w 64 --h 64 --d seed --l cfg --s steps" per line)
     prompts: str | None = None
+    #: draw the sample prompts every this many epochs (kohya's sample_every_n_epochs)
     every_n_epochs: int = 1
     #: also sample every this many steps within an epoch (kohya's sample_every_n_steps; None: epoch ends only)
     every_n_steps: int | None = None
+    #: the sampler of prompts that name none (kohya's sample_sampler: ddim, euler_a, dpmsolver++, ...)
     sampler: str = "ddim"
+    #: denoising steps of prompts that set none (--s)
     steps: int = 20
+    #: classifier-free guidance scale of prompts that set none (--l)
     cfg_scale: float = 7.0
     #: kohya's sample_at_first: also draw the prompts before the first step, from the base model or the adapter
     #: the run starts from (samples/epoch-0000-before-training.png, the first row of the run page)
@@ -363,8 +418,11 @@ class EarlyStopConfig:
     #: the evaluation prompt file the scorer reads (the ``lorakit eval --prompts`` format, with ``expected``
     #: attributes); the built-in job uses its dataset's eval_prompts.toml
     sample_prompts: str | None = None
+    #: images per prompt at each scoring (see samples)
     sample_seeds: int = 1
+    #: the share of its best smoothed score the handed-back epoch reaches (see samples)
     sample_reach: float = 0.8
+    #: epochs without a new best smoothed score before the run stops (see samples)
     sample_patience: int = 4
 
     def make_rule(self):
@@ -374,10 +432,14 @@ class EarlyStopConfig:
 
 @dataclass
 class OutputConfig:
+    #: the run folder (kohya's output_dir): checkpoints, samples, logs and the result
     dir: str = "output"
+    #: the result's file name without .safetensors (kohya's output_name)
     name: str = "lorakit"
     #: "error": refuse a non-empty output folder; "resume": continue the run found there; "overwrite"
     if_exists: str = "error"
+    #: the dtype the result is written in: "fp32", "fp16" or "bf16" (kohya's save_precision; checkpoints stay as
+    #: trained)
     save_precision: str = "fp32"
     #: the result adapter's key layout: "kohya" (every algorithm; A1111, ComfyUI, LyCORIS, diffusers read it) or
     #: "diffusers" (diffusers/PEFT names as save_lora_weights writes them; plain LoRA/LoCon only).  Checkpoints
@@ -405,9 +467,13 @@ class OutputConfig:
     #: kohya's --metadata_title / _author / _description / _license / _tags: the result's ModelSpec entries
     #: (modelspec.title etc., which model managers and sites show; the title defaults to output.name)
     metadata_title: str | None = None
+    #: kohya's --metadata_author: modelspec.author (see metadata_title)
     metadata_author: str | None = None
+    #: kohya's --metadata_description: modelspec.description (see metadata_title)
     metadata_description: str | None = None
+    #: kohya's --metadata_license: modelspec.license (see metadata_title)
     metadata_license: str | None = None
+    #: kohya's --metadata_tags: modelspec.tags, comma-separated (see metadata_title)
     metadata_tags: str | None = None
 
 

@@ -50,6 +50,7 @@ class DataConfig:
     repeats: int = 1
     #: square side, or (width, height); None: the trainer passes the model's native resolution
     resolution: int | tuple[int, int] | None = None
+    #: images per batch (kohya's train_batch_size); with gradient accumulation, per micro-batch
     batch_size: int = 1
     #: aspect-ratio buckets; off (kohya's default): every image is resized and center-cropped to `resolution`
     enable_bucket: bool = False
@@ -57,14 +58,20 @@ class DataConfig:
     bucket_reso_steps: int = 64
     #: smallest/largest bucket side; None: half / twice the resolution (kohya's 256/1024 at 512)
     min_bucket_reso: int | None = None
+    #: the largest bucket side (see min_bucket_reso)
     max_bucket_reso: int | None = None
     #: kohya's bucket_no_upscale (with enable_bucket): each image trains at its own size, shrunk only when larger
     #: than the resolution's area and cut to multiples of bucket_reso_steps, never enlarged (small images stay
     #: sharp; many sizes make smaller batches)
     bucket_no_upscale: bool = False
+    #: the caption file beside each image: its name with this extension (kohya's caption_extension)
     caption_extension: str = ".txt"
+    #: what separates the tags of a caption, for shuffling, keep_tokens and tag dropout
     caption_separator: str = ","
+    #: kohya's caption_prefix: text put before every caption, with a space (part of the caption: keep_tokens
+    #: counts its tags)
     caption_prefix: str | None = None
+    #: kohya's caption_suffix: text put after every caption, with a space (part of the caption)
     caption_suffix: str | None = None
     #: put the trigger in front of captions that lack it (never for regularization images)
     inject_trigger: bool = True
@@ -89,6 +96,7 @@ class DataConfig:
     #: (``\\(`` a literal bracket), and shuffling and tag dropout keep a bracket's tags together; off, brackets are
     #: plain text
     weighted_captions: bool = False
+    #: kohya's shuffle_caption: the tags of each caption in a new order every step (the first keep_tokens stay)
     shuffle_caption: bool = False
     #: probability that a whole caption becomes "" (unconditional training)
     caption_dropout_rate: float = 0.0
@@ -100,6 +108,7 @@ class DataConfig:
     #: captions keep only their first tags after the kept ones, ``token_warmup_min`` at the start and
     #: growing linearly to all of them (0: off)
     token_warmup_min: int = 1
+    #: the steps of the token warm-up (see token_warmup_min; below 1: that share of the run's steps; 0: off)
     token_warmup_step: float = 0.0
     #: tags removed from every caption: words that describe the concept itself, which the trigger should absorb
     drop_tags: list[str] = field(default_factory=list)
@@ -118,6 +127,7 @@ class DataConfig:
     #: default the training seed) is held out and not trained on; their loss at fixed timesteps and noise is the
     #: run's validation loss (``training.validate_every_n_epochs``/``_steps``)
     validation_split: float = 0.0
+    #: kohya's validation_seed: the seed that draws the validation_split images (absent: training.seed)
     validation_seed: int | None = None
     #: kohya's per-dataset network_multiplier: the adapter's strength while training on this data (a dataset
     #: at -1 teaches the adapter the opposite, as in kohya's "difference" training); 1: as usual
@@ -137,7 +147,10 @@ class DataConfig:
     upscale_warning_factor: float = 2.0
     #: encode images with the VAE once (see TrainingData.cache_latents); in memory, or on disk in `cache_dir`
     cache_latents: bool = True
+    #: kohya's cache_latents_to_disk: keep the cached latents in files (cache_dir, else latent_cache/ in the run
+    #: folder), checked against the images and read again when they still match
     cache_latents_to_disk: bool = False
+    #: where cache_latents_to_disk writes (absent: latent_cache/ in the run folder); shared by runs on the same images
     cache_dir: str | None = None
     #: kohya's cache_text_encoder_outputs: encode each caption once and reuse it (the text encoders must not train,
     #: and tags must be neither shuffled nor dropped; whole-caption dropout, wildcards and the warm-up are kept)
@@ -147,6 +160,7 @@ class DataConfig:
     #: DreamBooth prior preservation, read by the trainer: this many class images, generated from
     #: `class_prompt` by the base model when `reg_data` holds fewer (lorakit.data only reads images)
     num_class_images: int = 0
+    #: the prompt the class images are generated from (kohya's class prompt, e.g. "a dog")
     class_prompt: str | None = None
 
 
