@@ -109,10 +109,34 @@ def test_a_sweep_draws_every_prompt_at_each_strength(files, tmp_path, capsys):
     grid, single = Image.open(sweep / "grid.png"), Image.open(sweep / "000-a-star-x0.png")
     assert grid.width >= 3 * single.width and grid.height < 3 * single.height + 200  # 3 columns, 2 rows
     assert main(["sample", *flags, "--sweep", "0,1", "--out", str(tmp_path / "none")]) == 2
-    assert "--sweep draws the adapters at several strengths: give at least one adapter" in capsys.readouterr().err
+    assert "--sweep draws a column per adapter setting: give at least one adapter" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sample", f"{a}", *flags, "--sweep", "half", "--out", str(tmp_path / "bad")])
     assert "'half': comma-separated numbers" in capsys.readouterr().err
+
+
+def test_each_adapter_alone_in_a_column_of_its_own(files, tmp_path, capsys):
+    """--each: every prompt with each adapter alone (a run's epoch checkpoints side by side, named by their
+    folders); each column is what that adapter draws alone."""
+    import shutil
+
+    a, b = files
+    epoch = tmp_path / "run" / "checkpoints" / "epoch-0003"
+    epoch.mkdir(parents=True)
+    shutil.copy(b, epoch / "trained.safetensors")
+    flags = ["--prompt", "a star --s 3 --d 7", "--device", "cpu"]
+    assert main(["sample", f"{a}:0.5", str(epoch / "trained.safetensors"), *flags, "--each",
+                 "--out", str(tmp_path / "each")]) == 0
+    out = capsys.readouterr().out
+    assert "adapter epoch-0003:1" in out and "2 image(s)" in out
+    names = {p.name for p in (tmp_path / "each").glob("*.png")}
+    assert names == {"000-a-star-a-0.5.png", "000-a-star-epoch-0003-1.png", "grid.png"}, names
+    assert main(["sample", f"{b}", *flags, "--out", str(tmp_path / "b")]) == 0
+    image = lambda path: np.asarray(Image.open(path), dtype=np.int16)  # noqa: E731
+    assert np.array_equal(image(tmp_path / "each" / "000-a-star-epoch-0003-1.png"),
+                          image(tmp_path / "b" / "000-a-star.png"))
+    with pytest.raises(SystemExit):  # one axis of columns at a time
+        main(["sample", str(a), *flags, "--each", "--sweep", "0,1", "--out", str(tmp_path / "both")])
 
 
 def test_sample_refuses_bad_block_weights(files, tmp_path, capsys):

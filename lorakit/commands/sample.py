@@ -46,9 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default=None, help="sampler for prompts that set none (ddim, euler_a, ...)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--sweep", type=_strengths, default=None, metavar="X,Y,...",
-                        help="draw every prompt at each of these strengths, a column each (A1111's X/Y plot of a "
-                             "LoRA's weight): each adapter's multiplier times the value (0: the base model)")
+    columns = parser.add_mutually_exclusive_group()
+    columns.add_argument("--sweep", type=_strengths, default=None, metavar="X,Y,...",
+                         help="draw every prompt at each of these strengths, a column each (A1111's X/Y plot of a "
+                              "LoRA's weight): each adapter's multiplier times the value (0: the base model)")
+    columns.add_argument("--each", action="store_true",
+                         help="draw every prompt with each adapter alone, a column each (e.g. a run's epoch "
+                              "checkpoints side by side: RUN/checkpoints/epoch-*/trained.safetensors)")
     add_prompt_reading_arguments(parser, "adapters")
 
 
@@ -71,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.sample import (
         SamplePrompt,
         adopt_trained_schedule,
+        generate_with_adapters,
         load_prompts,
         parse_prompt_line,
         sample_paths,
@@ -88,15 +93,16 @@ def run(args: argparse.Namespace) -> int:
         prompts = load_prompts(args.prompts, defaults)
     else:
         prompts = [parse_prompt_line(p, defaults, where="--prompt") for p in args.prompt]
-    if args.sweep is not None and not args.adapters:
-        raise SampleCommandError("--sweep draws the adapters at several strengths: give at least one adapter")
-    columns = [f"x{v:g}" for v in args.sweep] if args.sweep is not None else []  # the grid font has no ×
+    if (args.sweep is not None or args.each) and not args.adapters:
+        raise SampleCommandError(f"{'--sweep' if args.each is False else '--each'} draws a column per adapter "
+                                 "setting: give at least one adapter")
+    specs = [parse_adapter_spec(a) for a in args.adapters]
+    groups, columns = _columns(specs, args.sweep, args.each)
     taken = [p for p in sample_paths(prompts, args.out, columns) if p.exists()]
     if taken and not args.overwrite:  # checked before the model loads: nothing is generated to be thrown away
         raise SampleCommandError(f"{', '.join(str(p) for p in taken[:3])}{' ...' if len(taken) > 3 else ''} "
                                  f"{'exists' if len(taken) == 1 else 'exist'} (an earlier call?); choose another "
                                  f"--out, or pass --overwrite to replace {'it' if len(taken) == 1 else 'them'}")
-    specs = [parse_adapter_spec(a) for a in args.adapters]
     for spec in specs:  # before the model loads: a model folder or checkpoint given as an adapter is said so
         check_adapter_path(spec.path)
         if not spec.path.is_file():
@@ -111,8 +117,9 @@ def run(args: argparse.Namespace) -> int:
     check_clip_skip(model, text["clip_skip"])
     said += adopt_trained_schedule(model, [spec.path for spec in specs])
     prompts = [replace(p, seed=p.seed if p.seed is not None else args.seed + i) for i, p in enumerate(prompts)]
-    images = _draw(model, specs, prompts, args.sweep, merged=args.merged, embeddings=embeddings,
-                   batch_size=args.batch_size, progress=False, **text)
+    by_column = [generate_with_adapters(model, group, prompts, merged=args.merged, embeddings=embeddings,
+                                        batch_size=args.batch_size, progress=False, **text) for group in groups]
+    images = [column[i] for i in range(len(prompts)) for column in by_column]  # a row per prompt
     title = ", ".join(s.label for s in specs) or "no adapter"
     written = save_samples(images, prompts, args.out, title=title + (" (merged)" if args.merged and specs else ""),
                            columns=columns)
@@ -125,16 +132,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _draw(model, specs: Sequence[AdapterSpec], prompts: list, sweep: list[float] | None, **options) -> list:
-    """The images of every prompt; with ``sweep``, of every prompt at each strength (a row per prompt, the
-    strengths in its columns), each strength scaling every adapter's own multiplier."""
-    from lorakit.sample import generate_with_adapters
-
-    if sweep is None:
-        return generate_with_adapters(model, specs, prompts, **options)
-    by_strength = [generate_with_adapters(model, [replace(s, multiplier=s.multiplier * v) for s in specs], prompts,
-                                          **options) for v in sweep]
-    return [images[i] for i in range(len(prompts)) for images in by_strength]
+def _columns(specs: list[AdapterSpec], sweep: list[float] | None, each: bool
+             ) -> tuple[list[list[AdapterSpec]], list[str]]:
+    """The adapters each column draws with, and the columns' labels ([] and one group: no columns): with
+    ``sweep`` every adapter at each strength (its own multiplier times the value), with ``each`` each adapter
+    alone."""
+    if sweep is not None:  # "x0.5": the grid's font has no ×
+        return [[replace(s, multiplier=s.multiplier * v) for s in specs] for v in sweep], [f"x{v:g}" for v in sweep]
+    if each:
+        return [[s] for s in specs], [s.label for s in specs]
+    return [specs], []
 
 
 def _base_weights_left_out(specs: Sequence[AdapterSpec]) -> list[str]:

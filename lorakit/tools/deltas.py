@@ -50,7 +50,9 @@ class AdapterSpec:
 
     @property
     def label(self) -> str:
-        text = f"{self.path.stem}:{self.multiplier:g}"
+        # a run's checkpoint is trained.safetensors: its folder (epoch-0005) names it
+        name = self.path.parent.name if self.path.stem == "trained" and self.path.parent.name else self.path.stem
+        text = f"{name}:{self.multiplier:g}"
         return text + (f":{self.lbw}" if self.lbw else "")
 
 
