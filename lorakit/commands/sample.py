@@ -94,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompts = [parse_prompt_line(p, defaults, where="--prompt") for p in args.prompt]
     if (args.sweep is not None or args.each) and not args.adapters:
-        raise SampleCommandError(f"{'--sweep' if args.each is False else '--each'} draws a column per adapter "
-                                 "setting: give at least one adapter")
+        raise SampleCommandError(f"{'--each' if args.each else '--sweep'} draws a column per adapter setting: "
+                                 "give at least one adapter")
     specs = [parse_adapter_spec(a) for a in args.adapters]
     groups, columns = _columns(specs, args.sweep, args.each)
     taken = [p for p in sample_paths(prompts, args.out, columns) if p.exists()]
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     by_column = [generate_with_adapters(model, group, prompts, merged=args.merged, embeddings=embeddings,
                                         batch_size=args.batch_size, progress=False, **text) for group in groups]
     images = [column[i] for i in range(len(prompts)) for column in by_column]  # a row per prompt
-    title = ", ".join(s.label for s in specs) or "no adapter"
+    title = "" if args.each else ", ".join(s.label for s in specs) or "no adapter"  # --each: its column says it
     written = save_samples(images, prompts, args.out, title=title + (" (merged)" if args.merged and specs else ""),
                            columns=columns)
     for spec in specs:
