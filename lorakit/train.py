@@ -130,6 +130,13 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimiz
         raise TrainingError(f"optimizer.args = {opt.args!r} for {opt.optimizer}: {err}") from None
 
 
+def group_rates(param_groups: list[dict]) -> dict[str, float]:
+    """Each named parameter group's learning rate now, as ``lr/<name>`` (kohya's ``lr/unet``, ``lr/textencoder``),
+    when a run trains more than one (the text encoder's rate, block rates, LoRA+); ``lr`` alone says it otherwise."""
+    rates = {f"lr/{group.get('name', i)}": group["lr"] for i, group in enumerate(param_groups)}
+    return rates if len(rates) > 1 else {}
+
+
 def weight_dtype(mixed_precision: str) -> torch.dtype:
     return resolve_dtype(mixed_precision)  # "no" (no mixed precision) is fp32
 
@@ -626,7 +633,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 step += 1
                 losses.append(loss.item())
                 record = {"step": step, "epoch": epoch + 1, "loss": losses[-1], "lr": lr_schedule.get_last_lr()[0],
-                          **method.step_record()}
+                          **group_rates(optimizer.param_groups), **method.step_record()}
                 # the spectral size costs an SVD per layer: read at epoch ends, where its rule decides
                 spectral = monitor is not None and monitor.rule.series == "spectral" and done == local_batches
                 if monitor is not None and (step % cfg.early_stop.interval == 0 or spectral):

@@ -79,3 +79,25 @@ def test_one_step_moves_the_up_matrices_ratio_times_as_far(tiny_model_dir, tmp_p
             args = json.loads(f.metadata()["ss_network_args"])
         assert ("loraplus_lr_ratio" in args) == (ratio is not None)
     assert ups[16.0] / ups[None] == pytest.approx(16, rel=1e-3)
+
+
+def test_each_groups_rate_is_logged_when_a_run_has_several(tiny_model_dir, tmp_path):
+    """log.jsonl (and the trackers) get lr/<group> beside lr when the groups' rates differ, as kohya's lr/unet and
+    lr/textencoder; a run of one group logs lr alone."""
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    run_train(make_config(tiny_model_dir, data, out, training={"max_epochs": 1},
+                          network={"loraplus_lr_ratio": 4.0, "train_text_encoder": True},
+                          optimizer={"text_encoder_lr": 5e-4, "lr_scheduler": "linear"}))
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    first, last = records[0], records[-1]
+    assert {k for k in first if k.startswith("lr/")} == {"lr/unet", "lr/unet plus", "lr/text_encoder",
+                                                           "lr/text_encoder plus"}
+    for record in (first, last):  # every group follows the schedule
+        assert record["lr/unet"] == pytest.approx(record["lr"])
+        assert record["lr/unet plus"] == pytest.approx(4 * record["lr"])
+        assert record["lr/text_encoder"] == pytest.approx(0.5 * record["lr"])
+    assert last["lr"] < first["lr"]
+    run_train(make_config(tiny_model_dir, data, tmp_path / "one", training={"max_epochs": 1}))
+    one = json.loads((tmp_path / "one" / "log.jsonl").read_text().splitlines()[0])
+    assert "lr" in one and not any(k.startswith("lr/") for k in one)
