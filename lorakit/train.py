@@ -774,6 +774,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             "seconds": round(time.time() - started, 1), "data": data.summary(), "trained": method.summary(),
             "validation": _validation_summary(run, len(data.held_out)) if data.held_out else None,
             "step_checkpoints": [c.step() for c in run.step_checkpoints()],
+            "ema_decay": cfg.training.ema_decay,
         }
         run.write_json("summary.json", summary)
         summary_text = "\n".join([_summary_text(summary), *next_steps(run.path, files, cfg)])
@@ -1119,6 +1120,8 @@ def _summary_text(s: dict[str, Any]) -> str:
              f"{s['seconds']} s",
              "  data: " + s["data"].replace("\n", "\n        "),
              "  trained: " + s["trained"].replace("\n", "\n           ")]
+    if s.get("ema_decay") is not None:
+        lines.append(f"  handed back: the moving average of the trained weights (EMA, decay {s['ema_decay']:g})")
     if s["stopped_early"]:
         tp = s["turning_point"]
         why = f" ({tp['reason']})" if tp.get("reason") else ""

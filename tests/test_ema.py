@@ -64,6 +64,7 @@ def test_a_run_hands_back_the_average_of_its_live_weights_and_resumes_it(tiny_mo
     averaged = run_train(config("averaged", ema_decay=0.2))
     assert "weights averaged (EMA, decay 0.2)" in capsys.readouterr().out
     assert averaged.losses == live.losses  # training follows the live weights, untouched by the average
+    assert "handed back: the moving average of the trained weights (EMA, decay 0.2)" in averaged.summary
     # the live weights after steps 1-4: step checkpoints between epoch ends, the epochs' own at their ends
     folders = ("step-00000001", "epoch-0001", "step-00000003", "epoch-0002")
     after = [load_file(str(tmp_path / "live" / "checkpoints" / f / "trained.safetensors")) for f in folders]
