@@ -330,7 +330,7 @@ class TrainingConfig:
     max_validation_steps: int | None = None
     #: kohya's --ddp_timeout: minutes the processes of a distributed run wait for each other before giving up (None:
     #: torch's default); a main process that caches latents or draws class images alone for longer needs more (it
-    #: applies to the process group train() sets up, not to one a script set up before calling it)
+    #: applies to the process group train() sets up, not to one a script set up before calling it: the run says so)
     ddp_timeout: int | None = None
     #: kohya's --ddp_gradient_as_bucket_view and --ddp_static_graph: DistributedDataParallel's options of those names
     ddp_gradient_as_bucket_view: bool = False

@@ -196,6 +196,18 @@ def distributed_settings(training: TrainingConfig) -> list:
     return handlers
 
 
+def ddp_timeout_note(training: TrainingConfig) -> str | None:
+    """A note when training.ddp_timeout cannot apply: the processes' group was set up before ``train()`` (by the
+    calling script), with the timeout it was given then (printed by its first process only)."""
+    import torch.distributed as dist
+
+    if training.ddp_timeout is None or not (dist.is_available() and dist.is_initialized()) or dist.get_rank() != 0:
+        return None
+    return (f"note: training.ddp_timeout = {training.ddp_timeout} does not apply: the processes' group was set up "
+            "before train() (by this script), with the timeout given there; set it where the group is made, e.g. "
+            "accelerate's InitProcessGroupKwargs(timeout=...)")
+
+
 def keep_frozen_out_of_ddp(module: torch.nn.Module) -> None:
     """DistributedDataParallel leaves the module's frozen weights alone: each process loaded the same ones, and its
     broadcast of them from the first process at the start would copy the whole base model for nothing (and gloo,
@@ -361,6 +373,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     if cfg.model.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainingError("model.mixed_precision = \"fp16\" needs a GPU; on the CPU use \"bf16\" or \"no\"")
     _reset_accelerate_settings()
+    if (note := ddp_timeout_note(cfg.training)) is not None:
+        print(note)
     check_tracker(cfg.output.log_with)
     tracker_dir = logging_dir(cfg.output.log_with, cfg.output.logging_dir, Path(cfg.output.dir))
     # the schedule is stepped here once per optimizer step: accelerate's own stepping would advance it once per

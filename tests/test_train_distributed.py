@@ -159,3 +159,21 @@ def test_the_ddp_settings_reach_accelerate():
         assert accelerator.ddp_handler.static_graph and not accelerator.ddp_handler.gradient_as_bucket_view
     finally:
         AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def test_a_timeout_that_cannot_apply_to_a_group_made_before_train_is_said(tmp_path):
+    """training.ddp_timeout sets the timeout of the group train() makes; a script that made its own first keeps
+    that group and its timeout, and the run says so instead of letting the setting pass for applied."""
+    import torch.distributed as dist
+
+    from lorakit.config import TrainingConfig
+    from lorakit.train import ddp_timeout_note
+
+    assert ddp_timeout_note(TrainingConfig(ddp_timeout=7)) is None  # no group yet: train() makes it with 7 minutes
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        note = ddp_timeout_note(TrainingConfig(ddp_timeout=7))
+        assert note is not None and note.startswith("note: training.ddp_timeout = 7 does not apply")
+        assert ddp_timeout_note(TrainingConfig()) is None  # not set: nothing to say
+    finally:
+        dist.destroy_process_group()
