@@ -444,10 +444,10 @@ class NativeMethod(TrainingMethod):
             comp = network_components(unet)[0]
             layers = select_targets(comp, get_preset(targets).unet)
             self.params = {f"{n}.{k}": p for n, m in layers for k, p in m.named_parameters()}
-        # the text encoders' under a prefix of their own in checkpoints (``lorakit.evaluate`` reads them so); the
-        # parameters the conditioning leaves unread get no gradient, and would stall a distributed run waiting for one
         # each trained encoder's rate (SDXL's second may have its own, or 0: not trained)
         self.text_rates = _text_encoder_rates(cfg, len(model.text_encoders)) if cfg.method.native_text_encoder else []
+        # the text encoders' under a prefix of their own in checkpoints (``lorakit.evaluate`` reads them so); the
+        # parameters the conditioning leaves unread get no gradient, and would stall a distributed run waiting for one
         self.text_params = {
             f"{prefix}{n}": p
             for k, (prefix, encoder) in enumerate(zip(TEXT_ENCODER_PREFIXES, model.text_encoders, strict=False))

@@ -338,6 +338,20 @@ def test_sdxl_trains_fused_backward_pass_and_optimizer_groups_become_lorakits_fu
                for n in translation.notes), translation.notes
 
 
+def test_an_adapter_config_with_two_text_encoder_rates_says_both_native_options_it_cannot_take(tmp_path,
+                                                                                                tiny_model_dir):
+    """learning_rate_te1/te2 and stop_text_encoder_training are native scripts' options: an adapter config with
+    different rates and a text-encoder stop is told about each (one rate for an adapter's encoders)."""
+    path = kohya_file(tmp_path, tiny_model_dir, "kohya.toml", 'network_module = "networks.lora"\n'
+                      "learning_rate_te1 = 1e-5\nlearning_rate_te2 = 2e-5\nstop_text_encoder_training = 5\n")
+    untranslated = config_from_kohya(path)[1].untranslated
+    assert any(u.startswith("learning_rate_te2 = 2e-05: an adapter trains both SDXL text encoders at one rate")
+               for u in untranslated), untranslated
+    assert any(u.startswith("stop_text_encoder_training = 5: train_db.py's") for u in untranslated), untranslated
+    path.write_text(path.read_text().replace("learning_rate_te1 = 1e-5\n", ""))  # te2 alone: the adapters' rate
+    assert config_from_kohya(path)[0].optimizer.text_encoder_lr == 2e-5
+
+
 def test_base_weights_are_taken_over_one_file_or_several(tmp_path, tiny_model_dir):
     """kohya's --base_weights and --base_weights_multiplier (nargs="*": a config may give one value or a list)."""
     path = kohya_file(tmp_path, tiny_model_dir, "kohya.toml", 'network_module = "networks.lora"\n'

@@ -172,17 +172,17 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
         _native(options, out)
         if out.settings.get("method", {}).get("native_text_encoder"):
             _second_text_encoder_rate(options, te2, out)
-    elif not is_off(te2) and is_off(options.get("learning_rate_te1")):  # an adapter's encoders share one rate
-        options["learning_rate_te1"] = te2
-    elif not is_off(te2) and te2 != options.get("learning_rate_te1"):
-        out.untranslated.append(f"learning_rate_te2 = {te2!r}: an adapter trains both SDXL text encoders at one "
-                                f"rate (learning_rate_te1 = {options.get('learning_rate_te1')!r}); give them the "
-                                "same value")
     else:  # the native scripts' text-encoder switches: for adapters, network_train_unet_only decides
         for key, script in (("stop_text_encoder_training", "train_db.py"), ("train_text_encoder", "fine_tune.py")):
             if key in options and not is_off(options[key]):
                 out.untranslated.append(f"{key} = {options.pop(key)!r}: {script}'s; adapters train the text "
                                         "encoder unless network_train_unet_only is set")
+        if not is_off(te2) and is_off(options.get("learning_rate_te1")):  # an adapter's encoders share one rate
+            options["learning_rate_te1"] = te2
+        elif not is_off(te2) and te2 != options.get("learning_rate_te1"):
+            out.untranslated.append(f"learning_rate_te2 = {te2!r}: an adapter trains both SDXL text encoders at "
+                                    f"one rate (learning_rate_te1 = {options.get('learning_rate_te1')!r}); give "
+                                    "them the same value")
     # kohya trains the text encoder too unless told not to; lorakit's default is the U-Net only
     unet_only = bool(options.pop("network_train_unet_only", False))
     te_only = bool(options.pop("network_train_text_encoder_only", False))
