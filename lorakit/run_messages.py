@@ -31,8 +31,9 @@ def setting_lines(cfg: TrainConfig) -> list[str]:
     if cfg.data.cache_text_encoder_outputs:
         lines.append(TEXT_CACHE_LINE)
     if cfg.training.ema_decay is not None:
+        follow = "training" if cfg.method.kind == "ti" else "training and CS-Fluctuation"  # TI: no CS to read
         lines.append(f"weights averaged (EMA, decay {cfg.training.ema_decay:g}): checkpoints, samples and the result "
-                     "hold the average; training and CS-Fluctuation follow the live weights")
+                     f"hold the average; {follow} follow the live weights")
     if cfg.optimizer.fused_backward_pass:  # its clipping differs from the whole-model step's
         clip = cfg.optimizer.max_grad_norm
         lines.append("fused backward pass: each weight steps as soon as its gradient is ready, and the gradient is "
