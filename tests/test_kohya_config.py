@@ -352,6 +352,36 @@ def test_an_adapter_config_with_two_text_encoder_rates_says_both_native_options_
     assert config_from_kohya(path)[0].optimizer.text_encoder_lr == 2e-5
 
 
+@pytest.mark.parametrize(("options", "expected", "noted"), [
+    ('network_module = "networks.lora"\ntext_encoder_lr = 0\nunet_lr = 1e-4\n',
+     {"network.train_text_encoder": False, "network.train_unet": True}, "text_encoder_lr = 0: kohya leaves"),
+    ('network_module = "networks.lora"\nunet_lr = 0\ntext_encoder_lr = 1e-5\n',
+     {"network.train_text_encoder": True, "network.train_unet": False}, "unet_lr = 0: kohya leaves"),
+    ("learning_rate_te = 0\n", {"method.native_text_encoder": False}, "learning_rate_te = 0: kohya does not change"),
+    ("train_text_encoder = true\nin_json = 'm.json'\nlearning_rate_te1 = 0\nlearning_rate_te2 = 0\n",
+     {"method.native_text_encoder": False}, "learning_rate_te1 = 0: kohya does not change the text encoders"),
+], ids=["adapter-te", "adapter-unet", "dreambooth", "sdxl-both"])
+def test_a_rate_of_0_leaves_that_part_untrained_as_kohya_does(tmp_path, tiny_model_dir, options, expected, noted):
+    """kohya leaves what has a rate of 0 out of the optimizer (an adapter's modules stay zero; a native script's
+    text encoder is not changed): lorakit does not train it, and says so (a 0 was read as "not given" and that part
+    trained at the learning rate)."""
+    cfg, translation = config_from_kohya(kohya_file(tmp_path, tiny_model_dir, "kohya.toml", options))
+    for dotted, value in expected.items():
+        section, key = dotted.split(".")
+        assert getattr(getattr(cfg, section), key) == value, dotted
+    assert any(n.startswith(noted) for n in translation.notes), translation.notes
+    assert translation.untranslated == []
+
+
+def test_sdxls_second_text_encoder_alone_is_said_not_taken(tmp_path, tiny_model_dir):
+    path = kohya_file(tmp_path, tiny_model_dir, "kohya.toml",
+                      "train_text_encoder = true\nin_json = 'm.json'\nlearning_rate_te1 = 0\n"
+                      "learning_rate_te2 = 1e-5\n")
+    untranslated = config_from_kohya(path)[1].untranslated
+    assert any(u.startswith("learning_rate_te1 = 0 with learning_rate_te2 = 1e-05: lorakit trains SDXL's first")
+               for u in untranslated), untranslated
+
+
 def test_base_weights_are_taken_over_one_file_or_several(tmp_path, tiny_model_dir):
     """kohya's --base_weights and --base_weights_multiplier (nargs="*": a config may give one value or a list)."""
     path = kohya_file(tmp_path, tiny_model_dir, "kohya.toml", 'network_module = "networks.lora"\n'

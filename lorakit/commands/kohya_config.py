@@ -170,7 +170,7 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
     native = module is None and not token  # train_db.py (DreamBooth) or fine_tune.py (with in_json)
     if native:
         _native(options, out)
-        if out.settings.get("method", {}).get("native_text_encoder"):
+        if out.settings.get("method", {}).get("native_text_encoder") and _text_encoders_kept(options, te2, out):
             _second_text_encoder_rate(options, te2, out)
     else:  # the native scripts' text-encoder switches: for adapters, network_train_unet_only decides
         for key, script in (("stop_text_encoder_training", "train_db.py"), ("train_text_encoder", "fine_tune.py")):
@@ -187,7 +187,17 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
     unet_only = bool(options.pop("network_train_unet_only", False))
     te_only = bool(options.pop("network_train_text_encoder_only", False))
     if not token and not native:  # textual inversion and native fine-tuning train no network
-        out.set("network.train_text_encoder", not unet_only)
+        # kohya leaves a network's modules at a rate of 0 out of the optimizer: they stay zero, as if not there
+        te_rate_zero = _zero(options.get("text_encoder_lr")) and not unet_only
+        unet_rate_zero = _zero(options.get("unet_lr")) and not te_only
+        for key, setting, zero in (("text_encoder_lr", "train_text_encoder", te_rate_zero),
+                                   ("unet_lr", "train_unet", unet_rate_zero)):
+            if zero:
+                options.pop(key)
+                out.notes.append(f"{key} = 0: kohya leaves those adapters out of the optimizer, at zero; lorakit "
+                                 f"does not make them (network.{setting} = false)")
+        te_only = te_only or unet_rate_zero
+        out.set("network.train_text_encoder", not unet_only and not te_rate_zero)
         cached = any(not is_off(options.get(k)) for k in ("cache_text_encoder_outputs",
                                                           "cache_text_encoder_outputs_to_disk"))
         if not unet_only and cached:  # kohya asserts the same
@@ -281,6 +291,29 @@ def _native(options: dict[str, Any], out: KohyaTranslation) -> None:
     out.set("method.native_text_encoder", stop is None or stop > 0)
     if stop is not None and stop > 0:
         out.set("method.native_text_encoder_steps", stop)
+
+
+def _zero(value: Any) -> bool:
+    """A rate given as 0 (kohya: that part is not trained), not merely absent."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+def _text_encoders_kept(options: dict[str, Any], te2: Any, out: KohyaTranslation) -> bool:
+    """The native scripts' text-encoder rate of 0 (train_db.py's learning_rate_te, sdxl_train.py's
+    learning_rate_te1 with learning_rate_te2): that encoder is not trained.  False when none is left to train."""
+    if _zero(options.get("learning_rate_te")) or (_zero(options.get("learning_rate_te1")) and _zero(te2)):
+        key = "learning_rate_te" if "learning_rate_te" in options else "learning_rate_te1"
+        options.pop(key)
+        out.set("method.native_text_encoder", False)
+        out.notes.append(f"{key} = 0: kohya does not change the text encoder{'s' if key.endswith('1') else ''}; "
+                         "lorakit does not train them (method.native_text_encoder = false)")
+        return False
+    if _zero(options.get("learning_rate_te1")):  # the second alone: lorakit trains the first whenever it trains one
+        options.pop("learning_rate_te1")
+        out.untranslated.append(f"learning_rate_te1 = 0 with learning_rate_te2 = {te2!r}: lorakit trains SDXL's "
+                                "first text encoder whenever it trains the second; give the first a rate, or 0 to both")
+        return False
+    return True
 
 
 def _second_text_encoder_rate(options: dict[str, Any], te2: Any, out: KohyaTranslation) -> None:
