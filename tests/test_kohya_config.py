@@ -373,6 +373,18 @@ def test_a_rate_of_0_leaves_that_part_untrained_as_kohya_does(tmp_path, tiny_mod
     assert translation.untranslated == []
 
 
+def test_a_0_that_kohya_reads_as_a_value_is_taken_as_one(tmp_path, tiny_model_dir):
+    """max_grad_norm = 0 (no clipping), network_alpha = 0 (alpha = rank) and prior_loss_weight = 0 are settings, not
+    "not given" (lorakit's defaults would clip at 1, scale by 8/rank and weigh the prior at 1)."""
+    path = kohya_file(tmp_path, tiny_model_dir, "kohya.toml", 'network_module = "networks.lora"\nnetwork_dim = 16\n'
+                      "network_alpha = 0\nmax_grad_norm = 0\nprior_loss_weight = 0\n")
+    cfg, translation = config_from_kohya(path)
+    cfg.validate()
+    assert (cfg.network.rank, cfg.network.alpha, cfg.optimizer.max_grad_norm) == (16, 0.0, 0.0)
+    assert cfg.training.prior_loss_weight == 0.0
+    assert not set(translation.skipped) & {"network_alpha", "max_grad_norm", "prior_loss_weight"}
+
+
 def test_sdxls_second_text_encoder_alone_is_said_not_taken(tmp_path, tiny_model_dir):
     path = kohya_file(tmp_path, tiny_model_dir, "kohya.toml",
                       "train_text_encoder = true\nin_json = 'm.json'\nlearning_rate_te1 = 0\n"

@@ -39,6 +39,9 @@ _KOHYA_VALUES = {"save_precision": {"float": "fp32"}}
 #: network_args lorakit has as settings of their own (the rest go to network.args)
 _NETWORK_ARG_SETTINGS = {"conv_dim": ("network", "conv_rank", int), "conv_alpha": ("network", "conv_alpha", float),
                          **{k: ("network", k, float) for k in LORAPLUS_KEYS}}
+#: options whose 0 kohya reads as a value, not as "not given": no clipping, no prior loss, alpha = rank (lorakit's
+#: defaults are 1, 1 and 8)
+ZERO_IS_A_SETTING = ("max_grad_norm", "prior_loss_weight", "network_alpha")
 #: the lines around the options table in docs/kohya.md
 DOC_MARKERS = ("<!-- kohya options table -->", "<!-- /kohya options table -->")
 #: placeholders in the translation table, filled with the file's value
@@ -250,7 +253,7 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
             value = _KOHYA_VALUES[key].get(value, value)
         dashed = "--" + key.replace("_", "-")
         hint = KOHYA_OPTIONS.get(dashed) or (dashed if dashed in FLAGS else None)
-        if is_off(value):
+        if is_off(value) and not (key in ZERO_IS_A_SETTING and _zero(value)):
             out.skipped.append(key)
             continue
         if hint is None:
