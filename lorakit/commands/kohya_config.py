@@ -297,7 +297,7 @@ def _native(options: dict[str, Any], out: KohyaTranslation) -> None:
 
 
 def _zero(value: Any) -> bool:
-    """A rate given as 0 (kohya: that part is not trained), not merely absent."""
+    """A number given as 0, not merely absent (or off): for the options whose 0 kohya reads as a value."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
