@@ -329,7 +329,7 @@ def test_sdxl_trains_fused_backward_pass_and_optimizer_groups_become_lorakits_fu
                         'optimizer_type = "Adafactor"\nfused_backward_pass = true\n')
     cfg, translation = config_from_kohya(native)
     assert cfg.optimizer.fused_backward_pass and cfg.optimizer.optimizer == "adafactor" and cfg.method.kind == "native"
-    assert translation.untranslated == [] and translation.notes == []
+    assert translation.untranslated == [] and not any("fused" in n for n in translation.notes)
     cfg.validate()
     native.write_text(native.read_text().replace("fused_backward_pass = true", "fused_optimizer_groups = 10"))
     cfg, translation = config_from_kohya(native)
@@ -383,6 +383,24 @@ def test_a_0_that_kohya_reads_as_a_value_is_taken_as_one(tmp_path, tiny_model_di
     assert (cfg.network.rank, cfg.network.alpha, cfg.optimizer.max_grad_norm) == (16, 0.0, 0.0)
     assert cfg.training.prior_loss_weight == 0.0
     assert not set(translation.skipped) & {"network_alpha", "max_grad_norm", "prior_loss_weight"}
+
+
+def test_a_config_without_epochs_trains_kohyas_steps(tmp_path, tiny_model_dir):
+    """kohya trains max_train_steps (1600 unless given) when max_train_epochs is not given, however many epochs that
+    takes; max_train_epochs, when given, overrides max_train_steps.  lorakit's own default (10 epochs) was used."""
+    def translated(options: str):
+        cfg, translation = config_from_kohya(kohya_file(tmp_path / str(len(options)), tiny_model_dir, "k.toml",
+                                                        'network_module = "networks.lora"\n' + options))
+        return cfg.training.max_epochs, cfg.training.max_steps, translation.notes
+
+    epochs, steps, notes = translated("")
+    assert (epochs, steps) == (1600, 1600)
+    assert any(n.startswith("max_train_epochs is not given: kohya trains 1600 steps (max_train_steps, its default)")
+               for n in notes), notes
+    assert translated("max_train_steps = 300\n")[:2] == (300, 300)
+    epochs, steps, notes = translated("max_train_steps = 300\nmax_train_epochs = 4\n")
+    assert (epochs, steps) == (4, None)
+    assert "max_train_steps = 300: max_train_epochs = 4 overrides it, as in kohya" in notes
 
 
 def test_sdxls_second_text_encoder_alone_is_said_not_taken(tmp_path, tiny_model_dir):

@@ -39,6 +39,8 @@ _KOHYA_VALUES = {"save_precision": {"float": "fp32"}}
 #: network_args lorakit has as settings of their own (the rest go to network.args)
 _NETWORK_ARG_SETTINGS = {"conv_dim": ("network", "conv_rank", int), "conv_alpha": ("network", "conv_alpha", float),
                          **{k: ("network", k, float) for k in LORAPLUS_KEYS}}
+#: sd-scripts' max_train_steps when a config gives neither it nor max_train_epochs
+KOHYA_DEFAULT_STEPS = 1600
 #: options whose 0 kohya reads as a value, not as "not given": no clipping, no prior loss, alpha = rank (lorakit's
 #: defaults are 1, 1 and 8)
 ZERO_IS_A_SETTING = ("max_grad_norm", "prior_loss_weight", "network_alpha")
@@ -233,6 +235,7 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
         else:
             options.pop("save_every_n_epochs", None)
             out.set("training.save_every_n_epochs", math.floor(int(epochs) / float(ratio)) or 1)
+    _run_length(options, out)
     for key, dtype in (("full_bf16", "bf16"), ("full_fp16", "fp16")):
         if not native and not is_off(options.get(key)):  # native fine-tuning: its table row (bf16 taken, fp16 not)
             options.pop(key)
@@ -294,6 +297,25 @@ def _native(options: dict[str, Any], out: KohyaTranslation) -> None:
     out.set("method.native_text_encoder", stop is None or stop > 0)
     if stop is not None and stop > 0:
         out.set("method.native_text_encoder_steps", stop)
+
+
+def _run_length(options: dict[str, Any], out: KohyaTranslation) -> None:
+    """How long kohya trains: max_train_epochs when given (it overrides max_train_steps), else max_train_steps steps
+    (sd-scripts' default: 1600), however many epochs they take; lorakit's own default (10 epochs) is neither."""
+    epochs, steps = options.get("max_train_epochs"), options.get("max_train_steps")
+    if not is_off(epochs):
+        if not is_off(steps):
+            options.pop("max_train_steps")
+            out.notes.append(f"max_train_steps = {steps!r}: max_train_epochs = {epochs!r} overrides it, as in kohya")
+        return
+    defaulted = is_off(steps)
+    steps = KOHYA_DEFAULT_STEPS if defaulted else int(steps)
+    options.pop("max_train_steps", None)
+    out.set("training.max_steps", steps)
+    out.set("training.max_epochs", steps)  # a bound the steps reach first: each epoch takes at least one step
+    out.notes.append(f"max_train_epochs is not given: kohya trains {steps} steps (max_train_steps"
+                     f"{', its default' if defaulted else ''}) however many epochs they take; so does lorakit "
+                     f"(training.max_steps = {steps}, training.max_epochs = {steps} as a bound)")
 
 
 def _zero(value: Any) -> bool:
