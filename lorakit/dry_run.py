@@ -23,6 +23,7 @@ from lorakit.train import (
     check_data_settings,
     check_paths,
     check_resume_settings,
+    planned_epochs,
     planned_steps,
     sample_stop_line,
     saves_epoch,
@@ -103,7 +104,8 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
         for folder, tags in frequency.items():
             top = sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_TAGS]
             lines.append(f"  {folder}: " + ", ".join(f"{tag} ({n})" for tag, n in top))
-    lines.append(f"training: {count(steps_per_epoch, 'step')} per epoch × {count(cfg.training.max_epochs, 'epoch')}"
+    epochs = planned_epochs(cfg, steps_per_epoch, total)
+    lines.append(f"training: {count(steps_per_epoch, 'step')} per epoch × {count(epochs, 'epoch')}"
                  f" = {count(total, 'step')}" + (f" (training.max_steps {cfg.training.max_steps})" if capped else "")
                  + f"; early stopping: {early_stop_text(cfg, cfg.method.kind != 'ti')}")
     lines.append(_checkpoints_line(cfg, steps_per_epoch, total))

@@ -519,9 +519,9 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         if is_main:
             print(data.summary())
             print(method.summary())
-            print(f"{count(steps_per_epoch, 'step')} per epoch, up to {count(cfg.training.max_epochs, 'epoch')} "
-                  f"({count(total_steps, 'step')}); "
-                  f"early stopping: {early_stop_text(cfg, meter is not None)}")
+            epochs_planned = planned_epochs(cfg, steps_per_epoch, total_steps)
+            print(f"{count(steps_per_epoch, 'step')} per epoch, up to {count(epochs_planned, 'epoch')} "
+                  f"({count(total_steps, 'step')}); early stopping: {early_stop_text(cfg, meter is not None)}")
             for line in setting_lines(cfg):
                 print(line)
             if cfg.model.compile:
@@ -828,6 +828,12 @@ def planned_steps(cfg: TrainConfig, data: TrainingData, processes: int = 1) -> t
     per_epoch = math.ceil(data.steps_per_epoch / processes / cfg.optimizer.gradient_accumulation_steps)
     total = per_epoch * cfg.training.max_epochs
     return per_epoch, total if cfg.training.max_steps is None else min(total, cfg.training.max_steps)
+
+
+def planned_epochs(cfg: TrainConfig, per_epoch: int, total: int) -> int:
+    """The epochs the planned steps take: max_epochs, or fewer when max_steps ends the run first (a kohya config
+    without max_train_epochs sets max_epochs only as a bound)."""
+    return min(cfg.training.max_epochs, math.ceil(total / max(per_epoch, 1)))
 
 
 def saves_epoch(cfg: TrainConfig, epoch: int) -> bool:

@@ -401,6 +401,11 @@ def test_a_config_without_epochs_trains_kohyas_steps(tmp_path, tiny_model_dir):
     epochs, steps, notes = translated("max_train_steps = 300\nmax_train_epochs = 4\n")
     assert (epochs, steps) == (4, None)
     assert "max_train_steps = 300: max_train_epochs = 4 overrides it, as in kohya" in notes
+    from lorakit.dry_run import dry_run  # the epochs said are those the steps take, not the bound
+
+    cfg, _ = config_from_kohya(kohya_file(tmp_path / "dry", tiny_model_dir, "k.toml",
+                                          'network_module = "networks.lora"\nmax_train_steps = 10\n'))
+    assert "training: 4 steps per epoch × 3 epochs = 10 steps (training.max_steps 10)" in dry_run(cfg)
 
 
 def test_sdxls_second_text_encoder_alone_is_said_not_taken(tmp_path, tiny_model_dir):
