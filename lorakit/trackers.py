@@ -71,7 +71,7 @@ def read_tracker_settings(path: str | Path | None, log_with: str | None) -> dict
     sets the W&B run id that resuming relies on."""
     if path is None:
         return {}
-    import tomllib
+    from lorakit.config import tomllib  # the standard library's, or tomli on Python 3.10
 
     where = f"output.log_tracker_config: {path}"
     try:

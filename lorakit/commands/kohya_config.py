@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
-from lorakit.config import LORAPLUS_KEYS, ConfigError, TrainConfig, merge_into
+from lorakit.config import LORAPLUS_KEYS, ConfigError, TrainConfig, merge_into, tomllib  # tomli on 3.10
 
 #: kohya's network modules -> lorakit's algorithm (lycoris.kohya names its algorithm in network_args: algo=...)
 NETWORK_MODULES = {"networks.lora": "lora", "networks.lora_fa": "lora", "networks.dylora": "dylora",
