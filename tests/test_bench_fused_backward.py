@@ -31,12 +31,9 @@ def test_quick_run_writes_the_table_and_every_field(tmp_path: Path) -> None:
 def test_the_gpu_script_runs_it_with_the_gpu_settings(tmp_path: Path) -> None:
     """benchmarks/gpu_issue14.sh fused: SD1.5's width at 512² in bf16 on CUDA, the arguments after the part winning
     over them (here: the CPU and a tiny U-Net), the table and JSON in $OUT."""
-    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_issue14.sh"), "fused", "--device", "cpu", "--quick",
-                           "--resolution", "64", "--steps", "1"], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "issue14-fused.json").read_text())
+    from test_bench_fp8 import run_gpu_script_part
+
+    result, table = run_gpu_script_part(tmp_path, "fused", "--steps", "1")
     assert "--device cuda --resolution 512 --dtype bf16 --width full --steps 3" in result["command"]
     assert result["settings"]["device"] == "cpu" and result["settings"]["steps"] == 1
-    assert "| fused backward pass | " in (tmp_path / "issue14-fused.txt").read_text()
+    assert "| fused backward pass | " in table
