@@ -175,7 +175,9 @@ class NetworkConfig:
     module_dropout: float = 0.0
     #: DoRA (LyCORIS's dora_wd): the adapter also learns each output's magnitude apart from its direction
     use_dora: bool = False
-    #: extra algorithm options, as kohya's --network_args (e.g. factor = 8 for LoKr, use_tucker = true)
+    #: extra algorithm options, as kohya's --network_args (e.g. factor = 8 for LoKr, use_tucker = true; train_norm
+    #: = true also trains the norm layers of the adapted blocks, as LyCORIS does); a name the algorithm does not
+    #: take is refused before the model loads
     args: dict[str, Any] = field(default_factory=dict)
     #: kohya block-wise dims: 25 values for SD1.x (IN00..IN11, MID, OUT00..OUT11); 0 = no module there
     block_dims: list[int] | None = None
@@ -703,6 +705,8 @@ class TrainConfig:
         if net.dim_from_weights and not net.weights:
             raise ConfigError("network.dim_from_weights takes the ranks from network.weights, which is not set: "
                               "give --network-weights FILE")
+        if self.method.kind in ("adapter", "pivotal"):
+            self._validate_network_args()
         if "rs_lora" in net.args and not isinstance(net.args["rs_lora"], bool):
             raise ConfigError(f"network.args rs_lora must be true or false, got {net.args['rs_lora']!r}")
         if net.args.get("rs_lora") and net.dim_from_weights:  # the file's alphas already hold their scale
@@ -808,12 +812,37 @@ class TrainConfig:
         if self.method.kind not in ("adapter", "pivotal"):
             raise ConfigError(f"output.format = \"diffusers\" is for adapters and native fine-tuning; method.kind = "
                               f"{self.method.kind!r} writes an embedding (one file every client reads)")
-        tucker = bool(net.args.get("use_tucker"))
-        if net.algorithm.lower() not in ("lora", "locon") or tucker or net.use_dora:
-            what = "Tucker LoCon" if tucker else ("DoRA" if net.use_dora else net.algorithm)
+        tucker, norms = bool(net.args.get("use_tucker")), bool(net.args.get("train_norm"))
+        if net.algorithm.lower() not in ("lora", "locon") or tucker or net.use_dora or norms:
+            what = "Tucker LoCon" if tucker else ("DoRA" if net.use_dora else (
+                "norm-layer updates (train_norm)" if norms else net.algorithm))
             raise ConfigError(f"output.format = \"diffusers\" holds plain LoRA/LoCon only, not {what}: keep the "
                               "kohya format (diffusers reads it too for LoRA), or convert the result afterwards "
                               "with `lorakit resize FILE --to lora`")
+
+    def _validate_network_args(self) -> None:
+        """``network.args`` names options of the chosen algorithm (a wrong name would otherwise fail at the first
+        adapter, after the model has loaded); ``train_norm`` fits the run."""
+        from lorakit.adapters import algorithm_class, option_names  # torch: only when validating
+
+        net = self.network
+        known = option_names(net.algorithm)  # the algorithm itself is checked before
+        unknown = sorted(set(net.args) - known)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"network.args {unknown[0]}: not an option of {net.algorithm}{hint}; its options: "
+                              f"{', '.join(sorted(known))}")
+        if "train_norm" not in net.args:
+            return
+        if not isinstance(net.args["train_norm"], bool):
+            raise ConfigError(f"network.args train_norm must be true or false, got {net.args['train_norm']!r}")
+        if net.args["train_norm"] and algorithm_class(net.algorithm).algorithm == "ia3":
+            raise ConfigError("network.args train_norm: LyCORIS trains the norm layers beside every algorithm but "
+                              "(IA)³, whose few scales are the point; remove train_norm or choose another algorithm")
+        if net.args["train_norm"] and not net.train_unet:
+            raise ConfigError("network.args train_norm updates the norm layers of the U-Net's blocks, and "
+                              "network.train_unet is false")
 
     def _validate_blocks(self) -> None:
         """Block-wise options parse (coarse block names, lr-weight ramps and lists), and are not combined with

@@ -41,10 +41,16 @@ class MaxNormReading:
 def check_max_norm_supported(network: AdapterNetwork) -> None:
     """Raise ``ValueError`` naming the modules whose update max-norm cannot scale exactly."""
     refused = sorted({f"{a.algorithm}{' with DoRA' if getattr(a, 'dora_scale', None) is not None else ''}"
-                      for a in network.adapters.values() if not _scalable(a)})
+                      for a in _weight_updates(network) if not _scalable(a)})
     if refused:
         raise ValueError(f"max-norm regularisation scales LoRA/LoCon, LoHa and LoKr updates, not "
                          f"{', '.join(refused)} (their update is not a product of the trained tensors)")
+
+
+def _weight_updates(network: AdapterNetwork) -> list[Adapter]:
+    """The modules max-norm reads: all but the norm layers' updates (train_norm), which LyCORIS leaves alone too
+    (its NormModule scales nothing)."""
+    return [a for a in network.adapters.values() if a.kind != "norm"]
 
 
 def _scalable(adapter: Adapter) -> bool:
@@ -76,7 +82,7 @@ def update_norm(adapter: Adapter) -> torch.Tensor:
 def apply_max_norm(network: AdapterNetwork, limit: float) -> MaxNormReading:
     """Scale every module whose ‖ΔW‖ exceeds ``limit`` back onto it (the direction of ΔW is kept)."""
     norms, scaled = [], 0
-    for adapter in network.adapters.values():
+    for adapter in _weight_updates(network):
         norm = float(update_norm(adapter))
         if norm > limit:
             factors = _factors(adapter)

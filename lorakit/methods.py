@@ -375,6 +375,9 @@ class AdapterMethod(TrainingMethod):
         counts = {g: len(self.network.names(g)) for g in self.network.groups}
         n_params = sum(p.numel() for ps in self.network.trainable_parameters().values() for p in ps)
         where = ", ".join(f"{n} {g} modules" for g, n in counts.items())
+        norms = sum(a.kind == "norm" for a in self.network.adapters.values())
+        if norms:  # LyCORIS's train_norm
+            where += f" ({norms} of them norm layers: train_norm)"
         net = self.cfg.network
         started = f"\n{self.started_from.summary()}" if self.started_from is not None else ""
         ranks = [r for n in self.network.names() if isinstance(r := getattr(self.network[n], "rank", None), int)]

@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from lorakit.adapters import make_adapter
-from lorakit.adapters.base import Adapter
+from lorakit.adapters.base import NORM_LAYERS, Adapter
 from lorakit.errors import InvalidValueError
 from lorakit.ldm import kohya_unet_names, ldm_module_path
 
-LINEAR, CONV1X1, CONV = "linear", "conv1x1", "conv"
+LINEAR, CONV1X1, CONV, NORM = "linear", "conv1x1", "conv", "norm"
+#: what presets select: norm layers are reached only through ``train_norm`` (``norm_targets``)
 ALL_KINDS = frozenset({LINEAR, CONV1X1, CONV})
 NOT_KXK = frozenset({LINEAR, CONV1X1})
 
@@ -40,12 +41,15 @@ LYCORIS_PREFIX = "lycoris"
 
 
 def target_kind(module: nn.Module) -> str | None:
-    """The kind a target rule matches: 'linear', 'conv1x1' or 'conv' (k x k, k > 1); None for layers adapters
-    do not wrap.  (``lorakit.adapters.base.layer_kind`` is the adapter's own check: 'linear' or 'conv'.)"""
+    """The kind a target rule matches: 'linear', 'conv1x1' or 'conv' (k x k, k > 1), or 'norm' (a LayerNorm or
+    GroupNorm with a learned scale); None for layers adapters do not wrap.  (``lorakit.adapters.base.layer_kind``
+    is the adapter's own check: 'linear' or 'conv'.)"""
     if isinstance(module, nn.Linear):
         return LINEAR
     if isinstance(module, nn.Conv2d):
         return CONV1X1 if tuple(module.kernel_size) == (1, 1) else CONV
+    if isinstance(module, NORM_LAYERS) and module.weight is not None:
+        return NORM
     return None
 
 
@@ -195,7 +199,8 @@ def components(unet: nn.Module | None = None,
 
 
 def adaptable_layers(component: Component) -> Iterator[tuple[str, nn.Module]]:
-    """(path, layer) of every Linear/Conv2d of a component, not looking inside adapters already there."""
+    """(path, layer) of every Linear/Conv2d (and norm layer) of a component, not looking inside adapters
+    already there."""
     inside_adapter: list[str] = []
     for path, module in component.model.named_modules():
         if any(path.startswith(p + ".") for p in inside_adapter):
@@ -234,6 +239,39 @@ def select_targets(component: Component, rules: Sequence[TargetRule]) -> list[tu
                                  "merge() and remove() that network first")
             chosen.append((path, module))
     return chosen
+
+
+#: the blocks whose norm layers ``train_norm`` updates when the block holds an adapted layer: the U-Net's
+#: attention and ResNet blocks, as LyCORIS's target modules (its text-encoder targets, CLIPAttention and CLIPMLP,
+#: hold no norm layer)
+NORM_BLOCKS = ("Transformer2DModel", "ResnetBlock2D")
+
+
+def norm_targets(component: Component, adapted: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    """(path, layer) of the norm layers LyCORIS's ``train_norm`` updates beside the layers at the paths
+    ``adapted``: those inside a ``NORM_BLOCKS`` block that holds one of them, in model order.  So a block-wise
+    network whose block has rank 0 trains none of that block's norms."""
+    blocks = [path for path, m in component.model.named_modules() if path and type(m).__name__ in NORM_BLOCKS]
+
+    def block_of(path: str) -> str | None:
+        inside = [b for b in blocks if path.startswith(b + ".")]
+        return max(inside, key=len) if inside else None
+
+    chosen_blocks = {block_of(path) for path in adapted} - {None}
+    chosen = []
+    for path, module in adaptable_layers(component):
+        layer = module.base if isinstance(module, Adapter) else module
+        if target_kind(layer) != NORM or block_of(path) not in chosen_blocks:
+            continue
+        if isinstance(module, Adapter):
+            raise ValueError(f"{component.group} module {path!r} already carries an adapter; "
+                             "merge() and remove() that network first")
+        chosen.append((path, module))
+    return chosen
+
+
+#: the adapter options a norm-layer update takes from the network's (the rest are the matrix algorithms')
+_NORM_OPTIONS = ("rank_dropout", "rank_dropout_scale", "module_dropout")
 
 
 # ---- rank rules ---------------------------------------------------------------------------------------
@@ -425,15 +463,19 @@ def create_network(unet: nn.Module | None = None,
 
     ``ranks`` decides rank/alpha (or skip) per module (default ``UniformRanks()``: rank 4, alpha 1);
     ``options`` go to every adapter (e.g. ``factor`` for LoKr); ``factory(algorithm, base, rank=, alpha=,
-    **options)`` builds one adapter (default ``lorakit.adapters.make_adapter``).  Nothing in the model
-    changes until every adapter has been built.
+    **options)`` builds one adapter (default ``lorakit.adapters.make_adapter``).  The option ``train_norm``
+    (LyCORIS's) also updates the norm layers of the U-Net blocks the network adapts (``norm_targets``) with
+    ``norm`` adapters.  Nothing in the model changes until every adapter has been built.
     """
     preset = get_preset(preset)
     ranks = ranks if ranks is not None else UniformRanks()
     factory = factory or make_adapter
+    shared = dict(options or {})
+    train_norm = bool(shared.pop("train_norm", False))
     planned = []
     for comp in components(unet, text_encoder):
         rules = preset.text_encoder if comp.is_text_encoder else preset.unet
+        adapted = []
         for path, layer in select_targets(comp, rules):
             name = comp.kohya_name(path)
             spec = ranks(name, layer)
@@ -441,10 +483,17 @@ def create_network(unet: nn.Module | None = None,
                 continue
             algo = spec.algorithm or algorithm
             grads = _grad_flags(layer)  # before the adapter freezes the layer
-            adapter = factory(algo, layer, rank=spec.rank, alpha=spec.alpha,
-                              **{**(options or {}), **spec.options})
+            adapter = factory(algo, layer, rank=spec.rank, alpha=spec.alpha, **{**shared, **spec.options})
             adapter.multiplier = float(multiplier)
             planned.append((name, comp, path, adapter, grads))
+            adapted.append(path)
+        if train_norm and not comp.is_text_encoder:
+            norm_options = {k: v for k, v in shared.items() if k in _NORM_OPTIONS}
+            for path, layer in norm_targets(comp, adapted):
+                grads = _grad_flags(layer)
+                adapter = factory("norm", layer, **norm_options)
+                adapter.multiplier = float(multiplier)
+                planned.append((comp.kohya_name(path), comp, path, adapter, grads))
     network = AdapterNetwork()
     for name, comp, path, adapter, grads in planned:
         network.attach(name, comp.group, comp.model, path, adapter, grads)

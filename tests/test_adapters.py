@@ -450,7 +450,7 @@ def test_lokr_bypass_equals_materialised_path_with_gradients(layer, options):
 
 
 def test_registry_and_make_adapter():
-    assert set(ALGORITHMS) == {"lora", "loha", "lokr", "ia3", "full", "oft", "boft", "glora", "dylora"}
+    assert set(ALGORITHMS) == {"lora", "loha", "lokr", "ia3", "full", "oft", "boft", "glora", "dylora", "norm"}
     base = nn.Conv2d(8, 8, 3)
     assert isinstance(make_adapter("LoCon", base, rank=2), LoRA)
     assert isinstance(make_adapter("kron", base, rank=2), LoKr)
@@ -552,7 +552,8 @@ def test_registry_is_derived_from_the_classes():
         assert _ALGORITHM_NAMES[name] == cls.display_name
         assert all(cls in _DETECTION[key] for key in cls.file_keys)
         assert all(ALIASES[alias] == name for alias in cls.aliases)
-        base = nn.Linear(64, 64)  # wide enough for LoKr to factor its w2 (at 12×8 both halves are full)
+        # wide enough for LoKr to factor its w2 (at 12×8 both halves are full); the norm update wraps a norm layer
+        base = nn.LayerNorm(64) if name == "norm" else nn.Linear(64, 64)
         tensors = make_adapter(name, base, rank=3).file_tensors()
         assert detect_algorithm(tensors) == name
         assert module_rank(tensors) == (3 if cls.rank_keys else None)

@@ -13,6 +13,9 @@ from lorakit.adapters.lora import LoRA
 from lorakit.earlystop import CSMeter, cs_native, cs_value, layer_cosines
 from lorakit.earlystop.cs import adapter_terms, lowrank_terms
 
+# the algorithms that update a weight matrix, which CS reads (a norm layer's update is left out of it)
+MATRIX_ALGORITHMS = sorted(name for name in ALGORITHMS if name != "norm")
+
 
 def randomize(adapter: nn.Module, seed: int = 0, scale: float = 0.3) -> None:
     """Random values in every adapter tensor (a fresh LoRA has B = 0), in the base layer's dtype."""
@@ -91,7 +94,7 @@ def test_hand_computed_two_by_two():
     assert cs_value([adapter]) == pytest.approx(-0.5, abs=1e-15)
 
 
-@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+@pytest.mark.parametrize("algorithm", MATRIX_ALGORITHMS)
 def test_zero_update_at_initialisation_gives_zero_not_nan(algorithm):
     adapters = [make_adapter(algorithm, base, **sized(algorithm)) for base in layers(torch.float32)]
     for fast in (True, False):
@@ -101,7 +104,7 @@ def test_zero_update_at_initialisation_gives_zero_not_nan(algorithm):
         assert not values.isnan().any()
 
 
-@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+@pytest.mark.parametrize("algorithm", MATRIX_ALGORITHMS)
 def test_every_adapter_works_through_delta_weight(algorithm):
     adapters = randomized_adapters(algorithm, seed=10)
     expected = torch.tensor([dense_cos(a) for a in adapters], dtype=torch.float64)

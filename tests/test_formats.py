@@ -234,7 +234,7 @@ def test_shape_mismatch_in_file(tmp_path):
     rows = tensors[key].shape[0]
     tensors[key] = torch.zeros(rows + 1, 4)
     tensors["lora_unet_no_such_module.lora_down.weight"] = torch.zeros(4, 4)
-    tensors["lora_unet_down_blocks_0_resnets_0_norm1.w_norm"] = torch.ones(32)  # LyCORIS norm module
+    tensors["lora_unet_down_blocks_0_resnets_0_conv1.oft_diag"] = torch.ones(32)  # LyCORIS 1.x's OFT
     bad = write_adapter(tmp_path / "bad.safetensors", tensors)
     with pytest.raises(AdapterFileError, match=rf"bad\.safetensors: .*{key}: shape \({rows + 1}, 4\)"):
         load_network(bad, build_tiny_unet(), build_tiny_text_encoder())
@@ -242,7 +242,7 @@ def test_shape_mismatch_in_file(tmp_path):
     network, report = load_network(bad, *network_models, strict=False)
     assert list(report.mismatched) == ["lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2"]
     assert report.unmatched == ["lora_unet_no_such_module"]
-    assert "'norm'" in report.unsupported["lora_unet_down_blocks_0_resnets_0_norm1"]
+    assert "'oft-legacy'" in report.unsupported["lora_unet_down_blocks_0_resnets_0_conv1"]
     assert len(network) == len(read_adapter(path).modules()) - 1
     with pytest.raises(AdapterFileError, match="already carries an adapter"):
         load_network(path, *network_models)

@@ -50,7 +50,7 @@ def _bad_files(tmp_path):
                       "lora_unet_no_such_module.lora_up.weight": torch.zeros(4, 4)},
         "shape": {**good, f"{ff}.lora_up.weight": torch.zeros(good[f"{ff}.lora_up.weight"].shape[0] + 1, 4)},
         "missing_key": {k: v for k, v in good.items() if k != f"{ff}.lora_up.weight"},
-        "unsupported": {**good, "lora_unet_down_blocks_0_resnets_0_norm1.w_norm": torch.ones(32)},
+        "unsupported": {**good, "lora_unet_down_blocks_0_resnets_0_conv1.oft_diag": torch.ones(32)},
         "loose_key": {**good, "emb_params": torch.zeros(2, 32)},
         # the same layer twice: a kohya name and LyCORIS's wrapper name (two files joined)
         "duplicate": {**good, **{f"lycoris_{Q}.{k}": v for k, v in q.items()}},

@@ -12,6 +12,7 @@ Every table here is derived from the classes' own attributes (``algorithm``, ``a
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -29,10 +30,11 @@ from lorakit.adapters.loha import LoHa
 from lorakit.adapters.lokr import LoKr
 from lorakit.adapters.lora import LoRA
 from lorakit.adapters.lowrank import LowRankAdapter
+from lorakit.adapters.norm import Norm
 from lorakit.adapters.oft import OFT
 from lorakit.errors import InvalidValueError
 
-_CLASSES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, IA3, Full, OFT, BOFT, GLoRA, DyLoRA)
+_CLASSES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, IA3, Full, OFT, BOFT, GLoRA, DyLoRA, Norm)
 
 ALGORITHMS: dict[str, type[Adapter]] = {cls.algorithm: cls for cls in _CLASSES}
 
@@ -55,7 +57,6 @@ class ForeignAlgorithm:
 FOREIGN: tuple[ForeignAlgorithm, ...] = (
     # LyCORIS 1.x's OFT (``oft_diag``), a different parametrisation from today's ``oft_blocks``
     ForeignAlgorithm("oft-legacy", "OFT (LyCORIS 1.x)", ("oft_diag",)),
-    ForeignAlgorithm("norm", "norm layer", ("w_norm",)),
     ForeignAlgorithm("tlora", "T-LoRA", ("lambda_layer",)),
 )
 
@@ -100,6 +101,27 @@ def make_adapter(algorithm: str, base: BaseLayer, rank: int = 4, alpha: float | 
     return cls(base, **options)
 
 
+#: options read by the network or by ``make_adapter`` rather than by one adapter class
+NETWORK_OPTIONS = ("rs_lora", "train_norm")
+# keyword-only parameters of the classes that are not options a user gives (set from a file or by the trainer)
+_INTERNAL_PARAMETERS = frozenset({"layout", "with_bias", "alpha"})
+
+
+def option_names(algorithm: str) -> frozenset[str]:
+    """The options ``make_adapter`` takes for ``algorithm`` (``network.args``): the class's own keyword
+    parameters, LyCORIS's names for them, and ``NETWORK_OPTIONS``."""
+    own: set[str] = set()
+    for cls in algorithm_class(algorithm).__mro__:  # up the classes while one passes **options on to its parent
+        if "__init__" not in vars(cls):
+            continue
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        own |= {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            break
+    own -= _INTERNAL_PARAMETERS
+    return frozenset(own | {alias for alias, name in _OPTION_ALIASES.items() if name in own} | set(NETWORK_OPTIONS))
+
+
 def rank_stabilised_alpha(cls: type[Adapter], rank: int, alpha: float | None) -> float:
     """rsLoRA (Kalajdzievski 2023; LyCORIS's ``rs_lora``, PEFT's ``use_rslora``): the scale ``alpha / √rank``
     instead of ``alpha / rank``, so that a higher rank learns as fast.  Written as LyCORIS writes it, an alpha of
@@ -112,7 +134,7 @@ def rank_stabilised_alpha(cls: type[Adapter], rank: int, alpha: float | None) ->
 
 
 # key → the algorithms using it (OFT and BOFT share ``oft_blocks``; its number of axes tells them apart); names
-# outside ALGORITHMS are recognised so callers can say "norm is not supported" instead of "unknown keys"
+# outside ALGORITHMS are recognised so callers can say "T-LoRA is not supported" instead of "unknown keys"
 _DETECTION: dict[str, list[type[Adapter] | ForeignAlgorithm]] = {}
 for _spec in KNOWN.values():
     for _key in _spec.file_keys:
@@ -122,8 +144,8 @@ for _spec in KNOWN.values():
 def detect_algorithm(keys: Iterable[str] | Mapping[str, torch.Tensor]) -> str:
     """The algorithm of one module from its key names relative to the module prefix.
 
-    Returns a name of ``ALGORITHMS`` for what lorakit can load, or one of ``"oft-legacy"``,
-    ``"norm"``, ``"tlora"`` for LyCORIS algorithms it recognises but does not implement.  DoRA files are
+    Returns a name of ``ALGORITHMS`` for what lorakit can load, or ``"oft-legacy"`` or ``"tlora"`` for
+    LyCORIS algorithms it recognises but does not implement.  DoRA files are
     their base algorithm (``dora_scale`` is an option), DyLoRA files are plain LoRA files.  Given the tensors
     (a mapping) rather than key names, classes with a ``matches(tensors)`` check use it (OFT's ``oft_blocks``
     has 3 axes, BOFT's 4).

@@ -34,6 +34,8 @@ from lorakit.errors import InvalidValueError, LorakitError
 from lorakit.fp8 import FP8_LAYERS, fp8_product, upcast
 
 BaseLayer = nn.Linear | nn.Conv2d
+#: the normalisation layers LyCORIS's ``train_norm`` updates (``lorakit.adapters.norm``)
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm)
 
 # The fused path adds ΔW into W0 before the matmul; in half precision that addition rounds a small ΔW away,
 # so there the update runs as a separate product instead.
@@ -59,6 +61,16 @@ def layer_kind(base: nn.Module) -> str:
             raise TypeError(f"adapters wrap zero-padded convolutions, not padding_mode={base.padding_mode!r}")
         return "conv"
     raise TypeError(f"adapters wrap nn.Linear or nn.Conv2d layers, not {type(base).__name__}")
+
+
+def norm_kind(base: nn.Module) -> str:
+    """'norm' for a LayerNorm/GroupNorm with a learned scale; a clear error for anything else."""
+    if not isinstance(base, NORM_LAYERS):
+        raise TypeError(f"a norm-layer update wraps nn.LayerNorm or nn.GroupNorm, not {type(base).__name__}")
+    if base.weight is None:
+        raise TypeError(f"this {type(base).__name__} has no learned scale (elementwise_affine/affine is off): "
+                        "there is nothing to update")
+    return "norm"
 
 
 def _probability(name: str, p: float) -> float:
@@ -100,7 +112,7 @@ class Adapter(nn.Module):
                  rank_dropout: float = 0.0, rank_dropout_scale: bool = False,
                  module_dropout: float = 0.0) -> None:
         super().__init__()
-        self.kind = layer_kind(base)
+        self.kind = self.wrapped_kind(base)
         base.requires_grad_(False)
         self.base = base
         # a plain float: changing it at run time must not touch autograd or the parameters
@@ -111,6 +123,11 @@ class Adapter(nn.Module):
         self.module_dropout = _probability("module_dropout", module_dropout)
         self.merged = False
         self._original: tuple[torch.Tensor, torch.Tensor | None, bool] | None = None
+
+    @staticmethod
+    def wrapped_kind(base: nn.Module) -> str:
+        """The kind of layer this algorithm wraps ('linear' or 'conv'; the norm update: 'norm'), or TypeError."""
+        return layer_kind(base)
 
     # ---- the layer being adapted -------------------------------------------------------------
     @property

@@ -89,6 +89,59 @@ def _literal(raw: str) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def _numbers(kind: type) -> Any:
+    """A per-block list as kohya writes it in network_args ("2,2,4", read as a tuple) -> a list of ``kind``."""
+    def convert(value: Any) -> list:
+        values = value if isinstance(value, list) else str(value).replace(" ", "").split(",")
+        return [kind(v) for v in values if v != ""]
+    return convert
+
+
+def _weights_text(value: Any) -> str:
+    """kohya's down/up_lr_weight: a ramp name ("sine+.5") or 12 numbers (read as a tuple) -> lorakit's text."""
+    return ",".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in value) \
+        if isinstance(value, list) else str(value)
+
+
+#: kohya's networks.lora network_args that are lorakit network settings of the same name (block-wise dims and
+#: learning rates, the dropouts): settings, so that the block-wise rules and the checks of those settings read them
+_NETWORK_FIELD_ARGS = {"dropout": float, "rank_dropout": float, "module_dropout": float,
+                       "block_dims": _numbers(int), "block_alphas": _numbers(float),
+                       "conv_block_dims": _numbers(int), "conv_block_alphas": _numbers(float),
+                       "down_lr_weight": _weights_text, "mid_lr_weight": float, "up_lr_weight": _weights_text,
+                       "block_lr_zero_threshold": float}
+
+
+def _adapter_options(network_args: dict[str, Any], algorithm: str, out: KohyaTranslation) -> dict[str, Any]:
+    """The network_args that are options of ``algorithm``'s adapters (``network.args``).  LyCORIS reads the
+    options its algorithm has and ignores the rest, so an option of another algorithm (``factor`` beside LoHa) is
+    left out with a note; an option no lorakit algorithm has is untranslated, unless it is off anyway."""
+    from lorakit.adapters import ALGORITHMS, option_names
+    from lorakit.errors import InvalidValueError
+
+    try:
+        own = option_names(algorithm)
+    except InvalidValueError:  # an algorithm lorakit lacks: the config check names it
+        return network_args
+    anyone = set().union(*(option_names(name) for name in ALGORITHMS))
+    if "disable_conv_cp" in network_args:  # LyCORIS's older, negated spelling of use_tucker (default: disabled)
+        network_args = dict(network_args)
+        if not network_args.pop("disable_conv_cp"):
+            network_args.setdefault("use_tucker", True)
+    kept = {}
+    for key, value in network_args.items():
+        if key in own:
+            kept[key] = value
+        elif key in anyone:
+            out.notes.append(f"network_args {key}={value!r}: not an option of {algorithm}, which LyCORIS ignores "
+                             "too; left out")
+        elif is_off(value):
+            out.skipped.append(f"network_args {key}")
+        else:
+            out.untranslated.append(f"network_args {key}={value!r}: not an option lorakit's adapters have")
+    return kept
+
+
 def read_kohya_file(path: str | Path) -> dict[str, Any]:
     """The flat option table of a kohya config (TOML, as ``--config_file`` reads; or JSON)."""
     path = Path(path)
@@ -137,6 +190,10 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
     for name, (section, key, kind) in _NETWORK_ARG_SETTINGS.items():
         if name in network_args:
             out.set(f"{section}.{key}", kind(network_args.pop(name)))
+    for name, kind in _NETWORK_FIELD_ARGS.items():
+        if name in network_args:
+            out.set(f"network.{name}", kind(network_args.pop(name)))
+    network_args = _adapter_options(network_args, out.settings.get("network", {}).get("algorithm", "lora"), out)
     if network_args:
         out.set("network.args", network_args)
     if "optimizer_args" in options:

@@ -214,7 +214,9 @@ def _adapter_list(adapters: Any) -> list[Adapter]:
         adapters = adapters.adapters
     if isinstance(adapters, Mapping) or hasattr(adapters, "values"):
         adapters = adapters.values()
-    return list(adapters)
+    # CS is the paper's reading of weight matrices; a norm layer's scale update (train_norm) is a vector of a
+    # different kind, whose cosines would pull the mean away from it
+    return [a for a in adapters if a.kind != "norm"]
 
 
 @torch.no_grad()

@@ -2,9 +2,11 @@
 
 Each adapter is read as per-module ``ΔW`` (multiplier and LoRA Block Weights applied; ``tools.deltas``) and the
 updates of all adapters are summed per layer.  Unmerged, a forward hook adds the update's own path to the
-layer's output (``x Dᵀ Uᵀ`` for LoRA factors, never ``W0 + ΔW``), so the base weights are not touched and any
-number of adapters can share a layer (lorakit's ``load_network`` wraps a layer with one adapter only).  Merged,
-``W0 + ΣΔW`` is written into the weights, which are restored bit for bit on exit.
+layer's output (``x Dᵀ Uᵀ`` for LoRA factors, never ``W0 + ΔW``; for a norm layer's update, LyCORIS's
+``train_norm``, the normalised input times the scale's update; a bias update added), so the base weights are not
+touched and any number of adapters can share a layer (lorakit's ``load_network`` wraps a layer with one adapter
+only).  Merged, ``W0 + ΣΔW`` (and the bias's update) is written into the weights, which are restored bit for bit on
+exit.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.adapters.base import NORM_LAYERS
 from lorakit.models import BaseModel
 from lorakit.network import adaptable_layers, components
 from lorakit.tools import ToolError
@@ -27,7 +30,7 @@ def summed_deltas(model: BaseModel, adapters: Sequence[AdapterSpec | str]) -> di
     """``Σ wᵢ ΔWᵢ`` per module over the adapters, by kohya name (files checked against ``model``)."""
     total: dict[str, Delta] = {}
     for spec in (parse_adapter_spec(a) for a in adapters):
-        for name, delta in file_deltas(spec.path, model, spec=spec).items():
+        for name, delta in file_deltas(spec.path, model, spec=spec, layer_updates=True).items():
             total[name] = total[name] + delta if name in total else delta
     return total
 
@@ -40,7 +43,17 @@ def _layers(model: BaseModel) -> dict[str, nn.Module]:
 def _hook(layer: nn.Module, delta: Delta):
     dtype, device = layer.weight.dtype, layer.weight.device
     conv = isinstance(layer, nn.Conv2d)
-    if delta.is_product:
+    bias = None if delta.bias is None else delta.bias.to(device, dtype)
+    if isinstance(layer, NORM_LAYERS):  # affine in its scale and shift: the normalised input times ΔW (+ Δb)
+        scale = delta.weight().to(device, dtype)
+        group = isinstance(layer, nn.GroupNorm)
+
+        def path(x: torch.Tensor) -> torch.Tensor:
+            if group:
+                normalised = F.group_norm(x, layer.num_groups, None, None, layer.eps)
+                return normalised * scale.to(x.device).reshape(scale.shape + (1,) * (x.dim() - 2))
+            return F.layer_norm(x, layer.normalized_shape, None, None, layer.eps) * scale.to(x.device)
+    elif delta.is_product:
         rank = delta.inner_rank
         down = delta.down.to(device, dtype)
         up = delta.up.to(device, dtype)
@@ -63,9 +76,17 @@ def _hook(layer: nn.Module, delta: Delta):
                 return F.conv2d(x, w, None, layer.stride, layer.padding, layer.dilation)
             return F.linear(x, w)
 
+    # a bias update broadcasts over what follows the channel axis: nothing for a Linear or a LayerNorm, the
+    # positions of a conv's or a GroupNorm's feature map
+    channel_axis_first = conv or isinstance(layer, nn.GroupNorm)
+
     def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         x = inputs[0]
-        return output + path(x.to(dtype)).to(output.dtype)
+        d = path(x.to(dtype))
+        if bias is not None:
+            b = bias.to(d.device)
+            d = d + (b.reshape(b.shape + (1,) * (d.dim() - 2)) if channel_axis_first else b)
+        return output + d.to(output.dtype)
 
     return hook
 
@@ -83,17 +104,28 @@ def applied(model: BaseModel, adapters: Sequence[AdapterSpec | str], *, merged: 
         raise ToolError(f"no layer for {missing[0]}")
     if merged:
         saved = {}
-        with torch.no_grad():
-            for name, delta in deltas.items():
-                weight = layers[name].weight
-                saved[name] = weight.detach().clone()
-                weight.add_(delta.weight().to(weight.device, weight.dtype))
         try:
+            with torch.no_grad():
+                for name, delta in deltas.items():
+                    layer = layers[name]
+                    saved[name] = (layer.weight.detach().clone(),
+                                   None if layer.bias is None else layer.bias.detach().clone())
+                    layer.weight.add_(delta.weight().to(layer.weight.device, layer.weight.dtype))
+                    if delta.bias is not None:
+                        if layer.bias is None:  # a layer without bias gets one for the while
+                            layer.bias = nn.Parameter(torch.zeros_like(delta.bias, dtype=layer.weight.dtype,
+                                                                       device=layer.weight.device),
+                                                      requires_grad=False)
+                        layer.bias.add_(delta.bias.to(layer.bias.device, layer.bias.dtype))
             yield len(deltas)
         finally:
             with torch.no_grad():
-                for name, original in saved.items():
-                    layers[name].weight.copy_(original)
+                for name, (weight, bias) in saved.items():
+                    layers[name].weight.copy_(weight)
+                    if bias is None:
+                        layers[name].bias = None
+                    else:
+                        layers[name].bias.copy_(bias)
         return
     handles = [layers[name].register_forward_hook(_hook(layers[name], delta)) for name, delta in deltas.items()]
     try:

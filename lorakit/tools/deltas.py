@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -111,13 +111,15 @@ def _lora_product(down: torch.Tensor, up: torch.Tensor, shape: tuple[int, ...], 
 
 def file_deltas(source: str | os.PathLike | AdapterFile, model: BaseModel | None = None, *,
                 multiplier: float = 1.0, block_weights: BlockWeights | None = None,
-                spec: AdapterSpec | None = None) -> dict[str, Delta]:
+                spec: AdapterSpec | None = None, layer_updates: bool = False) -> dict[str, Delta]:
     """``ΔW`` of every module of a file (multiplier and block weights applied), by kohya name.
 
     With ``model`` the file is first loaded into it (strictly: a file for another architecture is refused with
     ``MismatchError``) and names come out canonical (``lycoris_`` files as ``lora_unet_``/``lora_te_``); the
     model is left as it was.  Without ``model`` only plain LoRA/LoCon files can be read.
-    Modules whose multiplier is 0 are left out.
+    Modules whose multiplier is 0 are left out.  ``layer_updates``: also read what a LoRA cannot carry, for
+    applying the file to a model: bias updates (``Delta.bias``) and norm-layer updates (LyCORIS's
+    ``train_norm``: ``ΔW`` shaped like the norm's scale); without it such a module is a ``ToolError``.
     """
     file = source if isinstance(source, AdapterFile) else read_adapter(source)
     if spec is not None:
@@ -159,11 +161,18 @@ def file_deltas(source: str | os.PathLike | AdapterFile, model: BaseModel | None
                     deltas[name] = _lora_product(tensors["lora_down.weight"], tensors["lora_up.weight"], shape,
                                                  w * adapter.scale)
                 else:
+                    if adapter.kind == "norm" and not layer_updates:
+                        raise ToolError(f"{file.label}: module {name} updates a norm layer (LyCORIS's train_norm), "
+                                        "which a LoRA cannot carry")
                     adapter.multiplier = w
-                    deltas[name] = Delta.from_weight(adapter.delta_weight().detach().double())
-                    if adapter.delta_bias() is not None and bool(adapter.delta_bias().any()):
-                        raise ToolError(f"{file.label}: module {name} also changes the bias, which a LoRA "
-                                        "cannot carry")
+                    delta = Delta.from_weight(adapter.delta_weight().detach().double())
+                    bias = adapter.delta_bias()
+                    if bias is not None and bool(bias.any()):
+                        if not layer_updates:
+                            raise ToolError(f"{file.label}: module {name} also changes the bias, which a LoRA "
+                                            "cannot carry")
+                        delta = replace(delta, bias=bias.detach().double())
+                    deltas[name] = delta
     finally:
         network.remove()
     return deltas

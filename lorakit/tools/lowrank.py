@@ -37,12 +37,15 @@ class Delta:
     """``ΔW`` of one module, as a dense matrix or as the product ``up @ down``; ``shape`` is the layer's weight.
 
     ``dense`` is ``(out, fan_in)``, ``up`` ``(out, r)``, ``down`` ``(r, fan_in)``, with ``fan_in = in·kh·kw``.
+    ``bias``: the update of the layer's bias where the algorithm has one (LyCORIS's ``diff_b``, a norm layer's
+    shift); only applying adapters reads it (``tools.apply``), a LoRA cannot carry it.
     """
 
     shape: tuple[int, ...]
     dense: torch.Tensor | None = None
     up: torch.Tensor | None = None
     down: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if (self.dense is None) == (self.up is None or self.down is None):
@@ -73,17 +76,21 @@ class Delta:
         return self.matrix().reshape(self.shape)
 
     def scaled(self, factor: float) -> Delta:
+        bias = None if self.bias is None else self.bias * factor
         if self.dense is not None:
-            return Delta(self.shape, dense=self.dense * factor)
-        return Delta(self.shape, up=self.up * factor, down=self.down)
+            return Delta(self.shape, dense=self.dense * factor, bias=bias)
+        return Delta(self.shape, up=self.up * factor, down=self.down, bias=bias)
 
     def __add__(self, other: Delta) -> Delta:
         if tuple(other.shape) != tuple(self.shape):
             raise ValueError(f"cannot add updates of shapes {self.shape} and {other.shape}")
+        biases = [b.double() for b in (self.bias, other.bias) if b is not None]
+        bias = sum(biases[1:], biases[0]) if biases else None
         if self.is_product and other.is_product:  # a sum of products is the product of concatenated factors
             up = torch.cat([self.up, other.up.to(self.up.dtype)], dim=1)
-            return Delta(self.shape, up=up, down=torch.cat([self.down, other.down.to(self.down.dtype)], dim=0))
-        return Delta(self.shape, dense=self.matrix().double() + other.matrix().double())
+            return Delta(self.shape, up=up, down=torch.cat([self.down, other.down.to(self.down.dtype)], dim=0),
+                         bias=bias)
+        return Delta(self.shape, dense=self.matrix().double() + other.matrix().double(), bias=bias)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor) -> Delta:
