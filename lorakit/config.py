@@ -153,7 +153,8 @@ class NetworkConfig:
     #: the adapter: lora (LoCon with a conv preset), loha, lokr, ia3, full, glora, oft, boft, dylora (lorakit.adapters)
     algorithm: str = "lora"
     #: which layers get an adapter: attn-only, attn-mlp (attention and feed-forward), kohya (kohya's networks.lora),
-    #: full (also the convolutions: LoCon), lycoris-full (lorakit.network)
+    #: full (also the convolutions: LoCon), lycoris-full (lorakit.network); LyCORIS's full-lin, unet-only,
+    #: unet-transformer-only, unet-convblock-only as lycoris-NAME; or a LyCORIS preset file (a .toml path)
     preset: str = "attn-mlp"
     #: the rank of each linear layer's adapter (kohya's network_dim)
     rank: int = 8
@@ -532,7 +533,6 @@ class TrainConfig:
              f"one of {one_of(PREDICTION_TYPES)} (or absent: the model's own)", self.model.prediction_type),
             (net.algorithm.lower() in ALGORITHMS or net.algorithm.lower() in ALIASES, "network.algorithm",
              f"one of {one_of(ALGORITHMS)}", net.algorithm),
-            (net.preset in PRESETS, "network.preset", f"one of {one_of(PRESETS)}", net.preset),
             (_positive_int(net.rank), "network.rank", "a positive integer", net.rank),
             (_at_least(net.alpha, 0), "network.alpha", "0 or more (0: alpha = rank)", net.alpha),
             (net.conv_rank is None or net.conv_rank >= 0, "network.conv_rank",
@@ -706,6 +706,7 @@ class TrainConfig:
             raise ConfigError("network.dim_from_weights takes the ranks from network.weights, which is not set: "
                               "give --network-weights FILE")
         if self.method.kind in ("adapter", "pivotal"):
+            self._validate_preset()
             self._validate_network_args()
         if "rs_lora" in net.args and not isinstance(net.args["rs_lora"], bool):
             raise ConfigError(f"network.args rs_lora must be true or false, got {net.args['rs_lora']!r}")
@@ -820,6 +821,15 @@ class TrainConfig:
                               "kohya format (diffusers reads it too for LoRA), or convert the result afterwards "
                               "with `lorakit resize FILE --to lora`")
 
+    def _validate_preset(self) -> None:
+        """``network.preset`` names a preset or a LyCORIS preset file that reads (checked before the model loads)."""
+        from lorakit.network import get_preset  # torch: only when validating
+
+        try:
+            get_preset(self.network.preset)
+        except InvalidValueError as err:
+            raise ConfigError(f"network.preset: {err}") from None
+
     def _validate_network_args(self) -> None:
         """``network.args`` names options of the chosen algorithm (a wrong name would otherwise fail at the first
         adapter, after the model has loaded); ``train_norm`` fits the run."""
@@ -925,7 +935,7 @@ _NOT_COMPARED = ("output.dir", "output.if_exists")
 #: the settings that name files or folders (model.base_weights: a list of them)
 _PATH_KEYS = ("model.base", "data.train_data", "data.reg_data", "data.validation_data", "data.cache_dir",
               "sample.prompts", "early_stop.sample_prompts", "network.weights", "method.ti_weights",
-              "model.base_weights", "output.log_tracker_config")
+              "model.base_weights", "output.log_tracker_config", "network.preset")
 #: path settings that always name a file or folder (model.base and the prompt files may name a built-in instead)
 _ALWAYS_PATHS = ("data.train_data", "data.reg_data", "data.validation_data", "data.cache_dir", "network.weights",
                  "method.ti_weights", "model.base_weights", "output.log_tracker_config")

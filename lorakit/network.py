@@ -18,6 +18,7 @@ is put back so files stay loadable in A1111/ComfyUI/kohya).
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from lorakit.adapters import make_adapter
 from lorakit.adapters.base import NORM_LAYERS, Adapter
 from lorakit.errors import InvalidValueError
 from lorakit.ldm import kohya_unet_names, ldm_module_path
+from lorakit.lycoris_preset import NAMED, is_preset_file, preset_from_table, read_preset
 
 LINEAR, CONV1X1, CONV, NORM = "linear", "conv1x1", "conv", "norm"
 #: what presets select: norm layers are reached only through ``train_norm`` (``norm_targets``)
@@ -65,13 +67,20 @@ class TargetRule:
     """One row of a preset table.
 
     ``pattern`` is a glob (``fnmatch``, ``*`` also crosses dots) over the module path (U-Net: diffusers
-    path; text encoder: transformers-4 path, ``text_model.encoder.layers.0.self_attn.q_proj``).
-    ``inside``: when not empty, one ancestor's class name must be in it (kohya selects this way).
+    path; text encoder: transformers-4 path, ``text_model.encoder.layers.0.self_attn.q_proj``); with ``regex``
+    a regular expression matched at the path's start (``re.match``, as LyCORIS's preset files name modules),
+    tried on the model's own path too.  ``inside``: when not empty, one ancestor's class name must be in it
+    (kohya and LyCORIS select this way).
     """
 
     pattern: str = "*"
     kinds: frozenset[str] = ALL_KINDS
     inside: tuple[str, ...] = ()
+    regex: bool = False
+
+    def names(self, path: str) -> bool:
+        """Whether the pattern names ``path`` (kinds and ancestors aside)."""
+        return bool(re.match(self.pattern, path)) if self.regex else fnmatch.fnmatchcase(path, self.pattern)
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,20 @@ class Preset:
     unet: tuple[TargetRule, ...]
     text_encoder: tuple[TargetRule, ...]
     description: str = ""
+    #: module paths kept out whatever the rules select, with everything inside them (LyCORIS's exclude_name)
+    exclude: tuple[TargetRule, ...] = ()
+
+    def excludes(self, paths: Sequence[str]) -> bool:
+        """Whether one of ``paths`` (a layer's paths: canonical and the model's own) or a module holding it is
+        excluded."""
+        if not self.exclude:
+            return False
+        for path in paths:
+            parts = path.split(".")
+            for cut in range(1, len(parts) + 1):
+                if any(rule.names(".".join(parts[:cut])) for rule in self.exclude):
+                    return True
+        return False
 
 
 _ATTN = (
@@ -134,12 +157,24 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def preset_names() -> list[str]:
+    """Every preset name: lorakit's own, then LyCORIS's named presets it has no own one for (``lycoris-…``)."""
+    return [*PRESETS, *(f"{LYCORIS_PREFIX}-{name}" for name in NAMED)]
+
+
 def get_preset(preset: str | Preset) -> Preset:
+    """A preset by name (``preset_names``), or read from a LyCORIS preset file (a ``.toml`` path)."""
     if isinstance(preset, Preset):
         return preset
-    if preset not in PRESETS:
-        raise InvalidValueError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
-    return PRESETS[preset]
+    if preset in PRESETS:
+        return PRESETS[preset]
+    if is_preset_file(preset):
+        return read_preset(preset)
+    lycoris_name = str(preset).removeprefix(f"{LYCORIS_PREFIX}-")
+    if lycoris_name in NAMED and lycoris_name != preset:
+        return preset_from_table(NAMED[lycoris_name], preset)
+    raise InvalidValueError(f"unknown preset {preset!r}; presets are {', '.join(preset_names())}, or a LyCORIS "
+                            "preset file (.toml)")
 
 
 # ---- components and names -------------------------------------------------------------------------
@@ -214,14 +249,16 @@ def adaptable_layers(component: Component) -> Iterator[tuple[str, nn.Module]]:
 
 # ---- target selection -------------------------------------------------------------------------------
 
-def _rule_matches(rule: TargetRule, path: str, kind: str, ancestors: Sequence[str]) -> bool:
-    if kind not in rule.kinds or not fnmatch.fnmatchcase(path, rule.pattern):
+def _rule_matches(rule: TargetRule, paths: Sequence[str], kind: str, ancestors: Sequence[str]) -> bool:
+    if kind not in rule.kinds or not any(rule.names(p) for p in (paths if rule.regex else paths[:1])):
         return False
     return not rule.inside or any(cls in rule.inside for cls in ancestors)
 
 
-def select_targets(component: Component, rules: Sequence[TargetRule]) -> list[tuple[str, nn.Module]]:
-    """(module path, layer) of the layers of ``component`` that a row of ``rules`` admits, in model order.
+def select_targets(component: Component, rules: Sequence[TargetRule],
+                   exclude: Preset | None = None) -> list[tuple[str, nn.Module]]:
+    """(module path, layer) of the layers of ``component`` that a row of ``rules`` admits, in model order, less
+    those ``exclude`` (a preset's exclusions) keeps out.
 
     Raises when a chosen layer already carries an adapter (merge it or remove that network first).
     """
@@ -232,8 +269,10 @@ def select_targets(component: Component, rules: Sequence[TargetRule]) -> list[tu
         layer = module.base if isinstance(module, Adapter) else module
         parts = path.split(".")
         ancestors = [classes[".".join(parts[:i])] for i in range(len(parts))]
-        canonical = component.canonical_path(path)
-        if any(_rule_matches(r, canonical, target_kind(layer), ancestors) for r in rules):
+        paths = (component.canonical_path(path), path)  # the preset's path first; a regex is tried on both
+        if exclude is not None and exclude.excludes(paths):
+            continue
+        if any(_rule_matches(r, paths, target_kind(layer), ancestors) for r in rules):
             if isinstance(module, Adapter):
                 raise ValueError(f"{component.group} module {path!r} already carries an adapter; "
                                  "merge() and remove() that network first")
@@ -247,10 +286,11 @@ def select_targets(component: Component, rules: Sequence[TargetRule]) -> list[tu
 NORM_BLOCKS = ("Transformer2DModel", "ResnetBlock2D")
 
 
-def norm_targets(component: Component, adapted: Sequence[str]) -> list[tuple[str, nn.Module]]:
+def norm_targets(component: Component, adapted: Sequence[str],
+                 exclude: Preset | None = None) -> list[tuple[str, nn.Module]]:
     """(path, layer) of the norm layers LyCORIS's ``train_norm`` updates beside the layers at the paths
-    ``adapted``: those inside a ``NORM_BLOCKS`` block that holds one of them, in model order.  So a block-wise
-    network whose block has rank 0 trains none of that block's norms."""
+    ``adapted``: those inside a ``NORM_BLOCKS`` block that holds one of them, in model order, less those
+    ``exclude`` keeps out.  So a block-wise network whose block has rank 0 trains none of that block's norms."""
     blocks = [path for path, m in component.model.named_modules() if path and type(m).__name__ in NORM_BLOCKS]
 
     def block_of(path: str) -> str | None:
@@ -262,6 +302,8 @@ def norm_targets(component: Component, adapted: Sequence[str]) -> list[tuple[str
     for path, module in adaptable_layers(component):
         layer = module.base if isinstance(module, Adapter) else module
         if target_kind(layer) != NORM or block_of(path) not in chosen_blocks:
+            continue
+        if exclude is not None and exclude.excludes((component.canonical_path(path), path)):
             continue
         if isinstance(module, Adapter):
             raise ValueError(f"{component.group} module {path!r} already carries an adapter; "
@@ -476,7 +518,7 @@ def create_network(unet: nn.Module | None = None,
     for comp in components(unet, text_encoder):
         rules = preset.text_encoder if comp.is_text_encoder else preset.unet
         adapted = []
-        for path, layer in select_targets(comp, rules):
+        for path, layer in select_targets(comp, rules, preset):
             name = comp.kohya_name(path)
             spec = ranks(name, layer)
             if spec is None:
@@ -489,7 +531,7 @@ def create_network(unet: nn.Module | None = None,
             adapted.append(path)
         if train_norm and not comp.is_text_encoder:
             norm_options = {k: v for k, v in shared.items() if k in _NORM_OPTIONS}
-            for path, layer in norm_targets(comp, adapted):
+            for path, layer in norm_targets(comp, adapted, preset):
                 grads = _grad_flags(layer)
                 adapter = factory("norm", layer, **norm_options)
                 adapter.multiplier = float(multiplier)

@@ -144,6 +144,7 @@ def test_every_kohya_translation_is_an_option_or_a_setting_that_exists():
                      "training.save_last_n_steps": [("training.save_every_n_steps", "2")],  # what they change
                      "method.ti_weights": [("method.kind", "ti"), ("method.ti_token", "zkz")],  # what they start
                      "network.dim_from_weights": [("network.weights", "start.safetensors")],
+                     "network.args": [("network.algorithm", "lokr")],  # factor: LoKr's option
                      # the schedule settings' own schedules (a warm-up is refused with the default, constant)
                      "optimizer.lr_warmup_steps": [("optimizer.lr_scheduler", "cosine")],
                      "optimizer.lr_decay_steps": [("optimizer.lr_scheduler", "warmup_stable_decay")],

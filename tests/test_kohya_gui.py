@@ -62,7 +62,7 @@ def test_a_gui_config_is_translated_as_the_gui_launches_it(tmp_path):
 @pytest.mark.parametrize(("fields", "said"), [
     ({"LoRA_type": "Flux1"}, "network_module = 'networks.lora_flux': not a network lorakit trains"),
     ({"LoRA_type": "Something new"}, "LoRA_type = 'Something new': not a LoRA type of the kohya_ss GUI"),
-    ({"LyCORIS_preset": "unet-transformer-only"}, "preset=unet-transformer-only: a LyCORIS preset lorakit lacks"),
+    ({"LyCORIS_preset": "ia3"}, "preset=ia3: a LyCORIS preset lorakit lacks"),
     ({"sample_prompts": "zkz shape --n blurry"}, "sample_prompts: the GUI keeps the prompts in its config"),
     ({"num_processes": 2}, "num_processes = 2: launch with `accelerate launch --num_processes 2"),
     ({"lr_warmup": 100}, "lr_warmup = 100: warming up for the whole run"),

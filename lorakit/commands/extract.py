@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the model it was tuned from (default: the built-in model)")
     parser.add_argument("--out", type=Path, required=True, help="the adapter file to write (.safetensors)")
     parser.add_argument("--preset", default="full",
-                        help="which layers (lorakit presets: full = LoCon, attn-mlp, attn-only, kohya)")
+                        help="which layers (lorakit presets: full = LoCon, attn-mlp, attn-only, kohya, lycoris-…; or "
+                             "a LyCORIS preset .toml)")
     parser.add_argument("--no-text-encoder", action="store_true", help="extract the U-Net only")
     parser.add_argument("--min-diff", type=float, default=0.0,
                         help="layers whose largest |ΔW| is at most this get no module (default 0: identical only)")
@@ -28,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.tools import check_output
     from lorakit.tools.extract import extract_adapter
 
+    from lorakit.network import get_preset
+
     check_output(args.out, [args.tuned, args.base], overwrite=args.overwrite)
+    get_preset(args.preset)  # a preset name or file that does not read is said before the models load
     if args.report is not None:  # checked now, not after the work: the table is written last
         check_output(args.report, [args.tuned, args.base, args.out], overwrite=args.overwrite)
     rule, conv_rule = rank_rules(args, default_rank=4)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.config import LORAPLUS_KEYS, ConfigError, TrainConfig, merge_into, tomllib  # tomli on 3.10
+from lorakit.lycoris_preset import NAMED, is_preset_file
 
 #: kohya's network modules -> lorakit's algorithm (lycoris.kohya names its algorithm in network_args: algo=...)
 NETWORK_MODULES = {"networks.lora": "lora", "networks.lora_fa": "lora", "networks.dylora": "dylora",
@@ -87,6 +88,21 @@ def _literal(raw: str) -> Any:
     except (ValueError, SyntaxError):
         return {"true": True, "false": False}.get(raw.lower(), raw)
     return list(value) if isinstance(value, tuple) else value
+
+
+def _lycoris_preset(preset: str, config: Path) -> str | None:
+    """lorakit's ``network.preset`` for LyCORIS's ``preset=`` network_arg: its named presets, or a preset file's
+    path (a relative one as LyCORIS reads it, from the current folder, or else beside the kohya config); None for
+    a name lorakit lacks."""
+    if preset in LYCORIS_PRESETS:
+        return LYCORIS_PRESETS[preset]
+    if preset in NAMED:
+        return f"lycoris-{preset}"
+    if not is_preset_file(preset):
+        return None
+    file = Path(preset).expanduser()
+    beside = config.parent / file
+    return str(beside) if not file.is_absolute() and not file.exists() and beside.exists() else preset
 
 
 def _numbers(kind: type) -> Any:
@@ -176,13 +192,13 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
             out.untranslated.append(f"network_module = {module!r}: not a network lorakit trains")
         else:
             out.set("network.algorithm", LYCORIS_ALGORITHMS.get(algo, algo))
-            if module == "lycoris.kohya":  # LyCORIS's own presets (its default: full)
+            if module == "lycoris.kohya":  # LyCORIS's own presets (its default: full), or a preset file
                 preset = str(network_args.pop("preset", "full"))
-                if preset in LYCORIS_PRESETS:
-                    out.set("network.preset", LYCORIS_PRESETS[preset])
+                if (ours := _lycoris_preset(preset, path)) is not None:
+                    out.set("network.preset", ours)
                 else:
                     out.untranslated.append(f"network_args preset={preset}: a LyCORIS preset lorakit lacks (it has "
-                                            f"{', '.join(LYCORIS_PRESETS)})")
+                                            f"{', '.join([*LYCORIS_PRESETS, *NAMED])}, and reads preset files)")
             else:  # kohya's LoCon reaches the ResNet convs
                 out.set("network.preset", "full" if "conv_dim" in network_args else "kohya")
             if module == "networks.lora_fa":  # LoRA-FA: LoRA whose down matrices stay as they start

@@ -29,7 +29,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--vae": ("model.vae", str, "another VAE for the base model (a .safetensors VAE or a diffusers VAE folder)"),
     "--method": ("method.kind", str, "adapter (default), native, ti, pivotal"),
     "--algorithm": ("network.algorithm", str, "%(algorithms)s"),
-    "--preset": ("network.preset", str, "attn-only, attn-mlp, full, kohya, lycoris-full"),
+    "--preset": ("network.preset", str, "attn-only, attn-mlp, full, kohya, lycoris-full (more in docs/settings.md), "
+                                        "or a LyCORIS preset .toml"),
     "--rank": ("network.rank", int, "adapter rank (network_dim)"),
     "--alpha": ("network.alpha", float, "adapter alpha (network_alpha)"),
     "--network-weights": ("network.weights", str, "start the adapter from this adapter file (kohya's "

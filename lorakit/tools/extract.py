@@ -63,7 +63,7 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
     for comp in components(base.unet, base.text_encoders if text_encoder else None):
         rules = chosen.text_encoder if comp.is_text_encoder else chosen.unet
         other = tuned_comps[comp.group].model
-        for path, layer in select_targets(comp, rules):
+        for path, layer in select_targets(comp, rules, chosen):
             name = comp.kohya_name(path)
             tuned_layer = other.get_submodule(path)
             diff = tuned_layer.weight.detach().double() - layer.weight.detach().double()

@@ -1,0 +1,133 @@
+"""LyCORIS's preset tables and files (``preset=...`` in its network_args) select the same modules in lorakit as in
+LyCORIS itself, and what they cannot mean here is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+from model_helpers import build_tiny_text_encoder, build_tiny_unet
+
+from lorakit.errors import InvalidValueError
+from lorakit.lycoris_preset import NAMED, preset_from_table, read_preset
+from lorakit.network import UniformRanks, create_network, get_preset
+
+CUSTOM = {
+    # regular expressions at the path's start, as LyCORIS matches names by default; an excluded block
+    "names-and-exclusions": {"enable_conv": True, "unet_target_module": ["ResnetBlock2D"],
+                             "unet_target_name": [r"down_blocks\.0\.attentions\.\d+\.proj_", "conv_in",
+                                                  "mid_block.attentions"],
+                             "exclude_name": ["up_blocks.1", r"down_blocks\.1\.resnets\.0"],
+                             "text_encoder_target_module": ["CLIPMLP"]},
+    # globs instead, and no k×k convolutions
+    "fnmatch-no-conv": {"enable_conv": False, "use_fnmatch": True, "unet_target_module": ["ResnetBlock2D"],
+                        "unet_target_name": ["*attn2.to_[kv]", "time_embedding.*"],
+                        "exclude_name": ["*.resnets.1*"]},
+}
+TABLES = {**{f"lycoris-{name}": table for name, table in NAMED.items()}, **CUSTOM}
+
+
+def _lycoris_names(monkeypatch, table) -> set[str]:
+    """The module names LyCORIS's kohya network creates for a preset table on the tiny models."""
+    from lycoris.kohya import LycorisNetworkKohya as Lycoris
+
+    # LyCORIS reads its preset from these class attributes (by the class's own name): set, and put back after
+    for attr, key, default in (("ENABLE_CONV", "enable_conv", True), ("USE_FNMATCH", "use_fnmatch", False),
+                               ("UNET_TARGET_REPLACE_MODULE", "unet_target_module", []),
+                               ("UNET_TARGET_REPLACE_NAME", "unet_target_name", []),
+                               ("TEXT_ENCODER_TARGET_REPLACE_MODULE", "text_encoder_target_module", []),
+                               ("TEXT_ENCODER_TARGET_REPLACE_NAME", "text_encoder_target_name", []),
+                               ("TARGET_EXCLUDE_NAME", "exclude_name", []),
+                               ("MODULE_ALGO_MAP", None, {}), ("NAME_ALGO_MAP", None, {})):
+        monkeypatch.setattr(Lycoris, attr, table.get(key, default) if key else default, raising=False)
+    network = Lycoris(build_tiny_text_encoder(), build_tiny_unet(), lora_dim=2, conv_lora_dim=2, alpha=1,
+                      conv_alpha=1, network_module="locon", warn_on_unmatched=False)
+    return {m.lora_name.replace("text_model_", "") for m in network.unet_loras + network.text_encoder_loras}
+
+
+@pytest.mark.parametrize("label", TABLES)
+def test_a_preset_table_selects_what_lycoris_selects(label, monkeypatch):
+    pytest.importorskip("lycoris.kohya")
+    table = TABLES[label]
+    ours = create_network(build_tiny_unet(), build_tiny_text_encoder(), preset=preset_from_table(table, label),
+                          ranks=UniformRanks(2, 1.0))
+    names = {n.replace("text_model_", "") for n in ours.names()}
+    assert names and names == _lycoris_names(monkeypatch, table)
+
+
+def test_exclusions_and_names_do_what_the_file_says(tmp_path):
+    preset = tmp_path / "mine.toml"
+    preset.write_text('unet_target_module = ["Transformer2DModel"]\nexclude_name = ["up_blocks"]\n'
+                      'unet_target_name = ["conv_in"]\n')
+    network = create_network(build_tiny_unet(), preset=str(preset))
+    names = network.names()
+    assert "lora_unet_conv_in" in names and any("_down_blocks_" in n for n in names)
+    assert not any("_up_blocks_" in n for n in names) and not any("_resnets_" in n for n in names)
+    assert network.args["preset"] == str(preset)
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("", None),
+    ('unet_target_module = ["Transformer2DModel"]\n[module_algo_map.CrossAttention]\nalgo = "lokr"\n',
+     r"module_algo_map give some modules another algorithm or rank; a lorakit network trains one algorithm"),
+    ('unet_target_modules = ["Transformer2DModel"]\n', r"unet_target_modules: not keys of a LyCORIS preset"),
+    ('unet_target_name = "conv_in"\n', r"unet_target_name must be a list of strings, got 'conv_in'"),
+    ('enable_conv = "yes"\n', "enable_conv must be true or false"),
+    ("unet_target_module = [\n", "not a readable LyCORIS preset file"),
+])
+def test_a_preset_file_lorakit_cannot_read_as_meant_is_refused_naming_it(tmp_path, text, said):
+    path = tmp_path / "preset.toml"
+    path.write_text(text)
+    if said is None:  # an empty preset selects nothing: that is the run's error to give (no module selected)
+        assert read_preset(path).unet == ()
+        return
+    with pytest.raises(InvalidValueError, match=rf"preset\.toml: .*{said}"):
+        read_preset(path)
+
+
+def test_settings_and_kohya_configs_name_presets_and_files(tmp_path, tiny_model_dir):
+    from test_kohya_config import kohya_file
+
+    from lorakit.commands.kohya_config import config_from_kohya
+    from lorakit.config import ConfigError, TrainConfig
+
+    cfg = TrainConfig()
+    cfg.network.preset = str(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match=r"network.preset: .*absent\.toml: no such LyCORIS preset file"):
+        cfg.validate()
+    cfg.network.preset = "lycoris-nope"
+    with pytest.raises(ConfigError, match="unknown preset 'lycoris-nope'; presets are .*lycoris-full-lin"):
+        cfg.validate()
+    assert get_preset("lycoris-unet-transformer-only").text_encoder == ()
+
+    (tmp_path / "mine.toml").write_text('unet_target_module = ["Transformer2DModel"]\n')
+    for preset, expected, untranslated in (("full-lin", "lycoris-full-lin", False),
+                                           ("mine.toml", str(tmp_path / "mine.toml"), False),
+                                           ("ia3", None, True)):
+        folder = tmp_path / preset.replace(".", "_")
+        path = kohya_file(folder, tiny_model_dir, "kohya.toml", 'network_module = "lycoris.kohya"\nnetwork_dim = 4\n'
+                          f'network_args = ["algo=locon", "preset={preset}"]\n')
+        if preset == "mine.toml":  # beside the kohya config, not in the current folder
+            (folder / "mine.toml").write_text((tmp_path / "mine.toml").read_text())
+            expected = str(folder / "mine.toml")
+        cfg, translation = config_from_kohya(path)
+        if untranslated:
+            assert "network_args preset=ia3: a LyCORIS preset lorakit lacks" in translation.untranslated[0]
+            continue
+        assert cfg.network.preset == expected and translation.untranslated == []
+        cfg.validate()
+
+
+@pytest.mark.slow
+def test_a_run_with_a_preset_file_trains_the_modules_it_names(tiny_model_dir, tmp_path):
+    from test_train import make_config, run_train, write_dataset
+
+    from lorakit.formats import read_adapter
+
+    preset = tmp_path / "attention-down.toml"
+    preset.write_text('unet_target_module = ["Transformer2DModel"]\nexclude_name = ["up_blocks", "mid_block"]\n')
+    cfg = make_config(tiny_model_dir, write_dataset(tmp_path / "data"), tmp_path / "run",
+                      training={"max_epochs": 1}, network={"preset": str(preset)})
+    run_train(cfg)
+    file = read_adapter(tmp_path / "run" / "lorakit.safetensors")
+    modules = file.modules()
+    assert modules and all(n.startswith("lora_unet_down_blocks_") and "_attentions_" in n for n in modules)
+    assert file.metadata["lorakit_preset"] == str(preset)
