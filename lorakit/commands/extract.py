@@ -26,10 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.models import load_base_model
+    from lorakit.network import get_preset
     from lorakit.tools import check_output
     from lorakit.tools.extract import extract_adapter
-
-    from lorakit.network import get_preset
 
     check_output(args.out, [args.tuned, args.base], overwrite=args.overwrite)
     get_preset(args.preset)  # a preset name or file that does not read is said before the models load
