@@ -708,8 +708,6 @@ class TrainConfig:
         if self.method.kind in ("adapter", "pivotal"):
             self._validate_preset()
             self._validate_network_args()
-        if "rs_lora" in net.args and not isinstance(net.args["rs_lora"], bool):
-            raise ConfigError(f"network.args rs_lora must be true or false, got {net.args['rs_lora']!r}")
         if net.args.get("rs_lora") and net.dim_from_weights:  # the file's alphas already hold their scale
             raise ConfigError("network.args rs_lora scales each alpha by √rank, and network.dim_from_weights takes "
                               "the alphas from the file, where that scale is already written: remove rs_lora")
@@ -833,20 +831,15 @@ class TrainConfig:
     def _validate_network_args(self) -> None:
         """``network.args`` names options of the chosen algorithm (a wrong name would otherwise fail at the first
         adapter, after the model has loaded); ``train_norm`` fits the run."""
-        from lorakit.adapters import algorithm_class, option_names  # torch: only when validating
+        from lorakit.adapters import algorithm_class, check_options  # torch: only when validating
 
         net = self.network
-        known = option_names(net.algorithm)  # the algorithm itself is checked before
-        unknown = sorted(set(net.args) - known)
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], known, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"network.args {unknown[0]}: not an option of {net.algorithm}{hint}; its options: "
-                              f"{', '.join(sorted(known))}")
+        try:
+            check_options(net.algorithm, net.args)  # the algorithm itself is checked before
+        except InvalidValueError as err:
+            raise ConfigError(f"network.args {err}") from None
         if "train_norm" not in net.args:
             return
-        if not isinstance(net.args["train_norm"], bool):
-            raise ConfigError(f"network.args train_norm must be true or false, got {net.args['train_norm']!r}")
         if net.args["train_norm"] and algorithm_class(net.algorithm).algorithm == "ia3":
             raise ConfigError("network.args train_norm: LyCORIS trains the norm layers beside every algorithm but "
                               "(IA)³, whose few scales are the point; remove train_norm or choose another algorithm")

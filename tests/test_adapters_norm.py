@@ -272,25 +272,6 @@ def test_tools_that_write_a_lora_refuse_norm_updates_by_name(base, norm_file, tm
 
 # ---- settings and training ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("algorithm", "args", "extra", "said"), [
-    ("lora", {"factor": 4}, {}, r"network.args factor: not an option of lora; its options: dora, "),
-    ("lokr", {"facter": 4}, {}, r"network.args facter: not an option of lokr \(did you mean factor\?\)"),
-    ("lora", {"train_norm": "yes"}, {}, "network.args train_norm must be true or false, got 'yes'"),
-    ("ia3", {"train_norm": True}, {}, r"every algorithm but \(IA\)³"),
-    ("lora", {"train_norm": True}, {"train_unet": False, "train_text_encoder": True},
-     "updates the norm layers of the U-Net's blocks, and network.train_unet is false"),
-])
-def test_network_args_are_checked_before_anything_loads(algorithm, args, extra, said):
-    from lorakit.config import ConfigError, TrainConfig
-
-    cfg = TrainConfig()
-    cfg.network.algorithm, cfg.network.args = algorithm, args
-    for key, value in extra.items():
-        setattr(cfg.network, key, value)
-    with pytest.raises(ConfigError, match=said):
-        cfg.validate()
-
-
 def test_the_diffusers_layout_refuses_norm_updates():
     from lorakit.config import ConfigError, TrainConfig
 
@@ -299,33 +280,6 @@ def test_the_diffusers_layout_refuses_norm_updates():
     cfg.output.format = "diffusers"
     with pytest.raises(ConfigError, match=r"plain LoRA/LoCon only, not norm-layer updates \(train_norm\)"):
         cfg.validate()
-
-
-def test_kohya_network_args_become_settings_options_or_a_said_refusal(tmp_path, tiny_model_dir):
-    from test_kohya_config import kohya_file
-
-    from lorakit.commands.kohya_config import config_from_kohya
-
-    dims = ",".join(["2"] * 25)
-    path = kohya_file(tmp_path, tiny_model_dir, "kohya.toml",
-                      'network_module = "networks.lora"\nnetwork_dim = 4\n'
-                      f'network_args = ["block_dims={dims}", "down_lr_weight=sine", '
-                      '"up_lr_weight=1,1,1,1,1,1,1,1,1,1,1,0.5", "rank_dropout=0.1", "verbose=False"]\n')
-    cfg, translation = config_from_kohya(path)
-    assert translation.untranslated == [] and "network_args verbose" in translation.skipped
-    assert cfg.network.block_dims == [2] * 25 and cfg.network.down_lr_weight == "sine"
-    assert cfg.network.up_lr_weight == "1,1,1,1,1,1,1,1,1,1,1,0.5" and cfg.network.rank_dropout == 0.1
-    assert cfg.network.args == {}
-    cfg.validate()
-
-    path = kohya_file(tmp_path / "lycoris", tiny_model_dir, "lycoris.toml",
-                      'network_module = "lycoris.kohya"\nnetwork_dim = 4\n'
-                      'network_args = ["algo=loha", "train_norm=True", "factor=4", "disable_conv_cp=False", '
-                      '"use_scalar=True"]\n')
-    cfg, translation = config_from_kohya(path)
-    assert cfg.network.args == {"train_norm": True, "use_tucker": True}
-    assert any("factor=4: not an option of loha, which LyCORIS ignores too" in n for n in translation.notes)
-    assert translation.untranslated == ["network_args use_scalar=True: not an option lorakit's adapters have"]
 
 
 @pytest.mark.slow

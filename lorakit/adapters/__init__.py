@@ -12,10 +12,12 @@ Every table here is derived from the classes' own attributes (``algorithm``, ``a
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -107,19 +109,50 @@ NETWORK_OPTIONS = ("rs_lora", "train_norm")
 _INTERNAL_PARAMETERS = frozenset({"layout", "with_bias", "alpha"})
 
 
-def option_names(algorithm: str) -> frozenset[str]:
-    """The options ``make_adapter`` takes for ``algorithm`` (``network.args``): the class's own keyword
-    parameters, LyCORIS's names for them, and ``NETWORK_OPTIONS``."""
-    own: set[str] = set()
+def option_defaults(algorithm: str) -> dict[str, Any]:
+    """The options ``make_adapter`` takes for ``algorithm`` (``network.args``) with their defaults: the class's own
+    keyword parameters, LyCORIS's names for them, and ``NETWORK_OPTIONS`` (off by default)."""
+    own: dict[str, Any] = {}
     for cls in algorithm_class(algorithm).__mro__:  # up the classes while one passes **options on to its parent
         if "__init__" not in vars(cls):
             continue
         parameters = inspect.signature(cls.__init__).parameters.values()
-        own |= {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        own.update({p.name: p.default for p in parameters
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in own})
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
             break
-    own -= _INTERNAL_PARAMETERS
-    return frozenset(own | {alias for alias, name in _OPTION_ALIASES.items() if name in own} | set(NETWORK_OPTIONS))
+    for name in _INTERNAL_PARAMETERS:
+        own.pop(name, None)
+    aliases = {alias: own[name] for alias, name in _OPTION_ALIASES.items() if name in own}
+    return {**own, **aliases, **dict.fromkeys(NETWORK_OPTIONS, False)}
+
+
+def option_names(algorithm: str) -> frozenset[str]:
+    """The names of ``option_defaults``."""
+    return frozenset(option_defaults(algorithm))
+
+
+def check_options(algorithm: str, options: Mapping[str, Any]) -> None:
+    """``InvalidValueError`` for an option ``algorithm`` does not take (naming a close one) or a value of the wrong
+    kind (a number for a switch, text for a number), before any adapter is built."""
+    defaults = option_defaults(algorithm)
+    for name, value in options.items():
+        if name not in defaults:
+            close = difflib.get_close_matches(name, defaults, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise InvalidValueError(f"{name}: not an option of {algorithm}{hint}; its options: "
+                                    f"{', '.join(sorted(defaults))}")
+        default = defaults[name]
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int) or default is None:  # None: a count (block_size, stages) left to the layer
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+        elif isinstance(default, float):
+            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        else:
+            ok, kind = True, ""
+        if not ok:
+            raise InvalidValueError(f"{name} must be {kind}, got {value!r}")
 
 
 def rank_stabilised_alpha(cls: type[Adapter], rank: int, alpha: float | None) -> float:
