@@ -208,6 +208,12 @@ class NetworkConfig:
     #: ranks, say); the network is the file's modules, whatever the preset, and rank/alpha/conv_rank/conv_alpha
     #: are not read for them
     dim_from_weights: bool = False
+    #: more layers than the preset's: globs over module paths (the U-Net's diffusers paths, e.g. "conv_in" or
+    #: "*.resnets.*.conv1"; the text encoder's "text_model.encoder.layers.*"), as LyCORIS's target names
+    include: list[str] = field(default_factory=list)
+    #: layers left out, with everything inside the modules a glob names (e.g. "*.attn1.*", "up_blocks.3"; LyCORIS's
+    #: exclude_name, OneTrainer's layer filter); a pattern that names nothing in the model is refused
+    exclude: list[str] = field(default_factory=list)
     #: kohya's --scale_weight_norms: after each step a module whose ‖ΔW‖ exceeds this is scaled back onto it
     #: (max-norm regularisation; kohya's guides suggest 1); LoRA/LoCon, LoHa, LoKr; None: off
     max_norm: float | None = None
@@ -820,13 +826,19 @@ class TrainConfig:
                               "with `lorakit resize FILE --to lora`")
 
     def _validate_preset(self) -> None:
-        """``network.preset`` names a preset or a LyCORIS preset file that reads (checked before the model loads)."""
+        """``network.preset`` names a preset or a LyCORIS preset file that reads, and ``network.include`` /
+        ``exclude`` are lists of globs (checked before the model loads)."""
         from lorakit.network import get_preset  # torch: only when validating
 
         try:
             get_preset(self.network.preset)
         except InvalidValueError as err:
             raise ConfigError(f"network.preset: {err}") from None
+        for key in ("include", "exclude"):
+            value = getattr(self.network, key)
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(f"network.{key} must be a list of module-path globs, e.g. [\"*.attn1.*\"], "
+                                  f"got {value!r}")
 
     def _validate_network_args(self) -> None:
         """``network.args`` names options of the chosen algorithm (a wrong name would otherwise fail at the first

@@ -55,7 +55,16 @@ from lorakit.formats import (
 from lorakit.max_norm import MaxNormReading, apply_max_norm, check_max_norm_supported
 from lorakit.models import BaseModel, check_sdxl_clip_skip, save_diffusers_folder, save_single_file_checkpoint
 from lorakit.modelspec import as_embedding
-from lorakit.network import AdapterNetwork, UniformRanks, create_network, get_preset, select_targets
+from lorakit.network import (
+    AdapterNetwork,
+    Preset,
+    UniformRanks,
+    create_network,
+    get_preset,
+    patterns_naming_nothing,
+    select_targets,
+    with_filters,
+)
 from lorakit.network import components as network_components
 from lorakit.run_messages import text_encoder_part
 
@@ -174,10 +183,21 @@ def block_lr_weights(cfg: TrainConfig) -> BlockLrWeights | None:
         raise ValueError(f"network: {err}") from None
 
 
-def adapted_preset(cfg: TrainConfig) -> str:
+def adapted_preset(cfg: TrainConfig, model: BaseModel | None = None) -> Preset:
     """The preset whose layers may get adapters: with ``network.dim_from_weights`` the widest, since the file's
-    modules choose the layers (as kohya builds the network from the file); otherwise ``network.preset``."""
-    return "lycoris-full" if cfg.network.dim_from_weights else cfg.network.preset
+    modules choose the layers (as kohya builds the network from the file); otherwise ``network.preset``; with
+    ``network.include``/``exclude`` applied.  Given the model, a pattern that names none of its modules is a
+    ``ConfigError`` (a typo would otherwise train another network than meant, silently)."""
+    net = cfg.network
+    for key in ("include", "exclude"):
+        if model is not None and getattr(net, key):
+            unknown = patterns_naming_nothing(getattr(net, key), model.unet, model.text_encoders)
+            if unknown:
+                raise ConfigError(f"network.{key}: {unknown[0]!r} names no module of the model (globs over module "
+                                  "paths such as 'down_blocks.0.attentions.0.proj_in', '*.attn1.*' or "
+                                  "'text_model.encoder.layers.0.mlp.fc1')")
+    preset = get_preset("lycoris-full" if net.dim_from_weights else net.preset)
+    return with_filters(preset, net.include, net.exclude)
 
 
 def block_dims_rule(cfg: TrainConfig, sdxl: bool = False) -> BlockRanks:
@@ -251,7 +271,7 @@ class AdapterMethod(TrainingMethod):
                 options[key] = value
         self.network: AdapterNetwork = create_network(
             model.unet if net.train_unet else None, model.text_encoders if net.train_text_encoder else None,
-            preset=adapted_preset(cfg), ranks=rank_rule(cfg, ranks_file, model), algorithm=net.algorithm,
+            preset=adapted_preset(cfg, model), ranks=rank_rule(cfg, ranks_file, model), algorithm=net.algorithm,
             options=options)
         self._max_norm: MaxNormReading | None = None
         if net.max_norm is not None:
@@ -261,6 +281,9 @@ class AdapterMethod(TrainingMethod):
                 raise ConfigError(f"network.max_norm: {err}") from None
         if net.dim_from_weights:  # not a preset's name: the file chose the layers
             self.network.args["preset"] = "from-weights"
+        for key in ("include", "exclude"):  # the layer filters, in ss_network_args beside the preset
+            if getattr(net, key):
+                self.network.args[key] = ",".join(getattr(net, key))
         for key in LORAPLUS_KEYS:
             if getattr(net, key) is not None:  # recorded in ss_network_args, where kohya's network_args put them
                 self.network.args[key] = f"{getattr(net, key):g}"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -155,6 +155,25 @@ PRESETS: dict[str, Preset] = {
                "CLIPMLP"),
     )
 }
+
+
+def with_filters(preset: Preset, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> Preset:
+    """``preset`` with more layers (``include``: globs over module paths, as LyCORIS's target names add them) and
+    fewer (``exclude``: globs over module paths, with everything inside the modules they name; as LyCORIS's
+    exclude_name, OneTrainer's layer filter)."""
+    if not include and not exclude:
+        return preset
+    added = tuple(TargetRule(pattern) for pattern in include)
+    return replace(preset, unet=preset.unet + added, text_encoder=preset.text_encoder + added,
+                   exclude=preset.exclude + tuple(TargetRule(pattern) for pattern in exclude))
+
+
+def patterns_naming_nothing(patterns: Sequence[str], unet: nn.Module | None = None,
+                            text_encoder: nn.Module | Sequence[nn.Module] | None = None) -> list[str]:
+    """The glob patterns that name no module path of the given models (a typo, or another model's names)."""
+    paths = [p for comp in components(unet, text_encoder) for path, _ in comp.model.named_modules() if path
+             for p in (comp.canonical_path(path), path)]
+    return [pattern for pattern in patterns if not any(fnmatch.fnmatchcase(p, pattern) for p in paths)]
 
 
 def preset_names() -> list[str]:

@@ -3,6 +3,8 @@ LyCORIS itself, and what they cannot mean here is refused by name."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from model_helpers import build_tiny_text_encoder, build_tiny_unet
 
@@ -125,9 +127,34 @@ def test_a_run_with_a_preset_file_trains_the_modules_it_names(tiny_model_dir, tm
     preset = tmp_path / "attention-down.toml"
     preset.write_text('unet_target_module = ["Transformer2DModel"]\nexclude_name = ["up_blocks", "mid_block"]\n')
     cfg = make_config(tiny_model_dir, write_dataset(tmp_path / "data"), tmp_path / "run",
-                      training={"max_epochs": 1}, network={"preset": str(preset)})
+                      training={"max_epochs": 1}, network={"preset": str(preset), "exclude": ["*.attentions.1"]})
     run_train(cfg)
     file = read_adapter(tmp_path / "run" / "lorakit.safetensors")
     modules = file.modules()
-    assert modules and all(n.startswith("lora_unet_down_blocks_") and "_attentions_" in n for n in modules)
+    assert modules and all(n.startswith("lora_unet_down_blocks_") and "_attentions_0_" in n for n in modules)
     assert file.metadata["lorakit_preset"] == str(preset)
+    assert json.loads(file.metadata["ss_network_args"])["exclude"] == "*.attentions.1"
+
+
+def test_include_and_exclude_change_a_presets_layers_and_a_pattern_naming_nothing_is_refused(tiny_model_dir):
+    from lorakit.config import ConfigError, TrainConfig
+    from lorakit.methods import adapted_preset
+    from lorakit.models import load_base_model
+    from lorakit.network import with_filters
+
+    preset = with_filters(get_preset("attn-mlp"), include=["conv_in", "*.resnets.0.conv1"],
+                          exclude=["*.attn1.*", "up_blocks.3"])
+    network = create_network(build_tiny_unet(), preset=preset)
+    names = network.names()
+    assert "lora_unet_conv_in" in names and "lora_unet_down_blocks_0_resnets_0_conv1" in names
+    assert not any("_attn1_" in n for n in names) and not any(n.startswith("lora_unet_up_blocks_3_") for n in names)
+    assert any("_attn2_" in n for n in names)
+
+    cfg = TrainConfig()
+    cfg.network.exclude = ["*.atn1.*"]
+    cfg.validate()  # globs are checked against the model, once it is loaded
+    with pytest.raises(ConfigError, match=r"network.exclude: '\*.atn1.\*' names no module of the model"):
+        adapted_preset(cfg, load_base_model(str(tiny_model_dir)))
+    cfg.network.exclude = "*.attn1.*"
+    with pytest.raises(ConfigError, match="network.exclude must be a list of module-path globs"):
+        cfg.validate()
