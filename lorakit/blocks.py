@@ -169,6 +169,42 @@ SDXL = BlockMap(
 BLOCK_MAPS: dict[str, BlockMap] = {"sd1": SD1, "sdxl": SDXL}
 
 
+# ---- kohya's own SDXL layout (networks/lora.py): 23 blocks -------------------------------------------------------
+
+#: how kohya's SDXL networks number blocks for block_dims and the block learning rates: the embeddings, the 9 input
+#: blocks, the middle block's three parts, the 9 output blocks, the output layers
+KOHYA_SDXL_BLOCKS: tuple[str, ...] = (("EMB",) + tuple(f"IN{i:02d}" for i in range(9)) + ("MID00", "MID01", "MID02")
+                                      + tuple(f"OUT{i:02d}" for i in range(9)) + ("OUT",))
+_MID_PART = re.compile(r"^middle_block_(\d+)(?:_|$)")
+_DIFFUSERS_MID_PART = {"resnets_0": 10, "attentions_0": 11, "resnets_1": 12}
+
+
+def _kohya_sdxl_index(flat: str) -> int | None:
+    if flat.startswith(("time_embed", "label_emb", "add_embedding")):
+        return 0
+    if flat.startswith(("out_", "conv_out", "conv_norm_out")) or flat == "out":
+        return 22
+    m = _MID_PART.match(flat)
+    if m:
+        return 10 + int(m.group(1)) if int(m.group(1)) < 3 else None
+    if flat.startswith("mid_block_"):  # diffusers names: resnet, attention, resnet
+        return next((i for part, i in _DIFFUSERS_MID_PART.items() if flat[len("mid_block_"):].startswith(part)),
+                    None)
+    index = _sdxl_index(flat)  # the 19-block map's IN00..IN08 and OUT00..OUT08, one place on
+    if index is None or index == 9:
+        return None
+    return 1 + index if index < 9 else 13 + (index - 10)
+
+
+KOHYA_SDXL = BlockMap(arch="sdxl", names=KOHYA_SDXL_BLOCKS, index_of=_kohya_sdxl_index, lbw_layouts={})
+
+
+def sdxl_block_map(values: int) -> BlockMap:
+    """The SDXL block map per-block values follow: kohya's 23 blocks, or LoRA Block Weight's 19 (any other count is
+    the 19-block map's error to give)."""
+    return KOHYA_SDXL if values == len(KOHYA_SDXL) else SDXL
+
+
 def block_index(name: str, block_map: BlockMap = SD1) -> int | None:
     """Index in the 25-block list of a U-Net module name (diffusers path or kohya key prefix)."""
     return block_map.block_index(name)
@@ -226,13 +262,15 @@ def coarse_block_dims(groups: Iterable[str] | str, dim: int, block_map: BlockMap
 # ---- kohya block_dims as a rank rule --------------------------------------------------------------
 
 def _values(spec: Sequence[float] | str | None, n: int, what: str, cast: Callable,
-            arch: str | None = None) -> list | None:
+            block_map: BlockMap | None = None) -> list | None:
     if spec is None:
         return None
     items = [s for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     if len(items) != n:
-        which = f"{BLOCK_MAPS[arch].names[0]}..{BLOCK_MAPS[arch].names[-1]} of {arch}" if arch else "block"
-        raise InvalidValueError(f"{what} needs {n} values (one per block, {which}), got {len(items)}")
+        which = f"{block_map.names[0]}..{block_map.names[-1]} of {block_map.arch}" if block_map else "block"
+        also = (f"; or {len(KOHYA_SDXL)}, kohya's SDXL layout: EMB, IN00..IN08, MID00..MID02, OUT00..OUT08, OUT"
+                if block_map is SDXL else "")
+        raise InvalidValueError(f"{what} needs {n} values (one per block, {which}{also}), got {len(items)}")
     try:
         return [cast(v.strip() if isinstance(v, str) else v) for v in items]
     except ValueError as err:
@@ -261,11 +299,11 @@ class BlockRanks:
     block_map: BlockMap = SD1
 
     def __post_init__(self) -> None:
-        n, arch = len(self.block_map), self.block_map.arch
-        self.dims = _values(self.block_dims, n, "block_dims", int, arch)
-        self.alphas = _values(self.block_alphas, n, "block_alphas", float, arch) or [self.alpha] * n
-        self.conv_dims = _values(self.conv_block_dims, n, "conv_block_dims", int, arch)
-        self.conv_alphas = (_values(self.conv_block_alphas, n, "conv_block_alphas", float, arch)
+        n, where = len(self.block_map), self.block_map
+        self.dims = _values(self.block_dims, n, "block_dims", int, where)
+        self.alphas = _values(self.block_alphas, n, "block_alphas", float, where) or [self.alpha] * n
+        self.conv_dims = _values(self.conv_block_dims, n, "conv_block_dims", int, where)
+        self.conv_alphas = (_values(self.conv_block_alphas, n, "conv_block_alphas", float, where)
                             or [self.conv_alpha] * n)
 
     def __call__(self, name: str, layer: nn.Module) -> ModuleSpec | None:
@@ -419,8 +457,9 @@ LR_RAMPS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 _SIDE = 12  # SD1.x blocks per side (down: IN00..IN11, up: OUT00..OUT11)
 
 
-def lr_weight_list(spec: str | Sequence[float], what: str = "lr weight") -> list[float]:
-    """12 weights from a kohya ``down_lr_weight``/``up_lr_weight``: a ramp name (+ offset) or up to 12 numbers.
+def lr_weight_list(spec: str | Sequence[float], what: str = "lr weight", side: int = _SIDE) -> list[float]:
+    """``side`` weights (12 on SD1.x, 9 on SDXL) from a kohya ``down_lr_weight``/``up_lr_weight``: a ramp name
+    (+ offset) or up to ``side`` numbers.
 
     Values run in block order: IN00..IN11 (shallow to deep) or OUT00..OUT11 (deep to shallow).  Ramps:
     ``sine`` 0 -> 1, ``cosine`` 1 -> 0 (quarter periods), ``linear`` 0 -> 1, ``reverse_linear`` 1 -> 0, ``zeros``;
@@ -436,21 +475,27 @@ def lr_weight_list(spec: str | Sequence[float], what: str = "lr weight") -> list
                 base = float(offset) if offset else 0.0
             except ValueError:
                 raise ValueError(f"{what}: cannot read the offset of {spec!r}") from None
-            steps = [i / (_SIDE - 1) for i in range(_SIDE)]
+            steps = [i / (side - 1) for i in range(side)]
             ramp = {"sine": [math.sin(math.pi * s / 2) for s in steps],
                     "cosine": [math.sin(math.pi * s / 2) for s in reversed(steps)],
-                    "linear": steps, "reverse_linear": list(reversed(steps)), "zeros": [0.0] * _SIDE}[name]
+                    "linear": steps, "reverse_linear": list(reversed(steps)), "zeros": [0.0] * side}[name]
             return [v + base for v in ramp]
         items: list = [t for t in text.split(",") if t.strip()]
     else:
         items = list(spec)
+    return _filled(items, side, what, f"up to {side} numbers, one per block of that side, or one of "
+                                      f"{', '.join(LR_RAMPS)}")
+
+
+def _filled(items: Sequence, n: int, what: str, expected: str) -> list[float]:
+    """``items`` as numbers, filled with 1 up to ``n`` as kohya fills them; ValueError naming ``what``."""
     try:
         values = [float(v) for v in items]
     except ValueError:
-        raise ValueError(f"{what}: {spec!r} is neither numbers nor one of {', '.join(LR_RAMPS)}") from None
-    if len(values) > _SIDE:
-        raise ValueError(f"{what}: {len(values)} values, at most {_SIDE} (one per block of that side)")
-    return values + [1.0] * (_SIDE - len(values))
+        raise ValueError(f"{what}: {','.join(map(str, items))!r}: expected {expected}") from None
+    if len(values) > n:
+        raise ValueError(f"{what}: {len(values)} values, at most {n} (expected {expected})")
+    return values + [1.0] * (n - len(values))
 
 
 @dataclass(frozen=True)
@@ -458,10 +503,11 @@ class BlockLrWeights:
     """kohya's ``down_lr_weight`` / ``mid_lr_weight`` / ``up_lr_weight``: a learning-rate factor per U-Net block.
 
     Weights at or below ``zero_threshold`` become 0, and a block of weight 0 gets no modules at all.
-    Text-encoder modules and U-Net modules outside the blocks keep factor 1.
+    Text-encoder modules and U-Net modules outside the blocks keep factor 1.  ``blocks`` holds one value per
+    block of ``block_map``: SD1.x's 25, or kohya's 23 SDXL blocks (its embeddings and output layers at 1).
     """
 
-    blocks: tuple[float, ...]  # 25 values
+    blocks: tuple[float, ...]
     block_map: BlockMap = SD1
 
     def __call__(self, name: str) -> float:
@@ -471,22 +517,41 @@ class BlockLrWeights:
         return 1.0 if index is None else self.blocks[index]
 
     def network_args(self) -> dict[str, str]:
-        return {"down_lr_weight": _join(self.blocks[:_SIDE]), "mid_lr_weight": f"{self.blocks[_SIDE]:g}",
-                "up_lr_weight": _join(self.blocks[_SIDE + 1:])}
+        side, mids, first = _lr_layout(self.block_map)
+        down, mid = self.blocks[first:first + side], self.blocks[first + side:first + side + mids]
+        up = self.blocks[first + side + mids:first + 2 * side + mids]
+        return {"down_lr_weight": _join(down), "mid_lr_weight": _join(mid), "up_lr_weight": _join(up)}
 
 
-def parse_block_lr_weights(down: str | Sequence[float] | None = None, mid: float | None = None,
+def _lr_layout(block_map: BlockMap) -> tuple[int, int, int]:
+    """(blocks per side, middle parts, index of the first down block) of kohya's block learning rates."""
+    if block_map is SD1:
+        return _SIDE, 1, 0
+    if block_map is KOHYA_SDXL:
+        return 9, 3, 1
+    raise ValueError(f"block learning-rate weights follow SD1.x's 25 blocks or kohya's 23 SDXL blocks, not the "
+                     f"{len(block_map)} of {block_map.arch}'s map")
+
+
+def parse_block_lr_weights(down: str | Sequence[float] | None = None, mid: float | str | None = None,
                            up: str | Sequence[float] | None = None, zero_threshold: float = 0.0,
                            block_map: BlockMap = SD1) -> BlockLrWeights | None:
-    """The weights from kohya's three options (None when none is given)."""
+    """The weights from kohya's three options (None when none is given), on SD1.x's blocks or (``block_map``
+    ``SDXL`` or ``KOHYA_SDXL``) on kohya's SDXL ones: 9 per side, and up to 3 middle values (its middle block's
+    resnet, attention, resnet), as kohya's networks read them."""
     if down is None and mid is None and up is None:
         return None
-    if len(block_map) != 2 * _SIDE + 1:
-        raise ValueError(f"block learning-rate weights are defined for 25-block U-Nets, not {block_map.arch}")
-    values = (lr_weight_list(down, "down_lr_weight") if down is not None else [1.0] * _SIDE) + \
-        [float(mid) if mid is not None else 1.0] + \
-        (lr_weight_list(up, "up_lr_weight") if up is not None else [1.0] * _SIDE)
-    return BlockLrWeights(tuple(v if v > zero_threshold else 0.0 for v in values), block_map)
+    block_map = KOHYA_SDXL if block_map is SDXL else block_map
+    side, mids, first = _lr_layout(block_map)
+    middle = [1.0] * mids if mid is None else _filled(
+        str(mid).replace(" ", "").split(",") if isinstance(mid, str) else [mid], mids, "mid_lr_weight",
+        f"up to {mids} numbers, one per part of the middle block" if mids > 1 else
+        "one number: SD1.x's middle block is one block")
+    given = ((lr_weight_list(down, "down_lr_weight", side) if down is not None else [1.0] * side) + middle
+             + (lr_weight_list(up, "up_lr_weight", side) if up is not None else [1.0] * side))
+    # kohya's SDXL embeddings and output layers stay at 1, whatever the threshold
+    values = [1.0] * first + [v if v > zero_threshold else 0.0 for v in given]
+    return BlockLrWeights(tuple(values + [1.0] * (len(block_map) - len(values))), block_map)
 
 
 @dataclass

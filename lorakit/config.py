@@ -191,11 +191,12 @@ class NetworkConfig:
     #: the block-wise LoRA paper's coarse blocks: "upper", "middle", "bottom", "all" or a comma list of them
     #: (or of coarse blocks IN0..IN3, MID, OUT0..OUT3); rank/alpha/conv_rank apply there, no module elsewhere
     blocks: str | None = None
-    #: kohya's per-block learning-rate factors: 12 comma-separated values or a ramp (sine, cosine, linear,
+    #: kohya's per-block learning-rate factors: 12 comma-separated values (SDXL: 9) or a ramp (sine, cosine, linear,
     #: reverse_linear, zeros; "+0.5" adds an offset); blocks at factor <= block_lr_zero_threshold get no module
     down_lr_weight: str | None = None
-    #: kohya's mid_lr_weight: the middle block's learning-rate factor (see down_lr_weight)
-    mid_lr_weight: float | None = None
+    #: kohya's mid_lr_weight: the middle block's learning-rate factor (see down_lr_weight); on SDXL up to 3,
+    #: comma-separated, for its middle block's resnet, attention and resnet, as kohya reads it
+    mid_lr_weight: float | str | None = None
     #: kohya's up_lr_weight: the 12 up blocks' factors or a ramp (see down_lr_weight)
     up_lr_weight: str | None = None
     #: kohya's block_lr_zero_threshold: blocks whose factor is at most this get no adapter
@@ -862,7 +863,7 @@ class TrainConfig:
     def _validate_blocks(self) -> None:
         """Block-wise options parse (coarse block names, lr-weight ramps and lists), and are not combined with
         kohya's explicit block_dims, which would silently win."""
-        from lorakit.blocks import blocks_block_dims, parse_block_lr_weights  # torch: only when validating
+        from lorakit.blocks import KOHYA_SDXL, blocks_block_dims, parse_block_lr_weights  # torch: when validating
 
         net = self.network
         if net.blocks is not None:
@@ -872,11 +873,14 @@ class TrainConfig:
                 blocks_block_dims(net.blocks, 1)
             except (ValueError, KeyError) as e:
                 raise ConfigError(f"network.blocks = {net.blocks!r}: {e}") from e
+        lr_weights = (net.down_lr_weight, net.mid_lr_weight, net.up_lr_weight, net.block_lr_zero_threshold)
         try:
-            parse_block_lr_weights(net.down_lr_weight, net.mid_lr_weight, net.up_lr_weight,
-                                   net.block_lr_zero_threshold)
+            parse_block_lr_weights(*lr_weights)
         except (ValueError, KeyError) as e:
-            raise ConfigError(f"network.down_lr_weight/mid_lr_weight/up_lr_weight: {e}") from e
+            try:  # the model's family is not known yet: kohya's SDXL lists (9 per side, 3 middle) pass here
+                parse_block_lr_weights(*lr_weights, block_map=KOHYA_SDXL)
+            except (ValueError, KeyError):
+                raise ConfigError(f"network.down_lr_weight/mid_lr_weight/up_lr_weight: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

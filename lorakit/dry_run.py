@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import TrainingData
-from lorakit.methods import block_dims_rule, check_sdxl_settings, check_second_text_encoder_rate
+from lorakit.methods import block_dims_rule, block_lr_weights, check_sdxl_settings, check_second_text_encoder_rate
 from lorakit.models import describe_base_model
 from lorakit.run_messages import base_weight_specs, count, early_stop_text, opening_line, setting_lines
 from lorakit.trackers import check_tracker, read_tracker_settings
@@ -49,8 +49,10 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     if family == "SDXL":
         check_sdxl_settings(cfg)
     check_second_text_encoder_rate(cfg, 2 if family == "SDXL" else 1)
-    if cfg.network.block_dims is not None and cfg.method.kind in ("adapter", "pivotal"):
-        block_dims_rule(cfg, sdxl=family == "SDXL")  # one value per block of this family's map
+    if cfg.method.kind in ("adapter", "pivotal"):  # one value per block of this family's map
+        if cfg.network.block_dims is not None:
+            block_dims_rule(cfg, sdxl=family == "SDXL")
+        block_lr_weights(cfg, sdxl=family == "SDXL")
     if described.unsaid_sd2_prediction:
         family += (" (the file does not say whether it predicts noise or v: read as the 512 ε model; for a 768 v "
                    "model such as 2.1 set model.prediction_type = \"v_prediction\")")

@@ -19,7 +19,7 @@ from torch import nn
 
 from lorakit.adapters.base import FUSE_DTYPES
 from lorakit.blocks import (
-    BLOCK_MAPS,
+    KOHYA_SDXL,
     SD1,
     BlockLrWeights,
     BlockRanks,
@@ -28,6 +28,7 @@ from lorakit.blocks import (
     fine_tune_block_count,
     fine_tune_blocks_of,
     parse_block_lr_weights,
+    sdxl_block_map,
     text_encoder_only,
 )
 from lorakit.checkpoint_names import PIVOTAL_EMBEDDING_PREFIX, TEXT_ENCODER_PREFIXES, split_pivotal
@@ -174,13 +175,14 @@ def loraplus_ratios(cfg: TrainConfig) -> dict[str, float]:
     return {group: ratio for group, ratio in ratios.items() if ratio is not None}
 
 
-def block_lr_weights(cfg: TrainConfig) -> BlockLrWeights | None:
+def block_lr_weights(cfg: TrainConfig, sdxl: bool = False) -> BlockLrWeights | None:
+    """kohya's block learning-rate weights on the model's blocks (SD1.x's 25, or kohya's 23 SDXL ones)."""
     net = cfg.network
     try:
         return parse_block_lr_weights(net.down_lr_weight, net.mid_lr_weight, net.up_lr_weight,
-                                      net.block_lr_zero_threshold)
+                                      net.block_lr_zero_threshold, KOHYA_SDXL if sdxl else SD1)
     except ValueError as err:
-        raise ValueError(f"network: {err}") from None
+        raise ConfigError(f"network: {err}") from None
 
 
 def adapted_preset(cfg: TrainConfig, model: BaseModel | None = None) -> Preset:
@@ -209,7 +211,7 @@ def block_dims_rule(cfg: TrainConfig, sdxl: bool = False) -> BlockRanks:
                           conv_block_alphas=net.conv_block_alphas, alpha=net.alpha,
                           conv_alpha=net.conv_alpha if net.conv_alpha is not None else net.alpha,
                           outside=UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha),
-                          block_map=BLOCK_MAPS["sdxl"] if sdxl else SD1)
+                          block_map=sdxl_block_map(len(net.block_dims)) if sdxl else SD1)
     except ValueError as err:
         raise ConfigError(f"network: {err}") from None
 
@@ -241,7 +243,7 @@ def rank_rule(cfg: TrainConfig, ranks_file: AdapterFile | None = None, model: Ba
         rule = block_dims_rule(cfg, sdxl=model is not None and model.is_sdxl)
     else:
         rule = UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha)
-    weights = block_lr_weights(cfg)
+    weights = block_lr_weights(cfg, sdxl=bool(getattr(model, "is_sdxl", False)))
     return rule if weights is None else WithoutZeroBlocks(rule, weights)
 
 
@@ -303,6 +305,7 @@ class AdapterMethod(TrainingMethod):
                 self.network, start, model.unet if net.train_unet else None,
                 model.text_encoders if net.train_text_encoder else None)
         self.cfg = cfg
+        self._sdxl = bool(getattr(model, "is_sdxl", False))  # which blocks kohya's block learning rates follow
         self._meter = CSMeter({n: self.network[n] for n in self.network.names("unet")}) \
             if self.network.names("unet") else None
 
@@ -318,7 +321,7 @@ class AdapterMethod(TrainingMethod):
         params = self.network.trainable_parameters()
         lrs = {"unet": _lr(self.cfg, self.cfg.optimizer.unet_lr),
                "text_encoder": _lr(self.cfg, self.cfg.optimizer.text_encoder_lr)}
-        weights = block_lr_weights(self.cfg)
+        weights = block_lr_weights(self.cfg, self._sdxl)
         plus = loraplus_ratios(self.cfg)
         for group, plist in params.items():
             if not plist:
@@ -691,13 +694,11 @@ def check_sdxl_settings(cfg: TrainConfig) -> None:
         check_sdxl_clip_skip(cfg.model.clip_skip, cfg.model.base)
     except InvalidValueError as err:  # as the trainer says it (its check_clip_skip)
         raise ConfigError(f"model.clip_skip: {err}") from None
-    net = cfg.network
-    given = [key for key in ("blocks", "down_lr_weight", "mid_lr_weight", "up_lr_weight")
-             if getattr(net, key) is not None]
-    if given:
-        raise ConfigError(f"network.{given[0]}: the block-wise paper's groups and kohya's block learning rates follow "
-                          "SD1.x's blocks; on SDXL give network.block_dims, one rank per SDXL block (19: IN00-IN08, "
-                          "MID, OUT00-OUT08), or leave it out to train every block alike")
+    if cfg.network.blocks is not None:
+        raise ConfigError("network.blocks: the block-wise paper's groups follow SD1.x's blocks; on SDXL give "
+                          "network.block_dims, one rank per SDXL block (19: IN00-IN08, MID, OUT00-OUT08; or "
+                          "kohya's 23), or leave it out to train every block alike")
+    block_lr_weights(cfg, sdxl=True)  # kohya's SDXL lists: 9 per side, up to 3 middle values
 
 
 def make_method(cfg: TrainConfig, model: BaseModel, start_file: AdapterFile | bool = True,

@@ -40,7 +40,7 @@ def test_kohya_lr_weight_ramps():
     assert lr_weight_list("0.5,0") == [0.5, 0.0] + [1.0] * 10  # short lists filled with 1, as kohya
     with pytest.raises(ValueError, match="at most 12"):
         lr_weight_list(",".join(["1"] * 13))
-    with pytest.raises(ValueError, match="neither numbers"):
+    with pytest.raises(ValueError, match="'triangle': expected up to 12 numbers, one per block of that side"):
         lr_weight_list("triangle")
     weights = parse_block_lr_weights(down="sine", mid=0.05, up="linear", zero_threshold=0.1)
     # sine: IN00 0, IN01 sin(pi/22) = 0.14; mid 0.05; linear: OUT00 0, OUT01 1/11 = 0.09, OUT02 0.18

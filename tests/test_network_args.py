@@ -66,3 +66,18 @@ def test_a_mistyped_option_stops_the_command_before_anything_loads(tmp_path):
     assert done.returncode == 2
     assert "network.args factr: not an option of lokr (did you mean factor?)" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_an_sdxl_kohya_configs_block_lists_are_taken_over_as_kohya_writes_them(tmp_path, tiny_model_dir):
+    from test_kohya_config import kohya_file
+
+    from lorakit.commands.kohya_config import config_from_kohya
+
+    dims = ",".join(["4"] * 23)
+    path = kohya_file(tmp_path, tiny_model_dir, "sdxl.toml",
+                      'network_module = "networks.lora"\nnetwork_dim = 4\n'
+                      f'network_args = ["block_dims={dims}", "mid_lr_weight=1,0.5,1", "down_lr_weight=sine"]\n')
+    cfg, translation = config_from_kohya(path)
+    assert translation.untranslated == []
+    assert cfg.network.block_dims == [4] * 23 and cfg.network.mid_lr_weight == "1,0.5,1"
+    cfg.validate()  # the family is not known before the model: SDXL's three middle values pass

@@ -167,7 +167,8 @@ def test_diffusers_sdxl_pipeline_loads_the_file_as_lorakit_applies_it(tmp_path, 
 def test_sdxl_refuses_what_it_does_not_train_yet(sdxl, tmp_path):
     for sections, words in (({"network": {"blocks": "upper"}}, "network.blocks"),
                             ({"network": {"block_dims": [4] * 25}}, "network: block_dims needs 19 values"),
-                            ({"network": {"down_lr_weight": "sine"}}, "network.down_lr_weight"),
+                            ({"network": {"down_lr_weight": ",".join(["1"] * 12)}},
+                             r"network: down_lr_weight: 12 values, at most 9"),
                             ({"model": {"clip_skip": 2}}, "model.clip_skip: clip skip 2: SDXL")):
         cfg = make_config(Path("unused"), Path("unused"), tmp_path / "out", **sections)
         with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
@@ -572,3 +573,44 @@ def test_what_sdxl_refuses_is_said_by_the_command_as_a_user_runs_it(tmp_path, ti
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("lorakit train: error: ") and all(part in last for part in said), last
         assert "Traceback" not in done.stderr and not out.exists()
+
+
+def test_kohyas_sdxl_block_layout_numbers_blocks_as_its_networks_do():
+    """kohya's networks/lora.py on SDXL: 0 the embeddings, 1-9 the input blocks, 10-12 the middle block's parts,
+    13-21 the output blocks, 22 the output layers; lorakit's diffusers names land in the same places."""
+    layout = blocks.KOHYA_SDXL
+    assert len(layout) == 23
+    for name, index in (("time_embed_0", 0), ("label_emb_0_0", 0), ("input_blocks_0_0", 1),
+                        ("input_blocks_4_1_proj_in", 5), ("input_blocks_8_0_emb_layers_1", 9),
+                        ("middle_block_0_in_layers_2", 10), ("middle_block_1_proj_in", 11),
+                        ("middle_block_2_out_layers_3", 12), ("output_blocks_0_1_proj_out", 13),
+                        ("output_blocks_8_0_skip_connection", 21), ("out_2", 22),
+                        ("down_blocks_1_attentions_0_proj_in", 5), ("mid_block_resnets_1_conv1", 12),
+                        ("up_blocks_2_resnets_2_conv1", 21), ("conv_out", 22)):
+        assert layout.block_index(f"lora_unet_{name}") == index, name
+    assert layout.block_index("lora_te1_text_model_encoder_layers_0_mlp_fc1") is None
+
+
+def test_kohyas_sdxl_block_dims_and_block_learning_rates_train_as_kohya_reads_them(sdxl, tmp_path):
+    dims = [0, 0, 0, 0, 0, 4, 4, 0, 2, 2, 0, 8, 0] + [2] * 9 + [0]  # EMB, IN00-IN08, MID00-02, OUT00-08, OUT
+    cfg = make_config(Path("unused"), Path("unused"), tmp_path / "out",
+                      network={"preset": "attn-mlp", "block_dims": dims, "down_lr_weight": "1,1,1,1,0.5,0.5,1,1,1",
+                               "mid_lr_weight": "1,0.25,1", "up_lr_weight": "zeros+2"})
+    cfg.validate()
+    method = make_method(cfg, sdxl)
+    unet = method.network.names("unet")
+    assert unet
+    for name in unet:
+        index = blocks.KOHYA_SDXL.block_index(name)
+        assert dims[index] > 0 and method.network[name].rank == dims[index], name
+    assert {blocks.KOHYA_SDXL.block_index(n) for n in unet} >= {5, 11, 13}
+    rates = {g["name"]: g["lr"] for g in method.param_groups()}
+    assert rates["unet x0.5"] == pytest.approx(cfg.optimizer.learning_rate * 0.5)
+    assert rates["unet x0.25"] == pytest.approx(cfg.optimizer.learning_rate * 0.25)
+    assert rates["unet x2"] == pytest.approx(cfg.optimizer.learning_rate * 2)
+    assert method.network.args["mid_lr_weight"] == "1,0.25,1"
+    assert method.network.args["block_dims"] == ",".join(map(str, dims))
+    # a list of neither length is refused naming both layouts
+    cfg.network.block_dims = [4] * 20
+    with pytest.raises(ConfigError, match=r"block_dims needs 19 values .*; or 23, kohya's SDXL layout"):
+        make_method(cfg, sdxl)

@@ -119,12 +119,17 @@ def _weights_text(value: Any) -> str:
         if isinstance(value, list) else str(value)
 
 
+def _middle_weight(value: Any) -> float | str:
+    """kohya's mid_lr_weight: one number (SD1.x), or SDXL's up to three (read as a tuple) as lorakit's text."""
+    return _weights_text(value) if isinstance(value, list) else float(value)
+
+
 #: kohya's networks.lora network_args that are lorakit network settings of the same name (block-wise dims and
 #: learning rates, the dropouts): settings, so that the block-wise rules and the checks of those settings read them
 _NETWORK_FIELD_ARGS = {"dropout": float, "rank_dropout": float, "module_dropout": float,
                        "block_dims": _numbers(int), "block_alphas": _numbers(float),
                        "conv_block_dims": _numbers(int), "conv_block_alphas": _numbers(float),
-                       "down_lr_weight": _weights_text, "mid_lr_weight": float, "up_lr_weight": _weights_text,
+                       "down_lr_weight": _weights_text, "mid_lr_weight": _middle_weight, "up_lr_weight": _weights_text,
                        "block_lr_zero_threshold": float}
 
 
