@@ -89,6 +89,8 @@ class BlockMap:
     lbw_layouts: Mapping[int, tuple[str | None, ...]]
     #: coarse groups of the block-wise LoRA paper: group name -> block indices
     coarse: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    #: the paper's presets on these groups: upper, middle, bottom -> the in and out groups of one resolution level
+    paper: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -133,6 +135,8 @@ SD1 = BlockMap(
         "MID": (12,),
         "OUT0": (13, 14, 15), "OUT1": (16, 17, 18), "OUT2": (19, 20, 21), "OUT3": (22, 23, 24),
     },
+    # upper = highest resolution: In0 + Out3
+    paper={"upper": ("IN0", "OUT3"), "middle": ("IN1", "OUT2"), "bottom": ("IN2", "OUT1")},
 )
 
 # ---- the SDXL 19-block map ----------------------------------------------------------------------
@@ -164,6 +168,11 @@ SDXL = BlockMap(
     names=SDXL_BLOCKS,
     index_of=_sdxl_index,
     lbw_layouts={12: _LBW12_SDXL, 20: ("BASE",) + SDXL_BLOCKS, 26: _LBW26_ON_SDXL},
+    # the same scheme on SDXL's three levels: in-block k = down_blocks.k, out-block k = up_blocks.k
+    coarse={"IN0": (1, 2, 3), "IN1": (4, 5, 6), "IN2": (7, 8), "MID": (9,),
+            "OUT0": (10, 11, 12), "OUT1": (13, 14, 15), "OUT2": (16, 17, 18)},
+    # the paper's presets by resolution level (it measured SD1.x; on SDXL the top level has no attention layers)
+    paper={"upper": ("IN0", "OUT2"), "middle": ("IN1", "OUT1"), "bottom": ("IN2", "OUT0")},
 )
 
 BLOCK_MAPS: dict[str, BlockMap] = {"sd1": SD1, "sdxl": SDXL}
@@ -230,12 +239,9 @@ def count_by_block(names: Iterable[str], block_map: BlockMap = SD1) -> dict[str,
 
 # ---- the coarse 4 + 1 + 4 scheme of the block-wise LoRA paper -----------------------------------
 
-#: paper presets: which coarse blocks are trained (upper = highest resolution: In0 + Out3)
-PAPER_PRESETS: dict[str, tuple[str, ...]] = {
-    "upper": ("IN0", "OUT3"),
-    "middle": ("IN1", "OUT2"),
-    "bottom": ("IN2", "OUT1"),
-}
+#: paper presets on SD1.x: which coarse blocks are trained (upper = highest resolution: In0 + Out3); each block map
+#: has its own (``BlockMap.paper``)
+PAPER_PRESETS: Mapping[str, tuple[str, ...]] = SD1.paper
 
 
 def coarse_block(name: str, block_map: BlockMap = SD1) -> str | None:
@@ -246,9 +252,9 @@ def coarse_block(name: str, block_map: BlockMap = SD1) -> str | None:
 def coarse_block_dims(groups: Iterable[str] | str, dim: int, block_map: BlockMap = SD1) -> list[int]:
     """25 ``block_dims`` values: ``dim`` in the blocks of the given coarse groups (or paper preset), 0 elsewhere."""
     if isinstance(groups, str):
-        if groups not in PAPER_PRESETS:
-            raise InvalidValueError(f"unknown block preset {groups!r}; presets are {', '.join(PAPER_PRESETS)}")
-        groups = PAPER_PRESETS[groups]
+        if groups not in block_map.paper:
+            raise InvalidValueError(f"unknown block preset {groups!r}; presets are {', '.join(block_map.paper)}")
+        groups = block_map.paper[groups]
     dims = [0] * len(block_map)
     for group in groups:
         key = group.strip().upper()
@@ -432,8 +438,8 @@ def coarse_groups(spec: str | Iterable[str], block_map: BlockMap = SD1) -> tuple
         key = item.lower()
         if key == "all":
             chosen: Iterable[str] = block_map.coarse
-        elif key in PAPER_PRESETS:
-            chosen = PAPER_PRESETS[key]
+        elif key in block_map.paper:
+            chosen = block_map.paper[key]
         elif item.upper() in block_map.coarse:
             chosen = (item.upper(),)
         else:
@@ -446,7 +452,8 @@ def coarse_groups(spec: str | Iterable[str], block_map: BlockMap = SD1) -> tuple
 
 
 def blocks_block_dims(spec: str | Iterable[str], dim: int, block_map: BlockMap = SD1) -> list[int]:
-    """25 ``block_dims`` for ``--blocks``: ``dim`` in the named coarse groups, 0 (no module) elsewhere."""
+    """``block_dims`` for ``--blocks`` (SD1.x: 25, SDXL: 19): ``dim`` in the named coarse groups, 0 (no module)
+    elsewhere."""
     return coarse_block_dims(coarse_groups(spec, block_map), dim, block_map)
 
 

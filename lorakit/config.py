@@ -189,7 +189,8 @@ class NetworkConfig:
     #: kohya's conv_block_alphas: a convolution alpha per block, in block_dims' order
     conv_block_alphas: list[float] | None = None
     #: the block-wise LoRA paper's coarse blocks: "upper", "middle", "bottom", "all" or a comma list of them
-    #: (or of coarse blocks IN0..IN3, MID, OUT0..OUT3); rank/alpha/conv_rank apply there, no module elsewhere
+    #: (or of coarse blocks IN0..IN3, MID, OUT0..OUT3; SDXL: IN0..IN2, OUT0..OUT2, its three levels); rank/alpha/
+    #: conv_rank apply there, no module elsewhere
     blocks: str | None = None
     #: kohya's per-block learning-rate factors: 12 comma-separated values (SDXL: 9) or a ramp (sine, cosine, linear,
     #: reverse_linear, zeros; "+0.5" adds an offset); blocks at factor <= block_lr_zero_threshold get no module

@@ -21,6 +21,7 @@ from lorakit.adapters.base import FUSE_DTYPES
 from lorakit.blocks import (
     KOHYA_SDXL,
     SD1,
+    SDXL,
     BlockLrWeights,
     BlockRanks,
     WithoutZeroBlocks,
@@ -230,15 +231,17 @@ def rank_rule(cfg: TrainConfig, ranks_file: AdapterFile | None = None, model: Ba
     elif net.blocks is not None:
         if net.block_dims is not None:
             raise ValueError("network: blocks and block_dims both given; use one of them")
+        block_map = SDXL if getattr(model, "is_sdxl", False) else SD1
         try:
-            dims = blocks_block_dims(net.blocks, net.rank)
+            dims = blocks_block_dims(net.blocks, net.rank, block_map)
             conv_rank = net.rank if net.conv_rank is None else net.conv_rank  # as UniformRanks: None = rank
-            conv_dims = blocks_block_dims(net.blocks, conv_rank) if conv_rank > 0 else None
+            conv_dims = blocks_block_dims(net.blocks, conv_rank, block_map) if conv_rank > 0 else None
         except ValueError as err:
-            raise ValueError(f"network: {err}") from None
+            raise ConfigError(f"network.blocks: {err}") from None
         # outside the U-Net blocks only the text encoder is trained (if asked), as in the paper
         rule = BlockRanks(dims, alpha=net.alpha, conv_block_dims=conv_dims, conv_alpha=conv_alpha,
-                          outside=text_encoder_only(UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha)))
+                          outside=text_encoder_only(UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha)),
+                          block_map=block_map)
     elif net.block_dims is not None:
         rule = block_dims_rule(cfg, sdxl=model is not None and model.is_sdxl)
     else:
@@ -687,17 +690,18 @@ class PivotalTuning(TrainingMethod):
 
 
 def check_sdxl_settings(cfg: TrainConfig) -> None:
-    """Refuse what lorakit does not train on SDXL yet, before any work: the block-wise paper's groups and kohya's
-    block learning rates (they read SD1.x's blocks; ``block_dims`` takes SDXL's); and a clip skip, which SDXL has
-    not."""
+    """Refuse what does not fit SDXL, before any work: block-wise groups and kohya's block learning rates that name
+    SD1.x's blocks (SDXL has 3 levels: IN0-IN2, MID, OUT0-OUT2; 9 blocks per side), and a clip skip, which SDXL
+    has not."""
     try:
         check_sdxl_clip_skip(cfg.model.clip_skip, cfg.model.base)
     except InvalidValueError as err:  # as the trainer says it (its check_clip_skip)
         raise ConfigError(f"model.clip_skip: {err}") from None
-    if cfg.network.blocks is not None:
-        raise ConfigError("network.blocks: the block-wise paper's groups follow SD1.x's blocks; on SDXL give "
-                          "network.block_dims, one rank per SDXL block (19: IN00-IN08, MID, OUT00-OUT08; or "
-                          "kohya's 23), or leave it out to train every block alike")
+    if cfg.network.blocks is not None:  # SDXL's coarse groups: IN0-IN2, MID, OUT0-OUT2
+        try:
+            blocks_block_dims(cfg.network.blocks, 1, SDXL)
+        except ValueError as err:
+            raise ConfigError(f"network.blocks: {err}") from None
     block_lr_weights(cfg, sdxl=True)  # kohya's SDXL lists: 9 per side, up to 3 middle values
 
 

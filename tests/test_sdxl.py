@@ -165,7 +165,7 @@ def test_diffusers_sdxl_pipeline_loads_the_file_as_lorakit_applies_it(tmp_path, 
 
 
 def test_sdxl_refuses_what_it_does_not_train_yet(sdxl, tmp_path):
-    for sections, words in (({"network": {"blocks": "upper"}}, "network.blocks"),
+    for sections, words in (({"network": {"blocks": "upper,OUT3"}}, "network.blocks: unknown blocks 'OUT3'"),
                             ({"network": {"block_dims": [4] * 25}}, "network: block_dims needs 19 values"),
                             ({"network": {"down_lr_weight": ",".join(["1"] * 12)}},
                              r"network: down_lr_weight: 12 values, at most 9"),
@@ -598,19 +598,42 @@ def test_kohyas_sdxl_block_dims_and_block_learning_rates_train_as_kohya_reads_th
                                "mid_lr_weight": "1,0.25,1", "up_lr_weight": "zeros+2"})
     cfg.validate()
     method = make_method(cfg, sdxl)
-    unet = method.network.names("unet")
-    assert unet
-    for name in unet:
-        index = blocks.KOHYA_SDXL.block_index(name)
-        assert dims[index] > 0 and method.network[name].rank == dims[index], name
-    assert {blocks.KOHYA_SDXL.block_index(n) for n in unet} >= {5, 11, 13}
+    ranks = {name: method.network[name].rank for name in method.network.names("unet")}
     rates = {g["name"]: g["lr"] for g in method.param_groups()}
+    args = dict(method.network.args)
+    method.network.remove()  # the model is the module's: left as it was found
+    assert ranks
+    for name, rank in ranks.items():
+        index = blocks.KOHYA_SDXL.block_index(name)
+        assert dims[index] > 0 and rank == dims[index], name
+    assert {blocks.KOHYA_SDXL.block_index(n) for n in ranks} >= {5, 11, 13}
     assert rates["unet x0.5"] == pytest.approx(cfg.optimizer.learning_rate * 0.5)
     assert rates["unet x0.25"] == pytest.approx(cfg.optimizer.learning_rate * 0.25)
     assert rates["unet x2"] == pytest.approx(cfg.optimizer.learning_rate * 2)
-    assert method.network.args["mid_lr_weight"] == "1,0.25,1"
-    assert method.network.args["block_dims"] == ",".join(map(str, dims))
+    assert args["mid_lr_weight"] == "1,0.25,1"
+    assert args["block_dims"] == ",".join(map(str, dims))
     # a list of neither length is refused naming both layouts
     cfg.network.block_dims = [4] * 20
     with pytest.raises(ConfigError, match=r"block_dims needs 19 values .*; or 23, kohya's SDXL layout"):
         make_method(cfg, sdxl)
+
+
+def test_the_block_wise_papers_groups_on_sdxl_are_its_resolution_levels(sdxl, tmp_path):
+    """upper, middle, bottom: the in and out blocks of one resolution level, as on SD1.x (SDXL has three)."""
+    assert blocks.SDXL.paper == {"upper": ("IN0", "OUT2"), "middle": ("IN1", "OUT1"), "bottom": ("IN2", "OUT0")}
+    for group, expected in (("middle", {"IN04", "IN05", "OUT03", "OUT04", "OUT05"}),
+                            ("bottom", {"IN07", "IN08", "OUT00", "OUT01", "OUT02"})):
+        cfg = make_config(Path("unused"), Path("unused"), tmp_path / "out", network={"blocks": group})
+        method = make_method(cfg, sdxl)
+        trained = {blocks.SDXL.block_name(n) for n in method.network.names("unet")}
+        method.network.remove()  # the model is the module's: left as it was found
+        assert trained <= expected and trained & {e for e in expected if "IN" in e}
+    # the top level has no attention layers: with an attention preset there is nothing to train, and it is said
+    cfg = make_config(Path("unused"), Path("unused"), tmp_path / "out", network={"blocks": "upper"})
+    with pytest.raises(ConfigError, match="selects no module"):
+        make_method(cfg, sdxl)
+    cfg = make_config(Path("unused"), Path("unused"), tmp_path / "out", network={"blocks": "upper", "preset": "full"})
+    method = make_method(cfg, sdxl)
+    names = {blocks.SDXL.block_name(n) for n in method.network.names("unet")}
+    method.network.remove()
+    assert names and names <= {"IN01", "IN02", "IN03", "OUT06", "OUT07", "OUT08"}
