@@ -240,7 +240,8 @@ class OptimizerConfig:
     learning_rate: float = 1e-4
     #: kohya's unet_lr: the U-Net's rate (absent: learning_rate)
     unet_lr: float | None = None
-    #: kohya's text_encoder_lr: the text encoder's rate, its adapters' or (native) its own (absent: learning_rate)
+    #: kohya's text_encoder_lr: the text encoder's rate, its adapters' or (native) its own (absent: learning_rate);
+    #: in native fine-tuning of SDXL 0 leaves the first encoder as it is while text_encoder_2_lr trains the second
     text_encoder_lr: float | None = None
     #: native fine-tuning of SDXL's second text encoder (OpenCLIP ViT-bigG; kohya's learning_rate_te2): its own
     #: rate; None: text_encoder_lr's; 0: it stays as it is and only the first trains (as kohya reads 0)
@@ -621,8 +622,11 @@ class TrainConfig:
              "above 0, at most 1 (kohya's default 0.1)", train.huber_c),
             (_at_least(train.huber_scale, 0, strict=True), "training.huber_scale", "above 0 (kohya's default 1)",
              train.huber_scale),
-            *[(value is None or _at_least(value, 0, strict=True) and value <= MAX_LEARNING_RATE, f"optimizer.{key}",
-               f"a positive number up to {MAX_LEARNING_RATE:g} (typical: 1e-4)", value)
+            *[(value is None or _at_least(value, 0, strict=True) and value <= MAX_LEARNING_RATE
+               or (key == "text_encoder_lr" and self.trains_second_text_encoder_only()), f"optimizer.{key}",
+               f"a positive number up to {MAX_LEARNING_RATE:g} (typical: 1e-4)" + (
+                   "; 0 only in native fine-tuning of SDXL whose second encoder trains (text_encoder_2_lr > 0)"
+                   if key == "text_encoder_lr" else ""), value)
               for key, value in (("learning_rate", opt.learning_rate), ("unet_lr", opt.unet_lr),
                                  ("text_encoder_lr", opt.text_encoder_lr), ("ti_lr", opt.ti_lr))],
             (opt.text_encoder_2_lr is None or _at_least(opt.text_encoder_2_lr, 0)
@@ -826,6 +830,13 @@ class TrainConfig:
             raise ConfigError(f"output.format = \"diffusers\" holds plain LoRA/LoCon only, not {what}: keep the "
                               "kohya format (diffusers reads it too for LoRA), or convert the result afterwards "
                               "with `lorakit resize FILE --to lora`")
+
+    def trains_second_text_encoder_only(self) -> bool:
+        """Native fine-tuning of SDXL's second text encoder alone: the first's rate 0, the second's positive (kohya's
+        learning_rate_te1 = 0 with learning_rate_te2)."""
+        opt = self.optimizer
+        return (self.method.kind == "native" and self.method.native_text_encoder and opt.text_encoder_lr == 0
+                and isinstance(opt.text_encoder_2_lr, (int, float)) and opt.text_encoder_2_lr > 0)
 
     def _validate_preset(self) -> None:
         """``network.preset`` names a preset or a LyCORIS preset file that reads, and ``network.include`` /

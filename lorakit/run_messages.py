@@ -56,6 +56,8 @@ def text_encoder_part(cfg: TrainConfig) -> str:
         which, whose = " and the text encoder", "its"
     elif second == 0:
         which, whose = " and the first text encoder", "its"
+    elif cfg.trains_second_text_encoder_only():
+        which, whose = f" and the second text encoder (at {second:g})", "its"
     else:
         which, whose = f" and the text encoders (the second at {second:g})", "their"
     return which + (f" ({whose} first {limit} steps)" if limit else "")

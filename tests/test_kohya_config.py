@@ -408,13 +408,17 @@ def test_a_config_without_epochs_trains_kohyas_steps(tmp_path, tiny_model_dir):
     assert "training: 4 steps per epoch × 3 epochs = 10 steps (training.max_steps 10)" in dry_run(cfg)
 
 
-def test_sdxls_second_text_encoder_alone_is_said_not_taken(tmp_path, tiny_model_dir):
+def test_sdxls_second_text_encoder_alone_is_taken_over(tmp_path, tiny_model_dir):
     path = kohya_file(tmp_path, tiny_model_dir, "kohya.toml",
                       "train_text_encoder = true\nin_json = 'm.json'\nlearning_rate_te1 = 0\n"
                       "learning_rate_te2 = 1e-5\n")
-    untranslated = config_from_kohya(path)[1].untranslated
-    assert any(u.startswith("learning_rate_te1 = 0 with learning_rate_te2 = 1e-05: lorakit trains SDXL's first")
-               for u in untranslated), untranslated
+    cfg, translation = config_from_kohya(path)
+    assert translation.untranslated == []
+    assert cfg.method.native_text_encoder and cfg.optimizer.text_encoder_lr == 0
+    assert cfg.optimizer.text_encoder_2_lr == 1e-5 and cfg.trains_second_text_encoder_only()
+    assert any(n.startswith("learning_rate_te1 = 0 with learning_rate_te2 = 1e-05: kohya trains SDXL's second")
+               for n in translation.notes), translation.notes
+    cfg.validate()
 
 
 def test_base_weights_are_taken_over_one_file_or_several(tmp_path, tiny_model_dir):

@@ -637,3 +637,28 @@ def test_the_block_wise_papers_groups_on_sdxl_are_its_resolution_levels(sdxl, tm
     names = {blocks.SDXL.block_name(n) for n in method.network.names("unet")}
     method.network.remove()
     assert names and names <= {"IN01", "IN02", "IN03", "OUT06", "OUT07", "OUT08"}
+
+
+def test_native_fine_tuning_can_train_the_second_text_encoder_alone(sdxl, tmp_path):
+    """kohya's learning_rate_te1 = 0 with learning_rate_te2: the first encoder stays, the second trains."""
+    import copy
+
+    from lorakit.checkpoint_names import TEXT_ENCODER_PREFIXES
+
+    cfg = make_config(Path("unused"), Path("unused"), tmp_path / "out", method={"kind": "native",
+                      "native_text_encoder": True}, optimizer={"text_encoder_lr": 0.0, "text_encoder_2_lr": 1e-5})
+    cfg.validate()
+    model = copy.deepcopy(sdxl)  # native fine-tuning marks the model's weights trainable
+    method = make_method(cfg, model)
+    assert method.text_params and all(n.startswith(TEXT_ENCODER_PREFIXES[1]) for n in method.text_params)
+    param_groups = method.param_groups()
+    groups = {g["name"]: g["lr"] for g in param_groups}
+    assert groups["text_encoder_2"] == 1e-5 and "text_encoder" not in groups
+    first = {id(p) for p in model.text_encoders[0].parameters()}
+    assert not any(id(p) in first for g in param_groups for p in g["params"])  # the optimizer never sees it
+    from lorakit.run_messages import what_is_trained
+
+    assert "and the second text encoder (at 1e-05)" in what_is_trained(cfg)
+    cfg.method.kind, cfg.method.native_text_encoder = "adapter", False  # an adapter's 0 means no text encoder
+    with pytest.raises(ConfigError, match="optimizer.text_encoder_lr"):
+        cfg.validate()

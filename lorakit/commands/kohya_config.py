@@ -409,11 +409,11 @@ def _text_encoders_kept(options: dict[str, Any], te2: Any, out: KohyaTranslation
         out.notes.append(f"{key} = 0: kohya does not change the text encoder{'s' if key.endswith('1') else ''}; "
                          "lorakit does not train them (method.native_text_encoder = false)")
         return False
-    if _zero(options.get("learning_rate_te1")):  # the second alone: lorakit trains the first whenever it trains one
+    if _zero(options.get("learning_rate_te1")):  # the second alone: the first's rate 0
         options.pop("learning_rate_te1")
-        out.untranslated.append(f"learning_rate_te1 = 0 with learning_rate_te2 = {te2!r}: lorakit trains SDXL's "
-                                "first text encoder whenever it trains the second; give the first a rate, or 0 to both")
-        return False
+        out.set("optimizer.text_encoder_lr", 0.0)
+        out.notes.append(f"learning_rate_te1 = 0 with learning_rate_te2 = {te2!r}: kohya trains SDXL's second text "
+                         "encoder alone; so does lorakit (optimizer.text_encoder_lr = 0)")
     return True
 
 
