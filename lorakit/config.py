@@ -154,7 +154,8 @@ class NetworkConfig:
     algorithm: str = "lora"
     #: which layers get an adapter: attn-only, attn-mlp (attention and feed-forward), kohya (kohya's networks.lora),
     #: full (also the convolutions: LoCon), lycoris-full (lorakit.network); LyCORIS's full-lin, unet-only,
-    #: unet-transformer-only, unet-convblock-only as lycoris-NAME; or a LyCORIS preset file (a .toml path)
+    #: unet-transformer-only, unet-convblock-only as lycoris-NAME; or a LyCORIS preset file (a .toml path: target
+    #: classes and names, exclude_name, and per-layer algorithms and ranks in module_algo_map / name_algo_map)
     preset: str = "attn-mlp"
     #: the rank of each linear layer's adapter (kohya's network_dim)
     rank: int = 8

@@ -9,9 +9,9 @@ A LyCORIS preset chooses modules two ways, and keeps some out:
 - ``exclude_name``: module paths (the same kind of pattern) left out, with everything inside them;
 - ``enable_conv = false`` leaves out the k×k convolutions (1×1 convolutions stay, as LyCORIS keeps them).
 
-Its per-module settings (``module_algo_map``, ``name_algo_map``: another algorithm, rank or option for some
-modules) are refused by name: a lorakit network trains one algorithm, and per-block ranks have their own settings
-(``network.block_dims``).  LyCORIS's own named presets are built from the same tables (``NAMED``).
+Its per-module settings give some layers another algorithm (``algo``), rank (``dim``), alpha or options:
+``module_algo_map`` by the class of a module holding the layer (the innermost mapped one), ``name_algo_map`` by the
+layer's path (first).  LyCORIS's own named presets are built from the same tables (``NAMED``).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 from lorakit.errors import InvalidValueError
 
 if TYPE_CHECKING:  # this module stays free of torch at import: the kohya translation reads its tables
-    from lorakit.network import Preset
+    from lorakit.network import ModuleSettings, Preset
 
 #: the keys of a LyCORIS preset file lorakit reads
 _TARGET_KEYS = ("unet_target_module", "unet_target_name", "text_encoder_target_module", "text_encoder_target_name",
                 "exclude_name")
 _KEYS = ("enable_conv", "use_fnmatch", *_TARGET_KEYS)
-#: per-module settings, which lorakit does not take (one algorithm per network)
+#: per-module settings: {class name or path pattern: {algo, dim, alpha, options...}}
 _PER_MODULE = ("module_algo_map", "name_algo_map")
 
 _SD_BLOCKS = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
@@ -60,11 +60,6 @@ def preset_from_table(table: Mapping[str, Any], name: str, where: str = "") -> P
     from lorakit.network import ALL_KINDS, NOT_KXK, Preset, TargetRule
 
     where = f"{where}: " if where else ""
-    per_module = [k for k in _PER_MODULE if table.get(k)]
-    if per_module:
-        raise InvalidValueError(f"{where}{' and '.join(per_module)} give some modules another algorithm or rank; a "
-                                "lorakit network trains one algorithm (ranks per block: network.block_dims). "
-                                "Remove them to train the preset's modules alike")
     unknown = sorted(set(table) - set(_KEYS) - set(_PER_MODULE))
     if unknown:
         raise InvalidValueError(f"{where}{', '.join(unknown)}: not keys of a LyCORIS preset (known: "
@@ -85,7 +80,49 @@ def preset_from_table(table: Mapping[str, Any], name: str, where: str = "") -> P
         return by_class + tuple(TargetRule(p, kinds, regex=regex) for p in table.get(f"{part}_target_name", []))
 
     exclude = tuple(TargetRule(p, regex=regex) for p in table.get("exclude_name", []))
-    return Preset(name, rules("unet"), rules("text_encoder"), f"LyCORIS preset {name}", exclude)
+    settings = tuple(_settings(key, conf, by_class=False, regex=regex, where=where)
+                     for key, conf in _table(table, "name_algo_map", where).items())
+    settings += tuple(_settings(key, conf, by_class=True, regex=regex, where=where)
+                      for key, conf in _table(table, "module_algo_map", where).items())
+    return Preset(name, rules("unet"), rules("text_encoder"), f"LyCORIS preset {name}", exclude, settings)
+
+
+def _table(table: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    value = table.get(key, {})
+    if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
+        raise InvalidValueError(f"{where}{key} must be a table of tables ([{key}.NAME] with algo, dim, ...), "
+                                f"got {value!r}")
+    return value
+
+
+def _settings(key: str, conf: Mapping[str, Any], *, by_class: bool, regex: bool, where: str) -> ModuleSettings:
+    """One entry of module_algo_map (``by_class``) or name_algo_map as ``ModuleSettings``; its algorithm and
+    options checked (an option no algorithm has, or one the named algorithm lacks, is refused here)."""
+    from lorakit.adapters import ALGORITHMS, algorithm_class, check_options, option_names
+    from lorakit.network import ModuleSettings, TargetRule
+
+    table = "module_algo_map" if by_class else "name_algo_map"
+    conf = dict(conf)
+    algo, dim, alpha = conf.pop("algo", None), conf.pop("dim", None), conf.pop("alpha", None)
+    here = f"{where}[{table}.{key}] "
+    try:
+        algorithm = algorithm_class(str(algo)).algorithm if algo is not None else None
+        if algorithm is not None:
+            check_options(algorithm, conf)
+        else:  # the network's algorithm, known when the network is made: a name some algorithm takes
+            anyone = set().union(*(option_names(a) for a in ALGORITHMS))
+            unknown = sorted(set(conf) - anyone)
+            if unknown:
+                raise InvalidValueError(f"{unknown[0]}: not an option of any algorithm")
+    except InvalidValueError as err:
+        raise InvalidValueError(f"{here}{err}") from None
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+        raise InvalidValueError(f"{here}dim must be a positive whole number, got {dim!r}")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0):
+        raise InvalidValueError(f"{here}alpha must be a number, 0 or more, got {alpha!r}")
+    return ModuleSettings(classes=(key,) if by_class else (), path=None if by_class else TargetRule(key, regex=regex),
+                          algorithm=algorithm, rank=dim, alpha=None if alpha is None else float(alpha),
+                          options=conf)
 
 
 def read_preset(path: str | os.PathLike) -> Preset:

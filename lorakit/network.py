@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.adapters import make_adapter
+from lorakit.adapters import make_adapter, option_names
 from lorakit.adapters.base import NORM_LAYERS, Adapter
 from lorakit.errors import InvalidValueError
 from lorakit.ldm import kohya_unet_names, ldm_module_path
@@ -84,6 +84,25 @@ class TargetRule:
 
 
 @dataclass(frozen=True)
+class ModuleSettings:
+    """Another algorithm, rank, alpha or options for some of a preset's layers (LyCORIS's ``module_algo_map``, by
+    the class of a module holding the layer, the innermost one; ``name_algo_map``, by the layer's path, first)."""
+
+    classes: tuple[str, ...] = ()
+    path: TargetRule | None = None
+    algorithm: str | None = None
+    rank: int | None = None
+    alpha: float | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def applied_to(self, spec: ModuleSpec) -> ModuleSpec:
+        """``spec`` (what the rank rule gives the layer) with these settings over it."""
+        return ModuleSpec(self.rank if self.rank is not None else spec.rank,
+                          self.alpha if self.alpha is not None else spec.alpha,
+                          self.algorithm or spec.algorithm, {**spec.options, **self.options})
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     unet: tuple[TargetRule, ...]
@@ -91,6 +110,20 @@ class Preset:
     description: str = ""
     #: module paths kept out whatever the rules select, with everything inside them (LyCORIS's exclude_name)
     exclude: tuple[TargetRule, ...] = ()
+    #: per-layer settings over the network's (``ModuleSettings``)
+    settings: tuple[ModuleSettings, ...] = ()
+
+    def settings_for(self, paths: Sequence[str], ancestors: Sequence[str]) -> ModuleSettings | None:
+        """The settings of a layer at ``paths`` inside modules of the classes ``ancestors`` (outermost first):
+        the first whose path rule names it, else those of the innermost class that has some."""
+        for settings in self.settings:
+            if settings.path is not None and any(settings.path.names(p) for p in paths):
+                return settings
+        for cls in reversed(ancestors):
+            for settings in self.settings:
+                if cls in settings.classes:
+                    return settings
+        return None
 
     def excludes(self, paths: Sequence[str]) -> bool:
         """Whether one of ``paths`` (a layer's paths: canonical and the model's own) or a module holding it is
@@ -286,8 +319,7 @@ def select_targets(component: Component, rules: Sequence[TargetRule],
     chosen = []
     for path, module in adaptable_layers(component):
         layer = module.base if isinstance(module, Adapter) else module
-        parts = path.split(".")
-        ancestors = [classes[".".join(parts[:i])] for i in range(len(parts))]
+        ancestors = _ancestor_classes(path, classes)
         paths = (component.canonical_path(path), path)  # the preset's path first; a regex is tried on both
         if exclude is not None and exclude.excludes(paths):
             continue
@@ -536,15 +568,20 @@ def create_network(unet: nn.Module | None = None,
     planned = []
     for comp in components(unet, text_encoder):
         rules = preset.text_encoder if comp.is_text_encoder else preset.unet
+        classes = {path: type(m).__name__ for path, m in comp.model.named_modules()} if preset.settings else {}
         adapted = []
         for path, layer in select_targets(comp, rules, preset):
             name = comp.kohya_name(path)
             spec = ranks(name, layer)
             if spec is None:
                 continue
+            if preset.settings and (settings := preset.settings_for(
+                    (comp.canonical_path(path), path), _ancestor_classes(path, classes))) is not None:
+                spec = settings.applied_to(spec)
             algo = spec.algorithm or algorithm
+            module_options = {**_options_for(algo, algorithm, shared), **spec.options}
             grads = _grad_flags(layer)  # before the adapter freezes the layer
-            adapter = factory(algo, layer, rank=spec.rank, alpha=spec.alpha, **{**shared, **spec.options})
+            adapter = factory(algo, layer, rank=spec.rank, alpha=spec.alpha, **module_options)
             adapter.multiplier = float(multiplier)
             planned.append((name, comp, path, adapter, grads))
             adapted.append(path)
@@ -561,6 +598,22 @@ def create_network(unet: nn.Module | None = None,
     network.args = _network_args(preset, algorithm, ranks, options,
                                  any(is_kxk_conv(p[3].base) for p in planned))
     return network
+
+
+def _ancestor_classes(path: str, classes: Mapping[str, str]) -> list[str]:
+    """The class names of the modules holding the layer at ``path``, outermost first (the model itself included)."""
+    parts = path.split(".")
+    return [classes[".".join(parts[:i])] for i in range(len(parts))]
+
+
+def _options_for(algo: str, network_algorithm: str, shared: Mapping[str, Any]) -> dict[str, Any]:
+    """The network's options for a layer trained with ``algo``: all of them for the network's own algorithm; for
+    another (a preset's per-layer algorithm) those it takes, as LyCORIS passes every option and each module reads
+    its own."""
+    if algo == network_algorithm or not shared:
+        return dict(shared)
+    known = option_names(algo)
+    return {k: v for k, v in shared.items() if k in known}
 
 
 def _network_args(preset: Preset, algorithm: str, ranks: RankRule, options: Mapping[str, Any] | None,

@@ -23,12 +23,20 @@ CUSTOM = {
     "fnmatch-no-conv": {"enable_conv": False, "use_fnmatch": True, "unet_target_module": ["ResnetBlock2D"],
                         "unet_target_name": ["*attn2.to_[kv]", "time_embedding.*"],
                         "exclude_name": ["*.resnets.1*"]},
+    # per-module algorithms, ranks, alphas and options, by class (the innermost) and by name (first)
+    "algo-maps": {"unet_target_module": ["Transformer2DModel", "ResnetBlock2D"], "unet_target_name": ["conv_in"],
+                  "text_encoder_target_module": ["CLIPAttention", "CLIPMLP"],
+                  "module_algo_map": {"Attention": {"algo": "lokr", "factor": 4},
+                                      "ResnetBlock2D": {"algo": "loha", "dim": 2, "alpha": 1},
+                                      "FeedForward": {"dim": 8}, "CLIPMLP": {"algo": "lokr", "dim": 100000}},
+                  "name_algo_map": {"conv_in": {"algo": "lora", "dim": 3, "use_tucker": True}}},
 }
 TABLES = {**{f"lycoris-{name}": table for name, table in NAMED.items()}, **CUSTOM}
 
 
-def _lycoris_names(monkeypatch, table) -> set[str]:
-    """The module names LyCORIS's kohya network creates for a preset table on the tiny models."""
+def _lycoris_modules(monkeypatch, table) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The modules LyCORIS's kohya network creates for a preset table on the tiny models: name -> the shape of
+    each tensor it would write (which tells the algorithm, rank and options apart)."""
     from lycoris.kohya import LycorisNetworkKohya as Lycoris
 
     # LyCORIS reads its preset from these class attributes (by the class's own name): set, and put back after
@@ -38,11 +46,13 @@ def _lycoris_names(monkeypatch, table) -> set[str]:
                                ("TEXT_ENCODER_TARGET_REPLACE_MODULE", "text_encoder_target_module", []),
                                ("TEXT_ENCODER_TARGET_REPLACE_NAME", "text_encoder_target_name", []),
                                ("TARGET_EXCLUDE_NAME", "exclude_name", []),
-                               ("MODULE_ALGO_MAP", None, {}), ("NAME_ALGO_MAP", None, {})):
-        monkeypatch.setattr(Lycoris, attr, table.get(key, default) if key else default, raising=False)
+                               ("MODULE_ALGO_MAP", "module_algo_map", {}), ("NAME_ALGO_MAP", "name_algo_map", {})):
+        monkeypatch.setattr(Lycoris, attr, table.get(key, default), raising=False)
     network = Lycoris(build_tiny_text_encoder(), build_tiny_unet(), lora_dim=2, conv_lora_dim=2, alpha=1,
                       conv_alpha=1, network_module="locon", warn_on_unmatched=False)
-    return {m.lora_name.replace("text_model_", "") for m in network.unet_loras + network.text_encoder_loras}
+    return {m.lora_name.replace("text_model_", ""): {k: tuple(v.shape) for k, v in m.state_dict().items()
+                                                     if not k.startswith("org_")}
+            for m in network.unet_loras + network.text_encoder_loras}
 
 
 @pytest.mark.parametrize("label", TABLES)
@@ -51,8 +61,13 @@ def test_a_preset_table_selects_what_lycoris_selects(label, monkeypatch):
     table = TABLES[label]
     ours = create_network(build_tiny_unet(), build_tiny_text_encoder(), preset=preset_from_table(table, label),
                           ranks=UniformRanks(2, 1.0))
-    names = {n.replace("text_model_", "") for n in ours.names()}
-    assert names and names == _lycoris_names(monkeypatch, table)
+    modules = {n.replace("text_model_", ""): {k: tuple(v.shape) for k, v in a.file_tensors().items()}
+               for n, a in ours.adapters.items()}
+    assert modules and modules == _lycoris_modules(monkeypatch, table)
+    if label == "algo-maps":  # each map reached its layers; the network's own options are still its record
+        assert {a.algorithm for a in ours.adapters.values()} == {"lora", "loha", "lokr"}
+        again = create_network(build_tiny_unet(), preset=preset_from_table(table, label), options={"dropout": 0.1})
+        assert again.args["dropout"] == "0.1" and again.args["algo"] == "lora"
 
 
 def test_exclusions_and_names_do_what_the_file_says(tmp_path):
@@ -68,8 +83,12 @@ def test_exclusions_and_names_do_what_the_file_says(tmp_path):
 
 @pytest.mark.parametrize(("text", "said"), [
     ("", None),
-    ('unet_target_module = ["Transformer2DModel"]\n[module_algo_map.CrossAttention]\nalgo = "lokr"\n',
-     r"module_algo_map give some modules another algorithm or rank; a lorakit network trains one algorithm"),
+    ('[module_algo_map.Attention]\nalgo = "lokr"\nfactr = 4\n',
+     r"\[module_algo_map.Attention\] factr: not an option of lokr \(did you mean factor\?\)"),
+    ('[name_algo_map.conv_in]\nalgo = "lokr"\ndim = 0\n', r"\[name_algo_map.conv_in\] dim must be a positive"),
+    ('[name_algo_map.conv_in]\nalgo = "nope"\n', r"\[name_algo_map.conv_in\] unknown adapter algorithm 'nope'"),
+    ('[module_algo_map.Attention]\nwhatever = 1\n', r"whatever: not an option of any algorithm"),
+    ('module_algo_map = ["Attention"]\n', r"module_algo_map must be a table of tables"),
     ('unet_target_modules = ["Transformer2DModel"]\n', r"unet_target_modules: not keys of a LyCORIS preset"),
     ('unet_target_name = "conv_in"\n', r"unet_target_name must be a list of strings, got 'conv_in'"),
     ('enable_conv = "yes"\n', "enable_conv must be true or false"),
@@ -125,7 +144,8 @@ def test_a_run_with_a_preset_file_trains_the_modules_it_names(tiny_model_dir, tm
     from lorakit.formats import read_adapter
 
     preset = tmp_path / "attention-down.toml"
-    preset.write_text('unet_target_module = ["Transformer2DModel"]\nexclude_name = ["up_blocks", "mid_block"]\n')
+    preset.write_text('unet_target_module = ["Transformer2DModel"]\nexclude_name = ["up_blocks", "mid_block"]\n'
+                      '[module_algo_map.FeedForward]\nalgo = "loha"\ndim = 2\n')
     cfg = make_config(tiny_model_dir, write_dataset(tmp_path / "data"), tmp_path / "run",
                       training={"max_epochs": 1}, network={"preset": str(preset), "exclude": ["*.attentions.1"]})
     run_train(cfg)
@@ -134,6 +154,15 @@ def test_a_run_with_a_preset_file_trains_the_modules_it_names(tiny_model_dir, tm
     assert modules and all(n.startswith("lora_unet_down_blocks_") and "_attentions_0_" in n for n in modules)
     assert file.metadata["lorakit_preset"] == str(preset)
     assert json.loads(file.metadata["ss_network_args"])["exclude"] == "*.attentions.1"
+    # the feed-forward layers are LoHa, the rest the run's LoRA; the file reads back as it was trained
+    assert file.metadata["lorakit_algorithm"] == "loha,lora"
+    assert {n for n, t in modules.items() if "hada_w1_a" in t} == {n for n in modules if "_ff_net_" in n}
+    from lorakit.formats import load_network
+    from lorakit.models import load_base_model
+
+    model = load_base_model(str(tiny_model_dir))
+    loaded, report = load_network(file, model.unet, model.text_encoders)
+    assert report.ok and len(loaded) == len(modules)
 
 
 def test_include_and_exclude_change_a_presets_layers_and_a_pattern_naming_nothing_is_refused(tiny_model_dir):
