@@ -257,17 +257,38 @@ def test_baking_a_norm_file_into_the_model_is_loading_it(base, norm_file):
     torch.testing.assert_close(unet_out(baked), unet_out(loaded), atol=1e-5, rtol=1e-4)
 
 
-def test_tools_that_write_a_lora_refuse_norm_updates_by_name(base, norm_file, tmp_path):
-    from lorakit.tools import ToolError
+def test_tools_that_write_a_lora_carry_the_norm_updates_over(base, norm_file, tmp_path):
+    """merge --to-adapter sums them with their multipliers, resize keeps them: the result means what the source
+    did (same U-Net output when loaded as when the source is applied)."""
+    import copy
+
+    from test_tools import unet_out
+
+    from lorakit.formats import load_network, read_adapter
+    from lorakit.tools.apply import applied
     from lorakit.tools.lowrank import RankRule
     from lorakit.tools.merge import combine
     from lorakit.tools.resize import resize_adapter
 
-    with pytest.raises(ToolError, match=r"norm\.safetensors: module lora_unet_\w+_norm\w* updates a norm layer "
-                                        r"\(LyCORIS's train_norm\), which a LoRA cannot carry"):
-        combine([str(norm_file["lora"])], base)
-    with pytest.raises(ToolError, match="updates a norm layer"):
-        resize_adapter(norm_file["lora"], RankRule(2), model=base, to_lora=True)
+    source = read_adapter(norm_file["lora"])
+    w_norms = {k: v for k, v in source.tensors.items() if k.endswith(".w_norm")}
+    combined = combine([f"{norm_file['lora']}:0.3", f"{norm_file['lora']}:0.2"], base)
+    out = combined.as_file()
+    for key, value in w_norms.items():
+        torch.testing.assert_close(out.tensors[key], value * 0.5)
+    assert out.metadata["ss_network_module"] == "lycoris.kohya" and '"train_norm": "True"' in \
+        out.metadata["ss_network_args"]
+    assert any("norm-layer update(s) (train_norm) summed exactly" in n for n in combined.notes)
+    with applied(base, [f"{norm_file['lora']}:0.5"]):
+        expected = unet_out(base)
+    model = copy.deepcopy(base)
+    loaded, report = load_network(out, model.unet, model.text_encoder)
+    assert report.ok and sum(a.kind == "norm" for a in loaded.adapters.values()) == len(w_norms)
+    torch.testing.assert_close(unet_out(model), expected, atol=1e-5, rtol=1e-4)
+
+    resized = resize_adapter(norm_file["lora"], RankRule(2)).as_file()
+    assert all(torch.equal(resized.tensors[k], v) for k, v in w_norms.items())
+    assert {t["lora_down.weight"].shape[0] for t in resized.modules().values() if "lora_down.weight" in t} == {2}
 
 
 # ---- settings and training ----------------------------------------------------------------------------------

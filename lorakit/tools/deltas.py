@@ -11,7 +11,7 @@ needs the base model (DoRA and IA3 read ``W0``; the others need the layer's shap
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -109,6 +109,35 @@ def _lora_product(down: torch.Tensor, up: torch.Tensor, shape: tuple[int, ...], 
     return Delta(shape, up=up.reshape(up.shape[0], rank).double() * scale, down=down.reshape(rank, -1).double())
 
 
+def module_weights(file: AdapterFile, multiplier: float = 1.0, block_weights: BlockWeights | None = None,
+                   spec: AdapterSpec | None = None) -> Callable[[str], float]:
+    """Each module's multiplier in ``file``: ``multiplier`` times its block weight (``spec``'s, read on the file's
+    own blocks, when given)."""
+    if spec is not None:
+        multiplier, block_weights = spec.multiplier, spec.weights_for(block_map_of(file))
+
+    def weight(name: str) -> float:
+        return multiplier * (block_weights(name) if block_weights is not None else 1.0)
+    return weight
+
+
+def is_norm_update(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """A module that updates a norm layer's scale and shift (LyCORIS's ``train_norm``: ``w_norm``, ``b_norm``)."""
+    return "w_norm" in tensors
+
+
+def split_norm_updates(file: AdapterFile) -> tuple[AdapterFile, dict[str, dict[str, torch.Tensor]]]:
+    """``file`` without its norm-layer updates, and those updates by kohya name.  They are linear in their tensors,
+    so the tools that write a LoRA carry them over as they are (scaled, summed) beside the low-rank modules."""
+    modules = file.modules()
+    norms = {kohya_module_name(n): t for n, t in modules.items() if is_norm_update(t)}
+    if not norms:
+        return file, {}
+    kept = {n for n, t in modules.items() if not is_norm_update(t)}
+    rest = {k: v for k, v in file.tensors.items() if k.split(".", 1)[0] in kept or "." not in k}
+    return AdapterFile(rest, dict(file.metadata), file.path), norms
+
+
 def file_deltas(source: str | os.PathLike | AdapterFile, model: BaseModel | None = None, *,
                 multiplier: float = 1.0, block_weights: BlockWeights | None = None,
                 spec: AdapterSpec | None = None, layer_updates: bool = False) -> dict[str, Delta]:
@@ -122,12 +151,7 @@ def file_deltas(source: str | os.PathLike | AdapterFile, model: BaseModel | None
     ``train_norm``: ``ΔW`` shaped like the norm's scale); without it such a module is a ``ToolError``.
     """
     file = source if isinstance(source, AdapterFile) else read_adapter(source)
-    if spec is not None:
-        multiplier, block_weights = spec.multiplier, spec.weights_for(block_map_of(file))
-
-    def weight(name: str) -> float:
-        return multiplier * (block_weights(name) if block_weights is not None else 1.0)
-
+    weight = module_weights(file, multiplier, block_weights, spec)
     if model is None:
         deltas = {}
         for name, tensors in file.modules().items():

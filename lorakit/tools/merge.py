@@ -14,18 +14,18 @@ never materialises it) is re-factored by SVD to the rule's rank, and the report 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from lorakit.blocks import BLOCK_MAPS, SD1
 from lorakit.checkpoint_names import TEXT_ENCODER_PREFIXES
-from lorakit.formats import AdapterFileError, load_network, read_adapter
+from lorakit.formats import AdapterFile, AdapterFileError, load_network, read_adapter
 from lorakit.models import BaseModel, save_diffusers_folder, save_single_file_checkpoint
 from lorakit.native_checkpoints import NativeCheckpointError, apply_native_checkpoint, is_native_checkpoint
 from lorakit.tools import MismatchError, ToolError, check_output
-from lorakit.tools.deltas import AdapterSpec, file_deltas, parse_adapter_spec
+from lorakit.tools.deltas import AdapterSpec, file_deltas, module_weights, parse_adapter_spec, split_norm_updates
 from lorakit.tools.lowrank import Delta, Factors, ModuleReport, RankRule, factorize
 from lorakit.tools.result import ToolResult
 
@@ -98,14 +98,18 @@ def combine(adapters: Sequence[AdapterSpec | str], model: BaseModel | None = Non
     if not specs:
         raise ToolError("combine needs at least one adapter")
     summed: dict[str, Delta] = {}
+    norms: dict[str, dict[str, torch.Tensor]] = {}
     for spec in specs:
-        for name, delta in file_deltas(spec.path, model, spec=spec).items():
+        file, file_norms = split_norm_updates(read_adapter(spec.path))
+        _add_norm_updates(norms, file_norms, module_weights(file, spec=spec), spec.path, model)
+        for name, delta in file_deltas(file, model, spec=spec).items():
             if name in summed and tuple(summed[name].shape) != tuple(delta.shape):
                 raise MismatchError(f"{spec.path}: module {name} has shape {delta.shape}, another file "
                                     f"{summed[name].shape}: the adapters are for different models")
             summed[name] = summed[name] + delta if name in summed else delta
     exact = rule is None and all(d.is_product for d in summed.values())
     result = ToolResult("merge --to-adapter", dtype)
+    result.keep(norms, "summed exactly, each file's multiplier applied")
     for name, delta in summed.items():
         if exact:
             result.add(name, Factors(delta.up, delta.down, tuple(delta.shape), _exact_report(name, delta)))
@@ -118,6 +122,33 @@ def combine(adapters: Sequence[AdapterSpec | str], model: BaseModel | None = Non
     result.finish(read_adapter(specs[0].path).metadata, lorakit_source=labels,
                   ss_training_comment=f"lorakit merge --to-adapter of {labels}")
     return result
+
+
+def _add_norm_updates(total: dict[str, dict[str, torch.Tensor]], norms: dict[str, dict[str, torch.Tensor]],
+                      weight: Callable[[str], float], source: Path, model: BaseModel | None) -> None:
+    """Add one file's norm-layer updates, scaled by their multipliers, into ``total`` (the update is linear in
+    ``w_norm``/``b_norm``, so the sum is exact); checked against ``model`` when given."""
+    if norms and model is not None:  # they fit its norm layers (a file for another model is refused by name)
+        parts = AdapterFile({f"{n}.{k}": v for n, t in norms.items() for k, v in t.items()}, {}, Path(source))
+        try:
+            network, _ = load_network(parts, model.unet, model.text_encoders)
+        except AdapterFileError as err:
+            raise MismatchError(str(err)) from None
+        network.remove()
+    for name, tensors in norms.items():
+        w = weight(name)
+        if w == 0:
+            continue
+        scaled = {k: v.double() * w for k, v in tensors.items()}
+        if name not in total:
+            total[name] = scaled
+            continue
+        for key, value in scaled.items():
+            have = total[name].get(key)
+            if have is not None and have.shape != value.shape:
+                raise MismatchError(f"{source}: module {name} has {key} of shape {tuple(value.shape)}, another file "
+                                    f"{tuple(have.shape)}: the adapters are for different models")
+            total[name][key] = value if have is None else have + value
 
 
 def _exact_report(name: str, delta: Delta) -> ModuleReport:

@@ -20,7 +20,7 @@ from lorakit.adapters.base import alpha_from_file
 from lorakit.formats import AdapterFile, read_adapter
 from lorakit.models import BaseModel
 from lorakit.tools import ToolError
-from lorakit.tools.deltas import file_deltas, kohya_module_name, plain_lora
+from lorakit.tools.deltas import file_deltas, kohya_module_name, plain_lora, split_norm_updates
 from lorakit.tools.lowrank import Factors, ModuleReport, RankRule, factorize
 from lorakit.tools.result import ToolResult
 
@@ -34,9 +34,11 @@ def resize_adapter(source: str | os.PathLike | AdapterFile, rule: RankRule | Non
     other algorithms are converted through ``model`` (required for them).
     """
     file = source if isinstance(source, AdapterFile) else read_adapter(source)
+    file, norms = split_norm_updates(file)  # kept as they are: a norm's update has no rank to lower
     modules = file.modules()
     if not modules:
-        raise ToolError(f"{file.label}: no adapter modules in this file")
+        raise ToolError(f"{file.label}: no adapter modules in this file" + (
+            " (only norm-layer updates, which have no rank)" if norms else ""))
     others = sorted(n for n, t in modules.items() if not plain_lora(t))
     if others and not to_lora:
         raise ToolError(f"{file.label}: {len(others)} module(s) are not plain LoRA/LoCon (e.g. {others[0]}); "
@@ -49,9 +51,10 @@ def resize_adapter(source: str | os.PathLike | AdapterFile, rule: RankRule | Non
         raise ToolError(f"{file.label}: converting {others[0]} to LoRA needs the base model it was trained for")
     unit = dylora_unit(file.metadata)
     if unit is not None and not to_lora and rule.rank is not None and rule.dynamic is None:
-        return _cut_dylora(file, modules, rule, conv_rule, unit, dtype)
+        return _cut_dylora(file, modules, rule, conv_rule, unit, dtype, norms)
     deltas = file_deltas(file, model if (to_lora and model is not None) else None)
     result = ToolResult("resize --to lora" if to_lora else "resize", dtype)
+    result.keep(norms, "kept as they are")
     ratios = []
     by_kohya_name = {kohya_module_name(n): t for n, t in modules.items()}
     for name, delta in deltas.items():
@@ -92,10 +95,11 @@ def dylora_unit(metadata) -> int | None:
 
 
 def _cut_dylora(file: AdapterFile, modules, rule: RankRule, conv_rule: RankRule, unit: int,
-                dtype: torch.dtype) -> ToolResult:
+                dtype: torch.dtype, norms: dict[str, dict[str, torch.Tensor]]) -> ToolResult:
     """A DyLoRA file at rank N is its first N ranks: ``ΔW_N = (alpha / N) · up[:, :N] @ down[:N]`` (what it was
     trained to be at N), not the best rank-N approximation an SVD would give; N a multiple of the block size."""
     result = ToolResult("resize (DyLoRA cut)", dtype)
+    result.keep(norms, "kept as they are")
     alphas = []
     for name, tensors in modules.items():
         down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]

@@ -25,7 +25,8 @@ _KEEP_FROM_SOURCE = ("ss_base_model_version", "ss_v2", "ss_sd_model_name", "ss_t
 
 @dataclass
 class ToolResult:
-    """A plain LoRA/LoCon adapter in memory (kohya names), with a report per module.
+    """A plain LoRA/LoCon adapter in memory (kohya names), with a report per module (and norm-layer updates kept
+    as they are, ``kept``).
 
     Modules are collected with ``add`` and turned into tensors by ``finish``, which gives every module the same
     ``alpha`` (the scale of each module is folded into its factors).  One alpha per file is what every client
@@ -41,6 +42,15 @@ class ToolResult:
     #: things the report should say besides the table (skipped modules, bias updates left out, ...)
     notes: list[str] = field(default_factory=list)
     factors: dict[str, Factors] = field(default_factory=dict)
+    #: modules written as they are beside the LoRA's: norm-layer updates (LyCORIS's ``train_norm``, ``w_norm`` /
+    #: ``b_norm``), which the clients that read them (A1111, ComfyUI, LyCORIS) add to the norm layers
+    kept: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def keep(self, modules: dict[str, dict[str, torch.Tensor]], how: str) -> None:
+        """Write ``modules`` as they are (``how`` says what was done to them, for the report)."""
+        if modules:
+            self.kept.update(modules)
+            self.notes.append(f"{len(modules)} norm-layer update(s) (train_norm) {how}")
 
     def add(self, name: str, factors: Factors) -> None:
         """Add one module (a rank-0 factorisation, i.e. ``ΔW = 0``, is reported but writes no key)."""
@@ -63,6 +73,9 @@ class ToolResult:
         for name, factors in self.factors.items():
             for key, tensor in lora_tensors(factors, alpha, self.dtype).items():
                 self.tensors[f"{name}.{key}"] = tensor
+        for name, tensors in self.kept.items():
+            for key, tensor in tensors.items():
+                self.tensors[f"{name}.{key}"] = tensor.detach().to(self.dtype).contiguous()
         meta = {k: v for k, v in (source or {}).items() if k in _KEEP_FROM_SOURCE or k.startswith("modelspec.")}
         if "modelspec.date" in meta:  # the same model described (title, trigger, license), made now
             meta["modelspec.date"] = modelspec_date()
@@ -74,8 +87,10 @@ class ToolResult:
             args["conv_dim"] = str(max(f.rank for f in conv))
             args["conv_alpha"] = f"{alpha:g}"
         t = totals(self.reports)
+        if self.kept:  # kohya's networks.lora reads no norm updates; LyCORIS's network does
+            args.update({"algo": "lora", "train_norm": "True"})
         meta.update({
-            "ss_network_module": "networks.lora",
+            "ss_network_module": "lycoris.kohya" if self.kept else "networks.lora",
             "ss_network_dim": str(max((f.rank for f in linear), default=0)),
             "ss_network_alpha": f"{alpha:g}",
             "ss_network_args": json.dumps(args),
