@@ -345,3 +345,28 @@ def test_max_norm_scales_the_weight_updates_and_leaves_the_norms_as_lycoris_does
     with torch.no_grad():
         assert all(float(update_norm(a)) <= 0.01 * 1.0001 for a in network.adapters.values() if a.kind != "norm")
     assert all(torch.equal(network[n].w_norm, w) for n, w in norms_before.items())
+
+
+def test_extract_writes_the_norm_layers_differences_when_asked(base, norm_file):
+    """A model with a LoRA and its norm updates baked in: extracted with --norms it is reproduced; without, the
+    report says what is left out and how to keep it."""
+    import copy
+
+    from test_tools import unet_out
+
+    from lorakit.formats import load_network
+    from lorakit.tools.extract import extract_adapter
+    from lorakit.tools.lowrank import RankRule
+    from lorakit.tools.merge import bake
+
+    tuned = copy.deepcopy(base)
+    bake(tuned, [str(norm_file["lora"])])
+    with_norms = extract_adapter(tuned, base, RankRule(8), preset="attn-mlp", norms=True)
+    assert any("norm-layer update(s) (train_norm) written exactly" in n for n in with_norms.notes)
+    model = copy.deepcopy(base)
+    load_network(with_norms.as_file(), model.unet, model.text_encoder)
+    torch.testing.assert_close(unet_out(model), unet_out(tuned), atol=1e-4, rtol=1e-3)
+
+    without = extract_adapter(tuned, base, RankRule(8), preset="attn-mlp")
+    assert not any(k.endswith(".w_norm") for k in without.as_file().tensors)
+    assert any("--norms writes the norm layers' differences" in n for n in without.notes)

@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which layers (lorakit presets: full = LoCon, attn-mlp, attn-only, kohya, lycoris-…; or "
                              "a LyCORIS preset .toml)")
     parser.add_argument("--no-text-encoder", action="store_true", help="extract the U-Net only")
+    parser.add_argument("--norms", action="store_true",
+                        help="also write the differences of the norm layers in the extracted blocks, exactly, as "
+                             "LyCORIS norm updates (train_norm; A1111, ComfyUI and LyCORIS apply them)")
     parser.add_argument("--min-diff", type=float, default=0.0,
                         help="layers whose largest |ΔW| is at most this get no module (default 0: identical only)")
     add_rank_arguments(parser, rank_help="rank to keep (default 4; with --dynamic: the most it may be)")
@@ -39,6 +42,6 @@ def run(args: argparse.Namespace) -> int:
     base = load_base_model(args.base)
     result = extract_adapter(tuned, base, rule, conv_rule, preset=args.preset,
                              text_encoder=not args.no_text_encoder, clamp_quantile=args.clamp_quantile,
-                             min_diff=args.min_diff, dtype=dtype(args))
+                             min_diff=args.min_diff, dtype=dtype(args), norms=args.norms)
     written = result.write(args.out, [args.tuned, args.base], overwrite=args.overwrite)
     return finish(result, args, written)

@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from lorakit.metadata import base_model_fields, ss_metadata
 from lorakit.models import BaseModel
 from lorakit.modelspec import modelspec_metadata
-from lorakit.network import Component, components, get_preset, is_kxk_conv, select_targets
+from lorakit.network import Component, Preset, components, get_preset, is_kxk_conv, norm_targets, select_targets
 from lorakit.tools import MismatchError
 from lorakit.tools.lowrank import Delta, RankRule, factorize
 from lorakit.tools.result import ToolResult
@@ -49,20 +50,24 @@ def check_same_architecture(tuned: BaseModel, base: BaseModel, text_encoder: boo
 @torch.no_grad()
 def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule: RankRule | None = None, *,
                     preset: str = "full", text_encoder: bool = True, clamp_quantile: float | None = None,
-                    min_diff: float = 0.0, dtype: torch.dtype = torch.float32) -> ToolResult:
+                    min_diff: float = 0.0, dtype: torch.dtype = torch.float32, norms: bool = False) -> ToolResult:
     """A LoRA/LoCon whose ``ΔW`` approximates ``tuned − base`` (both models unchanged).
 
     ``min_diff``: layers whose largest ``|ΔW|`` is at most this get no module (0: only identical layers).
+    ``norms``: also the differences of the U-Net's norm layers in the blocks extracted from, exactly, as LyCORIS's
+    norm-layer updates (``w_norm``/``b_norm``, which A1111, ComfyUI and LyCORIS apply): native fine-tuning
+    changes them too.
     """
     check_same_architecture(tuned, base, text_encoder)
     conv_rule = conv_rule or rule
     chosen = get_preset(preset)
     result = ToolResult("extract", dtype)
     tuned_comps = {c.group: c for c in components(tuned.unet, tuned.text_encoders if text_encoder else None)}
-    bias_changed, unchanged = [], 0
+    bias_changed, unchanged, norm_updates = [], 0, {}
     for comp in components(base.unet, base.text_encoders if text_encoder else None):
         rules = chosen.text_encoder if comp.is_text_encoder else chosen.unet
         other = tuned_comps[comp.group].model
+        extracted = []
         for path, layer in select_targets(comp, rules, chosen):
             name = comp.kohya_name(path)
             tuned_layer = other.get_submodule(path)
@@ -78,6 +83,10 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
             factors = factorize(Delta.from_weight(diff), this_rule, name=name, clamp_quantile=clamp_quantile,
                                 dtype=dtype)
             result.add(name, factors)
+            extracted.append(path)
+        if norms and not comp.is_text_encoder:
+            norm_updates |= _norm_differences(comp, other, extracted, chosen, min_diff)
+    result.keep(norm_updates, "written exactly (the norm layers' differences)")
     if not result.reports:
         raise MismatchError(f"{tuned.source or 'the tuned model'} and {base.source or 'the base'} have the same "
                             f"weights in every layer the {preset!r} preset selects: nothing to extract")
@@ -86,10 +95,12 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
     if bias_changed:
         result.notes.append(f"{len(bias_changed)} layer(s) also changed their bias (e.g. {bias_changed[0]}); a LoRA "
                             "has no bias, so that part of the difference is not in the file")
-    outside = _changed_outside(tuned, base, text_encoder, {r.name for r in result.reports})
+    outside = _changed_outside(tuned, base, text_encoder, {r.name for r in result.reports} | set(norm_updates))
     if outside:
+        hint = "" if norms or not any(".norm" in key for key in outside) else \
+            " (--norms writes the norm layers' differences as LyCORIS norm updates)"
         result.notes.append(f"{len(outside)} other tensor(s) differ but are no adapted layer (e.g. {outside[0]}): "
-                            "not in the file")
+                            f"not in the file{hint}")
     described = modelspec_metadata("lora", title=Path(tuned.source).stem if tuned.source else "extracted",
                                    resolution=(tuned.resolution, tuned.resolution),
                                    prediction_type=tuned.prediction_type, family=tuned.version)
@@ -97,6 +108,22 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
     result.finish(None, lorakit_source=f"{tuned.source} - {base.source}", lorakit_rank_rule=rule.describe(),
                   lorakit_conv_rank_rule=conv_rule.describe(), lorakit_preset=preset, **described)
     return result
+
+
+def _norm_differences(comp: Component, tuned: nn.Module, extracted: list[str], preset: Preset,
+                      min_diff: float) -> dict[str, dict[str, torch.Tensor]]:
+    """``w_norm``/``b_norm`` (tuned − base) of the norm layers beside the extracted layers (as ``train_norm`` places
+    them) whose scale or shift changed by more than ``min_diff``."""
+    updates = {}
+    for path, layer in norm_targets(comp, extracted, preset):
+        other = tuned.get_submodule(path)
+        w = other.weight.detach().float() - layer.weight.detach().float()
+        tensors = {"w_norm": w}
+        if layer.bias is not None:
+            tensors["b_norm"] = other.bias.detach().float() - layer.bias.detach().float()
+        if max(float(t.abs().max()) for t in tensors.values()) > min_diff:
+            updates[comp.kohya_name(path)] = tensors
+    return updates
 
 
 def _changed_outside(tuned: BaseModel, base: BaseModel, text_encoder: bool, adapted: set[str]) -> list[str]:
