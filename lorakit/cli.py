@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "resize": ("lorakit.commands.resize", "lower an adapter's rank, or convert any adapter to plain LoRA"),
     "convert": ("lorakit.commands.convert",
                 "rewrite an adapter in the kohya or diffusers/PEFT key layout, the same ΔW"),
+    "interrogate": ("lorakit.commands.interrogate",
+                    "the words an adapter changes most: its trigger and caption words, read off the weights"),
 }
 
 

@@ -35,7 +35,8 @@ def summed_deltas(model: BaseModel, adapters: Sequence[AdapterSpec | str]) -> di
     return total
 
 
-def _layers(model: BaseModel) -> dict[str, nn.Module]:
+def layers_by_name(model: BaseModel) -> dict[str, nn.Module]:
+    """Every layer an adapter may change, by its kohya name (``lora_unet_…``, ``lora_te_…``)."""
     return {c.kohya_name(path): layer for c in components(model.unet, model.text_encoders)
             for path, layer in adaptable_layers(c)}
 
@@ -98,7 +99,7 @@ def applied(model: BaseModel, adapters: Sequence[AdapterSpec | str], *, merged: 
     The model is exactly as before afterwards (hooks removed, or the original weights copied back).
     """
     deltas = summed_deltas(model, adapters)
-    layers = _layers(model)
+    layers = layers_by_name(model)
     missing = sorted(set(deltas) - set(layers))
     if missing:  # file_deltas resolved every name already; this would be a bug, not a user error
         raise ToolError(f"no layer for {missing[0]}")

@@ -1,0 +1,53 @@
+"""``lorakit interrogate FILE``: the words an adapter changes most (its trigger and caption words, when nobody
+wrote them down), scored on the base model's whole vocabulary (``lorakit.tools.interrogate``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "the words an adapter changes most: its trigger and caption words, read off the weights"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter", metavar="ADAPTER[:MULT]", help="the adapter file (kohya, LyCORIS or diffusers keys)")
+    parser.add_argument("--model", default=None, help="the base model it was trained on (default: the built-in one)")
+    parser.add_argument("--top", type=int, default=30, help="how many words to list per score (default 30)")
+    parser.add_argument("--clip-skip", type=int, default=None,
+                        help="read the text as the adapter was trained (default: its ss_clip_skip, else 1)")
+    parser.add_argument("--batch-size", type=int, default=256, help="tokens encoded at once (default 256)")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
+                        help="also write every token's scores as JSON (atomic; not over an existing file)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lorakit.atomic import atomic_write_text
+    from lorakit.models import load_base_model
+    from lorakit.sample import trained_text_settings
+    from lorakit.tools import ToolError, check_output
+    from lorakit.tools.deltas import parse_adapter_spec
+    from lorakit.tools.interrogate import interrogate, vocabulary
+
+    if args.top < 1 or args.batch_size < 1:
+        raise ToolError("--top and --batch-size must be at least 1")
+    spec = parse_adapter_spec(args.adapter)
+    if args.json is not None:
+        check_output(args.json, [spec.path], overwrite=False)
+    settings, said = trained_text_settings([spec.path], clip_skip=args.clip_skip)
+    model = load_base_model(args.model)
+    for line in said:
+        print(line)
+    with tqdm(total=len(vocabulary(model)), unit="token", disable=args.no_progress, leave=False) as bar:
+        result = interrogate(model, spec, clip_skip=1 if model.is_sdxl else settings["clip_skip"],
+                             batch_size=args.batch_size, progress=bar.update)
+    print(result.summary(args.top))
+    if args.json is not None:
+        rows = [{"id": s.token_id, "text": s.text, "text_encoder": s.text_encoder, "unet": s.unet}
+                for s in result.scores]
+        atomic_write_text(args.json, json.dumps({"source": result.source, "tokens": rows}, indent=1))
+        print(f"wrote {args.json}")
+    return 0
