@@ -662,3 +662,25 @@ def test_native_fine_tuning_can_train_the_second_text_encoder_alone(sdxl, tmp_pa
     cfg.method.kind, cfg.method.native_text_encoder = "adapter", False  # an adapter's 0 means no text encoder
     with pytest.raises(ConfigError, match="optimizer.text_encoder_lr"):
         cfg.validate()
+
+
+def test_interrogate_reads_an_sdxl_adapter_through_both_encoders(sdxl, tmp_path):
+    from lorakit.network import Preset, TargetRule
+    from lorakit.tools.interrogate import interrogate, token_states, vocabulary
+
+    network = create_network(sdxl.unet, sdxl.text_encoders, preset=Preset("x", (TargetRule("*.attn2.to_k"),),
+                                                                           (TargetRule("*.mlp.fc1"),)),
+                             ranks=UniformRanks(1, 1.0))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for adapter in network.adapters.values():
+            adapter.lora_up.weight.copy_(torch.randn(adapter.lora_up.weight.shape, generator=g))
+    path = save_network(network, tmp_path / "xl.safetensors")
+    count = len(network)
+    network.remove()
+    states = token_states(sdxl, [vocabulary(sdxl)[0][0]])
+    assert states.shape[-1] == sdxl.unet.config.cross_attention_dim  # both encoders' widths, joined
+    result = interrogate(sdxl, path)
+    assert result.unet_modules + result.text_encoder_modules == count
+    assert result.unet_modules and result.text_encoder_modules
+    assert len(result.scores) == len(vocabulary(sdxl)) and result.top("unet", 1) and result.top("text_encoder", 1)
