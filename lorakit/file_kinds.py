@@ -107,6 +107,19 @@ def describe_weights(keys: dict[str, list[int]]) -> str | None:
     return f"not an adapter: none of its {len(names)} tensors has an adapter's key names (e.g. {example!r})"
 
 
+def is_full_model(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a whole model: a diffusers folder, or a single-file checkpoint (its U-Net's original
+    names), read from the header alone."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / "model_index.json").is_file()
+    try:
+        keys, _ = read_header(path)
+    except Exception:  # not safetensors, missing, truncated: not a model this can read
+        return False
+    return any(k.startswith("model.diffusion_model.") for k in keys)
+
+
 def model_folder_refusal(path: Path) -> str | None:
     """What to tell someone who gave a diffusers model folder where an adapter (or a run) goes; None otherwise."""
     if (path / "model_index.json").is_file():

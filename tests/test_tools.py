@@ -6,6 +6,8 @@ Models: the built-in model (loaded once per module) for everything that needs a 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -445,3 +447,47 @@ def test_inspect_counts_an_sdxl_file_in_sdxl_blocks(tmp_path):
     small = inspect_file(out)
     assert small.base_model == "sdxl" and block_ranks(small) == "IN04 2, MID 2, OUT08 2"
     assert {m.name for m in small.modules} == {m.name for m in report.modules}
+
+
+@pytest.fixture(scope="module")
+def other_model(base, tmp_path_factory):
+    """The built-in model with every weight moved a little: another fine-tune of the same base, as a folder."""
+    from lorakit.models import save_diffusers_folder
+
+    other = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for part in (other.unet, other.text_encoder, other.vae):
+            for p in part.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    return save_diffusers_folder(other, tmp_path_factory.mktemp("other") / "model"), other
+
+
+def test_a_whole_model_merges_as_a_weighted_sum_from_the_base_as_given(base, other_model, tmp_path):
+    folder, other = other_model
+    adapter = _random_adapter(base, tmp_path / "a.safetensors")
+    merged = copy.deepcopy(base)
+    lines = bake(merged, [str(adapter), f"{folder}:0.3"])
+    assert "a whole model, every weight 0.3 of the way from the base to its own (U-Net, text encoder, VAE)" in lines[1]
+    with_adapter = copy.deepcopy(base)
+    bake(with_adapter, [str(adapter)])
+    for part in ("unet", "text_encoder", "vae"):  # the model's difference from the base, not from base + adapter
+        got, start, theirs, mine = (getattr(m, part).state_dict() for m in (merged, base, other, with_adapter))
+        for key in list(got)[:40]:
+            expected = mine[key] + 0.3 * (theirs[key] - start[key])
+            torch.testing.assert_close(got[key], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_takes_a_whole_model_on_the_command_line_and_refuses_to_combine_it(base, other_model, tmp_path):
+    folder, other = other_model
+    out = tmp_path / "merged.safetensors"
+    done = subprocess.run([sys.executable, "-m", "lorakit.cli", "merge", f"{folder}:0.5", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    merged = load_base_model(str(out))
+    key = "conv_in.weight"
+    torch.testing.assert_close(merged.unet.state_dict()[key],
+                               0.5 * (base.unet.state_dict()[key] + other.unet.state_dict()[key]), rtol=1e-5, atol=1e-6)
+    refused = subprocess.run([sys.executable, "-m", "lorakit.cli", "merge", str(folder), "--to-adapter", "--out",
+                              str(tmp_path / "x.safetensors")], capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "a whole model holds weights, not an update to combine" in refused.stderr

@@ -1,6 +1,7 @@
 """``lorakit merge ADAPTER[:MULT[:LBW]]... --out PATH``: bake adapters into a model, or combine them into one.  A
 native fine-tuning run's epoch checkpoint is baked in too (``FILE[:MULT]``: its weights, or that share of the way
-from the base model's to them): any epoch of such a run becomes a model a client loads."""
+from the base model's to them): any epoch of such a run becomes a model a client loads.  So is a whole model (a
+single file or a diffusers folder, ``MODEL:0.3``: 0.3 of the way from the base to it, kohya's merge_models)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER[:MULT[:LBW]]",
                         help="adapter files, each with an optional multiplier and LoRA Block Weight string "
                              "(17 or 26 values) or preset (ALL, MIDD, OUTALL, ...); also a native fine-tuning "
-                             "run's checkpoints/epoch-NNNN/trained.safetensors (with a multiplier)")
+                             "run's checkpoints/epoch-NNNN/trained.safetensors, or a whole model (file or folder), "
+                             "with a multiplier: that share of the way from the base to it")
     parser.add_argument("--model", "--base", dest="model", default=None,
                         help="base model (default: the built-in model)")
     parser.add_argument("--out", type=Path, required=True,
@@ -30,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.file_kinds import check_adapter_path
+    from lorakit.file_kinds import check_adapter_path, is_full_model
     from lorakit.models import load_base_model
     from lorakit.native_checkpoints import is_native_checkpoint
     from lorakit.tools import ToolError, check_output
@@ -42,12 +44,14 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, inputs, overwrite=args.overwrite)
     if args.report is not None:  # checked now, not after the work: the table is written last
         check_output(args.report, [*inputs, args.out], overwrite=args.overwrite)
-    for spec in specs:  # a model or an embedding given as an adapter is said before the base model loads
-        if not is_native_checkpoint(spec.path):
+    for spec in specs:  # an embedding given as an adapter is said before the base model loads
+        whole = is_full_model(spec.path)
+        if not whole and not is_native_checkpoint(spec.path):
             check_adapter_path(spec.path)
         elif args.to_adapter:
-            raise ToolError(f"{spec.path}: a native fine-tuning checkpoint holds weights, not an update to combine; "
-                            "make it a model (without --to-adapter), or an adapter with lorakit extract")
+            what = "a whole model" if whole else "a native fine-tuning checkpoint"
+            raise ToolError(f"{spec.path}: {what} holds weights, not an update to combine; make it a model "
+                            "(without --to-adapter), or an adapter with lorakit extract")
     model = load_base_model(args.model)
     if args.to_adapter:
         rule, _ = rank_rules(args)
