@@ -152,8 +152,10 @@ def test_every_command_says_a_model_checkpoint_given_as_an_adapter_is_one(tmp_pa
     argv = [name, str(model), *(o.format(out=tmp_path / "out") for o in options)]
     assert main(argv) == 2
     err = capsys.readouterr().err  # its last line: in this process the libraries' own output is not silenced
-    assert err.splitlines()[-1] == f"lorakit {name}: error: {model}: a full Stable Diffusion model checkpoint " \
-                                   "(U-Net, VAE), not an adapter; use it as --model", err
+    said = f"{model}: a whole model, not an adapter; use it as --model, or blend it into the base with a share: " \
+        f"{model}:0.5" if name == "merge" else \
+        f"{model}: a full Stable Diffusion model checkpoint (U-Net, VAE), not an adapter; use it as --model"
+    assert err.splitlines()[-1] == f"lorakit {name}: error: {said}", err
 
 
 @pytest.mark.parametrize("command", [["inspect"], ["sample", "--prompt", "x", "--out", "{out}"],
@@ -183,8 +185,9 @@ def test_a_diffusers_model_folder_given_as_an_adapter_is_said_to_go_to_model(tmp
     name, *options = command
     assert main([name, str(model), *(o.format(out=tmp_path / "out") for o in options)]) == 2
     err = capsys.readouterr().err
-    assert err.splitlines()[-1] == f"lorakit {name}: error: {model}: a diffusers model folder, not an adapter; " \
-                                   "use it as --model"
+    said = f"{model}: a whole model, not an adapter; use it as --model, or blend it into the base with a share: " \
+        f"{model}:0.5" if name == "merge" else f"{model}: a diffusers model folder, not an adapter; use it as --model"
+    assert err.splitlines()[-1] == f"lorakit {name}: error: {said}"
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.st").exists()
 
 

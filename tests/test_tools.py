@@ -488,6 +488,6 @@ def test_merge_takes_a_whole_model_on_the_command_line_and_refuses_to_combine_it
     key = "conv_in.weight"
     torch.testing.assert_close(merged.unet.state_dict()[key],
                                0.5 * (base.unet.state_dict()[key] + other.unet.state_dict()[key]), rtol=1e-5, atol=1e-6)
-    refused = subprocess.run([sys.executable, "-m", "lorakit.cli", "merge", str(folder), "--to-adapter", "--out",
+    refused = subprocess.run([sys.executable, "-m", "lorakit.cli", "merge", f"{folder}:0.5", "--to-adapter", "--out",
                               str(tmp_path / "x.safetensors")], capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0 and "a whole model holds weights, not an update to combine" in refused.stderr

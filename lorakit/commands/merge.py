@@ -44,8 +44,11 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, inputs, overwrite=args.overwrite)
     if args.report is not None:  # checked now, not after the work: the table is written last
         check_output(args.report, [*inputs, args.out], overwrite=args.overwrite)
-    for spec in specs:  # an embedding given as an adapter is said before the base model loads
+    for text, spec in zip(args.adapters, specs, strict=True):  # what is no adapter is said before the model loads
         whole = is_full_model(spec.path)
+        if whole and str(spec.path) == text:  # a model named alone is the base (kohya's merge takes it first)
+            raise ToolError(f"{spec.path}: a whole model, not an adapter; use it as --model, or blend it into the "
+                            f"base with a share: {spec.path}:0.5")
         if not whole and not is_native_checkpoint(spec.path):
             check_adapter_path(spec.path)
         elif args.to_adapter:
