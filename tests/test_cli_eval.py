@@ -598,3 +598,57 @@ def test_a_textual_inversion_run_on_a_plain_folder_gets_default_prompts_around_i
     setup = json.loads((out / "metrics.json").read_text())["setup"]
     assert (setup["prompts"], setup["trigger"]) == ("captions", "zkz")
     assert "a blue zkz on a white background" in (out / "report.html").read_text()
+
+
+def test_a_whole_fine_tuned_model_is_judged_beside_the_adapter_it_holds(tmp_path, concept_data, capsys):
+    """A fine-tuned model as one file (kohya's DreamBooth output; here the built-in model with a LoRA baked in):
+    judged as a checkpoint of its own, it draws what the LoRA draws applied to the base; the base model is left
+    as it was."""
+    import copy
+
+    import torch
+    from eval_helpers import base_model
+
+    from lorakit.models import save_single_file_checkpoint
+    from lorakit.tools.merge import bake
+
+    lora = tmp_path / "lora.safetensors"
+    save_file(lora_tensors(0.3, seed=4), str(lora))
+    tuned = copy.deepcopy(base_model())
+    bake(tuned, [str(lora)])
+    model_file = save_single_file_checkpoint(tuned, tmp_path / "tuned.safetensors")
+    before = {k: v.clone() for k, v in base_model().unet.state_dict().items()}
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(PROMPTS_TOML)
+    out = tmp_path / "out"
+    assert main(["eval", str(model_file), str(lora), "--prompts", str(prompts), "--out", str(out), "--steps", "4",
+                 "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [(c["label"], c["kind"]) for c in metrics["checkpoints"]] == [
+        ("base", "base"), ("tuned", "model"), ("lora", "adapter")]
+    assert all(torch.equal(v, before[k]) for k, v in base_model().unet.state_dict().items())
+    # applied as eval applies it, the model's U-Net is the base's with the LoRA; put back exactly after
+    from test_tools import unet_out
+
+    from lorakit.evaluate.checkpoints import EvalCheckpoint
+    from lorakit.evaluate.generate import applied
+    from lorakit.formats import load_network
+
+    model = base_model()
+    with_lora = copy.deepcopy(model)
+    load_network(lora, with_lora.unet, with_lora.text_encoder)
+    with applied(model, EvalCheckpoint("tuned", "model", model_file, "h")):
+        torch.testing.assert_close(unet_out(model), unet_out(with_lora), atol=1e-4, rtol=1e-3)
+    assert all(torch.equal(v, before[k]) for k, v in model.unet.state_dict().items())
+
+
+def test_a_whole_model_of_another_kind_is_refused_naming_it_and_where_a_base_goes(tmp_path, concept_data, capsys,
+                                                                                  tiny_sdxl_dir):
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(PROMPTS_TOML)
+    out = tmp_path / "out"
+    assert main(["eval", str(tiny_sdxl_dir), "--prompts", str(prompts), "--out", str(out), "--steps", "4",
+                 "--quiet"]) == 2  # an SDXL model beside the built-in SD1-kind base
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert str(tiny_sdxl_dir) in err and "not the same architecture" in err and "give it as --model" in err
+    assert not (out / "metrics.json").exists()

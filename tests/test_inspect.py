@@ -138,12 +138,11 @@ def test_inspect_describes_an_embedding(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", [["sample", "--prompt", "x", "--out", "{out}"], ["merge", "--out", "{out}.st"],
-                                     ["resize", "--rank", "2", "--out", "{out}.safetensors"],
-                                     ["eval", "--out", "{out}"]])
+                                     ["resize", "--rank", "2", "--out", "{out}.safetensors"]])
 def test_every_command_says_a_model_checkpoint_given_as_an_adapter_is_one(tmp_path, capsys, command):
-    """sample, merge, resize and eval, given a model checkpoint where an adapter belongs, say what it is in one
-    line, read from the header (they listed every key of the checkpoint, tens of kilobytes, as 'unsupported
-    modules')."""
+    """sample, merge and resize, given a model checkpoint where an adapter belongs, say what it is in one line,
+    read from the header (they listed every key of the checkpoint, tens of kilobytes, as 'unsupported modules').
+    (eval judges a whole model as a checkpoint of its own: tests/test_cli_eval.py.)"""
     g = torch.Generator().manual_seed(0)
     model = tmp_path / "model.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
@@ -175,7 +174,7 @@ def test_a_run_folder_given_as_an_adapter_names_the_file_to_give(tmp_path, capsy
 
 
 @pytest.mark.parametrize("command", [["sample", "--prompt", "x", "--out", "{out}"], ["merge", "--out", "{out}"],
-                                     ["resize", "--rank", "2", "--out", "{out}.st"], ["eval", "--out", "{out}"]])
+                                     ["resize", "--rank", "2", "--out", "{out}.st"]])
 def test_a_diffusers_model_folder_given_as_an_adapter_is_said_to_go_to_model(tmp_path, capsys, command):
     """`lorakit merge MODEL lora.safetensors --out merged` (kohya's merge script takes the model first): the
     folder is named as a model, and the flag it belongs to with it."""

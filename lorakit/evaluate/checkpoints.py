@@ -28,6 +28,7 @@ from typing import Any
 
 from lorakit.checkpoint_names import EPOCH_DIR, STEP_DIR
 from lorakit.errors import LorakitError
+from lorakit.file_kinds import is_full_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 #: run settings shown in the report and used as SHAP features: (label, config section, key)
@@ -48,7 +49,8 @@ class EvalCheckpoint:
     """One thing to generate with: the base model (``path`` None, ``epoch`` 0) or an adapter/weights file."""
 
     label: str  # unique among the checkpoints compared: "base", "<run>/e3", "<file stem>"
-    kind: str  # "base", "adapter", "native", "embedding" (textual inversion), "pivotal" (an embedding + an adapter)
+    kind: str  # "base", "adapter", "native", "embedding" (textual inversion), "pivotal" (an embedding + an adapter),
+    # "model" (a whole fine-tuned model, a single file or a diffusers folder)
     path: Path | None
     hash: str  # content hash of the file ("base" for the base model: the base model's hash is keyed separately)
     run: str | None = None  # the run's name (folder name), None for the base model and loose files
@@ -387,7 +389,10 @@ def discover(sources: Sequence[str | Path], include_base: bool = True, every: in
     partners = loose_partners([Path(s) for s in sources if Path(s).is_file()])
     for source in sources:
         path = Path(source)
-        if path.is_dir():
+        if is_full_model(path):  # a fine-tuned model (kohya's DreamBooth writes one): judged as a whole
+            checkpoints.append(EvalCheckpoint(label=path.stem if path.is_file() else path.name, kind="model",
+                                              path=path, hash=model_hash(path)))
+        elif path.is_dir():
             info = read_run(path, every, step_checkpoints)
             runs.append(info)
             checkpoints.extend(info.checkpoints)

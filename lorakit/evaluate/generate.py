@@ -24,11 +24,12 @@ from tqdm import tqdm
 from lorakit.atomic import atomic_write
 from lorakit.checkpoint_names import PIVOTAL_EMBEDDING_PREFIX, split_pivotal
 from lorakit.embeddings import ENCODER_KEYS, EmbeddingError, embedding_added, read_embedding
-from lorakit.errors import InvalidValueError
+from lorakit.errors import InvalidValueError, LorakitError
 from lorakit.evaluate.checkpoints import CheckpointError, EvalCheckpoint
 from lorakit.evaluate.prompts import EvalPrompt
 from lorakit.formats import AdapterFile
 from lorakit.metadata import TEXT_SETTINGS
+from lorakit.model_blend import load_like, move_towards, put_back, weights_copy
 from lorakit.models import BaseModel
 from lorakit.native_checkpoints import NativeCheckpointError, apply_native_checkpoint, restore
 from lorakit.sample import SamplePrompt, generate, sampler_name
@@ -125,6 +126,10 @@ def applied(model: BaseModel, checkpoint: EvalCheckpoint) -> Iterator[Callable[[
         with _native_weights(model, checkpoint.path):
             yield _unchanged
         return
+    if checkpoint.kind == "model":
+        with _whole_model(model, checkpoint.path):
+            yield _unchanged
+        return
     if checkpoint.kind == "embedding":
         vectors, _ = _read_embedding(checkpoint.path)
         with _embedding(model, vectors, checkpoint) as expand:
@@ -207,6 +212,24 @@ def _native_weights(model: BaseModel, path: Path) -> Iterator[None]:
         yield
     finally:
         restore(saved, model.unet, model.text_encoders)
+
+
+@contextmanager
+def _whole_model(model: BaseModel, path: Path) -> Iterator[None]:
+    """A whole model's weights copied in (the same architecture and prediction type); the base's put back after."""
+    try:
+        other = load_like(path, model)
+    except (LorakitError, OSError, ValueError) as err:  # not the same kind of model, or not a model that loads
+        said = str(err) if str(path) in str(err) else f"{path}: {err}"
+        raise CheckpointError(f"{said} (judged as a fine-tuned model of the base; to judge adapters on it, give it "
+                              "as --model)") from None
+    saved = weights_copy(model)
+    try:
+        move_towards(model, other, saved)
+        del other
+        yield
+    finally:
+        put_back(model, saved)
 
 
 def check_checkpoints(model: BaseModel, checkpoints: Sequence[EvalCheckpoint]) -> None:

@@ -23,7 +23,8 @@ from lorakit.blocks import BLOCK_MAPS, SD1
 from lorakit.checkpoint_names import TEXT_ENCODER_PREFIXES
 from lorakit.file_kinds import is_full_model
 from lorakit.formats import AdapterFile, AdapterFileError, load_network, read_adapter
-from lorakit.models import BaseModel, load_base_model, save_diffusers_folder, save_single_file_checkpoint
+from lorakit.model_blend import ModelMismatchError, load_like, model_parts, move_towards, weights_copy
+from lorakit.models import BaseModel, save_diffusers_folder, save_single_file_checkpoint
 from lorakit.native_checkpoints import NativeCheckpointError, apply_native_checkpoint, is_native_checkpoint
 from lorakit.tools import MismatchError, ToolError, check_output
 from lorakit.tools.deltas import AdapterSpec, file_deltas, module_weights, parse_adapter_spec, split_norm_updates
@@ -38,7 +39,7 @@ def bake(model: BaseModel, adapters: Sequence[AdapterSpec | str]) -> list[str]:
     ``merge_models.py`` weighted sum: ``a:0.3`` on base ``b`` is ``0.7 b + 0.3 a``)."""
     specs = [parse_adapter_spec(a) for a in adapters]
     # whole models are differences from the base as it was given, whatever was baked before them
-    original = _weights(model) if any(is_full_model(s.path) for s in specs) else None
+    original = weights_copy(model) if any(is_full_model(s.path) for s in specs) else None
     lines = []
     for spec in specs:
         if is_native_checkpoint(spec.path):  # one epoch of a --method native run: its weights, not an update
@@ -66,43 +67,17 @@ def bake(model: BaseModel, adapters: Sequence[AdapterSpec | str]) -> list[str]:
     return lines
 
 
-def _parts(model: BaseModel) -> dict[str, torch.nn.Module]:
-    several = len(model.text_encoders) > 1
-    return {"U-Net": model.unet,
-            **{f"text encoder{f' {i + 1}' if several else ''}": te for i, te in enumerate(model.text_encoders)},
-            "VAE": model.vae}
-
-
-def _weights(model: BaseModel) -> dict[str, dict[str, torch.Tensor]]:
-    """A copy of every floating-point tensor of the model, by part."""
-    return {name: {k: v.detach().clone() for k, v in part.state_dict().items() if v.is_floating_point()}
-            for name, part in _parts(model).items()}
-
-
 def _bake_model(model: BaseModel, spec: AdapterSpec, original: dict[str, dict[str, torch.Tensor]]) -> str:
     """``W ← W + m·(W_other − W_base)`` for every tensor of every part (base: ``original``, the model as given)."""
-    from lorakit.tools.extract import check_same_architecture
-
     if spec.lbw is not None:
         raise ToolError(f"{spec.path}: a whole model takes a multiplier, not LoRA Block Weights")
-    other = load_base_model(str(spec.path))
-    check_same_architecture(other, model)
-    if other.prediction_type != model.prediction_type:
-        raise MismatchError(f"{spec.path} predicts {other.prediction_type}, the base model {model.prediction_type}: "
-                            "their weights mean different things and do not average")
-    mine, theirs = _parts(model), _parts(other)
-    for name, part in mine.items():
-        their_state = theirs[name].state_dict()
-        for key, tensor in part.state_dict().items():
-            if key not in original[name]:
-                continue
-            if key not in their_state or their_state[key].shape != tensor.shape:
-                raise MismatchError(f"{spec.path}: its {name} has no tensor {key} of shape {tuple(tensor.shape)}: "
-                                    "not the same architecture")
-            base = original[name][key]
-            tensor.add_((their_state[key].to(base.dtype) - base).mul_(spec.multiplier).to(tensor.dtype))
+    try:
+        other = load_like(spec.path, model)
+    except ModelMismatchError as err:
+        raise MismatchError(str(err)) from None
+    move_towards(model, other, original, spec.multiplier)
     return f"{spec.label}: a whole model, every weight {spec.multiplier:g} of the way from the base to its own " \
-           f"({', '.join(mine)})"
+           f"({', '.join(model_parts(model))})"
 
 
 def merge_base_weights(model: BaseModel, weights: Sequence[tuple[str, float]]) -> list[str]:
