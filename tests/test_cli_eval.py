@@ -626,6 +626,7 @@ def test_a_whole_fine_tuned_model_is_judged_beside_the_adapter_it_holds(tmp_path
     metrics = json.loads((out / "metrics.json").read_text())
     assert [(c["label"], c["kind"]) for c in metrics["checkpoints"]] == [
         ("base", "base"), ("tuned", "model"), ("lora", "adapter")]
+    assert "fine-tuned model" in (out / "report.html").read_text()
     assert all(torch.equal(v, before[k]) for k, v in base_model().unet.state_dict().items())
     # applied as eval applies it, the model's U-Net is the base's with the LoRA; put back exactly after
     from test_tools import unet_out

@@ -339,13 +339,14 @@ def key_metrics(result: EvalResult) -> list[tuple[str, str]]:
 
 def checkpoint_method(result: EvalResult, checkpoint: Mapping[str, Any]) -> str:
     """What a checkpoint is, in a few words: "base model", the run's algorithm ("lora", "loha", ...), "native",
-    "textual inversion", "pivotal tuning (lora)"; a loose file's kind ("adapter", "embedding")."""
+    "textual inversion", "pivotal tuning (lora)"; a loose file's kind ("adapter", "embedding", "fine-tuned
+    model")."""
     if checkpoint.get("kind") == "base":
         return "base model"
     settings = next((r["settings"] for r in result.runs if r["name"] == checkpoint.get("run")), None)
     if settings is None:  # a loose file: what it holds
         kind = str(checkpoint.get("kind") or "")
-        return "pivotal tuning" if kind == "pivotal" else kind
+        return {"pivotal": "pivotal tuning", "model": "fine-tuned model"}.get(kind, kind)
     method, algorithm = settings.get("method", "adapter"), str(settings.get("algorithm", "adapter"))
     if method == "ti":
         return "textual inversion"
