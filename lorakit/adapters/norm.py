@@ -59,16 +59,8 @@ class Norm(Adapter):
             return F.group_norm(x, norm.num_groups, weight, bias, norm.eps)
         return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_with_delta(self, x: torch.Tensor, dw: torch.Tensor, db: torch.Tensor | None) -> torch.Tensor:
         w0, b0 = self.base.weight, self.base.bias
-        if self.merged:
-            return self.base_forward(x, w0, b0)
-        train = self.training
-        dw, db = self._deltas(train)
-        if train and self.module_dropout > 0:
-            keep = self._module_keep(dw)
-            dw = dw * keep
-            db = None if db is None else db * keep
         if x.dtype == w0.dtype == dw.dtype and w0.dtype in FUSE_DTYPES:
             bias = b0 if db is None else (db if b0 is None else b0 + db)
             return self.base_forward(x, w0 + dw, bias)
