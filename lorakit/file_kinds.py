@@ -73,6 +73,18 @@ def pivotal_embedding(path: str | os.PathLike) -> tuple[bool, Path | None]:
     return True, found[0] if len(found) == 1 else None
 
 
+def checkpoint_family(names: set[str]) -> str:
+    """"SD1.x", "SD2.x", "SDXL" from a single-file checkpoint's key names (its text encoder's layout), else
+    "Stable Diffusion"."""
+    if any(k.startswith("conditioner.") for k in names):
+        return "SDXL"
+    if any(k.startswith("cond_stage_model.model.") for k in names):  # OpenCLIP's names
+        return "SD2.x"
+    if any(k.startswith("cond_stage_model.transformer.") for k in names):
+        return "SD1.x"
+    return "Stable Diffusion"
+
+
 def describe_weights(keys: dict[str, list[int]]) -> str | None:
     """A description of a non-adapter safetensors file from its {key: shape}, or None if it may be an adapter."""
     if not keys:
@@ -87,14 +99,8 @@ def describe_weights(keys: dict[str, list[int]]) -> str | None:
                                          ("conditioner.", "text encoders"), ("first_stage_model.", "VAE"))
              if any(k.startswith(prefix) for k in names)]
     if parts:
-        family, use = "Stable Diffusion", "use it as --model"
-        if any(k.startswith("conditioner.") for k in names):
-            family = "SDXL"
-        elif any(k.startswith("cond_stage_model.model.") for k in names):  # OpenCLIP's names
-            family = "SD2.x"
-        elif any(k.startswith("cond_stage_model.transformer.") for k in names):
-            family = "SD1.x"
-        return f"a full {family} model checkpoint ({', '.join(parts)}), not an adapter; {use}"
+        return f"a full {checkpoint_family(names)} model checkpoint ({', '.join(parts)}), not an adapter; use it as " \
+               "--model"
     if any(k.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for k in names) and \
             any(k.startswith("time_embedding.") for k in names):
         return "the weights of a diffusers U-Net (one model component), not an adapter"

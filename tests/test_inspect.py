@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from model_helpers import build_tiny_text_encoder, build_tiny_unet, randomize
@@ -86,7 +88,8 @@ def test_inspect_bad_files(tmp_path, capsys):
 
 
 def test_inspect_says_what_a_non_adapter_is(tmp_path, capsys):
-    """A model checkpoint, one model component or a folder is named as such, and the exit is 2."""
+    """One model component or a folder is named as such, and the exit is 2; a whole model checkpoint is described,
+    even one lorakit does not load (its family from its key names)."""
     g = torch.Generator().manual_seed(0)
     files = {
         "model.safetensors": ({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
@@ -106,8 +109,11 @@ def test_inspect_says_what_a_non_adapter_is(tmp_path, capsys):
     for name, (tensors, what) in files.items():
         save_file(tensors, tmp_path / name)
         code, out, err = _inspect(capsys, tmp_path / name)
-        assert code == 2 and out == "" and err == f"lorakit inspect: error: {tmp_path / name}: " + what + (
-            "; use it as --model\n" if name == "model.safetensors" else "\n"), err
+        if name != "unet.safetensors":
+            family = what.split()[2]  # "a full SD2.x model ..."
+            assert code == 0 and f"a whole {family} model lorakit does not load: " in out
+            continue
+        assert code == 2 and out == "" and err == f"lorakit inspect: error: {tmp_path / name}: {what}\n", err
     code, _, err = _inspect(capsys, tmp_path)
     assert code == 2 and f"{tmp_path}: is a folder, not a file" in err
 
@@ -201,3 +207,25 @@ def test_a_module_of_an_unknown_algorithm_lists_a_few_of_its_keys(tmp_path):
     message = str(info.value)
     assert "algorithm 'unknown' (keys mystery_0, mystery_1, mystery_10, mystery_11 and 36 more)" in message
     assert len(message) < 600
+
+
+def test_inspect_describes_a_whole_model_and_says_where_it_goes(tmp_path, capsys):
+    """A diffusers folder and its single file: the same parts and parameters, what it is, and where it goes
+    instead of 'not an adapter'; a model lorakit does not load is still described, with why."""
+    from lorakit.models import builtin_model_path, load_base_model, save_single_file_checkpoint
+
+    folder = builtin_model_path()
+    assert main(["inspect", str(folder)]) == 0
+    from_folder = capsys.readouterr().out
+    assert "a whole SD1.x model (64×64, predicts epsilon), not an adapter: give it as --model" in from_folder
+    single = save_single_file_checkpoint(load_base_model(None), tmp_path / "model.safetensors")
+    assert main(["inspect", str(single)]) == 0
+    from_file = capsys.readouterr().out
+    parameters = [line for line in from_folder.splitlines() if line.startswith("parameters:")][0]
+    totals = [re.search(r"\(([\d,]+) in all\)", text).group(1) for text in (from_folder, from_file)]
+    assert totals[0] == totals[1] and "U-Net" in parameters and "VAE" in parameters
+    odd = tmp_path / "odd.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, odd)
+    assert main(["inspect", str(odd)]) == 0
+    assert "a whole Stable Diffusion model lorakit does not load: the checkpoint has no VAE" in \
+        capsys.readouterr().out
