@@ -17,6 +17,7 @@ from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import TrainingData
 from lorakit.methods import block_dims_rule, block_lr_weights, check_sdxl_settings, check_second_text_encoder_rate
 from lorakit.models import describe_base_model
+from lorakit.network_preview import network_preview
 from lorakit.run_messages import base_weight_specs, count, early_stop_text, opening_line, setting_lines
 from lorakit.trackers import check_tracker, read_tracker_settings
 from lorakit.train import (
@@ -49,10 +50,13 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     if family == "SDXL":
         check_sdxl_settings(cfg)
     check_second_text_encoder_rate(cfg, 2 if family == "SDXL" else 1)
+    network = None
     if cfg.method.kind in ("adapter", "pivotal"):  # one value per block of this family's map
         if cfg.network.block_dims is not None:
             block_dims_rule(cfg, sdxl=family == "SDXL")
         block_lr_weights(cfg, sdxl=family == "SDXL")
+        # made on the meta device from the model's configs: what the run would train, or the error it would give
+        network = network_preview(cfg, described.configs)
     if described.unsaid_sd2_prediction:
         family += (" (the file does not say whether it predicts noise or v: read as the 512 ε model; for a 768 v "
                    "model such as 2.1 set model.prediction_type = \"v_prediction\")")
@@ -72,7 +76,7 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     steps_per_epoch, total = planned_steps(cfg, data)
     capped = total < steps_per_epoch * cfg.training.max_epochs
 
-    lines = ["lorakit train --dry-run: the run checked, nothing loaded or written", opening_line(cfg),
+    lines = ["lorakit train --dry-run: the run checked, no weight loaded, nothing written", opening_line(cfg),
              f"base model: {cfg.model.base or 'built-in'}, {family}, made for {resolution}×{resolution} "
              "(from its configs)"]
     lines += [f"base weights: {spec}, merged into the model before training (checked against it when it loads)"
@@ -110,6 +114,8 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     lines.append(f"training: {count(steps_per_epoch, 'step')} per epoch × {count(epochs, 'epoch')}"
                  f" = {count(total, 'step')}" + (f" (training.max_steps {cfg.training.max_steps})" if capped else "")
                  + f"; early stopping: {early_stop_text(cfg, cfg.method.kind != 'ti')}")
+    if network is not None:
+        lines.append(f"network: {network}")
     lines.append(_checkpoints_line(cfg, steps_per_epoch, total))
     lines += setting_lines(cfg)
     if cfg.early_stop.samples and cfg.early_stop.mode != "off":

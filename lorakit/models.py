@@ -698,7 +698,7 @@ def _text_encoders_from_file(checkpoint: dict[str, torch.Tensor], layout: str, f
                              ) -> tuple[CLIPTextModel, tuple | None, dict[str, torch.Tensor]]:
     """A single file's text encoder, SDXL's second one with its tokenizer (else None), and the file's tensors
     that no module holds but a file written back should (``BaseModel.carried_tensors``)."""
-    text_encoder, second, carried = _on_meta(CLIPTextModel, folder / "text_encoder"), None, {}
+    text_encoder, second, carried = text_encoder_on_meta(CLIPTextModel, folder / "text_encoder"), None, {}
     encoders: list[tuple[torch.nn.Module, dict, str]] = []
     if layout == "open_clip":
         state, carried = ldm.text_encoder_from_open_clip(checkpoint, text_encoder)
@@ -706,7 +706,7 @@ def _text_encoders_from_file(checkpoint: dict[str, torch.Tensor], layout: str, f
     elif layout == "sdxl":
         encoders.append((text_encoder, ldm.text_encoder_from_ldm(checkpoint, set(text_encoder.state_dict()),
                                                                  ldm.SDXL_CLIP_PREFIX), "text_encoder"))
-        encoder_2 = _on_meta(CLIPTextModelWithProjection, folder / "text_encoder_2")
+        encoder_2 = text_encoder_on_meta(CLIPTextModelWithProjection, folder / "text_encoder_2")
         state, carried = ldm.text_encoder_from_open_clip(checkpoint, encoder_2, ldm.SDXL_OPEN_CLIP_PREFIX)
         encoders.append((encoder_2, state, "text_encoder_2"))
         second = (load_clip_tokenizer(folder / "tokenizer_2"), encoder_2)
@@ -721,7 +721,7 @@ def _text_encoders_from_file(checkpoint: dict[str, torch.Tensor], layout: str, f
     return text_encoder, second, carried
 
 
-def _on_meta(cls: type, config_folder: Path) -> torch.nn.Module:
+def text_encoder_on_meta(cls: type, config_folder: Path) -> torch.nn.Module:
     """A text encoder of ``config_folder``'s config built on the meta device: no memory, no random weights that
     the file's would replace (SDXL's second encoder has 695M parameters)."""
     config = CLIPTextConfig.from_pretrained(config_folder, local_files_only=True)

@@ -168,3 +168,34 @@ def test_a_folder_that_is_no_model_is_named_by_the_command_as_a_user_runs_it(tmp
     assert done.stderr.strip().splitlines()[-1] == (f"lorakit train: error: {empty}: not a Stable Diffusion diffusers "
                                                     "folder (missing unet, vae, text_encoder)")
     assert "Traceback" not in done.stderr and not (tmp_path / "run").exists() and list(empty.iterdir()) == []
+
+
+def test_a_dry_run_makes_the_network_on_the_meta_device_and_says_what_the_run_trains(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """The network line counts what the run itself makes (the same modules on the loaded model), and an error in
+    making it (a glob naming no module) stops the check, with no weight loaded either way."""
+    import re
+
+    from test_train import make_config
+
+    from lorakit.methods import AdapterMethod
+
+    data = write_dataset(tmp_path / "data", n=2)
+    flags = ["train", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(tmp_path / "run"),
+             "--dry-run", "--preset", "full", "--set", "network.args={train_norm = true}",
+             "--set", 'network.exclude=["up_blocks.3"]']
+    _no_loading(monkeypatch)
+    assert main(flags) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("network: "))
+    modules, norms = map(int, re.search(r"(\d+) unet modules \((\d+) of them norm layers", line).groups())
+    monkeypatch.undo()
+    cfg = make_config(tiny_model_dir, data, tmp_path / "run", network={"preset": "full", "rank": 8, "alpha": 8.0,
+                                                                       "args": {"train_norm": True},
+                                                                       "exclude": ["up_blocks.3"]})
+    method = AdapterMethod(cfg, load_base_model(str(tiny_model_dir)), start_file=False)
+    names = method.network.names("unet")
+    assert modules == len(names) and norms == sum(method.network[n].kind == "norm" for n in names)
+    assert not any(n.startswith("lora_unet_up_blocks_3_") for n in names)
+    _no_loading(monkeypatch)
+    assert main([*flags[:-1], 'network.exclude=["up_blocks.9"]']) == 2
+    assert "network.exclude: 'up_blocks.9' names no module of the model" in capsys.readouterr().err
