@@ -91,3 +91,23 @@ def test_the_command_lists_the_words_and_writes_every_score(base, tmp_path):
     assert len(rows) == len(vocabulary(base)) and all(r["text_encoder"] is None for r in rows)
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)  # never over a file
     assert again.returncode != 0 and "scores.json" in again.stderr
+
+
+def test_an_embeddings_vectors_are_told_by_their_nearest_words(base, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from lorakit.cli import main
+
+    table = base.text_encoder.get_input_embeddings().weight.detach()
+    ids = [base.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("square", "star")]
+    vectors = torch.stack([table[ids[0]], 2 * table[ids[1]]])  # cosine ignores length
+    path = tmp_path / "zkz.safetensors"
+    save_file({"clip_l": vectors.contiguous()}, str(path), metadata={"lorakit_ti_token": "zkz"})
+    assert main(["interrogate", str(path), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "a textual-inversion embedding for 'zkz'" in out
+    assert "text encoder vector 1: nearest words 'square' 1.00" in out
+    assert "text encoder vector 2: nearest words 'star' 1.00" in out
+    save_file({"clip_l": torch.zeros(1, 7)}, str(tmp_path / "odd.safetensors"))
+    assert main(["interrogate", str(tmp_path / "odd.safetensors")]) == 2
+    assert "odd.safetensors: vectors of size 7" in capsys.readouterr().err

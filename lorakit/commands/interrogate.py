@@ -1,5 +1,6 @@
 """``lorakit interrogate FILE``: the words an adapter changes most (its trigger and caption words, when nobody
-wrote them down), scored on the base model's whole vocabulary (``lorakit.tools.interrogate``)."""
+wrote them down), scored on the base model's whole vocabulary; for an embedding, the words its vectors resemble
+(``lorakit.tools.interrogate``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ HELP = "the words an adapter changes most: its trigger and caption words, read o
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("adapter", metavar="ADAPTER[:MULT]", help="the adapter file (kohya, LyCORIS or diffusers keys)")
+    parser.add_argument("adapter", metavar="ADAPTER[:MULT]",
+                        help="the adapter file (kohya, LyCORIS or diffusers keys); or a textual-inversion embedding, "
+                             "whose vectors' nearest words are listed")
     parser.add_argument("--model", default=None, help="the base model it was trained on (default: the built-in one)")
     parser.add_argument("--top", type=int, default=30, help="how many words to list per score (default 30)")
     parser.add_argument("--clip-skip", type=int, default=None,
@@ -26,17 +29,21 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from lorakit.atomic import atomic_write_text
+    from lorakit.file_kinds import embedding_header
     from lorakit.models import load_base_model
     from lorakit.sample import trained_text_settings
     from lorakit.tools import ToolError, check_output
     from lorakit.tools.deltas import parse_adapter_spec
-    from lorakit.tools.interrogate import interrogate, vocabulary
+    from lorakit.tools.interrogate import embedding_neighbours, interrogate, vocabulary
 
     if args.top < 1 or args.batch_size < 1:
         raise ToolError("--top and --batch-size must be at least 1")
     spec = parse_adapter_spec(args.adapter)
     if args.json is not None:
         check_output(args.json, [spec.path], overwrite=False)
+    if embedding_header(spec.path) is not None:  # a textual-inversion embedding: the words its vectors resemble
+        print(embedding_neighbours(load_base_model(args.model), spec.path, args.top).summary())
+        return 0
     settings, said = trained_text_settings([spec.path], clip_skip=args.clip_skip)
     model = load_base_model(args.model)
     for line in said:

@@ -144,3 +144,49 @@ def interrogate(model: BaseModel, adapter: str | os.PathLike | AdapterSpec, *, c
         unet = torch.stack([_specific_change(d, layers[n].weight, h) for n, d in readers.items()]).mean(0).tolist()
     scores = [TokenScore(i, text, te[k], unet[k]) for k, (i, text) in enumerate(tokens)]
     return Interrogation(str(spec.path), scores, text_modules, len(readers))
+
+
+@dataclass
+class EmbeddingNeighbours:
+    """For each vector of a textual-inversion embedding (per text encoder), the vocabulary's words whose input
+    embeddings point the same way (cosine), with the cosine: what the learned token resembles to the encoder."""
+
+    source: str
+    token: str | None
+    neighbours: dict[str, list[list[tuple[str, float]]]]  # encoder -> per vector -> (word, cosine)
+
+    def summary(self) -> str:
+        lines = [f"lorakit interrogate: {self.source}: a textual-inversion embedding"
+                 + (f" for {self.token!r}" if self.token else "")]
+        for encoder, vectors in self.neighbours.items():
+            for k, words in enumerate(vectors):
+                listed = ", ".join(f"{w!r} {c:.2f}" for w, c in words)
+                lines.append(f"  {encoder} vector {k + 1}: nearest words {listed}")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def embedding_neighbours(model: BaseModel, path: str | os.PathLike, top: int = 8) -> EmbeddingNeighbours:
+    """The ``top`` nearest vocabulary words (``vocabulary``) of each vector of an embedding file, by cosine in each
+    encoder's own input embeddings."""
+    from lorakit.embeddings import ENCODER_KEYS, EmbeddingError, read_embedding
+
+    vectors, token = read_embedding(path)
+    if len(vectors) != len(model.text_encoders):
+        raise ToolError(f"{path}: an embedding for {len(vectors)} text encoder(s), and this model has "
+                        f"{len(model.text_encoders)}")
+    tokens = vocabulary(model)
+    ids = torch.tensor([i for i, _ in tokens])
+    found: dict[str, list[list[tuple[str, float]]]] = {}
+    for name, vecs, encoder in zip(ENCODER_KEYS, vectors, model.text_encoders, strict=False):
+        table = encoder.get_input_embeddings().weight.detach().float().cpu()[ids]
+        vecs = vecs.detach().float().cpu().reshape(-1, vecs.shape[-1])
+        if vecs.shape[-1] != table.shape[-1]:
+            raise EmbeddingError(f"{path}: vectors of size {vecs.shape[-1]}, and the model's {name} encoder takes "
+                                 f"{table.shape[-1]}")
+        cosine = torch.nn.functional.normalize(vecs, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
+        best = cosine.topk(min(top, len(tokens)), dim=-1)
+        found[name if len(vectors) > 1 else "text encoder"] = [
+            [(tokens[int(j)][1], float(c)) for c, j in zip(row_c, row_j, strict=True)]
+            for row_c, row_j in zip(best.values, best.indices, strict=True)]
+    return EmbeddingNeighbours(str(path), token, found)
