@@ -3,7 +3,9 @@
 A preset is data: for the U-Net and the text encoder, a table of ``TargetRule`` rows (a glob over the
 module path, the layer kinds it admits, and optionally the classes one of its ancestors must have).
 A rank rule is any callable ``(kohya_name, layer) -> ModuleSpec | None`` (None: leave the module out), so
-block-wise ranks (``lorakit.blocks.BlockRanks``) plug in beside the default ``UniformRanks``.
+block-wise ranks (``lorakit.blocks.BlockRanks``) plug in beside the default ``UniformRanks``.  A preset may also
+keep modules out (``exclude``) and give some layers another algorithm, rank or options (``settings``): LyCORIS's
+preset files read so (``lorakit.lycoris_preset``), and ``with_filters`` adds a run's include/exclude globs.
 
 ``create_network`` replaces each chosen layer in its parent with the adapter wrapping it and returns an
 ``AdapterNetwork`` that holds the adapters by kohya name and can take them out again.
