@@ -103,8 +103,10 @@ def test_an_embeddings_vectors_are_told_by_their_nearest_words(base, tmp_path, c
     vectors = torch.stack([table[ids[0]], 2 * table[ids[1]]])  # cosine ignores length
     path = tmp_path / "zkz.safetensors"
     save_file({"clip_l": vectors.contiguous()}, str(path), metadata={"lorakit_ti_token": "zkz"})
-    assert main(["interrogate", str(path), "--top", "3"]) == 0
+    assert main(["interrogate", str(path), "--top", "3", "--json", str(tmp_path / "near.json")]) == 0
     out = capsys.readouterr().out
+    near = json.loads((tmp_path / "near.json").read_text())["neighbours"]["text encoder"]
+    assert near[0][0][0] == "square" and len(near[1]) == 3
     assert "a textual-inversion embedding for 'zkz'" in out
     assert "text encoder vector 1: nearest words 'square' 1.00" in out
     assert "text encoder vector 2: nearest words 'star' 1.00" in out

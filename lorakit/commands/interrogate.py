@@ -42,7 +42,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         check_output(args.json, [spec.path], overwrite=False)
     if embedding_header(spec.path) is not None:  # a textual-inversion embedding: the words its vectors resemble
-        print(embedding_neighbours(load_base_model(args.model), spec.path, args.top).summary())
+        found = embedding_neighbours(load_base_model(args.model), spec.path, args.top)
+        print(found.summary())
+        if args.json is not None:
+            atomic_write_text(args.json, json.dumps({"source": found.source, "token": found.token,
+                                                     "neighbours": found.neighbours}, indent=1))
+            print(f"wrote {args.json}")
         return 0
     settings, said = trained_text_settings([spec.path], clip_skip=args.clip_skip)
     model = load_base_model(args.model)
