@@ -239,11 +239,6 @@ def count_by_block(names: Iterable[str], block_map: BlockMap = SD1) -> dict[str,
 
 # ---- the coarse 4 + 1 + 4 scheme of the block-wise LoRA paper -----------------------------------
 
-#: paper presets on SD1.x: which coarse blocks are trained (upper = highest resolution: In0 + Out3); each block map
-#: has its own (``BlockMap.paper``)
-PAPER_PRESETS: Mapping[str, tuple[str, ...]] = SD1.paper
-
-
 def coarse_block(name: str, block_map: BlockMap = SD1) -> str | None:
     """'IN0'..'IN3', 'MID', 'OUT0'..'OUT3' for a U-Net module name; None elsewhere."""
     return block_map.coarse_block(name)

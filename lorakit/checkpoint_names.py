@@ -38,5 +38,7 @@ def split_pivotal(tensors: dict[str, T]) -> tuple[dict[str, T], dict[str, T]]:
     n = len(PIVOTAL_EMBEDDING_PREFIX)
     return ({k: v for k, v in tensors.items() if not k.startswith(PIVOTAL_EMBEDDING_PREFIX)},
             {k[n:]: v for k, v in tensors.items() if k.startswith(PIVOTAL_EMBEDDING_PREFIX)})
+
+
 #: the metadata entry of a checkpoint or result whose weights are a moving average (training.ema_decay): the decay
 EMA_DECAY_KEY = "lorakit_ema_decay"

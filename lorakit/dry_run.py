@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import TrainingData
-from lorakit.methods import block_dims_rule, block_lr_weights, check_sdxl_settings, check_second_text_encoder_rate
+from lorakit.methods import check_sdxl_settings, check_second_text_encoder_rate
 from lorakit.models import describe_base_model
 from lorakit.network_preview import network_preview
 from lorakit.run_messages import base_weight_specs, count, early_stop_text, opening_line, setting_lines
@@ -50,13 +50,9 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     if family == "SDXL":
         check_sdxl_settings(cfg)
     check_second_text_encoder_rate(cfg, 2 if family == "SDXL" else 1)
-    network = None
-    if cfg.method.kind in ("adapter", "pivotal"):  # one value per block of this family's map
-        if cfg.network.block_dims is not None:
-            block_dims_rule(cfg, sdxl=family == "SDXL")
-        block_lr_weights(cfg, sdxl=family == "SDXL")
-        # made on the meta device from the model's configs: what the run would train, or the error it would give
-        network = network_preview(cfg, described.configs)
+    # made on the meta device from the model's configs (its block-wise rules read on this family's blocks): what the
+    # run would train, or the error it would give
+    network = network_preview(cfg, described.configs) if cfg.method.kind in ("adapter", "pivotal") else None
     if described.unsaid_sd2_prediction:
         family += (" (the file does not say whether it predicts noise or v: read as the 512 ε model; for a 768 v "
                    "model such as 2.1 set model.prediction_type = \"v_prediction\")")

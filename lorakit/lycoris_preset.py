@@ -98,7 +98,7 @@ def _table(table: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
 def _settings(key: str, conf: Mapping[str, Any], *, by_class: bool, regex: bool, where: str) -> ModuleSettings:
     """One entry of module_algo_map (``by_class``) or name_algo_map as ``ModuleSettings``; its algorithm and
     options checked (an option no algorithm has, or one the named algorithm lacks, is refused here)."""
-    from lorakit.adapters import ALGORITHMS, algorithm_class, check_options, option_names
+    from lorakit.adapters import algorithm_class, any_option_names, check_options
     from lorakit.network import ModuleSettings, TargetRule
 
     table = "module_algo_map" if by_class else "name_algo_map"
@@ -110,8 +110,7 @@ def _settings(key: str, conf: Mapping[str, Any], *, by_class: bool, regex: bool,
         if algorithm is not None:
             check_options(algorithm, conf)
         else:  # the network's algorithm, known when the network is made: a name some algorithm takes
-            anyone = set().union(*(option_names(a) for a in ALGORITHMS))
-            unknown = sorted(set(conf) - anyone)
+            unknown = sorted(set(conf) - any_option_names())
             if unknown:
                 raise InvalidValueError(f"{unknown[0]}: not an option of any algorithm")
     except InvalidValueError as err:

@@ -222,6 +222,7 @@ def rank_rule(cfg: TrainConfig, ranks_file: AdapterFile | None = None, model: Ba
     ``ranks_file``'s modules (matched to ``model``'s layers)."""
     net = cfg.network
     conv_alpha = net.conv_alpha if net.conv_alpha is not None else net.alpha
+    sdxl = bool(getattr(model, "is_sdxl", False))  # which blocks the block-wise settings name
     if net.dim_from_weights:
         if ranks_file is None or model is None:
             raise ValueError("network.dim_from_weights: the rank rule needs the adapter file and the model")
@@ -231,7 +232,7 @@ def rank_rule(cfg: TrainConfig, ranks_file: AdapterFile | None = None, model: Ba
     elif net.blocks is not None:
         if net.block_dims is not None:
             raise ValueError("network: blocks and block_dims both given; use one of them")
-        block_map = SDXL if getattr(model, "is_sdxl", False) else SD1
+        block_map = SDXL if sdxl else SD1
         try:
             dims = blocks_block_dims(net.blocks, net.rank, block_map)
             conv_rank = net.rank if net.conv_rank is None else net.conv_rank  # as UniformRanks: None = rank
@@ -243,10 +244,10 @@ def rank_rule(cfg: TrainConfig, ranks_file: AdapterFile | None = None, model: Ba
                           outside=text_encoder_only(UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha)),
                           block_map=block_map)
     elif net.block_dims is not None:
-        rule = block_dims_rule(cfg, sdxl=model is not None and model.is_sdxl)
+        rule = block_dims_rule(cfg, sdxl=sdxl)
     else:
         rule = UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha)
-    weights = block_lr_weights(cfg, sdxl=bool(getattr(model, "is_sdxl", False)))
+    weights = block_lr_weights(cfg, sdxl=sdxl)
     return rule if weights is None else WithoutZeroBlocks(rule, weights)
 
 

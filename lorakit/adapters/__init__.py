@@ -132,6 +132,11 @@ def option_names(algorithm: str) -> frozenset[str]:
     return frozenset(option_defaults(algorithm))
 
 
+def any_option_names() -> frozenset[str]:
+    """The options some algorithm takes (one LyCORIS would read for another algorithm than the one chosen)."""
+    return frozenset().union(*(option_names(name) for name in ALGORITHMS))
+
+
 def check_options(algorithm: str, options: Mapping[str, Any]) -> None:
     """``InvalidValueError`` for an option ``algorithm`` does not take (naming a close one) or a value of the wrong
     kind (a number for a switch, text for a number), before any adapter is built."""

@@ -137,14 +137,14 @@ def _adapter_options(network_args: dict[str, Any], algorithm: str, out: KohyaTra
     """The network_args that are options of ``algorithm``'s adapters (``network.args``).  LyCORIS reads the
     options its algorithm has and ignores the rest, so an option of another algorithm (``factor`` beside LoHa) is
     left out with a note; an option no lorakit algorithm has is untranslated, unless it is off anyway."""
-    from lorakit.adapters import ALGORITHMS, option_names
+    from lorakit.adapters import any_option_names, option_names
     from lorakit.errors import InvalidValueError
 
     try:
         own = option_names(algorithm)
     except InvalidValueError:  # an algorithm lorakit lacks: the config check names it
         return network_args
-    anyone = set().union(*(option_names(name) for name in ALGORITHMS))
+    anyone = any_option_names()
     if "disable_conv_cp" in network_args:  # LyCORIS's older, negated spelling of use_tucker (default: disabled)
         network_args = dict(network_args)
         if not network_args.pop("disable_conv_cp"):

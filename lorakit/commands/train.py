@@ -214,8 +214,7 @@ KOHYA_OPTIONS: dict[str, str] = {
     "--dynamo-backend": "--set model.compile_backend=NAME",
     "--use-8bit-adam": "--set optimizer.optimizer=adamw8bit",
     "--use-lion-optimizer": "--set optimizer.optimizer=lion",
-    # sdxl_train.py's, one per SDXL text encoder: lorakit has one rate for both (a config giving them the same value,
-    # or only one of them, is taken over)
+    # sdxl_train.py's, one per SDXL text encoder (native fine-tuning; an adapter's encoders share one rate)
     "--learning-rate-te1": "--set optimizer.text_encoder_lr=X",
     "--learning-rate-te2": "--set optimizer.text_encoder_2_lr=X",
     "--diffusers-xformers": "(the default: PyTorch's scaled-dot-product attention)",
