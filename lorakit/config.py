@@ -207,9 +207,10 @@ class NetworkConfig:
     #: on from another); its modules must match this network's (algorithm, rank, alpha); modules it lacks start
     #: fresh
     weights: str | None = None
-    #: kohya's --dim_from_weights: each module's rank and alpha come from ``weights`` (a resized file's varying
-    #: ranks, say); the network is the file's modules, whatever the preset, and rank/alpha/conv_rank/conv_alpha
-    #: are not read for them
+    #: kohya's --dim_from_weights: each module is built as ``weights`` holds it, as LyCORIS builds a network from
+    #: weights: its algorithm, rank, alpha and shape options (a resized file's varying ranks, a LyCORIS file mixing
+    #: LoRA, LoHa and LoKr); the network is the file's modules, whatever the preset, and algorithm, rank, alpha,
+    #: conv_rank, conv_alpha and the options that shape a module are not read for them
     dim_from_weights: bool = False
     #: more layers than the preset's: globs over module paths (the U-Net's diffusers paths, e.g. "conv_in" or
     #: "*.resnets.*.conv1"; the text encoder's "text_model.encoder.layers.*"), as LyCORIS's target names

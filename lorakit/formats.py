@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from lorakit.adapters import ALGORITHMS, ALIASES, KNOWN
+from lorakit.adapters import ALGORITHMS, ALIASES, KNOWN, algorithm_class
 from lorakit.adapters import detect_algorithm as registry_detect
 from lorakit.adapters.base import Adapter, AdapterFormatError
 from lorakit.adapters.lowrank import LowRankAdapter
@@ -642,12 +642,13 @@ def _module_mismatch(adapter: Adapter, tensors: Mapping[str, torch.Tensor]) -> s
 
 @dataclass(frozen=True)
 class FileRanks:
-    """A rank rule that gives each layer the rank and alpha of its module in an adapter file (kohya's
-    ``--dim_from_weights``); a layer the file has no module for gets none.  A rankless module (a full-matrix LoKr)
-    takes ``fallback``'s rank, the run's own."""
+    """A rank rule that builds each layer's module as an adapter file holds it (kohya's and LyCORIS's
+    ``--dim_from_weights``): its algorithm, rank, alpha and the options that shape it; a layer the file has no
+    module for gets none.  A module the file's keys do not name an algorithm for takes ``fallback``'s spec, and
+    ``start_network_from_file`` refuses it by name."""
 
     source: str
-    specs: Mapping[str, ModuleSpec | None]  # the model's kohya module name -> the file's rank and alpha
+    specs: Mapping[str, ModuleSpec | None]  # the model's kohya module name -> the file's module, as a spec
     fallback: RankRule
 
     def __call__(self, name: str, layer: nn.Module) -> ModuleSpec | None:
@@ -657,24 +658,51 @@ class FileRanks:
         return spec if spec is not None else self.fallback(name, layer)
 
     def ranks(self) -> list[int]:
-        return sorted({spec.rank for spec in self.specs.values() if spec is not None})
+        return sorted({spec.rank for spec in self.specs.values() if spec is not None and spec.algorithm not in
+                       RANKLESS_ALGORITHMS})
+
+    def algorithms(self) -> list[str]:
+        """The file's algorithms, most modules first (ties by name)."""
+        counts = Counter(spec.algorithm for spec in self.specs.values() if spec is not None)
+        return sorted(counts, key=lambda a: (-counts[a], a))
+
+
+#: algorithms whose modules have no rank (a spec's rank means nothing for them)
+RANKLESS_ALGORITHMS = ("ia3", "full", "norm")
 
 
 def ranks_from_file(source: str | os.PathLike | AdapterFile, fallback: RankRule, unet: nn.Module | None = None,
-                    text_encoder: nn.Module | Sequence[nn.Module] | None = None) -> FileRanks:
-    """The rank rule that builds the network ``source`` holds (module by module: its rank, its alpha, alpha =
-    rank where the file leaves it out).  Modules that name no layer are left to ``start_network_from_file``,
-    which refuses them by name."""
+                    text_encoder: nn.Module | Sequence[nn.Module] | None = None,
+                    algorithm: str | None = None) -> FileRanks:
+    """The rank rule that builds the network ``source`` holds, module by module as LyCORIS builds a network from
+    weights: each module's algorithm (a file may mix them, as LyCORIS's algorithm maps make), rank, alpha (alpha =
+    rank where the file leaves it out) and what shapes it (Tucker, DoRA, LoKr's factors, OFT's blocks).
+    ``algorithm``, the run's own, is kept for modules of the kind it writes (DyLoRA writes LoRA files).  Modules
+    that name no layer are left to ``start_network_from_file``, which refuses them by name; a module whose tensors
+    do not fit its layer is refused here, naming the file and the module."""
     file = source if isinstance(source, AdapterFile) else read_adapter(source)
     find_layer = _layer_finder(file, components(unet, text_encoder))
+    own = algorithm_class(algorithm) if algorithm else None
     specs: dict[str, ModuleSpec | None] = {}
     for name, tensors in file.modules().items():
         found = find_layer(name)
         if found is None:
             continue
-        rank, alpha = module_rank(tensors), module_alpha(tensors)
-        specs[found[0].kohya_name(found[1])] = None if rank is None else \
-            ModuleSpec(rank, float(rank) if alpha is None else alpha)
+        comp, path = found
+        detected = detect_algorithm(tensors)
+        if detected == "unknown":
+            specs[comp.kohya_name(path)] = None
+            continue
+        cls = own if own is not None and getattr(own, "file_algorithm", own.algorithm) == detected \
+            else algorithm_class(detected)
+        layer = comp.model.get_submodule(path)
+        try:
+            arguments = dict(cls.file_arguments(layer, tensors))
+        except (AdapterFormatError, TypeError) as err:
+            raise AdapterFileError(f"{file.label}: module {name}: {err}") from None
+        default = fallback(comp.kohya_name(path), layer) or ModuleSpec(1, 1.0)  # for modules without a rank
+        specs[comp.kohya_name(path)] = ModuleSpec(arguments.pop("rank", default.rank),
+                                                 arguments.pop("alpha", default.alpha), cls.algorithm, arguments)
     return FileRanks(file.label, specs, fallback)
 
 

@@ -10,6 +10,7 @@ its token), and the files it writes.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -228,7 +229,7 @@ def rank_rule(cfg: TrainConfig, ranks_file: AdapterFile | None = None, model: Ba
             raise ValueError("network.dim_from_weights: the rank rule needs the adapter file and the model")
         rule = ranks_from_file(ranks_file, UniformRanks(net.rank, net.alpha, net.conv_rank, net.conv_alpha),
                                model.unet if net.train_unet else None,
-                               model.text_encoders if net.train_text_encoder else None)
+                               model.text_encoders if net.train_text_encoder else None, algorithm=net.algorithm)
     elif net.blocks is not None:
         if net.block_dims is not None:
             raise ValueError("network: blocks and block_dims both given; use one of them")
@@ -285,8 +286,10 @@ class AdapterMethod(TrainingMethod):
                 check_max_norm_supported(self.network)
             except ValueError as err:
                 raise ConfigError(f"network.max_norm: {err}") from None
-        if net.dim_from_weights:  # not a preset's name: the file chose the layers
+        if net.dim_from_weights:  # not a preset's name: the file chose the layers, and their algorithms
             self.network.args["preset"] = "from-weights"
+            self.network.args["algo"] = Counter(a.algorithm for a in self.network.adapters.values()
+                                                ).most_common(1)[0][0] if len(self.network) else net.algorithm
         for key in ("include", "exclude"):  # the layer filters, in ss_network_args beside the preset
             if getattr(net, key):
                 self.network.args[key] = ",".join(getattr(net, key))
@@ -410,11 +413,15 @@ class AdapterMethod(TrainingMethod):
             where += f" ({norms} of them norm layers: train_norm)"
         net = self.cfg.network
         started = f"\n{self.started_from.summary()}" if self.started_from is not None else ""
-        ranks = [r for n in self.network.names() if isinstance(r := getattr(self.network[n], "rank", None), int)]
-        shape = (f"ranks {'–'.join(str(r) for r in sorted({min(ranks), max(ranks)}))} and layers from the file"
-                 if net.dim_from_weights and ranks else f"rank {net.rank} alpha {net.alpha:g}, preset {net.preset}")
-        return (f"{net.algorithm} {shape}: {where}, "
-                f"{n_params:,} trainable parameters{started}")
+        if net.dim_from_weights:
+            ranks = [r for a in self.network.adapters.values() if isinstance(r := getattr(a, "rank", None), int)]
+            algorithms = Counter(a.algorithm for a in self.network.adapters.values())
+            shape = "/".join(sorted(algorithms, key=lambda a: -algorithms[a])) + (
+                f" ranks {'–'.join(str(r) for r in sorted({min(ranks), max(ranks)}))}" if ranks else "") + \
+                " and layers from the file"
+        else:
+            shape = f"{net.algorithm} rank {net.rank} alpha {net.alpha:g}, preset {net.preset}"
+        return f"{shape}: {where}, {n_params:,} trainable parameters{started}"
 
 
 # ------------------------------------------------------------------------------------------------ native

@@ -76,8 +76,10 @@ def what_is_trained(cfg: TrainConfig) -> str:
         name = "LoCon"  # LoRA on the conv layers too: the name users know from LyCORIS and kohya
     if net.use_dora:
         name += " with DoRA"
-    shape = f"ranks and layers from {net.weights}" if net.dim_from_weights else f"rank {net.rank}, preset {net.preset}"
-    what = f"a {name} ({shape})"
+    if net.dim_from_weights:  # the file's modules decide, as LyCORIS builds a network from weights
+        what = f"an adapter (algorithms, ranks and layers from {net.weights})"
+    else:
+        what = f"a {name} (rank {net.rank}, preset {net.preset})"
     return what if kind == "adapter" else f"pivotal tuning: an embedding plus {what}"
 
 

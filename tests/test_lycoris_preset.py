@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from model_helpers import build_tiny_text_encoder, build_tiny_unet
 
 from lorakit.errors import InvalidValueError
@@ -163,6 +164,45 @@ def test_a_run_with_a_preset_file_trains_the_modules_it_names(tiny_model_dir, tm
     model = load_base_model(str(tiny_model_dir))
     loaded, report = load_network(file, model.unet, model.text_encoders)
     assert report.ok and len(loaded) == len(modules)
+    # kohya's --dim_from_weights on the mixed file: its algorithms, ranks and layers, whatever --algorithm says
+    from lorakit.cli import main
+
+    again = tmp_path / "again"
+    assert main(["train", "--data", str(tmp_path / "data"), "--model", str(tiny_model_dir), "--out", str(again),
+                 "--network-weights", str(tmp_path / "run" / "lorakit.safetensors"), "--dim-from-weights",
+                 "--algorithm", "lokr", "--epochs", "1", "--no-progress", "--set", "early_stop.mode=off"]) == 0
+    result = read_adapter(again / "lorakit.safetensors")
+    assert {n: {k: v.shape for k, v in t.items()} for n, t in result.modules().items()} == \
+        {n: {k: v.shape for k, v in t.items()} for n, t in modules.items()}
+    assert result.metadata["lorakit_algorithm"] == "loha,lora"
+    assert json.loads(result.metadata["ss_network_args"])["algo"] == "lora"  # most of its modules
+
+
+def test_dim_from_weights_builds_a_lycoris_file_of_mixed_algorithms_module_for_module(monkeypatch, tmp_path):
+    """A file LyCORIS wrote from its algorithm maps (LoKr with factor 4 on attention, LoHa on the resnets, a Tucker
+    LoRA on conv_in) builds the same network in lorakit from its weights alone, and starts it exactly."""
+    pytest.importorskip("lycoris.kohya")
+    from lycoris.kohya import LycorisNetworkKohya as Lycoris
+
+    from lorakit.formats import ranks_from_file, read_adapter, start_network_from_file
+
+    table = CUSTOM["algo-maps"]
+    _lycoris_modules(monkeypatch, table)  # the class attributes set from the table
+    encoder, unet = build_tiny_text_encoder(), build_tiny_unet()
+    theirs = Lycoris(encoder, unet, lora_dim=2, conv_lora_dim=2, alpha=1, conv_alpha=1, network_module="locon",
+                     warn_on_unmatched=False)
+    theirs.apply_to(encoder, unet, apply_text_encoder=True, apply_unet=True)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.1)
+    path = tmp_path / "lycoris.safetensors"
+    theirs.save_weights(str(path), torch.float32, None)
+    unet, encoder = build_tiny_unet(), build_tiny_text_encoder()
+    rule = ranks_from_file(path, UniformRanks(8, 8.0), unet, encoder, algorithm="lora")
+    ours = create_network(unet, encoder, preset="lycoris-full", ranks=rule)
+    assert {a.algorithm for a in ours.adapters.values()} == {"lora", "loha", "lokr"}
+    report = start_network_from_file(ours, path, unet, encoder)
+    assert report.fresh == [] and len(report.loaded) == len(ours) == len(read_adapter(path).modules())
 
 
 def test_include_and_exclude_change_a_presets_layers_and_a_pattern_naming_nothing_is_refused(tiny_model_dir):

@@ -96,6 +96,76 @@ def test_ranks_from_a_file_build_its_network_module_by_module(tmp_path):
     assert report.fresh == [] and len(report.loaded) == len(mixed)
 
 
+def _mixed_spec(name, layer):
+    """A module per algorithm and shape-changing option, as LyCORIS's algorithm maps mix them in one file."""
+    from lorakit.network import ModuleSpec
+
+    for part, spec in (("to_q", ModuleSpec(2, 1.0, "lokr", {"factor": 4})),
+                       ("to_k", ModuleSpec(3, 3.0, "loha")),
+                       ("to_v", ModuleSpec(2, 1.0, "lora", {"dora": True})),
+                       ("to_out", ModuleSpec(1, 1.0, "ia3")),
+                       ("proj_in", ModuleSpec(2, 2.0, "glora")),
+                       ("proj_out", ModuleSpec(4, 1.0, "oft", {"constraint": 1e-3, "rescaled": True})),
+                       ("ff_net_2", ModuleSpec(2, 1.0, "boft")),
+                       ("conv1", ModuleSpec(2, 1.0, "lora", {"use_tucker": True})),
+                       ("conv2", ModuleSpec(2, 1.0, "loha", {"use_tucker": True})),
+                       ("self_attn_q", ModuleSpec(1, 1.0, "full")),
+                       ("lokr_full", None)):
+        if part in name:
+            return spec
+    return None
+
+
+def test_dim_from_weights_builds_each_module_as_the_file_holds_it(tmp_path):
+    """LyCORIS's create_network_from_weights: each module gets the file's algorithm and the options that shape it
+    (LoKr's factors, DoRA, Tucker cores, OFT's blocks and rescale, BOFT's stages), whatever the run's algorithm;
+    the file then starts the network exactly, module for module."""
+    from lorakit.formats import ranks_from_file
+
+    unet, encoder = build_tiny_unet(), build_tiny_text_encoder()
+    mixed = create_network(unet, encoder, preset="full", ranks=_mixed_spec)
+    algorithms = {name: mixed[name].algorithm for name in mixed.names()}
+    assert set(algorithms.values()) == {"lokr", "loha", "lora", "ia3", "glora", "oft", "boft", "full"}
+    randomize(mixed)
+    path = save_network(mixed, tmp_path / "mixed.safetensors")
+    unet, encoder = build_tiny_unet(), build_tiny_text_encoder()
+    rule = ranks_from_file(path, UniformRanks(8, 8.0), unet, encoder, algorithm="lora")
+    network = create_network(unet, encoder, preset="lycoris-full", ranks=rule, algorithm="lora",
+                             options={"dropout": 0.1})
+    assert {name: network[name].algorithm for name in network.names()} == algorithms
+    assert network[next(n for n in network.names() if "to_q" in n)].layout == \
+        mixed[next(n for n in mixed.names() if "to_q" in n)].layout  # factor 4, not the default
+    report = start_network_from_file(network, path, unet, encoder)
+    assert report.fresh == [] and len(report.loaded) == len(mixed)
+    expected = mixed.file_tensors()
+    assert network.file_tensors().keys() == expected.keys()
+    for key, value in network.file_tensors().items():
+        assert torch.equal(value, expected[key]), key
+    # the run's training options still reach the modules of its own algorithm
+    assert all(network[n].dropout == 0.1 for n in network.names() if network[n].algorithm == "lora")
+
+
+def test_dim_from_weights_keeps_dylora_on_a_lora_file_and_refuses_a_module_that_does_not_fit(tmp_path):
+    from lorakit.formats import ranks_from_file
+
+    path, trained = _trained_file(tmp_path, preset="attn-only", te=False, rank=4)
+    unet = build_tiny_unet()
+    rule = ranks_from_file(path, UniformRanks(8, 8.0), unet, algorithm="dylora")
+    network = create_network(unet, preset="lycoris-full", ranks=rule, algorithm="dylora",
+                             options={"block_size": 2})
+    assert {network[n].algorithm for n in network.names()} == {"dylora"} and len(network) == len(trained)
+    lokr, _ = _trained_file(tmp_path, "lokr.safetensors", preset="attn-only", te=False, algorithm="lokr")
+    tensors = dict(read_adapter(lokr).tensors)
+    name = sorted(k for k in tensors if k.endswith("lokr_w1"))[0]
+    tensors[name] = tensors[name][:-1]  # one row short: w1 ⊗ w2 no longer covers the layer's outputs
+    save_file(tensors, str(tmp_path / "short.safetensors"))
+    with pytest.raises(AdapterFileError) as info:
+        create_network(build_tiny_unet(), preset="lycoris-full", ranks=ranks_from_file(
+            tmp_path / "short.safetensors", UniformRanks(8, 8.0), build_tiny_unet()))
+    message = str(info.value)
+    assert str(tmp_path / "short.safetensors") in message and name.split(".")[0] in message and "lokr_w1" in message
+
+
 def test_modules_the_file_lacks_start_fresh(tmp_path):
     path, _ = _trained_file(tmp_path, preset="attn-only", te=False)
     network, unet, _ = _network(preset="full", te=False)

@@ -1203,7 +1203,8 @@ def test_dim_from_weights_takes_each_modules_rank_from_the_file(tiny_model_dir, 
     assert "--dim-from-weights to take the file's" in capsys.readouterr().err
     assert main([*flags, "--dim-from-weights", "--epochs", "1", "--out", str(second)]) == 0
     said = capsys.readouterr().out  # the layers are the file's, whatever --preset (here the default, attn-mlp)
-    assert f"a LoRA (ranks and layers from {start})" in said and "lora ranks 1–4 and layers from the file" in said
+    assert f"an adapter (algorithms, ranks and layers from {start})" in said
+    assert "lora ranks 1–4 and layers from the file" in said
     got = read_adapter(second / "lorakit.safetensors").tensors
     assert got.keys() == tensors.keys()
     for key, value in tensors.items():

@@ -24,7 +24,7 @@ algorithm has no rank axis), ``rank_dropout_scale`` (rescale the kept part by ``
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -312,6 +312,15 @@ class Adapter(nn.Module):
 
         Raises ``AdapterShapeError`` naming the key when a tensor does not fit ``base``.
         """
+        raise NotImplementedError
+
+    @classmethod
+    def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The keyword arguments of ``lorakit.adapters.make_adapter`` (``rank``, ``alpha`` where the algorithm has
+        them, and the options that shape it: Tucker, DoRA, LoKr's factors, OFT's blocks, ...) that build a fresh
+        adapter over ``base`` with the keys and shapes of one module in a file: what kohya's and LyCORIS's
+        ``dim_from_weights`` build each module from.  ``from_file_tensors`` builds from them too.
+        ``AdapterFormatError`` naming the key when the tensors do not make one."""
         raise NotImplementedError
 
     def _load_file_tensors(self, tensors: dict[str, torch.Tensor], skip: tuple[str, ...] = ("alpha",)) -> None:

@@ -20,6 +20,8 @@ LyCORIS interpolates each stage toward the identity instead (``m R_i + (1 − m)
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -126,18 +128,24 @@ class BOFT(OFT):
     @classmethod
     def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
                           multiplier: float = 1.0) -> BOFT:
-        blocks = require(tensors, "oft_blocks", cls.algorithm)
-        if blocks.dim() != 4 or blocks.shape[2] != blocks.shape[3]:
-            raise AdapterShapeError(f"oft_blocks: shape {tuple(blocks.shape)} is not (stages, blocks, size, size)")
-        size = int(blocks.shape[2])
+        arguments = cls.file_arguments(base, tensors)
+        blocks = tensors["oft_blocks"]
         try:
-            adapter = cls(base, size, multiplier, block_size=size, stages=int(blocks.shape[0]),
-                          constraint=_constraint(tensors), rescaled="rescale" in tensors)
+            adapter = cls(base, multiplier=multiplier, **arguments)
         except InvalidValueError as error:
             raise AdapterShapeError(f"oft_blocks: shape {tuple(blocks.shape)} does not fit the layer: "
                                     f"{error}") from error
         adapter._load_file_tensors(tensors)
         return adapter
+
+    @classmethod
+    def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        blocks = require(tensors, "oft_blocks", cls.algorithm)
+        if blocks.dim() != 4 or blocks.shape[2] != blocks.shape[3]:
+            raise AdapterShapeError(f"oft_blocks: shape {tuple(blocks.shape)} is not (stages, blocks, size, size)")
+        size = int(blocks.shape[2])
+        return {"rank": size, "block_size": size, "stages": int(blocks.shape[0]), "constraint": _constraint(tensors),
+                "rescaled": "rescale" in tensors}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stages={self.stages}"

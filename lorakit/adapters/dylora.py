@@ -19,10 +19,12 @@ break under ``torch.compile``, once per adapted layer and step.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from lorakit.adapters.base import BaseLayer
+from lorakit.adapters.base import AdapterFormatError, BaseLayer
 from lorakit.adapters.lora import LoRA
 from lorakit.errors import InvalidValueError
 
@@ -48,6 +50,15 @@ class DyLoRA(LoRA):
         self.block_size = block_size
         #: tests and evaluation pin the training rank here (a multiple of block_size); None: sample it
         self.train_rank: int | None = None
+
+    @classmethod
+    def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """A LoRA file's rank and alpha (DyLoRA has no Tucker or DoRA variant; its block size is the run's)."""
+        arguments = LoRA.file_arguments(base, tensors)
+        if arguments["use_tucker"] or arguments["dora"]:
+            raise AdapterFormatError("lora_mid.weight/dora_scale: DyLoRA trains plain LoRA modules, this one has a "
+                                     "Tucker core or DoRA")
+        return {"rank": arguments["rank"], "alpha": arguments["alpha"]}
 
     def sample_rank(self) -> int:
         if self.train_rank is not None:

@@ -7,6 +7,8 @@ multiplier twice in some versions; here it is applied once.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -49,3 +51,8 @@ class Full(Adapter):
             adapter.diff_b = nn.Parameter(torch.zeros(base.weight.shape[0], device=base.weight.device))
         adapter._load_file_tensors(tensors)
         return adapter
+
+    @classmethod
+    def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        require(tensors, "diff", cls.algorithm)
+        return {"train_bias": "diff_b" in tensors}

@@ -28,6 +28,7 @@ LyCORIS's own GLoRA never builds the Tucker core: its constructor sets ``use_tuc
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,13 +129,17 @@ class GLoRA(LowRankAdapter):
     @classmethod
     def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
                           multiplier: float = 1.0) -> GLoRA:
-        for key in ("a1.weight", "a2.weight", "b1.weight", "b2.weight"):
-            require(tensors, key, cls.algorithm)
-        rank = int(tensors["a2.weight"].shape[0])
-        tucker = "bm.weight" in tensors
-        adapter = cls(base, rank, alpha_from_file(tensors, rank), multiplier, use_tucker=tucker)
-        if tucker and not adapter.tucker:
+        arguments = cls.file_arguments(base, tensors)
+        adapter = cls(base, multiplier=multiplier, **arguments)
+        if arguments["use_tucker"] and not adapter.tucker:
             raise AdapterShapeError(f"bm.weight: a Tucker core needs a conv with a spatial kernel, this layer's "
                                     f"weight is {adapter.weight_shape}")
         adapter._load_file_tensors(tensors)
         return adapter
+
+    @classmethod
+    def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        for key in ("a1.weight", "a2.weight", "b1.weight", "b2.weight"):
+            require(tensors, key, cls.algorithm)
+        rank = int(tensors["a2.weight"].shape[0])
+        return {"rank": rank, "alpha": alpha_from_file(tensors, rank), "use_tucker": "bm.weight" in tensors}

@@ -13,6 +13,8 @@ the step costs the frozen matmul/conv plus an elementwise scale.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,12 +82,15 @@ class IA3(Adapter):
     @classmethod
     def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
                           multiplier: float = 1.0) -> IA3:
+        adapter = cls(base, multiplier, **cls.file_arguments(base, tensors))
+        adapter._load_file_tensors(tensors, skip=("on_input",))
+        return adapter
+
+    @classmethod
+    def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         vector = require(tensors, "weight", cls.algorithm)
         flag = tensors.get("on_input")
         if flag is not None:
-            on_input = bool(int(flag.reshape(-1)[0]))
-        else:  # not in the file: the vector's length tells, ties go to LyCORIS's default (outputs)
-            on_input = vector.numel() != base.weight.shape[0] and vector.numel() == base.weight.shape[1]
-        adapter = cls(base, multiplier, on_input=on_input)
-        adapter._load_file_tensors(tensors, skip=("on_input",))
-        return adapter
+            return {"on_input": bool(int(flag.reshape(-1)[0]))}
+        # not in the file: the vector's length tells, ties go to LyCORIS's default (outputs)
+        return {"on_input": vector.numel() != base.weight.shape[0] and vector.numel() == base.weight.shape[1]}

@@ -20,6 +20,7 @@ fused into one matmul/conv with ``W0`` (cheap when many positions meet a small w
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -130,16 +131,21 @@ class LoHa(LowRankAdapter):
     @classmethod
     def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
                           multiplier: float = 1.0) -> LoHa:
+        arguments = cls.file_arguments(base, tensors)
+        adapter = cls(base, multiplier=multiplier, **arguments)
+        if arguments["use_tucker"] and not adapter.tucker:
+            raise AdapterShapeError(f"hada_t1: Tucker cores need a conv with a spatial kernel, this layer's "
+                                    f"weight is {adapter.weight_shape}")
+        adapter._load_file_tensors(tensors)
+        return adapter
+
+    @classmethod
+    def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         for key in cls.file_keys:
             require(tensors, key, cls.algorithm)
         rank = tensors["hada_w1_b"].shape[0]
         tucker = "hada_t1" in tensors
         if tucker != ("hada_t2" in tensors):
             raise AdapterShapeError("hada_t1/hada_t2: a Tucker LoHa needs both cores")
-        adapter = cls(base, rank, alpha_from_file(tensors, rank), multiplier, use_tucker=tucker,
-                      **dora_options(base, tensors))
-        if tucker and not adapter.tucker:
-            raise AdapterShapeError(f"hada_t1: Tucker cores need a conv with a spatial kernel, this layer's "
-                                    f"weight is {adapter.weight_shape}")
-        adapter._load_file_tensors(tensors)
-        return adapter
+        return {"rank": rank, "alpha": alpha_from_file(tensors, rank), "use_tucker": tucker,
+                **dora_options(base, tensors)}

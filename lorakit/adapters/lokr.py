@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -210,14 +211,17 @@ class LoKr(LowRankAdapter):
     @classmethod
     def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
                           multiplier: float = 1.0) -> LoKr:
+        adapter = cls(base, multiplier=multiplier, **cls.file_arguments(base, tensors))
+        adapter._load_file_tensors(tensors)
+        return adapter
+
+    @classmethod
+    def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         layer_kind(base)  # a clear error for layers adapters cannot wrap
         n_out, n_in, *kernel = base.weight.shape
         layout, rank = _layout_from_file(tensors, n_out, n_in, tuple(kernel))
         # with both halves full there is no rank: the scale is 1 whatever alpha says; keep alpha for the file
-        adapter = cls(base, rank, alpha_from_file(tensors, rank), multiplier, layout=layout,
-                      **dora_options(base, tensors))
-        adapter._load_file_tensors(tensors)
-        return adapter
+        return {"rank": rank, "alpha": alpha_from_file(tensors, rank), "layout": layout, **dora_options(base, tensors)}
 
 
 def _layout_from_file(tensors: dict[str, torch.Tensor], n_out: int, n_in: int,

@@ -23,6 +23,7 @@ dropouts take the materialised path).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -186,14 +187,18 @@ class LoRA(LowRankAdapter):
     def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
                           multiplier: float = 1.0) -> LoRA:
         tensors = {_KEY_ALIASES.get(k, k): v for k, v in tensors.items()}
-        down = require(tensors, "lora_down.weight", cls.algorithm)
-        require(tensors, "lora_up.weight", cls.algorithm)
-        rank = down.shape[0]
+        adapter = cls(base, multiplier=multiplier, **cls.file_arguments(base, tensors))
         mid = tensors.get("lora_mid.weight")
-        adapter = cls(base, rank, alpha_from_file(tensors, rank), multiplier, use_tucker=mid is not None,
-                      **dora_options(base, tensors))
         if mid is not None and not adapter.tucker:
             raise AdapterShapeError(f"lora_mid.weight: a Tucker core {tuple(mid.shape)} needs a conv with a "
                                     f"spatial kernel, this layer's weight is {adapter.weight_shape}")
         adapter._load_file_tensors(tensors)
         return adapter
+
+    @classmethod
+    def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        tensors = {_KEY_ALIASES.get(k, k): v for k, v in tensors.items()}
+        rank = require(tensors, "lora_down.weight", cls.algorithm).shape[0]
+        require(tensors, "lora_up.weight", cls.algorithm)
+        return {"rank": rank, "alpha": alpha_from_file(tensors, rank), "use_tucker": "lora_mid.weight" in tensors,
+                **dora_options(base, tensors)}

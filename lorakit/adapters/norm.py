@@ -11,6 +11,8 @@ layer of the blocks it adapts; ``lorakit.network.create_network`` places them th
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,8 +83,12 @@ class Norm(Adapter):
 
     @classmethod
     def from_file_tensors(cls, base: NormLayer, tensors: dict[str, torch.Tensor], multiplier: float = 1.0) -> Norm:
-        require(tensors, "w_norm", cls.algorithm)
-        # a shift update is kept even for a layer without a shift (merging creates one)
-        adapter = cls(base, multiplier, with_bias="b_norm" in tensors)
+        adapter = cls(base, multiplier, **cls.file_arguments(base, tensors))
         adapter._load_file_tensors(tensors)
         return adapter
+
+    @classmethod
+    def file_arguments(cls, base: NormLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        require(tensors, "w_norm", cls.algorithm)
+        # a shift update is kept even for a layer without a shift (merging creates one)
+        return {"with_bias": "b_norm" in tensors}

@@ -26,6 +26,8 @@ channels block by block (``out · block_size`` multiply-adds per position on top
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -208,16 +210,21 @@ class OFT(Adapter):
     @classmethod
     def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
                           multiplier: float = 1.0) -> OFT:
-        blocks = require(tensors, "oft_blocks", cls.algorithm)
-        if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
-            raise AdapterShapeError(f"oft_blocks: shape {tuple(blocks.shape)} is not (blocks, size, size)")
-        adapter = cls(base, int(blocks.shape[1]), multiplier, block_size=int(blocks.shape[1]),
-                      constraint=_constraint(tensors), rescaled="rescale" in tensors)
+        adapter = cls(base, multiplier=multiplier, **cls.file_arguments(base, tensors))
+        blocks = tensors["oft_blocks"]
         if adapter.block_num != blocks.shape[0]:
             raise AdapterShapeError(f"oft_blocks: {blocks.shape[0]} blocks of {blocks.shape[1]} do not cover "
                                     f"the layer's {adapter.out_features} output channels")
         adapter._load_file_tensors(tensors)
         return adapter
+
+    @classmethod
+    def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        blocks = require(tensors, "oft_blocks", cls.algorithm)
+        if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
+            raise AdapterShapeError(f"oft_blocks: shape {tuple(blocks.shape)} is not (blocks, size, size)")
+        size = int(blocks.shape[1])
+        return {"rank": size, "block_size": size, "constraint": _constraint(tensors), "rescaled": "rescale" in tensors}
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, blocks={self.block_num}x{self.block_size}, "

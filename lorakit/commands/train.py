@@ -277,7 +277,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the training step's U-Net (slow first steps; a GPU gains most) "
                              "[model.compile]")
     parser.add_argument("--dim-from-weights", action="store_true",
-                        help="take each module's rank and alpha from --network-weights (kohya's --dim_from_weights)"
+                        help="build each module as --network-weights holds it: its algorithm, rank and alpha (kohya's "
+                             "--dim_from_weights)"
                              " [network.dim_from_weights]")
     parser.add_argument("--resume", action="store_true", help="continue the run in the output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in the output folder")
