@@ -107,6 +107,36 @@ def test_an_unknown_option_says_what_was_probably_meant(capsys, typed, said):
     assert err.startswith("usage: lorakit train") and said in err
 
 
+@pytest.mark.parametrize(("typed", "said"), [
+    (["resize", "a.safetensors", "--out", "b.safetensors", "--new_rank", "4", "--dynamic_param", "0.9"],
+     "--new_rank (did you mean --rank?) 4 --dynamic_param (did you mean --param?) 0.9"),
+    (["extract", "tuned", "--out", "a.safetensors", "--model_org", "base", "--dim", "8"],
+     "--model_org (did you mean --base?) base --dim (did you mean --rank?) 8"),
+    (["merge", "a.safetensors", "--out", "m.safetensors", "--ratios", "0.7", "--sd_model", "x"],
+     "--ratios (each file's ratio follows it after a colon: A.safetensors:0.7)"),
+])
+def test_a_kohya_tool_option_says_lorakits_spelling(capsys, typed, said):
+    """kohya's networks/resize_lora.py, extract_lora_from_models.py and merge_lora.py options, given to lorakit's
+    tools, are answered with lorakit's spelling (``--dynamic_param`` was answered "did you mean --dynamic?")."""
+    with pytest.raises(SystemExit) as exit_:
+        main(typed)
+    assert exit_.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["resize", "extract", "merge"])
+def test_every_kohya_tool_hint_names_an_option_of_that_tool(command):
+    import importlib
+
+    module = importlib.import_module(f"lorakit.commands.{command}")
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    flags = {s for action in parser._actions for s in action.option_strings}
+    for kohya, hint in module.KOHYA_OPTIONS.items():
+        assert kohya not in flags, kohya  # an option the tool has needs no hint
+        assert hint.startswith("(") or hint.split()[0] in flags, (kohya, hint)
+
+
 def test_every_kohya_translation_is_an_option_or_a_setting_that_exists():
     """The hints name real flags and real --set keys (a renamed option would otherwise leave a wrong hint)."""
     from lorakit.commands.train import KOHYA_OPTIONS, add_arguments

@@ -5,9 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorakit.commands.rank_options import add_rank_arguments, dtype, finish, rank_rules
+from lorakit.commands.rank_options import KOHYA_TOOL_OPTIONS, add_rank_arguments, dtype, finish, rank_rules
 
 HELP = "an adapter (LoRA/LoCon) from the difference of a fine-tuned model and its base, by SVD"
+#: kohya's extract_lora_from_models.py options, said in lorakit's words when given here
+KOHYA_OPTIONS = {
+    **KOHYA_TOOL_OPTIONS, "--model-org": "--base", "--dim": "--rank", "--conv-dim": "--conv-rank",
+    "--model-tuned": "(the fine-tuned model is the first argument: lorakit extract TUNED --base ORIGINAL)",
+    "--load-precision": "(not needed: lorakit computes in fp32 whatever the files hold)",
+    "--load-original-model-to": "(not needed: lorakit's model tools run on the CPU)",
+    "--load-tuned-model-to": "(not needed: lorakit's model tools run on the CPU)",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

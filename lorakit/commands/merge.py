@@ -8,9 +8,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorakit.commands.rank_options import add_rank_arguments, dtype, finish, rank_rules
+from lorakit.commands.rank_options import KOHYA_TOOL_OPTIONS, add_rank_arguments, dtype, finish, rank_rules
 
 HELP = "bake adapters (multipliers, block weights) into a base model, or combine them into one adapter file"
+#: kohya's merge_lora.py and svd_merge_lora.py options, said in lorakit's words when given here
+KOHYA_OPTIONS = {
+    **KOHYA_TOOL_OPTIONS, "--sd-model": "--model",
+    "--new-rank": "--rank (with --to-adapter)",
+    "--new-conv-rank": "(not in lorakit merge: --rank is the rank of every layer, convolutions too)",
+    "--models": "(the adapter files are the arguments, each with its ratio: A.safetensors:0.7 B.safetensors:0.5)",
+    "--ratios": "(each file's ratio follows it after a colon: A.safetensors:0.7)",
+    "--lbws": "(each file's block weights follow its ratio after a second colon: A.safetensors:1:1,0,0,...)",
+    "--concat": "(what --to-adapter does for LoRA files without --rank: the ranks concatenated, exactly)",
+    "--shuffle": "(not in lorakit: it reorders the concatenated ranks, which leaves ΔW as it is)",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

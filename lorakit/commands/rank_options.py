@@ -10,6 +10,19 @@ from lorakit.models import resolve_dtype
 from lorakit.tools.lowrank import DYNAMIC_METHODS, RankRule
 from lorakit.tools.result import ToolResult, write_report
 
+#: kohya's names for the options its scripts networks/resize_lora.py, extract_lora_from_models.py, merge_lora.py and
+#: svd_merge_lora.py share, with lorakit's (each tool's ``KOHYA_OPTIONS``; ``lorakit.cli.unrecognized`` says them)
+KOHYA_TOOL_OPTIONS: dict[str, str] = {
+    "--save-to": "--out", "--save-precision": "--dtype", "--new-rank": "--rank", "--new-conv-rank": "--conv-rank",
+    "--dynamic-method": "--dynamic", "--dynamic-param": "--param",
+    "--precision": "(not needed: lorakit computes in fp32 whatever the files hold)",
+    "--device": "(not needed: lorakit's model tools run on the CPU)",
+    "--no-metadata": "(not in lorakit's model tools: they write the metadata clients read)",
+    "--v2": "(not needed: lorakit tells SD2.x from the model)",
+    "--sdxl": "(not needed: lorakit tells SDXL from the model)",
+    "--v-parameterization": "(not needed: lorakit reads the prediction type from the model)",
+}
+
 
 def add_rank_arguments(parser: argparse.ArgumentParser, *, conv: bool = True, rank_help: str = "") -> None:
     group = parser.add_argument_group("rank")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorakit.commands.rank_options import add_rank_arguments, dtype, finish, rank_rules
+from lorakit.commands.rank_options import KOHYA_TOOL_OPTIONS, add_rank_arguments, dtype, finish, rank_rules
 
 HELP = "lower the rank of a LoRA/LoCon file (fixed or sv_ratio/sv_fro/sv_cumulative), or --to lora any adapter"
+#: kohya's resize_lora.py options, said in lorakit's words when given here
+KOHYA_OPTIONS = KOHYA_TOOL_OPTIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
