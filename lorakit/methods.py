@@ -418,7 +418,8 @@ class AdapterMethod(TrainingMethod):
             algorithms = Counter(a.algorithm for a in self.network.adapters.values())
             shape = "/".join(sorted(algorithms, key=lambda a: -algorithms[a])) + (
                 f" ranks {'–'.join(str(r) for r in sorted({min(ranks), max(ranks)}))}" if ranks else "") + \
-                " and layers from the file"
+                " and layers from the file" + ("" if net.algorithm in algorithms else
+                                               f" (not network.algorithm {net.algorithm}: the file decides)")
         else:
             shape = f"{net.algorithm} rank {net.rank} alpha {net.alpha:g}, preset {net.preset}"
         return f"{shape}: {where}, {n_params:,} trainable parameters{started}"

@@ -139,7 +139,7 @@ def test_settings_and_kohya_configs_name_presets_and_files(tmp_path, tiny_model_
 
 
 @pytest.mark.slow
-def test_a_run_with_a_preset_file_trains_the_modules_it_names(tiny_model_dir, tmp_path):
+def test_a_run_with_a_preset_file_trains_the_modules_it_names(tiny_model_dir, tmp_path, capsys):
     from test_train import make_config, run_train, write_dataset
 
     from lorakit.formats import read_adapter
@@ -171,6 +171,8 @@ def test_a_run_with_a_preset_file_trains_the_modules_it_names(tiny_model_dir, tm
     assert main(["train", "--data", str(tmp_path / "data"), "--model", str(tiny_model_dir), "--out", str(again),
                  "--network-weights", str(tmp_path / "run" / "lorakit.safetensors"), "--dim-from-weights",
                  "--algorithm", "lokr", "--epochs", "1", "--no-progress", "--set", "early_stop.mode=off"]) == 0
+    said = capsys.readouterr().out
+    assert "lora/loha ranks 2 and layers from the file (not network.algorithm lokr: the file decides)" in said
     result = read_adapter(again / "lorakit.safetensors")
     assert {n: {k: v.shape for k, v in t.items()} for n, t in result.modules().items()} == \
         {n: {k: v.shape for k, v in t.items()} for n, t in modules.items()}
