@@ -178,8 +178,8 @@ class NetworkConfig:
     #: DoRA (LyCORIS's dora_wd): the adapter also learns each output's magnitude apart from its direction
     use_dora: bool = False
     #: extra algorithm options, as kohya's --network_args (e.g. factor = 8 for LoKr, use_tucker = true; train_norm
-    #: = true also trains the norm layers of the adapted blocks, as LyCORIS does); a name the algorithm does not
-    #: take is refused before the model loads
+    #: = true also trains the norm layers of the adapted blocks, as LyCORIS does; use_scalar = true, LyCORIS's
+    #: trained scalar on the update); a name the algorithm does not take is refused before the model loads
     args: dict[str, Any] = field(default_factory=dict)
     #: kohya block-wise dims: 25 values for SD1.x (IN00..IN11, MID, OUT00..OUT11); 0 = no module there
     block_dims: list[int] | None = None

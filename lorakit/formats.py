@@ -752,9 +752,7 @@ def start_network_from_file(network: AdapterNetwork, source: str | os.PathLike |
         more = f"; and {len(problems) - 3} other problems" if len(problems) > 3 else ""
         raise AdapterFileError(f"{file.label}: cannot start this run's network from it: "
                                + ("; ".join(shown) + more if shown else "it holds no module"))
-    with torch.no_grad():
-        for _, adapter, tensors in pairs:
-            for key, value in adapter.file_tensors().items():
-                value.copy_(tensors[key].to(dtype=value.dtype, device=value.device))
+    for _, adapter, tensors in pairs:
+        adapter.load_trained(tensors)  # with LyCORIS's use_scalar: the scalar at 1, as LyCORIS loads a file
     loaded = {own_name for own_name, _, _ in pairs}
     return StartReport(file.label, sorted(loaded), sorted(set(adapters) - loaded))

@@ -64,10 +64,10 @@ def _factors(adapter: Adapter) -> list[torch.nn.Parameter]:
 def update_norm(adapter: Adapter) -> torch.Tensor:
     """‖ΔW‖_F of one module at multiplier 1.  A plain LoRA's comes from its rank × rank Gram matrices
     (‖U D‖² = Σ (UᵀU) ∘ (D Dᵀ)), without forming the out × in product."""
-    tensors = dict(adapter.named_parameters())
-    if adapter.algorithm == "lora" and "lora_mid.weight" not in tensors:
-        up = tensors["lora_up.weight"].reshape(tensors["lora_up.weight"].shape[0], -1).double()
-        down = tensors["lora_down.weight"].reshape(up.shape[1], -1).double()
+    if adapter.algorithm == "lora" and adapter.lora_mid is None:
+        up = adapter.lora_up.weight  # with use_scalar, the scalar times the up matrix
+        up = up.reshape(up.shape[0], -1).double()
+        down = adapter.lora_down.weight.reshape(up.shape[1], -1).double()
         squared = ((up.T @ up) * (down @ down.T)).sum().clamp(min=0)
         return (squared.sqrt() * adapter.scale).float()
     multiplier = adapter.multiplier

@@ -100,6 +100,11 @@ class TrainingMethod:
     def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def file_form(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``trained_tensors()``-named tensors (a copy, an average) as a checkpoint file holds them; the same
+        unless the file form folds some together (LyCORIS's ``use_scalar``)."""
+        return tensors
+
     def cs_meter(self) -> CSMeter | NativeCSMeter | None:
         """What reads CS (and the update's size) after a step: ``meter()`` is CS, ``meter.read()`` both."""
         return None
@@ -353,13 +358,13 @@ class AdapterMethod(TrainingMethod):
         return groups
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:
-        return self.network.file_tensors()
+        return self.network.trained_state()
 
     def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, adapter in self.network.adapters.items():
-                for key, value in adapter.file_tensors().items():
-                    value.copy_(tensors[f"{name}.{key}"])
+        self.network.load_trained_state(tensors)
+
+    def file_form(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.network.fold_state(tensors)
 
     def cs_meter(self) -> CSMeter | None:
         # CS over the U-Net's adapters, as the paper; a text-encoder-only network falls back to all of them
@@ -666,6 +671,11 @@ class PivotalTuning(TrainingMethod):
         adapter, embedding = split_pivotal(tensors)
         self.adapter.load_trained_tensors(adapter)
         self.ti.load_trained_tensors(embedding)
+
+    def file_form(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        adapter, embedding = split_pivotal(tensors)
+        return {**self.adapter.file_form(adapter),
+                **{f"{PIVOTAL_EMBEDDING_PREFIX}{k}": v for k, v in embedding.items()}}
 
     def cs_meter(self) -> Callable[[], float] | None:
         return self.adapter.cs_meter()

@@ -544,6 +544,28 @@ class AdapterNetwork(nn.Module):
                 out[f"{name}.{key}"] = tensor
         return out
 
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """Every adapter's ``trained_state()`` (live tensors) under its kohya name: ``file_tensors()`` unless an
+        adapter's file form folds tensors together (LyCORIS's ``use_scalar``)."""
+        return {f"{name}.{key}": tensor for name, adapter in self.adapters.items()
+                for key, tensor in adapter.trained_state().items()}
+
+    def fold_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``trained_state()``-named tensors (a copy, an average) in the file's form, as ``file_tensors()`` has them."""
+        return {f"{name}.{key}": tensor for name, adapter in self.adapters.items()
+                for key, tensor in adapter.fold_state(_under(state, name)).items()}
+
+    def load_trained_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put ``trained_state()``'s tensors, or a file's (``file_tensors()``), into the adapters, in place."""
+        for name, adapter in self.adapters.items():
+            adapter.load_trained(_under(tensors, name))
+
+
+def _under(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The tensors of module ``name``, keyed without its prefix."""
+    prefix = f"{name}."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
 
 def create_network(unet: nn.Module | None = None,
                    text_encoder: nn.Module | Sequence[nn.Module] | None = None,

@@ -478,11 +478,12 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         if run.resuming and (ckpt := run.latest_checkpoint()) is not None:
             state = ckpt.load_state()
             _check_resumable(state, fingerprint, data, ckpt.path, run, total_steps, cfg)
-            if ema is not None:  # the checkpoint holds the average; the state the weights training goes on from
-                method.load_trained_tensors(state["live_tensors"])
-                ema.load(state["ema"], ckpt.load_tensors())
-            else:
-                method.load_trained_tensors(ckpt.load_tensors())
+            # the checkpoint holds what the run hands back (the average, or a file's folded form); the state, when
+            # they differ, the weights training goes on from (and the average as it is kept)
+            live = state.get("live_tensors")
+            method.load_trained_tensors(live if live is not None else ckpt.load_tensors())
+            if ema is not None:
+                ema.load(state["ema"], state.get("ema_average") or ckpt.load_tensors())
             optimizer.load_state_dict(state["optimizer"])
             lr_schedule.load_state_dict(state["lr_schedule"])
             skip = state.get("batches_done", 0)
@@ -574,13 +575,25 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 "sample_stop": sample_stop.rule.state_dict() if sample_stop is not None else None,
                 # batches of this epoch trained when it was saved mid-epoch (0: the whole epoch)
                 "batches_done": done if done < local_batches else 0,
-                "stopped_early": stop_decision is not None, "data": fingerprint,
-                **({} if ema is None else {"ema": ema.state_dict(), "live_tensors": method.trained_tensors()})}
+                "stopped_early": stop_decision is not None, "data": fingerprint, **live_state()}
+
+    def live_state() -> dict[str, Any]:
+        """What the checkpoint file does not hold as training keeps it: the weights, when the file holds their
+        average (training.ema_decay) or their folded form (LyCORIS's use_scalar), and then the average too."""
+        live = method.trained_tensors()
+        folded = method.file_form(live).keys() != live.keys()
+        state = {"live_tensors": live} if ema is not None or folded else {}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+            if folded:
+                state["ema_average"] = ema.tensors_like(live)
+        return state
 
     def handed_back() -> dict[str, torch.Tensor]:
-        """The tensors a checkpoint holds: what the run would hand back now (the average, with training.ema_decay)."""
+        """The tensors a checkpoint holds: what the run would hand back now (the average, with training.ema_decay),
+        in the file's form."""
         tensors = method.trained_tensors()
-        return tensors if ema is None else ema.tensors_like(tensors)
+        return method.file_form(tensors if ema is None else ema.tensors_like(tensors))
 
     def judged() -> AbstractContextManager[None]:
         """The weights samples and validation see: the average's, with training.ema_decay."""

@@ -49,11 +49,11 @@ def test_kohya_network_args_become_settings_options_or_a_said_refusal(tmp_path, 
     path = kohya_file(tmp_path / "lycoris", tiny_model_dir, "lycoris.toml",
                       'network_module = "lycoris.kohya"\nnetwork_dim = 4\n'
                       'network_args = ["algo=loha", "train_norm=True", "factor=4", "disable_conv_cp=False", '
-                      '"use_scalar=True"]\n')
+                      '"use_scalar=True", "scalar_start=1"]\n')
     cfg, translation = config_from_kohya(path)
-    assert cfg.network.args == {"train_norm": True, "use_tucker": True}
+    assert cfg.network.args == {"train_norm": True, "use_tucker": True, "use_scalar": True}
     assert any("factor=4: not an option of loha, which LyCORIS ignores too" in n for n in translation.notes)
-    assert translation.untranslated == ["network_args use_scalar=True: not an option lorakit's adapters have"]
+    assert translation.untranslated == ["network_args scalar_start=1: not an option lorakit's adapters have"]
 
 
 def test_a_mistyped_option_stops_the_command_before_anything_loads(tmp_path):

@@ -88,7 +88,8 @@ def make_adapter(algorithm: str, base: BaseLayer, rank: int = 4, alpha: float | 
     ``wd_on_out``, ``use_tucker`` (lora, loha, lokr); ``factor``, ``decompose_both``, ``full_matrix``,
     ``unbalanced_factorization``, ``bypass`` (lokr); ``on_input`` (ia3); ``constraint``, ``rescaled`` (oft, boft,
     where ``rank`` bounds the block size); ``use_tucker`` (glora); ``block_size`` (dylora, kohya's ``unit``);
-    ``frozen_down`` (lora: LoRA-FA); ``rs_lora`` (lora, loha, lokr, glora: rank-stabilised scaling).
+    ``frozen_down`` (lora: LoRA-FA); ``rs_lora`` (lora, loha, lokr, glora: rank-stabilised scaling);
+    ``use_scalar`` (lora, loha, lokr: LyCORIS's trained scalar on the update).
     LyCORIS's names (``dora_wd``, ``weight_decompose``, ``train_on_input``, ``bypass_mode``, ...) are accepted
     too.
     """

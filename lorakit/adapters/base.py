@@ -305,6 +305,21 @@ class Adapter(nn.Module):
         """This adapter's tensors under the key names of the file format, detached, on their device."""
         return {k: v.detach() for k, v in self.state_dict().items() if not k.startswith("base.")}
 
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """What training changes, as live tensors under their state-dict names (a resume puts them back bit for
+        bit): ``file_tensors()``, unless the file form folds some of them together (LyCORIS's ``use_scalar``)."""
+        return self.file_tensors()
+
+    def fold_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``trained_state()``-named tensors (an average of them, say) in the file's form."""
+        return state
+
+    def load_trained(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put trained tensors in place: ``trained_state()``'s, or a file's (``file_tensors()`` keys)."""
+        with torch.no_grad():
+            for key, value in self.trained_state().items():
+                value.copy_(tensors[key].to(dtype=value.dtype, device=value.device))
+
     @classmethod
     def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
                           multiplier: float = 1.0) -> Adapter:

@@ -47,7 +47,9 @@ class LoHa(LowRankAdapter):
     def __init__(self, base: BaseLayer, rank: int = 4, alpha: float | None = None, multiplier: float = 1.0, *,
                  use_tucker: bool = False, dora: bool = False, wd_on_out: bool = False, dropout: float = 0.0,
                  rank_dropout: float = 0.0, rank_dropout_scale: bool = False,
-                 module_dropout: float = 0.0) -> None:
+                 module_dropout: float = 0.0, use_scalar: bool = False) -> None:
+        """``use_scalar``: LyCORIS's option: ``hada_w2_a`` starts random too, and a trained scalar that starts at 0
+        multiplies the update (folded into ``hada_w1_a`` in the file, as LyCORIS writes it)."""
         super().__init__(base, rank, alpha, multiplier, dora=dora, wd_on_out=wd_on_out, dropout=dropout,
                          rank_dropout=rank_dropout, rank_dropout_scale=rank_dropout_scale,
                          module_dropout=module_dropout)
@@ -73,7 +75,11 @@ class LoHa(LowRankAdapter):
         nn.init.normal_(self.hada_w1_b, std=1.0)
         nn.init.normal_(self.hada_w1_a, std=0.1)
         nn.init.normal_(self.hada_w2_b, std=1.0)
-        nn.init.zeros_(self.hada_w2_a)
+        if use_scalar:
+            nn.init.normal_(self.hada_w2_a, std=0.1)
+            self._use_scalar("", "hada_w1_a")
+        else:
+            nn.init.zeros_(self.hada_w2_a)
 
     def _update(self, scale: float, train: bool) -> torch.Tensor:
         weight = loha_weight(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b,

@@ -93,7 +93,10 @@ class LoKr(LowRankAdapter):
                  use_tucker: bool = False, unbalanced_factorization: bool = False, bypass: bool = False,
                  dora: bool = False, wd_on_out: bool = False, dropout: float = 0.0, rank_dropout: float = 0.0,
                  rank_dropout_scale: bool = False, module_dropout: float = 0.0,
-                 layout: KronLayout | None = None) -> None:
+                 layout: KronLayout | None = None, use_scalar: bool = False) -> None:
+        """``use_scalar``: LyCORIS's option: the zero-initialised factor (``lokr_w2`` or ``lokr_w2_b``) starts random
+        too, and a trained scalar that starts at 0 multiplies the update (folded into ``lokr_w1``/``lokr_w1_a`` in
+        the file, as LyCORIS writes it)."""
         layer_kind(base)
         n_out, n_in, *kernel = base.weight.shape
         kernel = tuple(kernel)
@@ -124,7 +127,10 @@ class LoKr(LowRankAdapter):
             nn.init.kaiming_uniform_(self.lokr_w1_b, a=math.sqrt(5))
         if layout.w2 == "full":
             self.lokr_w2 = param(b, d, *kernel)
-            nn.init.zeros_(self.lokr_w2)
+            if use_scalar:
+                nn.init.kaiming_uniform_(self.lokr_w2, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.lokr_w2)
         else:
             if layout.w2 == "tucker":
                 self.lokr_w2_a, self.lokr_w2_b, self.lokr_t2 = param(r, b), param(r, d), param(r, r, *kernel)
@@ -132,7 +138,12 @@ class LoKr(LowRankAdapter):
             else:
                 self.lokr_w2_a, self.lokr_w2_b = param(b, r), param(r, d * math.prod(kernel))
             nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
-            nn.init.zeros_(self.lokr_w2_b)
+            if use_scalar:
+                nn.init.kaiming_uniform_(self.lokr_w2_b, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.lokr_w2_b)
+        if use_scalar:
+            self._use_scalar("", "lokr_w1" if layout.w1 == "full" else "lokr_w1_a")
 
     @property
     def scale(self) -> float:

@@ -47,9 +47,10 @@ class LoRA(LowRankAdapter):
     def __init__(self, base: BaseLayer, rank: int = 4, alpha: float | None = None, multiplier: float = 1.0, *,
                  use_tucker: bool = False, dora: bool = False, wd_on_out: bool = False, dropout: float = 0.0,
                  rank_dropout: float = 0.0, rank_dropout_scale: bool = False,
-                 module_dropout: float = 0.0, frozen_down: bool = False) -> None:
+                 module_dropout: float = 0.0, frozen_down: bool = False, use_scalar: bool = False) -> None:
         """``frozen_down``: LoRA-FA (kohya's ``networks.lora_fa``): the down matrix (A, and a Tucker core) keeps
-        its random start and only the up matrix learns; the file is an ordinary LoRA."""
+        its random start and only the up matrix learns; the file is an ordinary LoRA.  ``use_scalar``: LyCORIS's
+        option: B starts random too, times a trained scalar that starts at 0 (folded into B in the file)."""
         super().__init__(base, rank, alpha, multiplier, dora=dora, wd_on_out=wd_on_out, dropout=dropout,
                          rank_dropout=rank_dropout, rank_dropout_scale=rank_dropout_scale,
                          module_dropout=module_dropout)
@@ -72,7 +73,11 @@ class LoRA(LowRankAdapter):
         torch.nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         if self.lora_mid is not None:
             torch.nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
-        torch.nn.init.zeros_(self.lora_up.weight)
+        if use_scalar:
+            torch.nn.init.kaiming_uniform_(self.lora_up.weight, a=math.sqrt(5))
+            self._use_scalar("lora_up", "weight")
+        else:
+            torch.nn.init.zeros_(self.lora_up.weight)
         self.frozen_down = bool(frozen_down)
         if self.frozen_down:
             for factor in (self.lora_down, self.lora_mid):

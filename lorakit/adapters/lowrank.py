@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lorakit.adapters.base import FUSE_DTYPES, Adapter, BaseLayer
 from lorakit.adapters.functional import dora_weight, weight_norm
@@ -19,6 +20,18 @@ class Factor(nn.Module):
     def __init__(self, *shape: int, device: torch.device | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(shape, device=device))
+
+
+class _TimesScalar(nn.Module):
+    """LyCORIS's ``use_scalar``: a trained scalar, starting at 0, times one factor of the update, so that the update
+    starts at 0 while every factor starts random (and learns from the first step)."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.scalar = nn.Parameter(torch.zeros((), device=device))
+
+    def forward(self, factor: torch.Tensor) -> torch.Tensor:
+        return factor * self.scalar
 
 
 class LowRankAdapter(Adapter):
@@ -57,6 +70,45 @@ class LowRankAdapter(Adapter):
             self.dora_scale = nn.Parameter(magnitude)
         else:
             self.register_parameter("dora_scale", None)
+
+    #: with LyCORIS's ``use_scalar``: (the file key of the factor the scalar multiplies, its trained tensor's
+    #: state-dict name, the scalar's); None without
+    _scalar_keys: tuple[str, str, str] | None = None
+
+    def _use_scalar(self, owner: str, attribute: str) -> None:
+        """Train a scalar (from 0) times the factor ``attribute`` of the submodule ``owner`` ("" for the adapter
+        itself); every access of the factor reads the product, so each path through the update includes it."""
+        module = self.get_submodule(owner) if owner else self
+        parametrize.register_parametrization(module, attribute, _TimesScalar(self.base.weight.device))
+        at = f"{owner}." if owner else ""
+        self._scalar_keys = (f"{at}{attribute}", f"{at}parametrizations.{attribute}.original",
+                             f"{at}parametrizations.{attribute}.0.scalar")
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """The file's tensors; with ``use_scalar`` the scalar folded into its factor, as LyCORIS writes it."""
+        return self.fold_state(super().file_tensors())
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        return super().file_tensors()  # with use_scalar, the factor and the scalar apart
+
+    def fold_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self._scalar_keys is None:
+            return state
+        key, factor, scalar = self._scalar_keys
+        folded = {k: v for k, v in state.items() if k not in (factor, scalar)}
+        folded[key] = (state[factor] * state[scalar]).detach()
+        return folded
+
+    def load_trained(self, tensors: dict[str, torch.Tensor]) -> None:
+        """With ``use_scalar``, a file's tensors go in with the scalar at 1 (as LyCORIS loads a file into its
+        module); the trained state's, as they are."""
+        if self._scalar_keys is None or self._scalar_keys[0] not in tensors:
+            return super().load_trained(tensors)
+        key, factor, scalar = self._scalar_keys
+        with torch.no_grad():
+            for name, value in self.trained_state().items():
+                source = tensors[key] if name == factor else torch.ones(()) if name == scalar else tensors[name]
+                value.copy_(source.to(dtype=value.dtype, device=value.device))
 
     @property
     def scale(self) -> float:
