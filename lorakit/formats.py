@@ -658,17 +658,9 @@ class FileRanks:
         return spec if spec is not None else self.fallback(name, layer)
 
     def ranks(self) -> list[int]:
-        return sorted({spec.rank for spec in self.specs.values() if spec is not None and spec.algorithm not in
-                       RANKLESS_ALGORITHMS})
-
-    def algorithms(self) -> list[str]:
-        """The file's algorithms, most modules first (ties by name)."""
-        counts = Counter(spec.algorithm for spec in self.specs.values() if spec is not None)
-        return sorted(counts, key=lambda a: (-counts[a], a))
-
-
-#: algorithms whose modules have no rank (a spec's rank means nothing for them)
-RANKLESS_ALGORITHMS = ("ia3", "full", "norm")
+        """The ranks of the file's modules that have one (not IA3's, full's or OFT's)."""
+        return sorted({spec.rank for spec in self.specs.values()
+                       if spec is not None and algorithm_class(spec.algorithm).rank_keys})
 
 
 def ranks_from_file(source: str | os.PathLike | AdapterFile, fallback: RankRule, unet: nn.Module | None = None,
