@@ -153,7 +153,8 @@ class NetworkConfig:
     #: the adapter: lora (LoCon with a conv preset), loha, lokr, ia3, full, glora, oft, boft, dylora (lorakit.adapters)
     algorithm: str = "lora"
     #: which layers get an adapter: attn-only, attn-mlp (attention and feed-forward), kohya (kohya's networks.lora),
-    #: full (also the convolutions: LoCon), lycoris-full (lorakit.network); LyCORIS's full-lin, unet-only,
+    #: full (also the convolutions: LoCon), lycoris-full, ia3 ((IA)³'s keys, values and feed-forward inputs, as
+    #: LyCORIS's ia3 preset means them; lorakit.network); LyCORIS's full-lin, unet-only,
     #: unet-transformer-only, unet-convblock-only as lycoris-NAME; or a LyCORIS preset file (a .toml path: target
     #: classes and names, exclude_name, and per-layer algorithms and ranks in module_algo_map / name_algo_map)
     preset: str = "attn-mlp"

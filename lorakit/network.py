@@ -171,6 +171,11 @@ _TE_ATTN = (
     TargetRule("*.self_attn.out_proj"),
 )
 _TE_MLP = (TargetRule("*.mlp.fc1"), TargetRule("*.mlp.fc2"))
+# (IA)³'s layers (Liu et al. 2022): the keys and values of every attention and the feed-forward's inner activations,
+# i.e. the input of its second layer; what LyCORIS's `ia3` preset names (its names, matched at the path's start,
+# reach no layer of a diffusers or transformers model)
+_IA3_FF_INPUT = (ModuleSettings(path=TargetRule("*.ff.net.2"), options={"on_input": True}),
+                 ModuleSettings(path=TargetRule("*.mlp.fc2"), options={"on_input": True}))
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -188,6 +193,11 @@ PRESETS: dict[str, Preset] = {
                (TargetRule(kinds=frozenset({LINEAR}), inside=("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")),),
                "kohya's default LoRA: Linear and 1x1 conv layers inside Transformer2DModel; CLIPAttention, "
                "CLIPMLP"),
+        Preset("ia3", (TargetRule("*.transformer_blocks.*.attn[12].to_[kv]"),
+                       TargetRule("*.transformer_blocks.*.ff.net.2")),
+               (TargetRule("*.self_attn.[kv]_proj"), TargetRule("*.mlp.fc2")),
+               "(IA)³'s layers: attention keys and values, the feed-forward's inner activations (the second layer's "
+               "input, on_input); CLIP k/v_proj, fc2's input (LyCORIS's ia3 preset)", settings=_IA3_FF_INPUT),
     )
 }
 
@@ -599,11 +609,15 @@ def create_network(unet: nn.Module | None = None,
             spec = ranks(name, layer)
             if spec is None:
                 continue
-            if preset.settings and (settings := preset.settings_for(
-                    (comp.canonical_path(path), path), _ancestor_classes(path, classes))) is not None:
+            settings = preset.settings_for((comp.canonical_path(path), path), _ancestor_classes(path, classes)) \
+                if preset.settings else None
+            if settings is not None:
                 spec = settings.applied_to(spec)
             algo = spec.algorithm or algorithm
             module_options = {**_options_for(algo, algorithm, shared), **spec.options}
+            if settings is not None:  # a preset's per-layer options reach the algorithms that take them, as LyCORIS
+                known = option_names(algo)  # passes every option and each module reads its own
+                module_options = {k: v for k, v in module_options.items() if k in known or k not in settings.options}
             grads = _grad_flags(layer)  # before the adapter freezes the layer
             adapter = factory(algo, layer, rank=spec.rank, alpha=spec.alpha, **module_options)
             adapter.multiplier = float(multiplier)

@@ -62,7 +62,7 @@ def test_a_gui_config_is_translated_as_the_gui_launches_it(tmp_path):
 @pytest.mark.parametrize(("fields", "said"), [
     ({"LoRA_type": "Flux1"}, "network_module = 'networks.lora_flux': not a network lorakit trains"),
     ({"LoRA_type": "Something new"}, "LoRA_type = 'Something new': not a LoRA type of the kohya_ss GUI"),
-    ({"LyCORIS_preset": "ia3"}, "preset=ia3: a LyCORIS preset lorakit lacks"),
+    ({"LyCORIS_preset": "attn-and-mlp"}, "preset=attn-and-mlp: a LyCORIS preset lorakit lacks"),
     ({"sample_prompts": "zkz shape --n blurry"}, "sample_prompts: the GUI keeps the prompts in its config"),
     ({"num_processes": 2}, "num_processes = 2: launch with `accelerate launch --num_processes 2"),
     ({"lr_warmup": 100}, "lr_warmup = 100: warming up for the whole run"),
@@ -97,6 +97,13 @@ def test_the_gui_s_learning_rates_of_zero_choose_the_networks_and_its_types_thei
     cfg, _ = config_from_kohya(path)
     assert (cfg.network.algorithm, cfg.network.preset, cfg.network.args) == ("loha", "lycoris-full",
                                                                               {"use_tucker": True})
+    # the GUI's (IA)^3 with LyCORIS's ia3 preset, and LoKr with "Use Scalar" ticked
+    path.write_text(json.dumps(gui_config(LoRA_type="LyCORIS/iA3", LyCORIS_preset="ia3")))
+    cfg, translation = config_from_kohya(path)
+    assert (cfg.network.algorithm, cfg.network.preset, translation.untranslated) == ("ia3", "ia3", [])
+    path.write_text(json.dumps(gui_config(LoRA_type="LyCORIS/LoKr", use_scalar=True)))
+    cfg, translation = config_from_kohya(path)
+    assert (cfg.network.algorithm, cfg.network.args.get("use_scalar"), translation.untranslated) == ("lokr", True, [])
     path.write_text(json.dumps(gui_config(additional_parameters="--network_dim sixteen")))
     with pytest.raises(ConfigError, match="gui.json"):  # a value missing: the type check names the file
         config_from_kohya(path)

@@ -35,7 +35,7 @@ CUSTOM = {
 TABLES = {**{f"lycoris-{name}": table for name, table in NAMED.items()}, **CUSTOM}
 
 
-def _lycoris_modules(monkeypatch, table) -> dict[str, dict[str, tuple[int, ...]]]:
+def _lycoris_modules(monkeypatch, table, algo: str = "locon") -> dict[str, dict[str, tuple[int, ...]]]:
     """The modules LyCORIS's kohya network creates for a preset table on the tiny models: name -> the shape of
     each tensor it would write (which tells the algorithm, rank and options apart)."""
     from lycoris.kohya import LycorisNetworkKohya as Lycoris
@@ -50,7 +50,7 @@ def _lycoris_modules(monkeypatch, table) -> dict[str, dict[str, tuple[int, ...]]
                                ("MODULE_ALGO_MAP", "module_algo_map", {}), ("NAME_ALGO_MAP", "name_algo_map", {})):
         monkeypatch.setattr(Lycoris, attr, table.get(key, default), raising=False)
     network = Lycoris(build_tiny_text_encoder(), build_tiny_unet(), lora_dim=2, conv_lora_dim=2, alpha=1,
-                      conv_alpha=1, network_module="locon", warn_on_unmatched=False)
+                      conv_alpha=1, network_module=algo, warn_on_unmatched=False)
     return {m.lora_name.replace("text_model_", ""): {k: tuple(v.shape) for k, v in m.state_dict().items()
                                                      if not k.startswith("org_")}
             for m in network.unet_loras + network.text_encoder_loras}
@@ -69,6 +69,30 @@ def test_a_preset_table_selects_what_lycoris_selects(label, monkeypatch):
         assert {a.algorithm for a in ours.adapters.values()} == {"lora", "loha", "lokr"}
         again = create_network(build_tiny_unet(), preset=preset_from_table(table, label), options={"dropout": 0.1})
         assert again.args["dropout"] == "0.1" and again.args["algo"] == "lora"
+
+
+def test_the_ia3_preset_makes_lycoris_ia3_presets_modules_where_its_names_reach_the_layers(monkeypatch):
+    """LyCORIS's ``ia3`` preset names to_k, to_v, ff.net.2 (its input scaled) and CLIP's k/v_proj, fc2, matched at
+    the path's start, which reaches no layer of a diffusers or transformers model; with the same names as globs
+    over the whole path, LyCORIS makes the modules lorakit's ``ia3`` preset makes (the same vectors, the same
+    inputs scaled).  With another algorithm the preset's on_input goes unread, as LyCORIS ignores it."""
+    pytest.importorskip("lycoris.kohya")
+    from lycoris.config import PRESET
+
+    from lorakit.commands.kohya_config import LYCORIS_PRESETS
+
+    table = {**PRESET["ia3"], "use_fnmatch": True}
+    for key in ("unet_target_name", "text_encoder_target_name"):
+        table[key] = [f"*{name}" for name in table[key]]
+    table["name_algo_map"] = {f"*{name}": conf for name, conf in table["name_algo_map"].items()}
+    theirs = _lycoris_modules(monkeypatch, table, algo="ia3")
+    ours = create_network(build_tiny_unet(), build_tiny_text_encoder(), preset="ia3", algorithm="ia3")
+    modules = {n.replace("text_model_", ""): {k: tuple(v.shape) for k, v in a.file_tensors().items()}
+               for n, a in ours.adapters.items()}
+    assert modules == theirs and len(modules) == 86
+    assert sum(a.scales_input for a in ours.adapters.values()) == 18  # every ff.net.2 and fc2
+    assert len(create_network(build_tiny_unet(), preset="ia3", algorithm="lora")) == 80
+    assert LYCORIS_PRESETS["ia3"] == "ia3"  # a kohya config's preset=ia3
 
 
 def test_exclusions_and_names_do_what_the_file_says(tmp_path):
@@ -123,7 +147,7 @@ def test_settings_and_kohya_configs_name_presets_and_files(tmp_path, tiny_model_
     (tmp_path / "mine.toml").write_text('unet_target_module = ["Transformer2DModel"]\n')
     for preset, expected, untranslated in (("full-lin", "lycoris-full-lin", False),
                                            ("mine.toml", str(tmp_path / "mine.toml"), False),
-                                           ("ia3", None, True)):
+                                           ("ia3", "ia3", False), ("lora-only", None, True)):
         folder = tmp_path / preset.replace(".", "_")
         path = kohya_file(folder, tiny_model_dir, "kohya.toml", 'network_module = "lycoris.kohya"\nnetwork_dim = 4\n'
                           f'network_args = ["algo=locon", "preset={preset}"]\n')
@@ -132,7 +156,7 @@ def test_settings_and_kohya_configs_name_presets_and_files(tmp_path, tiny_model_
             expected = str(folder / "mine.toml")
         cfg, translation = config_from_kohya(path)
         if untranslated:
-            assert "network_args preset=ia3: a LyCORIS preset lorakit lacks" in translation.untranslated[0]
+            assert "network_args preset=lora-only: a LyCORIS preset lorakit lacks" in translation.untranslated[0]
             continue
         assert cfg.network.preset == expected and translation.untranslated == []
         cfg.validate()

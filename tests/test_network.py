@@ -16,6 +16,7 @@ EXPECTED_COUNTS = {  # SD1.5 shape: (U-Net, text encoder)
     "attn-mlp": (192, 72),
     "full": (278, 72),
     "lycoris-full": (282, 72),
+    "ia3": (80, 36),  # keys and values of 32 attentions, 16 feed-forwards; CLIP's k, v and fc2 of 12 layers
 }
 
 

@@ -32,7 +32,7 @@ NETWORK_MODULES = {"networks.lora": "lora", "networks.lora_fa": "lora", "network
 #: preset that reaches them)
 LYCORIS_ALGORITHMS = {"locon": "lora"}
 #: LyCORIS's presets -> lorakit's (LyCORIS's full also adapts conv_in, conv_out and the time embedding)
-LYCORIS_PRESETS = {"full": "lycoris-full", "attn-mlp": "attn-mlp", "attn-only": "attn-only"}
+LYCORIS_PRESETS = {"full": "lycoris-full", "attn-mlp": "attn-mlp", "attn-only": "attn-only", "ia3": "ia3"}
 #: kohya's values lorakit names otherwise
 _KOHYA_VALUES = {"save_precision": {"float": "fp32"}}
 #: network_args lorakit has as settings of their own (the rest go to network.args)
