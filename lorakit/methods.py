@@ -69,7 +69,7 @@ from lorakit.network import (
     with_filters,
 )
 from lorakit.network import components as network_components
-from lorakit.run_messages import text_encoder_part
+from lorakit.run_messages import rank_words, text_encoder_part
 
 
 class NativeCSMeter:
@@ -426,7 +426,8 @@ class AdapterMethod(TrainingMethod):
                 " and layers from the file" + ("" if net.algorithm in algorithms else
                                                f" (not network.algorithm {net.algorithm}: the file decides)")
         else:
-            shape = f"{net.algorithm} rank {net.rank} alpha {net.alpha:g}, preset {net.preset}"
+            size = rank_words(net.algorithm, net.rank, net.alpha)
+            shape = f"{net.algorithm}{' ' + size if size else ''}, preset {net.preset}"
         return f"{shape}: {where}, {n_params:,} trainable parameters{started}"
 
 

@@ -79,7 +79,8 @@ def what_is_trained(cfg: TrainConfig) -> str:
     if net.dim_from_weights:  # the file's modules decide, as LyCORIS builds a network from weights
         what = f"an adapter (algorithms, ranks and layers from {net.weights})"
     else:
-        what = f"a {name} (rank {net.rank}, preset {net.preset})"
+        size = rank_words(net.algorithm, net.rank)
+        what = f"a {name} ({size + ', ' if size else ''}preset {net.preset})"
     return what if kind == "adapter" else f"pivotal tuning: an embedding plus {what}"
 
 
@@ -88,6 +89,33 @@ def opening_line(cfg: TrainConfig) -> str:
     model = cfg.model.base or "the built-in shapes-world model (lorakit/world/base_model)"
     return (f"lorakit train: {what_is_trained(cfg)} on {cfg.data.train_data} with {model}, "
             f"up to {count(cfg.training.max_epochs, 'epoch')}; results go to {cfg.output.dir}")
+
+
+def rank_words(algorithm: str, rank: int, alpha: float | None = None) -> str:
+    """How the network's size reads for ``algorithm``: 'rank 8' (and 'alpha 4' when given), 'block size 8' for
+    OFT and BOFT (their rank is a block size), '' for (IA)³ and full, which have none."""
+    from lorakit.adapters import algorithm_class  # torch: only once a run is under way
+
+    cls = algorithm_class(algorithm)
+    if getattr(cls, "takes_rank", False):
+        return f"block size {rank}"
+    if not cls.rank_keys:
+        return ""
+    return f"rank {rank}" + (f" alpha {alpha:g}" if alpha is not None else "")
+
+
+def ia3_preset_note(cfg: TrainConfig) -> str | None:
+    """A note when (IA)³ is trained on another preset than its own layers (LyCORIS warns the same)."""
+    net = cfg.network
+    if cfg.method.kind not in ("adapter", "pivotal") or net.dim_from_weights or net.preset == "ia3":
+        return None
+    from lorakit.adapters import algorithm_class  # torch: only once a run is under way
+
+    if algorithm_class(net.algorithm).algorithm != "ia3":
+        return None
+    return (f"note: (IA)³ on preset {net.preset} scales the output of every layer it names; the (IA)³ paper and "
+            "LyCORIS's ia3 preset scale the attention keys and values and the feed-forward's inner activations "
+            "(--preset ia3)")
 
 
 def early_stop_text(cfg: TrainConfig, watches_weights: bool) -> str:

@@ -68,6 +68,7 @@ from lorakit.run_messages import (
     count,
     early_stop_text,
     estimate_line,
+    ia3_preset_note,
     next_steps,
     opening_line,
     setting_lines,
@@ -448,6 +449,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
             print(note)
         if is_main and (note := adaptive_lr_note(cfg.optimizer.optimizer,
                                                  [g["lr"] for g in method.param_groups()])):
+            print(note)
+        if is_main and (note := ia3_preset_note(cfg)):
             print(note)
         if cfg.data.cache_latents:
             own_cache = cfg.data.cache_latents_to_disk and not cfg.data.cache_dir

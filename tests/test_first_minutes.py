@@ -91,6 +91,11 @@ def test_opening_line_names_method_data_model_and_output():
     line = opening_line(cfg)
     assert "a LoHa (rank 8, preset attn-mlp)" in line and "photos/" in line
     assert "/models/sd15.safetensors" in line and line.endswith("runs/dog")
+    # algorithms without a rank are not given one; OFT's rank is its block size
+    for algorithm, said in (("ia3", "a (IA)³ (preset attn-mlp)"), ("full", "(preset attn-mlp)"),
+                            ("oft", "(block size 8, preset attn-mlp)"), ("lokr", "(rank 8, preset attn-mlp)")):
+        cfg.network.algorithm = algorithm
+        assert said in what_is_trained(cfg), what_is_trained(cfg)
     cfg.method.kind = "native"
     assert what_is_trained(cfg).startswith("native fine-tuning")
 

@@ -95,6 +95,19 @@ def test_the_ia3_preset_makes_lycoris_ia3_presets_modules_where_its_names_reach_
     assert LYCORIS_PRESETS["ia3"] == "ia3"  # a kohya config's preset=ia3
 
 
+def test_ia3_on_another_preset_gets_a_note_naming_its_own():
+    from lorakit.config import TrainConfig
+    from lorakit.run_messages import ia3_preset_note
+
+    cfg = TrainConfig()
+    cfg.network.algorithm = "ia3"
+    assert "--preset ia3" in ia3_preset_note(cfg) and "preset attn-mlp" in ia3_preset_note(cfg)
+    cfg.network.preset = "ia3"
+    assert ia3_preset_note(cfg) is None
+    cfg.network.algorithm, cfg.network.preset = "lora", "attn-mlp"
+    assert ia3_preset_note(cfg) is None
+
+
 def test_exclusions_and_names_do_what_the_file_says(tmp_path):
     preset = tmp_path / "mine.toml"
     preset.write_text('unet_target_module = ["Transformer2DModel"]\nexclude_name = ["up_blocks"]\n'
