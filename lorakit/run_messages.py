@@ -16,7 +16,8 @@ from lorakit.config import TrainConfig
 #: the algorithms diffusers' ``load_lora_weights`` reads (docs/compatibility.md has the whole table)
 DIFFUSERS_LOADS = ("lora",)
 
-_ALGORITHM_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "(IA)³", "full": "full-ΔW adapter"}
+#: names the opening line gives otherwise than the adapter classes' display names
+_ALGORITHM_NAMES = {"ia3": "(IA)³", "full": "full-ΔW adapter"}
 _CONV_PRESETS = ("full", "lycoris-full")
 
 
@@ -70,9 +71,12 @@ def what_is_trained(cfg: TrainConfig) -> str:
         return f"native fine-tuning of the U-Net{text_encoder_part(cfg)} (DreamBooth)"
     if kind == "ti":
         return f"a Textual Inversion embedding ({cfg.method.ti_vectors} vector(s) per token)"
+    from lorakit.adapters import algorithm_class  # torch: only once a run is under way
+
     net = cfg.network
-    name = _ALGORITHM_NAMES.get(net.algorithm, net.algorithm)
-    if net.algorithm == "lora" and net.preset in _CONV_PRESETS:
+    cls = algorithm_class(net.algorithm)
+    name = _ALGORITHM_NAMES.get(cls.algorithm, cls.display_name)
+    if cls.algorithm == "lora" and net.preset in _CONV_PRESETS:
         name = "LoCon"  # LoRA on the conv layers too: the name users know from LyCORIS and kohya
     if net.use_dora:
         name += " with DoRA"
@@ -80,7 +84,8 @@ def what_is_trained(cfg: TrainConfig) -> str:
         what = f"an adapter (algorithms, ranks and layers from {net.weights})"
     else:
         size = rank_words(net.algorithm, net.rank)
-        what = f"a {name} ({size + ', ' if size else ''}preset {net.preset})"
+        article = "an" if name.startswith(("(I", "O")) else "a"  # an OFT, an (IA)³
+        what = f"{article} {name} ({size + ', ' if size else ''}preset {net.preset})"
     return what if kind == "adapter" else f"pivotal tuning: an embedding plus {what}"
 
 

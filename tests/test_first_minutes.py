@@ -92,8 +92,9 @@ def test_opening_line_names_method_data_model_and_output():
     assert "a LoHa (rank 8, preset attn-mlp)" in line and "photos/" in line
     assert "/models/sd15.safetensors" in line and line.endswith("runs/dog")
     # algorithms without a rank are not given one; OFT's rank is its block size
-    for algorithm, said in (("ia3", "a (IA)³ (preset attn-mlp)"), ("full", "(preset attn-mlp)"),
-                            ("oft", "(block size 8, preset attn-mlp)"), ("lokr", "(rank 8, preset attn-mlp)")):
+    for algorithm, said in (("ia3", "an (IA)³ (preset attn-mlp)"), ("full", "a full-ΔW adapter (preset attn-mlp)"),
+                            ("oft", "an OFT (block size 8, preset attn-mlp)"), ("lokr", "a LoKr (rank 8, preset "),
+                            ("diag-oft", "an OFT (block size 8"), ("glora", "a GLoRA (rank 8")):
         cfg.network.algorithm = algorithm
         assert said in what_is_trained(cfg), what_is_trained(cfg)
     cfg.method.kind = "native"
