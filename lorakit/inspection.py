@@ -74,8 +74,14 @@ def _counted(counter: Counter, show=str) -> str:
     return ", ".join(f"{show(k)} ×{n}" for k, n in items) or "none"
 
 
-def _alpha(value: float | None) -> str:
+def _alpha(value: float | str | None) -> str:
+    if value == _RANKLESS:
+        return "none (no rank)"
     return "none (= rank)" if value is None else f"{value:g}"
+
+
+#: the alpha of a module without a rank ((IA)³, full): it has none to scale
+_RANKLESS = "no rank"
 
 
 def _rank(value: int | None) -> str:
@@ -103,7 +109,7 @@ def format_report(report: FileReport) -> str:
         "modules:     " + (", ".join(f"{_COMPONENT_LABELS.get(c, c)} {n}" for c, n in components.items())
                            or "none") + f" ({len(report.modules)} in all)",
         f"ranks:       {_counted(report.count('rank'), _rank)}",
-        f"alphas:      {_counted(report.count('alpha'), _alpha)}",
+        f"alphas:      {_counted(Counter(_RANKLESS if m.rank is None else m.alpha for m in report.modules), _alpha)}",
         f"dtype:       {_counted(report.dtypes)} (tensors)",
         f"base model:  {_base_model_text(report)}",
         "blocks:      " + (", ".join(f"{b} {n}" for b, n in report.blocks.items()) or "none (no U-Net modules)"),

@@ -75,6 +75,18 @@ def test_inspect_lycoris_loha_without_metadata(tmp_path, capsys):
     assert "base model:  unknown" in out
 
 
+def test_inspect_gives_no_alpha_to_modules_without_a_rank(tmp_path, capsys):
+    """(IA)³ and full modules have no rank for an alpha to scale: not "none (= rank)"."""
+    g = torch.Generator().manual_seed(0)
+    prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1"
+    tensors = {f"{prefix}_to_k.weight": torch.randn(32, generator=g), f"{prefix}_to_v.weight": torch.randn(32),
+               f"{prefix}_to_q.lora_down.weight": torch.randn(4, 32),
+               f"{prefix}_to_q.lora_up.weight": torch.randn(32, 4)}
+    save_file(tensors, tmp_path / "mixed.safetensors")
+    code, out, _ = _inspect(capsys, tmp_path / "mixed.safetensors")
+    assert code == 0 and "alphas:      none (no rank) ×2, none (= rank) ×1" in out
+
+
 def test_inspect_bad_files(tmp_path, capsys):
     pt = tmp_path / "old.ckpt"
     torch.save({"state_dict": {}}, pt)
