@@ -84,6 +84,11 @@ def _alpha(value: float | str | None) -> str:
 _RANKLESS = "no rank"
 
 
+def _alpha_counts(report: FileReport) -> Counter:
+    """The modules' alphas, counted; a module without a rank counts as ``_RANKLESS``."""
+    return Counter(_RANKLESS if m.rank is None else m.alpha for m in report.modules)
+
+
 def _rank(value: int | None) -> str:
     return "none (no rank)" if value is None else str(value)
 
@@ -109,7 +114,7 @@ def format_report(report: FileReport) -> str:
         "modules:     " + (", ".join(f"{_COMPONENT_LABELS.get(c, c)} {n}" for c, n in components.items())
                            or "none") + f" ({len(report.modules)} in all)",
         f"ranks:       {_counted(report.count('rank'), _rank)}",
-        f"alphas:      {_counted(Counter(_RANKLESS if m.rank is None else m.alpha for m in report.modules), _alpha)}",
+        f"alphas:      {_counted(_alpha_counts(report), _alpha)}",
         f"dtype:       {_counted(report.dtypes)} (tensors)",
         f"base model:  {_base_model_text(report)}",
         "blocks:      " + (", ".join(f"{b} {n}" for b, n in report.blocks.items()) or "none (no U-Net modules)"),
@@ -160,14 +165,16 @@ def summary(report: FileReport) -> str:
     comps = report.count("component")
     parts = ", ".join(f"{_COMPONENT_LABELS.get(c, c)} {n}" for c, n in comps.items())
     ranks = report.count("rank")
-    alphas = report.count("alpha")
+    alphas = _alpha_counts(report)
     rank_text = (f"rank {_rank(next(iter(ranks)))}" if len(ranks) == 1
                  else f"ranks {min((r for r in ranks if r is not None), default='-')}"
                       f"-{max((r for r in ranks if r is not None), default='-')}")
     alpha_text = f"alpha {_alpha(next(iter(alphas)))}" if len(alphas) == 1 else f"{len(alphas)} alpha values"
+    if set(ranks) == {None}:  # (IA)³, full: neither
+        rank_text, alpha_text = "no rank", ""
     where = _runs([b for b in report.blocks if b != "other"], list(_block_names(report)))
     text = (f"{report.path.name}: {algos} adapter" + (f" for {base}" if base else "") +
-            f", {len(report.modules)} modules ({parts}), {rank_text}, {alpha_text}, "
+            f", {len(report.modules)} modules ({parts}), {rank_text}, {alpha_text + ', ' if alpha_text else ''}"
             f"{'/'.join(report.dtypes)}, {_size(report.size)}.")
     if where:
         text += f" It touches U-Net blocks {where}."

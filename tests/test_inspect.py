@@ -80,11 +80,16 @@ def test_inspect_gives_no_alpha_to_modules_without_a_rank(tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
     prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1"
     tensors = {f"{prefix}_to_k.weight": torch.randn(32, generator=g), f"{prefix}_to_v.weight": torch.randn(32),
+               f"{prefix}_to_k.on_input": torch.tensor(0), f"{prefix}_to_v.on_input": torch.tensor(0),
                f"{prefix}_to_q.lora_down.weight": torch.randn(4, 32),
                f"{prefix}_to_q.lora_up.weight": torch.randn(32, 4)}
     save_file(tensors, tmp_path / "mixed.safetensors")
     code, out, _ = _inspect(capsys, tmp_path / "mixed.safetensors")
     assert code == 0 and "alphas:      none (no rank) ×2, none (= rank) ×1" in out
+    ia3 = {k: v for k, v in tensors.items() if "_to_q." not in k}
+    save_file(ia3, tmp_path / "ia3.safetensors")
+    code, out, _ = _inspect(capsys, tmp_path / "ia3.safetensors")
+    assert code == 0 and "(IA)^3 adapter" in out and "2 modules (U-Net 2), no rank, int64/float32," in out
 
 
 def test_inspect_bad_files(tmp_path, capsys):
