@@ -22,6 +22,16 @@ def _network(base, unet_rules, text_rules=()):
                           ranks=UniformRanks(1, 1.0))
 
 
+def test_the_vocabulary_holds_words_not_byte_pieces(base):
+    """CLIP's byte-level pieces of a multi-byte character read as '�' alone: no word to show."""
+    tokenizer = base.tokenizers[0]
+    pieces = sum("\ufffd" in tokenizer.convert_tokens_to_string([t]) for t in tokenizer.convert_ids_to_tokens(
+        list(range(len(tokenizer)))))
+    words = vocabulary(base)
+    assert pieces > 0 and words and all(text and "\ufffd" not in text for _, text in words)
+    assert len(words) <= len(tokenizer) - pieces
+
+
 def test_the_token_a_cross_attention_update_points_at_ranks_first(base, tmp_path):
     """ΔW = u vᵀ with v along the centred state of the token that stands out most: no other token can move more
     (|⟨h − h̄, v⟩| ≤ ‖h − h̄‖), whatever else the vocabulary holds."""
