@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from lorakit.config import load_config
+from lorakit.data.images import IMAGE_EXTENSIONS
 from lorakit.models import load_base_model
 from lorakit.tools.interrogate import interrogate
 
@@ -25,7 +26,9 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.run / "config.toml")
     model = load_base_model(cfg.model.base)
-    captions = [p.read_text(encoding="utf-8") for p in Path(cfg.data.train_data).rglob("*.txt")]
+    # the caption files beside images only (not the prompt files the built-in dataset keeps next to them)
+    captions = [p.read_text(encoding="utf-8") for p in Path(cfg.data.train_data).rglob("*.txt")
+                if any(p.with_suffix(ext).is_file() for ext in IMAGE_EXTENSIONS)]
     caption_tokens = {t for text in captions for t in model.tokenizer(text)["input_ids"]}
     result = interrogate(model, args.run / "lorakit.safetensors", clip_skip=cfg.model.clip_skip)
     vocabulary = {s.token_id for s in result.scores}
