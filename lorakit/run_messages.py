@@ -17,7 +17,7 @@ from lorakit.config import TrainConfig
 DIFFUSERS_LOADS = ("lora",)
 
 #: names the opening line gives otherwise than the adapter classes' display names
-_ALGORITHM_NAMES = {"ia3": "(IA)³", "full": "full-ΔW adapter"}
+_ALGORITHM_NAMES = {"full": "full-ΔW adapter"}
 _CONV_PRESETS = ("full", "lycoris-full")
 
 

@@ -89,7 +89,7 @@ def test_inspect_gives_no_alpha_to_modules_without_a_rank(tmp_path, capsys):
     ia3 = {k: v for k, v in tensors.items() if "_to_q." not in k}
     save_file(ia3, tmp_path / "ia3.safetensors")
     code, out, _ = _inspect(capsys, tmp_path / "ia3.safetensors")
-    assert code == 0 and "(IA)^3 adapter" in out and "2 modules (U-Net 2), no rank, int64/float32," in out
+    assert code == 0 and "(IA)³ adapter" in out and "2 modules (U-Net 2), no rank, int64/float32," in out
 
 
 def test_inspect_bad_files(tmp_path, capsys):

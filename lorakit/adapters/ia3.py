@@ -25,7 +25,7 @@ from lorakit.adapters.functional import ia3_weight
 
 class IA3(Adapter):
     algorithm = "ia3"
-    display_name = "(IA)^3"
+    display_name = "(IA)³"
     file_keys = ("on_input",)
 
     def __init__(self, base: BaseLayer, multiplier: float = 1.0, *, on_input: bool = False, dropout: float = 0.0,
