@@ -507,7 +507,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check every value that is wrong whatever the data, before anything is loaded or written (raises
         ConfigError naming the key).  Names are checked against the tables that define them."""
-        from lorakit.adapters import ALGORITHMS, ALIASES
+        from lorakit.adapters import ALIASES, NETWORK_ALGORITHMS
         from lorakit.data.discovery import MAX_REPEATS
         from lorakit.fused_backward import fused_backward_refusal
         from lorakit.loss import HUBER_SCHEDULES, LOSS_TYPES, PREDICTION_TYPES
@@ -543,8 +543,10 @@ class TrainConfig:
              f"one of {one_of(compile_backends()) if self.model.compile else ''}", self.model.compile_backend),
             (self.model.prediction_type in (None, *PREDICTION_TYPES), "model.prediction_type",
              f"one of {one_of(PREDICTION_TYPES)} (or absent: the model's own)", self.model.prediction_type),
-            (net.algorithm.lower() in ALGORITHMS or net.algorithm.lower() in ALIASES, "network.algorithm",
-             f"one of {one_of(ALGORITHMS)}", net.algorithm),
+            (ALIASES.get(net.algorithm.lower(), net.algorithm.lower()) in NETWORK_ALGORITHMS, "network.algorithm",
+             f"one of {one_of(NETWORK_ALGORITHMS)}" + (" (the norm layers' update goes beside one of them: "
+                                                     "network.args train_norm = true)"
+                                                     if net.algorithm.lower() == "norm" else ""), net.algorithm),
             (_positive_int(net.rank), "network.rank", "a positive integer", net.rank),
             (_at_least(net.alpha, 0), "network.alpha", "0 or more (0: alpha = rank)", net.alpha),
             (net.conv_rank is None or net.conv_rank >= 0, "network.conv_rank",

@@ -370,3 +370,18 @@ def test_extract_writes_the_norm_layers_differences_when_asked(base, norm_file):
     without = extract_adapter(tuned, base, RankRule(8), preset="attn-mlp")
     assert not any(k.endswith(".w_norm") for k in without.as_file().tensors)
     assert any("--norms writes the norm layers' differences" in n for n in without.notes)
+
+
+def test_the_norm_update_is_no_algorithm_to_train_a_network_with(tmp_path, capsys):
+    """``--algorithm norm`` was offered by the help and crashed in the network preview (a norm update wraps norm
+    layers only): it is refused before anything loads, saying where the norm update goes."""
+    from lorakit.cli import main
+
+    code = main(["train", "--algorithm", "norm", "--dry-run", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "network.algorithm must be one of lora, loha" in err and "train_norm = true" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    listed = capsys.readouterr().out.split("  --algorithm ALGORITHM\n")[1].split("[network.algorithm]")[0]
+    assert "dylora" in listed and "norm" not in listed

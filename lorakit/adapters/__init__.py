@@ -40,6 +40,9 @@ _CLASSES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, IA3, Full, OFT, BOFT, G
 
 ALGORITHMS: dict[str, type[Adapter]] = {cls.algorithm: cls for cls in _CLASSES}
 
+#: the algorithms a network is trained with (``network.algorithm``, ``--algorithm``): all but the norm-layer update
+NETWORK_ALGORITHMS: tuple[str, ...] = tuple(name for name, cls in ALGORITHMS.items() if cls.trains_layers)
+
 # other names for the same algorithms: LyCORIS's module names ("locon", "kron"), kohya's network names
 ALIASES: dict[str, str] = {alias: cls.algorithm for cls in _CLASSES for alias in cls.aliases}
 

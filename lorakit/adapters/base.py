@@ -107,6 +107,9 @@ class Adapter(nn.Module):
     lycoris_algo: ClassVar[str] = ""
     #: whether the algorithm has a bias update (``delta_bias`` is then not always ``None``)
     updates_bias: ClassVar[bool] = False
+    #: whether a network can be trained with it (``network.algorithm``): it wraps Linear/Conv2d layers (the norm
+    #: layers' update only goes beside another algorithm, LyCORIS's ``train_norm``)
+    trains_layers: ClassVar[bool] = True
 
     def __init__(self, base: BaseLayer, multiplier: float = 1.0, *, dropout: float = 0.0,
                  rank_dropout: float = 0.0, rank_dropout_scale: bool = False,

@@ -27,6 +27,7 @@ class Norm(Adapter):
     display_name = "norm layer (train_norm)"
     file_keys = ("w_norm",)
     updates_bias = True
+    trains_layers = False
 
     def __init__(self, base: NormLayer, multiplier: float = 1.0, *, with_bias: bool | None = None,
                  rank_dropout: float = 0.0, rank_dropout_scale: bool = False, module_dropout: float = 0.0) -> None:

@@ -29,8 +29,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--vae": ("model.vae", str, "another VAE for the base model (a .safetensors VAE or a diffusers VAE folder)"),
     "--method": ("method.kind", str, "adapter (default), native, ti, pivotal"),
     "--algorithm": ("network.algorithm", str, "%(algorithms)s"),
-    "--preset": ("network.preset", str, "attn-only, attn-mlp, full, kohya, lycoris-full (more in docs/settings.md), "
-                                        "or a LyCORIS preset .toml"),
+    "--preset": ("network.preset", str, "attn-only, attn-mlp, full, kohya, lycoris-full, ia3 (more in "
+                                        "docs/settings.md), or a LyCORIS preset .toml"),
     "--rank": ("network.rank", int, "adapter rank (network_dim)"),
     "--alpha": ("network.alpha", float, "adapter alpha (network_alpha)"),
     "--network-weights": ("network.weights", str, "start the adapter from this adapter file (kohya's "
@@ -63,9 +63,9 @@ class _AlgorithmNames:
     ``lorakit.adapters`` imports torch, which ``--print-config`` must not wait for."""
 
     def __str__(self) -> str:
-        from lorakit.adapters import ALGORITHMS
+        from lorakit.adapters import NETWORK_ALGORITHMS
 
-        return ", ".join(ALGORITHMS)
+        return ", ".join(NETWORK_ALGORITHMS)
 
 
 #: kohya sd-scripts' train_network.py options (dashes for underscores) -> how lorakit says it: a kohya user's
