@@ -107,6 +107,9 @@ def _settings(key: str, conf: Mapping[str, Any], *, by_class: bool, regex: bool,
     here = f"{where}[{table}.{key}] "
     try:
         algorithm = algorithm_class(str(algo)).algorithm if algo is not None else None
+        if algorithm is not None and not algorithm_class(algorithm).trains_layers:
+            raise InvalidValueError(f"algo {algo!r} updates norm layers only; they get it beside the layers' own "
+                                    "algorithm with train_norm = true")
         if algorithm is not None:
             check_options(algorithm, conf)
         else:  # the network's algorithm, known when the network is made: a name some algorithm takes

@@ -125,6 +125,7 @@ def test_exclusions_and_names_do_what_the_file_says(tmp_path):
      r"\[module_algo_map.Attention\] factr: not an option of lokr \(did you mean factor\?\)"),
     ('[name_algo_map.conv_in]\nalgo = "lokr"\ndim = 0\n', r"\[name_algo_map.conv_in\] dim must be a positive"),
     ('[name_algo_map.conv_in]\nalgo = "nope"\n', r"\[name_algo_map.conv_in\] unknown adapter algorithm 'nope'"),
+    ('[module_algo_map.Attention]\nalgo = "norm"\n', r"\[module_algo_map.Attention\] algo 'norm' updates norm layers"),
     ('[module_algo_map.Attention]\nwhatever = 1\n', r"whatever: not an option of any algorithm"),
     ('module_algo_map = ["Attention"]\n', r"module_algo_map must be a table of tables"),
     ('unet_target_modules = ["Transformer2DModel"]\n', r"unet_target_modules: not keys of a LyCORIS preset"),
