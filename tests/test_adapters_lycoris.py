@@ -39,6 +39,8 @@ CONFIGS = [
     ("lora", {"dora": True, "wd_on_out": True}),
     ("lora", {"dora": True, "wd_on_out": False}),
     ("lora", {"use_scalar": True}),
+    ("lora", {"use_scalar": True, "dora": True, "wd_on_out": True}),
+    ("lora", {"use_scalar": True, "use_tucker": True}),
     ("loha", {}),
     ("loha", {"use_tucker": True}),
     ("loha", {"dora": True, "wd_on_out": True}),
