@@ -210,6 +210,16 @@ def test_the_run_page_shows_what_eval_measured_and_where_the_turning_point_ranks
     assert capsys.readouterr().out.endswith(f"lorakit report {run} --eval {elsewhere}\n")
     assert main(["report", str(run), "--eval", str(elsewhere)]) == 0
     assert f"measured by lorakit eval ({elsewhere}" in capsys.readouterr().out
+    # several evals (other prompts, other seeds): each joins the page under its folder's name, in the order given
+    import shutil
+
+    shutil.copytree(elsewhere, tmp_path / "second")
+    assert main(["report", str(run), "--eval", str(elsewhere), "--eval", str(tmp_path / "second")]) == 0
+    said = capsys.readouterr().out
+    assert said.count("measured by lorakit eval (") == 2 and f"({tmp_path / 'second'}, its page" in said
+    page = (run / "report.html").read_text()
+    assert page.index("elsewhere: ranking: the checkpoints compared") < \
+        page.index("second: ranking: the checkpoints compared") < page.index("training: per epoch")
     assert main(["report", str(run), "--eval", str(tmp_path)]) == 2
     assert f"--eval {tmp_path}: no metrics.json there" in capsys.readouterr().err
 

@@ -109,6 +109,34 @@ def test_run_report_with_an_eval_in_chromium(tmp_path):
     assert f"the turning point's checkpoint (epoch 1) ranks {rank} of 3 there" in dom
 
 
+def test_run_report_with_two_evals_in_chromium(tmp_path):
+    """Two evals on one run's page (`lorakit report RUN --eval A --eval B`): each ranking table under its folder's
+    name, in order, both holding their eval's numbers; every chart decodes."""
+    from eval_helpers import write_run
+    from test_evaluate_pipeline import ThumbExtractor, setup
+
+    from lorakit.evaluate.pipeline import evaluate
+    from lorakit.evaluate.report import add_eval_result, page_from_run, render_html
+
+    checkpoints, runs, jobs, images, data = setup()
+    first = evaluate(checkpoints, runs, jobs, images, {"thumb": ThumbExtractor()}, data, seeds=2)
+    second = evaluate(checkpoints, runs, jobs, images, {"thumb": ThumbExtractor()}, data, seeds=1)
+    page = page_from_run(write_run(tmp_path / "r", epochs=2))
+    add_eval_result(page, first, "r-eval", "r", 1, label="r-eval", position=0)
+    add_eval_result(page, second, "r-eval-1seed", "r", 1, label="r-eval-1seed", position=1)
+    dom, console = load_in_browser(tmp_path, render_html(page))
+    assert console == []
+    assert all(c and w > 0 for c, w in probe(dom))
+    tables = parse_report(dom).tables
+    titles = list(tables)
+    a, b = (f"{name}: ranking: the checkpoints compared, best first" for name in ("r-eval", "r-eval-1seed"))
+    assert titles.index(a) == 0 and titles.index(b) == 1
+    for title, result in ((a, first), (b, second)):
+        assert [label for label, _ in tables[title]] == result.ranking()
+        for label, cells in tables[title]:
+            assert {m: v for m, v, _, _ in cells}["harmonic mean"] == result.harmonic_mean[label]
+
+
 def test_a_broken_image_or_a_console_error_is_caught(tmp_path):
     """The check itself can fail: a page with an undecodable image and a console error."""
     dom, console = load_in_browser(tmp_path, '<!DOCTYPE html><html><body><img src="data:image/png;base64,AAAA">'

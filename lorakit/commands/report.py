@@ -1,7 +1,7 @@
 """``lorakit report RUN``: one HTML page for a training run from what its folder already holds (sample grids,
 loss and CS per epoch, the CS-Fluctuation chart, settings, summary), and what ``lorakit eval`` measured on its
-checkpoints when there is an eval folder (``--eval``, by default ``RUN-eval`` beside it: the folder the trainer's
-summary suggests).  Generates nothing."""
+checkpoints when there is an eval folder (``--eval``, repeatable, by default ``RUN-eval`` beside it: the folder
+the trainer's summary suggests).  Generates nothing."""
 
 from __future__ import annotations
 
@@ -21,23 +21,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, metavar="RUN", help="a training run folder (with config.toml)")
     parser.add_argument("--out", type=Path, default=None, help="the HTML file (default RUN/report.html)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out even if lorakit did not write it")
-    parser.add_argument("--eval", type=Path, default=None, metavar="DIR",
-                        help="a `lorakit eval` output folder (metrics.json) whose ranking and charts join the page "
+    parser.add_argument("--eval", type=Path, action="append", default=None, metavar="DIR",
+                        help="a `lorakit eval` output folder (metrics.json) whose ranking and charts join the page; "
+                             "repeat for several (other prompts, other seeds), each under its folder's name "
                              "(default: RUN-eval beside the run, when it holds one)")
 
 
-def eval_folder(args: argparse.Namespace) -> Path | None:
-    """``--eval``, checked; else ``RUN-eval`` beside the run when it holds a metrics.json; else None."""
-    if args.eval is not None:
-        if not (args.eval / "metrics.json").is_file():
-            raise ReportCommandError(f"--eval {args.eval}: no metrics.json there (a `lorakit eval --out` folder "
-                                     "holds one)")
-        return args.eval
+def eval_folders(args: argparse.Namespace) -> list[Path]:
+    """The ``--eval`` folders, checked; else ``RUN-eval`` beside the run when it holds a metrics.json; else none."""
+    if args.eval:
+        for folder in args.eval:
+            if not (folder / "metrics.json").is_file():
+                raise ReportCommandError(f"--eval {folder}: no metrics.json there (a `lorakit eval --out` folder "
+                                         "holds one)")
+        return list(dict.fromkeys(args.eval))  # a folder given twice is shown once
     beside = args.run.parent / f"{args.run.resolve().name}-eval"
-    return beside if (beside / "metrics.json").is_file() else None
+    return [beside] if (beside / "metrics.json").is_file() else []
 
 
-def _join_eval(page, run: Path, measured: Path) -> None:
+def _join_eval(page, run: Path, measured: Path, label: str = "", position: int = 0) -> None:
     """The eval's ranking, charts and verdict on the run's page; only a line saying why when the run's checkpoints
     changed since the eval measured them."""
     from lorakit.evaluate.checkpoints import CheckpointError, _read_json, summary_turning_point
@@ -55,7 +57,7 @@ def _join_eval(page, run: Path, measured: Path) -> None:
                             "again); run lorakit eval again for this run's ranking")
         return
     tp = summary_turning_point(_read_json(run / "summary.json"))
-    add_eval_result(page, result, str(measured), run_name, tp.get("epoch") if tp else None)
+    add_eval_result(page, result, str(measured), run_name, tp.get("epoch") if tp else None, label, position)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,10 +68,13 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite and not (out.is_file() and written_by_lorakit(out)):
         raise ReportCommandError(f"{out} exists and is not a page lorakit wrote; choose another --out, or pass "
                                  "--overwrite to replace it")
-    measured = eval_folder(args)
+    measured = eval_folders(args)
     page = page_from_run(args.run)
-    if measured is not None:
-        _join_eval(page, args.run, measured)
+    tables = len(page.tables)
+    names = [f.name for f in measured]
+    labels = [""] if len(measured) == 1 else names if len(set(names)) == len(names) else [str(f) for f in measured]
+    for folder, label in zip(measured, labels, strict=True):  # each eval's ranking after the one before, all first
+        _join_eval(page, args.run, folder, label, position=len(page.tables) - tables)
     atomic_write_text(out, render_html(page))
     print(f"lorakit report: {page.title[len('lorakit report: '):]}: {len(page.grids[0].rows) if page.grids else 0} "
           f"sample grids, {len(page.tables)} tables, {len(page.charts)} charts")

@@ -16,7 +16,7 @@ import io
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -456,11 +456,16 @@ def changed_since_eval(result: EvalResult, run_dir: Path, run_name: str) -> list
     return changed
 
 
-def add_eval_result(page: Page, result: EvalResult, where: str, run_name: str, turning_epoch: int | None) -> None:
+def add_eval_result(page: Page, result: EvalResult, where: str, run_name: str, turning_epoch: int | None,
+                    label: str = "", position: int = 0) -> None:
     """Put what ``lorakit eval`` measured on a run's checkpoints on the run's page: the best checkpoint and where
-    the turning point ranks (the early stop judged), the ranking table first, the metric charts.  The eval's own
-    page (``where``/report.html) keeps the per-prompt-type tables and the images."""
+    the turning point ranks (the early stop judged), the ranking table (at ``position`` among the page's tables:
+    first), the metric charts.  ``label``: put before the table's and charts' titles, when the page shows several
+    evals.  The eval's own page (``where``/report.html) keeps the per-prompt-type tables and the images."""
     from lorakit.evaluate.pipeline import summary_lines
+
+    def labelled(item):
+        return replace(item, title=f"{label}: {item.title}") if label else item
 
     best = summary_lines(result)[:1]
     page.summary.append(f"measured by lorakit eval ({where}, its page with the images: {where}/report.html): "
@@ -471,10 +476,10 @@ def add_eval_result(page: Page, result: EvalResult, where: str, run_name: str, t
     elif turning_epoch is not None:
         page.summary.append(f"the eval did not measure the turning point's checkpoint (epoch {turning_epoch})")
     if (ranking := ranking_table(result)) is not None:
-        page.tables.insert(0, ranking)
-    page.charts.extend(metric_charts(result))
+        page.tables.insert(position, labelled(ranking))
+    page.charts.extend(labelled(chart) for chart in metric_charts(result))
     if (chart := tradeoff_chart(result)) is not None:
-        page.charts.append(chart)
+        page.charts.append(labelled(chart))
 
 
 def page_from_run(run_dir: str | Path) -> Page:
