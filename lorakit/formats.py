@@ -650,12 +650,18 @@ class FileRanks:
     source: str
     specs: Mapping[str, ModuleSpec | None]  # the model's kohya module name -> the file's module, as a spec
     fallback: RankRule
+    #: it says which norm layers get an update too (``create_network`` asks it for each, with train_norm)
+    chooses_norms = True
 
     def __call__(self, name: str, layer: nn.Module) -> ModuleSpec | None:
         if name not in self.specs:
             return None
         spec = self.specs[name]
         return spec if spec is not None else self.fallback(name, layer)
+
+    def holds_norms(self) -> bool:
+        """Whether the file updates norm layers (LyCORIS's train_norm): the network then does too."""
+        return any(spec is not None and spec.algorithm == "norm" for spec in self.specs.values())
 
     def ranks(self) -> list[int]:
         """The ranks of the file's modules that have one (not IA3's, full's or OFT's)."""

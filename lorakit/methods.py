@@ -281,10 +281,12 @@ class AdapterMethod(TrainingMethod):
                                     ("module_dropout", net.module_dropout, 0.0), ("dora", net.use_dora, False)):
             if value != default:
                 options[key] = value
+        ranks = rank_rule(cfg, ranks_file, model)
+        if net.dim_from_weights and getattr(ranks, "holds_norms", lambda: False)():
+            options["train_norm"] = True  # the file's norm-layer updates are modules of its network too
         self.network: AdapterNetwork = create_network(
             model.unet if net.train_unet else None, model.text_encoders if net.train_text_encoder else None,
-            preset=adapted_preset(cfg, model), ranks=rank_rule(cfg, ranks_file, model), algorithm=net.algorithm,
-            options=options)
+            preset=adapted_preset(cfg, model), ranks=ranks, algorithm=net.algorithm, options=options)
         self._max_norm: MaxNormReading | None = None
         if net.max_norm is not None:
             try:

@@ -626,6 +626,8 @@ def create_network(unet: nn.Module | None = None,
         if train_norm and not comp.is_text_encoder:
             norm_options = {k: v for k, v in shared.items() if k in _NORM_OPTIONS}
             for path, layer in norm_targets(comp, adapted, preset):
+                if getattr(ranks, "chooses_norms", False) and ranks(comp.kohya_name(path), layer) is None:
+                    continue  # a file's network (dim_from_weights): its own norm modules only
                 grads = _grad_flags(layer)
                 adapter = factory("norm", layer, **norm_options)
                 adapter.multiplier = float(multiplier)

@@ -327,6 +327,13 @@ def test_a_run_with_train_norm_writes_a_file_lycoris_and_lorakit_read_as_trained
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     cs = [r["cs"] for r in log if "cs" in r]
     assert cs and all(math.isfinite(v) for v in cs)
+    # --dim-from-weights on it, train_norm not set: the file's norm updates are modules of its network too (they
+    # were refused as "not adapted in this run"), and the result holds the same modules
+    again = make_config(tiny_model_dir, tmp_path / "data", tmp_path / "again", training={"max_epochs": 1},
+                        network={"weights": str(tmp_path / "run" / "lorakit.safetensors"), "dim_from_weights": True},
+                        early_stop={"mode": "off"})
+    run_train(again)
+    assert read_adapter(tmp_path / "again" / "lorakit.safetensors").tensors.keys() == file.tensors.keys()
 
 
 def test_max_norm_scales_the_weight_updates_and_leaves_the_norms_as_lycoris_does():
