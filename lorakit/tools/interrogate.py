@@ -71,14 +71,15 @@ class Interrogation:
 
 def vocabulary(model: BaseModel) -> list[tuple[int, str]]:
     """(id, text) of every token of the first tokenizer but the special ones (begin, end, padding) and the byte
-    pieces that are no text alone (a part of a multi-byte character, which reads as '�')."""
+    pieces that are no text alone (a part of a multi-byte character, which reads as '�', or a control byte)."""
     tokenizer = model.tokenizers[0]
     special = set(tokenizer.all_special_ids)
     ids = [i for i in range(len(tokenizer)) if i not in special]
     # CLIP's BPE marks a word's last piece with </w>; a piece without it starts a longer word ("zk" of "zkz")
     texts = [tokenizer.convert_tokens_to_string([t]).replace("</w>", "").strip()
              for t in tokenizer.convert_ids_to_tokens(ids)]
-    return [(i, text) for i, text in zip(ids, texts, strict=True) if text and "\ufffd" not in text]
+    return [(i, text) for i, text in zip(ids, texts, strict=True)
+            if text and text.isprintable() and "\ufffd" not in text]
 
 
 def token_states(model: BaseModel, token_ids: Sequence[int], clip_skip: int = 1) -> torch.Tensor:
