@@ -297,9 +297,12 @@ def test_missing_and_unexpected_keys_are_reported():
         LoRA.from_file_tensors(adapter.base, {k: v for k, v in tensors.items() if k != "lora_up.weight"})
     with pytest.raises(AdapterFormatError, match="hada_t1"):
         LoRA.from_file_tensors(adapter.base, {**tensors, "hada_t1": torch.zeros(2)})
-    conv, _ = build("lora", "conv3x3_s2", use_tucker=True)
-    with pytest.raises(AdapterShapeError, match="lora_mid.weight"):
-        LoRA.from_file_tensors(nn.Conv2d(32, 48, 1), conv.file_tensors())
+    # a Tucker core needs a spatial kernel: each algorithm's core is named, with its shape
+    for algorithm, core in (("lora", "lora_mid.weight"), ("loha", "hada_t1"), ("glora", "bm.weight")):
+        conv, _ = build(algorithm, "conv3x3_s2", use_tucker=True)
+        shape = tuple(conv.file_tensors()[core].shape)
+        with pytest.raises(AdapterShapeError, match=rf"{core}: a Tucker core \({shape[0]}, .*needs a conv with a"):
+            ALGORITHMS[algorithm].from_file_tensors(nn.Conv2d(32, 48, 1), conv.file_tensors())
 
 
 def test_conv1x1_tensors_load_into_linear_and_back():

@@ -107,6 +107,8 @@ class Adapter(nn.Module):
     lycoris_algo: ClassVar[str] = ""
     #: whether the algorithm has a bias update (``delta_bias`` is then not always ``None``)
     updates_bias: ClassVar[bool] = False
+    #: the file key of the algorithm's Tucker core, when it has one (``use_tucker``)
+    tucker_key: ClassVar[str] = ""
     #: whether a network can be trained with it (``network.algorithm``): it wraps Linear/Conv2d layers (the norm
     #: layers' update only goes beside another algorithm, LyCORIS's ``train_norm``)
     trains_layers: ClassVar[bool] = True
@@ -326,11 +328,18 @@ class Adapter(nn.Module):
     @classmethod
     def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
                           multiplier: float = 1.0) -> Adapter:
-        """Build an adapter over ``base`` from the tensors of one module in a file.
+        """Build an adapter over ``base`` from the tensors of one module in a file: made with ``file_arguments``,
+        then the tensors loaded into it.
 
         Raises ``AdapterShapeError`` naming the key when a tensor does not fit ``base``.
         """
-        raise NotImplementedError
+        arguments = cls.file_arguments(base, tensors)
+        adapter = cls(base, multiplier=multiplier, **arguments)
+        if arguments.get("use_tucker") and not getattr(adapter, "tucker", False):
+            raise AdapterShapeError(f"{cls.tucker_key}: a Tucker core {tuple(tensors[cls.tucker_key].shape)} needs a "
+                                    f"conv with a spatial kernel, this layer's weight is {adapter.weight_shape}")
+        adapter._load_file_tensors(tensors)
+        return adapter
 
     @classmethod
     def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lorakit.adapters.base import AdapterShapeError, BaseLayer, alpha_from_file, require
+from lorakit.adapters.base import BaseLayer, alpha_from_file, require
 from lorakit.adapters.functional import lora_weight
 from lorakit.adapters.lowrank import Factor, LowRankAdapter
 
@@ -46,6 +46,7 @@ class GLoRA(LowRankAdapter):
     file_keys = ("a1.weight", "a2.weight")
     rank_keys = ("a2.weight",)
     width_keys = ("a2.weight",)
+    tucker_key = "bm.weight"
 
     def __init__(self, base: BaseLayer, rank: int = 4, alpha: float | None = None, multiplier: float = 1.0, *,
                  use_tucker: bool = False, dropout: float = 0.0, rank_dropout: float = 0.0,
@@ -125,17 +126,6 @@ class GLoRA(LowRankAdapter):
         else:  # half precision: x + γ A x would round the update away; the update gets its own pass
             y = self.frozen_forward(x, b0) + self.frozen_forward((da * scale).to(x.dtype), None)
         return torch.add(y, db if db.dtype == y.dtype else db.to(y.dtype), alpha=scale)
-
-    @classmethod
-    def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
-                          multiplier: float = 1.0) -> GLoRA:
-        arguments = cls.file_arguments(base, tensors)
-        adapter = cls(base, multiplier=multiplier, **arguments)
-        if arguments["use_tucker"] and not adapter.tucker:
-            raise AdapterShapeError(f"bm.weight: a Tucker core needs a conv with a spatial kernel, this layer's "
-                                    f"weight is {adapter.weight_shape}")
-        adapter._load_file_tensors(tensors)
-        return adapter
 
     @classmethod
     def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

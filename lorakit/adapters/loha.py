@@ -43,6 +43,7 @@ class LoHa(LowRankAdapter):
     file_keys = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
     rank_keys = ("hada_w1_b",)
     width_keys = ("hada_w1_b",)
+    tucker_key = "hada_t1"
 
     def __init__(self, base: BaseLayer, rank: int = 4, alpha: float | None = None, multiplier: float = 1.0, *,
                  use_tucker: bool = False, dora: bool = False, wd_on_out: bool = False, dropout: float = 0.0,
@@ -133,17 +134,6 @@ class LoHa(LowRankAdapter):
         """Whether the factorised forward can run as ``functional.loha_chain`` (no Tucker core)."""
         return not self.tucker and self._chain_applies(x, self.hada_w1_a, self.hada_w1_b, self.hada_w2_a,
                                                        self.hada_w2_b)
-
-    @classmethod
-    def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
-                          multiplier: float = 1.0) -> LoHa:
-        arguments = cls.file_arguments(base, tensors)
-        adapter = cls(base, multiplier=multiplier, **arguments)
-        if arguments["use_tucker"] and not adapter.tucker:
-            raise AdapterShapeError(f"hada_t1: Tucker cores need a conv with a spatial kernel, this layer's "
-                                    f"weight is {adapter.weight_shape}")
-        adapter._load_file_tensors(tensors)
-        return adapter
 
     @classmethod
     def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -220,13 +220,6 @@ class LoKr(LowRankAdapter):
 
     # ---- files ---------------------------------------------------------------------------------
     @classmethod
-    def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
-                          multiplier: float = 1.0) -> LoKr:
-        adapter = cls(base, multiplier=multiplier, **cls.file_arguments(base, tensors))
-        adapter._load_file_tensors(tensors)
-        return adapter
-
-    @classmethod
     def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         layer_kind(base)  # a clear error for layers adapters cannot wrap
         n_out, n_in, *kernel = base.weight.shape

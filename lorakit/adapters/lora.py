@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lorakit.adapters.base import AdapterShapeError, BaseLayer, alpha_from_file, require
+from lorakit.adapters.base import BaseLayer, alpha_from_file, require
 from lorakit.adapters.functional import lora_weight
 from lorakit.adapters.lowrank import Factor, LowRankAdapter, dora_options
 
@@ -43,6 +43,7 @@ class LoRA(LowRankAdapter):
     file_keys = ("lora_up.weight", "lora_down.weight", *_KEY_ALIASES)  # kohya's and PEFT's names
     rank_keys = ("lora_down.weight", "lora_A.weight")
     width_keys = ("lora_down.weight", "lora_A.weight")
+    tucker_key = "lora_mid.weight"
 
     def __init__(self, base: BaseLayer, rank: int = 4, alpha: float | None = None, multiplier: float = 1.0, *,
                  use_tucker: bool = False, dora: bool = False, wd_on_out: bool = False, dropout: float = 0.0,
@@ -191,14 +192,7 @@ class LoRA(LowRankAdapter):
     @classmethod
     def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
                           multiplier: float = 1.0) -> LoRA:
-        tensors = {_KEY_ALIASES.get(k, k): v for k, v in tensors.items()}
-        adapter = cls(base, multiplier=multiplier, **cls.file_arguments(base, tensors))
-        mid = tensors.get("lora_mid.weight")
-        if mid is not None and not adapter.tucker:
-            raise AdapterShapeError(f"lora_mid.weight: a Tucker core {tuple(mid.shape)} needs a conv with a "
-                                    f"spatial kernel, this layer's weight is {adapter.weight_shape}")
-        adapter._load_file_tensors(tensors)
-        return adapter
+        return super().from_file_tensors(base, {_KEY_ALIASES.get(k, k): v for k, v in tensors.items()}, multiplier)
 
     @classmethod
     def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

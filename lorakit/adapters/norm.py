@@ -83,12 +83,6 @@ class Norm(Adapter):
         return t
 
     @classmethod
-    def from_file_tensors(cls, base: NormLayer, tensors: dict[str, torch.Tensor], multiplier: float = 1.0) -> Norm:
-        adapter = cls(base, multiplier, **cls.file_arguments(base, tensors))
-        adapter._load_file_tensors(tensors)
-        return adapter
-
-    @classmethod
     def file_arguments(cls, base: NormLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         require(tensors, "w_norm", cls.algorithm)
         # a shift update is kept even for a layer without a shift (merging creates one)
