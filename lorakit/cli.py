@@ -83,6 +83,15 @@ def unrecognized(arguments: Sequence[str], parser: argparse.ArgumentParser, alia
     return "unrecognized arguments: " + " ".join(said)
 
 
+def innermost_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the subcommand the line chose (``lorakit world dataset``'s, not ``lorakit world``'s), so that an
+    error shows the usage of what was run."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return innermost_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # --verbose anywhere on the line: the libraries' own warnings and progress bars are shown (for debugging)
@@ -106,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         module.add_arguments(parsers[command])
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        chosen = parsers.get(command, parser)
+        chosen = innermost_parser(parsers.get(command, parser), args)
         chosen.error(unrecognized(unknown, chosen, getattr(module, "KOHYA_OPTIONS", {})))
     show_own_warnings(command)
     try:

@@ -124,6 +124,15 @@ def test_a_kohya_tool_option_says_lorakits_spelling(capsys, typed, said):
     assert said in capsys.readouterr().err
 
 
+def test_an_unknown_option_of_a_subcommand_shows_that_subcommands_usage(capsys, tmp_path):
+    """``lorakit world dataset --out DIR`` (its folder is positional) showed ``lorakit world``'s usage."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["world", "dataset", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("usage: lorakit world dataset [-h] [folder]")
+    assert "lorakit world dataset: error: unrecognized arguments: --out" in err and not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("command", ["resize", "extract", "merge"])
 def test_every_kohya_tool_hint_names_an_option_of_that_tool(command):
     import importlib
