@@ -570,6 +570,14 @@ class WithoutZeroBlocks:
         describe = getattr(self.rule, "network_args", None)
         return {**(describe() if callable(describe) else {}), **self.weights.network_args()}
 
+    # a file's rule (dim_from_weights) also says which norm layers get an update: asked through this one
+    @property
+    def chooses_norms(self) -> bool:
+        return bool(getattr(self.rule, "chooses_norms", False))
+
+    def holds_norms(self) -> bool:
+        return bool(getattr(self.rule, "holds_norms", lambda: False)())
+
 
 # ---- kohya's block_lr (sdxl_train.py): a learning rate per block of the whole U-Net, for native fine-tuning ------
 

@@ -208,3 +208,22 @@ def test_a_file_for_another_model_names_no_layer(tmp_path):
     network, unet, encoder = _network()
     with pytest.raises(AdapterFileError, match=r"1 of its 1 modules \(lora_unet_not_a_layer\): they name no layer"):
         start_network_from_file(network, path, unet, encoder)
+
+
+def test_a_files_norm_updates_are_built_through_block_learning_rates_too(tmp_path):
+    """--dim-from-weights with kohya's block learning rates: the file's norm-layer updates are built where their
+    blocks train, as the rest of its modules are (the rule wrapping the file's still says which)."""
+    from lorakit.blocks import SD1, WithoutZeroBlocks, parse_block_lr_weights
+    from lorakit.formats import ranks_from_file
+
+    unet = build_tiny_unet()
+    trained = create_network(unet, preset="attn-mlp", options={"train_norm": True})
+    randomize(trained)
+    path = save_network(trained, tmp_path / "norms.safetensors")
+    unet = build_tiny_unet()
+    weights = parse_block_lr_weights("0,0,0,0,0,0,1,1,1,1,1,1", None, None, 0.0, SD1)  # down blocks untrained
+    rule = WithoutZeroBlocks(ranks_from_file(path, UniformRanks(4, 4.0), unet, algorithm="lora"), weights)
+    assert rule.holds_norms() and rule.chooses_norms
+    network = create_network(unet, preset="lycoris-full", ranks=rule, options={"train_norm": True})
+    kept = {n for n in trained.names() if weights(n) != 0}
+    assert set(network.names()) == kept and any(network[n].kind == "norm" for n in kept)
