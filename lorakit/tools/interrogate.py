@@ -11,9 +11,10 @@ token's state is the one it has at the start of any prompt) and scored two ways:
   LoRAs train the U-Net only, and kohya's tool has no answer for them; this one reads the question off the U-Net.
 
 Tokens are ranked by each score (``Interrogation.top``).  The base model is left as it was.  Measured on the
-built-in job's result (``benchmarks/interrogate_captions.py``; README): of the 30 words each score ranks first, 16
-(U-Net) and 11 (text encoder) are words of its training captions, where chance gives 1.8; its made-up trigger,
-split into three pieces, is not among them: a word the tokenizer does not know has no one token to find.
+built-in job's result trained with its text encoder (``benchmarks/interrogate_captions.py``; README): of the 30
+words each score ranks first, 8 (U-Net) and 8 (text encoder) are words of its training captions, where chance
+gives 1.2; its made-up trigger, split into three pieces, is not among them: a word the tokenizer does not know has
+no one token to find.
 """
 
 from __future__ import annotations
