@@ -61,6 +61,7 @@ def _factors(adapter: Adapter) -> list[torch.nn.Parameter]:
     return [p for name, p in adapter.named_parameters() if not name.startswith("base.")]
 
 
+@torch.no_grad()
 def update_norm(adapter: Adapter) -> torch.Tensor:
     """‖ΔW‖_F of one module at multiplier 1.  A plain LoRA's comes from its rank × rank Gram matrices
     (‖U D‖² = Σ (UᵀU) ∘ (D Dᵀ)), without forming the out × in product."""
