@@ -335,11 +335,17 @@ class Adapter(nn.Module):
         """
         arguments = cls.file_arguments(base, tensors)
         adapter = cls(base, multiplier=multiplier, **arguments)
-        if arguments.get("use_tucker") and not getattr(adapter, "tucker", False):
-            raise AdapterShapeError(f"{cls.tucker_key}: a Tucker core {tuple(tensors[cls.tucker_key].shape)} needs a "
-                                    f"conv with a spatial kernel, this layer's weight is {adapter.weight_shape}")
+        adapter._check_file_fit(tensors, arguments)
         adapter._load_file_tensors(tensors)
         return adapter
+
+    def _check_file_fit(self, tensors: dict[str, torch.Tensor], arguments: dict[str, Any]) -> None:
+        """``AdapterShapeError`` saying why a file's module, built into this adapter, cannot fit its layer, before
+        the tensors are loaded (which would only name a shape): here, a Tucker core on a layer without a spatial
+        kernel."""
+        if arguments.get("use_tucker") and not getattr(self, "tucker", False):
+            raise AdapterShapeError(f"{self.tucker_key}: a Tucker core {tuple(tensors[self.tucker_key].shape)} needs a "
+                                    f"conv with a spatial kernel, this layer's weight is {self.weight_shape}")
 
     @classmethod
     def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

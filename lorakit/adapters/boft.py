@@ -128,15 +128,11 @@ class BOFT(OFT):
     @classmethod
     def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
                           multiplier: float = 1.0) -> BOFT:
-        arguments = cls.file_arguments(base, tensors)
-        blocks = tensors["oft_blocks"]
         try:
-            adapter = cls(base, multiplier=multiplier, **arguments)
-        except InvalidValueError as error:
-            raise AdapterShapeError(f"oft_blocks: shape {tuple(blocks.shape)} does not fit the layer: "
+            return super().from_file_tensors(base, tensors, multiplier)
+        except InvalidValueError as error:  # the layer's channels do not split into the file's blocks
+            raise AdapterShapeError(f"oft_blocks: shape {tuple(tensors['oft_blocks'].shape)} does not fit the layer: "
                                     f"{error}") from error
-        adapter._load_file_tensors(tensors)
-        return adapter
 
     @classmethod
     def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

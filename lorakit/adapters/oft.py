@@ -207,16 +207,11 @@ class OFT(Adapter):
         """Whether a module's tensors are this algorithm's (OFT and BOFT share the key ``oft_blocks``)."""
         return tensors["oft_blocks"].dim() == 3
 
-    @classmethod
-    def from_file_tensors(cls, base: BaseLayer, tensors: dict[str, torch.Tensor],
-                          multiplier: float = 1.0) -> OFT:
-        adapter = cls(base, multiplier=multiplier, **cls.file_arguments(base, tensors))
-        blocks = tensors["oft_blocks"]
-        if adapter.block_num != blocks.shape[0]:
-            raise AdapterShapeError(f"oft_blocks: {blocks.shape[0]} blocks of {blocks.shape[1]} do not cover "
-                                    f"the layer's {adapter.out_features} output channels")
-        adapter._load_file_tensors(tensors)
-        return adapter
+    def _check_file_fit(self, tensors: dict[str, torch.Tensor], arguments: dict[str, Any]) -> None:
+        blocks = tensors["oft_blocks"]  # (blocks, size, size); BOFT's (stages, blocks, size, size)
+        if self.block_num != blocks.shape[-3]:
+            raise AdapterShapeError(f"oft_blocks: {blocks.shape[-3]} blocks of {blocks.shape[-1]} do not cover "
+                                    f"the layer's {self.out_features} output channels")
 
     @classmethod
     def file_arguments(cls, base: BaseLayer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
