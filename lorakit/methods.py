@@ -295,8 +295,7 @@ class AdapterMethod(TrainingMethod):
                 raise ConfigError(f"network.max_norm: {err}") from None
         if net.dim_from_weights:  # not a preset's name: the file chose the layers, and their algorithms
             self.network.args["preset"] = "from-weights"
-            self.network.args["algo"] = Counter(a.algorithm for a in self.network.adapters.values()
-                                                ).most_common(1)[0][0] if len(self.network) else net.algorithm
+            self.network.args["algo"] = next(iter(self._layer_algorithms()), net.algorithm)
         for key in ("include", "exclude"):  # the layer filters, in ss_network_args beside the preset
             if getattr(net, key):
                 self.network.args[key] = ",".join(getattr(net, key))
@@ -322,6 +321,12 @@ class AdapterMethod(TrainingMethod):
         self._sdxl = bool(getattr(model, "is_sdxl", False))  # which blocks kohya's block learning rates follow
         self._meter = CSMeter({n: self.network[n] for n in self.network.names("unet")}) \
             if self.network.names("unet") else None
+
+    def _layer_algorithms(self) -> list[str]:
+        """The algorithms of the network's layer modules, most modules first (norm-layer updates, which go beside
+        them, aside): a file's, with ``network.dim_from_weights``."""
+        counts = Counter(a.algorithm for a in self.network.adapters.values() if a.trains_layers)
+        return [name for name, _ in counts.most_common()]
 
     def after_optimizer_step(self) -> None:
         if self.cfg.network.max_norm is not None:
@@ -422,8 +427,8 @@ class AdapterMethod(TrainingMethod):
         started = f"\n{self.started_from.summary()}" if self.started_from is not None else ""
         if net.dim_from_weights:
             ranks = [r for a in self.network.adapters.values() if isinstance(r := getattr(a, "rank", None), int)]
-            algorithms = Counter(a.algorithm for a in self.network.adapters.values())
-            shape = "/".join(sorted(algorithms, key=lambda a: -algorithms[a])) + (
+            algorithms = self._layer_algorithms()
+            shape = "/".join(algorithms) + (
                 f" ranks {'–'.join(str(r) for r in sorted({min(ranks), max(ranks)}))}" if ranks else "") + \
                 " and layers from the file" + ("" if net.algorithm in algorithms else
                                                f" (not network.algorithm {net.algorithm}: the file decides)")

@@ -333,7 +333,10 @@ def test_a_run_with_train_norm_writes_a_file_lycoris_and_lorakit_read_as_trained
                         network={"weights": str(tmp_path / "run" / "lorakit.safetensors"), "dim_from_weights": True},
                         early_stop={"mode": "off"})
     run_train(again)
-    assert read_adapter(tmp_path / "again" / "lorakit.safetensors").tensors.keys() == file.tensors.keys()
+    result = read_adapter(tmp_path / "again" / "lorakit.safetensors")
+    assert result.tensors.keys() == file.tensors.keys()
+    assert "trained: lora ranks 2 and layers from the file: " in (tmp_path / "again" / "summary.txt").read_text()
+    assert json.loads(result.metadata["ss_network_args"])["algo"] == "lora"  # the norm updates go beside it
 
 
 def test_max_norm_scales_the_weight_updates_and_leaves_the_norms_as_lycoris_does():
