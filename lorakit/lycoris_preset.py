@@ -106,8 +106,9 @@ def _settings(key: str, conf: Mapping[str, Any], *, by_class: bool, regex: bool,
     algo, dim, alpha = conf.pop("algo", None), conf.pop("dim", None), conf.pop("alpha", None)
     here = f"{where}[{table}.{key}] "
     try:
-        algorithm = algorithm_class(str(algo)).algorithm if algo is not None else None
-        if algorithm is not None and not algorithm_class(algorithm).trains_layers:
+        cls = algorithm_class(str(algo)) if algo is not None else None
+        algorithm = cls.algorithm if cls is not None else None
+        if cls is not None and not cls.trains_layers:
             raise InvalidValueError(f"algo {algo!r} updates norm layers only; they get it beside the layers' own "
                                     "algorithm with train_norm = true")
         if algorithm is not None:
