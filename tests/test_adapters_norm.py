@@ -385,11 +385,15 @@ def test_extract_writes_the_norm_layers_differences_when_asked(base, norm_file):
 def test_the_norm_update_is_no_algorithm_to_train_a_network_with(tmp_path, capsys):
     """``--algorithm norm`` was offered by the help and crashed in the network preview (a norm update wraps norm
     layers only): it is refused before anything loads, saying where the norm update goes."""
+    import subprocess
+    import sys
+
     from lorakit.cli import main
 
-    code = main(["train", "--algorithm", "norm", "--dry-run", "--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err
-    assert code == 2 and "network.algorithm must be one of lora, loha" in err and "train_norm = true" in err
+    done = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "--algorithm", "norm", "--dry-run", "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    err = done.stderr
+    assert done.returncode == 2 and "network.algorithm must be one of lora, loha" in err and "train_norm = true" in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
     with pytest.raises(SystemExit):
         main(["train", "--help"])
