@@ -53,6 +53,7 @@ ROWS = (
     Row("LoHa", "loha", "full"),
     Row("LoKr", "lokr", "full", {"factor": 4}),
     Row("(IA)³", "ia3", "attn-mlp"),
+    Row("(IA)³, ia3 preset", "ia3", "ia3"),
     Row("full (ΔW)", "full", "attn-mlp"),
     Row("OFT", "oft", "full"),
     Row("BOFT", "boft", "full"),
@@ -72,7 +73,7 @@ MEASURED = ("diffusers", "peft", "lycoris-lora")
 READ: dict[str, dict[str, str]] = {
     "A1111": {
         "LoRA": "✓", "LoCon": "✓", "LoCon-Tucker": "✓", "LoHa": "✓", "LoKr": "✓",
-        "(IA)³": "✗ fails on conv layers", "full (ΔW)": "✓",
+        "(IA)³": "✗ fails on conv layers", "(IA)³, ia3 preset": "✓ (linear layers only)", "full (ΔW)": "✓",
         "OFT": "? not checked (network_oft.py reads oft_blocks)", "BOFT": "? not checked",
         "GLoRA": "? not checked (network_glora.py)", "DyLoRA": "✓ (a plain LoRA file)",
         "LoRA + norm layers (train_norm)": "✓ (network_norm.py)",
@@ -82,7 +83,7 @@ READ: dict[str, dict[str, str]] = {
     },
     "ComfyUI": {
         "LoRA": "✓", "LoCon": "✓", "LoCon-Tucker": "✓", "LoHa": "✓", "LoKr": "✓",
-        "(IA)³": "✗ no (IA)³ adapter", "full (ΔW)": "✓",
+        "(IA)³": "✗ no (IA)³ adapter", "(IA)³, ia3 preset": "✗ no (IA)³ adapter", "full (ΔW)": "✓",
         "OFT": "? same at strength 1 without rescale/constraint (see notes)",
         "BOFT": "? same at strength 1 without constraint (see notes)", "GLoRA": "✓ (no bm core)",
         "DyLoRA": "✓ (a plain LoRA file)", "LoRA + norm layers (train_norm)": "✓ (w_norm/b_norm as diffs)",

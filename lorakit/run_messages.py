@@ -120,7 +120,7 @@ def ia3_preset_note(cfg: TrainConfig) -> str | None:
         return None
     return (f"note: (IA)³ on preset {net.preset} scales the output of every layer it names; the (IA)³ paper and "
             "LyCORIS's ia3 preset scale the attention keys and values and the feed-forward's inner activations "
-            "(--preset ia3)")
+            "(--preset ia3), and A1111 loads (IA)³ on linear layers only (docs/compatibility.md)")
 
 
 def early_stop_text(cfg: TrainConfig, watches_weights: bool) -> str:
