@@ -1101,6 +1101,14 @@ def test_step_checkpoint_settings_are_checked(tiny_model_dir, dataset, tmp_path)
         make_config(tiny_model_dir, dataset, tmp_path, training={"save_last_n_steps": 100}).validate()
 
 
+def test_sampling_every_0_epochs_says_how_to_draw_no_samples(tiny_model_dir, dataset, tmp_path):
+    from lorakit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sample.every_n_epochs must be a positive integer \(no samples: leave "
+                                          r"sample.prompts out\), got 0"):
+        make_config(tiny_model_dir, dataset, tmp_path, sample={"every_n_epochs": 0}).validate()
+
+
 def test_a_native_run_prunes_up_to_the_earliest_step_it_may_still_hand_back():
     """Each source of that step in turn: the decided turning point; the sample stop's earliest candidate epoch (0
     before it trusts any); the weight rule's; nothing (the last checkpoint only) without a stop that hands back."""
