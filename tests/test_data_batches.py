@@ -92,6 +92,15 @@ def test_bucket_no_upscale_trains_small_images_at_their_size_and_refuses_those_b
     assert "not used with bucket_no_upscale" in said[0]
 
 
+def test_an_image_smaller_than_the_training_size_is_named_with_its_enlargement(tmp_path):
+    folder = tmp_path / "1_zkz"
+    make_image(folder / "square.png", (64, 64))
+    make_image(folder / "tiny.png", (8, 8))
+    with pytest.warns(DatasetWarning, match=r"1 image is smaller than the training size and upscaled \(blurry\): "
+                                            r".*tiny\.png \(8×8, enlarged 8\.00× to fill 64×64\)"):
+        TrainingData(DataConfig(train_data=str(tmp_path), resolution=64), seed=0)
+
+
 def test_batches_stay_within_one_bucket_and_have_the_bucket_size(tmp_path):
     folder = tmp_path / "3_zkz"
     for i in range(5):

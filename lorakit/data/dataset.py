@@ -293,7 +293,7 @@ class TrainingData:
                            "bucket_reso_steps: "
                            f"{'; '.join(too_small[:10])}" + (" ..." if len(too_small) > 10 else ""))
         if upscaled:
-            problems.warn(f"{_images_are(len(upscaled))} smaller than their training size and will be upscaled "
+            problems.warn(f"{_images_are(len(upscaled))} smaller than the training size and upscaled "
                           f"(blurry): {'; '.join(upscaled[:10])}" + (" ..." if len(upscaled) > 10 else ""))
         if cropped:
             problems.warn(f"{_images_are(len(cropped))} cropped to the square resolution; set enable_bucket = true to "
