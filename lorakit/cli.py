@@ -60,10 +60,12 @@ def show_own_warnings(command: str) -> None:
     warnings.showwarning = show
 
 
-def unrecognized(arguments: Sequence[str], parser: argparse.ArgumentParser, aliases: dict[str, str]) -> str:
+def unrecognized(arguments: Sequence[str], parser: argparse.ArgumentParser, aliases: dict[str, str],
+                 extra_hint: str | None = None) -> str:
     """argparse's "unrecognized arguments" message, with what was probably meant after each option: lorakit's
     name for a kohya option (``aliases``), the same option written with dashes, or the closest of the command's
-    own options."""
+    own options; after an argument that is no option, the command's ``extra_hint`` (another tool's argument order,
+    say)."""
     options = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
     said = []
     for argument in arguments:
@@ -78,6 +80,8 @@ def unrecognized(arguments: Sequence[str], parser: argparse.ArgumentParser, alia
             else:
                 close = difflib.get_close_matches(dashed, options, n=1, cutoff=0.7)
                 hint = close[0] if close else None
+        elif not said or not said[-1].startswith("-") or "=" in said[-1].split(" ", 1)[0]:  # not an option's value
+            hint = extra_hint
         said.append(f"{argument} (did you mean {hint}?)" if hint and not hint.startswith("(") else
                     f"{argument} {hint}" if hint else argument)
     return "unrecognized arguments: " + " ".join(said)
@@ -116,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         chosen = innermost_parser(parsers.get(command, parser), args)
-        chosen.error(unrecognized(unknown, chosen, getattr(module, "KOHYA_OPTIONS", {})))
+        chosen.error(unrecognized(unknown, chosen, getattr(module, "KOHYA_OPTIONS", {}),
+                                  getattr(module, "EXTRA_ARGUMENT_HINT", None) if chosen is parsers.get(command)
+                                  else None))
     show_own_warnings(command)
     try:
         return int(module.run(args))

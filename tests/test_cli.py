@@ -111,9 +111,13 @@ def test_an_unknown_option_says_what_was_probably_meant(capsys, typed, said):
     (["resize", "a.safetensors", "--out", "b.safetensors", "--new_rank", "4", "--dynamic_param", "0.9"],
      "--new_rank (did you mean --rank?) 4 --dynamic_param (did you mean --param?) 0.9"),
     (["extract", "tuned", "--out", "a.safetensors", "--model_org", "base", "--dim", "8"],
-     "--model_org (did you mean --base?) base --dim (did you mean --rank?) 8"),
+     "--model_org (did you mean --base?) base --dim (did you mean --rank?) 8\n"),  # an option's value: no hint
     (["merge", "a.safetensors", "--out", "m.safetensors", "--ratios", "0.7", "--sd_model", "x"],
      "--ratios (each file's ratio follows it after a colon: A.safetensors:0.7)"),
+    # LyCORIS's extract_locon.py takes BASE TUNED OUTPUT as arguments
+    (["extract", "base", "tuned", "--out", "a.safetensors"],
+     "unrecognized arguments: tuned (one model is the argument, the fine-tuned one; its base is --base: lorakit "
+     "extract TUNED --base BASE)\n"),
 ])
 def test_a_kohya_tool_option_says_lorakits_spelling(capsys, typed, said):
     """kohya's networks/resize_lora.py, extract_lora_from_models.py and merge_lora.py options, given to lorakit's

@@ -17,6 +17,10 @@ KOHYA_OPTIONS = {
     "--load-tuned-model-to": "(not needed: lorakit's model tools run on the CPU)",
 }
 
+#: a second model given as an argument, as LyCORIS's extract_locon.py takes them (BASE TUNED OUTPUT)
+EXTRA_ARGUMENT_HINT = ("(one model is the argument, the fine-tuned one; its base is --base: "
+                       "lorakit extract TUNED --base BASE)")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("tuned", help="the fine-tuned model: a diffusers folder or a single-file .safetensors")
