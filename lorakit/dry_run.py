@@ -26,6 +26,7 @@ from lorakit.train import (
     check_resume_settings,
     planned_epochs,
     planned_steps,
+    sample_prompts,
     sample_stop_line,
     saves_epoch,
     ti_start_vectors,
@@ -40,6 +41,7 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     cfg.validate()
     check_tracker(cfg.output.log_with)
     check_paths(cfg, config_file)
+    sampled = len(sample_prompts(cfg))
     read_tracker_settings(cfg.output.log_tracker_config, cfg.output.log_with)  # refused as the run refuses it
     previous = Path(cfg.output.dir) / "config.toml"
     resuming = cfg.output.if_exists == "resume" and previous.is_file()
@@ -113,6 +115,8 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     if network is not None:
         lines.append(f"network: {network}")
     lines.append(_checkpoints_line(cfg, steps_per_epoch, total))
+    if sampled:
+        lines.append(_samples_line(cfg, sampled))
     lines += setting_lines(cfg)
     if cfg.early_stop.samples and cfg.early_stop.mode != "off":
         lines.append(sample_stop_line(cfg))
@@ -122,6 +126,15 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
         lines.append(f"resume: continues the run in {cfg.output.dir} from its last checkpoint")
     lines.append("checked: run the same command without --dry-run to train")
     return "\n".join(lines)
+
+
+def _samples_line(cfg: TrainConfig, prompts: int) -> str:
+    when = [f"every {count(cfg.sample.every_n_epochs, 'epoch')}" if cfg.sample.every_n_epochs > 1 else "every epoch"]
+    if cfg.sample.every_n_steps:
+        when.append(f"every {count(cfg.sample.every_n_steps, 'step')}")
+    if cfg.sample.at_first:
+        when.append("before the first step")
+    return f"samples: {count(prompts, 'prompt')} ({cfg.sample.prompts}) drawn {', '.join(when)}"
 
 
 def _checkpoints_line(cfg: TrainConfig, steps_per_epoch: int, total: int) -> str:

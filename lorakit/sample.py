@@ -42,6 +42,7 @@ from lorakit.conditioning import Conditioning, encode_conditioning
 from lorakit.errors import InvalidValueError, LorakitError
 from lorakit.metadata import TEXT_SETTINGS, trained_text_setting
 from lorakit.models import SD2_V_CONFIG, BaseModel, native_resolution
+from lorakit.prompt_tags import network_tag_problem
 from lorakit.prompt_weights import uses_bracket_syntax
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,14 @@ def parse_prompt_line(line: str, defaults: SamplePrompt | None = None, where: st
             values[key] = convert(value)
         except ValueError as e:
             raise PromptSyntaxError(f"{where}: --{name} {e}") from None
+    _refuse_network_tags(values, where)
     return replace(defaults, **values)
+
+
+def _refuse_network_tags(values: dict[str, Any], where: str) -> None:
+    for key in ("prompt", "negative_prompt"):
+        if isinstance(values.get(key), str) and (problem := network_tag_problem(values[key])):
+            raise PromptSyntaxError(f"{where}: {problem}")
 
 
 def parse_prompt_dict(entry: dict[str, Any], defaults: SamplePrompt | None = None,
@@ -150,6 +158,7 @@ def parse_prompt_dict(entry: dict[str, Any], defaults: SamplePrompt | None = Non
             raise PromptSyntaxError(f"{where}: {key} {e}") from None
     if not isinstance(values.get("prompt", ""), str):
         raise PromptSyntaxError(f"{where}: prompt must be a string")
+    _refuse_network_tags(values, where)
     return replace(defaults, **values)
 
 

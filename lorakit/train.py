@@ -249,11 +249,13 @@ def with_class_images(cfg: TrainConfig, model: BaseModel, run: RunFolder, is_mai
     return replace(data, reg_data=str(folder))
 
 
-def sample_prompts(cfg: TrainConfig, model: BaseModel) -> list[SamplePrompt]:
+def sample_prompts(cfg: TrainConfig) -> list[SamplePrompt]:
+    """The sample prompt file's prompts (none without one), with the run's sampling defaults; a size a prompt does
+    not set is the model's own (``SamplePrompt``).  Raises what drawing them would raise, so it is read before the
+    model loads."""
     if not cfg.sample.prompts:
         return []
-    defaults = SamplePrompt("", width=model.resolution, height=model.resolution, steps=cfg.sample.steps,
-                            cfg_scale=cfg.sample.cfg_scale, sampler=cfg.sample.sampler)
+    defaults = SamplePrompt("", steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, sampler=cfg.sample.sampler)
     return load_prompts(cfg.sample.prompts, defaults)
 
 
@@ -391,6 +393,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                             f"the {accelerator.num_processes} processes have averaged its gradient: run one process, "
                             "or turn it off")
     check_paths(cfg, config_file)
+    prompts = sample_prompts(cfg)  # a prompt file that does not parse stops the run before the model loads
     tracker_settings = read_tracker_settings(cfg.output.log_tracker_config, cfg.output.log_with)
     protect = [p for p in (cfg.data.train_data, cfg.data.reg_data, config_file) if p]
     run = None
@@ -519,7 +522,6 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                                      backend=cfg.model.compile_backend)
         for module in trained:
             module.train()
-        prompts = sample_prompts(cfg, model)
         if is_main:
             print(data.summary())
             print(method.summary())

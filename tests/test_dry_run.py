@@ -78,6 +78,29 @@ def test_a_dry_run_stops_on_what_the_run_would_stop_on(tiny_model_dir, tmp_path,
     assert "note: prior preservation: 4 class images of 'a shape' would be drawn first" in capsys.readouterr().out
 
 
+def test_a_dry_run_reads_the_sample_prompts_and_a_run_refuses_a_bad_file_before_the_model_loads(
+        tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The prompt file was read only once the model had loaded: a dry run passed a file the run then stopped on."""
+    data = write_dataset(tmp_path / "data", n=3)
+    good, bad, copied = (tmp_path / f"{name}.txt" for name in ("good", "bad", "copied"))
+    good.write_text("a zkz shape --d 3\n# a comment\na red circle --w 64\n")
+    bad.write_text("a zkz shape --zz 3\n")
+    copied.write_text("a zkz shape, <lora:mychar:0.7>, red\n")  # a prompt copied from A1111
+    _no_loading(monkeypatch)
+    flags = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "run")]
+    assert main([*flags, "--dry-run", "--sample-prompts", str(good), "--set", "sample.every_n_epochs=2",
+                 "--set", "sample.at_first=true"]) == 0
+    assert f"samples: 2 prompts ({good}) drawn every 2 epochs, before the first step" in capsys.readouterr().out
+    assert main([*flags, "--dry-run", "--sample-prompts", str(bad)]) == 2
+    assert f"{bad} line 1: unknown option --zz" in capsys.readouterr().err
+    for dry in (["--dry-run"], []):  # the run itself stops before it loads the model (which is refused here)
+        assert main([*flags, *dry, "--sample-prompts", str(copied)]) == 2
+        err = capsys.readouterr().err
+        assert f"{copied} line 1: <lora:mychar:0.7> is A1111's prompt syntax for loading an adapter" in err
+        assert "(mychar.safetensors:0.7)" in err and "a run draws its samples with the adapter it trains" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_base_model_is_read_from_its_configs_and_shapes_only(tmp_path):
     tiny = load_base_model(None)
     single = save_single_file_checkpoint(tiny, tmp_path / "tiny.safetensors")

@@ -109,6 +109,10 @@ style: {trigger}, oil painting --d 5
      r"unknown keys \['steps'\]"),
     ("p.json", '{"prompts": [{"type": "nope", "prompt": "a"}]}', r"p.json:1: prompt 1: unknown prompt type 'nope'"),
     ("p.json", '{"prompts": [', r"p.json:1: not valid JSON"),
+    ("p.txt", "trigger = x\ntrain: {trigger}, <lora:x:0.8>\n",
+     r"p.txt:2: prompt 1: <lora:x:0.8> is A1111's prompt syntax .*lorakit eval judges the checkpoints given as "
+     r"its arguments \(x.safetensors\)"),
+    ("p.toml", 'trigger = "x"\nnegative = "<lora:bad>"\ntrain = ["{trigger}"]\n', r"<lora:bad> is A1111's"),
 ])
 def test_bad_files_name_the_file_line_and_problem(tmp_path, name, text, message):
     path = _write(tmp_path, name, text)

@@ -19,6 +19,7 @@ from lorakit.sample import (
     image_grid,
     load_prompts,
     make_scheduler,
+    parse_prompt_dict,
     parse_prompt_line,
     parse_prompt_text,
     resolve_prompts,
@@ -80,10 +81,20 @@ def test_comments_and_blank_lines_are_skipped():
     ("a cat --ss warp_drive", r"line 2: --ss unknown sampler 'warp_drive'"),
     ("a cat --5 dogs", r"line 2: cannot read option .--5 dogs."),
     ("a cat -- dog", r"line 2: unknown option --dog"),
+    # A1111's extra-network tags would reach the text encoder as words; lorakit takes adapters as arguments
+    ("a cat <lora:mychar:0.7>", r"line 2: <lora:mychar:0.7> is A1111's prompt syntax .*\(mychar.safetensors:0.7\)"),
+    ("a cat --n <LyCO: style one >", r"line 2: <LyCO: style one > is A1111's .*\(style one.safetensors:1\)"),
+    ("a cat <lora:x:0.5:MIDD>", r"\(x.safetensors:0.5:MIDD\)"),  # a block-weight suffix, as lorakit writes it
 ])
 def test_bad_syntax_names_the_line(line, message):
     with pytest.raises(PromptSyntaxError, match=message):
         parse_prompt_text(f"# header\n{line}\n", source="prompts.txt")
+
+
+def test_a1111_tags_in_a_prompt_dict_are_refused_and_angle_brackets_otherwise_are_words():
+    with pytest.raises(PromptSyntaxError, match=r"p.toml prompt 1: <hypernet:h> is A1111's"):
+        parse_prompt_dict({"prompt": "a cat", "negative_prompt": "<hypernet:h>"}, where="p.toml prompt 1")
+    assert parse_prompt_line("a sign reading <hello> and <lora>").prompt == "a sign reading <hello> and <lora>"
 
 
 def test_kohya_options_for_other_models_are_ignored_with_a_warning(caplog):

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
+from lorakit.prompt_tags import network_tag_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -175,6 +176,9 @@ def _build(path: Path, text: str, e: _Entry, trigger: str | None, negative: Any)
         raise PromptSetError(f"{at}: {e.where}: the prompt must be text, got {e.text!r}")
     if e.type not in PROMPT_TYPES:
         raise PromptSetError(f"{at}: {e.where}: unknown prompt type {e.type!r}; known: {', '.join(PROMPT_TYPES)}")
+    for said in (e.text, negative, e.fields.get("negative")):
+        if isinstance(said, str) and (problem := network_tag_problem(said, evaluating=True)):
+            raise PromptSetError(f"{at}: {e.where}: {problem}")
     try:
         filled = _fill(e.text, trigger)
     except PromptSetError as err:
