@@ -181,8 +181,12 @@ def test_extract_and_resize_commands(base, files, tmp_path, capsys):
     x = tmp_path / "x.safetensors"
     assert main(["extract", str(tmp_path / "tuned"), "--out", str(x), "--rank", "6", "--conv-rank", "2",
                  "--report", str(tmp_path / "x.txt")]) == 0
-    out = capsys.readouterr().out
-    assert "extract: " in out and "retained energy" in out
+    said = capsys.readouterr()
+    assert "extract: " in said.out and "retained energy" in said.out
+    assert "extracting: " in said.err and "/301 " in said.err  # an SVD per layer: a bar over them
+    assert main(["extract", str(tmp_path / "tuned"), "--out", str(tmp_path / "quiet.safetensors"), "--rank", "2",
+                 "--no-progress"]) == 0
+    assert "extracting" not in capsys.readouterr().err
     file = read_adapter(x)
     ranks = {n: t["lora_down.weight"].shape[0] for n, t in file.modules().items()}
     assert ranks["lora_unet_down_blocks_0_resnets_0_conv1"] == 2

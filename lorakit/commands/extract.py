@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--norms", action="store_true",
                         help="also write the differences of the norm layers in the extracted blocks, exactly, as "
                              "LyCORIS norm updates (train_norm; A1111, ComfyUI and LyCORIS apply them)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--min-diff", type=float, default=0.0,
                         help="layers whose largest |ΔW| is at most this get no module (default 0: identical only)")
     add_rank_arguments(parser, rank_help="rank to keep (default 4; with --dynamic: the most it may be)")
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     base = load_base_model(args.base)
     result = extract_adapter(tuned, base, rule, conv_rule, preset=args.preset,
                              text_encoder=not args.no_text_encoder, clamp_quantile=args.clamp_quantile,
-                             min_diff=args.min_diff, dtype=dtype(args), norms=args.norms)
+                             min_diff=args.min_diff, dtype=dtype(args), norms=args.norms,
+                             progress=not args.no_progress)
     written = result.write(args.out, [args.tuned, args.base], overwrite=args.overwrite)
     return finish(result, args, written)

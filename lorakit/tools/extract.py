@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from lorakit.metadata import base_model_fields, ss_metadata
 from lorakit.models import BaseModel
@@ -50,13 +51,14 @@ def check_same_architecture(tuned: BaseModel, base: BaseModel, text_encoder: boo
 @torch.no_grad()
 def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule: RankRule | None = None, *,
                     preset: str = "full", text_encoder: bool = True, clamp_quantile: float | None = None,
-                    min_diff: float = 0.0, dtype: torch.dtype = torch.float32, norms: bool = False) -> ToolResult:
+                    min_diff: float = 0.0, dtype: torch.dtype = torch.float32, norms: bool = False,
+                    progress: bool = False) -> ToolResult:
     """A LoRA/LoCon whose ``ΔW`` approximates ``tuned − base`` (both models unchanged).
 
     ``min_diff``: layers whose largest ``|ΔW|`` is at most this get no module (0: only identical layers).
     ``norms``: also the differences of the U-Net's norm layers in the blocks extracted from, exactly, as LyCORIS's
     norm-layer updates (``w_norm``/``b_norm``, which A1111, ComfyUI and LyCORIS apply): native fine-tuning
-    changes them too.
+    changes them too.  ``progress``: a bar over the layers (an SVD for each: SD1.5's full preset has hundreds).
     """
     check_same_architecture(tuned, base, text_encoder)
     conv_rule = conv_rule or rule
@@ -64,11 +66,15 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
     result = ToolResult("extract", dtype)
     tuned_comps = {c.group: c for c in components(tuned.unet, tuned.text_encoders if text_encoder else None)}
     bias_changed, unchanged, norm_updates = [], 0, {}
-    for comp in components(base.unet, base.text_encoders if text_encoder else None):
-        rules = chosen.text_encoder if comp.is_text_encoder else chosen.unet
+    targets = [(comp, list(select_targets(comp, chosen.text_encoder if comp.is_text_encoder else chosen.unet, chosen)))
+               for comp in components(base.unet, base.text_encoders if text_encoder else None)]
+    bar = tqdm(total=sum(len(layers) for _, layers in targets), desc="extracting", unit="layer",
+               disable=not progress, leave=False)
+    for comp, layers in targets:
         other = tuned_comps[comp.group].model
         extracted = []
-        for path, layer in select_targets(comp, rules, chosen):
+        for path, layer in layers:
+            bar.update()
             name = comp.kohya_name(path)
             tuned_layer = other.get_submodule(path)
             diff = tuned_layer.weight.detach().double() - layer.weight.detach().double()
@@ -86,6 +92,7 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
             extracted.append(path)
         if norms and not comp.is_text_encoder:
             norm_updates |= _norm_differences(comp, other, extracted, chosen, min_diff)
+    bar.close()
     result.keep(norm_updates, "written exactly (the norm layers' differences)")
     if not result.reports:
         raise MismatchError(f"{tuned.source or 'the tuned model'} and {base.source or 'the base'} have the same "
