@@ -319,7 +319,7 @@ def _text_inputs(model: BaseModel, prompts: list[str], negatives: list[str], cli
 @torch.no_grad()
 def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device: str | torch.device | None = None,
              batch_size: int = 4, base_seed: int = 0, clip_skip: int = 1, max_token_length: int = 75,
-             progress: bool = True) -> list[Image.Image]:
+             progress: bool = True, progress_label: str = "sampling") -> list[Image.Image]:
     """One image per prompt, in order; ``clip_skip`` as kohya and A1111 count it (1: the text encoder's last
     layer) and prompts of up to ``max_token_length`` tokens, read as the trainer reads them
     (``lorakit.models.tokenize_prompts``, ``encode_prompt_ids``).
@@ -341,7 +341,7 @@ def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device:
     homes = [net.device for net in networks]
     rng_devices = [target] if target.type == "cuda" else []
     images: list[Image.Image | None] = [None] * len(resolved)
-    bar = tqdm(total=len(resolved), desc="sampling", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(resolved), desc=progress_label, unit="img", disable=not progress, leave=False)
     try:
         for net in networks:
             net.to(target).eval()

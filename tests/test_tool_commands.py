@@ -93,13 +93,16 @@ def test_a_sweep_draws_every_prompt_at_each_strength(files, tmp_path, capsys):
     a, _ = files
     flags = ["--prompt", "a star --s 3 --d 7", "--prompt", "a red circle --s 3 --d 8", "--device", "cpu"]
     assert main(["sample", f"{a}:2", *flags, "--sweep", "0,0.25,0.5", "--out", str(tmp_path / "sweep")]) == 0
-    out = capsys.readouterr().out
+    said = capsys.readouterr()
+    out = said.out
+    assert "sampling x0: " in said.err and "sampling x0.5: " in said.err  # a bar per column
     names = {p.name for p in (tmp_path / "sweep").glob("*.png")}
     assert names == {"000-a-star-x0.png", "000-a-star-x0.25.png", "000-a-star-x0.5.png", "001-a-red-circle-x0.png",
                      "001-a-red-circle-x0.25.png", "001-a-red-circle-x0.5.png", "grid.png"}, names
     assert "6 image(s)" in out
-    for name, extra in (("plain", []), ("half", [f"{a}:1"])):
+    for name, extra in (("plain", ["--no-progress"]), ("half", [f"{a}:1"])):
         assert main(["sample", *extra, *flags, "--out", str(tmp_path / name)]) == 0
+        assert ("sampling: " in capsys.readouterr().err) == (name == "half")
     image = lambda path: np.asarray(Image.open(path), dtype=np.int16)  # noqa: E731
     sweep = tmp_path / "sweep"
     for prompt in ("000-a-star", "001-a-red-circle"):

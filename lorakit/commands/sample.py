@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default=None, help="sampler for prompts that set none (ddim, euler_a, ...)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     columns = parser.add_mutually_exclusive_group()
     columns.add_argument("--sweep", type=_strengths, default=None, metavar="X,Y,...",
                          help="draw every prompt at each of these strengths, a column each (A1111's X/Y plot of a "
@@ -117,8 +118,11 @@ def run(args: argparse.Namespace) -> int:
     check_clip_skip(model, text["clip_skip"])
     said += adopt_trained_schedule(model, [spec.path for spec in specs])
     prompts = [replace(p, seed=p.seed if p.seed is not None else args.seed + i) for i, p in enumerate(prompts)]
+    labels = [f"sampling {label}" for label in columns] or ["sampling"]  # a bar per column
     by_column = [generate_with_adapters(model, group, prompts, merged=args.merged, embeddings=embeddings,
-                                        batch_size=args.batch_size, progress=False, **text) for group in groups]
+                                        batch_size=args.batch_size, progress=not args.no_progress,
+                                        progress_label=label, **text)
+                 for group, label in zip(groups, labels, strict=True)]
     images = [column[i] for i in range(len(prompts)) for column in by_column]  # a row per prompt
     title = "" if args.each else ", ".join(s.label for s in specs) or "no adapter"  # --each: its column says it
     written = save_samples(images, prompts, args.out, title=title + (" (merged)" if args.merged and specs else ""),
