@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Sequence
 
 from lorakit.atomic import DISK_ERRNOS
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, WrongBaseModelError
 from lorakit.quiet import silence_third_party
 
 #: command -> (module, one-line help for `lorakit --help`; reading each module's HELP would import every
@@ -128,7 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.run(args))
     except (LorakitError, *USER_OS_ERRORS) as err:  # the user's mistake: a message, not a traceback
         code = getattr(err, "exit_code", 2)
-        print(f"lorakit {command}: {'' if code == 130 else 'error: '}{err}", file=sys.stderr)
+        said = str(err)
+        if isinstance(err, WrongBaseModelError) and getattr(module, "DEFAULT_MODEL_IS_BUILT_IN", False) \
+                and getattr(args, "model", "") is None:  # the user may not know a model was chosen for them
+            said += ("; no --model was given, so that was the built-in shapes-world model: give the base model "
+                     "the file was made for (--model DIR or FILE)")
+        print(f"lorakit {command}: {'' if code == 130 else 'error: '}{said}", file=sys.stderr)
         return code
     except OSError as err:
         if err.errno not in DISK_ERRNOS:

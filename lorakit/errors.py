@@ -10,5 +10,10 @@ class LorakitError(Exception):
     """An error whose message already says what went wrong and what to do."""
 
 
+class WrongBaseModelError(LorakitError):
+    """A file made for another base model (architecture or size) than the one it was given to; a command whose
+    ``--model`` defaults to the built-in model says so when none was given (``lorakit.cli``)."""
+
+
 class InvalidValueError(LorakitError, ValueError):
     """A value given by the user (an option, flag, name or argument) that lorakit cannot use."""

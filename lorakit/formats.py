@@ -38,7 +38,7 @@ from lorakit.adapters.base import Adapter, AdapterFormatError
 from lorakit.adapters.lowrank import LowRankAdapter
 from lorakit.atomic import DestinationExistsError, atomic_write
 from lorakit.blocks import BLOCK_MAPS, SD1, BlockMap
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, WrongBaseModelError
 from lorakit.file_kinds import NotAnAdapterError, check_adapter_path
 from lorakit.metadata import metadata_value, ss_metadata, version_metadata
 from lorakit.network import (
@@ -56,6 +56,10 @@ from lorakit.network import (
 
 class AdapterFileError(LorakitError, ValueError):
     """A file cannot be read or does not fit the model; the message names the file and the key."""
+
+
+class AdapterFitError(AdapterFileError, WrongBaseModelError):
+    """A readable adapter file whose modules do not fit the model it is loaded into (another architecture or size)."""
 
 
 class AdapterFileNotFoundError(AdapterFileError, FileNotFoundError):
@@ -490,7 +494,7 @@ def load_network(source: str | os.PathLike | AdapterFile, unet: nn.Module | None
             from err
     if strict and not report.ok:
         _restore_grads(frozen)
-        raise AdapterFileError(_failure_message(file, report, unet))
+        raise AdapterFitError(_failure_message(file, report, unet))
     network = AdapterNetwork()
     try:
         for step in planned:

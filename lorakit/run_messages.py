@@ -207,8 +207,9 @@ def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[s
                     loads += f", pipe.load_textual_inversion(\"{embedding}\")"
                 lines.append(f"  diffusers: {loads}")
             else:
-                lines.append(f"  diffusers cannot read this algorithm: `lorakit resize {quoted} --to lora --out "
-                             "plain.safetensors` makes a plain LoRA it reads (docs/compatibility.md)")
+                lines.append(f"  diffusers cannot read this algorithm: `lorakit resize {quoted} --to lora"
+                             f"{_model_option(cfg)} --out plain.safetensors` makes a plain LoRA it reads "
+                             "(docs/compatibility.md)")
             with_embedding = f" --embedding {shlex.quote(str(embedding))}" if embedding is not None else ""
             base = base_weight_specs(cfg)
             lines.append(f"  lorakit sample {''.join(f'{b} ' for b in base)}{quoted}{with_embedding}"

@@ -111,6 +111,11 @@ def test_next_steps_fit_the_algorithm(tmp_path):
     cfg.network.algorithm = "lokr"
     lines = "\n".join(next_steps(tmp_path, [tmp_path / "lorakit.safetensors"], cfg))
     assert "load_lora_weights" not in lines and "--to lora" in lines  # diffusers cannot read LoKr
+    assert f"lorakit resize {tmp_path / 'lorakit.safetensors'} --to lora --out plain.safetensors" in lines
+    cfg.model.base = "/models/sdxl.safetensors"  # on another model than the built-in one: that model, or it fails
+    lines = "\n".join(next_steps(tmp_path, [tmp_path / "lorakit.safetensors"], cfg))
+    assert "--to lora --model /models/sdxl.safetensors --out plain.safetensors" in lines
+    cfg.model.base = None
     cfg.method.kind = "ti"
     lines = "\n".join(next_steps(tmp_path, [tmp_path / "lorakit-zkz.safetensors"], cfg))
     assert "load_textual_inversion" in lines

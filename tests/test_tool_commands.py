@@ -297,3 +297,36 @@ def test_merge_and_extract_on_an_sd2_model_write_sd2_files(tiny_sd2_dir, tmp_pat
     meta = read_adapter(x).metadata
     assert meta["ss_base_model_version"] == "sd_v2" and meta["ss_v2"] == "True"
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
+
+
+@pytest.mark.parametrize("command", [
+    ["resize", "{file}", "--to", "lora", "--out", "{tmp}/r.safetensors"],
+    ["convert", "{file}", "--to", "kohya", "--out", "{tmp}/c.safetensors"],
+    ["merge", "{file}", "--out", "{tmp}/m.safetensors"],
+    ["sample", "{file}", "--prompt", "a star --s 2", "--out", "{tmp}/s"],
+    ["interrogate", "{file}", "--no-progress"],
+], ids=lambda c: c[0])
+def test_a_file_for_another_model_says_when_the_built_in_model_was_used_for_want_of_model(command, tmp_path,
+                                                                                           capsys):
+    """``lorakit resize SDXL_LOKR.safetensors --to lora`` (the trainer's own hint for diffusers) answered "does not
+    fit the model (... the model is cross-attention width 128)": the user gave no model and did not know one was
+    chosen for them."""
+    from conftest import build_tiny_unet
+
+    from lorakit.formats import save_network
+    from lorakit.models import builtin_model_path
+    from lorakit.network import UniformRanks, create_network
+
+    # width 32, not 128; a LoHa, so that resize --to lora reads it on the model
+    network = create_network(build_tiny_unet(), preset="kohya", ranks=UniformRanks(2, 1.0), algorithm="loha")
+    other = save_network(network, tmp_path / "other.safetensors")
+    line = [part.format(file=other, tmp=tmp_path) for part in command]
+    assert main(line) == 2
+    err = capsys.readouterr().err
+    assert "other.safetensors: does not fit the model" in err
+    assert "no --model was given, so that was the built-in shapes-world model: give the base model the file was " \
+           "made for" in err
+    assert main([*line, "--model", str(builtin_model_path())]) == 2  # a model given: nothing said about a default
+    err = capsys.readouterr().err
+    assert "does not fit the model" in err and "no --model" not in err
+    assert not [p for p in tmp_path.iterdir() if p.name != "other.safetensors"]

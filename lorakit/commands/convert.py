@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 HELP = "rewrite an adapter in the kohya or diffusers/PEFT key layout, the same ΔW"
+#: without --model, the built-in model is used: a file that does not fit it is answered with that
+DEFAULT_MODEL_IS_BUILT_IN = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

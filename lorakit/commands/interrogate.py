@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 HELP = "the words an adapter changes most: its trigger and caption words, read off the weights"
+#: without --model, the built-in model is used: a file that does not fit it is answered with that
+DEFAULT_MODEL_IS_BUILT_IN = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

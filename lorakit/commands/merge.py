@@ -11,6 +11,8 @@ from pathlib import Path
 from lorakit.commands.rank_options import KOHYA_TOOL_OPTIONS, add_rank_arguments, dtype, finish, rank_rules
 
 HELP = "bake adapters (multipliers, block weights) into a base model, or combine them into one adapter file"
+#: without --model, the built-in model is used: a file that does not fit it is answered with that
+DEFAULT_MODEL_IS_BUILT_IN = True
 #: kohya's merge_lora.py and svd_merge_lora.py options, said in lorakit's words when given here
 KOHYA_OPTIONS = {
     **KOHYA_TOOL_OPTIONS, "--sd-model": "--model",

@@ -8,6 +8,8 @@ from pathlib import Path
 from lorakit.commands.rank_options import KOHYA_TOOL_OPTIONS, add_rank_arguments, dtype, finish, rank_rules
 
 HELP = "lower the rank of a LoRA/LoCon file (fixed or sv_ratio/sv_fro/sv_cumulative), or --to lora any adapter"
+#: without --model, the built-in model is used: a file that does not fit it is answered with that
+DEFAULT_MODEL_IS_BUILT_IN = True
 #: kohya's resize_lora.py options, said in lorakit's words when given here
 KOHYA_OPTIONS = KOHYA_TOOL_OPTIONS
 

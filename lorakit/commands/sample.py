@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from lorakit.tools.deltas import AdapterSpec
 
 HELP = "images from a base model with any number of adapters (multipliers, block weights) and TI embeddings"
+#: without --model, the built-in model is used: a file that does not fit it is answered with that
+DEFAULT_MODEL_IS_BUILT_IN = True
 
 
 class SampleCommandError(LorakitError):

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, WrongBaseModelError
 
 
 class ToolError(LorakitError, ValueError):
@@ -20,6 +20,16 @@ class ToolError(LorakitError, ValueError):
 
 class MismatchError(ToolError):
     """Inputs that do not fit each other: an adapter for another architecture, models of different shapes."""
+
+
+class WrongModelError(MismatchError, WrongBaseModelError):
+    """An adapter file made for another base model than the one the tool was given."""
+
+
+def not_loaded(err: Exception) -> MismatchError:
+    """The tools' error for an adapter file that does not load into the model (``load_network``'s
+    ``AdapterFileError``): a ``WrongModelError`` where the file was made for another model."""
+    return (WrongModelError if isinstance(err, WrongBaseModelError) else MismatchError)(str(err))
 
 
 def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], *,

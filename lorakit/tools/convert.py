@@ -18,7 +18,7 @@ import torch
 
 from lorakit.formats import AdapterFileError, load_network, read_adapter, save_network
 from lorakit.models import BaseModel
-from lorakit.tools import ToolError
+from lorakit.tools import ToolError, not_loaded
 
 LAYOUTS = ("kohya", "diffusers")
 
@@ -59,7 +59,7 @@ def convert_adapter(source: str | os.PathLike, out: str | os.PathLike, layout: s
     try:
         network, _ = load_network(file, model.unet, model.text_encoders)
     except AdapterFileError as err:
-        raise ToolError(f"{err} (give the model it was trained on: --model)") from None
+        raise not_loaded(err) from None
     try:
         kept = {k: v for k, v in file.metadata.items() if not k.startswith(_RECOMPUTED)}
         written = save_network(network, out, kept, format=layout, overwrite=overwrite, dtype=dtype)

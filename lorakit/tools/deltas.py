@@ -21,7 +21,7 @@ from lorakit.blocks import BLOCK_MAPS, BlockMap, BlockWeights, parse_block_weigh
 from lorakit.formats import AdapterFile, AdapterFileError, block_map_of, component_of, load_network, read_adapter
 from lorakit.models import BaseModel
 from lorakit.network import LYCORIS_PREFIX
-from lorakit.tools import MismatchError, ToolError
+from lorakit.tools import ToolError, not_loaded
 from lorakit.tools.lowrank import Delta
 
 
@@ -171,7 +171,7 @@ def file_deltas(source: str | os.PathLike | AdapterFile, model: BaseModel | None
     try:
         network, _ = load_network(file, model.unet, model.text_encoders)
     except AdapterFileError as err:
-        raise MismatchError(str(err)) from None
+        raise not_loaded(err) from None
     try:
         deltas = {}
         with torch.no_grad():

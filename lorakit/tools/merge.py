@@ -26,7 +26,7 @@ from lorakit.formats import AdapterFile, AdapterFileError, load_network, read_ad
 from lorakit.model_blend import ModelMismatchError, load_like, model_parts, move_towards, weights_copy
 from lorakit.models import BaseModel, save_diffusers_folder, save_single_file_checkpoint
 from lorakit.native_checkpoints import NativeCheckpointError, apply_native_checkpoint, is_native_checkpoint
-from lorakit.tools import MismatchError, ToolError, check_output
+from lorakit.tools import MismatchError, ToolError, check_output, not_loaded
 from lorakit.tools.deltas import AdapterSpec, file_deltas, module_weights, parse_adapter_spec, split_norm_updates
 from lorakit.tools.lowrank import Delta, Factors, ModuleReport, RankRule, factorize
 from lorakit.tools.result import ToolResult
@@ -53,7 +53,7 @@ def bake(model: BaseModel, adapters: Sequence[AdapterSpec | str]) -> list[str]:
         try:
             network, _ = load_network(spec.path, model.unet, model.text_encoders)
         except AdapterFileError as err:
-            raise MismatchError(str(err)) from None
+            raise not_loaded(err) from None
         network.set_multiplier(spec.multiplier, weights)
         merged = 0
         for adapter in network.adapters.values():
@@ -156,7 +156,7 @@ def _add_norm_updates(total: dict[str, dict[str, torch.Tensor]], norms: dict[str
         try:
             network, _ = load_network(parts, model.unet, model.text_encoders)
         except AdapterFileError as err:
-            raise MismatchError(str(err)) from None
+            raise not_loaded(err) from None
         network.remove()
     for name, tensors in norms.items():
         w = weight(name)
