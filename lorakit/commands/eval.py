@@ -28,8 +28,6 @@ class EvalInterrupted(LorakitError):
 
 
 HELP = "judge checkpoints: generate, measure, rank; metrics and an HTML report"
-#: without --model, the built-in model is used: a file that does not fit it is answered with that
-DEFAULT_MODEL_IS_BUILT_IN = True
 
 
 def _call_fingerprint(keys: dict[str, list[str]], extractors: list[tuple[str, str | None]], data: Path | None,
