@@ -364,6 +364,43 @@ def test_images_without_caption_files_are_captioned_as_the_trainer_captioned_the
         "a photo of a xyz", "a picture of the xyz", "a close-up photo of a xyz"]
 
 
+def test_the_dataset_is_read_as_the_trainer_reads_it(tmp_path, capsys):
+    """``lorakit eval RUN`` crashed with a traceback on a macOS ``._a.png`` beside the images (the trainer skips
+    it), read captions with their BOM, and compared samples with images the trainer never saw: sideways photos
+    (no EXIF turn) and transparent cut-outs on black (the trainer puts them on white)."""
+    from PIL import Image
+
+    from lorakit.commands.eval import _dataset_rgb
+    from lorakit.evaluate.checkpoints import dataset_images
+
+    kohya = tmp_path / "kohya"
+    folder = kohya / "5_zkz star"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(folder / ".ipynb_checkpoints" / "old.png")
+    (folder / "._a.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # an AppleDouble file: no image
+    upright = Image.new("RGB", (48, 64), (200, 10, 10))
+    exif = upright.getexif()
+    exif[0x0112] = 6  # stored turned: a viewer (and the trainer) turns it back
+    upright.save(folder / "a.jpg", exif=exif)
+    cut_out = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    cut_out.paste((10, 200, 10, 255), (16, 16, 48, 48))
+    cut_out.save(folder / "b.png")
+    Image.new("RGB", (64, 64)).save(folder / "c.png")
+    (folder / "a.txt").write_bytes("\ufeffzkz star, red\r\nsecond line\r\n".encode())
+    (folder / "b.txt").write_text("\n")  # empty: the folder's words, as the trainer does
+    pairs = dataset_images(kohya)
+    assert [(p.name, c) for p, c in pairs] == [("a.jpg", "zkz star, red"), ("b.png", "zkz star"), ("c.png", "zkz star")]
+    images = _dataset_rgb(pairs)
+    assert [im.size for im in images] == [(64, 48), (64, 64), (64, 64)]
+    assert images[1].getpixel((0, 0)) == (255, 255, 255) and images[1].getpixel((32, 32)) == (10, 200, 10)
+
+    (folder / "c.png").write_bytes(b"not a png")  # spoilt after training: said, naming it, before any image is made
+    run = write_run(tmp_path / "run", epochs=1, data=kohya)
+    out = tmp_path / "out"
+    assert main(["eval", str(run), "--out", str(out), "--steps", "2", "--quiet"]) == 2
+    assert f"{folder / 'c.png'}: cannot read this image" in capsys.readouterr().err and not out.exists()
+
+
 def test_eval_with_clip_dinov2_and_vgg_models_from_local_folders(tmp_path, concept_data, clip_folder,  # noqa: F811
                                                                  dino_folder, capsys):  # noqa: F811
     """The generic path with real transformers models: tiny random CLIP and DINOv2 saved with save_pretrained and

@@ -12,9 +12,13 @@ import argparse
 import hashlib
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorakit.commands.prompt_options import add_prompt_reading_arguments
 from lorakit.errors import LorakitError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 class EvalCommandError(LorakitError, ValueError):
@@ -255,6 +259,20 @@ def _schedule(model) -> str:
     return f"{model.prediction_type} zero-snr={bool(model.scheduler_config.get('rescale_betas_zero_snr', False))}"
 
 
+def _dataset_rgb(found: list[tuple[Path, str]]) -> list[Image.Image]:
+    """The dataset's images as the trainer saw them (upright by their EXIF orientation, transparency on white)."""
+    from lorakit.data.images import load_rgb
+
+    out = []
+    for path, _ in found:
+        try:
+            out.append(load_rgb(path))
+        except (OSError, SyntaxError, ValueError) as err:  # Pillow's errors for a file it cannot decode
+            raise EvalCommandError(f"{path}: cannot read this image ({type(err).__name__}: {err}); re-save or remove "
+                                   "it") from None
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     import lorakit.world.evaluation  # noqa: F401  (registers the world reader and the world's exact metrics)
@@ -311,6 +329,8 @@ def run(args: argparse.Namespace) -> int:
     held_what = ", ".join(([str(held_out)] if held_out is not None else [])
                           + ([f"{len(split)} by validation_split"] if split else []))
     prompt_set = _prompt_set(args, runs, data, pairs)
+    # read before any image is made: one that cannot be read stops the call now, not after the generating
+    data_images, held_out_images = _dataset_rgb(pairs), _dataset_rgb(held_out_pairs)
     _check_optional_extras(args)
     specs = _extractor_specs(args)
     keep_freed_memory()  # each denoising step frees and takes back the same buffers (SD1.5 on the CPU: 6-17 % faster)
@@ -361,16 +381,6 @@ def run(args: argparse.Namespace) -> int:
         raise EvalInterrupted(f"interrupted; the images made so far are kept in {cache.folder}: the same command "
                               "continues from them (no image is made twice)") from None
     images = load_images(paths)
-    from PIL import Image
-
-    def read_rgb(found: list[tuple[Path, str]]) -> list[Image.Image]:
-        out = []
-        for p, _ in found:
-            with Image.open(p) as im:
-                out.append(im.convert("RGB"))
-        return out
-
-    data_images, held_out_images = read_rgb(pairs), read_rgb(held_out_pairs)
     setup = {"prompts": prompt_set.source, "concept": prompt_set.concept, "trigger": prompt_set.trigger,
              "prompt count": len(prompt_set.prompts), "seeds": args.seeds, "steps": settings.steps,
              "cfg": settings.cfg_scale, "sampler": settings.sampler, "clip skip": settings.clip_skip,

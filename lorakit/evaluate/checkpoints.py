@@ -30,7 +30,6 @@ from lorakit.checkpoint_names import EPOCH_DIR, STEP_DIR
 from lorakit.errors import LorakitError
 from lorakit.file_kinds import is_full_model
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 #: run settings shown in the report and used as SHAP features: (label, config section, key)
 SETTING_KEYS = (("method", "method", "kind"), ("algorithm", "network", "algorithm"), ("preset", "network", "preset"),
                 ("rank", "network", "rank"), ("alpha", "network", "alpha"), ("conv_rank", "network", "conv_rank"),
@@ -429,23 +428,31 @@ def dataset_images(folder: str | Path, plain_caption: str | None = None, templat
     them: the sibling ``.txt``; without one, the ``<trigger> <class>`` of the image's ``N_trigger class`` folder,
     or ``plain_caption`` for an image in any other folder ("" when it is None).  A run that trained on caption
     ``templates`` (data.caption_templates) gets them, in turn, filled with ``trigger`` (default: the folder's
-    trigger word, as the trainer fills them)."""
-    from lorakit.data.captions import CAPTION_TEMPLATES
+    trigger word, as the trainer fills them).  Files and folders whose name starts with a dot are skipped, as the
+    trainer skips them (macOS's ``._x.png``, ``.ipynb_checkpoints``); a caption file is read as the trainer reads
+    it (a BOM, its first non-empty line; an empty one: the folder's words)."""
+    from lorakit.data.captions import CAPTION_TEMPLATES, read_caption_file
     from lorakit.data.discovery import folder_phrase
+    from lorakit.data.images import is_image
 
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: the dataset folder does not exist")
     pairs = []
-    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    found = (p for p in folder.rglob("*") if not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    for image in sorted(p for p in found if is_image(p)):
         caption_file = image.with_suffix(".txt")
         words = (trigger or folder_phrase(image.parent) or plain_caption or "").split()
+        caption = ""
         if templates in CAPTION_TEMPLATES and words:
             lines = CAPTION_TEMPLATES[templates]
             caption = lines[len(pairs) % len(lines)].format(words[0])
         elif caption_file.is_file():
-            caption = caption_file.read_text(encoding="utf-8").strip()
-        else:
+            try:
+                caption = next(iter(read_caption_file(caption_file)), "")
+            except UnicodeDecodeError as err:
+                raise CheckpointError(f"{caption_file}: caption file is not UTF-8 text ({err})") from None
+        if not caption:
             caption = (folder_phrase(image.parent) if image.parent != folder else "") or plain_caption or ""
         pairs.append((image, caption))
     if not pairs:
