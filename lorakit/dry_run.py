@@ -18,6 +18,7 @@ from lorakit.data import TrainingData
 from lorakit.methods import check_sdxl_settings, check_second_text_encoder_rate
 from lorakit.models import describe_base_model
 from lorakit.network_preview import network_preview
+from lorakit.prior import missing_class_images
 from lorakit.run_messages import base_weight_specs, count, early_stop_text, opening_line, setting_lines
 from lorakit.trackers import check_tracker, read_tracker_settings
 from lorakit.train import (
@@ -63,12 +64,15 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     if cfg.data.num_class_images > 0:  # prior preservation: the class images are drawn when the run starts
         if not cfg.data.class_prompt:
             raise ConfigError("data.num_class_images > 0 needs data.class_prompt (e.g. \"a shape\")")
-        folder = Path(cfg.data.reg_data) if cfg.data.reg_data else None
-        have = len(list(folder.glob("*.png"))) if folder and folder.is_dir() else 0
-        if have < cfg.data.num_class_images:
-            notes.append(f"prior preservation: {cfg.data.num_class_images - have} class images of "
-                         f"{cfg.data.class_prompt!r} would be drawn first; the counts below leave them out")
+        # where the run keeps them: the reg folder, else the run folder's (a resumed run has drawn them there)
+        parent = Path(cfg.data.reg_data) if cfg.data.reg_data else Path(cfg.output.dir) / "class_images"
+        missing = len(missing_class_images(parent, cfg.data.class_prompt, cfg.data.num_class_images))
+        if missing:
+            notes.append(f"prior preservation: {count(missing, 'class image')} of {cfg.data.class_prompt!r} would be "
+                         "drawn first; the counts below leave them out")
             data_cfg = replace(cfg.data, reg_data=None)
+        else:
+            data_cfg = replace(cfg.data, reg_data=str(parent))
     data = TrainingData(data_cfg, seed=cfg.training.seed, default_resolution=resolution)
     check_data_settings(cfg, data)
     steps_per_epoch, total = planned_steps(cfg, data)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.atomic import atomic_write, atomic_write_text
-from lorakit.data.images import IMAGE_EXTENSIONS
+from lorakit.data.images import is_image
 from lorakit.models import BaseModel
 from lorakit.sample import SamplePrompt, generate
 
@@ -20,14 +20,28 @@ def class_image_folder(parent: Path, class_prompt: str) -> Path:
     return Path(parent) / f"1_{safe}"
 
 
+def missing_class_images(parent: Path, class_prompt: str, count: int) -> list[int]:
+    """The numbers of the class images still to draw for ``count`` of them: one per image missing, each the lowest
+    number no image of the folder is called (a user who deleted the bad ones of 0000..0009 keeps the rest; new ones
+    take the freed names)."""
+    folder = class_image_folder(parent, class_prompt)
+    have = [p for p in folder.iterdir() if is_image(p)] if folder.is_dir() else []
+    taken = {p.stem for p in have}
+    numbers, i = [], 0
+    while len(have) + len(numbers) < count:
+        if f"{i:04d}" not in taken:
+            numbers.append(i)
+        i += 1
+    return numbers
+
+
 def ensure_class_images(model: BaseModel, parent: Path, class_prompt: str, count: int, seed: int = 0,
                         steps: int = 20, cfg_scale: float = 7.0, batch_size: int = 8, clip_skip: int = 1,
                         max_token_length: int = 75) -> Path:
     """Make sure ``count`` class images for ``class_prompt`` exist under ``parent``; returns ``parent``."""
     folder = class_image_folder(parent, class_prompt)
     folder.mkdir(parents=True, exist_ok=True)
-    have = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    missing = list(range(len(have), count))
+    missing = missing_class_images(parent, class_prompt, count)
     if missing:
         prompts = [SamplePrompt(class_prompt, seed=seed * 100_003 + i, steps=steps, cfg_scale=cfg_scale)
                    for i in missing]

@@ -76,6 +76,17 @@ def test_a_dry_run_stops_on_what_the_run_would_stop_on(tiny_model_dir, tmp_path,
     assert "needs data.class_prompt" in capsys.readouterr().err
     assert main([*flags, "--data", ok, "--set", "data.num_class_images=4", "--set", "data.class_prompt=a shape"]) == 0
     assert "note: prior preservation: 4 class images of 'a shape' would be drawn first" in capsys.readouterr().out
+    # the class images a first run drew (reg/1_a shape/) are counted where they are: only the missing are drawn
+    reg = tmp_path / "reg"
+    for png in list((tmp_path / "ok").rglob("*.png"))[:3]:
+        (reg / "1_a shape").mkdir(parents=True, exist_ok=True)
+        (reg / "1_a shape" / png.name).write_bytes(png.read_bytes())
+    flags_reg = [*flags, "--data", ok, "--reg-data", str(reg), "--set", "data.class_prompt=a shape"]
+    assert main([*flags_reg, "--set", "data.num_class_images=4"]) == 0
+    assert "note: prior preservation: 1 class image of 'a shape' would be drawn first" in capsys.readouterr().out
+    assert main([*flags_reg, "--set", "data.num_class_images=3"]) == 0
+    said = capsys.readouterr().out
+    assert "would be drawn" not in said and "3 reg images" in said
 
 
 def test_a_dry_run_reads_the_sample_prompts_and_a_run_refuses_a_bad_file_before_the_model_loads(

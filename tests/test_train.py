@@ -798,6 +798,31 @@ def test_prior_preservation_generates_class_images(tiny_model_dir, dataset, tmp_
     assert sum(not is_reg for _, is_reg in seen) == 4
 
 
+def test_class_images_a_user_kept_are_neither_redrawn_nor_overwritten(tiny_model_dir, tmp_path):
+    """A DreamBooth user deletes the bad class images (0000, 0001 of 0000-0003) and runs again: the missing two
+    were drawn as 0002 and 0003, over the two kept ones, leaving two images where four were asked for."""
+    from PIL import Image
+
+    from lorakit.models import load_base_model
+    from lorakit.prior import ensure_class_images, missing_class_images
+
+    folder = tmp_path / "reg" / "1_a shape"
+    folder.mkdir(parents=True)
+    for name in ("0002", "0003"):
+        Image.new("RGB", (64, 64), (250, 0, 0)).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text("my caption\n")
+    (folder / "._0002.png").write_bytes(bytes(50))  # macOS's: no image, not counted
+    assert missing_class_images(tmp_path / "reg", "a shape", 4) == [0, 1]
+    assert missing_class_images(tmp_path / "reg", "a shape", 2) == []
+    assert missing_class_images(tmp_path / "none", "a shape", 2) == [0, 1]
+    ensure_class_images(load_base_model(tiny_model_dir), tmp_path / "reg", "a shape", 4, steps=2)
+    assert sorted(p.name for p in folder.glob("[!.]*.png")) == ["0000.png", "0001.png", "0002.png", "0003.png"]
+    for name in ("0002", "0003"):  # the user's, untouched
+        assert Image.open(folder / f"{name}.png").getpixel((0, 0)) == (250, 0, 0)
+        assert (folder / f"{name}.txt").read_text() == "my caption\n"
+    assert (folder / "0000.txt").read_text() == "a shape\n"
+
+
 def test_single_file_checkpoint_trains_like_the_folder(tiny_model_dir, dataset, tmp_path):
     from lorakit.models import load_base_model, save_single_file_checkpoint
 
