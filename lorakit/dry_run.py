@@ -91,9 +91,13 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
                      f"of size {sizes} per token, checked against the model when it loads)")
     trained = [r for i, r in enumerate(data.records) if not r.is_reg and i not in data.held_out]
     templated = [r for r in trained if data.subset_of(r).templated]
-    uncaptioned = sum(not r.has_caption_file for r in trained if not data.subset_of(r).templated)
-    if uncaptioned:
-        lines.append(f"  {count(uncaptioned, 'image')} without a caption file: trained with the folder's words")
+    uncaptioned = [r for r in trained if not r.has_caption_file and not data.subset_of(r).templated]
+    worded = sum(bool(r.caption) for r in uncaptioned)  # a TOML subset without class_tokens has no words to give
+    if worded:
+        lines.append(f"  {count(worded, 'image')} without a caption file: trained with the folder's words")
+    if len(uncaptioned) > worded:
+        lines.append(f"  {count(len(uncaptioned) - worded, 'image')} without a caption file or folder words: "
+                     "trained with an empty caption")
     if templated:
         kinds = sorted({data.subset_of(r).caption_templates for r in templated})
         lines.append(f"  {count(len(templated), 'image')} trained with caption templates ({', '.join(kinds)}), one "

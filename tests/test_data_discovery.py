@@ -122,6 +122,23 @@ def test_plain_folder_without_trigger_or_captions_warns_about_empty_captions(tmp
     assert "empty caption" in warned(tmp_path / "photos")
 
 
+def test_images_left_without_caption_text_are_said_once_with_why(tmp_path):
+    """A TOML subset without class_tokens, one caption file empty and one missing: it said "the folder's caption
+    None is used", then named the same images twice more (one of them "with no caption file" while it had one)."""
+    make_folder(tmp_path / "imgs", 3, captions={0: "ohwx dog, red ball", 1: ""})
+    config = tmp_path / "ds.toml"
+    config.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "imgs"}"\n')
+    said = [line for line in warned(config).splitlines() if "caption" in line]
+    assert said == [f"{tmp_path / 'imgs'}: 2 of 3 images have no caption text (no <image name>.txt caption file, or an "
+                    "empty one) and the folder names no trigger or class: trained with an empty caption: 001.png, "
+                    "002.png"]
+    make_folder(tmp_path / "a" / "5_ohwx dog", 3, captions={0: "ohwx dog, red ball", 1: ""})  # words to fall back on
+    message = warned(tmp_path / "a")
+    assert "empty caption files, trained with the caption 'ohwx dog' instead: 001.txt" in message
+    assert "1 of 3 images has no caption file (<image name>.txt) and is trained with the caption 'ohwx dog'" in message
+    assert "no caption text" not in message
+
+
 def test_hidden_files_and_folders_are_skipped(tmp_path):
     make_folder(tmp_path / "1_zkz", 1)
     (tmp_path / "1_zkz" / "._000.png").write_bytes(b"mac resource fork")

@@ -340,17 +340,16 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
     if multiline:
         problems.warn(f"{folder}: only the first line of multi-line caption files is used (enable_wildcard = true "
                       f"draws one line per step): {_some(multiline)}")
-    if empty:
-        problems.warn(f"{folder}: empty caption files, the folder's caption {subset.class_tokens!r} is used "
-                      f"instead: {_some(empty)}")
-    if no_file and len(no_file) < len(records) and not subset.is_reg:
+    # what an image without a caption of its own is trained with; when that is nothing, the last warning says it
+    fallback = base_caption(None, subset)
+    if empty and fallback:
+        problems.warn(f"{folder}: empty caption files, trained with the caption {fallback!r} instead: {_some(empty)}")
+    if no_file and len(no_file) < len(records) and not subset.is_reg and fallback:
         # a folder that is captioned file by file and misses some: more often a lost or misnamed .txt than a
         # choice (a folder with no caption files at all uses the folder's caption on purpose, as in kohya)
-        fallback = base_caption(None, subset)
-        fallback = f"the caption {fallback!r}" if fallback else "an empty caption"
         has, are = ("has", "is") if len(no_file) == 1 else ("have", "are")
         problems.warn(f"{folder}: {len(no_file)} of {len(records)} images {has} no caption file (<image name>{ext}) "
-                      f"and {are} trained with {fallback}: {_some(no_file)}")
+                      f"and {are} trained with the caption {fallback!r}: {_some(no_file)}")
     if subset.alpha_mask and records and not any(is_transparent(r.path) for r in records):
         problems.warn(f"{folder}: alpha_mask is on, but none of its images has transparency (an alpha channel): "
                       "their loss is not masked")
@@ -365,8 +364,10 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
                           f"after the trigger or set keep_tokens = 1: {_some(loose)}")
     uncaptioned = [r.path.name for r in records if not r.caption]
     if uncaptioned and not subset.is_reg:
-        problems.warn(f"{folder}: images with no caption file, no trigger and no class: trained with an empty "
-                      f"caption: {_some(uncaptioned)}")
+        where = (f"none in {subset.metadata_file}" if subset.metadata_file else
+                 f"no <image name>{ext} caption file, or an empty one")
+        problems.warn(f"{folder}: {len(uncaptioned)} of {len(records)} images have no caption text ({where}) and the "
+                      f"folder names no trigger or class: trained with an empty caption: {_some(uncaptioned)}")
     return records
 
 
