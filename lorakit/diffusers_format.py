@@ -190,12 +190,11 @@ def _module_path(name: str, path: str) -> str:
     return path
 
 
-def diffusers_tensors(network) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A network's tensors in the diffusers/PEFT layout, and the ``lora_adapter_metadata`` header entry.
+def diffusers_refusal(network) -> str | None:
+    """Why a network has no diffusers/PEFT layout, naming its modules that have none; None when it has one.
 
     Only LoRA/LoCon modules (DoRA with output-row norms included, as PEFT's ``lora_magnitude_vector``) have
-    that layout; others raise ``NotDiffusersCompatible`` naming them.
-    """
+    that layout."""
     from lorakit.adapters.lora import LoRA
 
     refused = []
@@ -206,11 +205,18 @@ def diffusers_tensors(network) -> tuple[dict[str, torch.Tensor], dict[str, str]]
             refused.append(f"{name} (Tucker LoCon)")
         elif adapter.dora_scale is not None and not adapter.wd_on_out:
             refused.append(f"{name} (DoRA with input-column norms; PEFT normalises output rows)")
-    if refused:
-        raise NotDiffusersCompatible(
-            f"the diffusers/PEFT layout holds plain LoRA/LoCon modules only; {len(refused)} module(s) are not: "
-            f"{', '.join(refused[:3])}{' ...' if len(refused) > 3 else ''}. Write the kohya layout (A1111, "
-            "ComfyUI and LyCORIS load it), or convert to plain LoRA first (lorakit resize --to lora)")
+    if not refused:
+        return None
+    return (f"the diffusers/PEFT layout holds plain LoRA/LoCon modules only; {len(refused)} module(s) are not: "
+            f"{', '.join(refused[:3])}{' ...' if len(refused) > 3 else ''}. Write the kohya layout (A1111, ComfyUI "
+            "and LyCORIS load it), or convert to plain LoRA first (lorakit resize --to lora)")
+
+
+def diffusers_tensors(network) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A network's tensors in the diffusers/PEFT layout, and the ``lora_adapter_metadata`` header entry;
+    ``NotDiffusersCompatible`` for a network that has none (``diffusers_refusal``)."""
+    if (why := diffusers_refusal(network)) is not None:
+        raise NotDiffusersCompatible(why)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, dict[str, int]] = {}
     dora: set[str] = set()

@@ -61,6 +61,7 @@ def test_dora_with_output_row_norms_converts_and_loha_is_refused_naming_the_way(
     assert main(["convert", str(loha), "--to", "diffusers", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "plain LoRA/LoCon modules only" in err and "lorakit resize --to lora" in err
+    assert f"error: {loha}: the diffusers/PEFT layout" in err  # the file that holds them, not the one not written
     assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
 
 

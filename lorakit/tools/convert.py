@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.diffusers_format import diffusers_refusal
 from lorakit.formats import AdapterFileError, load_network, read_adapter, save_network
 from lorakit.models import BaseModel
 from lorakit.tools import ToolError, not_loaded
@@ -61,6 +62,8 @@ def convert_adapter(source: str | os.PathLike, out: str | os.PathLike, layout: s
     except AdapterFileError as err:
         raise not_loaded(err) from None
     try:
+        if layout == "diffusers" and (why := diffusers_refusal(network)) is not None:
+            raise ToolError(f"{file.label}: {why}")  # the file that holds them, not the one not written
         kept = {k: v for k, v in file.metadata.items() if not k.startswith(_RECOMPUTED)}
         written = save_network(network, out, kept, format=layout, overwrite=overwrite, dtype=dtype)
         names = set(network.names())
