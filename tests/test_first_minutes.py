@@ -53,7 +53,7 @@ def test_a_warning_about_the_users_data_is_one_line_naming_the_command(tmp_path)
         Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(data / f"{i}.png")
     result = _run_train(tmp_path / "run", "--data", str(data))
     assert result.returncode == 0, result.stderr
-    warned = [line for line in result.stderr.splitlines() if "no caption file" in line]
+    warned = [line for line in result.stderr.splitlines() if "no caption text" in line]
     assert len(warned) == 1 and warned[0].startswith("lorakit train: warning: ")
     assert "DatasetWarning" not in result.stderr and ".py:" not in result.stderr
 
