@@ -251,9 +251,11 @@ class OptimizerConfig:
     text_encoder_2_lr: float | None = None
     #: textual inversion's rate for the new token's vectors (and pivotal tuning's embedding)
     ti_lr: float = 5e-3
-    #: "adamw", "adamw8bit" (needs bitsandbytes), "sgd", "prodigy" (learning_rate 1.0; needs prodigyopt), "lion"
-    #: (needs lion-pytorch), "adafactor", D-Adaptation's "dadaptadam", "dadaptlion", "dadaptsgd", "dadaptadagrad",
-    #: "dadaptadan" (learning_rate 1.0; needs dadaptation)
+    #: "adamw", "sgd", "sgdnesterov", "prodigy" (learning_rate 1.0; needs prodigyopt), "lion" (needs lion-pytorch),
+    #: "adafactor", D-Adaptation's "dadaptadam", "dadaptlion", "dadaptsgd", "dadaptadagrad", "dadaptadan"
+    #: (learning_rate 1.0; needs dadaptation), bitsandbytes' "adamw8bit", "pagedadamw8bit", "pagedadamw",
+    #: "pagedadamw32bit", "lion8bit", "pagedlion8bit", "sgdnesterov8bit" (kohya's names, any case); or, as kohya's
+    #: optimizer_type, any optimizer class by its full name: "torch.optim.RAdam", "came_pytorch.CAME"
     optimizer: str = "adamw"
     #: the optimizer's own options (kohya's --optimizer_args), e.g. {d_coef = 0.5, use_bias_correction = true}
     args: dict = field(default_factory=dict)
@@ -513,7 +515,7 @@ class TrainConfig:
         from lorakit.loss import HUBER_SCHEDULES, LOSS_TYPES, PREDICTION_TYPES
         from lorakit.metadata import TOKEN_LENGTHS
         from lorakit.network import PRESETS
-        from lorakit.optimizers import OPTIMIZERS
+        from lorakit.optimizers import OptimizerNameError, optimizer_builder
         from lorakit.schedules import SCHEDULES, check_schedule
         from lorakit.trackers import ALL as ALL_TRACKERS
         from lorakit.trackers import TRACKERS
@@ -637,7 +639,6 @@ class TrainConfig:
             (opt.text_encoder_2_lr is None or _at_least(opt.text_encoder_2_lr, 0)
              and opt.text_encoder_2_lr <= MAX_LEARNING_RATE, "optimizer.text_encoder_2_lr",
              f"0 (not trained) or a positive number up to {MAX_LEARNING_RATE:g}", opt.text_encoder_2_lr),
-            (opt.optimizer in OPTIMIZERS, "optimizer.optimizer", f"one of {one_of(OPTIMIZERS)}", opt.optimizer),
             (opt.lr_scheduler in SCHEDULES, "optimizer.lr_scheduler", f"one of {one_of(SCHEDULES)}",
              opt.lr_scheduler),
             (_positive_int(opt.lr_scheduler_num_cycles), "optimizer.lr_scheduler_num_cycles",
@@ -691,6 +692,10 @@ class TrainConfig:
         for ok, key, expected, value in checks:
             if not ok:
                 raise ConfigError(f"{key} must be {expected}, got {value!r}")
+        try:  # a known name, or a class by its full name that imports (kohya's torch.optim.RAdam)
+            optimizer_builder(opt.optimizer)
+        except OptimizerNameError as e:
+            raise ConfigError(f"optimizer.optimizer: {e}") from None
         try:  # the rule's own checks (unknown option, prominence out of range, ...)
             self.early_stop.make_rule()
         except (TypeError, ValueError) as e:

@@ -31,7 +31,7 @@ def fused_backward_refusal(kind: str, optimizer: str, mixed_precision: str, accu
     if kind != "native":
         return (f"it saves the memory of native fine-tuning's gradients (the model's size), and method.kind = "
                 f"{kind!r} trains small tensors: turn it off")
-    if optimizer in NOT_PER_PARAMETER:
+    if optimizer.lower() in NOT_PER_PARAMETER:
         return (f"optimizer.optimizer = {optimizer!r} estimates its step size over all parameters together, and "
                 "the fused pass steps each parameter alone: use adamw, adamw8bit, adafactor, lion or sgd")
     if accumulation != 1:  # the gradient is freed once used: nothing is left to add the next batch's to

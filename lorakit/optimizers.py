@@ -1,5 +1,6 @@
 """The optimizers a run can use, by the name ``optimizer.optimizer`` gives (one table: the config checks names
-against it, the trainer builds from it)."""
+against it, the trainer builds from it), kohya's ``optimizer_type`` names lowercased; or, as in kohya, any
+optimizer class by its full name (``torch.optim.RAdam``, ``came_pytorch.CAME``: ``optimizer_builder``)."""
 
 from __future__ import annotations
 
@@ -33,14 +34,32 @@ def _import(module: str, package: str) -> Any:
         raise ImportError(f"needs {package} (pip install {package}, or lorakit[optimizers])") from None
 
 
-def _adamw8bit(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
-    bnb = _import("bitsandbytes", "bitsandbytes")
-    return bnb.optim.AdamW8bit(groups, **{"lr": opt.learning_rate, "betas": tuple(opt.betas),
-                                          "weight_decay": opt.weight_decay, **opt.args})
+def _bitsandbytes(name: str, betas: bool = True, nesterov: bool = False
+                  ) -> Callable[[list[dict], Any], torch.optim.Optimizer]:
+    """bitsandbytes' 8-bit (and paged) optimizers, kohya's AdamW8bit, PagedAdamW8bit, Lion8bit, ...: their state
+    in 8 bits, a quarter of AdamW's memory.  ``betas``: optimizer.betas are passed (the AdamW kinds; Lion keeps
+    its own); ``nesterov``: kohya's SGDNesterov8bit, momentum 0.9 unless optimizer.args says otherwise (bitsandbytes'
+    SGD8bit takes ``nesterov`` and ignores it, in kohya too: a momentum SGD).  On a CPU the paged ones run unpaged
+    (bitsandbytes falls back)."""
+    def build(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
+        bnb = _import("bitsandbytes", "bitsandbytes")
+        options = {"lr": opt.learning_rate, "weight_decay": opt.weight_decay}
+        if betas:
+            options["betas"] = tuple(opt.betas)
+        if nesterov:
+            options |= {"momentum": 0.9, "nesterov": True}
+        return getattr(bnb.optim, name)(groups, **{**options, **opt.args})
+    return build
 
 
 def _sgd(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay, **opt.args})
+
+
+def _sgd_nesterov(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
+    """kohya's SGDNesterov: SGD with Nesterov momentum, 0.9 unless optimizer.args sets it."""
+    return torch.optim.SGD(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay, "momentum": 0.9,
+                                      "nesterov": True, **opt.args})
 
 
 # The adaptive and sign-based optimizers kohya users pick: their own default betas (Lion's are (0.9, 0.99), not
@@ -82,13 +101,56 @@ _DADAPTATION = ("DAdaptAdam", "DAdaptLion", "DAdaptSGD", "DAdaptAdaGrad", "DAdap
 #: name -> builder(param_groups, OptimizerConfig)
 OPTIMIZERS: dict[str, Callable[[list[dict], Any], torch.optim.Optimizer]] = {
     "adamw": _adamw,
-    "adamw8bit": _adamw8bit,
+    "adamw8bit": _bitsandbytes("AdamW8bit"),
+    "pagedadamw": _bitsandbytes("PagedAdamW"),
+    "pagedadamw8bit": _bitsandbytes("PagedAdamW8bit"),
+    "pagedadamw32bit": _bitsandbytes("PagedAdamW32bit"),
+    "lion8bit": _bitsandbytes("Lion8bit", betas=False),
+    "pagedlion8bit": _bitsandbytes("PagedLion8bit", betas=False),
+    "sgdnesterov8bit": _bitsandbytes("SGD8bit", betas=False, nesterov=True),
     "sgd": _sgd,
+    "sgdnesterov": _sgd_nesterov,
     "prodigy": _prodigy,
     "lion": _lion,
     "adafactor": _adafactor,
     **{name.lower(): _dadaptation(name) for name in _DADAPTATION},
 }
+
+
+class OptimizerNameError(ValueError):
+    """``optimizer.optimizer`` names no optimizer lorakit knows and no class that can be imported."""
+
+
+def optimizer_builder(name: str) -> Callable[[list[dict], Any], torch.optim.Optimizer]:
+    """The builder for ``name``: one of ``OPTIMIZERS`` (any case), or a class by its full name, kohya's
+    ``--optimizer_type torch.optim.RAdam`` (lr and weight decay from the config, the rest from optimizer.args).
+    ``OptimizerNameError`` saying what is known, or what of the full name does not import."""
+    if name.lower() in OPTIMIZERS:
+        return OPTIMIZERS[name.lower()]
+    if "schedulefree" in name.lower():  # its step() asserts a train mode that the trainer would have to switch
+        raise OptimizerNameError(f"{name!r}: the schedule-free optimizers (kohya's AdamWScheduleFree, ...) must be "
+                                 "switched between their training and evaluation weights around every sample, "
+                                 "checkpoint and validation, which lorakit's trainer does not do; use adamw or "
+                                 "prodigy")
+    module_name, _, class_name = name.rpartition(".")
+    if not module_name:
+        raise OptimizerNameError(f"{name!r} is no optimizer lorakit knows ({', '.join(OPTIMIZERS)}); or give an "
+                                 "optimizer class by its full name, e.g. torch.optim.RAdam")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except ImportError as err:
+        raise OptimizerNameError(f"{name!r}: its module {module_name} cannot be imported ({err}); is its package "
+                                 "installed?") from None
+    except AttributeError:
+        raise OptimizerNameError(f"{name!r}: the module {module_name} has no {class_name}") from None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise OptimizerNameError(f"{name!r} is no torch optimizer class")
+
+    def build(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
+        return cls(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay, **opt.args})
+    return build
+
+
 #: the optimizers that find their own step size: the learning rate multiplies it, and belongs near 1
 ADAPTIVE = ("prodigy", *(name.lower() for name in _DADAPTATION))
 
@@ -98,7 +160,7 @@ def adaptive_lr_note(optimizer: str, learning_rates: list[float]) -> str | None:
     slip: AdamW's 1e-4 kept, so the estimated step is scaled 10 000 times down and nothing is learned)."""
     # the largest: block-wise learning-rate weights scale some groups down on purpose
     top = max(learning_rates, default=1.0)
-    if optimizer not in ADAPTIVE or top >= 0.1:
+    if optimizer.lower() not in ADAPTIVE or top >= 0.1:
         return None
     return (f"note: {optimizer} estimates its own step size and the learning rate multiplies it; {top:g} makes it "
             "learn almost nothing. Use --lr 1 (as kohya's guides do), or 0.5 for a gentler run")

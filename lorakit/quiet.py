@@ -12,12 +12,13 @@ environment at import time.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
 #: the libraries whose own warnings and progress bars are silenced (lorakit's warnings are never touched)
 THIRD_PARTY = ("transformers", "diffusers", "accelerate", "huggingface_hub", "torch", "numpy", "safetensors",
-               "peft", "lycoris", "matplotlib", "PIL", "tqdm")
+               "peft", "lycoris", "matplotlib", "PIL", "tqdm", "bitsandbytes")
 
 _ENVIRONMENT = {
     "TRANSFORMERS_VERBOSITY": "error",
@@ -41,3 +42,6 @@ def silence_third_party() -> None:
     # and the ones the libraries raise with a stacklevel that points at lorakit's call site
     for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
+    # their loggers (bitsandbytes logs, on a CPU, that an optional kernel package is missing): errors only
+    for name in THIRD_PARTY:
+        logging.getLogger(name).setLevel(logging.ERROR)

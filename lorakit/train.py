@@ -60,7 +60,7 @@ from lorakit.models import (
     resolve_dtype,
 )
 from lorakit.modelspec import USER_FIELDS, modelspec_metadata
-from lorakit.optimizers import OPTIMIZERS, adaptive_lr_note
+from lorakit.optimizers import OptimizerNameError, adaptive_lr_note, optimizer_builder
 from lorakit.prior import ensure_class_images
 from lorakit.prompt_weights import plain_text
 from lorakit.run_manifest import RunManifest
@@ -118,13 +118,14 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------------ set-up
 def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     opt = cfg.optimizer
-    if opt.optimizer not in OPTIMIZERS:
-        raise TrainingError(f"optimizer.optimizer: unknown optimizer {opt.optimizer!r} ({', '.join(OPTIMIZERS)})")
+    try:
+        build = optimizer_builder(opt.optimizer)
+    except OptimizerNameError as err:
+        raise TrainingError(f"optimizer.optimizer: {err}") from None
     try:
         if opt.fused_backward_pass:  # an optimizer per weight, stepped during backward()
-            return FusedBackwardOptimizer(groups, lambda part: OPTIMIZERS[opt.optimizer](part, opt),
-                                          opt.max_grad_norm)
-        return OPTIMIZERS[opt.optimizer](groups, opt)
+            return FusedBackwardOptimizer(groups, lambda part: build(part, opt), opt.max_grad_norm)
+        return build(groups, opt)
     except ImportError as err:
         raise TrainingError(f"optimizer.optimizer = {opt.optimizer!r}: {err}") from None
     except (TypeError, ValueError) as err:  # an option the optimizer does not have, or a value it refuses

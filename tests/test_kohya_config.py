@@ -132,6 +132,11 @@ def test_json_configs_and_bad_values_name_the_file(tmp_path):
                                 "network_dim": 8, "optimizer_type": "Prodigy"}))
     cfg, _ = config_from_kohya(path)
     assert (cfg.network.rank, cfg.network.train_text_encoder, cfg.optimizer.optimizer) == (8, False, "prodigy")
+    for kohya_name, ours in (("PagedAdamW8bit", "pagedadamw8bit"), ("torch.optim.RAdam", "torch.optim.RAdam")):
+        path.write_text(json.dumps({"network_module": "networks.lora", "optimizer_type": kohya_name}))
+        cfg, _ = config_from_kohya(path)  # a class by its full name keeps its case: Python's names have one
+        assert cfg.optimizer.optimizer == ours
+        cfg.validate()
     path.write_text(json.dumps({"network_args": ["conv_dim"]}))
     with pytest.raises(ConfigError, match="kohya.json: network_args: expected key=value items"):
         config_from_kohya(path)

@@ -3,12 +3,14 @@ Adafactor and D-Adaptation train, take their options (kohya's --optimizer_args) 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
 from lorakit.config import OptimizerConfig
-from lorakit.optimizers import OPTIMIZERS, adaptive_lr_note, can_fuse
+from lorakit.optimizers import OPTIMIZERS, OptimizerNameError, adaptive_lr_note, can_fuse, optimizer_builder
 
 
 def _params(seed: int) -> list[nn.Parameter]:
@@ -53,13 +55,25 @@ def test_not_fused_where_the_kernel_cannot_run():
                                                             ("dadaptlion", 1.0, {"betas": (0.9, 0.95)},
                                                              ("betas", (0.9, 0.95))),
                                                             ("dadaptsgd", 1.0, {"momentum": 0.5},
-                                                             ("momentum", 0.5))])
+                                                             ("momentum", 0.5)),
+                                                            # bitsandbytes' 8-bit ones, on the CPU (0.50)
+                                                            ("adamw8bit", 5e-2, {}, ("betas", (0.9, 0.999))),
+                                                            ("pagedadamw8bit", 5e-2, {"eps": 1e-6}, ("eps", 1e-6)),
+                                                            ("lion8bit", 1e-2, {}, ("betas", (0.9, 0.99))),
+                                                            ("sgdnesterov8bit", 1e-2, {}, ("betas", (0.9, 0))),
+                                                            ("sgdnesterov", 1e-2, {"momentum": 0.8},
+                                                             ("momentum", 0.8)),
+                                                            # kohya's CamelCase, and a class by its full name
+                                                            ("PagedLion8bit", 1e-2, {}, ("betas", (0.9, 0.99))),
+                                                            ("torch.optim.RAdam", 5e-2,
+                                                             {"decoupled_weight_decay": True},
+                                                             ("decoupled_weight_decay", True))])
 def test_each_optimizer_takes_its_options_and_descends_a_quadratic(name, lr, args, option):
     opt_cfg = OptimizerConfig()
     opt_cfg.learning_rate, opt_cfg.weight_decay, opt_cfg.args = lr, 0.0, args
     params = _params(0)
     target = [torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) for p in params]
-    optimizer = OPTIMIZERS[name]([{"params": params, "lr": lr}], opt_cfg)
+    optimizer = optimizer_builder(name)([{"params": params, "lr": lr}], opt_cfg)
     assert optimizer.param_groups[0][option[0]] == option[1]
 
     def loss() -> torch.Tensor:
@@ -81,9 +95,11 @@ def test_an_adaptive_optimizer_left_at_adamws_learning_rate_is_pointed_out():
     assert adaptive_lr_note("adamw", [1e-4]) is None
 
 
-@pytest.mark.parametrize(("name", "args"), [("prodigy", "{d_coef = 0.5}"), ("dadaptadam", "{decouple = true}")])
-def test_a_run_trains_and_resumes_with_an_adaptive_optimizer_at_its_learning_rate_of_1(tiny_model_dir, tmp_path,
-                                                                                       name, args):
+@pytest.mark.parametrize(("name", "lr", "args"), [("prodigy", "1", "{d_coef = 0.5}"),
+                                                  ("dadaptadam", "1", "{decouple = true}"),
+                                                  ("adamw8bit", "1e-3", "{}"),  # its 8-bit state, saved and read
+                                                  ("torch.optim.RAdam", "1e-3", "{decoupled_weight_decay = true}")])
+def test_a_run_trains_and_resumes_with_an_adaptive_8_bit_or_named_optimizer(tiny_model_dir, tmp_path, name, lr, args):
     from safetensors.torch import load_file
     from test_train import write_dataset
 
@@ -91,7 +107,7 @@ def test_a_run_trains_and_resumes_with_an_adaptive_optimizer_at_its_learning_rat
 
     out = tmp_path / "run"
     flags = ["train", "--data", str(write_dataset(tmp_path / "data")), "--model", str(tiny_model_dir), "--out",
-             str(out), "--lr", "1", "--set", f"optimizer.optimizer={name}", "--set", f"optimizer.args={args}",
+             str(out), "--lr", lr, "--set", f"optimizer.optimizer={name}", "--set", f"optimizer.args={args}",
              "--no-progress"]
     assert main([*flags, "--epochs", "1"]) == 0
     trained = load_file(str(out / "lorakit.safetensors"))
@@ -112,3 +128,16 @@ def test_an_option_the_optimizer_does_not_have_is_refused_by_name(tiny_model_dir
     err = capsys.readouterr().err
     assert "optimizer.args = {'d_coef': 0.5} for lion:" in err and "d_coef" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_name_lorakit_does_not_know_says_what_it_knows_or_what_does_not_import():
+    assert optimizer_builder("AdamW8bit") is OPTIMIZERS["adamw8bit"]  # kohya's spelling
+    for name, said in (("adam", "'adam' is no optimizer lorakit knows (adamw, adamw8bit, "),
+                       ("torch.optim.Adamm", "the module torch.optim has no Adamm"),
+                       ("no_such_package.Opt", "its module no_such_package cannot be imported"),
+                       ("torch.nn.Linear", "'torch.nn.Linear' is no torch optimizer class"),
+                       # their step() asserts a train mode the trainer does not switch: refused before the run
+                       ("AdamWScheduleFree", "schedule-free optimizers"),
+                       ("schedulefree.SGDScheduleFree", "schedule-free optimizers")):
+        with pytest.raises(OptimizerNameError, match=re.escape(said)):
+            optimizer_builder(name)

@@ -177,7 +177,7 @@ BAD_SETTINGS = [
     ({"optimizer": {"learning_rate": float("nan")}}, "optimizer.learning_rate"),
     ({"optimizer": {"ti_lr": -1.0}}, "optimizer.ti_lr"),
     ({"optimizer": {"optimizer": "adam"}},
-     "optimizer.optimizer must be one of adamw, adamw8bit, sgd, prodigy, lion, adafactor"),
+     "optimizer.optimizer: 'adam' is no optimizer lorakit knows (adamw, adamw8bit, "),
     ({"optimizer": {"lr_scheduler": "cosine_annealing"}}, "optimizer.lr_scheduler"),
     ({"optimizer": {"betas": (0.9, 1.5)}}, "optimizer.betas"),
     ({"network": {"algorithm": "lorx"}}, "network.algorithm must be one of lora, loha, lokr, ia3, full"),

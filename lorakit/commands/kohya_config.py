@@ -225,8 +225,9 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
         args = _pairs(options.pop("lr_scheduler_args") or [], "lr_scheduler_args", path)
         if args:
             out.set("optimizer.lr_scheduler_args", args)
-    if "optimizer_type" in options:
-        out.set("optimizer.optimizer", str(options.pop("optimizer_type")).lower())
+    if "optimizer_type" in options:  # kohya's names in any case; a class by its full name keeps its case
+        name = str(options.pop("optimizer_type"))
+        out.set("optimizer.optimizer", name if "." in name else name.lower())
     te2 = options.pop("learning_rate_te2", None)  # sdxl_train.py's second text encoder: below, once native is known
     te_lr = options.get("text_encoder_lr")
     if isinstance(te_lr, list):  # sd-scripts takes several (nargs="*"); its SD/SDXL networks read the first
