@@ -82,7 +82,9 @@ def test_eval_end_to_end_writes_metrics_and_report_and_caches(tmp_path, concept_
     capsys.readouterr()
     # lorakit report on the run: a page from the folder alone
     assert main(["report", str(run)]) == 0
-    assert (run / "report.html").is_file() and "wrote" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert (run / "report.html").is_file() and "wrote" in said
+    assert re.search(r": \d+ sample grids?, \d+ tables?, \d+ charts?\n", said) and " 1 tables" not in said
     assert main(["report", str(run)]) == 0  # its own page again: replaced
     notes = tmp_path / "notes.html"
     notes.write_text("<html>my notes</html>")

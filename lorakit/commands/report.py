@@ -76,8 +76,11 @@ def run(args: argparse.Namespace) -> int:
     for folder, label in zip(measured, labels, strict=True):  # each eval's ranking after the one before, all first
         _join_eval(page, args.run, folder, label, position=len(page.tables) - tables)
     atomic_write_text(out, render_html(page))
-    print(f"lorakit report: {page.title[len('lorakit report: '):]}: {len(page.grids[0].rows) if page.grids else 0} "
-          f"sample grids, {len(page.tables)} tables, {len(page.charts)} charts")
+    from lorakit.run_messages import count
+
+    grids = len(page.grids[0].rows) if page.grids else 0
+    print(f"lorakit report: {page.title[len('lorakit report: '):]}: {count(grids, 'sample grid')}, "
+          f"{count(len(page.tables), 'table')}, {count(len(page.charts), 'chart')}")
     for line in page.summary:
         print("  " + line)
     print(f"  wrote {out}")
