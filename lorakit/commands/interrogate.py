@@ -55,9 +55,19 @@ def run(args: argparse.Namespace) -> int:
     model = load_base_model(args.model)
     for line in said:
         print(line)
-    with tqdm(total=len(vocabulary(model)), unit="token", disable=args.no_progress, leave=False) as bar:
+    bars = []  # drawn with the first batch: a file that does not fit is said without a bar at 0% before it
+
+    def advance(n: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=len(vocabulary(model)), unit="token", disable=args.no_progress, leave=False))
+        bars[0].update(n)
+
+    try:
         result = interrogate(model, spec, clip_skip=1 if model.is_sdxl else settings["clip_skip"],
-                             batch_size=args.batch_size, progress=bar.update)
+                             batch_size=args.batch_size, progress=advance)
+    finally:
+        for bar in bars:
+            bar.close()
     print(result.summary(args.top))
     if args.json is not None:
         rows = [{"id": s.token_id, "text": s.text, "text_encoder": s.text_encoder, "unet": s.unet}
