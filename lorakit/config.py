@@ -254,8 +254,9 @@ class OptimizerConfig:
     #: "adamw", "sgd", "sgdnesterov", "prodigy" (learning_rate 1.0; needs prodigyopt), "lion" (needs lion-pytorch),
     #: "adafactor", D-Adaptation's "dadaptadam", "dadaptlion", "dadaptsgd", "dadaptadagrad", "dadaptadan"
     #: (learning_rate 1.0; needs dadaptation), bitsandbytes' "adamw8bit", "pagedadamw8bit", "pagedadamw",
-    #: "pagedadamw32bit", "lion8bit", "pagedlion8bit", "sgdnesterov8bit" (kohya's names, any case); or, as kohya's
-    #: optimizer_type, any optimizer class by its full name: "torch.optim.RAdam", "came_pytorch.CAME"
+    #: "pagedadamw32bit", "lion8bit", "pagedlion8bit", "sgdnesterov8bit", schedulefree's "adamwschedulefree",
+    #: "radamschedulefree", "sgdschedulefree" (a constant schedule; warm-up: args = {warmup_steps = N}) (kohya's
+    #: names, any case); or, as kohya's optimizer_type, any optimizer class by its full name: "torch.optim.RAdam"
     optimizer: str = "adamw"
     #: the optimizer's own options (kohya's --optimizer_args), e.g. {d_coef = 0.5, use_bias_correction = true}
     args: dict = field(default_factory=dict)
@@ -744,6 +745,12 @@ class TrainConfig:
                 self.method.kind, self.optimizer.optimizer, self.model.mixed_precision,
                 self.optimizer.gradient_accumulation_steps)):
             raise ConfigError(f"optimizer.fused_backward_pass: {why}")
+        from lorakit.schedule_free import schedule_free_refusal
+
+        opt = self.optimizer
+        if why := schedule_free_refusal(opt.optimizer, opt.lr_scheduler_type or opt.lr_scheduler, opt.lr_warmup_steps,
+                                        self.training.ema_decay, opt.fused_backward_pass):
+            raise ConfigError(f"optimizer.optimizer: {why}")
         if self.model.full_bf16 and self.model.mixed_precision != "bf16":  # as kohya refuses it
             raise ConfigError("model.full_bf16 trains the weights in bf16, which needs model.mixed_precision = bf16")
         if self.model.full_bf16 and self.method.kind != "native":

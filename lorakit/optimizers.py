@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from lorakit.schedule_free import SCHEDULE_FREE, is_schedule_free
+
 
 def can_fuse(groups: list[dict]) -> bool:
     """Whether torch's fused AdamW kernel takes these parameters: floating point, all on one CPU or CUDA device.
@@ -49,6 +51,20 @@ def _bitsandbytes(name: str, betas: bool = True, nesterov: bool = False
         if nesterov:
             options |= {"momentum": 0.9, "nesterov": True}
         return getattr(bnb.optim, name)(groups, **{**options, **opt.args})
+    return build
+
+
+def _schedule_free(name: str, betas: bool) -> Callable[[list[dict], Any], torch.optim.Optimizer]:
+    """kohya's AdamWScheduleFree and kin (``lorakit.schedule_free``): built in training mode, which its step()
+    needs; its own warm-up is ``optimizer.args = {warmup_steps = N}``."""
+    def build(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
+        schedulefree = _import("schedulefree", "schedulefree")
+        options = {"lr": opt.learning_rate, "weight_decay": opt.weight_decay}
+        if betas:
+            options["betas"] = tuple(opt.betas)
+        optimizer = getattr(schedulefree, name)(groups, **{**options, **opt.args})
+        optimizer.train()
+        return optimizer
     return build
 
 
@@ -114,6 +130,7 @@ OPTIMIZERS: dict[str, Callable[[list[dict], Any], torch.optim.Optimizer]] = {
     "lion": _lion,
     "adafactor": _adafactor,
     **{name.lower(): _dadaptation(name) for name in _DADAPTATION},
+    **{name: _schedule_free(cls, betas) for name, (cls, betas) in SCHEDULE_FREE.items()},
 }
 
 
@@ -127,11 +144,6 @@ def optimizer_builder(name: str) -> Callable[[list[dict], Any], torch.optim.Opti
     ``OptimizerNameError`` saying what is known, or what of the full name does not import."""
     if name.lower() in OPTIMIZERS:
         return OPTIMIZERS[name.lower()]
-    if "schedulefree" in name.lower():  # its step() asserts a train mode that the trainer would have to switch
-        raise OptimizerNameError(f"{name!r}: the schedule-free optimizers (kohya's AdamWScheduleFree, ...) must be "
-                                 "switched between their training and evaluation weights around every sample, "
-                                 "checkpoint and validation, which lorakit's trainer does not do; use adamw or "
-                                 "prodigy")
     module_name, _, class_name = name.rpartition(".")
     if not module_name:
         raise OptimizerNameError(f"{name!r} is no optimizer lorakit knows ({', '.join(OPTIMIZERS)}); or give an "
@@ -147,7 +159,10 @@ def optimizer_builder(name: str) -> Callable[[list[dict], Any], torch.optim.Opti
         raise OptimizerNameError(f"{name!r} is no torch optimizer class")
 
     def build(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
-        return cls(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay, **opt.args})
+        optimizer = cls(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay, **opt.args})
+        if is_schedule_free(optimizer):  # schedulefree.AdamWScheduleFree by its full name: as by kohya's
+            optimizer.train()
+        return optimizer
     return build
 
 

@@ -74,6 +74,7 @@ from lorakit.run_messages import (
     setting_lines,
 )
 from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
+from lorakit.schedule_free import evaluation_weights, is_schedule_free
 from lorakit.schedules import build_lr_schedule
 from lorakit.step_loss import compute_loss, step_seed, validation_loss
 from lorakit.tools.merge import merge_base_weights
@@ -468,6 +469,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         data.count_steps(total_steps, accelerator.num_processes * cfg.optimizer.gradient_accumulation_steps)
 
         optimizer = build_optimizer(method.param_groups(), cfg)
+        # the unwrapped optimizer (accelerate wraps it below): a schedule-free one shows its average (schedule_free)
+        schedule_free = optimizer if is_schedule_free(optimizer) else None
         lr_schedule = build_lr_schedule(cfg.optimizer, optimizer, total_steps)
         unet_lr = cfg.optimizer.unet_lr or cfg.optimizer.learning_rate
         monitor = None
@@ -588,7 +591,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         average (training.ema_decay) or their folded form (LyCORIS's use_scalar), and then the average too."""
         live = method.trained_tensors()
         folded = method.file_form(live).keys() != live.keys()
-        state = {"live_tensors": live} if ema is not None or folded else {}
+        state = {"live_tensors": live} if ema is not None or folded or schedule_free is not None else {}
         if ema is not None:
             state["ema"] = ema.state_dict()
             if folded:
@@ -596,13 +599,19 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         return state
 
     def handed_back() -> dict[str, torch.Tensor]:
-        """The tensors a checkpoint holds: what the run would hand back now (the average, with training.ema_decay),
-        in the file's form."""
+        """The tensors a checkpoint holds: what the run would hand back now (the average, with training.ema_decay
+        or a schedule-free optimizer), in the file's form."""
+        if schedule_free is not None:
+            with evaluation_weights(schedule_free):
+                return method.file_form({k: v.clone() for k, v in method.trained_tensors().items()})
         tensors = method.trained_tensors()
         return method.file_form(tensors if ema is None else ema.tensors_like(tensors))
 
     def judged() -> AbstractContextManager[None]:
-        """The weights samples and validation see: the average's, with training.ema_decay."""
+        """The weights samples and validation see: the average's, with training.ema_decay or a schedule-free
+        optimizer."""
+        if schedule_free is not None:
+            return evaluation_weights(schedule_free)
         return nullcontext() if ema is None else ema.applied(method)
 
     def step_checkpoint_due(at_step: int) -> bool:
@@ -759,6 +768,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     final_epoch = epoch
     if ema is not None:  # the run hands back the average (a turning point's checkpoint holds its own, read next)
         ema.copy_to(method)
+    if schedule_free is not None:  # and the schedule-free average, as its checkpoints hold it
+        schedule_free.eval()
     if turning is not None:
         final_epoch = _checkpoint_epoch_for(turning.step, steps_per_epoch, run)
         ckpt = run.checkpoint(final_epoch)

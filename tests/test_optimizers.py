@@ -63,6 +63,10 @@ def test_not_fused_where_the_kernel_cannot_run():
                                                             ("sgdnesterov8bit", 1e-2, {}, ("betas", (0.9, 0))),
                                                             ("sgdnesterov", 1e-2, {"momentum": 0.8},
                                                              ("momentum", 0.8)),
+                                                            # schedule-free, built in training mode
+                                                            ("adamwschedulefree", 5e-2, {"warmup_steps": 3},
+                                                             ("warmup_steps", 3)),
+                                                            ("SGDScheduleFree", 5e-2, {}, ("momentum", 0.9)),
                                                             # kohya's CamelCase, and a class by its full name
                                                             ("PagedLion8bit", 1e-2, {}, ("betas", (0.9, 0.99))),
                                                             ("torch.optim.RAdam", 5e-2,
@@ -135,9 +139,6 @@ def test_a_name_lorakit_does_not_know_says_what_it_knows_or_what_does_not_import
     for name, said in (("adam", "'adam' is no optimizer lorakit knows (adamw, adamw8bit, "),
                        ("torch.optim.Adamm", "the module torch.optim has no Adamm"),
                        ("no_such_package.Opt", "its module no_such_package cannot be imported"),
-                       ("torch.nn.Linear", "'torch.nn.Linear' is no torch optimizer class"),
-                       # their step() asserts a train mode the trainer does not switch: refused before the run
-                       ("AdamWScheduleFree", "schedule-free optimizers"),
-                       ("schedulefree.SGDScheduleFree", "schedule-free optimizers")):
+                       ("torch.nn.Linear", "'torch.nn.Linear' is no torch optimizer class")):
         with pytest.raises(OptimizerNameError, match=re.escape(said)):
             optimizer_builder(name)
