@@ -132,6 +132,14 @@ def test_json_configs_and_bad_values_name_the_file(tmp_path):
                                 "network_dim": 8, "optimizer_type": "Prodigy"}))
     cfg, _ = config_from_kohya(path)
     assert (cfg.network.rank, cfg.network.train_text_encoder, cfg.optimizer.optimizer) == (8, False, "prodigy")
+    path.write_text(json.dumps({"network_module": "networks.lora", "optimizer_type": "AdamWScheduleFree",
+                                "lr_scheduler": "cosine", "lr_warmup_steps": 100}))
+    cfg, translation = config_from_kohya(path)  # kohya runs it without a schedule: the one named is not used
+    assert (cfg.optimizer.optimizer, cfg.optimizer.lr_scheduler, cfg.optimizer.lr_warmup_steps) == (
+        "adamwschedulefree", "constant", 0)
+    assert any("lr_scheduler = 'cosine', lr_warmup_steps = 100: not used with AdamWScheduleFree" in n
+               for n in translation.notes)
+    cfg.validate()
     for kohya_name, ours in (("PagedAdamW8bit", "pagedadamw8bit"), ("torch.optim.RAdam", "torch.optim.RAdam")):
         path.write_text(json.dumps({"network_module": "networks.lora", "optimizer_type": kohya_name}))
         cfg, _ = config_from_kohya(path)  # a class by its full name keeps its case: Python's names have one

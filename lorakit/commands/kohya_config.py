@@ -226,8 +226,16 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
         if args:
             out.set("optimizer.lr_scheduler_args", args)
     if "optimizer_type" in options:  # kohya's names in any case; a class by its full name keeps its case
+        from lorakit.schedule_free import names_schedule_free
+
         name = str(options.pop("optimizer_type"))
         out.set("optimizer.optimizer", name if "." in name else name.lower())
+        if names_schedule_free(name):  # kohya steps a dummy schedule for them: a schedule it names is not used
+            unused = [f"{key} = {options.pop(key)!r}" for key in ("lr_scheduler", "lr_warmup_steps",
+                                                                    "lr_scheduler_type") if options.get(key)]
+            if unused:
+                out.notes.append(f"{', '.join(unused)}: not used with {name}, as in kohya (no schedule; its own "
+                                 "warm-up is optimizer_args warmup_steps=N)")
     te2 = options.pop("learning_rate_te2", None)  # sdxl_train.py's second text encoder: below, once native is known
     te_lr = options.get("text_encoder_lr")
     if isinstance(te_lr, list):  # sd-scripts takes several (nargs="*"); its SD/SDXL networks read the first
