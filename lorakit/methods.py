@@ -122,6 +122,11 @@ class TrainingMethod:
     def after_optimizer_step(self) -> None:
         """Called after each optimizer step (textual inversion restores the frozen embedding rows)."""
 
+    def hold_untrained_gradients(self) -> None:
+        """Called before a schedule-free optimizer's step: zero the gradients of what trains only in part (textual
+        inversion's frozen embedding rows), which such an optimizer would otherwise move in its average, where the
+        restoring after the step does not reach (``lorakit.schedule_free``)."""
+
     def step_record(self) -> dict[str, float]:
         """What the last ``after_optimizer_step`` did, for the run's log (max-norm: the modules scaled back)."""
         return {}
@@ -628,6 +633,11 @@ class TextualInversion(TrainingMethod):
                 keep = ~self._trained_rows.to(emb.device)
                 emb[keep] = frozen.to(emb.device)[keep]
 
+    def hold_untrained_gradients(self) -> None:
+        for emb in self.embeddings:
+            if emb.grad is not None:
+                emb.grad[~self._trained_rows.to(emb.device)] = 0
+
     def vectors(self) -> tuple[torch.Tensor, ...]:
         """The trained vectors, one ``[n, d]`` tensor per text encoder."""
         return tuple(emb.detach()[self.ids] for emb in self.embeddings)
@@ -694,6 +704,9 @@ class PivotalTuning(TrainingMethod):
     def after_optimizer_step(self) -> None:
         self.ti.after_optimizer_step()
         self.adapter.after_optimizer_step()
+
+    def hold_untrained_gradients(self) -> None:
+        self.ti.hold_untrained_gradients()
 
     def step_record(self) -> dict[str, float]:
         return self.adapter.step_record()

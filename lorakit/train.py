@@ -662,6 +662,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                     accelerator.backward(loss / group)  # the step's gradient: the mean over its batches
                 if not steps_now:
                     continue
+                if schedule_free is not None:
+                    method.hold_untrained_gradients()
                 if cfg.optimizer.max_grad_norm and not cfg.optimizer.fused_backward_pass:  # fused: clipped in backward
                     accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                 cfg.optimizer.max_grad_norm)

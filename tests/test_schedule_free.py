@@ -75,3 +75,31 @@ def test_settings_that_cannot_go_with_it_are_refused_by_name(tiny_model_dir, tmp
     with pytest.raises(ConfigError, match=f"optimizer.optimizer: AdamWScheduleFree .*{said}") as info:
         cfg.validate()
     assert "optimizer.args = {warmup_steps = N}" in str(info.value) or "ema_decay" in said
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_textual_inversions_frozen_rows_stay_in_the_average(tiny_model_dir, tmp_path, held):
+    """Every embedding row gets a gradient (the captions' words too); the trainer restores the frozen rows after
+    each step, but a schedule-free optimizer keeps its own copy z of them, which the average shows: their gradients
+    are held at zero before its step, so the words keep their meaning in samples and validation."""
+    from lorakit.methods import make_method
+    from lorakit.models import load_base_model
+
+    model = load_base_model(tiny_model_dir)
+    cfg = make_config(tiny_model_dir, tmp_path, tmp_path / "run", method={"kind": "ti", "ti_token": "qzx"},
+                      optimizer={"optimizer": "adamwschedulefree", "ti_lr": 0.05})
+    method = make_method(cfg, model)
+    embedding = method.embeddings[0]
+    before = embedding.detach().clone()
+    optimizer = optimizer_builder(cfg.optimizer.optimizer)(method.param_groups(), cfg.optimizer)
+    for _ in range(4):
+        (embedding ** 2).sum().backward()
+        if held:
+            method.hold_untrained_gradients()
+        optimizer.step()
+        optimizer.zero_grad()
+        method.after_optimizer_step()
+    with evaluation_weights(optimizer):
+        frozen = ~method._trained_rows
+        assert torch.equal(embedding[frozen], before[frozen]) == held
+        assert not torch.equal(embedding[method.ids], before[method.ids])  # the new token trained
