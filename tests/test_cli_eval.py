@@ -403,6 +403,32 @@ def test_the_dataset_is_read_as_the_trainer_reads_it(tmp_path, capsys):
     assert f"{folder / 'c.png'}: cannot read this image" in capsys.readouterr().err and not out.exists()
 
 
+def test_a_run_trained_from_a_dataset_toml_is_judged_on_its_images_and_captions(tmp_path, capsys):
+    """A kohya dataset TOML as the run's data: eval found no folder, so it had no images to compare with and no
+    captions to make prompts from, and asked for --data."""
+    from PIL import Image
+
+    from lorakit.evaluate.checkpoints import dataset_images
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (60 * i, 90, 200)).save(images / f"{i}.png")
+    (images / "0.caption").write_text("zkz shape, blue\n")
+    toml = tmp_path / "ds.toml"
+    toml.write_text(f'[general]\ncaption_extension = ".caption"\n[[datasets]]\nresolution = 64\n'
+                    f'[[datasets.subsets]]\nimage_dir = "{images}"\nclass_tokens = "zkz shape"\n')
+    assert [(p.name, c) for p, c in dataset_images(toml)] == [("0.png", "zkz shape, blue"), ("1.png", "zkz shape"),
+                                                              ("2.png", "zkz shape")]
+    run = write_run(tmp_path / "run", epochs=1, data=toml)
+    out = tmp_path / "out"
+    assert main(["eval", str(run), "--out", str(out), "--steps", "2", "--no-base", "--quiet", "--trigger", "zkz"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["setup"]["prompts"] == "captions" and metrics["setup"]["data images"] == 3
+    assert metrics["setup"]["data"] == str(toml)
+    capsys.readouterr()
+
+
 def test_eval_with_clip_dinov2_and_vgg_models_from_local_folders(tmp_path, concept_data, clip_folder,  # noqa: F811
                                                                  dino_folder, capsys):  # noqa: F811
     """The generic path with real transformers models: tiny random CLIP and DINOv2 saved with save_pretrained and

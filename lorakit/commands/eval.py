@@ -204,8 +204,8 @@ def _data_folder(args: argparse.Namespace, runs) -> Path | None:
     for r in runs:
         if r.data:
             for candidate in (Path(r.data), r.path / r.data):
-                if candidate.is_dir():
-                    return candidate
+                if candidate.is_dir() or (candidate.is_file() and candidate.suffix.lower() == ".toml"):
+                    return candidate  # a folder, or a kohya dataset TOML (read as the trainer reads it)
     return None
 
 

@@ -400,6 +400,25 @@ def discover(sources: Sequence[str | Path], include_base: bool = True, every: in
     return _unique_labels(checkpoints), runs
 
 
+def _toml_dataset_images(path: Path) -> list[tuple[Path, str]]:
+    """The images of a kohya dataset TOML with their captions as the trainer reads them (its subsets' folders,
+    caption files or metadata JSON, class tokens; regularization images left out), before shuffling and dropout."""
+    import warnings
+
+    from lorakit.data import DataConfig, DatasetError, DatasetWarning, TrainingData
+
+    try:
+        with warnings.catch_warnings():  # the trainer said them when it read the data
+            warnings.simplefilter("ignore", DatasetWarning)
+            data = TrainingData(DataConfig(train_data=str(path), verify_images=False), seed=0, default_resolution=512)
+    except (DatasetError, OSError) as err:
+        raise CheckpointError(f"{path}: the dataset cannot be read: {err}") from None
+    pairs = [(r.path, r.caption) for r in data.records if not r.is_reg]
+    if not pairs:
+        raise CheckpointError(f"{path}: no images in the dataset")
+    return pairs
+
+
 def split_held_out(run: RunInfo) -> set[Path]:
     """The images the run's ``validation_split`` held out of its training folders (resolved paths; the split is
     drawn again as the trainer drew it, from the run's config.toml); empty when it held none out that way.
@@ -436,6 +455,8 @@ def dataset_images(folder: str | Path, plain_caption: str | None = None, templat
     from lorakit.data.images import is_image
 
     folder = Path(folder)
+    if folder.is_file() and folder.suffix.lower() == ".toml":
+        return _toml_dataset_images(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: the dataset folder does not exist")
     pairs = []
