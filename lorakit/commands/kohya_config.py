@@ -231,6 +231,8 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
         name = str(options.pop("optimizer_type"))
         out.set("optimizer.optimizer", name if "." in name else name.lower())
         if names_schedule_free(name):  # kohya steps a dummy schedule for them: a schedule it names is not used
+            if options.get("lr_scheduler") == "constant":  # what it runs anyway: nothing to say
+                options.pop("lr_scheduler")
             unused = [f"{key} = {options.pop(key)!r}" for key in ("lr_scheduler", "lr_warmup_steps",
                                                                     "lr_scheduler_type") if options.get(key)]
             if unused:
