@@ -429,6 +429,31 @@ def test_a_run_trained_from_a_dataset_toml_is_judged_on_its_images_and_captions(
     capsys.readouterr()
 
 
+def test_a_runs_images_are_captioned_with_its_own_caption_settings(tmp_path):
+    """A run that read `.caption` files (kohya's caption_extension): eval read `.txt` beside the images, found none,
+    and captioned them with the folder's words only."""
+    from PIL import Image
+
+    from lorakit.config import load_config, to_toml
+    from lorakit.evaluate.checkpoints import discover, run_dataset_images
+
+    folder = tmp_path / "data" / "3_zkz shape"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (64, 64), (90 * i, 90, 200)).save(folder / f"{i}.png")
+        (folder / f"{i}.caption").write_text(f"zkz shape, tag{i}\n")
+    run = write_run(tmp_path / "run", epochs=1, data=tmp_path / "data")
+    cfg = load_config(run / "config.toml")
+    cfg.data.caption_extension = ".caption"
+    (run / "config.toml").write_text(to_toml(cfg))
+    _, runs = discover([run])
+    assert [(p.name, c) for p, c in run_dataset_images(runs[0])] == [("0.png", "zkz shape, tag0"),
+                                                                     ("1.png", "zkz shape, tag1")]
+    cfg.data.train_data = str(tmp_path / "gone")  # data no longer there: None, and eval falls back to --data
+    (run / "config.toml").write_text(to_toml(cfg))
+    assert run_dataset_images(discover([run])[1][0]) is None
+
+
 def test_eval_with_clip_dinov2_and_vgg_models_from_local_folders(tmp_path, concept_data, clip_folder,  # noqa: F811
                                                                  dino_folder, capsys):  # noqa: F811
     """The generic path with real transformers models: tiny random CLIP and DINOv2 saved with save_pretrained and

@@ -277,7 +277,14 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     import lorakit.world.evaluation  # noqa: F401  (registers the world reader and the world's exact metrics)
     from lorakit.embeddings import expand_all, load_embedding
-    from lorakit.evaluate.checkpoints import dataset_images, discover, file_hash, model_hash, split_held_out
+    from lorakit.evaluate.checkpoints import (
+        dataset_images,
+        discover,
+        file_hash,
+        model_hash,
+        run_dataset_images,
+        split_held_out,
+    )
     from lorakit.evaluate.generate import (
         ImageCache,
         SamplerSettings,
@@ -319,7 +326,11 @@ def run(args: argparse.Namespace) -> int:
     # a run that trained on caption templates (textual inversion without captions): its images captioned so
     templated = next((r for r in runs if r.caption_templates), None)
     captioning = {"templates": templated.caption_templates, "trigger": templated.trigger} if templated else {}
-    pairs = dataset_images(data, plain_caption, **captioning) if data is not None else []
+    # a run's images as its trainer read them (its caption settings, a metadata JSON); --data, or a run whose data
+    # no longer reads as it did: the folder as the trainer reads a kohya folder
+    pairs = next((found for r in runs if args.data is None and (found := run_dataset_images(r)) is not None), None)
+    if pairs is None:
+        pairs = dataset_images(data, plain_caption, **captioning) if data is not None else []
     held_out = _held_out_folder(args, runs)
     held_out_pairs = dataset_images(held_out, plain_caption, **captioning) if held_out is not None else []
     # images a validation_split held out are not the data the runs learned from: they join the held-out ones

@@ -441,6 +441,40 @@ def split_held_out(run: RunInfo) -> set[Path]:
     return {data.records[i].path.resolve() for i in data.held_out}
 
 
+def run_dataset_images(run: RunInfo) -> list[tuple[Path, str]] | None:
+    """The images ``run`` trained on, each with the caption its trainer read (before shuffling and dropout), read
+    from its config.toml as the trainer reads them: its caption_extension, a metadata JSON, a dataset TOML, the
+    folders' or the run's trigger and class; caption templates (and a wildcard file's lines) one line in turn, as
+    ``dataset_images`` gives them.  A validation split's images are included (``split_held_out`` names them).
+    None when the run names no data or its data cannot be read any more."""
+    import warnings
+
+    from lorakit.config import ConfigError, load_config
+    from lorakit.data import DatasetError, DatasetWarning, TrainingData
+
+    try:
+        cfg = load_config(run.path / "config.toml")
+    except ConfigError:
+        return None
+    if not cfg.data.train_data:
+        return None
+    # its own images only (no reg, no held-out folder, no class images to draw), and sizes suffice
+    cfg.data.validation_data, cfg.data.reg_data, cfg.data.num_class_images = None, None, 0
+    cfg.data.verify_images = False
+    try:
+        with warnings.catch_warnings():  # the trainer said them when it read the data
+            warnings.simplefilter("ignore", DatasetWarning)
+            data = TrainingData(cfg.data, seed=cfg.training.seed, default_resolution=cfg.data.resolution or 512)
+    except (DatasetError, OSError, ValueError):
+        return None
+    pairs: list[tuple[Path, str]] = []
+    for record in data.records:
+        if not record.is_reg:
+            lines = record.caption.split("\n")
+            pairs.append((record.path, lines[len(pairs) % len(lines)]))
+    return pairs or None
+
+
 def dataset_images(folder: str | Path, plain_caption: str | None = None, templates: str | None = None,
                    trigger: str | None = None) -> list[tuple[Path, str]]:
     """(image, caption) pairs of a training folder (kohya layout or plain), captioned as the trainer captions
