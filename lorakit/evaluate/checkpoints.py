@@ -22,13 +22,16 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorakit.checkpoint_names import EPOCH_DIR, STEP_DIR
 from lorakit.errors import LorakitError
 from lorakit.file_kinds import is_full_model
+
+if TYPE_CHECKING:
+    from lorakit.data import DataConfig
 
 #: run settings shown in the report and used as SHAP features: (label, config section, key)
 SETTING_KEYS = (("method", "method", "kind"), ("algorithm", "network", "algorithm"), ("preset", "network", "preset"),
@@ -343,8 +346,6 @@ def _file_label(path: Path) -> str:
 
 
 def _unique_labels(checkpoints: list[EvalCheckpoint]) -> list[EvalCheckpoint]:
-    from dataclasses import replace
-
     seen: dict[str, int] = {}
     out = []
     for c in checkpoints:
@@ -400,20 +401,35 @@ def discover(sources: Sequence[str | Path], include_base: bool = True, every: in
     return _unique_labels(checkpoints), runs
 
 
-def _toml_dataset_images(path: Path) -> list[tuple[Path, str]]:
-    """The images of a kohya dataset TOML with their captions as the trainer reads them (its subsets' folders,
-    caption files or metadata JSON, class tokens; regularization images left out), before shuffling and dropout."""
+def _as_trained(config: DataConfig, seed: int = 0) -> list[tuple[Path, str]]:
+    """The training images of a data config, each with the caption the trainer reads (before shuffling and
+    dropout; caption templates and a wildcard file's lines one line in turn), regularization images left out.
+    Raises what reading the data raises (DatasetError, OSError)."""
     import warnings
 
-    from lorakit.data import DataConfig, DatasetError, DatasetWarning, TrainingData
+    from lorakit.data import DatasetWarning, TrainingData
+
+    with warnings.catch_warnings():  # the trainer said them when it read the data
+        warnings.simplefilter("ignore", DatasetWarning)
+        data = TrainingData(replace(config, verify_images=False), seed=seed,
+                            default_resolution=config.resolution or 512)
+    pairs: list[tuple[Path, str]] = []
+    for record in data.records:
+        if not record.is_reg:
+            lines = record.caption.split("\n")
+            pairs.append((record.path, lines[len(pairs) % len(lines)]))
+    return pairs
+
+
+def _toml_dataset_images(path: Path) -> list[tuple[Path, str]]:
+    """The images of a kohya dataset TOML with their captions as the trainer reads them (its subsets' folders,
+    caption files or metadata JSON, class tokens)."""
+    from lorakit.data import DataConfig, DatasetError
 
     try:
-        with warnings.catch_warnings():  # the trainer said them when it read the data
-            warnings.simplefilter("ignore", DatasetWarning)
-            data = TrainingData(DataConfig(train_data=str(path), verify_images=False), seed=0, default_resolution=512)
+        pairs = _as_trained(DataConfig(train_data=str(path)))
     except (DatasetError, OSError) as err:
         raise CheckpointError(f"{path}: the dataset cannot be read: {err}") from None
-    pairs = [(r.path, r.caption) for r in data.records if not r.is_reg]
     if not pairs:
         raise CheckpointError(f"{path}: no images in the dataset")
     return pairs
@@ -447,10 +463,8 @@ def run_dataset_images(run: RunInfo) -> list[tuple[Path, str]] | None:
     folders' or the run's trigger and class; caption templates (and a wildcard file's lines) one line in turn, as
     ``dataset_images`` gives them.  A validation split's images are included (``split_held_out`` names them).
     None when the run names no data or its data cannot be read any more."""
-    import warnings
-
     from lorakit.config import ConfigError, load_config
-    from lorakit.data import DatasetError, DatasetWarning, TrainingData
+    from lorakit.data import DatasetError
 
     try:
         cfg = load_config(run.path / "config.toml")
@@ -458,20 +472,11 @@ def run_dataset_images(run: RunInfo) -> list[tuple[Path, str]] | None:
         return None
     if not cfg.data.train_data:
         return None
-    # its own images only (no reg, no held-out folder, no class images to draw), and sizes suffice
-    cfg.data.validation_data, cfg.data.reg_data, cfg.data.num_class_images = None, None, 0
-    cfg.data.verify_images = False
-    try:
-        with warnings.catch_warnings():  # the trainer said them when it read the data
-            warnings.simplefilter("ignore", DatasetWarning)
-            data = TrainingData(cfg.data, seed=cfg.training.seed, default_resolution=cfg.data.resolution or 512)
+    try:  # its own images only: no reg folder, no held-out folder, no class images to draw
+        pairs = _as_trained(replace(cfg.data, validation_data=None, reg_data=None, num_class_images=0),
+                            cfg.training.seed)
     except (DatasetError, OSError, ValueError):
         return None
-    pairs: list[tuple[Path, str]] = []
-    for record in data.records:
-        if not record.is_reg:
-            lines = record.caption.split("\n")
-            pairs.append((record.path, lines[len(pairs) % len(lines)]))
     return pairs or None
 
 
