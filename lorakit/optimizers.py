@@ -36,36 +36,26 @@ def _import(module: str, package: str) -> Any:
         raise ImportError(f"needs {package} (pip install {package}, or lorakit[optimizers])") from None
 
 
-def _bitsandbytes(name: str, betas: bool = True, nesterov: bool = False
-                  ) -> Callable[[list[dict], Any], torch.optim.Optimizer]:
-    """bitsandbytes' 8-bit (and paged) optimizers, kohya's AdamW8bit, PagedAdamW8bit, Lion8bit, ...: their state
-    in 8 bits, a quarter of AdamW's memory.  ``betas``: optimizer.betas are passed (the AdamW kinds; Lion keeps
-    its own); ``nesterov``: kohya's SGDNesterov8bit, momentum 0.9 unless optimizer.args says otherwise (bitsandbytes'
-    SGD8bit takes ``nesterov`` and ignores it, in kohya too: a momentum SGD).  On a CPU the paged ones run unpaged
-    (bitsandbytes falls back)."""
+def _from_module(module: str, name: str, package: str | None = None, *, betas: bool = False,
+                 defaults: dict[str, Any] | None = None) -> Callable[[list[dict], Any], torch.optim.Optimizer]:
+    """The optimizer class ``module.name`` (``package`` installs it): the learning rate and weight decay, and
+    optimizer.betas where it takes them (``betas``), then ``defaults``, then optimizer.args.  A schedule-free one
+    (``lorakit.schedule_free``) is handed over in training mode, which its step() needs."""
     def build(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
-        bnb = _import("bitsandbytes", "bitsandbytes")
-        options = {"lr": opt.learning_rate, "weight_decay": opt.weight_decay}
-        if betas:
-            options["betas"] = tuple(opt.betas)
-        if nesterov:
-            options |= {"momentum": 0.9, "nesterov": True}
-        return getattr(bnb.optim, name)(groups, **{**options, **opt.args})
-    return build
-
-
-def _schedule_free(name: str, betas: bool) -> Callable[[list[dict], Any], torch.optim.Optimizer]:
-    """kohya's AdamWScheduleFree and kin (``lorakit.schedule_free``): built in training mode, which its step()
-    needs; its own warm-up is ``optimizer.args = {warmup_steps = N}``."""
-    def build(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
-        schedulefree = _import("schedulefree", "schedulefree")
-        options = {"lr": opt.learning_rate, "weight_decay": opt.weight_decay}
-        if betas:
-            options["betas"] = tuple(opt.betas)
-        optimizer = getattr(schedulefree, name)(groups, **{**options, **opt.args})
-        optimizer.train()
+        cls = getattr(_import(module, package or module), name)
+        options = {"lr": opt.learning_rate, "weight_decay": opt.weight_decay,
+                   **({"betas": tuple(opt.betas)} if betas else {}), **(defaults or {}), **opt.args}
+        optimizer = cls(groups, **options)
+        if is_schedule_free(optimizer):
+            optimizer.train()
         return optimizer
     return build
+
+
+def _bitsandbytes(name: str, **options: Any) -> Callable[[list[dict], Any], torch.optim.Optimizer]:
+    """bitsandbytes' 8-bit (and paged) optimizers, kohya's AdamW8bit, PagedAdamW8bit, Lion8bit, ...: their state
+    in 8 bits, a quarter of AdamW's memory.  On a CPU the paged ones run unpaged (bitsandbytes falls back)."""
+    return _from_module("bitsandbytes.optim", name, "bitsandbytes", **options)
 
 
 def _sgd(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
@@ -117,20 +107,24 @@ _DADAPTATION = ("DAdaptAdam", "DAdaptLion", "DAdaptSGD", "DAdaptAdaGrad", "DAdap
 #: name -> builder(param_groups, OptimizerConfig)
 OPTIMIZERS: dict[str, Callable[[list[dict], Any], torch.optim.Optimizer]] = {
     "adamw": _adamw,
-    "adamw8bit": _bitsandbytes("AdamW8bit"),
-    "pagedadamw": _bitsandbytes("PagedAdamW"),
-    "pagedadamw8bit": _bitsandbytes("PagedAdamW8bit"),
-    "pagedadamw32bit": _bitsandbytes("PagedAdamW32bit"),
-    "lion8bit": _bitsandbytes("Lion8bit", betas=False),
-    "pagedlion8bit": _bitsandbytes("PagedLion8bit", betas=False),
-    "sgdnesterov8bit": _bitsandbytes("SGD8bit", betas=False, nesterov=True),
+    # optimizer.betas for the AdamW kinds; Lion keeps its own
+    "adamw8bit": _bitsandbytes("AdamW8bit", betas=True),
+    "pagedadamw": _bitsandbytes("PagedAdamW", betas=True),
+    "pagedadamw8bit": _bitsandbytes("PagedAdamW8bit", betas=True),
+    "pagedadamw32bit": _bitsandbytes("PagedAdamW32bit", betas=True),
+    "lion8bit": _bitsandbytes("Lion8bit"),
+    "pagedlion8bit": _bitsandbytes("PagedLion8bit"),
+    # kohya's SGDNesterov8bit: momentum 0.9 unless optimizer.args says otherwise (bitsandbytes' SGD8bit takes
+    # nesterov and ignores it, in kohya too: a momentum SGD)
+    "sgdnesterov8bit": _bitsandbytes("SGD8bit", defaults={"momentum": 0.9, "nesterov": True}),
     "sgd": _sgd,
     "sgdnesterov": _sgd_nesterov,
     "prodigy": _prodigy,
     "lion": _lion,
     "adafactor": _adafactor,
     **{name.lower(): _dadaptation(name) for name in _DADAPTATION},
-    **{name: _schedule_free(cls, betas) for name, (cls, betas) in SCHEDULE_FREE.items()},
+    # kohya's AdamWScheduleFree and kin; their own warm-up is optimizer.args = {warmup_steps = N}
+    **{name: _from_module("schedulefree", cls, betas=betas) for name, (cls, betas) in SCHEDULE_FREE.items()},
 }
 
 
@@ -157,13 +151,7 @@ def optimizer_builder(name: str) -> Callable[[list[dict], Any], torch.optim.Opti
         raise OptimizerNameError(f"{name!r}: the module {module_name} has no {class_name}") from None
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise OptimizerNameError(f"{name!r} is no torch optimizer class")
-
-    def build(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
-        optimizer = cls(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay, **opt.args})
-        if is_schedule_free(optimizer):  # schedulefree.AdamWScheduleFree by its full name: as by kohya's
-            optimizer.train()
-        return optimizer
-    return build
+    return _from_module(module_name, class_name)
 
 
 #: the optimizers that find their own step size: the learning rate multiplies it, and belongs near 1
