@@ -58,49 +58,6 @@ def _bitsandbytes(name: str, **options: Any) -> Callable[[list[dict], Any], torc
     return _from_module("bitsandbytes.optim", name, "bitsandbytes", **options)
 
 
-def _sgd(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay, **opt.args})
-
-
-def _sgd_nesterov(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
-    """kohya's SGDNesterov: SGD with Nesterov momentum, 0.9 unless optimizer.args sets it."""
-    return torch.optim.SGD(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay, "momentum": 0.9,
-                                      "nesterov": True, **opt.args})
-
-
-# The adaptive and sign-based optimizers kohya users pick: their own default betas (Lion's are (0.9, 0.99), not
-# AdamW's), so optimizer.betas is not passed; optimizer.args (kohya's --optimizer_args) is.
-def _prodigy(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
-    """Prodigy (Mishchenko & Defazio 2023) estimates the step size itself: the learning rate is a multiplier, 1.0
-    as its authors and kohya's guides set it."""
-    prodigy = _import("prodigyopt", "prodigyopt")
-    return prodigy.Prodigy(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay, **opt.args})
-
-
-def _lion(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
-    """Lion (Chen et al. 2023): sign updates; its learning rate is 3-10 times smaller than AdamW's."""
-    lion = _import("lion_pytorch", "lion-pytorch")
-    return lion.Lion(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay, **opt.args})
-
-
-def _dadaptation(name: str) -> Callable[[list[dict], Any], torch.optim.Optimizer]:
-    """D-Adaptation (Defazio & Mishchenko 2023; Prodigy's predecessor, kohya's DAdaptAdam, DAdaptLion...):
-    estimates the step size; the learning rate is a multiplier, 1.0 as kohya's guides set it."""
-    def build(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
-        dadaptation = _import("dadaptation", "dadaptation")
-        return getattr(dadaptation, name)(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay,
-                                                     **opt.args})
-    return build
-
-
-def _adafactor(groups: list[dict], opt: Any) -> torch.optim.Optimizer:
-    """transformers' Adafactor at the configured learning rate (no relative step, as kohya runs it with an lr)."""
-    from transformers.optimization import Adafactor
-
-    return Adafactor(groups, **{"lr": opt.learning_rate, "weight_decay": opt.weight_decay, "relative_step": False,
-                                "scale_parameter": False, "warmup_init": False, **opt.args})
-
-
 #: the dadaptation package's optimizers, by their class names (kohya's optimizer_type names)
 _DADAPTATION = ("DAdaptAdam", "DAdaptLion", "DAdaptSGD", "DAdaptAdaGrad", "DAdaptAdan")
 
@@ -117,12 +74,19 @@ OPTIMIZERS: dict[str, Callable[[list[dict], Any], torch.optim.Optimizer]] = {
     # kohya's SGDNesterov8bit: momentum 0.9 unless optimizer.args says otherwise (bitsandbytes' SGD8bit takes
     # nesterov and ignores it, in kohya too: a momentum SGD)
     "sgdnesterov8bit": _bitsandbytes("SGD8bit", defaults={"momentum": 0.9, "nesterov": True}),
-    "sgd": _sgd,
-    "sgdnesterov": _sgd_nesterov,
-    "prodigy": _prodigy,
-    "lion": _lion,
-    "adafactor": _adafactor,
-    **{name.lower(): _dadaptation(name) for name in _DADAPTATION},
+    "sgd": _from_module("torch.optim", "SGD"),
+    # kohya's SGDNesterov: SGD with Nesterov momentum, 0.9 unless optimizer.args sets it
+    "sgdnesterov": _from_module("torch.optim", "SGD", defaults={"momentum": 0.9, "nesterov": True}),
+    # The adaptive and sign-based ones kohya users pick keep their own default betas (Lion's are (0.9, 0.99), not
+    # AdamW's).  Prodigy (Mishchenko & Defazio 2023) and D-Adaptation (Defazio & Mishchenko 2023, its predecessor:
+    # kohya's DAdaptAdam, DAdaptLion, ...) estimate the step size: the learning rate is a multiplier, 1.0 as their
+    # authors and kohya's guides set it.  Lion (Chen et al. 2023): sign updates; its rate 3-10 times below AdamW's.
+    "prodigy": _from_module("prodigyopt", "Prodigy"),
+    "lion": _from_module("lion_pytorch", "Lion", "lion-pytorch"),
+    # transformers' Adafactor at the configured learning rate (no relative step, as kohya runs it with an lr)
+    "adafactor": _from_module("transformers.optimization", "Adafactor", "transformers",
+                              defaults={"relative_step": False, "scale_parameter": False, "warmup_init": False}),
+    **{name.lower(): _from_module("dadaptation", name) for name in _DADAPTATION},
     # kohya's AdamWScheduleFree and kin; their own warm-up is optimizer.args = {warmup_steps = N}
     **{name: _from_module("schedulefree", cls, betas=betas) for name, (cls, betas) in SCHEDULE_FREE.items()},
 }
