@@ -146,6 +146,19 @@ def test_hidden_files_and_folders_are_skipped(tmp_path):
     assert len(data(tmp_path).records) == 1
 
 
+def test_pictures_in_formats_not_trained_are_named_not_silently_left_out(tmp_path):
+    """A GIF or a phone's HEIC among the PNGs is not trained (nor by kohya); the user is told which."""
+    folder = make_folder(tmp_path / "3_zkz", 2)
+    make_image(folder / "clip.gif")
+    (folder / "IMG_0001.HEIC").write_bytes(b"not decoded")
+    message = warned(tmp_path)
+    assert "2 pictures in a format not trained" in message
+    assert "IMG_0001.HEIC, clip.gif" in message and "save them as PNG" in message
+    assert len(data(tmp_path).records) == 2
+    (folder / "IMG_0001.HEIC").unlink()
+    assert "1 picture in a format not trained (only .png" in warned(tmp_path)
+
+
 # ----------------------------------------------------------------------------------------------- TOML
 TOML = """
 [general]

@@ -33,6 +33,8 @@ _EXPECTED_LAYOUT = (
     "or kohya layout: subfolders named '<repeats>_<trigger> <class>' (such as '10_zkz shape/') holding the images"
 )
 _CAPTION_LIKE = (".txt", ".caption")
+# pictures kohya does not train either (GIF, TIFF, phone and web formats): said, so that none is left out unawares
+_UNTRAINED_PICTURES = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jfif", ".jp2", ".psd", ".svg")
 
 
 @dataclass
@@ -262,6 +264,12 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
     if dead:
         problems.warn(f"{folder}: skipped symbolic links that lead to no file (broken or looping): {_some(dead)}")
     images = [p for p in entries if is_image(p)]
+    untrained = [p.name for p in entries if p.suffix.lower() in _UNTRAINED_PICTURES]
+    if images and untrained:
+        one = len(untrained) == 1
+        problems.warn(f"{folder}: {len(untrained)} {'picture' if one else 'pictures'} in a format not trained (only "
+                      f"{', '.join(IMAGE_EXTENSIONS)} are) left out: {_some(untrained)}; save "
+                      f"{'it' if one else 'them'} as PNG to train {'it' if one else 'them'}")
     if not images:
         others = ", ".join(p.name for p in entries[:5]) or "the folder is empty"
         problems.error(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder (found: {others})")
