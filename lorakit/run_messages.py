@@ -231,7 +231,7 @@ def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[s
     # the built-in model's images are judged by the world reader, eval's default; others need an extractor
     extractor = "" if is_builtin_model(cfg.model.base) else " --extractor clip=DIR (a local CLIP model)"
     lines.append(f"  which epoch is best, measured: lorakit eval {shlex.quote(str(run_dir))}{extractor} "
-                 f"--out {shlex.quote(str(run_dir))}-eval")
+                 f"--out {shlex.quote(str(run_dir) + '-eval')}")
     report = f"lorakit report {shlex.quote(str(run_dir))}"
     ranked = ", and after the eval its ranking"  # report reads the eval folder suggested above when it is there
     if cfg.sample.prompts or any((run_dir / "samples").glob("*.png")):

@@ -133,6 +133,8 @@ def test_next_steps_promise_a_page_of_samples_only_when_there_are_some(tmp_path)
     cfg = TrainConfig()
     lines = "\n".join(next_steps(tmp_path, [tmp_path / "lorakit.safetensors"], cfg))
     assert f"lorakit eval {tmp_path} --out {tmp_path}-eval" in lines  # the built-in model: its reader is the default
+    spaced = tmp_path / "my run"  # every path a command to paste, quoted whole
+    assert f"lorakit eval '{spaced}' --out '{spaced}-eval'" in "\n".join(next_steps(spaced, [], cfg))
     from lorakit.models import builtin_model_path
 
     for base, hint in ((builtin_model_path(), False), ("/models/sd15.safetensors", True)):  # by path: the same
