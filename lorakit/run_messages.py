@@ -170,8 +170,15 @@ def base_weight_specs(cfg: TrainConfig) -> list[str]:
     return [shlex.quote(f"{f}:{multiplier:g}") for f, multiplier in cfg.model.base_weight_pairs()]
 
 
+def _embedding_token(path: Path, cfg: TrainConfig) -> str:
+    """The token of the run's embedding file ``<output.name>-<token>.safetensors``."""
+    return path.stem.removeprefix(f"{cfg.output.name}-")
+
+
 def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[str]:
     """How to use what the run made: A1111/ComfyUI, diffusers, ``lorakit sample``, the plot, the report."""
+    from lorakit.embeddings import diffusers_loading_code
+
     files = [Path(f) for f in files]
     weights = [f for f in files if f.suffix == ".safetensors"]
     lines: list[str] = []
@@ -181,12 +188,12 @@ def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[s
         result = weights[0]
         quoted = shlex.quote(str(result))
         if cfg.method.kind == "ti":
-            token = result.stem.split("-", 1)[-1]
+            token = _embedding_token(result, cfg)
             # A1111 names an embedding after its file: the prompt word is the file's stem, not the token
             lines += [f"  use {result}: A1111: models/embeddings, then write '{result.stem}' in a prompt (or rename "
                       f"the file {token}.safetensors and write '{token}'); ComfyUI: models/embeddings, "
                       f"'embedding:{result.stem}'",
-                      f"  diffusers: pipe.load_textual_inversion(\"{result}\")",
+                      f"  diffusers: {diffusers_loading_code(result, token)}",
                       f"  lorakit sample --embedding {quoted}{_model_option(cfg)} --prompt \"a {token} ...\" "
                       "--out samples/"]
         else:
@@ -202,9 +209,9 @@ def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[s
                              f"is the file's name: '{embedding.stem}' in A1111, 'embedding:{embedding.stem}' in "
                              "ComfyUI")
             if cfg.network.algorithm in DIFFUSERS_LOADS and not cfg.network.use_dora:
-                loads = f"pipe.load_lora_weights(\"{result}\")"
+                loads = f"pipe.load_lora_weights({str(result)!r})"
                 if embedding is not None:
-                    loads += f", pipe.load_textual_inversion(\"{embedding}\")"
+                    loads += f"; {diffusers_loading_code(embedding, _embedding_token(embedding, cfg))}"
                 lines.append(f"  diffusers: {loads}")
             else:
                 lines.append(f"  diffusers cannot read this algorithm: `lorakit resize {quoted} --to lora"

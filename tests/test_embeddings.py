@@ -85,3 +85,35 @@ def test_an_embedding_named_like_a_word_of_the_vocabulary_stands_for_tokens_of_i
             return model.text_encoder(model.tokenizer(text, return_tensors="pt").input_ids).last_hidden_state
 
     assert torch.equal(encoded(loaded.expand_prompt("a red check")), encoded("a red square"))
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd1", "sdxl"])
+def test_the_diffusers_code_the_trainer_prints_loads_the_embedding_into_a_pipeline(tmp_path, tiny_model_dir,
+                                                                                     tiny_sdxl_dir, sdxl):
+    """`lorakit train`'s closing lines give diffusers code for a run's embedding. Run as printed, it puts the file's
+    vectors in the token's rows (diffusers would take the file's one key, 'clip_l', for the token, and refuses
+    SDXL's pair in one call) and diffusers' prompt expansion reaches all of them."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from lorakit.config import TrainConfig
+    from lorakit.run_messages import next_steps
+
+    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    pipe = pipeline.from_pretrained(tiny_sdxl_dir if sdxl else tiny_model_dir, local_files_only=True)
+    pairs = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if sdxl else [])
+    vectors = {key: torch.randn(2, encoder.get_input_embeddings().weight.shape[1])
+               for key, (_, encoder) in zip(("clip_l", "clip_g"), pairs, strict=False)}
+    cfg = TrainConfig()
+    cfg.method.kind, cfg.output.name = "ti", "my-lora"  # a dash in the run's name: the token is still 'zkz'
+    path = tmp_path / "my-lora-zkz.safetensors"
+    save_file(vectors, str(path), metadata={"lorakit_ti_token": "zkz"})
+    code = next(line for line in next_steps(tmp_path, [path], cfg) if line.startswith("  diffusers: "))
+    exec(code.removeprefix("  diffusers: "), {"pipe": pipe})  # noqa: S102 - the printed line, as a user pastes it
+    for (tokenizer, encoder), expected in zip(pairs, vectors.values(), strict=True):
+        assert tokenizer.tokenize("a zkz star")[1] == "zkz"
+        rows = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(["zkz", "zkz_1"])]
+        assert torch.equal(rows, expected)
+        assert pipe.maybe_convert_prompt("a zkz star", tokenizer) == "a zkz zkz_1 star"
+    cfg.method.kind = "pivotal"  # the adapter's line carries the same code for its embedding
+    lines = "\n".join(next_steps(tmp_path, [path, tmp_path / "my-lora.safetensors"], cfg))
+    assert code.removeprefix("  diffusers: ") in lines and "load_lora_weights" in lines

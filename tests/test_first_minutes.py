@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from lorakit.config import TrainConfig
 from lorakit.run_messages import estimate_line, next_steps, opening_line, what_is_trained
@@ -117,6 +119,7 @@ def test_next_steps_fit_the_algorithm(tmp_path):
     assert "--to lora --model /models/sdxl.safetensors --out plain.safetensors" in lines
     cfg.model.base = None
     cfg.method.kind = "ti"
+    save_file({"clip_l": torch.zeros(1, 8)}, str(tmp_path / "lorakit-zkz.safetensors"))  # its diffusers line reads it
     lines = "\n".join(next_steps(tmp_path, [tmp_path / "lorakit-zkz.safetensors"], cfg))
     assert "load_textual_inversion" in lines
     assert f"lorakit sample --embedding {tmp_path / 'lorakit-zkz.safetensors'} --prompt \"a zkz ...\"" in lines
