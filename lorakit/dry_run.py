@@ -31,6 +31,7 @@ from lorakit.train import (
     sample_stop_line,
     saves_epoch,
     ti_start_vectors,
+    ti_token_note,
 )
 
 #: captions shown as examples, and tags per folder in the frequency list
@@ -60,6 +61,7 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
         family += (" (the file does not say whether it predicts noise or v: read as the 512 ε model; for a 768 v "
                    "model such as 2.1 set model.prediction_type = \"v_prediction\")")
     start = ti_start_vectors(cfg) if not resuming else None  # read as the run reads it (a resume does not)
+    token_note = ti_token_note(cfg)
     data_cfg, notes = cfg.data, []
     if cfg.data.num_class_images > 0:  # prior preservation: the class images are drawn when the run starts
         if not cfg.data.class_prompt:
@@ -89,6 +91,8 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
         sizes = " and ".join(str(t.shape[1]) for t in start)  # SDXL's: one size per text encoder
         lines.append(f"textual inversion starts from {cfg.method.ti_weights} ({count(start[0].shape[0], 'vector')} "
                      f"of size {sizes} per token, checked against the model when it loads)")
+    if token_note:
+        lines.append(token_note)
     trained = [r for i, r in enumerate(data.records) if not r.is_reg and i not in data.held_out]
     templated = [r for r in trained if data.subset_of(r).templated]
     uncaptioned = [r for r in trained if not r.has_caption_file and not data.subset_of(r).templated]

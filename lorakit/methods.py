@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -70,6 +71,9 @@ from lorakit.network import (
 )
 from lorakit.network import components as network_components
 from lorakit.run_messages import rank_words, text_encoder_part
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 
 class NativeCSMeter:
@@ -575,6 +579,24 @@ class NativeMethod(TrainingMethod):
 
 
 # --------------------------------------------------------------------------------------- textual inversion
+def check_ti_token(cfg: TrainConfig, tokenizers: Sequence[CLIPTokenizer]) -> str | None:
+    """Refuse a textual-inversion token the tokenizers hold as a single token (it would not be new); say when it is
+    a whole word of their vocabulary (``star</w>``), which the new token then stands in for in every prompt."""
+    token = cfg.method.ti_token or cfg.data.trigger
+    if not token:
+        raise ConfigError("textual inversion needs a token: set method.ti_token or data.trigger")
+    tokens = token_names(token, cfg.method.ti_vectors)
+    if any(t in tokenizer.get_vocab() for tokenizer in tokenizers for t in tokens):
+        raise ConfigError(f"textual inversion: token {token!r} (or one of {tokens}) is already in the "
+                          "tokenizer's vocabulary as a single token; choose a new word")
+    words = [t for t in tokens if any(f"{t}</w>" in tokenizer.get_vocab() for tokenizer in tokenizers)]
+    if not words:
+        return None
+    return (f"note: textual inversion: {words[0]!r} is a word of the model's vocabulary: the new token takes its "
+            f"place, so {words[0]!r} in any prompt means the trained concept from now on (as in A1111 with an "
+            "embedding of that name); a made-up word such as 'zkz' leaves the vocabulary's words alone")
+
+
 class TextualInversion(TrainingMethod):
     """New token(s) in the text encoder's vocabulary; only their embedding rows train.
 
@@ -587,9 +609,8 @@ class TextualInversion(TrainingMethod):
     def __init__(self, cfg: TrainConfig, model: BaseModel, start: Sequence[torch.Tensor] | None = None) -> None:
         """``start``: the vectors to start from, one ``[n, d]`` tensor per text encoder (method.ti_weights)."""
         self.cfg, self.model = cfg, model
+        check_ti_token(cfg, model.tokenizers)  # the trainer has said its note before the model loaded
         token = cfg.method.ti_token or cfg.data.trigger
-        if not token:
-            raise ConfigError("textual inversion needs a token: set method.ti_token or data.trigger")
         self.token = token
         self.tokens = token_names(token, cfg.method.ti_vectors)
         if isinstance(start, torch.Tensor):  # one encoder's vectors

@@ -380,6 +380,11 @@ class ModelDescription:
         """"SD1.x", "SD2.x" or "SDXL", told as a single file's text-encoder layout is (``_config_layout``)."""
         return {"clip": "SD1.x", "open_clip": "SD2.x", "sdxl": "SDXL"}[_config_layout(self.configs)]
 
+    def tokenizers(self) -> tuple[CLIPTokenizer, ...]:
+        """The model's tokenizer(s) (SDXL: two), read as loading the model reads them: no weights."""
+        first = load_clip_tokenizer(self.configs)
+        return (first, load_clip_tokenizer(self.configs / "tokenizer_2")) if self.family == "SDXL" else (first,)
+
 
 def describe_base_model(spec: str | Path | None = None, prediction_type: str | None = None) -> ModelDescription:
     """A base model described without loading any weights: a folder by its own configs, a single file by the

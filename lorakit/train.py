@@ -51,10 +51,11 @@ from lorakit.fp8 import store_frozen_in_fp8
 from lorakit.fused_backward import FusedBackwardOptimizer
 from lorakit.loss import check_loss_options
 from lorakit.metadata import base_model_fields, ss_metadata
-from lorakit.methods import TrainingMethod, make_method
+from lorakit.methods import TrainingMethod, check_ti_token, make_method
 from lorakit.models import (
     BaseModel,
     check_clip_skip,
+    describe_base_model,
     load_base_model,
     prompt_token_counts,
     resolve_dtype,
@@ -420,6 +421,8 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                 raise ConfigError(f"network.weights: {cfg.network.weights}: no such file")
             start_file = read_adapter(Path(cfg.network.weights).expanduser())
         ti_start = ti_start_vectors(cfg) if not (run.resuming and run.latest_checkpoint() is not None) else None
+        if (note := ti_token_note(cfg)) and is_main:
+            print(note)
         # a resumed run takes the ranks from its own checkpoint, which has the network's shapes
         ranks_file = read_adapter(run.latest_checkpoint().tensors_path) \
             if cfg.network.dim_from_weights and not isinstance(start_file, AdapterFile) else None
@@ -830,6 +833,14 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def ti_token_note(cfg: TrainConfig) -> str | None:
+    """A textual-inversion token checked against the model's vocabulary before the model loads (its tokenizers
+    alone are read): refused when it is not new, a note when it takes a word's place (``check_ti_token``)."""
+    if cfg.method.kind not in ("ti", "pivotal"):
+        return None
+    return check_ti_token(cfg, describe_base_model(cfg.model.base, cfg.model.prediction_type).tokenizers())
+
+
 def ti_start_vectors(cfg: TrainConfig) -> tuple[torch.Tensor, ...] | None:
     """The vectors a textual-inversion run starts from (method.ti_weights, kohya's --weights), one tensor per text
     encoder, checked before the model loads: a missing or unreadable file, or one with another number of vectors,

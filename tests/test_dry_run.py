@@ -233,3 +233,39 @@ def test_a_dry_run_makes_the_network_on_the_meta_device_and_says_what_the_run_tr
     _no_loading(monkeypatch)
     assert main([*flags[:-1], 'network.exclude=["up_blocks.9"]']) == 2
     assert "network.exclude: 'up_blocks.9' names no module of the model" in capsys.readouterr().err
+
+
+def test_a_textual_inversion_token_is_checked_against_the_vocabulary_before_the_model_loads(
+        tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A token the tokenizer holds as a single token is refused by the dry run and by the run before the model
+    loads (the run refused it once the model had loaded, the dry run not at all); a whole word of the vocabulary
+    ('star</w>') trains but is said: the new token then stands for the concept wherever the word is written."""
+    from lorakit.config import ConfigError, TrainConfig
+    from lorakit.methods import check_ti_token
+    from lorakit.models import SD15_CONFIG, load_clip_tokenizer
+
+    clip = (load_clip_tokenizer(SD15_CONFIG),)  # CLIP's own vocabulary, as SD1.5 has it
+    cfg = TrainConfig()
+    cfg.method.kind = "ti"
+    for token, vectors, expected in (("zkz", 1, None), ("zkz", 3, None), ("sks", 1, "'sks' is a word"),
+                                     ("dog", 1, "already in the tokenizer's vocabulary")):
+        cfg.method.ti_token, cfg.method.ti_vectors = token, vectors
+        try:
+            said = check_ti_token(cfg, clip)
+        except ConfigError as err:
+            said = str(err)
+        assert (said is None) if expected is None else (expected in said), (token, said)
+
+    data = write_dataset(tmp_path / "data", n=2)
+    tokenizer = load_clip_tokenizer(tiny_model_dir)
+    single = next(t for t in ("art", "ar", "st", "a") if t in tokenizer.get_vocab())
+    assert "star</w>" in tokenizer.get_vocab() and "star" not in tokenizer.get_vocab()
+    _no_loading(monkeypatch)
+    flags = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "run"),
+             "--method", "ti"]
+    for dry in (["--dry-run"], []):  # the run itself refuses it before loading the model (refused here)
+        assert main([*flags, *dry, "--set", f"method.ti_token={single}"]) == 2
+        assert f"token {single!r} (or one of ['{single}']) is already in the" in capsys.readouterr().err
+    assert main([*flags, "--dry-run", "--set", "method.ti_token=star"]) == 0
+    assert "note: textual inversion: 'star' is a word of the model's vocabulary" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
