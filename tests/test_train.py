@@ -753,6 +753,10 @@ def test_a_pivotal_result_is_sampled_and_judged_with_the_embedding_beside_it(tin
         assert written("a zkz shape") == "a zkz shape"
     assert main(["inspect", str(adapter)]) == 0
     assert f"trained with: an embedding (pivotal tuning): {embedding}, beside it" in capsys.readouterr().out
+    # merged into the model, the adapter leaves its token to the embedding: said, since no model file holds it
+    assert main(["merge", str(adapter), "--model", str(tiny_model_dir), "--out", str(tmp_path / "merged")]) == 0
+    assert (f"note: {adapter} was trained by pivotal tuning: its token is learnt in its embedding {embedding}, "
+            "which the result does not hold") in capsys.readouterr().out
     embedding.rename(tmp_path / "elsewhere.safetensors")  # the embedding moved away: said, not silently left out
     assert main([*sample, "--out", str(tmp_path / "without")]) == 0
     assert "its token is plain text; pass --embedding FILE" in capsys.readouterr().out

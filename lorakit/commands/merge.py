@@ -6,9 +6,14 @@ single file or a diffusers folder, ``MODEL:0.3``: 0.3 of the way from the base t
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorakit.commands.rank_options import KOHYA_TOOL_OPTIONS, add_rank_arguments, dtype, finish, rank_rules
+
+if TYPE_CHECKING:
+    from lorakit.tools.deltas import AdapterSpec
 
 HELP = "bake adapters (multipliers, block weights) into a base model, or combine them into one adapter file"
 #: without --model, the built-in model is used: a file that does not fit it is answered with that
@@ -69,15 +74,38 @@ def run(args: argparse.Namespace) -> int:
             raise ToolError(f"{spec.path}: {what} holds weights, not an update to combine; make it a model "
                             "(without --to-adapter), or an adapter with lorakit extract")
     model = load_base_model(args.model)
+    notes = _embedding_notes(specs)
     if args.to_adapter:
         rule, _ = rank_rules(args)
         result = combine(specs, model, rule, clamp_quantile=args.clamp_quantile, dtype=dtype(args))
         written = result.write(args.out, inputs, overwrite=args.overwrite)
-        return finish(result, args, written)
+        code = finish(result, args, written)
+        for note in notes:
+            print(note)
+        return code
     for line in bake(model, specs):
         print(line)
     written = save_model(model, args.out, inputs, overwrite=args.overwrite,
                          dtype=None if args.dtype == "fp32" else args.dtype)
     kind = "single-file checkpoint" if written.suffix == ".safetensors" else "diffusers folder"
     print(f"wrote {written} ({kind}, base {model.source})")
+    for note in notes:
+        print(note)
     return 0
+
+
+def _embedding_notes(specs: Sequence[AdapterSpec]) -> list[str]:
+    """What the merged result lacks for pivotal-tuning adapters: their token is learnt in an embedding file, which
+    no merge writes into the weights (a single-file model carries no tokenizer to add the token to)."""
+    from lorakit.file_kinds import pivotal_embedding
+
+    notes = []
+    for spec in specs:
+        pivotal, beside = pivotal_embedding(spec.path)
+        if pivotal:
+            where = f"its embedding {beside}" if beside is not None else \
+                f"its embedding ({spec.path.stem}-TOKEN.safetensors, not beside it now)"
+            notes.append(f"note: {spec.path} was trained by pivotal tuning: its token is learnt in {where}, which "
+                         "the result does not hold; use the embedding with it (A1111/ComfyUI: models/embeddings; "
+                         "lorakit sample --embedding FILE)")
+    return notes
