@@ -475,12 +475,13 @@ def _load_folder(folder: Path, dtype: torch.dtype, device, tokenizer: str | Path
     _check_folder(folder, ("unet", "vae", "text_encoder", "scheduler") + (() if tokenizer else ("tokenizer",)))
     try:
         # loaded straight into dtype: casting afterwards would hold two copies (and diffusers warns about it)
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
-                                                    torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
+        unet = _from_folder(UNet2DConditionModel, folder, "unet", torch_dtype=dtype)
+        vae = _from_folder(AutoencoderKL, folder, "vae", torch_dtype=dtype)
+        text_encoder = _from_folder(CLIPTextModel, folder, "text_encoder")
         scheduler_config = dict(DDPMScheduler.load_config(folder, subfolder="scheduler", local_files_only=True))
         second = _load_second_encoder(folder)
+    except ModelLoadError:
+        raise
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{folder}: cannot load the diffusers folder: {e}") from e
     tok = load_clip_tokenizer(tokenizer or folder)
@@ -493,8 +494,22 @@ def _load_second_encoder(folder: Path) -> tuple[CLIPTokenizer, CLIPTextModelWith
     if not (folder / "text_encoder_2").is_dir():
         return None
     _check_folder(folder, ("tokenizer_2",))
-    encoder = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", local_files_only=True)
+    encoder = _from_folder(CLIPTextModelWithProjection, folder, "text_encoder_2")
     return load_clip_tokenizer(folder / "tokenizer_2"), encoder
+
+
+def _from_folder(cls, folder: Path, subfolder: str, **options):
+    """A part of a diffusers folder, refused when its weights file does not hold what its config describes (both
+    libraries would leave the missing weights unloaded or random, and say so only in a log line)."""
+    part, info = cls.from_pretrained(folder, subfolder=subfolder, local_files_only=True, output_loading_info=True,
+                                     **options)
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if missing:
+        foreign = f"; {len(unexpected)} it does not expect (e.g. {unexpected[0]})" if unexpected else ""
+        raise ModelLoadError(f"{folder / subfolder}: its weights file lacks {len(missing)} of the weights its config "
+                             f"describes (e.g. {missing[0]}){foreign}: the folder is damaged, or another file was "
+                             "put in place of its weights")
+    return part
 
 
 # ------------------------------------------------------------------------------------------- single file
@@ -812,6 +827,18 @@ def save_single_file_checkpoint(model: BaseModel, path: str | Path, dtype: str |
     return atomic_write(path, lambda tmp: save_file(out, str(tmp), metadata=info), overwrite=overwrite)
 
 
+def check_replaceable_model_folder(path: str | Path) -> None:
+    """Refuse a path a diffusers folder may not replace: a file, or a folder of other files than a model's (replacing
+    a model folder, when asked, is fine; a folder of someone's photos never is)."""
+    path = Path(path)
+    if path.is_file() or path.is_symlink():
+        raise FileExistsError(f"{path}: a file, not a model folder; write the model to another path")
+    if path.is_dir() and any(path.iterdir()) and not (path / "model_index.json").is_file():
+        some = ", ".join(sorted(p.name for p in path.iterdir())[:3])
+        raise FileExistsError(f"{path}: a folder that is not a diffusers model (it holds {some}, ...); the model "
+                              "replaces only a model folder: write it to another path")
+
+
 def save_diffusers_folder(model: BaseModel, path: str | Path, dtype: str | torch.dtype | None = None, *,
                           overwrite: bool = False) -> Path:
     """Write ``model`` as a diffusers folder (``from_pretrained`` loads it; so do ComfyUI's diffusers loader and
@@ -820,6 +847,7 @@ def save_diffusers_folder(model: BaseModel, path: str | Path, dtype: str | torch
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    check_replaceable_model_folder(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = new_temp_path(path, ".tmp", lambda candidate: candidate.mkdir())  # mode 0o777 minus the umask
     try:

@@ -359,6 +359,51 @@ def test_never_overwrites_an_input_or_an_existing_file(base, tmp_path):
         save_model(base, path, [path])
 
 
+def test_a_folder_holding_an_input_or_a_users_files_is_never_replaced_by_a_merged_model(base, tmp_path, capsys):
+    """`lorakit merge run/lorakit.safetensors --out run --overwrite` replaced the run folder with the model: the
+    adapter it had just read and every other file in it were gone. An output folder holding an input, a file of an
+    input model folder and a folder that is not a model are refused; a model folder is replaced, as asked."""
+    from lorakit.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    adapter = _random_adapter(base, run / "lorakit.safetensors", text_encoder=False)
+    (run / "notes.txt").write_text("mine")
+    model = str(builtin_model_path())
+    for out, said in ((run, "holds an input"), (tmp_path, "holds an input")):
+        assert main(["merge", str(adapter), "--model", model, "--out", str(out), "--overwrite"]) == 2
+        assert f"{out}: {said} ({adapter})" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["lorakit.safetensors", "notes.txt"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "photo.png").write_bytes(b"irreplaceable")
+    assert main(["merge", str(adapter), "--model", model, "--out", str(mine), "--overwrite"]) == 2
+    assert "a folder that is not a diffusers model (it holds photo.png" in capsys.readouterr().err
+    assert (mine / "photo.png").read_bytes() == b"irreplaceable"
+    merged = tmp_path / "merged"
+    for _ in range(2):  # a model folder written before is replaced when asked
+        assert main(["merge", str(adapter), "--model", model, "--out", str(merged), "--overwrite"]) == 0
+    weights = next((merged / "unet").glob("*.safetensors"))
+    before = weights.read_bytes()
+    assert main(["extract", str(merged), "--base", model, "--out", str(weights), "--overwrite", "--no-progress"]) == 2
+    assert f"{weights}: part of the input {merged} (a model's own file)" in capsys.readouterr().err
+    assert weights.read_bytes() == before
+
+
+def test_a_model_folder_whose_weights_are_another_file_is_refused_by_name(base, tmp_path):
+    """A diffusers folder whose U-Net weights file holds an adapter loaded with the weights unset (a traceback
+    about meta tensors); it is said which part lacks what."""
+    from lorakit.models import ModelLoadError
+
+    folder = save_model(copy.deepcopy(base), tmp_path / "model", [])
+    weights = next((folder / "unet").glob("*.safetensors"))
+    weights.unlink()
+    _random_adapter(base, weights, text_encoder=False)
+    with pytest.raises(ModelLoadError, match=r"model/unet: its weights file lacks \d+ of the weights its config "
+                                             r"describes \(e\.g\. .*\); \d+ it does not expect \(e\.g\. lora_unet_"):
+        load_base_model(folder)
+
+
 def test_adapter_for_another_architecture_is_refused(base, tmp_path):
     unet = build_tiny_unet()  # cross-attention width 32, the built-in model has 128
     network = create_network(unet, preset="kohya", ranks=UniformRanks(2, 1.0))

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.file_kinds import check_adapter_path, is_full_model
-    from lorakit.models import load_base_model
+    from lorakit.models import check_replaceable_model_folder, load_base_model
     from lorakit.native_checkpoints import is_native_checkpoint
     from lorakit.tools import ToolError, check_output
     from lorakit.tools.deltas import parse_adapter_spec
@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
             what = "a whole model" if whole else "a native fine-tuning checkpoint"
             raise ToolError(f"{spec.path}: {what} holds weights, not an update to combine; make it a model "
                             "(without --to-adapter), or an adapter with lorakit extract")
+    if not args.to_adapter and not Path(args.out).suffix:  # a model folder: what it would replace, before the work
+        check_replaceable_model_folder(args.out)
     model = load_base_model(args.model)
     notes = _embedding_notes(specs)
     if args.to_adapter:

@@ -34,15 +34,23 @@ def not_loaded(err: Exception) -> MismatchError:
 
 def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], *,
                  overwrite: bool = False) -> Path:
-    """Refuse to write ``out`` over one of the ``inputs`` (always) or over an existing file (unless ``overwrite``)."""
+    """Refuse to write ``out`` over one of the ``inputs`` (always: the input itself, a folder holding one, a file
+    of an input folder) or over an existing file (unless ``overwrite``)."""
     out = Path(out)
     target = out.resolve()
     for given in inputs:
         if given is None:
             continue
         path = Path(given)
-        if path.resolve() == target or (out.exists() and path.exists() and os.path.samefile(out, path)):
+        source = path.resolve()
+        if source == target or (out.exists() and path.exists() and os.path.samefile(out, path)):
             raise ToolError(f"{out}: this is an input ({given}); write the result to another path")
+        if target in source.parents:  # a folder written there would replace it, input and all
+            raise ToolError(f"{out}: holds an input ({given}), which writing the result there would remove; write "
+                            "it to another path")
+        if out.exists() and path.is_dir() and source in target.parents:
+            raise ToolError(f"{out}: part of the input {given} (a model's own file); write the result to another "
+                            "path")
     if out.exists() and not overwrite:
         raise ToolError(f"{out} exists; choose another path or pass --overwrite")
     return out
