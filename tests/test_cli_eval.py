@@ -181,6 +181,10 @@ def test_the_run_page_shows_what_eval_measured_and_where_the_turning_point_ranks
     prompts.write_text(PROMPTS_TOML)
     assert main(["report", str(run)]) == 0  # before any eval: the run alone
     alone = (run / "report.html").read_text()
+    for inside in (run, run / "eval"):  # the eval's report.html would replace the run's own page
+        assert main(["eval", str(run), "--prompts", str(prompts), "--out", str(inside), "--quiet"]) == 2
+        assert f"--out {inside}: inside the run {run} being judged" in capsys.readouterr().err
+    assert (run / "report.html").read_text() == alone and not (run / "eval").exists()
     assert "ranking: the checkpoints compared" not in alone and "measured by lorakit eval" not in alone
     beside = tmp_path / "run-eval"
     assert main(["eval", str(run), "--prompts", str(prompts), "--out", str(beside), "--steps", "2", "--quiet"]) == 0

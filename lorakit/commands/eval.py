@@ -313,6 +313,11 @@ def run(args: argparse.Namespace) -> int:
         raise EvalCommandError(f"--out {args.out}: exists and is not a folder")
     checkpoints, runs = discover(args.sources, include_base=not args.no_base, every=args.every,
                                  step_checkpoints=args.step_checkpoints)
+    out = args.out.resolve()
+    for run in runs:  # its report.html, its manifest's files: an evaluation is kept beside a run, not in it
+        if run.path.resolve() == out or run.path.resolve() in out.parents:
+            raise EvalCommandError(f"--out {args.out}: inside the run {run.path} being judged (its own report.html "
+                                   f"and files are there); write the evaluation beside it: --out {run.path}-eval")
     for run in runs:
         if run.step_checkpoints_left_out:
             print(f"lorakit eval: {run.name} also holds {run.step_checkpoints_left_out} step checkpoint(s), not "
