@@ -29,6 +29,17 @@ def test_world_tasks_are_subcommands(tmp_path, capsys):
     assert main(["world", "dataset", str(tmp_path / "zkz")]) == 0
     assert "wrote 15 images" in capsys.readouterr().out
     assert (tmp_path / "zkz" / "sample_prompts.txt").is_file()
+    # written again over a caption the user edited: refused unless asked; the folder's other files are left alone
+    caption = next((tmp_path / "zkz").rglob("003.txt"))
+    caption.write_text("my own caption")
+    (tmp_path / "zkz" / "notes.txt").write_text("mine")
+    assert main(["world", "dataset", str(tmp_path / "zkz")]) == 2
+    assert "1 file of the dataset differs from what it writes (10_zkz shape/003.txt)" in capsys.readouterr().err
+    assert caption.read_text() == "my own caption"
+    assert main(["world", "dataset", str(tmp_path / "zkz"), "--overwrite"]) == 0
+    assert "(1 changed file replaced)" in capsys.readouterr().out and caption.read_text() != "my own caption"
+    assert (tmp_path / "zkz" / "notes.txt").read_text() == "mine"
+    assert main(["world", "dataset", str(tmp_path / "zkz")]) == 0  # unchanged: nothing to ask
     with pytest.raises(SystemExit) as exit_:  # argparse checks each task's own arguments
         main(["world", "pretrain", "--out", str(tmp_path / "p"), "--high-noise-fraction", "2"])
     assert exit_.value.code == 2 and "must be in [0, 1]" in capsys.readouterr().err
@@ -133,7 +144,7 @@ def test_an_unknown_option_of_a_subcommand_shows_that_subcommands_usage(capsys, 
     with pytest.raises(SystemExit) as exit_:
         main(["world", "dataset", "--out", str(tmp_path / "d")])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.startswith("usage: lorakit world dataset [-h] [folder]")
+    assert exit_.value.code == 2 and err.startswith("usage: lorakit world dataset [-h] [--overwrite] [folder]")
     assert "lorakit world dataset: error: unrecognized arguments: --out" in err and not (tmp_path / "d").exists()
 
 

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if module is None:
             task.add_argument("folder", nargs="?", type=Path, default=Path("zkz-dataset"),
                               help="where to write the dataset (default: zkz-dataset)")
+            task.add_argument("--overwrite", action="store_true",
+                              help="replace files of the dataset that were changed since it was written (your "
+                                   "edited captions, say)")
             task.set_defaults(task_run=write_dataset)
         else:
             module.add_arguments(task)
@@ -51,9 +54,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def write_dataset(args: argparse.Namespace) -> int:
-    paths = concept.write_concept_dataset(args.folder)
+    """Rendered aside, then copied in: a file the user changed since (a caption edited) is replaced only when
+    asked; an unchanged one is left as it is, and a folder's other files are never touched."""
+    import tempfile
+
+    from lorakit.atomic import atomic_write_bytes
+    from lorakit.errors import LorakitError
+    from lorakit.run_messages import count
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = concept.write_concept_dataset(tmp)
+        made = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
+        targets = {p: args.folder / p.relative_to(tmp) for p in made}
+        changed = [t for p, t in targets.items() if t.is_file() and t.read_bytes() != p.read_bytes()]
+        if changed and not args.overwrite:
+            names = ", ".join(str(t.relative_to(args.folder)) for t in changed[:3])
+            raise LorakitError(f"{args.folder}: {count(len(changed), 'file')} of the dataset "
+                               f"{'differs' if len(changed) == 1 else 'differ'} from what it writes "
+                               f"({names}{', ...' if len(changed) > 3 else ''}): edited since? Pass --overwrite to "
+                               "replace them, or write the dataset to another folder")
+        for p, target in targets.items():
+            if not target.is_file() or target.read_bytes() != p.read_bytes():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(target, p.read_bytes())
     print(f"wrote {len(paths)} images with captions, prompts.json, eval_prompts.txt and sample_prompts.txt "
-          f"to {args.folder}")
+          f"to {args.folder}" + (f" ({count(len(changed), 'changed file')} replaced)" if changed else ""))
     return 0
 
 
