@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from lorakit.atomic import atomic_write
 from lorakit.loss import min_snr_weight
-from lorakit.models import ModelLoadError, load_base_model
+from lorakit.models import ModelLoadError, check_replaceable_model_folder, load_base_model
 from lorakit.world.captions import named_background, named_position, random_caption
 from lorakit.world.model import build_components, write_clip_vocab_files
 from lorakit.world.render import (
@@ -314,6 +314,7 @@ def export_pipeline(c: dict, folder: Path) -> None:
     pipe = StableDiffusionPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
                                    unet=c["unet"], scheduler=c["scheduler"], safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+    check_replaceable_model_folder(folder)  # an earlier export is replaced; a folder of other files never is
     tmp = folder.with_name(folder.name + ".tmp")
     pipe.save_pretrained(tmp, safe_serialization=True)
     write_clip_vocab_files(c["tokenizer"], tmp / "tokenizer")
