@@ -122,6 +122,57 @@ class FolderLock:
             self.fd = None
 
 
+def check_run_folder(directory: str | Path, if_exists: str = "error", protect: Iterable[str | Path] = (),
+                     name: str = "lorakit") -> str:
+    """What ``RunFolder`` will do with ``directory``, decided without touching it: "new" (absent or empty),
+    "resume" or "overwrite"; raises ``OutputFolderError`` with the refusals it would give (``--dry-run`` says them
+    before a run is started)."""
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise OutputFolderError(f"{path} is a file, not a folder: choose another output folder")
+    if not (path.exists() and any(path.iterdir())):
+        return "new"
+    if if_exists == "error":
+        raise OutputFolderError(
+            f"{path} already holds files (a previous run?). Choose another output folder, "
+            f"or set output.if_exists = \"resume\" to continue that run, or \"overwrite\" to replace it")
+    if if_exists == "resume":
+        if not ((path / "config.toml").exists() or RunManifest.exists_in(path)):
+            raise OutputFolderError(f"{path} is not a lorakit run folder (no config.toml): nothing to resume there; "
+                                    "check --out")
+        return "resume"
+    for item in protect:
+        if item and _inside(Path(item).expanduser(), path):
+            raise OutputFolderError(
+                f"{path} holds {item}, which this run reads: refusing to overwrite the folder. "
+                "Choose an output folder outside your data and config (e.g. --out output/run1)")
+    if not RunManifest.exists_in(path):
+        if (path / "config.toml").exists():
+            raise OutputFolderError(
+                f"{path} has no {MANIFEST_NAME} (a run of an older lorakit, or not a run folder), so "
+                "lorakit cannot tell its own files from yours: refusing to overwrite it. Delete the old run's "
+                "files yourself, or choose another output folder")
+        raise OutputFolderError(f"{path} is not a lorakit run folder (no config.toml, no {MANIFEST_NAME}): "
+                                "refusing to overwrite it")
+    clash = foreign_run_names(path, name)  # before deleting anything: a refusal must leave the folder as it was
+    if clash:
+        raise OutputFolderError(
+            f"{path}: {', '.join(str(p) for p in clash)} were not written by lorakit and have names this run "
+            "writes: move them, or choose another output folder (nothing was deleted)")
+    return "overwrite"
+
+
+def foreign_run_names(path: Path, name: str) -> list[Path]:
+    """Paths at names a run writes that the manifest does not list (the user's files; never replaced)."""
+    manifest = RunManifest(path) if RunManifest.exists_in(path) else None
+    found = [path / n for n in RUN_NAMES if (path / n).exists() or (path / n).is_symlink()]
+    found += [p for p in path.glob(f"{name}*.safetensors")
+              if p.name == f"{name}.safetensors" or p.name.startswith(f"{name}-")]
+    if (path / name).is_dir():  # a native run's diffusers folder (output.format = "diffusers")
+        found.append(path / name)
+    return sorted(p for p in found if manifest is None or not manifest.owns(p) or p.is_symlink())
+
+
 class RunFolder:
     """Creates or reopens the output folder according to ``if_exists`` ("error", "resume", "overwrite").
 
@@ -142,18 +193,13 @@ class RunFolder:
         if lock and self.path.is_dir():  # before looking inside: another run may be writing (or overwriting) it
             self._lock = FolderLock(self.path)
         try:
-            if self.path.exists() and any(self.path.iterdir()):
-                if if_exists == "error":
-                    raise OutputFolderError(
-                        f"{self.path} already holds files (a previous run?). Choose another output folder, "
-                        f"or set output.if_exists = \"resume\" to continue that run, or \"overwrite\" to replace it")
-                if if_exists == "overwrite":
-                    self._clear_previous_run(protect)
-                elif if_exists == "resume":
-                    if not ((self.path / "config.toml").exists() or RunManifest.exists_in(self.path)):
-                        raise OutputFolderError(f"{self.path} is not a lorakit run folder (no config.toml): nothing to "
-                                                "resume there; check --out")
-                    self.resuming = True
+            outcome = check_run_folder(self.path, if_exists, protect, name)
+            if outcome == "overwrite":  # delete the files the previous run wrote, and nothing else
+                kept = RunManifest(self.path).remove_all()
+                if kept:
+                    print(f"overwrite: kept {', '.join(str(p) for p in kept)} (they hold files that are not "
+                          "lorakit's)")
+            self.resuming = outcome == "resume"
             self.created = not self.path.exists()  # made by this run: a failed start may remove it again
             self.path.mkdir(parents=True, exist_ok=True)
             if lock and self._lock is None:
@@ -172,39 +218,9 @@ class RunFolder:
             self._lock.release()
             self._lock = None
 
-    def _clear_previous_run(self, protect: Iterable[str | Path]) -> None:
-        """"overwrite": delete the files the previous run wrote, and nothing else."""
-        for item in protect:
-            if item and _inside(Path(item).expanduser(), self.path):
-                raise OutputFolderError(
-                    f"{self.path} holds {item}, which this run reads: refusing to overwrite the folder. "
-                    "Choose an output folder outside your data and config (e.g. --out output/run1)")
-        if not RunManifest.exists_in(self.path):
-            if (self.path / "config.toml").exists():
-                raise OutputFolderError(
-                    f"{self.path} has no {MANIFEST_NAME} (a run of an older lorakit, or not a run folder), so "
-                    "lorakit cannot tell its own files from yours: refusing to overwrite it. Delete the old run's "
-                    "files yourself, or choose another output folder")
-            raise OutputFolderError(f"{self.path} is not a lorakit run folder (no config.toml, no {MANIFEST_NAME}): "
-                                    "refusing to overwrite it")
-        clash = self.foreign_run_names()  # before deleting anything: a refusal must leave the folder as it was
-        if clash:
-            raise OutputFolderError(
-                f"{self.path}: {', '.join(str(p) for p in clash)} were not written by lorakit and have names this run "
-                "writes: move them, or choose another output folder (nothing was deleted)")
-        kept = RunManifest(self.path).remove_all()
-        if kept:
-            print(f"overwrite: kept {', '.join(str(p) for p in kept)} (they hold files that are not lorakit's)")
-
     def foreign_run_names(self) -> list[Path]:
         """Paths at names a run writes that the manifest does not list (the user's files; never replaced)."""
-        manifest = RunManifest(self.path) if RunManifest.exists_in(self.path) else None
-        found = [self.path / n for n in RUN_NAMES if (self.path / n).exists() or (self.path / n).is_symlink()]
-        found += [p for p in self.path.glob(f"{self.name}*.safetensors")
-                  if p.name == f"{self.name}.safetensors" or p.name.startswith(f"{self.name}-")]
-        if (self.path / self.name).is_dir():  # a native run's diffusers folder (output.format = "diffusers")
-            found.append(self.path / self.name)
-        return sorted(p for p in found if manifest is None or not manifest.owns(p) or p.is_symlink())
+        return foreign_run_names(self.path, self.name)
 
     # ------------------------------------------------------------------------------------ recorded writing
     def file(self, relative: str | Path) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from lorakit.checkpoints import check_run_folder
 from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import TrainingData
 from lorakit.methods import check_sdxl_settings, check_second_text_encoder_rate
@@ -25,6 +26,7 @@ from lorakit.train import (
     check_data_settings,
     check_paths,
     check_resume_settings,
+    paths_read,
     planned_epochs,
     planned_steps,
     sample_prompts,
@@ -43,6 +45,8 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     cfg.validate()
     check_tracker(cfg.output.log_with)
     check_paths(cfg, config_file)
+    # the output folder's refusals, as the run gives them (a folder of files, one holding the data, ...)
+    check_run_folder(cfg.output.dir, cfg.output.if_exists, paths_read(cfg, config_file), cfg.output.name)
     sampled = len(sample_prompts(cfg))
     read_tracker_settings(cfg.output.log_tracker_config, cfg.output.log_with)  # refused as the run refuses it
     previous = Path(cfg.output.dir) / "config.toml"

@@ -398,7 +398,7 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
     check_paths(cfg, config_file)
     prompts = sample_prompts(cfg)  # a prompt file that does not parse stops the run before the model loads
     tracker_settings = read_tracker_settings(cfg.output.log_tracker_config, cfg.output.log_with)
-    protect = [p for p in (cfg.data.train_data, cfg.data.reg_data, config_file) if p]
+    protect = paths_read(cfg, config_file)
     run = None
     if is_main:
         run = RunFolder(cfg.output.dir, cfg.output.if_exists, protect=protect, name=cfg.output.name, lock=True)
@@ -833,6 +833,11 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def paths_read(cfg: TrainConfig, config_file: str | Path | None) -> list[str | Path]:
+    """What a run reads and so never deletes: its training data, regularization images and config file."""
+    return [p for p in (cfg.data.train_data, cfg.data.reg_data, config_file) if p]
+
+
 def ti_token_note(cfg: TrainConfig) -> str | None:
     """A textual-inversion token checked against the model's vocabulary before the model loads (its tokenizers
     alone are read): refused when it is not new, a note when it takes a word's place (``check_ti_token``)."""

@@ -269,3 +269,22 @@ def test_a_textual_inversion_token_is_checked_against_the_vocabulary_before_the_
     assert main([*flags, "--dry-run", "--set", "method.ti_token=star"]) == 0
     assert "note: textual inversion: 'star' is a word of the model's vocabulary" in capsys.readouterr().out
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dry_run_refuses_the_output_folders_the_run_refuses(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The dry run said "checked" for --out the data folder, or a folder of the user's files; the run then
+    refused it. It gives the run's refusals now, touching nothing."""
+    data = write_dataset(tmp_path / "data", n=2)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "photo.png").write_bytes(b"irreplaceable")
+    _no_loading(monkeypatch)
+    flags = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--dry-run"]
+    for out, extra, said in ((data, [], "already holds files"),
+                             (data, ["--overwrite"], "which this run reads: refusing to overwrite"),
+                             (mine, ["--overwrite"], "is not a lorakit run folder"),
+                             (mine, ["--resume"], "nothing to resume there")):
+        assert main([*flags, "--out", str(out), *extra]) == 2
+        assert said in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["photo.png"]
+    assert main([*flags, "--out", str(tmp_path / "new")]) == 0 and not (tmp_path / "new").exists()
