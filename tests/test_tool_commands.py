@@ -75,6 +75,9 @@ def test_sample_command_writes_grid_and_singles(base, files, tmp_path, capsys):
     assert "pass --overwrite to replace them" in err
     assert (tmp_path / "s" / "grid.png").read_bytes() == first
     assert main([*again, "--overwrite"]) == 0 and (tmp_path / "s" / "grid.png").read_bytes() != first
+    (tmp_path / "a-file").write_text("mine")  # said before any image is drawn, not as "[Errno 17]" after
+    assert main([*again[:-4], "--out", str(tmp_path / "a-file"), "--device", "cpu"]) == 2
+    assert f"--out {tmp_path / 'a-file'}: exists and is not a folder" in capsys.readouterr().err
     # an adapter at multiplier 0 changes nothing; the same adapter merged or not gives (nearly) the same image
     for name, extra in (("plain", []), ("zero", [f"{a}:0"]), ("unmerged", [f"{a}:1"]),
                         ("merged", [f"{a}:1", "--merged"])):

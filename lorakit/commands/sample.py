@@ -99,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
     if (args.sweep is not None or args.each) and not args.adapters:
         raise SampleCommandError(f"{'--each' if args.each else '--sweep'} draws a column per adapter setting: "
                                  "give at least one adapter")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SampleCommandError(f"--out {args.out}: exists and is not a folder (the images and their grid go in a "
+                                 "folder)")
     specs = [parse_adapter_spec(a) for a in args.adapters]
     groups, columns = _columns(specs, args.sweep, args.each)
     taken = [p for p in sample_paths(prompts, args.out, columns) if p.exists()]
