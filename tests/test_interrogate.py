@@ -120,6 +120,9 @@ def test_an_embeddings_vectors_are_told_by_their_nearest_words(base, tmp_path, c
     assert "a textual-inversion embedding for 'zkz'" in out
     assert "text encoder vector 1: nearest words 'square' 1.00" in out
     assert "text encoder vector 2: nearest words 'star' 1.00" in out
+    assert main(["interrogate", str(path), "--top", "3", "--json", str(tmp_path / "near.json")]) == 2
+    assert "near.json exists; choose another path or pass --overwrite" in capsys.readouterr().err
+    assert main(["interrogate", str(path), "--top", "3", "--json", str(tmp_path / "near.json"), "--overwrite"]) == 0
     save_file({"clip_l": torch.zeros(1, 7)}, str(tmp_path / "odd.safetensors"))
     assert main(["interrogate", str(tmp_path / "odd.safetensors")]) == 2
     assert "odd.safetensors: vectors of size 7" in capsys.readouterr().err

@@ -213,6 +213,13 @@ def test_extract_and_resize_commands(base, files, tmp_path, capsys):
         == {k: v for k, v in file.metadata.items() if k.startswith("modelspec.") and k != "modelspec.date"}
     assert main(["resize", str(x), "--out", str(tmp_path / "z.safetensors")]) == 2
     assert "--rank" in capsys.readouterr().err
+    # an output that is no adapter file is said before the work, not as a traceback after it
+    for command in (["resize", str(x), "--rank", "2"], ["extract", str(tmp_path / "tuned"), "--rank", "2"],
+                    ["convert", str(x), "--to", "diffusers"], ["merge", str(x), "--to-adapter"]):
+        assert main([*command, "--out", str(tmp_path / "tuned"), "--overwrite"]) == 2
+        assert f"{tmp_path / 'tuned'}: is a folder; give the path of the .safetensors file" in capsys.readouterr().err
+        assert main([*command, "--out", str(tmp_path / "x.pt")]) == 2
+        assert "x.pt: does not end in .safetensors" in capsys.readouterr().err
 
 
 def test_python_api_with_adapters_and_an_embedding(base, files, tmp_path):

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.tools import check_output
     from lorakit.tools.convert import convert_adapter
 
-    check_output(args.out, [args.file], overwrite=args.overwrite)
+    check_output(args.out, [args.file], overwrite=args.overwrite, suffix=".safetensors")
     dtype = resolve_dtype(args.dtype) if args.dtype is not None else None  # None: the file's own
     model = load_base_model(args.model)
     result = convert_adapter(args.file, args.out, args.to, model, overwrite=args.overwrite, dtype=dtype)

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.tools import check_output
     from lorakit.tools.extract import extract_adapter
 
-    check_output(args.out, [args.tuned, args.base], overwrite=args.overwrite)
+    check_output(args.out, [args.tuned, args.base], overwrite=args.overwrite, suffix=".safetensors")
     get_preset(args.preset)  # a preset name or file that does not read is said before the models load
     if args.report is not None:  # checked now, not after the work: the table is written last
         check_output(args.report, [args.tuned, args.base, args.out], overwrite=args.overwrite)

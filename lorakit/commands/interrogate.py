@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, metavar="FILE",
                         help="also write every token's scores as JSON (atomic; not over an existing file)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         raise ToolError("--top and --batch-size must be at least 1")
     spec = parse_adapter_spec(args.adapter)
     if args.json is not None:
-        check_output(args.json, [spec.path], overwrite=False)
+        check_output(args.json, [spec.path], overwrite=args.overwrite)
     if embedding_header(spec.path) is not None:  # a textual-inversion embedding: the words its vectors resemble
         found = embedding_neighbours(load_base_model(args.model), spec.path, args.top)
         print(found.summary())

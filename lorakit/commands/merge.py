@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     specs = [parse_adapter_spec(a) for a in args.adapters]
     inputs = [s.path for s in specs] + [args.model]
-    check_output(args.out, inputs, overwrite=args.overwrite)
+    check_output(args.out, inputs, overwrite=args.overwrite, suffix=".safetensors" if args.to_adapter else None)
     if args.report is not None:  # checked now, not after the work: the table is written last
         check_output(args.report, [*inputs, args.out], overwrite=args.overwrite)
     for text, spec in zip(args.adapters, specs, strict=True):  # what is no adapter is said before the model loads

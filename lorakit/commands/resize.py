@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.tools.deltas import plain_lora
     from lorakit.tools.resize import resize_adapter
 
-    check_output(args.out, [args.file], overwrite=args.overwrite)
+    check_output(args.out, [args.file], overwrite=args.overwrite, suffix=".safetensors")
     if args.report is not None:  # checked now, not after the work: the table is written last
         check_output(args.report, [args.file, args.out], overwrite=args.overwrite)
     rule, conv_rule = rank_rules(args)

@@ -33,10 +33,14 @@ def not_loaded(err: Exception) -> MismatchError:
 
 
 def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], *,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, suffix: str | None = None) -> Path:
     """Refuse to write ``out`` over one of the ``inputs`` (always: the input itself, a folder holding one, a file
-    of an input folder) or over an existing file (unless ``overwrite``)."""
+    of an input folder) or over an existing file (unless ``overwrite``); ``suffix``: the file kind it must be
+    (".safetensors" for an adapter), so a wrong name is said before the work, not after."""
     out = Path(out)
+    if suffix is not None and (out.is_dir() or out.suffix.lower() != suffix):
+        what = "is a folder" if out.is_dir() else f"does not end in {suffix}"
+        raise ToolError(f"{out}: {what}; give the path of the {suffix} file to write")
     target = out.resolve()
     for given in inputs:
         if given is None:
