@@ -181,7 +181,8 @@ def test_every_command_says_a_model_checkpoint_given_as_an_adapter_is_one(tmp_pa
 
 
 @pytest.mark.parametrize("command", [["inspect"], ["sample", "--prompt", "x", "--out", "{out}"],
-                                     ["merge", "--out", "{out}.st"], ["resize", "--rank", "2", "--out", "{out}.st"]])
+                                     ["merge", "--out", "{out}.st"],
+                                     ["resize", "--rank", "2", "--out", "{out}.safetensors"]])
 def test_a_run_folder_given_as_an_adapter_names_the_file_to_give(tmp_path, capsys, command):
     """`lorakit sample runs/mychar ...`: the run folder is not an adapter; the error names its result file (resize
     said "no such file" for it)."""
@@ -197,7 +198,7 @@ def test_a_run_folder_given_as_an_adapter_names_the_file_to_give(tmp_path, capsy
 
 
 @pytest.mark.parametrize("command", [["sample", "--prompt", "x", "--out", "{out}"], ["merge", "--out", "{out}"],
-                                     ["resize", "--rank", "2", "--out", "{out}.st"]])
+                                     ["resize", "--rank", "2", "--out", "{out}.safetensors"]])
 def test_a_diffusers_model_folder_given_as_an_adapter_is_said_to_go_to_model(tmp_path, capsys, command):
     """`lorakit merge MODEL lora.safetensors --out merged` (kohya's merge script takes the model first): the
     folder is named as a model, and the flag it belongs to with it."""
