@@ -185,6 +185,12 @@ def test_the_run_page_shows_what_eval_measured_and_where_the_turning_point_ranks
         assert main(["eval", str(run), "--prompts", str(prompts), "--out", str(inside), "--quiet"]) == 2
         assert f"--out {inside}: inside the run {run} being judged" in capsys.readouterr().err
     assert (run / "report.html").read_text() == alone and not (run / "eval").exists()
+    pages = tmp_path / "pages"  # a folder with someone's own report.html: not an evaluation's to replace unasked
+    pages.mkdir()
+    (pages / "report.html").write_text("my page")
+    assert main(["eval", str(run), "--prompts", str(prompts), "--out", str(pages), "--quiet"]) == 2
+    assert f"--out {pages}: holds report.html, which no evaluation wrote there" in capsys.readouterr().err
+    assert (pages / "report.html").read_text() == "my page"
     assert "ranking: the checkpoints compared" not in alone and "measured by lorakit eval" not in alone
     beside = tmp_path / "run-eval"
     assert main(["eval", str(run), "--prompts", str(prompts), "--out", str(beside), "--steps", "2", "--quiet"]) == 0

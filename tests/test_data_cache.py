@@ -210,3 +210,25 @@ def test_another_resize_interpolation_gets_latents_of_its_own(tmp_path):
     calls = count_encodes(vae)
     data(source, resolution=16).cache_latents(vae, directory=cache)
     assert calls == []  # the Lanczos latents are still there, under their old keys
+
+
+def test_pruning_deletes_only_an_entrys_own_file(tmp_path):
+    """A stale entry's latent file is deleted; an index naming anything else (a path outside the cache, a hand-
+    edited entry) loses the entry, never the file."""
+    from lorakit.data.cache import INDEX_NAME, DiskIndex
+    from lorakit.data.errors import Problems
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    precious = tmp_path / "photo.png"
+    precious.write_bytes(b"irreplaceable")
+    (cache / "k1.safetensors").write_bytes(b"latent")
+    gone = str(tmp_path / "no-such-image.png")
+    entries = {"k1": {"file": "k1.safetensors", "path": gone, "mtime_ns": 0, "size": 0},
+               "k2": {"file": "../photo.png", "path": gone, "mtime_ns": 0, "size": 0},
+               "k3": {"path": gone}}
+    (cache / INDEX_NAME).write_text(json.dumps({"version": 1, "entries": entries}))
+    index = DiskIndex(cache, Problems())
+    index.prune()
+    assert index.entries == {} and not (cache / "k1.safetensors").exists()
+    assert precious.read_bytes() == b"irreplaceable" and cache.is_dir()

@@ -53,8 +53,12 @@ def _check_out_folder(out: Path, call: str, overwrite: bool) -> None:
     import json
 
     previous = out / "metrics.json"
-    if overwrite or not previous.is_file():
+    present = [name for name in ("metrics.json", "metrics.csv", "report.html") if (out / name).exists()]
+    if overwrite or not present:
         return
+    if not previous.is_file():  # someone's own page or table of that name: not an evaluation's to replace
+        raise EvalCommandError(f"--out {out}: holds {', '.join(present)}, which no evaluation wrote there (no "
+                               "metrics.json); choose another --out, or pass --overwrite to replace them")
     try:
         made_by = json.loads(previous.read_text(encoding="utf-8")).get("setup", {}).get("call")
     except (OSError, ValueError, AttributeError):

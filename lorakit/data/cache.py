@@ -110,9 +110,12 @@ class DiskIndex:
                 stale = stat.st_mtime_ns != entry["mtime_ns"] or stat.st_size != entry["size"]
             except (OSError, KeyError):
                 stale = True
-            if stale:
-                (self.directory / entry.get("file", "")).unlink(missing_ok=True)
-                del self.entries[key]
+            if not stale:
+                continue
+            name = str(entry.get("file", ""))
+            if name == Path(name).name and name.endswith(".safetensors"):  # an entry's own file, nothing else
+                (self.directory / name).unlink(missing_ok=True)
+            del self.entries[key]
 
     def save(self) -> None:
         text = json.dumps({"version": CACHE_VERSION, "entries": self.entries}, indent=1, sort_keys=True)
