@@ -1099,7 +1099,16 @@ def set_option(cfg: TrainConfig, dotted: str, raw: str) -> None:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # a bare word: a string
-    merge_into(cfg, {section: {key: value}}, "--set")
+    table, _, entry = key.partition(".")
+    current = getattr(getattr(cfg, section, None), table, None) if entry else None
+    if isinstance(current, dict):  # one entry of a table setting (network.args.factor=4), the others kept
+        key, value = table, {**current, entry: value}
+    try:
+        merge_into(cfg, {section: {key: value}}, "--set")
+    except ConfigError as err:
+        if isinstance(value, str) and "," in value and "expected list" in str(err):  # kohya's "4,4,4" spelling
+            raise ConfigError(f"{err}: write a list as TOML does, --set {dotted}=[{value}]") from None
+        raise
 
 
 def to_toml(cfg: TrainConfig) -> str:

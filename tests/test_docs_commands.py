@@ -9,8 +9,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
-
 from lorakit.cli import COMMANDS
 from lorakit.config import ConfigError, TrainConfig, set_option
 
@@ -79,9 +77,3 @@ def test_every_setting_the_pages_set_is_one_a_config_has():
                 wrong.append(f"{where}: --set {item}: {err}")
     assert not wrong, "\n".join(wrong)
 
-
-@pytest.mark.parametrize("item", ["early_stop.no_such_key=1", "nosection.key=1"])
-def test_the_setting_check_catches_a_wrong_name(item):
-    dotted, _, raw = item.partition("=")
-    with pytest.raises(ConfigError, match="(?i)unknown"):
-        set_option(TrainConfig(), dotted, raw)
