@@ -49,6 +49,23 @@ def test_a_run_shorter_than_the_lag_still_plots(tmp_path):
     assert path.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_a_run_without_any_csf_value_says_so_rather_than_draw_an_empty_axis(tmp_path, monkeypatch):
+    """A run shorter than CSF's windows drew its right axis with made-up ticks and a legend entry "drawn N samples
+    early" for a line that was not there."""
+    import lorakit.earlystop.plot as plot
+
+    figures = []
+    saved = plot._save_atomic
+    monkeypatch.setattr(plot, "_save_atomic", lambda fig, path: figures.append(fig) or saved(fig, path))
+    for n in (20, 150):
+        plot_cs_fluctuation(monitored(n, stop=False).history, tmp_path / f"{n}.png")
+    (short, right_short), (long, right_long) = ((f, f.axes[1]) for f in figures)
+    labels = [[t.get_text() for t in f.legends[0].get_texts()] for f in (short, long)]
+    assert "CS-Fluctuation: none yet (the run is shorter than its windows)" in labels[0]
+    assert list(right_short.get_yticks()) == [] and len(right_long.get_yticks()) > 0
+    assert any(t.startswith("CS-Fluctuation (drawn") for t in labels[1])
+
+
 def test_a_failed_write_leaves_the_old_file_alone(tmp_path, monkeypatch):
     path = tmp_path / "csf.png"
     path.write_bytes(b"old")

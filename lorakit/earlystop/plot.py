@@ -65,9 +65,14 @@ def plot_cs_fluctuation(history: History | Mapping[str, Any], path: str | os.Pat
     csf = np.full(len(h.csf), np.nan)
     shift = min(h.lag, len(h.csf))  # a run shorter than the lag has no CSF value to draw yet
     csf[: len(h.csf) - shift] = h.csf[shift:]
-    right.plot(xs, csf, color="tab:green", lw=1.8, label=f"CS-Fluctuation (drawn {h.lag} samples early)")
+    if np.isfinite(csf).any():
+        right.plot(xs, csf, color="tab:green", lw=1.8, label=f"CS-Fluctuation (drawn {h.lag} samples early)")
+        right.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    else:  # an empty axis with made-up ticks would read as a flat CSF of 0
+        right.plot([], [], color="tab:green", lw=1.8, label="CS-Fluctuation: none yet (the run is shorter than its "
+                                                            "windows)")
+        right.set_yticks([])
     right.set_ylabel(f"CS-Fluctuation (Var/lr, lr={h.lr:g})", color="tab:green")
-    right.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if tp_step is not None:
         ax.axvline(to_x(float(tp_step)), color="grey", ls="--", lw=1.5, label=f"turning point (step {tp_step})")
     if found_step is not None:

@@ -559,6 +559,7 @@ def page_from_run(run_dir: str | Path) -> Page:
         if tp := summary_turning_point(summary):
             ax.axvline(tp.get("epoch"), color="C3", linestyle="--", label=f"turning point (epoch {tp.get('epoch')})")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole: no tick at 1.2
         ax.legend(fontsize=7)
         fig.tight_layout()
         page.charts.append(Chart("mean training loss per epoch" + (", and the validation loss" if validated else ""),
