@@ -2,7 +2,7 @@
 
 The vectors per text encoder, the base model their width belongs to, each vector's length (an embedding trained
 too long or too hard grows vectors far longer than the encoder's own words), the token a prompt uses in lorakit,
-A1111 and ComfyUI, and the metadata.
+A1111 and ComfyUI, the code that loads it in diffusers, and the metadata.
 """
 
 from __future__ import annotations
@@ -55,6 +55,23 @@ def inspect_embedding(path: str | Path) -> EmbeddingReport:
                            {k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items()}, norms, metadata)
 
 
+def diffusers_loading_code(path: str | Path, token: str, pipe: str = "pipe") -> str:
+    """Python that loads the embedding file at ``path`` into a diffusers pipeline named ``pipe`` under ``token``.
+
+    diffusers' ``load_textual_inversion`` takes a file's only key for the token (lorakit's ``clip_l``, so the token
+    must be given) and refuses a file with two keys: SDXL's pair goes in one encoder at a time, as diffusers'
+    documentation does it."""
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    if "clip_g" not in keys:
+        return f"{pipe}.load_textual_inversion({str(path)!r}, token={token!r})"
+    return (f"from safetensors.torch import load_file; emb = load_file({str(path)!r}); "
+            + "; ".join(f"{pipe}.load_textual_inversion(emb[{key!r}], token={token!r}, text_encoder={pipe}.{encoder}, "
+                        f"tokenizer={pipe}.{tokenizer})"
+                        for key, encoder, tokenizer in (("clip_l", "text_encoder", "tokenizer"),
+                                                        ("clip_g", "text_encoder_2", "tokenizer_2"))))
+
+
 def _base_model_text(report: EmbeddingReport) -> str:
     """The base model as the width tells it, and as kohya's metadata states it where the file has it."""
     stated = report.metadata.get("ss_base_model_version")
@@ -78,6 +95,7 @@ def format_embedding_report(report: EmbeddingReport) -> str:
         lines.append(f"lengths:     {key} " + ", ".join(f"{v:.3g}" for v in values))
     lines.append(f"prompt:      A1111: {name}; ComfyUI: embedding:{name}; lorakit: {token} (lorakit sample "
                  "--embedding)")
+    lines.append(f"diffusers:   {diffusers_loading_code(report.path, token)}")
     shown = {k: v for k, v in sorted(report.metadata.items())}
     lines.append(f"metadata:    {len(shown)} entries")
     lines += [f"  {k}: {v if len(v) <= 120 else v[:120] + f'... ({len(v)} chars)'}" for k, v in shown.items()]

@@ -142,23 +142,6 @@ def load_embedding(model: BaseModel, path: str | Path, token: str | None = None,
     return add_embedding(model, vectors, token, str(path))
 
 
-def diffusers_loading_code(path: str | Path, token: str, pipe: str = "pipe") -> str:
-    """Python that loads the embedding file at ``path`` into a diffusers pipeline named ``pipe`` under ``token``.
-
-    diffusers' ``load_textual_inversion`` takes a file's only key for the token (lorakit's ``clip_l``, so the token
-    must be given) and refuses a file with two keys: SDXL's pair goes in one encoder at a time, as diffusers'
-    documentation does it."""
-    with safe_open(str(path), "pt") as f:
-        keys = set(f.keys())
-    if "clip_g" not in keys:
-        return f"{pipe}.load_textual_inversion({str(path)!r}, token={token!r})"
-    return (f"from safetensors.torch import load_file; emb = load_file({str(path)!r}); "
-            + "; ".join(f"{pipe}.load_textual_inversion(emb[{key!r}], token={token!r}, text_encoder={pipe}.{encoder}, "
-                        f"tokenizer={pipe}.{tokenizer})"
-                        for key, encoder, tokenizer in (("clip_l", "text_encoder", "tokenizer"),
-                                                        ("clip_g", "text_encoder_2", "tokenizer_2"))))
-
-
 def check_vectors(model: BaseModel, vectors: Sequence[torch.Tensor], where: str) -> None:
     """Refuse vectors that do not fit the model's text encoder(s): another number of encoders, another width."""
     encoders = model.text_encoders

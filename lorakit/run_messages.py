@@ -177,7 +177,7 @@ def _embedding_token(path: Path, cfg: TrainConfig) -> str:
 
 def next_steps(run_dir: Path, files: Sequence[Path], cfg: TrainConfig) -> list[str]:
     """How to use what the run made: A1111/ComfyUI, diffusers, ``lorakit sample``, the plot, the report."""
-    from lorakit.embeddings import diffusers_loading_code
+    from lorakit.embedding_inspection import diffusers_loading_code
 
     files = [Path(f) for f in files]
     weights = [f for f in files if f.suffix == ".safetensors"]

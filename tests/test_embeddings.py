@@ -114,6 +114,10 @@ def test_the_diffusers_code_the_trainer_prints_loads_the_embedding_into_a_pipeli
         rows = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(["zkz", "zkz_1"])]
         assert torch.equal(rows, expected)
         assert pipe.maybe_convert_prompt("a zkz star", tokenizer) == "a zkz zkz_1 star"
+    from lorakit.embedding_inspection import format_embedding_report, inspect_embedding
+
+    # `lorakit inspect` of the file gives the same code
+    assert f"diffusers:   {code.removeprefix('  diffusers: ')}" in format_embedding_report(inspect_embedding(path))
     cfg.method.kind = "pivotal"  # the adapter's line carries the same code for its embedding
     lines = "\n".join(next_steps(tmp_path, [path, tmp_path / "my-lora.safetensors"], cfg))
     assert code.removeprefix("  diffusers: ") in lines and "load_lora_weights" in lines
