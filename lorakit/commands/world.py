@@ -72,7 +72,8 @@ def write_dataset(args: argparse.Namespace) -> int:
             raise LorakitError(f"{args.folder}: {count(len(changed), 'file')} of the dataset "
                                f"{'differs' if len(changed) == 1 else 'differ'} from what it writes "
                                f"({names}{', ...' if len(changed) > 3 else ''}): edited since? Pass --overwrite to "
-                               "replace them, or write the dataset to another folder")
+                               f"replace {'it' if len(changed) == 1 else 'them'}, or write the dataset to another "
+                               "folder")
         for p, target in targets.items():
             if not target.is_file() or target.read_bytes() != p.read_bytes():
                 target.parent.mkdir(parents=True, exist_ok=True)
