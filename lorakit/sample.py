@@ -173,8 +173,16 @@ def parse_prompt_text(text: str, defaults: SamplePrompt | None = None, source: s
 
 
 def load_prompts(path: str | Path, defaults: SamplePrompt | None = None) -> list[SamplePrompt]:
-    """Prompts from a ``.txt`` (kohya lines), ``.toml`` (kohya's [prompt] + [[prompt.subset]]) or ``.json`` file."""
-    path = Path(path)
+    """Prompts from a ``.txt`` (kohya lines), ``.toml`` (kohya's [prompt] + [[prompt.subset]]) or ``.json`` file;
+    a file without any is refused (a wrong file, most likely: there is nothing to draw)."""
+    prompts = _file_prompts(Path(path), defaults)
+    if not prompts:
+        raise PromptSyntaxError(f"{path}: no prompt in this file (blank lines and # comments only, or an empty list); "
+                                "write one prompt per line")
+    return prompts
+
+
+def _file_prompts(path: Path, defaults: SamplePrompt | None) -> list[SamplePrompt]:
     text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
     if suffix == ".json":

@@ -123,6 +123,11 @@ def test_prompt_files_txt_toml_json(tmp_path):
     js.write_text(json.dumps([{"prompt": "a dog", "colour": "red"}]), encoding="utf-8")
     with pytest.raises(PromptSyntaxError, match=r"prompts\.json entry 1: unknown key 'colour'"):
         load_prompts(js)
+    # a file without a prompt (`lorakit sample` failed after loading the model: "no images to put in a grid")
+    for path, text in ((txt, "# only a comment\n\n"), (js, "[]"), (toml, "[prompt]\nsubset = []\n")):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(PromptSyntaxError, match="no prompt in this file"):
+            load_prompts(path)
 
 
 def test_sampler_names():
