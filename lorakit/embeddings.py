@@ -91,6 +91,20 @@ def expand_all(prompt: str, embeddings: Iterable[LoadedEmbedding]) -> str:
     return prompt
 
 
+def _what_it_holds(f) -> str:
+    """What an open safetensors file that is no embedding holds, in a few words (not its hundreds of keys)."""
+    from lorakit.file_kinds import describe_weights
+
+    keys = list(f.keys())
+    said = describe_weights({k: f.get_slice(k).get_shape() for k in keys})
+    if said is None:  # adapter key names
+        return f"an adapter file ({len(keys)} tensors such as {sorted(keys)[0]!r}); give it as an adapter"
+    if said.startswith("not an adapter: "):  # no kind of file it knows: a few of its names
+        shown = ", ".join(repr(k) for k in sorted(keys)[:3])
+        return f"{len(keys)} tensors named {shown}{', ...' if len(keys) > 3 else ''}"
+    return said.removesuffix(", not an adapter")
+
+
 def read_embedding(path: str | Path) -> tuple[tuple[torch.Tensor, ...], str | None]:
     """The ``[n, dim]`` vectors of an embedding file, one tensor per text encoder (SDXL's ``clip_l`` and ``clip_g``;
     else the file's one tensor), and the token its metadata names (if any)."""
@@ -110,8 +124,8 @@ def read_embedding(path: str | Path) -> tuple[tuple[torch.Tensor, ...], str | No
                 known = [k for k in ("clip_l", "clip_h", "emb_params") if k in keys]
                 key = known[0] if known else keys[0] if len(keys) == 1 else None
                 if key is None:
-                    raise EmbeddingError(f"{path}: expected one tensor ('clip_l', 'clip_h' or 'emb_params'), or "
-                                         f"SDXL's 'clip_l' and 'clip_g', found keys {keys}")
+                    raise EmbeddingError(f"{path}: not an embedding (one tensor 'clip_l', 'clip_h' or 'emb_params', "
+                                         f"or SDXL's 'clip_l' and 'clip_g'): {_what_it_holds(f)}")
                 chosen = [key]
             vectors = {key: f.get_tensor(key) for key in chosen}
     except EmbeddingError:

@@ -65,6 +65,22 @@ def test_pickles_and_broken_files_are_refused(model, tmp_path):
         load_embedding(model, broken, token="x")
 
 
+def test_a_file_that_is_no_embedding_is_named_for_what_it_is(model, tmp_path):
+    """An adapter given as --embedding listed all of its hundreds of key names in the error."""
+    adapter = tmp_path / "lora.safetensors"
+    save_file({f"lora_unet_layer{i}.{part}": torch.zeros(2, 2) for i in range(200)
+               for part in ("lora_down.weight", "lora_up.weight")}, str(adapter))
+    with pytest.raises(EmbeddingError) as info:
+        load_embedding(model, adapter, token="x")
+    said = str(info.value)
+    assert "lora.safetensors: not an embedding" in said and "an adapter file (400 tensors such as" in said
+    assert "give it as an adapter" in said and len(said) < 300
+    odd = tmp_path / "odd.safetensors"
+    save_file({name: torch.zeros(1) for name in "abcde"}, str(odd))
+    with pytest.raises(EmbeddingError, match=r"odd.safetensors: not an embedding .*: 5 tensors named 'a', 'b', 'c', "):
+        load_embedding(model, odd, token="x")
+
+
 def test_an_embedding_named_like_a_word_of_the_vocabulary_stands_for_tokens_of_its_own(tmp_path):
     """A1111 and ComfyUI call an embedding by its name, whatever word it is ("style"): a name the vocabulary holds
     gets tokens of its own (``<check>``) and the word in prompts stands for them; the rest of the vocabulary is
