@@ -81,6 +81,17 @@ def test_a_file_that_is_no_embedding_is_named_for_what_it_is(model, tmp_path):
         load_embedding(model, odd, token="x")
 
 
+def test_an_embedding_given_to_sample_as_an_adapter_is_pointed_to_embedding(tiny_model_dir, tmp_path, capsys):
+    from lorakit.cli import main
+
+    path = tmp_path / "zkz.safetensors"
+    save_file({"clip_l": torch.zeros(1, 32)}, str(path))
+    assert main(["sample", str(path), "--model", str(tiny_model_dir), "--prompt", "a zkz", "--out",
+                 str(tmp_path / "s")]) == 2
+    assert f"{path}: a textual-inversion embedding, not an adapter: give it with --embedding {path}" \
+        in capsys.readouterr().err
+
+
 def test_an_embedding_named_like_a_word_of_the_vocabulary_stands_for_tokens_of_its_own(tmp_path):
     """A1111 and ComfyUI call an embedding by its name, whatever word it is ("style"): a name the vocabulary holds
     gets tokens of its own (``<check>``) and the word in prompts stands for them; the rest of the vocabulary is

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from lorakit.commands.prompt_options import add_prompt_reading_arguments
 from lorakit.errors import LorakitError
-from lorakit.file_kinds import check_adapter_path
+from lorakit.file_kinds import check_adapter_path, embedding_header
 
 if TYPE_CHECKING:
     from lorakit.tools.deltas import AdapterSpec
@@ -110,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
                                  f"{'exists' if len(taken) == 1 else 'exist'} (an earlier call?); choose another "
                                  f"--out, or pass --overwrite to replace {'it' if len(taken) == 1 else 'them'}")
     for spec in specs:  # before the model loads: a model folder or checkpoint given as an adapter is said so
+        if embedding_header(spec.path) is not None:
+            raise SampleCommandError(f"{spec.path}: a textual-inversion embedding, not an adapter: give it with "
+                                     f"--embedding {spec.path}")
         check_adapter_path(spec.path)
         if not spec.path.is_file():
             raise FileNotFoundError(f"{spec.path}: no such adapter file")
