@@ -130,6 +130,12 @@ def check_run_folder(directory: str | Path, if_exists: str = "error", protect: I
     path = Path(directory)
     if path.exists() and not path.is_dir():
         raise OutputFolderError(f"{path} is a file, not a folder: choose another output folder")
+    for item in protect if if_exists != "resume" else ():  # among the images, the next run reads a run as data
+        data = Path(item).expanduser() if item else None
+        if data is not None and data.is_dir() and _inside(path, data):
+            where = "is the folder" if path.resolve() == data.resolve() else f"is inside {item}, the folder"
+            raise OutputFolderError(f"{path} {where} this run reads its images from: choose an output folder outside "
+                                    "your data (e.g. --out output/run1)")
     if not (path.exists() and any(path.iterdir())):
         return "new"
     if if_exists == "error":

@@ -273,15 +273,17 @@ def test_a_textual_inversion_token_is_checked_against_the_vocabulary_before_the_
 
 def test_a_dry_run_refuses_the_output_folders_the_run_refuses(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """The dry run said "checked" for --out the data folder, or a folder of the user's files; the run then
-    refused it. It gives the run's refusals now, touching nothing."""
+    refused it. It gives the run's refusals now, touching nothing. A run folder inside the data is refused too (the
+    next run read it as a badly named image folder)."""
     data = write_dataset(tmp_path / "data", n=2)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "photo.png").write_bytes(b"irreplaceable")
     _no_loading(monkeypatch)
     flags = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--dry-run"]
-    for out, extra, said in ((data, [], "already holds files"),
-                             (data, ["--overwrite"], "which this run reads: refusing to overwrite"),
+    for out, extra, said in ((data, [], "is the folder this run reads its images from"),
+                             (data / "run", ["--overwrite"], f"is inside {data}, the folder this run reads its images"),
+                             (mine, [], "already holds files"),
                              (mine, ["--overwrite"], "is not a lorakit run folder"),
                              (mine, ["--resume"], "nothing to resume there")):
         assert main([*flags, "--out", str(out), *extra]) == 2
