@@ -14,12 +14,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from lorakit.checkpoints import check_run_folder
-from lorakit.config import ConfigError, TrainConfig
+from lorakit.config import TrainConfig
 from lorakit.data import TrainingData
 from lorakit.methods import check_sdxl_settings, check_second_text_encoder_rate
 from lorakit.models import describe_base_model
 from lorakit.network_preview import network_preview
-from lorakit.prior import missing_class_images
+from lorakit.prior import class_images_parent, missing_class_images
 from lorakit.run_messages import base_weight_specs, count, early_stop_text, opening_line, setting_lines
 from lorakit.trackers import check_tracker, read_tracker_settings
 from lorakit.train import (
@@ -68,10 +68,8 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
     token_note = ti_token_note(cfg)
     data_cfg, notes = cfg.data, []
     if cfg.data.num_class_images > 0:  # prior preservation: the class images are drawn when the run starts
-        if not cfg.data.class_prompt:
-            raise ConfigError("data.num_class_images > 0 needs data.class_prompt (e.g. \"a shape\")")
-        # where the run keeps them: the reg folder, else the run folder's (a resumed run has drawn them there)
-        parent = Path(cfg.data.reg_data) if cfg.data.reg_data else Path(cfg.output.dir) / "class_images"
+        # where the run keeps them (a resumed run has drawn them there); data.class_prompt: cfg.validate() checked it
+        parent = class_images_parent(cfg.data.reg_data, cfg.output.dir)
         missing = len(missing_class_images(parent, cfg.data.class_prompt, cfg.data.num_class_images))
         if missing:
             notes.append(f"prior preservation: {count(missing, 'class image')} of {cfg.data.class_prompt!r} would be "

@@ -14,6 +14,14 @@ from lorakit.data.images import is_image
 from lorakit.models import BaseModel
 from lorakit.sample import SamplePrompt, generate
 
+#: the run folder's own folder for class images, when data.reg_data names none
+RUN_CLASS_FOLDER = "class_images"
+
+
+def class_images_parent(reg_data: str | None, run_dir: str | Path) -> Path:
+    """Where a run keeps its class images: data.reg_data, else its own ``class_images`` folder."""
+    return Path(reg_data) if reg_data else Path(run_dir) / RUN_CLASS_FOLDER
+
 
 def class_image_folder(parent: Path, class_prompt: str) -> Path:
     safe = "".join(c if c.isalnum() or c in " -" else "_" for c in class_prompt).strip() or "class"

@@ -62,7 +62,7 @@ from lorakit.models import (
 )
 from lorakit.modelspec import USER_FIELDS, modelspec_metadata
 from lorakit.optimizers import OptimizerNameError, adaptive_lr_note, optimizer_builder
-from lorakit.prior import ensure_class_images
+from lorakit.prior import RUN_CLASS_FOLDER, class_images_parent, ensure_class_images
 from lorakit.prompt_weights import plain_text
 from lorakit.run_manifest import RunManifest
 from lorakit.run_messages import (
@@ -237,17 +237,15 @@ def with_class_images(cfg: TrainConfig, model: BaseModel, run: RunFolder, is_mai
     data = cfg.data
     if data.num_class_images <= 0:
         return data
-    if not data.class_prompt:
-        raise TrainingError("data.num_class_images > 0 needs data.class_prompt (e.g. \"a shape\")")
-    folder = Path(data.reg_data) if data.reg_data else run.path / "class_images"
+    folder = class_images_parent(data.reg_data, run.path)  # data.class_prompt: checked by cfg.validate()
     if is_main:
         if not data.reg_data:
-            run.make_dir("class_images")
+            run.make_dir(RUN_CLASS_FOLDER)
         ensure_class_images(model, folder, data.class_prompt, data.num_class_images, seed=cfg.training.seed,
                             steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, clip_skip=cfg.model.clip_skip,
                             max_token_length=cfg.model.max_token_length)
         if not data.reg_data:
-            run.record_tree("class_images")
+            run.record_tree(RUN_CLASS_FOLDER)
     accelerator.wait_for_everyone()
     return replace(data, reg_data=str(folder))
 
