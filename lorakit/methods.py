@@ -586,10 +586,11 @@ def check_ti_token(cfg: TrainConfig, tokenizers: Sequence[CLIPTokenizer]) -> str
     if not token:
         raise ConfigError("textual inversion needs a token: set method.ti_token or data.trigger")
     tokens = token_names(token, cfg.method.ti_vectors)
-    if any(t in tokenizer.get_vocab() for tokenizer in tokenizers for t in tokens):
+    vocabularies = [tokenizer.get_vocab() for tokenizer in tokenizers]  # each a new dict of ~49k entries
+    if any(t in vocabulary for vocabulary in vocabularies for t in tokens):
         raise ConfigError(f"textual inversion: token {token!r} (or one of {tokens}) is already in the "
                           "tokenizer's vocabulary as a single token; choose a new word")
-    words = [t for t in tokens if any(f"{t}</w>" in tokenizer.get_vocab() for tokenizer in tokenizers)]
+    words = [t for t in tokens if any(f"{t}</w>" in vocabulary for vocabulary in vocabularies)]
     if not words:
         return None
     return (f"note: textual inversion: {words[0]!r} is a word of the model's vocabulary: the new token takes its "
