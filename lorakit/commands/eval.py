@@ -265,15 +265,14 @@ def _schedule(model) -> str:
 
 def _dataset_rgb(found: list[tuple[Path, str]]) -> list[Image.Image]:
     """The dataset's images as the trainer saw them (upright by their EXIF orientation, transparency on white)."""
-    from lorakit.data.images import load_rgb
+    from lorakit.data.images import load_rgb, unreadable_image
 
     out = []
     for path, _ in found:
         try:
             out.append(load_rgb(path))
         except (OSError, SyntaxError, ValueError) as err:  # Pillow's errors for a file it cannot decode
-            raise EvalCommandError(f"{path}: cannot read this image ({type(err).__name__}: {err}); re-save or remove "
-                                   "it") from None
+            raise EvalCommandError(unreadable_image(path, err)) from None
     return out
 
 

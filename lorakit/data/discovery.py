@@ -23,7 +23,14 @@ from lorakit.data.buckets import face_from_name
 from lorakit.data.captions import CAPTION_TEMPLATES, base_caption, read_caption_file, template_caption
 from lorakit.data.config import DataConfig, DatasetConfig, SubsetConfig, build_dataset, defaults_from, read_dataset_toml
 from lorakit.data.errors import DatasetError, Problems
-from lorakit.data.images import IMAGE_EXTENSIONS, RESIZE_INTERPOLATIONS, is_image, is_transparent, probe
+from lorakit.data.images import (
+    IMAGE_EXTENSIONS,
+    RESIZE_INTERPOLATIONS,
+    is_image,
+    is_transparent,
+    probe,
+    unreadable_image,
+)
 
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
 #: more repeats than this is a folder name that starts with a number by chance (a date: 20230101_photos)
@@ -308,7 +315,7 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
         probed = list(pool.map(lambda p: _try_probe(p, config.verify_images), images))
     for image, size in zip(images, probed, strict=True):
         if isinstance(size, Exception):  # Pillow raises many types (OSError, SyntaxError, DecompressionBomb...)
-            problems.error(f"{image}: cannot read this image ({type(size).__name__}: {size}); re-save or remove it")
+            problems.error(unreadable_image(image, size))
             continue
         raw = None
         caption_path = captions.get(image.stem)

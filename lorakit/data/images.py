@@ -30,6 +30,11 @@ def is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def unreadable_image(path: Path, err: BaseException) -> str:
+    """What to tell a user about an image Pillow could not decode (the trainer and eval say it alike)."""
+    return f"{path}: cannot read this image ({type(err).__name__}: {err}); re-save or remove it"
+
+
 def probe(path: Path, verify: bool = True) -> Size:
     """The (width, height) the image has once its EXIF orientation is applied.
 
