@@ -523,3 +523,25 @@ def test_an_epoch_dealt_to_processes_gives_each_as_many_batches(tmp_path, images
     assert plan[images:] == [d.epoch_plan(0)[i % images] for i in range(expected - images)]
     assert {len(plan[rank::processes]) for rank in range(processes)} == {expected // processes}
     assert d.epoch_batches(0, skip=2, processes=processes).plans == plan[2:]
+
+
+def test_caption_differing_from_its_image_in_letter_case_says_so(tmp_path):
+    # a folder made on a case-blind disk: IMG1.PNG captioned by img1.txt trains on Windows, not here
+    folder = make_folder(tmp_path / "10_zkz", 1)
+    make_image(folder / "IMG1.PNG")
+    (folder / "img1.txt").write_text("zkz, red")
+    message = error(tmp_path)
+    assert "img1.txt" in message and "IMG1.PNG differs from it only in letter case" in message
+    assert "rename the caption IMG1.txt" in message
+
+
+def test_images_in_a_folder_inside_an_image_folder_are_named_as_not_trained(tmp_path):
+    folder = make_folder(tmp_path / "10_zkz", 2)
+    make_image(folder / "more" / "a.png")
+    make_image(folder / "more" / "b.png")
+    (folder / "notes").mkdir()  # no images: nothing to say
+    (folder / "back").symlink_to(tmp_path)  # a link to a folder is not followed (this one loops)
+    message = warned(tmp_path)
+    assert "2 images in folders inside it not trained (more/ holds 2)" in message
+    assert "notes" not in message and "back" not in message
+    assert data(tmp_path).num_train_images == 20  # the two in the folder itself, ten times

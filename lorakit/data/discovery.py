@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,6 +257,24 @@ def _extension(ext: str) -> str:
     return ext if ext.startswith(".") else f".{ext}"
 
 
+def _warn_nested_images(folder: Path, listing: Sequence[Path], problems: Problems) -> None:
+    """Images one folder down are not trained (kohya reads an image folder's own files only): say so, rather than
+    train on fewer images than the user put there.  Links to folders are not followed (one may loop)."""
+    nested = {}
+    for sub in listing:
+        if sub.is_dir() and not sub.is_symlink():
+            count = sum(1 for p in sub.iterdir() if p.is_file() and is_image(p))
+            if count:
+                nested[sub.name] = count
+    if nested:
+        total = sum(nested.values())
+        where = ", ".join(f"{name}/ holds {n}" for name, n in list(nested.items())[:5])
+        problems.warn(f"{folder}: {total} {'image' if total == 1 else 'images'} in folders inside it not trained "
+                      f"({where}{', ...' if len(nested) > 5 else ''}): only "
+                      "an image folder's own files are read; move them up, or give them a folder of their own "
+                      "beside it")
+
+
 def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConfig,
                 problems: Problems) -> list[ImageRecord]:
     """Read one image folder: every image checked, every caption read; problems collected, not raised."""
@@ -271,6 +290,7 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
     if dead:
         problems.warn(f"{folder}: skipped symbolic links that lead to no file (broken or looping): {_some(dead)}")
     images = [p for p in entries if is_image(p)]
+    _warn_nested_images(folder, listing, problems)
     untrained = [p.name for p in entries if p.suffix.lower() in _UNTRAINED_PICTURES]
     if images and untrained:
         one = len(untrained) == 1
@@ -291,10 +311,17 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
         ext = _extension(subset.caption_extension)
         captions = {p.stem: p for p in entries if p.suffix.lower() == ext.lower()}
         stems = {p.stem for p in images}
+        by_lower = {image.stem.lower(): image for image in images}
         for stem, path in captions.items():
             if stem not in stems:
-                message = (f"{path}: caption file without an image (no {stem}{{{','.join(IMAGE_EXTENSIONS)}}} in "
-                           f"{folder}); remove or rename it")
+                alike = by_lower.get(stem.lower())
+                if alike is not None:  # made on a case-blind disk (Windows, macOS): names here are matched by case
+                    message = (f"{path}: caption file without an image: the image {alike.name} differs from it only "
+                               f"in letter case, and names are matched with their case; rename the caption "
+                               f"{alike.stem}{path.suffix}")
+                else:
+                    message = (f"{path}: caption file without an image (no {stem}{{{','.join(IMAGE_EXTENSIONS)}}} "
+                               f"in {folder}); remove or rename it")
                 if config.orphan_captions == "warn":
                     problems.warn(message)
                 else:
