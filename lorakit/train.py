@@ -1,9 +1,11 @@
 """The training loop: a folder of images and a base model in, a trained adapter (or embedding, or model) out.
 
-Read it top to bottom: ``train()`` sets everything up, runs epochs of steps, saves a checkpoint and samples at
-the end of each epoch, asks the early-stopping monitor after every step, and finishes with the result files
-and a summary.  Every step draws its randomness from (seed, step), and the data order from (seed, epoch), so
-a run resumed from a checkpoint continues exactly as if it had never stopped.
+Read it top to bottom: ``train()`` sets everything up (``_set_up``: the model, what is trained, the data, the
+optimizer, the early-stopping monitor, a resumed run's state), runs epochs of steps (``_TrainingLoop``: it asks
+the early-stopping monitor after every step, and saves a checkpoint and samples at the end of each epoch), and
+finishes with the result files and a summary (``_finish``).  Every step draws its randomness from (seed, step),
+and the data order from (seed, epoch), so a run resumed from a checkpoint continues exactly as if it had never
+stopped.
 """
 
 from __future__ import annotations
@@ -381,418 +383,577 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
         print(note)
     check_tracker(cfg.output.log_with)
     tracker_dir = logging_dir(cfg.output.log_with, cfg.output.logging_dir, Path(cfg.output.dir))
+    accelerator = _make_accelerator(cfg, tracker_dir)
+    check_paths(cfg, config_file)
+    prompts = sample_prompts(cfg)  # a prompt file that does not parse stops the run before the model loads
+    tracker_settings = read_tracker_settings(cfg.output.log_tracker_config, cfg.output.log_with)
+    run = _open_run_folder(cfg, accelerator, paths_read(cfg, config_file), folders)
+    try:  # a run that fails before its first step leaves nothing behind (the same command can run again)
+        parts = _set_up(cfg, accelerator, run, prompts, tracker_dir)
+    except BaseException:
+        if accelerator.is_main_process and not run.resuming:
+            RunManifest(run.path).remove_all()
+            if run.created and run.path.is_dir() and not any(run.path.iterdir()):
+                run.path.rmdir()
+        raise
+    if tracker_dir is not None:  # once the run is set up: one that fails before leaves no tracker files behind
+        _start_trackers(parts, tracker_settings)
+    loop = _TrainingLoop(parts)
+    loop.run(progress)
+    accelerator.wait_for_everyone()
+    return _finish(parts, loop, started)
+
+
+@dataclass
+class _Position:
+    """Where training starts: after ``epoch`` epochs and ``step`` steps (with their ``losses``), ``skip`` batches
+    into the next epoch (a checkpoint saved mid-epoch)."""
+    epoch: int = 0
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    skip: int = 0
+
+
+@dataclass
+class _RunParts:
+    """Everything a run is set up with before its first step; the training loop and the result read it."""
+    cfg: TrainConfig
+    accelerator: Accelerator
+    run: RunFolder
+    prompts: list[SamplePrompt]
+    tracker_dir: Path | None
+    sample_stop: SampleStop | None
+    model: BaseModel
+    method: TrainingMethod
+    data: TrainingData
+    file_entries: dict[str, str]  # metadata every file the run writes carries
+    ema: WeightAverage | None
+    optimizer: Any  # accelerate's wrapper of the optimizer
+    schedule_free: Any  # the unwrapped optimizer when it is schedule-free (its average is what is handed back)
+    lr_schedule: Any
+    meter: Any  # the CS meter, None for a method without one
+    monitor: CSFluctuationMonitor | None
+    steps_per_epoch: int
+    total_steps: int
+    fingerprint: str  # the data's, kept in checkpoints: a resume refuses other data
+    wrapped: dict[int, torch.nn.Module]  # id(trained module) -> the module accelerate wrapped (DDP)
+    run_unet: Any  # the U-Net the training step runs (wrapped, compiled), None when it runs the plain one
+    run_text: tuple[Any, ...]
+    position: _Position
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def _make_accelerator(cfg: TrainConfig, tracker_dir: Path | None) -> Accelerator:
     # the schedule is stepped here once per optimizer step: accelerate's own stepping would advance it once per
     # process, so that a schedule set in optimizer steps ended halfway through a 2-process run
     accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision, step_scheduler_with_optimizer=False,
                               kwargs_handlers=distributed_settings(cfg.training),
                               cpu=not torch.cuda.is_available(), log_with=tracker_names(cfg.output.log_with) or None,
                               project_dir=None if tracker_dir is None else str(tracker_dir))
-    is_main = accelerator.is_main_process
     if cfg.optimizer.fused_backward_pass and accelerator.num_processes > 1:
         # each process would step on its own gradient before the processes have averaged them
         raise TrainingError(f"optimizer.fused_backward_pass steps each weight during the backward pass, before "
                             f"the {accelerator.num_processes} processes have averaged its gradient: run one process, "
                             "or turn it off")
-    check_paths(cfg, config_file)
-    prompts = sample_prompts(cfg)  # a prompt file that does not parse stops the run before the model loads
-    tracker_settings = read_tracker_settings(cfg.output.log_tracker_config, cfg.output.log_with)
-    protect = paths_read(cfg, config_file)
+    return accelerator
+
+
+def _open_run_folder(cfg: TrainConfig, accelerator: Accelerator, protect: list[str | Path],
+                     folders: list[RunFolder]) -> RunFolder:
+    """The output folder: the main process creates (or takes over) it and holds its lock; the others open it once
+    it is there."""
     run = None
-    if is_main:
+    if accelerator.is_main_process:
         run = RunFolder(cfg.output.dir, cfg.output.if_exists, protect=protect, name=cfg.output.name, lock=True)
         folders.append(run)
     accelerator.wait_for_everyone()
-    if run is None:
-        run = RunFolder(cfg.output.dir, "resume", name=cfg.output.name)
-    try:  # a run that fails before its first step leaves nothing behind (the same command can run again)
+    return run if run is not None else RunFolder(cfg.output.dir, "resume", name=cfg.output.name)
+
+
+def _set_up(cfg: TrainConfig, accelerator: Accelerator, run: RunFolder, prompts: list[SamplePrompt],
+            tracker_dir: Path | None) -> _RunParts:
+    """The model, what is trained, the data, the optimizer and the early-stopping monitor, as a resumed run left
+    them; the trained modules prepared by accelerate."""
+    is_main = accelerator.is_main_process
+    if is_main:
+        if run.resuming and (run.path / "config.toml").exists():
+            check_resume_settings(run.path / "config.toml", cfg)
+        run.write_text("config.toml", to_toml(with_absolute_paths(cfg)))
+        print(opening_line(cfg))
+    sample_stop = _sample_stop(cfg)  # its prompt file is read before the model is loaded
+    # a resumed run's checkpoint holds what the adapter file started: the file is not read (it may be gone)
+    continuing = run.resuming and run.latest_checkpoint() is not None
+    start_file: AdapterFile | bool = False
+    if cfg.network.weights and not continuing:
+        # a missing file, a pickle, a model or a cut file is refused before the model loads
+        if not Path(cfg.network.weights).expanduser().is_file():
+            raise ConfigError(f"network.weights: {cfg.network.weights}: no such file")
+        start_file = read_adapter(Path(cfg.network.weights).expanduser())
+    ti_start = ti_start_vectors(cfg) if not continuing else None
+    if (note := ti_token_note(cfg)) and is_main:
+        print(note)
+    # a resumed run takes the ranks from its own checkpoint, which has the network's shapes
+    ranks_file = read_adapter(run.latest_checkpoint().tensors_path) \
+        if cfg.network.dim_from_weights and not isinstance(start_file, AdapterFile) else None
+
+    model = prepare_model(cfg, accelerator)
+    file_entries = base_weights_metadata(cfg)
+    try:
+        check_clip_skip(model, cfg.model.clip_skip)
+    except ValueError as err:
+        raise ConfigError(f"model.clip_skip: {err}") from None
+    torch.manual_seed(cfg.training.seed)  # after loading: adapter init must not depend on how the model was read
+    method = make_method(cfg, model, start_file=start_file, ranks_file=ranks_file, ti_start=ti_start)
+    for group in method.param_groups():  # trained tensors in fp32 whatever the base model's dtype (full_bf16: bf16)
+        for p in group["params"]:
+            p.data = p.data.to(weight_dtype(cfg.model.mixed_precision) if cfg.model.full_bf16 else torch.float32)
+    # the moving average starts at the weights training starts from (a resume loads its own below)
+    ema = WeightAverage(method.trained_tensors(), cfg.training.ema_decay) \
+        if cfg.training.ema_decay is not None else None
+    if cfg.model.fp8_parts():  # once the adapters are in place: their own layers are trained, not stored
+        line = store_base_in_fp8(model, cfg.model.fp8_parts())
         if is_main:
-            if run.resuming and (run.path / "config.toml").exists():
-                check_resume_settings(run.path / "config.toml", cfg)
-            run.write_text("config.toml", to_toml(with_absolute_paths(cfg)))
-            print(opening_line(cfg))
-        sample_stop = _sample_stop(cfg)  # its prompt file is read before the model is loaded
-        # a resumed run's checkpoint holds what the adapter file started: the file is not read (it may be gone)
-        start_file: AdapterFile | bool = False
-        if cfg.network.weights and not (run.resuming and run.latest_checkpoint() is not None):
-            # a missing file, a pickle, a model or a cut file is refused before the model loads
-            if not Path(cfg.network.weights).expanduser().is_file():
-                raise ConfigError(f"network.weights: {cfg.network.weights}: no such file")
-            start_file = read_adapter(Path(cfg.network.weights).expanduser())
-        ti_start = ti_start_vectors(cfg) if not (run.resuming and run.latest_checkpoint() is not None) else None
-        if (note := ti_token_note(cfg)) and is_main:
-            print(note)
-        # a resumed run takes the ranks from its own checkpoint, which has the network's shapes
-        ranks_file = read_adapter(run.latest_checkpoint().tensors_path) \
-            if cfg.network.dim_from_weights and not isinstance(start_file, AdapterFile) else None
+            print(line)
+    data = _training_data(cfg, model, method, run, accelerator, sample_stop)
+    steps_per_epoch, total_steps = planned_steps(cfg, data, accelerator.num_processes)
+    data.count_steps(total_steps, accelerator.num_processes * cfg.optimizer.gradient_accumulation_steps)
 
-        # the model, what is trained, the data
-        model = prepare_model(cfg, accelerator)
-        file_entries = base_weights_metadata(cfg)  # every file the run writes carries them
-        try:
-            check_clip_skip(model, cfg.model.clip_skip)
-        except ValueError as err:
-            raise ConfigError(f"model.clip_skip: {err}") from None
-        torch.manual_seed(cfg.training.seed)  # after loading: adapter init must not depend on how the model was read
-        method = make_method(cfg, model, start_file=start_file, ranks_file=ranks_file, ti_start=ti_start)
-        for group in method.param_groups():  # trained tensors in fp32 whatever the base model's dtype (full_bf16: bf16)
-            for p in group["params"]:
-                p.data = p.data.to(weight_dtype(cfg.model.mixed_precision) if cfg.model.full_bf16 else torch.float32)
-        # the moving average starts at the weights training starts from (a resume loads its own below)
-        ema = WeightAverage(method.trained_tensors(), cfg.training.ema_decay) \
-            if cfg.training.ema_decay is not None else None
-        if cfg.model.fp8_parts():  # once the adapters are in place: their own layers are trained, not stored
-            line = store_base_in_fp8(model, cfg.model.fp8_parts())
-            if is_main:
-                print(line)
-        data = TrainingData(with_class_images(cfg, model, run, is_main, accelerator), seed=cfg.training.seed,
-                            default_resolution=model.resolution)
-        check_data_settings(cfg, data)
-        if is_main and sample_stop is not None and hasattr(sample_stop.scorer, "set_reference"):
-            sample_stop.scorer.set_reference(data.trained_image_paths())  # what its samples are compared with
-        for dataset in data.datasets:
-            method.check_multiplier(dataset.network_multiplier)
-        if is_main and (note := long_captions_note(model, data, cfg.model.max_token_length)):
-            print(note)
-        if is_main and (note := adaptive_lr_note(cfg.optimizer.optimizer,
-                                                 [g["lr"] for g in method.param_groups()])):
-            print(note)
-        if is_main and (note := ia3_preset_note(cfg)):
-            print(note)
-        if cfg.data.cache_latents:
-            own_cache = cfg.data.cache_latents_to_disk and not cfg.data.cache_dir
-            if own_cache and is_main:
-                run.make_dir("latent_cache")
-            data.cache_latents(model.vae, directory=(cfg.data.cache_dir or run.path / "latent_cache")
-                               if cfg.data.cache_latents_to_disk else None, batch_size=cfg.data.vae_batch_size)
-            if own_cache and is_main:
-                run.record_tree("latent_cache")
-        steps_per_epoch, total_steps = planned_steps(cfg, data, accelerator.num_processes)
-        data.count_steps(total_steps, accelerator.num_processes * cfg.optimizer.gradient_accumulation_steps)
+    optimizer = build_optimizer(method.param_groups(), cfg)
+    # the unwrapped optimizer (accelerate wraps it below): a schedule-free one shows its average (schedule_free)
+    schedule_free = optimizer if is_schedule_free(optimizer) else None
+    lr_schedule = build_lr_schedule(cfg.optimizer, optimizer, total_steps)
+    meter = method.cs_meter()
+    monitor = _make_monitor(cfg, meter, steps_per_epoch, sample_stop)
+    fingerprint = data.fingerprint()
+    position = _resume_position(cfg, run, is_main, data, fingerprint, total_steps, method, ema, optimizer,
+                                lr_schedule, monitor, sample_stop)
 
-        optimizer = build_optimizer(method.param_groups(), cfg)
-        # the unwrapped optimizer (accelerate wraps it below): a schedule-free one shows its average (schedule_free)
-        schedule_free = optimizer if is_schedule_free(optimizer) else None
-        lr_schedule = build_lr_schedule(cfg.optimizer, optimizer, total_steps)
-        unet_lr = cfg.optimizer.unet_lr or cfg.optimizer.learning_rate
-        monitor = None
-        meter = method.cs_meter()
-        if cfg.early_stop.mode != "off" and meter is not None:
-            # the moving averages need at least 2 points: a 1-step epoch gets the smallest window that works
-            window = cfg.early_stop.window or max(2, steps_per_epoch // cfg.early_stop.interval)
-            # stopping on the samples: the weight rule is still recorded, as in report mode
-            monitor = CSFluctuationMonitor(window=window, lr=unet_lr, rule=cfg.early_stop.make_rule(),
-                                           report_only=cfg.early_stop.mode == "report" or sample_stop is not None)
+    trained = [m for m in (model.unet, *model.text_encoders) if any(p.requires_grad for p in m.parameters())]
+    for module in trained:
+        keep_frozen_out_of_ddp(module)
+    prepared = accelerator.prepare(*trained, optimizer, lr_schedule)
+    optimizer, lr_schedule = prepared[-2], prepared[-1]
+    # run the wrapped modules (DDP in a distributed run); sampling and saving use the plain ones
+    wrapped = {id(m): w for m, w in zip(trained, prepared[:-2], strict=True)}
+    run_unet = wrapped.get(id(model.unet))
+    run_text = tuple(wrapped.get(id(te), te) for te in model.text_encoders)
+    if cfg.model.compile:
+        # the training step's U-Net only (a frozen one too: textual inversion runs it forward and backward);
+        # it shares the parameters, so sampling and saving keep using the plain module
+        run_unet = torch.compile(model.unet if run_unet is None else run_unet, mode=cfg.model.compile_mode,
+                                 backend=cfg.model.compile_backend)
+    for module in trained:
+        module.train()
+    if is_main:
+        _print_plan(cfg, data, method, steps_per_epoch, total_steps, meter is not None)
+    return _RunParts(cfg, accelerator, run, prompts, tracker_dir, sample_stop, model, method, data, file_entries, ema,
+                     optimizer, schedule_free, lr_schedule, meter, monitor, steps_per_epoch, total_steps, fingerprint,
+                     wrapped, run_unet, run_text, position)
 
-        # resume: from the last checkpoint, mid-epoch when it was saved mid-epoch (max_steps or an early stop)
-        start_epoch, step, losses, skip = 0, 0, [], 0
-        fingerprint = data.fingerprint()
-        if run.resuming and (ckpt := run.latest_checkpoint()) is not None:
-            state = ckpt.load_state()
-            _check_resumable(state, fingerprint, data, ckpt.path, run, total_steps, cfg)
-            # the checkpoint holds what the run hands back (the average, or a file's folded form); the state, when
-            # they differ, the weights training goes on from (and the average as it is kept)
-            live = state.get("live_tensors")
-            method.load_trained_tensors(live if live is not None else ckpt.load_tensors())
-            if ema is not None:
-                ema.load(state["ema"], state.get("ema_average") or ckpt.load_tensors())
-            optimizer.load_state_dict(state["optimizer"])
-            lr_schedule.load_state_dict(state["lr_schedule"])
-            skip = state.get("batches_done", 0)
-            start_epoch, step, losses = state["epoch"] - (1 if skip else 0), state["step"], list(state["losses"])
-            if monitor is not None and state.get("monitor") is not None:
-                monitor.load_state_dict(state["monitor"])
-            if sample_stop is not None and state.get("sample_stop") is not None:
-                sample_stop.rule.load_state_dict(state["sample_stop"])
-            if is_main:
-                run.truncate_log(step)
-                where = f"{skip} steps into epoch {start_epoch + 1}" if skip else f"after epoch {start_epoch}"
-                print(f"resuming {run.path} {where} (step {step})")
-        elif run.resuming and is_main:
+
+def _training_data(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, run: RunFolder,
+                   accelerator: Accelerator, sample_stop: SampleStop | None) -> TrainingData:
+    """The images and captions (with class images made when prior preservation needs them), checked against the
+    model and the method, the latents cached when asked; and the notes a user should read before the run."""
+    is_main = accelerator.is_main_process
+    data = TrainingData(with_class_images(cfg, model, run, is_main, accelerator), seed=cfg.training.seed,
+                        default_resolution=model.resolution)
+    check_data_settings(cfg, data)
+    if is_main and sample_stop is not None and hasattr(sample_stop.scorer, "set_reference"):
+        sample_stop.scorer.set_reference(data.trained_image_paths())  # what its samples are compared with
+    for dataset in data.datasets:
+        method.check_multiplier(dataset.network_multiplier)
+    if is_main and (note := long_captions_note(model, data, cfg.model.max_token_length)):
+        print(note)
+    if is_main and (note := adaptive_lr_note(cfg.optimizer.optimizer, [g["lr"] for g in method.param_groups()])):
+        print(note)
+    if is_main and (note := ia3_preset_note(cfg)):
+        print(note)
+    if cfg.data.cache_latents:
+        own_cache = cfg.data.cache_latents_to_disk and not cfg.data.cache_dir
+        if own_cache and is_main:
+            run.make_dir("latent_cache")
+        data.cache_latents(model.vae, directory=(cfg.data.cache_dir or run.path / "latent_cache")
+                           if cfg.data.cache_latents_to_disk else None, batch_size=cfg.data.vae_batch_size)
+        if own_cache and is_main:
+            run.record_tree("latent_cache")
+    return data
+
+
+def _make_monitor(cfg: TrainConfig, meter: Any, steps_per_epoch: int,
+                  sample_stop: SampleStop | None) -> CSFluctuationMonitor | None:
+    """The CS-Fluctuation monitor, when early stopping is on and the method has a CS meter."""
+    if cfg.early_stop.mode == "off" or meter is None:
+        return None
+    # the moving averages need at least 2 points: a 1-step epoch gets the smallest window that works
+    window = cfg.early_stop.window or max(2, steps_per_epoch // cfg.early_stop.interval)
+    # stopping on the samples: the weight rule is still recorded, as in report mode
+    return CSFluctuationMonitor(window=window, lr=cfg.optimizer.unet_lr or cfg.optimizer.learning_rate,
+                                rule=cfg.early_stop.make_rule(),
+                                report_only=cfg.early_stop.mode == "report" or sample_stop is not None)
+
+
+def _resume_position(cfg: TrainConfig, run: RunFolder, is_main: bool, data: TrainingData, fingerprint: str,
+                     total_steps: int, method: TrainingMethod, ema: WeightAverage | None, optimizer: Any,
+                     lr_schedule: Any, monitor: CSFluctuationMonitor | None,
+                     sample_stop: SampleStop | None) -> _Position:
+    """A resumed run's weights, optimizer, schedule and monitors as its last checkpoint left them, and where it
+    goes on (mid-epoch when that checkpoint was saved mid-epoch: max_steps or an early stop); a new run's start."""
+    if not run.resuming:
+        return _Position()
+    ckpt = run.latest_checkpoint()
+    if ckpt is None:
+        if is_main:
             run.truncate_log(-1)  # killed before the first checkpoint: its log lines will be written again
             print(f"resuming {run.path}: no checkpoint was saved yet, starting from the beginning")
+        return _Position()
+    state = ckpt.load_state()
+    _check_resumable(state, fingerprint, data, ckpt.path, run, total_steps, cfg)
+    # the checkpoint holds what the run hands back (the average, or a file's folded form); the state, when they
+    # differ, the weights training goes on from (and the average as it is kept)
+    live = state.get("live_tensors")
+    method.load_trained_tensors(live if live is not None else ckpt.load_tensors())
+    if ema is not None:
+        ema.load(state["ema"], state.get("ema_average") or ckpt.load_tensors())
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    skip = state.get("batches_done", 0)
+    position = _Position(state["epoch"] - (1 if skip else 0), state["step"], list(state["losses"]), skip)
+    if monitor is not None and state.get("monitor") is not None:
+        monitor.load_state_dict(state["monitor"])
+    if sample_stop is not None and state.get("sample_stop") is not None:
+        sample_stop.rule.load_state_dict(state["sample_stop"])
+    if is_main:
+        run.truncate_log(position.step)
+        where = f"{skip} steps into epoch {position.epoch + 1}" if skip else f"after epoch {position.epoch}"
+        print(f"resuming {run.path} {where} (step {position.step})")
+    return position
 
-        trained = [m for m in (model.unet, *model.text_encoders) if any(p.requires_grad for p in m.parameters())]
-        for module in trained:
-            keep_frozen_out_of_ddp(module)
-        prepared = accelerator.prepare(*trained, optimizer, lr_schedule)
-        optimizer, lr_schedule = prepared[-2], prepared[-1]
-        # run the wrapped modules (DDP in a distributed run); sampling and saving use the plain ones
-        wrapped = {id(m): w for m, w in zip(trained, prepared[:-2], strict=True)}
-        run_unet = wrapped.get(id(model.unet))
-        run_text = tuple(wrapped.get(id(te), te) for te in model.text_encoders)
-        if cfg.model.compile:
-            # the training step's U-Net only (a frozen one too: textual inversion runs it forward and backward);
-            # it shares the parameters, so sampling and saving keep using the plain module
-            run_unet = torch.compile(model.unet if run_unet is None else run_unet, mode=cfg.model.compile_mode,
-                                     backend=cfg.model.compile_backend)
-        for module in trained:
-            module.train()
-        if is_main:
-            print(data.summary())
-            print(method.summary())
-            epochs_planned = planned_epochs(cfg, steps_per_epoch, total_steps)
-            print(f"{count(steps_per_epoch, 'step')} per epoch, up to {count(epochs_planned, 'epoch')} "
-                  f"({count(total_steps, 'step')}); early stopping: {early_stop_text(cfg, meter is not None)}")
-            for line in setting_lines(cfg):
-                print(line)
-            if cfg.model.compile:
-                print(f"the U-Net is compiled (torch.compile, backend {cfg.model.compile_backend}, mode "
-                      f"{cfg.model.compile_mode}): the first steps are slow while it compiles")
-    except BaseException:
-        if is_main and not run.resuming:
-            RunManifest(run.path).remove_all()
-            if run.created and run.path.is_dir() and not any(run.path.iterdir()):
-                run.path.rmdir()
-        raise
-    if tracker_dir is not None:  # once the run is set up: one that fails before leaves no tracker files behind
-        if is_main and tracker_dir.resolve() == (run.path / "logs").resolve():
-            run.make_dir("logs")  # the run's own: an overwrite removes it with the rest
-        init_kwargs, wandb_id = ({}, None) if not is_main else tracker_init_kwargs(
-            cfg.output.log_with, tracker_dir, run.path, cfg.output.wandb_run_name, run.resuming)
-        if wandb_id is not None:
-            run.write_json(WANDB_RUN_FILE, {"id": wandb_id})  # a resumed run continues this W&B run
-        accelerator.init_trackers(cfg.output.log_tracker_name or cfg.output.name,
-                                  config=hyperparameters(cfg.to_dict()),
-                                  init_kwargs=merge_tracker_settings(init_kwargs, tracker_settings))
-        if is_main:
-            run.record_tree("logs")  # the tracker's files as they start: a run killed later still owns them
 
-    stop_decision = None
-    # kohya's cache_text_encoder_outputs: each caption encoded once (the settings that forbid it were refused above)
-    captions_cache = ConditioningCache() if cfg.data.cache_text_encoder_outputs else None
-    validated: dict[int, float] = {}  # step -> validation loss, this session
-    timer = _StepTimer(first_step=step, warmup=3 if cfg.model.compile else 1)  # compiling spans a few steps
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not (progress and is_main))
-    epoch = start_epoch
-    n_proc, rank = accelerator.num_processes, accelerator.process_index
-    accumulate = cfg.optimizer.gradient_accumulation_steps
+def _print_plan(cfg: TrainConfig, data: TrainingData, method: TrainingMethod, steps_per_epoch: int,
+                total_steps: int, has_meter: bool) -> None:
+    print(data.summary())
+    print(method.summary())
+    epochs_planned = planned_epochs(cfg, steps_per_epoch, total_steps)
+    print(f"{count(steps_per_epoch, 'step')} per epoch, up to {count(epochs_planned, 'epoch')} "
+          f"({count(total_steps, 'step')}); early stopping: {early_stop_text(cfg, has_meter)}")
+    for line in setting_lines(cfg):
+        print(line)
+    if cfg.model.compile:
+        print(f"the U-Net is compiled (torch.compile, backend {cfg.model.compile_backend}, mode "
+              f"{cfg.model.compile_mode}): the first steps are slow while it compiles")
 
-    def record_validation(at_step: int, at_epoch: int) -> None:
-        """The held-out loss now, on its own log line (the main process; steps inside an epoch log it with
-        their step's record instead)."""
-        with judged():
-            validated[at_step] = _validate(cfg, model, method, data, accelerator, captions_cache)
-        run.log({"step": at_step, "epoch": at_epoch, "val_loss": validated[at_step]})
-        if tracker_dir is not None:
-            accelerator.log({"val_loss": validated[at_step]}, step=at_step)
 
-    def training_state(at_epoch: int, done: int, local_batches: int) -> dict[str, Any]:
+def _start_trackers(parts: _RunParts, tracker_settings: dict[str, dict[str, Any]]) -> None:
+    """TensorBoard / W&B started on the run's settings; their files recorded as the run's own."""
+    cfg, run, accelerator, tracker_dir = parts.cfg, parts.run, parts.accelerator, parts.tracker_dir
+    if parts.is_main and tracker_dir.resolve() == (run.path / "logs").resolve():
+        run.make_dir("logs")  # the run's own: an overwrite removes it with the rest
+    init_kwargs, wandb_id = ({}, None) if not parts.is_main else tracker_init_kwargs(
+        cfg.output.log_with, tracker_dir, run.path, cfg.output.wandb_run_name, run.resuming)
+    if wandb_id is not None:
+        run.write_json(WANDB_RUN_FILE, {"id": wandb_id})  # a resumed run continues this W&B run
+    accelerator.init_trackers(cfg.output.log_tracker_name or cfg.output.name, config=hyperparameters(cfg.to_dict()),
+                              init_kwargs=merge_tracker_settings(init_kwargs, tracker_settings))
+    if parts.is_main:
+        run.record_tree("logs")  # the tracker's files as they start: a run killed later still owns them
+
+
+class _TrainingLoop:
+    """Epochs of steps from where the run starts: the early-stopping monitor asked after every step, validation,
+    checkpoints and samples when they are due.  ``step``, ``epoch``, ``losses`` and ``stop_decision`` say where
+    it ended."""
+
+    def __init__(self, parts: _RunParts) -> None:
+        self.parts = parts
+        start = parts.position
+        self.epoch, self.step, self.losses, self.skip = start.epoch, start.step, start.losses, start.skip
+        self.stop_decision: Decision | None = None
+        # kohya's cache_text_encoder_outputs: each caption encoded once (the settings that forbid it were refused)
+        self.captions_cache = ConditioningCache() if parts.cfg.data.cache_text_encoder_outputs else None
+        self.validated: dict[int, float] = {}  # step -> validation loss, this session
+
+    # ---- running
+    def run(self, progress: bool) -> None:
+        p = self.parts
+        timer = _StepTimer(first_step=self.step, warmup=3 if p.cfg.model.compile else 1)  # compiling: a few steps
+        bar = tqdm(total=p.total_steps, initial=self.step, desc="training", unit="step",
+                   disable=not (progress and p.is_main))
+        try:  # from here on, the tracker's files are recorded in the run's manifest however the run ends
+            self._before_first_step()
+            while self.epoch < p.cfg.training.max_epochs and self.step < p.total_steps and self.stop_decision is None:
+                done, local_batches = self._train_epoch(bar, timer)
+                self.epoch += 1
+                self.skip = 0
+                self._end_epoch(done, local_batches)
+        except KeyboardInterrupt:
+            last = p.run.latest_checkpoint()
+            kept = f"from {last.path.name}" if last else "from the start (no checkpoint yet)"
+            raise TrainingInterrupted(f"interrupted at step {self.step} (epoch {self.epoch + 1}); run the same "
+                                      f"command with --resume --out {p.run.path} to continue {kept}") from None
+        finally:
+            bar.close()
+            if p.tracker_dir is not None:
+                p.accelerator.end_training()  # flushes the event files, also of an interrupted run
+                if p.is_main:
+                    p.run.record_tree("logs")
+
+    def _before_first_step(self) -> None:
+        """What a new run measures of the base model before it trains: its sample score, samples, validation."""
+        p = self.parts
+        if self.step != 0:
+            return
+        if p.sample_stop is not None:  # the base model's own score (epoch 0): epoch 1's smoothing needs it
+            _score_samples(p.sample_stop, 0, 0, p.model, p.method, p.cfg, p.run, p.accelerator)
+        if p.is_main and p.prompts and p.cfg.sample.at_first:  # what the run starts from, to compare with
+            _sample(p.model, p.method, p.prompts, p.run.sample_path("epoch-0000-before-training"), p.accelerator,
+                    p.cfg, log_step=0)
+        if p.data.held_out:  # the base model's validation loss: what training is measured against
+            with fail_together(p.accelerator, "validating the base model"):
+                if p.is_main:
+                    self._record_validation(0, 0)
+
+    def _train_epoch(self, bar: tqdm, timer: _StepTimer) -> tuple[int, int]:
+        """The epoch's batches from ``skip`` on, until it ends, the run's steps are done or the monitor stops it;
+        returns how many of this process's ``local_batches`` were trained, and that count."""
+        p = self.parts
+        n_proc, rank = p.accelerator.num_processes, p.accelerator.process_index
+        accumulate = p.cfg.optimizer.gradient_accumulation_steps
+        local_batches = len(p.data.epoch_batches(self.epoch, processes=n_proc)[rank::n_proc])
+        # the plan of the epoch minus the batches already trained, dealt out to the processes
+        batches = p.data.epoch_batches(self.epoch, skip=self.skip * n_proc, processes=n_proc)[rank::n_proc]
+        done = self.skip
+        for i, batch in enumerate(batches, start=self.skip):
+            done = i + 1
+            # gradient accumulation: an optimizer step every `accumulate` batches, and at the epoch's last one
+            # (its group may be smaller: a step never takes batches of two epochs)
+            micro, group = i % accumulate, min(accumulate, local_batches - i // accumulate * accumulate)
+            loss = self._forward_backward(batch, i, micro, group)
+            if micro + 1 != group:
+                continue
+            self._optimizer_step(loss)
+            self._after_step(done == local_batches, bar, timer)
+            if self.stop_decision is not None or self.step >= p.total_steps:
+                break  # the epoch's end saves this step's checkpoint
+            if self._step_checkpoint_due(self.step) and done < local_batches:  # an epoch's end is saved there
+                with fail_together(p.accelerator, f"saving the checkpoint of step {self.step}"):
+                    if p.is_main:
+                        p.run.flush_log()  # the log as far as the checkpoint: a resume continues both
+                        self._save_step_checkpoint(self.epoch + 1, done, local_batches)
+        return done, local_batches
+
+    def _forward_backward(self, batch: Any, index: int, micro: int, group: int) -> torch.Tensor:
+        """One batch's loss and its share of the step's gradient (the step's: the mean over its ``group``)."""
+        p = self.parts
+        p.method.before_step(self.step)
+        with ExitStack() as no_sync:
+            if micro + 1 != group:  # a distributed run exchanges gradients once, at the group's last batch
+                for module in p.wrapped.values():
+                    no_sync.enter_context(p.accelerator.no_sync(module))
+            torch.manual_seed(step_seed(p.cfg.training.seed + 1, self.step * 1000 + index))  # adapter dropout
+            with p.method.scaled(batch.network_multiplier):
+                loss = compute_loss(p.cfg, p.model, p.method, batch, self.step, p.accelerator, p.run_unet,
+                                    None if p.method.text_encoder_stopped else p.run_text, self.captions_cache,
+                                    micro=micro)
+            if not torch.isfinite(loss):
+                raise TrainingError(_nan_message(p.run, self.step, self.epoch))
+            p.accelerator.backward(loss / group)
+        return loss
+
+    def _optimizer_step(self, loss: torch.Tensor) -> None:
+        p = self.parts
+        if p.schedule_free is not None:
+            p.method.hold_untrained_gradients()
+        if p.cfg.optimizer.max_grad_norm and not p.cfg.optimizer.fused_backward_pass:  # fused: clipped in backward
+            p.accelerator.clip_grad_norm_([t for g in p.optimizer.param_groups for t in g["params"]],
+                                          p.cfg.optimizer.max_grad_norm)
+        p.optimizer.step()
+        if not p.optimizer.step_was_skipped:  # fp16: an overflow skips it
+            p.lr_schedule.step()
+        p.optimizer.zero_grad(set_to_none=True)
+        p.method.after_optimizer_step()
+        if p.ema is not None:
+            p.ema.update(p.method.trained_tensors())
+        self.step += 1
+        self.losses.append(loss.item())
+
+    def _after_step(self, epoch_ends: bool, bar: tqdm, timer: _StepTimer) -> None:
+        """The step's record (CS, the monitor's decision, validation) logged; the progress bar; samples due."""
+        p, cfg, step = self.parts, self.parts.cfg, self.step
+        record = {"step": step, "epoch": self.epoch + 1, "loss": self.losses[-1],
+                  "lr": p.lr_schedule.get_last_lr()[0], **group_rates(p.optimizer.param_groups),
+                  **p.method.step_record()}
+        # the spectral size costs an SVD per layer: read at epoch ends, where its rule decides
+        spectral = p.monitor is not None and p.monitor.rule.series == "spectral" and epoch_ends
+        if p.monitor is not None and (step % cfg.early_stop.interval == 0 or spectral):
+            reading = p.meter.read(spectral=spectral)
+            record["cs"], record["update_size"] = reading.cs, reading.update
+            if reading.spectral is not None:
+                record["spectral_size"] = reading.spectral
+            decision = p.monitor.update(step, reading.cs, epoch=self.epoch + 1, update=reading.update,
+                                        spectral=reading.spectral)
+            if decision.stop:
+                self.stop_decision = decision
+        if p.data.held_out and cfg.training.validate_every_n_steps and step % cfg.training.validate_every_n_steps == 0:
+            with fail_together(p.accelerator, f"validating at step {step}"):  # the main process measures
+                if p.is_main:
+                    with self._judged():
+                        record["val_loss"] = self.validated[step] = _validate(cfg, p.model, p.method, p.data,
+                                                                              p.accelerator, self.captions_cache)
+        if p.is_main:
+            p.run.log(record)
+        if p.tracker_dir is not None:
+            p.accelerator.log(scalars(record), step=step)
+        bar.update(1)
+        if p.is_main and (seconds := timer.measured(step)) is not None:
+            stops_early = p.monitor is not None and not p.monitor.report_only
+            bar.write(estimate_line(seconds, p.total_steps - step, stops_early))
+        scaled = {"scaled": record["keys_scaled"]} if "keys_scaled" in record else {}  # max-norm, as kohya
+        bar.set_postfix(loss=f"{self.losses[-1]:.4f}", lr=f"{record['lr']:.2e}", epoch=self.epoch + 1, **scaled)
+        every = cfg.sample.every_n_steps
+        if p.is_main and p.prompts and every and step % every == 0 and step < p.total_steps:
+            # named to sort before its epoch's own grid (the run page lists them in name order)
+            with self._judged():
+                _sample(p.model, p.method, p.prompts, p.run.sample_path(f"epoch-{self.epoch + 1:04d}-step-{step:06d}"),
+                        p.accelerator, cfg, log_step=step)
+
+    def _end_epoch(self, done: int, local_batches: int) -> None:
+        """The epoch ended (``self.epoch`` counts it): the samples scored, validation, its checkpoint and samples."""
+        p, cfg, epoch, step = self.parts, self.parts.cfg, self.epoch, self.step
+        if p.sample_stop is not None:  # scored before saving: the checkpoint's state holds it
+            with self._judged():
+                found = _score_samples(p.sample_stop, epoch, step, p.model, p.method, cfg, p.run, p.accelerator)
+            if found is not None and self.stop_decision is None and cfg.early_stop.mode == "cs-fluctuation":
+                self.stop_decision = _sample_decision(found, p.steps_per_epoch, step, p.monitor)
+        # the main process's checkpoint and samples; the others wait for it at the next step's all-reduce
+        with fail_together(p.accelerator, f"validating, saving or sampling epoch {epoch}"):
+            if p.is_main and p.data.held_out and epoch % (cfg.training.validate_every_n_epochs or 1) == 0 \
+                    and step not in self.validated:  # before the checkpoint: a resumed run does it again
+                self._record_validation(step, epoch)
+            if p.is_main:
+                p.run.flush_log()  # lines a full disk refused during the epoch: now, or the run stops here
+                if p.tracker_dir is not None:
+                    p.run.record_tree("logs")  # files the tracker opened since (record_tree: run's own only)
+            if p.is_main and (saves_epoch(cfg, epoch) or self.stop_decision is not None or step >= p.total_steps):
+                p.run.save_checkpoint(epoch, self.handed_back(), self._training_state(epoch, done, local_batches),
+                                      metadata=metadata_for(cfg, p.data, p.model, epoch, step, p.file_entries))
+                # native: a whole U-Net per epoch, so only what may be handed back is kept, as with kohya's
+                # save_last_n_epochs (plus the last N)
+                if cfg.method.kind == "native" or cfg.training.save_last_n_epochs is not None:
+                    earliest = _earliest_handed_back_step(cfg, self.stop_decision, p.sample_stop, p.monitor,
+                                                          p.steps_per_epoch)
+                    p.run.prune_checkpoints(checkpoints_to_keep([c.epoch for c in p.run.checkpoints()],
+                                                                p.steps_per_epoch, earliest,
+                                                                cfg.training.save_last_n_epochs))
+            elif p.is_main and self._step_checkpoint_due(step):  # the epoch's end, not saved as the epoch's
+                self._save_step_checkpoint(epoch, done, local_batches)
+            if p.is_main and p.prompts and (epoch % cfg.sample.every_n_epochs == 0 or self.stop_decision is not None):
+                with self._judged():
+                    _sample(p.model, p.method, p.prompts, p.run.sample_path(f"epoch-{epoch:04d}"), p.accelerator, cfg,
+                            log_step=step)
+
+    # ---- what is measured and saved
+    def _record_validation(self, at_step: int, at_epoch: int) -> None:
+        """The held-out loss now, on its own log line (the main process; steps inside an epoch log it with their
+        step's record instead)."""
+        p = self.parts
+        with self._judged():
+            self.validated[at_step] = _validate(p.cfg, p.model, p.method, p.data, p.accelerator, self.captions_cache)
+        p.run.log({"step": at_step, "epoch": at_epoch, "val_loss": self.validated[at_step]})
+        if p.tracker_dir is not None:
+            p.accelerator.log({"val_loss": self.validated[at_step]}, step=at_step)
+
+    def _training_state(self, at_epoch: int, done: int, local_batches: int) -> dict[str, Any]:
         """What a resume needs, ``done`` of the epoch's ``local_batches`` batches trained (``at_epoch``: the epoch
         ended, or the one in progress)."""
-        return {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                "epoch": at_epoch, "step": step, "losses": losses,
-                "monitor": monitor.state_dict() if monitor is not None else None,
-                "sample_stop": sample_stop.rule.state_dict() if sample_stop is not None else None,
+        p = self.parts
+        return {"optimizer": p.optimizer.state_dict(), "lr_schedule": p.lr_schedule.state_dict(),
+                "epoch": at_epoch, "step": self.step, "losses": self.losses,
+                "monitor": p.monitor.state_dict() if p.monitor is not None else None,
+                "sample_stop": p.sample_stop.rule.state_dict() if p.sample_stop is not None else None,
                 # batches of this epoch trained when it was saved mid-epoch (0: the whole epoch)
                 "batches_done": done if done < local_batches else 0,
-                "stopped_early": stop_decision is not None, "data": fingerprint, **live_state()}
+                "stopped_early": self.stop_decision is not None, "data": p.fingerprint, **self._live_state()}
 
-    def live_state() -> dict[str, Any]:
+    def _live_state(self) -> dict[str, Any]:
         """What the checkpoint file does not hold as training keeps it: the weights, when the file holds their
         average (training.ema_decay) or their folded form (LyCORIS's use_scalar), and then the average too."""
-        live = method.trained_tensors()
-        folded = method.file_form(live).keys() != live.keys()
-        state = {"live_tensors": live} if ema is not None or folded or schedule_free is not None else {}
-        if ema is not None:
-            state["ema"] = ema.state_dict()
+        p = self.parts
+        live = p.method.trained_tensors()
+        folded = p.method.file_form(live).keys() != live.keys()
+        state = {"live_tensors": live} if p.ema is not None or folded or p.schedule_free is not None else {}
+        if p.ema is not None:
+            state["ema"] = p.ema.state_dict()
             if folded:
-                state["ema_average"] = ema.tensors_like(live)
+                state["ema_average"] = p.ema.tensors_like(live)
         return state
 
-    def handed_back() -> dict[str, torch.Tensor]:
+    def handed_back(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint holds: what the run would hand back now (the average, with training.ema_decay
         or a schedule-free optimizer), in the file's form."""
-        if schedule_free is not None:
-            with evaluation_weights(schedule_free):
-                return method.file_form({k: v.clone() for k, v in method.trained_tensors().items()})
-        tensors = method.trained_tensors()
-        return method.file_form(tensors if ema is None else ema.tensors_like(tensors))
+        p = self.parts
+        if p.schedule_free is not None:
+            with evaluation_weights(p.schedule_free):
+                return p.method.file_form({k: v.clone() for k, v in p.method.trained_tensors().items()})
+        tensors = p.method.trained_tensors()
+        return p.method.file_form(tensors if p.ema is None else p.ema.tensors_like(tensors))
 
-    def judged() -> AbstractContextManager[None]:
+    def _judged(self) -> AbstractContextManager[None]:
         """The weights samples and validation see: the average's, with training.ema_decay or a schedule-free
         optimizer."""
-        if schedule_free is not None:
-            return evaluation_weights(schedule_free)
-        return nullcontext() if ema is None else ema.applied(method)
+        p = self.parts
+        if p.schedule_free is not None:
+            return evaluation_weights(p.schedule_free)
+        return nullcontext() if p.ema is None else p.ema.applied(p.method)
 
-    def step_checkpoint_due(at_step: int) -> bool:
-        every = cfg.training.save_every_n_steps
+    def _step_checkpoint_due(self, at_step: int) -> bool:
+        every = self.parts.cfg.training.save_every_n_steps
         return bool(every) and at_step % every == 0
 
-    def save_step_checkpoint(at_epoch: int, done: int, local_batches: int) -> None:
+    def _save_step_checkpoint(self, at_epoch: int, done: int, local_batches: int) -> None:
         """kohya's save_every_n_steps: the adapter and the state of this step, then save_last_n_steps's pruning."""
-        run.save_checkpoint(at_epoch, handed_back(), training_state(at_epoch, done, local_batches),
-                            metadata=metadata_for(cfg, data, model, at_epoch, step, file_entries), step=step)
-        if cfg.training.save_last_n_steps is not None:
-            run.prune_step_checkpoints(step - cfg.training.save_last_n_steps)
+        p = self.parts
+        p.run.save_checkpoint(at_epoch, self.handed_back(), self._training_state(at_epoch, done, local_batches),
+                              metadata=metadata_for(p.cfg, p.data, p.model, at_epoch, self.step, p.file_entries),
+                              step=self.step)
+        if p.cfg.training.save_last_n_steps is not None:
+            p.run.prune_step_checkpoints(self.step - p.cfg.training.save_last_n_steps)
 
-    try:  # from here on, the tracker's files are recorded in the run's manifest however the run ends
-        if sample_stop is not None and step == 0:
-            # the base model's own score (epoch 0): the smoothing of epoch 1 needs it, as the onset's does
-            _score_samples(sample_stop, 0, 0, model, method, cfg, run, accelerator)
-        if is_main and prompts and cfg.sample.at_first and step == 0:  # what the run starts from, to compare with
-            _sample(model, method, prompts, run.sample_path("epoch-0000-before-training"), accelerator, cfg,
-                    log_step=0)
-        if data.held_out and step == 0:  # the base model's validation loss: what training is measured against
-            with fail_together(accelerator, "validating the base model"):
-                if is_main:
-                    record_validation(0, 0)
-        while epoch < cfg.training.max_epochs and step < total_steps and stop_decision is None:
-            local_batches = len(data.epoch_batches(epoch, processes=n_proc)[rank::n_proc])
-            # the plan of the epoch minus the batches already trained, dealt out to the processes
-            batches = data.epoch_batches(epoch, skip=skip * n_proc, processes=n_proc)[rank::n_proc]
-            done = skip
-            for i, batch in enumerate(batches, start=skip):
-                done = i + 1
-                # gradient accumulation: an optimizer step every `accumulate` batches, and at the epoch's last one
-                # (its group may be smaller: a step never takes batches of two epochs)
-                micro, group = i % accumulate, min(accumulate, local_batches - i // accumulate * accumulate)
-                steps_now = micro + 1 == group
-                method.before_step(step)
-                with ExitStack() as no_sync:
-                    if not steps_now:  # a distributed run exchanges gradients once, at the group's last batch
-                        for module in wrapped.values():
-                            no_sync.enter_context(accelerator.no_sync(module))
-                    torch.manual_seed(step_seed(cfg.training.seed + 1, step * 1000 + i))  # adapter dropout
-                    with method.scaled(batch.network_multiplier):
-                        loss = compute_loss(cfg, model, method, batch, step, accelerator, run_unet,
-                                            None if method.text_encoder_stopped else run_text, captions_cache,
-                                            micro=micro)
-                    if not torch.isfinite(loss):
-                        raise TrainingError(_nan_message(run, step, epoch))
-                    accelerator.backward(loss / group)  # the step's gradient: the mean over its batches
-                if not steps_now:
-                    continue
-                if schedule_free is not None:
-                    method.hold_untrained_gradients()
-                if cfg.optimizer.max_grad_norm and not cfg.optimizer.fused_backward_pass:  # fused: clipped in backward
-                    accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                cfg.optimizer.max_grad_norm)
-                optimizer.step()
-                if not optimizer.step_was_skipped:  # fp16: an overflow skips it
-                    lr_schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                method.after_optimizer_step()
-                if ema is not None:
-                    ema.update(method.trained_tensors())
-                step += 1
-                losses.append(loss.item())
-                record = {"step": step, "epoch": epoch + 1, "loss": losses[-1], "lr": lr_schedule.get_last_lr()[0],
-                          **group_rates(optimizer.param_groups), **method.step_record()}
-                # the spectral size costs an SVD per layer: read at epoch ends, where its rule decides
-                spectral = monitor is not None and monitor.rule.series == "spectral" and done == local_batches
-                if monitor is not None and (step % cfg.early_stop.interval == 0 or spectral):
-                    reading = meter.read(spectral=spectral)
-                    record["cs"], record["update_size"] = reading.cs, reading.update
-                    if reading.spectral is not None:
-                        record["spectral_size"] = reading.spectral
-                    decision = monitor.update(step, reading.cs, epoch=epoch + 1, update=reading.update,
-                                              spectral=reading.spectral)
-                    if decision.stop:
-                        stop_decision = decision
-                if data.held_out and cfg.training.validate_every_n_steps \
-                        and step % cfg.training.validate_every_n_steps == 0:
-                    with fail_together(accelerator, f"validating at step {step}"):  # the main process measures
-                        if is_main:
-                            with judged():
-                                record["val_loss"] = validated[step] = _validate(cfg, model, method, data,
-                                                                                 accelerator, captions_cache)
-                if is_main:
-                    run.log(record)
-                if tracker_dir is not None:
-                    accelerator.log(scalars(record), step=step)
-                bar.update(1)
-                if is_main and (seconds := timer.measured(step)) is not None:
-                    stops_early = monitor is not None and not monitor.report_only
-                    bar.write(estimate_line(seconds, total_steps - step, stops_early))
-                scaled = {"scaled": record["keys_scaled"]} if "keys_scaled" in record else {}  # max-norm, as kohya
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{record['lr']:.2e}", epoch=epoch + 1, **scaled)
-                every = cfg.sample.every_n_steps
-                if is_main and prompts and every and step % every == 0 and step < total_steps:
-                    # named to sort before its epoch's own grid (the run page lists them in name order)
-                    with judged():
-                        _sample(model, method, prompts, run.sample_path(f"epoch-{epoch + 1:04d}-step-{step:06d}"),
-                                accelerator, cfg, log_step=step)
-                if stop_decision is not None or step >= total_steps:
-                    break  # the epoch's end saves this step's checkpoint
-                if step_checkpoint_due(step) and done < local_batches:  # an epoch's end is saved below
-                    with fail_together(accelerator, f"saving the checkpoint of step {step}"):
-                        if is_main:
-                            run.flush_log()  # the log as far as the checkpoint: a resume continues both
-                            save_step_checkpoint(epoch + 1, done, local_batches)
-            epoch += 1
-            skip = 0
-            if sample_stop is not None:  # scored before saving: the checkpoint's state holds it
-                with judged():
-                    found = _score_samples(sample_stop, epoch, step, model, method, cfg, run, accelerator)
-                if found is not None and stop_decision is None and cfg.early_stop.mode == "cs-fluctuation":
-                    stop_decision = _sample_decision(found, steps_per_epoch, step, monitor)
-            # the main process's checkpoint and samples; the others wait for it at the next step's all-reduce
-            with fail_together(accelerator, f"validating, saving or sampling epoch {epoch}"):
-                if is_main and data.held_out and epoch % (cfg.training.validate_every_n_epochs or 1) == 0 \
-                        and step not in validated:  # before the checkpoint: a resumed run does it again
-                    record_validation(step, epoch)
-                if is_main:
-                    run.flush_log()  # lines a full disk refused during the epoch: now, or the run stops here
-                    if tracker_dir is not None:
-                        run.record_tree("logs")  # files the tracker opened since (record_tree: run's own only)
-                if is_main and (saves_epoch(cfg, epoch) or stop_decision is not None or step >= total_steps):
-                    run.save_checkpoint(epoch, handed_back(), training_state(epoch, done, local_batches),
-                                        metadata=metadata_for(cfg, data, model, epoch, step, file_entries))
-                    # native: a whole U-Net per epoch, so only what may be handed back is kept, as with
-                    # kohya's save_last_n_epochs (plus the last N)
-                    if cfg.method.kind == "native" or cfg.training.save_last_n_epochs is not None:
-                        earliest = _earliest_handed_back_step(cfg, stop_decision, sample_stop, monitor,
-                                                              steps_per_epoch)
-                        run.prune_checkpoints(checkpoints_to_keep([c.epoch for c in run.checkpoints()],
-                                                                  steps_per_epoch, earliest,
-                                                                  cfg.training.save_last_n_epochs))
-                elif is_main and step_checkpoint_due(step):  # the epoch's end, not saved as the epoch's
-                    save_step_checkpoint(epoch, done, local_batches)
-                if is_main and prompts and (epoch % cfg.sample.every_n_epochs == 0 or stop_decision is not None):
-                    with judged():
-                        _sample(model, method, prompts, run.sample_path(f"epoch-{epoch:04d}"), accelerator, cfg,
-                                log_step=step)
-    except KeyboardInterrupt:
-        last = run.latest_checkpoint()
-        kept = f"from {last.path.name}" if last else "from the start (no checkpoint yet)"
-        raise TrainingInterrupted(f"interrupted at step {step} (epoch {epoch + 1}); run the same command with "
-                                  f"--resume --out {run.path} to continue {kept}") from None
-    finally:
-        bar.close()
-        if tracker_dir is not None:
-            accelerator.end_training()  # flushes the event files, also of an interrupted run
-            if is_main:
-                run.record_tree("logs")
-    accelerator.wait_for_everyone()
 
-    # the result: the turning-point checkpoint when early stopping fired, else the last one
-    turning = stop_decision.turning_point if stop_decision is not None else None
-    final_epoch = epoch
-    if ema is not None:  # the run hands back the average (a turning point's checkpoint holds its own, read next)
-        ema.copy_to(method)
-    if schedule_free is not None:  # and the schedule-free average, as its checkpoints hold it
-        schedule_free.eval()
+def _finish(parts: _RunParts, loop: _TrainingLoop, started: float) -> TrainResult:
+    """The result: the turning point's checkpoint when early stopping fired, else the last weights, saved with the
+    CS record, its plot, the final samples and the summary."""
+    cfg, run, method, monitor, sample_stop = parts.cfg, parts.run, parts.method, parts.monitor, parts.sample_stop
+    turning = loop.stop_decision.turning_point if loop.stop_decision is not None else None
+    final_epoch = loop.epoch
+    if parts.ema is not None:  # the run hands back the average (a turning point's checkpoint holds its own)
+        parts.ema.copy_to(method)
+    if parts.schedule_free is not None:  # and the schedule-free average, as its checkpoints hold it
+        parts.schedule_free.eval()
     if turning is not None:
-        final_epoch = _checkpoint_epoch_for(turning.step, steps_per_epoch, run)
-        ckpt = run.checkpoint(final_epoch)
-        method.load_trained_tensors(ckpt.load_tensors())
+        final_epoch = _checkpoint_epoch_for(turning.step, parts.steps_per_epoch, run)
+        method.load_trained_tensors(run.checkpoint(final_epoch).load_tensors())
     files: list[Path] = []
     summary_text = ""
-    if is_main:
+    if parts.is_main:
         run.flush_log()
-        found = dict(file_entries)
+        found = dict(parts.file_entries)
         if monitor is not None:
             found["lorakit_early_stop"] = cfg.early_stop.mode
             if turning is not None:
                 found["lorakit_turning_point_step"] = str(turning.step)
                 found["lorakit_turning_point_epoch"] = str(turning.epoch)
                 found["lorakit_checkpoint_epoch"] = str(final_epoch)  # the saved epoch handed back
-        files = method.save(run.path, cfg.output.name, metadata_for(cfg, data, model, final_epoch, step, found))
+        files = method.save(run.path, cfg.output.name,
+                            metadata_for(cfg, parts.data, parts.model, final_epoch, loop.step, found))
         run.record(f for f in files if not f.is_dir())
         for folder in (f for f in files if f.is_dir()):  # a native run's diffusers folder
             run.record_folder(folder)
         reported = monitor.turning_point if monitor is not None else None
+        sample_record = None
         if sample_stop is not None:
             sample_record = sample_stop.record()
             run.write_json("sample_scores.json", sample_record)
@@ -804,30 +965,31 @@ def _train(cfg: TrainConfig, progress: bool, config_file: str | Path | None,
                                              turning_point=turning or reported,
                                              budget=getattr(monitor.rule, "budget", None),
                                              budget_series=monitor.rule.series))
-        if prompts:
-            _sample(model, method, prompts, run.sample_path("final"), accelerator, cfg)
+        if parts.prompts:
+            _sample(parts.model, method, parts.prompts, run.sample_path("final"), parts.accelerator, cfg)
             files.append(run.sample_path("final"))
+        losses, per_epoch = loop.losses, parts.steps_per_epoch
         summary = {
             "output_dir": str(run.path), "files": [str(f) for f in files], "method": cfg.method.kind,
-            "epochs_run": epoch, "steps": step, "final_epoch": final_epoch,
-            "stopped_early": stop_decision is not None,
+            "epochs_run": loop.epoch, "steps": loop.step, "final_epoch": final_epoch,
+            "stopped_early": loop.stop_decision is not None,
             "turning_point": turning.to_dict() if turning is not None else None,
             # report mode: where it would have stopped
             "turning_point_found": reported.to_dict() if reported is not None else None,
-            "sample_scores": sample_record if sample_stop is not None else None,
+            "sample_scores": sample_record,
             "undecided": _undecided(monitor) if monitor is not None and reported is None else None,
             "final_loss": losses[-1] if losses else None,
-            "mean_loss_last_epoch": sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])),
-            "seconds": round(time.time() - started, 1), "data": data.summary(), "trained": method.summary(),
-            "validation": _validation_summary(run, len(data.held_out)) if data.held_out else None,
+            "mean_loss_last_epoch": sum(losses[-per_epoch:]) / max(1, len(losses[-per_epoch:])),
+            "seconds": round(time.time() - started, 1), "data": parts.data.summary(), "trained": method.summary(),
+            "validation": _validation_summary(run, len(parts.data.held_out)) if parts.data.held_out else None,
             "step_checkpoints": [c.step() for c in run.step_checkpoints()],
             "ema_decay": cfg.training.ema_decay,
         }
         run.write_json("summary.json", summary)
         summary_text = "\n".join([_summary_text(summary), *next_steps(run.path, files, cfg)])
         run.write_text("summary.txt", summary_text + "\n")
-    return TrainResult(run.path, files, epoch, step, stop_decision is not None,
-                       turning.to_dict() if turning is not None else None, final_epoch, losses, summary_text)
+    return TrainResult(run.path, files, loop.epoch, loop.step, loop.stop_decision is not None,
+                       turning.to_dict() if turning is not None else None, final_epoch, loop.losses, summary_text)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
