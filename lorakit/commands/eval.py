@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lorakit.commands.prompt_options import add_prompt_reading_arguments
 from lorakit.errors import LorakitError
@@ -279,39 +280,75 @@ def _dataset_rgb(found: list[tuple[Path, str]]) -> list[Image.Image]:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     import lorakit.world.evaluation  # noqa: F401  (registers the world reader and the world's exact metrics)
-    from lorakit.embeddings import expand_all, load_embedding
-    from lorakit.evaluate.checkpoints import (
-        dataset_images,
-        discover,
-        file_hash,
-        model_hash,
-        run_dataset_images,
-        split_held_out,
-    )
+    from lorakit.embeddings import expand_all
     from lorakit.evaluate.generate import (
         ImageCache,
         SamplerSettings,
-        check_checkpoints,
         generate_all,
         image_keys,
         load_images,
         make_jobs,
     )
-    from lorakit.evaluate.pipeline import (
-        add_importance,
-        evaluate,
-        headline_metrics,
-        metrics_csv,
-        summary_lines,
-    )
-    from lorakit.evaluate.report import page_from_eval, render_html
+    from lorakit.evaluate.pipeline import add_importance, evaluate
     from lorakit.host_memory import keep_freed_memory
-    from lorakit.models import check_clip_skip, load_base_model
-    from lorakit.sample import adopt_trained_schedule, trained_text_settings
-    from lorakit.tools.merge import merge_base_weights
-    from lorakit.vae import use_vae
+    from lorakit.sample import trained_text_settings
 
     # everything is checked before anything is written
+    checkpoints, runs = _judged_sources(args)
+    base_weights = _base_weights(runs)
+    refs = _reference_images(args, runs)
+    _check_optional_extras(args)
+    specs = _extractor_specs(args)
+    keep_freed_memory()  # each denoising step frees and takes back the same buffers (SD1.5 on the CPU: 6-17 % faster)
+    extractors, providers = _load_measures(args, specs)
+    text, said = trained_text_settings([c.path for c in checkpoints if c.path], args.clip_skip,
+                                       args.max_token_length)
+    settings = SamplerSettings(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, width=args.size,
+                               height=args.size, **text)
+    for line in said:
+        print(f"lorakit eval: {line}")
+    jobs = make_jobs(refs.prompt_set.prompts, args.seeds)
+    model, embeddings, base_hash = _judging_model(args, checkpoints, base_weights, settings.clip_skip)
+
+    # what this call measures; the same call again continues it, another one does not replace it unasked
+    call = _call_fingerprint(image_keys(base_hash, checkpoints, jobs, settings), specs, refs.data, args.shap,
+                             refs.held_what or None)
+    _check_out_folder(args.out, call, args.overwrite)
+    cache = ImageCache(args.cache or args.out / "cache")
+    try:
+        paths, stats = generate_all(model, base_hash, checkpoints, jobs, settings, cache,
+                                    batch_size=args.batch_size, progress=not args.quiet,
+                                    words=lambda text: expand_all(text, embeddings))
+    except KeyboardInterrupt:
+        raise EvalInterrupted(f"interrupted; the images made so far are kept in {cache.folder}: the same command "
+                              "continues from them (no image is made twice)") from None
+    images = load_images(paths)
+    setup = _setup_table(args, refs, settings, specs, embeddings, model.resolution, len(jobs) * len(checkpoints),
+                         stats, call)
+    result = evaluate(checkpoints, runs, jobs, images, extractors, refs.data_images, providers, args.seeds, setup,
+                      refs.held_out_images)
+    if args.shap:
+        add_importance(result)
+    result.setup["seconds total"] = round(time.perf_counter() - started, 2)
+    lines, written = _write_results(args, result, jobs, images, refs.prompt_set)
+    spi = stats.seconds_per_image
+    print(f"lorakit eval: {len(checkpoints)} checkpoints × {len(refs.prompt_set.prompts)} prompts × {args.seeds} "
+          f"seed(s) = {len(jobs) * len(checkpoints)} images ({stats.made} generated"
+          + (f", {spi:.3f} s each" if spi else "") + f"; {stats.cached} from the cache {cache.folder})")
+    for line in lines:
+        print("  " + line)
+    for path in written:
+        print(f"  wrote {path}")
+    for line in _report_hints(runs, args.out):
+        print(line)
+    return 0
+
+
+def _judged_sources(args: argparse.Namespace) -> tuple[list, list]:
+    """The checkpoints and runs the sources name, with --out checked against them; --model and --vae filled in
+    from the runs' own settings when not given."""
+    from lorakit.evaluate.checkpoints import discover
+
     if args.out.exists() and not args.out.is_dir():
         raise EvalCommandError(f"--out {args.out}: exists and is not a folder")
     checkpoints, runs = discover(args.sources, include_base=not args.no_base, every=args.every,
@@ -327,7 +364,24 @@ def run(args: argparse.Namespace) -> int:
                   "compared (--step-checkpoints to compare them too)")
     args.model = _trained_with(args.model, runs, "base")
     args.vae = _trained_with(args.vae, runs, "vae")
-    base_weights = _base_weights(runs)
+    return checkpoints, runs
+
+
+@dataclass
+class _References:
+    """What the samples are measured against: the training images, the held-out ones, and the prompts."""
+    data: Path | None
+    prompt_set: Any
+    data_images: list[Image.Image]
+    held_out_images: list[Image.Image]
+    held_what: str  # where the held-out images come from, for the report ("" when there are none)
+
+
+def _reference_images(args: argparse.Namespace, runs) -> _References:
+    """The runs' training images as their trainer read them (captions included), the held-out images, and the
+    prompt set; every image read now, so that one that cannot be read stops the call before any is made."""
+    from lorakit.evaluate.checkpoints import dataset_images, run_dataset_images, split_held_out
+
     data = _data_folder(args, runs)
     # an image with no caption file was trained on its run's --trigger/--class words: the default prompts too
     plain_caption = next((r.plain_caption for r in runs if r.plain_caption), None) or args.trigger
@@ -348,24 +402,26 @@ def run(args: argparse.Namespace) -> int:
     held_what = ", ".join(([str(held_out)] if held_out is not None else [])
                           + ([f"{len(split)} by validation_split"] if split else []))
     prompt_set = _prompt_set(args, runs, data, pairs)
-    # read before any image is made: one that cannot be read stops the call now, not after the generating
-    data_images, held_out_images = _dataset_rgb(pairs), _dataset_rgb(held_out_pairs)
-    _check_optional_extras(args)
-    specs = _extractor_specs(args)
-    keep_freed_memory()  # each denoising step frees and takes back the same buffers (SD1.5 on the CPU: 6-17 % faster)
-    extractors, providers = _load_measures(args, specs)
-    text, said = trained_text_settings([c.path for c in checkpoints if c.path], args.clip_skip,
-                                       args.max_token_length)
-    settings = SamplerSettings(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, width=args.size,
-                               height=args.size, **text)
-    for line in said:
-        print(f"lorakit eval: {line}")
-    jobs = make_jobs(prompt_set.prompts, args.seeds)
+    return _References(data, prompt_set, _dataset_rgb(pairs), _dataset_rgb(held_out_pairs), held_what)
+
+
+def _judging_model(args: argparse.Namespace, checkpoints: list, base_weights: tuple[tuple[str, float], ...],
+                   clip_skip: int) -> tuple[Any, list, str]:
+    """The base model as the runs trained on it (their VAE, base weights, schedule), the --embedding files added,
+    every checkpoint checked to fit it; with the hash that names its images in the cache."""
+    from lorakit.embeddings import load_embedding
+    from lorakit.evaluate.checkpoints import file_hash, model_hash
+    from lorakit.evaluate.generate import check_checkpoints
+    from lorakit.models import check_clip_skip, load_base_model
+    from lorakit.sample import adopt_trained_schedule
+    from lorakit.tools.merge import merge_base_weights
+    from lorakit.vae import use_vae
+
     model = load_base_model(args.model)
     use_vae(model, args.vae)
     for line in merge_base_weights(model, base_weights):
         print(f"lorakit eval: base weights, as the runs were trained: {line}")
-    check_clip_skip(model, settings.clip_skip)
+    check_clip_skip(model, clip_skip)
     own_schedule = _schedule(model)
     for line in adopt_trained_schedule(model, [c.path for c in checkpoints if c.path]):
         print(f"lorakit eval: {line}")
@@ -377,69 +433,58 @@ def run(args: argparse.Namespace) -> int:
                                    "compare it as a checkpoint instead (give the file without --embedding)")
     check_checkpoints(model, checkpoints)  # a file that does not fit fails here, before any image is made
 
-    # what this call measures; the same call again continues it, another one does not replace it unasked
+    def rehashed(base: str, what: str) -> str:
+        return hashlib.sha256(f"{base} {what}".encode()).hexdigest()[:16]
+
     base_hash = model_hash(args.model)
     if args.vae:  # another VAE decodes other images (the key is unchanged without one: old caches stay valid)
-        base_hash = hashlib.sha256(f"{base_hash} vae {model_hash(args.vae)}".encode()).hexdigest()[:16]
+        base_hash = rehashed(base_hash, f"vae {model_hash(args.vae)}")
     for file, multiplier in base_weights:  # merged into the model: every image changes
-        merged = f"{base_hash} base weights {file_hash(Path(file))}:{multiplier}"
-        base_hash = hashlib.sha256(merged.encode()).hexdigest()[:16]
+        base_hash = rehashed(base_hash, f"base weights {file_hash(Path(file))}:{multiplier}")
     if _schedule(model) != own_schedule:  # the base model's own images change with its schedule too
-        base_hash = hashlib.sha256(f"{base_hash} schedule {_schedule(model)}".encode()).hexdigest()[:16]
+        base_hash = rehashed(base_hash, f"schedule {_schedule(model)}")
     for path, loaded in zip(args.embedding, embeddings, strict=True):  # they change every checkpoint's images
-        base_hash = hashlib.sha256(f"{base_hash} embedding {loaded.token} {file_hash(path)}".encode()).hexdigest()[:16]
-    call = _call_fingerprint(image_keys(base_hash, checkpoints, jobs, settings), specs, data, args.shap,
-                             held_what or None)
-    _check_out_folder(args.out, call, args.overwrite)
-    cache = ImageCache(args.cache or args.out / "cache")
-    try:
-        paths, stats = generate_all(model, base_hash, checkpoints, jobs, settings, cache,
-                                    batch_size=args.batch_size, progress=not args.quiet,
-                                    words=lambda text: expand_all(text, embeddings))
-    except KeyboardInterrupt:
-        raise EvalInterrupted(f"interrupted; the images made so far are kept in {cache.folder}: the same command "
-                              "continues from them (no image is made twice)") from None
-    images = load_images(paths)
-    setup = {"prompts": prompt_set.source, "concept": prompt_set.concept, "trigger": prompt_set.trigger,
-             "prompt count": len(prompt_set.prompts), "seeds": args.seeds, "steps": settings.steps,
-             "cfg": settings.cfg_scale, "sampler": settings.sampler, "clip skip": settings.clip_skip,
-             "max token length": settings.max_token_length,
-             "size": args.size or model.resolution,
-             "base model": args.model or "builtin", "data": str(data) if data else None,
-             **({"embeddings": ", ".join(f"{p} ({e.token})" for p, e in zip(args.embedding, embeddings, strict=True))}
-                if embeddings else {}),
-             "data images": len(data_images),
-             **({"held-out images": len(held_out_images), "held out": held_what} if held_what else {}),
-             "extractors": ", ".join(f"{k}={p or ''}".rstrip("=") for k, p in specs),
-             "images": len(jobs) * len(checkpoints), "generated": stats.made, "cached": stats.cached,
-             "seconds generating": round(stats.seconds, 2),
-             "seconds per generated image": None if stats.seconds_per_image is None
-             else round(stats.seconds_per_image, 4), "call": call}
-    result = evaluate(checkpoints, runs, jobs, images, extractors, data_images, providers, args.seeds, setup,
-                      held_out_images)
-    if args.shap:
-        add_importance(result)
-    result.setup["seconds total"] = round(time.perf_counter() - started, 2)
+        base_hash = rehashed(base_hash, f"embedding {loaded.token} {file_hash(path)}")
+    return model, embeddings, base_hash
+
+
+def _setup_table(args: argparse.Namespace, refs: _References, settings, specs: list[tuple[str, str | None]],
+                 embeddings: list, resolution: int, images: int, stats, call: str) -> dict[str, Any]:
+    """How the evaluation was made, as the report's settings table shows it."""
+    prompt_set = refs.prompt_set
+    return {"prompts": prompt_set.source, "concept": prompt_set.concept, "trigger": prompt_set.trigger,
+            "prompt count": len(prompt_set.prompts), "seeds": args.seeds, "steps": settings.steps,
+            "cfg": settings.cfg_scale, "sampler": settings.sampler, "clip skip": settings.clip_skip,
+            "max token length": settings.max_token_length,
+            "size": args.size or resolution,
+            "base model": args.model or "builtin", "data": str(refs.data) if refs.data else None,
+            **({"embeddings": ", ".join(f"{p} ({e.token})" for p, e in zip(args.embedding, embeddings, strict=True))}
+               if embeddings else {}),
+            "data images": len(refs.data_images),
+            **({"held-out images": len(refs.held_out_images), "held out": refs.held_what} if refs.held_what else {}),
+            "extractors": ", ".join(f"{k}={p or ''}".rstrip("=") for k, p in specs),
+            "images": images, "generated": stats.made, "cached": stats.cached,
+            "seconds generating": round(stats.seconds, 2),
+            "seconds per generated image": None if stats.seconds_per_image is None
+            else round(stats.seconds_per_image, 4), "call": call}
+
+
+def _write_results(args: argparse.Namespace, result, jobs: list, images: dict,
+                   prompt_set) -> tuple[list[str], list[Path]]:
+    """metrics.json, metrics.csv and report.html in --out, each written whole or not at all; returns the summary
+    lines (the page shows them too) and the files written."""
+    from lorakit.atomic import atomic_write_json, atomic_write_text
+    from lorakit.evaluate.pipeline import headline_metrics, metrics_csv, summary_lines
+    from lorakit.evaluate.report import page_from_eval, render_html
+
     lines = summary_lines(result, headline_metrics(result))
     html_text = render_html(page_from_eval(result, jobs, images, title=f"lorakit eval: {prompt_set.concept}",
                                            summary=lines))
-    from lorakit.atomic import atomic_write_json, atomic_write_text
-
     args.out.mkdir(parents=True, exist_ok=True)
     written = [atomic_write_json(args.out / "metrics.json", result.to_dict()),
                atomic_write_text(args.out / "metrics.csv", metrics_csv(result)),
                atomic_write_text(args.out / "report.html", html_text)]
-    spi = stats.seconds_per_image
-    print(f"lorakit eval: {len(checkpoints)} checkpoints × {len(prompt_set.prompts)} prompts × {args.seeds} seed(s) "
-          f"= {len(jobs) * len(checkpoints)} images ({stats.made} generated"
-          + (f", {spi:.3f} s each" if spi else "") + f"; {stats.cached} from the cache {cache.folder})")
-    for line in lines:
-        print("  " + line)
-    for path in written:
-        print(f"  wrote {path}")
-    for line in _report_hints(runs, args.out):
-        print(line)
-    return 0
+    return lines, written
 
 
 def _report_hints(runs, out: Path) -> list[str]:
