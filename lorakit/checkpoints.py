@@ -101,7 +101,11 @@ class FolderLock:
     lets it go when the process ends, also on ``kill -9``).  Two runs writing one folder would interleave their
     checkpoints and log lines, and an ``--overwrite`` would delete a running run's files."""
 
-    def __init__(self, folder: Path) -> None:
+    #: what a refusal says after the folder's name
+    IN_USE = ("is in use by another lorakit run (still training, or resuming in another terminal): wait for it to "
+              "end, or choose another output folder")
+
+    def __init__(self, folder: Path, in_use: str = IN_USE) -> None:
         self.fd: int | None = None
         try:
             import fcntl
@@ -112,8 +116,7 @@ class FolderLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise OutputFolderError(f"{folder} is in use by another lorakit run (still training, or resuming in "
-                                    "another terminal): wait for it to end, or choose another output folder") from None
+            raise OutputFolderError(f"{folder} {in_use}") from None
         self.fd = fd
 
     def release(self) -> None:

@@ -763,3 +763,40 @@ def test_a_whole_model_of_another_kind_is_refused_naming_it_and_where_a_base_goe
     err = capsys.readouterr().err.splitlines()[-1]
     assert str(tiny_sdxl_dir) in err and "not the same architecture" in err and "give it as --model" in err
     assert not (out / "metrics.json").exists()
+
+
+def test_an_out_folder_another_command_is_writing_is_refused_and_left_as_it_was(tmp_path, concept_data, capsys):
+    """Two evals writing one --out at once would leave one's metrics beside the other's page: the second is
+    refused while the first holds the folder (a lock the kernel drops when its process ends, also on kill -9)."""
+    from lorakit.checkpoints import FolderLock
+
+    run = write_run(tmp_path / "run", epochs=1, data=concept_data)
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(PROMPTS_TOML)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["eval", str(run), "--prompts", str(prompts), "--out", str(out), "--steps", "2", "--quiet"]
+    held = FolderLock(out)  # as another process's eval holds it (flock: per open file, so this process too)
+    try:
+        assert main(argv) == 2
+        assert "is in use by another lorakit command" in capsys.readouterr().err
+        assert list(out.iterdir()) == []
+    finally:
+        held.release()
+    assert main(argv) == 0 and (out / "metrics.json").is_file()
+
+
+def test_an_out_folder_made_for_a_call_interrupted_before_its_first_image_is_not_left_behind(
+        tmp_path, concept_data, capsys, monkeypatch):
+    import lorakit.evaluate.generate as generate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C before the first image is stored
+
+    run = write_run(tmp_path / "run", epochs=1, data=concept_data)
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(PROMPTS_TOML)
+    monkeypatch.setattr(generate, "generate_all", interrupted)
+    fresh = tmp_path / "fresh"
+    assert main(["eval", str(run), "--prompts", str(prompts), "--out", str(fresh), "--steps", "2", "--quiet"]) == 130
+    assert "interrupted" in capsys.readouterr().err and not fresh.exists()

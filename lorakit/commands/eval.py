@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -313,35 +315,54 @@ def run(args: argparse.Namespace) -> int:
     # what this call measures; the same call again continues it, another one does not replace it unasked
     call = _call_fingerprint(image_keys(base_hash, checkpoints, jobs, settings), specs, refs.data, args.shap,
                              refs.held_what or None)
-    _check_out_folder(args.out, call, args.overwrite)
-    cache = ImageCache(args.cache or args.out / "cache")
+    with _out_folder_held(args.out):
+        _check_out_folder(args.out, call, args.overwrite)  # once held: another call may have written it meanwhile
+        cache = ImageCache(args.cache or args.out / "cache")
+        try:
+            paths, stats = generate_all(model, base_hash, checkpoints, jobs, settings, cache,
+                                        batch_size=args.batch_size, progress=not args.quiet,
+                                        words=lambda text: expand_all(text, embeddings))
+        except KeyboardInterrupt:
+            raise EvalInterrupted(f"interrupted; the images made so far are kept in {cache.folder}: the same command "
+                                  "continues from them (no image is made twice)") from None
+        images = load_images(paths)
+        setup = _setup_table(args, refs, settings, specs, embeddings, model.resolution, len(jobs) * len(checkpoints),
+                             stats, call)
+        result = evaluate(checkpoints, runs, jobs, images, extractors, refs.data_images, providers, args.seeds, setup,
+                          refs.held_out_images)
+        if args.shap:
+            add_importance(result)
+        result.setup["seconds total"] = round(time.perf_counter() - started, 2)
+        lines, written = _write_results(args, result, jobs, images, refs.prompt_set)
+        spi = stats.seconds_per_image
+        print(f"lorakit eval: {len(checkpoints)} checkpoints × {len(refs.prompt_set.prompts)} prompts × {args.seeds} "
+              f"seed(s) = {len(jobs) * len(checkpoints)} images ({stats.made} generated"
+              + (f", {spi:.3f} s each" if spi else "") + f"; {stats.cached} from the cache {cache.folder})")
+        for line in lines:
+            print("  " + line)
+        for path in written:
+            print(f"  wrote {path}")
+        for line in _report_hints(runs, args.out):
+            print(line)
+        return 0
+
+
+@contextmanager
+def _out_folder_held(out: Path) -> Iterator[None]:
+    """--out locked for the call: two calls writing one folder at once would leave the metrics of one beside the
+    page of the other.  A folder made for a call that wrote nothing into it is removed again."""
+    from lorakit.checkpoints import FolderLock
+
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out, "is in use by another lorakit command (an eval writing its results there, or a run): "
+                           "wait for it to end, or choose another --out")
     try:
-        paths, stats = generate_all(model, base_hash, checkpoints, jobs, settings, cache,
-                                    batch_size=args.batch_size, progress=not args.quiet,
-                                    words=lambda text: expand_all(text, embeddings))
-    except KeyboardInterrupt:
-        raise EvalInterrupted(f"interrupted; the images made so far are kept in {cache.folder}: the same command "
-                              "continues from them (no image is made twice)") from None
-    images = load_images(paths)
-    setup = _setup_table(args, refs, settings, specs, embeddings, model.resolution, len(jobs) * len(checkpoints),
-                         stats, call)
-    result = evaluate(checkpoints, runs, jobs, images, extractors, refs.data_images, providers, args.seeds, setup,
-                      refs.held_out_images)
-    if args.shap:
-        add_importance(result)
-    result.setup["seconds total"] = round(time.perf_counter() - started, 2)
-    lines, written = _write_results(args, result, jobs, images, refs.prompt_set)
-    spi = stats.seconds_per_image
-    print(f"lorakit eval: {len(checkpoints)} checkpoints × {len(refs.prompt_set.prompts)} prompts × {args.seeds} "
-          f"seed(s) = {len(jobs) * len(checkpoints)} images ({stats.made} generated"
-          + (f", {spi:.3f} s each" if spi else "") + f"; {stats.cached} from the cache {cache.folder})")
-    for line in lines:
-        print("  " + line)
-    for path in written:
-        print(f"  wrote {path}")
-    for line in _report_hints(runs, args.out):
-        print(line)
-    return 0
+        yield
+    finally:
+        lock.release()
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
 
 
 def _judged_sources(args: argparse.Namespace) -> tuple[list, list]:
