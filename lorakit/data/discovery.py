@@ -283,24 +283,10 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
         problems.error(f"{folder}: image folder not found")
         return []
     _check_subset(subset, folder, problems)
-    listing = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
-    entries = [p for p in listing if p.is_file()]
-    # a link to nowhere (or a link loop) is not a file: say so rather than train on fewer images unawares
-    dead = [p.name for p in listing if p.is_symlink() and not p.exists()]
-    if dead:
-        problems.warn(f"{folder}: skipped symbolic links that lead to no file (broken or looping): {_some(dead)}")
-    images = [p for p in entries if is_image(p)]
-    _warn_nested_images(folder, listing, problems)
-    untrained = [p.name for p in entries if p.suffix.lower() in _UNTRAINED_PICTURES]
-    if images and untrained:
-        one = len(untrained) == 1
-        problems.warn(f"{folder}: {len(untrained)} {'picture' if one else 'pictures'} in a format not trained (only "
-                      f"{', '.join(IMAGE_EXTENSIONS)} are) left out: {_some(untrained)}; save "
-                      f"{'it' if one else 'them'} as PNG to train {'it' if one else 'them'}")
+    entries, images = _folder_images(folder, problems)
     if not images:
-        others = ", ".join(p.name for p in entries[:5]) or "the folder is empty"
-        problems.error(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder (found: {others})")
         return []
+    ext = _extension(subset.caption_extension)
     if subset.metadata_file:  # kohya's fine-tuning layout: the JSON lists the images and holds the captions
         images, from_json = _metadata_captions(Path(subset.metadata_file), folder, images, subset, problems)
         if not images:
@@ -308,30 +294,7 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
         captions: dict[str, Path] = {}
     else:
         from_json = None
-        ext = _extension(subset.caption_extension)
-        captions = {p.stem: p for p in entries if p.suffix.lower() == ext.lower()}
-        stems = {p.stem for p in images}
-        by_lower = {image.stem.lower(): image for image in images}
-        for stem, path in captions.items():
-            if stem not in stems:
-                alike = by_lower.get(stem.lower())
-                if alike is not None:  # made on a case-blind disk (Windows, macOS): names here are matched by case
-                    message = (f"{path}: caption file without an image: the image {alike.name} differs from it only "
-                               f"in letter case, and names are matched with their case; rename the caption "
-                               f"{alike.stem}{path.suffix}")
-                else:
-                    message = (f"{path}: caption file without an image (no {stem}{{{','.join(IMAGE_EXTENSIONS)}}} "
-                               f"in {folder}); remove or rename it")
-                if config.orphan_captions == "warn":
-                    problems.warn(message)
-                else:
-                    problems.error(message + " (or set orphan_captions = 'warn')")
-        if not captions:
-            other = [p for p in entries if p.suffix.lower() in _CAPTION_LIKE and p.stem in stems]
-            if other:
-                problems.warn(f"{folder}: no '{ext}' caption files, but {len(other)} '{other[0].suffix}' files next to "
-                              f"the images (e.g. {other[0].name}) are ignored; set caption_extension = "
-                              f"'{other[0].suffix}' if they are the captions")
+        captions = _caption_files(folder, entries, images, ext, config, problems)
     templates = template_caption(subset)
     if subset.caption_templates in CAPTION_TEMPLATES and subset.templated and templates is None:
         problems.error(f"{folder}: caption_templates = {subset.caption_templates!r} fills its templates with the "
@@ -382,6 +345,71 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
     if multiline:
         problems.warn(f"{folder}: only the first line of multi-line caption files is used (enable_wildcard = true "
                       f"draws one line per step): {_some(multiline)}")
+    _warn_about_captions(subset, folder, records, empty, no_file, ext, problems)
+    if subset.alpha_mask and records and not any(is_transparent(r.path) for r in records):
+        problems.warn(f"{folder}: alpha_mask is on, but none of its images has transparency (an alpha channel): "
+                      "their loss is not masked")
+    return records
+
+
+def _folder_images(folder: Path, problems: Problems) -> tuple[list[Path], list[Path]]:
+    """The folder's files and, among them, the images it trains (none: an error); what it holds that is not
+    trained (broken links, other picture formats, images in folders inside it) is said."""
+    listing = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
+    entries = [p for p in listing if p.is_file()]
+    # a link to nowhere (or a link loop) is not a file: say so rather than train on fewer images unawares
+    dead = [p.name for p in listing if p.is_symlink() and not p.exists()]
+    if dead:
+        problems.warn(f"{folder}: skipped symbolic links that lead to no file (broken or looping): {_some(dead)}")
+    images = [p for p in entries if is_image(p)]
+    _warn_nested_images(folder, listing, problems)
+    untrained = [p.name for p in entries if p.suffix.lower() in _UNTRAINED_PICTURES]
+    if images and untrained:
+        one = len(untrained) == 1
+        problems.warn(f"{folder}: {len(untrained)} {'picture' if one else 'pictures'} in a format not trained (only "
+                      f"{', '.join(IMAGE_EXTENSIONS)} are) left out: {_some(untrained)}; save "
+                      f"{'it' if one else 'them'} as PNG to train {'it' if one else 'them'}")
+    if not images:
+        others = ", ".join(p.name for p in entries[:5]) or "the folder is empty"
+        problems.error(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder (found: {others})")
+    return entries, images
+
+
+def _caption_files(folder: Path, entries: list[Path], images: list[Path], ext: str, config: DataConfig,
+                   problems: Problems) -> dict[str, Path]:
+    """The caption files beside the images, by image stem; one without its image is an error (or a warning, with
+    orphan_captions = 'warn'), and captions of another extension next to the images are pointed out."""
+    captions = {p.stem: p for p in entries if p.suffix.lower() == ext.lower()}
+    stems = {p.stem for p in images}
+    by_lower = {image.stem.lower(): image for image in images}
+    for stem, path in captions.items():
+        if stem in stems:
+            continue
+        alike = by_lower.get(stem.lower())
+        if alike is not None:  # made on a case-blind disk (Windows, macOS): names here are matched by case
+            message = (f"{path}: caption file without an image: the image {alike.name} differs from it only in "
+                       f"letter case, and names are matched with their case; rename the caption "
+                       f"{alike.stem}{path.suffix}")
+        else:
+            message = (f"{path}: caption file without an image (no {stem}{{{','.join(IMAGE_EXTENSIONS)}}} in "
+                       f"{folder}); remove or rename it")
+        if config.orphan_captions == "warn":
+            problems.warn(message)
+        else:
+            problems.error(message + " (or set orphan_captions = 'warn')")
+    if not captions:
+        other = [p for p in entries if p.suffix.lower() in _CAPTION_LIKE and p.stem in stems]
+        if other:
+            problems.warn(f"{folder}: no '{ext}' caption files, but {len(other)} '{other[0].suffix}' files next to "
+                          f"the images (e.g. {other[0].name}) are ignored; set caption_extension = "
+                          f"'{other[0].suffix}' if they are the captions")
+    return captions
+
+
+def _warn_about_captions(subset: SubsetConfig, folder: Path, records: list[ImageRecord], empty: list[str],
+                         no_file: list[str], ext: str, problems: Problems) -> None:
+    """What the images were captioned with, where it is likely not what the user meant: an empty caption file, a
+    caption file missing among captioned images, a trigger shuffle_caption moves, no caption text at all."""
     # what an image without a caption of its own is trained with; when that is nothing, the last warning says it
     fallback = base_caption(None, subset)
     if empty and fallback:
@@ -392,9 +420,6 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
         has, are = ("has", "is") if len(no_file) == 1 else ("have", "are")
         problems.warn(f"{folder}: {len(no_file)} of {len(records)} images {has} no caption file (<image name>{ext}) "
                       f"and {are} trained with the caption {fallback!r}: {_some(no_file)}")
-    if subset.alpha_mask and records and not any(is_transparent(r.path) for r in records):
-        problems.warn(f"{folder}: alpha_mask is on, but none of its images has transparency (an alpha channel): "
-                      "their loss is not masked")
     sep = subset.keep_tokens_separator
     if (sep and subset.shuffle_caption and subset.keep_tokens == 0 and subset.effective_trigger
             and subset.inject_trigger and not subset.is_reg):
@@ -410,7 +435,6 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
                  f"no <image name>{ext} caption file, or an empty one")
         problems.warn(f"{folder}: {len(uncaptioned)} of {len(records)} images have no caption text ({where}) and the "
                       f"folder names no trigger or class: trained with an empty caption: {_some(uncaptioned)}")
-    return records
 
 
 def _metadata_captions(path: Path, folder: Path, images: list[Path], subset: SubsetConfig,
