@@ -510,14 +510,20 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check every value that is wrong whatever the data, before anything is loaded or written (raises
         ConfigError naming the key).  Names are checked against the tables that define them."""
+        for ok, key, expected, value in self._value_checks():
+            if not ok:
+                raise ConfigError(f"{key} must be {expected}, got {value!r}")
+        self._validate_combinations()
+        return self
+
+    def _value_checks(self) -> list[tuple[bool, str, str, Any]]:
+        """Each value on its own against what it may be: (it is, its key, what it must be, the value)."""
         from lorakit.adapters import ALIASES, NETWORK_ALGORITHMS
         from lorakit.data.discovery import MAX_REPEATS
-        from lorakit.fused_backward import fused_backward_refusal
         from lorakit.loss import HUBER_SCHEDULES, LOSS_TYPES, PREDICTION_TYPES
         from lorakit.metadata import TOKEN_LENGTHS
         from lorakit.network import PRESETS
-        from lorakit.optimizers import OptimizerNameError, optimizer_builder
-        from lorakit.schedules import SCHEDULES, check_schedule
+        from lorakit.schedules import SCHEDULES
         from lorakit.trackers import ALL as ALL_TRACKERS
         from lorakit.trackers import TRACKERS
 
@@ -525,7 +531,7 @@ class TrainConfig:
             return ", ".join(names)
 
         net, opt, data, train = self.network, self.optimizer, self.data, self.training
-        checks: list[tuple[bool, str, str, Any]] = [
+        return [
             (self.method.kind in METHODS, "method.kind", f"one of {one_of(METHODS)}", self.method.kind),
             (self.output.log_with in (None, *TRACKERS, ALL_TRACKERS), "output.log_with",
              f"one of {one_of(TRACKERS)} or {ALL_TRACKERS} (or absent: log.jsonl and the run page only)",
@@ -690,9 +696,15 @@ class TrainConfig:
             (bool(self.output.name) and Path(self.output.name).name == self.output.name, "output.name",
              "a file name without a folder (the result is written into output.dir)", self.output.name),
         ]
-        for ok, key, expected, value in checks:
-            if not ok:
-                raise ConfigError(f"{key} must be {expected}, got {value!r}")
+
+    def _validate_combinations(self) -> None:
+        """Names checked by what defines them (the optimizer, the stopping rules, the schedule), the sections
+        checked by their own methods, and the options that do not go together."""
+        from lorakit.fused_backward import fused_backward_refusal
+        from lorakit.optimizers import OptimizerNameError, optimizer_builder
+        from lorakit.schedules import check_schedule
+
+        net, opt, train = self.network, self.optimizer, self.training
         try:  # a known name, or a class by its full name that imports (kohya's torch.optim.RAdam)
             optimizer_builder(opt.optimizer)
         except OptimizerNameError as e:
@@ -797,7 +809,6 @@ class TrainConfig:
                 other = "'pivotal' (textual inversion + an adapter)" if self.method.kind == "ti" else "'adapter'"
                 raise ConfigError(f"method.kind = {self.method.kind!r} trains no adapter, so {', '.join(changed)} "
                                   f"would be ignored: remove them, or use method.kind = {other}")
-        return self
 
     def _validate_fp8(self) -> None:
         parts = self.model.fp8_parts()
