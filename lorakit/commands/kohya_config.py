@@ -185,10 +185,41 @@ def read_kohya_file(path: str | Path) -> dict[str, Any]:
 
 def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
     """lorakit settings for a kohya option table (see the module's docstring)."""
-    from lorakit.commands.train import FLAGS, KOHYA_OPTIONS
-
     out = KohyaTranslation()
     options = dict(table)
+    module = _network_options(options, out, path)
+    _optimizer_options(options, out, path)
+    te2 = options.pop("learning_rate_te2", None)  # sdxl_train.py's second text encoder: below, once native is known
+    te_lr = options.get("text_encoder_lr")
+    if isinstance(te_lr, list):  # sd-scripts takes several (nargs="*"); its SD/SDXL networks read the first
+        options["text_encoder_lr"] = te_lr[0] if te_lr else None
+        if len(set(te_lr)) > 1:
+            out.notes.append(f"text_encoder_lr = {te_lr!r}: {te_lr[0]} for every text encoder, as kohya's SD and "
+                             "SDXL networks read it (the other values are for its FLUX/SD3 networks)")
+    if "resolution" in options:
+        raw = options.pop("resolution")
+        try:
+            size = [int(v) for v in str(raw).replace(" ", "").split(",") if v]
+        except ValueError:
+            raise ConfigError(f"{path}: resolution = {raw!r}: expected a size or width,height (512 or \"512,768\")"
+                              ) from None
+        out.set("data.resolution", size[0] if len(size) == 1 or size[0] == size[1] else size[:2])
+    token = options.pop("token_string", None)
+    if token:  # train_textual_inversion.py: its learning rate is the embedding's
+        out.set("method.kind", "ti")
+        out.set("method.ti_token", str(token))
+        if "learning_rate" in options:
+            out.set("optimizer.ti_lr", options.pop("learning_rate"))
+    native = module is None and not token  # train_db.py (DreamBooth) or fine_tune.py (with in_json)
+    _trained_parts(options, out, path, native, bool(token), te2)
+    _script_options(options, out, native)
+    _options_by_table(options, out)
+    return out
+
+
+def _network_options(options: dict[str, Any], out: KohyaTranslation, path: Path) -> Any:
+    """network_module and network_args: the algorithm, its preset and options; returns the module (None: no
+    network, a native or textual-inversion script)."""
     network_args = _pairs(options.pop("network_args", []) or [], "network_args", path)
     module = options.pop("network_module", None)
     if module is not None:
@@ -217,6 +248,11 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
     network_args = _adapter_options(network_args, out.settings.get("network", {}).get("algorithm", "lora"), out)
     if network_args:
         out.set("network.args", network_args)
+    return module
+
+
+def _optimizer_options(options: dict[str, Any], out: KohyaTranslation, path: Path) -> None:
+    """The optimizer, its arguments and the schedule's."""
     if "optimizer_args" in options:
         args = _pairs(options.pop("optimizer_args") or [], "optimizer_args", path)
         if args:
@@ -238,28 +274,11 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
             if unused:
                 out.notes.append(f"{', '.join(unused)}: not used with {name}, as in kohya (no schedule; its own "
                                  "warm-up is optimizer_args warmup_steps=N)")
-    te2 = options.pop("learning_rate_te2", None)  # sdxl_train.py's second text encoder: below, once native is known
-    te_lr = options.get("text_encoder_lr")
-    if isinstance(te_lr, list):  # sd-scripts takes several (nargs="*"); its SD/SDXL networks read the first
-        options["text_encoder_lr"] = te_lr[0] if te_lr else None
-        if len(set(te_lr)) > 1:
-            out.notes.append(f"text_encoder_lr = {te_lr!r}: {te_lr[0]} for every text encoder, as kohya's SD and "
-                             "SDXL networks read it (the other values are for its FLUX/SD3 networks)")
-    if "resolution" in options:
-        raw = options.pop("resolution")
-        try:
-            size = [int(v) for v in str(raw).replace(" ", "").split(",") if v]
-        except ValueError:
-            raise ConfigError(f"{path}: resolution = {raw!r}: expected a size or width,height (512 or \"512,768\")"
-                              ) from None
-        out.set("data.resolution", size[0] if len(size) == 1 or size[0] == size[1] else size[:2])
-    token = options.pop("token_string", None)
-    if token:  # train_textual_inversion.py: its learning rate is the embedding's
-        out.set("method.kind", "ti")
-        out.set("method.ti_token", str(token))
-        if "learning_rate" in options:
-            out.set("optimizer.ti_lr", options.pop("learning_rate"))
-    native = module is None and not token  # train_db.py (DreamBooth) or fine_tune.py (with in_json)
+
+
+def _trained_parts(options: dict[str, Any], out: KohyaTranslation, path: Path, native: bool, textual: bool,
+                   te2: Any) -> None:
+    """What trains: the U-Net, the text encoders (and SDXL's second one's rate), as the script's switches say."""
     if native:
         _native(options, out)
         if out.settings.get("method", {}).get("native_text_encoder") and _text_encoders_kept(options, te2, out):
@@ -278,7 +297,7 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
     # kohya trains the text encoder too unless told not to; lorakit's default is the U-Net only
     unet_only = bool(options.pop("network_train_unet_only", False))
     te_only = bool(options.pop("network_train_text_encoder_only", False))
-    if not token and not native:  # textual inversion and native fine-tuning train no network
+    if not textual and not native:  # textual inversion and native fine-tuning train no network
         # kohya leaves a network's modules at a rate of 0 out of the optimizer: they stay zero, as if not there
         te_rate_zero = _zero(options.get("text_encoder_lr")) and not unet_only
         unet_rate_zero = _zero(options.get("unet_lr")) and not te_only
@@ -298,6 +317,11 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
     if te_only:
         out.set("network.train_unet", False)
 
+
+
+def _script_options(options: dict[str, Any], out: KohyaTranslation, native: bool) -> None:
+    """Options that need more than a renaming: base weights, block rates, fused groups, the save ratio, the run's
+    length, full-precision switches and the saved format."""
     for key, kind in (("base_weights", str), ("base_weights_multiplier", float)):  # nargs="*": one or several
         if not is_off(options.get(key)):
             value = options.pop(key)
@@ -338,6 +362,13 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
     elif saved_as not in ("", "safetensors"):
         out.notes.append(f"save_model_as = {saved_as!r}: lorakit writes .safetensors (it never pickles), which "
                          f"A1111, ComfyUI and kohya load as they load a .{saved_as} file")
+
+
+def _options_by_table(options: dict[str, Any], out: KohyaTranslation) -> None:
+    """Every option left, through the table of kohya's options (``KOHYA_OPTIONS``): a lorakit flag or setting,
+    a default (skipped), or one lorakit lacks (said)."""
+    from lorakit.commands.train import FLAGS, KOHYA_OPTIONS
+
     for key, value in options.items():
         if key in _KOHYA_VALUES and isinstance(value, str):
             value = _KOHYA_VALUES[key].get(value, value)
@@ -365,7 +396,6 @@ def translate(table: dict[str, Any], path: Path) -> KohyaTranslation:
                 out.untranslated.append(f"{key} = {value!r}: lorakit spells it {hint}")
                 continue
             out.set(FLAGS[flag][0], value)
-    return out
 
 
 def _native(options: dict[str, Any], out: KohyaTranslation) -> None:
