@@ -180,3 +180,17 @@ def test_the_ranking_table_lists_every_checkpoint_best_first_with_its_method_and
     assert '<th class="label">method</th><th class="label">epoch</th>' in text
     # on the eval page it comes first
     assert page_from_eval(result, jobs, images).tables[0].title == table.title
+
+
+def test_a_run_file_or_an_evaluation_given_as_the_run_says_what_to_give_instead(tmp_path):
+    run = write_run(tmp_path / "run", epochs=1)
+    for inside in (run / "lorakit.safetensors", run / "checkpoints" / "epoch-0001"):
+        with pytest.raises(CheckpointError, match=f"inside the run {run}: lorakit report {run}"):
+            page_from_run(inside)
+    evaluation = tmp_path / "run-eval"
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=f"holds an evaluation.*lorakit report RUN --eval {evaluation}"):
+        page_from_run(evaluation)
+    with pytest.raises(CheckpointError, match=r"not a lorakit run folder \(no config.toml\)$"):
+        page_from_run(tmp_path)

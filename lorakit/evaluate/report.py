@@ -482,6 +482,20 @@ def add_eval_result(page: Page, result: EvalResult, where: str, run_name: str, t
         page.charts.append(labelled(chart))
 
 
+def _not_a_run(path: Path) -> str:
+    """Why ``path`` has no run page, and what to give instead where that can be told."""
+    from lorakit.evaluate.checkpoints import is_run_folder
+
+    said = f"{path}: not a lorakit run folder (no config.toml)"
+    holder = next((folder for folder in path.parents if is_run_folder(folder)), None)
+    if holder is not None:  # a file of a run (its lorakit.safetensors, a checkpoint)
+        return f"{said}; it is inside the run {holder}: lorakit report {holder}"
+    if path.is_dir() and (path / "metrics.json").is_file():
+        return (f"{said}; it holds an evaluation, whose page lorakit eval wrote there ({path / 'report.html'}); "
+                f"to show it on a run's page: lorakit report RUN --eval {path}")
+    return said
+
+
 def page_from_run(run_dir: str | Path) -> Page:
     """The page of one training run from its folder alone: sample grids per epoch, loss and CS per epoch,
     the CS-Fluctuation chart with its turning point, the run's settings and summary.  Generates nothing."""
@@ -496,7 +510,7 @@ def page_from_run(run_dir: str | Path) -> Page:
 
     run = Path(run_dir)
     if not is_run_folder(run):
-        raise CheckpointError(f"{run}: not a lorakit run folder (no config.toml)")
+        raise CheckpointError(_not_a_run(run))
     settings = run_settings(_read_toml(run / "config.toml"))
     summary = _read_json(run / "summary.json") or {}
     page = Page(title=f"lorakit report: {run.resolve().name}")
