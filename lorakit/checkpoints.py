@@ -96,6 +96,12 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def enclosing_run(path: str | Path) -> Path | None:
+    """The run folder (one with a config.toml) that holds ``path``, for a message to a user who gave a file or
+    folder of a run where the run itself was wanted; None when no folder above it is a run."""
+    return next((folder for folder in Path(path).parents if (folder / "config.toml").is_file()), None)
+
+
 class FolderLock:
     """An exclusive lock on a run folder (``flock`` on the folder itself: no file is left behind, and the kernel
     lets it go when the process ends, also on ``kill -9``).  Two runs writing one folder would interleave their
@@ -147,8 +153,9 @@ def check_run_folder(directory: str | Path, if_exists: str = "error", protect: I
             f"or set output.if_exists = \"resume\" to continue that run, or \"overwrite\" to replace it")
     if if_exists == "resume":
         if not ((path / "config.toml").exists() or RunManifest.exists_in(path)):
+            holder = enclosing_run(path)
             raise OutputFolderError(f"{path} is not a lorakit run folder (no config.toml): nothing to resume there; "
-                                    "check --out")
+                                    + (f"it is inside the run {holder}: --out {holder}" if holder else "check --out"))
         return "resume"
     for item in protect:
         if item and _inside(Path(item).expanduser(), path):

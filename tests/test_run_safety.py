@@ -162,9 +162,14 @@ def test_overwrite_refusals(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "a.png").write_bytes(b"mine")
-    with pytest.raises(OutputFolderError, match="not a lorakit run folder"):
+    with pytest.raises(OutputFolderError, match="not a lorakit run folder.*check --out"):
         RunFolder(photos, "resume")
     assert (photos / "a.png").exists()
+    # --resume --out RUN/checkpoints (a folder of the run, not the run): the run it is in is named
+    (run.path / "config.toml").write_text("")  # as a run writes it first
+    (run.path / "checkpoints" / "epoch-0001").mkdir(parents=True)
+    with pytest.raises(OutputFolderError, match=f"inside the run {run.path}: --out {run.path}"):
+        RunFolder(run.path / "checkpoints", "resume")
 
 
 # ---------------------------------------------------------------------------------------------- validation

@@ -188,6 +188,20 @@ def is_run_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.toml").is_file()
 
 
+def _not_a_run(path: Path) -> str:
+    """Why ``path`` is not judged as a run, and what to give instead where that can be told."""
+    from lorakit.checkpoints import enclosing_run
+    from lorakit.data.discovery import kohya_phrase
+
+    said = f"{path}: not a lorakit run folder (no config.toml)"
+    if (holder := enclosing_run(path)) is not None:  # its checkpoints folder, a sample folder
+        return f"{said}; it is inside the run {holder}: give {holder}"
+    if path.is_dir() and kohya_phrase(path) is not None:
+        return (f"{said}; it holds training images (kohya layout): give the run trained on them, or adapter files "
+                f"with --data {path} to measure them against these images")
+    return said
+
+
 def read_run(path: str | Path, every: int = 1, step_checkpoints: bool = False) -> RunInfo:
     """A run folder's settings, summary, turning point and saved checkpoints (every ``every``-th epoch, the last
     one always; with ``step_checkpoints`` its step checkpoints too, all of them, in order of training).
@@ -198,7 +212,7 @@ def read_run(path: str | Path, every: int = 1, step_checkpoints: bool = False) -
 
         if refusal := model_folder_refusal(path):
             raise CheckpointError(refusal)
-        raise CheckpointError(f"{path}: not a lorakit run folder (no config.toml)")
+        raise CheckpointError(_not_a_run(path))
     config = _read_toml(path / "config.toml")
     kind, token = _kind(config, path / "config.toml")
     summary = _read_json(path / "summary.json")

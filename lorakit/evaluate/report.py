@@ -484,10 +484,10 @@ def add_eval_result(page: Page, result: EvalResult, where: str, run_name: str, t
 
 def _not_a_run(path: Path) -> str:
     """Why ``path`` has no run page, and what to give instead where that can be told."""
-    from lorakit.evaluate.checkpoints import is_run_folder
+    from lorakit.checkpoints import enclosing_run
 
     said = f"{path}: not a lorakit run folder (no config.toml)"
-    holder = next((folder for folder in path.parents if is_run_folder(folder)), None)
+    holder = enclosing_run(path)
     if holder is not None:  # a file of a run (its lorakit.safetensors, a checkpoint)
         return f"{said}; it is inside the run {holder}: lorakit report {holder}"
     if path.is_dir() and (path / "metrics.json").is_file():
