@@ -32,6 +32,7 @@ from lorakit.train import (
     sample_prompts,
     sample_stop_line,
     saves_epoch,
+    start_adapter,
     ti_start_vectors,
     ti_token_note,
 )
@@ -65,6 +66,7 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
         family += (" (the file does not say whether it predicts noise or v: read as the 512 ε model; for a 768 v "
                    "model such as 2.1 set model.prediction_type = \"v_prediction\")")
     start = ti_start_vectors(cfg) if not resuming else None  # read as the run reads it (a resume does not)
+    start_file = start_adapter(cfg) if not resuming else None
     token_note = ti_token_note(cfg)
     data_cfg, notes = cfg.data, []
     if cfg.data.num_class_images > 0:  # prior preservation: the class images are drawn when the run starts
@@ -89,6 +91,9 @@ def dry_run(cfg: TrainConfig, config_file: str | Path | None = None) -> str:
               for spec in base_weight_specs(cfg)]
     lines += ["data:"] + [f"  {line}" for line in data.summary().splitlines()]
     lines += [f"  note: {n}" for n in notes]
+    if start_file is not None:
+        lines.append(f"the adapter starts from {start_file.path} ({count(len(start_file.modules()), 'module')}, "
+                     "checked against the network when the model loads)")
     if start is not None:
         sizes = " and ".join(str(t.shape[1]) for t in start)  # SDXL's: one size per text encoder
         lines.append(f"textual inversion starts from {cfg.method.ti_weights} ({count(start[0].shape[0], 'vector')} "

@@ -48,7 +48,7 @@ from lorakit.earlystop.rules import SIZE_SERIES
 from lorakit.earlystop.samples import SampleStop, SampleTurningPoint, make_sample_stop
 from lorakit.ema import WeightAverage
 from lorakit.errors import LorakitError
-from lorakit.formats import AdapterFile, read_adapter
+from lorakit.formats import AdapterFile, AdapterFileError, read_adapter
 from lorakit.fp8 import store_frozen_in_fp8
 from lorakit.fused_backward import FusedBackwardOptimizer
 from lorakit.loss import check_loss_options
@@ -486,12 +486,7 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator, run: RunFolder, prompts:
     sample_stop = _sample_stop(cfg)  # its prompt file is read before the model is loaded
     # a resumed run's checkpoint holds what the adapter file started: the file is not read (it may be gone)
     continuing = run.resuming and run.latest_checkpoint() is not None
-    start_file: AdapterFile | bool = False
-    if cfg.network.weights and not continuing:
-        # a missing file, a pickle, a model or a cut file is refused before the model loads
-        if not Path(cfg.network.weights).expanduser().is_file():
-            raise ConfigError(f"network.weights: {cfg.network.weights}: no such file")
-        start_file = read_adapter(Path(cfg.network.weights).expanduser())
+    start_file = (None if continuing else start_adapter(cfg)) or False
     ti_start = ti_start_vectors(cfg) if not continuing else None
     if (note := ti_token_note(cfg)) and is_main:
         print(note)
@@ -996,6 +991,17 @@ def _finish(parts: _RunParts, loop: _TrainingLoop, started: float) -> TrainResul
 def paths_read(cfg: TrainConfig, config_file: str | Path | None) -> list[str | Path]:
     """What a run reads and so never deletes: its training data, regularization images and config file."""
     return [p for p in (cfg.data.train_data, cfg.data.reg_data, config_file) if p]
+
+
+def start_adapter(cfg: TrainConfig) -> AdapterFile | None:
+    """network.weights read as the run starts from it (None when not set): a missing file, a folder, a pickle, a
+    model or a cut file is refused before the model loads, naming the setting."""
+    if not cfg.network.weights:
+        return None
+    try:
+        return read_adapter(Path(cfg.network.weights).expanduser())
+    except AdapterFileError as err:
+        raise ConfigError(f"network.weights: {err}") from None
 
 
 def ti_token_note(cfg: TrainConfig) -> str | None:

@@ -89,6 +89,29 @@ def test_a_dry_run_stops_on_what_the_run_would_stop_on(tiny_model_dir, tmp_path,
     assert "would be drawn" not in said and "3 reg images" in said
 
 
+def test_a_dry_run_reads_the_adapter_a_run_starts_from_as_the_run_reads_it(tiny_model_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    """--network-weights given a run folder (or a pickle) was said "checked" by the dry run, and "no such file" by
+    the run; both now read it alike and name the file to give."""
+    data = write_dataset(tmp_path / "data", n=3)
+    run = tmp_path / "earlier"
+    run.mkdir()
+    (run / "config.toml").write_text("")
+    adapter = run / "lorakit.safetensors"
+    save_file({"lora_unet_a.lora_down.weight": torch.zeros(2, 4), "lora_unet_a.lora_up.weight": torch.zeros(4, 2),
+               "lora_unet_a.alpha": torch.tensor(2.0)}, str(adapter))
+    _no_loading(monkeypatch)
+    flags = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "run")]
+    assert main([*flags, "--dry-run", "--network-weights", str(run)]) == 2
+    assert f"network.weights: {run}: is a folder, not a file" in (err := capsys.readouterr().err)
+    assert f"its result is {adapter}" in err
+    assert main([*flags, "--dry-run", "--network-weights", str(adapter)]) == 0
+    assert f"the adapter starts from {adapter} (1 module, checked" in capsys.readouterr().out
+    assert main([*flags, "--network-weights", str(run)]) == 2  # the run itself: the same words, nothing written
+    assert f"network.weights: {run}: is a folder, not a file" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_dry_run_reads_the_sample_prompts_and_a_run_refuses_a_bad_file_before_the_model_loads(
         tiny_model_dir, tmp_path, monkeypatch, capsys):
     """The prompt file was read only once the model had loaded: a dry run passed a file the run then stopped on."""
