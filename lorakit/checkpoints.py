@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from lorakit.atomic import atomic_write_text
 from lorakit.checkpoint_names import EPOCH_DIR, STEP_DIR, epoch_dir_name, step_dir_name
 from lorakit.errors import LorakitError
-from lorakit.run_manifest import MANIFEST_NAME, RunManifest
+from lorakit.run_manifest import MANIFEST_NAME, RunManifest, enclosing_run
 
 
 class OutputFolderError(LorakitError, ValueError):
@@ -94,12 +94,6 @@ RUN_NAMES = ("config.toml", "log.jsonl", "summary.json", "summary.txt", "cs_hist
 def _inside(path: Path, folder: Path) -> bool:
     path, folder = path.resolve(), folder.resolve()
     return path == folder or folder in path.parents
-
-
-def enclosing_run(path: str | Path) -> Path | None:
-    """The run folder (one with a config.toml) that holds ``path``, for a message to a user who gave a file or
-    folder of a run where the run itself was wanted; None when no folder above it is a run."""
-    return next((folder for folder in Path(path).parents if (folder / "config.toml").is_file()), None)
 
 
 class FolderLock:

@@ -191,3 +191,15 @@ class RunManifest:
         else:
             self.path.unlink(missing_ok=True)
         return kept
+
+
+def is_lorakit_run(folder: str | os.PathLike) -> bool:
+    """A folder a lorakit run wrote: its config.toml and its manifest (a user's project folder may hold a
+    config.toml of its own beside the data; only a run has both)."""
+    return (Path(folder) / "config.toml").is_file() and RunManifest.exists_in(folder)
+
+
+def enclosing_run(path: str | os.PathLike) -> Path | None:
+    """The run folder that holds ``path``, for a message to a user who gave a file or folder of a run where the
+    run itself was wanted; None when no folder above it is a run."""
+    return next((folder for folder in Path(path).parents if is_lorakit_run(folder)), None)

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from lorakit.config import TrainConfig, to_toml
 from lorakit.evaluate.prompts import EvalPrompt
+from lorakit.run_manifest import RunManifest
 
 TRIGGER = "zkz shape"
 PROMPTS = [
@@ -79,4 +80,6 @@ def write_run(folder: Path, epochs: int = 2, turning_epoch: int | None = 1, data
     (folder / "log.jsonl").write_text("".join(json.dumps({"step": s, "epoch": (s - 1) // 4 + 1, "loss": 0.5 / s,
                                                           "lr": 1e-3, "cs": 0.1 * s}) + "\n"
                                               for s in range(1, 4 * epochs + 1)))
+    manifest = RunManifest(folder)  # what the trainer records of the files it wrote
+    manifest.add_files(p for p in folder.rglob("*") if p.is_file())
     return folder

@@ -545,3 +545,20 @@ def test_images_in_a_folder_inside_an_image_folder_are_named_as_not_trained(tmp_
     assert "2 images in folders inside it not trained (more/ holds 2)" in message
     assert "notes" not in message and "back" not in message
     assert data(tmp_path).num_train_images == 20  # the two in the folder itself, ten times
+
+
+def test_a_lorakit_run_folder_or_a_folder_inside_one_is_refused_as_training_data(tmp_path):
+    from lorakit.run_manifest import RunManifest
+
+    run = tmp_path / "run"
+    make_folder(run / "samples", 2)  # its sample grids are pictures, its summary.txt no caption
+    (run / "config.toml").write_text("")
+    (run / "summary.txt").write_text("adapter: 10 steps")
+    RunManifest(run).add_files([run / "config.toml", run / "summary.txt"])
+    assert "a lorakit run's folder" in error(run) and "not images to train on" in error(run)
+    assert f"inside the lorakit run {run}" in error(run / "samples")
+    # a project folder with a config.toml of its own beside the data is no run (no manifest): trained
+    project = tmp_path / "project"
+    make_folder(project / "data" / "5_zkz star", 2)
+    (project / "config.toml").write_text("[data]\ntrain_data = 'data'\n")
+    assert data(project / "data").num_train_images == 10

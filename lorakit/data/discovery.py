@@ -146,6 +146,7 @@ def resolve_datasets(config: DataConfig, default_resolution: int | tuple[int, in
     if not source.is_dir():
         raise DatasetError(f"{source}: no such folder" if not source.exists() else
                            f"{source}: expected a folder of images or a .toml dataset config, not a file")
+    _refuse_run_folder(source)
     skip = Path(config.cache_dir).resolve() if config.cache_dir else None
     images = [p for p in sorted(source.iterdir()) if is_image(p)]
     kohya = [d for d in _subdirs(source) if KOHYA_FOLDER.match(d.name)]
@@ -187,6 +188,18 @@ def resolve_datasets(config: DataConfig, default_resolution: int | tuple[int, in
         subsets += validation_subsets(Path(config.validation_data).expanduser(), source, defaults, config, problems)
     problems.raise_if_any(str(source))
     return [build_dataset(defaults, subsets, str(source))]
+
+
+def _refuse_run_folder(source: Path) -> None:
+    """A lorakit run's folder (or one inside it, such as its samples) given as training data: its pictures are
+    sample grids, and its text files are no captions."""
+    from lorakit.run_manifest import enclosing_run, is_lorakit_run
+
+    run = source if is_lorakit_run(source) else enclosing_run(source)
+    if run is not None:
+        where = "a lorakit run's folder" if run == source else f"inside the lorakit run {run}"
+        raise DatasetError(f"{source}: {where} (what a run wrote: its results, samples and settings), not images to "
+                           "train on; give the folder of your images (kohya layout, or a plain folder with --trigger)")
 
 
 def validation_subsets(folder: Path, source: Path, defaults: dict, config: DataConfig,

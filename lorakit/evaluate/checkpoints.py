@@ -190,8 +190,8 @@ def is_run_folder(path: Path) -> bool:
 
 def _not_a_run(path: Path) -> str:
     """Why ``path`` is not judged as a run, and what to give instead where that can be told."""
-    from lorakit.checkpoints import enclosing_run
     from lorakit.data.discovery import kohya_phrase
+    from lorakit.run_manifest import enclosing_run
 
     said = f"{path}: not a lorakit run folder (no config.toml)"
     if (holder := enclosing_run(path)) is not None:  # its checkpoints folder, a sample folder

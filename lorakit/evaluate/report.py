@@ -484,7 +484,7 @@ def add_eval_result(page: Page, result: EvalResult, where: str, run_name: str, t
 
 def _not_a_run(path: Path) -> str:
     """Why ``path`` has no run page, and what to give instead where that can be told."""
-    from lorakit.checkpoints import enclosing_run
+    from lorakit.run_manifest import enclosing_run
 
     said = f"{path}: not a lorakit run folder (no config.toml)"
     holder = enclosing_run(path)
