@@ -467,7 +467,23 @@ def load_clip_tokenizer(folder: str | Path) -> CLIPTokenizer:
 def _check_folder(folder: Path, needed: tuple[str, ...]) -> None:
     missing = [p for p in needed if not (folder / p).is_dir()]
     if missing:
-        raise ModelLoadError(f"{folder}: not a Stable Diffusion diffusers folder (missing {', '.join(missing)})")
+        said = f"{folder}: not a Stable Diffusion diffusers folder (missing {', '.join(missing)})"
+        raise ModelLoadError(said + _run_folder_hint(folder))
+
+
+def _run_folder_hint(folder: Path) -> str:
+    """What a lorakit run folder given as a model holds instead: a model it wrote, or an adapter."""
+    from lorakit.file_kinds import is_full_model
+    from lorakit.run_manifest import is_lorakit_run
+
+    if not is_lorakit_run(folder):
+        return ""
+    # native fine-tuning writes a model (a single file, or a diffusers folder); the other methods an adapter
+    models = sorted(p for p in folder.iterdir() if (p.suffix == ".safetensors" or p.is_dir()) and is_full_model(p))
+    if models:
+        return f"; it is a lorakit run, and the model it trained is {models[0]}"
+    return ("; it is a lorakit run, whose results are adapters (or embeddings): give them beside the base model, "
+            "not as it")
 
 
 def _load_folder(folder: Path, dtype: torch.dtype, device, tokenizer: str | Path | None,

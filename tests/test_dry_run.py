@@ -151,6 +151,20 @@ def test_a_base_model_is_read_from_its_configs_and_shapes_only(tmp_path):
     with pytest.raises(lorakit.models.ModelLoadError, match="empty: not a Stable Diffusion diffusers folder "
                                                            r"\(missing unet, vae, text_encoder\)"):
         native_resolution(tmp_path / "empty")
+    # a lorakit run folder given as the model: what it holds instead
+    from lorakit.run_manifest import RunManifest
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text("")
+    save_file({"lora_unet_a.lora_down.weight": torch.ones(2, 4)}, str(run / "lorakit.safetensors"))
+    RunManifest(run).add_files([run / "config.toml", run / "lorakit.safetensors"])
+    with pytest.raises(lorakit.models.ModelLoadError, match="it is a lorakit run, whose results are adapters"):
+        load_base_model(run)
+    single.rename(run / "lorakit-native.safetensors")  # native fine-tuning's result: a model
+    with pytest.raises(lorakit.models.ModelLoadError,
+                       match=f"it is a lorakit run, and the model it trained is {run / 'lorakit-native.safetensors'}"):
+        load_base_model(run)
 
 
 def test_the_built_in_job_is_checked_without_leaving_its_images_behind(tmp_path, monkeypatch, capsys):
