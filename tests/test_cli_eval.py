@@ -806,7 +806,7 @@ def test_a_data_folder_or_a_folder_of_a_run_given_as_a_run_says_what_to_give(tmp
     run = write_run(tmp_path / "run", epochs=1, data=concept_data)
     out = tmp_path / "out"
     assert main(["eval", str(run / "checkpoints"), "--out", str(out), "--quiet"]) == 2
-    assert f"inside the run {run}: give {run}" in capsys.readouterr().err
+    assert f"inside the run {run}: lorakit eval {run} ..." in capsys.readouterr().err
     assert main(["eval", str(concept_data), "--out", str(out), "--quiet"]) == 2
     assert f"holds training images (kohya layout): give the run trained on them, or adapter files with --data " \
            f"{concept_data}" in capsys.readouterr().err

@@ -188,15 +188,20 @@ def is_run_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.toml").is_file()
 
 
-def _not_a_run(path: Path) -> str:
-    """Why ``path`` is not judged as a run, and what to give instead where that can be told."""
+def not_a_run(path: Path, command: str) -> str:
+    """Why ``path`` is not a run to ``lorakit <command>``, and what to give instead where that can be told: the run
+    a file or folder of a run is in, the page of an evaluation's folder, the run trained on a data folder."""
     from lorakit.data.discovery import kohya_phrase
     from lorakit.run_manifest import enclosing_run
 
     said = f"{path}: not a lorakit run folder (no config.toml)"
-    if (holder := enclosing_run(path)) is not None:  # its checkpoints folder, a sample folder
-        return f"{said}; it is inside the run {holder}: give {holder}"
-    if path.is_dir() and kohya_phrase(path) is not None:
+    rest = " ..." if command == "eval" else ""  # eval's other options are the user's own
+    if (holder := enclosing_run(path)) is not None:  # its checkpoints folder, its result file, a sample folder
+        return f"{said}; it is inside the run {holder}: lorakit {command} {holder}{rest}"
+    if path.is_dir() and (path / "metrics.json").is_file():
+        return (f"{said}; it holds an evaluation, whose page lorakit eval wrote there ({path / 'report.html'}); "
+                f"to show it on a run's page: lorakit report RUN --eval {path}")
+    if command == "eval" and path.is_dir() and kohya_phrase(path) is not None:
         return (f"{said}; it holds training images (kohya layout): give the run trained on them, or adapter files "
                 f"with --data {path} to measure them against these images")
     return said
@@ -212,7 +217,7 @@ def read_run(path: str | Path, every: int = 1, step_checkpoints: bool = False) -
 
         if refusal := model_folder_refusal(path):
             raise CheckpointError(refusal)
-        raise CheckpointError(_not_a_run(path))
+        raise CheckpointError(not_a_run(path, "eval"))
     config = _read_toml(path / "config.toml")
     kind, token = _kind(config, path / "config.toml")
     summary = _read_json(path / "summary.json")

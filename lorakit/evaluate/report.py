@@ -482,20 +482,6 @@ def add_eval_result(page: Page, result: EvalResult, where: str, run_name: str, t
         page.charts.append(labelled(chart))
 
 
-def _not_a_run(path: Path) -> str:
-    """Why ``path`` has no run page, and what to give instead where that can be told."""
-    from lorakit.run_manifest import enclosing_run
-
-    said = f"{path}: not a lorakit run folder (no config.toml)"
-    holder = enclosing_run(path)
-    if holder is not None:  # a file of a run (its lorakit.safetensors, a checkpoint)
-        return f"{said}; it is inside the run {holder}: lorakit report {holder}"
-    if path.is_dir() and (path / "metrics.json").is_file():
-        return (f"{said}; it holds an evaluation, whose page lorakit eval wrote there ({path / 'report.html'}); "
-                f"to show it on a run's page: lorakit report RUN --eval {path}")
-    return said
-
-
 def page_from_run(run_dir: str | Path) -> Page:
     """The page of one training run from its folder alone: sample grids per epoch, loss and CS per epoch,
     the CS-Fluctuation chart with its turning point, the run's settings and summary.  Generates nothing."""
@@ -504,13 +490,14 @@ def page_from_run(run_dir: str | Path) -> Page:
         _read_json,
         _read_toml,
         is_run_folder,
+        not_a_run,
         run_settings,
         summary_turning_point,
     )
 
     run = Path(run_dir)
     if not is_run_folder(run):
-        raise CheckpointError(_not_a_run(run))
+        raise CheckpointError(not_a_run(run, "report"))
     settings = run_settings(_read_toml(run / "config.toml"))
     summary = _read_json(run / "summary.json") or {}
     page = Page(title=f"lorakit report: {run.resolve().name}")
