@@ -228,10 +228,6 @@ class RunFolder:
             self._lock.release()
             self._lock = None
 
-    def foreign_run_names(self) -> list[Path]:
-        """Paths at names a run writes that the manifest does not list (the user's files; never replaced)."""
-        return foreign_run_names(self.path, self.name)
-
     # ------------------------------------------------------------------------------------ recorded writing
     def file(self, relative: str | Path) -> Path:
         """The path of a file the run is about to write (``relative`` to the run folder), recorded first."""

@@ -544,9 +544,12 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator, run: RunFolder, prompts:
         module.train()
     if is_main:
         _print_plan(cfg, data, method, steps_per_epoch, total_steps, meter is not None)
-    return _RunParts(cfg, accelerator, run, prompts, tracker_dir, sample_stop, model, method, data, file_entries, ema,
-                     optimizer, schedule_free, lr_schedule, meter, monitor, steps_per_epoch, total_steps, fingerprint,
-                     wrapped, run_unet, run_text, position)
+    return _RunParts(cfg=cfg, accelerator=accelerator, run=run, prompts=prompts, tracker_dir=tracker_dir,
+                     sample_stop=sample_stop, model=model, method=method, data=data, file_entries=file_entries,
+                     ema=ema, optimizer=optimizer, schedule_free=schedule_free, lr_schedule=lr_schedule, meter=meter,
+                     monitor=monitor, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                     fingerprint=fingerprint, wrapped=wrapped, run_unet=run_unet, run_text=run_text,
+                     position=position)
 
 
 def _training_data(cfg: TrainConfig, model: BaseModel, method: TrainingMethod, run: RunFolder,

@@ -64,10 +64,9 @@ def write_dataset(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = concept.write_concept_dataset(tmp)
-        made = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
-        targets = {p: args.folder / p.relative_to(tmp) for p in made}
-        to_write = {p: t for p, t in targets.items() if not t.is_file() or t.read_bytes() != p.read_bytes()}
-        changed = [t for t in to_write.values() if t.is_file()]
+        made = {args.folder / p.relative_to(tmp): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
+        to_write = {t: content for t, content in made.items() if not t.is_file() or t.read_bytes() != content}
+        changed = [t for t in to_write if t.is_file()]
         if changed and not args.overwrite:
             names = ", ".join(str(t.relative_to(args.folder)) for t in changed[:3])
             raise LorakitError(f"{args.folder}: {count(len(changed), 'file')} of the dataset "
@@ -75,9 +74,9 @@ def write_dataset(args: argparse.Namespace) -> int:
                                f"({names}{', ...' if len(changed) > 3 else ''}): edited since? Pass --overwrite to "
                                f"replace {'it' if len(changed) == 1 else 'them'}, or write the dataset to another "
                                "folder")
-        for p, target in to_write.items():
+        for target, content in to_write.items():
             target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(target, p.read_bytes())
+            atomic_write_bytes(target, content)
     print(f"wrote {len(paths)} images with captions, prompts.json, eval_prompts.txt and sample_prompts.txt "
           f"to {args.folder}" + (f" ({count(len(changed), 'changed file')} replaced)" if changed else ""))
     return 0

@@ -276,7 +276,7 @@ def _warn_nested_images(folder: Path, listing: Sequence[Path], problems: Problem
     nested = {}
     for sub in listing:
         if sub.is_dir() and not sub.is_symlink():
-            count = sum(1 for p in sub.iterdir() if p.is_file() and is_image(p))
+            count = sum(1 for p in sub.iterdir() if is_image(p))  # is_image: files only
             if count:
                 nested[sub.name] = count
     if nested:
