@@ -101,3 +101,19 @@ def test_a_file_for_another_model_or_an_existing_output_is_refused(base, tmp_pat
     assert "this is an input" in capsys.readouterr().err
     assert main(["convert", str(source), "--to", "kohya", "--out", str(out), "--overwrite"]) == 0
     assert_same_outputs(base, source, out)
+
+
+def test_a_file_already_in_the_asked_layout_is_said_to_be_a_copy_or_its_dtype_change(base, tmp_path, capsys):
+    source = _random_adapter(base, tmp_path / "a.safetensors", preset="attn-mlp")
+    copy = tmp_path / "copy.safetensors"
+    assert main(["convert", str(source), "--to", "kohya", "--out", str(copy)]) == 0
+    said = capsys.readouterr().out
+    assert f"{source} is already in the kohya layout with canonical names" in said and "nothing to convert" in said
+    assert read_adapter(copy).tensors.keys() == read_adapter(source).tensors.keys()
+    half = tmp_path / "half.safetensors"
+    assert main(["convert", str(source), "--to", "kohya", "--out", str(half), "--dtype", "fp16"]) == 0
+    said = capsys.readouterr().out
+    assert "tensors fp32 -> fp16" in said and "nothing to convert" not in said
+    peft = tmp_path / "peft.safetensors"
+    assert main(["convert", str(source), "--to", "diffusers", "--out", str(peft), "--dtype", "bf16"]) == 0
+    assert "(diffusers layout)" in (said := capsys.readouterr().out) and "; tensors fp32 -> bf16" in said

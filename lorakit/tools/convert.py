@@ -18,7 +18,7 @@ import torch
 
 from lorakit.diffusers_format import diffusers_refusal
 from lorakit.formats import AdapterFileError, load_network, read_adapter, save_network
-from lorakit.models import BaseModel
+from lorakit.models import BaseModel, dtype_name
 from lorakit.tools import ToolError, not_loaded
 
 LAYOUTS = ("kohya", "diffusers")
@@ -38,13 +38,22 @@ class Conversion:
     modules: int
     algorithms: tuple[str, ...]
     renamed: int  # modules whose name changed (diffusers -> kohya: all of them; kohya -> kohya: made canonical)
+    dtype_changed: str | None = None  # "fp32 -> fp16" when --dtype changed the tensors' dtype
 
     def summary(self) -> str:
         what = f"{self.modules} modules ({', '.join(self.algorithms)})"
-        renamed = f"; {self.renamed} names made canonical" if self.layout == self.source_layout and self.renamed \
-            else ""
+        dtype = f"; tensors {self.dtype_changed}" if self.dtype_changed else ""
+        if self.layout == self.source_layout:
+            # the same layout asked for: say what changed, or that the file was a copy already
+            changes = [f"{self.renamed} names made canonical"] if self.renamed else []
+            changes += [f"tensors {self.dtype_changed}"] if self.dtype_changed else []
+            if not changes:
+                return (f"lorakit convert: {self.source} is already in the {self.layout} layout with canonical "
+                        f"names; {self.out} is a copy of its {what}, the same ΔW (nothing to convert)")
+            return (f"lorakit convert: {self.source} ({self.source_layout} layout) -> {self.out} ({self.layout} "
+                    f"layout): {what}, the same ΔW; {'; '.join(changes)}")
         return (f"lorakit convert: {self.source} ({self.source_layout} layout) -> {self.out} ({self.layout} "
-                f"layout): {what}, the same ΔW{renamed}")
+                f"layout): {what}, the same ΔW{dtype}")
 
 
 def convert_adapter(source: str | os.PathLike, out: str | os.PathLike, layout: str, model: BaseModel, *,
@@ -54,9 +63,13 @@ def convert_adapter(source: str | os.PathLike, out: str | os.PathLike, layout: s
     if layout not in LAYOUTS:
         raise ToolError(f"unknown layout {layout!r}; layouts: {', '.join(LAYOUTS)}")
     file = read_adapter(source)
+    floats = Counter(t.dtype for t in file.tensors.values() if t.is_floating_point())
+    own_dtype = floats.most_common(1)[0][0] if floats else None
+    dtype_changed = None
     if dtype is None:  # the file's own (an fp16 download stays fp16), whatever the loaded adapters hold
-        floats = Counter(t.dtype for t in file.tensors.values() if t.is_floating_point())
-        dtype = floats.most_common(1)[0][0] if floats else None
+        dtype = own_dtype
+    elif own_dtype is not None and dtype != own_dtype:
+        dtype_changed = f"{dtype_name(own_dtype)} -> {dtype_name(dtype)}"
     try:
         network, _ = load_network(file, model.unet, model.text_encoders)
     except AdapterFileError as err:
@@ -71,4 +84,5 @@ def convert_adapter(source: str | os.PathLike, out: str | os.PathLike, layout: s
     finally:
         network.remove()
     return Conversion(file.label, file.layout, written, layout, len(names), algorithms,
-                      len(names - set(file.modules())) if file.layout == "kohya" else len(names))
+                      len(names - set(file.modules())) if file.layout == "kohya" else len(names), dtype_changed)
+
