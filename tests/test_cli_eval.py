@@ -234,6 +234,12 @@ def test_the_run_page_shows_what_eval_measured_and_where_the_turning_point_ranks
         page.index("second: ranking: the checkpoints compared") < page.index("training: per epoch")
     assert main(["report", str(run), "--eval", str(tmp_path)]) == 2
     assert f"--eval {tmp_path}: no metrics.json there" in capsys.readouterr().err
+    # a summary.json cut short: the page still joins the eval, without the turning point's rank, and says why
+    (run / "summary.json").write_text('{"method": "lora",')
+    assert main(["report", str(run), "--eval", str(elsewhere)]) == 0
+    said = capsys.readouterr().out
+    assert "the run's summary is not shown" in said and f"measured by lorakit eval ({elsewhere}" in said
+    assert "the turning point's checkpoint" not in said
 
 
 def test_ctrl_c_during_generation_keeps_the_images_and_the_same_command_continues(tmp_path, concept_data, capsys):

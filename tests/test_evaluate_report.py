@@ -194,3 +194,16 @@ def test_a_run_file_or_an_evaluation_given_as_the_run_says_what_to_give_instead(
         page_from_run(evaluation)
     with pytest.raises(CheckpointError, match=r"not a lorakit run folder \(no config.toml\)$"):
         page_from_run(tmp_path)
+
+
+def test_a_run_with_an_unreadable_summary_still_gets_its_page_saying_why(tmp_path, capsys):
+    from lorakit.cli import main
+
+    run = write_run(tmp_path / "run", epochs=2, turning_epoch=1)
+    (run / "summary.json").write_text('{"method": "lora", "steps": 8,')  # cut short, as a full disk would
+    assert main(["report", str(run)]) == 0
+    said = capsys.readouterr().out
+    assert f"the run's summary is not shown: {run / 'summary.json'}: not valid JSON" in said
+    text = unescape((run / "report.html").read_text())
+    assert "the run's summary is not shown" in text
+    assert sorted(dict(parse_report(text).tables["training: per epoch"])) == ["epoch 1", "epoch 2"]

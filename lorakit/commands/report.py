@@ -56,7 +56,10 @@ def _join_eval(page, run: Path, measured: Path, label: str = "", position: int =
                             f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}: the run was trained "
                             "again); run lorakit eval again for this run's ranking")
         return
-    tp = summary_turning_point(_read_json(run / "summary.json"))
+    try:
+        tp = summary_turning_point(_read_json(run / "summary.json"))
+    except CheckpointError:  # the run's page said so already; the ranking is shown without its turning point
+        tp = None
     add_eval_result(page, result, str(measured), run_name, tp.get("epoch") if tp else None, label, position)
 
 

@@ -499,9 +499,15 @@ def page_from_run(run_dir: str | Path) -> Page:
     if not is_run_folder(run):
         raise CheckpointError(not_a_run(run, "report"))
     settings = run_settings(_read_toml(run / "config.toml"))
-    summary = _read_json(run / "summary.json") or {}
     page = Page(title=f"lorakit report: {run.resolve().name}")
-    if summary:
+    try:
+        summary = _read_json(run / "summary.json") or {}
+        unreadable = None
+    except CheckpointError as err:  # the page shows what else the folder holds; the line says what is missing
+        summary, unreadable = {}, str(err)
+    if unreadable:
+        page.summary.append(f"the run's summary is not shown: {unreadable}")
+    elif summary:
         tp = summary_turning_point(summary)
         page.summary.append(f"{summary.get('method', '?')}: {summary.get('steps', '?')} steps in "
                             f"{summary.get('epochs_run', '?')} epochs, {summary.get('seconds', '?')} s; result = "
