@@ -244,7 +244,8 @@ def test_the_run_page_shows_what_eval_measured_and_where_the_turning_point_ranks
 
 def test_ctrl_c_during_generation_keeps_the_images_and_the_same_command_continues(tmp_path, concept_data, capsys):
     """A real `lorakit eval` process interrupted with Ctrl-C once its first images are cached: it says where they
-    are and how to continue, and the same command then makes only the images that are missing."""
+    are and how to continue, and the same command then makes only the images that are missing. While it runs,
+    the same command from this process is refused: --out is locked across processes."""
     import os
     import signal
     import subprocess
@@ -272,6 +273,9 @@ def test_ctrl_c_during_generation_keeps_the_images_and_the_same_command_continue
     while time.monotonic() < deadline and proc.poll() is None and not cached():
         time.sleep(0.02)
     assert proc.poll() is None, f"the eval ended before its first image: {proc.communicate()[1][-2000:]}"
+    # the same call in a second process while the first writes: refused, the first's folder left to it
+    assert main(args) == 2 and f"{out} is in use by another lorakit command" in capsys.readouterr().err
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
