@@ -222,6 +222,40 @@ def test_extract_and_resize_commands(base, files, tmp_path, capsys):
         assert "x.pt: does not end in .safetensors" in capsys.readouterr().err
 
 
+
+def test_rank_zero_and_an_output_with_no_module_are_refused_before_a_file_is_written(base, files, tmp_path, capsys):
+    """--rank 0 (or a typo's -1) would write a file with no module, which no client reads as anything: refused by
+    every tool that takes it; --conv-rank 0 leaves the convs out and says so, not that their ΔW is zero."""
+    from safetensors.torch import save_file
+
+    from lorakit.tools.merge import save_model
+
+    a, _ = files
+    out = tmp_path / "out.safetensors"
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.unet.down_blocks[0].resnets[0].conv1.weight.add_(0.01)  # only a 3x3 conv differs
+    save_model(tuned, tmp_path / "tuned")
+    for command in (["resize", str(a)], ["extract", str(tmp_path / "tuned")], ["merge", str(a), "--to-adapter"]):
+        for rank in ("0", "-1"):
+            assert main([*command, "--rank", rank, "--out", str(out)]) == 2
+            assert f"--rank {rank}: give a rank of 1 or more" in capsys.readouterr().err
+            assert not out.exists()
+    assert main(["extract", str(tmp_path / "tuned"), "--rank", "2", "--conv-rank", "0", "--out", str(out)]) == 2
+    assert "the only layers that differ are 1 k x k conv(s), and --conv-rank 0 leaves them out" in \
+        capsys.readouterr().err and not out.exists()
+    assert main(["resize", str(a), "--rank", "2", "--conv-rank", "0", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "lora_unet_down_blocks_0_resnets_0_conv1: --conv-rank 0 leaves k x k convs out; no module written" in said
+    assert "ΔW is zero" not in said
+    assert not any("resnets_0_conv1" in name for name in read_adapter(out).modules())
+    zero = {k: torch.zeros_like(v) if k.endswith("lora_up.weight") else v for k, v in read_adapter(a).tensors.items()}
+    save_file(zero, str(tmp_path / "zero.safetensors"))
+    empty = tmp_path / "z.safetensors"
+    assert main(["resize", str(tmp_path / "zero.safetensors"), "--rank", "2", "--out", str(empty)]) == 2
+    assert "no module is left to write, so" in capsys.readouterr().err and not empty.exists()
+
+
 def test_python_api_with_adapters_and_an_embedding(base, files, tmp_path):
     from safetensors.torch import save_file
 

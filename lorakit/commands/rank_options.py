@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lorakit.atomic import atomic_write_text
 from lorakit.models import resolve_dtype
+from lorakit.tools import ToolError
 from lorakit.tools.lowrank import DYNAMIC_METHODS, RankRule
 from lorakit.tools.result import ToolResult, write_report
 
@@ -44,6 +45,8 @@ def add_rank_arguments(parser: argparse.ArgumentParser, *, conv: bool = True, ra
 
 def rank_rules(args: argparse.Namespace, default_rank: int | None = None) -> tuple[RankRule | None, RankRule | None]:
     """(rule, conv rule) from the options; (None, None) when nothing was asked and there is no default."""
+    if args.rank is not None and args.rank <= 0:  # 0 would write a file with no module; -1 is a typo
+        raise ToolError(f"--rank {args.rank}: give a rank of 1 or more (--conv-rank 0 leaves the k x k convs out)")
     rank = args.rank if args.rank is not None or args.dynamic else default_rank
     if rank is None and args.dynamic is None:
         rule = None

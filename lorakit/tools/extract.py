@@ -18,7 +18,7 @@ from lorakit.metadata import base_model_fields, ss_metadata
 from lorakit.models import BaseModel
 from lorakit.modelspec import modelspec_metadata
 from lorakit.network import Component, Preset, components, get_preset, is_kxk_conv, norm_targets, select_targets
-from lorakit.tools import MismatchError
+from lorakit.tools import MismatchError, ToolError
 from lorakit.tools.lowrank import Delta, RankRule, factorize
 from lorakit.tools.result import ToolResult
 
@@ -65,7 +65,7 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
     chosen = get_preset(preset)
     result = ToolResult("extract", dtype)
     tuned_comps = {c.group: c for c in components(tuned.unet, tuned.text_encoders if text_encoder else None)}
-    bias_changed, unchanged, norm_updates = [], 0, {}
+    bias_changed, unchanged, left_out, norm_updates = [], 0, 0, {}
     targets = [(comp, list(select_targets(comp, chosen.text_encoder if comp.is_text_encoder else chosen.unet, chosen)))
                for comp in components(base.unet, base.text_encoders if text_encoder else None)]
     bar = tqdm(total=sum(len(layers) for _, layers in targets), desc="extracting", unit="layer",
@@ -85,6 +85,7 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
                 continue
             this_rule = conv_rule if is_kxk_conv(layer) else rule
             if this_rule.rank == 0:
+                left_out += 1
                 continue
             factors = factorize(Delta.from_weight(diff), this_rule, name=name, clamp_quantile=clamp_quantile,
                                 dtype=dtype)
@@ -94,6 +95,9 @@ def extract_adapter(tuned: BaseModel, base: BaseModel, rule: RankRule, conv_rule
             norm_updates |= _norm_differences(comp, other, extracted, chosen, min_diff)
     bar.close()
     result.keep(norm_updates, "written exactly (the norm layers' differences)")
+    if not result.reports and left_out:
+        raise ToolError(f"the only layers that differ are {left_out} k x k conv(s), and --conv-rank 0 leaves them "
+                        "out: nothing to extract (give --conv-rank N to extract them)")
     if not result.reports:
         raise MismatchError(f"{tuned.source or 'the tuned model'} and {base.source or 'the base'} have the same "
                             f"weights in every layer the {preset!r} preset selects: nothing to extract")

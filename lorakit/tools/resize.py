@@ -66,7 +66,9 @@ def resize_adapter(source: str | os.PathLike | AdapterFile, rule: RankRule | Non
             ratios.append(float(tensors["alpha"]) / tensors["lora_down.weight"].shape[0])
         result.add(name, factors)
         if factors.rank == 0:
-            result.notes.append(f"{name}: ΔW is zero; no module written")
+            why = "--conv-rank 0 leaves k x k convs out" if (conv_rule if kxk else rule).rank == 0 else \
+                "ΔW is zero"
+            result.notes.append(f"{name}: {why}; no module written")
     if to_lora:
         algos = sorted({_algorithm(t) for t in modules.values()})
         result.notes.append(f"converted from {', '.join(algos)}")

@@ -15,7 +15,7 @@ from lorakit.atomic import atomic_write_text
 from lorakit.formats import AdapterFile, guess_base_model, model_hashes, write_adapter
 from lorakit.metadata import base_model_fields, ss_metadata
 from lorakit.modelspec import modelspec_date
-from lorakit.tools import check_output
+from lorakit.tools import ToolError, check_output
 from lorakit.tools.lowrank import Factors, ModuleReport, lora_tensors, report_table, totals, totals_line
 
 # ss_* entries a derived file keeps from its source: how it was trained still describes it
@@ -109,6 +109,9 @@ class ToolResult:
               overwrite: bool = False) -> Path:
         """Write atomically, never over an input, and over an existing file only with ``overwrite``."""
         check_output(out, inputs, overwrite=overwrite)
+        if not self.tensors:  # a file with no module loads as nothing everywhere, and lorakit refuses to read it
+            raise ToolError(f"{self.tool}: no module is left to write, so {out} is not written: every module came "
+                            "out at rank 0 (its ΔW is zero, or the rank asked for its kind of layer is 0)")
         meta = dict(self.metadata)
         meta.update(model_hashes(self.tensors, meta))
         return write_adapter(out, self.tensors, meta, overwrite=overwrite)
