@@ -139,6 +139,32 @@ def test_a_kohya_tool_option_says_lorakits_spelling(capsys, typed, said):
     assert said in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("typed", "said"), [
+    (["sample", "--prompt", "x", "--steps", "0"], "argument --steps: must be a whole number of 1 or more, got '0'"),
+    (["sample", "--prompt", "x", "--batch-size", "0"], "argument --batch-size: must be a whole number of 1 or more"),
+    (["sample", "--prompt", "x", "--cfg", "nan"], "argument --cfg: must be a finite number, got 'nan'"),
+    (["eval", "run", "--seeds", "0"], "argument --seeds: must be a whole number of 1 or more, got '0'"),
+    (["eval", "run", "--batch-size", "-4"], "argument --batch-size: must be a whole number of 1 or more, got '-4'"),
+    (["eval", "run", "--size", "0"], "argument --size: must be a whole number of 1 or more, got '0'"),
+    (["eval", "run", "--every", "0"], "argument --every: must be a whole number of 1 or more, got '0'"),
+    (["eval", "run", "--cfg", "inf"], "argument --cfg: must be a finite number, got 'inf'"),
+    (["interrogate", "a.safetensors", "--top", "0"], "argument --top: must be a whole number of 1 or more"),
+    (["resize", "a.safetensors", "--dynamic", "sv_ratio", "--param", "nan"], "argument --param: must be a finite"),
+    (["resize", "a.safetensors", "--rank", "2", "--conv-rank", "-1"], "argument --conv-rank: must be a whole number "
+                                                                        "of 0 or more, got '-1'"),
+    (["resize", "a.safetensors", "--rank", "two"], "argument --rank: must be a whole number of 1 or more, got 'two'"),
+    (["extract", "tuned", "--min-diff", "-1"], "argument --min-diff: must be 0 or more, got '-1'"),
+])
+def test_a_number_that_cannot_work_is_refused_naming_the_option(capsys, tmp_path, monkeypatch, typed, said):
+    """Before: --steps 0 divided by zero in the scheduler, --batch-size 0 failed on a cache file, --cfg nan drew
+    NaN images, --param nan kept rank 1 everywhere; --eval's --size 0 drew the native size."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([*typed, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert said in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_an_unknown_option_of_a_subcommand_shows_that_subcommands_usage(capsys, tmp_path):
     """``lorakit world dataset --out DIR`` (its folder is positional) showed ``lorakit world``'s usage."""
     with pytest.raises(SystemExit) as exit_:

@@ -225,7 +225,8 @@ def test_extract_and_resize_commands(base, files, tmp_path, capsys):
 
 def test_rank_zero_and_an_output_with_no_module_are_refused_before_a_file_is_written(base, files, tmp_path, capsys):
     """--rank 0 (or a typo's -1) would write a file with no module, which no client reads as anything: refused by
-    every tool that takes it; --conv-rank 0 leaves the convs out and says so, not that their ΔW is zero."""
+    every tool that takes it; --conv-rank 0 leaves the convs out and says so, not that their ΔW is zero; a file
+    that would hold no module (every ΔW zero) is not written."""
     from safetensors.torch import save_file
 
     from lorakit.tools.merge import save_model
@@ -238,8 +239,10 @@ def test_rank_zero_and_an_output_with_no_module_are_refused_before_a_file_is_wri
     save_model(tuned, tmp_path / "tuned")
     for command in (["resize", str(a)], ["extract", str(tmp_path / "tuned")], ["merge", str(a), "--to-adapter"]):
         for rank in ("0", "-1"):
-            assert main([*command, "--rank", rank, "--out", str(out)]) == 2
-            assert f"--rank {rank}: give a rank of 1 or more" in capsys.readouterr().err
+            with pytest.raises(SystemExit) as exit_:
+                main([*command, "--rank", rank, "--out", str(out)])
+            assert exit_.value.code == 2
+            assert f"argument --rank: must be a whole number of 1 or more, got '{rank}'" in capsys.readouterr().err
             assert not out.exists()
     assert main(["extract", str(tmp_path / "tuned"), "--rank", "2", "--conv-rank", "0", "--out", str(out)]) == 2
     assert "the only layers that differ are 1 k x k conv(s), and --conv-rank 0 leaves them out" in \

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorakit.commands.arg_types import finite_float, positive_int
 from lorakit.commands.prompt_options import add_prompt_reading_arguments
 from lorakit.errors import LorakitError
 
@@ -96,14 +97,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images of the concept never trained on: fidelity to them and the memorisation gap "
                              "(default: the run's data.validation_data)")
     parser.add_argument("--trigger", default=None, help="fills {trigger} in prompt templates")
-    parser.add_argument("--seeds", type=int, default=1, help="images per prompt (default 1)")
-    parser.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
-    parser.add_argument("--cfg", type=float, default=7.0, help="CFG scale (default 7)")
+    parser.add_argument("--seeds", type=positive_int, default=1, help="images per prompt (default 1)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="sampler steps (default 20)")
+    parser.add_argument("--cfg", type=finite_float, default=7.0, help="CFG scale (default 7)")
     parser.add_argument("--sampler", default="ddim")
     add_prompt_reading_arguments(parser, "checkpoints")
-    parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--every", type=int, default=1, help="evaluate every k-th saved epoch (the last always)")
+    parser.add_argument("--size", type=positive_int, default=None, help="image side (default: the model's native size)")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--every", type=positive_int, default=1,
+                        help="evaluate every k-th saved epoch (the last always)")
     parser.add_argument("--step-checkpoints", action="store_true",
                         help="also the runs' step checkpoints (training.save_every_n_steps), charted between "
                              "their epochs")
@@ -311,6 +313,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"lorakit eval: {line}")
     jobs = make_jobs(refs.prompt_set.prompts, args.seeds)
     model, embeddings, base_hash = _judging_model(args, checkpoints, base_weights, settings.clip_skip)
+    if args.size is not None and args.size % model.size_multiple:  # sampling would round it, the record would not
+        fits = sorted({max(model.size_multiple, args.size - args.size % model.size_multiple),
+                       args.size - args.size % model.size_multiple + model.size_multiple})
+        raise EvalCommandError(f"--size {args.size}: this model draws sides that are multiples of "
+                               f"{model.size_multiple}; give {' or '.join(map(str, fits))}")
 
     # what this call measures; the same call again continues it, another one does not replace it unasked
     call = _call_fingerprint(image_keys(base_hash, checkpoints, jobs, settings), specs, refs.data, args.shap,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorakit.commands.arg_types import non_negative_float
 from lorakit.commands.rank_options import KOHYA_TOOL_OPTIONS, add_rank_arguments, dtype, finish, rank_rules
 
 HELP = "an adapter (LoRA/LoCon) from the difference of a fine-tuned model and its base, by SVD"
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the differences of the norm layers in the extracted blocks, exactly, as "
                              "LyCORIS norm updates (train_norm; A1111, ComfyUI and LyCORIS apply them)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--min-diff", type=float, default=0.0,
+    parser.add_argument("--min-diff", type=non_negative_float, default=0.0,
                         help="layers whose largest |ΔW| is at most this get no module (default 0: identical only)")
     add_rank_arguments(parser, rank_help="rank to keep (default 4; with --dynamic: the most it may be)")
 

@@ -8,6 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
+from lorakit.commands.arg_types import positive_int
+
 HELP = "the words an adapter changes most: its trigger and caption words, read off the weights"
 #: without --model, the built-in model is used: a file that does not fit it is answered with that
 DEFAULT_MODEL_IS_BUILT_IN = True
@@ -18,10 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the adapter file (kohya, LyCORIS or diffusers keys); or a textual-inversion embedding, "
                              "whose vectors' nearest words are listed")
     parser.add_argument("--model", default=None, help="the base model it was trained on (default: the built-in one)")
-    parser.add_argument("--top", type=int, default=30, help="how many words to list per score (default 30)")
+    parser.add_argument("--top", type=positive_int, default=30, help="how many words to list per score (default 30)")
     parser.add_argument("--clip-skip", type=int, default=None,
                         help="read the text as the adapter was trained (default: its ss_clip_skip, else 1)")
-    parser.add_argument("--batch-size", type=int, default=256, help="tokens encoded at once (default 256)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="tokens encoded at once (default 256)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE",
                         help="also write every token's scores as JSON (atomic; not over an existing file)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -35,12 +37,10 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.file_kinds import embedding_header
     from lorakit.models import load_base_model
     from lorakit.sample import trained_text_settings
-    from lorakit.tools import ToolError, check_output
+    from lorakit.tools import check_output
     from lorakit.tools.deltas import parse_adapter_spec
     from lorakit.tools.interrogate import embedding_neighbours, interrogate, vocabulary
 
-    if args.top < 1 or args.batch_size < 1:
-        raise ToolError("--top and --batch-size must be at least 1")
     spec = parse_adapter_spec(args.adapter)
     if args.json is not None:
         check_output(args.json, [spec.path], overwrite=args.overwrite)

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from lorakit.atomic import atomic_write_text
+from lorakit.commands.arg_types import finite_float, non_negative_int, positive_int
 from lorakit.models import resolve_dtype
-from lorakit.tools import ToolError
 from lorakit.tools.lowrank import DYNAMIC_METHODS, RankRule
 from lorakit.tools.result import ToolResult, write_report
 
@@ -27,16 +27,16 @@ KOHYA_TOOL_OPTIONS: dict[str, str] = {
 
 def add_rank_arguments(parser: argparse.ArgumentParser, *, conv: bool = True, rank_help: str = "") -> None:
     group = parser.add_argument_group("rank")
-    group.add_argument("--rank", type=int, default=None,
+    group.add_argument("--rank", type=positive_int, default=None,
                        help=rank_help or "rank to keep (with --dynamic: the most it may be)")
     group.add_argument("--dynamic", choices=DYNAMIC_METHODS, default=None,
                        help="choose the rank per module as kohya's resize_lora.py: sv_ratio keeps σ > σ1/param, "
                             "sv_fro keeps the fraction param of the Frobenius norm, sv_cumulative of Σσ")
-    group.add_argument("--param", type=float, default=None, help="the parameter of --dynamic")
+    group.add_argument("--param", type=finite_float, default=None, help="the parameter of --dynamic")
     if conv:
-        group.add_argument("--conv-rank", type=int, default=None,
+        group.add_argument("--conv-rank", type=non_negative_int, default=None,
                            help="rank of k x k convs (LoCon; default: as --rank; 0: leave convs out)")
-    group.add_argument("--clamp-quantile", type=float, default=None,
+    group.add_argument("--clamp-quantile", type=finite_float, default=None,
                        help="clamp factor entries to this quantile of their magnitudes (kohya: 0.99); default off")
     parser.add_argument("--dtype", default="fp32", help="dtype of the written tensors: fp32 (default), fp16, bf16")
     parser.add_argument("--report", type=Path, default=None, help="write the whole per-module table to this file")
@@ -45,8 +45,6 @@ def add_rank_arguments(parser: argparse.ArgumentParser, *, conv: bool = True, ra
 
 def rank_rules(args: argparse.Namespace, default_rank: int | None = None) -> tuple[RankRule | None, RankRule | None]:
     """(rule, conv rule) from the options; (None, None) when nothing was asked and there is no default."""
-    if args.rank is not None and args.rank <= 0:  # 0 would write a file with no module; -1 is a typo
-        raise ToolError(f"--rank {args.rank}: give a rank of 1 or more (--conv-rank 0 leaves the k x k convs out)")
     rank = args.rank if args.rank is not None or args.dynamic else default_rank
     if rank is None and args.dynamic is None:
         rule = None

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lorakit.commands.arg_types import finite_float, positive_int
 from lorakit.commands.prompt_options import add_prompt_reading_arguments
 from lorakit.errors import LorakitError
 from lorakit.file_kinds import check_adapter_path, embedding_header
@@ -43,11 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the single images and grid.png")
     parser.add_argument("--overwrite", action="store_true", help="replace images of an earlier call in --out")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt without --d (then +1 each)")
-    parser.add_argument("--steps", type=int, default=None, help="steps for prompts that set none")
-    parser.add_argument("--cfg", type=float, default=None, help="CFG scale for prompts that set none")
+    parser.add_argument("--steps", type=positive_int, default=None, help="steps for prompts that set none")
+    parser.add_argument("--cfg", type=finite_float, default=None, help="CFG scale for prompts that set none")
     parser.add_argument("--sampler", default=None, help="sampler for prompts that set none (ddim, euler_a, ...)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     columns = parser.add_mutually_exclusive_group()
     columns.add_argument("--sweep", type=_strengths, default=None, metavar="X,Y,...",

@@ -153,6 +153,8 @@ class RankRule:
                 raise ToolError(f"unknown dynamic method {self.dynamic!r}; use one of {', '.join(DYNAMIC_METHODS)}")
             if self.param is None:
                 raise ToolError(f"--dynamic {self.dynamic} needs --param")
+            if not math.isfinite(self.param):
+                raise ToolError(f"--param must be a finite number, got {self.param}")
             if self.dynamic == "sv_ratio" and self.param < 1:
                 raise ToolError(f"sv_ratio keeps singular values above σ1 / param: param must be >= 1, got "
                                 f"{self.param}")

@@ -1,0 +1,47 @@
+"""Argument types for the commands' numbers, so a value that cannot work is refused by argparse with the option's
+name ("argument --steps: must be a whole number of 1 or more, got '0'") instead of failing deep in a library
+(``--steps 0`` divided by zero in the scheduler; ``--batch-size 0`` failed on a cache file; ``--cfg nan`` drew
+NaN images)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _whole(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of {least} or more, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be a whole number of {least} or more, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A count or size: 1 or more."""
+    return _whole(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """0 or more (``--conv-rank 0``: leave k x k convs out)."""
+    return _whole(text, 0)
+
+
+def finite_float(text: str) -> float:
+    """A number, not nan or inf (float() takes both)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
