@@ -125,6 +125,20 @@ def test_adapter_specs():
         parse_adapter_spec("a.safetensors:1:NOPRESET")
 
 
+
+def test_a_multiplier_that_is_no_number_is_named_not_called_a_missing_file(tmp_path):
+    adapter = tmp_path / "a.safetensors"
+    adapter.write_bytes(b"")
+    for typed, rest in ((f"{adapter}:O.8", "'O.8'"), (f"{adapter}:abc:MIDD", "'abc:MIDD'")):
+        with pytest.raises(ToolError, match=f"{adapter} is a file, but {rest} after it is no multiplier; give FILE:MULTIPLIER"):
+            parse_adapter_spec(typed)
+    with pytest.raises(ToolError, match="the multiplier 'nan' is not a finite number"):
+        parse_adapter_spec(f"{adapter}:nan")
+    odd = tmp_path / "b.safetensors:x"  # a file whose own name holds a colon is still read as it is
+    odd.write_bytes(b"")
+    assert parse_adapter_spec(str(odd)).path == odd
+
+
 # ---- with the built-in model -----------------------------------------------------------------------------------
 
 def _random_adapter(model, path, *, algorithm="lora", preset="full", rank=4, alpha=2.0, seed=0, scale=0.05,

@@ -10,6 +10,7 @@ needs the base model (DoRA and IA3 read ``W0``; the others need the layer's shap
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -71,6 +72,8 @@ def parse_adapter_spec(text: str | os.PathLike | AdapterSpec) -> AdapterSpec:
             multiplier = float(rest[0])
         except ValueError:
             continue
+        if not math.isfinite(multiplier):
+            raise ToolError(f"{text}: the multiplier {rest[0]!r} is not a finite number")
         lbw = rest[1].strip() if tail == 2 else None
         weights = None
         if lbw:  # checked now against every architecture; applied on the file's own blocks when it is read
@@ -84,6 +87,11 @@ def parse_adapter_spec(text: str | os.PathLike | AdapterSpec) -> AdapterSpec:
                 raise ToolError(f"{text}: {'; '.join(errors)}")
             weights = parsed.get("sd1")  # what a model (SD1.x) applies
         return AdapterSpec(Path(head), multiplier, weights, lbw or None)
+    for cut in range(len(parts) - 1, 0, -1):  # "a.safetensors:O.8": a file before a colon, then no multiplier
+        head = ":".join(parts[:cut])
+        if not Path(text).exists() and Path(head).is_file():
+            raise ToolError(f"{text}: {head} is a file, but {':'.join(parts[cut:])!r} after it is no multiplier; "
+                            "give FILE:MULTIPLIER[:BLOCK WEIGHTS], e.g. FILE:0.8 or FILE:0.8:MIDD")
     return AdapterSpec(Path(text))
 
 
