@@ -127,6 +127,19 @@ def _sniff(path: Path, head: bytes, size: int) -> None:
                            "files, since unpickling runs code. Convert it to .safetensors with a tool you trust")
 
 
+def check_safetensors_header(path: str | os.PathLike) -> None:
+    """Raise AdapterFileError naming ``path`` when it is a pickle or no readable safetensors file, from its first
+    bytes and header alone (commands check what they were given before loading a model)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        _sniff(path, f.read(9), path.stat().st_size)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.metadata()
+    except Exception as err:  # SafetensorError (not public API) and whatever else; name the file in any case
+        raise AdapterFileError(f"{path}: not a safetensors file, or a truncated or corrupt one ({err})") from err
+
+
 def read_adapter(path: str | os.PathLike) -> AdapterFile:
     """Read a ``.safetensors`` adapter file (kohya or LyCORIS keys), checking it before loading."""
     path = Path(path)

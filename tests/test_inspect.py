@@ -181,6 +181,29 @@ def test_every_command_says_a_model_checkpoint_given_as_an_adapter_is_one(tmp_pa
 
 
 @pytest.mark.parametrize("command", [["inspect"], ["sample", "--prompt", "x", "--out", "{out}"],
+                                     ["merge", "--out", "{out}.safetensors"], ["interrogate"],
+                                     ["resize", "--rank", "2", "--out", "{out}.safetensors"],
+                                     ["convert", "--to", "kohya", "--out", "{out}.safetensors"]])
+def test_a_pickle_or_a_cut_file_given_as_an_adapter_is_named_by_every_command(tmp_path, capsys, command):
+    """`lorakit sample model.pt` was a SafetensorError traceback; every command names the file and what it is."""
+    import zipfile
+
+    pickle = tmp_path / "model.pt"
+    with zipfile.ZipFile(pickle, "w") as z:  # what torch.save writes: a zip with a pickle inside (never unpickled)
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+    cut = tmp_path / "cut.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4)}, cut)
+    cut.write_bytes(cut.read_bytes()[:20])  # a download cut short
+    name, *options = command
+    for given, said in ((pickle, "a PyTorch zip checkpoint (pickle inside) (.pt/.ckpt/.bin), not safetensors"),
+                        (cut, "not a safetensors file, or a truncated or corrupt one")):
+        assert main([name, str(given), *(o.format(out=tmp_path / "out") for o in options)]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith(f"lorakit {name}: error: {given}: {said}"), err
+        assert "Traceback" not in err and not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["sample", "--prompt", "x", "--out", "{out}"],
                                      ["merge", "--out", "{out}.st"],
                                      ["resize", "--rank", "2", "--out", "{out}.safetensors"]])
 def test_a_run_folder_given_as_an_adapter_names_the_file_to_give(tmp_path, capsys, command):

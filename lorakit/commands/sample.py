@@ -74,6 +74,7 @@ def _strengths(text: str) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from lorakit.formats import check_safetensors_header
     from lorakit.host_memory import keep_freed_memory
     from lorakit.models import check_clip_skip, load_base_model
     from lorakit.sample import (
@@ -117,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         check_adapter_path(spec.path)
         if not spec.path.is_file():
             raise FileNotFoundError(f"{spec.path}: no such adapter file")
+        check_safetensors_header(spec.path)  # a pickle is named as one, not a traceback further on
     text, said = trained_text_settings([spec.path for spec in specs], args.clip_skip, args.max_token_length)
     said += _base_weights_left_out(specs)
     embeddings = [*args.embedding, *_pivotal_embeddings(specs, args.embedding, said)]
