@@ -154,6 +154,11 @@ def test_a_kohya_tool_option_says_lorakits_spelling(capsys, typed, said):
                                                                         "of 0 or more, got '-1'"),
     (["resize", "a.safetensors", "--rank", "two"], "argument --rank: must be a whole number of 1 or more, got 'two'"),
     (["extract", "tuned", "--min-diff", "-1"], "argument --min-diff: must be 0 or more, got '-1'"),
+    # the shapes world's tasks: --score-every 0 and quality's --count 0 divided by zero, grid --jobs 0 started a run
+    (["world", "experiment", "--score-every", "0"], "argument --score-every: must be a whole number of 1 or more"),
+    (["world", "grid", "--jobs", "0"], "argument --jobs: must be a whole number of 1 or more, got '0'"),
+    (["world", "pretrain", "--unet-lr", "nan"], "argument --unet-lr: must be a finite number, got 'nan'"),
+    (["world", "blockwise", "--sample-seeds", "0"], "argument --sample-seeds: must be a whole number of 1 or more"),
 ])
 def test_a_number_that_cannot_work_is_refused_naming_the_option(capsys, tmp_path, monkeypatch, typed, said):
     """Before: --steps 0 divided by zero in the scheduler, --batch-size 0 failed on a cache file, --cfg nan drew
@@ -163,6 +168,12 @@ def test_a_number_that_cannot_work_is_refused_naming_the_option(capsys, tmp_path
         main([*typed, "--out", str(tmp_path / "out")])
     assert exit_.value.code == 2
     assert said in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_world_quality_refuses_a_count_of_zero(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["world", "quality", "--count", "0"])
+    assert exit_.value.code == 2 and "argument --count: must be a whole number of 1 or more" in capsys.readouterr().err
 
 
 def test_an_unknown_option_of_a_subcommand_shows_that_subcommands_usage(capsys, tmp_path):

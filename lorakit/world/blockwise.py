@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from lorakit.atomic import atomic_write, atomic_write_json, atomic_write_text
+from lorakit.commands.arg_types import positive_int
 from lorakit.config import TrainConfig
 from lorakit.models import BaseModel, load_base_model
 from lorakit.sample import SamplePrompt, generate_with_adapters, image_grid
@@ -329,10 +330,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--blocks", default=",".join(BLOCK_SETS),
                     help="style adapters' block sets, comma-separated (default: upper,middle,bottom,all)")
     ap.add_argument("--style-seeds", default="0,1", help="training seeds of each style adapter (default: 0,1)")
-    ap.add_argument("--sample-seeds", type=int, default=4, help="images per prompt (default: 4)")
-    ap.add_argument("--character-epochs", type=int, default=12)
-    ap.add_argument("--style-epochs", type=int, default=10)
-    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--sample-seeds", type=positive_int, default=4, help="images per prompt (default: 4)")
+    ap.add_argument("--character-epochs", type=positive_int, default=12)
+    ap.add_argument("--style-epochs", type=positive_int, default=10)
+    ap.add_argument("--rank", type=positive_int, default=8)
     ap.add_argument("--model", default=None, help="base model (default: the built-in one)")
     ap.add_argument("--no-progress", action="store_true")
 

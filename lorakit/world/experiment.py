@@ -26,6 +26,7 @@ import numpy as np
 
 from lorakit.atomic import atomic_write_json
 from lorakit.checkpoints import RunFolder
+from lorakit.commands.arg_types import finite_float, positive_int
 from lorakit.config import TrainConfig
 from lorakit.earlystop import History, SecondValley
 from lorakit.earlystop.replay import COMPARED_RULES, replay
@@ -209,14 +210,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--concept", default=concept.ZKZ.name, choices=list(concept.CONCEPTS),
                     help="zkz: the star every rule was designed on; vlx: the heart, kept for judging")
     ap.add_argument("--algorithm", default="lora")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=finite_float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--epochs", type=positive_int, default=20)
+    ap.add_argument("--rank", type=positive_int, default=8)
     ap.add_argument("--preset", default="full", help="where adapters go (full: attention, MLP and convs = LoCon)")
     ap.add_argument("--model", default=None)
-    ap.add_argument("--seeds-per-prompt", type=int, default=2)
-    ap.add_argument("--score-every", type=int, default=1, help="score every k-th epoch's checkpoint")
+    ap.add_argument("--seeds-per-prompt", type=positive_int, default=2)
+    ap.add_argument("--score-every", type=positive_int, default=1, help="score every k-th epoch's checkpoint")
     ap.add_argument("--types", default=None,
                     help="score only these prompt types, comma-separated (e.g. alter,style: the onset's prompts)")
     ap.add_argument("--rescore", action="store_true",

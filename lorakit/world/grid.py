@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit.commands.arg_types import positive_int
 from lorakit.world.concept import ZKZ, get_concept
 
 #: the issue's grid names LoRA and LoCon apart: LoRA on attention and MLP linears only, LoCon also on convs
@@ -159,13 +160,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--algorithms", default="lora,locon,loha,lokr")
     ap.add_argument("--lrs", default="2e-3,8e-3", help="one that does not break the model in 20 epochs, one that does")
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--seeds-per-prompt", type=int, default=3)
+    ap.add_argument("--epochs", type=positive_int, default=20)
+    ap.add_argument("--seeds-per-prompt", type=positive_int, default=3)
     ap.add_argument("--types", default="alter,style,agnostic",
                     help="prompt types scored every epoch (the onset's, and agnostic for concept leak)")
     ap.add_argument("--changes", default="color,position,background")
     ap.add_argument("--model", default=None)
-    ap.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    ap.add_argument("--jobs", type=positive_int, default=2, help="runs at once (one thread each)")
     ap.add_argument("--rescore", action="store_true",
                     help="score every run's epochs again from its cached images (no training, no sampling); "
                          "for a new reader or outcome")

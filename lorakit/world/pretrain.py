@@ -26,6 +26,7 @@ from diffusers import StableDiffusionPipeline
 from tqdm import tqdm
 
 from lorakit.atomic import atomic_write
+from lorakit.commands.arg_types import finite_float, non_negative_float, non_negative_int, positive_int
 from lorakit.loss import min_snr_weight
 from lorakit.models import ModelLoadError, check_replaceable_model_folder, load_base_model
 from lorakit.world.captions import named_background, named_position, random_caption
@@ -380,13 +381,13 @@ def _reuse_earlier_run(snapshot: Path, out: Path) -> list[torch.Tensor]:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", type=Path, required=True, help="work folder (checkpoints, logs, final model/)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vae-steps", type=int, default=3000)
-    ap.add_argument("--vae-batch", type=int, default=32)
-    ap.add_argument("--vae-lr", type=float, default=1e-3)
-    ap.add_argument("--images", type=int, default=40000, help="pretraining images to render and encode")
-    ap.add_argument("--unet-steps", type=int, default=10000)
-    ap.add_argument("--unet-batch", type=int, default=64)
-    ap.add_argument("--unet-lr", type=float, default=3e-4)
+    ap.add_argument("--vae-steps", type=positive_int, default=3000)
+    ap.add_argument("--vae-batch", type=positive_int, default=32)
+    ap.add_argument("--vae-lr", type=finite_float, default=1e-3)
+    ap.add_argument("--images", type=positive_int, default=40000, help="pretraining images to render and encode")
+    ap.add_argument("--unet-steps", type=positive_int, default=10000)
+    ap.add_argument("--unet-batch", type=positive_int, default=64)
+    ap.add_argument("--unet-lr", type=finite_float, default=3e-4)
     ap.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
                     help="epsilon: SD1.x's schedule; v_prediction: zero-terminal-SNR v schedule (see model.py)")
     ap.add_argument("--init-from", type=Path, default=None,
@@ -396,14 +397,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "(its VAE is kept and the latents encoded again)")
     ap.add_argument("--high-noise-fraction", type=_fraction, default=0.0,
                     help="share of each batch trained at the noisiest tenth of the timesteps")
-    ap.add_argument("--unet-warmup", type=int, default=500, help="learning-rate warm-up steps")
-    ap.add_argument("--position-loss-weight", type=float, default=0.0,
+    ap.add_argument("--unet-warmup", type=non_negative_int, default=500, help="learning-rate warm-up steps")
+    ap.add_argument("--position-loss-weight", type=non_negative_float, default=0.0,
                     help="weight of the text encoder's auxiliary position probe (see DiffusionRecipe)")
-    ap.add_argument("--background-loss-weight", type=float, default=0.0,
+    ap.add_argument("--background-loss-weight", type=non_negative_float, default=0.0,
                     help="weight of the text encoder's auxiliary background probe (see DiffusionRecipe)")
-    ap.add_argument("--v-snr-cap", type=float, default=0.0,
+    ap.add_argument("--v-snr-cap", type=non_negative_float, default=0.0,
                     help="v-prediction only: weigh the clean image by min(SNR, cap) + 1 (0: plain v loss, SNR + 1)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--export-snapshot", type=Path, default=None,
                     help="only write --out/snapshot-model from this EMA snapshot file, then exit")
 

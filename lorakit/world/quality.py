@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from lorakit.commands.arg_types import positive_int
 from lorakit.models import BaseModel, load_base_model
 from lorakit.sample import SamplePrompt, generate
 from lorakit.world.captions import natural_caption
@@ -77,7 +78,7 @@ def evaluate(model: BaseModel, count: int = 100, seed: int = 0, batch_size: int 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default=None, help="diffusers folder or single file (default: the built-in model)")
-    ap.add_argument("--count", type=int, default=200)
+    ap.add_argument("--count", type=positive_int, default=200)
     ap.add_argument("--seed", type=int, default=0)
 
 

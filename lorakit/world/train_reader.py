@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from lorakit.commands.arg_types import positive_int
 from lorakit.world.degrade import degrade, load_vae, vae_roundtrip
 from lorakit.world.reader import (
     SHAPE_CLASSES,
@@ -240,12 +241,12 @@ def evaluate(reader: Reader, count: int, vae=None) -> dict[str, dict[str, float]
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--vae", type=Path, default=None, help="VAE checkpoint or diffusers vae folder (optional)")
-    ap.add_argument("--count", type=int, default=12000, help="training images")
+    ap.add_argument("--count", type=positive_int, default=12000, help="training images")
     ap.add_argument("--other-fraction", type=float, default=0.15)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=positive_int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=WEIGHTS_PATH)
-    ap.add_argument("--eval-count", type=int, default=1000)
+    ap.add_argument("--eval-count", type=positive_int, default=1000)
     ap.add_argument("--evaluate-only", action="store_true", help="measure the weights at --out, train nothing")
 
 
