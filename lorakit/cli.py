@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         chosen = innermost_parser(parsers.get(command, parser), args)
-        chosen.error(unrecognized(unknown, chosen, getattr(module, "KOHYA_OPTIONS", {}),
+        chosen.error(unrecognized(unknown, chosen, {**getattr(module, "KOHYA_OPTIONS", {}),
+                                                    **getattr(module, "GUESSED_OPTIONS", {})},
                                   getattr(module, "EXTRA_ARGUMENT_HINT", None) if chosen is parsers.get(command)
                                   else None))
     show_own_warnings(command)

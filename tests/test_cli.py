@@ -108,8 +108,8 @@ def test_domain_errors_are_lorakit_errors_and_value_errors():
     (["--batch_size", "2"], "--batch_size (did you mean --batch-size?)"),  # underscores for dashes
     (["--epohcs", "3"], "--epohcs (did you mean --epochs?)"),  # a near miss
     (["--optimizer_type", "adamw"], "--optimizer_type (did you mean --set optimizer.optimizer=NAME?)"),
-    (["--config", "my.toml"], "--config (not in lorakit: a lorakit TOML is the first argument, lorakit train "
-                              "FILE.toml; a kohya one: --from-kohya FILE)"),  # it said: did you mean --print-config?
+    (["--config", "my.toml"], "--config (the TOML is the first argument: lorakit train FILE.toml; a kohya config: "
+                              "--from-kohya FILE)"),  # it said: did you mean --print-config?
     (["--config_file", "k.toml"], "--config_file (did you mean --from-kohya FILE?)"),
     (["--foo"], "unrecognized arguments: --foo\n"),  # nothing close: no guess
 ])

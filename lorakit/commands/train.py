@@ -68,13 +68,16 @@ class _AlgorithmNames:
         return ", ".join(NETWORK_ALGORITHMS)
 
 
+#: options a user may guess that neither tool has -> what to give instead ("--config" was answered "did you mean
+#: --print-config?")
+GUESSED_OPTIONS: dict[str, str] = {
+    "--config": "(the TOML is the first argument: lorakit train FILE.toml; a kohya config: --from-kohya FILE)",
+}
+
 #: kohya sd-scripts' train_network.py options (dashes for underscores) -> how lorakit says it: a kohya user's
 #: command line gets the translation in the "unrecognized arguments" error instead of a bare refusal
 KOHYA_OPTIONS: dict[str, str] = {
     "--pretrained-model-name-or-path": "--model", "--train-data-dir": "--data", "--reg-data-dir": "--reg-data",
-    # a guess at lorakit's own spelling (it was answered "did you mean --print-config?"): the TOML is positional
-    "--config": "(not in lorakit: a lorakit TOML is the first argument, lorakit train FILE.toml; a kohya one: "
-                "--from-kohya FILE)",
     "--dataset-config": "--data FILE.toml", "--output-dir": "--out", "--output-name": "--name",
     "--network-dim": "--rank", "--network-alpha": "--alpha", "--network-module": "--algorithm",
     "--learning-rate": "--lr", "--max-train-epochs": "--epochs", "--max-train-steps": "--max-steps",
