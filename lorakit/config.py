@@ -32,6 +32,7 @@ from lorakit.data.config import DataConfig
 from lorakit.earlystop.rules import RULES, rule_from_dict  # numpy only: config must stay free of torch
 from lorakit.earlystop.samples import SamplePlateau
 from lorakit.errors import InvalidValueError
+from lorakit.textfile import read_user_text
 from lorakit.tomlcheck import set_fields
 
 if sys.version_info >= (3, 11):
@@ -1093,7 +1094,7 @@ def load_config(path: str | Path) -> TrainConfig:
     """Read a TOML training config; errors name the file and the key."""
     path = Path(path)
     try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
+        values = tomllib.loads(read_user_text(path, ConfigError))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as e:

@@ -135,7 +135,7 @@ def read_preset(path: str | os.PathLike) -> Preset:
 
     path = Path(path).expanduser()
     try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
+        table = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise InvalidValueError(f"{path}: no such LyCORIS preset file") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:

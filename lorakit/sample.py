@@ -183,7 +183,9 @@ def load_prompts(path: str | Path, defaults: SamplePrompt | None = None) -> list
 
 
 def _file_prompts(path: Path, defaults: SamplePrompt | None) -> list[SamplePrompt]:
-    text = path.read_text(encoding="utf-8")
+    from lorakit.textfile import read_user_text
+
+    text = read_user_text(path, PromptSyntaxError)
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:

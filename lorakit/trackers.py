@@ -75,7 +75,7 @@ def read_tracker_settings(path: str | Path | None, log_with: str | None) -> dict
 
     where = f"output.log_tracker_config: {path}"
     try:
-        table = tomllib.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+        table = tomllib.loads(Path(path).expanduser().read_text(encoding="utf-8-sig"))
     except OSError as err:
         raise InvalidValueError(f"{where}: {err.strerror or err}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:

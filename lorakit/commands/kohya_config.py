@@ -24,6 +24,7 @@ from typing import Any
 
 from lorakit.config import LORAPLUS_KEYS, ConfigError, TrainConfig, merge_into, tomllib  # tomli on 3.10
 from lorakit.lycoris_preset import NAMED, is_preset_file
+from lorakit.textfile import read_user_text
 
 #: kohya's network modules -> lorakit's algorithm (lycoris.kohya names its algorithm in network_args: algo=...)
 NETWORK_MODULES = {"networks.lora": "lora", "networks.lora_fa": "lora", "networks.dylora": "dylora",
@@ -167,7 +168,7 @@ def read_kohya_file(path: str | Path) -> dict[str, Any]:
     """The flat option table of a kohya config (TOML, as ``--config_file`` reads; or JSON)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_user_text(path, ConfigError)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such kohya config file") from None
     try:

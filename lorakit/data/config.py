@@ -310,7 +310,7 @@ def read_dataset_toml(path: str | Path, defaults: dict[str, Any]) -> list[Datase
     """
     path = Path(path)
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        doc = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such dataset config file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

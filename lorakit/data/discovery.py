@@ -456,7 +456,7 @@ def _metadata_captions(path: Path, folder: Path, images: list[Path], subset: Sub
     without extension) and each one's caption as kohya makes it: "caption", then the "tags" after the caption
     separator (with enable_wildcard: after each line of the caption).  Errors name the file and the keys."""
     try:
-        metadata = json.loads(path.read_text(encoding="utf-8"))
+        metadata = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         problems.error(f"{path}: metadata_file not found")
         return [], {}

@@ -135,7 +135,7 @@ def load_prompt_set(path: str | Path, trigger: str | None = None) -> PromptSet:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise PromptSetError(f"{path}: no such prompt file") from None
     except (OSError, UnicodeDecodeError) as e:
