@@ -41,9 +41,9 @@ from lorakit.atomic import atomic_write
 from lorakit.conditioning import Conditioning, encode_conditioning
 from lorakit.errors import InvalidValueError, LorakitError
 from lorakit.metadata import TEXT_SETTINGS, trained_text_setting
-from lorakit.models import SD2_V_CONFIG, BaseModel, native_resolution
+from lorakit.models import SD2_V_CONFIG, BaseModel, native_resolution, prompt_token_counts
 from lorakit.prompt_tags import network_tag_problem
-from lorakit.prompt_weights import uses_bracket_syntax
+from lorakit.prompt_weights import plain_text, uses_bracket_syntax
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +302,25 @@ def resolve_prompts(model: BaseModel, prompts: Sequence[SamplePrompt | str], bas
 def _batches(indices: list[int], size: int) -> Iterable[list[int]]:
     for start in range(0, len(indices), size):
         yield indices[start:start + size]
+
+
+def long_prompts_note(model: BaseModel, texts: Sequence[str], max_token_length: int, *, what: str = "prompts",
+                      option: str = "--max-token-length ") -> str | None:
+    """What the text encoder does not read of the prompts (negative ones too): each is cut at ``max_token_length``
+    tokens, silently in diffusers and kohya; None when every one fits.  Weighted prompts count their words only.
+    ``option``: how the caller's user sets the length (a flag, or the trainer's setting)."""
+    texts = [t for t in dict.fromkeys(texts) if t]
+    if not texts:  # the tokenizer fails on an empty list
+        return None
+    counts = prompt_token_counts(model.tokenizer, [plain_text(t) if uses_bracket_syntax(t) else t for t in texts])
+    long = [(t, n) for t, n in zip(texts, counts, strict=True) if n > max_token_length]
+    if not long:
+        return None
+    text, n = max(long, key=lambda pair: pair[1])
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    longer = (f"; {option}{150 if max_token_length == 75 else 225} reads more" if max_token_length < 225 else "")
+    return (f"note: {len(long)} of {len(texts)} {what} are longer than the {max_token_length} tokens the text encoder "
+            f"reads and are cut there (the longest, {n} tokens: {shown!r}){longer}")
 
 
 def _text_inputs(model: BaseModel, prompts: list[str], negatives: list[str], clip_skip: int,

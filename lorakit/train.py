@@ -76,7 +76,7 @@ from lorakit.run_messages import (
     opening_line,
     setting_lines,
 )
-from lorakit.sample import SamplePrompt, generate, load_prompts, save_sample_grid
+from lorakit.sample import SamplePrompt, generate, load_prompts, long_prompts_note, save_sample_grid
 from lorakit.schedule_free import evaluation_weights, is_schedule_free
 from lorakit.schedules import build_lr_schedule
 from lorakit.step_loss import compute_loss, step_seed, validation_loss
@@ -500,6 +500,10 @@ def _set_up(cfg: TrainConfig, accelerator: Accelerator, run: RunFolder, prompts:
         check_clip_skip(model, cfg.model.clip_skip)
     except ValueError as err:
         raise ConfigError(f"model.clip_skip: {err}") from None
+    if is_main and (note := long_prompts_note(model, [t for p in prompts for t in (p.prompt, p.negative_prompt)],
+                                              cfg.model.max_token_length, what="sample prompts",
+                                              option="model.max_token_length = ")):
+        print(note)
     torch.manual_seed(cfg.training.seed)  # after loading: adapter init must not depend on how the model was read
     method = make_method(cfg, model, start_file=start_file, ranks_file=ranks_file, ti_start=ti_start)
     for group in method.param_groups():  # trained tensors in fp32 whatever the base model's dtype (full_bf16: bf16)

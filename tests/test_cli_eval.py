@@ -350,6 +350,18 @@ def test_without_a_prompt_file_the_prompts_come_from_the_dataset_captions(tmp_pa
     assert "a photo of a zkz" in (tmp_path / "templated" / "report.html").read_text()
 
 
+def test_a_prompt_longer_than_the_text_encoder_reads_is_said_to_be_cut(tmp_path, concept_data, capsys):
+    run = write_run(tmp_path / "run", epochs=1, data=concept_data)
+    long = ", ".join(f"red {{trigger}} number {i} on green grass" for i in range(12))
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(PROMPTS_TOML + f'\n[[prompts]]\ntype = "agnostic"\ntext = "{long}"\n')
+    assert main(["eval", str(run), "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--steps", "1",
+                 "--no-base", "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert "lorakit eval: note: 1 of 4 prompts are longer than the 75 tokens the text encoder reads and are cut " \
+           "there (the longest, " in said and "--max-token-length 150 reads more" in said
+
+
 def test_images_without_caption_files_are_captioned_as_the_trainer_captioned_them(tmp_path, capsys):
     """A plain folder (named like a date) of caption-less photos trained with --trigger/--class: the trainer
     captioned every image "xyz ball", so eval's default prompts come from that, not "the dataset has no captions";

@@ -162,11 +162,15 @@ def test_a_run_says_which_captions_are_cut_and_reads_them_whole_with_a_longer_li
                                                                                     tmp_path, capsys):
     long_caption = next(dataset.rglob("*.txt"))
     long_caption.write_text(LONG)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a red star --s 2\n{LONG} --s 2\n")
     assert main(["train", "--data", str(dataset), "--model", str(tiny_model_dir), "--out", str(tmp_path / "cut"),
-                 "--max-steps", "1", "--no-progress"]) == 0
+                 "--max-steps", "1", "--no-progress", "--sample-prompts", str(prompts)]) == 0
     said = capsys.readouterr().out
     assert "note: 1 of" in said and "captions are longer than the 75 tokens the text encoder reads" in said
     assert "model.max_token_length = 150 reads more" in said
+    assert "note: 1 of 2 sample prompts are longer than the 75 tokens the text encoder reads and are cut there " \
+           "(the longest, " in said  # the samples drawn during training are cut as the captions are
     out = tmp_path / "whole"
     assert main(["train", "--data", str(dataset), "--model", str(tiny_model_dir), "--out", str(out),
                  "--max-steps", "1", "--no-progress", "--set", "model.max_token_length=225"]) == 0
@@ -176,10 +180,14 @@ def test_a_run_says_which_captions_are_cut_and_reads_them_whole_with_a_longer_li
     # sampling reads prompts as the adapter was trained to
     flags = ["--model", str(tiny_model_dir), "--prompt", f"{LONG} --d 1", "--steps", "2"]
     assert main(["sample", str(out / "lorakit.safetensors"), *flags, "--out", str(tmp_path / "s225")]) == 0
-    assert "max token length 225, as the adapters were trained (--max-token-length to change)" in \
-        capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "max token length 225, as the adapters were trained (--max-token-length to change)" in said
+    assert "1 of 1 prompts are longer than the 225 tokens" in said and "reads more" not in said  # LONG: 309
     assert main(["sample", str(out / "lorakit.safetensors"), *flags, "--max-token-length", "75",
                  "--out", str(tmp_path / "s75")]) == 0
+    said = capsys.readouterr().out
+    assert "note: 1 of 1 prompts are longer than the 75 tokens" in said
+    assert "; --max-token-length 150 reads more" in said
 
     assert not np.array_equal(pixels(tmp_path / "s225"), pixels(tmp_path / "s75"))
 

@@ -295,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from lorakit.evaluate.pipeline import add_importance, evaluate
     from lorakit.host_memory import keep_freed_memory
-    from lorakit.sample import trained_text_settings
+    from lorakit.sample import long_prompts_note, trained_text_settings
 
     # everything is checked before anything is written
     checkpoints, runs = _judged_sources(args)
@@ -313,6 +313,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"lorakit eval: {line}")
     jobs = make_jobs(refs.prompt_set.prompts, args.seeds)
     model, embeddings, base_hash = _judging_model(args, checkpoints, base_weights, settings.clip_skip)
+    if note := long_prompts_note(model, [t for p in refs.prompt_set.prompts for t in (p.text, p.negative)],
+                                 settings.max_token_length):
+        print(f"lorakit eval: {note}")
     if args.size is not None and args.size % model.size_multiple:  # sampling would round it, the record would not
         fits = sorted({max(model.size_multiple, args.size - args.size % model.size_multiple),
                        args.size - args.size % model.size_multiple + model.size_multiple})

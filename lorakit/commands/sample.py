@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         adopt_trained_schedule,
         generate_with_adapters,
         load_prompts,
+        long_prompts_note,
         parse_prompt_line,
         sample_paths,
         save_samples,
@@ -128,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
     use_vae(model, args.vae)
     check_clip_skip(model, text["clip_skip"])
     said += adopt_trained_schedule(model, [spec.path for spec in specs])
+    if note := long_prompts_note(model, [t for p in prompts for t in (p.prompt, p.negative_prompt)],
+                                 text["max_token_length"]):
+        said.append(note)
     prompts = [replace(p, seed=p.seed if p.seed is not None else args.seed + i) for i, p in enumerate(prompts)]
     labels = [f"sampling {label}" for label in columns] or ["sampling"]  # a bar per column
     by_column = [generate_with_adapters(model, group, prompts, merged=args.merged, embeddings=embeddings,
