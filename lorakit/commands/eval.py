@@ -313,14 +313,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"lorakit eval: {line}")
     jobs = make_jobs(refs.prompt_set.prompts, args.seeds)
     model, embeddings, base_hash = _judging_model(args, checkpoints, base_weights, settings.clip_skip)
-    if note := long_prompts_note(model, [t for p in refs.prompt_set.prompts for t in (p.text, p.negative)],
-                                 settings.max_token_length):
-        print(f"lorakit eval: {note}")
     if args.size is not None and args.size % model.size_multiple:  # sampling would round it, the record would not
         fits = sorted({max(model.size_multiple, args.size - args.size % model.size_multiple),
                        args.size - args.size % model.size_multiple + model.size_multiple})
         raise EvalCommandError(f"--size {args.size}: this model draws sides that are multiples of "
                                f"{model.size_multiple}; give {' or '.join(map(str, fits))}")
+    if note := long_prompts_note(model, [t for p in refs.prompt_set.prompts for t in (p.text, p.negative)],
+                                 settings.max_token_length):
+        print(f"lorakit eval: {note}")
 
     # what this call measures; the same call again continues it, another one does not replace it unasked
     call = _call_fingerprint(image_keys(base_hash, checkpoints, jobs, settings), specs, refs.data, args.shap,

@@ -85,4 +85,3 @@ def convert_adapter(source: str | os.PathLike, out: str | os.PathLike, layout: s
         network.remove()
     return Conversion(file.label, file.layout, written, layout, len(names), algorithms,
                       len(names - set(file.modules())) if file.layout == "kohya" else len(names), dtype_changed)
-
