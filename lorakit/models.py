@@ -251,6 +251,27 @@ def check_sdxl_clip_skip(clip_skip: int, source: str | Path | None = None) -> No
                                 "(kohya's SDXL scripts ignore it); leave clip_skip at 1")
 
 
+def check_device(name: str, where: str = "device") -> torch.device:
+    """The torch device ``name`` names, refused in words when torch does not know it or it is not here (torch
+    says an AssertionError "not compiled with CUDA" only once the model is being moved)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidValueError(f"{where} {name!r}: not a device torch knows; use cpu, cuda (or cuda:N) or mps") \
+            from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidValueError(f"{where} {name}: this torch ({torch.__version__}) sees no CUDA GPU; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidValueError(f"{where} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                                    f"numbered from 0")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidValueError(f"{where} {name}: no Apple GPU (MPS) is available here; use cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise InvalidValueError(f"{where} {name}: lorakit runs on cpu, cuda or mps")
+    return device
+
+
 def check_clip_skip(model: BaseModel, clip_skip: int) -> None:
     """Refuse a clip skip the model's text encoder has not the layers for (before any work is done)."""
     if model.is_sdxl:

@@ -146,6 +146,7 @@ def test_a_kohya_tool_option_says_lorakits_spelling(capsys, typed, said):
     (["sample", "--prompt", "x", "--steps", "0"], "argument --steps: must be a whole number of 1 or more, got '0'"),
     (["sample", "--prompt", "x", "--batch-size", "0"], "argument --batch-size: must be a whole number of 1 or more"),
     (["sample", "--prompt", "x", "--cfg", "nan"], "argument --cfg: must be a finite number, got 'nan'"),
+    (["sample", "a.safetensors", "--prompt", "x", "--sweep", "0,nan"], "argument --sweep: '0,nan': finite numbers"),
     (["eval", "run", "--seeds", "0"], "argument --seeds: must be a whole number of 1 or more, got '0'"),
     (["eval", "run", "--batch-size", "-4"], "argument --batch-size: must be a whole number of 1 or more, got '-4'"),
     (["eval", "run", "--size", "0"], "argument --size: must be a whole number of 1 or more, got '0'"),

@@ -377,3 +377,17 @@ def test_a_file_for_another_model_says_when_the_built_in_model_was_used_for_want
     err = capsys.readouterr().err
     assert "does not fit the model" in err and "no --model" not in err
     assert not [p for p in tmp_path.iterdir() if p.name != "other.safetensors"]
+
+
+def test_a_device_or_clip_skip_this_model_or_machine_lacks_is_refused_in_words(base, files, tmp_path, capsys):
+    """--device cuda on a CPU-only torch was an AssertionError traceback, --device tpu a RuntimeError; interrogate
+    took --clip-skip -1 (a layer counted from the wrong end)."""
+    a, _ = files
+    absent = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    for device, said in (("tpu", "--device 'tpu': not a device torch knows; use cpu, cuda (or cuda:N) or mps"),
+                         (absent, f"--device {absent}: this " + ("torch" if absent == "cuda" else "machine"))):
+        assert main(["sample", "--prompt", "x", "--device", device, "--out", str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err.splitlines()[-1].startswith(f"lorakit sample: error: {said}")
+        assert not (tmp_path / "out").exists()
+    assert main(["interrogate", str(a), "--clip-skip", "-1"]) == 2
+    assert "clip skip -1: the text encoder of " in capsys.readouterr().err

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lorakit.atomic import atomic_write_text
     from lorakit.file_kinds import embedding_header
-    from lorakit.models import load_base_model
+    from lorakit.models import check_clip_skip, load_base_model
     from lorakit.sample import trained_text_settings
     from lorakit.tools import check_output
     from lorakit.tools.deltas import parse_adapter_spec
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     settings, said = trained_text_settings([spec.path], clip_skip=args.clip_skip)
     model = load_base_model(args.model)
+    check_clip_skip(model, settings["clip_skip"])  # -1 would read a layer counted from the wrong end
     for line in said:
         print(line)
     bars = []  # drawn with the first batch: a file that does not fit is said without a bar at 0% before it

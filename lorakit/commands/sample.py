@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -68,6 +69,8 @@ def _strengths(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r}: comma-separated numbers, e.g. 0,0.5,1") from None
     if not values:
         raise argparse.ArgumentTypeError(f"{text!r}: at least one strength, e.g. 0,0.5,1")
+    if not all(math.isfinite(v) for v in values):  # nan drew a NaN image
+        raise argparse.ArgumentTypeError(f"{text!r}: finite numbers, e.g. 0,0.5,1")
     return values
 
 
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lorakit.formats import check_safetensors_header
     from lorakit.host_memory import keep_freed_memory
-    from lorakit.models import check_clip_skip, load_base_model
+    from lorakit.models import check_clip_skip, check_device, load_base_model
     from lorakit.sample import (
         SamplePrompt,
         adopt_trained_schedule,
@@ -123,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     text, said = trained_text_settings([spec.path for spec in specs], args.clip_skip, args.max_token_length)
     said += _base_weights_left_out(specs)
     embeddings = [*args.embedding, *_pivotal_embeddings(specs, args.embedding, said)]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device, "--device") if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     keep_freed_memory()  # each denoising step frees and takes back the same buffers (SD1.5 on the CPU: 6-17 % faster)
     model = load_base_model(args.model, device=device)
     use_vae(model, args.vae)
