@@ -23,6 +23,7 @@ Everything architecture-specific lives in a ``BlockMap``; ``BLOCK_MAPS`` holds b
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -416,6 +417,8 @@ def parse_block_weights(spec: str | Sequence[float], block_map: BlockMap = SD1,
         values = [float(v) for v in items]
     except ValueError:
         raise InvalidValueError(f"block weights must be numbers: {spec!r}") from None
+    if not all(math.isfinite(v) for v in values):  # nan or inf would turn the block's images to noise
+        raise InvalidValueError(f"block weights must be finite numbers: {spec!r}")
     blocks = [0.0] * len(block_map)
     for block_id, value in zip(layout[1:], values[1:], strict=True):
         if block_id is not None:  # None: a block of another architecture's layout this one lacks

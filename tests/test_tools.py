@@ -134,6 +134,8 @@ def test_a_multiplier_that_is_no_number_is_named_not_called_a_missing_file(tmp_p
             parse_adapter_spec(typed)
     with pytest.raises(ToolError, match="the multiplier 'nan' is not a finite number"):
         parse_adapter_spec(f"{adapter}:nan")
+    with pytest.raises(LorakitError, match="block weights must be finite numbers"):
+        parse_adapter_spec(f"{adapter}:1:" + ",".join(["1"] * 16 + ["inf"]))
     odd = tmp_path / "b.safetensors:x"  # a file whose own name holds a colon is still read as it is
     odd.write_bytes(b"")
     assert parse_adapter_spec(str(odd)).path == odd
