@@ -181,12 +181,21 @@ def test_world_quality_refuses_a_count_of_zero(capsys):
 
 
 def test_an_unknown_option_of_a_subcommand_shows_that_subcommands_usage(capsys, tmp_path):
-    """``lorakit world dataset --out DIR`` (its folder is positional) showed ``lorakit world``'s usage."""
+    """``lorakit world dataset --force DIR`` showed ``lorakit world``'s usage."""
     with pytest.raises(SystemExit) as exit_:
-        main(["world", "dataset", "--out", str(tmp_path / "d")])
+        main(["world", "dataset", "--force", str(tmp_path / "d")])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.startswith("usage: lorakit world dataset [-h] [--overwrite] [folder]")
-    assert "lorakit world dataset: error: unrecognized arguments: --out" in err and not (tmp_path / "d").exists()
+    assert exit_.value.code == 2 and err.startswith("usage: lorakit world dataset [-h] [--out OUT] [--overwrite] [folder]")
+    assert "lorakit world dataset: error: unrecognized arguments: --force" in err and not (tmp_path / "d").exists()
+
+
+def test_world_dataset_takes_its_folder_as_out_too_as_the_other_tasks_do(tmp_path, capsys):
+    assert main(["world", "dataset", "--out", str(tmp_path / "d")]) == 0
+    assert (tmp_path / "d" / "eval_prompts.toml").is_file()
+    assert "prompts.json, eval_prompts.toml, eval_prompts.txt and sample_prompts.txt to " in capsys.readouterr().out
+    assert main(["world", "dataset", str(tmp_path / "d"), "--out", str(tmp_path / "e")]) == 2
+    assert f"two folders given, {tmp_path / 'd'} and --out {tmp_path / 'e'}: give one" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("command", ["resize", "extract", "merge"])

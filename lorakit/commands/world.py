@@ -42,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         task = sub.add_parser(name, help=help_, description=module.__doc__ if module else help_,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
         if module is None:
-            task.add_argument("folder", nargs="?", type=Path, default=Path("zkz-dataset"),
+            task.add_argument("folder", nargs="?", type=Path, default=None,
                               help="where to write the dataset (default: zkz-dataset)")
+            task.add_argument("--out", type=Path, default=None, help="the same as FOLDER (the other tasks take --out)")
             task.add_argument("--overwrite", action="store_true",
                               help="replace files of the dataset that were changed since it was written (your "
                                    "edited captions, say)")
@@ -62,6 +63,9 @@ def write_dataset(args: argparse.Namespace) -> int:
     from lorakit.errors import LorakitError
     from lorakit.run_messages import count
 
+    if args.folder is not None and args.out is not None and args.folder != args.out:
+        raise LorakitError(f"two folders given, {args.folder} and --out {args.out}: give one")
+    args.folder = args.out or args.folder or Path("zkz-dataset")
     with tempfile.TemporaryDirectory() as tmp:
         paths = concept.write_concept_dataset(tmp)
         made = {args.folder / p.relative_to(tmp): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
@@ -77,7 +81,8 @@ def write_dataset(args: argparse.Namespace) -> int:
         for target, content in to_write.items():
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(target, content)
-    print(f"wrote {len(paths)} images with captions, prompts.json, eval_prompts.txt and sample_prompts.txt "
+    print(f"wrote {len(paths)} images with captions, prompts.json, eval_prompts.toml, eval_prompts.txt and "
+          "sample_prompts.txt "
           f"to {args.folder}" + (f" ({count(len(changed), 'changed file')} replaced)" if changed else ""))
     return 0
 
