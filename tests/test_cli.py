@@ -185,7 +185,8 @@ def test_an_unknown_option_of_a_subcommand_shows_that_subcommands_usage(capsys, 
     with pytest.raises(SystemExit) as exit_:
         main(["world", "dataset", "--force", str(tmp_path / "d")])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.startswith("usage: lorakit world dataset [-h] [--out OUT] [--overwrite] [folder]")
+    assert exit_.value.code == 2
+    assert err.startswith("usage: lorakit world dataset [-h] [--out OUT] [--overwrite] [folder]")
     assert "lorakit world dataset: error: unrecognized arguments: --force" in err and not (tmp_path / "d").exists()
 
 
