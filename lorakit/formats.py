@@ -140,8 +140,15 @@ def check_safetensors_header(path: str | os.PathLike) -> None:
         raise AdapterFileError(f"{path}: not a safetensors file, or a truncated or corrupt one ({err})") from err
 
 
-def read_adapter(path: str | os.PathLike) -> AdapterFile:
-    """Read a ``.safetensors`` adapter file (kohya or LyCORIS keys), checking it before loading."""
+def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating tensors holding NaN or an infinity (a run that diverged, fp16 overflow on save)."""
+    return sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+
+
+def read_adapter(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> AdapterFile:
+    """Read a ``.safetensors`` adapter file (kohya or LyCORIS keys), checking it before loading: a file whose tensors
+    hold NaN or infinities is refused (it draws black or noise images, and a merge would spread it into a model)
+    unless ``allow_nonfinite`` (``lorakit inspect``, which reports them)."""
     path = Path(path)
     if path.is_dir():  # said as a folder (a run folder: which file to give), not as a missing file
         try:
@@ -163,6 +170,10 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as err:  # SafetensorError (not public API) and whatever else; name the file in any case
         raise AdapterFileError(f"{path}: not a safetensors file, or a truncated or corrupt one ({err})") from err
+    if not allow_nonfinite and (broken := nonfinite_tensors(tensors)):
+        raise AdapterFileError(f"{path}: {len(broken)} of {len(tensors)} tensors hold NaN or infinite values (e.g. "
+                               f"{broken[0]}): the file is broken (its training diverged, or fp16 overflowed when it "
+                               "was saved) and would draw black or noise images; lorakit inspect lists them")
     return AdapterFile(tensors, {str(k): str(v) for k, v in metadata.items()}, path)
 
 

@@ -14,7 +14,15 @@ from pathlib import Path
 from lorakit.adapters import KNOWN
 from lorakit.blocks import BLOCK_MAPS, BlockMap
 from lorakit.file_kinds import check_adapter_path, pivotal_embedding
-from lorakit.formats import AdapterFile, ModuleInfo, block_map_of, describe_modules, guess_base_model, read_adapter
+from lorakit.formats import (
+    AdapterFile,
+    ModuleInfo,
+    block_map_of,
+    describe_modules,
+    guess_base_model,
+    nonfinite_tensors,
+    read_adapter,
+)
 
 _COMPONENT_LABELS = {"unet": "U-Net", "text_encoder": "text encoder", "text_encoder_1": "text encoder 1",
                      "text_encoder_2": "text encoder 2", "unknown": "unknown prefix"}
@@ -35,6 +43,8 @@ class FileReport:
     base_model: str | None
     blocks: dict[str, int] = field(default_factory=dict)
     layout: str = "kohya"
+    #: tensors holding NaN or infinities: the file is broken (the other commands refuse it)
+    nonfinite: list[str] = field(default_factory=list)
 
     def count(self, attr: str) -> Counter:
         return Counter(getattr(m, attr) for m in self.modules)
@@ -44,7 +54,7 @@ def inspect_file(path: str | Path, block_map: BlockMap | None = None) -> FileRep
     """What a file holds; ``block_map``: the blocks its modules are counted in (default: the file's own, SDXL's
     for an SDXL file)."""
     check_adapter_path(path)  # a folder, a model, an embedding: say what it is instead of "an unknown adapter"
-    file: AdapterFile = read_adapter(path)
+    file: AdapterFile = read_adapter(path, allow_nonfinite=True)  # said below, not refused: inspect diagnoses
     block_map = block_map or block_map_of(file)
     modules = describe_modules(file, block_map)
     blocks = Counter(m.block or "other" for m in modules if m.component == "unet")
@@ -58,6 +68,7 @@ def inspect_file(path: str | Path, block_map: BlockMap | None = None) -> FileRep
         base_model=guess_base_model(file),
         blocks={b: blocks[b] for b in order if b in blocks},
         layout=file.layout,
+        nonfinite=nonfinite_tensors(file.tensors),
     )
 
 
@@ -120,6 +131,11 @@ def format_report(report: FileReport) -> str:
         "blocks:      " + (", ".join(f"{b} {n}" for b, n in report.blocks.items()) or "none (no U-Net modules)"),
         "block ranks: " + (block_ranks(report) or "none (no U-Net modules)"),
     ]
+    if report.nonfinite:  # first among the warnings: nothing else about the file matters as much
+        names = ", ".join(report.nonfinite[:5]) + (f", ... ({len(report.nonfinite)} in all)"
+                                                   if len(report.nonfinite) > 5 else "")
+        lines.append(f"BROKEN:      {len(report.nonfinite)} tensor(s) hold NaN or infinite values: {names}; the "
+                     "other commands refuse this file (it draws black or noise images)")
     pivotal, embedding = pivotal_embedding(report.path)
     if pivotal:  # the adapter is half of the result: say where the other half is
         lines.append("trained with: an embedding (pivotal tuning): " + (
@@ -180,6 +196,8 @@ def summary(report: FileReport) -> str:
         text += f" It touches U-Net blocks {where}."
     if "text_encoder" not in " ".join(comps):
         text += " It leaves the text encoder alone."
+    if report.nonfinite:
+        text += f" It is broken: {len(report.nonfinite)} tensor(s) hold NaN or infinite values."
     return text
 
 

@@ -10,7 +10,8 @@ from model_helpers import build_tiny_text_encoder, build_tiny_unet, randomize
 from safetensors.torch import save_file
 
 from lorakit.cli import main
-from lorakit.formats import save_network, training_metadata
+from lorakit.formats import read_adapter, save_network, training_metadata
+from lorakit.models import builtin_model_path, load_base_model
 from lorakit.network import UniformRanks, create_network
 
 
@@ -178,6 +179,35 @@ def test_every_command_says_a_model_checkpoint_given_as_an_adapter_is_one(tmp_pa
         f"{model}:0.5" if name == "merge" else \
         f"{model}: a full Stable Diffusion model checkpoint (U-Net, VAE), not an adapter; use it as --model"
     assert err.splitlines()[-1] == f"lorakit {name}: error: {said}", err
+
+
+@pytest.mark.parametrize("command", [["sample", "--prompt", "x", "--out", "{out}"], ["interrogate"],
+                                     ["merge", "--out", "{out}.safetensors"],
+                                     ["resize", "--rank", "2", "--out", "{out}.safetensors"],
+                                     ["convert", "--to", "kohya", "--out", "{out}.safetensors"]])
+def test_an_adapter_holding_nan_is_refused_by_every_command_and_shown_by_inspect(tmp_path, capsys, command):
+    """A LoRA whose training diverged (or that overflowed fp16 on save) drew black images and merged its NaN into a
+    model without a word; every command refuses it now, and inspect says which tensors are broken."""
+    model = load_base_model(builtin_model_path())
+    network = create_network(model.unet, preset="attn-mlp", ranks=UniformRanks(2, 1.0))
+    good = save_network(network, tmp_path / "good.safetensors")
+    tensors = read_adapter(good).tensors
+    key = sorted(k for k in tensors if k.endswith("lora_up.weight"))[3]
+    tensors[key][0, 0] = float("nan")
+    broken = tmp_path / "broken.safetensors"
+    save_file(tensors, broken)
+    name, *options = command
+    assert main([name, str(broken), *(o.format(out=tmp_path / "out") for o in options)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"lorakit {name}: error: {broken}: 1 of {len(tensors)} tensors hold NaN or infinite values "
+                          f"(e.g. {key}): the file is broken"), err
+    assert not list(tmp_path.glob("out*"))
+    if name == "sample":  # once is enough: inspect reads it, and says so first
+        assert main(["inspect", str(broken)]) == 0
+        said = capsys.readouterr().out
+        assert f"BROKEN:      1 tensor(s) hold NaN or infinite values: {key}; the other commands refuse" in said
+        assert said.rstrip().endswith("It is broken: 1 tensor(s) hold NaN or infinite values.")
+        assert main(["inspect", str(good)]) == 0 and "BROKEN" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("command", [["inspect"], ["sample", "--prompt", "x", "--out", "{out}"],
