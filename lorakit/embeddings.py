@@ -138,6 +138,9 @@ def read_embedding(path: str | Path) -> tuple[tuple[torch.Tensor, ...], str | No
             tensor = tensor[None]
         if tensor.ndim != 2:
             raise EmbeddingError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, expected [vectors, dim]")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):  # the prompt's word would be noise
+            raise EmbeddingError(f"{path}: tensor {key!r} holds NaN or infinite values: the embedding is broken (its "
+                                 "training diverged, or fp16 overflowed when it was saved)")
         out.append(tensor)
     if len({t.shape[0] for t in out}) > 1:
         raise EmbeddingError(f"{path}: its tensors hold different numbers of vectors "

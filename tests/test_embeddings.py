@@ -63,6 +63,14 @@ def test_pickles_and_broken_files_are_refused(model, tmp_path):
     broken.write_bytes(b"\x10\x00\x00\x00not a header")
     with pytest.raises(EmbeddingError, match="broken.safetensors: not a readable"):
         load_embedding(model, broken, token="x")
+    width = model.text_encoder.get_input_embeddings().weight.shape[1]
+    vectors = torch.zeros(2, width)
+    vectors[1, 3] = float("inf")  # fp16 overflow on save
+    save_file({"clip_l": vectors}, str(tmp_path / "inf.safetensors"))
+    vocabulary = len(model.tokenizer)
+    with pytest.raises(EmbeddingError, match="inf.safetensors: tensor 'clip_l' holds NaN or infinite values"):
+        load_embedding(model, tmp_path / "inf.safetensors", token="x")
+    assert len(model.tokenizer) == vocabulary  # refused before any token was added
 
 
 def test_a_file_that_is_no_embedding_is_named_for_what_it_is(model, tmp_path):
