@@ -17,8 +17,19 @@ def test_every_command_follows_the_pattern(name):
     assert module_name == f"lorakit.commands.{name}" and help_
     module = importlib.import_module(module_name)
     assert isinstance(module.HELP, str) and module.HELP
-    module.add_arguments(argparse.ArgumentParser())  # builds without errors
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)  # builds without errors
     assert callable(module.run)
+    # every option and argument says what it is in --help (world's tasks too)
+    silent, parsers = [], [(name, parser)]
+    while parsers:
+        where, current = parsers.pop()
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += [(f"{where} {task}", sub) for task, sub in action.choices.items()]
+            elif not action.help and action.dest != "help":
+                silent.append(f"{where} {'/'.join(action.option_strings) or action.dest}")
+    assert silent == [], f"options without help: {silent}"
 
 
 def test_world_tasks_are_subcommands(tmp_path, capsys):

@@ -100,10 +100,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=positive_int, default=1, help="images per prompt (default 1)")
     parser.add_argument("--steps", type=positive_int, default=20, help="sampler steps (default 20)")
     parser.add_argument("--cfg", type=finite_float, default=7.0, help="CFG scale (default 7)")
-    parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--sampler", default="ddim", help="sampler (default ddim; euler_a, dpm++_2m_karras, ...)")
     add_prompt_reading_arguments(parser, "checkpoints")
     parser.add_argument("--size", type=positive_int, default=None, help="image side (default: the model's native size)")
-    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16,
+                        help="images generated at once (default 16; lower it when memory runs out)")
     parser.add_argument("--every", type=positive_int, default=1,
                         help="evaluate every k-th saved epoch (the last always)")
     parser.add_argument("--step-checkpoints", action="store_true",

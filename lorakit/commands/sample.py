@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", type=finite_float, default=None, help="CFG scale for prompts that set none")
     parser.add_argument("--sampler", default=None, help="sampler for prompts that set none (ddim, euler_a, ...)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--batch-size", type=positive_int, default=4,
+                        help="images generated at once (default 4; lower it when memory runs out)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     columns = parser.add_mutually_exclusive_group()
     columns.add_argument("--sweep", type=_strengths, default=None, metavar="X,Y,...",

@@ -331,11 +331,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="style adapters' block sets, comma-separated (default: upper,middle,bottom,all)")
     ap.add_argument("--style-seeds", default="0,1", help="training seeds of each style adapter (default: 0,1)")
     ap.add_argument("--sample-seeds", type=positive_int, default=4, help="images per prompt (default: 4)")
-    ap.add_argument("--character-epochs", type=positive_int, default=12)
-    ap.add_argument("--style-epochs", type=positive_int, default=10)
-    ap.add_argument("--rank", type=positive_int, default=8)
+    ap.add_argument("--character-epochs", type=positive_int, default=12, help="epochs of the character adapter")
+    ap.add_argument("--style-epochs", type=positive_int, default=10, help="epochs of each style adapter")
+    ap.add_argument("--rank", type=positive_int, default=8, help="rank of every adapter")
     ap.add_argument("--model", default=None, help="base model (default: the built-in one)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -506,10 +506,10 @@ def plot_run(run: RunResult, path: Path) -> Path:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("runs", type=Path)
-    ap.add_argument("--markdown", type=Path)
+    ap.add_argument("runs", type=Path, help="the folder of experiment runs (a grid's --out)")
+    ap.add_argument("--markdown", type=Path, help="also write the tables to this Markdown file")
     ap.add_argument("--plot", type=Path, help="plot of the first run (or --plot-run NAME)")
-    ap.add_argument("--plot-run")
+    ap.add_argument("--plot-run", help="the run --plot draws (its folder name)")
     ap.add_argument("--budget-sweep", help="comma-separated budgets: how the budget rule does at each, per concept "
                                            "(e.g. 0.05,0.075,0.1,0.15,0.2)")
     ap.add_argument("--spectral-sweep", help="the same with the budget on σ1(ΔW)/σ1(W) (a candidate, read from the "

@@ -206,17 +206,17 @@ def replayed_turning_points(run_dir: Path) -> dict[str, dict | None]:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="the run folder (resumable)")
     ap.add_argument("--concept", default=concept.ZKZ.name, choices=list(concept.CONCEPTS),
                     help="zkz: the star every rule was designed on; vlx: the heart, kept for judging")
-    ap.add_argument("--algorithm", default="lora")
-    ap.add_argument("--lr", type=finite_float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=positive_int, default=20)
-    ap.add_argument("--rank", type=positive_int, default=8)
+    ap.add_argument("--algorithm", default="lora", help="lora, locon, loha, lokr, ...")
+    ap.add_argument("--lr", type=finite_float, default=1e-3, help="learning rate")
+    ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--epochs", type=positive_int, default=20, help="epochs, all trained (no early stop)")
+    ap.add_argument("--rank", type=positive_int, default=8, help="adapter rank")
     ap.add_argument("--preset", default="full", help="where adapters go (full: attention, MLP and convs = LoCon)")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--seeds-per-prompt", type=positive_int, default=2)
+    ap.add_argument("--model", default=None, help="base model (default: the built-in one)")
+    ap.add_argument("--seeds-per-prompt", type=positive_int, default=2, help="images per prompt and epoch")
     ap.add_argument("--score-every", type=positive_int, default=1, help="score every k-th epoch's checkpoint")
     ap.add_argument("--types", default=None,
                     help="score only these prompt types, comma-separated (e.g. alter,style: the onset's prompts)")

@@ -157,15 +157,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", type=Path, required=True, help="folder of the grid's run folders")
     ap.add_argument("--concepts", default="zkz,vlx",
                     help="zkz: the star every rule was designed on; vlx: the heart, kept for judging")
-    ap.add_argument("--algorithms", default="lora,locon,loha,lokr")
+    ap.add_argument("--algorithms", default="lora,locon,loha,lokr", help="comma-separated")
     ap.add_argument("--lrs", default="2e-3,8e-3", help="one that does not break the model in 20 epochs, one that does")
-    ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--epochs", type=positive_int, default=20)
-    ap.add_argument("--seeds-per-prompt", type=positive_int, default=3)
+    ap.add_argument("--seeds", default="0,1", help="training seeds, comma-separated")
+    ap.add_argument("--epochs", type=positive_int, default=20, help="epochs of every run")
+    ap.add_argument("--seeds-per-prompt", type=positive_int, default=3, help="images per prompt and epoch")
     ap.add_argument("--types", default="alter,style,agnostic",
                     help="prompt types scored every epoch (the onset's, and agnostic for concept leak)")
-    ap.add_argument("--changes", default="color,position,background")
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--changes", default="color,position,background",
+                    help="what the alter prompts change, comma-separated")
+    ap.add_argument("--model", default=None, help="base model (default: the built-in one)")
     ap.add_argument("--jobs", type=positive_int, default=2, help="runs at once (one thread each)")
     ap.add_argument("--rescore", action="store_true",
                     help="score every run's epochs again from its cached images (no training, no sampling); "

@@ -380,14 +380,14 @@ def _reuse_earlier_run(snapshot: Path, out: Path) -> list[torch.Tensor]:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", type=Path, required=True, help="work folder (checkpoints, logs, final model/)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vae-steps", type=positive_int, default=3000)
-    ap.add_argument("--vae-batch", type=positive_int, default=32)
-    ap.add_argument("--vae-lr", type=finite_float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the rendered images and the weights")
+    ap.add_argument("--vae-steps", type=positive_int, default=3000, help="VAE training steps")
+    ap.add_argument("--vae-batch", type=positive_int, default=32, help="VAE batch size")
+    ap.add_argument("--vae-lr", type=finite_float, default=1e-3, help="VAE learning rate")
     ap.add_argument("--images", type=positive_int, default=40000, help="pretraining images to render and encode")
-    ap.add_argument("--unet-steps", type=positive_int, default=10000)
-    ap.add_argument("--unet-batch", type=positive_int, default=64)
-    ap.add_argument("--unet-lr", type=finite_float, default=3e-4)
+    ap.add_argument("--unet-steps", type=positive_int, default=10000, help="U-Net + text encoder steps")
+    ap.add_argument("--unet-batch", type=positive_int, default=64, help="U-Net batch size")
+    ap.add_argument("--unet-lr", type=finite_float, default=3e-4, help="U-Net + text encoder learning rate")
     ap.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
                     help="epsilon: SD1.x's schedule; v_prediction: zero-terminal-SNR v schedule (see model.py)")
     ap.add_argument("--init-from", type=Path, default=None,

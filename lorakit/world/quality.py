@@ -78,8 +78,8 @@ def evaluate(model: BaseModel, count: int = 100, seed: int = 0, batch_size: int 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default=None, help="diffusers folder or single file (default: the built-in model)")
-    ap.add_argument("--count", type=positive_int, default=200)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--count", type=positive_int, default=200, help="held-out prompts scored (default 200)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the prompts and the images")
 
 
 def run(args: argparse.Namespace) -> int:

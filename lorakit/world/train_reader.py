@@ -242,11 +242,12 @@ def evaluate(reader: Reader, count: int, vae=None) -> dict[str, dict[str, float]
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--vae", type=Path, default=None, help="VAE checkpoint or diffusers vae folder (optional)")
     ap.add_argument("--count", type=positive_int, default=12000, help="training images")
-    ap.add_argument("--other-fraction", type=float, default=0.15)
-    ap.add_argument("--epochs", type=positive_int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=WEIGHTS_PATH)
-    ap.add_argument("--eval-count", type=positive_int, default=1000)
+    ap.add_argument("--other-fraction", type=float, default=0.15,
+                    help="share of training crops of shapes outside the world's (the reader learns to say 'other')")
+    ap.add_argument("--epochs", type=positive_int, default=10, help="training epochs")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the rendered images and the weights")
+    ap.add_argument("--out", type=Path, default=WEIGHTS_PATH, help="the weights file (default: the shipped one)")
+    ap.add_argument("--eval-count", type=positive_int, default=1000, help="held-out images the accuracy is measured on")
     ap.add_argument("--evaluate-only", action="store_true", help="measure the weights at --out, train nothing")
 
 
