@@ -24,7 +24,8 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,24 @@ class FolderLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
+
+
+@contextmanager
+def folder_for_call(folder: Path, option: str = "--out") -> Iterator[Path]:
+    """``folder`` made (with its parents) for one command's output before the work, so a place that cannot hold it
+    is said before images are made for nothing; removed again when the call wrote nothing into it (an error or
+    Ctrl-C before its first file)."""
+    made = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputFolderError(f"{option} {folder}: cannot be made there ({err.strerror or err}); choose another "
+                                "folder") from None
+    try:
+        yield folder
+    finally:
+        if made and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def check_run_folder(directory: str | Path, if_exists: str = "error", protect: Iterable[str | Path] = (),

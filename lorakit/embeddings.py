@@ -109,8 +109,12 @@ def read_embedding(path: str | Path) -> tuple[tuple[torch.Tensor, ...], str | No
     """The ``[n, dim]`` vectors of an embedding file, one tensor per text encoder (SDXL's ``clip_l`` and ``clip_g``;
     else the file's one tensor), and the token its metadata names (if any)."""
     path = Path(path)
+    if path.is_dir():
+        raise EmbeddingError(f"{path}: is a folder; give an embedding's .safetensors file")
     if path.suffix != ".safetensors":
         raise EmbeddingError(f"{path}: embeddings are read from .safetensors files only (never unpickled)")
+    if not path.is_file():
+        raise EmbeddingError(f"{path}: no such embedding file")
     try:
         with safe_open(str(path), "pt") as f:
             keys = list(f.keys())

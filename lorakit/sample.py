@@ -175,7 +175,12 @@ def parse_prompt_text(text: str, defaults: SamplePrompt | None = None, source: s
 def load_prompts(path: str | Path, defaults: SamplePrompt | None = None) -> list[SamplePrompt]:
     """Prompts from a ``.txt`` (kohya lines), ``.toml`` (kohya's [prompt] + [[prompt.subset]]) or ``.json`` file;
     a file without any is refused (a wrong file, most likely: there is nothing to draw)."""
-    prompts = _file_prompts(Path(path), defaults)
+    path = Path(path)
+    if path.is_dir():
+        raise PromptSyntaxError(f"{path}: is a folder; give a prompt file (.txt, .toml or .json)")
+    if not path.is_file():
+        raise PromptSyntaxError(f"{path}: no such prompt file")
+    prompts = _file_prompts(path, defaults)
     if not prompts:
         raise PromptSyntaxError(f"{path}: no prompt in this file (blank lines and # comments only, or an empty list); "
                                 "write one prompt per line")

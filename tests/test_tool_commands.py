@@ -391,3 +391,23 @@ def test_a_device_or_clip_skip_this_model_or_machine_lacks_is_refused_in_words(b
         assert not (tmp_path / "out").exists()
     assert main(["interrogate", str(a), "--clip-skip", "-1"]) == 2
     assert "clip skip -1: the text encoder of " in capsys.readouterr().err
+
+
+def test_sample_says_a_missing_or_wrong_file_and_a_place_it_cannot_write_before_drawing(base, tmp_path, capsys):
+    """Each was an OS error's own words ("[Errno 2] No such file or directory", "[Errno 21] Is a directory"), or for
+    --out under a file, said only after the images were made; a call that fails leaves no empty --out behind."""
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "out"
+    for options, said in (
+            (["--prompts", str(tmp_path / "none.txt")], f"{tmp_path / 'none.txt'}: no such prompt file"),
+            (["--prompts", str(tmp_path)], f"{tmp_path}: is a folder; give a prompt file (.txt, .toml or .json)"),
+            (["--prompt", "x", "--embedding", str(tmp_path / "none.safetensors")],
+             f"{tmp_path / 'none.safetensors'}: no such embedding file"),
+            (["--prompt", "x", "--embedding", str(tmp_path)], f"{tmp_path}: is a folder; give an embedding's"),
+            (["--prompt", "x", "--out", str(tmp_path / "notes.txt" / "out")],
+             f"--out {tmp_path / 'notes.txt' / 'out'}: cannot be made there (Not a directory); choose another folder"),
+            (["--prompt", "x", "--clip-skip", "9"], "clip skip 9: the text encoder of ")):  # after --out was made
+        assert main(["sample", "--steps", "2", "--out", str(out), *options]) == 2
+        assert capsys.readouterr().err.splitlines()[-1].startswith(f"lorakit sample: error: {said}")
+        assert not out.exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"

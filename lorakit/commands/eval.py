@@ -362,18 +362,15 @@ def run(args: argparse.Namespace) -> int:
 def _out_folder_held(out: Path) -> Iterator[None]:
     """--out locked for the call: two calls writing one folder at once would leave the metrics of one beside the
     page of the other.  A folder made for a call that wrote nothing into it is removed again."""
-    from lorakit.checkpoints import FolderLock
+    from lorakit.checkpoints import FolderLock, folder_for_call
 
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    lock = FolderLock(out, "is in use by another lorakit command (an eval writing its results there, or a run): "
-                           "wait for it to end, or choose another --out")
-    try:
-        yield
-    finally:
-        lock.release()
-        if made and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+    with folder_for_call(out):
+        lock = FolderLock(out, "is in use by another lorakit command (an eval writing its results there, or a run): "
+                               "wait for it to end, or choose another --out")
+        try:
+            yield
+        finally:
+            lock.release()
 
 
 def _judged_sources(args: argparse.Namespace) -> tuple[list, list]:

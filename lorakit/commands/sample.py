@@ -78,6 +78,7 @@ def _strengths(text: str) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from lorakit.checkpoints import folder_for_call
     from lorakit.formats import check_safetensors_header
     from lorakit.host_memory import keep_freed_memory
     from lorakit.models import check_clip_skip, check_device, load_base_model
@@ -128,24 +129,26 @@ def run(args: argparse.Namespace) -> int:
     said += _base_weights_left_out(specs)
     embeddings = [*args.embedding, *_pivotal_embeddings(specs, args.embedding, said)]
     device = check_device(args.device, "--device") if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
-    keep_freed_memory()  # each denoising step frees and takes back the same buffers (SD1.5 on the CPU: 6-17 % faster)
-    model = load_base_model(args.model, device=device)
-    use_vae(model, args.vae)
-    check_clip_skip(model, text["clip_skip"])
-    said += adopt_trained_schedule(model, [spec.path for spec in specs])
-    if note := long_prompts_note(model, [t for p in prompts for t in (p.prompt, p.negative_prompt)],
-                                 text["max_token_length"]):
-        said.append(note)
-    prompts = [replace(p, seed=p.seed if p.seed is not None else args.seed + i) for i, p in enumerate(prompts)]
-    labels = [f"sampling {label}" for label in columns] or ["sampling"]  # a bar per column
-    by_column = [generate_with_adapters(model, group, prompts, merged=args.merged, embeddings=embeddings,
-                                        batch_size=args.batch_size, progress=not args.no_progress,
-                                        progress_label=label, **text)
-                 for group, label in zip(groups, labels, strict=True)]
-    images = [column[i] for i in range(len(prompts)) for column in by_column]  # a row per prompt
-    title = "" if args.each else ", ".join(s.label for s in specs) or "no adapter"  # --each: its column says it
-    written = save_samples(images, prompts, args.out, title=title + (" (merged)" if args.merged and specs else ""),
-                           columns=columns)
+    with folder_for_call(args.out):  # a place that cannot hold the images is said before they are made
+        keep_freed_memory()  # each denoising step frees and takes back the same buffers (SD1.5, CPU: 6-17 % faster)
+        model = load_base_model(args.model, device=device)
+        use_vae(model, args.vae)
+        check_clip_skip(model, text["clip_skip"])
+        said += adopt_trained_schedule(model, [spec.path for spec in specs])
+        if note := long_prompts_note(model, [t for p in prompts for t in (p.prompt, p.negative_prompt)],
+                                     text["max_token_length"]):
+            said.append(note)
+        prompts = [replace(p, seed=p.seed if p.seed is not None else args.seed + i)
+                   for i, p in enumerate(prompts)]
+        labels = [f"sampling {label}" for label in columns] or ["sampling"]  # a bar per column
+        by_column = [generate_with_adapters(model, group, prompts, merged=args.merged, embeddings=embeddings,
+                                            batch_size=args.batch_size, progress=not args.no_progress,
+                                            progress_label=label, **text)
+                     for group, label in zip(groups, labels, strict=True)]
+        images = [column[i] for i in range(len(prompts)) for column in by_column]  # a row per prompt
+        title = "" if args.each else ", ".join(s.label for s in specs) or "no adapter"  # --each: its column says it
+        written = save_samples(images, prompts, args.out, columns=columns,
+                               title=title + (" (merged)" if args.merged and specs else ""))
     for spec in specs:
         print(f"adapter {spec.label}")
     for line in said:
