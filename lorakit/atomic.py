@@ -151,3 +151,9 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = T
 
 def atomic_write_json(path: str | os.PathLike, data: Any, *, overwrite: bool = True) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n", overwrite=overwrite)
+
+
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The first of ``path``'s parents that exists as a file, not a folder: nothing can be written below it (the OS
+    says "[Errno 17] File exists" or "Not a directory", naming neither path nor why); None when there is none."""
+    return next((parent for parent in Path(path).parents if parent.exists() and not parent.is_dir()), None)

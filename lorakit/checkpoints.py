@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from lorakit.atomic import atomic_write_text
+from lorakit.atomic import atomic_write_text, file_in_the_way
 from lorakit.checkpoint_names import EPOCH_DIR, STEP_DIR, epoch_dir_name, step_dir_name
 from lorakit.errors import LorakitError
 from lorakit.run_manifest import MANIFEST_NAME, RunManifest, enclosing_run
@@ -152,6 +152,9 @@ def check_run_folder(directory: str | Path, if_exists: str = "error", protect: I
     path = Path(directory)
     if path.exists() and not path.is_dir():
         raise OutputFolderError(f"{path} is a file, not a folder: choose another output folder")
+    if (blocking := file_in_the_way(path)) is not None:
+        raise OutputFolderError(f"{path}: {blocking} is a file, not a folder, so the run cannot be written inside it: "
+                                "choose another output folder")
     for item in protect if if_exists != "resume" else ():  # among the images, the next run reads a run as data
         data = Path(item).expanduser() if item else None
         if data is not None and data.is_dir() and _inside(path, data):

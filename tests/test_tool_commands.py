@@ -411,3 +411,29 @@ def test_sample_says_a_missing_or_wrong_file_and_a_place_it_cannot_write_before_
         assert capsys.readouterr().err.splitlines()[-1].startswith(f"lorakit sample: error: {said}")
         assert not out.exists()
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_an_output_path_inside_a_file_is_refused_naming_the_file_by_every_command(files, tmp_path, capsys):
+    """`--out notes.txt/x`: the OS said "[Errno 17] File exists: 'notes.txt'" (train: "[Errno 20] Not a directory",
+    after rendering its data); each command names the file in the way now, before any work, and writes nothing."""
+    a, _ = files
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    inside = notes / "x"
+    run = tmp_path / "run"  # a run folder for report
+    for command in (["resize", str(a), "--rank", "2", "--out", f"{inside}.safetensors"],
+                    ["convert", str(a), "--to", "kohya", "--out", f"{inside}.safetensors"],
+                    ["merge", str(a), "--out", str(inside)],
+                    ["interrogate", str(a), "--json", f"{inside}.json"],
+                    ["train", "--out", str(inside), "--max-steps", "1"],  # the built-in job renders data first
+                    ["train", "--out", str(inside), "--dry-run"],
+                    ["world", "dataset", str(inside)]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert f"{notes} is a file, not a folder" in err and "Errno" not in err, err
+    assert notes.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    from eval_helpers import write_run
+
+    write_run(run, epochs=1)
+    assert main(["report", str(run), "--out", f"{inside}.html"]) == 2
+    assert f"--out {inside}.html: {notes} is a file, not a folder" in capsys.readouterr().err

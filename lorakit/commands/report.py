@@ -64,10 +64,12 @@ def _join_eval(page, run: Path, measured: Path, label: str = "", position: int =
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.atomic import atomic_write_text
+    from lorakit.atomic import atomic_write_text, file_in_the_way
     from lorakit.evaluate.report import page_from_run, render_html, written_by_lorakit
 
     out = args.out or args.run / "report.html"
+    if (blocking := file_in_the_way(out)) is not None:
+        raise ReportCommandError(f"--out {out}: {blocking} is a file, not a folder; give another path")
     if out.exists() and not args.overwrite and not (out.is_file() and written_by_lorakit(out)):
         raise ReportCommandError(f"{out} exists and is not a page lorakit wrote; choose another --out, or pass "
                                  "--overwrite to replace it")

@@ -309,12 +309,16 @@ def builtin_default(cfg: TrainConfig, write: bool = True) -> TrainConfig:
     if cfg.model.base is not None:
         raise ConfigError(f"--model {cfg.model.base} needs --data: without data lorakit runs its built-in job (the "
                           "built-in concept on the built-in model); give --data FOLDER to train your model")
+    from lorakit.atomic import file_in_the_way
     from lorakit.world import concept  # the shapes world: only the built-in job needs it
     from lorakit.world.recipe import apply_recipe
 
     apply_recipe(cfg, only_defaults=True)
     out = Path(cfg.output.dir)
     data_dir = out.parent / (out.name + "-data")
+    if (blocking := file_in_the_way(data_dir)) is not None:  # before the data is rendered beside the run
+        raise ConfigError(f"{out}: {blocking} is a file, not a folder, so the run cannot be written inside it: "
+                          "choose another output folder")
     if write and not data_dir.exists():
         concept.write_concept_dataset(data_dir)
     cfg.data.train_data = str(data_dir)

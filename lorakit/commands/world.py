@@ -59,13 +59,15 @@ def write_dataset(args: argparse.Namespace) -> int:
     asked; an unchanged one is left as it is, and a folder's other files are never touched."""
     import tempfile
 
-    from lorakit.atomic import atomic_write_bytes
+    from lorakit.atomic import atomic_write_bytes, file_in_the_way
     from lorakit.errors import LorakitError
     from lorakit.run_messages import count
 
     if args.folder is not None and args.out is not None and args.folder != args.out:
         raise LorakitError(f"two folders given, {args.folder} and --out {args.out}: give one")
     args.folder = args.out or args.folder or Path("zkz-dataset")
+    if (blocking := file_in_the_way(args.folder / "x")) is not None:  # the folder itself, or one above it
+        raise LorakitError(f"{args.folder}: {blocking} is a file, not a folder; give another folder")
     with tempfile.TemporaryDirectory() as tmp:
         paths = concept.write_concept_dataset(tmp)
         made = {args.folder / p.relative_to(tmp): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from lorakit.atomic import file_in_the_way
 from lorakit.errors import LorakitError, WrongBaseModelError
 
 
@@ -38,6 +39,9 @@ def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | No
     of an input folder) or over an existing file (unless ``overwrite``); ``suffix``: the file kind it must be
     (".safetensors" for an adapter), so a wrong name is said before the work, not after."""
     out = Path(out)
+    if (blocking := file_in_the_way(out)) is not None:
+        raise ToolError(f"{out}: {blocking} is a file, not a folder, so nothing can be written inside it; give "
+                        "another path")
     if suffix is not None and (out.is_dir() or out.suffix.lower() != suffix):
         what = "is a folder" if out.is_dir() else f"does not end in {suffix}"
         raise ToolError(f"{out}: {what}; give the path of the {suffix} file to write")
