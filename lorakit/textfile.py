@@ -14,6 +14,10 @@ def read_user_text(path: str | os.PathLike, error: type[Exception]) -> str:
     try:
         return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
-        line = err.object[:err.start].count(b"\n") + 1
-        raise error(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} on line {line}); save it as "
-                    "UTF-8") from None
+        raise error(f"{path}: not UTF-8 text ({first_wrong_byte(err)}); save it as UTF-8") from None
+
+
+def first_wrong_byte(err: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8, in a user's words: "byte 0xe9 on line 3" (Python says the offset)."""
+    line = err.object[:err.start].count(b"\n") + 1
+    return f"byte 0x{err.object[err.start]:02x} on line {line}"

@@ -58,3 +58,16 @@ def test_the_commands_say_it_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[-1] == \
         f"lorakit sample: error: {prompts}: not UTF-8 text (byte 0xe9 on line 1); save it as UTF-8"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_caption_in_another_encoding_is_said_the_same_way(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "data" / "1_zkz star"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64), "white").save(folder / "a.png")
+    (folder / "a.txt").write_bytes("a star\nun café".encode("latin-1"))  # was: Python's own "position 10" words
+    assert main(["train", "--data", str(tmp_path / "data"), "--dry-run", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"lorakit train: error: {folder / 'a.txt'}: caption file is not UTF-8 text (byte 0xe9 on line 2); save it "
+        "as UTF-8")

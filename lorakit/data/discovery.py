@@ -32,6 +32,7 @@ from lorakit.data.images import (
     probe,
     unreadable_image,
 )
+from lorakit.textfile import first_wrong_byte
 
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
 #: more repeats than this is a folder name that starts with a number by chance (a date: 20230101_photos)
@@ -335,7 +336,8 @@ def scan_subset(subset: SubsetConfig, dataset: int, index: int, config: DataConf
             try:
                 lines = read_caption_file(caption_path)
             except UnicodeDecodeError as e:
-                problems.error(f"{caption_path}: caption file is not UTF-8 text ({e})")
+                problems.error(f"{caption_path}: caption file is not UTF-8 text ({first_wrong_byte(e)}); save it as "
+                               "UTF-8")
                 continue
             if len(lines) > 1 and not subset.enable_wildcard:
                 multiline.append(caption_path.name)

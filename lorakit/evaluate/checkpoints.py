@@ -530,7 +530,10 @@ def dataset_images(folder: str | Path, plain_caption: str | None = None, templat
             try:
                 caption = next(iter(read_caption_file(caption_file)), "")
             except UnicodeDecodeError as err:
-                raise CheckpointError(f"{caption_file}: caption file is not UTF-8 text ({err})") from None
+                from lorakit.textfile import first_wrong_byte
+
+                raise CheckpointError(f"{caption_file}: caption file is not UTF-8 text ({first_wrong_byte(err)}); "
+                                      "save it as UTF-8") from None
         if not caption:
             caption = (folder_phrase(image.parent) if image.parent != folder else "") or plain_caption or ""
         pairs.append((image, caption))
