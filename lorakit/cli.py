@@ -130,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LorakitError, *USER_OS_ERRORS) as err:  # the user's mistake: a message, not a traceback
         code = getattr(err, "exit_code", 2)
         said = str(err)
+        if isinstance(err, OSError) and err.filename is not None and err.strerror:  # "[Errno 13] ...: 'x'"
+            said = f"{err.filename}: {err.strerror}" + (f" (and {err.filename2})" if err.filename2 else "")
         if isinstance(err, WrongBaseModelError) and getattr(module, "DEFAULT_MODEL_IS_BUILT_IN", False) \
                 and getattr(args, "model", "") is None:  # the user may not know a model was chosen for them
             said += ("; no --model was given, so that was the built-in shapes-world model: give the base model "

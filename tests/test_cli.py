@@ -79,6 +79,9 @@ class _Command:
     (PermissionError("out/: permission denied"), "permission denied"),
     (OSError(28, "No space left on device"), "No space left"),
     (OSError(27, "File too large", "out.safetensors"), "out.safetensors: File too large (a full disk, a file-size"),
+    # as the OS raises them: the path first, without "[Errno 13]" and quotes
+    (PermissionError(13, "Permission denied", "/srv/models/out"), "error: /srv/models/out: Permission denied\n"),
+    (FileNotFoundError(2, "No such file or directory", "cfg.toml"), "error: cfg.toml: No such file or directory\n"),
 ])
 def test_user_errors_are_one_line(monkeypatch, capsys, error, message):
     monkeypatch.setitem(COMMANDS, "boom", ("boom", "raise"))
