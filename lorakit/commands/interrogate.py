@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     settings, said = trained_text_settings([spec.path], clip_skip=args.clip_skip)
     model = load_base_model(args.model)
-    check_clip_skip(model, settings["clip_skip"])  # -1 would read a layer counted from the wrong end
+    if not model.is_sdxl:  # SDXL is read at clip skip 1 whatever its file says (below), as before
+        check_clip_skip(model, settings["clip_skip"])  # -1 would read a layer counted from the wrong end
     for line in said:
         print(line)
     bars = []  # drawn with the first batch: a file that does not fit is said without a bar at 0% before it

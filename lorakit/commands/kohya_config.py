@@ -319,7 +319,6 @@ def _trained_parts(options: dict[str, Any], out: KohyaTranslation, path: Path, n
         out.set("network.train_unet", False)
 
 
-
 def _script_options(options: dict[str, Any], out: KohyaTranslation, native: bool) -> None:
     """Options that need more than a renaming: base weights, block rates, fused groups, the save ratio, the run's
     length, full-precision switches and the saved format."""

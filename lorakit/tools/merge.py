@@ -122,8 +122,11 @@ def combine(adapters: Sequence[AdapterSpec | str], model: BaseModel | None = Non
         raise ToolError("combine needs at least one adapter")
     summed: dict[str, Delta] = {}
     norms: dict[str, dict[str, torch.Tensor]] = {}
+    first_metadata: dict[str, str] | None = None  # the result describes itself as the first file does
     for spec in specs:
-        file, file_norms = split_norm_updates(read_adapter(spec.path))
+        source = read_adapter(spec.path)
+        first_metadata = source.metadata if first_metadata is None else first_metadata
+        file, file_norms = split_norm_updates(source)
         _add_norm_updates(norms, file_norms, module_weights(file, spec=spec), spec.path, model)
         for name, delta in file_deltas(file, model, spec=spec).items():
             if name in summed and tuple(summed[name].shape) != tuple(delta.shape):
@@ -142,7 +145,7 @@ def combine(adapters: Sequence[AdapterSpec | str], model: BaseModel | None = Non
     how = "exact: ranks concatenated" if exact else f"ΔW summed and re-factored ({(rule or RankRule()).describe()})"
     result.notes.append(f"combined {len(specs)} adapter(s), {how}")
     labels = ", ".join(s.label for s in specs)
-    result.finish(read_adapter(specs[0].path).metadata, lorakit_source=labels,
+    result.finish(first_metadata, lorakit_source=labels,
                   ss_training_comment=f"lorakit merge --to-adapter of {labels}")
     return result
 
