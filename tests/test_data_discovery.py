@@ -10,6 +10,7 @@ import pytest
 from data_helpers import data, make_folder, make_image
 
 from lorakit.data import DataConfig, DatasetError, DatasetWarning, TrainingData, resolve_datasets
+from lorakit.data.dataset import cut_share
 
 
 def warned(path, **options) -> str:
@@ -157,6 +158,11 @@ def test_pictures_in_formats_not_trained_are_named_not_silently_left_out(tmp_pat
     assert len(data(tmp_path).records) == 2
     (folder / "IMG_0001.HEIC").unlink()
     assert "1 picture in a format not trained (only .png" in warned(tmp_path)
+    # its caption is not "without an image": the picture is there, in a format not trained
+    (folder / "clip.txt").write_text("zkz, a clip")
+    message = error(tmp_path)
+    assert "clip.txt: caption file of clip.gif, a picture in a format not trained" in message
+    assert "save it as clip.png" in message and "without an image" not in message
 
 
 # ----------------------------------------------------------------------------------------------- TOML
@@ -371,6 +377,13 @@ def test_buckets_off_warns_about_upscaling_and_cropping(tmp_path):
     message = warned(tmp_path)
     assert "small.png" in message and "1.33×" in message
     assert "wide.png" in message and "50% cut away" in message and "enable_bucket" in message
+    make_image(folder / "strip.png", (2000, 8))  # keeps 0.4% of itself: not "100% cut away"
+    assert "strip.png (2000×8, enlarged 8.00× to fill 64×64" in warned(tmp_path)
+    assert "strip.png (2000×8, 99.6% cut away)" in warned(tmp_path)
+
+
+def test_cut_share_says_100_only_when_nothing_is_kept():
+    assert [cut_share(k) for k in (0.5, 0.004, 0.0004, 0.0)] == ["50%", "99.6%", "99.9%", "100%"]
 
 
 def test_multiline_and_empty_caption_files_warn(tmp_path):

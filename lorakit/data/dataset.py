@@ -285,7 +285,7 @@ class TrainingData:
                                 f"{bucket[0]}×{bucket[1]})")
             kept = (bucket[0] * bucket[1]) / (resized[0] * resized[1])
             if not scheme.enabled and kept < 0.8:
-                cropped.append(f"{rec.path} ({rec.size[0]}×{rec.size[1]}, {100 * (1 - kept):.0f}% cut away)")
+                cropped.append(f"{rec.path} ({rec.size[0]}×{rec.size[1]}, {cut_share(kept)} cut away)")
         if too_small:
             steps = self.schemes[0].steps
             problems.error(f"{_images_are(len(too_small))} narrower or lower than bucket_reso_steps ({steps} "
@@ -654,3 +654,11 @@ class TrainingData:
 def _images_are(n: int) -> str:
     """'1 image is', '3 images are': the subject of a warning about some of the images."""
     return "1 image is" if n == 1 else f"{n} images are"
+
+
+def cut_share(kept: float) -> str:
+    """The share of an image a square crop cuts away, as a percentage that says "100%" only when nothing is left
+    (a 2000×8 strip keeps 0.4%: "99.6%", where rounding said "100%")."""
+    cut = 100 * (1 - kept)
+    text = f"{cut:.0f}%"
+    return text if text != "100%" or cut >= 100 else f"{min(cut, 99.9):.1f}%"

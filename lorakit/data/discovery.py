@@ -405,6 +405,9 @@ def _caption_files(folder: Path, entries: list[Path], images: list[Path], ext: s
             message = (f"{path}: caption file without an image: the image {alike.name} differs from it only in "
                        f"letter case, and names are matched with their case; rename the caption "
                        f"{alike.stem}{path.suffix}")
+        elif untrained := [p.name for p in entries if p.stem == stem and p.suffix.lower() in _UNTRAINED_PICTURES]:
+            message = (f"{path}: caption file of {untrained[0]}, a picture in a format not trained (only "
+                       f"{', '.join(IMAGE_EXTENSIONS)} are); save it as {stem}.png to train it, or remove the caption")
         else:
             message = (f"{path}: caption file without an image (no {stem}{{{','.join(IMAGE_EXTENSIONS)}}} in "
                        f"{folder}); remove or rename it")
