@@ -166,7 +166,8 @@ def check_run_folder(directory: str | Path, if_exists: str = "error", protect: I
     if if_exists == "error":
         raise OutputFolderError(
             f"{path} already holds files (a previous run?). Choose another output folder, "
-            f"or set output.if_exists = \"resume\" to continue that run, or \"overwrite\" to replace it")
+            "or continue that run (--resume; in a config, output.if_exists = \"resume\"), or replace it "
+            "(--overwrite; \"overwrite\")")
     if if_exists == "resume":
         if not ((path / "config.toml").exists() or RunManifest.exists_in(path)):
             holder = enclosing_run(path)

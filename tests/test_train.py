@@ -91,7 +91,7 @@ def test_existing_output_folder_is_protected(tiny_model_dir, dataset, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "precious.txt").write_text("mine")
-    with pytest.raises(OutputFolderError, match="already holds files"):
+    with pytest.raises(OutputFolderError, match=r"already holds files.*--resume.*--overwrite"):
         run_train(make_config(tiny_model_dir, dataset, out))
     with pytest.raises(OutputFolderError, match="not a lorakit run folder"):
         run_train(make_config(tiny_model_dir, dataset, out, output={"if_exists": "overwrite"}))
