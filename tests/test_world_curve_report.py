@@ -280,3 +280,30 @@ def test_a_malformed_growth_sweep_is_named():
     for bad in ("0.07;2", "0.07;two;0.175", "0.07;0;0.175"):
         with pytest.raises(InvalidValueError, match="--growth-sweep"):
             curve_report.run(ap.parse_args([str(grid), "--finished-only", "--growth-sweep", bad]))
+
+
+def test_a_folder_without_runs_is_refused_and_the_page_is_left_alone(tmp_path):
+    """It printed empty tables and, with --update-doc, wrote them over the page's; run as the docs and the grid's
+    older commands did (``python -m``), it now exits 2 with the CLI's message, as ``lorakit world`` does."""
+    import subprocess
+    import sys
+
+    page = tmp_path / "page.md"
+    page.write_text("<!-- curve-report headline -->\n| my table |\n<!-- /curve-report headline -->\n")
+    (tmp_path / "runs").mkdir()
+    done = subprocess.run([sys.executable, "-m", "lorakit.world.curve_report", str(tmp_path / "runs"),
+                           "--update-doc", str(page)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert f"{tmp_path / 'runs'}: no experiment runs in this folder" in done.stderr and "Traceback" not in done.stderr
+    assert "| my table |" in page.read_text()
+
+
+def test_why_no_runs_were_found_is_said(tmp_path):
+    from lorakit.world.grid import DONE
+
+    assert "no such folder" in curve_report.no_runs_reason(tmp_path / "typo", False)
+    write_run(tmp_path / "a", fidelity=[0, .1], alter=[0, .1], control=[.9, .9], cs=np.zeros(10),
+              sizes=np.zeros(10))
+    assert "none of its 1 runs is finished" in curve_report.no_runs_reason(tmp_path, True)
+    (tmp_path / "a" / DONE).write_text("")
+    assert curve_report.find_runs(tmp_path, ("color",), finished_only=True)

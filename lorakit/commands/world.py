@@ -9,12 +9,15 @@
 - ``grid``: many ``experiment`` runs in parallel (resumable), then the ``curve-report`` table;
 - ``blockwise``: the block-wise LoRA paper's experiment (character + style adapters in chosen blocks).
 
-Each task module has ``add_arguments(parser)`` and ``run(args)`` (and ``main(argv)`` for ``python -m``).
+Each task module has ``add_arguments(parser)`` and ``run(args)``; ``python -m lorakit.world.<module>`` runs
+``lorakit world <task>`` (``run_as_script``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -91,3 +94,11 @@ def write_dataset(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     return int(args.task_run(args) or 0)
+
+
+def run_as_script(task: str, argv: Sequence[str] | None = None) -> int:
+    """``python -m lorakit.world.<module>`` (how docs and MADE_BY.txt run a task): the same parser, refusals and exit
+    code as ``lorakit world <task>``; each module's own parser returned 0 whatever its task returned."""
+    from lorakit import cli
+
+    return cli.main(["world", task, *(sys.argv[1:] if argv is None else argv)])

@@ -353,10 +353,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lorakit world blockwise", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
+    """``python -m lorakit.world.blockwise``: ``lorakit world blockwise`` itself (its messages, exit code)."""
+    from lorakit.commands.world import run_as_script
+
+    return run_as_script("blockwise", argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from lorakit.doc_blocks import update_doc_blocks
 from lorakit.earlystop import samples as sample_stop
 from lorakit.earlystop.replay import COMPARED_RULES
 from lorakit.earlystop.rules import SIZE_SERIES, GrowthStall
-from lorakit.errors import InvalidValueError
+from lorakit.errors import InvalidValueError, LorakitError
 from lorakit.world.concept import CONCEPTS
 from lorakit.world.experiment import change_success, replayed_turning_points, smooth
 from lorakit.world.grid import DONE
@@ -121,6 +121,21 @@ def find_runs(root: Path, changes: tuple[str, ...] = MEASURABLE_CHANGES,
     if finished_only:
         scored = [p for p in scored if (p.parent / DONE).exists()]
     return [load_run(p.parent, changes) for p in scored]
+
+
+def no_runs_reason(root: Path, finished_only: bool) -> str:
+    """Why ``find_runs`` found nothing under ``root``, said so that the user can tell a wrong folder from runs that
+    are not scored (or not finished) yet."""
+    if not root.is_dir():
+        return f"{root}: no such folder (give the folder of experiment runs, a grid's --out)"
+    curves = sorted(root.glob("*/curve.json"))
+    if not curves:
+        return (f"{root}: no experiment runs in this folder (none of its folders holds a curve.json; give the folder "
+                "of experiment runs, a grid's --out)")
+    if finished_only:
+        return (f"{root}: none of its {len(curves)} runs is finished (no {DONE} file, which a grid writes once every "
+                "epoch is scored): wait for the grid, or leave out --finished-only")
+    return f"{root}: none of its {len(curves)} runs has a scored epoch after epoch 0 yet"
 
 
 def _fmt(value: float | None) -> str:
@@ -548,6 +563,8 @@ def run(args: argparse.Namespace) -> int:
     growth_options = parse_growth_sweep(args.growth_sweep) if getattr(args, "growth_sweep", None) else None
     runs = find_runs(args.runs, tuple(c.strip() for c in args.changes.split(",")),
                      finished_only=args.finished_only)
+    if not runs:  # empty tables would replace the ones --update-doc and --markdown point at
+        raise LorakitError(no_runs_reason(args.runs, args.finished_only))
     table = markdown_table(runs)
     print(table)
     for line in summary_lines(runs):
@@ -597,10 +614,11 @@ def update_doc(path: Path, blocks: dict[str, str], markers: dict[str, tuple[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
+    """``python -m lorakit.world.curve_report``: ``lorakit world curve-report`` itself (its messages, exit code)."""
+    from lorakit.commands.world import run_as_script
+
+    return run_as_script("curve-report", argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

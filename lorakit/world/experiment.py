@@ -255,10 +255,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
+    """``python -m lorakit.world.experiment``: ``lorakit world experiment`` itself (its messages, exit code)."""
+    from lorakit.commands.world import run_as_script
+
+    return run_as_script("experiment", argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

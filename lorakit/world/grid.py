@@ -109,7 +109,8 @@ def archive(runs: Sequence[GridRun], dest: Path) -> list[Path]:
 
 
 def experiment_command(run: GridRun) -> list[str]:
-    return [sys.executable, "-m", "lorakit.world.experiment", *run.argv]
+    # through the command line (not ``-m lorakit.world.experiment``): it quiets the libraries before importing them
+    return [sys.executable, "-m", "lorakit.cli", "world", "experiment", *run.argv]
 
 
 def run_all(runs: Sequence[GridRun], jobs: int = 2,
@@ -212,10 +213,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
+    """``python -m lorakit.world.grid``: ``lorakit world grid`` itself (its messages, exit code)."""
+    from lorakit.commands.world import run_as_script
+
+    return run_as_script("grid", argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -91,10 +91,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
+    """``python -m lorakit.world.quality``: ``lorakit world quality`` itself (its messages, exit code)."""
+    from lorakit.commands.world import run_as_script
+
+    return run_as_script("quality", argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
