@@ -177,6 +177,18 @@ def test_a_kohya_tool_option_says_lorakits_spelling(capsys, typed, said):
     (["world", "grid", "--jobs", "0"], "argument --jobs: must be a whole number of 1 or more, got '0'"),
     (["world", "pretrain", "--unet-lr", "nan"], "argument --unet-lr: must be a finite number, got 'nan'"),
     (["world", "blockwise", "--sample-seeds", "0"], "argument --sample-seeds: must be a whole number of 1 or more"),
+    # their lists: a ValueError traceback (--lrs abc, --algorithms foo, --concepts xyz, --seeds a), or runs that each
+    # failed (--lrs -1) or measured nothing (--changes size, --types nope)
+    (["world", "grid", "--lrs", "2e-3,abc"], "argument --lrs: must be a number, got 'abc'"),
+    (["world", "grid", "--lrs", "-1"], "argument --lrs: must be more than 0, got '-1'"),
+    (["world", "grid", "--algorithms", "lora,foo"], "argument --algorithms: 'foo' is not one of lora, locon"),
+    (["world", "grid", "--concepts", "xyz"], "argument --concepts: 'xyz' is not one of zkz, vlx"),
+    (["world", "grid", "--seeds", "0,,1"], "argument --seeds: want a comma-separated list with no empty item"),
+    (["world", "grid", "--changes", "size"], "argument --changes: 'size' is not one of color, position, background"),
+    (["world", "experiment", "--types", "alter,nope"], "argument --types: 'nope' is not one of train, trigger, alter"),
+    (["world", "experiment", "--lr", "0"], "argument --lr: must be more than 0, got '0'"),
+    (["world", "blockwise", "--blocks", "upper,top"], "argument --blocks: 'top' is not one of upper, middle, bottom"),
+    (["world", "blockwise", "--style-seeds", "-1"], "argument --style-seeds: must be a whole number of 0 or more"),
 ])
 def test_a_number_that_cannot_work_is_refused_naming_the_option(capsys, tmp_path, monkeypatch, typed, said):
     """Before: --steps 0 divided by zero in the scheduler, --batch-size 0 failed on a cache file, --cfg nan drew

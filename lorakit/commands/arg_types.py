@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable, Sequence
 
 
 def _whole(text: str, least: int) -> int:
@@ -45,3 +46,29 @@ def non_negative_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """A rate or scale: more than 0 and finite."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text!r}")
+    return value
+
+
+def comma_list(item: Callable[[str], object] = str, choices: Sequence[str] | None = None) -> Callable[[str], str]:
+    """A comma-separated list (``--lrs 2e-3,8e-3``) whose every item ``item`` accepts and, with ``choices``, is one
+    of them; the text is handed on as given (stripped), for the code that splits it.  A list checked item by item
+    where it is used came out as a ValueError traceback, or as runs that each failed or measured nothing."""
+    def parse(text: str) -> str:
+        parts = [part.strip() for part in text.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"want a comma-separated list with no empty item, got {text!r}")
+        for part in parts:
+            if choices is not None and part not in choices:
+                raise argparse.ArgumentTypeError(f"{part!r} is not one of {', '.join(choices)}")
+            item(part)  # its refusal names the item ("must be a number, got 'abc'")
+        return ",".join(parts)
+
+    parse.__name__ = "comma-separated list"  # argparse names the type in its own messages
+    return parse

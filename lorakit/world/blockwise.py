@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from lorakit.atomic import atomic_write, atomic_write_json, atomic_write_text
-from lorakit.commands.arg_types import positive_int
+from lorakit.commands.arg_types import comma_list, non_negative_int, positive_int
 from lorakit.config import TrainConfig
 from lorakit.models import BaseModel, load_base_model
 from lorakit.sample import SamplePrompt, generate_with_adapters, image_grid
@@ -327,9 +327,10 @@ def run_experiment(plan: Plan, progress: bool = True) -> str:
 # ------------------------------------------------------------------------------------------------ command
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/blockwise"), help="experiment folder (resumable)")
-    ap.add_argument("--blocks", default=",".join(BLOCK_SETS),
+    ap.add_argument("--blocks", default=",".join(BLOCK_SETS), type=comma_list(choices=BLOCK_SETS),
                     help="style adapters' block sets, comma-separated (default: upper,middle,bottom,all)")
-    ap.add_argument("--style-seeds", default="0,1", help="training seeds of each style adapter (default: 0,1)")
+    ap.add_argument("--style-seeds", default="0,1", type=comma_list(non_negative_int),
+                    help="training seeds of each style adapter (default: 0,1)")
     ap.add_argument("--sample-seeds", type=positive_int, default=4, help="images per prompt (default: 4)")
     ap.add_argument("--character-epochs", type=positive_int, default=12, help="epochs of the character adapter")
     ap.add_argument("--style-epochs", type=positive_int, default=10, help="epochs of each style adapter")
@@ -339,11 +340,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip())
-    unknown = [b for b in blocks if b not in BLOCK_SETS]
-    if unknown:
-        raise SystemExit(f"lorakit world blockwise: unknown block set {unknown[0]!r}; use {', '.join(BLOCK_SETS)}")
-    seeds = tuple(int(s) for s in args.style_seeds.split(",") if s.strip())
+    blocks = tuple(args.blocks.split(","))  # each checked by its argument type
+    seeds = tuple(int(s) for s in args.style_seeds.split(","))
     plan = Plan(args.out, blocks, seeds, character_epochs=args.character_epochs, style_epochs=args.style_epochs,
                 rank=args.rank, sample_seeds=args.sample_seeds, model=args.model)
     text = run_experiment(plan, progress=not args.no_progress)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorakit.commands.arg_types import comma_list
 from lorakit.config import EarlyStopConfig, load_config
 from lorakit.doc_blocks import update_doc_blocks
 from lorakit.earlystop import samples as sample_stop
@@ -535,7 +536,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--sample-stop", action="store_true",
                     help="also replay the sample stop (early_stop.samples = \"world\") on one seed's images, "
                          "against the onset of the other seeds'")
-    ap.add_argument("--changes", default=",".join(MEASURABLE_CHANGES),
+    ap.add_argument("--changes", default=",".join(MEASURABLE_CHANGES), type=comma_list(choices=CHANGES),
                     help="attributes whose changed-prompt success defines the onset (default: color,position,"
                          "background; runs on a base model that ignores position words: color,background)")
     ap.add_argument("--update-doc", type=Path,

@@ -26,7 +26,7 @@ import numpy as np
 
 from lorakit.atomic import atomic_write_json
 from lorakit.checkpoints import RunFolder
-from lorakit.commands.arg_types import finite_float, positive_int
+from lorakit.commands.arg_types import comma_list, non_negative_int, positive_float, positive_int
 from lorakit.config import TrainConfig
 from lorakit.earlystop import History, SecondValley
 from lorakit.earlystop.replay import COMPARED_RULES, replay
@@ -40,7 +40,7 @@ from lorakit.train import train
 from lorakit.world import concept
 from lorakit.world.concept import Concept
 from lorakit.world.metrics import image_outcomes, metrics_from_readings, read_images
-from lorakit.world.onset import REACH, measure_onset, peak_epoch, smooth_rows
+from lorakit.world.onset import CHANGES, REACH, measure_onset, peak_epoch, smooth_rows
 from lorakit.world.recipe import recipe_config
 from lorakit.world.update_sizes import checkpoint_spectral_sizes
 
@@ -210,19 +210,19 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--concept", default=concept.ZKZ.name, choices=list(concept.CONCEPTS),
                     help="zkz: the star every rule was designed on; vlx: the heart, kept for judging")
     ap.add_argument("--algorithm", default="lora", help="lora, locon, loha, lokr, ...")
-    ap.add_argument("--lr", type=finite_float, default=1e-3, help="learning rate")
-    ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate")
+    ap.add_argument("--seed", type=non_negative_int, default=0, help="training seed")
     ap.add_argument("--epochs", type=positive_int, default=20, help="epochs, all trained (no early stop)")
     ap.add_argument("--rank", type=positive_int, default=8, help="adapter rank")
     ap.add_argument("--preset", default="full", help="where adapters go (full: attention, MLP and convs = LoCon)")
     ap.add_argument("--model", default=None, help="base model (default: the built-in one)")
     ap.add_argument("--seeds-per-prompt", type=positive_int, default=2, help="images per prompt and epoch")
     ap.add_argument("--score-every", type=positive_int, default=1, help="score every k-th epoch's checkpoint")
-    ap.add_argument("--types", default=None,
+    ap.add_argument("--types", default=None, type=comma_list(choices=concept.PROMPT_TYPES),
                     help="score only these prompt types, comma-separated (e.g. alter,style: the onset's prompts)")
     ap.add_argument("--rescore", action="store_true",
                     help="score every epoch again from the cached images (after a change to the reader or metrics)")
-    ap.add_argument("--changes", default=",".join(ALTER_CHANGES),
+    ap.add_argument("--changes", default=",".join(ALTER_CHANGES), type=comma_list(choices=CHANGES),
                     help="attributes whose changed-prompt success defines the onset (color,position,background)")
 
 

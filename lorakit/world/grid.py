@@ -20,8 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit.commands.arg_types import positive_int
-from lorakit.world.concept import ZKZ, get_concept
+from lorakit.commands.arg_types import comma_list, non_negative_int, positive_float, positive_int
+from lorakit.world.concept import CONCEPTS, PROMPT_TYPES, ZKZ, get_concept
+from lorakit.world.onset import CHANGES
 
 #: the issue's grid names LoRA and LoCon apart: LoRA on attention and MLP linears only, LoCon also on convs
 ALGORITHMS = {"lora": ("lora", "kohya"), "locon": ("lora", "full"), "loha": ("loha", "full"),
@@ -156,16 +157,18 @@ def run_all(runs: Sequence[GridRun], jobs: int = 2,
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", type=Path, required=True, help="folder of the grid's run folders")
-    ap.add_argument("--concepts", default="zkz,vlx",
+    ap.add_argument("--concepts", default="zkz,vlx", type=comma_list(choices=list(CONCEPTS)),
                     help="zkz: the star every rule was designed on; vlx: the heart, kept for judging")
-    ap.add_argument("--algorithms", default="lora,locon,loha,lokr", help="comma-separated")
-    ap.add_argument("--lrs", default="2e-3,8e-3", help="one that does not break the model in 20 epochs, one that does")
-    ap.add_argument("--seeds", default="0,1", help="training seeds, comma-separated")
+    ap.add_argument("--algorithms", default="lora,locon,loha,lokr", type=comma_list(choices=list(ALGORITHMS)),
+                    help="comma-separated")
+    ap.add_argument("--lrs", default="2e-3,8e-3", type=comma_list(positive_float),
+                    help="one that does not break the model in 20 epochs, one that does")
+    ap.add_argument("--seeds", default="0,1", type=comma_list(non_negative_int), help="training seeds, comma-separated")
     ap.add_argument("--epochs", type=positive_int, default=20, help="epochs of every run")
     ap.add_argument("--seeds-per-prompt", type=positive_int, default=3, help="images per prompt and epoch")
-    ap.add_argument("--types", default="alter,style,agnostic",
+    ap.add_argument("--types", default="alter,style,agnostic", type=comma_list(choices=PROMPT_TYPES),
                     help="prompt types scored every epoch (the onset's, and agnostic for concept leak)")
-    ap.add_argument("--changes", default="color,position,background",
+    ap.add_argument("--changes", default="color,position,background", type=comma_list(choices=CHANGES),
                     help="what the alter prompts change, comma-separated")
     ap.add_argument("--model", default=None, help="base model (default: the built-in one)")
     ap.add_argument("--jobs", type=positive_int, default=2, help="runs at once (one thread each)")
