@@ -124,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                     **getattr(module, "GUESSED_OPTIONS", {})},
                                   getattr(module, "EXTRA_ARGUMENT_HINT", None) if chosen is parsers.get(command)
                                   else None))
+    if getattr(args, "task", None):  # "lorakit world grid: error: ...", as argparse names a task's own refusals
+        command = f"{command} {args.task}"
     show_own_warnings(command)
     try:
         return int(module.run(args))

@@ -53,7 +53,7 @@ def test_world_tasks_are_subcommands(tmp_path, capsys):
     assert main(["world", "dataset", str(tmp_path / "zkz")]) == 0  # unchanged: nothing to ask
     with pytest.raises(SystemExit) as exit_:  # argparse checks each task's own arguments
         main(["world", "pretrain", "--out", str(tmp_path / "p"), "--high-noise-fraction", "2"])
-    assert exit_.value.code == 2 and "must be in [0, 1]" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "must be a share from 0 to 1, got '2'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["world", "no-such-task"])
 

@@ -157,3 +157,17 @@ def test_vae_round_trips(reader):
     scenes, images = held_out_images(100, "vae", seed=909, vae=vae, backgrounds=STYLE_BACKGROUNDS)
     acc = attribute_accuracy(reader, scenes, images)
     assert acc["background"] >= 0.9 and acc["shape"] >= 0.75 and acc["color"] >= 0.97, acc
+
+
+def test_train_reader_refuses_a_vae_that_is_not_there_and_weights_to_measure_that_are_not(tmp_path, capsys):
+    """``--vae`` with a typo trained a reader without VAE round trips (another reader than asked for) after one
+    printed line; ``--evaluate-only`` without weights was "No such file or directory"."""
+    from lorakit.cli import main
+
+    weights = tmp_path / "reader.safetensors"
+    assert main(["world", "train-reader", "--vae", str(tmp_path / "vae.pt"), "--out", str(weights)]) == 2
+    said = capsys.readouterr().err
+    assert f"lorakit world train-reader: error: --vae {tmp_path / 'vae.pt'}: no such file or folder" in said
+    assert not weights.exists()
+    assert main(["world", "train-reader", "--evaluate-only", "--out", str(weights)]) == 2
+    assert f"--evaluate-only: no reader weights at {weights} to measure" in capsys.readouterr().err

@@ -56,6 +56,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """A fraction of a whole: 0 to 1."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a share from 0 to 1, got {text!r}")
+    return value
+
+
 def comma_list(item: Callable[[str], object] = str, choices: Sequence[str] | None = None) -> Callable[[str], str]:
     """A comma-separated list (``--lrs 2e-3,8e-3``) whose every item ``item`` accepts and, with ``choices``, is one
     of them; the text is handed on as given (stripped), for the code that splits it.  A list checked item by item

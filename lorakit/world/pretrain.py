@@ -26,7 +26,7 @@ from diffusers import StableDiffusionPipeline
 from tqdm import tqdm
 
 from lorakit.atomic import atomic_write
-from lorakit.commands.arg_types import finite_float, non_negative_float, non_negative_int, positive_int
+from lorakit.commands.arg_types import finite_float, non_negative_float, non_negative_int, positive_int, share
 from lorakit.loss import min_snr_weight
 from lorakit.models import ModelLoadError, check_replaceable_model_folder, load_base_model
 from lorakit.world.captions import named_background, named_position, random_caption
@@ -395,7 +395,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "earlier run to start U-Net + text encoder from (its folder's VAE checkpoint and encoded "
                          "latents are reused), or a diffusers model folder such as lorakit/world/base_model "
                          "(its VAE is kept and the latents encoded again)")
-    ap.add_argument("--high-noise-fraction", type=_fraction, default=0.0,
+    ap.add_argument("--high-noise-fraction", type=share, default=0.0,
                     help="share of each batch trained at the noisiest tenth of the timesteps")
     ap.add_argument("--unet-warmup", type=non_negative_int, default=500, help="learning-rate warm-up steps")
     ap.add_argument("--position-loss-weight", type=non_negative_float, default=0.0,
@@ -407,13 +407,6 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--export-snapshot", type=Path, default=None,
                     help="only write --out/snapshot-model from this EMA snapshot file, then exit")
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

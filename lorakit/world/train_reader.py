@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from lorakit.commands.arg_types import positive_int
+from lorakit.atomic import atomic_write, atomic_write_text
+from lorakit.commands.arg_types import non_negative_int, positive_int, share
+from lorakit.errors import LorakitError
 from lorakit.world.degrade import degrade, load_vae, vae_roundtrip
 from lorakit.world.reader import (
     SHAPE_CLASSES,
@@ -242,20 +244,24 @@ def evaluate(reader: Reader, count: int, vae=None) -> dict[str, dict[str, float]
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--vae", type=Path, default=None, help="VAE checkpoint or diffusers vae folder (optional)")
     ap.add_argument("--count", type=positive_int, default=12000, help="training images")
-    ap.add_argument("--other-fraction", type=float, default=0.15,
+    ap.add_argument("--other-fraction", type=share, default=0.15,
                     help="share of training crops of shapes outside the world's (the reader learns to say 'other')")
     ap.add_argument("--epochs", type=positive_int, default=10, help="training epochs")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the rendered images and the weights")
+    ap.add_argument("--seed", type=non_negative_int, default=0, help="seed of the rendered images and the weights")
     ap.add_argument("--out", type=Path, default=WEIGHTS_PATH, help="the weights file (default: the shipped one)")
     ap.add_argument("--eval-count", type=positive_int, default=1000, help="held-out images the accuracy is measured on")
     ap.add_argument("--evaluate-only", action="store_true", help="measure the weights at --out, train nothing")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.vae is not None and not args.vae.exists():  # it went on without round trips: another reader
+        raise LorakitError(f"--vae {args.vae}: no such file or folder (a pretraining vae_checkpoint.pt or a diffusers "
+                           "vae folder); leave --vae out to train without VAE round trips")
+    if args.evaluate_only and not args.out.is_file():
+        raise LorakitError(f"--evaluate-only: no reader weights at {args.out} to measure: give --out the weights "
+                           "file, or leave out --evaluate-only to train them")
     torch.set_num_threads(1)  # deterministic, and leaves the other core to whatever else runs
-    vae = load_vae(args.vae) if args.vae is not None and args.vae.exists() else None
-    if args.vae is not None and vae is None:
-        print(f"no VAE at {args.vae}: training without VAE round trips")
+    vae = load_vae(args.vae) if args.vae is not None else None
     if not args.evaluate_only:
         t0 = time.time()
         x, y = make_dataset(args.count, args.other_fraction, args.seed, vae=vae)
@@ -263,14 +269,15 @@ def run(args: argparse.Namespace) -> int:
         net = train(x, y, args.epochs, args.seed)
         meta = {"seed": str(args.seed), "count": str(args.count), "epochs": str(args.epochs),
                 "vae": str(args.vae) if vae is not None else "none", "classes": ",".join(SHAPE_CLASSES)}
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(args.out), metadata=meta)
+        tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+        atomic_write(args.out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         print(f"weights written to {args.out} ({time.time() - t0:.0f} s in all)")
     results = evaluate(Reader(args.out), args.eval_count, vae=vae)
     for mode, acc in results.items():
         print(f"{mode:>14}: " + "  ".join(f"{k} {v:.4f}" for k, v in acc.items()))
     if args.out == WEIGHTS_PATH:
-        ACCURACY_PATH.write_text(json.dumps({"eval_count": args.eval_count, "vae": str(args.vae), **results},
-                                            indent=1) + "\n")
+        atomic_write_text(ACCURACY_PATH, json.dumps({"eval_count": args.eval_count, "vae": str(args.vae), **results},
+                                                    indent=1) + "\n")
     return 0
 
 
