@@ -1076,7 +1076,13 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
 def merge_into(cfg: TrainConfig, values: dict[str, Any], source: str) -> None:
     """Set the values of nested dicts (``{section: {key: value}}``) on ``cfg``, checking every name and type."""
     sections = [f.name for f in dataclasses.fields(cfg)]
+    keys = {name: {f.name for f in dataclasses.fields(getattr(cfg, name))} for name in sections}
     for section, table in values.items():
+        if section not in sections and not isinstance(table, dict):  # ``max_epochs = 5`` above every [section]
+            homes = [name for name in sections if section in keys[name]]
+            where = f"it is a setting of [{homes[0]}]: move it below a [{homes[0]}] line" if homes else \
+                f"settings belong in a section ({', '.join(f'[{name}]' for name in sections)})"
+            raise ConfigError(f"{source}: {section} = {table!r} stands outside any [section]; {where}")
         if section not in sections:
             close = difflib.get_close_matches(section, sections, n=1)
             hint = f" (did you mean [{close[0]}]?)" if close else f" (known: {', '.join(sections)})"
@@ -1087,6 +1093,12 @@ def merge_into(cfg: TrainConfig, values: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source} [output]: wandb_api_key is not read from a config (the config is copied "
                               "into the run folder and the adapter's metadata); run `wandb login` or set "
                               "WANDB_API_KEY")
+        for key in table:  # in the wrong section (lr_scheduler in [training]): its home, not a near name here
+            homes = [name for name in sections if key in keys[name]]
+            if key not in keys[section] and homes:
+                fix = f"--set {homes[0]}.{key}=..." if source == "--set" else f"move it under [{homes[0]}]"
+                raise ConfigError(f"{source} [{section}]: {key!r} is a setting of [{homes[0]}], not of [{section}]: "
+                                  f"{fix}")
         set_fields(getattr(cfg, section), table, f"{source} [{section}]", ConfigError)
 
 

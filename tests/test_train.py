@@ -975,6 +975,18 @@ def test_cli_train_runs_a_config_and_flags(tiny_model_dir, dataset, tmp_path, ca
     assert 'preset = "attn-only"' in (out / "config.toml").read_text()
     assert main(["train", str(config), "--set", "network.rnak=4"]) == 2
     assert "did you mean 'rank'" in capsys.readouterr().err
+    # a setting in the wrong section was answered with a near name of that section ("did you mean 'huber_schedule'?")
+    assert main(["train", str(config), "--set", "training.lr_scheduler=cosine"]) == 2
+    assert ("--set [training]: 'lr_scheduler' is a setting of [optimizer], not of [training]: --set "
+            "optimizer.lr_scheduler=...") in capsys.readouterr().err
+    config.write_text(config.read_text().replace("[training]\n", "[training]\nlr_scheduler = 'cosine'\n"))
+    assert main(["train", str(config)]) == 2
+    assert "job.toml [training]: 'lr_scheduler' is a setting of [optimizer]" in capsys.readouterr().err
+    # above every [section] line, TOML reads a key as a section of its own ("unknown section [max_epochs]")
+    config.write_text("max_epochs = 2\n" + config.read_text())
+    assert main(["train", str(config)]) == 2
+    assert ("job.toml: max_epochs = 2 stands outside any [section]; it is a setting of [training]: move it below a "
+            "[training] line") in capsys.readouterr().err
 
 
 def test_cli_builtin_default_job(tmp_path, capsys):
