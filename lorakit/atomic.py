@@ -88,7 +88,12 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True, suffix: str 
     tmp: Path | None = None
     try:
         with _ctrl_c_deferred():  # a Ctrl-C is raised once the name is known, so the finally removes the file
-            tmp = new_temp_path(path, suffix, _make_file)
+            try:
+                tmp = new_temp_path(path, suffix, _make_file)
+            except OSError as err:  # said of the file asked for, not of a hidden name the user never gave
+                if err.errno is None or err.errno in DISK_ERRNOS:
+                    raise
+                raise OSError(err.errno, f"cannot be written there ({err.strerror})", str(path)) from err
         mode = stat.S_IMODE(tmp.stat().st_mode)  # what the umask gives a new file
         yield tmp
         if stat.S_IMODE(tmp.stat().st_mode) != mode:  # safetensors' writer makes its file 0600 whatever the umask
@@ -157,3 +162,16 @@ def file_in_the_way(path: str | os.PathLike) -> Path | None:
     """The first of ``path``'s parents that exists as a file, not a folder: nothing can be written below it (the OS
     says "[Errno 17] File exists" or "Not a directory", naming neither path nor why); None when there is none."""
     return next((parent for parent in Path(path).parents if parent.exists() and not parent.is_dir()), None)
+
+
+def cannot_write_beside(path: str | os.PathLike) -> OSError | None:
+    """Why nothing can be written at ``path`` (a read-only disk, a folder the user may not write, /proc), found by
+    making and removing a hidden file in the nearest folder that exists; None when that works.  A tool checks it
+    before its work: the write itself comes last, after minutes of merging."""
+    folder = next((p for p in Path(path).parents if p.is_dir()), Path("."))
+    try:
+        probe = new_temp_path(folder / Path(path).name, ".probe", _make_file)
+    except OSError as err:
+        return err
+    probe.unlink(missing_ok=True)
+    return None

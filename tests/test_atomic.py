@@ -111,3 +111,26 @@ def test_ctrl_c_while_the_temporary_file_is_made_leaves_nothing_behind(tmp_path,
         signal.signal(signal.SIGINT, previous)
     assert made and not made[0].exists()
     assert [p.name for p in tmp_path.iterdir()] == ["kept.txt"] and (tmp_path / "kept.txt").read_text() == "old"
+
+
+def test_a_place_that_cannot_be_written_is_said_of_the_file_asked_for_before_the_work(tmp_path):
+    """``merge --out /proc/x.safetensors`` merged first, then said "/proc/.x.safetensors.1488b8a1.tmp: No such file
+    or directory", a name the user never gave. /proc takes no new file, for root too (a read-only place here)."""
+    import errno
+    import sys
+
+    from lorakit.atomic import cannot_write_beside
+    from lorakit.tools import ToolError, check_output
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("/proc is Linux's")
+    with pytest.raises(OSError) as err:
+        atomic_write_text("/proc/lorakit-x.txt", "x")
+    assert err.value.filename == "/proc/lorakit-x.txt" and "cannot be written there" in err.value.strerror
+    assert err.value.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS)
+    with pytest.raises(ToolError, match=r"^/proc/sub/x.safetensors: cannot be written there \("):
+        check_output("/proc/sub/x.safetensors", [], suffix=".safetensors")
+    # a place that can be written: the probe leaves nothing behind, and folders still to make are fine
+    assert cannot_write_beside(tmp_path / "new" / "deeper" / "x.safetensors") is None
+    assert check_output(tmp_path / "x.safetensors", []) == tmp_path / "x.safetensors"
+    assert list(tmp_path.iterdir()) == []

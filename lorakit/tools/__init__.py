@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from lorakit.atomic import file_in_the_way
+from lorakit.atomic import cannot_write_beside, file_in_the_way
 from lorakit.errors import LorakitError, WrongBaseModelError
 
 
@@ -61,4 +61,6 @@ def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | No
                             "path")
     if out.exists() and not overwrite:
         raise ToolError(f"{out} exists; choose another path or pass --overwrite")
+    if (err := cannot_write_beside(out)) is not None:
+        raise ToolError(f"{out}: cannot be written there ({err.strerror or err}); choose another path")
     return out
