@@ -140,9 +140,14 @@ def check_adapter_path(path: str | os.PathLike) -> None:
     if path.is_dir():
         if refusal := model_folder_refusal(path):
             raise NotAnAdapterError(refusal)
-        results = sorted(path.glob("*.safetensors")) if (path / "config.toml").is_file() else []
-        hint = f" (a lorakit run: its result is {results[0]})" if len(results) == 1 else \
-            (f" (a lorakit run: its results are {', '.join(str(r) for r in results)})" if results else "")
+        files = sorted(path.glob("*.safetensors"))
+        # config.toml alone, not run_manifest.is_lorakit_run: runs of older lorakit have no manifest
+        if (path / "config.toml").is_file() and files:
+            hint = f" (a lorakit run: its result is {files[0]})" if len(files) == 1 else \
+                f" (a lorakit run: its results are {', '.join(str(f) for f in files)})"
+        else:  # a folder of adapters (ComfyUI's models/loras): the files to choose from
+            listed = ", ".join(f.name for f in files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+            hint = f" (it holds {listed})" if files else ""
         raise NotAnAdapterError(f"{path}: is a folder, not a file; give one adapter .safetensors file{hint}")
     if not path.is_file():
         return

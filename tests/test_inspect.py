@@ -248,6 +248,14 @@ def test_a_run_folder_given_as_an_adapter_names_the_file_to_give(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == (f"lorakit {name}: error: {run}: is a folder, not a file; give one adapter "
                                     f".safetensors file (a lorakit run: its result is {run / 'lorakit.safetensors'})")
+    # a folder of adapters, not a run: the files in it
+    (run / "config.toml").unlink()
+    for n in range(5):
+        save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4)}, run / f"style{n}.safetensors")
+    assert main([name, str(run), *(o.format(out=tmp_path / "out") for o in options)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "give one adapter .safetensors file (it holds lorakit.safetensors, style0.safetensors, style1.safetensors, "
+        "style2.safetensors and 2 more)")
 
 
 @pytest.mark.parametrize("command", [["sample", "--prompt", "x", "--out", "{out}"], ["merge", "--out", "{out}"],
