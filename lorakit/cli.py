@@ -87,6 +87,30 @@ def unrecognized(arguments: Sequence[str], parser: argparse.ArgumentParser, alia
     return "unrecognized arguments: " + " ".join(said)
 
 
+def version_line() -> str:
+    """lorakit's version and those of the libraries a bug report needs (read from the installed metadata: importing
+    torch for ``--version`` would take seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"lorakit {of('lorakit')} (Python {sys.version.split()[0]}; torch {of('torch')}, diffusers "
+            f"{of('diffusers')}, transformers {of('transformers')}, safetensors {of('safetensors')})")
+
+
+class ShowVersion(argparse.Action):
+    """``--version``: argparse's own action rewraps the line at the terminal's width, and reads the versions even
+    when the flag is not given."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(version_line())
+        parser.exit()
+
+
 def innermost_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
     """The parser of the subcommand the line chose (``lorakit world dataset``'s, not ``lorakit world``'s), so that an
     error shows the usage of what was run."""
@@ -107,6 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      epilog="--verbose (anywhere): also show the libraries' own warnings and bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     parsers = {name: sub.add_parser(name, help=help_, description=help_) for name, (_, help_) in COMMANDS.items()}
+    parser.add_argument("--version", action=ShowVersion, nargs=0, help="lorakit's version and its libraries'")
+    if not argv:  # what a first try shows: the commands, not only "the following arguments are required"
+        parser.print_help()
+        return 2
+    if not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        parser.error(f"unknown command {argv[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                     + f"; the commands: {', '.join(COMMANDS)}")
     command = argv[0] if argv and argv[0] in COMMANDS else None
     module = None
     if command is not None:

@@ -173,3 +173,20 @@ def test_what_may_stop_the_run_is_said_as_it_is_for_every_method():
     assert "by scoring the samples it draws (world)" in builtin_introduction(cfg)
     cfg.early_stop.mode = "off"
     assert early_stop_text(cfg, False) == "off" and "early stopping is off" in builtin_introduction(cfg)
+
+
+def test_lorakit_alone_lists_the_commands_and_version_and_a_typo_are_answered():
+    """`lorakit` alone said only "the following arguments are required: <command>"; `--version` was that error too;
+    `lorakit trian` listed the choices without saying which was meant."""
+    def lorakit(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "lorakit.cli", *argv], capture_output=True, text=True,
+                              timeout=120)
+
+    alone = lorakit()
+    assert alone.returncode == 2 and "train" in alone.stdout and "interrogate" in alone.stdout
+    version = lorakit("--version")
+    assert version.returncode == 0
+    assert re.fullmatch(r"lorakit \S+ \(Python [\d.]+; torch \S+, diffusers \S+, transformers \S+, safetensors \S+\)\n",
+                        version.stdout)
+    typo = lorakit("trian", "--data", "x")
+    assert typo.returncode == 2 and "lorakit: error: unknown command 'trian' (did you mean 'train'?)" in typo.stderr
