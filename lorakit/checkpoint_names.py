@@ -23,6 +23,8 @@ METHOD_KEY = "lorakit_method"
 #: the metadata entry of an adapter trained on top of model.base_weights: [[file name, multiplier, sha256 (16 hex
 #: digits, lorakit.evaluate.checkpoints.file_hash)], ...] as JSON
 BASE_WEIGHTS_KEY = "lorakit_base_weights"
+#: the folder in a run where prior preservation draws its class images when no reg_data folder is given
+RUN_CLASS_FOLDER = "class_images"
 
 
 def epoch_dir_name(epoch: int) -> str:

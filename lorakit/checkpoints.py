@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lorakit.atomic import atomic_write_text, file_in_the_way
-from lorakit.checkpoint_names import EPOCH_DIR, STEP_DIR, epoch_dir_name, step_dir_name
+from lorakit.checkpoint_names import EPOCH_DIR, RUN_CLASS_FOLDER, STEP_DIR, epoch_dir_name, step_dir_name
 from lorakit.errors import LorakitError
 from lorakit.run_manifest import MANIFEST_NAME, RunManifest, enclosing_run
 
@@ -89,7 +89,7 @@ class Checkpoint:
 
 # what a run writes at the top of its folder (besides <name>.safetensors and <name>-<token>.safetensors)
 RUN_NAMES = ("config.toml", "log.jsonl", "summary.json", "summary.txt", "cs_history.json", "cs_fluctuation.png",
-             "checkpoints", "samples", "class_images", "latent_cache", "logs")
+             "checkpoints", "samples", RUN_CLASS_FOLDER, "latent_cache", "logs")
 
 
 def _inside(path: Path, folder: Path) -> bool:

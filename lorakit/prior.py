@@ -10,12 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.atomic import atomic_write, atomic_write_text
+from lorakit.checkpoint_names import RUN_CLASS_FOLDER
 from lorakit.data.images import is_image
 from lorakit.models import BaseModel
 from lorakit.sample import SamplePrompt, generate
-
-#: the run folder's own folder for class images, when data.reg_data names none
-RUN_CLASS_FOLDER = "class_images"
 
 
 def class_images_parent(reg_data: str | None, run_dir: str | Path) -> Path:
