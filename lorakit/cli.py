@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import logging
 import sys
 import warnings
 from collections.abc import Sequence
@@ -58,6 +59,23 @@ def show_own_warnings(command: str) -> None:
             default(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
+    # the modules' log warnings (a sample size rounded, an SD2.x file that does not say its prediction) alike; one
+    # handler for the process, whose line names the command of the latest call
+    _LOG_HANDLER.setFormatter(logging.Formatter(f"lorakit {command}: warning: %(message)s"))
+    if _LOG_HANDLER not in logging.getLogger("lorakit").handlers:
+        logging.getLogger("lorakit").addHandler(_LOG_HANDLER)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment (pytest's capture replaces it between calls)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+_LOG_HANDLER = _StderrHandler()
+_LOG_HANDLER.setLevel(logging.WARNING)
 
 
 def unrecognized(arguments: Sequence[str], parser: argparse.ArgumentParser, aliases: dict[str, str],

@@ -190,3 +190,16 @@ def test_lorakit_alone_lists_the_commands_and_version_and_a_typo_are_answered():
                         version.stdout)
     typo = lorakit("trian", "--data", "x")
     assert typo.returncode == 2 and "lorakit: error: unknown command 'trian' (did you mean 'train'?)" in typo.stderr
+
+
+def test_a_logged_warning_is_one_line_naming_the_command_too(tmp_path, capsys):
+    """A sample size the model cannot take was said bare ("sample width 63 is not a multiple of 32; using 32"),
+    unlike every other warning; said once per call, however many calls a process makes."""
+    from lorakit.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle --w 63 --s 2\n")
+    for out in ("one", "two"):
+        assert main(["sample", "--prompts", str(prompts), "--out", str(tmp_path / out), "--no-progress"]) == 0
+        said = [line for line in capsys.readouterr().err.splitlines() if "width 63" in line]
+        assert said == ["lorakit sample: warning: sample width 63 is not a multiple of 32; using 32"]
