@@ -55,6 +55,7 @@ def test_kohya_phrase_is_what_the_first_training_folder_names(tmp_path):
     assert kohya_phrase(tmp_path) is None  # no subfolders
     (tmp_path / ".0_hidden thing").mkdir()  # hidden, as the trainer skips it
     (tmp_path / "20230101_photos").mkdir()  # a date, not repeats: the trainer refuses it
+    (tmp_path / "2024_05_17").mkdir()  # so is this one (not 2024 repeats of "05_17")
     (tmp_path / "3_").mkdir()  # no name
     (tmp_path / "notes").mkdir()
     assert kohya_phrase(tmp_path) is None
@@ -291,6 +292,22 @@ def test_images_in_a_folder_named_like_a_date_are_pointed_at(tmp_path):
     message = error(tmp_path)
     assert "2024-01-01/ holds 3 image(s)" in message and "'<repeats>_<trigger> <class>'" in message
     assert f"--data {tmp_path / '2024-01-01'} --trigger WORD" in message
+
+
+@pytest.mark.parametrize("name", ["2024_05_17", "2024_05", "1999_12_31 party", "2023_1-2"])
+def test_a_folder_named_like_a_date_with_underscores_is_not_read_as_2024_repeats(tmp_path, name):
+    """`photos/2024_05_17/` (a camera's export) matched '<repeats>_<name>': 2024 repeats of '05_17', 4048 steps an
+    epoch for two images, said nowhere but in the step count."""
+    make_folder(tmp_path / name, 2)
+    message = error(tmp_path)
+    assert f"{tmp_path / name}: the folder name looks like a date, not '<repeats>_<name>'" in message
+    assert f"--data {tmp_path / name} --trigger WORD" in message
+
+
+@pytest.mark.parametrize("name", ["2000_zkz shape", "20_05 dog", "1_2024_05_17"])
+def test_repeats_that_only_look_a_little_like_a_date_are_repeats(tmp_path, name):
+    make_folder(tmp_path / name, 1)
+    assert len(data(tmp_path).records) == 1
 
 
 def test_kohya_folder_without_images(tmp_path):

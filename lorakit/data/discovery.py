@@ -37,6 +37,8 @@ from lorakit.textfile import first_wrong_byte
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
 #: more repeats than this is a folder name that starts with a number by chance (a date: 20230101_photos)
 MAX_REPEATS = 10_000
+#: a year, then a month (and day): 2024_05_17, 2024_05 trip; read as kohya's name, 2024 repeats of "05_17"
+_DATE_NAME = re.compile(r"^(19|20)\d\d_\d{1,2}(?:[_\-.]\d{1,2})?(?:\D|$)")
 _EXPECTED_LAYOUT = (
     f"expected either images ({', '.join(IMAGE_EXTENSIONS)}) directly in the folder, with a trigger word, "
     "or kohya layout: subfolders named '<repeats>_<trigger> <class>' (such as '10_zkz shape/') holding the images"
@@ -72,9 +74,22 @@ def folder_phrase(folder: Path) -> str:
     """The ``<trigger> <class>`` words a ``<repeats>_<trigger> <class>`` folder names; "" for any other folder
     (hidden, no name after the number, or a number too large to be repeats: a date)."""
     match = KOHYA_FOLDER.match(folder.name)
-    if folder.name.startswith(".") or not match or int(match.group(1)) > MAX_REPEATS:
+    if folder.name.startswith(".") or not match or not_repeats(folder.name):
         return ""
     return match.group(2).strip()
+
+
+def not_repeats(name: str) -> str | None:
+    """Why the number a ``<number>_<rest>`` folder name starts with is no repeat count (a date), said for an error;
+    None when it reads as one."""
+    repeats = int(KOHYA_FOLDER.match(name).group(1))
+    if repeats > MAX_REPEATS:
+        return (f"the folder name asks for {repeats} repeats (the number before '_'), more than {MAX_REPEATS}: a "
+                "date, or a number that is part of the name?")
+    if _DATE_NAME.match(name):
+        return (f"the folder name looks like a date, not '<repeats>_<name>' (read as kohya reads it: {repeats} "
+                f"repeats of '{name.split('_', 1)[1]}'; on purpose? a dataset .toml with num_repeats says so)")
+    return None
 
 
 def kohya_names(parent: Path, part: str = "trigger") -> dict[str, list[str]]:
@@ -113,10 +128,9 @@ def kohya_subsets(parent: Path, is_reg: bool, defaults: dict, trigger: str | Non
                            f"training or '1_shape' for regularization images); rename it or move it out of {parent}")
             continue
         repeats = int(match.group(1))
-        if repeats > MAX_REPEATS:
-            problems.error(f"{folder}: the folder name asks for {repeats} repeats (the number before '_'), more than "
-                           f"{MAX_REPEATS}; if the number is part of the name (a date?), rename the folder to "
-                           f"'<repeats>_<name>', e.g. '1_{folder.name}'")
+        if reason := not_repeats(folder.name):
+            problems.error(f"{folder}: {reason} Rename it '<repeats>_<trigger> <class>' (e.g. '10_sks dog'), or "
+                           f"train on it alone: --data {folder} --trigger WORD")
             continue
         subsets.append({**defaults, "image_dir": str(folder), "num_repeats": repeats,
                         "class_tokens": match.group(2).strip(), "is_reg": is_reg,
