@@ -310,6 +310,14 @@ def test_repeats_that_only_look_a_little_like_a_date_are_repeats(tmp_path, name)
     assert len(data(tmp_path).records) == 1
 
 
+def test_a_name_of_digits_only_is_trained_but_said(tmp_path):
+    """05_17_2024 (a US date) reads as 5 repeats of '17_2024': kohya's reading, kept, with a word."""
+    make_folder(tmp_path / "05_17_2024", 1)
+    assert "05_17_2024: read as 5 repeats of '17_2024' ('<repeats>_<name>'), a name of digits only" in warned(
+        tmp_path)
+    assert len(data(tmp_path).records) == 1
+
+
 def test_kohya_folder_without_images(tmp_path):
     make_folder(tmp_path / "10_zkz shape", 2)
     (tmp_path / "3_empty one").mkdir()

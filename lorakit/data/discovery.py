@@ -132,6 +132,10 @@ def kohya_subsets(parent: Path, is_reg: bool, defaults: dict, trigger: str | Non
             problems.error(f"{folder}: {reason} Rename it '<repeats>_<trigger> <class>' (e.g. '10_sks dog'), or "
                            f"train on it alone: --data {folder} --trigger WORD")
             continue
+        if re.fullmatch(r"[\d_\-. ]+", match.group(2)):  # 05_17_2024: 5 repeats of "17_2024", a trigger of digits
+            problems.warn(f"{folder}: read as {repeats} repeats of '{match.group(2).strip()}' ('<repeats>_<name>'), "
+                          "a name of digits only: if the folder name is a date, rename it '<repeats>_<trigger> "
+                          "<class>' (e.g. '10_sks dog')")
         subsets.append({**defaults, "image_dir": str(folder), "num_repeats": repeats,
                         "class_tokens": match.group(2).strip(), "is_reg": is_reg,
                         "trigger": None if is_reg else trigger})
