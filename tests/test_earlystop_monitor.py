@@ -218,7 +218,7 @@ def test_each_rule_says_why_it_did_not_decide_by_the_end():
     assert no_valley == "the second-valley rule found no turning point in the CS-Fluctuation curve"
     spectral = np.array([np.nan, 0.05, np.nan, 0.12, np.nan, 0.08])
     assert SpectralBudget(0.25).undecided(spectral, 2).startswith(
-        "the update's spectral size σ1(ΔW)/σ1(W) reached 0.08 of its budget 0.25 by the end (largest 0.12)")
+        "the update's spectral size σ1(ΔW)/σ1(W) was 0.08 at the end, 32% of its budget 0.25 (largest 0.12)")
     assert UpdateBudget(0.1).undecided(np.array([np.nan]), M) == "the budget rule had no size reading to decide on"
     short = GrowthStall(span=2).undecided(np.array([0.01, 0.02, 0.03, 0.04]), 2)
     assert short == ("the growth-stall rule compares the update's size over 2 windows of 2 samples; "

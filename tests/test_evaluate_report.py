@@ -77,10 +77,13 @@ def test_page_of_a_training_run_from_its_folder(tmp_path):
     # a run whose rule never decided: the page says why, as the run's summary does
     undecided = write_run(tmp_path / "undecided", epochs=2, turning_epoch=None)
     summary = json.loads((undecided / "summary.json").read_text())
-    summary["undecided"] = "the update's spectral size σ1(ΔW)/σ1(W) reached 0.0197 of its budget 0.25 by the end"
+    summary["undecided"] = "the update's spectral size σ1(ΔW)/σ1(W) was 0.0197 at the end, 8% of its budget 0.25"
     (undecided / "summary.json").write_text(json.dumps(summary))
-    assert "early stopping did not decide: the update's spectral size σ1(ΔW)/σ1(W) reached 0.0197" in \
+    assert "early stopping did not decide: the update's spectral size σ1(ΔW)/σ1(W) was 0.0197" in \
         unescape(render_html(page_from_run(undecided)))
+    summary["epochs_run"] = 1  # "in 1 epochs" before
+    (undecided / "summary.json").write_text(json.dumps(summary))
+    assert page_from_run(undecided).summary[0].startswith(f"adapter: {summary['steps']} steps in 1 epoch, ")
 
 
 def test_the_run_page_shows_the_validation_loss_per_epoch(tmp_path):

@@ -318,8 +318,8 @@ class _SizeBudget(_RuleMethods):
         if not len(recorded):
             return f"the {self.name.replace('_', '-')} rule had no size reading to decide on"
         largest = f" (largest {recorded.max():.3g})" if recorded.max() > recorded[-1] else ""
-        return (f"{SIZE_NAMES[self.series]} reached {recorded[-1]:.3g} of its budget {self.budget:g} by the end"
-                f"{largest}; the budget was set on the shapes world (docs/early_stopping.md)")
+        return (f"{SIZE_NAMES[self.series]} was {recorded[-1]:.3g} at the end, {recorded[-1] / self.budget:.0%} of its "
+                f"budget {self.budget:g}{largest}; the budget was set on the shapes world (docs/early_stopping.md)")
 
 
 @dataclass(frozen=True)

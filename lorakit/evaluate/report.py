@@ -25,6 +25,7 @@ from PIL import Image
 from lorakit.checkpoint_names import epoch_dir_name, step_dir_name
 from lorakit.evaluate.generate import ImageJob
 from lorakit.evaluate.pipeline import EvalResult
+from lorakit.run_messages import count
 
 CELL_PX = 96  # images are shown at least this wide (the built-in world's are 64 px)
 
@@ -509,8 +510,10 @@ def page_from_run(run_dir: str | Path) -> Page:
         page.summary.append(f"the run's summary is not shown: {unreadable}")
     elif summary:
         tp = summary_turning_point(summary)
+        epochs = summary.get("epochs_run")
         page.summary.append(f"{summary.get('method', '?')}: {summary.get('steps', '?')} steps in "
-                            f"{summary.get('epochs_run', '?')} epochs, {summary.get('seconds', '?')} s; result = "
+                            f"{count(epochs, 'epoch') if isinstance(epochs, int) else '? epochs'}, "
+                            f"{summary.get('seconds', '?')} s; result = "
                             f"epoch {summary.get('final_epoch', '?')}")
         if tp:
             page.summary.append(f"early-stopping turning point at step {tp.get('step')} (epoch {tp.get('epoch')})"
