@@ -84,6 +84,11 @@ def test_page_of_a_training_run_from_its_folder(tmp_path):
     summary["epochs_run"] = 1  # "in 1 epochs" before
     (undecided / "summary.json").write_text(json.dumps(summary))
     assert page_from_run(undecided).summary[0].startswith(f"adapter: {summary['steps']} steps in 1 epoch, ")
+    # a run of one epoch: its loss is in the table; no chart of a lone dot
+    single = page_from_run(write_run(tmp_path / "single", epochs=1, turning_epoch=None))
+    assert [t.title for t in single.tables if t.title == "training: per epoch"]
+    assert not [c for c in single.charts if c.title.startswith("mean training loss")]
+    assert [c for c in page_from_run(undecided).charts if c.title.startswith("mean training loss")]
 
 
 def test_the_run_page_shows_the_validation_loss_per_epoch(tmp_path):

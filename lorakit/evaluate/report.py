@@ -558,6 +558,7 @@ def page_from_run(run_dir: str | Path) -> Page:
         page.tables.append(Table("training: per epoch", ["mean loss"] + (["CS at epoch end"] if watched else [])
                                  + ["steps"] + (["validation loss"] if validated else []), rows,
                                  [False] + ([None] if watched else []) + [None] + ([False] if validated else [])))
+    if len(per_epoch) >= 2:  # a line needs two epochs (one was a lone dot on ticks of 0.945 to 1.050)
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(6, 3))
         epochs = [e for e, _ in sorted(per_epoch.items())]
