@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import stat
 import threading
@@ -175,3 +176,23 @@ def cannot_write_beside(path: str | os.PathLike) -> OSError | None:
         return err
     probe.unlink(missing_ok=True)
     return None
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new hidden folder beside ``path`` to fill; on success it becomes ``path`` (which must not exist, or be
+    an empty folder), on any failure, Ctrl-C included, it is removed.  A folder rendered in place and cut off
+    half-way (the built-in job's images, killed in its first seconds) would be read whole by the next run."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp: Path | None = None
+    try:
+        with _ctrl_c_deferred():
+            tmp = new_temp_path(path, ".tmp", os.mkdir)
+        yield tmp
+        os.rename(tmp, path)  # replaces an empty folder; a folder with files in it raises, and is left as it is
+        tmp = None
+    finally:
+        if tmp is not None:
+            with _ctrl_c_deferred():
+                shutil.rmtree(tmp, ignore_errors=True)

@@ -134,3 +134,23 @@ def test_a_place_that_cannot_be_written_is_said_of_the_file_asked_for_before_the
     assert cannot_write_beside(tmp_path / "new" / "deeper" / "x.safetensors") is None
     assert check_output(tmp_path / "x.safetensors", []) == tmp_path / "x.safetensors"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_is_made_whole_or_not_at_all(tmp_path):
+    """The built-in job rendered its images in place: stopped after a few files, the next run trained on those."""
+    from lorakit.atomic import atomic_folder
+
+    target = tmp_path / "zkz-data"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_folder(target) as rendering:
+            (rendering / "000.png").write_bytes(b"one of fifteen")
+            raise KeyboardInterrupt  # Ctrl-C while it renders
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its hidden temporary one
+    with atomic_folder(target) as rendering:
+        assert rendering.parent == tmp_path and rendering.name.startswith(".zkz-data.")
+        (rendering / "a" / "b.txt").parent.mkdir()
+        (rendering / "a" / "b.txt").write_text("done")
+    assert (target / "a" / "b.txt").read_text() == "done" and [p.name for p in tmp_path.iterdir()] == ["zkz-data"]
+    with pytest.raises(OSError), atomic_folder(target) as rendering:  # a folder with files is never replaced
+        (rendering / "other.txt").write_text("x")
+    assert (target / "a" / "b.txt").read_text() == "done" and [p.name for p in tmp_path.iterdir()] == ["zkz-data"]

@@ -309,7 +309,7 @@ def builtin_default(cfg: TrainConfig, write: bool = True) -> TrainConfig:
     if cfg.model.base is not None:
         raise ConfigError(f"--model {cfg.model.base} needs --data: without data lorakit runs its built-in job (the "
                           "built-in concept on the built-in model); give --data FOLDER to train your model")
-    from lorakit.atomic import file_in_the_way
+    from lorakit.atomic import atomic_folder, file_in_the_way
     from lorakit.world import concept  # the shapes world: only the built-in job needs it
     from lorakit.world.recipe import apply_recipe
 
@@ -320,7 +320,8 @@ def builtin_default(cfg: TrainConfig, write: bool = True) -> TrainConfig:
         raise ConfigError(f"{out}: {blocking} is a file, not a folder, so the run cannot be written inside it: "
                           "choose another output folder")
     if write and not data_dir.exists():
-        concept.write_concept_dataset(data_dir)
+        with atomic_folder(data_dir) as rendering:  # whole or not at all: a Ctrl-C in the first seconds is common
+            concept.write_concept_dataset(rendering)
     cfg.data.train_data = str(data_dir)
     prompts = data_dir / "sample_prompts.txt"
     if cfg.sample.prompts is None and (prompts.exists() or not write):

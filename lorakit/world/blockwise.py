@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lorakit.atomic import atomic_write, atomic_write_json, atomic_write_text
+from lorakit.atomic import atomic_folder, atomic_write, atomic_write_json, atomic_write_text
 from lorakit.commands.arg_types import comma_list, non_negative_int, positive_int
 from lorakit.config import TrainConfig
 from lorakit.models import BaseModel, load_base_model
@@ -302,10 +302,12 @@ def run_experiment(plan: Plan, progress: bool = True) -> str:
     """Train what is missing, sample every pairing, write the report; returns the table."""
     data_root = plan.out / "data"
     data = {"character": data_root / "zkz", "style": data_root / "checkered"}
-    if not data["character"].exists():
-        concept.write_concept_dataset(data["character"])
+    if not data["character"].exists():  # whole or not at all: an experiment stopped while rendering resumes
+        with atomic_folder(data["character"]) as rendering:
+            concept.write_concept_dataset(rendering)
     if not data["style"].exists():
-        style.write_style_dataset(data["style"])
+        with atomic_folder(data["style"]) as rendering:
+            style.write_style_dataset(rendering)
     train_runs(plan, data, progress=progress)
     model = load_base_model(plan.model)
     results = []

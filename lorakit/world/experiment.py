@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorakit.atomic import atomic_write_json
+from lorakit.atomic import atomic_folder, atomic_write_json
 from lorakit.checkpoints import RunFolder
 from lorakit.commands.arg_types import comma_list, non_negative_int, positive_float, positive_int
 from lorakit.config import TrainConfig
@@ -229,8 +229,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     the_concept = concept.get_concept(args.concept)
     data = args.out.parent / f"{the_concept.name}-data"
-    if not data.exists():
-        concept.write_concept_dataset(data, the_concept)
+    if not data.exists():  # whole or not at all: a grid's runs share it, and one may be stopped while it renders
+        with atomic_folder(data) as rendering:
+            concept.write_concept_dataset(rendering, the_concept)
     cfg = curve_config(args.out, data, args.algorithm, args.lr, args.seed, args.epochs, args.rank, args.model,
                        args.preset)
     if not (args.out / "summary.json").exists():
