@@ -28,6 +28,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -115,6 +116,35 @@ def _configs(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         else:
             configs.setdefault("", {})[key] = value
     return configs
+
+
+#: PEFT's ``save_pretrained`` writes the weights under this name and their LoraConfig (the scale) beside them
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+#: set by ``read_adapter`` on a file whose scale came from the ``adapter_config.json`` beside it (for inspect)
+SCALE_SOURCE_KEY = "lorakit_scale_from"
+#: the LoraConfig fields the scale of each module comes from (``_alpha``)
+_SCALE_FIELDS = ("r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora")
+
+
+def peft_folder_config(path: Path) -> dict[str, Any] | None:
+    """The scale fields of the ``adapter_config.json`` PEFT's ``save_pretrained`` wrote beside ``path`` (an
+    ``adapter_model.safetensors``), in ``lora_adapter_metadata``'s form; None when there is none.  PEFT keeps
+    ``lora_alpha`` there, not in the file: read alone, a file trained at lora_alpha = 2r would apply half its ΔW.
+    Raises ValueError naming the config when it cannot be read, or is not a LoRA's."""
+    config_path = path.parent / PEFT_CONFIG_NAME
+    if path.name != PEFT_WEIGHTS_NAME or not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path}: not readable JSON ({err}); it holds the scale (lora_alpha) of {path.name}, "
+                         "which cannot be applied without it") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_path}: a PEFT config of type {kind!r}, not LORA; lorakit reads PEFT's LoRA "
+                         "folders")
+    return {key: config[key] for key in _SCALE_FIELDS if config.get(key) is not None}
 
 
 def _pattern_value(patterns: Mapping[str, Any], path: str) -> Any:

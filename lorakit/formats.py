@@ -170,11 +170,28 @@ def read_adapter(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> A
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as err:  # SafetensorError (not public API) and whatever else; name the file in any case
         raise AdapterFileError(f"{path}: not a safetensors file, or a truncated or corrupt one ({err})") from err
+    from lorakit.diffusers_format import (
+        METADATA_KEY,
+        PEFT_CONFIG_NAME,
+        SCALE_SOURCE_KEY,
+        is_diffusers_layout,
+        peft_folder_config,
+    )
+
+    metadata = {str(k): str(v) for k, v in metadata.items()}
+    if METADATA_KEY not in metadata and is_diffusers_layout(tensors):  # PEFT's save_pretrained: the scale beside
+        try:
+            peft_config = peft_folder_config(path)
+        except ValueError as err:
+            raise AdapterFileError(str(err)) from None
+        if peft_config:
+            metadata[METADATA_KEY] = json.dumps(peft_config)
+            metadata[SCALE_SOURCE_KEY] = PEFT_CONFIG_NAME
     if not allow_nonfinite and (broken := nonfinite_tensors(tensors)):
         raise AdapterFileError(f"{path}: {len(broken)} of {len(tensors)} tensors hold NaN or infinite values (e.g. "
                                f"{broken[0]}): the file is broken (its training diverged, or fp16 overflowed when it "
                                "was saved) and would draw black or noise images; lorakit inspect lists them")
-    return AdapterFile(tensors, {str(k): str(v) for k, v in metadata.items()}, path)
+    return AdapterFile(tensors, metadata, path)
 
 
 # ---- writing ------------------------------------------------------------------------------------------

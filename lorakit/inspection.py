@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lorakit.adapters import KNOWN
 from lorakit.blocks import BLOCK_MAPS, BlockMap
+from lorakit.diffusers_format import METADATA_KEY, SCALE_SOURCE_KEY
 from lorakit.file_kinds import check_adapter_path, pivotal_embedding
 from lorakit.formats import (
     AdapterFile,
@@ -45,6 +46,8 @@ class FileReport:
     layout: str = "kohya"
     #: tensors holding NaN or infinities: the file is broken (the other commands refuse it)
     nonfinite: list[str] = field(default_factory=list)
+    #: the file beside it that gave the modules' scale (PEFT's adapter_config.json); None: the file itself
+    scale_source: str | None = None
 
     def count(self, attr: str) -> Counter:
         return Counter(getattr(m, attr) for m in self.modules)
@@ -59,16 +62,20 @@ def inspect_file(path: str | Path, block_map: BlockMap | None = None) -> FileRep
     modules = describe_modules(file, block_map)
     blocks = Counter(m.block or "other" for m in modules if m.component == "unet")
     order = list(block_map.names) + ["other"]
+    scale_source = file.metadata.get(SCALE_SOURCE_KEY)
     return FileReport(
         path=Path(path),
         size=Path(path).stat().st_size,
         modules=modules,
         dtypes=Counter(str(t.dtype).removeprefix("torch.") for t in file.tensors.values()),
-        metadata=file.metadata,
+        # as the file holds it: what read_adapter added from a PEFT config beside it is said on the alphas line
+        metadata={k: v for k, v in file.metadata.items()
+                  if not (scale_source and k in (SCALE_SOURCE_KEY, METADATA_KEY))},
         base_model=guess_base_model(file),
         blocks={b: blocks[b] for b in order if b in blocks},
         layout=file.layout,
         nonfinite=nonfinite_tensors(file.tensors),
+        scale_source=scale_source,
     )
 
 
@@ -125,7 +132,8 @@ def format_report(report: FileReport) -> str:
         "modules:     " + (", ".join(f"{_COMPONENT_LABELS.get(c, c)} {n}" for c, n in components.items())
                            or "none") + f" ({len(report.modules)} in all)",
         f"ranks:       {_counted(report.count('rank'), _rank)}",
-        f"alphas:      {_counted(_alpha_counts(report), _alpha)}",
+        f"alphas:      {_counted(_alpha_counts(report), _alpha)}"
+        + (f" (from the {report.scale_source} beside the file)" if report.scale_source else ""),
         f"dtype:       {_counted(report.dtypes)} (tensors)",
         f"base model:  {_base_model_text(report)}",
         "blocks:      " + (", ".join(f"{b} {n}" for b, n in report.blocks.items()) or "none (no U-Net modules)"),

@@ -353,6 +353,43 @@ def test_lorakit_loads_converted_variants(tmp_path, kind):
         torch.testing.assert_close(_te_out(ours_te), _te_out(te), rtol=1e-5, atol=1e-6)
 
 
+def test_a_peft_folder_is_read_with_the_scale_its_config_gives(tmp_path):
+    """PEFT's save_pretrained keeps lora_alpha in adapter_config.json, not in adapter_model.safetensors: read alone,
+    a LoRA trained at lora_alpha = 2r was applied at half its ΔW (and conv1, alpha 1 at rank 2, at twice)."""
+    from peft import LoraConfig, get_peft_model
+
+    unet = build_tiny_unet()
+    torch.manual_seed(5)
+    peft_model = get_peft_model(unet, LoraConfig(r=4, lora_alpha=8, target_modules=UNET_TARGETS,
+                                                 init_lora_weights=False, rank_pattern={"conv1": 2},
+                                                 alpha_pattern={"conv1": 1.0}))
+    peft_model.save_pretrained(tmp_path / "peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    ours = build_tiny_unet()
+    loaded, report = load_network(weights, ours)
+    assert report.ok and read_adapter(weights).metadata["lorakit_scale_from"] == "adapter_config.json"
+    torch.testing.assert_close(_out(ours), _out(unet), rtol=1e-5, atol=1e-6)
+    from lorakit.inspection import format_report, inspect_file
+
+    said = format_report(inspect_file(weights))
+    assert "alphas:      8 ×" in said and "(from the adapter_config.json beside the file)" in said
+    assert "lorakit_scale_from" not in said  # not in the file's own metadata
+    # the same tensors under another name are a file of their own (alpha = rank), as any reader takes them
+    (tmp_path / "renamed.safetensors").write_bytes(weights.read_bytes())
+    assert "lorakit_scale_from" not in read_adapter(tmp_path / "renamed.safetensors").metadata
+    unscaled = build_tiny_unet()
+    load_network(tmp_path / "renamed.safetensors", unscaled)
+    assert not torch.allclose(_out(unscaled), _out(unet), rtol=1e-3, atol=1e-4)  # what reading it alone cost
+    # a config that cannot be read, or is not a LoRA's, is said (the scale would be guessed)
+    config = tmp_path / "peft" / "adapter_config.json"
+    config.write_text("{not json")
+    with pytest.raises(LorakitError, match="adapter_config.json: not readable JSON"):
+        read_adapter(weights)
+    config.write_text('{"peft_type": "LOHA", "r": 4}')
+    with pytest.raises(LorakitError, match="a PEFT config of type 'LOHA', not LORA"):
+        read_adapter(weights)
+
+
 def test_diffusers_loads_lorakit_diffusers_format(tmp_path):
     from model_helpers import build_tiny_text_encoder as te_builder
 

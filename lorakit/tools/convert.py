@@ -26,7 +26,7 @@ LAYOUTS = ("kohya", "diffusers")
 # what save_network derives from the tensors themselves (the module kind, rank, alpha, hashes, the layout): the
 # source's values would describe the old file; the rest (training settings, ss_network_args, the preset) stays
 _RECOMPUTED = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "sshs_", "lorakit_format",
-               "lora_adapter_metadata", "lorakit_algorithm")
+               "lora_adapter_metadata", "lorakit_algorithm", "lorakit_scale_from")
 
 
 @dataclass(frozen=True)
