@@ -140,6 +140,10 @@ def check_adapter_path(path: str | os.PathLike) -> None:
     if path.is_dir():
         if refusal := model_folder_refusal(path):
             raise NotAnAdapterError(refusal)
+        if (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file():
+            raise NotAnAdapterError(f"{path}: a PEFT adapter folder (save_pretrained's); give its file, "
+                                    f"{path / 'adapter_model.safetensors'} (the adapter_config.json beside it is read "
+                                    "for the scale)")
         files = sorted(path.glob("*.safetensors"))
         # config.toml alone, not run_manifest.is_lorakit_run: runs of older lorakit have no manifest
         if (path / "config.toml").is_file() and files:

@@ -374,6 +374,9 @@ def test_a_peft_folder_is_read_with_the_scale_its_config_gives(tmp_path):
     said = format_report(inspect_file(weights))
     assert "alphas:      8 ×" in said and "(from the adapter_config.json beside the file)" in said
     assert "lorakit_scale_from" not in said  # not in the file's own metadata
+    with pytest.raises(LorakitError, match=r"a PEFT adapter folder \(save_pretrained's\); give its file, .*"
+                                           r"adapter_model.safetensors \(the adapter_config.json beside it is read"):
+        read_adapter(tmp_path / "peft")
     # the same tensors under another name are a file of their own (alpha = rank), as any reader takes them
     (tmp_path / "renamed.safetensors").write_bytes(weights.read_bytes())
     assert "lorakit_scale_from" not in read_adapter(tmp_path / "renamed.safetensors").metadata
