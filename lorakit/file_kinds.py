@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from lorakit.checkpoint_names import METHOD_KEY
@@ -133,6 +134,22 @@ def model_folder_refusal(path: Path) -> str | None:
     return None
 
 
+#: PEFT's own names of the tensors of its other adapters (get_peft_model_state_dict, peft 0.21), by adapter
+_PEFT_NON_LORA = {"hada_w1_a": "LoHa", "hada_w1": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr",
+                  "oft_R": "OFT", "boft_R": "BOFT", "ia3_l": "(IA)³", "vera_lambda_b": "VeRA"}
+
+
+def peft_non_lora_kind(keys: Iterable[str]) -> str | None:
+    """The adapter a PEFT state dict of another kind than LoRA holds (``base_model.model.<path>.hada_w1_a``: LoHa),
+    None for anything else."""
+    for key in keys:
+        if key.startswith("base_model.model."):
+            for part in key.split(".")[-2:]:
+                if part in _PEFT_NON_LORA:
+                    return _PEFT_NON_LORA[part]
+    return None
+
+
 def check_adapter_path(path: str | os.PathLike) -> None:
     """Raise NotAnAdapterError when ``path`` is a folder or a safetensors file that is not an adapter (files
     that cannot be read at all are left to the adapter reader, whose errors say why)."""
@@ -163,6 +180,10 @@ def check_adapter_path(path: str | os.PathLike) -> None:
         raise NotAnAdapterError(f"{path}: a lorakit native fine-tuning checkpoint (one epoch's weights of a --method "
                                 f"native run), not an adapter; make it a model with: lorakit merge {path} --out "
                                 "MODEL.safetensors")
+    if (peft_kind := peft_non_lora_kind(keys)) is not None:  # read as kohya names: "algorithm 'unknown'"
+        raise NotAnAdapterError(f"{path}: a PEFT {peft_kind} file (base_model.model.… keys); lorakit reads PEFT's "
+                                "LoRA files, and LoHa and LoKr under kohya/LyCORIS names (lora_unet_…), as A1111 and "
+                                "ComfyUI do")
     description = describe_weights(keys)
     if description is not None:
         raise NotAnAdapterError(f"{path}: {description}")

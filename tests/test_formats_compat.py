@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from model_helpers import build_tiny_text_encoder, build_tiny_unet, randomize, unet_inputs
@@ -391,6 +393,18 @@ def test_a_peft_folder_is_read_with_the_scale_its_config_gives(tmp_path):
     config.write_text('{"peft_type": "LOHA", "r": 4}')
     with pytest.raises(LorakitError, match="a PEFT config of type 'LOHA', not LORA"):
         read_adapter(weights)
+
+
+@pytest.mark.parametrize("key, kind", [("to_q.hada_w1_a", "LoHa"), ("to_q.lokr_w1", "LoKr"), ("to_q.ia3_l", "(IA)³"),
+                                       ("to_q.oft_R.weight", "OFT"), ("to_q.boft_R", "BOFT")])
+def test_a_peft_file_of_another_adapter_than_lora_is_named(tmp_path, key, kind):
+    """PEFT's own names for LoHa, LoKr, ... (what get_peft_model_state_dict gives, as in peft 0.21) were read as kohya
+    names: "algorithm 'unknown' (keys model.down_blocks...)" on a module called base_model."""
+    path = write_adapter(tmp_path / "adapter_model.safetensors",
+                         {f"base_model.model.down_blocks.0.attentions.0.attn1.{key}": torch.ones(2)})
+    with pytest.raises(LorakitError, match=rf"a PEFT {re.escape(kind)} file \(base_model.model.… keys\); lorakit reads "
+                                           "PEFT's LoRA files"):
+        read_adapter(path)
 
 
 def test_diffusers_loads_lorakit_diffusers_format(tmp_path):
