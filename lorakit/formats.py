@@ -142,7 +142,9 @@ def check_safetensors_header(path: str | os.PathLike) -> None:
 
 def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """The names of the floating tensors holding NaN or an infinity (a run that diverged, fp16 overflow on save)."""
-    return sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    # fp8 tensors (files saved in float8_e4m3fn/e5m2) have no isfinite of their own: checked as float32
+    return sorted(k for k, t in tensors.items() if t.is_floating_point()
+                  and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()))
 
 
 def read_adapter(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> AdapterFile:

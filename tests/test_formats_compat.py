@@ -174,8 +174,10 @@ def test_lycoris_text_encoder_names_in_both_layouts(tmp_path, layout):
 
 # ---- 4. half-precision files run in float32 -----------------------------------------------------------------
 
+# fp8 files too (an isfinite traceback, then "Promotion for Float8 Types is not supported", before)
 HALF_CASES = [("lora", torch.float16), ("lora", torch.bfloat16), ("loha", torch.bfloat16), ("lokr", torch.float16),
-              ("ia3", torch.bfloat16), ("full", torch.float16)]
+              ("ia3", torch.bfloat16), ("full", torch.float16), ("lora", torch.float8_e4m3fn),
+              ("loha", torch.float8_e5m2)]
 
 
 @pytest.mark.parametrize("algorithm, dtype", HALF_CASES)

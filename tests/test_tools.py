@@ -552,3 +552,19 @@ def test_merge_takes_a_whole_model_on_the_command_line_and_refuses_to_combine_it
     refused = subprocess.run([sys.executable, "-m", "lorakit.cli", "merge", f"{folder}:0.5", "--to-adapter", "--out",
                               str(tmp_path / "x.safetensors")], capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0 and "a whole model holds weights, not an update to combine" in refused.stderr
+
+
+@pytest.mark.parametrize("algorithm", ["lora", "loha"])
+def test_the_tools_read_an_fp8_file_as_its_upcast_values(base, tmp_path, algorithm):
+    """A float8 file (a storage choice some savers make) was an isfinite traceback in every command."""
+    path = _random_adapter(base, tmp_path / "a.safetensors", algorithm=algorithm)
+    stored = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v
+              for k, v in read_adapter(path).tensors.items()}
+    fp8 = write_adapter(tmp_path / "fp8.safetensors", stored)
+    upcast = write_adapter(tmp_path / "upcast.safetensors", {k: v.float() for k, v in stored.items()})
+    for got, want in ((file_deltas(fp8, base), file_deltas(upcast, base)),
+                      (file_deltas(resize_adapter(fp8, RankRule(2), to_lora=True, model=base).as_file(), base),
+                       file_deltas(resize_adapter(upcast, RankRule(2), to_lora=True, model=base).as_file(), base))):
+        assert set(got) == set(want)
+        for name in want:
+            torch.testing.assert_close(got[name].matrix(), want[name].matrix(), rtol=0, atol=0)

@@ -359,7 +359,7 @@ class Adapter(nn.Module):
     def _load_file_tensors(self, tensors: dict[str, torch.Tensor], skip: tuple[str, ...] = ("alpha",)) -> None:
         """Put file tensors into the parameters/buffers of the same name.
 
-        Half-precision values are upcast to the adapter's own dtype (float32): a file's dtype is a storage
+        Half-precision and fp8 values are upcast to the adapter's own dtype (float32): a file's dtype is a storage
         choice, and an fp16/bf16 adapter path would round the update (as ComfyUI, we compute in float32).
         """
         own = {k: v for k, v in self.state_dict(keep_vars=True).items() if not k.startswith("base.")}
@@ -375,7 +375,8 @@ class Adapter(nn.Module):
                 value = fit_shape(key, tensors[key], tuple(target.shape))
                 dtype = value.dtype
                 if value.is_floating_point() and target.is_floating_point():
-                    dtype = torch.promote_types(value.dtype, target.dtype)
+                    fp8 = value.element_size() == 1  # no promotion rule: taken at the adapter's own dtype
+                    dtype = target.dtype if fp8 else torch.promote_types(value.dtype, target.dtype)
                 target.data = value.detach().to(device=device, dtype=dtype, copy=True)
 
     def extra_repr(self) -> str:
