@@ -179,10 +179,13 @@ def cannot_write_beside(path: str | os.PathLike) -> OSError | None:
 
 
 @contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, *, same_if_there: bool = False) -> Iterator[Path]:
     """Yield a new hidden folder beside ``path`` to fill; on success it becomes ``path`` (which must not exist, or be
     an empty folder), on any failure, Ctrl-C included, it is removed.  A folder rendered in place and cut off
-    half-way (the built-in job's images, killed in its first seconds) would be read whole by the next run."""
+    half-way (the built-in job's images, killed in its first seconds) would be read whole by the next run.
+
+    ``same_if_there``: what is filled is the same whoever fills it (a rendered dataset), so a ``path`` another process
+    made meanwhile (a grid's two runs starting at once) is kept, and this one dropped, instead of an error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp: Path | None = None
@@ -190,8 +193,13 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         with _ctrl_c_deferred():
             tmp = new_temp_path(path, ".tmp", os.mkdir)
         yield tmp
-        os.rename(tmp, path)  # replaces an empty folder; a folder with files in it raises, and is left as it is
-        tmp = None
+        try:
+            os.rename(tmp, path)  # replaces an empty folder; a folder with files in it raises, and is left as it is
+        except OSError as err:
+            if not (same_if_there and err.errno in (errno.ENOTEMPTY, errno.EEXIST) and path.is_dir()):
+                raise
+        else:
+            tmp = None
     finally:
         if tmp is not None:
             with _ctrl_c_deferred():

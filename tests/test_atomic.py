@@ -154,3 +154,7 @@ def test_a_folder_is_made_whole_or_not_at_all(tmp_path):
     with pytest.raises(OSError), atomic_folder(target) as rendering:  # a folder with files is never replaced
         (rendering / "other.txt").write_text("x")
     assert (target / "a" / "b.txt").read_text() == "done" and [p.name for p in tmp_path.iterdir()] == ["zkz-data"]
+    # the same content, made by another process meanwhile (a grid's two runs rendering one dataset): kept, no error
+    with atomic_folder(target, same_if_there=True) as rendering:
+        (rendering / "other.txt").write_text("x")
+    assert (target / "a" / "b.txt").read_text() == "done" and [p.name for p in tmp_path.iterdir()] == ["zkz-data"]

@@ -320,7 +320,8 @@ def builtin_default(cfg: TrainConfig, write: bool = True) -> TrainConfig:
         raise ConfigError(f"{out}: {blocking} is a file, not a folder, so the run cannot be written inside it: "
                           "choose another output folder")
     if write and not data_dir.exists():
-        with atomic_folder(data_dir) as rendering:  # whole or not at all: a Ctrl-C in the first seconds is common
+        # whole or not at all: a Ctrl-C in the first seconds is common
+        with atomic_folder(data_dir, same_if_there=True) as rendering:
             concept.write_concept_dataset(rendering)
     cfg.data.train_data = str(data_dir)
     prompts = data_dir / "sample_prompts.txt"

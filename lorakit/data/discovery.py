@@ -84,8 +84,8 @@ def not_repeats(name: str) -> str | None:
     None when it reads as one."""
     repeats = int(KOHYA_FOLDER.match(name).group(1))
     if repeats > MAX_REPEATS:
-        return (f"the folder name asks for {repeats} repeats (the number before '_'), more than {MAX_REPEATS}: a "
-                "date, or a number that is part of the name?")
+        return (f"the folder name asks for {repeats} repeats (the number before '_'), more than {MAX_REPEATS} (a "
+                "date, or a number that is part of the name)")
     if _DATE_NAME.match(name):
         return (f"the folder name looks like a date, not '<repeats>_<name>' (read as kohya reads it: {repeats} "
                 f"repeats of '{name.split('_', 1)[1]}'; on purpose? a dataset .toml with num_repeats says so)")
@@ -129,7 +129,7 @@ def kohya_subsets(parent: Path, is_reg: bool, defaults: dict, trigger: str | Non
             continue
         repeats = int(match.group(1))
         if reason := not_repeats(folder.name):
-            problems.error(f"{folder}: {reason} Rename it '<repeats>_<trigger> <class>' (e.g. '10_sks dog'), or "
+            problems.error(f"{folder}: {reason}; rename it '<repeats>_<trigger> <class>' (e.g. '10_sks dog'), or "
                            f"train on it alone: --data {folder} --trigger WORD")
             continue
         if re.fullmatch(r"[\d_\-. ]+", match.group(2)):  # 05_17_2024: 5 repeats of "17_2024", a trigger of digits

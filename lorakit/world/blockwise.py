@@ -303,10 +303,10 @@ def run_experiment(plan: Plan, progress: bool = True) -> str:
     data_root = plan.out / "data"
     data = {"character": data_root / "zkz", "style": data_root / "checkered"}
     if not data["character"].exists():  # whole or not at all: an experiment stopped while rendering resumes
-        with atomic_folder(data["character"]) as rendering:
+        with atomic_folder(data["character"], same_if_there=True) as rendering:
             concept.write_concept_dataset(rendering)
     if not data["style"].exists():
-        with atomic_folder(data["style"]) as rendering:
+        with atomic_folder(data["style"], same_if_there=True) as rendering:
             style.write_style_dataset(rendering)
     train_runs(plan, data, progress=progress)
     model = load_base_model(plan.model)

@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     the_concept = concept.get_concept(args.concept)
     data = args.out.parent / f"{the_concept.name}-data"
     if not data.exists():  # whole or not at all: a grid's runs share it, and one may be stopped while it renders
-        with atomic_folder(data) as rendering:
+        with atomic_folder(data, same_if_there=True) as rendering:
             concept.write_concept_dataset(rendering, the_concept)
     cfg = curve_config(args.out, data, args.algorithm, args.lr, args.seed, args.epochs, args.rank, args.model,
                        args.preset)
