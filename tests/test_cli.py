@@ -336,3 +336,16 @@ def test_ctrl_c_while_a_command_imports_its_libraries_is_not_a_crash(monkeypatch
     monkeypatch.setattr(importlib, "import_module", interrupted)
     assert main(["boom"]) == 130
     assert capsys.readouterr().err == "lorakit boom: interrupted\n"
+
+
+def test_train_takes_a_resolution_as_kohya_writes_it(tmp_path, capsys):
+    """kohya's --resolution 512,768 (width,height) was "invalid int value: '48,64'"."""
+    import tomllib
+
+    for given, wanted in (("48,64", [48, 64]), ("64,64", 64), ("64", 64)):
+        assert main(["train", "--out", str(tmp_path / "out"), "--resolution", given, "--print-config"]) == 0
+        assert tomllib.loads(capsys.readouterr().out)["data"]["resolution"] == wanted
+    with pytest.raises(SystemExit):
+        main(["train", "--resolution", "64,abc", "--print-config"])
+    assert "argument --resolution: want a size or width,height (512 or 512,768), got '64,abc'" in \
+        capsys.readouterr().err

@@ -404,7 +404,7 @@ def test_buckets_off_warns_about_upscaling_and_cropping(tmp_path):
     assert "wide.png" in message and "50% cut away" in message and "enable_bucket" in message
     make_image(folder / "strip.png", (2000, 8))  # keeps 0.4% of itself: not "100% cut away"
     assert "strip.png (2000×8, enlarged 8.00× to fill 64×64" in warned(tmp_path)
-    assert "strip.png (2000×8, 99.6% cut away)" in warned(tmp_path)
+    assert "strip.png (2000×8, 99.6% cut away to fill 64×64)" in warned(tmp_path)
 
 
 def test_cut_share_says_100_only_when_nothing_is_kept():

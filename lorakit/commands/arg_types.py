@@ -80,3 +80,16 @@ def comma_list(item: Callable[[str], object] = str, choices: Sequence[str] | Non
 
     parse.__name__ = "comma-separated list"  # argparse names the type in its own messages
     return parse
+
+
+def size_or_pair(text: str) -> int | tuple[int, int]:
+    """A training resolution as kohya's ``--resolution`` takes it: ``512``, or ``512,768`` (width, height); a pair
+    of equal sides is the one size."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        sizes = [int(part) for part in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want a size or width,height (512 or 512,768), got {text!r}") from None
+    if len(sizes) > 2 or any(size < 1 for size in sizes):
+        raise argparse.ArgumentTypeError(f"want a size or width,height of 1 or more (512 or 512,768), got {text!r}")
+    return sizes[0] if len(sizes) == 1 or sizes[0] == sizes[1] else (sizes[0], sizes[1])

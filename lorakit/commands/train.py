@@ -12,15 +12,18 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from copy import deepcopy
 from pathlib import Path
+from typing import Any
 
+from lorakit.commands.arg_types import size_or_pair
 from lorakit.config import ConfigError, TrainConfig, load_config, missing_paths, set_option, to_toml
 
 HELP = "train an adapter, embedding or model from a folder of images"
 
 # flag -> (config section.key, type, help)
-FLAGS: dict[str, tuple[str, type, str]] = {
+FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--data": ("data.train_data", str, "image folder: kohya layout (N_trigger class/), a plain folder, or a TOML"),
     "--reg-data": ("data.reg_data", str, "regularization images (kohya layout)"),
     "--validation-data": ("data.validation_data", str, "held-out images of the concept for the validation loss"),
@@ -43,7 +46,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--epochs": ("training.max_epochs", int, "maximum epochs"),
     "--max-steps": ("training.max_steps", int, "maximum optimizer steps"),
     "--batch-size": ("data.batch_size", int, "batch size"),
-    "--resolution": ("data.resolution", int, "training resolution (default: the model's native size)"),
+    "--resolution": ("data.resolution", size_or_pair, "training resolution: a size, or width,height as kohya's "
+                     "512,768 (default: the model's native size)"),
     "--seed": ("training.seed", int, "random seed"),
     "--early-stop": ("early_stop.mode", str, "cs-fluctuation (default), report, off"),
     "--sample-prompts": ("sample.prompts", str, "kohya-syntax prompt file sampled every epoch"),

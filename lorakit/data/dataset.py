@@ -285,7 +285,8 @@ class TrainingData:
                                 f"{bucket[0]}×{bucket[1]})")
             kept = (bucket[0] * bucket[1]) / (resized[0] * resized[1])
             if not scheme.enabled and kept < 0.8:
-                cropped.append(f"{rec.path} ({rec.size[0]}×{rec.size[1]}, {cut_share(kept)} cut away)")
+                cropped.append(f"{rec.path} ({rec.size[0]}×{rec.size[1]}, {cut_share(kept)} cut away to fill "
+                               f"{bucket[0]}×{bucket[1]})")
         if too_small:
             steps = self.schemes[0].steps
             problems.error(f"{_images_are(len(too_small))} narrower or lower than bucket_reso_steps ({steps} "
@@ -296,8 +297,8 @@ class TrainingData:
             problems.warn(f"{_images_are(len(upscaled))} smaller than the training size and upscaled "
                           f"(blurry): {'; '.join(upscaled[:10])}" + (" ..." if len(upscaled) > 10 else ""))
         if cropped:
-            problems.warn(f"{_images_are(len(cropped))} cropped to the square resolution; set enable_bucket = true to "
-                          f"keep them whole: {'; '.join(cropped[:10])}" + (" ..." if len(cropped) > 10 else ""))
+            problems.warn(f"{_images_are(len(cropped))} cropped to the training resolution; set enable_bucket = true "
+                          f"to keep them whole: {'; '.join(cropped[:10])}" + (" ..." if len(cropped) > 10 else ""))
 
     # ------------------------------------------------------------------------------------------- counting
     @property
