@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -761,7 +761,9 @@ class _TrainingLoop:
                                     None if p.method.text_encoder_stopped else p.run_text, self.captions_cache,
                                     micro=micro)
             if not torch.isfinite(loss):
-                raise TrainingError(_nan_message(p.run, self.step, self.epoch))
+                # at the first step nothing was updated yet: a broken model file, not the learning rate
+                broken = nonfinite_weights(p.model.networks) if self.step == 0 else []
+                raise TrainingError(_nan_message(p.run, self.step, self.epoch, broken))
             p.accelerator.backward(loss / group)
         return loss
 
@@ -1342,11 +1344,27 @@ def long_captions_note(model: BaseModel, data: TrainingData, limit: int) -> str 
             f"reads and are cut there (the longest: the caption of {record.path}, {n} tokens){longer}")
 
 
-def _nan_message(run: RunFolder, step: int, epoch: int) -> str:
+def _nan_message(run: RunFolder, step: int, epoch: int, broken: list[str] = ()) -> str:
     last = run.latest_checkpoint()
     kept = f"the last good checkpoint is {last.path}" if last else "no checkpoint had been saved yet"
-    return (f"the loss became NaN or infinite at step {step + 1} (epoch {epoch + 1}); training stopped and {kept}. "
-            "Lower the learning rate, turn off fp16 (use bf16 or no mixed precision), or check the images.")
+    said = f"the loss became NaN or infinite at step {step + 1} (epoch {epoch + 1}); training stopped and {kept}. "
+    if broken:
+        return said + (f"The base model itself holds NaN or infinite values ({count(len(broken), 'tensor')}, e.g. "
+                       f"{broken[0]}): its file is broken; use another copy of the model")
+    return said + "Lower the learning rate, turn off fp16 (use bf16 or no mixed precision), or check the images."
+
+
+def nonfinite_weights(networks: Sequence[torch.nn.Module]) -> list[str]:
+    """The names of the floating parameters and buffers of ``networks`` holding NaN or an infinity (read only when
+    a loss came out NaN: a scan of the whole model)."""
+    found = []
+    for network in networks:
+        for name, tensor in [*network.named_parameters(), *network.named_buffers()]:
+            if tensor.is_floating_point() and tensor.numel():
+                values = tensor.detach() if tensor.element_size() > 1 else tensor.detach().float()  # fp8 storage
+                if not bool(torch.isfinite(values).all()):
+                    found.append(f"{type(network).__name__}.{name}")
+    return found
 
 
 def _undecided(monitor: CSFluctuationMonitor) -> str:

@@ -212,6 +212,29 @@ def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, dataset, tmp_path, 
     assert [c.epoch for c in RunFolder(out, "resume").checkpoints()] == [1]
 
 
+def test_a_base_model_holding_nan_is_named_not_the_learning_rate(tiny_model_dir, dataset, tmp_path):
+    """A model file with NaN in its weights: the loss is NaN at the first step, and the message said to lower the
+    learning rate or check the images."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import lorakit.train as train_module
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = next((broken / "unet").glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(k for k in sorted(tensors) if k.startswith("mid_block") and k.endswith("conv1.weight"))
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, weights)
+    with pytest.raises(train_module.TrainingError, match=rf"at step 1 .*The base model itself holds NaN or infinite "
+                                                         rf"values \(1 tensor, e.g. UNet2DConditionModel.{name}\)"):
+        run_train(make_config(broken, dataset, tmp_path / "run"))
+    assert train_module.nonfinite_weights([torch.nn.Linear(2, 2)]) == []
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_bad_data_is_reported_before_training(tiny_model_dir, tmp_path):
     empty = tmp_path / "empty"
