@@ -385,6 +385,7 @@ def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device:
         # U-Net's (an fp32 VAE beside a half U-Net, kohya's no_half_vae; fp32 latents from the U-Net accelerate
         # wraps for mixed precision during training)
         decode_here = not model.vae.dtype == model.dtype == torch.float32
+        broken = _NonFiniteLatents()
         with torch.random.fork_rng(devices=rng_devices):
             for (width, height, steps, cfg, sampler), indices in groups.items():
                 pipe.scheduler = make_scheduler(sampler, model)
@@ -394,7 +395,8 @@ def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device:
                                         max_token_length, target)
                     out = pipe(**text, height=height, width=width, num_inference_steps=steps, guidance_scale=cfg,
                                generator=[torch.Generator("cpu").manual_seed(resolved[i].seed) for i in chunk],
-                               output_type="latent" if decode_here else "pil")
+                               output_type="latent" if decode_here else "pil",
+                               callback_on_step_end=broken.check, callback_on_step_end_tensor_inputs=["latents"])
                     decoded = _decoded(pipe, out.images, model.is_sdxl) if decode_here else out.images
                     for i, image in zip(chunk, decoded, strict=True):
                         images[i] = image
@@ -405,7 +407,24 @@ def generate(model: BaseModel, prompts: Sequence[SamplePrompt | str], *, device:
             net.to(home)
         for module, mode in modes:  # per module, not .train(mode): frozen parts may differ from their parents
             module.training = mode
+    if broken.count:  # the pipeline turns NaN into black pixels without a word
+        log.warning("%d of %d images came out NaN and are drawn black: the base model or an adapter holds NaN or "
+                    "infinite values, or half precision overflowed (lorakit inspect FILE checks an adapter)",
+                    broken.count, len(resolved))
     return images  # type: ignore[return-value]
+
+
+class _NonFiniteLatents:
+    """A diffusers step-end callback counting the images whose latents hold NaN or infinities after the last step."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def check(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if step == pipe.num_timesteps - 1:
+            latents = tensors["latents"]
+            self.count += int((~torch.isfinite(latents.flatten(1))).any(dim=1).sum())
+        return tensors
 
 
 def _decoded(pipe: Any, latents: torch.Tensor, is_sdxl: bool) -> list[Image.Image]:

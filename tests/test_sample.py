@@ -290,3 +290,19 @@ def test_an_sdxl_vae_in_fp16_decodes_in_fp32_and_stays_fp16(tiny_sdxl_dir):
     image = generate(model, [SamplePrompt("a shape", width=64, height=64, steps=2)], progress=False)[0]
     assert seen == [torch.float32] and model.vae.dtype == torch.float16
     assert np.asarray(image).std() > 1
+
+
+def test_images_that_come_out_nan_are_said(tiny_model_dir, caplog):
+    """A model (or adapter) holding NaN drew black images without a word: the pipeline casts NaN to black."""
+    broken = load_base_model(tiny_model_dir)
+    with torch.no_grad():
+        broken.unet.conv_out.bias.fill_(float("nan"))
+    prompts = [SamplePrompt("a red circle", seed=1, steps=2), SamplePrompt("a blue square", seed=2, steps=2)]
+    with caplog.at_level(logging.WARNING, logger="lorakit"):
+        images = generate(broken, prompts, batch_size=1)
+    assert len(images) == 2
+    assert "2 of 2 images came out NaN and are drawn black" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lorakit"):
+        generate(load_base_model(tiny_model_dir), prompts[:1])
+    assert "came out NaN" not in caplog.text
