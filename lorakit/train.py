@@ -1344,7 +1344,7 @@ def long_captions_note(model: BaseModel, data: TrainingData, limit: int) -> str 
             f"reads and are cut there (the longest: the caption of {record.path}, {n} tokens){longer}")
 
 
-def _nan_message(run: RunFolder, step: int, epoch: int, broken: list[str] = ()) -> str:
+def _nan_message(run: RunFolder, step: int, epoch: int, broken: Sequence[str] = ()) -> str:
     last = run.latest_checkpoint()
     kept = f"the last good checkpoint is {last.path}" if last else "no checkpoint had been saved yet"
     said = f"the loss became NaN or infinite at step {step + 1} (epoch {epoch + 1}); training stopped and {kept}. "
