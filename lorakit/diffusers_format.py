@@ -60,8 +60,16 @@ _UNET_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.
 _TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
+# PEFT's LoHa and LoKr keep LyCORIS's tensor names and shapes (peft/tuners/loha, lokr cite LyCORIS): the name is the
+# kohya key as it is
+_PEFT_LYCORIS = re.compile(r"\.(hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t2)(?:\.[\w-]+)?$")
+
+
 def split_key(key: str) -> tuple[str, str] | None:
     """``'unet.a.b.to_q.lora_A.weight'`` -> ``('unet.a.b.to_q', 'lora_down.weight')``; None for other keys."""
+    found = _PEFT_LYCORIS.search(key)
+    if found:
+        return key[:found.start()], found.group(1)
     match = _PROCESSOR.match(key)
     if match:
         block = match["block"]
@@ -140,10 +148,12 @@ def peft_folder_config(path: Path) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_path}: not readable JSON ({err}); it holds the scale (lora_alpha) of {path.name}, "
                          "which cannot be applied without it") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") not in ("LORA", "LOHA", "LOKR"):
         kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{config_path}: a PEFT config of type {kind!r}, not LORA; lorakit reads PEFT's LoRA "
+        raise ValueError(f"{config_path}: a PEFT config of type {kind!r}; lorakit reads PEFT's LoRA, LoHa and LoKr "
                          "folders")
+    if config.get("peft_type") in ("LOHA", "LOKR") and "alpha" in config:  # their LoraConfig field is "alpha"
+        config = {**config, "lora_alpha": config["alpha"]}
     return {key: config[key] for key in _SCALE_FIELDS if config.get(key) is not None}
 
 
@@ -191,15 +201,33 @@ def kohya_modules(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
         modules.setdefault(name, {})[role] = tensor
         where[name] = (config_prefix, module_path)
     for name, module in modules.items():
-        down = module.get("lora_down.weight")
-        if "alpha" in module or down is None:
+        if "alpha" in module:
             continue
         config_prefix, module_path = where[name]
         config = configs.get(config_prefix) or configs.get("", {})
-        alpha = _alpha(config, module_path, int(down.shape[0]))
+        rank_key = next((k for k in _RANK_KEYS if k in module), None)
+        if rank_key is None:
+            if "lokr_w1" in module and "lokr_w2" in module:  # both LoKr halves full: no rank, yet PEFT scales alpha/r
+                scale = _full_lokr_scale(config, module_path)
+                if scale is not None:
+                    module["lokr_w1"] = module["lokr_w1"] * scale  # lorakit and LyCORIS apply such a module at scale 1
+            continue
+        alpha = _alpha(config, module_path, int(module[rank_key].shape[0]))
         if alpha is not None:
             module["alpha"] = torch.tensor(alpha)
     return modules, loose
+
+
+#: the tensor whose first dimension is a module's rank, by algorithm (LoRA, LoHa, LoKr's decomposed halves)
+_RANK_KEYS = ("lora_down.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b")
+
+
+def _full_lokr_scale(config: Mapping[str, Any], path: str) -> float | None:
+    """PEFT's ``alpha / r`` of a LoKr module whose halves are both full (None: the config does not say)."""
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, path)
+    alpha = config.get("lora_alpha") if alpha is None else alpha
+    rank = _pattern_value(config.get("rank_pattern") or {}, path) or config.get("r")
+    return None if alpha is None or not rank else float(alpha) / float(rank)
 
 
 # ---- writing -------------------------------------------------------------------------------------------------

@@ -134,9 +134,9 @@ def model_folder_refusal(path: Path) -> str | None:
     return None
 
 
-#: PEFT's own names of the tensors of its other adapters (get_peft_model_state_dict, peft 0.21), by adapter
-_PEFT_NON_LORA = {"hada_w1_a": "LoHa", "hada_w1": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr",
-                  "oft_R": "OFT", "boft_R": "BOFT", "ia3_l": "(IA)³", "vera_lambda_b": "VeRA"}
+#: PEFT's own names of the tensors of its other adapters (get_peft_model_state_dict, peft 0.21), by adapter (its
+#: LoHa and LoKr are read: they keep LyCORIS's names, lorakit.diffusers_format)
+_PEFT_NON_LORA = {"oft_R": "OFT", "boft_R": "BOFT", "ia3_l": "(IA)³", "vera_lambda_b": "VeRA"}
 
 
 def peft_non_lora_kind(keys: Iterable[str]) -> str | None:
@@ -182,8 +182,8 @@ def check_adapter_path(path: str | os.PathLike) -> None:
                                 "MODEL.safetensors")
     if (peft_kind := peft_non_lora_kind(keys)) is not None:  # read as kohya names: "algorithm 'unknown'"
         raise NotAnAdapterError(f"{path}: a PEFT {peft_kind} file (base_model.model.… keys); lorakit reads PEFT's "
-                                "LoRA files, and LoHa and LoKr under kohya/LyCORIS names (lora_unet_…), as A1111 and "
-                                "ComfyUI do")
+                                "LoRA, LoHa and LoKr files, and OFT, BOFT and (IA)³ under kohya/LyCORIS names "
+                                "(lora_unet_…), as A1111 and ComfyUI do")
     description = describe_weights(keys)
     if description is not None:
         raise NotAnAdapterError(f"{path}: {description}")

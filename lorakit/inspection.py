@@ -30,7 +30,8 @@ _COMPONENT_LABELS = {"unet": "U-Net", "text_encoder": "text encoder", "text_enco
 _BASE_MODELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 _ALGORITHM_NAMES = {name: spec.display_name for name, spec in KNOWN.items()}
 _LAYOUTS = {"kohya": "kohya/LyCORIS (lora_unet_..., lora_te_...)",
-            "diffusers": "diffusers/PEFT (unet.<path>.lora_A/lora_B; read under kohya names)"}
+            "diffusers": "diffusers/PEFT (unet.<path>.lora_A/lora_B, or PEFT's <path>.hada_*/lokr_*; read under kohya "
+                         "names)"}
 _LONG = 120  # metadata values longer than this (tag frequencies, bucket info) are cut
 
 

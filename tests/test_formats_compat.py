@@ -392,20 +392,55 @@ def test_a_peft_folder_is_read_with_the_scale_its_config_gives(tmp_path):
     config.write_text("{not json")
     with pytest.raises(LorakitError, match="adapter_config.json: not readable JSON"):
         read_adapter(weights)
-    config.write_text('{"peft_type": "LOHA", "r": 4}')
-    with pytest.raises(LorakitError, match="a PEFT config of type 'LOHA', not LORA"):
+    config.write_text('{"peft_type": "VERA", "r": 4}')
+    with pytest.raises(LorakitError, match="a PEFT config of type 'VERA'; lorakit reads PEFT's LoRA, LoHa and LoKr"):
         read_adapter(weights)
 
 
-@pytest.mark.parametrize("key, kind", [("to_q.hada_w1_a", "LoHa"), ("to_q.lokr_w1", "LoKr"), ("to_q.ia3_l", "(IA)³"),
-                                       ("to_q.oft_R.weight", "OFT"), ("to_q.boft_R", "BOFT")])
+def _peft_lycoris_config(kind: str):
+    from peft import LoHaConfig, LoKrConfig
+
+    targets = ["to_q", "to_k", "ff.net.2", "conv1", "proj_in"]
+    if kind == "loha":  # Tucker convs (use_effective_conv2d), a rank and alpha of its own for conv1
+        return LoHaConfig(r=4, alpha=8, target_modules=targets, init_weights=False, use_effective_conv2d=True,
+                          rank_pattern={"conv1": 2}, alpha_pattern={"conv1": 1.0})
+    if kind == "loha-flat":  # convs as flattened matrices
+        return LoHaConfig(r=4, alpha=2, target_modules=targets, init_weights=False)
+    if kind == "lokr":  # at r = 4 the tiny U-Net's small layers keep both halves full (scale alpha/r all the same)
+        return LoKrConfig(r=4, alpha=8, target_modules=targets, init_weights=False, use_effective_conv2d=True)
+    if kind == "lokr-both":  # both halves decomposed where they can be
+        return LoKrConfig(r=2, alpha=3, target_modules=targets, init_weights=False, decompose_both=True,
+                          decompose_factor=4)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["loha", "loha-flat", "lokr", "lokr-both"])
+def test_a_peft_loha_or_lokr_folder_applies_the_delta_peft_applies(tmp_path, kind):
+    """PEFT's LoHa and LoKr keep LyCORIS's tensor names and shapes under base_model.model. paths, with alpha in the
+    adapter_config.json; a LoKr module with both halves full is scaled by PEFT (alpha/r) where LyCORIS does not."""
+    from peft import get_peft_model
+
+    unet = build_tiny_unet()
+    torch.manual_seed(7)
+    peft_model = get_peft_model(unet, _peft_lycoris_config(kind))
+    peft_model.save_pretrained(tmp_path / "peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    ours = build_tiny_unet()
+    loaded, report = load_network(weights, ours)
+    wanted = sum(1 for n, m in unet.named_modules() if hasattr(m, "hada_w1_a") or hasattr(m, "lokr_w1"))
+    assert report.ok and len(loaded.adapters) == wanted
+    assert {a.algorithm for a in loaded.adapters.values()} == {kind.split("-")[0]}
+    torch.testing.assert_close(_out(ours), _out(unet), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("key, kind", [("to_q.ia3_l", "(IA)³"), ("to_q.oft_R.weight", "OFT"), ("to_q.boft_R", "BOFT")])
 def test_a_peft_file_of_another_adapter_than_lora_is_named(tmp_path, key, kind):
     """PEFT's own names for LoHa, LoKr, ... (what get_peft_model_state_dict gives, as in peft 0.21) were read as kohya
     names: "algorithm 'unknown' (keys model.down_blocks...)" on a module called base_model."""
     path = write_adapter(tmp_path / "adapter_model.safetensors",
                          {f"base_model.model.down_blocks.0.attentions.0.attn1.{key}": torch.ones(2)})
     with pytest.raises(LorakitError, match=rf"a PEFT {re.escape(kind)} file \(base_model.model.… keys\); lorakit reads "
-                                           "PEFT's LoRA files"):
+                                           "PEFT's LoRA, LoHa and LoKr files"):
         read_adapter(path)
 
 
