@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lorakit import ldm
-from lorakit.atomic import atomic_write, give_umask_modes, new_temp_path
+from lorakit.atomic import atomic_folder, atomic_write, give_umask_modes
 from lorakit.errors import InvalidValueError, LorakitError
 from lorakit.fp8 import compute_dtype
 from lorakit.loss import PREDICTION_TYPES
@@ -885,18 +885,12 @@ def save_diffusers_folder(model: BaseModel, path: str | Path, dtype: str | torch
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     check_replaceable_model_folder(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = new_temp_path(path, ".tmp", lambda candidate: candidate.mkdir())  # mode 0o777 minus the umask
-    try:
+    with atomic_folder(path) as tmp:  # a folder appears whole or not at all (mode 0o777 minus the umask)
         with _cast_for_writing(model.networks, dtype):
             model.pipeline().save_pretrained(tmp, safe_serialization=True)
         give_umask_modes(tmp)  # its safetensors files would be 0600: unreadable to another user's client
-        if path.exists():
+        if path.exists():  # the old model goes only once the new one is written (overwrite, checked above)
             shutil.rmtree(path)
-        os.rename(tmp, path)  # a folder appears whole or not at all
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
 
 
