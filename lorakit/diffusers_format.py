@@ -224,10 +224,9 @@ _RANK_KEYS = ("lora_down.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b")
 
 def _full_lokr_scale(config: Mapping[str, Any], path: str) -> float | None:
     """PEFT's ``alpha / r`` of a LoKr module whose halves are both full (None: the config does not say)."""
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, path)
-    alpha = config.get("lora_alpha") if alpha is None else alpha
     rank = _pattern_value(config.get("rank_pattern") or {}, path) or config.get("r")
-    return None if alpha is None or not rank else float(alpha) / float(rank)
+    alpha = _alpha(config, path, int(rank)) if rank else None
+    return None if alpha is None else alpha / float(rank)
 
 
 # ---- writing -------------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from lorakit.earlystop.rules import SIZE_SERIES
 from lorakit.earlystop.samples import SampleStop, SampleTurningPoint, make_sample_stop
 from lorakit.ema import WeightAverage
 from lorakit.errors import LorakitError
-from lorakit.formats import AdapterFile, AdapterFileError, read_adapter
+from lorakit.formats import AdapterFile, AdapterFileError, nonfinite_tensors, read_adapter
 from lorakit.fp8 import store_frozen_in_fp8
 from lorakit.fused_backward import FusedBackwardOptimizer
 from lorakit.loss import check_loss_options
@@ -1359,11 +1359,8 @@ def nonfinite_weights(networks: Sequence[torch.nn.Module]) -> list[str]:
     a loss came out NaN: a scan of the whole model)."""
     found = []
     for network in networks:
-        for name, tensor in [*network.named_parameters(), *network.named_buffers()]:
-            if tensor.is_floating_point() and tensor.numel():
-                values = tensor.detach() if tensor.element_size() > 1 else tensor.detach().float()  # fp8 storage
-                if not bool(torch.isfinite(values).all()):
-                    found.append(f"{type(network).__name__}.{name}")
+        found += nonfinite_tensors({f"{type(network).__name__}.{name}": tensor.detach()
+                                    for name, tensor in [*network.named_parameters(), *network.named_buffers()]})
     return found
 
 
